@@ -1,0 +1,285 @@
+"""herd's data pipeline against datatrove 0.10.1: the same Debian-derived corpus, the same cores, one run.
+
+    .venv/bin/python bench/data.py [--docs 3000] [--workers N] [--work DIR]
+
+Per stage (one core, in this process): each herd stage over the whole corpus beside datatrove's equivalent
+step. Full pipeline (N workers): `herd data run`'s default pipeline, tokenization into shards included,
+beside datatrove's equivalent chain of LocalPipelineExecutor runs. Throughput is documents/s and MB/s per
+core. Where datatrove has no equivalent the row says so:
+- language ID: datatrove's LanguageFilter needs fastText and a model download, so its chain uses
+  py3langid (herd's model) through datatrove's LambdaFilter instead;
+- URL de-duplication has no datatrove step; line de-duplication is compared with SentenceDedup, the
+  nearest one; datatrove's chain writes JSONL, herd's also tokenizes with the Llama 3 tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PY_HTML = Path("/usr/share/doc/python3.11/html")
+DEBREF = Path("/usr/share/debian-reference")
+BOILERPLATE = ["Subscribe to our newsletter for weekly updates", "Home | About | Blog | Contact | Privacy Policy",
+               "This website uses cookies to improve your experience.", "Skip to main content"]
+
+
+# --- the corpus ------------------------------------------------------------------------------------------
+
+
+def _chunks(text: str, size: int = 3000) -> list[str]:
+    out, cur = [], []
+    for para in text.split("\n"):
+        cur.append(para)
+        if sum(len(p) for p in cur) > size:
+            out.append("\n".join(cur))
+            cur = []
+    if cur and sum(len(p) for p in cur) > 200:
+        out.append("\n".join(cur))
+    return out
+
+
+def build_corpus(root: Path, n_docs: int, n_files: int) -> list[Path]:
+    """Real pages (Python's manual, the Debian Reference in its languages) cut into documents, with planted
+    exact and near copies and boilerplate lines, written as `n_files` JSONL files (cached)."""
+    files = [root / f"corpus-{i:02d}.jsonl" for i in range(n_files)]
+    stamp = root / "corpus.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == {"docs": n_docs, "files": n_files}:
+        return files
+    from herd.data.readers import html_document
+
+    rng = random.Random(0)
+    pages = sorted(PY_HTML.rglob("*.html")) + sorted(DEBREF.glob("*.html"))
+    if not pages:
+        sys.exit(f"no Debian text found ({PY_HTML}, {DEBREF}): run scripts/test-fixtures.sh")
+    docs = []
+    for page in pages:
+        doc = html_document(page.read_bytes(), page.stem, str(page))
+        for i, text in enumerate(_chunks(doc.text) if doc else []):
+            docs.append({"id": f"{page.parent.name}/{page.name}#{i}", "text": text,
+                         "url": f"https://docs.example.org/{page.parent.name}/{page.name}#{i}"})
+        if len(docs) >= n_docs:
+            break
+    docs = docs[:n_docs]
+    for d in rng.sample(docs, len(docs) // 5):
+        d["text"] = "\n".join(rng.sample(BOILERPLATE, 2) + [d["text"]])
+    planted = []
+    for i, d in enumerate(rng.sample(docs, len(docs) // 20)):
+        planted.append({"id": f"exact-{i}", "text": d["text"], "url": f"https://mirror.example.org/{i}"})
+    for i, d in enumerate(rng.sample(docs, len(docs) // 20)):
+        words = d["text"].split(" ")
+        for j in rng.sample(range(len(words)), min(3, len(words))):
+            words[j] = "changed"
+        planted.append({"id": f"near-{i}", "text": " ".join(words), "url": f"https://copy.example.org/{i}"})
+    docs = docs[: n_docs - len(planted)] + planted
+    rng.shuffle(docs)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(files):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[i::n_files])
+    stamp.write_text(json.dumps({"docs": n_docs, "files": n_files}))
+    return files
+
+
+def load(files: list[Path]) -> list[dict]:
+    return [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+
+
+# --- herd ------------------------------------------------------------------------------------------------
+
+
+def herd_stage_times(records: list[dict], batch: int = 1000) -> dict[str, float]:
+    """Seconds each default stage takes over the whole corpus on one core."""
+    from herd.data.config import default_config
+    from herd.data.document import Document
+    from herd.data.pipeline import is_dedup
+
+    docs = [Document(r["id"], r["text"], url=r.get("url")) for r in records]
+    times = {}
+    for spec in default_config().stages:
+        stage = spec.build()
+        batches = [docs[i:i + batch] for i in range(0, len(docs), batch)]
+        start = time.perf_counter()
+        if is_dedup(stage):
+            plan = stage.plan(k for b in batches for k in stage.keys(b))
+            results = [stage.apply(b, plan) for b in batches]
+        else:
+            results = [stage(b) for b in batches]
+        times[stage.name] = time.perf_counter() - start
+        assert sum(len(r.kept) + len(r.dropped) for r in results) == len(docs)
+    return times
+
+
+def herd_full(files: list[Path], out: Path, workers: int) -> float:
+    from herd.data import pipeline
+    from herd.data.config import default_config
+    from herd.data.executors import LocalExecutor
+
+    shutil.rmtree(out, ignore_errors=True)
+    executor = LocalExecutor(workers, progress=False)
+    start = time.perf_counter()
+    try:
+        pipeline.run(files, out, default_config(), executor)
+    finally:
+        executor.close()
+    return time.perf_counter() - start
+
+
+# --- datatrove -------------------------------------------------------------------------------------------
+
+
+def _py3langid_filter():
+    from datatrove.pipeline.filters import LambdaFilter
+
+    def english(doc) -> bool:
+        from herd.data.filters.language import identify
+
+        lang, score = identify(doc.text)
+        doc.metadata["language"], doc.metadata["language_score"] = lang, score
+        return True  # label only, as herd's default language stage
+
+    return LambdaFilter(english)
+
+
+def datatrove_filters():
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                            GopherRepetitionFilter, URLFilter)
+    from datatrove.pipeline.formatters import PIIFormatter
+
+    return {"language": _py3langid_filter(), "gopher_repetition": GopherRepetitionFilter(),
+            "gopher_quality": GopherQualityFilter(), "c4_quality": C4QualityFilter(),
+            "fineweb_quality": FineWebQualityFilter(), "nsfw": URLFilter(), "pii": PIIFormatter()}
+
+
+def _dedup_chains(src: Path, tmp: Path, tasks: int, chained: bool):
+    """datatrove's multi-step de-duplications, each as the list of (pipeline, tasks) runs it needs; chained,
+    each reads what the previous one wrote, otherwise all read `src`."""
+    from datatrove.pipeline.dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
+                                          MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                          MinhashDedupSignature, SentenceDedupFilter, SentenceDedupSignature,
+                                          SentenceFindDedups)
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    mh = MinhashConfig()
+    exact = ExactDedupConfig(content_getter=_text)
+    after_exact, after_minhash = (tmp / "exact", tmp / "minhash") if chained else (src, src)
+    return {
+        "exact_dedup": [
+            ([JsonlReader(str(src)), ExactDedupSignature(str(tmp / "ex-sig"), exact)], tasks),
+            ([ExactFindDedups(str(tmp / "ex-sig"), str(tmp / "ex-dups"), exact)], 1),
+            ([JsonlReader(str(src)), ExactDedupFilter(str(tmp / "ex-dups"), exact), JsonlWriter(str(tmp / "exact"))],
+             tasks)],
+        "minhash_dedup": [
+            ([JsonlReader(str(after_exact)), MinhashDedupSignature(str(tmp / "mh-sig"), mh)], tasks),
+            ([MinhashDedupBuckets(str(tmp / "mh-sig"), str(tmp / "mh-buckets"), config=mh)], mh.num_buckets),
+            ([MinhashDedupCluster(str(tmp / "mh-buckets"), str(tmp / "mh-ids"), config=mh)], 1),
+            ([JsonlReader(str(after_exact)), MinhashDedupFilter(str(tmp / "mh-ids")),
+              JsonlWriter(str(tmp / "minhash"))], tasks)],
+        "line_dedup": [
+            ([JsonlReader(str(after_minhash)), SentenceDedupSignature(str(tmp / "sd-sig"))], tasks),
+            ([SentenceFindDedups(str(tmp / "sd-sig"), str(tmp / "sd-dups"))], 1),
+            ([JsonlReader(str(after_minhash)), SentenceDedupFilter(str(tmp / "sd-dups")),
+              JsonlWriter(str(tmp / "final"))], tasks)],
+    }
+
+
+def _text(doc) -> str:
+    return doc.text
+
+
+def _run_chain(chain, workers: int, logs: Path) -> None:
+    from datatrove.executor import LocalPipelineExecutor
+
+    for i, (steps, tasks) in enumerate(chain):
+        LocalPipelineExecutor(steps, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs / f"{i}"),
+                              skip_completed=False).run()
+
+
+def datatrove_stage_times(records: list[dict], src: Path, tmp: Path) -> dict[str, float]:
+    from datatrove.data import Document as DTDocument
+
+    docs = [DTDocument(text=r["text"], id=r["id"], metadata={"url": r.get("url")}) for r in records]
+    times = {}
+    for name, step in datatrove_filters().items():
+        start = time.perf_counter()
+        for _ in step.run(iter(docs)):
+            pass
+        times[name] = time.perf_counter() - start
+    for name, chain in _dedup_chains(src, tmp, 1, chained=False).items():
+        start = time.perf_counter()
+        _run_chain(chain, 1, tmp / "logs" / name)
+        times[name] = time.perf_counter() - start
+    return times
+
+
+def datatrove_full(src: Path, tmp: Path, workers: int) -> float:
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    filters = [([JsonlReader(str(src)), *datatrove_filters().values(), JsonlWriter(str(tmp / "filtered"))], workers)]
+    _run_chain(filters, workers, tmp / "logs" / "filters")
+    for name, chain in _dedup_chains(tmp / "filtered", tmp, workers, chained=True).items():
+        _run_chain(chain, workers, tmp / "logs" / name)
+    return time.perf_counter() - start
+
+
+# --- the table -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    from herd.data.executors import cpu_count
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=3000)
+    ap.add_argument("--workers", type=int, default=min(cpu_count(), 8))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "herd-bench-data")
+    ap.add_argument("--skip-stages", action="store_true", help="only the full pipelines")
+    args = ap.parse_args()
+
+    import logging
+
+    from loguru import logger
+    logger.remove()  # datatrove logs every step to stderr; the table is the output here
+    logging.getLogger("tldextract").setLevel(logging.CRITICAL)
+
+    files = build_corpus(args.work / "corpus", args.docs, n_files=max(args.workers, 4))
+    records = load(files)
+    mb = sum(len(r["text"].encode("utf-8")) for r in records) / 1e6
+    n = len(records)
+    print(f"corpus: {n:,} documents, {mb:.1f} MB of text, {len(files)} files; {args.workers} workers\n")
+
+    rows = []
+    if not args.skip_stages:
+        ours = herd_stage_times(records)
+        theirs = datatrove_stage_times(records, files[0].parent, args.work / "dt-stages")
+        for name, seconds in ours.items():
+            rows.append((f"stage {name}", 1, seconds, theirs.get(name)))
+    herd_s = herd_full(files, args.work / "herd-out", args.workers)
+    dt_s = datatrove_full(files[0].parent, args.work / "dt-full", args.workers)
+    rows.append(("full pipeline", args.workers, herd_s, dt_s))
+
+    # every stage row ran over the whole corpus, one core, in this process
+    header = f"{'':26} {'cores':>5} {'herd docs/s/core':>17} {'herd MB/s/core':>15} " \
+             f"{'datatrove docs/s/core':>22} {'datatrove MB/s/core':>20} {'herd/datatrove':>15}"
+    print(header)
+    print("-" * len(header))
+    for name, cores, ours_s, theirs_s in rows:
+        dt = (f"{n / theirs_s / cores:>22,.0f} {mb / theirs_s / cores:>20.2f} {theirs_s / ours_s:>14.1f}x"
+              if theirs_s else f"{'no equivalent':>22} {'':>20} {'':>15}")
+        print(f"{name:26} {cores:>5} {n / ours_s / cores:>17,.0f} {mb / ours_s / cores:>15.2f} {dt}")
+
+
+if __name__ == "__main__":
+    main()

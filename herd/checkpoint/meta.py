@@ -1,0 +1,234 @@
+"""Meta's layout: params.json plus consolidated.NN.pth, one file per model-parallel rank."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
+from herd.checkpoint.errors import CheckpointError
+from herd.model.config import ModelConfig, RopeScaling
+
+# How Meta's reference model splits each tensor across model-parallel ranks (llama_models/llama3/model.py):
+# ColumnParallelLinear and VocabParallelEmbedding split their output rows, RowParallelLinear its input columns.
+_ROW_PARALLEL = re.compile(r"\.(wo|w2)\.weight$")
+_REPLICATED = re.compile(r"norm\.weight$")
+# Llama 2's checkpoints kept the rotary table; it is computed, not learnt.
+_IGNORED = {"rope.freqs"}
+_DEFAULT_SCALING = RopeScaling()
+
+
+def split_dim(name: str) -> int | None:
+    """The dim `name` is split along across ranks, None when every rank holds all of it."""
+    if _REPLICATED.search(name):
+        return None
+    return 1 if _ROW_PARALLEL.search(name) else 0
+
+
+# ---------------------------------------------------------------- params.json
+
+
+def config_from_params(params: dict, where: str) -> ModelConfig:
+    try:
+        scaling = None
+        if params.get("use_scaled_rope"):
+            # Meta's reference code hard-codes factor 8; a "rope_scaling" object (which we write) overrides it.
+            s = params.get("rope_scaling") or {}
+            scaling = RopeScaling(
+                factor=float(s.get("factor", _DEFAULT_SCALING.factor)),
+                low_freq_factor=float(s.get("low_freq_factor", _DEFAULT_SCALING.low_freq_factor)),
+                high_freq_factor=float(s.get("high_freq_factor", _DEFAULT_SCALING.high_freq_factor)),
+                original_max_position=int(
+                    s.get("original_max_position_embeddings", _DEFAULT_SCALING.original_max_position)
+                ),
+            )
+        return ModelConfig(
+            dim=int(params["dim"]),
+            n_layers=int(params["n_layers"]),
+            n_heads=int(params["n_heads"]),
+            n_kv_heads=params.get("n_kv_heads"),
+            vocab_size=int(params.get("vocab_size", -1)),
+            multiple_of=int(params.get("multiple_of", 256)),
+            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_seq_len=int(params.get("max_seq_len", 131072 if scaling else 8192)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where}: params.json lacks {e.args[0]!r}; it is not a Llama params.json") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: params.json is inconsistent ({e}); fix or replace it") from None
+
+
+def params_from_config(config: ModelConfig) -> dict:
+    multiple_of, multiplier = _ffn_params(config)
+    params = {
+        "dim": config.dim,
+        "n_layers": config.n_layers,
+        "n_heads": config.n_heads,
+        "n_kv_heads": config.kv_heads,
+        "vocab_size": config.vocab_size,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": multiplier,
+        "norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "use_scaled_rope": config.rope_scaling is not None,
+        "max_seq_len": config.max_seq_len,
+    }
+    s = config.rope_scaling
+    if s is not None and s != _DEFAULT_SCALING:
+        params["rope_scaling"] = {
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position,
+        }
+    return params
+
+
+def _ffn_params(config: ModelConfig) -> tuple[int, float | None]:
+    """multiple_of / ffn_dim_multiplier that Meta's formula turns into this config's SwiGLU width.
+
+    HF and GGUF state the width outright; params.json can only say it through Meta's rounding formula.
+    """
+    hidden = config.hidden_dim
+    base = config.replace(ffn_hidden_dim=None)
+    candidates = [(base.multiple_of, base.ffn_dim_multiplier)]
+    for multiple_of in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if hidden % multiple_of == 0:
+            exact = hidden / int(8 * config.dim / 3)
+            candidates += [(multiple_of, None)] + [(multiple_of, round(exact, n)) for n in (1, 2, 3, 4, 6)]
+            candidates.append((multiple_of, exact))
+    for multiple_of, multiplier in candidates:
+        if base.replace(multiple_of=multiple_of, ffn_dim_multiplier=multiplier).hidden_dim == hidden:
+            return multiple_of, multiplier
+    raise CheckpointError(f"no multiple_of / ffn_dim_multiplier gives a feed-forward width of {hidden}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    paths = sorted(directory.glob("consolidated.*.pth"))
+    if not paths:
+        raise CheckpointError(f"{directory}: params.json but no consolidated.00.pth; the weights are missing")
+    for i, path in enumerate(paths):
+        if path.name != f"consolidated.{i:02d}.pth":
+            raise CheckpointError(
+                f"{directory}: consolidated.{i:02d}.pth is missing (found {', '.join(p.name for p in paths)}); "
+                "download every model-parallel shard"
+            )
+    return paths
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError… for a damaged file
+        detail = str(e).split(". ")[0].splitlines()[0] if str(e) else "no detail"
+        raise CheckpointError(
+            f"{path}: cannot be read ({type(e).__name__}: {detail}); the file is truncated or damaged, download it again"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return {k: v for k, v in state.items() if k not in _IGNORED}
+
+
+def load_meta(directory: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoint:
+    params_path = directory / "params.json"
+    try:
+        params = json.loads(params_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{params_path}: unreadable ({e}); it must be Meta's params.json") from None
+    config = config_from_params(params, str(directory))
+    paths = shard_paths(directory)
+    shards = [_load_shard(p) for p in paths]
+    state = _merge(shards, paths, config, dtype)
+    if config.vocab_size <= 0:
+        config = config.replace(vocab_size=state.shape("tok_embeddings.weight")[0])
+    if "output.weight" not in state or _same_tensor(state, "output.weight", "tok_embeddings.weight"):
+        # Meta's reference model always stores output.weight; Llama 3.2's small models store the embedding twice.
+        config = config.replace(tie_embeddings=True)
+        state.pop("output.weight", None)
+    check_shapes(config, state, str(directory), "the params.json")
+    from herd.checkpoint.vocab import load_dir_tokenizer
+
+    tokenizer, note = load_dir_tokenizer(directory, prefer="tokenizer.model")
+    meta = {"shards": len(paths)} | ({"tokenizer_note": note} if note else {})
+    return Checkpoint(config, state, "meta", tokenizer, directory, meta)
+
+
+def _merge(shards: list[dict], paths: list[Path], config: ModelConfig, dtype) -> LazyStateDict:
+    names = list(shards[0])
+    for shard, path in zip(shards[1:], paths[1:]):
+        if set(shard) != set(names):
+            odd = sorted(set(shard) ^ set(names))[0]
+            raise CheckpointError(f"{path}: tensor {odd} is in one shard but not another; the shards do not belong together")
+    entries = {}
+    for name in names:
+        parts = [s[name] for s in shards]
+        dim = split_dim(name)
+        if name == "tok_embeddings.weight" and len(parts) > 1 and parts[0].shape[1] * len(parts) == config.dim:
+            dim = 1  # Llama 2's ParallelEmbedding split the embedding width, not the vocabulary
+        if dim is None or len(parts) == 1:
+            if dim is None and len(parts) > 1 and not all(torch.equal(parts[0], p) for p in parts[1:]):
+                raise CheckpointError(f"{paths[1]}: replicated tensor {name} differs between shards; the shards do not belong together")
+            entries[name] = LazyTensor(tuple(parts[0].shape), _converter(parts[0], dtype))
+        else:
+            shape = list(parts[0].shape)
+            shape[dim] = sum(p.shape[dim] for p in parts)
+            entries[name] = LazyTensor(tuple(shape), _concatenator(parts, dim, dtype))
+    return LazyStateDict(entries)
+
+
+def _converter(tensor: torch.Tensor, dtype):
+    # .to() of a same-dtype tensor is the mmapped tensor itself: no copy is made.
+    return lambda: tensor if dtype is None else tensor.to(dtype)
+
+
+def _concatenator(parts: list[torch.Tensor], dim: int, dtype):
+    return lambda: torch.cat([p if dtype is None else p.to(dtype) for p in parts], dim=dim)
+
+
+def _same_tensor(state: LazyStateDict, a: str, b: str) -> bool:
+    if state.shape(a) != state.shape(b):
+        return False
+    x, y = state[a], state[b]
+    # Untied models differ in their first row already; the full comparison only runs for tied ones.
+    return torch.equal(x[0], y[0]) and torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_meta(ckpt: Checkpoint, directory: Path, shards: int = 1) -> None:
+    config = ckpt.config
+    (directory / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
+    names = list(expected_shapes(config))
+    if config.tie_embeddings:
+        names.append("output.weight")  # Meta's reference model has no tie; it needs the matrix itself
+    _check_divisible(config, shards)
+    for rank in range(shards):
+        state = {}
+        for name in names:
+            tied = name == "output.weight" and name not in ckpt.state_dict
+            tensor = ckpt.state_dict["tok_embeddings.weight" if tied else name]
+            dim = split_dim(name)
+            if dim is not None and shards > 1:
+                tensor = tensor.chunk(shards, dim=dim)[rank]
+            # clone: torch.save writes a view's whole storage, and the source may be a read-only mapping.
+            state[name] = tensor.contiguous().clone()
+        torch.save(state, directory / f"consolidated.{rank:02d}.pth")
+        del state
+    from herd.checkpoint.vocab import write_tokenizer
+
+    write_tokenizer(ckpt, directory, "meta")
+
+
+def _check_divisible(config: ModelConfig, shards: int) -> None:
+    for what, n in (("kv heads", config.kv_heads), ("vocab size", config.vocab_size), ("ffn width", config.hidden_dim)):
+        if n % shards:
+            raise CheckpointError(f"cannot split {what} {n} into {shards} model-parallel shards; pick a divisor of {n}")

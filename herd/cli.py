@@ -1,0 +1,233 @@
+"""`herd ...`: parse arguments, call the library, print results; bad input ends in one line on stderr."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="herd: run, convert and inspect Llama-3-architecture models.")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="checkpoint path (Meta, HF or GGUF); default: the built-in model")
+QuantOpt = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)")
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load(model: Optional[str], quantize: str, device: Optional[str]):
+    import herd
+
+    started = time.perf_counter()
+    llm = herd.load(model, quantize=None if quantize == "none" else quantize, device=device)
+    _status(f"loaded {llm.name} on {llm.device} in {time.perf_counter() - started:.1f}s")
+    return llm
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop) -> dict:
+    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                stop=tuple(stop or ()))
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt,
+    system: Optional[str] = typer.Option(None, help="a system prompt"),
+    max_tokens: int = typer.Option(512, help="the most tokens per reply"),
+    temperature: float = typer.Option(0.2, help="0 for greedy"),
+    top_p: float = typer.Option(0.9),
+    top_k: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
+    quantize: str = QuantOpt,
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+):
+    """Talk with a model. Lines ending in \\ continue; a line of \"\"\" opens and closes a block.
+    /reset clears the conversation, /system TEXT sets the system prompt, /exit quits."""
+    llm = _load(model, quantize, device)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if interactive:
+        _status("type a message; /reset, /system TEXT, /exit; Ctrl-D quits")
+    while (message := _read_message(interactive)) is not None:
+        if message.strip() in ("/exit", "/quit"):
+            break
+        if message.strip() == "/reset":
+            history = [m for m in history if m["role"] == "system"]
+            _status("(conversation cleared)")
+            continue
+        if message.startswith("/system "):
+            history = [{"role": "system", "content": message[len("/system "):].strip()}] + [
+                m for m in history if m["role"] != "system"]
+            continue
+        if not message.strip():
+            continue
+        history.append({"role": "user", "content": message})
+        reply = ""
+        try:
+            for piece in llm.chat(history, stream=True, **_sampling(max_tokens, temperature, top_p, top_k, seed, ())):
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            _status("\n(interrupted)")
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _read_message(interactive: bool) -> Optional[str]:
+    lines: list[str] = []
+    block = False
+    while True:
+        try:
+            line = input((">>> " if not lines else "... ") if interactive else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        if line.strip() == '"""':
+            if block:
+                return "\n".join(lines)
+            block = True
+            continue
+        if block:
+            lines.append(line)
+        elif line.endswith("\\"):
+            lines.append(line[:-1])
+        else:
+            lines.append(line)
+            return "\n".join(lines)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt text, or - to read it from stdin"),
+    model: Optional[str] = ModelOpt,
+    chat_turn: bool = typer.Option(False, "--chat", help="send the prompt as a user message in the chat format"),
+    max_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.6, help="0 for greedy"),
+    top_p: float = typer.Option(0.9),
+    top_k: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
+    stop: Optional[list[str]] = typer.Option(None, help="a stop string (repeatable)"),
+    logprobs: Optional[int] = typer.Option(None, help="print JSON with each token's log-probability and N alternatives"),
+    quantize: str = QuantOpt,
+    device: Optional[str] = typer.Option(None),
+):
+    """Complete a prompt, streaming the text (or print JSON with log-probabilities)."""
+    text = sys.stdin.read() if prompt == "-" else prompt
+    llm = _load(model, quantize, device)
+    ids = llm.chat_format.encode_dialog([{"role": "user", "content": text}]) if chat_turn else llm.encode(text)
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
+    if logprobs is None:
+        for piece in llm.generate(ids, stream=True, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return
+    done = llm.generate(ids, logprobs=logprobs, **sampling)
+    print(json.dumps({
+        "text": done.text, "finish_reason": done.finish_reason, "tokens": done.tokens,
+        "logprobs": [{"token": t.token, "logprob": t.logprob, "top": t.top} for t in done.logprobs],
+    }, ensure_ascii=False))
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="a Meta, HF or GGUF checkpoint"),
+    out: Path = typer.Argument(..., help="where to write the converted checkpoint"),
+    format: str = typer.Option(..., "--format", "-f", help="meta, hf or gguf"),
+    gguf_type: str = typer.Option("F16", help="GGUF tensor type: F32, F16, BF16, Q8_0, ..."),
+    shards: int = typer.Option(1, help="Meta format: model-parallel shards to write"),
+):
+    """Convert a checkpoint to another format (written to a temporary path, then renamed)."""
+    from herd.checkpoint import convert as convert_checkpoint
+
+    if format not in ("meta", "hf", "gguf"):
+        raise typer.BadParameter(f"unknown format {format!r}: use meta, hf or gguf")
+    kwargs = {"gguf_type": gguf_type} if format == "gguf" else {"shards": shards} if format == "meta" else {}
+    written = convert_checkpoint(src, out, format, **kwargs)
+    _status(f"wrote {written}")
+
+
+@app.command()
+def info(model: str = typer.Argument("default", help="a checkpoint path, a named config (e.g. llama3.1-405b), "
+                                                      "or default")):
+    """Shapes, parameter count, dtype and a memory estimate, without loading the weights."""
+    from herd.model import CONFIGS
+
+    from herd.model.summary import summarize
+
+    if model in CONFIGS:
+        config, details = CONFIGS[model], {"source": "named configuration"}
+    else:
+        from herd.checkpoint import load_checkpoint
+        from herd.llm import resolve_model_path
+
+        ckpt = load_checkpoint(resolve_model_path(model))
+        config, details = ckpt.config, {"source": f"{ckpt.format} checkpoint {ckpt.source}", **ckpt.meta}
+    for key, value in {**summarize(config), **details}.items():
+        print(f"{key:>24}: {value}")
+
+
+@app.command()
+def tokenize(
+    text: str = typer.Argument(..., help="the text, or - to read it from stdin"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="use this checkpoint's tokenizer"),
+    tokenizer: Optional[Path] = typer.Option(None, help="a tokenizer.model / tokenizer.json (default: Llama 3's)"),
+    chat_turn: bool = typer.Option(False, "--chat", help="encode the text as a user message in the chat format"),
+    special: bool = typer.Option(False, help="read special-token text (<|eot_id|>) as special tokens"),
+):
+    """Print the token ids and pieces of a text."""
+    from herd.tokenizer import chat_format_for, load_tokenizer
+
+    text = sys.stdin.read() if text == "-" else text
+    if model is not None:
+        from herd.checkpoint import load_checkpoint
+        from herd.llm import resolve_model_path
+
+        tok = load_checkpoint(resolve_model_path(model)).tokenizer
+    else:
+        tok = load_tokenizer(tokenizer)
+    if chat_turn:
+        ids = chat_format_for(tok).encode_dialog([{"role": "user", "content": text}])
+    else:
+        ids = tok.encode(text, bos=True, allowed_special="all" if special else ())
+    print(json.dumps(ids))
+    print(json.dumps([tok.decode([i]) for i in ids], ensure_ascii=False))
+    _status(f"{len(ids)} tokens")
+
+
+def main() -> None:
+    try:
+        from herd.data.cli import app as data_app
+    except ImportError:  # the data tools' own dependencies are an extra
+        data_app = None
+    if data_app is not None:
+        app.add_typer(data_app, name="data", help="the pretraining data pipeline")
+    try:
+        app(standalone_mode=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the one place where any failure becomes a one-line message
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        if isinstance(error, click.ClickException):
+            print(f"herd: error: {error.format_message()}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("HERD_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        known = isinstance(error, (ValueError, OSError, KeyError))
+        print(f"herd: error: {message}" + ("" if known else f" ({type(error).__name__}; HERD_DEBUG=1 shows where)"),
+              file=sys.stderr)
+        sys.exit(2 if known else 1)
+
+
+if __name__ == "__main__":
+    main()

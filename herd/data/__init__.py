@@ -1,0 +1,1 @@
+"""The pretraining data pipeline: readers -> filters -> de-duplication -> classifiers -> mix -> token shards."""

@@ -1,0 +1,272 @@
+"""Model-based classifiers, as Llama 3 built them: an LLM labels a sample, a fast classifier learns the
+labels, and that classifier runs over the whole corpus.
+
+The fast classifier is a linear model over hashed word and bigram features (fastText-like): the hashing
+needs no vocabulary, so a saved model is only its weights plus a few settings, stored as .npz with a JSON
+header and read back without pickle.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from herd.data.document import Document, Dropped, StageResult
+
+FORMAT = "herd-hashed-linear/1"
+DOMAINS = ("general", "math_reasoning", "code", "multilingual")
+QUALITY_LABELS = ("low", "high")
+TASKS = ("quality", "domain")
+
+Judge = Callable[[list[dict]], str]  # chat messages in, the reply's text out
+
+# --- labelling with an LLM judge ---------------------------------------------------------------------
+
+_QUALITY_PROMPT = """Rate the following web document as training data for a language model, on a scale from 0 to 3:
+0 = spam, boilerplate, gibberish or adult content
+1 = low quality: ads, navigation, fragments, little information
+2 = decent: coherent, informative text
+3 = excellent: well written and educational, like a good textbook or reference
+
+Document:
+\"\"\"
+{text}
+\"\"\"
+
+Answer with the number only."""
+
+_DOMAIN_PROMPT = """Which category fits the following document best?
+code: source code, or documentation about programming
+math_reasoning: mathematics, logic, or step-by-step reasoning
+general: general knowledge, prose, news, anything else
+multilingual: mostly not in English
+
+Document:
+\"\"\"
+{text}
+\"\"\"
+
+Answer with one word: code, math_reasoning, general or multilingual."""
+
+_SYSTEM = "You are a careful annotator of training data. You answer with the label only."
+
+
+def judge_messages(task: str, text: str, max_chars: int = 2000) -> list[dict]:
+    prompt = {"quality": _QUALITY_PROMPT, "domain": _DOMAIN_PROMPT}[task]
+    return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt.format(text=text[:max_chars])}]
+
+
+_SCORE = re.compile(r"(?<![\d.])([0-3])(?![\d.])")
+_SCORE_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3}
+_DOMAIN_WORDS = [("math_reasoning", r"math|reasoning|logic"), ("code", r"code|programming|source"),
+                 ("multilingual", r"multilingual|non-english|not in english|foreign"), ("general", r"general")]
+
+
+def parse_quality(reply: str) -> int | None:
+    """The first score 0-3 in a reply ("2", "Score: 2/3", "two"), or None if it holds none."""
+    reply = reply.lower()
+    m = _SCORE.search(reply)
+    word = re.search(r"\b(" + "|".join(_SCORE_WORDS) + r")\b", reply)
+    if m and (not word or m.start() < word.start()):
+        return int(m.group(1))
+    return _SCORE_WORDS[word.group(1)] if word else None
+
+
+def parse_domain(reply: str) -> str | None:
+    """The one domain a reply names ("Code.", "math reasoning", "**general**"); None for none or several,
+    since a reply listing the choices back is no answer."""
+    reply = reply.lower()
+    hits = {domain for domain, pattern in _DOMAIN_WORDS if re.search(pattern, reply)}
+    return hits.pop() if len(hits) == 1 else None
+
+
+def model_judge(llm, max_tokens: int = 8) -> Judge:
+    """A judge from any `herd.load` model: greedy, short answers."""
+    return lambda messages: llm.chat(messages, temperature=0.0, max_tokens=max_tokens)["content"]
+
+
+def label_texts(texts: Sequence[str], judge: Judge, task: str, progress: bool = True) -> list[str | None]:
+    """The judge's label for each text (None where its reply could not be parsed).
+
+    Quality scores become "high" (2-3) or "low" (0-1): the classifier then predicts P(high), which a
+    threshold turns into keep or drop.
+    """
+    labels: list[str | None] = []
+    for text in tqdm(texts, desc=f"judging ({task})", unit="doc", disable=not progress):
+        reply = judge(judge_messages(task, text))
+        if task == "quality":
+            score = parse_quality(reply)
+            labels.append(None if score is None else QUALITY_LABELS[score >= 2])
+        else:
+            labels.append(parse_domain(reply))
+    return labels
+
+
+# --- the fast classifier ------------------------------------------------------------------------------
+
+
+@dataclass
+class HashedLinearClassifier:
+    classes: list[str]
+    coef: np.ndarray  # (n_classes, n_features); binary models keep one row, for classes[1]
+    intercept: np.ndarray
+    n_features: int = 1 << 20
+    ngrams: int = 2
+    max_chars: int = 20_000  # long documents are judged by their start, at training and at use alike
+    info: dict = field(default_factory=dict)  # task, training sizes, held-out accuracy
+
+    @staticmethod
+    def vectorizer(n_features: int, ngrams: int):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        # punctuation tokens kept: braces, operators and semicolons are much of what marks code and math
+        return HashingVectorizer(n_features=n_features, ngram_range=(1, ngrams), alternate_sign=False,
+                                 token_pattern=r"(?u)\b\w+\b|[^\w\s]", norm="l2", dtype=np.float32)
+
+    def features(self, texts: Sequence[str]):
+        return self.vectorizer(self.n_features, self.ngrams).transform([t[:self.max_chars] for t in texts])
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], labels: Sequence[str], alpha: float = 1e-5, seed: int = 0,
+            n_features: int = 1 << 20, ngrams: int = 2, info: dict | None = None) -> HashedLinearClassifier:
+        from sklearn.linear_model import SGDClassifier
+
+        if len(set(labels)) < 2:
+            raise ValueError(f"need at least two distinct labels to train on, got {sorted(set(labels))}")
+        model = cls(classes=[], coef=np.zeros(0), intercept=np.zeros(0), n_features=n_features, ngrams=ngrams,
+                    info=dict(info or {}))
+        # logistic loss by SGD: on a million hashed features it fits in a fraction of what lbfgs needs
+        lr = SGDClassifier(loss="log_loss", alpha=alpha, max_iter=100, tol=1e-4, random_state=seed)
+        lr.fit(model.features(texts), list(labels))
+        model.classes = [str(c) for c in lr.classes_]
+        model.coef = lr.coef_.astype(np.float32)
+        model.intercept = lr.intercept_.astype(np.float32)
+        return model
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """(n_texts, n_classes) probabilities, columns in `classes` order (softmax over the one-vs-rest
+        scores when there are more than two classes)."""
+        logits = np.asarray(self.features(texts) @ self.coef.T, dtype=np.float64) + self.intercept
+        if len(self.classes) == 2:
+            p = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+            return np.stack([1.0 - p, p], axis=1)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.classes[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+    def save(self, path: str | Path) -> Path:
+        from herd.data.executors import atomic_output
+
+        path = Path(path)
+        header = {"format": FORMAT, "classes": self.classes, "n_features": self.n_features, "ngrams": self.ngrams,
+                  "max_chars": self.max_chars, "info": self.info}
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, header=np.array(json.dumps(header)), coef=self.coef, intercept=self.intercept)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HashedLinearClassifier:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                coef, intercept = z["coef"], z["intercept"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"classifier not found: {path}") from None
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(f"{path}: not a herd classifier ({e})") from None
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: unsupported classifier format {header.get('format')!r}")
+        return cls(classes=header["classes"], coef=coef, intercept=intercept, n_features=header["n_features"],
+                   ngrams=header["ngrams"], max_chars=header["max_chars"], info=header["info"])
+
+
+@lru_cache(maxsize=8)
+def _model(path: str) -> HashedLinearClassifier:
+    # once per process; the stage itself stays a small picklable config
+    return HashedLinearClassifier.load(path)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: HashedLinearClassifier
+    accuracy: float  # on the held-out part
+    n_train: int
+    n_test: int
+
+
+def train(texts: Sequence[str], labels: Sequence[str | None], task: str, holdout: float = 0.2,
+          seed: int = 0) -> TrainResult:
+    """Fit on a seeded split of the labelled texts (unparsed labels skipped) and measure held-out accuracy."""
+    pairs = [(t, lab) for t, lab in zip(texts, labels) if lab is not None]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_test = int(len(pairs) * holdout) if len(pairs) >= 10 else 0
+    test = [pairs[i] for i in order[:n_test]]
+    train_pairs = [pairs[i] for i in order[n_test:]]
+    model = HashedLinearClassifier.fit([t for t, _ in train_pairs], [lab for _, lab in train_pairs], seed=seed,
+                                       info={"task": task})
+    accuracy = float(np.mean([p == lab for p, (_, lab) in zip(model.predict([t for t, _ in test]), test)])) \
+        if test else float("nan")
+    model.info.update({"n_train": len(train_pairs), "n_test": n_test, "heldout_accuracy": accuracy,
+                       "label_counts": {c: sum(lab == c for _, lab in pairs) for c in sorted({p[1] for p in pairs})}})
+    return TrainResult(model, accuracy, len(train_pairs), n_test)
+
+
+# --- the stages ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class QualityClassifier:
+    """Scores every document P(high quality) into doc.scores["quality"]; drops those below `threshold`."""
+
+    path: str
+    threshold: float = 0.5
+    positive: str = "high"
+    name: str = "quality_classifier"
+
+    def __call__(self, docs: list[Document]) -> StageResult:
+        model = _model(str(self.path))
+        column = model.classes.index(self.positive)
+        probs = model.predict_proba([d.text for d in docs])[:, column]
+        kept, dropped = [], []
+        for doc, p in zip(docs, probs):
+            doc = replace(doc, scores={**doc.scores, "quality": round(float(p), 6)})
+            if p >= self.threshold:
+                kept.append(doc)
+            else:
+                dropped.append(Dropped(doc.id, self.name, "low_quality", doc.url))
+        return StageResult(kept, dropped)
+
+
+@dataclass
+class DomainClassifier:
+    """Labels every document with a domain (doc.meta["domain"], probabilities in doc.scores) for the mix.
+
+    A document identified as not English is "multilingual" whatever its topic: that is what the
+    multilingual share of the Llama 3 mix measures.
+    """
+
+    path: str
+    non_english_is_multilingual: bool = True
+    name: str = "domain_classifier"
+    sets_domain = True  # tells the pipeline the data mix has labels to work with
+
+    def __call__(self, docs: list[Document]) -> StageResult:
+        model = _model(str(self.path))
+        probs = model.predict_proba([d.text for d in docs])
+        labelled = []
+        for doc, row in zip(docs, probs):
+            domain = model.classes[int(row.argmax())]
+            if self.non_english_is_multilingual and doc.lang and not doc.lang.startswith("en"):
+                domain = "multilingual"
+            scores = {**doc.scores, **{f"domain_{c}": round(float(p), 6) for c, p in zip(model.classes, row)}}
+            labelled.append(replace(doc, scores=scores, meta={**doc.meta, "domain": domain}))
+        return StageResult(labelled, [])

@@ -1,0 +1,138 @@
+"""`herd data`: run the pipeline, show its report, train the classifiers it uses."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="The pretraining data pipeline: filters, de-duplication, classifiers, mix, token shards.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(1)
+
+
+def _one_line_errors(fn):
+    """Turn any failure into one line on stderr and exit status 1; HERD_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except FileNotFoundError as e:
+            if os.environ.get("HERD_DEBUG"):
+                raise
+            _fail(f"not found: {e.filename}" if e.filename else str(e))
+        except Exception as e:
+            if os.environ.get("HERD_DEBUG"):
+                raise
+            _fail(str(e) or type(e).__name__)
+
+    return wrapper
+
+
+@app.command()
+@_one_line_errors
+def run(
+    inputs: list[str] = typer.Argument(..., help="Input files, directories or globs (JSONL, text, HTML, WARC; .gz/.zst)."),
+    out: Path = typer.Option(..., "--out", help="Output directory; running again on it resumes."),
+    config: Optional[Path] = typer.Option(None, "--config", help="PIPELINE.toml; default: the Llama-3-like pipeline."),
+    executor: str = typer.Option("local", "--executor", help="local (this machine's cores) or dask."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes; default: every core."),
+    quality_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained quality classifier."),
+    domain_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained domain classifier."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or tables."),
+) -> None:
+    """Filter, de-duplicate, classify and mix INPUT..., and write token shards, JSONL and a report to --out."""
+    from herd.data import pipeline
+    from herd.data.config import default_config, load_config
+    from herd.data.executors import make_executor
+    from herd.data.readers import iter_inputs
+    from herd.data.report import render
+
+    if config and (quality_model or domain_model):
+        _fail("--quality-model/--domain-model extend the default pipeline; with --config, name them in the TOML")
+    cfg = load_config(config) if config else default_config(quality_model, domain_model)
+    for model in (quality_model, domain_model):
+        if model and not model.exists():
+            _fail(f"classifier not found: {model}")
+    files = iter_inputs(inputs)
+    if not files:
+        _fail("no input files found")
+    ex = make_executor(executor, workers, progress=not quiet)
+    try:
+        result = pipeline.run(files, out, cfg, ex)
+    finally:
+        ex.close()
+    if not quiet:
+        render(result.report)
+        typer.echo(f"{result.manifest['documents']:,} documents, {result.manifest['tokens']:,} tokens in "
+                   f"{len(result.manifest['shards'])} shard(s) under {out}")
+
+
+@app.command()
+@_one_line_errors
+def report(directory: Path = typer.Argument(..., help="A `herd data run` output directory.")) -> None:
+    """Print what each stage kept and dropped, and (re)draw DIR/report.png."""
+    from herd.data.report import CHART, chart, load_report, render
+
+    data = load_report(directory)
+    render(data)
+    typer.echo(f"chart: {chart(data, directory / CHART)}")
+
+
+@app.command("train-classifier")
+@_one_line_errors
+def train_classifier(
+    inputs: list[str] = typer.Argument(None, help="Documents to sample and label (any format `run` reads)."),
+    out: Path = typer.Option(..., "--out", help="Where to save the classifier (.npz)."),
+    task: str = typer.Option("quality", "--task", help="quality (high/low) or domain (code, math_reasoning, ...)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Model for herd.load; default: the built-in one."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="JSONL of {text, label}: train on these, no judge."),
+    sample: int = typer.Option(500, "--sample", help="How many documents the judge labels."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Label a sample with an LLM judge (as Llama 3 did with Llama 2), fit the fast classifier, save it."""
+    import numpy as np
+
+    from herd.data.classify import TASKS, label_texts, model_judge, train
+    from herd.data.document import Document
+    from herd.data.executors import atomic_output
+    from herd.data.readers import iter_inputs, read
+
+    if task not in TASKS:
+        _fail(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if labels:
+        records = [json.loads(line) for line in labels.read_text().splitlines() if line.strip()]
+        texts, found = [r["text"] for r in records], [r.get("label") for r in records]
+    else:
+        if not inputs:
+            _fail("give INPUT files to label, or --labels")
+        docs = [d for f in iter_inputs(inputs) for d in read(f) if isinstance(d, Document)]
+        if not docs:
+            _fail("no documents in the inputs")
+        picked = np.random.default_rng(seed).permutation(len(docs))[:sample]
+        texts = [docs[i].text for i in sorted(picked)]
+        import herd
+
+        found = label_texts(texts, model_judge(herd.load(judge)), task)
+        labels_path = out.with_suffix(".labels.jsonl")
+        with atomic_output(labels_path) as tmp:
+            tmp.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(texts, found)))
+        typer.echo(f"labels: {labels_path} ({sum(lab is None for lab in found)} replies unparsed)")
+    result = train(texts, found, task, seed=seed)
+    result.model.save(out)
+    typer.echo(f"saved {out}: {result.n_train} train / {result.n_test} held out, "
+               f"held-out accuracy {result.accuracy:.3f}, labels {result.model.info['label_counts']}")
+
+
+if __name__ == "__main__":
+    app()

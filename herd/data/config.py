@@ -1,0 +1,182 @@
+"""What a pipeline run does, as dataclasses: the ordered stages, the data mix, the token shards.
+
+A PIPELINE.toml mirrors these dataclasses one to one:
+
+    docs_per_unit = 1000
+    [shards]
+    tokenizer = "herd.tokenizer:load_tokenizer"
+    [mix]
+    targets = { general = 0.5, math_reasoning = 0.25, code = 0.17, multilingual = 0.08 }
+    [[stages]]
+    type = "language"
+    languages = ["en"]
+
+Each `[[stages]]` table names a stage type and that stage's own dataclass options; unknown types and
+options are reported as configuration errors before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The final pre-training mix Llama 3 reports (section 3.1.2), by tokens.
+LLAMA3_MIX = {"general": 0.50, "math_reasoning": 0.25, "code": 0.17, "multilingual": 0.08}
+
+# type name -> "module:Class". Imported on use, so a config names stages without loading all of them.
+STAGE_TYPES = {
+    "language": "herd.data.filters:LanguageFilter",
+    "gopher_quality": "herd.data.filters:GopherQuality",
+    "gopher_repetition": "herd.data.filters:GopherRepetition",
+    "c4_quality": "herd.data.filters:C4Quality",
+    "fineweb_quality": "herd.data.filters:FineWebQuality",
+    "nsfw": "herd.data.filters:NSFWFilter",
+    "pii": "herd.data.filters:PIIMasker",
+    "url_dedup": "herd.data.dedup:URLDedup",
+    "exact_dedup": "herd.data.dedup:ExactDedup",
+    "minhash_dedup": "herd.data.dedup:MinHashDedup",
+    "line_dedup": "herd.data.dedup:LineDedup",
+    "quality_classifier": "herd.data.classify:QualityClassifier",
+    "domain_classifier": "herd.data.classify:DomainClassifier",
+}
+
+
+class ConfigError(ValueError):
+    """A pipeline configuration that cannot run; the message names the offending part."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    type: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self):
+        """The stage object itself; its own dataclass validates the options."""
+        target = STAGE_TYPES.get(self.type) or (self.type if ":" in self.type else None)
+        if target is None:
+            raise ConfigError(f"unknown stage type {self.type!r}; known: {', '.join(STAGE_TYPES)}")
+        cls = import_object(target)
+        try:
+            return cls(**self.options)
+        except TypeError as e:
+            raise ConfigError(f"stage {self.type!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    # "module:callable" returning an object with encode(text, bos, eos), bos_id, eos_id, vocab_size.
+    tokenizer: str = "herd.tokenizer:load_tokenizer"
+    bos: bool = True
+    eos: bool = True  # so a reader that concatenates documents still sees where each one ends
+    max_tokens_per_shard: int = 1 << 28  # 1 GiB of uint32; documents are never split across shards
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    targets: dict[str, float] = field(default_factory=lambda: dict(LLAMA3_MIX))
+    seed: int = 0
+    # Past a few epochs repeated tokens stop helping; a domain that would need more is met by
+    # shrinking the whole output instead.
+    max_repeats: int = 4
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: tuple[StageSpec, ...]
+    shards: ShardConfig = ShardConfig()
+    mix: MixConfig | None = MixConfig()  # applied only once a domain classifier labels the documents
+    docs_per_unit: int = 1000  # documents per work unit: the grain of parallelism and of resuming
+
+    def fingerprint(self) -> str:
+        """A run directory is only resumed by the very configuration that started it."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def import_object(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import {target!r}: {e}") from None
+
+
+def default_config(quality_model: str | Path | None = None, domain_model: str | Path | None = None,
+                   quality_threshold: float = 0.5) -> PipelineConfig:
+    """The Llama-3-like pipeline: English web text, heuristics, NSFW, PII, four de-duplications, classifiers."""
+    stages = [
+        StageSpec("language"),
+        StageSpec("gopher_repetition"),
+        StageSpec("gopher_quality"),
+        StageSpec("c4_quality"),
+        StageSpec("fineweb_quality"),
+        StageSpec("nsfw"),
+        StageSpec("url_dedup"),
+        StageSpec("exact_dedup"),
+        StageSpec("minhash_dedup"),
+        StageSpec("line_dedup"),
+        # after de-duplication, so repeated personal data is counted once and masking sees final lines
+        StageSpec("pii"),
+    ]
+    if quality_model:
+        stages.append(StageSpec("quality_classifier", {"path": str(quality_model), "threshold": quality_threshold}))
+    if domain_model:
+        stages.append(StageSpec("domain_classifier", {"path": str(domain_model)}))
+    return PipelineConfig(stages=tuple(stages))
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return config_from_dict(raw, where=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConfig:
+    raw = dict(raw)
+    stages_raw = raw.pop("stages", None)
+    if not stages_raw:
+        raise ConfigError(f"{where}: needs at least one [[stages]] table")
+    stages = []
+    for i, table in enumerate(stages_raw):
+        table = dict(table)
+        kind = table.pop("type", None)
+        if not isinstance(kind, str):
+            raise ConfigError(f"{where}: stage {i + 1} has no type")
+        stages.append(StageSpec(kind, table))
+    try:
+        shards = ShardConfig(**raw.pop("shards", {}))
+        mix_raw = raw.pop("mix", {})
+        mix = None if mix_raw is False or mix_raw.get("enabled") is False else MixConfig(
+            **{k: v for k, v in mix_raw.items() if k != "enabled"})
+        config = PipelineConfig(stages=tuple(stages), shards=shards, mix=mix, **raw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    validate(config, where)
+    return config
+
+
+def validate(config: PipelineConfig, where: str = "config") -> None:
+    for spec in config.stages:
+        if spec.type not in STAGE_TYPES and ":" not in spec.type:
+            raise ConfigError(f"{where}: unknown stage type {spec.type!r}; known: {', '.join(STAGE_TYPES)}")
+    if config.mix is not None:
+        total = sum(config.mix.targets.values())
+        if any(v < 0 for v in config.mix.targets.values()) or abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"{where}: mix targets must be non-negative and sum to 1 (they sum to {total:g})")
+        if config.mix.max_repeats < 1:
+            raise ConfigError(f"{where}: mix max_repeats must be at least 1")
+    if config.docs_per_unit < 1:
+        raise ConfigError(f"{where}: docs_per_unit must be at least 1")

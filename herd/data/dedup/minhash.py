@@ -1,0 +1,89 @@
+"""Near-duplicate removal: MinHash signatures of word n-gram shingles, banded by datasketch's MinHashLSH.
+
+Signatures are computed with numpy (multiply-shift hashing of 64-bit shingle hashes) rather than
+datasketch's per-shingle SHA-1, which is the slow part; the LSH index and its band parameters are
+datasketch's. A candidate pair only counts when its estimated Jaccard similarity reaches the threshold.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from herd.data.dedup.base import drop_planned
+from herd.data.document import Document, StageResult
+
+_WORD = re.compile(r"\w+")
+_BLOCK = 2048  # shingles per step, bounding the (shingles x permutations) matrix of a long document
+
+
+@dataclass
+class MinHashDedup:
+    name: str = "minhash_dedup"
+    threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+    seed: int = 1
+
+    def __post_init__(self):
+        rng = np.random.default_rng(self.seed)
+        # odd multipliers make x -> (a*x + b) >> 32 a universal hash family over 64-bit keys
+        self._a = rng.integers(1, 1 << 63, self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.integers(0, 1 << 63, self.num_perm, dtype=np.uint64)
+        self._powers = np.array([pow(0x100000001B3, i, 1 << 64) for i in range(self.ngram)], dtype=np.uint64)
+
+    def signature(self, text: str) -> np.ndarray | None:
+        """num_perm uint32 minima over the document's shingles; None for a text without words."""
+        toks = _WORD.findall(text.lower())
+        if not toks:
+            return None
+        wh = np.fromiter((zlib.crc32(t.encode()) for t in toks), dtype=np.uint64, count=len(toks))
+        wh = wh | (wh << np.uint64(32))  # spread each word's 32 bits over the word
+        n = min(self.ngram, len(toks))  # a text shorter than one shingle is one shingle
+        count = len(toks) - n + 1
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+            shingles = sum(wh[i : i + count] * self._powers[i] for i in range(n))
+            sig = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
+            for start in range(0, count, _BLOCK):
+                block = shingles[start : start + _BLOCK, None]
+                hashed = (block * self._a + self._b) >> np.uint64(32)
+                np.minimum(sig, hashed.min(axis=0), out=sig)
+        return sig.astype(np.uint32)
+
+    def keys(self, docs: list[Document]) -> list[tuple[str, bytes | None]]:
+        out = []
+        for doc in docs:
+            sig = self.signature(doc.text)
+            out.append((doc.id, None if sig is None else sig.tobytes()))
+        return out
+
+    def plan(self, keyed: Iterable[tuple[str, bytes | None]]) -> dict[str, str]:
+        from datasketch import LeanMinHash, MinHashLSH
+
+        lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        # signatures of first occurrences (and their order), to verify LSH candidates
+        kept: dict[str, tuple[int, np.ndarray]] = {}
+        dups: dict[str, str] = {}
+        for did, sig in keyed:
+            if sig is None:
+                continue
+            hv = np.frombuffer(sig, dtype=np.uint32)
+            # 32-bit affine permutations, as datasketch's "affine32"; the name only guards against mixing
+            mh = LeanMinHash(seed=self.seed, hashvalues=hv, scheme="affine32")
+            best, best_sim = None, 0.0
+            for cand in sorted(lsh.query(mh), key=lambda c: kept[c][0]):  # ties go to the earliest
+                sim = float(np.mean(kept[cand][1] == hv))
+                if sim >= self.threshold and sim > best_sim:
+                    best, best_sim = cand, sim
+            if best is None:
+                lsh.insert(did, mh, check_duplication=False)
+                kept[did] = (len(kept), hv)
+            else:
+                dups[did] = best
+        return dups
+
+    def apply(self, docs: list[Document], plan: dict[str, str]) -> StageResult:
+        return drop_planned(docs, plan, self.name, "near_duplicate_of")

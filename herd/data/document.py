@@ -1,0 +1,30 @@
+"""The unit every data stage works on, and the record of why a document was dropped."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    source: str = ""  # the input file (and member/record) it came from
+    url: str | None = None
+    lang: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # e.g. lang confidence, quality, domain probabilities
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    id: str
+    stage: str  # the stage's name, as in the pipeline config
+    reason: str  # short machine-readable reason, e.g. "min_words", "near_duplicate_of:<id>"
+    url: str | None = None
+
+
+@dataclass
+class StageResult:
+    kept: list[Document]
+    dropped: list[Dropped]

@@ -1,0 +1,79 @@
+"""What every per-document stage shares: the batch loop, copy-on-write documents, text helpers."""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+from herd.data.document import Document, Dropped, StageResult
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”", "’", "»", ":", ";", "…", "。", "！", "？")
+
+
+class DocStage:
+    """A per-document stage. Subclasses are dataclasses with a `name` field and implement `process`.
+
+    `process` returns the document to keep (the same object, or a changed copy) or the drop reason.
+    Inputs are never mutated, so a batch can be re-run or shared between stages safely.
+    """
+
+    name: str
+
+    def process(self, doc: Document) -> Document | str:
+        raise NotImplementedError
+
+    def __call__(self, docs: list[Document]) -> StageResult:
+        kept, dropped = [], []
+        for doc in docs:
+            out = self.process(doc)
+            if isinstance(out, str):
+                dropped.append(Dropped(doc.id, self.name, out, doc.url))
+            else:
+                kept.append(out)
+        return StageResult(kept, dropped)
+
+
+def evolve(doc: Document, **changes) -> Document:
+    """A copy of `doc` with `changes`; its meta and scores dicts are copied so the original stays intact."""
+    changes.setdefault("meta", dict(doc.meta))
+    changes.setdefault("scores", dict(doc.scores))
+    return replace(doc, **changes)
+
+
+@lru_cache(maxsize=None)
+def word_list(relpath: str) -> frozenset[str]:
+    """A shipped list from herd/data/resources: one entry a line, `#` starts a comment."""
+    lines = (RESOURCES / relpath).read_text(encoding="utf-8").splitlines()
+    return frozenset(s.strip().lower() for s in lines if s.strip() and not s.lstrip().startswith("#"))
+
+
+_PUNCT_EDGES = re.compile(r"^\W+|\W+$")
+
+
+def words(text: str) -> list[str]:
+    """Whitespace tokens: language-agnostic and cheap, which is what the Gopher ratios were tuned on."""
+    return text.split()
+
+
+def bare(word: str) -> str:
+    """A token without surrounding punctuation, e.g. for word lengths and list look-ups."""
+    return _PUNCT_EDGES.sub("", word)
+
+
+def nonempty_lines(text: str) -> list[str]:
+    return [s for s in (line.strip() for line in text.split("\n")) if s]
+
+
+def duplicated(elements: list[str]) -> tuple[int, int]:
+    """How many elements repeat an earlier one, and how many characters those repeats hold."""
+    seen: set[str] = set()
+    count = chars = 0
+    for e in elements:
+        if e in seen:
+            count += 1
+            chars += len(e)
+        else:
+            seen.add(e)
+    return count, chars

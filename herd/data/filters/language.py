@@ -1,0 +1,44 @@
+"""Language identification with py3langid (the langid.py model, normalised probabilities)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from herd.data.document import Document
+from herd.data.filters.base import DocStage, evolve
+
+_SAMPLE_CHARS = 10_000  # a page's first 10k characters decide as well as all of it, at a fraction of the cost
+
+
+@lru_cache(maxsize=1)
+def _identifier():
+    # Loaded once per process, not held by the stage, so the stage pickles small.
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def identify(text: str) -> tuple[str, float]:
+    lang, prob = _identifier().classify(" ".join(text[:_SAMPLE_CHARS].split()))
+    return lang, float(prob)
+
+
+@dataclass
+class LanguageFilter(DocStage):
+    """Records doc.lang and doc.scores["lang"] for every document; drops only when `languages` is given
+    and the document is in none of them with at least `min_score` confidence."""
+
+    name: str = "language"
+    languages: list[str] | None = None
+    min_score: float = 0.65
+
+    def process(self, doc: Document) -> Document | str:
+        lang, prob = identify(doc.text)
+        out = evolve(doc, lang=lang)
+        out.scores["lang"] = prob
+        if self.languages is not None:
+            if lang not in self.languages:
+                return f"language:{lang}"
+            if prob < self.min_score:
+                return "language:low_score"
+        return out

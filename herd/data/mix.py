@@ -1,0 +1,72 @@
+"""The data mix: how many copies of each document go into the shards so domains meet target token shares.
+
+Selection is by a seeded hash of the document id, not by position or by a random stream, so a document's
+fate does not depend on which worker saw it, how the input was split, or whether the run was resumed.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from herd.data.config import MixConfig
+
+
+@dataclass(frozen=True)
+class MixItem:
+    id: str
+    domain: str
+    tokens: int
+
+
+@dataclass
+class MixPlan:
+    repeats: dict[str, int]  # document id -> copies in the shards (0 = dropped by the mix)
+    targets: dict[str, float]  # the targets actually aimed at: renormalised over domains that have documents
+    before: dict[str, int]  # tokens per domain going in
+    after: dict[str, int]  # tokens per domain coming out
+
+    def achieved(self) -> dict[str, float]:
+        total = sum(self.after.values()) or 1
+        return {d: self.after.get(d, 0) / total for d in self.targets}
+
+
+def _rank(seed: int, doc_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest()
+
+
+def plan_mix(items: Iterable[MixItem], config: MixConfig) -> MixPlan:
+    """Up- and down-sample whole documents so each domain's token share meets its target.
+
+    The output size is the input size (of the domains with a target) when every domain can reach its
+    share with at most `max_repeats` copies; otherwise it shrinks to the largest size at which all can, since a share that cannot be met
+    is a worse mix than a smaller one.
+    """
+    by_domain: dict[str, list[MixItem]] = defaultdict(list)
+    for item in items:
+        by_domain[item.domain].append(item)
+    before = {d: sum(i.tokens for i in docs) for d, docs in by_domain.items()}
+    # a target for a domain with no documents cannot be met by sampling; the others share its weight
+    present = {d: t for d, t in config.targets.items() if before.get(d, 0) > 0 and t > 0}
+    norm = sum(present.values())
+    targets = {d: t / norm for d, t in present.items()} if norm else {}
+    total_in = sum(before[d] for d in targets)
+    total_out = min([total_in] + [config.max_repeats * before[d] / t for d, t in targets.items()])
+
+    repeats: dict[str, int] = {}
+    after: dict[str, int] = {}
+    for domain, docs in by_domain.items():
+        budget = targets.get(domain, 0.0) * total_out
+        weight = budget / before[domain] if before[domain] else 0.0
+        base = int(weight)
+        remaining = budget - base * before[domain]
+        got = base * before[domain]
+        for item in sorted(docs, key=lambda i: _rank(config.seed, i.id)):
+            # one more copy only if it lands nearer the budget than leaving it out
+            extra = 1 if remaining > item.tokens / 2 else 0
+            repeats[item.id] = base + extra
+            remaining -= extra * item.tokens
+            got += extra * item.tokens
+        after[domain] = got
+    return MixPlan(repeats=repeats, targets=targets, before=before, after=after)

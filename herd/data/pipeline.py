@@ -1,0 +1,387 @@
+"""`herd data run`: read -> per-document stages -> de-duplication barriers -> classifiers -> mix -> shards.
+
+The stage list is cut at every de-duplication stage into rounds. In round k each work unit (a slice of
+`docs_per_unit` documents of one input file) loads its documents as round k-1 left them, applies
+de-duplication k-1's global plan, runs the per-document stages up to de-duplication k, and computes that
+stage's keys; the main process then plans de-duplication k over all keys in document order (first
+occurrence kept). The last round tokenizes. Every unit's output is a set of files under `DIR/work`,
+its `.done.json` written last and atomically, so a re-run skips whatever is finished and, everything
+being a pure function of the inputs and the configuration, writes byte-identical outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pickle
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from herd.data.config import PipelineConfig, validate
+from herd.data.document import Document, Dropped, StageResult
+from herd.data.executors import Executor, LocalExecutor, atomic_output
+from herd.data.mix import MixItem, plan_mix
+from herd.data.report import CHART, REPORT, Tally, build_report, chart
+from herd.data.shards import ShardWriter, TOKEN_DTYPE, encode_document, load_tokenizer
+
+KEPT = "kept.jsonl"
+DROPPED = "dropped.jsonl"
+WORK = "work"
+READ_STAGE = "read"
+MIX_STAGE = "mix"
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+# --- the stages, built once per process ------------------------------------------------------------
+
+
+def is_dedup(stage: Any) -> bool:
+    return all(callable(getattr(stage, m, None)) for m in ("keys", "plan", "apply"))
+
+
+@dataclass
+class Stages:
+    segments: list[list[Any]]  # per-document stages of round k
+    dedups: list[Any]  # the barrier ending round k
+
+    @property
+    def names(self) -> list[str]:
+        out = []
+        for k, segment in enumerate(self.segments):
+            out += [s.name for s in segment]
+            if k < len(self.dedups):
+                out.append(self.dedups[k].name)
+        return out
+
+    @property
+    def has_domains(self) -> bool:
+        return any(getattr(s, "sets_domain", False) for seg in self.segments for s in seg)
+
+
+_built: dict[str, Stages] = {}
+
+
+def build_stages(config: PipelineConfig) -> Stages:
+    key = config.fingerprint()
+    if key not in _built:
+        segments: list[list[Any]] = [[]]
+        dedups: list[Any] = []
+        for spec in config.stages:
+            stage = spec.build()
+            if is_dedup(stage):
+                dedups.append(stage)
+                segments.append([])
+            else:
+                segments[-1].append(stage)
+        names = [s.name for seg in segments for s in seg] + [d.name for d in dedups]
+        if len(set(names)) != len(names) or READ_STAGE in names or MIX_STAGE in names:
+            raise PipelineError(f"stage names must be unique and not {READ_STAGE!r}/{MIX_STAGE!r}: {names}")
+        _built[key] = Stages(segments, dedups)
+    return _built[key]
+
+
+# --- files of the work directory ---------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False))
+
+
+def _write_pickle(path: Path, obj: Any) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _load_docs(path: Path) -> list[Document]:
+    return [Document(**r) for r in _read_jsonl(path)]
+
+
+def _dropped_record(d: Dropped) -> dict:
+    return {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url}
+
+
+_plans: dict[tuple[str, int], Any] = {}
+
+
+def _load_plan(path: Path) -> Any:
+    # plans can be large; each worker process reads one once, not once per unit
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _plans:
+        _plans.clear()
+        with open(path, "rb") as fh:
+            _plans[key] = pickle.load(fh)
+    return _plans[key]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One work unit of one round, as a worker receives it (small and picklable)."""
+
+    work: str
+    config: PipelineConfig
+    round: int  # -1: read an input file
+    unit: str
+    source: str  # the input file (round -1) or the unit's documents as the previous round left them
+
+    def path(self, suffix: str, round: int | None = None) -> Path:
+        r = self.round if round is None else round
+        return Path(self.work) / ("read" if r < 0 else f"r{r}") / f"{self.unit}.{suffix}"
+
+
+# --- the per-unit work -------------------------------------------------------------------------------
+
+
+def read_unit(task: Task) -> None:
+    """Split one input file into work units of `docs_per_unit` documents; record what the reader dropped."""
+    from herd.data.readers import doc_id, read
+
+    tally, dropped, units = Tally(), [], []
+    batch: list[Document] = []
+
+    def flush() -> None:
+        name = f"{task.unit}-{len(units):05d}"
+        _write_jsonl(Path(task.work) / "read" / f"{name}.docs.jsonl", (d.__dict__ for d in batch))
+        units.append(name)
+        batch.clear()
+
+    def items() -> Iterator[Document | Dropped]:
+        try:
+            yield from read(task.source)
+        except Exception as e:  # an unforeseen failure costs the rest of this file, reported, not the run
+            yield Dropped(doc_id(f"{task.source}:unreadable"), READ_STAGE, f"unreadable:{type(e).__name__}")
+
+    for item in items():
+        if isinstance(item, Dropped):
+            tally.add_read(0)
+            tally.add_dropped(READ_STAGE, item.reason, None, None, 0, 0)
+            dropped.append(_dropped_record(dataclasses.replace(item, stage=READ_STAGE)))
+            continue
+        tally.add_read(len(item.text.encode("utf-8")))
+        batch.append(item)
+        if len(batch) == task.config.docs_per_unit:
+            flush()
+    if batch:
+        flush()
+    _write_jsonl(task.path("dropped.jsonl"), dropped)
+    _write_json(task.path("done.json"), {"units": units, "tally": tally.to_dict()})
+
+
+def process_unit(task: Task) -> None:
+    """Round k of one unit: apply the previous plan, run the round's stages, key or tokenize the result."""
+    config, k = task.config, task.round
+    stages = build_stages(config)
+    tokenizer = load_tokenizer(config.shards.tokenizer)
+    docs = _load_docs(Path(task.source))
+    tally, dropped = Tally(), []
+
+    def run(stage: Any, result_of) -> None:
+        nonlocal docs
+        before = {d.id: d for d in docs}
+        result: StageResult = result_of(docs)
+        _check_accounting(stage.name, before, result)
+        for d in result.dropped:
+            doc = before[d.id]
+            tokens = len(encode_document(tokenizer, doc.text, config.shards)) if doc.text else 0
+            tally.add_dropped(stage.name, d.reason, doc.lang, doc.meta.get("domain"), tokens,
+                              len(doc.text.encode("utf-8")))
+            dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name)))
+        docs = result.kept
+
+    if k > 0:
+        dedup = stages.dedups[k - 1]
+        plan = _load_plan(Path(task.work) / "plans" / f"{k - 1}.pkl")
+        run(dedup, lambda batch: dedup.apply(batch, plan))
+    for stage in stages.segments[k]:
+        if docs:
+            run(stage, stage)
+    _write_jsonl(task.path("docs.jsonl"), (d.__dict__ for d in docs))
+    _write_jsonl(task.path("dropped.jsonl"), dropped)
+    done: dict[str, Any] = {"tally": tally.to_dict()}
+    if k < len(stages.dedups):
+        _write_pickle(task.path("keys.pkl"), stages.dedups[k].keys(docs) if docs else [])
+    else:
+        encoded = [encode_document(tokenizer, d.text, config.shards) for d in docs]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.uint64)
+        np.cumsum([len(t) for t in encoded], out=offsets[1:])
+        with atomic_output(task.path("tokens.npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.concatenate(encoded) if encoded else np.zeros(0, TOKEN_DTYPE))
+        with atomic_output(task.path("offsets.npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, offsets)
+        done["mix"] = [[d.id, d.meta.get("domain") or "general", len(t)] for d, t in zip(docs, encoded)]
+    _write_json(task.path("done.json"), done)
+
+
+def _check_accounting(name: str, before: dict[str, Document], result: StageResult) -> None:
+    """Every document a stage receives comes back exactly once, kept or dropped: nothing vanishes."""
+    out = [d.id for d in result.kept] + [d.id for d in result.dropped]
+    if len(out) != len(before) or set(out) != set(before):
+        missing = set(before) - set(out)
+        raise PipelineError(f"stage {name!r} returned {len(out)} documents for {len(before)} "
+                            f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(set(out) - set(before))[:5]})")
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    out: Path
+    report: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: Executor | None = None) -> RunResult:
+    """Run the pipeline over `inputs` into `out`, resuming whatever an earlier run there finished."""
+    validate(config)
+    out = Path(out)
+    work = out / WORK
+    inputs = [Path(p) for p in inputs]
+    _claim(work, config, inputs)
+    stages = build_stages(config)  # configuration errors surface here, before any worker starts
+    own_executor = executor is None
+    executor = executor or LocalExecutor()
+    try:
+        units = _read_round(executor, work, config, inputs)
+        for k in range(len(stages.segments)):
+            source = "read" if k == 0 else f"r{k - 1}"
+            tasks = [Task(str(work), config, k, u, str(work / source / f"{u}.docs.jsonl")) for u in units]
+            name = stages.dedups[k - 1].name if k else "filter"
+            _map_unfinished(executor, process_unit, tasks, f"round {k + 1}/{len(stages.segments)} ({name})")
+            if k < len(stages.dedups):
+                _plan(work, k, stages.dedups[k], units)
+    finally:
+        if own_executor:
+            executor.close()
+    return _finish(out, work, config, stages, inputs, units)
+
+
+def _claim(work: Path, config: PipelineConfig, inputs: list[Path]) -> None:
+    """Mark the directory as this configuration's run; refuse to resume a different one."""
+    claim = {"config": config.fingerprint(), "inputs": [str(p) for p in inputs]}
+    path = work / "run.json"
+    if path.exists():
+        if json.loads(path.read_text()) != claim:
+            raise PipelineError(f"{work.parent} holds a run with other inputs or another configuration; "
+                                "use a new --out directory")
+        return
+    _write_json(path, claim)
+
+
+def _map_unfinished(executor: Executor, fn, tasks: list[Task], desc: str) -> None:
+    todo = [t for t in tasks if not t.path("done.json").exists()]
+    if todo:
+        executor.map(fn, todo, desc)
+
+
+def _read_round(executor: Executor, work: Path, config: PipelineConfig, inputs: list[Path]) -> list[str]:
+    tasks = [Task(str(work), config, -1, f"{i:05d}", str(p)) for i, p in enumerate(inputs)]
+    _map_unfinished(executor, read_unit, tasks, "read")
+    return [u for t in tasks for u in json.loads(t.path("done.json").read_text())["units"]]
+
+
+def _plan(work: Path, k: int, dedup: Any, units: list[str]) -> None:
+    path = work / "plans" / f"{k}.pkl"
+    if path.exists():
+        return
+
+    def keyed() -> Iterator[Any]:
+        for u in units:
+            with open(work / f"r{k}" / f"{u}.keys.pkl", "rb") as fh:
+                yield from pickle.load(fh)
+
+    _write_pickle(path, dedup.plan(keyed()))
+
+
+def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, inputs: list[Path],
+            units: list[str]) -> RunResult:
+    """Gather the last round into the outputs: mix, kept/dropped JSONL, shards, manifest, report."""
+    last = f"r{len(stages.segments) - 1}"
+    done = {u: json.loads((work / last / f"{u}.done.json").read_text()) for u in units}
+    tally = Tally()
+    for i in range(len(inputs)):
+        tally.merge(Tally.from_dict(json.loads((work / "read" / f"{i:05d}.done.json").read_text())["tally"]))
+    for k in range(len(stages.segments)):
+        for u in units:
+            tally.merge(Tally.from_dict(json.loads((work / f"r{k}" / f"{u}.done.json").read_text())["tally"]))
+
+    mix_active = config.mix is not None and stages.has_domains
+    plan = plan_mix((MixItem(*m) for u in units for m in done[u]["mix"]), config.mix) if mix_active else None
+
+    tokenizer = load_tokenizer(config.shards.tokenizer)
+    mix_dropped: list[dict] = []
+    kept = {"docs": 0, "tokens": 0, "bytes": 0}
+
+    def kept_records() -> Iterator[dict]:
+        for u in units:
+            for doc, (_, domain, n) in zip(_load_docs(work / last / f"{u}.docs.jsonl"), done[u]["mix"]):
+                nbytes = len(doc.text.encode("utf-8"))
+                repeats = plan.repeats[doc.id] if plan else 1
+                if repeats == 0:
+                    tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes)
+                    mix_dropped.append({"id": doc.id, "stage": MIX_STAGE, "reason": "downsampled", "url": doc.url})
+                    continue
+                tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
+                kept["docs"] += 1
+                kept["tokens"] += n
+                kept["bytes"] += nbytes
+                record = {"id": doc.id, "url": doc.url, "text": doc.text, "lang": doc.lang, "scores": doc.scores}
+                if "domain" in doc.meta:
+                    record["domain"] = doc.meta["domain"]
+                if plan:
+                    record["repeats"] = repeats
+                yield record
+
+    _write_jsonl(out / KEPT, kept_records())
+
+    def dropped_records() -> Iterator[dict]:
+        for i in range(len(inputs)):
+            yield from _read_jsonl(work / "read" / f"{i:05d}.dropped.jsonl")
+        for k, u in itertools.product(range(len(stages.segments)), units):
+            yield from _read_jsonl(work / f"r{k}" / f"{u}.dropped.jsonl")
+        yield from mix_dropped
+
+    _write_jsonl(out / DROPPED, dropped_records())
+
+    writer = ShardWriter(out, config.shards, tokenizer)
+    max_repeats = max(plan.repeats.values(), default=0) if plan else 1
+    # copy p of every document before copy p+1 of any, so repeats are an epoch apart, not adjacent
+    for p in range(1, max_repeats + 1):
+        for u in units:
+            tokens = np.load(work / last / f"{u}.tokens.npy")
+            offsets = np.load(work / last / f"{u}.offsets.npy")
+            for j, (doc_id, _, _) in enumerate(done[u]["mix"]):
+                if (plan.repeats[doc_id] if plan else 1) >= p:
+                    writer.add(doc_id, tokens[offsets[j]:offsets[j + 1]])
+    manifest = writer.close()
+
+    mix_report = None
+    if plan:
+        mix_report = {"targets": plan.targets, "achieved": plan.achieved(), "before": plan.before,
+                      "after": plan.after, "seed": config.mix.seed}
+    names = [READ_STAGE] + stages.names + ([MIX_STAGE] if plan else [])
+    report = build_report(tally, names, kept, {"docs": manifest["documents"], "tokens": manifest["tokens"]},
+                          mix_report)
+    with atomic_output(out / REPORT) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with atomic_output(out / CHART) as tmp:
+        chart(report, tmp)
+    return RunResult(out, report, manifest)

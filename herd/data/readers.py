@@ -1,0 +1,291 @@
+"""Input readers: JSONL, plain-text trees, HTML, WARC, and gzip/zstd around any of them.
+
+`read(path)` yields a Document per record and a Dropped for every record it could not use, so a
+malformed input costs exactly the records that are broken and is accounted for in the report.
+The orchestrator shards by input file: `iter_inputs` fixes the file order and `read_file` is the
+picklable per-file entry point a worker process calls.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import zstandard
+
+from herd.data.document import Document, Dropped
+
+STAGE = "read"
+_CHUNK = 1 << 16
+_COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_JSONL = {".jsonl", ".json", ".ndjson"}
+_HTML = {".html", ".htm", ".xhtml"}
+_WARC = {".warc", ".arc"}
+
+
+class Truncated(Exception):
+    """The compressed stream ended before its end-of-stream marker."""
+
+
+def doc_id(source: str) -> str:
+    """Stable short id for a record without a given one: the same input always gets the same ids."""
+    return hashlib.sha1(source.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def iter_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand directories and globs into a sorted, de-duplicated list of input files.
+
+    A directory whose files are plain text is still one input per file, so workers can shard it.
+    """
+    found: set[Path] = set()
+    for p in paths:
+        matches = [Path(m) for m in glob.glob(str(p), recursive=True)] if glob.has_magic(str(p)) else [Path(p)]
+        for m in matches:
+            if m.is_dir():
+                found.update(f for f in m.rglob("*") if f.is_file() and not f.name.startswith("."))
+            elif m.exists():
+                found.add(m)
+            else:
+                raise FileNotFoundError(m)
+    return sorted(found)
+
+
+def read_file(path: str | Path) -> list[Document | Dropped]:
+    """Read one input file completely; the unit of work a worker process runs."""
+    return list(read(path))
+
+
+def read(path: str | Path) -> Iterator[Document | Dropped]:
+    """Yield the documents of a file or a directory tree (sorted), with a Dropped for each unusable record."""
+    path = Path(path)
+    if path.is_dir():
+        for f in iter_inputs([path]):
+            yield from read(f)
+        return
+    suffixes = [s.lower() for s in path.suffixes]
+    codec = _COMPRESSED.get(suffixes[-1]) if suffixes else None
+    inner = (suffixes[-2] if len(suffixes) > 1 else "") if codec else (suffixes[-1] if suffixes else "")
+    source = str(path)
+    if inner in _WARC:
+        # warcio reads per-record gzip itself; a whole-file zstd stream is decompressed first.
+        yield from _read_warc(path, source, zstd=codec == "zstd")
+        return
+    chunks = _decompressed_chunks(path, codec)
+    if inner in _JSONL:
+        yield from _read_jsonl(chunks, source)
+    else:
+        yield from _read_single(chunks, source, inner)
+
+
+# --- bytes ---------------------------------------------------------------------------------------
+
+
+def _decompressed_chunks(path: Path, codec: str | None) -> Iterator[bytes]:
+    """The file's bytes in chunks; raises Truncated after the last readable bytes of a cut stream.
+
+    Incremental decompression (not gzip.open) so every byte before the cut is delivered.
+    """
+    new = {"gzip": lambda: zlib.decompressobj(wbits=31), "zstd": lambda: zstandard.ZstdDecompressor().decompressobj()}
+    with open(path, "rb") as fh:
+        if codec is None:
+            while chunk := fh.read(_CHUNK):
+                yield chunk
+            return
+        dec, started = new[codec](), False
+        while raw := fh.read(_CHUNK):
+            while raw:
+                started = True
+                try:
+                    out = dec.decompress(raw)
+                except (zlib.error, zstandard.ZstdError) as e:
+                    raise Truncated(f"corrupt {codec} stream: {e}") from None
+                if out:
+                    yield out
+                if not dec.eof:
+                    break
+                # concatenated members/frames: start over on what follows the end marker
+                raw, dec, started = dec.unused_data, new[codec](), False
+        if started and not dec.eof:
+            raise Truncated(f"{codec} stream ends early")
+
+
+def _read_all(chunks: Iterator[bytes]) -> tuple[bytes, bool]:
+    """All readable bytes, and whether the stream was cut short."""
+    parts: list[bytes] = []
+    try:
+        for chunk in chunks:
+            parts.append(chunk)
+    except Truncated:
+        return b"".join(parts), True
+    return b"".join(parts), False
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Complete lines; a trailing partial line is only yielded if the stream ended cleanly."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        *complete, buf = buf.split(b"\n")
+        yield from complete
+    if buf:
+        yield buf
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+
+def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dropped]:
+    i = -1
+    try:
+        for i, raw in enumerate(_lines(chunks)):
+            src = f"{source}:{i}"
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Dropped(doc_id(src), STAGE, "invalid_utf8")
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                yield Dropped(doc_id(src), STAGE, "invalid_json")
+                continue
+            if not isinstance(rec, dict):
+                yield Dropped(doc_id(src), STAGE, "not_an_object")
+                continue
+            rid = str(rec["id"]) if rec.get("id") is not None else doc_id(src)
+            url = rec.get("url") if isinstance(rec.get("url"), str) else None
+            text = rec.get("text")
+            if text is None:
+                yield Dropped(rid, STAGE, "missing_text", url)
+            elif not isinstance(text, str):
+                yield Dropped(rid, STAGE, "text_not_a_string", url)
+            else:
+                meta = {k: v for k, v in rec.items() if k not in ("id", "text", "url")}
+                yield Document(rid, text, src, url, meta=meta)
+    except Truncated:
+        yield Dropped(doc_id(f"{source}:{i + 1}:truncated"), STAGE, "truncated_input")
+
+
+def _read_single(chunks: Iterator[bytes], source: str, suffix: str) -> Iterator[Document | Dropped]:
+    """Plain text or HTML: the whole file is one document."""
+    did = doc_id(source)
+    data, truncated = _read_all(chunks)
+    if truncated:  # one document cut mid-way is not a document; its readable part is not kept
+        yield Dropped(did, STAGE, "truncated_input")
+        return
+    if not data.strip():
+        yield Dropped(did, STAGE, "empty")
+        return
+    if suffix in _HTML or (suffix not in (".txt", ".text", ".md") and _looks_like_html(data)):
+        doc = html_document(data, did, source)
+    else:
+        doc = _text_document(data, did, source)
+    yield doc if doc is not None else Dropped(did, STAGE, "no_text")
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8 with replacement, counting the replaced bytes for the report."""
+    text = data.decode("utf-8", errors="replace")
+    errors = text.count("\ufffd") - data.count("\ufffd".encode())
+    return text, errors
+
+
+def _text_document(data: bytes, did: str, source: str) -> Document | None:
+    text, errors = _decode(data)
+    if not text.strip():
+        return None
+    return Document(did, text, source, meta={"utf8_errors": errors} if errors else {})
+
+
+_HTML_START = re.compile(rb"^\s*(<!doctype html|<html|<head|<body|<\?xml[^>]*>\s*<html)", re.I)
+
+
+def _looks_like_html(data: bytes) -> bool:
+    return bool(_HTML_START.match(data[:1024]))
+
+
+def html_document(data: bytes, did: str, source: str, url: str | None = None) -> Document | None:
+    """Main text of an HTML page (trafilatura), with its canonical URL when the page names one."""
+    import lxml.html
+    import trafilatura
+
+    html, errors = _decode(data)
+    try:
+        tree = lxml.html.fromstring(html.encode("utf-8"))
+    except Exception:  # lxml rejects some broken pages outright; they have no usable text
+        return None
+    url = url or _page_url(tree)
+    text = trafilatura.extract(tree, url=url, include_comments=False)
+    if not text or not text.strip():
+        return None
+    return Document(did, text, source, url, meta={"utf8_errors": errors} if errors else {})
+
+
+def _page_url(tree) -> str | None:
+    for xpath in ('//link[@rel="canonical"]/@href', '//meta[@property="og:url"]/@content'):
+        hits = [h.strip() for h in tree.xpath(xpath) if h.strip()]
+        if hits:
+            return hits[0]
+    return None
+
+
+def _read_warc(path: Path, source: str, zstd: bool) -> Iterator[Document | Dropped]:
+    """HTML responses of a WARC; a broken record becomes a Dropped and reading resumes at the next one."""
+    if not zstd:  # plain or per-record gzip, which warcio reads itself
+        yield from _warc_records(path.read_bytes(), source)
+        return
+    blob, truncated = _read_all(_decompressed_chunks(path, "zstd"))
+    yield from _warc_records(blob, source)
+    if truncated:
+        yield Dropped(doc_id(f"{source}:truncated"), STAGE, "truncated_input")
+
+
+_WARC_START = re.compile(rb"WARC/1\.[01]\r?\n")
+_GZIP_START = re.compile(rb"\x1f\x8b\x08")
+
+
+def _warc_records(blob: bytes, source: str) -> Iterator[Document | Dropped]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    # After a corrupt record warcio cannot go on, so restart it at the next record boundary.
+    boundary = _GZIP_START if blob[:2] == b"\x1f\x8b" else _WARC_START
+    pos, index = 0, 0
+    while pos < len(blob):
+        stream = io.BytesIO(blob)
+        stream.seek(pos)
+        records = ArchiveIterator(stream, check_digests=False)
+        try:
+            for record in records:
+                yield from _warc_record(record, f"{source}#{index}")
+                index += 1
+            return
+        except Exception:  # warcio raises several types for a corrupt record; all mean "skip it"
+            yield Dropped(doc_id(f"{source}#{index}"), STAGE, "bad_warc_record")
+            index += 1
+            nxt = boundary.search(blob, pos + records.offset + 1)
+            if nxt is None:
+                return
+            pos = nxt.start()
+
+
+def _warc_record(record, source: str) -> Iterator[Document | Dropped]:
+    if record.rec_type != "response":
+        return
+    url = record.rec_headers.get_header("WARC-Target-URI")
+    did = doc_id(source)
+    ctype = (record.http_headers.get_header("Content-Type") if record.http_headers else None) or ""
+    body = record.content_stream().read()
+    if record.raw_stream.limit > 0:  # fewer bytes than Content-Length: the file was cut inside it
+        yield Dropped(did, STAGE, "truncated_warc_record", url)
+        return
+    if "html" not in ctype.lower():
+        return
+    doc = html_document(body, did, source, url) if body.strip() else None
+    yield doc if doc is not None else Dropped(did, STAGE, "no_text", url)

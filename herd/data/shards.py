@@ -1,0 +1,193 @@
+"""Token shards: what the pipeline hands the trainer.
+
+A shard is `shard-NNNNN.bin` (the documents' tokens, little-endian uint32, back to back) and
+`shard-NNNNN.idx` (little-endian uint64 offsets, one more than there are documents, so document i is
+tokens[idx[i]:idx[i+1]]), plus `shard-NNNNN.ids` (the document ids, one a line). `manifest.json` lists
+them with sha256 checksums and the tokenizer they were made with. Each document carries its own BOS/EOS,
+so its boundaries survive any concatenation a reader does.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from herd.data.config import ShardConfig, import_object
+from herd.data.executors import atomic_output
+
+MANIFEST = "manifest.json"
+FORMAT = "herd-token-shards/1"
+TOKEN_DTYPE = np.dtype("<u4")
+INDEX_DTYPE = np.dtype("<u8")
+
+
+class Tokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (256 = BOS, 257 = EOS): exact, dependency-free, and instant to load."""
+
+    bos_id, eos_id, vocab_size = 256, 257, 258
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8")
+
+
+_tokenizers: dict[str, Tokenizer] = {}
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer a "module:callable" spec builds, once per process (loading a BPE takes a while)."""
+    if spec not in _tokenizers:
+        _tokenizers[spec] = import_object(spec)()
+    return _tokenizers[spec]
+
+
+def encode_document(tokenizer: Tokenizer, text: str, config: ShardConfig) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text, bos=config.bos, eos=config.eos), dtype=TOKEN_DTYPE)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Appends whole documents and starts a new shard when the next one would not fit."""
+
+    def __init__(self, out: Path, config: ShardConfig, tokenizer: Tokenizer):
+        self.out, self.config = Path(out), config
+        self.tokenizer_info = {"spec": config.tokenizer, "class": type(tokenizer).__name__,
+                               "vocab_size": int(tokenizer.vocab_size), "bos_id": int(tokenizer.bos_id),
+                               "eos_id": int(tokenizer.eos_id), "bos": config.bos, "eos": config.eos}
+        self.shards: list[dict] = []
+        self._pending: list[np.ndarray] = []
+        self._ids: list[str] = []
+        self._size = 0
+
+    def add(self, doc_id: str, tokens: np.ndarray) -> None:
+        if self._pending and self._size + len(tokens) > self.config.max_tokens_per_shard:
+            self._flush()
+        self._pending.append(tokens)
+        self._ids.append(doc_id)
+        self._size += len(tokens)
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.shards):05d}"
+        lengths = np.fromiter((len(t) for t in self._pending), dtype=INDEX_DTYPE, count=len(self._pending))
+        index = np.zeros(len(lengths) + 1, dtype=INDEX_DTYPE)
+        np.cumsum(lengths, out=index[1:])
+        entry = {"name": name, "documents": len(self._ids), "tokens": int(index[-1])}
+        payloads = {
+            "bin": (t.astype(TOKEN_DTYPE, copy=False).tobytes() for t in self._pending),
+            "idx": [index.tobytes()],
+            "ids": ["".join(f"{i}\n" for i in self._ids).encode()],
+        }
+        for ext, chunks in payloads.items():
+            path = self.out / f"{name}.{ext}"
+            with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+                fh.writelines(chunks)
+            entry[f"sha256_{ext}"] = _sha256(path)
+        self.shards.append(entry)
+        self._pending, self._ids, self._size = [], [], 0
+
+    def close(self) -> dict:
+        if self._pending:
+            self._flush()
+        manifest = {"format": FORMAT, "dtype": "uint32", "tokenizer": self.tokenizer_info,
+                    "documents": sum(s["documents"] for s in self.shards),
+                    "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+        with atomic_output(self.out / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class _Shard:
+    tokens: np.ndarray  # memory-mapped
+    index: np.ndarray
+    ids: list[str]
+
+
+class TokenShards:
+    """The trainer's view of a shard directory: documents in order, random access, checksum verification."""
+
+    def __init__(self, directory: str | Path, verify: bool = False):
+        self.dir = Path(directory)
+        try:
+            self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {MANIFEST} in {self.dir}: not a token shard directory") from None
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{self.dir}: unsupported shard format {self.manifest.get('format')!r}")
+        if verify:
+            self.verify()
+        self._shards: list[_Shard] = []
+        for entry in self.manifest["shards"]:
+            base = self.dir / entry["name"]
+            tokens = np.memmap(f"{base}.bin", dtype=TOKEN_DTYPE, mode="r") if entry["tokens"] else \
+                np.zeros(0, TOKEN_DTYPE)
+            index = np.fromfile(f"{base}.idx", dtype=INDEX_DTYPE)
+            ids = Path(f"{base}.ids").read_text().splitlines()
+            self._shards.append(_Shard(tokens, index, ids))
+        self._starts = np.cumsum([0] + [len(s.ids) for s in self._shards])
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifest["tokenizer"]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard, j = self._locate(i)
+        return np.asarray(shard.tokens[shard.index[j]:shard.index[j + 1]])
+
+    def doc_id(self, i: int) -> str:
+        shard, j = self._locate(i)
+        return shard.ids[j]
+
+    def _locate(self, i: int) -> tuple[_Shard, int]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._shards[s], i - int(self._starts[s])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for shard in self._shards:
+            for j in range(len(shard.ids)):
+                yield np.asarray(shard.tokens[shard.index[j]:shard.index[j + 1]])
+
+    def verify(self) -> None:
+        """Raise ChecksumError naming the first file whose bytes differ from the manifest."""
+        for entry in self.manifest["shards"]:
+            for ext in ("bin", "idx", "ids"):
+                path = self.dir / f"{entry['name']}.{ext}"
+                if not path.exists() or _sha256(path) != entry[f"sha256_{ext}"]:
+                    raise ChecksumError(f"{path}: checksum mismatch or missing")

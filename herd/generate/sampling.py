@@ -1,0 +1,81 @@
+"""Sampling parameters and the choice of the next token from one sequence's logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no limit
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not returned
+    stop_token_ids: tuple[int, ...] = ()  # on top of the tokenizer's own end-of-turn tokens
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely alternatives
+    ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def rng(self, device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # the most likely alternatives, when asked for
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
+    """The next token for one sequence from its float logits [vocab]."""
+    if params.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(filtered_probs(logits, params), 1, generator=rng))
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampled from: temperature, then top-k, then top-p (unnormalised after truncation)."""
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass before it already does.
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs
+
+
+def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """Log-probability of `token` under the model's own distribution (before temperature and truncation)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = {}
+    if top_n:
+        values, ids = logp.topk(top_n)
+        top = dict(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logp[token]), top)

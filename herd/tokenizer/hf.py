@@ -1,0 +1,295 @@
+"""Tokenizers that checkpoints bring along: a Hugging Face `tokenizer.json`, or a GGUF's vocabulary.
+
+Both become a `tokenizers.Tokenizer` behind the same interface as `Llama3Tokenizer`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from herd.tokenizer import TokenizerError
+from herd.tokenizer.llama3 import SPLIT_PATTERN as LLAMA3_SPLIT_PATTERN
+
+if TYPE_CHECKING:
+    import gguf
+
+# Tokens that end a text or a turn in the vocabularies we know; generation stops on any of them.
+# The end-of-text ones come first: they stand in for EOS when a checkpoint names none.
+END_MARKERS = ("<|end_of_text|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+
+_QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre names (llama.cpp's) by the pre-tokenizer family they stand for.
+_LLAMA3_PRE = {"llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx", "falcon3"}
+_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
+_DIGITS_THEN_GPT2_PRE = {"smollm", "starcoder", "refact", "codeshell"}
+_GPT2_PRE = {"gpt2", "default"}
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's spelling of bytes as printable characters: byte b is written as the b-th character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    unprintable = (b for b in range(256) if b not in printable)
+    spelled = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(unprintable)}
+    return [spelled[b] for b in range(256)]
+
+
+BYTE_CHARS = _byte_alphabet()
+# Maps the alphabet to the Latin-1 character of each byte, and other Latin-1 characters out of Latin-1.
+_TO_LATIN1 = dict.fromkeys(range(256), 0xFFFF) | {ord(c): b for b, c in enumerate(BYTE_CHARS)}
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` with the interface of `Llama3Tokenizer`.
+
+    Build one with `from_file` (tokenizer.json) or `from_gguf` (a GGUF's embedded vocabulary).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        pad_id: int | None = None,
+        add_bos: bool = True,
+        chat_template: str | None = None,
+        stop_ids: Iterable[int] = (),
+    ):
+        self._tokenizer = tokenizer
+        added = tokenizer.get_added_tokens_decoder()
+        self._added = {t.content: i for i, t in added.items()}
+        self.special_tokens: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos and bos_id is not None
+        self.chat_template = chat_template
+        markers = {self.special_tokens[t] for t in END_MARKERS if t in self.special_tokens}
+        self.stop_ids = frozenset({*stop_ids, *markers, *([eos_id] if eos_id is not None else [])})
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        if self._byte_level:
+            self._token_bytes = _token_bytes_table(tokenizer, self._added.keys())
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        """A Hugging Face `tokenizer.json` (or a directory holding one), with the `tokenizer_config.json`,
+        `chat_template.jinja` and `generation_config.json` beside it when present."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{path}: tokenizer file not found; pass a tokenizer.json or the directory holding it")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TokenizerError(
+                f"{path}: not a valid Hugging Face tokenizer.json ({reason}); re-download the checkpoint's tokenizer"
+            ) from None
+        config = _read_json(path.parent / "tokenizer_config.json")
+        generation = _read_json(path.parent / "generation_config.json")
+
+        def token_id(name: str) -> int | None:
+            token = config.get(name)
+            if isinstance(token, dict):
+                token = token.get("content")
+            return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+        # The post-processor is what adds BOS when transformers encodes with special tokens.
+        prefix = tokenizer.encode("", add_special_tokens=True).ids
+        bos_id = token_id("bos_token")
+        if bos_id is None and prefix:
+            bos_id = prefix[0]
+        eos_id = token_id("eos_token")
+        if eos_id is None:
+            eos_id = next((tokenizer.token_to_id(t) for t in END_MARKERS if tokenizer.token_to_id(t) is not None), None)
+        generation_eos = generation.get("eos_token_id", [])
+        return cls(
+            tokenizer,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=token_id("pad_token"),
+            add_bos=config.get("add_bos_token", bool(prefix) and prefix[0] == bos_id),
+            chat_template=_chat_template(config, path.parent / "chat_template.jinja"),
+            stop_ids=generation_eos if isinstance(generation_eos, list) else [generation_eos],
+        )
+
+    @classmethod
+    def from_gguf(cls, reader: gguf.GGUFReader) -> HFTokenizer:
+        """The tokenizer embedded in a GGUF's metadata (llama.cpp's "gpt2" byte-level BPE vocabularies)."""
+        where = getattr(reader.data, "filename", "GGUF file")
+
+        def field(key: str, default: Any = None) -> Any:
+            found = reader.fields.get(key)
+            return found.contents() if found is not None else default
+
+        kind = field("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(
+                f"{where}: tokenizer.ggml.model is {kind!r}, but only 'gpt2' (byte-level BPE) vocabularies are "
+                "supported; use the checkpoint's tokenizer.json instead"
+            )
+        tokens: list[str] = field("tokenizer.ggml.tokens")
+        merges: list[str] = field("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise TokenizerError(f"{where}: the GGUF lacks tokenizer.ggml.tokens or .merges; re-convert the model")
+        pre = field("tokenizer.ggml.pre", "default")
+        llama3_family = pre in _LLAMA3_PRE
+        tokenizer = Tokenizer(
+            models.BPE(
+                vocab={token: i for i, token in enumerate(tokens)},
+                merges=[tuple(m.split(" ", 1)) for m in merges],
+                # tiktoken (and llama.cpp for these) take a piece that is a whole vocabulary entry as is.
+                ignore_merges=llama3_family,
+            )
+        )
+        tokenizer.pre_tokenizer = _gguf_pre_tokenizer(pre, where)
+        tokenizer.decoder = decoders.ByteLevel()
+        types = field("tokenizer.ggml.token_type", [])
+        tokenizer.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+        )
+        tokenizer.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+        )
+        return cls(
+            tokenizer,
+            bos_id=field("tokenizer.ggml.bos_token_id"),
+            eos_id=field("tokenizer.ggml.eos_token_id"),
+            pad_id=field("tokenizer.ggml.padding_token_id"),
+            # llama.cpp's defaults when the file does not say.
+            add_bos=field("tokenizer.ggml.add_bos_token", llama3_family),
+            chat_template=field("tokenizer.chat_template"),
+            stop_ids=[i for k in ("eot", "eom") if (i := field(f"tokenizer.ggml.{k}_token_id")) is not None],
+        )
+
+    @functools.cached_property
+    def _plain(self) -> Tokenizer:
+        """A twin that reads special-token text as plain text (toggling the shared one is not thread-safe)."""
+        plain = Tokenizer.from_str(self._tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def encode(
+        self,
+        text: str,
+        bos: bool = True,
+        eos: bool = False,
+        allowed_special: Literal["all"] | Collection[str] = (),
+    ) -> list[int]:
+        """Token ids for `text`.
+
+        `bos` prepends BOS only for checkpoints that use one (`add_bos`). Special-token text becomes its
+        special id only when allowed by `allowed_special` ("all" or a set of token strings); otherwise it
+        is encoded as the plain text it is (never an error).
+        """
+        ids = [self.bos_id] if bos and self.add_bos else []
+        if allowed_special == "all":
+            ids += self._tokenizer.encode(text, add_special_tokens=False).ids
+        else:
+            allowed = [t for t in allowed_special if t in self.special_tokens]
+            pieces = re.split(f"({'|'.join(map(re.escape, allowed))})", text) if allowed else [text]
+            for n, piece in enumerate(pieces):
+                if n % 2:
+                    ids.append(self.special_tokens[piece])
+                elif piece:
+                    ids += self._plain.encode(piece, add_special_tokens=False).ids
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The raw bytes of `ids`, which may end inside a UTF-8 character (for streaming).
+
+        Exact for byte-level vocabularies; for others, the decoder's text (partial characters already U+FFFD).
+        """
+        if self._byte_level:
+            return b"".join(self._token_bytes[i] for i in ids)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False).encode()
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a special or added token, or of text that is exactly one vocabulary entry; None otherwise."""
+        if token in self._added:
+            return self._added[token]
+        if self._byte_level:
+            token = "".join(BYTE_CHARS[b] for b in token.encode())
+        return self._tokenizer.token_to_id(token)
+
+
+def _token_bytes_table(tokenizer: Tokenizer, added: Collection[str]) -> list[bytes]:
+    """Each id's bytes: added tokens are their text, vocabulary entries are spelled in the byte alphabet.
+
+    As tokenizers' ByteLevel decoder, a token with any character outside the alphabet stands for its own text.
+    """
+    table = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        try:
+            table[i] = token.encode() if token in added else token.translate(_TO_LATIN1).encode("latin-1")
+        except UnicodeEncodeError:
+            table[i] = token.encode()
+    return table
+
+
+def _gguf_pre_tokenizer(pre: str, where: str) -> pre_tokenizers.PreTokenizer:
+    """How text is cut into pieces before BPE, for llama.cpp's tokenizer.ggml.pre name."""
+
+    def split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _LLAMA3_PRE:
+        return split_then_bytes(LLAMA3_SPLIT_PATTERN)
+    if pre in _QWEN2_PRE:
+        return split_then_bytes(_QWEN2_SPLIT_PATTERN)
+    if pre in _DIGITS_THEN_GPT2_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+    if pre in _GPT2_PRE:
+        return gpt2
+    known = sorted(_LLAMA3_PRE | _QWEN2_PRE | _DIGITS_THEN_GPT2_PRE | _GPT2_PRE)
+    raise TokenizerError(
+        f"{where}: unsupported tokenizer.ggml.pre {pre!r} (known: {', '.join(known)}); "
+        "use the checkpoint's tokenizer.json instead"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from an optional side file; {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: unreadable JSON ({e}); fix or delete the file") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object; fix or delete the file")
+    return data
+
+
+def _chat_template(config: dict[str, Any], jinja_file: Path) -> str | None:
+    """The default chat template from tokenizer_config.json, or from chat_template.jinja (newer checkpoints)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    return template

@@ -1,0 +1,101 @@
+"""Chat templates that checkpoints bring (Jinja, as Hugging Face renders them), e.g. ChatML for SmolLM2."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from herd.tokenizer import TokenizerError
+from herd.tokenizer.tool_calls import parse_custom_calls
+
+if TYPE_CHECKING:
+    from herd.tokenizer.hf import HFTokenizer
+
+Message = dict[str, Any]
+
+
+def render_template(
+    template: str, messages: Sequence[Message], add_generation_prompt: bool = True, **extra: Any
+) -> str:
+    """The text of `messages` under a Jinja chat template, with transformers' `apply_chat_template` semantics.
+
+    `extra` becomes template variables (bos_token, eos_token, tools, ...). A template that rejects the
+    dialog through `raise_exception` raises ValueError with its message.
+    """
+    try:
+        return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, **extra)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template rejected the dialog: {e}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    # Templates come with downloaded checkpoints, so they run sandboxed.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"the checkpoint's chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
+    # Hugging Face's override: Jinja's own filter escapes HTML characters, which templates do not expect.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+class TemplateChatFormat:
+    """The chat format of a tokenizer that carries its own chat template; same interface as `ChatFormat`."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        if not tokenizer.chat_template:
+            raise TokenizerError("this tokenizer carries no chat template; use ChatFormat for Llama 3 checkpoints")
+        self.tokenizer = tokenizer
+        self._stop_texts = [tokenizer.decode([i]) for i in tokenizer.stop_ids]
+        self._variables = {
+            name: tokenizer.decode([i]) if i is not None else None
+            for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
+        }
+
+    def encode_dialog(
+        self, messages: Sequence[Message], tool_prompt_format: str = "json", tools: list[Any] | None = None
+    ) -> list[int]:
+        """The prompt for the assistant's next turn. The template decides the layout, so
+        `tool_prompt_format` is not used; `tools` is passed to the template, which may show them."""
+        text = render_template(self.tokenizer.chat_template, messages, tools=tools or None, **self._variables)
+        # As transformers: the template writes any BOS itself, and its special-token text is meant as such.
+        return self.tokenizer.encode(text, bos=False, allowed_special="all")
+
+    def decode_assistant(self, reply: str | Sequence[int], stop_reason: str | None = None) -> Message:
+        """The assistant message in a model reply (text, or ids as generated). Never raises on model output."""
+        if isinstance(reply, str):
+            text = reply
+        else:
+            ids = list(reply)
+            stop = next((n for n, i in enumerate(ids) if i in self.tokenizer.stop_ids), None)
+            if stop is not None:
+                ids, stop_reason = ids[:stop], "end_of_turn"
+            text = self.tokenizer.decode(ids)
+        for token in self._stop_texts:
+            if text.endswith(token):
+                text, stop_reason = text.removesuffix(token), "end_of_turn"
+        calls = parse_custom_calls(text.strip())
+        return {
+            "role": "assistant",
+            "content": "" if calls else text,
+            "tool_calls": calls,
+            "stop_reason": stop_reason or "out_of_tokens",
+        }

@@ -1,0 +1,178 @@
+"""Tool calls as Llama 3 writes them, to text and back.
+
+Calls are OpenAI-shaped: {"id", "type": "function", "function": {"name", "arguments": <JSON string>}}.
+Built-in tools are written `brave_search.call(query="...")` (code_interpreter: the bare code); custom
+tools as JSON, `<function=name>{...}</function>` or a Python list `[name(a=1)]`, by tool prompt format.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from typing import Any
+
+BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+# The built-ins the model calls as `name.call(query="...")`.
+QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
+TOOL_PROMPT_FORMATS = ("json", "function_tag", "python_list")
+
+_QUERY_CALL = re.compile(r'\b(?P<name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
+_FUNCTION_TAG = re.compile(r"<function=(?P<name>[\w.\-]+)>")
+
+Call = dict[str, Any]
+
+
+def make_call(name: str, arguments: dict[str, Any]) -> Call:
+    return {
+        "id": str(uuid.uuid4()),
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
+
+
+def call_arguments(call: Call) -> dict[str, Any]:
+    """A call's arguments as a dict (OpenAI sends them as a JSON string)."""
+    arguments = call["function"].get("arguments") or {}
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call arguments must be a JSON object, got {arguments!r}")
+    return arguments
+
+
+def calls_to_text(calls: list[Call], tool_prompt_format: str) -> str:
+    """What the model would have written to make `calls`."""
+    named = [(c["function"]["name"], call_arguments(c)) for c in calls]
+    if tool_prompt_format == "python_list" and not any(name in BUILTIN_TOOLS for name, _ in named):
+        return "[" + ", ".join(f"{name}({_python_kwargs(args)})" for name, args in named) + "]"
+    return "".join(_call_to_text(name, args, tool_prompt_format) for name, args in named)
+
+
+def _call_to_text(name: str, arguments: dict[str, Any], tool_prompt_format: str) -> str:
+    if name in QUERY_TOOLS:
+        if "query" not in arguments:
+            raise ValueError(f"a {name} call needs a 'query' argument, got {arguments!r}")
+        return f'{name}.call(query="{arguments["query"]}")'
+    if name == "code_interpreter":
+        if "code" not in arguments:
+            raise ValueError(f"a code_interpreter call needs a 'code' argument, got {arguments!r}")
+        return arguments["code"]
+    if tool_prompt_format == "json":
+        return json.dumps({"type": "function", "name": name, "parameters": arguments})
+    if tool_prompt_format == "function_tag":
+        return f"<function={name}>{json.dumps(arguments)}</function>"
+    if tool_prompt_format == "python_list":
+        return f"[{name}({_python_kwargs(arguments)})]"
+    raise ValueError(f"unknown tool prompt format {tool_prompt_format!r}; expected one of {TOOL_PROMPT_FORMATS}")
+
+
+def _python_kwargs(arguments: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={_python_literal(value)}" for key, value in arguments.items())
+
+
+def _python_literal(value: Any) -> str:
+    # Strings in double quotes, as the reference writes them; JSON escaping keeps them valid Python.
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_python_literal, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_python_literal(str(k))}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def parse_calls(content: str, python_tag: bool) -> list[Call]:
+    """The tool calls in an assistant message body; [] when it is not a well-formed call. Never raises.
+
+    Tried in the reference's order: `<function=...>` tags, a JSON call, a Python list of calls,
+    `tool.call(query=...)`, and finally, after <|python_tag|>, the body as code for code_interpreter.
+    """
+    for parse in (_function_tag_calls, _json_call, _python_list_calls, _query_call):
+        if calls := parse(content):
+            return [make_call(*_as_builtin(name, args)) for name, args in calls]
+    return [make_call("code_interpreter", {"code": content})] if python_tag else []
+
+
+def parse_custom_calls(content: str) -> list[Call]:
+    """Only the `<function=...>` and JSON call forms, which other chat formats' models also write."""
+    for parse in (_function_tag_calls, _json_call):
+        if calls := parse(content):
+            return [make_call(name, args) for name, args in calls]
+    return []
+
+
+def _as_builtin(name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Built-ins called in a custom-tool form take their first argument as the query (as the reference)."""
+    if name in QUERY_TOOLS and arguments:
+        return name, {"query": next(iter(arguments.values()))}
+    if name == "code_interpreter" and arguments:
+        return name, {"code": next(iter(arguments.values()))}
+    return name, arguments
+
+
+def _function_tag_calls(content: str) -> list[tuple[str, dict[str, Any]]]:
+    calls = []
+    for tag in _FUNCTION_TAG.finditer(content):
+        arguments = _leading_object(content[tag.end() :])
+        if arguments is not None:
+            calls.append((tag["name"], arguments))
+    return calls
+
+
+def _leading_object(text: str) -> dict[str, Any] | None:
+    """The JSON object (or Python dict literal, which models also write) that `text` starts with."""
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        end = text.find("}</function>")
+        value = _literal(text[: end + 1]) if text.startswith("{") and end >= 0 else None
+    return value if isinstance(value, dict) else None
+
+
+def _json_call(content: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return []
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return []
+    arguments = value.get("parameters", value.get("arguments"))
+    return [(value["name"], arguments)] if isinstance(arguments, dict) else []
+
+
+def _python_list_calls(content: str) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        tree = ast.parse(content.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return []
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return []
+    calls = []
+    for node in tree.elts:
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+            return []
+        arguments = {}
+        for keyword in node.keywords:
+            value = _literal(keyword.value)
+            if keyword.arg is None or value is _NOT_LITERAL:
+                return []
+            arguments[keyword.arg] = value
+        calls.append((node.func.id, arguments))
+    return calls
+
+
+_NOT_LITERAL = object()
+
+
+def _literal(source: str | ast.AST) -> Any:
+    try:
+        return ast.literal_eval(source)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return _NOT_LITERAL
+
+
+def _query_call(content: str) -> list[tuple[str, dict[str, Any]]]:
+    found = _QUERY_CALL.search(content)
+    return [(found["name"], {"query": found["query"]})] if found else []

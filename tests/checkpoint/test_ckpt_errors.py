@@ -1,0 +1,93 @@
+"""Bad input gives one CheckpointError line that names the file or tensor and says what to do."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from herd.checkpoint import CheckpointError, convert, detect_format, load_checkpoint
+
+
+def error_of(path) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert "\n" not in message and message.strip() == message
+    return message
+
+
+def truncate(path, keep: float = 0.6):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_missing_path_and_unknown_directory(tmp_path):
+    assert "no such file" in error_of(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    assert "params.json" in error_of(tmp_path / "empty") and str(tmp_path / "empty") in error_of(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("hi")
+    assert "notes.txt" in error_of(tmp_path / "notes.txt")
+
+
+def test_detect_format(make_hf, tmp_path):
+    _, hf = make_hf()
+    meta = convert(hf, tmp_path / "meta", "meta")
+    gguf_file = convert(hf, tmp_path / "g" / "m.gguf", "gguf", gguf_type="F32")
+    assert (detect_format(hf), detect_format(meta), detect_format(gguf_file), detect_format(gguf_file.parent)) == (
+        "hf", "meta", "gguf", "gguf")
+    shutil.copy(gguf_file, gguf_file.parent / "other.gguf")
+    with pytest.raises(CheckpointError, match="several .gguf"):
+        detect_format(gguf_file.parent)
+
+
+def test_truncated_files(make_hf, tmp_path):
+    _, hf = make_hf()
+    meta = convert(hf, tmp_path / "meta", "meta")
+    gguf_file = convert(hf, tmp_path / "m.gguf", "gguf", gguf_type="F32")
+    truncate(hf / "model.safetensors")
+    truncate(meta / "consolidated.00.pth")
+    truncate(gguf_file)
+    for path, name in ((hf, "model.safetensors"), (meta, "consolidated.00.pth"), (gguf_file, "m.gguf")):
+        message = error_of(path)
+        assert name in message and "truncated" in message, message
+
+
+@pytest.mark.parametrize("key, value, tensor", [
+    ("dim", 128, "tok_embeddings.weight"),
+    ("vocab_size", 300, "tok_embeddings.weight"),
+    ("n_layers", 3, "layers.2.attention.wq.weight"),
+    ("n_kv_heads", 4, "layers.0.attention.wk.weight"),
+])
+def test_params_json_that_disagrees_with_the_weights(make_hf, tmp_path, key, value, tensor):
+    _, hf = make_hf()
+    meta = convert(hf, tmp_path / "meta", "meta")
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps(params | {key: value}))
+    message = error_of(meta)
+    assert tensor in message and "the params.json does not match the weights" in message, message
+    if key != "n_layers":
+        assert "expected" in message and "shape" in message
+
+
+def test_missing_shards(make_hf, tmp_path):
+    _, hf = make_hf(max_shard_size="60KB")
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (hf / gone).unlink()
+    message = error_of(hf)
+    assert gone in message and "missing" in message
+
+    meta = convert(make_hf()[1], tmp_path / "meta", "meta", shards=2)
+    (meta / "consolidated.01.pth").rename(meta / "consolidated.02.pth")
+    assert "consolidated.01.pth is missing" in error_of(meta)
+
+
+def test_config_json_that_disagrees_with_the_weights(make_hf):
+    _, hf = make_hf()
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(config | {"intermediate_size": 128}))
+    message = error_of(hf)
+    assert "layers.0.feed_forward.w1.weight" in message and "config.json does not match" in message
+    (hf / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
+    assert "mistral" in error_of(hf)

@@ -1,0 +1,127 @@
+"""Meta ↔ HF conversions lose nothing: every tensor comes back bit for bit, shards split and merge correctly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from herd.checkpoint import build_model, convert, load_checkpoint, save_checkpoint
+from herd.checkpoint.hf import to_hf_rows, to_meta_rows
+
+
+def read_hf_tensors(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors |= load_file(path)
+    return tensors
+
+
+def mapped_ranges(path):
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith(str(path)):
+                lo, hi = line.split()[0].split("-")
+                yield int(lo, 16), int(hi, 16)
+
+
+def test_permutation_is_inverted_exactly():
+    w = torch.randn(8 * 16, 24)
+    assert torch.equal(to_meta_rows(to_hf_rows(w, 8), 8), w)
+    assert not torch.equal(to_hf_rows(w, 8), w)
+    # Meta's pair (2i, 2i+1) of a head lands at rows (i, i + head_dim/2) in HF's half-split order.
+    head = torch.arange(16.0).unsqueeze(1)
+    assert to_hf_rows(head, 1).flatten().tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_hf_to_meta_to_hf_is_bit_exact(make_hf, tmp_path, tied):
+    # bf16 and several safetensors shards, as published checkpoints come.
+    _, source = make_hf(tied=tied, dtype=torch.bfloat16, max_shard_size="60KB")
+    assert (source / "model.safetensors.index.json").is_file()
+    meta = convert(source, tmp_path / "meta", "meta", shards=2)
+    shard = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    assert shard["layers.0.attention.wq.weight"].dtype == torch.bfloat16
+    back = convert(meta, tmp_path / "back", "hf", max_shard_bytes=50_000)
+    assert (back / "model.safetensors.index.json").is_file() and len(list(back.glob("*.safetensors"))) > 1
+
+    original, result = read_hf_tensors(source), read_hf_tensors(back)
+    assert set(result) == set(original)
+    for name, tensor in original.items():
+        assert result[name].dtype == tensor.dtype and torch.equal(result[name], tensor), name
+    cfg_in, cfg_out = (json.loads((d / "config.json").read_text()) for d in (source, back))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
+        assert cfg_out[key] == cfg_in[key], key
+    assert cfg_out["rope_scaling"] == {k: v for k, v in cfg_in["rope_parameters"].items() if k != "rope_theta"}
+
+
+def test_meta_shards_are_a_real_model_parallel_split(make_hf, tmp_path):
+    _, source = make_hf()
+    ckpt = load_checkpoint(source)
+    meta = save_checkpoint(ckpt, tmp_path / "meta", "meta", shards=2)
+    s0, s1 = (torch.load(meta / f"consolidated.0{i}.pth", weights_only=True) for i in range(2))
+    full = {name: ckpt.state_dict[name] for name in ckpt.state_dict}
+    # Column-parallel: output rows split; row-parallel: input columns split; norms replicated.
+    for name, dim in [("layers.0.attention.wq.weight", 0), ("layers.1.attention.wk.weight", 0),
+                      ("layers.0.feed_forward.w1.weight", 0), ("output.weight", 0), ("tok_embeddings.weight", 0),
+                      ("layers.0.attention.wo.weight", 1), ("layers.1.feed_forward.w2.weight", 1)]:
+        assert s0[name].shape[dim] * 2 == full[name].shape[dim]
+        assert torch.equal(torch.cat([s0[name], s1[name]], dim=dim), full[name]), name
+    assert torch.equal(s0["norm.weight"], s1["norm.weight"])
+    merged = load_checkpoint(meta)
+    assert merged.meta["shards"] == 2
+    for name, tensor in full.items():
+        assert torch.equal(merged.state_dict[name], tensor), name
+
+
+def test_params_json(make_hf, tmp_path):
+    from ckpt_helpers import LLAMA3_ROPE
+
+    _, source = make_hf(rope=LLAMA3_ROPE)
+    meta = convert(source, tmp_path / "meta8", "meta")
+    params = json.loads((meta / "params.json").read_text())
+    # Factor 8 is what Meta's reference code assumes: no extra key needed.
+    assert params["use_scaled_rope"] is True and "rope_scaling" not in params
+    ckpt = load_checkpoint(meta)
+    assert ckpt.config.hidden_dim == 96 and ckpt.config.n_kv_heads == 2
+
+    _, source = make_hf(rope=LLAMA3_ROPE | {"factor": 32.0})
+    params = json.loads((convert(source, tmp_path / "meta32", "meta") / "params.json").read_text())
+    assert params["rope_scaling"]["factor"] == 32.0
+
+
+def test_tied_meta_checkpoint_stores_output_and_loads_tied(make_hf, tmp_path):
+    _, source = make_hf(tied=True)
+    meta = convert(source, tmp_path / "meta", "meta")
+    stored = torch.load(meta / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(stored["output.weight"], stored["tok_embeddings.weight"])  # Meta's model needs it
+    ckpt = load_checkpoint(meta)
+    assert ckpt.config.tie_embeddings and "output.weight" not in ckpt.state_dict
+    model = build_model(ckpt)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_build_model_adopts_mapped_tensors_without_copying(make_hf, tmp_path):
+    _, source = make_hf(dtype=torch.bfloat16)
+    meta = convert(source, tmp_path / "meta", "meta")
+    ckpt = load_checkpoint(meta, dtype=None)
+    model = build_model(ckpt)
+    wq = model.layers[0].attention.wq.weight
+    assert wq.dtype == torch.bfloat16
+    # assign=True kept the loaded tensor itself, and that tensor lies in the file's memory mapping.
+    assert wq.data_ptr() == ckpt.state_dict["layers.0.attention.wq.weight"].data_ptr()
+    assert any(lo <= wq.data_ptr() < hi for lo, hi in mapped_ranges(meta / "consolidated.00.pth"))
+    assert not any(p.is_meta for p in model.parameters()) and not model.rope_freqs.is_meta
+
+
+def test_save_is_atomic_and_replaces(make_hf, tmp_path):
+    _, source = make_hf()
+    out = tmp_path / "out"
+    convert(source, out, "hf")
+    first = (out / "model.safetensors").read_bytes()
+    convert(source, out, "meta")  # replacing an existing checkpoint leaves only the new one
+    assert (out / "params.json").is_file() and not (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert first

@@ -1,0 +1,55 @@
+"""The data mix reaches its target token shares, deterministically, within the repeat cap."""
+import numpy as np
+import pytest
+
+from herd.data.config import LLAMA3_MIX, MixConfig
+from herd.data.mix import MixItem, plan_mix
+
+
+def corpus(counts: dict[str, int], seed: int = 1) -> list[MixItem]:
+    rng = np.random.default_rng(seed)
+    return [MixItem(f"{d}-{i}", d, int(rng.integers(50, 2000))) for d, n in counts.items() for i in range(n)]
+
+
+# general-heavy, like web text: code and reasoning must be upsampled, general downsampled
+SKEWED = {"general": 3000, "math_reasoning": 400, "code": 500, "multilingual": 300}
+
+
+def test_llama3_mix_is_reached_within_a_percent():
+    plan = plan_mix(corpus(SKEWED), MixConfig())
+    achieved = plan.achieved()
+    for domain, target in LLAMA3_MIX.items():
+        assert achieved[domain] == pytest.approx(target, abs=0.01), (domain, achieved)
+    # and it got there by both directions of sampling
+    assert any(r == 0 for r in plan.repeats.values()) and any(r > 1 for r in plan.repeats.values())
+
+
+def test_repeat_cap_shrinks_the_output_rather_than_missing_a_share():
+    items = corpus({"general": 3000, "math_reasoning": 30, "code": 500, "multilingual": 300})
+    plan = plan_mix(items, MixConfig(max_repeats=2))
+    assert max(plan.repeats.values()) <= 2
+    assert plan.achieved()["math_reasoning"] == pytest.approx(0.25, abs=0.02)
+    assert sum(plan.after.values()) < sum(plan.before.values())
+
+
+def test_same_seed_same_plan_other_seed_other_documents():
+    items = corpus(SKEWED)
+    a, b = plan_mix(items, MixConfig(seed=3)), plan_mix(list(reversed(items)), MixConfig(seed=3))
+    assert a.repeats == b.repeats  # order of arrival does not matter, only ids and the seed
+    c = plan_mix(items, MixConfig(seed=4))
+    assert c.repeats != a.repeats
+    assert c.achieved()["code"] == pytest.approx(0.17, abs=0.01)
+
+
+def test_absent_domain_gives_its_share_to_the_others():
+    plan = plan_mix(corpus({"general": 1000, "code": 1000}), MixConfig())
+    assert set(plan.targets) == {"general", "code"}
+    assert plan.targets["general"] == pytest.approx(0.50 / 0.67)
+    assert plan.achieved()["code"] == pytest.approx(0.17 / 0.67, abs=0.01)
+
+
+def test_domain_outside_the_targets_is_dropped():
+    items = corpus({"general": 100, "poetry": 50})
+    plan = plan_mix(items, MixConfig(targets={"general": 1.0}))
+    assert all(plan.repeats[i.id] == 0 for i in items if i.domain == "poetry")
+    assert all(plan.repeats[i.id] == 1 for i in items if i.domain == "general")

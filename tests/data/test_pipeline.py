@@ -1,0 +1,271 @@
+"""`herd data run` end to end on real Debian text with planted cases: what each stage removes and keeps,
+that every input document is accounted for exactly once, and that the shards hold exactly the kept texts."""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+from typer.testing import CliRunner
+
+from herd.data import pipeline
+from herd.data.cli import app
+from herd.data.config import ConfigError, StageSpec, default_config, load_config
+from herd.data.document import Dropped, StageResult
+from herd.data.executors import LocalExecutor
+from herd.data.shards import TokenShards
+
+runner = CliRunner()
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def malformed(tmp_path_factory):
+    """Broken records beside good ones: the broken ones are dropped at `read` with a reason, the rest kept."""
+    root = tmp_path_factory.mktemp("malformed")
+    good = "Debian packages are built from source packages. " * 30
+    lines = [json.dumps({"id": "ok-1", "text": good + "one"}), "{not json", json.dumps({"id": "no-text"}),
+             json.dumps({"id": "bad-text", "text": 7}), json.dumps(["a list"]), json.dumps({"id": "ok-2", "text": good + "two"})]
+    (root / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    data = gzip.compress((json.dumps({"id": "gz-1", "text": good + "three"}) + "\n" + '{"id": "gz-2"').encode() * 3)
+    (root / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def default_run(planted_corpus, malformed, tmp_path_factory):
+    """The default pipeline (with the real Llama 3 tokenizer) over the planted corpus, on two worker processes."""
+    out = tmp_path_factory.mktemp("run")
+    config = dataclasses.replace(default_config(), docs_per_unit=60)  # several units per file: dedup crosses units
+    inputs = planted_corpus.files + sorted(malformed.iterdir())
+    executor = LocalExecutor(workers=2, progress=False)
+    try:
+        result = pipeline.run(inputs, out, config, executor)
+    finally:
+        executor.close()
+    kept = {r["id"]: r for r in jsonl(out / "kept.jsonl")}
+    dropped = {r["id"]: r for r in jsonl(out / "dropped.jsonl")}
+    return out, result, kept, dropped
+
+
+def test_every_input_document_is_kept_or_dropped_exactly_once(default_run, planted_corpus):
+    out, result, kept, dropped = default_run
+    kept_ids = [r["id"] for r in jsonl(out / "kept.jsonl")]
+    dropped_ids = [r["id"] for r in jsonl(out / "dropped.jsonl")]
+    assert len(kept_ids) == len(set(kept_ids)) and len(dropped_ids) == len(set(dropped_ids))
+    assert not set(kept_ids) & set(dropped_ids)
+    corpus_ids = {d.id for d in planted_corpus.docs}
+    assert corpus_ids <= set(kept_ids) | set(dropped_ids)
+    assert result.report["input"]["docs"] == len(kept_ids) + len(dropped_ids)
+    assert all(set(r) >= {"id", "stage", "reason"} and r["reason"] for r in dropped.values())
+    assert all(set(r) >= {"id", "url", "text", "lang", "scores"} for r in kept.values())
+
+
+def test_malformed_records_are_dropped_at_read_with_a_reason_and_nothing_else_is_lost(default_run):
+    _, result, kept, dropped = default_run
+    assert {"ok-1", "ok-2"} <= set(kept) | set(dropped)
+    assert dropped.get("no-text", {}).get("reason") == "missing_text"
+    assert dropped.get("bad-text", {}).get("reason") == "text_not_a_string"
+    read_reasons = Counter(r["reason"] for r in dropped.values() if r["stage"] == "read")
+    assert read_reasons["invalid_json"] == 1 and read_reasons["not_an_object"] == 1
+    assert read_reasons["truncated_input"] >= 1
+    assert result.report["stages"][0]["docs_dropped"] == sum(read_reasons.values())
+
+
+def test_duplicates_are_removed_by_the_stage_meant_for_them(default_run, planted_corpus):
+    _, result, kept, dropped = default_run
+    order = [r["stage"] for r in result.report["stages"]]
+
+    def reached(doc_id, stage):
+        return doc_id in kept or order.index(dropped[doc_id]["stage"]) >= order.index(stage)
+
+    for planted, stage, recall in ((planted_corpus.exact_dups, "exact_dedup", 1.0),
+                                   (planted_corpus.near_dups, "minhash_dedup", 0.9),
+                                   (planted_corpus.url_dups, "url_dedup", 1.0)):
+        # a copy is a duplicate only if its original got as far: else it is the first occurrence left
+        both = [c for c in planted if reached(c, stage) and reached(planted[c], stage)]
+        assert len(both) >= len(planted) / 2, stage
+        caught = [c for c in both if dropped.get(c, {}).get("stage") == stage]
+        assert len(caught) >= recall * len(both), (stage, sorted(set(both) - set(caught)))
+        # the reason names the first occurrence, which is the original
+        assert all(dropped[c]["reason"].endswith(":" + planted[c]) for c in caught), stage
+        # precision: the stage drops nothing but the planted copies
+        assert {i for i, r in dropped.items() if r["stage"] == stage} <= set(planted), stage
+
+
+def test_spam_and_adult_content_are_dropped_and_clean_text_kept(default_run, planted_corpus):
+    _, _, kept, dropped = default_run
+    assert not set(planted_corpus.spam) & set(kept)
+    assert not set(planted_corpus.nsfw) & set(kept)
+    assert all(dropped[i]["stage"] == "nsfw" for i in planted_corpus.nsfw)
+    clean_html_kept = len(planted_corpus.clean_html & set(kept)) / len(planted_corpus.clean_html)
+    assert clean_html_kept >= 0.8  # precision: the real manual pages are what the filters are for
+
+
+def test_boilerplate_lines_removed_pii_masked_in_the_kept_text(default_run, planted_corpus):
+    _, _, kept, _ = default_run
+    for r in kept.values():
+        assert not any(line in r["text"] for line in planted_corpus.boilerplate), r["id"]
+    for doc_id, secrets in planted_corpus.pii.items():
+        if doc_id in kept:
+            assert not any(s in kept[doc_id]["text"] for s in secrets), doc_id
+    twice = [kept[i]["text"] for i in planted_corpus.twice_docs if i in kept]
+    assert twice and all(planted_corpus.twice_line in t for t in twice)  # a line seen twice is not boilerplate
+
+
+def test_shards_decode_to_the_kept_texts_exactly(default_run):
+    from herd.tokenizer import load_tokenizer
+
+    out, result, kept, _ = default_run
+    tok = load_tokenizer()
+    shards = TokenShards(out, verify=True)
+    assert len(shards) == len(kept) == result.manifest["documents"]
+    texts = [r["text"] for r in jsonl(out / "kept.jsonl")]
+    for i, (tokens, text) in enumerate(zip(shards, texts)):
+        assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+        assert tok.decode(tokens[1:-1].tolist()) == text
+        assert shards.doc_id(i) == list(kept)[i]
+
+
+def test_report_agrees_with_the_audit_files(default_run):
+    out, result, kept, dropped = default_run
+    per_stage = Counter(r["stage"] for r in dropped.values())
+    rows = {r["stage"]: r for r in result.report["stages"]}
+    assert [r["stage"] for r in result.report["stages"]][:2] == ["read", "language"]
+    for stage, row in rows.items():
+        assert row["docs_dropped"] == per_stage.get(stage, 0), stage
+    last = result.report["stages"][-1]
+    assert last["docs_kept"] == len(kept) and last["tokens_kept"] == result.manifest["tokens"]
+    langs = result.report["languages"]
+    assert sum(v["kept"]["docs"] for v in langs.values()) == len(kept)
+    assert langs["en"]["kept"]["docs"] > langs.get("de", {"kept": {"docs": 0}})["kept"]["docs"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the pipeline's own guarantees, with tiny stages --------------------------------------------------
+
+
+@dataclass
+class Loses:
+    """A broken stage: it forgets a document."""
+
+    name: str = "loses"
+
+    def __call__(self, docs):
+        return StageResult(docs[1:], [])
+
+
+@dataclass
+class Upper:
+    name: str = "upper"
+
+    def __call__(self, docs):
+        return StageResult([dataclasses.replace(d, text=d.text.upper()) for d in docs[1:]],
+                           [Dropped(d.id, "whatever", "first") for d in docs[:1]])
+
+
+def tiny(tmp_path, n=5):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_a_stage_that_loses_documents_stops_the_run(tmp_path):
+    config = dataclasses.replace(default_config(), stages=(StageSpec(f"{__name__}:Loses"),))
+    with pytest.raises(pipeline.PipelineError, match="loses"):
+        pipeline.run([tiny(tmp_path)], tmp_path / "out", config, LocalExecutor(1, progress=False))
+
+
+def test_dropped_records_carry_the_pipeline_stage_name(tmp_path):
+    from herd.data.config import ShardConfig
+
+    config = dataclasses.replace(default_config(), stages=(StageSpec(f"{__name__}:Upper"),),
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"), docs_per_unit=2)
+    out = tmp_path / "out"
+    pipeline.run([tiny(tmp_path)], out, config, LocalExecutor(1, progress=False))
+    dropped = jsonl(out / "dropped.jsonl")
+    assert [(r["id"], r["stage"]) for r in dropped] == [("d0", "upper"), ("d2", "upper"), ("d4", "upper")]
+    assert [r["text"] for r in jsonl(out / "kept.jsonl")] == ["DOCUMENT NUMBER 1", "DOCUMENT NUMBER 3"]
+
+
+def test_a_directory_is_only_resumed_by_the_run_that_started_it(tmp_path):
+    from herd.data.config import ShardConfig
+
+    config = dataclasses.replace(default_config(), stages=(StageSpec(f"{__name__}:Upper"),),
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"))
+    pipeline.run([tiny(tmp_path)], tmp_path / "out", config, LocalExecutor(1, progress=False))
+    with pytest.raises(pipeline.PipelineError, match="another configuration"):
+        pipeline.run([tiny(tmp_path)], tmp_path / "out", dataclasses.replace(config, docs_per_unit=3),
+                     LocalExecutor(1, progress=False))
+
+
+# --- configuration and the CLI ------------------------------------------------------------------------
+
+
+def test_toml_config_round_trip_and_errors(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('docs_per_unit = 50\n[shards]\nmax_tokens_per_shard = 1000\n[mix]\nseed = 7\n'
+                    '[[stages]]\ntype = "language"\nlanguages = ["en"]\n[[stages]]\ntype = "exact_dedup"\n')
+    config = load_config(path)
+    assert config.docs_per_unit == 50 and config.mix.seed == 7 and config.shards.max_tokens_per_shard == 1000
+    assert config.stages[0] == StageSpec("language", {"languages": ["en"]})
+    assert config.stages[0].build().languages == ["en"]
+    path.write_text('[[stages]]\ntype = "language"\nlanguagez = ["en"]\n')
+    with pytest.raises(ConfigError, match="languagez"):
+        load_config(path).stages[0].build()
+    path.write_text('[mix]\ntargets = {code = 0.7, general = 0.7}\n[[stages]]\ntype = "nsfw"\n')
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(path)
+
+
+def _one_line_error(result):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_cli_missing_input_is_one_line(tmp_path):
+    line = _one_line_error(runner.invoke(app, ["run", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]))
+    assert "nope.jsonl" in line
+
+
+def test_cli_malformed_toml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[stages]\ntype = 'language'\n")
+    line = _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"),
+                                               "--config", str(bad)]))
+    assert "invalid TOML" in line
+    bad.write_text('[[stages]]\ntype = "no_such_stage"\n')
+    line = _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"),
+                                               "--config", str(bad)]))
+    assert "no_such_stage" in line
+
+
+def test_cli_unknown_executor_and_report_of_a_non_run(tmp_path):
+    _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"),
+                                        "--executor", "spark"]))
+    _one_line_error(runner.invoke(app, ["report", str(tmp_path)]))
+
+
+def test_cli_run_then_report(tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text('[shards]\ntokenizer = "herd.data.shards:ByteTokenizer"\n'
+                      '[[stages]]\ntype = "exact_dedup"\n')
+    src = tiny(tmp_path)
+    with open(src, "a") as fh:
+        fh.write(json.dumps({"id": "copy", "text": "document number 1"}) + "\n")
+    result = runner.invoke(app, ["run", str(src), "--out", str(tmp_path / "o"), "--config", str(config),
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "exact_dedup" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "o")])
+    assert result.exit_code == 0 and "exact_dedup" in result.output
+    assert (tmp_path / "o" / "report.png").exists()

@@ -1,0 +1,191 @@
+"""Readers: every format yields the documents it holds and one Dropped per broken record, nothing else lost."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import random
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+import zstandard
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from herd.data.document import Document, Dropped
+from herd.data.readers import doc_id, iter_inputs, read, read_file
+
+
+def split(items):
+    docs = [x for x in items if isinstance(x, Document)]
+    dropped = [x for x in items if isinstance(x, Dropped)]
+    assert len(docs) + len(dropped) == len(items)
+    return docs, dropped
+
+
+def test_jsonl_shards_round_trip(planted_corpus):
+    docs = [d for f in planted_corpus.files for d in read(f)]
+    assert all(isinstance(d, Document) for d in docs)
+    assert [d.id for d in docs] == [d.id for d in planted_corpus.docs]
+    assert [d.text for d in docs] == [d.text for d in planted_corpus.docs]
+    assert all(d.source.startswith(str(planted_corpus.files[0].parent)) for d in docs)
+
+
+def test_jsonl_malformed_records_are_dropped_with_reasons(tmp_path):
+    lines = [
+        json.dumps({"id": "a", "text": "first good record", "url": "https://example.org/a"}).encode(),
+        b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}',
+        json.dumps({"id": "num", "text": 42}).encode(),
+        json.dumps({"id": "none", "title": "no text field"}).encode(),
+        b'{"id": "broken", "text": "unterminated',
+        b"",
+        json.dumps({"text": "no id given"}).encode(),
+        json.dumps(["not", "an", "object"]).encode(),
+        json.dumps({"id": "z", "text": "last good record"}).encode(),
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    docs, dropped = split(list(read(path)))
+    assert [d.id for d in docs] == ["a", doc_id(f"{path}:6"), "z"]
+    assert docs[0].url == "https://example.org/a" and docs[0].source == f"{path}:0"
+    assert {(x.id, x.reason) for x in dropped} == {
+        (doc_id(f"{path}:1"), "invalid_utf8"),
+        ("num", "text_not_a_string"),
+        ("none", "missing_text"),
+        (doc_id(f"{path}:4"), "invalid_json"),
+        (doc_id(f"{path}:7"), "not_an_object"),
+    }
+
+
+def _records(n):
+    rng = random.Random(n)  # incompressible text, so a cut file holds many blocks' worth of records
+    return [json.dumps({"id": f"r{i:04d}", "text": f"record {i} " + rng.randbytes(60).hex()}) for i in range(n)]
+
+
+def test_truncated_gzip_yields_what_was_readable_then_one_drop(tmp_path):
+    recs = _records(400)
+    data = gzip.compress(("\n".join(recs) + "\n").encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    # independent oracle: the complete lines in whatever zlib can decompress from the cut file
+    readable = zlib.decompressobj(wbits=31).decompress(path.read_bytes())
+    expected = [json.loads(line)["id"] for line in readable.split(b"\n")[:-1]]
+    docs, dropped = split(list(read(path)))
+    assert 0 < len(expected) < 400
+    assert [d.id for d in docs] == expected
+    assert [x.reason for x in dropped] == ["truncated_input"]
+
+
+def test_zstd_and_gzip_wrap_every_format(tmp_path):
+    recs = _records(50)
+    raw = ("\n".join(recs) + "\n").encode()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(raw[: len(raw) // 2]) + gzip.compress(raw[len(raw) // 2 :]))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress("A plain text document, compressed.".encode()))
+    (tmp_path / "d.html.zstd").write_bytes(zstandard.ZstdCompressor().compress(
+        b"<html><head><link rel='canonical' href='https://example.org/d'></head><body><article><p>"
+        + b"Compressed HTML with a paragraph long enough to be kept by the extractor. " * 3 + b"</p></article></body></html>"))
+    ids = [json.loads(r)["id"] for r in recs]
+    assert [d.id for d in read(tmp_path / "a.jsonl.zst")] == ids
+    assert [d.id for d in read(tmp_path / "b.jsonl.gz")] == ids  # two gzip members
+    assert next(read(tmp_path / "c.txt.gz")).text == "A plain text document, compressed."
+    html = next(read(tmp_path / "d.html.zstd"))
+    assert html.url == "https://example.org/d" and "Compressed HTML" in html.text
+    raw = ("\n".join(_records(3000)) + "\n").encode()  # several zstd blocks
+    cut = zstandard.ZstdCompressor().compress(raw)
+    (tmp_path / "e.jsonl.zst").write_bytes(cut[: len(cut) // 2])
+    docs, dropped = split(list(read(tmp_path / "e.jsonl.zst")))
+    assert 0 < len(docs) < 3000 and [x.reason for x in dropped] == ["truncated_input"]
+    assert [d.id for d in docs] == [f"r{i:04d}" for i in range(len(docs))]
+
+
+def test_text_tree_with_bad_bytes_empty_files_and_no_extension(tmp_path):
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("Alpha document.\nSecond line.", encoding="utf-8")
+    (root / "sub" / "README").write_text("A file with no extension is text too.", encoding="utf-8")
+    (root / "sub" / "latin1.txt").write_bytes("Ein Käse aus Köln.".encode("latin-1"))
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blank.txt").write_bytes(b"  \n\n ")
+    docs, dropped = split(list(read(root)))
+    by_name = {Path(d.source).name: d for d in docs}
+    assert set(by_name) == {"a.txt", "README", "latin1.txt"}
+    assert by_name["latin1.txt"].meta["utf8_errors"] == 2 and "K\ufffdse" in by_name["latin1.txt"].text
+    assert "utf8_errors" not in by_name["a.txt"].meta
+    assert {(x.id, x.reason) for x in dropped} == {(doc_id(str(root / "empty.txt")), "empty"),
+                                                   (doc_id(str(root / "blank.txt")), "empty")}
+    assert [d.id for d in read(root) if isinstance(d, Document)] == [d.id for d in docs]  # stable ids
+
+
+def test_html_pages_canonical_and_og_urls_and_broken_markup(tmp_path, planted_corpus):
+    page = planted_corpus.html_dir / "library" / "json.html"
+    doc = next(read(page))
+    assert doc.url == f"file://{page}" and doc.text.startswith("json — JSON encoder and decoder")
+    (tmp_path / "og.html").write_text(
+        "<html><head><meta property='og:url' content='https://news.example.com/story'></head><body>"
+        "<article><h1>Story</h1><p>" + "The council met on Tuesday and agreed on the new budget for schools. " * 4
+        + "</p></article></body></html>", encoding="utf-8")
+    (tmp_path / "broken.html").write_text(
+        "<html><body><div><p>" + "Unclosed tags do not stop a browser, and they must not stop us either. " * 4
+        + "<div><b>bold <i>nested", encoding="utf-8")
+    (tmp_path / "nothing.html").write_text("<html><body><script>var x = 1;</script></body></html>", encoding="utf-8")
+    (tmp_path / "zero.htm").write_bytes(b"")
+    og = next(read(tmp_path / "og.html"))
+    assert og.url == "https://news.example.com/story" and "budget for schools" in og.text
+    assert "must not stop us either" in next(read(tmp_path / "broken.html")).text
+    assert [(type(x).__name__, x.reason) for x in read(tmp_path / "nothing.html")] == [("Dropped", "no_text")]
+    assert [(type(x).__name__, x.reason) for x in read(tmp_path / "zero.htm")] == [("Dropped", "empty")]
+
+
+def _warc(gz: bool) -> tuple[bytes, list[int]]:
+    buf = io.BytesIO()
+    writer = WARCWriter(buf, gzip=gz)
+    offsets = []
+    for i in range(6):
+        offsets.append(buf.tell())
+        ctype = "application/pdf" if i == 4 else "text/html; charset=utf-8"
+        body = (f"<html><body><article><p>Page {i} of the crawl. " + "It has a paragraph of ordinary prose about the weather. " * 3
+                + "</p></article></body></html>").encode()
+        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record(f"https://site.example/{i}", "response",
+                                                      payload=io.BytesIO(body), http_headers=http))
+    offsets.append(buf.tell())
+    return buf.getvalue(), offsets
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["warc", "warc.gz"])
+def test_warc_bad_and_truncated_records(tmp_path, gz):
+    data, offsets = _warc(gz)
+    bad = bytearray(data)
+    # corrupt record 2's first bytes (its header, or its gzip member), and cut record 5 short
+    bad[offsets[2] : offsets[2] + 12] = b"XXXXXXXXXXXX"
+    bad = bytes(bad[: offsets[6] - 40])
+    path = tmp_path / ("crawl.warc.gz" if gz else "crawl.warc")
+    path.write_bytes(bad)
+    docs, dropped = split(list(read(path)))
+    # record 4 is a PDF: skipped silently, it is not a page
+    assert [d.url for d in docs] == [f"https://site.example/{i}" for i in (0, 1, 3)]
+    assert all(f"Page {d.url[-1]} of the crawl" in d.text for d in docs)
+    assert [(x.id, x.reason) for x in dropped] == [
+        (doc_id(f"{path}#2"), "bad_warc_record"),
+        (doc_id(f"{path}#5"), "truncated_warc_record"),
+    ]
+    clean = tmp_path / ("clean.warc.gz" if gz else "clean.warc")
+    clean.write_bytes(data)
+    assert [d.url for d in read(clean)] == [f"https://site.example/{i}" for i in (0, 1, 2, 3, 5)]
+
+
+def test_iter_inputs_is_sorted_and_read_file_runs_in_a_worker(tmp_path, planted_corpus):
+    for name in ("b.jsonl", "a.jsonl", "c/d.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text('{"text": "x"}\n' if name.endswith("jsonl") else "text", encoding="utf-8")
+    assert iter_inputs([tmp_path / "c", str(tmp_path / "*.jsonl")]) == [
+        tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c" / "d.txt"]
+    with pytest.raises(FileNotFoundError):
+        iter_inputs([tmp_path / "missing.jsonl"])
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(read_file, planted_corpus.files))
+    assert [d.id for r in results for d in r] == [d.id for d in planted_corpus.docs]

@@ -1,0 +1,90 @@
+"""Token shards: documents survive the round trip whole, shards split only between documents, checksums bite."""
+import json
+
+import numpy as np
+import pytest
+
+from herd.data.config import ShardConfig
+from herd.data.shards import ByteTokenizer, ChecksumError, ShardWriter, TokenShards, encode_document
+
+TEXTS = ["Debian is a free operating system.", "", "ünïcödé and emoji 🐧 survive", "x" * 50, "last one"]
+
+
+def write(tmp_path, texts, **config):
+    config = ShardConfig(tokenizer="herd.data.shards:ByteTokenizer", **config)
+    tok = ByteTokenizer()
+    writer = ShardWriter(tmp_path, config, tok)
+    for i, text in enumerate(texts):
+        writer.add(f"doc{i}", encode_document(tok, text, config))
+    return writer.close()
+
+
+def test_round_trip_keeps_every_document_and_its_boundaries(tmp_path):
+    manifest = write(tmp_path, TEXTS)
+    shards = TokenShards(tmp_path, verify=True)
+    tok = ByteTokenizer()
+    assert len(shards) == len(TEXTS) == manifest["documents"]
+    for i, (tokens, text) in enumerate(zip(shards, TEXTS)):
+        assert tokens.dtype == np.uint32
+        assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id  # boundaries are in the data itself
+        assert tok.decode(tokens) == text
+        assert shards.doc_id(i) == f"doc{i}"
+    assert tok.decode(shards[-1]) == TEXTS[-1] and tok.decode(shards[2]) == TEXTS[2]
+    assert shards.num_tokens == sum(len(t.encode()) + 2 for t in TEXTS)
+    assert shards.tokenizer["bos_id"] == 256 and shards.tokenizer["vocab_size"] == 258
+
+
+def test_shards_split_between_documents_never_inside_one(tmp_path):
+    manifest = write(tmp_path, TEXTS, max_tokens_per_shard=60)
+    assert len(manifest["shards"]) > 1
+    assert all(s["tokens"] <= 60 or s["documents"] == 1 for s in manifest["shards"])
+    shards = TokenShards(tmp_path)
+    assert [ByteTokenizer().decode(t) for t in shards] == TEXTS
+    with pytest.raises(IndexError):
+        shards[len(TEXTS)]
+
+
+def test_raw_files_are_uint32_with_uint64_offsets(tmp_path):
+    manifest = write(tmp_path, TEXTS[:1])
+    name = manifest["shards"][0]["name"]
+    tokens = np.fromfile(tmp_path / f"{name}.bin", dtype="<u4")
+    index = np.fromfile(tmp_path / f"{name}.idx", dtype="<u8")
+    assert list(index) == [0, len(tokens)] and len(tokens) == len(TEXTS[0]) + 2
+
+
+def test_verify_names_a_corrupted_file(tmp_path):
+    manifest = write(tmp_path, TEXTS)
+    path = tmp_path / f"{manifest['shards'][0]['name']}.bin"
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))
+    TokenShards(tmp_path)  # reading does not hash by default: that is the trainer's choice
+    with pytest.raises(ChecksumError, match=path.name):
+        TokenShards(tmp_path, verify=True)
+
+
+def test_not_a_shard_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        TokenShards(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other/9"}))
+    with pytest.raises(ValueError, match="unsupported"):
+        TokenShards(tmp_path)
+
+
+def test_the_llama3_tokenizer_round_trips(tmp_path):
+    try:
+        from herd.tokenizer import load_tokenizer
+
+        tok = load_tokenizer()
+    except Exception as e:  # the tokenizer package is someone else's and may be mid-change
+        pytest.skip(f"Llama 3 tokenizer unavailable: {e}")
+    config = ShardConfig()
+    writer = ShardWriter(tmp_path, config, tok)
+    for i, text in enumerate(TEXTS):
+        writer.add(str(i), encode_document(tok, text, config))
+    writer.close()
+    shards = TokenShards(tmp_path, verify=True)
+    assert shards.tokenizer["vocab_size"] == tok.vocab_size
+    for tokens, text in zip(shards, TEXTS):
+        assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+        assert tok.decode(tokens[1:-1].tolist()) == text

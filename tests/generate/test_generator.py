@@ -1,0 +1,117 @@
+"""The generation engine on a tiny random model with the real Llama 3 tokenizer."""
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import herd
+from herd.generate import ContextLengthError, Generator, SamplingParams
+from herd.generate.sampling import filtered_probs
+from herd.model import ModelConfig, Transformer
+
+CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
+                     max_seq_len=96)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(1)
+    model = Transformer(CONFIG).eval()
+    with torch.no_grad():  # sharper logits than the default init, so greedy choices are not near-ties
+        model.output.weight.mul_(40)
+    return Generator(model, herd.load_tokenizer(), prefill_chunk=8)
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "1, 2, 3,"]
+GREEDY = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+
+
+def ids(generator, text):
+    return generator.tokenizer.encode(text, bos=True)
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(generator):
+    prompts = [ids(generator, p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == 3  # different lengths, so the batch is padded
+    batch = generator.generate(prompts, GREEDY)
+    for prompt, done in zip(prompts, batch):
+        alone = generator.generate([prompt], GREEDY)[0]
+        assert done.tokens == alone.tokens
+        assert done.finish_reason == "length" and len(done.tokens) == 14
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(generator):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    prompts = [ids(generator, p) for p in PROMPTS]
+    first = [c.tokens for c in generator.generate(prompts, params)]
+    assert first == [c.tokens for c in generator.generate(prompts, params)]
+    assert first[1] == generator.generate([prompts[1]], params)[0].tokens
+    other_seed = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=8, ignore_eos=True)
+    assert first != [c.tokens for c in generator.generate(prompts, other_seed)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 50, 1.0), (1.0, 20, 0.5), (0.5, 0, 0.3)])
+def test_truncation_keeps_the_same_tokens_as_transformers(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5000) * 3
+    ours = filtered_probs(logits[0], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p < 1:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    assert torch.equal(ours > 0, torch.isfinite(theirs[0]))
+    torch.testing.assert_close(ours / ours.sum(), torch.softmax(theirs[0], -1), rtol=1e-4, atol=1e-7)
+
+
+def test_stop_string_ends_generation_before_it(generator):
+    prompt = ids(generator, PROMPTS[1])
+    free = generator.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    stop = free.text[12:15]
+    assert len(stop) == 3 and stop in free.text
+    stopped = generator.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))[0]
+    assert stopped.text == free.text[:free.text.find(stop)]
+    assert stopped.finish_reason == "stop"
+    deltas = [d.text for d in generator.stream([prompt], SamplingParams(
+        max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))]
+    assert "".join(deltas) == stopped.text  # nothing of the stop string ever streamed
+
+
+def test_stop_token_ends_generation_and_is_reported(generator):
+    prompt = ids(generator, PROMPTS[0])
+    free = generator.generate([prompt], GREEDY)[0]
+    stop_id = free.tokens[4]
+    first = free.tokens.index(stop_id)
+    done = generator.generate([prompt], SamplingParams(max_tokens=14, temperature=0, stop_token_ids=(stop_id,)))[0]
+    assert done.tokens == free.tokens[:first]
+    assert done.finish_reason == "stop" and done.stop_token == stop_id
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_text_is_whole_characters_and_equals_decode(generator, seed):
+    params = SamplingParams(max_tokens=25, temperature=1.5, top_p=1.0, seed=seed, ignore_eos=True)
+    prompt = ids(generator, "Émoji 🦙 and 日本語")
+    deltas = list(generator.stream([prompt], params))
+    tokens = [t for d in deltas for t in d.tokens]
+    assert "".join(d.text for d in deltas) == generator.tokenizer.decode(tokens)
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_logprobs_are_the_models_log_softmax(generator):
+    prompt = ids(generator, PROMPTS[2])
+    done = generator.generate([prompt], SamplingParams(max_tokens=6, temperature=0.9, seed=3, logprobs=3,
+                                                        ignore_eos=True))[0]
+    with torch.inference_mode():
+        logits = generator.model(torch.tensor([prompt + done.tokens]))[0]
+    expected = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]
+    for step, lp in enumerate(done.logprobs):
+        assert lp.token == done.tokens[step]
+        assert lp.logprob == pytest.approx(float(expected[step, lp.token]), abs=1e-4)
+        assert list(lp.top) == expected[step].topk(3).indices.tolist()
+
+
+def test_max_tokens_is_capped_by_the_context_and_long_prompts_are_refused(generator):
+    prompt = list(range(1000, 1090))
+    done = generator.generate([prompt], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    assert len(done.tokens) == CONFIG.max_seq_len - 90 and done.finish_reason == "length"
+    with pytest.raises(ContextLengthError, match="96"):
+        generator.generate([list(range(1000, 1100))], GREEDY)

@@ -1,0 +1,135 @@
+"""Tokenizers that checkpoints bring: GGUF vocabularies and tokenizer.json, against transformers and Meta."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizer_texts import SAMPLES
+
+from herd.tokenizer import ChatFormat, HFTokenizer, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer
+
+SMOLLM2_TEXTS = [
+    *SAMPLES,
+    "spaces    between     words      and\t\t\ttabs\n\n\n\nnewlines",
+    " " * 1000 + "x" + "\n" * 500,
+    "numbers 1 12 123 1234 12345 2024-06-01 3.14 0x1F 1e10",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>text after end<|im_end|><repo_name>",
+    "class Foo:\n    def __init__(self):\n        self.x = {'a': [1, 2]}  # comment\n",
+    "I'm sure you'll see they're here, we've done it, it's fine, she'd go, he's IN",
+]
+
+
+@pytest.mark.parametrize("text", SMOLLM2_TEXTS)
+def test_gguf_tokenizer_matches_transformers(smollm2, smollm2_transformers, text):
+    ids = smollm2.encode(text, allowed_special="all")
+    assert ids == smollm2_transformers(text)["input_ids"]
+    assert smollm2.decode(ids) == smollm2_transformers.decode(ids, skip_special_tokens=False) == text
+
+
+def test_gguf_tokenizer_attributes(smollm2):
+    assert (smollm2.vocab_size, smollm2.bos_id, smollm2.eos_id, smollm2.pad_id) == (49152, 1, 2, 2)
+    assert not smollm2.add_bos  # the file says so: a plain encode starts with the text
+    assert smollm2.encode("hi", bos=True) == smollm2.encode("hi", bos=False)
+    assert smollm2.special_tokens["<|im_start|>"] == 1 and smollm2.special_tokens["<|im_end|>"] == 2
+    assert len(smollm2.special_tokens) == 17  # the control tokens (token_type 3)
+    assert 2 in smollm2.stop_ids and smollm2.special_tokens["<|endoftext|>"] in smollm2.stop_ids
+    assert "<|im_start|>" in smollm2.chat_template
+    assert smollm2.encode("x", bos=False, eos=True) == [smollm2.encode("x", bos=False)[0], 2]
+
+
+def test_gguf_special_text_is_plain_unless_allowed(smollm2):
+    text = "a<|im_end|>b<|im_start|>c"
+    plain = smollm2.encode(text)
+    assert not set(smollm2.special_tokens.values()) & set(plain)
+    assert smollm2.decode(plain) == text
+    assert 2 in smollm2.encode(text, allowed_special={"<|im_end|>"})
+    assert 1 not in smollm2.encode(text, allowed_special={"<|im_end|>"})
+
+
+def test_gguf_decode_bytes_and_invalid_utf8(smollm2):
+    text = "😀 日本"
+    ids = smollm2.encode(text)
+    assert b"".join(smollm2.decode_bytes([i]) for i in ids) == text.encode()
+    partial = smollm2.decode_bytes(ids[:1])
+    assert partial == text.encode()[: len(partial)] and len(partial) < 4
+    assert smollm2.decode(ids[:1]) == partial.decode("utf-8", errors="replace")
+
+
+def test_gguf_token_to_id(smollm2):
+    assert smollm2.token_to_id("<|im_end|>") == 2
+    assert smollm2.token_to_id(" the") == smollm2.encode(" the")[0]
+    assert smollm2.token_to_id("no such single token") is None
+
+
+LLAMA3_SPECIAL_TEXT = "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|python_tag|>x<|eom_id|>"
+
+
+@pytest.mark.parametrize("text", [*SAMPLES, LLAMA3_SPECIAL_TEXT])
+def test_llama3_gguf_matches_meta(llama3_gguf, meta_tokenizer, text):
+    tok = llama3_gguf
+    assert tok.encode(text) == meta_tokenizer.encode(text, bos=True, eos=False)
+    assert tok.encode(text, allowed_special="all") == meta_tokenizer.encode(
+        text, bos=True, eos=False, allowed_special="all"
+    )
+    assert tok.decode(tok.encode(text, bos=False)) == text
+
+
+def test_llama3_gguf_attributes(llama3_gguf):
+    tok = llama3_gguf
+    assert tok.add_bos  # llama.cpp's default for Llama 3 vocabularies
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (128256, 128000, 128009, None)
+    assert tok.stop_ids == {128001, 128008, 128009}
+    assert isinstance(chat_format_for(tok), ChatFormat)
+
+
+@pytest.mark.parametrize("text", [*SAMPLES, LLAMA3_SPECIAL_TEXT])
+def test_llama3_tokenizer_json_matches_meta(llama3_json_tokenizer, meta_tokenizer, text):
+    tok = llama3_json_tokenizer
+    assert isinstance(tok, HFTokenizer)
+    assert tok.encode(text, bos=False) == meta_tokenizer.encode(text, bos=False, eos=False)
+    assert tok.encode(text, bos=False, allowed_special="all") == meta_tokenizer.encode(
+        text, bos=False, eos=False, allowed_special="all"
+    )
+
+
+def test_llama3_tokenizer_json_gets_llama3_chat_format(llama3_json_tokenizer, tokenizer):
+    assert (llama3_json_tokenizer.bos_id, llama3_json_tokenizer.eos_id) == (None, 128001)  # no config beside it
+    fmt = chat_format_for(llama3_json_tokenizer)
+    assert isinstance(fmt, ChatFormat)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert fmt.encode_dialog(dialog) == ChatFormat(tokenizer).encode_dialog(dialog)
+
+
+def test_tokenizer_json_without_side_files(tiny_json_dir):
+    tok = load_tokenizer(tiny_json_dir / "tokenizer.json")
+    # BOS is what the post-processor adds; EOS falls back to a known end marker.
+    assert (tok.bos_id, tok.add_bos, tok.eos_id, tok.pad_id, tok.chat_template) == (256, True, 259, None, None)
+    assert tok.encode("ab", eos=True) == [256, 97, 98, 259]
+    assert tok.special_tokens == {"<s>": 256, "</s>": 257, "<pad>": 258, "<|im_end|>": 259}
+    with pytest.raises(TokenizerError):
+        chat_format_for(tok)
+
+
+def test_tokenizer_json_side_files(tiny_json_dir):
+    template = "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}"
+    config = {"eos_token": {"content": "</s>"}, "pad_token": "<pad>", "add_bos_token": False, "chat_template": template}
+    (tiny_json_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (tiny_json_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [257, 259]}))
+    tok = load_tokenizer(tiny_json_dir)
+    assert (tok.bos_id, tok.add_bos, tok.eos_id, tok.pad_id, tok.chat_template) == (256, False, 257, 258, template)
+    assert tok.stop_ids == {257, 259}
+    assert tok.encode("ab") == [97, 98]
+    fmt = chat_format_for(tok)
+    assert isinstance(fmt, TemplateChatFormat)
+    assert fmt.encode_dialog([{"role": "user", "content": "a"}]) == [97, 259]
+
+
+def test_named_chat_templates_and_jinja_file(tiny_json_dir):
+    config = {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}
+    (tiny_json_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tiny_json_dir).chat_template == "D"
+    (tiny_json_dir / "tokenizer_config.json").write_text("{}")
+    (tiny_json_dir / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    assert load_tokenizer(tiny_json_dir).chat_template == "{{ messages[0].content }}"
