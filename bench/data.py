@@ -114,6 +114,7 @@ def herd_stage_times(records: list[dict], batch: int = 1000) -> dict[str, float]
         else:
             results = [stage(b) for b in batches]
         times[stage.name] = time.perf_counter() - start
+        print(f"  herd {stage.name}: {times[stage.name]:.1f}s", file=sys.stderr)
         assert sum(len(r.kept) + len(r.dropped) for r in results) == len(docs)
     return times
 
@@ -167,11 +168,13 @@ def _dedup_chains(src: Path, tmp: Path, tasks: int, chained: bool):
                                           MinhashDedupSignature, SentenceDedupFilter, SentenceDedupSignature,
                                           SentenceFindDedups)
     from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.dedup.sentence_dedup import SentDedupConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
     mh = MinhashConfig()
     exact = ExactDedupConfig(content_getter=_text)
+    lines = SentDedupConfig(split_sentences=False)  # spans of lines, the nearest to line de-duplication
     after_exact, after_minhash = (tmp / "exact", tmp / "minhash") if chained else (src, src)
     return {
         "exact_dedup": [
@@ -186,15 +189,15 @@ def _dedup_chains(src: Path, tmp: Path, tasks: int, chained: bool):
             ([JsonlReader(str(after_exact)), MinhashDedupFilter(str(tmp / "mh-ids")),
               JsonlWriter(str(tmp / "minhash"))], tasks)],
         "line_dedup": [
-            ([JsonlReader(str(after_minhash)), SentenceDedupSignature(str(tmp / "sd-sig"))], tasks),
-            ([SentenceFindDedups(str(tmp / "sd-sig"), str(tmp / "sd-dups"))], 1),
-            ([JsonlReader(str(after_minhash)), SentenceDedupFilter(str(tmp / "sd-dups")),
+            ([JsonlReader(str(after_minhash)), SentenceDedupSignature(str(tmp / "sd-sig"), config=lines)], tasks),
+            ([SentenceFindDedups(str(tmp / "sd-sig"), str(tmp / "sd-dups"), config=lines)], 1),
+            ([JsonlReader(str(after_minhash)), SentenceDedupFilter(str(tmp / "sd-dups"), config=lines),
               JsonlWriter(str(tmp / "final"))], tasks)],
     }
 
 
-def _text(doc) -> str:
-    return doc.text
+def _text(doc) -> bytes:
+    return doc.text.encode("utf-8")
 
 
 def _run_chain(chain, workers: int, logs: Path) -> None:
@@ -215,6 +218,7 @@ def datatrove_stage_times(records: list[dict], src: Path, tmp: Path) -> dict[str
         for _ in step.run(iter(docs)):
             pass
         times[name] = time.perf_counter() - start
+        print(f"  datatrove {name}: {times[name]:.1f}s", file=sys.stderr)
     for name, chain in _dedup_chains(src, tmp, 1, chained=False).items():
         start = time.perf_counter()
         _run_chain(chain, 1, tmp / "logs" / name)
@@ -262,10 +266,12 @@ def main() -> None:
 
     rows = []
     if not args.skip_stages:
+        print("timing each stage on one core ...", file=sys.stderr)
         ours = herd_stage_times(records)
         theirs = datatrove_stage_times(records, files[0].parent, args.work / "dt-stages")
         for name, seconds in ours.items():
             rows.append((f"stage {name}", 1, seconds, theirs.get(name)))
+    print(f"full pipelines on {args.workers} workers ...", file=sys.stderr)
     herd_s = herd_full(files, args.work / "herd-out", args.workers)
     dt_s = datatrove_full(files[0].parent, args.work / "dt-full", args.workers)
     rows.append(("full pipeline", args.workers, herd_s, dt_s))

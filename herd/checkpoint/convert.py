@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.base import Checkpoint, check_shapes
+from herd.checkpoint.base import Checkpoint, check_shapes, tensor_shape
 from herd.checkpoint.detect import FORMATS, checkpoint_root, detect_format
 from herd.checkpoint.errors import CheckpointError
 
@@ -54,7 +54,7 @@ def save_checkpoint(
         ckpt = Checkpoint(config, state_dict, tokenizer=rest[0] if rest else None)
     check_shapes(ckpt.config, ckpt.state_dict, str(ckpt.source or "state dict"), "the config")
     out = Path(out)
-    if out.exists() and out.resolve() == Path(ckpt.source or "").resolve():
+    if ckpt.source is not None and out.exists() and out.resolve() == Path(ckpt.source).resolve():
         raise CheckpointError(f"{out}: is the checkpoint being read; write to another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "gguf":
@@ -108,8 +108,6 @@ def convert(src: str | Path, out: str | Path, format: str, *, dtype: torch.dtype
 
 def summary(ckpt: Checkpoint) -> Mapping[str, object]:
     """What `herd info` shows about a checkpoint."""
-    shapes = {name: ckpt.state_dict.shape(name) if hasattr(ckpt.state_dict, "shape") else tuple(ckpt.state_dict[name].shape)
-              for name in ckpt.state_dict}
-    params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    params = sum(torch.Size(tensor_shape(ckpt.state_dict, name)).numel() for name in ckpt.state_dict)
     return {"format": ckpt.format, "source": str(ckpt.source), "config": ckpt.config, "parameters": params,
             "tokenizer": type(ckpt.tokenizer).__name__ if ckpt.tokenizer is not None else None, **ckpt.meta}

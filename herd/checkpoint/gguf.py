@@ -102,10 +102,13 @@ def load_gguf(path: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoi
     from herd.checkpoint.vocab import gguf_tokenizer
 
     tokenizer, note = gguf_tokenizer(reader)
+    tensor_types = {meta_name(t.name): t.tensor_type.name for t in reader.tensors if t.name != _ROPE_FREQS}
     meta = {
         "name": field(reader, "general.name"),
         "file_type": _file_type_name(field(reader, "general.file_type")),
-        "tensor_types": {meta_name(t.name): t.tensor_type.name for t in reader.tensors if t.name != _ROPE_FREQS},
+        "tensor_types": tensor_types,
+        # Weights stored in a block format (Q8_0, Q4_K, ...) rather than as floats: herd.load keeps them int8.
+        "quantized": any(kind not in ("F32", "F16", "BF16") for kind in tensor_types.values()),
     }
     if note:
         meta["tokenizer_note"] = note

@@ -35,8 +35,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fbgemm:
-            # reduce_range keeps FBGEMM's 16-bit intermediate sums from saturating on AVX2 (no VNNI).
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).type_as(x)
+            # FBGEMM quantizes the activations with one scale for the whole tensor, and in a prompt a few tokens
+            # (the first above all) are orders of magnitude larger than the rest, which would leave the others a
+            # handful of levels. The layer is linear in each row, so scaling every token to unit max first and
+            # back after gives each its own scale. reduce_range keeps the 16-bit sums from saturating on AVX2.
+            xf = x.float()
+            row_max = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+            return (torch.ops.quantized.linear_dynamic(xf / row_max, self.packed, True) * row_max).type_as(x)
         flat = x.reshape(-1, self.in_features)
         return torch._weight_int8pack_mm(flat, self.weight_int8, self.scales).view(*x.shape[:-1], self.out_features)
 

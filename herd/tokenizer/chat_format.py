@@ -1,8 +1,8 @@
 """The Llama 3 / 3.1 chat format: dialogs of OpenAI-shaped messages to ids, and replies back to messages.
 
-    <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n...<|eot_id|>
-    <|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>
-    <|start_header_id|>assistant<|end_header_id|>\\n\\n            <- the model continues here
+<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n...<|eot_id|>
+<|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>
+<|start_header_id|>assistant<|end_header_id|>\\n\\n            <- the model continues here
 """
 
 from __future__ import annotations
@@ -20,20 +20,21 @@ from herd.tokenizer.tool_prompts import with_tool_prompts
 
 Message = dict[str, Any]
 Tokenizer = Llama3Tokenizer | HFTokenizer
-STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython", "ipython": "ipython"}
 
 
 class ChatFormat:
-    """Encodes dialogs the way Llama 3 instruct models were tuned on, and parses their replies."""
+    """Encodes dialogs as Llama 3 instruct models were tuned to read them, and parses their replies."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         special = tokenizer.special_tokens
         self._start_header, self._end_header = special["<|start_header_id|>"], special["<|end_header_id|>"]
         self._eot, self._eom, self._python_tag = special["<|eot_id|>"], special["<|eom_id|>"], special["<|python_tag|>"]
-        self._stop_reasons = {i: "end_of_turn" for i in {*tokenizer.stop_ids, self._eot}} | {self._eom: "end_of_message"}
+        self._stop_reasons = {i: "end_of_turn" for i in {*tokenizer.stop_ids, self._eot}} | {
+            self._eom: "end_of_message"
+        }
 
     def encode_dialog(
         self,
@@ -49,7 +50,9 @@ class ChatFormat:
         "function_tag" or "python_list") are generated first, dated `today` (default: the real today).
         """
         if tool_prompt_format not in TOOL_PROMPT_FORMATS:
-            raise ValueError(f"unknown tool prompt format {tool_prompt_format!r}; expected one of {TOOL_PROMPT_FORMATS}")
+            raise ValueError(
+                f"unknown tool prompt format {tool_prompt_format!r}; expected one of {TOOL_PROMPT_FORMATS}"
+            )
         messages = list(messages)
         if tools:
             messages = with_tool_prompts(messages, tools, tool_prompt_format, today)

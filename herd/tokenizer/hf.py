@@ -5,9 +5,9 @@ Both become a `tokenizers.Tokenizer` behind the same interface as `Llama3Tokeniz
 
 from __future__ import annotations
 
-import functools
 import json
 import re
+import threading
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,7 +46,7 @@ def _byte_alphabet() -> list[str]:
 
 
 BYTE_CHARS = _byte_alphabet()
-# Maps the alphabet to the Latin-1 character of each byte, and other Latin-1 characters out of Latin-1.
+# Turns a spelled token into its bytes as Latin-1 text; other characters land outside Latin-1, so encoding fails.
 _TO_LATIN1 = dict.fromkeys(range(256), 0xFFFF) | {ord(c): b for b, c in enumerate(BYTE_CHARS)}
 
 
@@ -68,6 +68,8 @@ class HFTokenizer:
         stop_ids: Iterable[int] = (),
     ):
         self._tokenizer = tokenizer
+        # Guards the tokenizer's encode_special_tokens switch, which each encode sets for itself.
+        self._encode_lock = threading.Lock()
         added = tokenizer.get_added_tokens_decoder()
         self._added = {t.content: i for i, t in added.items()}
         self.special_tokens: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
@@ -174,13 +176,6 @@ class HFTokenizer:
             stop_ids=[i for k in ("eot", "eom") if (i := field(f"tokenizer.ggml.{k}_token_id")) is not None],
         )
 
-    @functools.cached_property
-    def _plain(self) -> Tokenizer:
-        """A twin that reads special-token text as plain text (toggling the shared one is not thread-safe)."""
-        plain = Tokenizer.from_str(self._tokenizer.to_str())
-        plain.encode_special_tokens = True
-        return plain
-
     def encode(
         self,
         text: str,
@@ -194,9 +189,13 @@ class HFTokenizer:
         special id only when allowed by `allowed_special` ("all" or a set of token strings); otherwise it
         is encoded as the plain text it is (never an error).
         """
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # lone surrogates: become U+FFFD, as tiktoken does, rather than fail
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = [self.bos_id] if bos and self.add_bos else []
         if allowed_special == "all":
-            ids += self._tokenizer.encode(text, add_special_tokens=False).ids
+            ids += self._encode(text, specials=True)
         else:
             allowed = [t for t in allowed_special if t in self.special_tokens]
             pieces = re.split(f"({'|'.join(map(re.escape, allowed))})", text) if allowed else [text]
@@ -204,10 +203,19 @@ class HFTokenizer:
                 if n % 2:
                     ids.append(self.special_tokens[piece])
                 elif piece:
-                    ids += self._plain.encode(piece, add_special_tokens=False).ids
+                    ids += self._encode(piece, specials=False)
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def _encode(self, text: str, specials: bool) -> list[int]:
+        """`text`'s ids, with special-token text read as special tokens or as plain text."""
+        with self._encode_lock:
+            self._tokenizer.encode_special_tokens = not specials
+            try:
+                return self._tokenizer.encode(text, add_special_tokens=False).ids
+            finally:  # leave the shared tokenizer as tokenizers made it
+                self._tokenizer.encode_special_tokens = False
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""

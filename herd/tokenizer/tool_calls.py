@@ -25,10 +25,11 @@ Call = dict[str, Any]
 
 
 def make_call(name: str, arguments: dict[str, Any]) -> Call:
+    """An OpenAI-shaped call; ValueError for arguments that strict JSON cannot carry (NaN, infinity)."""
     return {
         "id": str(uuid.uuid4()),
         "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False, allow_nan=False)},
     }
 
 
@@ -90,17 +91,24 @@ def parse_calls(content: str, python_tag: bool) -> list[Call]:
     `tool.call(query=...)`, and finally, after <|python_tag|>, the body as code for code_interpreter.
     """
     for parse in (_function_tag_calls, _json_call, _python_list_calls, _query_call):
-        if calls := parse(content):
-            return [make_call(*_as_builtin(name, args)) for name, args in calls]
+        if calls := _made([_as_builtin(name, args) for name, args in parse(content)]):
+            return calls
     return [make_call("code_interpreter", {"code": content})] if python_tag else []
 
 
 def parse_custom_calls(content: str) -> list[Call]:
     """Only the `<function=...>` and JSON call forms, which other chat formats' models also write."""
     for parse in (_function_tag_calls, _json_call):
-        if calls := parse(content):
-            return [make_call(name, args) for name, args in calls]
+        if calls := _made(parse(content)):
+            return calls
     return []
+
+
+def _made(found: list[tuple[str, dict[str, Any]]]) -> list[Call]:
+    try:
+        return [make_call(name, args) for name, args in found]
+    except ValueError:  # NaN or infinity in the arguments: not a call we can hand on
+        return []
 
 
 def _as_builtin(name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -125,7 +133,7 @@ def _leading_object(text: str) -> dict[str, Any] | None:
     """The JSON object (or Python dict literal, which models also write) that `text` starts with."""
     try:
         value, _ = json.JSONDecoder().raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         end = text.find("}</function>")
         value = _literal(text[: end + 1]) if text.startswith("{") and end >= 0 else None
     return value if isinstance(value, dict) else None
@@ -134,7 +142,7 @@ def _leading_object(text: str) -> dict[str, Any] | None:
 def _json_call(content: str) -> list[tuple[str, dict[str, Any]]]:
     try:
         value = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return []

@@ -81,12 +81,12 @@ def with_tool_prompts(
     system, rest = (messages[0], messages[1:]) if messages and messages[0]["role"] == "system" else (None, messages)
     instruction = _text(system["content"]) if system else None
     if tool_prompt_format == "python_list":
-        parts = [_environment(builtins, []) if builtins else "", _python_list_prompt(custom) if custom else ""]
+        parts = [_environment(builtins) if builtins else "", _python_list_prompt(custom) if custom else ""]
         content = "\n".join(p for p in [*parts, instruction or ""] if p).strip("\n")
         return [{"role": "system", "content": content}, *rest]
 
     today = today or datetime.date.today()
-    content = _environment(builtins, custom) + "\n" if builtins or custom else ""
+    content = _environment(builtins) + "\n" if builtins or custom else ""
     content += f"Cutting Knowledge Date: December 2023\nToday Date: {today.strftime('%d %B %Y')}"
     if instruction:
         content += "\n\n" + instruction
@@ -129,7 +129,7 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     return content or ""
 
 
-def _environment(builtins: list[str], custom: list[CustomTool]) -> str:
+def _environment(builtins: list[str]) -> str:
     """'Environment: ipython' (which alone enables the code interpreter) and the other built-ins by name."""
     named = [b for b in builtins if b != "code_interpreter"]
     return "Environment: ipython\n" + (f"Tools: {', '.join(named)}" if named else "")
@@ -163,7 +163,9 @@ def _json_prompt(tools: list[CustomTool]) -> str:
 def _function_tag_prompt(tools: list[CustomTool]) -> str:
     blocks = []
     for t in tools:
-        params = {p.name: {"description": p.description, "param_type": p.type, "required": p.required} for p in t.params}
+        params = {
+            p.name: {"description": p.description, "param_type": p.type, "required": p.required} for p in t.params
+        }
         blocks.append(
             f"Use the function '{t.name}' to '{t.description}':\n"
             f'{{"name": "{t.name}", "description": "{t.description}", "parameters": {_tojson(params)}}}\n\n'

@@ -1,7 +1,6 @@
 """GGUF: written tensors read back as the gguf package itself would decode them; K-quants and a real file load."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gguf

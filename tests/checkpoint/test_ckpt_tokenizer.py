@@ -31,7 +31,7 @@ def encodings(tok):
     return [tok.encode(t, bos=True) for t in TEXTS]
 
 
-def test_meta_tokenizer_becomes_hf_and_gguf(meta_with_llama3_tokenizer, tmp_path):
+def test_meta_tokenizer_becomes_hf(meta_with_llama3_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
     from herd.tokenizer import HFTokenizer, Llama3Tokenizer
@@ -46,14 +46,21 @@ def test_meta_tokenizer_becomes_hf_and_gguf(meta_with_llama3_tokenizer, tmp_path
     assert isinstance(hf.tokenizer, HFTokenizer) and encodings(hf.tokenizer) == expected
     # transformers reads special-token text as the special token, as allowed_special="all" does.
     with_special = [meta.tokenizer.encode(t, bos=True, allowed_special="all") for t in TEXTS]
-    assert [AutoTokenizer.from_pretrained(hf_dir)(t)["input_ids"] for t in TEXTS] == with_special
-
-    gguf_file = convert(meta_with_llama3_tokenizer, tmp_path / "m.gguf", "gguf", gguf_type="F32")
-    g = load_checkpoint(gguf_file)
-    assert isinstance(g.tokenizer, HFTokenizer) and encodings(g.tokenizer) == expected
-    assert g.tokenizer.bos_id == 128000 and 128009 in g.tokenizer.stop_ids
+    auto = AutoTokenizer.from_pretrained(hf_dir)
+    assert [auto(t)["input_ids"] for t in TEXTS] == with_special
 
     # HF files ride through Meta's format unchanged.
     back = convert(convert(hf_dir, tmp_path / "meta2", "meta"), tmp_path / "hf2", "hf")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (back / name).read_bytes() == (hf_dir / name).read_bytes()
+
+
+@pytest.mark.heavy  # gguf-py parses the 400k vocabulary strings one by one: ~10 s
+def test_meta_tokenizer_becomes_a_gguf_vocabulary(meta_with_llama3_tokenizer, tmp_path):
+    from herd.tokenizer import HFTokenizer
+
+    expected = encodings(load_checkpoint(meta_with_llama3_tokenizer).tokenizer)
+    gguf_file = convert(meta_with_llama3_tokenizer, tmp_path / "m.gguf", "gguf", gguf_type="F32")
+    g = load_checkpoint(gguf_file)
+    assert isinstance(g.tokenizer, HFTokenizer) and encodings(g.tokenizer) == expected
+    assert g.tokenizer.bos_id == 128000 and 128009 in g.tokenizer.stop_ids

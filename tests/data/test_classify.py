@@ -129,3 +129,33 @@ def test_the_default_model_judges_and_its_replies_parse(planted_corpus):
     assert sum(lab is not None for lab in labels) >= 2
     domains = label_texts(texts[:1], judge, "domain", progress=False)
     assert all(d is None or d in DOMAINS for d in domains)
+
+
+def test_domain_classifier_drives_the_data_mix_of_a_run(planted_corpus, tmp_path):
+    import dataclasses
+    import json
+
+    from herd.data import pipeline
+    from herd.data.config import ShardConfig, StageSpec, default_config
+    from herd.data.executors import LocalExecutor
+    from herd.data.shards import TokenShards
+
+    pairs = known_domains(planted_corpus)
+    model = train([t for t, _ in pairs], [lab for _, lab in pairs], "domain", seed=1).model.save(tmp_path / "d.npz")
+    config = dataclasses.replace(
+        default_config(), stages=(StageSpec("language"), StageSpec("domain_classifier", {"path": str(model)})),
+        shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"), docs_per_unit=100)
+    result = pipeline.run(planted_corpus.files, tmp_path / "out", config, LocalExecutor(1, progress=False))
+    mix = result.report["mix"]
+    assert set(mix["targets"]) == {"general", "code", "multilingual"}  # no math text here: its share is shared out
+    for domain, target in mix["targets"].items():
+        assert mix["achieved"][domain] == pytest.approx(target, abs=0.03), (domain, mix)
+    kept = [json.loads(line) for line in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
+    dropped = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    assert all(r["domain"] in mix["targets"] and r["repeats"] >= 1 for r in kept)
+    assert any(r["repeats"] > 1 for r in kept) and any(r["stage"] == "mix" for r in dropped)
+    assert len(kept) + len(dropped) == len(planted_corpus.docs)
+    shards = TokenShards(tmp_path / "out", verify=True)
+    assert len(shards) == sum(r["repeats"] for r in kept)
+    by_id = {r["id"]: r for r in kept}
+    assert all(len(shards[i]) == len(by_id[shards.doc_id(i)]["text"].encode()) + 2 for i in range(len(shards)))

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import gguf
 import pytest
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from herd.tokenizer import HFTokenizer, load_tokenizer
@@ -41,11 +40,6 @@ def llama3_json_dir(tmp_path_factory) -> Path:
     converted = TikTokenConverter(vocab_file=str(bundled_model_path()), extra_special_tokens=SPECIAL_TOKEN_NAMES)
     converted.converted().save(str(directory / "tokenizer.json"))
     return directory
-
-
-@pytest.fixture(scope="session")
-def llama3_json_tokenizer(llama3_json_dir) -> HFTokenizer:
-    return load_tokenizer(llama3_json_dir)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from tokenizer_texts import SAMPLES
 
-from herd.tokenizer import ChatFormat, HFTokenizer, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer
+from herd.tokenizer import ChatFormat, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer
 
 SMOLLM2_TEXTS = [
     *SAMPLES,
@@ -81,25 +82,18 @@ def test_llama3_gguf_attributes(llama3_gguf):
     assert tok.add_bos  # llama.cpp's default for Llama 3 vocabularies
     assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (128256, 128000, 128009, None)
     assert tok.stop_ids == {128001, 128008, 128009}
-    assert isinstance(chat_format_for(tok), ChatFormat)
+    assert tok.chat_template is None
 
 
-@pytest.mark.parametrize("text", [*SAMPLES, LLAMA3_SPECIAL_TEXT])
-def test_llama3_tokenizer_json_matches_meta(llama3_json_tokenizer, meta_tokenizer, text):
-    tok = llama3_json_tokenizer
-    assert isinstance(tok, HFTokenizer)
-    assert tok.encode(text, bos=False) == meta_tokenizer.encode(text, bos=False, eos=False)
-    assert tok.encode(text, bos=False, allowed_special="all") == meta_tokenizer.encode(
-        text, bos=False, eos=False, allowed_special="all"
-    )
-
-
-def test_llama3_tokenizer_json_gets_llama3_chat_format(llama3_json_tokenizer, tokenizer):
-    assert (llama3_json_tokenizer.bos_id, llama3_json_tokenizer.eos_id) == (None, 128001)  # no config beside it
-    fmt = chat_format_for(llama3_json_tokenizer)
+def test_llama3_vocabulary_without_template_gets_llama3_chat_format(llama3_gguf, tokenizer):
+    fmt = chat_format_for(llama3_gguf)
     assert isinstance(fmt, ChatFormat)
-    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|eot_id|> there"}]
     assert fmt.encode_dialog(dialog) == ChatFormat(tokenizer).encode_dialog(dialog)
+    reply = tokenizer.encode('<|python_tag|>brave_search.call(query="x")<|eom_id|>', bos=False, allowed_special="all")
+    ours, llama3 = fmt.decode_assistant(reply), ChatFormat(tokenizer).decode_assistant(reply)
+    assert ours["stop_reason"] == llama3["stop_reason"] == "end_of_message"
+    assert [c["function"] for c in ours["tool_calls"]] == [c["function"] for c in llama3["tool_calls"]]
 
 
 def test_tokenizer_json_without_side_files(tiny_json_dir):
@@ -133,3 +127,17 @@ def test_named_chat_templates_and_jinja_file(tiny_json_dir):
     (tiny_json_dir / "tokenizer_config.json").write_text("{}")
     (tiny_json_dir / "chat_template.jinja").write_text("{{ messages[0].content }}")
     assert load_tokenizer(tiny_json_dir).chat_template == "{{ messages[0].content }}"
+
+
+def test_lone_surrogates_become_replacement_characters(smollm2, llama3_gguf, meta_tokenizer):
+    assert smollm2.encode("a\ud800b") == smollm2.encode("a\ufffdb")
+    assert llama3_gguf.encode("x\udfffy") == meta_tokenizer.encode("x\udfffy", bos=True, eos=False)
+
+
+def test_concurrent_encodes_keep_their_own_special_token_mode(smollm2):
+    text = "a<|im_end|>b" * 50
+    as_special, as_text = smollm2.encode(text, allowed_special="all"), smollm2.encode(text)
+    assert as_special != as_text
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: smollm2.encode(text, allowed_special="all" if n % 2 else ()), range(200)))
+    assert results == [as_special if n % 2 else as_text for n in range(200)]

@@ -10,7 +10,7 @@ from herd.tokenizer.llama3 import bundled_model_path
 
 SPECIAL_TEXT = [
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
-    "tool says <|python_tag|>brave_search.call(query=\"x\")<|eom_id|> then <|end_of_text|>",
+    'tool says <|python_tag|>brave_search.call(query="x")<|eom_id|> then <|end_of_text|>',
     "reserved <|reserved_special_token_0|><|reserved_special_token_245|> and <|image|><|step_id|>",
     "almost special: <|eot_id| <eot_id|> <|EOT_ID|> <|reserved_special_token_246|>",
 ]
@@ -44,7 +44,12 @@ def test_special_tokens_are_metas(tokenizer, meta_tokenizer):
         "<|reserved_special_token_245|>": 128255,
     }
     assert {t: tokenizer.special_tokens[t] for t in expected} == expected
-    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (128256, 128000, 128001, 128004)
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (
+        128256,
+        128000,
+        128001,
+        128004,
+    )
     assert tokenizer.stop_ids == {128001, 128008, 128009}
     assert tokenizer.chat_template is None
 
@@ -111,10 +116,15 @@ def test_token_to_id(tokenizer):
 def test_user_file_gives_the_same_tokenizer(tmp_path, tokenizer):
     copy = tmp_path / "tokenizer.model"
     copy.write_bytes(bundled_model_path().read_bytes())
-    for tok in (load_tokenizer(copy), load_tokenizer(tmp_path), Llama3Tokenizer(copy)):
+    for tok in (load_tokenizer(copy), load_tokenizer(tmp_path)):
         assert isinstance(tok, Llama3Tokenizer)
         assert tok.encode(SAMPLES[1]) == tokenizer.encode(SAMPLES[1])
 
 
 def test_default_is_loaded_once():
     assert load_tokenizer() is load_tokenizer()
+
+
+def test_lone_surrogates_match_reference(tokenizer, meta_tokenizer):
+    text = "a\ud800b \udc00"
+    assert tokenizer.encode(text) == meta_tokenizer.encode(text, bos=True, eos=False)

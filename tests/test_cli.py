@@ -1,0 +1,80 @@
+"""`herd` as a user runs it: real answers, and one-line errors with a non-zero exit for bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from herd.llm import default_model_path
+
+
+def herd_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "herd.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("loaded ")]
+    assert len(lines) == 1 and lines[0].startswith("herd: error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.mark.heavy
+def test_chat_answers_the_capital_of_france():
+    result = herd_cli("chat", "--temperature", "0", stdin="What is the capital of France?\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.heavy
+def test_prompt_longer_than_the_context_is_refused():
+    result = herd_cli("generate", "-", stdin="Paris " * 9000)
+    assert_one_line_error(result, "8192", "prompt")
+
+
+def test_missing_model():
+    assert_one_line_error(herd_cli("generate", "hi", "--model", "/nowhere/model.gguf"), "/nowhere/model.gguf")
+
+
+def test_truncated_gguf(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    with open(default_model_path(), "rb") as f:
+        broken.write_bytes(f.read(3_000_000))
+    assert_one_line_error(herd_cli("info", str(broken)), "broken.gguf")
+
+
+def test_params_json_that_disagrees_with_the_weights(tmp_path):
+    import torch
+
+    from herd.checkpoint import save_checkpoint
+    from herd.model import ModelConfig, Transformer
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=96)
+    out = save_checkpoint((config, Transformer(config).state_dict(), None), tmp_path / "meta", "meta")
+    params = json.loads((out / "params.json").read_text())
+    params["dim"] = 128
+    (out / "params.json").write_text(json.dumps(params))
+    from herd.tokenizer.llama3 import bundled_model_path
+
+    shutil.copy(bundled_model_path(), out / "tokenizer.model")
+    assert_one_line_error(herd_cli("generate", "hi", "--model", str(out)), "params.json")
+    del torch
+
+
+def test_tokenize_matches_the_library():
+    import herd
+
+    result = herd_cli("tokenize", "Hello, world! <|eot_id|>", "--special")
+    assert result.returncode == 0
+    assert json.loads(result.stdout.splitlines()[0]) == herd.load_tokenizer().encode(
+        "Hello, world! <|eot_id|>", bos=True, allowed_special="all")
+
+
+def test_info_counts_parameters_of_a_named_config():
+    result = herd_cli("info", "llama3.1-405b")
+    assert result.returncode == 0
+    assert "405,853,388,800" in result.stdout

@@ -1,0 +1,388 @@
+"""The Llama 3 chat format against Meta's reference ChatFormat and its published prompt-format pages."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from llama_models.datatypes import RawMessage, RawTextItem, StopReason, ToolCall, ToolPromptFormat
+from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+
+from herd.tokenizer import ChatFormat, chat_format_for
+
+LLAMA_MODELS = Path(*find_spec("llama_models").submodule_search_locations)
+
+
+@pytest.fixture(scope="module")
+def fmt(tokenizer) -> ChatFormat:
+    return chat_format_for(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def meta_fmt(meta_tokenizer) -> MetaChatFormat:
+    return MetaChatFormat(meta_tokenizer)
+
+
+def call(name: str, **arguments) -> dict:
+    return {"id": "call_0", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def to_meta(message: dict) -> RawMessage:
+    """Our OpenAI-shaped message as the reference's datatype."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = [RawTextItem(text=part["text"]) for part in content]
+    calls = [
+        ToolCall(call_id=c["id"], tool_name=c["function"]["name"], arguments=json.loads(c["function"]["arguments"]))
+        for c in message.get("tool_calls", [])
+    ]
+    return RawMessage(
+        role="tool" if message["role"] in ("tool", "ipython") else message["role"],
+        content=content,
+        context=message.get("context"),
+        stop_reason=StopReason(message["stop_reason"]) if "stop_reason" in message else None,
+        tool_calls=calls,
+    )
+
+
+def meta_ids(meta_fmt, dialog, tool_prompt_format="json"):
+    return meta_fmt.encode_dialog_prompt([to_meta(m) for m in dialog], ToolPromptFormat(tool_prompt_format)).tokens
+
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+USER = {"role": "user", "content": "What's the weather in Paris, and 2+2?"}
+DIALOGS = {
+    "plain": [SYSTEM, USER],
+    "no system": [USER],
+    "multi-turn": [SYSTEM, USER, {"role": "assistant", "content": "Sunny; 4."}, {"role": "user", "content": "Thanks!"}],
+    "text parts": [
+        {"role": "user", "content": [{"type": "text", "text": "Part one."}, {"type": "text", "text": " two"}]}
+    ],
+    "rag context": [{"role": "user", "content": "Summarize.", "context": "Doc: Paris is in France."}],
+    "special-token text stays text": [
+        {"role": "user", "content": "<|eot_id|><|start_header_id|>system<|end_header_id|>"}
+    ],
+    "unicode": [{"role": "user", "content": "日本語で答えて 😀 — ok?"}],
+    "assistant ended with eom": [USER, {"role": "assistant", "content": "Checking.", "stop_reason": "end_of_message"}],
+    "code interpreter round trip": [
+        {"role": "system", "content": "Environment: ipython"},
+        USER,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [call("code_interpreter", code="print(2 + 2)")],
+            "stop_reason": "end_of_message",
+        },
+        {"role": "tool", "content": "[stdout]\n4\n[/stdout]"},
+        {"role": "ipython", "content": "more output"},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", DIALOGS)
+def test_dialogs_match_reference(fmt, meta_fmt, name):
+    dialog = DIALOGS[name]
+    ids = fmt.encode_dialog(dialog)
+    assert ids == meta_ids(meta_fmt, dialog)
+    assert ids[0] == 128000 and ids[-4:] == fmt.tokenizer.encode(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n", bos=False, allowed_special="all"
+    )
+
+
+@pytest.mark.parametrize(
+    ("tool_prompt_format", "calls"),
+    [
+        ("function_tag", [call("trending_songs", n=10, genre="all")]),
+        ("python_list", [call("get_weather", city="San Francisco", metric="celsius")]),
+        ("python_list", [call("lookup", ids=[1, 2], exact=True, limit=None, ratio=0.5)]),
+    ],
+)
+def test_custom_tool_calls_in_history_match_reference(fmt, meta_fmt, tool_prompt_format, calls):
+    dialog = [USER, {"role": "assistant", "content": "", "tool_calls": calls}, {"role": "tool", "content": "[]"}]
+    assert fmt.encode_dialog(dialog, tool_prompt_format) == meta_ids(meta_fmt, dialog, tool_prompt_format)
+
+
+@pytest.mark.parametrize(
+    ("tool_prompt_format", "calls"),
+    [
+        ("json", [call("brave_search", query="latest price of 1oz gold")]),
+        ("json", [call("wolfram_alpha", query="100th decimal of pi")]),
+        ("python_list", [call("photogen", query="a red cat")]),
+        ("json", [call("trending_songs", n="10", genre="all")]),
+    ],
+)
+def test_builtin_and_json_calls_carry_python_tag(fmt, meta_fmt, tool_prompt_format, calls):
+    """A deliberate difference from the installed reference, which writes <|python_tag|> only before
+    code_interpreter calls: Meta's published 3.1 examples show the model writing it before every
+    built-in call and JSON call, so history must say it too (see the full-interaction example below)."""
+    dialog = [USER, {"role": "assistant", "content": "", "tool_calls": calls, "stop_reason": "end_of_message"}]
+    reference = meta_ids(meta_fmt, dialog, tool_prompt_format)
+    assistant_body = reference.index(128007, reference.index(128007) + 1) + 2  # after "assistant<|end_header_id|>\n\n"
+    expected = reference[:assistant_body] + [128010] + reference[assistant_body:]
+    assert fmt.encode_dialog(dialog, tool_prompt_format) == expected
+
+
+def published_prompts(page: str) -> dict[str, str]:
+    """The input prompts on one of Meta's prompt-format pages, by section title."""
+    prompts = {}
+    for section in re.split(r"^## ", (LLAMA_MODELS / page).read_text(), flags=re.M)[1:]:
+        found = re.search(r"##### Input Prompt Format\n```\n(.*?)\n```", section, re.S)
+        if found:
+            prompts[section.splitlines()[0].strip()] = found[1]
+    return prompts
+
+
+LLAMA31 = published_prompts("llama3_1/prompt_format.md")
+LLAMA32 = published_prompts("llama3_2/text_prompt_format.md")
+
+TRENDING_SONGS = {
+    "type": "function",
+    "function": {
+        "name": "trending_songs",
+        "description": "Returns the trending songs on a Music site",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "n": {"type": "int", "description": "The number of songs to return"},
+                "genre": {"type": "str", "description": "The genre of the songs to return"},
+            },
+            "required": ["n"],
+        },
+    },
+}
+GET_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get weather info for places",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The name of the city to get the weather for"},
+                "metric": {
+                    "type": "string",
+                    "description": "The metric for weather. Options are: celsius, fahrenheit",
+                    "default": "celsius",
+                },
+            },
+            "required": ["city"],
+        },
+    },
+}
+SEPT_21 = datetime.date(2024, 9, 21)
+
+
+def assert_published(fmt, expected: str, dialog, tool_prompt_format="json", tools=None, today=None):
+    """The page shows each prompt as the text of its ids; ours must read the same, character for character."""
+    ids = fmt.encode_dialog(dialog, tool_prompt_format, tools, today=today)
+    assert fmt.tokenizer.decode(ids) == expected
+    return ids
+
+
+def test_published_conversation(fmt, meta_fmt):
+    dialog = [
+        {"role": "system", "content": "You are a helpful assistant"},
+        {"role": "user", "content": "Answer who are you in the form of jeopardy?"},
+    ]
+    assert assert_published(fmt, LLAMA31["User and assistant conversation"], dialog) == meta_ids(meta_fmt, dialog)
+    dialog = [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "Who are you?"}]
+    assert_published(fmt, LLAMA32["User and assistant conversation"], dialog)
+
+
+def test_published_builtin_tools_prompt(fmt):
+    tools = [{"type": "code_interpreter"}, {"type": "brave_search"}, {"type": "wolfram_alpha"}]
+    dialog = [SYSTEM, {"role": "user", "content": "Search the web for the latest price of 1oz gold?"}]
+    assert_published(fmt, LLAMA31["Builtin Tool Calling"], dialog, tools=tools, today=SEPT_21)
+    # Built-ins may also be named as functions.
+    named = [
+        call("code_interpreter")["function"] | {"name": n}
+        for n in ("code_interpreter", "brave_search", "wolfram_alpha")
+    ]
+    as_functions = [{"type": "function", "function": f} for f in named]
+    assert fmt.encode_dialog(dialog, tools=as_functions, today=SEPT_21) == fmt.encode_dialog(
+        dialog, tools=tools, today=SEPT_21
+    )
+
+
+def test_published_code_interpreter(fmt):
+    dialog = [
+        {"role": "system", "content": "Environment: ipython"},
+        {"role": "user", "content": "Write code to check if number is prime, use that to see if the number 7 is prime"},
+    ]
+    assert_published(fmt, LLAMA31["Builtin Code Interpreter"], dialog)
+    dialog = [
+        {"role": "user", "content": "Write code to check if number is prime. Use it to verify if number 7 is prime"}
+    ]
+    assert_published(
+        fmt, LLAMA32["Code Interpreter"], dialog, tools=["code_interpreter"], today=datetime.date(2024, 9, 24)
+    )
+
+
+def test_published_builtin_full_interaction(fmt):
+    expected = LLAMA31["Built-in tools full interaction"]
+    tool_output = expected.split("ipython<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+    dialog = [
+        {"role": "system", "content": "Environment: ipython\nTools: brave_search, wolfram_alpha\n"},
+        {"role": "user", "content": "What is the 100th decimal of pi?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [call("wolfram_alpha", query="100th decimal of pi")],
+            "stop_reason": "end_of_message",
+        },
+        {"role": "tool", "tool_call_id": "call_0", "content": tool_output},
+    ]
+    assert "π" in tool_output
+    assert_published(fmt, expected, dialog)
+
+
+@pytest.mark.parametrize(
+    ("title", "tool_prompt_format"),
+    [("JSON based tool calling", "json"), ("`<function>` based tool calling", "function_tag")],
+)
+def test_published_custom_tools_prompt(fmt, title, tool_prompt_format):
+    dialog = [SYSTEM, {"role": "user", "content": "Use tools to get latest trending songs"}]
+    assert_published(fmt, LLAMA31[title], dialog, tool_prompt_format, [TRENDING_SONGS], SEPT_21)
+
+
+def test_published_python_list_prompt(fmt):
+    dialog = [{"role": "user", "content": "What is the weather in SF and Seattle?"}]
+    assert_published(fmt, LLAMA32["Zero shot function calling"], dialog, "python_list", [GET_WEATHER])
+
+
+def test_published_python_list_round_trip(fmt):
+    """The page's history writes <|python_tag|> before the call, but its model replies to the same
+    prompt ("Model Response Format") have none; we encode history as the model writes it."""
+    expected = LLAMA32["Zero shot function calling E2E format"].replace("<|python_tag|>", "")
+    dialog = [
+        {"role": "user", "content": "What is the weather in SF?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [call("get_weather", city="San Francisco", metric="celsius")],
+        },
+        {"role": "tool", "content": json.dumps("25 C")},
+    ]
+    assert_published(fmt, expected, dialog, "python_list", [GET_WEATHER])
+
+
+def test_python_list_prompt_keeps_builtins_and_system_message(fmt):
+    dialog = [{"role": "system", "content": "Answer briefly."}, USER]
+    tools = [{"type": "brave_search"}, GET_WEATHER]
+    text = fmt.tokenizer.decode(fmt.encode_dialog(dialog, "python_list", tools))
+    system = text.split("<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+    assert system.startswith("Environment: ipython\nTools: brave_search\nYou are an expert in composing functions.")
+    assert system.endswith("\n]\nAnswer briefly.")
+    assert "Cutting Knowledge Date" not in system  # the 3.2 layout has no date lines
+
+
+def test_today_defaults_to_the_real_date(fmt):
+    text = fmt.tokenizer.decode(fmt.encode_dialog([USER], tools=[{"type": "brave_search"}]))
+    assert f"Today Date: {datetime.date.today().strftime('%d %B %Y')}\n<|eot_id|>" in text
+
+
+def test_bad_requests_raise(fmt):
+    with pytest.raises(ValueError, match="tool prompt format"):
+        fmt.encode_dialog([USER], "yaml")
+    with pytest.raises(ValueError, match="role"):
+        fmt.encode_dialog([{"role": "narrator", "content": "x"}])
+    with pytest.raises(ValueError, match="unknown tool"):
+        fmt.encode_dialog([USER], tools=[{"type": "retrieval"}])
+    with pytest.raises(ValueError, match="query"):
+        fmt.encode_dialog([USER, {"role": "assistant", "content": "", "tool_calls": [call("brave_search", q="x")]}])
+
+
+REPLIES = [
+    '<|python_tag|>brave_search.call(query="latest price of 1oz gold")<|eom_id|>',
+    'wolfram_alpha.call(query="100th decimal of pi")<|eom_id|>',
+    '<|python_tag|>photogen.call(query="a cat on a mat")<|eom_id|>',
+    "<|python_tag|>def is_prime(n):\n    if n <= 1:\n        return False\n    return True\n\n"
+    "print(is_prime(7))<|eom_id|>",
+    '<|python_tag|>{\n    "type": "function",\n    "name": "trending_songs",\n    "parameters": {\n        "n": "10",\n'
+    '        "genre": "all"\n    }\n}<|eom_id|>',
+    '{"name": "get_weather", "parameters": {"city": "SF", "days": 3}}<|eot_id|>',
+    '{"type": "function", "name": "brave_search", "parameters": {"q": "weather"}}',
+    '<function=trending_songs>{"n": 10}</function><|eot_id|>',
+    "<function=spotify_trending_songs>{'n': '5'}</function>",
+    '[get_weather(city="San Francisco", metric="celsius")]<|eot_id|>',
+    "The 100th decimal of pi is 7.<|eot_id|>",
+    "  Padded reply with spaces.  <|eot_id|>",
+    "<|start_header_id|>assistant<|end_header_id|>\n\nWith a header.<|eot_id|>",
+    '{"answer": 42, "note": "JSON but not a call"}<|eot_id|>',
+    "[1, 2, 3]",
+    "Cut off mid-sentence because the budget ran",
+    "<function=broken>{not json</function>",
+]
+
+
+def summary(content: str, calls: list[tuple[str, dict]], stop_reason: str | None) -> dict:
+    return {"content": content, "calls": calls, "stop_reason": stop_reason}
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_decode_assistant_matches_reference(fmt, meta_fmt, reply):
+    ours = fmt.decode_assistant(reply, stop_reason="out_of_tokens")
+    theirs = meta_fmt.decode_assistant_message_from_content(reply, StopReason.out_of_tokens)
+    assert summary(
+        ours["content"],
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in ours["tool_calls"]],
+        ours["stop_reason"],
+    ) == summary(
+        theirs.content,
+        [(getattr(c.tool_name, "value", c.tool_name), c.arguments) for c in theirs.tool_calls],
+        theirs.stop_reason.value,
+    )
+    assert all(c["type"] == "function" and c["id"] for c in ours["tool_calls"])
+
+
+def test_python_list_reply_with_several_calls(fmt, meta_fmt):
+    reply = (
+        "[get_weather(city='San Francisco', metric='celsius'), get_weather(city='Seattle', metric='celsius')]<|eot_id|>"
+    )
+    ours = fmt.decode_assistant(reply)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in ours["tool_calls"]]
+    first = meta_fmt.decode_assistant_message_from_content(reply, StopReason.end_of_turn).tool_calls[0]
+    assert calls[0] == (first.tool_name, first.arguments)  # the reference keeps only the first
+    assert calls[1] == ("get_weather", {"city": "Seattle", "metric": "celsius"})
+    assert ours["stop_reason"] == "end_of_turn"
+
+
+def test_function_tag_with_nested_arguments(fmt):
+    # The reference's regex stops at the first "}" and loses this call; the JSON decoder does not.
+    reply = '<function=book>{"guest": {"name": "Ann", "tags": ["vip"]}, "nights": 2}</function>'
+    [found] = fmt.decode_assistant(reply)["tool_calls"]
+    assert json.loads(found["function"]["arguments"]) == {"guest": {"name": "Ann", "tags": ["vip"]}, "nights": 2}
+
+
+def test_decode_assistant_from_ids(fmt, tokenizer):
+    reply = '<|python_tag|>brave_search.call(query="gold")<|eom_id|><|start_header_id|>garbage after the stop'
+    ids = tokenizer.encode(reply, bos=False, allowed_special="all")
+    message = fmt.decode_assistant(ids)
+    assert message["stop_reason"] == "end_of_message"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("brave_search", {"query": "gold"})
+    ]
+    assert fmt.decode_assistant(tokenizer.encode("Hi there.<|eot_id|>", bos=False, allowed_special="all")) == {
+        "role": "assistant",
+        "content": "Hi there.",
+        "tool_calls": [],
+        "stop_reason": "end_of_turn",
+    }
+    unfinished = tokenizer.encode("Hi th", bos=False)
+    assert fmt.decode_assistant(unfinished)["stop_reason"] == "out_of_tokens"
+    assert fmt.decode_assistant(unfinished, stop_reason="end_of_turn")["stop_reason"] == "end_of_turn"
+    assert fmt.decode_assistant(tokenizer.encode("done", bos=False) + [128001])["stop_reason"] == "end_of_turn"
+
+
+def test_encoded_calls_parse_back(fmt):
+    calls = [call("search_flights", origin="CDG", passengers=2, flexible=True, stops=None, legs=["a", 'b "q"'])]
+    for tool_prompt_format in ("json", "function_tag", "python_list"):
+        ids = fmt.encode_message({"role": "assistant", "content": "", "tool_calls": calls}, tool_prompt_format)
+        body = fmt.tokenizer.decode(ids).split("<|end_header_id|>\n\n")[1]
+        [parsed] = fmt.decode_assistant(body)["tool_calls"]
+        assert parsed["function"]["name"] == "search_flights"
+        assert json.loads(parsed["function"]["arguments"]) == json.loads(calls[0]["function"]["arguments"])

@@ -1,0 +1,105 @@
+"""Chat templates (SmolLM2's ChatML) against transformers' apply_chat_template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from herd.tokenizer import TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer, render_template
+
+DIALOGS = {
+    "single user turn": [{"role": "user", "content": "What is 2+2?"}],
+    "own system prompt": [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "Hello there!"},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "Another, bigger?"},
+    ],
+    "unicode and code": [{"role": "user", "content": "日本語 😀\n```python\nprint('hi')\n```"}],
+}
+
+
+@pytest.fixture(scope="module")
+def chatml(smollm2) -> TemplateChatFormat:
+    fmt = chat_format_for(smollm2)
+    assert isinstance(fmt, TemplateChatFormat)
+    return fmt
+
+
+@pytest.mark.parametrize("name", DIALOGS)
+def test_chatml_matches_transformers(chatml, smollm2, smollm2_transformers, name):
+    dialog = DIALOGS[name]
+    expected = smollm2_transformers.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    assert chatml.encode_dialog(dialog) == list(getattr(expected, "input_ids", expected))
+    text = smollm2_transformers.apply_chat_template(dialog, add_generation_prompt=True, tokenize=False)
+    assert render_template(smollm2.chat_template, dialog, add_generation_prompt=True) == text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_chatml_decode_assistant(chatml, smollm2):
+    ids = smollm2.encode("Sure, it is 4.<|im_end|>\n<|im_start|>user", allowed_special="all")
+    assert chatml.decode_assistant(ids) == {
+        "role": "assistant",
+        "content": "Sure, it is 4.",
+        "tool_calls": [],
+        "stop_reason": "end_of_turn",
+    }
+    assert chatml.decode_assistant("Sure.<|im_end|>")["content"] == "Sure."
+    assert chatml.decode_assistant("Sure, it is")["stop_reason"] == "out_of_tokens"
+    [found] = chatml.decode_assistant('<function=get_weather>{"city": "Paris"}</function><|im_end|>')["tool_calls"]
+    assert (found["function"]["name"], json.loads(found["function"]["arguments"])) == ("get_weather", {"city": "Paris"})
+    assert chatml.decode_assistant('{"name": "f", "parameters": {}}')["tool_calls"][0]["function"]["name"] == "f"
+    assert chatml.decode_assistant("[f(x=1)]")["tool_calls"] == []  # Llama's python-list form is not ChatML's
+
+
+def test_template_variables_and_tools(tiny_json_dir):
+    template = (
+        "{{ bos_token }}{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
+        "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    )
+    (tiny_json_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+    )
+    fmt = chat_format_for(load_tokenizer(tiny_json_dir))
+    assert fmt.encode_dialog([{"role": "user", "content": "a"}]) == [256, 97, 257]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert fmt.encode_dialog([{"role": "user", "content": "a"}], tools=tools) == [256, 91, 102, 93, 97, 257]
+
+
+def test_render_template_semantics():
+    # trim_blocks and lstrip_blocks, as transformers: block tags leave no blank lines or indentation.
+    template = (
+        "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}"
+    )
+    assert (
+        render_template(template, [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]) == "[x]\n[y]\n"
+    )
+    assert render_template("{{ messages | tojson }}", [{"content": "<é>"}]) == '[{"content": "<é>"}]'
+    assert render_template("{{ add_generation_prompt }}", [], add_generation_prompt=False) == "False"
+    assert (
+        render_template(
+            "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m }}{% endfor %}", [1, 2]
+        )
+        == "1"
+    )
+    assert render_template("{{ strftime_now('%Y') }}", []).isdigit()
+
+
+def test_render_template_errors():
+    with pytest.raises(ValueError, match="roles must alternate"):
+        render_template("{{ raise_exception('roles must alternate') }}", [])
+    with pytest.raises(ValueError):  # sandboxed: no reaching into Python internals
+        render_template("{{ messages.__class__.__mro__ }}", [])
+    with pytest.raises(ValueError):  # immutable: the template cannot change the caller's messages
+        render_template("{% set _ = messages.append(1) %}", [])
+    with pytest.raises(TokenizerError, match="does not parse"):
+        render_template("{% for %}", [])
+
+
+def test_template_format_needs_a_template(tokenizer):
+    with pytest.raises(TokenizerError):
+        TemplateChatFormat(tokenizer)
