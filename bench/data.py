@@ -14,8 +14,9 @@ core. Where datatrove has no equivalent the row says so:
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -52,7 +53,7 @@ def build_corpus(root: Path, n_docs: int, n_files: int) -> list[Path]:
     exact and near copies and boilerplate lines, written as `n_files` JSONL files (cached)."""
     files = [root / f"corpus-{i:02d}.jsonl" for i in range(n_files)]
     stamp = root / "corpus.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == {"docs": n_docs, "files": n_files}:
+    if stamp.exists() and json.loads(stamp.read_text()) == {"docs": n_docs, "files": n_files, "version": 2}:
         return files
     from herd.data.readers import html_document
 
@@ -65,7 +66,7 @@ def build_corpus(root: Path, n_docs: int, n_files: int) -> list[Path]:
         doc = html_document(page.read_bytes(), page.stem, str(page))
         for i, text in enumerate(_chunks(doc.text) if doc else []):
             docs.append({"id": f"{page.parent.name}/{page.name}#{i}", "text": text,
-                         "url": f"https://docs.example.org/{page.parent.name}/{page.name}#{i}"})
+                         "url": f"https://docs.example.org/{page.parent.name}/{page.stem}/{i}.html"})
         if len(docs) >= n_docs:
             break
     docs = docs[:n_docs]
@@ -85,7 +86,7 @@ def build_corpus(root: Path, n_docs: int, n_files: int) -> list[Path]:
     for i, path in enumerate(files):
         with open(path, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[i::n_files])
-    stamp.write_text(json.dumps({"docs": n_docs, "files": n_files}))
+    stamp.write_text(json.dumps({"docs": n_docs, "files": n_files, "version": 2}))
     return files
 
 
@@ -200,12 +201,29 @@ def _text(doc) -> bytes:
     return doc.text.encode("utf-8")
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """datatrove logs every task of every step to stderr, from its worker processes too: send it to a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    fd, saved = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(fd)
+        os.close(saved)
+
+
 def _run_chain(chain, workers: int, logs: Path) -> None:
     from datatrove.executor import LocalPipelineExecutor
 
-    for i, (steps, tasks) in enumerate(chain):
-        LocalPipelineExecutor(steps, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs / f"{i}"),
-                              skip_completed=False).run()
+    with _stderr_to(logs / "stderr.log"):
+        for i, (steps, tasks) in enumerate(chain):
+            LocalPipelineExecutor(steps, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs / f"{i}"),
+                                  skip_completed=False).run()
 
 
 def datatrove_stage_times(records: list[dict], src: Path, tmp: Path) -> dict[str, float]:
@@ -215,8 +233,9 @@ def datatrove_stage_times(records: list[dict], src: Path, tmp: Path) -> dict[str
     times = {}
     for name, step in datatrove_filters().items():
         start = time.perf_counter()
-        for _ in step.run(iter(docs)):
-            pass
+        with _stderr_to(tmp / "logs" / "filters.log"):
+            for _ in step.run(iter(docs)):
+                pass
         times[name] = time.perf_counter() - start
         print(f"  datatrove {name}: {times[name]:.1f}s", file=sys.stderr)
     for name, chain in _dedup_chains(src, tmp, 1, chained=False).items():
@@ -251,12 +270,6 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "herd-bench-data")
     ap.add_argument("--skip-stages", action="store_true", help="only the full pipelines")
     args = ap.parse_args()
-
-    import logging
-
-    from loguru import logger
-    logger.remove()  # datatrove logs every step to stderr; the table is the output here
-    logging.getLogger("tldextract").setLevel(logging.CRITICAL)
 
     files = build_corpus(args.work / "corpus", args.docs, n_files=max(args.workers, 4))
     records = load(files)

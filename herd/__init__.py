@@ -1,21 +1,18 @@
-"""herd: the Llama 3 system, end to end."""
-from herd.llm import LLM, load
+"""herd: the Llama 3 system, end to end.
 
+The public surface is imported on first use, so that `import herd` stays light for the data tools' workers.
+"""
 
-def load_tokenizer(path=None):
-    """The real Llama 3 tokenizer, or the tokenizer at `path` (tokenizer.model, tokenizer.json or its folder)."""
-    from herd.tokenizer import load_tokenizer as _load
-
-    return _load(path)
+__all__ = ["LLM", "ChatFormat", "load", "load_tokenizer"]
 
 
 def __getattr__(name):
-    # The chat format is imported on first use so that `import herd` stays light for the data tools.
-    if name == "ChatFormat":
-        from herd.tokenizer import ChatFormat
+    if name in ("LLM", "load"):
+        import herd.llm
 
-        return ChatFormat
+        return getattr(herd.llm, name)
+    if name in ("ChatFormat", "load_tokenizer"):
+        import herd.tokenizer
+
+        return getattr(herd.tokenizer, name)
     raise AttributeError(f"module 'herd' has no attribute {name!r}")
-
-
-__all__ = ["LLM", "ChatFormat", "load", "load_tokenizer"]

@@ -49,6 +49,8 @@ def chat(
 ):
     """Talk with a model. Lines ending in \\ continue; a line of \"\"\" opens and closes a block.
     /reset clears the conversation, /system TEXT sets the system prompt, /exit quits."""
+    from herd.generate import ContextLengthError
+
     llm = _load(model, quantize, device)
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -75,6 +77,10 @@ def chat(
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             _status("\n(interrupted)")
+        except ContextLengthError as error:
+            _status(f"herd: error: {error} (or /reset the conversation)")
+            history.pop()
+            continue
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
 
@@ -155,8 +161,9 @@ def convert(
 def info(model: str = typer.Argument("default", help="a checkpoint path, a named config (e.g. llama3.1-405b), "
                                                       "or default")):
     """Shapes, parameter count, dtype and a memory estimate, without loading the weights."""
-    from herd.model import CONFIGS
+    from collections import Counter
 
+    from herd.model import CONFIGS
     from herd.model.summary import summarize
 
     if model in CONFIGS:
@@ -166,7 +173,13 @@ def info(model: str = typer.Argument("default", help="a checkpoint path, a named
         from herd.llm import resolve_model_path
 
         ckpt = load_checkpoint(resolve_model_path(model))
-        config, details = ckpt.config, {"source": f"{ckpt.format} checkpoint {ckpt.source}", **ckpt.meta}
+        meta = dict(ckpt.meta)
+        stored = Counter(meta.pop("tensor_types", {}).values())
+        details = {"source": f"{ckpt.format} checkpoint {ckpt.source}",
+                   "tokenizer": type(ckpt.tokenizer).__name__ if ckpt.tokenizer else "none", **meta}
+        if stored:
+            details["stored tensor types"] = ", ".join(f"{kind} x{n}" for kind, n in stored.most_common())
+        config = ckpt.config
     for key, value in {**summarize(config), **details}.items():
         print(f"{key:>24}: {value}")
 

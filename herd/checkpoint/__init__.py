@@ -5,7 +5,7 @@ and reads tensors lazily, so converting streams tensor by tensor and building a 
 """
 from herd.checkpoint.base import Checkpoint, LazyStateDict, expected_shapes
 from herd.checkpoint.build import build_model
-from herd.checkpoint.convert import convert, load_checkpoint, save_checkpoint, summary
+from herd.checkpoint.convert import convert, load_checkpoint, save_checkpoint
 from herd.checkpoint.detect import FORMATS, detect_format
 from herd.checkpoint.errors import CheckpointError
 
@@ -20,5 +20,4 @@ __all__ = [
     "expected_shapes",
     "load_checkpoint",
     "save_checkpoint",
-    "summary",
 ]

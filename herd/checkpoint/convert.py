@@ -104,10 +104,3 @@ def convert(src: str | Path, out: str | Path, format: str, *, dtype: torch.dtype
     dtype None keeps the stored precision (bit-exact between Meta and HF); GGUF blocks are dequantized to float32.
     """
     return save_checkpoint(load_checkpoint(src, dtype=dtype), out, format, **kw)
-
-
-def summary(ckpt: Checkpoint) -> Mapping[str, object]:
-    """What `herd info` shows about a checkpoint."""
-    params = sum(torch.Size(tensor_shape(ckpt.state_dict, name)).numel() for name in ckpt.state_dict)
-    return {"format": ckpt.format, "source": str(ckpt.source), "config": ckpt.config, "parameters": params,
-            "tokenizer": type(ckpt.tokenizer).__name__ if ckpt.tokenizer is not None else None, **ckpt.meta}

@@ -62,14 +62,14 @@ def judge_messages(task: str, text: str, max_chars: int = 2000) -> list[dict]:
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": prompt.format(text=text[:max_chars])}]
 
 
-_SCORE = re.compile(r"(?<![\d.])([0-3])(?![\d.])")
+_SCORE = re.compile(r"(?<![\d.])([0-3])(?!\d|\.\d)")  # a lone digit: "2", "2.", "2/3", not "0.5" or "10"
 _SCORE_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3}
 _DOMAIN_WORDS = [("math_reasoning", r"math|reasoning|logic"), ("code", r"code|programming|source"),
                  ("multilingual", r"multilingual|non-english|not in english|foreign"), ("general", r"general")]
 
 
 def parse_quality(reply: str) -> int | None:
-    """The first score 0-3 in a reply ("2", "Score: 2/3", "two"), or None if it holds none."""
+    """The first score 0-3 in a reply ("2", "1. The document", "Score: 2/3", "two"), or None if it holds none."""
     reply = reply.lower()
     m = _SCORE.search(reply)
     word = re.search(r"\b(" + "|".join(_SCORE_WORDS) + r")\b", reply)

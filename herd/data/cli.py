@@ -64,7 +64,10 @@ def run(
     for model in (quality_model, domain_model):
         if model and not model.exists():
             _fail(f"classifier not found: {model}")
-    files = iter_inputs(inputs)
+    try:
+        files = iter_inputs(inputs)
+    except FileNotFoundError as e:
+        _fail(f"input not found: {e}")
     if not files:
         _fail("no input files found")
     ex = make_executor(executor, workers, progress=not quiet)

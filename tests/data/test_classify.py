@@ -15,7 +15,7 @@ from herd.data.filters.base import word_list
 
 
 @pytest.mark.parametrize("reply,score", [("2", 2), ("Score: 3/3", 3), ("I'd say two.", 2), ("0\n\nThe document", 0),
-                                         ("  1 ", 1), ("0.5", None), ("10", None), ("no idea", None), ("", None)])
+                                         ("  1 ", 1), ("1. 1.0.0", 1), ("0.5", None), ("0.0.0.0.", None), ("10", None), ("no idea", None), ("", None)])
 def test_parse_quality(reply, score):
     assert parse_quality(reply) == score
 
@@ -123,7 +123,7 @@ def test_the_default_model_judges_and_its_replies_parse(planted_corpus):
     from herd.data.classify import model_judge
 
     judge = model_judge(herd.load())
-    texts = [t[:500] for t in english(planted_corpus)[:3]]
+    texts = [t[:500] for t in english(planted_corpus)[:4]]
     labels = label_texts(texts, judge, "quality", progress=False)
     assert all(lab in (None, "high", "low") for lab in labels)
     assert sum(lab is not None for lab in labels) >= 2
