@@ -85,6 +85,27 @@ class LLM:
         completion = self.generator.generate([ids], params)[0]
         return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
 
+    @torch.inference_mode()
+    def choose(self, messages: list[dict], choices: Sequence[str]) -> dict[str, float]:
+        """The log-likelihood of each choice as the start of the assistant's reply (summed over its tokens).
+
+        A judge that must answer with a label picks the likeliest one: a small model that would ramble or echo
+        the question still ranks the labels sensibly.
+        """
+        prompt = self.chat_format.encode_dialog(messages)
+        replies = [self.tokenizer.encode(c, bos=False) for c in choices]
+        width = len(prompt) + max(len(r) for r in replies)
+        # Right padding: under causal attention the padding after a sequence cannot change its logits.
+        batch = torch.zeros(len(choices), width, dtype=torch.long, device=self.device)
+        for row, reply in enumerate(replies):
+            batch[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
+        logp = torch.log_softmax(self.model(batch), dim=-1)
+        scores = {}
+        for row, (choice, reply) in enumerate(zip(choices, replies)):
+            at = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(reply), device=self.device)
+            scores[choice] = float(logp[row, at, torch.tensor(reply, device=self.device)].sum())
+        return scores
+
     def stop_reason(self, completion: Completion) -> str:
         """Llama's name for why a reply ended: end_of_turn, end_of_message (a tool call awaits), out_of_tokens."""
         if completion.finish_reason == "length":

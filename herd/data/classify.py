@@ -86,9 +86,18 @@ def parse_domain(reply: str) -> str | None:
     return hits.pop() if len(hits) == 1 else None
 
 
-def model_judge(llm, max_tokens: int = 8) -> Judge:
-    """A judge from any `herd.load` model: greedy, short answers."""
-    return lambda messages: llm.chat(messages, temperature=0.0, max_tokens=max_tokens)["content"]
+TASK_CHOICES = {"quality": ("0", "1", "2", "3"), "domain": DOMAINS}
+
+
+def model_judge(llm, task: str) -> Judge:
+    """A judge from any `herd.load` model: of the task's answers, the one the model finds likeliest."""
+    choices = TASK_CHOICES[task]
+
+    def judge(messages: list[dict]) -> str:
+        scores = llm.choose(messages, choices)
+        return max(scores, key=scores.get)
+
+    return judge
 
 
 def label_texts(texts: Sequence[str], judge: Judge, task: str, progress: bool = True) -> list[str | None]:

@@ -126,7 +126,7 @@ def train_classifier(
         texts = [docs[i].text for i in sorted(picked)]
         import herd
 
-        found = label_texts(texts, model_judge(herd.load(judge)), task)
+        found = label_texts(texts, model_judge(herd.load(judge), task), task)
         labels_path = out.with_suffix(".labels.jsonl")
         with atomic_output(labels_path) as tmp:
             tmp.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(texts, found)))

@@ -22,8 +22,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the activation dtype: the reference does, and bf16 variance underflows.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -42,12 +41,13 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return torch.where(in_ramp, (1 - smooth) * slowed / scaling.factor + smooth * slowed, slowed)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) — Meta's layout. x: [B, S, H, D]; cos, sin: [B, S, 1, D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) — Meta's layout — as complex numbers.
+
+    x: [B, S, H, D]; rotation: complex [B, S, 1, D/2], e^(i * position * frequency).
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -80,10 +80,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rotation, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rotation).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             end = cache.length + s
@@ -117,8 +117,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, rotation, mask, cache, layer):
+        h = x + self.attention(self.attention_norm(x), rotation, mask, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,12 +155,12 @@ class Transformer(nn.Module):
         b, s = tokens.shape
         positions = self._default_positions(b, s, document_ids, cache, tokens.device) if positions is None else positions
         angles = positions.to(self.rope_freqs.dtype).unsqueeze(-1) * self.rope_freqs
-        cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+        rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
         mask = self._mask(s, document_ids, cache, tokens.device)
 
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i)
+            h = layer(h, rotation, mask, cache, i)
         if cache is not None:
             cache.length += s
         if last_only:

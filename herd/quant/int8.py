@@ -40,6 +40,8 @@ class Int8Linear(nn.Module):
             # handful of levels. The layer is linear in each row, so scaling every token to unit max first and
             # back after gives each its own scale. reduce_range keeps the 16-bit sums from saturating on AVX2.
             xf = x.float()
+            if xf.numel() == self.in_features:  # one token: its own scale already
+                return torch.ops.quantized.linear_dynamic(xf, self.packed, True).type_as(x)
             row_max = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
             return (torch.ops.quantized.linear_dynamic(xf / row_max, self.packed, True) * row_max).type_as(x)
         flat = x.reshape(-1, self.in_features)

@@ -122,13 +122,12 @@ def test_the_default_model_judges_and_its_replies_parse(planted_corpus):
 
     from herd.data.classify import model_judge
 
-    judge = model_judge(herd.load())
+    llm = herd.load()
     texts = [t[:500] for t in english(planted_corpus)[:4]]
-    labels = label_texts(texts, judge, "quality", progress=False)
-    assert all(lab in (None, "high", "low") for lab in labels)
-    assert sum(lab is not None for lab in labels) >= 2
-    domains = label_texts(texts[:1], judge, "domain", progress=False)
-    assert all(d is None or d in DOMAINS for d in domains)
+    labels = label_texts(texts, model_judge(llm, "quality"), "quality", progress=False)
+    assert all(lab in ("high", "low") for lab in labels)  # a likelihood judge always answers
+    code = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    assert label_texts([code], model_judge(llm, "domain"), "domain", progress=False) == ["code"]
 
 
 def test_domain_classifier_drives_the_data_mix_of_a_run(planted_corpus, tmp_path):

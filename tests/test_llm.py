@@ -1,0 +1,37 @@
+"""LLM's own logic on a tiny random model with the real Llama 3 tokenizer and chat format."""
+import torch
+
+import herd
+from herd.llm import LLM
+from herd.model import ModelConfig, Transformer
+
+
+def tiny_llm():
+    torch.manual_seed(0)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
+                         max_seq_len=256)
+    tok = herd.load_tokenizer()
+    return LLM(Transformer(config).eval(), tok, herd.ChatFormat(tok))
+
+
+def test_choose_scores_each_choice_by_its_own_log_likelihood():
+    llm = tiny_llm()
+    messages = [{"role": "user", "content": "Pick one."}]
+    choices = ["a", "much longer answer", "7"]
+    scores = llm.choose(messages, choices)
+    prompt = llm.chat_format.encode_dialog(messages)
+    for choice in choices:
+        reply = llm.tokenizer.encode(choice, bos=False)
+        with torch.inference_mode():
+            logp = torch.log_softmax(llm.model(torch.tensor([prompt + reply]))[0], -1)
+        expected = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(reply))
+        assert abs(scores[choice] - expected) < 1e-4
+
+
+def test_generate_accepts_text_ids_and_batches():
+    llm = tiny_llm()
+    one = llm.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True)
+    same = llm.generate(llm.tokenizer.encode("Hello"), max_tokens=5, temperature=0, ignore_eos=True)
+    batch = llm.generate(["Hello", "A longer prompt here"], max_tokens=5, temperature=0, ignore_eos=True)
+    assert one.tokens == same.tokens == batch[0].tokens and len(batch) == 2
+    assert "".join(llm.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True, stream=True)) == one.text
