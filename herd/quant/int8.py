@@ -1,7 +1,7 @@
 """int8 weights, one scale per output channel.
 
-On x86 CPUs the matmul is FBGEMM's dynamic int8 GEMM (activations quantized per call, AVX2 integer dot products):
-decoding is bound by reading the weights, and a quarter of the bytes of float32 makes it several times faster.
+On x86 CPUs the matmul is FBGEMM's dynamic int8 GEMM (activations quantized per token, AVX2 integer dot products):
+decoding is bound by reading the weights, and a quarter of the bytes of float32 makes it about twice as fast.
 Elsewhere the weights are dequantized into the matmul (torch's int8 weight-only kernel).
 """
 from __future__ import annotations
@@ -13,15 +13,20 @@ from torch import nn
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, *, fbgemm: bool | None = None):
+        """fbgemm: use FBGEMM's int8 GEMM (None: wherever it can run, i.e. on x86 CPUs)."""
         super().__init__()
         if linear.bias is not None:
             raise ValueError("Int8Linear quantizes bias-free linear layers only (Llama has no biases)")
         weight = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        can_fbgemm = weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+        self.use_fbgemm = can_fbgemm if fbgemm is None else fbgemm
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        self.use_fbgemm = weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
         if self.use_fbgemm:
+            # Full 8-bit activations (reduce_range off): FBGEMM's AVX2 kernel does not clip u8 x s8 pair sums at
+            # 16 bits (tests/quant checks the worst case), and on SmolLM2 it is a third of the KL divergence from
+            # float32 that 7-bit activations give.
             with warnings.catch_warnings():
                 # Quantized tensors are deprecated upstream but still FBGEMM's only way in; torch is pinned (2.13).
                 warnings.simplefilter("ignore", UserWarning)
@@ -35,15 +40,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fbgemm:
+            xf = x.float()
+            if xf.numel() == self.in_features:  # one token: its own scale already
+                return torch.ops.quantized.linear_dynamic(xf, self.packed, False).type_as(x)
             # FBGEMM quantizes the activations with one scale for the whole tensor, and in a prompt a few tokens
             # (the first above all) are orders of magnitude larger than the rest, which would leave the others a
             # handful of levels. The layer is linear in each row, so scaling every token to unit max first and
-            # back after gives each its own scale. reduce_range keeps the 16-bit sums from saturating on AVX2.
-            xf = x.float()
-            if xf.numel() == self.in_features:  # one token: its own scale already
-                return torch.ops.quantized.linear_dynamic(xf, self.packed, True).type_as(x)
+            # back after gives each its own scale.
             row_max = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-            return (torch.ops.quantized.linear_dynamic(xf / row_max, self.packed, True) * row_max).type_as(x)
+            return (torch.ops.quantized.linear_dynamic(xf / row_max, self.packed, False) * row_max).type_as(x)
         flat = x.reshape(-1, self.in_features)
         return torch._weight_int8pack_mm(flat, self.weight_int8, self.scales).view(*x.shape[:-1], self.out_features)
 
