@@ -78,3 +78,45 @@ def test_info_counts_parameters_of_a_named_config():
     result = herd_cli("info", "llama3.1-405b")
     assert result.returncode == 0
     assert "405,853,388,800" in result.stdout
+
+
+def test_convert_writes_a_checkpoint_that_gives_the_same_logits(tmp_path):
+    import torch
+
+    from herd.checkpoint import build_model, load_checkpoint, save_checkpoint
+    from herd.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=96)
+    source = save_checkpoint((config, Transformer(config).state_dict(), None), tmp_path / "hf", "hf")
+    for fmt, extra in (("gguf", ["--gguf-type", "F32"]), ("meta", ["--shards", "2"])):
+        out = tmp_path / f"out-{fmt}"
+        result = herd_cli("convert", str(source), str(out), "--format", fmt, *extra)
+        assert result.returncode == 0, result.stderr
+        tokens = torch.randint(0, 256, (1, 12))
+        with torch.inference_mode():
+            expected = build_model(load_checkpoint(source))(tokens)
+            assert torch.allclose(build_model(load_checkpoint(out))(tokens), expected, atol=1e-5)
+
+
+def test_convert_refuses_an_unknown_format(tmp_path):
+    result = herd_cli("convert", str(tmp_path), str(tmp_path / "out"), "--format", "onnx")
+    assert_one_line_error(result, "onnx")
+
+
+def test_chat_reads_continued_lines_and_blocks_as_one_message(monkeypatch):
+    from herd import cli
+
+    typed = iter(["first \\", "second", '"""', "block one", "block two", '"""', "last"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert cli._read_message(interactive=False) == "first \nsecond"
+    assert cli._read_message(interactive=False) == "block one\nblock two"
+    assert cli._read_message(interactive=False) == "last"
+    assert cli._read_message(interactive=False) is None  # end of input

@@ -14,7 +14,7 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; give a checkpoint directory or a .gguf file")
     if path.is_file():
-        if path.suffix == ".gguf":
+        if path.suffix == ".gguf" or _has_gguf_magic(path):
             return "gguf"
         if path.name in ("params.json", "config.json") or path.suffix in (".pth", ".safetensors"):
             return detect_format(path.parent)
@@ -32,6 +32,11 @@ def detect_format(path: str | Path) -> str:
     raise CheckpointError(
         f"{path}: no params.json (Meta), config.json (Hugging Face) or .gguf file here; give a checkpoint directory"
     )
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def checkpoint_root(path: str | Path, fmt: str) -> Path:

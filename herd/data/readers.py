@@ -183,6 +183,9 @@ def _read_single(chunks: Iterator[bytes], source: str, suffix: str) -> Iterator[
     if not data.strip():
         yield Dropped(did, STAGE, "empty")
         return
+    if b"\0" in data[:8192]:  # text never holds NUL bytes; index files, images and archives do
+        yield Dropped(did, STAGE, "binary")
+        return
     if suffix in _HTML or (suffix not in (".txt", ".text", ".md") and _looks_like_html(data)):
         doc = html_document(data, did, source)
     else:

@@ -189,3 +189,14 @@ def test_iter_inputs_is_sorted_and_read_file_runs_in_a_worker(tmp_path, planted_
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(read_file, planted_corpus.files))
     assert [d.id for r in results for d in r] == [d.id for d in planted_corpus.docs]
+
+
+def test_binary_files_in_a_text_tree_are_dropped_not_read(tmp_path):
+    tree = tmp_path / "fortunes"
+    tree.mkdir()
+    fortune = Path("/usr/share/games/fortunes/de/computer")  # a real fortune file and its binary strfile index
+    (tree / "computer").write_bytes(fortune.read_bytes())
+    (tree / "computer.dat").write_bytes(Path(str(fortune) + ".dat").read_bytes())
+    docs, dropped = split(list(read(tree)))
+    assert [Path(d.source).name for d in docs] == ["computer"]
+    assert [d.reason for d in dropped] == ["binary"]
