@@ -220,7 +220,10 @@ def main() -> None:
     if data_app is not None:
         app.add_typer(data_app, name="data", help="the pretraining data pipeline")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click hands back a typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 - the one place where any failure becomes a one-line message

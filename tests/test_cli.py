@@ -120,3 +120,8 @@ def test_chat_reads_continued_lines_and_blocks_as_one_message(monkeypatch):
     assert cli._read_message(interactive=False) == "block one\nblock two"
     assert cli._read_message(interactive=False) == "last"
     assert cli._read_message(interactive=False) is None  # end of input
+
+
+def test_data_subcommand_errors_exit_non_zero(tmp_path):
+    assert_one_line_error(herd_cli("data", "run", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")),
+                          "nope.jsonl")

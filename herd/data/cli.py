@@ -14,7 +14,7 @@ app = typer.Typer(help="The pretraining data pipeline: filters, de-duplication, 
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    typer.secho(f"herd: error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(1)
 
 

@@ -228,7 +228,7 @@ def _one_line_error(result):
     assert result.exit_code != 0
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert len(lines) == 1 and lines[0].startswith("herd: error:"), result.output
     return lines[0]
 
 
