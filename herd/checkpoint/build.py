@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from herd.checkpoint.base import Checkpoint, check_shapes
 from herd.model.llama import Transformer, rope_frequencies
@@ -13,7 +14,9 @@ def build_model(ckpt: Checkpoint, device: str | torch.device = "cpu") -> Transfo
     check_shapes(config, ckpt.state_dict, str(ckpt.source or "state dict"), "the config")
     with torch.device("meta"):
         model = Transformer(config)
-    state = {name: ckpt.state_dict[name].to(device) for name in ckpt.state_dict}
+    # Reading (and for GGUF dequantizing) the tensors is the slow part of a load; show it on a terminal.
+    names = tqdm(ckpt.state_dict, desc="loading weights", unit="tensor", leave=False, disable=None)
+    state = {name: ckpt.state_dict[name].to(device) for name in names}
     if config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
