@@ -9,7 +9,7 @@ import torch
 
 from herd.generate.generator import Completion, Generator
 from herd.generate.sampling import SamplingParams
-from herd.model.llama import Transformer
+from herd.model.llama import KVCache, Transformer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,20 +90,26 @@ class LLM:
         """The log-likelihood of each choice as the start of the assistant's reply (summed over its tokens).
 
         A judge that must answer with a label picks the likeliest one: a small model that would ramble or echo
-        the question still ranks the labels sensibly.
+        the question still ranks the labels sensibly. The prompt is run once; the choices continue its cache.
         """
         prompt = self.chat_format.encode_dialog(messages)
         replies = [self.tokenizer.encode(c, bos=False) for c in choices]
-        width = len(prompt) + max(len(r) for r in replies)
-        # Right padding: under causal attention the padding after a sequence cannot change its logits.
-        batch = torch.zeros(len(choices), width, dtype=torch.long, device=self.device)
-        for row, reply in enumerate(replies):
-            batch[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
-        logp = torch.log_softmax(self.model(batch), dim=-1)
-        scores = {}
-        for row, (choice, reply) in enumerate(zip(choices, replies)):
-            at = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(reply), device=self.device)
-            scores[choice] = float(logp[row, at, torch.tensor(reply, device=self.device)].sum())
+        longest = max(len(r) for r in replies)
+        cache = KVCache(self.model.config, 1, len(prompt) + longest, device=self.device,
+                        dtype=self.model.tok_embeddings.weight.dtype)
+        first = torch.log_softmax(self.model(torch.tensor([prompt], device=self.device), cache=cache,
+                                             last_only=True)[0, -1], dim=-1)
+        scores = {c: float(first[r[0]]) for c, r in zip(choices, replies)}
+        if longest > 1:
+            # Every choice continues the same prompt: one row each, over copies of its cache. Right padding is
+            # harmless, since causal attention never looks past a row's own reply.
+            cache.expand(len(choices))
+            batch = torch.zeros(len(choices), longest - 1, dtype=torch.long, device=self.device)
+            for row, reply in enumerate(replies):
+                batch[row, :len(reply) - 1] = torch.tensor(reply[:-1])
+            logp = torch.log_softmax(self.model(batch, cache=cache), dim=-1)
+            for row, (choice, reply) in enumerate(zip(choices, replies)):
+                scores[choice] += sum(float(logp[row, i, token]) for i, token in enumerate(reply[1:]))
         return scores
 
     def stop_reason(self, completion: Completion) -> str:

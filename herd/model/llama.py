@@ -66,6 +66,14 @@ class KVCache:
         self.length = 0  # slots filled so far, the same for every row
         self.start = start if start is not None else torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    def expand(self, batch_size: int) -> None:
+        """Continue a single sequence as `batch_size` rows (each a copy of what is cached so far)."""
+        if len(self.start) != 1:
+            raise ValueError("only a cache of one sequence can be expanded")
+        self.k = [k.expand(batch_size, -1, -1, -1).clone() for k in self.k]
+        self.v = [v.expand(batch_size, -1, -1, -1).clone() for v in self.v]
+        self.start = self.start.expand(batch_size).clone()
+
     @property
     def padded(self) -> bool:
         return bool(self.start.any())
