@@ -58,12 +58,13 @@ class _Sequence:
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
 
     def step(self, token: int, piece: bytes, logprob: TokenLogprob | None, index: int) -> Delta:
-        delta = Delta(index, "", [], [logprob] if logprob else [])
+        delta = Delta(index, "", [])
         if token in self.stop_ids:
             self.finish_reason, self.stop_token = "stop", token
         else:
             self.tokens.append(token)
             delta.tokens.append(token)
+            delta.logprobs += [logprob] if logprob else []
             self.text += self.decoder.decode(piece)
             if len(self.tokens) >= self.max_tokens:
                 self.finish_reason = "length"

@@ -81,9 +81,11 @@ def test_stop_token_ends_generation_and_is_reported(generator):
     free = generator.generate([prompt], GREEDY)[0]
     stop_id = free.tokens[4]
     first = free.tokens.index(stop_id)
-    done = generator.generate([prompt], SamplingParams(max_tokens=14, temperature=0, stop_token_ids=(stop_id,)))[0]
+    done = generator.generate([prompt], SamplingParams(max_tokens=14, temperature=0, stop_token_ids=(stop_id,),
+                                                        logprobs=0))[0]
     assert done.tokens == free.tokens[:first]
     assert done.finish_reason == "stop" and done.stop_token == stop_id
+    assert [lp.token for lp in done.logprobs] == done.tokens  # one per returned token, none for the stop
 
 
 @pytest.mark.parametrize("seed", range(4))
