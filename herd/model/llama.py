@@ -161,6 +161,8 @@ class Transformer(nn.Module):
         cache: a KVCache to read earlier tokens from and append these to.
         """
         b, s = tokens.shape
+        if cache is not None and cache.length + s > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens: {cache.length} cached + {s} new do not fit")
         positions = self._default_positions(b, s, document_ids, cache, tokens.device) if positions is None else positions
         angles = positions.to(self.rope_freqs.dtype).unsqueeze(-1) * self.rope_freqs
         rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(2)

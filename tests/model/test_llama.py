@@ -73,6 +73,8 @@ def test_incremental_decoding_with_the_cache_equals_a_full_forward(model):
     pieces += [model(tokens[:, i:i + 1], cache=cache) for i in range(15, 24)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
     assert cache.length == 24
+    with pytest.raises(ValueError, match="KV cache holds 32 tokens"):
+        model(torch.randint(0, 256, (2, 9)), cache=cache)
 
 
 @torch.inference_mode()
