@@ -42,6 +42,10 @@ class LazyStateDict(MutableMapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's own `in` looks the item up, which here would read (and dequantize) the tensor.
+        return name in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

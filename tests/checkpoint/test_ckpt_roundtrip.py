@@ -125,3 +125,14 @@ def test_save_is_atomic_and_replaces(make_hf, tmp_path):
     assert (out / "params.json").is_file() and not (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert first
+
+
+def test_membership_and_shapes_read_no_tensor():
+    from herd.checkpoint import LazyStateDict
+    from herd.checkpoint.base import LazyTensor
+
+    reads = []
+    state = LazyStateDict({"w": LazyTensor((2, 3), lambda: reads.append("w") or torch.zeros(2, 3))})
+    assert "w" in state and "x" not in state and state.shape("w") == (2, 3)
+    assert reads == []
+    assert state["w"].shape == (2, 3) and reads == ["w"]
