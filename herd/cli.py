@@ -90,7 +90,7 @@ def _read_message(interactive: bool) -> Optional[str]:
     block = False
     while True:
         try:
-            line = input((">>> " if not lines else "... ") if interactive else "")
+            line = input((">>> " if not (lines or block) else "... ") if interactive else "")
         except EOFError:
             return "\n".join(lines) if lines else None
         if line.strip() == '"""':
