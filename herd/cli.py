@@ -213,12 +213,9 @@ def tokenize(
 
 
 def main() -> None:
-    try:
-        from herd.data.cli import app as data_app
-    except ImportError:  # the data tools' own dependencies are an extra
-        data_app = None
-    if data_app is not None:
-        app.add_typer(data_app, name="data", help="the pretraining data pipeline")
+    from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
+
+    app.add_typer(data_app, name="data", help="the pretraining data pipeline")
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -71,7 +71,7 @@ class LLM:
         if stream:
             if batched:
                 raise ValueError("stream=True takes one prompt; batches are returned whole")
-            return (d.text for d in self.generator.stream(prompts, params) if d.text)
+            return self._stream_text(prompts[0], params)
         completions = self.generator.generate(prompts, params)
         return completions if batched else completions[0]
 
@@ -81,9 +81,12 @@ class LLM:
         ids = self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
         params = SamplingParams(**sampling)
         if stream:
-            return (d.text for d in self.generator.stream([ids], params) if d.text)
+            return self._stream_text(ids, params)
         completion = self.generator.generate([ids], params)[0]
         return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
+
+    def _stream_text(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        return (d.text for d in self.generator.stream([prompt], params) if d.text)
 
     @torch.inference_mode()
     def choose(self, messages: list[dict], choices: Sequence[str]) -> dict[str, float]:
@@ -125,7 +128,7 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     """Load a Meta, Hugging Face or GGUF checkpoint; with no argument, the built-in default model.
 
     quantize: "int8" swaps the linear layers for int8 ones; "auto" does so for a GGUF whose weights were stored
-    quantized (they stay close to what was shipped, and decoding on a CPU is several times faster); None keeps
+    quantized (they stay close to what was shipped, and decoding on a CPU is about twice as fast); None keeps
     the checkpoint's precision in `dtype`.
     """
     from herd.checkpoint import build_model, load_checkpoint

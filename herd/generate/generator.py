@@ -88,22 +88,18 @@ class Generator:
         return self.model.tok_embeddings.weight.device
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
-        seqs_tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-        logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(prompts))}
-        text: dict[int, str] = {i: "" for i in range(len(prompts))}
-        done: dict[int, Delta] = {}
-        for d in self.stream(prompts, params):
-            seqs_tokens[d.index] += d.tokens
-            logprobs[d.index] += d.logprobs
-            text[d.index] += d.text
-            if d.finish_reason:
-                done[d.index] = d
         per_row = _per_row(params, len(prompts))
-        return [
-            Completion(list(prompts[i]), seqs_tokens[i], text[i], done[i].finish_reason, done[i].stop_token,
-                       logprobs[i] if per_row[i].logprobs is not None else None)
-            for i in range(len(prompts))
-        ]
+        done = [Completion(list(p), [], "", "", logprobs=[] if sp.logprobs is not None else None)
+                for p, sp in zip(prompts, per_row)]
+        for d in self.stream(prompts, per_row):
+            row = done[d.index]
+            row.tokens += d.tokens
+            row.text += d.text
+            if row.logprobs is not None:
+                row.logprobs += d.logprobs
+            if d.finish_reason:
+                row.finish_reason, row.stop_token = d.finish_reason, d.stop_token
+        return done
 
     @torch.inference_mode()
     def stream(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Delta]:
