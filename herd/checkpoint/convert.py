@@ -1,15 +1,14 @@
 """Reading any format, writing any format, and the two together."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from herd.checkpoint.base import Checkpoint, check_shapes, tensor_shape
+from herd.atomic import atomic_output
+from herd.checkpoint.base import Checkpoint, check_shapes
 from herd.checkpoint.detect import FORMATS, checkpoint_root, detect_format
 from herd.checkpoint.errors import CheckpointError
 
@@ -60,13 +59,8 @@ def save_checkpoint(
     if format == "gguf":
         from herd.checkpoint.gguf import save_gguf
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            save_gguf(ckpt, Path(tmp), gguf_type)
-            os.replace(tmp, out)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_output(out) as tmp:
+            save_gguf(ckpt, tmp, gguf_type)
         return out
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -173,7 +173,7 @@ class HashedLinearClassifier:
         return [self.classes[i] for i in self.predict_proba(texts).argmax(axis=1)]
 
     def save(self, path: str | Path) -> Path:
-        from herd.data.executors import atomic_output
+        from herd.atomic import atomic_output
 
         path = Path(path)
         header = {"format": FORMAT, "classes": self.classes, "n_features": self.n_features, "ngrams": self.ngrams,

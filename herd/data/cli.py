@@ -108,7 +108,7 @@ def train_classifier(
 
     from herd.data.classify import TASKS, label_texts, model_judge, train
     from herd.data.document import Document
-    from herd.data.executors import atomic_output
+    from herd.atomic import atomic_output
     from herd.data.readers import iter_inputs, read
 
     if task not in TASKS:

@@ -97,9 +97,6 @@ class PipelineConfig:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def import_object(target: str) -> Any:
     module, _, attr = target.partition(":")

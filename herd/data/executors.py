@@ -5,37 +5,16 @@ pipeline decides what a unit is and records finished ones, so every executor res
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
-EXECUTORS = ("local", "dask")
-
-
 def cpu_count() -> int:
     """The cores this process may use (a container or taskset may allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block finishes.
-
-    A crash leaves either the old file or none, never a half-written one, which is what lets a re-run
-    trust every file it finds.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Executor(Protocol):

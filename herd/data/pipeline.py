@@ -23,7 +23,8 @@ import numpy as np
 
 from herd.data.config import PipelineConfig, validate
 from herd.data.document import Document, Dropped, StageResult
-from herd.data.executors import Executor, LocalExecutor, atomic_output
+from herd.atomic import atomic_output
+from herd.data.executors import Executor, LocalExecutor
 from herd.data.mix import MixItem, plan_mix
 from herd.data.report import CHART, REPORT, Tally, build_report, chart
 from herd.data.shards import ShardWriter, TOKEN_DTYPE, encode_document, load_tokenizer
@@ -321,7 +322,8 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
         tally.merge(Tally.from_dict(json.loads((work / "read" / f"{i:05d}.done.json").read_text())["tally"]))
     for k in range(len(stages.segments)):
         for u in units:
-            tally.merge(Tally.from_dict(json.loads((work / f"r{k}" / f"{u}.done.json").read_text())["tally"]))
+            record = done[u] if f"r{k}" == last else json.loads((work / f"r{k}" / f"{u}.done.json").read_text())
+            tally.merge(Tally.from_dict(record["tally"]))
 
     mix_active = config.mix is not None and stages.has_domains
     plan = plan_mix((MixItem(*m) for u in units for m in done[u]["mix"]), config.mix) if mix_active else None
@@ -366,8 +368,9 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
     # copy p of every document before copy p+1 of any, so repeats are an epoch apart, not adjacent
     for p in range(1, max_repeats + 1):
         for u in units:
-            tokens = np.load(work / last / f"{u}.tokens.npy")
-            offsets = np.load(work / last / f"{u}.offsets.npy")
+            # mapped, not read: from the second pass on most documents are skipped
+            tokens = np.load(work / last / f"{u}.tokens.npy", mmap_mode="r")
+            offsets = np.load(work / last / f"{u}.offsets.npy", mmap_mode="r")
             for j, (doc_id, _, _) in enumerate(done[u]["mix"]):
                 if (plan.repeats[doc_id] if plan else 1) >= p:
                     writer.add(doc_id, tokens[offsets[j]:offsets[j + 1]])

@@ -95,9 +95,10 @@ def build_report(tally: Tally, stage_names: list[str], kept: dict[str, int], sha
                      "tokens_kept": tokens_in - d["tokens"], "reasons": dict(tally.reasons.get(name, {}))})
         docs_in -= d["docs"]
         tokens_in -= d["tokens"]
+    counts = tally.to_dict()
     return {"input": dict(tally.read), "stages": rows, "kept": kept, "shards": shards,
-            "languages": {k: v for k, v in sorted(tally.to_dict()["langs"].items())},
-            "domains": {k: v for k, v in sorted(tally.to_dict()["domains"].items())}, "mix": mix}
+            "languages": dict(sorted(counts["langs"].items())), "domains": dict(sorted(counts["domains"].items())),
+            "mix": mix}
 
 
 def load_report(directory: str | Path) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from herd.data.config import ShardConfig, import_object
-from herd.data.executors import atomic_output
+from herd.atomic import atomic_output
 
 MANIFEST = "manifest.json"
 FORMAT = "herd-token-shards/1"

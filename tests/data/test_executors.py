@@ -16,7 +16,8 @@ import pytest
 
 from herd.data import pipeline
 from herd.data.config import ShardConfig, default_config, load_config
-from herd.data.executors import DaskExecutor, LocalExecutor, atomic_output
+from herd.atomic import atomic_output
+from herd.data.executors import DaskExecutor, LocalExecutor
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = ("kept.jsonl", "dropped.jsonl", "manifest.json", "report.json")
