@@ -226,7 +226,8 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
         raise CheckpointError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")
     state = LazyStateDict(entries)
     if config.tie_embeddings:
-        state.pop("output.weight", None)
+        if "output.weight" in state:  # del, not pop: pop would read the tensor only to drop it
+            del state["output.weight"]
     check_shapes(config, state, str(directory), "the config.json")
     from herd.checkpoint.vocab import load_dir_tokenizer
 

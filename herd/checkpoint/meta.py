@@ -152,7 +152,8 @@ def load_meta(directory: Path, dtype: torch.dtype | None = torch.float32) -> Che
     if "output.weight" not in state or _same_tensor(state, "output.weight", "tok_embeddings.weight"):
         # Meta's reference model always stores output.weight; Llama 3.2's small models store the embedding twice.
         config = config.replace(tie_embeddings=True)
-        state.pop("output.weight", None)
+        if "output.weight" in state:  # del, not pop: pop would read the tensor only to drop it
+            del state["output.weight"]
     check_shapes(config, state, str(directory), "the params.json")
     from herd.checkpoint.vocab import load_dir_tokenizer
 

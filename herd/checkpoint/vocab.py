@@ -36,10 +36,8 @@ def load_dir_tokenizer(directory: Path, prefer: str) -> tuple[object | None, str
     found = [directory / n for n in order if (directory / n).is_file()]
     if not found:
         return None, "no tokenizer.model or tokenizer.json beside the weights"
-    try:
-        from herd.tokenizer import TokenizerError, load_tokenizer
-    except ImportError as e:
-        return None, f"herd.tokenizer unavailable ({e})"
+    from herd.tokenizer import TokenizerError, load_tokenizer
+
     try:
         return load_tokenizer(found[0]), None
     except TokenizerError as e:
@@ -49,10 +47,8 @@ def load_dir_tokenizer(directory: Path, prefer: str) -> tuple[object | None, str
 def gguf_tokenizer(reader) -> tuple[object | None, str | None]:
     if "tokenizer.ggml.tokens" not in reader.fields:
         return None, "the GGUF embeds no vocabulary"
-    try:
-        from herd.tokenizer import HFTokenizer, TokenizerError
-    except ImportError as e:
-        return None, f"herd.tokenizer unavailable ({e})"
+    from herd.tokenizer import HFTokenizer, TokenizerError
+
     try:
         return HFTokenizer.from_gguf(reader), None
     except TokenizerError as e:
@@ -127,11 +123,9 @@ def _with_bos(tok):
 
 def llama3_vocab(tok) -> tuple[list[str], list[str], list[int]]:
     """Tokens (GPT-2 byte spelling), merges ("a b") and llama.cpp token types of a Llama3Tokenizer."""
-    from tiktoken.load import load_tiktoken_bpe
-
     from herd.tokenizer.hf import BYTE_CHARS
 
-    ranks = load_tiktoken_bpe(str(tok.path))
+    ranks = tok.ranks
 
     def spell(b: bytes) -> str:
         return "".join(BYTE_CHARS[x] for x in b)

@@ -59,6 +59,7 @@ class Llama3Tokenizer:
             name=path.name, pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
         self.path = path
+        self.ranks = ranks  # the BPE vocabulary itself, for writing it into other formats
         self.vocab_size = len(ranks) + NUM_SPECIAL_TOKENS
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]

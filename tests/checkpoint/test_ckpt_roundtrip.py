@@ -116,15 +116,23 @@ def test_build_model_adopts_mapped_tensors_without_copying(make_hf, tmp_path):
     assert not any(p.is_meta for p in model.parameters()) and not model.rope_freqs.is_meta
 
 
-def test_save_is_atomic_and_replaces(make_hf, tmp_path):
+def test_save_is_atomic_and_replaces(make_hf, tmp_path, monkeypatch):
     _, source = make_hf()
     out = tmp_path / "out"
     convert(source, out, "hf")
     first = (out / "model.safetensors").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("herd.checkpoint.meta.torch.save", fail)
+    with pytest.raises(OSError, match="disk full"):  # a write that fails half-way leaves the old checkpoint
+        convert(source, out, "meta")
+    assert (out / "model.safetensors").read_bytes() == first and not (out / "params.json").exists()
+    monkeypatch.undo()
     convert(source, out, "meta")  # replacing an existing checkpoint leaves only the new one
     assert (out / "params.json").is_file() and not (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    assert first
 
 
 def test_membership_and_shapes_read_no_tensor():
@@ -136,3 +144,5 @@ def test_membership_and_shapes_read_no_tensor():
     assert "w" in state and "x" not in state and state.shape("w") == (2, 3)
     assert reads == []
     assert state["w"].shape == (2, 3) and reads == ["w"]
+    del state["w"]
+    assert "w" not in state and reads == ["w"]
