@@ -149,7 +149,7 @@ def load_meta(directory: Path, dtype: torch.dtype | None = torch.float32) -> Che
     state = _merge(shards, paths, config, dtype)
     if config.vocab_size <= 0:
         config = config.replace(vocab_size=state.shape("tok_embeddings.weight")[0])
-    if "output.weight" not in state or _same_tensor(state, "output.weight", "tok_embeddings.weight"):
+    if "output.weight" not in state or _same_tensor(shards, "output.weight", "tok_embeddings.weight"):
         # Meta's reference model always stores output.weight; Llama 3.2's small models store the embedding twice.
         config = config.replace(tie_embeddings=True)
         if "output.weight" in state:  # del, not pop: pop would read the tensor only to drop it
@@ -194,12 +194,12 @@ def _concatenator(parts: list[torch.Tensor], dim: int, dtype):
     return lambda: torch.cat([p if dtype is None else p.to(dtype) for p in parts], dim=dim)
 
 
-def _same_tensor(state: LazyStateDict, a: str, b: str) -> bool:
-    if state.shape(a) != state.shape(b):
+def _same_tensor(shards: list[dict], a: str, b: str) -> bool:
+    """Whether two tensors hold the same values, compared in the mapped files (no conversion, no concatenation)."""
+    if any(s[a].shape != s[b].shape for s in shards):
         return False
-    x, y = state[a], state[b]
     # Untied models differ in their first row already; the full comparison only runs for tied ones.
-    return torch.equal(x[0], y[0]) and torch.equal(x, y)
+    return all(torch.equal(s[a][0], s[b][0]) for s in shards) and all(torch.equal(s[a], s[b]) for s in shards)
 
 
 # ---------------------------------------------------------------- saving
