@@ -26,13 +26,14 @@ from herd.data.document import Document, Dropped, StageResult
 from herd.atomic import atomic_output
 from herd.data.executors import Executor, LocalExecutor
 from herd.data.mix import MixItem, plan_mix
+from herd.data.readers import STAGE as READ
+from herd.data.readers import doc_id, read
 from herd.data.report import CHART, REPORT, Tally, build_report, chart
 from herd.data.shards import ShardWriter, TOKEN_DTYPE, encode_document, load_tokenizer
 
 KEPT = "kept.jsonl"
 DROPPED = "dropped.jsonl"
 WORK = "work"
-READ_STAGE = "read"
 MIX_STAGE = "mix"
 
 
@@ -82,8 +83,8 @@ def build_stages(config: PipelineConfig) -> Stages:
             else:
                 segments[-1].append(stage)
         names = [s.name for seg in segments for s in seg] + [d.name for d in dedups]
-        if len(set(names)) != len(names) or READ_STAGE in names or MIX_STAGE in names:
-            raise PipelineError(f"stage names must be unique and not {READ_STAGE!r}/{MIX_STAGE!r}: {names}")
+        if len(set(names)) != len(names) or READ in names or MIX_STAGE in names:
+            raise PipelineError(f"stage names must be unique and not {READ!r}/{MIX_STAGE!r}: {names}")
         _built[key] = Stages(segments, dedups)
     return _built[key]
 
@@ -153,8 +154,6 @@ class Task:
 
 def read_unit(task: Task) -> None:
     """Split one input file into work units of `docs_per_unit` documents; record what the reader dropped."""
-    from herd.data.readers import doc_id, read
-
     tally, dropped, units = Tally(), [], []
     batch: list[Document] = []
 
@@ -168,13 +167,13 @@ def read_unit(task: Task) -> None:
         try:
             yield from read(task.source)
         except Exception as e:  # an unforeseen failure costs the rest of this file, reported, not the run
-            yield Dropped(doc_id(f"{task.source}:unreadable"), READ_STAGE, f"unreadable:{type(e).__name__}")
+            yield Dropped(doc_id(f"{task.source}:unreadable"), READ, f"unreadable:{type(e).__name__}")
 
     for item in items():
         if isinstance(item, Dropped):
             tally.add_read(0)
-            tally.add_dropped(READ_STAGE, item.reason, None, None, 0, 0)
-            dropped.append(_dropped_record(dataclasses.replace(item, stage=READ_STAGE)))
+            tally.add_dropped(READ, item.reason, None, None, 0, 0)
+            dropped.append(_dropped_record(item))
             continue
         tally.add_read(len(item.text.encode("utf-8")))
         batch.append(item)
@@ -339,7 +338,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                 repeats = plan.repeats[doc.id] if plan else 1
                 if repeats == 0:
                     tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes)
-                    mix_dropped.append({"id": doc.id, "stage": MIX_STAGE, "reason": "downsampled", "url": doc.url})
+                    mix_dropped.append(_dropped_record(Dropped(doc.id, MIX_STAGE, "downsampled", doc.url)))
                     continue
                 tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
                 kept["docs"] += 1
@@ -371,16 +370,16 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
             # mapped, not read: from the second pass on most documents are skipped
             tokens = np.load(work / last / f"{u}.tokens.npy", mmap_mode="r")
             offsets = np.load(work / last / f"{u}.offsets.npy", mmap_mode="r")
-            for j, (doc_id, _, _) in enumerate(done[u]["mix"]):
-                if (plan.repeats[doc_id] if plan else 1) >= p:
-                    writer.add(doc_id, tokens[offsets[j]:offsets[j + 1]])
+            for j, (did, _, _) in enumerate(done[u]["mix"]):
+                if (plan.repeats[did] if plan else 1) >= p:
+                    writer.add(did, tokens[offsets[j]:offsets[j + 1]])
     manifest = writer.close()
 
     mix_report = None
     if plan:
         mix_report = {"targets": plan.targets, "achieved": plan.achieved(), "before": plan.before,
                       "after": plan.after, "seed": config.mix.seed}
-    names = [READ_STAGE] + stages.names + ([MIX_STAGE] if plan else [])
+    names = [READ] + stages.names + ([MIX_STAGE] if plan else [])
     report = build_report(tally, names, kept, {"docs": manifest["documents"], "tokens": manifest["tokens"]},
                           mix_report)
     with atomic_output(out / REPORT) as tmp:
