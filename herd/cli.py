@@ -219,6 +219,8 @@ def main() -> None:
     from herd.train import cli as train_cli  # light: imports torch only when a command runs
 
     app.command("train", context_settings=train_cli.CONTEXT)(train_cli.train_cmd)
+    app.command("report")(train_cli.report_cmd)
+    app.command("scaling", context_settings=train_cli.CONTEXT)(train_cli.scaling_cmd)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -28,3 +28,47 @@ def train_cmd(
     code = launch(config_path, overrides, nproc)
     if code:
         raise typer.Exit(code)
+
+
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="a `herd train` run.dir"),
+    png: Optional[Path] = typer.Option(None, "--png", help="where to write the plot (default: RUN_DIR/report.png)"),
+    baseline: bool = typer.Option(True, help="draw the unigram baseline of the run's shards"),
+):
+    """Draw a run's loss, learning rate, gradient norm and throughput to a PNG."""
+    from herd.train.config import TrainConfig, load_config
+    from herd.train.report import draw, read_metrics, unigram_loss
+
+    records = read_metrics(run_dir)
+    level = None
+    if baseline and (run_dir / "config.toml").is_file():
+        config = load_config(TrainConfig, run_dir / "config.toml")
+        level = unigram_loss(config.data.shards, config.data.held_out, config.training.seed)
+    out = draw(run_dir, png or run_dir / "report.png", level)
+    last = records[-1]
+    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    typer.echo(f"step {last['step']}: loss {last['loss']:.3f}" + (f", held-out {evals[-1]:.3f}" if evals else "")
+               + (f", unigram baseline {level:.3f}" if level is not None else "") + f"; plot: {out}")
+
+
+def scaling_cmd(ctx: typer.Context,
+                print_config: bool = typer.Option(False, "--print-config", help="print the complete TOML and exit")):
+    """Fit compute-optimal size and tokens on an IsoFLOP grid, predict a larger run's loss, train it, plot:
+    herd scaling [CONFIG.toml] [--grid.budgets "[1e10, 3e10]"] [--data.shards DIR] ..."""
+    from herd.train.config import load_config, to_toml
+    from herd.train.launch import split_args
+    from herd.train.scaling import ScalingConfig, run_grid
+
+    config_path, overrides = split_args(list(ctx.args))
+    config = load_config(ScalingConfig, config_path, overrides)
+    if print_config:
+        typer.echo(to_toml(config), nl=False)
+        return
+    result = run_grid(config)
+    law, target = result["law"], result["target"]
+    typer.echo(f"N* = {law['N_coefficient']:.3g} C^{law['N_exponent']:.3f}, "
+               f"D* = {law['D_coefficient']:.3g} C^{law['D_exponent']:.3f}")
+    typer.echo(f"at C = {target['budget']:.1e}: predicted loss {target['predicted']['loss']:.4f} "
+               f"(N* {target['predicted']['N'] / 1e6:.2f}M), trained dim {target['dim']}: "
+               f"{target['actual']['loss']:.4f}; error {100 * target['error']:+.1f}%; "
+               f"plot: {config.run.dir}/scaling.png")

@@ -115,6 +115,7 @@ class RunSection:
     tensorboard: bool = False
     progress: bool = True
     peak_flops: float | None = None  # per device, for MFU; None: measured (a matmul) at start-up
+    time_limit_s: float = 0.0  # stop (checkpoint and export) after this long, wherever the schedule is (0: off)
 
 
 @dataclass

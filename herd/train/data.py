@@ -173,3 +173,12 @@ def held_out_batches(shards: TokenShards, cfg: TrainingSection, held_out: float,
     per_rank = max(batch_size // dp_size, 1)
     n_batches = max(min(n_batches, stream.epoch_tokens // (batch_size * seq_len)), 1)
     return [pack(stream, (b * dp_size + dp_rank) * per_rank * seq_len, per_rank, seq_len) for b in range(n_batches)]
+
+
+def default_model_tokenizer():
+    """The built-in default model's tokenizer (SmolLM2's 49,152-token BPE), for `[shards] tokenizer =
+    "herd.train.data:default_model_tokenizer"`: a vocabulary small enough for the tiny models trained on a CPU."""
+    from herd.llm import default_model_path
+    from herd.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_path())

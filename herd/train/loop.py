@@ -236,6 +236,16 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
+    def _out_of_time(self, started: float) -> bool:
+        limit = self.run.time_limit_s
+        if not limit:
+            return False
+        # Every rank must stop at the same step: rank 0's clock decides.
+        flag = torch.tensor([float(time.monotonic() - started > limit)], device=self.env.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def fit(self) -> dict:
         latest = self.checkpointer.latest()
         if latest is not None:
@@ -247,6 +257,7 @@ class Trainer:
         watchdog = fault.Watchdog(self.config.fault.watchdog_s)
         replicas = self.env.group("dp_replicate")
         interval = self.config.checkpoint.interval
+        started = time.monotonic()
         try:
             for part in self.parts:
                 part.train()
@@ -263,6 +274,9 @@ class Trainer:
                     fault.check_replicas(self.parts, replicas, step, self.run_dir)
                 if interval and step % interval == 0 and step < self.cfg.steps:
                     self.save()
+                if self._out_of_time(started):
+                    self.log.note(f"run.time_limit_s reached at step {step}: stopping here")
+                    break
             watchdog.beat()
             self.save(final=True)
             self.checkpointer.wait()

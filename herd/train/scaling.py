@@ -1,0 +1,209 @@
+"""`herd scaling`: compute-optimal model size and data from an IsoFLOP grid of small runs, as the Llama 3 paper.
+
+For each compute budget C (FLOPs) a few widths of one model family are trained for exactly C / (FLOPs per token)
+tokens; the held-out losses against log N trace a parabola whose minimum is that budget's compute-optimal size
+N*(C). Power laws N* = A C^a and D* = B C^b are fitted over the budgets (a + b = 1 since C = 6 N D), and the
+optimal loss L*(C) = E + K C^-k predicts the loss at a larger budget, whose compute-optimal model is then trained
+to measure the prediction's error. N counts the FLOPs-bearing parameters (FLOPs per token / 6, attention
+included), so C = 6 N D holds exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from herd.train.config import (
+    CheckpointSection,
+    DataSection,
+    FaultSection,
+    ModelSection,
+    ParallelSection,
+    RunSection,
+    TrainingSection,
+)
+
+
+@dataclass
+class GridSection:
+    budgets: list[float] = field(default_factory=lambda: [1e10, 2e10, 4e10, 8e10])  # FLOPs of the grid runs
+    dims: list[int] = field(default_factory=lambda: [32, 64, 96, 128])  # widths tried at every budget
+    head_dim: int = 16
+    dims_per_layer: int = 32  # depth grows with width: n_layers = max(2, dim // dims_per_layer)
+    target: float = 3e11  # the larger budget whose loss is predicted, then trained
+
+
+@dataclass
+class ScalingConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=lambda: TrainingSection(
+        batch_size=8, seq_len=128, lr=3e-3, warmup_steps=0, min_lr_ratio=0.1))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(interval=0, keep=1))
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    run: RunSection = field(default_factory=lambda: RunSection(dir="out/scaling", eval_batches=16, progress=False))
+    fault: FaultSection = field(default_factory=FaultSection)
+    grid: GridSection = field(default_factory=GridSection)
+
+
+def family(grid: GridSection, dim: int, base: ModelSection) -> dict:
+    heads = max(dim // grid.head_dim, 1)
+    return {"dim": dim, "n_layers": max(2, dim // grid.dims_per_layer), "n_heads": heads, "n_kv_heads": heads,
+            "multiple_of": 16, "max_seq_len": base.max_seq_len}
+
+
+def _point(config: ScalingConfig, budget: float, dim: int, vocab: int, tag: str) -> dict:
+    """Train one model of the family for `budget` FLOPs; its size, tokens and held-out loss."""
+    import dataclasses
+
+    from herd.train.metrics import flops_per_token
+    from herd.train.pretrain import build_model_config, pretrain, with_overrides
+
+    shape = family(config.grid, dim, config.model)
+    model = dataclasses.replace(config.model, **shape)
+    fpt = flops_per_token(build_model_config(model, vocab), config.training.seq_len)
+    tokens_per_step = config.training.batch_size * config.training.seq_len
+    steps = max(round(budget / fpt / tokens_per_step), 1)
+    run_dir = Path(config.run.dir) / tag
+    cfg = with_overrides(dataclasses.replace(config, model=model),
+                         training={"steps": steps, "warmup_steps": max(steps // 10, 1), "anneal_steps": 0},
+                         run={"dir": str(run_dir), "eval_interval": 0})
+    summary = pretrain(cfg)
+    return {"budget": budget, "dim": dim, "n_layers": shape["n_layers"], "N": fpt / 6,
+            "tokens": steps * tokens_per_step, "steps": steps, "loss": summary["eval_loss"]}
+
+
+def fit(points: list[dict]) -> dict:
+    """Per budget: the parabola of loss in log N and its minimum; then the power laws over the budgets."""
+    budgets = sorted({p["budget"] for p in points})
+    optima = []
+    for c in budgets:
+        row = sorted((p for p in points if p["budget"] == c), key=lambda p: p["N"])
+        x, y = np.log([p["N"] for p in row]), np.array([p["loss"] for p in row])
+        a, b, c0 = np.polyfit(x, y, 2) if len(row) >= 3 else (0.0, 0.0, 0.0)
+        if a > 0 and x.min() <= -b / (2 * a) <= x.max():
+            log_n = -b / (2 * a)
+            loss = float(a * log_n ** 2 + b * log_n + c0)
+        else:  # no interior minimum: the best point measured
+            i = int(np.argmin(y))
+            log_n, loss = float(x[i]), float(y[i])
+        n = math.exp(log_n)
+        optima.append({"budget": c, "N": n, "D": c / (6 * n), "loss": loss, "parabola": [float(a), float(b), float(c0)]})
+    log_c = np.log([o["budget"] for o in optima])
+    a_n, log_a = np.polyfit(log_c, np.log([o["N"] for o in optima]), 1)
+    a_d, log_b = np.polyfit(log_c, np.log([o["D"] for o in optima]), 1)
+    return {"optima": optima, "N_exponent": float(a_n), "N_coefficient": float(math.exp(log_a)),
+            "D_exponent": float(a_d), "D_coefficient": float(math.exp(log_b)), **_loss_law(optima)}
+
+
+def _loss_law(optima: list[dict]) -> dict:
+    """L*(C) = E + K C^-k: a power law over an irreducible loss E (fitted from 4 budgets on; with fewer, E = 0)."""
+    c = np.array([o["budget"] for o in optima])
+    y = np.array([o["loss"] for o in optima])
+    slope, log_k = np.polyfit(np.log(c), np.log(y), 1)
+    law = {"loss_floor": 0.0, "loss_coefficient": float(math.exp(log_k)), "loss_exponent": float(-slope)}
+    if len(optima) >= 4:
+        from scipy.optimize import curve_fit
+
+        c0 = c[0]
+
+        def model(x, e, log_k, k):
+            return e + np.exp(log_k) * (x / c0) ** -k
+
+        try:
+            (e, lk, k), _ = curve_fit(model, c, y, p0=(0.5 * y.min(), math.log(y[0] / 2), max(-slope, 0.05)),
+                                      bounds=([0, -20, 0], [y.min(), 20, 3]), maxfev=20000)
+            law = {"loss_floor": float(e), "loss_coefficient": float(math.exp(lk) * c0 ** k), "loss_exponent": float(k)}
+        except RuntimeError:  # no convergence: keep the plain power law
+            pass
+    return law
+
+
+def predict(law: dict, budget: float) -> dict:
+    n = law["N_coefficient"] * budget ** law["N_exponent"]
+    loss = law["loss_floor"] + law["loss_coefficient"] * budget ** -law["loss_exponent"]
+    return {"N": n, "D": budget / (6 * n), "loss": loss}
+
+
+def run_grid(config: ScalingConfig) -> dict:
+    """Train the grid (resuming: finished points are read back), fit, predict, train the target, plot."""
+    from herd.train.metrics import flops_per_token
+    from herd.train.pretrain import build_model_config, check
+
+    _, shards = check(config)
+    vocab = shards.tokenizer.get("vocab_size")
+    out = Path(config.run.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "points.jsonl"
+    done = {(p["budget"], p["dim"]): p for p in map(json.loads, done_path.read_text().splitlines())} \
+        if done_path.exists() else {}
+    g = config.grid
+    for budget in g.budgets:
+        for dim in g.dims:
+            if (budget, dim) not in done:
+                done[(budget, dim)] = _point(config, budget, dim, vocab, f"C{budget:.0e}-d{dim}")
+                with open(done_path, "a") as fh:
+                    fh.write(json.dumps(done[(budget, dim)]) + "\n")
+    points = [done[(b, d)] for b in g.budgets for d in g.dims]
+    law = fit(points)
+    predicted = predict(law, g.target)
+    # The family member closest (in log N) to the predicted optimum, trained at the target budget.
+    sizes = {d: flops_per_token(build_model_config(
+        ModelSection(**family(g, d, config.model)), vocab), config.training.seq_len) / 6 for d in range(16, 1025, 16)}
+    dim = min(sizes, key=lambda d: abs(math.log(sizes[d] / predicted["N"])))
+    actual = done.get((g.target, dim)) or _point(config, g.target, dim, vocab, f"target-C{g.target:.0e}-d{dim}")
+    result = {"points": points, "law": law, "target": {"budget": g.target, "predicted": predicted, "dim": dim,
+                                                       "actual": actual,
+                                                       "error": (actual["loss"] - predicted["loss"]) / actual["loss"]}}
+    (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "scaling.png")
+    return result
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    law, target = result["law"], result["target"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax = axes[0]
+    for opt in law["optima"]:
+        row = sorted((p for p in result["points"] if p["budget"] == opt["budget"]), key=lambda p: p["N"])
+        line = ax.plot([p["N"] for p in row], [p["loss"] for p in row], "o", label=f"C = {opt['budget']:.0e}")[0]
+        xs = np.linspace(math.log(row[0]["N"]), math.log(row[-1]["N"]), 50)
+        a, b, c = opt["parabola"]
+        if a > 0:
+            ax.plot(np.exp(xs), a * xs ** 2 + b * xs + c, color=line.get_color(), alpha=0.6)
+        ax.plot(opt["N"], opt["loss"], "*", color=line.get_color(), markersize=12)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N (FLOPs/token / 6)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("IsoFLOP curves")
+    ax.legend()
+    cs = np.geomspace(min(o["budget"] for o in law["optima"]), target["budget"], 50)
+    ax = axes[1]
+    ax.loglog([o["budget"] for o in law["optima"]], [o["N"] for o in law["optima"]], "o", label="N* (grid)")
+    ax.loglog(cs, law["N_coefficient"] * cs ** law["N_exponent"], label=f"N* ∝ C^{law['N_exponent']:.2f}")
+    ax.loglog([o["budget"] for o in law["optima"]], [o["D"] for o in law["optima"]], "s", label="D* (grid)")
+    ax.loglog(cs, law["D_coefficient"] * cs ** law["D_exponent"], label=f"D* ∝ C^{law['D_exponent']:.2f}")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_title("compute-optimal size and tokens")
+    ax.legend()
+    ax = axes[2]
+    ax.loglog([o["budget"] for o in law["optima"]], [o["loss"] for o in law["optima"]], "o", label="L* (grid)")
+    ax.loglog(cs, [predict(law, c)["loss"] for c in cs], label="fit")
+    ax.loglog([target["budget"]], [target["predicted"]["loss"]], "x", markersize=12, label="predicted")
+    ax.loglog([target["budget"]], [target["actual"]["loss"]], "*", markersize=12,
+              label=f"trained ({100 * target['error']:+.1f}%)")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("predicted vs trained")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""The config loader: TOML + --section.field overrides typed by the dataclasses, one-line errors, round trip."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from herd.train.config import ConfigError, TrainConfig, TrainingSection, load_config, to_toml
+
+
+def test_overrides_are_typed_from_the_annotations(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[training]\nsteps = 10\nlr = 1e-3\n[model]\nname = "llama3.2-1b"\n')
+    config = load_config(TrainConfig, path, ["--training.lr", "2e-4", "--parallel.tp=2", "--run.tensorboard", "true",
+                                             "--training.batch_size_schedule", "[[0, 8], [100, 16]]",
+                                             "--model.n_kv_heads", "none", "--training.micro_batch_size", "2"])
+    assert config.training.steps == 10 and config.training.lr == 2e-4
+    assert config.parallel.tp == 2 and config.run.tensorboard is True
+    assert config.training.batch_size_schedule == [[0, 8], [100, 16]]
+    assert config.model.name == "llama3.2-1b" and config.model.n_kv_heads is None
+    assert config.training.micro_batch_size == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--training.bogus", "3"], ["unknown field training.bogus", "batch_size"]),
+    (["--nosuch.field", "3"], ["unknown section nosuch"]),
+    (["--training.steps", "ten"], ["training.steps", "expected int"]),
+    (["--training.lr", "true"], ["training.lr", "expected float"]),
+    (["--training.steps"], ["missing value"]),
+])
+def test_bad_overrides_are_one_line_errors(args, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, args)
+    assert "\n" not in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_print_config_round_trips(tmp_path):
+    config = load_config(TrainConfig, None, ["--training.seq_len_schedule", "[[0, 2048], [500, 8192]]",
+                                             "--data.shards", 'dir with "quotes"', "--model.dim", "512"])
+    text = to_toml(config)
+    for section in ("[model]", "[data]", "[training]", "[checkpoint]", "[parallel]", "[run]", "[fault]"):
+        assert section in text
+    assert "# n_kv_heads" in text  # unset optionals are listed, commented out
+    (tmp_path / "c.toml").write_text(text)
+    assert load_config(TrainConfig, tmp_path / "c.toml") == config
+
+
+def test_other_recipes_load_their_own_config_dataclasses():
+    @dataclass
+    class DPOSection:
+        beta: float = 0.1
+        reference: str = ""
+
+    @dataclass
+    class DPOConfig:
+        training: TrainingSection = field(default_factory=TrainingSection)
+        dpo: DPOSection = field(default_factory=DPOSection)
+
+    config = load_config(DPOConfig, None, ["--dpo.beta", "0.5", "--training.steps", "3"])
+    assert config.dpo.beta == 0.5 and config.training.steps == 3
+    with pytest.raises(ConfigError, match="unknown section model"):
+        load_config(DPOConfig, None, ["--model.dim", "3"])

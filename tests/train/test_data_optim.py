@@ -1,0 +1,74 @@
+"""Packing with the document mask, the data order across ranks and resumes, and the learning-rate schedule."""
+import numpy as np
+import pytest
+import torch
+
+from herd.data.shards import TokenShards
+from herd.train.config import TrainingSection
+from herd.train.data import IGNORE, PackedBatches, split_documents
+from herd.train.optim import clip_grad_norm, lr_factor
+
+
+def test_windows_follow_the_shuffled_documents_and_mask_their_boundaries(byte_shards):
+    shards = TokenShards(byte_shards)
+    cfg = TrainingSection(batch_size=4, seq_len=32, steps=10)
+    batches = PackedBatches(shards, cfg, held_out=0.05)
+    train, held = split_documents(len(shards), 0.05, cfg.seed)
+    assert len(held) and not set(train) & set(held)
+    # The stream is the training documents in a permutation; rebuild it and check every window against it.
+    order = np.random.default_rng([cfg.seed, 0]).permutation(len(train))
+    stream = np.concatenate([shards[int(train[i])] for i in order]).astype(np.int64)
+    doc_of = np.concatenate([np.full(len(shards[int(train[i])]), k) for k, i in enumerate(order)])
+    for step in range(3):
+        (batch,) = next(batches)
+        for row in range(4):
+            start = (step * 4 + row) * 32
+            assert batch["tokens"][row].tolist() == stream[start:start + 32].tolist()
+            same = doc_of[start + 1:start + 33] == doc_of[start:start + 32]
+            expected = np.where(same, stream[start + 1:start + 33], IGNORE)
+            assert batch["labels"][row].tolist() == expected.tolist()
+            docs = batch["document_ids"][row].numpy()
+            assert ((docs[1:] != docs[:-1]) == (doc_of[start + 1:start + 32] != doc_of[start:start + 31])).all()
+    # A label is ignored exactly where the next token opens another document (its BOS).
+    assert (batch["labels"] == IGNORE).any()
+    assert (batch["tokens"][batch["labels"] == IGNORE] == 257).all()  # the byte tokenizer's EOS precedes it
+
+
+def test_ranks_split_the_global_batch_and_resume_exactly(byte_shards):
+    shards = TokenShards(byte_shards)
+    cfg = TrainingSection(batch_size=4, seq_len=16, micro_batch_size=1, steps=10,
+                          batch_size_schedule=[[2, 8]], seq_len_schedule=[[3, 24]])
+    whole = PackedBatches(shards, cfg)
+    ranks = [PackedBatches(shards, cfg, dp_rank=r, dp_size=2) for r in range(2)]
+    for step in range(5):
+        glob = torch.cat([mb["tokens"] for mb in next(whole)])
+        parts = [torch.cat([mb["tokens"] for mb in next(r)]) for r in ranks]
+        assert torch.equal(glob, torch.cat(parts))
+        assert glob.shape == (8 if step >= 2 else 4, 24 if step >= 3 else 16)
+    state = whole.state_dict()
+    expected = next(whole)
+    resumed = PackedBatches(shards, cfg)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(next(resumed), expected))
+    with pytest.raises(ValueError, match="does not split over 3"):
+        PackedBatches(shards, cfg, dp_size=3)
+
+
+def test_learning_rate_warms_up_decays_and_anneals_to_zero():
+    cfg = TrainingSection(steps=100, warmup_steps=10, min_lr_ratio=0.1, anneal_steps=20)
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # never rises after warm-up
+    assert f[79] > 0.1 and f[80] == pytest.approx(f[79], rel=0.05)  # the anneal starts where cosine was
+    assert f[99] == pytest.approx(f[80] / 20, rel=1e-6)  # and ends one step short of zero
+    plain = TrainingSection(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(99, plain) == pytest.approx(0.1, rel=1e-2)
+
+
+def test_clipping_scales_to_the_max_norm():
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([0.0, 4.0, 0.0, 0.0])
+    norm = clip_grad_norm(params, 1.0)
+    assert float(norm) == pytest.approx(5.0)
+    assert float(torch.cat([p.grad for p in params]).norm()) == pytest.approx(1.0, rel=1e-5)

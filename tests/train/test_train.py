@@ -1,0 +1,89 @@
+"""Single-process training: it learns, resumes exactly, survives a NaN, and exports a model herd can load, chat
+with and convert; bad configs fail before any compute."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_helpers import fortunes, losses, metrics, run_cli, tiny_args, tiny_config, write_shards
+
+import herd
+from herd.train.config import ConfigError, TrainConfig, load_config
+from herd.train.pretrain import check, pretrain
+
+
+def test_resumed_run_equals_the_straight_run(byte_shards, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain(tiny_config(byte_shards, straight))
+    pieces = tmp_path / "pieces"
+    pretrain(tiny_config(byte_shards, pieces, "--training.steps", "6", "--checkpoint.interval", "2"))
+    # Stop after 4 steps as a crash would (the checkpoints at 2 and 4 stay), then run the same command again.
+    for step in (6,):
+        import shutil
+
+        shutil.rmtree(pieces / "checkpoints" / f"step-{step}")
+    (pieces / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(pieces)[:5]))
+    pretrain(tiny_config(byte_shards, pieces))
+    assert losses(pieces) == losses(straight)
+    assert [m["step"] for m in metrics(pieces)] == list(range(1, 7))
+    a, b = torch.load(straight / "consolidated.00.pth"), torch.load(pieces / "consolidated.00.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(straight)[-1] < losses(straight)[0] - 0.5
+    assert {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu"} <= set(metrics(straight)[0])
+    assert metrics(straight)[-1]["tokens"] == 6 * 4 * 64
+
+
+def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("HERD_TRAIN_INJECT", "nan@3")
+    pretrain(tiny_config(byte_shards, tmp_path / "skip"))
+    records = metrics(tmp_path / "skip")
+    assert "skipped" in records[3] and "non-finite" in records[3]["skipped"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records[4:])
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    # Rolled back: the weights of step 2 come back, the bad batch is not seen again, the steps are redone.
+    pretrain(tiny_config(byte_shards, tmp_path / "rollback", "--fault.nonfinite", "rollback"))
+    steps = [r["step"] for r in metrics(tmp_path / "rollback")]
+    assert steps == [1, 2, 3, 2, 3, 4, 5, 6]
+    fault = json.loads((tmp_path / "rollback" / "faults.jsonl").read_text().splitlines()[0])
+    assert fault["action"] == "rolled back to step-2"
+
+
+def test_export_loads_chats_and_converts(tmp_path):
+    tokenizer = herd.load_tokenizer()
+    shards = write_shards(tmp_path / "shards", fortunes(200), tokenizer, spec="herd.tokenizer:load_tokenizer")
+    run = tmp_path / "run"
+    pretrain(tiny_config(shards, run, "--training.steps", "3", "--model.dim", "32", "--model.n_layers", "1",
+                         "--training.seq_len", "32", "--checkpoint.average_last", "2", "--checkpoint.interval", "1"))
+    llm = herd.load(run)
+    assert llm.model.config.vocab_size == tokenizer.vocab_size
+    assert llm.tokenizer.encode("Hello world") == tokenizer.encode("Hello world")
+    # The export is the average of the last two checkpoints (Llama 3's annealing average).
+    from herd.train.checkpoint import load_model_weights
+
+    steps = sorted((run / "checkpoints").iterdir())[-2:]
+    average = load_model_weights(steps, llm.model.config)
+    torch.testing.assert_close(llm.model.norm.weight, average["norm.weight"])
+    assert not torch.equal(average["norm.weight"], load_model_weights(steps[-1:], llm.model.config)["norm.weight"])
+    result = run_cli("chat", "--model", str(run), "--max-tokens", "4", stdin="Hi\n")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("convert", str(run), str(tmp_path / "hf"), "--format", "hf")
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(herd.load(tmp_path / "hf").model.norm.weight, llm.model.norm.weight)
+
+
+def test_bad_configs_fail_before_compute(byte_shards, tmp_path):
+    def fails(*args, world=1):
+        with pytest.raises(ConfigError) as e:
+            check(load_config(TrainConfig, None, tiny_args(byte_shards, tmp_path / "r", *args)), world)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "does not match the world size 2" in fails("--parallel.tp", "3", world=2)
+    assert "longer than the model's context" in fails("--training.seq_len", "9000", "--model.max_seq_len", "8192")
+    assert "not a directory" in fails("--data.shards", str(tmp_path / "missing"))
+    assert "does not divide the model's heads" in fails("--parallel.tp", "3", "--parallel.dp", "1", world=3)
+    result = run_cli("train", *tiny_args(byte_shards, tmp_path / "r", "--data.shards", str(tmp_path / "nope")))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("herd: error: data.shards")
+    assert not (tmp_path / "r").exists()  # nothing was started
