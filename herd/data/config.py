@@ -130,15 +130,19 @@ def default_config(quality_model: str | Path | None = None, domain_model: str | 
     return PipelineConfig(stages=tuple(stages))
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file at `path` as a dict; a ConfigError naming the file when it is missing or invalid."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return config_from_dict(raw, where=str(path))
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    return config_from_dict(read_toml(path), where=str(path))
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConfig:

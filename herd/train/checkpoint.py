@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from herd.train.config import CheckpointSection
 
 _STEP = re.compile(r"^step-(\d+)$")
+# One process saving or loading without a process group is intended here (single-process runs, export).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _rank() -> int:

@@ -146,13 +146,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """`cls` (a dataclass of sections) from the TOML at `path` (None: defaults) and `--section.field VALUE` args."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        from herd.data.config import ConfigError as DataConfigError, read_toml
+
         try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+            raw = read_toml(path)
+        except DataConfigError as e:
+            raise ConfigError(str(e)) from None
     for key, value in parse_overrides(overrides or []):
         section, _, name = key.partition(".")
         if not name:

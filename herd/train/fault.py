@@ -138,9 +138,19 @@ def injected(kind: str, step: int, rank: int) -> bool:
         item, _, when = item.partition("#")
         name, _, where = item.partition("@")
         at, _, on = where.partition(":")
-        if name == kind and int(at) == step and (not on or int(on) == rank) and int(when or 0) == attempt:
+        if name == kind and int(at) == step and (not on or int(on) == rank) and int(when or 0) == attempt \
+                and (kind, step) not in _fired:
+            _fired.add((kind, step))  # once: a rolled-back run that comes to this step again runs clean
             return True
     return False
+
+
+_fired: set[tuple[str, int]] = set()
+
+
+def reset_injections() -> None:
+    """A new run in this process may be planted with faults again."""
+    _fired.clear()
 
 
 def inject_faults(step: int, rank: int, parts: list[nn.Module]) -> None:

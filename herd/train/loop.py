@@ -247,6 +247,7 @@ class Trainer:
         return bool(flag.item())
 
     def fit(self) -> dict:
+        fault.reset_injections()
         latest = self.checkpointer.latest()
         if latest is not None:
             self.restore(latest)

@@ -87,3 +87,13 @@ def test_bad_configs_fail_before_compute(byte_shards, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("herd: error: data.shards")
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_activation_checkpointing_and_async_save_change_nothing(byte_shards, tmp_path):
+    pretrain(tiny_config(byte_shards, tmp_path / "plain"))
+    pretrain(tiny_config(byte_shards, tmp_path / "ac", "--training.activation_checkpointing", "true",
+                         "--checkpoint.async_save", "true", "--checkpoint.keep", "1"))
+    assert losses(tmp_path / "ac") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+    assert [p.name for p in (tmp_path / "ac" / "checkpoints").iterdir()] == ["step-6"]  # keep-last-1, no .tmp
+    a, b = torch.load(tmp_path / "plain" / "consolidated.00.pth"), torch.load(tmp_path / "ac" / "consolidated.00.pth")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
