@@ -58,7 +58,7 @@ def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(run_dir)]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "herd.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "herd.cli", *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT)
