@@ -11,6 +11,9 @@ from herd.generate.generator import Generator
 from herd.generate.sequence import Completion
 from herd.generate.sampling import SamplingParams
 from herd.model.llama import Transformer
+from herd.tokenizer.template import TemplateChatFormat
+from herd.tokenizer.tool_calls import calls_to_text
+from herd.tokenizer.tool_prompts import with_tool_prompts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,12 +82,27 @@ class LLM:
     def chat(self, messages: list[dict], tools: list[dict] | None = None, *, tool_prompt_format: str = "json",
              stream: bool = False, **sampling) -> dict | Iterator[str]:
         """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed)."""
-        ids = self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
+        ids = self.chat_prompt(messages, tools, tool_prompt_format)
         params = SamplingParams(**sampling)
         if stream:
             return self._stream_text(ids, params)
         completion = self.generator.generate([ids], params)[0]
         return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    tool_prompt_format: str = "json") -> list[int]:
+        """The prompt ids for the assistant's next turn. A checkpoint's own chat template that knows nothing of
+        tools gets Llama 3.1's tool instructions as messages, and earlier calls written into the assistant's text."""
+        if not isinstance(self.chat_format, TemplateChatFormat):
+            return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
+        template = self.chat_format.tokenizer.chat_template
+        if tools and "tools" not in template:
+            messages, tools = with_tool_prompts(list(messages), tools, "json"), None
+        if "tool_calls" not in template:
+            messages = [{**m, "content": (m.get("content") or "") + calls_to_text(m["tool_calls"], "json")}
+                        if m.get("tool_calls") else m for m in messages]
+        messages = [{**m, "content": m.get("content") or ""} for m in messages]
+        return self.chat_format.encode_dialog(messages, tools=tools)
 
     def _stream_text(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         return (d.text for d in self.generator.stream([prompt], params) if d.text)
