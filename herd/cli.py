@@ -216,6 +216,7 @@ def main() -> None:
     from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
 
     app.add_typer(data_app, name="data", help="the pretraining data pipeline")
+    app.command("quantize")(__import__("herd.quant.cli", fromlist=["quantize"]).quantize)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)
