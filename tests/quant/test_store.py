@@ -40,7 +40,8 @@ def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, 
     loaded = herd.load(out)
     assert isinstance(loaded.model.layers[0].feed_forward.w1, module)
     expected = apply_scheme(herd.load(float_dir, quantize=None).model, Scheme.parse(scheme))
-    tokens = torch.tensor([loaded.tokenizer.encode("a short test sentence")])
+    # more tokens than the integer path takes, so that both sides multiply float activations
+    tokens = torch.tensor([loaded.tokenizer.encode("a test sentence, long enough to be computed as a prompt is")])
     with torch.inference_mode():
         assert torch.equal(loaded.model(tokens), expected(tokens))
         # expanded back to float weights, it is the quantized model in float32
