@@ -109,34 +109,11 @@ def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Te
     return out.view(*x.shape[:-1], w.shape[0])
 
 
-class BlockLinear(nn.Module):
-    """A bias-free linear layer over a BlockWeight."""
-
-    def __init__(self, weight: BlockWeight, *, integer: bool = True, scheme: str = ""):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.bits, self.group, self.integer, self.scheme = weight.bits, weight.group, integer, scheme
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("mins", weight.mins)
-
-    @property
-    def weight_blocks(self) -> BlockWeight:
-        return BlockWeight(self.codes, self.scales, self.mins, self.bits, self.group)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight_blocks, integer=self.integer).type_as(x)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme or f'{self.bits}-bit'}"
-
-
-class BlockEmbedding(nn.Module):
-    """An embedding table kept in blocks; the rows looked up are expanded to float32."""
+class _Blocks(nn.Module):
+    """A module holding one BlockWeight as buffers (so .to(), state_dict and save see them)."""
 
     def __init__(self, weight: BlockWeight):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
         self.bits, self.group = weight.bits, weight.group
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scales", weight.scales)
@@ -145,6 +122,29 @@ class BlockEmbedding(nn.Module):
     @property
     def weight_blocks(self) -> BlockWeight:
         return BlockWeight(self.codes, self.scales, self.mins, self.bits, self.group)
+
+
+class BlockLinear(_Blocks):
+    """A bias-free linear layer over a BlockWeight."""
+
+    def __init__(self, weight: BlockWeight, *, integer: bool = True, scheme: str = ""):
+        super().__init__(weight)
+        self.out_features, self.in_features = weight.shape
+        self.integer, self.scheme = integer, scheme
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.weight_blocks, integer=self.integer).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme or f'{self.bits}-bit'}"
+
+
+class BlockEmbedding(_Blocks):
+    """An embedding table kept in blocks; the rows looked up are expanded to float32."""
+
+    def __init__(self, weight: BlockWeight):
+        super().__init__(weight)
+        self.num_embeddings, self.embedding_dim = weight.shape
 
     @property
     def weight(self) -> torch.Tensor:
