@@ -1,94 +1,171 @@
-"""Prefill and decode speed of herd and of Hugging Face transformers on the built-in default model.
+"""herd vs llama.cpp (llama-cpp-python, the same GGUF) vs Hugging Face transformers on the built-in default model:
+decode speed of a 128-token chat reply, prefill speed of a 512-token prompt, load time and peak resident memory.
 
-Both run in this one process, on the same prompt, with the same thread count; transformers loads the same GGUF
-(dequantized to float32, as it does). herd runs twice: as `herd.load()` gives it (int8, since the GGUF was stored
-quantized) and in float32 like transformers.
+Each engine runs in its own subprocess (so peak RSS is its own), with the same thread count and the same prompts;
+the rounds are interleaved and the best of each is kept, which evens out a shared machine. Ratios are herd / peer.
 
-    .venv/bin/python bench/generate.py [--threads 2] [--prompt-tokens 256] [--new-tokens 64] [--png out.png]
+    .venv/bin/python bench/generate.py [--threads 2] [--rounds 2] [--png docs/generate.png]
+    (llama.cpp: `pip install -e ".[bench]"`, which compiles llama-cpp-python; skipped when absent)
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import time
 import warnings
 
-import torch
-
 import herd
-from herd.generate import SamplingParams
-from herd.llm import default_model_path
+
+QUESTION = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
+PROMPT_TEXT = open(herd.__file__.replace("__init__.py", "llm.py")).read() * 4  # any real text, long enough
 
 
-def time_herd(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+    import torch
+
+    from herd.generate import SamplingParams
+
+    torch.set_num_threads(threads)
     start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in llm.generator.stream([prompt], params)]
-    return len(prompt) / (stamps[0] - start), (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    llm = herd.load()
+    load = time.perf_counter() - start
+    prompt = llm.tokenizer.encode(PROMPT_TEXT, bos=True)[:prompt_tokens]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    start = time.perf_counter()
+    next(iter(llm.generator.stream([prompt], params)))
+    prefill = len(prompt) / (time.perf_counter() - start)
+    chat = llm.chat_format.encode_dialog(QUESTION)
+    stamps = [time.perf_counter() for _ in llm.generator.stream(
+        [chat], SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))]
+    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
 
 
-def time_transformers(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    ids = torch.tensor([prompt])
+def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+    from llama_cpp import Llama
 
-    def run(n):
+    from herd.llm import default_model_path
+
+    start = time.perf_counter()
+    llm = Llama(str(default_model_path()), n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False)
+    load = time.perf_counter() - start
+    prompt = llm.tokenize(PROMPT_TEXT.encode())[:prompt_tokens]
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - start)
+    llm.reset()
+    chat = _chat_ids()  # the same vocabulary: the same ids herd decodes from
+    stamps = []
+    for _ in llm.generate(chat, top_k=1, temp=0.0, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == new_tokens:
+            break
+    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def _chat_ids() -> list[int]:
+    from herd.checkpoint import load_checkpoint
+    from herd.llm import default_model_path
+    from herd.tokenizer import chat_format_for
+
+    return chat_format_for(load_checkpoint(default_model_path()).tokenizer).encode_dialog(QUESTION)
+
+
+def run_transformers(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from herd.llm import default_model_path
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    path = default_model_path()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    load = time.perf_counter() - start
+    prompt = torch.tensor([tokenizer(PROMPT_TEXT)["input_ids"][:prompt_tokens]])
+    with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start
+        model(prompt)
+        prefill = prompt.shape[1] / (time.perf_counter() - start)
+        chat = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")
+        chat = chat["input_ids"] if hasattr(chat, "keys") else chat
+        start = time.perf_counter()
+        model.generate(chat, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(chat, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        decode = (new_tokens - 1) / (time.perf_counter() - start - first)
+    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode}
 
-    prefill = run(1)
-    return len(prompt) / prefill, (new_tokens - 1) / (run(new_tokens) - prefill)
+
+ENGINES = {"herd": run_herd, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
+
+
+def worker(name: str, threads: int, new_tokens: int, prompt_tokens: int) -> None:
+    warnings.filterwarnings("ignore")
+    result = ENGINES[name](threads, new_tokens, prompt_tokens)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
-    parser.add_argument("--png", help="also draw the figures as a bar chart here")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each figure is kept")
+    parser.add_argument("--engines", default="herd,llama.cpp,transformers")
+    parser.add_argument("--png", help="also draw the ratios here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    path = default_model_path()
-    contenders = {
-        "herd (default: int8)": herd.load(),
-        "herd float32": herd.load(quantize=None),
-        "transformers float32": AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32).eval(),
-    }
-    text = open(herd.__file__).read() * 20  # any real text, long enough
-    prompt = contenders["herd float32"].tokenizer.encode(text)[: args.prompt_tokens]
-
-    results = {}
-    with torch.inference_mode():
-        for name, contender in contenders.items():
-            runs = [time_herd(contender, prompt, args.new_tokens) if isinstance(contender, herd.LLM)
-                    else time_transformers(contender, prompt, args.new_tokens) for _ in range(args.repeats)]
-            results[name] = (max(r[0] for r in runs), max(r[1] for r in runs))
-
-    base_prefill, base_decode = results["transformers float32"]
-    print(f"{path.name}, {args.threads} threads, prompt {len(prompt)} tokens, {args.new_tokens} new tokens (greedy)")
-    print(f"{'':24} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9}")
-    for name, (prefill, decode) in results.items():
-        print(f"{name:24} {prefill:14.1f} {decode:13.1f} {prefill / base_prefill:10.2f} {decode / base_decode:9.2f}")
+    if args.worker:
+        return worker(args.worker, args.threads, args.new_tokens, args.prompt_tokens)
+    engines = args.engines.split(",")
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for name in engines:
+            done = subprocess.run([sys.executable, __file__, "--worker", name, "--threads", str(args.threads),
+                                   "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"{name}: skipped ({(done.stderr.strip().splitlines() or ['failed'])[-1]})", file=sys.stderr)
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            old = best.setdefault(name, result)
+            for key, value in result.items():
+                old[key] = min(old[key], value) if key in ("load_s", "peak_rss_mb") else max(old[key], value)
+    print(f"default model, {args.threads} threads, decode {args.new_tokens} tokens of a chat reply, "
+          f"prefill {args.prompt_tokens} tokens, best of {args.rounds} interleaved rounds")
+    keys = ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb")
+    print(f"{'':14}" + "".join(f"{k:>15}" for k in keys))
+    for name, result in best.items():
+        print(f"{name:14}" + "".join(f"{result[k]:15.2f}" for k in keys))
+    for peer in (p for p in best if p != "herd"):
+        if "herd" in best:
+            ratios = {k: best["herd"][k] / best[peer][k] for k in keys}
+            print(f"herd / {peer}: decode {ratios['decode_tok_s']:.2f}x, prefill {ratios['prefill_tok_s']:.2f}x, "
+                  f"load time {ratios['load_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
     if args.png:
-        plot(results, args.png)
+        plot(best, keys, args.png)
 
 
-def plot(results: dict[str, tuple[float, float]], path: str) -> None:
+def plot(best: dict, keys: tuple, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for axis, index, title in ((axes[0], 0, "prefill tokens/s"), (axes[1], 1, "decode tokens/s")):
-        axis.barh(list(results), [v[index] for v in results.values()], color=["#2a7", "#5b9", "#888"])
-        axis.set_title(title)
+    fig, axes = plt.subplots(1, len(keys), figsize=(14, 3))
+    for axis, key in zip(axes, keys):
+        axis.barh(list(best), [best[n][key] for n in best], color=["#2a7", "#58c", "#888"][: len(best)])
+        axis.set_title(key.replace("_", " ") + (" (lower is better)" if key in ("load_s", "peak_rss_mb") else ""))
         axis.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

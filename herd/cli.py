@@ -223,6 +223,9 @@ def main() -> None:
     app.command("scaling", context_settings=train_cli.CONTEXT)(train_cli.scaling_cmd)
     from herd.serve.cli import serve_cmd  # noqa: E402 - typer only; the server's own imports wait for the command
     app.command("serve")(serve_cmd)
+    from herd.quant.cli import quantize
+
+    app.command("quantize")(quantize)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -130,24 +130,16 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
          dtype: torch.dtype = torch.float32, quantize: str | None = "auto") -> LLM:
     """Load a Meta, Hugging Face or GGUF checkpoint; with no argument, the built-in default model.
 
-    quantize: "int8" swaps the linear layers for int8 ones; "auto" does so for a GGUF whose weights were stored
-    quantized (they stay close to what was shipped, and decoding on a CPU is about twice as fast); None keeps
-    the checkpoint's precision in `dtype`.
+    quantize: a scheme of herd.quant (int8, int8-wo, int4, int4-g64-gptq, fp8, gguf, ...), "auto" (a GGUF stored
+    quantized is computed on its own blocks where herd's kernel runs) or None (the checkpoint's precision in `dtype`).
     """
-    from herd.checkpoint import build_model, load_checkpoint
+    from herd.checkpoint import load_checkpoint
+    from herd.quant.load import build_quantized
     from herd.tokenizer import chat_format_for
 
     path = resolve_model_path(path_or_name)
     ckpt = load_checkpoint(path, dtype=dtype)
     if ckpt.tokenizer is None:
         raise ModelNotFoundError(f"{path} brings no tokenizer: put tokenizer.model or tokenizer.json beside it")
-    model = build_model(ckpt, device=device or default_device()).eval()
-    if quantize == "auto":
-        quantize = "int8" if ckpt.meta.get("quantized") else None
-    if quantize == "int8":
-        from herd.quant import quantize_int8
-
-        quantize_int8(model)
-    elif quantize is not None:
-        raise ValueError(f"unknown quantization {quantize!r}: use 'int8', 'auto' or None")
+    model = build_quantized(ckpt, quantize, device or default_device(), ckpt.tokenizer).eval()
     return LLM(model, ckpt.tokenizer, chat_format_for(ckpt.tokenizer), name=ckpt.meta.get("name") or path.name)

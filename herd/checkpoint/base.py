@@ -64,6 +64,9 @@ class Checkpoint:
     tokenizer: object | None = None
     source: Path | None = None
     meta: dict = field(default_factory=dict)
+    # Quantized tensors as the file stores them, by Meta name: (type, bytes [rows, bytes per row]), mapped, so a
+    # scheme can compute on the blocks themselves instead of the float32 the state dict would expand them to.
+    blocks: dict[str, tuple[str, object]] = field(default_factory=dict)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -17,6 +17,7 @@ from gguf import quants
 
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
 from herd.checkpoint.errors import CheckpointError
+from herd.checkpoint.gguf_reader import GGUFFile
 from herd.model.config import ModelConfig, RopeScaling
 
 ARCH = "llama"
@@ -63,10 +64,9 @@ def readable(qtype: Q) -> bool:
 # ---------------------------------------------------------------- loading
 
 
-def open_reader(path: Path) -> gguf.GGUFReader:
+def open_reader(path: Path) -> GGUFFile:
     try:
-        # Copy-on-write mapping: tensors handed to torch are writable without touching the file.
-        return gguf.GGUFReader(path, "c")
+        return GGUFFile(path)
     except Exception as e:  # the reader raises ValueError, IndexError… for any malformed or short file
         raise CheckpointError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
@@ -74,7 +74,7 @@ def open_reader(path: Path) -> gguf.GGUFReader:
         ) from None
 
 
-def field(reader: gguf.GGUFReader, key: str, default=None):
+def field(reader: GGUFFile, key: str, default=None):
     found = reader.fields.get(key)
     return found.contents() if found is not None else default
 
@@ -112,7 +112,9 @@ def load_gguf(path: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoi
     }
     if note:
         meta["tokenizer_note"] = note
-    return Checkpoint(config, state, "gguf", tokenizer, path, meta)
+    blocks = {meta_name(t.name): (t.tensor_type.name, t.data) for t in reader.tensors
+              if t.name != _ROPE_FREQS and t.tensor_type not in _PLAIN and t.tensor_type != Q.BF16}
+    return Checkpoint(config, state, "gguf", tokenizer, path, meta, blocks)
 
 
 def _file_type_name(value) -> str | None:

@@ -203,12 +203,23 @@ def _open(path: Path):
 
 
 def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoint:
+    from herd.checkpoint.vocab import load_dir_tokenizer
+
     config_path = directory / "config.json"
     try:
         cfg = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: unreadable ({e}); it must be a Hugging Face config.json") from None
     config = config_from_hf(cfg, str(directory))
+    quantized = directory / "quantized.safetensors"
+    if quantized.is_file():  # written by `herd quantize`
+        from herd.quant.store import load_quantized
+
+        state, modules, scheme = load_quantized(quantized, dtype)
+        check_shapes(config, state, str(directory), "the config.json")
+        tokenizer, _ = load_dir_tokenizer(directory, prefer="tokenizer.json")
+        blocks = {name: ("herd", module) for name, module in modules.items()}
+        return Checkpoint(config, state, "hf", tokenizer, directory, {"quantization": scheme}, blocks)
     files = _weight_files(directory)
     entries = {}
     for path in sorted(set(files.values())):
@@ -229,8 +240,6 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
         if "output.weight" in state:  # del, not pop: pop would read the tensor only to drop it
             del state["output.weight"]
     check_shapes(config, state, str(directory), "the config.json")
-    from herd.checkpoint.vocab import load_dir_tokenizer
-
     tokenizer, note = load_dir_tokenizer(directory, prefer="tokenizer.json")
     meta = {"files": len(set(files.values())), "dtype": cfg.get("torch_dtype") or cfg.get("dtype")}
     return Checkpoint(config, state, "hf", tokenizer, directory, meta | ({"tokenizer_note": note} if note else {}))

@@ -1,4 +1,6 @@
-"""Quantized weight formats, applied to a built model from outside by swapping its linear layers."""
-from herd.quant.int8 import Int8Linear, quantize_int8
+"""Quantization schemes (a stored weight format plus the matmul that uses it), applied to a built model from
+outside by swapping its linear layers: schemes.py lists them, blocks.py holds the kernel's block format, load.py
+builds a checkpoint under a scheme, store.py writes and reads `herd quantize` outputs.
 
-__all__ = ["Int8Linear", "quantize_int8"]
+Nothing is imported here, so that `herd --help` stays free of torch.
+"""

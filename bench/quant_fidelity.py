@@ -1,0 +1,56 @@
+"""Fidelity of every quantization scheme on the default model: KL from the float32 logits (mean, p99), top-1
+agreement and perplexity over 512 tokens of the GPL-3 text in tests/quant/data; a table and a PNG.
+
+    .venv/bin/python bench/quant_fidelity.py [--png docs/quant-fidelity.png]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import herd
+from herd.quant.fidelity import compare, logits
+
+TEXT = Path(__file__).parent.parent / "tests" / "quant" / "data" / "GPL-3.txt"
+# (label, scheme, how the tokens are fed: None = as one prompt, 8 = eight at a time as decoding does)
+RUNS = [("default (GGUF Q4_1 blocks), decode path", "auto", 8), ("default, prompt path", "auto", None),
+        ("int8", "int8", 8), ("int8-wo", "int8-wo", 8), ("fp8", "fp8", None), ("int4-g32", "int4-g32", 8),
+        ("int4-g128", "int4-g128", 8), ("int4-g128-gptq", "int4-g128-gptq", 8)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--png")
+    args = parser.parse_args()
+    reference = herd.load(quantize=None)
+    ids = reference.tokenizer.encode(TEXT.read_text(), bos=True)[: args.tokens]
+    ref = logits(reference.model, ids)
+    rows = {}
+    for label, scheme, step in RUNS:
+        fidelity = compare(ref, logits(herd.load(quantize=scheme).model, ids, step=step), ids)
+        rows[label] = fidelity
+        print(f"{label:42} KL mean {fidelity.kl_mean:.4f}  p99 {fidelity.kl_p99:.4f}  top-1 {fidelity.top1:.3f}  "
+              f"ppl {fidelity.ppl:.2f} (float32 {fidelity.ppl_reference:.2f})", flush=True)
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axis = plt.subplots(figsize=(8, 3.5))
+        axis.barh(list(rows), [f.kl_mean for f in rows.values()], color="#2a7")
+        axis.axvline(0.005, color="#c33", linestyle="--", label="goal 0.005")
+        axis.axvline(0.0039, color="#888", linestyle=":", label="llama.cpp Q4_1 0.0039")
+        axis.set_xlabel("KL(float32 || scheme), nats/token, mean over 512 tokens of GPL-3")
+        axis.invert_yaxis()
+        axis.legend()
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()

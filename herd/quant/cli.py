@@ -1,0 +1,47 @@
+"""`herd quantize MODEL --scheme ... --out DIR`: quantize once, load many times."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def quantize(
+    model: str = typer.Argument("default", help="a checkpoint path (Meta, HF or GGUF), or default"),
+    scheme: str = typer.Option(..., help="int8, int8-wo, int4, int4-g64, int4-g128-gptq, fp8 or gguf"),
+    out: Path = typer.Option(..., help="the output directory (loadable by herd.load; `herd convert` expands it)"),
+    keep: Optional[List[str]] = typer.Option(None, help="module names or patterns left in float32, e.g. output"),
+):
+    """Quantize a model's weights and write them with the scheme and a checksum per tensor."""
+    import torch
+
+    import herd
+    from herd.checkpoint.base import Checkpoint
+    from herd.checkpoint.convert import _replace_dir
+    from herd.checkpoint.hf import hf_config
+    from herd.checkpoint.vocab import write_tokenizer
+    from herd.quant.schemes import Scheme
+    from herd.quant.store import FILE, save_quantized
+
+    parsed = Scheme.parse(scheme, tuple(keep or ()))
+    started = time.perf_counter()
+    llm = herd.load(None if model == "default" else model, quantize=parsed, device="cpu")
+    # Written beside `out` under a temporary name and renamed at the end: an interruption leaves no half a model.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_quantized(llm.model, parsed.to_dict(), tmp / FILE)
+        config = hf_config(llm.model.config, torch.float32, llm.tokenizer)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_tokenizer(Checkpoint(llm.model.config, {}, tokenizer=llm.tokenizer), tmp, "hf")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out} ({parsed.name}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)

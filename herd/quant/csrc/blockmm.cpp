@@ -1,0 +1,228 @@
+// Matmuls over block-quantized weights, the way llama.cpp computes GGUF blocks on a CPU: the activations are
+// quantized to int8 in blocks of 32 (one float scale each), every 32-element block of a weight row is multiplied
+// with them in integers (AVX2 u8 x s8 multiply-adds), and each block's integer sum is scaled in float.
+//
+// Weights: `qs` holds 4-bit codes (two per byte: in each 32-element chunk, byte j carries element j in its low
+// nibble and element j + 16 in its high one, as GGUF's Q4_0/Q4_1 do) or int8 codes; `scales` [N, K / group] and,
+// for 4-bit, `mins` [N, K / group]: a weight is code * scale + min. A group is a multiple of 32 elements.
+//
+// Many tokens at once (a prompt) are computed differently: the weight is expanded to float32 (herd_dequantize)
+// and multiplied with the BLAS GEMM, which on these CPUs beats integer dot products once the weights are reused
+// across enough tokens.
+//
+// Plain C entry points over raw pointers (called through ctypes): no torch headers, so it compiles in seconds.
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int QK = 32;
+
+// One token's activations as int8 blocks: codes, the scale of each block, and scale * sum(codes) per block
+// (what a weight block's min multiplies).
+struct QActs {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+void quantize_acts(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.f;
+    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float db = amax / 127.f;
+    const float id = db != 0.f ? 1.f / db : 0.f;
+    int sum = 0;
+    for (int i = 0; i < QK; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * id));  // ties to even, as torch.round
+      q[b * QK + i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = db;
+    s[b] = db * static_cast<float>(sum);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// 32 unsigned codes (0..15) from 16 bytes of nibbles: low nibbles first, then high ones.
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// Eight int32 partial sums of u (unsigned bytes) times s (signed bytes).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  // Pair sums stay below 2 * 255 * 127 < 32767 only because codes are at most 15 (4-bit) or |w| <= 127 (8-bit,
+  // signs moved onto the activations), so the saturating 16-bit step never clips.
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// Dot products of one weight row with T tokens' quantized activations; T is small (up to 4) so that every weight
+// block, once unpacked, is used T times.
+template <int BITS, int T>
+void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
+             const int8_t* const* yq, const float* const* yd, const float* const* ys, float* out) {
+  const int64_t nb = K / QK, per_group = group / QK;
+  __m256 acc[T];
+  float min_acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), min_acc[t] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float sw = scales[b / per_group];
+    __m256i w;
+    if constexpr (BITS == 4) {
+      w = unpack_nibbles(qs + b * (QK / 2));
+    } else {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK));
+    }
+    const __m256i wabs = BITS == 4 ? w : _mm256_sign_epi8(w, w);
+    for (int t = 0; t < T; ++t) {
+      __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq[t] + b * QK));
+      if constexpr (BITS == 8) y = _mm256_sign_epi8(y, w);
+      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, y));
+      acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sw * yd[t][b]), p, acc[t]);
+      if constexpr (BITS == 4) min_acc[t] += mins[b / per_group] * ys[t][b];
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + min_acc[t];
+}
+
+// The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
+// widened to float32; xsum[t][b] is the sum of token t's block b, which a 4-bit block's min multiplies.
+template <int BITS, int T>
+void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
+                   const float* const* x, const float* const* xsum, float* out) {
+  const int64_t nb = K / QK, per_group = group / QK;
+  __m256 acc[T];
+  float min_acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), min_acc[t] = 0.f;
+  alignas(32) uint8_t codes[QK];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = qs + b * QK;
+    if constexpr (BITS == 4) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(codes), unpack_nibbles(qs + b * (QK / 2)));
+      c = codes;
+    }
+    __m256 w[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * j));
+      w[j] = _mm256_cvtepi32_ps(BITS == 4 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes));
+    }
+    const __m256 sw = _mm256_set1_ps(scales[b / per_group]);
+    for (int t = 0; t < T; ++t) {
+      const float* xb = x[t] + b * QK;
+      __m256 block = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+      for (int j = 1; j < 4; ++j) block = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), block);
+      acc[t] = _mm256_fmadd_ps(sw, block, acc[t]);
+      if constexpr (BITS == 4) min_acc[t] += mins[b / per_group] * xsum[t][b];
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + min_acc[t];
+}
+
+// Rows [r0, r1) of the weight, expanded to float32 into `w` [r1 - r0, K].
+void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, int64_t bits, int64_t K,
+                     int64_t group, int64_t r0, int64_t r1, float* w) {
+  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* q = qs + r * row_bytes;
+    float* o = w + (r - r0) * K;
+    for (int64_t c = 0; c < K / QK; ++c) {
+      const int64_t g = r * ng + c * QK / group;
+      const float s = scales[g];
+      float* oc = o + c * QK;
+      if (bits == 4) {
+        const float m = mins[g];
+        const uint8_t* qc = q + c * (QK / 2);
+        for (int j = 0; j < QK / 2; ++j) {
+          oc[j] = static_cast<float>(qc[j] & 0x0F) * s + m;
+          oc[j + QK / 2] = static_cast<float>(qc[j] >> 4) * s + m;
+        }
+      } else {
+        const int8_t* qc = reinterpret_cast<const int8_t*>(q) + c * QK;
+        for (int j = 0; j < QK; ++j) oc[j] = static_cast<float>(qc[j]) * s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out [N, K] float32.
+void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, int64_t N, int64_t K, int64_t bits,
+                     int64_t group, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r0 = 0; r0 < N; r0 += 64)
+    dequantize_rows(qs, scales, mins, bits, K, group, r0, std::min(N, r0 + 64), out + r0 * K);
+}
+
+// out [M, N] = x [M, K] @ W.T for a few tokens. integer: activations quantized to int8 blocks and integer dot
+// products; else float activations times the widened codes.
+void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
+                      int64_t K, int64_t bits, int64_t group, int integer, float* o, int threads) {
+  const int64_t nb = K / QK;
+  std::vector<int8_t> yq(integer ? M * K : 0);
+  std::vector<float> yd(M * nb), ys(M * nb);  // int8 path: block scales and scale * code sums; float: block sums
+  for (int64_t m = 0; m < M; ++m) {
+    if (integer) {
+      quantize_acts(xf + m * K, K, yq.data() + m * K, yd.data() + m * nb, ys.data() + m * nb);
+    } else {
+      for (int64_t b = 0; b < nb; ++b) {
+        float sum = 0.f;
+        for (int i = 0; i < QK; ++i) sum += xf[m * K + b * QK + i];
+        ys[m * nb + b] = sum;
+      }
+    }
+  }
+  const int64_t row_bytes = bits == 4 ? K / 2 : K, ng = K / group;
+  const int64_t chunk = 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t r1 = std::min(N, r0 + chunk);
+    for (int64_t t0 = 0; t0 < M; t0 += 4) {
+      const int T = static_cast<int>(std::min<int64_t>(4, M - t0));
+      const int8_t* pq[4];
+      const float *pd[4], *ps[4], *px[4];
+      for (int t = 0; t < T; ++t) {
+        pq[t] = integer ? yq.data() + (t0 + t) * K : nullptr;
+        pd[t] = yd.data() + (t0 + t) * nb, ps[t] = ys.data() + (t0 + t) * nb, px[t] = xf + (t0 + t) * K;
+      }
+      float res[4];
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* qr = q + r * row_bytes;
+        const float* sr = sc + r * ng;
+        const float* mr = mn ? mn + r * ng : nullptr;
+#define HERD_ROW(B, TT) \
+  (integer ? row_dot<B, TT>(qr, sr, mr, K, group, pq, pd, ps, res) : row_dot_float<B, TT>(qr, sr, mr, K, group, px, ps, res))
+#define HERD_TOKENS(B) \
+  switch (T) { case 1: HERD_ROW(B, 1); break; case 2: HERD_ROW(B, 2); break; case 3: HERD_ROW(B, 3); break; default: HERD_ROW(B, 4); }
+        if (bits == 4) {
+          HERD_TOKENS(4)
+        } else {
+          HERD_TOKENS(8)
+        }
+#undef HERD_TOKENS
+#undef HERD_ROW
+        for (int t = 0; t < T; ++t) o[(t0 + t) * N + r] = res[t];
+      }
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,57 @@
+"""FP8 (e4m3) weights with one scale per output row and activations scaled per token, as Meta served Llama 3.1 405B.
+
+On GPUs with FP8 tensor cores the matmul is torch._scaled_mm; elsewhere it is emulated exactly: e4m3 values are
+expanded to float32 (every product of two of them is exact in float32) and multiplied with float32 accumulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+
+
+@dataclass
+class FP8Weight:
+    codes: torch.Tensor  # [N, K] float8_e4m3fn
+    scales: torch.Tensor  # [N] float32
+
+
+def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] → e4m3 codes and one float32 scale per row (its max |x| maps to 448)."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def quantize_fp8(weight: torch.Tensor) -> FP8Weight:
+    codes, scale = to_fp8(weight.detach())
+    return FP8Weight(codes, scale.squeeze(-1))
+
+
+def _has_scaled_mm(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, weight: FP8Weight):
+        super().__init__()
+        self.out_features, self.in_features = weight.codes.shape
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        xq, xs = to_fp8(flat)
+        if _has_scaled_mm(flat.device):
+            out = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scales[None, :],
+                                   out_dtype=torch.bfloat16).float()
+        else:
+            out = (xq.float() @ self.codes.float().T) * xs * self.scales
+        return out.view(*x.shape[:-1], self.out_features).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"

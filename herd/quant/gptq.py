@@ -1,0 +1,77 @@
+"""GPTQ (Frantar et al., 2022) for herd's int4 groups: weights rounded one column at a time, each rounding error
+spread over the columns not yet rounded so that the layer's output on calibration text moves as little as possible.
+
+The Hessian of a layer is X^T X over the calibration tokens that reach it (collected with `hessians`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from herd.quant.blocks import BlockWeight, pack_nibbles
+
+
+@torch.inference_mode()
+def hessians(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """X^T X / tokens of every named linear layer's input, over the token batches run through `model`."""
+    sums = {name: None for name in names}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = x.T @ x if sums[name] is None else sums[name] + x.T @ x
+            counts[name] += x.shape[0]
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        for tokens in batches:
+            model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).float() for name in names if sums[name] is not None}
+
+
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor | None, group: int, *, damp: float = 0.01,
+              block: int = 128) -> BlockWeight:
+    """4-bit codes with a scale and min per group (as quantize_int4 stores them), chosen by GPTQ."""
+    if hessian is None:
+        raise ValueError("GPTQ needs calibration statistics for every layer it quantizes")
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    h = hessian.clone().float()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    # The upper Cholesky factor of H^-1: row i holds how the later columns absorb column i's error.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(n, k)
+    scales = torch.empty(n, k // group)
+    mins = torch.empty(n, k // group)
+    block = max(group, block // group * group)  # groups never straddle blocks
+    for i1 in range(0, k, block):
+        i2 = min(k, i1 + block)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        errors = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            column = i1 + i
+            if column % group == 0:
+                g = column // group
+                current = w1[:, i : i + group]
+                low, high = current.amin(1), current.amax(1)
+                scales[:, g] = ((high - low) / 15).clamp(min=1e-12)
+                mins[:, g] = low
+            s, m = scales[:, column // group], mins[:, column // group]
+            q = torch.round((w1[:, i] - m) / s).clamp(0, 15)
+            codes[:, column] = q
+            error = (w1[:, i] - (q * s + m)) / hinv1[i, i]
+            w1[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return BlockWeight(pack_nibbles(codes), scales, mins, 4, group)

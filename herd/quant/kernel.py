@@ -1,0 +1,96 @@
+"""herd's compiled CPU kernel for block-quantized matmuls (csrc/blockmm.cpp), built once per machine and cached.
+
+A plain shared library called through ctypes (no torch headers: it compiles in seconds). `scripts/setup.sh`
+builds it (`python -m herd.quant.kernel`), and so does the first use if it is missing. Where it cannot be built
+(no compiler, not an x86 CPU with AVX2) `ops()` is None and the schemes compute the same numbers in PyTorch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "blockmm.cpp"
+_FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _supported() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= set(_cpu_flags().split())
+
+
+def library_path() -> Path:
+    """One file per source, compiler flags and CPU, so a stale build is never picked up."""
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("HERD_CACHE", Path.home() / ".cache" / "herd"))
+    return root / "kernels" / f"blockmm-{key}.so"
+
+
+def build() -> Path:
+    path = library_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
+    os.replace(tmp, path)
+    return path
+
+
+class _Kernel:
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
+        lib.herd_matmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
+        self._lib = lib
+
+    def dequantize(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
+        n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+        out = torch.empty(n, k)
+        self._lib.herd_dequantize(codes.data_ptr(), scales.data_ptr(), mins.data_ptr() if mins is not None else None,
+                                  n, k, bits, group, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, integer: bool) -> torch.Tensor:
+        x = x.contiguous()
+        (m, k), n = x.shape, codes.shape[0]
+        out = torch.empty(m, n)
+        self._lib.herd_matmul_rows(x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                                   mins.data_ptr() if mins is not None else None, m, n, k, bits, group, int(integer),
+                                   out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+@functools.cache
+def ops() -> _Kernel | None:
+    """The compiled kernel, or None where it cannot run (HERD_KERNEL=0 turns it off)."""
+    if os.environ.get("HERD_KERNEL", "1") == "0" or not _supported():
+        return None
+    path = library_path()
+    try:
+        return _Kernel(path if path.exists() else build())
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        print(f"herd: the quantized-matmul kernel could not be built ({error}); using the PyTorch path",
+              file=sys.stderr)
+        return None
+
+
+if __name__ == "__main__":
+    print(f"herd kernel: {build() if _supported() else 'this CPU lacks AVX2/FMA/F16C; the PyTorch path is used'}",
+          file=sys.stderr)

@@ -1,0 +1,119 @@
+"""Quantization schemes by name, and applying one to a built model by swapping its linear layers from outside.
+
+    gguf              compute on a GGUF's own Q4_0 / Q4_1 / Q8_0 / Q4_K blocks (other types stay float32)
+    int8              int8 weights, one scale per output channel; activations int8 per block of 32 for a few tokens
+    int8-wo           int8 weights per output channel, float32 activations (weight-only)
+    int4[-gN][-gptq]  4-bit weights with a scale and min per group of N = 32 (default), 64 or 128; round to nearest,
+                      or GPTQ (errors minimised against calibration text)
+    fp8               e4m3 weights with one scale per row, activations e4m3 with one scale per token
+    auto              gguf for a GGUF stored quantized when herd's kernel is built; else the checkpoint's precision
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from herd.quant.blocks import BlockEmbedding, BlockLinear, quantize_int4, quantize_int8
+
+_NAME = re.compile(r"^(gguf|int8|int8-wo|fp8|int4(?:-g(\d+))?(-gptq|-rtn)?)$")
+
+
+class SchemeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """kind: gguf, int8, int8-wo, int4 or fp8; group: int4's group size; method: rtn or gptq (int4);
+    keep: module-name patterns (fnmatch, e.g. "output" or "layers.0.*") left in float32."""
+
+    kind: str
+    group: int = 32
+    method: str = "rtn"
+    keep: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.kind != "int4":
+            return self.kind
+        return f"int4-g{self.group}" + ("-gptq" if self.method == "gptq" else "")
+
+    @classmethod
+    def parse(cls, name: str, keep: tuple[str, ...] = ()) -> Scheme:
+        match = _NAME.match(name.strip().lower())
+        if not match:
+            raise SchemeError(
+                f"unknown quantization scheme {name!r}: use gguf, int8, int8-wo, int4, int4-g64, int4-g128-gptq, fp8, "
+                "auto or none"
+            )
+        if match.group(1).startswith("int4"):
+            group = int(match.group(2) or 32)
+            if group not in (32, 64, 128):
+                raise SchemeError(f"int4 group size {group} is not supported: use 32, 64 or 128")
+            return cls("int4", group, "gptq" if match.group(3) == "-gptq" else "rtn", keep)
+        return cls(match.group(1), keep=keep)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "group": self.group, "method": self.method, "keep": list(self.keep)}
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def quantize_weight(scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor | None = None):
+    """One float weight [N, K] in the scheme's stored form (a BlockWeight, or an FP8Weight)."""
+    n, k = weight.shape
+    if scheme.kind == "fp8":
+        from herd.quant.fp8 import quantize_fp8
+
+        return quantize_fp8(weight)
+    if scheme.kind in ("int8", "int8-wo"):
+        if k % 32:
+            raise SchemeError(f"int8 needs widths that are multiples of 32; this layer's is {k}")
+        return quantize_int8(weight)
+    if k % scheme.group:
+        raise SchemeError(f"int4 group size {scheme.group} does not divide the layer width {k}: use a divisor of {k}")
+    if scheme.method == "gptq":
+        from herd.quant.gptq import gptq_int4
+
+        return gptq_int4(weight, hessian, scheme.group)
+    return quantize_int4(weight, scheme.group)
+
+
+def quantized_module(scheme: Scheme, stored) -> nn.Module:
+    if scheme.kind == "fp8":
+        from herd.quant.fp8 import FP8Linear
+
+        return FP8Linear(stored)
+    return BlockLinear(stored, integer=scheme.kind != "int8-wo", scheme=scheme.name)
+
+
+def apply_scheme(model: nn.Module, scheme: Scheme, hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace the model's linear layers (except the `keep` ones) with the scheme's, in place."""
+    for name in linear_names(model):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in scheme.keep):
+            continue
+        linear = model.get_submodule(name)
+        stored = quantize_weight(scheme, linear.weight.detach(), (hessians or {}).get(name))
+        set_module(model, name, quantized_module(scheme, stored))
+    return model
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def install(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
+    """Put quantized modules into the model by parameter name ("layers.0.attention.wq.weight"); an embedding
+    table in blocks also serves as the tied output layer."""
+    for name, module in modules.items():
+        set_module(model, name.removesuffix(".weight"), module)
+        if isinstance(module, BlockEmbedding) and model.config.tie_embeddings:
+            set_module(model, "output", BlockLinear(module.weight_blocks, integer=False, scheme="tied"))
+    return model

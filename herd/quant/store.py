@@ -1,0 +1,91 @@
+"""A quantized model on disk: a Hugging Face directory (config.json, tokenizer) whose weights are one
+`quantized.safetensors` of codes and scales, with the scheme, every quantized module and a SHA-256 per tensor in
+its metadata. herd.load computes on it as stored; `herd convert` expands it back to float weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from herd.checkpoint.base import LazyStateDict, LazyTensor
+from herd.checkpoint.errors import CheckpointError
+from herd.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight
+from herd.quant.fp8 import FP8Linear, FP8Weight
+
+FILE = "quantized.safetensors"
+KEY = "herd.quantization"
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def save_quantized(model, scheme_dict: dict, path: Path) -> None:
+    """Every tensor of `model` (quantized modules as codes/scales/mins, the rest as float) into one file."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (BlockLinear, BlockEmbedding)):
+            if name == "output" and isinstance(model.tok_embeddings, BlockEmbedding) and model.config.tie_embeddings:
+                continue  # the tied output is the embedding table's blocks
+            modules[name] = {"type": "embedding" if isinstance(module, BlockEmbedding) else "linear",
+                             "bits": module.bits, "group": module.group, "integer": getattr(module, "integer", True)}
+            tensors |= {f"{name}.{part}": getattr(module, part) for part in ("codes", "scales", "mins")
+                        if getattr(module, part) is not None}
+        elif isinstance(module, FP8Linear):
+            modules[name] = {"type": "fp8"}
+            tensors |= {f"{name}.codes": module.codes, f"{name}.scales": module.scales}
+    tied = model.config.tie_embeddings
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if not (tied and name == "output.weight"):
+            tensors[name] = param.detach()
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    header = {"scheme": scheme_dict, "modules": modules, "sha256": {n: _digest(t) for n, t in tensors.items()}}
+    save_file(tensors, str(path), metadata={"format": "pt", KEY: json.dumps(header)})
+
+
+def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict, dict, dict]:
+    """The file's float state dict (quantized weights expanded, for conversion), its quantized modules by
+    parameter name, and its scheme; checksums are verified."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = json.loads(f.metadata()[KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable herd quantized file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "it is truncated or damaged: quantize the model again"
+        ) from None
+    sums = header.get("sha256", {})
+    for name, tensor in tensors.items():
+        if sums.get(name) != _digest(tensor):
+            raise CheckpointError(f"{path}: tensor {name} fails its SHA-256 check; the file was modified or damaged: "
+                                  "quantize the model again")
+    modules: dict[str, torch.nn.Module] = {}
+    for name, spec in header["modules"].items():
+        if spec["type"] == "fp8":
+            modules[f"{name}.weight"] = FP8Linear(FP8Weight(tensors.pop(f"{name}.codes"), tensors.pop(f"{name}.scales")))
+            continue
+        weight = BlockWeight(tensors.pop(f"{name}.codes"), tensors.pop(f"{name}.scales"),
+                             tensors.pop(f"{name}.mins", None), spec["bits"], spec["group"])
+        modules[f"{name}.weight"] = (BlockEmbedding(weight) if spec["type"] == "embedding"
+                                     else BlockLinear(weight, integer=spec["integer"], scheme=header["scheme"]["kind"]))
+    entries = {name: (t if dtype is None else t.to(dtype)) for name, t in tensors.items()}
+    for name, module in modules.items():
+        entries[name] = LazyTensor((module.out_features, module.in_features) if hasattr(module, "in_features")
+                                   else (module.num_embeddings, module.embedding_dim), _expand(module))
+    return LazyStateDict(entries), modules, header["scheme"]
+
+
+def _expand(module):
+    def load() -> torch.Tensor:
+        if isinstance(module, FP8Linear):
+            return module.codes.float() * module.scales[:, None]
+        return module.weight_blocks.dequantize()
+
+    return load

@@ -1,0 +1,36 @@
+"""The issue's fidelity bounds on the real default model, over 512 tokens of the GPL-3 (a fixed real text).
+
+The float32 reference is the default GGUF expanded to float32; llama.cpp's own Q4_1 path measures KL 0.0039.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+import herd
+from herd.quant.fidelity import compare, logits
+
+TEXT = Path(__file__).parent / "data" / "GPL-3.txt"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = herd.load(quantize=None)
+    ids = llm.tokenizer.encode(TEXT.read_text(), bos=True)[:512]
+    return ids, logits(llm.model, ids)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("scheme,step", [("auto", 8), ("int8", 8), ("fp8", None)])
+def test_default_int8_and_fp8_stay_within_kl_bound(reference, scheme, step):
+    ids, ref = reference
+    fidelity = compare(ref, logits(herd.load(quantize=scheme).model, ids, step=step), ids)
+    assert 0 < fidelity.kl_mean <= 0.005 and fidelity.top1 >= 0.9, fidelity
+
+
+@pytest.mark.heavy
+def test_int4_perplexity_within_five_percent(reference):
+    ids, ref = reference
+    fidelity = compare(ref, logits(herd.load(quantize="int4-g32").model, ids), ids)
+    assert fidelity.ppl <= 1.05 * fidelity.ppl_reference, fidelity
+    assert torch.isfinite(torch.tensor(fidelity.kl_mean)) and fidelity.kl_mean > 0

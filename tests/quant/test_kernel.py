@@ -1,0 +1,73 @@
+"""herd's compiled kernel against the same arithmetic in PyTorch, and both against the float32 matmul."""
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from herd.quant import kernel
+from herd.quant.blocks import MAX_INTEGER_TOKENS, BlockWeight, integer_matmul, quantize_int4, quantize_int8
+from herd.quant.gguf import block_weight
+
+
+def test_the_kernel_is_built_where_the_cpu_can_run_it():
+    # scripts/setup.sh builds it; without it decoding silently falls back to the slow PyTorch path.
+    assert kernel.ops() is not None or not kernel._supported()
+
+
+def weights(bits, group, n=96, k=256, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * torch.rand(n, 1)  # rows of different scales
+    return w, quantize_int4(w, group) if bits == 4 else quantize_int8(w, group if group < k else None)
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256)])
+@pytest.mark.parametrize("tokens", [1, 3, 5, MAX_INTEGER_TOKENS, 40])
+def test_kernel_matches_pytorch(bits, group, tokens):
+    _, w = weights(bits, group)
+    x = torch.randn(tokens, 256) * 3
+    args = (w.codes, w.scales, w.mins, bits, group)
+    exact = x @ w.dequantize().T
+    scale = exact.abs().max()
+    # equal up to the rounding of code * scale + min (the compiler fuses it into one multiply-add)
+    assert torch.allclose(kernel.ops().dequantize(*args), w.dequantize(), rtol=1e-6, atol=1e-6)
+    if tokens <= MAX_INTEGER_TOKENS:
+        assert (kernel.ops().matmul_rows(x, *args, False) - exact).abs().max() < 1e-5 * scale
+        # The same int8 codes of the activations and integer sums: equal up to float32 summation order.
+        assert (kernel.ops().matmul_rows(x, *args, True) - integer_matmul(x, w)).abs().max() < 1e-5 * scale
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activation_blocks_stay_close_to_float(bits):
+    w_float, w = weights(bits, 32)
+    x = torch.randn(2, 256)
+    x[:, 0] = 100  # an outlier costs precision only to its own block of 32
+    exact = x @ w.dequantize().T
+    assert ((integer_matmul(x, w) - exact).norm() / exact.norm()) < 0.03
+
+
+def test_worst_case_products_do_not_saturate():
+    # Codes and activations all at the top of their ranges: 16-bit pair sums would clip if the signs were wrong.
+    k = 64
+    w8 = BlockWeight(torch.full((4, k), -127, dtype=torch.int8), torch.ones(4, 2), None, 8, 32)
+    x = torch.full((1, k), -5.0)
+    assert torch.allclose(integer_matmul(x, w8), x @ w8.dequantize().T)
+    if kernel.ops() is not None:
+        assert torch.allclose(kernel.ops().matmul_rows(x, w8.codes, w8.scales, None, 8, 32, True), x @ w8.dequantize().T)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_are_read_exactly(kind):
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 128)) * rng.uniform(0.01, 1, (8, 1))).astype(np.float32)
+    raw = quants.quantize(w, Q[kind])
+    assert np.array_equal(block_weight(kind, raw).dequantize().numpy(), quants.dequantize(raw, Q[kind]))
+
+
+def test_q4_k_super_blocks_are_read_exactly():
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (4, 2, 144), dtype=np.uint8)
+    raw[..., 0:4] = np.frombuffer(rng.uniform(0.001, 0.1, (4, 2, 2)).astype(np.float16).tobytes(), np.uint8).reshape(4, 2, 4)
+    raw = raw.reshape(4, 288)
+    assert np.array_equal(block_weight("Q4_K", raw).dequantize().numpy(), quants.dequantize(raw, Q.Q4_K))

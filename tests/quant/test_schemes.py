@@ -1,0 +1,76 @@
+"""Every scheme on a tiny model: close to float32, the right layers swapped, bad names and groups refused."""
+import pytest
+import torch
+
+from herd.model import ModelConfig, Transformer
+from herd.quant.blocks import BlockLinear
+from herd.quant.fidelity import compare
+from herd.quant.fp8 import FP8Linear, to_fp8
+from herd.quant.gptq import gptq_int4, hessians
+from herd.quant.schemes import Scheme, SchemeError, apply_scheme
+from herd.quant.blocks import quantize_int4
+
+CONFIG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=256)
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(CONFIG).eval()
+
+
+@pytest.mark.parametrize("name,bound", [("int8", 2e-3), ("int8-wo", 1e-3), ("fp8", 5e-3), ("int4-g32", 0.05)])
+def test_scheme_stays_close_to_float(name, bound):
+    tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+    model = tiny()
+    with torch.inference_mode():
+        reference = model(tokens)[0]
+        apply_scheme(model, Scheme.parse(name))
+        # one token at a time, as decoding runs (the integer path), and the whole prompt at once
+        from herd.quant.fidelity import logits
+
+        for step in (1, None):
+            fidelity = compare(reference, logits(model, tokens[0].tolist(), step=step), tokens[0].tolist())
+            assert 0 < fidelity.kl_mean < bound, (step, fidelity)
+    swapped = FP8Linear if name == "fp8" else BlockLinear
+    assert isinstance(model.layers[1].feed_forward.w2, swapped) and isinstance(model.output, swapped)
+
+
+def test_kept_layers_stay_float():
+    model = apply_scheme(tiny(), Scheme.parse("fp8", keep=("output", "layers.0.*")))
+    assert type(model.output) is torch.nn.Linear and type(model.layers[0].attention.wq) is torch.nn.Linear
+    assert isinstance(model.layers[1].attention.wq, FP8Linear)
+
+
+def test_fp8_emulation_is_exact_e4m3_arithmetic():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(3, 64)
+    xq, xs = to_fp8(x)
+    wq, ws = to_fp8(linear.weight)
+    # every product of two e4m3 values is exact in float64 and float32 alike; only the summation order differs
+    expected = (xq.double() @ wq.double().T) * xs.double() * ws.double().T
+    layer = apply_scheme(torch.nn.Sequential(linear), Scheme.parse("fp8"))[0]
+    assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,words", [("int3", "unknown quantization scheme"), ("int4-g48", "group size 48"),
+                                        ("int4-g128", "does not divide the layer width")])
+def test_bad_schemes_are_refused_with_a_reason(name, words):
+    model = Transformer(CONFIG.replace(dim=64 * 3, n_heads=4, ffn_hidden_dim=64 * 3)).eval() if "g128" in name else tiny()
+    with pytest.raises(SchemeError, match=words):
+        apply_scheme(model, Scheme.parse(name))
+
+
+def test_gptq_beats_round_to_nearest_on_its_calibration_objective():
+    torch.manual_seed(0)
+    # correlated inputs with a few large channels: where spreading the rounding error pays
+    mix = torch.randn(128, 128) * (torch.rand(128) ** 4 * 4)
+    x = torch.randn(2048, 128) @ mix
+    linear = torch.nn.Linear(128, 64, bias=False)
+    h = hessians(torch.nn.Sequential(linear), [x], ["0"])["0"]
+
+    def error(w):
+        return ((x @ (w.dequantize() - linear.weight).T) ** 2).mean()
+
+    with torch.no_grad():
+        assert error(gptq_int4(linear.weight, h, 32)) < 0.85 * error(quantize_int4(linear.weight, 32))

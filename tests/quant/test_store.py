@@ -1,0 +1,73 @@
+"""`herd quantize` outputs: loaded as stored, expanded back by convert, refused when damaged, never half-written."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import herd
+from herd.checkpoint import CheckpointError, convert, load_checkpoint, save_checkpoint
+from herd.model import ModelConfig, Transformer
+from herd.quant.blocks import BlockLinear
+from herd.quant.fp8 import FP8Linear
+from herd.quant.schemes import Scheme, apply_scheme
+from herd.quant.store import FILE
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    """A tiny float checkpoint with the real Llama 3 tokenizer."""
+    torch.manual_seed(0)
+    config = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=256)
+    model = Transformer(config)
+    with torch.no_grad():
+        model.tok_embeddings.weight.normal_(0, 0.02)
+    out = tmp_path_factory.mktemp("float") / "tiny"
+    save_checkpoint((config, model.state_dict(), herd.load_tokenizer()), out, "meta")
+    return out
+
+
+def run_quantize(*args):
+    return subprocess.run([sys.executable, "-m", "herd.cli", "quantize", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("scheme,module", [("int4-g64", BlockLinear), ("fp8", FP8Linear)])
+def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, scheme, module):
+    out = tmp_path / "q"
+    result = run_quantize(str(float_dir), "--scheme", scheme, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    loaded = herd.load(out)
+    assert isinstance(loaded.model.layers[0].feed_forward.w1, module)
+    expected = apply_scheme(herd.load(float_dir, quantize=None).model, Scheme.parse(scheme))
+    # more tokens than the integer path takes, so that both sides multiply float activations
+    tokens = torch.tensor([loaded.tokenizer.encode("a test sentence, long enough to be computed as a prompt is")])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(tokens), expected(tokens))
+        # expanded back to float weights: the stored weights (fp8 also quantizes activations, which no file holds)
+        back = herd.load(convert(out, tmp_path / "back", "hf"), quantize=None).model
+        w1 = loaded.model.layers[0].feed_forward.w1
+        stored = w1.codes.float() * w1.scales[:, None] if scheme == "fp8" else w1.weight_blocks.dequantize()
+        assert torch.allclose(back.layers[0].feed_forward.w1.weight, stored, atol=1e-6)
+        if scheme != "fp8":
+            assert torch.allclose(back(tokens), expected(tokens), atol=1e-4)
+
+
+def test_damaged_files_are_refused(float_dir, tmp_path):
+    out = tmp_path / "q"
+    assert run_quantize(str(float_dir), "--scheme", "int8", "--out", str(out)).returncode == 0
+    data = bytearray((out / FILE).read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit in the last tensor
+    (out / FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(out)
+    (out / FILE).write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        load_checkpoint(out)
+
+
+def test_bad_scheme_is_one_line_and_writes_nothing(float_dir, tmp_path):
+    result = run_quantize(str(float_dir), "--scheme", "int5", "--out", str(tmp_path / "q"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("herd: error: unknown quantization scheme 'int5'")
+    assert list(tmp_path.iterdir()) == []
