@@ -118,7 +118,7 @@ def _load_docs(path: Path) -> list[Document]:
 
 
 def _dropped_record(d: Dropped) -> dict:
-    return {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url}
+    return {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url, "source": d.source}
 
 
 _plans: dict[tuple[str, int], Any] = {}
@@ -165,9 +165,10 @@ def read_unit(task: Task) -> None:
 
     def items() -> Iterator[Document | Dropped]:
         try:
-            yield from read(task.source)
+            yield from read(task.source, task.config.html_extractor)
         except Exception as e:  # an unforeseen failure costs the rest of this file, reported, not the run
-            yield Dropped(doc_id(f"{task.source}:unreadable"), READ, f"unreadable:{type(e).__name__}")
+            yield Dropped(doc_id(f"{task.source}:unreadable"), READ, f"unreadable:{type(e).__name__}",
+                          source=task.source)
 
     for item in items():
         if isinstance(item, Dropped):
@@ -203,7 +204,7 @@ def process_unit(task: Task) -> None:
             tokens = len(encode_document(tokenizer, doc.text, config.shards)) if doc.text else 0
             tally.add_dropped(stage.name, d.reason, doc.lang, doc.meta.get("domain"), tokens,
                               len(doc.text.encode("utf-8")))
-            dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name)))
+            dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name, source=doc.source)))
         docs = result.kept
 
     if k > 0:
@@ -338,7 +339,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                 repeats = plan.repeats[doc.id] if plan else 1
                 if repeats == 0:
                     tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes)
-                    mix_dropped.append(_dropped_record(Dropped(doc.id, MIX_STAGE, "downsampled", doc.url)))
+                    mix_dropped.append(_dropped_record(Dropped(doc.id, MIX_STAGE, "downsampled", doc.url, doc.source)))
                     continue
                 tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
                 kept["docs"] += 1
