@@ -46,16 +46,21 @@ def near_duplicate(text: str, target: float, rng: random.Random, vocab: list[str
                 del out[pos]
         return " ".join(out)
 
+    base = shingles(text, n)
+
+    def similarity(k: int) -> float:
+        other = shingles(apply(k), n)
+        return len(base & other) / len(base | other) if base or other else 1.0
+
     lo, hi = 0, len(edits)  # the smallest k whose similarity is at or below the target
     while lo < hi:
         mid = (lo + hi) // 2
-        if jaccard(text, apply(mid), n) <= target:
+        if similarity(mid) <= target:
             hi = mid
         else:
             lo = mid + 1
-    best = min((lo, max(lo - 1, 0)), key=lambda k: abs(jaccard(text, apply(k), n) - target))
-    edited = apply(best)
-    return edited, jaccard(text, edited, n)
+    best = min((lo, max(lo - 1, 0)), key=lambda k: abs(similarity(k) - target))
+    return apply(best), similarity(best)
 
 
 def plant_terms(text: str, terms: list[str], density: float, rng: random.Random) -> str:
