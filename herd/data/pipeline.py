@@ -173,7 +173,7 @@ def read_unit(task: Task) -> None:
     for item in items():
         if isinstance(item, Dropped):
             tally.add_read(0)
-            tally.add_dropped(READ, item.reason, None, None, 0, 0)
+            tally.add_dropped(READ, item.reason, None, None, 0, 0, {"id": item.id, "source": item.source, "text": None})
             dropped.append(_dropped_record(item))
             continue
         tally.add_read(len(item.text.encode("utf-8")))
@@ -203,7 +203,7 @@ def process_unit(task: Task) -> None:
             doc = before[d.id]
             tokens = len(encode_document(tokenizer, doc.text, config.shards)) if doc.text else 0
             tally.add_dropped(stage.name, d.reason, doc.lang, doc.meta.get("domain"), tokens,
-                              len(doc.text.encode("utf-8")))
+                              len(doc.text.encode("utf-8")), {"id": doc.id, "source": doc.source, "text": doc.text})
             dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name, source=doc.source)))
         docs = result.kept
 
@@ -338,8 +338,10 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                 nbytes = len(doc.text.encode("utf-8"))
                 repeats = plan.repeats[doc.id] if plan else 1
                 if repeats == 0:
-                    tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes)
-                    mix_dropped.append(_dropped_record(Dropped(doc.id, MIX_STAGE, "downsampled", doc.url, doc.source)))
+                    tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes,
+                                      {"id": doc.id, "source": doc.source, "text": doc.text})
+                    gone = Dropped(doc.id, MIX_STAGE, "downsampled", doc.url, doc.source)
+                    mix_dropped.append(_dropped_record(gone))
                     continue
                 tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
                 kept["docs"] += 1

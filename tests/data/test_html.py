@@ -102,7 +102,8 @@ def test_structure_kept_and_boilerplate_removed_by_structure_alone():
       <pre class="language-rust"><code>fn main() {{
     println!("hi");
 }}</code></pre>
-      <table><tr><th>Name</th><th>Value</th></tr><tr><td>alpha</td><td>1</td></tr><tr><td>beta</td><td>2</td></tr></table>
+      <table><tr><th>Name</th><th>Value</th></tr><tr><td>alpha</td><td>1</td></tr>
+        <tr><td>beta</td><td>2</td></tr></table>
       <div hidden>hidden text never shown</div>
       <p>Tags: <a href="/t/1">one</a> <a href="/t/2">two</a> <a href="/t/3">three</a> <a href="/t/4">four</a></p>
     </div>
@@ -131,6 +132,6 @@ def test_reader_uses_herd_extractor_and_trafilatura_stays_an_option(tmp_path):
     with pytest.raises(ValueError, match="unknown HTML extractor"):
         next(read(page, extractor="nope"))
     # a page declaring another charset is still read as the UTF-8 it was decoded to
-    (tmp_path / "latin.html").write_bytes('<html><head><meta charset="iso-8859-1"></head><body><p>Café crème, '
-                                          'déjà vu.</p></body></html>'.encode())
+    latin = '<html><head><meta charset="iso-8859-1"></head><body><p>Café crème, déjà vu.</p></body></html>'
+    (tmp_path / "latin.html").write_bytes(latin.encode())
     assert next(read(tmp_path / "latin.html")).text == "Café crème, déjà vu."

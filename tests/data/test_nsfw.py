@@ -71,7 +71,7 @@ def recall_at(planted_corpus, density: float, forms_of, seed: int) -> dict[str, 
     stage, out = NSFWFilter(), {}
     for lang, docs in hosts(planted_corpus).items():
         forms = forms_of(lang)
-        planted = [Document(d.id, plant_terms(d.text, forms, density, rng)) for d in docs]
+        planted = [Document(d.id, plant_terms(d.text, forms, density, rng)) for d in docs[:40]]
         out[lang] = len(stage(planted).dropped) / len(planted)
     return out
 

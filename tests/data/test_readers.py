@@ -271,7 +271,8 @@ def test_bom_opens_every_format(tmp_path):
     bom = b"\xef\xbb\xbf"
     (tmp_path / "a.jsonl").write_bytes(bom + b'{"id": "first", "text": "the first record"}\n{"id": "b", "text": "x"}\n')
     (tmp_path / "b.txt").write_bytes(bom + "Plain text with a byte-order mark.".encode())
-    (tmp_path / "c.html").write_bytes(bom + b"<!doctype html><html><body><p>A page that starts with a BOM.</p></body></html>")
+    page = b"<!doctype html><html><body><p>A page that starts with a BOM.</p></body></html>"
+    (tmp_path / "c.html").write_bytes(bom + page)
     assert [d.id for d in read(tmp_path / "a.jsonl")] == ["first", "b"]
     assert next(read(tmp_path / "b.txt")).text == "Plain text with a byte-order mark."
     assert next(read(tmp_path / "c.html")).text == "A page that starts with a BOM."
