@@ -157,8 +157,9 @@ def render(report: dict[str, Any], console=None) -> None:
     console.print(t)
     examples = Table(title="examples of dropped text (the first of each kind, in input order)")
     for col in ("stage", "drop rate", "reason", "where", "text"):
+        # the input place stays whole, so it can be pasted; the text folds to the width left
         examples.add_column(col, justify="right" if col == "drop rate" else "left", overflow="fold",
-                            no_wrap=col == "stage", max_width=None if col == "text" else 40)
+                            no_wrap=col in ("stage", "where"), max_width=40 if col == "reason" else None)
     for r in report["stages"]:
         for i, e in enumerate(r.get("examples", [])):
             examples.add_row(r["stage"] if i == 0 else "", _pct(r["docs_dropped"], r["docs_in"]) if i == 0 else "",

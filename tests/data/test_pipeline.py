@@ -179,7 +179,7 @@ def test_report_shows_drop_rates_with_examples_that_lead_back_to_the_input(defau
 
     from herd.data.report import render
 
-    console = Console(width=200, record=True)
+    console = Console(width=300, record=True)
     render(result.report, console)
     shown = console.export_text()
     assert "examples of dropped text" in shown and f"{mixed}:2" in shown
