@@ -46,6 +46,8 @@ def run(
     out: Path = typer.Option(..., "--out", help="Output directory; running again on it resumes."),
     config: Optional[Path] = typer.Option(None, "--config", help="PIPELINE.toml; default: the Llama-3-like pipeline."),
     executor: str = typer.Option("local", "--executor", help="local (this machine's cores) or dask."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="A running dask-scheduler's address "
+                                            "(tcp://HOST:PORT); its workers must see --out. Implies dask."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes; default: every core."),
     quality_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained quality classifier."),
     domain_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained domain classifier."),
@@ -70,7 +72,7 @@ def run(
         _fail(f"input not found: {e}")
     if not files:
         _fail("no input files found")
-    ex = make_executor(executor, workers, progress=not quiet)
+    ex = make_executor(executor, workers, progress=not quiet, scheduler=scheduler)
     try:
         result = pipeline.run(files, out, cfg, ex)
     finally:

@@ -91,6 +91,7 @@ class PipelineConfig:
     shards: ShardConfig = ShardConfig()
     mix: MixConfig | None = MixConfig()  # applied only once a domain classifier labels the documents
     docs_per_unit: int = 1000  # documents per work unit: the grain of parallelism and of resuming
+    html_extractor: str = "herd"  # HTML to text: "herd" (keeps code and math) or "trafilatura"
 
     def fingerprint(self) -> str:
         """A run directory is only resumed by the very configuration that started it."""
@@ -179,5 +180,10 @@ def validate(config: PipelineConfig, where: str = "config") -> None:
             raise ConfigError(f"{where}: mix targets must be non-negative and sum to 1 (they sum to {total:g})")
         if config.mix.max_repeats < 1:
             raise ConfigError(f"{where}: mix max_repeats must be at least 1")
+    from herd.data.readers import EXTRACTORS
+
+    if config.html_extractor not in EXTRACTORS:
+        raise ConfigError(f"{where}: unknown html_extractor {config.html_extractor!r}; "
+                          f"choose one of: {', '.join(EXTRACTORS)}")
     if config.docs_per_unit < 1:
         raise ConfigError(f"{where}: docs_per_unit must be at least 1")

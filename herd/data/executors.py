@@ -81,7 +81,11 @@ class DaskExecutor:
         self.progress = progress
         if address:
             self._cluster = None
-            self._client = Client(address)
+            try:
+                self._client = Client(address, timeout=30)
+            except OSError as e:  # refused, unreachable, timed out: name the address, not a traceback
+                raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}; is dask-scheduler "
+                                   "running there?") from None
         else:
             self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=processes,
                                          dashboard_address=None)
@@ -105,11 +109,15 @@ class DaskExecutor:
             self._cluster.close()
 
 
-def make_executor(name: str, workers: int | None = None, progress: bool = True) -> Executor:
+def make_executor(name: str, workers: int | None = None, progress: bool = True,
+                  scheduler: str | None = None) -> Executor:
+    """`scheduler` (a dask-scheduler's address, e.g. tcp://10.0.0.5:8786) implies the dask executor."""
+    if scheduler and name not in ("local", "dask"):
+        raise ValueError(f"--scheduler is a Dask scheduler's address; it does not go with --executor {name}")
+    if name == "dask" or scheduler:
+        return DaskExecutor(workers, address=scheduler, progress=progress)
     if name == "local":
         return LocalExecutor(workers, progress=progress)
-    if name == "dask":
-        return DaskExecutor(workers, progress=progress)
     if name == "ray":
         raise ValueError("the ray executor is not available in this build; use --executor dask for a cluster")
     raise ValueError(f"unknown executor {name!r}; choose one of: local, dask")

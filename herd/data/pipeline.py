@@ -118,7 +118,7 @@ def _load_docs(path: Path) -> list[Document]:
 
 
 def _dropped_record(d: Dropped) -> dict:
-    return {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url}
+    return {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url, "source": d.source}
 
 
 _plans: dict[tuple[str, int], Any] = {}
@@ -165,14 +165,15 @@ def read_unit(task: Task) -> None:
 
     def items() -> Iterator[Document | Dropped]:
         try:
-            yield from read(task.source)
+            yield from read(task.source, task.config.html_extractor)
         except Exception as e:  # an unforeseen failure costs the rest of this file, reported, not the run
-            yield Dropped(doc_id(f"{task.source}:unreadable"), READ, f"unreadable:{type(e).__name__}")
+            yield Dropped(doc_id(f"{task.source}:unreadable"), READ, f"unreadable:{type(e).__name__}",
+                          source=task.source)
 
     for item in items():
         if isinstance(item, Dropped):
             tally.add_read(0)
-            tally.add_dropped(READ, item.reason, None, None, 0, 0)
+            tally.add_dropped(READ, item.reason, None, None, 0, 0, {"id": item.id, "source": item.source, "text": None})
             dropped.append(_dropped_record(item))
             continue
         tally.add_read(len(item.text.encode("utf-8")))
@@ -202,8 +203,8 @@ def process_unit(task: Task) -> None:
             doc = before[d.id]
             tokens = len(encode_document(tokenizer, doc.text, config.shards)) if doc.text else 0
             tally.add_dropped(stage.name, d.reason, doc.lang, doc.meta.get("domain"), tokens,
-                              len(doc.text.encode("utf-8")))
-            dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name)))
+                              len(doc.text.encode("utf-8")), {"id": doc.id, "source": doc.source, "text": doc.text})
+            dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name, source=doc.source)))
         docs = result.kept
 
     if k > 0:
@@ -337,8 +338,10 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                 nbytes = len(doc.text.encode("utf-8"))
                 repeats = plan.repeats[doc.id] if plan else 1
                 if repeats == 0:
-                    tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes)
-                    mix_dropped.append(_dropped_record(Dropped(doc.id, MIX_STAGE, "downsampled", doc.url)))
+                    tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes,
+                                      {"id": doc.id, "source": doc.source, "text": doc.text})
+                    gone = Dropped(doc.id, MIX_STAGE, "downsampled", doc.url, doc.source)
+                    mix_dropped.append(_dropped_record(gone))
                     continue
                 tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
                 kept["docs"] += 1

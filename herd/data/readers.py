@@ -26,6 +26,7 @@ _COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _JSONL = {".jsonl", ".json", ".ndjson"}
 _HTML = {".html", ".htm", ".xhtml"}
 _WARC = {".warc", ".arc"}
+_BOM = b"\xef\xbb\xbf"
 
 
 class Truncated(Exception):
@@ -55,17 +56,22 @@ def iter_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def read_file(path: str | Path) -> list[Document | Dropped]:
+def read_file(path: str | Path, extractor: str = "herd") -> list[Document | Dropped]:
     """Read one input file completely; the unit of work a worker process runs."""
-    return list(read(path))
+    return list(read(path, extractor))
 
 
-def read(path: str | Path) -> Iterator[Document | Dropped]:
-    """Yield the documents of a file or a directory tree (sorted), with a Dropped for each unusable record."""
+def read(path: str | Path, extractor: str = "herd") -> Iterator[Document | Dropped]:
+    """Yield the documents of a file or a directory tree (sorted), with a Dropped for each unusable record.
+
+    `extractor` turns HTML into text: "herd" (herd.data.html, keeps code and math) or "trafilatura".
+    """
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"unknown HTML extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
     path = Path(path)
     if path.is_dir():
         for f in iter_inputs([path]):
-            yield from read(f)
+            yield from read(f, extractor)
         return
     suffixes = [s.lower() for s in path.suffixes]
     codec = _COMPRESSED.get(suffixes[-1]) if suffixes else None
@@ -73,13 +79,13 @@ def read(path: str | Path) -> Iterator[Document | Dropped]:
     source = str(path)
     if inner in _WARC:
         # warcio reads per-record gzip itself; a whole-file zstd stream is decompressed first.
-        yield from _read_warc(path, source, zstd=codec == "zstd")
+        yield from _read_warc(path, source, codec == "zstd", extractor)
         return
     chunks = _decompressed_chunks(path, codec)
     if inner in _JSONL:
         yield from _read_jsonl(chunks, source)
     else:
-        yield from _read_single(chunks, source, inner)
+        yield from _read_single(chunks, source, inner, extractor)
 
 
 # --- bytes ---------------------------------------------------------------------------------------
@@ -140,57 +146,62 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dropped]:
-    i = -1
+    """One document per line; `source` (and so a drop record) names the file and the 1-based line."""
+    n = 0
     try:
-        for i, raw in enumerate(_lines(chunks)):
-            src = f"{source}:{i}"
+        for n, raw in enumerate(_lines(chunks), start=1):
+            src = f"{source}:{n}"
+            # a byte-order mark opens files written by some Windows tools, and `cat` carries it mid-file
+            raw = raw.removeprefix(_BOM)
             if not raw.strip():
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                yield Dropped(doc_id(src), STAGE, "invalid_utf8")
+                yield Dropped(doc_id(src), STAGE, "invalid_utf8", source=src)
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                yield Dropped(doc_id(src), STAGE, "invalid_json")
+                yield Dropped(doc_id(src), STAGE, "invalid_json", source=src)
                 continue
             if not isinstance(rec, dict):
-                yield Dropped(doc_id(src), STAGE, "not_an_object")
+                yield Dropped(doc_id(src), STAGE, "not_an_object", source=src)
                 continue
             rid = str(rec["id"]) if rec.get("id") is not None else doc_id(src)
             url = rec.get("url") if isinstance(rec.get("url"), str) else None
             text = rec.get("text")
             if text is None:
-                yield Dropped(rid, STAGE, "missing_text", url)
+                yield Dropped(rid, STAGE, "missing_text", url, src)
             elif not isinstance(text, str):
-                yield Dropped(rid, STAGE, "text_not_a_string", url)
+                yield Dropped(rid, STAGE, "text_not_a_string", url, src)
             else:
                 meta = {k: v for k, v in rec.items() if k not in ("id", "text", "url")}
                 yield Document(rid, text, src, url, meta=meta)
     except Truncated:
-        yield Dropped(doc_id(f"{source}:{i + 1}:truncated"), STAGE, "truncated_input")
+        src = f"{source}:{n + 1}"  # the line the stream was cut in
+        yield Dropped(doc_id(f"{src}:truncated"), STAGE, "truncated_input", source=src)
 
 
-def _read_single(chunks: Iterator[bytes], source: str, suffix: str) -> Iterator[Document | Dropped]:
+def _read_single(chunks: Iterator[bytes], source: str, suffix: str, extractor: str) -> Iterator[Document | Dropped]:
     """Plain text or HTML: the whole file is one document."""
     did = doc_id(source)
     data, truncated = _read_all(chunks)
+    data = data.removeprefix(_BOM)
+    reason = None
     if truncated:  # one document cut mid-way is not a document; its readable part is not kept
-        yield Dropped(did, STAGE, "truncated_input")
-        return
-    if not data.strip():
-        yield Dropped(did, STAGE, "empty")
-        return
-    if b"\0" in data[:8192]:  # text never holds NUL bytes; index files, images and archives do
-        yield Dropped(did, STAGE, "binary")
-        return
-    if suffix in _HTML or (suffix not in (".txt", ".text", ".md") and _looks_like_html(data)):
-        doc = html_document(data, did, source)
+        reason = "truncated_input"
+    elif not data.strip():
+        reason = "empty"
+    elif b"\0" in data[:8192]:  # text never holds NUL bytes; index files, images and archives do
+        reason = "binary"
+    elif suffix in _HTML or (suffix not in (".txt", ".text", ".md") and _looks_like_html(data)):
+        doc = html_document(data, did, source, extractor=extractor)
     else:
         doc = _text_document(data, did, source)
-    yield doc if doc is not None else Dropped(did, STAGE, "no_text")
+    if reason is None and doc is None:
+        reason = "no_text"
+    yield Dropped(did, STAGE, reason, source=source) if reason else doc
 
 
 def _decode(data: bytes) -> tuple[str, int]:
@@ -214,18 +225,33 @@ def _looks_like_html(data: bytes) -> bool:
     return bool(_HTML_START.match(data[:1024]))
 
 
-def html_document(data: bytes, did: str, source: str, url: str | None = None) -> Document | None:
-    """Main text of an HTML page (trafilatura), with its canonical URL when the page names one."""
-    import lxml.html
+def _trafilatura(html: str, url: str | None) -> str | None:
     import trafilatura
 
-    html, errors = _decode(data)
-    try:
-        tree = lxml.html.fromstring(html.encode("utf-8"))
-    except Exception:  # lxml rejects some broken pages outright; they have no usable text
+    return trafilatura.extract(html, url=url, include_comments=False)
+
+
+def _herd(tree, url: str | None) -> str | None:
+    from herd.data.html import extract
+
+    return extract(tree)
+
+
+EXTRACTORS = {"herd": _herd, "trafilatura": _trafilatura}
+
+
+def html_document(data: bytes, did: str, source: str, url: str | None = None,
+                  extractor: str = "herd") -> Document | None:
+    """Main text of an HTML page, with its canonical URL when the page names one."""
+    from herd.data.html import parse
+
+    html, errors = _decode(data.removeprefix(_BOM))
+    tree = parse(html)  # decoded first, so a <meta charset> naming another encoding cannot garble it
+    if tree is None:  # lxml rejects some broken pages outright; they have no usable text
         return None
     url = url or _page_url(tree)
-    text = trafilatura.extract(tree, url=url, include_comments=False)
+    # trafilatura parses the page again itself, into the element classes it expects
+    text = EXTRACTORS[extractor](html if extractor == "trafilatura" else tree, url)
     if not text or not text.strip():
         return None
     return Document(did, text, source, url, meta={"utf8_errors": errors} if errors else {})
@@ -239,22 +265,25 @@ def _page_url(tree) -> str | None:
     return None
 
 
-def _read_warc(path: Path, source: str, zstd: bool) -> Iterator[Document | Dropped]:
-    """HTML responses of a WARC; a broken record becomes a Dropped and reading resumes at the next one."""
+def _read_warc(path: Path, source: str, zstd: bool, extractor: str) -> Iterator[Document | Dropped]:
+    """HTML responses of a WARC; a broken record becomes a Dropped and reading resumes at the next one.
+
+    Records are named "FILE@OFFSET", the byte offset of the record in the (decompressed, for zstd) file.
+    """
     if not zstd:  # plain or per-record gzip, which warcio reads itself
-        yield from _warc_records(path.read_bytes(), source)
+        yield from _warc_records(path.read_bytes(), source, extractor)
         return
     blob, truncated = _read_all(_decompressed_chunks(path, "zstd"))
-    yield from _warc_records(blob, source)
+    yield from _warc_records(blob, source, extractor)
     if truncated:
-        yield Dropped(doc_id(f"{source}:truncated"), STAGE, "truncated_input")
+        yield Dropped(doc_id(f"{source}:truncated"), STAGE, "truncated_input", source=f"{source}@{len(blob)}")
 
 
 _WARC_START = re.compile(rb"WARC/1\.[01]\r?\n")
 _GZIP_START = re.compile(rb"\x1f\x8b\x08")
 
 
-def _warc_records(blob: bytes, source: str) -> Iterator[Document | Dropped]:
+def _warc_records(blob: bytes, source: str, extractor: str) -> Iterator[Document | Dropped]:
     from warcio.archiveiterator import ArchiveIterator
 
     # After a corrupt record warcio cannot go on, so restart it at the next record boundary.
@@ -266,29 +295,29 @@ def _warc_records(blob: bytes, source: str) -> Iterator[Document | Dropped]:
         records = ArchiveIterator(stream, check_digests=False)
         try:
             for record in records:
-                yield from _warc_record(record, f"{source}#{index}")
+                # records.offset: where this record starts in the file (warcio's stream position)
+                yield from _warc_record(record, doc_id(f"{source}#{index}"), f"{source}@{records.offset}", extractor)
                 index += 1
             return
         except Exception:  # warcio raises several types for a corrupt record; all mean "skip it"
-            yield Dropped(doc_id(f"{source}#{index}"), STAGE, "bad_warc_record")
+            yield Dropped(doc_id(f"{source}#{index}"), STAGE, "bad_warc_record", source=f"{source}@{records.offset}")
             index += 1
-            nxt = boundary.search(blob, pos + records.offset + 1)
+            nxt = boundary.search(blob, records.offset + 1)
             if nxt is None:
                 return
             pos = nxt.start()
 
 
-def _warc_record(record, source: str) -> Iterator[Document | Dropped]:
+def _warc_record(record, did: str, source: str, extractor: str) -> Iterator[Document | Dropped]:
     if record.rec_type != "response":
         return
     url = record.rec_headers.get_header("WARC-Target-URI")
-    did = doc_id(source)
     ctype = (record.http_headers.get_header("Content-Type") if record.http_headers else None) or ""
     body = record.content_stream().read()
     if record.raw_stream.limit > 0:  # fewer bytes than Content-Length: the file was cut inside it
-        yield Dropped(did, STAGE, "truncated_warc_record", url)
+        yield Dropped(did, STAGE, "truncated_warc_record", url, source)
         return
     if "html" not in ctype.lower():
         return
-    doc = html_document(body, did, source, url) if body.strip() else None
-    yield doc if doc is not None else Dropped(did, STAGE, "no_text", url)
+    doc = html_document(body, did, source, url, extractor) if body.strip() else None
+    yield doc if doc is not None else Dropped(did, STAGE, "no_text", url, source)

@@ -14,6 +14,9 @@ from typing import Any
 REPORT = "report.json"
 CHART = "report.png"
 UNKNOWN = "-"  # the language or domain of a document dropped before anything assigned one
+EXAMPLES_PER_REASON = 2  # dropped documents shown per stage and kind of reason, the first in input order
+EXAMPLES_PER_STAGE = 6
+SNIPPET_CHARS = 240
 
 
 def _count() -> dict[str, int]:
@@ -37,17 +40,30 @@ class Tally:
         default_factory=lambda: defaultdict(lambda: {"kept": _count(), "dropped": _count()}))
     domains: dict[str, dict[str, dict[str, int]]] = field(
         default_factory=lambda: defaultdict(lambda: {"kept": _count(), "dropped": _count()}))
+    # stage -> a few dropped documents ({id, reason, source, text}), so a user sees what a filter removed
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
 
     def add_read(self, nbytes: int) -> None:
         _add(self.read, 1, 0, nbytes)
 
     def add_dropped(self, stage: str, reason: str, lang: str | None, domain: str | None, tokens: int,
-                    nbytes: int) -> None:
+                    nbytes: int, example: dict[str, Any] | None = None) -> None:
+        """`example`: the dropped document as {id, source, text} (text None where the reader had none)."""
         _add(self.dropped[stage], 1, tokens, nbytes)
         # "near_duplicate_of:<id>" and the like: the kind, not every instance, is what a report can show
         self.reasons[stage][reason.split(":", 1)[0]] += 1
         _add(self.langs[lang or UNKNOWN]["dropped"], 1, tokens, nbytes)
         _add(self.domains[domain or UNKNOWN]["dropped"], 1, tokens, nbytes)
+        if example is not None:
+            text = " ".join((example.get("text") or "").split())
+            self._keep_example(stage, {**example, "reason": reason, "text": text[:SNIPPET_CHARS]})
+
+    def _keep_example(self, stage: str, example: dict[str, Any]) -> None:
+        have = self.examples[stage]
+        kind = example["reason"].split(":", 1)[0]
+        same = sum(e["reason"].split(":", 1)[0] == kind for e in have)
+        if len(have) < EXAMPLES_PER_STAGE and same < EXAMPLES_PER_REASON:
+            have.append(example)
 
     def add_kept(self, lang: str | None, domain: str | None, tokens: int, nbytes: int) -> None:
         _add(self.langs[lang or UNKNOWN]["kept"], 1, tokens, nbytes)
@@ -64,16 +80,19 @@ class Tally:
             for key, sides in theirs.items():
                 for side, c in sides.items():
                     _add(mine[key][side], *c.values())
+        for stage, examples in other.examples.items():  # merged in unit order: the first ones in input order
+            for e in examples:
+                self._keep_example(stage, e)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({"read": self.read, "dropped": self.dropped, "reasons": self.reasons,
-                                      "langs": self.langs, "domains": self.domains}))
+                                      "langs": self.langs, "domains": self.domains, "examples": self.examples}))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Tally:
         t = cls()
         t.merge(cls(read=d["read"], dropped=d["dropped"], reasons=d["reasons"], langs=d["langs"],
-                    domains=d["domains"]))
+                    domains=d["domains"], examples=d.get("examples", {})))
         return t
 
 
@@ -91,8 +110,10 @@ def build_report(tally: Tally, stage_names: list[str], kept: dict[str, int], sha
     for name in stage_names:
         d = tally.dropped.get(name, _count())
         rows.append({"stage": name, "docs_in": docs_in, "docs_dropped": d["docs"], "docs_kept": docs_in - d["docs"],
+                     "drop_rate": d["docs"] / docs_in if docs_in else 0.0,
                      "tokens_in": tokens_in, "tokens_dropped": d["tokens"],
-                     "tokens_kept": tokens_in - d["tokens"], "reasons": dict(tally.reasons.get(name, {}))})
+                     "tokens_kept": tokens_in - d["tokens"], "reasons": dict(tally.reasons.get(name, {})),
+                     "examples": list(tally.examples.get(name, []))})
         docs_in -= d["docs"]
         tokens_in -= d["tokens"]
     counts = tally.to_dict()
@@ -134,6 +155,18 @@ def render(report: dict[str, Any], console=None) -> None:
     t.add_row("shards", "", "", f"{shards['docs']:,}", "", "", f"{shards['tokens']:,}",
               "copies per the mix" if report.get("mix") else "", style="bold")
     console.print(t)
+    examples = Table(title="examples of dropped text (the first of each kind, in input order)")
+    for col in ("stage", "drop rate", "reason", "where", "text"):
+        # the input place stays whole, so it can be pasted; the text folds to the width left
+        examples.add_column(col, justify="right" if col == "drop rate" else "left", overflow="fold",
+                            no_wrap=col in ("stage", "where"), max_width=40 if col == "reason" else None)
+    for r in report["stages"]:
+        for i, e in enumerate(r.get("examples", [])):
+            examples.add_row(r["stage"] if i == 0 else "", _pct(r["docs_dropped"], r["docs_in"]) if i == 0 else "",
+                             e["reason"], e.get("source") or e["id"], e["text"] or "(no text)",
+                             end_section=i == len(r["examples"]) - 1)
+    if examples.rows:
+        console.print(examples)
     for title, key in (("per language", "languages"), ("per domain", "domains")):
         table = Table(title=title)
         for col in (key[:-1] if key != "languages" else "language", "docs kept", "docs dropped", "tokens kept",
@@ -171,6 +204,8 @@ def chart(report: dict[str, Any], path: str | Path) -> Path:
     dropped = [r["docs_dropped"] for r in report["stages"]]
     ax.barh(stages, kept, color="tab:green", label="kept")
     ax.barh(stages, dropped, left=kept, color="tab:red", label="dropped")
+    for y, r in enumerate(report["stages"]):  # the drop rate beside each bar
+        ax.text(r["docs_in"], y, f" {_pct(r['docs_dropped'], r['docs_in'])}", va="center", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("documents")
     ax.set_title("per stage")

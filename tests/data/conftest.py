@@ -21,6 +21,7 @@ import pytest
 from herd.data.document import Document
 from herd.data.readers import read
 from herd.data.filters.base import word_list
+from herd.data.filters.nsfw import terms
 
 PY_HTML = Path("/usr/share/doc/python3.11/html")
 DEBREF = Path("/usr/share/debian-reference")
@@ -230,7 +231,7 @@ def build_corpus(root: Path) -> PlantedCorpus:
         spam[f"spam-{kind}"] = kind
 
     nsfw = {}
-    bad = sorted(w for w in word_list("nsfw_words.txt") if w.isascii())
+    bad = sorted(w for w, weight in terms(("en",)).exact.items() if weight == 1.0)
     for i, d in enumerate(rng.sample(fortunes["en"], 6)):
         toks = d.text.split(" ")
         for j in rng.sample(range(len(toks)), max(len(toks) // 12, 4)):

@@ -1,6 +1,7 @@
 """De-duplication in its three phases, run the way the orchestrator runs it: keys per batch, one plan, apply per batch."""
 from __future__ import annotations
 
+import random
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -8,6 +9,7 @@ import pytest
 
 from herd.data.dedup import ExactDedup, LineDedup, MinHashDedup, URLDedup, normalize_url
 from herd.data.document import Document
+from herd.data.planted import jaccard, near_duplicate
 
 BATCH = 37  # not a divisor of the corpus size, so batches end mid-way through everything
 
@@ -42,7 +44,11 @@ def test_minhash_finds_near_duplicates_and_keeps_distinct_docs(planted_corpus):
     print(f"minhash: {found}/{len(near)} near duplicates found, {len(dropped)} dropped in all")
     assert found / len(near) >= 0.9
     copies = set(near) | set(planted_corpus.exact_dups)
-    assert set(dropped) <= copies, set(dropped) - copies  # precision: no real document is lost
+    # precision: nothing else is lost but a document at least 0.6 similar to the one it is dropped for (the
+    # URL-duplicate plants are fortunes with 20 words changed, in the 0.6-0.8 zone where either call is right)
+    by_id = planted_corpus.by_id()
+    others = {i: jaccard(by_id[i].text, by_id[r.split(":", 1)[1]].text) for i, r in dropped.items() if i not in copies}
+    assert all(s >= 0.6 for s in others.values()), others
     assert sum(i in dropped for i in planted_corpus.exact_dups) >= 9
 
 
@@ -124,3 +130,47 @@ def test_line_dedup_buckets_and_empty_documents():
     # buckets of 6 documents: no bucket holds the line more than six times
     kept, dropped = run(LineDedup(bucket_size=6), docs)
     assert not dropped and all(line in d.text for d in kept)
+
+
+# --- recall as a function of similarity, on pairs planted at controlled 5-gram Jaccard similarity ------------
+
+
+def planted_pairs(planted_corpus, seed: int):
+    """Real documents (their first 400 words) and one edited copy of each at a random similarity in
+    [0.5, 1.0]; copy id -> (original id, exact 5-gram Jaccard similarity)."""
+    rng = random.Random(seed)
+    originals = [Document(d.id, " ".join(d.text.split(" ")[:400])) for d in planted_corpus.docs
+                 if d.id in planted_corpus.clean and len(d.text.split(" ")) >= 150]
+    vocab = sorted({w for d in originals for w in d.text.split()})
+    copies, truth = [], {}
+    for d in originals:
+        text, sim = near_duplicate(d.text, rng.uniform(0.5, 1.0), rng, vocab)
+        copies.append(Document(f"copy-{d.id}", text))
+        truth[f"copy-{d.id}"] = (d.id, sim)
+    return originals + copies, truth
+
+
+@pytest.mark.parametrize("seed", [101, 102])  # held out: the bands were set from theory, the curve drawn on 0-4
+def test_minhash_recall_by_jaccard_planted_pairs(planted_corpus, seed):
+    docs, truth = planted_pairs(planted_corpus, seed)
+    stage = MinHashDedup()
+    _, dropped = run(stage, docs)
+    assert not [i for i in dropped if not i.startswith("copy-")]  # no original is lost
+    high = [c for c, (_, s) in truth.items() if s >= 0.8]
+    low = [c for c, (_, s) in truth.items() if s < 0.6]
+    found = [c for c in high if dropped.get(c) == f"near_duplicate_of:{truth[c][0]}"]
+    kept = [c for c in low if c not in dropped]
+    print(f"seed {seed}: recall {len(found)}/{len(high)} at J >= 0.8, kept {len(kept)}/{len(low)} below 0.6")
+    assert len(high) >= 60 and len(low) >= 30
+    assert len(found) / len(high) >= 0.95
+    assert len(kept) / len(low) >= 0.97
+    # the measured rates follow the theory the bands were chosen from
+    assert stage.detection_probability(0.8) >= 0.99 and stage.detection_probability(0.6) <= 0.01
+
+
+def test_planted_pairs_hit_their_target_similarity():
+    rng = random.Random(5)
+    text = " ".join(f"w{i}" for i in range(300))
+    for target in (0.5, 0.7, 0.85, 0.95):
+        edited, sim = near_duplicate(text, target, rng, ["x", "y", "z"])
+        assert abs(sim - target) < 0.03 and abs(jaccard(text, edited) - sim) < 1e-12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from herd.data import pipeline
 from herd.data.config import ShardConfig, default_config, load_config
 from herd.atomic import atomic_output
-from herd.data.executors import DaskExecutor, LocalExecutor
+from herd.data.executors import LocalExecutor
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = ("kept.jsonl", "dropped.jsonl", "manifest.json", "report.json")
@@ -67,13 +68,8 @@ def test_local_executor_keeps_item_order():
 def test_killed_run_resumes_to_identical_outputs(planted_corpus, reference, tmp_path):
     """SIGKILL a `herd data run` once its first units are on disk; a second run finishes the rest."""
     out = tmp_path / "out"
-    toml = tmp_path / "p.toml"
-    stages = "".join(f'[[stages]]\ntype = "{s.type}"\n' for s in config().stages)
-    toml.write_text('docs_per_unit = 20\n[shards]\ntokenizer = "herd.data.shards:ByteTokenizer"\n'
-                    f'max_tokens_per_shard = 200000\n{stages}')
-    assert load_config(toml) == config()  # the same run as the reference, so the same outputs
     cmd = [sys.executable, "-m", "herd.data.cli", "run", *map(str, planted_corpus.files), "--out", str(out),
-           "--config", str(toml), "--workers", "1", "--quiet"]
+           "--config", str(_toml(tmp_path)), "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((out / "work" / "r0").glob("*.done.json")) and time.time() < deadline and proc.poll() is None:
@@ -126,10 +122,69 @@ def test_failed_run_resumes_to_identical_outputs(planted_corpus, tmp_path):
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
 
 
-def test_dask_local_cluster_matches_the_local_executor(planted_corpus, reference, tmp_path):
-    executor = DaskExecutor(workers=2, progress=False)
+def _toml(tmp_path: Path) -> Path:
+    """The reference run's configuration as a PIPELINE.toml, for runs through the CLI."""
+    toml = tmp_path / "p.toml"
+    stages = "".join(f'[[stages]]\ntype = "{s.type}"\n' for s in config().stages)
+    toml.write_text('docs_per_unit = 20\n[shards]\ntokenizer = "herd.data.shards:ByteTokenizer"\n'
+                    f'max_tokens_per_shard = 200000\n{stages}')
+    assert load_config(toml) == config()  # the same run as the reference, so the same outputs
+    return toml
+
+
+def _scheduler_address(info: Path, proc: subprocess.Popen, seconds: float = 120) -> str:
+    """The address a starting dask-scheduler writes to its scheduler file (which appears before it is full)."""
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, f"dask-scheduler exited with {proc.returncode}"
+        assert time.time() < deadline, "dask-scheduler did not start"
+        try:
+            return json.loads(info.read_text())["address"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            time.sleep(0.1)
+
+
+def test_dask_cluster_by_address_matches_the_local_executor(planted_corpus, reference, tmp_path):
+    """A dask-scheduler and two dask-worker processes on 127.0.0.1, reached by `herd data run --scheduler`."""
+    info = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    common = ["--no-dashboard"]
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--scheduler-file", str(info), *common], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        pipeline.run(planted_corpus.files, tmp_path / "out", config(), executor)
+        address = _scheduler_address(info, procs[0])
+        assert address.startswith("tcp://127.0.0.1:")
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
+                                       "--nthreads", "1", "--host", "127.0.0.1", *common], cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "herd.data.cli", "run", *map(str, planted_corpus.files), "--out", str(out),
+               "--config", str(_toml(tmp_path)), "--scheduler", address, "--quiet"]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert digests(out) == reference
+        # the work ran in the worker processes, not in the CLI's: they were the ones to import herd's stages
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+            loaded = client.run(lambda: "herd.data.pipeline" in sys.modules)
+        assert len(loaded) == 2 and all(loaded.values())
     finally:
-        executor.close()
-    assert digests(tmp_path / "out") == reference
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_unreachable_scheduler_is_one_clear_line(planted_corpus, tmp_path):
+    cmd = [sys.executable, "-m", "herd.data.cli", "run", str(planted_corpus.files[0]), "--out", str(tmp_path / "o"),
+           "--scheduler", "tcp://127.0.0.1:9", "--quiet"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr

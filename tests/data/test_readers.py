@@ -49,14 +49,14 @@ def test_jsonl_malformed_records_are_dropped_with_reasons(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     docs, dropped = split(list(read(path)))
-    assert [d.id for d in docs] == ["a", doc_id(f"{path}:6"), "z"]
-    assert docs[0].url == "https://example.org/a" and docs[0].source == f"{path}:0"
-    assert {(x.id, x.reason) for x in dropped} == {
-        (doc_id(f"{path}:1"), "invalid_utf8"),
-        ("num", "text_not_a_string"),
-        ("none", "missing_text"),
-        (doc_id(f"{path}:4"), "invalid_json"),
-        (doc_id(f"{path}:7"), "not_an_object"),
+    assert [d.id for d in docs] == ["a", doc_id(f"{path}:7"), "z"]
+    assert docs[0].url == "https://example.org/a" and docs[0].source == f"{path}:1"
+    assert {(x.id, x.reason, x.source) for x in dropped} == {
+        (doc_id(f"{path}:2"), "invalid_utf8", f"{path}:2"),
+        ("num", "text_not_a_string", f"{path}:3"),
+        ("none", "missing_text", f"{path}:4"),
+        (doc_id(f"{path}:5"), "invalid_json", f"{path}:5"),
+        (doc_id(f"{path}:8"), "not_an_object", f"{path}:8"),
     }
 
 
@@ -115,15 +115,16 @@ def test_text_tree_with_bad_bytes_empty_files_and_no_extension(tmp_path):
     assert set(by_name) == {"a.txt", "README", "latin1.txt"}
     assert by_name["latin1.txt"].meta["utf8_errors"] == 2 and "K\ufffdse" in by_name["latin1.txt"].text
     assert "utf8_errors" not in by_name["a.txt"].meta
-    assert {(x.id, x.reason) for x in dropped} == {(doc_id(str(root / "empty.txt")), "empty"),
-                                                   (doc_id(str(root / "blank.txt")), "empty")}
+    assert {(x.id, x.reason, x.source) for x in dropped} == {
+        (doc_id(str(root / "empty.txt")), "empty", str(root / "empty.txt")),
+        (doc_id(str(root / "blank.txt")), "empty", str(root / "blank.txt"))}
     assert [d.id for d in read(root) if isinstance(d, Document)] == [d.id for d in docs]  # stable ids
 
 
 def test_html_pages_canonical_and_og_urls_and_broken_markup(tmp_path, planted_corpus):
     page = planted_corpus.html_dir / "library" / "json.html"
     doc = next(read(page))
-    assert doc.url == f"file://{page}" and doc.text.startswith("json — JSON encoder and decoder")
+    assert doc.url == f"file://{page}" and doc.text.startswith("# `json` — JSON encoder and decoder")
     (tmp_path / "og.html").write_text(
         "<html><head><meta property='og:url' content='https://news.example.com/story'></head><body>"
         "<article><h1>Story</h1><p>" + "The council met on Tuesday and agreed on the new budget for schools. " * 4
@@ -169,10 +170,12 @@ def test_warc_bad_and_truncated_records(tmp_path, gz):
     # record 4 is a PDF: skipped silently, it is not a page
     assert [d.url for d in docs] == [f"https://site.example/{i}" for i in (0, 1, 3)]
     assert all(f"Page {d.url[-1]} of the crawl" in d.text for d in docs)
-    assert [(x.id, x.reason) for x in dropped] == [
-        (doc_id(f"{path}#2"), "bad_warc_record"),
-        (doc_id(f"{path}#5"), "truncated_warc_record"),
+    assert [(x.id, x.reason, x.source) for x in dropped] == [
+        (doc_id(f"{path}#2"), "bad_warc_record", f"{path}@{offsets[2]}"),
+        (doc_id(f"{path}#5"), "truncated_warc_record", f"{path}@{offsets[5]}"),
     ]
+    # a document names its record by offset too: the first byte of its record is where its WARC header starts
+    assert [d.source for d in docs] == [f"{path}@{offsets[i]}" for i in (0, 1, 3)]
     clean = tmp_path / ("clean.warc.gz" if gz else "clean.warc")
     clean.write_bytes(data)
     assert [d.url for d in read(clean)] == [f"https://site.example/{i}" for i in (0, 1, 2, 3, 5)]
@@ -200,3 +203,76 @@ def test_binary_files_in_a_text_tree_are_dropped_not_read(tmp_path):
     docs, dropped = split(list(read(tree)))
     assert [Path(d.source).name for d in docs] == ["computer"]
     assert [d.reason for d in dropped] == ["binary"]
+
+
+# --- malformed inputs, generated: every drop names the file and line it came from -----------------------
+
+_GOOD = "good"
+
+
+def _malformed_jsonl(rng: random.Random, n: int) -> tuple[bytes, dict[int, str]]:
+    """A JSONL file of n lines, each good or broken in one of the ways real files are; line -> expected outcome."""
+    kinds = ["good"] * 6 + ["invalid_utf8", "invalid_json", "not_an_object", "missing_text", "text_not_a_string",
+                            "blank", "bom_good", "crlf_good"]
+    lines, expect = [], {}
+    for i in range(1, n + 1):
+        kind = rng.choice(kinds) if i > 1 else rng.choice(["bom_good", "good"])
+        rec = {"id": f"L{i}", "text": f"line {i}: " + " ".join(rng.choice(["alpha", "beta", "gamma", "naïve"])
+                                                                 for _ in range(rng.randint(1, 8)))}
+        # cutting a record mid-way must not also cut a character: non-ASCII only where the line stays whole
+        raw = json.dumps(rec, ensure_ascii=kind == "invalid_json" or rng.random() < 0.5).encode()
+        if kind == "invalid_utf8":
+            raw = raw[:-2] + rng.choice([b"\xff", b"\xc3(", b"\xed\xa0\x80"]) + b'"}'
+        elif kind == "invalid_json":
+            raw = raw[: rng.randint(1, len(raw) - 1)]
+        elif kind == "not_an_object":
+            raw = json.dumps(rng.choice([[1, 2], "text", 3, None])).encode()
+        elif kind == "missing_text":
+            raw = json.dumps({"id": f"L{i}", "body": "x"}).encode()
+        elif kind == "text_not_a_string":
+            raw = json.dumps({"id": f"L{i}", "text": rng.choice([1, ["a"], {"b": 1}, True])}).encode()
+        elif kind == "blank":
+            raw = rng.choice([b"", b"   ", b"\t"])
+        elif kind == "bom_good":
+            raw = b"\xef\xbb\xbf" + raw
+        elif kind == "crlf_good":
+            raw += b"\r"
+        lines.append(raw)
+        if kind != "blank":
+            expect[i] = _GOOD if kind.endswith("good") else kind
+    return b"\n".join(lines) + b"\n", expect
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_seeded_malformed_jsonl_every_drop_names_file_and_line(tmp_path, seed):
+    rng = random.Random(seed)
+    data, expect = _malformed_jsonl(rng, 200)
+    path = tmp_path / f"gen-{seed}.jsonl"
+    path.write_bytes(data)
+    docs, dropped = split(list(read(path)))
+    line_of = lambda src: int(src.rsplit(":", 1)[1])  # noqa: E731
+    assert all(x.source.startswith(f"{path}:") for x in docs + dropped)
+    assert {line_of(d.source): _GOOD for d in docs} | {line_of(x.source): x.reason for x in dropped} == expect
+    assert [d.id for d in docs] == [f"L{i}" for i, k in sorted(expect.items()) if k == _GOOD]
+    # the text survives a BOM or a CR line end intact
+    assert all(d.text.startswith(f"line {d.id[1:]}: ") and not d.text.endswith("\r") for d in docs)
+    # gzip-compressed and cut mid-way: what was readable, then one drop naming the line it was cut in
+    gz = gzip.compress(data)
+    cut = tmp_path / f"gen-{seed}.jsonl.gz"
+    cut.write_bytes(gz[: len(gz) * 2 // 3])
+    cut_docs, cut_dropped = split(list(read(cut)))
+    assert [d.id for d in cut_docs] == [d.id for d in docs[: len(cut_docs)]] and 0 < len(cut_docs) < len(docs)
+    last = cut_dropped[-1]
+    assert last.reason == "truncated_input" and last.source.startswith(f"{cut}:")
+    assert line_of(last.source) > max(line_of(x.source) for x in cut_docs + cut_dropped[:-1])
+
+
+def test_bom_opens_every_format(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"id": "first", "text": "the first record"}\n{"id": "b", "text": "x"}\n')
+    (tmp_path / "b.txt").write_bytes(bom + "Plain text with a byte-order mark.".encode())
+    page = b"<!doctype html><html><body><p>A page that starts with a BOM.</p></body></html>"
+    (tmp_path / "c.html").write_bytes(bom + page)
+    assert [d.id for d in read(tmp_path / "a.jsonl")] == ["first", "b"]
+    assert next(read(tmp_path / "b.txt")).text == "Plain text with a byte-order mark."
+    assert next(read(tmp_path / "c.html")).text == "A page that starts with a BOM."

@@ -97,7 +97,11 @@ class GopherRepetition(DocStage):
     )
 
     def process(self, doc: Document) -> Document | str:
-        text = doc.text
+        # Code repeats lines and phrases by nature (closing braces, `>>>` sessions, call after call), so the
+        # prose around an extracted code block is what is judged; a page that is all code, on all of it.
+        text = prose(doc.text)
+        if len(text.split()) < 50:
+            text = doc.text
         chars = max(len(text), 1)
         paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
         count, dup_chars = duplicated(paras)
@@ -123,6 +127,14 @@ class GopherRepetition(DocStage):
             if _dup_ngram_chars(toks, n) / word_chars > limit:
                 return f"gopher:dup_{n}gram_char_frac"
         return doc
+
+
+_FENCED = re.compile(r"^(`{3,})[^\n`]*\n.*?\n\1$", re.M | re.S)
+
+
+def prose(text: str) -> str:
+    """`text` without its fenced code blocks (as herd's HTML extractor writes `<pre>`)."""
+    return _FENCED.sub("", text) if "```" in text else text
 
 
 def _dup_ngram_chars(toks: list[str], n: int) -> int:
