@@ -216,6 +216,9 @@ def main() -> None:
     from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
 
     app.add_typer(data_app, name="data", help="the pretraining data pipeline")
+    from herd.train import cli as train_cli  # light: imports torch only when a command runs
+
+    app.command("train", context_settings=train_cli.CONTEXT)(train_cli.train_cmd)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

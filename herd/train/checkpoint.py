@@ -1,0 +1,193 @@
+"""Training checkpoints (torch.distributed.checkpoint, sharded) and the final export (herd's checkpoint formats).
+
+A checkpoint is the directory `run.dir/checkpoints/step-N`: the DCP shards of the model and optimizer state
+(every rank writes its own part, whatever mix of FSDP, TP and PP produced it, and DCP reshards on load), plus
+`extra-R.pt` per rank with what is not a tensor of the model: scheduler, data position, RNG states, trainer
+counters. Every rank writes into `step-N.tmp`; rank 0 renames it to `step-N` only once all ranks are done, so a
+crash mid-save leaves a `.tmp` that is ignored (and later removed) and the previous checkpoint stays the latest.
+The newest `keep` checkpoints are kept. With `async_save` the tensors are written in the background while
+training goes on; the rename happens when the write has finished (at the next save or at the end).
+
+    ckpt = Checkpointer(run_dir, config.checkpoint)
+    ckpt.save(step, model_parts, optimizers, extra)     # extra: a picklable dict, per rank
+    extra = ckpt.load(ckpt.latest(), model_parts, optimizers)
+
+`export_model(run_dir, step_dirs, model_config, tokenizer)` reads the model weights back from one checkpoint (or
+averages several: Llama 3 averaged the checkpoints of its annealing stage) on one process, and writes them with
+the tokenizer into `run_dir` in Meta's (or HF's) layout, so `herd.load(run_dir)`, `herd chat --model run_dir`
+and `herd convert run_dir ...` work on a training run.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from herd.train.config import CheckpointSection
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _ModelState(Stateful):
+    """Every model part this rank holds (one, or several pipeline stages) as one state dict."""
+
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for part in self.parts:
+            set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+
+
+class _OptimState(Stateful):
+    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.pairs = list(zip(parts, optimizers))
+
+    def state_dict(self) -> dict:
+        out: dict = {}
+        for part, optim in self.pairs:
+            _merge(out, get_optimizer_state_dict(part, optim))
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, optim in self.pairs:
+            set_optimizer_state_dict(part, optim, state)
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif isinstance(value, list) and isinstance(into.get(key), list):
+            into[key] = into[key] + value
+        else:
+            into[key] = value
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, cfg: CheckpointSection):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg = cfg
+        self._pending: tuple[object, Path, Path] | None = None  # (future, tmp, final) of an async save
+
+    def steps(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return steps[-1][1] if steps else None
+
+    def save(self, step: int, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], extra: dict,
+             *, final: bool = False) -> None:
+        self.wait()
+        final_dir = self.dir / f"step-{step}"
+        if final_dir.exists():
+            return
+        tmp = self.dir / f"step-{step}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        torch.save(extra, tmp / f"extra-{_rank()}.pt")
+        state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers)}
+        if self.cfg.async_save and not final:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final_dir)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._commit(tmp, final_dir)
+
+    def wait(self) -> None:
+        """Finish an asynchronous save in flight (a no-op when there is none)."""
+        if self._pending is not None:
+            future, tmp, final_dir = self._pending
+            self._pending = None
+            future.result()
+            self._commit(tmp, final_dir)
+
+    def _commit(self, tmp: Path, final_dir: Path) -> None:
+        _barrier()  # every rank has written its part
+        if _rank() == 0:
+            tmp.rename(final_dir)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        keep = max(self.cfg.keep, self.cfg.average_last, 1)
+        for _, path in self.steps()[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.dir.glob("step-*.tmp"):
+            if self._pending is None:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
+        """Restore model and optimizer in place from `path`; returns this rank's extra dict."""
+        state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers)}
+        dcp.load(state, checkpoint_id=str(path))
+        rank_file = path / f"extra-{_rank()}.pt"
+        return torch.load(rank_file if rank_file.exists() else path / "extra-0.pt", weights_only=False)
+
+
+def load_model_weights(step_dirs: list[Path], model_config) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model weights of a checkpoint, averaged over several when given several, on CPU."""
+    from herd.checkpoint.base import expected_shapes
+
+    shapes = expected_shapes(model_config)
+    total: dict[str, torch.Tensor] | None = None
+    for path in step_dirs:
+        state = {f"model.{name}": torch.empty(shape) for name, shape in shapes.items()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        weights = {name[len("model."):]: t for name, t in state.items()}
+        total = weights if total is None else {k: total[k] + weights[k] for k in total}
+    assert total is not None, "no checkpoint to read"
+    return {k: v / len(step_dirs) for k, v in total.items()}
+
+
+def export_model(run_dir: str | Path, step_dirs: list[Path], model_config, tokenizer, fmt: str = "meta") -> Path:
+    """Write the final weights (one checkpoint, or the average of several) and the tokenizer into `run_dir`.
+
+    The files are written in a temporary directory and moved in one by one, the config (params.json /
+    config.json, which makes the directory a checkpoint) last.
+    """
+    from herd.checkpoint import save_checkpoint
+
+    run_dir = Path(run_dir)
+    weights = load_model_weights(step_dirs, model_config)
+    tmp = run_dir / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint((model_config, weights, tokenizer), tmp, fmt)
+    marker = "params.json" if fmt == "meta" else "config.json"
+    for other in ("params.json", "config.json"):
+        (run_dir / other).unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir(), key=lambda p: p.name == marker):
+        item.replace(run_dir / item.name)
+    tmp.rmdir()
+    return run_dir

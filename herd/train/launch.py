@@ -1,0 +1,59 @@
+"""Starting a training job: one process, or torchrun (torch.distributed.run) with restarts for several.
+
+`herd train CONFIG --nproc N` validates the config in the launcher (bad configs fail before any worker starts),
+then runs `python -m torch.distributed.run --standalone --nproc-per-node N --max-restarts R -m herd.train ...`.
+A worker that dies (killed, hung and stopped by the watchdog or a collective's timeout, a corruption check)
+makes torchrun restart every worker; they resume from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from herd.train.config import ConfigError, TrainConfig, load_config
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the config path or None, the --section.field overrides)."""
+    if args and not args[0].startswith("--"):
+        return args[0], args[1:]
+    return None, args
+
+
+def launch(config_path: str | None, overrides: list[str], nproc: int) -> int:
+    from herd.train.pretrain import check
+
+    config = load_config(TrainConfig, config_path, overrides)
+    check(config, world_size=nproc)
+    if nproc == 1 and "WORLD_SIZE" not in os.environ:
+        from herd.train.pretrain import pretrain
+
+        summary = pretrain(config)
+        print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens"
+              + (f", held-out loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
+              + f"; weights in {config.run.dir}", file=sys.stderr)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={config.parallel.max_restarts}", "-m", "herd.train"]
+    cmd += ([config_path] if config_path else []) + overrides
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+    return subprocess.call(cmd, env=env)
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    """A torchrun worker: load the config, train, tear the process group down; errors end in one line."""
+    import torch.distributed as dist
+
+    from herd.train.pretrain import pretrain
+
+    config_path, overrides = split_args(sys.argv[1:] if argv is None else argv)
+    try:
+        pretrain(load_config(TrainConfig, config_path, overrides))
+    except ConfigError as e:
+        print(f"herd train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

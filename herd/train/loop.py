@@ -1,0 +1,275 @@
+"""The Trainer: the optimization loop that pretraining and every post-training recipe share.
+
+    trainer = Trainer(config, model, batches, loss_fn, env=env, export=export_fn)
+    trainer.fit()
+
+- `config`: any dataclass with the sections `training`, `checkpoint`, `run` and `fault` (herd.train.config).
+- `model`: the module (already parallelized), or the list of model parts this rank holds (pipeline stages).
+- `batches`: a resumable batch source (herd.train.data): `next()` gives this rank's micro-batches for one
+  optimizer step, `state_dict()` / `load_state_dict()` its position.
+- `loss_fn(model, micro_batch) -> (loss_sum, n_tokens)`: the summed loss of a micro-batch and what it is
+  normalized by (tokens, pairs, ...). The Trainer sums both over micro-batches and data-parallel ranks and makes
+  the gradient that of `total loss / total count`, so the result does not depend on how the batch was split.
+  `causal_lm_loss` is next-token prediction under the document mask; recipes plug their own (masked SFT, DPO).
+- `pipeline`: with pipeline parallelism, an object whose `step(micro_batches) -> (loss_sum, n_tokens)` runs the
+  schedule (forward and backward); it replaces loss_fn.
+- `export(trainer)`: called on every rank after the final checkpoint (herd.train.checkpoint.export_model).
+
+Per optimizer step: forward/backward over the micro-batches (gradient sync only on the last), gradients scaled to
+the mean, clipped; a step whose loss or gradient is NaN/Inf or spikes is skipped or rolled back
+(`fault.nonfinite`); scheduler; metrics (run.dir/metrics.jsonl: step, loss, grad_norm, lr, tokens, tokens_per_s,
+mfu); every `checkpoint.interval` steps a checkpoint. Started again on the same run.dir it resumes from the
+latest checkpoint, bit for bit: same data, same RNG, same optimizer state.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.train import fault
+from herd.train.checkpoint import Checkpointer
+from herd.train.data import IGNORE
+from herd.train.metrics import MetricsLog
+from herd.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from herd.train.parallel import DistEnv
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled tokens, attention confined to each document."""
+    logits = model(batch["tokens"], document_ids=batch.get("document_ids"))
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware computes bf16 fast (CUDA with bf16 support), else full float32."""
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # CPUs here compute bf16 matmuls >100x slower than float32
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, config, model: nn.Module | list[nn.Module], batches,
+                 loss_fn: Callable = causal_lm_loss, *, env: DistEnv | None = None, pipeline=None,
+                 eval_batches: list[dict] | None = None, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, export: Callable[["Trainer"], None] | None = None):
+        self.config = config
+        self.cfg, self.run = config.training, config.run
+        self.parts = model if isinstance(model, list) else [model]
+        self.model = self.parts[0]
+        self.batches, self.loss_fn, self.pipeline = batches, loss_fn, pipeline
+        self.env = env or DistEnv()
+        self.eval_batches = eval_batches or []
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.export = export
+        self.run_dir = Path(self.run.dir)
+        self.optimizers = [build_optimizer(p, self.cfg) for p in self.parts]
+        self.schedulers = [build_scheduler(o, self.cfg) for o in self.optimizers]
+        self.checkpointer = Checkpointer(self.run_dir, config.checkpoint)
+        self.detector = fault.BadStepDetector(config.fault)
+        self.autocast = autocast_dtype(self.cfg.dtype, self.env.device)
+        self.step = 0
+        self.tokens = 0
+        self.bad_in_a_row = 0
+        self.is_main = self.env.rank == 0
+
+    # ------------------------------------------------------------ state
+
+    def extra_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "detector": self.detector.state_dict(),
+                "schedulers": [s.state_dict() for s in self.schedulers], "data": self.batches.state_dict(),
+                "rng": rng_state()}
+
+    def save(self, final: bool = False) -> None:
+        self.checkpointer.save(self.step, self.parts, self.optimizers, self.extra_state(), final=final)
+
+    def restore(self, path: Path, *, keep_data: bool = False) -> None:
+        """Load a checkpoint; `keep_data` leaves the data position as it is (a rollback skips the bad batches)."""
+        data = self.batches.state_dict()
+        extra = self.checkpointer.load(path, self.parts, self.optimizers)
+        self.step, self.tokens = extra["step"], extra["tokens"]
+        self.detector = fault.BadStepDetector(self.config.fault, **extra["detector"])
+        for s, state in zip(self.schedulers, extra["schedulers"]):
+            s.load_state_dict(state)
+        self.batches.load_state_dict(data if keep_data else extra["data"])
+        set_rng_state(extra["rng"])
+
+    # ------------------------------------------------------------ one step
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast)
+
+    def _forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        micro_batches = [{k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
+        if self.pipeline is not None:
+            return self.pipeline.step(micro_batches)
+        loss_total = torch.zeros((), device=self.env.device)
+        count = torch.zeros((), device=self.env.device, dtype=torch.long)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce gradients once per step
+                self.model.set_requires_gradient_sync(last)
+            with self._autocast():
+                loss, n = self.loss_fn(self.model, mb)
+            loss.backward()
+            loss_total += loss.detach().float()
+            count += n
+        return loss_total, count
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        micro_batches = next(self.batches)
+        fault.inject_faults(self.step, self.env.rank, self.parts)
+        loss_sum, count = self._forward_backward(micro_batches)
+        if fault.injected("nan", self.step, self.env.rank):
+            loss_sum = loss_sum + float("nan")
+            for p in self.parts[0].parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    break
+        totals = torch.stack([loss_sum.float(), count.float()]).to(self.env.device)
+        self.env.all_reduce(totals, "dp_replicate", "dp_shard")
+        if self.env.pp > 1:
+            # only the last stage computed the loss; the others contribute zeros
+            self.env.all_reduce(totals, "pp")
+        loss_sum, count = totals[0], totals[1].clamp(min=1)
+        # FSDP averaged the gradients over the data-parallel ranks; they should be sums over count instead.
+        scale = self.env.dp / count
+        grads = [p.grad for part in self.parts for p in part.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
+        norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.cfg.grad_clip,
+                              self.env.group("pp"))
+        loss, norm_value = float(loss_sum / count), float(norm)
+        why = self.detector.judge(loss, norm_value)
+        lr = self.schedulers[0].get_last_lr()[0]
+        if why is None:
+            for optimizer in self.optimizers:
+                optimizer.step()
+            self.bad_in_a_row = 0
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(mb["tokens"].numel()) for mb in micro_batches) * self.env.dp
+        if why is not None:
+            self._bad_step(why, loss)
+        else:
+            for scheduler in self.schedulers:
+                scheduler.step()
+            self.step += 1
+        self.tokens += tokens
+        elapsed = time.perf_counter() - started
+        record = {"step": self.step, "loss": loss, "grad_norm": norm_value, "lr": lr, "tokens": self.tokens,
+                  "tokens_per_s": tokens / elapsed, "step_time": elapsed}
+        if self.flops_per_token and self.peak_flops:
+            record["mfu"] = tokens * self.flops_per_token / elapsed / (self.peak_flops * self.env.world_size)
+        if why is not None:
+            record["skipped"] = why
+        return record
+
+    def _bad_step(self, why: str, loss: float) -> None:
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row > self.config.fault.max_bad_steps:
+            raise RuntimeError(f"{self.bad_in_a_row} bad steps in a row (last: {why}); stopping the run")
+        latest = self.checkpointer.latest() if self.config.fault.nonfinite == "rollback" else None
+        action = f"rolled back to {latest.name}" if latest else "skipped the batch"
+        if self.is_main:
+            fault.log_fault(self.run_dir, {"step": self.step, "kind": "bad_step", "why": why, "loss": loss,
+                                           "action": action})
+            self.log.note(f"step {self.step}: {why}; {action}")
+        if latest is not None:
+            self.restore(latest, keep_data=True)
+        else:
+            # The batch is consumed: the step counts, the weights stay as they were.
+            for scheduler in self.schedulers:
+                scheduler.step()
+            self.step += 1
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean per-token loss over the held-out batches, reduced over data-parallel ranks."""
+        if not self.eval_batches or self.pipeline is not None:
+            return None
+        for part in self.parts:
+            part.eval()
+        totals = torch.zeros(2, device=self.env.device)
+        for batch in self.eval_batches:
+            batch = {k: v.to(self.env.device) for k, v in batch.items()}
+            with self._autocast():
+                loss, n = self.loss_fn(self.model, batch)
+            totals += torch.stack([loss.float(), n.float()])
+        for part in self.parts:
+            part.train()
+        self.env.all_reduce(totals, "dp_replicate", "dp_shard")
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            self.restore(latest)
+        self.log = MetricsLog(self.run_dir, enabled=self.is_main, total_steps=self.cfg.steps, start_step=self.step,
+                              progress=self.run.progress, tensorboard=self.run.tensorboard)
+        if latest is not None:
+            self.log.note(f"resumed from {latest} (step {self.step})")
+        watchdog = fault.Watchdog(self.config.fault.watchdog_s)
+        replicas = self.env.group("dp_replicate")
+        interval = self.config.checkpoint.interval
+        try:
+            for part in self.parts:
+                part.train()
+            while self.step < self.cfg.steps:
+                watchdog.beat()
+                record = self.train_step()
+                step = self.step
+                if self.run.eval_interval and step % self.run.eval_interval == 0 and "skipped" not in record:
+                    record["eval_loss"] = self.evaluate()
+                if self.run.log_interval and (step % self.run.log_interval == 0 or step == self.cfg.steps):
+                    self.log.log(record)
+                every = self.config.fault.checksum_interval
+                if every and replicas is not None and step % every == 0:
+                    fault.check_replicas(self.parts, replicas, step, self.run_dir)
+                if interval and step % interval == 0 and step < self.cfg.steps:
+                    self.save()
+            watchdog.beat()
+            self.save(final=True)
+            self.checkpointer.wait()
+            summary = {"step": self.step, "tokens": self.tokens, "eval_loss": self.evaluate()}
+            if self.export is not None:
+                self.export(self)
+            return summary
+        finally:
+            watchdog.stop()
+            self.log.close()

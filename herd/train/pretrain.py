@@ -1,0 +1,151 @@
+"""The pretraining recipe: a config becomes shards, a model, its parallel layout, batches and a Trainer.
+
+`check(config)` validates everything that can be known before any compute (shards, model shape, context length,
+mesh, batch split) and raises ConfigError with one line; `pretrain(config)` then runs (or resumes) the job.
+Post-training recipes reuse `build_model_config`, `init_weights`, `setup_model` and `make_export`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from herd.model.config import CONFIGS, ModelConfig
+from herd.model.llama import Transformer
+from herd.train.config import ConfigError, ModelSection, TrainConfig, to_toml
+from herd.train.data import PackedBatches, held_out_batches, open_shards
+from herd.train.parallel import DistEnv
+
+
+def build_model_config(section: ModelSection, vocab_size: int | None) -> ModelConfig:
+    """The named configuration (with the tokenizer's vocabulary, when it differs) or the shape in `section`."""
+    vocab = section.vocab_size or vocab_size
+    if section.name:
+        if section.name not in CONFIGS:
+            raise ConfigError(f"model.name: unknown configuration {section.name!r}; known: {', '.join(CONFIGS)}")
+        config = CONFIGS[section.name]
+        return config.replace(vocab_size=vocab) if vocab and vocab != config.vocab_size else config
+    if not vocab:
+        raise ConfigError("model.vocab_size is not set and the shards name no tokenizer vocabulary")
+    try:
+        return ModelConfig(dim=section.dim, n_layers=section.n_layers, n_heads=section.n_heads,
+                           n_kv_heads=section.n_kv_heads, vocab_size=vocab, multiple_of=section.multiple_of,
+                           ffn_dim_multiplier=section.ffn_dim_multiplier, norm_eps=section.norm_eps,
+                           rope_theta=section.rope_theta, max_seq_len=section.max_seq_len,
+                           tie_embeddings=section.tie_embeddings)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def init_weights(model: Transformer, std: float, seed: int) -> None:
+    """Normal(0, std) weights, the residual projections (wo, w2) scaled down by sqrt(2 * layers) as in GPT-2,
+    unit norms; seeded, so every rank starts from the same weights before they are sharded."""
+    generator = torch.Generator().manual_seed(seed)
+    residual_std = std / (2 * model.config.n_layers) ** 0.5
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                s = residual_std if name.endswith(("wo.weight", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=generator) * s)
+
+
+def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConfig, object]:
+    """Everything that can fail before compute: returns (model config, shards)."""
+    import os
+
+    t, p = config.training, config.parallel
+    shards = open_shards(config.data.shards, config.data.verify)
+    if config.data.anneal_shards:
+        open_shards(config.data.anneal_shards)
+    model_config = build_model_config(config.model, shards.tokenizer.get("vocab_size"))
+    vocab = shards.tokenizer.get("vocab_size") or 0
+    if vocab > model_config.vocab_size:
+        raise ConfigError(f"model: vocab_size {model_config.vocab_size} is smaller than the shards' tokenizer's {vocab}")
+    longest = max([t.seq_len] + [v for _, v in t.seq_len_schedule])
+    if longest > model_config.max_seq_len:
+        raise ConfigError(f"training.seq_len {longest} is longer than the model's context ({model_config.max_seq_len});"
+                          " shorten it or raise model.max_seq_len")
+    if t.steps < 1 or t.batch_size < 1:
+        raise ConfigError("training.steps and training.batch_size must be at least 1")
+    if t.anneal_steps >= t.steps:
+        raise ConfigError(f"training.anneal_steps {t.anneal_steps} must be fewer than training.steps {t.steps}")
+    if config.fault.nonfinite not in ("skip", "rollback"):
+        raise ConfigError(f"fault.nonfinite: {config.fault.nonfinite!r}; use skip or rollback")
+    if config.checkpoint.export_format not in ("meta", "hf"):
+        raise ConfigError(f"checkpoint.export_format: {config.checkpoint.export_format!r}; use meta or hf")
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    degrees = p.pp * p.tp * p.dp_replicate * (p.dp if p.dp > 0 else 1)
+    if (p.dp > 0 and degrees != world) or (p.dp <= 0 and world % degrees) or min(p.pp, p.tp, p.dp_replicate) < 1:
+        raise ConfigError(f"parallel: pp {p.pp} x dp_replicate {p.dp_replicate} x dp {p.dp} x tp {p.tp} does not "
+                          f"match the world size {world}")
+    if p.tp > 1 and (model_config.n_heads % p.tp or model_config.kv_heads % p.tp):
+        raise ConfigError(f"parallel.tp {p.tp} does not divide the model's heads ({model_config.n_heads} query, "
+                          f"{model_config.kv_heads} key/value)")
+    if p.tp > 1 and model_config.tie_embeddings:
+        raise ConfigError("parallel.tp > 1 needs untied embeddings (model.tie_embeddings = false)")
+    if p.pp > 1 and model_config.n_layers < p.pp:
+        raise ConfigError(f"parallel.pp {p.pp} is more stages than the model's {model_config.n_layers} layers")
+    dp = world // (p.pp * p.tp)
+    for b in [t.batch_size] + [v for _, v in t.batch_size_schedule]:
+        if b % dp:
+            raise ConfigError(f"training.batch_size {b} does not split over {dp} data-parallel ranks")
+    return model_config, shards
+
+
+def make_export(model_config: ModelConfig, tokenizer, fmt: str):
+    """The Trainer's final step: rank 0 writes the weights (averaged when asked) and tokenizer into run.dir."""
+    from herd.train.checkpoint import export_model
+
+    def export(trainer) -> None:
+        if trainer.is_main:
+            steps = [path for _, path in trainer.checkpointer.steps()]
+            n = max(trainer.config.checkpoint.average_last, 1)
+            export_model(trainer.run_dir, steps[-n:], model_config, tokenizer, fmt)
+            trainer.log.note(f"exported {'the average of ' + str(n) + ' checkpoints' if n > 1 else 'the weights'} "
+                             f"to {trainer.run_dir} ({fmt})")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    return export
+
+
+def pretrain(config: TrainConfig) -> dict:
+    from herd.data.shards import load_tokenizer
+    from herd.train.loop import Trainer
+    from herd.train.metrics import flops_per_token, measure_peak_flops
+    from herd.train.parallel import parallelize
+
+    model_config, shards = check(config)
+    env = DistEnv.from_environment(config.parallel)
+    run_dir = Path(config.run.dir)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config))
+    torch.manual_seed(config.training.seed)
+    model = Transformer(model_config)
+    init_weights(model, config.model.init_std, config.training.seed)
+    parts, pipeline = parallelize(model, env, config)
+    anneal = open_shards(config.data.anneal_shards) if config.data.anneal_shards else None
+    batches = PackedBatches(shards, config.training, held_out=config.data.held_out, dp_rank=env.dp_rank,
+                            dp_size=env.dp, anneal=anneal)
+    eval_batches = held_out_batches(shards, config.training, config.data.held_out, config.run.eval_batches,
+                                    config.training.seq_len, config.training.micro_batch_size or
+                                    config.training.batch_size, env.dp_rank, env.dp)
+    try:
+        tokenizer = load_tokenizer(shards.tokenizer["spec"])
+    except Exception:  # noqa: BLE001 - weights still export; only the tokenizer is missing
+        tokenizer = None
+    peak = config.run.peak_flops or measure_peak_flops(env.device)
+    trainer = Trainer(config, parts, batches, env=env, pipeline=pipeline, eval_batches=eval_batches,
+                      flops_per_token=flops_per_token(model_config, config.training.seq_len), peak_flops=peak,
+                      export=make_export(model_config, tokenizer, config.checkpoint.export_format))
+    return trainer.fit()
+
+
+def with_overrides(config, **sections) -> TrainConfig:
+    """A copy of `config` with some fields of some sections replaced: with_overrides(c, training={"steps": 5})."""
+    return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **fields)
+                                          for name, fields in sections.items()})
+
