@@ -219,6 +219,10 @@ def main() -> None:
     from herd.train import cli as train_cli  # light: imports torch only when a command runs
 
     app.command("train", context_settings=train_cli.CONTEXT)(train_cli.train_cmd)
+    from herd.posttrain import cli as posttrain_cli  # light: imports torch only when a command runs
+
+    app.command("finetune", context_settings=posttrain_cli.CONTEXT)(posttrain_cli.finetune_cmd)
+    app.command("sample")(posttrain_cli.sample_cmd)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -72,6 +72,34 @@ def verifier_scorer(verifier) -> Scorer:
     return lambda rows, replies: [float(verifier(r, t)) for r, t in zip(rows, replies)]
 
 
+def reward_scorer(path: str | Path, chunk: int = 16) -> Scorer:
+    """Scores from a `herd finetune` reward model: the prompt and reply in its own chat format, one score each."""
+    from herd.posttrain.finetune import load_reward_model
+
+    model, llm = load_reward_model(path)
+    encoder = DialogEncoder(llm.chat_format)
+    pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else 0
+
+    @torch.no_grad()
+    def scorer(rows: Sequence[dict], replies: Sequence[str]) -> list[float]:
+        sequences = []
+        for row, reply in zip(rows, replies):
+            prompt = encoder.prompt(row["messages"], row.get("tools"))
+            written = encoder.reply(prompt, row["messages"], {"role": "assistant", "content": reply}, row.get("tools"))
+            sequences.append((prompt + written)[:model.body.config.max_seq_len])
+        scores: list[float] = []
+        for start in range(0, len(sequences), chunk):
+            part = sequences[start:start + chunk]
+            tokens = torch.full((len(part), max(map(len, part))), pad, dtype=torch.long)
+            for i, ids in enumerate(part):
+                tokens[i, :len(ids)] = torch.tensor(ids)
+            lengths = torch.tensor([len(ids) for ids in part])
+            scores += model(tokens.to(llm.device), lengths.to(llm.device)).tolist()
+        return scores
+
+    return scorer
+
+
 def score(samples: Sequence[Sampled], scorer: Scorer) -> None:
     for s in tqdm(samples, desc="scoring", unit="prompt"):
         s.scores = list(scorer([s.row] * len(s.replies), s.replies))
