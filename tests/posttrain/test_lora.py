@@ -34,6 +34,7 @@ def test_only_adapters_train_and_training_starts_from_the_base():
         assert torch.equal(model(ids), before)
 
 
+@pytest.mark.heavy
 def test_merged_lora_gives_the_adapted_logits_and_exports(tmp_path, chatml_format):
     tok = chatml_format.tokenizer
     model = _trained_lora(tiny_model(320))

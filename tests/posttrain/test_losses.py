@@ -56,6 +56,7 @@ def _trl_preference_inputs(examples, ranks=(0, 1), pad_id=0):
         {"prompt_ids": e.prompt, "chosen_ids": e.replies[better], "rejected_ids": e.replies[worse]} for e in examples])
 
 
+@pytest.mark.heavy
 def test_dpo_loss_equals_trl_with_llama3_changes_off(hf_dirs, pairs, chatml_format, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
