@@ -9,8 +9,8 @@ and fault injection for testing all of that.
 - `check_replicas` compares a checksum of every parameter across data-parallel replicas (which must be bit for
   bit equal): a mismatch, the mark of silent data corruption, is reported (stderr, run.dir/faults.jsonl) and
   raised, so the job restarts from the last checkpoint.
-- HERD_TRAIN_INJECT="nan@5,kill@7:1,hang@3,corrupt@4:1" plants faults at those steps (on that rank, else all),
-  on the first attempt only (a restarted job runs clean): what the fault-tolerance tests use.
+- HERD_TRAIN_INJECT="nan@5,kill@7:1,hang@3,corrupt@4:1#0" plants faults at those steps (on that rank, else
+  all; in that attempt, else the first, so a restarted job runs clean): what the fault-tolerance tests use.
 """
 from __future__ import annotations
 
@@ -100,10 +100,10 @@ def check_replicas(parts: list[nn.Module], group: dist.ProcessGroup, step: int, 
     differs = (table != table[0]).any(dim=0)
     if not differs.any():
         return
-    bad = [names[i] for i in torch.flatnonzero(differs).tolist()]
+    bad = [names[i] for i in torch.nonzero(differs).flatten().tolist()]
     # The replicas that disagree with the majority, as global ranks.
     ranks = dist.get_process_group_ranks(group)
-    column = table[:, int(torch.flatnonzero(differs)[0])]
+    column = table[:, int(torch.nonzero(differs)[0, 0])]
     values, counts = torch.unique(column, return_counts=True)
     majority = values[counts.argmax()]
     culprits = [ranks[i] for i in range(len(ranks)) if column[i] != majority]
@@ -127,14 +127,18 @@ def log_fault(run_dir: Path, record: dict) -> None:
 
 
 def injected(kind: str, step: int, rank: int) -> bool:
-    """Whether HERD_TRAIN_INJECT plants `kind` at `step` on `rank`; never after a restart."""
+    """Whether HERD_TRAIN_INJECT plants `kind` at `step` on `rank` in this attempt.
+
+    Items are KIND@STEP[:RANK][#ATTEMPT]: the rank defaults to all, the attempt (torchrun's restart count) to the
+    first, so a restarted job runs clean unless a later attempt is named.
+    """
     spec = os.environ.get("HERD_TRAIN_INJECT", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return False
-    for item in spec.split(","):
-        name, _, where = item.strip().partition("@")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        item, _, when = item.partition("#")
+        name, _, where = item.partition("@")
         at, _, on = where.partition(":")
-        if name == kind and int(at) == step and (not on or int(on) == rank):
+        if name == kind and int(at) == step and (not on or int(on) == rank) and int(when or 0) == attempt:
             return True
     return False
 

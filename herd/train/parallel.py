@@ -80,12 +80,26 @@ class DistEnv:
             torch.cuda.set_device(device)
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+            timeout = datetime.timedelta(seconds=cfg.timeout_s)
+            dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                    world_size=world, timeout=timeout)
         from torch.distributed.device_mesh import init_device_mesh
 
         env.mesh = init_device_mesh(device.type, (pp, rep, shard, tp),
                                     mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
         return env
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, under a prefix of its own for each restart of the job.
+
+    torchrun's agent keeps one store across restarts, and gloo would read the previous attempt's addresses
+    (dead ports: "connection refused") unless every attempt's keys are kept apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world, is_master=not agent_store and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"herd/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def parallelize(model: nn.Module, env: DistEnv, config) -> tuple[list[nn.Module], object | None]:
@@ -180,3 +194,6 @@ def apply_tp(model: nn.Module, mesh) -> None:
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             "feed_forward.w3": ColwiseParallel(),
         })
+        # Each rank now computes its share of the heads; the module reshapes by these counts.
+        block.attention.n_heads //= mesh.size()
+        block.attention.n_kv_heads //= mesh.size()
