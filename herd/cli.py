@@ -226,6 +226,10 @@ def main() -> None:
     from herd.quant.cli import quantize
 
     app.command("quantize")(quantize)
+    from herd.posttrain import cli as posttrain_cli  # light: imports torch only when a command runs
+
+    app.command("finetune", context_settings=posttrain_cli.CONTEXT)(posttrain_cli.finetune_cmd)
+    app.command("sample")(posttrain_cli.sample_cmd)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

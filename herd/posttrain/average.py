@@ -1,0 +1,29 @@
+"""Averaging checkpoints of one architecture (runs on different data or hyper-parameters), as Llama 3 did."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from herd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def average_checkpoints(paths: Sequence[str | Path], out: str | Path, fmt: str = "meta",
+                        weights: Sequence[float] | None = None) -> Path:
+    """Write the (weighted) mean of the checkpoints' weights to `out`, with the first one's tokenizer."""
+    if len(paths) < 2:
+        raise ValueError("averaging needs at least two checkpoints")
+    weights = list(weights) if weights is not None else [1.0] * len(paths)
+    if len(weights) != len(paths) or sum(weights) <= 0:
+        raise ValueError("give one positive weight per checkpoint")
+    ckpts = [load_checkpoint(p) for p in paths]
+    first = ckpts[0]
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        if ckpt.config != first.config:
+            raise CheckpointError(f"{path}: its shape differs from {paths[0]}'s; only one architecture averages")
+    total = sum(weights)
+    state = {}
+    for name in first.state_dict.keys():
+        state[name] = sum(w / total * c.state_dict[name].float() for w, c in zip(weights, ckpts))
+    return save_checkpoint((first.config, state, first.tokenizer), out, fmt)

@@ -1,0 +1,77 @@
+"""`herd finetune` and `herd sample`: thin commands over herd.posttrain (heavy imports happen inside)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+# Overrides (--section.field VALUE) are not options typer knows: they are passed through as extra args.
+CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def finetune_cmd(
+    ctx: typer.Context,
+    print_config: bool = typer.Option(False, "--print-config", help="print the complete TOML config and exit"),
+):
+    """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | kd.
+    Run again to resume."""
+    from herd.train.config import to_toml
+    from herd.train.launch import split_args
+
+    from herd.posttrain.finetune import FinetuneConfig, finetune, load_finetune_config
+
+    config_path, overrides = split_args(list(ctx.args))
+    if print_config:
+        from herd.train.config import load_config
+
+        typer.echo(to_toml(load_config(FinetuneConfig, config_path, overrides)), nl=False)
+        return
+    if config_path is None and not overrides:
+        raise typer.BadParameter("give a CONFIG.toml (herd finetune --print-config writes one)")
+    summary = finetune(load_finetune_config(config_path, overrides))
+    typer.echo(json.dumps(summary))
+
+
+def sample_cmd(
+    model: str = typer.Argument(..., help="the checkpoint to sample from (or default)"),
+    prompts: Path = typer.Argument(..., help='JSONL of {"messages": [...]} prompts (plus what the scorer reads)'),
+    out: Path = typer.Option(..., "--out", "-o", help="SFT rows: each prompt with its best reply"),
+    k: int = typer.Option(16, "--k", help="samples per prompt"),
+    verifier: Optional[str] = typer.Option(None, help="answer, python_tests, or module:function"),
+    reward_model: Optional[Path] = typer.Option(None, help="a `herd finetune` reward model (run.dir/model)"),
+    pairs: Optional[Path] = typer.Option(None, help="also write preference rows (best vs worst reply)"),
+    min_score: Optional[float] = typer.Option(None, help="keep a prompt's best reply only from this score up"),
+    temperature: float = typer.Option(0.8),
+    top_p: float = typer.Option(0.95),
+    max_tokens: int = typer.Option(256),
+    batch_size: int = typer.Option(32, help="sequences per generation batch"),
+    seed: int = typer.Option(0),
+    quantize: str = typer.Option("auto", help="int8, none, or auto"),
+    device: Optional[str] = typer.Option(None),
+):
+    """Rejection sampling: K replies per prompt, scored by a verifier or a reward model, the best kept."""
+    from herd.cli import _load, _status
+    from herd.posttrain import rejection
+
+    if (verifier is None) == (reward_model is None):
+        raise typer.BadParameter("give exactly one scorer: --verifier or --reward-model")
+    if k < 1:
+        raise typer.BadParameter("--k must be at least 1")
+    rows = rejection.read_prompts(prompts)
+    if verifier is not None:
+        from herd.posttrain.verify import load_verifier
+
+        scorer = rejection.verifier_scorer(load_verifier(verifier))
+    else:
+        scorer = rejection.reward_scorer(reward_model)
+    llm = _load(model, quantize, device)
+    config = rejection.SampleConfig(k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                    batch_size=batch_size, seed=seed, min_score=min_score)
+    samples = rejection.generate_samples(llm, rows, config)
+    rejection.score(samples, scorer)
+    kept = rejection.write_jsonl(rejection.best_rows(samples, min_score), out)
+    _status(f"kept {kept} of {len(rows)} prompts in {out}")
+    if pairs is not None:
+        _status(f"wrote {rejection.write_jsonl(rejection.preference_rows(samples), pairs)} preference rows to {pairs}")

@@ -1,0 +1,271 @@
+"""`herd finetune`: every post-training recipe as a config, a data source and a loss, run by the shared Trainer.
+
+    [finetune]
+    recipe = "sft"            # sft | rm | dpo | kd
+    model = "default"         # the checkpoint to tune (anything herd.load reads)
+    data = "train.jsonl"      # SFT rows (sft, kd) or preference rows (rm, dpo)
+
+The tuned model is written to run.dir/model (LoRA merged in), loadable by herd.load and `herd convert`; a reward
+model also writes its head there (reward_head.safetensors). Running the same command again resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from herd.atomic import atomic_output
+from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch,
+                                 read_jsonl)
+from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
+from herd.posttrain.kd import KDConfig, kd_loss
+from herd.posttrain.lora import LoRAConfig, apply_lora, merge_lora
+from herd.posttrain.reward import RewardModel, reward_loss
+from herd.posttrain.sft import sft_loss
+from herd.train.config import (CheckpointSection, ConfigError, FaultSection, RunSection, TrainingSection,
+                               load_config)
+
+RECIPES = ("sft", "rm", "dpo", "kd")
+REWARD_HEAD = "reward_head.safetensors"
+
+
+@dataclass
+class FinetuneSection:
+    recipe: str = "sft"
+    model: str = "default"
+    data: str = ""
+    eval_data: str = ""
+    epochs: float = 0.0          # > 0: training.steps is set from the data size
+    pack: bool = True            # sft / kd: pack dialogs into training.seq_len rows under the document mask
+    teacher: str = ""            # kd: the teacher checkpoint (same vocabulary)
+
+
+@dataclass
+class FinetuneConfig:
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    # Post-training defaults: short runs from a trained model, so a small learning rate and a short warm-up.
+    training: TrainingSection = field(default_factory=lambda: TrainingSection(
+        steps=100, batch_size=8, seq_len=2048, lr=1e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.0))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(interval=0, keep=1))
+    run: RunSection = field(default_factory=lambda: RunSection(dir="out/finetune"))
+    fault: FaultSection = field(default_factory=FaultSection)
+
+
+def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    config = load_config(FinetuneConfig, path, list(overrides))
+    f = config.finetune
+    if f.recipe not in RECIPES:
+        raise ConfigError(f"finetune.recipe {f.recipe!r} is not one of {', '.join(RECIPES)}")
+    if not f.data:
+        raise ConfigError("finetune.data: give the JSONL file to train on")
+    if f.recipe == "kd" and not f.teacher:
+        raise ConfigError("finetune.teacher: the kd recipe needs a teacher checkpoint")
+    return config
+
+
+class ExampleBatches:
+    """A resumable batch source over a list of examples: a seeded order per epoch, one optimizer step per next().
+
+    `collate` turns a list of examples into one micro-batch; each step takes `batch_size` examples in
+    micro-batches of `micro_batch_size`.
+    """
+
+    def __init__(self, items: Sequence, collate: Callable[[list], dict], batch_size: int,
+                 micro_batch_size: int | None, seed: int):
+        if not items:
+            raise ValueError("no training examples")
+        self.items, self.collate, self.seed = items, collate, seed
+        self.batch_size, self.micro = batch_size, micro_batch_size or batch_size
+        self.position = 0
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.items))
+        order = list(range(len(self.items)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[offset]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        picked = [self.items[self._index(self.position + i)] for i in range(self.batch_size)]
+        self.position += self.batch_size
+        return [self.collate(picked[i:i + self.micro]) for i in range(0, len(picked), self.micro)]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+@dataclass
+class Recipe:
+    """What the Trainer runs: the module trained, its batches, its loss, and how the result is written."""
+
+    model: nn.Module
+    batches: ExampleBatches
+    loss_fn: Callable
+    eval_batches: list[dict]
+    export: Callable
+
+
+def _load(path: str):
+    import herd
+
+    return herd.load(path, quantize=None)
+
+
+def build_recipe(config: FinetuneConfig) -> Recipe:
+    f, t = config.finetune, config.training
+    llm = _load(f.model)
+    encoder = DialogEncoder(llm.chat_format)
+    base: nn.Module = llm.model
+    model: nn.Module = RewardModel(base).to(llm.device) if f.recipe == "rm" else base
+    seq_len = min(t.seq_len, base.config.max_seq_len)
+    run_dir = Path(config.run.dir)
+
+    if f.recipe in ("sft", "kd"):
+        def prepare(path):
+            examples = encode_sft(read_jsonl(path), encoder, seq_len)
+            if f.pack:
+                return pack(examples, seq_len, seed=t.seed)
+            return [pack([e], len(e.ids))[0] for e in examples]
+        items, collate_fn = prepare(f.data), _pad_collate
+        eval_items = prepare(f.eval_data) if f.eval_data else []
+        if f.recipe == "sft":
+            loss_fn = sft_loss
+        else:
+            teacher = _load(f.teacher).model.eval()
+            if teacher.config.vocab_size != base.config.vocab_size:
+                raise ConfigError(f"finetune.teacher: its vocabulary ({teacher.config.vocab_size}) is not the "
+                                  f"student's ({base.config.vocab_size}); logit distillation needs one vocabulary")
+            loss_fn = functools.partial(kd_loss, teacher=teacher, config=config.kd)
+    else:
+        pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else 0
+        mask = f.recipe == "dpo" and config.dpo.mask_formatting
+
+        def prepare(path, name):
+            examples = encode_preferences(read_jsonl(path), encoder, seq_len)
+            if f.recipe == "dpo":
+                refs = cached_reference_logps(base, examples, mask, pad, run_dir / f"ref_logps.{name}.pt")
+                return [(e, r) for e, r in zip(examples, refs)]
+            return [(e, None) for e in examples]
+        items = prepare(f.data, "train")
+        eval_items = prepare(f.eval_data, "eval") if f.eval_data else []
+        collate_fn = functools.partial(_preference_collate, mask_formatting=mask, pad_id=pad)
+        loss_fn = functools.partial(dpo_loss, config=config.dpo) if f.recipe == "dpo" else reward_loss
+
+    if config.lora.rank:
+        apply_lora(base, config.lora)
+        if f.recipe == "rm":
+            model.head.requires_grad_(True)
+    micro = t.micro_batch_size or t.batch_size
+    eval_batches = [collate_fn(eval_items[i:i + micro]) for i in range(0, len(eval_items), micro)]
+    return Recipe(model, ExampleBatches(items, collate_fn, t.batch_size, t.micro_batch_size, t.seed), loss_fn,
+                  eval_batches, functools.partial(export, llm=llm, fmt=config.checkpoint.export_format))
+
+
+def _pad_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Packed rows as they are; unpacked ones (of different lengths) right-padded as documents of their own."""
+    width = max(len(r["tokens"]) for r in rows)
+    if all(len(r["tokens"]) == width for r in rows):
+        return collate(rows)
+    padded = []
+    for r in rows:
+        extra = width - len(r["tokens"])
+        padded.append({"tokens": nn.functional.pad(r["tokens"], (0, extra)),
+                       "labels": nn.functional.pad(r["labels"], (0, extra), value=-100),
+                       "document_ids": nn.functional.pad(r["document_ids"], (0, extra), value=1)})
+    return collate(padded)
+
+
+def _preference_collate(items: list, *, mask_formatting: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    batch = preference_batch([e for e, _ in items], mask_formatting=mask_formatting, pad_id=pad_id)
+    if items[0][1] is not None:
+        refs = torch.stack([r for _, r in items])           # [n, ranks]
+        batch["ref_logps"] = refs.T.reshape(-1)               # rank-major, as the rows
+    return batch
+
+
+def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pad_id: int, path: Path,
+                           chunk: int = 8) -> list[torch.Tensor]:
+    """Each example's summed reply log-probs [ranks] under the untrained model, computed once and kept in run.dir
+    (a resumed run finds them there, as its model has already moved)."""
+    if path.is_file():
+        refs = torch.load(path)
+        if len(refs) == len(examples):
+            return list(refs)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(examples), chunk):
+        part = examples[i:i + chunk]
+        batch = {k: v.to(device) for k, v in preference_batch(part, mask_formatting=mask_formatting,
+                                                               pad_id=pad_id).items()}
+        out.append(reference_logps(model, batch).view(-1, len(part)).T.cpu())
+    refs = torch.cat(out)
+    with atomic_output(path) as tmp:
+        torch.save(refs, tmp)
+    return list(refs)
+
+
+def export(trainer, *, llm, fmt: str) -> None:
+    """Write the trained model (LoRA merged) with its tokenizer to run.dir/model."""
+    from herd.checkpoint import save_checkpoint
+
+    if not trainer.is_main:
+        return
+    model = trainer.model
+    body = model.body if isinstance(model, RewardModel) else model
+    merge_lora(body)
+    out = trainer.run_dir / "model"
+    state = {k: v.detach().cpu() for k, v in body.state_dict().items()}
+    save_checkpoint((body.config, state, llm.tokenizer), out, fmt)
+    if isinstance(model, RewardModel):
+        from safetensors.torch import save_file
+
+        save_file({"weight": model.head.weight.detach().cpu().contiguous()}, str(out / REWARD_HEAD))
+    trainer.log.note(f"wrote the tuned model to {out} ({fmt})")
+
+
+def load_reward_model(path: str | Path):
+    """(RewardModel, LLM) from a `herd finetune` reward-model output directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / REWARD_HEAD).is_file():
+        raise FileNotFoundError(f"{path}: no {REWARD_HEAD}; give the run.dir/model of a `recipe = \"rm\"` run")
+    llm = _load(str(path))
+    rm = RewardModel(llm.model)
+    rm.head.weight.data.copy_(load_file(str(path / REWARD_HEAD))["weight"])
+    return rm.to(llm.device).eval(), llm
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    from herd.train.loop import Trainer
+    from herd.train.parallel import DistEnv
+    from herd.train.config import to_toml
+    from herd.llm import default_device
+
+    torch.manual_seed(config.training.seed)
+    recipe = build_recipe(config)
+    t = config.training
+    if config.finetune.epochs > 0:
+        steps = math.ceil(config.finetune.epochs * len(recipe.batches.items) / t.batch_size)
+        config = dataclasses.replace(config, training=dataclasses.replace(t, steps=max(steps, 1)))
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(config))
+    trainer = Trainer(config, recipe.model, recipe.batches, recipe.loss_fn, env=DistEnv(device=default_device()),
+                      eval_batches=recipe.eval_batches, export=recipe.export)
+    return trainer.fit()

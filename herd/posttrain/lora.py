@@ -1,0 +1,126 @@
+"""LoRA and QLoRA, wrapped around the model's linear layers from outside (the model knows nothing of them).
+
+A LoRA layer computes base(x) + (α / r) · B A x with the base frozen and only A [r, in] and B [out, r] trained;
+B starts at zero, so training starts from the base model exactly. QLoRA keeps the frozen base weights quantized
+(herd.quant's block layers: int8 per row or int4 per group of 32, a quarter or an eighth of float32's bytes): the forward runs the quantized kernel and the backward
+needs only the input gradient, for which the weight is dequantized one layer at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.quant.blocks import BlockLinear, quantize_int4, quantize_int8
+
+QUANTIZED = (BlockLinear,)
+# QLoRA base formats: how a float weight becomes the frozen quantized one.
+BASE_FORMATS = {"int8": quantize_int8, "int4": lambda weight: quantize_int4(weight, 32)}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0                      # 0: no LoRA (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    quantize: str = "none"             # "int8" or "int4": QLoRA over quantized base weights
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The float weight [out, in] of a linear layer, quantized or not."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if isinstance(layer, BlockLinear):
+        return layer.weight_blocks.dequantize()
+    raise TypeError(f"cannot read the weight of a {type(layer).__name__}")
+
+
+class _FrozenQuantized(torch.autograd.Function):
+    """y = base(x) with the input gradient only: quantized kernels have no autograd of their own."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = dequantized_weight(ctx.layer)
+        return (grad.to(weight.dtype) @ weight).to(grad.dtype), None
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *, name: str = "layer"):
+        super().__init__()
+        n_in, n_out = base.in_features, base.out_features
+        if not 0 < rank <= min(n_in, n_out):
+            raise ValueError(f"LoRA rank {rank} does not fit {name} ({n_in} -> {n_out}): "
+                             f"use a rank between 1 and {min(n_in, n_out)}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        device = next(iter(base.buffers()), None)
+        device = dequantized_weight(base).device if device is None else device.device
+        self.lora_a = nn.Parameter(torch.empty(rank, n_in, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(n_out, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.in_features, self.out_features = n_in, n_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = _FrozenQuantized.apply(x, self.base) if isinstance(self.base, QUANTIZED) else self.base(x)
+        return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain linear layer computing base + adapter in one weight."""
+        weight = dequantized_weight(self.base).detach().float()
+        merged = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device)
+        with torch.no_grad():
+            merged.weight.copy_(weight + (self.lora_b @ self.lora_a).float() * self.scale)
+        return merged
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Freeze `model` and wrap every linear layer named in `config.targets` (in place); returns the model.
+
+    With config.quantize "int8" or "int4" each wrapped base layer is first quantized (QLoRA).
+    """
+    if config.quantize != "none" and config.quantize not in BASE_FORMATS:
+        raise ValueError(f"unknown LoRA base quantization {config.quantize!r}: use none, int8 or int4")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for module_name, module in list(model.named_modules()):
+        for name, child in list(module.named_children()):
+            if name not in config.targets or not isinstance(child, (nn.Linear, *QUANTIZED)):
+                continue
+            if config.quantize != "none" and isinstance(child, nn.Linear):
+                child = BlockLinear(BASE_FORMATS[config.quantize](child.weight), scheme=config.quantize)
+            where = f"{module_name}.{name}" if module_name else name
+            setattr(module, name, LoRALinear(child, config.rank, config.alpha, config.dropout, name=where))
+            wrapped += 1
+    if not wrapped:
+        raise ValueError(f"no linear layer is named any of {config.targets}; LoRA targets are layer names "
+                         "such as wq, wk, wv, wo, w1, w2, w3, output")
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRA layer by its merged linear layer, in place; the result is a plain model again."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters alone (A and B of every layer), for saving beside a base checkpoint."""
+    return {k: v.detach() for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b"))}

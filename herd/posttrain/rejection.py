@@ -1,0 +1,142 @@
+"""Rejection sampling: K replies per prompt from the generation engine, each scored, the best kept.
+
+Llama 3 drew 10–30 replies per prompt from its latest model and kept the reward model's favourite as SFT data.
+Prompt rows are `{"messages": [...]}` with whatever the scorer reads (e.g. "answer", "tests"); every sample goes
+through `LLM.generate` in batches of `batch_size` sequences. Kept rows are SFT rows (`messages` ending in the
+best reply, with its `score`); a prompt whose best and worst replies differ in score also gives a preference row.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from herd.atomic import atomic_output
+from herd.posttrain.data import DataError, DialogEncoder, _messages, read_jsonl
+
+Scorer = Callable[[Sequence[dict], Sequence[str]], list[float]]   # (prompt rows, replies) -> scores
+
+
+@dataclass
+class SampleConfig:
+    k: int = 16
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    min_score: float | None = None    # keep a prompt's best only if it scores at least this
+
+
+@dataclass
+class Sampled:
+    row: dict
+    replies: list[str]
+    scores: list[float] = field(default_factory=list)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    rows = []
+    for where, row in read_jsonl(path):
+        messages = _messages(row, "messages", where)
+        if messages and messages[-1].get("role") == "assistant":
+            raise DataError(f"{where}: the prompt ends with an assistant turn; end it where the model should reply")
+        rows.append(row)
+    return rows
+
+
+def generate_samples(llm, rows: Sequence[dict], config: SampleConfig) -> list[Sampled]:
+    """K replies for every row, generated in batches of whole prompts' samples."""
+    torch.manual_seed(config.seed)  # per-row seeds would make a prompt's K copies identical
+    encoder = DialogEncoder(llm.chat_format)
+    prompts = [encoder.prompt(r["messages"], r.get("tools"), f"prompt {i}") for i, r in enumerate(rows)]
+    jobs = [i for i in range(len(rows)) for _ in range(config.k)]
+    out = [Sampled(r, []) for r in rows]
+    per_batch = max(config.batch_size // config.k, 1) * config.k
+    with tqdm(total=len(jobs), desc="sampling", unit="reply") as bar:
+        for start in range(0, len(jobs), per_batch):
+            chunk = jobs[start:start + per_batch]
+            done = llm.generate([prompts[i] for i in chunk], max_tokens=config.max_tokens,
+                                temperature=config.temperature, top_p=config.top_p)
+            for i, completion in zip(chunk, done):
+                out[i].replies.append(completion.text)
+            bar.update(len(chunk))
+    return out
+
+
+def verifier_scorer(verifier) -> Scorer:
+    return lambda rows, replies: [float(verifier(r, t)) for r, t in zip(rows, replies)]
+
+
+def reward_scorer(path: str | Path, chunk: int = 16) -> Scorer:
+    """Scores from a `herd finetune` reward model: the prompt and reply in its own chat format, one score each."""
+    from herd.posttrain.finetune import load_reward_model
+
+    model, llm = load_reward_model(path)
+    encoder = DialogEncoder(llm.chat_format)
+    pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else 0
+
+    @torch.no_grad()
+    def scorer(rows: Sequence[dict], replies: Sequence[str]) -> list[float]:
+        sequences = []
+        for row, reply in zip(rows, replies):
+            prompt = encoder.prompt(row["messages"], row.get("tools"))
+            written = encoder.reply(prompt, row["messages"], {"role": "assistant", "content": reply}, row.get("tools"))
+            sequences.append((prompt + written)[:model.body.config.max_seq_len])
+        scores: list[float] = []
+        for start in range(0, len(sequences), chunk):
+            part = sequences[start:start + chunk]
+            tokens = torch.full((len(part), max(map(len, part))), pad, dtype=torch.long)
+            for i, ids in enumerate(part):
+                tokens[i, :len(ids)] = torch.tensor(ids)
+            lengths = torch.tensor([len(ids) for ids in part])
+            scores += model(tokens.to(llm.device), lengths.to(llm.device)).tolist()
+        return scores
+
+    return scorer
+
+
+def score(samples: Sequence[Sampled], scorer: Scorer) -> None:
+    for s in tqdm(samples, desc="scoring", unit="prompt"):
+        s.scores = list(scorer([s.row] * len(s.replies), s.replies))
+
+
+def _with_reply(row: dict, reply: str) -> list[dict]:
+    return [*row["messages"], {"role": "assistant", "content": reply}]
+
+
+def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> list[dict]:
+    """One SFT row per prompt: its best-scored reply (the first of equals), if it reaches `min_score`."""
+    kept = []
+    for s in samples:
+        best = max(range(len(s.replies)), key=lambda i: s.scores[i])
+        if min_score is None or s.scores[best] >= min_score:
+            kept.append({"messages": _with_reply(s.row, s.replies[best]), "score": s.scores[best]})
+    return kept
+
+
+def preference_rows(samples: Iterable[Sampled]) -> list[dict]:
+    """One preference row per prompt whose best and worst replies differ in score and in text."""
+    rows = []
+    for s in samples:
+        best = max(range(len(s.replies)), key=lambda i: s.scores[i])
+        worst = min(range(len(s.replies)), key=lambda i: s.scores[i])
+        if s.scores[best] > s.scores[worst] and s.replies[best] != s.replies[worst]:
+            rows.append({"prompt": s.row["messages"], "chosen": {"role": "assistant", "content": s.replies[best]},
+                         "rejected": {"role": "assistant", "content": s.replies[worst]},
+                         "scores": [s.scores[best], s.scores[worst]]})
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
+    """Write rows atomically (an interrupted run leaves no half-written file); returns how many."""
+    n = 0
+    with atomic_output(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,13 @@
+"""Helpers for the post-training tests (a module name no other test directory uses)."""
+from __future__ import annotations
+
+import torch
+
+from herd.model import ModelConfig, Transformer
+
+
+def tiny_model(vocab_size: int = 128256, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": vocab_size,
+                            "ffn_hidden_dim": 64, "max_seq_len": 256, **overrides})
+    return Transformer(config)

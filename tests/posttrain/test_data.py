@@ -1,0 +1,121 @@
+"""SFT and preference rows → ids and targets, in Llama 3's format and in a checkpoint's own template."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from herd.posttrain.data import (IGNORE, DataError, DialogEncoder, collate, encode_preferences, encode_sft, pack,
+                                 preference_batch, read_jsonl)
+from herd.posttrain.sft import sft_loss
+
+from posttrain_helpers import tiny_model
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+DIALOG = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"sky": "clear"}'},
+    {"role": "assistant", "content": "Clear skies."},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+def spans(ids, target):
+    """Contiguous runs of target ids."""
+    runs, current = [], []
+    for i, t in zip(ids, target):
+        if t:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def test_llama3_targets_are_exactly_the_assistant_turns(llama3_format):
+    encoder = DialogEncoder(llama3_format)
+    example = encoder.dialog(DIALOG, tools=[WEATHER])
+    tok = llama3_format.tokenizer
+    written = [tok.decode(run) for run in spans(example.ids, example.target)]
+    assert written[0] == "4.<|eot_id|>"
+    assert written[1].startswith("<|python_tag|>") and written[1].endswith("<|eot_id|>")
+    call = json.loads(written[1].removeprefix("<|python_tag|>").removesuffix("<|eot_id|>"))
+    assert call["name"] == "get_weather" and call["parameters"] == {"city": "Paris"}
+    assert written[2] == "Clear skies.<|eot_id|>" and len(written) == 3
+    # The ids are the dialog as the model reads it (up to its last reply), and nothing follows the last reply.
+    prompt = llama3_format.encode_dialog(DIALOG[:6], tools=[WEATHER])
+    assert example.ids[:len(prompt)] == prompt
+    assert tok.decode(example.ids[len(prompt):]) == "Clear skies.<|eot_id|>"
+
+
+def test_template_targets_are_exactly_the_assistant_turns(chatml_format):
+    example = DialogEncoder(chatml_format).dialog(DIALOG[:4] + [{"role": "assistant", "content": "Sunny."}])
+    tok = chatml_format.tokenizer
+    assert [tok.decode(r) for r in spans(example.ids, example.target)] == ["4.<|im_end|>", "Sunny.<|im_end|>"]
+    text = tok.decode(example.ids)
+    assert text.count("<|im_start|>assistant\n") == 2 and text.endswith("Sunny.<|im_end|>")
+
+
+def test_packed_loss_equals_each_dialog_alone(llama3_format):
+    encoder = DialogEncoder(llama3_format)
+    rows = [("a", {"messages": DIALOG[1:3]}), ("b", {"messages": DIALOG[:3]}),
+            ("c", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})]
+    examples = encode_sft(rows, encoder, max_len=64)
+    short, middle, long = sorted(len(e.ids) for e in examples)
+    packed = pack(examples, seq_len=max(long, short + middle))
+    assert len(packed) == 2   # first fit: two dialogs share a row
+    model = tiny_model()
+    loss, n = sft_loss(model, collate(packed))
+    expected, count = 0.0, 0
+    for e in examples:   # each dialog alone, full logits, shifted by hand
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([e.ids]))[0], -1)
+        for i in range(1, len(e.ids)):
+            if e.target[i]:
+                expected -= float(logp[i - 1, e.ids[i]])
+                count += 1
+    assert int(n) == count and abs(float(loss) - expected) < 1e-3 * count
+
+
+def test_preference_batch_masks_prompt_and_optionally_formatting(llama3_format):
+    row = {"prompt": DIALOG[1:2], "chosen": {"role": "assistant", "content": "4"}, "rejected": "five"}
+    [example] = encode_preferences([("r", row)], DialogEncoder(llama3_format), max_len=64)
+    tok = llama3_format.tokenizer
+    full = preference_batch([example], mask_formatting=False)
+    masked = preference_batch([example], mask_formatting=True)
+    decoded = [tok.decode([t for t in labels if t != IGNORE]) for labels in full["labels"].tolist()]
+    assert decoded == ["4<|eot_id|>", "five<|eot_id|>"]
+    assert [tok.decode([t for t in labels if t != IGNORE]) for labels in masked["labels"].tolist()] == ["4", "five"]
+    assert full["lengths"].tolist() == [len(example.prompt) + 2, len(example.prompt) + 2]
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lines, kind, message", [
+    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', '{"messages": ['],
+     "sft", r"rows.jsonl:2: not valid JSON"),
+    (['{"messages": [{"role": "user", "content": "hi"}]}'], "sft", r"rows.jsonl:1: no assistant turn"),
+    (['{"messages": "hi"}'], "sft", r"rows.jsonl:1: \"messages\" must be a list"),
+    (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "a"}'], "pref",
+     r"rows.jsonl:1: chosen and rejected are the same reply"),
+    (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "edited": "a"}'], "pref",
+     r"rows.jsonl:1: edited and chosen are the same reply"),
+])
+def test_bad_rows_fail_with_one_line_naming_the_row(tmp_path, llama3_format, lines, kind, message):
+    rows = read_jsonl(_write(tmp_path, lines))
+    encode = encode_sft if kind == "sft" else encode_preferences
+    with pytest.raises(DataError, match=message) as error:
+        encode(rows, DialogEncoder(llama3_format), max_len=64)
+    assert "\n" not in str(error.value)

@@ -1,0 +1,105 @@
+"""LoRA / QLoRA wrapped around the model from outside: merging, export, gradients through quantized bases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import herd
+from herd.checkpoint import convert, save_checkpoint
+from herd.posttrain.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict, merge_lora
+from herd.quant.blocks import BlockLinear
+from posttrain_helpers import tiny_model
+
+
+def _trained_lora(model, **config):
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, **config))
+    torch.manual_seed(1)
+    with torch.no_grad():   # as if trained: B away from its zero start
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(std=0.05)
+    return model
+
+
+def test_only_adapters_train_and_training_starts_from_the_base():
+    model = tiny_model()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+    apply_lora(model, LoRAConfig(rank=4, targets=["wq", "wv", "w2"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_a", "lora_b")) for n in trainable)
+    assert len(trainable) == 2 * 3 * model.config.n_layers
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+
+
+@pytest.mark.heavy
+def test_merged_lora_gives_the_adapted_logits_and_exports(tmp_path, chatml_format):
+    tok = chatml_format.tokenizer
+    model = _trained_lora(tiny_model(320))
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        adapted = model(ids)
+        assert len(lora_state_dict(model)) == 2 * 7 * model.config.n_layers
+        merged = merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        assert torch.allclose(merged(ids), adapted, atol=1e-5)
+    save_checkpoint((merged.config, merged.state_dict(), tok), tmp_path / "meta", "meta")
+    with torch.no_grad():
+        loaded = herd.load(tmp_path / "meta", quantize=None).model(ids)
+    assert torch.allclose(loaded, adapted, atol=1e-5)
+    # ...and converted to Hugging Face's format (what `herd convert --format hf` runs), in transformers.
+    convert(tmp_path / "meta", tmp_path / "hf", "hf")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, adapted, atol=1e-4)
+
+
+@pytest.mark.parametrize("base", ["int8", "int4"])
+def test_qlora_gradients_flow_through_quantized_base_weights(base):
+    """QLoRA's adapter gradients equal those of LoRA over the same, dequantized, float weights."""
+    from herd.posttrain.lora import BASE_FORMATS
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(64, 32, bias=False)]
+    quantized = [BlockLinear(BASE_FORMATS[base](l.weight)) for l in linears]
+    float_bases = []
+    for q in quantized:
+        layer = torch.nn.Linear(q.in_features, q.out_features, bias=False)
+        from herd.posttrain.lora import dequantized_weight
+
+        layer.weight.data.copy_(dequantized_weight(q))
+        float_bases.append(layer)
+    x = torch.randn(3, 5, 32)
+    grads = []
+    for bases in (quantized, float_bases):
+        torch.manual_seed(2)
+        first, second = (LoRALinear(b, rank=4, alpha=8) for b in bases)
+        with torch.no_grad():
+            first.lora_b.normal_()
+            second.lora_b.normal_()
+        second(torch.relu(first(x))).square().sum().backward()
+        grads.append([first.lora_a.grad, first.lora_b.grad, second.lora_a.grad])
+    tolerance = 1e-4   # 15 tokens: the block layer multiplies its stored weights with float activations
+    for q, f in zip(*grads):
+        assert (q - f).norm() <= tolerance * f.norm()
+
+
+def test_qlora_on_the_model_trains_adapters_over_int8_layers():
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=4, quantize="int8"))
+    assert isinstance(model.layers[0].attention.wq.base, BlockLinear)
+    loss = model(torch.randint(0, 1000, (1, 8))).logsumexp(-1).sum()
+    loss.backward()
+    assert model.layers[0].feed_forward.w1.lora_b.grad.abs().sum() > 0   # A's gradient waits for B to move
+
+
+def test_lora_rank_larger_than_the_width_is_refused():
+    with pytest.raises(ValueError, match=r"LoRA rank 64 does not fit layers.0.attention.wk \(32 -> 16\)") as error:
+        apply_lora(tiny_model(), LoRAConfig(rank=64, targets=["wk"]))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="no linear layer is named"):
+        apply_lora(tiny_model(), LoRAConfig(rank=2, targets=["q_proj"]))

@@ -1,0 +1,71 @@
+"""Rejection sampling through the generation engine, verifiers, and `herd sample` on bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from herd.llm import LLM
+from herd.posttrain import rejection
+from herd.posttrain.verify import answer, load_verifier, python_tests
+from posttrain_helpers import tiny_model
+
+
+def test_k_samples_per_prompt_in_batches_best_kept(llama3_format):
+    llm = LLM(tiny_model().eval(), llama3_format.tokenizer, llama3_format)
+    batches = []
+    generate = llm.generate
+    llm.generate = lambda prompts, **kw: batches.append(len(prompts)) or generate(prompts, **kw)
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}]} for w in ("a", "b", "c")]
+    config = rejection.SampleConfig(k=4, max_tokens=6, batch_size=8, temperature=1.0, top_p=1.0)
+    samples = rejection.generate_samples(llm, rows, config)
+    assert batches == [8, 4] and all(len(s.replies) == 4 for s in samples)
+    assert len({r for s in samples for r in s.replies}) > 3   # K different samples, not one repeated
+    rejection.score(samples, rejection.verifier_scorer(lambda row, text: len(text)))
+    best = rejection.best_rows(samples)
+    for s, row in zip(samples, best):
+        assert row["messages"][:-1] == s.row["messages"] and row["score"] == max(len(r) for r in s.replies)
+        assert row["messages"][-1] == {"role": "assistant", "content": max(s.replies, key=len)}
+    for pair in rejection.preference_rows(samples):
+        assert len(pair["chosen"]["content"]) > len(pair["rejected"]["content"])
+    assert rejection.best_rows(samples, min_score=10**6) == []
+
+
+def test_output_is_written_whole_or_not_at_all(tmp_path):
+    def rows():
+        yield {"messages": []}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rejection.write_jsonl(rows(), tmp_path / "out.jsonl")
+    assert list(tmp_path.iterdir()) == []
+    assert rejection.write_jsonl([{"a": 1}, {"b": 2}], tmp_path / "out.jsonl") == 2
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [{"a": 1}, {"b": 2}]
+
+
+def test_verifiers():
+    assert answer({"answer": 12}, "5 + 7 = 12 apples.") == 1.0
+    assert answer({"answer": 12}, "It is 12, no wait, 13") == 0.0 and answer({"answer": 1}, "none") == 0.0
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    assert python_tests({"tests": tests}, "Sure:\n```python\ndef add(a, b):\n    return a + b\n```") == 1.0
+    assert python_tests({"tests": tests}, "def add(a, b):\n    return a - b") == 0.0
+    assert python_tests({"tests": tests}, "def add(a, b):\n    while True: pass", timeout_s=1) == 0.0
+    assert python_tests({"tests": tests}, "x = bytearray(10**9)\ndef add(a, b): return a + b", memory_mb=256) == 0.0
+    assert load_verifier("answer") is answer and load_verifier("json:loads") is json.loads
+    with pytest.raises(ValueError, match="unknown verifier"):
+        load_verifier("nonsense")
+
+
+@pytest.mark.heavy
+def test_sample_refuses_a_malformed_prompt_file_in_one_line(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n')
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "herd.cli", "sample", "default", str(prompts), "--out", str(out),
+                           "--verifier", "answer"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "prompts.jsonl:2: not valid JSON" in lines[0]
+    assert not out.exists()
