@@ -1,5 +1,8 @@
 """Tools a Llama 3.1 model calls: the sandboxed code interpreter, search, math, and custom functions."""
 
+from herd.tools.http import ToolError
+from herd.tools.math import WolframAlpha
 from herd.tools.sandbox import Limits, run_python, sandbox_problem
+from herd.tools.search import BraveSearch
 
-__all__ = ["Limits", "run_python", "sandbox_problem"]
+__all__ = ["BraveSearch", "Limits", "ToolError", "WolframAlpha", "run_python", "sandbox_problem"]
