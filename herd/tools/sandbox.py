@@ -147,7 +147,8 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits) -> list
     }
     env = {
         "PATH": "/usr/bin:/bin", "HOME": _INSIDE_WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
-        "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib",
+        "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib", "XDG_CACHE_HOME": "/tmp/cache",
+        "XDG_CONFIG_HOME": "/tmp/config",
         # One thread per BLAS/OpenMP pool: threads count against the process limit and the address space.
         "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         **runtime_env,
