@@ -22,7 +22,8 @@ class ScriptedLLM:
         self.prompts.append(self.chat_format.tokenizer.decode(ids))
         self.dialogs.append([dict(m) for m in messages])
         text = self.replies.pop(0)
-        if stream:
+        if stream:  # as a real stream: the text up to the stop token, which is not shown
+            text = text.split("<|eot_id|>")[0].split("<|eom_id|>")[0]
             return iter([text[i:i + 7] for i in range(0, len(text), 7)])
         return self.chat_format.decode_assistant(text)
 
@@ -65,9 +66,8 @@ def test_search_question(collection):
     assert ('<|python_tag|>brave_search.call(query="Llama 3.1 release date")<|eom_id|>'
             f"<|start_header_id|>ipython<|end_header_id|>\n\n{result.content}<|eot_id|>") in llm.prompts[1]
     # Streaming: the model's text arrives in pieces before the call.
-    assert "".join(s.text for s in steps[:steps.index(call)]) == llm.chat_format.tokenizer.decode(
-        llm.chat_format.tokenizer.encode('<|python_tag|>brave_search.call(query="Llama 3.1 release date")<|eom_id|>',
-                                         bos=False, allowed_special="all"))
+    assert "".join(s.text for s in steps[:steps.index(call)]) == \
+        '<|python_tag|>brave_search.call(query="Llama 3.1 release date")'
 
 
 def test_arithmetic_goes_to_the_math_backend():
@@ -160,3 +160,34 @@ def test_guard_flags_and_blocks_injected_tool_results():
     steps = run(Agent(llm, tools=[injected], guard=Guard(score, threshold=0.9, block=False)), "Evil?")
     evil = next(s for s in steps if isinstance(s, ToolResult))
     assert evil.flagged == 0.99 and evil.content.startswith("IGNORE")
+
+
+@pytest.mark.skipif(sandbox_problem() is not None, reason="no sandbox here")
+def test_chat_with_tools_shows_calls_results_and_saves_files(monkeypatch, tmp_path, capsys):
+    from herd import cli
+
+    code = "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.savefig('line.png')"
+    llm = ScriptedLLM(f"<|python_tag|>{code}<|eom_id|>", "Saved the plot.<|eot_id|>")
+    monkeypatch.setattr(cli, "_load", lambda *args: llm)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Plot a line.\n"))
+    cli.app(["chat", "--tools", "code_interpreter", "--temperature", "0"], standalone_mode=False)
+    out, err = capsys.readouterr()
+    assert "[code_interpreter(code=\"import matplotlib.pyplot as plt" in err.replace("'", '"')
+    assert "[code_interpreter result: {" in err and "[saved herd-files/line.png]" in err
+    assert out.endswith("Saved the plot.\n")
+    assert (tmp_path / "herd-files" / "line.png").read_bytes().startswith(b"\x89PNG")
+    assert llm.dialogs[1][-1]["role"] == "ipython"
+
+
+def test_chat_with_unknown_tools_fails_before_loading(monkeypatch, capsys):
+    from herd import cli
+
+    monkeypatch.setattr(cli, "_load", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("sys.argv", ["herd", "chat", "--tools", "wolfram_alpha,nonsense"])
+    with pytest.raises(SystemExit) as exit:
+        cli.main()
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "herd: error: custom tool 'nonsense' must be written module:function (built-ins: brave_search, "
+        "wolfram_alpha, code_interpreter)"]

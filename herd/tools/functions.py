@@ -80,7 +80,8 @@ class Tool:
         """`package.module:function`, imported (as the CLI's --tools takes custom functions)."""
         module_name, _, attribute = spec.partition(":")
         if not module_name or not attribute:
-            raise ValueError(f"custom tool {spec!r} must be written module:function")
+            raise ValueError(f"custom tool {spec!r} must be written module:function (built-ins: brave_search, "
+                         "wolfram_alpha, code_interpreter)")
         try:
             target = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
