@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -31,6 +32,8 @@ from pathlib import Path, PurePosixPath
 _BOOT = Path(__file__).with_name("sandbox_boot.py")
 _INSIDE_WORK, _INSIDE_CONTROL = "/work", "/sandbox"
 _INSIDE_PYTHON, _INSIDE_SITE = "/opt/python", "/opt/site-packages"
+_INSIDE_MPL = "/tmp/matplotlib"
+_PLOTS = re.compile(r"matplotlib|pyplot|seaborn|pandas|\.plot\(")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def sandbox_problem() -> str | None:
     return None
 
 
-def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits) -> dict:
+def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits, *, fonts: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="herd-sandbox-") as root:
         work, control = Path(root, "work"), Path(root, "control")
         work.mkdir()
@@ -88,17 +91,33 @@ def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits) -> dict
         inputs = _write_inputs(work, files)
         (control / "main.py").write_text(code, encoding="utf-8")
         shutil.copyfile(_BOOT, control / "boot.py")
-        for path in (Path(root), control, control / "main.py", control / "boot.py"):
+        extra: list[str] = []
+        font_list = _font_list() if fonts and _PLOTS.search(code) else None
+        if font_list:
+            name, data = font_list
+            (control / name).write_bytes(data)
+            extra = ["--ro-bind", str(control / name), f"{_INSIDE_MPL}/{name}"]
+        for path in (Path(root), *control.rglob("*"), control):
             path.chmod(0o755 if path.is_dir() else 0o644)
         uid = _drop_to_uid()
         if uid is not None:
             for path in [work, *work.rglob("*")]:
                 os.chown(path, uid, uid)
         try:
-            run = _execute(_command(work, control, uid, limits), limits)
+            run = _execute(_command(work, control, uid, limits, extra), limits)
             return {**run, "files": _written_files(work, inputs, limits.returned_bytes)}
         finally:
             _make_removable(work)
+
+
+@functools.cache
+def _font_list() -> tuple[str, bytes] | None:
+    """matplotlib's font list, built once by a sandboxed run of our own and shown read-only to later runs that
+    plot: building it takes seconds on every fresh MPLCONFIGDIR. None where matplotlib is not installed."""
+    code = f"import os\nos.environ['MPLCONFIGDIR'] = {_INSIDE_WORK!r}\nimport matplotlib.font_manager"
+    run = _sandboxed(code, {}, Limits(timeout=120, cpu_seconds=120), fonts=False)
+    found = sorted((name, data) for name, data in run["files"].items() if name.startswith("fontlist-"))
+    return found[0] if run["exit_code"] == 0 and found else None
 
 
 def _drop_to_uid() -> int | None:
@@ -129,7 +148,7 @@ def _runtime() -> tuple[list[str], str, list[str], dict[str, str]]:
     return args, interpreter, site_dirs, env
 
 
-def _command(work: Path, control: Path, uid: int | None, limits: Limits) -> list[str]:
+def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: list[str] = ()) -> list[str]:
     runtime_args, interpreter, site_dirs, runtime_env = _runtime()
     config = {
         "uid": uid,
@@ -147,7 +166,7 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits) -> list
     }
     env = {
         "PATH": "/usr/bin:/bin", "HOME": _INSIDE_WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
-        "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp/matplotlib", "XDG_CACHE_HOME": "/tmp/cache",
+        "MPLBACKEND": "Agg", "MPLCONFIGDIR": _INSIDE_MPL, "XDG_CACHE_HOME": "/tmp/cache",
         "XDG_CONFIG_HOME": "/tmp/config",
         # One thread per BLAS/OpenMP pool: threads count against the process limit and the address space.
         "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -168,9 +187,11 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits) -> list
         "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--ro-bind-try", "/etc/fonts", "/etc/fonts",
         "--proc", "/proc", "--dev", "/dev",
         "--perms", "1777", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp",
+        "--perms", "1777", "--dir", _INSIDE_MPL,
         *runtime_args,
         "--ro-bind", str(control), _INSIDE_CONTROL,
         "--bind", str(work), _INSIDE_WORK,
+        *extra,
         "--chdir", _INSIDE_WORK,
         "--clearenv", *[a for key, value in env.items() for a in ("--setenv", key, value)],
         "--", interpreter, "-I", "-B", "-X", "utf8", f"{_INSIDE_CONTROL}/boot.py", json.dumps(config),
