@@ -29,6 +29,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from herd.tools.cgroups import SandboxCgroup
+
 _BOOT = Path(__file__).with_name("sandbox_boot.py")
 _INSIDE_WORK, _INSIDE_CONTROL = "/work", "/sandbox"
 _INSIDE_PYTHON, _INSIDE_SITE = "/opt/python", "/opt/site-packages"
@@ -40,8 +42,8 @@ _PLOTS = re.compile(r"matplotlib|pyplot|seaborn|pandas|\.plot\(")
 class Limits:
     timeout: float = 10.0  # wall clock, seconds
     cpu_seconds: int = 10
-    memory_mb: int = 1024  # address space of each process
-    processes: int = 32  # tasks (processes and threads) of the sandbox's uid
+    memory_mb: int = 1024  # address space of each process; with cgroups (as root), memory of all together
+    processes: int = 32  # tasks (processes and threads)
     file_mb: int = 64  # the largest file it may write
     open_files: int = 256
     output_bytes: int = 64_000  # kept of stdout and of stderr each; the rest is dropped with a note
@@ -173,7 +175,7 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: 
         **runtime_env,
     }
     if uid is None:  # a user's bwrap: a new user namespace, inside which no further one may be made
-        namespaces = ["--unshare-all", "--disable-userns"]
+        namespaces = ["--unshare-all", "--unshare-user", "--disable-userns"]
     else:  # root's: no user namespace (the kuid must not be root's); drop the uid in the boot script
         namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                       "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -200,23 +202,32 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: 
 
 def _execute(command: list[str], limits: Limits) -> dict:
     """Run bwrap, keeping the first `output_bytes` of each stream; kill the whole tree at the timeout."""
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True, umask=0o022)
-    streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
-               "stderr": _CappedReader(process.stderr, limits.output_bytes)}
-    timed_out = False
+    # Two processes each under the memory rlimit could still take twice as much: a cgroup bounds them together.
+    cgroup = SandboxCgroup.make(limits.memory_mb << 20, limits.processes + 2) if os.geteuid() == 0 else None
     try:
-        process.wait(timeout=limits.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True, umask=0o022,
+                                   preexec_fn=cgroup.enter if cgroup else None)
+        streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
+                   "stderr": _CappedReader(process.stderr, limits.output_bytes)}
+        timed_out = False
+        try:
+            process.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # bwrap's child dies with it (PR_SET_PDEATHSIG), and with it, as PID 1 of its namespace, every
+            # process the code started, whatever session or group it moved to.
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        texts = {name: reader.text() for name, reader in streams.items()}
+        out_of_memory = cgroup is not None and cgroup.oom_killed()
     finally:
-        # bwrap's child dies with it (PR_SET_PDEATHSIG), and with it, as PID 1 of its namespace, every process
-        # the code started, whatever session or group it moved to.
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    texts = {name: reader.text() for name, reader in streams.items()}
-    return {**texts, "exit_code": process.returncode, "timed_out": timed_out, "limits": limits}
+        if cgroup:
+            cgroup.remove()
+    return {**texts, "exit_code": process.returncode, "timed_out": timed_out, "out_of_memory": out_of_memory,
+            "limits": limits}
 
 
 class _CappedReader:
@@ -251,16 +262,18 @@ _SIGNALS = {
 
 
 def _result(stdout: str = "", stderr: str = "", exit_code: int | None = None, files: dict | None = None,
-            error: str | None = None, timed_out: bool = False,
+            error: str | None = None, timed_out: bool = False, out_of_memory: bool = False,
             limits: Limits | None = None) -> dict:
     if error is None and exit_code:
-        error = _describe_failure(stderr, exit_code, timed_out, limits)
+        error = _describe_failure(stderr, exit_code, timed_out, out_of_memory, limits)
     return {"stdout": stdout, "stderr": stderr, "exit_code": exit_code, "files": files or {}, "error": error}
 
 
-def _describe_failure(stderr: str, exit_code: int, timed_out: bool, limits: Limits) -> str:
+def _describe_failure(stderr: str, exit_code: int, timed_out: bool, out_of_memory: bool, limits: Limits) -> str:
     if timed_out:
         return f"timed out after {limits.timeout:g} s; the code and every process it started were killed"
+    if out_of_memory:
+        return f"killed: its processes together reached the memory limit ({limits.memory_mb} MiB)"
     # bwrap reports a child killed by signal N as exit status 128 + N.
     signo = exit_code - 128 if exit_code > 128 else -exit_code if exit_code < 0 else None
     if signo is not None and signo in _SIGNALS:

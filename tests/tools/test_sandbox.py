@@ -1,13 +1,14 @@
 """The code interpreter contains hostile code: each attack is reported as an error and leaves the host as it was."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from herd.tools import Limits, run_python
+from herd.tools import Limits, run_python, sandbox
 from herd.tools.sandbox import sandbox_problem
 
 pytestmark = pytest.mark.skipif(sandbox_problem() is not None, reason=f"no sandbox here: {sandbox_problem()}")
@@ -94,6 +95,17 @@ def test_memory_bomb_is_contained():
     for code in ["blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))", "x = [0] * 10**10"]:
         result = run_python(code, limits=Limits(timeout=10, memory_mb=160))
         assert result["error"] == "MemoryError: the memory limit (160 MiB) was reached"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the tree-wide memory limit is a cgroup, which root makes")
+def test_memory_bomb_across_processes_is_contained():
+    """Eight processes each under the per-process limit, 1.6 GiB together: the cgroup stops them at 256 MiB."""
+    code = ("import os, time\nfor _ in range(7):\n    if os.fork() == 0:\n        break\n"
+            "block = bytearray(200 << 20)\ntime.sleep(3)\nprint('survived')")
+    result = run_python(code, limits=Limits(timeout=20, memory_mb=256))
+    assert result["error"] == "killed: its processes together reached the memory limit (256 MiB)"
+    assert result["stdout"].count("survived") < 2
+    assert not list(Path("/sys/fs/cgroup/memory").glob("herd-sandbox-*"))  # removed after the run
 
 
 def test_infinite_loop_times_out():
@@ -211,3 +223,30 @@ def test_refuses_without_namespaces(monkeypatch, tmp_path):
         sandbox_problem.cache_clear()
     assert "bwrap cannot make a sandbox here (bwrap: No permissions to creating new namespace)" in result["error"]
     assert result["stdout"] == ""
+
+
+UNPRIVILEGED = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox"] = sandbox
+spec.loader.exec_module(sandbox)
+bomb = ("import os, time\\nn = 0\\ntry:\\n    while n < 1000:\\n        if os.fork() == 0:\\n"
+        "            time.sleep(5)\\n            os._exit(0)\\n        n += 1\\nexcept OSError:\\n    print(n)")
+print(json.dumps([sandbox.run_python("import os\\nprint(os.getuid(), sorted(os.listdir('/')))"),
+                  sandbox.run_python(bomb, limits=sandbox.Limits(processes=12))]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not shutil.which("setpriv"),
+                    reason="needs root (to become nobody) and the system's Python")
+def test_unprivileged_user_gets_a_user_namespace_sandbox():
+    """The path a non-root user takes: bwrap makes a user namespace, where RLIMIT_NPROC counts only its own."""
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                             UNPRIVILEGED, str(Path(sandbox.__file__))], capture_output=True, text=True, timeout=120,
+                            cwd="/")
+    assert result.returncode == 0, result.stderr
+    hello, bomb = json.loads(result.stdout)
+    uid, root = hello["stdout"].split(" ", 1)
+    assert uid == "65534" and "work" in root and "root" not in root and hello["error"] is None
+    assert int(bomb["stdout"]) < 12
