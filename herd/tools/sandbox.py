@@ -5,8 +5,8 @@ tmpfs /tmp, and read-only: /usr (the system's libraries) and the Python runtime 
 /opt/python, the environment's site-packages at /opt/site-packages). Nothing else of the host exists for it: no
 home, no project checkout, no /etc beyond the loader's cache. It has its own network (loopback only, nothing
 of the host's), PID, IPC and UTS namespaces, rlimits on CPU time, address space, processes, file size and open
-files, caps on what it prints, and a wall-clock timeout that kills its whole process tree (the PID namespace
-dies with it). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the code then drops to a fresh
+files, where root can make one a cgroup bounding the memory and tasks of the whole tree, caps on what it prints,
+and a wall-clock timeout that kills its whole process tree (the PID namespace dies with it). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the code then drops to a fresh
 unprivileged uid (root is exempt from RLIMIT_NPROC); run by a user, the code lives in a new user namespace.
 
 Where no sandbox can be made (bwrap missing, namespaces refused) the code is not run: the result says why.

@@ -226,11 +226,14 @@ def test_refuses_without_namespaces(monkeypatch, tmp_path):
 
 
 UNPRIVILEGED = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
-sandbox = importlib.util.module_from_spec(spec)
-sys.modules["sandbox"] = sandbox
-spec.loader.exec_module(sandbox)
+import importlib.util, json, os, sys, types
+# The system's Python has none of herd's dependencies: load the two modules the sandbox is made of by themselves.
+sys.modules["herd"], sys.modules["herd.tools"] = types.ModuleType("herd"), types.ModuleType("herd.tools")
+for name in ("cgroups", "sandbox"):
+    spec = importlib.util.spec_from_file_location(f"herd.tools.{name}", os.path.join(sys.argv[1], f"{name}.py"))
+    module = sys.modules[f"herd.tools.{name}"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+sandbox = module
 bomb = ("import os, time\\nn = 0\\ntry:\\n    while n < 1000:\\n        if os.fork() == 0:\\n"
         "            time.sleep(5)\\n            os._exit(0)\\n        n += 1\\nexcept OSError:\\n    print(n)")
 print(json.dumps([sandbox.run_python("import os\\nprint(os.getuid(), sorted(os.listdir('/')))"),
@@ -243,7 +246,7 @@ print(json.dumps([sandbox.run_python("import os\\nprint(os.getuid(), sorted(os.l
 def test_unprivileged_user_gets_a_user_namespace_sandbox():
     """The path a non-root user takes: bwrap makes a user namespace, where RLIMIT_NPROC counts only its own."""
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
-                             UNPRIVILEGED, str(Path(sandbox.__file__))], capture_output=True, text=True, timeout=120,
+                             UNPRIVILEGED, str(Path(sandbox.__file__).parent)], capture_output=True, text=True, timeout=120,
                             cwd="/")
     assert result.returncode == 0, result.stderr
     hello, bomb = json.loads(result.stdout)
