@@ -147,6 +147,9 @@ def test_writes_outside_its_directory_fail(tmp_path):
     assert set(result["stdout"].split()) <= {"FileNotFoundError", "PermissionError", "OSError"}
     assert not target.exists() and not Path("/usr/escaped.txt").exists() and not Path("/escaped.txt").exists()
     assert run_python("open('/tmp/scratch', 'w').write('ok')\nprint(open('/tmp/scratch').read())")["stdout"] == "ok\n"
+    # Symlinks it leaves behind are not followed when its files are collected on the host.
+    links = "import os\nos.symlink('/', 'root')\nos.symlink('/etc/hostname', 'name')\nopen('real.txt', 'w').write('x')"
+    assert run_python(links)["files"] == {"real.txt": b"x"}
 
 
 def test_sockets_reach_nothing():
