@@ -225,6 +225,8 @@ def main() -> None:
     from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
 
     app.add_typer(data_app, name="data", help="the pretraining data pipeline")
+    from herd.serve.cli import serve_cmd  # noqa: E402 - typer only; the server's own imports wait for the command
+    app.command("serve")(serve_cmd)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import torch
 
-from herd.generate.generator import Completion, Generator
+from herd.generate.generator import Generator
+from herd.generate.sequence import Completion
 from herd.generate.sampling import SamplingParams
-from herd.model.llama import KVCache, Transformer
+from herd.model.llama import Transformer
+from herd.tokenizer.template import TemplateChatFormat
+from herd.tokenizer.tool_calls import calls_to_text
+from herd.tokenizer.tool_prompts import with_tool_prompts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,42 +82,41 @@ class LLM:
     def chat(self, messages: list[dict], tools: list[dict] | None = None, *, tool_prompt_format: str = "json",
              stream: bool = False, **sampling) -> dict | Iterator[str]:
         """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed)."""
-        ids = self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
+        ids = self.chat_prompt(messages, tools, tool_prompt_format)
         params = SamplingParams(**sampling)
         if stream:
             return self._stream_text(ids, params)
         completion = self.generator.generate([ids], params)[0]
         return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
 
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    tool_prompt_format: str = "json") -> list[int]:
+        """The prompt ids for the assistant's next turn. A checkpoint's own chat template that knows nothing of
+        tools gets Llama 3.1's tool instructions as messages, and earlier calls written into the assistant's text."""
+        if not isinstance(self.chat_format, TemplateChatFormat):
+            return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
+        template = self.chat_format.tokenizer.chat_template
+        if tools and "tools" not in template:
+            messages, tools = with_tool_prompts(list(messages), tools, "json"), None
+        if "tool_calls" not in template:
+            messages = [{**m, "content": (m.get("content") or "") + calls_to_text(m["tool_calls"], "json")}
+                        if m.get("tool_calls") else m for m in messages]
+        messages = [{**m, "content": m.get("content") or ""} for m in messages]
+        return self.chat_format.encode_dialog(messages, tools=tools)
+
     def _stream_text(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         return (d.text for d in self.generator.stream([prompt], params) if d.text)
 
-    @torch.inference_mode()
     def choose(self, messages: list[dict], choices: Sequence[str]) -> dict[str, float]:
         """The log-likelihood of each choice as the start of the assistant's reply (summed over its tokens).
 
         A judge that must answer with a label picks the likeliest one: a small model that would ramble or echo
-        the question still ranks the labels sensibly. The prompt is run once; the choices continue its cache.
+        the question still ranks the labels sensibly. The engine's prefix cache runs the shared prompt once.
         """
         prompt = self.chat_format.encode_dialog(messages)
         replies = [self.tokenizer.encode(c, bos=False) for c in choices]
-        longest = max(len(r) for r in replies)
-        cache = KVCache(self.model.config, 1, len(prompt) + longest, device=self.device,
-                        dtype=self.model.tok_embeddings.weight.dtype)
-        first = torch.log_softmax(self.model(torch.tensor([prompt], device=self.device), cache=cache,
-                                             last_only=True)[0, -1], dim=-1)
-        scores = {c: float(first[r[0]]) for c, r in zip(choices, replies)}
-        if longest > 1:
-            # Every choice continues the same prompt: one row each, over copies of its cache. Right padding is
-            # harmless, since causal attention never looks past a row's own reply.
-            cache.expand(len(choices))
-            batch = torch.zeros(len(choices), longest - 1, dtype=torch.long, device=self.device)
-            for row, reply in enumerate(replies):
-                batch[row, :len(reply) - 1] = torch.tensor(reply[:-1])
-            logp = torch.log_softmax(self.model(batch, cache=cache), dim=-1)
-            for row, (choice, reply) in enumerate(zip(choices, replies)):
-                scores[choice] += sum(float(logp[row, i, token]) for i, token in enumerate(reply[1:]))
-        return scores
+        scores = self.generator.score([prompt + r for r in replies], score_from=len(prompt))
+        return {choice: sum(s) for choice, s in zip(choices, scores)}
 
     def stop_reason(self, completion: Completion) -> str:
         """Llama's name for why a reply ended: end_of_turn, end_of_message (a tool call awaits), out_of_tokens."""

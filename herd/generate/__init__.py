@@ -1,4 +1,6 @@
-from herd.generate.generator import Completion, ContextLengthError, Delta, Generator
+from herd.generate.generator import ContextLengthError, EngineConfig, Generator, QueueFullError, Request
 from herd.generate.sampling import SamplingParams, TokenLogprob
+from herd.generate.sequence import Completion, Delta
 
-__all__ = ["Completion", "ContextLengthError", "Delta", "Generator", "SamplingParams", "TokenLogprob"]
+__all__ = ["Completion", "ContextLengthError", "Delta", "EngineConfig", "Generator", "QueueFullError", "Request",
+           "SamplingParams", "TokenLogprob"]

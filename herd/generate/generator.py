@@ -1,97 +1,163 @@
-"""The generation engine: prefill and decode over a KV cache for a batch of prompts of different lengths.
+"""The generation engine: continuous batching over a paged KV cache with prefix caching.
 
-Everything that generates text — `LLM.generate`, chat, the server, rejection sampling — goes through `Generator.stream`,
-which yields text deltas that are safe to show: whole UTF-8 characters only, and never a prefix of a stop string.
+Everything that generates text — `LLM.generate`, chat, the server, rejection sampling — submits sequences here and
+reads `Delta`s: text that is safe to show (whole UTF-8 characters only, never a prefix of a stop string). The engine
+steps all running sequences together and admits new ones between steps. It is driven either by the caller that
+waits on it (`stream`, `generate`: no thread needed) or, for a server, by one background thread (`start`);
+`submit` and `Request.cancel` are safe from any thread.
 """
 from __future__ import annotations
 
-import codecs
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from herd.generate.kv_cache import PagedKVCache, StepAttention
 from herd.generate.sampling import SamplingParams, TokenLogprob, sample, token_logprob
-from herd.model.llama import KVCache, Transformer
+from herd.generate.scheduler import Scheduler
+from herd.generate.sequence import Completion, Constraint, Delta
+from herd.generate.sequence import Sequence as _Sequence
+from herd.model.llama import Transformer
+
+log = logging.getLogger(__name__)
 
 
 class ContextLengthError(ValueError):
     pass
 
 
-@dataclass
-class Delta:
-    """What one step added to sequence `index` of the batch; `finish_reason` is set on its last delta."""
-
-    index: int
-    text: str
-    tokens: list[int]
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (a stop token or string) or "length"
-    stop_token: int | None = None  # the stop token that ended it, if one did
+class QueueFullError(RuntimeError):
+    pass
 
 
-@dataclass
-class Completion:
-    prompt_tokens: list[int]
-    tokens: list[int]  # generated tokens, the stop token excluded
-    text: str
-    finish_reason: str
-    stop_token: int | None = None
-    logprobs: list[TokenLogprob] | None = None
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 512 << 20  # the KV cache's memory; raised to hold at least one full context
+    max_batch: int = 64  # sequences running at once
+    max_step_tokens: int = 512  # tokens per step: every decoding sequence's one, the rest for prompts (chunks)
+    max_queue: int = 1024  # sequences waiting; `submit` refuses more
 
 
-class _Sequence:
-    """One prompt's progress: its tokens, the text decoded so far and how much of it has been handed out."""
+class Request:
+    """A submitted request's sequences; `cancel` ends them and frees their blocks at the next step."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, max_tokens: int, stop_ids: frozenset[int], device):
-        self.prompt, self.params, self.max_tokens = prompt, params, max_tokens
-        self.stop_ids = frozenset() if params.ignore_eos else stop_ids | frozenset(params.stop_token_ids)
-        self.rng = params.rng(device)
-        self.tokens: list[int] = []
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
-        self.emitted = 0
-        self.finish_reason: str | None = None
-        self.stop_token: int | None = None
-        # A stop string may be completed by the next token: hold back as much text as could start one.
-        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+    def __init__(self, seqs: list[_Sequence], engine: Generator):
+        self.seqs, self._engine = seqs, engine
 
-    def step(self, token: int, piece: bytes, logprob: TokenLogprob | None, index: int) -> Delta:
-        delta = Delta(index, "", [])
-        if token in self.stop_ids:
-            self.finish_reason, self.stop_token = "stop", token
-        else:
-            self.tokens.append(token)
-            delta.tokens.append(token)
-            delta.logprobs += [logprob] if logprob else []
-            self.text += self.decoder.decode(piece)
-            if len(self.tokens) >= self.max_tokens:
-                self.finish_reason = "length"
-        if self.finish_reason:
-            self.text += self.decoder.decode(b"", final=True)
-        hit = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            self.text, self.finish_reason = self.text[:hit], "stop"
-        end = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self.holdback)
-        delta.text, self.emitted = self.text[self.emitted:end], end
-        delta.finish_reason, delta.stop_token = self.finish_reason, self.stop_token
-        return delta
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            seq.cancelled = True
+        self._engine._wake()
 
 
 class Generator:
-    def __init__(self, model: Transformer, tokenizer, *, prefill_chunk: int = 512):
-        self.model, self.tokenizer, self.prefill_chunk = model, tokenizer, prefill_chunk
+    def __init__(self, model: Transformer, tokenizer, *, prefill_chunk: int = 512, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig(max_step_tokens=prefill_chunk)
+        mc = model.config
+        dtype = model.tok_embeddings.weight.dtype
+        block = self.config.block_size
+        per_block = PagedKVCache.bytes_per_token(mc, dtype) * block
+        # At least one full context (plus a block to grow into), so that any single sequence can always finish.
+        blocks_per_context = -(-mc.max_seq_len // block) + 1
+        useful = blocks_per_context * self.config.max_batch  # more could only ever hold cached prefixes
+        num_blocks = max(blocks_per_context, min(useful, self.config.kv_cache_bytes // per_block))
+        self.cache = PagedKVCache(mc, num_blocks, block, device=self.device, dtype=dtype)
+        self.scheduler = Scheduler(self.cache, max_batch=self.config.max_batch,
+                                   max_step_tokens=self.config.max_step_tokens)
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        self._step_lock = threading.Lock()
+        self._inbox: list[_Sequence] = []
+        self._inbox_lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closing = False
 
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
 
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+    @property
+    def capacity(self) -> int:
+        """The most tokens one sequence can hold: the context, or the cache if that is smaller."""
+        return min(self.model.config.max_seq_len, self.cache.pool.num_blocks * self.cache.block_size)
+
+    # -- submitting -------------------------------------------------------------------------------------------
+
+    def submit(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
+               sink: Callable[[Delta], None], *, n: int = 1, timeout: float | None = None,
+               score_from: int | None = None, constraints: Sequence[Constraint] | None = None) -> Request:
+        """Queue `n` sequences for each prompt (Delta.index: prompt * n + choice); thread-safe.
+
+        sink: called with every Delta, from the thread that steps the engine.
+        timeout: seconds from now after which the sequences end with finish_reason "timeout".
+        score_from: no generation; the last delta's logprobs hold log p of prompt tokens [score_from:].
+        constraints: one per sequence, masking the logits before each choice (structured output).
+        """
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
         per_row = _per_row(params, len(prompts))
-        done = [Completion(list(p), [], "", "", logprobs=[] if sp.logprobs is not None else None)
-                for p, sp in zip(prompts, per_row)]
-        for d in self.stream(prompts, per_row):
+        longest = max(len(p) for p in prompts)
+        if longest >= self.capacity:
+            raise ContextLengthError(
+                f"the prompt has {longest} tokens but the model's context is {self.capacity}: shorten the prompt"
+            )
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        seqs = []
+        for i, (prompt, sp) in enumerate(zip(prompts, per_row)):
+            for choice in range(n):
+                if choice and sp.seed is not None:  # the other choices of a seeded request differ, reproducibly
+                    sp = dataclasses.replace(sp, seed=sp.seed + 1)
+                seqs.append(_Sequence(
+                    list(prompt), sp, index=len(seqs), max_tokens=min(sp.max_tokens, self.capacity - len(prompt)),
+                    stop_ids=self.stop_ids, block_size=self.cache.block_size, sink=sink, device=self.device,
+                    score_from=score_from, constraint=constraints[len(seqs)] if constraints else None,
+                    deadline=deadline))
+        with self._inbox_lock:
+            if len(self._inbox) + len(self.scheduler.waiting) + len(seqs) > self.config.max_queue:
+                raise QueueFullError(f"the queue holds {self.config.max_queue} sequences: try again shortly")
+            self._inbox += seqs
+        self._wake()
+        return Request(seqs, self)
+
+    def stream(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
+               **options) -> Iterator[Delta]:
+        """Generate for every prompt, yielding each sequence's deltas as they are decided. Stopping early (closing
+        the iterator) cancels what is left."""
+        events: queue.SimpleQueue[Delta] = queue.SimpleQueue()
+        request = self.submit(prompts, params, events.put, **options)
+        left = len(request.seqs)
+        try:
+            while left:
+                if self._thread is None and events.empty():
+                    self.step()
+                    continue
+                delta = events.get()
+                if delta.finish_reason == "error":
+                    raise RuntimeError(delta.text)
+                left -= delta.finish_reason is not None
+                yield delta
+        finally:
+            request.cancel()
+
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
+                 **options) -> list[Completion]:
+        per_row = _per_row(params, len(prompts))
+        n = options.get("n", 1)
+        done = [Completion(list(prompts[i // n]), [], "", "", logprobs=[] if per_row[i // n].logprobs is not None
+                           else None) for i in range(len(prompts) * n)]
+        for d in self.stream(prompts, per_row, **options):
             row = done[d.index]
             row.tokens += d.tokens
             row.text += d.text
@@ -101,52 +167,128 @@ class Generator:
                 row.finish_reason, row.stop_token = d.finish_reason, d.stop_token
         return done
 
+    def score(self, prompts: Sequence[list[int]], score_from: int) -> list[list[float]]:
+        """log p(token | everything before it) for the tokens [score_from:] of each prompt, sharing their prefix."""
+        scores: list[list[float]] = [[] for _ in prompts]
+        for d in self.stream(prompts, SamplingParams(max_tokens=1, temperature=0), score_from=score_from):
+            scores[d.index] += [lp.logprob for lp in d.logprobs]
+        return scores
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Step the engine in a background thread (for servers); the callers then only wait on their sinks."""
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._closing = True
+            self._wake()
+            self._thread.join()
+            self._thread = None
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _loop(self) -> None:
+        while not self._closing:
+            try:
+                busy = self.step()
+            except Exception as error:  # noqa: BLE001 - a failed step ends its sequences, not the server
+                log.exception("engine step failed")
+                self._fail_all(f"generation failed: {error}")
+                busy = False
+            if not busy:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.waiting or self.scheduler.running)
+
     @torch.inference_mode()
-    def stream(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Delta]:
-        """Generate for every prompt at once, yielding each sequence's deltas as they are decided."""
-        if not prompts or any(not p for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        per_row = _per_row(params, len(prompts))
-        context = self.model.config.max_seq_len
-        longest = max(len(p) for p in prompts)
-        if longest >= context:
-            raise ContextLengthError(
-                f"the prompt has {longest} tokens but the model's context is {context}: shorten the prompt"
-            )
-        stop_ids = frozenset(self.tokenizer.stop_ids)
-        seqs = [
-            _Sequence(list(p), sp, min(sp.max_tokens, context - len(p)), stop_ids, self.device)
-            for p, sp in zip(prompts, per_row)
-        ]
-        cache_len = longest + max(s.max_tokens for s in seqs)
-        start = torch.tensor([longest - len(p) for p in prompts], device=self.device)
-        cache = KVCache(self.model.config, len(prompts), cache_len, device=self.device,
-                        dtype=self.model.tok_embeddings.weight.dtype, start=start)
+    def step(self) -> bool:
+        """One engine step: admit, run the model once over every scheduled token, sample. False when idle."""
+        with self._step_lock:
+            self._take_inbox()
+            self._end_expired()
+            batch = self.scheduler.schedule()
+            if not batch:
+                return bool(self.scheduler.waiting)
+            tokens, positions, parts, rows = [], [], [], []
+            for seq, n in batch:
+                begin = seq.num_computed
+                offset = len(tokens)
+                tokens += seq.tokens[begin:begin + n]
+                positions += range(begin, begin + n)
+                parts.append((seq.blocks, begin, n))
+                if seq.score_from is not None:
+                    first = max(begin, seq.score_from - 1)
+                    rows += [offset + p - begin for p in range(first, min(begin + n, len(seq.tokens) - 1))]
+                if begin + n == len(seq.tokens) and seq.score_from is None:
+                    rows.append(offset + n - 1)
+            logits = self.model(torch.tensor([tokens], device=self.device),
+                                torch.tensor([positions], device=self.device), cache=StepAttention(self.cache, parts),
+                                logits_at=torch.tensor(rows, dtype=torch.long, device=self.device))[0]
+            row = 0
+            for seq, n in batch:
+                self.scheduler.computed(seq, n)
+                if seq.score_from is not None:
+                    row = self._score_step(seq, n, logits, row)
+                elif seq.num_computed == len(seq.tokens):
+                    self._sample(seq, logits[row])
+                    row += 1
+            return True
 
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        batch = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts], device=self.device)
-        logits = self._prefill(batch, cache)
-        while True:
-            next_tokens = []
-            for i, seq in enumerate(seqs):
-                if seq.finish_reason:
-                    next_tokens.append(pad)
-                    continue
-                row = logits[i]
-                token = sample(row, seq.params, seq.rng)
-                lp = token_logprob(row, token, seq.params.logprobs) if seq.params.logprobs is not None else None
-                yield seq.step(token, self.tokenizer.decode_bytes([token]), lp, i)
-                next_tokens.append(token)
-            if all(s.finish_reason for s in seqs):
-                return
-            step = torch.tensor(next_tokens, device=self.device).unsqueeze(1)
-            logits = self.model(step, cache=cache)[:, -1]
+    def _score_step(self, seq: _Sequence, n: int, logits, row: int) -> int:
+        begin = seq.num_computed - n
+        first, end = max(begin, seq.score_from - 1), min(seq.num_computed, len(seq.tokens) - 1)
+        if end > first:
+            logp = torch.log_softmax(logits[row:row + end - first], dim=-1)
+            targets = torch.tensor(seq.tokens[first + 1:end + 1], device=logp.device)
+            seq.prompt_logprobs += logp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
+            row += end - first
+        if seq.num_computed == len(seq.tokens):
+            logprobs = [TokenLogprob(t, lp) for t, lp in zip(seq.tokens[seq.score_from:], seq.prompt_logprobs)]
+            self._finish(seq, Delta(seq.index, "", [], logprobs, finish_reason="length"))
+        return row
 
-    def _prefill(self, batch: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run the prompts through the model in chunks (bounded memory for long prompts); last position's logits."""
-        for begin in range(0, batch.shape[1], self.prefill_chunk):
-            logits = self.model(batch[:, begin:begin + self.prefill_chunk], cache=cache, last_only=True)
-        return logits[:, -1]
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        masked = seq.constraint.mask(logits) if seq.constraint is not None else logits
+        token = sample(masked, seq.params, seq.rng)
+        lp = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
+        delta = seq.step(token, self.tokenizer.decode_bytes([token]), lp)
+        if delta.finish_reason:
+            self._finish(seq, delta)
+        else:
+            seq.sink(delta)
+
+    def _finish(self, seq: _Sequence, delta: Delta) -> None:
+        self.scheduler.release(seq)
+        seq.finished = True
+        seq.sink(delta)
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            seqs, self._inbox = self._inbox, []
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _end_expired(self) -> None:
+        now = time.monotonic()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.cancelled:
+                self._finish(seq, seq.ending("cancelled"))
+            elif seq.over_time(now):
+                self._finish(seq, seq.ending("timeout"))
+
+    def _fail_all(self, message: str) -> None:
+        with self._step_lock:
+            self._take_inbox()
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                self._finish(seq, seq.ending("error", message))
 
 
 def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

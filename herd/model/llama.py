@@ -6,6 +6,7 @@ Parallelism, quantization and checkpointing wrap this module from outside; it ho
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,14 @@ class KVCache:
         return bool(self.start.any())
 
 
+class PagedAttention(Protocol):
+    """A cache that stores each layer's new keys and values itself and attends over what it holds."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, heads, tokens, head_dim], k and v [1, kv_heads, tokens, head_dim] -> [1, heads, tokens, head_dim]."""
+        ...
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -93,6 +102,9 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rotation).transpose(1, 2)
         k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rotation).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None and not isinstance(cache, KVCache):
+            # A paged cache (the generation engine's) stores the keys and attends sequence by sequence itself.
+            return self.wo(cache.attend(layer, q, k, v).transpose(1, 2).reshape(b, s, -1))
         if cache is not None:
             end = cache.length + s
             cache.k[layer][:, :, cache.length:end] = k
@@ -150,31 +162,39 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         *,
         document_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedAttention | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float logits [batch, seq, vocab] (seq = 1 with `last_only`).
+        """Float logits [batch, seq, vocab] (seq = 1 with `last_only`, len(logits_at) with `logits_at`).
 
         positions: rotary position of every token [batch, seq]; by default 0.. (restarting at each document when
             `document_ids` is given, continuing after the cached tokens when `cache` is given).
         document_ids: [batch, seq] ids of the packed documents; a token attends only within its own document.
-        cache: a KVCache to read earlier tokens from and append these to.
+        cache: a KVCache to read earlier tokens from and append these to, or a PagedAttention (then `positions`
+            are required: the tokens of several sequences are laid end to end in one row).
+        logits_at: the positions (indices into seq) whose logits are wanted; the others skip the output layer.
         """
         b, s = tokens.shape
-        if cache is not None and cache.length + s > cache.max_len:
+        paged = cache is not None and not isinstance(cache, KVCache)
+        if paged and positions is None:
+            raise ValueError("a paged cache needs explicit positions")
+        if isinstance(cache, KVCache) and cache.length + s > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} tokens: {cache.length} cached + {s} new do not fit")
         positions = self._default_positions(b, s, document_ids, cache, tokens.device) if positions is None else positions
         angles = positions.to(self.rope_freqs.dtype).unsqueeze(-1) * self.rope_freqs
         rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
-        mask = self._mask(s, document_ids, cache, tokens.device)
+        mask = None if paged else self._mask(s, document_ids, cache, tokens.device)
 
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, rotation, mask, cache, i)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += s
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[:, logits_at]
         return self.output(self.norm(h)).float()
 
     @staticmethod

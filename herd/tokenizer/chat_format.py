@@ -70,14 +70,15 @@ class ChatFormat:
         if role not in _ROLES:
             raise ValueError(f"unknown message role {role!r}; expected one of {sorted(_ROLES)}")
         calls = (message.get("tool_calls") or []) if role == "assistant" else []
-        ids = self._header(_ROLES[role])
-        # The model writes <|python_tag|> before built-in calls and JSON calls (Meta's 3.1 prompt-format page).
-        if calls and (tool_prompt_format == "json" or any(c["function"]["name"] in BUILTIN_TOOLS for c in calls)):
-            ids.append(self._python_tag)
-        ids += self._content(message.get("content"))
+        ids = self._header(_ROLES[role]) + self._content(message.get("content"))
         if role == "user" and message.get("context") is not None:
             ids += self._text("\n\n") + self._content(message["context"])
         if calls:
+            # The model opens a built-in call with <|python_tag|>, after any text it writes first (Meta's 3.1
+            # prompt-format pages); custom calls (JSON, <function=...>, a Python list) go without, as in
+            # llama-models, so that history re-encodes as the model wrote it.
+            if any(c["function"]["name"] in BUILTIN_TOOLS for c in calls):
+                ids.append(self._python_tag)
             ids += self._text(calls_to_text(calls, tool_prompt_format))
         eom = role == "assistant" and message.get("stop_reason") == "end_of_message"
         return ids + [self._eom if eom else self._eot]
@@ -99,15 +100,15 @@ class ChatFormat:
                 ids = ids[:stop]
             text = self.tokenizer.decode(ids).strip(" ")
         text = text.removeprefix("<|start_header_id|>assistant<|end_header_id|>\n\n")
-        python_tag = text.startswith("<|python_tag|>")
-        text = text.removeprefix("<|python_tag|>")
         for token, reason in (("<|eot_id|>", "end_of_turn"), ("<|eom_id|>", "end_of_message")):
             if text.endswith(token):
                 text, stop_reason = text.removesuffix(token), reason
-        calls = parse_calls(text, python_tag)
+        # Text the model writes before <|python_tag|> stays the message's content; the call follows the tag.
+        before, python_tag, body = text.partition("<|python_tag|>")
+        calls = parse_calls(body, True) if python_tag else parse_calls(text, False)
         return {
             "role": "assistant",
-            "content": "" if calls else text,
+            "content": before if python_tag else "" if calls else text,
             "tool_calls": calls,
             "stop_reason": stop_reason or "out_of_tokens",
         }

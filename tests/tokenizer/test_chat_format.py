@@ -107,23 +107,54 @@ def test_custom_tool_calls_in_history_match_reference(fmt, meta_fmt, tool_prompt
 
 
 @pytest.mark.parametrize(
-    ("tool_prompt_format", "calls"),
+    ("tool_prompt_format", "content", "calls"),
     [
-        ("json", [call("brave_search", query="latest price of 1oz gold")]),
-        ("json", [call("wolfram_alpha", query="100th decimal of pi")]),
-        ("python_list", [call("photogen", query="a red cat")]),
-        ("json", [call("trending_songs", n="10", genre="all")]),
+        ("json", "", [call("brave_search", query="latest price of 1oz gold")]),
+        ("json", "Let me look that up.", [call("wolfram_alpha", query="100th decimal of pi")]),
+        ("python_list", "", [call("photogen", query="a red cat")]),
+        ("json", "Running it.\n", [call("code_interpreter", code="print(2 + 2)")]),
     ],
 )
-def test_builtin_and_json_calls_carry_python_tag(fmt, meta_fmt, tool_prompt_format, calls):
-    """A deliberate difference from the installed reference, which writes <|python_tag|> only before
-    code_interpreter calls: Meta's published 3.1 examples show the model writing it before every
-    built-in call and JSON call, so history must say it too (see the full-interaction example below)."""
-    dialog = [USER, {"role": "assistant", "content": "", "tool_calls": calls, "stop_reason": "end_of_message"}]
+def test_builtin_calls_carry_python_tag_between_text_and_call(fmt, meta_fmt, tool_prompt_format, content, calls):
+    """Meta's published 3.1 examples show the model opening every built-in call with <|python_tag|>, after any
+    text it writes first; the installed reference writes the tag only for code_interpreter, and before the text."""
+    dialog = [USER, {"role": "assistant", "content": content, "tool_calls": calls, "stop_reason": "end_of_message"}]
     reference = meta_ids(meta_fmt, dialog, tool_prompt_format)
-    assistant_body = reference.index(128007, reference.index(128007) + 1) + 2  # after "assistant<|end_header_id|>\n\n"
-    expected = reference[:assistant_body] + [128010] + reference[assistant_body:]
+    body = reference.index(128007, reference.index(128007) + 1) + 2  # after "assistant<|end_header_id|>\n\n"
+    reference = [i for i in reference if i != 128010]  # the reference's own tag, if any, goes where it belongs
+    text = fmt.tokenizer.encode(content, bos=False) if content else []
+    expected = reference[:body + len(text)] + [128010] + reference[body + len(text):]
     assert fmt.encode_dialog(dialog, tool_prompt_format) == expected
+
+
+@pytest.mark.parametrize("tool_prompt_format", ["json", "function_tag", "python_list"])
+def test_custom_calls_carry_no_python_tag(fmt, meta_fmt, tool_prompt_format):
+    calls = [call("trending_songs", n="10", genre="all")]
+    dialog = [USER, {"role": "assistant", "content": "", "tool_calls": calls, "stop_reason": "end_of_message"}]
+    ids = fmt.encode_dialog(dialog, tool_prompt_format)
+    assert 128010 not in ids and ids == meta_ids(meta_fmt, dialog, tool_prompt_format)
+
+
+@pytest.mark.parametrize(
+    ("tool_prompt_format", "reply"),
+    [
+        ("json", '<|python_tag|>brave_search.call(query="latest price of 1oz gold")<|eom_id|>'),
+        ("json", 'I will search for it.<|python_tag|>brave_search.call(query="gold price")<|eom_id|>'),
+        ("json", "<|python_tag|>def f(n):\n    return n * 2\n\nprint(f(21))<|eom_id|>"),
+        ("json", '{"type": "function", "name": "trending_songs", "parameters": {"n": "10", "genre": "all"}}<|eom_id|>'),
+        ("function_tag", '<function=trending_songs>{"n": 10}</function><|eot_id|>'),
+        ("python_list", '[get_weather(city="San Francisco", metric="celsius")]<|eot_id|>'),
+        ("json", "Paris is the capital of France.<|eot_id|>"),
+    ],
+)
+def test_model_replies_re_encode_exactly(fmt, tool_prompt_format, reply):
+    """A reply as the model writes it, decoded to a message and encoded back as history, is the same tokens."""
+    ids = fmt.tokenizer.encode(reply, bos=False, allowed_special="all")
+    message = fmt.decode_assistant(ids)
+    assert bool(message["tool_calls"]) != reply.startswith("Paris")
+    header = fmt.tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", bos=False,
+                                  allowed_special="all")
+    assert fmt.encode_message(message, tool_prompt_format) == header + ids
 
 
 def published_prompts(page: str) -> dict[str, str]:

@@ -1,0 +1,194 @@
+"""The engine's KV cache: a fixed pool of blocks, their accounting, the prefix cache and paged attention.
+
+Layout. Each layer keeps one key tensor and one value tensor [kv_heads, num_blocks * block_size, head_dim]: a block
+is `block_size` consecutive slots of it. A sequence owns a list of blocks; when they are consecutive (the allocator
+tries hard: a new sequence starts at the longest free run, and each next block is the one right after the last),
+attention reads the sequence's keys as a *view* of the pool, so a decode step copies nothing but the new token's
+key and value. Only a sequence whose blocks are scattered (after preemption, or a prefix hit in another place) is
+gathered, and only for as long as that lasts. Gathering every sequence into a padded batch at every step would
+move the whole cache through memory once more per token, which on a CPU costs as much as the attention itself.
+
+Prefix caching. A full block is known by a hash chained over every token from the start of the sequence, so equal
+hashes mean equal prefixes (a 128-bit BLAKE2b digest: a user cannot forge a collision with another user's prompt).
+Blocks are reference-counted; an unreferenced block that holds a hashed prefix stays cached, least recently used
+first in line for eviction, until its slots are needed.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from herd.model.config import ModelConfig
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+class BlockPool:
+    """Which blocks are free, in use (with reference counts) or cached; allocation prefers contiguous runs."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = np.zeros(num_blocks, dtype=np.int32)
+        self.free = np.ones(num_blocks, dtype=bool)  # unreferenced and holding no cached prefix
+        self.num_free = num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, least recent first
+
+    @property
+    def available(self) -> int:
+        return self.num_free + len(self.evictable)
+
+    @property
+    def in_use(self) -> int:
+        return self.num_blocks - self.available
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest cached prefix of `hashes`."""
+        found = []
+        for h in hashes:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def acquire(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.evictable.pop(block, None)
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if self.hash_of[block] is not None:
+                self.evictable[block] = None
+            else:
+                self._set_free(block, True)
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Remember that `block` (full, computed) holds the prefix `block_hash`, unless another block already does."""
+        if block_hash not in self.cached and self.hash_of[block] is None:
+            self.cached[block_hash] = block
+            self.hash_of[block] = block_hash
+
+    def allocate(self, after: int | None = None) -> int:
+        """A block for a sequence whose last block is `after`: the next one when possible, for contiguity."""
+        block = None
+        if after is not None and after + 1 < self.num_blocks and self.refs[after + 1] == 0:
+            if self.free[after + 1]:
+                block = after + 1
+            elif after + 1 in self.evictable:
+                block = self._evict(after + 1)
+        if block is None:
+            if self.num_free:
+                block = self._longest_free_run()
+            elif self.evictable:
+                block = self._evict(next(iter(self.evictable)))
+            else:
+                raise OutOfBlocks("no KV-cache block is free")
+        if self.free[block]:
+            self._set_free(block, False)
+        self.refs[block] = 1
+        return block
+
+    def _evict(self, block: int) -> int:
+        del self.evictable[block]
+        del self.cached[self.hash_of[block]]
+        self.hash_of[block] = None
+        self._set_free(block, True)
+        return block
+
+    def _set_free(self, block: int, free: bool) -> None:
+        self.free[block] = free
+        self.num_free += 1 if free else -1
+
+    def _longest_free_run(self) -> int:
+        edges = np.diff(np.concatenate(([0], self.free.view(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        return int(starts[np.argmax(ends - starts)])
+
+
+class PagedKVCache:
+    """The key and value slots of every layer, `block_size` slots a block."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, device, dtype):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        shape = (config.kv_heads, num_blocks * block_size, config.head_dim)
+        # Untouched slots are never read (attention sees a sequence's own filled slots only), so no zeroing.
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.device = device
+        self.gqa = config.kv_heads != config.n_heads
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+        return 2 * config.n_layers * config.kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+
+
+class Segment:
+    """One sequence's part of a step: queries [start, end) of the step's row, keys 0..total of the sequence."""
+
+    __slots__ = ("start", "end", "total", "run", "slots", "mask")
+
+    def __init__(self, start: int, end: int, cached: int, blocks: list[int], block_size: int, device):
+        self.start, self.end, self.total = start, end, cached + end - start
+        contiguous = blocks[-1] - blocks[0] == len(blocks) - 1
+        self.run = blocks[0] * block_size if contiguous else None
+        self.slots = None if contiguous else _slots(blocks, block_size, 0, self.total, device)
+        n = end - start
+        # One query sees every key; a chunk after cached keys needs an explicit causal mask, offset by the cache.
+        self.mask = None
+        if n > 1 and cached:
+            keys = torch.arange(self.total, device=device)
+            self.mask = keys.unsqueeze(0) <= torch.arange(cached, self.total, device=device).unsqueeze(1)
+
+
+def _slots(blocks: list[int], block_size: int, begin: int, end: int, device) -> torch.Tensor:
+    positions = torch.arange(begin, end)
+    table = torch.tensor(blocks)
+    return (table[positions // block_size] * block_size + positions % block_size).to(device)
+
+
+class StepAttention:
+    """The model's cache for one engine step: several sequences' new tokens laid end to end in one row."""
+
+    def __init__(self, cache: PagedKVCache, parts: list[tuple[list[int], int, int]]):
+        """parts: for each sequence, (its blocks, tokens already cached, tokens in this step)."""
+        self.cache = cache
+        self.segments, writes, start = [], [], 0
+        for blocks, cached, n in parts:
+            self.segments.append(Segment(start, start + n, cached, blocks, cache.block_size, cache.device))
+            writes.append(_slots(blocks, cache.block_size, cached, cached + n, cache.device))
+            start += n
+        self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_copy_(1, self.write_slots, k[0])
+        values.index_copy_(1, self.write_slots, v[0])
+        outs = []
+        for seg in self.segments:
+            if seg.run is not None:
+                k_seq, v_seq = keys[:, seg.run:seg.run + seg.total], values[:, seg.run:seg.run + seg.total]
+            else:
+                k_seq, v_seq = keys.index_select(1, seg.slots), values.index_select(1, seg.slots)
+            outs.append(F.scaled_dot_product_attention(
+                q[:, :, seg.start:seg.end], k_seq.unsqueeze(0), v_seq.unsqueeze(0), attn_mask=seg.mask,
+                is_causal=seg.mask is None and seg.end - seg.start > 1,
+                enable_gqa=self.cache.gqa,
+            ))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,131 @@
+"""One sequence in the engine: its tokens, where its keys live, and the text it has handed out."""
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from herd.generate.kv_cache import chain_hash
+from herd.generate.sampling import SamplingParams, TokenLogprob
+
+
+@dataclass
+class Delta:
+    """What one step added to sequence `index` of a request; `finish_reason` is set on its last delta."""
+
+    index: int
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # "stop" (a stop token or string), "length", "timeout", "cancelled", or "error" (then `text` says what failed)
+    finish_reason: str | None = None
+    stop_token: int | None = None  # the stop token that ended it, if one did
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated tokens, the stop token excluded
+    text: str
+    finish_reason: str
+    stop_token: int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
+
+
+class Constraint(Protocol):
+    """Structured output: which tokens may come next, told each chosen token."""
+
+    def mask(self, logits):  # float logits [vocab] -> logits with forbidden tokens at -inf
+        ...
+
+    def accept(self, token: int) -> None:
+        ...
+
+
+class Sequence:
+    def __init__(self, prompt: list[int], params: SamplingParams, *, index: int, max_tokens: int,
+                 stop_ids: frozenset[int], block_size: int, sink: Callable[[Delta], None], device=None,
+                 score_from: int | None = None, constraint: Constraint | None = None, deadline: float | None = None):
+        self.tokens = list(prompt)  # the prompt, then what was generated
+        self.prompt_len = len(prompt)
+        self.params, self.index, self.max_tokens, self.sink = params, index, max_tokens, sink
+        self.stop_ids = frozenset() if params.ignore_eos else stop_ids | frozenset(params.stop_token_ids)
+        self.rng = params.rng(device)
+        self.score_from, self.constraint, self.deadline = score_from, constraint, deadline
+        self.prompt_logprobs: list[float] = []  # scoring requests: log p(token) for tokens[score_from:]
+        self.block_size = block_size
+        self.blocks: list[int] = []
+        self.num_computed = 0  # tokens whose keys and values are in the cache
+        self.num_registered = 0  # full blocks entered in the prefix cache
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache on (first) admission
+        self._hashes: list[bytes] = []
+        self.admitted_at: float | None = None
+        self.cancelled = False
+        self.finished = False
+        # Text handed out so far; a stop string may be completed by the next token, so as much text as could
+        # start one is held back.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+        self.holdback = max((len(s) for s in params.stop), default=1) - 1
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def to_compute(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    def block_hash(self, i: int) -> bytes:
+        """The chained hash of full block i (tokens never change once there, so hashes are kept)."""
+        while len(self._hashes) <= i:
+            j = len(self._hashes)
+            parent = self._hashes[-1] if self._hashes else b""
+            self._hashes.append(chain_hash(parent, self.tokens[j * self.block_size:(j + 1) * self.block_size]))
+        return self._hashes[i]
+
+    def cacheable_blocks(self) -> int:
+        """Full blocks that may come from the prefix cache: the last token is always computed (its logits are
+        needed), and so is every token a scoring request wants the log-probability of."""
+        limit = len(self.tokens) - 1
+        if self.score_from is not None:
+            limit = min(limit, self.score_from - 1)
+        return max(limit, 0) // self.block_size
+
+    def over_time(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+    def step(self, token: int, piece: bytes, logprob: TokenLogprob | None) -> Delta:
+        """Take the chosen token: the delta of text that is now safe to hand out."""
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        delta = Delta(self.index, "", [])
+        reason, stop_token = None, None
+        if token in self.stop_ids:
+            reason, stop_token = "stop", token
+        else:
+            self.tokens.append(token)
+            delta.tokens.append(token)
+            delta.logprobs += [logprob] if logprob else []
+            self.text += self.decoder.decode(piece)
+            if len(self.tokens) - self.prompt_len >= self.max_tokens:
+                reason = "length"
+        if reason:
+            self.text += self.decoder.decode(b"", final=True)
+        hit = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text, reason = self.text[:hit], "stop"
+        end = len(self.text) if reason else max(self.emitted, len(self.text) - self.holdback)
+        delta.text, self.emitted = self.text[self.emitted:end], end
+        delta.finish_reason, delta.stop_token = reason, stop_token
+        return delta
+
+    def ending(self, reason: str, text: str = "") -> Delta:
+        """The last delta of a sequence ended from outside (timeout, cancellation, an error): what was held back."""
+        if reason == "timeout":
+            self.text += self.decoder.decode(b"", final=True)
+            text, self.emitted = self.text[self.emitted:], len(self.text)
+        return Delta(self.index, text, [], finish_reason=reason)

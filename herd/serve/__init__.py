@@ -1,0 +1,1 @@
+"""`herd serve`: an OpenAI-compatible HTTP server on the generation engine."""

@@ -1,0 +1,483 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the one generation engine.
+
+`create_app(llm, settings)` builds the app from routers (the OpenAI API, operations, the chat page); more policy
+plugs in without touching them: `ServerState.input_checks` see every request's messages or prompts first (and may
+raise `APIError`), and `create_app(..., routers=[...])` mounts extra routes beside the built-in ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from herd.generate import ContextLengthError, Delta, QueueFullError, SamplingParams
+from herd.generate.structured import GrammarError, JsonGrammars
+from herd.serve.auth import check_key
+from herd.serve.metrics import Metrics
+from herd.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+STATIC = Path(__file__).parent / "static"
+_CALL_OPENERS = ("{", "[", "<function", "<|python_tag|>")
+
+
+@dataclass
+class ServeSettings:
+    api_keys: tuple[str, ...] = ()
+    model_name: str | None = None  # the id clients send; default: the checkpoint's name
+    max_body_bytes: int = 1 << 20
+    max_n: int = 8
+    max_tokens: int | None = None  # the most tokens one choice may generate (default: what the context allows)
+    request_timeout: float = 600.0  # seconds; a request still generating then ends with what it has
+
+
+@dataclass
+class ServerState:
+    llm: Any
+    settings: ServeSettings
+    metrics: Metrics
+    grammars: JsonGrammars
+    input_checks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name or self.llm.name
+
+
+def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIRouter] = ()) -> FastAPI:
+    settings = settings or ServeSettings()
+    engine = llm.generator
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.herd = ServerState(llm, settings, Metrics(engine), JsonGrammars(llm.tokenizer, llm.model.config.vocab_size))
+    for router in (openai_router, ops_router, *routers):
+        app.include_router(router)
+    _error_handlers(app)
+    return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.herd
+
+
+def _error_handlers(app: FastAPI) -> None:
+    def answer(request: Request, error: APIError) -> JSONResponse:
+        _state(request).metrics.requests.labels(request.url.path, str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return answer(request, error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return answer(request, APIError(error.status_code, str(error.detail), type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        return answer(request, APIError(400, str(error)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        return answer(request, APIError(500, f"internal error: {type(error).__name__}", type="server_error"))
+
+
+# -- reading requests ----------------------------------------------------------------------------------------
+
+async def _parse(request: Request, model: type) -> Any:
+    state = _state(request)
+    check_key(request.headers.get("authorization"), state.settings.api_keys)
+    limit = state.settings.max_body_bytes
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+    if parsed.model != state.model_name:
+        raise APIError(404, f"the model '{parsed.model}' does not exist; this server has '{state.model_name}'",
+                       param="model", code="model_not_found")
+    if parsed.n > state.settings.max_n:
+        raise APIError(400, f"n is at most {state.settings.max_n}", param="n", code="invalid_value")
+    for check in state.input_checks:
+        check(data)
+    return parsed
+
+
+def _budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> int:
+    capacity = state.llm.generator.capacity
+    longest = max(len(p) for p in prompts)
+    if longest >= capacity:
+        raise APIError(400, f"the prompt has {longest} tokens but the model's context is {capacity}: shorten it",
+                       param="messages", code="context_length_exceeded")
+    room = capacity - longest
+    if asked is not None and asked > room:
+        raise APIError(400, f"max_tokens is {asked} but only {room} tokens fit after the prompt "
+                       f"(context {capacity})", param="max_tokens", code="context_length_exceeded")
+    limit = min(room, state.settings.max_tokens or room)
+    return min(asked or limit, limit)
+
+
+# -- running the engine from asyncio ------------------------------------------------------------------------
+
+class _Run:
+    """One request's sequences in the engine, their deltas delivered to this event loop."""
+
+    def __init__(self, state: ServerState, prompts, params, n, constraints=None):
+        self.state, self.started = state, time.perf_counter()
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        try:
+            self.request = state.llm.generator.submit(
+                prompts, params, lambda d: loop.call_soon_threadsafe(self.queue.put_nowait, d), n=n,
+                timeout=state.settings.request_timeout, constraints=constraints)
+        except QueueFullError as error:
+            raise APIError(429, str(error), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ContextLengthError as error:
+            raise APIError(400, str(error), code="context_length_exceeded") from None
+        self.prompt_tokens, self.n = sum(len(p) for p in prompts), n
+        self.last: dict[int, float] = {}
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        left = len(self.request.seqs)
+        try:
+            while left:
+                delta = await self.queue.get()
+                if delta.finish_reason == "error":
+                    raise APIError(500, delta.text, type="server_error")
+                self._timing(delta)
+                left -= delta.finish_reason is not None
+                yield delta
+        finally:
+            self.request.cancel()  # a client gone (or done): the sequences free their blocks now
+            self._count()
+
+    def _timing(self, delta: Delta) -> None:
+        if not delta.tokens:
+            return
+        now = time.perf_counter()
+        metrics = self.state.metrics
+        if delta.index in self.last:
+            metrics.itl.observe(now - self.last[delta.index])
+        elif not self.last:
+            metrics.ttft.observe(now - self.started)
+        self.last[delta.index] = now
+
+    def usage(self) -> dict[str, Any]:
+        completion = sum(len(s.generated) for s in self.request.seqs)
+        cached = sum(s.cached_tokens for s in self.request.seqs[::self.n])  # each prompt's first choice
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _count(self) -> None:
+        metrics = self.state.metrics
+        metrics.prompt_tokens.inc(self.prompt_tokens)
+        metrics.cached_tokens.inc(sum(s.cached_tokens for s in self.request.seqs))
+        metrics.generated_tokens.inc(sum(len(s.generated) for s in self.request.seqs))
+        metrics.e2e.observe(time.perf_counter() - self.started)
+
+
+async def _collect(run: _Run, request: Request, count: int) -> list[dict[str, Any]]:
+    """Every choice's text, tokens and logprobs; stops early (cancelling) when the client disconnects."""
+    choices = [{"text": "", "tokens": [], "logprobs": [], "finish_reason": None} for _ in range(count)]
+
+    async def gather():
+        async for d in run.deltas():
+            choice = choices[d.index]
+            choice["text"] += d.text
+            choice["tokens"] += d.tokens
+            choice["logprobs"] += d.logprobs
+            choice["finish_reason"] = d.finish_reason or choice["finish_reason"]
+
+    task = asyncio.ensure_future(gather())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+    await task
+    return choices
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "stop" if reason == "stop" else "length"
+
+
+def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=tuple(body.stop or ()), logprobs=logprobs)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body():
+        try:
+            async for event in events:
+                yield _sse(event)
+        except APIError as error:
+            yield _sse(error.body())
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# -- the OpenAI API ------------------------------------------------------------------------------------------
+
+openai_router = APIRouter()
+
+
+@openai_router.get("/v1/models")
+async def list_models(request: Request):
+    state = _state(request)
+    check_key(request.headers.get("authorization"), state.settings.api_keys)
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                        "owned_by": "herd"}]}
+
+
+@openai_router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = _state(request)
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    llm = state.llm
+    messages = [m.as_dict() for m in body.messages]
+    use_tools = bool(body.tools) and body.tool_choice != "none"
+    tools = [t.model_dump() for t in body.tools] if use_tools else None
+    try:
+        prompt = llm.chat_prompt(messages, tools)
+    except (ValueError, KeyError, TypeError) as error:
+        raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
+    max_tokens = _budget(state, [prompt], body.max_completion_tokens or body.max_tokens)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    schema = _output_schema(body) if use_tools or body.response_format else None
+    constraints = None
+    if schema is not None:
+        try:
+            constraints = [state.grammars.constraint(schema or None) for _ in range(body.n)]
+        except GrammarError as error:
+            raise APIError(400, str(error), param="response_format") from None
+    run = _Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
+    tok = llm.tokenizer
+    if not body.stream:
+        choices = await _collect(run, request, body.n)
+        out = []
+        for i, c in enumerate(choices):
+            message = {"role": "assistant", "content": c["text"]}
+            finish = _finish_reason(c["finish_reason"])
+            if use_tools:
+                parsed = llm.chat_format.decode_assistant(c["text"], stop_reason="end_of_turn")
+                if parsed["tool_calls"]:
+                    message = {"role": "assistant", "content": parsed["content"] or None,
+                               "tool_calls": parsed["tool_calls"]}
+                    finish = "tool_calls"
+            out.append({"index": i, "message": message, "finish_reason": finish,
+                        "logprobs": {"content": _chat_logprobs(tok, c["logprobs"])} if logprobs is not None else None})
+        _state(request).metrics.requests.labels(request.url.path, "200").inc()
+        return {**head, "choices": out, "usage": run.usage()}
+
+    head["object"] = "chat.completion.chunk"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        streamers = [_ToolStreamer() if use_tools else None for _ in range(body.n)]
+        for i in range(body.n):
+            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}]}
+        async for d in run.deltas():
+            streamer = streamers[d.index]
+            text = streamer.feed(d.text) if streamer else d.text
+            choice = {"index": d.index, "delta": {"content": text} if text else {}, "finish_reason": None,
+                      "logprobs": {"content": _chat_logprobs(tok, d.logprobs)} if logprobs is not None else None}
+            if d.finish_reason:
+                choice["finish_reason"] = _finish_reason(d.finish_reason)
+                if streamer:
+                    rest, calls = streamer.finish(llm.chat_format)
+                    if rest:
+                        choice["delta"]["content"] = choice["delta"].get("content", "") + rest
+                    if calls:
+                        choice["delta"]["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls)]
+                        choice["finish_reason"] = "tool_calls"
+            if choice["delta"] or choice["finish_reason"] or d.logprobs:
+                yield {**head, "choices": [choice]}
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        if include_usage:
+            yield {**head, "choices": [], "usage": run.usage()}
+
+    return _stream(events())
+
+
+def _output_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema decoding must follow ({} for any object), or None for free text."""
+    choice = body.tool_choice
+    if body.tools and (choice == "required" or not isinstance(choice, (str, type(None)))):
+        wanted = choice.function.get("name") if not isinstance(choice, str) else None
+        tools = [t.function for t in body.tools if wanted in (None, t.function.name)]
+        if not tools:
+            raise APIError(400, f"tool_choice names '{wanted}', which is not among the tools", param="tool_choice")
+        # Llama 3.1's JSON call: {"name": ..., "parameters": {...}}, for one of the offered functions.
+        return {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "parameters": f.parameters},
+                           "required": ["name", "parameters"], "additionalProperties": False} for f in tools]}
+    form = body.response_format
+    if form is None or form.type == "text":
+        return None
+    if form.type == "json_schema":
+        if form.json_schema is None or not form.json_schema.schema_:
+            raise APIError(400, "response_format json_schema needs a schema", param="response_format")
+        return form.json_schema.schema_
+    return {}
+
+
+class _ToolStreamer:
+    """Streams a reply's text until it turns out to be a tool call; the call is sent whole at the end."""
+
+    def __init__(self):
+        self.text, self.sent, self.holding = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        head = self.text.lstrip()
+        if self.sent == 0 and (not head or any(o.startswith(head) or head.startswith(o) for o in _CALL_OPENERS)):
+            self.holding = self.holding or any(head.startswith(o) for o in _CALL_OPENERS)
+            return ""
+        if self.holding:
+            return ""
+        tag = self.text.find("<|python_tag|>", self.sent)
+        end = tag if tag >= 0 else len(self.text) - _partial_suffix(self.text, "<|python_tag|>")
+        self.holding = tag >= 0
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self, chat_format) -> tuple[str, list[dict]]:
+        parsed = chat_format.decode_assistant(self.text, stop_reason="end_of_turn")
+        if parsed["tool_calls"]:
+            return "", parsed["tool_calls"]
+        return self.text[self.sent:], []
+
+
+def _partial_suffix(text: str, token: str) -> int:
+    """The length of the longest end of `text` that begins `token` (it might be completed by what follows)."""
+    return next((n for n in range(min(len(token) - 1, len(text)), 0, -1) if token.startswith(text[-n:])), 0)
+
+
+def _chat_logprobs(tok, logprobs) -> list[dict[str, Any]]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = tok.decode_bytes([token])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
+            for lp in logprobs]
+
+
+@openai_router.post("/v1/completions")
+async def completions(request: Request):
+    state = _state(request)
+    body: CompletionRequest = await _parse(request, CompletionRequest)
+    llm = state.llm
+    raw = body.prompt
+    texts = [raw] if isinstance(raw, str) else raw if isinstance(raw[0], str) else None
+    if texts is not None:
+        prompts = [llm.encode(t) for t in texts]
+    else:
+        prompts = [raw] if isinstance(raw[0], int) else raw
+        if any(not 0 <= t < llm.model.config.vocab_size for p in prompts for t in p):
+            raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
+    max_tokens = _budget(state, prompts, body.max_tokens)
+    run = _Run(state, prompts, _sampling(body, max_tokens, body.logprobs), body.n)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name}
+    tok = llm.tokenizer
+    if not body.stream:
+        choices = await _collect(run, request, len(prompts) * body.n)
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        return {**head, "choices": [
+            {"index": i, "text": c["text"], "finish_reason": _finish_reason(c["finish_reason"]),
+             "logprobs": _completion_logprobs(tok, c["logprobs"]) if body.logprobs is not None else None}
+            for i, c in enumerate(choices)], "usage": run.usage()}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+        async for d in run.deltas():
+            if d.text or d.finish_reason:
+                yield {**head, "choices": [{
+                    "index": d.index, "text": d.text,
+                    "finish_reason": _finish_reason(d.finish_reason) if d.finish_reason else None,
+                    "logprobs": _completion_logprobs(tok, d.logprobs) if body.logprobs is not None else None}]}
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        if include_usage:
+            yield {**head, "choices": [], "usage": run.usage()}
+
+    return _stream(events())
+
+
+def _completion_logprobs(tok, logprobs) -> dict[str, Any]:
+    def text(token: int) -> str:
+        return tok.decode_bytes([token]).decode("utf-8", errors="replace")
+
+    return {"tokens": [text(lp.token) for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{text(t): v for t, v in lp.top.items()} for lp in logprobs]}
+
+
+# -- operations and the chat page ----------------------------------------------------------------------------
+
+ops_router = APIRouter()
+
+
+@ops_router.get("/health")
+async def health(request: Request):
+    engine = _state(request).llm.generator
+    return {"status": "ok", "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
+
+
+@ops_router.get("/metrics")
+async def metrics(request: Request):
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@ops_router.get("/")
+async def chat_page():
+    return FileResponse(STATIC / "index.html")
+
+
+@ops_router.get("/static/{name}")
+async def static_file(name: str):
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC.resolve() or not path.is_file():
+        raise APIError(404, f"no file {name}", type="not_found_error")
+    return FileResponse(path)

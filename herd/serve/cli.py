@@ -1,0 +1,43 @@
+"""`herd serve [MODEL]`: load a model and serve the OpenAI API, metrics and the chat page with uvicorn."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+
+def serve_cmd(
+    model: Optional[str] = typer.Argument(None, help="checkpoint path (Meta, HF or GGUF); default: the built-in model"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000),
+    api_key: Optional[list[str]] = typer.Option(None, help="a Bearer key clients must send (repeatable; "
+                                                "default: $HERD_API_KEY, else none)"),
+    model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the checkpoint's name)"),
+    max_batch: int = typer.Option(64, help="sequences decoded together"),
+    max_queue: int = typer.Option(1024, help="sequences waiting; more get 429"),
+    max_n: int = typer.Option(8, help="the most choices (n) one request may ask for"),
+    max_tokens: Optional[int] = typer.Option(None, help="the most tokens one choice may generate"),
+    kv_cache_mib: int = typer.Option(512, help="KV-cache memory (MiB)"),
+    timeout: float = typer.Option(600.0, help="seconds a request may run"),
+    quantize: str = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+):
+    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
+    Prometheus /metrics and a chat page at /."""
+    import uvicorn
+
+    from herd.cli import _load
+    from herd.generate import EngineConfig, Generator
+    from herd.serve.app import ServeSettings, create_app
+
+    llm = _load(model, quantize, device)
+    llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
+        max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20))
+    keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
+    settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
+                             request_timeout=timeout)
+    app = create_app(llm, settings)
+    print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
+          + ("" if keys else "; no API key required"), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

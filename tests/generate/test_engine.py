@@ -1,0 +1,177 @@
+"""The engine's continuous batching, paged KV cache and prefix cache, against plain full forwards of the model."""
+import threading
+import time
+
+import pytest
+import torch
+
+from herd.generate import EngineConfig, Generator, SamplingParams
+from herd.model import ModelConfig, Transformer
+
+CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=128, max_seq_len=128)
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+class ByteTokenizer:
+    """Just what the engine asks of a tokenizer: stop ids and the bytes of a token."""
+
+    stop_ids = [0]
+    pad_id = None
+
+    def decode_bytes(self, ids):
+        return bytes(97 + i % 26 for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    model = Transformer(CONFIG).eval()
+    with torch.no_grad():  # sharp logits, so greedy choices are not near-ties
+        model.output.weight.mul_(30)
+    return model
+
+
+def engine(model, **config):
+    return Generator(model, ByteTokenizer(), config=EngineConfig(**{"max_step_tokens": 24, **config}))
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by full forwards over the whole sequence: no cache at all."""
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def prompts(count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 512, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def assert_blocks_all_returned(gen):
+    pool = gen.cache.pool
+    assert int(pool.refs.sum()) == 0 and pool.available == pool.num_blocks
+    assert not gen.scheduler.running and not gen.scheduler.waiting
+
+
+def test_continuous_batch_equals_full_forward_greedy(model):
+    gen = engine(model)
+    batch = prompts(5)
+    outs = gen.generate(batch, GREEDY)
+    for prompt, out in zip(batch, outs):
+        assert out.tokens == reference_greedy(model, prompt, 12)
+    assert_blocks_all_returned(gen)
+
+
+def test_scored_log_probabilities_equal_a_full_forward(model):
+    gen = engine(model, max_step_tokens=7)  # chunked prefill across several steps
+    prompt = prompts(1, seed=4)[0] + list(range(100, 160))
+    score = gen.score([prompt], score_from=5)[0]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([prompt]))[0], -1)
+    expected = [float(logp[i - 1, prompt[i]]) for i in range(5, len(prompt))]
+    assert torch.allclose(torch.tensor(score), torch.tensor(expected), atol=1e-5)
+
+
+def test_sequences_admitted_between_steps_equal_solo_runs(model):
+    gen = engine(model)
+    gen.start()
+    try:
+        batch = prompts(6, seed=1)
+        results, threads = {}, []
+
+        def run(i):
+            time.sleep(0.01 * i)  # arrive while others are decoding
+            results[i] = gen.generate([batch[i]], GREEDY)[0].tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batch))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        gen.close()
+    solo = engine(model)
+    assert [results[i] for i in range(len(batch))] == [solo.generate([p], GREEDY)[0].tokens for p in batch]
+    assert_blocks_all_returned(gen)
+
+
+def test_prefix_cache_hit_skips_prefill_and_changes_nothing(model):
+    gen = engine(model)
+    history = prompts(1, seed=2)[0] + list(range(200, 260))  # several full blocks
+    first = gen.generate([history], GREEDY)[0]
+    follow_up = history + first.tokens + [7, 8, 9]
+    computed = gen.scheduler.stats.computed_tokens
+    again = gen.generate([follow_up], GREEDY)[0]
+    recomputed = gen.scheduler.stats.computed_tokens - computed
+    assert again.tokens == engine(model).generate([follow_up], GREEDY)[0].tokens
+    block = gen.cache.block_size
+    # Only the tail after the last full cached block is computed, plus the new tokens.
+    assert recomputed <= len(follow_up) % block + block + GREEDY.max_tokens
+    assert gen.scheduler.stats.cached_tokens >= (len(follow_up) - block) // block * block
+    assert_blocks_all_returned(gen)
+
+
+def test_choices_of_one_request_share_the_prompt_blocks(model):
+    gen = engine(model)
+    prompt = list(range(1, 70))
+    params = SamplingParams(max_tokens=8, temperature=4.0, top_p=1.0, seed=5, ignore_eos=True)
+    outs = gen.generate([prompt], params, n=3)
+    assert len({tuple(o.tokens) for o in outs}) == 3
+    assert outs[0].tokens == engine(model).generate([prompt], params)[0].tokens  # seeded: batching changes nothing
+    assert gen.scheduler.stats.cached_tokens == 2 * (len(prompt) - 1) // 16 * 16
+    assert [o.tokens for o in gen.generate([prompt], params, n=3)] == [o.tokens for o in outs]
+
+
+def test_preemption_when_blocks_run_out_recomputes_the_same_tokens(model):
+    # The smallest cache the engine allows: one context (8 blocks of 16) plus one block.
+    gen = engine(model, kv_cache_bytes=1)
+    assert gen.cache.pool.num_blocks == 9
+    batch = [list(range(1 + i, 41 + i)) for i in range(3)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    outs = gen.generate(batch, params)
+    assert gen.scheduler.stats.preemptions > 0
+    solo = engine(model)
+    assert [o.tokens for o in outs] == [solo.generate([p], params)[0].tokens for p in batch]
+    assert_blocks_all_returned(gen)
+
+
+def test_cancel_and_timeout_free_blocks_at_once(model):
+    gen = engine(model)
+    gen.start()
+    try:
+        got = []
+        request = gen.submit([list(range(1, 30))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True),
+                             got.append)
+        while not got:
+            time.sleep(0.005)
+        request.cancel()
+        for _ in range(200):
+            if request.finished:
+                break
+            time.sleep(0.01)
+        assert got[-1].finish_reason == "cancelled" and len(got) < 100
+        assert_blocks_all_returned(gen)
+        late = gen.generate([list(range(1, 30))], SamplingParams(max_tokens=100, temperature=0), timeout=0)
+        assert late[0].finish_reason == "timeout"
+    finally:
+        gen.close()
+    assert_blocks_all_returned(gen)
+
+
+def test_block_pool_prefers_contiguous_runs_and_evicts_least_recent(model):
+    gen = engine(model)
+    pool = gen.cache.pool
+    a = [pool.allocate()]
+    for _ in range(3):
+        a.append(pool.allocate(a[-1]))
+    assert a == [a[0], a[0] + 1, a[0] + 2, a[0] + 3]
+    for i, block in enumerate(a):
+        pool.register(block, bytes([i]) * 16)
+    for block in reversed(a):
+        pool.release(block)
+    assert pool.available == pool.num_blocks and pool.lookup([bytes([0]) * 16, bytes([1]) * 16]) == a[:2]
+    pool.acquire(a[0])  # a hit makes a block busy again, so never evicted
+    assert list(pool.evictable) == a[3:0:-1]

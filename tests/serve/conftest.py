@@ -1,0 +1,53 @@
+"""A real herd server on loopback (uvicorn in a thread, a free port) with the built-in default model."""
+import socket
+import threading
+import time
+
+import pytest
+
+import herd
+from herd.serve.app import ServeSettings, create_app
+
+KEY = "test-key-0123456789"
+
+
+class Server:
+    def __init__(self, llm, settings: ServeSettings):
+        import uvicorn
+
+        self.llm = llm
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(llm, settings)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    return herd.load()
+
+
+@pytest.fixture(scope="session")
+def server(default_llm):
+    server = Server(default_llm, ServeSettings(api_keys=(KEY,), max_body_bytes=256 << 10, max_n=4))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)

@@ -1,0 +1,105 @@
+"""The server through the official `openai` client: chat and completions, streaming, tools, JSON schemas, keys."""
+import json
+
+import jsonschema
+import openai
+import pytest
+
+pytestmark = pytest.mark.heavy
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [server.llm.name]
+
+
+def test_chat_non_streaming_and_streaming_agree(server, client):
+    done = client.chat.completions.create(model=server.llm.name, messages=QUESTION, max_tokens=24, temperature=0)
+    answer = done.choices[0].message.content
+    assert "Paris" in answer and done.choices[0].finish_reason in ("stop", "length")
+    assert answer == server.llm.chat(QUESTION, temperature=0, max_tokens=24)["content"]
+    prompt_tokens = len(server.llm.chat_prompt(QUESTION))
+    assert done.usage.prompt_tokens == prompt_tokens and done.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model=server.llm.name, messages=QUESTION, max_tokens=24,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: a prefix-cache hit
+
+
+def test_chat_logprobs_n_and_seed(server, client):
+    kwargs = dict(model=server.llm.name, messages=QUESTION, max_tokens=6, temperature=1.0, seed=11, n=3,
+                  logprobs=True, top_logprobs=2)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len(first.choices) == 3 and len({c.message.content for c in first.choices}) > 1
+    entries = first.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == first.choices[0].message.content
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+
+
+def test_completions_streaming_stop_and_logprobs(server, client):
+    prompt = "The capital of France is"
+    done = client.completions.create(model=server.llm.name, prompt=prompt, max_tokens=12, temperature=0, logprobs=1)
+    assert done.choices[0].text == server.llm.generate(prompt, max_tokens=12, temperature=0).text
+    assert len(done.choices[0].logprobs.token_logprobs) == done.usage.completion_tokens
+    stop = done.choices[0].text.strip()[:3]
+    streamed = client.completions.create(model=server.llm.name, prompt=prompt, max_tokens=12, temperature=0,
+                                         stop=[stop], stream=True)
+    text = "".join(c.choices[0].text for c in streamed if c.choices)
+    assert text == done.choices[0].text[:done.choices[0].text.find(stop)]
+    batch = client.completions.create(model=server.llm.name, prompt=[prompt, "Once upon a time"], max_tokens=5,
+                                      temperature=0)
+    assert batch.choices[0].text == done.choices[0].text[:len(batch.choices[0].text)]
+    assert len(batch.choices) == 2 and batch.choices[1].index == 1
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"]}}}
+
+
+def test_tool_call_round_trip(server, client):
+    messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    done = client.chat.completions.create(model=server.llm.name, messages=messages, tools=[WEATHER],
+                                          tool_choice="required", max_tokens=40, temperature=0)
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21})}]
+    reply = client.chat.completions.create(model=server.llm.name, messages=messages, tools=[WEATHER],
+                                           max_tokens=30, temperature=0)
+    assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
+    streamed = list(client.chat.completions.create(model=server.llm.name, messages=messages[:1], tools=[WEATHER],
+                                                   tool_choice="required", max_tokens=40, temperature=0,
+                                                   stream=True))
+    calls = [c for chunk in streamed for c in (chunk.choices[0].delta.tool_calls or []) if chunk.choices]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)
+
+
+def test_json_schema_output_validates(server, client):
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},
+        "population_millions": {"type": "number"}}, "required": ["city", "country", "population_millions"],
+        "additionalProperties": False}
+    done = client.chat.completions.create(
+        model=server.llm.name, max_tokens=80, temperature=0.7, seed=1,
+        messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    jsonschema.validate(json.loads(done.choices[0].message.content), schema)
+    anything = client.chat.completions.create(model=server.llm.name, messages=QUESTION, max_tokens=60,
+                                              temperature=0, response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_wrong_key_is_rejected(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=server.llm.name, messages=QUESTION, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
