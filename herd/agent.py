@@ -4,8 +4,9 @@ model answers without a call or the step limit is reached.
     for step in Agent(llm, tools=["brave_search", "wolfram_alpha", "code_interpreter", my_function]).run(messages):
         ...   # ModelText (streamed pieces), ToolCall, ToolResult, FinalAnswer
 
-Built-in tools go into the system prompt as Llama 3.1 expects them (`Environment: ipython`, `Tools: ...`) and
-their results come back as `ipython` messages; custom functions' results come back as `tool` messages. Every
+Built-in tools go into the system prompt as Llama 3.1 expects them (`Environment: ipython`, `Tools: ...`; LLM.chat
+does that, also for a checkpoint's template that knows nothing of tools) and their results come back as `ipython`
+messages; custom functions' results come back as `tool` messages. Every
 tool result can pass a `guard` (a callable scoring text as a prompt injection, e.g. Prompt Guard) first.
 """
 
@@ -16,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herd.generate.sampling import SamplingParams
-from herd.tokenizer.tool_calls import QUERY_TOOLS, call_arguments, calls_to_text, parse_calls
-from herd.tokenizer.tool_prompts import with_tool_prompts
+from herd.tokenizer.tool_calls import QUERY_TOOLS, call_arguments, parse_calls
 from herd.tools.functions import Tool, as_tool, result_text
 from herd.tools.http import ToolError
 
@@ -93,7 +93,7 @@ class Agent:
         reply: Message = {"role": "assistant", "content": ""}
         for step in range(1, self.max_steps + 1):
             reply = yield from self._reply(dialog)
-            dialog.append(self._as_history(reply))
+            dialog.append(reply)
             calls = reply.get("tool_calls") or []
             if not calls:
                 yield FinalAnswer(reply, dialog, step, reply.get("stop_reason") or "end_of_turn")
@@ -108,12 +108,8 @@ class Agent:
 
     def _reply(self, dialog: list[Message]):
         """The model's next message, its text streamed as ModelText steps (a generator returning the message)."""
-        specs = [tool.spec() for tool in self.tools.values()]
-        if specs and not _renders_tools(self.llm.chat_format):
-            # A chat template that ignores `tools` (SmolLM2's ChatML): the tools go into the messages, in
-            # Llama 3.1's words, instead.
-            dialog, specs = with_tool_prompts(dialog, specs, self.tool_prompt_format), []
-        options = dict(tools=specs or None, tool_prompt_format=self.tool_prompt_format, **self.sampling)
+        specs = [tool.spec() for tool in self.tools.values()] or None
+        options = dict(tools=specs, tool_prompt_format=self.tool_prompt_format, **self.sampling)
         if self.stream:
             text = ""
             for piece in self.llm.chat(dialog, stream=True, **options):
@@ -140,13 +136,6 @@ class Agent:
         limit = self.sampling.get("max_tokens", SamplingParams.max_tokens)
         used = len(tokenizer.encode(text, bos=False, allowed_special="all"))
         return "out_of_tokens" if used >= limit else "end_of_turn"
-
-    def _as_history(self, reply: Message) -> Message:
-        """The reply as the dialog keeps it; a template that cannot show tool calls gets their text as content."""
-        calls = reply.get("tool_calls") or []
-        if calls and not _renders_tools(self.llm.chat_format):
-            return {**reply, "content": calls_to_text(calls, self.tool_prompt_format)}
-        return reply
 
     def _is_builtin(self, name: str) -> bool:
         return name in self.tools and self.tools[name].builtin
@@ -178,12 +167,6 @@ class Agent:
         if self._is_builtin(result.name):
             return {"role": "ipython", "content": result.content}
         return {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
-
-
-def _renders_tools(chat_format) -> bool:
-    """Whether the chat format shows `tools` to the model: Llama 3's does, a checkpoint's template may not."""
-    template = getattr(getattr(chat_format, "tokenizer", None), "chat_template", None)
-    return not template or "tools" in template
 
 
 def _arguments(call: dict) -> dict[str, Any]:

@@ -133,6 +133,8 @@ def builtin_tool(name: str, **options) -> Tool:
         from herd.tools.sandbox import run_python
 
         schema = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
+        # 30 s by default: importing matplotlib or pandas alone can take seconds on a busy machine.
+        options = {"timeout": 30, **options}
         return Tool(name, "runs Python in a sandbox", schema, lambda code: run_python(code, **options), builtin=True)
     raise ValueError(f"unknown built-in tool {name!r}: herd runs brave_search, wolfram_alpha and code_interpreter")
 
