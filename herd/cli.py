@@ -46,12 +46,18 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+    tools: Optional[str] = typer.Option(None, help="brave_search,wolfram_alpha,code_interpreter[,module:function]"),
 ):
     """Talk with a model. Lines ending in \\ continue; a line of \"\"\" opens and closes a block.
     /reset clears the conversation, /system TEXT sets the system prompt, /exit quits."""
     from herd.generate import ContextLengthError
 
+    if tools:
+        from herd.tools.cli import agent_turn, make_agent, parse_tool_option
+
+        tools = parse_tool_option(tools)  # a bad --tools fails before the model loads
     llm = _load(model, quantize, device)
+    agent = make_agent(llm, tools, **_sampling(max_tokens, temperature, top_p, top_k, seed, ())) if tools else None
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if interactive:
@@ -70,6 +76,9 @@ def chat(
         if not message.strip():
             continue
         history.append({"role": "user", "content": message})
+        if agent is not None:
+            agent_turn(agent, history)
+            continue
         reply = ""
         try:
             for piece in llm.chat(history, stream=True, **_sampling(max_tokens, temperature, top_p, top_k, seed, ())):

@@ -2,6 +2,10 @@
 # Sets up .venv with herd and its test dependencies, on a fresh machine or an existing one (idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# herd/tools: the code interpreter's sandbox (bubblewrap; Linux namespaces).
+if ! command -v bwrap >/dev/null; then
+  apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=".venv/bin/python -m pip"
 # torch first and alone: the pinned CPU wheel; an open range would pull a multi-GB CUDA build.

@@ -29,6 +29,7 @@ def serve_cmd(
 
     from herd.cli import _load
     from herd.generate import EngineConfig, Generator
+    from herd.serve.agents import router as agents_router
     from herd.serve.app import ServeSettings, create_app
 
     llm = _load(model, quantize, device)
@@ -37,7 +38,7 @@ def serve_cmd(
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                              request_timeout=timeout)
-    app = create_app(llm, settings)
+    app = create_app(llm, settings, routers=[agents_router])
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

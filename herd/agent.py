@@ -1,0 +1,183 @@
+"""The agent loop: the model answers or calls tools; herd runs the calls and hands the results back, until the
+model answers without a call or the step limit is reached.
+
+    for step in Agent(llm, tools=["brave_search", "wolfram_alpha", "code_interpreter", my_function]).run(messages):
+        ...   # ModelText (streamed pieces), ToolCall, ToolResult, FinalAnswer
+
+Built-in tools go into the system prompt as Llama 3.1 expects them (`Environment: ipython`, `Tools: ...`; LLM.chat
+does that, also for a checkpoint's template that knows nothing of tools) and their results come back as `ipython`
+messages; custom functions' results come back as `tool` messages. Every
+tool result can pass a `guard` (a callable scoring text as a prompt injection, e.g. Prompt Guard) first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from herd.generate.sampling import SamplingParams
+from herd.tokenizer.tool_calls import QUERY_TOOLS, call_arguments, parse_calls
+from herd.tools.functions import Tool, as_tool, result_text
+from herd.tools.http import ToolError
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelText:
+    """A piece of the model's reply as it is generated."""
+
+    text: str
+    kind: str = "model_text"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    kind: str = "tool_call"
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    call_id: str
+    name: str
+    content: str  # what the model reads
+    error: bool = False
+    files: dict[str, bytes] = field(default_factory=dict)  # files the code interpreter wrote
+    flagged: float | None = None  # the guard's score when it flagged the result
+    kind: str = "tool_result"
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    message: Message  # the assistant's last message
+    messages: list[Message]  # the whole dialog, tool calls and results included
+    steps: int
+    stop_reason: str  # end_of_turn, out_of_tokens, or max_steps when the limit cut the loop short
+    kind: str = "final_answer"
+
+    @property
+    def text(self) -> str:
+        return self.message.get("content") or ""
+
+
+Step = ModelText | ToolCall | ToolResult | FinalAnswer
+
+
+@dataclass
+class Guard:
+    """Passes tool results through `score` (text -> probability of an injection); at `threshold` or above the
+    result is flagged, and with `block` replaced by a notice so the model never reads it."""
+
+    score: Callable[[str], float]
+    threshold: float = 0.5
+    block: bool = True
+
+
+class Agent:
+    def __init__(self, llm, tools: Sequence[Tool | str | dict | Callable[..., Any]] = (), *, max_steps: int = 8,
+                 guard: Guard | Callable[[str], float] | None = None, tool_prompt_format: str = "json",
+                 stream: bool = True, **sampling):
+        self.llm = llm
+        self.tools = {tool.name: tool for tool in map(as_tool, tools)}
+        self.max_steps = max_steps
+        self.guard = guard if isinstance(guard, Guard) or guard is None else Guard(guard)
+        self.tool_prompt_format, self.stream, self.sampling = tool_prompt_format, stream, sampling
+
+    def run(self, messages: Sequence[Message]) -> Iterator[Step]:
+        """Steps as they happen; the last one is always a FinalAnswer."""
+        dialog = list(messages)
+        reply: Message = {"role": "assistant", "content": ""}
+        for step in range(1, self.max_steps + 1):
+            reply = yield from self._reply(dialog)
+            dialog.append(reply)
+            calls = reply.get("tool_calls") or []
+            if not calls:
+                yield FinalAnswer(reply, dialog, step, reply.get("stop_reason") or "end_of_turn")
+                return
+            for call in calls:
+                request = ToolCall(call["id"], call["function"]["name"], _arguments(call))
+                yield request
+                result = self._guarded(self._execute(request))
+                yield result
+                dialog.append(self._message(result))
+        yield FinalAnswer(reply, dialog, self.max_steps, "max_steps")
+
+    def _reply(self, dialog: list[Message]):
+        """The model's next message, its text streamed as ModelText steps (a generator returning the message)."""
+        specs = [tool.spec() for tool in self.tools.values()] or None
+        options = dict(tools=specs, tool_prompt_format=self.tool_prompt_format, **self.sampling)
+        if self.stream:
+            text = ""
+            for piece in self.llm.chat(dialog, stream=True, **options):
+                text += piece
+                yield ModelText(piece)
+            reply = self.llm.chat_format.decode_assistant(text, stop_reason=self._stream_stop_reason(text))
+        else:
+            reply = self.llm.chat(dialog, **options)
+            if reply.get("content"):
+                yield ModelText(reply["content"])
+        if not reply.get("tool_calls") and self.tools:
+            # Formats that read only JSON calls still see a built-in called Llama's way (brave_search.call(...)).
+            found = [c for c in parse_calls((reply.get("content") or "").strip(), python_tag=False)
+                     if c["function"]["name"] in self.tools]
+            if found:
+                reply = {**reply, "content": "", "tool_calls": found}
+        if any(self._is_builtin(c["function"]["name"]) for c in reply.get("tool_calls") or ()):
+            reply["stop_reason"] = "end_of_message"  # as Llama 3.1 ends a built-in call: <|eom_id|>
+        return reply
+
+    def _stream_stop_reason(self, text: str) -> str:
+        """The stream carries text only: a reply as long as max_tokens ran out of them, any other one ended."""
+        tokenizer = self.llm.chat_format.tokenizer
+        limit = self.sampling.get("max_tokens", SamplingParams.max_tokens)
+        used = len(tokenizer.encode(text, bos=False, allowed_special="all"))
+        return "out_of_tokens" if used >= limit else "end_of_turn"
+
+    def _is_builtin(self, name: str) -> bool:
+        return name in self.tools and self.tools[name].builtin
+
+    def _execute(self, call: ToolCall) -> ToolResult:
+        tool = self.tools.get(call.name)
+        if tool is None:
+            known = ", ".join(self.tools) or "none"
+            return ToolResult(call.id, call.name, f"error: there is no tool {call.name!r} (tools: {known})", True)
+        try:
+            value = tool(call.arguments)
+        except ToolError as error:
+            return ToolResult(call.id, call.name, f"error: {error}", True)
+        files = value.get("files", {}) if isinstance(value, dict) and call.name == "code_interpreter" else {}
+        failed = isinstance(value, dict) and call.name == "code_interpreter" and value.get("error") is not None
+        return ToolResult(call.id, call.name, result_text(value), failed, files)
+
+    def _guarded(self, result: ToolResult) -> ToolResult:
+        if self.guard is None:
+            return result
+        score = float(self.guard.score(result.content))
+        if score < self.guard.threshold:
+            return result
+        content = (f"[tool result withheld: it looks like a prompt injection (score {score:.2f})]"
+                   if self.guard.block else result.content)
+        return ToolResult(result.call_id, result.name, content, result.error, result.files, flagged=score)
+
+    def _message(self, result: ToolResult) -> Message:
+        if self._is_builtin(result.name):
+            return {"role": "ipython", "content": result.content}
+        return {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
+
+
+def _arguments(call: dict) -> dict[str, Any]:
+    """A call's arguments; a built-in called in JSON form with another argument name still gets its query."""
+    try:
+        arguments = call_arguments(call)
+    except ValueError:
+        return {}
+    name = call["function"]["name"]
+    if name in QUERY_TOOLS and "query" not in arguments and len(arguments) == 1:
+        return {"query": next(iter(arguments.values()))}
+    if name == "code_interpreter" and "code" not in arguments and len(arguments) == 1:
+        return {"code": next(iter(arguments.values()))}
+    return arguments

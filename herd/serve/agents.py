@@ -1,0 +1,155 @@
+"""Agents over HTTP, in the spirit of Llama Stack's Agents API: agents, sessions, and turns streamed as step events.
+
+    POST /v1/agents                                       {"instructions", "tools", "max_steps", "sampling"}
+    POST /v1/agents/{agent_id}/session                    {"session_name"}            -> {"session_id"}
+    POST /v1/agents/{agent_id}/session/{session_id}/turn  {"messages"}                -> text/event-stream
+    GET  /v1/agents/{agent_id}/session/{session_id}       the session and its turns
+
+Each SSE event is {"event": {"payload": {"event_type": ...}}}: turn_start, step_start / step_progress (text deltas)
+/ step_complete for inference and tool_execution steps, turn_complete with the whole turn. A session keeps its
+dialog; its turns run one at a time. Mounted by `create_app(..., routers=[router])`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
+from herd.serve.auth import check_key
+from herd.serve.protocol import APIError
+from herd.tools import ToolError, parse_tools
+
+router = APIRouter(prefix="/v1/agents")
+
+
+class AgentConfig(BaseModel):
+    instructions: str = ""
+    tools: list[str] = Field(default_factory=list)  # brave_search, wolfram_alpha, code_interpreter, module:function
+    max_steps: int = Field(8, ge=1, le=64)
+    sampling: dict[str, Any] = Field(default_factory=dict)  # SamplingParams fields
+
+
+class SessionRequest(BaseModel):
+    session_name: str = ""
+
+
+class TurnRequest(BaseModel):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class _Session:
+    def __init__(self, name: str):
+        self.name, self.dialog, self.turns, self.lock = name, [], [], threading.Lock()
+
+
+def _agents(request: Request) -> dict[str, tuple[AgentConfig, dict[str, _Session]]]:
+    check_key(request.headers.get("authorization"), request.app.state.herd.settings.api_keys)
+    if not hasattr(request.app.state, "agents"):
+        request.app.state.agents = {}
+    return request.app.state.agents
+
+
+def _find(request: Request, agent_id: str, session_id: str | None = None):
+    agents = _agents(request)
+    if agent_id not in agents:
+        raise APIError(404, f"no agent {agent_id}", code="agent_not_found")
+    config, sessions = agents[agent_id]
+    if session_id is not None and session_id not in sessions:
+        raise APIError(404, f"no session {session_id} of agent {agent_id}", code="session_not_found")
+    return config, sessions, sessions.get(session_id)
+
+
+@router.post("")
+def create_agent(request: Request, config: AgentConfig) -> dict:
+    agents = _agents(request)
+    try:
+        parse_tools(",".join(config.tools))  # a bad tool is a 400 now, not an error at the first turn
+    except (ToolError, ValueError) as error:
+        raise APIError(400, str(error), param="tools") from None
+    agent_id = str(uuid.uuid4())
+    agents[agent_id] = (config, {})
+    return {"agent_id": agent_id}
+
+
+@router.post("/{agent_id}/session")
+def create_session(request: Request, agent_id: str, body: SessionRequest) -> dict:
+    _, sessions, _ = _find(request, agent_id)
+    session_id = str(uuid.uuid4())
+    sessions[session_id] = _Session(body.session_name)
+    return {"session_id": session_id}
+
+
+@router.get("/{agent_id}/session/{session_id}")
+def get_session(request: Request, agent_id: str, session_id: str) -> dict:
+    _, _, session = _find(request, agent_id, session_id)
+    return {"session_id": session_id, "session_name": session.name, "turns": session.turns}
+
+
+@router.post("/{agent_id}/session/{session_id}/turn")
+def create_turn(request: Request, agent_id: str, session_id: str, body: TurnRequest) -> StreamingResponse:
+    config, _, session = _find(request, agent_id, session_id)
+    agent = Agent(request.app.state.herd.llm, tools=parse_tools(",".join(config.tools)), max_steps=config.max_steps,
+                  **config.sampling)
+    events = _turn_events(agent, config, session, session_id, body.messages)
+    return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events),
+                             media_type="text/event-stream")
+
+
+def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,
+                 messages: list[dict]) -> Iterator[dict]:
+    with session.lock:
+        if not session.dialog and config.instructions:
+            session.dialog.append({"role": "system", "content": config.instructions})
+        turn_id, started = str(uuid.uuid4()), time.time()
+        yield _event("turn_start", turn_id=turn_id)
+        steps: list[dict] = []
+        inference, execution, text = _step("inference", turn_id), None, ""
+        yield _event("step_start", step_type="inference", step_id=inference["step_id"])
+        for step in agent.run(session.dialog + messages):
+            if isinstance(step, (ModelText, FinalAnswer)) and inference is None:  # the model's turn after tools
+                inference, text = _step("inference", turn_id), ""
+                yield _event("step_start", step_type="inference", step_id=inference["step_id"])
+            if isinstance(step, ModelText):
+                text += step.text
+                yield _event("step_progress", step_type="inference", step_id=inference["step_id"],
+                             delta={"type": "text", "text": step.text})
+            elif isinstance(step, ToolCall):
+                if inference is not None:  # the model's turn ended in its calls
+                    steps.append({**inference, "model_response": {"role": "assistant", "content": text}})
+                    yield _event("step_complete", step_type="inference", step_details=steps[-1])
+                    inference = None
+                execution = {**_step("tool_execution", turn_id),
+                             "tool_calls": [{"call_id": step.id, "tool_name": step.name, "arguments": step.arguments}]}
+                yield _event("step_start", step_type="tool_execution", step_id=execution["step_id"])
+            elif isinstance(step, ToolResult):
+                execution["tool_responses"] = [{"call_id": step.call_id, "tool_name": step.name,
+                                                "content": step.content, "error": step.error,
+                                                "files": sorted(step.files), "flagged": step.flagged}]
+                steps.append(execution)
+                yield _event("step_complete", step_type="tool_execution", step_details=execution)
+            elif isinstance(step, FinalAnswer):
+                steps.append({**inference, "model_response": step.message})
+                yield _event("step_complete", step_type="inference", step_details=steps[-1])
+                session.dialog = step.messages
+                turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": messages, "steps": steps,
+                        "output_message": step.message, "stop_reason": step.stop_reason, "started_at": started,
+                        "completed_at": time.time()}
+                session.turns.append(turn)
+                yield _event("turn_complete", turn=turn)
+
+
+def _step(kind: str, turn_id: str) -> dict:
+    return {"step_id": str(uuid.uuid4()), "step_type": kind, "turn_id": turn_id}
+
+
+def _event(event_type: str, **payload) -> dict:
+    return {"event": {"payload": {"event_type": event_type, **payload}}}

@@ -1,0 +1,76 @@
+"""`herd chat --tools ...`: one turn of the agent loop, its tool calls and results shown as they happen.
+
+The model's text streams to stdout; each call and result is a line on stderr; files the code interpreter
+writes are saved under ./herd-files/ (written whole, then renamed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from herd.atomic import atomic_output
+
+FILES_DIR = Path("herd-files")
+_SHOWN = 300  # characters of a tool result shown
+
+
+def parse_tool_option(tools: str) -> list:
+    """The tools of `--tools brave_search,wolfram_alpha,code_interpreter[,module:function]`."""
+    from herd.tools import ToolError, parse_tools
+
+    try:
+        return parse_tools(tools)
+    except ToolError as error:  # a built-in without its configuration: bad input, as a bad spec is
+        raise ValueError(f"--tools: {error}") from None
+
+
+def make_agent(llm, tools: list, **sampling):
+    from herd.agent import Agent
+
+    return Agent(llm, tools=tools, **sampling)
+
+
+def agent_turn(agent, history: list[dict]) -> None:
+    """Answer the last user message in `history`, appending the calls, results and answer to it."""
+    from herd.agent import FinalAnswer, ModelText, ToolCall, ToolResult
+    from herd.generate import ContextLengthError
+
+    try:
+        for step in agent.run(history):
+            if isinstance(step, ModelText):
+                print(step.text, end="", flush=True)
+            elif isinstance(step, ToolCall):
+                arguments = ", ".join(f"{k}={v!r}" for k, v in step.arguments.items())
+                _status(f"\n[{step.name}({_short(arguments)})]")
+            elif isinstance(step, ToolResult):
+                flag = f" (flagged {step.flagged:.2f})" if step.flagged is not None else ""
+                _status(f"[{step.name} {'error' if step.error else 'result'}{flag}: {_short(step.content)}]")
+                for name, data in step.files.items():
+                    _status(f"[saved {_save(name, data)}]")
+            elif isinstance(step, FinalAnswer):
+                print(flush=True)
+                if step.stop_reason == "max_steps":
+                    _status(f"(stopped after {step.steps} steps)")
+                history[:] = step.messages
+    except KeyboardInterrupt:
+        _status("\n(interrupted)")
+    except ContextLengthError as error:
+        _status(f"herd: error: {error} (or /reset the conversation)")
+        history.pop()
+
+
+def _save(name: str, data: bytes) -> Path:
+    path = FILES_DIR / Path(name).name  # the sandbox's subdirectories are not recreated here
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

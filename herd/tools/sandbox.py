@@ -1,0 +1,326 @@
+"""The code interpreter: model-written Python run in a bubblewrap sandbox.
+
+The code sees a private working directory (its only writable place, returned files come from there), a small
+tmpfs /tmp, and read-only: /usr (the system's libraries) and the Python runtime (the interpreter's prefix at
+/opt/python, the environment's site-packages at /opt/site-packages). Nothing else of the host exists for it: no
+home, no project checkout, no /etc beyond the loader's cache. It has its own network (loopback only, nothing
+of the host's), PID, IPC and UTS namespaces, rlimits on CPU time, address space, processes, file size and open
+files, where root can make one a cgroup bounding the memory and tasks of the whole tree, caps on what it prints,
+and a wall-clock timeout that kills its whole process tree (the PID namespace dies with it). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the code then drops to a fresh
+unprivileged uid (root is exempt from RLIMIT_NPROC); run by a user, the code lives in a new user namespace.
+
+Where no sandbox can be made (bwrap missing, namespaces refused) the code is not run: the result says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from herd.tools.cgroups import SandboxCgroup
+
+_BOOT = Path(__file__).with_name("sandbox_boot.py")
+_INSIDE_WORK, _INSIDE_CONTROL = "/work", "/sandbox"
+_INSIDE_PYTHON, _INSIDE_SITE = "/opt/python", "/opt/site-packages"
+_INSIDE_MPL = "/tmp/matplotlib"
+_PLOTS = re.compile(r"matplotlib|pyplot|seaborn|pandas|\.plot\(")
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout: float = 10.0  # wall clock, seconds
+    cpu_seconds: int = 10
+    memory_mb: int = 1024  # address space of each process; with cgroups (as root), memory of all together
+    processes: int = 32  # tasks (processes and threads)
+    file_mb: int = 64  # the largest file it may write
+    open_files: int = 256
+    output_bytes: int = 64_000  # kept of stdout and of stderr each; the rest is dropped with a note
+    returned_bytes: int = 32 << 20  # all returned files together
+    tmp_mb: int = 64  # the tmpfs at /tmp
+
+
+def run_python(code: str, timeout: float = 10, files: dict[str, bytes | str] | None = None, *,
+               limits: Limits | None = None) -> dict:
+    """Run `code` in the sandbox: {"stdout", "stderr", "exit_code", "files": {name: bytes}, "error"}.
+
+    `files` are written into the working directory first; `files` in the result are those the code created or
+    changed there. `error` is None when the code exited 0, else one line saying what went wrong (its exception,
+    a limit it hit, the timeout, or why no sandbox could be made, in which case nothing ran).
+    """
+    limits = limits or Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)))
+    problem = sandbox_problem()
+    if problem:
+        return _result(error=f"code_interpreter refused to run the code: {problem}")
+    try:
+        return _result(**_sandboxed(code, files or {}, limits))
+    except ValueError as error:
+        return _result(error=str(error))
+
+
+@functools.cache
+def sandbox_problem() -> str | None:
+    """Why no sandbox can be made here (None when one can): checked once, by running `pass` in one."""
+    if shutil.which(os.environ.get("HERD_BWRAP", "bwrap")) is None:
+        return "bubblewrap (bwrap) is not installed; install it (apt-get install bubblewrap) to run code"
+    try:
+        run = _sandboxed("pass", {}, Limits(timeout=30))
+    except OSError as error:
+        return f"bwrap could not be started ({error})"
+    if run["exit_code"] != 0:
+        detail = (run["stderr"].strip().splitlines() or ["no message"])[-1]
+        return (f"bwrap cannot make a sandbox here ({detail}); it needs root or user namespaces "
+                "(sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0)")
+    return None
+
+
+def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits, *, fonts: bool = True) -> dict:
+    with tempfile.TemporaryDirectory(prefix="herd-sandbox-") as root:
+        work, control = Path(root, "work"), Path(root, "control")
+        work.mkdir()
+        control.mkdir()
+        inputs = _write_inputs(work, files)
+        (control / "main.py").write_text(code, encoding="utf-8")
+        shutil.copyfile(_BOOT, control / "boot.py")
+        extra: list[str] = []
+        font_list = _font_list() if fonts and _PLOTS.search(code) else None
+        if font_list:
+            name, data = font_list
+            (control / name).write_bytes(data)
+            extra = ["--ro-bind", str(control / name), f"{_INSIDE_MPL}/{name}"]
+        for path in (Path(root), *control.rglob("*"), control):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        uid = _drop_to_uid()
+        if uid is not None:
+            for path in [work, *work.rglob("*")]:
+                os.chown(path, uid, uid)
+        try:
+            run = _execute(_command(work, control, uid, limits, extra), limits)
+            return {**run, "files": _written_files(work, inputs, limits.returned_bytes)}
+        finally:
+            _make_removable(work)
+
+
+@functools.cache
+def _font_list() -> tuple[str, bytes] | None:
+    """matplotlib's font list, built once by a sandboxed run of our own and shown read-only to later runs that
+    plot: building it takes seconds on every fresh MPLCONFIGDIR. None where matplotlib is not installed."""
+    code = f"import os\nos.environ['MPLCONFIGDIR'] = {_INSIDE_WORK!r}\nimport matplotlib.font_manager"
+    run = _sandboxed(code, {}, Limits(timeout=120, cpu_seconds=120), fonts=False)
+    found = sorted((name, data) for name, data in run["files"].items() if name.startswith("fontlist-"))
+    return found[0] if run["exit_code"] == 0 and found else None
+
+
+def _drop_to_uid() -> int | None:
+    """A fresh unprivileged uid for this run when we are root (no user namespace is made then), else None."""
+    return 0x100000 + secrets.randbelow(0x1000000) if os.geteuid() == 0 else None
+
+
+@functools.cache
+def _runtime() -> tuple[list[str], str, list[str], dict[str, str]]:
+    """bwrap arguments that show the Python runtime read-only, the interpreter inside, site dirs, environment."""
+    base = Path(os.path.realpath(sys.base_prefix))
+    executable = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
+    if not executable.is_relative_to(base):
+        executable = base / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    args: list[str] = []
+    env: dict[str, str] = {}
+    if base.is_relative_to("/usr"):
+        interpreter = str(executable)
+    else:  # e.g. pyenv's under a home directory: shown at /opt/python, the home itself stays invisible
+        args += ["--ro-bind", str(base), _INSIDE_PYTHON]
+        interpreter = str(PurePosixPath(_INSIDE_PYTHON) / executable.relative_to(base))
+        env["LD_LIBRARY_PATH"] = f"{_INSIDE_PYTHON}/lib"
+    site_dirs = []
+    packages = Path(sysconfig.get_path("purelib"))
+    if os.path.realpath(sys.prefix) != str(base) and packages.is_dir():
+        args += ["--ro-bind", str(packages), _INSIDE_SITE]
+        site_dirs.append(_INSIDE_SITE)
+    return args, interpreter, site_dirs, env
+
+
+def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: list[str] = ()) -> list[str]:
+    runtime_args, interpreter, site_dirs, runtime_env = _runtime()
+    config = {
+        "uid": uid,
+        "site_dirs": site_dirs,
+        "main": f"{_INSIDE_CONTROL}/main.py",
+        "rlimits": {
+            # SIGXCPU at the soft limit says why; SIGKILL a second later if it is caught.
+            "RLIMIT_CPU": [limits.cpu_seconds, limits.cpu_seconds + 1],
+            "RLIMIT_AS": limits.memory_mb << 20,
+            "RLIMIT_NPROC": limits.processes,
+            "RLIMIT_FSIZE": limits.file_mb << 20,
+            "RLIMIT_NOFILE": limits.open_files,
+            "RLIMIT_CORE": 0,
+        },
+    }
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": _INSIDE_WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+        "MPLBACKEND": "Agg", "MPLCONFIGDIR": _INSIDE_MPL, "XDG_CACHE_HOME": "/tmp/cache",
+        "XDG_CONFIG_HOME": "/tmp/config",
+        # One thread per BLAS/OpenMP pool: threads count against the process limit and the address space.
+        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        **runtime_env,
+    }
+    if uid is None:  # a user's bwrap: a new user namespace, inside which no further one may be made
+        namespaces = ["--unshare-all", "--unshare-user", "--disable-userns"]
+    else:  # root's: no user namespace (the kuid must not be root's); drop the uid in the boot script
+        namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+                      "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    return [
+        shutil.which(os.environ.get("HERD_BWRAP", "bwrap")) or "bwrap",
+        *namespaces, "--die-with-parent", "--new-session",
+        "--ro-bind", "/usr", "/usr",
+        "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        # Directories bwrap makes for mount points are private to root unless told otherwise.
+        "--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/opt",
+        "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--ro-bind-try", "/etc/fonts", "/etc/fonts",
+        "--proc", "/proc", "--dev", "/dev",
+        "--perms", "1777", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp",
+        "--perms", "1777", "--dir", _INSIDE_MPL,
+        *runtime_args,
+        "--ro-bind", str(control), _INSIDE_CONTROL,
+        "--bind", str(work), _INSIDE_WORK,
+        *extra,
+        "--chdir", _INSIDE_WORK,
+        "--clearenv", *[a for key, value in env.items() for a in ("--setenv", key, value)],
+        "--", interpreter, "-I", "-B", "-X", "utf8", f"{_INSIDE_CONTROL}/boot.py", json.dumps(config),
+    ]
+
+
+def _execute(command: list[str], limits: Limits) -> dict:
+    """Run bwrap, keeping the first `output_bytes` of each stream; kill the whole tree at the timeout."""
+    # Two processes each under the memory rlimit could still take twice as much: a cgroup bounds them together.
+    cgroup = SandboxCgroup.make(limits.memory_mb << 20, limits.processes + 2) if os.geteuid() == 0 else None
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True, umask=0o022,
+                                   preexec_fn=cgroup.enter if cgroup else None)
+        streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
+                   "stderr": _CappedReader(process.stderr, limits.output_bytes)}
+        timed_out = False
+        try:
+            process.wait(timeout=limits.timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # bwrap's child dies with it (PR_SET_PDEATHSIG), and with it, as PID 1 of its namespace, every
+            # process the code started, whatever session or group it moved to.
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        texts = {name: reader.text() for name, reader in streams.items()}
+        out_of_memory = cgroup is not None and cgroup.oom_killed()
+    finally:
+        if cgroup:
+            cgroup.remove()
+    return {**texts, "exit_code": process.returncode, "timed_out": timed_out, "out_of_memory": out_of_memory,
+            "limits": limits}
+
+
+class _CappedReader:
+    """Drains a pipe on a thread so the process never blocks on it; keeps the first `cap` bytes."""
+
+    def __init__(self, pipe, cap: int):
+        self.pipe, self.cap, self.kept, self.total = pipe, cap, bytearray(), 0
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while chunk := self.pipe.read1(65536):
+            self.total += len(chunk)
+            if len(self.kept) < self.cap:
+                self.kept += chunk[: self.cap - len(self.kept)]
+        self.pipe.close()
+
+    def text(self) -> str:
+        self.thread.join()
+        text = self.kept.decode("utf-8", errors="replace")
+        if self.total > self.cap:
+            text += f"\n[output truncated: {self.total - self.cap} more bytes dropped]"
+        return text
+
+
+_SIGNALS = {
+    signal.SIGXCPU: "the CPU-time limit was reached",
+    signal.SIGXFSZ: "the file-size limit was reached",
+    signal.SIGKILL: "the process was killed",
+    signal.SIGSEGV: "it crashed (segmentation fault)",
+}
+
+
+def _result(stdout: str = "", stderr: str = "", exit_code: int | None = None, files: dict | None = None,
+            error: str | None = None, timed_out: bool = False, out_of_memory: bool = False,
+            limits: Limits | None = None) -> dict:
+    if error is None and exit_code:
+        error = _describe_failure(stderr, exit_code, timed_out, out_of_memory, limits)
+    return {"stdout": stdout, "stderr": stderr, "exit_code": exit_code, "files": files or {}, "error": error}
+
+
+def _describe_failure(stderr: str, exit_code: int, timed_out: bool, out_of_memory: bool, limits: Limits) -> str:
+    if timed_out:
+        return f"timed out after {limits.timeout:g} s; the code and every process it started were killed"
+    if out_of_memory:
+        return f"killed: its processes together reached the memory limit ({limits.memory_mb} MiB)"
+    # bwrap reports a child killed by signal N as exit status 128 + N.
+    signo = exit_code - 128 if exit_code > 128 else -exit_code if exit_code < 0 else None
+    if signo is not None and signo in _SIGNALS:
+        return f"killed by {signal.Signals(signo).name}: {_SIGNALS[signo]}"
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[output truncated")]
+    last = lines[-1].strip() if lines else ""
+    if "MemoryError" in last:
+        return f"MemoryError: the memory limit ({limits.memory_mb} MiB) was reached"
+    return last or f"exited with status {exit_code}"
+
+
+def _write_inputs(work: Path, files: dict[str, bytes | str]) -> dict[str, bytes]:
+    written = {}
+    for name, data in files.items():
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise ValueError(f"input file name {name!r} must be a relative path inside the working directory")
+        data = data.encode() if isinstance(data, str) else bytes(data)
+        target = work / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written[str(path)] = data
+    return written
+
+
+def _written_files(work: Path, inputs: dict[str, bytes], cap: int) -> dict[str, bytes]:
+    """Regular files the code created or changed (never following its symlinks), up to `cap` bytes in all."""
+    found, total = {}, 0
+    for path in sorted(work.rglob("*")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        name = path.relative_to(work).as_posix()
+        size = path.stat().st_size
+        if total + size > cap:
+            continue
+        data = path.read_bytes()
+        if inputs.get(name) != data:
+            found[name] = data
+            total += size
+    return found
+
+
+def _make_removable(work: Path) -> None:
+    """Undo modes the code may have set (a directory made unreadable) so the temporary tree can be removed."""
+    work.chmod(0o755)
+    for directory, subdirs, _ in os.walk(work):
+        for sub in subdirs:
+            path = Path(directory, sub)
+            if not path.is_symlink():
+                path.chmod(0o755)

@@ -1,0 +1,96 @@
+"""wolfram_alpha: the Full Results API (against a local stand-in) and the offline SymPy/pint backend."""
+import math
+
+import pytest
+import sympy
+
+from herd.tools import ToolError, WolframAlpha
+
+# The shape of the Full Results API's JSON (output=json, format=plaintext), trimmed from its documentation.
+WOLFRAM_ANSWER = {"queryresult": {
+    "success": True, "error": False, "numpods": 2, "datatypes": "", "timedout": "",
+    "pods": [
+        {"title": "Input interpretation", "scanner": "Identity", "id": "Input", "position": 100, "error": False,
+         "numsubpods": 1, "subpods": [{"title": "", "plaintext": "integral_0^1 x^2 dx"}]},
+        {"title": "Definite integral", "scanner": "Integral", "id": "DefiniteIntegral", "position": 200,
+         "error": False, "numsubpods": 1, "primary": True,
+         "subpods": [{"title": "", "plaintext": "integral_0^1 x^2 dx = 1/3≈0.333333"}]},
+        {"title": "Plot", "subpods": [{"title": "", "plaintext": ""}]},
+    ]}}
+
+
+def test_wolfram_api_request_and_answer(stand_in):
+    stand_in.routes["/v2/query"] = (200, WOLFRAM_ANSWER)
+    wolfram = WolframAlpha("APP-ID", base_url=f"{stand_in.url}/v2")
+    assert wolfram.backend == "wolfram"
+    assert wolfram("integrate x^2 from 0 to 1") == {"query": "integrate x^2 from 0 to 1", "pods": [
+        {"title": "Input interpretation", "text": "integral_0^1 x^2 dx"},
+        {"title": "Definite integral", "text": "integral_0^1 x^2 dx = 1/3≈0.333333"}]}
+    assert stand_in.requests[0]["query"] == {"input": "integrate x^2 from 0 to 1", "appid": "APP-ID",
+                                             "format": "plaintext", "output": "json"}
+    stand_in.routes["/v2/query"] = (200, {"queryresult": {"success": False, "error": False,
+                                                          "tips": {"text": "Check your spelling"}}})
+    with pytest.raises(ToolError, match="did not understand 'blorp': Check your spelling"):
+        wolfram("blorp")
+    stand_in.routes["/v2/query"] = (403, {})
+    with pytest.raises(ToolError, match="HTTP 403"):
+        wolfram("x")
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return WolframAlpha(timeout=20)
+
+
+@pytest.mark.parametrize("query, result", [
+    ("What is 2^10 + 3*7?", "1045"),
+    ("123456789 * 987654321", str(123456789 * 987654321)),
+    ("what is 17 times 23", "391"),
+    ("15% of 80", "12"),
+    ("what is the square root of 144?", "12"),
+    ("10!", str(math.factorial(10))),
+    ("(2.5 + 3) * 4", "22"),
+    ("e^(i pi)", "-1"),
+    ("solve x^2 - 4 = 0", "x = -2; x = 2"),
+    ("solve x + y = 3, x - y = 1", "x = 2, y = 1"),
+    ("solve 2x + 3 = 7 for x", "x = 2"),
+    ("factor x^2 - 1", "(x - 1)*(x + 1)"),
+    ("integrate x^2 from 0 to 1", "1/3"),
+    ("integral of sin(x) dx", "-cos(x) + C"),
+    ("limit of sin(x)/x as x -> 0", "1"),
+    ("limit (1 + 1/n)^n as n approaches infinity", "E"),
+    ("how many feet in a mile", "5280 ft"),
+    ("convert 5 miles to km", "8.04672 km"),
+])
+def test_offline_answers(offline, query, result):
+    assert offline(query)["result"] == result
+
+
+def test_offline_calculus_matches_sympy(offline):
+    x = sympy.Symbol("x")
+    derivative = sympy.sympify(offline("derivative of x^2 sin(x)")["result"])
+    assert sympy.simplify(derivative - (2 * x * sympy.sin(x) + x**2 * sympy.cos(x))) == 0
+    assert float(offline("integrate e^(-x^2) from -infinity to infinity")["decimal"]) == pytest.approx(math.sqrt(math.pi))
+    assert float(offline("100 fahrenheit in celsius")["decimal"]) == pytest.approx((100 - 32) * 5 / 9)
+    assert float(offline("60 mph to m/s")["decimal"]) == pytest.approx(60 * 1609.344 / 3600)
+
+
+@pytest.mark.parametrize("query, message", [
+    ("who is the president", "unknown name 'who'"),
+    ('__import__("os").system("touch /tmp/pwned")', "cannot read"),
+    ("x.__class__", "cannot read"),
+    ("9^9^9^9", "too large to compute exactly"),
+    ("factorial(100000)", "too large to write out"),
+    ("7 / 0", "undefined"),
+    ("limit of abs(x)/x as x -> 0", "one-sided limits differ"),
+    ("convert 5 kg to meters", "cannot convert kg to meters"),
+    ("2 +", "cannot read"),
+])
+def test_offline_refuses_clearly(offline, query, message):
+    with pytest.raises(ToolError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        offline(query)
+
+
+def test_offline_gives_up_on_time():
+    with pytest.raises(ToolError, match="no answer to .* within 0.5 s"):
+        WolframAlpha(timeout=0.5)("integrate exp(x^3) sin(x^5) from 0 to 1")

@@ -1,0 +1,258 @@
+"""The code interpreter contains hostile code: each attack is reported as an error and leaves the host as it was."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from herd.tools import Limits, run_python, sandbox
+from herd.tools.sandbox import sandbox_problem
+
+pytestmark = pytest.mark.skipif(sandbox_problem() is not None, reason=f"no sandbox here: {sandbox_problem()}")
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def sandbox_processes() -> list[int]:
+    """Host processes still running code from a sandbox (their command line names the boot script)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"/sandbox/boot.py" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def processes_named(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def host_unaffected():
+    """Around every test: no sandbox process is left, and the host can still start processes."""
+    yield
+    assert sandbox_processes() == []
+    assert subprocess.run(["true"]).returncode == 0
+
+
+def test_runs_code_and_returns_output():
+    result = run_python("import sys\nprint(sum(range(10)))\nprint('warn', file=sys.stderr)")
+    assert result == {"stdout": "45\n", "stderr": "warn\n", "exit_code": 0, "files": {}, "error": None}
+
+
+def test_exception_is_the_error_and_traceback_names_the_code():
+    result = run_python("x = 1\nraise KeyError('missing')")
+    assert result["exit_code"] == 1
+    assert result["error"] == "KeyError: 'missing'"
+    assert 'File "main.py", line 2' in result["stderr"] and "boot" not in result["stderr"]
+
+
+def test_input_files_in_written_files_out():
+    code = "rows = open('in.csv').read().split()\nopen('out.csv', 'w').write('\\n'.join(r + ',x' for r in rows))"
+    result = run_python(code, files={"in.csv": "a\nb\n"})
+    assert result["error"] is None
+    assert result["files"] == {"out.csv": b"a,x\nb,x"}  # the unchanged input is not returned
+    assert run_python("", files={"../escape": b"x"})["error"].startswith("input file name")
+
+
+def test_matplotlib_png_is_returned():
+    code = ("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.savefig('plot.png')\n"
+            "print('saved')")
+    result = run_python(code, timeout=30)
+    assert result["error"] is None, result["stderr"]
+    assert result["files"]["plot.png"].startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_fork_bomb_is_contained():
+    result = run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                        limits=Limits(timeout=1, cpu_seconds=1, processes=16))
+    assert result["error"] is not None and result["exit_code"] != 0
+
+
+def test_fork_bomb_hits_the_process_limit():
+    code = ("import os, time\nn = 0\ntry:\n    while n < 1000:\n        if os.fork() == 0:\n"
+            "            time.sleep(5)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+            "    print('stopped at', n, type(e).__name__, flush=True)\n    os._exit(3)")
+    result = run_python(code, limits=Limits(timeout=10, processes=16))
+    assert result["exit_code"] == 3
+    stopped = int(result["stdout"].split()[2])
+    assert stopped < 16 and result["stdout"].split()[3] == "BlockingIOError"
+
+
+def test_memory_bomb_is_contained():
+    for code in ["blocks = []\nwhile True:\n    blocks.append(bytearray(16 << 20))", "x = [0] * 10**10"]:
+        result = run_python(code, limits=Limits(timeout=10, memory_mb=160))
+        assert result["error"] == "MemoryError: the memory limit (160 MiB) was reached"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the tree-wide memory limit is a cgroup, which root makes")
+def test_memory_bomb_across_processes_is_contained():
+    """Eight processes each under the per-process limit, 1.6 GiB together: the cgroup stops them at 256 MiB."""
+    code = ("import os, time\nfor _ in range(7):\n    if os.fork() == 0:\n        break\n"
+            "block = bytearray(200 << 20)\ntime.sleep(3)\nprint('survived')")
+    result = run_python(code, limits=Limits(timeout=20, memory_mb=256))
+    assert result["error"] == "killed: its processes together reached the memory limit (256 MiB)"
+    assert result["stdout"].count("survived") < 2
+    assert not list(Path("/sys/fs/cgroup/memory").glob("herd-sandbox-*"))  # removed after the run
+
+
+def test_infinite_loop_times_out():
+    result = run_python("while True:\n    pass", timeout=1)
+    assert result["error"].startswith("timed out after 1 s")
+
+
+def test_cpu_limit_kills():
+    result = run_python("while True:\n    pass", limits=Limits(timeout=120, cpu_seconds=1))
+    assert result["error"] == "killed by SIGXCPU: the CPU-time limit was reached"
+
+
+@pytest.mark.parametrize("path", ["/etc/shadow", "/etc/passwd", str(Path.home() / ".bashrc"),
+                                  str(PROJECT / "herd" / "llm.py"), str(PROJECT / "pyproject.toml")])
+def test_host_files_are_invisible(path):
+    result = run_python(f"print(open({path!r}).read()[:100])")
+    assert result["error"].startswith(("FileNotFoundError", "PermissionError")), result
+    assert result["stdout"] == ""
+
+
+def test_home_and_project_directories_do_not_exist():
+    code = (f"import json, os\nprint(json.dumps([os.path.exists(p) and sorted(os.listdir(p))\n"
+            f"                  for p in [{str(Path.home())!r}, {str(PROJECT)!r}, '/etc', '/']]))")
+    home, project, etc, root = json.loads(run_python(code)["stdout"])
+    assert home is False and project is False
+    assert set(etc) <= {"ld.so.cache", "fonts"}
+    assert set(root) == {"bin", "dev", "etc", "lib", "lib64", "opt", "proc", "sandbox", "tmp", "usr", "work"}
+    assert run_python("import herd")["error"].startswith("ModuleNotFoundError")
+
+
+def test_writes_outside_its_directory_fail(tmp_path):
+    target = tmp_path / "escaped.txt"
+    paths = [str(target), "/usr/escaped.txt", "/opt/python/escaped.txt", "/sandbox/main.py", "/escaped.txt",
+             "/tmp/../escaped.txt"]
+    code = (f"for path in {paths!r}:\n    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
+            "    except OSError as e:\n        print(type(e).__name__)")
+    result = run_python(code)
+    assert result["error"] is None and "wrote" not in result["stdout"]
+    assert set(result["stdout"].split()) <= {"FileNotFoundError", "PermissionError", "OSError"}
+    assert not target.exists() and not Path("/usr/escaped.txt").exists() and not Path("/escaped.txt").exists()
+    assert run_python("open('/tmp/scratch', 'w').write('ok')\nprint(open('/tmp/scratch').read())")["stdout"] == "ok\n"
+    # Symlinks it leaves behind are not followed when its files are collected on the host.
+    links = "import os\nos.symlink('/', 'root')\nos.symlink('/etc/hostname', 'name')\nopen('real.txt', 'w').write('x')"
+    assert run_python(links)["files"] == {"real.txt": b"x"}
+
+
+def test_sockets_reach_nothing():
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    code = (f"import socket\nfor host in ['127.0.0.1', '1.1.1.1']:\n    try:\n"
+            f"        socket.create_connection((host, {port}), timeout=2)\n        print(host, 'connected')\n"
+            "    except OSError as e:\n        print(host, type(e).__name__)")
+    result = run_python(code)
+    with pytest.raises(BlockingIOError):  # no connection ever reached the host's server
+        server.accept()
+    server.close()
+    assert "connected" not in result["stdout"]
+    assert result["stdout"].splitlines()[0] == "127.0.0.1 ConnectionRefusedError"
+
+
+def test_signalling_the_parent_or_the_host_does_nothing_to_the_host():
+    sentinel = subprocess.Popen(["sleep", "30"])
+    try:
+        code = (f"import os, signal\nfor pid in [os.getppid(), {os.getpid()}, {sentinel.pid}, -1]:\n"
+                "    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError as e:\n        print(pid, type(e).__name__)")
+        result = run_python(code)
+        assert sentinel.poll() is None  # the host's process is untouched (and so is this one)
+        assert result["exit_code"] != 0 or "ProcessLookupError" in result["stdout"]
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+def test_huge_output_is_truncated():
+    result = run_python("import sys\nsys.stdout.write('x' * 10_000_000)", limits=Limits(output_bytes=1000))
+    assert result["error"] is None
+    assert result["stdout"].startswith("x" * 1000)
+    assert result["stdout"].endswith("[output truncated: 9999000 more bytes dropped]")
+
+
+def test_endless_output_is_stopped():
+    result = run_python("while True:\n    print('y' * 1000)", timeout=1)
+    assert result["error"].startswith("timed out") and len(result["stdout"]) < 70_000
+
+
+def test_no_process_is_left_behind():
+    code = ("import os, subprocess\nsubprocess.Popen(['sleep', '987654'], start_new_session=True)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(600)\nprint('bye')")
+    result = run_python(code)
+    assert result["stdout"] == "bye\n" and result["error"] is None
+    assert processes_named("sleep 987654") == []
+
+
+def test_refuses_without_bwrap(monkeypatch, tmp_path):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("HERD_BWRAP", str(tmp_path / "no-such-bwrap"))
+    sandbox_problem.cache_clear()
+    try:
+        result = run_python(f"open({str(marker)!r}, 'w').write('x')")
+    finally:
+        monkeypatch.delenv("HERD_BWRAP")
+        sandbox_problem.cache_clear()
+    assert result["error"].startswith("code_interpreter refused to run the code: bubblewrap (bwrap) is not installed")
+    assert result["exit_code"] is None and not marker.exists()
+
+
+def test_refuses_without_namespaces(monkeypatch, tmp_path):
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("HERD_BWRAP", str(fake))
+    sandbox_problem.cache_clear()
+    try:
+        result = run_python("print('ran')")
+    finally:
+        monkeypatch.delenv("HERD_BWRAP")
+        sandbox_problem.cache_clear()
+    assert "bwrap cannot make a sandbox here (bwrap: No permissions to creating new namespace)" in result["error"]
+    assert result["stdout"] == ""
+
+
+UNPRIVILEGED = """
+import importlib.util, json, os, sys, types
+# The system's Python has none of herd's dependencies: load the two modules the sandbox is made of by themselves.
+sys.modules["herd"], sys.modules["herd.tools"] = types.ModuleType("herd"), types.ModuleType("herd.tools")
+for name in ("cgroups", "sandbox"):
+    spec = importlib.util.spec_from_file_location(f"herd.tools.{name}", os.path.join(sys.argv[1], f"{name}.py"))
+    module = sys.modules[f"herd.tools.{name}"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+sandbox = module
+bomb = ("import os, time\\nn = 0\\ntry:\\n    while n < 1000:\\n        if os.fork() == 0:\\n"
+        "            time.sleep(5)\\n            os._exit(0)\\n        n += 1\\nexcept OSError:\\n    print(n)")
+print(json.dumps([sandbox.run_python("import os\\nprint(os.getuid(), sorted(os.listdir('/')))"),
+                  sandbox.run_python(bomb, limits=sandbox.Limits(processes=12))]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists() or not shutil.which("setpriv"),
+                    reason="needs root (to become nobody) and the system's Python")
+def test_unprivileged_user_gets_a_user_namespace_sandbox():
+    """The path a non-root user takes: bwrap makes a user namespace, where RLIMIT_NPROC counts only its own."""
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                             UNPRIVILEGED, str(Path(sandbox.__file__).parent)], capture_output=True, text=True, timeout=120,
+                            cwd="/")
+    assert result.returncode == 0, result.stderr
+    hello, bomb = json.loads(result.stdout)
+    uid, root = hello["stdout"].split(" ", 1)
+    assert uid == "65534" and "work" in root and "root" not in root and hello["error"] is None
+    assert int(bomb["stdout"]) < 12
