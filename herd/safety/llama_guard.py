@@ -123,10 +123,11 @@ def parse_llama_guard(text) -> dict:
 
 
 class LlamaGuard:
-    """A guard model (any `herd.load` LLM trained on the Llama Guard prompt) as a classifier of conversations.
+    """A guard model as a classifier of conversations: any `herd.load` LLM trained on the Llama Guard prompt
+    (Meta's Llama Guard 3 checkpoints among them), or a guard head on a small model (herd.safety.guard_head).
 
-    The prompt's text goes in as one user turn of the model's own chat format: for a Llama 3 tokenizer that is
-    exactly `llama_guard_prompt`; the verdict is decoded greedily (a few tokens suffice: "unsafe\\nS1,S10").
+    For a generative guard the prompt's text goes in as one user turn of the model's own chat format (for a
+    Llama 3 tokenizer that is exactly `llama_guard_prompt`) and the verdict is decoded greedily.
     """
 
     def __init__(self, llm, categories: Sequence[Category] | None = None, excluded: Iterable[str] = (),
@@ -135,9 +136,12 @@ class LlamaGuard:
         category_lines(categories, self.excluded)  # a bad configuration fails here, not on the first request
 
     def check(self, messages: Sequence[dict], agent_type: str | None = None) -> dict:
-        content = llama_guard_content(messages, agent_type, self.categories, self.excluded)
-        ids = self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
-        raw = self.llm.generate(ids, max_tokens=self.max_tokens, temperature=0).text
+        if hasattr(self.llm, "verdict"):  # a guard head answers without generating
+            raw = self.llm.verdict(messages, agent_type, self.categories, self.excluded)
+        else:
+            content = llama_guard_content(messages, agent_type, self.categories, self.excluded)
+            ids = self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
+            raw = self.llm.generate(ids, max_tokens=self.max_tokens, temperature=0).text
         verdict = parse_llama_guard(raw)
         named = verdict["categories"]
         if not verdict["safe"] and named:
@@ -145,3 +149,17 @@ class LlamaGuard:
             kept = [c for c in named if c not in self.excluded]
             verdict = {"safe": not kept, "categories": kept}
         return {**verdict, "raw": raw}
+
+
+def load_guard(path: str | None, excluded: Iterable[str] = ()) -> LlamaGuard:
+    """A LlamaGuard from a guard head file (.npz, on the default model or the one it names) or a generative
+    guard checkpoint (a Llama Guard model in any format herd.load reads)."""
+    import herd
+
+    if path is not None and str(path).endswith(".npz"):
+        from herd.safety.guard_head import GuardHead, HeadGuardModel
+
+        head = GuardHead.load(path)
+        # features are computed in float32: int8 activations would make them depend on the batch
+        return LlamaGuard(HeadGuardModel(herd.load(quantize=None), head), excluded=excluded)
+    return LlamaGuard(herd.load(path), excluded=excluded)
