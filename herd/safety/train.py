@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,10 +68,13 @@ def _balanced(examples, per_label: int, seed: int):
     return out
 
 
-def train_llama_guard_head(llm, seed: int = 0, per_label: int = 80, safe_train: int = 300, safe_test: int = 250,
-                           layers: int = 12, max_chars: int = 400, batch_size: int = 16, progress: bool = True):
+def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: int = 250, safe_test: int = 200,
+                           layers: int = 12, max_chars: int = 300, batch_size: int = 16, progress: bool = True,
+                           cache: str | None = None):
     """A GuardHead for `llm` (load it with quantize=None: the features must not depend on the batch), trained on
-    harmful requests by category and safe requests/texts, evaluated on sources it never saw."""
+    harmful requests by category and safe requests/texts, evaluated on sources it never saw.
+
+    cache: a .npz to keep the features in as they are computed, so that an interrupted run resumes."""
     from herd.safety.guard_head import GuardFeatures, GuardHead
 
     examples = datasets.llama_guard_examples()
@@ -84,9 +88,20 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 80, safe_train: 
     rows = [features.conversation_ids([{"role": "user", "content": e.text}]) for e in train + test]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch with little padding
     X = np.zeros((len(rows), 2 * llm.model.config.dim), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="guard features", unit="batch", disable=not progress):
-        idx = order[start:start + batch_size]
-        X[idx] = features.batch([rows[i] for i in idx])
+    done = np.zeros(len(rows), dtype=bool)
+    key = np.array([hash(tuple(r)) for r in rows])
+    if cache and Path(cache).is_file():
+        with np.load(cache) as z:
+            if np.array_equal(z["key"], key):
+                X, done = z["X"], z["done"]
+    for n, start in enumerate(tqdm(range(0, len(order), batch_size), desc="guard features", unit="batch",
+                                   disable=not progress)):
+        idx = [i for i in order[start:start + batch_size] if not done[i]]
+        if idx:
+            X[idx] = features.batch([rows[i] for i in idx])
+            done[idx] = True
+            if cache and (n % 5 == 0 or start + batch_size >= len(order)):
+                np.savez(cache, X=X, done=done, key=key)
     X_train, X_test = X[:len(train)], X[len(train):]
     head = GuardHead.fit(X_train, [e.label for e in train], seed=seed,
                          info={"layers": layers, "max_chars": max_chars, "base_model": llm.name,
