@@ -9,7 +9,6 @@ kept apart from the shared trainer so it can move onto it.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,27 +135,17 @@ class GuardHead:
                    lr.intercept_.astype(np.float32), dict(info or {}))
 
     def save(self, path: str | Path) -> Path:
-        from herd.atomic import atomic_output
+        from herd.data.classify import write_npz
 
-        path = Path(path)
         header = {"format": FORMAT, "classes": self.classes, "info": self.info}
-        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, header=np.array(json.dumps(header)), mean=self.mean, scale=self.scale,
-                                coef=self.coef, intercept=self.intercept)
-        return path
+        return write_npz(path, header, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept)
 
     @classmethod
     def load(cls, path: str | Path) -> GuardHead:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                header = json.loads(str(z["header"]))
-                arrays = {k: z[k] for k in ("mean", "scale", "coef", "intercept")}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"guard head not found: {path} (train one: herd guard train llama-guard)") from None
-        except (ValueError, KeyError, OSError) as e:
-            raise ValueError(f"{path}: not a herd guard head ({e})") from None
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: unsupported guard head format {header.get('format')!r}")
+        from herd.data.classify import read_npz
+
+        header, arrays = read_npz(path, FORMAT, ("mean", "scale", "coef", "intercept"),
+                                  "guard head")
         return cls(header["classes"], info=header["info"], **arrays)
 
 
