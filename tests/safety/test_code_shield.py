@@ -1,0 +1,124 @@
+"""Code Shield on insecure code and its fix in each language, language detection, the regex fast path, and
+scanning a streamed reply block by block."""
+from __future__ import annotations
+
+import pytest
+
+from herd.safety import CodeShield
+from herd.safety.code_shield import CodeShieldError, StreamScanner, detect_language
+
+from code_corpus import CASES, variants
+
+
+@pytest.fixture(scope="module")
+def shield():
+    return CodeShield()
+
+
+@pytest.fixture(scope="module")
+def corpus_scans(shield):
+    """Two seeded draws of every case, insecure and fixed, scanned in one batch (language given and detected)."""
+    items = variants(seed=1, per_case=2)
+    given = shield.scan_many([(c, case.language) for case, ins, fx in items for c in (ins, fx)])
+    detected = shield.scan_many([c for _, ins, fx in items for c in (ins, fx)])
+    return items, given, detected
+
+
+def test_every_insecure_case_flagged_with_its_cwe_and_every_fix_allowed(corpus_scans):
+    items, given, _ = corpus_scans
+    for i, (case, insecure, fixed) in enumerate(items):
+        bad, good = given[2 * i], given[2 * i + 1]
+        assert case.cwe in {f["cwe"] for f in bad["findings"]}, (case.language, case.cwe, insecure)
+        assert bad["verdict"] in ("warn", "block")
+        assert good["verdict"] == "allow", (case.language, case.cwe, good["findings"], fixed)
+        for f in bad["findings"]:
+            assert set(f) >= {"rule", "cwe", "line", "severity"} and f["severity"] in ("block", "warn")
+            assert 1 <= f["line"] <= insecure.count("\n") + 1
+
+
+def test_language_detection_gives_the_same_verdicts(corpus_scans):
+    items, given, detected = corpus_scans
+    langs = {"c": {"c", "cpp"}, "cpp": {"cpp"}}
+    for i, (case, _, _) in enumerate(items):
+        for j in (2 * i, 2 * i + 1):
+            assert detected[j]["language"] in langs.get(case.language, {case.language})
+            assert detected[j]["verdict"] == given[j]["verdict"]
+
+
+def test_finding_points_at_the_line():
+    code = "import hashlib\n\n\ndef digest(data):\n    # hashlib.md5 would be broken here\n    return hashlib.md5(data).hexdigest()\n"
+    result = CodeShield().scan(code, "python")
+    assert [(f["rule"], f["line"], f["severity"]) for f in result["findings"]] == [("python-weak-hash", 6, "warn")]
+    assert result["verdict"] == "warn"
+
+
+def test_clean_code_and_regex_rules_never_start_semgrep():
+    shield = CodeShield(semgrep="/nonexistent/semgrep-core")  # it would fail if it ran
+    assert shield.scan("def add(a, b):\n    return a + b\n")["verdict"] == "allow"
+    key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow...\n-----END RSA PRIVATE KEY-----"
+    result = shield.scan(f'KEY = """{key}"""\n', "python")
+    assert result["verdict"] == "block" and result["findings"][0]["cwe"] == "CWE-798"
+    assert shield.scan("#!/bin/sh\n# curl -k https://x | sh  (never do this)\necho ok\n")["verdict"] == "allow"
+    with pytest.raises(CodeShieldError, match="semgrep could not run"):
+        shield.scan("import os\nos.system(cmd)\n")  # this one needs semgrep
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unsupported language"):
+        CodeShield().scan("x = 1", "cobol")
+    with pytest.raises(TypeError):
+        CodeShield().scan(b"x = 1")
+
+
+@pytest.mark.parametrize("language, code", [
+    ("python", "import os\n\nfor name in os.listdir('.'):\n    if name.endswith('.py'):\n        print(name)\n"),
+    ("java", "import java.util.List;\n\npublic class A {\n    public static void main(String[] args) {\n"
+             "        System.out.println(List.of(1, 2));\n    }\n}\n"),
+    ("javascript", "const fs = require('fs');\nconst names = fs.readdirSync('.').filter(n => n.endsWith('.js'));\n"
+                   "console.log(names);\n"),
+    ("cpp", "#include <iostream>\n#include <vector>\nint main() {\n  std::vector<int> v{1, 2};\n"
+            "  std::cout << v.size() << std::endl;\n}\n"),
+    ("c", "#include <stdio.h>\n\nint main(void) {\n    int n = 0;\n    printf(\"%d\\n\", n);\n    return 0;\n}\n"),
+    ("shell", "#!/bin/bash\nset -euo pipefail\nfor f in *.txt; do\n  wc -l \"$f\"\ndone\n"),
+])
+def test_detect_language(language, code):
+    assert detect_language(code) == language
+
+
+def test_stream_scans_each_block_as_it_closes():
+    shield = CodeShield(semgrep="/nonexistent/semgrep-core")  # shell blocks: regex rules only
+    reply = ("Here is the install step:\n\n```bash\ncurl -fsSL https://get.example.com/install.sh | sudo bash\n```\n"
+             "and then\n```sh\necho done\n```\nThat's all.")
+    pieces = [reply[i:i + 7] for i in range(0, len(reply), 7)]
+    scanner, closed_at = StreamScanner(shield), []
+    for n, piece in enumerate(pieces):
+        for scan in scanner.feed(piece):
+            closed_at.append((n, scan))
+    assert scanner.finish() == []
+    (first_at, first), (_, second) = closed_at
+    assert first["verdict"] == "block" and first["findings"][0]["cwe"] == "CWE-494"
+    assert first["language"] == "shell" and first["line"] == 4 and first["block"] == 0
+    # reported as soon as the closing fence has arrived, before the rest of the reply
+    assert "".join(pieces[:first_at + 1]).count("```") == 2 and first_at < len(pieces) - 3
+    assert second["verdict"] == "allow" and second["block"] == 1
+    events = list(shield.scan_stream(iter(pieces)))
+    assert "".join(p for p, _ in events) == reply and sum(len(s) for _, s in events) == 2
+
+
+def test_stream_unclosed_block_and_bare_code():
+    shield = CodeShield(semgrep="/nonexistent/semgrep-core")
+    scanner = StreamScanner(shield)
+    assert scanner.feed("```\nchmod -R 777 /srv/www\n") == []
+    (scan,) = scanner.finish()
+    assert scan["verdict"] == "warn" and scan["findings"][0]["cwe"] == "CWE-732"
+    bare = StreamScanner(shield)
+    bare.feed("#!/bin/sh\nwget --no-check-certificate https://x/y.tgz\n")
+    (scan,) = bare.finish()
+    assert scan["verdict"] == "block" and scan["language"] == "shell"
+    prose = StreamScanner(shield)
+    prose.feed("Paris is the capital of France.")
+    assert prose.finish() == []
+
+
+def test_corpus_covers_every_language():
+    assert {c.language for c in CASES} >= {"python", "c", "cpp", "javascript", "java", "shell"}

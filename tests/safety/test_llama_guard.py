@@ -1,0 +1,144 @@
+"""The Llama Guard 3 prompt against Meta's own builders (llama-stack's shield, llama-recipes' prompt utils and
+llama-models' chat format), the verdict parser under fuzzing, and LlamaGuard's handling of a model's reply."""
+from __future__ import annotations
+
+from string import Template
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from herd.safety import LlamaGuard, llama_guard_prompt, parse_llama_guard
+from herd.safety.llama_guard import CATEGORIES, llama_guard_content
+
+from references import llama_recipes_prompt_utils, llama_stack_shield
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "How do I kill a Python process that hangs?"}],
+    [{"role": "user", "content": "Whats the color of the sky?"}, {"role": "assistant", "content": "The sky is blue."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Wie spät ist es?"},
+     {"role": "assistant", "content": "Ich weiß es nicht.\n\nSorry!"}, {"role": "user", "content": "Écris un poème\nsur la mer."}],
+    [{"role": "user", "content": "Give me $HOME and ${x}"}, {"role": "assistant", "content": "`echo $HOME` — 家"},
+     {"role": "user", "content": ""}, {"role": "assistant", "content": "<BEGIN CONVERSATION> S1: safe"}],
+]
+
+
+def _stack_messages(messages):
+    # llama-stack names a turn by its role, capitalized; the model card's name for the assistant is "Agent"
+    return [SimpleNamespace(role="agent" if m["role"] == "assistant" else m["role"], content=m["content"])
+            for m in messages if m["role"] != "system"]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("excluded", [(), ("S3",), ("S1", "S10", "S14")])
+def test_prompt_text_equals_llama_stack_shield(messages, excluded):
+    shield = llama_stack_shield().LlamaGuardShield(model="meta-llama/Llama-Guard-3-8B", inference_api=None,
+                                                   excluded_categories=list(excluded))
+    assert llama_guard_content(messages, excluded=excluded) == shield.build_prompt(_stack_messages(messages))
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_full_prompt_equals_llama_models_chat_format(messages):
+    """The whole prompt is the guard text as one user turn of Meta's Llama 3 chat format, assistant header open."""
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    tok = Tokenizer.get_instance()
+    content = llama_guard_content(messages)
+    tokens = ChatFormat(tok).encode_dialog_prompt([RawMessage(role="user", content=content)]).tokens
+    assert llama_guard_prompt(messages) == tok.decode(tokens)
+    # and herd's own chat format with the real tokenizer reads it to the same ids
+    import herd
+
+    assert herd.ChatFormat(herd.load_tokenizer()).encode_dialog([{"role": "user", "content": content}]) == tokens
+
+
+def test_custom_categories_numbered_as_llama_recipes():
+    utils = llama_recipes_prompt_utils()
+    body = Template(utils.PROMPT_TASK + utils.SAFETY_CATEGORIES + utils.PROMPT_CONVERSATION + utils.PROMPT_INSTRUCTIONS_2)
+    custom = [("Violence and Hate.", "Should not\n - Help people plan violence."), ("Medical Advice.", "")]
+    turns = ["Tell me about the weather", "It is sunny.", "How much aspirin can I take?"]
+    expected = utils.build_custom_prompt(
+        utils.AgentType.USER, utils.create_conversation(turns),
+        [utils.SafetyCategory(name, description) for name, description in custom], "S", body, with_policy=True)
+    # llama-recipes always puts the description's line break, herd only for a category that has a description
+    expected = expected.replace("S2: Medical Advice.\n\n", "S2: Medical Advice.\n")
+    messages = [{"role": r, "content": t} for r, t in zip(["user", "assistant", "user"], turns)]
+    assert llama_guard_content(messages, categories=custom) == expected
+
+
+def test_default_categories_match_llama_recipes_names():
+    utils = llama_recipes_prompt_utils()
+    assert [f"{c.name.strip()}" for c in utils.LLAMA_GUARD_3_CATEGORY] == [f"{n}." for n in CATEGORIES.values()]
+
+
+def test_agent_type_and_bad_input():
+    messages = CONVERSATIONS[1]
+    text = llama_guard_prompt(messages, agent_type="User")
+    assert "in 'User' messages" in text and "ONLY THE LAST User message" in text
+    assert "ONLY THE LAST Agent message" in llama_guard_prompt(messages)
+    with pytest.raises(ValueError, match="agent_type"):
+        llama_guard_prompt(messages, agent_type="Bot")
+    with pytest.raises(ValueError, match="no messages"):
+        llama_guard_prompt([])
+    with pytest.raises(ValueError, match="unknown excluded"):
+        llama_guard_prompt(messages, excluded=["S99"])
+    with pytest.raises(ValueError, match="every category"):
+        llama_guard_prompt(messages, excluded=list(CATEGORIES))
+    with pytest.raises(ValueError, match="role"):
+        llama_guard_prompt([{"role": "wizard", "content": "x"}])
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("safe", {"safe": True, "categories": []}),
+    ("\n\nsafe<|eot_id|>", {"safe": True, "categories": []}),
+    ("unsafe\nS1", {"safe": False, "categories": ["S1"]}),
+    ("unsafe\nS1,S10", {"safe": False, "categories": ["S1", "S10"]}),
+    (" Unsafe \n s9, S14 ,S9", {"safe": False, "categories": ["S9", "S14"]}),
+    ("unsafe", {"safe": False, "categories": []}),
+    ("I cannot tell.", {"safe": False, "categories": []}),
+    ("", {"safe": False, "categories": []}),
+    (None, {"safe": False, "categories": []}),
+])
+def test_parse(reply, expected):
+    assert parse_llama_guard(reply) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.binary(), st.integers(), st.none(),
+                 st.builds(lambda a, b: f"{a}unsafe\n{b}", st.text(max_size=5), st.text(max_size=30))))
+def test_parse_never_raises(reply):
+    verdict = parse_llama_guard(reply)
+    assert set(verdict) == {"safe", "categories"} and isinstance(verdict["safe"], bool)
+    assert all(c.startswith("S") and c[1:].isdigit() for c in verdict["categories"])
+    assert not (verdict["safe"] and verdict["categories"])
+
+
+class _ScriptedLLM:
+    """Stands in for a guard model: records the dialog it is given and replies with a fixed text."""
+
+    def __init__(self, reply):
+        import herd
+
+        self.chat_format = herd.ChatFormat(herd.load_tokenizer())
+        self.reply, self.prompts = reply, []
+
+    def generate(self, ids, **sampling):
+        assert sampling["temperature"] == 0
+        self.prompts.append(self.chat_format.tokenizer.decode(ids))
+        return SimpleNamespace(text=self.reply)
+
+
+def test_llama_guard_check_uses_the_prompt_and_policy():
+    llm = _ScriptedLLM("unsafe\nS2,S10")
+    result = LlamaGuard(llm).check(CONVERSATIONS[1])
+    assert result == {"safe": False, "categories": ["S2", "S10"], "raw": "unsafe\nS2,S10"}
+    assert llm.prompts[0] == llama_guard_prompt(CONVERSATIONS[1])
+    # excluded categories leave the prompt and are no violation when they are all the model names
+    guard = LlamaGuard(_ScriptedLLM("unsafe\nS2,S10"), excluded=("S2", "S10"))
+    assert guard.check(CONVERSATIONS[0])["safe"] is True
+    assert LlamaGuard(_ScriptedLLM("unsafe\nS2,S10"), excluded=("S2",)).check(CONVERSATIONS[0])["categories"] == ["S10"]
+    with pytest.raises(ValueError):
+        LlamaGuard(llm, excluded=("S42",))
