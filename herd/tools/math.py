@@ -107,8 +107,18 @@ def _warm_up() -> None:
         solve_offline(query)
 
 
+def _address_space() -> int:
+    """This process's mapped bytes: a forked child inherits them, so its memory cap goes on top of them."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
 def _answer_into(send, function, query: str) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (_CHILD_MEMORY, _CHILD_MEMORY))
+    limit = _address_space() + _CHILD_MEMORY
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         send.send((True, function(query)))
     except ToolError as error:

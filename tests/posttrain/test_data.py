@@ -46,7 +46,8 @@ def test_llama3_targets_are_exactly_the_assistant_turns(llama3_format):
     tok = llama3_format.tokenizer
     written = [tok.decode(run) for run in spans(example.ids, example.target)]
     assert written[0] == "4.<|eot_id|>"
-    assert written[1].startswith("<|python_tag|>") and written[1].endswith("<|eot_id|>")
+    # A custom JSON call is written bare (the published 3.1 format puts <|python_tag|> only before built-in calls).
+    assert written[1].startswith('{"type": "function"') and written[1].endswith("<|eot_id|>")
     call = json.loads(written[1].removeprefix("<|python_tag|>").removesuffix("<|eot_id|>"))
     assert call["name"] == "get_weather" and call["parameters"] == {"city": "Paris"}
     assert written[2] == "Clear skies.<|eot_id|>" and len(written) == 3
