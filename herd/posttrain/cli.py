@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-# Overrides (--section.field VALUE) are not options typer knows: they are passed through as extra args.
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+from herd.train.cli import CONTEXT, config_args
 
 
 def finetune_cmd(
@@ -17,20 +16,12 @@ def finetune_cmd(
 ):
     """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | kd.
     Run again to resume."""
-    from herd.train.config import to_toml
-    from herd.train.launch import split_args
-
     from herd.posttrain.finetune import FinetuneConfig, finetune, load_finetune_config
 
-    config_path, overrides = split_args(list(ctx.args))
-    if print_config:
-        from herd.train.config import load_config
-
-        typer.echo(to_toml(load_config(FinetuneConfig, config_path, overrides)), nl=False)
+    args = config_args(ctx, FinetuneConfig, "finetune", print_config)
+    if args is None:
         return
-    if config_path is None and not overrides:
-        raise typer.BadParameter("give a CONFIG.toml (herd finetune --print-config writes one)")
-    summary = finetune(load_finetune_config(config_path, overrides))
+    summary = finetune(load_finetune_config(*args))
     typer.echo(json.dumps(summary))
 
 

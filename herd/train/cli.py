@@ -10,22 +10,34 @@ import typer
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+def config_args(ctx: typer.Context, config_class, command: str, print_config: bool):
+    """A config-driven command's CONFIG.toml and --section.field overrides; with --print-config, the complete
+    config is printed instead and None returned."""
+    from herd.train.config import load_config, to_toml
+    from herd.train.launch import split_args
+
+    config_path, overrides = split_args(list(ctx.args))
+    if print_config:
+        typer.echo(to_toml(load_config(config_class, config_path, overrides)), nl=False)
+        return None
+    if config_path is None and not overrides:
+        raise typer.BadParameter(f"give a CONFIG.toml (herd {command} --print-config writes one)")
+    return config_path, overrides
+
+
 def train_cmd(
     ctx: typer.Context,
     nproc: int = typer.Option(1, "--nproc", help="processes (ranks) on this machine; > 1 launches torchrun"),
     print_config: bool = typer.Option(False, "--print-config", help="print the complete TOML config and exit"),
 ):
     """Pretrain a Llama 3 model: herd train CONFIG.toml [--section.field VALUE ...]. Run again to resume."""
-    from herd.train.config import TrainConfig, load_config, to_toml
-    from herd.train.launch import launch, split_args
+    from herd.train.config import TrainConfig
+    from herd.train.launch import launch
 
-    config_path, overrides = split_args(list(ctx.args))
-    if print_config:
-        typer.echo(to_toml(load_config(TrainConfig, config_path, overrides)), nl=False)
+    args = config_args(ctx, TrainConfig, "train", print_config)
+    if args is None:
         return
-    if config_path is None and not overrides:
-        raise typer.BadParameter("give a CONFIG.toml (herd train --print-config writes one)")
-    code = launch(config_path, overrides, nproc)
+    code = launch(*args, nproc)
     if code:
         raise typer.Exit(code)
 
