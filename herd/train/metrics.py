@@ -3,6 +3,7 @@ and the arithmetic behind tokens/s and MFU (model FLOPs over a matmul peak measu
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -81,8 +82,12 @@ class MetricsLog:
                                  refresh=False)
 
     def note(self, message: str) -> None:
+        # stderr, not stdout: a piped stdout is block-buffered and a rank torn down for a restart loses its buffer.
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(message)
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

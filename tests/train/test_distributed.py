@@ -51,8 +51,6 @@ def test_two_ranks_match_one_process(runs, layout):
 
 
 @pytest.mark.heavy
-@pytest.mark.xfail(strict=False, reason="issue 9: under pytest here the restarted job does not log a resume "
-                   "(the same command line passed by hand); still open")
 def test_corruption_and_kill_survived_exactly(runs, byte_shards, tmp_path):
     """A corrupted replica is detected and reported, a SIGKILLed worker is restarted, and the run resumes from its
     checkpoints to the very losses and weights of the uninterrupted run."""
@@ -73,8 +71,6 @@ def test_corruption_and_kill_survived_exactly(runs, byte_shards, tmp_path):
 
 
 @pytest.mark.heavy
-@pytest.mark.xfail(strict=False, reason="issue 9: under pytest here the restarted job does not log a resume "
-                   "(the same command line passed by hand); still open")
 def test_hung_rank_is_restarted(byte_shards, tmp_path):
     run = tmp_path / "hung"
     result = run_cli("train", "--nproc", "2", *tiny_args(byte_shards, run, "--parallel.dp", "2"),
