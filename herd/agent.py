@@ -82,6 +82,16 @@ class Guard:
     threshold: float = 0.5
     block: bool = True
 
+    @classmethod
+    def prompt_guard(cls, guard, threshold: float = 0.5, block: bool = True) -> Guard:
+        """Prompt Guard (herd.safety.PromptGuard, or the path of its classifier file) on tool results: scored as
+        Meta scores third-party data, injection and jailbreak together (1 - benign, the least benign window)."""
+        if not hasattr(guard, "score"):
+            from herd.safety.prompt_guard import PromptGuard
+
+            guard = PromptGuard(guard)
+        return cls(lambda text: 1.0 - guard.score(text)["benign"], threshold, block)
+
 
 class Agent:
     def __init__(self, llm, tools: Sequence[Tool | str | dict | Callable[..., Any]] = (), *, max_steps: int = 8,
