@@ -312,7 +312,9 @@ def real_loop(llm, tools, messages, tool_choice="required", max_tokens=48):
     """One forced call and the answer: the call follows its tool's schema, runs for real, and its result is in
     the turn the model reads before it answers. Returns the call, its result, the answer and the last prompt."""
     watched = Watched(llm)
-    agent = Agent(watched, tools=tools, tool_choice=tool_choice, max_steps=2, max_tokens=max_tokens, temperature=0)
+    # One line of answer is enough to read (a compact JSON call has no newline, so the call is not cut short).
+    agent = Agent(watched, tools=tools, tool_choice=tool_choice, max_steps=2, max_tokens=max_tokens, temperature=0,
+                  stop=("\n",))
     steps = run(agent, messages) if isinstance(messages, str) else list(agent.run(messages))
     call = next(s for s in steps if isinstance(s, ToolCall))
     result = next(s for s in steps if isinstance(s, ToolResult))
