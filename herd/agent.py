@@ -4,6 +4,12 @@ model answers without a call or the step limit is reached.
     for step in Agent(llm, tools=["brave_search", "wolfram_alpha", "code_interpreter", my_function]).run(messages):
         ...   # ModelText (streamed pieces), ToolCall, ToolResult, FinalAnswer
 
+The model decides whether to call a tool, unless `tool_choice` says it must: "required" (some tool) or a tool's
+name. Then its first reply is decoded under the grammar of a JSON call to that tool (what vLLM and the server do
+for the same tool_choice): a small model that would never write a well-formed call by itself makes one whose
+arguments follow the schema. Once a tool has been called the choice is the model's again, or it would be made to
+call tools for ever (the OpenAI Agents SDK resets its tool_choice the same way).
+
 Built-in tools go into the system prompt as Llama 3.1 expects them (`Environment: ipython`, `Tools: ...`; LLM.chat
 does that, also for a checkpoint's template that knows nothing of tools) and their results come back as `ipython`
 messages; custom functions' results come back as `tool` messages. Every
@@ -76,13 +82,29 @@ class Guard:
     threshold: float = 0.5
     block: bool = True
 
+    @classmethod
+    def prompt_guard(cls, guard, threshold: float = 0.5, block: bool = True) -> Guard:
+        """Prompt Guard (herd.safety.PromptGuard, or the path of its classifier file) on tool results: scored as
+        Meta scores third-party data, injection and jailbreak together (1 - benign, the least benign window)."""
+        if not hasattr(guard, "score"):
+            from herd.safety.prompt_guard import PromptGuard
+
+            guard = PromptGuard(guard)
+        return cls(lambda text: 1.0 - guard.score(text)["benign"], threshold, block)
+
 
 class Agent:
     def __init__(self, llm, tools: Sequence[Tool | str | dict | Callable[..., Any]] = (), *, max_steps: int = 8,
                  guard: Guard | Callable[[str], float] | None = None, tool_prompt_format: str = "json",
-                 stream: bool = True, **sampling):
+                 tool_choice: str = "auto", stream: bool = True, **sampling):
         self.llm = llm
         self.tools = {tool.name: tool for tool in map(as_tool, tools)}
+        if tool_choice not in ("auto", "required", *self.tools):
+            raise ValueError(f"tool_choice must be auto, required or one of the tools ({', '.join(self.tools)}), "
+                             f"not {tool_choice!r}")
+        if tool_choice != "auto" and not self.tools:
+            raise ValueError(f"tool_choice {tool_choice!r} needs tools to call")
+        self.tool_choice = tool_choice
         self.max_steps = max_steps
         self.guard = guard if isinstance(guard, Guard) or guard is None else Guard(guard)
         self.tool_prompt_format, self.stream, self.sampling = tool_prompt_format, stream, sampling
@@ -91,13 +113,15 @@ class Agent:
         """Steps as they happen; the last one is always a FinalAnswer."""
         dialog = list(messages)
         reply: Message = {"role": "assistant", "content": ""}
+        tool_choice = self.tool_choice
         for step in range(1, self.max_steps + 1):
-            reply = yield from self._reply(dialog)
+            reply = yield from self._reply(dialog, tool_choice)
             dialog.append(reply)
             calls = reply.get("tool_calls") or []
             if not calls:
                 yield FinalAnswer(reply, dialog, step, reply.get("stop_reason") or "end_of_turn")
                 return
+            tool_choice = "auto"
             for call in calls:
                 request = ToolCall(call["id"], call["function"]["name"], _arguments(call))
                 yield request
@@ -106,10 +130,12 @@ class Agent:
                 dialog.append(self._message(result))
         yield FinalAnswer(reply, dialog, self.max_steps, "max_steps")
 
-    def _reply(self, dialog: list[Message]):
+    def _reply(self, dialog: list[Message], tool_choice: str):
         """The model's next message, its text streamed as ModelText steps (a generator returning the message)."""
         specs = [tool.spec() for tool in self.tools.values()] or None
         options = dict(tools=specs, tool_prompt_format=self.tool_prompt_format, **self.sampling)
+        if tool_choice != "auto":
+            options["tool_choice"] = tool_choice
         if self.stream:
             text = ""
             for piece in self.llm.chat(dialog, stream=True, **options):

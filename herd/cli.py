@@ -47,15 +47,17 @@ def chat(
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
     tools: Optional[str] = typer.Option(None, help="brave_search,wolfram_alpha,code_interpreter[,module:function]"),
+    prompt_guard: Optional[Path] = typer.Option(None, help="with --tools: a Prompt Guard file; tool results it flags "
+                                                "as injections are withheld from the model"),
 ):
     """Talk with a model. Lines ending in \\ continue; a line of \"\"\" opens and closes a block.
     /reset clears the conversation, /system TEXT sets the system prompt, /exit quits."""
     from herd.generate import ContextLengthError
 
-    if tools:
+    if tools or prompt_guard:
         from herd.tools.cli import agent_turn, make_agent, parse_tool_option
 
-        tools = parse_tool_option(tools)  # a bad --tools fails before the model loads
+        tools = parse_tool_option(tools, prompt_guard)  # bad ones fail before the model loads
     llm = _load(model, quantize, device)
     agent = make_agent(llm, tools, **_sampling(max_tokens, temperature, top_p, top_k, seed, ())) if tools else None
     interactive = sys.stdin.isatty()

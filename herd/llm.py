@@ -1,6 +1,7 @@
 """`herd.load()`: a checkpoint becomes a model, its tokenizer, its chat format and a generator, behind one object."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 from herd.generate.generator import Generator
 from herd.generate.sequence import Completion
 from herd.generate.sampling import SamplingParams
+from herd.generate.structured import JsonGrammars
 from herd.model.llama import Transformer
 from herd.tokenizer.template import TemplateChatFormat
-from herd.tokenizer.tool_calls import calls_to_text
+from herd.tokenizer.tool_calls import call_schema, calls_to_text
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -80,14 +82,27 @@ class LLM:
         return completions if batched else completions[0]
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, *, tool_prompt_format: str = "json",
-             stream: bool = False, **sampling) -> dict | Iterator[str]:
-        """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed)."""
+             tool_choice: str | None = None, stream: bool = False, **sampling) -> dict | Iterator[str]:
+        """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed).
+
+        tool_choice: None or "auto" leaves calling a tool to the model; "required" makes the reply a call to one of
+        `tools`, a tool's name a call to that tool: decoding follows the call's JSON schema (as the server's).
+        """
         ids = self.chat_prompt(messages, tools, tool_prompt_format)
         params = SamplingParams(**sampling)
+        options = {}
+        if tool_choice not in (None, "auto"):
+            schema = call_schema(tools or [], None if tool_choice == "required" else tool_choice)
+            options["constraints"] = [self.grammars.constraint(schema)]
         if stream:
-            return self._stream_text(ids, params)
-        completion = self.generator.generate([ids], params)[0]
+            return self._stream_text(ids, params, **options)
+        completion = self.generator.generate([ids], params, **options)[0]
         return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
+
+    @functools.cached_property
+    def grammars(self) -> JsonGrammars:
+        """JSON grammars compiled against this model's vocabulary (structured output, forced tool calls)."""
+        return JsonGrammars(self.tokenizer, self.model.config.vocab_size)
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
                     tool_prompt_format: str = "json") -> list[int]:
@@ -104,8 +119,8 @@ class LLM:
         messages = [{**m, "content": m.get("content") or ""} for m in messages]
         return self.chat_format.encode_dialog(messages, tools=tools)
 
-    def _stream_text(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
-        return (d.text for d in self.generator.stream([prompt], params) if d.text)
+    def _stream_text(self, prompt: list[int], params: SamplingParams, **options) -> Iterator[str]:
+        return (d.text for d in self.generator.stream([prompt], params, **options) if d.text)
 
     def choose(self, messages: list[dict], choices: Sequence[str]) -> dict[str, float]:
         """The log-likelihood of each choice as the start of the assistant's reply (summed over its tokens).

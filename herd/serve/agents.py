@@ -1,6 +1,6 @@
 """Agents over HTTP, in the spirit of Llama Stack's Agents API: agents, sessions, and turns streamed as step events.
 
-    POST /v1/agents                                       {"instructions", "tools", "max_steps", "sampling"}
+    POST /v1/agents                         {"instructions", "tools", "tool_choice", "max_steps", "sampling"}
     POST /v1/agents/{agent_id}/session                    {"session_name"}            -> {"session_id"}
     POST /v1/agents/{agent_id}/session/{session_id}/turn  {"messages"}                -> text/event-stream
     GET  /v1/agents/{agent_id}/session/{session_id}       the session and its turns
@@ -34,6 +34,7 @@ router = APIRouter(prefix="/v1/agents")
 class AgentConfig(BaseModel):
     instructions: str = ""
     tools: list[str] = Field(default_factory=list)  # brave_search, wolfram_alpha, code_interpreter, module:function
+    tool_choice: str = "auto"  # auto, required or a tool's name: the first reply of each turn is then a call
     max_steps: int = Field(8, ge=1, le=64)
     sampling: dict[str, Any] = Field(default_factory=dict)  # SamplingParams fields
 
@@ -72,7 +73,7 @@ def _find(request: Request, agent_id: str, session_id: str | None = None):
 def create_agent(request: Request, config: AgentConfig) -> dict:
     agents = _agents(request)
     try:
-        parse_tools(",".join(config.tools))  # a bad tool is a 400 now, not an error at the first turn
+        _agent(request, config)  # a bad tool or tool_choice is a 400 now, not an error at the first turn
     except (ToolError, ValueError) as error:
         raise APIError(400, str(error), param="tools") from None
     agent_id = str(uuid.uuid4())
@@ -97,11 +98,14 @@ def get_session(request: Request, agent_id: str, session_id: str) -> dict:
 @router.post("/{agent_id}/session/{session_id}/turn")
 def create_turn(request: Request, agent_id: str, session_id: str, body: TurnRequest) -> StreamingResponse:
     config, _, session = _find(request, agent_id, session_id)
-    agent = Agent(request.app.state.herd.llm, tools=parse_tools(",".join(config.tools)), max_steps=config.max_steps,
-                  **config.sampling)
-    events = _turn_events(agent, config, session, session_id, body.messages)
+    events = _turn_events(_agent(request, config), config, session, session_id, body.messages)
     return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events),
                              media_type="text/event-stream")
+
+
+def _agent(request: Request, config: AgentConfig) -> Agent:
+    return Agent(request.app.state.herd.llm, tools=parse_tools(",".join(config.tools)), max_steps=config.max_steps,
+                 tool_choice=config.tool_choice, **config.sampling)
 
 
 def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,

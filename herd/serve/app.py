@@ -27,6 +27,7 @@ from herd.generate.structured import GrammarError, JsonGrammars
 from herd.serve.auth import check_key
 from herd.serve.metrics import Metrics
 from herd.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from herd.tokenizer.tool_calls import call_schema
 
 STATIC = Path(__file__).parent / "static"
 _CALL_OPENERS = ("{", "[", "<function", "<|python_tag|>")
@@ -68,7 +69,7 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
             engine.close()
 
     app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.herd = ServerState(llm, settings, Metrics(engine), JsonGrammars(llm.tokenizer, llm.model.config.vocab_size))
+    app.state.herd = ServerState(llm, settings, Metrics(engine), llm.grammars)
     for router in (openai_router, ops_router, *routers):
         app.include_router(router)
     _error_handlers(app)
@@ -348,12 +349,10 @@ def _output_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
     choice = body.tool_choice
     if body.tools and (choice == "required" or not isinstance(choice, (str, type(None)))):
         wanted = choice.function.get("name") if not isinstance(choice, str) else None
-        tools = [t.function for t in body.tools if wanted in (None, t.function.name)]
-        if not tools:
-            raise APIError(400, f"tool_choice names '{wanted}', which is not among the tools", param="tool_choice")
-        # Llama 3.1's JSON call: {"name": ..., "parameters": {...}}, for one of the offered functions.
-        return {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "parameters": f.parameters},
-                           "required": ["name", "parameters"], "additionalProperties": False} for f in tools]}
+        try:
+            return call_schema([t.model_dump() for t in body.tools], wanted)
+        except ValueError as error:
+            raise APIError(400, str(error), param="tool_choice") from None
     form = body.response_format
     if form is None or form.type == "text":
         return None

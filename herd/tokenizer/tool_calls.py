@@ -17,6 +17,14 @@ BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter"
 # The built-ins the model calls as `name.call(query="...")`.
 QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 TOOL_PROMPT_FORMATS = ("json", "function_tag", "python_list")
+# The arguments each built-in takes: never empty, and a query no longer than Brave Search takes (400 characters),
+# so that a call forced by a grammar cannot ramble on inside the string until the tokens run out.
+BUILTIN_PARAMETERS = {
+    **{name: {"type": "object", "properties": {"query": {"type": "string", "minLength": 1, "maxLength": 400}},
+              "required": ["query"]} for name in QUERY_TOOLS},
+    "code_interpreter": {"type": "object", "properties": {"code": {"type": "string", "minLength": 1}},
+                         "required": ["code"]},
+}
 
 _QUERY_CALL = re.compile(r'\b(?P<name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
 _FUNCTION_TAG = re.compile(r"<function=(?P<name>[\w.\-]+)>")
@@ -31,6 +39,24 @@ def make_call(name: str, arguments: dict[str, Any]) -> Call:
         "type": "function",
         "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False, allow_nan=False)},
     }
+
+
+def call_schema(tools: list[Any], name: str | None = None) -> dict[str, Any]:
+    """The JSON schema of one call in Llama 3.1's JSON form, {"name": ..., "parameters": {...}}, to any of `tools`
+    (OpenAI function tools or built-ins, as `LLM.chat` takes them) or to the one called `name`: what decoding
+    follows when a call is required (tool_choice "required" or a named function). ValueError for an unknown name."""
+    options = []
+    for tool in tools:
+        spec = tool if isinstance(tool, dict) else {"type": tool}
+        function = spec.get("function") or {}
+        tool_name = function.get("name") if spec.get("type") == "function" else spec.get("type")
+        parameters = function.get("parameters") or BUILTIN_PARAMETERS.get(tool_name) or {"type": "object"}
+        if name in (None, tool_name):
+            options.append({"type": "object", "properties": {"name": {"const": tool_name}, "parameters": parameters},
+                            "required": ["name", "parameters"], "additionalProperties": False})
+    if not options:
+        raise ValueError(f"tool_choice names '{name}', which is not among the tools" if name else "no tools to call")
+    return {"anyOf": options}
 
 
 def call_arguments(call: Call) -> dict[str, Any]:

@@ -7,6 +7,7 @@ writes are saved under ./herd-files/ (written whole, then renamed).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from herd.atomic import atomic_output
@@ -15,20 +16,37 @@ FILES_DIR = Path("herd-files")
 _SHOWN = 300  # characters of a tool result shown
 
 
-def parse_tool_option(tools: str) -> list:
-    """The tools of `--tools brave_search,wolfram_alpha,code_interpreter[,module:function]`."""
+@dataclass
+class AgentTools:
+    """What `--tools` and `--prompt-guard` ask for."""
+
+    tools: list
+    guard: object = None  # herd.agent.Guard
+
+
+def parse_tool_option(tools: str | None, prompt_guard: Path | None = None) -> AgentTools:
+    """The tools of `--tools brave_search,wolfram_alpha,code_interpreter[,module:function]`, and the Prompt Guard
+    their results pass (`--prompt-guard PATH`)."""
+    from herd.agent import Guard
     from herd.tools import ToolError, parse_tools
 
+    if not tools:
+        raise ValueError("--prompt-guard screens what tools return: give --tools as well")
     try:
-        return parse_tools(tools)
+        found = parse_tools(tools)
     except ToolError as error:  # a built-in without its configuration: bad input, as a bad spec is
         raise ValueError(f"--tools: {error}") from None
+    try:
+        guard = Guard.prompt_guard(prompt_guard) if prompt_guard else None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--prompt-guard {prompt_guard}: {str(error).splitlines()[0]}") from None
+    return AgentTools(found, guard)
 
 
-def make_agent(llm, tools: list, **sampling):
+def make_agent(llm, tools: AgentTools, **sampling):
     from herd.agent import Agent
 
-    return Agent(llm, tools=tools, **sampling)
+    return Agent(llm, tools=tools.tools, guard=tools.guard, **sampling)
 
 
 def agent_turn(agent, history: list[dict]) -> None:

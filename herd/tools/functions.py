@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from herd.tokenizer.tool_calls import BUILTIN_TOOLS
+from herd.tokenizer.tool_calls import BUILTIN_PARAMETERS, BUILTIN_TOOLS
 from herd.tools.http import ToolError
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array",
@@ -123,23 +123,21 @@ def builtin_tool(name: str, **options) -> Tool:
         from herd.tools.search import BraveSearch
 
         search = BraveSearch(**options)
-        return Tool(name, f"web search ({search.backend})", _QUERY, lambda query: search(query), builtin=True)
+        return Tool(name, f"web search ({search.backend})", BUILTIN_PARAMETERS[name], lambda query: search(query),
+                    builtin=True)
     if name == "wolfram_alpha":
         from herd.tools.math import WolframAlpha
 
         math = WolframAlpha(**options)
-        return Tool(name, f"math ({math.backend})", _QUERY, lambda query: math(query), builtin=True)
+        return Tool(name, f"math ({math.backend})", BUILTIN_PARAMETERS[name], lambda query: math(query), builtin=True)
     if name == "code_interpreter":
         from herd.tools.sandbox import run_python
 
-        schema = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
         # 30 s by default: importing matplotlib or pandas alone can take seconds on a busy machine.
         options = {"timeout": 30, **options}
-        return Tool(name, "runs Python in a sandbox", schema, lambda code: run_python(code, **options), builtin=True)
+        return Tool(name, "runs Python in a sandbox", BUILTIN_PARAMETERS[name],
+                    lambda code: run_python(code, **options), builtin=True)
     raise ValueError(f"unknown built-in tool {name!r}: herd runs brave_search, wolfram_alpha and code_interpreter")
-
-
-_QUERY = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
 
 
 def as_tool(item: Tool | str | dict | Callable[..., Any]) -> Tool:
@@ -153,7 +151,7 @@ def as_tool(item: Tool | str | dict | Callable[..., Any]) -> Tool:
     if callable(item):
         name = getattr(item, "name", None)
         if name in BUILTIN_TOOLS:  # a configured BraveSearch / WolframAlpha instance
-            return Tool(name, name, _QUERY, lambda query: item(query), builtin=True)
+            return Tool(name, name, BUILTIN_PARAMETERS[name], lambda query: item(query), builtin=True)
         return Tool.from_function(item)
     raise ValueError(f"cannot make a tool from {item!r}")
 

@@ -6,7 +6,9 @@ tmpfs /tmp, and read-only: /usr (the system's libraries) and the Python runtime 
 home, no project checkout, no /etc beyond the loader's cache. It has its own network (loopback only, nothing
 of the host's), PID, IPC and UTS namespaces, rlimits on CPU time, address space, processes, file size and open
 files, where root can make one a cgroup bounding the memory and tasks of the whole tree, caps on what it prints,
-and a wall-clock timeout that kills its whole process tree (the PID namespace dies with it). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the code then drops to a fresh
+and a wall-clock timeout that kills its whole process tree (the PID namespace dies with it). Where no cgroup can
+be made (not root, or cgroups read-only) nothing would bound a tree's memory but N processes times the per-process
+limit, so the code then runs as a single task: it can start no process and no thread (said once, on stderr). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the code then drops to a fresh
 unprivileged uid (root is exempt from RLIMIT_NPROC); run by a user, the code lives in a new user namespace.
 
 Where no sandbox can be made (bwrap missing, namespaces refused) the code is not run: the result says why.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import secrets
@@ -36,6 +39,7 @@ _INSIDE_WORK, _INSIDE_CONTROL = "/work", "/sandbox"
 _INSIDE_PYTHON, _INSIDE_SITE = "/opt/python", "/opt/site-packages"
 _INSIDE_MPL = "/tmp/matplotlib"
 _PLOTS = re.compile(r"matplotlib|pyplot|seaborn|pandas|\.plot\(")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,30 @@ def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits, *, font
         if uid is not None:
             for path in [work, *work.rglob("*")]:
                 os.chown(path, uid, uid)
+        cgroup = _tree_limit(limits)
         try:
-            run = _execute(_command(work, control, uid, limits, extra), limits)
+            tasks = limits.processes if cgroup else 1
+            run = _execute(_command(work, control, uid, limits, tasks, extra), limits, cgroup)
             return {**run, "files": _written_files(work, inputs, limits.returned_bytes)}
         finally:
+            if cgroup:
+                cgroup.remove()
             _make_removable(work)
+
+
+def _tree_limit(limits: Limits) -> SandboxCgroup | None:
+    """A cgroup bounding the memory and tasks of the whole tree (two processes each under the memory rlimit could
+    still take twice as much), or None where none can be made."""
+    cgroup = SandboxCgroup.make(limits.memory_mb << 20, limits.processes + 2) if os.geteuid() == 0 else None
+    if cgroup is None:
+        _say_single_task()
+    return cgroup
+
+
+@functools.cache
+def _say_single_task() -> None:
+    log.warning("herd: no cgroup can bound the sandbox's memory here (it takes root and writable cgroups): "
+                "code runs as a single task, without processes or threads of its own")
 
 
 @functools.cache
@@ -150,7 +173,8 @@ def _runtime() -> tuple[list[str], str, list[str], dict[str, str]]:
     return args, interpreter, site_dirs, env
 
 
-def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: list[str] = ()) -> list[str]:
+def _command(work: Path, control: Path, uid: int | None, limits: Limits, tasks: int,
+             extra: list[str] = ()) -> list[str]:
     runtime_args, interpreter, site_dirs, runtime_env = _runtime()
     config = {
         "uid": uid,
@@ -160,7 +184,7 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: 
             # SIGXCPU at the soft limit says why; SIGKILL a second later if it is caught.
             "RLIMIT_CPU": [limits.cpu_seconds, limits.cpu_seconds + 1],
             "RLIMIT_AS": limits.memory_mb << 20,
-            "RLIMIT_NPROC": limits.processes,
+            "RLIMIT_NPROC": tasks,
             "RLIMIT_FSIZE": limits.file_mb << 20,
             "RLIMIT_NOFILE": limits.open_files,
             "RLIMIT_CORE": 0,
@@ -200,32 +224,27 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits, extra: 
     ]
 
 
-def _execute(command: list[str], limits: Limits) -> dict:
-    """Run bwrap, keeping the first `output_bytes` of each stream; kill the whole tree at the timeout."""
-    # Two processes each under the memory rlimit could still take twice as much: a cgroup bounds them together.
-    cgroup = SandboxCgroup.make(limits.memory_mb << 20, limits.processes + 2) if os.geteuid() == 0 else None
+def _execute(command: list[str], limits: Limits, cgroup: SandboxCgroup | None) -> dict:
+    """Run bwrap (inside `cgroup`), keeping the first `output_bytes` of each stream; kill the whole tree at the
+    timeout."""
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, umask=0o022,
+                               preexec_fn=cgroup.enter if cgroup else None)
+    streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
+               "stderr": _CappedReader(process.stderr, limits.output_bytes)}
+    timed_out = False
     try:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True, umask=0o022,
-                                   preexec_fn=cgroup.enter if cgroup else None)
-        streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
-                   "stderr": _CappedReader(process.stderr, limits.output_bytes)}
-        timed_out = False
-        try:
-            process.wait(timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            # bwrap's child dies with it (PR_SET_PDEATHSIG), and with it, as PID 1 of its namespace, every
-            # process the code started, whatever session or group it moved to.
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        texts = {name: reader.text() for name, reader in streams.items()}
-        out_of_memory = cgroup is not None and cgroup.oom_killed()
+        process.wait(timeout=limits.timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
-        if cgroup:
-            cgroup.remove()
+        # bwrap's child dies with it (PR_SET_PDEATHSIG), and with it, as PID 1 of its namespace, every
+        # process the code started, whatever session or group it moved to.
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    texts = {name: reader.text() for name, reader in streams.items()}
+    out_of_memory = cgroup is not None and cgroup.oom_killed()
     return {**texts, "exit_code": process.returncode, "timed_out": timed_out, "out_of_memory": out_of_memory,
             "limits": limits}
 
@@ -264,7 +283,8 @@ _SIGNALS = {
 def _result(stdout: str = "", stderr: str = "", exit_code: int | None = None, files: dict | None = None,
             error: str | None = None, timed_out: bool = False, out_of_memory: bool = False,
             limits: Limits | None = None) -> dict:
-    if error is None and exit_code:
+    # A process the kernel killed for memory fails the run even when the first one, spared, exits 0.
+    if error is None and (exit_code or out_of_memory):
         error = _describe_failure(stderr, exit_code, timed_out, out_of_memory, limits)
     return {"stdout": stdout, "stderr": stderr, "exit_code": exit_code, "files": files or {}, "error": error}
 

@@ -28,9 +28,9 @@ def main() -> None:
     sys.path.insert(0, os.getcwd())
     sys.argv = [config["main"]]
     with open(config["main"], encoding="utf-8") as source:
-        code = compile(source.read(), "main.py", "exec")
+        text = source.read()
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(compile(text, "main.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     except SystemExit:
         raise
     except BaseException as error:  # noqa: BLE001 - the traceback goes to stderr without this file's frame

@@ -62,6 +62,9 @@ def test_turn_streams_step_events_and_the_session_keeps_the_dialog(api):
 def test_errors_are_4xx(api):
     client, _ = api
     assert client.post("/v1/agents", json={"tools": ["nonsense"]}).status_code == 400
+    wrong = client.post("/v1/agents", json={"tools": ["wolfram_alpha"], "tool_choice": "get_time"})
+    assert wrong.status_code == 400 and "tool_choice must be auto, required or one of the tools (wolfram_alpha)" \
+        in wrong.json()["error"]["message"]
     assert client.post("/v1/agents/nope/session", json={}).status_code == 404
     agent_id = client.post("/v1/agents", json={}).json()["agent_id"]
     assert client.post(f"/v1/agents/{agent_id}/session/nope/turn", json={"messages": [{"role": "user",
