@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def main() -> None:
             for key, value in result.items():
                 old[key] = min(old[key], value) if key in ("load_s", "peak_rss_mb") else max(old[key], value)
     print(f"default model, {args.threads} threads, decode {args.new_tokens} tokens of a chat reply, "
-          f"prefill {args.prompt_tokens} tokens, best of {args.rounds} interleaved rounds")
+          f"prefill {args.prompt_tokens} tokens, best of {args.rounds} interleaved rounds; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; above {os.cpu_count()}: a shared machine)")
     keys = ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb")
     print(f"{'':14}" + "".join(f"{k:>15}" for k in keys))
     for name, result in best.items():

@@ -12,12 +12,21 @@ import torch
 
 import herd
 from herd.quant.fidelity import compare, logits
+from herd.quant.schemes import Scheme
 
 TEXT = Path(__file__).parent.parent / "tests" / "quant" / "data" / "GPL-3.txt"
 # (label, scheme, how the tokens are fed: None = as one prompt, 8 = eight at a time as decoding does)
 RUNS = [("default (GGUF Q4_1 blocks), decode path", "auto", 8), ("default, prompt path", "auto", None),
-        ("int8", "int8", 8), ("int8-wo", "int8-wo", 8), ("fp8", "fp8", None), ("int4-g32", "int4-g32", 8),
+        ("int8", "int8", 8), ("int8-wo", "int8-wo", 8), ("fp8", "fp8", None),
+        ("fp8, Meta's 405B recipe (FFN of layers 1..n-2)", "fp8-meta", None), ("int4-g32", "int4-g32", 8),
         ("int4-g128", "int4-g128", 8), ("int4-g128-gptq", "int4-g128-gptq", 8)]
+
+
+def scheme(name: str, n_layers: int) -> str | Scheme:
+    """fp8-meta: FP8 only in the feed-forward layers, the first and last layers and attention kept high precision."""
+    if name != "fp8-meta":
+        return name
+    return Scheme("fp8", keep=("output", "*.attention.*", "layers.0.*", f"layers.{n_layers - 1}.*"))
 
 
 def main() -> None:
@@ -29,8 +38,9 @@ def main() -> None:
     ids = reference.tokenizer.encode(TEXT.read_text(), bos=True)[: args.tokens]
     ref = logits(reference.model, ids)
     rows = {}
-    for label, scheme, step in RUNS:
-        fidelity = compare(ref, logits(herd.load(quantize=scheme).model, ids, step=step), ids)
+    for label, name, step in RUNS:
+        model = herd.load(quantize=scheme(name, reference.model.config.n_layers)).model
+        fidelity = compare(ref, logits(model, ids, step=step), ids)
         rows[label] = fidelity
         print(f"{label:42} KL mean {fidelity.kl_mean:.4f}  p99 {fidelity.kl_p99:.4f}  top-1 {fidelity.top1:.3f}  "
               f"ppl {fidelity.ppl:.2f} (float32 {fidelity.ppl_reference:.2f})", flush=True)
@@ -40,7 +50,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axis = plt.subplots(figsize=(8, 3.5))
+        fig, axis = plt.subplots(figsize=(9, 4))
         axis.barh(list(rows), [f.kl_mean for f in rows.values()], color="#2a7")
         axis.axvline(0.005, color="#c33", linestyle="--", label="goal 0.005")
         axis.axvline(0.0039, color="#888", linestyle=":", label="llama.cpp Q4_1 0.0039")

@@ -24,6 +24,7 @@ from herd.generate.scheduler import Scheduler
 from herd.generate.sequence import Completion, Constraint, Delta
 from herd.generate.sequence import Sequence as _Sequence
 from herd.model.llama import Transformer
+from herd.quant.phase import prompt_rows
 
 log = logging.getLogger(__name__)
 
@@ -217,21 +218,26 @@ class Generator:
             batch = self.scheduler.schedule()
             if not batch:
                 return bool(self.scheduler.waiting)
-            tokens, positions, parts, rows = [], [], [], []
+            tokens, positions, parts, rows, prompt = [], [], [], [], []
             for seq, n in batch:
                 begin = seq.num_computed
                 offset = len(tokens)
                 tokens += seq.tokens[begin:begin + n]
                 positions += range(begin, begin + n)
+                prompt += [p < seq.prompt_len for p in range(begin, begin + n)]
                 parts.append((seq.blocks, begin, n))
                 if seq.score_from is not None:
                     first = max(begin, seq.score_from - 1)
                     rows += [offset + p - begin for p in range(first, min(begin + n, len(seq.tokens) - 1))]
                 if begin + n == len(seq.tokens) and seq.score_from is None:
                     rows.append(offset + n - 1)
-            logits = self.model(torch.tensor([tokens], device=self.device),
-                                torch.tensor([positions], device=self.device), cache=StepAttention(self.cache, parts),
-                                logits_at=torch.tensor(rows, dtype=torch.long, device=self.device))[0]
+            rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+            prompt = torch.tensor(prompt, device=self.device)
+            # Quantized layers compute prompt tokens one way and generated ones another, whatever the chunking.
+            with prompt_rows(prompt, prompt[rows]):
+                logits = self.model(torch.tensor([tokens], device=self.device),
+                                    torch.tensor([positions], device=self.device),
+                                    cache=StepAttention(self.cache, parts), logits_at=rows)[0]
             row = 0
             for seq, n in batch:
                 self.scheduler.computed(seq, n)

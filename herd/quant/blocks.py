@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from herd.quant.kernel import ops
+from herd.quant.phase import prompt_mask
 
 QK = 32  # activation block
 # Up to this many tokens per call take the integer path; more amortise expanding the weights into a float GEMM.
@@ -95,18 +96,33 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Tensor:
-    """x [..., K] @ w.T in float32. integer: a few tokens take the int8-activation path (else the stored weights
-    times the float activations, always)."""
+    """x [..., K] @ w.T in float32. integer: a few generated tokens take the int8-activation path; prompt tokens
+    (as `herd.quant.phase` tells them; else any forward of more than a few tokens) take the stored weights times
+    the float activations, always."""
     flat = x.reshape(-1, x.shape[-1]).float()
+    rows = flat.shape[0]
+    prompt = prompt_mask(rows) if integer else None
+    generated = rows if prompt is None else int((~prompt).sum())
+    if not integer or generated == 0 or generated > MAX_INTEGER_TOKENS:
+        out = _matmul(flat, w, False)  # many generated tokens: one float GEMM serves them better
+    elif generated == rows:
+        out = _matmul(flat, w, True)
+    else:
+        out = flat.new_empty(rows, w.shape[0])
+        out[prompt] = _matmul(flat[prompt], w, False)
+        out[~prompt] = _matmul(flat[~prompt], w, True)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def _matmul(flat: torch.Tensor, w: BlockWeight, integer: bool) -> torch.Tensor:
+    """integer: int8 activation blocks (only for a few tokens); else exactly the stored weights."""
     kernel = ops() if flat.device.type == "cpu" else None
     args = (w.codes, w.scales, w.mins, w.bits, w.group)
     if flat.shape[0] <= MAX_INTEGER_TOKENS and kernel:
-        out = kernel.matmul_rows(flat, *args, integer)
-    elif flat.shape[0] <= MAX_INTEGER_TOKENS and integer:
-        out = integer_matmul(flat, w)
-    else:
-        out = flat @ (kernel.dequantize(*args) if kernel else w.dequantize()).T
-    return out.view(*x.shape[:-1], w.shape[0])
+        return kernel.matmul_rows(flat, *args, integer)
+    if integer:
+        return integer_matmul(flat, w)
+    return flat @ (kernel.dequantize(*args) if kernel else w.dequantize()).T
 
 
 class _Blocks(nn.Module):

@@ -23,9 +23,10 @@ def reference():
 @pytest.mark.heavy
 @pytest.mark.parametrize("scheme,step", [
     ("auto", 8),
-    # Measured here, still open in issue 7: int8 KL 0.0088 (top-1 0.949), fp8 KL 0.067 (top-1 0.883).
-    pytest.param("int8", 8, marks=pytest.mark.xfail(strict=False, reason="issue 7: int8 KL 0.0088 > 0.005")),
-    pytest.param("fp8", None, marks=pytest.mark.xfail(strict=False, reason="issue 7: fp8 KL 0.067 > 0.005")),
+    ("int8", 8),
+    # e4m3 keeps 3 mantissa bits: ~3% error on every weight and activation. Measured here: KL 0.065 (all layers),
+    # 0.019 with Meta's 405B recipe (FFN of layers 1..n-2 only); weights alone 0.026, activations alone 0.024.
+    pytest.param("fp8", None, marks=pytest.mark.xfail(strict=False, reason="issue 7: fp8 KL 0.065 > 0.005")),
 ])
 def test_default_int8_and_fp8_stay_within_kl_bound(reference, scheme, step):
     ids, ref = reference

@@ -1,0 +1,37 @@
+"""Which rows of a forward are prompt tokens: told by whoever runs the model (the generation engine), read by the
+quantized layers.
+
+Quantized layers compute a token in one of two ways: exactly (the stored weights times float activations) or fast
+(activations quantized to int8 blocks, integer dot products). If the way depended on how many tokens a forward
+holds, a prompt's numbers would depend on how it was chunked: after a prefix-cache hit only the last few prompt
+tokens are computed, and they would take the fast path that the same prompt computed whole does not. So the
+engine says which rows are prompt tokens (always exact) and which are generated tokens (the fast path, when few
+enough of them share the forward); the model itself stays unaware. Without a `prompt_rows` block the layers decide
+by the number of tokens alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+
+_ROWS: ContextVar[tuple[torch.Tensor, ...]] = ContextVar("herd_prompt_rows", default=())
+
+
+@contextmanager
+def prompt_rows(*masks: torch.Tensor) -> Iterator[None]:
+    """Within the block, a layer whose input has as many rows as one of the boolean `masks` takes its True rows
+    as prompt tokens. Pass one mask per distinct row count the forward has (all its tokens; the rows whose
+    logits are wanted, which the output layer sees)."""
+    token = _ROWS.set(tuple(m.reshape(-1).bool() for m in masks))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def prompt_mask(rows: int) -> torch.Tensor | None:
+    """The prompt-row mask for an input of `rows` rows, or None where nobody said."""
+    return next((m for m in _ROWS.get() if m.numel() == rows), None)
