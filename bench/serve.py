@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--levels", default="1,8,16,32", help="concurrency levels; 1 is the one-at-a-time baseline")
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--decode-rounds", type=int, default=3, help="0: skip the single-sequence decode check")
     parser.add_argument("--turns", type=int, default=3, help="conversations for the second-turn measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", default=None)
@@ -226,13 +227,14 @@ def main() -> None:
     load = os.getloadavg()
     print(f"threads {args.threads}; load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}", flush=True)
 
-    best = decode_check(args.decode_tokens, rounds=3)
-    print(f"single-sequence decode, {args.decode_tokens} tokens (best of 3): engine {best['engine']:.1f} tok/s, "
-          f"plain loop with a KV cache {best['plain']:.1f} tok/s, engine / plain {best['engine'] / best['plain']:.2f}x",
-          flush=True)
+    if args.decode_rounds:
+        best = decode_check(args.decode_tokens, rounds=args.decode_rounds)
+        print(f"single-sequence decode, {args.decode_tokens} tokens (best of {args.decode_rounds}): engine "
+              f"{best['engine']:.1f} tok/s, plain loop with a KV cache {best['plain']:.1f} tok/s, engine / plain "
+              f"{best['engine'] / best['plain']:.2f}x", flush=True)
 
-    servers = {"prefix cache": ServerProcess(args.threads), "no prefix cache": ServerProcess(args.threads,
-                                                                                            "--no-prefix-cache")}
+    servers = {"prefix cache": ServerProcess(args.threads),
+               "no prefix cache": ServerProcess(args.threads, "--no-prefix-cache")}
     try:
         with httpx.Client() as client:
             for server in servers.values():
@@ -258,15 +260,16 @@ def main() -> None:
         if at16:
             print(f"throughput at 16 clients / one at a time: {at16['tok_s'] / rounds[0]['tok_s']:.2f}x (goal 2.5x)")
         turn = asyncio.run(second_turn(servers, args.turns, args.seed))
-        with_cache, without = statistics.median(turn["prefix cache"]), statistics.median(turn["no prefix cache"])
-        print(f"second chat turn, time to first token (median of {args.turns}): prefix cache {with_cache:.3f}s, "
-              f"none {without:.3f}s, {without / with_cache:.1f}x faster", flush=True)
+        if args.turns:
+            with_cache, without = statistics.median(turn["prefix cache"]), statistics.median(turn["no prefix cache"])
+            print(f"second chat turn, time to first token (median of {args.turns}): prefix cache {with_cache:.3f}s, "
+                  f"none {without:.3f}s, {without / with_cache:.1f}x faster", flush=True)
     finally:
         for server in servers.values():
             server.stop()
     load = os.getloadavg()
     print(f"load average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
-    if args.png:
+    if args.png and args.turns:
         plot(rounds, turn, args.png)
         print(f"wrote {args.png}")
 
