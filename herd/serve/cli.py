@@ -29,13 +29,13 @@ def serve_cmd(
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
     Prometheus /metrics and a chat page at /."""
     import uvicorn
+    _check_port(host, port)  # a taken port fails at once, not after the model has loaded
 
     from herd.cli import _load
     from herd.generate import EngineConfig, Generator
     from herd.serve.agents import router as agents_router
     from herd.serve.app import ServeSettings, create_app
 
-    _check_port(host, port)  # a taken port fails at once, not after the model has loaded
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20,
