@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def one_line_error(args, fragment):
-    done = subprocess.run([*HERD, "serve", *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*HERD, "serve", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("herd: error:") and fragment in lines[0], done.stderr
