@@ -255,12 +255,13 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - the one place where any failure becomes a one-line message
         import click
 
-        if isinstance(error, click.exceptions.Exit):
+        if isinstance(error, (click.exceptions.Exit, typer.Exit)):
             sys.exit(error.exit_code)
-        if isinstance(error, click.ClickException):
+        # Newer typer raises its own vendored click's exceptions (subclasses of TyperException), not click's.
+        if isinstance(error, (click.ClickException, typer.exceptions.TyperException)) and hasattr(error, "exit_code"):
             print(f"herd: error: {error.format_message()}", file=sys.stderr)
             sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
+        if isinstance(error, (click.exceptions.Abort, typer.Abort)):
             sys.exit(130)
         if os.environ.get("HERD_DEBUG"):
             raise

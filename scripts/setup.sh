@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 if ! command -v bwrap >/dev/null; then
   apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }
 fi
+# herd serve's chat page is tested end to end in headless Chromium: Debian's package (nothing downloads a browser).
+if ! command -v chromium >/dev/null; then
+  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=".venv/bin/python -m pip"
 # torch first and alone: the pinned CPU wheel; an open range would pull a multi-GB CUDA build.

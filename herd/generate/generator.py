@@ -44,6 +44,7 @@ class EngineConfig:
     max_batch: int = 64  # sequences running at once
     max_step_tokens: int = 512  # tokens per step: every decoding sequence's one, the rest for prompts (chunks)
     max_queue: int = 1024  # sequences waiting; `submit` refuses more
+    prefix_caching: bool = True  # False: every prompt is prefilled in full (to measure what the cache saves)
 
 
 class Request:
@@ -76,7 +77,8 @@ class Generator:
         num_blocks = max(blocks_per_context, min(useful, self.config.kv_cache_bytes // per_block))
         self.cache = PagedKVCache(mc, num_blocks, block, device=self.device, dtype=dtype)
         self.scheduler = Scheduler(self.cache, max_batch=self.config.max_batch,
-                                   max_step_tokens=self.config.max_step_tokens)
+                                   max_step_tokens=self.config.max_step_tokens,
+                                   prefix_caching=self.config.prefix_caching)
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self._step_lock = threading.Lock()
         self._inbox: list[_Sequence] = []

@@ -25,9 +25,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, *, max_batch: int, max_step_tokens: int):
+    def __init__(self, cache: PagedKVCache, *, max_batch: int, max_step_tokens: int, prefix_caching: bool = True):
         self.cache, self.pool, self.block_size = cache, cache.pool, cache.block_size
         self.max_batch, self.max_step_tokens = max_batch, max_step_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission
         self.stats = SchedulerStats()
@@ -52,8 +53,9 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_batch:
                 break
-            hits = self.pool.lookup([seq.block_hash(i) for i in range(seq.cacheable_blocks())])
-            if len(hits) < seq.cacheable_blocks():
+            hits = self.pool.lookup([seq.block_hash(i) for i in range(seq.cacheable_blocks())]) \
+                if self.prefix_caching else []
+            if self.prefix_caching and len(hits) < seq.cacheable_blocks():
                 # Another sequence is computing the next block right now (the other choices of an `n` request, a
                 # shared system prompt): wait a step or two and take it from the cache instead.
                 pending = self._pending_hashes() if pending is None else pending
@@ -109,6 +111,8 @@ class Scheduler:
         """`n` more tokens of `seq` are in the cache: enter its newly full blocks in the prefix cache."""
         seq.num_computed += n
         self.stats.computed_tokens += n
+        if not self.prefix_caching:
+            return
         full = seq.num_computed // self.block_size
         for i in range(seq.num_registered, full):
             self.pool.register(seq.blocks[i], seq.block_hash(i))

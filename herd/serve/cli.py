@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Optional
 
 import typer
@@ -10,15 +11,17 @@ import typer
 def serve_cmd(
     model: Optional[str] = typer.Argument(None, help="checkpoint path (Meta, HF or GGUF); default: the built-in model"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, min=0, max=65535),
     api_key: Optional[list[str]] = typer.Option(None, help="a Bearer key clients must send (repeatable; "
                                                 "default: $HERD_API_KEY, else none)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the checkpoint's name)"),
-    max_batch: int = typer.Option(64, help="sequences decoded together"),
-    max_queue: int = typer.Option(1024, help="sequences waiting; more get 429"),
-    max_n: int = typer.Option(8, help="the most choices (n) one request may ask for"),
-    max_tokens: Optional[int] = typer.Option(None, help="the most tokens one choice may generate"),
-    kv_cache_mib: int = typer.Option(512, help="KV-cache memory (MiB)"),
+    max_batch: int = typer.Option(64, min=1, help="sequences decoded together"),
+    max_queue: int = typer.Option(1024, min=1, help="sequences waiting; more get 429"),
+    max_n: int = typer.Option(8, min=1, help="the most choices (n) one request may ask for"),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="the most tokens one choice may generate"),
+    kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB)"),
+    prefix_cache: bool = typer.Option(True, help="reuse the KV cache of shared prompt prefixes (chat history, "
+                                      "system prompts)"),
     timeout: float = typer.Option(600.0, help="seconds a request may run"),
     quantize: str = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
@@ -26,6 +29,7 @@ def serve_cmd(
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
     Prometheus /metrics and a chat page at /."""
     import uvicorn
+    _check_port(host, port)  # a taken port fails at once, not after the model has loaded
 
     from herd.cli import _load
     from herd.generate import EngineConfig, Generator
@@ -34,7 +38,8 @@ def serve_cmd(
 
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
-        max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20))
+        max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20,
+        prefix_caching=prefix_cache))
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                              request_timeout=timeout)
@@ -42,3 +47,13 @@ def serve_cmd(
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(f"cannot listen on {host}:{port} ({error.strerror}): choose another --port or --host") \
+                from None

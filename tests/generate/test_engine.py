@@ -114,6 +114,20 @@ def test_prefix_cache_hit_skips_prefill_and_changes_nothing(model):
     assert_blocks_all_returned(gen)
 
 
+def test_prefix_caching_off_prefills_every_prompt_in_full(model):
+    gen = engine(model, prefix_caching=False)
+    history = prompts(1, seed=2)[0] + list(range(200, 260))
+    first = gen.generate([history], GREEDY)[0]
+    follow_up = history + first.tokens + [7, 8, 9]
+    computed = gen.scheduler.stats.computed_tokens
+    again = gen.generate([follow_up], GREEDY)[0]
+    assert gen.scheduler.stats.computed_tokens - computed == len(follow_up) + GREEDY.max_tokens - 1
+    assert gen.scheduler.stats.cached_tokens == 0
+    assert again.tokens == engine(model).generate([follow_up], GREEDY)[0].tokens
+    assert not gen.cache.pool.cached  # nothing kept: every block went straight back to the free list
+    assert_blocks_all_returned(gen)
+
+
 def test_choices_of_one_request_share_the_prompt_blocks(model):
     gen = engine(model)
     prompt = list(range(1, 70))

@@ -1,0 +1,75 @@
+"""`herd serve` itself, as a user runs it: a subprocess that serves the default model and shuts down cleanly on
+SIGTERM; bad flags, a missing model or a taken port end in one line on stderr and a non-zero exit."""
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+HERD = [sys.executable, "-m", "herd.cli"]
+QUESTION = [{"role": "user", "content": "Name one primary colour."}]  # asked nowhere else: no prefix-cache state
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(args, fragment):
+    done = subprocess.run([*HERD, "serve", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herd: error:") and fragment in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and not done.stdout
+
+
+def test_bad_flags_missing_model_and_taken_port_fail_in_one_line(tmp_path):
+    one_line_error(["--bogus"], "--bogus")
+    one_line_error(["--max-batch", "0"], "--max-batch")
+    one_line_error([str(tmp_path / "missing.gguf")], "missing.gguf")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(["--port", str(port)], f"127.0.0.1:{port}")
+
+
+@pytest.mark.heavy
+def test_serve_answers_health_models_and_chat_then_stops_cleanly(default_llm):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([*HERD, "serve", "--port", str(port), "--api-key", "k-123", "--max-batch", "4"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "herd serve did not come up"
+            try:
+                health = httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        key = {"Authorization": "Bearer k-123"}
+        [model] = httpx.get(url + "/v1/models", headers=key).json()["data"]
+        assert model["id"] == default_llm.name
+        body = {"model": model["id"], "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=120).status_code == 401
+        answer = httpx.post(url + "/v1/chat/completions", json=body, headers=key, timeout=120)
+        assert answer.status_code == 200, answer.text
+        reply = answer.json()
+        assert reply["choices"][0]["message"]["content"] == default_llm.chat(QUESTION, temperature=0,
+                                                                             max_tokens=8)["content"]
+        assert reply["usage"]["completion_tokens"] > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode in (0, -signal.SIGTERM), err  # uvicorn re-raises the signal once it has shut down
+    assert f"on http://127.0.0.1:{port}" in out and "Traceback" not in err
