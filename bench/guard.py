@@ -76,7 +76,9 @@ def code_benchmark(per_case: int, seed: int = 0) -> dict:
              "codeshield": codeshield_scan, "bandit": bandit_scan}
     counts = {name: defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "tn": 0}) for name in tools}
     seconds, lines = defaultdict(float), defaultdict(int)
-    for case, insecure, fixed in variants(seed, per_case):
+    from tqdm import tqdm
+
+    for case, insecure, fixed in tqdm(list(variants(seed, per_case)), desc="insecure/fixed pairs", file=sys.stderr):
         for code, bad in ((insecure, True), (fixed, False)):
             for name, scan in tools.items():  # interleaved: the same load falls on every tool
                 started = time.perf_counter()

@@ -97,8 +97,9 @@ def get_session(request: Request, agent_id: str, session_id: str) -> dict:
 @router.post("/{agent_id}/session/{session_id}/turn")
 def create_turn(request: Request, agent_id: str, session_id: str, body: TurnRequest) -> StreamingResponse:
     config, _, session = _find(request, agent_id, session_id)
+    shields = request.app.state.herd.shields  # Prompt Guard, when the server has it, screens every tool result
     agent = Agent(request.app.state.herd.llm, tools=parse_tools(",".join(config.tools)), max_steps=config.max_steps,
-                  **config.sampling)
+                  guard=shields.tool_guard() if shields is not None else None, **config.sampling)
     events = _turn_events(agent, config, session, session_id, body.messages)
     return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events),
                              media_type="text/event-stream")
