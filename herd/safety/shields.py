@@ -125,13 +125,13 @@ class Shields:
         """The output shields over one reply as it is generated (see ReplyFilter)."""
         return ReplyFilter(self, messages, guard_every)
 
-    def code_scanner(self):
-        """A StreamScanner whose scans are timed as Code Shield's."""
+    def code_scanner(self, language: str | None = None):
+        """A StreamScanner (for code of `language`, None: detected) whose scans are timed as Code Shield's."""
         from herd.safety.code_shield import StreamScanner
 
         timed = SimpleNamespace(scan=lambda code, language=None: self._timed("code_shield", self.code_shield.scan,
                                                                              code, language))
-        return StreamScanner(timed)
+        return StreamScanner(timed, language)
 
     def code_decision(self, scans: list[dict]) -> Decision:
         """What Code Shield's scans of a reply's code blocks come to under this configuration."""
