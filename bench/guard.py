@@ -228,7 +228,10 @@ def main() -> None:
     parser.add_argument("--guard", help="a Llama Guard head (.npz) or checkpoint, to time it")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--png", help="write the Code Shield comparison chart here")
+    parser.add_argument("--latency-only", action="store_true", help="skip the Code Shield comparison")
     args = parser.parse_args()
+    if args.latency_only:
+        return latency(args)
     results = {"herd's insecure/fixed snippet pairs": code_benchmark(snippet_cases(args.per_case), "snippets"),
                "codeshield's annotated rule tests (lines)": code_benchmark(annotated_cases(), "annotated files")}
     for title, result in results.items():

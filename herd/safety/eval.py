@@ -74,7 +74,7 @@ def injection_cases(limit: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def _replies(llm, dialogs: list[list[dict]], max_tokens: int, desc: str, progress: bool, batch: int = 8) -> list[str]:
+def _replies(llm, dialogs: list[list[dict]], max_tokens: int, desc: str, progress: bool, batch: int = 16) -> list[str]:
     """Greedy replies to the dialogs, `batch` at a time through the engine (one decoding step serves them all)."""
     out = []
     for i in tqdm(range(0, len(dialogs), batch), desc=desc, unit="batch", disable=not progress):

@@ -20,8 +20,8 @@ from herd.safety.shields import Decision, ReplyFilter, Shields
 
 def load_shields(guard: str | None = None, prompt_guard: str | None = None, code_shield: bool = False,
                  code_shield_mode: str = "block") -> Shields | None:
-    """The shields a server's options name (None when none is switched on). Files are checked first, so a
-    wrong path is a one-line error before any model loads."""
+    """The shields a server's options name (None when none is switched on), warmed up. Files are checked first,
+    so a wrong path is a one-line error before any model loads."""
     if code_shield_mode not in ("block", "warn"):
         raise ValueError(f"--code-shield-mode is block or warn, not {code_shield_mode!r}")
     for option, path in (("--guard", guard), ("--prompt-guard", prompt_guard)):
@@ -42,7 +42,7 @@ def load_shields(guard: str | None = None, prompt_guard: str | None = None, code
         from herd.safety.llama_guard import load_guard
 
         llama_guard = load_guard(guard)
-    return Shields(llama_guard, pg, cs, code_action=code_shield_mode)
+    return Shields(llama_guard, pg, cs, code_action=code_shield_mode).warm()
 
 
 class RequestShields:

@@ -66,6 +66,19 @@ class Shields:
     def active(self) -> bool:
         return any(s is not None for s in (self.guard, self.prompt_guard, self.code_shield))
 
+    def warm(self) -> Shields:
+        """Run each shield once, uncounted, so the first request does not pay for lazy imports and caches (a
+        server calls this before it listens)."""
+        dialog = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+        if self.prompt_guard is not None:
+            self.prompt_guard.score("Hello.")
+        if self.guard is not None:
+            self.guard.check(dialog[:1], agent_type="User")
+            self.guard.check(dialog, agent_type="Agent")
+        if self.code_shield is not None:
+            self.code_shield.scan("import os\nprint(os.getcwd())\n", "python")
+        return self
+
     def _count(self, shield: str, outcome: str) -> None:
         with self._lock:
             self.counts[(shield, outcome)] += 1
