@@ -1,9 +1,10 @@
 """`Shields`: the guards around a model, as a server (or any application) switches them on.
 
 check_input: Llama Guard on the conversation (the last user turn) and Prompt Guard on the user's text; an
-unsafe request gets a refusal naming the categories. check_output: Llama Guard on the reply (the agent turn)
-and Code Shield on its code; an unsafe reply is replaced, insecure code blocked or warned as configured.
-scan_tool_result: Prompt Guard on what a tool returned, before the model reads it. Every decision is logged and
+unsafe request gets a refusal naming the categories. reply_filter: the reply as it is generated, through Code
+Shield (each code block as it closes: insecure code blocked or warned as configured) and Llama Guard on the
+agent turn (check_output; an unsafe reply is replaced). scan_tool_result: Prompt Guard on what a tool returned,
+before the model reads it. Every decision is logged and
 counted: `counts` for the program, and Prometheus counters and a latency histogram on `registry` (a server
 passes its own, so the decisions appear in its /metrics).
 """
@@ -61,10 +62,6 @@ class Shields:
         self._seconds = Histogram("herd_shield_seconds", "time a shield took on one check", ["shield"],
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                   registry=self.registry)
-
-    @property
-    def active(self) -> bool:
-        return any(s is not None for s in (self.guard, self.prompt_guard, self.code_shield))
 
     def warm(self) -> Shields:
         """Run each shield once, uncounted, so the first request does not pay for lazy imports and caches (a
