@@ -121,11 +121,15 @@ def security_png(report: SecurityReport, path: str | Path, title: str) -> Path:
     rows = report.rows()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r[1] * 100 for r in rows], 0.4, label="no shields", color="#c44")
-    ax.bar([i + 0.2 for i in x], [r[2] * 100 for r in rows], 0.4, label="with shields", color="#48a")
+    counts = [(report.insecure, report.insecure_delivered, report.code_prompts),
+              (report.injection_success, report.injection_success_shielded, report.injection_cases)]
+    for k, (label, color) in enumerate((("no shields", "#c44"), ("with shields", "#48a"))):
+        bars = ax.bar([i + (k - 0.5) * 0.4 for i in x], [r[1 + k] * 100 for r in rows], 0.4, label=label, color=color)
+        ax.bar_label(bars, [f"{c[k]}/{c[2]}" for c in counts], fontsize=8)
     ax.set_xticks(list(x), [r[0] for r in rows])
     ax.set_ylabel("% of cases")
-    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.3)  # room for the counts above the bars and the legend
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.legend()
     fig.tight_layout()
     return _save(fig, path)
