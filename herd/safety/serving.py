@@ -53,6 +53,7 @@ class RequestShields:
         self.flags: list[Decision] = []  # tool results withheld
         self.refused: Decision | None = None
         self.filters: list[ReplyFilter] = []
+        self.held_logprobs: list[list] = [[] for _ in range(n)]
 
     async def screen(self, messages: list[dict]) -> list[dict]:
         """The messages the model may read (flagged tool results withheld); sets `refused` for an unsafe request."""
@@ -72,12 +73,20 @@ class RequestShields:
             return ""
         return await asyncio.to_thread(f.feed, text, final)
 
+    def logprobs(self, index: int, logprobs: list, final: bool) -> list:
+        """Streaming: a choice's logprobs go out with its last chunk (they would spell out held text), and not
+        at all when the shields ended it."""
+        self.held_logprobs[index] += logprobs
+        if not final:
+            return []
+        return [] if self.ended(index) else self.held_logprobs[index]
+
     async def filter_choices(self, choices: list[dict]) -> None:
         """Non-streaming: each whole choice replaced, annotated or left as it is."""
         for i, c in enumerate(choices):
             c["text"] = await self.feed(i, c["text"], True)
             if self.ended(i):
-                c["finish_reason"] = "content_filter"
+                c["finish_reason"], c["logprobs"] = "content_filter", []
 
     def report(self) -> dict[str, Any]:
         """{"shields": [...]} when any shield acted on this request, else {}."""

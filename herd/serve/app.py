@@ -339,7 +339,7 @@ async def chat_completions(request: Request):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
         async for d in run.deltas():
-            text, finish = d.text, d.finish_reason and _finish_reason(d.finish_reason)
+            text, finish, lps = d.text, d.finish_reason and _finish_reason(d.finish_reason), d.logprobs
             if shields is not None:
                 if shields.ended(d.index):
                     continue
@@ -347,10 +347,11 @@ async def chat_completions(request: Request):
                 if shields.ended(d.index):  # blocked code or an unsafe reply: this choice stops here
                     finish = "content_filter"
                     run.request.seqs[d.index].cancelled = True
+                lps = shields.logprobs(d.index, lps, final=bool(finish))
             streamer = streamers[d.index]
             text = streamer.feed(text) if streamer else text
             choice = {"index": d.index, "delta": {"content": text} if text else {}, "finish_reason": None,
-                      "logprobs": {"content": _chat_logprobs(tok, d.logprobs)} if logprobs is not None else None}
+                      "logprobs": {"content": _chat_logprobs(tok, lps)} if logprobs is not None else None}
             if finish:
                 choice["finish_reason"] = finish
                 if streamer:
@@ -360,7 +361,7 @@ async def chat_completions(request: Request):
                     if calls:
                         choice["delta"]["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls)]
                         choice["finish_reason"] = "tool_calls"
-            if choice["delta"] or choice["finish_reason"] or d.logprobs:
+            if choice["delta"] or choice["finish_reason"] or lps:
                 yield {**head, "choices": [choice]}
         state.metrics.requests.labels(request.url.path, "200").inc()
         if shields is not None and shields.report():

@@ -116,12 +116,14 @@ def _chat(server, messages, script=None, **kwargs):
 
 
 def _streamed(chunks) -> tuple[str, list[str], dict]:
-    """The streamed text, its pieces, and the last chunk's extra fields (the shields' report)."""
-    pieces, finish, extra = [], None, {}
+    """The finish reason, the streamed pieces, and the extra fields (the shields' report, usage, the tokens that
+    came as logprobs)."""
+    pieces, finish, extra = [], None, {"logprob_text": ""}
     for chunk in chunks:
         for c in chunk.choices:
             pieces.append(c.delta.content or "")
             finish = c.finish_reason or finish
+            extra["logprob_text"] += "".join(e.token for e in (c.logprobs.content or [])) if c.logprobs else ""
         extra.update(chunk.model_extra or {}, **({"usage": chunk.usage} if chunk.usage else {}))
     return finish, pieces, extra
 
@@ -164,10 +166,11 @@ def test_injection_in_a_tool_result_is_withheld(blocking):
 
 def test_insecure_code_blocked_mid_stream(blocking):
     ask = [{"role": "user", "content": "Write a function that loads a saved session."}]
-    finish, pieces, extra = _streamed(_chat(blocking, ask, script=INSECURE, stream=True))
+    finish, pieces, extra = _streamed(_chat(blocking, ask, script=INSECURE, stream=True, logprobs=True))
     text = "".join(pieces)
     assert finish == "content_filter"
     assert "pickle" not in text and "Call it with" not in text  # neither the code nor anything after it
+    assert "pickle" not in extra["logprob_text"]  # nor the tokens, spelled out as logprobs
     assert "withheld" in text and "CWE-502" in text and extra["shields"][0]["shield"] == "code_shield"
     done = _chat(blocking, ask, script=INSECURE)  # not streamed: the whole reply is replaced
     assert done.choices[0].finish_reason == "content_filter" and "pickle" not in done.choices[0].message.content
@@ -182,8 +185,8 @@ def test_insecure_code_warned_in_warn_mode(prompt_guard_file):
         content = done.choices[0].message.content
         assert done.choices[0].finish_reason == "stop"
         assert content.startswith(INSECURE) and "Warning" in content and "CWE-502" in content
-        finish, pieces, _ = _streamed(_chat(server, ask, script=INSECURE, stream=True))
-        assert finish == "stop" and "".join(pieces) == content
+        finish, pieces, extra = _streamed(_chat(server, ask, script=INSECURE, stream=True, logprobs=True))
+        assert finish == "stop" and "".join(pieces) == content and extra["logprob_text"] == INSECURE
         assert _metric(server, "code_shield", "warned") == 2
     finally:
         server.stop()
