@@ -1,6 +1,10 @@
-"""The shields measured: Code Shield against Meta's codeshield and bandit on the same insecure / fixed code
-(precision, recall, lines per second, interleaved case by case in this one process), and the latency each
-shield adds to a request.
+"""The shields measured: Code Shield against Meta's codeshield and bandit on the same code (precision, recall,
+lines per second, interleaved case by case in this one process), and the latency each shield adds to a request.
+
+Two corpora: herd's insecure / fixed snippet pairs (tests/safety/code_corpus.py, written with herd's rules: a
+snippet counts as flagged when a tool reports anything), and Meta's own annotated rule tests that ship inside
+codeshield (semgrep's `ruleid:` / `ok:` comments, written with codeshield's rules: each annotated line is a
+case, flagged when a tool reports that line). Each corpus favours the rules it was written with; both are shown.
 
     .venv/bin/python bench/guard.py [--prompt-guard out/prompt-guard.npz] [--guard out/llama-guard-head.npz]
                                     [--per-case 2] [--png docs/code-shield.png]
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +48,7 @@ def _codeshield_on_this_semgrep() -> None:
     icd._run_command, icd._herd_patched = without_project_root, True
 
 
-def codeshield_scan(code: str, language: str):
+def codeshield_scan(code: str, language: str) -> set[int] | None:
     from codeshield.cs import CodeShield as MetaCodeShield
     from codeshield.insecure_code_detector.languages import Language
 
@@ -53,10 +58,10 @@ def codeshield_scan(code: str, language: str):
     if lang is None:
         return None  # codeshield has no rules for this language
     result = asyncio.run(MetaCodeShield.scan_code(code, lang))
-    return result.is_insecure
+    return {issue.line for issue in result.issues_found or []}
 
 
-def bandit_scan(code: str, language: str):
+def bandit_scan(code: str, language: str) -> set[int] | None:
     if language != "python":
         return None  # bandit reads Python only
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
@@ -64,29 +69,64 @@ def bandit_scan(code: str, language: str):
     try:
         done = subprocess.run([sys.executable, "-m", "bandit", "-q", "-f", "json", fh.name], capture_output=True,
                               text=True)
-        return bool(json.loads(done.stdout or "{}").get("results"))
+        return {r["line_number"] for r in json.loads(done.stdout or "{}").get("results", [])}
     finally:
         Path(fh.name).unlink()
 
 
-def code_benchmark(per_case: int, seed: int = 0) -> dict:
+def tools() -> dict:
+    """Each tool as (code, language) -> the lines it flags, or None for a language it does not read."""
     herd_shield = CodeShield()
-    tools = {"herd": lambda c, lang: herd_shield.scan(c, lang)["verdict"] != "allow",
-             "herd (language detected)": lambda c, lang: herd_shield.scan(c)["verdict"] != "allow",
-             "codeshield": codeshield_scan, "bandit": bandit_scan}
-    counts = {name: defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "tn": 0}) for name in tools}
+    return {"herd": lambda c, lang: {f["line"] for f in herd_shield.scan(c, lang)["findings"]},
+            "herd (language detected)": lambda c, lang: {f["line"] for f in herd_shield.scan(c)["findings"]},
+            "codeshield": codeshield_scan, "bandit": bandit_scan}
+
+
+def snippet_cases(per_case: int, seed: int = 0) -> list[tuple[str, str, dict[int | None, bool]]]:
+    """herd's corpus: (language, code, {None: insecure?}) for each insecure snippet and its fix."""
+    return [(case.language, code, {None: bad}) for case, insecure, fixed in variants(seed, per_case)
+            for code, bad in ((insecure, True), (fixed, False))]
+
+
+def annotated_cases() -> list[tuple[str, str, dict[int | None, bool]]]:
+    """Meta's corpus: (language, file text, {line: insecure?}) for each of codeshield's annotated rule tests in
+    the languages herd covers; an annotation judges the line after it, as semgrep's test runner reads them."""
+    import codeshield
+
+    root = Path(list(codeshield.__path__)[0]) / "insecure_code_detector" / "rules" / "semgrep"
+    cases = []
+    for language, pattern in (("python", "python/*.py"), ("c", "c/*.c"), ("javascript", "javascript/**/*.js")):
+        for path in sorted(root.glob(pattern)):
+            text = path.read_text()
+            marks = {}
+            for i, line in enumerate(text.splitlines(), start=1):
+                m = re.search(r"(?:#|//)\s*(ruleid|ok)\s*:", line)
+                if m:
+                    marks[i + 1] = m.group(1) == "ruleid"
+            if marks:
+                cases.append((language, text, marks))
+    return cases
+
+
+def code_benchmark(cases, desc: str) -> dict:
+    """Precision / recall per tool and language over the cases, every tool on every case in turn."""
+    from tqdm import tqdm
+
+    scanners = tools()
+    counts = {name: defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0, "tn": 0}) for name in scanners}
     seconds, lines = defaultdict(float), defaultdict(int)
-    for case, insecure, fixed in variants(seed, per_case):
-        for code, bad in ((insecure, True), (fixed, False)):
-            for name, scan in tools.items():  # interleaved: the same load falls on every tool
-                started = time.perf_counter()
-                flagged = scan(code, case.language)
-                if flagged is None:
-                    continue
-                seconds[name] += time.perf_counter() - started
-                lines[name] += code.count("\n") + 1
-                cell = counts[name][case.language]
-                cell[("tp" if flagged else "fn") if bad else ("fp" if flagged else "tn")] += 1
+    for language, code, marks in tqdm(cases, desc=desc, file=sys.stderr):
+        for name, scan in scanners.items():  # interleaved: the same load falls on every tool
+            started = time.perf_counter()
+            flagged = scan(code, language)
+            if flagged is None:
+                continue
+            seconds[name] += time.perf_counter() - started
+            lines[name] += code.count("\n") + 1
+            cell = counts[name][language]
+            for line, bad in marks.items():
+                hit = bool(flagged) if line is None else line in flagged
+                cell[("tp" if hit else "fn") if bad else ("fp" if hit else "tn")] += 1
     return {"counts": {n: dict(c) for n, c in counts.items()}, "seconds": dict(seconds), "lines": dict(lines)}
 
 
@@ -97,29 +137,33 @@ def _pr(cells) -> tuple[float, float, int]:
     return (tp / (tp + fp) if tp + fp else float("nan"), tp / (tp + fn) if tp + fn else float("nan"), tp + fn)
 
 
-def print_code_table(result: dict) -> None:
+def print_code_table(title: str, result: dict) -> None:
     langs = sorted({lang for c in result["counts"].values() for lang in c})
-    print(f"{'language':12}" + "".join(f"{name + ' P/R':>20}" for name in result["counts"]))
+    print(f"\n{title}\n{'language':12}" + "".join(f"{name + ' P/R':>26}" for name in result["counts"]))
     for lang in langs + ["all"]:
         row = f"{lang:12}"
         for name, per_lang in result["counts"].items():
             cells = list(per_lang.values()) if lang == "all" else [per_lang[lang]] if lang in per_lang else []
             p, r, n = _pr(cells)
-            row += f"{'n/a':>20}" if not cells else f"{p:>12.2f} / {r:.2f}"
+            row += f"{'n/a':>26}" if not cells else f"{p:>16.2f} / {r:.2f} ({n:>3})"
         print(row)
-    print("lines/s: " + ", ".join(f"{n} {result['lines'][n] / result['seconds'][n]:.0f}" for n in result["seconds"])
-          + f"  (herd/codeshield: {(result['lines']['herd'] / result['seconds']['herd']) / (result['lines']['codeshield'] / result['seconds']['codeshield']):.2f}x)")
+    speed = {n: result["lines"][n] / result["seconds"][n] for n in result["seconds"]}
+    print("lines/s: " + ", ".join(f"{n} {v:.0f}" for n, v in speed.items())
+          + f"  (herd/codeshield: {speed['herd'] / speed['codeshield']:.2f}x; (n): insecure cases)")
 
 
 def latency(args) -> None:
+    """Milliseconds each shield adds to one request (median and p90 over `repeats` requests)."""
     from herd.safety import datasets
+    from herd.safety.shields import Shields
 
     requests = [e.text for e in datasets.python_faq_questions()][:40]
     clean = "Use sorted():\n```python\nnames = sorted(names, key=str.lower)\n```"
     insecure = "```python\nimport pickle\n\ndef load(b):\n    return pickle.loads(b)\n```"
     shield = CodeShield()
-    rows = [("code shield, reply with clean code", lambda: shield.scan_stream([clean]) and list(shield.scan_stream([clean]))),
+    rows = [("code shield, reply with clean code", lambda: list(shield.scan_stream([clean]))),
             ("code shield, reply with insecure code", lambda: list(shield.scan_stream([insecure])))]
+    pg = guard = None
     if args.prompt_guard:
         from herd.safety.prompt_guard import PromptGuard
 
@@ -132,6 +176,15 @@ def latency(args) -> None:
         guard = load_guard(args.guard)
         it2 = iter(requests * 10)
         rows.append(("llama guard (head), one request", lambda: guard.check([{"role": "user", "content": next(it2)}])))
+    shields = Shields(guard, pg, shield)
+    it3 = iter(requests * 10)
+
+    def around_one_request():  # what the server does: the request in, then the reply out
+        messages = [{"role": "user", "content": next(it3)}]
+        shields.check_input(messages)
+        shields.reply_filter(messages).feed(clean, final=True)
+
+    rows.append(("all of them, request + clean reply", around_one_request))
     print(f"\n{'shield':40}{'median ms':>12}{'p90 ms':>10}")
     for name, fn in rows:
         fn()  # warm
@@ -144,24 +197,25 @@ def latency(args) -> None:
         print(f"{name:40}{statistics.median(times):>12.1f}{times[int(0.9 * (len(times) - 1))]:>10.1f}")
 
 
-def code_png(result: dict, path: str) -> None:
+def code_png(results: dict[str, dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    langs = sorted({lang for c in result["counts"].values() for lang in c})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    n = len(result["counts"])
-    width = 0.8 / n
-    for k, (metric, ax) in enumerate(zip(("precision", "recall"), axes)):
-        for j, (name, per_lang) in enumerate(result["counts"].items()):
-            values = [(_pr([per_lang[lang]])[k] * 100 if lang in per_lang else 0) for lang in langs]
-            ax.bar([i + (j - (n - 1) / 2) * width for i in range(len(langs))], values, width, label=name)
-        ax.set_xticks(range(len(langs)), langs, fontsize=8)
-        ax.set_title(f"{metric} (insecure vs fixed snippets)", fontsize=9)
-        ax.set_ylim(0, 105)
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.3 * len(results)), squeeze=False)
+    for row, (title, result) in zip(axes, results.items()):
+        langs = sorted({lang for c in result["counts"].values() for lang in c})
+        n = len(result["counts"])
+        width = 0.8 / n
+        for k, (metric, ax) in enumerate(zip(("precision", "recall"), row)):
+            for j, (name, per_lang) in enumerate(result["counts"].items()):
+                values = [(_pr([per_lang[lang]])[k] * 100 if lang in per_lang else 0) for lang in langs]
+                ax.bar([i + (j - (n - 1) / 2) * width for i in range(len(langs))], values, width, label=name)
+            ax.set_xticks(range(len(langs)), langs, fontsize=8)
+            ax.set_title(f"{metric}: {title}", fontsize=9)
+            ax.set_ylim(0, 105)
+        row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -169,16 +223,21 @@ def code_png(result: dict, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-case", type=int, default=2, help="seeded variants of each corpus case")
+    parser.add_argument("--per-case", type=int, default=2, help="seeded variants of each snippet pair")
     parser.add_argument("--prompt-guard", help="a Prompt Guard classifier, to time it")
     parser.add_argument("--guard", help="a Llama Guard head (.npz) or checkpoint, to time it")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--png", help="write the Code Shield comparison chart here")
+    parser.add_argument("--latency-only", action="store_true", help="skip the Code Shield comparison")
     args = parser.parse_args()
-    result = code_benchmark(args.per_case)
-    print_code_table(result)
+    if args.latency_only:
+        return latency(args)
+    results = {"herd's insecure/fixed snippet pairs": code_benchmark(snippet_cases(args.per_case), "snippets"),
+               "codeshield's annotated rule tests (lines)": code_benchmark(annotated_cases(), "annotated files")}
+    for title, result in results.items():
+        print_code_table(title, result)
     if args.png:
-        code_png(result, args.png)
+        code_png(results, args.png)
     latency(args)
 
 

@@ -155,5 +155,5 @@ def eval_security(
     report = evaluate_security(llm, shields, code_limit=code_limit, injection_limit=injections, max_tokens=max_tokens)
     print(report.table())
     if png is not None:
-        security_png(report, png, f"{llm.name}: CyberSecEval-style, without and with herd's shields")
+        security_png(report, png, f"{llm.name}: CyberSecEval-style,\nwithout and with herd's shields")
         print(f"wrote {png}", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herd.safety.llama_guard import category_lines, llama_guard_content
+from herd.safety.llama_guard import category_lines, judged_turn, llama_guard_content
 
 FORMAT = "herd-guard-head/1"
 
@@ -34,7 +34,8 @@ class GuardFeatures:
     """Hidden-state features of the Llama Guard prompt: the model's first `layers` layers read the prompt's fixed
     start once (its KV cache is kept) and then each conversation; the features are the last token's state and
     the mean state over the conversation's tokens. Reading the first layers only, and stopping at the end of the
-    conversation, keeps a check to a few dozen tokens through a dozen layers: what a shared CPU can afford."""
+    conversation, keeps a check to a few dozen tokens through a dozen layers: what a shared CPU can afford.
+    The prompt's start names the turn judged (User or Agent), so each has its own cached start."""
 
     def __init__(self, llm, layers: int = 12, max_chars: int = 1000):
         import copy
@@ -49,16 +50,26 @@ class GuardFeatures:
         self.model._modules = dict(model._modules)
         self.model.layers = torch.nn.ModuleList(list(model.layers)[:layers])
         self.config = replace(model.config, n_layers=layers)
-        a, b = (self._ids([{"role": "user", "content": t}]) for t in ("Hello there.", "What time is it?"))
-        self.prefix = a[:_common_prefix(a, b)]
-        self.tail = _common_prefix(a[::-1], b[::-1])  # the closing instruction, the same for every conversation
         self._hidden: list[torch.Tensor] = []
         self.model.layers[-1].register_forward_hook(lambda module, args, out: self._hidden.append(out))
-        self.prefix_cache = KVCache(self.config, 1, len(self.prefix), device=llm.device,
-                                    dtype=model.tok_embeddings.weight.dtype)
-        with torch.inference_mode():
-            self.model(torch.tensor([self.prefix], device=llm.device), cache=self.prefix_cache, last_only=True)
-        self._hidden.clear()
+        self._starts: dict[str, tuple[list[int], KVCache, int]] = {}  # agent type -> (prefix, its cache, tail)
+        self.prefix, self.prefix_cache, self.tail = self._start("User")
+
+    @torch.inference_mode()
+    def _start(self, agent: str):
+        """The prompt's fixed start when it judges `agent`'s turn, its KV cache, and the length of its fixed end."""
+        from herd.model.llama import KVCache
+
+        if agent not in self._starts:
+            a, b = (self._ids([{"role": "user", "content": t}], agent) for t in ("Hello there.", "What time is it?"))
+            prefix = a[:_common_prefix(a, b)]
+            tail = _common_prefix(a[::-1], b[::-1])  # the closing instruction, the same for every conversation
+            cache = KVCache(self.config, 1, len(prefix), device=self.llm.device,
+                            dtype=self.model.tok_embeddings.weight.dtype)
+            self.model(torch.tensor([prefix], device=self.llm.device), cache=cache, last_only=True)
+            self._hidden.clear()
+            self._starts[agent] = (prefix, cache, tail)
+        return self._starts[agent]
 
     def _ids(self, messages, agent_type=None, categories=None, excluded=()) -> list[int]:
         content = llama_guard_content(messages, agent_type, categories, excluded)
@@ -68,25 +79,28 @@ class GuardFeatures:
         """The prompt's tokens after the cached start, up to the end of the conversation."""
         messages = [{**m, "content": (m.get("content") or "")[-self.max_chars:]} for m in messages]
         ids = self._ids(messages, agent_type, categories, excluded)
-        if ids[:len(self.prefix)] != self.prefix:
+        prefix, _, tail = self._start(judged_turn(messages, agent_type))
+        if ids[:len(prefix)] != prefix:
             raise ValueError("this prompt does not start as the guard's cached prompt does (custom categories?)")
-        return ids[len(self.prefix):len(ids) - self.tail] or ids[-1:]
+        return ids[len(prefix):len(ids) - tail] or ids[-1:]
 
     def __call__(self, messages, agent_type=None, categories=None, excluded=()) -> np.ndarray:
-        return self.batch([self.conversation_ids(messages, agent_type, categories, excluded)])[0]
+        rows = [self.conversation_ids(messages, agent_type, categories, excluded)]
+        return self.batch(rows, judged_turn(messages, agent_type))[0]
 
     @torch.inference_mode()
-    def batch(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Features for several conversations' token ids (from conversation_ids) at once."""
+    def batch(self, rows: Sequence[Sequence[int]], agent: str = "User") -> np.ndarray:
+        """Features for several conversations' token ids (from conversation_ids, judging `agent`'s turn) at once."""
         from herd.model.llama import KVCache
 
+        prefix, prefix_cache, _ = self._start(agent)
         longest = max(len(r) for r in rows)
-        cache = KVCache(self.config, len(rows), len(self.prefix) + longest, device=self.llm.device,
-                        dtype=self.prefix_cache.k[0].dtype)
+        cache = KVCache(self.config, len(rows), len(prefix) + longest, device=self.llm.device,
+                        dtype=prefix_cache.k[0].dtype)
         for layer in range(self.layers):
-            cache.k[layer][:, :, :len(self.prefix)] = self.prefix_cache.k[layer]
-            cache.v[layer][:, :, :len(self.prefix)] = self.prefix_cache.v[layer]
-        cache.length = len(self.prefix)
+            cache.k[layer][:, :, :len(prefix)] = prefix_cache.k[layer]
+            cache.v[layer][:, :, :len(prefix)] = prefix_cache.v[layer]
+        cache.length = len(prefix)
         # right padding: causal attention never lets a row's tokens see the padding after them
         tokens = torch.zeros(len(rows), longest, dtype=torch.long, device=self.llm.device)
         for i, r in enumerate(rows):

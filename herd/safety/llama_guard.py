@@ -62,11 +62,8 @@ def category_lines(categories: Sequence[Category] | None = None, excluded: Itera
     return lines
 
 
-def llama_guard_content(messages: Sequence[dict], agent_type: str | None = None,
-                        categories: Sequence[Category] | None = None, excluded: Iterable[str] = ()) -> str:
-    """The text of the guard's one user turn (the prompt without Llama 3's header tokens)."""
-    if not messages:
-        raise ValueError("no messages to check: give at least one user message")
+def _turns(messages: Sequence[dict]) -> list[tuple[str, str]]:
+    """(User or Agent, text) for each turn of the conversation."""
     turns = []
     for m in messages:
         role = m.get("role", "")
@@ -80,9 +77,24 @@ def llama_guard_content(messages: Sequence[dict], agent_type: str | None = None,
         turns.append((_ROLES[role], content))
     if not turns:
         raise ValueError("only a system message: give at least one user message")
-    agent = agent_type or turns[-1][0]
+    return turns
+
+
+def judged_turn(messages: Sequence[dict], agent_type: str | None = None) -> str:
+    """Whose turn the guard judges: `agent_type`, or by default the role of the last message."""
+    agent = agent_type or _turns(messages)[-1][0]
     if agent not in _AGENT_TYPES:
         raise ValueError(f"agent_type must be 'User' or 'Agent', not {agent!r}")
+    return agent
+
+
+def llama_guard_content(messages: Sequence[dict], agent_type: str | None = None,
+                        categories: Sequence[Category] | None = None, excluded: Iterable[str] = ()) -> str:
+    """The text of the guard's one user turn (the prompt without Llama 3's header tokens)."""
+    if not messages:
+        raise ValueError("no messages to check: give at least one user message")
+    turns = _turns(messages)
+    agent = judged_turn(messages, agent_type)
     cats = "\n".join(f"{code}: {text}" for code, text in category_lines(categories, excluded))
     conversation = "\n\n".join(f"{who}: {text}" for who, text in turns)
     return (f"{_TASK.format(agent=agent)}\n\n<BEGIN UNSAFE CONTENT CATEGORIES>\n{cats}\n<END UNSAFE CONTENT CATEGORIES>\n"

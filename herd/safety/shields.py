@@ -1,10 +1,12 @@
 """`Shields`: the guards around a model, as a server (or any application) switches them on.
 
 check_input: Llama Guard on the conversation (the last user turn) and Prompt Guard on the user's text; an
-unsafe request gets a refusal naming the categories. check_output: Llama Guard on the reply (the agent turn)
-and Code Shield on its code; an unsafe reply is replaced, insecure code blocked or warned as configured.
-scan_tool_result: Prompt Guard on what a tool returned, before the model reads it. Every decision is logged and
-counted (`counts`, which a server exports as metrics).
+unsafe request gets a refusal naming the categories. reply_filter: the reply as it is generated, through Code
+Shield (each code block as it closes: insecure code blocked or warned as configured) and Llama Guard on the
+agent turn (check_output; an unsafe reply is replaced). scan_tool_result: Prompt Guard on what a tool returned,
+before the model reads it. Every decision is logged and
+counted: `counts` for the program, and Prometheus counters and a latency histogram on `registry` (a server
+passes its own, so the decisions appear in its /metrics).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from herd.safety.llama_guard import CANNED_REFUSAL, CATEGORIES
 
@@ -43,20 +46,54 @@ class Shields:
     code_action: "block" replaces a reply whose code Code Shield blocks, "warn" only attaches the warning."""
 
     def __init__(self, guard=None, prompt_guard=None, code_shield=None, *, code_action: str = "block",
-                 threshold: float = 0.5, scan_user_input: bool = True):
+                 threshold: float = 0.5, scan_user_input: bool = True, registry=None):
+        from prometheus_client import CollectorRegistry, Counter as PromCounter, Histogram
+
         if code_action not in ("block", "warn"):
             raise ValueError(f"code_action must be 'block' or 'warn', not {code_action!r}")
         self.guard, self.prompt_guard, self.code_shield = guard, prompt_guard, code_shield
         self.code_action, self.threshold, self.scan_user_input = code_action, threshold, scan_user_input
         self.counts: Counter = Counter()  # (shield, outcome) -> count
         self._lock = threading.Lock()
+        self._guard_lock = threading.Lock()  # a guard model reads one conversation at a time
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._decisions = PromCounter("herd_shield_decisions", "decisions of the safety shields",
+                                      ["shield", "outcome"], registry=self.registry)
+        self._seconds = Histogram("herd_shield_seconds", "time a shield took on one check", ["shield"],
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                  registry=self.registry)
+
+    def warm(self) -> Shields:
+        """Run each shield once, uncounted, so the first request does not pay for lazy imports and caches (a
+        server calls this before it listens)."""
+        dialog = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+        if self.prompt_guard is not None:
+            self.prompt_guard.score("Hello.")
+        if self.guard is not None:
+            self.guard.check(dialog[:1], agent_type="User")
+            self.guard.check(dialog, agent_type="Agent")
+        if self.code_shield is not None:
+            self.code_shield.scan("import os\nprint(os.getcwd())\n", "python")
+        return self
 
     def _count(self, shield: str, outcome: str) -> None:
         with self._lock:
             self.counts[(shield, outcome)] += 1
+        self._decisions.labels(shield, outcome).inc()
+
+    def _timed(self, shield: str, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._seconds.labels(shield).observe(time.perf_counter() - started)
+
+    def _guard_check(self, messages: list[dict], agent_type: str) -> dict:
+        with self._guard_lock:
+            return self._timed("llama_guard", self.guard.check, messages, agent_type)
 
     def _attack(self, text: str) -> tuple[str | None, dict]:
-        scores = self.prompt_guard.score(text)
+        scores = self._timed("prompt_guard", self.prompt_guard.score, text)
         attack = max(("injection", "jailbreak"), key=scores.get)
         return (attack if scores[attack] >= self.threshold else None), scores
 
@@ -72,7 +109,7 @@ class Shields:
                     return Decision(False, "prompt_guard", ["jailbreak"], refusal([]), scores=scores,
                                     seconds=time.perf_counter() - started)
         if self.guard is not None:
-            verdict = self.guard.check(messages, agent_type="User")
+            verdict = self._guard_check(messages, "User")
             if not verdict["safe"]:
                 self._count("llama_guard_input", "blocked")
                 log.warning("llama guard: unsafe request %s", ",".join(verdict["categories"]) or "(no category)")
@@ -82,24 +119,29 @@ class Shields:
         return Decision(True, seconds=time.perf_counter() - started)
 
     def check_output(self, messages: list[dict], reply: str) -> Decision:
+        """Llama Guard on the reply (as the agent's turn); the reply's code is Code Shield's, see reply_filter."""
         started = time.perf_counter()
         if self.guard is not None:
-            verdict = self.guard.check([*messages, {"role": "assistant", "content": reply}], agent_type="Agent")
+            verdict = self._guard_check([*messages, {"role": "assistant", "content": reply}], "Agent")
             if not verdict["safe"]:
                 self._count("llama_guard_output", "replaced")
                 log.warning("llama guard: unsafe reply %s replaced", ",".join(verdict["categories"]))
                 return Decision(False, "llama_guard", verdict["categories"], refusal(verdict["categories"]),
                                 seconds=time.perf_counter() - started)
             self._count("llama_guard_output", "passed")
-        if self.code_shield is not None:
-            from herd.safety.code_shield import StreamScanner
-
-            scanner = StreamScanner(self.code_shield)
-            scans = scanner.feed(reply) + scanner.finish()
-            decision = self.code_decision(scans)
-            decision.seconds = time.perf_counter() - started
-            return decision
         return Decision(True, seconds=time.perf_counter() - started)
+
+    def reply_filter(self, messages: list[dict], guard_every: int = 400) -> ReplyFilter:
+        """The output shields over one reply as it is generated (see ReplyFilter)."""
+        return ReplyFilter(self, messages, guard_every)
+
+    def code_scanner(self, language: str | None = None):
+        """A StreamScanner (for code of `language`, None: detected) whose scans are timed as Code Shield's."""
+        from herd.safety.code_shield import StreamScanner
+
+        timed = SimpleNamespace(scan=lambda code, language=None: self._timed("code_shield", self.code_shield.scan,
+                                                                             code, language))
+        return StreamScanner(timed, language)
 
     def code_decision(self, scans: list[dict]) -> Decision:
         """What Code Shield's scans of a reply's code blocks come to under this configuration."""
@@ -129,11 +171,22 @@ class Shields:
         return Decision(False, "prompt_guard", [attack], f"[tool output withheld: it looks like a prompt {attack}]",
                         scores=scores, seconds=time.perf_counter() - started)
 
-    def guarded_chat(self, llm, messages: list[dict], **sampling) -> dict:
-        """llm.chat with the shields around it: {"role": "assistant", "content", "shields": [decisions]}.
-        Tool messages are scanned first and withheld when flagged."""
-        decisions = []
-        cleaned = []
+    def tool_guard(self):
+        """herd.agent's Guard over tool results: Prompt Guard, logged and counted as scan_tool_result is (None
+        without a Prompt Guard)."""
+        if self.prompt_guard is None:
+            return None
+        from herd.agent import Guard
+
+        def score(text: str) -> float:
+            scores = self.scan_tool_result(text).scores
+            return max(scores["injection"], scores["jailbreak"])
+
+        return Guard(score, self.threshold)
+
+    def screen_tool_results(self, messages: list[dict]) -> tuple[list[dict], list[Decision]]:
+        """The messages with every flagged tool result (tool or ipython turn) withheld, and the flags."""
+        decisions, cleaned = [], []
         for m in messages:
             if m.get("role") in ("tool", "ipython") and isinstance(m.get("content"), str):
                 d = self.scan_tool_result(m["content"])
@@ -141,21 +194,75 @@ class Shields:
                     decisions.append(d)
                     m = {**m, "content": d.message}
             cleaned.append(m)
+        return cleaned, decisions
+
+    def guarded_chat(self, llm, messages: list[dict], **sampling) -> dict:
+        """llm.chat with the shields around it: {"role": "assistant", "content", "shields": [decisions]}.
+        Tool messages are scanned first and withheld when flagged."""
+        cleaned, decisions = self.screen_tool_results(messages)
         d = self.check_input(cleaned)
         if not d.allowed:
             return {"role": "assistant", "content": d.message, "shields": [x.as_dict() for x in [*decisions, d]]}
         reply = llm.chat(cleaned, **sampling)
-        d = self.check_output(cleaned, reply["content"])
-        decisions.append(d)
-        content = reply["content"] if d.allowed or d.shield == "" else d.message
-        if d.allowed and d.message:
-            content = f"{content}\n\n{d.message}"
-        return {**reply, "content": content, "shields": [x.as_dict() for x in decisions]}
+        out = self.reply_filter(cleaned)
+        content = out.feed(reply["content"], final=True)
+        return {**reply, "content": content, "shields": [x.as_dict() for x in decisions + out.decisions]}
+
+    def collect(self):
+        """Prometheus' collector protocol: registered on a server's registry, the shields appear in its /metrics."""
+        return self.registry.collect()
 
     def metrics(self) -> str:
-        """The counts in Prometheus' text format."""
-        lines = ["# HELP herd_shield_decisions_total Decisions of herd's safety shields",
-                 "# TYPE herd_shield_decisions_total counter"]
-        for (shield, outcome), n in sorted(self.counts.items()):
-            lines.append(f'herd_shield_decisions_total{{shield="{shield}",outcome="{outcome}"}} {n}')
-        return "\n".join(lines) + "\n"
+        """The decisions and latencies in Prometheus' text format (the registry's whole text)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
+class ReplyFilter:
+    """One reply through the output shields while it streams: feed(piece, final) -> the text that may go out now.
+
+    Prose goes out as it comes; a fenced code block is held until it closes and Code Shield has scanned it, so
+    blocked code never reaches the client and the reply stops there (`stopped` holds the decision). With a
+    Llama Guard, text goes out once the guard has judged the reply up to it: every `guard_every` characters
+    and at the end. A warning (or a block, in warn mode) is appended when the reply ends. Fed a whole reply
+    with final=True, the result is the reply, its replacement, or the reply with its warning.
+    """
+
+    def __init__(self, shields: Shields, messages: list[dict], guard_every: int = 400):
+        self.shields, self.messages, self.guard_every = shields, messages, guard_every
+        self.scanner = shields.code_scanner() if shields.code_shield is not None else None
+        self.text, self.sent, self.cleared = "", 0, 0  # the reply so far; how much went out; judged safe
+        self.scans: list[dict] = []
+        self.decisions: list[Decision] = []  # what the shields said that changed the reply
+        self.stopped: Decision | None = None
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        if self.stopped is not None:
+            return ""
+        self.text += piece
+        if self.scanner is not None:
+            self.scans += self.scanner.feed(piece) + (self.scanner.finish() if final else [])
+            if self.shields.code_action == "block" and any(
+                    f["severity"] == "block" for s in self.scans for f in s["findings"]):
+                return self._stop(self.shields.code_decision(self.scans))
+        limit = len(self.text) if final or self.scanner is None else self.scanner.unscanned_from()
+        if self.shields.guard is not None:
+            if final or limit - self.cleared >= self.guard_every:
+                verdict = self.shields.check_output(self.messages, self.text[:limit])
+                if not verdict.allowed:
+                    return self._stop(verdict)
+                self.cleared = limit
+            limit = self.cleared
+        out, self.sent = self.text[self.sent:limit], max(self.sent, limit)
+        if final and self.scanner is not None:
+            code = self.shields.code_decision(self.scans)
+            if code.message:
+                self.decisions.append(code)
+                out += f"\n\n{code.message}"
+        return out
+
+    def _stop(self, decision: Decision) -> str:
+        self.stopped = decision
+        self.decisions.append(decision)
+        return ("\n\n" if self.sent else "") + decision.message

@@ -104,8 +104,10 @@ def create_turn(request: Request, agent_id: str, session_id: str, body: TurnRequ
 
 
 def _agent(request: Request, config: AgentConfig) -> Agent:
+    shields = request.app.state.herd.shields  # Prompt Guard, when the server has it, screens every tool result
     return Agent(request.app.state.herd.llm, tools=parse_tools(",".join(config.tools)), max_steps=config.max_steps,
-                 tool_choice=config.tool_choice, **config.sampling)
+                 tool_choice=config.tool_choice, guard=shields.tool_guard() if shields is not None else None,
+                 **config.sampling)
 
 
 def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,

@@ -3,6 +3,7 @@
 `create_app(llm, settings)` builds the app from routers (the OpenAI API, operations, the chat page); more policy
 plugs in without touching them: `ServerState.input_checks` see every request's messages or prompts first (and may
 raise `APIError`), and `create_app(..., routers=[...])` mounts extra routes beside the built-in ones.
+`create_app(..., shields=...)` puts herd.safety's shields around every chat request (herd/safety/serving.py).
 """
 from __future__ import annotations
 
@@ -50,13 +51,16 @@ class ServerState:
     metrics: Metrics
     grammars: JsonGrammars
     input_checks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    shields: Any = None  # herd.safety.shields.Shields, or None
 
     @property
     def model_name(self) -> str:
         return self.settings.model_name or self.llm.name
 
 
-def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIRouter] = ()) -> FastAPI:
+def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIRouter] = (),
+               shields=None) -> FastAPI:
+    """shields: herd.safety's Shields around every chat request, their decisions in this server's /metrics."""
     settings = settings or ServeSettings()
     engine = llm.generator
 
@@ -69,7 +73,10 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
             engine.close()
 
     app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.herd = ServerState(llm, settings, Metrics(engine), llm.grammars)
+    metrics = Metrics(engine)
+    if shields is not None:
+        metrics.registry.register(shields)  # a Prometheus collector of its own decisions and latencies
+    app.state.herd = ServerState(llm, settings, metrics, llm.grammars, shields=shields)
     for router in (openai_router, ops_router, *routers):
         app.include_router(router)
     _error_handlers(app)
@@ -234,7 +241,7 @@ async def _collect(run: _Run, request: Request, count: int) -> list[dict[str, An
 
 
 def _finish_reason(reason: str | None) -> str:
-    return "stop" if reason == "stop" else "length"
+    return reason if reason in ("stop", "content_filter") else "length"
 
 
 def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -277,6 +284,14 @@ async def chat_completions(request: Request):
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     llm = state.llm
     messages = [m.as_dict() for m in body.messages]
+    shields = None
+    if state.shields is not None:
+        from herd.safety.serving import RequestShields
+
+        shields = RequestShields(state.shields, body.n)
+        messages = await shields.screen(messages)  # tool results Prompt Guard flags are withheld from the model
+        if shields.refused is not None:
+            return _refused(request, shields, body)
     use_tools = bool(body.tools) and body.tool_choice != "none"
     tools = [t.model_dump() for t in body.tools] if use_tools else None
     try:
@@ -298,6 +313,8 @@ async def chat_completions(request: Request):
     tok = llm.tokenizer
     if not body.stream:
         choices = await _collect(run, request, body.n)
+        if shields is not None:
+            await shields.filter_choices(choices)
         out = []
         for i, c in enumerate(choices):
             message = {"role": "assistant", "content": c["text"]}
@@ -311,7 +328,7 @@ async def chat_completions(request: Request):
             out.append({"index": i, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(tok, c["logprobs"])} if logprobs is not None else None})
         _state(request).metrics.requests.labels(request.url.path, "200").inc()
-        return {**head, "choices": out, "usage": run.usage()}
+        return {**head, "choices": out, "usage": run.usage(), **(shields.report() if shields else {})}
 
     head["object"] = "chat.completion.chunk"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -322,12 +339,21 @@ async def chat_completions(request: Request):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
         async for d in run.deltas():
+            text, finish, lps = d.text, d.finish_reason and _finish_reason(d.finish_reason), d.logprobs
+            if shields is not None:
+                if shields.ended(d.index):
+                    continue
+                text = await shields.feed(d.index, text, final=bool(finish))
+                if shields.ended(d.index):  # blocked code or an unsafe reply: this choice stops here
+                    finish = "content_filter"
+                    run.request.seqs[d.index].cancelled = True
+                lps = shields.logprobs(d.index, lps, final=bool(finish))
             streamer = streamers[d.index]
-            text = streamer.feed(d.text) if streamer else d.text
+            text = streamer.feed(text) if streamer else text
             choice = {"index": d.index, "delta": {"content": text} if text else {}, "finish_reason": None,
-                      "logprobs": {"content": _chat_logprobs(tok, d.logprobs)} if logprobs is not None else None}
-            if d.finish_reason:
-                choice["finish_reason"] = _finish_reason(d.finish_reason)
+                      "logprobs": {"content": _chat_logprobs(tok, lps)} if logprobs is not None else None}
+            if finish:
+                choice["finish_reason"] = finish
                 if streamer:
                     rest, calls = streamer.finish(llm.chat_format)
                     if rest:
@@ -335,11 +361,28 @@ async def chat_completions(request: Request):
                     if calls:
                         choice["delta"]["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls)]
                         choice["finish_reason"] = "tool_calls"
-            if choice["delta"] or choice["finish_reason"] or d.logprobs:
+            if choice["delta"] or choice["finish_reason"] or lps:
                 yield {**head, "choices": [choice]}
         state.metrics.requests.labels(request.url.path, "200").inc()
+        if shields is not None and shields.report():
+            yield {**head, "choices": [], **shields.report()}
         if include_usage:
             yield {**head, "choices": [], "usage": run.usage()}
+
+    return _stream(events())
+
+
+def _refused(request: Request, shields, body: ChatCompletionRequest):
+    state = _state(request)
+    state.metrics.requests.labels(request.url.path, "200").inc()
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    answer = shields.refusal(state.model_name, body.stream, usage)
+    if not body.stream:
+        return answer
+
+    async def events():
+        for chunk in answer:
+            yield chunk
 
     return _stream(events())
 

@@ -25,17 +25,25 @@ def serve_cmd(
     timeout: float = typer.Option(600.0, help="seconds a request may run"),
     quantize: str = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+    guard: Optional[str] = typer.Option(None, help="Llama Guard on requests and replies: a guard head (.npz from "
+                                        "`herd guard train llama-guard`) or a Llama Guard checkpoint"),
+    prompt_guard: Optional[str] = typer.Option(None, help="Prompt Guard on tool results and requests (.npz from "
+                                               "`herd guard train prompt-guard`)"),
+    code_shield: bool = typer.Option(False, help="Code Shield on generated code blocks"),
+    code_shield_mode: str = typer.Option("block", help="block: stop a reply at insecure code; warn: annotate it"),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
-    Prometheus /metrics and a chat page at /."""
+    Prometheus /metrics and a chat page at /; --guard, --prompt-guard and --code-shield shield chat requests."""
     import uvicorn
     _check_port(host, port)  # a taken port fails at once, not after the model has loaded
 
     from herd.cli import _load
     from herd.generate import EngineConfig, Generator
     from herd.serve.agents import router as agents_router
+    from herd.safety.serving import load_shields
     from herd.serve.app import ServeSettings, create_app
 
+    shields = load_shields(guard, prompt_guard, code_shield, code_shield_mode)  # before the model: bad paths fail fast
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20,
@@ -43,7 +51,7 @@ def serve_cmd(
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                              request_timeout=timeout)
-    app = create_app(llm, settings, routers=[agents_router])
+    app = create_app(llm, settings, routers=[agents_router], shields=shields)
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

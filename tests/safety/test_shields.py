@@ -61,9 +61,14 @@ def test_injection_in_tool_result_flagged(shields):
     assert "Haha pwned" not in llm.seen[0][1]["content"]  # withheld before the model read it
     assert out["shields"][0]["shield"] == "prompt_guard"
     assert shields.scan_tool_result("Quarterly revenue grew 12% on strong demand in Europe.").allowed
+    agent_guard = shields.tool_guard()  # the same check where herd.agent runs the tools (the server's agents API)
+    flagged = shields.counts[("prompt_guard_tool", "flagged")]
+    assert agent_guard.score(document) >= agent_guard.threshold
+    assert shields.counts[("prompt_guard_tool", "flagged")] == flagged + 1
 
 
 INSECURE = "Here you go:\n```python\nimport pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n```\n"
+CLEAN_BLOCK = "```python\nnames = sorted(names, key=str.lower)\n```"
 WEAK = "```python\nimport hashlib\nprint(hashlib.md5(b'x').hexdigest())\n```"
 
 
@@ -90,10 +95,48 @@ def test_benign_load_passes_without_false_refusal(shields, pg_split):
         out = shields.guarded_chat(ScriptedLLM(reply), [{"role": "user", "content": request}])
         assert out["content"] == reply, (request, out["shields"])
     metrics = shields.metrics()
-    assert f'herd_shield_decisions_total{{shield="llama_guard_input",outcome="passed"}} {len(requests)}' in metrics
-    assert 'outcome="blocked"' not in metrics
+    assert 'herd_shield_decisions_total{outcome="passed",shield="llama_guard_input"} %d.0' % len(requests) in metrics
+    assert 'outcome="blocked"' not in metrics and 'herd_shield_seconds_count{shield="llama_guard"}' in metrics
 
 
 def test_configuration_errors():
     with pytest.raises(ValueError, match="code_action"):
         Shields(code_action="explode")
+
+
+def test_streamed_reply_holds_code_until_scanned(prompt_guard):
+    shields = Shields(None, prompt_guard, CodeShield())
+    reply = "Sure.\n" + CLEAN_BLOCK + "\nThen:\n" + INSECURE + "Never sent."
+    stream = shields.reply_filter([{"role": "user", "content": "code"}])
+    sent = []
+    for i, ch in enumerate(reply):
+        out = stream.feed(ch)
+        sent.append(out)
+        if reply[:i + 1].endswith("Sure."):
+            assert "".join(sent) == "Sure."  # prose goes out as it comes
+        if reply[:i + 1].endswith("sorted(names"):
+            assert "sorted" not in "".join(sent)  # an open block is held
+    text = "".join(sent) + stream.feed("", final=True)
+    assert text.startswith("Sure.\n" + CLEAN_BLOCK + "\nThen:\nHere you go:\n")  # allowed code went out at its fence
+    assert "pickle" not in text and "Never sent" not in text and "CWE-502" in text
+    assert stream.stopped.shield == "code_shield"
+
+
+def test_streamed_reply_goes_out_as_the_guard_clears_it():
+    shields = Shields(LlamaGuard(ScriptedGuard()))
+    stream = shields.reply_filter([{"role": "user", "content": "chemistry"}], guard_every=40)
+    first = stream.feed("Water boils at 100 C at sea level. " * 2)
+    assert first.startswith("Water boils") and len(shields.guard.llm.calls) == 1
+    assert stream.feed("A nerve agent is made by ") == ""  # under guard_every: held, not yet judged
+    rest = stream.feed("mixing ...", final=True)
+    assert "S9" in rest and "mixing" not in first + rest and stream.stopped.categories == ["S9"]
+
+
+def test_server_shield_options_fail_fast(tmp_path):
+    from herd.safety.serving import load_shields
+
+    assert load_shields() is None
+    with pytest.raises(FileNotFoundError, match="--prompt-guard .*missing.npz: no such file"):
+        load_shields(prompt_guard=str(tmp_path / "missing.npz"))
+    with pytest.raises(ValueError, match="block or warn"):
+        load_shields(code_shield=True, code_shield_mode="explode")

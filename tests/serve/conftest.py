@@ -12,7 +12,7 @@ KEY = "test-key-0123456789"
 
 
 class Server:
-    def __init__(self, llm, settings: ServeSettings):
+    def __init__(self, llm, settings: ServeSettings, **app_options):
         import uvicorn
 
         self.llm = llm
@@ -20,7 +20,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(llm, settings)
+        self.app = create_app(llm, settings, **app_options)
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()

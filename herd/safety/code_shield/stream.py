@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)")
+_MAY_OPEN = re.compile(r"^ {0,3}(`+|~+)?$|^ {0,3}(`{3,}|~{3,})")  # a last line that is or may become a fence
 
 
 class StreamScanner:
@@ -13,7 +14,8 @@ class StreamScanner:
     (or, for a reply with no fences at all that reads as code, of the whole reply).
 
     Each scan is CodeShield.scan's result plus "block" (its index in the reply), "line" (the reply line the code
-    starts on) and "code".
+    starts on) and "code". `unscanned_from()` says where the text not yet cleared begins: a server streams the
+    reply up to there and holds the rest (an open block, or a last line that may open one).
     """
 
     def __init__(self, shield, language: str | None = None):
@@ -24,11 +26,24 @@ class StreamScanner:
         self._info, self._code, self._start = "", [], 0
         self._blocks = 0
         self._text: list[str] = []
+        self._done = 0  # characters of the complete lines read so far
+        self._open_at = 0  # where the open block's fence line begins
 
     def feed(self, text: str) -> list[dict]:
         self._text.append(text)
         *complete, self._pending = (self._pending + text).split("\n")
-        return [scan for line in complete if (scan := self._line(line)) is not None]
+        scans = []
+        for line in complete:
+            if (scan := self._line(line)) is not None:
+                scans.append(scan)
+            self._done += len(line) + 1
+        return scans
+
+    def unscanned_from(self) -> int:
+        """The offset in the text fed so far before which nothing is (or can become) unscanned code."""
+        if self._fence is not None:
+            return self._open_at
+        return self._done if _MAY_OPEN.match(self._pending) else self._done + len(self._pending)
 
     def finish(self) -> list[dict]:
         scans = []
@@ -51,6 +66,7 @@ class StreamScanner:
         if self._fence is None:
             if m:
                 self._fence, self._info, self._code, self._start = m.group(1), m.group(2), [], self._lines + 1
+                self._open_at = self._done
             return None
         if m and m.group(1)[0] == self._fence[0] and len(m.group(1)) >= len(self._fence) and not m.group(2):
             return self._scan()

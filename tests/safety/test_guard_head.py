@@ -1,0 +1,48 @@
+"""The guard head's features: the prompt's fixed start read once and cached (one per judged turn, User or Agent)
+gives the same hidden states as reading each whole prompt from scratch (a tiny Llama 3 with the real tokenizer)."""
+import numpy as np
+import pytest
+import torch
+
+import herd
+from herd.llm import LLM
+from herd.model import ModelConfig, Transformer
+from herd.safety.guard_head import GuardFeatures, GuardHead, HeadGuardModel
+from herd.safety.llama_guard import LlamaGuard
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
+                         max_seq_len=2048)
+    tok = herd.load_tokenizer()
+    return LLM(Transformer(config).eval(), tok, herd.ChatFormat(tok), name="tiny")
+
+
+def _from_scratch(llm, features, messages, agent):
+    """The last conversation token's state and the mean over the conversation, with no cache."""
+    ids = features._ids(messages, agent)
+    prefix, _, tail = features._start(agent)
+    states = []
+    hook = llm.model.layers[features.layers - 1].register_forward_hook(lambda m, a, out: states.append(out))
+    with torch.inference_mode():
+        llm.model(torch.tensor([ids[:len(ids) - tail]]))
+    hook.remove()
+    h = states[-1][0, len(prefix):].float()
+    return torch.cat([h[-1], h.mean(0)]).numpy()
+
+
+@pytest.mark.parametrize("agent", ["User", "Agent"])
+def test_cached_start_gives_the_states_of_the_whole_prompt(tiny, agent):
+    features = GuardFeatures(tiny, layers=2)
+    dialog = [{"role": "user", "content": "How do I bake bread?"}]
+    if agent == "Agent":
+        dialog.append({"role": "assistant", "content": "Mix flour, water, salt and yeast, then bake."})
+    got = features(dialog, agent)
+    np.testing.assert_allclose(got, _from_scratch(tiny, features, dialog, agent), rtol=1e-4, atol=1e-4)
+    head = GuardHead(["S1", "safe"], np.zeros(got.size, np.float32), np.ones(got.size, np.float32),
+                     np.stack([np.zeros(got.size), np.full(got.size, 1e-3)]).astype(np.float32),
+                     np.array([5.0, 0.0], np.float32))
+    verdict = LlamaGuard(HeadGuardModel(tiny, head)).check(dialog, agent_type=agent)  # both turns can be judged
+    assert verdict["safe"] is False and verdict["categories"] == ["S1"] and verdict["raw"] == "unsafe\nS1"
