@@ -129,4 +129,4 @@ def ppo_update(policy: nn.Module, value_model: RewardModel, batch: dict[str, tor
         loss.backward()
         optimizer.step()
     return {"score": float(scores.mean()), "kl": float(((old_logps - ref_logps) * mask).sum() / mask.sum()),
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
