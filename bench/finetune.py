@@ -2,9 +2,13 @@
 
 Same model (herd's checkpoint converted to Hugging Face's format for TRL), same dialogs, batch, steps and threads,
 full fine-tuning, float32, in one process. Tokens/s counts prompt + reply tokens of the rows trained on; the first
-step of each (warm-up) is not timed.
+step of each run (warm-up) is not timed. DPO is the original loss on both sides (Llama 3's masking and NLL term off)
+with the reference log-probs computed before training on both sides (herd always caches them; TRL's
+`precompute_ref_log_probs`), so a step is the policy's forward and backward over chosen and rejected alone.
+The two sides alternate `--repeats` times per recipe (herd first, then TRL first, ...) so that a machine shared
+with other work slows both alike; the ratio is of the summed tokens over the summed step times.
 
-    .venv/bin/python bench/finetune.py --threads 2 --steps 6 [--model PATH]
+    .venv/bin/python bench/finetune.py --threads 2 --steps 6 --repeats 2 [--model PATH]
 """
 from __future__ import annotations
 
@@ -36,20 +40,20 @@ def rows(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     return sft, pref
 
 
-def herd_rate(recipe: str, model: str, data: Path, work: Path, steps: int, batch: int, tokens_per_row: float) -> float:
-    run = work / f"herd-{recipe}"
+def herd_times(recipe: str, model: str, data: Path, work: Path, steps: int, batch: int) -> list[float]:
+    """The timed steps' durations (all but the first) of one `herd finetune` run."""
+    run = Path(tempfile.mkdtemp(prefix=f"herd-{recipe}-", dir=work))
     finetune(load_finetune_config(None, [
         f"--finetune.recipe={recipe}", f"--finetune.model={model}", f"--finetune.data={data}",
         "--finetune.pack=false", f"--run.dir={run}", "--run.progress=false", f"--training.steps={steps}",
         f"--training.batch_size={batch}", "--training.seq_len=512", "--dpo.nll_weight=0",
         "--dpo.mask_formatting=false", "--checkpoint.export_format=hf"]))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
-    rows_per_step = batch * (2 if recipe == "dpo" else 1)
-    return rows_per_step * tokens_per_row * len(records) / sum(r["step_time"] for r in records)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time"] for r in records if "step_time" in r][1:]
 
 
-def trl_rate(recipe: str, hf_dir: Path, data: list[dict], work: Path, steps: int, batch: int,
-             tokens_per_row: float) -> float:
+def trl_times(recipe: str, hf_dir: Path, data: list[dict], work: Path, steps: int, batch: int) -> list[float]:
+    """The timed steps' durations (all but the first) of one TRL run."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -81,10 +85,10 @@ def trl_rate(recipe: str, hf_dir: Path, data: list[dict], work: Path, steps: int
                                      for r in data])
         ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         trainer = DPOTrainer(model=model, ref_model=ref, processing_class=tokenizer, train_dataset=dataset,
-                             args=DPOConfig(**common, beta=0.1), callbacks=[Clock()])
+                             args=DPOConfig(**common, beta=0.1, precompute_ref_log_probs=True, max_length=512),
+                             callbacks=[Clock()])
     trainer.train()
-    rows_per_step = batch * (2 if recipe == "dpo" else 1)
-    return rows_per_step * tokens_per_row * (len(times) - 1) / sum(times[1:])
+    return times[1:]
 
 
 def main() -> None:
@@ -93,6 +97,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="herd/TRL runs per recipe, alternating who goes first")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="herd-bench-finetune-") as tmp:
@@ -107,11 +112,21 @@ def main() -> None:
         for recipe, data in (("sft", sft), ("dpo", pref)):
             path = work / f"{recipe}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in data))
-            ours = herd_rate(recipe, args.model, path, work, args.steps, args.batch, per_row)
-            theirs = trl_rate(recipe, hf_dir, data, work, args.steps, args.batch, per_row)
+            step_tokens = args.batch * (2 if recipe == "dpo" else 1) * per_row
+            runs = {"herd": lambda: herd_times(recipe, args.model, path, work, args.steps, args.batch),
+                    "trl": lambda: trl_times(recipe, hf_dir, data, work, args.steps, args.batch)}
+            times: dict[str, list[float]] = {"herd": [], "trl": []}
+            for repeat in range(args.repeats):
+                for side in (("herd", "trl") if repeat % 2 == 0 else ("trl", "herd")):
+                    took = runs[side]()
+                    times[side] += took
+                    print(json.dumps({"recipe": recipe, "side": side, "repeat": repeat,
+                                      "tokens_per_s": round(step_tokens * len(took) / sum(took), 1)}), flush=True)
+            ours, theirs = (step_tokens * len(times[s]) / sum(times[s]) for s in ("herd", "trl"))
             print(json.dumps({"recipe": recipe, "herd_tokens_per_s": round(ours, 1),
                               "trl_tokens_per_s": round(theirs, 1), "ratio": round(ours / theirs, 2),
-                              "threads": args.threads, "batch": args.batch, "steps": args.steps}), flush=True)
+                              "threads": args.threads, "batch": args.batch, "steps": args.steps,
+                              "repeats": args.repeats, "tokens_per_row": round(per_row, 1)}), flush=True)
 
 
 if __name__ == "__main__":

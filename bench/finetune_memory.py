@@ -1,9 +1,11 @@
-"""Peak memory of a training step: full fine-tuning vs LoRA vs QLoRA (int8 base weights), each in its own process.
+"""Peak memory of a training step: full fine-tuning vs LoRA vs QLoRA (int8 or int4 base weights), each in its own
+process.
 
-Resident memory is sampled every few milliseconds while `--steps` AdamW steps run on a batch of the model's own
-chat-formatted dialogs; loading (which reads float weights in every mode) is measured apart.
+Resident memory is sampled every few milliseconds while `--steps` AdamW steps run on a batch of random tokens (the
+memory does not depend on their values), the loss on every position; loading (which reads float weights in every mode) is measured apart, and the process's
+lifetime peak (`ru_maxrss`, loading included) is reported too.
 
-    .venv/bin/python bench/finetune_memory.py [--model PATH] [--steps 3] [--seq 256] [--batch 4]
+    .venv/bin/python bench/finetune_memory.py [--model PATH] [--steps 3] [--seq 256] [--batch 4] [--threads 2]
 """
 from __future__ import annotations
 
@@ -16,13 +18,17 @@ import threading
 import time
 
 
+MODES = {"full": None, "lora": "none", "qlora-int8": "int8", "qlora-int4": "int4"}  # mode: LoRA base format
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def one(mode: str, model: str, steps: int, seq: int, batch: int) -> dict:
+def one(mode: str, model: str, steps: int, seq: int, batch: int, threads: int) -> dict:
     import gc
+    import resource
 
     import torch
 
@@ -30,11 +36,11 @@ def one(mode: str, model: str, steps: int, seq: int, batch: int) -> dict:
     from herd.posttrain.lora import LoRAConfig, apply_lora
     from herd.posttrain.sft import sft_loss
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     llm = herd.load(model, quantize=None)
     net = llm.model.train()
     if mode != "full":
-        apply_lora(net, LoRAConfig(rank=16, quantize="int8" if mode == "qlora" else "none"))
+        apply_lora(net, LoRAConfig(rank=16, quantize=MODES[mode]))
     gc.collect()
     loaded = rss_mib()
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
@@ -58,7 +64,8 @@ def one(mode: str, model: str, steps: int, seq: int, batch: int) -> dict:
     watcher.join()
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return {"mode": mode, "trainable_params": trainable, "after_setup_mib": round(loaded),
-            "training_peak_mib": round(peak[0])}
+            "training_peak_mib": round(peak[0]),
+            "process_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def main() -> None:
@@ -67,15 +74,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.model, args.steps, args.seq, args.batch)))
+        print(json.dumps(one(args.one, args.model, args.steps, args.seq, args.batch, args.threads)))
         return
     results = []
-    for mode in ("full", "lora", "qlora"):
+    for mode in MODES:
         done = subprocess.run([sys.executable, __file__, "--one", mode, "--model", args.model, "--steps",
-                               str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)],
+                               str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch), "--threads", str(args.threads)],
                               capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)

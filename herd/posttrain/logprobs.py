@@ -40,9 +40,13 @@ def target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return output(hidden[mask]).float(), mask
 
 
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's targets [batch], the number of targets per row [batch])."""
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The log-probability of every target token [batch, seq], 0 where there is none."""
     logits, mask = target_logits(model, batch)
     per_token = -F.cross_entropy(logits, batch["labels"][mask], reduction="none")
-    summed = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(mask, per_token)
-    return summed.sum(-1), mask.sum(-1)
+    return torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(mask, per_token)
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's targets [batch], the number of targets per row [batch])."""
+    return token_logps(model, batch).sum(-1), (batch["labels"] != IGNORE).sum(-1)

@@ -28,6 +28,10 @@ class RewardModel(nn.Module):
         last = hidden[torch.arange(len(tokens), device=tokens.device), lengths - 1]
         return self.head(last).squeeze(-1).float()
 
+    def per_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The score of every prefix [batch, seq] (PPO's value model reads one per reply token)."""
+        return self.head(final_hidden(self.body, tokens)).squeeze(-1).float()
+
 
 def bradley_terry_losses(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(better - worse)

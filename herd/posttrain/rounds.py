@@ -1,7 +1,7 @@
 """Rounds of Llama 3's post-training: sample → score → select → SFT → DPO, each round from the last one's model.
 
-Every round draws K replies per prompt from the current model (rejection sampling), keeps each prompt's best as
-SFT data and its best-versus-worst as preference pairs, fine-tunes on the first (`herd finetune` recipe sft), then
+Every round draws K replies per prompt from the current model (rejection sampling; all of them, scored, are kept in
+`samples.jsonl`), keeps each prompt's best as SFT data and its best-versus-worst as preference pairs, fine-tunes on the first (`herd finetune` recipe sft), then
 runs DPO from there on the second. Stages are ordinary `herd finetune` runs under `out_dir/round-N/`, so each
 can be inspected, resumed or reused; `on_stage(name, model_path)` lets a caller measure every stage.
 """
@@ -30,6 +30,8 @@ def run_rounds(model: str, prompts: Sequence[dict], scorer: rejection.Scorer, ou
         samples = rejection.generate_samples(llm, prompts, sample)
         del llm
         rejection.score(samples, scorer)
+        rejection.write_jsonl(({**s.row, "replies": s.replies, "scores": s.scores} for s in samples),
+                              here / "samples.jsonl")
         sft_rows = rejection.best_rows(samples, sample.min_score)
         pairs = rejection.preference_rows(samples)
         if not sft_rows:
