@@ -451,6 +451,11 @@ def _chat_logprobs(tok, logprobs) -> list[dict[str, Any]]:
 async def completions(request: Request):
     state = _state(request)
     body: CompletionRequest = await _parse(request, CompletionRequest)
+    if state.shields is not None:
+        # Raw text has no roles for Llama Guard to judge and no turns to withhold: a guarded server would otherwise
+        # have an unguarded door.
+        raise APIError(403, "this server runs with safety shields, which screen chat requests only: "
+                            "use /v1/chat/completions", type="permission_error", code="shielded_server")
     llm = state.llm
     raw = body.prompt
     texts = [raw] if isinstance(raw, str) else raw if isinstance(raw[0], str) else None
