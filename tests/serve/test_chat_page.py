@@ -89,8 +89,7 @@ def browser(tmp_path):
 @pytest.fixture(scope="module")
 def page_server(default_llm):
     """The default model behind its own engine with the prefix cache off: the page's request and the API's are
-    then both computed from scratch, the same way (a cache hit computes a prompt's tail differently; see the xfail
-    in test_openai_api.py)."""
+    then both computed from scratch (tests/quant/test_phase.py checks that a cache hit changes nothing)."""
     llm = LLM(default_llm.model, default_llm.tokenizer, default_llm.chat_format, name=default_llm.name)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(max_batch=4, prefix_caching=False))
     server = Server(llm, ServeSettings(api_keys=(KEY,)))
