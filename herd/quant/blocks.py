@@ -22,10 +22,8 @@ from herd.quant.kernel import ops
 from herd.quant.phase import prompt_mask
 
 QK = 32  # activation block
-# Up to this many tokens per call take the integer path (measured 2-3x faster than expanding the weights at 16-64
-# rows on these CPUs, and a decode batch of up to 64 sequences then computes as one sequence alone); more amortise a
-# float GEMM.
-MAX_INTEGER_TOKENS = 64
+# Up to this many tokens per call take the integer path; more amortise expanding the weights into a float GEMM.
+MAX_INTEGER_TOKENS = 8
 
 
 @dataclass

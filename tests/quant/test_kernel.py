@@ -23,7 +23,7 @@ def weights(bits, group, n=96, k=256, seed=0):
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256)])
-@pytest.mark.parametrize("tokens", [1, 3, 5, MAX_INTEGER_TOKENS, MAX_INTEGER_TOKENS + 8])
+@pytest.mark.parametrize("tokens", [1, 3, 5, MAX_INTEGER_TOKENS, 40])
 def test_kernel_matches_pytorch(bits, group, tokens):
     _, w = weights(bits, group)
     x = torch.randn(tokens, 256) * 3
