@@ -24,6 +24,10 @@ from herd.quant.phase import prompt_mask
 QK = 32  # activation block
 # Up to this many tokens per call take the integer path; more amortise expanding the weights into a float GEMM.
 MAX_INTEGER_TOKENS = 8
+# Rows the engine marks as generated (`herd.quant.phase`) take it up to here: a decode step of many sequences
+# (a busy server) computes them 2-3x faster in integers than through the expanded weights. Unmarked forwards keep
+# the small cap, so a direct forward of a dozen tokens stays exact.
+MAX_GENERATED_TOKENS = 64
 
 
 @dataclass
@@ -103,7 +107,8 @@ def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Te
     rows = flat.shape[0]
     prompt = prompt_mask(rows) if integer else None
     generated = rows if prompt is None else int((~prompt).sum())
-    if not integer or generated == 0 or generated > MAX_INTEGER_TOKENS:
+    cap = MAX_INTEGER_TOKENS if prompt is None else MAX_GENERATED_TOKENS
+    if not integer or generated == 0 or generated > cap:
         out = _matmul(flat, w, False)  # many generated tokens: one float GEMM serves them better
     elif generated == rows:
         out = _matmul(flat, w, True)
@@ -115,10 +120,11 @@ def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Te
 
 
 def _matmul(flat: torch.Tensor, w: BlockWeight, integer: bool) -> torch.Tensor:
-    """integer: int8 activation blocks (only for a few tokens); else exactly the stored weights."""
+    """integer: int8 activation blocks (the caller bounds the rows); else exactly the stored weights, by the
+    kernel's float path for a few rows and a float GEMM over the expanded weights for more."""
     kernel = ops() if flat.device.type == "cpu" else None
     args = (w.codes, w.scales, w.mins, w.bits, w.group)
-    if flat.shape[0] <= MAX_INTEGER_TOKENS and kernel:
+    if kernel and (integer or flat.shape[0] <= MAX_INTEGER_TOKENS):
         return kernel.matmul_rows(flat, *args, integer)
     if integer:
         return integer_matmul(flat, w)

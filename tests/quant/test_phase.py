@@ -6,7 +6,7 @@ import torch
 import herd
 from herd.generate import EngineConfig, Generator, SamplingParams
 from herd.model import ModelConfig, Transformer
-from herd.quant.blocks import BlockLinear, _matmul, matmul, quantize_int4
+from herd.quant.blocks import MAX_GENERATED_TOKENS, MAX_INTEGER_TOKENS, BlockLinear, _matmul, matmul, quantize_int4
 from herd.quant.phase import prompt_rows
 from herd.quant.schemes import Scheme, apply_scheme
 
@@ -34,6 +34,21 @@ def test_mixed_rows_take_each_path_per_row():
     assert not torch.allclose(_matmul(x, w, False), _matmul(x, w, True), atol=1e-6)
     with prompt_rows(torch.ones(6, dtype=torch.bool)):
         assert torch.equal(matmul(x[:2], w), _matmul(x[:2], w, True))  # no mask of 2 rows: decided by count
+
+
+def test_many_generated_rows_stay_integer_only_when_marked():
+    torch.manual_seed(0)
+    w = quantize_int4(torch.randn(48, 64), 32)
+    x = torch.randn(MAX_INTEGER_TOKENS + 8, 64)
+    integer, exact = _matmul(x, w, True), _matmul(x, w, False)
+    assert not torch.allclose(integer, exact, atol=1e-6)
+    assert torch.equal(matmul(x, w), exact)  # unmarked: a direct forward of this many rows is exact
+    with prompt_rows(torch.zeros(len(x), dtype=torch.bool)):
+        assert torch.equal(matmul(x, w), integer)  # the engine's decode step of many sequences
+    rows = MAX_GENERATED_TOKENS + 1
+    x = torch.randn(rows, 64)
+    with prompt_rows(torch.zeros(rows, dtype=torch.bool)):
+        assert torch.equal(matmul(x, w), _matmul(x, w, False))
 
 
 def test_prompt_logprobs_do_not_depend_on_chunking():
