@@ -105,8 +105,8 @@ def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Te
     the float activations, always."""
     flat = x.reshape(-1, x.shape[-1]).float()
     rows = flat.shape[0]
-    prompt = prompt_mask(rows) if integer else None
-    generated = rows if prompt is None else int((~prompt).sum())
+    marked = prompt_mask(rows) if integer else None
+    prompt, generated = marked if marked is not None else (None, rows)
     cap = MAX_INTEGER_TOKENS if prompt is None else MAX_GENERATED_TOKENS
     if not integer or generated == 0 or generated > cap:
         out = _matmul(flat, w, False)  # many generated tokens: one float GEMM serves them better

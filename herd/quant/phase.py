@@ -17,7 +17,7 @@ from contextvars import ContextVar
 
 import torch
 
-_ROWS: ContextVar[tuple[torch.Tensor, ...]] = ContextVar("herd_prompt_rows", default=())
+_ROWS: ContextVar[tuple[tuple[torch.Tensor, int], ...]] = ContextVar("herd_prompt_rows", default=())
 
 
 @contextmanager
@@ -25,13 +25,15 @@ def prompt_rows(*masks: torch.Tensor) -> Iterator[None]:
     """Within the block, a layer whose input has as many rows as one of the boolean `masks` takes its True rows
     as prompt tokens. Pass one mask per distinct row count the forward has (all its tokens; the rows whose
     logits are wanted, which the output layer sees)."""
-    token = _ROWS.set(tuple(m.reshape(-1).bool() for m in masks))
+    # Each mask with its count of generated rows, counted once here rather than in each of a forward's layers.
+    token = _ROWS.set(tuple((m, m.numel() - int(m.sum())) for m in (m.reshape(-1).bool() for m in masks)))
     try:
         yield
     finally:
         _ROWS.reset(token)
 
 
-def prompt_mask(rows: int) -> torch.Tensor | None:
-    """The prompt-row mask for an input of `rows` rows, or None where nobody said."""
-    return next((m for m in _ROWS.get() if m.numel() == rows), None)
+def prompt_mask(rows: int) -> tuple[torch.Tensor, int] | None:
+    """The prompt-row mask for an input of `rows` rows and how many of them are generated, or None where nobody
+    said."""
+    return next((marked for marked in _ROWS.get() if marked[0].numel() == rows), None)
