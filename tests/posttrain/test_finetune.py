@@ -17,14 +17,6 @@ SFT = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assista
        for a in range(4) for b in range(3)]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, chatml_format):
-    path = tmp_path_factory.mktemp("base") / "model"
-    model = tiny_model(320)
-    save_checkpoint((model.config, model.state_dict(), chatml_format.tokenizer), path, "meta")
-    return path
-
-
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -71,7 +63,7 @@ def test_bad_configs_fail_in_one_line(base, tmp_path):
 
 
 def test_average_of_checkpoints(base, tmp_path, chatml_format):
-    other = tiny_model(320, seed=5)
+    other = tiny_model(chatml_format.tokenizer.vocab_size, seed=5)
     save_checkpoint((other.config, other.state_dict(), chatml_format.tokenizer), tmp_path / "other", "meta")
     out = average_checkpoints([base, tmp_path / "other"], tmp_path / "avg", weights=[3, 1])
     first, second, mean = (herd.load(p, quantize=None).model.state_dict() for p in (base, tmp_path / "other", out))
