@@ -14,7 +14,7 @@ def finetune_cmd(
     ctx: typer.Context,
     print_config: bool = typer.Option(False, "--print-config", help="print the complete TOML config and exit"),
 ):
-    """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | kd.
+    """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | ppo | kd.
     Run again to resume."""
     from herd.posttrain.finetune import FinetuneConfig, finetune, load_finetune_config
 

@@ -23,8 +23,9 @@ class RewardModel(nn.Module):
         super().__init__()
         self.body = body
         # The vocabulary projection is never used: left trainable it would get no gradient and so no optimizer
-        # state, and a checkpoint without it could not be resumed.
-        body.output.requires_grad_(False)
+        # state, and a checkpoint without it could not be resumed. (Tied to the embeddings, it is trained as them.)
+        if body.output.weight is not body.tok_embeddings.weight:
+            body.output.requires_grad_(False)
         self.head = nn.Linear(body.config.dim, 1, bias=False)
         nn.init.normal_(self.head.weight, std=body.config.dim ** -0.5)
 

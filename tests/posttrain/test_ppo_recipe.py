@@ -128,3 +128,4 @@ def test_bad_ppo_input_fails_in_one_line(base, tmp_path):
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "ppo.verifier: unknown verifier 'nonsense'" in done.stderr
     assert not (tmp_path / "run" / "model").exists()
+
