@@ -13,6 +13,7 @@ import herd
 import posttrain_helpers
 from herd.posttrain.data import DataError
 from herd.posttrain.finetune import finetune, load_finetune_config
+from herd.posttrain.rejection import reward_scorer
 from herd.train.config import ConfigError
 
 PROMPTS = [{"messages": [{"role": "user", "content": f"Say something about {w}."}], "answer": i}
@@ -34,6 +35,15 @@ def _args(base, data, run_dir, *extra):
             "--ppo.epochs=2", "--ppo.minibatches=2", "--ppo.kl_coef=0.01", "--training.lr=3e-2",
             "--training.warmup_steps=0", "--training.min_lr_ratio=1.0", "--checkpoint.interval=1",
             "--checkpoint.keep=2", *extra]
+
+
+def _rewarded_mass(llm) -> float:
+    """The exact probability that a reply to the first prompt starts with an even code point."""
+    even = torch.tensor([posttrain_helpers.starts_even({}, llm.tokenizer.decode([i])) == 1.0 for i in range(256)])
+    ids = torch.tensor([llm.chat_format.encode_dialog(PROMPTS[0]["messages"])])
+    with torch.no_grad():
+        probs = torch.softmax(llm.model(ids)[0, -1], -1)
+    return float(probs[:256][even].sum())
 
 
 def _metrics(run_dir):
@@ -65,15 +75,7 @@ def test_ppo_raises_the_verifier_score_and_exports(full_run, base):
     assert metrics[-1]["kl"] > 0
     # The exported policy (LoRA merged) puts more probability on the rewarded first characters than the base.
     tuned, before = herd.load(run_dir / "model", quantize=None), herd.load(base, quantize=None)
-    even = torch.tensor([ord(c) % 2 == 0 for c in (before.tokenizer.decode([i]) or "\x01" for i in range(256))])
-
-    def rewarded_mass(llm) -> float:
-        ids = torch.tensor([llm.chat_format.encode_dialog(PROMPTS[0]["messages"])])
-        with torch.no_grad():
-            probs = torch.softmax(llm.model(ids)[0, -1], -1)
-        return float(probs[:256][even].sum())
-
-    assert rewarded_mass(tuned) > rewarded_mass(before) + 0.4
+    assert _rewarded_mass(tuned) > _rewarded_mass(before) + 0.4
 
 
 def test_an_interrupted_run_resumes_at_its_iteration(full_run, base, tmp_path, monkeypatch):
@@ -115,9 +117,9 @@ def test_bad_ppo_input_fails_in_one_line(base, tmp_path):
         load_finetune_config(None, [*common, "--ppo.verifier=answer", "--ppo.prompts=1", "--ppo.samples=2",
                                     "--ppo.minibatches=3"])
     rows = [*PROMPTS[:2], {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
-    _jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=r"bad.jsonl:3: the prompt must end with a user turn \(it ends with 'assistant'"):
-        finetune(load_finetune_config(None, [*common, "--ppo.verifier=answer", f"--finetune.data={tmp_path / 'bad.jsonl'}"]))
+    bad = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad.jsonl:3: the prompt must end with a user turn \(it ends with 'assist"):
+        finetune(load_finetune_config(None, [*common, "--ppo.verifier=answer", f"--finetune.data={bad}"]))
     _jsonl(tmp_path / "noanswer.jsonl", [PROMPTS[0], {"messages": PROMPTS[1]["messages"]}])
     with pytest.raises(DataError, match=r'noanswer.jsonl:2: no "answer" field'):
         finetune(load_finetune_config(None, [*common, "--ppo.verifier=answer",
@@ -129,3 +131,36 @@ def test_bad_ppo_input_fails_in_one_line(base, tmp_path):
     assert "ppo.verifier: unknown verifier 'nonsense'" in done.stderr
     assert not (tmp_path / "run" / "model").exists()
 
+
+def test_ppo_against_a_reward_model(base, tmp_path):
+    """The reward source is a `recipe = "rm"` run (taught a preference between one-character replies): it scores
+    the rollouts, the value model starts from it, and the policy (fully fine-tuned: the reference is a frozen copy)
+    moves towards what it prefers."""
+    letters = [chr(c) for c in range(33, 127)]
+    pairs = [{"prompt": PROMPTS[i % len(PROMPTS)]["messages"], "chosen": even, "rejected": odd}
+             for i, (odd, even) in enumerate(zip(letters[::2], letters[1::2]))]
+    rm_data = _jsonl(tmp_path / "pairs.jsonl", pairs)
+    finetune(load_finetune_config(None, [
+        "--finetune.recipe=rm", f"--finetune.model={base}", f"--finetune.data={rm_data}", "--run.progress=false",
+        f"--run.dir={tmp_path / 'rm'}", "--training.steps=30", "--training.batch_size=16", "--training.lr=1e-2",
+        "--training.warmup_steps=0"]))
+    data = _jsonl(tmp_path / "prompts.jsonl", [{"messages": r["messages"]} for r in PROMPTS])
+    args = [a for a in _args(base, data, tmp_path / "run") if not a.startswith("--ppo.verifier")]
+    finetune(load_finetune_config(None, [*args, f"--ppo.reward_model={tmp_path / 'rm' / 'model'}",
+                                         "--training.lr=3e-3"]))
+    metrics = _metrics(tmp_path / "run")
+    assert sum(m["score"] for m in metrics[-2:]) / 2 > metrics[0]["score"] + 0.5, [m["score"] for m in metrics]
+    # Exactly, without sampling noise: the reward model's expected score of a one-character reply (over the
+    # printable ones, whose text is unambiguous) under the tuned policy against the base.
+    score = reward_scorer(tmp_path / "rm" / "model")
+    tuned, before = herd.load(tmp_path / "run" / "model", quantize=None), herd.load(base, quantize=None)
+    ids = [i for i in range(256) if before.tokenizer.decode([i]).isprintable()]
+    scores = torch.tensor(score([PROMPTS[0]] * len(ids), [before.tokenizer.decode([i]) for i in ids]))
+
+    def expected_score(llm) -> float:
+        prompt = torch.tensor([llm.chat_format.encode_dialog(PROMPTS[0]["messages"])])
+        with torch.no_grad():
+            probs = torch.softmax(llm.model(prompt)[0, -1], -1)[ids]
+        return float((probs * scores).sum() / probs.sum())
+
+    assert expected_score(tuned) > expected_score(before) + 0.5
