@@ -149,6 +149,7 @@ def test_ppo_against_a_reward_model(base, tmp_path):
     finetune(load_finetune_config(None, [*args, f"--ppo.reward_model={tmp_path / 'rm' / 'model'}",
                                          "--training.lr=3e-3"]))
     metrics = _metrics(tmp_path / "run")
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["kl"] > 0   # the frozen copy
     assert sum(m["score"] for m in metrics[-2:]) / 2 > metrics[0]["score"] + 0.5, [m["score"] for m in metrics]
     # Exactly, without sampling noise: the reward model's expected score of a one-character reply (over the
     # printable ones, whose text is unambiguous) under the tuned policy against the base.
