@@ -165,3 +165,25 @@ def test_ppo_against_a_reward_model(base, tmp_path):
         return float((probs * scores).sum() / probs.sum())
 
     assert expected_score(tuned) > expected_score(before) + 0.5
+
+
+def test_a_checkpoint_inside_an_iteration_keeps_its_rollouts(base, tmp_path):
+    """Stopped between two optimizer steps of one iteration (run.time_limit_s, a rollback), the batch source's state
+    carries that iteration's rollouts: the resumed run trains on them rather than sampling new ones."""
+    from herd.posttrain.finetune import build_recipe
+
+    data = _jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    config = load_finetune_config(None, _args(base, data, tmp_path / "run"))
+    torch.manual_seed(0)
+    first = build_recipe(config).batches
+    next(first)
+    state = first.state_dict()
+    expected = next(first)
+    torch.manual_seed(1)     # a resumed process: the rollouts must come from the state, not from sampling
+    second = build_recipe(config).batches
+    second.load_state_dict(state)
+    assert (second.iteration, second.step) == (0, 1)
+    got = next(second)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
