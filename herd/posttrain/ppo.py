@@ -118,12 +118,16 @@ def rollout_batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pa
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], k: int, params: SamplingParams
                     ) -> tuple[list[list[int]], list[Completion]]:
     """K replies per prompt from the policy as it is now, through the generation engine; each row's prompt ids and
-    its completion. A fresh engine each time: a prefix cache would hold keys computed by older weights."""
+    its completion. A fresh engine each time: a prefix cache would hold keys computed by older weights. Prompts go
+    in as many at a time as the engine's queue takes."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            done = Generator(model, tokenizer).generate(list(prompts), params, n=k)
+            engine = Generator(model, tokenizer)
+            per_call = max(engine.config.max_queue // k, 1)
+            done = [c for start in range(0, len(prompts), per_call)
+                    for c in engine.generate(list(prompts[start:start + per_call]), params, n=k)]
     finally:
         model.train(was_training)
     return [list(prompts[i // k]) for i in range(len(done))], done

@@ -53,3 +53,12 @@ def test_one_ppo_iteration_raises_the_expected_score_of_a_verifiable_task(chatml
     assert expected_score(tuned) > before + 0.005, (before, expected_score(tuned))
     # The opposite verifier (odd ids) from the same rollouts moves the policy the other way.
     assert expected_score(updated(1 - scores)) < before
+
+
+def test_rollouts_beyond_the_engine_queue_go_in_turns(chatml_format):
+    """70 prompts x 16 samples: more sequences than the engine queues at once (1024), each reply with its prompt."""
+    tokenizer = chatml_format.tokenizer
+    prompts = [[10 + i % 50, 70 + i] for i in range(70)]
+    rows, done = sample_rollouts(tiny_model(tokenizer.vocab_size), tokenizer, prompts, 16,
+                                 SamplingParams(max_tokens=1, temperature=1.0, top_p=1.0))
+    assert len(done) == 1120 and all(rows[i] == prompts[i // 16] == done[i].prompt_tokens for i in range(1120))
