@@ -146,14 +146,24 @@ class PolicyValue(nn.Module):
         self.policy, self.value = policy, value
 
 
+def in_chunks(fn, batch: dict[str, torch.Tensor], rows: int | None) -> torch.Tensor:
+    """fn(batch) [batch, ...] computed `rows` rows at a time (None: all at once), to bound the activations."""
+    n = len(batch["tokens"])
+    if not rows or rows >= n:
+        return fn(batch)
+    return torch.cat([fn({k: v[i:i + rows] for k, v in batch.items()}) for i in range(0, n, rows)])
+
+
 def rollout_targets(policy: nn.Module, value_model: RewardModel, batch: dict[str, torch.Tensor],
-                    scores: torch.Tensor, ref_logps: torch.Tensor, config: PPOConfig) -> dict[str, torch.Tensor]:
+                    scores: torch.Tensor, ref_logps: torch.Tensor, config: PPOConfig, rows: int | None = None
+                    ) -> dict[str, torch.Tensor]:
     """The batch with what one iteration's updates aim at: the log-probs and values at sampling time (old_logps,
-    old_values), the rewards' whitened GAE advantages and the returns, all [batch, T] and 0 off the reply."""
+    old_values), the rewards' whitened GAE advantages and the returns, all [batch, T] and 0 off the reply.
+    `rows`: rollouts per forward pass."""
     mask = (batch["labels"] != IGNORE).float()
     with torch.no_grad():
-        old_logps = token_logps(policy, batch, config.temperature) * mask
-        old_values = value_model.per_token(batch["tokens"]) * mask
+        old_logps = in_chunks(lambda b: token_logps(policy, b, config.temperature), batch, rows) * mask
+        old_values = in_chunks(lambda b: value_model.per_token(b["tokens"]), batch, rows) * mask
     rewards = token_rewards(scores, old_logps, ref_logps * mask, mask, config.kl_coef)
     advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
     return {**batch, "old_logps": old_logps, "old_values": old_values, "ref_logps": ref_logps * mask,

@@ -32,8 +32,8 @@ from herd.posttrain.data import DataError, DialogEncoder
 from herd.posttrain.finetune import REWARD_HEAD, ExampleBatches, Recipe, export, load_reward_model
 from herd.posttrain.logprobs import token_logps
 from herd.posttrain.lora import adapters_off, apply_lora
-from herd.posttrain.ppo import (PolicyValue, PPOConfig, ppo_loss, reply_tokens, rollout_batch, rollout_targets,
-                                sample_rollouts, sequence_kl)
+from herd.posttrain.ppo import (PolicyValue, PPOConfig, in_chunks, ppo_loss, reply_tokens, rollout_batch,
+                                rollout_targets, sample_rollouts, sequence_kl)
 from herd.posttrain.rejection import Scorer, prompt_rows, reward_scorer, verifier_scorer
 from herd.posttrain.reward import RewardModel, body_lora
 from herd.posttrain.verify import NEEDS, load_verifier
@@ -109,8 +109,9 @@ class Rollouts:
                               dtype=torch.float32)
         scores -= self.config.no_stop_penalty * torch.tensor([float(c.stop_token is None) for c in done])
         batch = {key: v.to(device) for key, v in rollout_batch(prompts, replies, self.pad_id).items()}
-        targets = rollout_targets(policy, self.model.value, batch, scores.to(device), self.reference(batch),
-                                  self.config)
+        reference = in_chunks(self.reference, batch, self.micro)
+        targets = rollout_targets(policy, self.model.value, batch, scores.to(device), reference, self.config,
+                                  self.micro)
         targets["lengths"] = torch.tensor([len(p) + len(r) for p, r in zip(prompts, replies)], device=device)
         t = self.totals
         t.iteration = self.iteration

@@ -33,7 +33,8 @@ def _args(base, data, run_dir, *extra):
             "--run.progress=false", "--ppo.verifier=posttrain_helpers:starts_even", f"--ppo.iterations={ITERATIONS}",
             f"--ppo.prompts={PROMPTS_PER_ITERATION}", f"--ppo.samples={SAMPLES}", "--ppo.max_tokens=1",
             "--ppo.epochs=2", "--ppo.minibatches=2", "--ppo.kl_coef=0.01", "--training.lr=3e-2",
-            "--training.warmup_steps=0", "--training.min_lr_ratio=1.0", "--checkpoint.interval=1",
+            "--training.warmup_steps=0", "--training.min_lr_ratio=1.0", "--training.micro_batch_size=16",
+            "--checkpoint.interval=1",
             "--checkpoint.keep=2", *extra]
 
 
