@@ -14,7 +14,7 @@ def finetune_cmd(
     ctx: typer.Context,
     print_config: bool = typer.Option(False, "--print-config", help="print the complete TOML config and exit"),
 ):
-    """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | kd.
+    """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | ppo | kd.
     Run again to resume."""
     from herd.posttrain.finetune import FinetuneConfig, finetune, load_finetune_config
 
@@ -50,9 +50,10 @@ def sample_cmd(
         raise typer.BadParameter("give exactly one scorer: --verifier or --reward-model")
     if k < 1:
         raise typer.BadParameter("--k must be at least 1")
-    rows = rejection.read_prompts(prompts)
+    from herd.posttrain.verify import NEEDS, load_verifier
+
+    rows = rejection.read_prompts(prompts, NEEDS.get(verifier))
     if verifier is not None:
-        from herd.posttrain.verify import load_verifier
 
         scorer = rejection.verifier_scorer(load_verifier(verifier))
     else:

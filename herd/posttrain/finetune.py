@@ -1,12 +1,13 @@
 """`herd finetune`: every post-training recipe as a config, a data source and a loss, run by the shared Trainer.
 
     [finetune]
-    recipe = "sft"            # sft | rm | dpo | kd
+    recipe = "sft"            # sft | rm | dpo | ppo | kd
     model = "default"         # the checkpoint to tune (anything herd.load reads)
-    data = "train.jsonl"      # SFT rows (sft, kd) or preference rows (rm, dpo)
+    data = "train.jsonl"      # SFT rows (sft, kd), preference rows (rm, dpo) or prompt rows (ppo)
 
 The tuned model is written to run.dir/model (LoRA merged in), loadable by herd.load and `herd convert`; a reward
-model also writes its head there (reward_head.safetensors). Running the same command again resumes.
+model also writes its head there (reward_head.safetensors). Running the same command again resumes. PPO's
+rollouts, value model and reference are herd.posttrain.rollouts'.
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, enc
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
 from herd.posttrain.kd import KDConfig, kd_loss
 from herd.posttrain.lora import LoRAConfig, apply_lora, merge_lora
-from herd.posttrain.reward import RewardModel, reward_loss
+from herd.posttrain.ppo import PolicyValue, PPOConfig
+from herd.posttrain.reward import RewardModel, body_lora, reward_loss
 from herd.posttrain.sft import sft_loss
 from herd.train.config import (CheckpointSection, ConfigError, FaultSection, RunSection, TrainingSection,
                                load_config)
 
-RECIPES = ("sft", "rm", "dpo", "kd")
+RECIPES = ("sft", "rm", "dpo", "ppo", "kd")
 REWARD_HEAD = "reward_head.safetensors"
 
 
@@ -52,6 +54,7 @@ class FinetuneConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     # Post-training defaults: short runs from a trained model, so a small learning rate and a short warm-up.
     training: TrainingSection = field(default_factory=lambda: TrainingSection(
@@ -70,6 +73,10 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
         raise ConfigError("finetune.data: give the JSONL file to train on")
     if f.recipe == "kd" and not f.teacher:
         raise ConfigError("finetune.teacher: the kd recipe needs a teacher checkpoint")
+    if f.recipe == "ppo":
+        from herd.posttrain.rollouts import check_config
+
+        check_config(config)
     return config
 
 
@@ -118,6 +125,7 @@ class Recipe:
     loss_fn: Callable
     eval_batches: list[dict]
     export: Callable
+    metrics: Callable[[], dict] | None = None     # the recipe's own figures for each logged step
 
 
 def _load(path: str):
@@ -129,6 +137,10 @@ def _load(path: str):
 def build_recipe(config: FinetuneConfig) -> Recipe:
     f, t = config.finetune, config.training
     llm = _load(f.model)
+    if f.recipe == "ppo":
+        from herd.posttrain.rollouts import ppo_recipe
+
+        return ppo_recipe(config, llm)
     encoder = DialogEncoder(llm.chat_format)
     base: nn.Module = llm.model
     model: nn.Module = RewardModel(base).to(llm.device) if f.recipe == "rm" else base
@@ -167,7 +179,7 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
         loss_fn = functools.partial(dpo_loss, config=config.dpo) if f.recipe == "dpo" else reward_loss
 
     if config.lora.rank:
-        apply_lora(base, config.lora)
+        apply_lora(base, body_lora(config.lora) if f.recipe == "rm" else config.lora)
         if f.recipe == "rm":
             model.head.requires_grad_(True)
     micro = t.micro_batch_size or t.batch_size
@@ -226,7 +238,7 @@ def export(trainer, *, llm, fmt: str) -> None:
     if not trainer.is_main:
         return
     model = trainer.model
-    body = model.body if isinstance(model, RewardModel) else model
+    body = model.policy if isinstance(model, PolicyValue) else model.body if isinstance(model, RewardModel) else model
     merge_lora(body)
     out = trainer.run_dir / "model"
     state = {k: v.detach().cpu() for k, v in body.state_dict().items()}
@@ -260,12 +272,16 @@ def finetune(config: FinetuneConfig) -> dict:
     torch.manual_seed(config.training.seed)
     recipe = build_recipe(config)
     t = config.training
-    if config.finetune.epochs > 0:
-        steps = math.ceil(config.finetune.epochs * len(recipe.batches.items) / t.batch_size)
-        config = dataclasses.replace(config, training=dataclasses.replace(t, steps=max(steps, 1)))
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(config))
+    if config.finetune.recipe == "ppo":
+        from herd.posttrain.rollouts import trainer_config
+
+        config = trainer_config(config)
+    elif config.finetune.epochs > 0:
+        steps = math.ceil(config.finetune.epochs * len(recipe.batches.items) / t.batch_size)
+        config = dataclasses.replace(config, training=dataclasses.replace(t, steps=max(steps, 1)))
     trainer = Trainer(config, recipe.model, recipe.batches, recipe.loss_fn, env=DistEnv(device=default_device()),
-                      eval_batches=recipe.eval_batches, export=recipe.export)
+                      eval_batches=recipe.eval_batches, export=recipe.export, step_metrics=recipe.metrics)
     return trainer.fit()

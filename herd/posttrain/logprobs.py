@@ -40,9 +40,12 @@ def target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return output(hidden[mask]).float(), mask
 
 
-def token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The log-probability of every target token [batch, seq], 0 where there is none."""
+def token_logps(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """The log-probability of every target token [batch, seq], 0 where there is none; with a `temperature`, under
+    the distribution sampled at that temperature (PPO's rollouts)."""
     logits, mask = target_logits(model, batch)
+    if temperature != 1.0:
+        logits = logits / temperature
     per_token = -F.cross_entropy(logits, batch["labels"][mask], reduction="none")
     return torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(mask, per_token)
 

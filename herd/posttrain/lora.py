@@ -7,7 +7,9 @@ needs only the input gradient, for which the weight is dequantized one layer at 
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -71,9 +73,12 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.in_features, self.out_features = n_in, n_out
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = _FrozenQuantized.apply(x, self.base) if isinstance(self.base, QUANTIZED) else self.base(x)
+        if not self.enabled:
+            return base
         return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
 
     def merged(self) -> nn.Linear:
@@ -119,6 +124,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, within the block: every LoRA layer computes its frozen base alone (PPO's reference without
+    a second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

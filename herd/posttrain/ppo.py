@@ -5,8 +5,9 @@ reference's (`ref_logps`) and the value model's estimate (`values`); the reward 
 The reward of each token is -kl_coef · (old - ref), the last one adding the score; GAE turns rewards and values
 into advantages; the policy minimises the clipped surrogate, the value model a clipped squared error.
 `sample_rollouts` draws the replies through the generation engine, `rollout_batch` lays them out as the other
-recipes' batches, and `ppo_update` runs one iteration (a `RewardModel` body with its head per token is the value
-model).
+recipes' batches, `rollout_targets` fixes an iteration's advantages and `ppo_loss` is the loss the shared Trainer
+minimises (herd.posttrain.rollouts runs the recipe); `ppo_update` is one iteration without the Trainer. A
+`RewardModel` body with its head per token is the value model.
 """
 from __future__ import annotations
 
@@ -26,13 +27,37 @@ from herd.posttrain.reward import RewardModel
 
 @dataclass
 class PPOConfig:
+    """The `[ppo]` section of `herd finetune` (recipe "ppo"); the maths below read the loss fields only."""
+
+    iterations: int = 100            # sample -> score -> update rounds
+    prompts: int = 8                 # prompts per iteration
+    samples: int = 4                 # replies sampled per prompt
+    temperature: float = 1.0         # sampling; the log-probs are taken at the same temperature
+    top_p: float = 1.0               # < 1 samples off-policy (the truncation is not in the log-probs)
+    max_tokens: int = 256            # per reply (and within the model's context)
+    reward_model: str = ""           # the run.dir/model of a `recipe = "rm"` run ...
+    verifier: str = ""               # ... or a verifier: answer, python_tests, module:function (exactly one)
+    no_stop_penalty: float = 0.0     # subtracted from the score of a reply cut at max_tokens
     kl_coef: float = 0.05
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2
     value_clip: float = 0.2
     value_weight: float = 0.1
-    epochs: int = 4                  # optimizer steps on each batch of rollouts
+    epochs: int = 4                  # passes over each iteration's rollouts
+    minibatches: int = 1             # optimizer steps per pass (the rollouts split in shuffled parts)
+
+    def __post_init__(self):
+        for name in ("iterations", "prompts", "samples", "max_tokens", "epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.minibatches > self.prompts * self.samples:
+            raise ValueError(f"minibatches ({self.minibatches}) exceeds the rollouts per iteration "
+                             f"(prompts x samples = {self.prompts * self.samples})")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (PPO samples to explore), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def token_rewards(scores: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
@@ -93,12 +118,16 @@ def rollout_batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pa
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], k: int, params: SamplingParams
                     ) -> tuple[list[list[int]], list[Completion]]:
     """K replies per prompt from the policy as it is now, through the generation engine; each row's prompt ids and
-    its completion. A fresh engine each time: a prefix cache would hold keys computed by older weights."""
+    its completion. A fresh engine each time: a prefix cache would hold keys computed by older weights. Prompts go
+    in as many at a time as the engine's queue takes."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            done = Generator(model, tokenizer).generate(list(prompts), params, n=k)
+            engine = Generator(model, tokenizer)
+            per_call = max(engine.config.max_queue // k, 1)
+            done = [c for start in range(0, len(prompts), per_call)
+                    for c in engine.generate(list(prompts[start:start + per_call]), params, n=k)]
     finally:
         model.train(was_training)
     return [list(prompts[i // k]) for i in range(len(done))], done
@@ -109,24 +138,65 @@ def reply_tokens(completion: Completion) -> list[int]:
     return completion.tokens + ([completion.stop_token] if completion.stop_token is not None else [])
 
 
-def ppo_update(policy: nn.Module, value_model: RewardModel, batch: dict[str, torch.Tensor], scores: torch.Tensor,
-               ref_logps: torch.Tensor, optimizer: torch.optim.Optimizer, config: PPOConfig) -> dict[str, float]:
-    """One PPO iteration on a batch of rollouts: per-token rewards (score and KL to the reference), GAE on the
-    value model's estimates, then `config.epochs` clipped updates of policy and value model together."""
+class PolicyValue(nn.Module):
+    """Policy and value model as the one module the Trainer optimizes, checkpoints and restores."""
+
+    def __init__(self, policy: nn.Module, value: RewardModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+def in_chunks(fn, batch: dict[str, torch.Tensor], rows: int | None) -> torch.Tensor:
+    """fn(batch) [batch, ...] computed `rows` rows at a time (None: all at once), to bound the activations."""
+    n = len(batch["tokens"])
+    if not rows or rows >= n:
+        return fn(batch)
+    return torch.cat([fn({k: v[i:i + rows] for k, v in batch.items()}) for i in range(0, n, rows)])
+
+
+def rollout_targets(policy: nn.Module, value_model: RewardModel, batch: dict[str, torch.Tensor],
+                    scores: torch.Tensor, ref_logps: torch.Tensor, config: PPOConfig, rows: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The batch with what one iteration's updates aim at: the log-probs and values at sampling time (old_logps,
+    old_values), the rewards' whitened GAE advantages and the returns, all [batch, T] and 0 off the reply.
+    `rows`: rollouts per forward pass."""
     mask = (batch["labels"] != IGNORE).float()
     with torch.no_grad():
-        old_logps = token_logps(policy, batch) * mask
-        old_values = value_model.per_token(batch["tokens"]) * mask
+        old_logps = in_chunks(lambda b: token_logps(policy, b, config.temperature), batch, rows) * mask
+        old_values = in_chunks(lambda b: value_model.per_token(b["tokens"]), batch, rows) * mask
     rewards = token_rewards(scores, old_logps, ref_logps * mask, mask, config.kl_coef)
     advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-    advantages = whiten(advantages, mask)
+    return {**batch, "old_logps": old_logps, "old_values": old_values, "ref_logps": ref_logps * mask,
+            "advantages": whiten(advantages, mask), "returns": returns}
+
+
+def sequence_kl(targets: dict[str, torch.Tensor]) -> float:
+    """KL(policy || reference) per reply, estimated on the sampled replies: the mean of their log-ratio sums."""
+    return float((targets["old_logps"] - targets["ref_logps"]).sum(-1).mean())
+
+
+def ppo_loss(model: PolicyValue, batch: dict[str, torch.Tensor], config: PPOConfig
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed loss, reply tokens, summed policy loss, summed value loss) of rollout targets: the Trainer's
+    loss_fn shape, the per-token mean being the loss PPO minimises."""
+    mask = (batch["labels"] != IGNORE).float()
+    logps = token_logps(model.policy, batch, config.temperature)
+    values = model.value.per_token(batch["tokens"])
+    policy, value = ppo_token_losses(logps, batch["old_logps"], batch["advantages"], values, batch["old_values"],
+                                     batch["returns"], config)
+    policy, value = (policy * mask).sum(), (value * mask).sum()
+    return policy + config.value_weight * value, mask.sum().long(), policy.detach(), value.detach()
+
+
+def ppo_update(policy: nn.Module, value_model: RewardModel, batch: dict[str, torch.Tensor], scores: torch.Tensor,
+               ref_logps: torch.Tensor, optimizer: torch.optim.Optimizer, config: PPOConfig) -> dict[str, float]:
+    """One PPO iteration on a batch of rollouts, outside the Trainer: `config.epochs` full-batch updates of policy
+    and value model together."""
+    model = PolicyValue(policy, value_model)
+    targets = rollout_targets(policy, value_model, batch, scores, ref_logps, config)
     for _ in range(config.epochs):
-        logps = token_logps(policy, batch)
-        values = value_model.per_token(batch["tokens"])
-        policy_loss, value_loss = ppo_token_losses(logps, old_logps, advantages, values, old_values, returns, config)
-        loss = ((policy_loss + config.value_weight * value_loss) * mask).sum() / mask.sum()
+        loss, n, _, _ = ppo_loss(model, targets, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / n).backward()
         optimizer.step()
-    return {"score": float(scores.mean()), "kl": float(((old_logps - ref_logps) * mask).sum() / mask.sum()),
-            "loss": float(loss.detach())}
+    return {"score": float(scores.mean()), "kl": sequence_kl(targets), "loss": float(loss.detach() / n)}

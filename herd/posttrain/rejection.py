@@ -8,7 +8,7 @@ best reply, with its `score`); a prompt whose best and worst replies differ in s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +39,26 @@ class Sampled:
     scores: list[float] = field(default_factory=list)
 
 
-def read_prompts(path: str | Path) -> list[dict]:
-    rows = []
+# Turns a reply follows: the user's, or a tool's result (Llama 3's ipython role, OpenAI's tool role).
+REPLY_AFTER = ("user", "ipython", "tool")
+
+
+def prompt_rows(path: str | Path, needs: str | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, row) of prompt rows, each ending where the model replies; `needs`: a field every row must have
+    (the one its scorer reads)."""
     for where, row in read_jsonl(path):
         messages = _messages(row, "messages", where)
-        if messages and messages[-1].get("role") == "assistant":
-            raise DataError(f"{where}: the prompt ends with an assistant turn; end it where the model should reply")
-        rows.append(row)
-    return rows
+        last = messages[-1].get("role") if messages else None
+        if last not in REPLY_AFTER:
+            raise DataError(f"{where}: the prompt must end with a user turn (it ends with {last!r}); "
+                            "end it where the model should reply")
+        if needs is not None and needs not in row:
+            raise DataError(f'{where}: no "{needs}" field, which the scorer reads; add it to every row')
+        yield where, row
+
+
+def read_prompts(path: str | Path, needs: str | None = None) -> list[dict]:
+    return [row for _, row in prompt_rows(path, needs)]
 
 
 def generate_samples(llm, rows: Sequence[dict], config: SampleConfig) -> list[Sampled]:

@@ -5,11 +5,14 @@ ordered pairs. The score of a reply is the head applied to the last hidden state
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from herd.posttrain.logprobs import final_hidden
+from herd.posttrain.lora import LoRAConfig
 from herd.posttrain.ranking import pairs, ranked
 
 
@@ -19,6 +22,10 @@ class RewardModel(nn.Module):
     def __init__(self, body: nn.Module):
         super().__init__()
         self.body = body
+        # The vocabulary projection is never used: left trainable it would get no gradient and so no optimizer
+        # state, and a checkpoint without it could not be resumed. (Tied to the embeddings, it is trained as them.)
+        if body.output.weight is not body.tok_embeddings.weight:
+            body.output.requires_grad_(False)
         self.head = nn.Linear(body.config.dim, 1, bias=False)
         nn.init.normal_(self.head.weight, std=body.config.dim ** -0.5)
 
@@ -31,6 +38,11 @@ class RewardModel(nn.Module):
     def per_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """The score of every prefix [batch, seq] (PPO's value model reads one per reply token)."""
         return self.head(final_hidden(self.body, tokens)).squeeze(-1).float()
+
+
+def body_lora(config: LoRAConfig) -> LoRAConfig:
+    """LoRA for a reward model's body: never on the vocabulary projection, which it does not use."""
+    return dataclasses.replace(config, targets=[t for t in config.targets if t != "output"])
 
 
 def bradley_terry_losses(better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ def _limit_memory(memory_mb: int) -> None:
 
 
 BUILTIN = {"answer": answer, "python_tests": python_tests}
+NEEDS = {"answer": "answer", "python_tests": "tests"}   # the row field each built-in verifier reads
 
 
 def load_verifier(spec: str) -> Verifier:

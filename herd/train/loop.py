@@ -14,6 +14,7 @@
 - `pipeline`: with pipeline parallelism, an object whose `step(micro_batches) -> (loss_sum, n_tokens)` runs the
   schedule (forward and backward); it replaces loss_fn.
 - `export(trainer)`: called on every rank after the final checkpoint (herd.train.checkpoint.export_model).
+- `step_metrics()`: a recipe's own figures since the last logged step (PPO's score and KL), added to the record.
 
 Per optimizer step: forward/backward over the micro-batches (gradient sync only on the last), gradients scaled to
 the mean, clipped; a step whose loss or gradient is NaN/Inf or spikes is skipped or rolled back
@@ -80,7 +81,8 @@ class Trainer:
     def __init__(self, config, model: nn.Module | list[nn.Module], batches,
                  loss_fn: Callable = causal_lm_loss, *, env: DistEnv | None = None, pipeline=None,
                  eval_batches: list[dict] | None = None, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, export: Callable[["Trainer"], None] | None = None):
+                 peak_flops: float | None = None, export: Callable[["Trainer"], None] | None = None,
+                 step_metrics: Callable[[], dict] | None = None):
         self.config = config
         self.cfg, self.run = config.training, config.run
         self.parts = model if isinstance(model, list) else [model]
@@ -89,7 +91,7 @@ class Trainer:
         self.env = env or DistEnv()
         self.eval_batches = eval_batches or []
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.export = export
+        self.export, self.step_metrics = export, step_metrics
         self.run_dir = Path(self.run.dir)
         self.optimizers = [build_optimizer(p, self.cfg) for p in self.parts]
         self.schedulers = [build_scheduler(o, self.cfg) for o in self.optimizers]
@@ -269,6 +271,8 @@ class Trainer:
                 if self.run.eval_interval and step % self.run.eval_interval == 0 and "skipped" not in record:
                     record["eval_loss"] = self.evaluate()
                 if self.run.log_interval and (step % self.run.log_interval == 0 or step == self.cfg.steps):
+                    if self.step_metrics is not None:
+                        record.update(self.step_metrics())
                     self.log.log(record)
                 every = self.config.fault.checksum_interval
                 if every and replicas is not None and step % every == 0:

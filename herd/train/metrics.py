@@ -78,8 +78,10 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, record["step"])
         if self.bar is not None and "loss" in record:
             self.bar.update(record["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):,.0f}",
-                                 refresh=False)
+            postfix = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record.get('tokens_per_s', 0):,.0f}"}
+            if "score" in record:  # a recipe that samples and scores (PPO)
+                postfix["score"] = f"{record['score']:.3f}"
+            self.bar.set_postfix(postfix, refresh=False)
 
     def note(self, message: str) -> None:
         # stderr, not stdout: a piped stdout is block-buffered and a rank torn down for a restart loses its buffer.

@@ -7,8 +7,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import herd
+from herd.checkpoint import save_checkpoint
 from herd.tokenizer import HFTokenizer, chat_format_for
 from herd.tokenizer.hf import BYTE_CHARS
+from posttrain_helpers import tiny_model
 
 # ChatML as SmolLM2 (the default model) writes it, default system prompt included.
 CHATML = (
@@ -36,3 +38,12 @@ def chatml_format(tmp_path_factory):
     config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return chat_format_for(HFTokenizer.from_file(directory))
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, chatml_format):
+    """A tiny checkpoint (the ChatML byte-level tokenizer) for the recipes to tune."""
+    path = tmp_path_factory.mktemp("base") / "model"
+    model = tiny_model(chatml_format.tokenizer.vocab_size)   # the engine samples only ids it can decode
+    save_checkpoint((model.config, model.state_dict(), chatml_format.tokenizer), path, "meta")
+    return path

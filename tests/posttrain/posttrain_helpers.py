@@ -11,3 +11,8 @@ def tiny_model(vocab_size: int = 128256, seed: int = 0, **overrides) -> Transfor
     config = ModelConfig(**{"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": vocab_size,
                             "ffn_hidden_dim": 64, "max_seq_len": 256, **overrides})
     return Transformer(config)
+
+
+def starts_even(row: dict, reply: str) -> float:
+    """A toy verifier whose truth needs no judge: 1 if the reply's first character has an even code point."""
+    return float(bool(reply) and ord(reply[0]) % 2 == 0)

@@ -6,7 +6,7 @@ import torch
 
 import herd
 from herd.checkpoint import convert, save_checkpoint
-from herd.posttrain.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict, merge_lora
+from herd.posttrain.lora import LoRAConfig, LoRALinear, adapters_off, apply_lora, lora_state_dict, merge_lora
 from herd.quant.blocks import BlockLinear
 from posttrain_helpers import tiny_model
 
@@ -32,6 +32,19 @@ def test_only_adapters_train_and_training_starts_from_the_base():
     assert len(trainable) == 2 * 3 * model.config.n_layers
     with torch.no_grad():
         assert torch.equal(model(ids), before)
+
+
+def test_adapters_off_is_the_base_model():
+    """PPO's reference under LoRA: the policy with its adapters off computes the base's logits exactly."""
+    model = tiny_model()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+        _trained_lora(model)
+        adapted = model(ids)
+        with adapters_off(model):
+            assert torch.equal(model(ids), before)
+        assert torch.equal(model(ids), adapted) and not torch.allclose(adapted, before)
 
 
 @pytest.mark.heavy

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from herd.generate.sampling import SamplingParams
-from herd.posttrain.ppo import PPOConfig, ppo_update, reply_tokens, rollout_batch, sample_rollouts
+from herd.posttrain.ppo import PPOConfig, ppo_update, reply_tokens, rollout_batch, rollout_targets, sample_rollouts
 from herd.posttrain.logprobs import token_logps
 from herd.posttrain.reward import RewardModel
 from posttrain_helpers import tiny_model
@@ -53,3 +53,22 @@ def test_one_ppo_iteration_raises_the_expected_score_of_a_verifiable_task(chatml
     assert expected_score(tuned) > before + 0.005, (before, expected_score(tuned))
     # The opposite verifier (odd ids) from the same rollouts moves the policy the other way.
     assert expected_score(updated(1 - scores)) < before
+
+
+def test_rollouts_beyond_the_engine_queue_go_in_turns(chatml_format):
+    """70 prompts x 16 samples: more sequences than the engine queues at once (1024), each reply with its prompt."""
+    tokenizer = chatml_format.tokenizer
+    prompts = [[10 + i % 50, 70 + i] for i in range(70)]
+    rows, done = sample_rollouts(tiny_model(tokenizer.vocab_size), tokenizer, prompts, 16,
+                                 SamplingParams(max_tokens=1, temperature=1.0, top_p=1.0))
+    assert len(done) == 1120 and all(rows[i] == prompts[i // 16] == done[i].prompt_tokens for i in range(1120))
+
+
+def test_targets_computed_in_chunks_equal_the_whole_batch():
+    policy, value_model = tiny_model(64, seed=0), RewardModel(tiny_model(64, seed=1))
+    batch = rollout_batch([[1, 2, 3], [4, 5], [6, 7, 8, 9], [1], [2, 2]], [[5, 6], [7], [8, 9, 10], [3, 3, 3], [4]])
+    scores, ref = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5]), torch.zeros(batch["tokens"].shape)
+    whole = rollout_targets(policy, value_model, batch, scores, ref, PPOConfig())
+    chunked = rollout_targets(policy, value_model, batch, scores, ref, PPOConfig(), rows=2)
+    assert whole.keys() == chunked.keys()
+    assert all(torch.allclose(whole[k].float(), chunked[k].float(), atol=1e-6) for k in whole)

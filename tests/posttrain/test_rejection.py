@@ -61,7 +61,7 @@ def test_verifiers():
 @pytest.mark.heavy
 def test_sample_refuses_a_malformed_prompt_file_in_one_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n')
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "answer": 1}\n{"messages": [\n')
     out = tmp_path / "out.jsonl"
     done = subprocess.run([sys.executable, "-m", "herd.cli", "sample", "default", str(prompts), "--out", str(out),
                            "--verifier", "answer"], capture_output=True, text=True, timeout=300)
