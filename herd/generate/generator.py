@@ -66,6 +66,8 @@ class Request:
 class Generator:
     def __init__(self, model: Transformer, tokenizer, *, prefill_chunk: int = 512, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
+        # A model's vocabulary may be padded past its tokenizer's: ids there have no text, so they are never drawn.
+        self.vocab = getattr(tokenizer, "vocab_size", None)
         self.config = config or EngineConfig(max_step_tokens=prefill_chunk)
         mc = model.config
         dtype = model.tok_embeddings.weight.dtype
@@ -264,7 +266,7 @@ class Generator:
         return row
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        masked = seq.constraint.mask(logits) if seq.constraint is not None else logits
+        masked = (seq.constraint.mask(logits) if seq.constraint is not None else logits)[:self.vocab]
         token = sample(masked, seq.params, seq.rng)
         lp = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
         delta = seq.step(token, self.tokenizer.decode_bytes([token]), lp)

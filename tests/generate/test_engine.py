@@ -189,3 +189,16 @@ def test_block_pool_prefers_contiguous_runs_and_evicts_least_recent(model):
     assert pool.available == pool.num_blocks and pool.lookup([bytes([0]) * 16, bytes([1]) * 16]) == a[:2]
     pool.acquire(a[0])  # a hit makes a block busy again, so never evicted
     assert list(pool.evictable) == a[3:0:-1]
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_never_drawn(model):
+    class SmallTokenizer(ByteTokenizer):
+        vocab_size = 256  # the model's 512 ids are padded past what the tokenizer can decode
+
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True, seed=1)
+    unrestricted = engine(model).generate(prompts(4), greedy)
+    assert any(t >= 256 for c in unrestricted for t in c.tokens)  # the model itself prefers some padded ids
+    gen = Generator(model, SmallTokenizer(), config=EngineConfig(max_step_tokens=24))
+    done = gen.generate(prompts(4), greedy) + gen.generate(prompts(4), sampled)
+    assert all(t < 256 for c in done for t in c.tokens)
