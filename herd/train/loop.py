@@ -166,12 +166,8 @@ class Trainer:
             self.env.all_reduce(totals, "pp")
         loss_sum, count = totals[0], totals[1].clamp(min=1)
         # FSDP averaged the gradients over the data-parallel ranks; they should be sums over count instead.
-        scale = self.env.dp / count
-        grads = [p.grad for part in self.parts for p in part.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale.to(grads[0].device))
         norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.cfg.grad_clip,
-                              self.env.group("pp"))
+                              self.env.group("pp"), grad_scale=self.env.dp / count)
         loss, norm_value = float(loss_sum / count), float(norm)
         why = self.detector.judge(loss, norm_value)
         lr = self.schedulers[0].get_last_lr()[0]

@@ -69,3 +69,31 @@ def test_sample_refuses_a_malformed_prompt_file_in_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "prompts.jsonl:2: not valid JSON" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("pairs_from", ["sft", "before"])
+def test_a_round_tunes_on_its_best_samples_then_dpo_on_pairs_from_the_chosen_policy(base, tmp_path, pairs_from):
+    from herd.posttrain.rounds import run_rounds
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}]} for w in ("a", "b", "c", "d")]
+    stages = []
+    config = rejection.SampleConfig(k=4, max_tokens=6, batch_size=16, temperature=1.0, top_p=1.0, seed=0)
+    tiny = ["--training.steps=2", "--training.batch_size=2", "--training.seq_len=64", "--run.progress=false"]
+    final = run_rounds(str(base), rows, rejection.verifier_scorer(lambda row, text: len(text.encode())), tmp_path,
+                       sample=config, sample_quantize=None, sft_overrides=tiny, dpo_overrides=tiny,
+                       pairs_from=pairs_from, on_stage=lambda stage, model: stages.append((stage, model)))
+    here = tmp_path / "round-1"
+    assert [s for s, _ in stages] == ["round 1: SFT", "round 1: DPO"] and final == stages[-1][1]
+    source = here / ("dpo-samples.jsonl" if pairs_from == "sft" else "samples.jsonl")
+    assert (here / "dpo-samples.jsonl").exists() == (pairs_from == "sft")
+    sampled = {json.loads(line)["messages"][0]["content"]: json.loads(line) for line in source.read_text().splitlines()}
+    pairs = [json.loads(line) for line in (here / "pairs.jsonl").read_text().splitlines()]
+    assert pairs
+    for pair in pairs:  # each pair is the best and the worst reply of that policy's own samples
+        row = sampled[pair["prompt"][0]["content"]]
+        by_score = sorted(zip(row["scores"], row["replies"]))
+        assert pair["chosen"]["content"] in row["replies"] and pair["rejected"]["content"] in row["replies"]
+        assert len(pair["chosen"]["content"].encode()) == by_score[-1][0]
+        assert len(pair["rejected"]["content"].encode()) == by_score[0][0]
+    with pytest.raises(ValueError, match="pairs_from"):
+        run_rounds(str(base), rows, rejection.verifier_scorer(len), tmp_path, pairs_from="other")
