@@ -3,9 +3,9 @@
 Seeded arithmetic problems are split into training prompts and held-out problems (no question in both). The default
 model answers every held-out problem greedily before post-training; then one round of the recipe runs
 (herd.posttrain.rounds): K samples per training prompt through the batched engine, scored by the `answer` verifier
-(the reply's last number is the answer), SFT (LoRA) on each prompt's correct reply, DPO (LoRA) on (correct,
-incorrect) pairs from the same samples; the held-out problems are answered again after each stage, with the same
-reply budget. Reported: success with a 95% Wilson interval, the base model's sampled pass@1 and pass@K on the
+(the reply's last number is the answer), SFT (LoRA) on each prompt's correct reply, then DPO (LoRA) on (correct,
+incorrect) pairs of replies sampled from the SFT model; the held-out problems are answered again after each stage,
+with the same reply budget. Reported: success with a 95% Wilson interval, the base model's sampled pass@1 and pass@K on the
 training prompts, and an exact McNemar test of each stage against the one before it on the same problems.
 
     .venv/bin/python bench/posttrain_gains.py --threads 1 --out out/gains --png docs/posttrain-gains.png
@@ -161,8 +161,8 @@ def main() -> None:
                                    batch_size=64, seed=args.seed, min_score=1.0),
                sft_overrides=[*lora, "--training.lr=1e-3", "--training.batch_size=2", "--training.seq_len=256",
                               "--finetune.epochs=2"],
-               dpo_overrides=[*lora, "--training.lr=3e-4", "--training.batch_size=4", "--training.seq_len=256",
-                              "--finetune.epochs=1", "--dpo.beta=0.1"],
+               dpo_overrides=[*lora, "--training.lr=1e-4", "--training.batch_size=4", "--training.seq_len=256",
+                              "--finetune.epochs=2", "--dpo.beta=0.1"],
                on_stage=lambda stage, model: measure(stage.split(": ")[1], model))
     sampling = report["sampling"]
     plot(results, f"SmolLM2-135M-Instruct, '{args.task}' problems: {args.eval_prompts} held out, "
