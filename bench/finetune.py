@@ -8,7 +8,7 @@ with the reference log-probs computed before training on both sides (herd always
 The two sides alternate `--repeats` times per recipe (herd first, then TRL first, ...) so that a machine shared
 with other work slows both alike; the ratio is of the summed tokens over the summed step times.
 
-    .venv/bin/python bench/finetune.py --threads 2 --steps 6 --repeats 2 [--model PATH]
+    .venv/bin/python bench/finetune.py --threads 2 --steps 6 --repeats 2 [--recipes sft,dpo] [--model PATH]
 """
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="herd/TRL runs per recipe, alternating who goes first")
+    p.add_argument("--recipes", default="sft,dpo", help="which of sft, dpo to measure")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="herd-bench-finetune-") as tmp:
@@ -110,6 +111,8 @@ def main() -> None:
         per_row = sum(lengths) / len(lengths)
         del llm
         for recipe, data in (("sft", sft), ("dpo", pref)):
+            if recipe not in args.recipes.split(","):
+                continue
             path = work / f"{recipe}.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in data))
             step_tokens = args.batch * (2 if recipe == "dpo" else 1) * per_row
