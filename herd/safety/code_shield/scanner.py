@@ -141,9 +141,12 @@ class CodeShield:
             except (ValueError, json.JSONDecodeError):
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise CodeShieldError(f"semgrep failed (exit {done.returncode}): {tail[0][:200]}") from None
-        fatal = [e for e in report.get("errors", []) if e.get("error_type") == "Fatal error"]
+        # a rule semgrep cannot read would otherwise be skipped in silence, finding nothing
+        fatal = [e for e in report.get("errors", []) if e.get("error_type") == "Fatal error"
+                 or "rule" in e.get("error_type", "").lower() or "pattern" in e.get("error_type", "").lower()]
         if fatal:
-            raise CodeShieldError(f"semgrep failed: {fatal[0].get('message', '')[:200]}")
+            raise CodeShieldError(f"semgrep failed{' on rule ' + fatal[0]['rule_id'] if fatal[0].get('rule_id') else ''}:"
+                                  f" {fatal[0].get('message', '')[:200]}")
         found: dict[int, list[dict]] = {}
         seen = set()
         for hit in report.get("results", []):
