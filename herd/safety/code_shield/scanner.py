@@ -141,9 +141,12 @@ class CodeShield:
             except (ValueError, json.JSONDecodeError):
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise CodeShieldError(f"semgrep failed (exit {done.returncode}): {tail[0][:200]}") from None
-        # a rule semgrep cannot read would otherwise be skipped in silence, finding nothing
-        fatal = [e for e in report.get("errors", []) if e.get("error_type") == "Fatal error"
-                 or "rule" in e.get("error_type", "").lower() or "pattern" in e.get("error_type", "").lower()]
+        # a rule semgrep cannot read would otherwise be skipped in silence, finding nothing (code it can only
+        # partly parse is normal: it reports that as ["PartialParsing", ...])
+        kinds = [str(k[0] if isinstance(k, list) and k else k).lower()
+                 for k in (e.get("error_type", "") for e in report.get("errors", []))]
+        fatal = [e for e, kind in zip(report.get("errors", []), kinds)
+                 if kind == "fatal error" or "rule" in kind or "pattern" in kind]
         if fatal:
             raise CodeShieldError(f"semgrep failed{' on rule ' + fatal[0]['rule_id'] if fatal[0].get('rule_id') else ''}:"
                                   f" {fatal[0].get('message', '')[:200]}")
