@@ -1227,6 +1227,172 @@ KEY
 ''', '''#!/bin/bash
 install -m 600 /run/secrets/deploy_key ~/.ssh/id_rsa
 '''),
+    # permissions, host keys, token signatures, templates, races, CSRF, regular expressions
+    _case("python", "CWE-732", "python-world-writable", '''import os
+
+def @fn@(path, data):
+    with open(path, "w") as fh:
+        fh.write(data)
+    os.chmod(path, 0o666)
+''', '''import os
+
+def @fn@(path, data):
+    with open(path, "w") as fh:
+        fh.write(data)
+    os.chmod(path, 0o640)
+'''),
+    _case("python", "CWE-295", "python-ssh-host-key-unchecked", '''import paramiko
+
+def @fn@(host, cmd):
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect(host, username="deploy")
+    return client.exec_command(cmd)
+''', '''import paramiko
+
+def @fn@(host, cmd):
+    client = paramiko.SSHClient()
+    client.load_system_host_keys()
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(host, username="deploy")
+    return client.exec_command(cmd)
+'''),
+    _case("python", "CWE-347", "python-jwt-unverified", '''import jwt
+
+def @fn@(token):
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return claims["sub"]
+''', '''import jwt
+
+def @fn@(token, public_key):
+    claims = jwt.decode(token, public_key, algorithms=["RS256"])
+    return claims["sub"]
+'''),
+    _case("python", "CWE-1336", "python-template-injection", '''from flask import Flask, request, render_template_string
+
+app = Flask(__name__)
+
+@app.route("/hello")
+def @fn@():
+    name = request.args.get("name", "world")
+    return render_template_string("<h1>Hello " + name + "</h1>")
+''', '''from flask import Flask, request, render_template_string
+
+app = Flask(__name__)
+
+@app.route("/hello")
+def @fn@():
+    name = request.args.get("name", "world")
+    return render_template_string("<h1>Hello {{ name }}</h1>", name=name)
+'''),
+    _case("c", "CWE-732", "c-world-writable", '''#include <fcntl.h>
+#include <unistd.h>
+
+int @fn@(const char *path) {
+    return open(path, O_WRONLY | O_CREAT | O_TRUNC, 0666);
+}
+''', '''#include <fcntl.h>
+#include <unistd.h>
+
+int @fn@(const char *path) {
+    return open(path, O_WRONLY | O_CREAT | O_TRUNC, 0640);
+}
+'''),
+    _case("c", "CWE-367", "c-toctou", '''#include <stdio.h>
+#include <unistd.h>
+
+FILE *@fn@(const char *path) {
+    if (access(path, W_OK) != 0)
+        return NULL;
+    return fopen(path, "a");
+}
+''', '''#include <stdio.h>
+#include <unistd.h>
+
+FILE *@fn@(const char *path) {
+    FILE *fh = fopen(path, "a");
+    if (fh == NULL)
+        perror(path);
+    return fh;
+}
+'''),
+    _case("java", "CWE-352", "java-csrf-disabled", '''import org.springframework.context.annotation.Bean;
+import org.springframework.security.config.annotation.web.builders.HttpSecurity;
+import org.springframework.security.web.SecurityFilterChain;
+
+public class @cls@ {
+    @Bean
+    public SecurityFilterChain filterChain(HttpSecurity http) throws Exception {
+        http.csrf(csrf -> csrf.disable()).formLogin(form -> form.loginPage("/login"));
+        return http.build();
+    }
+}
+''', '''import org.springframework.context.annotation.Bean;
+import org.springframework.security.config.annotation.web.builders.HttpSecurity;
+import org.springframework.security.web.SecurityFilterChain;
+
+public class @cls@ {
+    @Bean
+    public SecurityFilterChain filterChain(HttpSecurity http) throws Exception {
+        http.formLogin(form -> form.loginPage("/login"));
+        return http.build();
+    }
+}
+'''),
+    _case("java", "CWE-732", "java-world-writable", '''import java.io.File;
+
+public class @cls@ {
+    public void @fn@(File report) {
+        report.setReadable(true, false);
+        report.setWritable(true, false);
+    }
+}
+''', '''import java.io.File;
+
+public class @cls@ {
+    public void @fn@(File report) {
+        report.setReadable(true, false);
+        report.setWritable(true, true);
+    }
+}
+'''),
+    _case("javascript", "CWE-347", "js-jwt-unverified", '''const jwt = require("jsonwebtoken");
+
+function @fn@(token, key) {
+  return jwt.verify(token, key, { algorithms: ["HS256", "none"] });
+}
+''', '''const jwt = require("jsonwebtoken");
+
+function @fn@(token, key) {
+  return jwt.verify(token, key, { algorithms: ["HS256"] });
+}
+'''),
+    _case("javascript", "CWE-1333", "js-regexp-injection", '''const express = require("express");
+const app = express();
+
+app.get("/search", (req, res) => {
+  const pattern = new RegExp(req.query.@var@, "i");
+  res.json(items.filter((item) => pattern.test(item.name)));
+});
+''', '''const express = require("express");
+const app = express();
+
+app.get("/search", (req, res) => {
+  const needle = String(req.query.@var@).toLowerCase();
+  res.json(items.filter((item) => item.name.toLowerCase().includes(needle)));
+});
+'''),
+    _case("javascript", "CWE-732", "js-world-writable", '''const fs = require("fs");
+
+function @fn@(dir) {
+  fs.mkdirSync(dir, { recursive: true, mode: 0o777 });
+}
+''', '''const fs = require("fs");
+
+function @fn@(dir) {
+  fs.mkdirSync(dir, { recursive: true, mode: 0o750 });
+}
+'''),
 ]
 
 _NAMES = ["fetch_report", "load_user", "sync_items", "handle", "process_order", "archive", "lookup", "render_page"]

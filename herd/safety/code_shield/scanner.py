@@ -148,8 +148,8 @@ class CodeShield:
         fatal = [e for e, kind in zip(report.get("errors", []), kinds)
                  if kind == "fatal error" or "rule" in kind or "pattern" in kind]
         if fatal:
-            raise CodeShieldError(f"semgrep failed{' on rule ' + fatal[0]['rule_id'] if fatal[0].get('rule_id') else ''}:"
-                                  f" {fatal[0].get('message', '')[:200]}")
+            rule = f" on rule {fatal[0]['rule_id']}" if fatal[0].get("rule_id") else ""
+            raise CodeShieldError(f"semgrep failed{rule}: {fatal[0].get('message', '')[:200]}")
         found: dict[int, list[dict]] = {}
         seen = set()
         for hit in report.get("results", []):
