@@ -1393,6 +1393,73 @@ function @fn@(dir) {
   fs.mkdirSync(dir, { recursive: true, mode: 0o750 });
 }
 '''),
+    # key sizes
+    _case("python", "CWE-326", "python-weak-key-size", '''from cryptography.hazmat.primitives.asymmetric import rsa
+
+def @fn@():
+    return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+''', '''from cryptography.hazmat.primitives.asymmetric import rsa
+
+def @fn@():
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+'''),
+    _case("c", "CWE-326", "c-weak-key-size", '''#include <openssl/evp.h>
+#include <openssl/rsa.h>
+
+EVP_PKEY *@fn@(void) {
+    EVP_PKEY *key = NULL;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_RSA, NULL);
+    EVP_PKEY_keygen_init(ctx);
+    EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, 1024);
+    EVP_PKEY_keygen(ctx, &key);
+    EVP_PKEY_CTX_free(ctx);
+    return key;
+}
+''', '''#include <openssl/evp.h>
+#include <openssl/rsa.h>
+
+EVP_PKEY *@fn@(void) {
+    EVP_PKEY *key = NULL;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_RSA, NULL);
+    EVP_PKEY_keygen_init(ctx);
+    EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, 3072);
+    EVP_PKEY_keygen(ctx, &key);
+    EVP_PKEY_CTX_free(ctx);
+    return key;
+}
+'''),
+    _case("java", "CWE-326", "java-weak-key-size", '''import java.security.KeyPair;
+import java.security.KeyPairGenerator;
+
+public class @cls@ {
+    public KeyPair @fn@() throws Exception {
+        KeyPairGenerator generator = KeyPairGenerator.getInstance("RSA");
+        generator.initialize(1024);
+        return generator.generateKeyPair();
+    }
+}
+''', '''import java.security.KeyPair;
+import java.security.KeyPairGenerator;
+
+public class @cls@ {
+    public KeyPair @fn@() throws Exception {
+        KeyPairGenerator generator = KeyPairGenerator.getInstance("RSA");
+        generator.initialize(3072);
+        return generator.generateKeyPair();
+    }
+}
+'''),
+    _case("javascript", "CWE-326", "js-weak-key-size", '''const crypto = require("crypto");
+
+function @fn@() {
+  return crypto.generateKeyPairSync("rsa", { modulusLength: 1024 });
+}
+''', '''const crypto = require("crypto");
+
+function @fn@() {
+  return crypto.generateKeyPairSync("rsa", { modulusLength: 3072 });
+}
+'''),
 ]
 
 _NAMES = ["fetch_report", "load_user", "sync_items", "handle", "process_order", "archive", "lookup", "render_page"]
