@@ -1460,6 +1460,121 @@ function @fn@() {
   return crypto.generateKeyPairSync("rsa", { modulusLength: 3072 });
 }
 '''),
+    # server-side request forgery, XPath and LDAP injection
+    _case("python", "CWE-918", "python-ssrf", '''import requests
+from flask import Flask, request
+
+app = Flask(__name__)
+
+@app.route("/preview")
+def @fn@():
+    url = request.args.get("url")
+    return requests.get(url, timeout=5).text
+''', '''import requests
+from flask import Flask, request
+
+app = Flask(__name__)
+
+@app.route("/preview")
+def @fn@():
+    query = request.args.get("q")
+    return requests.get("https://search.example.com/api", params={"q": query}, timeout=5).text
+'''),
+    _case("javascript", "CWE-918", "js-ssrf", '''const express = require("express");
+const app = express();
+
+app.get("/preview", async (req, res) => {
+  const response = await fetch(req.query.@var@);
+  res.send(await response.text());
+});
+''', '''const express = require("express");
+const app = express();
+
+app.get("/preview", async (req, res) => {
+  const response = await fetch("https://search.example.com/api?q=" + encodeURIComponent(req.query.@var@));
+  res.send(await response.text());
+});
+'''),
+    _case("java", "CWE-918", "java-ssrf", '''import java.io.InputStream;
+import java.net.URL;
+import javax.servlet.http.*;
+
+public class @cls@ extends HttpServlet {
+    protected void doGet(HttpServletRequest request, HttpServletResponse response) throws java.io.IOException {
+        try (InputStream in = new URL(request.getParameter("feed")).openStream()) {
+            in.transferTo(response.getOutputStream());
+        }
+    }
+}
+''', '''import java.io.InputStream;
+import java.net.URL;
+import java.util.Map;
+import javax.servlet.http.*;
+
+public class @cls@ extends HttpServlet {
+    private static final Map<String, String> FEEDS = Map.of("news", "https://feeds.example.com/news.xml");
+
+    protected void doGet(HttpServletRequest request, HttpServletResponse response) throws java.io.IOException {
+        try (InputStream in = new URL(FEEDS.getOrDefault(request.getParameter("feed"), "https://feeds.example.com/all.xml")).openStream()) {
+            in.transferTo(response.getOutputStream());
+        }
+    }
+}
+'''),
+    _case("java", "CWE-643", "java-xpath-injection", '''import javax.servlet.http.*;
+import javax.xml.xpath.*;
+import org.w3c.dom.Document;
+
+public class @cls@ extends HttpServlet {
+    private Document users;
+
+    protected void doGet(HttpServletRequest request, HttpServletResponse response) throws Exception {
+        String @var@ = request.getParameter("name");
+        XPath xpath = XPathFactory.newInstance().newXPath();
+        response.setStatus(xpath.evaluate("//user[name='" + @var@ + "']", users).isEmpty() ? 404 : 200);
+    }
+}
+''', '''import javax.servlet.http.*;
+import javax.xml.namespace.QName;
+import javax.xml.xpath.*;
+import org.w3c.dom.Document;
+
+public class @cls@ extends HttpServlet {
+    private Document users;
+
+    protected void doGet(HttpServletRequest request, HttpServletResponse response) throws Exception {
+        String @var@ = request.getParameter("name");
+        XPath xpath = XPathFactory.newInstance().newXPath();
+        xpath.setXPathVariableResolver((QName q) -> @var@);
+        response.setStatus(xpath.evaluate("//user[name=$name]", users).isEmpty() ? 404 : 200);
+    }
+}
+'''),
+    _case("java", "CWE-90", "java-ldap-injection", '''import javax.naming.directory.*;
+import javax.servlet.http.*;
+
+public class @cls@ extends HttpServlet {
+    private DirContext ctx;
+
+    protected void doGet(HttpServletRequest request, HttpServletResponse response) throws Exception {
+        String @var@ = request.getParameter("uid");
+        SearchControls controls = new SearchControls();
+        response.setStatus(ctx.search("ou=people,dc=example,dc=com", "(uid=" + @var@ + ")", controls).hasMore() ? 200 : 404);
+    }
+}
+''', '''import javax.naming.directory.*;
+import javax.servlet.http.*;
+
+public class @cls@ extends HttpServlet {
+    private DirContext ctx;
+
+    protected void doGet(HttpServletRequest request, HttpServletResponse response) throws Exception {
+        String @var@ = request.getParameter("uid");
+        SearchControls controls = new SearchControls();
+        response.setStatus(ctx.search("ou=people,dc=example,dc=com", "(uid={0})", new Object[] {@var@}, controls).hasMore() ? 200 : 404);
+    }
+}
+'''),
 ]
 
 _NAMES = ["fetch_report", "load_user", "sync_items", "handle", "process_order", "archive", "lookup", "render_page"]
