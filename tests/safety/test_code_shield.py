@@ -96,6 +96,17 @@ def test_clean_code_and_regex_rules_never_start_semgrep():
         shield.scan("import os\nos.system(cmd)\n")  # this one needs semgrep
 
 
+def test_a_rule_semgrep_cannot_read_is_an_error():
+    from dataclasses import replace
+
+    shield = CodeShield()
+    rule = shield.semgrep_rules["python"][0]
+    broken = replace(rule, semgrep={**rule.semgrep, "patterns": [{"pattern-not": "os.system($X)"}]})
+    shield.semgrep_rules = {"python": (broken,)}
+    with pytest.raises(CodeShieldError, match=rule.id):
+        shield.scan("import os\nos.system(cmd)\n", "python")
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="unsupported language"):
         CodeShield().scan("x = 1", "cobol")
