@@ -1575,6 +1575,51 @@ public class @cls@ extends HttpServlet {
     }
 }
 '''),
+    # passwords kept as fast hashes
+    _case("python", "CWE-916", "python-fast-password-hash", '''import hashlib
+import os
+
+def @fn@(password):
+    salt = os.urandom(16)
+    return salt, hashlib.sha256(salt + password.encode()).hexdigest()
+''', '''import hashlib
+import os
+
+def @fn@(password):
+    salt = os.urandom(16)
+    return salt, hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1).hex()
+'''),
+    _case("javascript", "CWE-916", "js-fast-password-hash", '''const crypto = require("crypto");
+
+function @fn@(user, password) {
+  user.passwordHash = crypto.createHash("sha512").update(password).digest("hex");
+}
+''', '''const crypto = require("crypto");
+
+function @fn@(user, password) {
+  const salt = crypto.randomBytes(16);
+  user.passwordHash = salt.toString("hex") + ":" + crypto.scryptSync(password, salt, 64).toString("hex");
+}
+'''),
+    _case("java", "CWE-916", "java-fast-password-hash", '''import java.nio.charset.StandardCharsets;
+import java.security.MessageDigest;
+
+public class @cls@ {
+    public byte[] @fn@(String password) throws Exception {
+        MessageDigest digest = MessageDigest.getInstance("SHA-256");
+        return digest.digest(password.getBytes(StandardCharsets.UTF_8));
+    }
+}
+''', '''import javax.crypto.SecretKeyFactory;
+import javax.crypto.spec.PBEKeySpec;
+
+public class @cls@ {
+    public byte[] @fn@(String password, byte[] salt) throws Exception {
+        PBEKeySpec spec = new PBEKeySpec(password.toCharArray(), salt, 600000, 256);
+        return SecretKeyFactory.getInstance("PBKDF2WithHmacSHA256").generateSecret(spec).getEncoded();
+    }
+}
+'''),
 ]
 
 _NAMES = ["fetch_report", "load_user", "sync_items", "handle", "process_order", "archive", "lookup", "render_page"]
