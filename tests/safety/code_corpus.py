@@ -1404,28 +1404,18 @@ def @fn@():
     return rsa.generate_private_key(public_exponent=65537, key_size=3072)
 '''),
     _case("c", "CWE-326", "c-weak-key-size", '''#include <openssl/evp.h>
-#include <openssl/rsa.h>
 
-EVP_PKEY *@fn@(void) {
-    EVP_PKEY *key = NULL;
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_RSA, NULL);
-    EVP_PKEY_keygen_init(ctx);
-    EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, 1024);
-    EVP_PKEY_keygen(ctx, &key);
-    EVP_PKEY_CTX_free(ctx);
-    return key;
+int @fn@(EVP_PKEY_CTX *ctx, EVP_PKEY **key) {
+    if (EVP_PKEY_keygen_init(ctx) <= 0 || EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, 1024) <= 0)
+        return 0;
+    return EVP_PKEY_keygen(ctx, key) > 0;
 }
 ''', '''#include <openssl/evp.h>
-#include <openssl/rsa.h>
 
-EVP_PKEY *@fn@(void) {
-    EVP_PKEY *key = NULL;
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_id(EVP_PKEY_RSA, NULL);
-    EVP_PKEY_keygen_init(ctx);
-    EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, 3072);
-    EVP_PKEY_keygen(ctx, &key);
-    EVP_PKEY_CTX_free(ctx);
-    return key;
+int @fn@(EVP_PKEY_CTX *ctx, EVP_PKEY **key) {
+    if (EVP_PKEY_keygen_init(ctx) <= 0 || EVP_PKEY_CTX_set_rsa_keygen_bits(ctx, 3072) <= 0)
+        return 0;
+    return EVP_PKEY_keygen(ctx, key) > 0;
 }
 '''),
     _case("java", "CWE-326", "java-weak-key-size", '''import java.security.KeyPair;
