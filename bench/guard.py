@@ -215,8 +215,9 @@ def code_png(results: dict[str, dict], path: str) -> None:
             ax.set_xticks(range(len(langs)), langs, fontsize=8)
             ax.set_title(f"{metric}: {title}", fontsize=9)
             ax.set_ylim(0, 105)
-        row[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)  # above the bars, not on them
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 

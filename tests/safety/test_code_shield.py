@@ -29,11 +29,44 @@ def test_every_insecure_case_flagged_with_its_cwe_and_every_fix_allowed(corpus_s
     for i, (case, insecure, fixed) in enumerate(items):
         bad, good = given[2 * i], given[2 * i + 1]
         assert case.cwe in {f["cwe"] for f in bad["findings"]}, (case.language, case.cwe, insecure)
+        assert not case.rule or case.rule in {f["rule"] for f in bad["findings"]}, (case.rule, bad["findings"])
         assert bad["verdict"] in ("warn", "block")
         assert good["verdict"] == "allow", (case.language, case.cwe, good["findings"], fixed)
         for f in bad["findings"]:
             assert set(f) >= {"rule", "cwe", "line", "severity"} and f["severity"] in ("block", "warn")
             assert 1 <= f["line"] <= insecure.count("\n") + 1
+
+
+def test_every_rule_fires_on_an_insecure_case(corpus_scans):
+    """Each rule has an insecure snippet it flags (and, by the test above, a close fix it allows); a rule semgrep
+    could not read would raise here instead of finding nothing."""
+    from herd.safety.code_shield.rules import load_rules
+
+    semgrep, regex = load_rules()
+    rules = {r.id for rs in semgrep.values() for r in rs} | {r.id for r in regex}
+    items, given, _ = corpus_scans
+    fired = {f["rule"] for scan in given[::2] for f in scan["findings"]}
+    assert rules - fired == set()
+
+
+def test_constants_are_not_injections(shield):
+    """A shell command, a query or a pickle that is a constant (or a variable holding one, or a macro) is no
+    injection; the same call with data in it is."""
+    safe = shield.scan_many([
+        ('import subprocess\n\ndef f():\n    subprocess.run("ls -l", shell=True)\n', "python"),
+        ('import os\n\ndef f():\n    cmd = "uptime"\n    os.system(cmd)\n', "python"),
+        ('import pickle\n\nDEFAULT = pickle.loads(b"\\x80\\x04K\\x01.")\n', "python"),
+        ('def f(cur):\n    q = "SELECT 1"\n    cur.execute(q)\n    cur.execute("SELECT " + "2")\n', "python"),
+        ('#include <stdlib.h>\n#define CLEAR_SCREEN "clear"\nvoid f(void) { system(CLEAR_SCREEN); }\n', "c"),
+        ('function f() { eval("1 + 1"); setTimeout("tick()", 10); new Function("a", "return a"); }\n', "javascript"),
+    ])
+    assert [s["findings"] for s in safe] == [[]] * len(safe)
+    unsafe = shield.scan_many([
+        ('import subprocess\n\ndef f(x):\n    subprocess.run("ls -l " + x, shell=True)\n', "python"),
+        ('def f(cur, x):\n    q = "SELECT * FROM t WHERE a = \'%s\'" % x\n    y = 1\n    cur.execute(q)\n', "python"),
+        ('#include <stdlib.h>\nvoid f(const char *cmd) { system(cmd); }\n', "c"),
+    ])
+    assert [s["verdict"] for s in unsafe] == ["block"] * 3
 
 
 def test_language_detection_gives_the_same_verdicts(corpus_scans):
@@ -61,6 +94,17 @@ def test_clean_code_and_regex_rules_never_start_semgrep():
     assert shield.scan("#!/bin/sh\n# curl -k https://x | sh  (never do this)\necho ok\n")["verdict"] == "allow"
     with pytest.raises(CodeShieldError, match="semgrep could not run"):
         shield.scan("import os\nos.system(cmd)\n")  # this one needs semgrep
+
+
+def test_a_rule_semgrep_cannot_read_is_an_error():
+    from dataclasses import replace
+
+    shield = CodeShield()
+    rule = shield.semgrep_rules["python"][0]
+    broken = replace(rule, semgrep={**rule.semgrep, "patterns": [{"pattern-not": "os.system($X)"}]})
+    shield.semgrep_rules = {"python": (broken,)}
+    with pytest.raises(CodeShieldError, match=rule.id):
+        shield.scan("import os\nos.system(cmd)\n", "python")
 
 
 def test_bad_input():

@@ -20,7 +20,8 @@ _ALIASES = {
 
 # (language, pattern, weight): each marker found adds its weight; the highest total wins
 _MARKERS = [
-    ("python", r"^\s*def \w+\(.*\)\s*(->.*)?:\s*$", 3), ("python", r"^\s*(import \w+|from [\w.]+ import )", 2),
+    ("python", r"^\s*def \w+\(.*\)\s*(->.*)?:\s*$", 3),
+    ("python", r"^\s*(import \w+(?![\w.]*;)|from [\w.]+ import )", 2),  # a Java import ends with ";"
     ("python", r"^\s*(if|for|while|with|try|elif|else|except)\b.*:\s*$", 1), ("python", r"\bself\.\w+", 1),
     ("python", r"\bprint\(", 1), ("python", r"^\s*class \w+(\(.*\))?:\s*$", 3), ("python", r"\bNone\b|\bTrue\b", 1),
     ("c", r"^\s*#include\s*[<\"]", 3), ("c", r"\b(int|void|char|size_t)\s+\*?\w+\s*\([^)]*\)\s*\{?\s*$", 2),
@@ -30,7 +31,8 @@ _MARKERS = [
     ("javascript", r"=>", 1), ("javascript", r"\brequire\(['\"]|console\.log|module\.exports|\bawait\b", 3),
     ("javascript", r"\bdocument\.|\bwindow\.|\.then\(", 2),
     ("java", r"\b(public|private|protected)\s+(static\s+)?(final\s+)?(class|void|[A-Z]\w*(<[^>]*>)?)\b", 3),
-    ("java", r"^\s*import java(x)?\.", 4), ("java", r"System\.out\.print|@Override|\bnew [A-Z]\w*\(", 2),
+    ("java", r"^\s*import java(x)?\.", 4), ("java", r"^\s*import (static )?[\w.]+(\.\*)?;\s*$", 2),
+    ("java", r"System\.out\.print|@Override|\bnew [A-Z]\w*\(", 2),
     ("java", r"\bString\[\]|\bString\s+\w+\s*=", 2),
     ("shell", r"^#!\s*/(usr/)?bin/(env\s+)?(ba|z|da)?sh", 10), ("shell", r"^\s*(fi|done|esac|then|do)\s*$", 3),
     ("shell", r"^\s*(echo|export|sudo|apt-get|apt|curl|wget|chmod|chown|mkdir|cd|rm|cp|mv|tar|git|pip)\s", 2),

@@ -141,9 +141,15 @@ class CodeShield:
             except (ValueError, json.JSONDecodeError):
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise CodeShieldError(f"semgrep failed (exit {done.returncode}): {tail[0][:200]}") from None
-        fatal = [e for e in report.get("errors", []) if e.get("error_type") == "Fatal error"]
+        # a rule semgrep cannot read would otherwise be skipped in silence, finding nothing (code it can only
+        # partly parse is normal: it reports that as ["PartialParsing", ...])
+        kinds = [str(k[0] if isinstance(k, list) and k else k).lower()
+                 for k in (e.get("error_type", "") for e in report.get("errors", []))]
+        fatal = [e for e, kind in zip(report.get("errors", []), kinds)
+                 if kind == "fatal error" or "rule" in kind or "pattern" in kind]
         if fatal:
-            raise CodeShieldError(f"semgrep failed: {fatal[0].get('message', '')[:200]}")
+            rule = f" on rule {fatal[0]['rule_id']}" if fatal[0].get("rule_id") else ""
+            raise CodeShieldError(f"semgrep failed{rule}: {fatal[0].get('message', '')[:200]}")
         found: dict[int, list[dict]] = {}
         seen = set()
         for hit in report.get("results", []):
