@@ -28,6 +28,10 @@ MAX_INTEGER_TOKENS = 8
 # (a busy server) computes them 2-3x faster in integers than through the expanded weights. Unmarked forwards keep
 # the small cap, so a direct forward of a dozen tokens stays exact.
 MAX_GENERATED_TOKENS = 64
+# Exact products (float activations) of up to this many rows run the kernel's float loop over the stored codes;
+# more rows amortise expanding the weights once for a BLAS GEMM. The tied output layer of a decode step of many
+# sequences took 20-30 ms a step expanding its 49K-row table.
+MAX_FLOAT_LOOP_TOKENS = 32
 
 
 @dataclass
@@ -124,7 +128,7 @@ def _matmul(flat: torch.Tensor, w: BlockWeight, integer: bool) -> torch.Tensor:
     kernel's float path for a few rows and a float GEMM over the expanded weights for more."""
     kernel = ops() if flat.device.type == "cpu" else None
     args = (w.codes, w.scales, w.mins, w.bits, w.group)
-    if kernel and (integer or flat.shape[0] <= MAX_INTEGER_TOKENS):
+    if kernel and (integer or flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS):
         return kernel.matmul_rows(flat, *args, integer)
     if integer:
         return integer_matmul(flat, w)

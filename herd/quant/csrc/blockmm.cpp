@@ -72,16 +72,20 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-// Dot products of one weight row with T tokens' quantized activations; T is small (up to 4) so that every weight
+// Dot products of one weight row with T tokens' quantized activations; T is small (up to 8) so that every weight
 // block, once unpacked, is used T times. Groups are walked in order (no division per block: it cost as much as the
 // dot product), and with one token two accumulators alternate so that consecutive blocks' multiply-adds overlap.
 template <int BITS, int T>
 void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
              const int8_t* const* yq, const float* const* yd, const float* const* ys, float* out) {
   const int64_t nb = K / QK, per_group = group / QK;
-  __m256 acc[2][T];
+  constexpr int A = T == 1 ? 2 : 1;  // more tokens are independent chains already (and need the registers)
+  __m256 acc[A][T];
   float min_acc[T];
-  for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps(), min_acc[t] = 0.f;
+  for (int t = 0; t < T; ++t) {
+    for (int a = 0; a < A; ++a) acc[a][t] = _mm256_setzero_ps();
+    min_acc[t] = 0.f;
+  }
   auto block = [&](int64_t b, float sw, float mw, __m256* into) {
     __m256i w;
     if constexpr (BITS == 4) {
@@ -102,10 +106,10 @@ void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t 
   for (int64_t g = 0; b < nb; ++g) {
     const float sw = scales[g], mw = BITS == 4 ? mins[g] : 0.f;
     const int64_t end = b + per_group;
-    for (; b + 1 < end; b += 2) block(b, sw, mw, acc[0]), block(b + 1, sw, mw, acc[1]);
-    if (b < end) block(b, sw, mw, acc[g & 1]), ++b;
+    for (; b + 1 < end; b += 2) block(b, sw, mw, acc[0]), block(b + 1, sw, mw, acc[A - 1]);
+    if (b < end) block(b, sw, mw, acc[g % A]), ++b;
   }
-  for (int t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + min_acc[t];
+  for (int t = 0; t < T; ++t) out[t] = hsum(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]) + min_acc[t];
 }
 
 // The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
@@ -146,27 +150,28 @@ void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, in
   for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + min_acc[t];
 }
 
-// Rows [r0, r1) of the weight, expanded to float32 into `w` [r1 - r0, K].
+// Rows [r0, r1) of the weight, expanded to float32 into `w` [r1 - r0, K], eight values per instruction: a prompt's
+// matmul expands every weight it uses, so this loop bounds how fast a prompt is read.
 void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, int64_t bits, int64_t K,
                      int64_t group, int64_t r0, int64_t r1, float* w) {
-  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
+  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K, per_group = group / QK;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* q = qs + r * row_bytes;
     float* o = w + (r - r0) * K;
     for (int64_t c = 0; c < K / QK; ++c) {
-      const int64_t g = r * ng + c * QK / group;
-      const float s = scales[g];
-      float* oc = o + c * QK;
+      const int64_t g = r * ng + c / per_group;
+      const __m256 s = _mm256_set1_ps(scales[g]);
+      const __m256 m = _mm256_set1_ps(bits == 4 ? mins[g] : 0.f);
+      alignas(32) uint8_t codes[QK];
       if (bits == 4) {
-        const float m = mins[g];
-        const uint8_t* qc = q + c * (QK / 2);
-        for (int j = 0; j < QK / 2; ++j) {
-          oc[j] = static_cast<float>(qc[j] & 0x0F) * s + m;
-          oc[j + QK / 2] = static_cast<float>(qc[j] >> 4) * s + m;
-        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes), unpack_nibbles(q + c * (QK / 2)));
       } else {
-        const int8_t* qc = reinterpret_cast<const int8_t*>(q) + c * QK;
-        for (int j = 0; j < QK; ++j) oc[j] = static_cast<float>(qc[j]) * s;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * QK)));
+      }
+      for (int j = 0; j < 4; ++j) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j));
+        const __m256i wide = bits == 4 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes);
+        _mm256_storeu_ps(o + c * QK + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), s, m));
       }
     }
   }
@@ -207,15 +212,15 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t r1 = std::min(N, r0 + chunk);
-    for (int64_t t0 = 0; t0 < M; t0 += 4) {
-      const int T = static_cast<int>(std::min<int64_t>(4, M - t0));
-      const int8_t* pq[4];
-      const float *pd[4], *ps[4], *px[4];
+    for (int64_t t0 = 0; t0 < M; t0 += 8) {
+      const int T = static_cast<int>(std::min<int64_t>(8, M - t0));
+      const int8_t* pq[8];
+      const float *pd[8], *ps[8], *px[8];
       for (int t = 0; t < T; ++t) {
         pq[t] = integer ? yq.data() + (t0 + t) * K : nullptr;
         pd[t] = yd.data() + (t0 + t) * nb, ps[t] = ys.data() + (t0 + t) * nb, px[t] = xf + (t0 + t) * K;
       }
-      float res[4];
+      float res[8];
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* qr = q + r * row_bytes;
         const float* sr = sc + r * ng;
@@ -223,7 +228,11 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
 #define HERD_ROW(B, TT) \
   (integer ? row_dot<B, TT>(qr, sr, mr, K, group, pq, pd, ps, res) : row_dot_float<B, TT>(qr, sr, mr, K, group, px, ps, res))
 #define HERD_TOKENS(B) \
-  switch (T) { case 1: HERD_ROW(B, 1); break; case 2: HERD_ROW(B, 2); break; case 3: HERD_ROW(B, 3); break; default: HERD_ROW(B, 4); }
+  switch (T) {                                                                                                    \
+    case 1: HERD_ROW(B, 1); break; case 2: HERD_ROW(B, 2); break; case 3: HERD_ROW(B, 3); break;                  \
+    case 4: HERD_ROW(B, 4); break; case 5: HERD_ROW(B, 5); break; case 6: HERD_ROW(B, 6); break;                  \
+    case 7: HERD_ROW(B, 7); break; default: HERD_ROW(B, 8);                                                       \
+  }
         if (bits == 4) {
           HERD_TOKENS(4)
         } else {
