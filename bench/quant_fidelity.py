@@ -19,7 +19,7 @@ TEXT = Path(__file__).parent.parent / "tests" / "quant" / "data" / "GPL-3.txt"
 RUNS = [("default (GGUF Q4_1 blocks), decode path", "auto", 8), ("default, prompt path", "auto", None),
         ("int8", "int8", 8), ("int8-wo", "int8-wo", 8), ("fp8", "fp8", None),
         ("fp8, Meta's 405B recipe (FFN of layers 1..n-2)", "fp8-meta", None), ("int4-g32", "int4-g32", 8),
-        ("int4-g128", "int4-g128", 8), ("int4-g128-gptq", "int4-g128-gptq", 8)]
+        ("int4-g64", "int4-g64", 8), ("int4-g64-gptq", "int4-g64-gptq", 8)]
 
 
 def scheme(name: str, n_layers: int) -> str | Scheme:
