@@ -6,7 +6,7 @@
                       carry half the error, measured in README)
     int8-wo           int8 weights per output channel, float32 activations (weight-only)
     int4[-gN][-gptq]  4-bit weights with a scale and min per group of N = 32 (default), 64 or 128; round to nearest,
-                      or GPTQ (errors minimised against calibration text)
+                      or GPTQ (errors minimised against calibration text); the output layer int8 per block of 32
     fp8               e4m3 weights with one scale per row, activations e4m3 with one scale per token
     auto              gguf for a GGUF stored quantized when herd's kernel is built; else the checkpoint's precision
 """
@@ -108,6 +108,13 @@ def apply_scheme(model: nn.Module, scheme: Scheme, hessians: dict[str, torch.Ten
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in scheme.keep):
             continue
         linear = model.get_submodule(name)
+        if scheme.kind == "int4" and name == "output":
+            # Its logits are what sampling sees: kept at 8 bits, as llama.cpp keeps it at 6-8. On the default model
+            # this takes int4-g32's KL from the float model from 0.049 to 0.006 nats/token (128 tokens of GPL-3).
+            k = linear.weight.shape[1]
+            stored = quantize_int8(linear.weight.detach(), 32 if k % 32 == 0 else None)
+            set_module(model, name, BlockLinear(stored, integer=False, scheme="int8"))
+            continue
         stored = quantize_weight(scheme, linear.weight.detach(), (hessians or {}).get(name))
         set_module(model, name, quantized_module(scheme, stored, name))
     return model

@@ -37,6 +37,7 @@ def test_default_int8_and_fp8_stay_within_kl_bound(reference, scheme, step):
 @pytest.mark.heavy
 def test_int4_perplexity_within_five_percent(reference):
     ids, ref = reference
-    fidelity = compare(ref, logits(herd.load(quantize="int4-g32").model, ids), ids)
+    # Decoding's path: on this model int4-g32 re-grids the Q4_1 blocks exactly, so the prompt path equals float.
+    fidelity = compare(ref, logits(herd.load(quantize="int4-g32").model, ids, step=8), ids)
     assert fidelity.ppl <= 1.05 * fidelity.ppl_reference, fidelity
     assert torch.isfinite(torch.tensor(fidelity.kl_mean)) and fidelity.kl_mean > 0

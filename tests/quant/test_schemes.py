@@ -35,6 +35,21 @@ def test_scheme_stays_close_to_float(name, bound):
     assert isinstance(model.layers[1].feed_forward.w2, swapped) and isinstance(model.output, swapped)
 
 
+def test_int4_keeps_the_output_layer_at_8_bits():
+    from herd.quant.fidelity import logits
+
+    tokens = torch.randint(0, 512, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        float_model = tiny()
+        reference = float_model(torch.tensor([tokens]))[0]
+        model = apply_scheme(tiny(), Scheme.parse("int4-g32"))
+        assert model.output.bits == 8 and not model.output.integer and model.layers[0].attention.wq.bits == 4
+        eight_bit = compare(reference, logits(model, tokens, step=1), tokens).kl_mean
+        model.output = BlockLinear(quantize_int4(float_model.output.weight, 32))
+        four_bit = compare(reference, logits(model, tokens, step=1), tokens).kl_mean
+    assert eight_bit < 0.5 * four_bit, (eight_bit, four_bit)
+
+
 def test_kept_layers_stay_float():
     model = apply_scheme(tiny(), Scheme.parse("fp8", keep=("output", "layers.0.*")))
     assert type(model.output) is torch.nn.Linear and type(model.layers[0].attention.wq) is torch.nn.Linear
