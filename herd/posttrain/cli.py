@@ -33,6 +33,7 @@ def sample_cmd(
     verifier: Optional[str] = typer.Option(None, help="answer, python_tests, or module:function"),
     reward_model: Optional[Path] = typer.Option(None, help="a `herd finetune` reward model (run.dir/model)"),
     pairs: Optional[Path] = typer.Option(None, help="also write preference rows (best vs worst reply)"),
+    pairs_per_prompt: int = typer.Option(1, help="preference rows per prompt: best vs worst, then the next ones"),
     min_score: Optional[float] = typer.Option(None, help="keep a prompt's best reply only from this score up"),
     temperature: float = typer.Option(0.8),
     top_p: float = typer.Option(0.95),
@@ -48,8 +49,8 @@ def sample_cmd(
 
     if (verifier is None) == (reward_model is None):
         raise typer.BadParameter("give exactly one scorer: --verifier or --reward-model")
-    if k < 1:
-        raise typer.BadParameter("--k must be at least 1")
+    if k < 1 or pairs_per_prompt < 1:
+        raise typer.BadParameter("--k and --pairs-per-prompt must be at least 1")
     from herd.posttrain.verify import NEEDS, load_verifier
 
     rows = rejection.read_prompts(prompts, NEEDS.get(verifier))
@@ -66,4 +67,4 @@ def sample_cmd(
     kept = rejection.write_jsonl(rejection.best_rows(samples, min_score), out)
     _status(f"kept {kept} of {len(rows)} prompts in {out}")
     if pairs is not None:
-        _status(f"wrote {rejection.write_jsonl(rejection.preference_rows(samples), pairs)} preference rows to {pairs}")
+        _status(f"wrote {rejection.write_jsonl(rejection.preference_rows(samples, pairs_per_prompt), pairs)} preference rows to {pairs}")

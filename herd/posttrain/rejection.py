@@ -131,13 +131,20 @@ def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> lis
     return kept
 
 
-def preference_rows(samples: Iterable[Sampled]) -> list[dict]:
-    """One preference row per prompt whose best and worst replies differ in score and in text."""
+def preference_rows(samples: Iterable[Sampled], per_prompt: int = 1) -> list[dict]:
+    """Up to `per_prompt` preference rows per prompt from its distinct replies: the best against the worst, the
+    second best against the second worst, and so on while the chosen reply scores higher (first of equals first)."""
     rows = []
     for s in samples:
-        best = max(range(len(s.replies)), key=lambda i: s.scores[i])
-        worst = min(range(len(s.replies)), key=lambda i: s.scores[i])
-        if s.scores[best] > s.scores[worst] and s.replies[best] != s.replies[worst]:
+        first = {}
+        for i, reply in enumerate(s.replies):
+            first.setdefault(reply, i)
+        distinct = list(first.values())
+        top = sorted(distinct, key=lambda i: (-s.scores[i], i))
+        bottom = sorted(distinct, key=lambda i: (s.scores[i], i))
+        for best, worst in list(zip(top, bottom))[:min(per_prompt, len(distinct) // 2)]:
+            if s.scores[best] <= s.scores[worst]:
+                break
             rows.append({"prompt": s.row["messages"], "chosen": {"role": "assistant", "content": s.replies[best]},
                          "rejected": {"role": "assistant", "content": s.replies[worst]},
                          "scores": [s.scores[best], s.scores[worst]]})

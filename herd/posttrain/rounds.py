@@ -21,9 +21,10 @@ from herd.posttrain.finetune import finetune, load_finetune_config
 def run_rounds(model: str, prompts: Sequence[dict], scorer: rejection.Scorer, out_dir: str | Path, *,
                rounds: int = 1, sample: rejection.SampleConfig | None = None, sft_overrides: Sequence[str] = (),
                dpo_overrides: Sequence[str] = (), sample_quantize: str | None = "int8", pairs_from: str = "sft",
-               on_stage: Callable[[str, str], None] | None = None) -> str:
+               pairs_per_prompt: int = 1, on_stage: Callable[[str, str], None] | None = None) -> str:
     """Run `rounds` rounds from `model`; returns the final model's path. Overrides are `--section.field=VALUE`;
-    pairs_from: "sft" (DPO pairs sampled from the SFT model) or "before" (from the round's first samples)."""
+    pairs_from: "sft" (DPO pairs sampled from the SFT model) or "before" (from the round's first samples);
+    pairs_per_prompt: preference pairs drawn from each prompt's samples (best vs worst, then the next ones)."""
     if pairs_from not in ("sft", "before"):
         raise ValueError(f"pairs_from must be 'sft' or 'before', not {pairs_from!r}")
     sample = sample or rejection.SampleConfig()
@@ -41,7 +42,7 @@ def run_rounds(model: str, prompts: Sequence[dict], scorer: rejection.Scorer, ou
             on_stage(f"round {r}: SFT", current)
         if pairs_from == "sft":
             samples = _sample(current, prompts, scorer, sample, sample_quantize, here / "dpo-samples.jsonl")
-        pairs = rejection.preference_rows(samples)
+        pairs = rejection.preference_rows(samples, pairs_per_prompt)
         rejection.write_jsonl(pairs, here / "pairs.jsonl")
         if pairs:
             current = _stage("dpo", current, here / "pairs.jsonl", here / "dpo", dpo_overrides)

@@ -97,3 +97,16 @@ def test_a_round_tunes_on_its_best_samples_then_dpo_on_pairs_from_the_chosen_pol
         assert len(pair["rejected"]["content"].encode()) == by_score[0][0]
     with pytest.raises(ValueError, match="pairs_from"):
         run_rounds(str(base), rows, rejection.verifier_scorer(len), tmp_path, pairs_from="other")
+
+
+def test_several_pairs_per_prompt_rank_distinct_replies_and_never_pair_equals():
+    row = {"messages": [{"role": "user", "content": "q"}]}
+    s = rejection.Sampled(row, ["a", "b", "a", "c", "d", "e", "f"])
+    s.scores = [1.0, 1.0, 1.0, 0.0, 0.5, 0.0, 1.0]
+    pairs = [(p["chosen"]["content"], p["rejected"]["content"]) for p in rejection.preference_rows([s], 3)]
+    # distinct replies a b c d e f; best first (a, b, f), worst first (c, e, d)
+    assert pairs == [("a", "c"), ("b", "e"), ("f", "d")]
+    assert rejection.preference_rows([s]) == rejection.preference_rows([s], 1) and len(rejection.preference_rows([s], 1)) == 1
+    tied = rejection.Sampled(row, ["x", "y", "z"])
+    tied.scores = [1.0, 1.0, 0.0]
+    assert [(p["chosen"]["content"], p["rejected"]["content"]) for p in rejection.preference_rows([tied], 5)] == [("x", "z")]
