@@ -165,6 +165,7 @@ class Transformer(nn.Module):
         cache: KVCache | PagedAttention | None = None,
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """Float logits [batch, seq, vocab] (seq = 1 with `last_only`, len(logits_at) with `logits_at`).
 
@@ -174,6 +175,8 @@ class Transformer(nn.Module):
         cache: a KVCache to read earlier tokens from and append these to, or a PagedAttention (then `positions`
             are required: the tokens of several sequences are laid end to end in one row).
         logits_at: the positions (indices into seq) whose logits are wanted; the others skip the output layer.
+        hidden: the final normalised hidden states [batch, seq, dim] instead of logits, for a loss that applies
+            the output layer itself (herd.train.fused_loss).
         """
         b, s = tokens.shape
         paged = cache is not None and not isinstance(cache, KVCache)
@@ -195,7 +198,8 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         elif logits_at is not None:
             h = h[:, logits_at]
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        return h if hidden else self.output(h).float()
 
     @staticmethod
     def _default_positions(b, s, document_ids, cache, device) -> torch.Tensor:

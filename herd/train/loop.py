@@ -37,7 +37,9 @@ from torch import nn
 
 from herd.train import fault
 from herd.train.checkpoint import Checkpointer
+from herd.model.llama import Transformer
 from herd.train.data import IGNORE
+from herd.train.fused_loss import linear_cross_entropy
 from herd.train.metrics import MetricsLog
 from herd.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from herd.train.parallel import DistEnv
@@ -45,10 +47,21 @@ from herd.train.parallel import DistEnv
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the labelled tokens, attention confined to each document."""
-    logits = model(batch["tokens"], document_ids=batch.get("document_ids"))
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    if _plain_output(model):
+        h = model(batch["tokens"], document_ids=batch.get("document_ids"), hidden=True)
+        loss = linear_cross_entropy(h.flatten(0, 1), model.output.weight, labels.flatten(), IGNORE)
+    else:
+        logits = model(batch["tokens"], document_ids=batch.get("document_ids"))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, (labels != IGNORE).sum()
+
+
+def _plain_output(model: nn.Module) -> bool:
+    """A Transformer that no parallelism wraps (FSDP subclasses it, TP makes its weights DTensors) and whose output
+    layer is a plain linear: the loss can then apply that layer itself, chunk by chunk."""
+    return (type(model) is Transformer and type(model.output) is nn.Linear
+            and type(model.output.weight) in (nn.Parameter, torch.Tensor))
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
