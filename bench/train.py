@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6, help="timed steps each (after one warm-up)")
+    parser.add_argument("--compile", action="store_true", help="herd's blocks compiled, as training.compile does")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -86,6 +87,9 @@ def main() -> None:
     herd_model = Transformer(config)
     init_weights(herd_model, 0.02, 0)
     hf = hf_model(herd_model)
+    if args.compile:
+        for block in herd_model.layers:
+            block.compile()
     train_cfg = TrainingSection(lr=1e-3, weight_decay=0.1)
     herd_opt = build_optimizer(herd_model, train_cfg)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
