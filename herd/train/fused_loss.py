@@ -27,10 +27,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             keep = y != ignore_index
             target = torch.where(keep, y, 0)
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target[:, None])[:, 0]) * keep).sum()
+            picked = logits.gather(1, target[:, None])[:, 0]
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: one pass of exp serves the loss and the gradient
+            norm = probs.sum(dim=-1)
+            total += ((peak[:, 0] + norm.log() - picked) * keep).sum()
             if need_hidden or need_weight:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = probs.div_(norm[:, None])  # softmax
                 grad[torch.arange(len(y), device=grad.device), target] -= 1
                 grad = grad.mul_(keep[:, None]).to(weight.dtype)
                 if need_hidden:
