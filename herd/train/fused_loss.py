@@ -33,9 +33,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             norm = probs.sum(dim=-1)
             total += ((peak[:, 0] + norm.log() - picked) * keep).sum()
             if need_hidden or need_weight:
-                grad = probs.div_(norm[:, None])  # softmax
-                grad[torch.arange(len(y), device=grad.device), target] -= 1
-                grad = grad.mul_(keep[:, None]).to(weight.dtype)
+                # softmax minus one-hot on the labelled rows, zero on the others: one more pass over the chunk
+                grad = probs.mul_((keep / norm)[:, None])
+                grad[torch.arange(len(y), device=grad.device), target] -= keep.to(grad.dtype)
+                grad = grad.to(weight.dtype)
                 if need_hidden:
                     torch.mm(grad, weight, out=grad_hidden[start:start + rows])
                 if need_weight:
