@@ -54,6 +54,7 @@ def main() -> None:
         axis.barh(list(rows), [f.kl_mean for f in rows.values()], color="#2a7")
         axis.axvline(0.005, color="#c33", linestyle="--", label="goal 0.005")
         axis.axvline(0.0039, color="#888", linestyle=":", label="llama.cpp Q4_1 0.0039")
+        axis.set_xscale("symlog", linthresh=1e-3)  # schemes span 0 to 0.5: linear up to 0.001, then log
         axis.set_xlabel("KL(float32 || scheme), nats/token, mean over 512 tokens of GPL-3")
         axis.invert_yaxis()
         axis.legend()
