@@ -54,6 +54,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
+// sum of a[i] * b[i], eight at a time.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 // 32 unsigned codes (0..15) from 16 bytes of nibbles: low nibbles first, then high ones.
 inline __m256i unpack_nibbles(const uint8_t* p) {
   const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -81,12 +91,9 @@ void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t 
   const int64_t nb = K / QK, per_group = group / QK;
   constexpr int A = T == 1 ? 2 : 1;  // more tokens are independent chains already (and need the registers)
   __m256 acc[A][T];
-  float min_acc[T];
-  for (int t = 0; t < T; ++t) {
+  for (int t = 0; t < T; ++t)
     for (int a = 0; a < A; ++a) acc[a][t] = _mm256_setzero_ps();
-    min_acc[t] = 0.f;
-  }
-  auto block = [&](int64_t b, float sw, float mw, __m256* into) {
+  auto block = [&](int64_t b, float sw, __m256* into) {
     __m256i w;
     if constexpr (BITS == 4) {
       w = unpack_nibbles(qs + b * (QK / 2));
@@ -99,33 +106,33 @@ void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t 
       if constexpr (BITS == 8) y = _mm256_sign_epi8(y, w);
       const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, y));
       into[t] = _mm256_fmadd_ps(_mm256_set1_ps(sw * yd[t][b]), p, into[t]);
-      if constexpr (BITS == 4) min_acc[t] += mw * ys[t][b];
     }
   };
   int64_t b = 0;
   for (int64_t g = 0; b < nb; ++g) {
-    const float sw = scales[g], mw = BITS == 4 ? mins[g] : 0.f;
+    const float sw = scales[g];
     const int64_t end = b + per_group;
-    for (; b + 1 < end; b += 2) block(b, sw, mw, acc[0]), block(b + 1, sw, mw, acc[A - 1]);
-    if (b < end) block(b, sw, mw, acc[g % A]), ++b;
+    for (; b + 1 < end; b += 2) block(b, sw, acc[0]), block(b + 1, sw, acc[A - 1]);
+    if (b < end) block(b, sw, acc[g % A]), ++b;
   }
-  for (int t = 0; t < T; ++t) out[t] = hsum(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]) + min_acc[t];
+  // The mins' part is a dot product of the row's mins with the token's group sums, done apart from the blocks.
+  for (int t = 0; t < T; ++t)
+    out[t] = hsum(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]) +
+             (BITS == 4 ? dot(mins, ys[t], K / group) : 0.f);
 }
 
 // The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
-// widened to float32; xsum[t][b] is the sum of token t's block b, which a 4-bit block's min multiplies.
+// widened to float32; xsum[t][g] is the sum of token t's group g, which a 4-bit group's min multiplies.
 template <int BITS, int T>
 void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
                    const float* const* x, const float* const* xsum, float* out) {
   const int64_t nb = K / QK, per_group = group / QK;
   __m256 acc[T];
-  float min_acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), min_acc[t] = 0.f;
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   alignas(32) uint8_t codes[QK];
   int64_t b = 0;
   for (int64_t g = 0; b < nb; ++g) {
     const __m256 sw = _mm256_set1_ps(scales[g]);
-    const float mw = BITS == 4 ? mins[g] : 0.f;
     for (const int64_t end = b + per_group; b < end; ++b) {
       const uint8_t* c = qs + b * QK;
       if constexpr (BITS == 4) {
@@ -143,11 +150,10 @@ void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, in
         const __m256 lo = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(xb)));
         const __m256 hi = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(xb + 16)));
         acc[t] = _mm256_fmadd_ps(sw, _mm256_add_ps(lo, hi), acc[t]);
-        if constexpr (BITS == 4) min_acc[t] += mw * xsum[t][b];
       }
     }
   }
-  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + min_acc[t];
+  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + (BITS == 4 ? dot(mins, xsum[t], K / group) : 0.f);
 }
 
 // Rows [r0, r1) of the weight, expanded to float32 into `w` [r1 - r0, K], eight values per instruction: a prompt's
@@ -207,7 +213,12 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
       }
     }
   }
-  const int64_t row_bytes = bits == 4 ? K / 2 : K, ng = K / group;
+  // What a 4-bit group's min multiplies: each token's sum over the group (of scale * codes on the int8 path).
+  const int64_t ng = K / group, per_group = group / QK;
+  std::vector<float> yg(M * ng, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) yg[m * ng + b / per_group] += ys[m * nb + b];
+  const int64_t row_bytes = bits == 4 ? K / 2 : K;
   const int64_t chunk = 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
@@ -218,7 +229,7 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
       const float *pd[8], *ps[8], *px[8];
       for (int t = 0; t < T; ++t) {
         pq[t] = integer ? yq.data() + (t0 + t) * K : nullptr;
-        pd[t] = yd.data() + (t0 + t) * nb, ps[t] = ys.data() + (t0 + t) * nb, px[t] = xf + (t0 + t) * K;
+        pd[t] = yd.data() + (t0 + t) * nb, ps[t] = yg.data() + (t0 + t) * ng, px[t] = xf + (t0 + t) * K;
       }
       float res[8];
       for (int64_t r = r0; r < r1; ++r) {
