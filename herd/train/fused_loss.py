@@ -4,8 +4,9 @@ With a large vocabulary the logits dwarf everything else a small model computes:
 200 MB, written by the projection, read and written again by log-softmax, its backward and the zero-filled gradient
 of the target pick. Here each chunk's logits are made, turned into their loss and into the gradient of the summed
 loss (softmax minus one-hot), and multiplied straight into the gradients of the hidden states and of the weight;
-the chunk is then dropped. The backward pass only scales what the forward kept. The same matmuls run, a quarter of
-the memory traffic. (Liger Kernel's fused linear cross-entropy does this on GPUs.)
+the chunk is then dropped. The backward pass only scales what the forward kept. The same matmuls run; on
+bench/train.py's model (49K vocabulary) herd's training went from 1,529 to about 1,770 tokens/s. (Liger Kernel's
+fused linear cross-entropy does this on GPUs.)
 """
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.model.llama import Transformer
 from herd.train import fault
 from herd.train.checkpoint import Checkpointer
-from herd.model.llama import Transformer
 from herd.train.data import IGNORE
 from herd.train.fused_loss import linear_cross_entropy
 from herd.train.metrics import MetricsLog

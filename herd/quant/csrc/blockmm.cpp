@@ -22,14 +22,9 @@ namespace {
 
 constexpr int QK = 32;
 
-// One token's activations as int8 blocks: codes, the scale of each block, and scale * sum(codes) per block
-// (what a weight block's min multiplies).
-struct QActs {
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-};
-
-void quantize_acts(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+// One token's activations as int8 blocks: the codes, the scale of each block, and per group of `per_group` blocks
+// the sum of scale * codes (what a 4-bit weight group's min multiplies).
+void quantize_acts(const float* x, int64_t K, int64_t per_group, int8_t* q, float* d, float* group_sums) {
   for (int64_t b = 0; b < K / QK; ++b) {
     const float* xb = x + b * QK;
     float amax = 0.f;
@@ -43,7 +38,7 @@ void quantize_acts(const float* x, int64_t K, int8_t* q, float* d, float* s) {
       sum += v;
     }
     d[b] = db;
-    s[b] = db * static_cast<float>(sum);
+    group_sums[b / per_group] += db * static_cast<float>(sum);
   }
 }
 
@@ -199,25 +194,20 @@ void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, 
 // products; else float activations times the widened codes.
 void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
                       int64_t K, int64_t bits, int64_t group, int integer, float* o, int threads) {
-  const int64_t nb = K / QK;
+  const int64_t nb = K / QK, ng = K / group, per_group = group / QK;
   std::vector<int8_t> yq(integer ? M * K : 0);
-  std::vector<float> yd(M * nb), ys(M * nb);  // int8 path: block scales and scale * code sums; float: block sums
+  std::vector<float> yd(integer ? M * nb : 0);  // the int8 path's block scales
+  // Per token and weight group, what a 4-bit group's min multiplies: the sum of the activations (of scale * codes
+  // on the int8 path).
+  std::vector<float> yg(M * ng, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     if (integer) {
-      quantize_acts(xf + m * K, K, yq.data() + m * K, yd.data() + m * nb, ys.data() + m * nb);
+      quantize_acts(xf + m * K, K, per_group, yq.data() + m * K, yd.data() + m * nb, yg.data() + m * ng);
     } else {
-      for (int64_t b = 0; b < nb; ++b) {
-        float sum = 0.f;
-        for (int i = 0; i < QK; ++i) sum += xf[m * K + b * QK + i];
-        ys[m * nb + b] = sum;
-      }
+      for (int64_t g = 0; g < ng; ++g)
+        for (int64_t i = g * group; i < (g + 1) * group; ++i) yg[m * ng + g] += xf[m * K + i];
     }
   }
-  // What a 4-bit group's min multiplies: each token's sum over the group (of scale * codes on the int8 path).
-  const int64_t ng = K / group, per_group = group / QK;
-  std::vector<float> yg(M * ng, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < nb; ++b) yg[m * ng + b / per_group] += ys[m * nb + b];
   const int64_t row_bytes = bits == 4 ? K / 2 : K;
   const int64_t chunk = 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -229,7 +219,7 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
       const float *pd[8], *ps[8], *px[8];
       for (int t = 0; t < T; ++t) {
         pq[t] = integer ? yq.data() + (t0 + t) * K : nullptr;
-        pd[t] = yd.data() + (t0 + t) * nb, ps[t] = yg.data() + (t0 + t) * ng, px[t] = xf + (t0 + t) * K;
+        pd[t] = integer ? yd.data() + (t0 + t) * nb : nullptr, ps[t] = yg.data() + (t0 + t) * ng, px[t] = xf + (t0 + t) * K;
       }
       float res[8];
       for (int64_t r = r0; r < r1; ++r) {
