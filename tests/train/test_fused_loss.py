@@ -45,3 +45,28 @@ def test_the_trainers_loss_equals_cross_entropy_over_the_models_logits(tied):
     assert float(loss) == pytest.approx(float(plain), rel=1e-6) and int(n) == int((batch["labels"] != -100).sum())
     for k, p in model.named_parameters():
         torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_target_far_below_the_others_gets_its_exact_loss():
+    """p(target) underflows float32 when its logit is ~100 below the top one: the loss must not saturate."""
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    w = torch.tensor([[150.0, 0.0], [-150.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([1, 2])
+    plain = F.cross_entropy(h @ w.T, labels, reduction="sum")
+    got = fused.linear_cross_entropy(h, w, labels)
+    assert float(plain) > 300 and float(got) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_no_labelled_row_gives_zero_loss_and_zero_gradients():
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    fused.linear_cross_entropy(h, w, torch.full((4,), -100)).backward()
+    assert float(h.grad.abs().sum()) == 0 and float(w.grad.abs().sum()) == 0
+
+
+def test_a_second_backward_through_it_is_refused():
+    h = torch.randn(4, 8, requires_grad=True)
+    loss = fused.linear_cross_entropy(h, torch.randn(10, 8), torch.tensor([1, 2, 3, 4]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
