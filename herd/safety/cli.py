@@ -100,7 +100,13 @@ def scan(
 @guard_app.command()
 def train(
     which: str = typer.Argument(..., help="prompt-guard or llama-guard"),
-    out: Path = typer.Option(..., help="where to write the classifier (.npz)"),
+    out: Path = typer.Option(..., help="where to write the guard: a .npz (prompt-guard, a llama-guard head) or a "
+                                       "directory (a fine-tuned llama-guard: the run, its model in OUT/model)"),
+    method: str = typer.Option("sft", help="llama-guard: sft (the model fine-tuned, LoRA) or head (a linear head "
+                                           "over the frozen model)"),
+    finetune_option: Optional[list[str]] = typer.Option(None, "--finetune-option",
+                                                        help="llama-guard sft: a `herd finetune` option, repeatable "
+                                                             "(e.g. --finetune-option=--training.lr=1e-4)"),
     report: Optional[Path] = typer.Option(None, help="also write the held-out report as JSON here"),
     png: Optional[Path] = typer.Option(None, help="also plot per-class precision and recall on held-out sources"),
     cache: Optional[Path] = typer.Option(None, help="llama-guard: keep computed features here (a rerun resumes)"),
@@ -113,15 +119,22 @@ def train(
         from herd.safety.train import train_prompt_guard_model
 
         model, result = train_prompt_guard_model(seed=seed)
-    elif which == "llama-guard":
+    elif which == "llama-guard" and method == "sft":
+        from herd.safety.train import train_llama_guard_model
+
+        model, result = train_llama_guard_model(out, seed=seed, overrides=finetune_option or ())
+    elif which == "llama-guard" and method == "head":
         import herd
         from herd.safety.train import train_llama_guard_head
 
         model, result = train_llama_guard_head(herd.load(quantize=None), seed=seed,
                                                cache=str(cache) if cache else None)
+    elif which == "llama-guard":
+        raise ValueError(f"unknown --method {method!r}: sft or head")
     else:
         raise ValueError(f"unknown guard {which!r}: prompt-guard or llama-guard")
-    model.save(out)
+    if not isinstance(model, Path):  # a fine-tuned guard is already written under `out`
+        model.save(out)
     text = json.dumps(result, indent=1, default=str)
     if report is not None:
         with atomic_output(report) as tmp:

@@ -1,12 +1,14 @@
 """Training the guards on real data (herd.safety.datasets), with their held-out measurements.
 
-`train_prompt_guard_model` fits Prompt Guard's hashed n-gram classifier; `train_llama_guard_head` fits a Llama
-Guard head on the default model. Both split by source (no held-out source is seen in training) and return the
+`train_prompt_guard_model` fits Prompt Guard's hashed n-gram classifier. `train_llama_guard_model` makes a Llama
+Guard as Meta made theirs: the default model fine-tuned (herd's SFT recipe, LoRA) to answer the Llama Guard prompt;
+`train_llama_guard_head` fits a linear head over the frozen model's hidden states instead. All split by source (no held-out source is seen in training) and return the
 model with a report: per-class precision and recall on the held-out sources and the false-positive rate on
 held-out benign text.
 """
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -77,13 +79,7 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
     cache: a .npz to keep the features in as they are computed, so that an interrupted run resumes."""
     from herd.safety.guard_head import GuardFeatures, GuardHead
 
-    examples = datasets.llama_guard_examples()
-    harmful = [e for e in examples if e.label != "safe"]
-    safe = [e for e in examples if e.label == "safe"]
-    h_train, h_test = datasets.split_by_source(harmful, test_share=0.0, held_out=GUARD_HELD_OUT, seed=seed)
-    s_train, s_test = datasets.split_by_source(safe, test_share=0.35, held_out=GUARD_HELD_OUT, seed=seed)
-    train = _balanced(h_train, per_label, seed) + _balanced(s_train, safe_train, seed)
-    test = h_test + _balanced(s_test, safe_test, seed)
+    train, test = guard_split(seed, per_label, safe_train, safe_test)
     features = GuardFeatures(llm, layers=layers, max_chars=max_chars)
     rows = [features.conversation_ids([{"role": "user", "content": e.text}]) for e in train + test]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch with little padding
@@ -109,6 +105,25 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
     probs = head.predict_proba(X_test)
     predicted = [head.verdict_text(p).split("\n")[-1] for p in probs]
     predicted = ["safe" if p == "safe" else p for p in predicted]
+    report = guard_report(train, test, predicted)
+    head.info["heldout"] = report
+    return head, report
+
+
+def guard_split(seed: int = 0, per_label: int = 60, safe_train: int = 250, safe_test: int = 200):
+    """(train, test) user turns for a Llama Guard: harmful requests balanced by category and safe requests/texts;
+    the test side comes only from sources (GUARD_HELD_OUT among them) that no training row comes from."""
+    examples = datasets.llama_guard_examples()
+    harmful = [e for e in examples if e.label != "safe"]
+    safe = [e for e in examples if e.label == "safe"]
+    h_train, h_test = datasets.split_by_source(harmful, test_share=0.0, held_out=GUARD_HELD_OUT, seed=seed)
+    s_train, s_test = datasets.split_by_source(safe, test_share=0.35, held_out=GUARD_HELD_OUT, seed=seed)
+    return (_balanced(h_train, per_label, seed) + _balanced(s_train, safe_train, seed),
+            h_test + _balanced(s_test, safe_test, seed))
+
+
+def guard_report(train, test, predicted: Sequence[str]) -> dict:
+    """Per-category precision and recall on the held-out rows, unsafe-vs-safe, and false refusals of requests."""
     truth = [e.label for e in test]
     report = per_class_report(truth, predicted, "safe")
     binary = per_class_report(["safe" if t == "safe" else "unsafe" for t in truth],
@@ -116,8 +131,65 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
     report.update(unsafe_binary=binary["unsafe"], n_train=len(train), n_test=len(test),
                   test_sources=sorted({e.source for e in test}),
                   false_refusal_requests=_rate([p for e, p in zip(test, predicted) if e.label == "safe" and _is_request(e)]))
-    head.info["heldout"] = report
-    return head, report
+    return report
+
+
+def guard_sft_rows(examples, max_chars: int = 600) -> list[dict]:
+    """SFT rows that teach the Llama Guard task: each user turn inside the exact Llama Guard prompt as the user's
+    message, the verdict Llama Guard gives ("safe" or "unsafe\nS<k>") as the assistant's reply."""
+    return [{"messages": [{"role": "user", "content": _guard_content(e.text, max_chars)},
+                          {"role": "assistant", "content": "safe" if e.label == "safe" else f"unsafe\n{e.label}"}]}
+            for e in examples]
+
+
+def _guard_content(text: str, max_chars: int) -> str:
+    from herd.safety.llama_guard import llama_guard_content
+
+    return llama_guard_content([{"role": "user", "content": text[:max_chars]}], "User")
+
+
+def verdict_label(verdict: dict) -> str:
+    """One label for a guard's verdict: safe, its first category, or "unsafe" when it named none."""
+    if verdict["safe"]:
+        return "safe"
+    return verdict["categories"][0] if verdict["categories"] else "unsafe"
+
+
+def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: int = 0, per_label: int = 60,
+                            safe_train: int = 250, safe_test: int = 200, max_chars: int = 600,
+                            overrides: Sequence[str] = (), progress: bool = True, split: tuple | None = None):
+    """A generative Llama Guard: `base` fine-tuned with herd's SFT recipe (LoRA on every linear layer, loss on the
+    verdict only) on the guard prompt of each training turn, then judged on the held-out sources through
+    LlamaGuard.check, exactly as a deployment calls it. Returns (the tuned model's directory, the held-out
+    report); `overrides` are `herd finetune` options (--training.lr=..., --lora.rank=...); `split`: (train, test)
+    examples instead of guard_split's. A rerun resumes."""
+    import herd
+    from herd.atomic import atomic_output
+    from herd.posttrain.finetune import finetune, load_finetune_config
+    from herd.safety.llama_guard import LlamaGuard
+
+    out_dir = Path(out_dir)
+    train, test = split or guard_split(seed, per_label, safe_train, safe_test)
+    rows = guard_sft_rows(random.Random(seed).sample(train, len(train)), max_chars)
+    data = out_dir / "guard-sft.jsonl"
+    with atomic_output(data) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    # Two epochs of a few hundred prompts: LoRA's usual learning rate, a few examples per step.
+    defaults = ["--lora.rank=16", "--lora.alpha=32", "--training.lr=3e-4", "--training.batch_size=4",
+                "--training.seq_len=1024", "--training.warmup_steps=5", "--finetune.epochs=2"]
+    config = load_finetune_config(None, [*defaults, "--finetune.recipe=sft", f"--finetune.model={base}",
+                                         f"--finetune.data={data}", f"--run.dir={out_dir}",
+                                         f"--training.seed={seed}", f"--run.progress={str(progress).lower()}",
+                                         *overrides])
+    finetune(config)
+    model_dir = out_dir / "model"
+    guard = LlamaGuard(herd.load(model_dir), max_tokens=8)
+    predicted = [verdict_label(guard.check([{"role": "user", "content": e.text[:max_chars]}]))
+                 for e in tqdm(test, desc="held-out checks", unit="turn", disable=not progress)]
+    report = guard_report(train, test, predicted)
+    with atomic_output(out_dir / "heldout.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+    return model_dir, report
 
 
 def _rate(predicted_on_safe: list[str]) -> float:
