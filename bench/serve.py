@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TEXT = (ROOT / "README.md").read_text()  # any real English text, long enough to cut prompts from
+# Real English text, long enough to cut prompts from, that no edit of this repository changes.
+TEXT = Path("/usr/share/common-licenses/GPL-3").read_text()
 
 
 def _words(rng: random.Random, count: int) -> str:
@@ -41,15 +42,15 @@ def _words(rng: random.Random, count: int) -> str:
     return " ".join(words[start:start + count])
 
 
-def workload(count: int, seed: int) -> list[dict]:
-    """Chat requests with prompts of 8-200 words and replies of up to 16-64 tokens, greedy."""
+def workload(count: int, seed: int, replies: tuple[int, int] = (16, 64)) -> list[dict]:
+    """Chat requests with prompts of 8-200 words and replies of up to `replies` tokens (uniform), greedy."""
     rng = random.Random(seed)
     requests = []
     for _ in range(count):
         words = int(8 * 25 ** rng.random())  # log-uniform: mostly short prompts, some long ones
         ask = rng.choice(["Summarise this text", "What is this text about?", "List the key terms in this text"])
         requests.append({"messages": [{"role": "user", "content": f"{ask}:\n\n{_words(rng, words)}"}],
-                         "max_tokens": rng.randint(16, 64), "temperature": 0})
+                         "max_tokens": rng.randint(*replies), "temperature": 0})
     return requests
 
 
@@ -213,6 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--replies", default="16,64", help="MIN,MAX: each request's max_tokens, uniform in this range")
     parser.add_argument("--levels", default="1,8,16,32", help="concurrency levels; 1 is the one-at-a-time baseline")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--decode-rounds", type=int, default=3, help="0: skip the single-sequence decode check")
@@ -239,7 +241,8 @@ def main() -> None:
         with httpx.Client() as client:
             for server in servers.values():
                 server.wait_ready(client)
-        requests = workload(args.requests, args.seed)
+        low, high = (int(x) for x in args.replies.split(","))
+        requests = workload(args.requests, args.seed, (low, high))
         levels = [int(x) for x in args.levels.split(",")]
         rounds = []
         print(f"{'clients':>8} {'requests':>8} {'prompt':>7} {'tokens':>7} {'wall s':>7} {'tok/s':>7} {'TTFT p50':>9} "
