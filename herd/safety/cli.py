@@ -102,8 +102,8 @@ def train(
     which: str = typer.Argument(..., help="prompt-guard or llama-guard"),
     out: Path = typer.Option(..., help="where to write the guard: a .npz (prompt-guard, a llama-guard head) or a "
                                        "directory (a fine-tuned llama-guard: the run, its model in OUT/model)"),
-    method: str = typer.Option("sft", help="llama-guard: sft (the model fine-tuned, LoRA) or head (a linear head "
-                                           "over the frozen model)"),
+    method: str = typer.Option("head", help="llama-guard: head (a linear head over the frozen model) or sft (the "
+                                            "model fine-tuned with the SFT recipe, LoRA)"),
     finetune_option: Optional[list[str]] = typer.Option(None, "--finetune-option",
                                                         help="llama-guard sft: a `herd finetune` option, repeatable "
                                                              "(e.g. --finetune-option=--training.lr=1e-4)"),
