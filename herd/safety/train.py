@@ -2,9 +2,9 @@
 
 `train_prompt_guard_model` fits Prompt Guard's hashed n-gram classifier. `train_llama_guard_model` makes a Llama
 Guard as Meta made theirs: the default model fine-tuned (herd's SFT recipe, LoRA) to answer the Llama Guard prompt;
-`train_llama_guard_head` fits a linear head over the frozen model's hidden states instead. All split by source (no held-out source is seen in training) and return the
-model with a report: per-class precision and recall on the held-out sources and the false-positive rate on
-held-out benign text.
+`train_llama_guard_head` fits a linear head over the frozen model's hidden states instead. All split by source (no
+held-out source is seen in training) and return the model with a report: per-class precision and recall on the
+held-out sources and the false-positive rate on held-out benign text.
 """
 from __future__ import annotations
 
@@ -137,15 +137,14 @@ def guard_report(train, test, predicted: Sequence[str]) -> dict:
 def guard_sft_rows(examples, max_chars: int = 600) -> list[dict]:
     """SFT rows that teach the Llama Guard task: each user turn inside the exact Llama Guard prompt as the user's
     message, the verdict Llama Guard gives ("safe" or "unsafe\nS<k>") as the assistant's reply."""
-    return [{"messages": [{"role": "user", "content": _guard_content(e.text, max_chars)},
-                          {"role": "assistant", "content": "safe" if e.label == "safe" else f"unsafe\n{e.label}"}]}
-            for e in examples]
-
-
-def _guard_content(text: str, max_chars: int) -> str:
     from herd.safety.llama_guard import llama_guard_content
 
-    return llama_guard_content([{"role": "user", "content": text[:max_chars]}], "User")
+    rows = []
+    for e in examples:
+        prompt = llama_guard_content([{"role": "user", "content": e.text[:max_chars]}], "User")
+        verdict = "safe" if e.label == "safe" else f"unsafe\n{e.label}"
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": verdict}]})
+    return rows
 
 
 def verdict_label(verdict: dict) -> str:
