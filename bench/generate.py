@@ -1,5 +1,7 @@
 """herd vs llama.cpp (llama-cpp-python, the same GGUF) vs Hugging Face transformers on the built-in default model:
-decode speed of a 128-token chat reply, prefill speed of a 512-token prompt, load time and peak resident memory.
+decode speed of a 128-token chat reply (a story; and a reply that copies code from its prompt, where herd's
+prompt-lookup speculative decoding pays most), prefill speed of a 512-token prompt, load time and peak resident
+memory. Each engine runs its default path; herd also runs without speculative decoding, to show what it adds.
 
 Each engine runs in its own subprocess (so peak RSS is its own), with the same thread count and the same prompts;
 the rounds are interleaved and the best of each is kept, which evens out a shared machine. Ratios are herd / peer.
@@ -21,13 +23,16 @@ import warnings
 import herd
 
 QUESTION = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
+_SOURCE = open(__file__.replace("generate.py", "../herd/generate/speculative.py")).read()
+COPY = [{"role": "user", "content": f"{_SOURCE}\n\nRepeat the function ngram_draft above, exactly."}]
 PROMPT_TEXT = open(herd.__file__.replace("__init__.py", "llm.py")).read() * 4  # any real text, long enough
 
 
 def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     import torch
 
-    from herd.generate import SamplingParams
+    from herd.generate import EngineConfig, Generator, SamplingParams
+    from herd.generate.speculative import SpeculativeConfig
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -38,10 +43,15 @@ def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     start = time.perf_counter()
     next(iter(llm.generator.stream([prompt], params)))
     prefill = len(prompt) / (time.perf_counter() - start)
-    chat = llm.chat_format.encode_dialog(QUESTION)
-    stamps = [time.perf_counter() for _ in llm.generator.stream(
-        [chat], SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))]
-    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    plain = Generator(llm.model, llm.tokenizer, config=EngineConfig(speculative=SpeculativeConfig(draft_tokens=0)))
+    result = {"load_s": load, "prefill_tok_s": prefill}
+    for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
+        chat = llm.chat_format.encode_dialog(messages)
+        for engine, suffix in ((llm.generator, ""), (plain, "_plain")):
+            stamps = [time.perf_counter() for _ in engine.stream(
+                [chat], SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))]
+            result[key + suffix] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return result
 
 
 def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
@@ -57,23 +67,24 @@ def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
-    prefill = len(prompt) / (time.perf_counter() - start)
-    llm.reset()
-    chat = _chat_ids()  # the same vocabulary: the same ids herd decodes from
-    stamps = []
-    for _ in llm.generate(chat, top_k=1, temp=0.0, reset=True):
-        stamps.append(time.perf_counter())
-        if len(stamps) == new_tokens:
-            break
-    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+    result = {"load_s": load, "prefill_tok_s": len(prompt) / (time.perf_counter() - start)}
+    for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
+        llm.reset()
+        stamps = []
+        for _ in llm.generate(_chat_ids(messages), top_k=1, temp=0.0, reset=True):  # the ids herd decodes from
+            stamps.append(time.perf_counter())
+            if len(stamps) == new_tokens:
+                break
+        result[key] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return result
 
 
-def _chat_ids() -> list[int]:
+def _chat_ids(messages: list[dict]) -> list[int]:
     from herd.checkpoint import load_checkpoint
     from herd.llm import default_model_path
     from herd.tokenizer import chat_format_for
 
-    return chat_format_for(load_checkpoint(default_model_path()).tokenizer).encode_dialog(QUESTION)
+    return chat_format_for(load_checkpoint(default_model_path()).tokenizer).encode_dialog(messages)
 
 
 def run_transformers(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
@@ -95,15 +106,18 @@ def run_transformers(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
         start = time.perf_counter()
         model(prompt)
         prefill = prompt.shape[1] / (time.perf_counter() - start)
-        chat = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")
-        chat = chat["input_ids"] if hasattr(chat, "keys") else chat
-        start = time.perf_counter()
-        model.generate(chat, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(chat, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        decode = (new_tokens - 1) / (time.perf_counter() - start - first)
-    return {"load_s": load, "prefill_tok_s": prefill, "decode_tok_s": decode}
+        result = {"load_s": load, "prefill_tok_s": prefill}
+        for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
+            chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            chat = chat["input_ids"] if hasattr(chat, "keys") else chat
+            start = time.perf_counter()
+            model.generate(chat, max_new_tokens=1, do_sample=False, pad_token_id=0)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(chat, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
+            result[key] = (new_tokens - 1) / (time.perf_counter() - start - first)
+    return result
 
 
 ENGINES = {"herd": run_herd, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
@@ -145,15 +159,23 @@ def main() -> None:
     print(f"default model, {args.threads} threads, decode {args.new_tokens} tokens of a chat reply, "
           f"prefill {args.prompt_tokens} tokens, best of {args.rounds} interleaved rounds; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; above {os.cpu_count()}: a shared machine)")
-    keys = ("decode_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb")
+    keys = ("decode_tok_s", "copy_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb")
     print(f"{'':14}" + "".join(f"{k:>15}" for k in keys))
     for name, result in best.items():
         print(f"{name:14}" + "".join(f"{result[k]:15.2f}" for k in keys))
+    if "herd" in best:
+        herd_result = best["herd"]
+        print(f"herd without speculative decoding: decode {herd_result['decode_tok_s_plain']:.2f}, copy "
+              f"{herd_result['copy_tok_s_plain']:.2f} tok/s; prompt lookup gains "
+              f"{herd_result['decode_tok_s'] / herd_result['decode_tok_s_plain']:.2f}x and "
+              f"{herd_result['copy_tok_s'] / herd_result['copy_tok_s_plain']:.2f}x")
     for peer in (p for p in best if p != "herd"):
         if "herd" in best:
             ratios = {k: best["herd"][k] / best[peer][k] for k in keys}
-            print(f"herd / {peer}: decode {ratios['decode_tok_s']:.2f}x, prefill {ratios['prefill_tok_s']:.2f}x, "
-                  f"load time {ratios['load_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
+            plain = best["herd"]["decode_tok_s_plain"] / best[peer]["decode_tok_s"]
+            print(f"herd / {peer}: decode {ratios['decode_tok_s']:.2f}x ({plain:.2f}x without drafts), copy "
+                  f"{ratios['copy_tok_s']:.2f}x, prefill {ratios['prefill_tok_s']:.2f}x, load time "
+                  f"{ratios['load_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
     if args.png:
         plot(best, keys, args.png)
 

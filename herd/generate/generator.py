@@ -23,6 +23,7 @@ from herd.generate.sampling import SamplingParams, TokenLogprob, sample, token_l
 from herd.generate.scheduler import Scheduler
 from herd.generate.sequence import Completion, Constraint, Delta
 from herd.generate.sequence import Sequence as _Sequence
+from herd.generate.speculative import SpeculativeConfig
 from herd.model.llama import Transformer
 from herd.quant.phase import prompt_rows
 
@@ -45,6 +46,7 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per step: every decoding sequence's one, the rest for prompts (chunks)
     max_queue: int = 1024  # sequences waiting; `submit` refuses more
     prefix_caching: bool = True  # False: every prompt is prefilled in full (to measure what the cache saves)
+    speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts for greedy sequences
 
 
 class Request:
@@ -80,7 +82,8 @@ class Generator:
         self.cache = PagedKVCache(mc, num_blocks, block, device=self.device, dtype=dtype)
         self.scheduler = Scheduler(self.cache, max_batch=self.config.max_batch,
                                    max_step_tokens=self.config.max_step_tokens,
-                                   prefix_caching=self.config.prefix_caching)
+                                   prefix_caching=self.config.prefix_caching,
+                                   speculative=self.config.speculative)
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self._step_lock = threading.Lock()
         self._inbox: list[_Sequence] = []
@@ -226,15 +229,15 @@ class Generator:
             for seq, n in batch:
                 begin = seq.num_computed
                 offset = len(tokens)
-                tokens += seq.tokens[begin:begin + n]
+                tokens += seq.tokens[begin:begin + n] + seq.draft  # n counts the draft's tokens too
                 positions += range(begin, begin + n)
                 prompt += [p < seq.prompt_len for p in range(begin, begin + n)]
-                parts.append((seq.blocks, begin, n))
+                parts.append((seq.blocks, begin, n, bool(seq.draft)))
                 if seq.score_from is not None:
                     first = max(begin, seq.score_from - 1)
                     rows += [offset + p - begin for p in range(first, min(begin + n, len(seq.tokens) - 1))]
-                if begin + n == len(seq.tokens) and seq.score_from is None:
-                    rows.append(offset + n - 1)
+                if begin + n == len(seq.tokens) + len(seq.draft) and seq.score_from is None:
+                    rows += range(offset + n - 1 - len(seq.draft), offset + n)
             rows = torch.tensor(rows, dtype=torch.long, device=self.device)
             prompt = torch.tensor(prompt, device=self.device)
             # Quantized layers compute prompt tokens one way and generated ones another, whatever the chunking.
@@ -244,12 +247,13 @@ class Generator:
                                     cache=StepAttention(self.cache, parts), logits_at=rows)[0]
             row = 0
             for seq, n in batch:
-                self.scheduler.computed(seq, n)
                 if seq.score_from is not None:
+                    self.scheduler.computed(seq, n)
                     row = self._score_step(seq, n, logits, row)
-                elif seq.num_computed == len(seq.tokens):
-                    self._sample(seq, logits[row])
-                    row += 1
+                elif seq.num_computed + n == len(seq.tokens) + len(seq.draft):
+                    row = self._advance(seq, n, logits, row)
+                else:
+                    self.scheduler.computed(seq, n)
             return True
 
     def _score_step(self, seq: _Sequence, n: int, logits, row: int) -> int:
@@ -265,15 +269,34 @@ class Generator:
             self._finish(seq, Delta(seq.index, "", [], logprobs, finish_reason="length"))
         return row
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+    def _advance(self, seq: _Sequence, n: int, logits: torch.Tensor, row: int) -> int:
+        """Choose `seq`'s next token from logits[row]; with a draft, keep choosing while the model's choice equals
+        the drafted token (whose keys, computed in this step, are then right), so that a draft changes only how
+        many tokens one step yields, never which."""
+        draft, seq.draft = seq.draft, []
+        deltas, accepted = [], 0
+        for i in range(len(draft) + 1):
+            token, delta = self._choose(seq, logits[row + i])
+            deltas.append(delta)
+            if delta.finish_reason or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+        self.scheduler.computed(seq, n - len(draft) + accepted)
+        for delta in deltas[:-1]:
+            seq.sink(delta)
+        if deltas[-1].finish_reason:
+            self._finish(seq, deltas[-1])
+        else:
+            seq.sink(deltas[-1])
+        self.scheduler.stats.drafted_tokens += len(draft)
+        self.scheduler.stats.accepted_tokens += accepted
+        return row + len(draft) + 1
+
+    def _choose(self, seq: _Sequence, logits: torch.Tensor) -> tuple[int, Delta]:
         masked = (seq.constraint.mask(logits) if seq.constraint is not None else logits)[:self.vocab]
         token = sample(masked, seq.params, seq.rng)
         lp = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
-        delta = seq.step(token, self.tokenizer.decode_bytes([token]), lp)
-        if delta.finish_reason:
-            self._finish(seq, delta)
-        else:
-            seq.sink(delta)
+        return token, seq.step(token, self.tokenizer.decode_bytes([token]), lp)
 
     def _finish(self, seq: _Sequence, delta: Delta) -> None:
         self.scheduler.release(seq)

@@ -142,10 +142,14 @@ class PagedKVCache:
 class Segment:
     """One sequence's part of a step: queries [start, end) of the step's row, keys 0..total of the sequence."""
 
-    __slots__ = ("start", "end", "total", "run", "slots", "mask")
+    __slots__ = ("start", "end", "total", "run", "slots", "mask", "apart")
 
-    def __init__(self, start: int, end: int, cached: int, blocks: list[int], block_size: int, device):
+    def __init__(self, start: int, end: int, cached: int, blocks: list[int], block_size: int, device,
+                 apart: bool = False):
         self.start, self.end, self.total = start, end, cached + end - start
+        # Drafted tokens (speculative decoding) attend one query at a time, exactly as each would alone: attention
+        # over several queries rounds differently, and a quantized model's next layers magnify any difference.
+        self.apart = apart
         contiguous = blocks[-1] - blocks[0] == len(blocks) - 1
         self.run = blocks[0] * block_size if contiguous else None
         self.slots = None if contiguous else _slots(blocks, block_size, 0, self.total, device)
@@ -166,24 +170,26 @@ def _slots(blocks: list[int], block_size: int, begin: int, end: int, device) -> 
 class StepAttention:
     """The model's cache for one engine step: several sequences' new tokens laid end to end in one row."""
 
-    def __init__(self, cache: PagedKVCache, parts: list[tuple[list[int], int, int]]):
-        """parts: for each sequence, (its blocks, tokens already cached, tokens in this step)."""
+    def __init__(self, cache: PagedKVCache, parts: list[tuple[list[int], int, int, bool]]):
+        """parts: for each sequence, (its blocks, tokens already cached, tokens in this step, whether they are a
+        token and its draft)."""
         self.cache = cache
         self.segments, writes, start = [], [], 0
         # A step of several decoding sequences (one query each: a busy server's usual step) attends in one call per
         # layer over their keys gathered into a padded batch; one call per sequence cost a third of such a step.
         self.decoders = None
-        if len(parts) > 1 and all(n == 1 for _, _, n in parts):
-            width = max(cached + 1 for _, cached, _ in parts)
+        if len(parts) > 1 and all(n == 1 for _, _, n, _ in parts):
+            width = max(cached + 1 for _, cached, _, _ in parts)
             table = torch.zeros(len(parts), width, dtype=torch.long)
             valid = torch.zeros(len(parts), 1, 1, width, dtype=torch.bool)
-            for i, (blocks, cached, _) in enumerate(parts):
+            for i, (blocks, cached, _, _) in enumerate(parts):
                 table[i, :cached + 1] = _slots(blocks, cache.block_size, 0, cached + 1, "cpu")
                 valid[i, ..., :cached + 1] = True
             self.decoders = (table.view(-1).to(cache.device), valid.to(cache.device))
-        for blocks, cached, n in parts:
+        for blocks, cached, n, drafted in parts:
             if self.decoders is None:
-                self.segments.append(Segment(start, start + n, cached, blocks, cache.block_size, cache.device))
+                self.segments.append(Segment(start, start + n, cached, blocks, cache.block_size, cache.device,
+                                             drafted))
             writes.append(_slots(blocks, cache.block_size, cached, cached + n, cache.device))
             start += n
         self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
@@ -206,8 +212,15 @@ class StepAttention:
                 k_seq, v_seq = keys[:, seg.run:seg.run + seg.total], values[:, seg.run:seg.run + seg.total]
             else:
                 k_seq, v_seq = keys.index_select(1, seg.slots), values.index_select(1, seg.slots)
+            k_seq, v_seq = k_seq.unsqueeze(0), v_seq.unsqueeze(0)
+            if seg.apart:
+                first = seg.total - (seg.end - seg.start)
+                outs += [F.scaled_dot_product_attention(q[:, :, i:i + 1], k_seq[:, :, :first + j + 1],
+                                                        v_seq[:, :, :first + j + 1], enable_gqa=self.cache.gqa)
+                         for j, i in enumerate(range(seg.start, seg.end))]
+                continue
             outs.append(F.scaled_dot_product_attention(
-                q[:, :, seg.start:seg.end], k_seq.unsqueeze(0), v_seq.unsqueeze(0), attn_mask=seg.mask,
+                q[:, :, seg.start:seg.end], k_seq, v_seq, attn_mask=seg.mask,
                 is_causal=seg.mask is None and seg.end - seg.start > 1,
                 enable_gqa=self.cache.gqa,
             ))

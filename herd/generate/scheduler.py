@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from herd.generate.kv_cache import PagedKVCache
 from herd.generate.sequence import Sequence
+from herd.generate.speculative import SpeculativeConfig, ngram_draft
 
 
 @dataclass
@@ -22,13 +23,17 @@ class SchedulerStats:
     cached_tokens: int = 0  # of them, found in the prefix cache
     computed_tokens: int = 0  # tokens run through the model (prefill, recompute and decode)
     preemptions: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens guessed
+    accepted_tokens: int = 0  # of them, the ones the model chose too
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, *, max_batch: int, max_step_tokens: int, prefix_caching: bool = True):
+    def __init__(self, cache: PagedKVCache, *, max_batch: int, max_step_tokens: int, prefix_caching: bool = True,
+                 speculative: SpeculativeConfig | None = None):
         self.cache, self.pool, self.block_size = cache, cache.pool, cache.block_size
         self.max_batch, self.max_step_tokens = max_batch, max_step_tokens
         self.prefix_caching = prefix_caching
+        self.speculative = speculative or SpeculativeConfig()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission
         self.stats = SchedulerStats()
@@ -43,6 +48,11 @@ class Scheduler:
             if seq in self.running and self._grow_or_preempt(seq):
                 batch.append((seq, 1))
                 budget -= 1
+        if self.speculative.draft_tokens and len(batch) <= self.speculative.max_batch:
+            for i, (seq, _) in enumerate(batch):
+                seq.draft = self._draft(seq, budget)
+                batch[i] = (seq, 1 + len(seq.draft))
+                budget -= len(seq.draft)
         decoding = {id(s) for s, _ in batch}
         for seq in self.running:
             if seq.to_compute and id(seq) not in decoding and budget > 0:
@@ -70,6 +80,21 @@ class Scheduler:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """A guess at the tokens after `seq`'s next one (greedy sequences only: only there is a guess checkable
+        without changing what is sampled), with blocks for their keys while free ones remain: a guess never preempts
+        anyone."""
+        if not seq.params.greedy or seq.constraint is not None:
+            return []
+        spec = self.speculative
+        room = min(spec.draft_tokens, seq.max_tokens - len(seq.generated) - 1, budget)
+        draft = ngram_draft(seq.tokens, room, spec.ngram, spec.min_ngram)
+        while draft and seq.num_computed + 1 + len(draft) > len(seq.blocks) * self.block_size:
+            if not self.pool.num_free:
+                return draft[:len(seq.blocks) * self.block_size - seq.num_computed - 1]
+            seq.blocks.append(self.pool.allocate(seq.blocks[-1]))
+        return draft
 
     def _admit(self, seq: Sequence, hits: list[int], need: int) -> None:
         for block in hits:

@@ -58,6 +58,7 @@ class Sequence:
         self.block_size = block_size
         self.blocks: list[int] = []
         self.num_computed = 0  # tokens whose keys and values are in the cache
+        self.draft: list[int] = []  # guessed tokens after the last one, checked in this step (speculative decoding)
         self.num_registered = 0  # full blocks entered in the prefix cache
         self.cached_tokens = 0  # prompt tokens found in the prefix cache on (first) admission
         self._hashes: list[bytes] = []

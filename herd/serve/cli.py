@@ -22,6 +22,8 @@ def serve_cmd(
     kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB)"),
     prefix_cache: bool = typer.Option(True, help="reuse the KV cache of shared prompt prefixes (chat history, "
                                       "system prompts)"),
+    draft_tokens: int = typer.Option(3, min=0, help="speculative decoding: tokens guessed per step by prompt lookup "
+                                     "for greedy requests (0: off); the output is the same either way"),
     timeout: float = typer.Option(600.0, help="seconds a request may run"),
     quantize: str = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
@@ -39,6 +41,7 @@ def serve_cmd(
 
     from herd.cli import _load
     from herd.generate import EngineConfig, Generator
+    from herd.generate.speculative import SpeculativeConfig
     from herd.serve.agents import router as agents_router
     from herd.safety.serving import load_shields
     from herd.serve.app import ServeSettings, create_app
@@ -47,7 +50,7 @@ def serve_cmd(
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20,
-        prefix_caching=prefix_cache))
+        prefix_caching=prefix_cache, speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                              request_timeout=timeout)

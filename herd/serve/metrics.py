@@ -33,6 +33,11 @@ class Metrics:
         Gauge("herd_cache_blocks_cached", "free KV-cache blocks that keep a prefix", registry=registry).set_function(
             lambda: len(pool.evictable))
         Gauge("herd_cache_blocks_total", "KV-cache blocks", registry=registry).set(pool.num_blocks)
+        # Speculative decoding: accepted / drafted is the share of guesses that saved a forward.
+        Gauge("herd_draft_tokens", "tokens guessed by prompt lookup", registry=registry).set_function(
+            lambda: scheduler.stats.drafted_tokens)
+        Gauge("herd_draft_tokens_accepted", "guessed tokens the model chose too", registry=registry).set_function(
+            lambda: scheduler.stats.accepted_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

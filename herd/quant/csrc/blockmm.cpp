@@ -79,15 +79,16 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 
 // Dot products of one weight row with T tokens' quantized activations; T is small (up to 8) so that every weight
 // block, once unpacked, is used T times. Groups are walked in order (no division per block: it cost as much as the
-// dot product), and with one token two accumulators alternate so that consecutive blocks' multiply-adds overlap.
+// dot product), and two accumulators per token take alternate blocks, so that consecutive blocks' multiply-adds
+// overlap. A token's sums are added in the same order whatever T is: speculative decoding checks guessed tokens
+// several at a time and must get exactly the numbers of one token at a time (an int8 activation code flipped by
+// a rounding difference changes the next layer visibly).
 template <int BITS, int T>
 void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
              const int8_t* const* yq, const float* const* yd, const float* const* ys, float* out) {
   const int64_t nb = K / QK, per_group = group / QK;
-  constexpr int A = T == 1 ? 2 : 1;  // more tokens are independent chains already (and need the registers)
-  __m256 acc[A][T];
-  for (int t = 0; t < T; ++t)
-    for (int a = 0; a < A; ++a) acc[a][t] = _mm256_setzero_ps();
+  __m256 acc[2][T];
+  for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
   auto block = [&](int64_t b, float sw, __m256* into) {
     __m256i w;
     if constexpr (BITS == 4) {
@@ -107,13 +108,12 @@ void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t 
   for (int64_t g = 0; b < nb; ++g) {
     const float sw = scales[g];
     const int64_t end = b + per_group;
-    for (; b + 1 < end; b += 2) block(b, sw, acc[0]), block(b + 1, sw, acc[A - 1]);
-    if (b < end) block(b, sw, acc[g % A]), ++b;
+    for (; b + 1 < end; b += 2) block(b, sw, acc[0]), block(b + 1, sw, acc[1]);
+    if (b < end) block(b, sw, acc[g % 2]), ++b;
   }
   // The mins' part is a dot product of the row's mins with the token's group sums, done apart from the blocks.
   for (int t = 0; t < T; ++t)
-    out[t] = hsum(A == 2 ? _mm256_add_ps(acc[0][t], acc[A - 1][t]) : acc[0][t]) +
-             (BITS == 4 ? dot(mins, ys[t], K / group) : 0.f);
+    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (BITS == 4 ? dot(mins, ys[t], K / group) : 0.f);
 }
 
 // The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
