@@ -194,6 +194,14 @@ class StepAttention:
             start += n
         self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
 
+    def single_run(self) -> tuple[int, int] | None:
+        """(first slot, tokens cached before this step) when the step is one sequence whose keys lie in one run of
+        the pool, where a fused decode block can read and write them directly; else None."""
+        if self.decoders is not None or len(self.segments) != 1 or self.segments[0].run is None:
+            return None
+        seg = self.segments[0]
+        return seg.run, seg.total - (seg.end - seg.start)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.k[layer], self.cache.v[layer]
         keys.index_copy_(1, self.write_slots, k[0])

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from herd.model.llama import KVCache
+from herd.generate.kv_cache import PagedKVCache, StepAttention
+from herd.quant.phase import prompt_rows
 
 
 @dataclass
@@ -26,13 +27,23 @@ class Fidelity:
 
 @torch.inference_mode()
 def logits(model, tokens: list[int], *, step: int | None = None) -> torch.Tensor:
-    """[len(tokens), vocab] float32. step: feed the tokens this many at a time through a KV cache, as decoding does
-    (quantized layers compute a few tokens differently from a whole prompt); None: all at once."""
+    """[len(tokens), vocab] float32. step: feed the tokens this many at a time as generated tokens through the
+    engine's paged cache, as decoding computes them (quantized layers compute generated tokens differently from a
+    prompt: int8 activations, the fused decode block); None: all at once, as a prompt."""
     ids = torch.tensor([tokens], device=next(model.buffers()).device)
     if step is None:
         return model(ids)[0].float()
-    cache = KVCache(model.config, 1, len(tokens), device=ids.device)
-    return torch.cat([model(ids[:, i : i + step], cache=cache)[0] for i in range(0, len(tokens), step)]).float()
+    block = 16
+    blocks = list(range(-(-len(tokens) // block)))
+    cache = PagedKVCache(model.config, len(blocks), block, device=ids.device, dtype=torch.float32)
+    out = []
+    for i in range(0, len(tokens), step):
+        chunk = ids[:, i:i + step]
+        n = chunk.shape[1]
+        with prompt_rows(torch.zeros(n, dtype=torch.bool, device=ids.device)):
+            out.append(model(chunk, torch.arange(i, i + n, device=ids.device).unsqueeze(0),
+                             cache=StepAttention(cache, [(blocks, i, n, n > 1)]))[0])
+    return torch.cat(out).float()
 
 
 def compare(reference: torch.Tensor, quantized: torch.Tensor, tokens: list[int]) -> Fidelity:

@@ -52,12 +52,21 @@ def build() -> Path:
     return path
 
 
+class QWeight(ctypes.Structure):
+    """One quantized linear layer as the fused block reads it (the C struct of the same name)."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("integer", ctypes.c_int64)]
+
+
 class _Kernel:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_matmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
+        lib.herd_decode_block.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
         self._lib = lib
 
     def dequantize(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
@@ -75,6 +84,17 @@ class _Kernel:
                                    mins.data_ptr() if mins is not None else None, m, n, k, bits, group, int(integer),
                                    out.data_ptr(), torch.get_num_threads())
         return out
+
+
+    def decode_block(self, x, attn_norm, ffn_norm, eps: float, weights, cos_sin, k_cache, v_cache, first: int,
+                     cached: int, heads: int, head_dim: int) -> None:
+        """One transformer block for x [T, dim] (updated in place): see herd_decode_block in csrc/blockmm.cpp.
+        weights: a QWeight array of wq, wk, wv, wo, w1, w2, w3."""
+        kv_heads, slots, _ = k_cache.shape
+        self._lib.herd_decode_block(x.data_ptr(), x.shape[0], x.shape[1], attn_norm.data_ptr(), ffn_norm.data_ptr(),
+                                    eps, ctypes.addressof(weights), cos_sin.data_ptr(), k_cache.data_ptr(),
+                                    v_cache.data_ptr(), slots, first, cached, heads, kv_heads, head_dim,
+                                    torch.get_num_threads())
 
 
 @functools.cache

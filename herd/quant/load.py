@@ -5,6 +5,7 @@ import torch
 
 from herd.checkpoint.base import Checkpoint
 from herd.quant.blocks import BlockEmbedding, BlockLinear
+from herd.quant.decode import use_decode_blocks
 from herd.quant.gguf import COMPUTED, block_weight
 from herd.quant.kernel import ops
 from herd.quant.schemes import Scheme, apply_scheme, install
@@ -47,11 +48,13 @@ def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tok
     if scheme.kind in ("gguf", "stored"):
         modules = _gguf_modules(ckpt) if scheme.kind == "gguf" else {n: m for n, (k, m) in ckpt.blocks.items()}
         model = build_model(ckpt, device, skip=frozenset(modules))
-        return install(model, {name: module.to(device) for name, module in modules.items()})
-    model = build_model(ckpt, device)
-    hessians = None
-    if scheme.method == "gptq":
-        from herd.quant.calibration import calibration_hessians
+        model = install(model, {name: module.to(device) for name, module in modules.items()})
+    else:
+        model = build_model(ckpt, device)
+        hessians = None
+        if scheme.method == "gptq":
+            from herd.quant.calibration import calibration_hessians
 
-        hessians = calibration_hessians(model, tokenizer or ckpt.tokenizer, scheme)
-    return apply_scheme(model, scheme, hessians)
+            hessians = calibration_hessians(model, tokenizer or ckpt.tokenizer, scheme)
+        model = apply_scheme(model, scheme, hessians)
+    return use_decode_blocks(model) if device.type == "cpu" else model

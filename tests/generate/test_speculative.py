@@ -9,6 +9,8 @@ import herd
 from herd.generate import EngineConfig, Generator, SamplingParams
 from herd.generate.speculative import SpeculativeConfig, ngram_draft
 from herd.model import ModelConfig, Transformer
+from herd.quant.decode import use_decode_blocks
+from herd.quant.kernel import ops
 from herd.quant.schemes import Scheme, apply_scheme
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=128, max_seq_len=256)
@@ -82,11 +84,16 @@ def repetitive_prompts(count, seed=0):
     return out
 
 
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_tiny_models_decode_the_same_tokens_with_and_without_drafts(tiny, quantize):
+@pytest.mark.parametrize("quantize, fused", [(None, False), ("int8", False), ("int4", False), ("int8", True),
+                                             ("int4", True)])
+def test_tiny_models_decode_the_same_tokens_with_and_without_drafts(tiny, quantize, fused):
     # Quantized layers decode a token in int8 arithmetic, where any rounding difference grows: the check that
-    # drafted tokens get exactly the numbers of one token at a time.
+    # drafted tokens get exactly the numbers of one token at a time, in PyTorch's blocks and in the kernel's.
     model = tiny if quantize is None else apply_scheme(copy.deepcopy(tiny), Scheme.parse(quantize))
+    if fused:
+        if ops() is None:
+            pytest.skip("herd's kernel is not built on this machine")
+        model = use_decode_blocks(model)
     plain, spec = engines(model, ByteTokenizer())
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
     batch = repetitive_prompts(4)  # up to SpeculativeConfig.max_batch decoding together: all of them draft

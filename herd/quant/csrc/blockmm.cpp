@@ -190,36 +190,55 @@ void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, 
     dequantize_rows(qs, scales, mins, bits, K, group, r0, std::min(N, r0 + 64), out + r0 * K);
 }
 
-// out [M, N] = x [M, K] @ W.T for a few tokens. integer: activations quantized to int8 blocks and integer dot
-// products; else float activations times the widened codes.
-void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
-                      int64_t K, int64_t bits, int64_t group, int integer, float* o, int threads) {
-  const int64_t nb = K / QK, ng = K / group, per_group = group / QK;
-  std::vector<int8_t> yq(integer ? M * K : 0);
-  std::vector<float> yd(integer ? M * nb : 0);  // the int8 path's block scales
-  // Per token and weight group, what a 4-bit group's min multiplies: the sum of the activations (of scale * codes
-  // on the int8 path).
-  std::vector<float> yg(M * ng, 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    if (integer) {
-      quantize_acts(xf + m * K, K, per_group, yq.data() + m * K, yd.data() + m * nb, yg.data() + m * ng);
-    } else {
-      for (int64_t g = 0; g < ng; ++g)
-        for (int64_t i = g * group; i < (g + 1) * group; ++i) yg[m * ng + g] += xf[m * K + i];
+}  // extern "C"
+
+namespace {
+
+// A few tokens' activations prepared for one weight's matmul: int8 codes and block scales (the integer path), and
+// per token and weight group what a 4-bit group's min multiplies: the sum of the activations (of scale * codes on
+// the int8 path).
+struct Acts {
+  const float* x;
+  int64_t M, K, group;
+  int integer;
+  std::vector<int8_t> q;
+  std::vector<float> d, g;
+
+  void prepare(const float* xf, int64_t m, int64_t k, int64_t grp, int integ) {
+    x = xf, M = m, K = k, group = grp, integer = integ;
+    const int64_t nb = K / QK, ng = K / group, per_group = group / QK;
+    q.resize(integer ? M * K : 0);
+    d.resize(integer ? M * nb : 0);
+    g.assign(M * ng, 0.f);
+    for (int64_t t = 0; t < M; ++t) {
+      if (integer) {
+        quantize_acts(x + t * K, K, per_group, q.data() + t * K, d.data() + t * nb, g.data() + t * ng);
+      } else {
+        for (int64_t j = 0; j < ng; ++j)
+          for (int64_t i = j * group; i < (j + 1) * group; ++i) g[t * ng + j] += x[t * K + i];
+      }
     }
   }
+};
+
+// out [M, N] = acts [M, K] @ W.T, its rows shared among the threads of the enclosing OpenMP team (every thread
+// calls it; outside a parallel region one thread does all rows). nowait: no barrier at the end.
+void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* mn, int64_t N, int64_t bits,
+                 float* o, bool nowait = false) {
+  const int64_t M = a.M, K = a.K, group = a.group, nb = K / QK, ng = K / group;
+  const int integer = a.integer;
   const int64_t row_bytes = bits == 4 ? K / 2 : K;
   const int64_t chunk = 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+  auto body = [&](int64_t r0) {
     const int64_t r1 = std::min(N, r0 + chunk);
     for (int64_t t0 = 0; t0 < M; t0 += 8) {
       const int T = static_cast<int>(std::min<int64_t>(8, M - t0));
       const int8_t* pq[8];
       const float *pd[8], *ps[8], *px[8];
       for (int t = 0; t < T; ++t) {
-        pq[t] = integer ? yq.data() + (t0 + t) * K : nullptr;
-        pd[t] = integer ? yd.data() + (t0 + t) * nb : nullptr, ps[t] = yg.data() + (t0 + t) * ng, px[t] = xf + (t0 + t) * K;
+        pq[t] = integer ? a.q.data() + (t0 + t) * K : nullptr;
+        pd[t] = integer ? a.d.data() + (t0 + t) * nb : nullptr, ps[t] = a.g.data() + (t0 + t) * ng;
+        px[t] = a.x + (t0 + t) * K;
       }
       float res[8];
       for (int64_t r = r0; r < r1; ++r) {
@@ -244,7 +263,156 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
         for (int t = 0; t < T; ++t) o[(t0 + t) * N + r] = res[t];
       }
     }
+  };
+  if (nowait) {
+#pragma omp for schedule(static) nowait
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) body(r0);
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) body(r0);
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out [M, N] = x [M, K] @ W.T for a few tokens. integer: activations quantized to int8 blocks and integer dot
+// products; else float activations times the widened codes.
+void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
+                      int64_t K, int64_t bits, int64_t group, int integer, float* o, int threads) {
+  Acts acts;
+  acts.prepare(xf, M, K, group, integer);
+#pragma omp parallel num_threads(threads)
+  matmul_team(acts, q, sc, mn, N, bits, o);
+}
+
+}  // extern "C"
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// One transformer block for a few generated tokens of one sequence, whose keys and values sit in one contiguous
+// run of the engine's paged cache: the same arithmetic as the PyTorch block over the quantized layers (RMSNorm,
+// rotary embeddings on adjacent pairs, grouped-query attention, SwiGLU), without a PyTorch call per operation.
+// Each token is computed on its own (its norm, its attention over the keys up to itself), so a token's numbers do
+// not depend on how many share the call.
+
+namespace {
+
+struct QWeight {  // one quantized linear layer, as BlockWeight holds it
+  const uint8_t* codes;
+  const float* scales;
+  const float* mins;
+  int64_t n, k, bits, group, integer;
+};
+
+void rms_norm(const float* x, const float* weight, int64_t T, int64_t dim, float eps, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * dim;
+    float sum = 0.f;
+    for (int64_t i = 0; i < dim; ++i) sum += xt[i] * xt[i];
+    const float r = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = xt[i] * r * weight[i];
+  }
+}
+
+// Rotate adjacent pairs of every head of token t by (cos, sin) of its position.
+void rope(float* x, int64_t heads, int64_t head_dim, const float* cos_sin) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* p = x + h * head_dim;
+    for (int64_t i = 0; i < head_dim / 2; ++i) {
+      const float a = p[2 * i], b = p[2 * i + 1], c = cos_sin[2 * i], s = cos_sin[2 * i + 1];
+      p[2 * i] = a * c - b * s;
+      p[2 * i + 1] = a * s + b * c;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [T, dim] (the residual stream, updated in place); w: wq, wk, wv, wo, w1, w2, w3; cos_sin [T, head_dim / 2, 2];
+// k_cache, v_cache [kv_heads, slots, head_dim] of this layer; the sequence's keys occupy slots first.. of them, the
+// first `cached` already filled, these T tokens' going right after.
+void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
+                       const QWeight* w, const float* cos_sin, float* k_cache, float* v_cache, int64_t slots,
+                       int64_t first, int64_t cached, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                       int threads) {
+  const int64_t qd = heads * head_dim, kd = kv_heads * head_dim, hidden = w[4].n, group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
+      up(T * hidden);
+  Acts a[3];
+  auto prepare = [&](Acts& acts, const float* in, const QWeight& weight) {
+    acts.prepare(in, T, weight.k, weight.group, static_cast<int>(weight.integer));
+  };
+  auto rows = [&](const Acts& acts, const QWeight& weight, float* out, bool nowait = false) {
+    matmul_team(acts, weight.codes, weight.scales, weight.mins, weight.n, weight.bits, out, nowait);
+  };
+  // One team of threads for the whole block: the matmuls share out rows, the small steps run on one thread, and
+  // the threads meet at barriers instead of being started and stopped for every matmul.
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp single
+    {
+      rms_norm(x, attn_norm, T, dim, eps, xn.data());
+      for (int i = 0; i < 3; ++i) prepare(a[i], xn.data(), w[i]);
+    }
+    rows(a[0], w[0], q.data(), true);
+    rows(a[1], w[1], k.data(), true);
+    rows(a[2], w[2], v.data());
+#pragma omp single
+    for (int64_t t = 0; t < T; ++t) {
+      rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
+      rope(k.data() + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t slot = first + cached + t;
+        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + (h * slots + slot) * head_dim);
+        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + (h * slots + slot) * head_dim);
+      }
+    }
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t n = cached + t + 1;  // the keys token t sees: every earlier one and its own
+        const float* qh = q.data() + t * qd + h * head_dim;
+        const float* kh = k_cache + ((h / group) * slots + first) * head_dim;
+        const float* vh = v_cache + ((h / group) * slots + first) * head_dim;
+        std::vector<float> p(n);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + j * head_dim, head_dim) * scale);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
+        float* out = att.data() + t * qd + h * head_dim;
+        std::fill_n(out, head_dim, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float pj = p[j] / total;
+          const float* vj = vh + j * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) out[d] += pj * vj[d];
+        }
+      }
+    }
+#pragma omp single
+    prepare(a[0], att.data(), w[3]);
+    rows(a[0], w[3], o.data());
+#pragma omp single
+    {
+      for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
+      rms_norm(x, ffn_norm, T, dim, eps, xn.data());
+      prepare(a[0], xn.data(), w[4]);
+      prepare(a[1], xn.data(), w[6]);
+    }
+    rows(a[0], w[4], gate.data(), true);
+    rows(a[1], w[6], up.data());
+#pragma omp single
+    {
+      for (int64_t i = 0; i < T * hidden; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      prepare(a[2], gate.data(), w[5]);
+    }
+    rows(a[2], w[5], o.data());
+  }
+  for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
 }
 
 }  // extern "C"

@@ -1,0 +1,69 @@
+"""Generated tokens through a whole transformer block in herd's kernel: the per-token PyTorch calls removed.
+
+A decode step of a quantized model spends as long in a thousand small PyTorch calls (norms, rotary embeddings,
+attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model's block as it is (same modules,
+same parameter names) and, for the tokens the engine marks as generated (`herd.quant.phase`) of one sequence whose
+keys lie in one run of the paged cache, computes the block in one kernel call; everything else (prompts, batches
+of sequences, a model on a GPU) runs the block's own PyTorch forward. Swapped in from outside, like the schemes.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from herd.model.llama import TransformerBlock
+from herd.quant.blocks import BlockLinear
+from herd.quant.kernel import QWeight, ops
+from herd.quant.phase import prompt_mask
+
+# The most generated tokens of one sequence a fused call takes: a token and its speculative draft.
+MAX_TOKENS = 16
+_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+class DecodeBlock(TransformerBlock):
+    def __init__(self, block: TransformerBlock):
+        torch.nn.Module.__init__(self)
+        self.attention, self.feed_forward = block.attention, block.feed_forward
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+        self._weights: tuple[int, ctypes.Array] | None = None
+
+    def forward(self, x, rotation, mask, cache, layer):
+        run = cache.single_run() if hasattr(cache, "single_run") else None
+        tokens = x.shape[1]
+        marked = prompt_mask(tokens) if run is not None else None
+        if (marked is None or marked[1] != tokens or tokens > MAX_TOKENS or x.shape[0] != 1
+                or x.dtype != torch.float32 or x.device.type != "cpu"):
+            return super().forward(x, rotation, mask, cache, layer)
+        first, cached = run
+        out = x[0].contiguous().clone()
+        attention = self.attention
+        ops().decode_block(out, self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
+                           self._quantized(), torch.view_as_real(rotation[0, :, 0]).contiguous(),
+                           cache.cache.k[layer], cache.cache.v[layer], first, cached, attention.n_heads,
+                           attention.head_dim)
+        return out.unsqueeze(0)
+
+    def _quantized(self) -> ctypes.Array:
+        """The seven layers' QWeight array, rebuilt when their buffers moved (`.to()`, a loaded state dict)."""
+        key = self.attention.wq.codes.data_ptr()  # buffers move together (`.to()`, a loaded state dict)
+        if self._weights is None or self._weights[0] != key:
+            linears = [self.get_submodule(name) for name in _LINEARS]
+            array = (QWeight * len(linears))(*(
+                QWeight(m.codes.data_ptr(), m.scales.data_ptr(), m.mins.data_ptr() if m.mins is not None else None,
+                        m.out_features, m.in_features, m.bits, m.group, int(m.integer)) for m in linears))
+            self._weights = (key, array)
+        return self._weights[1]
+
+
+def use_decode_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap in DecodeBlock for every block whose seven linear layers are all quantized blocks, where the kernel
+    runs; in place."""
+    if ops() is None:
+        return model
+    for i, block in enumerate(model.layers):
+        if all(isinstance(block.get_submodule(name), BlockLinear) for name in _LINEARS):
+            model.layers[i] = DecodeBlock(block)
+    return model

@@ -1,0 +1,77 @@
+"""The kernel's fused decode block against the model's own PyTorch block: same logits, same keys and values written
+to the paged cache, for one token and for a token with its speculative draft."""
+import copy
+
+import pytest
+import torch
+
+from herd.generate.kv_cache import PagedKVCache, StepAttention
+from herd.model import ModelConfig, Transformer
+from herd.quant.decode import DecodeBlock, use_decode_blocks
+from herd.quant.kernel import ops
+from herd.quant.phase import prompt_rows
+from herd.quant.schemes import Scheme, apply_scheme
+
+pytestmark = pytest.mark.skipif(ops() is None, reason="herd's kernel is not built on this machine")
+CONFIG = ModelConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=256,
+                     max_seq_len=256)
+
+
+def step(model, cache, blocks, cached, tokens, generated):
+    """One engine-like forward of `tokens` after `cached` tokens: logits of every row."""
+    n = len(tokens)
+    marks = torch.tensor([not generated] * n)
+    with torch.inference_mode(), prompt_rows(marks):
+        return model(torch.tensor([tokens]), torch.arange(cached, cached + n).unsqueeze(0),
+                     cache=StepAttention(cache, [(blocks, cached, n, generated and n > 1)]))[0]
+
+
+@pytest.mark.parametrize("scheme, tolerance", [("int8-wo", 1e-5), ("int8", 3e-2), ("int4", 3e-2)])
+@pytest.mark.parametrize("new", [1, 4])
+def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new):
+    torch.manual_seed(0)
+    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse(scheme))
+    fused = use_decode_blocks(copy.deepcopy(eager))
+    assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
+    cache = PagedKVCache(CONFIG, num_blocks=8, block_size=16, device="cpu", dtype=torch.float32)
+    blocks = [2, 3, 4]  # one contiguous run, not at the pool's start
+    prompt = torch.randint(0, CONFIG.vocab_size, (37,)).tolist()
+    step(eager, cache, blocks, 0, prompt, generated=False)
+    caches = [cache, copy.deepcopy(cache)]
+    tokens = torch.randint(0, CONFIG.vocab_size, (new,)).tolist()
+    expected = step(eager, caches[0], blocks, len(prompt), tokens, generated=True)
+    got = step(fused, caches[1], blocks, len(prompt), tokens, generated=True)
+    # Integer schemes quantize each activation block to int8, where a rounding difference between the two
+    # implementations can move a code by one step: equal up to that, not to float rounding.
+    assert (got - expected).norm() / expected.norm() < tolerance
+    slots = slice(2 * 16 + len(prompt), 2 * 16 + len(prompt) + new)
+    for layer in range(CONFIG.n_layers):
+        for a, b in ((caches[0].k[layer], caches[1].k[layer]), (caches[0].v[layer], caches[1].v[layer])):
+            assert (a[:, slots] - b[:, slots]).norm() / a[:, slots].norm() < tolerance
+            assert torch.equal(a[:, 2 * 16:slots.start], b[:, 2 * 16:slots.start])  # the prompt's keys untouched
+
+
+def test_prompts_batches_and_unmarked_forwards_take_the_pytorch_block():
+    torch.manual_seed(0)
+    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4"))
+    fused = use_decode_blocks(copy.deepcopy(eager))
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 12))
+    with torch.inference_mode():
+        assert torch.equal(fused(tokens), eager(tokens))  # no cache, no marks
+    cache = PagedKVCache(CONFIG, num_blocks=8, block_size=16, device="cpu", dtype=torch.float32)
+    other = copy.deepcopy(cache)
+    assert torch.equal(step(fused, cache, [0], 0, tokens[0].tolist(), generated=False),
+                       step(eager, other, [0], 0, tokens[0].tolist(), generated=False))
+
+
+def test_float_models_and_fp8_keep_their_blocks():
+    model = use_decode_blocks(Transformer(CONFIG).eval())
+    assert not any(isinstance(layer, DecodeBlock) for layer in model.layers)
+    fp8 = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("fp8")))
+    assert not any(isinstance(layer, DecodeBlock) for layer in fp8.layers)
+
+
+def test_state_dict_names_are_unchanged():
+    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4"))
+    names = list(eager.state_dict())
+    assert list(use_decode_blocks(copy.deepcopy(eager)).state_dict()) == names
