@@ -13,15 +13,9 @@ from herd.quant.decode import use_decode_blocks
 from herd.quant.kernel import ops
 from herd.quant.schemes import Scheme, apply_scheme
 
+from test_engine import ByteTokenizer
+
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_dim=128, max_seq_len=256)
-
-
-class ByteTokenizer:
-    stop_ids = [0]
-    pad_id = None
-
-    def decode_bytes(self, ids):
-        return bytes(97 + i % 26 for i in ids)
 
 
 def lookup_reference(tokens, limit, ngram, min_ngram):

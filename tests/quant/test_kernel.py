@@ -71,3 +71,16 @@ def test_q4_k_super_blocks_are_read_exactly():
     raw[..., 0:4] = np.frombuffer(rng.uniform(0.001, 0.1, (4, 2, 2)).astype(np.float16).tobytes(), np.uint8).reshape(4, 2, 4)
     raw = raw.reshape(4, 288)
     assert np.array_equal(block_weight("Q4_K", raw).dequantize().numpy(), quants.dequantize(raw, Q.Q4_K))
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256)])
+def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group):
+    # Speculative decoding checks a token and its draft in one call and must get exactly the numbers of each
+    # token decoded alone; one token takes its own loop (several rows per pass), several take token tiles.
+    _, w = weights(bits, group, n=37)  # rows not a multiple of the kernel's row groups
+    x = torch.randn(11, 256) * 3
+    args = (w.codes, w.scales, w.mins, bits, group, True)
+    together = kernel.ops().matmul_rows(x, *args)
+    for i in range(len(x)):
+        assert torch.equal(kernel.ops().matmul_rows(x[i:i + 1], *args)[0], together[i])

@@ -116,6 +116,41 @@ void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t 
     out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (BITS == 4 ? dot(mins, ys[t], K / group) : 0.f);
 }
 
+// One token against R weight rows at once (decoding): each activation block is loaded once for all R rows. Every
+// row's sums are added exactly as row_dot<BITS, 1> adds them (alternate blocks, two accumulators), so a token's
+// numbers stay the same however its rows are grouped.
+template <int BITS, int R>
+void rows_dot(const uint8_t* const* qs, const float* const* scales, const float* const* mins, int64_t K,
+              int64_t group, const int8_t* yq, const float* yd, const float* ys, float* out) {
+  const int64_t nb = K / QK, per_group = group / QK;
+  __m256 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+  auto block = [&](int64_t b, int64_t g, int a) {
+    __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq + b * QK));
+    const float db = yd[b];
+    for (int r = 0; r < R; ++r) {
+      __m256i w, yr = y;
+      if constexpr (BITS == 4) {
+        w = unpack_nibbles(qs[r] + b * (QK / 2));
+      } else {
+        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs[r] + b * QK));
+        yr = _mm256_sign_epi8(y, w);
+        w = _mm256_sign_epi8(w, w);
+      }
+      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, yr));
+      acc[a][r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[r][g] * db), p, acc[a][r]);
+    }
+  };
+  int64_t b = 0;
+  for (int64_t g = 0; b < nb; ++g) {
+    const int64_t end = b + per_group;
+    for (; b + 1 < end; b += 2) block(b, g, 0), block(b + 1, g, 1);
+    if (b < end) block(b, g, g % 2), ++b;
+  }
+  for (int r = 0; r < R; ++r)
+    out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + (BITS == 4 ? dot(mins[r], ys, K / group) : 0.f);
+}
+
 // The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
 // widened to float32; xsum[t][g] is the sum of token t's group g, which a 4-bit group's min multiplies.
 template <int BITS, int T>
@@ -231,6 +266,26 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
   const int64_t chunk = 16;
   auto body = [&](int64_t r0) {
     const int64_t r1 = std::min(N, r0 + chunk);
+    if (M == 1 && integer) {  // decoding one token: four rows per pass over its activations
+      constexpr int R = 4;
+      for (int64_t r = r0; r < r1; r += R) {
+        const int n = static_cast<int>(std::min<int64_t>(R, r1 - r));
+        const uint8_t* pq[R];
+        const float *ps[R], *pm[R];
+        for (int i = 0; i < R; ++i) {
+          const int64_t row = r + std::min(i, n - 1);
+          pq[i] = q + row * row_bytes, ps[i] = sc + row * ng, pm[i] = mn ? mn + row * ng : nullptr;
+        }
+        float res[R];
+        if (bits == 4) {
+          rows_dot<4, R>(pq, ps, pm, K, group, a.q.data(), a.d.data(), a.g.data(), res);
+        } else {
+          rows_dot<8, R>(pq, ps, pm, K, group, a.q.data(), a.d.data(), a.g.data(), res);
+        }
+        for (int i = 0; i < n; ++i) o[r + i] = res[i];
+      }
+      return;
+    }
     for (int64_t t0 = 0; t0 < M; t0 += 8) {
       const int T = static_cast<int>(std::min<int64_t>(8, M - t0));
       const int8_t* pq[8];
