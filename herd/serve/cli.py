@@ -22,7 +22,7 @@ def serve_cmd(
     kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB)"),
     prefix_cache: bool = typer.Option(True, help="reuse the KV cache of shared prompt prefixes (chat history, "
                                       "system prompts)"),
-    draft_tokens: int = typer.Option(3, min=0, help="speculative decoding: tokens guessed per step by prompt lookup "
+    draft_tokens: int = typer.Option(2, min=0, help="speculative decoding: tokens guessed per step by prompt lookup "
                                      "for greedy requests (0: off); the output is the same either way"),
     timeout: float = typer.Option(600.0, help="seconds a request may run"),
     quantize: str = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)"),
