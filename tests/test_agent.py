@@ -336,7 +336,15 @@ def test_real_model_search_question(real_llm, collection):
 
 @pytest.mark.heavy
 def test_real_model_arithmetic_goes_to_the_math_backend(real_llm):
-    call, result, answer, _ = real_loop(real_llm, ["wolfram_alpha"], "what is 1234 times 5678")
+    """Asked cold, 135M parameters pass the tool only "1234": one earlier exchange shows them the form, which they
+    follow."""
+    example = json.dumps({"name": "wolfram_alpha", "parameters": {"query": "12 * 34"}})
+    messages = [{"role": "user", "content": "what is 12 times 34"},
+                {"role": "assistant", "content": example},
+                {"role": "ipython", "content": json.dumps({"query": "12 * 34", "input": "12*34", "result": "408"})},
+                {"role": "assistant", "content": "12 times 34 is 408."},
+                {"role": "user", "content": "what is 1234 times 5678"}]
+    call, result, answer, _ = real_loop(real_llm, ["wolfram_alpha"], messages)
     assert call.name == "wolfram_alpha"
     assert json.loads(result.content)["result"] == str(1234 * 5678)  # SymPy's product, handed to the model
 

@@ -15,6 +15,7 @@ first in line for eviction, until its slots are needed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections import OrderedDict
@@ -173,40 +174,51 @@ class StepAttention:
     def __init__(self, cache: PagedKVCache, parts: list[tuple[list[int], int, int, bool]]):
         """parts: for each sequence, (its blocks, tokens already cached, tokens in this step, whether they are a
         token and its draft)."""
-        self.cache = cache
-        self.segments, writes, start = [], [], 0
+        self.cache, self._parts = cache, parts
+        self.scratch: dict = {}  # what layers wrapping the model prepare once per step (herd.quant.decode)
         # A step of several decoding sequences (one query each: a busy server's usual step) attends in one call per
         # layer over their keys gathered into a padded batch; one call per sequence cost a third of such a step.
-        self.decoders = None
-        if len(parts) > 1 and all(n == 1 for _, _, n, _ in parts):
-            width = max(cached + 1 for _, cached, _, _ in parts)
-            table = torch.zeros(len(parts), width, dtype=torch.long)
-            valid = torch.zeros(len(parts), 1, 1, width, dtype=torch.bool)
-            for i, (blocks, cached, _, _) in enumerate(parts):
-                table[i, :cached + 1] = _slots(blocks, cache.block_size, 0, cached + 1, "cpu")
-                valid[i, ..., :cached + 1] = True
-            self.decoders = (table.view(-1).to(cache.device), valid.to(cache.device))
-        for blocks, cached, n, drafted in parts:
-            if self.decoders is None:
-                self.segments.append(Segment(start, start + n, cached, blocks, cache.block_size, cache.device,
-                                             drafted))
-            writes.append(_slots(blocks, cache.block_size, cached, cached + n, cache.device))
-            start += n
-        self.write_slots = writes[0] if len(writes) == 1 else torch.cat(writes)
+        # What attention needs is built on first use: a fused decode block (herd.quant.decode) needs none of it.
+        self.batched = len(parts) > 1 and all(n == 1 for _, _, n, _ in parts)
 
-    def single_run(self) -> tuple[int, int] | None:
-        """(first slot, tokens cached before this step) when the step is one sequence whose keys lie in one run of
-        the pool, where a fused decode block can read and write them directly; else None."""
-        if self.decoders is not None or len(self.segments) != 1 or self.segments[0].run is None:
-            return None
-        seg = self.segments[0]
-        return seg.run, seg.total - (seg.end - seg.start)
+    @functools.cached_property
+    def decoders(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded batch of a batched step: every sequence's key slots [seqs * width], and which are valid."""
+        parts, cache = self._parts, self.cache
+        width = max(cached + 1 for _, cached, _, _ in parts)
+        table = torch.zeros(len(parts), width, dtype=torch.long)
+        valid = torch.zeros(len(parts), 1, 1, width, dtype=torch.bool)
+        for i, (blocks, cached, _, _) in enumerate(parts):
+            table[i, :cached + 1] = _slots(blocks, cache.block_size, 0, cached + 1, "cpu")
+            valid[i, ..., :cached + 1] = True
+        return table.view(-1).to(cache.device), valid.to(cache.device)
+
+    @functools.cached_property
+    def segments(self) -> list[Segment]:
+        segments, start = [], 0
+        for blocks, cached, n, drafted in self._parts:
+            segments.append(Segment(start, start + n, cached, blocks, self.cache.block_size, self.cache.device,
+                                    drafted))
+            start += n
+        return segments
+
+    @functools.cached_property
+    def write_slots(self) -> torch.Tensor:
+        writes = [_slots(blocks, self.cache.block_size, cached, cached + n, self.cache.device)
+                  for blocks, cached, n, _ in self._parts]
+        return writes[0] if len(writes) == 1 else torch.cat(writes)
+
+    @property
+    def parts(self) -> list[tuple[list[int], int, int]]:
+        """(blocks, tokens cached, tokens in this step) of each sequence, in the step's order: where a fused decode
+        block reads and writes keys itself."""
+        return [(blocks, cached, n) for blocks, cached, n, _ in self._parts]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.k[layer], self.cache.v[layer]
         keys.index_copy_(1, self.write_slots, k[0])
         values.index_copy_(1, self.write_slots, v[0])
-        if self.decoders is not None:
+        if self.batched:
             slots, valid = self.decoders
             batch = (valid.shape[0], valid.shape[-1])
             k_all = keys.index_select(1, slots).unflatten(1, batch).transpose(0, 1)  # [seqs, kv_heads, keys, dim]

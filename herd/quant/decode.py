@@ -1,10 +1,11 @@
 """Generated tokens through a whole transformer block in herd's kernel: the per-token PyTorch calls removed.
 
-A decode step of a quantized model spends as long in a thousand small PyTorch calls (norms, rotary embeddings,
+A decode step of a quantized model spent as long in a thousand small PyTorch calls (norms, rotary embeddings,
 attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model's block as it is (same modules,
-same parameter names) and, for the tokens the engine marks as generated (`herd.quant.phase`) of one sequence whose
-keys lie in one run of the paged cache, computes the block in one kernel call; everything else (prompts, batches
-of sequences, a model on a GPU) runs the block's own PyTorch forward. Swapped in from outside, like the schemes.
+same parameter names) and, when every token of an engine step is a generated one (`herd.quant.phase`: decoding
+sequences, drafted tokens), computes the block in one kernel call for all the step's sequences, reading and
+writing their keys in the paged cache; everything else (prompt tokens, forwards without the engine's cache, a
+model on a GPU) runs the block's own PyTorch forward. Swapped in from outside, like the schemes.
 """
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ import ctypes
 import torch
 
 from herd.model.llama import TransformerBlock
-from herd.quant.blocks import BlockLinear
-from herd.quant.kernel import QWeight, ops
+from herd.quant.blocks import MAX_GENERATED_TOKENS, BlockLinear
+from herd.quant.kernel import QWeight, Sequences, ops
 from herd.quant.phase import prompt_mask
 
-# The most generated tokens of one sequence a fused call takes: a token and its speculative draft.
-MAX_TOKENS = 16
 _LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -31,19 +30,22 @@ class DecodeBlock(TransformerBlock):
         self._weights: tuple[int, ctypes.Array] | None = None
 
     def forward(self, x, rotation, mask, cache, layer):
-        run = cache.single_run() if hasattr(cache, "single_run") else None
         tokens = x.shape[1]
-        marked = prompt_mask(tokens) if run is not None else None
-        if (marked is None or marked[1] != tokens or tokens > MAX_TOKENS or x.shape[0] != 1
+        marked = prompt_mask(tokens) if hasattr(cache, "parts") else None
+        # Past MAX_GENERATED_TOKENS the quantized layers compute generated rows exactly (float activations); the
+        # kernel's block does not, so such a step stays in PyTorch.
+        if (marked is None or marked[1] != tokens or tokens > MAX_GENERATED_TOKENS or x.shape[0] != 1
                 or x.dtype != torch.float32 or x.device.type != "cpu"):
             return super().forward(x, rotation, mask, cache, layer)
-        first, cached = run
+        if "decode" not in cache.scratch:  # once per step, for every layer
+            cache.scratch["decode"] = (Sequences.of(cache.parts, cache.cache.block_size),
+                                       torch.view_as_real(rotation[0, :, 0]).contiguous())
+        seqs, cos_sin = cache.scratch["decode"]
         out = x[0].contiguous().clone()
         attention = self.attention
         ops().decode_block(out, self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
-                           self._quantized(), torch.view_as_real(rotation[0, :, 0]).contiguous(),
-                           cache.cache.k[layer], cache.cache.v[layer], first, cached, attention.n_heads,
-                           attention.head_dim)
+                           self._quantized(), cos_sin, cache.cache.k[layer], cache.cache.v[layer], seqs,
+                           attention.n_heads, attention.head_dim)
         return out.unsqueeze(0)
 
     def _quantized(self) -> ctypes.Array:

@@ -60,13 +60,33 @@ class QWeight(ctypes.Structure):
                 ("integer", ctypes.c_int64)]
 
 
+class Sequences(ctypes.Structure):
+    """The sequences of a decode step and their blocks (the C struct of the same name); `tensors` keeps the int64
+    arrays it points into alive."""
+
+    _fields_ = [("count", ctypes.c_int64), ("block_size", ctypes.c_int64), ("tokens", ctypes.c_void_p),
+                ("cached", ctypes.c_void_p), ("table_offset", ctypes.c_void_p), ("table", ctypes.c_void_p)]
+
+    @classmethod
+    def of(cls, parts: list[tuple[list[int], int, int]], block_size: int) -> Sequences:
+        """parts: (blocks, tokens cached, tokens in this step) of each sequence, in the step's order."""
+        offsets = [0]
+        for blocks, _, _ in parts[:-1]:
+            offsets.append(offsets[-1] + len(blocks))
+        tensors = [torch.tensor(v, dtype=torch.int64) for v in ([n for _, _, n in parts], [c for _, c, _ in parts],
+                                                                offsets, [b for blocks, _, _ in parts for b in blocks])]
+        out = cls(len(parts), block_size, *(t.data_ptr() for t in tensors))
+        out.tensors = tensors
+        return out
+
+
 class _Kernel:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_matmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
-        lib.herd_decode_block.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
+        lib.herd_decode_block.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
         self._lib = lib
 
     def dequantize(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
@@ -86,14 +106,14 @@ class _Kernel:
         return out
 
 
-    def decode_block(self, x, attn_norm, ffn_norm, eps: float, weights, cos_sin, k_cache, v_cache, first: int,
-                     cached: int, heads: int, head_dim: int) -> None:
+    def decode_block(self, x, attn_norm, ffn_norm, eps: float, weights, cos_sin, k_cache, v_cache,
+                     seqs: Sequences, heads: int, head_dim: int) -> None:
         """One transformer block for x [T, dim] (updated in place): see herd_decode_block in csrc/blockmm.cpp.
         weights: a QWeight array of wq, wk, wv, wo, w1, w2, w3."""
         kv_heads, slots, _ = k_cache.shape
         self._lib.herd_decode_block(x.data_ptr(), x.shape[0], x.shape[1], attn_norm.data_ptr(), ffn_norm.data_ptr(),
                                     eps, ctypes.addressof(weights), cos_sin.data_ptr(), k_cache.data_ptr(),
-                                    v_cache.data_ptr(), slots, first, cached, heads, kv_heads, head_dim,
+                                    v_cache.data_ptr(), slots, ctypes.addressof(seqs), heads, kv_heads, head_dim,
                                     torch.get_num_threads())
 
 

@@ -19,11 +19,16 @@ CONFIG = ModelConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=30
 
 def step(model, cache, blocks, cached, tokens, generated):
     """One engine-like forward of `tokens` after `cached` tokens: logits of every row."""
-    n = len(tokens)
-    marks = torch.tensor([not generated] * n)
-    with torch.inference_mode(), prompt_rows(marks):
-        return model(torch.tensor([tokens]), torch.arange(cached, cached + n).unsqueeze(0),
-                     cache=StepAttention(cache, [(blocks, cached, n, generated and n > 1)]))[0]
+    return batch_step(model, cache, [(blocks, cached, tokens)], generated)
+
+
+def batch_step(model, cache, seqs, generated):
+    """One engine-like step of several sequences, (blocks, tokens cached, new tokens) each: logits of every row."""
+    tokens = [t for _, _, new in seqs for t in new]
+    positions = [c + i for _, c, new in seqs for i in range(len(new))]
+    parts = [(blocks, c, len(new), generated and len(new) > 1) for blocks, c, new in seqs]
+    with torch.inference_mode(), prompt_rows(torch.tensor([not generated] * len(tokens))):
+        return model(torch.tensor([tokens]), torch.tensor([positions]), cache=StepAttention(cache, parts))[0]
 
 
 @pytest.mark.parametrize("scheme, tolerance", [("int8-wo", 1e-5), ("int8", 3e-2), ("int4", 3e-2)])
@@ -75,3 +80,25 @@ def test_state_dict_names_are_unchanged():
     eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4"))
     names = list(eager.state_dict())
     assert list(use_decode_blocks(copy.deepcopy(eager)).state_dict()) == names
+
+
+def test_a_batch_of_sequences_decodes_exactly_as_each_alone():
+    torch.manual_seed(1)
+    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4"))
+    fused = use_decode_blocks(copy.deepcopy(eager))
+    cache = PagedKVCache(CONFIG, num_blocks=10, block_size=16, device="cpu", dtype=torch.float32)
+    tables = [[5, 1], [2, 7, 3], [0]]  # scattered blocks, as after preemption or a prefix-cache hit
+    prompts = [torch.randint(0, CONFIG.vocab_size, (n,)).tolist() for n in (20, 35, 9)]
+    for blocks, prompt in zip(tables, prompts):
+        step(eager, cache, blocks, 0, prompt, generated=False)
+    new = [torch.randint(0, CONFIG.vocab_size, (n,)).tolist() for n in (1, 3, 1)]  # the second with a draft
+    seqs = [(blocks, len(prompt), tokens) for blocks, prompt, tokens in zip(tables, prompts, new)]
+    together_cache = copy.deepcopy(cache)
+    together = batch_step(fused, together_cache, seqs, generated=True)
+    rows = 0
+    for seq, tokens in zip(seqs, new):
+        alone = step(fused, copy.deepcopy(cache), seq[0], seq[1], tokens, generated=True)
+        assert torch.equal(together[rows:rows + len(tokens)], alone)
+        rows += len(tokens)
+    expected = batch_step(eager, copy.deepcopy(cache), seqs, generated=True)
+    assert (together - expected).norm() / expected.norm() < 3e-2

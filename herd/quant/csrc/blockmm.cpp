@@ -346,13 +346,22 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// One transformer block for a few generated tokens of one sequence, whose keys and values sit in one contiguous
-// run of the engine's paged cache: the same arithmetic as the PyTorch block over the quantized layers (RMSNorm,
-// rotary embeddings on adjacent pairs, grouped-query attention, SwiGLU), without a PyTorch call per operation.
-// Each token is computed on its own (its norm, its attention over the keys up to itself), so a token's numbers do
-// not depend on how many share the call.
+// One transformer block for the generated tokens of a step (one or more per sequence, sequences end to end), whose
+// keys and values live in blocks of the engine's paged cache: the same arithmetic as the PyTorch block over the
+// quantized layers (RMSNorm, rotary embeddings on adjacent pairs, grouped-query attention, SwiGLU), without a
+// PyTorch call per operation. Each token is computed on its own (its norm, its matmul sums, its attention over its
+// sequence's keys up to itself), so a token's numbers do not depend on what else shares the call: a batch of
+// sequences decodes exactly as each would alone.
 
 namespace {
+
+struct Sequences {  // the sequences of a step and where their keys live in the paged cache
+  int64_t count, block_size;
+  const int64_t* tokens;        // [count] tokens of each in this step
+  const int64_t* cached;        // [count] tokens of each already in the cache
+  const int64_t* table_offset;  // [count] where each one's blocks start in `table`
+  const int64_t* table;         // block ids, each sequence's in order
+};
 
 struct QWeight {  // one quantized linear layer, as BlockWeight holds it
   const uint8_t* codes;
@@ -388,14 +397,19 @@ void rope(float* x, int64_t heads, int64_t head_dim, const float* cos_sin) {
 extern "C" {
 
 // x [T, dim] (the residual stream, updated in place); w: wq, wk, wv, wo, w1, w2, w3; cos_sin [T, head_dim / 2, 2];
-// k_cache, v_cache [kv_heads, slots, head_dim] of this layer; the sequence's keys occupy slots first.. of them, the
-// first `cached` already filled, these T tokens' going right after.
+// k_cache, v_cache [kv_heads, slots, head_dim] of this layer; these tokens' keys and values are written there.
 void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
                        const QWeight* w, const float* cos_sin, float* k_cache, float* v_cache, int64_t slots,
-                       int64_t first, int64_t cached, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                       int threads) {
+                       const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, int threads) {
   const int64_t qd = heads * head_dim, kd = kv_heads * head_dim, hidden = w[4].n, group = heads / kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  // Token t: which sequence, and its position there (the tokens of the sequences lie end to end).
+  std::vector<int64_t> seq_of(T), pos_of(T);
+  for (int64_t s = 0, t = 0; s < seqs->count; ++s)
+    for (int64_t i = 0; i < seqs->tokens[s]; ++i, ++t) seq_of[t] = s, pos_of[t] = seqs->cached[s] + i;
+  auto slot = [&](int64_t s, int64_t pos) {
+    return seqs->table[seqs->table_offset[s] + pos / seqs->block_size] * seqs->block_size + pos % seqs->block_size;
+  };
   std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
       up(T * hidden);
   Acts a[3];
@@ -421,29 +435,31 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
     for (int64_t t = 0; t < T; ++t) {
       rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
       rope(k.data() + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
+      const int64_t at = slot(seq_of[t], pos_of[t]);
       for (int64_t h = 0; h < kv_heads; ++h) {
-        const int64_t slot = first + cached + t;
-        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + (h * slots + slot) * head_dim);
-        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + (h * slots + slot) * head_dim);
+        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + (h * slots + at) * head_dim);
+        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + (h * slots + at) * head_dim);
       }
     }
 #pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < heads; ++h) {
-        const int64_t n = cached + t + 1;  // the keys token t sees: every earlier one and its own
+        const int64_t n = pos_of[t] + 1, s = seq_of[t];  // the keys token t sees: every earlier one and its own
         const float* qh = q.data() + t * qd + h * head_dim;
-        const float* kh = k_cache + ((h / group) * slots + first) * head_dim;
-        const float* vh = v_cache + ((h / group) * slots + first) * head_dim;
+        const float* kh = k_cache + (h / group) * slots * head_dim;
+        const float* vh = v_cache + (h / group) * slots * head_dim;
+        std::vector<int64_t> at(n);
+        for (int64_t j = 0; j < n; ++j) at[j] = slot(s, j) * head_dim;
         std::vector<float> p(n);
         float top = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + j * head_dim, head_dim) * scale);
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + at[j], head_dim) * scale);
         float total = 0.f;
         for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
         float* out = att.data() + t * qd + h * head_dim;
         std::fill_n(out, head_dim, 0.f);
         for (int64_t j = 0; j < n; ++j) {
           const float pj = p[j] / total;
-          const float* vj = vh + j * head_dim;
+          const float* vj = vh + at[j];
           for (int64_t d = 0; d < head_dim; ++d) out[d] += pj * vj[d];
         }
       }
