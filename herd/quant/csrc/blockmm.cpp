@@ -407,9 +407,15 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
   std::vector<int64_t> seq_of(T), pos_of(T);
   for (int64_t s = 0, t = 0; s < seqs->count; ++s)
     for (int64_t i = 0; i < seqs->tokens[s]; ++i, ++t) seq_of[t] = s, pos_of[t] = seqs->cached[s] + i;
-  auto slot = [&](int64_t s, int64_t pos) {
-    return seqs->table[seqs->table_offset[s] + pos / seqs->block_size] * seqs->block_size + pos % seqs->block_size;
-  };
+  // Where each sequence's keys are, position by position (element offsets into a head's slots), worked out once
+  // for all heads.
+  std::vector<std::vector<int64_t>> where(seqs->count);
+  for (int64_t s = 0; s < seqs->count; ++s) {
+    where[s].resize(seqs->cached[s] + seqs->tokens[s]);
+    for (int64_t pos = 0; pos < static_cast<int64_t>(where[s].size()); ++pos)
+      where[s][pos] = (seqs->table[seqs->table_offset[s] + pos / seqs->block_size] * seqs->block_size +
+                       pos % seqs->block_size) * head_dim;
+  }
   std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
       up(T * hidden);
   Acts a[3];
@@ -435,10 +441,10 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
     for (int64_t t = 0; t < T; ++t) {
       rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
       rope(k.data() + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
-      const int64_t at = slot(seq_of[t], pos_of[t]);
+      const int64_t at = where[seq_of[t]][pos_of[t]];
       for (int64_t h = 0; h < kv_heads; ++h) {
-        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + (h * slots + at) * head_dim);
-        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + (h * slots + at) * head_dim);
+        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + h * slots * head_dim + at);
+        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + h * slots * head_dim + at);
       }
     }
 #pragma omp for schedule(static) collapse(2)
@@ -448,8 +454,7 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
         const float* qh = q.data() + t * qd + h * head_dim;
         const float* kh = k_cache + (h / group) * slots * head_dim;
         const float* vh = v_cache + (h / group) * slots * head_dim;
-        std::vector<int64_t> at(n);
-        for (int64_t j = 0; j < n; ++j) at[j] = slot(s, j) * head_dim;
+        const int64_t* at = where[s].data();
         std::vector<float> p(n);
         float top = -INFINITY;
         for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + at[j], head_dim) * scale);
