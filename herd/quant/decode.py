@@ -50,7 +50,7 @@ class DecodeBlock(TransformerBlock):
 
     def _quantized(self) -> ctypes.Array:
         """The seven layers' QWeight array, rebuilt when their buffers moved (`.to()`, a loaded state dict)."""
-        key = self.attention.wq.codes.data_ptr()  # buffers move together (`.to()`, a loaded state dict)
+        key = self.attention.wq.codes.data_ptr()  # the seven move together
         if self._weights is None or self._weights[0] != key:
             linears = [self.get_submodule(name) for name in _LINEARS]
             array = (QWeight * len(linears))(*(

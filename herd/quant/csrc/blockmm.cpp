@@ -10,6 +10,9 @@
 // and multiplied with the BLAS GEMM, which on these CPUs beats integer dot products once the weights are reused
 // across enough tokens.
 //
+// herd_decode_block (at the end) runs a whole transformer block for a decode step's generated tokens on these
+// matmuls.
+//
 // Plain C entry points over raw pointers (called through ctypes): no torch headers, so it compiles in seconds.
 #include <immintrin.h>
 #include <omp.h>
