@@ -154,14 +154,18 @@ def verdict_label(verdict: dict) -> str:
     return verdict["categories"][0] if verdict["categories"] else "unsafe"
 
 
-def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: int = 0, per_label: int = 60,
+def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: int = 0, per_label: int = 20,
                             safe_train: int = 250, safe_test: int = 200, max_chars: int = 600,
                             overrides: Sequence[str] = (), progress: bool = True, split: tuple | None = None):
     """A generative Llama Guard: `base` fine-tuned with herd's SFT recipe (LoRA on every linear layer, loss on the
     verdict only) on the guard prompt of each training turn, then judged on the held-out sources through
     LlamaGuard.check, exactly as a deployment calls it. Returns (the tuned model's directory, the held-out
     report); `overrides` are `herd finetune` options (--training.lr=..., --lora.rank=...); `split`: (train, test)
-    examples instead of guard_split's. A rerun resumes."""
+    examples instead of guard_split's. A rerun resumes.
+
+    per_label 20 gives about as many harmful training turns as safe ones (252 and 250). Balance is what mattered:
+    one epoch on 252 harmful and 80 safe turns called nearly everything unsafe (78% false positives on held-out
+    safe text), one epoch on 252 and 250 had 6%."""
     import herd
     from herd.atomic import atomic_output
     from herd.posttrain.finetune import finetune, load_finetune_config
