@@ -105,7 +105,6 @@ class _Kernel:
                                    out.data_ptr(), torch.get_num_threads())
         return out
 
-
     def decode_block(self, x, attn_norm, ffn_norm, eps: float, weights, cos_sin, k_cache, v_cache,
                      seqs: Sequences, heads: int, head_dim: int) -> None:
         """One transformer block for x [T, dim] (updated in place): see herd_decode_block in csrc/blockmm.cpp.

@@ -120,6 +120,21 @@ def test_sampled_and_constrained_sequences_are_not_drafted(tiny):
     _, spec = engines(tiny, ByteTokenizer())
     spec.generate(repetitive_prompts(3), SamplingParams(max_tokens=30, temperature=0.8, seed=1, ignore_eos=True))
     assert spec.scheduler.stats.drafted_tokens == 0
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    spec.generate(repetitive_prompts(4), greedy, constraints=[AnyToken() for _ in range(4)])
+    assert spec.scheduler.stats.drafted_tokens == 0
+    spec.generate(repetitive_prompts(4), greedy)  # the same requests unconstrained do draft
+    assert spec.scheduler.stats.drafted_tokens > 0
+
+
+class AnyToken:
+    """A constraint that allows every token: the engine must still not draft for a constrained sequence."""
+
+    def mask(self, logits):
+        return logits
+
+    def accept(self, token):
+        pass
 
 
 @pytest.mark.heavy

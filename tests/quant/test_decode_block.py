@@ -56,7 +56,7 @@ def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new):
             assert torch.equal(a[:, 2 * 16:slots.start], b[:, 2 * 16:slots.start])  # the prompt's keys untouched
 
 
-def test_prompts_batches_and_unmarked_forwards_take_the_pytorch_block():
+def test_prompts_and_unmarked_forwards_take_the_pytorch_block():
     torch.manual_seed(0)
     eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4"))
     fused = use_decode_blocks(copy.deepcopy(eager))

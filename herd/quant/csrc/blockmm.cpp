@@ -425,6 +425,8 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
   auto prepare = [&](Acts& acts, const float* in, const QWeight& weight) {
     acts.prepare(in, T, weight.k, weight.group, static_cast<int>(weight.integer));
   };
+  // Layers that read the same input (wq, wk, wv; w1, w3) share its quantized form when they group it alike.
+  auto alike = [](const QWeight& u, const QWeight& v) { return u.group == v.group && u.integer == v.integer; };
   auto rows = [&](const Acts& acts, const QWeight& weight, float* out, bool nowait = false) {
     matmul_team(acts, weight.codes, weight.scales, weight.mins, weight.n, weight.bits, out, nowait);
   };
@@ -435,11 +437,13 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
 #pragma omp single
     {
       rms_norm(x, attn_norm, T, dim, eps, xn.data());
-      for (int i = 0; i < 3; ++i) prepare(a[i], xn.data(), w[i]);
+      prepare(a[0], xn.data(), w[0]);
+      for (int i = 1; i < 3; ++i)
+        if (!alike(w[i], w[0])) prepare(a[i], xn.data(), w[i]);
     }
     rows(a[0], w[0], q.data(), true);
-    rows(a[1], w[1], k.data(), true);
-    rows(a[2], w[2], v.data());
+    rows(alike(w[1], w[0]) ? a[0] : a[1], w[1], k.data(), true);
+    rows(alike(w[2], w[0]) ? a[0] : a[2], w[2], v.data());
 #pragma omp single
     for (int64_t t = 0; t < T; ++t) {
       rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
@@ -480,10 +484,10 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
       for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
       rms_norm(x, ffn_norm, T, dim, eps, xn.data());
       prepare(a[0], xn.data(), w[4]);
-      prepare(a[1], xn.data(), w[6]);
+      if (!alike(w[6], w[4])) prepare(a[1], xn.data(), w[6]);
     }
     rows(a[0], w[4], gate.data(), true);
-    rows(a[1], w[6], up.data());
+    rows(alike(w[6], w[4]) ? a[0] : a[1], w[6], up.data());
 #pragma omp single
     {
       for (int64_t i = 0; i < T * hidden; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
