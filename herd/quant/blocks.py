@@ -7,9 +7,10 @@ A weight [N, K] is stored as integer codes with one float scale (and, for 4-bit 
 4-bit codes sit two per byte as GGUF lays them out: in each chunk of 32 elements, byte j holds element j in its low
 nibble and element j + 16 in its high one.
 
-The matmul: a few tokens at a time (decoding), the activations are quantized to int8 per block of 32 and multiplied
-with the codes in integers, as llama.cpp does (herd's compiled kernel, or the same arithmetic in PyTorch); a prompt
-expands the weights to float32 a tile at a time and uses the float GEMM (exact for the stored weights).
+The matmul: the activations are quantized to int8 per block of 32 and multiplied with the codes in integers, as
+llama.cpp does, by herd's compiled kernel on a CPU; prompt tokens add a second int8 level for each block's rounding
+error, which makes them as good as float. Weight-only layers (and, without the kernel, prompts) multiply the
+stored weights exactly with the float activations.
 """
 from __future__ import annotations
 
@@ -22,11 +23,9 @@ from herd.quant.kernel import ops
 from herd.quant.phase import prompt_mask
 
 QK = 32  # activation block
-# Up to this many tokens per call take the integer path; more amortise expanding the weights into a float GEMM.
+# A forward the engine has not marked (`herd.quant.phase`) of up to this many tokens is taken for generated tokens.
 MAX_INTEGER_TOKENS = 8
-# Rows the engine marks as generated (`herd.quant.phase`) take it up to here: a decode step of many sequences
-# (a busy server) computes them 2-3x faster in integers than through the expanded weights. Unmarked forwards keep
-# the small cap, so a direct forward of a dozen tokens stays exact.
+# Without the kernel, generated tokens take the integer path in PyTorch up to this many per forward.
 MAX_GENERATED_TOKENS = 64
 # Exact products (float activations) of up to this many rows run the kernel's float loop over the stored codes;
 # more rows amortise expanding the weights once for a BLAS GEMM. The tied output layer of a decode step of many
@@ -81,21 +80,32 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (chunks[..., : QK // 2] | (chunks[..., QK // 2 :] << 4)).view(codes.shape[0], -1)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] → int8 codes as float [M, K/32, 32] and scales [M, K/32]: max |x| of a block maps to 127."""
+def quantize_activations(x: torch.Tensor, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] → int8 codes as float [M, K/32, 32] and scales [M, K/32]: max |x| of a block maps to 127. levels 2:
+    each block's rounding error quantized again at 1/254 of its scale; the codes returned are 254 * q + q2 and
+    the scale that finer one."""
     blocks = x.float().view(x.shape[0], -1, QK)
     scale = blocks.abs().amax(dim=-1) / 127
-    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
-    return torch.round(blocks * inverse[..., None]), scale
+    codes = torch.round(blocks * _inverse(scale)[..., None])
+    if levels == 2:
+        fine = scale / 254
+        rest = torch.round((blocks - codes * scale[..., None]) * _inverse(fine)[..., None])
+        codes, scale = codes * 254 + rest, fine
+    return codes, scale
 
 
-def integer_matmul(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
-    """What the kernel's integer path computes, in PyTorch: x [M, K] (quantized to int8 blocks) @ w.T → [M, N]."""
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+
+
+def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Tensor:
+    """What the kernel's integer paths compute, in PyTorch: x [M, K] (quantized to int8 blocks, in `levels`) @ w.T
+    → [M, N]."""
     n, k = w.shape
-    xq, xd = quantize_activations(x)
+    xq, xd = quantize_activations(x, levels)
     codes = codes_as_float(w.codes, w.bits).view(n, -1, QK)
     per_group = w.group // QK
-    dots = torch.einsum("mbi,nbi->mnb", xq, codes)  # exact: integers far below 2**24
+    dots = torch.einsum("mbi,nbi->mnb", xq.double(), codes.double()).float()  # exact integers
     wscale = w.scales.repeat_interleave(per_group, dim=1)
     out = (dots * (xd[:, None, :] * wscale[None])).sum(-1)
     if w.mins is not None:
@@ -104,35 +114,51 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Tensor:
-    """x [..., K] @ w.T in float32. integer: a few generated tokens take the int8-activation path; prompt tokens
-    (as `herd.quant.phase` tells them; else any forward of more than a few tokens) take the stored weights times
-    the float activations, always."""
+    """x [..., K] @ w.T in float32. integer=False (weight-only layers): exactly the stored weights times x.
+    integer: prompt tokens and generated tokens (as `herd.quant.phase` tells them; unmarked, a forward of more than
+    a few tokens is a prompt) are computed apart, each the same way however many share the call, so that a
+    prompt computes the same however it is chunked and a sequence the same in a batch of any size. Where the
+    kernel runs, generated tokens take int8 activations and prompt tokens two levels of them (as good as float,
+    at about half the integer speed); elsewhere generated tokens take the same int8 arithmetic in PyTorch and
+    prompt tokens float activations."""
     flat = x.reshape(-1, x.shape[-1]).float()
+    kernel = ops() if flat.device.type == "cpu" else None
     rows = flat.shape[0]
-    marked = prompt_mask(rows) if integer else None
-    prompt, generated = marked if marked is not None else (None, rows)
-    cap = MAX_INTEGER_TOKENS if prompt is None else MAX_GENERATED_TOKENS
-    if not integer or generated == 0 or generated > cap:
-        out = _matmul(flat, w, False)  # many generated tokens: one float GEMM serves them better
-    elif generated == rows:
-        out = _matmul(flat, w, True)
+    if not integer:
+        out = _exact(kernel, flat, w)
     else:
-        out = flat.new_empty(rows, w.shape[0])
-        out[prompt] = _matmul(flat[prompt], w, False)
-        out[~prompt] = _matmul(flat[~prompt], w, True)
+        marked = prompt_mask(rows)
+        prompt, generated = marked if marked is not None else (None, rows if rows <= MAX_INTEGER_TOKENS else 0)
+        if generated == 0:
+            out = _prompt(kernel, flat, w)
+        elif generated == rows:
+            out = _generated(kernel, flat, w)
+        else:
+            out = flat.new_empty(rows, w.shape[0])
+            out[prompt] = _prompt(kernel, flat[prompt], w)
+            out[~prompt] = _generated(kernel, flat[~prompt], w)
     return out.view(*x.shape[:-1], w.shape[0])
 
 
-def _matmul(flat: torch.Tensor, w: BlockWeight, integer: bool) -> torch.Tensor:
-    """integer: int8 activation blocks (the caller bounds the rows); else exactly the stored weights, by the
-    kernel's float path for a few rows and a float GEMM over the expanded weights for more."""
-    kernel = ops() if flat.device.type == "cpu" else None
-    args = (w.codes, w.scales, w.mins, w.bits, w.group)
-    if kernel and (integer or flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS):
-        return kernel.matmul_rows(flat, *args, integer)
-    if integer:
-        return integer_matmul(flat, w)
-    return flat @ (kernel.dequantize(*args) if kernel else w.dequantize()).T
+def _args(w: BlockWeight) -> tuple:
+    return w.codes, w.scales, w.mins, w.bits, w.group
+
+
+def _prompt(kernel, flat: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    return kernel.matmul_rows(flat, *_args(w), levels=2) if kernel else flat @ w.dequantize().T
+
+
+def _generated(kernel, flat: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    if kernel:
+        return kernel.matmul_rows(flat, *_args(w), levels=1)
+    # PyTorch's einsum grows with the batch: a decode step of very many sequences multiplies exactly instead.
+    return integer_matmul(flat, w) if flat.shape[0] <= MAX_GENERATED_TOKENS else flat @ w.dequantize().T
+
+
+def _exact(kernel, flat: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    if kernel and flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS:
+        return kernel.matmul_rows(flat, *_args(w), levels=0)
+    return flat @ (kernel.dequantize(*_args(w)) if kernel else w.dequantize()).T
 
 
 class _Blocks(nn.Module):

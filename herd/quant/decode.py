@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from herd.model.llama import TransformerBlock
-from herd.quant.blocks import MAX_GENERATED_TOKENS, BlockLinear
+from herd.quant.blocks import BlockLinear
 from herd.quant.kernel import QWeight, Sequences, ops
 from herd.quant.phase import prompt_mask
 
@@ -32,9 +32,7 @@ class DecodeBlock(TransformerBlock):
     def forward(self, x, rotation, mask, cache, layer):
         tokens = x.shape[1]
         marked = prompt_mask(tokens) if hasattr(cache, "parts") else None
-        # Past MAX_GENERATED_TOKENS the quantized layers compute generated rows exactly (float activations); the
-        # kernel's block does not, so such a step stays in PyTorch.
-        if (marked is None or marked[1] != tokens or tokens > MAX_GENERATED_TOKENS or x.shape[0] != 1
+        if (marked is None or marked[1] != tokens or x.shape[0] != 1
                 or x.dtype != torch.float32 or x.device.type != "cpu"):
             return super().forward(x, rotation, mask, cache, layer)
         if "decode" not in cache.scratch:  # once per step, for every layer

@@ -28,8 +28,8 @@ class Fidelity:
 @torch.inference_mode()
 def logits(model, tokens: list[int], *, step: int | None = None) -> torch.Tensor:
     """[len(tokens), vocab] float32. step: feed the tokens this many at a time as generated tokens through the
-    engine's paged cache, as decoding computes them (quantized layers compute generated tokens differently from a
-    prompt: int8 activations, the fused decode block); None: all at once, as a prompt."""
+    engine's paged cache, as decoding computes them (the fused decode block on a CPU; without the kernel, int8
+    activations where a prompt multiplies exactly); None: all at once, as a prompt."""
     ids = torch.tensor([tokens], device=next(model.buffers()).device)
     if step is None:
         return model(ids)[0].float()

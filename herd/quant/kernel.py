@@ -96,12 +96,13 @@ class _Kernel:
                                   n, k, bits, group, out.data_ptr(), torch.get_num_threads())
         return out
 
-    def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, integer: bool) -> torch.Tensor:
+    def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, levels: int) -> torch.Tensor:
+        """levels: 0 float activations, 1 int8 activation blocks, 2 two levels of them (see csrc/blockmm.cpp)."""
         x = x.contiguous()
         (m, k), n = x.shape, codes.shape[0]
         out = torch.empty(m, n)
         self._lib.herd_matmul_rows(x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                                   mins.data_ptr() if mins is not None else None, m, n, k, bits, group, int(integer),
+                                   mins.data_ptr() if mins is not None else None, m, n, k, bits, group, levels,
                                    out.data_ptr(), torch.get_num_threads())
         return out
 

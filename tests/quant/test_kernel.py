@@ -33,9 +33,13 @@ def test_kernel_matches_pytorch(bits, group, tokens):
     # equal up to the rounding of code * scale + min (the compiler fuses it into one multiply-add)
     assert torch.allclose(kernel.ops().dequantize(*args), w.dequantize(), rtol=1e-6, atol=1e-6)
     if tokens <= MAX_INTEGER_TOKENS:
-        assert (kernel.ops().matmul_rows(x, *args, False) - exact).abs().max() < 1e-5 * scale
+        assert (kernel.ops().matmul_rows(x, *args, 0) - exact).abs().max() < 1e-5 * scale
     # The same int8 codes of the activations and integer sums: equal up to float32 summation order.
-    assert (kernel.ops().matmul_rows(x, *args, True) - integer_matmul(x, w)).abs().max() < 1e-5 * scale
+    for levels in (1, 2):
+        assert (kernel.ops().matmul_rows(x, *args, levels) - integer_matmul(x, w, levels)).abs().max() < 1e-5 * scale
+    # Prompts' two levels: as good as float activations, a hundred times closer than one level.
+    error = [((kernel.ops().matmul_rows(x, *args, levels) - exact).norm() / exact.norm()).item() for levels in (1, 2)]
+    assert error[1] < 1e-4 and error[1] < error[0] / 100, error
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -51,10 +55,12 @@ def test_worst_case_products_do_not_saturate():
     # Codes and activations all at the top of their ranges: 16-bit pair sums would clip if the signs were wrong.
     k = 64
     w8 = BlockWeight(torch.full((4, k), -127, dtype=torch.int8), torch.ones(4, 2), None, 8, 32)
-    x = torch.full((1, k), -5.0)
+    x = torch.full((12, k), -5.0)  # as many tokens as take the repacked panels
     assert torch.allclose(integer_matmul(x, w8), x @ w8.dequantize().T)
     if kernel.ops() is not None:
-        assert torch.allclose(kernel.ops().matmul_rows(x, w8.codes, w8.scales, None, 8, 32, True), x @ w8.dequantize().T)
+        for rows, levels in ((x[:1], 1), (x, 1), (x, 2)):
+            assert torch.allclose(kernel.ops().matmul_rows(rows, w8.codes, w8.scales, None, 8, 32, levels),
+                                  rows @ w8.dequantize().T)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
@@ -75,12 +81,15 @@ def test_q4_k_super_blocks_are_read_exactly():
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256)])
-def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group):
-    # Speculative decoding checks a token and its draft in one call and must get exactly the numbers of each
-    # token decoded alone; one token takes its own loop (several rows per pass), several take token tiles.
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group, levels):
+    # A prompt chunked after a prefix-cache hit, a token checked beside its draft, a sequence in a batch: each token
+    # must get exactly its numbers alone. A few tokens run over the rows as stored, many over repacked panels.
     _, w = weights(bits, group, n=37)  # rows not a multiple of the kernel's row groups
-    x = torch.randn(11, 256) * 3
-    args = (w.codes, w.scales, w.mins, bits, group, True)
+    x = torch.randn(40, 256) * 3
+    args = (w.codes, w.scales, w.mins, bits, group, levels)
     together = kernel.ops().matmul_rows(x, *args)
     for i in range(len(x)):
         assert torch.equal(kernel.ops().matmul_rows(x[i:i + 1], *args)[0], together[i])
+    for size in (3, 8, 9):
+        assert torch.equal(torch.cat([kernel.ops().matmul_rows(part, *args) for part in x.split(size)]), together)

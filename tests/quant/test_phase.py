@@ -6,7 +6,9 @@ import torch
 import herd
 from herd.generate import EngineConfig, Generator, SamplingParams
 from herd.model import ModelConfig, Transformer
-from herd.quant.blocks import MAX_GENERATED_TOKENS, MAX_INTEGER_TOKENS, BlockLinear, _matmul, matmul, quantize_int4
+from herd.quant import blocks, kernel
+from herd.quant.blocks import (MAX_GENERATED_TOKENS, MAX_INTEGER_TOKENS, BlockLinear, integer_matmul, matmul,
+                               quantize_int4)
 from herd.quant.phase import prompt_rows
 from herd.quant.schemes import Scheme, apply_scheme
 
@@ -21,34 +23,47 @@ class ByteTokenizer:
         return bytes(97 + i % 26 for i in ids)
 
 
-def test_mixed_rows_take_each_path_per_row():
+@pytest.fixture(params=["kernel", "pytorch"])
+def paths(request, monkeypatch):
+    """The two ways a quantized layer computes prompt rows and generated rows, where the kernel runs and where
+    PyTorch does (a GPU, no compiler)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(blocks, "ops", lambda: None)
+        return lambda x, w: x @ w.dequantize().T, lambda x, w: integer_matmul(x, w), MAX_GENERATED_TOKENS
+    if kernel.ops() is None:
+        pytest.skip("herd's kernel is not built on this machine")
+    args = lambda w: (w.codes, w.scales, w.mins, w.bits, w.group)  # noqa: E731
+    return (lambda x, w: kernel.ops().matmul_rows(x, *args(w), 2),
+            lambda x, w: kernel.ops().matmul_rows(x, *args(w), 1), None)
+
+
+def test_mixed_rows_take_each_path_per_row(paths):
+    prompt_path, generated_path, _ = paths
     torch.manual_seed(0)
     w = quantize_int4(torch.randn(48, 64), 32)
     x = torch.randn(6, 64)
     prompt = torch.tensor([True, True, False, True, False, True])
     with prompt_rows(prompt):
         mixed = matmul(x, w)
-    assert torch.equal(mixed[prompt], _matmul(x[prompt], w, False))
-    assert torch.equal(mixed[~prompt], _matmul(x[~prompt], w, True))
+    assert torch.equal(mixed[prompt], prompt_path(x[prompt], w))
+    assert torch.equal(mixed[~prompt], generated_path(x[~prompt], w))
     # the two paths really differ (else this test could not tell them apart)
-    assert not torch.allclose(_matmul(x, w, False), _matmul(x, w, True), atol=1e-6)
+    assert not torch.allclose(prompt_path(x, w), generated_path(x, w), atol=1e-6)
     with prompt_rows(torch.ones(6, dtype=torch.bool)):
-        assert torch.equal(matmul(x[:2], w), _matmul(x[:2], w, True))  # no mask of 2 rows: decided by count
+        assert torch.equal(matmul(x[:2], w), generated_path(x[:2], w))  # no mask of 2 rows: decided by count
 
 
-def test_many_generated_rows_stay_integer_only_when_marked():
+def test_many_rows_are_generated_only_when_marked(paths):
+    prompt_path, generated_path, cap = paths
     torch.manual_seed(0)
     w = quantize_int4(torch.randn(48, 64), 32)
     x = torch.randn(MAX_INTEGER_TOKENS + 8, 64)
-    integer, exact = _matmul(x, w, True), _matmul(x, w, False)
-    assert not torch.allclose(integer, exact, atol=1e-6)
-    assert torch.equal(matmul(x, w), exact)  # unmarked: a direct forward of this many rows is exact
+    assert torch.equal(matmul(x, w), prompt_path(x, w))  # unmarked: a direct forward of this many rows
     with prompt_rows(torch.zeros(len(x), dtype=torch.bool)):
-        assert torch.equal(matmul(x, w), integer)  # the engine's decode step of many sequences
-    rows = MAX_GENERATED_TOKENS + 1
-    x = torch.randn(rows, 64)
-    with prompt_rows(torch.zeros(rows, dtype=torch.bool)):
-        assert torch.equal(matmul(x, w), _matmul(x, w, False))
+        assert torch.equal(matmul(x, w), generated_path(x, w))  # the engine's decode step of many sequences
+    x = torch.randn(MAX_GENERATED_TOKENS + 1, 64)
+    with prompt_rows(torch.zeros(len(x), dtype=torch.bool)):  # PyTorch's einsum has a cap; the kernel none
+        assert torch.equal(matmul(x, w), generated_path(x, w) if cap is None else x @ w.dequantize().T)
 
 
 def test_prompt_logprobs_do_not_depend_on_chunking():

@@ -8,6 +8,7 @@ import torch
 import herd
 from herd.checkpoint import CheckpointError, convert, load_checkpoint, save_checkpoint
 from herd.model import ModelConfig, Transformer
+from herd.quant import blocks
 from herd.quant.blocks import BlockLinear
 from herd.quant.fp8 import FP8Linear
 from herd.quant.schemes import Scheme, apply_scheme
@@ -33,14 +34,13 @@ def run_quantize(*args):
 
 
 @pytest.mark.parametrize("scheme,module", [("int4-g64", BlockLinear), ("fp8", FP8Linear)])
-def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, scheme, module):
+def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, scheme, module, monkeypatch):
     out = tmp_path / "q"
     result = run_quantize(str(float_dir), "--scheme", scheme, "--out", str(out))
     assert result.returncode == 0, result.stderr
     loaded = herd.load(out)
     assert isinstance(loaded.model.layers[0].feed_forward.w1, module)
     expected = apply_scheme(herd.load(float_dir, quantize=None).model, Scheme.parse(scheme))
-    # more tokens than the integer path takes, so that both sides multiply float activations
     tokens = torch.tensor([loaded.tokenizer.encode("a test sentence, long enough to be computed as a prompt is")])
     with torch.inference_mode():
         assert torch.equal(loaded.model(tokens), expected(tokens))
@@ -50,6 +50,7 @@ def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, 
         stored = w1.codes.float() * w1.scales[:, None] if scheme == "fp8" else w1.weight_blocks.dequantize()
         assert torch.allclose(back.layers[0].feed_forward.w1.weight, stored, atol=1e-6)
         if scheme != "fp8":
+            monkeypatch.setattr(blocks, "ops", lambda: None)  # without the kernel a prompt multiplies exactly
             assert torch.allclose(back(tokens), expected(tokens), atol=1e-4)
 
 

@@ -1,14 +1,29 @@
 // Matmuls over block-quantized weights, the way llama.cpp computes GGUF blocks on a CPU: the activations are
 // quantized to int8 in blocks of 32 (one float scale each), every 32-element block of a weight row is multiplied
-// with them in integers (AVX2 u8 x s8 multiply-adds), and each block's integer sum is scaled in float.
+// with them in integers (u8 x s8 multiply-adds: VNNI where the CPU has it, else AVX2), and each block's integer sum
+// is scaled in float.
 //
 // Weights: `qs` holds 4-bit codes (two per byte: in each 32-element chunk, byte j carries element j in its low
 // nibble and element j + 16 in its high one, as GGUF's Q4_0/Q4_1 do) or int8 codes; `scales` [N, K / group] and,
 // for 4-bit, `mins` [N, K / group]: a weight is code * scale + min. A group is a multiple of 32 elements.
 //
-// Many tokens at once (a prompt) are computed differently: the weight is expanded to float32 (herd_dequantize)
-// and multiplied with the BLAS GEMM, which on these CPUs beats integer dot products once the weights are reused
-// across enough tokens.
+// Every output is computed by one arithmetic, whichever loop computes it: for each block b in order,
+// sum = fma(float(I_b), scale_g * d_b, sum), where I_b is the exact integer dot product of the block's codes with
+// the token's int8 codes and d_b the token's block scale; after each group, sum = fma(min_g, s_g, sum), s_g being
+// the token's sum of d_b * codes over the group. A few tokens (decoding) run over the weight rows as stored,
+// eight rows at a time; many tokens (a busy batch) over panels of rows repacked so that one instruction serves
+// eight rows. So a token's numbers never depend on how many tokens share its call: a guessed token checked beside
+// others, a sequence in a batch of any size all compute exactly as alone.
+//
+// Prompt tokens take two levels of int8 codes: each block's rounding error is quantized again at 1/254 of the
+// block's scale, and I_b becomes 254 * (the first level's sum) + the second's, still an exact integer, scaled by
+// the finer scale. A prompt then computes as with float activations (KL divergence from them ~1e-7 on the default
+// model, against ~3e-3 with one level: enough to change the answer to a question the model is unsure of), at
+// about half the integer speed and still near three times float32's. Prompts always take the panels, so a prompt
+// computes the same however it is chunked (a prefix-cache hit computes only its last tokens).
+//
+// Weight-only layers (float activations) multiply the stored weights exactly: the widened codes for a few tokens,
+// the weight expanded to float32 (herd_dequantize) and the BLAS GEMM for more.
 //
 // herd_decode_block (at the end) runs a whole transformer block for a decode step's generated tokens on these
 // matmuls.
@@ -26,22 +41,53 @@ namespace {
 constexpr int QK = 32;
 
 // One token's activations as int8 blocks: the codes, the scale of each block, and per group of `per_group` blocks
-// the sum of scale * codes (what a 4-bit weight group's min multiplies).
-void quantize_acts(const float* x, int64_t K, int64_t per_group, int8_t* q, float* d, float* group_sums) {
+// the sum of scale * codes (what a 4-bit weight group's min multiplies); `sums`, where given, gets each block's sum
+// of codes. With `q2` (prompts: see the top of the file) each block's rounding error is quantized again, at
+// 1/254 of the block's scale: the block then stands for (254 * q + q2) * d, and `d` holds that finer scale.
+void quantize_acts(const float* x, int64_t K, int64_t per_group, int8_t* q, float* d, float* group_sums,
+                   int32_t* sums = nullptr, int8_t* q2 = nullptr) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
+  auto codes = [&](const __m256* v, float scale, int8_t* to) {  // round(v / scale) into `to`; their sum
+    const __m256 inverse = _mm256_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i)  // to nearest, ties to even, as torch.round
+      c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_permutevar8x32_epi32(packed, order));
+    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+  };
   for (int64_t b = 0; b < K / QK; ++b) {
-    const float* xb = x + b * QK;
-    float amax = 0.f;
-    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
+    const __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     const float db = amax / 127.f;
-    const float id = db != 0.f ? 1.f / db : 0.f;
-    int sum = 0;
-    for (int i = 0; i < QK; ++i) {
-      const int v = static_cast<int>(std::nearbyint(xb[i] * id));  // ties to even, as torch.round
-      q[b * QK + i] = static_cast<int8_t>(v);
-      sum += v;
-    }
-    d[b] = db;
+    const int sum = codes(v, db, q + b * QK);
     group_sums[b / per_group] += db * static_cast<float>(sum);
+    if (!q2) {
+      d[b] = db;
+      if (sums) sums[b] = sum;
+      continue;
+    }
+    // What rounding left, within half a step of db either way: 127 finer steps of db / 254 cover it.
+    const int8_t* c = q + b * QK;
+    __m256 r[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256 back = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * i))));
+      r[i] = _mm256_sub_ps(v[i], _mm256_mul_ps(back, _mm256_set1_ps(db)));
+    }
+    const float fine = db / 254.f;
+    const int sum2 = codes(r, fine, q2 + b * QK);
+    group_sums[b / per_group] += fine * static_cast<float>(sum2);
+    d[b] = fine;
+    if (sums) sums[b] = 254 * sum + sum2;
   }
 }
 
@@ -69,89 +115,201 @@ inline __m256i unpack_nibbles(const uint8_t* p) {
   return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
-// Eight int32 partial sums of u (unsigned bytes) times s (signed bytes).
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
+// acc plus eight int32 partial sums of u (unsigned bytes) times s (signed bytes), four adjacent pairs each.
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
 #else
   // Pair sums stay below 2 * 255 * 127 < 32767 only because codes are at most 15 (4-bit) or |w| <= 127 (8-bit,
   // signs moved onto the activations), so the saturating 16-bit step never clips.
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
-// Dot products of one weight row with T tokens' quantized activations; T is small (up to 8) so that every weight
-// block, once unpacked, is used T times. Groups are walked in order (no division per block: it cost as much as the
-// dot product), and two accumulators per token take alternate blocks, so that consecutive blocks' multiply-adds
-// overlap. A token's sums are added in the same order whatever T is: speculative decoding checks guessed tokens
-// several at a time and must get exactly the numbers of one token at a time (an int8 activation code flipped by
-// a rounding difference changes the next layer visibly).
-template <int BITS, int T>
-void row_dot(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
-             const int8_t* const* yq, const float* const* yd, const float* const* ys, float* out) {
-  const int64_t nb = K / QK, per_group = group / QK;
-  __m256 acc[2][T];
-  for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, float sw, __m256* into) {
-    __m256i w;
-    if constexpr (BITS == 4) {
-      w = unpack_nibbles(qs + b * (QK / 2));
-    } else {
-      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + b * QK));
-    }
-    const __m256i wabs = BITS == 4 ? w : _mm256_sign_epi8(w, w);
-    for (int t = 0; t < T; ++t) {
-      __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq[t] + b * QK));
-      if constexpr (BITS == 8) y = _mm256_sign_epi8(y, w);
-      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wabs, y));
-      into[t] = _mm256_fmadd_ps(_mm256_set1_ps(sw * yd[t][b]), p, into[t]);
-    }
-  };
-  int64_t b = 0;
-  for (int64_t g = 0; b < nb; ++g) {
-    const float sw = scales[g];
-    const int64_t end = b + per_group;
-    for (; b + 1 < end; b += 2) block(b, sw, acc[0]), block(b + 1, sw, acc[1]);
-    if (b < end) block(b, sw, acc[g % 2]), ++b;
-  }
-  // The mins' part is a dot product of the row's mins with the token's group sums, done apart from the blocks.
-  for (int t = 0; t < T; ++t)
-    out[t] = hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + (BITS == 4 ? dot(mins, ys[t], K / group) : 0.f);
+inline __m256i dot_u8s8(__m256i u, __m256i s) { return dpbusd(_mm256_setzero_si256(), u, s); }
+
+// lane r = the sum of v[r]'s lanes (integers: exact in any order).
+inline __m256i sum_lanes8(const __m256i* v) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-// One token against R weight rows at once (decoding): each activation block is loaded once for all R rows. Every
-// row's sums are added exactly as row_dot<BITS, 1> adds them (alternate blocks, two accumulators), so a token's
-// numbers stay the same however its rows are grouped.
-template <int BITS, int R>
-void rows_dot(const uint8_t* const* qs, const float* const* scales, const float* const* mins, int64_t K,
-              int64_t group, const int8_t* yq, const float* yd, const float* ys, float* out) {
+// Eight weight rows as stored against T tokens (decoding): each block's codes, unpacked once, serve the T tokens;
+// the eight rows' integer sums of a block are gathered into one vector, lane r for row r, and scaled as above.
+// out[t] gets the eight rows' results for token t.
+template <int BITS, int T>
+void rows8(const uint8_t* const* qs, const float* const* scales, const float* const* mins, int64_t K, int64_t group,
+           const int8_t* const* aq, const float* const* ad, const float* const* ag, float* const* out) {
   const int64_t nb = K / QK, per_group = group / QK;
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, int64_t g, int a) {
-    __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(yq + b * QK));
-    const float db = yd[b];
-    for (int r = 0; r < R; ++r) {
-      __m256i w, yr = y;
-      if constexpr (BITS == 4) {
-        w = unpack_nibbles(qs[r] + b * (QK / 2));
-      } else {
-        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs[r] + b * QK));
-        yr = _mm256_sign_epi8(y, w);
-        w = _mm256_sign_epi8(w, w);
-      }
-      const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(w, yr));
-      acc[a][r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[r][g] * db), p, acc[a][r]);
-    }
-  };
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (int64_t g = 0; b < nb; ++g) {
-    const int64_t end = b + per_group;
-    for (; b + 1 < end; b += 2) block(b, g, 0), block(b + 1, g, 1);
-    if (b < end) block(b, g, g % 2), ++b;
+    const __m256 sw = _mm256_setr_ps(scales[0][g], scales[1][g], scales[2][g], scales[3][g], scales[4][g],
+                                     scales[5][g], scales[6][g], scales[7][g]);
+    for (const int64_t end = b + per_group; b < end; ++b) {
+      __m256i w[8];
+      for (int r = 0; r < 8; ++r)
+        w[r] = BITS == 4 ? unpack_nibbles(qs[r] + b * (QK / 2))
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs[r] + b * QK));
+      for (int t = 0; t < T; ++t) {
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + b * QK));
+        __m256i v[8];
+        for (int r = 0; r < 8; ++r)  // 8-bit: the weights' signs move onto the activations (u8 x s8)
+          v[r] = BITS == 4 ? dot_u8s8(w[r], y) : dot_u8s8(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(y, w[r]));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(v)), _mm256_mul_ps(sw, _mm256_set1_ps(ad[t][b])), acc[t]);
+      }
+    }
+    if (mins) {
+      const __m256 mw = _mm256_setr_ps(mins[0][g], mins[1][g], mins[2][g], mins[3][g], mins[4][g], mins[5][g],
+                                       mins[6][g], mins[7][g]);
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(ag[t][g]), acc[t]);
+    }
   }
-  for (int r = 0; r < R; ++r)
-    out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + (BITS == 4 ? dot(mins[r], ys, K / group) : 0.f);
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(out[t], acc[t]);
+}
+
+// Many tokens: the weight is taken PANEL rows at a time and repacked into lane order: for each block, four bytes (a
+// quad of adjacent elements) of each of the panel's rows side by side, so that one multiply-add of a vector of
+// weights with a token's quad broadcast to every lane adds four products to each of eight rows' sums. 4-bit rows
+// need no reordering within a block: byte j already holds elements j (low nibble) and j + 16 (high one), so a
+// repacked vector holds two quads. 8-bit codes are signed: with VNNI they are offset to unsigned (w + 128) and
+// 128 times the token's block sum taken off again; without it the weights' signs move onto the activations.
+
+constexpr int PANEL = 16;  // weight rows per tile: two vectors of eight int32 lanes
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
+#if defined(__AVX512VL__)
+constexpr int TILE_TOKENS = 4;  // 32 vector registers hold a 16 x 4 tile's integer and float sums
+constexpr int TILE2 = 2;
+#else
+constexpr int TILE_TOKENS = 2;  // 16 registers
+constexpr int TILE2 = 1;
+#endif
+
+struct Panel {
+  std::vector<uint8_t> codes;   // [blocks][bytes of a block per row / 4][PANEL][4]
+  std::vector<float> scales, mins;  // [groups][PANEL]
+
+  void pack(const uint8_t* qs, const float* sc, const float* mn, int64_t r0, int64_t N, int64_t K, int64_t bits,
+            int64_t group) {
+    const int64_t block_bytes = bits == 4 ? QK / 2 : QK, row_bytes = K / QK * block_bytes, ng = K / group;
+    codes.resize(K / QK * block_bytes * PANEL);
+    if (N - r0 < PANEL) std::fill(codes.begin(), codes.end(), 0);
+    scales.assign(ng * PANEL, 0.f);
+    mins.assign(mn ? ng * PANEL : 0, 0.f);
+    const int64_t rows = std::min<int64_t>(PANEL, N - r0), quads = block_bytes / 4;
+    if (rows == PANEL) {  // a full panel: eight rows' quads at a time
+      const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                            _mm256_set1_epi32(static_cast<int>(row_bytes)));
+      const __m256i flip = _mm256_set1_epi8(bits == 8 && kVnni ? static_cast<char>(0x80) : 0);
+      __m256i* to = reinterpret_cast<__m256i*>(codes.data());
+      for (int64_t b = 0; b < K / QK; ++b)
+        for (int64_t j = 0; j < quads; ++j)
+          for (int h = 0; h < 2; ++h) {
+            const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 4 * j;
+            _mm256_storeu_si256(to++, _mm256_xor_si256(flip, _mm256_i32gather_epi32(reinterpret_cast<const int*>(from), at, 1)));
+          }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* row = qs + (r0 + r) * row_bytes;
+      for (int64_t b = 0; rows < PANEL && b < K / QK; ++b)
+        for (int64_t j = 0; j < quads; ++j)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t c = row[b * block_bytes + 4 * j + i];
+            codes[((b * quads + j) * PANEL + r) * 4 + i] = bits == 8 && kVnni ? c ^ 0x80 : c;
+          }
+      for (int64_t g = 0; g < ng; ++g) {
+        scales[g * PANEL + r] = sc[(r0 + r) * ng + g];
+        if (mn) mins[g * PANEL + r] = mn[(r0 + r) * ng + g];
+      }
+    }
+  }
+};
+
+// out[t][0..PANEL) for T tokens against one packed panel; LEVELS 2: the activations' second level (aq2) too.
+template <int BITS, int T, int LEVELS>
+void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* aq, const int8_t* const* aq2,
+                const float* const* ad, const float* const* ag, const int32_t* const* asum, float* const* out) {
+  const int64_t nb = K / QK, per_group = group / QK, block_bytes = (BITS == 4 ? QK / 2 : QK) * PANEL;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[2][T];
+  for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (int64_t g = 0; b < nb; ++g) {
+    const __m256 s0 = _mm256_loadu_ps(p.scales.data() + g * PANEL), s1 = _mm256_loadu_ps(p.scales.data() + g * PANEL + 8);
+    for (const int64_t end = b + per_group; b < end; ++b) {
+      // ia[l][h][t]: the block's products of rows 8h..8h+7 with token t's codes of level l; both levels in one
+      // pass over the weights.
+      __m256i ia[LEVELS][2][T];
+      for (int l = 0; l < LEVELS; ++l)
+        for (int t = 0; t < T; ++t) ia[l][0][t] = ia[l][1][t] = _mm256_setzero_si256();
+      const int8_t* const* levels[2] = {aq, aq2};
+      auto quad = [&](int l, int t, int64_t at) {  // token t's four codes from element `at` of the block, in every lane
+        return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(levels[l][t] + b * QK + at));
+      };
+      const uint8_t* pc = p.codes.data() + b * block_bytes;
+      if constexpr (BITS == 4) {
+        for (int j = 0; j < 4; ++j, pc += 2 * 32) {
+          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc + 32));
+          const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+          const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+          for (int l = 0; l < LEVELS; ++l)
+            for (int t = 0; t < T; ++t) {
+              const __m256i alo = quad(l, t, 4 * j), ahi = quad(l, t, 4 * j + 16);
+              ia[l][0][t] = dpbusd(dpbusd(ia[l][0][t], lo0, alo), hi0, ahi);
+              ia[l][1][t] = dpbusd(dpbusd(ia[l][1][t], lo1, alo), hi1, ahi);
+            }
+        }
+      } else {
+        for (int j = 0; j < 8; ++j, pc += 2 * 32) {
+          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc + 32));
+          for (int l = 0; l < LEVELS; ++l)
+            for (int t = 0; t < T; ++t) {
+              const __m256i a = quad(l, t, 4 * j);
+              if constexpr (kVnni) {
+                ia[l][0][t] = dpbusd(ia[l][0][t], v0, a);
+                ia[l][1][t] = dpbusd(ia[l][1][t], v1, a);
+              } else {
+                ia[l][0][t] = dpbusd(ia[l][0][t], _mm256_sign_epi8(v0, v0), _mm256_sign_epi8(a, v0));
+                ia[l][1][t] = dpbusd(ia[l][1][t], _mm256_sign_epi8(v1, v1), _mm256_sign_epi8(a, v1));
+              }
+            }
+        }
+      }
+      if constexpr (LEVELS == 2) {  // 254 * (first level's sum) + second level's: still exact in int32
+        const __m256i coarse = _mm256_set1_epi32(254);
+        for (int h = 0; h < 2; ++h)
+          for (int t = 0; t < T; ++t) ia[0][h][t] = _mm256_add_epi32(_mm256_mullo_epi32(ia[0][h][t], coarse), ia[1][h][t]);
+      }
+      for (int t = 0; t < T; ++t) {
+        __m256i i0 = ia[0][0][t], i1 = ia[0][1][t];
+        if constexpr (BITS == 8 && kVnni) {
+          const __m256i offset = _mm256_set1_epi32(128 * asum[t][b]);
+          i0 = _mm256_sub_epi32(i0, offset), i1 = _mm256_sub_epi32(i1, offset);
+        }
+        const __m256 d = _mm256_set1_ps(ad[t][b]);
+        acc[0][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, d), acc[0][t]);
+        acc[1][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, d), acc[1][t]);
+      }
+    }
+    if (!p.mins.empty()) {
+      const __m256 m0 = _mm256_loadu_ps(p.mins.data() + g * PANEL), m1 = _mm256_loadu_ps(p.mins.data() + g * PANEL + 8);
+      for (int t = 0; t < T; ++t) {
+        const __m256 gs = _mm256_set1_ps(ag[t][g]);
+        acc[0][t] = _mm256_fmadd_ps(m0, gs, acc[0][t]), acc[1][t] = _mm256_fmadd_ps(m1, gs, acc[1][t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(out[t], acc[0][t]), _mm256_storeu_ps(out[t] + 8, acc[1][t]);
 }
 
 // The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
@@ -232,25 +390,30 @@ void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, 
 
 namespace {
 
-// A few tokens' activations prepared for one weight's matmul: int8 codes and block scales (the integer path), and
-// per token and weight group what a 4-bit group's min multiplies: the sum of the activations (of scale * codes on
-// the int8 path).
+// Tokens' activations prepared for one weight's matmul: on the integer paths (levels 1 or 2) int8 codes (and their
+// second level), block scales and block sums of codes; and per token and weight group what a 4-bit group's min
+// multiplies: the sum of the activations (of scale * codes on the integer paths).
 struct Acts {
   const float* x;
   int64_t M, K, group;
-  int integer;
-  std::vector<int8_t> q;
+  int levels;  // 0: float activations
+  std::vector<int8_t> q, q2;
   std::vector<float> d, g;
+  std::vector<int32_t> s;
 
-  void prepare(const float* xf, int64_t m, int64_t k, int64_t grp, int integ) {
-    x = xf, M = m, K = k, group = grp, integer = integ;
+  void prepare(const float* xf, int64_t m, int64_t k, int64_t grp, int lv, int threads) {
+    x = xf, M = m, K = k, group = grp, levels = lv;
     const int64_t nb = K / QK, ng = K / group, per_group = group / QK;
-    q.resize(integer ? M * K : 0);
-    d.resize(integer ? M * nb : 0);
+    q.resize(levels ? M * K : 0);
+    q2.resize(levels == 2 ? M * K : 0);
+    d.resize(levels ? M * nb : 0);
+    s.resize(levels ? M * nb : 0);
     g.assign(M * ng, 0.f);
+#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 16 && !omp_in_parallel())
     for (int64_t t = 0; t < M; ++t) {
-      if (integer) {
-        quantize_acts(x + t * K, K, per_group, q.data() + t * K, d.data() + t * nb, g.data() + t * ng);
+      if (levels) {
+        quantize_acts(x + t * K, K, per_group, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
+                      s.data() + t * nb, levels == 2 ? q2.data() + t * K : nullptr);
       } else {
         for (int64_t j = 0; j < ng; ++j)
           for (int64_t i = j * group; i < (j + 1) * group; ++i) g[t * ng + j] += x[t * K + i];
@@ -259,52 +422,109 @@ struct Acts {
   }
 };
 
+// From this many tokens the integer path repacks the weight into panels (measured on the default model: at 8
+// tokens a panel matmul with its repacking takes half the time of the stored rows).
+constexpr int64_t PANEL_TOKENS = 8;
+
+// out [M, PANEL] for all of a's tokens against one packed panel.
+template <int BITS, int LEVELS>
+void panel_tokens(const Panel& p, const Acts& a, float* out) {
+  constexpr int TILE = LEVELS == 2 ? TILE2 : TILE_TOKENS;
+  const int64_t K = a.K, nb = K / QK, ng = K / a.group;
+  for (int64_t t0 = 0; t0 < a.M; t0 += TILE) {
+    const int T = static_cast<int>(std::min<int64_t>(TILE, a.M - t0));
+    const int8_t *aq[TILE], *aq2[TILE];
+    const float *ad[TILE], *ag[TILE];
+    const int32_t* as[TILE];
+    float* o[TILE];
+    for (int t = 0; t < T; ++t) {
+      const int64_t row = t0 + t;
+      aq[t] = a.q.data() + row * K, aq2[t] = LEVELS == 2 ? a.q2.data() + row * K : nullptr;
+      ad[t] = a.d.data() + row * nb, ag[t] = a.g.data() + row * ng, as[t] = a.s.data() + row * nb;
+      o[t] = out + row * PANEL;
+    }
+    switch (T) {
+      case 1: panel_tile<BITS, 1, LEVELS>(p, K, a.group, aq, aq2, ad, ag, as, o); break;
+      case 2: panel_tile<BITS, std::min(2, TILE), LEVELS>(p, K, a.group, aq, aq2, ad, ag, as, o); break;
+      case 3: panel_tile<BITS, std::min(3, TILE), LEVELS>(p, K, a.group, aq, aq2, ad, ag, as, o); break;
+      default: panel_tile<BITS, TILE, LEVELS>(p, K, a.group, aq, aq2, ad, ag, as, o);
+    }
+  }
+}
+
+// Rows [r0, r1) (at most 16) of out [M, N] on the integer path.
+template <int BITS>
+void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float* mn, int64_t N, int64_t r0,
+                  int64_t r1, float* o) {
+  const int64_t K = a.K, nb = K / QK, ng = K / a.group, row_bytes = BITS == 4 ? K / 2 : K;
+  if (a.M >= PANEL_TOKENS || a.levels == 2) {
+    thread_local Panel panel;
+    thread_local std::vector<float> tile;
+    panel.pack(q, sc, mn, r0, N, K, BITS, a.group);
+    tile.resize(a.M * PANEL);
+    if (a.levels == 2) {
+      panel_tokens<BITS, 2>(panel, a, tile.data());
+    } else {
+      panel_tokens<BITS, 1>(panel, a, tile.data());
+    }
+    for (int64_t t = 0; t < a.M; ++t) std::copy_n(tile.data() + t * PANEL, r1 - r0, o + t * N + r0);
+    return;
+  }
+  constexpr int T = 4;
+  for (int64_t r = r0; r < r1; r += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, r1 - r));
+    const uint8_t* pq[8];
+    const float *ps[8], *pm[8];
+    for (int i = 0; i < 8; ++i) {  // past the last row: repeat it, and keep only the real rows' results
+      const int64_t row = r + std::min(i, n - 1);
+      pq[i] = q + row * row_bytes, ps[i] = sc + row * ng, pm[i] = mn ? mn + row * ng : nullptr;
+    }
+    for (int64_t t0 = 0; t0 < a.M; t0 += T) {
+      const int tokens = static_cast<int>(std::min<int64_t>(T, a.M - t0));
+      const int8_t* aq[T];
+      const float *ad[T], *ag[T];
+      float res[T][8];
+      float* out[T];
+      for (int t = 0; t < tokens; ++t)
+        aq[t] = a.q.data() + (t0 + t) * K, ad[t] = a.d.data() + (t0 + t) * nb, ag[t] = a.g.data() + (t0 + t) * ng,
+        out[t] = res[t];
+      const float* const* mins = mn ? pm : nullptr;
+      switch (tokens) {
+        case 1: rows8<BITS, 1>(pq, ps, mins, K, a.group, aq, ad, ag, out); break;
+        case 2: rows8<BITS, 2>(pq, ps, mins, K, a.group, aq, ad, ag, out); break;
+        case 3: rows8<BITS, 3>(pq, ps, mins, K, a.group, aq, ad, ag, out); break;
+        default: rows8<BITS, 4>(pq, ps, mins, K, a.group, aq, ad, ag, out);
+      }
+      for (int t = 0; t < tokens; ++t) std::copy_n(res[t], n, o + (t0 + t) * N + r);
+    }
+  }
+}
+
 // out [M, N] = acts [M, K] @ W.T, its rows shared among the threads of the enclosing OpenMP team (every thread
 // calls it; outside a parallel region one thread does all rows). nowait: no barrier at the end.
 void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* mn, int64_t N, int64_t bits,
                  float* o, bool nowait = false) {
-  const int64_t M = a.M, K = a.K, group = a.group, nb = K / QK, ng = K / group;
-  const int integer = a.integer;
-  const int64_t row_bytes = bits == 4 ? K / 2 : K;
-  const int64_t chunk = 16;
+  const int64_t M = a.M, K = a.K, group = a.group, ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
   auto body = [&](int64_t r0) {
-    const int64_t r1 = std::min(N, r0 + chunk);
-    if (M == 1 && integer) {  // decoding one token: four rows per pass over its activations
-      constexpr int R = 4;
-      for (int64_t r = r0; r < r1; r += R) {
-        const int n = static_cast<int>(std::min<int64_t>(R, r1 - r));
-        const uint8_t* pq[R];
-        const float *ps[R], *pm[R];
-        for (int i = 0; i < R; ++i) {
-          const int64_t row = r + std::min(i, n - 1);
-          pq[i] = q + row * row_bytes, ps[i] = sc + row * ng, pm[i] = mn ? mn + row * ng : nullptr;
-        }
-        float res[R];
-        if (bits == 4) {
-          rows_dot<4, R>(pq, ps, pm, K, group, a.q.data(), a.d.data(), a.g.data(), res);
-        } else {
-          rows_dot<8, R>(pq, ps, pm, K, group, a.q.data(), a.d.data(), a.g.data(), res);
-        }
-        for (int i = 0; i < n; ++i) o[r + i] = res[i];
+    const int64_t r1 = std::min(N, r0 + PANEL);
+    if (a.levels) {
+      if (bits == 4) {
+        integer_rows<4>(a, q, sc, mn, N, r0, r1, o);
+      } else {
+        integer_rows<8>(a, q, sc, mn, N, r0, r1, o);
       }
       return;
     }
     for (int64_t t0 = 0; t0 < M; t0 += 8) {
       const int T = static_cast<int>(std::min<int64_t>(8, M - t0));
-      const int8_t* pq[8];
-      const float *pd[8], *ps[8], *px[8];
-      for (int t = 0; t < T; ++t) {
-        pq[t] = integer ? a.q.data() + (t0 + t) * K : nullptr;
-        pd[t] = integer ? a.d.data() + (t0 + t) * nb : nullptr, ps[t] = a.g.data() + (t0 + t) * ng;
-        px[t] = a.x + (t0 + t) * K;
-      }
+      const float *ps[8], *px[8];
+      for (int t = 0; t < T; ++t) ps[t] = a.g.data() + (t0 + t) * ng, px[t] = a.x + (t0 + t) * K;
       float res[8];
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* qr = q + r * row_bytes;
         const float* sr = sc + r * ng;
         const float* mr = mn ? mn + r * ng : nullptr;
-#define HERD_ROW(B, TT) \
-  (integer ? row_dot<B, TT>(qr, sr, mr, K, group, pq, pd, ps, res) : row_dot_float<B, TT>(qr, sr, mr, K, group, px, ps, res))
+#define HERD_ROW(B, TT) row_dot_float<B, TT>(qr, sr, mr, K, group, px, ps, res)
 #define HERD_TOKENS(B) \
   switch (T) {                                                                                                    \
     case 1: HERD_ROW(B, 1); break; case 2: HERD_ROW(B, 2); break; case 3: HERD_ROW(B, 3); break;                  \
@@ -324,10 +544,10 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
   };
   if (nowait) {
 #pragma omp for schedule(static) nowait
-    for (int64_t r0 = 0; r0 < N; r0 += chunk) body(r0);
+    for (int64_t r0 = 0; r0 < N; r0 += PANEL) body(r0);
   } else {
 #pragma omp for schedule(static)
-    for (int64_t r0 = 0; r0 < N; r0 += chunk) body(r0);
+    for (int64_t r0 = 0; r0 < N; r0 += PANEL) body(r0);
   }
 }
 
@@ -335,17 +555,22 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
 
 extern "C" {
 
-// out [M, N] = x [M, K] @ W.T for a few tokens. integer: activations quantized to int8 blocks and integer dot
-// products; else float activations times the widened codes.
+// out [M, N] = x [M, K] @ W.T. levels 1: activations quantized to int8 blocks and integer dot products (generated
+// tokens); 2: with the second level (prompt tokens); 0: float activations times the widened codes (meant for a few
+// tokens: more take the expanded weight and BLAS).
 void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
-                      int64_t K, int64_t bits, int64_t group, int integer, float* o, int threads) {
-  Acts acts;
-  acts.prepare(xf, M, K, group, integer);
+                      int64_t K, int64_t bits, int64_t group, int levels, float* o, int threads) {
+  // The caller's buffers, kept from call to call (a prompt's are megabytes); the team reads them through this
+  // reference, since each thread naming a thread_local would get its own.
+  thread_local Acts kept;
+  Acts& acts = kept;
+  acts.prepare(xf, M, K, group, levels, threads);
 #pragma omp parallel num_threads(threads)
   matmul_team(acts, q, sc, mn, N, bits, o);
 }
 
 }  // extern "C"
+
 
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -423,7 +648,7 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
       up(T * hidden);
   Acts a[3];
   auto prepare = [&](Acts& acts, const float* in, const QWeight& weight) {
-    acts.prepare(in, T, weight.k, weight.group, static_cast<int>(weight.integer));
+    acts.prepare(in, T, weight.k, weight.group, static_cast<int>(weight.integer), threads);
   };
   // Layers that read the same input (wq, wk, wv; w1, w3) share its quantized form when they group it alike.
   auto alike = [](const QWeight& u, const QWeight& v) { return u.group == v.group && u.integer == v.integer; };
