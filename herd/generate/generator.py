@@ -25,6 +25,7 @@ from herd.generate.sequence import Completion, Constraint, Delta
 from herd.generate.sequence import Sequence as _Sequence
 from herd.generate.speculative import SpeculativeConfig
 from herd.model.llama import Transformer
+from herd.quant.decode import DecodeBlock
 from herd.quant.phase import prompt_rows
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Generator:
                                    prefix_caching=self.config.prefix_caching,
                                    speculative=self.config.speculative)
         self.stop_ids = frozenset(tokenizer.stop_ids)
+        self._fused_decode = any(isinstance(block, DecodeBlock) for block in model.layers)
         self._step_lock = threading.Lock()
         self._inbox: list[_Sequence] = []
         self._inbox_lock = threading.Lock()
@@ -218,43 +220,58 @@ class Generator:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """One engine step: admit, run the model once over every scheduled token, sample. False when idle."""
+        """One engine step: admit, run the model over every scheduled token, sample. False when idle."""
         with self._step_lock:
             self._take_inbox()
             self._end_expired()
             batch = self.scheduler.schedule()
             if not batch:
                 return bool(self.scheduler.waiting)
-            tokens, positions, parts, rows, prompt = [], [], [], [], []
-            for seq, n in batch:
-                begin = seq.num_computed
-                offset = len(tokens)
-                tokens += seq.tokens[begin:begin + n] + seq.draft  # n counts the draft's tokens too
-                positions += range(begin, begin + n)
-                prompt += [p < seq.prompt_len for p in range(begin, begin + n)]
-                parts.append((seq.blocks, begin, n, bool(seq.draft)))
-                if seq.score_from is not None:
-                    first = max(begin, seq.score_from - 1)
-                    rows += [offset + p - begin for p in range(first, min(begin + n, len(seq.tokens) - 1))]
-                if begin + n == len(seq.tokens) + len(seq.draft) and seq.score_from is None:
-                    rows += range(offset + n - 1 - len(seq.draft), offset + n)
-            rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-            prompt = torch.tensor(prompt, device=self.device)
-            # Quantized layers compute prompt tokens one way and generated ones another, whatever the chunking.
-            with prompt_rows(prompt, prompt[rows]):
-                logits = self.model(torch.tensor([tokens], device=self.device),
-                                    torch.tensor([positions], device=self.device),
-                                    cache=StepAttention(self.cache, parts), logits_at=rows)[0]
-            row = 0
-            for seq, n in batch:
-                if seq.score_from is not None:
-                    self.scheduler.computed(seq, n)
-                    row = self._score_step(seq, n, logits, row)
-                elif seq.num_computed + n == len(seq.tokens) + len(seq.draft):
-                    row = self._advance(seq, n, logits, row)
-                else:
-                    self.scheduler.computed(seq, n)
+            for group in self._forwards(batch):
+                logits = self._forward(group)
+                row = 0
+                for seq, n in group:
+                    if seq.score_from is not None:
+                        self.scheduler.computed(seq, n)
+                        row = self._score_step(seq, n, logits, row)
+                    elif seq.num_computed + n == len(seq.tokens) + len(seq.draft):
+                        row = self._advance(seq, n, logits, row)
+                    else:
+                        self.scheduler.computed(seq, n)
             return True
+
+    def _forwards(self, batch: list[tuple[_Sequence, int]]) -> list[list[tuple[_Sequence, int]]]:
+        """The step's sequences in one forward; or, where the model has a faster path for generated tokens alone
+        (herd's fused decode block), decoding sequences in one forward and prompt chunks in another, so that a
+        prompt arriving does not send a whole batch of decoding sequences down the slower path."""
+        if not self._fused_decode:
+            return [batch]
+        decoding = [(seq, n) for seq, n in batch if seq.num_computed >= seq.prompt_len and seq.score_from is None]
+        rest = [(seq, n) for seq, n in batch if not (seq.num_computed >= seq.prompt_len and seq.score_from is None)]
+        return [group for group in (decoding, rest) if group]
+
+    def _forward(self, group: list[tuple[_Sequence, int]]) -> torch.Tensor:
+        """The model once over the group's scheduled tokens: the logits of the rows that are sampled or scored."""
+        tokens, positions, parts, rows, prompt = [], [], [], [], []
+        for seq, n in group:
+            begin = seq.num_computed
+            offset = len(tokens)
+            tokens += seq.tokens[begin:begin + n] + seq.draft  # n counts the draft's tokens too
+            positions += range(begin, begin + n)
+            prompt += [p < seq.prompt_len for p in range(begin, begin + n)]
+            parts.append((seq.blocks, begin, n, bool(seq.draft)))
+            if seq.score_from is not None:
+                first = max(begin, seq.score_from - 1)
+                rows += [offset + p - begin for p in range(first, min(begin + n, len(seq.tokens) - 1))]
+            if begin + n == len(seq.tokens) + len(seq.draft) and seq.score_from is None:
+                rows += range(offset + n - 1 - len(seq.draft), offset + n)
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        prompt = torch.tensor(prompt, device=self.device)
+        # Quantized layers compute prompt tokens one way and generated ones another, whatever the chunking.
+        with prompt_rows(prompt, prompt[rows]):
+            return self.model(torch.tensor([tokens], device=self.device),
+                              torch.tensor([positions], device=self.device),
+                              cache=StepAttention(self.cache, parts), logits_at=rows)[0]
 
     def _score_step(self, seq: _Sequence, n: int, logits, row: int) -> int:
         begin = seq.num_computed - n
