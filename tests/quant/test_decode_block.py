@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from herd.generate import EngineConfig, Generator, SamplingParams
 from herd.generate.kv_cache import PagedKVCache, StepAttention
 from herd.model import ModelConfig, Transformer
 from herd.quant.decode import DecodeBlock, use_decode_blocks
@@ -102,3 +103,30 @@ def test_a_batch_of_sequences_decodes_exactly_as_each_alone():
         rows += len(tokens)
     expected = batch_step(eager, copy.deepcopy(cache), seqs, generated=True)
     assert (together - expected).norm() / expected.norm() < 3e-2
+
+
+class ByteTokenizer:
+    stop_ids = [0]
+    pad_id = None
+
+    def decode_bytes(self, ids):
+        return bytes(97 + i % 26 for i in ids)
+
+
+def test_a_prompt_arriving_does_not_change_the_sequences_decoding():
+    # The engine runs a step's decoding sequences apart from its prompt chunks, so they stay on the fused block.
+    torch.manual_seed(2)
+    model = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4")))
+    engine = Generator(model, ByteTokenizer(), config=EngineConfig(max_step_tokens=8))
+    first, second = (torch.randint(1, CONFIG.vocab_size, (n,)).tolist() for n in (6, 60))
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
+    alone = engine.generate([first], params)[0]
+    got = []
+    engine.submit([first], params, lambda d: got.extend(d.logprobs))
+    while len(got) < 3:
+        engine.step()
+    engine.submit([second], params, lambda d: None)  # its prefill (8 tokens a step) overlaps the decoding
+    while engine.has_work():
+        engine.step()
+    assert [lp.token for lp in got] == alone.tokens
+    assert [lp.logprob for lp in got] == [lp.logprob for lp in alone.logprobs]
