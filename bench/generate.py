@@ -3,8 +3,9 @@ decode speed of a 128-token chat reply (a story; and a reply that copies code fr
 prompt-lookup speculative decoding pays most), prefill speed of a 512-token prompt, load time and peak resident
 memory. Each engine runs its default path; herd also runs without speculative decoding, to show what it adds.
 
-Each engine runs in its own subprocess (so peak RSS is its own), with the same thread count and the same prompts;
-the rounds are interleaved and the best of each is kept, which evens out a shared machine. Ratios are herd / peer.
+Each engine runs in its own subprocess (so peak RSS is its own), with the same thread count and the same prompts,
+and prefills a short unrelated prompt before the timed one (a warm-up, as llama-bench does); the rounds are
+interleaved and the best of each is kept, which evens out a shared machine. Ratios are herd / peer.
 
     .venv/bin/python bench/generate.py [--threads 2] [--rounds 2] [--png docs/generate.png]
     (llama.cpp: `pip install -e ".[bench]"`, which compiles llama-cpp-python; skipped when absent)
@@ -26,6 +27,9 @@ QUESTION = [{"role": "user", "content": "Write a long story about a robot who le
 _SOURCE = open(__file__.replace("generate.py", "../herd/generate/speculative.py")).read()
 COPY = [{"role": "user", "content": f"{_SOURCE}\n\nRepeat the function ngram_draft above, exactly."}]
 PROMPT_TEXT = open(herd.__file__.replace("__init__.py", "llm.py")).read() * 4  # any real text, long enough
+# Prefilled once before the timed prompt, as llama-bench warms up: first-call costs are not prefill speed.
+WARMUP_TEXT = _SOURCE
+WARMUP_TOKENS = 64
 
 
 def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
@@ -40,6 +44,7 @@ def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     load = time.perf_counter() - start
     prompt = llm.tokenizer.encode(PROMPT_TEXT, bos=True)[:prompt_tokens]
     params = SamplingParams(max_tokens=1, temperature=0)
+    next(iter(llm.generator.stream([llm.tokenizer.encode(WARMUP_TEXT, bos=True)[:WARMUP_TOKENS]], params)))
     start = time.perf_counter()
     next(iter(llm.generator.stream([prompt], params)))
     prefill = len(prompt) / (time.perf_counter() - start)
@@ -64,6 +69,7 @@ def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
                 verbose=False)
     load = time.perf_counter() - start
     prompt = llm.tokenize(PROMPT_TEXT.encode())[:prompt_tokens]
+    llm.eval(llm.tokenize(WARMUP_TEXT.encode())[:WARMUP_TOKENS])
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
@@ -103,6 +109,7 @@ def run_transformers(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     load = time.perf_counter() - start
     prompt = torch.tensor([tokenizer(PROMPT_TEXT)["input_ids"][:prompt_tokens]])
     with torch.inference_mode():
+        model(torch.tensor([tokenizer(WARMUP_TEXT)["input_ids"][:WARMUP_TOKENS]]))
         start = time.perf_counter()
         model(prompt)
         prefill = prompt.shape[1] / (time.perf_counter() - start)

@@ -86,8 +86,10 @@ class _Kernel:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_matmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
+        lib.herd_has_vnni.restype = i32
         lib.herd_decode_block.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
         self._lib = lib
+        self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
 
     def dequantize(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
         n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)

@@ -23,17 +23,19 @@ class ByteTokenizer:
         return bytes(97 + i % 26 for i in ids)
 
 
-@pytest.fixture(params=["kernel", "pytorch"])
+@pytest.fixture(params=["kernel", "kernel without VNNI", "pytorch"])
 def paths(request, monkeypatch):
-    """The two ways a quantized layer computes prompt rows and generated rows, where the kernel runs and where
-    PyTorch does (a GPU, no compiler)."""
+    """How a quantized layer computes prompt rows and generated rows: where the kernel runs with VNNI (two int8
+    levels for prompts), without it (float activations for prompts), and where PyTorch does (a GPU, no compiler)."""
     if request.param == "pytorch":
         monkeypatch.setattr(blocks, "ops", lambda: None)
         return lambda x, w: x @ w.dequantize().T, lambda x, w: integer_matmul(x, w), MAX_GENERATED_TOKENS
     if kernel.ops() is None:
         pytest.skip("herd's kernel is not built on this machine")
+    monkeypatch.setattr(kernel.ops(), "vnni", request.param == "kernel")
+    prompt_levels = 2 if request.param == "kernel" else 0  # 0: the float loop, up to 32 rows
     args = lambda w: (w.codes, w.scales, w.mins, w.bits, w.group)  # noqa: E731
-    return (lambda x, w: kernel.ops().matmul_rows(x, *args(w), 2),
+    return (lambda x, w: kernel.ops().matmul_rows(x, *args(w), prompt_levels),
             lambda x, w: kernel.ops().matmul_rows(x, *args(w), 1), None)
 
 
