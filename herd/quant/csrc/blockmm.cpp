@@ -15,12 +15,13 @@
 // eight rows. So a token's numbers never depend on how many tokens share its call: a guessed token checked beside
 // others, a sequence in a batch of any size all compute exactly as alone.
 //
-// Prompt tokens take two levels of int8 codes where the CPU has VNNI (without it, float activations: see blocks.py): each block's rounding error is quantized again at 1/254 of the
-// block's scale, and I_b becomes 254 * (the first level's sum) + the second's, still an exact integer, scaled by
-// the finer scale. A prompt then computes as with float activations (KL divergence from them ~1e-7 on the default
-// model, against ~3e-3 with one level: enough to change the answer to a question the model is unsure of), at
-// about half the integer speed and still near three times float32's. Prompts always take the panels, so a prompt
-// computes the same however it is chunked (a prefix-cache hit computes only its last tokens).
+// Prompt tokens, where the CPU has VNNI, take two levels of int8 codes (without it float activations, which are
+// faster there: see blocks.py): each block's rounding error is quantized again at 1/254 of the block's scale, and
+// I_b becomes 254 * (the first level's sum) + the second's, still an exact integer, scaled by the finer scale. A
+// prompt then computes as with float activations (KL divergence from them ~1e-7 on the default model, against
+// ~3e-3 with one level: enough to change the answer to a question the model is unsure of), at about half the
+// integer speed, still about 1.7x float32's. Two levels always take the panels, so a prompt computes the same
+// however it is chunked (a prefix-cache hit computes only its last tokens).
 //
 // Weight-only layers (float activations) multiply the stored weights exactly: the widened codes for a few tokens,
 // the weight expanded to float32 (herd_dequantize) and the BLAS GEMM for more.
@@ -52,7 +53,8 @@ void quantize_acts(const float* x, int64_t K, int64_t per_group, int8_t* q, floa
     const __m256 inverse = _mm256_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
     __m256i c[4];
     for (int i = 0; i < 4; ++i)  // to nearest, ties to even, as torch.round
-      c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      c[i] = _mm256_cvtps_epi32(
+          _mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_permutevar8x32_epi32(packed, order));
     const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
@@ -80,7 +82,8 @@ void quantize_acts(const float* x, int64_t K, int64_t per_group, int8_t* q, floa
     const int8_t* c = q + b * QK;
     __m256 r[4];
     for (int i = 0; i < 4; ++i) {
-      const __m256 back = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * i))));
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * i));
+      const __m256 back = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
       r[i] = _mm256_sub_ps(v[i], _mm256_mul_ps(back, _mm256_set1_ps(db)));
     }
     const float fine = db / 254.f;
@@ -160,7 +163,8 @@ void rows8(const uint8_t* const* qs, const float* const* scales, const float* co
         __m256i v[8];
         for (int r = 0; r < 8; ++r)  // 8-bit: the weights' signs move onto the activations (u8 x s8)
           v[r] = BITS == 4 ? dot_u8s8(w[r], y) : dot_u8s8(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(y, w[r]));
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(v)), _mm256_mul_ps(sw, _mm256_set1_ps(ad[t][b])), acc[t]);
+        const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(ad[t][b]));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(v)), scale, acc[t]);
       }
     }
     if (mins) {
@@ -214,7 +218,8 @@ struct Panel {
         for (int64_t j = 0; j < quads; ++j)
           for (int h = 0; h < 2; ++h) {
             const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 4 * j;
-            _mm256_storeu_si256(to++, _mm256_xor_si256(flip, _mm256_i32gather_epi32(reinterpret_cast<const int*>(from), at, 1)));
+            const __m256i quads = _mm256_i32gather_epi32(reinterpret_cast<const int*>(from), at, 1);
+            _mm256_storeu_si256(to++, _mm256_xor_si256(flip, quads));
           }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -243,7 +248,8 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
   for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (int64_t g = 0; b < nb; ++g) {
-    const __m256 s0 = _mm256_loadu_ps(p.scales.data() + g * PANEL), s1 = _mm256_loadu_ps(p.scales.data() + g * PANEL + 8);
+    const float* scales = p.scales.data() + g * PANEL;
+    const __m256 s0 = _mm256_loadu_ps(scales), s1 = _mm256_loadu_ps(scales + 8);
     for (const int64_t end = b + per_group; b < end; ++b) {
       // ia[l][h][t]: the block's products of rows 8h..8h+7 with token t's codes of level l; both levels in one
       // pass over the weights.
@@ -288,7 +294,8 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
       if constexpr (LEVELS == 2) {  // 254 * (first level's sum) + second level's: still exact in int32
         const __m256i coarse = _mm256_set1_epi32(254);
         for (int h = 0; h < 2; ++h)
-          for (int t = 0; t < T; ++t) ia[0][h][t] = _mm256_add_epi32(_mm256_mullo_epi32(ia[0][h][t], coarse), ia[1][h][t]);
+          for (int t = 0; t < T; ++t)
+            ia[0][h][t] = _mm256_add_epi32(_mm256_mullo_epi32(ia[0][h][t], coarse), ia[1][h][t]);
       }
       for (int t = 0; t < T; ++t) {
         __m256i i0 = ia[0][0][t], i1 = ia[0][1][t];
