@@ -246,9 +246,10 @@ class Generator:
         prompt arriving does not send a whole batch of decoding sequences down the slower path."""
         if not self._fused_decode:
             return [batch]
-        decoding = [(seq, n) for seq, n in batch if seq.num_computed >= seq.prompt_len and seq.score_from is None]
-        rest = [(seq, n) for seq, n in batch if not (seq.num_computed >= seq.prompt_len and seq.score_from is None)]
-        return [group for group in (decoding, rest) if group]
+        groups: tuple[list, list] = ([], [])
+        for seq, n in batch:
+            groups[seq.num_computed < seq.prompt_len or seq.score_from is not None].append((seq, n))
+        return [group for group in groups if group]
 
     def _forward(self, group: list[tuple[_Sequence, int]]) -> torch.Tensor:
         """The model once over the group's scheduled tokens: the logits of the rows that are sampled or scored."""

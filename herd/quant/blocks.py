@@ -105,7 +105,9 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Te
     xq, xd = quantize_activations(x, levels)
     codes = codes_as_float(w.codes, w.bits).view(n, -1, QK)
     per_group = w.group // QK
-    dots = torch.einsum("mbi,nbi->mnb", xq.double(), codes.double()).float()  # exact integers
+    # Exact integers: one level's sums stay far below 2**24; two levels' need float64.
+    exact = torch.float64 if levels == 2 else torch.float32
+    dots = torch.einsum("mbi,nbi->mnb", xq.to(exact), codes.to(exact)).float()
     wscale = w.scales.repeat_interleave(per_group, dim=1)
     out = (dots * (xd[:, None, :] * wscale[None])).sum(-1)
     if w.mins is not None:
