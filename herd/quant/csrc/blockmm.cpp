@@ -191,7 +191,7 @@ constexpr bool kVnni = false;
 #endif
 #if defined(__AVX512VL__)
 constexpr int TILE_TOKENS = 4;  // 32 vector registers hold a 16 x 4 tile's integer and float sums
-constexpr int TILE2 = 2;
+constexpr int TILE2 = 2;        // two levels: a token's integer sums twice over
 #else
 constexpr int TILE_TOKENS = 2;  // 16 registers
 constexpr int TILE2 = 1;
@@ -218,18 +218,20 @@ struct Panel {
         for (int64_t j = 0; j < quads; ++j)
           for (int h = 0; h < 2; ++h) {
             const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 4 * j;
-            const __m256i quads = _mm256_i32gather_epi32(reinterpret_cast<const int*>(from), at, 1);
-            _mm256_storeu_si256(to++, _mm256_xor_si256(flip, quads));
+            const __m256i gathered = _mm256_i32gather_epi32(reinterpret_cast<const int*>(from), at, 1);
+            _mm256_storeu_si256(to++, _mm256_xor_si256(flip, gathered));
           }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const uint8_t* row = qs + (r0 + r) * row_bytes;
-      for (int64_t b = 0; rows < PANEL && b < K / QK; ++b)
-        for (int64_t j = 0; j < quads; ++j)
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t c = row[b * block_bytes + 4 * j + i];
-            codes[((b * quads + j) * PANEL + r) * 4 + i] = bits == 8 && kVnni ? c ^ 0x80 : c;
-          }
+      if (rows < PANEL) {  // the last, partial panel: row by row, the missing rows left zero
+        for (int64_t b = 0; b < K / QK; ++b)
+          for (int64_t j = 0; j < quads; ++j)
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t c = row[b * block_bytes + 4 * j + i];
+              codes[((b * quads + j) * PANEL + r) * 4 + i] = bits == 8 && kVnni ? c ^ 0x80 : c;
+            }
+      }
       for (int64_t g = 0; g < ng; ++g) {
         scales[g * PANEL + r] = sc[(r0 + r) * ng + g];
         if (mn) mins[g * PANEL + r] = mn[(r0 + r) * ng + g];
