@@ -573,13 +573,14 @@ int herd_has_vnni() { return kVnni; }
 // tokens: more take the expanded weight and BLAS).
 void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
                       int64_t K, int64_t bits, int64_t group, int levels, float* o, int threads) {
-  // The caller's buffers, kept from call to call (a prompt's are megabytes); the team reads them through this
-  // reference, since each thread naming a thread_local would get its own.
+  // The caller's buffers, kept from call to call (a prompt's are megabytes, and fresh pages cost a first touch);
+  // the team reads them through this reference, since each thread naming a thread_local would get its own.
   thread_local Acts kept;
   Acts& acts = kept;
   acts.prepare(xf, M, K, group, levels, threads);
 #pragma omp parallel num_threads(threads)
   matmul_team(acts, q, sc, mn, N, bits, o);
+  if (acts.q.capacity() + acts.q2.capacity() > (64 << 20)) acts = Acts();  // a huge prompt's are not kept
 }
 
 }  // extern "C"
