@@ -209,17 +209,24 @@ struct Panel {
     scales.assign(ng * PANEL, 0.f);
     mins.assign(mn ? ng * PANEL : 0, 0.f);
     const int64_t rows = std::min<int64_t>(PANEL, N - r0), quads = block_bytes / 4;
-    if (rows == PANEL) {  // a full panel: eight rows' quads at a time
-      const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                            _mm256_set1_epi32(static_cast<int>(row_bytes)));
+    if (rows == PANEL) {  // a full panel: eight rows' 16-byte chunks at a time, transposed as 4x4 quads
       const __m256i flip = _mm256_set1_epi8(bits == 8 && kVnni ? static_cast<char>(0x80) : 0);
       __m256i* to = reinterpret_cast<__m256i*>(codes.data());
-      for (int64_t b = 0; b < K / QK; ++b)
-        for (int64_t j = 0; j < quads; ++j)
-          for (int h = 0; h < 2; ++h) {
-            const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 4 * j;
-            const __m256i gathered = _mm256_i32gather_epi32(reinterpret_cast<const int*>(from), at, 1);
-            _mm256_storeu_si256(to++, _mm256_xor_si256(flip, gathered));
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t b = 0; b < K / QK; ++b)
+          for (int64_t c = 0; c < block_bytes / 16; ++c) {
+            // a[i]: rows i (low half) and i + 4 (high half) of this eight, chunk c of block b.
+            const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 16 * c;
+            __m256i a[4];
+            for (int i = 0; i < 4; ++i)
+              a[i] = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(from + (i + 4) * row_bytes),
+                                         reinterpret_cast<const __m128i*>(from + i * row_bytes));
+            const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+            const __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+            const __m256i quad[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                                     _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+            for (int j = 0; j < 4; ++j)  // lane i: row i's quad 4c + j
+              _mm256_storeu_si256(to + ((b * quads + 4 * c + j) * 2 + h), _mm256_xor_si256(flip, quad[j]));
           }
     }
     for (int64_t r = 0; r < rows; ++r) {
