@@ -182,16 +182,20 @@ class StepAttention:
         self.batched = len(parts) > 1 and all(n == 1 for _, _, n, _ in parts)
 
     @functools.cached_property
+    def key_slots(self) -> list[torch.Tensor]:
+        """Each sequence's key slots on the CPU, position by position over its cached and new tokens."""
+        return [_slots(blocks, self.cache.block_size, 0, cached + n, "cpu") for blocks, cached, n, _ in self._parts]
+
+    @functools.cached_property
     def decoders(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The padded batch of a batched step: every sequence's key slots [seqs * width], and which are valid."""
-        parts, cache = self._parts, self.cache
-        width = max(cached + 1 for _, cached, _, _ in parts)
-        table = torch.zeros(len(parts), width, dtype=torch.long)
-        valid = torch.zeros(len(parts), 1, 1, width, dtype=torch.bool)
-        for i, (blocks, cached, _, _) in enumerate(parts):
-            table[i, :cached + 1] = _slots(blocks, cache.block_size, 0, cached + 1, "cpu")
-            valid[i, ..., :cached + 1] = True
-        return table.view(-1).to(cache.device), valid.to(cache.device)
+        width = max(len(slots) for slots in self.key_slots)
+        table = torch.zeros(len(self.key_slots), width, dtype=torch.long)
+        valid = torch.zeros(len(self.key_slots), 1, 1, width, dtype=torch.bool)
+        for i, slots in enumerate(self.key_slots):
+            table[i, :len(slots)] = slots
+            valid[i, ..., :len(slots)] = True
+        return table.view(-1).to(self.cache.device), valid.to(self.cache.device)
 
     @functools.cached_property
     def segments(self) -> list[Segment]:

@@ -36,7 +36,7 @@ class DecodeBlock(TransformerBlock):
                 or x.dtype != torch.float32 or x.device.type != "cpu"):
             return super().forward(x, rotation, mask, cache, layer)
         if "decode" not in cache.scratch:  # once per step, for every layer
-            cache.scratch["decode"] = (Sequences.of(cache.parts, cache.cache.block_size),
+            cache.scratch["decode"] = (Sequences.of(cache.parts, cache.key_slots),
                                        torch.view_as_real(rotation[0, :, 0]).contiguous())
         seqs, cos_sin = cache.scratch["decode"]
         out = x[0].contiguous().clone()

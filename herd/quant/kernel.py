@@ -61,21 +61,23 @@ class QWeight(ctypes.Structure):
 
 
 class Sequences(ctypes.Structure):
-    """The sequences of a decode step and their blocks (the C struct of the same name); `tensors` keeps the int64
-    arrays it points into alive."""
+    """The sequences of a decode step and where their keys lie (the C struct of the same name); `tensors` keeps the
+    int64 arrays it points into alive."""
 
-    _fields_ = [("count", ctypes.c_int64), ("block_size", ctypes.c_int64), ("tokens", ctypes.c_void_p),
-                ("cached", ctypes.c_void_p), ("table_offset", ctypes.c_void_p), ("table", ctypes.c_void_p)]
+    _fields_ = [("count", ctypes.c_int64), ("tokens", ctypes.c_void_p), ("cached", ctypes.c_void_p),
+                ("slot_offset", ctypes.c_void_p), ("slots", ctypes.c_void_p)]
 
     @classmethod
-    def of(cls, parts: list[tuple[list[int], int, int]], block_size: int) -> Sequences:
-        """parts: (blocks, tokens cached, tokens in this step) of each sequence, in the step's order."""
+    def of(cls, parts: list[tuple[list[int], int, int]], key_slots: list[torch.Tensor]) -> Sequences:
+        """parts: (blocks, tokens cached, tokens in this step) of each sequence, in the step's order; key_slots:
+        each one's cache slot per position (StepAttention.key_slots)."""
         offsets = [0]
-        for blocks, _, _ in parts[:-1]:
-            offsets.append(offsets[-1] + len(blocks))
-        tensors = [torch.tensor(v, dtype=torch.int64) for v in ([n for _, _, n in parts], [c for _, c, _ in parts],
-                                                                offsets, [b for blocks, _, _ in parts for b in blocks])]
-        out = cls(len(parts), block_size, *(t.data_ptr() for t in tensors))
+        for slots in key_slots[:-1]:
+            offsets.append(offsets[-1] + len(slots))
+        tensors = [torch.tensor([n for _, _, n in parts], dtype=torch.int64),
+                   torch.tensor([c for _, c, _ in parts], dtype=torch.int64),
+                   torch.tensor(offsets, dtype=torch.int64), torch.cat(key_slots).to(torch.int64).contiguous()]
+        out = cls(len(parts), *(t.data_ptr() for t in tensors))
         out.tensors = tensors
         return out
 

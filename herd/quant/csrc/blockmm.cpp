@@ -592,8 +592,6 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
 
 }  // extern "C"
 
-
-
 // ---------------------------------------------------------------------------------------------------------------
 // One transformer block for the generated tokens of a step (one or more per sequence, sequences end to end), whose
 // keys and values live in blocks of the engine's paged cache: the same arithmetic as the PyTorch block over the
@@ -605,11 +603,11 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
 namespace {
 
 struct Sequences {  // the sequences of a step and where their keys live in the paged cache
-  int64_t count, block_size;
-  const int64_t* tokens;        // [count] tokens of each in this step
-  const int64_t* cached;        // [count] tokens of each already in the cache
-  const int64_t* table_offset;  // [count] where each one's blocks start in `table`
-  const int64_t* table;         // block ids, each sequence's in order
+  int64_t count;
+  const int64_t* tokens;       // [count] tokens of each in this step
+  const int64_t* cached;       // [count] tokens of each already in the cache
+  const int64_t* slot_offset;  // [count] where each one's key slots start in `slots`
+  const int64_t* slots;        // each sequence's key slot, position by position (its cached and new tokens)
 };
 
 struct QWeight {  // one quantized linear layer, as BlockWeight holds it
@@ -656,15 +654,6 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
   std::vector<int64_t> seq_of(T), pos_of(T);
   for (int64_t s = 0, t = 0; s < seqs->count; ++s)
     for (int64_t i = 0; i < seqs->tokens[s]; ++i, ++t) seq_of[t] = s, pos_of[t] = seqs->cached[s] + i;
-  // Where each sequence's keys are, position by position (element offsets into a head's slots), worked out once
-  // for all heads.
-  std::vector<std::vector<int64_t>> where(seqs->count);
-  for (int64_t s = 0; s < seqs->count; ++s) {
-    where[s].resize(seqs->cached[s] + seqs->tokens[s]);
-    for (int64_t pos = 0; pos < static_cast<int64_t>(where[s].size()); ++pos)
-      where[s][pos] = (seqs->table[seqs->table_offset[s] + pos / seqs->block_size] * seqs->block_size +
-                       pos % seqs->block_size) * head_dim;
-  }
   std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
       up(T * hidden);
   Acts a[3];
@@ -694,7 +683,7 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
     for (int64_t t = 0; t < T; ++t) {
       rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
       rope(k.data() + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
-      const int64_t at = where[seq_of[t]][pos_of[t]];
+      const int64_t at = seqs->slots[seqs->slot_offset[seq_of[t]] + pos_of[t]] * head_dim;
       for (int64_t h = 0; h < kv_heads; ++h) {
         std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + h * slots * head_dim + at);
         std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + h * slots * head_dim + at);
@@ -707,17 +696,18 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
         const float* qh = q.data() + t * qd + h * head_dim;
         const float* kh = k_cache + (h / group) * slots * head_dim;
         const float* vh = v_cache + (h / group) * slots * head_dim;
-        const int64_t* at = where[s].data();
+        const int64_t* at = seqs->slots + seqs->slot_offset[s];
         std::vector<float> p(n);
         float top = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j] = dot(qh, kh + at[j], head_dim) * scale);
+        for (int64_t j = 0; j < n; ++j)
+          top = std::max(top, p[j] = dot(qh, kh + at[j] * head_dim, head_dim) * scale);
         float total = 0.f;
         for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
         float* out = att.data() + t * qd + h * head_dim;
         std::fill_n(out, head_dim, 0.f);
         for (int64_t j = 0; j < n; ++j) {
           const float pj = p[j] / total;
-          const float* vj = vh + at[j];
+          const float* vj = vh + at[j] * head_dim;
           for (int64_t d = 0; d < head_dim; ++d) out[d] += pj * vj[d];
         }
       }
