@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from herd.generate import Generator
+from herd.generate.scheduler import SchedulerStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -33,11 +35,21 @@ class Metrics:
         Gauge("herd_cache_blocks_cached", "free KV-cache blocks that keep a prefix", registry=registry).set_function(
             lambda: len(pool.evictable))
         Gauge("herd_cache_blocks_total", "KV-cache blocks", registry=registry).set(pool.num_blocks)
-        # Speculative decoding: accepted / drafted is the share of guesses that saved a forward.
-        Gauge("herd_draft_tokens", "tokens guessed by prompt lookup", registry=registry).set_function(
-            lambda: scheduler.stats.drafted_tokens)
-        Gauge("herd_draft_tokens_accepted", "guessed tokens the model chose too", registry=registry).set_function(
-            lambda: scheduler.stats.accepted_tokens)
+        registry.register(_DraftCounters(scheduler.stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DraftCounters:
+    """Speculative decoding's running totals, read from the scheduler when scraped (counters, so that rate() works):
+    accepted / drafted is the share of guesses that saved a forward."""
+
+    def __init__(self, stats: SchedulerStats):
+        self.stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily("herd_draft_tokens", "tokens guessed by prompt lookup",
+                                  value=self.stats.drafted_tokens)
+        yield CounterMetricFamily("herd_draft_tokens_accepted", "guessed tokens the model chose too",
+                                  value=self.stats.accepted_tokens)
