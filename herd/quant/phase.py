@@ -1,14 +1,13 @@
 """Which rows of a forward are prompt tokens: told by whoever runs the model (the generation engine), read by the
 quantized layers.
 
-Where herd's kernel runs, a quantized layer computes every token by one arithmetic, so this only tells the fused
-decode block (`herd.quant.decode`) when a step holds generated tokens alone. Without the kernel (a GPU) a token is
-computed one of two ways: exactly (the stored weights times float activations) or in integers (activations
-quantized to int8 blocks). If the way depended on how many tokens a forward holds, a prompt's numbers would depend
-on how it was chunked: after a prefix-cache hit only the last few prompt tokens are computed. So the engine says
-which rows are prompt tokens (always exact there) and which are generated tokens (integers, when few enough share
-the forward); the model itself stays unaware. Without a `prompt_rows` block the layers decide by the number of
-tokens alone.
+Quantized layers compute a prompt token one way (as well as float activations: two int8 levels with VNNI, else
+float activations) and a generated token another (int8 activations, fast), and the fused decode block
+(`herd.quant.decode`) takes a step only when all its tokens are generated ones. If the way depended on how many
+tokens a forward holds, a prompt's numbers would depend on how it was chunked: after a prefix-cache hit only the
+last few prompt tokens are computed. So the engine says which rows are prompt tokens and which are generated
+tokens; the model itself stays unaware. Without a `prompt_rows` block the layers decide by the number of tokens
+alone.
 """
 from __future__ import annotations
 

@@ -125,7 +125,8 @@ def test_metrics_count_requests_and_tokens(tiny):
     text = httpx.get(tiny.url + "/metrics").text
     for name in ("herd_requests_total", "herd_generation_tokens_total", "herd_queue_depth", "herd_running_sequences",
                  "herd_cache_blocks_in_use", "herd_time_to_first_token_seconds_bucket",
-                 "herd_inter_token_latency_seconds_bucket", "herd_draft_tokens_total", "herd_draft_tokens_accepted_total"):
+                 "herd_inter_token_latency_seconds_bucket", "herd_draft_tokens_total",
+                 "herd_draft_tokens_accepted_total"):
         assert name in text
     served = sum(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith('herd_requests_total{route="/v1/chat/completions",status="200"}'))
