@@ -9,6 +9,7 @@ codes (as llama-stack and the model card's template drop them); a custom list is
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 
@@ -139,7 +140,11 @@ class LlamaGuard:
     (Meta's Llama Guard 3 checkpoints among them), or a guard head on a small model (herd.safety.guard_head).
 
     For a generative guard the prompt's text goes in as one user turn of the model's own chat format (for a
-    Llama 3 tokenizer that is exactly `llama_guard_prompt`) and the verdict is decoded greedily.
+    Llama 3 tokenizer that is exactly `llama_guard_prompt`). The verdict line is decoded greedily; an unsafe
+    verdict's categories are then chosen code by code, each the code whose whole token sequence the model finds
+    most likely. Greedy decoding token by token cannot do that where a tokenizer splits codes into digits (SmolLM2's
+    does): after "S" the digit "1" carries the probability of S1 and S10-S14 together, so greedy names S1 (or
+    S1x) for a turn whose single most likely code is, say, S2.
     """
 
     def __init__(self, llm, categories: Sequence[Category] | None = None, excluded: Iterable[str] = (),
@@ -153,7 +158,8 @@ class LlamaGuard:
         else:
             content = llama_guard_content(messages, agent_type, self.categories, self.excluded)
             ids = self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
-            raw = self.llm.generate(ids, max_tokens=self.max_tokens, temperature=0).text
+            raw = self._categories_by_likelihood(ids, self.llm.generate(ids, max_tokens=self.max_tokens,
+                                                                         temperature=0))
         verdict = parse_llama_guard(raw)
         named = verdict["categories"]
         if not verdict["safe"] and named:
@@ -161,6 +167,37 @@ class LlamaGuard:
             kept = [c for c in named if c not in self.excluded]
             verdict = {"safe": not kept, "categories": kept}
         return {**verdict, "raw": raw}
+
+
+    def _categories_by_likelihood(self, prompt: list[int], greedy) -> str:
+        """The verdict text: the greedy reply, with an unsafe reply's codes replaced by those chosen whole. Each
+        code's probability is that of the code followed by the end of the turn or by a comma (another code); the
+        list goes on while the comma is the likelier. The greedy reply stands where it is not an unsafe verdict
+        line that the model ended itself."""
+        text, tokenizer = greedy.text, self.llm.tokenizer
+        line = text[:text.find("\n") + 1]
+        head = tokenizer.encode(line, bos=False)
+        if line.strip().lower() != "unsafe" or greedy.stop_token is None or greedy.tokens[:len(head)] != head:
+            return text
+        # Every code of the taxonomy, excluded ones too: a model naming only those is judged safe, as in check().
+        codes = list(CATEGORIES) if self.categories is None else [f"S{i}" for i in range(1, len(self.categories) + 1)]
+        comma = tokenizer.encode(",", bos=False)
+        named: list[str] = []
+        while len(named) < len(codes):
+            so_far = head + [t for code in named for t in tokenizer.encode(code, bos=False) + comma]
+            options = [code for code in codes if code not in named]
+            spelled = [so_far + tokenizer.encode(code, bos=False) for code in options]
+            candidates = [s + [greedy.stop_token] for s in spelled] + [s + comma for s in spelled]
+            scores = [sum(s) for s in self.llm.generator.score([prompt + c for c in candidates], len(prompt))]
+            ends, more = scores[:len(options)], scores[len(options):]
+            likely = [math.exp(e) + math.exp(m) for e, m in zip(ends, more)]
+            best = max(range(len(options)), key=likely.__getitem__)
+            if likely[best] == 0:
+                break
+            named.append(options[best])
+            if ends[best] >= more[best]:
+                break
+        return line + ",".join(named) if named else text
 
 
 def load_guard(path: str | None, excluded: Iterable[str] = ()) -> LlamaGuard:

@@ -2,6 +2,7 @@
 llama-models' chat format), the verdict parser under fuzzing, and LlamaGuard's handling of a model's reply."""
 from __future__ import annotations
 
+import math
 from string import Template
 from types import SimpleNamespace
 
@@ -117,18 +118,43 @@ def test_parse_never_raises(reply):
 
 
 class _ScriptedLLM:
-    """Stands in for a guard model: records the dialog it is given and replies with a fixed text."""
+    """Stands in for a guard model: records the dialog it is given and replies from a fixed distribution over
+    whole replies (a single reply: probability 1), one character a token, as a tokenizer splitting codes into
+    digits would: greedy decoding follows the likeliest next character, and `generator.score` gives each
+    character's log-probability under the same distribution."""
 
-    def __init__(self, reply):
+    END = -1  # the end-of-turn token
+
+    def __init__(self, replies):
         import herd
 
         self.chat_format = herd.ChatFormat(herd.load_tokenizer())
-        self.reply, self.prompts = reply, []
+        self.replies = {replies: 1.0} if isinstance(replies, str) else replies
+        self.prompts = []
+        self.tokenizer = SimpleNamespace(encode=lambda text, bos: [ord(c) for c in text])
+        self.generator = SimpleNamespace(score=self._score)
+
+    def _mass(self, tokens) -> float:
+        return sum(p for reply, p in self.replies.items()
+                   if [*map(ord, reply), self.END][:len(tokens)] == list(tokens))
 
     def generate(self, ids, **sampling):
         assert sampling["temperature"] == 0
         self.prompts.append(self.chat_format.tokenizer.decode(ids))
-        return SimpleNamespace(text=self.reply)
+        tokens = []
+        while True:
+            nexts = {r[len(tokens)] for r in ([*map(ord, reply), self.END] for reply in self.replies)
+                     if r[:len(tokens)] == tokens}
+            token = max(nexts, key=lambda t: self._mass(tokens + [t]))
+            if token == self.END:
+                return SimpleNamespace(text="".join(map(chr, tokens)), tokens=tokens, stop_token=self.END)
+            tokens.append(token)
+
+    def _score(self, prompts, score_from):
+        def logp(tokens, i):
+            before, upto = self._mass(tokens[:i]), self._mass(tokens[:i + 1])
+            return math.log(upto / before) if upto else -math.inf
+        return [[logp(p[score_from:], i) for i in range(len(p) - score_from)] for p in prompts]
 
 
 def test_llama_guard_check_uses_the_prompt_and_policy():
@@ -142,3 +168,19 @@ def test_llama_guard_check_uses_the_prompt_and_policy():
     assert LlamaGuard(_ScriptedLLM("unsafe\nS2,S10"), excluded=("S2",)).check(CONVERSATIONS[0])["categories"] == ["S10"]
     with pytest.raises(ValueError):
         LlamaGuard(llm, excluded=("S42",))
+
+
+def test_llama_guard_names_the_likeliest_whole_code_where_greedy_digits_would_not():
+    # Greedy, digit by digit, says S1: after "S" the digit 1 carries S1 and S10-S13 together (0.6 against S2's 0.3).
+    codes = {"S2": 0.3, "S1": 0.13, "S10": 0.12, "S11": 0.12, "S12": 0.12, "S13": 0.11}
+    llm = _ScriptedLLM({"safe": 0.1, **{f"unsafe\n{c}": p * 0.9 for c, p in codes.items()}})
+    assert llm.generate([1], temperature=0).text == "unsafe\nS1"
+    assert LlamaGuard(llm).check(CONVERSATIONS[0]) == {"safe": False, "categories": ["S2"], "raw": "unsafe\nS2"}
+    # A list goes on while a comma is likelier than the end, each next code chosen whole too (greedy: S2,S10).
+    llm = _ScriptedLLM({"unsafe\nS2,S3": 0.35, "unsafe\nS2,S10": 0.21, "unsafe\nS2,S11": 0.19, "unsafe\nS4": 0.25})
+    assert llm.generate([1], temperature=0).text == "unsafe\nS2,S10"
+    assert LlamaGuard(llm).check(CONVERSATIONS[0])["categories"] == ["S2", "S3"]
+    # A safe verdict, and a reply that is no verdict, are left as the model wrote them.
+    assert LlamaGuard(_ScriptedLLM({"safe": 0.6, "unsafe\nS2": 0.4})).check(CONVERSATIONS[0])["raw"] == "safe"
+    assert LlamaGuard(_ScriptedLLM("I cannot tell.")).check(CONVERSATIONS[0]) == {
+        "safe": False, "categories": [], "raw": "I cannot tell."}
