@@ -1,8 +1,9 @@
 """Verifiers: scores of a reply that need no judge, because the truth is known.
 
 A verifier is any function `(row, reply_text) -> float`; `load_verifier("module:function")` imports one.
-Built in: `answer` (the reply's last number equals the row's "answer") and `python_tests` (the reply's code
-passes the row's "tests", run in a separate, isolated Python process with a time and a memory limit).
+Built in: `answer` (the reply's last number equals the row's "answer"), `only_answer` (it is the reply's only
+number) and `python_tests` (the reply's code passes the row's "tests", run in a separate, isolated Python process
+with a time and a memory limit).
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ def answer(row: dict, reply: str) -> float:
     return float(found is not None and abs(found - float(row["answer"])) < 1e-9)
 
 
+def only_answer(row: dict, reply: str) -> float:
+    """1 if the reply's only number is the row's "answer" (for prompts that ask for just the number: a reply that
+    also repeats the question's numbers, right or wrong, does not count)."""
+    numbers = _NUMBER.findall(reply)
+    return float(len(numbers) == 1 and abs(float(numbers[0].replace(",", "")) - float(row["answer"])) < 1e-9)
+
+
 def python_tests(row: dict, reply: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
     """1 if the reply's code (its first ```python block, else the whole reply) passes the row's "tests"."""
     block = _CODE_BLOCK.search(reply)
@@ -56,8 +64,8 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
 
 
-BUILTIN = {"answer": answer, "python_tests": python_tests}
-NEEDS = {"answer": "answer", "python_tests": "tests"}   # the row field each built-in verifier reads
+BUILTIN = {"answer": answer, "only_answer": only_answer, "python_tests": python_tests}
+NEEDS = {"answer": "answer", "only_answer": "answer", "python_tests": "tests"}   # the row field each built-in verifier reads
 
 
 def load_verifier(spec: str) -> Verifier:

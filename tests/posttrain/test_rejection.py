@@ -9,7 +9,7 @@ import pytest
 
 from herd.llm import LLM
 from herd.posttrain import rejection
-from herd.posttrain.verify import answer, load_verifier, python_tests
+from herd.posttrain.verify import answer, load_verifier, only_answer, python_tests
 from posttrain_helpers import tiny_model
 
 
@@ -48,6 +48,10 @@ def test_output_is_written_whole_or_not_at_all(tmp_path):
 def test_verifiers():
     assert answer({"answer": 12}, "5 + 7 = 12 apples.") == 1.0
     assert answer({"answer": 12}, "It is 12, no wait, 13") == 0.0 and answer({"answer": 1}, "none") == 0.0
+    # only_answer: a reply that says more numbers than the answer is wrong, even ending in the right one
+    assert only_answer({"answer": 599}, "The answer is 599.") == 1.0 and only_answer({"answer": 1200}, "1,200") == 1.0
+    assert only_answer({"answer": 599}, "257 is a larger number than 599") == 0.0
+    assert only_answer({"answer": 599}, "none") == 0.0 and load_verifier("only_answer") is only_answer
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
     assert python_tests({"tests": tests}, "Sure:\n```python\ndef add(a, b):\n    return a + b\n```") == 1.0
     assert python_tests({"tests": tests}, "def add(a, b):\n    return a - b") == 0.0
