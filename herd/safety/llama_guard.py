@@ -142,9 +142,10 @@ class LlamaGuard:
     For a generative guard the prompt's text goes in as one user turn of the model's own chat format (for a
     Llama 3 tokenizer that is exactly `llama_guard_prompt`). The verdict line is decoded greedily; an unsafe
     verdict's categories are then chosen code by code, each the code whose whole token sequence the model finds
-    most likely. Greedy decoding token by token cannot do that where a tokenizer splits codes into digits (SmolLM2's
-    does): after "S" the digit "1" carries the probability of S1 and S10-S14 together, so greedy names S1 (or
-    S1x) for a turn whose single most likely code is, say, S2.
+    most likely, where the tokenizer spells one code as the start of another. Greedy decoding token by token
+    cannot do that where codes are split into digits (SmolLM2's tokenizer does; Llama 3's keeps "10" whole): after
+    "S" the digit "1" carries the probability of S1 and S10-S14 together, so greedy names S1 (or S1x) for a turn
+    whose single most likely code is, say, S2.
     """
 
     def __init__(self, llm, categories: Sequence[Category] | None = None, excluded: Iterable[str] = (),
@@ -181,12 +182,15 @@ class LlamaGuard:
             return text
         # Every code of the taxonomy, excluded ones too: a model naming only those is judged safe, as in check().
         codes = list(CATEGORIES) if self.categories is None else [f"S{i}" for i in range(1, len(self.categories) + 1)]
+        spelled_as = {code: tokenizer.encode(code, bos=False) for code in codes}
+        if not any(a != b and spelled_as[b][:len(spelled_as[a])] == spelled_as[a] for a in codes for b in codes):
+            return text  # no code's tokens begin another's (Llama 3's tokenizer): greedy already chose whole codes
         comma = tokenizer.encode(",", bos=False)
         named: list[str] = []
         while len(named) < len(codes):
-            so_far = head + [t for code in named for t in tokenizer.encode(code, bos=False) + comma]
+            so_far = head + [t for code in named for t in spelled_as[code] + comma]
             options = [code for code in codes if code not in named]
-            spelled = [so_far + tokenizer.encode(code, bos=False) for code in options]
+            spelled = [so_far + spelled_as[code] for code in options]
             candidates = [s + [greedy.stop_token] for s in spelled] + [s + comma for s in spelled]
             scores = [sum(s) for s in self.llm.generator.score([prompt + c for c in candidates], len(prompt))]
             ends, more = scores[:len(options)], scores[len(options):]

@@ -3,6 +3,7 @@ llama-models' chat format), the verdict parser under fuzzing, and LlamaGuard's h
 from __future__ import annotations
 
 import math
+import re
 from string import Template
 from types import SimpleNamespace
 
@@ -180,6 +181,10 @@ def test_llama_guard_names_the_likeliest_whole_code_where_greedy_digits_would_no
     llm = _ScriptedLLM({"unsafe\nS2,S3": 0.35, "unsafe\nS2,S10": 0.21, "unsafe\nS2,S11": 0.19, "unsafe\nS4": 0.25})
     assert llm.generate([1], temperature=0).text == "unsafe\nS2,S10"
     assert LlamaGuard(llm).check(CONVERSATIONS[0])["categories"] == ["S2", "S3"]
+    # Where each code is one token after "S" (as Llama 3's tokenizer spells them), greedy already chose whole codes.
+    llm.tokenizer = SimpleNamespace(encode=lambda text, bos: [1000 + int(text[1:])] if re.fullmatch(r"S\d+", text)
+                                    else [ord(c) for c in text])
+    assert LlamaGuard(llm).check(CONVERSATIONS[0])["raw"] == "unsafe\nS2,S10"
     # A safe verdict, and a reply that is no verdict, are left as the model wrote them.
     assert LlamaGuard(_ScriptedLLM({"safe": 0.6, "unsafe\nS2": 0.4})).check(CONVERSATIONS[0])["raw"] == "safe"
     assert LlamaGuard(_ScriptedLLM("I cannot tell.")).check(CONVERSATIONS[0]) == {
