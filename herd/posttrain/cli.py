@@ -30,7 +30,7 @@ def sample_cmd(
     prompts: Path = typer.Argument(..., help='JSONL of {"messages": [...]} prompts (plus what the scorer reads)'),
     out: Path = typer.Option(..., "--out", "-o", help="SFT rows: each prompt with its best reply"),
     k: int = typer.Option(16, "--k", help="samples per prompt"),
-    verifier: Optional[str] = typer.Option(None, help="answer, python_tests, or module:function"),
+    verifier: Optional[str] = typer.Option(None, help="answer, only_answer, python_tests, or module:function"),
     reward_model: Optional[Path] = typer.Option(None, help="a `herd finetune` reward model (run.dir/model)"),
     pairs: Optional[Path] = typer.Option(None, help="also write preference rows (best vs worst reply)"),
     pairs_per_prompt: int = typer.Option(1, help="preference rows per prompt: best vs worst, then the next ones"),

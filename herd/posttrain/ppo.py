@@ -36,7 +36,7 @@ class PPOConfig:
     top_p: float = 1.0               # < 1 samples off-policy (the truncation is not in the log-probs)
     max_tokens: int = 256            # per reply (and within the model's context)
     reward_model: str = ""           # the run.dir/model of a `recipe = "rm"` run ...
-    verifier: str = ""               # ... or a verifier: answer, python_tests, module:function (exactly one)
+    verifier: str = ""               # ... or a verifier (answer, only_answer, python_tests, module:function): one
     no_stop_penalty: float = 0.0     # subtracted from the score of a reply cut at max_tokens
     kl_coef: float = 0.05
     gamma: float = 1.0

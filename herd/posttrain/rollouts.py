@@ -156,7 +156,7 @@ def check_config(config) -> None:
     """One-line errors for a ppo config that cannot run: exactly one reward source, and a usable one."""
     p = config.ppo
     if bool(p.reward_model) == bool(p.verifier):
-        raise ConfigError("ppo: give exactly one reward source: ppo.verifier (answer, python_tests, "
+        raise ConfigError("ppo: give exactly one reward source: ppo.verifier (answer, only_answer, python_tests, "
                           "module:function) or ppo.reward_model (the run.dir/model of a `recipe = \"rm\"` run)")
     if p.verifier:
         try:
