@@ -35,8 +35,7 @@ def answer(row: dict, reply: str) -> float:
 def only_answer(row: dict, reply: str) -> float:
     """1 if the reply's only number is the row's "answer" (for prompts that ask for just the number: a reply that
     also repeats the question's numbers, right or wrong, does not count)."""
-    numbers = _NUMBER.findall(reply)
-    return float(len(numbers) == 1 and abs(float(numbers[0].replace(",", "")) - float(row["answer"])) < 1e-9)
+    return float(len(_NUMBER.findall(reply)) == 1 and answer(row, reply) == 1.0)
 
 
 def python_tests(row: dict, reply: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
@@ -65,7 +64,8 @@ def _limit_memory(memory_mb: int) -> None:
 
 
 BUILTIN = {"answer": answer, "only_answer": only_answer, "python_tests": python_tests}
-NEEDS = {"answer": "answer", "only_answer": "answer", "python_tests": "tests"}   # the row field each built-in verifier reads
+# the row field each built-in verifier reads
+NEEDS = {"answer": "answer", "only_answer": "answer", "python_tests": "tests"}
 
 
 def load_verifier(spec: str) -> Verifier:
