@@ -169,7 +169,6 @@ class LlamaGuard:
             verdict = {"safe": not kept, "categories": kept}
         return {**verdict, "raw": raw}
 
-
     def _categories_by_likelihood(self, prompt: list[int], greedy) -> str:
         """The verdict text: the greedy reply, with an unsafe reply's codes replaced by those chosen whole. Each
         code's probability is that of the code followed by the end of the turn or by a comma (another code); the
@@ -181,7 +180,7 @@ class LlamaGuard:
         if line.strip().lower() != "unsafe" or greedy.stop_token is None or greedy.tokens[:len(head)] != head:
             return text
         # Every code of the taxonomy, excluded ones too: a model naming only those is judged safe, as in check().
-        codes = list(CATEGORIES) if self.categories is None else [f"S{i}" for i in range(1, len(self.categories) + 1)]
+        codes = [code for code, _ in category_lines(self.categories)]
         spelled_as = {code: tokenizer.encode(code, bos=False) for code in codes}
         if not any(a != b and spelled_as[b][:len(spelled_as[a])] == spelled_as[a] for a in codes for b in codes):
             return text  # no code's tokens begin another's (Llama 3's tokenizer): greedy already chose whole codes
