@@ -115,7 +115,7 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Te
     return out
 
 
-def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True, packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w.T in float32. integer=False (weight-only layers): exactly the stored weights times x.
     integer: prompt tokens and generated tokens (as `herd.quant.phase` tells them; unmarked, a forward of more than
     a few tokens is a prompt) are computed apart, each the same way however many share the call, so that a
@@ -132,13 +132,13 @@ def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True) -> torch.Te
         marked = prompt_mask(rows)
         prompt, generated = marked if marked is not None else (None, rows if rows <= MAX_INTEGER_TOKENS else 0)
         if generated == 0:
-            out = _prompt(kernel, flat, w)
+            out = _prompt(kernel, flat, w, packed)
         elif generated == rows:
-            out = _generated(kernel, flat, w)
+            out = _generated(kernel, flat, w, packed)
         else:
             out = flat.new_empty(rows, w.shape[0])
-            out[prompt] = _prompt(kernel, flat[prompt], w)
-            out[~prompt] = _generated(kernel, flat[~prompt], w)
+            out[prompt] = _prompt(kernel, flat[prompt], w, packed)
+            out[~prompt] = _generated(kernel, flat[~prompt], w, packed)
     return out.view(*x.shape[:-1], w.shape[0])
 
 
@@ -146,15 +146,15 @@ def _args(w: BlockWeight) -> tuple:
     return w.codes, w.scales, w.mins, w.bits, w.group
 
 
-def _prompt(kernel, flat: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+def _prompt(kernel, flat: torch.Tensor, w: BlockWeight, packed: torch.Tensor | None) -> torch.Tensor:
     if kernel and kernel.vnni:
-        return kernel.matmul_rows(flat, *_args(w), levels=2)
+        return kernel.matmul_rows(flat, *_args(w), levels=2, packed=packed)
     return _exact(kernel, flat, w)  # as good, and faster than two int8 levels without VNNI
 
 
-def _generated(kernel, flat: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+def _generated(kernel, flat: torch.Tensor, w: BlockWeight, packed: torch.Tensor | None) -> torch.Tensor:
     if kernel:
-        return kernel.matmul_rows(flat, *_args(w), levels=1)
+        return kernel.matmul_rows(flat, *_args(w), levels=1, packed=packed)
     # PyTorch's einsum grows with the batch: a decode step of very many sequences multiplies exactly instead.
     return integer_matmul(flat, w) if flat.shape[0] <= MAX_GENERATED_TOKENS else flat @ w.dequantize().T
 
@@ -187,12 +187,30 @@ class BlockLinear(_Blocks):
         super().__init__(weight)
         self.out_features, self.in_features = weight.shape
         self.integer, self.scheme = integer, scheme
+        self._packed: tuple[tuple, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_packed", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight_blocks, integer=self.integer).type_as(x)
+        return matmul(x, self.weight_blocks, integer=self.integer, packed=self.packed()).type_as(x)
+
+    def packed(self) -> torch.Tensor | None:
+        """The kernel's panels of this weight (integer layers on a CPU with the kernel), packed on first use and
+        again whenever the buffers move or change (`.to()`, a loaded state dict, an in-place edit); not saved."""
+        kernel = ops()
+        if kernel is None or not self.integer or self.codes.device.type != "cpu":
+            return None
+        key = tuple((t.data_ptr(), _version(t)) for t in (self.codes, self.scales, self.mins) if t is not None)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, kernel.pack(*_args(self.weight_blocks)))
+        return self._packed[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme or f'{self.bits}-bit'}"
+
+
+def _version(t: torch.Tensor) -> int:
+    """How often `t` changed in place (inference tensors keep no count: they change only in inference mode)."""
+    return 0 if t.is_inference() else t._version
 
 
 class BlockEmbedding(_Blocks):

@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from herd.model.llama import TransformerBlock
-from herd.quant.blocks import BlockLinear
+from herd.quant.blocks import BlockLinear, _version
 from herd.quant.kernel import QWeight, Sequences, ops
 from herd.quant.phase import prompt_mask
 
@@ -27,7 +27,7 @@ class DecodeBlock(TransformerBlock):
         torch.nn.Module.__init__(self)
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        self._weights: tuple[int, ctypes.Array] | None = None
+        self._weights: tuple[tuple[int, int], ctypes.Array, list] | None = None
 
     def forward(self, x, rotation, mask, cache, layer):
         tokens = x.shape[1]
@@ -47,14 +47,19 @@ class DecodeBlock(TransformerBlock):
         return out.unsqueeze(0)
 
     def _quantized(self) -> ctypes.Array:
-        """The seven layers' QWeight array, rebuilt when their buffers moved (`.to()`, a loaded state dict)."""
-        key = self.attention.wq.codes.data_ptr()  # the seven move together
+        """The seven layers' QWeight array, rebuilt when their buffers moved or changed in place (`.to()`, a
+        loaded state dict: the seven move and change together, so wq's codes stand for all)."""
+        codes = self.attention.wq.codes
+        key = (codes.data_ptr(), _version(codes))
         if self._weights is None or self._weights[0] != key:
             linears = [self.get_submodule(name) for name in _LINEARS]
+            packed = [m.packed() for m in linears]
             array = (QWeight * len(linears))(*(
                 QWeight(m.codes.data_ptr(), m.scales.data_ptr(), m.mins.data_ptr() if m.mins is not None else None,
-                        m.out_features, m.in_features, m.bits, m.group, int(m.integer)) for m in linears))
-            self._weights = (key, array)
+                        p.data_ptr() if p is not None else None, m.out_features, m.in_features, m.bits, m.group,
+                        int(m.integer))
+                for m, p in zip(linears, packed)))
+            self._weights = (key, array, packed)  # the panels stay alive while the array points into them
         return self._weights[1]
 
 

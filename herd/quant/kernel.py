@@ -56,7 +56,7 @@ class QWeight(ctypes.Structure):
     """One quantized linear layer as the fused block reads it (the C struct of the same name)."""
 
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
+                ("packed", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
                 ("integer", ctypes.c_int64)]
 
 
@@ -87,7 +87,10 @@ class _Kernel:
         lib = ctypes.CDLL(str(path))
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
-        lib.herd_matmul_rows.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
+        lib.herd_matmul_rows.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
+        lib.herd_packed_bytes.argtypes = [i64, i64, i64, i64, i32]
+        lib.herd_packed_bytes.restype = i64
+        lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_has_vnni.restype = i32
         lib.herd_decode_block.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
         self._lib = lib
@@ -100,13 +103,25 @@ class _Kernel:
                                   n, k, bits, group, out.data_ptr(), torch.get_num_threads())
         return out
 
-    def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, levels: int) -> torch.Tensor:
-        """levels: 0 float activations, 1 int8 activation blocks, 2 two levels of them (see csrc/blockmm.cpp)."""
+    def pack(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
+        """The weight repacked into the panels that the kernel's many-token loop reads (see csrc/blockmm.cpp):
+        kept by a layer, they spare every prompt and busy decode step repacking it."""
+        n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+        out = torch.empty(self._lib.herd_packed_bytes(n, k, bits, group, int(mins is not None)), dtype=torch.uint8)
+        self._lib.herd_pack(codes.data_ptr(), scales.data_ptr(), mins.data_ptr() if mins is not None else None,
+                            n, k, bits, group, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, levels: int,
+                    packed: torch.Tensor | None = None) -> torch.Tensor:
+        """levels: 0 float activations, 1 int8 activation blocks, 2 two levels of them (see csrc/blockmm.cpp);
+        packed: the weight's panels (`pack`), or None to repack as it goes."""
         x = x.contiguous()
         (m, k), n = x.shape, codes.shape[0]
         out = torch.empty(m, n)
         self._lib.herd_matmul_rows(x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                                   mins.data_ptr() if mins is not None else None, m, n, k, bits, group, levels,
+                                   mins.data_ptr() if mins is not None else None,
+                                   packed.data_ptr() if packed is not None else None, m, n, k, bits, group, levels,
                                    out.data_ptr(), torch.get_num_threads())
         return out
 

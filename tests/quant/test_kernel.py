@@ -6,7 +6,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from herd.quant import kernel
-from herd.quant.blocks import MAX_INTEGER_TOKENS, BlockWeight, integer_matmul, quantize_int4, quantize_int8
+from herd.quant.blocks import (MAX_INTEGER_TOKENS, BlockLinear, BlockWeight, integer_matmul, matmul, quantize_int4,
+                               quantize_int8)
 from herd.quant.gguf import block_weight
 
 
@@ -84,12 +85,28 @@ def test_q4_k_super_blocks_are_read_exactly():
 @pytest.mark.parametrize("levels", [1, 2])
 def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group, levels):
     # A prompt chunked after a prefix-cache hit, a token checked beside its draft, a sequence in a batch: each token
-    # must get exactly its numbers alone. A few tokens run over the rows as stored, many over repacked panels.
+    # must get exactly its numbers alone; and a layer's panels packed once, the same as panels packed as they go.
     _, w = weights(bits, group, n=37)  # rows not a multiple of the kernel's row groups
     x = torch.randn(40, 256) * 3
     args = (w.codes, w.scales, w.mins, bits, group, levels)
     together = kernel.ops().matmul_rows(x, *args)
+    assert torch.equal(kernel.ops().matmul_rows(x, *args, packed=kernel.ops().pack(*args[:5])), together)
     for i in range(len(x)):
         assert torch.equal(kernel.ops().matmul_rows(x[i:i + 1], *args)[0], together[i])
     for size in (3, 8, 9):
         assert torch.equal(torch.cat([kernel.ops().matmul_rows(part, *args) for part in x.split(size)]), together)
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_a_layer_repacks_its_panels_when_its_weights_change():
+    _, w1 = weights(4, 32, seed=1)
+    _, w2 = weights(4, 32, seed=2)
+    x = torch.randn(2, 256)
+    layer = BlockLinear(BlockWeight(w1.codes.clone(), w1.scales.clone(), w1.mins.clone(), 4, 32))  # its own buffers
+    first = layer(x)
+    assert torch.equal(first, matmul(x, w1))
+    layer.load_state_dict(BlockLinear(w2).state_dict())  # copied into the same buffers
+    assert torch.equal(layer(x), matmul(x, w2))
+    with torch.no_grad():
+        layer.codes.copy_(w1.codes), layer.scales.copy_(w1.scales), layer.mins.copy_(w1.mins)
+    assert torch.equal(layer(x), first)

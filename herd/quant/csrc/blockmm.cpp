@@ -7,21 +7,21 @@
 // nibble and element j + 16 in its high one, as GGUF's Q4_0/Q4_1 do) or int8 codes; `scales` [N, K / group] and,
 // for 4-bit, `mins` [N, K / group]: a weight is code * scale + min. A group is a multiple of 32 elements.
 //
-// Every output is computed by one arithmetic, whichever loop computes it: for each block b in order,
-// sum = fma(float(I_b), scale_g * d_b, sum), where I_b is the exact integer dot product of the block's codes with
-// the token's int8 codes and d_b the token's block scale; after each group, sum = fma(min_g, s_g, sum), s_g being
-// the token's sum of d_b * codes over the group. A few tokens (decoding) run over the weight rows as stored,
-// eight rows at a time; many tokens (a busy batch) over panels of rows repacked so that one instruction serves
-// eight rows. So a token's numbers never depend on how many tokens share its call: a guessed token checked beside
-// others, a sequence in a batch of any size all compute exactly as alone.
+// Every output is computed by one arithmetic: for each block b in order, sum = fma(float(I_b), scale_g * d_b, sum),
+// where I_b is the exact integer dot product of the block's codes with the token's int8 codes and d_b the token's
+// block scale; after each group, sum = fma(min_g, s_g, sum), s_g being the token's sum of d_b * codes over the
+// group. The integer paths read the weight as panels of 16 rows repacked so that one instruction serves eight rows
+// (see Panel); a layer packs its panels once and keeps them, since even one token computes faster from them than
+// from the rows as stored. A token's numbers never depend on how many tokens share its call: a guessed token
+// checked beside others, a sequence in a batch of any size all compute exactly as alone.
 //
 // Prompt tokens, where the CPU has VNNI, take two levels of int8 codes (without it float activations, which are
 // faster there: see blocks.py): each block's rounding error is quantized again at 1/254 of the block's scale, and
 // I_b becomes 254 * (the first level's sum) + the second's, still an exact integer, scaled by the finer scale. A
 // prompt then computes as with float activations (KL divergence from them ~1e-7 on the default model, against
 // ~3e-3 with one level: enough to change the answer to a question the model is unsure of), at about half the
-// integer speed, still about 1.7x float32's. Two levels always take the panels, so a prompt computes the same
-// however it is chunked (a prefix-cache hit computes only its last tokens).
+// integer speed, still about 1.7x float32's. A prompt computes the same however it is chunked (a prefix-cache hit
+// computes only its last tokens).
 //
 // Weight-only layers (float activations) multiply the stored weights exactly: the widened codes for a few tokens,
 // the weight expanded to float32 (herd_dequantize) and the BLAS GEMM for more.
@@ -131,52 +131,7 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-inline __m256i dot_u8s8(__m256i u, __m256i s) { return dpbusd(_mm256_setzero_si256(), u, s); }
-
-// lane r = the sum of v[r]'s lanes (integers: exact in any order).
-inline __m256i sum_lanes8(const __m256i* v) {
-  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
-// Eight weight rows as stored against T tokens (decoding): each block's codes, unpacked once, serve the T tokens;
-// the eight rows' integer sums of a block are gathered into one vector, lane r for row r, and scaled as above.
-// out[t] gets the eight rows' results for token t.
-template <int BITS, int T>
-void rows8(const uint8_t* const* qs, const float* const* scales, const float* const* mins, int64_t K, int64_t group,
-           const int8_t* const* aq, const float* const* ad, const float* const* ag, float* const* out) {
-  const int64_t nb = K / QK, per_group = group / QK;
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (int64_t g = 0; b < nb; ++g) {
-    const __m256 sw = _mm256_setr_ps(scales[0][g], scales[1][g], scales[2][g], scales[3][g], scales[4][g],
-                                     scales[5][g], scales[6][g], scales[7][g]);
-    for (const int64_t end = b + per_group; b < end; ++b) {
-      __m256i w[8];
-      for (int r = 0; r < 8; ++r)
-        w[r] = BITS == 4 ? unpack_nibbles(qs[r] + b * (QK / 2))
-                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs[r] + b * QK));
-      for (int t = 0; t < T; ++t) {
-        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + b * QK));
-        __m256i v[8];
-        for (int r = 0; r < 8; ++r)  // 8-bit: the weights' signs move onto the activations (u8 x s8)
-          v[r] = BITS == 4 ? dot_u8s8(w[r], y) : dot_u8s8(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(y, w[r]));
-        const __m256 scale = _mm256_mul_ps(sw, _mm256_set1_ps(ad[t][b]));
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(v)), scale, acc[t]);
-      }
-    }
-    if (mins) {
-      const __m256 mw = _mm256_setr_ps(mins[0][g], mins[1][g], mins[2][g], mins[3][g], mins[4][g], mins[5][g],
-                                       mins[6][g], mins[7][g]);
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(ag[t][g]), acc[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) _mm256_storeu_ps(out[t], acc[t]);
-}
-
-// Many tokens: the weight is taken PANEL rows at a time and repacked into lane order: for each block, four bytes (a
+// The integer paths take the weight PANEL rows at a time, repacked into lane order: for each block, four bytes (a
 // quad of adjacent elements) of each of the panel's rows side by side, so that one multiply-add of a vector of
 // weights with a token's quad broadcast to every lane adds four products to each of eight rows' sums. 4-bit rows
 // need no reordering within a block: byte j already holds elements j (low nibble) and j + 16 (high one), so a
@@ -197,55 +152,74 @@ constexpr int TILE_TOKENS = 2;  // 16 registers
 constexpr int TILE2 = 1;
 #endif
 
+// One panel in memory: codes [blocks][bytes of a block per row / 4][PANEL][4], then scales [groups][PANEL] and,
+// for 4-bit weights, mins [groups][PANEL]. A weight's panels lie end to end, each panel_bytes long: a layer packs
+// them once (herd_pack) and keeps them; a weight without them is packed panel by panel as it is multiplied.
 struct Panel {
-  std::vector<uint8_t> codes;   // [blocks][bytes of a block per row / 4][PANEL][4]
-  std::vector<float> scales, mins;  // [groups][PANEL]
+  const uint8_t* codes;
+  const float* scales;
+  const float* mins;  // null: no mins
+};
 
-  void pack(const uint8_t* qs, const float* sc, const float* mn, int64_t r0, int64_t N, int64_t K, int64_t bits,
-            int64_t group) {
-    const int64_t block_bytes = bits == 4 ? QK / 2 : QK, row_bytes = K / QK * block_bytes, ng = K / group;
-    codes.resize(K / QK * block_bytes * PANEL);
-    if (N - r0 < PANEL) std::fill(codes.begin(), codes.end(), 0);
-    scales.assign(ng * PANEL, 0.f);
-    mins.assign(mn ? ng * PANEL : 0, 0.f);
-    const int64_t rows = std::min<int64_t>(PANEL, N - r0), quads = block_bytes / 4;
-    if (rows == PANEL) {  // a full panel: eight rows' 16-byte chunks at a time, transposed as 4x4 quads
-      const __m256i flip = _mm256_set1_epi8(bits == 8 && kVnni ? static_cast<char>(0x80) : 0);
-      __m256i* to = reinterpret_cast<__m256i*>(codes.data());
-      for (int64_t h = 0; h < 2; ++h)
-        for (int64_t b = 0; b < K / QK; ++b)
-          for (int64_t c = 0; c < block_bytes / 16; ++c) {
-            // a[i]: rows i (low half) and i + 4 (high half) of this eight, chunk c of block b.
-            const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 16 * c;
-            __m256i a[4];
-            for (int i = 0; i < 4; ++i)
-              a[i] = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(from + (i + 4) * row_bytes),
-                                         reinterpret_cast<const __m128i*>(from + i * row_bytes));
-            const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
-            const __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
-            const __m256i quad[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
-                                     _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
-            for (int j = 0; j < 4; ++j)  // lane i: row i's quad 4c + j
-              _mm256_storeu_si256(to + ((b * quads + 4 * c + j) * 2 + h), _mm256_xor_si256(flip, quad[j]));
+int64_t panel_code_bytes(int64_t K, int64_t bits) { return K / QK * (bits == 4 ? QK / 2 : QK) * PANEL; }
+
+int64_t panel_bytes(int64_t K, int64_t bits, int64_t group, bool mins) {
+  return panel_code_bytes(K, bits) + (K / group) * PANEL * static_cast<int64_t>(sizeof(float)) * (mins ? 2 : 1);
+}
+
+Panel panel_at(const uint8_t* at, int64_t K, int64_t bits, int64_t group, bool mins) {
+  const float* scales = reinterpret_cast<const float*>(at + panel_code_bytes(K, bits));
+  return {at, scales, mins ? scales + (K / group) * PANEL : nullptr};
+}
+
+// Rows [r0, r0 + PANEL) of the weight into `to` (panel_bytes of them); rows past N are zero.
+void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0, int64_t N, int64_t K, int64_t bits,
+                int64_t group, uint8_t* to) {
+  const int64_t block_bytes = bits == 4 ? QK / 2 : QK, row_bytes = K / QK * block_bytes, ng = K / group;
+  const int64_t rows = std::min<int64_t>(PANEL, N - r0), quads = block_bytes / 4;
+  uint8_t* codes = to;
+  float* scales = reinterpret_cast<float*>(to + panel_code_bytes(K, bits));
+  float* mins = scales + ng * PANEL;
+  if (rows < PANEL) {
+    std::fill_n(codes, panel_code_bytes(K, bits), uint8_t{0});
+    std::fill_n(scales, ng * PANEL * (mn ? 2 : 1), 0.f);
+  }
+  if (rows == PANEL) {  // a full panel: eight rows' 16-byte chunks at a time, transposed as 4x4 quads
+    const __m256i flip = _mm256_set1_epi8(bits == 8 && kVnni ? static_cast<char>(0x80) : 0);
+    __m256i* out = reinterpret_cast<__m256i*>(codes);
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t b = 0; b < K / QK; ++b)
+        for (int64_t c = 0; c < block_bytes / 16; ++c) {
+          // a[i]: rows i (low half) and i + 4 (high half) of this eight, chunk c of block b.
+          const uint8_t* from = qs + (r0 + 8 * h) * row_bytes + b * block_bytes + 16 * c;
+          __m256i a[4];
+          for (int i = 0; i < 4; ++i)
+            a[i] = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(from + (i + 4) * row_bytes),
+                                       reinterpret_cast<const __m128i*>(from + i * row_bytes));
+          const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+          const __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+          const __m256i quad[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                                   _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+          for (int j = 0; j < 4; ++j)  // lane i: row i's quad 4c + j
+            _mm256_storeu_si256(out + ((b * quads + 4 * c + j) * 2 + h), _mm256_xor_si256(flip, quad[j]));
+        }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = qs + (r0 + r) * row_bytes;
+    if (rows < PANEL) {  // the last, partial panel: row by row
+      for (int64_t b = 0; b < K / QK; ++b)
+        for (int64_t j = 0; j < quads; ++j)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t c = row[b * block_bytes + 4 * j + i];
+            codes[((b * quads + j) * PANEL + r) * 4 + i] = bits == 8 && kVnni ? c ^ 0x80 : c;
           }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* row = qs + (r0 + r) * row_bytes;
-      if (rows < PANEL) {  // the last, partial panel: row by row, the missing rows left zero
-        for (int64_t b = 0; b < K / QK; ++b)
-          for (int64_t j = 0; j < quads; ++j)
-            for (int i = 0; i < 4; ++i) {
-              const uint8_t c = row[b * block_bytes + 4 * j + i];
-              codes[((b * quads + j) * PANEL + r) * 4 + i] = bits == 8 && kVnni ? c ^ 0x80 : c;
-            }
-      }
-      for (int64_t g = 0; g < ng; ++g) {
-        scales[g * PANEL + r] = sc[(r0 + r) * ng + g];
-        if (mn) mins[g * PANEL + r] = mn[(r0 + r) * ng + g];
-      }
+    for (int64_t g = 0; g < ng; ++g) {
+      scales[g * PANEL + r] = sc[(r0 + r) * ng + g];
+      if (mn) mins[g * PANEL + r] = mn[(r0 + r) * ng + g];
     }
   }
-};
+}
 
 // out[t][0..PANEL) for T tokens against one packed panel; LEVELS 2: the activations' second level (aq2) too.
 template <int BITS, int T, int LEVELS>
@@ -257,7 +231,7 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
   for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
   int64_t b = 0;
   for (int64_t g = 0; b < nb; ++g) {
-    const float* scales = p.scales.data() + g * PANEL;
+    const float* scales = p.scales + g * PANEL;
     const __m256 s0 = _mm256_loadu_ps(scales), s1 = _mm256_loadu_ps(scales + 8);
     for (const int64_t end = b + per_group; b < end; ++b) {
       // ia[l][h][t]: the block's products of rows 8h..8h+7 with token t's codes of level l; both levels in one
@@ -269,7 +243,7 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
       auto quad = [&](int l, int t, int64_t at) {  // token t's four codes from element `at` of the block, in every lane
         return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(levels[l][t] + b * QK + at));
       };
-      const uint8_t* pc = p.codes.data() + b * block_bytes;
+      const uint8_t* pc = p.codes + b * block_bytes;
       if constexpr (BITS == 4) {
         for (int j = 0; j < 4; ++j, pc += 2 * 32) {
           const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
@@ -317,8 +291,8 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
         acc[1][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, d), acc[1][t]);
       }
     }
-    if (!p.mins.empty()) {
-      const __m256 m0 = _mm256_loadu_ps(p.mins.data() + g * PANEL), m1 = _mm256_loadu_ps(p.mins.data() + g * PANEL + 8);
+    if (p.mins) {
+      const __m256 m0 = _mm256_loadu_ps(p.mins + g * PANEL), m1 = _mm256_loadu_ps(p.mins + g * PANEL + 8);
       for (int t = 0; t < T; ++t) {
         const __m256 gs = _mm256_set1_ps(ag[t][g]);
         acc[0][t] = _mm256_fmadd_ps(m0, gs, acc[0][t]), acc[1][t] = _mm256_fmadd_ps(m1, gs, acc[1][t]);
@@ -417,30 +391,34 @@ struct Acts {
   std::vector<float> d, g;
   std::vector<int32_t> s;
 
-  void prepare(const float* xf, int64_t m, int64_t k, int64_t grp, int lv, int threads) {
+  // Buffers for m tokens (one thread), then `token(t)` for each token (any thread: tokens are independent).
+  void size(const float* xf, int64_t m, int64_t k, int64_t grp, int lv) {
     x = xf, M = m, K = k, group = grp, levels = lv;
-    const int64_t nb = K / QK, ng = K / group, per_group = group / QK;
     q.resize(levels ? M * K : 0);
     q2.resize(levels == 2 ? M * K : 0);
-    d.resize(levels ? M * nb : 0);
-    s.resize(levels ? M * nb : 0);
-    g.assign(M * ng, 0.f);
-#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 16 && !omp_in_parallel())
-    for (int64_t t = 0; t < M; ++t) {
-      if (levels) {
-        quantize_acts(x + t * K, K, per_group, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
-                      s.data() + t * nb, levels == 2 ? q2.data() + t * K : nullptr);
-      } else {
-        for (int64_t j = 0; j < ng; ++j)
-          for (int64_t i = j * group; i < (j + 1) * group; ++i) g[t * ng + j] += x[t * K + i];
-      }
+    d.resize(levels ? M * (K / QK) : 0);
+    s.resize(levels ? M * (K / QK) : 0);
+    g.resize(M * (K / group));
+  }
+
+  void token(int64_t t) {
+    const int64_t nb = K / QK, ng = K / group;
+    std::fill_n(g.data() + t * ng, ng, 0.f);
+    if (levels) {
+      quantize_acts(x + t * K, K, group / QK, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
+                    s.data() + t * nb, levels == 2 ? q2.data() + t * K : nullptr);
+    } else {
+      for (int64_t j = 0; j < ng; ++j)
+        for (int64_t i = j * group; i < (j + 1) * group; ++i) g[t * ng + j] += x[t * K + i];
     }
   }
-};
 
-// From this many tokens the integer path repacks the weight into panels (measured on the default model: at 8
-// tokens a panel matmul with its repacking takes half the time of the stored rows).
-constexpr int64_t PANEL_TOKENS = 8;
+  void prepare(const float* xf, int64_t m, int64_t k, int64_t grp, int lv, int threads) {
+    size(xf, m, k, grp, lv);
+#pragma omp parallel for num_threads(threads) schedule(static) if (M >= 16)
+    for (int64_t t = 0; t < M; ++t) token(t);
+  }
+};
 
 // out [M, PANEL] for all of a's tokens against one packed panel.
 template <int BITS, int LEVELS>
@@ -468,66 +446,41 @@ void panel_tokens(const Panel& p, const Acts& a, float* out) {
   }
 }
 
-// Rows [r0, r1) (at most 16) of out [M, N] on the integer path.
+// Rows [r0, r1) (at most 16) of out [M, N] on the integer path; `packed`: the weight's panels, or null.
 template <int BITS>
-void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float* mn, int64_t N, int64_t r0,
-                  int64_t r1, float* o) {
-  const int64_t K = a.K, nb = K / QK, ng = K / a.group, row_bytes = BITS == 4 ? K / 2 : K;
-  if (a.M >= PANEL_TOKENS || a.levels == 2) {
-    thread_local Panel panel;
-    thread_local std::vector<float> tile;
-    panel.pack(q, sc, mn, r0, N, K, BITS, a.group);
-    tile.resize(a.M * PANEL);
-    if (a.levels == 2) {
-      panel_tokens<BITS, 2>(panel, a, tile.data());
-    } else {
-      panel_tokens<BITS, 1>(panel, a, tile.data());
-    }
-    for (int64_t t = 0; t < a.M; ++t) std::copy_n(tile.data() + t * PANEL, r1 - r0, o + t * N + r0);
-    return;
+void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed, int64_t N,
+                  int64_t r0, int64_t r1, float* o) {
+  const int64_t K = a.K, bytes = panel_bytes(K, BITS, a.group, mn != nullptr);
+  thread_local std::vector<uint8_t> own;
+  thread_local std::vector<float> tile;
+  const uint8_t* at = packed + r0 / PANEL * bytes;
+  if (!packed) {
+    own.resize(bytes);
+    pack_panel(q, sc, mn, r0, N, K, BITS, a.group, own.data());
+    at = own.data();
   }
-  constexpr int T = 4;
-  for (int64_t r = r0; r < r1; r += 8) {
-    const int n = static_cast<int>(std::min<int64_t>(8, r1 - r));
-    const uint8_t* pq[8];
-    const float *ps[8], *pm[8];
-    for (int i = 0; i < 8; ++i) {  // past the last row: repeat it, and keep only the real rows' results
-      const int64_t row = r + std::min(i, n - 1);
-      pq[i] = q + row * row_bytes, ps[i] = sc + row * ng, pm[i] = mn ? mn + row * ng : nullptr;
-    }
-    for (int64_t t0 = 0; t0 < a.M; t0 += T) {
-      const int tokens = static_cast<int>(std::min<int64_t>(T, a.M - t0));
-      const int8_t* aq[T];
-      const float *ad[T], *ag[T];
-      float res[T][8];
-      float* out[T];
-      for (int t = 0; t < tokens; ++t)
-        aq[t] = a.q.data() + (t0 + t) * K, ad[t] = a.d.data() + (t0 + t) * nb, ag[t] = a.g.data() + (t0 + t) * ng,
-        out[t] = res[t];
-      const float* const* mins = mn ? pm : nullptr;
-      switch (tokens) {
-        case 1: rows8<BITS, 1>(pq, ps, mins, K, a.group, aq, ad, ag, out); break;
-        case 2: rows8<BITS, 2>(pq, ps, mins, K, a.group, aq, ad, ag, out); break;
-        case 3: rows8<BITS, 3>(pq, ps, mins, K, a.group, aq, ad, ag, out); break;
-        default: rows8<BITS, 4>(pq, ps, mins, K, a.group, aq, ad, ag, out);
-      }
-      for (int t = 0; t < tokens; ++t) std::copy_n(res[t], n, o + (t0 + t) * N + r);
-    }
+  const Panel panel = panel_at(at, K, BITS, a.group, mn != nullptr);
+  tile.resize(a.M * PANEL);
+  if (a.levels == 2) {
+    panel_tokens<BITS, 2>(panel, a, tile.data());
+  } else {
+    panel_tokens<BITS, 1>(panel, a, tile.data());
   }
+  for (int64_t t = 0; t < a.M; ++t) std::copy_n(tile.data() + t * PANEL, r1 - r0, o + t * N + r0);
 }
 
 // out [M, N] = acts [M, K] @ W.T, its rows shared among the threads of the enclosing OpenMP team (every thread
 // calls it; outside a parallel region one thread does all rows). nowait: no barrier at the end.
-void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* mn, int64_t N, int64_t bits,
-                 float* o, bool nowait = false) {
+void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed, int64_t N,
+                 int64_t bits, float* o, bool nowait = false) {
   const int64_t M = a.M, K = a.K, group = a.group, ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
   auto body = [&](int64_t r0) {
     const int64_t r1 = std::min(N, r0 + PANEL);
     if (a.levels) {
       if (bits == 4) {
-        integer_rows<4>(a, q, sc, mn, N, r0, r1, o);
+        integer_rows<4>(a, q, sc, mn, packed, N, r0, r1, o);
       } else {
-        integer_rows<8>(a, q, sc, mn, N, r0, r1, o);
+        integer_rows<8>(a, q, sc, mn, packed, N, r0, r1, o);
       }
       return;
     }
@@ -577,17 +530,30 @@ int herd_has_vnni() { return kVnni; }
 
 // out [M, N] = x [M, K] @ W.T. levels 1: activations quantized to int8 blocks and integer dot products (generated
 // tokens); 2: with the second level (prompt tokens); 0: float activations times the widened codes (meant for a few
-// tokens: more take the expanded weight and BLAS).
-void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, int64_t M, int64_t N,
-                      int64_t K, int64_t bits, int64_t group, int levels, float* o, int threads) {
+// tokens: more take the expanded weight and BLAS). packed: the weight's panels (herd_pack), or null.
+void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed,
+                      int64_t M, int64_t N, int64_t K, int64_t bits, int64_t group, int levels, float* o,
+                      int threads) {
   // The caller's buffers, kept from call to call (a prompt's are megabytes, and fresh pages cost a first touch);
   // the team reads them through this reference, since each thread naming a thread_local would get its own.
   thread_local Acts kept;
   Acts& acts = kept;
   acts.prepare(xf, M, K, group, levels, threads);
 #pragma omp parallel num_threads(threads)
-  matmul_team(acts, q, sc, mn, N, bits, o);
+  matmul_team(acts, q, sc, mn, packed, N, bits, o);
   if (acts.q.capacity() + acts.q2.capacity() > (64 << 20)) acts = Acts();  // a huge prompt's are not kept
+}
+
+// The bytes of a weight's panels (see Panel).
+int64_t herd_packed_bytes(int64_t N, int64_t K, int64_t bits, int64_t group, int mins) {
+  return (N + PANEL - 1) / PANEL * panel_bytes(K, bits, group, mins != 0);
+}
+
+void herd_pack(const uint8_t* q, const float* sc, const float* mn, int64_t N, int64_t K, int64_t bits, int64_t group,
+               uint8_t* out, int threads) {
+  const int64_t bytes = panel_bytes(K, bits, group, mn != nullptr);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r0 = 0; r0 < N; r0 += PANEL) pack_panel(q, sc, mn, r0, N, K, bits, group, out + r0 / PANEL * bytes);
 }
 
 }  // extern "C"
@@ -610,10 +576,11 @@ struct Sequences {  // the sequences of a step and where their keys live in the 
   const int64_t* slots;        // each sequence's key slot, position by position (its cached and new tokens)
 };
 
-struct QWeight {  // one quantized linear layer, as BlockWeight holds it
+struct QWeight {  // one quantized linear layer, as BlockWeight holds it, and its panels (or null)
   const uint8_t* codes;
   const float* scales;
   const float* mins;
+  const uint8_t* packed;
   int64_t n, k, bits, group, integer;
 };
 
@@ -625,6 +592,48 @@ void rms_norm(const float* x, const float* weight, int64_t T, int64_t dim, float
     const float r = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
     for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = xt[i] * r * weight[i];
   }
+}
+
+// One query head over n keys and values (at: their slots; p: room for n scores): out = softmax(q.k * scale) v.
+// Scores four keys at a time (one reduction for four dot products); values into registers, 64 dimensions at a time.
+void attend(const float* qh, const float* kh, const float* vh, const int64_t* at, int64_t n, int64_t head_dim,
+            float scale, float* p, float* out) {
+  int64_t j = 0;
+  if (head_dim % 8 == 0) {
+    for (; j + 4 <= n; j += 4) {
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t i = 0; i < head_dim; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qh + i);
+        for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + at[j + r] * head_dim + i), acc[r]);
+      }
+      // lanes 0-3: each key's sum of its lanes 0-3; lanes 4-7: of its lanes 4-7.
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+      _mm_storeu_ps(p + j, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+    }
+  }
+  for (; j < n; ++j) p[j] = dot(qh, kh + at[j] * head_dim, head_dim) * scale;
+  float top = -INFINITY, total = 0.f;
+  for (j = 0; j < n; ++j) top = std::max(top, p[j]);
+  for (j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
+  const float inverse = 1.f / total;
+  if (head_dim % 64 == 0) {
+    for (int64_t c = 0; c < head_dim; c += 64) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* vj = vh + at[j] * head_dim + c;
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+      }
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + c + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inverse)));
+    }
+    return;
+  }
+  std::fill_n(out, head_dim, 0.f);
+  for (j = 0; j < n; ++j)
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += p[j] * vh[at[j] * head_dim + d];
+  for (int64_t d = 0; d < head_dim; ++d) out[d] *= inverse;
 }
 
 // Rotate adjacent pairs of every head of token t by (cos, sin) of its position.
@@ -657,29 +666,33 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
   std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
       up(T * hidden);
   Acts a[3];
-  auto prepare = [&](Acts& acts, const float* in, const QWeight& weight) {
-    acts.prepare(in, T, weight.k, weight.group, static_cast<int>(weight.integer), threads);
-  };
   // Layers that read the same input (wq, wk, wv; w1, w3) share its quantized form when they group it alike.
   auto alike = [](const QWeight& u, const QWeight& v) { return u.group == v.group && u.integer == v.integer; };
-  auto rows = [&](const Acts& acts, const QWeight& weight, float* out, bool nowait = false) {
-    matmul_team(acts, weight.codes, weight.scales, weight.mins, weight.n, weight.bits, out, nowait);
+  auto size = [&](Acts& acts, const float* in, const QWeight& weight) {
+    acts.size(in, T, weight.k, weight.group, static_cast<int>(weight.integer));
   };
-  // One team of threads for the whole block: the matmuls share out rows, the small steps run on one thread, and
-  // the threads meet at barriers instead of being started and stopped for every matmul.
+  size(a[0], xn.data(), w[0]);
+  for (int i = 1; i < 3; ++i)
+    if (!alike(w[i], w[0])) size(a[i], xn.data(), w[i]);
+  auto rows = [&](const Acts& acts, const QWeight& weight, float* out, bool nowait = false) {
+    matmul_team(acts, weight.codes, weight.scales, weight.mins, weight.packed, weight.n, weight.bits, out, nowait);
+  };
+  // One team of threads for the whole block: the matmuls share out rows, the steps between them share tokens
+  // (each token's arithmetic is its own, so this changes nothing in its numbers), and the threads meet at
+  // barriers instead of being started and stopped for every matmul.
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp single
-    {
-      rms_norm(x, attn_norm, T, dim, eps, xn.data());
-      prepare(a[0], xn.data(), w[0]);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      rms_norm(x + t * dim, attn_norm, 1, dim, eps, xn.data() + t * dim);
+      a[0].token(t);
       for (int i = 1; i < 3; ++i)
-        if (!alike(w[i], w[0])) prepare(a[i], xn.data(), w[i]);
+        if (!alike(w[i], w[0])) a[i].token(t);
     }
     rows(a[0], w[0], q.data(), true);
     rows(alike(w[1], w[0]) ? a[0] : a[1], w[1], k.data(), true);
     rows(alike(w[2], w[0]) ? a[0] : a[2], w[2], v.data());
-#pragma omp single
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
       rope(k.data() + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
@@ -692,42 +705,38 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
 #pragma omp for schedule(static) collapse(2)
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t h = 0; h < heads; ++h) {
-        const int64_t n = pos_of[t] + 1, s = seq_of[t];  // the keys token t sees: every earlier one and its own
-        const float* qh = q.data() + t * qd + h * head_dim;
-        const float* kh = k_cache + (h / group) * slots * head_dim;
-        const float* vh = v_cache + (h / group) * slots * head_dim;
-        const int64_t* at = seqs->slots + seqs->slot_offset[s];
-        std::vector<float> p(n);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < n; ++j)
-          top = std::max(top, p[j] = dot(qh, kh + at[j] * head_dim, head_dim) * scale);
-        float total = 0.f;
-        for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
-        float* out = att.data() + t * qd + h * head_dim;
-        std::fill_n(out, head_dim, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float pj = p[j] / total;
-          const float* vj = vh + at[j] * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) out[d] += pj * vj[d];
-        }
+        const int64_t n = pos_of[t] + 1;  // the keys token t sees: every earlier one and its own
+        thread_local std::vector<float> scores;
+        scores.resize(n);
+        attend(q.data() + t * qd + h * head_dim, k_cache + (h / group) * slots * head_dim,
+               v_cache + (h / group) * slots * head_dim, seqs->slots + seqs->slot_offset[seq_of[t]], n, head_dim,
+               scale, scores.data(), att.data() + t * qd + h * head_dim);
       }
     }
 #pragma omp single
-    prepare(a[0], att.data(), w[3]);
+    size(a[0], att.data(), w[3]);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) a[0].token(t);
     rows(a[0], w[3], o.data());
 #pragma omp single
     {
-      for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
-      rms_norm(x, ffn_norm, T, dim, eps, xn.data());
-      prepare(a[0], xn.data(), w[4]);
-      if (!alike(w[6], w[4])) prepare(a[1], xn.data(), w[6]);
+      size(a[0], xn.data(), w[4]);
+      if (!alike(w[6], w[4])) size(a[1], xn.data(), w[6]);
+      size(a[2], gate.data(), w[5]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = t * dim; i < (t + 1) * dim; ++i) x[i] += o[i];
+      rms_norm(x + t * dim, ffn_norm, 1, dim, eps, xn.data() + t * dim);
+      a[0].token(t);
+      if (!alike(w[6], w[4])) a[1].token(t);
     }
     rows(a[0], w[4], gate.data(), true);
     rows(alike(w[6], w[4]) ? a[0] : a[1], w[6], up.data());
-#pragma omp single
-    {
-      for (int64_t i = 0; i < T * hidden; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-      prepare(a[2], gate.data(), w[5]);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = t * hidden; i < (t + 1) * hidden; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      a[2].token(t);
     }
     rows(a[2], w[5], o.data());
   }
