@@ -115,14 +115,16 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Te
     return out
 
 
-def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True, packed: torch.Tensor | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w.T in float32. integer=False (weight-only layers): exactly the stored weights times x.
     integer: prompt tokens and generated tokens (as `herd.quant.phase` tells them; unmarked, a forward of more than
     a few tokens is a prompt) are computed apart, each the same way however many share the call, so that a
     sequence computes the same in a batch of any size, and a prompt the same however it is chunked (exactly with
     VNNI; elsewhere up to the BLAS GEMM's rounding, which depends on the row count). Generated tokens take int8
     activations (the kernel, or the same arithmetic in PyTorch). Prompt tokens take two levels of int8 where the
-    kernel has VNNI (as good as float, about 1.7x faster than float32), else float activations."""
+    kernel has VNNI (as good as float, about 1.7x faster than float32), else float activations. packed: the
+    weight's panels for the kernel (BlockLinear.packed), or None to repack as it goes."""
     flat = x.reshape(-1, x.shape[-1]).float()
     kernel = ops() if flat.device.type == "cpu" else None
     rows = flat.shape[0]
@@ -199,7 +201,7 @@ class BlockLinear(_Blocks):
         kernel = ops()
         if kernel is None or not self.integer or self.codes.device.type != "cpu":
             return None
-        key = tuple((t.data_ptr(), _version(t)) for t in (self.codes, self.scales, self.mins) if t is not None)
+        key = tuple((t.data_ptr(), in_place_version(t)) for t in (self.codes, self.scales, self.mins) if t is not None)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, kernel.pack(*_args(self.weight_blocks)))
         return self._packed[1]
@@ -208,7 +210,7 @@ class BlockLinear(_Blocks):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme or f'{self.bits}-bit'}"
 
 
-def _version(t: torch.Tensor) -> int:
+def in_place_version(t: torch.Tensor) -> int:
     """How often `t` changed in place (inference tensors keep no count: they change only in inference mode)."""
     return 0 if t.is_inference() else t._version
 

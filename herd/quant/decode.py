@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from herd.model.llama import TransformerBlock
-from herd.quant.blocks import BlockLinear, _version
+from herd.quant.blocks import BlockLinear, in_place_version
 from herd.quant.kernel import QWeight, Sequences, ops
 from herd.quant.phase import prompt_mask
 
@@ -50,7 +50,7 @@ class DecodeBlock(TransformerBlock):
         """The seven layers' QWeight array, rebuilt when their buffers moved or changed in place (`.to()`, a
         loaded state dict: the seven move and change together, so wq's codes stand for all)."""
         codes = self.attention.wq.codes
-        key = (codes.data_ptr(), _version(codes))
+        key = (codes.data_ptr(), in_place_version(codes))
         if self._weights is None or self._weights[0] != key:
             linears = [self.get_submodule(name) for name in _LINEARS]
             packed = [m.packed() for m in linears]

@@ -56,8 +56,8 @@ class QWeight(ctypes.Structure):
     """One quantized linear layer as the fused block reads it (the C struct of the same name)."""
 
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("packed", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64), ("group", ctypes.c_int64),
-                ("integer", ctypes.c_int64)]
+                ("packed", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("integer", ctypes.c_int64)]
 
 
 class Sequences(ctypes.Structure):
