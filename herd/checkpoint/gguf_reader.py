@@ -13,6 +13,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 _MAGIC = b"GGUF"
+_LENGTH = struct.Struct("<Q")  # a string's byte count
 _SCALARS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
@@ -98,12 +99,29 @@ class GGUFFile:
     def _string(self) -> str:
         return self._read(self._unpack("<Q")).decode("utf-8", errors="replace")
 
+    def _strings(self, count: int) -> list[str]:
+        """`count` strings in a row: a vocabulary's hundred thousand, in one tight loop (a quarter of load time
+        went to reading them one call at a time)."""
+        buffer, pos, end, length = self._buffer, self._pos, len(self._buffer), _LENGTH.unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ValueError("the header runs past the end of the file")
+            (n,) = length(buffer, pos)
+            pos += 8
+            if pos + n > end:
+                raise ValueError("the header runs past the end of the file")
+            out.append(buffer[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self._pos = pos
+        return out
+
     def _value(self, kind: GGUFValueType):
         return self._string() if kind == GGUFValueType.STRING else self._unpack(_SCALARS[kind])
 
     def _array(self, element: GGUFValueType, count: int) -> list:
         if element == GGUFValueType.STRING:
-            return [self._string() for _ in range(count)]
+            return self._strings(count)
         if element == GGUFValueType.ARRAY:
             raise ValueError("nested GGUF arrays are not supported")
         fmt = _SCALARS[element]
