@@ -104,8 +104,8 @@ class _Kernel:
         return out
 
     def pack(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
-        """The weight repacked into the panels that the kernel's many-token loop reads (see csrc/blockmm.cpp):
-        kept by a layer, they spare every prompt and busy decode step repacking it."""
+        """The weight repacked into the panels that the kernel's integer matmuls read (see csrc/blockmm.cpp):
+        kept by a layer, they spare every matmul repacking it."""
         n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
         out = torch.empty(self._lib.herd_packed_bytes(n, k, bits, group, int(mins is not None)), dtype=torch.uint8)
         self._lib.herd_pack(codes.data_ptr(), scales.data_ptr(), mins.data_ptr() if mins is not None else None,

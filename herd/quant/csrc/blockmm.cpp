@@ -31,7 +31,6 @@
 //
 // Plain C entry points over raw pointers (called through ctypes): no torch headers, so it compiles in seconds.
 #include <immintrin.h>
-#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
