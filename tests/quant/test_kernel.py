@@ -56,7 +56,7 @@ def test_worst_case_products_do_not_saturate():
     # Codes and activations all at the top of their ranges: 16-bit pair sums would clip if the signs were wrong.
     k = 64
     w8 = BlockWeight(torch.full((4, k), -127, dtype=torch.int8), torch.ones(4, 2), None, 8, 32)
-    x = torch.full((12, k), -5.0)  # as many tokens as take the repacked panels
+    x = torch.full((12, k), -5.0)  # one token and a tile's worth
     assert torch.allclose(integer_matmul(x, w8), x @ w8.dequantize().T)
     if kernel.ops() is not None:
         for rows, levels in ((x[:1], 1), (x, 1), (x, 2)):
