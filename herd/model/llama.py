@@ -190,8 +190,12 @@ class Transformer(nn.Module):
         mask = None if paged else self._mask(s, document_ids, cache, tokens.device)
 
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rotation, mask, cache, i)
+        run = getattr(self.layers, "run", None)  # a stack of blocks that runs itself (herd.quant's fused decode)
+        if run is not None:
+            h = run(h, rotation, mask, cache)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, rotation, mask, cache, i)
         if isinstance(cache, KVCache):
             cache.length += s
         if last_only:

@@ -5,7 +5,9 @@ attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model
 same parameter names) and, when every token of an engine step is a generated one (`herd.quant.phase`: decoding
 sequences, drafted tokens), computes the block in one kernel call for all the step's sequences, reading and
 writing their keys in the paged cache; everything else (prompt tokens, forwards without the engine's cache, a
-model on a GPU) runs the block's own PyTorch forward. Swapped in from outside, like the schemes.
+model on a GPU) runs the block's own PyTorch forward. `DecodeLayers` holds the blocks and runs a step's
+consecutive DecodeBlocks in one call (a Python call per layer cost a tenth of a single sequence's decode step).
+Swapped in from outside, like the schemes.
 """
 from __future__ import annotations
 
@@ -30,21 +32,10 @@ class DecodeBlock(TransformerBlock):
         self._weights: tuple[tuple[int, int], ctypes.Array, list] | None = None
 
     def forward(self, x, rotation, mask, cache, layer):
-        tokens = x.shape[1]
-        marked = prompt_mask(tokens) if hasattr(cache, "parts") else None
-        if (marked is None or marked[1] != tokens or x.shape[0] != 1
-                or x.dtype != torch.float32 or x.device.type != "cpu"):
+        step = _decode_step(x, rotation, cache)
+        if step is None:
             return super().forward(x, rotation, mask, cache, layer)
-        if "decode" not in cache.scratch:  # once per step, for every layer
-            cache.scratch["decode"] = (Sequences.of(cache.parts, cache.key_slots),
-                                       torch.view_as_real(rotation[0, :, 0]).contiguous())
-        seqs, cos_sin = cache.scratch["decode"]
-        out = x[0].contiguous().clone()
-        attention = self.attention
-        ops().decode_block(out, self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps,
-                           self._quantized(), cos_sin, cache.cache.k[layer], cache.cache.v[layer], seqs,
-                           attention.n_heads, attention.head_dim)
-        return out.unsqueeze(0)
+        return _run([self], layer, self._quantized(), x, cache, step)
 
     def _quantized(self) -> ctypes.Array:
         """The seven layers' QWeight array, rebuilt when their buffers moved or changed in place (`.to()`, a
@@ -63,12 +54,79 @@ class DecodeBlock(TransformerBlock):
         return self._weights[1]
 
 
+class DecodeLayers(torch.nn.ModuleList):
+    """The model's blocks (the same modules, names and order) as a stack that runs itself (`Transformer.forward`
+    hands it the loop): a decode step's consecutive DecodeBlocks go through the kernel in one call, with no Python
+    per layer; every other block, and every other forward, runs as the plain loop would."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self._weights: tuple[tuple, ctypes.Array] | None = None
+
+    def run(self, h, rotation, mask, cache):
+        step = _decode_step(h, rotation, cache)
+        blocks = list(self)
+        weights = self._quantized(blocks) if step is not None else None
+        i = 0
+        while i < len(blocks):
+            j = i
+            while step is not None and j < len(blocks) and isinstance(blocks[j], DecodeBlock):
+                j += 1
+            if j > i:
+                offset = ctypes.addressof(weights) + 7 * i * ctypes.sizeof(QWeight)
+                h, i = _run(blocks[i:j], i, offset, h, cache, step), j
+            else:
+                h, i = blocks[i](h, rotation, mask, cache, i), i + 1
+        return h
+
+    def _quantized(self, blocks) -> ctypes.Array:
+        """Every DecodeBlock's seven QWeights end to end (zeros for other blocks), rebuilt when any block's are."""
+        arrays = [b._quantized() if isinstance(b, DecodeBlock) else None for b in blocks]
+        key = tuple(b._weights[0] if a is not None else None for a, b in zip(arrays, blocks))
+        if self._weights is None or self._weights[0] != key:
+            stacked = (QWeight * (7 * len(blocks)))()
+            for i, array in enumerate(arrays):
+                if array is not None:
+                    ctypes.memmove(ctypes.addressof(stacked) + 7 * i * ctypes.sizeof(QWeight), array,
+                                   ctypes.sizeof(array))
+            self._weights = (key, stacked)
+        return self._weights[1]
+
+
+def _decode_step(x, rotation, cache) -> tuple[Sequences, torch.Tensor] | None:
+    """The step's sequences and rotations for the kernel when every token of this forward is a generated one on
+    the engine's paged cache (float32, on the CPU); else None."""
+    tokens = x.shape[1]
+    marked = prompt_mask(tokens) if hasattr(cache, "parts") else None
+    if (marked is None or marked[1] != tokens or x.shape[0] != 1
+            or x.dtype != torch.float32 or x.device.type != "cpu"):
+        return None
+    if "decode" not in cache.scratch:  # once per step, for every layer
+        cache.scratch["decode"] = (Sequences.of(cache.parts, cache.key_slots),
+                                   torch.view_as_real(rotation[0, :, 0]).contiguous())
+    return cache.scratch["decode"]
+
+
+def _run(blocks: list[DecodeBlock], first: int, weights, x, cache, step) -> torch.Tensor:
+    """Layers first.. (the given blocks) for x [1, T, dim] in one kernel call; weights: their QWeights end to end
+    (an array or its address)."""
+    seqs, cos_sin = step
+    out = x[0].contiguous().clone()
+    layers = range(first, first + len(blocks))
+    attention = blocks[0].attention
+    ops().decode_blocks(out, [b.attention_norm.weight for b in blocks], [b.ffn_norm.weight for b in blocks],
+                        blocks[0].attention_norm.eps, weights, cos_sin, [cache.cache.k[i] for i in layers],
+                        [cache.cache.v[i] for i in layers], seqs, attention.n_heads, attention.head_dim)
+    return out.unsqueeze(0)
+
+
 def use_decode_blocks(model: torch.nn.Module) -> torch.nn.Module:
     """Swap in DecodeBlock for every block whose seven linear layers are all quantized blocks, where the kernel
-    runs; in place."""
+    runs, and make the blocks a DecodeLayers stack; in place."""
     if ops() is None:
         return model
     for i, block in enumerate(model.layers):
         if all(isinstance(block.get_submodule(name), BlockLinear) for name in _LINEARS):
             model.layers[i] = DecodeBlock(block)
+    model.layers = DecodeLayers(model.layers)
     return model

@@ -92,7 +92,7 @@ class _Kernel:
         lib.herd_packed_bytes.restype = i64
         lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_has_vnni.restype = i32
-        lib.herd_decode_block.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
+        lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
 
@@ -125,15 +125,22 @@ class _Kernel:
                                    out.data_ptr(), torch.get_num_threads())
         return out
 
-    def decode_block(self, x, attn_norm, ffn_norm, eps: float, weights, cos_sin, k_cache, v_cache,
-                     seqs: Sequences, heads: int, head_dim: int) -> None:
-        """One transformer block for x [T, dim] (updated in place): see herd_decode_block in csrc/blockmm.cpp.
-        weights: a QWeight array of wq, wk, wv, wo, w1, w2, w3."""
-        kv_heads, slots, _ = k_cache.shape
-        self._lib.herd_decode_block(x.data_ptr(), x.shape[0], x.shape[1], attn_norm.data_ptr(), ffn_norm.data_ptr(),
-                                    eps, ctypes.addressof(weights), cos_sin.data_ptr(), k_cache.data_ptr(),
-                                    v_cache.data_ptr(), slots, ctypes.addressof(seqs), heads, kv_heads, head_dim,
-                                    torch.get_num_threads())
+    def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights, cos_sin, k_caches, v_caches,
+                      seqs: Sequences, heads: int, head_dim: int) -> None:
+        """Transformer blocks in a row for x [T, dim] (updated in place): see herd_decode_blocks in
+        csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches: one tensor per block; weights: a QWeight array
+        (or its address) of wq, wk, wv, wo, w1, w2, w3 for each block in turn."""
+        n = len(attn_norms)
+        kv_heads, slots, _ = k_caches[0].shape
+        address = weights if isinstance(weights, int) else ctypes.addressof(weights)
+        self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], n, _pointers(attn_norms),
+                                     _pointers(ffn_norms), eps, address, cos_sin.data_ptr(), _pointers(k_caches),
+                                     _pointers(v_caches), slots, ctypes.addressof(seqs), heads, kv_heads, head_dim,
+                                     torch.get_num_threads())
+
+
+def _pointers(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
 @functools.cache

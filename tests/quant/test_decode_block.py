@@ -130,3 +130,25 @@ def test_a_prompt_arriving_does_not_change_the_sequences_decoding():
         engine.step()
     assert [lp.token for lp in got] == alone.tokens
     assert [lp.logprob for lp in got] == [lp.logprob for lp in alone.logprobs]
+
+
+def test_a_stack_of_blocks_runs_in_one_call_exactly_as_block_by_block():
+    # Layer 1 kept in float: the stack runs layer 0 in one call, layer 1 in PyTorch, layer 2 in another call.
+    torch.manual_seed(0)
+    stacked = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme("int4", keep=("layers.1.*",))))
+    assert [isinstance(layer, DecodeBlock) for layer in stacked.layers] == [True, False, True]
+    one_by_one = copy.deepcopy(stacked)
+    one_by_one.layers = torch.nn.ModuleList(list(one_by_one.layers))  # no `run`: the model's own loop
+    caches = [PagedKVCache(CONFIG, num_blocks=8, block_size=16, device="cpu", dtype=torch.float32) for _ in range(2)]
+    prompt = torch.randint(0, CONFIG.vocab_size, (21,)).tolist()
+    for model, cache in zip((stacked, one_by_one), caches):
+        step(model, cache, [1, 2], 0, prompt, generated=False)
+    for new in ([5], [7, 8, 9]):  # a token; a token with its draft
+        got, expected = (step(model, cache, [1, 2], len(prompt), new, generated=True)
+                         for model, cache in zip((stacked, one_by_one), caches))
+        assert torch.equal(got, expected)
+        prompt += new
+    written = slice(16, 16 + len(prompt))  # blocks 1 and 2
+    for layer in range(CONFIG.n_layers):
+        for kv in ("k", "v"):
+            assert torch.equal(getattr(caches[0], kv)[layer][:, written], getattr(caches[1], kv)[layer][:, written])

@@ -742,4 +742,16 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
   for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
 }
 
+// A stretch of `layers` blocks in one call, each as herd_decode_block computes it: layer l reads its norms from
+// attn_norms[l] and ffn_norms[l], its seven weights from w + 7 l, its keys and values from k_caches[l] and
+// v_caches[l]. A decode step then makes one call from Python instead of one per layer.
+void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const float* const* attn_norms,
+                        const float* const* ffn_norms, float eps, const QWeight* w, const float* cos_sin,
+                        float* const* k_caches, float* const* v_caches, int64_t slots, const Sequences* seqs,
+                        int64_t heads, int64_t kv_heads, int64_t head_dim, int threads) {
+  for (int64_t l = 0; l < layers; ++l)
+    herd_decode_block(x, T, dim, attn_norms[l], ffn_norms[l], eps, w + 7 * l, cos_sin, k_caches[l], v_caches[l],
+                      slots, seqs, heads, kv_heads, head_dim, threads);
+}
+
 }  // extern "C"
