@@ -9,7 +9,8 @@ One run, the built-in default model, loopback only:
 3. throughput (completion tokens/s) and time to first token (p50/p99) of one seeded set of streaming chat requests
    with mixed prompt and reply lengths, sent by 1 (one at a time), 8, 16 and 32 concurrent clients, against the
    server without the prefix cache (so that later rounds gain nothing from the earlier rounds' identical prompts:
-   what is measured is batching alone);
+   what is measured is batching alone), and the same requests' prompts alone (one-token replies) at 16 clients:
+   the most batching could give here;
 4. the time to first token of a second chat turn (a long first turn, its reply, a short follow-up) on both servers,
    interleaved: with the prefix cache the follow-up reuses the first turn's blocks.
 
@@ -262,6 +263,12 @@ def main() -> None:
         at16 = next((r for r in rounds if r["concurrency"] == 16), None)
         if at16:
             print(f"throughput at 16 clients / one at a time: {at16['tok_s'] / rounds[0]['tok_s']:.2f}x (goal 2.5x)")
+            # The most batching could give this workload here: the same requests' prompts alone (replies of one
+            # token), which take as long however they are batched once both cores are busy.
+            alone = [{**r, "max_tokens": 1} for r in requests]
+            prompts = asyncio.run(load_round(servers["no prefix cache"], alone, 16))
+            print(f"the prompts alone (one-token replies) at 16 clients: {prompts['wall_s']:.1f} s; were decoding "
+                  f"free, batching could give at most {rounds[0]['wall_s'] / prompts['wall_s']:.2f}x here", flush=True)
         turn = asyncio.run(second_turn(servers, args.turns, args.seed))
         if args.turns:
             with_cache, without = statistics.median(turn["prefix cache"]), statistics.median(turn["no prefix cache"])
