@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.model.config import ModelConfig
+from herd.quant.kernel import Sequences, ops
 
 
 class OutOfBlocks(RuntimeError):
@@ -218,10 +219,21 @@ class StepAttention:
         block reads and writes keys itself."""
         return [(blocks, cached, n) for blocks, cached, n, _ in self._parts]
 
+    @functools.cached_property
+    def sequences(self) -> Sequences:
+        """The step's sequences as herd's kernel reads them."""
+        return Sequences.of(self.parts, self.key_slots)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.k[layer], self.cache.v[layer]
         keys.index_copy_(1, self.write_slots, k[0])
         values.index_copy_(1, self.write_slots, v[0])
+        kernel = ops() if keys.device.type == "cpu" and keys.dtype == torch.float32 else None
+        if kernel is not None:
+            # Each token over its own keys, as the fused decode block attends: a token's numbers then do not depend
+            # on how its prompt was chunked or what else shares the step, so a reply is the same in any batch.
+            out = kernel.attention(q[0].transpose(0, 1).contiguous(), self.sequences, keys, values)
+            return out.transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, dim]
         if self.batched:
             slots, valid = self.decoders
             batch = (valid.shape[0], valid.shape[-1])

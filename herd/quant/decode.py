@@ -102,8 +102,7 @@ def _decode_step(x, rotation, cache) -> tuple[Sequences, torch.Tensor] | None:
             or x.dtype != torch.float32 or x.device.type != "cpu"):
         return None
     if "decode" not in cache.scratch:  # once per step, for every layer
-        cache.scratch["decode"] = (Sequences.of(cache.parts, cache.key_slots),
-                                   torch.view_as_real(rotation[0, :, 0]).contiguous())
+        cache.scratch["decode"] = (cache.sequences, torch.view_as_real(rotation[0, :, 0]).contiguous())
     return cache.scratch["decode"]
 
 

@@ -93,6 +93,7 @@ class _Kernel:
         lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_has_vnni.restype = i32
         lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
+        lib.herd_attention.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, p, i32]
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
 
@@ -123,6 +124,16 @@ class _Kernel:
                                    mins.data_ptr() if mins is not None else None,
                                    packed.data_ptr() if packed is not None else None, m, n, k, bits, group, levels,
                                    out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def attention(self, q, seqs: Sequences, k_cache, v_cache) -> torch.Tensor:
+        """Each of a step's tokens (q [T, heads, head_dim], contiguous) attending over its own sequence's keys and
+        values up to itself, already in the cache ([kv_heads, slots, head_dim]): see herd_attention."""
+        kv_heads, slots, head_dim = k_cache.shape
+        out = torch.empty_like(q)
+        self._lib.herd_attention(q.data_ptr(), q.shape[0], ctypes.addressof(seqs), k_cache.data_ptr(),
+                                 v_cache.data_ptr(), slots, q.shape[1], kv_heads, head_dim, out.data_ptr(),
+                                 torch.get_num_threads())
         return out
 
     def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights, cos_sin, k_caches, v_caches,

@@ -132,6 +132,22 @@ def test_a_prompt_arriving_does_not_change_the_sequences_decoding():
     assert [lp.logprob for lp in got] == [lp.logprob for lp in alone.logprobs]
 
 
+@pytest.mark.skipif(ops() is None or not ops().vnni,
+                    reason="prompts multiply exactly whatever their row count only with VNNI's two int8 levels")
+def test_a_reply_is_the_same_however_its_prompt_is_chunked_and_whatever_shares_its_steps():
+    # Every matmul computes a token alone, and so does attention (herd's kernel, for prompts too): one request
+    # alone and the same request among others, its prompt cut into 8-token chunks, give the same tokens and
+    # log-probabilities, bit for bit.
+    torch.manual_seed(3)
+    model = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4")))
+    prompts = [torch.randint(1, CONFIG.vocab_size, (n,)).tolist() for n in (45, 30, 70)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    alone = Generator(model, ByteTokenizer(), config=EngineConfig(max_step_tokens=512)).generate(prompts[:1], params)
+    together = Generator(model, ByteTokenizer(), config=EngineConfig(max_step_tokens=8)).generate(prompts, params)
+    assert together[0].tokens == alone[0].tokens
+    assert [lp.logprob for lp in together[0].logprobs] == [lp.logprob for lp in alone[0].logprobs]
+
+
 def test_a_stack_of_blocks_runs_in_one_call_exactly_as_block_by_block():
     # Layer 1 kept in float: the stack runs layer 0 in one call, layer 1 in PyTorch, layer 2 in another call.
     torch.manual_seed(0)

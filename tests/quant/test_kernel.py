@@ -110,3 +110,32 @@ def test_a_layer_repacks_its_panels_when_its_weights_change():
     with torch.no_grad():
         layer.codes.copy_(w1.codes), layer.scales.copy_(w1.scales), layer.mins.copy_(w1.mins)
     assert torch.equal(layer(x), first)
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_attention_of_a_step_equals_sdpa_and_does_not_depend_on_the_chunking():
+    # Three sequences in one step: a prompt chunk after 19 cached tokens, one decoding token, a fresh prompt; keys in
+    # scattered slots of the cache, four query heads over two key heads.
+    torch.manual_seed(0)
+    heads, kv_heads, dim, slots = 4, 2, 64, 256
+    k_cache, v_cache = torch.randn(kv_heads, slots, dim), torch.randn(kv_heads, slots, dim)
+    order = torch.randperm(slots)
+    lengths = [(19, 7), (30, 1), (0, 12)]  # (cached, new) per sequence
+    key_slots = [order[40 * i:40 * i + cached + new] for i, (cached, new) in enumerate(lengths)]
+    parts = [(None, cached, new) for cached, new in lengths]
+    q = torch.randn(sum(new for _, new in lengths), heads, dim)
+    out = kernel.ops().attention(q, kernel.Sequences.of(parts, key_slots), k_cache, v_cache)
+    row = 0
+    for (cached, new), own in zip(lengths, key_slots):
+        k, v = k_cache[:, own].repeat_interleave(2, 0), v_cache[:, own].repeat_interleave(2, 0)
+        causal = torch.arange(cached + new)[None, :] <= torch.arange(cached, cached + new)[:, None]
+        expected = torch.nn.functional.scaled_dot_product_attention(q[row:row + new].transpose(0, 1), k, v,
+                                                                    attn_mask=causal)
+        assert torch.allclose(out[row:row + new].transpose(0, 1), expected, atol=1e-5)
+        row += new
+    # The first sequence's chunk cut in two steps: each token gets exactly its numbers.
+    first = kernel.ops().attention(q[:3].contiguous(), kernel.Sequences.of([(None, 19, 3)], key_slots[:1]), k_cache,
+                                   v_cache)
+    rest = kernel.ops().attention(q[3:7].contiguous(), kernel.Sequences.of([(None, 22, 4)], key_slots[:1]), k_cache,
+                                  v_cache)
+    assert torch.equal(torch.cat([first, rest]), out[:7])

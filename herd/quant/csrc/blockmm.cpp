@@ -635,6 +635,38 @@ void attend(const float* qh, const float* kh, const float* vh, const int64_t* at
   for (int64_t d = 0; d < head_dim; ++d) out[d] *= inverse;
 }
 
+// Token t of a step: which sequence, and its position there (the sequences' tokens lie end to end).
+struct Positions {
+  std::vector<int64_t> seq, pos;
+
+  Positions(const Sequences* seqs, int64_t T) : seq(T), pos(T) {
+    for (int64_t s = 0, t = 0; s < seqs->count; ++s)
+      for (int64_t i = 0; i < seqs->tokens[s]; ++i, ++t) seq[t] = s, pos[t] = seqs->cached[s] + i;
+  }
+};
+
+// Every token's attention, head by head, over its own sequence's keys up to itself (q, out [T, heads, head_dim]),
+// shared among the threads of the enclosing team. Each token is computed alone, so its result does not depend on
+// what else shares the call or how its prompt was chunked; (token, head) pairs are dealt out in turn, since a
+// prompt's later tokens see more keys.
+void attend_tokens(const float* q, int64_t T, const Positions& at, const Sequences* seqs, const float* k_cache,
+                   const float* v_cache, int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                   float* out) {
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+#pragma omp for schedule(static, 1) collapse(2)
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t n = at.pos[t] + 1;  // the keys token t sees: every earlier one and its own
+      thread_local std::vector<float> scores;
+      scores.resize(n);
+      const int64_t row = (t * heads + h) * head_dim;
+      attend(q + row, k_cache + (h / group) * slots * head_dim, v_cache + (h / group) * slots * head_dim,
+             seqs->slots + seqs->slot_offset[at.seq[t]], n, head_dim, scale, scores.data(), out + row);
+    }
+  }
+}
+
 // Rotate adjacent pairs of every head of token t by (cos, sin) of its position.
 void rope(float* x, int64_t heads, int64_t head_dim, const float* cos_sin) {
   for (int64_t h = 0; h < heads; ++h) {
@@ -656,12 +688,8 @@ extern "C" {
 void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
                        const QWeight* w, const float* cos_sin, float* k_cache, float* v_cache, int64_t slots,
                        const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, int threads) {
-  const int64_t qd = heads * head_dim, kd = kv_heads * head_dim, hidden = w[4].n, group = heads / kv_heads;
-  const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
-  // Token t: which sequence, and its position there (the tokens of the sequences lie end to end).
-  std::vector<int64_t> seq_of(T), pos_of(T);
-  for (int64_t s = 0, t = 0; s < seqs->count; ++s)
-    for (int64_t i = 0; i < seqs->tokens[s]; ++i, ++t) seq_of[t] = s, pos_of[t] = seqs->cached[s] + i;
+  const int64_t qd = heads * head_dim, kd = kv_heads * head_dim, hidden = w[4].n;
+  const Positions at(seqs, T);
   std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
       up(T * hidden);
   Acts a[3];
@@ -695,23 +723,13 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
     for (int64_t t = 0; t < T; ++t) {
       rope(q.data() + t * qd, heads, head_dim, cos_sin + t * head_dim);
       rope(k.data() + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
-      const int64_t at = seqs->slots[seqs->slot_offset[seq_of[t]] + pos_of[t]] * head_dim;
+      const int64_t slot = seqs->slots[seqs->slot_offset[at.seq[t]] + at.pos[t]] * head_dim;
       for (int64_t h = 0; h < kv_heads; ++h) {
-        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + h * slots * head_dim + at);
-        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + h * slots * head_dim + at);
+        std::copy_n(k.data() + t * kd + h * head_dim, head_dim, k_cache + h * slots * head_dim + slot);
+        std::copy_n(v.data() + t * kd + h * head_dim, head_dim, v_cache + h * slots * head_dim + slot);
       }
     }
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t n = pos_of[t] + 1;  // the keys token t sees: every earlier one and its own
-        thread_local std::vector<float> scores;
-        scores.resize(n);
-        attend(q.data() + t * qd + h * head_dim, k_cache + (h / group) * slots * head_dim,
-               v_cache + (h / group) * slots * head_dim, seqs->slots + seqs->slot_offset[seq_of[t]], n, head_dim,
-               scale, scores.data(), att.data() + t * qd + h * head_dim);
-      }
-    }
+    attend_tokens(q.data(), T, at, seqs, k_cache, v_cache, slots, heads, kv_heads, head_dim, att.data());
 #pragma omp single
     size(a[0], att.data(), w[3]);
 #pragma omp for schedule(static)
@@ -740,6 +758,16 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
     rows(a[2], w[5], o.data());
   }
   for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
+}
+
+// Attention of a step's tokens (q, out [T, heads, head_dim]) over their sequences' keys and values already in the
+// cache (k_cache, v_cache [kv_heads, slots, head_dim]): what the fused block computes, for any forward (prompts
+// too), so that a token attends alike whichever path and chunk it came in.
+void herd_attention(const float* q, int64_t T, const Sequences* seqs, const float* k_cache, const float* v_cache,
+                    int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, int threads) {
+  const Positions at(seqs, T);
+#pragma omp parallel num_threads(threads)
+  attend_tokens(q, T, at, seqs, k_cache, v_cache, slots, heads, kv_heads, head_dim, out);
 }
 
 // A stretch of `layers` blocks in one call, each as herd_decode_block computes it: layer l reads its norms from
