@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "blockmm.cpp"
-_FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _flags() -> list[str]:
+    """For this CPU, or for the CPU class HERD_KERNEL_MARCH names (`haswell`: AVX2 without VNNI, the brief's
+    machines), to measure or test that build on a newer CPU."""
+    march = os.environ.get("HERD_KERNEL_MARCH", "native")
+    return ["-O3", f"-march={march}", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 def _cpu_flags() -> str:
@@ -35,7 +41,7 @@ def _supported() -> bool:
 
 def library_path() -> Path:
     """One file per source, compiler flags and CPU, so a stale build is never picked up."""
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_flags()), _cpu_flags()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("HERD_CACHE", Path.home() / ".cache" / "herd"))
     return root / "kernels" / f"blockmm-{key}.so"
 
@@ -47,7 +53,7 @@ def build() -> Path:
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) found")
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
+    subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
     os.replace(tmp, path)
     return path
 

@@ -139,3 +139,21 @@ def test_attention_of_a_step_equals_sdpa_and_does_not_depend_on_the_chunking():
     rest = kernel.ops().attention(q[3:7].contiguous(), kernel.Sequences.of([(None, 22, 4)], key_slots[:1]), k_cache,
                                   v_cache)
     assert torch.equal(torch.cat([first, rest]), out[:7])
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeypatch):
+    # The brief's machines have AVX2 without VNNI: that build (the integer products in three instructions instead
+    # of one) must give the same numbers, bit for bit, as the build for the machine at hand.
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path))
+    monkeypatch.setenv("HERD_KERNEL_MARCH", "haswell")
+    avx2, native = kernel._Kernel(kernel.build()), kernel.ops()
+    assert not avx2.vnni
+    x = torch.randn(21, 256) * 3
+    for bits, group in [(4, 32), (4, 64), (8, 32)]:
+        _, w = weights(bits, group, n=37)
+        args = (w.codes, w.scales, w.mins, bits, group)
+        for levels in (0, 1, 2):
+            packed = [k.pack(*args) if levels else None for k in (avx2, native)]
+            assert torch.equal(avx2.matmul_rows(x, *args, levels, packed=packed[0]),
+                               native.matmul_rows(x, *args, levels, packed=packed[1]))
