@@ -7,6 +7,7 @@ attention reads the sequence's keys as a *view* of the pool, so a decode step co
 key and value. Only a sequence whose blocks are scattered (after preemption, or a prefix hit in another place) is
 gathered, and only for as long as that lasts. Gathering every sequence into a padded batch at every step would
 move the whole cache through memory once more per token, which on a CPU costs as much as the attention itself.
+That is the PyTorch path (GPUs); on a CPU herd's kernel attends every token straight from its sequence's slots.
 
 Prefix caching. A full block is known by a hash chained over every token from the start of the sequence, so equal
 hashes mean equal prefixes (a 128-bit BLAKE2b digest: a user cannot forge a collision with another user's prompt).
