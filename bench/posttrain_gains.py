@@ -30,7 +30,7 @@ import torch
 import herd
 from herd.posttrain.rejection import SampleConfig, verifier_scorer
 from herd.posttrain.rounds import run_rounds
-from herd.posttrain.verify import BUILTIN
+from herd.posttrain.verify import BUILTIN, NEEDS
 
 SUFFIX = " Answer with just the number."
 
@@ -142,7 +142,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=12)
-    p.add_argument("--verifier", choices=["answer", "only_answer"], default="only_answer",
+    p.add_argument("--verifier", choices=[v for v, field in NEEDS.items() if field == "answer"],
+                   default="only_answer",
                    help="answer: the reply's last number is right; only_answer: it is the reply's only number")
     p.add_argument("--threads", type=int, default=2, help="1 is faster on a machine already busy with other work")
     p.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,7 @@ class DecodeBlock(TransformerBlock):
         step = _decode_step(x, rotation, cache)
         if step is None:
             return super().forward(x, rotation, mask, cache, layer)
-        return _run([self], layer, self._quantized(), x, cache, step)
+        return _run([self], layer, ctypes.addressof(self._quantized()), x, cache, step)
 
     def _quantized(self) -> ctypes.Array:
         """The seven layers' QWeight array, rebuilt when their buffers moved or changed in place (`.to()`, a
@@ -106,9 +106,9 @@ def _decode_step(x, rotation, cache) -> tuple[Sequences, torch.Tensor] | None:
     return cache.scratch["decode"]
 
 
-def _run(blocks: list[DecodeBlock], first: int, weights, x, cache, step) -> torch.Tensor:
-    """Layers first.. (the given blocks) for x [1, T, dim] in one kernel call; weights: their QWeights end to end
-    (an array or its address)."""
+def _run(blocks: list[DecodeBlock], first: int, weights: int, x, cache, step) -> torch.Tensor:
+    """Layers first.. (the given blocks) for x [1, T, dim] in one kernel call; weights: the address of their
+    QWeights end to end."""
     seqs, cos_sin = step
     out = x[0].contiguous().clone()
     layers = range(first, first + len(blocks))

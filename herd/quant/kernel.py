@@ -67,8 +67,8 @@ class QWeight(ctypes.Structure):
 
 
 class Sequences(ctypes.Structure):
-    """The sequences of a decode step and where their keys lie (the C struct of the same name); `tensors` keeps the
-    int64 arrays it points into alive."""
+    """The sequences of an engine step and where their keys lie (the C struct of the same name); `tensors` keeps
+    the int64 arrays it points into alive."""
 
     _fields_ = [("count", ctypes.c_int64), ("tokens", ctypes.c_void_p), ("cached", ctypes.c_void_p),
                 ("slot_offset", ctypes.c_void_p), ("slots", ctypes.c_void_p)]
@@ -142,16 +142,15 @@ class _Kernel:
                                  torch.get_num_threads())
         return out
 
-    def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights, cos_sin, k_caches, v_caches,
+    def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights: int, cos_sin, k_caches, v_caches,
                       seqs: Sequences, heads: int, head_dim: int) -> None:
         """Transformer blocks in a row for x [T, dim] (updated in place): see herd_decode_blocks in
-        csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches: one tensor per block; weights: a QWeight array
-        (or its address) of wq, wk, wv, wo, w1, w2, w3 for each block in turn."""
+        csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches: one tensor per block; weights: the address of
+        QWeights wq, wk, wv, wo, w1, w2, w3 for each block in turn."""
         n = len(attn_norms)
         kv_heads, slots, _ = k_caches[0].shape
-        address = weights if isinstance(weights, int) else ctypes.addressof(weights)
         self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], n, _pointers(attn_norms),
-                                     _pointers(ffn_norms), eps, address, cos_sin.data_ptr(), _pointers(k_caches),
+                                     _pointers(ffn_norms), eps, weights, cos_sin.data_ptr(), _pointers(k_caches),
                                      _pointers(v_caches), slots, ctypes.addressof(seqs), heads, kv_heads, head_dim,
                                      torch.get_num_threads())
 

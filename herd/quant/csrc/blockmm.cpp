@@ -26,7 +26,7 @@
 // Weight-only layers (float activations) multiply the stored weights exactly: the widened codes for a few tokens,
 // the weight expanded to float32 (herd_dequantize) and the BLAS GEMM for more.
 //
-// herd_decode_block (at the end) runs a whole transformer block for a decode step's generated tokens on these
+// herd_decode_blocks (at the end) runs transformer blocks for a decode step's generated tokens on these
 // matmuls.
 //
 // Plain C entry points over raw pointers (called through ctypes): no torch headers, so it compiles in seconds.
@@ -603,7 +603,8 @@ void attend(const float* qh, const float* kh, const float* vh, const int64_t* at
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t i = 0; i < head_dim; i += 8) {
         const __m256 qv = _mm256_loadu_ps(qh + i);
-        for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + at[j + r] * head_dim + i), acc[r]);
+        for (int r = 0; r < 4; ++r)
+          acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + at[j + r] * head_dim + i), acc[r]);
       }
       // lanes 0-3: each key's sum of its lanes 0-3; lanes 4-7: of its lanes 4-7.
       const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
@@ -679,15 +680,12 @@ void rope(float* x, int64_t heads, int64_t head_dim, const float* cos_sin) {
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-// x [T, dim] (the residual stream, updated in place); w: wq, wk, wv, wo, w1, w2, w3; cos_sin [T, head_dim / 2, 2];
-// k_cache, v_cache [kv_heads, slots, head_dim] of this layer; these tokens' keys and values are written there.
-void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
-                       const QWeight* w, const float* cos_sin, float* k_cache, float* v_cache, int64_t slots,
-                       const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, int threads) {
+// One block. x [T, dim] (the residual stream, updated in place); w: wq, wk, wv, wo, w1, w2, w3; cos_sin
+// [T, head_dim / 2, 2]; k_cache, v_cache [kv_heads, slots, head_dim] of this layer; these tokens' keys and values
+// are written there.
+void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
+                  const QWeight* w, const float* cos_sin, float* k_cache, float* v_cache, int64_t slots,
+                  const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, int threads) {
   const int64_t qd = heads * head_dim, kd = kv_heads * head_dim, hidden = w[4].n;
   const Positions at(seqs, T);
   std::vector<float> xn(T * dim), q(T * qd), k(T * kd), v(T * kd), att(T * qd), o(T * dim), gate(T * hidden),
@@ -760,6 +758,10 @@ void herd_decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm,
   for (int64_t i = 0; i < T * dim; ++i) x[i] += o[i];
 }
 
+}  // namespace
+
+extern "C" {
+
 // Attention of a step's tokens (q, out [T, heads, head_dim]) over their sequences' keys and values already in the
 // cache (k_cache, v_cache [kv_heads, slots, head_dim]): what the fused block computes, for any forward (prompts
 // too), so that a token attends alike whichever path and chunk it came in.
@@ -770,7 +772,7 @@ void herd_attention(const float* q, int64_t T, const Sequences* seqs, const floa
   attend_tokens(q, T, at, seqs, k_cache, v_cache, slots, heads, kv_heads, head_dim, out);
 }
 
-// A stretch of `layers` blocks in one call, each as herd_decode_block computes it: layer l reads its norms from
+// A stretch of `layers` blocks in one call, each as decode_block computes it: layer l reads its norms from
 // attn_norms[l] and ffn_norms[l], its seven weights from w + 7 l, its keys and values from k_caches[l] and
 // v_caches[l]. A decode step then makes one call from Python instead of one per layer.
 void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const float* const* attn_norms,
@@ -778,8 +780,8 @@ void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const 
                         float* const* k_caches, float* const* v_caches, int64_t slots, const Sequences* seqs,
                         int64_t heads, int64_t kv_heads, int64_t head_dim, int threads) {
   for (int64_t l = 0; l < layers; ++l)
-    herd_decode_block(x, T, dim, attn_norms[l], ffn_norms[l], eps, w + 7 * l, cos_sin, k_caches[l], v_caches[l],
-                      slots, seqs, heads, kv_heads, head_dim, threads);
+    decode_block(x, T, dim, attn_norms[l], ffn_norms[l], eps, w + 7 * l, cos_sin, k_caches[l], v_caches[l], slots,
+                 seqs, heads, kv_heads, head_dim, threads);
 }
 
 }  // extern "C"
