@@ -31,6 +31,7 @@
 //
 // Plain C entry points over raw pointers (called through ctypes): no torch headers, so it compiles in seconds.
 #include <immintrin.h>
+#include <omp.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -593,47 +594,125 @@ void rms_norm(const float* x, const float* weight, int64_t T, int64_t dim, float
   }
 }
 
-// One query head over n keys and values (at: their slots; p: room for n scores): out = softmax(q.k * scale) v.
-// Scores four keys at a time (one reduction for four dot products); values into registers, 64 dimensions at a time.
-void attend(const float* qh, const float* kh, const float* vh, const int64_t* at, int64_t n, int64_t head_dim,
-            float scale, float* p, float* out) {
-  int64_t j = 0;
-  if (head_dim % 8 == 0) {
-    for (; j + 4 <= n; j += 4) {
-      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t i = 0; i < head_dim; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(qh + i);
-        for (int r = 0; r < 4; ++r)
-          acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + at[j + r] * head_dim + i), acc[r]);
-      }
-      // lanes 0-3: each key's sum of its lanes 0-3; lanes 4-7: of its lanes 4-7.
-      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-      _mm_storeu_ps(p + j, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+// e^x for eight lanes of x <= 0 (scores less their maximum), within about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2,
+// e^r by Cephes' polynomial, 2^n put into the exponent; 0 below -87.3, where e^x leaves a float's normal range.
+inline __m256 exp8(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.3f);
+  const __m256 inside = _mm256_cmp_ps(x, low, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(two_n)), inside);
+}
+
+// Scores of query q against keys j, j+1, j+2, j+3 (their rows k0..k3), times scale: each an eight-lane dot product
+// reduced as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), one reduction for the four.
+inline __m128 score4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3,
+                     int64_t head_dim, __m128 scale) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < head_dim; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    acc[0] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), acc[0]);
+    acc[1] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), acc[1]);
+    acc[2] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), acc[2]);
+    acc[3] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), acc[3]);
+  }
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), scale);
+}
+
+// p[0..n) = e^(p - max p) over n scores (p padded to a multiple of 8), returning their sum: lane by lane in key
+// order, then the lanes in a fixed order.
+inline float softmax_numerators(float* p, int64_t n) {
+  const int64_t padded = (n + 7) / 8 * 8;
+  std::fill(p + n, p + padded, -INFINITY);
+  __m256 top = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < padded; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + j));
+  __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+  const __m256 m = _mm256_set1_ps(std::max(_mm_cvtss_f32(t4), _mm_cvtss_f32(_mm_movehdup_ps(t4))));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), m));
+    _mm256_storeu_ps(p + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  return hsum(total);
+}
+
+// out_h += sum over j of p_h[j] v_j for H heads at once (p_h = p + h * stride), 32 dimensions from c: each value row
+// read once for the H heads.
+template <int H>
+void weigh_values(const float* p, int64_t stride, const float* vh, const int64_t* at, int64_t n, int64_t head_dim,
+                  int64_t c, float* out) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vj = vh + at[j] * head_dim + c;
+    const __m256 v[4] = {_mm256_loadu_ps(vj), _mm256_loadu_ps(vj + 8), _mm256_loadu_ps(vj + 16),
+                         _mm256_loadu_ps(vj + 24)};
+    for (int h = 0; h < H; ++h) {
+      const __m256 ph = _mm256_broadcast_ss(p + h * stride + j);
+      for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_fmadd_ps(ph, v[i], acc[h][i]);
     }
   }
-  for (; j < n; ++j) p[j] = dot(qh, kh + at[j] * head_dim, head_dim) * scale;
-  float top = -INFINITY, total = 0.f;
-  for (j = 0; j < n; ++j) top = std::max(top, p[j]);
-  for (j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - top);
-  const float inverse = 1.f / total;
-  if (head_dim % 64 == 0) {
-    for (int64_t c = 0; c < head_dim; c += 64) {
-      __m256 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-      for (j = 0; j < n; ++j) {
-        const __m256 pj = _mm256_set1_ps(p[j]);
-        const float* vj = vh + at[j] * head_dim + c;
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + h * head_dim + c + 8 * i, acc[h][i]);
+}
+
+// G query heads that share one key-value head (q, out [G, head_dim]), of one token, over its n keys and values (at:
+// their slots; p: room for G rows of n rounded up to 8): out_h = softmax(q_h . k * scale) v. A head's numbers are the
+// same whatever G is: every score, sum and output lane is computed in one fixed order; the heads only share reads.
+void attend(const float* q, int64_t G, const float* kh, const float* vh, const int64_t* at, int64_t n,
+            int64_t head_dim, float scale, float* p, float* out) {
+  const int64_t stride = (n + 7) / 8 * 8;
+  std::vector<float> inverse(G);
+  if (head_dim % 32 == 0) {
+    const __m128 s = _mm_set1_ps(scale);
+    for (int64_t j = 0; j < n; j += 4) {
+      // the last keys repeated to fill a four: each score is computed alike wherever its key falls
+      const float* k[4];
+      for (int r = 0; r < 4; ++r) k[r] = kh + at[std::min(j + r, n - 1)] * head_dim;
+      for (int64_t h = 0; h < G; ++h) {
+        const __m128 scores = score4(q + h * head_dim, k[0], k[1], k[2], k[3], head_dim, s);
+        if (j + 4 <= n) {
+          _mm_storeu_ps(p + h * stride + j, scores);
+        } else {
+          alignas(16) float four[4];
+          _mm_store_ps(four, scores);
+          std::copy_n(four, n - j, p + h * stride + j);
+        }
       }
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + c + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inverse)));
     }
+    for (int64_t h = 0; h < G; ++h) inverse[h] = 1.f / softmax_numerators(p + h * stride, n);
+    for (int64_t c = 0; c < head_dim; c += 32) {
+      int64_t h = 0;
+      for (; h + 3 <= G; h += 3) weigh_values<3>(p + h * stride, stride, vh, at, n, head_dim, c, out + h * head_dim);
+      if (G - h == 2) weigh_values<2>(p + h * stride, stride, vh, at, n, head_dim, c, out + h * head_dim);
+      if (G - h == 1) weigh_values<1>(p + h * stride, stride, vh, at, n, head_dim, c, out + h * head_dim);
+    }
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t d = 0; d < head_dim; ++d) out[h * head_dim + d] *= inverse[h];
     return;
   }
-  std::fill_n(out, head_dim, 0.f);
-  for (j = 0; j < n; ++j)
-    for (int64_t d = 0; d < head_dim; ++d) out[d] += p[j] * vh[at[j] * head_dim + d];
-  for (int64_t d = 0; d < head_dim; ++d) out[d] *= inverse;
+  for (int64_t h = 0; h < G; ++h) {  // head sizes that are no multiple of 32 (tiny test models): plain loops
+    float* ph = p + h * stride;
+    for (int64_t j = 0; j < n; ++j) ph[j] = dot(q + h * head_dim, kh + at[j] * head_dim, head_dim) * scale;
+    const float inv = 1.f / softmax_numerators(ph, n);
+    float* oh = out + h * head_dim;
+    std::fill_n(oh, head_dim, 0.f);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < head_dim; ++d) oh[d] += ph[j] * vh[at[j] * head_dim + d];
+    for (int64_t d = 0; d < head_dim; ++d) oh[d] *= inv;
+  }
 }
 
 // Token t of a step: which sequence, and its position there (the sequences' tokens lie end to end).
@@ -646,24 +725,25 @@ struct Positions {
   }
 };
 
-// Every token's attention, head by head, over its own sequence's keys up to itself (q, out [T, heads, head_dim]),
-// shared among the threads of the enclosing team. Each token is computed alone, so its result does not depend on
-// what else shares the call or how its prompt was chunked; (token, head) pairs are dealt out in turn, since a
-// prompt's later tokens see more keys.
+// Every token's attention over its own sequence's keys up to itself (q, out [T, heads, head_dim]), shared among the
+// threads of the enclosing team in turns of one token's heads that read the same key-value head (or of single heads,
+// when there are too few turns to keep the threads busy), since a prompt's later tokens see more keys. Each token
+// is computed alone, so its result does not depend on what else shares the call or how its prompt was chunked.
 void attend_tokens(const float* q, int64_t T, const Positions& at, const Sequences* seqs, const float* k_cache,
                    const float* v_cache, int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim,
                    float* out) {
   const int64_t group = heads / kv_heads;
+  const int64_t per_turn = T * kv_heads >= 4 * omp_get_num_threads() ? group : 1, turns = heads / per_turn;
   const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
 #pragma omp for schedule(static, 1) collapse(2)
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t n = at.pos[t] + 1;  // the keys token t sees: every earlier one and its own
+    for (int64_t turn = 0; turn < turns; ++turn) {
+      const int64_t n = at.pos[t] + 1, h = turn * per_turn;  // token t sees every earlier key and its own
       thread_local std::vector<float> scores;
-      scores.resize(n);
-      const int64_t row = (t * heads + h) * head_dim;
-      attend(q + row, k_cache + (h / group) * slots * head_dim, v_cache + (h / group) * slots * head_dim,
-             seqs->slots + seqs->slot_offset[at.seq[t]], n, head_dim, scale, scores.data(), out + row);
+      scores.resize(per_turn * ((n + 7) / 8 * 8));
+      const int64_t row = (t * heads + h) * head_dim, kv = (h / group) * slots * head_dim;
+      attend(q + row, per_turn, k_cache + kv, v_cache + kv, seqs->slots + seqs->slot_offset[at.seq[t]], n, head_dim,
+             scale, scores.data(), out + row);
     }
   }
 }
