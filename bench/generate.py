@@ -1,4 +1,5 @@
-"""herd vs llama.cpp (llama-cpp-python, the same GGUF) vs Hugging Face transformers on the built-in default model:
+"""herd vs llama.cpp (llama-cpp-python, the same GGUF) vs Hugging Face transformers on the built-in default model
+(or the GGUF that --model names):
 decode speed of a 128-token chat reply (a story; and a reply that copies code from its prompt, where herd's
 prompt-lookup speculative decoding pays most), prefill speed of a 512-token prompt, load time and peak resident
 memory. Each engine runs its default path; herd also runs without speculative decoding, to show what it adds.
@@ -7,7 +8,7 @@ Each engine runs in its own subprocess (so peak RSS is its own), with the same t
 and prefills a short unrelated prompt before the timed one (a warm-up, as llama-bench does); the rounds are
 interleaved and the best of each is kept, which evens out a shared machine. Ratios are herd / peer.
 
-    .venv/bin/python bench/generate.py [--threads 2] [--rounds 2] [--png docs/generate.png]
+    .venv/bin/python bench/generate.py [--threads 2] [--rounds 2] [--png docs/generate.png] [--model F.gguf]
     (llama.cpp: `pip install -e ".[bench]"`, which compiles llama-cpp-python; skipped when absent)
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import herd
 
@@ -32,7 +34,7 @@ WARMUP_TEXT = _SOURCE
 WARMUP_TOKENS = 64
 
 
-def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     import torch
 
     from herd.generate import EngineConfig, Generator, SamplingParams
@@ -40,7 +42,7 @@ def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    llm = herd.load()
+    llm = herd.load(model)
     load = time.perf_counter() - start
     prompt = llm.tokenizer.encode(PROMPT_TEXT, bos=True)[:prompt_tokens]
     params = SamplingParams(max_tokens=1, temperature=0)
@@ -59,13 +61,11 @@ def run_herd(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     return result
 
 
-def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_llama_cpp(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     from llama_cpp import Llama
 
-    from herd.llm import default_model_path
-
     start = time.perf_counter()
-    llm = Llama(str(default_model_path()), n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+    llm = Llama(model, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
                 verbose=False)
     load = time.perf_counter() - start
     prompt = llm.tokenize(PROMPT_TEXT.encode())[:prompt_tokens]
@@ -77,7 +77,7 @@ def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
         llm.reset()
         stamps = []
-        for _ in llm.generate(_chat_ids(messages), top_k=1, temp=0.0, reset=True):  # the ids herd decodes from
+        for _ in llm.generate(_chat_ids(model, messages), top_k=1, temp=0.0, reset=True):  # the ids herd decodes from
             stamps.append(time.perf_counter())
             if len(stamps) == new_tokens:
                 break
@@ -85,24 +85,21 @@ def run_llama_cpp(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     return result
 
 
-def _chat_ids(messages: list[dict]) -> list[int]:
+def _chat_ids(model: str, messages: list[dict]) -> list[int]:
     from herd.checkpoint import load_checkpoint
-    from herd.llm import default_model_path
     from herd.tokenizer import chat_format_for
 
-    return chat_format_for(load_checkpoint(default_model_path()).tokenizer).encode_dialog(messages)
+    return chat_format_for(load_checkpoint(model).tokenizer).encode_dialog(messages)
 
 
-def run_transformers(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_transformers(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from herd.llm import default_model_path
-
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads)
-    path = default_model_path()
+    path = Path(model)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -130,9 +127,9 @@ def run_transformers(threads: int, new_tokens: int, prompt_tokens: int) -> dict:
 ENGINES = {"herd": run_herd, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
 
 
-def worker(name: str, threads: int, new_tokens: int, prompt_tokens: int) -> None:
+def worker(name: str, model: str, threads: int, new_tokens: int, prompt_tokens: int) -> None:
     warnings.filterwarnings("ignore")
-    result = ENGINES[name](threads, new_tokens, prompt_tokens)
+    result = ENGINES[name](model, threads, new_tokens, prompt_tokens)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -144,16 +141,20 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each figure is kept")
     parser.add_argument("--engines", default="herd,llama.cpp,transformers")
+    parser.add_argument("--model", help="a GGUF file (default: the built-in default model)")
     parser.add_argument("--png", help="also draw the ratios here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from herd.llm import default_model_path
+
+    model = args.model or str(default_model_path())
     if args.worker:
-        return worker(args.worker, args.threads, args.new_tokens, args.prompt_tokens)
+        return worker(args.worker, model, args.threads, args.new_tokens, args.prompt_tokens)
     engines = args.engines.split(",")
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in engines:
-            done = subprocess.run([sys.executable, __file__, "--worker", name, "--threads", str(args.threads),
+            done = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model, "--threads", str(args.threads),
                                    "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)],
                                   capture_output=True, text=True)
             if done.returncode:
@@ -163,7 +164,7 @@ def main() -> None:
             old = best.setdefault(name, result)
             for key, value in result.items():
                 old[key] = min(old[key], value) if key in ("load_s", "peak_rss_mb") else max(old[key], value)
-    print(f"default model, {args.threads} threads, decode {args.new_tokens} tokens of a chat reply, "
+    print(f"{Path(model).name}, {args.threads} threads, decode {args.new_tokens} tokens of a chat reply, "
           f"prefill {args.prompt_tokens} tokens, best of {args.rounds} interleaved rounds; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; above {os.cpu_count()}: a shared machine)")
     keys = ("decode_tok_s", "copy_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb")

@@ -1,8 +1,9 @@
 """Block-quantized weights and the linear layer that computes with them.
 
-A weight [N, K] is stored as integer codes with one float scale (and, for 4-bit codes, one float min) per group of
-`group` consecutive elements of a row: w = code * scale + min. GGUF's Q4_0, Q4_1, Q8_0 and Q4_K, herd's int4
-(group 32/64/128) and int8 (group = the whole row) are all this one format, so one kernel computes them all.
+A weight [N, K] is stored as integer codes with one float scale (and, where the format has one, one float min) per
+group of `group` consecutive elements of a row: w = code * scale + min. GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and
+Q5_K, herd's int4 (group 32/64/128) and int8 (group = the whole row) are all this one format, so one kernel computes
+them all.
 
 4-bit codes sit two per byte as GGUF lays them out: in each chunk of 32 elements, byte j holds element j in its low
 nibble and element j + 16 in its high one.

@@ -1,16 +1,18 @@
-"""GGUF's quantized tensors as BlockWeights, read straight from the file's blocks (no float32 expansion).
+"""GGUF's quantized tensors as BlockWeights, read straight from the file's blocks (no float32 model in between).
 
-Q4_0, Q4_1, Q8_0 and Q4_K are codes with a scale (and min) per 32 weights, so they become herd's block format
-exactly; other types (Q6_K, Q5_*, ...) have no kernel here and are expanded to float32 by the checkpoint loader.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K are codes with a scale (and min) per 32 weights, so they become herd's
+block format exactly (5-bit codes as int8). The other types (Q6_K, whose scales cover 16 weights; the 2- and 3-bit
+k-quants; ...) do not fit a block of 32 with one scale, so each of their blocks of 32 is rounded again to int8 with
+one scale, Q8_0's rule: a Q4_K_M or Q5_K_M file (Q6_K in its output and some down projections) then computes every
+tensor on the kernel. That adds to each weight an error of at most 1/254 of its block's largest, about a quarter of
+Q6_K's own rounding step (tests/quant/test_kernel.py checks the bound).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from herd.quant.blocks import BlockWeight
-
-COMPUTED = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")
+from herd.quant.blocks import BlockWeight, quantize_int8
 
 
 def _f16(raw: np.ndarray, start: int) -> np.ndarray:
@@ -27,12 +29,20 @@ def block_weight(qtype: str, raw: np.ndarray) -> BlockWeight:
     if qtype == "Q4_1":
         blocks = raw.reshape(rows, -1, 20)
         return _weight(blocks[..., 4:], _f16(blocks, 0), _f16(blocks, 2), 4)
+    if qtype == "Q5_0":  # f16 d | 4 bytes of the codes' fifth bits | 16 bytes of nibbles; a weight is d * (q - 16)
+        blocks = raw.reshape(rows, -1, 22)
+        return _weight(_five_bits(blocks[..., 6:], blocks[..., 2:6]) - 16, _f16(blocks, 0), None, 8)
+    if qtype == "Q5_1":  # f16 d, f16 m | fifth bits | nibbles; a weight is d * q + m
+        blocks = raw.reshape(rows, -1, 24)
+        return _weight(_five_bits(blocks[..., 8:], blocks[..., 4:8]), _f16(blocks, 0), _f16(blocks, 2), 8)
     if qtype == "Q8_0":
         blocks = raw.reshape(rows, -1, 34)
         return _weight(blocks[..., 2:].view(np.int8), _f16(blocks, 0), None, 8)
     if qtype == "Q4_K":
         return _q4_k(raw.reshape(rows, -1, 144))
-    raise ValueError(f"no block kernel for GGUF type {qtype}")
+    if qtype == "Q5_K":
+        return _q5_k(raw.reshape(rows, -1, 176))
+    return _rounded_to_int8(qtype, raw)
 
 
 def _weight(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int) -> BlockWeight:
@@ -45,18 +55,52 @@ def _weight(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits
     )
 
 
-def _q4_k(blocks: np.ndarray) -> BlockWeight:
-    """Q4_K super-blocks of 256: f16 d and dmin, 12 bytes of 6-bit sub-scales and sub-mins for its eight blocks of
-    32, then 128 bytes of nibbles (each 64 weights: 32 bytes, the first 32 in low nibbles, the next 32 in high ones).
-    A weight is d * sc * q - dmin * m."""
-    rows, n = blocks.shape[:2]
+def _five_bits(nibbles: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Codes 0..31 of Q5_0/Q5_1 blocks of 32, as int8: element j's low four bits in byte j % 16 of `nibbles` (low
+    nibble for j < 16), its fifth bit at bit j of the 32-bit `high`."""
+    fifth = np.unpackbits(high, axis=-1, bitorder="little")
+    return (np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1) | (fifth << 4)).astype(np.int8)
+
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K super-blocks of 256 start with f16 d and dmin and 12 bytes of 6-bit sub-scales and sub-mins for their
+    eight blocks of 32: (d * sc, -dmin * m) [rows, n, 8], the scale and min of each block."""
     d, dmin = _f16(blocks, 0)[..., None], _f16(blocks, 2)[..., None]
     s = blocks[..., 4:16].astype(np.uint8)
     # llama.cpp's get_scale_min_k4: blocks 0-3 use the low 6 bits of bytes 0-3 (scale) and 4-7 (min); blocks 4-7
     # combine a nibble of bytes 8-11 with the top two bits of bytes 0-3 / 4-7.
     sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
     mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return d * sc, -(dmin * mn)
+
+
+def _q4_k(blocks: np.ndarray) -> BlockWeight:
+    """Q4_K: after the scales, 128 bytes of nibbles (each 64 weights: 32 bytes, the first 32 in low nibbles, the
+    next 32 in high ones). A weight is d * sc * q - dmin * m."""
+    rows, n = blocks.shape[:2]
     q = blocks[..., 16:].reshape(rows, n, 4, 32)
     codes = np.stack([q & 0x0F, q >> 4], axis=3).reshape(rows, n, 8, 32)  # element order, 8 blocks of 32
-    packed = codes[..., :16] | (codes[..., 16:] << 4)
-    return _weight(packed, d * sc, -(dmin * mn), 4)
+    return _weight(codes[..., :16] | (codes[..., 16:] << 4), *_k_scales(blocks), 4)
+
+
+def _q5_k(blocks: np.ndarray) -> BlockWeight:
+    """Q5_K: after the scales, 32 bytes of fifth bits (block b's at bit b of each byte, element l of the block in
+    byte l) and 128 bytes of nibbles laid out as Q4_K's. A weight is d * sc * q - dmin * m, q in 0..31."""
+    rows, n = blocks.shape[:2]
+    q = blocks[..., 48:].reshape(rows, n, 4, 32)
+    low = np.stack([q & 0x0F, q >> 4], axis=3).reshape(rows, n, 8, 32)
+    fifth = (blocks[..., 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # [rows, n, element, block]
+    codes = low | (np.moveaxis(fifth, -1, -2) << 4)
+    return _weight(codes.astype(np.int8), *_k_scales(blocks), 8)
+
+
+def _rounded_to_int8(qtype: str, raw: np.ndarray, chunk_bytes: int = 1 << 24) -> BlockWeight:
+    """A type that does not fit herd's blocks, rounded to int8 per block of 32: the gguf package expands a few rows at
+    a time (never the whole tensor in float32), and Q8_0's rule rounds them."""
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType[qtype]
+    step = max(1, chunk_bytes // max(raw.shape[1], 1))
+    parts = [quantize_int8(torch.from_numpy(quants.dequantize(raw[r : r + step], kind)), 32)
+             for r in range(0, raw.shape[0], step)]
+    return BlockWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), None, 8, 32)

@@ -6,7 +6,7 @@ import torch
 from herd.checkpoint.base import Checkpoint
 from herd.quant.blocks import BlockEmbedding, BlockLinear
 from herd.quant.decode import use_decode_blocks
-from herd.quant.gguf import COMPUTED, block_weight
+from herd.quant.gguf import block_weight
 from herd.quant.kernel import ops
 from herd.quant.schemes import Scheme, apply_scheme, install
 
@@ -23,7 +23,7 @@ def resolve(quantize: str | Scheme | None, ckpt: Checkpoint, device: torch.devic
         kinds = {kind for kind, _ in ckpt.blocks.values()}
         if "herd" in kinds:
             return STORED
-        return Scheme("gguf") if kinds & set(COMPUTED) and device.type == "cpu" and ops() is not None else None
+        return Scheme("gguf") if kinds and device.type == "cpu" and ops() is not None else None
     if quantize == "none":
         return None
     return Scheme.parse(quantize)
@@ -32,9 +32,8 @@ def resolve(quantize: str | Scheme | None, ckpt: Checkpoint, device: torch.devic
 def _gguf_modules(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
     modules = {}
     for name, (kind, raw) in ckpt.blocks.items():
-        if kind in COMPUTED:
-            weight = block_weight(kind, raw)
-            modules[name] = BlockEmbedding(weight) if name == "tok_embeddings.weight" else BlockLinear(weight, scheme=kind)
+        weight = block_weight(kind, raw)
+        modules[name] = BlockEmbedding(weight) if name == "tok_embeddings.weight" else BlockLinear(weight, scheme=kind)
     return modules
 
 

