@@ -101,17 +101,23 @@ K_CONFIG = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=
                        rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True)
 
 
-@pytest.mark.parametrize("kind", [Q.Q4_K, Q.Q6_K], ids=["Q4_K", "Q6_K"])
-def test_k_quants_dequantize_as_the_gguf_package_does(tmp_path, kind):
+def k_quant_file(path, kind_of) -> dict:
+    """A K_CONFIG GGUF at `path` with random blocks of kind_of(name) for each matrix; its tensors."""
     rng = np.random.default_rng(0)
     tensors = {}
     for name, shape in expected_shapes(K_CONFIG).items():
         if len(shape) == 1:
             tensors[name] = (rng.uniform(0.5, 1.5, size=shape).astype(np.float32), Q.F32)
         else:
-            tensors[name] = (random_blocks(rng, *shape, kind), kind)
-    path = tmp_path / "k.gguf"
+            tensors[name] = (random_blocks(rng, *shape, kind_of(name)), kind_of(name))
     write_gguf(path, K_CONFIG, tensors)
+    return tensors
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_K, Q.Q6_K], ids=["Q4_K", "Q6_K"])
+def test_k_quants_dequantize_as_the_gguf_package_does(tmp_path, kind):
+    path = tmp_path / "k.gguf"
+    tensors = k_quant_file(path, lambda name: kind)
     ckpt = load_checkpoint(path)
     assert ckpt.config.hidden_dim == 512 and ckpt.config.tie_embeddings
     for name, (data, qtype) in tensors.items():
@@ -128,16 +134,9 @@ def test_k_quants_dequantize_as_the_gguf_package_does(tmp_path, kind):
 def test_a_k_quant_file_computes_every_tensor_on_the_kernel(tmp_path):
     # A Q4_K_M-like file: Q4_K, Q5_K and Q6_K matrices. Nothing is left in float32, and the logits stay those of the
     # file expanded to float32 up to int8 activations and Q6_K's rounding to int8 blocks.
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for name, shape in expected_shapes(K_CONFIG).items():
-        if len(shape) == 1:
-            tensors[name] = (rng.uniform(0.5, 1.5, size=shape).astype(np.float32), Q.F32)
-        else:
-            kind = Q.Q6_K if "w2" in name or "embeddings" in name else Q.Q5_K if "attention" in name else Q.Q4_K
-            tensors[name] = (random_blocks(rng, *shape, kind), kind)
     path = tmp_path / "k.gguf"
-    write_gguf(path, K_CONFIG, tensors)
+    k_quant_file(path, lambda name: Q.Q6_K if "w2" in name or "embeddings" in name
+                 else Q.Q5_K if "attention" in name else Q.Q4_K)
     quantized = build_quantized(load_checkpoint(path), "auto", "cpu")
     floats = build_quantized(load_checkpoint(path), None, "cpu")
     linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
