@@ -15,8 +15,8 @@ STORED = Scheme("stored")  # a `herd quantize` output, computed on as it was wri
 
 def resolve(quantize: str | Scheme | None, ckpt: Checkpoint, device: torch.device) -> Scheme | None:
     """"auto": a model quantized by `herd quantize` as stored; a GGUF's own blocks where herd's kernel runs
-    (measured fastest, and exactly the shipped weights); else the stored precision, since expanding blocks on every
-    call loses to one float32 matmul."""
+    (measured fastest: the shipped weights exactly, or rounded to int8 blocks for types that do not fit herd's, see
+    herd.quant.gguf); else the stored precision, since expanding blocks on every call loses to one float32 matmul."""
     if isinstance(quantize, Scheme) or quantize is None:
         return quantize
     if quantize == "auto":
