@@ -154,7 +154,8 @@ def main() -> None:
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in engines:
-            done = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model, "--threads", str(args.threads),
+            done = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
+                                   "--threads", str(args.threads),
                                    "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)],
                                   capture_output=True, text=True)
             if done.returncode:

@@ -154,8 +154,8 @@ constexpr int TILE2 = 1;
 #endif
 
 // One panel in memory: codes [blocks][bytes of a block per row / 4][PANEL][4], then scales [groups][PANEL] and,
-// where the weight has them, mins [groups][PANEL]. A weight's panels lie end to end, each panel_bytes long: a layer packs
-// them once (herd_pack) and keeps them; a weight without them is packed panel by panel as it is multiplied.
+// where the weight has them, mins [groups][PANEL]. A weight's panels lie end to end, each panel_bytes long: a layer
+// packs them once (herd_pack) and keeps them; a weight without them is packed panel by panel as it is multiplied.
 struct Panel {
   const uint8_t* codes;
   const float* scales;
@@ -675,7 +675,8 @@ void weigh_values(const float* p, int64_t stride, const float* vh, const int64_t
 void attend(const float* q, int64_t G, const float* kh, const float* vh, const int64_t* at, int64_t n,
             int64_t head_dim, float scale, float* p, float* out) {
   const int64_t stride = (n + 7) / 8 * 8;
-  std::vector<float> inverse(G);
+  thread_local std::vector<float> inverse;
+  inverse.resize(G);
   if (head_dim % 32 == 0) {
     const __m128 s = _mm_set1_ps(scale);
     for (int64_t j = 0; j < n; j += 4) {
