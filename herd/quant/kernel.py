@@ -94,9 +94,9 @@ class _Kernel:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
         lib.herd_matmul_rows.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
-        lib.herd_packed_bytes.argtypes = [i64, i64, i64, i64, i32]
+        lib.herd_packed_bytes.argtypes = [i64, i64, i64, i64, i32, i32]
         lib.herd_packed_bytes.restype = i64
-        lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
+        lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, i32, p, i32]
         lib.herd_has_vnni.restype = i32
         lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
         lib.herd_attention.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, p, i32]
@@ -112,11 +112,14 @@ class _Kernel:
 
     def pack(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
         """The weight repacked into the panels that the kernel's integer matmuls read (see csrc/blockmm.cpp):
-        kept by a layer, they spare every matmul repacking it."""
+        kept by a layer, they spare every matmul repacking it. Scales and mins that are all float16 values (GGUF's
+        own) are kept in two bytes."""
         n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
-        out = torch.empty(self._lib.herd_packed_bytes(n, k, bits, group, int(mins is not None)), dtype=torch.uint8)
+        half = int(all(torch.equal(t.half().float(), t) for t in (scales, mins) if t is not None))
+        out = torch.empty(self._lib.herd_packed_bytes(n, k, bits, group, int(mins is not None), half),
+                          dtype=torch.uint8)
         self._lib.herd_pack(codes.data_ptr(), scales.data_ptr(), mins.data_ptr() if mins is not None else None,
-                            n, k, bits, group, out.data_ptr(), torch.get_num_threads())
+                            n, k, bits, group, half, out.data_ptr(), torch.get_num_threads())
         return out
 
     def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, levels: int,

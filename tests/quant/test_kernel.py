@@ -17,17 +17,18 @@ def test_the_kernel_is_built_where_the_cpu_can_run_it():
 
 
 def weights(bits, group, n=96, k=256, seed=0):
-    """bits 4 or 8: herd's int4 / int8; "Q5_1": 5-bit codes held as int8 with a min per block (GGUF's Q5_1)."""
+    """bits 4 or 8: herd's int4 / int8 (float32 scales); "Q4_1" or "Q5_1": GGUF's blocks (float16 scales and mins,
+    which the kernel's panels keep in two bytes; Q5_1's 5-bit codes held as int8)."""
     torch.manual_seed(seed)
     w = torch.randn(n, k) * torch.rand(n, 1)  # rows of different scales
-    if bits == "Q5_1":
+    if bits in ("Q4_1", "Q5_1"):
         w = w + torch.rand(n, 1)  # off-centre rows: the mins matter
-        return w, block_weight("Q5_1", quants.quantize(w.numpy(), Q.Q5_1))
+        return w, block_weight(bits, quants.quantize(w.numpy(), Q[bits]))
     return w, quantize_int4(w, group) if bits == 4 else quantize_int8(w, group if group < k else None)
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256), ("Q5_1", 32)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
 @pytest.mark.parametrize("tokens", [1, 3, 5, MAX_INTEGER_TOKENS, 40])
 def test_kernel_matches_pytorch(bits, group, tokens):
     _, w = weights(bits, group)
@@ -111,7 +112,7 @@ def test_other_gguf_types_round_to_int8_blocks_of_32(kind):
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256), ("Q5_1", 32)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group, levels):
     # A prompt chunked after a prefix-cache hit, a token checked beside its draft, a sequence in a batch: each token
