@@ -92,14 +92,14 @@ def _chat_ids(model: str, messages: list[dict]) -> list[int]:
     return chat_format_for(load_checkpoint(model).tokenizer).encode_dialog(messages)
 
 
-def run_transformers(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_transformers(model_path: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(threads)
-    path = Path(model)
+    path = Path(model_path)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -697,7 +697,7 @@ inline float softmax_numerators(float* p, int64_t n) {
   return hsum(total);
 }
 
-// out_h += sum over j of p_h[j] v_j for H heads at once (p_h = p + h * stride), 32 dimensions from c: each value row
+// out_h = sum over j of p_h[j] v_j for H heads at once (p_h = p + h * stride), 32 dimensions from c: each value row
 // read once for the H heads.
 template <int H>
 void weigh_values(const float* p, int64_t stride, const float* vh, const int64_t* at, int64_t n, int64_t head_dim,
