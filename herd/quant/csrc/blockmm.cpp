@@ -242,12 +242,25 @@ void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0,
   }
 }
 
+// Two vectors of a 4-bit panel (rows 0-7, then 8-15, four bytes each) as codes: low nibbles (elements 4j..4j+3 of
+// the block) and high ones (elements 4j+16..4j+19).
+struct Nibbles {
+  __m256i lo0, hi0, lo1, hi1;
+};
+
+inline Nibbles nibbles(const uint8_t* pc) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
+  const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc + 32));
+  return {_mm256_and_si256(v0, low), _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), _mm256_and_si256(v1, low),
+          _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
+}
+
 // out[t][0..PANEL) for T tokens against one packed panel; LEVELS 2: the activations' second level (aq2) too.
 template <int BITS, int T, int LEVELS>
 void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* aq, const int8_t* const* aq2,
                 const float* const* ad, const float* const* ag, const int32_t* const* asum, float* const* out) {
   const int64_t nb = K / QK, per_group = group / QK, block_bytes = (BITS == 4 ? QK / 2 : QK) * PANEL;
-  const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[2][T];
   for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
   int64_t b = 0;
@@ -266,10 +279,7 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
       const uint8_t* pc = p.codes + b * block_bytes;
       if constexpr (BITS == 4 && kVnni) {
         for (int j = 0; j < 4; ++j, pc += 2 * 32) {
-          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
-          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc + 32));
-          const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-          const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+          const auto [lo0, hi0, lo1, hi1] = nibbles(pc);
           for (int l = 0; l < LEVELS; ++l)
             for (int t = 0; t < T; ++t) {
               const __m256i alo = quad(l, t, 4 * j), ahi = quad(l, t, 4 * j + 16);
@@ -285,10 +295,7 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
         for (int l = 0; l < LEVELS; ++l)
           for (int t = 0; t < T; ++t) pairs[l][0][t] = pairs[l][1][t] = _mm256_setzero_si256();
         for (int j = 0; j < 4; ++j, pc += 2 * 32) {
-          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
-          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc + 32));
-          const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-          const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+          const auto [lo0, hi0, lo1, hi1] = nibbles(pc);
           for (int l = 0; l < LEVELS; ++l)
             for (int t = 0; t < T; ++t) {
               const __m256i alo = quad(l, t, 4 * j), ahi = quad(l, t, 4 * j + 16);
