@@ -1,9 +1,9 @@
 """Block-quantized weights and the linear layer that computes with them.
 
 A weight [N, K] is stored as integer codes with one float scale (and, where the format has one, one float min) per
-group of `group` consecutive elements of a row: w = code * scale + min. GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and
-Q5_K, herd's int4 (group 32/64/128) and int8 (group = the whole row) are all this one format, so one kernel computes
-them all.
+group of `group` consecutive elements of a row: w = code * scale + min. GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+Q5_K and Q6_K (int8 codes, groups of 16), herd's int4 (group 32/64/128) and int8 (group = the whole row) are all this
+one format, so one kernel computes them all.
 
 4-bit codes sit two per byte as GGUF lays them out: in each chunk of 32 elements, byte j holds element j in its low
 nibble and element j + 16 in its high one.
@@ -36,7 +36,8 @@ MAX_FLOAT_LOOP_TOKENS = 32
 
 @dataclass
 class BlockWeight:
-    """codes [N, K/2] uint8 (bits 4) or [N, K] int8 (bits 8); scales and mins [N, K / group] float32."""
+    """codes [N, K/2] uint8 (bits 4) or [N, K] int8 (bits 8); scales and mins [N, K / group] float32. group: a
+    multiple of 32, or 16 for int8 codes without mins (GGUF's Q6_K)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -104,15 +105,15 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Te
     → [M, N]."""
     n, k = w.shape
     xq, xd = quantize_activations(x, levels)
-    codes = codes_as_float(w.codes, w.bits).view(n, -1, QK)
-    per_group = w.group // QK
+    part = min(w.group, QK)  # int8 codes with a scale per 16 weights (Q6_K) sum each half block apart
+    codes = codes_as_float(w.codes, w.bits).view(n, -1, part)
     # Exact integers: one level's sums stay far below 2**24; two levels' need float64.
     exact = torch.float64 if levels == 2 else torch.float32
-    dots = torch.einsum("mbi,nbi->mnb", xq.to(exact), codes.to(exact)).float()
-    wscale = w.scales.repeat_interleave(per_group, dim=1)
-    out = (dots * (xd[:, None, :] * wscale[None])).sum(-1)
+    dots = torch.einsum("mbi,nbi->mnb", xq.view(len(x), -1, part).to(exact), codes.to(exact)).float()
+    wscale = w.scales.repeat_interleave(w.group // part, dim=1)
+    out = (dots * (xd.repeat_interleave(QK // part, dim=1)[:, None, :] * wscale[None])).sum(-1)
     if w.mins is not None:
-        out += (xd * xq.sum(-1)) @ w.mins.repeat_interleave(per_group, dim=1).T
+        out += (xd * xq.sum(-1)) @ w.mins.repeat_interleave(w.group // QK, dim=1).T
     return out
 
 

@@ -1,11 +1,10 @@
 """GGUF's quantized tensors as BlockWeights, read straight from the file's blocks (no float32 model in between).
 
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q5_K are codes with a scale (and min) per 32 weights, so they become herd's
-block format exactly (5-bit codes as int8). The other types (Q6_K, whose scales cover 16 weights; the 2- and 3-bit
-k-quants; ...) do not fit a block of 32 with one scale, so each of their blocks of 32 is rounded again to int8 with
-one scale, Q8_0's rule: a Q4_K_M or Q5_K_M file (Q6_K in its output and some down projections) then computes every
-tensor on the kernel. That adds to each weight an error of at most 1/254 of its block's largest, about a quarter of
-Q6_K's own rounding step (tests/quant/test_kernel.py checks the bound).
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are codes with a scale (and min) per 32 weights, or per 16 for
+Q6_K, so they become herd's block format exactly (5- and 6-bit codes as int8): a Q4_K_M, Q5_K_M or Q6_K file
+computes as stored. The other types (the 2- and 3-bit k-quants, ...) do not fit, so each of their blocks of 32 is
+rounded again to int8 with one scale, Q8_0's rule, which adds to each weight an error of at most 1/254 of its
+block's largest (tests/quant/test_kernel.py checks the bound).
 """
 from __future__ import annotations
 
@@ -42,6 +41,8 @@ def block_weight(qtype: str, raw: np.ndarray) -> BlockWeight:
         return _q4_k(raw.reshape(rows, -1, 144))
     if qtype == "Q5_K":
         return _q5_k(raw.reshape(rows, -1, 176))
+    if qtype == "Q6_K":
+        return _q6_k(raw.reshape(rows, -1, 210))
     return _rounded_to_int8(qtype, raw)
 
 
@@ -92,6 +93,21 @@ def _q5_k(blocks: np.ndarray) -> BlockWeight:
     fifth = (blocks[..., 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1  # [rows, n, element, block]
     codes = low | (np.moveaxis(fifth, -1, -2) << 4)
     return _weight(codes.astype(np.int8), *_k_scales(blocks), 8)
+
+
+def _q6_k(blocks: np.ndarray) -> BlockWeight:
+    """Q6_K super-blocks of 256: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales (one per 16
+    weights), f16 d. A weight is d * scale * (q - 32), q in 0..63. In each half of 128 weights, element 32k + l (k
+    0..3) has its low nibble in byte l (+ 32 for odd k) of the half's 64, low for k < 2, and its top two bits at bits
+    2k of byte l of the half's 32."""
+    rows, n = blocks.shape[:2]
+    low = blocks[..., :128].reshape(rows, n, 2, 2, 32)  # [half, byte group (k odd), l]
+    nibbles = np.stack([low & 0x0F, low >> 4], axis=3)  # [half, k // 2, k % 2, l]
+    high = blocks[..., 128:192].reshape(rows, n, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]
+    q = nibbles.reshape(rows, n, 2, 4, 32) | ((high & 3) << 4)
+    scales = _f16(blocks, 208)[..., None] * blocks[..., 192:208].view(np.int8)
+    return BlockWeight(torch.from_numpy((q.astype(np.int16) - 32).astype(np.int8).reshape(rows, -1)),
+                       torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(rows, -1)), None, 8, 16)
 
 
 def _rounded_to_int8(qtype: str, raw: np.ndarray, chunk_bytes: int = 1 << 24) -> BlockWeight:

@@ -132,8 +132,8 @@ def test_k_quants_dequantize_as_the_gguf_package_does(tmp_path, kind):
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 def test_a_k_quant_file_computes_every_tensor_on_the_kernel(tmp_path):
-    # A Q4_K_M-like file: Q4_K, Q5_K and Q6_K matrices. Nothing is left in float32, and the logits stay those of the
-    # file expanded to float32 up to int8 activations and Q6_K's rounding to int8 blocks.
+    # A Q4_K_M-like file: Q4_K, Q5_K and Q6_K matrices, each computed from its own blocks. Nothing is left in float32,
+    # and the logits stay those of the file expanded to float32 up to the int8 activations.
     path = tmp_path / "k.gguf"
     k_quant_file(path, lambda name: Q.Q6_K if "w2" in name or "embeddings" in name
                  else Q.Q5_K if "attention" in name else Q.Q4_K)

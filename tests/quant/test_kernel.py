@@ -28,7 +28,8 @@ def weights(bits, group, n=96, k=256, seed=0):
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 16), (8, 32), (8, 256), ("Q4_1", 32),
+                                        ("Q5_1", 32)])
 @pytest.mark.parametrize("tokens", [1, 3, 5, MAX_INTEGER_TOKENS, 40])
 def test_kernel_matches_pytorch(bits, group, tokens):
     _, w = weights(bits, group)
@@ -57,15 +58,16 @@ def test_int8_activation_blocks_stay_close_to_float(bits):
     assert ((integer_matmul(x, w) - exact).norm() / exact.norm()) < 0.03
 
 
-def test_worst_case_products_do_not_saturate():
+@pytest.mark.parametrize("group", [16, 32])
+def test_worst_case_products_do_not_saturate(group):
     # Codes and activations all at the top of their ranges: 16-bit pair sums would clip if the signs were wrong.
     k = 64
-    w8 = BlockWeight(torch.full((4, k), -127, dtype=torch.int8), torch.ones(4, 2), None, 8, 32)
+    w8 = BlockWeight(torch.full((4, k), -127, dtype=torch.int8), torch.ones(4, k // group), None, 8, group)
     x = torch.full((12, k), -5.0)  # one token and a tile's worth
     assert torch.allclose(integer_matmul(x, w8), x @ w8.dequantize().T)
     if kernel.ops() is not None:
         for rows, levels in ((x[:1], 1), (x, 1), (x, 2)):
-            assert torch.allclose(kernel.ops().matmul_rows(rows, w8.codes, w8.scales, None, 8, 32, levels),
+            assert torch.allclose(kernel.ops().matmul_rows(rows, w8.codes, w8.scales, None, 8, group, levels),
                                   rows @ w8.dequantize().T)
 
 
@@ -77,31 +79,34 @@ def test_gguf_blocks_are_read_exactly(kind):
     assert np.array_equal(block_weight(kind, raw).dequantize().numpy(), quants.dequantize(raw, Q[kind]))
 
 
-@pytest.mark.parametrize("kind,size", [("Q4_K", 144), ("Q5_K", 176)])
-def test_k_quant_super_blocks_are_read_exactly(kind, size):
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (4, 2, size), dtype=np.uint8)
-    raw[..., 0:4] = np.frombuffer(rng.uniform(0.001, 0.1, (4, 2, 2)).astype(np.float16).tobytes(), np.uint8).reshape(4, 2, 4)
-    raw = raw.reshape(4, 2 * size)
+# Where each k-quant keeps its f16 scales (d, and dmin where it has one) in a super-block: the rest may be any bytes.
+F16_SCALES = {"Q4_K": slice(0, 4), "Q5_K": slice(0, 4), "Q6_K": slice(-2, None), "Q3_K": slice(-2, None),
+              "Q2_K": slice(-4, None)}
+
+
+def k_quant_blocks(kind: str, rows: int = 6, cols: int = 512, seed: int = 0) -> np.ndarray:
+    """Valid random super-blocks of `kind` for a rows x cols weight, as GGUF stores them [rows, bytes]."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    size, nbytes = gguf.GGML_QUANT_SIZES[Q[kind]]
+    raw = rng.integers(0, 256, (rows * cols // size, nbytes), dtype=np.uint8)
+    f16 = raw[:, F16_SCALES[kind]]
+    raw[:, F16_SCALES[kind]] = rng.uniform(0.001, 0.1, f16.size // 2).astype(np.float16).view(np.uint8).reshape(
+        f16.shape)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_super_blocks_are_read_exactly(kind):
+    raw = k_quant_blocks(kind)
     assert np.array_equal(block_weight(kind, raw).dequantize().numpy(), quants.dequantize(raw, Q[kind]))
 
 
-# Where each type keeps its f16 scales (d, and dmin where it has one) in a block: the rest may be any bytes.
-F16_SCALES = {"Q6_K": slice(-2, None), "Q3_K": slice(-2, None), "Q2_K": slice(-4, None)}
-
-
-@pytest.mark.parametrize("kind", sorted(F16_SCALES))
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K"])
 def test_other_gguf_types_round_to_int8_blocks_of_32(kind):
-    import gguf
-
-    rng = np.random.default_rng(1)
-    size, nbytes = gguf.GGML_QUANT_SIZES[Q[kind]]
-    rows, cols = 6, 512
-    raw = rng.integers(0, 256, (rows * cols // size, nbytes), dtype=np.uint8)
-    f16 = raw[:, F16_SCALES[kind]]
-    raw[:, F16_SCALES[kind]] = rng.uniform(0.001, 0.1, f16.shape[1] // 2 * len(raw)).astype(np.float16).view(
-        np.uint8).reshape(f16.shape)
-    raw = raw.reshape(rows, -1)
+    raw = k_quant_blocks(kind, seed=1)
+    rows = len(raw)
     reference = quants.dequantize(raw, Q[kind]).reshape(rows, -1, 32)
     w = block_weight(kind, raw)
     assert (w.bits, w.group) == (8, 32)
@@ -112,7 +117,7 @@ def test_other_gguf_types_round_to_int8_blocks_of_32(kind):
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 16), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group, levels):
     # A prompt chunked after a prefix-cache hit, a token checked beside its draft, a sequence in a batch: each token
@@ -181,9 +186,9 @@ def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeyp
     avx2, native = kernel._Kernel(kernel.build()), kernel.ops()
     assert not avx2.vnni
     x = torch.randn(21, 256) * 3
-    for bits, group in [(4, 32), (4, 64), (8, 32)]:
+    for bits, group in [(4, 32), (4, 64), (8, 16), (8, 32), ("Q4_1", 32), ("Q5_1", 32)]:
         _, w = weights(bits, group, n=37)
-        args = (w.codes, w.scales, w.mins, bits, group)
+        args = (w.codes, w.scales, w.mins, w.bits, group)
         for levels in (0, 1, 2):
             packed = [k.pack(*args) if levels else None for k in (avx2, native)]
             assert torch.equal(avx2.matmul_rows(x, *args, levels, packed=packed[0]),

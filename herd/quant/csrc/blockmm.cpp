@@ -6,7 +6,8 @@
 // Weights: `qs` holds 4-bit codes (two per byte: in each 32-element chunk, byte j carries element j in its low
 // nibble and element j + 16 in its high one, as GGUF's Q4_0/Q4_1 do) or int8 codes; `scales` [N, K / group] and,
 // where the format has them (Q4_1, Q4_K, Q5_1, Q5_K), `mins` [N, K / group]: a weight is code * scale + min. A group
-// is a multiple of 32 elements.
+// is a multiple of 32 elements, or 16 for int8 codes without mins (GGUF's Q6_K, whose scales cover 16 weights: each
+// half block's integer sum is then scaled on its own).
 //
 // Every output is computed by one arithmetic: for each block b in order, sum = fma(float(I_b), scale_g * d_b, sum),
 // where I_b is the exact integer dot product of the block's codes with the token's int8 codes and d_b the token's
@@ -194,6 +195,7 @@ void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0,
                 int64_t group, bool half, uint8_t* to) {
   const int64_t block_bytes = bits == 4 ? QK / 2 : QK, row_bytes = K / QK * block_bytes, ng = K / group;
   const int64_t rows = std::min<int64_t>(PANEL, N - r0), quads = block_bytes / 4;
+  const bool offset = bits == 8 && kVnni && group >= QK;  // see panel_halves for the other 8-bit codes
   uint8_t* codes = to;
   uint8_t* scales = to + panel_code_bytes(K, bits);
   uint8_t* mins = scales + ng * PANEL * (half ? 2 : 4);
@@ -206,7 +208,7 @@ void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0,
     }
   };
   if (rows == PANEL) {  // a full panel: eight rows' 16-byte chunks at a time, transposed as 4x4 quads
-    const __m256i flip = _mm256_set1_epi8(bits == 8 && kVnni ? static_cast<char>(0x80) : 0);
+    const __m256i flip = _mm256_set1_epi8(offset ? static_cast<char>(0x80) : 0);
     __m256i* out = reinterpret_cast<__m256i*>(codes);
     for (int64_t h = 0; h < 2; ++h)
       for (int64_t b = 0; b < K / QK; ++b)
@@ -232,7 +234,7 @@ void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0,
         for (int64_t j = 0; j < quads; ++j)
           for (int i = 0; i < 4; ++i) {
             const uint8_t c = row[b * block_bytes + 4 * j + i];
-            codes[((b * quads + j) * PANEL + r) * 4 + i] = bits == 8 && kVnni ? c ^ 0x80 : c;
+            codes[((b * quads + j) * PANEL + r) * 4 + i] = offset ? c ^ 0x80 : c;
           }
     }
     for (int64_t g = 0; g < ng; ++g) {
@@ -256,10 +258,55 @@ inline Nibbles nibbles(const uint8_t* pc) {
           _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
 }
 
+// panel_tile for int8 codes with a scale per 16 weights: the two halves of a block are summed and scaled apart, each
+// sum = fma(float(I_half), scale_half * d_b, sum). Their codes are packed as they are (not offset to unsigned), and
+// their signs moved onto the activations, with or without VNNI, so no block sum of the activations is needed.
+template <int T, int LEVELS>
+void panel_halves(const Panel& p, int64_t K, const int8_t* const* aq, const int8_t* const* aq2,
+                  const float* const* ad, float* const* out) {
+  const int8_t* const* levels[2] = {aq, aq2};
+  __m256 acc[2][T];
+  for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
+  const uint8_t* pc = p.codes;
+  for (int64_t b = 0; b < K / QK; ++b) {
+    for (int64_t g = 2 * b; g < 2 * b + 2; ++g) {
+      const __m256 s0 = eight(p.scales, p.half, g * PANEL), s1 = eight(p.scales, p.half, g * PANEL + 8);
+      __m256i ia[LEVELS][2][T];
+      for (int l = 0; l < LEVELS; ++l)
+        for (int t = 0; t < T; ++t) ia[l][0][t] = ia[l][1][t] = _mm256_setzero_si256();
+      for (int64_t at = (g - 2 * b) * 16; at < (g - 2 * b + 1) * 16; at += 4, pc += 2 * 32) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pc + 32));
+        for (int l = 0; l < LEVELS; ++l)
+          for (int t = 0; t < T; ++t) {
+            const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(levels[l][t] + b * QK + at));
+            ia[l][0][t] = dpbusd(ia[l][0][t], _mm256_sign_epi8(v0, v0), _mm256_sign_epi8(a, v0));
+            ia[l][1][t] = dpbusd(ia[l][1][t], _mm256_sign_epi8(v1, v1), _mm256_sign_epi8(a, v1));
+          }
+      }
+      for (int t = 0; t < T; ++t) {
+        __m256i i0 = ia[0][0][t], i1 = ia[0][1][t];
+        if constexpr (LEVELS == 2) {  // as in panel_tile
+          const __m256i coarse = _mm256_set1_epi32(254);
+          i0 = _mm256_add_epi32(_mm256_mullo_epi32(i0, coarse), ia[1][0][t]);
+          i1 = _mm256_add_epi32(_mm256_mullo_epi32(i1, coarse), ia[1][1][t]);
+        }
+        const __m256 d = _mm256_set1_ps(ad[t][b]);
+        acc[0][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, d), acc[0][t]);
+        acc[1][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, d), acc[1][t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(out[t], acc[0][t]), _mm256_storeu_ps(out[t] + 8, acc[1][t]);
+}
+
 // out[t][0..PANEL) for T tokens against one packed panel; LEVELS 2: the activations' second level (aq2) too.
 template <int BITS, int T, int LEVELS>
 void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* aq, const int8_t* const* aq2,
                 const float* const* ad, const float* const* ag, const int32_t* const* asum, float* const* out) {
+  if constexpr (BITS == 8) {
+    if (group < QK) return panel_halves<T, LEVELS>(p, K, aq, aq2, ad, out);
+  }
   const int64_t nb = K / QK, per_group = group / QK, block_bytes = (BITS == 4 ? QK / 2 : QK) * PANEL;
   __m256 acc[2][T];
   for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
@@ -359,31 +406,30 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
 template <int BITS, int T>
 void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, int64_t K, int64_t group,
                    const float* const* x, const float* const* xsum, float* out) {
-  const int64_t nb = K / QK, per_group = group / QK;
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   alignas(32) uint8_t codes[QK];
-  int64_t b = 0;
-  for (int64_t g = 0; b < nb; ++g) {
-    const __m256 sw = _mm256_set1_ps(scales[g]);
-    for (const int64_t end = b + per_group; b < end; ++b) {
-      const uint8_t* c = qs + b * QK;
-      if constexpr (BITS == 4) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(codes), unpack_nibbles(qs + b * (QK / 2)));
-        c = codes;
-      }
-      __m256 w[4];
-      for (int j = 0; j < 4; ++j) {
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * j));
-        w[j] = _mm256_cvtepi32_ps(BITS == 4 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes));
-      }
-      for (int t = 0; t < T; ++t) {
-        const float* xb = x[t] + b * QK;
-        // Two independent products per block, so the adds of one block do not wait on each other.
-        const __m256 lo = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(xb)));
-        const __m256 hi = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(xb + 16)));
-        acc[t] = _mm256_fmadd_ps(sw, _mm256_add_ps(lo, hi), acc[t]);
-      }
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const uint8_t* c = qs + b * QK;
+    if constexpr (BITS == 4) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(codes), unpack_nibbles(qs + b * (QK / 2)));
+      c = codes;
+    }
+    __m256 w[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * j));
+      w[j] = _mm256_cvtepi32_ps(BITS == 4 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes));
+    }
+    // a scale per half block (int8 codes with groups of 16), else one for the block's group
+    const __m256 sa = _mm256_set1_ps(scales[group < QK ? 2 * b : b / (group / QK)]);
+    const __m256 sb = _mm256_set1_ps(scales[group < QK ? 2 * b + 1 : b / (group / QK)]);
+    for (int t = 0; t < T; ++t) {
+      const float* xb = x[t] + b * QK;
+      // Two independent products per block, so the adds of one block do not wait on each other.
+      const __m256 lo = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(xb)));
+      const __m256 hi = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(xb + 16)));
+      acc[t] = group < QK ? _mm256_fmadd_ps(sb, hi, _mm256_fmadd_ps(sa, lo, acc[t]))
+                          : _mm256_fmadd_ps(sa, _mm256_add_ps(lo, hi), acc[t]);
     }
   }
   for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + (mins ? dot(mins, xsum[t], K / group) : 0.f);
@@ -393,13 +439,12 @@ void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, in
 // matmul expands every weight it uses, so this loop bounds how fast a prompt is read.
 void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, int64_t bits, int64_t K,
                      int64_t group, int64_t r0, int64_t r1, float* w) {
-  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K, per_group = group / QK;
+  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* q = qs + r * row_bytes;
     float* o = w + (r - r0) * K;
     for (int64_t c = 0; c < K / QK; ++c) {
-      const int64_t g = r * ng + c / per_group;
-      const __m256 s = _mm256_set1_ps(scales[g]);
+      const int64_t g = r * ng + (group < QK ? 2 * c : c / (group / QK));  // groups of 16: the block's first
       const __m256 m = _mm256_set1_ps(mins ? mins[g] : 0.f);
       alignas(32) uint8_t codes[QK];
       if (bits == 4) {
@@ -408,6 +453,7 @@ void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, 
         _mm256_store_si256(reinterpret_cast<__m256i*>(codes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * QK)));
       }
       for (int j = 0; j < 4; ++j) {
+        const __m256 s = _mm256_set1_ps(scales[group < QK ? g + j / 2 : g]);
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * j));
         const __m256i wide = bits == 4 ? _mm256_cvtepu8_epi32(bytes) : _mm256_cvtepi8_epi32(bytes);
         _mm256_storeu_ps(o + c * QK + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), s, m));
@@ -450,20 +496,23 @@ struct Acts {
     q2.resize(levels == 2 ? M * K : 0);
     d.resize(levels ? M * (K / QK) : 0);
     s.resize(levels ? M * (K / QK) : 0);
-    g.resize(M * (K / group));
+    g.resize(M * (K / sums_group()));
   }
 
   void token(int64_t t) {
-    const int64_t nb = K / QK, ng = K / group;
+    const int64_t nb = K / QK, ng = K / sums_group();
     std::fill_n(g.data() + t * ng, ng, 0.f);
     if (levels) {
-      quantize_acts(x + t * K, K, group / QK, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
+      quantize_acts(x + t * K, K, sums_group() / QK, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
                     s.data() + t * nb, levels == 2 ? q2.data() + t * K : nullptr);
     } else {
       for (int64_t j = 0; j < ng; ++j)
-        for (int64_t i = j * group; i < (j + 1) * group; ++i) g[t * ng + j] += x[t * K + i];
+        for (int64_t i = j * sums_group(); i < (j + 1) * sums_group(); ++i) g[t * ng + j] += x[t * K + i];
     }
   }
+
+  // The groups that `g` sums over: the weight's, or whole blocks where its groups are halves (they have no mins).
+  int64_t sums_group() const { return std::max<int64_t>(group, QK); }
 
   void prepare(const float* xf, int64_t m, int64_t k, int64_t grp, int lv, int threads) {
     size(xf, m, k, grp, lv);
@@ -476,7 +525,7 @@ struct Acts {
 template <int BITS, int LEVELS>
 void panel_tokens(const Panel& p, const Acts& a, float* out) {
   constexpr int TILE = LEVELS == 2 ? TILE2 : TILE_TOKENS;
-  const int64_t K = a.K, nb = K / QK, ng = K / a.group;
+  const int64_t K = a.K, nb = K / QK, ng = K / a.sums_group();
   for (int64_t t0 = 0; t0 < a.M; t0 += TILE) {
     const int T = static_cast<int>(std::min<int64_t>(TILE, a.M - t0));
     const int8_t *aq[TILE], *aq2[TILE];
@@ -541,7 +590,7 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
     for (int64_t t0 = 0; t0 < M; t0 += 8) {
       const int T = static_cast<int>(std::min<int64_t>(8, M - t0));
       const float *ps[8], *px[8];
-      for (int t = 0; t < T; ++t) ps[t] = a.g.data() + (t0 + t) * ng, px[t] = a.x + (t0 + t) * K;
+      for (int t = 0; t < T; ++t) ps[t] = a.g.data() + (t0 + t) * (K / a.sums_group()), px[t] = a.x + (t0 + t) * K;
       float res[8];
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* qr = q + r * row_bytes;
