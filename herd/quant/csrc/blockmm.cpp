@@ -156,10 +156,10 @@ constexpr int TILE2 = 1;
 
 // One panel in memory: codes [blocks][bytes of a block per row / 4][PANEL][4], then scales [groups][PANEL] and,
 // where the weight has them, mins [groups][PANEL], as float32, or as float16 where every one of them is a float16
-// value (GGUF's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 store them so): a token's step reads every weight once, so two
-// bytes fewer per 32 weights and 16 rows is a sixth less to read for 4-bit codes with mins. A layer packs its panels
-// once (herd_pack) and keeps them, after a header saying which; a weight without them is packed panel by panel
-// (float32) as it is multiplied.
+// value (GGUF's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 store them so): a token's step reads every weight once, and four
+// bytes fewer per 32 weights (a scale and a min) is a sixth less to read for 4-bit codes with mins. A layer packs its
+// panels once (herd_pack) and keeps them, after a header saying which; a weight without them is packed panel by
+// panel (float32) as it is multiplied.
 struct Panel {
   const uint8_t* codes;
   const void* scales;
@@ -556,12 +556,11 @@ void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float*
   const int64_t bytes = panel_bytes(K, BITS, a.group, mn != nullptr, half);
   thread_local std::vector<uint8_t> own;
   thread_local std::vector<float> tile;
-  const uint8_t* at = packed + HEADER + r0 / PANEL * bytes;
   if (!packed) {
     own.resize(bytes);
     pack_panel(q, sc, mn, r0, N, K, BITS, a.group, false, own.data());
-    at = own.data();
   }
+  const uint8_t* at = packed ? packed + HEADER + r0 / PANEL * bytes : own.data();
   const Panel panel = panel_at(at, K, BITS, a.group, mn != nullptr, half);
   tile.resize(a.M * PANEL);
   if (a.levels == 2) {
