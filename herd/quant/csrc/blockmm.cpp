@@ -258,6 +258,17 @@ inline Nibbles nibbles(const uint8_t* pc) {
           _mm256_and_si256(_mm256_srli_epi16(v1, 4), low)};
 }
 
+// Two levels' integer sums of a block as one: 254 * the first level's + the second's, still exact in int32.
+inline __m256i two_levels(__m256i first, __m256i second) {
+  return _mm256_add_epi32(_mm256_mullo_epi32(first, _mm256_set1_epi32(254)), second);
+}
+
+// acc + float(sum) * (scale * d): how every integer path adds a block's (or half block's) exact sum for eight rows,
+// given their scales and the token's block scale d.
+inline __m256 add_scaled(__m256 acc, __m256i sum, __m256 scale, __m256 d) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(scale, d), acc);
+}
+
 // panel_tile for int8 codes with a scale per 16 weights: the two halves of a block are summed and scaled apart, each
 // sum = fma(float(I_half), scale_half * d_b, sum). Their codes are packed as they are (not offset to unsigned), and
 // their signs moved onto the activations, with or without VNNI, so no block sum of the activations is needed.
@@ -286,14 +297,10 @@ void panel_halves(const Panel& p, int64_t K, const int8_t* const* aq, const int8
       }
       for (int t = 0; t < T; ++t) {
         __m256i i0 = ia[0][0][t], i1 = ia[0][1][t];
-        if constexpr (LEVELS == 2) {  // as in panel_tile
-          const __m256i coarse = _mm256_set1_epi32(254);
-          i0 = _mm256_add_epi32(_mm256_mullo_epi32(i0, coarse), ia[1][0][t]);
-          i1 = _mm256_add_epi32(_mm256_mullo_epi32(i1, coarse), ia[1][1][t]);
-        }
+        if constexpr (LEVELS == 2) i0 = two_levels(i0, ia[1][0][t]), i1 = two_levels(i1, ia[1][1][t]);
         const __m256 d = _mm256_set1_ps(ad[t][b]);
-        acc[0][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, d), acc[0][t]);
-        acc[1][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, d), acc[1][t]);
+        acc[0][t] = add_scaled(acc[0][t], i0, s0, d);
+        acc[1][t] = add_scaled(acc[1][t], i1, s1, d);
       }
     }
   }
@@ -373,21 +380,16 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
             }
         }
       }
-      if constexpr (LEVELS == 2) {  // 254 * (first level's sum) + second level's: still exact in int32
-        const __m256i coarse = _mm256_set1_epi32(254);
-        for (int h = 0; h < 2; ++h)
-          for (int t = 0; t < T; ++t)
-            ia[0][h][t] = _mm256_add_epi32(_mm256_mullo_epi32(ia[0][h][t], coarse), ia[1][h][t]);
-      }
       for (int t = 0; t < T; ++t) {
         __m256i i0 = ia[0][0][t], i1 = ia[0][1][t];
+        if constexpr (LEVELS == 2) i0 = two_levels(i0, ia[1][0][t]), i1 = two_levels(i1, ia[1][1][t]);
         if constexpr (BITS == 8 && kVnni) {
           const __m256i offset = _mm256_set1_epi32(128 * asum[t][b]);
           i0 = _mm256_sub_epi32(i0, offset), i1 = _mm256_sub_epi32(i1, offset);
         }
         const __m256 d = _mm256_set1_ps(ad[t][b]);
-        acc[0][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(s0, d), acc[0][t]);
-        acc[1][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(s1, d), acc[1][t]);
+        acc[0][t] = add_scaled(acc[0][t], i0, s0, d);
+        acc[1][t] = add_scaled(acc[1][t], i1, s1, d);
       }
     }
     if (p.mins) {
