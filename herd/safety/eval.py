@@ -149,9 +149,14 @@ def heldout_png(reports: dict[str, dict], path: str | Path) -> Path:
         x = range(len(classes))
         ax.bar([i - 0.2 for i in x], [report[c]["precision"] * 100 for c in classes], 0.4, label="precision")
         ax.bar([i + 0.2 for i in x], [report[c]["recall"] * 100 for c in classes], 0.4, label="recall")
-        ax.set_xticks(list(x), [f"{c}\n({report[c]['support']})" for c in classes], fontsize=7)
+        names = {"unsafe_binary": "unsafe\n(any)"}
+        ax.set_xticks(list(x), [f"{names.get(c, c)}\n({report[c]['support']})" for c in classes], fontsize=7)
         fpr = report.get("false_positive_rate", float("nan"))
-        ax.set_title(f"{name}: held-out sources (false positives on benign: {fpr:.1%})", fontsize=9)
+        title = f"{name}: held-out sources\nfalse positives on benign text {fpr:.1%}"
+        if "false_refusal_requests" in report:  # a Llama Guard's report: requests and agent turns apart
+            title += (f", on requests {report['false_refusal_requests']:.1%}, "
+                      f"on agent turns {report['false_positive_agent_turns']:.1%}")
+        ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 105)
         ax.legend(fontsize=7)
     fig.tight_layout()

