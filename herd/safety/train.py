@@ -169,8 +169,7 @@ def guard_report(train, test, predicted: Sequence[str]) -> dict:
                   test_sources=sorted({e.source for e in test}), false_refusal_requests=_rate(requests),
                   false_positive_agent_turns=_rate(agent_safe),
                   n_agent_turns={"safe": len(agent_safe), "unsafe": len(agent_unsafe)},
-                  unsafe_recall_agent_turns=1 - _rate(["safe" if p == "safe" else "unsafe" for p in agent_unsafe])
-                  if agent_unsafe else float("nan"))
+                  unsafe_recall_agent_turns=_rate(agent_unsafe))
     return report
 
 
