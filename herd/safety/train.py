@@ -83,7 +83,8 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
                            layers: int = 12, max_chars: int = 300, batch_size: int = 16, progress: bool = True,
                            cache: str | None = None):
     """A GuardHead for `llm` (load it with quantize=None: the features must not depend on the batch), trained on
-    harmful requests by category and safe requests/texts, evaluated on sources it never saw.
+    harmful user and agent turns by category and on safe ones (safe_train None: every safe training turn; the
+    head's class weights balance them), evaluated on sources it never saw.
 
     cache: a .npz to keep the features in as they are computed, so that an interrupted run resumes."""
     from herd.safety.guard_head import GuardFeatures, GuardHead
