@@ -29,8 +29,8 @@ MAX_INTEGER_TOKENS = 8
 # Without the kernel, generated tokens take the integer path in PyTorch up to this many per forward.
 MAX_GENERATED_TOKENS = 64
 # Exact products (float activations) of up to this many rows run the kernel's float loop over the stored codes;
-# more rows amortise expanding the weights once for a BLAS GEMM. The tied output layer of a decode step of many
-# sequences took 20-30 ms a step expanding its 49K-row table.
+# more rows amortise expanding the weights once for a BLAS GEMM. A weight-only output layer (int8-wo) of a decode
+# step of many sequences took 20-30 ms a step expanding its 49K-row table.
 MAX_FLOAT_LOOP_TOKENS = 32
 
 

@@ -111,9 +111,10 @@ def apply_scheme(model: nn.Module, scheme: Scheme, hessians: dict[str, torch.Ten
         if scheme.kind == "int4" and name == "output":
             # Its logits are what sampling sees: kept at 8 bits, as llama.cpp keeps it at 6-8. On the default model
             # this takes int4-g32's KL from the float model from 0.049 to 0.006 nats/token (128 tokens of GPL-3).
+            # Its activations are int8 blocks like the other layers' (see install).
             k = linear.weight.shape[1]
             stored = quantize_int8(linear.weight.detach(), 32 if k % 32 == 0 else None)
-            set_module(model, name, BlockLinear(stored, integer=False, scheme="int8"))
+            set_module(model, name, BlockLinear(stored, integer=k % 32 == 0, scheme="int8"))
             continue
         stored = quantize_weight(scheme, linear.weight.detach(), (hessians or {}).get(name))
         set_module(model, name, quantized_module(scheme, stored, name))
@@ -127,9 +128,11 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def install(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
     """Put quantized modules into the model by parameter name ("layers.0.attention.wq.weight"); an embedding
-    table in blocks also serves as the tied output layer."""
+    table in blocks also serves as the tied output layer. That layer takes int8 activation blocks like the others:
+    with float ones a decode step of 16 sequences spent a third of its time in it (the widened codes' float
+    multiply-adds), for 0.0008 nats/token less KL from the float model (0.0033 against 0.0041, README)."""
     for name, module in modules.items():
         set_module(model, name.removesuffix(".weight"), module)
         if isinstance(module, BlockEmbedding) and model.config.tie_embeddings:
-            set_module(model, "output", BlockLinear(module.weight_blocks, integer=False, scheme="tied"))
+            set_module(model, "output", BlockLinear(module.weight_blocks, scheme="tied"))
     return model

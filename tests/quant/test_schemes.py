@@ -43,7 +43,7 @@ def test_int4_keeps_the_output_layer_at_8_bits():
         float_model = tiny()
         reference = float_model(torch.tensor([tokens]))[0]
         model = apply_scheme(tiny(), Scheme.parse("int4-g32"))
-        assert model.output.bits == 8 and not model.output.integer and model.layers[0].attention.wq.bits == 4
+        assert model.output.bits == 8 and model.output.integer and model.layers[0].attention.wq.bits == 4
         eight_bit = compare(reference, logits(model, tokens, step=1), tokens).kl_mean
         model.output = BlockLinear(quantize_int4(float_model.output.weight, 32))
         four_bit = compare(reference, logits(model, tokens, step=1), tokens).kl_mean

@@ -113,6 +113,16 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// Asks for the weight bytes a little ahead of those being multiplied. A decode step reads every weight once, from
+// memory, and the hardware prefetchers of the CPUs measured here fell behind that stream: asking ahead made one
+// token's matmul over the tied output layer (49152 x 576, 8-bit) up to 2x faster, and a sequence's decode on the
+// default model 3-13% faster (README).
+constexpr int64_t AHEAD = 512;
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + AHEAD + off), _MM_HINT_T0);
+}
+
 // 32 unsigned codes (0..15) from 16 bytes of nibbles: low nibbles first, then high ones.
 inline __m256i unpack_nibbles(const uint8_t* p) {
   const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -280,6 +290,7 @@ void panel_halves(const Panel& p, int64_t K, const int8_t* const* aq, const int8
   for (int t = 0; t < T; ++t) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
   const uint8_t* pc = p.codes;
   for (int64_t b = 0; b < K / QK; ++b) {
+    prefetch_ahead(pc, QK * PANEL);
     for (int64_t g = 2 * b; g < 2 * b + 2; ++g) {
       const __m256 s0 = eight(p.scales, p.half, g * PANEL), s1 = eight(p.scales, p.half, g * PANEL + 8);
       __m256i ia[LEVELS][2][T];
@@ -331,6 +342,7 @@ void panel_tile(const Panel& p, int64_t K, int64_t group, const int8_t* const* a
         return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(levels[l][t] + b * QK + at));
       };
       const uint8_t* pc = p.codes + b * block_bytes;
+      prefetch_ahead(pc, block_bytes);
       if constexpr (BITS == 4 && kVnni) {
         for (int j = 0; j < 4; ++j, pc += 2 * 32) {
           const auto [lo0, hi0, lo1, hi1] = nibbles(pc);
