@@ -1,17 +1,21 @@
-"""Generated tokens through a whole transformer block in herd's kernel: the per-token PyTorch calls removed.
+"""An engine step's tokens through a whole transformer block in herd's kernel: the per-token PyTorch calls removed.
 
 A decode step of a quantized model spent as long in a thousand small PyTorch calls (norms, rotary embeddings,
 attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model's block as it is (same modules,
-same parameter names) and, when every token of an engine step is a generated one (`herd.quant.phase`: decoding
+same parameter names) and, when every token of an engine forward is a generated one (`herd.quant.phase`: decoding
 sequences, drafted tokens), computes the block in one kernel call for all the step's sequences, reading and
-writing their keys in the paged cache; everything else (prompt tokens, forwards without the engine's cache, a
-model on a GPU) runs the block's own PyTorch forward. `DecodeLayers` holds the blocks and runs a step's
-consecutive DecodeBlocks in one call (a Python call per layer cost a tenth of a single sequence's decode step).
-Swapped in from outside, like the schemes.
+writing their keys in the paged cache. A forward of prompt tokens alone goes the same way where the CPU has VNNI
+and all seven layers take integer activations (there a prompt takes two int8 levels, which the kernel computes;
+elsewhere its float activations multiply faster through BLAS): its norms, rotary embeddings and SwiGLU in PyTorch,
+and each layer quantizing its own copy of a shared input, had cost a fifth of a prompt's time. Everything else
+(mixed forwards, forwards without the engine's cache, a model on a GPU) runs the block's own PyTorch forward.
+`DecodeLayers` holds the blocks and runs a forward's consecutive fused blocks in one call (a Python call per layer
+cost a tenth of a single sequence's decode step). Swapped in from outside, like the schemes.
 """
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 import torch
 
@@ -32,10 +36,15 @@ class DecodeBlock(TransformerBlock):
         self._weights: tuple[tuple[int, int], ctypes.Array, list] | None = None
 
     def forward(self, x, rotation, mask, cache, layer):
-        step = _decode_step(x, rotation, cache)
-        if step is None:
+        step = _fused_step(x, rotation, cache)
+        if step is None or not self.takes(step):
             return super().forward(x, rotation, mask, cache, layer)
         return _run([self], layer, ctypes.addressof(self._quantized()), x, cache, step)
+
+    def takes(self, step: _Step) -> bool:
+        """Whether the kernel computes this block for the step: generated tokens always; prompt tokens when all
+        seven layers take integer activations (a weight-only layer's float loop is meant for a few tokens)."""
+        return not step.prompt or all(self.get_submodule(name).integer for name in _LINEARS)
 
     def _quantized(self) -> ctypes.Array:
         """The seven layers' QWeight array, rebuilt when their buffers moved or changed in place (`.to()`, a
@@ -56,21 +65,22 @@ class DecodeBlock(TransformerBlock):
 
 class DecodeLayers(torch.nn.ModuleList):
     """The model's blocks (the same modules, names and order) as a stack that runs itself (`Transformer.forward`
-    hands it the loop): a decode step's consecutive DecodeBlocks go through the kernel in one call, with no Python
-    per layer; every other block, and every other forward, runs as the plain loop would."""
+    hands it the loop): a forward's consecutive DecodeBlocks that the kernel takes go through it in one call, with
+    no Python per layer; every other block, and every other forward, runs as the plain loop would."""
 
     def __init__(self, layers):
         super().__init__(layers)
         self._weights: tuple[tuple, ctypes.Array] | None = None
 
     def run(self, h, rotation, mask, cache):
-        step = _decode_step(h, rotation, cache)
+        step = _fused_step(h, rotation, cache)
         blocks = list(self)
         weights = self._quantized(blocks) if step is not None else None
+        fused = [step is not None and isinstance(b, DecodeBlock) and b.takes(step) for b in blocks]
         i = 0
         while i < len(blocks):
             j = i
-            while step is not None and j < len(blocks) and isinstance(blocks[j], DecodeBlock):
+            while j < len(blocks) and fused[j]:
                 j += 1
             if j > i:
                 offset = ctypes.addressof(weights) + 7 * i * ctypes.sizeof(QWeight)
@@ -93,29 +103,39 @@ class DecodeLayers(torch.nn.ModuleList):
         return self._weights[1]
 
 
-def _decode_step(x, rotation, cache) -> tuple[Sequences, torch.Tensor] | None:
-    """The step's sequences and rotations for the kernel when every token of this forward is a generated one on
-    the engine's paged cache (float32, on the CPU); else None."""
+@dataclass
+class _Step:
+    seqs: Sequences
+    cos_sin: torch.Tensor
+    prompt: bool  # the forward's tokens are prompt tokens (else generated ones)
+
+
+def _fused_step(x, rotation, cache) -> _Step | None:
+    """The forward's sequences and rotations for the kernel when its tokens are all generated ones, or all prompt
+    tokens where the kernel has VNNI, on the engine's paged cache (float32, on the CPU); else None."""
     tokens = x.shape[1]
     marked = prompt_mask(tokens) if hasattr(cache, "parts") else None
-    if (marked is None or marked[1] != tokens or x.shape[0] != 1
+    if (marked is None or marked[1] not in (0, tokens) or x.shape[0] != 1
             or x.dtype != torch.float32 or x.device.type != "cpu"):
         return None
-    if "decode" not in cache.scratch:  # once per step, for every layer
-        cache.scratch["decode"] = (cache.sequences, torch.view_as_real(rotation[0, :, 0]).contiguous())
-    return cache.scratch["decode"]
+    prompt = marked[1] == 0
+    if prompt and not ops().vnni:
+        return None
+    if "fused" not in cache.scratch:  # once per forward, for every layer
+        cache.scratch["fused"] = _Step(cache.sequences, torch.view_as_real(rotation[0, :, 0]).contiguous(), prompt)
+    return cache.scratch["fused"]
 
 
-def _run(blocks: list[DecodeBlock], first: int, weights: int, x, cache, step) -> torch.Tensor:
+def _run(blocks: list[DecodeBlock], first: int, weights: int, x, cache, step: _Step) -> torch.Tensor:
     """Layers first.. (the given blocks) for x [1, T, dim] in one kernel call; weights: the address of their
     QWeights end to end."""
-    seqs, cos_sin = step
     out = x[0].contiguous().clone()
     layers = range(first, first + len(blocks))
     attention = blocks[0].attention
     ops().decode_blocks(out, [b.attention_norm.weight for b in blocks], [b.ffn_norm.weight for b in blocks],
-                        blocks[0].attention_norm.eps, weights, cos_sin, [cache.cache.k[i] for i in layers],
-                        [cache.cache.v[i] for i in layers], seqs, attention.n_heads, attention.head_dim)
+                        blocks[0].attention_norm.eps, weights, step.cos_sin, [cache.cache.k[i] for i in layers],
+                        [cache.cache.v[i] for i in layers], step.seqs, attention.n_heads, attention.head_dim,
+                        step.prompt)
     return out.unsqueeze(0)
 
 

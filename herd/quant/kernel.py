@@ -98,7 +98,7 @@ class _Kernel:
         lib.herd_packed_bytes.restype = i64
         lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, i32, p, i32]
         lib.herd_has_vnni.restype = i32
-        lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32]
+        lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32, i32]
         lib.herd_attention.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, p, i32]
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
@@ -146,16 +146,17 @@ class _Kernel:
         return out
 
     def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights: int, cos_sin, k_caches, v_caches,
-                      seqs: Sequences, heads: int, head_dim: int) -> None:
+                      seqs: Sequences, heads: int, head_dim: int, prompt: bool = False) -> None:
         """Transformer blocks in a row for x [T, dim] (updated in place): see herd_decode_blocks in
         csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches: one tensor per block; weights: the address of
-        QWeights wq, wk, wv, wo, w1, w2, w3 for each block in turn."""
+        QWeights wq, wk, wv, wo, w1, w2, w3 for each block in turn; prompt: x holds prompt tokens (two int8
+        levels), else generated ones."""
         n = len(attn_norms)
         kv_heads, slots, _ = k_caches[0].shape
         self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], n, _pointers(attn_norms),
                                      _pointers(ffn_norms), eps, weights, cos_sin.data_ptr(), _pointers(k_caches),
                                      _pointers(v_caches), slots, ctypes.addressof(seqs), heads, kv_heads, head_dim,
-                                     torch.get_num_threads())
+                                     int(prompt), torch.get_num_threads())
 
 
 def _pointers(tensors) -> ctypes.Array:
