@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.generate.kv_cache import PagedKVCache, StepAttention
+from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
 from herd.generate.sampling import SamplingParams, TokenLogprob, sample, token_logprob
 from herd.generate.scheduler import Scheduler
 from herd.generate.sequence import Completion, Constraint, Delta
@@ -47,6 +47,9 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per step: every decoding sequence's one, the rest for prompts (chunks)
     max_queue: int = 1024  # sequences waiting; `submit` refuses more
     prefix_caching: bool = True  # False: every prompt is prefilled in full (to measure what the cache saves)
+    # "auto": keys and values in float16 where herd's kernel attends (float32 models on the CPU), else in the model's
+    # dtype; "model": always in the model's dtype (exact float32 attention, twice the memory to read).
+    kv_cache_dtype: str = "auto"
     speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts for greedy sequences
 
 
@@ -74,6 +77,10 @@ class Generator:
         self.config = config or EngineConfig(max_step_tokens=prefill_chunk)
         mc = model.config
         dtype = model.tok_embeddings.weight.dtype
+        if self.config.kv_cache_dtype not in ("auto", "model"):
+            raise ValueError(f"kv_cache_dtype {self.config.kv_cache_dtype!r}: use 'auto' or 'model'")
+        if self.config.kv_cache_dtype == "auto":
+            dtype = cache_dtype(self.device, dtype)
         block = self.config.block_size
         per_block = PagedKVCache.bytes_per_token(mc, dtype) * block
         # At least one full context (plus a block to grow into), so that any single sequence can always finish.

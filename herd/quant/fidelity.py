@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from herd.generate.kv_cache import PagedKVCache, StepAttention
+from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
 from herd.quant.phase import prompt_rows
 
 
@@ -35,7 +35,8 @@ def logits(model, tokens: list[int], *, step: int | None = None) -> torch.Tensor
         return model(ids)[0].float()
     block = 16
     blocks = list(range(-(-len(tokens) // block)))
-    cache = PagedKVCache(model.config, len(blocks), block, device=ids.device, dtype=torch.float32)
+    cache = PagedKVCache(model.config, len(blocks), block, device=ids.device,
+                         dtype=cache_dtype(ids.device, torch.float32))
     out = []
     for i in range(0, len(tokens), step):
         chunk = ids[:, i:i + step]

@@ -98,8 +98,8 @@ class _Kernel:
         lib.herd_packed_bytes.restype = i64
         lib.herd_pack.argtypes = [p, p, p, i64, i64, i64, i64, i32, p, i32]
         lib.herd_has_vnni.restype = i32
-        lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i64, p, i64, i64, i64, i32, i32]
-        lib.herd_attention.argtypes = [p, i64, p, p, p, i64, i64, i64, i64, p, i32]
+        lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64, p, i64, i64, i64, i32, i32]
+        lib.herd_attention.argtypes = [p, i64, p, p, p, i32, i64, i64, i64, i64, p, i32]
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
 
@@ -137,25 +137,27 @@ class _Kernel:
 
     def attention(self, q, seqs: Sequences, k_cache, v_cache) -> torch.Tensor:
         """Each of a step's tokens (q [T, heads, head_dim], contiguous) attending over its own sequence's keys and
-        values up to itself, already in the cache ([kv_heads, slots, head_dim]): see herd_attention."""
+        values up to itself, already in the cache ([kv_heads, slots, head_dim], float32 or float16): see
+        herd_attention."""
         kv_heads, slots, head_dim = k_cache.shape
         out = torch.empty_like(q)
         self._lib.herd_attention(q.data_ptr(), q.shape[0], ctypes.addressof(seqs), k_cache.data_ptr(),
-                                 v_cache.data_ptr(), slots, q.shape[1], kv_heads, head_dim, out.data_ptr(),
-                                 torch.get_num_threads())
+                                 v_cache.data_ptr(), int(k_cache.dtype == torch.float16), slots, q.shape[1],
+                                 kv_heads, head_dim, out.data_ptr(), torch.get_num_threads())
         return out
 
     def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights: int, cos_sin, k_caches, v_caches,
                       seqs: Sequences, heads: int, head_dim: int, prompt: bool = False) -> None:
         """Transformer blocks in a row for x [T, dim] (updated in place): see herd_decode_blocks in
-        csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches: one tensor per block; weights: the address of
-        QWeights wq, wk, wv, wo, w1, w2, w3 for each block in turn; prompt: x holds prompt tokens (two int8
-        levels), else generated ones."""
+        csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches (float32 or float16): one tensor per block;
+        weights: the address of QWeights wq, wk, wv, wo, w1, w2, w3 for each block in turn; prompt: x holds prompt
+        tokens (two int8 levels), else generated ones."""
         n = len(attn_norms)
         kv_heads, slots, _ = k_caches[0].shape
         self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], n, _pointers(attn_norms),
                                      _pointers(ffn_norms), eps, weights, cos_sin.data_ptr(), _pointers(k_caches),
-                                     _pointers(v_caches), slots, ctypes.addressof(seqs), heads, kv_heads, head_dim,
+                                     _pointers(v_caches), int(k_caches[0].dtype == torch.float16), slots,
+                                     ctypes.addressof(seqs), heads, kv_heads, head_dim,
                                      int(prompt), torch.get_num_threads())
 
 

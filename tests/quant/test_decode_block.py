@@ -34,12 +34,13 @@ def batch_step(model, cache, seqs, generated):
 
 @pytest.mark.parametrize("scheme, tolerance", [("int8-wo", 1e-5), ("int8", 3e-2), ("int4", 3e-2)])
 @pytest.mark.parametrize("new", [1, 4])
-def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the engine's cache is float16 on the kernel
+def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new, dtype):
     torch.manual_seed(0)
     eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse(scheme))
     fused = use_decode_blocks(copy.deepcopy(eager))
     assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
-    cache = PagedKVCache(CONFIG, num_blocks=8, block_size=16, device="cpu", dtype=torch.float32)
+    cache = PagedKVCache(CONFIG, num_blocks=8, block_size=16, device="cpu", dtype=dtype)
     blocks = [2, 3, 4]  # one contiguous run, not at the pool's start
     prompt = torch.randint(0, CONFIG.vocab_size, (37,)).tolist()
     step(eager, cache, blocks, 0, prompt, generated=False)
@@ -51,9 +52,12 @@ def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new):
     # implementations can move a code by one step: equal up to that, not to float rounding.
     assert (got - expected).norm() / expected.norm() < tolerance
     slots = slice(2 * 16 + len(prompt), 2 * 16 + len(prompt) + new)
+    # float16 keys: a value within float rounding of a rounding boundary may land one float16 step apart
+    stored = max(tolerance, 1e-3) if dtype == torch.float16 else tolerance
     for layer in range(CONFIG.n_layers):
         for a, b in ((caches[0].k[layer], caches[1].k[layer]), (caches[0].v[layer], caches[1].v[layer])):
-            assert (a[:, slots] - b[:, slots]).norm() / a[:, slots].norm() < tolerance
+            a, b = a.float(), b.float()
+            assert (a[:, slots] - b[:, slots]).norm() / a[:, slots].norm() < stored
             assert torch.equal(a[:, 2 * 16:slots.start], b[:, 2 * 16:slots.start])  # the prompt's keys untouched
 
 

@@ -178,6 +178,20 @@ def test_attention_of_a_step_equals_sdpa_and_does_not_depend_on_the_chunking():
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+@pytest.mark.parametrize("head_dim", [64, 24])  # the vector loops, and the plain ones of small test heads
+def test_attention_over_a_float16_cache_is_attention_over_its_values(head_dim):
+    # The engine keeps keys and values in float16 where the kernel attends: the kernel widens each exactly, so the
+    # result is that of the same values held in float32.
+    torch.manual_seed(1)
+    k16, v16 = torch.randn(2, 64, head_dim).half(), torch.randn(2, 64, head_dim).half()
+    key_slots = [torch.randperm(64)[:21], torch.randperm(64)[:9]]
+    seqs = kernel.Sequences.of([(None, 17, 4), (None, 8, 1)], key_slots)
+    q = torch.randn(5, 4, head_dim)
+    out = kernel.ops().attention(q, seqs, k16, v16)
+    assert torch.equal(out, kernel.ops().attention(q, seqs, k16.float(), v16.float()))
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeypatch):
     # The brief's machines have AVX2 without VNNI: that build (the integer products in three instructions instead
     # of one) must give the same numbers, bit for bit, as the build for the machine at hand.

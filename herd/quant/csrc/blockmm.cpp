@@ -103,13 +103,22 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
+// The paged cache holds keys and values as float32 or, on the kernel's path, float16 (stored as uint16_t): half the
+// bytes to read, and a long context's keys and values outweigh the model's weights in a batch's decode step. Eight
+// lanes of a row, or one value, as float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float load1(float v) { return v; }
+inline float load1(uint16_t v) { return _cvtsh_ss(v); }
+
 // sum of a[i] * b[i], eight at a time.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename B>
+inline float dot(const float* a, const B* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   float sum = hsum(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * load1(b[i]);
   return sum;
 }
 
@@ -736,15 +745,16 @@ inline __m256 exp8(__m256 x) {
 
 // Scores of query q against keys j, j+1, j+2, j+3 (their rows k0..k3), times scale: each an eight-lane dot product
 // reduced as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), one reduction for the four.
-inline __m128 score4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3,
-                     int64_t head_dim, __m128 scale) {
+template <typename KV>
+inline __m128 score4(const float* q, const KV* k0, const KV* k1, const KV* k2, const KV* k3, int64_t head_dim,
+                     __m128 scale) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < head_dim; i += 8) {
     const __m256 qv = _mm256_loadu_ps(q + i);
-    acc[0] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), acc[0]);
-    acc[1] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), acc[1]);
-    acc[2] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), acc[2]);
-    acc[3] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), acc[3]);
+    acc[0] = _mm256_fmadd_ps(qv, load8(k0 + i), acc[0]);
+    acc[1] = _mm256_fmadd_ps(qv, load8(k1 + i), acc[1]);
+    acc[2] = _mm256_fmadd_ps(qv, load8(k2 + i), acc[2]);
+    acc[3] = _mm256_fmadd_ps(qv, load8(k3 + i), acc[3]);
   }
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
   return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), scale);
@@ -771,16 +781,15 @@ inline float softmax_numerators(float* p, int64_t n) {
 
 // out_h = sum over j of p_h[j] v_j for H heads at once (p_h = p + h * stride), 32 dimensions from c: each value row
 // read once for the H heads.
-template <int H>
-void weigh_values(const float* p, int64_t stride, const float* vh, const int64_t* at, int64_t n, int64_t head_dim,
+template <int H, typename KV>
+void weigh_values(const float* p, int64_t stride, const KV* vh, const int64_t* at, int64_t n, int64_t head_dim,
                   int64_t c, float* out) {
   __m256 acc[H][4];
   for (int h = 0; h < H; ++h)
     for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
-    const float* vj = vh + at[j] * head_dim + c;
-    const __m256 v[4] = {_mm256_loadu_ps(vj), _mm256_loadu_ps(vj + 8), _mm256_loadu_ps(vj + 16),
-                         _mm256_loadu_ps(vj + 24)};
+    const KV* vj = vh + at[j] * head_dim + c;
+    const __m256 v[4] = {load8(vj), load8(vj + 8), load8(vj + 16), load8(vj + 24)};
     for (int h = 0; h < H; ++h) {
       const __m256 ph = _mm256_broadcast_ss(p + h * stride + j);
       for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_fmadd_ps(ph, v[i], acc[h][i]);
@@ -793,7 +802,8 @@ void weigh_values(const float* p, int64_t stride, const float* vh, const int64_t
 // G query heads that share one key-value head (q, out [G, head_dim]), of one token, over its n keys and values (at:
 // their slots; p: room for G rows of n rounded up to 8): out_h = softmax(q_h . k * scale) v. A head's numbers are the
 // same whatever G is: every score, sum and output lane is computed in one fixed order; the heads only share reads.
-void attend(const float* q, int64_t G, const float* kh, const float* vh, const int64_t* at, int64_t n,
+template <typename KV>
+void attend(const float* q, int64_t G, const KV* kh, const KV* vh, const int64_t* at, int64_t n,
             int64_t head_dim, float scale, float* p, float* out) {
   const int64_t stride = (n + 7) / 8 * 8;
   thread_local std::vector<float> inverse;
@@ -802,7 +812,7 @@ void attend(const float* q, int64_t G, const float* kh, const float* vh, const i
     const __m128 s = _mm_set1_ps(scale);
     for (int64_t j = 0; j < n; j += 4) {
       // the last keys repeated to fill a four: each score is computed alike wherever its key falls
-      const float* k[4];
+      const KV* k[4];
       for (int r = 0; r < 4; ++r) k[r] = kh + at[std::min(j + r, n - 1)] * head_dim;
       for (int64_t h = 0; h < G; ++h) {
         const __m128 scores = score4(q + h * head_dim, k[0], k[1], k[2], k[3], head_dim, s);
@@ -833,7 +843,7 @@ void attend(const float* q, int64_t G, const float* kh, const float* vh, const i
     float* oh = out + h * head_dim;
     std::fill_n(oh, head_dim, 0.f);
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t d = 0; d < head_dim; ++d) oh[d] += ph[j] * vh[at[j] * head_dim + d];
+      for (int64_t d = 0; d < head_dim; ++d) oh[d] += ph[j] * load1(vh[at[j] * head_dim + d]);
     for (int64_t d = 0; d < head_dim; ++d) oh[d] *= inv;
   }
 }
@@ -852,8 +862,9 @@ struct Positions {
 // threads of the enclosing team in turns of one token's heads that read the same key-value head (or of single heads,
 // when there are too few turns to keep the threads busy), since a prompt's later tokens see more keys. Each token
 // is computed alone, so its result does not depend on what else shares the call or how its prompt was chunked.
-void attend_tokens(const float* q, int64_t T, const Positions& at, const Sequences* seqs, const float* k_cache,
-                   const float* v_cache, int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim,
+template <typename KV>
+void attend_tokens(const float* q, int64_t T, const Positions& at, const Sequences* seqs, const KV* k_cache,
+                   const KV* v_cache, int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim,
                    float* out) {
   const int64_t group = heads / kv_heads;
   const int64_t per_turn = T * kv_heads >= 4 * omp_get_num_threads() ? group : 1, turns = heads / per_turn;
@@ -883,6 +894,34 @@ void rope(float* x, int64_t heads, int64_t head_dim, const float* cos_sin) {
   }
 }
 
+// attend_tokens over a cache held as float16 (half) or float32.
+void attend_cache(const float* q, int64_t T, const Positions& at, const Sequences* seqs, const void* k_cache,
+                  const void* v_cache, bool half, int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                  float* out) {
+  if (half) {
+    attend_tokens(q, T, at, seqs, static_cast<const uint16_t*>(k_cache), static_cast<const uint16_t*>(v_cache), slots,
+                  heads, kv_heads, head_dim, out);
+  } else {
+    attend_tokens(q, T, at, seqs, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), slots,
+                  heads, kv_heads, head_dim, out);
+  }
+}
+
+// n values into a cache at element `at`, as float16 where it holds them so (rounded to nearest even, as PyTorch
+// converts them).
+inline void store_row(void* cache, bool half, int64_t at, const float* from, int64_t n) {
+  if (!half) {
+    std::copy_n(from, n, static_cast<float*>(cache) + at);
+    return;
+  }
+  uint16_t* to = static_cast<uint16_t*>(cache) + at;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(from + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) to[i] = _cvtss_sh(from[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 // A block's intermediate values, kept from call to call: a prompt chunk's are megabytes, and fresh pages cost a
 // first touch in every layer.
 struct Scratch {
@@ -896,11 +935,11 @@ struct Scratch {
 };
 
 // One block. x [T, dim] (the residual stream, updated in place); w: wq, wk, wv, wo, w1, w2, w3; cos_sin
-// [T, head_dim / 2, 2]; k_cache, v_cache [kv_heads, slots, head_dim] of this layer; these tokens' keys and values
-// are written there. prompt: the tokens are a prompt's, and the integer layers take two levels of int8 codes (see
+// [T, head_dim / 2, 2]; k_cache, v_cache [kv_heads, slots, head_dim] of this layer (float16 where half, else
+// float32); these tokens' keys and values are written there. prompt: the tokens are a prompt's, and the integer layers take two levels of int8 codes (see
 // the top of the file); else generated tokens, one level.
 void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
-                  const QWeight* w, const float* cos_sin, float* k_cache, float* v_cache, int64_t slots,
+                  const QWeight* w, const float* cos_sin, void* k_cache, void* v_cache, bool half, int64_t slots,
                   const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, bool prompt,
                   int threads) {
   const int64_t qd = heads * head_dim, kd = kv_heads * head_dim, hidden = w[4].n;
@@ -942,11 +981,11 @@ void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, cons
       rope(k + t * kd, kv_heads, head_dim, cos_sin + t * head_dim);
       const int64_t slot = seqs->slots[seqs->slot_offset[at.seq[t]] + at.pos[t]] * head_dim;
       for (int64_t h = 0; h < kv_heads; ++h) {
-        std::copy_n(k + t * kd + h * head_dim, head_dim, k_cache + h * slots * head_dim + slot);
-        std::copy_n(v + t * kd + h * head_dim, head_dim, v_cache + h * slots * head_dim + slot);
+        store_row(k_cache, half, h * slots * head_dim + slot, k + t * kd + h * head_dim, head_dim);
+        store_row(v_cache, half, h * slots * head_dim + slot, v + t * kd + h * head_dim, head_dim);
       }
     }
-    attend_tokens(q, T, at, seqs, k_cache, v_cache, slots, heads, kv_heads, head_dim, att);
+    attend_cache(q, T, at, seqs, k_cache, v_cache, half, slots, heads, kv_heads, head_dim, att);
 #pragma omp single
     size(a[0], att, w[3]);
 #pragma omp for schedule(static)
@@ -982,25 +1021,28 @@ void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, cons
 extern "C" {
 
 // Attention of a step's tokens (q, out [T, heads, head_dim]) over their sequences' keys and values already in the
-// cache (k_cache, v_cache [kv_heads, slots, head_dim]): what the fused block computes, for any forward (prompts
-// too), so that a token attends alike whichever path and chunk it came in.
-void herd_attention(const float* q, int64_t T, const Sequences* seqs, const float* k_cache, const float* v_cache,
-                    int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, int threads) {
+// cache (k_cache, v_cache [kv_heads, slots, head_dim], float16 where half, else float32): what the fused block
+// computes, for any forward (prompts too), so that a token attends alike whichever path and chunk it came in.
+void herd_attention(const float* q, int64_t T, const Sequences* seqs, const void* k_cache, const void* v_cache,
+                    int half, int64_t slots, int64_t heads, int64_t kv_heads, int64_t head_dim, float* out,
+                    int threads) {
   const Positions at(seqs, T);
 #pragma omp parallel num_threads(threads)
-  attend_tokens(q, T, at, seqs, k_cache, v_cache, slots, heads, kv_heads, head_dim, out);
+  attend_cache(q, T, at, seqs, k_cache, v_cache, half != 0, slots, heads, kv_heads, head_dim, out);
 }
 
 // A stretch of `layers` blocks in one call, each as decode_block computes it: layer l reads its norms from
 // attn_norms[l] and ffn_norms[l], its seven weights from w + 7 l, its keys and values from k_caches[l] and
-// v_caches[l]. A decode step then makes one call from Python instead of one per layer.
+// v_caches[l] (float16 where half, else float32). A decode step then makes one call from Python instead of one per
+// layer.
 void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const float* const* attn_norms,
                         const float* const* ffn_norms, float eps, const QWeight* w, const float* cos_sin,
-                        float* const* k_caches, float* const* v_caches, int64_t slots, const Sequences* seqs,
-                        int64_t heads, int64_t kv_heads, int64_t head_dim, int prompt, int threads) {
+                        void* const* k_caches, void* const* v_caches, int half, int64_t slots,
+                        const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, int prompt,
+                        int threads) {
   for (int64_t l = 0; l < layers; ++l)
-    decode_block(x, T, dim, attn_norms[l], ffn_norms[l], eps, w + 7 * l, cos_sin, k_caches[l], v_caches[l], slots,
-                 seqs, heads, kv_heads, head_dim, prompt != 0, threads);
+    decode_block(x, T, dim, attn_norms[l], ffn_norms[l], eps, w + 7 * l, cos_sin, k_caches[l], v_caches[l],
+                 half != 0, slots, seqs, heads, kv_heads, head_dim, prompt != 0, threads);
 }
 
 }  // extern "C"
