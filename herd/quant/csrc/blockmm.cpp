@@ -28,8 +28,8 @@
 // Weight-only layers (float activations) multiply the stored weights exactly: the widened codes for a few tokens,
 // the weight expanded to float32 (herd_dequantize) and the BLAS GEMM for more.
 //
-// herd_decode_blocks (at the end) runs transformer blocks for a decode step's generated tokens on these
-// matmuls.
+// herd_decode_blocks (at the end) runs transformer blocks for an engine forward's generated tokens, or its prompt
+// tokens, on these matmuls.
 //
 // Plain C entry points over raw pointers (called through ctypes): no torch headers, so it compiles in seconds.
 #include <immintrin.h>
@@ -107,7 +107,9 @@ inline float hsum(__m256 v) {
 // bytes to read, and a long context's keys and values outweigh the model's weights in a batch's decode step. Eight
 // lanes of a row, or one value, as float32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline float load1(float v) { return v; }
 inline float load1(uint16_t v) { return _cvtsh_ss(v); }
 
@@ -690,12 +692,12 @@ void herd_pack(const uint8_t* q, const float* sc, const float* mn, int64_t N, in
 }  // extern "C"
 
 // ---------------------------------------------------------------------------------------------------------------
-// One transformer block for the generated tokens of a step (one or more per sequence, sequences end to end), whose
-// keys and values live in blocks of the engine's paged cache: the same arithmetic as the PyTorch block over the
-// quantized layers (RMSNorm, rotary embeddings on adjacent pairs, grouped-query attention, SwiGLU), without a
-// PyTorch call per operation. Each token is computed on its own (its norm, its matmul sums, its attention over its
-// sequence's keys up to itself), so a token's numbers do not depend on what else shares the call: a batch of
-// sequences decodes exactly as each would alone.
+// One transformer block for the generated tokens of a step (one or more per sequence, sequences end to end), or for
+// its prompt tokens, whose keys and values live in blocks of the engine's paged cache: the same arithmetic as the
+// PyTorch block over the quantized layers (RMSNorm, rotary embeddings on adjacent pairs, grouped-query attention,
+// SwiGLU), without a PyTorch call per operation. Each token is computed on its own (its norm, its matmul sums, its
+// attention over its sequence's keys up to itself), so a token's numbers do not depend on what else shares the
+// call: a batch of sequences decodes exactly as each would alone, and a prompt computes alike however chunked.
 
 namespace {
 
@@ -936,8 +938,8 @@ struct Scratch {
 
 // One block. x [T, dim] (the residual stream, updated in place); w: wq, wk, wv, wo, w1, w2, w3; cos_sin
 // [T, head_dim / 2, 2]; k_cache, v_cache [kv_heads, slots, head_dim] of this layer (float16 where half, else
-// float32); these tokens' keys and values are written there. prompt: the tokens are a prompt's, and the integer layers take two levels of int8 codes (see
-// the top of the file); else generated tokens, one level.
+// float32); these tokens' keys and values are written there. prompt: the tokens are a prompt's, and the integer
+// layers take two levels of int8 codes (see the top of the file); else generated tokens, one level.
 void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, const float* ffn_norm, float eps,
                   const QWeight* w, const float* cos_sin, void* k_cache, void* v_cache, bool half, int64_t slots,
                   const Sequences* seqs, int64_t heads, int64_t kv_heads, int64_t head_dim, bool prompt,
