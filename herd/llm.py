@@ -68,7 +68,8 @@ class LLM:
     def generate(self, prompt, *, stream: bool = False, **sampling) -> Completion | list[Completion] | Iterator[str]:
         """Complete a prompt (text or token ids), or a list of them as one batch.
 
-        sampling: SamplingParams fields (max_tokens, temperature, top_p, top_k, seed, stop, logprobs, ...).
+        sampling: SamplingParams fields (max_tokens, temperature, top_p, top_k, min_p, seed, stop, logprobs,
+            prompt_logprobs, presence/frequency/repetition_penalty, logit_bias, ...).
         stream: yield the text as it is generated (one prompt only).
         """
         params = SamplingParams(**sampling)

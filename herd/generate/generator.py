@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
-from herd.generate.sampling import SamplingParams, TokenLogprob, sample, token_logprob
+from herd.generate.sampling import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from herd.generate.scheduler import Scheduler
 from herd.generate.sequence import Completion, Constraint, Delta
 from herd.generate.sequence import Sequence as _Sequence
@@ -119,12 +119,16 @@ class Generator:
 
         sink: called with every Delta, from the thread that steps the engine.
         timeout: seconds from now after which the sequences end with finish_reason "timeout".
-        score_from: no generation; the last delta's logprobs hold log p of prompt tokens [score_from:].
+        score_from: the first delta's prompt_logprobs hold log p of prompt tokens [score_from:] (1 where
+            params.prompt_logprobs is set and score_from is not); generation goes on as usual.
         constraints: one per sequence, masking the logits before each choice (structured output).
         """
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         per_row = _per_row(params, len(prompts))
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= token < vocab for sp in per_row for token, _ in sp.logit_bias):
+            raise ValueError(f"logit_bias names a token outside the model's vocabulary (0..{vocab - 1})")
         longest = max(len(p) for p in prompts)
         if longest >= self.capacity:
             raise ContextLengthError(
@@ -176,6 +180,8 @@ class Generator:
                            else None) for i in range(len(prompts) * n)]
         for d in self.stream(prompts, per_row, **options):
             row = done[d.index]
+            if d.prompt_logprobs is not None:
+                row.prompt_logprobs = d.prompt_logprobs
             row.tokens += d.tokens
             row.text += d.text
             if row.logprobs is not None:
@@ -188,7 +194,8 @@ class Generator:
         """log p(token | everything before it) for the tokens [score_from:] of each prompt, sharing their prefix."""
         scores: list[list[float]] = [[] for _ in prompts]
         for d in self.stream(prompts, SamplingParams(max_tokens=1, temperature=0), score_from=score_from):
-            scores[d.index] += [lp.logprob for lp in d.logprobs]
+            if d.prompt_logprobs is not None:
+                scores[d.index] = [lp.logprob for lp in d.prompt_logprobs]
         return scores
 
     # -- the loop ---------------------------------------------------------------------------------------------
@@ -238,10 +245,8 @@ class Generator:
                 logits = self._forward(group)
                 row = 0
                 for seq, n in group:
-                    if seq.score_from is not None:
-                        self.scheduler.computed(seq, n)
-                        row = self._score_step(seq, n, logits, row)
-                    elif seq.num_computed + n == len(seq.tokens) + len(seq.draft):
+                    row = self._score(seq, n, logits, row)
+                    if seq.num_computed + n == len(seq.tokens) + len(seq.draft):
                         row = self._advance(seq, n, logits, row)
                     else:
                         self.scheduler.computed(seq, n)
@@ -255,7 +260,7 @@ class Generator:
             return [batch]
         groups: tuple[list, list] = ([], [])
         for seq, n in batch:
-            groups[seq.num_computed < seq.prompt_len or seq.score_from is not None].append((seq, n))
+            groups[seq.num_computed < seq.prompt_len].append((seq, n))
         return [group for group in groups if group]
 
     def _forward(self, group: list[tuple[_Sequence, int]]) -> torch.Tensor:
@@ -268,10 +273,8 @@ class Generator:
             positions += range(begin, begin + n)
             prompt += [p < seq.prompt_len for p in range(begin, begin + n)]
             parts.append((seq.blocks, begin, n, bool(seq.draft)))
-            if seq.score_from is not None:
-                first = max(begin, seq.score_from - 1)
-                rows += [offset + p - begin for p in range(first, min(begin + n, len(seq.tokens) - 1))]
-            if begin + n == len(seq.tokens) + len(seq.draft) and seq.score_from is None:
+            rows += [offset + p - begin for p in seq.scored_positions(begin, n)]
+            if begin + n == len(seq.tokens) + len(seq.draft):
                 rows += range(offset + n - 1 - len(seq.draft), offset + n)
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         prompt = torch.tensor(prompt, device=self.device)
@@ -281,18 +284,21 @@ class Generator:
                               torch.tensor([positions], device=self.device),
                               cache=StepAttention(self.cache, parts), logits_at=rows)[0]
 
-    def _score_step(self, seq: _Sequence, n: int, logits, row: int) -> int:
-        begin = seq.num_computed - n
-        first, end = max(begin, seq.score_from - 1), min(seq.num_computed, len(seq.tokens) - 1)
-        if end > first:
-            logp = torch.log_softmax(logits[row:row + end - first], dim=-1)
-            targets = torch.tensor(seq.tokens[first + 1:end + 1], device=logp.device)
-            seq.prompt_logprobs += logp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
-            row += end - first
-        if seq.num_computed == len(seq.tokens):
-            logprobs = [TokenLogprob(t, lp) for t, lp in zip(seq.tokens[seq.score_from:], seq.prompt_logprobs)]
-            self._finish(seq, Delta(seq.index, "", [], logprobs, finish_reason="length"))
-        return row
+    def _score(self, seq: _Sequence, n: int, logits: torch.Tensor, row: int) -> int:
+        """The log-probabilities of the prompt tokens that this step's rows of `seq` predict (see _forward)."""
+        positions = seq.scored_positions(seq.num_computed, n)
+        if not positions:
+            return row
+        logp = torch.log_softmax(logits[row:row + len(positions)].float(), dim=-1)
+        targets = seq.tokens[positions.start + 1:positions.stop + 1]
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1))[:, 0].tolist()
+        top_n = seq.params.prompt_logprobs or 0
+        tops = [{}] * len(positions)
+        if top_n:
+            values, ids = logp.topk(top_n, dim=-1)
+            tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        seq.prompt_logprobs += [TokenLogprob(t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
+        return row + len(positions)
 
     def _advance(self, seq: _Sequence, n: int, logits: torch.Tensor, row: int) -> int:
         """Choose `seq`'s next token from logits[row]; with a draft, keep choosing while the model's choice equals
@@ -300,6 +306,7 @@ class Generator:
         many tokens one step yields, never which."""
         draft, seq.draft = seq.draft, []
         deltas, accepted = [], 0
+        first = seq.score_from is not None and len(seq.tokens) == seq.prompt_len
         for i in range(len(draft) + 1):
             token, delta = self._choose(seq, logits[row + i])
             deltas.append(delta)
@@ -307,6 +314,8 @@ class Generator:
                 break
             accepted += 1
         self.scheduler.computed(seq, n - len(draft) + accepted)
+        if first:
+            deltas[0].prompt_logprobs = seq.prompt_logprobs
         for delta in deltas[:-1]:
             seq.sink(delta)
         if deltas[-1].finish_reason:
@@ -318,7 +327,9 @@ class Generator:
         return row + len(draft) + 1
 
     def _choose(self, seq: _Sequence, logits: torch.Tensor) -> tuple[int, Delta]:
-        masked = (seq.constraint.mask(logits) if seq.constraint is not None else logits)[:self.vocab]
+        masked = adjust_logits(logits, seq.params, seq.tokens[:seq.prompt_len], seq.generated) \
+            if seq.params.adjusts_logits else logits
+        masked = (seq.constraint.mask(masked) if seq.constraint is not None else masked)[:self.vocab]
         token = sample(masked, seq.params, seq.rng)
         lp = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
         return token, seq.step(token, self.tokenizer.decode_bytes([token]), lp)

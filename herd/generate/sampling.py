@@ -12,10 +12,19 @@ class SamplingParams:
     temperature: float = 0.6  # 0: greedy
     top_p: float = 0.9
     top_k: int = 0  # 0: no limit
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    # Penalties as OpenAI defines them (subtracted from a token's logit: presence once if the token was generated,
+    # frequency once per time it was) and as Hugging Face's repetition penalty (a logit of any token already in
+    # the prompt or the reply divided by it where positive, multiplied where negative).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit); a mapping is taken too
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not returned
     stop_token_ids: tuple[int, ...] = ()  # on top of the tokenizer's own end-of-turn tokens
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (Delta.prompt_logprobs)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
 
     def __post_init__(self):
@@ -27,6 +36,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
@@ -35,6 +50,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
 
     def rng(self, device) -> torch.Generator | None:
         if self.seed is None:
@@ -60,22 +80,49 @@ def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | 
     return int((probs / race).argmax())
 
 
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
+                  generated: list[int]) -> torch.Tensor:
+    """The logits with `params`' bias and penalties applied (vLLM's order: bias, then penalties), before sampling or
+    greedy choice alike; the logits themselves are left as they are (log-probabilities report the model's own)."""
+    logits = logits.float().clone()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        logits.index_add_(0, torch.tensor(ids, device=logits.device), torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+    if params.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                   values * params.repetition_penalty)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.numel())
+        counts = counts[:logits.numel()].float()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution sampled from: temperature, then top-k, then top-p (unnormalised after truncation)."""
+    """The distribution sampled from: temperature, then top-k, then top-p, then min-p (Hugging Face's order;
+    unnormalised after truncation)."""
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p >= 1:
+    probs = _top_p(torch.softmax(logits, dim=-1), params.top_p)
+    if params.min_p:  # relative to the most likely token, which every truncation keeps
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1:
         return probs
     # Sorting a 128K vocabulary costs tens of ms on a CPU. A language model's top-p set is usually a handful of
     # tokens, found among the largest few hundred; a flat distribution gets its cut-off by bisection instead.
     top, order = probs.topk(min(256, probs.numel()))
-    if top.sum() >= params.top_p:
-        keep = top.cumsum(-1) - top < params.top_p  # a token goes when the mass before it already reaches top_p
+    if top.sum() >= top_p:
+        keep = top.cumsum(-1) - top < top_p  # a token goes when the mass before it already reaches top_p
         return torch.zeros_like(probs).scatter(-1, order[keep], top[keep])
-    return probs.masked_fill(probs < _top_p_threshold(probs, params.top_p), 0.0)
+    return probs.masked_fill(probs < _top_p_threshold(probs, top_p), 0.0)
 
 
 def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -18,6 +18,9 @@ class Delta:
     text: str
     tokens: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # On a sequence's first delta, where asked for (SamplingParams.prompt_logprobs, score_from): the prompt's
+    # tokens from score_from on, each with its log-probability given the tokens before it.
+    prompt_logprobs: list[TokenLogprob] | None = None
     # "stop" (a stop token or string), "length", "timeout", "cancelled", or "error" (then `text` says what failed)
     finish_reason: str | None = None
     stop_token: int | None = None  # the stop token that ended it, if one did
@@ -31,6 +34,7 @@ class Completion:
     finish_reason: str
     stop_token: int | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
 
 
@@ -53,8 +57,12 @@ class Sequence:
         self.params, self.index, self.max_tokens, self.sink = params, index, max_tokens, sink
         self.stop_ids = frozenset() if params.ignore_eos else stop_ids | frozenset(params.stop_token_ids)
         self.rng = params.rng(device)
-        self.score_from, self.constraint, self.deadline = score_from, constraint, deadline
-        self.prompt_logprobs: list[float] = []  # scoring requests: log p(token) for tokens[score_from:]
+        if score_from is None and params.prompt_logprobs is not None:
+            score_from = 1
+        # The first token has nothing before it to be predicted from.
+        self.score_from = None if score_from is None else max(score_from, 1)
+        self.constraint, self.deadline = constraint, deadline
+        self.prompt_logprobs: list[TokenLogprob] = []  # for tokens[score_from:prompt_len], as they are computed
         self.block_size = block_size
         self.blocks: list[int] = []
         self.num_computed = 0  # tokens whose keys and values are in the cache
@@ -93,8 +101,15 @@ class Sequence:
         needed), and so is every token a scoring request wants the log-probability of."""
         limit = len(self.tokens) - 1
         if self.score_from is not None:
-            limit = min(limit, self.score_from - 1)
+            limit = min(limit, self.score_from - 1 + len(self.prompt_logprobs))
         return max(limit, 0) // self.block_size
+
+    def scored_positions(self, begin: int, n: int) -> range:
+        """Of the positions begin..begin+n-1 computed in a step, those whose logits score the prompt's next token
+        and have not scored it yet (a sequence recomputed after preemption scores each token once)."""
+        if self.score_from is None:
+            return range(0)
+        return range(max(begin, self.score_from - 1 + len(self.prompt_logprobs)), min(begin + n, self.prompt_len - 1))
 
     def over_time(self, now: float) -> bool:
         return self.deadline is not None and now > self.deadline

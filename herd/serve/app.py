@@ -221,11 +221,13 @@ class _Run:
 
 async def _collect(run: _Run, request: Request, count: int) -> list[dict[str, Any]]:
     """Every choice's text, tokens and logprobs; stops early (cancelling) when the client disconnects."""
-    choices = [{"text": "", "tokens": [], "logprobs": [], "finish_reason": None} for _ in range(count)]
+    choices = [{"text": "", "tokens": [], "logprobs": [], "prompt_logprobs": [], "finish_reason": None}
+               for _ in range(count)]
 
     async def gather():
         async for d in run.deltas():
             choice = choices[d.index]
+            choice["prompt_logprobs"] = d.prompt_logprobs or choice["prompt_logprobs"]
             choice["text"] += d.text
             choice["tokens"] += d.tokens
             choice["logprobs"] += d.logprobs
@@ -244,9 +246,18 @@ def _finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "content_filter") else "length"
 
 
-def _sampling(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=tuple(body.stop or ()), logprobs=logprobs)
+def _sampling(state: ServerState, body, max_tokens: int, logprobs: int | None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
+    bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
+    vocab = state.llm.model.config.vocab_size
+    if any(token >= vocab for token in bias):
+        raise APIError(400, f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
+                       param="logit_bias", code="invalid_value")
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          top_k=max(body.top_k, 0), min_p=body.min_p, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                          logit_bias=bias, seed=body.seed, stop=tuple(body.stop or ()), logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs)
 
 
 def _sse(obj: Any) -> str:
@@ -307,7 +318,7 @@ async def chat_completions(request: Request):
             constraints = [state.grammars.constraint(schema or None) for _ in range(body.n)]
         except GrammarError as error:
             raise APIError(400, str(error), param="response_format") from None
-    run = _Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
+    run = _Run(state, [prompt], _sampling(state, body, max_tokens, logprobs), body.n, constraints)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
     tok = llm.tokenizer
@@ -466,26 +477,43 @@ async def completions(request: Request):
         if any(not 0 <= t < llm.model.config.vocab_size for p in prompts for t in p):
             raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
     max_tokens = _budget(state, prompts, body.max_tokens)
-    run = _Run(state, prompts, _sampling(body, max_tokens, body.logprobs), body.n)
+    echo_logprobs = body.logprobs if body.echo else None
+    run = _Run(state, prompts, _sampling(state, body, max_tokens, body.logprobs, echo_logprobs), body.n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     tok = llm.tokenizer
+    # echo: each choice starts with its prompt (as sent, or its ids' text) and, with logprobs, the prompt's tokens
+    # (the first without a log-probability: nothing comes before it).
+    echoes = [(texts[i] if texts is not None else tok.decode(p)) if body.echo else "" for i, p in enumerate(prompts)]
+
+    def opening(index: int, prompt_logprobs) -> tuple[str, list]:
+        prompt = prompts[index // body.n]
+        entries = [prompt[0], *(prompt_logprobs or [])] if echo_logprobs is not None else []
+        return echoes[index // body.n], entries
+
     if not body.stream:
         choices = await _collect(run, request, len(prompts) * body.n)
         state.metrics.requests.labels(request.url.path, "200").inc()
-        return {**head, "choices": [
-            {"index": i, "text": c["text"], "finish_reason": _finish_reason(c["finish_reason"]),
-             "logprobs": _completion_logprobs(tok, c["logprobs"]) if body.logprobs is not None else None}
-            for i, c in enumerate(choices)], "usage": run.usage()}
+        out = []
+        for i, c in enumerate(choices):
+            echo, entries = opening(i, c["prompt_logprobs"])
+            logprobs = _completion_logprobs(tok, entries + c["logprobs"], 0)[0]
+            out.append({"index": i, "text": echo + c["text"], "finish_reason": _finish_reason(c["finish_reason"]),
+                        "logprobs": logprobs if body.logprobs is not None else None})
+        return {**head, "choices": out, "usage": run.usage()}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
+        offsets: dict[int, int] = {}  # each choice's text so far, for text_offset
         async for d in run.deltas():
-            if d.text or d.finish_reason:
+            echo, entries = opening(d.index, d.prompt_logprobs) if d.index not in offsets else ("", [])
+            text = echo + d.text
+            logprobs, offsets[d.index] = _completion_logprobs(tok, entries + d.logprobs, offsets.get(d.index, 0))
+            if text or d.finish_reason:
                 yield {**head, "choices": [{
-                    "index": d.index, "text": d.text,
+                    "index": d.index, "text": text,
                     "finish_reason": _finish_reason(d.finish_reason) if d.finish_reason else None,
-                    "logprobs": _completion_logprobs(tok, d.logprobs) if body.logprobs is not None else None}]}
+                    "logprobs": logprobs if body.logprobs is not None else None}]}
         state.metrics.requests.labels(request.url.path, "200").inc()
         if include_usage:
             yield {**head, "choices": [], "usage": run.usage()}
@@ -493,12 +521,20 @@ async def completions(request: Request):
     return _stream(events())
 
 
-def _completion_logprobs(tok, logprobs) -> dict[str, Any]:
-    def text(token: int) -> str:
-        return tok.decode_bytes([token]).decode("utf-8", errors="replace")
-
-    return {"tokens": [text(lp.token) for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{text(t): v for t, v in lp.top.items()} for lp in logprobs]}
+def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any], int]:
+    """OpenAI's legacy logprobs object for TokenLogprobs (a bare token id: a token with no log-probability, a
+    prompt's first), its text offsets counted from `offset`; and the offset after it."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in entries:
+        token = entry if isinstance(entry, int) else entry.token
+        text = tok.decode_bytes([token]).decode("utf-8", errors="replace")
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        out["token_logprobs"].append(None if isinstance(entry, int) else entry.logprob)
+        out["top_logprobs"].append(None if isinstance(entry, int) else {
+            tok.decode_bytes([t]).decode("utf-8", errors="replace"): v for t, v in entry.top.items()})
+        offset += len(text)
+    return out, offset
 
 
 # -- operations and the chat page ----------------------------------------------------------------------------

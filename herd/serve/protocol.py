@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP = 4
 
@@ -103,8 +103,16 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100, added to its logit
+    # vLLM's extensions, which its clients send: -1 and 0 mean no top-k.
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
 
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
+                     mode="before")
     @classmethod
     def _number(cls, value):
         # Strict floats still take ints (temperature=1); bools are not numbers here.
@@ -119,6 +127,18 @@ class _Sampling(_Strict):
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise ValueError(f"at most {MAX_STOP} non-empty stop strings")
         return stops
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias(cls, value):
+        if not isinstance(value, dict):
+            return value
+        for key, bias in value.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"{key!r} is not a token id")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be a number from -100 to 100")
+        return {key: float(bias) for key, bias in value.items()}
 
 
 class ChatCompletionRequest(_Sampling):
@@ -135,6 +155,25 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False  # the prompt before the completion, and with logprobs its tokens' log-probabilities too
+    # Accepted only where they change nothing, so that a request relying on them fails instead of silently
+    # getting something else: Llama 3 has no fill-in-the-middle, and herd returns every sequence it samples.
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("a suffix (fill-in-the-middle) is not supported by Llama 3 models")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value, info: ValidationInfo):
+        if value is not None and value != info.data.get("n"):
+            raise ValueError("best_of other than n is not supported: ask for n choices and rank them (logprobs)")
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -1,4 +1,5 @@
 """The engine's continuous batching, paged KV cache and prefix cache, against plain full forwards of the model."""
+import dataclasses
 import threading
 import time
 
@@ -79,6 +80,38 @@ def test_scored_log_probabilities_equal_a_full_forward(model):
     assert default.cache.k[0].dtype == (torch.float16 if ops() is not None else torch.float32)
     score = default.score([prompt], score_from=5)[0]
     assert torch.allclose(torch.tensor(score), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_logprobs_with_alternatives_then_generation(model):
+    """SamplingParams.prompt_logprobs: every prompt token after the first scored with its n likeliest
+    alternatives, on the first delta, and the sequence then generates as it would have; a sequence preempted and
+    recomputed scores each token once."""
+    prompt = prompts(1, seed=5)[0] + list(range(200, 250))
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([prompt]))[0], -1)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=3)
+    gen = engine(model, max_step_tokens=9, kv_cache_dtype="model")
+    done = gen.generate([prompt], params)[0]
+    assert done.tokens == gen.generate([prompt], dataclasses.replace(params, prompt_logprobs=None))[0].tokens
+    assert [lp.token for lp in done.prompt_logprobs] == prompt[1:]
+    for i, lp in enumerate(done.prompt_logprobs):
+        # (these logits reach 100: a float32 forward in another order differs in the last bits)
+        assert lp.logprob == pytest.approx(float(logp[i, prompt[i + 1]]), abs=5e-5)
+        values, ids = logp[i].topk(3)
+        assert list(lp.top) == ids.tolist()
+        assert list(lp.top.values()) == pytest.approx(values.tolist(), abs=5e-5)
+    # The smallest cache: three such sequences preempt one another and recompute.
+    small = engine(model, kv_cache_bytes=1, kv_cache_dtype="model")
+    batch = [prompt, prompt[::-1], prompt[5:]]
+    outs = small.generate(batch, params)
+    assert small.scheduler.stats.preemptions > 0
+    for p, out in zip(batch, outs):
+        alone = gen.generate([p], params)[0]
+        assert out.tokens == alone.tokens
+        assert [lp.token for lp in out.prompt_logprobs] == p[1:]
+        expected = [lp.logprob for lp in alone.prompt_logprobs]
+        assert [lp.logprob for lp in out.prompt_logprobs] == pytest.approx(expected, abs=5e-5)
+    assert_blocks_all_returned(small)
 
 
 def test_sequences_admitted_between_steps_equal_solo_runs(model):

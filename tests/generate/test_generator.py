@@ -1,11 +1,18 @@
 """The generation engine on a tiny random model with the real Llama 3 tokenizer."""
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import herd
 from herd.generate import ContextLengthError, Generator, SamplingParams
-from herd.generate.sampling import filtered_probs
+from herd.generate.sampling import adjust_logits, filtered_probs
 from herd.model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
@@ -49,18 +56,57 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(generator):
     assert first != [c.tokens for c in generator.generate(prompts, other_seed)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 50, 1.0), (1.0, 20, 0.5), (0.5, 0, 0.3)])
-def test_truncation_keeps_the_same_tokens_as_transformers(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(0.7, 0, 0.9, 0), (1.3, 50, 1.0, 0), (1.0, 20, 0.5, 0),
+                                                         (0.5, 0, 0.3, 0), (1.0, 0, 1.0, 0.05), (1.5, 40, 0.9, 0.1)])
+def test_truncation_keeps_the_same_tokens_as_transformers(temperature, top_k, top_p, min_p):
     torch.manual_seed(0)
     logits = torch.randn(1, 5000) * 3
-    ours = filtered_probs(logits[0], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    ours = filtered_probs(logits[0], SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
     theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k:
         theirs = TopKLogitsWarper(top_k)(None, theirs)
     if top_p < 1:
         theirs = TopPLogitsWarper(top_p)(None, theirs)
+    if min_p:
+        theirs = MinPLogitsWarper(min_p)(None, theirs)
     assert torch.equal(ours > 0, torch.isfinite(theirs[0]))
     torch.testing.assert_close(ours / ours.sum(), torch.softmax(theirs[0], -1), rtol=1e-4, atol=1e-7)
+
+
+def test_bias_and_repetition_penalty_equal_transformers_and_openai_penalties_count_the_reply():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 300) * 4
+    prompt, generated = [5, 9, 9, 17], [9, 40, 40, 40, 250]
+    params = SamplingParams(repetition_penalty=1.7, logit_bias={3: -100.0, 40: 2.5})
+    ours = adjust_logits(logits[0], params, prompt, generated)
+    ids = torch.tensor([prompt + generated])
+    theirs = SequenceBiasLogitsProcessor([[[3], -100.0], [[40], 2.5]])(ids, logits.clone())
+    theirs = RepetitionPenaltyLogitsProcessor(1.7)(ids, theirs)
+    torch.testing.assert_close(ours, theirs[0])
+    # OpenAI's presence and frequency penalties: on the reply's tokens only, frequency once per occurrence.
+    ours = adjust_logits(logits[0], SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt, generated)
+    expected = logits[0].clone()
+    for token, count in {9: 1, 40: 3, 250: 1}.items():
+        expected[token] -= 0.5 + 0.25 * count
+    torch.testing.assert_close(ours, expected)
+    assert torch.equal(adjust_logits(logits[0], SamplingParams(), prompt, generated), logits[0])
+
+
+def test_penalised_greedy_decoding_equals_a_loop_over_the_model(generator):
+    """Penalties change which token greedy decoding takes (the engine's only sampler-side state: what was
+    generated), step by step as a plain loop with the same penalties would; drafts change nothing."""
+    prompt = ids(generator, PROMPTS[2]) * 3  # repeated: prompt-lookup drafts find matches
+    plain = generator.generate([prompt], GREEDY)[0].tokens[:12]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.5,
+                            presence_penalty=1.0, frequency_penalty=0.5, logit_bias={plain[3]: -100.0, 11: 5.0})
+    out = generator.generate([prompt], params)[0].tokens
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for _ in range(12):
+            logits = generator.model(torch.tensor([tokens]))[0, -1]
+            tokens.append(int(adjust_logits(logits, params, prompt, tokens[len(prompt):]).argmax()))
+    assert out == tokens[len(prompt):]
+    assert out[:3] == plain[:3] and out[3] != plain[3]
 
 
 def test_stop_string_ends_generation_before_it(generator):

@@ -55,6 +55,48 @@ def test_completions_streaming_stop_and_logprobs(server, client):
     assert len(batch.choices) == 2 and batch.choices[1].index == 1
 
 
+def test_completions_echo_logprobs_score_the_prompt(server, client):
+    """echo with logprobs, as lm-evaluation-harness asks for log-likelihoods: the prompt's tokens, the first
+    without a log-probability, each other one as the engine scores it, then the reply's."""
+    llm = server.llm
+    prompt = llm.encode("The capital of France is Paris, and the capital of Italy is")
+    done = client.completions.create(model=llm.name, prompt=prompt, max_tokens=2, temperature=0, logprobs=2,
+                                     echo=True)
+    choice = done.choices[0]
+    reply = llm.generate(prompt, max_tokens=2, temperature=0)
+    assert choice.text == llm.tokenizer.decode(prompt) + reply.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(prompt) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = llm.generator.score([prompt], score_from=1)[0]
+    assert lp.token_logprobs[1:len(prompt)] == pytest.approx(expected, abs=1e-4)
+    # The top alternatives are the likeliest tokens: at least as likely as the token that came.
+    assert all(max(top.values()) >= logprob - 1e-6 and len(top) >= 1
+               for top, logprob in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = client.completions.create(model=llm.name, prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+
+
+def test_logit_bias_and_penalties_steer_greedy_choices(server, client):
+    llm = server.llm
+    prompt = "List the days of the week: Monday, Tuesday,"
+    plain = llm.generate(prompt, max_tokens=6, temperature=0)
+    first = plain.tokens[0]
+    banned = client.completions.create(model=llm.name, prompt=prompt, max_tokens=6, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != plain.text
+    assert banned.choices[0].text == llm.generate(prompt, max_tokens=6, temperature=0,
+                                                  logit_bias={first: -100}).text
+    forced = client.completions.create(model=llm.name, prompt=prompt, max_tokens=3, temperature=0, logprobs=0,
+                                       logit_bias={"42": 100})
+    assert forced.choices[0].logprobs.tokens == [llm.tokenizer.decode([42])] * 3
+    penalised = client.completions.create(model=llm.name, prompt=prompt, max_tokens=6, temperature=0,
+                                          extra_body={"repetition_penalty": 1.3, "frequency_penalty": 1.0})
+    assert penalised.choices[0].text == llm.generate(prompt, max_tokens=6, temperature=0, repetition_penalty=1.3,
+                                                     frequency_penalty=1.0).text
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},

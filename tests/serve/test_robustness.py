@@ -64,6 +64,11 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
     ("oversized body", {**GOOD, "messages": [{"role": "user", "content": "x" * (40 << 10)}]}, 413,
      "request_too_large"),
     ("bad json_schema", {**GOOD, "response_format": {"type": "json_schema"}}, 400, None),
+    ("logit_bias key not a token id", {**GOOD, "logit_bias": {"hello": 5}}, 400, "invalid_value"),
+    ("logit_bias over 100", {**GOOD, "logit_bias": {"5": 500}}, 400, "invalid_value"),
+    ("logit_bias past the vocabulary", {**GOOD, "logit_bias": {"200000": 5}}, 400, "invalid_value"),
+    ("presence_penalty out of range", {**GOOD, "presence_penalty": -3}, 400, "invalid_value"),
+    ("repetition_penalty zero", {**GOOD, "repetition_penalty": 0}, 400, "invalid_value"),
 ])
 def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, code):
     raw = request_body if isinstance(request_body, bytes) else None
@@ -79,6 +84,11 @@ def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, c
 def test_completions_errors_and_keys(tiny):
     assert post(tiny, {"model": NAME, "prompt": [], "max_tokens": 2}, path="/v1/completions").status_code == 400
     assert post(tiny, {"model": NAME, "prompt": [999999], "max_tokens": 2}, path="/v1/completions").status_code == 400
+    # What herd cannot do is refused, not silently ignored: Llama 3 has no fill-in-the-middle, and best_of would
+    # return fewer sequences than were sampled.
+    for extra in ({"suffix": "end"}, {"best_of": 3}):
+        answer = post(tiny, {"model": NAME, "prompt": "x", "max_tokens": 2, **extra}, path="/v1/completions")
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == next(iter(extra))
     assert post(tiny, GOOD, key="nope").status_code == 401
     assert httpx.get(tiny.url + "/v1/models").status_code == 401
     assert httpx.get(tiny.url + "/nowhere").json()["error"]["type"] == "not_found_error"
