@@ -14,7 +14,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="herd: run, convert and inspect Llama-3-architecture models.")
 
 ModelOpt = typer.Option(None, "--model", "-m", help="checkpoint path (Meta, HF or GGUF); default: the built-in model")
-QuantOpt = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)")
+QuantOpt = typer.Option("auto", help="auto (a GGUF's own blocks, a `herd quantize` output as stored), none, "
+                        "or a scheme: int8, int8-wo, int4[-g64|-g128][-gptq], fp8")
 
 
 def _status(message: str) -> None:
@@ -30,9 +31,18 @@ def _load(model: Optional[str], quantize: str, device: Optional[str]):
     return llm
 
 
-def _sampling(max_tokens, temperature, top_p, top_k, seed, stop) -> dict:
-    return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                stop=tuple(stop or ()))
+MinPOpt = typer.Option(0.0, help="drop tokens less likely than this times the likeliest one")
+RepetitionOpt = typer.Option(1.0, help="above 1: tokens already in the prompt or reply are made less likely")
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop) -> dict:
+    """The options as SamplingParams fields, checked before the model loads (a bad value fails at once)."""
+    from herd.generate import SamplingParams
+
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
+    SamplingParams(**sampling)
+    return sampling
 
 
 @app.command()
@@ -43,6 +53,8 @@ def chat(
     temperature: float = typer.Option(0.2, help="0 for greedy"),
     top_p: float = typer.Option(0.9),
     top_k: int = typer.Option(0),
+    min_p: float = MinPOpt,
+    repetition_penalty: float = RepetitionOpt,
     seed: Optional[int] = typer.Option(None),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
@@ -58,8 +70,9 @@ def chat(
         from herd.tools.cli import agent_turn, make_agent, parse_tool_option
 
         tools = parse_tool_option(tools, prompt_guard)  # bad ones fail before the model loads
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, ())
     llm = _load(model, quantize, device)
-    agent = make_agent(llm, tools, **_sampling(max_tokens, temperature, top_p, top_k, seed, ())) if tools else None
+    agent = make_agent(llm, tools, **sampling) if tools else None
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if interactive:
@@ -83,7 +96,7 @@ def chat(
             continue
         reply = ""
         try:
-            for piece in llm.chat(history, stream=True, **_sampling(max_tokens, temperature, top_p, top_k, seed, ())):
+            for piece in llm.chat(history, stream=True, **sampling):
                 reply += piece
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
@@ -127,6 +140,8 @@ def generate(
     temperature: float = typer.Option(0.6, help="0 for greedy"),
     top_p: float = typer.Option(0.9),
     top_k: int = typer.Option(0),
+    min_p: float = MinPOpt,
+    repetition_penalty: float = RepetitionOpt,
     seed: Optional[int] = typer.Option(None),
     stop: Optional[list[str]] = typer.Option(None, help="a stop string (repeatable)"),
     logprobs: Optional[int] = typer.Option(None, help="print JSON with each token's log-probability and N alternatives"),
@@ -134,10 +149,10 @@ def generate(
     device: Optional[str] = typer.Option(None),
 ):
     """Complete a prompt, streaming the text (or print JSON with log-probabilities)."""
+    sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
     text = sys.stdin.read() if prompt == "-" else prompt
     llm = _load(model, quantize, device)
     ids = llm.chat_format.encode_dialog([{"role": "user", "content": text}]) if chat_turn else llm.encode(text)
-    sampling = _sampling(max_tokens, temperature, top_p, top_k, seed, stop)
     if logprobs is None:
         for piece in llm.generate(ids, stream=True, **sampling):
             print(piece, end="", flush=True)

@@ -36,6 +36,13 @@ def test_prompt_longer_than_the_context_is_refused():
     assert_one_line_error(result, "8192", "prompt")
 
 
+def test_bad_sampling_options_fail_before_the_model_loads():
+    for args in (["--repetition-penalty", "0"], ["--min-p", "1.5"], ["--top-p", "0"]):
+        result = herd_cli("generate", "hi", *args)
+        assert_one_line_error(result, args[0][2:].replace("-", "_"))
+        assert "loaded" not in result.stderr
+
+
 def test_missing_model():
     assert_one_line_error(herd_cli("generate", "hi", "--model", "/nowhere/model.gguf"), "/nowhere/model.gguf")
 

@@ -25,7 +25,8 @@ def serve_cmd(
     draft_tokens: int = typer.Option(2, min=0, help="speculative decoding: tokens guessed per step by prompt lookup "
                                      "for greedy requests (0: off); the output is the same either way"),
     timeout: float = typer.Option(600.0, help="seconds a request may run"),
-    quantize: str = typer.Option("auto", help="int8, none, or auto (int8 for GGUFs stored quantized)"),
+    quantize: str = typer.Option("auto", help="auto (a GGUF's own blocks, a `herd quantize` output as "
+                                  "stored), none, or a scheme: int8, int8-wo, int4[-g64|-g128][-gptq], fp8"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
     guard: Optional[str] = typer.Option(None, help="Llama Guard on requests and replies: a guard head (.npz from "
                                         "`herd guard train llama-guard`) or a Llama Guard checkpoint"),
