@@ -476,7 +476,12 @@ async def completions(request: Request):
         prompts = [raw] if isinstance(raw[0], int) else raw
         if any(not 0 <= t < llm.model.config.vocab_size for p in prompts for t in p):
             raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
-    max_tokens = _budget(state, prompts, body.max_tokens)
+    # max_tokens 0 (with echo): the prompt scored as OpenAI's legacy API did; the engine's one token is dropped.
+    generating = body.max_tokens != 0
+    if not generating and not body.echo:
+        raise APIError(400, "max_tokens 0 generates nothing: set echo (and logprobs) to score the prompt",
+                       param="max_tokens", code="invalid_value")
+    max_tokens = _budget(state, prompts, body.max_tokens if generating else 1)
     echo_logprobs = body.logprobs if body.echo else None
     run = _Run(state, prompts, _sampling(state, body, max_tokens, body.logprobs, echo_logprobs), body.n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -491,32 +496,37 @@ async def completions(request: Request):
         entries = [prompt[0], *(prompt_logprobs or [])] if echo_logprobs is not None else []
         return echoes[index // body.n], entries
 
+    def usage() -> dict[str, Any]:
+        counts = run.usage()
+        return counts if generating else {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
+
     if not body.stream:
         choices = await _collect(run, request, len(prompts) * body.n)
         state.metrics.requests.labels(request.url.path, "200").inc()
         out = []
         for i, c in enumerate(choices):
             echo, entries = opening(i, c["prompt_logprobs"])
-            logprobs = _completion_logprobs(tok, entries + c["logprobs"], 0)[0]
-            out.append({"index": i, "text": echo + c["text"], "finish_reason": _finish_reason(c["finish_reason"]),
+            text, reply = (c["text"], c["logprobs"]) if generating else ("", [])
+            logprobs = _completion_logprobs(tok, entries + reply, 0)[0]
+            out.append({"index": i, "text": echo + text,
+                        "finish_reason": _finish_reason(c["finish_reason"]) if generating else "length",
                         "logprobs": logprobs if body.logprobs is not None else None})
-        return {**head, "choices": out, "usage": run.usage()}
+        return {**head, "choices": out, "usage": usage()}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
         offsets: dict[int, int] = {}  # each choice's text so far, for text_offset
         async for d in run.deltas():
             echo, entries = opening(d.index, d.prompt_logprobs) if d.index not in offsets else ("", [])
-            text = echo + d.text
-            logprobs, offsets[d.index] = _completion_logprobs(tok, entries + d.logprobs, offsets.get(d.index, 0))
-            if text or d.finish_reason:
-                yield {**head, "choices": [{
-                    "index": d.index, "text": text,
-                    "finish_reason": _finish_reason(d.finish_reason) if d.finish_reason else None,
-                    "logprobs": logprobs if body.logprobs is not None else None}]}
+            text, reply = (d.text, d.logprobs) if generating else ("", [])
+            finish = (_finish_reason(d.finish_reason) if generating else "length") if d.finish_reason else None
+            logprobs, offsets[d.index] = _completion_logprobs(tok, entries + reply, offsets.get(d.index, 0))
+            if echo + text or finish:
+                yield {**head, "choices": [{"index": d.index, "text": echo + text, "finish_reason": finish,
+                                            "logprobs": logprobs if body.logprobs is not None else None}]}
         state.metrics.requests.labels(request.url.path, "200").inc()
         if include_usage:
-            yield {**head, "choices": [], "usage": run.usage()}
+            yield {**head, "choices": [], "usage": usage()}
 
     return _stream(events())
 

@@ -153,7 +153,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False  # the prompt before the completion, and with logprobs its tokens' log-probabilities too
     # Accepted only where they change nothing, so that a request relying on them fails instead of silently

@@ -76,6 +76,10 @@ def test_completions_echo_logprobs_score_the_prompt(server, client):
     streamed = client.completions.create(model=llm.name, prompt=prompt, max_tokens=2, temperature=0, echo=True,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    # max_tokens 0: the prompt alone, scored (OpenAI's legacy way to ask for a text's log-likelihood)
+    scored = client.completions.create(model=llm.name, prompt=prompt, max_tokens=0, logprobs=0, echo=True)
+    assert scored.choices[0].text == llm.tokenizer.decode(prompt) and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(prompt)]
 
 
 def test_logit_bias_and_penalties_steer_greedy_choices(server, client):

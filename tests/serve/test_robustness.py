@@ -86,7 +86,7 @@ def test_completions_errors_and_keys(tiny):
     assert post(tiny, {"model": NAME, "prompt": [999999], "max_tokens": 2}, path="/v1/completions").status_code == 400
     # What herd cannot do is refused, not silently ignored: Llama 3 has no fill-in-the-middle, and best_of would
     # return fewer sequences than were sampled.
-    for extra in ({"suffix": "end"}, {"best_of": 3}):
+    for extra in ({"suffix": "end"}, {"best_of": 3}, {"max_tokens": 0}):  # 0 only scores a prompt, with echo
         answer = post(tiny, {"model": NAME, "prompt": "x", "max_tokens": 2, **extra}, path="/v1/completions")
         assert answer.status_code == 400 and answer.json()["error"]["param"] == next(iter(extra))
     assert post(tiny, GOOD, key="nope").status_code == 401
