@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the one generation engine.
 
-`create_app(llm, settings)` builds the app from routers (the OpenAI API, operations, the chat page); more policy
+`create_app(llm, settings)` builds the app from routers (the OpenAI API, Llama Stack's inference API in
+herd/serve/llama_stack.py, operations, the chat page); more policy
 plugs in without touching them: `ServerState.input_checks` see every request's messages or prompts first (and may
 raise `APIError`), and `create_app(..., routers=[...])` mounts extra routes beside the built-in ones.
 `create_app(..., shields=...)` puts herd.safety's shields around every chat request (herd/safety/serving.py).
@@ -77,19 +78,21 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
     if shields is not None:
         metrics.registry.register(shields)  # a Prometheus collector of its own decisions and latencies
     app.state.herd = ServerState(llm, settings, metrics, llm.grammars, shields=shields)
-    for router in (openai_router, ops_router, *routers):
+    from herd.serve.llama_stack import router as llama_stack_router  # it builds on this module's helpers
+
+    for router in (openai_router, llama_stack_router, ops_router, *routers):
         app.include_router(router)
     _error_handlers(app)
     return app
 
 
-def _state(request: Request) -> ServerState:
+def server_state(request: Request) -> ServerState:
     return request.app.state.herd
 
 
 def _error_handlers(app: FastAPI) -> None:
     def answer(request: Request, error: APIError) -> JSONResponse:
-        _state(request).metrics.requests.labels(request.url.path, str(error.status)).inc()
+        server_state(request).metrics.requests.labels(request.url.path, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)
@@ -112,8 +115,9 @@ def _error_handlers(app: FastAPI) -> None:
 
 # -- reading requests ----------------------------------------------------------------------------------------
 
-async def _parse(request: Request, model: type) -> Any:
-    state = _state(request)
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request's JSON object, once its key is checked and its size is within the limit; else an APIError."""
+    state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     limit = state.settings.max_body_bytes
     if int(request.headers.get("content-length") or 0) > limit:
@@ -129,23 +133,35 @@ async def _parse(request: Request, model: type) -> Any:
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate(request: Request, model: type, data: dict[str, Any], model_id: str) -> Any:
+    """`data` as a `model`, for this server's model (named by the field `model_id`), past the input checks."""
+    state = server_state(request)
     try:
         parsed = model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
         raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
-    if parsed.model != state.model_name:
-        raise APIError(404, f"the model '{parsed.model}' does not exist; this server has '{state.model_name}'",
-                       param="model", code="model_not_found")
-    if parsed.n > state.settings.max_n:
-        raise APIError(400, f"n is at most {state.settings.max_n}", param="n", code="invalid_value")
+    if getattr(parsed, model_id) != state.model_name:
+        raise APIError(404, f"the model '{getattr(parsed, model_id)}' does not exist; this server has "
+                            f"'{state.model_name}'", param=model_id, code="model_not_found")
     for check in state.input_checks:
         check(data)
     return parsed
 
 
-def _budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> int:
+async def _parse(request: Request, model: type) -> Any:
+    parsed = validate(request, model, await read_json(request), "model")
+    limit = server_state(request).settings.max_n
+    if parsed.n > limit:
+        raise APIError(400, f"n is at most {limit}", param="n", code="invalid_value")
+    return parsed
+
+
+def budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> int:
     capacity = state.llm.generator.capacity
     longest = max(len(p) for p in prompts)
     if longest >= capacity:
@@ -161,7 +177,7 @@ def _budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> 
 
 # -- running the engine from asyncio ------------------------------------------------------------------------
 
-class _Run:
+class Run:
     """One request's sequences in the engine, their deltas delivered to this event loop."""
 
     def __init__(self, state: ServerState, prompts, params, n, constraints=None):
@@ -219,10 +235,10 @@ class _Run:
         metrics.e2e.observe(time.perf_counter() - self.started)
 
 
-async def _collect(run: _Run, request: Request, count: int) -> list[dict[str, Any]]:
+async def collect(run: Run, request: Request, count: int) -> list[dict[str, Any]]:
     """Every choice's text, tokens and logprobs; stops early (cancelling) when the client disconnects."""
-    choices = [{"text": "", "tokens": [], "logprobs": [], "prompt_logprobs": [], "finish_reason": None}
-               for _ in range(count)]
+    choices = [{"text": "", "tokens": [], "logprobs": [], "prompt_logprobs": [], "finish_reason": None,
+                "stop_token": None} for _ in range(count)]
 
     async def gather():
         async for d in run.deltas():
@@ -232,6 +248,7 @@ async def _collect(run: _Run, request: Request, count: int) -> list[dict[str, An
             choice["tokens"] += d.tokens
             choice["logprobs"] += d.logprobs
             choice["finish_reason"] = d.finish_reason or choice["finish_reason"]
+            choice["stop_token"] = d.stop_token if d.stop_token is not None else choice["stop_token"]
 
     task = asyncio.ensure_future(gather())
     while not task.done():
@@ -264,14 +281,16 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def sse_response(events: AsyncIterator[dict[str, Any]], *, done: bool = True) -> StreamingResponse:
+    """Server-sent events, an error as a last event; done: end with OpenAI's `data: [DONE]`."""
     async def body():
         try:
             async for event in events:
                 yield _sse(event)
         except APIError as error:
             yield _sse(error.body())
-        yield "data: [DONE]\n\n"
+        if done:
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -283,7 +302,7 @@ openai_router = APIRouter()
 
 @openai_router.get("/v1/models")
 async def list_models(request: Request):
-    state = _state(request)
+    state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                         "owned_by": "herd"}]}
@@ -291,7 +310,7 @@ async def list_models(request: Request):
 
 @openai_router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    state = _state(request)
+    state = server_state(request)
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     llm = state.llm
     messages = [m.as_dict() for m in body.messages]
@@ -309,7 +328,7 @@ async def chat_completions(request: Request):
         prompt = llm.chat_prompt(messages, tools)
     except (ValueError, KeyError, TypeError) as error:
         raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
-    max_tokens = _budget(state, [prompt], body.max_completion_tokens or body.max_tokens)
+    max_tokens = budget(state, [prompt], body.max_completion_tokens or body.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     schema = _output_schema(body) if use_tools or body.response_format else None
     constraints = None
@@ -318,12 +337,12 @@ async def chat_completions(request: Request):
             constraints = [state.grammars.constraint(schema or None) for _ in range(body.n)]
         except GrammarError as error:
             raise APIError(400, str(error), param="response_format") from None
-    run = _Run(state, [prompt], _sampling(state, body, max_tokens, logprobs), body.n, constraints)
+    run = Run(state, [prompt], _sampling(state, body, max_tokens, logprobs), body.n, constraints)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
     tok = llm.tokenizer
     if not body.stream:
-        choices = await _collect(run, request, body.n)
+        choices = await collect(run, request, body.n)
         if shields is not None:
             await shields.filter_choices(choices)
         out = []
@@ -338,14 +357,14 @@ async def chat_completions(request: Request):
                     finish = "tool_calls"
             out.append({"index": i, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(tok, c["logprobs"])} if logprobs is not None else None})
-        _state(request).metrics.requests.labels(request.url.path, "200").inc()
+        server_state(request).metrics.requests.labels(request.url.path, "200").inc()
         return {**head, "choices": out, "usage": run.usage(), **(shields.report() if shields else {})}
 
     head["object"] = "chat.completion.chunk"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-        streamers = [_ToolStreamer() if use_tools else None for _ in range(body.n)]
+        streamers = [ToolStreamer() if use_tools else None for _ in range(body.n)]
         for i in range(body.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
@@ -380,11 +399,11 @@ async def chat_completions(request: Request):
         if include_usage:
             yield {**head, "choices": [], "usage": run.usage()}
 
-    return _stream(events())
+    return sse_response(events())
 
 
 def _refused(request: Request, shields, body: ChatCompletionRequest):
-    state = _state(request)
+    state = server_state(request)
     state.metrics.requests.labels(request.url.path, "200").inc()
     usage = bool(body.stream_options and body.stream_options.include_usage)
     answer = shields.refusal(state.model_name, body.stream, usage)
@@ -395,7 +414,7 @@ def _refused(request: Request, shields, body: ChatCompletionRequest):
         for chunk in answer:
             yield chunk
 
-    return _stream(events())
+    return sse_response(events())
 
 
 def _output_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
@@ -417,7 +436,7 @@ def _output_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
     return {}
 
 
-class _ToolStreamer:
+class ToolStreamer:
     """Streams a reply's text until it turns out to be a tool call; the call is sent whole at the end."""
 
     def __init__(self):
@@ -460,7 +479,7 @@ def _chat_logprobs(tok, logprobs) -> list[dict[str, Any]]:
 
 @openai_router.post("/v1/completions")
 async def completions(request: Request):
-    state = _state(request)
+    state = server_state(request)
     body: CompletionRequest = await _parse(request, CompletionRequest)
     if state.shields is not None:
         # Raw text has no roles for Llama Guard to judge and no turns to withhold: a guarded server would otherwise
@@ -481,9 +500,9 @@ async def completions(request: Request):
     if not generating and not body.echo:
         raise APIError(400, "max_tokens 0 generates nothing: set echo (and logprobs) to score the prompt",
                        param="max_tokens", code="invalid_value")
-    max_tokens = _budget(state, prompts, body.max_tokens if generating else 1)
+    max_tokens = budget(state, prompts, body.max_tokens if generating else 1)
     echo_logprobs = body.logprobs if body.echo else None
-    run = _Run(state, prompts, _sampling(state, body, max_tokens, body.logprobs, echo_logprobs), body.n)
+    run = Run(state, prompts, _sampling(state, body, max_tokens, body.logprobs, echo_logprobs), body.n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     tok = llm.tokenizer
@@ -501,7 +520,7 @@ async def completions(request: Request):
         return counts if generating else {**counts, "completion_tokens": 0, "total_tokens": counts["prompt_tokens"]}
 
     if not body.stream:
-        choices = await _collect(run, request, len(prompts) * body.n)
+        choices = await collect(run, request, len(prompts) * body.n)
         state.metrics.requests.labels(request.url.path, "200").inc()
         out = []
         for i, c in enumerate(choices):
@@ -528,7 +547,7 @@ async def completions(request: Request):
         if include_usage:
             yield {**head, "choices": [], "usage": usage()}
 
-    return _stream(events())
+    return sse_response(events())
 
 
 def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any], int]:
@@ -554,13 +573,13 @@ ops_router = APIRouter()
 
 @ops_router.get("/health")
 async def health(request: Request):
-    engine = _state(request).llm.generator
+    engine = server_state(request).llm.generator
     return {"status": "ok", "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
 
 
 @ops_router.get("/metrics")
 async def metrics(request: Request):
-    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(server_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @ops_router.get("/")

@@ -1,0 +1,333 @@
+"""Llama Stack's inference API beside the OpenAI one, on the same engine (its request and response shapes as
+llama-stack 0.2 defines them):
+
+    POST /v1/inference/chat-completion  {"model_id", "messages", "sampling_params", "tools", "tool_config",
+                                         "response_format", "stream", "logprobs"}
+    POST /v1/inference/completion       {"model_id", "content", "sampling_params", "response_format", "stream",
+                                         "logprobs"}
+
+Messages are Llama Stack's: user, system, tool (`call_id`) and assistant turns with `stop_reason` and `tool_calls`
+({"call_id", "tool_name", "arguments"}); tools are built-in names (brave_search, wolfram_alpha, code_interpreter)
+or `ToolDefinition`s with `param_type`d parameters, rendered in the `tool_prompt_format` asked for. Replies come
+back as a `completion_message` with Llama's own stop reason (end_of_turn, end_of_message: a call awaits its
+result, out_of_tokens), or streamed as start / progress / complete events, a tool call as one `tool_call` delta
+once it has parsed. Errors are the OpenAI API's 4xx bodies, as everywhere on this server.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Union
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from herd.generate import SamplingParams
+from herd.generate.sequence import Completion
+from herd.generate.structured import GrammarError
+from herd.serve.app import Run, ToolStreamer, budget, collect, read_json, server_state, sse_response, validate
+from herd.serve.protocol import APIError
+from herd.tokenizer.tool_calls import BUILTIN_TOOLS, call_schema
+
+router = APIRouter(prefix="/v1/inference")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextItem(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+Content = Union[str, TextItem, list[TextItem]]
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: Content
+    context: Content | None = None
+
+
+class SystemMessage(_Strict):
+    role: Literal["system"]
+    content: Content
+
+
+class ToolResponseMessage(_Strict):
+    role: Literal["tool"]
+    call_id: str
+    content: Content
+
+
+class ToolCall(_Strict):
+    call_id: str
+    tool_name: str
+    arguments: Union[str, dict[str, Any]]
+
+
+class CompletionMessage(_Strict):
+    role: Literal["assistant"]
+    content: Content = ""
+    stop_reason: Literal["end_of_turn", "end_of_message", "out_of_tokens"] = "end_of_turn"
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+Message = Annotated[Union[UserMessage, SystemMessage, ToolResponseMessage, CompletionMessage],
+                   Field(discriminator="role")]
+
+
+class Strategy(_Strict):
+    type: Literal["greedy", "top_p", "top_k"] = "greedy"
+    temperature: float | None = Field(None, gt=0, le=2, strict=False)
+    top_p: float | None = Field(0.95, gt=0, le=1, strict=False)
+    top_k: int | None = Field(None, ge=1)
+
+
+class Sampling(_Strict):
+    strategy: Strategy = Field(default_factory=Strategy)
+    max_tokens: int | None = Field(0, ge=0)  # 0: as many as the context (and the server's limit) allow
+    repetition_penalty: float | None = Field(1.0, gt=0, strict=False)
+    stop: list[str] | None = Field(None, max_length=4)
+
+
+class ToolParam(_Strict):
+    param_type: str
+    description: str | None = None
+    required: bool = True
+    default: Any = None
+
+
+class ToolDefinition(_Strict):
+    tool_name: str
+    description: str | None = None
+    parameters: dict[str, ToolParam] | None = None
+
+
+class ToolConfig(_Strict):
+    tool_choice: str = "auto"  # auto, required, none or a tool's name
+    tool_prompt_format: Literal["json", "function_tag", "python_list"] | None = None
+    system_message_behavior: Literal["append", "replace"] = "append"
+
+
+class ResponseFormat(_Strict):
+    type: Literal["json_schema", "grammar"]
+    json_schema: dict[str, Any] | None = None
+
+
+class LogProbConfig(_Strict):
+    top_k: int = Field(0, ge=0, le=20)
+
+
+class _Inference(_Strict):
+    model_id: str
+    sampling_params: Sampling = Field(default_factory=Sampling)
+    response_format: ResponseFormat | None = None
+    stream: bool = False
+    logprobs: LogProbConfig | None = None
+
+
+class ChatCompletionRequest(_Inference):
+    messages: list[Message] = Field(min_length=1)
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    tool_choice: str | None = None  # the older place for tool_config's fields
+    tool_prompt_format: Literal["json", "function_tag", "python_list"] | None = None
+    tool_config: ToolConfig | None = None
+
+
+class CompletionRequest(_Inference):
+    content: Content
+
+
+# -- requests to the engine ----------------------------------------------------------------------------------
+
+def _text(content: Content | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(item.text for item in (content if isinstance(content, list) else [content]))
+
+
+def _message(message: Message) -> dict[str, Any]:
+    """A Llama Stack message as herd's chat format takes it."""
+    if isinstance(message, CompletionMessage):
+        calls = [{"id": c.call_id, "type": "function", "function": {
+            "name": c.tool_name, "arguments": c.arguments if isinstance(c.arguments, str) else json.dumps(c.arguments)}}
+            for c in message.tool_calls]
+        return {"role": "assistant", "content": _text(message.content), "tool_calls": calls,
+                "stop_reason": message.stop_reason}
+    out = {"role": message.role, "content": _text(message.content)}
+    if isinstance(message, UserMessage) and message.context is not None:
+        out["context"] = _text(message.context)
+    return out
+
+
+def _tool(tool: ToolDefinition) -> str | dict[str, Any]:
+    """A built-in's name, or a custom tool as the OpenAI function herd's tool prompts render."""
+    if tool.tool_name in BUILTIN_TOOLS:
+        return tool.tool_name
+    params = tool.parameters or {}
+    properties = {name: {"type": p.param_type, **({"description": p.description} if p.description else {}),
+                         **({"default": p.default} if p.default is not None else {})} for name, p in params.items()}
+    return {"type": "function", "function": {
+        "name": tool.tool_name, "description": tool.description or "",
+        "parameters": {"type": "object", "properties": properties,
+                       "required": [name for name, p in params.items() if p.required]}}}
+
+
+def _sampling(body: _Inference, max_tokens: int) -> SamplingParams:
+    s = body.sampling_params
+    strategy = s.strategy
+    temperature = 0.0 if strategy.type == "greedy" else (strategy.temperature or 1.0)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                          top_p=(strategy.top_p or 1.0) if strategy.type == "top_p" else 1.0,
+                          top_k=(strategy.top_k or 0) if strategy.type == "top_k" else 0,
+                          repetition_penalty=s.repetition_penalty or 1.0, stop=tuple(s.stop or ()),
+                          logprobs=body.logprobs.top_k if body.logprobs else None)
+
+
+def _schema_of(body: _Inference) -> dict[str, Any] | None:
+    form = body.response_format
+    if form is None:
+        return None
+    if form.type == "grammar":
+        raise APIError(400, "BNF grammars are not supported: use a json_schema response format",
+                       param="response_format")
+    return form.json_schema or {}
+
+
+def _constraints(request: Request, schema: dict[str, Any] | None):
+    if schema is None:
+        return None
+    try:
+        return [server_state(request).grammars.constraint(schema or None)]
+    except GrammarError as error:
+        raise APIError(400, str(error), param="response_format") from None
+
+
+async def _parse(request: Request, model: type) -> Any:
+    state = server_state(request)
+    if state.shields is not None:
+        # The shields screen the OpenAI chat route only: a guarded server keeps no unguarded door open.
+        raise APIError(403, "this server runs with safety shields, which screen /v1/chat/completions only",
+                       type="permission_error", code="shielded_server")
+    return validate(request, model, await read_json(request), "model_id")
+
+
+# -- replies -------------------------------------------------------------------------------------------------
+
+def _stop_reason(llm, finish_reason: str | None, stop_token: int | None) -> str:
+    return llm.stop_reason(Completion([], [], "", finish_reason or "length", stop_token))
+
+
+def _logprobs(tok, logprobs) -> list[dict[str, Any]]:
+    """Each token's log-probability and its alternatives', by their text (TokenLogProbs)."""
+    def text(token: int) -> str:
+        return tok.decode_bytes([token]).decode("utf-8", errors="replace")
+
+    return [{"logprobs_by_token": {text(lp.token): lp.logprob, **{text(t): v for t, v in lp.top.items()}}}
+            for lp in logprobs]
+
+
+def _ls_call(call: dict[str, Any]) -> dict[str, Any]:
+    arguments = call["function"]["arguments"]
+    return {"call_id": call["id"], "tool_name": call["function"]["name"], "arguments": json.loads(arguments),
+            "arguments_json": arguments}
+
+
+def _metrics(run: Run) -> list[dict[str, Any]]:
+    usage = run.usage()
+    return [{"metric": name, "value": usage[name], "unit": None}
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens")]
+
+
+def _event(kind: str, delta: dict[str, Any], **extra) -> dict[str, Any]:
+    return {"event": {"event_type": kind, "delta": delta, **extra}}
+
+
+@router.post("/chat-completion")
+async def chat_completion(request: Request):
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    state = server_state(request)
+    llm = state.llm
+    config = body.tool_config or ToolConfig(tool_choice=body.tool_choice or "auto",
+                                            tool_prompt_format=body.tool_prompt_format)
+    if config.system_message_behavior == "replace":
+        raise APIError(400, "system_message_behavior 'replace' is not supported: the tool instructions are added to "
+                            "the system prompt (append)", param="tool_config")
+    tools = [_tool(t) for t in body.tools] if body.tools and config.tool_choice != "none" else []
+    tool_format = config.tool_prompt_format or "json"
+    messages = [_message(m) for m in body.messages]
+    try:
+        prompt = llm.chat_prompt(messages, tools or None, tool_format)
+    except (ValueError, KeyError, TypeError) as error:
+        raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
+    schema = _schema_of(body)
+    if tools and config.tool_choice not in ("auto", "none"):
+        try:
+            schema = call_schema(tools, None if config.tool_choice == "required" else config.tool_choice)
+        except ValueError as error:
+            raise APIError(400, str(error), param="tool_config.tool_choice") from None
+    max_tokens = budget(state, [prompt], body.sampling_params.max_tokens or None)
+    run = Run(state, [prompt], _sampling(body, max_tokens), 1, _constraints(request, schema))
+    tok = llm.tokenizer
+    if not body.stream:
+        choice = (await collect(run, request, 1))[0]
+        stop = _stop_reason(llm, choice["finish_reason"], choice["stop_token"])
+        message = {"role": "assistant", "content": choice["text"], "stop_reason": stop, "tool_calls": []}
+        if tools:
+            parsed = llm.chat_format.decode_assistant(choice["text"], stop_reason=stop)
+            if parsed["tool_calls"]:
+                message.update(content=parsed["content"], tool_calls=[_ls_call(c) for c in parsed["tool_calls"]])
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        return {"completion_message": message, "logprobs": _logprobs(tok, choice["logprobs"]) if body.logprobs
+                else None, "metrics": _metrics(run)}
+
+    async def events():
+        streamer = ToolStreamer() if tools else None
+        yield _event("start", {"type": "text", "text": ""})
+        async for d in run.deltas():
+            text = streamer.feed(d.text) if streamer else d.text
+            logprobs = {"logprobs": _logprobs(tok, d.logprobs)} if body.logprobs and d.logprobs else {}
+            if d.finish_reason:
+                stop = _stop_reason(llm, d.finish_reason, d.stop_token)
+                rest, calls = streamer.finish(llm.chat_format) if streamer else ("", [])
+                if text + rest or logprobs:
+                    yield _event("progress", {"type": "text", "text": text + rest}, **logprobs)
+                for call in calls:
+                    yield _event("progress", {"type": "tool_call", "tool_call": _ls_call(call),
+                                              "parse_status": "succeeded"}, stop_reason=stop)
+                yield {**_event("complete", {"type": "text", "text": ""}, stop_reason=stop),
+                       "metrics": _metrics(run)}
+            elif text or logprobs:
+                yield _event("progress", {"type": "text", "text": text}, **logprobs)
+        state.metrics.requests.labels(request.url.path, "200").inc()
+
+    return sse_response(events(), done=False)
+
+
+@router.post("/completion")
+async def completion(request: Request):
+    body: CompletionRequest = await _parse(request, CompletionRequest)
+    state = server_state(request)
+    llm = state.llm
+    prompt = llm.encode(_text(body.content))
+    max_tokens = budget(state, [prompt], body.sampling_params.max_tokens or None)
+    run = Run(state, [prompt], _sampling(body, max_tokens), 1, _constraints(request, _schema_of(body)))
+    tok = llm.tokenizer
+    if not body.stream:
+        choice = (await collect(run, request, 1))[0]
+        state.metrics.requests.labels(request.url.path, "200").inc()
+        return {"content": choice["text"], "stop_reason": _stop_reason(llm, choice["finish_reason"],
+                                                                       choice["stop_token"]),
+                "logprobs": _logprobs(tok, choice["logprobs"]) if body.logprobs else None, "metrics": _metrics(run)}
+
+    async def events():
+        async for d in run.deltas():
+            stop = _stop_reason(llm, d.finish_reason, d.stop_token) if d.finish_reason else None
+            if d.text or stop:
+                yield {"delta": d.text, "stop_reason": stop,
+                       "logprobs": _logprobs(tok, d.logprobs) if body.logprobs else None,
+                       **({"metrics": _metrics(run)} if stop else {})}
+        state.metrics.requests.labels(request.url.path, "200").inc()
+
+    return sse_response(events(), done=False)

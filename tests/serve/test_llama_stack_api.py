@@ -1,0 +1,142 @@
+"""Llama Stack's inference routes on the real server: requests built with llama-stack's own pydantic models (what its
+client sends), answers validated by them, and the same replies as the OpenAI routes give on the same engine."""
+import importlib
+import importlib.util
+import json
+import sys
+import types
+
+import httpx
+import pytest
+
+from conftest import KEY
+
+
+@pytest.fixture(scope="module")
+def ls():
+    """llama-stack's inference types, imported without its package __init__ (which needs its client library);
+    its modules leave sys.modules again once this module's tests are done."""
+    spec = importlib.util.find_spec("llama_stack")
+    package = types.ModuleType("llama_stack")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+    sys.modules["llama_stack"] = package
+    try:
+        yield importlib.import_module("llama_stack.apis.inference.inference")
+    finally:
+        for name in [n for n in sys.modules if n == "llama_stack" or n.startswith("llama_stack.")]:
+            del sys.modules[name]
+
+
+def post(server, path, body):
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=600)
+
+
+def events(server, path, body):
+    with httpx.stream("POST", server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=600) as response:
+        assert response.status_code == 200
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def dump(models):
+    return [m.model_dump(mode="json", exclude_none=True) for m in models]
+
+
+QUESTION = "What is the capital of France?"
+
+
+def test_chat_completion_equals_the_openai_route(server, client, ls):
+    llm = server.llm
+    body = {"model_id": llm.name, "messages": dump([ls.UserMessage(content=QUESTION)]),
+            "sampling_params": ls.SamplingParams(max_tokens=24).model_dump(mode="json")}
+    answer = post(server, "/v1/inference/chat-completion", body)
+    assert answer.status_code == 200, answer.text
+    reply = ls.ChatCompletionResponse.model_validate(answer.json())
+    openai = client.chat.completions.create(model=llm.name, messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=24, temperature=0)
+    assert reply.completion_message.content == openai.choices[0].message.content
+    expected = {"stop": "end_of_turn", "length": "out_of_tokens"}[openai.choices[0].finish_reason]
+    assert reply.completion_message.stop_reason.value == expected
+    usage = {m.metric: m.value for m in reply.metrics}
+    assert usage["prompt_tokens"] == openai.usage.prompt_tokens
+    assert usage["completion_tokens"] == openai.usage.completion_tokens
+
+    streamed = events(server, "/v1/inference/chat-completion", {**body, "stream": True})
+    chunks = [ls.ChatCompletionResponseStreamChunk.model_validate(e) for e in streamed]
+    assert [c.event.event_type.value for c in chunks][::len(chunks) - 1] == ["start", "complete"]
+    assert "".join(c.event.delta.text for c in chunks) == reply.completion_message.content
+    assert chunks[-1].event.stop_reason == reply.completion_message.stop_reason
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"}},
+                   "required": ["city"]}}}
+
+
+def test_tool_calls_round_trip_like_the_openai_route(server, client, ls):
+    llm = server.llm
+    tool = ls.ToolDefinition(tool_name="get_weather", description="The current weather in a city",
+                             parameters={"city": ls.ToolParamDefinition(param_type="string", description="the city")})
+    ask = ls.UserMessage(content="What is the weather in Paris?")
+    body = {"model_id": llm.name, "messages": dump([ask]), "tools": dump([tool]),
+            "tool_config": ls.ToolConfig(tool_choice="required").model_dump(mode="json"),
+            "sampling_params": {"max_tokens": 60}}
+    answer = post(server, "/v1/inference/chat-completion", body)
+    message = ls.ChatCompletionResponse.model_validate(answer.json()).completion_message
+    openai = client.chat.completions.create(
+        model=llm.name, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER],
+        tool_choice="required", max_tokens=60, temperature=0).choices[0].message
+    assert len(message.tool_calls) == 1 and message.tool_calls[0].tool_name == "get_weather"
+    assert message.tool_calls[0].arguments == json.loads(openai.tool_calls[0].function.arguments)
+    streamed = [ls.ChatCompletionResponseStreamChunk.model_validate(e)
+                for e in events(server, "/v1/inference/chat-completion", {**body, "stream": True})]
+    calls = [c.event.delta.tool_call for c in streamed if c.event.delta.type == "tool_call"]
+    assert [(c.tool_name, c.arguments) for c in calls] == [("get_weather", message.tool_calls[0].arguments)]
+
+    # The call and its result go back as the next turn's history, and encode as the OpenAI route encodes them.
+    result = ls.ToolResponseMessage(call_id=message.tool_calls[0].call_id, content='{"temperature_c": 21}')
+    history = dump([ask, message, result])
+    again = post(server, "/v1/inference/chat-completion", {**body, "messages": history, "tool_config": None})
+    assert again.status_code == 200, again.text
+    prompt_tokens = {m["metric"]: m["value"] for m in again.json()["metrics"]}["prompt_tokens"]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": json.dumps(message.tool_calls[0].arguments)}}
+    openai_history = [{"role": "user", "content": "What is the weather in Paris?"},
+                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "c1", "content": '{"temperature_c": 21}'}]
+    usage = client.chat.completions.create(model=llm.name, messages=openai_history, tools=[WEATHER], max_tokens=1,
+                                           temperature=0).usage
+    assert prompt_tokens == usage.prompt_tokens
+
+
+def test_completion_and_its_stream(server, ls):
+    llm = server.llm
+    body = {"model_id": llm.name, "content": "Once upon a time", "sampling_params": {"max_tokens": 10},
+            "logprobs": {"top_k": 2}}
+    reply = ls.CompletionResponse.model_validate(post(server, "/v1/inference/completion", body).json())
+    assert reply.content == llm.generate("Once upon a time", max_tokens=10, temperature=0).text
+    assert len(reply.logprobs) == 10 and all(len(lp.logprobs_by_token) >= 2 for lp in reply.logprobs)
+    chunks = [ls.CompletionResponseStreamChunk.model_validate(e)
+              for e in events(server, "/v1/inference/completion", {**body, "stream": True})]
+    assert "".join(c.delta for c in chunks) == reply.content
+    assert chunks[-1].stop_reason == reply.stop_reason and all(c.stop_reason is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("completion", {"model_id": "nope", "content": "x"}, 404, "model_id"),
+    ("completion", {"content": "x"}, 400, "model_id"),
+    ("completion", {"content": "x", "response_format": {"type": "grammar", "bnf": {}}}, 400, "response_format"),
+    ("completion", {"content": "x", "sampling_params": {"strategy": {"type": "top_p", "temperature": -1}}}, 400,
+     "sampling_params.strategy.temperature"),
+    ("chat-completion", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0"),
+    ("chat-completion", {"messages": []}, 400, "messages"),
+    ("chat-completion", {"messages": [{"role": "user", "content": "x"}],
+                         "tool_config": {"system_message_behavior": "replace"}}, 400, "tool_config"),
+])
+def test_malformed_requests_get_specific_4xx(server, path, body, status, param):
+    if "model_id" not in body and param != "model_id":
+        body = {"model_id": server.llm.name, **body}
+    answer = post(server, f"/v1/inference/{path}", body)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["param"] == param
