@@ -1,4 +1,5 @@
-"""`herd serve [MODEL]`: load a model and serve the OpenAI API, metrics and the chat page with uvicorn."""
+"""`herd serve [MODEL]`: load a model and serve the OpenAI and Llama Stack APIs, metrics and the chat page with
+uvicorn."""
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ def serve_cmd(
     code_shield: bool = typer.Option(False, help="Code Shield on generated code blocks"),
     code_shield_mode: str = typer.Option("block", help="block: stop a reply at insecure code; warn: annotate it"),
 ):
-    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), with /health,
-    Prometheus /metrics and a chat page at /; --guard, --prompt-guard and --code-shield shield chat requests."""
+    """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and Llama Stack's
+    (/v1/inference/chat-completion, /v1/inference/completion), with /health, Prometheus /metrics and a chat page
+    at /; --guard, --prompt-guard and --code-shield shield chat requests."""
     import uvicorn
     _check_port(host, port)  # a taken port fails at once, not after the model has loaded
 
