@@ -293,7 +293,7 @@ class Generator:
         targets = seq.tokens[positions.start + 1:positions.stop + 1]
         chosen = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1))[:, 0].tolist()
         top_n = seq.params.prompt_logprobs or 0
-        tops = [{}] * len(positions)
+        tops: list[dict[int, float]] = [{} for _ in positions]
         if top_n:
             values, ids = logp.topk(top_n, dim=-1)
             tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]

@@ -87,7 +87,8 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int
     logits = logits.float().clone()
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias)
-        logits.index_add_(0, torch.tensor(ids, device=logits.device), torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+        logits.index_add_(0, torch.tensor(ids, device=logits.device),
+                          torch.tensor(bias, dtype=logits.dtype, device=logits.device))
     if params.repetition_penalty != 1:
         seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long, device=logits.device)
         values = logits[seen]

@@ -193,6 +193,8 @@ class Run:
                            headers={"Retry-After": "1"}) from None
         except ContextLengthError as error:
             raise APIError(400, str(error), code="context_length_exceeded") from None
+        except ValueError as error:  # what the engine refuses to run (an empty prompt, a token it does not have)
+            raise APIError(400, str(error), code="invalid_value") from None
         self.prompt_tokens, self.n = sum(len(p) for p in prompts), n
         self.last: dict[int, float] = {}
 

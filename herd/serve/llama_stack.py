@@ -175,14 +175,16 @@ def _tool(tool: ToolDefinition) -> str | dict[str, Any]:
 
 
 def _sampling(body: _Inference, max_tokens: int) -> SamplingParams:
-    s = body.sampling_params
-    strategy = s.strategy
-    temperature = 0.0 if strategy.type == "greedy" else (strategy.temperature or 1.0)
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                          top_p=(strategy.top_p or 1.0) if strategy.type == "top_p" else 1.0,
-                          top_k=(strategy.top_k or 0) if strategy.type == "top_k" else 0,
-                          repetition_penalty=s.repetition_penalty or 1.0, stop=tuple(s.stop or ()),
-                          logprobs=body.logprobs.top_k if body.logprobs else None)
+    s, strategy = body.sampling_params, body.sampling_params.strategy
+    try:
+        return SamplingParams(max_tokens=max_tokens,
+                              temperature=0.0 if strategy.type == "greedy" else strategy.temperature or 1.0,
+                              top_p=(strategy.top_p or 1.0) if strategy.type == "top_p" else 1.0,
+                              top_k=(strategy.top_k or 0) if strategy.type == "top_k" else 0,
+                              repetition_penalty=s.repetition_penalty or 1.0, stop=tuple(s.stop or ()),
+                              logprobs=body.logprobs.top_k if body.logprobs else None)
+    except ValueError as error:  # what SamplingParams itself refuses (an empty stop string)
+        raise APIError(400, str(error), param="sampling_params", code="invalid_value") from None
 
 
 def _schema_of(body: _Inference) -> dict[str, Any] | None:

@@ -114,11 +114,11 @@ def test_stop_string_ends_generation_before_it(generator):
     free = generator.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
     stop = free.text[12:15]
     assert len(stop) == 3 and stop in free.text
-    stopped = generator.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))[0]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,))
+    stopped = generator.generate([prompt], params)[0]
     assert stopped.text == free.text[:free.text.find(stop)]
     assert stopped.finish_reason == "stop"
-    deltas = [d.text for d in generator.stream([prompt], SamplingParams(
-        max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))]
+    deltas = [d.text for d in generator.stream([prompt], params)]
     assert "".join(deltas) == stopped.text  # nothing of the stop string ever streamed
 
 

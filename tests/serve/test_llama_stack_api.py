@@ -131,6 +131,9 @@ def test_completion_and_its_stream(server, ls):
      "sampling_params.strategy.temperature"),
     ("chat-completion", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0"),
     ("chat-completion", {"messages": []}, 400, "messages"),
+    ("chat-completion", {"messages": [{"role": "user", "content": "x"}], "sampling_params": {"stop": [""]}}, 400,
+     "sampling_params"),
+    ("completion", {"content": ""}, 400, None),
     ("chat-completion", {"messages": [{"role": "user", "content": "x"}],
                          "tool_config": {"system_message_behavior": "replace"}}, 400, "tool_config"),
 ])
@@ -139,4 +142,4 @@ def test_malformed_requests_get_specific_4xx(server, path, body, status, param):
         body = {"model_id": server.llm.name, **body}
     answer = post(server, f"/v1/inference/{path}", body)
     assert answer.status_code == status, answer.text
-    assert answer.json()["error"]["param"] == param
+    assert answer.json()["error"]["param"] == param and answer.json()["error"]["message"]
