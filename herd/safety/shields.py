@@ -63,6 +63,12 @@ class Shields:
                                   buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                   registry=self.registry)
 
+    @property
+    def names(self) -> list[str]:
+        """The shields switched on, by the names run_shield and the metrics use."""
+        return [name for name, shield in (("llama_guard", self.guard), ("prompt_guard", self.prompt_guard),
+                                          ("code_shield", self.code_shield)) if shield is not None]
+
     def warm(self) -> Shields:
         """Run each shield once, uncounted, so the first request does not pay for lazy imports and caches (a
         server calls this before it listens)."""
@@ -109,27 +115,50 @@ class Shields:
                     return Decision(False, "prompt_guard", ["jailbreak"], refusal([]), scores=scores,
                                     seconds=time.perf_counter() - started)
         if self.guard is not None:
-            verdict = self._guard_check(messages, "User")
-            if not verdict["safe"]:
-                self._count("llama_guard_input", "blocked")
-                log.warning("llama guard: unsafe request %s", ",".join(verdict["categories"]) or "(no category)")
-                return Decision(False, "llama_guard", verdict["categories"], refusal(verdict["categories"]),
-                                seconds=time.perf_counter() - started)
-            self._count("llama_guard_input", "passed")
+            return self._judge(messages, "User", started)
         return Decision(True, seconds=time.perf_counter() - started)
 
     def check_output(self, messages: list[dict], reply: str) -> Decision:
         """Llama Guard on the reply (as the agent's turn); the reply's code is Code Shield's, see reply_filter."""
         started = time.perf_counter()
         if self.guard is not None:
-            verdict = self._guard_check([*messages, {"role": "assistant", "content": reply}], "Agent")
-            if not verdict["safe"]:
-                self._count("llama_guard_output", "replaced")
-                log.warning("llama guard: unsafe reply %s replaced", ",".join(verdict["categories"]))
-                return Decision(False, "llama_guard", verdict["categories"], refusal(verdict["categories"]),
-                                seconds=time.perf_counter() - started)
-            self._count("llama_guard_output", "passed")
+            return self._judge([*messages, {"role": "assistant", "content": reply}], "Agent", started)
         return Decision(True, seconds=time.perf_counter() - started)
+
+    def _judge(self, messages: list[dict], agent_type: str, started: float) -> Decision:
+        """Llama Guard's verdict on the conversation's last turn (the user's or the agent's), counted and logged."""
+        verdict = self._guard_check(messages, agent_type)
+        kind, unsafe = ("llama_guard_input", "blocked") if agent_type == "User" else ("llama_guard_output", "replaced")
+        if verdict["safe"]:
+            self._count(kind, "passed")
+            return Decision(True, seconds=time.perf_counter() - started)
+        self._count(kind, unsafe)
+        log.warning("llama guard: unsafe %s %s", "request" if agent_type == "User" else "reply (replaced)",
+                    ",".join(verdict["categories"]) or "(no category)")
+        return Decision(False, "llama_guard", verdict["categories"], refusal(verdict["categories"]),
+                        seconds=time.perf_counter() - started)
+
+    def run_shield(self, name: str, messages: list[dict]) -> Decision:
+        """One shield alone on a conversation (what Llama Stack's run-shield asks): llama_guard judges the last
+        turn, the user's or the agent's; prompt_guard reads the last message for an injection or a jailbreak;
+        code_shield scans the code in it (its fenced blocks, or the whole text where it has none and reads as
+        code). KeyError for a shield this Shields does not have."""
+        if name not in self.names or not messages:
+            raise KeyError(name)
+        started = time.perf_counter()
+        last = messages[-1]
+        text = last.get("content") if isinstance(last.get("content"), str) else ""
+        if name == "llama_guard":
+            return self._judge(messages, "Agent" if last.get("role") == "assistant" else "User", started)
+        if name == "prompt_guard":
+            attack, scores = self._attack(text)
+            self._count("prompt_guard", "flagged" if attack else "passed")
+            return Decision(attack is None, "prompt_guard" if attack else "", [attack] if attack else [],
+                            refusal([]) if attack else "", scores=scores, seconds=time.perf_counter() - started)
+        scanner = self.code_scanner()
+        decision = self.code_decision(scanner.feed(text) + scanner.finish())
+        decision.seconds = time.perf_counter() - started
+        return decision
 
     def reply_filter(self, messages: list[dict], guard_every: int = 400) -> ReplyFilter:
         """The output shields over one reply as it is generated (see ReplyFilter)."""

@@ -136,8 +136,9 @@ async def read_json(request: Request) -> dict[str, Any]:
     return data
 
 
-def validate(request: Request, model: type, data: dict[str, Any], model_id: str) -> Any:
-    """`data` as a `model`, for this server's model (named by the field `model_id`), past the input checks."""
+def validate(request: Request, model: type, data: dict[str, Any], model_id: str | None) -> Any:
+    """`data` as a `model`, for this server's model (named by the field `model_id`, if the request names one), past
+    the input checks."""
     state = server_state(request)
     try:
         parsed = model.model_validate(data)
@@ -145,7 +146,7 @@ def validate(request: Request, model: type, data: dict[str, Any], model_id: str)
         first = error.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
         raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
-    if getattr(parsed, model_id) != state.model_name:
+    if model_id is not None and getattr(parsed, model_id) != state.model_name:
         raise APIError(404, f"the model '{getattr(parsed, model_id)}' does not exist; this server has "
                             f"'{state.model_name}'", param=model_id, code="model_not_found")
     for check in state.input_checks:

@@ -1,20 +1,24 @@
-"""Llama Stack's inference API beside the OpenAI one, on the same engine (its request and response shapes as
-llama-stack 0.2 defines them):
+"""Llama Stack's inference and safety APIs beside the OpenAI one, on the same engine and shields (request and
+response shapes as llama-stack 0.2 defines them):
 
     POST /v1/inference/chat-completion  {"model_id", "messages", "sampling_params", "tools", "tool_config",
                                          "response_format", "stream", "logprobs"}
     POST /v1/inference/completion       {"model_id", "content", "sampling_params", "response_format", "stream",
                                          "logprobs"}
+    GET  /v1/shields, /v1/shields/{id}  the server's shields: llama_guard, prompt_guard, code_shield
+    POST /v1/safety/run-shield          {"shield_id", "messages", "params"} -> {"violation": null or {...}}
 
 Messages are Llama Stack's: user, system, tool (`call_id`) and assistant turns with `stop_reason` and `tool_calls`
 ({"call_id", "tool_name", "arguments"}); tools are built-in names (brave_search, wolfram_alpha, code_interpreter)
 or `ToolDefinition`s with `param_type`d parameters, rendered in the `tool_prompt_format` asked for. Replies come
 back as a `completion_message` with Llama's own stop reason (end_of_turn, end_of_message: a call awaits its
 result, out_of_tokens), or streamed as start / progress / complete events, a tool call as one `tool_call` delta
-once it has parsed. Errors are the OpenAI API's 4xx bodies, as everywhere on this server.
+once it has parsed. A shielded server runs its shields around /v1/chat/completions only, so there the inference
+routes answer 403. Errors are the OpenAI API's 4xx bodies, as everywhere on this server.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, Literal, Union
 
@@ -25,10 +29,11 @@ from herd.generate import SamplingParams
 from herd.generate.sequence import Completion
 from herd.generate.structured import GrammarError
 from herd.serve.app import Run, ToolStreamer, budget, collect, read_json, server_state, sse_response, validate
+from herd.serve.auth import check_key
 from herd.serve.protocol import APIError
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS, call_schema
 
-router = APIRouter(prefix="/v1/inference")
+router = APIRouter(prefix="/v1")
 
 
 class _Strict(BaseModel):
@@ -139,6 +144,12 @@ class CompletionRequest(_Inference):
     content: Content
 
 
+class RunShieldRequest(_Strict):
+    shield_id: str
+    messages: list[Message] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 # -- requests to the engine ----------------------------------------------------------------------------------
 
 def _text(content: Content | None) -> str:
@@ -246,7 +257,7 @@ def _event(kind: str, delta: dict[str, Any], **extra) -> dict[str, Any]:
     return {"event": {"event_type": kind, "delta": delta, **extra}}
 
 
-@router.post("/chat-completion")
+@router.post("/inference/chat-completion")
 async def chat_completion(request: Request):
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
     state = server_state(request)
@@ -307,7 +318,7 @@ async def chat_completion(request: Request):
     return sse_response(events(), done=False)
 
 
-@router.post("/completion")
+@router.post("/inference/completion")
 async def completion(request: Request):
     body: CompletionRequest = await _parse(request, CompletionRequest)
     state = server_state(request)
@@ -333,3 +344,53 @@ async def completion(request: Request):
         state.metrics.requests.labels(request.url.path, "200").inc()
 
     return sse_response(events(), done=False)
+
+
+# -- safety: the server's shields, one at a time -------------------------------------------------------------
+
+def _shield(name: str) -> dict[str, Any]:
+    return {"identifier": name, "provider_resource_id": name, "provider_id": "herd", "type": "shield", "params": {}}
+
+
+def _names(request: Request) -> list[str]:
+    """The server's shields, once the request's key is checked."""
+    state = server_state(request)
+    check_key(request.headers.get("authorization"), state.settings.api_keys)
+    return state.shields.names if state.shields is not None else []
+
+
+@router.get("/shields")
+async def list_shields(request: Request):
+    return {"data": [_shield(name) for name in _names(request)]}
+
+
+@router.get("/shields/{identifier}")
+async def get_shield(request: Request, identifier: str):
+    names = _names(request)
+    if identifier not in names:
+        raise APIError(404, f"no shield '{identifier}' on this server; it has {names or 'none'}",
+                       param="identifier", code="shield_not_found")
+    return _shield(identifier)
+
+
+@router.post("/safety/run-shield")
+async def run_shield(request: Request):
+    body: RunShieldRequest = validate(request, RunShieldRequest, await read_json(request), None)
+    names = _names(request)
+    if body.shield_id not in names:
+        raise APIError(404, f"no shield '{body.shield_id}' on this server; it has {names or 'none'} "
+                            "(herd serve --guard, --prompt-guard, --code-shield)", param="shield_id",
+                       code="shield_not_found")
+    shields = server_state(request).shields
+    decision = await asyncio.to_thread(shields.run_shield, body.shield_id, [_message(m) for m in body.messages])
+    if decision.allowed and not decision.findings:
+        return {"violation": None}
+    # Llama Stack's own shields answer an unsafe verdict, an attack or insecure code with an error; a Code Shield
+    # warning (code that is let through) is a warning.
+    metadata = {"violation_type": ",".join(decision.categories)}
+    if decision.scores:
+        metadata["scores"] = decision.scores
+    if decision.findings:
+        metadata["findings"] = decision.findings
+    return {"violation": {"violation_level": "error" if not decision.allowed else "warn",
+                          "user_message": decision.message or None, "metadata": metadata}}

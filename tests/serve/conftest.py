@@ -1,7 +1,11 @@
 """A real herd server on loopback (uvicorn in a thread, a free port) with the built-in default model."""
+import importlib
+import importlib.util
 import socket
+import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -52,3 +56,18 @@ def client(server):
 
     # Generous: a shared, loaded CI machine makes a 40-token reply slow, not wrong; a hang still fails.
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def llama_stack():
+    """A loader of llama-stack's API modules (its request and response types), imported without its package
+    __init__, which needs its client library; they leave sys.modules again after the test module."""
+    spec = importlib.util.find_spec("llama_stack")
+    package = types.ModuleType("llama_stack")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+    sys.modules["llama_stack"] = package
+    try:
+        yield importlib.import_module
+    finally:
+        for name in [n for n in sys.modules if n == "llama_stack" or n.startswith("llama_stack.")]:
+            del sys.modules[name]

@@ -1,10 +1,6 @@
 """Llama Stack's inference routes on the real server: requests built with llama-stack's own pydantic models (what its
 client sends), answers validated by them, and the same replies as the OpenAI routes give on the same engine."""
-import importlib
-import importlib.util
 import json
-import sys
-import types
 
 import httpx
 import pytest
@@ -13,18 +9,8 @@ from conftest import KEY
 
 
 @pytest.fixture(scope="module")
-def ls():
-    """llama-stack's inference types, imported without its package __init__ (which needs its client library);
-    its modules leave sys.modules again once this module's tests are done."""
-    spec = importlib.util.find_spec("llama_stack")
-    package = types.ModuleType("llama_stack")
-    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-    sys.modules["llama_stack"] = package
-    try:
-        yield importlib.import_module("llama_stack.apis.inference.inference")
-    finally:
-        for name in [n for n in sys.modules if n == "llama_stack" or n.startswith("llama_stack.")]:
-            del sys.modules[name]
+def ls(llama_stack):
+    return llama_stack("llama_stack.apis.inference.inference")
 
 
 def post(server, path, body):
