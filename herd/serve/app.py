@@ -266,13 +266,9 @@ def _finish_reason(reason: str | None) -> str:
     return reason if reason in ("stop", "content_filter") else "length"
 
 
-def _sampling(state: ServerState, body, max_tokens: int, logprobs: int | None,
-              prompt_logprobs: int | None = None) -> SamplingParams:
+def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    # Token ids past the vocabulary (logit_bias) are the engine's to refuse: a 400 from Run.
     bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
-    vocab = state.llm.model.config.vocab_size
-    if any(token >= vocab for token in bias):
-        raise APIError(400, f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})",
-                       param="logit_bias", code="invalid_value")
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=max(body.top_k, 0), min_p=body.min_p, presence_penalty=body.presence_penalty,
                           frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
@@ -340,7 +336,7 @@ async def chat_completions(request: Request):
             constraints = [state.grammars.constraint(schema or None) for _ in range(body.n)]
         except GrammarError as error:
             raise APIError(400, str(error), param="response_format") from None
-    run = Run(state, [prompt], _sampling(state, body, max_tokens, logprobs), body.n, constraints)
+    run = Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
     tok = llm.tokenizer
@@ -505,7 +501,7 @@ async def completions(request: Request):
                        param="max_tokens", code="invalid_value")
     max_tokens = budget(state, prompts, body.max_tokens if generating else 1)
     echo_logprobs = body.logprobs if body.echo else None
-    run = Run(state, prompts, _sampling(state, body, max_tokens, body.logprobs, echo_logprobs), body.n)
+    run = Run(state, prompts, _sampling(body, max_tokens, body.logprobs, echo_logprobs), body.n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     tok = llm.tokenizer

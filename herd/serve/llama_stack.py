@@ -218,12 +218,12 @@ def _constraints(request: Request, schema: dict[str, Any] | None):
 
 
 async def _parse(request: Request, model: type) -> Any:
-    state = server_state(request)
-    if state.shields is not None:
+    data = await read_json(request)
+    if server_state(request).shields is not None:
         # The shields screen the OpenAI chat route only: a guarded server keeps no unguarded door open.
         raise APIError(403, "this server runs with safety shields, which screen /v1/chat/completions only",
                        type="permission_error", code="shielded_server")
-    return validate(request, model, await read_json(request), "model_id")
+    return validate(request, model, data, "model_id")
 
 
 # -- replies -------------------------------------------------------------------------------------------------
