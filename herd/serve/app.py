@@ -28,7 +28,13 @@ from herd.generate import ContextLengthError, Delta, QueueFullError, SamplingPar
 from herd.generate.structured import GrammarError, JsonGrammars
 from herd.serve.auth import check_key
 from herd.serve.metrics import Metrics
-from herd.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from herd.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from herd.tokenizer.tool_calls import call_schema
 
 STATIC = Path(__file__).parent / "static"
@@ -563,6 +569,36 @@ def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any
             tok.decode_bytes([t]).decode("utf-8", errors="replace"): v for t, v in entry.top.items()})
         offset += len(text)
     return out, offset
+
+
+@openai_router.post("/tokenize")
+async def tokenize(request: Request):
+    """vLLM's token counting: the ids a completion's prompt or a chat's messages (and tools) become here."""
+    state = server_state(request)
+    body: TokenizeRequest = validate(request, TokenizeRequest, await read_json(request), "model")
+    llm = state.llm
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either a prompt or messages", param="prompt", code="invalid_value")
+    if body.prompt is not None:
+        ids = llm.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+    else:
+        try:
+            ids = llm.chat_prompt([m.as_dict() for m in body.messages],
+                                  [t.model_dump() for t in body.tools] if body.tools else None)
+        except (ValueError, KeyError, TypeError) as error:
+            raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.generator.capacity}
+
+
+@openai_router.post("/detokenize")
+async def detokenize(request: Request):
+    state = server_state(request)
+    body: DetokenizeRequest = validate(request, DetokenizeRequest, await read_json(request), "model")
+    vocab = state.llm.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(400, f"a token id is outside the vocabulary (0..{vocab - 1})", param="tokens",
+                       code="invalid_value")
+    return {"prompt": state.llm.tokenizer.decode(body.tokens)}
 
 
 # -- operations and the chat page ----------------------------------------------------------------------------

@@ -181,3 +181,18 @@ class CompletionRequest(_Sampling):
         if not value or (isinstance(value, list) and any(not p for p in value if not isinstance(p, int))):
             raise ValueError("the prompt must not be empty")
         return value
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt's ids, or a chat's (its template applied, the assistant's turn opened)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool = True  # for a prompt: the beginning-of-text token first, as completions add it
+
+
+class DetokenizeRequest(_Strict):
+    model: str
+    tokens: list[int]

@@ -1,9 +1,12 @@
 """The server through the official `openai` client: chat and completions, streaming, tools, JSON schemas, keys."""
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
+
+from conftest import KEY
 
 pytestmark = pytest.mark.heavy
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -99,6 +102,28 @@ def test_logit_bias_and_penalties_steer_greedy_choices(server, client):
                                           extra_body={"repetition_penalty": 1.3, "frequency_penalty": 1.0})
     assert penalised.choices[0].text == llm.generate(prompt, max_tokens=6, temperature=0, repetition_penalty=1.3,
                                                      frequency_penalty=1.0).text
+
+
+def test_tokenize_counts_what_the_routes_count(server, client):
+    """vLLM's /tokenize and /detokenize: a prompt's ids and a chat's (template and tool prompt applied) are the
+    ones the completion routes then count as prompt tokens."""
+    llm = server.llm
+
+    def post(path, body):
+        return httpx.post(server.url + path, json={"model": llm.name, **body},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+    text = "The capital of France is"
+    ids = post("/tokenize", {"prompt": text}).json()
+    assert ids["tokens"] == llm.encode(text) and ids["max_model_len"] == llm.generator.capacity
+    assert ids["count"] == client.completions.create(model=llm.name, prompt=text, max_tokens=1).usage.prompt_tokens
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    chat = post("/tokenize", {"messages": messages, "tools": [WEATHER]}).json()
+    usage = client.chat.completions.create(model=llm.name, messages=messages, tools=[WEATHER], max_tokens=1).usage
+    assert chat["count"] == usage.prompt_tokens
+    assert post("/detokenize", {"tokens": ids["tokens"]}).json()["prompt"] == llm.tokenizer.decode(ids["tokens"])
+    assert post("/tokenize", {}).status_code == 400
+    assert post("/detokenize", {"tokens": [10 ** 9]}).status_code == 400
 
 
 WEATHER = {"type": "function", "function": {
