@@ -21,6 +21,9 @@ def serve_cmd(
     max_n: int = typer.Option(8, min=1, help="the most choices (n) one request may ask for"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="the most tokens one choice may generate"),
     kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB)"),
+    kv_cache_dtype: str = typer.Option("auto", help="auto: keys and values in float16 where herd's kernel attends "
+                                       "(float32 models on a CPU: half the memory to read), else the model's "
+                                       "dtype; model: always the model's dtype"),
     prefix_cache: bool = typer.Option(True, help="reuse the KV cache of shared prompt prefixes (chat history, "
                                       "system prompts)"),
     draft_tokens: int = typer.Option(2, min=0, help="speculative decoding: tokens guessed per step by prompt lookup "
@@ -49,10 +52,12 @@ def serve_cmd(
     from herd.safety.serving import load_shields
     from herd.serve.app import ServeSettings, create_app
 
+    if kv_cache_dtype not in ("auto", "model"):
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r}: use auto or model")
     shields = load_shields(guard, prompt_guard, code_shield, code_shield_mode)  # before the model: bad paths fail fast
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
-        max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20,
+        max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20, kv_cache_dtype=kv_cache_dtype,
         prefix_caching=prefix_cache, speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
