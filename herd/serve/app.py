@@ -309,8 +309,21 @@ openai_router = APIRouter()
 async def list_models(request: Request):
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                        "owned_by": "herd"}]}
+    return {"object": "list", "data": [_model(state)]}
+
+
+@openai_router.get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str):
+    state = server_state(request)
+    check_key(request.headers.get("authorization"), state.settings.api_keys)
+    if model_id != state.model_name:
+        raise APIError(404, f"the model '{model_id}' does not exist; this server has '{state.model_name}'",
+                       param="model", code="model_not_found")
+    return _model(state)
+
+
+def _model(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "herd"}
 
 
 @openai_router.post("/v1/chat/completions")

@@ -14,6 +14,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server.llm.name]
+    assert client.models.retrieve(server.llm.name).id == server.llm.name  # an id with spaces, sent URL-encoded
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
 
 
 def test_chat_non_streaming_and_streaming_agree(server, client):
