@@ -5,6 +5,8 @@ response shapes as llama-stack 0.2 defines them):
                                          "response_format", "stream", "logprobs"}
     POST /v1/inference/completion       {"model_id", "content", "sampling_params", "response_format", "stream",
                                          "logprobs"}
+    POST /v1/inference/batch-chat-completion, /v1/inference/batch-completion   the same for "messages_batch" or
+                                         "content_batch", every item in the engine at once, answered together
     GET  /v1/shields, /v1/shields/{id}  the server's shields: llama_guard, prompt_guard, code_shield
     POST /v1/safety/run-shield          {"shield_id", "messages", "params"} -> {"violation": null or {...}}
 
@@ -144,6 +146,16 @@ class CompletionRequest(_Inference):
     content: Content
 
 
+class BatchChatCompletionRequest(_Inference):
+    messages_batch: list[Annotated[list[Message], Field(min_length=1)]] = Field(min_length=1)
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    tool_config: ToolConfig | None = None
+
+
+class BatchCompletionRequest(_Inference):
+    content_batch: list[Content] = Field(min_length=1)
+
+
 class RunShieldRequest(_Strict):
     shield_id: str
     messages: list[Message] = Field(min_length=1)
@@ -208,11 +220,11 @@ def _schema_of(body: _Inference) -> dict[str, Any] | None:
     return form.json_schema or {}
 
 
-def _constraints(request: Request, schema: dict[str, Any] | None):
+def _constraints(request: Request, schema: dict[str, Any] | None, count: int):
     if schema is None:
         return None
     try:
-        return [server_state(request).grammars.constraint(schema or None)]
+        return [server_state(request).grammars.constraint(schema or None) for _ in range(count)]
     except GrammarError as error:
         raise APIError(400, str(error), param="response_format") from None
 
@@ -247,60 +259,68 @@ def _ls_call(call: dict[str, Any]) -> dict[str, Any]:
             "arguments_json": arguments}
 
 
-def _metrics(run: Run) -> list[dict[str, Any]]:
-    usage = run.usage()
-    return [{"metric": name, "value": usage[name], "unit": None}
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens")]
+def _metrics(prompt_tokens: int, completion_tokens: int) -> list[dict[str, Any]]:
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "total_tokens": prompt_tokens + completion_tokens}
+    return [{"metric": name, "value": value, "unit": None} for name, value in counts.items()]
 
 
 def _event(kind: str, delta: dict[str, Any], **extra) -> dict[str, Any]:
     return {"event": {"event_type": kind, "delta": delta, **extra}}
 
 
-@router.post("/inference/chat-completion")
-async def chat_completion(request: Request):
-    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-    state = server_state(request)
-    llm = state.llm
-    config = body.tool_config or ToolConfig(tool_choice=body.tool_choice or "auto",
-                                            tool_prompt_format=body.tool_prompt_format)
-    if config.system_message_behavior == "replace":
-        raise APIError(400, "system_message_behavior 'replace' is not supported: the tool instructions are added to "
-                            "the system prompt (append)", param="tool_config")
-    tools = [_tool(t) for t in body.tools] if body.tools and config.tool_choice != "none" else []
-    tool_format = config.tool_prompt_format or "json"
-    messages = [_message(m) for m in body.messages]
-    try:
-        prompt = llm.chat_prompt(messages, tools or None, tool_format)
-    except (ValueError, KeyError, TypeError) as error:
-        raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
-    schema = _schema_of(body)
-    if tools and config.tool_choice not in ("auto", "none"):
-        try:
-            schema = call_schema(tools, None if config.tool_choice == "required" else config.tool_choice)
-        except ValueError as error:
-            raise APIError(400, str(error), param="tool_config.tool_choice") from None
-    max_tokens = budget(state, [prompt], body.sampling_params.max_tokens or None)
-    run = Run(state, [prompt], _sampling(body, max_tokens), 1, _constraints(request, schema))
-    tok = llm.tokenizer
-    if not body.stream:
-        choice = (await collect(run, request, 1))[0]
-        stop = _stop_reason(llm, choice["finish_reason"], choice["stop_token"])
-        message = {"role": "assistant", "content": choice["text"], "stop_reason": stop, "tool_calls": []}
-        if tools:
-            parsed = llm.chat_format.decode_assistant(choice["text"], stop_reason=stop)
-            if parsed["tool_calls"]:
-                message.update(content=parsed["content"], tool_calls=[_ls_call(c) for c in parsed["tool_calls"]])
-        state.metrics.requests.labels(request.url.path, "200").inc()
-        return {"completion_message": message, "logprobs": _logprobs(tok, choice["logprobs"]) if body.logprobs
-                else None, "metrics": _metrics(run)}
+class _Chats:
+    """Conversations of one chat request (one, or a batch), as prompts with the request's tools, and their
+    replies."""
 
-    async def events():
-        streamer = ToolStreamer() if tools else None
+    def __init__(self, request: Request, body: ChatCompletionRequest | BatchChatCompletionRequest,
+                 conversations: list[list[Message]]):
+        self.state, self.llm = server_state(request), server_state(request).llm
+        config = body.tool_config or ToolConfig(tool_choice=getattr(body, "tool_choice", None) or "auto",
+                                                tool_prompt_format=getattr(body, "tool_prompt_format", None))
+        if config.system_message_behavior == "replace":
+            raise APIError(400, "system_message_behavior 'replace' is not supported: the tool instructions are "
+                                "added to the system prompt (append)", param="tool_config")
+        self.tools = [_tool(t) for t in body.tools] if body.tools and config.tool_choice != "none" else []
+        try:
+            self.prompts = [self.llm.chat_prompt([_message(m) for m in messages], self.tools or None,
+                                                 config.tool_prompt_format or "json") for messages in conversations]
+        except (ValueError, KeyError, TypeError) as error:
+            raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
+        schema = _schema_of(body)
+        if self.tools and config.tool_choice not in ("auto", "none"):
+            try:
+                schema = call_schema(self.tools, None if config.tool_choice == "required" else config.tool_choice)
+            except ValueError as error:
+                raise APIError(400, str(error), param="tool_config.tool_choice") from None
+        max_tokens = budget(self.state, self.prompts, body.sampling_params.max_tokens or None)
+        self.run = Run(self.state, self.prompts, _sampling(body, max_tokens), 1,
+                       _constraints(request, schema, len(self.prompts)))
+        self.logprobs = body.logprobs is not None
+
+    async def replies(self, request: Request) -> list[dict[str, Any]]:
+        """Every conversation's ChatCompletionResponse."""
+        out = []
+        for prompt, choice in zip(self.prompts, await collect(self.run, request, len(self.prompts))):
+            stop = _stop_reason(self.llm, choice["finish_reason"], choice["stop_token"])
+            message = {"role": "assistant", "content": choice["text"], "stop_reason": stop, "tool_calls": []}
+            if self.tools:
+                parsed = self.llm.chat_format.decode_assistant(choice["text"], stop_reason=stop)
+                if parsed["tool_calls"]:
+                    message.update(content=parsed["content"], tool_calls=[_ls_call(c) for c in parsed["tool_calls"]])
+            out.append({"completion_message": message,
+                        "logprobs": _logprobs(self.llm.tokenizer, choice["logprobs"]) if self.logprobs else None,
+                        "metrics": _metrics(len(prompt), len(choice["tokens"]))})
+        self.state.metrics.requests.labels(request.url.path, "200").inc()
+        return out
+
+    async def events(self, request: Request):
+        llm, tok, seq = self.llm, self.llm.tokenizer, self.run.request.seqs[0]
+        streamer = ToolStreamer() if self.tools else None
         yield _event("start", {"type": "text", "text": ""})
-        async for d in run.deltas():
+        async for d in self.run.deltas():
             text = streamer.feed(d.text) if streamer else d.text
-            logprobs = {"logprobs": _logprobs(tok, d.logprobs)} if body.logprobs and d.logprobs else {}
+            logprobs = {"logprobs": _logprobs(tok, d.logprobs)} if self.logprobs and d.logprobs else {}
             if d.finish_reason:
                 stop = _stop_reason(llm, d.finish_reason, d.stop_token)
                 rest, calls = streamer.finish(llm.chat_format) if streamer else ("", [])
@@ -310,40 +330,80 @@ async def chat_completion(request: Request):
                     yield _event("progress", {"type": "tool_call", "tool_call": _ls_call(call),
                                               "parse_status": "succeeded"}, stop_reason=stop)
                 yield {**_event("complete", {"type": "text", "text": ""}, stop_reason=stop),
-                       "metrics": _metrics(run)}
+                       "metrics": _metrics(seq.prompt_len, len(seq.generated))}
             elif text or logprobs:
                 yield _event("progress", {"type": "text", "text": text}, **logprobs)
-        state.metrics.requests.labels(request.url.path, "200").inc()
+        self.state.metrics.requests.labels(request.url.path, "200").inc()
 
-    return sse_response(events(), done=False)
+
+@router.post("/inference/chat-completion")
+async def chat_completion(request: Request):
+    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    chats = _Chats(request, body, [body.messages])
+    if not body.stream:
+        return (await chats.replies(request))[0]
+    return sse_response(chats.events(request), done=False)
+
+
+@router.post("/inference/batch-chat-completion")
+async def batch_chat_completion(request: Request):
+    """Every conversation in the engine at once: continuous batching does the rest."""
+    body: BatchChatCompletionRequest = await _parse(request, BatchChatCompletionRequest)
+    _no_stream(body)
+    return {"batch": await _Chats(request, body, body.messages_batch).replies(request)}
+
+
+def _no_stream(body: _Inference) -> None:
+    if body.stream:
+        raise APIError(400, "the batch routes answer once, with every reply: they do not stream", param="stream")
+
+
+def _completion_run(request: Request, body: CompletionRequest | BatchCompletionRequest,
+                    contents: list[Content]) -> tuple[list[list[int]], Run]:
+    state = server_state(request)
+    prompts = [state.llm.encode(_text(content)) for content in contents]
+    max_tokens = budget(state, prompts, body.sampling_params.max_tokens or None)
+    return prompts, Run(state, prompts, _sampling(body, max_tokens), 1,
+                        _constraints(request, _schema_of(body), len(prompts)))
+
+
+async def _completions(request: Request, body, prompts: list[list[int]], run: Run) -> list[dict[str, Any]]:
+    llm = server_state(request).llm
+    out = [{"content": choice["text"],
+            "stop_reason": _stop_reason(llm, choice["finish_reason"], choice["stop_token"]),
+            "logprobs": _logprobs(llm.tokenizer, choice["logprobs"]) if body.logprobs else None,
+            "metrics": _metrics(len(prompt), len(choice["tokens"]))}
+           for prompt, choice in zip(prompts, await collect(run, request, len(prompts)))]
+    server_state(request).metrics.requests.labels(request.url.path, "200").inc()
+    return out
 
 
 @router.post("/inference/completion")
 async def completion(request: Request):
     body: CompletionRequest = await _parse(request, CompletionRequest)
-    state = server_state(request)
-    llm = state.llm
-    prompt = llm.encode(_text(body.content))
-    max_tokens = budget(state, [prompt], body.sampling_params.max_tokens or None)
-    run = Run(state, [prompt], _sampling(body, max_tokens), 1, _constraints(request, _schema_of(body)))
-    tok = llm.tokenizer
+    prompts, run = _completion_run(request, body, [body.content])
     if not body.stream:
-        choice = (await collect(run, request, 1))[0]
-        state.metrics.requests.labels(request.url.path, "200").inc()
-        return {"content": choice["text"], "stop_reason": _stop_reason(llm, choice["finish_reason"],
-                                                                       choice["stop_token"]),
-                "logprobs": _logprobs(tok, choice["logprobs"]) if body.logprobs else None, "metrics": _metrics(run)}
+        return (await _completions(request, body, prompts, run))[0]
+    llm, seq = server_state(request).llm, run.request.seqs[0]
 
     async def events():
         async for d in run.deltas():
             stop = _stop_reason(llm, d.finish_reason, d.stop_token) if d.finish_reason else None
             if d.text or stop:
                 yield {"delta": d.text, "stop_reason": stop,
-                       "logprobs": _logprobs(tok, d.logprobs) if body.logprobs else None,
-                       **({"metrics": _metrics(run)} if stop else {})}
-        state.metrics.requests.labels(request.url.path, "200").inc()
+                       "logprobs": _logprobs(llm.tokenizer, d.logprobs) if body.logprobs else None,
+                       **({"metrics": _metrics(seq.prompt_len, len(seq.generated))} if stop else {})}
+        server_state(request).metrics.requests.labels(request.url.path, "200").inc()
 
     return sse_response(events(), done=False)
+
+
+@router.post("/inference/batch-completion")
+async def batch_completion(request: Request):
+    body: BatchCompletionRequest = await _parse(request, BatchCompletionRequest)
+    _no_stream(body)
+    prompts, run = _completion_run(request, body, body.content_batch)
+    return {"batch": await _completions(request, body, prompts, run)}
 
 
 # -- safety: the server's shields, one at a time -------------------------------------------------------------

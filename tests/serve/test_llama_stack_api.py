@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from conftest import KEY
+from herd.quant.kernel import ops
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,41 @@ def test_completion_and_its_stream(server, ls):
               for e in events(server, "/v1/inference/completion", {**body, "stream": True})]
     assert "".join(c.delta for c in chunks) == reply.content
     assert chunks[-1].stop_reason == reply.stop_reason and all(c.stop_reason is None for c in chunks[:-1])
+
+
+def test_batch_routes_equal_one_request_at_a_time(server, ls):
+    """Batch inference: every conversation (or text) in the engine at once, each reply what it gets alone."""
+    llm = server.llm
+    # Questions no other test asks (tests/serve/test_serve_cli.py counts on its own being new to the cache).
+    questions = ["Say hello in French.", "Give a synonym for quick.", "Spell the word cat backwards."]
+    params = {"max_tokens": 16}
+    batch = post(server, "/v1/inference/batch-chat-completion", {
+        "model_id": llm.name, "messages_batch": [dump([ls.UserMessage(content=q)]) for q in questions],
+        "sampling_params": params})
+    assert batch.status_code == 200, batch.text
+    replies = ls.BatchChatCompletionResponse.model_validate(batch.json()).batch
+    prompts = [llm.chat_prompt([{"role": "user", "content": q}]) for q in questions]
+    assert [{m.metric: m.value for m in r.metrics}["prompt_tokens"] for r in replies] == [len(p) for p in prompts]
+    if ops() is not None and ops().vnni:
+        # There a prompt computes alike in any company and however much of it the prefix cache held (README,
+        # Serving): each reply is the one it gets alone. Elsewhere prompts multiply through BLAS, whose rounding
+        # depends on how many rows share the call.
+        for question, reply in zip(questions, replies, strict=True):
+            alone = post(server, "/v1/inference/chat-completion", {
+                "model_id": llm.name, "messages": dump([ls.UserMessage(content=question)]),
+                "sampling_params": params}).json()
+            assert reply.completion_message.content == alone["completion_message"]["content"]
+            assert [(m.metric, m.value) for m in reply.metrics] == [(m["metric"], m["value"]) for m in alone["metrics"]]
+    texts = ["Once upon a time", "The capital of Italy is"]
+    done = post(server, "/v1/inference/batch-completion", {"model_id": llm.name, "content_batch": texts,
+                                                            "sampling_params": params})
+    completions = ls.BatchCompletionResponse.model_validate(done.json()).batch
+    assert len(completions) == 2 and all(c.content for c in completions)
+    if ops() is not None and ops().vnni:
+        assert [c.content for c in completions] == [llm.generate(t, max_tokens=16, temperature=0).text for t in texts]
+    streamed = post(server, "/v1/inference/batch-completion", {"model_id": llm.name, "content_batch": texts,
+                                                                "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), [
