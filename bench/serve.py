@@ -13,6 +13,9 @@ One run, the built-in default model, loopback only:
    the most batching could give here;
 4. the time to first token of a second chat turn (a long first turn, its reply, a short follow-up) on both servers,
    interleaved: with the prefix cache the follow-up reuses the first turn's blocks.
+5. the same requests through the engine in this process, one and 16 at a time (no server, no HTTP): how much of
+   the gap to the goal serving itself costs (on two cores, the server's and the load generator's CPU lands on the
+   cores the kernel computes on).
 
     .venv/bin/python bench/serve.py [--threads 2] [--requests 32] [--png docs/serve.png]
 """
@@ -88,6 +91,34 @@ def decode_check(new_tokens: int, rounds: int) -> dict[str, float]:
         best["plain"] = max(best["plain"], plain())
         best["engine"] = max(best["engine"], engine())
     return best
+
+
+def engine_rounds(requests: list[dict], levels: list[int]) -> dict[int, float]:
+    """Seconds for the same requests through the engine in this process, `level` of them in flight at a time (no
+    server, no HTTP, no prefix cache, as the measured server): the server's figures if serving cost nothing."""
+    import herd
+    from herd.generate import EngineConfig, Generator, SamplingParams
+
+    llm = herd.load()
+    engine = Generator(llm.model, llm.tokenizer, config=EngineConfig(prefix_caching=False))
+    prompts = [llm.chat_prompt(r["messages"]) for r in requests]
+    engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    walls = {}
+    for level in levels:
+        waiting, running = list(zip(prompts, requests)), [0]
+
+        def finish(delta):
+            running[0] -= delta.finish_reason is not None
+
+        start = time.perf_counter()
+        while waiting or running[0]:
+            while waiting and running[0] < level:
+                prompt, request = waiting.pop(0)
+                engine.submit([prompt], SamplingParams(max_tokens=request["max_tokens"], temperature=0), finish)
+                running[0] += 1
+            engine.step()
+        walls[level] = time.perf_counter() - start
+    return walls
 
 
 # -- the servers ---------------------------------------------------------------------------------------------
@@ -222,6 +253,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3, help="conversations for the second-turn measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", default=None)
+    parser.add_argument("--no-engine-alone", dest="engine_alone", action="store_false",
+                        help="skip timing the same requests through the engine in this process (no server)")
     args = parser.parse_args()
     import httpx
     import torch
@@ -275,6 +308,11 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
+    if args.engine_alone and 16 in levels:
+        walls = engine_rounds(requests, [1, 16])
+        print(f"the engine alone (no server, no HTTP), the same requests: {walls[1]:.1f} s one at a time, "
+              f"{walls[16]:.1f} s 16 at a time, {walls[1] / walls[16]:.2f}x (the server: "
+              f"{at16['tok_s'] / rounds[0]['tok_s']:.2f}x)", flush=True)
     load = os.getloadavg()
     print(f"load average at end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
     if args.png and args.turns:
