@@ -134,22 +134,30 @@ class _Inference(_Strict):
     logprobs: LogProbConfig | None = None
 
 
-class ChatCompletionRequest(_Inference):
-    messages: list[Message] = Field(min_length=1)
+class _Chat(_Inference):
     tools: list[ToolDefinition] = Field(default_factory=list)
+    tool_config: ToolConfig | None = None
+
+    def config(self) -> ToolConfig:
+        return self.tool_config or ToolConfig()
+
+
+class ChatCompletionRequest(_Chat):
+    messages: list[Message] = Field(min_length=1)
     tool_choice: str | None = None  # the older place for tool_config's fields
     tool_prompt_format: Literal["json", "function_tag", "python_list"] | None = None
-    tool_config: ToolConfig | None = None
+
+    def config(self) -> ToolConfig:
+        return self.tool_config or ToolConfig(tool_choice=self.tool_choice or "auto",
+                                              tool_prompt_format=self.tool_prompt_format)
 
 
 class CompletionRequest(_Inference):
     content: Content
 
 
-class BatchChatCompletionRequest(_Inference):
+class BatchChatCompletionRequest(_Chat):
     messages_batch: list[Annotated[list[Message], Field(min_length=1)]] = Field(min_length=1)
-    tools: list[ToolDefinition] = Field(default_factory=list)
-    tool_config: ToolConfig | None = None
 
 
 class BatchCompletionRequest(_Inference):
@@ -273,11 +281,9 @@ class _Chats:
     """Conversations of one chat request (one, or a batch), as prompts with the request's tools, and their
     replies."""
 
-    def __init__(self, request: Request, body: ChatCompletionRequest | BatchChatCompletionRequest,
-                 conversations: list[list[Message]]):
+    def __init__(self, request: Request, body: _Chat, conversations: list[list[Message]]):
         self.state, self.llm = server_state(request), server_state(request).llm
-        config = body.tool_config or ToolConfig(tool_choice=getattr(body, "tool_choice", None) or "auto",
-                                                tool_prompt_format=getattr(body, "tool_prompt_format", None))
+        config = body.config()
         if config.system_message_behavior == "replace":
             raise APIError(400, "system_message_behavior 'replace' is not supported: the tool instructions are "
                                 "added to the system prompt (append)", param="tool_config")
