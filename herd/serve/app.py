@@ -486,10 +486,14 @@ def _partial_suffix(text: str, token: str) -> int:
     return next((n for n in range(min(len(token) - 1, len(text)), 0, -1) if token.startswith(text[-n:])), 0)
 
 
+def token_text(tok, token: int) -> str:
+    """A token's own text as the logprobs of every route show it (a piece of a UTF-8 character shows as U+FFFD)."""
+    return tok.decode_bytes([token]).decode("utf-8", errors="replace")
+
+
 def _chat_logprobs(tok, logprobs) -> list[dict[str, Any]]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        raw = tok.decode_bytes([token])
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        return {"token": token_text(tok, token), "logprob": logprob, "bytes": list(tok.decode_bytes([token]))}
 
     return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
             for lp in logprobs]
@@ -574,12 +578,12 @@ def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for entry in entries:
         token = entry if isinstance(entry, int) else entry.token
-        text = tok.decode_bytes([token]).decode("utf-8", errors="replace")
+        text = token_text(tok, token)
         out["tokens"].append(text)
         out["text_offset"].append(offset)
         out["token_logprobs"].append(None if isinstance(entry, int) else entry.logprob)
         out["top_logprobs"].append(None if isinstance(entry, int) else {
-            tok.decode_bytes([t]).decode("utf-8", errors="replace"): v for t, v in entry.top.items()})
+            token_text(tok, t): v for t, v in entry.top.items()})
         offset += len(text)
     return out, offset
 

@@ -30,7 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from herd.generate import SamplingParams
 from herd.generate.sequence import Completion
 from herd.generate.structured import GrammarError
-from herd.serve.app import Run, ToolStreamer, budget, collect, read_json, server_state, sse_response, validate
+from herd.serve.app import (
+    Run,
+    ToolStreamer,
+    budget,
+    collect,
+    read_json,
+    server_state,
+    sse_response,
+    token_text,
+    validate,
+)
 from herd.serve.auth import check_key
 from herd.serve.protocol import APIError
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS, call_schema
@@ -254,11 +264,8 @@ def _stop_reason(llm, finish_reason: str | None, stop_token: int | None) -> str:
 
 def _logprobs(tok, logprobs) -> list[dict[str, Any]]:
     """Each token's log-probability and its alternatives', by their text (TokenLogProbs)."""
-    def text(token: int) -> str:
-        return tok.decode_bytes([token]).decode("utf-8", errors="replace")
-
-    return [{"logprobs_by_token": {text(lp.token): lp.logprob, **{text(t): v for t, v in lp.top.items()}}}
-            for lp in logprobs]
+    return [{"logprobs_by_token": {token_text(tok, lp.token): lp.logprob,
+                                   **{token_text(tok, t): v for t, v in lp.top.items()}}} for lp in logprobs]
 
 
 def _ls_call(call: dict[str, Any]) -> dict[str, Any]:
