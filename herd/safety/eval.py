@@ -142,8 +142,10 @@ def heldout_png(reports: dict[str, dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 3.6), squeeze=False)
-    for ax, (name, report) in zip(axes[0], reports.items()):
+    fig, axes = plt.subplots(2, len(reports), figsize=(6 * len(reports), 6.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for ax, lang_ax, (name, report) in zip(axes[0], axes[1], reports.items()):
+        _languages_panel(lang_ax, report.get("languages", {}))
         classes = [c for c, v in report.items() if isinstance(v, dict) and "precision" in v and v["support"]]
         classes.sort(key=lambda c: (not c[1:].isdigit(), int(c[1:]) if c[1:].isdigit() else 0, c))
         x = range(len(classes))
@@ -163,6 +165,21 @@ def heldout_png(reports: dict[str, dict], path: str | Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _languages_panel(ax, languages: dict) -> None:
+    """Each language's held-out rows: the share of those to flag (harmful, attacks) flagged, and of clean ones."""
+    names = sorted(languages, key=lambda lang: (lang != "en", lang))
+    x = range(len(names))
+    recall = [languages[n]["recall"] * 100 if languages[n]["n"]["flagged"] else 0 for n in names]
+    ax.bar([i - 0.2 for i in x], recall, 0.4, label="to flag: flagged", color="tab:green")
+    ax.bar([i + 0.2 for i in x], [languages[n]["false_positive_rate"] * 100 for n in names], 0.4,
+           label="clean: flagged", color="tab:red")
+    ax.set_xticks(list(x), [f"{n}\n({languages[n]['n']['flagged']} / {languages[n]['n']['clean']})" for n in names],
+                  fontsize=7)
+    ax.set_title("by language (rows to flag / clean rows; es and ca machine-translated)", fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7)
 
 
 def _save(fig, path) -> Path:

@@ -5,11 +5,15 @@ The classifier is herd's hashed word n-gram linear model (herd.data.classify) tr
 and Debian's documentation (herd.safety.datasets); it measured as well as a head on the default model's hidden
 states at a hundredth of the cost (docs/safety.md has both). Long texts are scored window by window, 512 tokens
 each, as Meta's Prompt Guard is: an attack buried at the end of a long document is scored on its own window,
-and the text gets the highest injection and jailbreak scores of its windows.
+and the text gets the highest injection and jailbreak scores of its windows. A text that is JSON (a tool's
+result, as herd's tools return them) is scored on its strings: the classifier judges what a model would read,
+and JSON's syntax, which no training text has, had weighed as much as the words (a search result holding one
+clean sentence scored 0.74 jailbreak).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,28 @@ from herd.data.classify import HashedLinearClassifier
 
 LABELS = ("benign", "injection", "jailbreak")
 WINDOW = 512
+
+
+def readable_text(text: str) -> str:
+    """The strings of a JSON text, one per line (keys, numbers and syntax left out); any other text as it is."""
+    if not text.lstrip().startswith(("{", "[")):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return "\n".join(_strings(value))
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
 
 
 class PromptGuard:
@@ -56,7 +82,7 @@ class PromptGuard:
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"text to score must be a string, not {type(text).__name__}")
-            pieces = self.windows(text)
+            pieces = self.windows(readable_text(text))
             spans.append((len(flat), len(flat) + len(pieces)))
             flat.extend(pieces)
         probs = self.classifier.predict_proba(flat) if flat else np.zeros((0, 3))
@@ -82,7 +108,7 @@ def train_prompt_guard(examples, seed: int = 0, n_features: int = 1 << 18, alpha
     weighting each example by the inverse of its class's size (benign text outnumbers attacks)."""
     from sklearn.linear_model import SGDClassifier
 
-    texts = [e.text for e in examples]
+    texts = [readable_text(e.text) for e in examples]
     labels = [e.label for e in examples]
     if set(labels) != set(LABELS):
         raise ValueError(f"Prompt Guard needs examples of {list(LABELS)}, got {sorted(set(labels))}")

