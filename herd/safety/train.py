@@ -84,9 +84,9 @@ def is_request(example) -> bool:
 
 
 def _balanced(examples, per_label: int | None, seed: int):
-    """At most `per_label` of each label's user turns in English, as many in translation, and as many of its agent
-    turns, drawn at random: a label's many requests must not crowd out the few replies that teach the agent's
-    side of it, nor its translations the English it is mostly asked in."""
+    """At most `per_label` of each label's user turns in English, as many in other languages and as many of its
+    agent turns, drawn at random: a label's many requests must not crowd out the few replies that teach the
+    agent's side of it, nor its translations the English it is mostly asked in."""
     rng = random.Random(seed)
     by_label: dict[tuple[str, bool, bool], list] = {}
     for e in examples:

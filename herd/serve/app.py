@@ -323,7 +323,11 @@ async def retrieve_model(request: Request, model_id: str):
 
 
 def _model(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "herd"}
+    """The model as both APIs on /v1/models describe one: OpenAI's fields, then Llama Stack's (a client of either
+    ignores the other's)."""
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "herd",
+            "identifier": state.model_name, "provider_resource_id": state.model_name, "provider_id": "herd",
+            "type": "model", "model_type": "llm", "metadata": {}}
 
 
 @openai_router.post("/v1/chat/completions")
