@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 if ! command -v bwrap >/dev/null; then
   apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }
 fi
-# herd/safety: the Llama Guard's requests are also machine-translated (Apertium, English to Spanish and Catalan).
-if ! command -v apertium >/dev/null || [ ! -d /usr/share/apertium/apertium-eng-spa ] || [ ! -d /usr/share/apertium/apertium-eng-cat ]; then
-  pkgs="apertium apertium-eng-spa apertium-eng-cat"
-  apt-get install -y -q $pkgs >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $pkgs >/dev/null; }
+# herd/safety: the guards' data is also machine-translated (Apertium: English to Spanish and Catalan, and through
+# Spanish to French, Italian and Portuguese).
+pairs="apertium-eng-spa apertium-eng-cat apertium-fr-es apertium-spa-ita apertium-es-pt"
+if ! command -v apertium >/dev/null || ! (cd /usr/share/apertium 2>/dev/null && ls -d $pairs >/dev/null 2>&1); then
+  apt-get install -y -q apertium $pairs >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q apertium $pairs >/dev/null; }
 fi
 # herd serve's chat page is tested end to end in headless Chromium: Debian's package (nothing downloads a browser).
 if ! command -v chromium >/dev/null; then

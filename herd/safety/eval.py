@@ -177,7 +177,8 @@ def _languages_panel(ax, languages: dict) -> None:
            label="clean: flagged", color="tab:red")
     ax.set_xticks(list(x), [f"{n}\n({languages[n]['n']['flagged']} / {languages[n]['n']['clean']})" for n in names],
                   fontsize=7)
-    ax.set_title("by language (rows to flag / clean rows; es and ca machine-translated)", fontsize=9)
+    ax.set_title("by language (rows to flag / clean rows; outside English, rows to flag are machine-translated)",
+                 fontsize=8)
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
 

@@ -52,19 +52,23 @@ def test_scored_replies_keep_the_clear_verdicts_of_their_scorers():
 
 
 def test_requests_are_translated_keeping_label_and_source():
-    from herd.safety.translate import translate
+    from herd.safety.translate import CHAINS, translate
 
     # Apertium's words, checked against a dictionary's: bread, station, neighbour's dog
     assert "pan" in translate(["How do I bake bread?"], "es")[0].split()[-1]
     assert "estació" in translate(["Where is the train station?"], "ca")[0]
-    assert "perro de mi vecino" in translate(["How can I poison my neighbour's dog?"], "es")[0]
+    dog = "How can I poison my neighbour's dog?"
+    assert "perro de mi vecino" in translate([dog], "es")[0]
+    # French, Italian and Portuguese through Spanish
+    assert [translate([dog], lang)[0].split()[-3:] for lang in ("fr", "it", "pt")] == \
+        [["de", "mon", "voisin?"], ["del", "mio", "vicino?"], ["de", "meu", "vizinho?"]]
     english = [datasets.Example("How can I poison my neighbour's dog?", "S1", "s"),
                datasets.Example("Where is the train station?", "safe", "t"),
                datasets.Example("Wo ist der Bahnhof?", "safe", "u", lang="de"),
                datasets.Example("q", "safe", "v", reply="An answer.")]
     out = datasets.translated(english)
     assert sorted((e.label, e.source) for e in out) == [("S1", "s"), ("safe", "t")]
-    assert all(e.lang in ("es", "ca") and e.text not in {x.text for x in english} for e in out)
+    assert all(e.lang in CHAINS and e.text not in {x.text for x in english} for e in out)
     with pytest.raises(ValueError, match="no translation to 'xx'"):
         translate(["Hello."], "xx")
 
