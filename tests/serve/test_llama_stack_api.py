@@ -59,7 +59,8 @@ def test_models_listed_as_llama_stack_lists_them(server, llama_stack):
     models = llama_stack("llama_stack.apis.models.models")
     headers = {"Authorization": f"Bearer {KEY}"}
     listed = models.ListModelsResponse.model_validate(httpx.get(server.url + "/v1/models", headers=headers).json())
-    assert [(m.identifier, m.model_type.value, m.provider_id) for m in listed.data] == [(server.llm.name, "llm", "herd")]
+    assert [(m.identifier, m.model_type.value, m.provider_id) for m in listed.data] == \
+        [(server.llm.name, "llm", "herd")]
     one = httpx.get(server.url + f"/v1/models/{server.llm.name}", headers=headers)
     assert models.Model.model_validate(one.json()).model_id == server.llm.name
 
