@@ -34,6 +34,7 @@ from herd.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    resource,
 )
 from herd.tokenizer.tool_calls import call_schema
 
@@ -326,8 +327,7 @@ def _model(state: ServerState) -> dict[str, Any]:
     """The model as both APIs on /v1/models describe one: OpenAI's fields, then Llama Stack's (a client of either
     ignores the other's)."""
     return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "herd",
-            "identifier": state.model_name, "provider_resource_id": state.model_name, "provider_id": "herd",
-            "type": "model", "model_type": "llm", "metadata": {}}
+            **resource(state.model_name, "model"), "model_type": "llm", "metadata": {}}
 
 
 @openai_router.post("/v1/chat/completions")

@@ -25,7 +25,7 @@ import json
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from herd.generate import SamplingParams
 from herd.generate.sequence import Completion
@@ -42,17 +42,13 @@ from herd.serve.app import (
     validate,
 )
 from herd.serve.auth import check_key
-from herd.serve.protocol import APIError
+from herd.serve.protocol import APIError, StrictModel, resource
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS, call_schema
 
 router = APIRouter(prefix="/v1")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class TextItem(_Strict):
+class TextItem(StrictModel):
     type: Literal["text"]
     text: str
 
@@ -60,30 +56,30 @@ class TextItem(_Strict):
 Content = Union[str, TextItem, list[TextItem]]
 
 
-class UserMessage(_Strict):
+class UserMessage(StrictModel):
     role: Literal["user"]
     content: Content
     context: Content | None = None
 
 
-class SystemMessage(_Strict):
+class SystemMessage(StrictModel):
     role: Literal["system"]
     content: Content
 
 
-class ToolResponseMessage(_Strict):
+class ToolResponseMessage(StrictModel):
     role: Literal["tool"]
     call_id: str
     content: Content
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictModel):
     call_id: str
     tool_name: str
     arguments: Union[str, dict[str, Any]]
 
 
-class CompletionMessage(_Strict):
+class CompletionMessage(StrictModel):
     role: Literal["assistant"]
     content: Content = ""
     stop_reason: Literal["end_of_turn", "end_of_message", "out_of_tokens"] = "end_of_turn"
@@ -94,49 +90,49 @@ Message = Annotated[Union[UserMessage, SystemMessage, ToolResponseMessage, Compl
                    Field(discriminator="role")]
 
 
-class Strategy(_Strict):
+class Strategy(StrictModel):
     type: Literal["greedy", "top_p", "top_k"] = "greedy"
     temperature: float | None = Field(None, gt=0, le=2, strict=False)
     top_p: float | None = Field(0.95, gt=0, le=1, strict=False)
     top_k: int | None = Field(None, ge=1)
 
 
-class Sampling(_Strict):
+class Sampling(StrictModel):
     strategy: Strategy = Field(default_factory=Strategy)
     max_tokens: int | None = Field(0, ge=0)  # 0: as many as the context (and the server's limit) allow
     repetition_penalty: float | None = Field(1.0, gt=0, strict=False)
     stop: list[str] | None = Field(None, max_length=4)
 
 
-class ToolParam(_Strict):
+class ToolParam(StrictModel):
     param_type: str
     description: str | None = None
     required: bool = True
     default: Any = None
 
 
-class ToolDefinition(_Strict):
+class ToolDefinition(StrictModel):
     tool_name: str
     description: str | None = None
     parameters: dict[str, ToolParam] | None = None
 
 
-class ToolConfig(_Strict):
+class ToolConfig(StrictModel):
     tool_choice: str = "auto"  # auto, required, none or a tool's name
     tool_prompt_format: Literal["json", "function_tag", "python_list"] | None = None
     system_message_behavior: Literal["append", "replace"] = "append"
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["json_schema", "grammar"]
     json_schema: dict[str, Any] | None = None
 
 
-class LogProbConfig(_Strict):
+class LogProbConfig(StrictModel):
     top_k: int = Field(0, ge=0, le=20)
 
 
-class _Inference(_Strict):
+class _Inference(StrictModel):
     model_id: str
     sampling_params: Sampling = Field(default_factory=Sampling)
     response_format: ResponseFormat | None = None
@@ -174,7 +170,7 @@ class BatchCompletionRequest(_Inference):
     content_batch: list[Content] = Field(min_length=1)
 
 
-class RunShieldRequest(_Strict):
+class RunShieldRequest(StrictModel):
     shield_id: str
     messages: list[Message] = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -422,7 +418,7 @@ async def batch_completion(request: Request):
 # -- safety: the server's shields, one at a time -------------------------------------------------------------
 
 def _shield(name: str) -> dict[str, Any]:
-    return {"identifier": name, "provider_resource_id": name, "provider_id": "herd", "type": "shield", "params": {}}
+    return {**resource(name, "shield"), "params": {}}
 
 
 def _names(request: Request) -> list[str]:

@@ -9,9 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_STOP = 4
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     # Unknown fields are ignored, as OpenAI does; the known ones must have the right type.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def resource(identifier: str, kind: str) -> dict[str, Any]:
+    """The fields Llama Stack gives one of a server's resources (a model, a shield): this server provides it."""
+    return {"identifier": identifier, "provider_resource_id": identifier, "provider_id": "herd", "type": kind}
 
 
 class APIError(Exception):
@@ -27,23 +32,23 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictModel):
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
@@ -61,38 +66,38 @@ class Message(_Strict):
         return message
 
 
-class FunctionDef(_Strict):
+class FunctionDef(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: dict[str, str]
 
 
-class JsonSchemaSpec(_Strict):
+class JsonSchemaSpec(StrictModel):
     name: str = "response"
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(StrictModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -183,7 +188,7 @@ class CompletionRequest(_Sampling):
         return value
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictModel):
     """vLLM's /tokenize: a prompt's ids, or a chat's (its template applied, the assistant's turn opened)."""
 
     model: str
@@ -193,6 +198,6 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool = True  # for a prompt: the beginning-of-text token first, as completions add it
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     model: str
     tokens: list[int]
