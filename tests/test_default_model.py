@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import herd
-from herd.llm import default_model_path
 
 pytestmark = pytest.mark.heavy
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -17,15 +16,9 @@ def llm_f32():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
+def reference(smollm2_transformers_model, smollm2_transformers):
     warnings.filterwarnings("ignore")
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return smollm2_transformers_model, smollm2_transformers
 
 
 def test_chat_prompt_and_greedy_reply_equal_transformers_token_for_token(llm_f32, reference):

@@ -82,7 +82,7 @@ class DaskExecutor:
         if address:
             self._cluster = None
             try:
-                self._client = Client(address, timeout=30)
+                self._client = Client(address)  # Dask's connect timeout: distributed.comm.timeouts.connect
             except OSError as e:  # refused, unreachable, timed out: name the address, not a traceback
                 raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}; is dask-scheduler "
                                    "running there?") from None

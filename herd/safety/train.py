@@ -99,8 +99,8 @@ def _balanced(examples, per_label: int | None, seed: int):
 
 
 def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: int | None = None, safe_test: int = 300,
-                           layers: int = 12, max_chars: int = 300, batch_size: int = 16, progress: bool = True,
-                           cache: str | None = None):
+                           layers: Sequence[int] = (18, 24), max_chars: int = 300, batch_size: int = 16,
+                           progress: bool = True, cache: str | None = None):
     """A GuardHead for `llm` (load it with quantize=None: the features must not depend on the batch), trained on
     harmful user and agent turns by category and on safe ones (safe_train None: every safe training turn; the
     head's class weights balance them), evaluated on sources it never saw.
@@ -115,9 +115,9 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
     judged = [judged_turn(e.messages()) for e in examples]
     # each judged turn (User, Agent) has its own cached prompt start; similar lengths batch with little padding
     order = sorted(range(len(rows)), key=lambda i: (judged[i], len(rows[i])))
-    X = np.zeros((len(rows), 2 * llm.model.config.dim), dtype=np.float32)
+    X = np.zeros((len(rows), 2 * len(features.layers) * llm.model.config.dim), dtype=np.float32)
     done = np.zeros(len(rows), dtype=bool)
-    key = np.array([_digest(judged[i], r) for i, r in enumerate(rows)])
+    key = np.array([_digest(f"{judged[i]}@{features.layers}", r) for i, r in enumerate(rows)])
     if cache and Path(cache).is_file():
         with np.load(cache) as z:
             if np.array_equal(z["key"], key):
@@ -133,7 +133,7 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
             _save_features(cache, X=X, done=done, key=key)
     X_train, X_test = X[:len(train)], X[len(train):]
     head = GuardHead.fit(X_train, [e.label for e in train], seed=seed,
-                         info={"layers": layers, "max_chars": max_chars, "base_model": llm.name,
+                         info={"layers": list(features.layers), "max_chars": max_chars, "base_model": llm.name,
                                "label_counts": dict(Counter(e.label for e in train))})
     probs = head.predict_proba(X_test)
     predicted = [head.verdict_text(p).split("\n")[-1] for p in probs]
@@ -144,7 +144,8 @@ def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: 
 
 
 def _digest(judged: str, ids) -> int:
-    """A row's key in the feature cache, the same in every process (hash() of a str is not)."""
+    """A row's key in the feature cache (`judged`: the turn judged and the layers read), the same in every process
+    (hash() of a str is not)."""
     return int.from_bytes(hashlib.blake2b(f"{judged}:{list(ids)}".encode(), digest_size=8).digest(), "little",
                           signed=True)
 

@@ -185,6 +185,8 @@ def test_dask_cluster_by_address_matches_the_local_executor(planted_corpus, refe
 def test_unreachable_scheduler_is_one_clear_line(planted_corpus, tmp_path):
     cmd = [sys.executable, "-m", "herd.data.cli", "run", str(planted_corpus.files[0]), "--out", str(tmp_path / "o"),
            "--scheduler", "tcp://127.0.0.1:9", "--quiet"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Dask's own connect timeout (30 s by default) cut short, as a user may set it too
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr

@@ -21,28 +21,50 @@ def tiny():
 
 
 def _from_scratch(llm, features, messages, agent):
-    """The last conversation token's state and the mean over the conversation, with no cache."""
+    """At each feature layer, the last conversation token's state and the mean over the conversation, with no
+    cache."""
     ids = features._ids(messages, agent)
     prefix, _, tail = features._start(agent)
-    states = []
-    hook = llm.model.layers[features.layers - 1].register_forward_hook(lambda m, a, out: states.append(out))
+    states = {}
+    hooks = [llm.model.layers[layer - 1].register_forward_hook(
+        lambda m, a, out, layer=layer: states.__setitem__(layer, out)) for layer in features.layers]
     with torch.inference_mode():
         llm.model(torch.tensor([ids[:len(ids) - tail]]))
-    hook.remove()
-    h = states[-1][0, len(prefix):].float()
-    return torch.cat([h[-1], h.mean(0)]).numpy()
+    for hook in hooks:
+        hook.remove()
+    parts = []
+    for layer in features.layers:
+        h = states[layer][0, len(prefix):].float()
+        parts += [h[-1], h.mean(0)]
+    return torch.cat(parts).numpy()
 
 
 @pytest.mark.parametrize("agent", ["User", "Agent"])
 def test_cached_start_gives_the_states_of_the_whole_prompt(tiny, agent):
-    features = GuardFeatures(tiny, layers=2)
+    features = GuardFeatures(tiny, layers=(2, 1))
+    assert features.layers == (1, 2) and features.config.n_layers == 2  # the third layer is never run
     dialog = [{"role": "user", "content": "How do I bake bread?"}]
     if agent == "Agent":
         dialog.append({"role": "assistant", "content": "Mix flour, water, salt and yeast, then bake."})
     got = features(dialog, agent)
+    assert got.shape == (2 * 2 * tiny.model.config.dim,)
     np.testing.assert_allclose(got, _from_scratch(tiny, features, dialog, agent), rtol=1e-4, atol=1e-4)
     head = GuardHead(["S1", "safe"], np.zeros(got.size, np.float32), np.ones(got.size, np.float32),
                      np.stack([np.zeros(got.size), np.full(got.size, 1e-3)]).astype(np.float32),
-                     np.array([5.0, 0.0], np.float32))
+                     np.array([5.0, 0.0], np.float32), info={"layers": [1, 2]})
     verdict = LlamaGuard(HeadGuardModel(tiny, head)).check(dialog, agent_type=agent)  # both turns can be judged
     assert verdict["safe"] is False and verdict["categories"] == ["S1"] and verdict["raw"] == "unsafe\nS1"
+
+
+@pytest.mark.parametrize("layers", [(0,), (2, 4), ()])
+def test_feature_layers_must_exist_in_the_model(tiny, layers):
+    with pytest.raises(ValueError, match="this model has layers 1 to 3"):
+        GuardFeatures(tiny, layers=layers)
+
+
+def test_features_leave_no_hooks_on_the_model(tiny):
+    """The feature layers are the model's own modules: reading features must not leave them observing the
+    model's other forwards (generation on the same LLM)."""
+    features = GuardFeatures(tiny, layers=(1, 2))
+    features([{"role": "user", "content": "Hello?"}])
+    assert not any(layer._forward_hooks for layer in tiny.model.layers)

@@ -84,10 +84,3 @@ def smollm2_reader():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_reader) -> HFTokenizer:
     return HFTokenizer.from_gguf(smollm2_reader)
-
-
-@pytest.fixture(scope="session")
-def smollm2_transformers():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
