@@ -99,12 +99,13 @@ def _balanced(examples, per_label: int | None, seed: int):
 
 
 def train_llama_guard_head(llm, seed: int = 0, per_label: int = 60, safe_train: int | None = None, safe_test: int = 300,
-                           layers: Sequence[int] = (18, 24), max_chars: int = 300, batch_size: int = 16,
+                           layers: Sequence[int] | None = None, max_chars: int = 300, batch_size: int = 16,
                            progress: bool = True, cache: str | None = None):
     """A GuardHead for `llm` (load it with quantize=None: the features must not depend on the batch), trained on
     harmful user and agent turns by category and on safe ones (safe_train None: every safe training turn; the
     head's class weights balance them), evaluated on sources it never saw.
 
+    layers: the hidden layers the head reads (None: GuardFeatures' default, 60% and 80% of the way up).
     cache: a .npz to keep the features in as they are computed, so that an interrupted run resumes."""
     from herd.safety.guard_head import GuardFeatures, GuardHead
 

@@ -56,6 +56,11 @@ def test_cached_start_gives_the_states_of_the_whole_prompt(tiny, agent):
     assert verdict["safe"] is False and verdict["categories"] == ["S1"] and verdict["raw"] == "unsafe\nS1"
 
 
+def test_default_layers_sit_at_sixty_and_eighty_percent_of_the_depth(tiny):
+    assert GuardFeatures(tiny).layers == (2,)  # 1.8 and 2.4 of 3 layers both round to the second
+    assert [round(d * 30) for d in GuardFeatures.DEPTHS] == [18, 24]  # SmolLM2's, where they were chosen
+
+
 @pytest.mark.parametrize("layers", [(0,), (2, 4), ()])
 def test_feature_layers_must_exist_in_the_model(tiny, layers):
     with pytest.raises(ValueError, match="this model has layers 1 to 3"):
