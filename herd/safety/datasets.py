@@ -335,7 +335,7 @@ def translated(examples: list[Example], langs: tuple[str, ...] | None = None, se
     by_lang: dict[str, list[Example]] = {}
     for e in examples:
         if e.reply is None and e.lang == "en":
-            by_lang.setdefault(langs[hashlib.sha1(f"{seed}:{e.text}".encode()).digest()[0] % len(langs)], []).append(e)
+            by_lang.setdefault(langs[_seeded_hash(seed, e.text)[0] % len(langs)], []).append(e)
     out = []
     for lang, rows in sorted(by_lang.items()):
         for e, text in zip(rows, translate([e.text for e in rows], lang)):
@@ -360,8 +360,13 @@ def prompt_guard_examples() -> list[Example]:
     return out
 
 
+def _seeded_hash(seed: int, text: str) -> bytes:
+    """A text's place in a seeded shuffle, the same in every process (hash() of a str is not)."""
+    return hashlib.sha1(f"{seed}:{text}".encode()).digest()
+
+
 def _hash_order(sources, seed: int) -> list[str]:
-    return sorted(sources, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
+    return sorted(sources, key=lambda s: _seeded_hash(seed, s))
 
 
 def split_by_source(examples: list[Example], test_share: float = 0.3, seed: int = 0,
@@ -545,7 +550,7 @@ def scored_replies(seed: int = 0) -> Iterator[Example]:
             if scores and request and reply:
                 by_request.setdefault(request, []).append((reply, sum(scores) / len(scores)))
         for request, replies in by_request.items():
-            half = "AB"[hashlib.sha1(f"{seed}:{request}".encode()).digest()[0] % 2]
+            half = "AB"[_seeded_hash(seed, request)[0] % 2]
             source = f"pyrit:{half}:{name}"
             if max(score for _, score in replies) >= 0.75:
                 yield Example(request, code, source)

@@ -24,6 +24,12 @@ LABELS = ("benign", "injection", "jailbreak")
 WINDOW = 512
 
 
+def attack_label(scores: dict[str, float], threshold: float = 0.5) -> str:
+    """benign, or the attack class whose score passes `threshold` (the larger one if both do)."""
+    attack = max(("injection", "jailbreak"), key=scores.get)
+    return attack if scores[attack] >= threshold else "benign"
+
+
 def readable_text(text: str) -> str:
     """The strings of a JSON text, one per line (keys, numbers and syntax left out); any other text as it is."""
     if not text.lstrip().startswith(("{", "[")):
@@ -97,9 +103,7 @@ class PromptGuard:
 
     def label(self, text: str, threshold: float = 0.5) -> str:
         """benign, or the attack class whose score passes `threshold` (the larger one if both do)."""
-        s = self.score(text)
-        attack = max(("injection", "jailbreak"), key=s.get)
-        return attack if s[attack] >= threshold else "benign"
+        return attack_label(self.score(text), threshold)
 
 
 def train_prompt_guard(examples, seed: int = 0, n_features: int = 1 << 18, alpha: float = 1e-5

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from herd.safety.llama_guard import CANNED_REFUSAL, CATEGORIES
+from herd.safety.prompt_guard import attack_label
 
 log = logging.getLogger("herd.safety")
 
@@ -100,8 +101,8 @@ class Shields:
 
     def _attack(self, text: str) -> tuple[str | None, dict]:
         scores = self._timed("prompt_guard", self.prompt_guard.score, text)
-        attack = max(("injection", "jailbreak"), key=scores.get)
-        return (attack if scores[attack] >= self.threshold else None), scores
+        label = attack_label(scores, self.threshold)
+        return (None if label == "benign" else label), scores
 
     def check_input(self, messages: list[dict]) -> Decision:
         started = time.perf_counter()

@@ -61,13 +61,12 @@ def prompt_guard_split(seed: int = 0) -> tuple[list, list]:
 
 
 def train_prompt_guard_model(seed: int = 0):
-    from herd.safety.prompt_guard import PromptGuard, train_prompt_guard
+    from herd.safety.prompt_guard import PromptGuard, attack_label, train_prompt_guard
 
     train, test = prompt_guard_split(seed)
     model = train_prompt_guard(train, seed=seed)
     scores = PromptGuard(model).score_many([e.text for e in test])
-    predicted = [max(("injection", "jailbreak"), key=s.get) if max(s["injection"], s["jailbreak"]) >= 0.5
-                 else "benign" for s in scores]
+    predicted = [attack_label(s) for s in scores]
     report = per_class_report([e.label for e in test], predicted, "benign")
     requests = [p for e, p in zip(test, predicted) if e.label == "benign" and is_request(e)]
     report["false_positive_rate_requests"] = sum(p != "benign" for p in requests) / max(len(requests), 1)

@@ -9,12 +9,14 @@ import pytest
 
 from herd.data.classify import HashedLinearClassifier
 from herd.safety import datasets
-from herd.safety.prompt_guard import LABELS, PromptGuard, readable_text
+from herd.safety.prompt_guard import LABELS, PromptGuard, attack_label, readable_text
 from herd.safety.train import by_language, is_request, per_class_report
 
 
-def prompt_guard_label(s: dict) -> str:
-    return max(("injection", "jailbreak"), key=s.get) if max(s["injection"], s["jailbreak"]) >= 0.5 else "benign"
+@pytest.fixture(scope="module")
+def predicted(prompt_guard, pg_split):
+    """The trained Prompt Guard's verdict on every held-out text, scored together."""
+    return [attack_label(s) for s in prompt_guard.score_many([e.text for e in pg_split[1]])]
 
 
 def test_split_shares_no_source_and_keeps_every_label(pg_split):
@@ -25,10 +27,8 @@ def test_split_shares_no_source_and_keeps_every_label(pg_split):
     assert {e.lang for e in train + test} >= {"en", "fr", "de", "es", "it"}
 
 
-def test_held_out_sources(prompt_guard, pg_split):
+def test_held_out_sources(prompt_guard, pg_split, predicted):
     _, test = pg_split
-    scores = prompt_guard.score_many([e.text for e in test])
-    predicted = [prompt_guard_label(s) for s in scores]
     assert predicted[:20] == [prompt_guard.label(e.text) for e in test[:20]]
     report = per_class_report([e.label for e in test], predicted, "benign")
     assert report["injection"]["recall"] > 0.75 and report["injection"]["precision"] > 0.6
@@ -39,11 +39,10 @@ def test_held_out_sources(prompt_guard, pg_split):
     assert requests and sum(p != "benign" for p in requests) / len(requests) < 0.1
 
 
-def test_machine_translated_attacks_are_flagged(prompt_guard, pg_split):
+def test_machine_translated_attacks_are_flagged(pg_split, predicted):
     """Attacks machine-translated from held-out English sources into five languages: a guard trained on English
     attacks alone flagged 6-17% of them."""
     _, test = pg_split
-    predicted = [prompt_guard_label(s) for s in prompt_guard.score_many([e.text for e in test])]
     languages = by_language(test, predicted, "benign")
     translated = ("es", "ca", "fr", "it", "pt")
     assert all(languages[lang]["recall"] > 0.6 for lang in translated), languages
