@@ -178,6 +178,22 @@ def test_attention_of_a_step_equals_sdpa_and_does_not_depend_on_the_chunking():
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+@pytest.mark.parametrize("heads", [9, 4, 3])
+def test_a_query_heads_attention_does_not_depend_on_the_heads_sharing_its_keys(heads):
+    # The query heads of one key-value head are scored a few at a time, each key read once for them: every head must
+    # get the numbers it gets alone, with a copy of the keys and values of its own.
+    torch.manual_seed(2)
+    k16, v16 = torch.randn(1, 96, 64).half(), torch.randn(1, 96, 64).half()
+    key_slots = [torch.randperm(96)[:70], torch.randperm(96)[:13]]
+    seqs = kernel.Sequences.of([(None, 62, 8), (None, 12, 1)], key_slots)
+    q = torch.randn(9, heads, 64)
+    shared = kernel.ops().attention(q, seqs, k16, v16)
+    own = [t.expand(heads, -1, -1).contiguous() for t in (k16, v16)]
+    alone = kernel.ops().attention(q, seqs, *own)
+    assert torch.equal(shared, alone)
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 @pytest.mark.parametrize("head_dim", [64, 24])  # the vector loops, and the plain ones of small test heads
 def test_attention_over_a_float16_cache_is_attention_over_its_values(head_dim):
     # The engine keeps keys and values in float16 where the kernel attends: the kernel widens each exactly, so the
