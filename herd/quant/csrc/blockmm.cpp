@@ -612,6 +612,7 @@ void panel_tile_wide(const Panel& p, int64_t K, int64_t group, const int8_t* con
   }
   for (int t = 0; t < T; ++t) _mm512_storeu_ps(out[t], acc[t]);
 }
+
 // panel_tile_wide for n tokens (at most WIDE_TOKENS).
 template <int BITS, int LEVELS, int T = LEVELS == 1 ? WIDE_TOKENS : WIDE2_TOKENS, typename... Args>
 void wide_tile(int n, Args... args) {
