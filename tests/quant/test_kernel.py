@@ -181,12 +181,13 @@ def test_attention_of_a_step_equals_sdpa_and_does_not_depend_on_the_chunking():
 @pytest.mark.parametrize("heads", [9, 4, 3])
 def test_a_query_heads_attention_does_not_depend_on_the_heads_sharing_its_keys(heads):
     # The query heads of one key-value head are scored a few at a time, each key read once for them: every head must
-    # get the numbers it gets alone, with a copy of the keys and values of its own.
+    # get the numbers it gets alone, with a copy of the keys and values of its own. Enough tokens that the kernel's
+    # threads take a token's heads together (with few, it spreads single heads over the threads).
     torch.manual_seed(2)
     k16, v16 = torch.randn(1, 96, 64).half(), torch.randn(1, 96, 64).half()
     key_slots = [torch.randperm(96)[:70], torch.randperm(96)[:13]]
-    seqs = kernel.Sequences.of([(None, 62, 8), (None, 12, 1)], key_slots)
-    q = torch.randn(9, heads, 64)
+    seqs = kernel.Sequences.of([(None, 30, 40), (None, 12, 1)], key_slots)
+    q = torch.randn(41, heads, 64)
     shared = kernel.ops().attention(q, seqs, k16, v16)
     own = [t.expand(heads, -1, -1).contiguous() for t in (k16, v16)]
     alone = kernel.ops().attention(q, seqs, *own)
