@@ -816,14 +816,16 @@ struct QWeight {  // one quantized linear layer, as BlockWeight holds it, and it
   int64_t n, k, bits, group, integer;
 };
 
-void rms_norm(const float* x, const float* weight, int64_t T, int64_t dim, float eps, float* out) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xt = x + t * dim;
-    float sum = 0.f;
-    for (int64_t i = 0; i < dim; ++i) sum += xt[i] * xt[i];
-    const float r = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
-    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = xt[i] * r * weight[i];
-  }
+// One token's row x [dim] normalised into out. The sum of squares runs in eight lanes (a serial sum over the row was
+// 3% of a prompt's time).
+void rms_norm(const float* x, const float* weight, int64_t dim, float eps, float* out) {
+  __m256 lanes = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= dim; i += 8) lanes = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), lanes);
+  float sum = hsum(lanes);
+  for (; i < dim; ++i) sum += x[i] * x[i];
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  for (i = 0; i < dim; ++i) out[i] = x[i] * r * weight[i];
 }
 
 // e^x for eight lanes of x <= 0 (scores less their maximum), within about 2 ulp: x = n ln2 + r with |r| <= ln2 / 2,
@@ -842,6 +844,22 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(two_n)), inside);
+}
+
+// gate[i] = silu(gate[i]) * up[i] (SwiGLU), eight lanes at a time: silu(g) = g * sigmoid(g), the sigmoid from
+// e = e^-|g| (exp8's range) as 1 / (1 + e) for g >= 0, e / (1 + e) below. (The C library's expf, element by
+// element, took 7% of a prompt's time.)
+void swiglu(float* gate, const float* up, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_or_ps(g, sign));  // e^-|g|
+    const __m256 top = _mm256_blendv_ps(one, e, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
+    const __m256 sigmoid = _mm256_div_ps(top, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
 // Scores of H query heads (rows of q, head_dim apart) against keys j, j+1, j+2, j+3 (their rows k[0..3]), times
@@ -1103,7 +1121,7 @@ void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, cons
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      rms_norm(x + t * dim, attn_norm, 1, dim, eps, xn + t * dim);
+      rms_norm(x + t * dim, attn_norm, dim, eps, xn + t * dim);
       a[0].token(t);
       for (int i = 1; i < 3; ++i)
         if (!alike(w[i], w[0])) a[i].token(t);
@@ -1136,7 +1154,7 @@ void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, cons
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t i = t * dim; i < (t + 1) * dim; ++i) x[i] += o[i];
-      rms_norm(x + t * dim, ffn_norm, 1, dim, eps, xn + t * dim);
+      rms_norm(x + t * dim, ffn_norm, dim, eps, xn + t * dim);
       a[0].token(t);
       if (!alike(w[6], w[4])) a[1].token(t);
     }
@@ -1144,7 +1162,7 @@ void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, cons
     rows(alike(w[6], w[4]) ? a[0] : a[1], w[6], up);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t i = t * hidden; i < (t + 1) * hidden; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      swiglu(gate + t * hidden, up + t * hidden, hidden);
       a[2].token(t);
     }
     rows(a[2], w[5], o);
