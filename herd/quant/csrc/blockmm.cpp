@@ -506,6 +506,18 @@ void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, 
 
 namespace {
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Tokens per 512-bit tile (panel_tile_wide), measured on the default model's layers (AMD Zen 4, two threads): eight
+// generated tokens at a time made 16 tokens' matmuls 8-20% faster than the 256-bit tiles; prompt tokens, whose two
+// levels take a third register per token, ran fastest four at a time (10-25% faster than the 256-bit tiles; six or
+// eight at a time were no faster than those).
+constexpr bool kWide = true;
+constexpr int WIDE_TOKENS = 8, WIDE2_TOKENS = 4;
+#else
+constexpr bool kWide = false;
+constexpr int WIDE_TOKENS = 1, WIDE2_TOKENS = 1;
+#endif
+
 // Tokens' activations prepared for one weight's matmul: on the integer paths (levels 1 or 2) int8 codes (and their
 // second level), block scales and block sums of codes; and per token and weight group what a group's min
 // multiplies: the sum of the activations (of scale * codes on the integer paths).
@@ -514,6 +526,12 @@ struct Acts {
   int64_t M, K, group;
   int levels;  // 0: float activations
   std::vector<int8_t> q, q2;
+  // Where 512-bit tiles run: the codes again, a tile's tokens side by side in each block ([tile][block][token][level]
+  // [QK]), so that a tile reads all its tokens' codes through one pointer at fixed offsets. With a pointer per token
+  // and level the tile's loop ran out of general registers and reloaded them from the stack for every product: the
+  // default model's 512-token prompt took 595 ms against 543, 16 sequences' 100-token prompts and 48 tokens each
+  // 1.97 s against 1.90 (medians of 10 rounds, the two kernels alternating in one process, Intel Xeon).
+  std::vector<int8_t> tiled;
   std::vector<float> d, g;
   std::vector<int32_t> s;
 
@@ -525,6 +543,7 @@ struct Acts {
     d.resize(levels ? M * (K / QK) : 0);
     s.resize(levels ? M * (K / QK) : 0);
     g.resize(M * (K / sums_group()));
+    tiled.resize(kWide && levels ? (M + tile_tokens() - 1) / tile_tokens() * tile_tokens() * K * levels : 0);
   }
 
   void token(int64_t t) {
@@ -533,10 +552,23 @@ struct Acts {
     if (levels) {
       quantize_acts(x + t * K, K, sums_group() / QK, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
                     s.data() + t * nb, levels == 2 ? q2.data() + t * K : nullptr);
+      if (kWide) interleave(t);
     } else {
       for (int64_t j = 0; j < ng; ++j)
         for (int64_t i = j * sums_group(); i < (j + 1) * sums_group(); ++i) g[t * ng + j] += x[t * K + i];
     }
+  }
+
+  // Tokens side by side in a tile of `tiled`: fewer than a tile's worth are packed as tightly (one token's codes
+  // read one block after another, as in `q`).
+  int64_t tile_tokens() const { return std::clamp<int64_t>(M, 1, levels == 2 ? WIDE2_TOKENS : WIDE_TOKENS); }
+
+  void interleave(int64_t t) {
+    const int64_t T = tile_tokens(), nb = K / QK;
+    int8_t* tile = tiled.data() + t / T * T * K * levels;
+    for (int64_t b = 0; b < nb; ++b)
+      for (int l = 0; l < levels; ++l)
+        std::copy_n((l ? q2 : q).data() + t * K + b * QK, QK, tile + ((b * T + t % T) * levels + l) * QK);
   }
 
   // The groups that `g` sums over: the weight's, or whole blocks where its groups are halves (they have no mins).
@@ -552,12 +584,8 @@ struct Acts {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // panel_tile with 512-bit vectors, where the CPU has VNNI for them: one register holds a sum for each of the panel's
 // 16 rows, so each weight vector is loaded and unpacked once for twice the tokens, with half the instructions per
-// product. The same arithmetic lane by lane as panel_tile, so the same numbers bit for bit. Tokens per tile, measured
-// on the default model's layers (AMD Zen 4, two threads): eight generated tokens at a time made 16 tokens' matmuls
-// 8-20% faster than the 256-bit tiles; prompt tokens, whose two levels take a third register per token, ran fastest
-// four at a time (10-25% faster than the 256-bit tiles; six or eight at a time were no faster than those).
-constexpr bool kWide = true;
-constexpr int WIDE_TOKENS = 8, WIDE2_TOKENS = 4;
+// product. The same arithmetic lane by lane as panel_tile, so the same numbers bit for bit. `tile`: the tile's codes
+// in Acts::tiled, `side` tokens side by side.
 
 inline __m512 sixteen(const void* values, bool half, int64_t i) {
   if (half) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
@@ -566,10 +594,9 @@ inline __m512 sixteen(const void* values, bool half, int64_t i) {
 }
 
 template <int BITS, int T, int LEVELS>
-void panel_tile_wide(const Panel& p, int64_t K, int64_t group, const int8_t* const* aq, const int8_t* const* aq2,
-                     const float* const* ad, const float* const* ag, const int32_t* const* asum, float* const* out) {
+void panel_tile_wide(const Panel& p, int64_t K, int64_t group, const int8_t* tile, int64_t side, const float* const* ad,
+                     const float* const* ag, const int32_t* const* asum, float* const* out) {
   const int64_t nb = K / QK, per_group = group / QK, block_bytes = (BITS == 4 ? QK / 2 : QK) * PANEL;
-  const int8_t* const* levels[2] = {aq, aq2};
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
@@ -580,8 +607,9 @@ void panel_tile_wide(const Panel& p, int64_t K, int64_t group, const int8_t* con
       __m512i ia[LEVELS][T];
       for (int l = 0; l < LEVELS; ++l)
         for (int t = 0; t < T; ++t) ia[l][t] = _mm512_setzero_si512();
+      const int8_t* codes = tile + b * side * LEVELS * QK;
       auto quad = [&](int l, int t, int64_t at) {
-        return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(levels[l][t] + b * QK + at));
+        return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(codes + (t * LEVELS + l) * QK + at));
       };
       const uint8_t* pc = p.codes + b * block_bytes;
       prefetch_ahead(pc, block_bytes);
@@ -621,8 +649,6 @@ void wide_tile(int n, Args... args) {
   panel_tile_wide<BITS, T, LEVELS>(args...);
 }
 #else
-constexpr bool kWide = false;
-constexpr int WIDE_TOKENS = 1, WIDE2_TOKENS = 1;
 template <int BITS, int LEVELS, typename... Args>
 void wide_tile(int, Args...) {}
 #endif
@@ -648,7 +674,8 @@ void panel_tokens(const Panel& p, const Acts& a, float* out, int64_t stride) {
       o[t] = out + row * stride;
     }
     if (wide) {
-      wide_tile<BITS, LEVELS>(T, p, K, a.group, aq, aq2, ad, ag, as, o);
+      const int8_t* codes = a.tiled.data() + t0 * K * LEVELS;
+      wide_tile<BITS, LEVELS>(T, p, K, a.group, codes, a.tile_tokens(), ad, ag, as, o);
       continue;
     }
     switch (T) {
@@ -770,7 +797,8 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
   acts.prepare(xf, M, K, group, levels, threads);
 #pragma omp parallel num_threads(threads)
   matmul_team(acts, q, sc, mn, packed, N, bits, o);
-  if (acts.q.capacity() + acts.q2.capacity() > (64 << 20)) acts = Acts();  // a huge prompt's are not kept
+  // A huge prompt's buffers are not kept.
+  if (acts.q.capacity() + acts.q2.capacity() + acts.tiled.capacity() > (64 << 20)) acts = Acts();
 }
 
 // The bytes of a weight's panels and their header (see Panel); half: its scales and mins are all float16 values.
