@@ -72,12 +72,21 @@ class TokenLogprob:
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
     """The next token for one sequence from its float logits [vocab]."""
     if params.greedy:
-        return int(logits.argmax())
+        return argmax(logits)
     probs = filtered_probs(logits, params)
     # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race) at a fraction of torch.multinomial's cost
     # over a 128K vocabulary; E = -log U is cheaper to draw than exponential_().
     race = -torch.rand(probs.shape, generator=rng, device=probs.device).log()
-    return int((probs / race).argmax())
+    return argmax(probs / race)
+
+
+def argmax(values: torch.Tensor) -> int:
+    """The index of the largest of `values` [n], as torch.argmax gives it (the first of equal ones; a NaN counts as
+    the largest). On the CPU through numpy's vectorised argmax: PyTorch's took about 110 us over the default model's
+    49K logits against numpy's 5-11, which was about 8% of a decode step of 16 sequences."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return int(values.detach().numpy().argmax())
+    return int(values.argmax())
 
 
 def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int],

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 
 import herd
 from herd.generate import ContextLengthError, Generator, SamplingParams
-from herd.generate.sampling import adjust_logits, filtered_probs
+from herd.generate.sampling import adjust_logits, argmax, filtered_probs
 from herd.model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
@@ -90,6 +90,16 @@ def test_bias_and_repetition_penalty_equal_transformers_and_openai_penalties_cou
         expected[token] -= 0.5 + 0.25 * count
     torch.testing.assert_close(ours, expected)
     assert torch.equal(adjust_logits(logits[0], SamplingParams(), prompt, generated), logits[0])
+
+
+def test_argmax_picks_what_torch_argmax_picks_among_ties_infinities_and_nans():
+    torch.manual_seed(0)
+    rows = [torch.randn(49152), torch.randint(-3, 4, (1000,)).float(), torch.full((7,), float("-inf")),
+            torch.tensor([1.0, float("nan"), 3.0, float("nan")]), torch.tensor([2.0, float("inf"), float("inf")]),
+            torch.randn(300).double()]
+    rows.append(torch.where(torch.rand(4096) < 0.5, torch.tensor(5.0), torch.randn(4096)))
+    for row in rows:
+        assert argmax(row) == int(row.argmax()), row
 
 
 def test_penalised_greedy_decoding_equals_a_loop_over_the_model(generator):
