@@ -21,7 +21,7 @@ import torch
 
 from herd.model.llama import TransformerBlock
 from herd.quant.blocks import BlockLinear, in_place_version
-from herd.quant.kernel import QWeight, Sequences, ops
+from herd.quant.kernel import QWeight, Sequences, addresses, ops
 from herd.quant.phase import prompt_mask
 
 _LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -33,24 +33,31 @@ class DecodeBlock(TransformerBlock):
         torch.nn.Module.__init__(self)
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        self._weights: tuple[tuple[int, int], ctypes.Array, list] | None = None
+        self._weights: tuple[tuple, ctypes.Array, list] | None = None
 
     def forward(self, x, rotation, mask, cache, layer):
         step = _fused_step(x, rotation, cache)
         if step is None or not self.takes(step):
             return super().forward(x, rotation, mask, cache, layer)
-        return _run([self], layer, ctypes.addressof(self._quantized()), x, cache, step)
+        return _run(0, 1, _Stack.of([self]), x, cache, step, layers=[layer])
 
     def takes(self, step: _Step) -> bool:
         """Whether the kernel computes this block for the step: generated tokens always; prompt tokens when all
         seven layers take integer activations (a weight-only layer's float loop is meant for a few tokens)."""
         return not step.prompt or all(self.get_submodule(name).integer for name in _LINEARS)
 
+    def version(self) -> tuple:
+        """Changes whenever the block's weights or norms move or change in place (`.to()`, a loaded state dict:
+        the seven linear layers move and change together, so wq's codes stand for all). Read past
+        Module.__getattr__: every step asks every block."""
+        modules = self._modules
+        codes = modules["attention"]._modules["wq"]._buffers["codes"]
+        norms = (modules[name]._parameters["weight"] for name in ("attention_norm", "ffn_norm"))
+        return codes.data_ptr(), in_place_version(codes), *(norm.data_ptr() for norm in norms)
+
     def _quantized(self) -> ctypes.Array:
-        """The seven layers' QWeight array, rebuilt when their buffers moved or changed in place (`.to()`, a
-        loaded state dict: the seven move and change together, so wq's codes stand for all)."""
-        codes = self.attention.wq.codes
-        key = (codes.data_ptr(), in_place_version(codes))
+        """The seven layers' QWeight array, rebuilt when the block's version changed."""
+        key = self.version()
         if self._weights is None or self._weights[0] != key:
             linears = [self.get_submodule(name) for name in _LINEARS]
             packed = [m.packed() for m in linears]
@@ -63,6 +70,36 @@ class DecodeBlock(TransformerBlock):
         return self._weights[1]
 
 
+@dataclass
+class _Stack:
+    """What the kernel reads of a run of blocks, block by block (empty entries for blocks it does not run)."""
+
+    key: tuple
+    weights: ctypes.Array  # seven QWeights a block
+    attn_norms: ctypes.Array
+    ffn_norms: ctypes.Array
+    eps: float
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, blocks: list) -> _Stack:
+        fused = [b if isinstance(b, DecodeBlock) else None for b in blocks]
+        weights = (QWeight * (7 * len(blocks)))()
+        for i, block in enumerate(fused):
+            if block is not None:
+                ctypes.memmove(ctypes.addressof(weights) + 7 * i * ctypes.sizeof(QWeight), block._quantized(),
+                               7 * ctypes.sizeof(QWeight))
+        some = next(b for b in fused if b is not None)
+        return cls(_versions(blocks), weights, addresses([b and b.attention_norm.weight for b in fused]),
+                   addresses([b and b.ffn_norm.weight for b in fused]), some.attention_norm.eps,
+                   some.attention.n_heads, some.attention.head_dim)
+
+
+def _versions(blocks) -> tuple:
+    return tuple(b.version() if isinstance(b, DecodeBlock) else None for b in blocks)
+
+
 class DecodeLayers(torch.nn.ModuleList):
     """The model's blocks (the same modules, names and order) as a stack that runs itself (`Transformer.forward`
     hands it the loop): a forward's consecutive DecodeBlocks that the kernel takes go through it in one call, with
@@ -70,12 +107,13 @@ class DecodeLayers(torch.nn.ModuleList):
 
     def __init__(self, layers):
         super().__init__(layers)
-        self._weights: tuple[tuple, ctypes.Array] | None = None
+        self._stack: _Stack | None = None
 
     def run(self, h, rotation, mask, cache):
         step = _fused_step(h, rotation, cache)
         blocks = list(self)
-        weights = self._quantized(blocks) if step is not None else None
+        if step is not None and (self._stack is None or self._stack.key != _versions(blocks)):
+            self._stack = _Stack.of(blocks)
         fused = [step is not None and isinstance(b, DecodeBlock) and b.takes(step) for b in blocks]
         i = 0
         while i < len(blocks):
@@ -83,24 +121,10 @@ class DecodeLayers(torch.nn.ModuleList):
             while j < len(blocks) and fused[j]:
                 j += 1
             if j > i:
-                offset = ctypes.addressof(weights) + 7 * i * ctypes.sizeof(QWeight)
-                h, i = _run(blocks[i:j], i, offset, h, cache, step), j
+                h, i = _run(i, j - i, self._stack, h, cache, step), j
             else:
                 h, i = blocks[i](h, rotation, mask, cache, i), i + 1
         return h
-
-    def _quantized(self, blocks) -> ctypes.Array:
-        """Every DecodeBlock's seven QWeights end to end (zeros for other blocks), rebuilt when any block's are."""
-        arrays = [b._quantized() if isinstance(b, DecodeBlock) else None for b in blocks]
-        key = tuple(b._weights[0] if a is not None else None for a, b in zip(arrays, blocks))
-        if self._weights is None or self._weights[0] != key:
-            stacked = (QWeight * (7 * len(blocks)))()
-            for i, array in enumerate(arrays):
-                if array is not None:
-                    ctypes.memmove(ctypes.addressof(stacked) + 7 * i * ctypes.sizeof(QWeight), array,
-                                   ctypes.sizeof(array))
-            self._weights = (key, stacked)
-        return self._weights[1]
 
 
 @dataclass
@@ -126,16 +150,14 @@ def _fused_step(x, rotation, cache) -> _Step | None:
     return cache.scratch["fused"]
 
 
-def _run(blocks: list[DecodeBlock], first: int, weights: int, x, cache, step: _Step) -> torch.Tensor:
-    """Layers first.. (the given blocks) for x [1, T, dim] in one kernel call; weights: the address of their
-    QWeights end to end."""
+def _run(first: int, count: int, stack: _Stack, x, cache, step: _Step, layers: list[int] | None = None) -> torch.Tensor:
+    """Blocks first..first + count - 1 of the stack for x [1, T, dim] in one kernel call; layers: the model's
+    layers they are (their keys and values), where the stack is not the whole model's."""
     out = x[0].contiguous().clone()
-    layers = range(first, first + len(blocks))
-    attention = blocks[0].attention
-    ops().decode_blocks(out, [b.attention_norm.weight for b in blocks], [b.ffn_norm.weight for b in blocks],
-                        blocks[0].attention_norm.eps, weights, step.cos_sin, [cache.cache.k[i] for i in layers],
-                        [cache.cache.v[i] for i in layers], step.seqs, attention.n_heads, attention.head_dim,
-                        step.prompt)
+    k, v = cache.cache.addresses if layers is None else (addresses([cache.cache.k[i] for i in layers]),
+                                                         addresses([cache.cache.v[i] for i in layers]))
+    ops().decode_blocks(out, first, count, stack.attn_norms, stack.ffn_norms, stack.eps, stack.weights, step.cos_sin,
+                        k, v, step.seqs, stack.heads, stack.head_dim, step.prompt)
     return out.unsqueeze(0)
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from herd.cache import cache_dir
@@ -68,24 +69,22 @@ class QWeight(ctypes.Structure):
 
 
 class Sequences(ctypes.Structure):
-    """The sequences of an engine step and where their keys lie (the C struct of the same name); `tensors` keeps
+    """The sequences of an engine step and where their keys lie (the C struct of the same name); `arrays` keeps
     the int64 arrays it points into alive."""
 
     _fields_ = [("count", ctypes.c_int64), ("tokens", ctypes.c_void_p), ("cached", ctypes.c_void_p),
                 ("slot_offset", ctypes.c_void_p), ("slots", ctypes.c_void_p)]
 
     @classmethod
-    def of(cls, parts: list[tuple[list[int], int, int]], key_slots: list[torch.Tensor]) -> Sequences:
+    def of(cls, parts: list[tuple[list[int], int, int]], key_slots: list) -> Sequences:
         """parts: (blocks, tokens cached, tokens in this step) of each sequence, in the step's order; key_slots:
-        each one's cache slot per position (StepAttention.key_slots)."""
-        offsets = [0]
-        for slots in key_slots[:-1]:
-            offsets.append(offsets[-1] + len(slots))
-        tensors = [torch.tensor([n for _, _, n in parts], dtype=torch.int64),
-                   torch.tensor([c for _, c, _ in parts], dtype=torch.int64),
-                   torch.tensor(offsets, dtype=torch.int64), torch.cat(key_slots).to(torch.int64).contiguous()]
-        out = cls(len(parts), *(t.data_ptr() for t in tensors))
-        out.tensors = tensors
+        each one's cache slot per position (StepAttention.key_slots: int arrays)."""
+        lengths = np.fromiter((len(slots) for slots in key_slots), dtype=np.int64, count=len(key_slots))
+        arrays = [np.array([n for _, _, n in parts], dtype=np.int64),
+                  np.array([c for _, c, _ in parts], dtype=np.int64),
+                  np.cumsum(lengths) - lengths, np.concatenate(key_slots).astype(np.int64, copy=False)]
+        out = cls(len(parts), *(a.ctypes.data for a in arrays))
+        out.arrays = arrays
         return out
 
 
@@ -147,23 +146,31 @@ class _Kernel:
                                  kv_heads, head_dim, out.data_ptr(), torch.get_num_threads())
         return out
 
-    def decode_blocks(self, x, attn_norms, ffn_norms, eps: float, weights: int, cos_sin, k_caches, v_caches,
-                      seqs: Sequences, heads: int, head_dim: int, prompt: bool = False) -> None:
-        """Transformer blocks in a row for x [T, dim] (updated in place): see herd_decode_blocks in
-        csrc/blockmm.cpp. attn_norms, ffn_norms, k_caches, v_caches (float32 or float16): one tensor per block;
-        weights: the address of QWeights wq, wk, wv, wo, w1, w2, w3 for each block in turn; prompt: x holds prompt
-        tokens (two int8 levels), else generated ones."""
-        n = len(attn_norms)
-        kv_heads, slots, _ = k_caches[0].shape
-        self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], n, _pointers(attn_norms),
-                                     _pointers(ffn_norms), eps, weights, cos_sin.data_ptr(), _pointers(k_caches),
-                                     _pointers(v_caches), int(k_caches[0].dtype == torch.float16), slots,
-                                     ctypes.addressof(seqs), heads, kv_heads, head_dim,
-                                     int(prompt), torch.get_num_threads())
+    def decode_blocks(self, x, first: int, count: int, attn_norms: ctypes.Array, ffn_norms: ctypes.Array, eps: float,
+                      weights: ctypes.Array, cos_sin, k_caches: ctypes.Array, v_caches: ctypes.Array, seqs: Sequences,
+                      heads: int, head_dim: int, prompt: bool = False) -> None:
+        """Transformer blocks first..first + count - 1 for x [T, dim] (updated in place): see herd_decode_blocks in
+        csrc/blockmm.cpp. The arrays hold every block's part, indexed from block 0: attn_norms, ffn_norms and
+        k_caches, v_caches (float32 or float16, [kv_heads, slots, head_dim]) their tensors' `addresses`, weights
+        the QWeights wq, wk, wv, wo, w1, w2, w3 of each block in turn. prompt: x holds prompt tokens (two int8
+        levels), else generated ones."""
+        def at(array: ctypes.Array, per_block: int = 1) -> int:
+            return ctypes.addressof(array) + first * per_block * ctypes.sizeof(array._type_)
+
+        keys = k_caches.tensors[first]
+        kv_heads, slots, _ = keys.shape
+        self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], count, at(attn_norms), at(ffn_norms), eps,
+                                     at(weights, 7), cos_sin.data_ptr(), at(k_caches), at(v_caches),
+                                     int(keys.dtype == torch.float16), slots, ctypes.addressof(seqs), heads, kv_heads,
+                                     head_dim, int(prompt), torch.get_num_threads())
 
 
-def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+def addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
+    """The tensors' data pointers as a C array (null for None), which keeps the tensors alive as `.tensors`: built
+    once and kept, where a step would otherwise spend ~100 us on them."""
+    array = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() if t is not None else None for t in tensors))
+    array.tensors = list(tensors)
+    return array
 
 
 @functools.cache
