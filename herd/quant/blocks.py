@@ -50,8 +50,10 @@ class BlockWeight:
         return self.codes.shape[0], self.codes.shape[1] * (2 if self.bits == 4 else 1)
 
     def rows(self, index: torch.Tensor) -> BlockWeight:
-        return BlockWeight(self.codes[index], self.scales[index], None if self.mins is None else self.mins[index],
-                           self.bits, self.group)
+        """The rows `index` [n] (index_select: half the cost of indexing, which a decode step pays three times)."""
+        codes, scales, mins = (None if t is None else t.index_select(0, index)
+                               for t in (self.codes, self.scales, self.mins))
+        return BlockWeight(codes, scales, mins, self.bits, self.group)
 
     def to(self, device) -> BlockWeight:
         return BlockWeight(self.codes.to(device), self.scales.to(device),
