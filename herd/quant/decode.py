@@ -112,9 +112,9 @@ class DecodeLayers(torch.nn.ModuleList):
     def run(self, h, rotation, mask, cache):
         step = _fused_step(h, rotation, cache)
         blocks = list(self)
-        if step is not None and (self._stack is None or self._stack.key != _versions(blocks)):
-            self._stack = _Stack.of(blocks)
         fused = [step is not None and isinstance(b, DecodeBlock) and b.takes(step) for b in blocks]
+        if any(fused) and (self._stack is None or self._stack.key != _versions(blocks)):
+            self._stack = _Stack.of(blocks)
         i = 0
         while i < len(blocks):
             j = i
