@@ -9,7 +9,9 @@ raise `APIError`), and `create_app(..., routers=[...])` mounts extra routes besi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,9 +36,12 @@ from herd.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    internal_error,
     resource,
 )
 from herd.tokenizer.tool_calls import call_schema
+
+log = logging.getLogger("herd.serve")
 
 STATIC = Path(__file__).parent / "static"
 _CALL_OPENERS = ("{", "[", "<function", "<|python_tag|>")
@@ -60,6 +65,7 @@ class ServerState:
     grammars: JsonGrammars
     input_checks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     shields: Any = None  # herd.safety.shields.Shields, or None
+    tools: dict[str, Any] = field(default_factory=dict)  # the operator's herd.tools.Tool functions, by name
 
     @property
     def model_name(self) -> str:
@@ -67,8 +73,10 @@ class ServerState:
 
 
 def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIRouter] = (),
-               shields=None) -> FastAPI:
-    """shields: herd.safety's Shields around every chat request, their decisions in this server's /metrics."""
+               shields=None, tools=()) -> FastAPI:
+    """shields: herd.safety's Shields around every chat request, their decisions in this server's /metrics;
+    tools: Python functions (or herd.tools.Tool, `pkg.module:function` specs) that agents may call by name, beside
+    the built-in tools."""
     settings = settings or ServeSettings()
     engine = llm.generator
 
@@ -84,12 +92,17 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
     metrics = Metrics(engine)
     if shields is not None:
         metrics.registry.register(shields)  # a Prometheus collector of its own decisions and latencies
-    app.state.herd = ServerState(llm, settings, metrics, llm.grammars, shields=shields)
+    if tools:
+        from herd.tools import as_tool
+
+        tools = {tool.name: tool for tool in map(as_tool, tools)}
+    app.state.herd = ServerState(llm, settings, metrics, llm.grammars, shields=shields, tools=dict(tools))
     from herd.serve.llama_stack import router as llama_stack_router  # it builds on this module's helpers
 
     for router in (openai_router, llama_stack_router, ops_router, *routers):
         app.include_router(router)
     _error_handlers(app)
+    app.add_middleware(_InternalErrors)
     return app
 
 
@@ -115,9 +128,34 @@ def _error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, error: RequestValidationError):
         return answer(request, APIError(400, str(error)))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception):
-        return answer(request, APIError(500, f"internal error: {type(error).__name__}", type="server_error"))
+
+class _InternalErrors:
+    """An exception no route expected becomes an OpenAI-style 500 on a connection that stays open. (FastAPI's
+    handler for Exception runs in Starlette's outermost middleware, which answers and then raises again: uvicorn
+    then drops the connection, and a client's next request on it was reset.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as error:
+            if started:  # part of an answer is out: only closing the connection tells the client
+                raise
+            log.exception("internal error answering %s %s", scope["method"], scope["path"])
+            request = Request(scope, receive)
+            server_state(request).metrics.requests.labels(scope["path"], "500").inc()
+            await JSONResponse(internal_error(error).body(), status_code=500)(scope, receive, send)
 
 
 # -- reading requests ----------------------------------------------------------------------------------------
@@ -265,6 +303,11 @@ async def collect(run: Run, request: Request, count: int) -> list[dict[str, Any]
         await asyncio.wait({task}, timeout=0.5)
         if not task.done() and await request.is_disconnected():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # Nobody reads this answer; it ends the request without an exception for the server to log.
+            raise APIError(499, "the client closed the connection before the reply was ready",
+                           code="client_closed_request")
     await task
     return choices
 
@@ -295,6 +338,9 @@ def sse_response(events: AsyncIterator[dict[str, Any]], *, done: bool = True) ->
                 yield _sse(event)
         except APIError as error:
             yield _sse(error.body())
+        except Exception as error:  # the stream has begun: the client learns of it as its last event
+            log.exception("internal error while streaming")
+            yield _sse(internal_error(error).body())
         if done:
             yield "data: [DONE]\n\n"
 

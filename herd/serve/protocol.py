@@ -32,6 +32,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def internal_error(error: Exception) -> APIError:
+    """What a client is told of an exception no route expected: its kind, not its traceback."""
+    return APIError(500, f"internal error: {type(error).__name__}", type="server_error")
+
+
 class TextPart(StrictModel):
     type: Literal["text"]
     text: str
@@ -70,6 +75,17 @@ class FunctionDef(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_json_schema(cls, parameters: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(parameters)
+        except jsonschema.SchemaError as error:
+            raise ValueError(f"the parameters are not a JSON Schema: {error.message}") from None
+        return parameters
 
 
 class Tool(StrictModel):

@@ -115,10 +115,15 @@ def _split_tools(tools: list[Any]) -> tuple[list[str], list[CustomTool]]:
 
 def _custom_tool(function: dict[str, Any]) -> CustomTool:
     schema = function.get("parameters") or {}
+    properties = (schema.get("properties") or {}) if isinstance(schema, dict) else None
+    if not isinstance(properties, dict):
+        raise ValueError(f"tool {function['name']!r}: its parameters must be a JSON Schema object with an object "
+                         f"of properties, not {schema!r}")
     required = set(schema.get("required", ()))
+    # A property's schema may be `true` (anything goes), which JSON Schema allows.
     params = tuple(
         Param(name, str(p.get("type", "any")), p.get("description"), name in required, p.get("default"))
-        for name, p in (schema.get("properties") or {}).items()
+        for name, p in ((name, p if isinstance(p, dict) else {}) for name, p in properties.items())
     )
     return CustomTool(function["name"], function.get("description") or "", params)
 

@@ -2,12 +2,14 @@
 streams all finish, uncrossed, each equal to the same request run alone. A tiny random model is enough here."""
 import asyncio
 import json
+import logging
 import time
 
 import httpx
 import openai
 import pytest
 import torch
+from fastapi import APIRouter, Request
 
 import herd
 from herd.generate import EngineConfig, Generator, SamplingParams
@@ -69,6 +71,8 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
     ("logit_bias past the vocabulary", {**GOOD, "logit_bias": {"200000": 5}}, 400, "invalid_value"),
     ("presence_penalty out of range", {**GOOD, "presence_penalty": -3}, 400, "invalid_value"),
     ("repetition_penalty zero", {**GOOD, "repetition_penalty": 0}, 400, "invalid_value"),
+    ("tool parameters not a JSON Schema", {**GOOD, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": 3}}}]}, 400, "invalid_value"),
 ])
 def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, code):
     raw = request_body if isinstance(request_body, bytes) else None
@@ -93,6 +97,55 @@ def test_completions_errors_and_keys(tiny):
     assert httpx.get(tiny.url + "/v1/models").status_code == 401
     assert httpx.get(tiny.url + "/nowhere").json()["error"]["type"] == "not_found_error"
     assert httpx.get(tiny.url + "/health").json()["status"] == "ok"
+
+
+def test_a_tool_whose_property_schema_is_true_is_prompted_as_any_type(tiny):
+    # `true` is a JSON Schema (anything validates): the tool prompt lists the parameter without a type.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "extra": True}}}}]
+    answer = post(tiny, {**GOOD, "tools": tools, "tool_choice": "none"})
+    assert answer.status_code == 200, answer.text
+    prompt = tiny.llm.tokenizer.decode(tiny.llm.chat_prompt([{"role": "user", "content": "hi"}], tools))
+    assert "\"extra\"" in prompt and "\"city\"" in prompt
+
+
+def test_an_unexpected_error_is_a_500_on_a_connection_that_stays_open(tiny, caplog):
+    # The server's own bug must not cost the client its connection: its next request on it is served.
+    router = APIRouter()
+
+    @router.get("/peer")
+    async def peer(request: Request):
+        return {"port": request.client.port}
+
+    @router.post("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    own = LLM(tiny.llm.model, tiny.llm.tokenizer, tiny.llm.chat_format, name=NAME)  # a server stops its engine
+    server = Server(own, ServeSettings(), routers=[router])
+    try:
+        with httpx.Client() as client:
+            before = client.get(server.url + "/peer").json()["port"]
+            answer = client.post(server.url + "/boom")
+            assert answer.status_code == 500
+            assert answer.json()["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                              "param": None, "code": None}
+            assert client.get(server.url + "/peer").json()["port"] == before
+    finally:
+        server.stop()
+    assert not [r for r in caplog.records if r.name.startswith("uvicorn")]  # nothing left for uvicorn to report
+
+
+def test_a_client_gone_before_a_whole_reply_frees_its_sequence_quietly(tiny, caplog):
+    engine = tiny.llm.generator
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny.url + "/v1/chat/completions", json={**GOOD, "max_tokens": 400},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while engine.has_work() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_work() and int(engine.cache.pool.refs.sum()) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback: a client may just leave
 
 
 def test_full_queue_answers_429_with_retry_after(tiny):
