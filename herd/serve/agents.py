@@ -8,35 +8,56 @@
 Each SSE event is {"event": {"payload": {"event_type": ...}}}: turn_start, step_start / step_progress (text deltas)
 / step_complete for inference and tool_execution steps, turn_complete with the whole turn. A session keeps its
 dialog; its turns run one at a time. Mounted by `create_app(..., routers=[router])`.
+
+An agent's tools are the built-in ones and the Python functions the server's operator offers
+(`create_app(..., tools=[...])`, `herd serve --tools pkg.module:function`), by name: a client never names code
+for the server to import and run.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import fields
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
+from herd.generate import SamplingParams
 from herd.serve.auth import check_key
-from herd.serve.protocol import APIError
-from herd.tools import ToolError, parse_tools
+from herd.serve.protocol import APIError, Message, internal_error
+from herd.tokenizer.tool_calls import BUILTIN_TOOLS
+from herd.tools import ToolError, builtin_tool
 
 router = APIRouter(prefix="/v1/agents")
+log = logging.getLogger("herd.serve")
 
 
 class AgentConfig(BaseModel):
     instructions: str = ""
-    tools: list[str] = Field(default_factory=list)  # brave_search, wolfram_alpha, code_interpreter, module:function
+    tools: list[str] = Field(default_factory=list)  # built-in tools' names and those of the operator's functions
     tool_choice: str = "auto"  # auto, required or a tool's name: the first reply of each turn is then a call
     max_steps: int = Field(8, ge=1, le=64)
     sampling: dict[str, Any] = Field(default_factory=dict)  # SamplingParams fields
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling_params(cls, sampling: dict[str, Any]) -> dict[str, Any]:
+        known = {f.name for f in fields(SamplingParams)}
+        if unknown := sorted(set(sampling) - known):
+            raise ValueError(f"unknown sampling fields {unknown}: use {sorted(known)}")
+        try:
+            SamplingParams(**sampling)  # its own checks of the values
+        except TypeError as error:  # a value of the wrong type, compared with a bound
+            raise ValueError(f"sampling {sampling}: {error}") from None
+        return sampling
 
 
 class SessionRequest(BaseModel):
@@ -44,7 +65,7 @@ class SessionRequest(BaseModel):
 
 
 class TurnRequest(BaseModel):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
 
 
 class _Session:
@@ -98,16 +119,31 @@ def get_session(request: Request, agent_id: str, session_id: str) -> dict:
 @router.post("/{agent_id}/session/{session_id}/turn")
 def create_turn(request: Request, agent_id: str, session_id: str, body: TurnRequest) -> StreamingResponse:
     config, _, session = _find(request, agent_id, session_id)
-    events = _turn_events(_agent(request, config), config, session, session_id, body.messages)
-    return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events),
+    messages = [m.as_dict() for m in body.messages]
+    events = _turn_events(_agent(request, config), config, session, session_id, messages)
+    return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in _ending_in_errors(events)),
                              media_type="text/event-stream")
 
 
+def _ending_in_errors(events: Iterator[dict]) -> Iterator[dict]:
+    """The stream has begun when a turn fails: the client learns of it as its last event, on an open connection."""
+    try:
+        yield from events
+    except Exception as error:
+        log.exception("internal error in an agent's turn")
+        yield internal_error(error).body()
+
+
 def _agent(request: Request, config: AgentConfig) -> Agent:
-    shields = request.app.state.herd.shields  # Prompt Guard, when the server has it, screens every tool result
-    return Agent(request.app.state.herd.llm, tools=parse_tools(",".join(config.tools)), max_steps=config.max_steps,
-                 tool_choice=config.tool_choice, guard=shields.tool_guard() if shields is not None else None,
-                 **config.sampling)
+    state = request.app.state.herd
+    offered = [*BUILTIN_TOOLS, *state.tools]
+    if unknown := [name for name in config.tools if name not in offered]:
+        raise ValueError(f"unknown tool {unknown[0]!r}: this server offers {', '.join(offered)} (its operator adds "
+                         "Python functions with `herd serve --tools pkg.module:function`)")
+    tools = [state.tools.get(name) or builtin_tool(name) for name in config.tools]
+    shields = state.shields  # Prompt Guard, when the server has it, screens every tool result
+    return Agent(state.llm, tools=tools, max_steps=config.max_steps, tool_choice=config.tool_choice,
+                 guard=shields.tool_guard() if shields is not None else None, **config.sampling)
 
 
 def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,

@@ -38,6 +38,8 @@ def serve_cmd(
                                                "`herd guard train prompt-guard`)"),
     code_shield: bool = typer.Option(False, help="Code Shield on generated code blocks"),
     code_shield_mode: str = typer.Option("block", help="block: stop a reply at insecure code; warn: annotate it"),
+    tools: str = typer.Option("", help="Python functions agents (/v1/agents) may call besides the built-in tools, "
+                              "comma-separated pkg.module:function specs; clients name them, never code"),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and Llama Stack's
     (/v1/inference/chat-completion, /v1/inference/completion), with /health, Prometheus /metrics and a chat page
@@ -55,6 +57,9 @@ def serve_cmd(
     if kv_cache_dtype not in ("auto", "model"):
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r}: use auto or model")
     shields = load_shields(guard, prompt_guard, code_shield, code_shield_mode)  # before the model: bad paths fail fast
+    from herd.tools import parse_tools
+
+    functions = parse_tools(tools)
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20, kv_cache_dtype=kv_cache_dtype,
@@ -62,7 +67,7 @@ def serve_cmd(
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                              request_timeout=timeout)
-    app = create_app(llm, settings, routers=[agents_router], shields=shields)
+    app = create_app(llm, settings, routers=[agents_router], shields=shields, tools=functions)
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

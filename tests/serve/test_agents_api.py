@@ -71,3 +71,60 @@ def test_errors_are_4xx(api):
                                                                                       "content": "x"}]}).status_code == 404
     assert client.post(f"/v1/agents/{agent_id}/session", json={}, headers={"Authorization": "Bearer wrong"}
                        ).status_code == 401
+
+
+def test_a_client_names_tools_never_code_to_import(api, tmp_path, monkeypatch):
+    # A spec such as os:system would let any client have the model run a shell command on the server.
+    client, _ = api
+    (tmp_path / "herd_probe_module.py").write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n"
+                                                   "def f(x: str) -> str:\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("os:system", "herd_probe_module:f"):
+        answer = client.post("/v1/agents", json={"tools": [spec]})
+        assert answer.status_code == 400
+        assert answer.json()["error"]["message"].startswith(f"unknown tool {spec!r}: this server offers brave_search")
+    assert not (tmp_path / "ran").exists()
+    for sampling in ({"temperature": 0, "shell": "ls"}, {"temperature": -1}, {"max_tokens": "x"}):
+        assert client.post("/v1/agents", json={"sampling": sampling}).status_code == 400
+
+
+def test_a_turn_checks_its_messages_and_a_failing_turn_ends_in_an_error_event(api, default_llm, monkeypatch):
+    client, _ = api
+    agent_id = client.post("/v1/agents", json={}).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+    turn = f"/v1/agents/{agent_id}/session/{session_id}/turn"
+    for messages in ([{"role": "wizard", "content": "x"}], [{"content": None}], [{"role": "user", "content": ["x"]}]):
+        assert client.post(turn, json={"messages": messages}).status_code == 400
+
+    def broken(*args, **options):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(default_llm, "chat", broken)
+    answer = client.post(turn, json={"messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200
+    last = json.loads(answer.text.strip().splitlines()[-1][len("data: "):])
+    assert last == {"error": {"message": "internal error: RuntimeError", "type": "server_error", "param": None,
+                              "code": None}}
+
+
+def test_the_operators_functions_are_offered_by_name(default_llm, monkeypatch):
+    calls = []
+
+    def shout(text: str) -> str:
+        """Upper-cases text."""
+        calls.append(text)
+        return text.upper()
+
+    replies = ['{"name": "shout", "parameters": {"text": "hi"}}', "HI."]
+    monkeypatch.setattr(default_llm, "chat", lambda messages, tools=None, *, stream=False, **options:
+                        iter([replies.pop(0)]) if stream else default_llm.chat_format.decode_assistant(replies.pop(0)))
+    client = TestClient(create_app(default_llm, routers=[router], tools=[shout]))
+    agent = client.post("/v1/agents", json={"tools": ["shout", "wolfram_alpha"], "sampling": {"temperature": 0},
+                                            "tool_choice": "shout"})
+    assert agent.status_code == 200, agent.text
+    agent_id = agent.json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+    turn = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
+                       json={"messages": [{"role": "user", "content": "Shout hi."}]})
+    assert turn.status_code == 200 and calls == ["hi"]
+    assert sse(turn)[-1]["turn"]["output_message"]["content"] == "HI."

@@ -34,6 +34,7 @@ def test_bad_flags_missing_model_and_taken_port_fail_in_one_line(tmp_path):
     one_line_error(["--bogus"], "--bogus")
     one_line_error(["--max-batch", "0"], "--max-batch")
     one_line_error(["--kv-cache-dtype", "int8"], "--kv-cache-dtype")
+    one_line_error(["--tools", "os:nope"], "os:nope")  # an operator's function that is not there
     one_line_error([str(tmp_path / "missing.gguf")], "missing.gguf")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
