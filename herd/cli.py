@@ -275,7 +275,8 @@ def main() -> None:
             sys.exit(error.exit_code)
         # Newer typer raises its own vendored click's exceptions (subclasses of TyperException), not click's.
         if isinstance(error, (click.ClickException, typer.exceptions.TyperException)) and hasattr(error, "exit_code"):
-            print(f"herd: error: {error.format_message()}", file=sys.stderr)
+            if error.format_message():  # a group run without its command has printed its help, and says no more
+                print(f"herd: error: {error.format_message()}", file=sys.stderr)
             sys.exit(error.exit_code)
         if isinstance(error, (click.exceptions.Abort, typer.Abort)):
             sys.exit(130)

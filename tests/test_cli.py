@@ -132,3 +132,11 @@ def test_chat_reads_continued_lines_and_blocks_as_one_message(monkeypatch):
 def test_data_subcommand_errors_exit_non_zero(tmp_path):
     assert_one_line_error(herd_cli("data", "run", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")),
                           "nope.jsonl")
+
+
+def test_a_group_without_its_command_shows_its_help_and_no_empty_error():
+    for args in ((), ("data",), ("guard",)):
+        result = herd_cli(*args)
+        assert result.returncode != 0
+        assert "Commands" in result.stdout + result.stderr  # the help, listing what to run
+        assert "herd: error:" not in result.stderr, result.stderr
