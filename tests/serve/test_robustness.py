@@ -138,14 +138,17 @@ def test_an_unexpected_error_is_a_500_on_a_connection_that_stays_open(tiny, capl
 
 def test_a_client_gone_before_a_whole_reply_frees_its_sequence_quietly(tiny, caplog):
     engine = tiny.llm.generator
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(tiny.url + "/v1/chat/completions", json={**GOOD, "max_tokens": 400},
+    with pytest.raises(httpx.ReadTimeout):  # four choices of 480 tokens: seconds of work on the tiny model
+        httpx.post(tiny.url + "/v1/chat/completions", json={**GOOD, "max_tokens": 480, "n": 4},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
     deadline = time.monotonic() + 30
     while engine.has_work() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not engine.has_work() and int(engine.cache.pool.refs.sum()) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback: a client may just leave
+    closed = [line for line in httpx.get(tiny.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+              .splitlines() if line.startswith('herd_requests_total{route="/v1/chat/completions",status="499"}')]
+    assert closed and float(closed[0].split()[-1]) >= 1  # the server saw the client leave mid-reply
 
 
 def test_full_queue_answers_429_with_retry_after(tiny):
