@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from typing import Any
 
@@ -15,6 +16,32 @@ import torch
 
 class GrammarError(ValueError):
     pass
+
+
+# What a schema may ask of the grammar compiler, which runs while the server waits on it: its time grew with the
+# schema's nesting (an array of arrays 200 deep took 0.35 s, 900 deep 69 s) and with the square of a pattern's
+# counted repeats (`[a-z]{1,1000}` 0.04 s, `{1,20000}` 25 s), so a request of a few hundred bytes could hold it.
+MAX_SCHEMA_DEPTH = 64  # levels of the schema document
+MAX_PATTERN_REPEATS = 2000  # the counts in all of its patterns' {m}, {m,} and {m,n}, added up
+
+
+def check_schema_size(schema: Any) -> None:
+    """GrammarError where `schema` nests deeper or repeats more than the limits above."""
+    repeats, stack = 0, [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep: flatten it")
+        if isinstance(value, dict):
+            if isinstance(value.get("pattern"), str):
+                repeats += sum(int(n) for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", value["pattern"])
+                               for n in pair if n)
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+    if repeats > MAX_PATTERN_REPEATS:
+        raise GrammarError(f"the JSON schema's patterns repeat {repeats} times in all ({{m,n}} counts); at most "
+                           f"{MAX_PATTERN_REPEATS} are allowed")
 
 
 class JsonConstraint:
@@ -56,6 +83,7 @@ class JsonGrammars:
 
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
+        check_schema_size(schema)
         with self._lock:
             compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
         return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size)
