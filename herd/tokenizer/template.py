@@ -54,25 +54,14 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _mentions(value: Any, text: str) -> bool:
-    """Whether any string inside `value` (dicts, lists) contains `text`."""
+def _masked(value: Any, pattern: re.Pattern) -> Any:
+    """`value` (strings in dicts and lists) with every match of `pattern` replaced by as many private-use characters."""
     if isinstance(value, str):
-        return text in value
+        return pattern.sub(lambda match: "\ue000" * len(match.group()), value)
     if isinstance(value, dict):
-        return any(_mentions(v, text) for v in value.values())
-    return isinstance(value, (list, tuple)) and any(_mentions(v, text) for v in value)
-
-
-def _masked(value: Any, texts: list[str]) -> Any:
-    """`value` with every occurrence of `texts` in its strings replaced by as many private-use characters."""
-    if isinstance(value, str):
-        for text in texts:
-            value = value.replace(text, "\ue000" * len(text))
-        return value
-    if isinstance(value, dict):
-        return {k: _masked(v, texts) for k, v in value.items()}
+        return {k: _masked(v, pattern) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_masked(v, texts) for v in value]
+        return [_masked(v, pattern) for v in value]
     return value
 
 
@@ -87,6 +76,8 @@ class TemplateChatFormat:
         if not tokenizer.chat_template:
             raise TokenizerError("this tokenizer carries no chat template; use ChatFormat for Llama 3 checkpoints")
         self.tokenizer = tokenizer
+        specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # the longest first where one holds another
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._stop_texts = [tokenizer.decode([i]) for i in tokenizer.stop_ids]
         self._variables = {
             name: tokenizer.decode([i]) if i is not None else None
@@ -100,22 +91,22 @@ class TemplateChatFormat:
         `tool_prompt_format` is not used; `tools` is passed to the template, which may show them."""
         text = render_template(self.tokenizer.chat_template, messages, tools=tools or None, **self._variables)
         # As transformers: the template writes any BOS itself, and its special-token text is meant as such.
-        specials = self.tokenizer.special_tokens
-        inside = [t for t in specials if _mentions([messages, tools], t)]
-        if not inside:
+        messages, pattern = list(messages), self._special_text
+        hidden = (_masked(messages, pattern), _masked(tools, pattern)) if pattern else (messages, tools)
+        if hidden == (messages, tools):
             return self.tokenizer.encode(text, bos=False, allowed_special="all")
         # But special-token text inside a message (a pasted transcript, a fetched web page in a tool result) is
         # text, as Llama 3's own format reads it: else a tool result could close its turn and open a system one.
         # Rendered again with that text masked, the template's own special tokens are those left in place.
-        masked = render_template(self.tokenizer.chat_template, _masked(messages, inside),
-                                 tools=_masked(tools, inside) or None, **self._variables)
+        masked = render_template(self.tokenizer.chat_template, hidden[0], tools=hidden[1] or None, **self._variables)
         if len(masked) != len(text):  # a template that measures what it is given: cannot tell the two apart
-            raise ValueError(f"a message holds the special-token text {inside[0]!r}, which this checkpoint's chat "
-                             "template cannot keep apart from its own: remove it from the message")
+            raise ValueError("a message holds special-token text, which this checkpoint's chat template cannot keep "
+                             "apart from its own: remove it from the message")
         ids, start = [], 0
-        for match in re.finditer("|".join(map(re.escape, sorted(specials, key=len, reverse=True))), text):
+        for match in pattern.finditer(text):
             if masked[match.start():match.end()] == match.group():
-                ids += self.tokenizer.encode(text[start:match.start()], bos=False) + [specials[match.group()]]
+                ids += self.tokenizer.encode(text[start:match.start()], bos=False)
+                ids.append(self.tokenizer.special_tokens[match.group()])
                 start = match.end()
         return ids + self.tokenizer.encode(text[start:], bos=False)
 
