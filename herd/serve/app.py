@@ -402,7 +402,9 @@ async def chat_completions(request: Request):
     constraints = None
     if schema is not None:
         try:
-            constraints = [state.grammars.constraint(schema or None) for _ in range(body.n)]
+            # Compiled on a worker thread (xgrammar lets go of the GIL): other streams go on meanwhile.
+            constraints = await asyncio.to_thread(lambda: [state.grammars.constraint(schema or None)
+                                                           for _ in range(body.n)])
         except GrammarError as error:
             raise APIError(400, str(error), param="response_format") from None
     run = Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
