@@ -92,11 +92,10 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
     metrics = Metrics(engine)
     if shields is not None:
         metrics.registry.register(shields)  # a Prometheus collector of its own decisions and latencies
-    if tools:
-        from herd.tools import as_tool
+    from herd.tools import as_tool
 
-        tools = {tool.name: tool for tool in map(as_tool, tools)}
-    app.state.herd = ServerState(llm, settings, metrics, llm.grammars, shields=shields, tools=dict(tools))
+    app.state.herd = ServerState(llm, settings, metrics, llm.grammars, shields=shields,
+                                 tools={tool.name: tool for tool in map(as_tool, tools)})
     from herd.serve.llama_stack import router as llama_stack_router  # it builds on this module's helpers
 
     for router in (openai_router, llama_stack_router, ops_router, *routers):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP = 4
 
@@ -76,16 +76,12 @@ class FunctionDef(StrictModel):
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
-    @field_validator("parameters")
-    @classmethod
-    def _a_json_schema(cls, parameters: dict[str, Any]) -> dict[str, Any]:
-        import jsonschema
+    @model_validator(mode="after")
+    def _a_json_schema(self) -> FunctionDef:
+        from herd.tools.functions import check_parameters
 
-        try:
-            jsonschema.Draft202012Validator.check_schema(parameters)
-        except jsonschema.SchemaError as error:
-            raise ValueError(f"the parameters are not a JSON Schema: {error.message}") from None
-        return parameters
+        check_parameters(self.name, self.parameters)
+        return self
 
 
 class Tool(StrictModel):

@@ -63,16 +63,11 @@ class Tool:
     @classmethod
     def from_schema(cls, spec: dict, function: Callable[..., Any] | None = None) -> Tool:
         """From an OpenAI-shaped tool ({"type": "function", "function": {...}}) or its inner function dict."""
-        import jsonschema
-
         inner = spec.get("function", spec) if spec.get("type") == "function" else spec
         if not isinstance(inner.get("name"), str):
             raise ValueError(f"a tool spec needs a name: {spec!r}")
         parameters = inner.get("parameters") or {"type": "object", "properties": {}}
-        try:
-            jsonschema.Draft202012Validator.check_schema(parameters)
-        except jsonschema.SchemaError as error:
-            raise ValueError(f"tool {inner['name']!r} has an invalid parameter schema: {error.message}") from None
+        check_parameters(inner["name"], parameters)
         return cls(inner["name"], inner.get("description", ""), parameters, function)
 
     @classmethod
@@ -138,6 +133,16 @@ def builtin_tool(name: str, **options) -> Tool:
         return Tool(name, "runs Python in a sandbox", BUILTIN_PARAMETERS[name],
                     lambda code: run_python(code, **options), builtin=True)
     raise ValueError(f"unknown built-in tool {name!r}: herd runs brave_search, wolfram_alpha and code_interpreter")
+
+
+def check_parameters(name: str, parameters: dict) -> None:
+    """ValueError unless a tool's `parameters` are a JSON Schema (its arguments are validated against them)."""
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(parameters)
+    except jsonschema.SchemaError as error:
+        raise ValueError(f"tool {name!r} has an invalid parameter schema: {error.message}") from None
 
 
 def as_tool(item: Tool | str | dict | Callable[..., Any]) -> Tool:
