@@ -1,10 +1,18 @@
-"""Writing files so that a crash leaves the old file or none, never a half-written one."""
+"""Writing files: so that a crash leaves the old file or none, never a half-written one, and with the permissions
+any other new file gets."""
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -21,3 +29,13 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, leaving the file readable as the umask allows. safetensors 0.8 creates it 0600
+    whatever the umask (safetensors issue 782), so a model written by one user, or by root in a container build,
+    would be unreadable to everyone else."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_UMASK)

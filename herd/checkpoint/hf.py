@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from herd.atomic import save_safetensors
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
 from herd.checkpoint.errors import CheckpointError
 from herd.model.config import ModelConfig, RopeScaling
@@ -271,7 +271,7 @@ def save_hf(ckpt: Checkpoint, directory: Path, max_shard_bytes: int = DEFAULT_MA
     def flush():
         nonlocal shard, shard_bytes
         path = directory / f"model-{len(files) + 1:05d}.safetensors.part"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        save_safetensors(shard, path, metadata={"format": "pt"})
         files.append(path)
         weight_map.update({name: path.name for name in shard})
         shard, shard_bytes = {}, 0

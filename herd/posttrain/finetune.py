@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from herd.atomic import atomic_output
+from herd.atomic import atomic_output, save_safetensors
 from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch,
                                  read_jsonl)
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
@@ -244,9 +244,7 @@ def export(trainer, *, llm, fmt: str) -> None:
     state = {k: v.detach().cpu() for k, v in body.state_dict().items()}
     save_checkpoint((body.config, state, llm.tokenizer), out, fmt)
     if isinstance(model, RewardModel):
-        from safetensors.torch import save_file
-
-        save_file({"weight": model.head.weight.detach().cpu().contiguous()}, str(out / REWARD_HEAD))
+        save_safetensors({"weight": model.head.weight.detach().cpu().contiguous()}, out / REWARD_HEAD)
     trainer.log.note(f"wrote the tuned model to {out} ({fmt})")
 
 

@@ -17,5 +17,5 @@ def calibration_hessians(model, tokenizer, scheme: Scheme, *, tokens: int = 2048
     ids = tokenizer.encode(text or CALIBRATION_TEXT.read_text(), bos=False)[:tokens]
     device = next(model.buffers()).device
     batches = [torch.tensor([ids[i : i + window]], device=device) for i in range(0, len(ids), window)]
-    names = [n for n in linear_names(model) if not scheme.keep or n not in scheme.keep]
+    names = [n for n in linear_names(model) if not scheme.keeps(n)]
     return hessians(model, batches, names)

@@ -31,12 +31,16 @@ def quantize(
 
     parsed = Scheme.parse(scheme, tuple(keep or ()))
     started = time.perf_counter()
-    llm = herd.load(None if model == "default" else model, quantize=parsed, device="cpu")
     # Written beside `out` under a temporary name and renamed at the end: an interruption leaves no half a model.
+    # Made before the model loads, so that an unwritable --out fails at once.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
+    except OSError as error:
+        raise OSError(f"cannot write {out}: {error.strerror}; give --out a directory you can write to") from None
+    try:
+        llm = herd.load(None if model == "default" else model, quantize=parsed, device="cpu")
         save_quantized(llm.model, parsed.to_dict(), tmp / FILE)
         config = hf_config(llm.model.config, torch.float32, llm.tokenizer)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

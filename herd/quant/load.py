@@ -29,9 +29,18 @@ def resolve(quantize: str | Scheme | None, ckpt: Checkpoint, device: torch.devic
     return Scheme.parse(quantize)
 
 
-def _gguf_modules(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
+def _gguf_modules(ckpt: Checkpoint, scheme: Scheme) -> dict[str, torch.nn.Module]:
+    """The GGUF's quantized tensors as modules computing on their blocks, except those the scheme keeps (expanded
+    to float32 by build_model like the file's float tensors). A tied output layer is the embedding table: keeping
+    either keeps both."""
+    tied = ckpt.config.tie_embeddings and "tok_embeddings.weight" in ckpt.blocks
+    names = [name.removesuffix(".weight") for name in ckpt.blocks] + (["output"] if tied else [])
+    scheme.check_keep(names)
     modules = {}
     for name, (kind, raw) in ckpt.blocks.items():
+        base = name.removesuffix(".weight")
+        if scheme.keeps(base) or (tied and base == "tok_embeddings" and scheme.keeps("output")):
+            continue
         weight = block_weight(kind, raw)
         modules[name] = BlockEmbedding(weight) if name == "tok_embeddings.weight" else BlockLinear(weight, scheme=kind)
     return modules
@@ -45,7 +54,7 @@ def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tok
     if scheme is None:
         return build_model(ckpt, device)
     if scheme.kind in ("gguf", "stored"):
-        modules = _gguf_modules(ckpt) if scheme.kind == "gguf" else {n: m for n, (k, m) in ckpt.blocks.items()}
+        modules = _gguf_modules(ckpt, scheme) if scheme.kind == "gguf" else {n: m for n, (k, m) in ckpt.blocks.items()}
         model = build_model(ckpt, device, skip=frozenset(modules))
         model = install(model, {name: module.to(device) for name, module in modules.items()})
     else:

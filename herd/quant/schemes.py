@@ -63,6 +63,19 @@ class Scheme:
             return cls("int4", group, "gptq" if match.group(3) == "-gptq" else "rtn", keep)
         return cls(match.group(1), keep=keep)
 
+    def keeps(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep)
+
+    def check_keep(self, names: list[str]) -> None:
+        """A keep pattern that matches none of the layers the scheme would quantize is a typo, which would otherwise
+        quantize everything without a word."""
+        for pattern in self.keep:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                example = next((name for name in names if name.startswith("layers.")), names[0]) if names else ""
+                named = f"they are named like {example} or {names[-1]}" if names else "it has none"
+                raise SchemeError(f"keep pattern {pattern!r} matches no quantized layer of this model: {named} "
+                                  "(fnmatch patterns: layers.0.*, *.feed_forward.*)")
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "group": self.group, "method": self.method, "keep": list(self.keep)}
 
@@ -104,8 +117,10 @@ def quantized_module(scheme: Scheme, stored, name: str) -> nn.Module:
 
 def apply_scheme(model: nn.Module, scheme: Scheme, hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Replace the model's linear layers (except the `keep` ones) with the scheme's, in place."""
-    for name in linear_names(model):
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in scheme.keep):
+    names = linear_names(model)
+    scheme.check_keep(names)
+    for name in names:
+        if scheme.keeps(name):
             continue
         linear = model.get_submodule(name)
         if scheme.kind == "int4" and name == "output":

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from herd.atomic import save_safetensors
 from herd.checkpoint.base import LazyStateDict, LazyTensor
 from herd.checkpoint.errors import CheckpointError
 from herd.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight
@@ -46,7 +46,7 @@ def save_quantized(model, scheme_dict: dict, path: Path) -> None:
             tensors[name] = param.detach()
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     header = {"scheme": scheme_dict, "modules": modules, "sha256": {n: _digest(t) for n, t in tensors.items()}}
-    save_file(tensors, str(path), metadata={"format": "pt", KEY: json.dumps(header)})
+    save_safetensors(tensors, path, metadata={"format": "pt", KEY: json.dumps(header)})
 
 
 def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict, dict, dict]:

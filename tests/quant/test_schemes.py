@@ -54,6 +54,23 @@ def test_kept_layers_stay_float():
     model = apply_scheme(tiny(), Scheme.parse("fp8", keep=("output", "layers.0.*")))
     assert type(model.output) is torch.nn.Linear and type(model.layers[0].attention.wq) is torch.nn.Linear
     assert isinstance(model.layers[1].attention.wq, FP8Linear)
+    with pytest.raises(SchemeError, match="keep pattern 'layers.2.*' matches no quantized layer"):
+        apply_scheme(tiny(), Scheme.parse("int8", keep=("output", "layers.2.*")))  # a typo must not pass unseen
+
+
+def test_kept_layers_of_a_gguf_stay_float():
+    """The default GGUF's tied output is its embedding table: keeping the output keeps both in float32."""
+    import herd
+
+    llm = herd.load(quantize=Scheme("gguf", keep=("output", "layers.0.*")))
+    model = llm.model
+    assert type(model.output) is torch.nn.Linear and type(model.tok_embeddings) is torch.nn.Embedding
+    assert type(model.layers[0].attention.wq) is torch.nn.Linear
+    assert isinstance(model.layers[1].attention.wq, BlockLinear)
+    float_model = herd.load(quantize=None).model
+    assert torch.equal(model.output.weight, float_model.output.weight)
+    with pytest.raises(SchemeError, match="keep pattern 'layers.99.*' matches no quantized layer"):
+        herd.load(quantize=Scheme("gguf", keep=("layers.99.*",)))
 
 
 def test_fp8_emulation_is_exact_e4m3_arithmetic():

@@ -38,6 +38,8 @@ def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, 
     out = tmp_path / "q"
     result = run_quantize(str(float_dir), "--scheme", scheme, "--out", str(out))
     assert result.returncode == 0, result.stderr
+    # as readable as the config beside it (safetensors 0.8 alone would leave the weights 0600)
+    assert (out / FILE).stat().st_mode == (out / "config.json").stat().st_mode
     loaded = herd.load(out)
     assert isinstance(loaded.model.layers[0].feed_forward.w1, module)
     expected = apply_scheme(herd.load(float_dir, quantize=None).model, Scheme.parse(scheme))
@@ -72,3 +74,11 @@ def test_bad_scheme_is_one_line_and_writes_nothing(float_dir, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("herd: error: unknown quantization scheme 'int5'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_is_one_line_before_any_work(float_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = run_quantize(str(float_dir), "--scheme", "int8", "--out", str(tmp_path / "a-file" / "q"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"herd: error: cannot write {tmp_path / 'a-file' / 'q'}: Not a "
+                                                      "directory; give --out a directory you can write to")
