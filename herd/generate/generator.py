@@ -127,6 +127,8 @@ class Generator:
             raise ValueError("every prompt needs at least one token")
         per_row = _per_row(params, len(prompts))
         vocab = self.model.config.vocab_size
+        if min(min(p) for p in prompts) < 0 or max(max(p) for p in prompts) >= vocab:
+            raise ValueError(f"a prompt token id is outside the model's vocabulary (0..{vocab - 1})")
         if any(not 0 <= token < vocab for sp in per_row for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias names a token outside the model's vocabulary (0..{vocab - 1})")
         longest = max(len(p) for p in prompts)

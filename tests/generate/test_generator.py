@@ -173,3 +173,10 @@ def test_max_tokens_is_capped_by_the_context_and_long_prompts_are_refused(genera
     assert len(done.tokens) == CONFIG.max_seq_len - 90 and done.finish_reason == "length"
     with pytest.raises(ContextLengthError, match="96"):
         generator.generate([list(range(1000, 1100))], GREEDY)
+
+
+@pytest.mark.parametrize("prompt", [[5, CONFIG.vocab_size], [-1, 5]], ids=["past the vocabulary", "negative"])
+def test_token_ids_outside_the_vocabulary_are_refused_with_a_reason(generator, prompt):
+    with pytest.raises(ValueError, match=f"outside the model's vocabulary \\(0..{CONFIG.vocab_size - 1}\\)"):
+        generator.generate([[1, 2], prompt], GREEDY)
+    assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
