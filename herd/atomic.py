@@ -38,4 +38,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_UMASK)
+    usual_mode(path)
+
+
+def usual_mode(path: Path) -> None:
+    """Give `path` the permissions a file or directory made with open() or mkdir() gets under the umask: what
+    safetensors and tempfile.mkdtemp create is private to its owner."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_UMASK)

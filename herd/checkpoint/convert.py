@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from herd.atomic import atomic_output
+from herd.atomic import atomic_output, usual_mode
 from herd.checkpoint.base import Checkpoint, check_shapes
 from herd.checkpoint.detect import FORMATS, checkpoint_root, detect_format
 from herd.checkpoint.errors import CheckpointError
@@ -64,6 +64,7 @@ def save_checkpoint(
         return out
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        usual_mode(tmp)
         if format == "meta":
             from herd.checkpoint.meta import save_meta
 

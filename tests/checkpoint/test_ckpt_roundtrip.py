@@ -45,7 +45,10 @@ def test_hf_to_meta_to_hf_is_bit_exact(make_hf, tmp_path, tied):
     assert shard["layers.0.attention.wq.weight"].dtype == torch.bfloat16
     back = convert(meta, tmp_path / "back", "hf", max_shard_bytes=50_000)
     assert (back / "model.safetensors.index.json").is_file() and len(list(back.glob("*.safetensors"))) > 1
+    # readable as the umask allows, like any file and directory made beside them
     assert {f.stat().st_mode for f in back.iterdir()} == {(back / "config.json").stat().st_mode}
+    (tmp_path / "made-by-mkdir").mkdir()
+    assert back.stat().st_mode == meta.stat().st_mode == (tmp_path / "made-by-mkdir").stat().st_mode
 
     original, result = read_hf_tensors(source), read_hf_tensors(back)
     assert set(result) == set(original)
