@@ -84,27 +84,31 @@ def test_unwritable_out_is_one_line_before_any_work(float_dir, tmp_path):
                                                       "directory; give --out a directory you can write to")
 
 
-def test_a_tied_table_is_stored_once_in_int8_blocks(tmp_path):
-    """int8 makes a tied output layer int8 blocks; the embedding looks its rows up in the same blocks, in the model
-    and in the file, instead of keeping a float32 copy of the table (4 bytes a weight) beside them."""
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_embedding_table_is_stored_in_int8_blocks(tmp_path, tied):
+    """int8 holds the embedding table in int8 blocks of 32, in the model and in the file, not as float32 (4 bytes a
+    weight); a tied table looks its rows up in the output layer's own blocks."""
     torch.manual_seed(0)
     config = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=256,
-                         tie_embeddings=True)
+                         tie_embeddings=tied)
     model = Transformer(config)
     with torch.no_grad():
         model.tok_embeddings.weight.normal_(0, 0.02)
     source = save_checkpoint((config, model.state_dict(), herd.load_tokenizer()), tmp_path / "tied", "meta")
     fresh = apply_scheme(herd.load(source, quantize=None).model, Scheme.parse("int8"))
     table = fresh.tok_embeddings
-    assert isinstance(table, blocks.BlockEmbedding) and table.codes is fresh.output.codes
+    assert isinstance(table, blocks.BlockEmbedding) and (table.codes is fresh.output.codes) == tied
     tokens = torch.tensor([[5, 128000, 77, 9]])
     with torch.no_grad():
-        assert torch.equal(table(tokens), fresh.output.weight_blocks.dequantize()[tokens])
+        expected = blocks.quantize_int8(model.tok_embeddings.weight, 32).dequantize()[tokens]
+        assert torch.equal(table(tokens), expected)
     assert run_quantize(str(source), "--scheme", "int8", "--out", str(tmp_path / "q")).returncode == 0
-    assert (tmp_path / "q" / FILE).stat().st_size < 1.3 * config.vocab_size * config.dim  # codes once, no float copy
+    tables = 1 if tied else 2
+    assert (tmp_path / "q" / FILE).stat().st_size < 1.3 * tables * config.vocab_size * config.dim  # no float copy
     loaded = herd.load(tmp_path / "q").model
     assert isinstance(loaded.tok_embeddings, blocks.BlockEmbedding) and loaded.output.integer
     with torch.inference_mode():
         assert torch.equal(loaded(tokens), fresh(tokens))
     kept = apply_scheme(herd.load(source, quantize=None).model, Scheme.parse("int8", keep=("tok_embeddings",)))
-    assert type(kept.output) is torch.nn.Linear and kept.output.weight is kept.tok_embeddings.weight
+    assert type(kept.tok_embeddings) is torch.nn.Embedding
+    assert (type(kept.output) is torch.nn.Linear and kept.output.weight is kept.tok_embeddings.weight) == tied
