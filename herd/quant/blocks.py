@@ -246,7 +246,8 @@ def quantize_int4(weight: torch.Tensor, group: int) -> BlockWeight:
     groups = w.view(n, -1, group)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = ((high - low) / 15).clamp(min=1e-12)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).view(n, k)
+    # In place: one temporary the size of the weight (an output layer of 8B's is 2 GB in float32).
+    codes = (groups - low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).view(n, k)
     return BlockWeight(pack_nibbles(codes), scale, low, 4, group)
 
 
@@ -256,6 +257,7 @@ def quantize_int8(weight: torch.Tensor, group: int | None = None) -> BlockWeight
     n, k = w.shape
     group = group or k
     groups = w.view(n, -1, group)
-    scale = (groups.abs().amax(-1) / 127).clamp(min=1e-12)
-    codes = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    scale = (torch.maximum(groups.amax(-1), groups.amin(-1).neg()) / 127).clamp(min=1e-12)
+    # In place: one temporary the size of the weight (an output layer of 8B's is 2 GB in float32).
+    codes = (groups / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8).view(n, k)
     return BlockWeight(codes, scale, None, 8, group)

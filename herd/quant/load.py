@@ -1,14 +1,16 @@
 """A checkpoint built into a model under a quantization scheme (what `herd.load(quantize=...)` runs)."""
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
-from herd.checkpoint.base import Checkpoint
+from herd.checkpoint.base import Checkpoint, expected_shapes
 from herd.quant.blocks import BlockEmbedding, BlockLinear
 from herd.quant.decode import use_decode_blocks
 from herd.quant.gguf import block_weight
 from herd.quant.kernel import ops
-from herd.quant.schemes import Scheme, apply_scheme, install
+from herd.quant.schemes import Scheme, apply_scheme, install, quantize_layers
 
 STORED = Scheme("stored")  # a `herd quantize` output, computed on as it was written
 
@@ -57,12 +59,39 @@ def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tok
         modules = _gguf_modules(ckpt, scheme) if scheme.kind == "gguf" else {n: m for n, (k, m) in ckpt.blocks.items()}
         model = build_model(ckpt, device, skip=frozenset(modules))
         model = install(model, {name: module.to(device) for name, module in modules.items()})
-    else:
-        model = build_model(ckpt, device)
-        hessians = None
-        if scheme.method == "gptq":
-            from herd.quant.calibration import calibration_hessians
+    elif scheme.method == "gptq":
+        from herd.quant.calibration import calibration_hessians
 
-            hessians = calibration_hessians(model, tokenizer or ckpt.tokenizer, scheme)
-        model = apply_scheme(model, scheme, hessians)
+        # Calibration runs the float model, so this scheme holds all of it once.
+        model = build_model(ckpt, device)
+        model = apply_scheme(model, scheme, calibration_hessians(model, tokenizer or ckpt.tokenizer, scheme))
+        _return_freed_memory()
+    else:
+        modules = _quantized_as_read(ckpt, scheme, device)
+        model = install(build_model(ckpt, device, skip=frozenset(modules)), modules)
+        _return_freed_memory()
     return use_decode_blocks(model) if device.type == "cpu" else model
+
+
+def _quantized_as_read(ckpt: Checkpoint, scheme: Scheme, device: torch.device) -> dict[str, torch.nn.Module]:
+    """The scheme's modules, each float weight read from the checkpoint (on `device`) only to be quantized: the
+    model never holds its float weights (Llama 3.1 8B: 32 GB in float32, 8.5 in int8 blocks)."""
+    config = ckpt.config
+    linears = [name.removesuffix(".weight") for name, shape in expected_shapes(config).items()
+               if len(shape) == 2 and name != "tok_embeddings.weight"] + (["output"] if config.tie_embeddings else [])
+
+    def weight(name: str) -> torch.Tensor:
+        tied_output = name == "output.weight" and config.tie_embeddings
+        return ckpt.state_dict["tok_embeddings.weight" if tied_output else name].to(device)
+
+    return quantize_layers(scheme, weight, linears, tied=config.tie_embeddings, table=True)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system. Weights quantized one after another leave their codes among
+    the freed float weights and temporaries, which glibc keeps mapped (the default model under int8: 700 MB resident
+    after the load, 410 MB after this, in 20 ms)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass

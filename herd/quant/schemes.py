@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from herd.quant.blocks import BlockEmbedding, BlockLinear, quantize_int4, quantize_int8
 
@@ -117,39 +119,52 @@ def quantized_module(scheme: Scheme, stored, name: str) -> nn.Module:
     return BlockLinear(stored, integer=integer, scheme=scheme.name)
 
 
-def apply_scheme(model: nn.Module, scheme: Scheme, hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Replace the model's linear layers (except the `keep` ones) with the scheme's, in place.
+def quantize_layers(scheme: Scheme, weight: Callable[[str], torch.Tensor], linears: list[str], *, tied: bool,
+                    table: bool, hessians: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
+    """The scheme's modules for the linear layers named (except the `keep` ones) and, where `table`, the embedding
+    table, by parameter name ("layers.0.attention.wq.weight"). `weight(name)` gives a float weight by parameter
+    name; each is read when its turn comes and dropped once quantized, so a checkpoint quantized as it loads never
+    holds all its float weights at once (8B's take 32 GB in float32).
 
     int8 and int4 hold the embedding table in int8 blocks of 32 too, as llama.cpp does (in float32 a 128K-token
     vocabulary takes 2 GB at the width of 8B, 1 GB at 1B's; in blocks 0.56 and 0.28). A tied output layer and the
-    table are one table: keeping either keeps both, and the table looks its rows up in the output layer's blocks."""
-    names = linear_names(model)
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    table_quantized = scheme.kind in ("int8", "int4") and hasattr(model, "tok_embeddings")
-    scheme.check_keep(names + (["tok_embeddings"] if tied or table_quantized else []))
+    table are one table: keeping either keeps both, and the table's blocks serve as the output layer (`install`)."""
+    table = table and scheme.kind in ("int8", "int4")
+    scheme.check_keep(linears + (["tok_embeddings"] if tied or table else []))
     table_kept = scheme.keeps("tok_embeddings") or (tied and scheme.keeps("output"))
-    for name in names:
+    modules: dict[str, nn.Module] = {}
+    for name in tqdm(linears, desc="quantizing", unit="layer", leave=False, disable=None):
         if scheme.keeps(name) or (name == "output" and table_kept):
             continue
-        linear = model.get_submodule(name)
+        w = weight(f"{name}.weight").detach()
         if scheme.kind == "int4" and name == "output":
             # Its logits are what sampling sees: kept at 8 bits, as llama.cpp keeps it at 6-8. On the default model
             # this takes int4-g32's KL from the float model from 0.049 to 0.006 nats/token (128 tokens of GPL-3).
             # Its activations are int8 blocks like the other layers' (see install).
-            k = linear.weight.shape[1]
-            stored = quantize_int8(linear.weight.detach(), 32 if k % 32 == 0 else None)
-            set_module(model, name, BlockLinear(stored, integer=k % 32 == 0, scheme="int8"))
+            k = w.shape[1]
+            modules[f"{name}.weight"] = BlockLinear(quantize_int8(w, 32 if k % 32 == 0 else None), integer=k % 32 == 0,
+                                                    scheme="int8")
             continue
-        stored = quantize_weight(scheme, linear.weight.detach(), (hessians or {}).get(name))
-        set_module(model, name, quantized_module(scheme, stored, name))
-    if table_quantized and not table_kept:
-        output, table = model.output, model.tok_embeddings
+        stored = quantize_weight(scheme, w, (hessians or {}).get(name))
+        modules[f"{name}.weight"] = quantized_module(scheme, stored, name)
+    if table and not table_kept:
+        output = modules.get("output.weight")
         if tied and isinstance(output, BlockLinear) and output.bits == 8 and output.integer:
-            # Saved as the table alone; `install` makes the output layer of it again, integer as here.
-            model.tok_embeddings = BlockEmbedding(output.weight_blocks)
-        elif not tied and table.embedding_dim % 32 == 0:
-            model.tok_embeddings = BlockEmbedding(quantize_int8(table.weight.detach(), 32))
-    return model
+            modules["tok_embeddings.weight"] = BlockEmbedding(modules.pop("output.weight").weight_blocks)
+        elif not tied:
+            w = weight("tok_embeddings.weight").detach()
+            if w.shape[1] % 32 == 0:
+                modules["tok_embeddings.weight"] = BlockEmbedding(quantize_int8(w, 32))
+    return modules
+
+
+def apply_scheme(model: nn.Module, scheme: Scheme, hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace the model's linear layers (except the `keep` ones) and, under int8 and int4, its embedding table
+    with the scheme's, in place (see quantize_layers)."""
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    modules = quantize_layers(scheme, lambda name: model.get_parameter(name), linear_names(model), tied=tied,
+                              table=hasattr(model, "tok_embeddings"), hessians=hessians)
+    return install(model, modules)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -112,3 +112,30 @@ def test_the_embedding_table_is_stored_in_int8_blocks(tmp_path, tied):
     kept = apply_scheme(herd.load(source, quantize=None).model, Scheme.parse("int8", keep=("tok_embeddings",)))
     assert type(kept.tok_embeddings) is torch.nn.Embedding
     assert (type(kept.output) is torch.nn.Linear and kept.output.weight is kept.tok_embeddings.weight) == tied
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_a_checkpoint_is_quantized_one_float_weight_at_a_time(float_dir, tmp_path, monkeypatch, scheme):
+    """Quantizing as it loads, a model never holds its float weights all at once (8B's: 32 GB in float32, beyond
+    the 24 GB of the machines herd is built on): every matrix read from a bfloat16 checkpoint, as they ship, is
+    widened to float32, quantized and dropped before the next one is read."""
+    import weakref
+
+    from herd.checkpoint.base import LazyStateDict
+
+    ckpt = load_checkpoint(float_dir, dtype=torch.bfloat16)
+    source = save_checkpoint(ckpt, tmp_path / "bf16", "hf")
+    read, most = [], [0]
+    original = LazyStateDict.__getitem__
+
+    def reading(self, name):
+        tensor = original(self, name)
+        if tensor.dim() == 2:
+            read.append(weakref.ref(tensor))
+            most[0] = max(most[0], sum(r() is not None for r in read))
+        return tensor
+
+    monkeypatch.setattr(LazyStateDict, "__getitem__", reading)
+    model = herd.load(source, quantize=scheme).model
+    assert len(read) >= 2 * 7 + 2 and most[0] == 1  # two layers' seven matrices, the table, the output layer
+    assert isinstance(model.layers[1].feed_forward.w2, FP8Linear if scheme == "fp8" else BlockLinear)
