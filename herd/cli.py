@@ -283,7 +283,7 @@ def main() -> None:
         if os.environ.get("HERD_DEBUG"):
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        known = isinstance(error, (ValueError, OSError, KeyError))
+        known = isinstance(error, (ValueError, OSError, KeyError, MemoryError))
         print(f"herd: error: {message}" + ("" if known else f" ({type(error).__name__}; HERD_DEBUG=1 shows where)"),
               file=sys.stderr)
         sys.exit(2 if known else 1)

@@ -157,5 +157,5 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     ckpt = load_checkpoint(path, dtype=dtype)
     if ckpt.tokenizer is None:
         raise ModelNotFoundError(f"{path} brings no tokenizer: put tokenizer.model or tokenizer.json beside it")
-    model = build_quantized(ckpt, quantize, device or default_device(), ckpt.tokenizer).eval()
+    model = build_quantized(ckpt, quantize, device or default_device(), ckpt.tokenizer, dtype=dtype).eval()
     return LLM(model, ckpt.tokenizer, chat_format_for(ckpt.tokenizer), name=ckpt.meta.get("name") or path.name)

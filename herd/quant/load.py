@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import ctypes
+import math
+import re
+from pathlib import Path
 
 import torch
 
@@ -48,11 +51,15 @@ def _gguf_modules(ckpt: Checkpoint, scheme: Scheme) -> dict[str, torch.nn.Module
     return modules
 
 
-def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tokenizer=None):
+def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tokenizer=None, *,
+                    dtype: torch.dtype = torch.float32):
+    """The model of `ckpt` under `quantize`, its float tensors in `dtype`."""
     from herd.checkpoint import build_model
 
     device = torch.device(device)
     scheme = resolve(quantize, ckpt, device)
+    if scheme is None or scheme.method == "gptq":
+        _check_float_model_fits(ckpt, dtype, device)
     if scheme is None:
         return build_model(ckpt, device)
     if scheme.kind in ("gguf", "stored"):
@@ -95,3 +102,44 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to ask
         pass
+
+
+class ModelTooLarge(MemoryError):
+    pass
+
+
+def _check_float_model_fits(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before reading a weight, a float model that cannot fit in this machine's memory: the system would
+    otherwise kill the process midway, without a word (Llama 3.1 8B in float32 is 32 GB)."""
+    available = available_memory() if device.type == "cpu" else None
+    if available is None:
+        return
+    params = sum(math.prod(shape) for shape in expected_shapes(ckpt.config).values())
+    needed = params * dtype.itemsize
+    if needed > 0.95 * available:
+        gb = 2**30
+        raise ModelTooLarge(
+            f"this model needs {needed / gb:.1f} GB of memory in {str(dtype).removeprefix('torch.')} but "
+            f"{available / gb:.1f} GB are available: load it with quantize int8 (about {params * 1.9 / gb:.0f} GB "
+            f"with the kernel's packed copy) or int4 (about {params * 1.3 / gb:.0f} GB), which quantize each weight "
+            "as it is read"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the system's available memory, or less under a cgroup's limit; None
+    where the system does not say."""
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    if not found:
+        return None
+    available = int(found.group(1)) * 1024
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available

@@ -139,3 +139,16 @@ def test_a_checkpoint_is_quantized_one_float_weight_at_a_time(float_dir, tmp_pat
     model = herd.load(source, quantize=scheme).model
     assert len(read) >= 2 * 7 + 2 and most[0] == 1  # two layers' seven matrices, the table, the output layer
     assert isinstance(model.layers[1].feed_forward.w2, FP8Linear if scheme == "fp8" else BlockLinear)
+
+
+def test_a_float_model_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, monkeypatch):
+    """The system would kill the process midway, without a word; a quantized load still fits and goes ahead."""
+    from herd.quant import load
+
+    float_bytes = sum(t.numel() * 4 for t in herd.load(float_dir, quantize=None).model.state_dict().values())
+    monkeypatch.setattr(load, "available_memory", lambda: float_bytes // 2)
+    for scheme in (None, "int4-g32-gptq"):
+        with pytest.raises(MemoryError, match=r"needs 0\.\d GB of memory in float32 but 0\.\d GB are available: "
+                                              "load it with quantize int8"):
+            herd.load(float_dir, quantize=scheme)
+    assert isinstance(herd.load(float_dir, quantize="int8").model.layers[0].attention.wq, BlockLinear)
