@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,7 +44,12 @@ def resolve_model_path(path_or_name: str | Path | None) -> Path:
         return default_model_path()
     path = Path(path_or_name).expanduser()
     if not path.exists():
-        raise ModelNotFoundError(f"no checkpoint at {path}: give a Meta, Hugging Face or GGUF checkpoint path")
+        hub = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(path_or_name)) is not None
+        raise ModelNotFoundError(
+            f"no checkpoint at {path}: give a Meta, Hugging Face or GGUF checkpoint path"
+            + (f" (herd downloads nothing: `huggingface-cli download {path_or_name} --local-dir DIR`, then give DIR)"
+               if hub else "")
+        )
     return path
 
 
