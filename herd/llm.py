@@ -47,7 +47,7 @@ def resolve_model_path(path_or_name: str | Path | None) -> Path:
         hub = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(path_or_name)) is not None
         raise ModelNotFoundError(
             f"no checkpoint at {path}: give a Meta, Hugging Face or GGUF checkpoint path"
-            + (f" (herd downloads nothing: `huggingface-cli download {path_or_name} --local-dir DIR`, then give DIR)"
+            + (f" (herd downloads nothing: `hf download {path_or_name} --local-dir DIR`, then give DIR)"
                if hub else "")
         )
     return path

@@ -46,10 +46,10 @@ def test_bad_sampling_options_fail_before_the_model_loads():
 def test_missing_model():
     result = herd_cli("generate", "hi", "--model", "/nowhere/model.gguf")
     assert_one_line_error(result, "/nowhere/model.gguf")
-    assert "huggingface-cli" not in result.stderr
+    assert "hf download" not in result.stderr
     # a hub id: herd downloads nothing, and says how to
     assert_one_line_error(herd_cli("generate", "hi", "--model", "meta-llama/Llama-3.1-8B-Instruct"),
-                          "herd downloads nothing", "huggingface-cli download meta-llama/Llama-3.1-8B-Instruct")
+                          "herd downloads nothing", "hf download meta-llama/Llama-3.1-8B-Instruct")
 
 
 def test_truncated_gguf(tmp_path):
