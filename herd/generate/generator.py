@@ -35,6 +35,10 @@ class ContextLengthError(ValueError):
     pass
 
 
+# Llama 3's pretraining sequence length: the context every engine holds whatever memory it is given.
+GUARANTEED_CONTEXT = 8192
+
+
 class QueueFullError(RuntimeError):
     pass
 
@@ -42,7 +46,7 @@ class QueueFullError(RuntimeError):
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
-    kv_cache_bytes: int = 512 << 20  # the KV cache's memory; raised to hold at least one full context
+    kv_cache_bytes: int = 512 << 20  # the KV cache's memory; raised to hold one context of up to 8,192 tokens
     max_batch: int = 64  # sequences running at once
     max_step_tokens: int = 512  # tokens per step: every decoding sequence's one, the rest for prompts (chunks)
     max_queue: int = 1024  # sequences waiting; `submit` refuses more
@@ -83,10 +87,13 @@ class Generator:
             dtype = cache_dtype(self.device, dtype)
         block = self.config.block_size
         per_block = PagedKVCache.bytes_per_token(mc, dtype) * block
-        # At least one full context (plus a block to grow into), so that any single sequence can always finish.
-        blocks_per_context = -(-mc.max_seq_len // block) + 1
-        useful = blocks_per_context * self.config.max_batch  # more could only ever hold cached prefixes
-        num_blocks = max(blocks_per_context, min(useful, self.config.kv_cache_bytes // per_block))
+        # At least one full context up to Llama 3's pretraining length (plus a block to grow into), so that a
+        # sequence that long can always finish. Beyond it the memory given is what there is, and the context the
+        # engine offers (`capacity`) is what it holds: one full 128K context of Llama 3.1 8B is 17 GB of float16
+        # keys and values, which a server would fill with cached prefixes over time.
+        guaranteed = -(-min(mc.max_seq_len, GUARANTEED_CONTEXT) // block) + 1
+        useful = (-(-mc.max_seq_len // block) + 1) * self.config.max_batch  # more could only hold cached prefixes
+        num_blocks = max(guaranteed, min(useful, self.config.kv_cache_bytes // per_block))
         self.cache = PagedKVCache(mc, num_blocks, block, device=self.device, dtype=dtype)
         self.scheduler = Scheduler(self.cache, max_batch=self.config.max_batch,
                                    max_step_tokens=self.config.max_step_tokens,
@@ -107,8 +114,17 @@ class Generator:
 
     @property
     def capacity(self) -> int:
-        """The most tokens one sequence can hold: the context, or the cache if that is smaller."""
-        return min(self.model.config.max_seq_len, self.cache.pool.num_blocks * self.cache.block_size)
+        """The most tokens one sequence can hold: the context, or what the cache holds (less a block to grow into)
+        if that is smaller."""
+        return min(self.model.config.max_seq_len, (self.cache.pool.num_blocks - 1) * self.cache.block_size)
+
+    def context_error(self, tokens: int) -> str:
+        """Why a prompt of `tokens` tokens cannot be taken, and what to do."""
+        if self.capacity == self.model.config.max_seq_len:
+            return f"the prompt has {tokens} tokens but the model's context is {self.capacity}: shorten the prompt"
+        return (f"the prompt has {tokens} tokens but the KV cache holds {self.capacity} (the model's context is "
+                f"{self.model.config.max_seq_len}): shorten the prompt, or give the cache more memory "
+                "(EngineConfig.kv_cache_bytes; herd serve --kv-cache-mib)")
 
     # -- submitting -------------------------------------------------------------------------------------------
 
@@ -133,9 +149,7 @@ class Generator:
             raise ValueError(f"logit_bias names a token outside the model's vocabulary (0..{vocab - 1})")
         longest = max(len(p) for p in prompts)
         if longest >= self.capacity:
-            raise ContextLengthError(
-                f"the prompt has {longest} tokens but the model's context is {self.capacity}: shorten the prompt"
-            )
+            raise ContextLengthError(self.context_error(longest))
         deadline = time.monotonic() + timeout if timeout is not None else None
         seqs = []
         for i, (prompt, sp) in enumerate(zip(prompts, per_row)):

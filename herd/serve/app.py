@@ -210,7 +210,7 @@ def budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> i
     capacity = state.llm.generator.capacity
     longest = max(len(p) for p in prompts)
     if longest >= capacity:
-        raise APIError(400, f"the prompt has {longest} tokens but the model's context is {capacity}: shorten it",
+        raise APIError(400, state.llm.generator.context_error(longest),
                        param="messages", code="context_length_exceeded")
     room = capacity - longest
     if asked is not None and asked > room:

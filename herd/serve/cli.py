@@ -20,7 +20,8 @@ def serve_cmd(
     max_queue: int = typer.Option(1024, min=1, help="sequences waiting; more get 429"),
     max_n: int = typer.Option(8, min=1, help="the most choices (n) one request may ask for"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="the most tokens one choice may generate"),
-    kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB)"),
+    kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB), raised to hold one context of up to "
+                                     "8,192 tokens; a longer context is served as far as it holds"),
     kv_cache_dtype: str = typer.Option("auto", help="auto: keys and values in float16 where herd's kernel attends "
                                        "(float32 models on a CPU: half the memory to read), else the model's "
                                        "dtype; model: always the model's dtype"),

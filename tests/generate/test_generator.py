@@ -180,3 +180,23 @@ def test_token_ids_outside_the_vocabulary_are_refused_with_a_reason(generator, p
     with pytest.raises(ValueError, match=f"outside the model's vocabulary \\(0..{CONFIG.vocab_size - 1}\\)"):
         generator.generate([[1, 2], prompt], GREEDY)
     assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
+
+
+def test_a_long_context_takes_the_memory_given_and_says_so():
+    """A 128K context is held only as far as the KV cache's memory goes (one such context of Llama 3.1 8B is 17 GB),
+    but always at least 8,192 tokens; a longer prompt is refused with what holds it back."""
+    from herd.generate import EngineConfig
+
+    config = CONFIG.replace(max_seq_len=131072)
+    model = Transformer(config).eval()
+    per_token = 2 * config.n_layers * config.kv_heads * config.head_dim * 2  # keys and values, float16 or float32
+    engine = Generator(model, herd.load_tokenizer(), config=EngineConfig(kv_cache_bytes=40_000 * per_token))
+    # what the memory of 40,000 tokens' float16 keys and values holds (20,000 in float32), less a block to grow into
+    assert engine.capacity in (40_000 - 16, 20_000 - 16)
+    small = Generator(model, herd.load_tokenizer(), config=EngineConfig(kv_cache_bytes=1 << 20))
+    assert small.capacity == 8192  # the guaranteed context, whatever the memory
+    with pytest.raises(ContextLengthError, match="the KV cache holds 8192 \\(the model's context is 131072\\): "
+                                                 "shorten the prompt, or give the cache more memory"):
+        small.generate([[5] * 9000], GREEDY)
+    assert len(small.generate([[5] * 8000], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))[0]
+               .tokens) == 192  # up to what the cache holds
