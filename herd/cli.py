@@ -22,11 +22,19 @@ def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load(model: Optional[str], quantize: str, device: Optional[str]):
+KvCacheOpt = typer.Option(None, min=1, help="KV-cache memory (MiB; default 512), raised to hold one context of up "
+                          "to 8,192 tokens; a longer context is held as far as it goes")
+
+
+def _load(model: Optional[str], quantize: str, device: Optional[str], kv_cache_mib: Optional[int] = None):
     import herd
 
     started = time.perf_counter()
     llm = herd.load(model, quantize=None if quantize == "none" else quantize, device=device)
+    if kv_cache_mib is not None:
+        from herd.generate import EngineConfig, Generator
+
+        llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(kv_cache_bytes=kv_cache_mib << 20))
     _status(f"loaded {llm.name} on {llm.device} in {time.perf_counter() - started:.1f}s")
     return llm
 
@@ -61,6 +69,7 @@ def chat(
     tools: Optional[str] = typer.Option(None, help="brave_search,wolfram_alpha,code_interpreter[,module:function]"),
     prompt_guard: Optional[Path] = typer.Option(None, help="with --tools: a Prompt Guard file; tool results it flags "
                                                 "as injections are withheld from the model"),
+    kv_cache_mib: Optional[int] = KvCacheOpt,
 ):
     """Talk with a model. Lines ending in \\ continue; a line of \"\"\" opens and closes a block.
     /reset clears the conversation, /system TEXT sets the system prompt, /exit quits."""
@@ -71,7 +80,7 @@ def chat(
 
         tools = parse_tool_option(tools, prompt_guard)  # bad ones fail before the model loads
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, ())
-    llm = _load(model, quantize, device)
+    llm = _load(model, quantize, device, kv_cache_mib)
     agent = make_agent(llm, tools, **sampling) if tools else None
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -148,11 +157,12 @@ def generate(
                                            "alternatives"),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None),
+    kv_cache_mib: Optional[int] = KvCacheOpt,
 ):
     """Complete a prompt, streaming the text (or print JSON with log-probabilities)."""
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
     text = sys.stdin.read() if prompt == "-" else prompt
-    llm = _load(model, quantize, device)
+    llm = _load(model, quantize, device, kv_cache_mib)
     ids = llm.chat_format.encode_dialog([{"role": "user", "content": text}]) if chat_turn else llm.encode(text)
     if logprobs is None:
         for piece in llm.generate(ids, stream=True, **sampling):

@@ -145,3 +145,18 @@ def test_a_group_without_its_command_shows_its_help_and_no_empty_error():
         assert result.returncode != 0
         assert "Commands" in result.stdout + result.stderr  # the help, listing what to run
         assert "herd: error:" not in result.stderr, result.stderr
+
+
+def test_kv_cache_mib_sets_how_much_of_a_long_context_is_held(tmp_path):
+    import herd
+    from herd.checkpoint import save_checkpoint
+    from herd.model import ModelConfig, Transformer
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
+                         max_seq_len=131072)
+    path = save_checkpoint((config, Transformer(config).state_dict(), herd.load_tokenizer()), tmp_path / "m", "hf")
+    prompt = "Paris " * 9000  # about 9,000 tokens: past the 8,192 any cache holds, within the model's context
+    small = herd_cli("generate", "-", "--model", str(path), "--kv-cache-mib", "1", stdin=prompt)
+    assert_one_line_error(small, "the KV cache holds 8192 (the model's context is 131072)", "give the cache more memory")
+    large = herd_cli("generate", "-", "--model", str(path), "--kv-cache-mib", "8", "--max-tokens", "2", stdin=prompt)
+    assert large.returncode == 0, large.stderr

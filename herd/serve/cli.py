@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from herd.cli import KvCacheOpt
+
 
 def serve_cmd(
     model: Optional[str] = typer.Argument(None, help="checkpoint path (Meta, HF or GGUF); default: the built-in model"),
@@ -20,8 +22,7 @@ def serve_cmd(
     max_queue: int = typer.Option(1024, min=1, help="sequences waiting; more get 429"),
     max_n: int = typer.Option(8, min=1, help="the most choices (n) one request may ask for"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="the most tokens one choice may generate"),
-    kv_cache_mib: int = typer.Option(512, min=1, help="KV-cache memory (MiB), raised to hold one context of up to "
-                                     "8,192 tokens; a longer context is served as far as it holds"),
+    kv_cache_mib: Optional[int] = KvCacheOpt,
     kv_cache_dtype: str = typer.Option("auto", help="auto: keys and values in float16 where herd's kernel attends "
                                        "(float32 models on a CPU: half the memory to read), else the model's "
                                        "dtype; model: always the model's dtype"),
@@ -63,7 +64,8 @@ def serve_cmd(
     functions = parse_tools(tools)
     llm = _load(model, quantize, device)
     llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
-        max_batch=max_batch, max_queue=max_queue, kv_cache_bytes=kv_cache_mib << 20, kv_cache_dtype=kv_cache_dtype,
+        max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype,
+        kv_cache_bytes=kv_cache_mib << 20 if kv_cache_mib else EngineConfig.kv_cache_bytes,
         prefix_caching=prefix_cache, speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
