@@ -94,7 +94,7 @@ def test_the_embedding_table_is_stored_in_int8_blocks(tmp_path, tied):
     model = Transformer(config)
     with torch.no_grad():
         model.tok_embeddings.weight.normal_(0, 0.02)
-    source = save_checkpoint((config, model.state_dict(), herd.load_tokenizer()), tmp_path / "tied", "meta")
+    source = save_checkpoint((config, model.state_dict(), herd.load_tokenizer()), tmp_path / "float", "meta")
     fresh = apply_scheme(herd.load(source, quantize=None).model, Scheme.parse("int8"))
     table = fresh.tok_embeddings
     assert isinstance(table, blocks.BlockEmbedding) and (table.codes is fresh.output.codes) == tied
