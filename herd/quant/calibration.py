@@ -2,20 +2,103 @@
 2.0, a text unlike the GPL the fidelity tests measure on)."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from herd.checkpoint.base import Checkpoint
 from herd.quant.gptq import hessians
-from herd.quant.schemes import Scheme, linear_names
 
 CALIBRATION_TEXT = Path(__file__).parent / "resources" / "calibration.txt"
+BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 
-def calibration_hessians(model, tokenizer, scheme: Scheme, *, tokens: int = 2048, window: int = 512,
-                         text: str | None = None) -> dict[str, torch.Tensor]:
-    ids = tokenizer.encode(text or CALIBRATION_TEXT.read_text(), bos=False)[:tokens]
-    device = next(model.buffers()).device
-    batches = [torch.tensor([ids[i : i + window]], device=device) for i in range(0, len(ids), window)]
-    names = [n for n in linear_names(model) if not scheme.keeps(n)]
-    return hessians(model, batches, names)
+class LayerwiseHessians(Mapping[str, torch.Tensor]):
+    """The Hessians (X^T X / tokens of each linear layer's input) of a checkpoint's float model on the calibration
+    text, computed one block at a time as layers ask for them in the model's order, with their float weights.
+
+    The float model is never built: the text's hidden states go through one block at a time, each block's float
+    weights read for it and dropped after, and only that block's Hessians are kept (Llama 3.1 8B's float weights
+    are 32 GB, its down projections' Hessians 0.8 GB each). The figures are those of a forward of the whole float
+    model, as every layer sees the float model's activations.
+    """
+
+    def __init__(self, ckpt: Checkpoint, tokenizer, device, *, tokens: int = 2048, window: int = 512,
+                 text: str | None = None):
+        from herd.checkpoint import build_model
+
+        self.ckpt = ckpt
+        n_layers = ckpt.config.n_layers
+        self.names = [f"layers.{i}.{linear}" for i in range(n_layers) for linear in BLOCK_LINEARS] + ["output"]
+        # Everything but the blocks' matrices (and an untied output layer): embeddings, norms, rotary frequencies.
+        matrices = {f"{name}.weight" for name in self.names[:-1]}
+        skip = matrices | (set() if ckpt.config.tie_embeddings else {"output.weight"})
+        self.model = build_model(ckpt, device, skip=frozenset(skip))
+        ids = tokenizer.encode(text or CALIBRATION_TEXT.read_text(), bos=False)[:tokens]
+        windows = [torch.tensor([ids[i : i + window]], device=device) for i in range(0, len(ids), window)]
+        with torch.inference_mode():
+            self.hidden = [self.model.tok_embeddings(tokens) for tokens in windows]
+        self.rotations = [self._rotation(tokens.shape[1], device) for tokens in windows]
+        self.done = -1  # blocks whose Hessians have been taken (n_layers: the output layer's too)
+        self.current: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def _rotation(self, length: int, device) -> torch.Tensor:
+        # As Transformer.forward computes it for a plain causal forward from position 0.
+        positions = torch.arange(length, device=device).expand(1, length)
+        angles = positions.to(self.model.rope_freqs.dtype).unsqueeze(-1) * self.model.rope_freqs
+        return torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self._reach(name)
+        return self.current[name]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The float weight `name` ("layers.0.attention.wq.weight"), read once for both the forward and the caller."""
+        layer = name.removesuffix(".weight")
+        if layer not in self.names:
+            return self.model.get_parameter(name)  # the embedding table
+        self._reach(layer)
+        return self.weights.get(name) if name in self.weights else self.model.get_parameter(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _reach(self, name: str) -> None:
+        target = int(name.split(".")[1]) if name.startswith("layers.") else self.ckpt.config.n_layers
+        if target < self.done:
+            raise ValueError(f"{name}: calibration runs forward only, and is past it")
+        while self.done < target:
+            self._advance()
+
+    @torch.inference_mode()
+    def _advance(self) -> None:
+        i = self.done + 1
+        self.weights = {}  # the last block's, let go before the next one's are read
+        if i == self.ckpt.config.n_layers:
+            self.hidden = [self.model.norm(h) for h in self.hidden]
+            self.weights = {} if self.ckpt.config.tie_embeddings else {
+                "output.weight": self.ckpt.state_dict["output.weight"].to(self.hidden[0].device)}
+            inputs = nn.Identity()  # the output layer's input is all its Hessian needs
+            self.current = hessians({"output": inputs}, lambda: [inputs(h) for h in self.hidden])
+        else:
+            block = self.model.layers[i]
+            self.weights = {f"layers.{i}.{linear}.weight": self.ckpt.state_dict[f"layers.{i}.{linear}.weight"]
+                            .to(self.hidden[0].device) for linear in BLOCK_LINEARS}
+            for name, weight in self.weights.items():
+                block.get_submodule(name.removeprefix(f"layers.{i}.").removesuffix(".weight")).weight = \
+                    nn.Parameter(weight, requires_grad=False)
+            layers = {f"layers.{i}.{linear}": block.get_submodule(linear) for linear in BLOCK_LINEARS}
+
+            def run():
+                self.hidden = [block(h, rotation, None, None, i) for h, rotation in zip(self.hidden, self.rotations)]
+
+            self.current = hessians(layers, run)
+            self.model.layers[i] = nn.Identity()  # its float weights go with the caller's last reference to them
+        self.done = i

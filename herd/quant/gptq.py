@@ -5,7 +5,7 @@ The Hessian of a layer is X^T X over the calibration tokens that reach it (colle
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -14,10 +14,10 @@ from herd.quant.blocks import BlockWeight, pack_nibbles
 
 
 @torch.inference_mode()
-def hessians(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """X^T X / tokens of every named linear layer's input, over the token batches run through `model`."""
-    sums = {name: None for name in names}
-    counts = dict.fromkeys(names, 0)
+def hessians(layers: Mapping[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """X^T X / tokens of each layer's input (in float64 as they add up) while `run()` feeds them."""
+    sums = dict.fromkeys(layers)
+    counts = dict.fromkeys(layers, 0)
 
     def hook(name):
         def record(module, inputs, output):
@@ -27,14 +27,13 @@ def hessians(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str]
 
         return record
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
     try:
-        for tokens in batches:
-            model(tokens)
+        run()
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name]).float() for name in names if sums[name] is not None}
+    return {name: (sums[name] / counts[name]).float() for name in layers if sums[name] is not None}
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor | None, group: int, *, damp: float = 0.01,

@@ -13,7 +13,7 @@ from herd.quant.blocks import BlockEmbedding, BlockLinear
 from herd.quant.decode import use_decode_blocks
 from herd.quant.gguf import block_weight
 from herd.quant.kernel import ops
-from herd.quant.schemes import Scheme, apply_scheme, install, quantize_layers
+from herd.quant.schemes import Scheme, install, quantize_layers
 
 STORED = Scheme("stored")  # a `herd quantize` output, computed on as it was written
 
@@ -58,7 +58,7 @@ def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tok
 
     device = torch.device(device)
     scheme = resolve(quantize, ckpt, device)
-    if scheme is None or scheme.method == "gptq":
+    if scheme is None:
         _check_float_model_fits(ckpt, dtype, device)
     if scheme is None:
         return build_model(ckpt, device)
@@ -66,26 +66,26 @@ def build_quantized(ckpt: Checkpoint, quantize: str | Scheme | None, device, tok
         modules = _gguf_modules(ckpt, scheme) if scheme.kind == "gguf" else {n: m for n, (k, m) in ckpt.blocks.items()}
         model = build_model(ckpt, device, skip=frozenset(modules))
         model = install(model, {name: module.to(device) for name, module in modules.items()})
-    elif scheme.method == "gptq":
-        from herd.quant.calibration import calibration_hessians
-
-        # Calibration runs the float model, so this scheme holds all of it once.
-        model = build_model(ckpt, device)
-        model = apply_scheme(model, scheme, calibration_hessians(model, tokenizer or ckpt.tokenizer, scheme))
-        _return_freed_memory()
     else:
-        modules = _quantized_as_read(ckpt, scheme, device)
+        modules = _quantized_as_read(ckpt, scheme, device, tokenizer or ckpt.tokenizer)
         model = install(build_model(ckpt, device, skip=frozenset(modules)), modules)
         _return_freed_memory()
     return use_decode_blocks(model) if device.type == "cpu" else model
 
 
-def _quantized_as_read(ckpt: Checkpoint, scheme: Scheme, device: torch.device) -> dict[str, torch.nn.Module]:
+def _quantized_as_read(ckpt: Checkpoint, scheme: Scheme, device: torch.device, tokenizer) -> dict[str, torch.nn.Module]:
     """The scheme's modules, each float weight read from the checkpoint (on `device`) only to be quantized: the
-    model never holds its float weights (Llama 3.1 8B: 32 GB in float32, 8.5 in int8 blocks)."""
+    model never holds its float weights (Llama 3.1 8B: 32 GB in float32, 8.5 in int8 blocks). GPTQ's calibration
+    runs the float model a block at a time beside it (herd.quant.calibration)."""
     config = ckpt.config
     linears = [name.removesuffix(".weight") for name, shape in expected_shapes(config).items()
                if len(shape) == 2 and name != "tok_embeddings.weight"] + (["output"] if config.tie_embeddings else [])
+    if scheme.method == "gptq":
+        from herd.quant.calibration import LayerwiseHessians
+
+        calibration = LayerwiseHessians(ckpt, tokenizer, device)
+        return quantize_layers(scheme, calibration.weight, linears, tied=config.tie_embeddings, table=True,
+                               hessians=calibration)
 
     def weight(name: str) -> torch.Tensor:
         tied_output = name == "output.weight" and config.tie_embeddings

@@ -99,7 +99,7 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_objective():
     mix = torch.randn(128, 128) * (torch.rand(128) ** 4 * 4)
     x = torch.randn(2048, 128) @ mix
     linear = torch.nn.Linear(128, 64, bias=False)
-    h = hessians(torch.nn.Sequential(linear), [x], ["0"])["0"]
+    h = hessians({"linear": linear}, lambda: linear(x))["linear"]
 
     def error(w):
         return ((x @ (w.dequantize() - linear.weight).T) ** 2).mean()
