@@ -234,11 +234,14 @@ def _schema_of(body: _Inference) -> dict[str, Any] | None:
     return form.json_schema or {}
 
 
-def _constraints(request: Request, schema: dict[str, Any] | None, count: int):
+async def _constraints(request: Request, schema: dict[str, Any] | None, count: int):
+    """One grammar constraint per sequence, compiled on a worker thread so that other streams go on meanwhile (the
+    first compile builds the vocabulary's tables)."""
     if schema is None:
         return None
+    grammars = server_state(request).grammars
     try:
-        return [server_state(request).grammars.constraint(schema or None) for _ in range(count)]
+        return await asyncio.to_thread(lambda: [grammars.constraint(schema or None) for _ in range(count)])
     except GrammarError as error:
         raise APIError(400, str(error), param="response_format") from None
 
@@ -282,7 +285,7 @@ def _event(kind: str, delta: dict[str, Any], **extra) -> dict[str, Any]:
 
 class _Chats:
     """Conversations of one chat request (one, or a batch), as prompts with the request's tools, and their
-    replies."""
+    replies (`await _Chats(...).start(request)` puts them in the engine)."""
 
     def __init__(self, request: Request, body: _Chat, conversations: list[list[Message]]):
         self.state, self.llm = server_state(request), server_state(request).llm
@@ -302,10 +305,14 @@ class _Chats:
                 schema = call_schema(self.tools, None if config.tool_choice == "required" else config.tool_choice)
             except ValueError as error:
                 raise APIError(400, str(error), param="tool_config.tool_choice") from None
-        max_tokens = budget(self.state, self.prompts, body.sampling_params.max_tokens or None)
-        self.run = Run(self.state, self.prompts, _sampling(body, max_tokens), 1,
-                       _constraints(request, schema, len(self.prompts)))
+        self.schema, self.body = schema, body
+        self.max_tokens = budget(self.state, self.prompts, body.sampling_params.max_tokens or None)
         self.logprobs = body.logprobs is not None
+
+    async def start(self, request: Request) -> _Chats:
+        constraints = await _constraints(request, self.schema, len(self.prompts))
+        self.run = Run(self.state, self.prompts, _sampling(self.body, self.max_tokens), 1, constraints)
+        return self
 
     async def replies(self, request: Request) -> list[dict[str, Any]]:
         """Every conversation's ChatCompletionResponse."""
@@ -348,7 +355,7 @@ class _Chats:
 @router.post("/inference/chat-completion")
 async def chat_completion(request: Request):
     body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
-    chats = _Chats(request, body, [body.messages])
+    chats = await _Chats(request, body, [body.messages]).start(request)
     if not body.stream:
         return (await chats.replies(request))[0]
     return sse_response(chats.events(request), done=False)
@@ -359,7 +366,8 @@ async def batch_chat_completion(request: Request):
     """Every conversation in the engine at once: continuous batching does the rest."""
     body: BatchChatCompletionRequest = await _parse(request, BatchChatCompletionRequest)
     _no_stream(body)
-    return {"batch": await _Chats(request, body, body.messages_batch).replies(request)}
+    chats = await _Chats(request, body, body.messages_batch).start(request)
+    return {"batch": await chats.replies(request)}
 
 
 def _no_stream(body: _Inference) -> None:
@@ -367,13 +375,13 @@ def _no_stream(body: _Inference) -> None:
         raise APIError(400, "the batch routes answer once, with every reply: they do not stream", param="stream")
 
 
-def _completion_run(request: Request, body: CompletionRequest | BatchCompletionRequest,
-                    contents: list[Content]) -> tuple[list[list[int]], Run]:
+async def _completion_run(request: Request, body: CompletionRequest | BatchCompletionRequest,
+                          contents: list[Content]) -> tuple[list[list[int]], Run]:
     state = server_state(request)
     prompts = [state.llm.encode(_text(content)) for content in contents]
     max_tokens = budget(state, prompts, body.sampling_params.max_tokens or None)
-    return prompts, Run(state, prompts, _sampling(body, max_tokens), 1,
-                        _constraints(request, _schema_of(body), len(prompts)))
+    constraints = await _constraints(request, _schema_of(body), len(prompts))
+    return prompts, Run(state, prompts, _sampling(body, max_tokens), 1, constraints)
 
 
 async def _completions(request: Request, body, prompts: list[list[int]], run: Run) -> list[dict[str, Any]]:
@@ -390,7 +398,7 @@ async def _completions(request: Request, body, prompts: list[list[int]], run: Ru
 @router.post("/inference/completion")
 async def completion(request: Request):
     body: CompletionRequest = await _parse(request, CompletionRequest)
-    prompts, run = _completion_run(request, body, [body.content])
+    prompts, run = await _completion_run(request, body, [body.content])
     if not body.stream:
         return (await _completions(request, body, prompts, run))[0]
     llm, seq = server_state(request).llm, run.request.seqs[0]
@@ -411,7 +419,7 @@ async def completion(request: Request):
 async def batch_completion(request: Request):
     body: BatchCompletionRequest = await _parse(request, BatchCompletionRequest)
     _no_stream(body)
-    prompts, run = _completion_run(request, body, body.content_batch)
+    prompts, run = await _completion_run(request, body, body.content_batch)
     return {"batch": await _completions(request, body, prompts, run)}
 
 

@@ -175,3 +175,42 @@ def test_malformed_requests_get_specific_4xx(server, path, body, status, param):
     answer = post(server, f"/v1/inference/{path}", body)
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["param"] == param and answer.json()["error"]["message"]
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/inference/completion", {"content": "A number:", "response_format": {"type": "json_schema",
+                                                                               "json_schema": SCHEMA},
+                                  "sampling_params": {"max_tokens": 8}}),
+    ("/v1/inference/chat-completion", {"messages": [{"role": "user", "content": "A number?"}],
+                                       "response_format": {"type": "json_schema", "json_schema": SCHEMA},
+                                       "sampling_params": {"max_tokens": 8}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A number?"}], "max_tokens": 8,
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "n",
+                                                                                         "schema": SCHEMA}}}),
+], ids=["llama-stack completion", "llama-stack chat", "openai chat"])
+def test_a_grammar_compiles_while_other_requests_are_answered(server, monkeypatch, path, body):
+    """A schema's grammar compiles on a worker thread: the server answers others meanwhile (a deep schema's compile
+    took seconds before the limits on nesting and repeats, and the first one builds the vocabulary's tables)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    grammars = server.app.state.herd.grammars
+    compile_ = grammars.constraint
+
+    def slow(schema):
+        time.sleep(1.5)
+        return compile_(schema)
+
+    monkeypatch.setattr(grammars, "constraint", slow)
+    model = {"model_id": server.llm.name} if "inference" in path else {"model": server.llm.name}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, server, path, {**model, **body})
+        time.sleep(0.3)
+        start = time.monotonic()
+        health = httpx.get(server.url + "/health", timeout=30)
+        waited = time.monotonic() - start
+        assert answer.result().status_code == 200, answer.result().text
+    assert health.status_code == 200 and waited < 0.8, waited
