@@ -222,6 +222,18 @@ def budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> i
 
 # -- running the engine from asyncio ------------------------------------------------------------------------
 
+async def grammar_constraints(state: ServerState, schema: dict[str, Any] | None, count: int):
+    """`count` matchers of `schema` ({} for any JSON object), or None without one. Compiled on a worker thread
+    (xgrammar lets go of the GIL): other streams go on meanwhile, and the first compile builds the vocabulary's
+    tables."""
+    if schema is None:
+        return None
+    try:
+        return await asyncio.to_thread(lambda: [state.grammars.constraint(schema or None) for _ in range(count)])
+    except GrammarError as error:
+        raise APIError(400, str(error), param="response_format") from None
+
+
 class Run:
     """One request's sequences in the engine, their deltas delivered to this event loop."""
 
@@ -398,14 +410,7 @@ async def chat_completions(request: Request):
     max_tokens = budget(state, [prompt], body.max_completion_tokens or body.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     schema = _output_schema(body) if use_tools or body.response_format else None
-    constraints = None
-    if schema is not None:
-        try:
-            # Compiled on a worker thread (xgrammar lets go of the GIL): other streams go on meanwhile.
-            constraints = await asyncio.to_thread(lambda: [state.grammars.constraint(schema or None)
-                                                           for _ in range(body.n)])
-        except GrammarError as error:
-            raise APIError(400, str(error), param="response_format") from None
+    constraints = await grammar_constraints(state, schema, body.n)
     run = Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}

@@ -29,12 +29,12 @@ from pydantic import Field
 
 from herd.generate import SamplingParams
 from herd.generate.sequence import Completion
-from herd.generate.structured import GrammarError
 from herd.serve.app import (
     Run,
     ToolStreamer,
     budget,
     collect,
+    grammar_constraints,
     read_json,
     server_state,
     sse_response,
@@ -234,18 +234,6 @@ def _schema_of(body: _Inference) -> dict[str, Any] | None:
     return form.json_schema or {}
 
 
-async def _constraints(request: Request, schema: dict[str, Any] | None, count: int):
-    """One grammar constraint per sequence, compiled on a worker thread so that other streams go on meanwhile (the
-    first compile builds the vocabulary's tables)."""
-    if schema is None:
-        return None
-    grammars = server_state(request).grammars
-    try:
-        return await asyncio.to_thread(lambda: [grammars.constraint(schema or None) for _ in range(count)])
-    except GrammarError as error:
-        raise APIError(400, str(error), param="response_format") from None
-
-
 async def _parse(request: Request, model: type) -> Any:
     data = await read_json(request)
     if server_state(request).shields is not None:
@@ -310,7 +298,7 @@ class _Chats:
         self.logprobs = body.logprobs is not None
 
     async def start(self, request: Request) -> _Chats:
-        constraints = await _constraints(request, self.schema, len(self.prompts))
+        constraints = await grammar_constraints(self.state, self.schema, len(self.prompts))
         self.run = Run(self.state, self.prompts, _sampling(self.body, self.max_tokens), 1, constraints)
         return self
 
@@ -380,7 +368,7 @@ async def _completion_run(request: Request, body: CompletionRequest | BatchCompl
     state = server_state(request)
     prompts = [state.llm.encode(_text(content)) for content in contents]
     max_tokens = budget(state, prompts, body.sampling_params.max_tokens or None)
-    constraints = await _constraints(request, _schema_of(body), len(prompts))
+    constraints = await grammar_constraints(state, _schema_of(body), len(prompts))
     return prompts, Run(state, prompts, _sampling(body, max_tokens), 1, constraints)
 
 
