@@ -42,6 +42,12 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return torch.where(in_ramp, (1 - smooth) * slowed / scaling.factor + smooth * slowed, slowed)
 
 
+def rotations(positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The unit complex rotations [batch, seq, 1, head_dim / 2] of tokens at `positions` [batch, seq]."""
+    angles = positions.to(freqs.dtype).unsqueeze(-1) * freqs
+    return torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
+
+
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) — Meta's layout — as complex numbers.
 
@@ -185,8 +191,7 @@ class Transformer(nn.Module):
         if isinstance(cache, KVCache) and cache.length + s > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} tokens: {cache.length} cached + {s} new do not fit")
         positions = self._default_positions(b, s, document_ids, cache, tokens.device) if positions is None else positions
-        angles = positions.to(self.rope_freqs.dtype).unsqueeze(-1) * self.rope_freqs
-        rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
+        rotation = rotations(positions, self.rope_freqs)
         mask = None if paged else self._mask(s, document_ids, cache, tokens.device)
 
         h = self.tok_embeddings(tokens)

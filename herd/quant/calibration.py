@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from herd.checkpoint.base import Checkpoint
+from herd.model.llama import rotations
 from herd.quant.gptq import hessians
 
 CALIBRATION_TEXT = Path(__file__).parent / "resources" / "calibration.txt"
@@ -41,16 +42,12 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
         windows = [torch.tensor([ids[i : i + window]], device=device) for i in range(0, len(ids), window)]
         with torch.inference_mode():
             self.hidden = [self.model.tok_embeddings(tokens) for tokens in windows]
-        self.rotations = [self._rotation(tokens.shape[1], device) for tokens in windows]
+        # As Transformer.forward rotates a plain causal forward from position 0.
+        self.rotations = [rotations(torch.arange(t.shape[1], device=device)[None], self.model.rope_freqs)
+                          for t in windows]
         self.done = -1  # blocks whose Hessians have been taken (n_layers: the output layer's too)
         self.current: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}
-
-    def _rotation(self, length: int, device) -> torch.Tensor:
-        # As Transformer.forward computes it for a plain causal forward from position 0.
-        positions = torch.arange(length, device=device).expand(1, length)
-        angles = positions.to(self.model.rope_freqs.dtype).unsqueeze(-1) * self.model.rope_freqs
-        return torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self._reach(name)
@@ -83,8 +80,8 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
         self.weights = {}  # the last block's, let go before the next one's are read
         if i == self.ckpt.config.n_layers:
             self.hidden = [self.model.norm(h) for h in self.hidden]
-            self.weights = {} if self.ckpt.config.tie_embeddings else {
-                "output.weight": self.ckpt.state_dict["output.weight"].to(self.hidden[0].device)}
+            if not self.ckpt.config.tie_embeddings:
+                self.weights = {"output.weight": self.ckpt.state_dict["output.weight"].to(self.hidden[0].device)}
             inputs = nn.Identity()  # the output layer's input is all its Hessian needs
             self.current = hessians({"output": inputs}, lambda: [inputs(h) for h in self.hidden])
         else:

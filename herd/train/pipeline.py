@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.model.llama import Transformer
+from herd.model.llama import Transformer, rotations
 from herd.train.config import ConfigError
 from herd.train.data import IGNORE
 
@@ -32,8 +32,7 @@ class Stage(nn.Module):
         b, s = document_ids.shape
         # The same rotation and mask the whole model computes in its forward (herd.model.llama.Transformer).
         positions = Transformer._default_positions(b, s, document_ids, None, x.device)
-        angles = positions.to(self.rope_freqs.dtype).unsqueeze(-1) * self.rope_freqs
-        rotation = torch.polar(torch.ones_like(angles), angles).unsqueeze(2)
+        rotation = rotations(positions, self.rope_freqs)
         mask = Transformer._mask(s, document_ids, None, x.device)
         for i, layer in self.layers.items():
             x = layer(x, rotation, mask, None, int(i))
