@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.quant.kernel import ops
+from herd.quant.kernel import Panels, ops
 from herd.quant.phase import prompt_mask
 
 QK = 32  # activation block
@@ -32,6 +32,7 @@ MAX_GENERATED_TOKENS = 64
 # more rows amortise expanding the weights once for a BLAS GEMM. A weight-only output layer (int8-wo) of a decode
 # step of many sequences took 20-30 ms a step expanding its 49K-row table.
 MAX_FLOAT_LOOP_TOKENS = 32
+ROWS = ("codes", "scales", "mins")  # the tensors of a BlockWeight
 
 
 @dataclass
@@ -48,6 +49,10 @@ class BlockWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1] * (2 if self.bits == 4 else 1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """codes, scales and mins (where it has them) by name, as modules hold and files store them."""
+        return {name: t for name in ROWS if (t := getattr(self, name)) is not None}
 
     def rows(self, index: torch.Tensor) -> BlockWeight:
         """The rows `index` [n] (index_select: half the cost of indexing, which a decode step pays three times)."""
@@ -119,16 +124,15 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Te
     return out
 
 
-def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w.T in float32. integer=False (weight-only layers): exactly the stored weights times x.
-    integer: prompt tokens and generated tokens (as `herd.quant.phase` tells them; unmarked, a forward of more than
-    a few tokens is a prompt) are computed apart, each the same way however many share the call, so that a
-    sequence computes the same in a batch of any size, and a prompt the same however it is chunked (exactly with
-    VNNI; elsewhere up to the BLAS GEMM's rounding, which depends on the row count). Generated tokens take int8
-    activations (the kernel, or the same arithmetic in PyTorch). Prompt tokens take two levels of int8 where the
-    kernel has VNNI (as good as float, about 1.7x faster than float32), else float activations. packed: the
-    weight's panels for the kernel (BlockLinear.packed), or None to repack as it goes."""
+def matmul(x: torch.Tensor, w: BlockWeight | Panels, *, integer: bool = True) -> torch.Tensor:
+    """x [..., K] @ w.T in float32, w a BlockWeight or (on the CPU, with herd's kernel) its Panels. integer=False
+    (weight-only layers): exactly the stored weights times x. integer: prompt tokens and generated tokens (as
+    `herd.quant.phase` tells them; unmarked, a forward of more than a few tokens is a prompt) are computed apart,
+    each the same way however many share the call, so that a sequence computes the same in a batch of any size, and
+    a prompt the same however it is chunked (exactly with VNNI; elsewhere up to the BLAS GEMM's rounding, which
+    depends on the row count). Generated tokens take int8 activations (the kernel, or the same arithmetic in
+    PyTorch). Prompt tokens take two levels of int8 where the kernel has VNNI (as good as float, about 1.7x faster
+    than float32), else float activations."""
     flat = x.reshape(-1, x.shape[-1]).float()
     kernel = ops() if flat.device.type == "cpu" else None
     rows = flat.shape[0]
@@ -138,37 +142,33 @@ def matmul(x: torch.Tensor, w: BlockWeight, *, integer: bool = True,
         marked = prompt_mask(rows)
         prompt, generated = marked if marked is not None else (None, rows if rows <= MAX_INTEGER_TOKENS else 0)
         if generated == 0:
-            out = _prompt(kernel, flat, w, packed)
+            out = _prompt(kernel, flat, w)
         elif generated == rows:
-            out = _generated(kernel, flat, w, packed)
+            out = _generated(kernel, flat, w)
         else:
             out = flat.new_empty(rows, w.shape[0])
-            out[prompt] = _prompt(kernel, flat[prompt], w, packed)
-            out[~prompt] = _generated(kernel, flat[~prompt], w, packed)
+            out[prompt] = _prompt(kernel, flat[prompt], w)
+            out[~prompt] = _generated(kernel, flat[~prompt], w)
     return out.view(*x.shape[:-1], w.shape[0])
 
 
-def _args(w: BlockWeight) -> tuple:
-    return w.codes, w.scales, w.mins, w.bits, w.group
-
-
-def _prompt(kernel, flat: torch.Tensor, w: BlockWeight, packed: torch.Tensor | None) -> torch.Tensor:
+def _prompt(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
     if kernel and kernel.vnni:
-        return kernel.matmul_rows(flat, *_args(w), levels=2, packed=packed)
+        return kernel.matmul_rows(flat, w, levels=2)
     return _exact(kernel, flat, w)  # as good, and faster than two int8 levels without VNNI
 
 
-def _generated(kernel, flat: torch.Tensor, w: BlockWeight, packed: torch.Tensor | None) -> torch.Tensor:
+def _generated(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
     if kernel:
-        return kernel.matmul_rows(flat, *_args(w), levels=1, packed=packed)
+        return kernel.matmul_rows(flat, w, levels=1)
     # PyTorch's einsum grows with the batch: a decode step of very many sequences multiplies exactly instead.
     return integer_matmul(flat, w) if flat.shape[0] <= MAX_GENERATED_TOKENS else flat @ w.dequantize().T
 
 
-def _exact(kernel, flat: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+def _exact(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
     if kernel and flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS:
-        return kernel.matmul_rows(flat, *_args(w), levels=0)
-    return flat @ (kernel.dequantize(*_args(w)) if kernel else w.dequantize()).T
+        return kernel.matmul_rows(flat, w, levels=0)
+    return flat @ (kernel.dequantize(w) if kernel else w.dequantize()).T
 
 
 class _Blocks(nn.Module):
@@ -177,9 +177,8 @@ class _Blocks(nn.Module):
     def __init__(self, weight: BlockWeight):
         super().__init__()
         self.bits, self.group = weight.bits, weight.group
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("mins", weight.mins)
+        for name in ROWS:
+            self.register_buffer(name, getattr(weight, name))
 
     @property
     def weight_blocks(self) -> BlockWeight:
@@ -187,28 +186,85 @@ class _Blocks(nn.Module):
 
 
 class BlockLinear(_Blocks):
-    """A bias-free linear layer over a BlockWeight."""
+    """A bias-free linear layer over a BlockWeight.
+
+    An integer layer on a CPU with herd's kernel packs its weight into the kernel's panels the first time it runs
+    and from then on keeps only those: with rows and panels side by side every code was held twice (a Llama 3.1
+    8B under int8 grew from 8.6 to 14.7 GB with its first tokens). Reading the rows (`codes`, `scales`, `mins`)
+    unpacks them again, exactly, and drops the panels; `weight_blocks`, `state_dict()` and `.to()` see the same rows
+    whichever form the layer is in."""
 
     def __init__(self, weight: BlockWeight, *, integer: bool = True, scheme: str = ""):
         super().__init__(weight)
         self.out_features, self.in_features = weight.shape
         self.integer, self.scheme = integer, scheme
-        self._packed: tuple[tuple, torch.Tensor] | None = None
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_packed", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight_blocks, integer=self.integer, packed=self.packed()).type_as(x)
+        return matmul(x, self.computed(), integer=self.integer).type_as(x)
 
-    def packed(self) -> torch.Tensor | None:
-        """The kernel's panels of this weight (integer layers on a CPU with the kernel), packed on first use and
-        again whenever the buffers move or change (`.to()`, a loaded state dict, an in-place edit); not saved."""
+    def computed(self) -> BlockWeight | Panels:
+        """The weight as the matmul reads it: its panels, packed now if they are not yet, where the kernel takes
+        this layer (integer, on the CPU); else its rows."""
         kernel = ops()
-        if kernel is None or not self.integer or self.codes.device.type != "cpu":
-            return None
-        key = tuple((t.data_ptr(), in_place_version(t)) for t in (self.codes, self.scales, self.mins) if t is not None)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, kernel.pack(*_args(self.weight_blocks)))
-        return self._packed[1]
+        if kernel is None or not self.integer:
+            return self.weight_blocks
+        if "packed" in self._buffers:
+            return self.panels
+        if self.codes.device.type != "cpu":
+            return self.weight_blocks
+        panels = kernel.pack(self.weight_blocks)
+        self._has_mins = panels.has_mins
+        for name in ROWS:
+            del self._buffers[name]
+        self.register_buffer("packed", panels.data, persistent=False)
+        return panels
+
+    @property
+    def panels(self) -> Panels | None:
+        packed = self._buffers.get("packed")
+        return None if packed is None else Panels(packed, (self.out_features, self.in_features), self.bits,
+                                                  self.group, self._has_mins)
+
+    @property
+    def weight_blocks(self) -> BlockWeight:
+        panels = self.panels
+        return super().weight_blocks if panels is None else BlockWeight(*panels.rows(), self.bits, self.group)
+
+    def __getattr__(self, name: str):
+        if name in ROWS and "packed" in self._buffers:
+            self._unpack()
+        return super().__getattr__(name)
+
+    def _unpack(self) -> None:
+        """Back to rows, for anything that reads or changes them; the next forward packs them again."""
+        rows = self.weight_blocks
+        del self._buffers["packed"]
+        for name in ROWS:
+            self.register_buffer(name, getattr(rows, name))
+
+    def _apply(self, fn, recurse=True):
+        if "packed" in self._buffers:  # a move or conversion applies to the rows, not the kernel's panels
+            self._unpack()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if "packed" in self._buffers:
+            destination.update({prefix + name: t for name, t in self.weight_blocks.tensors().items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if "packed" in self._buffers:
+            self._unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def version(self) -> tuple:
+        """Changes whenever what the matmul reads moves or changes in place (`.to()`, a loaded state dict, an edit
+        of the rows)."""
+        packed = self._buffers.get("packed")
+        if packed is not None:
+            return (packed.data_ptr(),)
+        codes = self._buffers["codes"]
+        return codes.data_ptr(), in_place_version(codes)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme or f'{self.bits}-bit'}"
@@ -220,44 +276,87 @@ def in_place_version(t: torch.Tensor) -> int:
 
 
 class BlockEmbedding(_Blocks):
-    """An embedding table kept in blocks; the rows looked up are expanded to float32."""
+    """An embedding table kept in blocks; the rows looked up are expanded to float32. A tied table (`tie`) holds
+    nothing of its own: it is the output layer's weight, read from that layer's rows, or its panels once it has
+    run (a second copy of Llama 3.2 1B's table would be 290 MB)."""
 
     def __init__(self, weight: BlockWeight):
         super().__init__(weight)
         self.num_embeddings, self.embedding_dim = weight.shape
+        self._tied: list[BlockLinear] = []  # the output layer, in a list to keep it out of this module's children
+
+    def tie(self, output: BlockLinear) -> None:
+        """Read the table from `output`, which holds the same blocks, from now on."""
+        for name in ROWS:
+            del self._buffers[name]
+        self._tied = [output]
+
+    def __getattr__(self, name: str):
+        if name in ROWS and self._tied:
+            return getattr(self._tied[0], name)
+        return super().__getattr__(name)
+
+    @property
+    def weight_blocks(self) -> BlockWeight:
+        return self._tied[0].weight_blocks if self._tied else super().weight_blocks
 
     @property
     def weight(self) -> torch.Tensor:
         # Callers read the table's dtype and device (that of the activations it produces), never its values.
-        return self.scales[:0, :0]
+        holder = self._tied[0] if self._tied else self
+        scales = holder._buffers.get("scales")
+        return scales[:0, :0] if scales is not None else torch.empty(0, 0, device=holder._buffers["packed"].device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_blocks.rows(tokens.reshape(-1))
-        return rows.dequantize().view(*tokens.shape, self.embedding_dim)
+        index = tokens.reshape(-1)
+        panels = self._tied[0].panels if self._tied else None
+        rows = (panels.dequantize_rows(index) if panels is not None
+                else self.weight_blocks.rows(index).dequantize())
+        return rows.view(*tokens.shape, self.embedding_dim)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._tied:
+            destination.update({prefix + name: t for name, t in self.weight_blocks.tensors().items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        (self._tied[0] if self._tied else super())._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- from float weights
 
 
+def row_chunks(n: int, k: int) -> list[slice]:
+    """Row ranges of an [n, k] weight of about 16M elements each: the quantizers' float32 temporaries stay that
+    size, not the weight's (an 8B output layer is 2 GB in float32), and rows are quantized independently."""
+    step = max(1, (1 << 24) // k)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def quantize_int4(weight: torch.Tensor, group: int) -> BlockWeight:
     """Round to nearest, one scale and min per group: the group's range split in 15 steps (Q4_1's rule)."""
-    w = weight.detach().float()
+    w = weight.detach()
     n, k = w.shape
-    groups = w.view(n, -1, group)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    # In place: one temporary the size of the weight (an output layer of 8B's is 2 GB in float32).
-    codes = (groups - low[..., None]).div_(scale[..., None]).round_().clamp_(0, 15).view(n, k)
-    return BlockWeight(pack_nibbles(codes), scale, low, 4, group)
+    codes = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
+    scale, low = (torch.empty(n, k // group, device=w.device) for _ in range(2))
+    for rows in row_chunks(n, k):
+        groups = w[rows].float().view(-1, k // group, group)
+        low[rows], high = groups.amin(-1), groups.amax(-1)
+        scale[rows] = ((high - low[rows]) / 15).clamp(min=1e-12)
+        step = (groups - low[rows, :, None]).div_(scale[rows, :, None]).round_().clamp_(0, 15)
+        codes[rows] = pack_nibbles(step.view(-1, k))
+    return BlockWeight(codes, scale, low, 4, group)
 
 
 def quantize_int8(weight: torch.Tensor, group: int | None = None) -> BlockWeight:
     """Symmetric int8, one scale per row (or per group): the largest magnitude maps to 127."""
-    w = weight.detach().float()
+    w = weight.detach()
     n, k = w.shape
     group = group or k
-    groups = w.view(n, -1, group)
-    scale = (torch.maximum(groups.amax(-1), groups.amin(-1).neg()) / 127).clamp(min=1e-12)
-    # In place: one temporary the size of the weight (an output layer of 8B's is 2 GB in float32).
-    codes = (groups / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8).view(n, k)
+    codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    scale = torch.empty(n, k // group, device=w.device)
+    for rows in row_chunks(n, k):
+        groups = w[rows].float().view(-1, k // group, group)
+        scale[rows] = (torch.maximum(groups.amax(-1), groups.amin(-1).neg()) / 127).clamp(min=1e-12)
+        codes[rows] = (groups / scale[rows, :, None]).round_().clamp_(-127, 127).view(-1, k)
     return BlockWeight(codes, scale, None, 8, group)

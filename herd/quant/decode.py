@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from herd.model.llama import TransformerBlock
-from herd.quant.blocks import BlockLinear, in_place_version
-from herd.quant.kernel import QWeight, Sequences, addresses, ops
+from herd.quant.blocks import BlockLinear
+from herd.quant.kernel import QWeight, Sequences, addresses, ops, pointers
 from herd.quant.phase import prompt_mask
 
 _LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -48,25 +48,21 @@ class DecodeBlock(TransformerBlock):
 
     def version(self) -> tuple:
         """Changes whenever the block's weights or norms move or change in place (`.to()`, a loaded state dict:
-        the seven linear layers move and change together, so wq's codes stand for all). Read past
-        Module.__getattr__: every step asks every block."""
+        the seven linear layers move and change together, so wq stands for all). Read past Module.__getattr__:
+        every step asks every block."""
         modules = self._modules
-        codes = modules["attention"]._modules["wq"]._buffers["codes"]
         norms = (modules[name]._parameters["weight"] for name in ("attention_norm", "ffn_norm"))
-        return codes.data_ptr(), in_place_version(codes), *(norm.data_ptr() for norm in norms)
+        return *modules["attention"]._modules["wq"].version(), *(norm.data_ptr() for norm in norms)
 
     def _quantized(self) -> ctypes.Array:
-        """The seven layers' QWeight array, rebuilt when the block's version changed."""
-        key = self.version()
-        if self._weights is None or self._weights[0] != key:
+        """The seven layers' QWeight array, rebuilt when the block's version changed (packing the layers' panels
+        first, which changes it)."""
+        if self._weights is None or self._weights[0] != self.version():
             linears = [self.get_submodule(name) for name in _LINEARS]
-            packed = [m.packed() for m in linears]
-            array = (QWeight * len(linears))(*(
-                QWeight(m.codes.data_ptr(), m.scales.data_ptr(), m.mins.data_ptr() if m.mins is not None else None,
-                        p.data_ptr() if p is not None else None, m.out_features, m.in_features, m.bits, m.group,
-                        int(m.integer))
-                for m, p in zip(linears, packed)))
-            self._weights = (key, array, packed)  # the panels stay alive while the array points into them
+            weights = [m.computed() for m in linears]
+            array = (QWeight * len(linears))(*(QWeight(*pointers(w), *w.shape, w.bits, w.group, int(m.integer))
+                                               for m, w in zip(linears, weights)))
+            self._weights = (self.version(), array, weights)  # what the array points into stays alive
         return self._weights[1]
 
 

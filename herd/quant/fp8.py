@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from herd.quant.blocks import row_chunks
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 
@@ -29,8 +31,13 @@ def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_fp8(weight: torch.Tensor) -> FP8Weight:
-    codes, scale = to_fp8(weight.detach())
-    return FP8Weight(codes, scale.squeeze(-1))
+    w = weight.detach()
+    codes = torch.empty(w.shape, dtype=E4M3, device=w.device)
+    scales = torch.empty(w.shape[0], device=w.device)
+    for rows in row_chunks(*w.shape):
+        codes[rows], scale = to_fp8(w[rows])
+        scales[rows] = scale.squeeze(-1)
+    return FP8Weight(codes, scales)
 
 
 def _has_scaled_mm(device: torch.device) -> bool:

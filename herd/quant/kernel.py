@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,33 @@ def build() -> Path:
     return path
 
 
+@dataclass
+class Panels:
+    """A weight [N, K] as the kernel's integer matmuls read it (herd_pack's panels: see csrc/blockmm.cpp): an
+    integer layer keeps only these once it has run."""
+
+    data: torch.Tensor  # uint8
+    shape: tuple[int, int]
+    bits: int
+    group: int
+    has_mins: bool
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The codes, scales and mins (or None) that were packed, exactly."""
+        return ops().unpack(self)
+
+    def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` [n] of the weight as float32 [n, K]."""
+        return ops().dequantize_rows(self, index)
+
+
+def pointers(w) -> tuple:
+    """codes, scales, mins and panels of w (a BlockWeight or Panels) for the C calls, null where it has none."""
+    if isinstance(w, Panels):
+        return None, None, None, w.data.data_ptr()
+    return w.codes.data_ptr(), w.scales.data_ptr(), w.mins.data_ptr() if w.mins is not None else None, None
+
+
 class QWeight(ctypes.Structure):
     """One quantized linear layer as the fused block reads it (the C struct of the same name)."""
 
@@ -92,7 +120,9 @@ class _Kernel:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        lib.herd_dequantize.argtypes = [p, p, p, i64, i64, i64, i64, p, i32]
+        lib.herd_dequantize.argtypes = [p, p, p, p, i64, i64, i64, i64, p, i32]
+        lib.herd_unpack.argtypes = [p, i64, i64, i64, i64, p, p, p, i32]
+        lib.herd_dequantize_packed_rows.argtypes = [p, p, i64, i64, i64, i64, p]
         lib.herd_matmul_rows.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32, p, i32]
         lib.herd_packed_bytes.argtypes = [i64, i64, i64, i64, i32, i32]
         lib.herd_packed_bytes.restype = i64
@@ -103,36 +133,50 @@ class _Kernel:
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
 
-    def dequantize(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
-        n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+    def dequantize(self, w) -> torch.Tensor:
+        """w (a BlockWeight, or its Panels) as float32 [N, K]."""
+        n, k = w.shape
         out = torch.empty(n, k)
-        self._lib.herd_dequantize(codes.data_ptr(), scales.data_ptr(), mins.data_ptr() if mins is not None else None,
-                                  n, k, bits, group, out.data_ptr(), torch.get_num_threads())
+        self._lib.herd_dequantize(*pointers(w), n, k, w.bits, w.group, out.data_ptr(), torch.get_num_threads())
         return out
 
-    def pack(self, codes, scales, mins, bits: int, group: int) -> torch.Tensor:
-        """The weight repacked into the panels that the kernel's integer matmuls read (see csrc/blockmm.cpp):
-        kept by a layer, they spare every matmul repacking it. Scales and mins that are all float16 values (GGUF's
-        own) are kept in two bytes."""
-        n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
-        half = int(all(torch.equal(t.half().float(), t) for t in (scales, mins) if t is not None))
-        out = torch.empty(self._lib.herd_packed_bytes(n, k, bits, group, int(mins is not None), half),
+    def pack(self, w) -> Panels:
+        """The BlockWeight w repacked into the panels that the kernel's integer matmuls read (see csrc/blockmm.cpp).
+        Scales and mins that are all float16 values (GGUF's own) are kept in two bytes."""
+        (n, k), mins = w.shape, w.mins
+        half = int(all(torch.equal(t.half().float(), t) for t in (w.scales, mins) if t is not None))
+        out = torch.empty(self._lib.herd_packed_bytes(n, k, w.bits, w.group, int(mins is not None), half),
                           dtype=torch.uint8)
-        self._lib.herd_pack(codes.data_ptr(), scales.data_ptr(), mins.data_ptr() if mins is not None else None,
-                            n, k, bits, group, half, out.data_ptr(), torch.get_num_threads())
+        self._lib.herd_pack(w.codes.data_ptr(), w.scales.data_ptr(), mins.data_ptr() if mins is not None else None,
+                            n, k, w.bits, w.group, half, out.data_ptr(), torch.get_num_threads())
+        return Panels(out, (n, k), w.bits, w.group, mins is not None)
+
+    def unpack(self, p: Panels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The codes, scales and mins (or None) that `pack` took, exactly."""
+        (n, k), groups = p.shape, p.shape[1] // p.group
+        codes = torch.empty(n, k // 2 if p.bits == 4 else k, dtype=torch.uint8 if p.bits == 4 else torch.int8)
+        scales = torch.empty(n, groups)
+        mins = torch.empty(n, groups) if p.has_mins else None
+        self._lib.herd_unpack(p.data.data_ptr(), n, k, p.bits, p.group, codes.data_ptr(), scales.data_ptr(),
+                              mins.data_ptr() if mins is not None else None, torch.get_num_threads())
+        return codes, scales, mins
+
+    def dequantize_rows(self, p: Panels, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` [n] of the packed weight as float32 [n, K]."""
+        index = index.to(torch.int64).contiguous()
+        out = torch.empty(len(index), p.shape[1])
+        self._lib.herd_dequantize_packed_rows(p.data.data_ptr(), index.data_ptr(), len(index), p.shape[1], p.bits,
+                                              p.group, out.data_ptr())
         return out
 
-    def matmul_rows(self, x, codes, scales, mins, bits: int, group: int, levels: int,
-                    packed: torch.Tensor | None = None) -> torch.Tensor:
-        """levels: 0 float activations, 1 int8 activation blocks, 2 two levels of them (see csrc/blockmm.cpp);
-        packed: the weight's panels (`pack`), or None to repack as it goes."""
+    def matmul_rows(self, x, w, levels: int) -> torch.Tensor:
+        """x [M, K] @ w.T, w a BlockWeight (packed panel by panel as it goes) or its Panels. levels: 0 float
+        activations, 1 int8 activation blocks, 2 two levels of them (see csrc/blockmm.cpp)."""
         x = x.contiguous()
-        (m, k), n = x.shape, codes.shape[0]
+        (m, k), n = x.shape, w.shape[0]
         out = torch.empty(m, n)
-        self._lib.herd_matmul_rows(x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                                   mins.data_ptr() if mins is not None else None,
-                                   packed.data_ptr() if packed is not None else None, m, n, k, bits, group, levels,
-                                   out.data_ptr(), torch.get_num_threads())
+        self._lib.herd_matmul_rows(x.data_ptr(), *pointers(w), m, n, k, w.bits, w.group, levels, out.data_ptr(),
+                                   torch.get_num_threads())
         return out
 
     def attention(self, q, seqs: Sequences, k_cache, v_cache) -> torch.Tensor:

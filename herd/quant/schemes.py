@@ -180,5 +180,7 @@ def install(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
     for name, module in modules.items():
         set_module(model, name.removesuffix(".weight"), module)
         if isinstance(module, BlockEmbedding) and model.config.tie_embeddings:
-            set_module(model, "output", BlockLinear(module.weight_blocks, scheme="tied"))
+            output = BlockLinear(module.weight_blocks, scheme="tied")
+            set_module(model, "output", output)
+            module.tie(output)
     return model

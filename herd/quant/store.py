@@ -35,8 +35,7 @@ def save_quantized(model, scheme_dict: dict, path: Path) -> None:
                 continue  # the tied output is the embedding table's blocks
             modules[name] = {"type": "embedding" if isinstance(module, BlockEmbedding) else "linear",
                              "bits": module.bits, "group": module.group, "integer": getattr(module, "integer", True)}
-            tensors |= {f"{name}.{part}": getattr(module, part) for part in ("codes", "scales", "mins")
-                        if getattr(module, part) is not None}
+            tensors |= {f"{name}.{part}": t for part, t in module.weight_blocks.tensors().items()}
         elif isinstance(module, FP8Linear):
             modules[name] = {"type": "fp8"}
             tensors |= {f"{name}.codes": module.codes, f"{name}.scales": module.scales}

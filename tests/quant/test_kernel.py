@@ -34,18 +34,17 @@ def weights(bits, group, n=96, k=256, seed=0):
 def test_kernel_matches_pytorch(bits, group, tokens):
     _, w = weights(bits, group)
     x = torch.randn(tokens, 256) * 3
-    args = (w.codes, w.scales, w.mins, w.bits, group)
     exact = x @ w.dequantize().T
     scale = exact.abs().max()
     # equal up to the rounding of code * scale + min (the compiler fuses it into one multiply-add)
-    assert torch.allclose(kernel.ops().dequantize(*args), w.dequantize(), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(kernel.ops().dequantize(w), w.dequantize(), rtol=1e-6, atol=1e-6)
     if tokens <= MAX_INTEGER_TOKENS:
-        assert (kernel.ops().matmul_rows(x, *args, 0) - exact).abs().max() < 1e-5 * scale
+        assert (kernel.ops().matmul_rows(x, w, 0) - exact).abs().max() < 1e-5 * scale
     # The same int8 codes of the activations and integer sums: equal up to float32 summation order.
     for levels in (1, 2):
-        assert (kernel.ops().matmul_rows(x, *args, levels) - integer_matmul(x, w, levels)).abs().max() < 1e-5 * scale
+        assert (kernel.ops().matmul_rows(x, w, levels) - integer_matmul(x, w, levels)).abs().max() < 1e-5 * scale
     # Prompts' two levels: as good as float activations, a hundred times closer than one level.
-    error = [((kernel.ops().matmul_rows(x, *args, levels) - exact).norm() / exact.norm()).item() for levels in (1, 2)]
+    error = [((kernel.ops().matmul_rows(x, w, levels) - exact).norm() / exact.norm()).item() for levels in (1, 2)]
     assert error[1] < 1e-4 and error[1] < error[0] / 100, error
 
 
@@ -67,7 +66,7 @@ def test_worst_case_products_do_not_saturate(group):
     assert torch.allclose(integer_matmul(x, w8), x @ w8.dequantize().T)
     if kernel.ops() is not None:
         for rows, levels in ((x[:1], 1), (x, 1), (x, 2)):
-            assert torch.allclose(kernel.ops().matmul_rows(rows, w8.codes, w8.scales, None, 8, group, levels),
+            assert torch.allclose(kernel.ops().matmul_rows(rows, w8, levels),
                                   rows @ w8.dequantize().T)
 
 
@@ -124,13 +123,43 @@ def test_a_tokens_numbers_do_not_depend_on_what_shares_its_call(bits, group, lev
     # must get exactly its numbers alone; and a layer's panels packed once, the same as panels packed as they go.
     _, w = weights(bits, group, n=37)  # rows not a multiple of the kernel's row groups
     x = torch.randn(40, 256) * 3
-    args = (w.codes, w.scales, w.mins, w.bits, group, levels)
-    together = kernel.ops().matmul_rows(x, *args)
-    assert torch.equal(kernel.ops().matmul_rows(x, *args, packed=kernel.ops().pack(*args[:5])), together)
+    together = kernel.ops().matmul_rows(x, w, levels)
+    assert torch.equal(kernel.ops().matmul_rows(x, kernel.ops().pack(w), levels), together)
     for i in range(len(x)):
-        assert torch.equal(kernel.ops().matmul_rows(x[i:i + 1], *args)[0], together[i])
+        assert torch.equal(kernel.ops().matmul_rows(x[i:i + 1], w, levels)[0], together[i])
     for size in (3, 8, 9):
-        assert torch.equal(torch.cat([kernel.ops().matmul_rows(part, *args) for part in x.split(size)]), together)
+        assert torch.equal(torch.cat([kernel.ops().matmul_rows(part, w, levels) for part in x.split(size)]), together)
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 16), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
+def test_panels_hold_the_rows_exactly(bits, group):
+    # A layer keeps only its panels once it has run: everything that reads rows must get them back bit for bit.
+    _, w = weights(bits, group, n=37)  # a last, partial panel
+    panels = kernel.ops().pack(w)
+    codes, scales, mins = kernel.ops().unpack(panels)
+    assert torch.equal(codes, w.codes) and torch.equal(scales, w.scales)
+    assert (mins is None) == (w.mins is None) and (mins is None or torch.equal(mins, w.mins))
+    assert torch.equal(kernel.ops().dequantize(panels), kernel.ops().dequantize(w))
+    x = torch.randn(5, 256)
+    assert torch.equal(kernel.ops().matmul_rows(x, panels, 0), kernel.ops().matmul_rows(x, w, 0))
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_a_layer_that_ran_keeps_only_its_panels_and_gives_its_rows_back():
+    _, w = weights("Q4_1", 32, n=37)
+    layer = BlockLinear(BlockWeight(w.codes.clone(), w.scales.clone(), w.mins.clone(), 4, 32))
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    x = torch.randn(3, 256)
+    first = layer(x)
+    assert [name for name, _ in layer.named_buffers()] == ["packed"]  # the rows are gone
+    after = layer.state_dict()  # the rows, unpacked for it; the layer stays packed
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert [name for name, _ in layer.named_buffers()] == ["packed"]
+    assert torch.equal(layer.weight_blocks.dequantize(), w.dequantize())
+    layer.to(torch.device("cpu"))  # a move applies to the rows
+    assert torch.equal(layer.codes, w.codes) and "packed" not in dict(layer.named_buffers())
+    assert torch.equal(layer(x), first)
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
@@ -219,8 +248,6 @@ def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeyp
     x = torch.randn(21, 256) * 3
     for bits, group in [(4, 32), (4, 64), (8, 16), (8, 32), ("Q4_1", 32), ("Q5_1", 32)]:
         _, w = weights(bits, group, n=37)
-        args = (w.codes, w.scales, w.mins, w.bits, group)
-        for levels in (0, 1, 2):
-            packed = [k.pack(*args) if levels else None for k in (avx2, native)]
-            assert torch.equal(avx2.matmul_rows(x, *args, levels, packed=packed[0]),
-                               native.matmul_rows(x, *args, levels, packed=packed[1]))
+        for levels in (0, 1, 2):  # from the rows, and from each build's own panels
+            assert torch.equal(avx2.matmul_rows(x, w, levels), native.matmul_rows(x, w, levels))
+            assert torch.equal(avx2.matmul_rows(x, avx2.pack(w), levels), native.matmul_rows(x, native.pack(w), levels))

@@ -34,9 +34,8 @@ def paths(request, monkeypatch):
         pytest.skip("herd's kernel is not built on this machine")
     monkeypatch.setattr(kernel.ops(), "vnni", request.param == "kernel")
     prompt_levels = 2 if request.param == "kernel" else 0  # 0: the float loop, up to 32 rows
-    args = lambda w: (w.codes, w.scales, w.mins, w.bits, w.group)  # noqa: E731
-    return (lambda x, w: kernel.ops().matmul_rows(x, *args(w), prompt_levels),
-            lambda x, w: kernel.ops().matmul_rows(x, *args(w), 1), None)
+    return (lambda x, w: kernel.ops().matmul_rows(x, w, prompt_levels),
+            lambda x, w: kernel.ops().matmul_rows(x, w, 1), None)
 
 
 def test_mixed_rows_take_each_path_per_row(paths):

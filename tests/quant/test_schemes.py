@@ -106,3 +106,24 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_objective():
 
     with torch.no_grad():
         assert error(gptq_int4(linear.weight, h, 32)) < 0.85 * error(quantize_int4(linear.weight, 32))
+
+
+@pytest.mark.parametrize("quantize", ["int4", "int8", "int8-row", "fp8"])
+def test_a_weight_quantized_in_row_chunks_is_quantized_as_a_whole(quantize, monkeypatch):
+    # The quantizers take a large weight a few million elements at a time, so that their float temporaries stay
+    # small (an 8B output layer is 2 GB in float32); rows are independent, so the chunks change no bit.
+    from herd.quant import blocks, fp8
+
+    torch.manual_seed(0)
+    weight = (torch.randn(2100, 128) * torch.rand(2100, 1)).bfloat16()  # rows of different scales, stored bf16
+    run = {"int4": lambda w: blocks.quantize_int4(w, 32), "int8": lambda w: blocks.quantize_int8(w, 32),
+           "int8-row": lambda w: blocks.quantize_int8(w), "fp8": lambda w: fp8.quantize_fp8(w)}[quantize]
+    monkeypatch.setattr(blocks, "row_chunks", lambda n, k: [slice(i, min(n, i + 500)) for i in range(0, n, 500)])
+    monkeypatch.setattr(fp8, "row_chunks", blocks.row_chunks)
+    chunked = run(weight)
+    monkeypatch.setattr(blocks, "row_chunks", lambda n, k: [slice(0, n)])
+    monkeypatch.setattr(fp8, "row_chunks", blocks.row_chunks)
+    whole = run(weight)
+    for a, b in zip(vars(chunked).values(), vars(whole).values()):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -109,6 +109,16 @@ def test_the_embedding_table_is_stored_in_int8_blocks(tmp_path, tied):
     assert isinstance(loaded.tok_embeddings, blocks.BlockEmbedding) and loaded.output.integer
     with torch.inference_mode():
         assert torch.equal(loaded(tokens), fresh(tokens))
+    if blocks.ops() is not None:  # once the model has run, its layers hold only panels: the table's only copy too
+        linears = [m for m in loaded.modules() if isinstance(m, blocks.BlockLinear) and m.integer]
+        assert len(linears) == 11  # five a block (wv and w2 take float activations under int8), and the output
+        assert all([n for n, _ in m.named_buffers()] == ["packed"] for m in linears)
+        held = [name for name, _ in loaded.named_buffers() if name.startswith(("tok_embeddings", "output"))]
+        assert held == (["output.packed"] if tied else ["tok_embeddings.codes", "tok_embeddings.scales",
+                                                        "output.packed"])
+        with torch.no_grad():
+            assert torch.equal(loaded.tok_embeddings(tokens), expected)
+            assert torch.equal(loaded.tok_embeddings.weight_blocks.dequantize(), table.weight_blocks.dequantize())
     kept = apply_scheme(herd.load(source, quantize=None).model, Scheme.parse("int8", keep=("tok_embeddings",)))
     assert type(kept.tok_embeddings) is torch.nn.Embedding
     assert (type(kept.output) is torch.nn.Linear and kept.output.weight is kept.tok_embeddings.weight) == tied

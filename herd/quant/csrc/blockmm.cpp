@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -184,8 +185,9 @@ constexpr int TILE2 = 1, TILE2_BYTES = 1;
 // where the weight has them, mins [groups][PANEL], as float32, or as float16 where every one of them is a float16
 // value (GGUF's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 store them so): a token's step reads every weight once, and four
 // bytes fewer per 32 weights (a scale and a min) is a sixth less to read for 4-bit codes with mins. A layer packs its
-// panels once (herd_pack) and keeps them, after a header saying which; a weight without them is packed panel by
-// panel (float32) as it is multiplied.
+// panels once (herd_pack) and keeps them, after a header saying which, as the weight's only copy: the paths that read
+// rows (float activations, dequantizing) unpack a panel at a time (unpack_panel). A weight without panels is packed
+// panel by panel (float32) as it is multiplied.
 struct Panel {
   const uint8_t* codes;
   const void* scales;
@@ -201,7 +203,8 @@ inline __m256 eight(const void* values, bool half, int64_t i) {
 }
 
 struct PackedHeader {  // what a packed weight starts with
-  int64_t half;
+  int64_t half;  // scales and mins held as float16
+  int64_t mins;  // the weight has mins
 };
 constexpr int64_t HEADER = 64;  // keeps the panels after it aligned as they were
 
@@ -216,12 +219,27 @@ Panel panel_at(const uint8_t* at, int64_t K, int64_t bits, int64_t group, bool m
   return {at, scales, mins ? scales + (K / group) * PANEL * (half ? 2 : 4) : nullptr, half};
 }
 
+// A packed weight's header, and the bytes of each of its panels.
+struct Packing {
+  bool half, mins;
+  int64_t bytes;
+};
+
+Packing packing(const uint8_t* packed, int64_t K, int64_t bits, int64_t group) {
+  const auto* header = reinterpret_cast<const PackedHeader*>(packed);
+  const bool half = header->half != 0, mins = header->mins != 0;
+  return {half, mins, panel_bytes(K, bits, group, mins, half)};
+}
+
+// Whether pack_panel offsets 8-bit codes to unsigned (see panel_halves for the other 8-bit codes).
+inline bool offset_codes(int64_t bits, int64_t group) { return bits == 8 && kVnni && group >= QK; }
+
 // Rows [r0, r0 + PANEL) of the weight into `to` (panel_bytes of them); rows past N are zero.
 void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0, int64_t N, int64_t K, int64_t bits,
                 int64_t group, bool half, uint8_t* to) {
   const int64_t block_bytes = bits == 4 ? QK / 2 : QK, row_bytes = K / QK * block_bytes, ng = K / group;
   const int64_t rows = std::min<int64_t>(PANEL, N - r0), quads = block_bytes / 4;
-  const bool offset = bits == 8 && kVnni && group >= QK;  // see panel_halves for the other 8-bit codes
+  const bool offset = offset_codes(bits, group);
   uint8_t* codes = to;
   uint8_t* scales = to + panel_code_bytes(K, bits);
   uint8_t* mins = scales + ng * PANEL * (half ? 2 : 4);
@@ -269,6 +287,51 @@ void pack_panel(const uint8_t* qs, const float* sc, const float* mn, int64_t r0,
     }
   }
 }
+
+// pack_panel undone for row r of the panel at `at`: its codes, float32 scales and mins (mn null: none) as stored.
+void unpack_row(const uint8_t* at, int64_t r, int64_t K, int64_t bits, int64_t group, bool half, uint8_t* q,
+                float* sc, float* mn) {
+  const int64_t quads = (bits == 4 ? QK / 2 : QK) / 4;
+  const uint32_t flip = offset_codes(bits, group) ? 0x80808080u : 0u;
+  for (int64_t j = 0; j < K / QK * quads; ++j) {  // the row's quad j: four bytes at (j, r) in the panel
+    uint32_t quad;
+    std::memcpy(&quad, at + (j * PANEL + r) * 4, 4);
+    quad ^= flip;
+    std::memcpy(q + 4 * j, &quad, 4);
+  }
+  const Panel p = panel_at(at, K, bits, group, mn != nullptr, half);
+  auto value = [half](const void* values, int64_t i) {
+    return half ? load1(static_cast<const uint16_t*>(values)[i]) : static_cast<const float*>(values)[i];
+  };
+  for (int64_t g = 0; g < K / group; ++g) {
+    sc[g] = value(p.scales, g * PANEL + r);
+    if (mn) mn[g] = value(p.mins, g * PANEL + r);
+  }
+}
+
+// The rows [r0, r0 + PANEL) below N of the panel at `at` into q, sc and mn, row r0 first.
+void unpack_panel(const uint8_t* at, int64_t r0, int64_t N, int64_t K, int64_t bits, int64_t group, bool half,
+                  uint8_t* q, float* sc, float* mn) {
+  const int64_t row_bytes = bits == 4 ? K / 2 : K, ng = K / group;
+  for (int64_t r = 0; r < std::min<int64_t>(PANEL, N - r0); ++r)
+    unpack_row(at, r, K, bits, group, half, q + r * row_bytes, sc + r * ng, mn ? mn + r * ng : nullptr);
+}
+
+// One panel's rows as stored, for the paths that read rows where a layer keeps only its panels.
+struct Unpacked {
+  std::vector<uint8_t> q;
+  std::vector<float> sc, mn;
+
+  void of(const uint8_t* packed, int64_t r0, int64_t N, int64_t K, int64_t bits, int64_t group) {
+    const Packing pk = packing(packed, K, bits, group);
+    q.resize(PANEL * (bits == 4 ? K / 2 : K));
+    sc.resize(PANEL * (K / group));
+    mn.resize(pk.mins ? PANEL * (K / group) : 0);
+    unpack_panel(packed + HEADER + r0 / PANEL * pk.bytes, r0, N, K, bits, group, pk.half, q.data(), sc.data(),
+                 mins());
+  }
+  float* mins() { return mn.empty() ? nullptr : mn.data(); }
+};
 
 // Two vectors of a 4-bit panel (rows 0-7, then 8-15, four bytes each) as codes: low nibbles (elements 4j..4j+3 of
 // the block) and high ones (elements 4j+16..4j+19).
@@ -465,14 +528,14 @@ void row_dot_float(const uint8_t* qs, const float* scales, const float* mins, in
   for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + (mins ? dot(mins, xsum[t], K / group) : 0.f);
 }
 
-// Rows [r0, r1) of the weight, expanded to float32 into `w` [r1 - r0, K], eight values per instruction: a prompt's
+// The first n rows of the weight, expanded to float32 into `w` [n, K], eight values per instruction: a prompt's
 // matmul expands every weight it uses, so this loop bounds how fast a prompt is read.
 void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, int64_t bits, int64_t K,
-                     int64_t group, int64_t r0, int64_t r1, float* w) {
+                     int64_t group, int64_t n, float* w) {
   const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = 0; r < n; ++r) {
     const uint8_t* q = qs + r * row_bytes;
-    float* o = w + (r - r0) * K;
+    float* o = w + r * K;
     for (int64_t c = 0; c < K / QK; ++c) {
       const int64_t g = r * ng + (group < QK ? 2 * c : c / (group / QK));  // groups of 16: the block's first
       const __m256 m = _mm256_set1_ps(mins ? mins[g] : 0.f);
@@ -496,12 +559,47 @@ void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, 
 
 extern "C" {
 
-// out [N, K] float32.
-void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, int64_t N, int64_t K, int64_t bits,
-                     int64_t group, float* out, int threads) {
+// out [N, K] float32, from the rows as stored or, where `packed` is given, from the weight's panels.
+void herd_dequantize(const uint8_t* qs, const float* scales, const float* mins, const uint8_t* packed, int64_t N,
+                     int64_t K, int64_t bits, int64_t group, float* out, int threads) {
+  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r0 = 0; r0 < N; r0 += 64)
-    dequantize_rows(qs, scales, mins, bits, K, group, r0, std::min(N, r0 + 64), out + r0 * K);
+  for (int64_t r0 = 0; r0 < N; r0 += PANEL) {
+    const int64_t n = std::min<int64_t>(PANEL, N - r0);
+    if (packed) {
+      thread_local Unpacked rows;
+      rows.of(packed, r0, N, K, bits, group);
+      dequantize_rows(rows.q.data(), rows.sc.data(), rows.mins(), bits, K, group, n, out + r0 * K);
+    } else {
+      dequantize_rows(qs + r0 * row_bytes, scales + r0 * ng, mins ? mins + r0 * ng : nullptr, bits, K, group, n,
+                      out + r0 * K);
+    }
+  }
+}
+
+// Rows index[0..count) of a weight, from its panels, as float32 into out [count, K]: a tied embedding table's
+// lookups, where the output layer keeps only its panels.
+void herd_dequantize_packed_rows(const uint8_t* packed, const int64_t* index, int64_t count, int64_t K, int64_t bits,
+                                 int64_t group, float* out) {
+  const Packing pk = packing(packed, K, bits, group);
+  std::vector<uint8_t> q(bits == 4 ? K / 2 : K);
+  std::vector<float> sc(K / group), mn(pk.mins ? K / group : 0);
+  for (int64_t i = 0; i < count; ++i) {
+    unpack_row(packed + HEADER + index[i] / PANEL * pk.bytes, index[i] % PANEL, K, bits, group, pk.half, q.data(),
+               sc.data(), pk.mins ? mn.data() : nullptr);
+    dequantize_rows(q.data(), sc.data(), pk.mins ? mn.data() : nullptr, bits, K, group, 1, out + i * K);
+  }
+}
+
+// The rows as stored (codes, float32 scales and mins: mn null where the weight has none) from a weight's panels.
+void herd_unpack(const uint8_t* packed, int64_t N, int64_t K, int64_t bits, int64_t group, uint8_t* q, float* sc,
+                 float* mn, int threads) {
+  const Packing pk = packing(packed, K, bits, group);
+  const int64_t ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r0 = 0; r0 < N; r0 += PANEL)
+    unpack_panel(packed + HEADER + r0 / PANEL * pk.bytes, r0, N, K, bits, group, pk.half, q + r0 * row_bytes,
+                 sc + r0 * ng, pk.mins ? mn + r0 * ng : nullptr);
 }
 
 }  // extern "C"
@@ -694,8 +792,9 @@ template <int BITS>
 void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed, int64_t N,
                   int64_t r0, int64_t r1, float* o) {
   const int64_t K = a.K;
-  const bool half = packed && reinterpret_cast<const PackedHeader*>(packed)->half;
-  const int64_t bytes = panel_bytes(K, BITS, a.group, mn != nullptr, half);
+  const Packing pk = packed ? packing(packed, K, BITS, a.group)
+                            : Packing{false, mn != nullptr, panel_bytes(K, BITS, a.group, mn != nullptr, false)};
+  const int64_t bytes = pk.bytes;
   thread_local std::vector<uint8_t> own;
   thread_local std::vector<float> tile;  // the last panel's rows, where fewer than PANEL are wanted
   if (!packed) {
@@ -703,7 +802,7 @@ void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float*
     pack_panel(q, sc, mn, r0, N, K, BITS, a.group, false, own.data());
   }
   const uint8_t* at = packed ? packed + HEADER + r0 / PANEL * bytes : own.data();
-  const Panel panel = panel_at(at, K, BITS, a.group, mn != nullptr, half);
+  const Panel panel = panel_at(at, K, BITS, a.group, pk.mins, pk.half);
   // A panel's scales and mins lie after its codes, off the stream that prefetch_ahead follows: ask for this panel's
   // (if the last one did not) and the next one's, which comes next. In a batch's 8-bit output layer a sixth of the
   // samples had waited on loading a scale; asking ahead made that layer's matmul of 16 tokens about 3% faster
@@ -742,15 +841,24 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
       }
       return;
     }
+    // The panel's rows as stored (rows r0.. of qs, ss, ms).
+    const uint8_t* qs = q ? q + r0 * row_bytes : nullptr;
+    const float* ss = sc ? sc + r0 * ng : nullptr;
+    const float* ms = mn ? mn + r0 * ng : nullptr;
+    if (packed) {
+      thread_local Unpacked rows;
+      rows.of(packed, r0, N, K, bits, group);
+      qs = rows.q.data(), ss = rows.sc.data(), ms = rows.mins();
+    }
     for (int64_t t0 = 0; t0 < M; t0 += 8) {
       const int T = static_cast<int>(std::min<int64_t>(8, M - t0));
       const float *ps[8], *px[8];
       for (int t = 0; t < T; ++t) ps[t] = a.g.data() + (t0 + t) * (K / a.sums_group()), px[t] = a.x + (t0 + t) * K;
       float res[8];
       for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* qr = q + r * row_bytes;
-        const float* sr = sc + r * ng;
-        const float* mr = mn ? mn + r * ng : nullptr;
+        const uint8_t* qr = qs + (r - r0) * row_bytes;
+        const float* sr = ss + (r - r0) * ng;
+        const float* mr = ms ? ms + (r - r0) * ng : nullptr;
 #define HERD_ROW(B, TT) row_dot_float<B, TT>(qr, sr, mr, K, group, px, ps, res)
 #define HERD_TOKENS(B) \
   switch (T) {                                                                                                    \
@@ -788,7 +896,8 @@ int herd_has_vnni() { return kVnni; }
 
 // out [M, N] = x [M, K] @ W.T. levels 1: activations quantized to int8 blocks and integer dot products (generated
 // tokens); 2: with the second level (prompt tokens); 0: float activations times the widened codes (meant for a few
-// tokens: more take the expanded weight and BLAS). packed: the weight's panels (herd_pack), or null.
+// tokens: more take the expanded weight and BLAS). packed: the weight's panels (herd_pack), or null; where given,
+// q, sc and mn are not read and may be null.
 void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed,
                       int64_t M, int64_t N, int64_t K, int64_t bits, int64_t group, int levels, float* o,
                       int threads) {
@@ -812,6 +921,7 @@ void herd_pack(const uint8_t* q, const float* sc, const float* mn, int64_t N, in
                int half, uint8_t* out, int threads) {
   std::fill_n(out, HEADER, uint8_t{0});
   reinterpret_cast<PackedHeader*>(out)->half = half;
+  reinterpret_cast<PackedHeader*>(out)->mins = mn != nullptr;
   const int64_t bytes = panel_bytes(K, bits, group, mn != nullptr, half != 0);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r0 = 0; r0 < N; r0 += PANEL)
@@ -838,7 +948,7 @@ struct Sequences {  // the sequences of a step and where their keys live in the 
   const int64_t* slots;        // each sequence's key slot, position by position (its cached and new tokens)
 };
 
-struct QWeight {  // one quantized linear layer, as BlockWeight holds it, and its panels (or null)
+struct QWeight {  // one quantized linear layer: its rows as stored (null where it keeps only panels), its panels
   const uint8_t* codes;
   const float* scales;
   const float* mins;
