@@ -13,10 +13,17 @@ from herd.model.config import ModelConfig
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor not read yet: its shape is known from the file's header, `load` reads (and converts) it."""
+    """A tensor not read yet: its shape is known from the file's header, `read` reads it as stored, `load` also
+    converts it to `dtype` (None: kept as stored)."""
 
     shape: tuple[int, ...]
-    load: Callable[[], torch.Tensor]
+    read: Callable[[], torch.Tensor]
+    dtype: torch.dtype | None = None
+
+    def load(self) -> torch.Tensor:
+        # .to() of a tensor already in the dtype is the tensor itself: no copy is made.
+        tensor = self.read()
+        return tensor if self.dtype is None else tensor.to(self.dtype)
 
 
 class LazyStateDict(MutableMapping[str, torch.Tensor]):
@@ -51,6 +58,12 @@ class LazyStateDict(MutableMapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name].shape)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor as the file stores it (bfloat16, say), unconverted: for a reader that converts a part at a
+        time, where the whole tensor in float32 would be the largest allocation of a load."""
+        entry = self._entries[name]
+        return entry.read() if isinstance(entry, LazyTensor) else entry
 
     def __repr__(self) -> str:
         return f"LazyStateDict({len(self)} tensors)"

@@ -93,7 +93,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoi
             )
     config = _config(reader, tensors, path)
     entries = {
-        meta_name(t.name): LazyTensor(tuple(int(d) for d in reversed(t.shape.tolist())), _reader(t, dtype, getattr(reader.data, "_mmap", None)))
+        meta_name(t.name): LazyTensor(tuple(int(d) for d in reversed(t.shape.tolist())), _reader(t, getattr(reader.data, "_mmap", None)), dtype)
         for t in reader.tensors
         if t.name != _ROPE_FREQS
     }
@@ -197,8 +197,8 @@ def _scaling_from_divisors(divisors: np.ndarray, config: ModelConfig, original: 
     return guess
 
 
-def _reader(t, dtype, mapping):
-    def load() -> torch.Tensor:
+def _reader(t, mapping):
+    def read() -> torch.Tensor:
         if t.tensor_type in _PLAIN:
             tensor = torch.from_numpy(t.data)  # a view of the mapped file, no copy
         elif t.tensor_type == Q.BF16:
@@ -207,9 +207,9 @@ def _reader(t, dtype, mapping):
         else:
             tensor = torch.from_numpy(_dequantize(t.data, t.tensor_type))
             _release(mapping, t.data_offset, t.n_bytes)
-        return tensor if dtype is None else tensor.to(dtype)
+        return tensor
 
-    return load
+    return read
 
 
 def _release(mapping, offset: int, nbytes: int) -> None:

@@ -231,7 +231,7 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
             if target is None:
                 continue
             shape = tuple(handle.get_slice(name).get_shape())
-            entries[target] = LazyTensor(shape, _reader(path, name, dtype, _rotary_heads(target, config)))
+            entries[target] = LazyTensor(shape, _reader(path, name, _rotary_heads(target, config)), dtype)
     missing = sorted(n for n, p in files.items() if meta_name(n) and meta_name(n) not in entries)
     if missing:
         raise CheckpointError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")
@@ -245,16 +245,14 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
     return Checkpoint(config, state, "hf", tokenizer, directory, meta | ({"tokenizer_note": note} if note else {}))
 
 
-def _reader(path: Path, name: str, dtype, heads: int | None):
-    def load() -> torch.Tensor:
+def _reader(path: Path, name: str, heads: int | None):
+    def read() -> torch.Tensor:
         # Opened per tensor with pread: no mapping of the whole file stays resident while the model is built.
         with safe_open(str(path), framework="pt", device="cpu", backend="pread") as f:
             tensor = f.get_tensor(name)
-        if heads is not None:
-            tensor = to_meta_rows(tensor, heads)
-        return tensor if dtype is None else tensor.to(dtype)
+        return tensor if heads is None else to_meta_rows(tensor, heads)
 
-    return load
+    return read
 
 
 # ---------------------------------------------------------------- saving

@@ -177,21 +177,12 @@ def _merge(shards: list[dict], paths: list[Path], config: ModelConfig, dtype) ->
         if dim is None or len(parts) == 1:
             if dim is None and len(parts) > 1 and not all(torch.equal(parts[0], p) for p in parts[1:]):
                 raise CheckpointError(f"{paths[1]}: replicated tensor {name} differs between shards; the shards do not belong together")
-            entries[name] = LazyTensor(tuple(parts[0].shape), _converter(parts[0], dtype))
+            entries[name] = LazyTensor(tuple(parts[0].shape), lambda tensor=parts[0]: tensor, dtype)
         else:
             shape = list(parts[0].shape)
             shape[dim] = sum(p.shape[dim] for p in parts)
-            entries[name] = LazyTensor(tuple(shape), _concatenator(parts, dim, dtype))
+            entries[name] = LazyTensor(tuple(shape), lambda parts=parts, dim=dim: torch.cat(parts, dim=dim), dtype)
     return LazyStateDict(entries)
-
-
-def _converter(tensor: torch.Tensor, dtype):
-    # .to() of a same-dtype tensor is the mmapped tensor itself: no copy is made.
-    return lambda: tensor if dtype is None else tensor.to(dtype)
-
-
-def _concatenator(parts: list[torch.Tensor], dim: int, dtype):
-    return lambda: torch.cat([p if dtype is None else p.to(dtype) for p in parts], dim=dim)
 
 
 def _same_tensor(shards: list[dict], a: str, b: str) -> bool:

@@ -127,28 +127,36 @@ def test_the_embedding_table_is_stored_in_int8_blocks(tmp_path, tied):
 @pytest.mark.parametrize("scheme,most_alive", [("int8", 1), ("int4", 1), ("fp8", 1), ("int4-g32-gptq", 7)])
 def test_a_checkpoint_is_quantized_one_float_weight_at_a_time(float_dir, tmp_path, monkeypatch, scheme, most_alive):
     """Quantizing as it loads, a model never holds its float weights all at once (8B's: 32 GB in float32, beyond
-    the 24 GB of the machines herd is built on): every matrix read from a bfloat16 checkpoint, as they ship, is
-    widened to float32, quantized and dropped before the next one is read. GPTQ's calibration runs the float model
-    a block at a time: one block's seven matrices at once."""
+    the 24 GB of the machines herd is built on): every matrix is read from a bfloat16 checkpoint, as they ship,
+    quantized and dropped before the next one is read, and it stays bfloat16 (the quantizers widen a few rows at a
+    time: 8B's output layer in float32 is 2 GB). GPTQ's calibration runs the float model a block at a time: one
+    block's seven matrices at once."""
     import weakref
 
     from herd.checkpoint.base import LazyStateDict
 
     ckpt = load_checkpoint(float_dir, dtype=torch.bfloat16)
     source = save_checkpoint(ckpt, tmp_path / "bf16", "hf")
-    read, most = [], [0]
-    original = LazyStateDict.__getitem__
+    read, most, stored = [], [0], []
 
-    def reading(self, name):
-        tensor = original(self, name)
-        if tensor.dim() == 2:
-            read.append(weakref.ref(tensor))
-            most[0] = max(most[0], sum(r() is not None for r in read))
-        return tensor
+    def tracked(method):
+        def reading(self, name):
+            tensor = method(self, name)
+            if tensor.dim() == 2:
+                read.append(weakref.ref(tensor))
+                most[0] = max(most[0], sum(r() is not None for r in read))
+                if method is original_stored:
+                    stored.append(tensor.dtype)
+            return tensor
+        return reading
 
-    monkeypatch.setattr(LazyStateDict, "__getitem__", reading)
+    original_stored = LazyStateDict.stored
+    for name in ("__getitem__", "stored"):
+        monkeypatch.setattr(LazyStateDict, name, tracked(getattr(LazyStateDict, name)))
     model = herd.load(source, quantize=scheme).model
     assert len(read) >= 2 * 7 + 2 and most[0] == most_alive  # two layers' seven matrices, the table, the output
+    # the quantized matrices as stored (fp8 keeps the table in float32; GPTQ's calibration computes in float32)
+    assert stored == [] if "gptq" in scheme else len(stored) >= 2 * 7 + 1 and set(stored) == {torch.bfloat16}
     assert isinstance(model.layers[1].feed_forward.w2, FP8Linear if scheme == "fp8" else BlockLinear)
 
 
