@@ -120,7 +120,8 @@ def quantized_module(scheme: Scheme, stored, name: str) -> nn.Module:
 
 
 def quantize_layers(scheme: Scheme, weight: Callable[[str], torch.Tensor], linears: list[str], *, tied: bool,
-                    table: bool, hessians: dict[str, torch.Tensor] | None = None) -> dict[str, nn.Module]:
+                    table: bool, hessians: dict[str, torch.Tensor] | None = None,
+                    progress: bool = True) -> dict[str, nn.Module]:
     """The scheme's modules for the linear layers named (except the `keep` ones) and, where `table`, the embedding
     table, by parameter name ("layers.0.attention.wq.weight"). `weight(name)` gives a float weight by parameter
     name; each is read when its turn comes and dropped once quantized, so a checkpoint quantized as it loads never
@@ -133,7 +134,7 @@ def quantize_layers(scheme: Scheme, weight: Callable[[str], torch.Tensor], linea
     scheme.check_keep(linears + (["tok_embeddings"] if tied or table else []))
     table_kept = scheme.keeps("tok_embeddings") or (tied and scheme.keeps("output"))
     modules: dict[str, nn.Module] = {}
-    for name in tqdm(linears, desc="quantizing", unit="layer", leave=False, disable=None):
+    for name in tqdm(linears, desc="quantizing", unit="layer", leave=False, disable=None if progress else True):
         if scheme.keeps(name) or (name == "output" and table_kept):
             continue
         w = weight(f"{name}.weight").detach()

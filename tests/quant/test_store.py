@@ -160,14 +160,29 @@ def test_a_checkpoint_is_quantized_one_float_weight_at_a_time(float_dir, tmp_pat
     assert isinstance(model.layers[1].feed_forward.w2, FP8Linear if scheme == "fp8" else BlockLinear)
 
 
-def test_a_float_model_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, monkeypatch):
-    """The system would kill the process midway, without a word; a quantized load still fits and goes ahead."""
+def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, monkeypatch):
+    """The system would kill the process midway, without a word: a load whose peak would not fit is refused, with
+    the schemes that would fit, before a weight is read; a scheme that fits goes ahead."""
+    from herd.checkpoint.base import LazyStateDict
     from herd.quant import load
 
-    float_bytes = sum(t.numel() * 4 for t in herd.load(float_dir, quantize=None).model.state_dict().values())
-    monkeypatch.setattr(load, "available_memory", lambda: float_bytes // 2)
-    with pytest.raises(MemoryError, match=r"needs 0\.\d GB of memory in float32 but 0\.\d GB are available: "
-                                          "load it with quantize int8"):
-        herd.load(float_dir, quantize=None)
-    for scheme in ("int8", "int4-g32-gptq"):
-        assert isinstance(herd.load(float_dir, quantize=scheme).model.layers[0].attention.wq, BlockLinear)
+    config = load_checkpoint(float_dir).config
+    need = {name: load.memory_needed(config, Scheme.parse(name)) for name in ("int8", "int4")}
+    assert need["int4"] < need["int8"] < load.memory_needed(config, None)
+    with monkeypatch.context() as patch:
+        for method in ("__getitem__", "stored"):
+            patch.setattr(LazyStateDict, method, lambda self, name: pytest.fail(f"{name} was read"))
+        patch.setattr(load, "available_memory", lambda: (need["int4"] + need["int8"]) / 2 / 0.95)
+        for quantize, held in ((None, "in float32"), ("int8", "as int8")):
+            with pytest.raises(MemoryError, match=rf"needs \d+\.\d GB of memory {held} but \d+\.\d GB are "
+                                                  r"available: load it with quantize int4 \(about \d+\.\d GB\), "
+                                                  "which quantize each weight as it is read$"):
+                herd.load(float_dir, quantize=quantize)
+        patch.setattr(load, "available_memory", lambda: need["int4"] / 2)
+        with pytest.raises(MemoryError, match=r"in float32 but .* available: even int4 needs about \d+\.\d GB: run "
+                                              "it on a machine with more memory$"):
+            herd.load(float_dir, quantize=None)
+        with pytest.raises(MemoryError, match=r"as int4-g32 but .* available: run it on a machine with more memory$"):
+            herd.load(float_dir, quantize="int4")
+    monkeypatch.setattr(load, "available_memory", lambda: need["int4"] / 0.9)
+    assert isinstance(herd.load(float_dir, quantize="int4").model.layers[0].attention.wq, BlockLinear)
