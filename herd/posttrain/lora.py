@@ -37,7 +37,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return layer.weight
     if isinstance(layer, BlockLinear):
-        return layer.weight_blocks.dequantize()
+        return layer.dequantized()
     raise TypeError(f"cannot read the weight of a {type(layer).__name__}")
 
 

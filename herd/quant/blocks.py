@@ -168,7 +168,14 @@ def _generated(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Ten
 def _exact(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
     if kernel and flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS:
         return kernel.matmul_rows(flat, w, levels=0)
-    return flat @ (kernel.dequantize(w) if kernel else w.dequantize()).T
+    return flat @ dequantize(w).T
+
+
+def dequantize(w: BlockWeight | Panels) -> torch.Tensor:
+    """w as float32 [N, K]: by herd's kernel on the CPU (4-15x faster than PyTorch's expression on the default
+    model's and 8B's widths), else by PyTorch."""
+    kernel = ops() if isinstance(w, Panels) or w.codes.device.type == "cpu" else None
+    return kernel.dequantize(w) if kernel else w.dequantize()
 
 
 class _Blocks(nn.Module):
@@ -256,6 +263,11 @@ class BlockLinear(_Blocks):
         if "packed" in self._buffers:
             self._unpack()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as float32 [out, in] (LoRA's backward, a conversion back to float), from whichever form the
+        layer holds."""
+        return dequantize(self.panels if "packed" in self._buffers else self.weight_blocks)
 
     def version(self) -> tuple:
         """Changes whenever what the matmul reads moves or changes in place (`.to()`, a loaded state dict, an edit

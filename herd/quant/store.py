@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from herd.atomic import save_safetensors
 from herd.checkpoint.base import LazyStateDict, LazyTensor
 from herd.checkpoint.errors import CheckpointError
-from herd.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight
+from herd.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight, dequantize
 from herd.quant.fp8 import FP8Linear, FP8Weight
 
 FILE = "quantized.safetensors"
@@ -99,6 +99,6 @@ def _expand(module):
     def load() -> torch.Tensor:
         if isinstance(module, FP8Linear):
             return module.codes.float() * module.scales[:, None]
-        return module.weight_blocks.dequantize()
+        return dequantize(module.weight_blocks)
 
     return load
