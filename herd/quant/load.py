@@ -140,12 +140,12 @@ def _check_fits(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype, dev
     available = available_memory() if device.type == "cpu" else None
     if available is None:
         return
-    needed = memory_needed(ckpt.config, scheme, dtype)
+    needed = memory_needed(ckpt, scheme, dtype)
     if needed <= 0.95 * available:
         return
     gb = 2**30
     held = f"in {str(dtype).removeprefix('torch.')}" if scheme is None else f"as {scheme.name}"
-    smaller = {name: memory_needed(ckpt.config, Scheme.parse(name), dtype) for name in ("int8", "int4")}
+    smaller = {name: memory_needed(ckpt, Scheme.parse(name), dtype) for name in ("int8", "int4")}
     fits = [f"{name} (about {n / gb:.1f} GB)" for name, n in smaller.items() if n <= 0.95 * available and n < needed]
     if fits:
         advice = f"load it with quantize {' or '.join(fits)}, which quantize each weight as it is read"
@@ -157,19 +157,24 @@ def _check_fits(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype, dev
                         f"available: {advice}")
 
 
-def memory_needed(config, scheme: Scheme | None, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a load of a model of `config` under `scheme` (from a float checkpoint) holds at its peak: the model as
-    it will be held and the largest weight as it is read (bfloat16, as checkpoints ship, read into a buffer and
-    then a tensor) and quantized. The quantized modules are built for one row of each weight (every format stores a
+def memory_needed(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a load of `ckpt` under `scheme` holds at its peak. A GGUF's blocks: as herd holds them (one row of each
+    converted) and the rest in `dtype`. Quantizing as it loads: the model as it will be held and the largest weight
+    as it is read (bfloat16, as checkpoints ship, read into a buffer and then a tensor) and quantized. The quantized modules are built for one row of each weight (every format stores a
     row's codes, scales and mins with the row), in milliseconds; on the meta device torch's reference ops took
     seconds. The peaks measured on Llama 3.1 8B's shapes (README): int8 10.1 GiB against 10.4 estimated, int4 8.1
     against 7.9."""
+    config = ckpt.config
     shapes = expected_shapes(config)
     params = {name: math.prod(shape) for name, shape in shapes.items()}
     if scheme is None:
         return sum(params.values()) * dtype.itemsize
-    if scheme.kind in ("gguf", "stored"):
-        return 0  # blocks as the file holds them: the file's own size
+    if scheme.kind == "stored":
+        return 0  # read already, as stored (herd.quant.store)
+    if scheme.kind == "gguf":
+        held = {name: block_weight(kind, raw[:1]).nbytes * raw.shape[0] for name, (kind, raw) in ckpt.blocks.items()
+                if not scheme.keeps(name.removesuffix(".weight"))}
+        return sum(held.values()) + sum(n for name, n in params.items() if name not in held) * dtype.itemsize
     def shape(name: str) -> tuple[int, ...]:
         return shapes.get(name, shapes["tok_embeddings.weight"])  # a tied output layer is the table
 

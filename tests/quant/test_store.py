@@ -166,9 +166,9 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, 
     from herd.checkpoint.base import LazyStateDict
     from herd.quant import load
 
-    config = load_checkpoint(float_dir).config
-    need = {name: load.memory_needed(config, Scheme.parse(name)) for name in ("int8", "int4")}
-    assert need["int4"] < need["int8"] < load.memory_needed(config, None)
+    ckpt = load_checkpoint(float_dir)
+    need = {name: load.memory_needed(ckpt, Scheme.parse(name)) for name in ("int8", "int4")}
+    assert need["int4"] < need["int8"] < load.memory_needed(ckpt, None)
     with monkeypatch.context() as patch:
         for method in ("__getitem__", "stored"):
             patch.setattr(LazyStateDict, method, lambda self, name: pytest.fail(f"{name} was read"))
@@ -186,3 +186,17 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, 
             herd.load(float_dir, quantize="int4")
     monkeypatch.setattr(load, "available_memory", lambda: need["int4"] / 0.9)
     assert isinstance(herd.load(float_dir, quantize="int4").model.layers[0].attention.wq, BlockLinear)
+
+
+def test_a_gguf_is_sized_as_herd_holds_it_and_refused_when_it_cannot_fit(monkeypatch):
+    from herd.llm import resolve_model_path
+    from herd.quant import load
+
+    ckpt = load_checkpoint(resolve_model_path(None))
+    need = load.memory_needed(ckpt, Scheme("gguf"))
+    model = herd.load().model  # not run yet: its blocks as converted from the file
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied table once
+    assert need == sum(t.numel() * t.element_size() for t in tensors.values())
+    monkeypatch.setattr(load, "available_memory", lambda: need // 2)
+    with pytest.raises(MemoryError, match=r"needs 0\.1 GB of memory as gguf but 0\.\d GB are available: "):
+        herd.load()
