@@ -11,6 +11,7 @@ from torch import nn
 from herd.checkpoint.base import Checkpoint
 from herd.model.llama import rotations
 from herd.quant.gptq import hessians
+from herd.quant.schemes import set_module
 
 CALIBRATION_TEXT = Path(__file__).parent / "resources" / "calibration.txt"
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -18,13 +19,19 @@ BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
 
 
 class LayerwiseHessians(Mapping[str, torch.Tensor]):
-    """The Hessians (X^T X / tokens of each linear layer's input) of a checkpoint's float model on the calibration
-    text, computed one block at a time as layers ask for them in the model's order, with their float weights.
+    """The Hessians (X^T X / tokens of each linear layer's input) on the calibration text, computed one block at a
+    time as layers ask for them in the model's order, as GPTQ's reference code computes them: each block's layers
+    see the hidden states of the blocks before it quantized (handed back through `quantized`; a layer never handed
+    back, one kept in float, computes with its float weight), through the block's own float weights. The tokens are
+    looked up in the float embedding table (int8 blocks of it move them by well under 1%).
+
+    On the default model under int4-g64-gptq that takes the KL divergence from the float model from 0.380 (every
+    block fed the float model's hidden states) to 0.316 nats/token. Quantizing within a block in stages too, each
+    stage's inputs through the stages before it quantized (the reference's "true sequential" option), made it 0.531.
 
     The float model is never built: the text's hidden states go through one block at a time, each block's float
     weights read for it and dropped after, and only that block's Hessians are kept (Llama 3.1 8B's float weights
-    are 32 GB, its down projections' Hessians 0.8 GB each). The figures are those of a forward of the whole float
-    model, as every layer sees the float model's activations.
+    are 32 GB, its down projections' Hessians 0.8 GB each).
     """
 
     def __init__(self, ckpt: Checkpoint, tokenizer, device, *, tokens: int = 2048, window: int = 512,
@@ -48,6 +55,7 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
         self.done = -1  # blocks whose Hessians have been taken (n_layers: the output layer's too)
         self.current: dict[str, torch.Tensor] = {}
         self.weights: dict[str, torch.Tensor] = {}
+        self.quantized_modules: dict[str, nn.Module] = {}  # the current block's, by name within the block
 
     def __getitem__(self, name: str) -> torch.Tensor:
         self._reach(name)
@@ -60,6 +68,11 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
             return self.model.get_parameter(name)  # the embedding table
         self._reach(layer)
         return self.weights.get(name) if name in self.weights else self.model.get_parameter(name)
+
+    def quantized(self, name: str, module: nn.Module) -> None:
+        """`name`'s quantized module ("layers.0.attention.wq"): the blocks after its own take their inputs through it."""
+        if name.startswith(f"layers.{self.done}."):
+            self.quantized_modules[name.split(".", 2)[2]] = module
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -76,6 +89,13 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
 
     @torch.inference_mode()
     def _advance(self) -> None:
+        if self.done >= 0:  # the last block's hidden states again, through its quantized layers
+            block = self.model.layers[self.done]
+            for name, module in self.quantized_modules.items():
+                set_module(block, name, module)
+            self.hidden = [block(h, rotation, None, None, self.done) for h, rotation in zip(self.hidden, self.rotations)]
+            self.model.layers[self.done] = nn.Identity()  # its weights go with the caller's last reference to them
+        self.quantized_modules = {}
         i = self.done + 1
         self.weights = {}  # the last block's, let go before the next one's are read
         if i == self.ckpt.config.n_layers:
@@ -93,9 +113,6 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
                     nn.Parameter(weight, requires_grad=False)
             layers = {f"layers.{i}.{linear}": block.get_submodule(linear) for linear in BLOCK_LINEARS}
 
-            def run():
-                self.hidden = [block(h, rotation, None, None, i) for h, rotation in zip(self.hidden, self.rotations)]
-
-            self.current = hessians(layers, run)
-            self.model.layers[i] = nn.Identity()  # its float weights go with the caller's last reference to them
+            self.current = hessians(layers, lambda: [block(h, rotation, None, None, i)
+                                                     for h, rotation in zip(self.hidden, self.rotations)])
         self.done = i

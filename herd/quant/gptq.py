@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022) for herd's int4 groups: weights rounded one column at a time, each rounding error
 spread over the columns not yet rounded so that the layer's output on calibration text moves as little as possible.
 
-The Hessian of a layer is X^T X over the calibration tokens that reach it (collected with `hessians`).
+The Hessian of a layer is X^T X / tokens over the calibration tokens that reach it (`hessians`, `HessianSum`).
 """
 from __future__ import annotations
 
@@ -13,27 +13,33 @@ from torch import nn
 from herd.quant.blocks import BlockWeight, pack_nibbles
 
 
+class HessianSum:
+    """X^T X / tokens over the inputs added ([..., K] each), summed in float64 as they add up."""
+
+    def __init__(self):
+        self.sum, self.count = None, 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        self.sum = x.T @ x if self.sum is None else self.sum + x.T @ x
+        self.count += x.shape[0]
+
+    def value(self) -> torch.Tensor | None:
+        return None if self.sum is None else (self.sum / self.count).float()
+
+
 @torch.inference_mode()
 def hessians(layers: Mapping[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """X^T X / tokens of each layer's input (in float64 as they add up) while `run()` feeds them."""
-    sums = dict.fromkeys(layers)
-    counts = dict.fromkeys(layers, 0)
-
-    def hook(name):
-        def record(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = x.T @ x if sums[name] is None else sums[name] + x.T @ x
-            counts[name] += x.shape[0]
-
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    """The Hessian of each layer's input while `run()` feeds them."""
+    sums = {name: HessianSum() for name in layers}
+    handles = [layer.register_forward_pre_hook(lambda module, args, name=name: sums[name].add(args[0]))
+               for name, layer in layers.items()]
     try:
         run()
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name]).float() for name in layers if sums[name] is not None}
+    return {name: h for name, total in sums.items() if (h := total.value()) is not None}
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor | None, group: int, *, damp: float = 0.01,

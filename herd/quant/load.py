@@ -94,7 +94,7 @@ def _pack_at_first_forward(model: torch.nn.Module) -> None:
 def _quantized_as_read(ckpt: Checkpoint, scheme: Scheme, device: torch.device, tokenizer) -> dict[str, torch.nn.Module]:
     """The scheme's modules, each float weight read from the checkpoint (on `device`) only to be quantized: the
     model never holds its float weights (Llama 3.1 8B: 32 GB in float32, 8.5 in int8 blocks). GPTQ's calibration
-    runs the float model a block at a time beside it (herd.quant.calibration)."""
+    runs the model a block at a time beside it, through the blocks quantized so far (herd.quant.calibration)."""
     config = ckpt.config
     linears = _linear_names(config)
     if scheme.method == "gptq":
@@ -102,7 +102,7 @@ def _quantized_as_read(ckpt: Checkpoint, scheme: Scheme, device: torch.device, t
 
         calibration = LayerwiseHessians(ckpt, tokenizer, device)
         return quantize_layers(scheme, calibration.weight, linears, tied=config.tie_embeddings, table=True,
-                               hessians=calibration)
+                               hessians=calibration, quantized=calibration.quantized)
 
     def weight(name: str) -> torch.Tensor:
         tied_output = name == "output.weight" and config.tie_embeddings

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -120,12 +120,14 @@ def quantized_module(scheme: Scheme, stored, name: str) -> nn.Module:
 
 
 def quantize_layers(scheme: Scheme, weight: Callable[[str], torch.Tensor], linears: list[str], *, tied: bool,
-                    table: bool, hessians: dict[str, torch.Tensor] | None = None,
+                    table: bool, hessians: Mapping[str, torch.Tensor] | None = None,
+                    quantized: Callable[[str, nn.Module], None] | None = None,
                     progress: bool = True) -> dict[str, nn.Module]:
     """The scheme's modules for the linear layers named (except the `keep` ones) and, where `table`, the embedding
     table, by parameter name ("layers.0.attention.wq.weight"). `weight(name)` gives a float weight by parameter
     name; each is read when its turn comes and dropped once quantized, so a checkpoint quantized as it loads never
-    holds all its float weights at once (8B's take 32 GB in float32).
+    holds all its float weights at once (8B's take 32 GB in float32). `quantized(name, module)`, where given, hears of
+    each layer's module as soon as it is made (GPTQ's calibration computes the next layers' inputs with it).
 
     int8 and int4 hold the embedding table in int8 blocks of 32 too, as llama.cpp does (in float32 a 128K-token
     vocabulary takes 2 GB at the width of 8B, 1 GB at 1B's; in blocks 0.56 and 0.28). A tied output layer and the
@@ -148,6 +150,8 @@ def quantize_layers(scheme: Scheme, weight: Callable[[str], torch.Tensor], linea
             continue
         stored = quantize_weight(scheme, w, (hessians or {}).get(name))
         modules[f"{name}.weight"] = quantized_module(scheme, stored, name)
+        if quantized:
+            quantized(name, modules[f"{name}.weight"])
     if table and not table_kept:
         output = modules.get("output.weight")
         if tied and isinstance(output, BlockLinear) and output.bits == 8 and output.integer:

@@ -160,6 +160,39 @@ def test_a_checkpoint_is_quantized_one_float_weight_at_a_time(float_dir, tmp_pat
     assert isinstance(model.layers[1].feed_forward.w2, FP8Linear if scheme == "fp8" else BlockLinear)
 
 
+def test_gptq_calibrates_each_block_on_the_quantized_blocks_before_it(float_dir, monkeypatch):
+    """As GPTQ's reference code does: a block's Hessians come from the hidden states that the blocks before it give
+    once quantized, so the attention inputs' Hessians handed to GPTQ are those of the quantized model it returns,
+    and block 1's differ from the float model's."""
+    from herd.quant.calibration import CALIBRATION_TEXT, LayerwiseHessians
+    from herd.quant.gptq import hessians
+
+    given, original = {}, LayerwiseHessians.__getitem__
+
+    def recording(self, name):
+        given[name] = original(self, name)
+        return given[name]
+
+    monkeypatch.setattr(LayerwiseHessians, "__getitem__", recording)
+    quantized = herd.load(float_dir, quantize="int4-g32-gptq")
+    ids = quantized.tokenizer.encode(CALIBRATION_TEXT.read_text(), bos=False)[:2048]
+    names = [f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wk", "wv")]
+
+    def inputs(model):
+        return hessians({name: model.get_submodule(name) for name in names},
+                        lambda: [model(torch.tensor([ids[i : i + 512]])) for i in range(0, len(ids), 512)])
+
+    def relative(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    floating = herd.load(float_dir, quantize=None).model
+    quantized.model.tok_embeddings = floating.tok_embeddings  # calibration looks tokens up in the float table
+    final, floats = inputs(quantized.model), inputs(floating)
+    assert all(relative(given[name], final[name]) < 1e-5 for name in names)
+    assert relative(given["layers.0.attention.wq"], floats["layers.0.attention.wq"]) < 1e-5
+    assert relative(given["layers.1.attention.wq"], floats["layers.1.attention.wq"]) > 1e-3
+
+
 def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, monkeypatch):
     """The system would kill the process midway, without a word: a load whose peak would not fit is refused, with
     the schemes that would fit, before a weight is read; a scheme that fits goes ahead."""
