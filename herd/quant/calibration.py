@@ -70,7 +70,8 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
         return self.weights.get(name) if name in self.weights else self.model.get_parameter(name)
 
     def quantized(self, name: str, module: nn.Module) -> None:
-        """`name`'s quantized module ("layers.0.attention.wq"): the blocks after its own take their inputs through it."""
+        """`name`'s quantized module ("layers.0.attention.wq"): the blocks after its own take their inputs through
+        it."""
         if name.startswith(f"layers.{self.done}."):
             self.quantized_modules[name.split(".", 2)[2]] = module
 
@@ -93,7 +94,8 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
             block = self.model.layers[self.done]
             for name, module in self.quantized_modules.items():
                 set_module(block, name, module)
-            self.hidden = [block(h, rotation, None, None, self.done) for h, rotation in zip(self.hidden, self.rotations)]
+            self.hidden = [block(h, rotation, None, None, self.done)
+                           for h, rotation in zip(self.hidden, self.rotations)]
             self.model.layers[self.done] = nn.Identity()  # its weights go with the caller's last reference to them
         self.quantized_modules = {}
         i = self.done + 1

@@ -137,16 +137,16 @@ class ModelTooLarge(MemoryError):
 def _check_fits(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse, before reading a weight, a load that cannot fit in this machine's memory: the system would otherwise
     kill the process midway, without a word (Llama 3.1 8B in float32 is 32 GB; 70B even under int4, 54)."""
-    available = available_memory() if device.type == "cpu" else None
-    if available is None:
+    if device.type != "cpu":
         return
     needed = memory_needed(ckpt, scheme, dtype)
-    if needed <= 0.95 * available:
+    available = shortfall(needed)
+    if available is None:
         return
     gb = 2**30
     held = f"in {str(dtype).removeprefix('torch.')}" if scheme is None else f"as {scheme.name}"
     smaller = {name: memory_needed(ckpt, Scheme.parse(name), dtype) for name in ("int8", "int4")}
-    fits = [f"{name} (about {n / gb:.1f} GB)" for name, n in smaller.items() if n <= 0.95 * available and n < needed]
+    fits = [f"{name} (about {n / gb:.1f} GB)" for name, n in smaller.items() if shortfall(n) is None and n < needed]
     if fits:
         advice = f"load it with quantize {' or '.join(fits)}, which quantize each weight as it is read"
     elif min(smaller.values()) < needed:
@@ -157,24 +157,32 @@ def _check_fits(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype, dev
                         f"available: {advice}")
 
 
+def shortfall(needed: int) -> int | None:
+    """The bytes available, where `needed` would not fit in them with a margin for the rest of the process; None
+    where it fits, or where the system does not say."""
+    available = available_memory()
+    return available if available is not None and needed > 0.95 * available else None
+
+
 def memory_needed(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype = torch.float32) -> int:
     """Bytes a load of `ckpt` under `scheme` holds at its peak. A GGUF's blocks: as herd holds them (one row of each
     converted) and the rest in `dtype`. Quantizing as it loads: the model as it will be held and the largest weight
-    as it is read (bfloat16, as checkpoints ship, read into a buffer and then a tensor) and quantized. The quantized modules are built for one row of each weight (every format stores a
-    row's codes, scales and mins with the row), in milliseconds; on the meta device torch's reference ops took
-    seconds. The peaks measured on Llama 3.1 8B's shapes (README): int8 10.1 GiB against 10.4 estimated, int4 8.1
-    against 7.9."""
+    as it is read (bfloat16, as checkpoints ship, read into a buffer and then a tensor) and quantized. The quantized
+    modules are built for one row of each weight (every format stores a row's codes, scales and mins with the row),
+    in milliseconds; on the meta device torch's reference ops took seconds. The peaks measured on Llama 3.1 8B's
+    shapes (README): int8 10.1 GiB against 10.4 estimated, int4 8.1 against 7.9."""
     config = ckpt.config
     shapes = expected_shapes(config)
     params = {name: math.prod(shape) for name, shape in shapes.items()}
     if scheme is None:
         return sum(params.values()) * dtype.itemsize
     if scheme.kind == "stored":
-        return 0  # read already, as stored (herd.quant.store)
+        return 0  # read already, as stored, after herd.quant.store checked that it fits
     if scheme.kind == "gguf":
         held = {name: block_weight(kind, raw[:1]).nbytes * raw.shape[0] for name, (kind, raw) in ckpt.blocks.items()
                 if not scheme.keeps(name.removesuffix(".weight"))}
         return sum(held.values()) + sum(n for name, n in params.items() if name not in held) * dtype.itemsize
+
     def shape(name: str) -> tuple[int, ...]:
         return shapes.get(name, shapes["tok_embeddings.weight"])  # a tied output layer is the table
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +69,7 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
         # file stayed resident beside them (an 8B-shaped int8 model: 13.5 GB after its first tokens, 9.0 read).
         with safe_open(str(path), framework="pt", device="cpu", backend="pread") as f:
             header = json.loads(f.metadata()[KEY])
+            _check_fits(path, f, header, dtype)
             tensors, digests = _hashed((name, f.get_tensor(name)) for name in f.keys())
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(
@@ -82,7 +84,8 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
     modules: dict[str, torch.nn.Module] = {}
     for name, spec in header["modules"].items():
         if spec["type"] == "fp8":
-            modules[f"{name}.weight"] = FP8Linear(FP8Weight(tensors.pop(f"{name}.codes"), tensors.pop(f"{name}.scales")))
+            codes, scales = tensors.pop(f"{name}.codes"), tensors.pop(f"{name}.scales")
+            modules[f"{name}.weight"] = FP8Linear(FP8Weight(codes, scales))
             continue
         weight = BlockWeight(tensors.pop(f"{name}.codes"), tensors.pop(f"{name}.scales"),
                              tensors.pop(f"{name}.mins", None), spec["bits"], spec["group"])
@@ -93,6 +96,36 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
         entries[name] = LazyTensor((module.out_features, module.in_features) if hasattr(module, "in_features")
                                    else (module.num_embeddings, module.embedding_dim), _expand(module))
     return LazyStateDict(entries), modules, header["scheme"]
+
+
+# Bytes per element of safetensors' dtypes, and which of them are floats (the file's unquantized tensors).
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _check_fits(path: Path, f, header: dict, dtype: torch.dtype | None) -> None:
+    """Refuse, before reading a tensor, a file whose load cannot fit in this machine's memory (the system would
+    kill the process midway, without a word): its tensors as read, its float ones again where they are converted
+    to `dtype`, and its largest tensor twice more for the first forward, which packs the layers for the kernel (an
+    8B-shaped int8 file: 9.4 GiB estimated, 9.36 measured at its peak)."""
+    from herd.quant.load import ModelTooLarge, shortfall
+
+    sizes, converted = [], 0
+    for name in f.keys():
+        part = f.get_slice(name)
+        elements, stored = math.prod(part.get_shape()), part.get_dtype()
+        sizes.append(elements * _ITEMSIZE.get(stored, 4))
+        floating = name.rsplit(".", 1)[0] not in header["modules"] and stored in _FLOATS
+        if floating and dtype is not None and _FLOATS[stored] != dtype:
+            converted += elements * dtype.itemsize
+    needed = sum(sizes) + converted + 2 * max(sizes, default=0)
+    available = shortfall(needed)
+    if available is not None:
+        gb, scheme = 2**30, header["scheme"].get("kind", "quantized")
+        raise ModelTooLarge(f"{path}: this {scheme} model needs {needed / gb:.1f} GB of memory but {available / gb:.1f}"
+                            " GB are available: run it on a machine with more memory"
+                            + ("" if scheme == "int4" else ", or quantize the float model with int4"))
 
 
 def _expand(module):

@@ -221,6 +221,23 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, 
     assert isinstance(herd.load(float_dir, quantize="int4").model.layers[0].attention.wq, BlockLinear)
 
 
+def test_a_quantized_file_that_cannot_fit_is_refused_before_it_is_read(float_dir, tmp_path, monkeypatch):
+    from herd.quant import load, store
+
+    out = tmp_path / "q"
+    assert run_quantize(str(float_dir), "--scheme", "int8", "--out", str(out)).returncode == 0
+    size = (out / FILE).stat().st_size
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_hashed", lambda items: pytest.fail("a tensor was read"))
+        patch.setattr(load, "available_memory", lambda: size)
+        with pytest.raises(MemoryError, match=rf"{FILE}: this int8 model needs \d+\.\d GB of memory but \d+\.\d GB are "
+                                              "available: run it on a machine with more memory, or quantize the float "
+                                              "model with int4$"):
+            herd.load(out)
+    monkeypatch.setattr(load, "available_memory", lambda: 3 * size)
+    assert isinstance(herd.load(out).model.layers[0].attention.wq, BlockLinear)
+
+
 def test_a_gguf_is_sized_as_herd_holds_it_and_refused_when_it_cannot_fit(monkeypatch):
     from herd.llm import resolve_model_path
     from herd.quant import load
