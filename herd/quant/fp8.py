@@ -1,7 +1,9 @@
 """FP8 (e4m3) weights with one scale per output row and activations scaled per token, as Meta served Llama 3.1 405B.
 
 On GPUs with FP8 tensor cores the matmul is torch._scaled_mm; elsewhere it is emulated exactly: e4m3 values are
-expanded to float32 (every product of two of them is exact in float32) and multiplied with float32 accumulation.
+expanded to float32 (every product of two of them is exact in float32) and multiplied with float32 accumulation, on
+a CPU by herd's kernel: a few tokens straight from the codes, more through one expanded weight and the BLAS GEMM.
+PyTorch's own float8 conversion had made the default model decode at 3.7 tokens/s, against 36 in float32.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.quant.blocks import row_chunks
+from herd.quant.blocks import MAX_FLOAT_LOOP_TOKENS, row_chunks
+from herd.quant.kernel import ops
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -40,6 +43,19 @@ def quantize_fp8(weight: torch.Tensor) -> FP8Weight:
     return FP8Weight(codes, scales)
 
 
+def _kernel(codes: torch.Tensor):
+    """herd's kernel, where it can compute with these codes: on the CPU, rows a multiple of 16 wide."""
+    return ops() if codes.device.type == "cpu" and codes.shape[1] % 16 == 0 else None
+
+
+def dequantize_fp8(weight: FP8Weight) -> torch.Tensor:
+    """The weight as float32: its codes times their row's scale."""
+    kernel = _kernel(weight.codes)
+    if kernel:
+        return kernel.fp8_dequantize(weight.codes, weight.scales)
+    return weight.codes.float() * weight.scales[:, None]
+
+
 def _has_scaled_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -52,13 +68,18 @@ class FP8Linear(nn.Module):
         self.register_buffer("scales", weight.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        xq, xs = to_fp8(flat)
-        if _has_scaled_mm(flat.device):
-            out = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scales[None, :],
-                                   out_dtype=torch.bfloat16).float()
+        flat = x.reshape(-1, self.in_features).float()
+        kernel = _kernel(self.codes)
+        if kernel and flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS:
+            out = kernel.fp8_matmul(flat, self.codes, self.scales)
         else:
-            out = (xq.float() @ self.codes.float().T) * xs * self.scales
+            xq, xs = to_fp8(flat)
+            if _has_scaled_mm(flat.device):
+                out = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scales[None, :],
+                                       out_dtype=torch.bfloat16).float()
+            else:
+                weight = kernel.fp8_dequantize(self.codes) if kernel else self.codes.float()
+                out = (xq.float() @ weight.T) * xs * self.scales
         return out.view(*x.shape[:-1], self.out_features).type_as(x)
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ from herd.atomic import save_safetensors
 from herd.checkpoint.base import LazyStateDict, LazyTensor
 from herd.checkpoint.errors import CheckpointError
 from herd.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight, dequantize
-from herd.quant.fp8 import FP8Linear, FP8Weight
+from herd.quant.fp8 import FP8Linear, FP8Weight, dequantize_fp8
 
 FILE = "quantized.safetensors"
 KEY = "herd.quantization"
@@ -131,7 +131,7 @@ def _check_fits(path: Path, f, header: dict, dtype: torch.dtype | None) -> None:
 def _expand(module):
     def load() -> torch.Tensor:
         if isinstance(module, FP8Linear):
-            return module.codes.float() * module.scales[:, None]
+            return dequantize_fp8(FP8Weight(module.codes, module.scales))
         return dequantize(module.weight_blocks)
 
     return load

@@ -251,3 +251,26 @@ def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeyp
         for levels in (0, 1, 2):  # from the rows, and from each build's own panels
             assert torch.equal(avx2.matmul_rows(x, w, levels), native.matmul_rows(x, w, levels))
             assert torch.equal(avx2.matmul_rows(x, avx2.pack(w), levels), native.matmul_rows(x, native.pack(w), levels))
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_fp8_codes_widen_and_activations_round_as_pytorch_converts_them():
+    """FP8 layers on the kernel: every e4m3 code (subnormals included; not e4m3fn's NaN, which is never stored)
+    widens to the float PyTorch gives it, and a token's activations round to e4m3 with its scale exactly as
+    fp8.to_fp8 rounds them, ties and subnormals included (through an identity weight, each output is one product)."""
+    from herd.quant.fp8 import E4M3, to_fp8
+
+    ops = kernel.ops()
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F].view(E4M3).repeat(16).view(-1, 16)
+    assert torch.equal(ops.fp8_dequantize(codes), codes.float())
+    scales = torch.rand(len(codes))
+    assert torch.equal(ops.fp8_dequantize(codes, scales), codes.float() * scales[:, None])
+    identity, k = torch.eye(256).to(E4M3), 256
+    torch.manual_seed(0)
+    for trial in range(40):
+        x = torch.randn(5, k) * torch.logspace(-8, 4, k)[torch.randperm(k)]
+        x[0] = torch.randint(-200, 200, (k,)).float() * 2**-10 + 2**-11  # halfway between e4m3 values
+        x[0, 0] = 2**-3  # its scale 2^-3 / 448: the rest land among e4m3's subnormals and small normals
+        xq, xs = to_fp8(x)
+        assert torch.equal(ops.fp8_matmul(x, identity, torch.ones(k)), xq.float() * xs)

@@ -73,10 +73,11 @@ def test_kept_layers_of_a_gguf_stay_float():
         herd.load(quantize=Scheme("gguf", keep=("layers.99.*",)))
 
 
-def test_fp8_emulation_is_exact_e4m3_arithmetic():
+@pytest.mark.parametrize("tokens", [3, 40])  # herd's kernel from the codes on a CPU; then one expanded weight
+def test_fp8_emulation_is_exact_e4m3_arithmetic(tokens):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32, bias=False)
-    x = torch.randn(3, 64)
+    x = torch.randn(tokens, 64)
     xq, xs = to_fp8(x)
     wq, ws = to_fp8(linear.weight)
     # every product of two e4m3 values is exact in float64 and float32 alike; only the summation order differs

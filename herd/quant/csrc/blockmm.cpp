@@ -1340,3 +1340,125 @@ void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const 
 }
 
 }  // extern "C"
+
+// FP8 weights (herd/quant/fp8.py): e4m3 codes, one float32 scale per row, activations rounded to e4m3 per token.
+// Both are widened exactly to float32, where every product of two e4m3 values is exact, and summed in float32: the
+// arithmetic of an FP8 tensor core with a float32 accumulator, as fp8.py emulates it with PyTorch.
+
+namespace {
+
+// 16 e4m3 codes as the bit patterns of float16 values 2^-8 times theirs: e4m3's sign, exponent and mantissa bits
+// moved to float16's places (float16's exponent bias is 8 more than e4m3's), which F16C widens exactly, e4m3's
+// subnormals included (they become float16 subnormals). e4m3fn's NaN (0x7f, 0xff) is never stored: the quantizer
+// clamps to 448.
+inline __m256i e4m3_as_half(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                         _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+}
+
+inline __m256 half_lo(__m256i h) { return _mm256_cvtph_ps(_mm256_castsi256_si128(h)); }
+inline __m256 half_hi(__m256i h) { return _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)); }
+
+constexpr float E4M3_AS_HALF = 256.f;  // what undoes e4m3_as_half's 2^-8, exactly
+
+// out[t] = 2^-8 * sum over k of x[t][k] * w[k] for T tokens against one row of K (a multiple of 16) e4m3 codes.
+// Two sums per token (the first eight and the last eight codes of every sixteen), so that one token's multiply-adds
+// do not each wait for the one before.
+template <int T>
+void fp8_row(const uint8_t* w, int64_t K, const float* const* x, float* out) {
+  __m256 lo_sum[T], hi_sum[T];
+  for (int t = 0; t < T; ++t) lo_sum[t] = hi_sum[t] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    if ((k & 63) == 0) prefetch_ahead(w + k, 1);
+    const __m256i h = e4m3_as_half(w + k);
+    const __m256 lo = half_lo(h), hi = half_hi(h);
+    for (int t = 0; t < T; ++t) {
+      lo_sum[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[t] + k), lo_sum[t]);
+      hi_sum[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[t] + k + 8), hi_sum[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(lo_sum[t], hi_sum[t]));
+}
+
+constexpr int64_t FP8_TOKENS = 4;  // per pass over a row: their two sums fill eight of the 16 vector registers
+
+// One token's activations x [K] rounded to e4m3 as fp8.py's to_fp8 does: scale = max|x| / 448 (at least 1e-12),
+// each x / scale rounded to the nearest e4m3 value (ties to even), kept as float32 in `q`. Returns the scale.
+float e4m3_activations(const float* x, int64_t K, float* q) {
+  __m256 largest = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t k = 0; k < K; k += 8)
+    largest = _mm256_max_ps(largest, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float scale = std::max(_mm_cvtss_f32(m) / 448.f, 1e-12f);
+  const __m256 s = _mm256_set1_ps(scale), smallest_normal = _mm256_set1_ps(1.f / 64);
+  const __m256i low = _mm256_set1_epi32(0x7ffff), one = _mm256_set1_epi32(1), keep = _mm256_set1_epi32(~0xfffff);
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), s);
+    const __m256 a = _mm256_min_ps(_mm256_and_ps(v, magnitude), _mm256_set1_ps(448.f));
+    // normal e4m3 (|v| >= 2^-6): float32's mantissa rounded to its top 3 bits, ties to even
+    const __m256i bits = _mm256_castps_si256(a);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 20), one);
+    const __m256 normal = _mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(low, odd)), keep));
+    // subnormal e4m3: a multiple of 2^-9, ties to even
+    const __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.f)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                     _mm256_set1_ps(1.f / 512));
+    const __m256 r = _mm256_blendv_ps(normal, sub, _mm256_cmp_ps(a, smallest_normal, _CMP_LT_OQ));
+    _mm256_storeu_ps(q + k, _mm256_or_ps(r, _mm256_andnot_ps(magnitude, v)));  // the sign back
+  }
+  return scale;
+}
+
+}  // namespace
+
+extern "C" {
+
+// out [M, N] = x [M, K] @ W.T as an FP8 layer computes it: each token's activations rounded to e4m3 with their own
+// scale (e4m3_activations), multiplied with W's e4m3 codes [N, K] exactly, summed in float32, and scaled by both
+// scales: ((sum * x_scale) * scales[n]). K a multiple of 16. A token's numbers do not depend on how many share the
+// call.
+void herd_fp8_matmul(const float* x, int64_t M, const uint8_t* codes, const float* scales, int64_t N, int64_t K,
+                     float* out, int threads) {
+  thread_local std::vector<float> q, x_scales;
+  q.resize(M * K), x_scales.resize(M);
+  for (int64_t t = 0; t < M; ++t) x_scales[t] = e4m3_activations(x + t * K, K, q.data() + t * K);
+  const float* xq = q.data();
+  const float* xs = x_scales.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < N; ++r) {
+    const uint8_t* w = codes + r * K;
+    for (int64_t t0 = 0; t0 < M; t0 += FP8_TOKENS) {
+      const int64_t T = std::min(FP8_TOKENS, M - t0);
+      const float* px[FP8_TOKENS];
+      float sums[FP8_TOKENS];
+      for (int64_t t = 0; t < T; ++t) px[t] = xq + (t0 + t) * K;
+      switch (T) {
+        case 1: fp8_row<1>(w, K, px, sums); break;
+        case 2: fp8_row<2>(w, K, px, sums); break;
+        case 3: fp8_row<3>(w, K, px, sums); break;
+        default: fp8_row<4>(w, K, px, sums);
+      }
+      for (int64_t t = 0; t < T; ++t) out[(t0 + t) * N + r] = sums[t] * E4M3_AS_HALF * xs[t0 + t] * scales[r];
+    }
+  }
+}
+
+// out [N, K] = the e4m3 codes [N, K] (K a multiple of 16) as float32, exactly, times scales[n] (null: none).
+void herd_fp8_dequantize(const uint8_t* codes, const float* scales, int64_t N, int64_t K, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < N; ++r) {
+    const __m256 s = _mm256_set1_ps(scales ? scales[r] * E4M3_AS_HALF : E4M3_AS_HALF);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m256i h = e4m3_as_half(codes + r * K + k);
+      _mm256_storeu_ps(out + r * K + k, _mm256_mul_ps(half_lo(h), s));
+      _mm256_storeu_ps(out + r * K + k + 8, _mm256_mul_ps(half_hi(h), s));
+    }
+  }
+}
+
+}  // extern "C"
