@@ -1,7 +1,8 @@
-"""Calibration statistics for error-minimising schemes, from real text that ships with herd (the Apache License
-2.0, a text unlike the GPL the fidelity tests measure on)."""
+"""Calibration statistics for error-minimising schemes, on the text a `Calibration` names: the user's, or real text
+that ships with herd (the Apache License 2.0, a text unlike the GPL the fidelity tests measure on)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -11,11 +12,49 @@ from torch import nn
 from herd.checkpoint.base import Checkpoint
 from herd.model.llama import rotations
 from herd.quant.gptq import hessians
-from herd.quant.schemes import set_module
+from herd.quant.schemes import Calibration, SchemeError, set_module
 
 CALIBRATION_TEXT = Path(__file__).parent / "resources" / "calibration.txt"
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def calibration_tokens(calibration: Calibration, tokenizer) -> list[int]:
+    """The first `calibration.tokens` tokens of its documents, each encoded from a BOS as the model sees text."""
+    ids: list[int] = []
+    for document in _documents(calibration.files):
+        ids += tokenizer.encode(document, bos=True)
+        if len(ids) >= calibration.tokens:
+            break
+    return ids[: calibration.tokens]
+
+
+def _documents(files: tuple[str, ...]) -> Iterator[str]:
+    if not files:
+        yield CALIBRATION_TEXT.read_text()
+    for name in files:
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise SchemeError(f"calibration file {path}: {reason}; give plain text or JSON Lines with a "
+                              '"text" field') from None
+        if path.suffix not in (".jsonl", ".json"):
+            yield text
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                document = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SchemeError(f'calibration file {path}, line {number}: not a JSON object with a "text" '
+                                  "field") from None
+            if not isinstance(document, str):
+                raise SchemeError(f'calibration file {path}, line {number}: "text" is not a string')
+            yield document
 
 
 class LayerwiseHessians(Mapping[str, torch.Tensor]):
@@ -34,8 +73,7 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
     are 32 GB, its down projections' Hessians 0.8 GB each).
     """
 
-    def __init__(self, ckpt: Checkpoint, tokenizer, device, *, tokens: int = 2048, window: int = 512,
-                 text: str | None = None):
+    def __init__(self, ckpt: Checkpoint, tokenizer, device, calibration: Calibration = Calibration()):
         from herd.checkpoint import build_model
 
         self.ckpt = ckpt
@@ -45,7 +83,7 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
         matrices = {f"{name}.weight" for name in self.names[:-1]}
         skip = matrices | (set() if ckpt.config.tie_embeddings else {"output.weight"})
         self.model = build_model(ckpt, device, skip=frozenset(skip))
-        ids = tokenizer.encode(text or CALIBRATION_TEXT.read_text(), bos=False)[:tokens]
+        ids, window = calibration_tokens(calibration, tokenizer), calibration.window
         windows = [torch.tensor([ids[i : i + window]], device=device) for i in range(0, len(ids), window)]
         with torch.inference_mode():
             self.hidden = [self.model.tok_embeddings(tokens) for tokens in windows]

@@ -1,6 +1,7 @@
 """`herd quantize MODEL --scheme ... --out DIR`: quantize once, load many times."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,11 @@ def quantize(
     scheme: str = typer.Option(..., help="int8, int8-wo, int4, int4-g64, int4-g128-gptq, fp8 or gguf"),
     out: Path = typer.Option(..., help="the output directory (loadable by herd.load; `herd convert` expands it)"),
     keep: Optional[List[str]] = typer.Option(None, help="module names or patterns left in float32, e.g. output"),
+    calibration: Optional[List[Path]] = typer.Option(None, help="-gptq: text to calibrate on, plain or JSON Lines "
+                                                     "with a \"text\" field (repeatable; default: the Apache "
+                                                     "License that ships with herd)"),
+    calibration_tokens: Optional[int] = typer.Option(None, min=1, help="-gptq: how many of the calibration text's "
+                                                     "tokens (default 2048)"),
 ):
     """Quantize a model's weights and write them with the scheme and a checksum per tensor."""
     import torch
@@ -26,10 +32,18 @@ def quantize(
     from herd.checkpoint.convert import _replace_dir
     from herd.checkpoint.hf import hf_config
     from herd.checkpoint.vocab import write_tokenizer
-    from herd.quant.schemes import Scheme
+    from herd.quant.schemes import Calibration, Scheme
     from herd.quant.store import FILE, save_quantized
 
     parsed = Scheme.parse(scheme, tuple(keep or ()))
+    if parsed.method != "gptq" and (calibration or calibration_tokens):
+        raise ValueError(f"--calibration and --calibration-tokens calibrate GPTQ; {parsed.name} takes none: use a "
+                         "-gptq scheme such as int4-g128-gptq")
+    missing = [str(path) for path in calibration or () if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"calibration file {missing[0]} not found: give a text or JSON Lines file")
+    tokens = {"tokens": calibration_tokens} if calibration_tokens else {}
+    parsed = dataclasses.replace(parsed, calibration=Calibration(tuple(map(str, calibration or ())), **tokens))
     started = time.perf_counter()
     # Written beside `out` under a temporary name and renamed at the end: an interruption leaves no half a model.
     # Made before the model loads, so that an unwritable --out fails at once.

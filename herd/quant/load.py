@@ -100,7 +100,7 @@ def _quantized_as_read(ckpt: Checkpoint, scheme: Scheme, device: torch.device, t
     if scheme.method == "gptq":
         from herd.quant.calibration import LayerwiseHessians
 
-        calibration = LayerwiseHessians(ckpt, tokenizer, device)
+        calibration = LayerwiseHessians(ckpt, tokenizer, device, scheme.calibration)
         return quantize_layers(scheme, calibration.weight, linears, tied=config.tie_embeddings, table=True,
                                hessians=calibration, quantized=calibration.quantized)
 
@@ -193,9 +193,10 @@ def memory_needed(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype = 
                     for t in module.buffers())
     rest = sum(n for name, n in params.items() if name not in modules) * dtype.itemsize
     largest = max(params.values()) * 2 * 2
-    if scheme.method == "gptq":  # a block's float matrices and their inputs' Hessians while it is calibrated
+    if scheme.method == "gptq":  # a block's float matrices, their inputs' Hessians and the text's hidden states
         block = [name for name in params if name.startswith("layers.0.") and len(shapes[name]) == 2]
         largest += sum(params[name] * 4 + shapes[name][1] ** 2 * 8 for name in block)
+        largest += 2 * scheme.calibration.tokens * config.dim * 4
     return quantized + rest + largest
 
 

@@ -76,6 +76,58 @@ def test_bad_scheme_is_one_line_and_writes_nothing(float_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gptq_calibrates_on_the_text_it_is_given(float_dir, tmp_path):
+    """`--calibration` files (plain text, JSON Lines) are the text GPTQ's Hessians come from: their documents from
+    a BOS each, cut at `--calibration-tokens`; the file records what calibrated it; bad calibration input is one
+    line before any work."""
+    import json
+
+    from safetensors import safe_open
+
+    from herd.quant.calibration import calibration_tokens
+    from herd.quant.schemes import Calibration
+
+    tokenizer = herd.load_tokenizer()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Llamas hum when they are curious. " * 40)
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"text": "Alpacas were bred for fibre. " * 40}) + "\n\n"
+                       + json.dumps({"text": "Vicunas live high in the Andes. " * 40}) + "\n")
+    documents = [notes.read_text(), "Alpacas were bred for fibre. " * 40, "Vicunas live high in the Andes. " * 40]
+    every = [t for d in documents for t in tokenizer.encode(d, bos=True)]
+    assert calibration_tokens(Calibration((str(notes), str(records)), tokens=10_000), tokenizer) == every
+    assert calibration_tokens(Calibration((str(notes), str(records)), tokens=300), tokenizer) == every[:300]
+
+    outs = {}
+    for name, extra in (("default", []), ("given", ["--calibration", str(notes), "--calibration", str(records),
+                                                    "--calibration-tokens", "300"])):
+        outs[name] = tmp_path / name
+        result = run_quantize(str(float_dir), "--scheme", "int4-g32-gptq", "--out", str(outs[name]), *extra)
+        assert result.returncode == 0, result.stderr
+    header = {name: json.loads(safe_open(str(out / FILE), "pt").metadata()["herd.quantization"])
+              for name, out in outs.items()}
+    assert header["given"]["scheme"]["calibration"] == {"files": ["notes.txt", "records.jsonl"], "tokens": 300,
+                                                        "window": 512}
+    codes = {name: load_checkpoint(out).blocks["layers.1.feed_forward.w2.weight"][1].weight_blocks.codes
+             for name, out in outs.items()}
+    assert not torch.equal(codes["default"], codes["given"])
+
+    (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    for args, error in (
+        (["--calibration", str(tmp_path / "bad.jsonl")], f"calibration file {tmp_path / 'bad.jsonl'}, line 1: not a "
+                                                         'JSON object with a "text" field'),
+        (["--calibration", str(tmp_path / "missing.txt")], f"calibration file {tmp_path / 'missing.txt'} not found"),
+    ):
+        result = run_quantize(str(float_dir), "--scheme", "int4-gptq", "--out", str(tmp_path / "bad"), *args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"herd: error: {error}")
+    result = run_quantize(str(float_dir), "--scheme", "int8", "--out", str(tmp_path / "bad"), "--calibration-tokens",
+                          "100")
+    assert result.stderr.strip().splitlines()[-1].startswith("herd: error: --calibration and --calibration-tokens "
+                                                             "calibrate GPTQ; int8 takes none")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unwritable_out_is_one_line_before_any_work(float_dir, tmp_path):
     (tmp_path / "a-file").write_text("")
     result = run_quantize(str(float_dir), "--scheme", "int8", "--out", str(tmp_path / "a-file" / "q"))
@@ -164,8 +216,9 @@ def test_gptq_calibrates_each_block_on_the_quantized_blocks_before_it(float_dir,
     """As GPTQ's reference code does: a block's Hessians come from the hidden states that the blocks before it give
     once quantized, so the attention inputs' Hessians handed to GPTQ are those of the quantized model it returns,
     and block 1's differ from the float model's."""
-    from herd.quant.calibration import CALIBRATION_TEXT, LayerwiseHessians
+    from herd.quant.calibration import LayerwiseHessians, calibration_tokens
     from herd.quant.gptq import hessians
+    from herd.quant.schemes import Calibration
 
     given, original = {}, LayerwiseHessians.__getitem__
 
@@ -175,7 +228,7 @@ def test_gptq_calibrates_each_block_on_the_quantized_blocks_before_it(float_dir,
 
     monkeypatch.setattr(LayerwiseHessians, "__getitem__", recording)
     quantized = herd.load(float_dir, quantize="int4-g32-gptq")
-    ids = quantized.tokenizer.encode(CALIBRATION_TEXT.read_text(), bos=False)[:2048]
+    ids = calibration_tokens(Calibration(), quantized.tokenizer)
     names = [f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wk", "wv")]
 
     def inputs(model):
