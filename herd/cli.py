@@ -26,15 +26,19 @@ KvCacheOpt = typer.Option(None, min=1, help="KV-cache memory (MiB; default 512),
                           "to 8,192 tokens; a longer context is held as far as it goes")
 
 
-def _load(model: Optional[str], quantize: str, device: Optional[str], kv_cache_mib: Optional[int] = None):
+def _load(model: Optional[str], quantize: str, device: Optional[str], kv_cache_mib: Optional[int] = None,
+          engine=None):
+    """engine: an EngineConfig, whose KV cache `kv_cache_mib` sizes where given."""
+    import dataclasses
+
     import herd
+    from herd.generate import EngineConfig
 
-    started = time.perf_counter()
-    llm = herd.load(model, quantize=None if quantize == "none" else quantize, device=device)
+    engine = engine or EngineConfig()
     if kv_cache_mib is not None:
-        from herd.generate import EngineConfig, Generator
-
-        llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(kv_cache_bytes=kv_cache_mib << 20))
+        engine = dataclasses.replace(engine, kv_cache_bytes=kv_cache_mib << 20)
+    started = time.perf_counter()
+    llm = herd.load(model, quantize=None if quantize == "none" else quantize, device=device, engine=engine)
     _status(f"loaded {llm.name} on {llm.device} in {time.perf_counter() - started:.1f}s")
     return llm
 

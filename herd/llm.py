@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from herd.generate.generator import Generator
+from herd.generate.generator import EngineConfig, Generator
 from herd.generate.sequence import Completion
 from herd.generate.sampling import SamplingParams
 from herd.generate.structured import JsonGrammars
@@ -60,9 +60,10 @@ def default_device() -> torch.device:
 class LLM:
     """A loaded model with its tokenizer and chat format; every generation goes through one `Generator`."""
 
-    def __init__(self, model: Transformer, tokenizer, chat_format, *, name: str = ""):
+    def __init__(self, model: Transformer, tokenizer, chat_format, *, name: str = "",
+                 engine: EngineConfig | None = None):
         self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
-        self.generator = Generator(model, tokenizer)
+        self.generator = Generator(model, tokenizer, config=engine)
 
     @property
     def device(self) -> torch.device:
@@ -149,11 +150,12 @@ class LLM:
 
 
 def load(path_or_name: str | Path | None = None, *, device: str | torch.device | None = None,
-         dtype: torch.dtype = torch.float32, quantize: str | None = "auto") -> LLM:
+         dtype: torch.dtype = torch.float32, quantize: str | None = "auto", engine: EngineConfig | None = None) -> LLM:
     """Load a Meta, Hugging Face or GGUF checkpoint; with no argument, the built-in default model.
 
     quantize: a scheme of herd.quant (int8, int8-wo, int4, int4-g64-gptq, fp8, gguf, ...), "auto" (a GGUF stored
     quantized is computed on its own blocks where herd's kernel runs) or None (the checkpoint's precision in `dtype`).
+    engine: the generation engine's settings (KV cache memory, batch, prefix caching, speculative decoding).
     """
     from herd.checkpoint import load_checkpoint
     from herd.quant.load import build_quantized
@@ -164,4 +166,5 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     if ckpt.tokenizer is None:
         raise ModelNotFoundError(f"{path} brings no tokenizer: put tokenizer.model or tokenizer.json beside it")
     model = build_quantized(ckpt, quantize, device or default_device(), ckpt.tokenizer, dtype=dtype).eval()
-    return LLM(model, ckpt.tokenizer, chat_format_for(ckpt.tokenizer), name=ckpt.meta.get("name") or path.name)
+    return LLM(model, ckpt.tokenizer, chat_format_for(ckpt.tokenizer), name=ckpt.meta.get("name") or path.name,
+               engine=engine)

@@ -35,3 +35,27 @@ def test_generate_accepts_text_ids_and_batches():
     batch = llm.generate(["Hello", "A longer prompt here"], max_tokens=5, temperature=0, ignore_eos=True)
     assert one.tokens == same.tokens == batch[0].tokens and len(batch) == 2
     assert "".join(llm.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True, stream=True)) == one.text
+
+
+def test_the_engine_is_built_once_with_the_settings_given(monkeypatch):
+    """herd.load(engine=...) and the CLI's KV cache option build the one engine they ask for, where a default one
+    (its KV cache included) used to be built first and replaced."""
+    import herd.llm
+    from herd.cli import _load
+    from herd.generate import EngineConfig, Generator
+
+    built = []
+
+    class Counted(Generator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.config)
+
+    monkeypatch.setattr(herd.llm, "Generator", Counted)
+    llm = herd.load(engine=EngineConfig(max_batch=3, prefix_caching=False))
+    assert built == [llm.generator.config] and (llm.generator.config.max_batch, llm.generator.config.prefix_caching) \
+        == (3, False)
+    built.clear()
+    llm = _load(None, "auto", None, 64, EngineConfig(max_batch=5))
+    assert built == [llm.generator.config] and llm.generator.config.kv_cache_bytes == 64 << 20
+    assert llm.generator.config.max_batch == 5

@@ -50,7 +50,7 @@ def serve_cmd(
     _check_port(host, port)  # a taken port fails at once, not after the model has loaded
 
     from herd.cli import _load
-    from herd.generate import EngineConfig, Generator
+    from herd.generate import EngineConfig
     from herd.generate.speculative import SpeculativeConfig
     from herd.serve.agents import router as agents_router
     from herd.safety.serving import load_shields
@@ -62,11 +62,9 @@ def serve_cmd(
     from herd.tools import parse_tools
 
     functions = parse_tools(tools)
-    llm = _load(model, quantize, device)
-    llm.generator = Generator(llm.model, llm.tokenizer, config=EngineConfig(
-        max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype,
-        kv_cache_bytes=kv_cache_mib << 20 if kv_cache_mib else EngineConfig.kv_cache_bytes,
-        prefix_caching=prefix_cache, speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
+    llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(
+        max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_cache,
+        speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                              request_timeout=timeout)
