@@ -13,12 +13,13 @@ from herd.model.config import ModelConfig
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor not read yet: its shape is known from the file's header, `read` reads it as stored, `load` also
-    converts it to `dtype` (None: kept as stored)."""
+    """A tensor not read yet: its shape is known from the file's header, `read` reads it as stored (in `stored`,
+    where the header says), `load` also converts it to `dtype` (None: kept as stored)."""
 
     shape: tuple[int, ...]
     read: Callable[[], torch.Tensor]
     dtype: torch.dtype | None = None
+    stored: torch.dtype | None = None
 
     def load(self) -> torch.Tensor:
         # .to() of a tensor already in the dtype is the tensor itself: no copy is made.
@@ -58,6 +59,11 @@ class LazyStateDict(MutableMapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name].shape)
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype `stored(name)` returns, from the file's header (None where it does not say)."""
+        entry = self._entries[name]
+        return entry.stored if isinstance(entry, LazyTensor) else entry.dtype
 
     def stored(self, name: str) -> torch.Tensor:
         """The tensor as the file stores it (bfloat16, say), unconverted: for a reader that converts a part at a

@@ -93,7 +93,8 @@ def load_gguf(path: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoi
             )
     config = _config(reader, tensors, path)
     entries = {
-        meta_name(t.name): LazyTensor(tuple(int(d) for d in reversed(t.shape.tolist())), _reader(t, getattr(reader.data, "_mmap", None)), dtype)
+        meta_name(t.name): LazyTensor(tuple(int(d) for d in reversed(t.shape.tolist())),
+                                      _reader(t, getattr(reader.data, "_mmap", None)), dtype, _stored_dtype(t))
         for t in reader.tensors
         if t.name != _ROPE_FREQS
     }
@@ -195,6 +196,11 @@ def _scaling_from_divisors(divisors: np.ndarray, config: ModelConfig, original: 
             f"original {original}); this rope variant is unsupported"
         )
     return guess
+
+
+def _stored_dtype(t) -> torch.dtype:
+    """What _reader returns for tensor t: plain types as stored, quantized ones expanded to float32."""
+    return torch.bfloat16 if t.tensor_type == Q.BF16 else _PLAIN.get(t.tensor_type, torch.float32)
 
 
 def _reader(t, mapping):

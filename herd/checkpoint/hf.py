@@ -16,6 +16,10 @@ from herd.model.config import ModelConfig, RopeScaling
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# The dtypes of safetensors headers (get_dtype()), as torch's.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
@@ -230,8 +234,9 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
             target = meta_name(name)
             if target is None:
                 continue
-            shape = tuple(handle.get_slice(name).get_shape())
-            entries[target] = LazyTensor(shape, _reader(path, name, _rotary_heads(target, config)), dtype)
+            part = handle.get_slice(name)
+            entries[target] = LazyTensor(tuple(part.get_shape()), _reader(path, name, _rotary_heads(target, config)),
+                                         dtype, SAFETENSORS_DTYPES.get(part.get_dtype()))
     missing = sorted(n for n, p in files.items() if meta_name(n) and meta_name(n) not in entries)
     if missing:
         raise CheckpointError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")

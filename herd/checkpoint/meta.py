@@ -177,11 +177,12 @@ def _merge(shards: list[dict], paths: list[Path], config: ModelConfig, dtype) ->
         if dim is None or len(parts) == 1:
             if dim is None and len(parts) > 1 and not all(torch.equal(parts[0], p) for p in parts[1:]):
                 raise CheckpointError(f"{paths[1]}: replicated tensor {name} differs between shards; the shards do not belong together")
-            entries[name] = LazyTensor(tuple(parts[0].shape), lambda tensor=parts[0]: tensor, dtype)
+            entries[name] = LazyTensor(tuple(parts[0].shape), lambda tensor=parts[0]: tensor, dtype, parts[0].dtype)
         else:
             shape = list(parts[0].shape)
             shape[dim] = sum(p.shape[dim] for p in parts)
-            entries[name] = LazyTensor(tuple(shape), lambda parts=parts, dim=dim: torch.cat(parts, dim=dim), dtype)
+            entries[name] = LazyTensor(tuple(shape), lambda parts=parts, dim=dim: torch.cat(parts, dim=dim), dtype,
+                                       parts[0].dtype)
     return LazyStateDict(entries)
 
 

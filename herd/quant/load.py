@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.base import Checkpoint, expected_shapes
+from herd.checkpoint.base import Checkpoint, LazyStateDict, expected_shapes
 from herd.quant.blocks import BlockEmbedding, BlockLinear
 from herd.quant.decode import use_decode_blocks
 from herd.quant.gguf import block_weight
@@ -167,7 +167,7 @@ def shortfall(needed: int) -> int | None:
 def memory_needed(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype = torch.float32) -> int:
     """Bytes a load of `ckpt` under `scheme` holds at its peak. A GGUF's blocks: as herd holds them (one row of each
     converted) and the rest in `dtype`. Quantizing as it loads: the model as it will be held and the largest weight
-    as it is read (bfloat16, as checkpoints ship, read into a buffer and then a tensor) and quantized. The quantized
+    as it is read (as the checkpoint stores it, read into a buffer and then a tensor) and quantized. The quantized
     modules are built for one row of each weight (every format stores a row's codes, scales and mins with the row),
     in milliseconds; on the meta device torch's reference ops took seconds. The peaks measured on Llama 3.1 8B's
     shapes (README): int8 10.1 GiB against 10.4 estimated, int4 8.1 against 7.9."""
@@ -192,12 +192,20 @@ def memory_needed(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype = 
     quantized = sum(t.element_size() * t.numel() * shape(name)[0] for name, module in modules.items()
                     for t in module.buffers())
     rest = sum(n for name, n in params.items() if name not in modules) * dtype.itemsize
-    largest = max(params.values()) * 2 * 2
+    largest = 2 * max(n * _stored_itemsize(ckpt, name) for name, n in params.items())
     if scheme.method == "gptq":  # a block's float matrices, their inputs' Hessians and the text's hidden states
         block = [name for name in params if name.startswith("layers.0.") and len(shapes[name]) == 2]
         largest += sum(params[name] * 4 + shapes[name][1] ** 2 * 8 for name in block)
         largest += 2 * scheme.calibration.tokens * config.dim * 4
     return quantized + rest + largest
+
+
+def _stored_itemsize(ckpt: Checkpoint, name: str) -> int:
+    """Bytes per element of weight `name` as the checkpoint stores it (read into a buffer, then a tensor, hence
+    twice in memory_needed); bfloat16's 2, as checkpoints ship, where its header does not say."""
+    state = ckpt.state_dict
+    stored = state.stored_dtype(name) if isinstance(state, LazyStateDict) and name in state else None
+    return stored.itemsize if stored is not None else 2
 
 
 def available_memory() -> int | None:

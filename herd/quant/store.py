@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from herd.atomic import save_safetensors
 from herd.checkpoint.base import LazyStateDict, LazyTensor
 from herd.checkpoint.errors import CheckpointError
+from herd.checkpoint.hf import SAFETENSORS_DTYPES
 from herd.quant.blocks import BlockEmbedding, BlockLinear, BlockWeight, dequantize
 from herd.quant.fp8 import FP8Linear, FP8Weight, dequantize_fp8
 
@@ -98,12 +99,6 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
     return LazyStateDict(entries), modules, header["scheme"]
 
 
-# Bytes per element of safetensors' dtypes, and which of them are floats (the file's unquantized tensors).
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1}
-_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 def _check_fits(path: Path, f, header: dict, dtype: torch.dtype | None) -> None:
     """Refuse, before reading a tensor, a file whose load cannot fit in this machine's memory (the system would
     kill the process midway, without a word): its tensors as read, its float ones again where they are converted
@@ -114,10 +109,10 @@ def _check_fits(path: Path, f, header: dict, dtype: torch.dtype | None) -> None:
     sizes, converted = [], 0
     for name in f.keys():
         part = f.get_slice(name)
-        elements, stored = math.prod(part.get_shape()), part.get_dtype()
-        sizes.append(elements * _ITEMSIZE.get(stored, 4))
-        floating = name.rsplit(".", 1)[0] not in header["modules"] and stored in _FLOATS
-        if floating and dtype is not None and _FLOATS[stored] != dtype:
+        elements, stored = math.prod(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+        sizes.append(elements * stored.itemsize)
+        floating = name.rsplit(".", 1)[0] not in header["modules"] and stored.is_floating_point
+        if floating and dtype is not None and stored != dtype:
             converted += elements * dtype.itemsize
     needed = sum(sizes) + converted + 2 * max(sizes, default=0)
     available = shortfall(needed)

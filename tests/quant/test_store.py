@@ -246,12 +246,14 @@ def test_gptq_calibrates_each_block_on_the_quantized_blocks_before_it(float_dir,
     assert relative(given["layers.1.attention.wq"], floats["layers.1.attention.wq"]) > 1e-3
 
 
-def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, monkeypatch):
+def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, tmp_path, monkeypatch):
     """The system would kill the process midway, without a word: a load whose peak would not fit is refused, with
-    the schemes that would fit, before a weight is read; a scheme that fits goes ahead."""
+    the schemes that would fit, before a weight is read; a scheme that fits goes ahead. (A bfloat16 checkpoint, as
+    they ship: this tiny model's float32 table read twice over would outweigh the whole model in float32.)"""
     from herd.checkpoint.base import LazyStateDict
     from herd.quant import load
 
+    float_dir = save_checkpoint(load_checkpoint(float_dir, dtype=torch.bfloat16), tmp_path / "bf16", "hf")
     ckpt = load_checkpoint(float_dir)
     need = {name: load.memory_needed(ckpt, Scheme.parse(name)) for name in ("int8", "int4")}
     assert need["int4"] < need["int8"] < load.memory_needed(ckpt, None)
@@ -272,6 +274,24 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, 
             herd.load(float_dir, quantize="int4")
     monkeypatch.setattr(load, "available_memory", lambda: need["int4"] / 0.9)
     assert isinstance(herd.load(float_dir, quantize="int4").model.layers[0].attention.wq, BlockLinear)
+
+
+def test_a_quantizing_load_is_sized_with_its_weights_as_stored(float_dir, tmp_path):
+    """The largest weight is read as the checkpoint stores it: a float32 checkpoint's at 4 bytes an element, a
+    bfloat16 one's at 2 (the headers say which; nothing is read)."""
+    import math
+
+    from herd.checkpoint.base import expected_shapes
+    from herd.quant import load
+
+    f32 = load_checkpoint(float_dir)
+    bf16 = load_checkpoint(save_checkpoint(load_checkpoint(float_dir, dtype=torch.bfloat16), tmp_path / "bf16", "hf"))
+    assert f32.state_dict.stored_dtype("layers.0.attention.wq.weight") == torch.float32
+    assert bf16.state_dict.stored_dtype("layers.0.attention.wq.weight") == torch.bfloat16
+    largest = max(math.prod(shape) for shape in expected_shapes(f32.config).values())
+    for scheme in ("int8", "int4"):
+        assert load.memory_needed(f32, Scheme.parse(scheme)) - load.memory_needed(bf16, Scheme.parse(scheme)) \
+            == 2 * largest * 2
 
 
 def test_a_quantized_file_that_cannot_fit_is_refused_before_it_is_read(float_dir, tmp_path, monkeypatch):
