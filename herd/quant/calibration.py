@@ -23,6 +23,8 @@ def calibration_tokens(calibration: Calibration, tokenizer) -> list[int]:
     """The first `calibration.tokens` tokens of its documents, each encoded from a BOS as the model sees text."""
     ids: list[int] = []
     for document in _documents(calibration.files):
+        if not document.strip():
+            continue
         ids += tokenizer.encode(document, bos=True)
         if len(ids) >= calibration.tokens:
             break
@@ -84,6 +86,8 @@ class LayerwiseHessians(Mapping[str, torch.Tensor]):
         skip = matrices | (set() if ckpt.config.tie_embeddings else {"output.weight"})
         self.model = build_model(ckpt, device, skip=frozenset(skip))
         ids, window = calibration_tokens(calibration, tokenizer), calibration.window
+        if not ids:
+            raise SchemeError(f"the calibration text {', '.join(calibration.files)} holds no text: give GPTQ some")
         windows = [torch.tensor([ids[i : i + window]], device=device) for i in range(0, len(ids), window)]
         with torch.inference_mode():
             self.hidden = [self.model.tok_embeddings(tokens) for tokens in windows]

@@ -113,7 +113,10 @@ def test_gptq_calibrates_on_the_text_it_is_given(float_dir, tmp_path):
     assert not torch.equal(codes["default"], codes["given"])
 
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    (tmp_path / "empty.txt").write_text("")
     for args, error in (
+        (["--calibration", str(tmp_path / "empty.txt")], f"the calibration text {tmp_path / 'empty.txt'} holds no "
+                                                         "text"),
         (["--calibration", str(tmp_path / "bad.jsonl")], f"calibration file {tmp_path / 'bad.jsonl'}, line 1: not a "
                                                          'JSON object with a "text" field'),
         (["--calibration", str(tmp_path / "missing.txt")], f"calibration file {tmp_path / 'missing.txt'} not found"),
