@@ -109,6 +109,31 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_objective():
         assert error(gptq_int4(linear.weight, h, 32)) < 0.85 * error(quantize_int4(linear.weight, 32))
 
 
+def test_layers_reading_one_input_share_its_hessian_and_its_inverse(monkeypatch):
+    """A block's q, k and v projections (gate and up) read one tensor: one X^T X for them, one inverse for GPTQ,
+    let go with the Hessian."""
+    import gc
+
+    from herd.quant import gptq
+
+    torch.manual_seed(0)
+    q, k, o = torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 32)
+    x = torch.randn(4, 16, 64)
+    h = hessians({"q": q, "k": k, "o": o}, lambda: [o(q(x) + k(x)) for x in (x, x + 1)])
+    assert h["q"] is h["k"] and h["o"] is not h["q"]
+    both = torch.cat([x, x + 1]).reshape(-1, 64).double()
+    assert torch.allclose(h["q"].double(), both.T @ both / len(both), rtol=1e-6)
+    calls = []
+    cholesky = torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda *a, **kw: calls.append(1) or cholesky(*a, **kw))
+    codes = [gptq_int4(layer.weight, h["q"], 32).codes for layer in (q, k)]
+    assert len(calls) == 2  # one factorisation (two Cholesky decompositions) for both
+    assert torch.equal(codes[1], gptq_int4(k.weight, h["q"].clone(), 32).codes) and len(calls) == 4
+    del h
+    gc.collect()
+    assert gptq._last_factor == [None, None, None]
+
+
 @pytest.mark.parametrize("quantize", ["int4", "int8", "int8-row", "fp8"])
 def test_a_weight_quantized_in_row_chunks_is_quantized_as_a_whole(quantize, monkeypatch):
     # The quantizers take a large weight a few million elements at a time, so that their float temporaries stay
