@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -63,7 +64,9 @@ def run_python(code: str, timeout: float = 10, files: dict[str, bytes | str] | N
     changed there. `error` is None when the code exited 0, else one line saying what went wrong (its exception,
     a limit it hit, the timeout, or why no sandbox could be made, in which case nothing ran).
     """
-    limits = limits or Limits(timeout=timeout, cpu_seconds=max(1, int(timeout)))
+    # The CPU limit a second above the wall clock's: a busy loop given `timeout` seconds had raced the two, and
+    # could end killed by SIGXCPU instead of timed out (a fresh clone's CI run, stop 34).
+    limits = limits or Limits(timeout=timeout, cpu_seconds=math.ceil(timeout) + 1)
     problem = sandbox_problem()
     if problem:
         return _result(error=f"code_interpreter refused to run the code: {problem}")
