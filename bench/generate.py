@@ -2,13 +2,15 @@
 (or the GGUF that --model names):
 decode speed of a 128-token chat reply (a story; and a reply that copies code from its prompt, where herd's
 prompt-lookup speculative decoding pays most), prefill speed of a 512-token prompt, load time and peak resident
-memory. Each engine runs its default path; herd also runs without speculative decoding, to show what it adds.
+memory. Each engine runs its default path; herd also runs without speculative decoding, to show what it adds, and
+under another quantization scheme where --quantize names one (fp8, int8, int8-wo, int4, none...).
 
 Each engine runs in its own subprocess (so peak RSS is its own), with the same thread count and the same prompts,
 and prefills a short unrelated prompt before the timed one (a warm-up, as llama-bench does); the rounds are
 interleaved and the best of each is kept, which evens out a shared machine. Ratios are herd / peer.
 
     .venv/bin/python bench/generate.py [--threads 2] [--rounds 2] [--png docs/generate.png] [--model F.gguf]
+                                       [--quantize auto]
     (llama.cpp: `pip install -e ".[bench]"`, which compiles llama-cpp-python; skipped when absent)
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ WARMUP_TEXT = _SOURCE
 WARMUP_TOKENS = 64
 
 
-def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int, quantize: str = "auto") -> dict:
     import torch
 
     from herd.generate import EngineConfig, Generator, SamplingParams
@@ -42,7 +44,7 @@ def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> d
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    llm = herd.load(model)
+    llm = herd.load(model, quantize=None if quantize == "none" else quantize)
     load = time.perf_counter() - start
     prompt = llm.tokenizer.encode(PROMPT_TEXT, bos=True)[:prompt_tokens]
     params = SamplingParams(max_tokens=1, temperature=0)
@@ -127,9 +129,10 @@ def run_transformers(model_path: str, threads: int, new_tokens: int, prompt_toke
 ENGINES = {"herd": run_herd, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
 
 
-def worker(name: str, model: str, threads: int, new_tokens: int, prompt_tokens: int) -> None:
+def worker(name: str, model: str, threads: int, new_tokens: int, prompt_tokens: int, quantize: str) -> None:
     warnings.filterwarnings("ignore")
-    result = ENGINES[name](model, threads, new_tokens, prompt_tokens)
+    scheme = {"quantize": quantize} if name == "herd" else {}
+    result = ENGINES[name](model, threads, new_tokens, prompt_tokens, **scheme)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -143,20 +146,22 @@ def main() -> None:
     parser.add_argument("--engines", default="herd,llama.cpp,transformers")
     parser.add_argument("--model", help="a GGUF file (default: the built-in default model)")
     parser.add_argument("--png", help="also draw the ratios here")
+    parser.add_argument("--quantize", default="auto", help="herd's scheme (auto: its default path)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from herd.llm import default_model_path
 
     model = args.model or str(default_model_path())
     if args.worker:
-        return worker(args.worker, model, args.threads, args.new_tokens, args.prompt_tokens)
+        return worker(args.worker, model, args.threads, args.new_tokens, args.prompt_tokens, args.quantize)
     engines = args.engines.split(",")
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in engines:
             done = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
                                    "--threads", str(args.threads),
-                                   "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)],
+                                   "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
+                                   "--quantize", args.quantize],
                                   capture_output=True, text=True)
             if done.returncode:
                 print(f"{name}: skipped ({(done.stderr.strip().splitlines() or ['failed'])[-1]})", file=sys.stderr)
@@ -166,7 +171,8 @@ def main() -> None:
             for key, value in result.items():
                 old[key] = min(old[key], value) if key in ("load_s", "peak_rss_mb") else max(old[key], value)
     print(f"{Path(model).name}, {args.threads} threads, decode {args.new_tokens} tokens of a chat reply, "
-          f"prefill {args.prompt_tokens} tokens, best of {args.rounds} interleaved rounds; load average "
+          f"prefill {args.prompt_tokens} tokens, herd under {args.quantize}, best of {args.rounds} interleaved rounds; "
+          "load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min; above {os.cpu_count()}: a shared machine)")
     keys = ("decode_tok_s", "copy_tok_s", "prefill_tok_s", "load_s", "peak_rss_mb")
     print(f"{'':14}" + "".join(f"{k:>15}" for k in keys))
