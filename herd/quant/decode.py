@@ -1,8 +1,8 @@
 """An engine step's tokens through a whole transformer block in herd's kernel: the per-token PyTorch calls removed.
 
-A decode step of a quantized model spent as long in a thousand small PyTorch calls (norms, rotary embeddings,
-attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model's block as it is (same modules,
-same parameter names) and, when every token of an engine forward is a generated one (`herd.quant.phase`: decoding
+A decode step of a quantized model (blocks of int8/int4 codes, or FP8) spent as long in a thousand small PyTorch
+calls (norms, rotary embeddings, attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model's
+block as it is (same modules, same parameter names) and, when every token of an engine forward is a generated one (`herd.quant.phase`: decoding
 sequences, drafted tokens), computes the block in one kernel call for all the step's sequences, reading and
 writing their keys in the paged cache. A forward of prompt tokens alone goes the same way where the CPU has VNNI
 and all seven layers take integer activations (there a prompt takes two int8 levels, which the kernel computes;
@@ -21,6 +21,7 @@ import torch
 
 from herd.model.llama import TransformerBlock
 from herd.quant.blocks import BlockLinear
+from herd.quant.fp8 import FP8Linear
 from herd.quant.kernel import QWeight, Sequences, addresses, ops, pointers
 from herd.quant.phase import prompt_mask
 
@@ -58,12 +59,20 @@ class DecodeBlock(TransformerBlock):
         """The seven layers' QWeight array, rebuilt when the block's version changed (packing the layers' panels
         first, which changes it)."""
         if self._weights is None or self._weights[0] != self.version():
-            linears = [self.get_submodule(name) for name in _LINEARS]
-            weights = [m.computed() for m in linears]
-            array = (QWeight * len(linears))(*(QWeight(*pointers(w), *w.shape, w.bits, w.group, int(m.integer))
-                                               for m, w in zip(linears, weights)))
-            self._weights = (self.version(), array, weights)  # what the array points into stays alive
+            read = [_read(self.get_submodule(name)) for name in _LINEARS]
+            array = (QWeight * len(read))(*(weight for weight, _ in read))
+            self._weights = (self.version(), array, [alive for _, alive in read])  # what the array points into
         return self._weights[1]
+
+
+def _read(layer) -> tuple[QWeight, object]:
+    """A linear layer as the kernel's block reads it, and what must stay alive for that: an FP8 layer's e4m3 codes
+    and row scales, or a quantized layer's panels (packed now, where they are not yet) or rows."""
+    if isinstance(layer, FP8Linear):
+        n, k = layer.codes.shape
+        return QWeight(layer.codes.data_ptr(), layer.scales.data_ptr(), None, None, n, k, 8, k, 0, 1), layer
+    weight = layer.computed()
+    return QWeight(*pointers(weight), *weight.shape, weight.bits, weight.group, int(layer.integer)), weight
 
 
 @dataclass
@@ -158,12 +167,16 @@ def _run(first: int, count: int, stack: _Stack, x, cache, step: _Step, layers: l
 
 
 def use_decode_blocks(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap in DecodeBlock for every block whose seven linear layers are all quantized blocks, where the kernel
-    runs, and make the blocks a DecodeLayers stack; in place."""
+    """Swap in DecodeBlock for every block whose seven linear layers are all quantized (blocks, or FP8 rows a
+    multiple of 16 wide), where the kernel runs, and make the blocks a DecodeLayers stack; in place."""
     if ops() is None:
         return model
+
+    def fused(layer) -> bool:
+        return isinstance(layer, BlockLinear) or (isinstance(layer, FP8Linear) and layer.in_features % 16 == 0)
+
     for i, block in enumerate(model.layers):
-        if all(isinstance(block.get_submodule(name), BlockLinear) for name in _LINEARS):
+        if all(fused(block.get_submodule(name)) for name in _LINEARS):
             model.layers[i] = DecodeBlock(block)
     model.layers = DecodeLayers(model.layers)
     return model

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.quant.blocks import MAX_FLOAT_LOOP_TOKENS, row_chunks
+from herd.quant.blocks import MAX_FLOAT_LOOP_TOKENS, in_place_version, row_chunks
 from herd.quant.kernel import ops
 
 E4M3 = torch.float8_e4m3fn
@@ -61,6 +61,8 @@ def _has_scaled_mm(device: torch.device) -> bool:
 
 
 class FP8Linear(nn.Module):
+    integer = False  # its activations are e4m3, not int8 blocks: a prompt's stay on the PyTorch block
+
     def __init__(self, weight: FP8Weight):
         super().__init__()
         self.out_features, self.in_features = weight.codes.shape
@@ -81,6 +83,10 @@ class FP8Linear(nn.Module):
                 weight = kernel.fp8_dequantize(self.codes) if kernel else self.codes.float()
                 out = (xq.float() @ weight.T) * xs * self.scales
         return out.view(*x.shape[:-1], self.out_features).type_as(x)
+
+    def version(self) -> tuple:
+        """Changes whenever the codes or scales move or change in place (as BlockLinear.version)."""
+        return tuple(x for t in (self.codes, self.scales) for x in (t.data_ptr(), in_place_version(t)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"

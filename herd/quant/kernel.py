@@ -93,7 +93,7 @@ class QWeight(ctypes.Structure):
 
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
                 ("packed", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bits", ctypes.c_int64),
-                ("group", ctypes.c_int64), ("integer", ctypes.c_int64)]
+                ("group", ctypes.c_int64), ("integer", ctypes.c_int64), ("fp8", ctypes.c_int64)]
 
 
 class Sequences(ctypes.Structure):

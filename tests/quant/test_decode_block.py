@@ -32,7 +32,7 @@ def batch_step(model, cache, seqs, generated):
         return model(torch.tensor([tokens]), torch.tensor([positions]), cache=StepAttention(cache, parts))[0]
 
 
-@pytest.mark.parametrize("scheme, tolerance", [("int8-wo", 1e-5), ("int8", 3e-2), ("int4", 3e-2)])
+@pytest.mark.parametrize("scheme, tolerance", [("int8-wo", 1e-5), ("int8", 3e-2), ("int4", 3e-2), ("fp8", 3e-2)])
 @pytest.mark.parametrize("new", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the engine's cache is float16 on the kernel
 def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new, dtype):
@@ -48,8 +48,9 @@ def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new, dtype):
     tokens = torch.randint(0, CONFIG.vocab_size, (new,)).tolist()
     expected = step(eager, caches[0], blocks, len(prompt), tokens, generated=True)
     got = step(fused, caches[1], blocks, len(prompt), tokens, generated=True)
-    # Integer schemes quantize each activation block to int8, where a rounding difference between the two
-    # implementations can move a code by one step: equal up to that, not to float rounding.
+    # Integer schemes quantize each activation block to int8 (fp8: each activation to e4m3), where a rounding
+    # difference between the two implementations can move a code by one step: equal up to that, not to float
+    # rounding.
     assert (got - expected).norm() / expected.norm() < tolerance
     slots = slice(2 * 16 + len(prompt), 2 * 16 + len(prompt) + new)
     # float16 keys: a value within float rounding of a rounding boundary may land one float16 step apart
@@ -93,19 +94,23 @@ def test_prompts_take_the_kernel_where_it_has_vnni_and_every_layer_is_integer(sc
             assert (a[:, written] - b[:, written]).norm() / a[:, written].norm() < 1e-4
 
 
-def test_float_models_and_fp8_keep_their_blocks_and_generate_as_before():
+@pytest.mark.parametrize("scheme", [None, "fp8", "fp8-meta"])
+def test_float_and_fp8_models_generate_as_before(scheme):
+    """A float model keeps its blocks; FP8 blocks are fused, and one that keeps a layer in float is not (Meta's
+    recipe keeps attention): the same tokens either way."""
     torch.manual_seed(4)
-    plain = Transformer(CONFIG).eval()
-    fp8 = apply_scheme(copy.deepcopy(plain), Scheme.parse("fp8"))
+    model = Transformer(CONFIG).eval()
+    if scheme:
+        model = apply_scheme(model, Scheme("fp8", keep=("*.attention.*",) if scheme == "fp8-meta" else ()))
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
     prompt = torch.randint(1, CONFIG.vocab_size, (10,)).tolist()
-    for model in (plain, fp8):
-        stacked = use_decode_blocks(copy.deepcopy(model))
-        assert not any(isinstance(layer, DecodeBlock) for layer in stacked.layers)
-        # A stack with no fused block runs the model's own loop, step after step (a first draft of the kept
-        # stack failed here, looking for a fused block to read the shapes from).
-        got, expected = (Generator(m, ByteTokenizer()).generate([prompt], params)[0] for m in (stacked, model))
-        assert got.tokens == expected.tokens
+    stacked = use_decode_blocks(copy.deepcopy(model))
+    assert all(isinstance(layer, DecodeBlock) == (scheme == "fp8") for layer in stacked.layers)
+    # A stack with no fused block runs the model's own loop, step after step (a first draft of the kept
+    # stack failed here, looking for a fused block to read the shapes from).
+    got, expected = (Generator(m, ByteTokenizer()).generate([prompt], params)[0] for m in (stacked, model))
+    assert got.tokens == expected.tokens
+    if scheme != "fp8":
         assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in expected.logprobs]
 
 
@@ -115,9 +120,10 @@ def test_state_dict_names_are_unchanged():
     assert list(use_decode_blocks(copy.deepcopy(eager)).state_dict()) == names
 
 
-def test_a_batch_of_sequences_decodes_exactly_as_each_alone():
+@pytest.mark.parametrize("scheme", ["int4", "fp8"])
+def test_a_batch_of_sequences_decodes_exactly_as_each_alone(scheme):
     torch.manual_seed(1)
-    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4"))
+    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse(scheme))
     fused = use_decode_blocks(copy.deepcopy(eager))
     cache = PagedKVCache(CONFIG, num_blocks=10, block_size=16, device="cpu", dtype=torch.float32)
     tables = [[5, 1], [2, 7, 3], [0]]  # scattered blocks, as after preemption or a prefix-cache hit

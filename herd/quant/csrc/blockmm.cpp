@@ -618,13 +618,104 @@ constexpr bool kWide = false;
 constexpr int WIDE_TOKENS = 1, WIDE2_TOKENS = 1;
 #endif
 
+// FP8 weights (herd/quant/fp8.py): e4m3 codes, one float32 scale per row, activations rounded to e4m3 per token.
+// Both are widened exactly to float32, where every product of two e4m3 values is exact, and summed in float32: the
+// arithmetic of an FP8 tensor core with a float32 accumulator, as fp8.py emulates it with PyTorch.
+
+// 16 e4m3 codes as the bit patterns of float16 values 2^-8 times theirs: e4m3's sign, exponent and mantissa bits
+// moved to float16's places (float16's exponent bias is 8 more than e4m3's), which F16C widens exactly, e4m3's
+// subnormals included (they become float16 subnormals). e4m3fn's NaN (0x7f, 0xff) is never stored: the quantizer
+// clamps to 448.
+inline __m256i e4m3_as_half(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                         _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
+}
+
+inline __m256 half_lo(__m256i h) { return _mm256_cvtph_ps(_mm256_castsi256_si128(h)); }
+inline __m256 half_hi(__m256i h) { return _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)); }
+
+constexpr float E4M3_AS_HALF = 256.f;  // what undoes e4m3_as_half's 2^-8, exactly
+
+// out[t] = 2^-8 * sum over k of x[t][k] * w[k] for T tokens against one row of K (a multiple of 16) e4m3 codes.
+// Two sums per token (the first eight and the last eight codes of every sixteen), so that one token's multiply-adds
+// do not each wait for the one before.
+template <int T>
+void fp8_row(const uint8_t* w, int64_t K, const float* const* x, float* out) {
+  __m256 lo_sum[T], hi_sum[T];
+  for (int t = 0; t < T; ++t) lo_sum[t] = hi_sum[t] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    if ((k & 63) == 0) prefetch_ahead(w + k, 1);
+    const __m256i h = e4m3_as_half(w + k);
+    const __m256 lo = half_lo(h), hi = half_hi(h);
+    for (int t = 0; t < T; ++t) {
+      lo_sum[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[t] + k), lo_sum[t]);
+      hi_sum[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[t] + k + 8), hi_sum[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(lo_sum[t], hi_sum[t]));
+}
+
+constexpr int64_t FP8_TOKENS = 4;  // per pass over a row: their two sums fill eight of the 16 vector registers
+
+// One token's activations x [K] rounded to e4m3 as fp8.py's to_fp8 does: scale = max|x| / 448 (at least 1e-12),
+// each x / scale rounded to the nearest e4m3 value (ties to even), kept as float32 in `q`. Returns the scale.
+float e4m3_activations(const float* x, int64_t K, float* q) {
+  __m256 largest = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t k = 0; k < K; k += 8)
+    largest = _mm256_max_ps(largest, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float scale = std::max(_mm_cvtss_f32(m) / 448.f, 1e-12f);
+  const __m256 s = _mm256_set1_ps(scale), smallest_normal = _mm256_set1_ps(1.f / 64);
+  const __m256i low = _mm256_set1_epi32(0x7ffff), one = _mm256_set1_epi32(1), keep = _mm256_set1_epi32(~0xfffff);
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), s);
+    const __m256 a = _mm256_min_ps(_mm256_and_ps(v, magnitude), _mm256_set1_ps(448.f));
+    // normal e4m3 (|v| >= 2^-6): float32's mantissa rounded to its top 3 bits, ties to even
+    const __m256i bits = _mm256_castps_si256(a);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 20), one);
+    const __m256 normal = _mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(low, odd)), keep));
+    // subnormal e4m3: a multiple of 2^-9, ties to even
+    const __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.f)),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                     _mm256_set1_ps(1.f / 512));
+    const __m256 r = _mm256_blendv_ps(normal, sub, _mm256_cmp_ps(a, smallest_normal, _CMP_LT_OQ));
+    _mm256_storeu_ps(q + k, _mm256_or_ps(r, _mm256_andnot_ps(magnitude, v)));  // the sign back
+  }
+  return scale;
+}
+
+// Row r of out [M, N] = ((xq @ W.T) * x_scales[m]) * scales[r] for M tokens' e4m3 activations xq [M, K] (as
+// float32) and W's e4m3 codes [N, K]: a token's numbers do not depend on how many share the row.
+void fp8_row_tokens(const float* xq, const float* x_scales, int64_t M, const uint8_t* codes, const float* scales,
+                    int64_t r, int64_t N, int64_t K, float* out) {
+  const uint8_t* w = codes + r * K;
+  for (int64_t t0 = 0; t0 < M; t0 += FP8_TOKENS) {
+    const int64_t T = std::min(FP8_TOKENS, M - t0);
+    const float* px[FP8_TOKENS];
+    float sums[FP8_TOKENS];
+    for (int64_t t = 0; t < T; ++t) px[t] = xq + (t0 + t) * K;
+    switch (T) {
+      case 1: fp8_row<1>(w, K, px, sums); break;
+      case 2: fp8_row<2>(w, K, px, sums); break;
+      case 3: fp8_row<3>(w, K, px, sums); break;
+      default: fp8_row<4>(w, K, px, sums);
+    }
+    for (int64_t t = 0; t < T; ++t) out[(t0 + t) * N + r] = sums[t] * E4M3_AS_HALF * x_scales[t0 + t] * scales[r];
+  }
+}
+
 // Tokens' activations prepared for one weight's matmul: on the integer paths (levels 1 or 2) int8 codes (and their
 // second level), block scales and block sums of codes; and per token and weight group what a group's min
 // multiplies: the sum of the activations (of scale * codes on the integer paths).
 struct Acts {
   const float* x;
   int64_t M, K, group;
-  int levels;  // 0: float activations
+  int levels;  // 0: float activations; E4M3: rounded to e4m3 per token for FP8 weights (in `e4m3`, scales in `d`)
   std::vector<int8_t> q, q2;
   // Where 512-bit tiles run: the codes again, a tile's tokens side by side in each block ([tile][block][token][level]
   // [QK]), so that a tile reads all its tokens' codes through one pointer at fixed offsets. With a pointer per token
@@ -632,12 +723,17 @@ struct Acts {
   // default model's 512-token prompt took 595 ms against 543, 16 sequences' 100-token prompts and 48 tokens each
   // 1.97 s against 1.90 (medians of 10 rounds, the two kernels alternating in one process, Intel Xeon).
   std::vector<int8_t> tiled;
-  std::vector<float> d, g;
+  std::vector<float> d, g, e4m3;
   std::vector<int32_t> s;
+  static constexpr int E4M3 = -1;
 
   // Buffers for m tokens (one thread), then `token(t)` for each token (any thread: tokens are independent).
   void size(const float* xf, int64_t m, int64_t k, int64_t grp, int lv) {
     x = xf, M = m, K = k, group = grp, levels = lv;
+    if (levels == E4M3) {
+      e4m3.resize(M * K), d.resize(M);
+      return;
+    }
     q.resize(levels ? M * K : 0);
     q2.resize(levels == 2 ? M * K : 0);
     d.resize(levels ? M * (K / QK) : 0);
@@ -647,6 +743,10 @@ struct Acts {
   }
 
   void token(int64_t t) {
+    if (levels == E4M3) {
+      d[t] = e4m3_activations(x + t * K, K, e4m3.data() + t * K);
+      return;
+    }
     const int64_t nb = K / QK, ng = K / sums_group();
     std::fill_n(g.data() + t * ng, ng, 0.f);
     if (levels) {
@@ -830,6 +930,16 @@ void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float*
 // calls it; outside a parallel region one thread does all rows). nowait: no barrier at the end.
 void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed, int64_t N,
                  int64_t bits, float* o, bool nowait = false) {
+  if (a.levels == Acts::E4M3) {  // FP8 codes q, a scale per row sc
+    if (nowait) {
+#pragma omp for schedule(static) nowait
+      for (int64_t r = 0; r < N; ++r) fp8_row_tokens(a.e4m3.data(), a.d.data(), a.M, q, sc, r, N, a.K, o);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < N; ++r) fp8_row_tokens(a.e4m3.data(), a.d.data(), a.M, q, sc, r, N, a.K, o);
+    }
+    return;
+  }
   const int64_t M = a.M, K = a.K, group = a.group, ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
   auto body = [&](int64_t r0) {
     const int64_t r1 = std::min(N, r0 + PANEL);
@@ -954,6 +1064,7 @@ struct QWeight {  // one quantized linear layer: its rows as stored (null where 
   const float* mins;
   const uint8_t* packed;
   int64_t n, k, bits, group, integer;
+  int64_t fp8;  // codes are e4m3 (FP8 weights: a scale per row, activations rounded to e4m3 per token)
 };
 
 // One token's row x [dim] normalised into out. The sum of squares runs in eight lanes (a serial sum over the row was
@@ -1244,9 +1355,11 @@ void decode_block(float* x, int64_t T, int64_t dim, const float* attn_norm, cons
         *gate = scratch.get(6, T * hidden), *up = scratch.get(7, T * hidden);
   Acts* a = scratch.acts;
   // Layers that read the same input (wq, wk, wv; w1, w3) share its quantized form when they group it alike.
-  auto alike = [](const QWeight& u, const QWeight& v) { return u.group == v.group && u.integer == v.integer; };
+  auto alike = [](const QWeight& u, const QWeight& v) {
+    return u.group == v.group && u.integer == v.integer && u.fp8 == v.fp8;
+  };
   auto size = [&](Acts& acts, const float* in, const QWeight& weight) {
-    acts.size(in, T, weight.k, weight.group, weight.integer ? (prompt ? 2 : 1) : 0);
+    acts.size(in, T, weight.k, weight.group, weight.fp8 ? Acts::E4M3 : weight.integer ? (prompt ? 2 : 1) : 0);
   };
   size(a[0], xn, w[0]);
   for (int i = 1; i < 3; ++i)
@@ -1341,80 +1454,6 @@ void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const 
 
 }  // extern "C"
 
-// FP8 weights (herd/quant/fp8.py): e4m3 codes, one float32 scale per row, activations rounded to e4m3 per token.
-// Both are widened exactly to float32, where every product of two e4m3 values is exact, and summed in float32: the
-// arithmetic of an FP8 tensor core with a float32 accumulator, as fp8.py emulates it with PyTorch.
-
-namespace {
-
-// 16 e4m3 codes as the bit patterns of float16 values 2^-8 times theirs: e4m3's sign, exponent and mantissa bits
-// moved to float16's places (float16's exponent bias is 8 more than e4m3's), which F16C widens exactly, e4m3's
-// subnormals included (they become float16 subnormals). e4m3fn's NaN (0x7f, 0xff) is never stored: the quantizer
-// clamps to 448.
-inline __m256i e4m3_as_half(const uint8_t* p) {
-  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
-                         _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7));
-}
-
-inline __m256 half_lo(__m256i h) { return _mm256_cvtph_ps(_mm256_castsi256_si128(h)); }
-inline __m256 half_hi(__m256i h) { return _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)); }
-
-constexpr float E4M3_AS_HALF = 256.f;  // what undoes e4m3_as_half's 2^-8, exactly
-
-// out[t] = 2^-8 * sum over k of x[t][k] * w[k] for T tokens against one row of K (a multiple of 16) e4m3 codes.
-// Two sums per token (the first eight and the last eight codes of every sixteen), so that one token's multiply-adds
-// do not each wait for the one before.
-template <int T>
-void fp8_row(const uint8_t* w, int64_t K, const float* const* x, float* out) {
-  __m256 lo_sum[T], hi_sum[T];
-  for (int t = 0; t < T; ++t) lo_sum[t] = hi_sum[t] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    if ((k & 63) == 0) prefetch_ahead(w + k, 1);
-    const __m256i h = e4m3_as_half(w + k);
-    const __m256 lo = half_lo(h), hi = half_hi(h);
-    for (int t = 0; t < T; ++t) {
-      lo_sum[t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x[t] + k), lo_sum[t]);
-      hi_sum[t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x[t] + k + 8), hi_sum[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) out[t] = hsum(_mm256_add_ps(lo_sum[t], hi_sum[t]));
-}
-
-constexpr int64_t FP8_TOKENS = 4;  // per pass over a row: their two sums fill eight of the 16 vector registers
-
-// One token's activations x [K] rounded to e4m3 as fp8.py's to_fp8 does: scale = max|x| / 448 (at least 1e-12),
-// each x / scale rounded to the nearest e4m3 value (ties to even), kept as float32 in `q`. Returns the scale.
-float e4m3_activations(const float* x, int64_t K, float* q) {
-  __m256 largest = _mm256_setzero_ps();
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  for (int64_t k = 0; k < K; k += 8)
-    largest = _mm256_max_ps(largest, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float scale = std::max(_mm_cvtss_f32(m) / 448.f, 1e-12f);
-  const __m256 s = _mm256_set1_ps(scale), smallest_normal = _mm256_set1_ps(1.f / 64);
-  const __m256i low = _mm256_set1_epi32(0x7ffff), one = _mm256_set1_epi32(1), keep = _mm256_set1_epi32(~0xfffff);
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), s);
-    const __m256 a = _mm256_min_ps(_mm256_and_ps(v, magnitude), _mm256_set1_ps(448.f));
-    // normal e4m3 (|v| >= 2^-6): float32's mantissa rounded to its top 3 bits, ties to even
-    const __m256i bits = _mm256_castps_si256(a);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 20), one);
-    const __m256 normal = _mm256_castsi256_ps(
-        _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(low, odd)), keep));
-    // subnormal e4m3: a multiple of 2^-9, ties to even
-    const __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(512.f)),
-                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                     _mm256_set1_ps(1.f / 512));
-    const __m256 r = _mm256_blendv_ps(normal, sub, _mm256_cmp_ps(a, smallest_normal, _CMP_LT_OQ));
-    _mm256_storeu_ps(q + k, _mm256_or_ps(r, _mm256_andnot_ps(magnitude, v)));  // the sign back
-  }
-  return scale;
-}
-
-}  // namespace
 
 extern "C" {
 
@@ -1427,25 +1466,9 @@ void herd_fp8_matmul(const float* x, int64_t M, const uint8_t* codes, const floa
   thread_local std::vector<float> q, x_scales;
   q.resize(M * K), x_scales.resize(M);
   for (int64_t t = 0; t < M; ++t) x_scales[t] = e4m3_activations(x + t * K, K, q.data() + t * K);
-  const float* xq = q.data();
-  const float* xs = x_scales.data();
+  const float *xq = q.data(), *xs = x_scales.data();  // this thread's buffers, which the team reads
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < N; ++r) {
-    const uint8_t* w = codes + r * K;
-    for (int64_t t0 = 0; t0 < M; t0 += FP8_TOKENS) {
-      const int64_t T = std::min(FP8_TOKENS, M - t0);
-      const float* px[FP8_TOKENS];
-      float sums[FP8_TOKENS];
-      for (int64_t t = 0; t < T; ++t) px[t] = xq + (t0 + t) * K;
-      switch (T) {
-        case 1: fp8_row<1>(w, K, px, sums); break;
-        case 2: fp8_row<2>(w, K, px, sums); break;
-        case 3: fp8_row<3>(w, K, px, sums); break;
-        default: fp8_row<4>(w, K, px, sums);
-      }
-      for (int64_t t = 0; t < T; ++t) out[(t0 + t) * N + r] = sums[t] * E4M3_AS_HALF * xs[t0 + t] * scales[r];
-    }
-  }
+  for (int64_t r = 0; r < N; ++r) fp8_row_tokens(xq, xs, M, codes, scales, r, N, K, out);
 }
 
 // out [N, K] = the e4m3 codes [N, K] (K a multiple of 16) as float32, exactly, times scales[n] (null: none).
