@@ -2,15 +2,15 @@
 
 A decode step of a quantized model (blocks of int8/int4 codes, or FP8) spent as long in a thousand small PyTorch
 calls (norms, rotary embeddings, attention, module dispatch) as in its matmuls. `DecodeBlock` takes a built model's
-block as it is (same modules, same parameter names) and, when every token of an engine forward is a generated one (`herd.quant.phase`: decoding
-sequences, drafted tokens), computes the block in one kernel call for all the step's sequences, reading and
-writing their keys in the paged cache. A forward of prompt tokens alone goes the same way where the CPU has VNNI
-and all seven layers take integer activations (there a prompt takes two int8 levels, which the kernel computes;
-elsewhere its float activations multiply faster through BLAS): its norms, rotary embeddings and SwiGLU in PyTorch,
-and each layer quantizing its own copy of a shared input, had cost a fifth of a prompt's time. Everything else
-(mixed forwards, forwards without the engine's cache, a model on a GPU) runs the block's own PyTorch forward.
-`DecodeLayers` holds the blocks and runs a forward's consecutive fused blocks in one call (a Python call per layer
-cost a tenth of a single sequence's decode step). Swapped in from outside, like the schemes.
+block as it is (same modules, same parameter names) and, when every token of an engine forward is a generated one
+(`herd.quant.phase`: decoding sequences, drafted tokens), computes the block in one kernel call for all the step's
+sequences, reading and writing their keys in the paged cache. A forward of prompt tokens alone goes the same way
+where the CPU has VNNI and all seven layers take integer activations (there a prompt takes two int8 levels, which
+the kernel computes; elsewhere its float activations multiply faster through BLAS): its norms, rotary embeddings and
+SwiGLU in PyTorch, and each layer quantizing its own copy of a shared input, had cost a fifth of a prompt's time.
+Everything else (mixed forwards, forwards without the engine's cache, a model on a GPU) runs the block's own PyTorch
+forward. `DecodeLayers` holds the blocks and runs a forward's consecutive fused blocks in one call (a Python call
+per layer cost a tenth of a single sequence's decode step). Swapped in from outside, like the schemes.
 """
 from __future__ import annotations
 

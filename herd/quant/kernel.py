@@ -23,6 +23,7 @@ import torch
 from herd.cache import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "blockmm.cpp"
+E4M3_ACTIVATIONS = -1  # herd_matmul_rows' levels for FP8 weights (Acts::E4M3)
 
 
 def _flags() -> list[str]:
@@ -130,7 +131,6 @@ class _Kernel:
         lib.herd_has_vnni.restype = i32
         lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64, p, i64, i64, i64, i32, i32]
         lib.herd_attention.argtypes = [p, i64, p, p, p, i32, i64, i64, i64, i64, p, i32]
-        lib.herd_fp8_matmul.argtypes = [p, i64, p, p, i64, i64, p, i32]
         lib.herd_fp8_dequantize.argtypes = [p, p, i64, i64, p, i32]
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
@@ -183,12 +183,13 @@ class _Kernel:
 
     def fp8_matmul(self, x, codes, scales) -> torch.Tensor:
         """x [M, K] @ W.T for an FP8 layer, W [N, K] e4m3 codes with a scale per row [N]: each token's activations
-        rounded to e4m3 with a scale of their own, as fp8.to_fp8 does; K a multiple of 16 (see herd_fp8_matmul)."""
+        rounded to e4m3 with a scale of their own, as fp8.to_fp8 does; K a multiple of 16 (herd_matmul_rows with
+        levels E4M3_ACTIVATIONS)."""
         x = x.contiguous()
         (m, k), n = x.shape, codes.shape[0]
         out = torch.empty(m, n)
-        self._lib.herd_fp8_matmul(x.data_ptr(), m, codes.data_ptr(), scales.data_ptr(), n, k, out.data_ptr(),
-                                  torch.get_num_threads())
+        self._lib.herd_matmul_rows(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), None, None, m, n, k, 8, k,
+                                   E4M3_ACTIVATIONS, out.data_ptr(), torch.get_num_threads())
         return out
 
     def fp8_dequantize(self, codes, scales=None) -> torch.Tensor:

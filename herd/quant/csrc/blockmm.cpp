@@ -930,19 +930,13 @@ void integer_rows(const Acts& a, const uint8_t* q, const float* sc, const float*
 // calls it; outside a parallel region one thread does all rows). nowait: no barrier at the end.
 void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed, int64_t N,
                  int64_t bits, float* o, bool nowait = false) {
-  if (a.levels == Acts::E4M3) {  // FP8 codes q, a scale per row sc
-    if (nowait) {
-#pragma omp for schedule(static) nowait
-      for (int64_t r = 0; r < N; ++r) fp8_row_tokens(a.e4m3.data(), a.d.data(), a.M, q, sc, r, N, a.K, o);
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < N; ++r) fp8_row_tokens(a.e4m3.data(), a.d.data(), a.M, q, sc, r, N, a.K, o);
-    }
-    return;
-  }
   const int64_t M = a.M, K = a.K, group = a.group, ng = K / group, row_bytes = bits == 4 ? K / 2 : K;
   auto body = [&](int64_t r0) {
     const int64_t r1 = std::min(N, r0 + PANEL);
+    if (a.levels == Acts::E4M3) {  // FP8: e4m3 codes q, a scale per row sc
+      for (int64_t r = r0; r < r1; ++r) fp8_row_tokens(a.e4m3.data(), a.d.data(), M, q, sc, r, N, K, o);
+      return;
+    }
     if (a.levels) {
       if (bits == 4) {
         integer_rows<4>(a, q, sc, mn, packed, N, r0, r1, o);
@@ -1006,8 +1000,10 @@ int herd_has_vnni() { return kVnni; }
 
 // out [M, N] = x [M, K] @ W.T. levels 1: activations quantized to int8 blocks and integer dot products (generated
 // tokens); 2: with the second level (prompt tokens); 0: float activations times the widened codes (meant for a few
-// tokens: more take the expanded weight and BLAS). packed: the weight's panels (herd_pack), or null; where given,
-// q, sc and mn are not read and may be null.
+// tokens: more take the expanded weight and BLAS); -1 (Acts::E4M3): FP8 weights, q their e4m3 codes and sc a scale
+// per row, each token's activations rounded to e4m3 with a scale of its own (e4m3_activations), every product exact
+// and summed in float32, then ((sum * x_scale) * sc[n]). packed: the weight's panels (herd_pack), or null; where
+// given, q, sc and mn are not read and may be null.
 void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const float* mn, const uint8_t* packed,
                       int64_t M, int64_t N, int64_t K, int64_t bits, int64_t group, int levels, float* o,
                       int threads) {
@@ -1019,7 +1015,8 @@ void herd_matmul_rows(const float* xf, const uint8_t* q, const float* sc, const 
 #pragma omp parallel num_threads(threads)
   matmul_team(acts, q, sc, mn, packed, N, bits, o);
   // A huge prompt's buffers are not kept.
-  if (acts.q.capacity() + acts.q2.capacity() + acts.tiled.capacity() > (64 << 20)) acts = Acts();
+  const size_t kept_bytes = acts.q.capacity() + acts.q2.capacity() + acts.tiled.capacity() + 4 * acts.e4m3.capacity();
+  if (kept_bytes > (64 << 20)) acts = Acts();
 }
 
 // The bytes of a weight's panels and their header (see Panel); half: its scales and mins are all float16 values.
@@ -1456,20 +1453,6 @@ void herd_decode_blocks(float* x, int64_t T, int64_t dim, int64_t layers, const 
 
 
 extern "C" {
-
-// out [M, N] = x [M, K] @ W.T as an FP8 layer computes it: each token's activations rounded to e4m3 with their own
-// scale (e4m3_activations), multiplied with W's e4m3 codes [N, K] exactly, summed in float32, and scaled by both
-// scales: ((sum * x_scale) * scales[n]). K a multiple of 16. A token's numbers do not depend on how many share the
-// call.
-void herd_fp8_matmul(const float* x, int64_t M, const uint8_t* codes, const float* scales, int64_t N, int64_t K,
-                     float* out, int threads) {
-  thread_local std::vector<float> q, x_scales;
-  q.resize(M * K), x_scales.resize(M);
-  for (int64_t t = 0; t < M; ++t) x_scales[t] = e4m3_activations(x + t * K, K, q.data() + t * K);
-  const float *xq = q.data(), *xs = x_scales.data();  // this thread's buffers, which the team reads
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < N; ++r) fp8_row_tokens(xq, xs, M, codes, scales, r, N, K, out);
-}
 
 // out [N, K] = the e4m3 codes [N, K] (K a multiple of 16) as float32, exactly, times scales[n] (null: none).
 void herd_fp8_dequantize(const uint8_t* codes, const float* scales, int64_t N, int64_t K, float* out, int threads) {
