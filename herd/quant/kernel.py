@@ -132,8 +132,16 @@ class _Kernel:
         lib.herd_decode_blocks.argtypes = [p, i64, i64, i64, p, p, f32, p, p, p, p, i32, i64, p, i64, i64, i64, i32, i32]
         lib.herd_attention.argtypes = [p, i64, p, p, p, i32, i64, i64, i64, i64, p, i32]
         lib.herd_fp8_dequantize.argtypes = [p, p, i64, i64, p, i32]
+        lib.herd_use_amx.argtypes = [i32]
+        lib.herd_use_amx.restype = i32
         self._lib = lib
         self.vnni = bool(lib.herd_has_vnni())  # prompts take two int8 levels only where bytes multiply fast
+        self.amx = self.use_amx(True)
+
+    def use_amx(self, on: bool) -> bool:
+        """Integer matmuls of several tokens on the CPU's tile unit (AMX), where it has one and Linux grants it, or
+        not (the same numbers either way: to compare or measure); whether they now are."""
+        return bool(self._lib.herd_use_amx(int(on)))
 
     def dequantize(self, w) -> torch.Tensor:
         """w (a BlockWeight, or its Panels) as float32 [N, K]."""

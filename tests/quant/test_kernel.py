@@ -253,6 +253,26 @@ def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeyp
             assert torch.equal(avx2.matmul_rows(x, avx2.pack(w), levels), native.matmul_rows(x, native.pack(w), levels))
 
 
+@pytest.mark.skipif(kernel.ops() is None or not kernel.ops().amx, reason="no AMX tile unit on this machine")
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 16), (8, 32), (8, 256), ("Q4_1", 32), ("Q5_1", 32)])
+def test_the_tile_unit_computes_what_the_vector_units_do(bits, group):
+    # Calls of many tokens take AMX where the CPU has it: the same integer sums, scaled in the same order, so the
+    # same numbers bit for bit, whatever tiles of 16 tokens the call leaves partly filled.
+    ops = kernel.ops()
+    _, w = weights(bits, group, n=37)
+    packed = ops.pack(w)
+    x = torch.randn(50, 256) * 3
+    try:
+        for tokens in (10, 16, 17, 33, 50):
+            for levels in (1, 2):
+                assert ops.use_amx(True)
+                tiles = ops.matmul_rows(x[:tokens], packed, levels)
+                assert not ops.use_amx(False)
+                assert torch.equal(tiles, ops.matmul_rows(x[:tokens], packed, levels)), (tokens, levels)
+    finally:
+        ops.use_amx(True)
+
+
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 def test_fp8_codes_widen_and_activations_round_as_pytorch_converts_them():
     """FP8 layers on the kernel: every e4m3 code (subnormals included; not e4m3fn's NaN, which is never stored)
