@@ -147,7 +147,7 @@ class _Kernel:
         """w (a BlockWeight, or its Panels) as float32 [N, K]."""
         n, k = w.shape
         out = torch.empty(n, k)
-        self._lib.herd_dequantize(*pointers(w), n, k, w.bits, w.group, out.data_ptr(), torch.get_num_threads())
+        self._lib.herd_dequantize(*pointers(w), n, k, w.bits, w.group, out.data_ptr(), _threads())
         return out
 
     def pack(self, w) -> Panels:
@@ -158,7 +158,7 @@ class _Kernel:
         out = torch.empty(self._lib.herd_packed_bytes(n, k, w.bits, w.group, int(mins is not None), half),
                           dtype=torch.uint8)
         self._lib.herd_pack(w.codes.data_ptr(), w.scales.data_ptr(), mins.data_ptr() if mins is not None else None,
-                            n, k, w.bits, w.group, half, out.data_ptr(), torch.get_num_threads())
+                            n, k, w.bits, w.group, half, out.data_ptr(), _threads())
         return Panels(out, (n, k), w.bits, w.group, mins is not None)
 
     def unpack(self, p: Panels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -168,7 +168,7 @@ class _Kernel:
         scales = torch.empty(n, groups)
         mins = torch.empty(n, groups) if p.has_mins else None
         self._lib.herd_unpack(p.data.data_ptr(), n, k, p.bits, p.group, codes.data_ptr(), scales.data_ptr(),
-                              mins.data_ptr() if mins is not None else None, torch.get_num_threads())
+                              mins.data_ptr() if mins is not None else None, _threads())
         return codes, scales, mins
 
     def dequantize_rows(self, p: Panels, index: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ class _Kernel:
         (m, k), n = x.shape, w.shape[0]
         out = torch.empty(m, n)
         self._lib.herd_matmul_rows(x.data_ptr(), *pointers(w), m, n, k, w.bits, w.group, levels, out.data_ptr(),
-                                   torch.get_num_threads())
+                                   _threads())
         return out
 
     def fp8_matmul(self, x, codes, scales) -> torch.Tensor:
@@ -197,7 +197,7 @@ class _Kernel:
         (m, k), n = x.shape, codes.shape[0]
         out = torch.empty(m, n)
         self._lib.herd_matmul_rows(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), None, None, m, n, k, 8, k,
-                                   E4M3_ACTIVATIONS, out.data_ptr(), torch.get_num_threads())
+                                   E4M3_ACTIVATIONS, out.data_ptr(), _threads())
         return out
 
     def fp8_dequantize(self, codes, scales=None) -> torch.Tensor:
@@ -205,7 +205,7 @@ class _Kernel:
         n, k = codes.shape
         out = torch.empty(n, k)
         self._lib.herd_fp8_dequantize(codes.data_ptr(), scales.data_ptr() if scales is not None else None, n, k,
-                                      out.data_ptr(), torch.get_num_threads())
+                                      out.data_ptr(), _threads())
         return out
 
     def attention(self, q, seqs: Sequences, k_cache, v_cache) -> torch.Tensor:
@@ -216,7 +216,7 @@ class _Kernel:
         out = torch.empty_like(q)
         self._lib.herd_attention(q.data_ptr(), q.shape[0], ctypes.addressof(seqs), k_cache.data_ptr(),
                                  v_cache.data_ptr(), int(k_cache.dtype == torch.float16), slots, q.shape[1],
-                                 kv_heads, head_dim, out.data_ptr(), torch.get_num_threads())
+                                 kv_heads, head_dim, out.data_ptr(), _threads())
         return out
 
     def decode_blocks(self, x, first: int, count: int, attn_norms: ctypes.Array, ffn_norms: ctypes.Array, eps: float,
@@ -235,7 +235,7 @@ class _Kernel:
         self._lib.herd_decode_blocks(x.data_ptr(), x.shape[0], x.shape[1], count, at(attn_norms), at(ffn_norms), eps,
                                      at(weights, 7), cos_sin.data_ptr(), at(k_caches), at(v_caches),
                                      int(keys.dtype == torch.float16), slots, ctypes.addressof(seqs), heads, kv_heads,
-                                     head_dim, int(prompt), torch.get_num_threads())
+                                     head_dim, int(prompt), _threads())
 
 
 def addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
@@ -247,6 +247,30 @@ def addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
 
 
 @functools.cache
+class _Threads:
+    """How many threads a kernel call runs on: PyTorch's setting, except in a child forked after this process's
+    OpenMP threads had started. GNU OpenMP cannot start them again there: the child's first parallel region waits
+    forever on threads that were not copied (a `multiprocessing` pool forked from a process that had generated), so
+    such a child computes on its own thread."""
+
+    started = False  # this process has run a parallel region
+    inherited = False  # forked from a process that had
+
+    def __call__(self) -> int:
+        if self.inherited:
+            return 1
+        threads = torch.get_num_threads()
+        self.started = self.started or threads > 1
+        return threads
+
+    def forked(self) -> None:
+        self.inherited = self.inherited or self.started
+
+
+_threads = _Threads()
+os.register_at_fork(after_in_child=_threads.forked)
+
+
 def ops() -> _Kernel | None:
     """The compiled kernel, or None where it cannot run (HERD_KERNEL=0 turns it off)."""
     if os.environ.get("HERD_KERNEL", "1") == "0" or not _supported():

@@ -1,4 +1,8 @@
 """herd's compiled kernel against the same arithmetic in PyTorch, and both against the float32 matmul."""
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -271,6 +275,30 @@ def test_the_tile_unit_computes_what_the_vector_units_do(bits, group):
                 assert torch.equal(tiles, ops.matmul_rows(x[:tokens], packed, levels)), (tokens, levels)
     finally:
         ops.use_amx(True)
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_a_child_forked_after_the_kernel_ran_computes_instead_of_hanging():
+    # GNU OpenMP cannot restart its threads in a forked child: before, a multiprocessing worker forked from a process
+    # that had generated waited forever in its first matmul.
+    _, w = weights(4, 32)
+    x = torch.randn(16, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = kernel.ops().matmul_rows(x, w, 1)  # the parent's threads start
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only with the same numbers
+            os._exit(0 if torch.equal(kernel.ops().matmul_rows(x, w, 1), expected) else 3)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child hung or miscomputed"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
