@@ -118,7 +118,7 @@ class _Sampling(StrictModel):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch.Generator takes
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -141,8 +141,10 @@ class _Sampling(StrictModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOP} non-empty stop strings")
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
         return stops
 
     @field_validator("logit_bias", mode="before")
@@ -166,6 +168,13 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _choice_needs_tools(self):
+        # A call demanded with no tool to call would silently be plain text.
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice 'required' or a named tool needs tools")
+        return self
 
 
 class CompletionRequest(_Sampling):

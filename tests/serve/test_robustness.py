@@ -92,6 +92,17 @@ def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, c
     assert post(tiny, GOOD).status_code == 200  # and the server goes on serving
 
 
+@pytest.mark.parametrize(("field", "value", "names"), [
+    ("seed", 1 << 70, "seed"),  # was the number library's "Overflow when unpacking long long"
+    ("stop", "", "must not be empty"),  # was "at most 4 non-empty stop strings"
+    ("tool_choice", "required", "tool_choice"),  # was answered as plain text, no call demanded
+])
+def test_a_bad_field_is_named_in_its_error(tiny, field, value, names):
+    answer = post(tiny, {**GOOD, field: value})
+    assert answer.status_code == 400, answer.text
+    assert names in answer.json()["error"]["message"]
+
+
 def test_completions_errors_and_keys(tiny):
     assert post(tiny, {"model": NAME, "prompt": [], "max_tokens": 2}, path="/v1/completions").status_code == 400
     assert post(tiny, {"model": NAME, "prompt": [999999], "max_tokens": 2}, path="/v1/completions").status_code == 400
