@@ -246,7 +246,6 @@ def addresses(tensors: list[torch.Tensor | None]) -> ctypes.Array:
     return array
 
 
-@functools.cache
 class _Threads:
     """How many threads a kernel call runs on: PyTorch's setting, except in a child forked after this process's
     OpenMP threads had started. GNU OpenMP cannot start them again there: the child's first parallel region waits
@@ -271,6 +270,7 @@ _threads = _Threads()
 os.register_at_fork(after_in_child=_threads.forked)
 
 
+@functools.cache
 def ops() -> _Kernel | None:
     """The compiled kernel, or None where it cannot run (HERD_KERNEL=0 turns it off)."""
     if os.environ.get("HERD_KERNEL", "1") == "0" or not _supported():

@@ -262,17 +262,19 @@ def test_the_avx2_build_computes_what_this_machines_build_does(tmp_path, monkeyp
 def test_the_tile_unit_computes_what_the_vector_units_do(bits, group):
     # Calls of many tokens take AMX where the CPU has it: the same integer sums, scaled in the same order, so the
     # same numbers bit for bit, whatever tiles of 16 tokens the call leaves partly filled.
+    # Widths of an even and an odd number of blocks (the two sets of tiles alternate block by block).
     ops = kernel.ops()
-    _, w = weights(bits, group, n=37)
-    packed = ops.pack(w)
-    x = torch.randn(50, 256) * 3
     try:
-        for tokens in (10, 16, 17, 33, 50):
-            for levels in (1, 2):
-                assert ops.use_amx(True)
-                tiles = ops.matmul_rows(x[:tokens], packed, levels)
-                assert not ops.use_amx(False)
-                assert torch.equal(tiles, ops.matmul_rows(x[:tokens], packed, levels)), (tokens, levels)
+        for k in [k for k in (256, 288) if k % (group if isinstance(group, int) else 32) == 0]:
+            _, w = weights(bits, group, n=37, k=k)
+            packed = ops.pack(w)
+            x = torch.randn(50, k) * 3
+            for tokens in (10, 16, 17, 33, 50):
+                for levels in (1, 2):
+                    assert ops.use_amx(True)
+                    tiles = ops.matmul_rows(x[:tokens], packed, levels)
+                    assert not ops.use_amx(False)
+                    assert torch.equal(tiles, ops.matmul_rows(x[:tokens], packed, levels)), (k, tokens, levels)
     finally:
         ops.use_amx(True)
 
