@@ -628,7 +628,7 @@ constexpr int WIDE_TOKENS = 1, WIDE2_TOKENS = 1;
 // with the block's codes of a panel's 16 rows, where VNNI takes 16 per token. Its integer sums are the same exact
 // ones, scaled in the same order, so it computes the same numbers bit for bit. What it leaves to the vector units,
 // scaling every block's 16 x 16 sums, takes about as long as its own part, so it gains less than that suggests: a
-// 512-token prompt of the default model 1,400 -> 1,630 tokens/s, a layer's matmul of 16 generated tokens 0-20%.
+// 512-token prompt of the default model 1.12-1.20x faster, a layer's matmul of 16 generated tokens 0-20%.
 // It takes calls of AMX_TOKENS tokens or more (a tile computes 16 tokens' rows however few are wanted: below that,
 // the vector units were faster), once Linux lets the process use the tile registers. herd_use_amx turns it off
 // and on (to compare, and to measure).
@@ -748,6 +748,7 @@ struct Acts {
   const float* x;
   int64_t M, K, group;
   int levels;  // 0: float activations; E4M3: rounded to e4m3 per token for FP8 weights (in `e4m3`, scales in `d`)
+  bool tiles = false;  // AMX computes these tokens (panel_tokens_amx), reading q and q2 in tiles of 16 rows
   std::vector<int8_t> q, q2;
   // Where 512-bit tiles run: the codes again, a tile's tokens side by side in each block ([tile][block][token][level]
   // [QK]), so that a tile reads all its tokens' codes through one pointer at fixed offsets. With a pointer per token
@@ -762,11 +763,13 @@ struct Acts {
   // Buffers for m tokens (one thread), then `token(t)` for each token (any thread: tokens are independent).
   void size(const float* xf, int64_t m, int64_t k, int64_t grp, int lv) {
     x = xf, M = m, K = k, group = grp, levels = lv;
+    // Decided once here, for the buffers' sizes and the matmul alike, whatever herd_use_amx does meanwhile.
+    tiles = kAmx && amx_on && levels > 0 && group >= QK && M >= AMX_TOKENS;
     if (levels == E4M3) {
       e4m3.resize(M * K), d.resize(M);
       return;
     }
-    const int64_t rows = amx() ? (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS : M;  // a tile reads whole tiles of rows
+    const int64_t rows = tiles ? (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS : M;  // a tile reads whole tiles of rows
     q.resize(levels ? rows * K : 0);
     q2.resize(levels == 2 ? rows * K : 0);
     d.resize(levels ? M * (K / QK) : 0);
@@ -785,15 +788,12 @@ struct Acts {
     if (levels) {
       quantize_acts(x + t * K, K, sums_group() / QK, q.data() + t * K, d.data() + t * nb, g.data() + t * ng,
                     s.data() + t * nb, levels == 2 ? q2.data() + t * K : nullptr);
-      if (kWide && !amx()) interleave(t);
+      if (kWide && !tiles) interleave(t);
     } else {
       for (int64_t j = 0; j < ng; ++j)
         for (int64_t i = j * sums_group(); i < (j + 1) * sums_group(); ++i) g[t * ng + j] += x[t * K + i];
     }
   }
-
-  // Whether AMX computes these tokens (panel_tokens_amx), reading their codes from q and q2 in tiles of 16 rows.
-  bool amx() const { return kAmx && amx_on && levels > 0 && group >= QK && M >= AMX_TOKENS; }
 
   // Tokens side by side in a tile of `tiled`: fewer than a tile's worth are packed as tightly (one token's codes
   // read one block after another, as in `q`).
@@ -1030,7 +1030,7 @@ void panel_tokens_amx(const Panel&, const Acts&, float*, int64_t) {}
 // out [M, PANEL] (rows `stride` apart) for all of a's tokens against one packed panel.
 template <int BITS, int LEVELS>
 void panel_tokens(const Panel& p, const Acts& a, float* out, int64_t stride) {
-  if (a.amx()) return panel_tokens_amx<BITS, LEVELS>(p, a, out, stride);
+  if (a.tiles) return panel_tokens_amx<BITS, LEVELS>(p, a, out, stride);
   const bool wide = kWide && (BITS == 4 || a.group >= QK);  // int8 codes in halves of a block: panel_halves
   constexpr int NARROW = LEVELS == 1 ? TILE_TOKENS : BITS == 4 ? TILE2 : TILE2_BYTES;
   constexpr int MOST = std::max(WIDE_TOKENS, NARROW);
@@ -1156,7 +1156,7 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
       }
     }
   };
-  if (a.amx()) amx_begin();
+  if (a.tiles) amx_begin();
   if (nowait) {
 #pragma omp for schedule(static) nowait
     for (int64_t r0 = 0; r0 < N; r0 += PANEL) body(r0);
@@ -1164,7 +1164,7 @@ void matmul_team(const Acts& a, const uint8_t* q, const float* sc, const float* 
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < N; r0 += PANEL) body(r0);
   }
-  if (a.amx()) amx_end();
+  if (a.tiles) amx_end();
 }
 
 }  // namespace
