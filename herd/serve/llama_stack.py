@@ -281,6 +281,8 @@ class _Chats:
         if config.system_message_behavior == "replace":
             raise APIError(400, "system_message_behavior 'replace' is not supported: the tool instructions are "
                                 "added to the system prompt (append)", param="tool_config")
+        if not body.tools and config.tool_choice not in ("auto", "none"):
+            raise APIError(400, f"tool_choice {config.tool_choice!r} needs tools", param="tool_config.tool_choice")
         self.tools = [_tool(t) for t in body.tools] if body.tools and config.tool_choice != "none" else []
         try:
             self.prompts = [self.llm.chat_prompt([_message(m) for m in messages], self.tools or None,

@@ -168,6 +168,9 @@ def test_batch_routes_equal_one_request_at_a_time(server, ls):
     ("completion", {"content": ""}, 400, None),
     ("chat-completion", {"messages": [{"role": "user", "content": "x"}],
                          "tool_config": {"system_message_behavior": "replace"}}, 400, "tool_config"),
+    # a call demanded with no tool to call (was answered with plain text)
+    ("chat-completion", {"messages": [{"role": "user", "content": "x"}], "tool_config": {"tool_choice": "required"}},
+     400, "tool_config.tool_choice"),
 ])
 def test_malformed_requests_get_specific_4xx(server, path, body, status, param):
     if "model_id" not in body and param != "model_id":
