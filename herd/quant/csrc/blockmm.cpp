@@ -632,11 +632,6 @@ constexpr int WIDE_TOKENS = 1, WIDE2_TOKENS = 1;
 // It takes calls of AMX_TOKENS tokens or more (a tile computes 16 tokens' rows however few are wanted: below that,
 // the vector units were faster), once Linux lets the process use the tile registers. herd_use_amx turns it off
 // and on (to compare, and to measure).
-#if defined(HERD_AMX)
-constexpr bool kAmx = true;
-#else
-constexpr bool kAmx = false;
-#endif
 constexpr int64_t AMX_TOKENS = 10, AMX_ROWS = 16;
 
 bool amx_permitted() {
@@ -648,7 +643,7 @@ bool amx_permitted() {
 #endif
 }
 
-bool amx_on = amx_permitted();
+bool amx_on = amx_permitted();  // false in a build without AMX
 
 // FP8 weights (herd/quant/fp8.py): e4m3 codes, one float32 scale per row, activations rounded to e4m3 per token.
 // Both are widened exactly to float32, where every product of two e4m3 values is exact, and summed in float32: the
@@ -764,7 +759,7 @@ struct Acts {
   void size(const float* xf, int64_t m, int64_t k, int64_t grp, int lv) {
     x = xf, M = m, K = k, group = grp, levels = lv;
     // Decided once here, for the buffers' sizes and the matmul alike, whatever herd_use_amx does meanwhile.
-    tiles = kAmx && amx_on && levels > 0 && group >= QK && M >= AMX_TOKENS;
+    tiles = amx_on && levels > 0 && group >= QK && M >= AMX_TOKENS;
     if (levels == E4M3) {
       e4m3.resize(M * K), d.resize(M);
       return;
@@ -1177,7 +1172,7 @@ int herd_has_vnni() { return kVnni; }
 
 // Turns the AMX path on or off (where the CPU and the system allow it); whether it is on now.
 int herd_use_amx(int on) {
-  amx_on = on != 0 && kAmx && amx_permitted();
+  amx_on = on != 0 && amx_permitted();
   return amx_on;
 }
 
