@@ -279,6 +279,26 @@ def test_the_tile_unit_computes_what_the_vector_units_do(bits, group):
         ops.use_amx(True)
 
 
+@pytest.mark.skipif(kernel.ops() is None or not kernel.ops().amx, reason="no AMX tile unit on this machine")
+def test_the_tile_unit_is_exact_at_the_largest_sums():
+    # The tile path adds a 4-bit block's two levels of prompt sums (254 * first + second) in float32, exact only
+    # below 2^24: codes at their largest come closest (weights 15 but one per block, activations 127 with second
+    # levels of every size).
+    w = torch.ones(37, 256)
+    w[:, ::32] = 0
+    w = block_weight("Q4_1", quants.quantize(w.numpy(), Q["Q4_1"]))
+    ops = kernel.ops()
+    try:
+        for sign in (1, -1):
+            x = sign * (3 - torch.rand(16, 256) * 0.02)
+            assert ops.use_amx(True)
+            tiles = ops.matmul_rows(x, w, 2)
+            assert not ops.use_amx(False)
+            assert torch.equal(tiles, ops.matmul_rows(x, w, 2))
+    finally:
+        ops.use_amx(True)
+
+
 @pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
 def test_a_child_forked_after_the_kernel_ran_computes_instead_of_hanging():
     # GNU OpenMP cannot restart its threads in a forked child: before, a multiprocessing worker forked from a process
