@@ -32,20 +32,31 @@ def batch_step(model, cache, seqs, generated):
         return model(torch.tensor([tokens]), torch.tensor([positions]), cache=StepAttention(cache, parts))[0]
 
 
+# The real sizes' head geometry at a tiny width: head_dim 128 with four query heads a key-value head (Llama 3 8B,
+# 70B, 405B) or three (3.2 3B), beside CONFIG's 32 and two.
+GEOMETRIES = {"hd32-gqa2": CONFIG,
+              "hd128-gqa4": ModelConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=300,
+                                        ffn_hidden_dim=256, max_seq_len=256),
+              "hd128-gqa3": ModelConfig(dim=384, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=300,
+                                        ffn_hidden_dim=256, max_seq_len=256)}
+
+
 @pytest.mark.parametrize("scheme, tolerance", [("int8-wo", 1e-5), ("int8", 3e-2), ("int4", 3e-2), ("fp8", 3e-2)])
 @pytest.mark.parametrize("new", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the engine's cache is float16 on the kernel
-def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new, dtype):
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new, dtype, geometry):
+    config = GEOMETRIES[geometry]
     torch.manual_seed(0)
-    eager = apply_scheme(Transformer(CONFIG).eval(), Scheme.parse(scheme))
+    eager = apply_scheme(Transformer(config).eval(), Scheme.parse(scheme))
     fused = use_decode_blocks(copy.deepcopy(eager))
     assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
-    cache = PagedKVCache(CONFIG, num_blocks=8, block_size=16, device="cpu", dtype=dtype)
+    cache = PagedKVCache(config, num_blocks=8, block_size=16, device="cpu", dtype=dtype)
     blocks = [2, 3, 4]  # one contiguous run, not at the pool's start
-    prompt = torch.randint(0, CONFIG.vocab_size, (37,)).tolist()
+    prompt = torch.randint(0, config.vocab_size, (37,)).tolist()
     step(eager, cache, blocks, 0, prompt, generated=False)
     caches = [cache, copy.deepcopy(cache)]
-    tokens = torch.randint(0, CONFIG.vocab_size, (new,)).tolist()
+    tokens = torch.randint(0, config.vocab_size, (new,)).tolist()
     expected = step(eager, caches[0], blocks, len(prompt), tokens, generated=True)
     got = step(fused, caches[1], blocks, len(prompt), tokens, generated=True)
     # Integer schemes quantize each activation block to int8 (fp8: each activation to e4m3), where a rounding
@@ -55,7 +66,7 @@ def test_fused_block_equals_the_pytorch_block(scheme, tolerance, new, dtype):
     slots = slice(2 * 16 + len(prompt), 2 * 16 + len(prompt) + new)
     # float16 keys: a value within float rounding of a rounding boundary may land one float16 step apart
     stored = max(tolerance, 1e-3) if dtype == torch.float16 else tolerance
-    for layer in range(CONFIG.n_layers):
+    for layer in range(config.n_layers):
         for a, b in ((caches[0].k[layer], caches[1].k[layer]), (caches[0].v[layer], caches[1].v[layer])):
             a, b = a.float(), b.float()
             assert (a[:, slots] - b[:, slots]).norm() / a[:, slots].norm() < stored
