@@ -56,7 +56,7 @@ class Scheduler:
         decoding = {id(s) for s, _ in batch}
         for seq in self.running:
             if seq.to_compute and id(seq) not in decoding and budget > 0:
-                n = min(seq.to_compute, budget)
+                n = self._chunk(seq, budget)
                 batch.append((seq, n))
                 budget -= n
         pending = None
@@ -76,10 +76,19 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self._admit(seq, hits, need)
-            n = min(seq.to_compute, budget)
+            n = self._chunk(seq, budget)
             batch.append((seq, n))
             budget -= n
         return batch
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """How many of `seq`'s tokens to compute in this step. A recompute after preemption stops at the end of the
+        prompt: quantized layers compute prompt and generated tokens differently, and a forward holding both kinds
+        takes another path than either kind alone, so the recomputed keys of generated tokens would differ from
+        their first ones, and so might the rest of the reply."""
+        n = min(seq.to_compute, budget)
+        return min(n, seq.prompt_len - seq.num_computed) if seq.num_computed < seq.prompt_len else n
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """A guess at the tokens after `seq`'s next one (greedy sequences only: only there is a guess checkable

@@ -197,6 +197,26 @@ def test_a_reply_is_the_same_however_its_prompt_is_chunked_and_whatever_shares_i
     assert [lp.logprob for lp in together[0].logprobs] == [lp.logprob for lp in alone[0].logprobs]
 
 
+@pytest.mark.skipif(ops() is None or not ops().vnni,
+                    reason="prompts multiply exactly whatever their row count only with VNNI's two int8 levels")
+def test_a_preempted_reply_is_the_same_as_one_never_preempted():
+    # A preempted sequence recomputes its prompt and the tokens it had generated, in forwards of one kind each, as
+    # they first ran: a forward holding both kinds takes the PyTorch block, which differs from the fused one in
+    # the last bits, and before this the recomputed keys, and the rest of the reply, did.
+    torch.manual_seed(5)
+    model = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4")))
+    prompts = [torch.randint(1, CONFIG.vocab_size, (n,)).tolist() for n in (40, 37, 45)]
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True, logprobs=0)
+    small = Generator(model, ByteTokenizer(), config=EngineConfig(kv_cache_bytes=1, max_step_tokens=64))
+    outs = small.generate(prompts, params)
+    assert small.scheduler.stats.preemptions > 0
+    roomy = Generator(model, ByteTokenizer())
+    for prompt, out in zip(prompts, outs):
+        alone = roomy.generate([prompt], params)[0]
+        assert out.tokens == alone.tokens
+        assert [lp.logprob for lp in out.logprobs] == [lp.logprob for lp in alone.logprobs]
+
+
 def test_a_stack_of_blocks_runs_in_one_call_exactly_as_block_by_block():
     # Layer 1 kept in float: the stack runs layer 0 in one call, layer 1 in PyTorch, layer 2 in another call.
     torch.manual_seed(0)
