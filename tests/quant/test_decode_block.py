@@ -181,40 +181,47 @@ def test_a_prompt_arriving_does_not_change_the_sequences_decoding():
     assert [lp.logprob for lp in got] == [lp.logprob for lp in alone.logprobs]
 
 
-@pytest.mark.skipif(ops() is None or not ops().vnni,
-                    reason="prompts multiply exactly whatever their row count only with VNNI's two int8 levels")
+EXACT_PROMPTS = pytest.mark.skipif(
+    ops() is None or not ops().vnni, reason="prompts multiply exactly whatever their row count only with VNNI's two "
+                                            "int8 levels")
+
+
+def int4_engine_inputs(seed, lengths, max_tokens):
+    """A fused int4 model, prompts of these lengths and greedy parameters that report log-probabilities."""
+    torch.manual_seed(seed)
+    model = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4")))
+    prompts = [torch.randint(1, CONFIG.vocab_size, (n,)).tolist() for n in lengths]
+    return model, prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
+
+
+def assert_same_reply(got, expected):
+    assert got.tokens == expected.tokens
+    assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in expected.logprobs]
+
+
+@EXACT_PROMPTS
 def test_a_reply_is_the_same_however_its_prompt_is_chunked_and_whatever_shares_its_steps():
     # Every matmul computes a token alone, and so does attention (herd's kernel, for prompts too): one request
     # alone and the same request among others, its prompt cut into 8-token chunks, give the same tokens and
     # log-probabilities, bit for bit.
-    torch.manual_seed(3)
-    model = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4")))
-    prompts = [torch.randint(1, CONFIG.vocab_size, (n,)).tolist() for n in (45, 30, 70)]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    model, prompts, params = int4_engine_inputs(3, (45, 30, 70), max_tokens=12)
     alone = Generator(model, ByteTokenizer(), config=EngineConfig(max_step_tokens=512)).generate(prompts[:1], params)
     together = Generator(model, ByteTokenizer(), config=EngineConfig(max_step_tokens=8)).generate(prompts, params)
-    assert together[0].tokens == alone[0].tokens
-    assert [lp.logprob for lp in together[0].logprobs] == [lp.logprob for lp in alone[0].logprobs]
+    assert_same_reply(together[0], alone[0])
 
 
-@pytest.mark.skipif(ops() is None or not ops().vnni,
-                    reason="prompts multiply exactly whatever their row count only with VNNI's two int8 levels")
+@EXACT_PROMPTS
 def test_a_preempted_reply_is_the_same_as_one_never_preempted():
     # A preempted sequence recomputes its prompt and the tokens it had generated, in forwards of one kind each, as
     # they first ran: a forward holding both kinds takes the PyTorch block, which differs from the fused one in
     # the last bits, and before this the recomputed keys, and the rest of the reply, did.
-    torch.manual_seed(5)
-    model = use_decode_blocks(apply_scheme(Transformer(CONFIG).eval(), Scheme.parse("int4")))
-    prompts = [torch.randint(1, CONFIG.vocab_size, (n,)).tolist() for n in (40, 37, 45)]
-    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True, logprobs=0)
+    model, prompts, params = int4_engine_inputs(5, (40, 37, 45), max_tokens=100)
     small = Generator(model, ByteTokenizer(), config=EngineConfig(kv_cache_bytes=1, max_step_tokens=64))
     outs = small.generate(prompts, params)
     assert small.scheduler.stats.preemptions > 0
     roomy = Generator(model, ByteTokenizer())
     for prompt, out in zip(prompts, outs):
-        alone = roomy.generate([prompt], params)[0]
-        assert out.tokens == alone.tokens
-        assert [lp.logprob for lp in out.logprobs] == [lp.logprob for lp in alone.logprobs]
+        assert_same_reply(out, roomy.generate([prompt], params)[0])
 
 
 def test_a_stack_of_blocks_runs_in_one_call_exactly_as_block_by_block():
