@@ -549,7 +549,8 @@ void dequantize_rows(const uint8_t* qs, const float* scales, const float* mins, 
       if (bits == 4) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(codes), unpack_nibbles(q + c * (QK / 2)));
       } else {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(codes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * QK)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes),
+                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * QK)));
       }
       for (int j = 0; j < 4; ++j) {
         const __m256 s = _mm256_set1_ps(scales[group < QK ? g + j / 2 : g]);
