@@ -860,10 +860,16 @@ void panel_tile_wide(const Panel& p, int64_t K, int64_t group, const int8_t* til
         }
       }
       for (int t = 0; t < T; ++t) {
-        __m512i i = ia[0][t];
-        if constexpr (LEVELS == 2) i = _mm512_add_epi32(_mm512_mullo_epi32(i, _mm512_set1_epi32(254)), ia[1][t]);
-        if constexpr (BITS == 8) i = _mm512_sub_epi32(i, _mm512_set1_epi32(128 * asum[t][b]));
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s, _mm512_set1_ps(ad[t][b])), acc[t]);
+        __m512 f;  // the block's sum as float32, exactly (see panel_tokens_amx)
+        if constexpr (LEVELS == 2 && BITS == 4) {
+          f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[0][t]), _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(ia[1][t]));
+        } else {
+          __m512i i = ia[0][t];
+          if constexpr (LEVELS == 2) i = _mm512_add_epi32(_mm512_mullo_epi32(i, _mm512_set1_epi32(254)), ia[1][t]);
+          if constexpr (BITS == 8) i = _mm512_sub_epi32(i, _mm512_set1_epi32(128 * asum[t][b]));
+          f = _mm512_cvtepi32_ps(i);
+        }
+        acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(ad[t][b])), acc[t]);
       }
     }
     if (p.mins) {
