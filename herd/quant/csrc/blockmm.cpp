@@ -815,6 +815,19 @@ struct Acts {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// A block's exact integer sum for the 16 rows, as float32: the first level's sums, with LEVELS 2 254 x them plus
+// the second's; 8-bit codes (offset to unsigned) less 128 x the token's block sum `asum`. A 4-bit block's two levels
+// are added in float32: below 2^24 (|first| <= 32 x 15 x 127) that is exact, and vpmulld's two micro-ops on the
+// one 512-bit port had cost a sixth of a prompt block's scaling on the tile path.
+template <int BITS, int LEVELS>
+inline __m512 block_sum(__m512i first, __m512i second, int32_t asum) {
+  if constexpr (LEVELS == 2 && BITS == 4)
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(second));
+  if constexpr (LEVELS == 2) first = _mm512_add_epi32(_mm512_mullo_epi32(first, _mm512_set1_epi32(254)), second);
+  if constexpr (BITS == 8) first = _mm512_sub_epi32(first, _mm512_set1_epi32(128 * asum));
+  return _mm512_cvtepi32_ps(first);
+}
+
 // panel_tile with 512-bit vectors, where the CPU has VNNI for them: one register holds a sum for each of the panel's
 // 16 rows, so each weight vector is loaded and unpacked once for twice the tokens, with half the instructions per
 // product. The same arithmetic lane by lane as panel_tile, so the same numbers bit for bit. `tile`: the tile's codes
@@ -860,15 +873,7 @@ void panel_tile_wide(const Panel& p, int64_t K, int64_t group, const int8_t* til
         }
       }
       for (int t = 0; t < T; ++t) {
-        __m512 f;  // the block's sum as float32, exactly (see panel_tokens_amx)
-        if constexpr (LEVELS == 2 && BITS == 4) {
-          f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[0][t]), _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(ia[1][t]));
-        } else {
-          __m512i i = ia[0][t];
-          if constexpr (LEVELS == 2) i = _mm512_add_epi32(_mm512_mullo_epi32(i, _mm512_set1_epi32(254)), ia[1][t]);
-          if constexpr (BITS == 8) i = _mm512_sub_epi32(i, _mm512_set1_epi32(128 * asum[t][b]));
-          f = _mm512_cvtepi32_ps(i);
-        }
+        const __m512 f = block_sum<BITS, LEVELS>(ia[0][t], ia[LEVELS - 1][t], BITS == 8 ? asum[t][b] : 0);
         acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(ad[t][b])), acc[t]);
       }
     }
@@ -998,20 +1003,9 @@ void panel_tokens_amx(const Panel& p, const Acts& a, float* out, int64_t stride)
       const int32_t* first = sums[b & 1][0];
 #pragma GCC unroll 16  // the sums stay in registers only when every index is a constant
       for (int t = 0; t < AMX_ROWS; ++t) {
-        __m512i i = _mm512_load_si512(first + t * PANEL);
-        __m512 f;  // the block's sum as float32, exactly
-        if constexpr (LEVELS == 2 && BITS == 4) {
-          // 254 * first + second below 2^24 (4-bit codes: |first| <= 32 * 15 * 127), so exact in float32 too,
-          // where vpmulld's two micro-ops on the one 512-bit port had cost a sixth of a prompt block's scaling
-          f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(254.f),
-                              _mm512_cvtepi32_ps(_mm512_load_si512(sums[b & 1][1] + t * PANEL)));
-        } else {
-          if constexpr (LEVELS == 2)
-            i = _mm512_add_epi32(_mm512_mullo_epi32(i, _mm512_set1_epi32(254)),
-                                 _mm512_load_si512(sums[b & 1][1] + t * PANEL));
-          if constexpr (BITS == 8) i = _mm512_sub_epi32(i, _mm512_set1_epi32(128 * as[t][b]));
-          f = _mm512_cvtepi32_ps(i);
-        }
+        const __m512 f = block_sum<BITS, LEVELS>(_mm512_load_si512(first + t * PANEL),
+                                                 _mm512_load_si512(sums[b & 1][LEVELS - 1] + t * PANEL),
+                                                 BITS == 8 ? as[t][b] : 0);
         acc[t] = _mm512_fmadd_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(ad[t][b])), acc[t]);
       }
       if (p.mins && (b + 1) % per_group == 0) {
