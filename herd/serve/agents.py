@@ -30,7 +30,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
-from herd.generate import SamplingParams
+from herd.generate import ContextLengthError, SamplingParams
+from herd.serve.app import read_json, validate
 from herd.serve.auth import check_key
 from herd.serve.protocol import APIError, Message, internal_error
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
@@ -80,6 +81,11 @@ def _agents(request: Request) -> dict[str, tuple[AgentConfig, dict[str, _Session
     return request.app.state.agents
 
 
+async def _body(request: Request, model: type[BaseModel]) -> Any:
+    """The request's body as `model`, read as every route reads one: key first, then the size limit and JSON."""
+    return validate(request, model, await read_json(request), None)
+
+
 def _find(request: Request, agent_id: str, session_id: str | None = None):
     agents = _agents(request)
     if agent_id not in agents:
@@ -91,8 +97,9 @@ def _find(request: Request, agent_id: str, session_id: str | None = None):
 
 
 @router.post("")
-def create_agent(request: Request, config: AgentConfig) -> dict:
+async def create_agent(request: Request) -> dict:
     agents = _agents(request)
+    config = await _body(request, AgentConfig)
     try:
         _agent(request, config)  # a bad tool or tool_choice is a 400 now, not an error at the first turn
     except (ToolError, ValueError) as error:
@@ -103,8 +110,9 @@ def create_agent(request: Request, config: AgentConfig) -> dict:
 
 
 @router.post("/{agent_id}/session")
-def create_session(request: Request, agent_id: str, body: SessionRequest) -> dict:
+async def create_session(request: Request, agent_id: str) -> dict:
     _, sessions, _ = _find(request, agent_id)
+    body = await _body(request, SessionRequest)
     session_id = str(uuid.uuid4())
     sessions[session_id] = _Session(body.session_name)
     return {"session_id": session_id}
@@ -117,8 +125,9 @@ def get_session(request: Request, agent_id: str, session_id: str) -> dict:
 
 
 @router.post("/{agent_id}/session/{session_id}/turn")
-def create_turn(request: Request, agent_id: str, session_id: str, body: TurnRequest) -> StreamingResponse:
+async def create_turn(request: Request, agent_id: str, session_id: str) -> StreamingResponse:
     config, _, session = _find(request, agent_id, session_id)
+    body = await _body(request, TurnRequest)
     messages = [m.as_dict() for m in body.messages]
     events = _turn_events(_agent(request, config), config, session, session_id, messages)
     return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in _ending_in_errors(events)),
@@ -129,6 +138,9 @@ def _ending_in_errors(events: Iterator[dict]) -> Iterator[dict]:
     """The stream has begun when a turn fails: the client learns of it as its last event, on an open connection."""
     try:
         yield from events
+    except ContextLengthError as error:  # the session's dialog (with this turn's tool results) outgrew the model
+        yield APIError(400, f"{error} (this session's whole dialog): start a new session",
+                       code="context_length_exceeded").body()
     except Exception as error:
         log.exception("internal error in an agent's turn")
         yield internal_error(error).body()

@@ -177,6 +177,11 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:  # JSON may escape half of a UTF-16 pair (\ud800), which no tokenizer, log or reply can encode
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): "
+                            "send valid Unicode", code="invalid_json") from None
     return data
 
 

@@ -4,6 +4,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from herd.generate import ContextLengthError
 from herd.serve.agents import router
 from herd.serve.app import ServeSettings, create_app
 
@@ -71,6 +72,12 @@ def test_errors_are_4xx(api):
                                                                                       "content": "x"}]}).status_code == 404
     assert client.post(f"/v1/agents/{agent_id}/session", json={}, headers={"Authorization": "Bearer wrong"}
                        ).status_code == 401
+    # Bodies are read as on every other route: the key before the body, the size limit, valid Unicode.
+    assert client.post("/v1/agents", json={"max_steps": "x"}, headers={"Authorization": "Bearer wrong"}
+                       ).status_code == 401
+    huge = client.post("/v1/agents", json={"instructions": "x" * (2 << 20)})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    assert client.post("/v1/agents", content=b'{"instructions": "\\udc00"}').status_code == 400
 
 
 def test_a_client_names_tools_never_code_to_import(api, tmp_path, monkeypatch):
@@ -96,15 +103,22 @@ def test_a_turn_checks_its_messages_and_a_failing_turn_ends_in_an_error_event(ap
     for messages in ([{"role": "wizard", "content": "x"}], [{"content": None}], [{"role": "user", "content": ["x"]}]):
         assert client.post(turn, json={"messages": messages}).status_code == 400
 
-    def broken(*args, **options):
-        raise RuntimeError("a bug")
+    def failing(error):
+        def chat(*args, **options):
+            raise error
+        return chat
 
-    monkeypatch.setattr(default_llm, "chat", broken)
+    monkeypatch.setattr(default_llm, "chat", failing(RuntimeError("a bug")))
     answer = client.post(turn, json={"messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 200
     last = json.loads(answer.text.strip().splitlines()[-1][len("data: "):])
     assert last == {"error": {"message": "internal error: RuntimeError", "type": "server_error", "param": None,
                               "code": None}}
+    # A session's dialog outgrowing the model is the client's to act on, not an internal error.
+    monkeypatch.setattr(default_llm, "chat", failing(ContextLengthError("the prompt has 9000 tokens")))
+    answer = client.post(turn, json={"messages": [{"role": "user", "content": "hi"}]})
+    last = json.loads(answer.text.strip().splitlines()[-1][len("data: "):])["error"]
+    assert last["code"] == "context_length_exceeded" and "start a new session" in last["message"]
 
 
 def test_the_operators_functions_are_offered_by_name(default_llm, monkeypatch):

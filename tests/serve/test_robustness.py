@@ -52,6 +52,9 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
 @pytest.mark.parametrize(("name", "request_body", "status", "code"), [
     ("malformed JSON", b'{"model": "tiny", "messages": [', 400, "invalid_json"),
     ("not an object", b"[1, 2]", 400, "invalid_json"),
+    # Valid JSON, but half of a UTF-16 pair is no text: echoed in an error, it had made the error itself fail.
+    ("unpaired surrogate", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400,
+     "invalid_json"),
     ("messages not a list", {**GOOD, "messages": "hi"}, 400, "invalid_value"),
     ("empty messages", {**GOOD, "messages": []}, 400, "invalid_value"),
     ("unknown role", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),
