@@ -44,6 +44,76 @@ def check_schema_size(schema: Any) -> None:
                            f"{MAX_PATTERN_REPEATS} are allowed")
 
 
+# Keywords that only describe a schema: they may stand beside any other keyword.
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly",
+                "discriminator", "$defs", "definitions", "$id", "$schema", "$anchor"}
+_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None),
+          "object": dict, "array": list}
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
+
+
+def _of_type(value: Any, kind: Any) -> bool:
+    kinds = kind if isinstance(kind, list) else [kind]
+    return any(isinstance(value, _TYPES.get(k, ())) and not (isinstance(value, bool) and k in ("integer", "number"))
+               or k == "integer" and isinstance(value, float) and value.is_integer() for k in kinds)
+
+
+def _subschemas(schema: dict[str, Any]):
+    for key in ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties",
+                "additionalItems", "unevaluatedItems"):
+        if isinstance(schema.get(key), dict):
+            yield schema[key]
+    for key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        if isinstance(schema.get(key), dict):
+            yield from (v for v in schema[key].values() if isinstance(v, dict))
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            yield from (v for v in schema[key] if isinstance(v, dict))
+
+
+def _unenforceable(schema: dict[str, Any]) -> str | None:
+    """Why the grammar compiler would let through documents that `schema` (one level of it) forbids, or None.
+    Measured on xgrammar 0.2.9: it ignores these silently (or with a warning on stderr) rather than refusing them,
+    and a reply that does not validate is worse than a 400 the client can act on."""
+    keys = set(schema) - _ANNOTATIONS
+    if found := sorted(keys & {"not", "if", "then", "else"}):
+        return f"'{found[0]}' cannot be enforced while decoding: express the schema with anyOf instead"
+    if len(schema.get("allOf") or []) > 1:
+        return "allOf with more than one schema cannot be enforced while decoding: merge them into one schema"
+    for union in ("anyOf", "oneOf", "allOf"):
+        if union in schema and (others := sorted(keys - {union})):
+            return f"'{others[0]}' beside {union} is not enforced: move it into each of the {union} schemas"
+    for fixed in ("enum", "const"):
+        if fixed in schema:
+            values = schema[fixed] if fixed == "enum" and isinstance(schema[fixed], list) else [schema[fixed]]
+            if others := sorted(keys - {fixed, "type"}):
+                return f"'{others[0]}' beside {fixed} is not enforced: list only the allowed values"
+            if "type" in schema and (wrong := [v for v in values if not _of_type(v, schema["type"])]):
+                return f"{fixed} value {wrong[0]!r} is not of type {schema['type']}"
+    if "pattern" in schema and "format" in schema:
+        return "pattern and format together are not enforced: use pattern alone"
+    if ("pattern" in schema or "format" in schema) and keys & {"minLength", "maxLength"}:
+        return "minLength/maxLength beside a pattern or format are not enforced: put the length in the pattern"
+    if isinstance(schema.get("pattern"), str) and _LOOKAROUND.search(schema["pattern"]):
+        return f"the pattern {schema['pattern']!r} looks around ((?=, (?!, (?<=, (?<!), which is not enforced"
+    if "multipleOf" in schema and schema.get("type") != "integer":
+        return "multipleOf is enforced only on integers: give the schema type integer"
+    if isinstance(schema.get("required"), list) and (
+            missing := [n for n in schema["required"] if n not in (schema.get("properties") or {})]):
+        return f"required names {missing[0]!r}, which properties does not define: define it under properties"
+    return None
+
+
+def check_enforceable(schema: Any) -> None:
+    """GrammarError where some part of `schema` asks what decoding cannot guarantee (see `_unenforceable`)."""
+    stack = [schema] if isinstance(schema, dict) else []
+    while stack:
+        part = stack.pop()
+        if reason := _unenforceable(part):
+            raise GrammarError(f"the JSON schema cannot be enforced: {reason}")
+        stack += _subschemas(part)
+
+
 class JsonConstraint:
     def __init__(self, compiled, vocab_size: int):
         import xgrammar as xgr
@@ -84,6 +154,7 @@ class JsonGrammars:
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
         check_schema_size(schema)
+        check_enforceable(schema)
         with self._lock:
             compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
         return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size)

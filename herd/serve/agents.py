@@ -139,7 +139,7 @@ def _ending_in_errors(events: Iterator[dict]) -> Iterator[dict]:
     try:
         yield from events
     except ContextLengthError as error:  # the session's dialog (with this turn's tool results) outgrew the model
-        yield APIError(400, f"{error} (this session's whole dialog): start a new session",
+        yield APIError(400, f"{error}, or start a new session (an agent's prompt is its session's whole dialog)",
                        code="context_length_exceeded").body()
     except Exception as error:
         log.exception("internal error in an agent's turn")

@@ -1,0 +1,126 @@
+"""Structured output: a schema is either enforced while decoding, so that every document it lets through validates,
+or refused with a GrammarError that says what to change. Checked against the `jsonschema` package."""
+import json
+import re
+from typing import Annotated
+
+import jsonschema
+import pytest
+import torch
+from pydantic import BaseModel, Field
+
+import herd
+from herd.generate.structured import GrammarError, JsonGrammars
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    tokenizer = herd.load_tokenizer()
+    return JsonGrammars(tokenizer, 128256)
+
+
+def grammar_accepts(grammars, schema, document) -> bool:
+    """Whether the compiled grammar (the checks bypassed) takes `document`, written as the model would write it
+    (json.dumps's separators), through to its end."""
+    compiled = grammars._compile(json.dumps(schema, sort_keys=True))
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    tokens = grammars.tokenizer.encode(json.dumps(document, ensure_ascii=False), bos=False, eos=False)
+    return all(matcher.accept_token(t) for t in tokens) and matcher.accept_token(min(grammars.tokenizer.stop_ids))
+
+
+# Each: a schema the grammar compiler would not enforce, and a document it lets through that the schema forbids.
+UNENFORCEABLE = {
+    "pattern beside format": ({"type": "string", "pattern": "^(yes|no)$", "format": "uuid"},
+                              "c3549253-dec2-4b29-8ed7-f66543886856"),
+    "maxLength beside format": ({"type": "string", "maxLength": 4, "format": "date"}, "2020-01-01"),
+    "maxLength beside pattern": ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 2}, "abcd"),
+    "multipleOf on numbers": ({"type": "number", "multipleOf": 0.5}, 0.3),
+    "not": ({"not": {"type": "integer"}}, 1),
+    "if/then": ({"if": {"type": "integer"}, "then": {"minimum": 5}}, 1),
+    "allOf of two": ({"allOf": [{"type": "integer"}, {"minimum": 5}]}, 1),
+    "maxLength beside anyOf": ({"anyOf": [{"type": "string"}, {"type": "integer"}], "maxLength": 2}, "abcdef"),
+    "enum of another type": ({"type": "string", "enum": [1, "a"]}, 1),
+    "maxLength beside enum": ({"type": "string", "enum": ["a", "bb"], "maxLength": 1}, "bb"),
+    "lookahead": ({"type": "string", "pattern": "^(?!bad)[a-z]+$"}, "bad"),
+    "required but undefined": ({"type": "object", "required": ["x"], "additionalProperties": True}, {}),
+}
+
+
+@pytest.mark.parametrize("name", UNENFORCEABLE)
+def test_a_schema_decoding_cannot_enforce_is_refused(grammars, name):
+    schema, invalid = UNENFORCEABLE[name]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(invalid, schema, format_checker=jsonschema.FormatChecker())
+    # Why it is refused: compiled as it stands, the grammar lets the invalid document through.
+    assert grammar_accepts(grammars, schema, invalid)
+    nested = {"type": "object", "properties": {"a": {"type": "array", "items": schema}}, "required": ["a"]}
+    for whole in (schema, nested):
+        with pytest.raises(GrammarError, match="cannot be enforced: "):
+            grammars.constraint(whole)
+
+
+class Colour(BaseModel):
+    name: str = Field(max_length=12)
+    rgb: list[Annotated[int, Field(ge=0, le=255)]] = Field(min_length=3, max_length=3)
+
+
+class Cat(BaseModel):
+    kind: str = Field("cat", pattern="^cat$")
+    lives: int = Field(ge=0, le=9)
+
+
+class Dog(BaseModel):
+    kind: str = Field("dog", pattern="^dog$")
+    good: bool
+
+
+class Record(BaseModel):
+    """What pydantic writes for common types: nested models ($ref), Optional (anyOf with null), enums, unions."""
+    title: str = Field(description="a title", min_length=1, max_length=20)
+    year: int | None = Field(None, ge=1900, le=2100)
+    colour: Colour
+    tags: list[str] = Field(default_factory=list, max_length=3)
+    mood: str = Field(json_schema_extra={"enum": ["calm", "busy"]})
+    pet: Cat | Dog
+    score: float = Field(ge=0, le=1)
+
+
+def test_documents_decoded_under_common_schemas_validate(grammars):
+    """Random logits, masked by the constraint, sampled until the grammar ends: every document parses and validates
+    (against pydantic's own schema and a hand-written one with the keywords that are enforced)."""
+    hand = {"type": "object", "properties": {
+        "id": {"type": "integer", "multipleOf": 7, "minimum": -50, "maximum": 50},
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+        "when": {"type": "string", "format": "date"},
+        "flags": {"type": "array", "items": {"enum": ["a", "b", None]}, "uniqueItems": True, "maxItems": 2},
+        "extra": {"type": "object", "additionalProperties": {"type": "boolean"}, "maxProperties": 2}},
+        "required": ["id", "code", "when"], "additionalProperties": False}
+    tokenizer, checked = grammars.tokenizer, 0
+    # Tokens that end a string, number, array or object are favoured, so that most random walks end within the budget.
+    closing = torch.tensor([any(c in tokenizer.decode_bytes([t]) for c in b'"]},') for t in range(128000)])
+    boost = torch.zeros(128256)
+    boost[:128000][closing] = 4.0
+    for schema in (Record.model_json_schema(), hand):
+        for seed in range(6):
+            constraint, rng, tokens = grammars.constraint(schema), torch.Generator().manual_seed(seed), []
+            for _ in range(400):
+                logits = constraint.mask(torch.randn(128256, generator=rng) * 3 + boost)
+                token = int(torch.distributions.Categorical(logits=logits).sample())
+                if token in tokenizer.stop_ids:
+                    break
+                constraint.accept(token)
+                tokens.append(token)
+            else:
+                continue  # random logits rambled on past the budget: nothing to check
+            document = json.loads(tokenizer.decode(tokens))
+            # `format` is an annotation by default in JSON Schema; the grammar holds a date to its shape (months
+            # 01-12, days 01-31), not to the calendar (it lets 02-30 through), so the shape is what is checked.
+            jsonschema.validate(document, schema)
+            if schema is hand:
+                assert re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])", document["when"])
+            else:
+                Record.model_validate(document)
+            checked += 1
+    assert checked >= 10  # most random walks end within the budget
