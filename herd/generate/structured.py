@@ -11,6 +11,7 @@ import re
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -115,15 +116,17 @@ def check_enforceable(schema: Any) -> None:
 
 
 class JsonConstraint:
-    def __init__(self, compiled, vocab_size: int):
+    def __init__(self, compiled, vocab_size: int, plain_tokens: torch.Tensor):
         import xgrammar as xgr
 
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.plain_tokens = plain_tokens
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         self.matcher.fill_next_token_bitmask(self.bitmask)
+        self.bitmask &= self.plain_tokens
         masked = logits.float().clone().unsqueeze(0)
         self._xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device))
         return masked[0]
@@ -140,16 +143,29 @@ class JsonGrammars:
         self._lock = threading.Lock()
 
     @functools.cached_property
-    def _compiler(self):
-        import xgrammar as xgr
-
+    def _vocab(self) -> list[bytes]:
         special = set(self.tokenizer.special_tokens.values())
         n = max(self.tokenizer.vocab_size, max(special) + 1)
         # Special tokens are never text inside a document: xgrammar treats empty entries as such.
-        vocab = [b"" if i in special else self.tokenizer.decode_bytes([i]) for i in range(n)]
-        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=max(self.vocab_size, n),
+        return [b"" if i in special else self.tokenizer.decode_bytes([i]) for i in range(n)]
+
+    @functools.cached_property
+    def _compiler(self):
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo(self._vocab, xgr.VocabType.RAW, vocab_size=max(self.vocab_size, len(self._vocab)),
                                  stop_token_ids=sorted(self.tokenizer.stop_ids))
         return xgr.GrammarCompiler(info, max_threads=1)
+
+    @functools.cached_property
+    def _plain_tokens(self) -> torch.Tensor:
+        """xgrammar's token bitmask (bit i of word i // 32 for token i) of the tokens without a control character
+        (bytes 0-31). Compact JSON has none outside strings, and a string must escape them; xgrammar 0.2.9 lets a
+        tab or \\x01 into a string that has minLength or maxLength, and the document then fails to parse."""
+        plain = np.ones(-(-max(self.vocab_size, len(self._vocab)) // 32) * 32, dtype=np.uint64)
+        plain[:len(self._vocab)] = [not any(byte < 32 for byte in piece) for piece in self._vocab]
+        words = (plain.reshape(-1, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
+        return torch.from_numpy(words.astype(np.uint32).view(np.int32)).unsqueeze(0)
 
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
@@ -157,7 +173,7 @@ class JsonGrammars:
         check_enforceable(schema)
         with self._lock:
             compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
-        return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size)
+        return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._plain_tokens)
 
     @functools.lru_cache(maxsize=64)
     def _compile(self, schema_text: str):

@@ -124,3 +124,25 @@ def test_documents_decoded_under_common_schemas_validate(grammars):
                 Record.model_validate(document)
             checked += 1
     assert checked >= 10  # most random walks end within the budget
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "minLength": 2}, {"type": "string", "maxLength": 9},
+                                    {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}])
+def test_no_raw_control_character_is_ever_allowed(grammars, schema):
+    """JSON strings must escape control characters; xgrammar lets a raw tab into a string with a length bound."""
+    import xgrammar as xgr
+
+    tokenizer = grammars.tokenizer
+    opening = tokenizer.encode('{"s": "a' if schema["type"] == "object" else '"a', bos=False, eos=False)
+    tab, plain = (tokenizer.encode(text, bos=False, eos=False)[0] for text in ("\t", "b"))
+    raw = xgr.GrammarMatcher(grammars._compile(json.dumps(schema, sort_keys=True)))
+    constraint = grammars.constraint(schema)
+    for token in opening:
+        assert raw.accept_token(token)
+        constraint.accept(token)
+    allowed = constraint.mask(torch.zeros(128256)) > -float("inf")
+    assert allowed[plain] and not allowed[tab]
+    controls = [t for t in range(128000) if any(b < 32 for b in tokenizer.decode_bytes([t]))]
+    assert len(controls) > 1000 and not allowed[controls].any()
+    if "Length" in json.dumps(schema):
+        assert raw.accept_token(tab)  # why the mask is needed: the grammar alone takes it
