@@ -15,7 +15,7 @@ from herd.generate.sampling import SamplingParams
 from herd.generate.structured import JsonGrammars
 from herd.model.llama import Transformer
 from herd.tokenizer.template import TemplateChatFormat
-from herd.tokenizer.tool_calls import call_schema, calls_to_text
+from herd.tokenizer.tool_calls import call_schema, call_texts
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -122,7 +122,7 @@ class LLM:
         if tools and "tools" not in template:
             messages, tools = with_tool_prompts(list(messages), tools, "json"), None
         if "tool_calls" not in template:
-            messages = [{**m, "content": (m.get("content") or "") + calls_to_text(m["tool_calls"], "json")}
+            messages = [{**m, "content": (m.get("content") or "") + "".join(call_texts(m["tool_calls"], "json"))}
                         if m.get("tool_calls") else m for m in messages]
         messages = [{**m, "content": m.get("content") or ""} for m in messages]
         return self.chat_format.encode_dialog(messages, tools=tools)

@@ -15,7 +15,7 @@ from herd.tokenizer import TokenizerError
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.llama3 import Llama3Tokenizer
 from herd.tokenizer.template import TemplateChatFormat
-from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, calls_to_text, parse_calls
+from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_texts, parse_calls
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
 Message = dict[str, Any]
@@ -79,7 +79,8 @@ class ChatFormat:
             # llama-models, so that history re-encodes as the model wrote it.
             if any(c["function"]["name"] in BUILTIN_TOOLS for c in calls):
                 ids.append(self._python_tag)
-            ids += self._text(calls_to_text(calls, tool_prompt_format))
+            for text in call_texts(calls, tool_prompt_format):
+                ids += self._text(text)
         eom = role == "assistant" and message.get("stop_reason") == "end_of_message"
         return ids + [self._eom if eom else self._eot]
 

@@ -69,12 +69,14 @@ def call_arguments(call: Call) -> dict[str, Any]:
     return arguments
 
 
-def calls_to_text(calls: list[Call], tool_prompt_format: str) -> str:
-    """What the model would have written to make `calls`."""
+def call_texts(calls: list[Call], tool_prompt_format: str) -> list[str]:
+    """What the model would have written to make `calls`, one piece per call (llama-models tokenizes each call on
+    its own, so a piece boundary is a token boundary); custom calls in a Python list are one piece, the list that
+    Llama 3.2's prompt asks for (llama-models writes one list per call instead)."""
     named = [(c["function"]["name"], call_arguments(c)) for c in calls]
     if tool_prompt_format == "python_list" and not any(name in BUILTIN_TOOLS for name, _ in named):
-        return "[" + ", ".join(f"{name}({_python_kwargs(args)})" for name, args in named) + "]"
-    return "".join(_call_to_text(name, args, tool_prompt_format) for name, args in named)
+        return ["[" + ", ".join(f"{name}({_python_kwargs(args)})" for name, args in named) + "]"]
+    return [_call_to_text(name, args, tool_prompt_format) for name, args in named]
 
 
 def _call_to_text(name: str, arguments: dict[str, Any], tool_prompt_format: str) -> str:

@@ -99,6 +99,10 @@ def test_dialogs_match_reference(fmt, meta_fmt, name):
         ("function_tag", [call("trending_songs", n=10, genre="all")]),
         ("python_list", [call("get_weather", city="San Francisco", metric="celsius")]),
         ("python_list", [call("lookup", ids=[1, 2], exact=True, limit=None, ratio=0.5)]),
+        # Several calls: each is tokenized on its own, as the reference does ("}</function><function=" and "}{"
+        # are then not merged across the boundary).
+        ("function_tag", [call("get_w", a=True, n=1), call("f2"), call("lookup", q="x")]),
+        ("json", [call("get_w", city="Paris"), call("f2", n=0.5)]),
     ],
 )
 def test_custom_tool_calls_in_history_match_reference(fmt, meta_fmt, tool_prompt_format, calls):
@@ -380,6 +384,11 @@ def test_python_list_reply_with_several_calls(fmt, meta_fmt):
     assert calls[0] == (first.tool_name, first.arguments)  # the reference keeps only the first
     assert calls[1] == ("get_weather", {"city": "Seattle", "metric": "celsius"})
     assert ours["stop_reason"] == "end_of_turn"
+    # Re-encoded as one list, the form Llama 3.2's prompt asks for (the reference writes one list per call,
+    # "[get_weather(...)][get_weather(...)]", which its own decoder reads as the first call alone).
+    ids = fmt.encode_message(ours, "python_list")
+    assert fmt.tokenizer.decode(ids).endswith('\n\n[get_weather(city="San Francisco", metric="celsius"), '
+                                              'get_weather(city="Seattle", metric="celsius")]<|eot_id|>')
 
 
 def test_function_tag_with_nested_arguments(fmt):
