@@ -7,6 +7,9 @@ from typing import Any
 
 @dataclass
 class Document:
+    """`id` is unique within a run (stages and de-duplication plans name documents by it); `name` is the input
+    record's own id, which inputs need not keep unique (two shards of one dataset both counting from 0)."""
+
     id: str
     text: str
     source: str = ""  # the input file (and member/record) it came from
@@ -14,6 +17,12 @@ class Document:
     lang: str | None = None
     scores: dict[str, float] = field(default_factory=dict)  # e.g. lang confidence, quality, domain probabilities
     meta: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    @property
+    def public_id(self) -> str:
+        """The id outputs show: the record's own where it had one."""
+        return self.id if self.name is None else self.name
 
 
 @dataclass(frozen=True)

@@ -203,8 +203,10 @@ def process_unit(task: Task) -> None:
             doc = before[d.id]
             tokens = len(encode_document(tokenizer, doc.text, config.shards)) if doc.text else 0
             tally.add_dropped(stage.name, d.reason, doc.lang, doc.meta.get("domain"), tokens,
-                              len(doc.text.encode("utf-8")), {"id": doc.id, "source": doc.source, "text": doc.text})
-            dropped.append(_dropped_record(dataclasses.replace(d, stage=stage.name, source=doc.source)))
+                              len(doc.text.encode("utf-8")), {"id": doc.public_id, "source": doc.source,
+                                                              "text": doc.text})
+            dropped.append(_dropped_record(dataclasses.replace(d, id=doc.public_id, stage=stage.name,
+                                                               source=doc.source)))
         docs = result.kept
 
     if k > 0:
@@ -228,6 +230,7 @@ def process_unit(task: Task) -> None:
         with atomic_output(task.path("offsets.npy")) as tmp, open(tmp, "wb") as fh:
             np.save(fh, offsets)
         done["mix"] = [[d.id, d.meta.get("domain") or "general", len(t)] for d, t in zip(docs, encoded)]
+        done["names"] = [d.public_id for d in docs]  # what the shards name each document by, as kept.jsonl does
     _write_json(task.path("done.json"), done)
 
 
@@ -339,15 +342,15 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                 repeats = plan.repeats[doc.id] if plan else 1
                 if repeats == 0:
                     tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes,
-                                      {"id": doc.id, "source": doc.source, "text": doc.text})
-                    gone = Dropped(doc.id, MIX_STAGE, "downsampled", doc.url, doc.source)
+                                      {"id": doc.public_id, "source": doc.source, "text": doc.text})
+                    gone = Dropped(doc.public_id, MIX_STAGE, "downsampled", doc.url, doc.source)
                     mix_dropped.append(_dropped_record(gone))
                     continue
                 tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
                 kept["docs"] += 1
                 kept["tokens"] += n
                 kept["bytes"] += nbytes
-                record = {"id": doc.id, "url": doc.url, "text": doc.text, "lang": doc.lang, "scores": doc.scores}
+                record = {"id": doc.public_id, "url": doc.url, "text": doc.text, "lang": doc.lang, "scores": doc.scores}
                 if "domain" in doc.meta:
                     record["domain"] = doc.meta["domain"]
                 if plan:
@@ -373,9 +376,9 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
             # mapped, not read: from the second pass on most documents are skipped
             tokens = np.load(work / last / f"{u}.tokens.npy", mmap_mode="r")
             offsets = np.load(work / last / f"{u}.offsets.npy", mmap_mode="r")
-            for j, (did, _, _) in enumerate(done[u]["mix"]):
+            for j, ((did, _, _), name) in enumerate(zip(done[u]["mix"], done[u]["names"])):
                 if (plan.repeats[did] if plan else 1) >= p:
-                    writer.add(did, tokens[offsets[j]:offsets[j + 1]])
+                    writer.add(name, tokens[offsets[j]:offsets[j + 1]])
     manifest = writer.close()
 
     mix_report = None

@@ -145,6 +145,18 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 # --- formats -------------------------------------------------------------------------------------
 
 
+# JSON may escape half of a UTF-16 pair (\ud800), which decodes to a str no file, tokenizer or report can encode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _encodable(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dropped]:
     """One document per line; `source` (and so a drop record) names the file and the 1-based line."""
     n = 0
@@ -168,7 +180,11 @@ def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dro
             if not isinstance(rec, dict):
                 yield Dropped(doc_id(src), STAGE, "not_an_object", source=src)
                 continue
-            rid = str(rec["id"]) if rec.get("id") is not None else doc_id(src)
+            if _SURROGATE_ESCAPE.search(raw) and not _encodable(rec):
+                yield Dropped(doc_id(src), STAGE, "unpaired_surrogate", source=src)
+                continue
+            name = str(rec["id"]) if rec.get("id") is not None else None
+            rid = doc_id(src) if name is None else name
             url = rec.get("url") if isinstance(rec.get("url"), str) else None
             text = rec.get("text")
             if text is None:
@@ -177,7 +193,8 @@ def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dro
                 yield Dropped(rid, STAGE, "text_not_a_string", url, src)
             else:
                 meta = {k: v for k, v in rec.items() if k not in ("id", "text", "url")}
-                yield Document(rid, text, src, url, meta=meta)
+                # The record's own id may repeat in another input (or this one): its place makes it unique.
+                yield Document(doc_id(src) if name is None else f"{name}@{src}", text, src, url, meta=meta, name=name)
     except Truncated:
         src = f"{source}:{n + 1}"  # the line the stream was cut in
         yield Dropped(doc_id(f"{src}:truncated"), STAGE, "truncated_input", source=src)

@@ -98,7 +98,7 @@ class FailOnce:
     def __call__(self, docs):
         from herd.data.document import StageResult
 
-        if Path(self.flag).exists() and any(d.id == self.doc for d in docs):
+        if Path(self.flag).exists() and any(d.public_id == self.doc for d in docs):
             raise RuntimeError("injected failure")
         return StageResult(docs, [])
 

@@ -79,6 +79,12 @@ def test_malformed_records_are_dropped_at_read_with_a_reason_and_nothing_else_is
     assert result.report["stages"][0]["docs_dropped"] == sum(read_reasons.values())
 
 
+def first_of(reason: str) -> str:
+    """The record id in a reason such as "exact_duplicate_of:d17@/path/a.jsonl:17"."""
+    first = reason.split(":", 1)[1]
+    return first.rsplit("@", 1)[0]
+
+
 def test_duplicates_are_removed_by_the_stage_meant_for_them(default_run, planted_corpus):
     _, result, kept, dropped = default_run
     order = [r["stage"] for r in result.report["stages"]]
@@ -94,11 +100,11 @@ def test_duplicates_are_removed_by_the_stage_meant_for_them(default_run, planted
         assert len(both) >= len(planted) / 2, stage
         caught = [c for c in both if dropped.get(c, {}).get("stage") == stage]
         assert len(caught) >= recall * len(both), (stage, sorted(set(both) - set(caught)))
-        # the reason names the first occurrence, which is the original
-        assert all(dropped[c]["reason"].endswith(":" + planted[c]) for c in caught), stage
+        # the reason names the first occurrence, which is the original: its own id at its place in the input
+        assert all(first_of(dropped[c]["reason"]) == planted[c] for c in caught), stage
         # precision: the stage drops nothing but the planted copies, and (near-duplicates) documents at
         # least 0.6 similar to the one named, the zone where either call is right (see test_dedup)
-        others = {i: r["reason"].split(":", 1)[1] for i, r in dropped.items() if r["stage"] == stage}.items()
+        others = {i: first_of(r["reason"]) for i, r in dropped.items() if r["stage"] == stage}.items()
         others = [(i, first) for i, first in others if i not in planted]
         by_id = planted_corpus.by_id()
         assert stage == "minhash_dedup" or not others, stage
@@ -306,3 +312,27 @@ def test_cli_run_then_report(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "o")])
     assert result.exit_code == 0 and "exact_dedup" in result.output
     assert (tmp_path / "o" / "report.png").exists()
+
+
+def test_inputs_may_repeat_each_others_ids(tmp_path):
+    """Two shards of one dataset both count from 0; a line escapes half of a UTF-16 pair. The run keeps every
+    record's own id, drops only the real duplicate (naming its original's place) and the unencodable line."""
+    from herd.data.config import ShardConfig
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"id": str(i), "text": f"first shard, text {i}"}) + "\n" for i in range(4)))
+    b.write_text("".join(json.dumps({"id": str(i), "text": f"second shard, text {i}"}) + "\n" for i in range(3))
+                 + json.dumps({"id": "0", "text": "first shard, text 2"}) + "\n"  # a copy of a.jsonl's third
+                 + '{"id": "9", "text": "half a pair \\ud800 here"}\n')
+    config = dataclasses.replace(default_config(), stages=(StageSpec("exact_dedup"),),
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"), docs_per_unit=2)
+    out = tmp_path / "out"
+    pipeline.run([a, b], out, config, LocalExecutor(1, progress=False))
+    kept, dropped = jsonl(out / "kept.jsonl"), jsonl(out / "dropped.jsonl")
+    assert [(r["id"], r["text"]) for r in kept] == [(str(i), f"first shard, text {i}") for i in range(4)] + [
+        (str(i), f"second shard, text {i}") for i in range(3)]
+    assert sorted((r["id"], r["reason"].split("@")[0], r["source"]) for r in dropped) == [
+        ("0", "exact_duplicate_of:2", f"{b}:4"), (pipeline.doc_id(f"{b}:5"), "unpaired_surrogate", f"{b}:5")]
+    assert dropped[0]["reason"].endswith(f"@{a}:3") or dropped[1]["reason"].endswith(f"@{a}:3")
+    shards = TokenShards(out, verify=True)
+    assert [shards.doc_id(i) for i in range(len(shards))] == [r["id"] for r in kept]

@@ -29,7 +29,7 @@ def split(items):
 def test_jsonl_shards_round_trip(planted_corpus):
     docs = [d for f in planted_corpus.files for d in read(f)]
     assert all(isinstance(d, Document) for d in docs)
-    assert [d.id for d in docs] == [d.id for d in planted_corpus.docs]
+    assert [d.public_id for d in docs] == [d.public_id for d in planted_corpus.docs]
     assert [d.text for d in docs] == [d.text for d in planted_corpus.docs]
     assert all(d.source.startswith(str(planted_corpus.files[0].parent)) for d in docs)
 
@@ -49,7 +49,7 @@ def test_jsonl_malformed_records_are_dropped_with_reasons(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     docs, dropped = split(list(read(path)))
-    assert [d.id for d in docs] == ["a", doc_id(f"{path}:7"), "z"]
+    assert [d.public_id for d in docs] == ["a", doc_id(f"{path}:7"), "z"]
     assert docs[0].url == "https://example.org/a" and docs[0].source == f"{path}:1"
     assert {(x.id, x.reason, x.source) for x in dropped} == {
         (doc_id(f"{path}:2"), "invalid_utf8", f"{path}:2"),
@@ -75,7 +75,7 @@ def test_truncated_gzip_yields_what_was_readable_then_one_drop(tmp_path):
     expected = [json.loads(line)["id"] for line in readable.split(b"\n")[:-1]]
     docs, dropped = split(list(read(path)))
     assert 0 < len(expected) < 400
-    assert [d.id for d in docs] == expected
+    assert [d.public_id for d in docs] == expected
     assert [x.reason for x in dropped] == ["truncated_input"]
 
 
@@ -89,8 +89,8 @@ def test_zstd_and_gzip_wrap_every_format(tmp_path):
         b"<html><head><link rel='canonical' href='https://example.org/d'></head><body><article><p>"
         + b"Compressed HTML with a paragraph long enough to be kept by the extractor. " * 3 + b"</p></article></body></html>"))
     ids = [json.loads(r)["id"] for r in recs]
-    assert [d.id for d in read(tmp_path / "a.jsonl.zst")] == ids
-    assert [d.id for d in read(tmp_path / "b.jsonl.gz")] == ids  # two gzip members
+    assert [d.public_id for d in read(tmp_path / "a.jsonl.zst")] == ids
+    assert [d.public_id for d in read(tmp_path / "b.jsonl.gz")] == ids  # two gzip members
     assert next(read(tmp_path / "c.txt.gz")).text == "A plain text document, compressed."
     html = next(read(tmp_path / "d.html.zstd"))
     assert html.url == "https://example.org/d" and "Compressed HTML" in html.text
@@ -99,7 +99,7 @@ def test_zstd_and_gzip_wrap_every_format(tmp_path):
     (tmp_path / "e.jsonl.zst").write_bytes(cut[: len(cut) // 2])
     docs, dropped = split(list(read(tmp_path / "e.jsonl.zst")))
     assert 0 < len(docs) < 3000 and [x.reason for x in dropped] == ["truncated_input"]
-    assert [d.id for d in docs] == [f"r{i:04d}" for i in range(len(docs))]
+    assert [d.public_id for d in docs] == [f"r{i:04d}" for i in range(len(docs))]
 
 
 def test_text_tree_with_bad_bytes_empty_files_and_no_extension(tmp_path):
@@ -118,7 +118,7 @@ def test_text_tree_with_bad_bytes_empty_files_and_no_extension(tmp_path):
     assert {(x.id, x.reason, x.source) for x in dropped} == {
         (doc_id(str(root / "empty.txt")), "empty", str(root / "empty.txt")),
         (doc_id(str(root / "blank.txt")), "empty", str(root / "blank.txt"))}
-    assert [d.id for d in read(root) if isinstance(d, Document)] == [d.id for d in docs]  # stable ids
+    assert [d.public_id for d in read(root) if isinstance(d, Document)] == [d.public_id for d in docs]  # stable ids
 
 
 def test_html_pages_canonical_and_og_urls_and_broken_markup(tmp_path, planted_corpus):
@@ -191,7 +191,7 @@ def test_iter_inputs_is_sorted_and_read_file_runs_in_a_worker(tmp_path, planted_
         iter_inputs([tmp_path / "missing.jsonl"])
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(read_file, planted_corpus.files))
-    assert [d.id for r in results for d in r] == [d.id for d in planted_corpus.docs]
+    assert [d.public_id for r in results for d in r] == [d.public_id for d in planted_corpus.docs]
 
 
 def test_binary_files_in_a_text_tree_are_dropped_not_read(tmp_path):
@@ -253,15 +253,15 @@ def test_seeded_malformed_jsonl_every_drop_names_file_and_line(tmp_path, seed):
     line_of = lambda src: int(src.rsplit(":", 1)[1])  # noqa: E731
     assert all(x.source.startswith(f"{path}:") for x in docs + dropped)
     assert {line_of(d.source): _GOOD for d in docs} | {line_of(x.source): x.reason for x in dropped} == expect
-    assert [d.id for d in docs] == [f"L{i}" for i, k in sorted(expect.items()) if k == _GOOD]
+    assert [d.public_id for d in docs] == [f"L{i}" for i, k in sorted(expect.items()) if k == _GOOD]
     # the text survives a BOM or a CR line end intact
-    assert all(d.text.startswith(f"line {d.id[1:]}: ") and not d.text.endswith("\r") for d in docs)
+    assert all(d.text.startswith(f"line {d.public_id[1:]}: ") and not d.text.endswith("\r") for d in docs)
     # gzip-compressed and cut mid-way: what was readable, then one drop naming the line it was cut in
     gz = gzip.compress(data)
     cut = tmp_path / f"gen-{seed}.jsonl.gz"
     cut.write_bytes(gz[: len(gz) * 2 // 3])
     cut_docs, cut_dropped = split(list(read(cut)))
-    assert [d.id for d in cut_docs] == [d.id for d in docs[: len(cut_docs)]] and 0 < len(cut_docs) < len(docs)
+    assert [d.public_id for d in cut_docs] == [d.public_id for d in docs[: len(cut_docs)]] and 0 < len(cut_docs) < len(docs)
     last = cut_dropped[-1]
     assert last.reason == "truncated_input" and last.source.startswith(f"{cut}:")
     assert line_of(last.source) > max(line_of(x.source) for x in cut_docs + cut_dropped[:-1])
@@ -273,6 +273,6 @@ def test_bom_opens_every_format(tmp_path):
     (tmp_path / "b.txt").write_bytes(bom + "Plain text with a byte-order mark.".encode())
     page = b"<!doctype html><html><body><p>A page that starts with a BOM.</p></body></html>"
     (tmp_path / "c.html").write_bytes(bom + page)
-    assert [d.id for d in read(tmp_path / "a.jsonl")] == ["first", "b"]
+    assert [d.public_id for d in read(tmp_path / "a.jsonl")] == ["first", "b"]
     assert next(read(tmp_path / "b.txt")).text == "Plain text with a byte-order mark."
     assert next(read(tmp_path / "c.html")).text == "A page that starts with a BOM."

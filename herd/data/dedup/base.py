@@ -1,7 +1,7 @@
 """Two-phase de-duplication: `keys` per batch in workers, one global `plan` in order, `apply` per batch.
 
 The plan step sees signatures only (64-bit ints, MinHash bytes), never texts, so it fits in memory
-for many millions of documents. Document ids must be unique: the plan names documents by id.
+for many millions of documents. The plan names documents by id, unique within a run (Document.id).
 """
 from __future__ import annotations
 
