@@ -224,20 +224,27 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
         tokenizer, _ = load_dir_tokenizer(directory, prefer="tokenizer.json")
         blocks = {name: ("herd", module) for name, module in modules.items()}
         return Checkpoint(config, state, "hf", tokenizer, directory, {"quantization": scheme}, blocks)
+    fp8 = _fp8_scaled(cfg, str(directory))
     files = _weight_files(directory)
     entries = {}
     for path in sorted(set(files.values())):
         handle = _open(path)
         for name in handle.keys():
-            if files.get(name) != path:
+            if files.get(name) != path or fp8 and name.endswith(_FP8_SCALE):
                 continue
             target = meta_name(name)
             if target is None:
                 continue
             part = handle.get_slice(name)
-            entries[target] = LazyTensor(tuple(part.get_shape()), _reader(path, name, _rotary_heads(target, config)),
-                                         dtype, SAFETENSORS_DTYPES.get(part.get_dtype()))
-    missing = sorted(n for n, p in files.items() if meta_name(n) and meta_name(n) not in entries)
+            heads, stored = _rotary_heads(target, config), SAFETENSORS_DTYPES.get(part.get_dtype())
+            scale = name + _FP8_SCALE.removeprefix(".weight") if fp8 and stored == torch.float8_e4m3fn else None
+            if scale is not None and scale not in files:
+                raise CheckpointError(f"{path}: {name} is FP8 but {scale} is missing; download every shard")
+            read = _reader(path, name, heads) if scale is None else _fp8_reader(path, name, files[scale], scale, heads)
+            entries[target] = LazyTensor(tuple(part.get_shape()), read, dtype,
+                                         stored if scale is None else torch.float32)
+    missing = sorted(n for n, p in files.items() if meta_name(n) and meta_name(n) not in entries
+                     and not (fp8 and n.endswith(_FP8_SCALE)))
     if missing:
         raise CheckpointError(f"{files[missing[0]]}: tensor {missing[0]} is listed in the index but not in the file")
     state = LazyStateDict(entries)
@@ -248,6 +255,37 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
     tokenizer, note = load_dir_tokenizer(directory, prefer="tokenizer.json")
     meta = {"files": len(set(files.values())), "dtype": cfg.get("torch_dtype") or cfg.get("dtype")}
     return Checkpoint(config, state, "hf", tokenizer, directory, meta | ({"tokenizer_note": note} if note else {}))
+
+
+# Meta's FP8 release of Llama 3.1 (quant_method "fbgemm_fp8"): each quantized linear's weight is e4m3 codes
+# beside a "<name>_scale" of one float32 per output row; the layers listed in modules_to_not_convert stay bf16.
+_FP8_SCALE = ".weight_scale"
+
+
+def _fp8_scaled(cfg: dict, where: str) -> bool:
+    """Whether config.json declares Meta's FP8 weights; CheckpointError for any other quantization."""
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    if method in (None, "fbgemm_fp8"):
+        return method is not None
+    raise CheckpointError(f"{where}: config.json says the weights are quantized with {method!r}; herd reads float "
+                          "and FP8 (fbgemm_fp8) Hugging Face weights, GGUF files and `herd quantize` output: use one "
+                          "of those copies of this model")
+
+
+def _fp8_reader(path: Path, name: str, scale_path: Path, scale_name: str, heads: int | None):
+    """The weight as float32, codes times their row's scale, exactly (an e4m3 code times a float32 scale rounds
+    once); `herd.load(..., quantize="fp8")` turns it back into the same codes where a row's largest code is 448."""
+    def read() -> torch.Tensor:
+        with safe_open(str(path), framework="pt", device="cpu", backend="pread") as f:
+            codes = f.get_tensor(name)
+        with safe_open(str(scale_path), framework="pt", device="cpu", backend="pread") as f:
+            scale = f.get_tensor(scale_name).float().reshape(-1, 1)
+        if scale.shape[0] != codes.shape[0]:
+            raise CheckpointError(f"{scale_path}: {scale_name} has {scale.shape[0]} scales for {codes.shape[0]} rows")
+        weight = codes.float() * scale
+        return weight if heads is None else to_meta_rows(weight, heads)
+
+    return read
 
 
 def _reader(path: Path, name: str, heads: int | None):

@@ -48,3 +48,64 @@ def test_logits_match_for_other_rope_settings_through_meta(make_hf, tmp_path, ro
     assert ckpt.config.rope_scaling == load_checkpoint(directory).config.rope_scaling
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     assert_same_logits(reference, ckpt, tokens)
+
+
+def as_meta_fp8(reference, directory, keep=("model.layers.0.self_attn.",)):
+    """Rewrite `directory` as Meta's FP8 release of Llama 3.1 lays it out (quant_method fbgemm_fp8): every linear
+    but those under `keep` as e4m3 codes with a float32 `weight_scale` of one per row ([N, 1]), a row's largest
+    weight at 448. `reference` takes the weights the codes stand for. Returns {HF name: codes}."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors, codes = {}, {}
+    with torch.no_grad():
+        for name, weight in reference.state_dict().items():
+            if not name.endswith("_proj.weight") or name.startswith(keep):
+                tensors[name] = weight.contiguous()
+                continue
+            scale = weight.abs().amax(dim=1, keepdim=True) / 448
+            codes[name] = (weight / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            tensors[name], tensors[name + "_scale"] = codes[name], scale
+            weight.copy_(codes[name].float() * scale)
+    for stale in directory.glob("model*.safetensors*"):
+        stale.unlink()
+    save_file(tensors, directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                     "modules_to_not_convert": [k.rstrip(".") for k in keep]}
+    (directory / "config.json").write_text(json.dumps(config))
+    return codes
+
+
+def test_meta_fp8_weights_load(make_hf):
+    from herd.checkpoint.hf import meta_name, to_meta_rows
+    from herd.quant.fp8 import FP8Linear
+    from herd.quant.load import build_quantized
+
+    reference, directory = make_hf()
+    codes = as_meta_fp8(reference, directory)
+    ckpt = load_checkpoint(directory)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert_same_logits(reference, ckpt, tokens)
+    # Quantized again as FP8, each layer gets back the codes it was stored with.
+    model = build_quantized(load_checkpoint(directory), "fp8", "cpu")
+    modules = dict(model.named_modules())
+    for name, stored in codes.items():
+        target = meta_name(name).removesuffix(".weight")
+        heads = {"wq": 4, "wk": 2}.get(target.rsplit(".", 1)[1])
+        expected = stored.float() if heads is None else to_meta_rows(stored.float(), heads)
+        assert isinstance(modules[target], FP8Linear) and torch.equal(modules[target].codes.float(), expected), name
+
+
+def test_other_quantized_checkpoints_are_refused_by_name(make_hf):
+    import json
+
+    from herd.checkpoint import CheckpointError
+
+    _, directory = make_hf()
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantized with 'gptq'"):
+        load_checkpoint(directory)
