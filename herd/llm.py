@@ -116,6 +116,9 @@ class LLM:
                     tool_prompt_format: str = "json") -> list[int]:
         """The prompt ids for the assistant's next turn. A checkpoint's own chat template that knows nothing of
         tools gets Llama 3.1's tool instructions as messages, and earlier calls written into the assistant's text."""
+        if isinstance(messages, (str, dict)) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise TypeError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
+                            f"{messages!r:.80}")
         if not isinstance(self.chat_format, TemplateChatFormat):
             return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
         template = self.chat_format.tokenizer.chat_template

@@ -59,3 +59,19 @@ def test_the_engine_is_built_once_with_the_settings_given(monkeypatch):
     llm = _load(None, "auto", None, 64, EngineConfig(max_batch=5))
     assert built == [llm.generator.config] and llm.generator.config.kv_cache_bytes == 64 << 20
     assert llm.generator.config.max_batch == 5
+
+
+def test_wrong_argument_types_are_named():
+    import numpy as np
+    import pytest
+
+    llm = tiny_llm()
+    for messages in ([], "hello", {"role": "user", "content": "hi"}, ["hi"]):
+        with pytest.raises(TypeError, match="messages must be a non-empty list of"):
+            llm.chat(messages, max_tokens=2)
+    for field, value, kind in (("seed", "7", "an integer"), ("max_tokens", 2.0, "an integer"),
+                               ("temperature", True, "a number"), ("top_p", "0.9", "a number")):
+        with pytest.raises(TypeError, match=f"{field} must be {kind}, got"):
+            llm.generate("Hello", **{field: value})
+    # numpy's scalars are numbers too
+    assert len(llm.generate("Hello", max_tokens=np.int64(3), temperature=np.float32(0), ignore_eos=True).tokens) == 3

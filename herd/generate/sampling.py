@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
+
+
+# The numeric fields and the types they take (a bool is refused: True is no temperature).
+_NUMBERS = {"max_tokens": Integral, "temperature": Real, "top_p": Real, "top_k": Integral, "min_p": Real,
+            "presence_penalty": Real, "frequency_penalty": Real, "repetition_penalty": Real, "seed": Integral,
+            "logprobs": Integral, "prompt_logprobs": Integral}
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,10 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
 
     def __post_init__(self):
+        for name, kind in _NUMBERS.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise TypeError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
