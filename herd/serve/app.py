@@ -227,7 +227,8 @@ def budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> i
 
 # -- running the engine from asyncio ------------------------------------------------------------------------
 
-async def grammar_constraints(state: ServerState, schema: dict[str, Any] | None, count: int):
+async def grammar_constraints(state: ServerState, schema: dict[str, Any] | None, count: int,
+                              param: str = "response_format"):
     """`count` matchers of `schema` ({} for any JSON object), or None without one. Compiled on a worker thread
     (xgrammar lets go of the GIL): other streams go on meanwhile, and the first compile builds the vocabulary's
     tables."""
@@ -236,7 +237,7 @@ async def grammar_constraints(state: ServerState, schema: dict[str, Any] | None,
     try:
         return await asyncio.to_thread(lambda: [state.grammars.constraint(schema or None) for _ in range(count)])
     except GrammarError as error:
-        raise APIError(400, str(error), param="response_format") from None
+        raise APIError(400, str(error), param=param) from None
 
 
 class Run:
@@ -414,8 +415,8 @@ async def chat_completions(request: Request):
         raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
     max_tokens = budget(state, [prompt], body.max_completion_tokens or body.max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    schema = _output_schema(body) if use_tools or body.response_format else None
-    constraints = await grammar_constraints(state, schema, body.n)
+    schema, source = _output_schema(body) if use_tools or body.response_format else (None, None)
+    constraints = await grammar_constraints(state, schema, body.n, source)
     run = Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
@@ -496,23 +497,23 @@ def _refused(request: Request, shields, body: ChatCompletionRequest):
     return sse_response(events())
 
 
-def _output_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
-    """The JSON schema decoding must follow ({} for any object), or None for free text."""
+def _output_schema(body: ChatCompletionRequest) -> tuple[dict[str, Any] | None, str | None]:
+    """The JSON schema decoding must follow ({} for any object; None for free text), and the field it came from."""
     choice = body.tool_choice
     if body.tools and (choice == "required" or not isinstance(choice, (str, type(None)))):
         wanted = choice.function.get("name") if not isinstance(choice, str) else None
         try:
-            return call_schema([t.model_dump() for t in body.tools], wanted)
+            return call_schema([t.model_dump() for t in body.tools], wanted), "tools"
         except ValueError as error:
             raise APIError(400, str(error), param="tool_choice") from None
     form = body.response_format
     if form is None or form.type == "text":
-        return None
+        return None, None
     if form.type == "json_schema":
         if form.json_schema is None or not form.json_schema.schema_:
             raise APIError(400, "response_format json_schema needs a schema", param="response_format")
-        return form.json_schema.schema_
-    return {}
+        return form.json_schema.schema_, "response_format"
+    return {}, "response_format"
 
 
 class ToolStreamer:

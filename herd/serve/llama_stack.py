@@ -289,8 +289,9 @@ class _Chats:
                                                  config.tool_prompt_format or "json") for messages in conversations]
         except (ValueError, KeyError, TypeError) as error:
             raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
-        schema = _schema_of(body)
+        schema, self.schema_param = _schema_of(body), "response_format"
         if self.tools and config.tool_choice not in ("auto", "none"):
+            self.schema_param = "tools"
             try:
                 schema = call_schema(self.tools, None if config.tool_choice == "required" else config.tool_choice)
             except ValueError as error:
@@ -300,7 +301,7 @@ class _Chats:
         self.logprobs = body.logprobs is not None
 
     async def start(self, request: Request) -> _Chats:
-        constraints = await grammar_constraints(self.state, self.schema, len(self.prompts))
+        constraints = await grammar_constraints(self.state, self.schema, len(self.prompts), self.schema_param)
         self.run = Run(self.state, self.prompts, _sampling(self.body, self.max_tokens), 1, constraints)
         return self
 

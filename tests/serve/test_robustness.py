@@ -106,6 +106,20 @@ def test_a_bad_field_is_named_in_its_error(tiny, field, value, names):
     assert names in answer.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "number", "multipleOf": 0.5}}}}}], "tool_choice": "required"},
+     "tools"),
+])
+def test_a_schema_decoding_cannot_enforce_is_a_400_naming_its_field(tiny, extra, param):
+    answer = post(tiny, {**GOOD, **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and "cannot be enforced" in error["message"]
+
+
 def test_completions_errors_and_keys(tiny):
     assert post(tiny, {"model": NAME, "prompt": [], "max_tokens": 2}, path="/v1/completions").status_code == 400
     assert post(tiny, {"model": NAME, "prompt": [999999], "max_tokens": 2}, path="/v1/completions").status_code == 400
