@@ -204,7 +204,7 @@ def _read_single(chunks: Iterator[bytes], source: str, suffix: str, extractor: s
     """Plain text or HTML: the whole file is one document."""
     did = doc_id(source)
     data, truncated = _read_all(chunks)
-    data = data.removeprefix(_BOM)
+    data = _as_utf8(data.removeprefix(_BOM))
     reason = None
     if truncated:  # one document cut mid-way is not a document; its readable part is not kept
         reason = "truncated_input"
@@ -219,6 +219,16 @@ def _read_single(chunks: Iterator[bytes], source: str, suffix: str, extractor: s
     if reason is None and doc is None:
         reason = "no_text"
     yield Dropped(did, STAGE, reason, source=source) if reason else doc
+
+
+def _as_utf8(data: bytes) -> bytes:
+    """UTF-16 text (a byte-order mark first, as Windows tools write it) as UTF-8; other bytes as they are."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            return data.decode("utf-16").encode()
+        except UnicodeError:  # no text after all, or the file ends mid-character: let the checks below say which
+            pass
+    return data
 
 
 def _decode(data: bytes) -> tuple[str, int]:

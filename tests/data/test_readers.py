@@ -276,3 +276,16 @@ def test_bom_opens_every_format(tmp_path):
     assert [d.public_id for d in read(tmp_path / "a.jsonl")] == ["first", "b"]
     assert next(read(tmp_path / "b.txt")).text == "Plain text with a byte-order mark."
     assert next(read(tmp_path / "c.html")).text == "A page that starts with a BOM."
+
+
+def test_utf16_text_and_pages_are_read_as_text(tmp_path):
+    """Windows tools write UTF-16 with a byte-order mark; its NUL bytes had made such files "binary"."""
+    text = "Plain text in UTF-16, café and 日本語."
+    (tmp_path / "le.txt").write_bytes(text.encode("utf-16"))  # the platform's order, with its BOM
+    (tmp_path / "be.txt").write_bytes(b"\xfe\xff" + text.encode("utf-16-be"))
+    page = "<html><head><meta charset='utf-16'></head><body><p>Une page en UTF-16, été.</p></body></html>"
+    (tmp_path / "p.html").write_bytes(page.encode("utf-16"))
+    (tmp_path / "odd.txt").write_bytes(b"\xff\xfe" + "cut".encode("utf-16-le") + b"\x00")  # ends mid-character
+    assert next(read(tmp_path / "le.txt")).text == next(read(tmp_path / "be.txt")).text == text
+    assert next(read(tmp_path / "p.html")).text == "Une page en UTF-16, été."
+    assert next(read(tmp_path / "odd.txt")).reason == "binary"
