@@ -9,6 +9,7 @@ import functools
 import json
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,11 @@ def _unenforceable(schema: dict[str, Any]) -> str | None:
     keys = set(schema) - _ANNOTATIONS
     if found := sorted(keys & {"not", "if", "then", "else"}):
         return f"'{found[0]}' cannot be enforced while decoding: express the schema with anyOf instead"
+    if found := sorted(keys & {"dependentRequired", "dependentSchemas"}):
+        return f"'{found[0]}' cannot be enforced while decoding: make the properties required or list the cases " \
+               "with anyOf"
+    if schema.get("uniqueItems") is True:
+        return "uniqueItems cannot be enforced while decoding: check the items after, or use an object keyed by them"
     if len(schema.get("allOf") or []) > 1:
         return "allOf with more than one schema cannot be enforced while decoding: merge them into one schema"
     for union in ("anyOf", "oneOf", "allOf"):
@@ -106,7 +112,17 @@ def _unenforceable(schema: dict[str, Any]) -> str | None:
 
 
 def check_enforceable(schema: Any) -> None:
-    """GrammarError where some part of `schema` asks what decoding cannot guarantee (see `_unenforceable`)."""
+    """GrammarError where `schema` is no JSON Schema, or some part of it asks what decoding cannot guarantee (see
+    `_unenforceable`)."""
+    import jsonschema
+
+    if schema is None:  # any JSON object
+        return
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as error:
+        where = "/".join(map(str, error.absolute_path)) or "the root"
+        raise GrammarError(f"the JSON schema is invalid at {where}: {error.message}") from None
     stack = [schema] if isinstance(schema, dict) else []
     while stack:
         part = stack.pop()
@@ -115,24 +131,58 @@ def check_enforceable(schema: Any) -> None:
         stack += _subschemas(part)
 
 
+@dataclass(frozen=True)
+class TextTokens:
+    """Which tokens may carry a JSON document's text, as xgrammar token bitmasks (bit i of word i // 32: token i).
+
+    xgrammar 0.2.9 lets through bytes no JSON text may hold, and a reply then fails to parse or to validate:
+    - a raw control character (bytes 0-31) inside a string with minLength or maxLength (compact JSON has none
+      outside strings, and a string must escape them);
+    - a UTF-16 surrogate encoded in UTF-8 (ED A0-BF ..), which no UTF-8 decoder takes: it became three U+FFFD and
+      broke a maxLength. Within a token `anywhere` rules it out; across tokens, `after_ed` applies after a token
+      that ends in byte ED (those are `ends_ed`)."""
+
+    anywhere: torch.Tensor
+    after_ed: torch.Tensor
+    ends_ed: frozenset[int]
+
+    @classmethod
+    def of(cls, vocab: list[bytes], size: int) -> TextTokens:
+        def bitmask(allowed: list[bool]) -> torch.Tensor:
+            bits = np.ones(-(-size // 32) * 32, dtype=np.uint64)
+            bits[:len(allowed)] = allowed
+            words = (bits.reshape(-1, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
+            return torch.from_numpy(words.astype(np.uint32).view(np.int32)).unsqueeze(0)
+
+        anywhere = bitmask([not _CONTROL_OR_SURROGATE.search(piece) for piece in vocab])
+        after_ed = bitmask([not piece or not 0xA0 <= piece[0] <= 0xBF for piece in vocab])
+        return cls(anywhere, after_ed, frozenset(i for i, piece in enumerate(vocab) if piece.endswith(b"\xed")))
+
+
+_CONTROL_OR_SURROGATE = re.compile(rb"[\x00-\x1f]|\xed[\xa0-\xbf]")
+
+
 class JsonConstraint:
-    def __init__(self, compiled, vocab_size: int, plain_tokens: torch.Tensor):
+    def __init__(self, compiled, vocab_size: int, text: TextTokens):
         import xgrammar as xgr
 
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self.plain_tokens = plain_tokens
+        self.text, self.last_ends_ed = text, False
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        self.bitmask &= self.plain_tokens
+        self.bitmask &= self.text.anywhere
+        if self.last_ends_ed:
+            self.bitmask &= self.text.after_ed
         masked = logits.float().clone().unsqueeze(0)
         self._xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device))
         return masked[0]
 
     def accept(self, token: int) -> None:
         self.matcher.accept_token(token)
+        self.last_ends_ed = token in self.text.ends_ed
 
 
 class JsonGrammars:
@@ -158,14 +208,8 @@ class JsonGrammars:
         return xgr.GrammarCompiler(info, max_threads=1)
 
     @functools.cached_property
-    def _plain_tokens(self) -> torch.Tensor:
-        """xgrammar's token bitmask (bit i of word i // 32 for token i) of the tokens without a control character
-        (bytes 0-31). Compact JSON has none outside strings, and a string must escape them; xgrammar 0.2.9 lets a
-        tab or \\x01 into a string that has minLength or maxLength, and the document then fails to parse."""
-        plain = np.ones(-(-max(self.vocab_size, len(self._vocab)) // 32) * 32, dtype=np.uint64)
-        plain[:len(self._vocab)] = [not any(byte < 32 for byte in piece) for piece in self._vocab]
-        words = (plain.reshape(-1, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
-        return torch.from_numpy(words.astype(np.uint32).view(np.int32)).unsqueeze(0)
+    def _text_tokens(self) -> TextTokens:
+        return TextTokens.of(self._vocab, max(self.vocab_size, len(self._vocab)))
 
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
@@ -173,7 +217,7 @@ class JsonGrammars:
         check_enforceable(schema)
         with self._lock:
             compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
-        return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._plain_tokens)
+        return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
 
     @functools.lru_cache(maxsize=64)
     def _compile(self, schema_text: str):

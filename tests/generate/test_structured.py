@@ -45,6 +45,9 @@ UNENFORCEABLE = {
     "maxLength beside enum": ({"type": "string", "enum": ["a", "bb"], "maxLength": 1}, "bb"),
     "lookahead": ({"type": "string", "pattern": "^(?!bad)[a-z]+$"}, "bad"),
     "required but undefined": ({"type": "object", "required": ["x"], "additionalProperties": True}, {}),
+    "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 1]),
+    "dependentRequired": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                           "dependentRequired": {"a": ["b"]}}, {"a": 1}),
 }
 
 
@@ -59,6 +62,13 @@ def test_a_schema_decoding_cannot_enforce_is_refused(grammars, name):
     for whole in (schema, nested):
         with pytest.raises(GrammarError, match="cannot be enforced: "):
             grammars.constraint(whole)
+
+
+@pytest.mark.parametrize("schema", [{"type": "object", "required": [{"type": "function"}]}, {"type": "strin"},
+                                    {"properties": 3}, {"type": "integer", "minimum": "x"}])
+def test_a_schema_that_is_no_json_schema_is_refused(grammars, schema):
+    with pytest.raises(GrammarError, match="the JSON schema is invalid at "):
+        grammars.constraint(schema)
 
 
 class Colour(BaseModel):
@@ -94,7 +104,7 @@ def test_documents_decoded_under_common_schemas_validate(grammars):
         "id": {"type": "integer", "multipleOf": 7, "minimum": -50, "maximum": 50},
         "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
         "when": {"type": "string", "format": "date"},
-        "flags": {"type": "array", "items": {"enum": ["a", "b", None]}, "uniqueItems": True, "maxItems": 2},
+        "flags": {"type": "array", "items": {"enum": ["a", "b", None]}, "minItems": 1, "maxItems": 2},
         "extra": {"type": "object", "additionalProperties": {"type": "boolean"}, "maxProperties": 2}},
         "required": ["id", "code", "when"], "additionalProperties": False}
     tokenizer, checked = grammars.tokenizer, 0
@@ -107,7 +117,7 @@ def test_documents_decoded_under_common_schemas_validate(grammars):
             constraint, rng, tokens = grammars.constraint(schema), torch.Generator().manual_seed(seed), []
             for _ in range(400):
                 logits = constraint.mask(torch.randn(128256, generator=rng) * 3 + boost)
-                token = int(torch.distributions.Categorical(logits=logits).sample())
+                token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
                 if token in tokenizer.stop_ids:
                     break
                 constraint.accept(token)
@@ -146,3 +156,21 @@ def test_no_raw_control_character_is_ever_allowed(grammars, schema):
     assert len(controls) > 1000 and not allowed[controls].any()
     if "Length" in json.dumps(schema):
         assert raw.accept_token(tab)  # why the mask is needed: the grammar alone takes it
+
+
+def test_no_utf16_surrogate_is_ever_allowed(grammars):
+    """Bytes ED A0-BF .. encode a UTF-16 surrogate, which no UTF-8 decoder takes: the grammar alone lets a string
+    have one (decoded, three U+FFFD broke a maxLength), the constraint never does, across tokens included."""
+    import xgrammar as xgr
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}}, "required": ["s"]}
+    vocab, tokenizer = grammars._vocab, grammars.tokenizer
+    ed, surrogate, valid = (vocab.index(piece) for piece in (b"\xed", b"\xb6", b"\x9f"))  # ED 9F ..: U+D7C0-U+D7FF
+    raw = xgr.GrammarMatcher(grammars._compile(json.dumps(schema, sort_keys=True)))
+    constraint = grammars.constraint(schema)
+    for token in [*tokenizer.encode('{"s": "a', bos=False, eos=False), ed]:
+        assert raw.accept_token(token)
+        constraint.accept(token)
+    allowed = constraint.mask(torch.zeros(128256)) > -float("inf")
+    assert allowed[valid] and not allowed[surrogate]
+    assert raw.accept_token(surrogate)  # why the rule is needed
