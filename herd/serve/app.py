@@ -624,7 +624,8 @@ async def completions(request: Request):
             text, reply = (d.text, d.logprobs) if generating else ("", [])
             finish = (_finish_reason(d.finish_reason) if generating else "length") if d.finish_reason else None
             logprobs, offsets[d.index] = _completion_logprobs(tok, entries + reply, offsets.get(d.index, 0))
-            if echo + text or finish:
+            # A token whose text is held back (it may begin a stop string) still brings its log-probability now.
+            if echo + text or finish or body.logprobs is not None and reply:
                 yield {**head, "choices": [{"index": d.index, "text": echo + text, "finish_reason": finish,
                                             "logprobs": logprobs if body.logprobs is not None else None}]}
         state.metrics.requests.labels(request.url.path, "200").inc()

@@ -397,7 +397,7 @@ async def completion(request: Request):
     async def events():
         async for d in run.deltas():
             stop = _stop_reason(llm, d.finish_reason, d.stop_token) if d.finish_reason else None
-            if d.text or stop:
+            if d.text or stop or body.logprobs and d.logprobs:  # a token of no text yet still has its logprobs
                 yield {"delta": d.text, "stop_reason": stop,
                        "logprobs": _logprobs(llm.tokenizer, d.logprobs) if body.logprobs else None,
                        **({"metrics": _metrics(seq.prompt_len, len(seq.generated))} if stop else {})}

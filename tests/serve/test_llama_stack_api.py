@@ -118,6 +118,12 @@ def test_completion_and_its_stream(server, ls):
               for e in events(server, "/v1/inference/completion", {**body, "stream": True})]
     assert "".join(c.delta for c in chunks) == reply.content
     assert chunks[-1].stop_reason == reply.stop_reason and all(c.stop_reason is None for c in chunks[:-1])
+    # A stop string that never completes holds each token's text back a while, never its log-probabilities.
+    held = {**body, "sampling_params": {"max_tokens": 10, "stop": ["@" * 40]}, "stream": True}
+    chunks = [ls.CompletionResponseStreamChunk.model_validate(e)
+              for e in events(server, "/v1/inference/completion", held)]
+    assert [lp.logprobs_by_token for c in chunks for lp in c.logprobs or []] == [
+        lp.logprobs_by_token for lp in reply.logprobs]
 
 
 def test_batch_routes_equal_one_request_at_a_time(server, ls):

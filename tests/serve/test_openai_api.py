@@ -55,6 +55,12 @@ def test_completions_streaming_stop_and_logprobs(server, client):
                                          stop=[stop], stream=True)
     text = "".join(c.choices[0].text for c in streamed if c.choices)
     assert text == done.choices[0].text[:done.choices[0].text.find(stop)]
+    # Log-probabilities stream with their tokens, the ones whose text a stop string holds back included.
+    never = "@" * 40  # a stop string that never completes, whose length holds every token's text back a while
+    streamed = client.completions.create(model=server.llm.name, prompt=prompt, max_tokens=12, temperature=0,
+                                         logprobs=1, stop=[never], stream=True)
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == done.choices[0].logprobs.tokens
     batch = client.completions.create(model=server.llm.name, prompt=[prompt, "Once upon a time"], max_tokens=5,
                                       temperature=0)
     assert batch.choices[0].text == done.choices[0].text[:len(batch.choices[0].text)]
