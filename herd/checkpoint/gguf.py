@@ -184,10 +184,17 @@ def rope_divisors(config: ModelConfig) -> np.ndarray:
 
 def _scaling_from_divisors(divisors: np.ndarray, config: ModelConfig, original: int, path: Path) -> RopeScaling | None:
     """The RopeScaling that explains rope_freqs.weight; llama.cpp stores only the divisors, so the ramp's
-    bounds are taken to be Llama 3.1's (1, 4) and checked against every divisor."""
+    bounds are taken to be Llama 3.1's (1, 4) and checked against every divisor. The factor is solved from the
+    largest divisor: it is the factor itself where a wavelength passes the ramp, else a point on the ramp (heads
+    of few dimensions, or a low rope_theta, have no wavelength that long)."""
     if np.all(divisors == 1.0):
         return None
-    guess = RopeScaling(factor=_f32(divisors.max()), original_max_position=original)
+    i = int(np.argmax(divisors))
+    largest = float(divisors[i])
+    wavelen = 2 * math.pi * config.rope_theta ** (2 * i / config.head_dim)
+    smooth = (original / wavelen - 1) / (4 - 1)
+    factor = largest if smooth <= 0 or not 1 / largest > smooth else (1 - smooth) / (1 / largest - smooth)
+    guess = RopeScaling(factor=_f32(factor), original_max_position=original)
     if divisors.shape != (config.head_dim // 2,) or not np.allclose(
         rope_divisors(config.replace(rope_scaling=guess)), divisors, rtol=1e-5
     ):
@@ -262,6 +269,8 @@ def save_gguf(ckpt: Checkpoint, path: Path, gguf_type: str = "F16") -> None:
     writer.add_head_count_kv(config.kv_heads)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling is not None:  # llama.cpp reads it for YaRN only; the divisors need it to be explained
+        writer.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_position)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     from herd.checkpoint.vocab import gguf_tokenizer_fields

@@ -46,8 +46,19 @@ def test_round_trip_decodes_as_the_gguf_package_does(make_hf, tmp_path, kind):
         assert not torch.equal(back.state_dict["layers.0.attention.wq.weight"], ckpt.state_dict["layers.0.attention.wq.weight"])
 
 
-def test_f32_gguf_keeps_config_and_logits(make_hf, tmp_path):
-    reference, source = make_hf()
+ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("shape", [
+    {},
+    # Heads of 8 dimensions: no wavelength passes the ramp, so the largest divisor is not the factor itself.
+    {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
+     "rope": ROPE | {"factor": 32.0}},
+    {"rope": ROPE | {"original_max_position_embeddings": 64}},  # an original context other than 8,192
+], ids=["llama3.1", "small-heads", "original-64"])
+def test_f32_gguf_keeps_config_and_logits(make_hf, tmp_path, shape):
+    reference, source = make_hf(**shape)
     out = save_checkpoint(load_checkpoint(source), tmp_path / "model.gguf", "gguf", gguf_type="F32")
     reader = gguf.GGUFReader(out)
     assert "rope_freqs.weight" in {t.name for t in reader.tensors}  # llama.cpp's form of Llama 3.1 scaling
