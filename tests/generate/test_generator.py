@@ -182,6 +182,16 @@ def test_token_ids_outside_the_vocabulary_are_refused_with_a_reason(generator, p
     assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
 
 
+def test_ignore_eos_with_a_grammar_is_refused(generator):
+    """A grammar ends its document with a stop token: going on past it had made xgrammar's matcher raise mid-step."""
+    from herd.generate.structured import JsonGrammars
+
+    constraint = JsonGrammars(generator.tokenizer, CONFIG.vocab_size).constraint(None)
+    with pytest.raises(ValueError, match="ignore_eos cannot go with a constraint"):
+        generator.generate([[1, 2]], GREEDY, constraints=[constraint])
+    assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
+
+
 def test_a_long_context_takes_the_memory_given_and_says_so():
     """A 128K context is held only as far as the KV cache's memory goes (one such context of Llama 3.1 8B is 17 GB),
     but always at least 8,192 tokens; a longer prompt is refused with what holds it back."""
