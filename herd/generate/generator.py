@@ -147,8 +147,6 @@ class Generator:
             raise ValueError(f"a prompt token id is outside the model's vocabulary (0..{vocab - 1})")
         if any(not 0 <= token < vocab for sp in per_row for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias names a token outside the model's vocabulary (0..{vocab - 1})")
-        if constraints and any(sp.ignore_eos for sp in per_row):
-            raise ValueError("ignore_eos cannot go with a constraint: a grammar ends the reply with a stop token")
         longest = max(len(p) for p in prompts)
         if longest >= self.capacity:
             raise ContextLengthError(self.context_error(longest))

@@ -47,6 +47,10 @@ class Constraint(Protocol):
     def accept(self, token: int) -> None:
         ...
 
+    @property
+    def finished(self) -> bool:  # nothing may follow (a grammar's document is complete): the sequence ends
+        ...
+
 
 class Sequence:
     def __init__(self, prompt: list[int], params: SamplingParams, *, index: int, max_tokens: int,
@@ -129,6 +133,8 @@ class Sequence:
             self.text += self.decoder.decode(piece)
             if len(self.tokens) - self.prompt_len >= self.max_tokens:
                 reason = "length"
+            elif self.constraint is not None and self.constraint.finished:  # past its stop token, under ignore_eos
+                reason = "stop"
         if reason:
             self.text += self.decoder.decode(b"", final=True)
         hit = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)

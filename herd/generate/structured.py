@@ -184,6 +184,10 @@ class JsonConstraint:
         self.matcher.accept_token(token)
         self.last_ends_ed = token in self.text.ends_ed
 
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_terminated()
+
 
 class JsonGrammars:
     """Compiles JSON grammars for one tokenizer and model vocabulary (the vocabulary is read once, lazily)."""

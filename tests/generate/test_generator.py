@@ -182,14 +182,20 @@ def test_token_ids_outside_the_vocabulary_are_refused_with_a_reason(generator, p
     assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
 
 
-def test_ignore_eos_with_a_grammar_is_refused(generator):
-    """A grammar ends its document with a stop token: going on past it had made xgrammar's matcher raise mid-step."""
+def test_a_grammar_ends_its_reply_even_under_ignore_eos(generator):
+    """A grammar ends its document with a stop token; going on past it had made xgrammar's matcher raise mid-step.
+    The reply now ends there, "stop", with the stop token kept as ignore_eos asks."""
+    import json
+
     from herd.generate.structured import JsonGrammars
 
-    constraint = JsonGrammars(generator.tokenizer, CONFIG.vocab_size).constraint(None)
-    with pytest.raises(ValueError, match="ignore_eos cannot go with a constraint"):
-        generator.generate([[1, 2]], GREEDY, constraints=[constraint])
-    assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
+    grammars = JsonGrammars(generator.tokenizer, CONFIG.vocab_size)
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["a"], "additionalProperties": False}
+    done = generator.generate([[1, 2]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                              constraints=[grammars.constraint(schema)])[0]
+    assert done.finish_reason == "stop" and done.tokens[-1] in generator.tokenizer.stop_ids
+    assert json.loads(generator.tokenizer.decode(done.tokens[:-1]))["a"] in range(10)
 
 
 def test_a_long_context_takes_the_memory_given_and_says_so():

@@ -136,6 +136,8 @@ class AnyToken:
     def accept(self, token):
         pass
 
+    finished = False
+
 
 @pytest.mark.heavy
 def test_the_default_model_gives_plain_greedy_tokens_with_drafts_in_fewer_steps():

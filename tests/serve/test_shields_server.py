@@ -54,6 +54,8 @@ class Forced:
     def accept(self, token: int) -> None:
         self.pos += 1
 
+    finished = False  # its stop token ends the reply
+
 
 class ScriptedEngine:
     """The real engine, whose sequences write `script` when one is set; it records the prompts it is given."""
