@@ -190,10 +190,11 @@ def _scaling_from_divisors(divisors: np.ndarray, config: ModelConfig, original: 
     if np.all(divisors == 1.0):
         return None
     i = int(np.argmax(divisors))
-    largest = float(divisors[i])
+    largest, bounds = float(divisors[i]), RopeScaling()
     wavelen = 2 * math.pi * config.rope_theta ** (2 * i / config.head_dim)
-    smooth = (original / wavelen - 1) / (4 - 1)
-    factor = largest if smooth <= 0 or not 1 / largest > smooth else (1 - smooth) / (1 / largest - smooth)
+    smooth = (original / wavelen - bounds.low_freq_factor) / (bounds.high_freq_factor - bounds.low_freq_factor)
+    # On the ramp a divisor is 1 / ((1 - smooth) / factor + smooth); past it (smooth <= 0), the factor itself.
+    factor = largest if smooth <= 0 or 1 / largest <= smooth else (1 - smooth) / (1 / largest - smooth)
     guess = RopeScaling(factor=_f32(factor), original_max_position=original)
     if divisors.shape != (config.head_dim // 2,) or not np.allclose(
         rope_divisors(config.replace(rope_scaling=guess)), divisors, rtol=1e-5

@@ -237,7 +237,7 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
                 continue
             part = handle.get_slice(name)
             heads, stored = _rotary_heads(target, config), SAFETENSORS_DTYPES.get(part.get_dtype())
-            scale = name + _FP8_SCALE.removeprefix(".weight") if fp8 and stored == torch.float8_e4m3fn else None
+            scale = f"{name}_scale" if fp8 and stored == torch.float8_e4m3fn else None
             if scale is not None and scale not in files:
                 raise CheckpointError(f"{path}: {name} is FP8 but {scale} is missing; download every shard")
             read = _reader(path, name, heads) if scale is None else _fp8_reader(path, name, files[scale], scale, heads)
@@ -273,13 +273,11 @@ def _fp8_scaled(cfg: dict, where: str) -> bool:
 
 
 def _fp8_reader(path: Path, name: str, scale_path: Path, scale_name: str, heads: int | None):
-    """The weight as float32, codes times their row's scale, exactly (an e4m3 code times a float32 scale rounds
-    once); `herd.load(..., quantize="fp8")` turns it back into the same codes where a row's largest code is 448."""
+    """The weight as float32, codes times their row's scale (an e4m3 code times a float32 scale rounds once);
+    `herd.load(..., quantize="fp8")` turns it back into the same codes where a row's largest code is 448."""
     def read() -> torch.Tensor:
-        with safe_open(str(path), framework="pt", device="cpu", backend="pread") as f:
-            codes = f.get_tensor(name)
-        with safe_open(str(scale_path), framework="pt", device="cpu", backend="pread") as f:
-            scale = f.get_tensor(scale_name).float().reshape(-1, 1)
+        codes = _reader(path, name, None)()
+        scale = _reader(scale_path, scale_name, None)().float().reshape(-1, 1)
         if scale.shape[0] != codes.shape[0]:
             raise CheckpointError(f"{scale_path}: {scale_name} has {scale.shape[0]} scales for {codes.shape[0]} rows")
         weight = codes.float() * scale

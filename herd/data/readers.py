@@ -19,6 +19,7 @@ from pathlib import Path
 import zstandard
 
 from herd.data.document import Document, Dropped
+from herd.surrogates import holds_lone_surrogate
 
 STAGE = "read"
 _CHUNK = 1 << 16
@@ -145,18 +146,6 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 # --- formats -------------------------------------------------------------------------------------
 
 
-# JSON may escape half of a UTF-16 pair (\ud800), which decodes to a str no file, tokenizer or report can encode.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _encodable(record: dict) -> bool:
-    try:
-        json.dumps(record, ensure_ascii=False).encode()
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dropped]:
     """One document per line; `source` (and so a drop record) names the file and the 1-based line."""
     n = 0
@@ -180,7 +169,7 @@ def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dro
             if not isinstance(rec, dict):
                 yield Dropped(doc_id(src), STAGE, "not_an_object", source=src)
                 continue
-            if _SURROGATE_ESCAPE.search(raw) and not _encodable(rec):
+            if holds_lone_surrogate(raw, rec):
                 yield Dropped(doc_id(src), STAGE, "unpaired_surrogate", source=src)
                 continue
             name = str(rec["id"]) if rec.get("id") is not None else None

@@ -116,8 +116,6 @@ def check_enforceable(schema: Any) -> None:
     `_unenforceable`)."""
     import jsonschema
 
-    if schema is None:  # any JSON object
-        return
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as error:
@@ -217,14 +215,16 @@ class JsonGrammars:
 
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
-        check_schema_size(schema)
-        check_enforceable(schema)
         with self._lock:
             compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
         return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
 
     @functools.lru_cache(maxsize=64)
     def _compile(self, schema_text: str):
+        """The grammar of a schema (as sorted JSON), checked and compiled once however many matchers use it."""
+        schema = json.loads(schema_text)
+        check_schema_size(schema)
+        check_enforceable(schema)
         try:
             # Compact JSON: a model allowed free whitespace can pad forever and never close the document.
             return self._compiler.compile_json_schema(schema_text, any_whitespace=False)

@@ -30,6 +30,7 @@ from herd.generate import ContextLengthError, Delta, QueueFullError, SamplingPar
 from herd.generate.structured import GrammarError, JsonGrammars
 from herd.serve.auth import check_key
 from herd.serve.metrics import Metrics
+from herd.surrogates import holds_lone_surrogate
 from herd.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -177,11 +178,9 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:  # JSON may escape half of a UTF-16 pair (\ud800), which no tokenizer, log or reply can encode
-        json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
+    if holds_lone_surrogate(body, data):
         raise APIError(400, "the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): "
-                            "send valid Unicode", code="invalid_json") from None
+                            "send valid Unicode", code="invalid_json")
     return data
 
 

@@ -19,13 +19,17 @@ def grammars():
     return JsonGrammars(tokenizer, 128256)
 
 
-def grammar_accepts(grammars, schema, document) -> bool:
-    """Whether the compiled grammar (the checks bypassed) takes `document`, written as the model would write it
-    (json.dumps's separators), through to its end."""
-    compiled = grammars._compile(json.dumps(schema, sort_keys=True))
+def raw_matcher(grammars, schema):
+    """xgrammar's own matcher of `schema`, compiled as herd compiles it but without herd's checks and masks."""
     import xgrammar as xgr
 
-    matcher = xgr.GrammarMatcher(compiled)
+    return xgr.GrammarMatcher(grammars._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
+
+
+def grammar_accepts(grammars, schema, document) -> bool:
+    """Whether the raw grammar takes `document`, written as the model would write it (json.dumps's separators),
+    through to its end."""
+    matcher = raw_matcher(grammars, schema)
     tokens = grammars.tokenizer.encode(json.dumps(document, ensure_ascii=False), bos=False, eos=False)
     return all(matcher.accept_token(t) for t in tokens) and matcher.accept_token(min(grammars.tokenizer.stop_ids))
 
@@ -140,12 +144,10 @@ def test_documents_decoded_under_common_schemas_validate(grammars):
                                     {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}])
 def test_no_raw_control_character_is_ever_allowed(grammars, schema):
     """JSON strings must escape control characters; xgrammar lets a raw tab into a string with a length bound."""
-    import xgrammar as xgr
-
     tokenizer = grammars.tokenizer
     opening = tokenizer.encode('{"s": "a' if schema["type"] == "object" else '"a', bos=False, eos=False)
     tab, plain = (tokenizer.encode(text, bos=False, eos=False)[0] for text in ("\t", "b"))
-    raw = xgr.GrammarMatcher(grammars._compile(json.dumps(schema, sort_keys=True)))
+    raw = raw_matcher(grammars, schema)
     constraint = grammars.constraint(schema)
     for token in opening:
         assert raw.accept_token(token)
@@ -161,12 +163,10 @@ def test_no_raw_control_character_is_ever_allowed(grammars, schema):
 def test_no_utf16_surrogate_is_ever_allowed(grammars):
     """Bytes ED A0-BF .. encode a UTF-16 surrogate, which no UTF-8 decoder takes: the grammar alone lets a string
     have one (decoded, three U+FFFD broke a maxLength), the constraint never does, across tokens included."""
-    import xgrammar as xgr
-
     schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}}, "required": ["s"]}
     vocab, tokenizer = grammars._vocab, grammars.tokenizer
     ed, surrogate, valid = (vocab.index(piece) for piece in (b"\xed", b"\xb6", b"\x9f"))  # ED 9F ..: U+D7C0-U+D7FF
-    raw = xgr.GrammarMatcher(grammars._compile(json.dumps(schema, sort_keys=True)))
+    raw = raw_matcher(grammars, schema)
     constraint = grammars.constraint(schema)
     for token in [*tokenizer.encode('{"s": "a', bos=False, eos=False), ed]:
         assert raw.accept_token(token)
