@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,17 +90,11 @@ def chat(
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if interactive:
-        _status("type a message; /reset, /system TEXT, /exit; Ctrl-D quits")
+        _status(f"type a message; {CHAT_COMMANDS}; Ctrl-D quits")
     while (message := _read_message(interactive)) is not None:
-        if message.strip() in ("/exit", "/quit"):
-            break
-        if message.strip() == "/reset":
-            history = [m for m in history if m["role"] == "system"]
-            _status("(conversation cleared)")
-            continue
-        if message.startswith("/system "):
-            history = [{"role": "system", "content": message[len("/system "):].strip()}] + [
-                m for m in history if m["role"] != "system"]
+        if _is_command(message):
+            if (history := _run_command(message, history)) is None:
+                break
             continue
         if not message.strip():
             continue
@@ -120,6 +115,36 @@ def chat(
             continue
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
+
+
+CHAT_COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
+
+
+def _is_command(message: str) -> bool:
+    """A line is a command when its first word is one /word: a path ("/usr/bin/env ...") or a line that starts with a
+    space is text for the model."""
+    words = message.split(maxsplit=1)
+    return message.startswith("/") and re.fullmatch(r"/[A-Za-z?]+", words[0]) is not None
+
+
+def _run_command(message: str, history: list[dict]) -> Optional[list[dict]]:
+    """The history a chat command leaves (None: /exit). A mistyped command is named, never sent to the model."""
+    command, *rest = message.split(maxsplit=1)
+    text = rest[0].strip() if rest else ""
+    if command in ("/exit", "/quit", "/bye"):
+        return None
+    if command == "/reset":
+        _status("(conversation cleared)")
+        return [m for m in history if m["role"] == "system"]
+    if command == "/system" and text:
+        return [{"role": "system", "content": text}] + [m for m in history if m["role"] != "system"]
+    if command == "/system":
+        _status("/system needs the prompt's text: /system You are a concise assistant.")
+    elif command in ("/help", "/?"):
+        _status(f"{CHAT_COMMANDS}; start a line with a space to send text that begins with /")
+    else:
+        _status(f"unknown command {command}: {CHAT_COMMANDS} (start the line with a space to send it as text)")
+    return history
 
 
 def _read_message(interactive: bool) -> Optional[str]:

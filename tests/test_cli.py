@@ -25,9 +25,23 @@ def assert_one_line_error(result, *words):
 
 @pytest.mark.heavy
 def test_chat_answers_the_capital_of_france():
-    result = herd_cli("chat", "--temperature", "0", stdin="What is the capital of France?\n")
+    result = herd_cli("chat", "--temperature", "0", stdin="/sytem Be brief.\nWhat is the capital of France?\n")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+    assert "unknown command /sytem: /reset clears the conversation" in result.stderr  # named, not sent
+
+
+def test_chat_commands_are_one_slash_word_and_a_mistyped_one_changes_nothing(capsys):
+    from herd.cli import _is_command, _run_command
+
+    assert [_is_command(m) for m in ("/reset", "/system Be brief.", "/?", "/sytem x", "/usr/bin/env python?",
+                                     " /reset", "1/2 of what?", "/ alone")] == [True] * 4 + [False] * 4
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert _run_command("/sytem Be long.", dialog) == dialog and "unknown command /sytem" in capsys.readouterr().err
+    assert _run_command("/system", dialog) == dialog and "needs the prompt's text" in capsys.readouterr().err
+    assert _run_command("/system  Be kind. ", dialog) == [{"role": "system", "content": "Be kind."}, dialog[1]]
+    assert _run_command("/reset", dialog) == dialog[:1]
+    assert _run_command("/exit", dialog) is None
 
 
 @pytest.mark.heavy
