@@ -26,6 +26,7 @@ BUILTIN_PARAMETERS = {
                          "required": ["code"]},
 }
 
+_BUILTIN_ARGUMENT = {**{name: "query" for name in QUERY_TOOLS}, "code_interpreter": "code"}
 _QUERY_CALL = re.compile(r'\b(?P<name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
 _FUNCTION_TAG = re.compile(r"<function=(?P<name>[\w.\-]+)>")
 
@@ -80,14 +81,11 @@ def call_texts(calls: list[Call], tool_prompt_format: str) -> list[str]:
 
 
 def _call_to_text(name: str, arguments: dict[str, Any], tool_prompt_format: str) -> str:
-    if name in QUERY_TOOLS:
-        if "query" not in arguments:
-            raise ValueError(f"a {name} call needs a 'query' argument, got {arguments!r}")
-        return f'{name}.call(query="{arguments["query"]}")'
-    if name == "code_interpreter":
-        if "code" not in arguments:
-            raise ValueError(f"a code_interpreter call needs a 'code' argument, got {arguments!r}")
-        return arguments["code"]
+    if name in BUILTIN_TOOLS:
+        key = _BUILTIN_ARGUMENT[name]
+        if not isinstance(arguments.get(key), str):
+            raise ValueError(f"a {name} call needs a string '{key}' argument, got {arguments!r}")
+        return arguments[key] if name == "code_interpreter" else f'{name}.call(query="{arguments[key]}")'
     if tool_prompt_format == "json":
         return json.dumps({"type": "function", "name": name, "parameters": arguments})
     if tool_prompt_format == "function_tag":
@@ -119,7 +117,8 @@ def parse_calls(content: str, python_tag: bool) -> list[Call]:
     `tool.call(query=...)`, and finally, after <|python_tag|>, the body as code for code_interpreter.
     """
     for parse in (_function_tag_calls, _json_call, _python_list_calls, _query_call):
-        if calls := _made([_as_builtin(name, args) for name, args in parse(content)]):
+        found = [_as_builtin(name, args) for name, args in parse(content)]
+        if None not in found and (calls := _made(found)):
             return calls
     return [make_call("code_interpreter", {"code": content})] if python_tag else []
 
@@ -139,13 +138,13 @@ def _made(found: list[tuple[str, dict[str, Any]]]) -> list[Call]:
         return []
 
 
-def _as_builtin(name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Built-ins called in a custom-tool form take their first argument as the query (as the reference)."""
-    if name in QUERY_TOOLS and arguments:
-        return name, {"query": next(iter(arguments.values()))}
-    if name == "code_interpreter" and arguments:
-        return name, {"code": next(iter(arguments.values()))}
-    return name, arguments
+def _as_builtin(name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """Built-ins called in a custom-tool form take their first argument as the query or code (as the reference);
+    None when that is no string (`wolfram_alpha()`, a number): a call the tool cannot run nor history re-encode."""
+    if name not in BUILTIN_TOOLS:
+        return name, arguments
+    first = next(iter(arguments.values()), None)
+    return (name, {_BUILTIN_ARGUMENT[name]: first}) if isinstance(first, str) else None
 
 
 def _function_tag_calls(content: str) -> list[tuple[str, dict[str, Any]]]:

@@ -391,6 +391,34 @@ def test_python_list_reply_with_several_calls(fmt, meta_fmt):
                                               'get_weather(city="Seattle", metric="celsius")]<|eot_id|>')
 
 
+@pytest.mark.parametrize("reply, expected", [
+    ("<|python_tag|>[wolfram_alpha()]<|eom_id|>", [("code_interpreter", {"code": "[wolfram_alpha()]"})]),
+    ('<|python_tag|>{"name": "photogen", "parameters": {}}<|eom_id|>',
+     [("code_interpreter", {"code": '{"name": "photogen", "parameters": {}}'})]),
+    ('<function=brave_search>{"q": 5}</function><|eot_id|>', []),
+    ('{"name": "code_interpreter", "parameters": {"code": ["print(1)"]}}<|eot_id|>', []),
+    ('[get_weather(city="Oslo"), brave_search(q={"a": 1})]<|eot_id|>', []),
+    ('<function=brave_search>{"q": "Oslo weather", "n": 3}</function><|eot_id|>',
+     [("brave_search", {"query": "Oslo weather"})]),
+])
+def test_a_builtin_call_without_a_string_argument_is_no_call(fmt, reply, expected):
+    """A built-in called in a custom form takes its first argument as its query or code; when that is missing or
+    no string the reply is no call to that tool (it had become one that neither the tool could run nor the
+    history re-encode: a TypeError or a ValueError when the client sent the conversation back)."""
+    message = fmt.decode_assistant(reply)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == expected
+    again = fmt.decode_assistant(fmt.encode_message(message)[len(fmt._header("assistant")):])
+    assert [c["function"] for c in again["tool_calls"]] == [c["function"] for c in message["tool_calls"]]
+    if not expected:
+        assert message["content"] == reply.removesuffix("<|eot_id|>")
+
+
+def test_a_builtin_call_sent_with_a_non_string_argument_is_refused_by_name(fmt):
+    for name, arguments in (("code_interpreter", {"code": 5}), ("brave_search", {"query": {"a": 1}})):
+        with pytest.raises(ValueError, match=f"a {name} call needs a string '(code|query)' argument"):
+            fmt.encode_message({"role": "assistant", "content": "", "tool_calls": [call(name, **arguments)]})
+
+
 def test_function_tag_with_nested_arguments(fmt):
     # The reference's regex stops at the first "}" and loses this call; the JSON decoder does not.
     reply = '<function=book>{"guest": {"name": "Ann", "tags": ["vip"]}, "nights": 2}</function>'
