@@ -70,14 +70,16 @@ class ChatFormat:
         if role not in _ROLES:
             raise ValueError(f"unknown message role {role!r}; expected one of {sorted(_ROLES)}")
         calls = (message.get("tool_calls") or []) if role == "assistant" else []
-        ids = self._header(_ROLES[role]) + self._content(message.get("content"))
+        content = self._content(message.get("content"))
+        ids = self._header(_ROLES[role]) + content
         if role == "user" and message.get("context") is not None:
             ids += self._text("\n\n") + self._content(message["context"])
         if calls:
             # The model opens a built-in call with <|python_tag|>, after any text it writes first (Meta's 3.1
             # prompt-format pages); custom calls (JSON, <function=...>, a Python list) go without, as in
-            # llama-models, so that history re-encodes as the model wrote it.
-            if any(c["function"]["name"] in BUILTIN_TOOLS for c in calls):
+            # llama-models, unless text comes first: only the tag tells the call from the text then, as
+            # decode_assistant reads it, so that history re-encodes as the model wrote it.
+            if any(c["function"]["name"] in BUILTIN_TOOLS for c in calls) or content:
                 ids.append(self._python_tag)
             for text in call_texts(calls, tool_prompt_format):
                 ids += self._text(text)

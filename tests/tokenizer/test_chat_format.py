@@ -149,6 +149,10 @@ def test_custom_calls_carry_no_python_tag(fmt, meta_fmt, tool_prompt_format):
         ("function_tag", '<function=trending_songs>{"n": 10}</function><|eot_id|>'),
         ("python_list", '[get_weather(city="San Francisco", metric="celsius")]<|eot_id|>'),
         ("json", "Paris is the capital of France.<|eot_id|>"),
+        # text, then a custom call: only the tag tells them apart, so it stays (llama-models has no such message)
+        ("json", 'Well,<|python_tag|>{"type": "function", "name": "get_w", "parameters": {"c": "Oslo"}}<|eom_id|>'),
+        ("function_tag", 'Checking.\n<|python_tag|><function=get_weather>{"city": "Oslo"}</function><|eom_id|>'),
+        ("python_list", 'Checking.<|python_tag|>[get_weather(city="Oslo")]<|eot_id|>'),
     ],
 )
 def test_model_replies_re_encode_exactly(fmt, tool_prompt_format, reply):
@@ -156,6 +160,8 @@ def test_model_replies_re_encode_exactly(fmt, tool_prompt_format, reply):
     ids = fmt.tokenizer.encode(reply, bos=False, allowed_special="all")
     message = fmt.decode_assistant(ids)
     assert bool(message["tool_calls"]) != reply.startswith("Paris")
+    text, tag, _ = reply.partition("<|python_tag|>")
+    assert message["content"] == (text if tag else "" if message["tool_calls"] else reply[:-len("<|eot_id|>")])
     header = fmt.tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", bos=False,
                                   allowed_special="all")
     assert fmt.encode_message(message, tool_prompt_format) == header + ids
