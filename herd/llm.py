@@ -116,7 +116,7 @@ class LLM:
                     tool_prompt_format: str = "json") -> list[int]:
         """The prompt ids for the assistant's next turn. A checkpoint's own chat template that knows nothing of
         tools gets Llama 3.1's tool instructions as messages, and earlier calls written into the assistant's text."""
-        if isinstance(messages, (str, dict)) or not messages or not all(isinstance(m, dict) for m in messages):
+        if not isinstance(messages, (list, tuple)) or not messages or not all(isinstance(m, dict) for m in messages):
             raise TypeError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
                             f"{messages!r:.80}")
         if not isinstance(self.chat_format, TemplateChatFormat):

@@ -26,7 +26,7 @@ BUILTIN_PARAMETERS = {
                          "required": ["code"]},
 }
 
-_BUILTIN_ARGUMENT = {**{name: "query" for name in QUERY_TOOLS}, "code_interpreter": "code"}
+_BUILTIN_ARGUMENT = {name: spec["required"][0] for name, spec in BUILTIN_PARAMETERS.items()}  # query, or code
 _QUERY_CALL = re.compile(r'\b(?P<name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
 _FUNCTION_TAG = re.compile(r"<function=(?P<name>[\w.\-]+)>")
 
