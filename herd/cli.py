@@ -307,7 +307,10 @@ def main() -> None:
             sys.exit(code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as error:  # noqa: BLE001 - the one place where any failure becomes a one-line message
+    except BaseException as error:  # noqa: BLE001 - the one place where any failure becomes a one-line message
+        # A Rust library's panic (tokenizers, safetensors) is no Exception, but a failure all the same.
+        if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
+            raise
         import click
 
         if isinstance(error, (click.exceptions.Exit, typer.Exit)):

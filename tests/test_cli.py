@@ -174,3 +174,36 @@ def test_kv_cache_mib_sets_how_much_of_a_long_context_is_held(tmp_path):
     assert_one_line_error(small, "the KV cache holds 8192 (the model's context is 131072)", "give the cache more memory")
     large = herd_cli("generate", "-", "--model", str(path), "--kv-cache-mib", "8", "--max-tokens", "2", stdin=prompt)
     assert large.returncode == 0, large.stderr
+
+
+def test_a_damaged_vocabulary_is_one_line(tmp_path):
+    # One byte of the default model's first merge changed: its result is no token (a Rust panic in tokenizers).
+    damaged = tmp_path / "damaged.gguf"
+    shutil.copy(default_model_path(), damaged)
+    data = damaged.read_bytes()[:3_000_000]
+    at = data.index(b"tokenizer.ggml.merges") + len(b"tokenizer.ggml.merges") + 4 + 4 + 8 + 8  # type, count, length
+    with open(damaged, "r+b") as f:
+        f.seek(at)
+        f.write(b"Q")
+    assert_one_line_error(herd_cli("generate", "hi", "--model", str(damaged)), "damaged.gguf", "vocabulary is damaged")
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}')
+    assert_one_line_error(herd_cli("tokenize", "hi", "--tokenizer", str(tokenizer)), "tokenizer.json")
+
+
+def test_a_panic_in_a_rust_library_is_one_line(monkeypatch, capsys):
+    import herd.cli
+    import herd.tokenizer
+
+    panic = type("PanicException", (BaseException,), {})  # what pyo3 raises: no Exception
+
+    def load_tokenizer(path=None):
+        raise panic("range end index 2 out of range for slice of length 1")
+
+    monkeypatch.setattr(herd.tokenizer, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(sys, "argv", ["herd", "tokenize", "hi"])
+    with pytest.raises(SystemExit) as exit_:
+        herd.cli.main()
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "herd: error: range end index 2 out of range for slice of length 1 (PanicException; HERD_DEBUG=1 shows where)"]

@@ -51,8 +51,8 @@ def gguf_tokenizer(reader) -> tuple[object | None, str | None]:
 
     try:
         return HFTokenizer.from_gguf(reader), None
-    except TokenizerError as e:
-        return None, str(e)
+    except TokenizerError as e:  # its message names the file, which the note's reader names already
+        return None, str(e).removeprefix(f"{getattr(reader.data, 'filename', '')}: ")
 
 
 # ---------------------------------------------------------------- directory formats

@@ -6,9 +6,12 @@ Both become a `tokenizers.Tokenizer` behind the same interface as `Llama3Tokeniz
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
+import tempfile
 import threading
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +38,30 @@ _DIGITS_THEN_GPT2_PRE = {"smollm", "starcoder", "refact", "codeshell"}
 _GPT2_PRE = {"gpt2", "default"}
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _built(build: Callable[[], Tokenizer], error: Callable[[str], str]) -> Tokenizer:
+    """build(), its failures a TokenizerError of error(reason). tokenizers fails on a damaged vocabulary with a
+    bare Exception or with a Rust panic, which is no Exception and prints its backtrace on stderr: what is printed
+    meanwhile is held back, and shown only if no panic came."""
+    sys.stderr.flush()
+    held, saved = tempfile.TemporaryFile(), os.dup(2)
+    os.dup2(held.fileno(), 2)
+    panicked = False
+    try:
+        return build()
+    except BaseException as e:
+        panicked = type(e).__name__ == "PanicException"
+        if not (panicked or isinstance(e, Exception)):
+            raise
+        raise TokenizerError(error(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if not panicked:
+            held.seek(0)
+            os.write(2, held.read())
+        held.close()
 
 
 def _byte_alphabet() -> list[str]:
@@ -92,13 +119,8 @@ class HFTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file not found; pass a tokenizer.json or the directory holding it")
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise TokenizerError(
-                f"{path}: not a valid Hugging Face tokenizer.json ({reason}); re-download the checkpoint's tokenizer"
-            ) from None
+        tokenizer = _built(lambda: Tokenizer.from_file(str(path)), lambda reason: (
+            f"{path}: not a valid Hugging Face tokenizer.json ({reason}); re-download the checkpoint's tokenizer"))
         config = _read_json(path.parent / "tokenizer_config.json")
         generation = _read_json(path.parent / "generation_config.json")
 
@@ -148,14 +170,21 @@ class HFTokenizer:
             raise TokenizerError(f"{where}: the GGUF lacks tokenizer.ggml.tokens or .merges; re-convert the model")
         pre = field("tokenizer.ggml.pre", "default")
         llama3_family = pre in _LLAMA3_PRE
-        tokenizer = Tokenizer(
-            models.BPE(
-                vocab={token: i for i, token in enumerate(tokens)},
-                merges=[tuple(m.split(" ", 1)) for m in merges],
-                # tiktoken (and llama.cpp for these) take a piece that is a whole vocabulary entry as is.
-                ignore_merges=llama3_family,
-            )
-        )
+        vocab = {token: i for i, token in enumerate(tokens)}
+
+        def damaged(reason: str) -> str:
+            return f"{where}: the GGUF's vocabulary is damaged ({reason}); download or convert the model again"
+
+        # Named here, where tokenizers would only say where in its own code it failed.
+        bad = next((m for m in merges if " " not in m or m.replace(" ", "", 1) not in vocab), None)
+        if bad is not None:
+            raise TokenizerError(damaged(f"the merge {bad!r} is not two pieces that make one of its tokens"))
+        tokenizer = _built(lambda: Tokenizer(models.BPE(
+            vocab=vocab,
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+            # tiktoken (and llama.cpp for these) take a piece that is a whole vocabulary entry as is.
+            ignore_merges=llama3_family,
+        )), damaged)
         tokenizer.pre_tokenizer = _gguf_pre_tokenizer(pre, where)
         tokenizer.decoder = decoders.ByteLevel()
         types = field("tokenizer.ggml.token_type", [])
@@ -165,15 +194,20 @@ class HFTokenizer:
         tokenizer.add_tokens(
             [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
         )
+        ids = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "eot", "eom")}
+        for k, i in ids.items():
+            if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
+                raise TokenizerError(f"{where}: tokenizer.ggml.{k}_token_id is {i!r}, not one of the vocabulary's "
+                                     f"{len(tokens)} ids; the GGUF is damaged: download or convert the model again")
         return cls(
             tokenizer,
-            bos_id=field("tokenizer.ggml.bos_token_id"),
-            eos_id=field("tokenizer.ggml.eos_token_id"),
-            pad_id=field("tokenizer.ggml.padding_token_id"),
+            bos_id=ids["bos"],
+            eos_id=ids["eos"],
+            pad_id=ids["padding"],
             # llama.cpp's defaults when the file does not say.
             add_bos=field("tokenizer.ggml.add_bos_token", llama3_family),
             chat_template=field("tokenizer.chat_template"),
-            stop_ids=[i for k in ("eot", "eom") if (i := field(f"tokenizer.ggml.{k}_token_id")) is not None],
+            stop_ids=[ids[k] for k in ("eot", "eom") if ids[k] is not None],
         )
 
     def encode(

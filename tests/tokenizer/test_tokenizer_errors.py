@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from tokenizers import Tokenizer, models
 
 from herd.tokenizer import HFTokenizer, Llama3Tokenizer, TokenizerError, load_tokenizer
 
@@ -66,6 +67,14 @@ def test_corrupt_tokenizer_json(tmp_path):
     assert "not a valid Hugging Face tokenizer.json" in load_error(path)
 
 
+def test_tokenizer_json_whose_merge_makes_no_token(tmp_path):
+    # Valid JSON, a damaged vocabulary: tokenizers panics in Rust (an exception that is no Exception).
+    Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")])).save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "tokenizer.json"
+    path.write_text(path.read_text().replace('"ab":2', '"aX":2').replace('"ab": 2', '"aX": 2'))
+    assert "not a valid Hugging Face tokenizer.json" in load_error(path)
+
+
 def test_corrupt_tokenizer_config(tiny_json_dir):
     config = tiny_json_dir / "tokenizer_config.json"
     config.write_text("{not json")
@@ -78,12 +87,14 @@ def test_garbage_gguf(tmp_path):
     assert "not a readable GGUF" in load_error(path)
 
 
-def write_gguf(path: Path, model: str, pre: str) -> Path:
+def write_gguf(path: Path, model: str, pre: str, merges=("a b",), eos: int | None = None) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(["a", "b", "ab"])
-    writer.add_token_merges(["a b"])
+    writer.add_token_merges(list(merges))
+    if eos is not None:
+        writer.add_eos_token_id(eos)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -104,3 +115,16 @@ def test_gguf_with_unknown_pre_tokenizer(tmp_path):
 def test_minimal_gguf_loads(tmp_path):
     tok = load_tokenizer(write_gguf(tmp_path / "ok.gguf", "gpt2", "gpt2"))
     assert tok.encode("abab", bos=False) == [2, 2]
+
+
+@pytest.mark.parametrize("merge, named", [("a c", "'a c'"), ("ab ", "``"), ("ab", "'ab'")])
+def test_gguf_whose_merges_name_no_token(tmp_path, merge, named):
+    # One damaged byte in a merge: its parts or its result are no tokens (tokenizers itself answers with a bare
+    # Exception, a Rust panic or a TypeError).
+    message = load_error(write_gguf(tmp_path / "bad.gguf", "gpt2", "gpt2", merges=["a b", merge]))
+    assert "vocabulary is damaged" in message and named in message
+
+
+def test_gguf_with_a_special_id_outside_the_vocabulary(tmp_path):
+    message = load_error(write_gguf(tmp_path / "bad.gguf", "gpt2", "gpt2", eos=70000))
+    assert "eos_token_id is 70000" in message and "3 ids" in message
