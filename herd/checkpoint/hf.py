@@ -221,9 +221,10 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
 
         state, modules, scheme = load_quantized(quantized, dtype)
         check_shapes(config, state, str(directory), "the config.json")
-        tokenizer, _ = load_dir_tokenizer(directory, prefer="tokenizer.json")
+        tokenizer, note = load_dir_tokenizer(directory, prefer="tokenizer.json")
         blocks = {name: ("herd", module) for name, module in modules.items()}
-        return Checkpoint(config, state, "hf", tokenizer, directory, {"quantization": scheme}, blocks)
+        meta = {"quantization": scheme} | ({"tokenizer_note": note} if note else {})
+        return Checkpoint(config, state, "hf", tokenizer, directory, meta, blocks)
     fp8 = _fp8_scaled(cfg, str(directory))
     files = _weight_files(directory)
     entries = {}

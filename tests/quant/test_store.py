@@ -67,6 +67,12 @@ def test_damaged_files_are_refused(float_dir, tmp_path):
     (out / FILE).write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CheckpointError, match="truncated or damaged"):
         load_checkpoint(out)
+    data[-100] ^= 0xFF
+    (out / FILE).write_bytes(bytes(data))
+    tokenizer = out / "tokenizer.json"
+    tokenizer.write_text("{")  # a damaged tokenizer is named, not called missing
+    with pytest.raises(herd.llm.ModelNotFoundError, match=f"no usable tokenizer: {tokenizer}"):
+        herd.load(out)
 
 
 def test_bad_scheme_is_one_line_and_writes_nothing(float_dir, tmp_path):
