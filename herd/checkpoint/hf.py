@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from herd.atomic import save_safetensors
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
-from herd.checkpoint.errors import CheckpointError
+from herd.checkpoint.errors import CheckpointError, read_json_object
 from herd.model.config import ModelConfig, RopeScaling
 
 INDEX = "model.safetensors.index.json"
@@ -174,10 +174,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     """Which file holds each HF tensor name."""
     index = directory / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({type(e).__name__}); download it again") from None
+        weight_map = read_json_object(index, "download it again").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: no weight_map of tensor names to files; download it again")
         files = {name: directory / file for name, file in weight_map.items()}
         for path in sorted(set(files.values())):
             if not path.is_file():
@@ -210,10 +209,7 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
     from herd.checkpoint.vocab import load_dir_tokenizer
 
     config_path = directory / "config.json"
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_path}: unreadable ({e}); it must be a Hugging Face config.json") from None
+    cfg = read_json_object(config_path, "it must be a Hugging Face config.json")
     config = config_from_hf(cfg, str(directory))
     quantized = directory / "quantized.safetensors"
     if quantized.is_file():  # written by `herd quantize`

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
-from herd.checkpoint.errors import CheckpointError
+from herd.checkpoint.errors import CheckpointError, read_json_object
 from herd.model.config import ModelConfig, RopeScaling
 
 # How Meta's reference model splits each tensor across model-parallel ranks (llama_models/llama3/model.py):
@@ -139,10 +139,7 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def load_meta(directory: Path, dtype: torch.dtype | None = torch.float32) -> Checkpoint:
     params_path = directory / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{params_path}: unreadable ({e}); it must be Meta's params.json") from None
+    params = read_json_object(params_path, "it must be Meta's params.json")
     config = config_from_params(params, str(directory))
     paths = shard_paths(directory)
     shards = [_load_shard(p) for p in paths]

@@ -91,3 +91,21 @@ def test_config_json_that_disagrees_with_the_weights(make_hf):
     assert "layers.0.feed_forward.w1.weight" in message and "config.json does not match" in message
     (hf / "config.json").write_text(json.dumps(config | {"model_type": "mistral"}))
     assert "mistral" in error_of(hf)
+
+
+def test_json_files_that_are_no_utf8_or_no_object(make_hf, tmp_path):
+    _, hf = make_hf(max_shard_size="60KB")
+    meta = convert(hf, tmp_path / "meta", "meta")
+    for path, what in ((meta / "params.json", "it must be Meta's params.json"),
+                       (hf / "config.json", "it must be a Hugging Face config.json"),
+                       (hf / "model.safetensors.index.json", "download it again")):
+        original = path.read_bytes()
+        path.write_bytes(original.replace(b'"', b'\xc7"', 1))  # one damaged byte: no UTF-8
+        message = error_of(path.parent)
+        assert message.startswith(f"{path}: unreadable") and "utf-8" in message and message.endswith(what), message
+        path.write_text("[]")
+        assert error_of(path.parent) == f"{path}: holds a JSON list, not an object; {what}"
+        path.write_bytes(original)
+    index = hf / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
+    assert "no weight_map of tensor names to files" in error_of(hf)
