@@ -14,7 +14,7 @@ from herd.generate.sequence import Completion
 from herd.generate.sampling import SamplingParams
 from herd.generate.structured import JsonGrammars
 from herd.model.llama import Transformer
-from herd.tokenizer.template import TemplateChatFormat
+from herd.tokenizer.template import TemplateChatFormat, content_texts
 from herd.tokenizer.tool_calls import call_schema, call_texts
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
@@ -125,9 +125,8 @@ class LLM:
         if tools and "tools" not in template:
             messages, tools = with_tool_prompts(list(messages), tools, "json"), None
         if "tool_calls" not in template:
-            messages = [{**m, "content": (m.get("content") or "") + "".join(call_texts(m["tool_calls"], "json"))}
+            messages = [{**m, "content": "".join(content_texts(m.get("content")) + call_texts(m["tool_calls"], "json"))}
                         if m.get("tool_calls") else m for m in messages]
-        messages = [{**m, "content": m.get("content") or ""} for m in messages]
         return self.chat_format.encode_dialog(messages, tools=tools)
 
     def _stream_text(self, prompt: list[int], params: SamplingParams, **options) -> Iterator[str]:

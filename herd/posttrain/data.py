@@ -53,14 +53,19 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(where, row) for every non-blank line; `where` is "FILE:LINE", for errors."""
     path = Path(path)
     try:
-        lines = path.open(encoding="utf-8")
+        lines = path.open("rb")
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror}); give a JSONL file") from None
     with lines:
-        for n, line in enumerate(lines, 1):
+        for n, raw in enumerate(lines, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+                                "; save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:

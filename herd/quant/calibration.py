@@ -45,7 +45,7 @@ def _documents(files: tuple[str, ...]) -> Iterator[str]:
         if path.suffix not in (".jsonl", ".json"):
             yield text
             continue
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028
             if not line.strip():
                 continue
             try:

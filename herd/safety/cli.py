@@ -34,8 +34,8 @@ def check(
 
     if messages is not None:
         try:
-            dialog = json.loads(messages.read_text())
-        except json.JSONDecodeError as error:
+            dialog = json.loads(messages.read_text(encoding="utf-8"))
+        except ValueError as error:  # bad JSON, or bytes that are no UTF-8
             raise ValueError(f"{messages} is not JSON: {error}") from None
         if not isinstance(dialog, list) or not all(isinstance(m, dict) for m in dialog):
             raise ValueError(f"{messages} must hold a list of {{role, content}} messages")

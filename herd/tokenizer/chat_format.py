@@ -14,7 +14,7 @@ from typing import Any
 from herd.tokenizer import TokenizerError
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.llama3 import Llama3Tokenizer
-from herd.tokenizer.template import TemplateChatFormat
+from herd.tokenizer.template import TemplateChatFormat, content_texts
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_texts, parse_calls
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
@@ -124,9 +124,7 @@ class ChatFormat:
 
     def _content(self, content: str | list[dict[str, Any]] | None) -> list[int]:
         # Each part is encoded on its own, as the reference does; that decides the ids at part boundaries.
-        if isinstance(content, list):
-            return [i for part in content if part.get("type") == "text" for i in self._text(part["text"])]
-        return self._text(content or "")
+        return [i for text in content_texts(content) for i in self._text(text)]
 
 
 def chat_format_for(tokenizer: Tokenizer) -> ChatFormat | TemplateChatFormat:

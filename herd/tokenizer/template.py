@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 Message = dict[str, Any]
 
 
+def content_texts(content: str | list[dict[str, Any]] | None) -> list[str]:
+    """The texts of a message's content: a string, None, or a list of OpenAI-style parts ({"type": "text", "text":
+    ...}; other kinds carry no text). Anything else is a ValueError saying what was given."""
+    if content is None or isinstance(content, str):
+        return [content] if content else []
+    if isinstance(content, list) and all(isinstance(part, dict) and (part.get("type") != "text" or isinstance(
+            part.get("text"), str)) for part in content):
+        return [part["text"] for part in content if part.get("type") == "text"]
+    raise ValueError("a message's content must be a string or a list of parts such as {'type': 'text', 'text': "
+                     f"'...'}}, not {json.dumps(content, default=repr)[:60]}")
+
+
 def render_template(
     template: str, messages: Sequence[Message], add_generation_prompt: bool = True, **extra: Any
 ) -> str:
@@ -89,9 +101,13 @@ class TemplateChatFormat:
     ) -> list[int]:
         """The prompt for the assistant's next turn. The template decides the layout, so
         `tool_prompt_format` is not used; `tools` is passed to the template, which may show them."""
+        # Content reaches the template as one string (parts joined, none as ""): a text-only template (SmolLM2's)
+        # adds it to its own strings.
+        messages = [m if isinstance(m.get("content"), str)
+                    else m | {"content": "".join(content_texts(m.get("content")))} for m in messages]
         text = render_template(self.tokenizer.chat_template, messages, tools=tools or None, **self._variables)
         # As transformers: the template writes any BOS itself, and its special-token text is meant as such.
-        messages, pattern = list(messages), self._special_text
+        pattern = self._special_text
         hidden = (_masked(messages, pattern), _masked(tools, pattern)) if pattern else (messages, tools)
         if hidden == (messages, tools):
             return self.tokenizer.encode(text, bos=False, allowed_special="all")

@@ -100,7 +100,9 @@ def test_preference_batch_masks_prompt_and_optionally_formatting(llama3_format):
 
 def _write(tmp_path, lines):
     path = tmp_path / "rows.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    # \udcXX stands for the raw byte XX (a file that is no UTF-8); a byte-order mark opens the file, as some
+    # editors write it.
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     return path
 
 
@@ -109,6 +111,12 @@ def _write(tmp_path, lines):
      "sft", r"rows.jsonl:2: not valid JSON"),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], "sft", r"rows.jsonl:1: no assistant turn"),
     (['{"messages": "hi"}'], "sft", r"rows.jsonl:1: \"messages\" must be a list"),
+    (['{"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "yo"}]}'], "sft",
+     r"rows.jsonl:1: the chat format cannot encode these messages \(a message's content must be a string or a list "
+     r"of parts such as \{'type': 'text', 'text': '...'\}, not \[\"hi\"\]\)"),
+    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+      '{"messages": [{"role": "user", "content": "caf\udcc3"}]}'], "sft", r"rows.jsonl:2: not UTF-8 text \(byte 0xc3 "
+     r"at column 47\); save the file as UTF-8"),
     (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "a"}'], "pref",
      r"rows.jsonl:1: chosen and rejected are the same reply"),
     (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "edited": "a"}'], "pref",

@@ -97,9 +97,12 @@ def test_gptq_calibrates_on_the_text_it_is_given(float_dir, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("Llamas hum when they are curious. " * 40)
     records = tmp_path / "records.jsonl"
+    # A line separator written as itself inside a JSON string (json.dumps(..., ensure_ascii=False) does) ends no
+    # JSON Lines record.
+    vicunas = "Vicunas live high in the Andes.\u2028" * 40
     records.write_text(json.dumps({"text": "Alpacas were bred for fibre. " * 40}) + "\n\n"
-                       + json.dumps({"text": "Vicunas live high in the Andes. " * 40}) + "\n")
-    documents = [notes.read_text(), "Alpacas were bred for fibre. " * 40, "Vicunas live high in the Andes. " * 40]
+                       + json.dumps({"text": vicunas}, ensure_ascii=False) + "\n", encoding="utf-8")
+    documents = [notes.read_text(), "Alpacas were bred for fibre. " * 40, vicunas]
     every = [t for d in documents for t in tokenizer.encode(d, bos=True)]
     assert calibration_tokens(Calibration((str(notes), str(records)), tokens=10_000), tokenizer) == every
     assert calibration_tokens(Calibration((str(notes), str(records)), tokens=300), tokenizer) == every[:300]

@@ -55,5 +55,7 @@ def test_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "dialog.json"
     bad.write_text("{not json")
     one_line_error(herd_cli("guard", "check", "--messages", str(bad), "--print-prompt"), "not JSON")
+    bad.write_bytes(b'[{"role": "user", "content": "caf\xe9"}]')  # Latin-1, no UTF-8
+    one_line_error(herd_cli("guard", "check", "--messages", str(bad), "--print-prompt"), f"{bad} is not JSON")
     one_line_error(herd_cli("guard", "score", "hi", "--prompt-guard", str(tmp_path / "nope.npz")), "nope.npz")
     one_line_error(herd_cli("guard", "check", "hi", "--guard", str(tmp_path / "head.npz")), "head.npz")

@@ -40,6 +40,21 @@ def test_chatml_matches_transformers(chatml, smollm2, smollm2_transformers, name
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_content_parts_and_none_are_one_string_and_other_content_is_named(chatml, tokenizer):
+    # OpenAI-style parts reach a text-only template joined (as the server hands them over), None as "": SmolLM2's
+    # template adds the content to its strings, which a list or None had failed inside (TypeError).
+    parts = [{"type": "text", "text": "What is"}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": " 2+2?"}]
+    assert chatml.encode_dialog([{"role": "user", "content": parts}]) == chatml.encode_dialog(
+        DIALOGS["single user turn"])
+    assert chatml.encode_dialog([{"role": "user", "content": None}]) == chatml.encode_dialog(
+        [{"role": "user", "content": ""}])
+    for fmt in (chatml, chat_format_for(tokenizer)):
+        for content in (["What is 2+2?"], 5, [{"type": "text", "text": 5}]):
+            with pytest.raises(ValueError, match="a message's content must be a string or a list of parts"):
+                fmt.encode_dialog([{"role": "user", "content": content}])
+
+
 def test_special_token_text_inside_a_message_stays_text(chatml, smollm2, smollm2_transformers):
     # A pasted transcript or a fetched page must not close its turn and open a system one: Llama 3's own format
     # reads such text as text, while transformers makes it the special tokens.
