@@ -15,7 +15,7 @@ from herd.tokenizer import TokenizerError
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.llama3 import Llama3Tokenizer
 from herd.tokenizer.template import TemplateChatFormat, content_texts
-from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_texts, parse_calls
+from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_name, call_texts, parse_calls
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
 Message = dict[str, Any]
@@ -79,7 +79,7 @@ class ChatFormat:
             # prompt-format pages); custom calls (JSON, <function=...>, a Python list) go without, as in
             # llama-models, unless text comes first: only the tag tells the call from the text then, as
             # decode_assistant reads it, so that history re-encodes as the model wrote it.
-            if any(c["function"]["name"] in BUILTIN_TOOLS for c in calls) or content:
+            if any(call_name(c) in BUILTIN_TOOLS for c in calls) or content:
                 ids.append(self._python_tag)
             for text in call_texts(calls, tool_prompt_format):
                 ids += self._text(text)

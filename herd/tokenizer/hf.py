@@ -45,8 +45,13 @@ def _built(build: Callable[[], Tokenizer], error: Callable[[str], str]) -> Token
     bare Exception or with a Rust panic, which is no Exception and prints its backtrace on stderr: what is printed
     meanwhile is held back, and shown only if no panic came."""
     sys.stderr.flush()
-    held, saved = tempfile.TemporaryFile(), os.dup(2)
-    os.dup2(held.fileno(), 2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold back
+        saved = None
+    held = tempfile.TemporaryFile()
+    if saved is not None:
+        os.dup2(held.fileno(), 2)
     panicked = False
     try:
         return build()
@@ -56,11 +61,12 @@ def _built(build: Callable[[], Tokenizer], error: Callable[[str], str]) -> Token
             raise
         raise TokenizerError(error(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        if not panicked:
-            held.seek(0)
-            os.write(2, held.read())
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not panicked:
+                held.seek(0)
+                os.write(2, held.read())
         held.close()
 
 

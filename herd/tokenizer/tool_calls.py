@@ -64,17 +64,29 @@ def call_arguments(call: Call) -> dict[str, Any]:
     """A call's arguments as a dict (OpenAI sends them as a JSON string)."""
     arguments = call["function"].get("arguments") or {}
     if isinstance(arguments, str):
-        arguments = json.loads(arguments)
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"tool call arguments are no JSON ({error}): {arguments[:60]!r}") from None
     if not isinstance(arguments, dict):
         raise ValueError(f"tool call arguments must be a JSON object, got {arguments!r}")
     return arguments
+
+
+def call_name(call: Call) -> str:
+    """The function a call names; a ValueError showing the expected shape for anything else."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError("a tool call must look like {'function': {'name': ..., 'arguments': {...}}}, not "
+                         f"{json.dumps(call, default=repr)[:80]}")
+    return function["name"]
 
 
 def call_texts(calls: list[Call], tool_prompt_format: str) -> list[str]:
     """What the model would have written to make `calls`, one piece per call (llama-models tokenizes each call on
     its own, so a piece boundary is a token boundary); custom calls in a Python list are one piece, the list that
     Llama 3.2's prompt asks for (llama-models writes one list per call instead)."""
-    named = [(c["function"]["name"], call_arguments(c)) for c in calls]
+    named = [(call_name(c), call_arguments(c)) for c in calls]
     if tool_prompt_format == "python_list" and not any(name in BUILTIN_TOOLS for name, _ in named):
         return ["[" + ", ".join(f"{name}({_python_kwargs(args)})" for name, args in named) + "]"]
     return [_call_to_text(name, args, tool_prompt_format) for name, args in named]

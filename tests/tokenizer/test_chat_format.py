@@ -335,6 +335,12 @@ def test_bad_requests_raise(fmt):
         fmt.encode_dialog([USER], tools=[{"type": "retrieval"}])
     with pytest.raises(ValueError, match="query"):
         fmt.encode_dialog([USER, {"role": "assistant", "content": "", "tool_calls": [call("brave_search", q="x")]}])
+    # A call in another shape than OpenAI's, or with arguments that are no JSON, says so (it had been a KeyError).
+    for calls, message in (([{"name": "f", "arguments": {}}], r"must look like \{'function'"),
+                           (["f()"], "must look like"),
+                           ([{"function": {"name": "f", "arguments": "{oops"}}], "arguments are no JSON")):
+        with pytest.raises(ValueError, match=message):
+            fmt.encode_dialog([USER, {"role": "assistant", "content": "", "tool_calls": calls}])
 
 
 REPLIES = [
