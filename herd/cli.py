@@ -264,9 +264,9 @@ def tokenize(
     text = sys.stdin.read() if text == "-" else text
     if model is not None:
         from herd.checkpoint import load_checkpoint
-        from herd.llm import resolve_model_path
+        from herd.llm import checkpoint_tokenizer, resolve_model_path
 
-        tok = load_checkpoint(resolve_model_path(model)).tokenizer
+        tok = checkpoint_tokenizer(load_checkpoint(resolve_model_path(model)))
     else:
         tok = load_tokenizer(tokenizer)
     if chat_turn:

@@ -165,11 +165,16 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
 
     path = resolve_model_path(path_or_name)
     ckpt = load_checkpoint(path, dtype=dtype)
-    if ckpt.tokenizer is None:
-        # A tokenizer that is there but unusable says why (a damaged vocabulary, an unsupported kind).
-        note = ckpt.meta.get("tokenizer_note")
-        raise ModelNotFoundError(f"{path} brings no usable tokenizer: {note}" if note else
-                                 f"{path} brings no tokenizer: put tokenizer.model or tokenizer.json beside it")
-    model = build_quantized(ckpt, quantize, device or default_device(), ckpt.tokenizer, dtype=dtype).eval()
-    return LLM(model, ckpt.tokenizer, chat_format_for(ckpt.tokenizer), name=ckpt.meta.get("name") or path.name,
-               engine=engine)
+    tokenizer = checkpoint_tokenizer(ckpt)
+    model = build_quantized(ckpt, quantize, device or default_device(), tokenizer, dtype=dtype).eval()
+    return LLM(model, tokenizer, chat_format_for(tokenizer), name=ckpt.meta.get("name") or path.name, engine=engine)
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer a loaded checkpoint brings; ModelNotFoundError when it brings none it can use, saying why (a
+    damaged vocabulary, an unsupported kind) where there is one."""
+    if ckpt.tokenizer is not None:
+        return ckpt.tokenizer
+    note = ckpt.meta.get("tokenizer_note")
+    raise ModelNotFoundError(f"{ckpt.source} brings no usable tokenizer: {note}" if note else
+                             f"{ckpt.source} brings no tokenizer: put tokenizer.model or tokenizer.json beside it")

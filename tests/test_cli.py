@@ -186,6 +186,8 @@ def test_a_damaged_vocabulary_is_one_line(tmp_path):
         f.seek(at)
         f.write(b"Q")
     assert_one_line_error(herd_cli("generate", "hi", "--model", str(damaged)), "damaged.gguf", "vocabulary is damaged")
+    # tokenize --model had taken the missing tokenizer for one: AttributeError
+    assert_one_line_error(herd_cli("tokenize", "hi", "--model", str(damaged)), "damaged.gguf", "vocabulary is damaged")
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}')
     assert_one_line_error(herd_cli("tokenize", "hi", "--tokenizer", str(tokenizer)), "tokenizer.json")
