@@ -200,11 +200,9 @@ class HFTokenizer:
         tokenizer.add_tokens(
             [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
         )
-        ids = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "eot", "eom")}
-        for k, i in ids.items():
-            if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
-                raise TokenizerError(f"{where}: tokenizer.ggml.{k}_token_id is {i!r}, not one of the vocabulary's "
-                                     f"{len(tokens)} ids; the GGUF is damaged: download or convert the model again")
+        # An id outside the vocabulary is taken as none, as llama.cpp takes it ("bad special token").
+        ids = {k: i if isinstance(i := field(f"tokenizer.ggml.{k}_token_id"), int) and 0 <= i < len(tokens) else None
+               for k in ("bos", "eos", "padding", "eot", "eom")}
         return cls(
             tokenizer,
             bos_id=ids["bos"],
