@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, require
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -33,10 +35,17 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        # vocab_size is left out: Meta's params.json may say -1, for the embedding's rows.
+        require(self, AT_LEAST_ONE, "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_hidden_dim",
+                "max_seq_len")
+        require(self, POSITIVE, "ffn_dim_multiplier", "rope_theta")
+        require(self, NON_NEGATIVE, "norm_eps")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"the head width dim / n_heads = {self.head_dim} is odd: rotary embeddings turn pairs")
 
     @property
     def kv_heads(self) -> int:

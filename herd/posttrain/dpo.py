@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.bounds import NON_NEGATIVE, POSITIVE, require
 from herd.posttrain.logprobs import sequence_logps
 from herd.posttrain.ranking import pairs, ranked
 
@@ -23,6 +24,10 @@ class DPOConfig:
     beta: float = 0.1
     nll_weight: float = 0.2          # Llama 3; 0 is the original DPO
     mask_formatting: bool = True     # Llama 3; False scores every reply token, as the original DPO
+
+    def __post_init__(self):
+        require(self, POSITIVE, "beta")
+        require(self, NON_NEGATIVE, "nll_weight")
 
 
 def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

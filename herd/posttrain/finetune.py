@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from herd.atomic import atomic_output, save_safetensors
+from herd.bounds import NON_NEGATIVE, require
 from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch,
                                  read_jsonl)
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
@@ -47,6 +48,9 @@ class FinetuneSection:
     epochs: float = 0.0          # > 0: training.steps is set from the data size
     pack: bool = True            # sft / kd: pack dialogs into training.seq_len rows under the document mask
     teacher: str = ""            # kd: the teacher checkpoint (same vocabulary)
+
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "epochs")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.bounds import FRACTION, POSITIVE, require
 from herd.posttrain.logprobs import target_logits
 
 
@@ -14,6 +15,10 @@ from herd.posttrain.logprobs import target_logits
 class KDConfig:
     temperature: float = 1.0
     kd_weight: float = 0.5      # the rest of the loss is the ordinary cross-entropy on the targets
+
+    def __post_init__(self):
+        require(self, POSITIVE, "temperature")
+        require(self, FRACTION, "kd_weight")
 
 
 def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.bounds import NON_NEGATIVE, POSITIVE, Bounds, require
 from herd.quant.blocks import BlockLinear, quantize_int4, quantize_int8
 
 QUANTIZED = (BlockLinear,)
@@ -30,6 +31,13 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     quantize: str = "none"             # "int8" or "int4": QLoRA over quantized base weights
+
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "rank")
+        require(self, POSITIVE, "alpha")
+        require(self, Bounds(0, 1, high_open=True), "dropout")
+        if self.quantize != "none" and self.quantize not in BASE_FORMATS:
+            raise ValueError(f"unknown LoRA base quantization {self.quantize!r}: use none, int8 or int4")
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
@@ -95,8 +103,6 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     With config.quantize "int8" or "int4" each wrapped base layer is first quantized (QLoRA).
     """
-    if config.quantize != "none" and config.quantize not in BASE_FORMATS:
-        raise ValueError(f"unknown LoRA base quantization {config.quantize!r}: use none, int8 or int4")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0

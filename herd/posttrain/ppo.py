@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from herd.bounds import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, require
 from herd.generate.generator import Generator
 from herd.generate.sampling import SamplingParams
 from herd.generate.sequence import Completion
@@ -48,9 +49,10 @@ class PPOConfig:
     minibatches: int = 1             # optimizer steps per pass (the rollouts split in shuffled parts)
 
     def __post_init__(self):
-        for name in ("iterations", "prompts", "samples", "max_tokens", "epochs", "minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require(self, AT_LEAST_ONE, "iterations", "prompts", "samples", "max_tokens", "epochs", "minibatches")
+        require(self, NON_NEGATIVE, "no_stop_penalty", "kl_coef", "value_weight")
+        require(self, POSITIVE, "clip", "value_clip")
+        require(self, FRACTION, "gamma", "lam")
         if self.minibatches > self.prompts * self.samples:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the rollouts per iteration "
                              f"(prompts x samples = {self.prompts * self.samples})")

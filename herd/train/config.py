@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herd.bounds import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bounds, require
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the offending section, field or value."""
@@ -51,6 +53,12 @@ class ModelSection:
     tie_embeddings: bool = False
     init_std: float = 0.02
 
+    def __post_init__(self):
+        require(self, AT_LEAST_ONE, "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                "max_seq_len")
+        require(self, POSITIVE, "ffn_dim_multiplier", "rope_theta", "init_std")
+        require(self, NON_NEGATIVE, "norm_eps")
+
 
 @dataclass
 class DataSection:
@@ -58,6 +66,9 @@ class DataSection:
     held_out: float = 0.01  # fraction of documents kept out of training for evaluation
     anneal_shards: str = ""  # the high-quality mix for the final annealing stage ("" = keep `shards`)
     verify: bool = False  # check the shards' sha256 against the manifest before training
+
+    def __post_init__(self):
+        require(self, Bounds(0, 1, high_open=True), "held_out")
 
 
 @dataclass
@@ -83,6 +94,19 @@ class TrainingSection:
     activation_checkpointing: bool = False
     compile: bool = False
 
+    def __post_init__(self):
+        require(self, AT_LEAST_ONE, "steps", "batch_size", "micro_batch_size", "seq_len")
+        require(self, NON_NEGATIVE, "lr", "warmup_steps", "anneal_steps", "weight_decay", "grad_clip", "seed")
+        require(self, FRACTION, "min_lr_ratio")
+        require(self, Bounds(0, 1, high_open=True), "beta1", "beta2")
+        require(self, POSITIVE, "eps")
+        for name in ("batch_size_schedule", "seq_len_schedule"):
+            for entry in getattr(self, name):
+                if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
+                    raise ValueError(f"{name}: {entry} is not [from_step, value] with from_step >= 0 and value >= 1")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype!r}: use auto, float32 or bfloat16")
+
 
 @dataclass
 class CheckpointSection:
@@ -91,6 +115,13 @@ class CheckpointSection:
     async_save: bool = False
     average_last: int = 0  # export the average of the last N checkpoints' weights (Llama 3 annealing); 0: final
     export_format: str = "meta"  # the final weights with the tokenizer in run.dir: meta or hf
+
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "interval", "average_last")
+        require(self, AT_LEAST_ONE, "keep")
+
+
+PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")  # torch.distributed.pipelining's, by name
 
 
 @dataclass
@@ -105,6 +136,15 @@ class ParallelSection:
     timeout_s: float = 300.0  # a collective hung this long fails the rank (and the launcher restarts the job)
     max_restarts: int = 3  # `--nproc`: restarts the launcher makes after a worker dies
 
+    def __post_init__(self):
+        require(self, AT_LEAST_ONE, "dp_replicate", "tp", "pp", "pp_microbatches")
+        require(self, NON_NEGATIVE, "max_restarts")
+        require(self, POSITIVE, "timeout_s")
+        if self.dp == 0 or self.dp < -1:
+            raise ValueError(f"dp must be at least 1, or -1 for what the world size leaves; got {self.dp}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"pp_schedule {self.pp_schedule!r}; use one of {', '.join(PP_SCHEDULES)}")
+
 
 @dataclass
 class RunSection:
@@ -117,6 +157,11 @@ class RunSection:
     peak_flops: float | None = None  # per device, for MFU; None: measured (a matmul) at start-up
     time_limit_s: float = 0.0  # stop (checkpoint and export) after this long, wherever the schedule is (0: off)
 
+    def __post_init__(self):
+        require(self, AT_LEAST_ONE, "log_interval", "eval_batches")
+        require(self, NON_NEGATIVE, "eval_interval", "time_limit_s")
+        require(self, POSITIVE, "peak_flops")
+
 
 @dataclass
 class FaultSection:
@@ -126,6 +171,10 @@ class FaultSection:
     max_bad_steps: int = 5  # consecutive skipped/rolled-back steps before the run gives up
     watchdog_s: float = 0.0  # a step taking longer than this kills the rank so the launcher restarts (0: off)
     checksum_interval: int = 0  # steps between cross-replica parameter checksums (0: off)
+
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "spike_factor", "spike_warmup", "watchdog_s", "checksum_interval")
+        require(self, AT_LEAST_ONE, "max_bad_steps")
 
 
 @dataclass

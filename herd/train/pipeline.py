@@ -75,8 +75,6 @@ def build_pipeline(model: Transformer, env, config) -> tuple[list[nn.Module], Pi
 
     p = config.parallel
     schedules = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
-    if p.pp_schedule not in schedules:
-        raise ConfigError(f"parallel.pp_schedule {p.pp_schedule!r}; use one of {', '.join(schedules)}")
     per_rank = 2 if p.pp_schedule == "Interleaved1F1B" else 1
     n_stages = env.pp * per_rank
     n_layers = model.config.n_layers

@@ -67,8 +67,6 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
     if longest > model_config.max_seq_len:
         raise ConfigError(f"training.seq_len {longest} is longer than the model's context ({model_config.max_seq_len});"
                           " shorten it or raise model.max_seq_len")
-    if t.steps < 1 or t.batch_size < 1:
-        raise ConfigError("training.steps and training.batch_size must be at least 1")
     if t.anneal_steps >= t.steps:
         raise ConfigError(f"training.anneal_steps {t.anneal_steps} must be fewer than training.steps {t.steps}")
     if config.fault.nonfinite not in ("skip", "rollback"):
@@ -77,7 +75,7 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
         raise ConfigError(f"checkpoint.export_format: {config.checkpoint.export_format!r}; use meta or hf")
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     degrees = p.pp * p.tp * p.dp_replicate * (p.dp if p.dp > 0 else 1)
-    if (p.dp > 0 and degrees != world) or (p.dp <= 0 and world % degrees) or min(p.pp, p.tp, p.dp_replicate) < 1:
+    if (p.dp > 0 and degrees != world) or (p.dp <= 0 and world % degrees):
         raise ConfigError(f"parallel: pp {p.pp} x dp_replicate {p.dp_replicate} x dp {p.dp} x tp {p.tp} does not "
                           f"match the world size {world}")
     if p.tp > 1 and (model_config.n_heads % p.tp or model_config.kv_heads % p.tp):

@@ -109,3 +109,19 @@ def test_json_files_that_are_no_utf8_or_no_object(make_hf, tmp_path):
     index = hf / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
     assert "no weight_map of tensor names to files" in error_of(hf)
+
+
+@pytest.mark.parametrize("fmt, file, key, value, field", [
+    ("meta", "params.json", "n_heads", 0, "n_heads must be at least 1, got 0"),  # was a ZeroDivisionError
+    ("meta", "params.json", "dim", -64, "dim must be at least 1, got -64"),
+    ("hf", "config.json", "num_hidden_layers", 0, "n_layers must be at least 1, got 0"),
+    ("hf", "config.json", "rope_theta", -1.0, "rope_theta must be above 0, got -1.0"),
+])
+def test_sizes_out_of_range_name_the_file_and_field(make_hf, tmp_path, fmt, file, key, value, field):
+    _, hf = make_hf()
+    path = convert(hf, tmp_path / "meta", "meta") if fmt == "meta" else hf
+    config = json.loads((path / file).read_text())
+    (path / file).write_text(json.dumps(config | {key: value}))
+    message = error_of(path)
+    assert file in message and field in message, message
+

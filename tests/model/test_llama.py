@@ -120,3 +120,14 @@ def test_tied_embeddings_share_one_tensor():
     model = Transformer(TINY.replace(tie_embeddings=True))
     assert model.output.weight is model.tok_embeddings.weight
     assert parameter_count(TINY.replace(tie_embeddings=True)) == parameter_count(TINY) - 256 * 64
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(n_heads=0), "n_heads must be at least 1, got 0"),
+    (dict(dim=0), "dim must be at least 1, got 0"),
+    (dict(dim=12, n_heads=4, n_kv_heads=2), "dim / n_heads = 3 is odd"),
+    (dict(norm_eps=float("nan")), "norm_eps must be at least 0, got nan"),
+])
+def test_impossible_shapes_are_refused_naming_the_field(changes, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256), **changes})

@@ -60,3 +60,44 @@ def test_other_recipes_load_their_own_config_dataclasses():
     assert config.dpo.beta == 0.5 and config.training.steps == 3
     with pytest.raises(ConfigError, match="unknown section model"):
         load_config(DPOConfig, None, ["--model.dim", "3"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model.dim", "0"], ["model: dim must be at least 1, got 0"]),
+    (["--model.n_layers", "-1"], ["model: n_layers must be at least 1, got -1"]),  # had trained a model of none
+    (["--model.rope_theta", "nan"], ["rope_theta must be above 0, got nan"]),
+    (["--data.held_out", "1"], ["data: held_out must be in [0, 1), got 1.0"]),
+    (["--training.lr", "-1e-3"], ["training: lr must be at least 0"]),
+    (["--training.beta2", "1"], ["beta2 must be in [0, 1)"]),
+    (["--training.min_lr_ratio", "inf"], ["min_lr_ratio must be in [0, 1], got inf"]),
+    (["--training.seq_len_schedule", "[[0, 0]]"], ["seq_len_schedule: [0, 0] is not [from_step, value]"]),
+    (["--training.dtype", "fp16"], ["dtype 'fp16': use auto, float32 or bfloat16"]),
+    (["--checkpoint.keep", "0"], ["checkpoint: keep must be at least 1"]),
+    (["--parallel.dp", "0"], ["dp must be at least 1, or -1"]),
+    (["--parallel.pp_schedule", "zigzag"], ["pp_schedule 'zigzag'; use one of 1F1B"]),
+    (["--run.log_interval", "0"], ["run: log_interval must be at least 1"]),
+    (["--fault.max_bad_steps", "0"], ["fault: max_bad_steps must be at least 1"]),
+])
+def test_values_out_of_range_are_one_line_errors_naming_the_field(args, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, args)
+    assert "\n" not in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lora.dropout", "1.5"], ["lora: dropout must be in [0, 1)"]),
+    (["--lora.quantize", "int3"], ["unknown LoRA base quantization 'int3'"]),
+    (["--dpo.beta", "0"], ["dpo: beta must be above 0"]),
+    (["--ppo.gamma", "2"], ["ppo: gamma must be in [0, 1]"]),
+    (["--kd.temperature", "0"], ["kd: temperature must be above 0"]),
+    (["--finetune.epochs", "-1"], ["finetune: epochs must be at least 0"]),
+])
+def test_post_training_values_out_of_range_are_one_line_errors(args, words):
+    from herd.posttrain.finetune import FinetuneConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(FinetuneConfig, None, args)
+    for word in words:
+        assert word in str(e.value)

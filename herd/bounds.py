@@ -1,0 +1,42 @@
+"""Where a configuration's numbers may lie, checked when the dataclass is made, so that a width of 0, a negative
+step count or a NaN learning rate is one line naming the field instead of a ZeroDivisionError deep in a run (or,
+worse, a run that goes ahead: a model of -1 layers trained as one of none)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A finite number from low to high, each end included unless it is open."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_ONE = Bounds(1)
+NON_NEGATIVE = Bounds(0)
+POSITIVE = Bounds(0, low_open=True)
+FRACTION = Bounds(0, 1)
+FINITE = Bounds()
+
+
+def require(config: object, bounds: Bounds, *names: str) -> None:
+    """ValueError naming the first of `config`'s fields `names` that is set (not None) and outside `bounds`."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not bounds.holds(value):
+            raise ValueError(f"{name} must be {bounds}, got {value!r}")
