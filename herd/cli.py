@@ -207,7 +207,7 @@ def generate(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="a Meta, HF or GGUF checkpoint"),
+    src: str = typer.Argument(..., help="a Meta, HF or GGUF checkpoint, or default"),
     out: Path = typer.Argument(..., help="where to write the converted checkpoint"),
     format: str = typer.Option(..., "--format", "-f", help="meta, hf or gguf"),
     gguf_type: str = typer.Option("F16", help="GGUF tensor type: F32, F16, BF16, Q8_0, ..."),
@@ -215,11 +215,12 @@ def convert(
 ):
     """Convert a checkpoint to another format (written to a temporary path, then renamed)."""
     from herd.checkpoint import convert as convert_checkpoint
+    from herd.llm import resolve_model_path
 
     if format not in ("meta", "hf", "gguf"):
         raise typer.BadParameter(f"unknown format {format!r}: use meta, hf or gguf")
     kwargs = {"gguf_type": gguf_type} if format == "gguf" else {"shards": shards} if format == "meta" else {}
-    written = convert_checkpoint(src, out, format, **kwargs)
+    written = convert_checkpoint(resolve_model_path(src), out, format, **kwargs)
     _status(f"wrote {written}")
 
 
@@ -248,6 +249,27 @@ def info(model: str = typer.Argument("default", help="a checkpoint path, a named
         config = ckpt.config
     for key, value in {**summarize(config), **details}.items():
         print(f"{key:>24}: {value}")
+
+
+@app.command()
+def verify(model: str = typer.Argument(..., help="a checkpoint directory")):
+    """Check a checkpoint's files against the checksums that came with them: a Meta download's checklist.chk (MD5
+    per file), a `herd quantize` directory's SHA-256 per tensor."""
+    from herd.checkpoint import CheckpointError
+    from herd.checkpoint.checklist import CHECKLIST, verify_checklist
+    from herd.llm import resolve_model_path
+    from herd.quant.store import FILE, load_quantized
+
+    path = resolve_model_path(model)
+    if (path / CHECKLIST).is_file():
+        files, size = verify_checklist(path, progress=sys.stderr.isatty())
+        _status(f"{files} files ({size / 2**30:.2f} GiB) match {CHECKLIST}")
+    elif (path / FILE).is_file():
+        load_quantized(path / FILE, None)
+        _status(f"every tensor of {FILE} matches its SHA-256")
+    else:
+        raise CheckpointError(f"{path}: holds no checksums to check against (a Meta download's {CHECKLIST}, or a "
+                              "`herd quantize` directory's)")
 
 
 @app.command()

@@ -125,6 +125,35 @@ def test_convert_writes_a_checkpoint_that_gives_the_same_logits(tmp_path):
             assert torch.allclose(build_model(load_checkpoint(out))(tokens), expected, atol=1e-5)
 
 
+def test_verify_checks_a_meta_checkpoint_against_its_checklist(tmp_path):
+    import torch
+
+    from herd.checkpoint import save_checkpoint
+    from herd.model import ModelConfig, Transformer
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=96)
+    out = save_checkpoint((config, Transformer(config).state_dict(), None), tmp_path / "meta", "meta")
+    # The list herd writes is md5sum's own: coreutils checks it.
+    assert subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, capture_output=True).returncode == 0
+    result = herd_cli("verify", str(out))
+    assert result.returncode == 0 and "2 files" in result.stderr, result.stderr
+    weights = out / "consolidated.00.pth"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit of a tensor's bytes: the checkpoint still loads, but is not what was saved
+    weights.write_bytes(bytes(data))
+    (out / "params.json").unlink()
+    assert_one_line_error(herd_cli("verify", str(out)), "consolidated.00.pth differs", "params.json is missing")
+    assert_one_line_error(herd_cli("verify", "default"), "holds no checksums")
+    del torch
+
+
+def test_convert_takes_default_for_the_default_model(tmp_path):
+    # Seven shards cannot split the default model's three key/value heads: the model was found and read.
+    result = herd_cli("convert", "default", str(tmp_path / "out"), "--format", "meta", "--shards", "7")
+    assert_one_line_error(result, "cannot split kv heads 3 into 7")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_refuses_an_unknown_format(tmp_path):
     result = herd_cli("convert", str(tmp_path), str(tmp_path / "out"), "--format", "onnx")
     assert_one_line_error(result, "onnx")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
+from herd.checkpoint.checklist import write_checklist
 from herd.checkpoint.errors import CheckpointError, read_json_object
 from herd.model.config import ModelConfig, RopeScaling
 
@@ -216,6 +217,7 @@ def save_meta(ckpt: Checkpoint, directory: Path, shards: int = 1) -> None:
     from herd.checkpoint.vocab import write_tokenizer
 
     write_tokenizer(ckpt, directory, "meta")
+    write_checklist(directory)
 
 
 def _check_divisible(config: ModelConfig, shards: int) -> None:

@@ -125,3 +125,18 @@ def test_sizes_out_of_range_name_the_file_and_field(make_hf, tmp_path, fmt, file
     message = error_of(path)
     assert file in message and field in message, message
 
+
+def test_checklists_in_md5sums_formats_are_read_and_bad_lines_named(make_hf, tmp_path):
+    import subprocess
+
+    from herd.checkpoint.checklist import CHECKLIST, verify_checklist
+
+    _, hf = make_hf()
+    files = sorted(p.name for p in hf.iterdir())
+    # Binary mode ("*name"), as Meta's and other download scripts may write it; the list made by coreutils.
+    listing = subprocess.run(["md5sum", "-b", *files], cwd=hf, capture_output=True, text=True, check=True).stdout
+    (hf / CHECKLIST).write_text(listing)
+    assert verify_checklist(hf, progress=False)[0] == len(files)
+    (hf / CHECKLIST).write_text(listing + "d41d8cd98f00b204e9800998ecf8427e  ../outside\n")
+    with pytest.raises(CheckpointError, match=r"line \d+ is not an MD5 and a file name of this directory"):
+        verify_checklist(hf, progress=False)
