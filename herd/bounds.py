@@ -1,6 +1,7 @@
-"""Where a configuration's numbers may lie, checked when the dataclass is made, so that a width of 0, a negative
-step count or a NaN learning rate is one line naming the field instead of a ZeroDivisionError deep in a run (or,
-worse, a run that goes ahead: a model of -1 layers trained as one of none)."""
+"""Where a configuration's numbers may lie (a model's shape, a training run's settings, sampling parameters),
+checked when the dataclass is made, so that a width of 0, a negative step count or a NaN temperature is one line
+naming the field instead of a ZeroDivisionError deep in a run (or, worse, a run that goes ahead: a model of -1
+layers trained as one of none, a NaN temperature sampled an empty reply)."""
 from __future__ import annotations
 
 import math
@@ -31,6 +32,8 @@ AT_LEAST_ONE = Bounds(1)
 NON_NEGATIVE = Bounds(0)
 POSITIVE = Bounds(0, low_open=True)
 FRACTION = Bounds(0, 1)
+NONZERO_FRACTION = Bounds(0, 1, low_open=True)  # top_p: some mass is kept
+FRACTION_BELOW_ONE = Bounds(0, 1, high_open=True)  # a dropout, a held-out share, Adam's betas
 FINITE = Bounds()
 
 

@@ -311,7 +311,7 @@ class Generator:
         top_n = seq.params.prompt_logprobs or 0
         tops: list[dict[int, float]] = [{} for _ in positions]
         if top_n:
-            values, ids = logp.topk(top_n, dim=-1)
+            values, ids = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
             tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         seq.prompt_logprobs += [TokenLogprob(t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
         return row + len(positions)

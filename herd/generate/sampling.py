@@ -6,6 +6,7 @@ from numbers import Integral, Real
 
 import torch
 
+from herd.bounds import AT_LEAST_ONE, FINITE, FRACTION, NONZERO_FRACTION, NON_NEGATIVE, POSITIVE, require
 
 # The numeric fields and the types they take (a bool is refused: True is no temperature).
 _NUMBERS = {"max_tokens": Integral, "temperature": Real, "top_p": Real, "top_k": Integral, "min_p": Real,
@@ -39,18 +40,13 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
                 raise TypeError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Finite too: a NaN temperature had sampled from NaN probabilities (an empty reply), an infinite one at random.
+        require(self, AT_LEAST_ONE, "max_tokens")
+        require(self, NON_NEGATIVE, "temperature", "top_k", "logprobs", "prompt_logprobs")
+        require(self, NONZERO_FRACTION, "top_p")
+        require(self, FRACTION, "min_p")
+        require(self, POSITIVE, "repetition_penalty")
+        require(self, FINITE, "presence_penalty", "frequency_penalty")
         if isinstance(self.logit_bias, dict):
             object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         if isinstance(self.stop, str):
@@ -163,6 +159,6 @@ def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = {}
     if top_n:
-        values, ids = logp.topk(top_n)
+        values, ids = logp.topk(min(top_n, logp.numel()))
         top = dict(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(logp[token]), top)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.bounds import NON_NEGATIVE, POSITIVE, Bounds, require
+from herd.bounds import FRACTION_BELOW_ONE, NON_NEGATIVE, POSITIVE, require
 from herd.quant.blocks import BlockLinear, quantize_int4, quantize_int8
 
 QUANTIZED = (BlockLinear,)
@@ -35,7 +35,7 @@ class LoRAConfig:
     def __post_init__(self):
         require(self, NON_NEGATIVE, "rank")
         require(self, POSITIVE, "alpha")
-        require(self, Bounds(0, 1, high_open=True), "dropout")
+        require(self, FRACTION_BELOW_ONE, "dropout")
         if self.quantize != "none" and self.quantize not in BASE_FORMATS:
             raise ValueError(f"unknown LoRA base quantization {self.quantize!r}: use none, int8 or int4")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.bounds import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, require
+from herd.bounds import AT_LEAST_ONE, FRACTION, NONZERO_FRACTION, NON_NEGATIVE, POSITIVE, require
 from herd.generate.generator import Generator
 from herd.generate.sampling import SamplingParams
 from herd.generate.sequence import Completion
@@ -51,15 +51,12 @@ class PPOConfig:
     def __post_init__(self):
         require(self, AT_LEAST_ONE, "iterations", "prompts", "samples", "max_tokens", "epochs", "minibatches")
         require(self, NON_NEGATIVE, "no_stop_penalty", "kl_coef", "value_weight")
-        require(self, POSITIVE, "clip", "value_clip")
+        require(self, POSITIVE, "clip", "value_clip", "temperature")  # PPO samples to explore: no greedy replies
         require(self, FRACTION, "gamma", "lam")
+        require(self, NONZERO_FRACTION, "top_p")
         if self.minibatches > self.prompts * self.samples:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the rollouts per iteration "
                              f"(prompts x samples = {self.prompts * self.samples})")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (PPO samples to explore), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def token_rewards(scores: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,

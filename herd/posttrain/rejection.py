@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from herd.atomic import atomic_output
-from herd.bounds import AT_LEAST_ONE, FINITE, NON_NEGATIVE, Bounds, require
+from herd.bounds import AT_LEAST_ONE, FINITE, NONZERO_FRACTION, NON_NEGATIVE, require
 from herd.posttrain.data import DataError, DialogEncoder, _messages, read_jsonl
 
 Scorer = Callable[[Sequence[dict], Sequence[str]], list[float]]   # (prompt rows, replies) -> scores
@@ -35,7 +35,7 @@ class SampleConfig:
     def __post_init__(self):
         require(self, AT_LEAST_ONE, "k", "max_tokens", "batch_size")
         require(self, NON_NEGATIVE, "temperature", "seed")
-        require(self, Bounds(0, 1, low_open=True), "top_p")
+        require(self, NONZERO_FRACTION, "top_p")
         require(self, FINITE, "min_score")
 
 

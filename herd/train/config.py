@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herd.bounds import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bounds, require
+from herd.bounds import AT_LEAST_ONE, FRACTION, FRACTION_BELOW_ONE, NON_NEGATIVE, POSITIVE, require
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,7 @@ class DataSection:
     verify: bool = False  # check the shards' sha256 against the manifest before training
 
     def __post_init__(self):
-        require(self, Bounds(0, 1, high_open=True), "held_out")
+        require(self, FRACTION_BELOW_ONE, "held_out")
 
 
 @dataclass
@@ -98,7 +98,7 @@ class TrainingSection:
         require(self, AT_LEAST_ONE, "steps", "batch_size", "micro_batch_size", "seq_len")
         require(self, NON_NEGATIVE, "lr", "warmup_steps", "anneal_steps", "weight_decay", "grad_clip", "seed")
         require(self, FRACTION, "min_lr_ratio")
-        require(self, Bounds(0, 1, high_open=True), "beta1", "beta2")
+        require(self, FRACTION_BELOW_ONE, "beta1", "beta2")
         require(self, POSITIVE, "eps")
         for name in ("batch_size_schedule", "seq_len_schedule"):
             for entry in getattr(self, name):

@@ -167,6 +167,26 @@ def test_logprobs_are_the_models_log_softmax(generator):
         assert list(lp.top) == expected[step].topk(3).indices.tolist()
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature", float("nan"), "temperature must be at least 0, got nan"),  # had sampled an empty reply
+    ("temperature", float("inf"), "temperature must be at least 0, got inf"),  # had sampled at random
+    ("logprobs", -1, "logprobs must be at least 0, got -1"),  # had failed inside torch.topk
+    ("prompt_logprobs", -2, "prompt_logprobs must be at least 0"),
+    ("presence_penalty", float("-inf"), "presence_penalty must be"),
+])
+def test_sampling_values_out_of_range_are_refused_naming_the_field(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        SamplingParams(**{field: value})
+
+
+def test_more_alternatives_than_the_vocabulary_gives_them_all(generator):
+    prompt = ids(generator, PROMPTS[2])
+    done = generator.generate([prompt], SamplingParams(max_tokens=1, temperature=0, logprobs=CONFIG.vocab_size + 5,
+                                                        prompt_logprobs=CONFIG.vocab_size + 5))[0]
+    assert len(done.logprobs[0].top) == CONFIG.vocab_size
+    assert all(len(lp.top) == CONFIG.vocab_size for lp in done.prompt_logprobs)
+
+
 def test_max_tokens_is_capped_by_the_context_and_long_prompts_are_refused(generator):
     prompt = list(range(1000, 1090))
     done = generator.generate([prompt], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
