@@ -254,22 +254,22 @@ def info(model: str = typer.Argument("default", help="a checkpoint path, a named
 @app.command()
 def verify(model: str = typer.Argument(..., help="a checkpoint directory")):
     """Check a checkpoint's files against the checksums that came with them: a Meta download's checklist.chk (MD5
-    per file), a `herd quantize` directory's SHA-256 per tensor."""
+    per file), a Hugging Face download's recorded digests (SHA-256 of the weights), a `herd quantize` directory's
+    SHA-256 per tensor."""
     from herd.checkpoint import CheckpointError
-    from herd.checkpoint.checklist import CHECKLIST, verify_checklist
+    from herd.checkpoint.checksums import verify as verify_checksums
     from herd.llm import resolve_model_path
     from herd.quant.store import FILE, load_quantized
 
     path = resolve_model_path(model)
-    if (path / CHECKLIST).is_file():
-        files, size = verify_checklist(path, progress=sys.stderr.isatty())
-        _status(f"{files} files ({size / 2**30:.2f} GiB) match {CHECKLIST}")
-    elif (path / FILE).is_file():
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: holds no checksums to check against (a GGUF file carries none)")
+    if (path / FILE).is_file():
         load_quantized(path / FILE, None)
         _status(f"every tensor of {FILE} matches its SHA-256")
-    else:
-        raise CheckpointError(f"{path}: holds no checksums to check against (a Meta download's {CHECKLIST}, or a "
-                              "`herd quantize` directory's)")
+        return
+    files, size, source = verify_checksums(path, progress=sys.stderr.isatty())
+    _status(f"{files} files ({size / 2**30:.2f} GiB) match {source}")
 
 
 @app.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
-from herd.checkpoint.checklist import write_checklist
+from herd.checkpoint.checksums import write_checklist
 from herd.checkpoint.errors import CheckpointError, read_json_object
 from herd.model.config import ModelConfig, RopeScaling
 

@@ -129,14 +129,54 @@ def test_sizes_out_of_range_name_the_file_and_field(make_hf, tmp_path, fmt, file
 def test_checklists_in_md5sums_formats_are_read_and_bad_lines_named(make_hf, tmp_path):
     import subprocess
 
-    from herd.checkpoint.checklist import CHECKLIST, verify_checklist
+    from herd.checkpoint.checksums import CHECKLIST, verify
 
     _, hf = make_hf()
     files = sorted(p.name for p in hf.iterdir())
     # Binary mode ("*name"), as Meta's and other download scripts may write it; the list made by coreutils.
     listing = subprocess.run(["md5sum", "-b", *files], cwd=hf, capture_output=True, text=True, check=True).stdout
     (hf / CHECKLIST).write_text(listing)
-    assert verify_checklist(hf, progress=False)[0] == len(files)
+    assert verify(hf, progress=False)[0] == len(files)
     (hf / CHECKLIST).write_text(listing + "d41d8cd98f00b204e9800998ecf8427e  ../outside\n")
     with pytest.raises(CheckpointError, match=r"line \d+ is not an MD5 and a file name of this directory"):
-        verify_checklist(hf, progress=False)
+        verify(hf, progress=False)
+
+
+def _hub_digest(path) -> str:
+    """What the Hub records for a file, computed by other tools: sha256sum for the weights (stored with LFS), git's
+    own blob hash for small files."""
+    import subprocess
+
+    command = ["sha256sum", str(path)] if path.suffix == ".safetensors" else ["git", "hash-object", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+@pytest.mark.parametrize("layout", ["cache", "local_dir"])
+def test_hugging_face_downloads_are_checked_against_the_digests_recorded(make_hf, tmp_path, layout):
+    from herd.checkpoint.checksums import verify
+
+    _, hf = make_hf()
+    if layout == "cache":  # snapshots/REV/NAME -> ../../blobs/DIGEST, as huggingface_hub's cache lays files out
+        snapshot, blobs = tmp_path / "repo" / "snapshots" / "abc123", tmp_path / "repo" / "blobs"
+        snapshot.mkdir(parents=True)
+        blobs.mkdir()
+        for path in sorted(hf.iterdir()):
+            blob = blobs / _hub_digest(path)
+            shutil.copy(path, blob)
+            (snapshot / path.name).symlink_to(f"../../blobs/{blob.name}")
+        weights = blobs / _hub_digest(hf / "model.safetensors")
+    else:  # hf download --local-dir: the files themselves, each one's commit and ETag kept under .cache
+        snapshot = tmp_path / "local"
+        shutil.copytree(hf, snapshot)
+        records = snapshot / ".cache" / "huggingface" / "download"
+        records.mkdir(parents=True)
+        for path in sorted(hf.iterdir()):
+            (records / f"{path.name}.metadata").write_text(f"abc123\n{_hub_digest(path)}\n1700000000.0\n")
+        weights = snapshot / "model.safetensors"
+    files, _, source = verify(snapshot, progress=False)
+    assert files == len(list(hf.iterdir())) and "Hugging Face" in source
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 1  # one bit of the last tensor: it would load without a word
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors differs .against the digests"):
+        verify(snapshot, progress=False)
