@@ -43,3 +43,11 @@ def require(config: object, bounds: Bounds, *names: str) -> None:
         value = getattr(config, name)
         if value is not None and not bounds.holds(value):
             raise ValueError(f"{name} must be {bounds}, got {value!r}")
+
+
+def check_shape(config: object) -> None:
+    """A ValueError naming the first of a model's shape fields out of its range: a ModelConfig's, or a training
+    config's model section's, which has the same fields (kept here, since the training config imports no torch)."""
+    require(config, AT_LEAST_ONE, "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len")
+    require(config, POSITIVE, "ffn_dim_multiplier", "rope_theta")
+    require(config, NON_NEGATIVE, "norm_eps")

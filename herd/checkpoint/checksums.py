@@ -61,8 +61,9 @@ def hub_digests(directory: Path) -> list[tuple[str, Path]]:
     for root, folders, files in os.walk(directory):  # subfolders too (Llama repositories keep original/), no links
         folders[:] = sorted(f for f in folders if f != ".cache")
         for path in (Path(root) / name for name in sorted(files)):
-            if path.is_symlink() and digest.fullmatch(Path(os.readlink(path)).name):
-                found.append((Path(os.readlink(path)).name, path))
+            blob = Path(os.readlink(path)).name if path.is_symlink() else ""
+            if digest.fullmatch(blob):
+                found.append((blob, path))
     records = directory / ".cache" / "huggingface" / "download"
     for record in sorted(records.rglob("*.metadata")) if records.is_dir() else ():
         lines = record.read_text(encoding="utf-8", errors="replace").splitlines()

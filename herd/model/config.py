@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, require
+from herd.bounds import AT_LEAST_ONE, check_shape, require
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,8 @@ class ModelConfig:
 
     def __post_init__(self):
         # vocab_size is left out: Meta's params.json may say -1, for the embedding's rows.
-        require(self, AT_LEAST_ONE, "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_hidden_dim",
-                "max_seq_len")
-        require(self, POSITIVE, "ffn_dim_multiplier", "rope_theta")
-        require(self, NON_NEGATIVE, "norm_eps")
+        check_shape(self)
+        require(self, AT_LEAST_ONE, "ffn_hidden_dim")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:

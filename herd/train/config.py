@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herd.bounds import AT_LEAST_ONE, FRACTION, FRACTION_BELOW_ONE, NON_NEGATIVE, POSITIVE, require
+from herd.bounds import AT_LEAST_ONE, FRACTION, FRACTION_BELOW_ONE, NON_NEGATIVE, POSITIVE, check_shape, require
 
 
 class ConfigError(ValueError):
@@ -54,10 +54,9 @@ class ModelSection:
     init_std: float = 0.02
 
     def __post_init__(self):
-        require(self, AT_LEAST_ONE, "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                "max_seq_len")
-        require(self, POSITIVE, "ffn_dim_multiplier", "rope_theta", "init_std")
-        require(self, NON_NEGATIVE, "norm_eps")
+        check_shape(self)  # here too, so that --print-config refuses what the run would
+        require(self, AT_LEAST_ONE, "vocab_size")
+        require(self, POSITIVE, "init_std")
 
 
 @dataclass
@@ -119,6 +118,8 @@ class CheckpointSection:
     def __post_init__(self):
         require(self, NON_NEGATIVE, "interval", "average_last")
         require(self, AT_LEAST_ONE, "keep")
+        if self.export_format not in ("meta", "hf"):
+            raise ValueError(f"export_format {self.export_format!r}; use meta or hf")
 
 
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")  # torch.distributed.pipelining's, by name
@@ -175,6 +176,8 @@ class FaultSection:
     def __post_init__(self):
         require(self, NON_NEGATIVE, "spike_factor", "spike_warmup", "watchdog_s", "checksum_interval")
         require(self, AT_LEAST_ONE, "max_bad_steps")
+        if self.nonfinite not in ("skip", "rollback"):
+            raise ValueError(f"nonfinite {self.nonfinite!r}; use skip or rollback")
 
 
 @dataclass

@@ -69,10 +69,6 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
                           " shorten it or raise model.max_seq_len")
     if t.anneal_steps >= t.steps:
         raise ConfigError(f"training.anneal_steps {t.anneal_steps} must be fewer than training.steps {t.steps}")
-    if config.fault.nonfinite not in ("skip", "rollback"):
-        raise ConfigError(f"fault.nonfinite: {config.fault.nonfinite!r}; use skip or rollback")
-    if config.checkpoint.export_format not in ("meta", "hf"):
-        raise ConfigError(f"checkpoint.export_format: {config.checkpoint.export_format!r}; use meta or hf")
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     degrees = p.pp * p.tp * p.dp_replicate * (p.dp if p.dp > 0 else 1)
     if (p.dp > 0 and degrees != world) or (p.dp <= 0 and world % degrees):

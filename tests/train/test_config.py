@@ -93,6 +93,9 @@ def test_values_out_of_range_are_one_line_errors_naming_the_field(args, words):
     (["--ppo.gamma", "2"], ["ppo: gamma must be in [0, 1]"]),
     (["--kd.temperature", "0"], ["kd: temperature must be above 0"]),
     (["--finetune.epochs", "-1"], ["finetune: epochs must be at least 0"]),
+    # Checked by pretraining's check() alone before: a fine-tuning run met a bad format only when it exported.
+    (["--checkpoint.export_format", "onnx"], ["checkpoint: export_format 'onnx'; use meta or hf"]),
+    (["--fault.nonfinite", "ignore"], ["fault: nonfinite 'ignore'; use skip or rollback"]),
 ])
 def test_post_training_values_out_of_range_are_one_line_errors(args, words):
     from herd.posttrain.finetune import FinetuneConfig
