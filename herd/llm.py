@@ -105,7 +105,8 @@ class LLM:
         if stream:
             return self._stream_text(ids, params, **options)
         completion = self.generator.generate([ids], params, **options)[0]
-        return self.chat_format.decode_assistant(completion.text, stop_reason=self.stop_reason(completion))
+        stop_reason = self.stop_reason(completion.finish_reason, completion.stop_token)
+        return self.chat_format.decode_assistant(self.as_generated(completion.text, completion.tokens), stop_reason)
 
     @functools.cached_property
     def grammars(self) -> JsonGrammars:
@@ -124,9 +125,10 @@ class LLM:
         template = self.chat_format.tokenizer.chat_template
         if tools and "tools" not in template:
             messages, tools = with_tool_prompts(list(messages), tools, "json"), None
-        if "tool_calls" not in template:
+        if "tool_calls" not in template:  # the model's own replies go back as it wrote them (encode_dialog)
             messages = [{**m, "content": "".join(content_texts(m.get("content")) + call_texts(m["tool_calls"], "json"))}
-                        if m.get("tool_calls") else m for m in messages]
+                        if m.get("tool_calls") and self.chat_format.written.recall(m) is None else m
+                        for m in messages]
         return self.chat_format.encode_dialog(messages, tools=tools)
 
     def _stream_text(self, prompt: list[int], params: SamplingParams, **options) -> Iterator[str]:
@@ -143,12 +145,18 @@ class LLM:
         scores = self.generator.score([prompt + r for r in replies], score_from=len(prompt))
         return {choice: sum(s) for choice, s in zip(choices, scores)}
 
-    def stop_reason(self, completion: Completion) -> str:
-        """Llama's name for why a reply ended: end_of_turn, end_of_message (a tool call awaits), out_of_tokens."""
-        if completion.finish_reason == "length":
+    def as_generated(self, text: str, tokens: list[int]) -> str | list[int]:
+        """A reply as the chat format should read it: its tokens where they are its text (no stop string cut them,
+        no shield changed them), so that a tool call is remembered as generated (decode_assistant); else its text."""
+        return tokens if self.tokenizer.decode(tokens) == text else text
+
+    def stop_reason(self, finish_reason: str | None, stop_token: int | None) -> str:
+        """Llama's name for why a reply ended (the engine's finish reason and the stop token that ended it, if
+        one did): end_of_turn, end_of_message (a tool call awaits), out_of_tokens."""
+        if finish_reason in (None, "length"):
             return "out_of_tokens"
         eom = self.tokenizer.token_to_id("<|eom_id|>")
-        return "end_of_message" if eom is not None and completion.stop_token == eom else "end_of_turn"
+        return "end_of_message" if eom is not None and stop_token == eom else "end_of_turn"
 
 
 def load(path_or_name: str | Path | None = None, *, device: str | torch.device | None = None,

@@ -429,7 +429,8 @@ async def chat_completions(request: Request):
             message = {"role": "assistant", "content": c["text"]}
             finish = _finish_reason(c["finish_reason"])
             if use_tools:
-                parsed = llm.chat_format.decode_assistant(c["text"], stop_reason="end_of_turn")
+                stop_reason = llm.stop_reason(c["finish_reason"], c["stop_token"])
+                parsed = llm.chat_format.decode_assistant(llm.as_generated(c["text"], c["tokens"]), stop_reason)
                 if parsed["tool_calls"]:
                     message = {"role": "assistant", "content": parsed["content"] or None,
                                "tool_calls": parsed["tool_calls"]}
@@ -458,13 +459,13 @@ async def chat_completions(request: Request):
                     run.request.seqs[d.index].cancelled = True
                 lps = shields.logprobs(d.index, lps, final=bool(finish))
             streamer = streamers[d.index]
-            text = streamer.feed(text) if streamer else text
+            text = streamer.feed(text, d.tokens) if streamer else text
             choice = {"index": d.index, "delta": {"content": text} if text else {}, "finish_reason": None,
                       "logprobs": {"content": _chat_logprobs(tok, lps)} if logprobs is not None else None}
             if finish:
                 choice["finish_reason"] = finish
                 if streamer:
-                    rest, calls = streamer.finish(llm.chat_format)
+                    rest, calls = streamer.finish(llm, llm.stop_reason(d.finish_reason, d.stop_token))
                     if rest:
                         choice["delta"]["content"] = choice["delta"].get("content", "") + rest
                     if calls:
@@ -519,10 +520,11 @@ class ToolStreamer:
     """Streams a reply's text until it turns out to be a tool call; the call is sent whole at the end."""
 
     def __init__(self):
-        self.text, self.sent, self.holding = "", 0, False
+        self.text, self.sent, self.holding, self.tokens = "", 0, False, []
 
-    def feed(self, piece: str) -> str:
+    def feed(self, piece: str, tokens: list[int]) -> str:
         self.text += piece
+        self.tokens += tokens
         head = self.text.lstrip()
         if self.sent == 0 and (not head or any(o.startswith(head) or head.startswith(o) for o in _CALL_OPENERS)):
             self.holding = self.holding or any(head.startswith(o) for o in _CALL_OPENERS)
@@ -535,8 +537,8 @@ class ToolStreamer:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
-    def finish(self, chat_format) -> tuple[str, list[dict]]:
-        parsed = chat_format.decode_assistant(self.text, stop_reason="end_of_turn")
+    def finish(self, llm, stop_reason: str) -> tuple[str, list[dict]]:
+        parsed = llm.chat_format.decode_assistant(llm.as_generated(self.text, self.tokens), stop_reason)
         if parsed["tool_calls"]:
             return "", parsed["tool_calls"]
         return self.text[self.sent:], []

@@ -28,7 +28,6 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from herd.generate import SamplingParams
-from herd.generate.sequence import Completion
 from herd.serve.app import (
     Run,
     ToolStreamer,
@@ -245,10 +244,6 @@ async def _parse(request: Request, model: type) -> Any:
 
 # -- replies -------------------------------------------------------------------------------------------------
 
-def _stop_reason(llm, finish_reason: str | None, stop_token: int | None) -> str:
-    return llm.stop_reason(Completion([], [], "", finish_reason or "length", stop_token))
-
-
 def _logprobs(tok, logprobs) -> list[dict[str, Any]]:
     """Each token's log-probability and its alternatives', by their text (TokenLogProbs)."""
     return [{"logprobs_by_token": {token_text(tok, lp.token): lp.logprob,
@@ -309,10 +304,11 @@ class _Chats:
         """Every conversation's ChatCompletionResponse."""
         out = []
         for prompt, choice in zip(self.prompts, await collect(self.run, request, len(self.prompts))):
-            stop = _stop_reason(self.llm, choice["finish_reason"], choice["stop_token"])
+            stop = self.llm.stop_reason(choice["finish_reason"], choice["stop_token"])
             message = {"role": "assistant", "content": choice["text"], "stop_reason": stop, "tool_calls": []}
             if self.tools:
-                parsed = self.llm.chat_format.decode_assistant(choice["text"], stop_reason=stop)
+                reply = self.llm.as_generated(choice["text"], choice["tokens"])
+                parsed = self.llm.chat_format.decode_assistant(reply, stop_reason=stop)
                 if parsed["tool_calls"]:
                     message.update(content=parsed["content"], tool_calls=[_ls_call(c) for c in parsed["tool_calls"]])
             out.append({"completion_message": message,
@@ -326,11 +322,11 @@ class _Chats:
         streamer = ToolStreamer() if self.tools else None
         yield _event("start", {"type": "text", "text": ""})
         async for d in self.run.deltas():
-            text = streamer.feed(d.text) if streamer else d.text
+            text = streamer.feed(d.text, d.tokens) if streamer else d.text
             logprobs = {"logprobs": _logprobs(tok, d.logprobs)} if self.logprobs and d.logprobs else {}
             if d.finish_reason:
-                stop = _stop_reason(llm, d.finish_reason, d.stop_token)
-                rest, calls = streamer.finish(llm.chat_format) if streamer else ("", [])
+                stop = llm.stop_reason(d.finish_reason, d.stop_token)
+                rest, calls = streamer.finish(llm, stop) if streamer else ("", [])
                 if text + rest or logprobs:
                     yield _event("progress", {"type": "text", "text": text + rest}, **logprobs)
                 for call in calls:
@@ -378,7 +374,7 @@ async def _completion_run(request: Request, body: CompletionRequest | BatchCompl
 async def _completions(request: Request, body, prompts: list[list[int]], run: Run) -> list[dict[str, Any]]:
     llm = server_state(request).llm
     out = [{"content": choice["text"],
-            "stop_reason": _stop_reason(llm, choice["finish_reason"], choice["stop_token"]),
+            "stop_reason": llm.stop_reason(choice["finish_reason"], choice["stop_token"]),
             "logprobs": _logprobs(llm.tokenizer, choice["logprobs"]) if body.logprobs else None,
             "metrics": _metrics(len(prompt), len(choice["tokens"]))}
            for prompt, choice in zip(prompts, await collect(run, request, len(prompts)))]
@@ -396,7 +392,7 @@ async def completion(request: Request):
 
     async def events():
         async for d in run.deltas():
-            stop = _stop_reason(llm, d.finish_reason, d.stop_token) if d.finish_reason else None
+            stop = llm.stop_reason(d.finish_reason, d.stop_token) if d.finish_reason else None
             if d.text or stop or body.logprobs and d.logprobs:  # a token of no text yet still has its logprobs
                 yield {"delta": d.text, "stop_reason": stop,
                        "logprobs": _logprobs(llm.tokenizer, d.logprobs) if body.logprobs else None,

@@ -17,6 +17,7 @@ from herd.tokenizer.llama3 import Llama3Tokenizer
 from herd.tokenizer.template import TemplateChatFormat, content_texts
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_name, call_texts, parse_calls
 from herd.tokenizer.tool_prompts import with_tool_prompts
+from herd.tokenizer.written import WrittenCalls
 
 Message = dict[str, Any]
 Tokenizer = Llama3Tokenizer | HFTokenizer
@@ -35,6 +36,7 @@ class ChatFormat:
         self._stop_reasons = {i: "end_of_turn" for i in {*tokenizer.stop_ids, self._eot}} | {
             self._eom: "end_of_message"
         }
+        self.written = WrittenCalls()  # the ids of the model's recent tool-calling replies, and why each ended
 
     def encode_dialog(
         self,
@@ -70,20 +72,28 @@ class ChatFormat:
         if role not in _ROLES:
             raise ValueError(f"unknown message role {role!r}; expected one of {sorted(_ROLES)}")
         calls = (message.get("tool_calls") or []) if role == "assistant" else []
+        if calls and (written := self.written.recall(message)) is not None:
+            ids, stop_reason = written
+            eom = (message.get("stop_reason") or stop_reason) == "end_of_message"  # a message's own word first
+            return self._header("assistant") + ids + [self._eom if eom else self._eot]
         content = self._content(message.get("content"))
         ids = self._header(_ROLES[role]) + content
         if role == "user" and message.get("context") is not None:
             ids += self._text("\n\n") + self._content(message["context"])
+        builtin = any(call_name(c) in BUILTIN_TOOLS for c in calls)
         if calls:
             # The model opens a built-in call with <|python_tag|>, after any text it writes first (Meta's 3.1
             # prompt-format pages); custom calls (JSON, <function=...>, a Python list) go without, as in
             # llama-models, unless text comes first: only the tag tells the call from the text then, as
             # decode_assistant reads it, so that history re-encodes as the model wrote it.
-            if any(call_name(c) in BUILTIN_TOOLS for c in calls) or content:
+            if builtin or content:
                 ids.append(self._python_tag)
             for text in call_texts(calls, tool_prompt_format):
                 ids += self._text(text)
-        eom = role == "assistant" and message.get("stop_reason") == "end_of_message"
+        # A message that does not say why it ended (an OpenAI client's) ended as the model ends a built-in call:
+        # with <|eom_id|>, the environment's turn to run it.
+        stop_reason = message.get("stop_reason") or ("end_of_message" if builtin else None)
+        eom = role == "assistant" and stop_reason == "end_of_message"
         return ids + [self._eom if eom else self._eot]
 
     def decode_assistant(self, reply: str | Sequence[int], stop_reason: str | None = None) -> Message:
@@ -93,6 +103,7 @@ class ChatFormat:
         "out_of_tokens"); text may end in "<|eot_id|>" or "<|eom_id|>". A well-formed tool call becomes
         `tool_calls` with empty content; anything else stays content.
         """
+        ids = None
         if isinstance(reply, str):
             text = reply.strip(" ")
         else:
@@ -102,19 +113,26 @@ class ChatFormat:
                 stop_reason = self._stop_reasons[ids[stop]]
                 ids = ids[:stop]
             text = self.tokenizer.decode(ids).strip(" ")
-        text = text.removeprefix("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        if text.startswith(header):
+            text, ids = text.removeprefix(header), None
         for token, reason in (("<|eot_id|>", "end_of_turn"), ("<|eom_id|>", "end_of_message")):
             if text.endswith(token):
                 text, stop_reason = text.removesuffix(token), reason
         # Text the model writes before <|python_tag|> stays the message's content; the call follows the tag.
         before, python_tag, body = text.partition("<|python_tag|>")
         calls = parse_calls(body, True) if python_tag else parse_calls(text, False)
-        return {
+        message = {
             "role": "assistant",
             "content": before if python_tag else "" if calls else text,
             "tool_calls": calls,
             "stop_reason": stop_reason or "out_of_tokens",
         }
+        if calls:  # remembered as generated (a grammar may have chosen other tokens than the text's own) or read
+            written = ids if ids is not None else (
+                self._text(before) + [self._python_tag] + self._text(body) if python_tag else self._text(text))
+            self.written.remember(message, (written, message["stop_reason"]))
+        return message
 
     def _header(self, role: str) -> list[int]:
         return [self._start_header, *self._text(role), self._end_header, *self._text("\n\n")]

@@ -85,6 +85,8 @@ class TemplateChatFormat:
     """The chat format of a tokenizer that carries its own chat template; same interface as `ChatFormat`."""
 
     def __init__(self, tokenizer: HFTokenizer):
+        from herd.tokenizer.written import WrittenCalls  # which reads messages with this module's content_texts
+
         if not tokenizer.chat_template:
             raise TokenizerError("this tokenizer carries no chat template; use ChatFormat for Llama 3 checkpoints")
         self.tokenizer = tokenizer
@@ -95,6 +97,7 @@ class TemplateChatFormat:
             name: tokenizer.decode([i]) if i is not None else None
             for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
         }
+        self.written = WrittenCalls()  # the ids of the model's recent tool-calling replies
 
     def encode_dialog(
         self, messages: Sequence[Message], tool_prompt_format: str = "json", tools: list[Any] | None = None
@@ -105,21 +108,40 @@ class TemplateChatFormat:
         # adds it to its own strings.
         messages = [m if isinstance(m.get("content"), str)
                     else m | {"content": "".join(content_texts(m.get("content")))} for m in messages]
+        # A tool-calling reply of the model's own goes back as the ids it wrote, where the template puts its text.
+        written = {}
+        for n, message in enumerate(messages):
+            if message.get("tool_calls") and (ids := self.written.recall(message)) is not None:
+                mark = f"\ue000{n}\ue001"  # private-use characters: no template changes them, no message holds them
+                written[mark], messages[n] = ids, {"role": message["role"], "content": mark}
         text = render_template(self.tokenizer.chat_template, messages, tools=tools or None, **self._variables)
         # As transformers: the template writes any BOS itself, and its special-token text is meant as such.
         pattern = self._special_text
         hidden = (_masked(messages, pattern), _masked(tools, pattern)) if pattern else (messages, tools)
-        if hidden == (messages, tools):
-            return self.tokenizer.encode(text, bos=False, allowed_special="all")
-        # But special-token text inside a message (a pasted transcript, a fetched web page in a tool result) is
-        # text, as Llama 3's own format reads it: else a tool result could close its turn and open a system one.
-        # Rendered again with that text masked, the template's own special tokens are those left in place.
-        masked = render_template(self.tokenizer.chat_template, hidden[0], tools=hidden[1] or None, **self._variables)
-        if len(masked) != len(text):  # a template that measures what it is given: cannot tell the two apart
-            raise ValueError("a message holds special-token text, which this checkpoint's chat template cannot keep "
-                             "apart from its own: remove it from the message")
+        masked = None
+        if hidden != (messages, tools):
+            # But special-token text inside a message (a pasted transcript, a fetched web page in a tool result) is
+            # text, as Llama 3's own format reads it: else a tool result could close its turn and open a system
+            # one. Rendered again with that text masked, the template's own special tokens are those left in place.
+            masked = render_template(self.tokenizer.chat_template, hidden[0], tools=hidden[1] or None,
+                                     **self._variables)
+            if len(masked) != len(text):  # a template that measures what it is given: cannot tell the two apart
+                raise ValueError("a message holds special-token text, which this checkpoint's chat template cannot "
+                                 "keep apart from its own: remove it from the message")
         ids, start = [], 0
-        for match in pattern.finditer(text):
+        for mark in re.finditer("\ue000[0-9]+\ue001", text) if written else ():
+            ids += self._encode(text[start:mark.start()], masked and masked[start:mark.start()])
+            ids += written[mark.group()]
+            start = mark.end()
+        return ids + self._encode(text[start:], masked and masked[start:])
+
+    def _encode(self, text: str, masked: str | None) -> list[int]:
+        """Rendered text to ids: special-token text is the token where `masked` (the text rendered with the
+        messages' own special-token text masked) still holds it, and everywhere when there is no such text."""
+        if masked is None:
+            return self.tokenizer.encode(text, bos=False, allowed_special="all")
+        ids, start = [], 0
+        for match in self._special_text.finditer(text):
             if masked[match.start():match.end()] == match.group():
                 ids += self.tokenizer.encode(text[start:match.start()], bos=False)
                 ids.append(self.tokenizer.special_tokens[match.group()])
@@ -129,7 +151,7 @@ class TemplateChatFormat:
     def decode_assistant(self, reply: str | Sequence[int], stop_reason: str | None = None) -> Message:
         """The assistant message in a model reply (text, or ids as generated). Never raises on model output."""
         if isinstance(reply, str):
-            text = reply
+            text, ids = reply, None
         else:
             ids = list(reply)
             stop = next((n for n, i in enumerate(ids) if i in self.tokenizer.stop_ids), None)
@@ -138,11 +160,14 @@ class TemplateChatFormat:
             text = self.tokenizer.decode(ids)
         for token in self._stop_texts:
             if text.endswith(token):
-                text, stop_reason = text.removesuffix(token), "end_of_turn"
+                text, stop_reason, ids = text.removesuffix(token), "end_of_turn", None
         calls = parse_custom_calls(text.strip())
-        return {
+        message = {
             "role": "assistant",
             "content": "" if calls else text,
             "tool_calls": calls,
             "stop_reason": stop_reason or "out_of_tokens",
         }
+        if calls:  # remembered as generated: a grammar may have chosen other tokens than the text's own
+            self.written.remember(message, ids if ids is not None else self.tokenizer.encode(text, bos=False))
+        return message

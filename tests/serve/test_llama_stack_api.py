@@ -91,17 +91,16 @@ def test_tool_calls_round_trip_like_the_openai_route(server, client, ls):
     calls = [c.event.delta.tool_call for c in streamed if c.event.delta.type == "tool_call"]
     assert [(c.tool_name, c.arguments) for c in calls] == [("get_weather", message.tool_calls[0].arguments)]
 
-    # The call and its result go back as the next turn's history, and encode as the OpenAI route encodes them.
+    # The call and its result go back as the next turn's history, and encode as the OpenAI route encodes its own
+    # call sent back (each the ids the model wrote).
     result = ls.ToolResponseMessage(call_id=message.tool_calls[0].call_id, content='{"temperature_c": 21}')
     history = dump([ask, message, result])
     again = post(server, "/v1/inference/chat-completion", {**body, "messages": history, "tool_config": None})
     assert again.status_code == 200, again.text
     prompt_tokens = {m["metric"]: m["value"] for m in again.json()["metrics"]}["prompt_tokens"]
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather",
-                                                         "arguments": json.dumps(message.tool_calls[0].arguments)}}
     openai_history = [{"role": "user", "content": "What is the weather in Paris?"},
-                      {"role": "assistant", "content": None, "tool_calls": [call]},
-                      {"role": "tool", "tool_call_id": "c1", "content": '{"temperature_c": 21}'}]
+                      openai.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": openai.tool_calls[0].id, "content": '{"temperature_c": 21}'}]
     usage = client.chat.completions.create(model=llm.name, messages=openai_history, tools=[WEATHER], max_tokens=1,
                                            temperature=0).usage
     assert prompt_tokens == usage.prompt_tokens

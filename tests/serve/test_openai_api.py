@@ -12,6 +12,11 @@ pytestmark = pytest.mark.heavy
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def post_to(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json={"model": server.llm.name, **body},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [server.llm.name]
     assert client.models.retrieve(server.llm.name).id == server.llm.name  # an id with spaces, sent URL-encoded
@@ -119,8 +124,7 @@ def test_tokenize_counts_what_the_routes_count(server, client):
     llm = server.llm
 
     def post(path, body):
-        return httpx.post(server.url + path, json={"model": llm.name, **body},
-                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        return post_to(server, path, body)
 
     text = "The capital of France is"
     ids = post("/tokenize", {"prompt": text}).json()
@@ -144,22 +148,34 @@ WEATHER = {"type": "function", "function": {
 def test_tool_call_round_trip(server, client):
     messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
     done = client.chat.completions.create(model=server.llm.name, messages=messages, tools=[WEATHER],
-                                          tool_choice="required", max_tokens=40, temperature=0)
+                                          tool_choice="required", max_tokens=40, temperature=0, logprobs=True)
     choice = done.choices[0]
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    asked = post_to(server, "/tokenize", {"messages": messages, "tools": [WEATHER]}).json()["tokens"]
+    written = "".join(e.token for e in choice.logprobs.content)  # the call as the model wrote it
     messages += [choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21})}]
+    # Sent back as the client got it (a name and arguments), the call is the model's own text again, and the
+    # second request reuses the first one's prompt and reply from the prefix cache.
+    history = post_to(server, "/tokenize", {"messages": messages, "tools": [WEATHER]}).json()["tokens"]
+    assert history[:len(asked)] == asked
+    assert server.llm.tokenizer.decode(history[len(asked):]).startswith(written)
     reply = client.chat.completions.create(model=server.llm.name, messages=messages, tools=[WEATHER],
                                            max_tokens=30, temperature=0)
     assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
+    reused = reply.usage.prompt_tokens_details.cached_tokens
+    assert reused >= (len(asked) + done.usage.completion_tokens) // 16 * 16, (reused, len(asked))
     streamed = list(client.chat.completions.create(model=server.llm.name, messages=messages[:1], tools=[WEATHER],
                                                    tool_choice="required", max_tokens=40, temperature=0,
                                                    stream=True))
     calls = [c for chunk in streamed for c in (chunk.choices[0].delta.tool_calls or []) if chunk.choices]
     assert [c.function.name for c in calls] == ["get_weather"]
     assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)
+    streamed_call = {"id": calls[0].id, "type": "function", "function": calls[0].function.model_dump()}
+    messages[1:3] = [{"role": "assistant", "tool_calls": [streamed_call]}, {**messages[2], "tool_call_id": calls[0].id}]
+    assert post_to(server, "/tokenize", {"messages": messages, "tools": [WEATHER]}).json()["tokens"] == history
 
 
 def test_json_schema_output_validates(server, client):

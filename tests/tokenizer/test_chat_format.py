@@ -396,9 +396,12 @@ def test_python_list_reply_with_several_calls(fmt, meta_fmt):
     assert calls[0] == (first.tool_name, first.arguments)  # the reference keeps only the first
     assert calls[1] == ("get_weather", {"city": "Seattle", "metric": "celsius"})
     assert ours["stop_reason"] == "end_of_turn"
-    # Re-encoded as one list, the form Llama 3.2's prompt asks for (the reference writes one list per call,
-    # "[get_weather(...)][get_weather(...)]", which its own decoder reads as the first call alone).
-    ids = fmt.encode_message(ours, "python_list")
+    assert fmt.tokenizer.decode(fmt.encode_message(ours, "python_list")).endswith("\n\n" + reply)  # as written
+    # Calls the model did not write (other ids) are encoded as one list, the form Llama 3.2's prompt asks for (the
+    # reference writes one list per call, "[get_weather(...)][get_weather(...)]", which its own decoder reads as
+    # the first call alone).
+    sent = {**ours, "tool_calls": [{**c, "id": f"call_{n}"} for n, c in enumerate(ours["tool_calls"])]}
+    ids = fmt.encode_message(sent, "python_list")
     assert fmt.tokenizer.decode(ids).endswith('\n\n[get_weather(city="San Francisco", metric="celsius"), '
                                               'get_weather(city="Seattle", metric="celsius")]<|eot_id|>')
 
@@ -466,3 +469,78 @@ def test_encoded_calls_parse_back(fmt):
         [parsed] = fmt.decode_assistant(body)["tool_calls"]
         assert parsed["function"]["name"] == "search_flights"
         assert json.loads(parsed["function"]["arguments"]) == json.loads(calls[0]["function"]["arguments"])
+
+
+def published_reply(page: str, title: str) -> str:
+    """The "Model Response Format" of one section of Meta's prompt-format page."""
+    section = re.split(r"^## ", (LLAMA_MODELS / page).read_text(), flags=re.M)
+    [body] = [s for s in section if s.splitlines()[0].strip() == title]
+    return re.search(r"##### Model Response Format\n```\n(.*?)\n```", body, re.S)[1]
+
+
+def as_sent_back(message: dict) -> dict:
+    """An assistant message as an OpenAI client returns it: no stop_reason, arguments serialised anew."""
+    calls = [{**c, "function": {**c["function"], "arguments": json.dumps(json.loads(c["function"]["arguments"]))}}
+             for c in message["tool_calls"]]
+    return {"role": "assistant", "content": message["content"] or None, "tool_calls": calls}
+
+
+@pytest.mark.parametrize(("tool_prompt_format", "reply"), [
+    ("json", published_reply("llama3_1/prompt_format.md", "JSON based tool calling")),  # pretty-printed, tag, eom
+    ("json", '{"name": "get_weather", "parameters": {"city": "Zürich"}}<|eot_id|>'),  # the tool prompt's own form
+    ("json", '{"type":"function","name":"get_weather","arguments":{"city":"Paris"}}<|eom_id|>'),
+    ("function_tag", '<function=get_weather>{"city": "Zürich"}</function><|eot_id|>'),
+    ("python_list", "[get_weather(city='Paris'), get_weather(city='Oslo')]<|eot_id|>"),
+    ("json", '<|python_tag|>brave_search.call(query="gold price")<|eom_id|>'),
+])
+def test_a_call_sent_back_by_a_client_re_encodes_as_the_model_wrote_it(fmt, tool_prompt_format, reply):
+    """A reply decoded to OpenAI calls and sent back by a client (which keeps only names and arguments) is in the
+    next prompt as the model wrote it: spacing, key order, escapes, quotes, <|python_tag|> and <|eom_id|>."""
+    ids = fmt.tokenizer.encode(reply, bos=False, allowed_special="all")
+    ask = [{"role": "user", "content": "Use tools to get latest trending songs"}]
+    asked = fmt.encode_dialog(ask, tool_prompt_format)
+    message = fmt.decode_assistant(ids)
+    assert message["tool_calls"]
+    result = {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "[]"}
+    history = fmt.encode_dialog([*ask, as_sent_back(message), result], tool_prompt_format)
+    assert history[:len(asked) + len(ids)] == asked + ids
+    # Told otherwise by a message's own stop_reason (Llama Stack's messages carry one), the message wins.
+    told = {**as_sent_back(message), "stop_reason": "end_of_turn"}
+    assert fmt.encode_message(told, tool_prompt_format)[-1] == fmt.tokenizer.special_tokens["<|eot_id|>"]
+
+
+def test_a_changed_or_unknown_call_is_written_in_the_format_s_own_form(fmt):
+    ids = fmt.tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', bos=False,
+                               allowed_special="all")
+    sent = as_sent_back(fmt.decode_assistant(ids))
+    changed = {**sent, "tool_calls": [{**sent["tool_calls"][0], "function": {"name": "get_weather",
+                                                                           "arguments": '{"city": "Oslo"}'}}]}
+    other = {**sent, "tool_calls": [{**sent["tool_calls"][0], "id": "call_9"}]}
+    texted = {**sent, "content": "Checking."}
+    for message, text in [(changed, '{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}'),
+                          (other, '{"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}}'),
+                          (texted, 'Checking.<|python_tag|>{"type": "function", "name": "get_weather", '
+                                   '"parameters": {"city": "Paris"}}')]:
+        assert fmt.tokenizer.decode(fmt.encode_message(message)).endswith("\n\n" + text + "<|eot_id|>")
+
+
+def test_a_builtin_call_that_does_not_say_how_it_ended_ends_as_the_model_ends_one(fmt):
+    """An OpenAI client's message carries no stop_reason: a built-in call the model did not write here ends with
+    <|eom_id|>, as the model ends one (the published full interaction); a custom call with <|eot_id|>."""
+    builtin = {"role": "assistant", "content": None, "tool_calls": [call("wolfram_alpha", query="100th decimal of pi")]}
+    assert fmt.tokenizer.decode(fmt.encode_message(builtin)).endswith(
+        '<|python_tag|>wolfram_alpha.call(query="100th decimal of pi")<|eom_id|>')
+    assert fmt.encode_message({**builtin, "stop_reason": "end_of_turn"})[-1] == 128009
+    custom = {"role": "assistant", "content": None, "tool_calls": [call("get_weather", city="Oslo")]}
+    assert fmt.encode_message(custom)[-1] == 128009
+
+
+def test_only_the_latest_replies_are_remembered():
+    from herd.tokenizer.written import WrittenCalls
+
+    written = WrittenCalls(size=2)
+    messages = [{"role": "assistant", "content": "", "tool_calls": [call("f", n=n) | {"id": f"call_{n}"}]}
+                for n in range(3)]
+    for n, message in enumerate(messages):
+        written.remember(message, [n])
+    assert [written.recall(m) for m in messages] == [None, [1], [2]]

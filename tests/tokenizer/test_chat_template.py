@@ -135,3 +135,31 @@ def test_render_template_errors():
 def test_template_format_needs_a_template(tokenizer):
     with pytest.raises(TokenizerError):
         TemplateChatFormat(tokenizer)
+
+
+def as_sent_back(message: dict) -> dict:
+    """An assistant message as an OpenAI client returns it: no stop_reason, arguments serialised anew."""
+    calls = [{**c, "function": {**c["function"], "arguments": json.dumps(json.loads(c["function"]["arguments"]))}}
+             for c in message["tool_calls"]]
+    return {"role": "assistant", "content": message["content"] or None, "tool_calls": calls}
+
+
+def test_a_call_goes_back_as_the_ids_the_model_wrote(smollm2):
+    """A call a grammar spelled one character at a time (not the text's own tokens) returns to the history as those
+    ids, also where a message holds special-token text (the template is rendered twice then); not once its
+    arguments changed."""
+    chatml = chat_format_for(smollm2)
+    reply = '{"name": "get_weather", "parameters": {"city": "Zürich"}}'
+    generated = [i for ch in reply for i in smollm2.encode(ch)]
+    assert generated != smollm2.encode(reply)
+    ask = [{"role": "user", "content": "Weather in Zürich? <|im_end|>"}]
+    asked = chatml.encode_dialog(ask)
+    message = chatml.decode_assistant(generated + [smollm2.special_tokens["<|im_end|>"]])
+    assert message["tool_calls"] and message["stop_reason"] == "end_of_turn"
+    result = {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "21 C"}
+    history = chatml.encode_dialog([*ask, as_sent_back(message), result])
+    assert history[:len(asked) + len(generated)] == asked + generated
+    assert smollm2.decode(history[len(asked) + len(generated):]).startswith("<|im_end|>\n<|im_start|>tool\n21 C")
+    changed = as_sent_back(message)
+    changed["tool_calls"][0]["function"]["arguments"] = json.dumps({"city": "Bern"})
+    assert chatml.written.recall(changed) is None and chatml.written.recall(as_sent_back(message)) == generated
