@@ -105,8 +105,7 @@ class LLM:
         if stream:
             return self._stream_text(ids, params, **options)
         completion = self.generator.generate([ids], params, **options)[0]
-        stop_reason = self.stop_reason(completion.finish_reason, completion.stop_token)
-        return self.chat_format.decode_assistant(self.as_generated(completion.text, completion.tokens), stop_reason)
+        return self.reply_message(completion.text, completion.tokens, completion.finish_reason, completion.stop_token)
 
     @functools.cached_property
     def grammars(self) -> JsonGrammars:
@@ -145,10 +144,14 @@ class LLM:
         scores = self.generator.score([prompt + r for r in replies], score_from=len(prompt))
         return {choice: sum(s) for choice, s in zip(choices, scores)}
 
-    def as_generated(self, text: str, tokens: list[int]) -> str | list[int]:
-        """A reply as the chat format should read it: its tokens where they are its text (no stop string cut them,
-        no shield changed them), so that a tool call is remembered as generated (decode_assistant); else its text."""
-        return tokens if self.tokenizer.decode(tokens) == text else text
+    def reply_message(self, text: str, tokens: list[int], finish_reason: str | None, stop_token: int | None) -> dict:
+        """The assistant message of a generated reply (the engine's text, tokens, finish reason and stop token), its
+        tool calls parsed. Read from its tokens where they are its text (no stop string cut them, no shield changed
+        them), so that a call is remembered as generated (the chat format's `written`); else from its text."""
+        stop_reason = self.stop_reason(finish_reason, stop_token)
+        if self.tokenizer.decode(tokens) != text:
+            return self.chat_format.decode_assistant(text, stop_reason)
+        return self.chat_format.decode_assistant(tokens + ([stop_token] if stop_token is not None else []), stop_reason)
 
     def stop_reason(self, finish_reason: str | None, stop_token: int | None) -> str:
         """Llama's name for why a reply ended (the engine's finish reason and the stop token that ended it, if

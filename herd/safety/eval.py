@@ -80,8 +80,7 @@ def _replies(llm, dialogs: list[list[dict]], max_tokens: int, desc: str, progres
     for i in tqdm(range(0, len(dialogs), batch), desc=desc, unit="batch", disable=not progress):
         prompts = [llm.chat_prompt(d) for d in dialogs[i:i + batch]]
         done = llm.generate(prompts, max_tokens=max_tokens, temperature=0)
-        out += [llm.chat_format.decode_assistant(c.text, llm.stop_reason(c.finish_reason, c.stop_token))["content"]
-                or "" for c in done]
+        out += [llm.reply_message(c.text, c.tokens, c.finish_reason, c.stop_token)["content"] or "" for c in done]
     return out
 
 

@@ -429,8 +429,7 @@ async def chat_completions(request: Request):
             message = {"role": "assistant", "content": c["text"]}
             finish = _finish_reason(c["finish_reason"])
             if use_tools:
-                stop_reason = llm.stop_reason(c["finish_reason"], c["stop_token"])
-                parsed = llm.chat_format.decode_assistant(llm.as_generated(c["text"], c["tokens"]), stop_reason)
+                parsed = llm.reply_message(c["text"], c["tokens"], c["finish_reason"], c["stop_token"])
                 if parsed["tool_calls"]:
                     message = {"role": "assistant", "content": parsed["content"] or None,
                                "tool_calls": parsed["tool_calls"]}
@@ -465,7 +464,7 @@ async def chat_completions(request: Request):
             if finish:
                 choice["finish_reason"] = finish
                 if streamer:
-                    rest, calls = streamer.finish(llm, llm.stop_reason(d.finish_reason, d.stop_token))
+                    rest, calls = streamer.finish(llm, d.finish_reason, d.stop_token)
                     if rest:
                         choice["delta"]["content"] = choice["delta"].get("content", "") + rest
                     if calls:
@@ -537,8 +536,8 @@ class ToolStreamer:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
-    def finish(self, llm, stop_reason: str) -> tuple[str, list[dict]]:
-        parsed = llm.chat_format.decode_assistant(llm.as_generated(self.text, self.tokens), stop_reason)
+    def finish(self, llm, finish_reason: str, stop_token: int | None) -> tuple[str, list[dict]]:
+        parsed = llm.reply_message(self.text, self.tokens, finish_reason, stop_token)
         if parsed["tool_calls"]:
             return "", parsed["tool_calls"]
         return self.text[self.sent:], []

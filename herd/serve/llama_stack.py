@@ -307,8 +307,8 @@ class _Chats:
             stop = self.llm.stop_reason(choice["finish_reason"], choice["stop_token"])
             message = {"role": "assistant", "content": choice["text"], "stop_reason": stop, "tool_calls": []}
             if self.tools:
-                reply = self.llm.as_generated(choice["text"], choice["tokens"])
-                parsed = self.llm.chat_format.decode_assistant(reply, stop_reason=stop)
+                parsed = self.llm.reply_message(choice["text"], choice["tokens"], choice["finish_reason"],
+                                                choice["stop_token"])
                 if parsed["tool_calls"]:
                     message.update(content=parsed["content"], tool_calls=[_ls_call(c) for c in parsed["tool_calls"]])
             out.append({"completion_message": message,
@@ -326,7 +326,7 @@ class _Chats:
             logprobs = {"logprobs": _logprobs(tok, d.logprobs)} if self.logprobs and d.logprobs else {}
             if d.finish_reason:
                 stop = llm.stop_reason(d.finish_reason, d.stop_token)
-                rest, calls = streamer.finish(llm, stop) if streamer else ("", [])
+                rest, calls = streamer.finish(llm, d.finish_reason, d.stop_token) if streamer else ("", [])
                 if text + rest or logprobs:
                     yield _event("progress", {"type": "text", "text": text + rest}, **logprobs)
                 for call in calls:

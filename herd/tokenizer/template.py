@@ -92,7 +92,7 @@ class TemplateChatFormat:
         self.tokenizer = tokenizer
         specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # the longest first where one holds another
         self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self._stop_texts = [tokenizer.decode([i]) for i in tokenizer.stop_ids]
+        self._stop_texts = {tokenizer.decode([i]): i for i in tokenizer.stop_ids}
         self._variables = {
             name: tokenizer.decode([i]) if i is not None else None
             for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
@@ -128,12 +128,20 @@ class TemplateChatFormat:
             if len(masked) != len(text):  # a template that measures what it is given: cannot tell the two apart
                 raise ValueError("a message holds special-token text, which this checkpoint's chat template cannot "
                                  "keep apart from its own: remove it from the message")
-        ids, start = [], 0
+        ids, start, end = [], 0, None
         for mark in re.finditer("\ue000[0-9]+\ue001", text) if written else ():
-            ids += self._encode(text[start:mark.start()], masked and masked[start:mark.start()])
-            ids += written[mark.group()]
+            ids += self._ended(self._encode(text[start:mark.start()], masked and masked[start:mark.start()]), end)
+            reply, end = written[mark.group()]
+            ids += reply
             start = mark.end()
-        return ids + self._encode(text[start:], masked and masked[start:])
+        return ids + self._ended(self._encode(text[start:], masked and masked[start:]), end)
+
+    def _ended(self, ids: list[int], end: int | None) -> list[int]:
+        """The ids after a remembered reply: the template's end of its turn is the stop token the model wrote
+        (Llama 3.1's template writes <|eot_id|> where the model may have ended a call with <|eom_id|>)."""
+        if end is not None and ids and ids[0] in self.tokenizer.stop_ids:
+            ids[0] = end
+        return ids
 
     def _encode(self, text: str, masked: str | None) -> list[int]:
         """Rendered text to ids: special-token text is the token where `masked` (the text rendered with the
@@ -150,17 +158,20 @@ class TemplateChatFormat:
 
     def decode_assistant(self, reply: str | Sequence[int], stop_reason: str | None = None) -> Message:
         """The assistant message in a model reply (text, or ids as generated). Never raises on model output."""
+        end = None  # the stop token that ended the reply
         if isinstance(reply, str):
             text, ids = reply, None
         else:
             ids = list(reply)
             stop = next((n for n, i in enumerate(ids) if i in self.tokenizer.stop_ids), None)
             if stop is not None:
-                ids, stop_reason = ids[:stop], "end_of_turn"
+                ids, end = ids[:stop], ids[stop]
             text = self.tokenizer.decode(ids)
-        for token in self._stop_texts:
-            if text.endswith(token):
-                text, stop_reason, ids = text.removesuffix(token), "end_of_turn", None
+        for token, i in self._stop_texts.items():
+            if end is None and text.endswith(token):
+                text, ids, end = text.removesuffix(token), None, i
+        if end is not None:  # Llama 3.1's <|eom_id|> where a checkpoint's template speaks Llama's tokens
+            stop_reason = "end_of_message" if self.tokenizer.decode([end]) == "<|eom_id|>" else "end_of_turn"
         calls = parse_custom_calls(text.strip())
         message = {
             "role": "assistant",
@@ -168,6 +179,7 @@ class TemplateChatFormat:
             "tool_calls": calls,
             "stop_reason": stop_reason or "out_of_tokens",
         }
-        if calls:  # remembered as generated: a grammar may have chosen other tokens than the text's own
-            self.written.remember(message, ids if ids is not None else self.tokenizer.encode(text, bos=False))
+        if calls:  # remembered as generated (a grammar may have chosen other tokens than the text's own), and its end
+            written = ids if ids is not None else self.tokenizer.encode(text, bos=False)
+            self.written.remember(message, (written, end))
         return message

@@ -162,4 +162,40 @@ def test_a_call_goes_back_as_the_ids_the_model_wrote(smollm2):
     assert smollm2.decode(history[len(asked) + len(generated):]).startswith("<|im_end|>\n<|im_start|>tool\n21 C")
     changed = as_sent_back(message)
     changed["tool_calls"][0]["function"]["arguments"] = json.dumps({"city": "Bern"})
-    assert chatml.written.recall(changed) is None and chatml.written.recall(as_sent_back(message)) == generated
+    assert chatml.written.recall(changed) is None
+    assert chatml.written.recall(as_sent_back(message)) == (generated, smollm2.special_tokens["<|im_end|>"])
+
+
+LLAMA31_LIKE = (  # Llama 3.1's Hugging Face template in brief: calls as {"name", "parameters"}, ended by <|eom_id|>
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{%- for c in m.tool_calls %}{{- '{\"name\": \"' + c.function.name + '\", \"parameters\": ' + c.function.arguments"
+    " + '}' }}{%- endfor %}{{- '<|eom_id|>' }}"
+    "{%- else %}{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content | trim + '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("end", ["<|eot_id|>", "<|eom_id|>"])
+def test_a_template_s_end_of_turn_after_a_call_is_the_one_the_model_wrote(tmp_path, llama3_json_dir, end):
+    (tmp_path / "tokenizer.json").write_bytes((llama3_json_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA31_LIKE,
+                                                                "bos_token": "<|begin_of_text|>"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+    tok = load_tokenizer(tmp_path)
+    fmt = chat_format_for(tok)
+    assert isinstance(fmt, TemplateChatFormat)
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    asked = fmt.encode_dialog(ask)
+    generated = tok.encode('{"name": "get_weather", "parameters": {"city": "Oslo"}}' + end, bos=False,
+                           allowed_special="all")
+    message = fmt.decode_assistant(generated)
+    assert message["stop_reason"] == ("end_of_message" if end == "<|eom_id|>" else "end_of_turn")
+    sent = as_sent_back(message)
+    result = {"role": "user", "content": "21 C"}
+    assert fmt.encode_dialog([*ask, sent, result])[:len(asked) + len(generated)] == asked + generated
+    # a call the model did not write is the template's own: {"name", "parameters"} and <|eom_id|>
+    other = {**sent, "tool_calls": [{**sent["tool_calls"][0], "id": "call_9"}]}
+    assert tok.decode(fmt.encode_dialog([*ask, other, result])[len(asked):]).startswith(
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eom_id|>')
