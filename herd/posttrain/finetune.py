@@ -270,10 +270,16 @@ def finetune(config: FinetuneConfig) -> dict:
     from herd.train.parallel import DistEnv
     from herd.train.config import to_toml
     from herd.llm import default_device
+    from herd.train.pretrain import require_memory
 
     torch.manual_seed(config.training.seed)
     recipe = build_recipe(config)
     t = config.training
+    if default_device().type == "cpu":  # the loaded model is in memory already; its optimizer state is not
+        trained = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)
+        require_memory(12 * trained, f"finetune: {trained / 1e9:.2f}B trained parameters need {{}} more memory for "
+                       "their gradients and AdamW's moments (12 bytes each)",
+                       "tune with LoRA (lora.rank) or a smaller model")
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(config))

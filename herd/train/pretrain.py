@@ -85,7 +85,37 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
     for b in [t.batch_size] + [v for _, v in t.batch_size_schedule]:
         if b % dp:
             raise ConfigError(f"training.batch_size {b} does not split over {dp} data-parallel ranks")
+    _check_memory(model_config, world, p.dp_replicate)
     return model_config, shards
+
+
+def _check_memory(model_config: ModelConfig, world: int, replicas: int) -> None:
+    """Refuse, before the model is built, a run whose training state cannot fit in this machine's memory. Each rank
+    builds the whole model in float32 before it is sharded, and then holds its share of 16 bytes a parameter
+    (float32 weights, gradients, AdamW's two moments); the ranks of this machine share its memory (on a GPU, the
+    state is the GPU's to hold: only the first is counted). Activations come on top."""
+    import os
+
+    from herd.model.summary import parameter_count
+
+    n = parameter_count(model_config)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    shards = world // replicas  # the ranks one copy of the state is split over
+    per_rank = 4 * n if torch.cuda.is_available() else max(4 * n, 16 * n // shards)
+    require_memory(local * per_rank, f"model: {n / 1e9:.2f}B parameters need at least {{}} of memory to train here "
+                   f"({local} rank{'s' * (local > 1)}, 16 bytes a parameter: float32 weights, gradients and AdamW's "
+                   "moments)", "make the model smaller (model.dim, model.n_layers) or shard it over more machines")
+
+
+def require_memory(needed: int, what: str, advice: str) -> None:
+    """A ConfigError where `needed` bytes do not fit in the memory this process may still take: past it the system
+    kills a run without a word. `what` says what needs them, its {} where the amount goes."""
+    from herd.quant.load import shortfall
+
+    available = shortfall(needed)
+    if available is not None:
+        gb = 2**30
+        raise ConfigError(f"{what.format(f'{needed / gb:.1f} GiB')} but {available / gb:.1f} GiB are available: {advice}")
 
 
 def make_export(model_config: ModelConfig, tokenizer, fmt: str):

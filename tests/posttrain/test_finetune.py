@@ -64,6 +64,24 @@ def test_bad_configs_fail_in_one_line(base, tmp_path):
                                              "--lora.rank=4096", f"--run.dir={tmp_path / 'r'}"]))
 
 
+def test_full_tuning_that_cannot_fit_is_refused_before_a_step(base, tmp_path, monkeypatch):
+    """The model loads (its weights fit), but full tuning's gradients and AdamW moments would not: the system would
+    kill the run midway without a word. LoRA's few parameters fit."""
+    import herd.quant.load
+
+    data = _jsonl(tmp_path / "sft.jsonl", SFT)
+    model = herd.load(base, quantize=None).model
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(herd.quant.load, "available_memory", lambda: 8 * n)  # twice the weights, 2/3 of the rest
+    args = [f"--finetune.model={base}", f"--finetune.data={data}", f"--run.dir={tmp_path / 'r'}",
+            "--run.progress=false", "--training.steps=1", "--training.batch_size=2", "--training.seq_len=64"]
+    with pytest.raises(ConfigError, match=rf"finetune: {n / 1e9:.2f}B trained parameters need {12 * n / 2**30:.1f} "
+                                          r"GiB more memory .* tune with LoRA"):
+        finetune(load_finetune_config(None, args))
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert finetune(load_finetune_config(None, [*args, "--lora.rank=4"]))["step"] == 1
+
+
 def test_average_of_checkpoints(base, tmp_path, chatml_format):
     other = tiny_model(chatml_format.tokenizer.vocab_size, seed=5)
     save_checkpoint((other.config, other.state_dict(), chatml_format.tokenizer), tmp_path / "other", "meta")

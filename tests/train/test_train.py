@@ -2,6 +2,7 @@
 with and convert; bad configs fail before any compute."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -87,6 +88,29 @@ def test_bad_configs_fail_before_compute(byte_shards, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("herd: error: data.shards")
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_the_model_is_built(byte_shards, tmp_path, monkeypatch):
+    """Past the machine's memory the system kills the run without a word (an 8B-shaped model here: exit -9)."""
+    import herd.quant.load
+    from herd.model.llama import Transformer
+
+    config = load_config(TrainConfig, None, tiny_args(byte_shards, tmp_path / "r", "--model.dim", "1024",
+                                                      "--model.n_layers", "6", "--model.multiple_of", "256"))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(check(config)[0]).parameters())
+    monkeypatch.setattr(herd.quant.load, "available_memory", lambda: 2**30)
+    with pytest.raises(ConfigError, match=rf"model: {n / 1e9:.2f}B parameters need at least {16 * n / 2**30:.1f} GiB "
+                                          r"of memory to train here \(1 rank, .* 1\.0 GiB are available: make"):
+        check(config)
+    # Sharded over 8 ranks of one machine, each builds the whole model in float32 before it is sharded.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    sharded = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, dp=8),
+                                  training=dataclasses.replace(config.training, batch_size=8))
+    with pytest.raises(ConfigError, match=rf"need at least {8 * 4 * n / 2**30:.1f} GiB .* \(8 ranks"):
+        check(sharded, 8)
+    monkeypatch.setattr(herd.quant.load, "available_memory", lambda: 2 * 8 * 4 * n)
+    check(sharded, 8)
 
 
 def test_activation_checkpointing_and_async_save_change_nothing(byte_shards, tmp_path):
