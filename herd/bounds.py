@@ -45,6 +45,12 @@ def require(config: object, bounds: Bounds, *names: str) -> None:
             raise ValueError(f"{name} must be {bounds}, got {value!r}")
 
 
+def ordered(config: object, low: str, high: str) -> None:
+    """ValueError where `config`'s field `low` is above its field `high` (a range no value can fall in)."""
+    if getattr(config, low) > getattr(config, high):
+        raise ValueError(f"{low} ({getattr(config, low)!r}) must not exceed {high} ({getattr(config, high)!r})")
+
+
 def check_shape(config: object) -> None:
     """A ValueError naming the first of a model's shape fields out of its range: a ModelConfig's, or a training
     config's model section's, which has the same fields (kept here, since the training config imports no torch)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from herd.bounds import FRACTION, require
 from herd.data.document import Document, Dropped, StageResult
 
 FORMAT = "herd-hashed-linear/1"
@@ -215,6 +216,15 @@ def _model(path: str) -> HashedLinearClassifier:
     return HashedLinearClassifier.load(path)
 
 
+def _checked_model(path: str) -> HashedLinearClassifier:
+    """The classifier a stage names, read when the stage is made: a missing or damaged file is a configuration
+    error before any worker starts, not one in every worker."""
+    try:
+        return _model(str(path))
+    except OSError as e:  # not found or unreadable (a damaged file is read_npz's ValueError already)
+        raise ValueError(f"path: {e}") from None
+
+
 @dataclass(frozen=True)
 class TrainResult:
     model: HashedLinearClassifier
@@ -252,6 +262,13 @@ class QualityClassifier:
     positive: str = "high"
     name: str = "quality_classifier"
 
+    def __post_init__(self):
+        require(self, FRACTION, "threshold")
+        classes = _checked_model(self.path).classes
+        if self.positive not in classes:
+            raise ValueError(f"positive {self.positive!r} is not one of the classifier's classes "
+                             f"({', '.join(classes)})")
+
     def __call__(self, docs: list[Document]) -> StageResult:
         model = _model(str(self.path))
         column = model.classes.index(self.positive)
@@ -278,6 +295,9 @@ class DomainClassifier:
     non_english_is_multilingual: bool = True
     name: str = "domain_classifier"
     sets_domain = True  # tells the pipeline the data mix has labels to work with
+
+    def __post_init__(self):
+        _checked_model(self.path)
 
     def __call__(self, docs: list[Document]) -> StageResult:
         model = _model(str(self.path))

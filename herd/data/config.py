@@ -20,7 +20,9 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +63,10 @@ class StageSpec:
         if target is None:
             raise ConfigError(f"unknown stage type {self.type!r}; known: {', '.join(STAGE_TYPES)}")
         cls = import_object(target)
+        check_types(cls, self.options, f"stage {self.type!r}")
         try:
             return cls(**self.options)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # an unknown option, or a value out of the option's range
             raise ConfigError(f"stage {self.type!r}: {e}") from None
 
 
@@ -97,6 +100,22 @@ class PipelineConfig:
         """A run directory is only resumed by the very configuration that started it."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_types(cls: type, options: dict[str, Any], where: str) -> None:
+    """A ConfigError naming the first option whose TOML value is not of its field's type (a number for a string, a
+    string for a number...), which would otherwise fail inside a worker mid-run, or pass a wrong comparison."""
+    if not dataclasses.is_dataclass(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for name, value in options.items():
+        kinds = _TOML_KINDS.get(typing.get_origin(hints.get(name)) or hints.get(name))
+        if kinds is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ConfigError(f"{where}: {name} must be {hints[name].__name__}, got {value!r}")
+
+
+# The TOML values each plain field type takes: an integer where a float is asked for, never a boolean for a number.
+_TOML_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), tuple: (list, tuple)}
 
 
 def import_object(target: str) -> Any:
@@ -176,7 +195,7 @@ def validate(config: PipelineConfig, where: str = "config") -> None:
             raise ConfigError(f"{where}: unknown stage type {spec.type!r}; known: {', '.join(STAGE_TYPES)}")
     if config.mix is not None:
         total = sum(config.mix.targets.values())
-        if any(v < 0 for v in config.mix.targets.values()) or abs(total - 1.0) > 1e-6:
+        if not all(0 <= v < math.inf for v in config.mix.targets.values()) or abs(total - 1.0) > 1e-6:
             raise ConfigError(f"{where}: mix targets must be non-negative and sum to 1 (they sum to {total:g})")
         if config.mix.max_repeats < 1:
             raise ConfigError(f"{where}: mix max_repeats must be at least 1")
@@ -187,3 +206,5 @@ def validate(config: PipelineConfig, where: str = "config") -> None:
                           f"choose one of: {', '.join(EXTRACTORS)}")
     if config.docs_per_unit < 1:
         raise ConfigError(f"{where}: docs_per_unit must be at least 1")
+    if config.shards.max_tokens_per_shard < 1:
+        raise ConfigError(f"{where}: shards max_tokens_per_shard must be at least 1")

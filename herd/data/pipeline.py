@@ -256,11 +256,13 @@ class RunResult:
 def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: Executor | None = None) -> RunResult:
     """Run the pipeline over `inputs` into `out`, resuming whatever an earlier run there finished."""
     validate(config)
+    # Configuration errors surface here, before any worker starts and before the directory is claimed (a run that
+    # never started must not hold its --out against the corrected configuration).
+    stages = build_stages(config)
     out = Path(out)
     work = out / WORK
     inputs = [Path(p) for p in inputs]
     _claim(work, config, inputs)
-    stages = build_stages(config)  # configuration errors surface here, before any worker starts
     own_executor = executor is None
     executor = executor or LocalExecutor()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from herd.data import pipeline
 from herd.data.cli import app
-from herd.data.config import ConfigError, StageSpec, default_config, load_config
+from herd.data.config import ConfigError, StageSpec, config_from_dict, default_config, load_config
 from herd.data.document import Dropped, StageResult
 from herd.data.executors import LocalExecutor
 from herd.data.planted import jaccard
@@ -265,6 +266,44 @@ def test_toml_config_round_trip_and_errors(tmp_path):
     path.write_text('[mix]\ntargets = {code = 0.7, general = 0.7}\n[[stages]]\ntype = "nsfw"\n')
     with pytest.raises(ConfigError, match="sum to 1"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("stage", "words"), [
+    ({"type": "gopher_quality", "min_words": "50"}, "min_words must be int, got '50'"),
+    ({"type": "gopher_quality", "min_words": True}, "min_words must be int, got True"),
+    ({"type": "c4_quality", "filter_curly_bracket": 1}, "filter_curly_bracket must be bool, got 1"),
+    ({"type": "gopher_quality", "min_words": 60, "max_words": 50}, "min_words (60) must not exceed max_words (50)"),
+    ({"type": "gopher_quality", "min_alpha_words_ratio": float("nan")}, "min_alpha_words_ratio must be in [0, 1]"),
+    ({"type": "gopher_repetition", "max_dup_line_frac": -0.1}, "max_dup_line_frac must be in [0, 1]"),
+    ({"type": "gopher_repetition", "top_ngram_char_fracs": [[2, 1.5]]}, "top_ngram_char_fracs must be pairs"),
+    ({"type": "fineweb_quality", "short_line_length": -1}, "short_line_length must be at least 0"),
+    ({"type": "language", "min_score": 2.0}, "min_score must be in [0, 1]"),
+    ({"type": "nsfw", "domains_file": "nope.txt"}, "domains_file 'nope.txt' is not among herd's shipped lists"),
+    ({"type": "minhash_dedup", "threshold": float("nan")}, "threshold must be in [0, 1]"),
+    ({"type": "minhash_dedup", "ngram": 0}, "ngram must be in [1, 100], got 0"),
+    ({"type": "minhash_dedup", "num_perm": 0}, "num_perm must be in [1, 65536], got 0"),
+    ({"type": "minhash_dedup", "bands": 1, "rows": 6}, "bands must be at least 2, got 1"),
+    ({"type": "line_dedup", "max_count": 0}, "max_count must be at least 1, got 0"),
+    ({"type": "quality_classifier", "path": "nope.npz"}, "path: classifier not found: nope.npz"),
+    ({"type": "domain_classifier", "path": "nope.npz"}, "path: classifier not found: nope.npz"),
+])
+def test_stage_options_out_of_range_or_of_the_wrong_type_are_one_line(tmp_path, stage, words):
+    """Before: a NaN threshold or a negative ratio ran and silently kept or dropped everything, a string for a
+    number failed in a worker mid-run, `ngram` 0 with a TypeError and 10**12 hung building its table."""
+    inputs = [tmp_path / "in.jsonl"]
+    inputs[0].write_text(json.dumps({"id": "1", "text": "A line of text."}) + "\n")
+    with pytest.raises(ConfigError, match=f"stage '{stage['type']}': " + re.escape(words)):
+        pipeline.run(inputs, tmp_path / "out", config_from_dict({"stages": [stage]}))
+    assert not (tmp_path / "out").exists()  # not claimed: the corrected configuration may use it
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    ({"shards": {"max_tokens_per_shard": 0}}, "max_tokens_per_shard must be at least 1"),
+    ({"mix": {"targets": {"general": float("nan")}}}, "sum to 1 (they sum to nan)"),
+])
+def test_pipeline_numbers_out_of_range_are_one_line(raw, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        config_from_dict({**raw, "stages": [{"type": "exact_dedup"}]})
 
 
 def _one_line_error(result):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require
 from herd.data.dedup.base import hash64
 from herd.data.document import Document, Dropped, StageResult
 from herd.data.filters.base import evolve
@@ -24,6 +25,10 @@ class LineDedup:
     max_count: int = 6  # a line in more documents than this (per bucket) goes
     bucket_size: int = 30_000_000  # documents, in input order
     min_chars: int = 10  # shorter lines ("Note", "}") are never counted or removed
+
+    def __post_init__(self):
+        require(self, AT_LEAST_ONE, "max_count", "bucket_size")
+        require(self, NON_NEGATIVE, "min_chars")
 
     def _hashes(self, doc: Document) -> list[tuple[str, int | None]]:
         """Each line and its hash, None for lines too short to count."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from herd.bounds import AT_LEAST_ONE, FRACTION, Bounds, require
 from herd.data.dedup.base import drop_planned
 from herd.data.document import Document, StageResult
 
@@ -39,6 +40,11 @@ class MinHashDedup:
     seed: int = 1
 
     def __post_init__(self):
+        require(self, FRACTION, "threshold")
+        require(self, AT_LEAST_ONE, "rows")
+        require(self, Bounds(1, 1 << 16), "num_perm")  # 2 x 8 bytes of hash parameters each, and as many minima
+        require(self, Bounds(1, 100), "ngram")  # a table of that many powers; shingles are a few words
+        require(self, Bounds(2), "bands")  # datasketch's LSH takes two at least
         if self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands * rows ({self.bands} * {self.rows}) exceeds num_perm ({self.num_perm})")
         rng = np.random.default_rng(self.seed)

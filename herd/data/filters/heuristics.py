@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from herd.bounds import FRACTION, NON_NEGATIVE, ordered, require
 from herd.data.document import Document
 from herd.data.filters.base import (
     TERMINAL_PUNCT,
@@ -50,6 +51,13 @@ class GopherQuality(DocStage):
     max_ellipsis_lines_ratio: float = 0.3
     min_alpha_words_ratio: float = 0.8  # words with at least one letter
     min_stop_words: int = 2
+
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length",
+                "max_symbol_word_ratio", "min_stop_words")
+        require(self, FRACTION, "max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio")
+        ordered(self, "min_words", "max_words")
+        ordered(self, "min_mean_word_length", "max_mean_word_length")
 
     def process(self, doc: Document) -> Document | str:
         toks = words(doc.text)
@@ -95,6 +103,16 @@ class GopherRepetition(DocStage):
     dup_ngram_char_fracs: tuple[tuple[int, float], ...] = (
         (5, 0.30), (6, 0.28), (7, 0.26), (8, 0.24), (9, 0.22), (10, 0.20),
     )
+
+    def __post_init__(self):
+        require(self, FRACTION, "max_dup_line_frac", "max_dup_para_frac", "max_dup_line_char_frac",
+                "max_dup_para_char_frac")
+        for name in ("top_ngram_char_fracs", "dup_ngram_char_fracs"):
+            pairs = getattr(self, name)
+            if not all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int) and p[0] >= 1
+                       and isinstance(p[1], (int, float)) and FRACTION.holds(p[1]) for p in pairs):
+                raise ValueError(f"{name} must be pairs of an n-gram length (at least 1) and a fraction in [0, 1], "
+                                 f"got {pairs!r}")
 
     def process(self, doc: Document) -> Document | str:
         # Code repeats lines and phrases by nature (closing braces, `>>>` sessions, call after call), so the
@@ -179,6 +197,9 @@ class C4Quality(DocStage):
     filter_lorem_ipsum: bool = True
     filter_curly_bracket: bool = False  # C4 drops any page with "{", i.e. every page quoting code
 
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "min_words_per_line", "max_word_length", "min_sentences")
+
     def process(self, doc: Document) -> Document | str:
         low = doc.text.lower()
         if self.filter_lorem_ipsum and "lorem ipsum" in low:
@@ -235,6 +256,10 @@ class FineWebQuality(DocStage):
     # default, 0.01, drops most pages quoting code twice); 0.15 keeps the manual's example-heavy pages
     max_char_dup_ratio: float = 0.15
     max_newline_ratio: float = 0.3  # newlines per word
+
+    def __post_init__(self):
+        require(self, FRACTION, "min_line_punct_ratio", "max_short_line_ratio", "max_char_dup_ratio")
+        require(self, NON_NEGATIVE, "short_line_length", "max_newline_ratio")
 
     def process(self, doc: Document) -> Document | str:
         lines = nonempty_lines(doc.text)

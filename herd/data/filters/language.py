@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from herd.bounds import FRACTION, require
 from herd.data.document import Document
 from herd.data.filters.base import DocStage, evolve
 
@@ -31,6 +32,9 @@ class LanguageFilter(DocStage):
     name: str = "language"
     languages: list[str] | None = None
     min_score: float = 0.65
+
+    def __post_init__(self):
+        require(self, FRACTION, "min_score")
 
     def process(self, doc: Document) -> Document | str:
         lang, prob = identify(doc.text)

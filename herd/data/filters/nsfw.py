@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+from herd.bounds import NON_NEGATIVE, require
 from herd.data.document import Document
 from herd.data.filters.base import RESOURCES, DocStage, word_list
 
@@ -81,6 +82,13 @@ class NSFWFilter(DocStage):
     min_word_hits: float = 3.0
     languages: list[str] = field(default_factory=lambda: list(LANGUAGES))
     domains_file: str = "nsfw_domains.txt"
+
+    def __post_init__(self):
+        require(self, NON_NEGATIVE, "max_word_density", "min_word_hits")
+        if not (RESOURCES / self.domains_file).is_file():
+            shipped = sorted(p.name for p in RESOURCES.glob("*.txt"))
+            raise ValueError(f"domains_file {self.domains_file!r} is not among herd's shipped lists "
+                             f"({', '.join(shipped)})")
 
     def process(self, doc: Document) -> Document | str:
         if doc.url and blocked_host(doc.url, word_list(self.domains_file)):
