@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require
 from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
 from herd.generate.sampling import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from herd.generate.scheduler import Scheduler
@@ -56,6 +57,13 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts for greedy sequences
 
+    def __post_init__(self):
+        # A batch or a step of no sequences had the engine wait for ever; a block of none divided by zero.
+        require(self, AT_LEAST_ONE, "block_size", "max_batch", "max_step_tokens", "max_queue")
+        require(self, NON_NEGATIVE, "kv_cache_bytes")
+        if self.kv_cache_dtype not in ("auto", "model"):
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r}: use 'auto' or 'model'")
+
 
 class Request:
     """A submitted request's sequences; `cancel` ends them and frees their blocks at the next step."""
@@ -81,8 +89,6 @@ class Generator:
         self.config = config or EngineConfig(max_step_tokens=prefill_chunk)
         mc = model.config
         dtype = model.tok_embeddings.weight.dtype
-        if self.config.kv_cache_dtype not in ("auto", "model"):
-            raise ValueError(f"kv_cache_dtype {self.config.kv_cache_dtype!r}: use 'auto' or 'model'")
         if self.config.kv_cache_dtype == "auto":
             dtype = cache_dtype(self.device, dtype)
         block = self.config.block_size

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, ordered, require
+
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
@@ -25,8 +27,9 @@ class SpeculativeConfig:
     max_batch: int = 4
 
     def __post_init__(self):
-        if self.draft_tokens < 0 or not 1 <= self.min_ngram <= self.ngram:
-            raise ValueError(f"invalid speculative settings {self}: need draft_tokens >= 0, 1 <= min_ngram <= ngram")
+        require(self, NON_NEGATIVE, "draft_tokens", "max_batch")
+        require(self, AT_LEAST_ONE, "min_ngram", "ngram")
+        ordered(self, "min_ngram", "ngram")
 
 
 def ngram_draft(tokens: list[int], limit: int, ngram: int, min_ngram: int) -> list[int]:

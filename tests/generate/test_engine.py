@@ -1,5 +1,6 @@
 """The engine's continuous batching, paged KV cache and prefix cache, against plain full forwards of the model."""
 import dataclasses
+import re
 import threading
 import time
 
@@ -241,3 +242,25 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_drawn(model):
     gen = Generator(model, SmallTokenizer(), config=EngineConfig(max_step_tokens=24))
     done = gen.generate(prompts(4), greedy) + gen.generate(prompts(4), sampled)
     assert all(t < 256 for c in done for t in c.tokens)
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"max_batch": 0}, "max_batch must be at least 1, got 0"),  # the engine had waited for ever
+    ({"max_step_tokens": -1}, "max_step_tokens must be at least 1, got -1"),  # so had it here
+    ({"block_size": 0}, "block_size must be at least 1, got 0"),  # a ZeroDivisionError
+    ({"max_queue": 0}, "max_queue must be at least 1, got 0"),  # every request refused as if the queue were full
+    ({"kv_cache_bytes": -1}, "kv_cache_bytes must be at least 0, got -1"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype 'fp8': use 'auto' or 'model'"),
+])
+def test_engine_settings_out_of_range_are_refused_naming_the_field(fields, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        EngineConfig(**fields)
+
+
+def test_speculative_settings_out_of_range_are_refused_naming_the_field():
+    from herd.generate.speculative import SpeculativeConfig
+
+    with pytest.raises(ValueError, match="max_batch must be at least 0, got -1"):
+        SpeculativeConfig(max_batch=-1)
+    with pytest.raises(ValueError, match=re.escape("min_ngram (3) must not exceed ngram (2)")):
+        SpeculativeConfig(ngram=2, min_ngram=3)
