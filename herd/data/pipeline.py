@@ -259,6 +259,7 @@ def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: E
     # Configuration errors surface here, before any worker starts and before the directory is claimed (a run that
     # never started must not hold its --out against the corrected configuration).
     stages = build_stages(config)
+    load_tokenizer(config.shards.tokenizer)
     out = Path(out)
     work = out / WORK
     inputs = [Path(p) for p in inputs]

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from herd.data.config import ShardConfig, import_object
+from herd.data.config import ConfigError, ShardConfig, import_object
 from herd.atomic import atomic_output
 
 MANIFEST = "manifest.json"
@@ -52,7 +52,12 @@ _tokenizers: dict[str, Tokenizer] = {}
 def load_tokenizer(spec: str) -> Tokenizer:
     """The tokenizer a "module:callable" spec builds, once per process (loading a BPE takes a while)."""
     if spec not in _tokenizers:
-        _tokenizers[spec] = import_object(spec)()
+        tokenizer = import_object(spec)()
+        missing = [name for name in ("encode", "vocab_size", "bos_id", "eos_id") if not hasattr(tokenizer, name)]
+        if missing:
+            raise ConfigError(f"shards.tokenizer {spec!r} gives a {type(tokenizer).__name__}, not a tokenizer (it has "
+                              f"no {', '.join(missing)}); name a callable that returns one")
+        _tokenizers[spec] = tokenizer
     return _tokenizers[spec]
 
 

@@ -306,6 +306,15 @@ def test_pipeline_numbers_out_of_range_are_one_line(raw, words):
         config_from_dict({**raw, "stages": [{"type": "exact_dedup"}]})
 
 
+def test_a_shards_tokenizer_that_gives_no_tokenizer_is_refused_before_the_run(tmp_path):
+    inputs = [tmp_path / "in.jsonl"]
+    inputs[0].write_text(json.dumps({"id": "1", "text": "A line of text."}) + "\n")
+    config = config_from_dict({"shards": {"tokenizer": "os:getcwd"}, "stages": [{"type": "exact_dedup"}]})
+    with pytest.raises(ConfigError, match="shards.tokenizer 'os:getcwd' gives a str, not a tokenizer"):
+        pipeline.run(inputs, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+
+
 def _one_line_error(result):
     assert result.exit_code != 0
     assert "Traceback" not in result.output
