@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from herd.bounds import AT_LEAST_ONE, POSITIVE, require
 from herd.generate import ContextLengthError, Delta, QueueFullError, SamplingParams
 from herd.generate.structured import GrammarError, JsonGrammars
 from herd.serve.auth import check_key
@@ -56,6 +57,11 @@ class ServeSettings:
     max_n: int = 8
     max_tokens: int | None = None  # the most tokens one choice may generate (default: what the context allows)
     request_timeout: float = 600.0  # seconds; a request still generating then ends with what it has
+
+    def __post_init__(self):
+        # A timeout of 0 or less had every reply end empty at once; NaN had none end.
+        require(self, POSITIVE, "request_timeout")
+        require(self, AT_LEAST_ONE, "max_body_bytes", "max_n", "max_tokens")
 
 
 @dataclass

@@ -62,12 +62,15 @@ def serve_cmd(
     from herd.tools import parse_tools
 
     functions = parse_tools(tools)
+    keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
+    try:  # before the model loads: a bad setting fails at once
+        settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
+                                 request_timeout=timeout)
+    except ValueError as error:
+        raise ValueError(str(error).replace("request_timeout", "--timeout")) from None  # the rest typer checks
     llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_cache,
         speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
-    keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
-    settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
-                             request_timeout=timeout)
     app = create_app(llm, settings, routers=[agents_router], shields=shields, tools=functions)
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)

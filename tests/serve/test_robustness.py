@@ -4,6 +4,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 import time
 
 import httpx
@@ -256,3 +257,15 @@ def test_32_concurrent_streams_complete_uncrossed_and_equal_solo_runs(tiny):
     solo = [tiny.llm.generate(tiny.llm.chat_prompt(m), max_tokens=n, temperature=0).text for m, n in jobs]
     assert concurrent == solo
     assert len(set(concurrent)) > 16  # different requests, different answers: nothing was swapped unnoticed
+
+
+@pytest.mark.parametrize(("fields", "words"), [
+    ({"request_timeout": 0.0}, "request_timeout must be above 0, got 0.0"),
+    ({"request_timeout": float("nan")}, "request_timeout must be above 0, got nan"),
+    ({"max_n": 0}, "max_n must be at least 1, got 0"),
+    ({"max_tokens": 0}, "max_tokens must be at least 1, got 0"),
+    ({"max_body_bytes": 0}, "max_body_bytes must be at least 1, got 0"),
+])
+def test_server_settings_out_of_range_are_refused_naming_the_field(fields, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ServeSettings(**fields)
