@@ -20,12 +20,13 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from herd.bounds import NON_NEGATIVE
 
 # The final pre-training mix Llama 3 reports (section 3.1.2), by tokens.
 LLAMA3_MIX = {"general": 0.50, "math_reasoning": 0.25, "code": 0.17, "multilingual": 0.08}
@@ -195,7 +196,7 @@ def validate(config: PipelineConfig, where: str = "config") -> None:
             raise ConfigError(f"{where}: unknown stage type {spec.type!r}; known: {', '.join(STAGE_TYPES)}")
     if config.mix is not None:
         total = sum(config.mix.targets.values())
-        if not all(0 <= v < math.inf for v in config.mix.targets.values()) or abs(total - 1.0) > 1e-6:
+        if not all(map(NON_NEGATIVE.holds, config.mix.targets.values())) or abs(total - 1.0) > 1e-6:
             raise ConfigError(f"{where}: mix targets must be non-negative and sum to 1 (they sum to {total:g})")
         if config.mix.max_repeats < 1:
             raise ConfigError(f"{where}: mix max_repeats must be at least 1")
