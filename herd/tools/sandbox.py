@@ -1,15 +1,17 @@
 """The code interpreter: model-written Python run in a bubblewrap sandbox.
 
-The code sees a private working directory (its only writable place, returned files come from there), a small
-tmpfs /tmp, and read-only: /usr (the system's libraries) and the Python runtime (the interpreter's prefix at
-/opt/python, the environment's site-packages at /opt/site-packages). Nothing else of the host exists for it: no
-home, no project checkout, no /etc beyond the loader's cache. It has its own network (loopback only, nothing
-of the host's), PID, IPC and UTS namespaces, rlimits on CPU time, address space, processes, file size and open
-files, where root can make one a cgroup bounding the memory and tasks of the whole tree, caps on what it prints,
-and a wall-clock timeout that kills its whole process tree (the PID namespace dies with it). Where no cgroup can
-be made (not root, or cgroups read-only) nothing would bound a tree's memory but N processes times the per-process
-limit, so the code then runs as a single task: it can start no process and no thread (said once, on stderr). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the code then drops to a fresh
-unprivileged uid (root is exempt from RLIMIT_NPROC); run by a user, the code lives in a new user namespace.
+The code sees a private working directory (a tmpfs of bounded size, its only writable place besides a small tmpfs
+/tmp: returned files come from there, sent back by the boot script when the code ends), and read-only: /usr (the
+system's libraries) and the Python runtime (the interpreter's prefix at /opt/python, the environment's site-packages
+at /opt/site-packages). Nothing else of the host exists for it: no home, no project checkout, no /etc beyond the
+loader's cache. It has its own network (loopback only, nothing of the host's), PID, IPC and UTS namespaces, rlimits
+on CPU time, address space, processes, file size and open files, where root can make one a cgroup bounding the
+memory and tasks of the whole tree, caps on what it prints, and a wall-clock timeout that kills its whole process
+tree (the PID namespace dies with it). Where no cgroup can be made (not root, or cgroups read-only) nothing would
+bound a tree's memory but N processes times the per-process limit, so the code then runs as a single task: it can
+start no process and no thread (said once, on stderr). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the
+code then drops to a fresh unprivileged uid (root is exempt from RLIMIT_NPROC); run by a user, the code lives in a
+new user namespace.
 
 Where no sandbox can be made (bwrap missing, namespaces refused) the code is not run: the result says why.
 """
@@ -17,6 +19,7 @@ Where no sandbox can be made (bwrap missing, namespaces refused) the code is not
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ _BOOT = Path(__file__).with_name("sandbox_boot.py")
 _INSIDE_WORK, _INSIDE_CONTROL = "/work", "/sandbox"
 _INSIDE_PYTHON, _INSIDE_SITE = "/opt/python", "/opt/site-packages"
 _INSIDE_MPL = "/tmp/matplotlib"
+_NOTE = re.compile(r"\[(output truncated|\d+ more files not returned)")  # what herd adds to the code's stderr
 _PLOTS = re.compile(r"matplotlib|pyplot|seaborn|pandas|\.plot\(")
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ class Limits:
     open_files: int = 256
     output_bytes: int = 64_000  # kept of stdout and of stderr each; the rest is dropped with a note
     returned_bytes: int = 32 << 20  # all returned files together
+    returned_files: int = 256  # the most files returned; the rest are counted on stderr
+    work_mb: int = 256  # the working directory (a tmpfs): the input files and all the code writes there
     tmp_mb: int = 64  # the tmpfs at /tmp
 
 
@@ -94,10 +101,9 @@ def sandbox_problem() -> str | None:
 
 def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits, *, fonts: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="herd-sandbox-") as root:
-        work, control = Path(root, "work"), Path(root, "control")
-        work.mkdir()
+        control = Path(root, "control")
         control.mkdir()
-        inputs = _write_inputs(work, files)
+        _write_inputs(control / "inputs", files, limits)
         (control / "main.py").write_text(code, encoding="utf-8")
         shutil.copyfile(_BOOT, control / "boot.py")
         extra: list[str] = []
@@ -109,24 +115,22 @@ def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits, *, font
         for path in (Path(root), *control.rglob("*"), control):
             path.chmod(0o755 if path.is_dir() else 0o644)
         uid = _drop_to_uid()
-        if uid is not None:
-            for path in [work, *work.rglob("*")]:
-                os.chown(path, uid, uid)
         cgroup = _tree_limit(limits)
+        results, results_in = os.pipe()
         try:
             tasks = limits.processes if cgroup else 1
-            run = _execute(_command(work, control, uid, limits, tasks, extra), limits, cgroup)
-            return {**run, "files": _written_files(work, inputs, limits.returned_bytes)}
+            return _execute(_command(control, uid, limits, tasks, results_in, extra), limits, cgroup, results,
+                            results_in)
         finally:
             if cgroup:
                 cgroup.remove()
-            _make_removable(work)
 
 
 def _tree_limit(limits: Limits) -> SandboxCgroup | None:
     """A cgroup bounding the memory and tasks of the whole tree (two processes each under the memory rlimit could
     still take twice as much), or None where none can be made."""
-    cgroup = SandboxCgroup.make(limits.memory_mb << 20, limits.processes + 2) if os.geteuid() == 0 else None
+    # + 3: bwrap, its init in the new PID namespace and the boot script, which waits for the code
+    cgroup = SandboxCgroup.make(limits.memory_mb << 20, limits.processes + 3) if os.geteuid() == 0 else None
     if cgroup is None:
         _say_single_task()
     return cgroup
@@ -176,18 +180,25 @@ def _runtime() -> tuple[list[str], str, list[str], dict[str, str]]:
     return args, interpreter, site_dirs, env
 
 
-def _command(work: Path, control: Path, uid: int | None, limits: Limits, tasks: int,
+def _command(control: Path, uid: int | None, limits: Limits, tasks: int, results: int,
              extra: list[str] = ()) -> list[str]:
     runtime_args, interpreter, site_dirs, runtime_env = _runtime()
     config = {
         "uid": uid,
         "site_dirs": site_dirs,
         "main": f"{_INSIDE_CONTROL}/main.py",
+        "inputs": f"{_INSIDE_CONTROL}/inputs",
+        "timeout": limits.timeout,
+        "result_fd": results,
+        "max_files": limits.returned_files,
+        "max_bytes": limits.returned_bytes,
         "rlimits": {
             # SIGXCPU at the soft limit says why; SIGKILL a second later if it is caught.
             "RLIMIT_CPU": [limits.cpu_seconds, limits.cpu_seconds + 1],
             "RLIMIT_AS": limits.memory_mb << 20,
-            "RLIMIT_NPROC": tasks,
+            # Besides the code's tasks: the boot script, which waits for it, and in a user namespace bwrap's init
+            # too, which runs as the same uid there.
+            "RLIMIT_NPROC": tasks + (1 if uid is not None else 2),
             "RLIMIT_FSIZE": limits.file_mb << 20,
             "RLIMIT_NOFILE": limits.open_files,
             "RLIMIT_CORE": 0,
@@ -219,7 +230,7 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits, tasks: 
         "--perms", "1777", "--dir", _INSIDE_MPL,
         *runtime_args,
         "--ro-bind", str(control), _INSIDE_CONTROL,
-        "--bind", str(work), _INSIDE_WORK,
+        "--perms", "0777", "--size", str(limits.work_mb << 20), "--tmpfs", _INSIDE_WORK,
         *extra,
         "--chdir", _INSIDE_WORK,
         "--clearenv", *[a for key, value in env.items() for a in ("--setenv", key, value)],
@@ -227,17 +238,27 @@ def _command(work: Path, control: Path, uid: int | None, limits: Limits, tasks: 
     ]
 
 
-def _execute(command: list[str], limits: Limits, cgroup: SandboxCgroup | None) -> dict:
-    """Run bwrap (inside `cgroup`), keeping the first `output_bytes` of each stream; kill the whole tree at the
-    timeout."""
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, start_new_session=True, umask=0o022,
-                               preexec_fn=cgroup.enter if cgroup else None)
+def _execute(command: list[str], limits: Limits, cgroup: SandboxCgroup | None, results: int,
+             results_in: int) -> dict:
+    """Run bwrap (inside `cgroup`), keeping the first `output_bytes` of each stream and the files the boot script
+    sends back through the `results` pipe. The boot script kills the code at the timeout; this kills the whole tree
+    a few seconds later, should the code have stopped the boot script."""
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True, umask=0o022, pass_fds=(results_in,),
+                                   preexec_fn=cgroup.enter if cgroup else None)
+    except OSError:
+        os.close(results)
+        raise
+    finally:
+        os.close(results_in)
     streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
                "stderr": _CappedReader(process.stderr, limits.output_bytes)}
+    # the files, the tar's headers, and a line of status
+    returned = _CappedReader(open(results, "rb"), limits.returned_bytes + 1024 * (limits.returned_files + 2))
     timed_out = False
     try:
-        process.wait(timeout=limits.timeout)
+        process.wait(timeout=limits.timeout + _GRACE)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
@@ -247,9 +268,41 @@ def _execute(command: list[str], limits: Limits, cgroup: SandboxCgroup | None) -
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     texts = {name: reader.text() for name, reader in streams.items()}
+    status, files = _returned_files(returned.data(), limits)
+    if status.get("omitted"):
+        texts["stderr"] += (f"\n[{status['omitted']} more files not returned: at most {limits.returned_files} files "
+                            f"and {limits.returned_bytes >> 20} MiB come back]")
     out_of_memory = cgroup is not None and cgroup.oom_killed()
-    return {**texts, "exit_code": process.returncode, "timed_out": timed_out, "out_of_memory": out_of_memory,
+    return {**texts, "exit_code": process.returncode, "files": files,
+            "timed_out": timed_out or status.get("timed_out") is True, "out_of_memory": out_of_memory,
             "limits": limits}
+
+
+_GRACE = 5.0  # seconds the boot script has, after the timeout, to kill the code and send its files
+
+
+def _returned_files(data: bytes, limits: Limits) -> tuple[dict, dict[str, bytes]]:
+    """The boot script's status line and the files in the tar after it. Read as untrusted (the code could have
+    written to the pipe): a damaged or cut stream gives the files read before the damage."""
+    head, _, body = data.partition(b"\n")
+    try:
+        status = json.loads(head)
+    except ValueError:
+        return {}, {}
+    files: dict[str, bytes] = {}
+    total = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
+            for member in tar:
+                path = PurePosixPath(member.name)
+                if (not member.isreg() or path.is_absolute() or ".." in path.parts or len(files) >=
+                        limits.returned_files or total + member.size > limits.returned_bytes):
+                    continue
+                files[str(path)] = tar.extractfile(member).read()
+                total += member.size
+    except (tarfile.TarError, EOFError, OSError):
+        pass
+    return status if isinstance(status, dict) else {}, files
 
 
 class _CappedReader:
@@ -267,9 +320,12 @@ class _CappedReader:
                 self.kept += chunk[: self.cap - len(self.kept)]
         self.pipe.close()
 
-    def text(self) -> str:
+    def data(self) -> bytes:
         self.thread.join()
-        text = self.kept.decode("utf-8", errors="replace")
+        return bytes(self.kept)
+
+    def text(self) -> str:
+        text = self.data().decode("utf-8", errors="replace")
         if self.total > self.cap:
             text += f"\n[output truncated: {self.total - self.cap} more bytes dropped]"
         return text
@@ -301,49 +357,28 @@ def _describe_failure(stderr: str, exit_code: int, timed_out: bool, out_of_memor
     signo = exit_code - 128 if exit_code > 128 else -exit_code if exit_code < 0 else None
     if signo is not None and signo in _SIGNALS:
         return f"killed by {signal.Signals(signo).name}: {_SIGNALS[signo]}"
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[output truncated")]
+    lines = [line for line in stderr.splitlines() if line.strip() and not _NOTE.match(line)]
     last = lines[-1].strip() if lines else ""
     if "MemoryError" in last:
         return f"MemoryError: the memory limit ({limits.memory_mb} MiB) was reached"
+    if "[Errno 28]" in last:  # ENOSPC: a tmpfs is full
+        return f"{last}: the working directory holds {limits.work_mb} MiB and /tmp {limits.tmp_mb} MiB"
     return last or f"exited with status {exit_code}"
 
 
-def _write_inputs(work: Path, files: dict[str, bytes | str]) -> dict[str, bytes]:
-    written = {}
+def _write_inputs(inputs: Path, files: dict[str, bytes | str], limits: Limits) -> None:
+    """The input files, where the boot script copies them into the working directory from."""
+    inputs.mkdir()
+    total = 0
     for name, data in files.items():
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or not path.parts:
             raise ValueError(f"input file name {name!r} must be a relative path inside the working directory")
         data = data.encode() if isinstance(data, str) else bytes(data)
-        target = work / path
+        total += len(data)
+        if total > limits.work_mb << 20:
+            raise ValueError(f"the input files exceed the working directory's {limits.work_mb} MiB; pass fewer or "
+                             "smaller files, or raise Limits.work_mb")
+        target = inputs / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-        written[str(path)] = data
-    return written
-
-
-def _written_files(work: Path, inputs: dict[str, bytes], cap: int) -> dict[str, bytes]:
-    """Regular files the code created or changed (never following its symlinks), up to `cap` bytes in all."""
-    found, total = {}, 0
-    for path in sorted(work.rglob("*")):
-        if path.is_symlink() or not path.is_file():
-            continue
-        name = path.relative_to(work).as_posix()
-        size = path.stat().st_size
-        if total + size > cap:
-            continue
-        data = path.read_bytes()
-        if inputs.get(name) != data:
-            found[name] = data
-            total += size
-    return found
-
-
-def _make_removable(work: Path) -> None:
-    """Undo modes the code may have set (a directory made unreadable) so the temporary tree can be removed."""
-    work.chmod(0o755)
-    for directory, subdirs, _ in os.walk(work):
-        for sub in subdirs:
-            path = Path(directory, sub)
-            if not path.is_symlink():
-                path.chmod(0o755)

@@ -1,9 +1,12 @@
 """The code interpreter contains hostile code: each attack is reported as an error and leaves the host as it was."""
+import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -285,3 +288,59 @@ def test_unprivileged_user_gets_a_user_namespace_sandbox():
     uid, root = hello["stdout"].split(" ", 1)
     assert uid == "65534" and "work" in root and "root" not in root and hello["error"] is None
     assert int(bomb["stdout"]) < 12
+
+
+def test_the_working_directory_holds_at_most_its_size():
+    """The code's files live in a tmpfs of `work_mb`, not on the host's disk, which a loop of files each under the
+    file-size limit had filled at the disk's speed until the timeout."""
+    code = "block = b'x' * (4 << 20)\nfor i in range(1000):\n    open(f'part{i}', 'wb').write(block)"
+    result = run_python(code, limits=Limits(timeout=30, work_mb=16, returned_bytes=64 << 20))
+    assert result["error"] == ("OSError: [Errno 28] No space left on device: the working directory holds 16 MiB and "
+                               "/tmp 64 MiB")
+    assert 12 << 20 <= sum(map(len, result["files"].values())) <= 16 << 20
+    assert run_python("", files={"big.bin": b"x" * (2 << 20)}, limits=Limits(work_mb=1))["error"] == (
+        "the input files exceed the working directory's 1 MiB; pass fewer or smaller files, or raise Limits.work_mb")
+
+
+def test_a_million_empty_files_cost_the_host_nothing():
+    """Empty files weigh nothing against the returned bytes: the host had listed, read and returned every one
+    (270,818 in a 10 s run, which then took 39 s). At most `returned_files` come back, the rest counted."""
+    code = "for i in range(10**7):\n    open(f'{i:08d}', 'w').close()"
+    result = run_python(code, limits=Limits(timeout=3, cpu_seconds=30, returned_files=5))
+    assert result["error"].startswith("timed out after 3 s")
+    assert result["files"] == {f"{i:08d}": b"" for i in range(5)}
+    assert re.fullmatch(r"\[\d+ more files not returned: at most 5 files and 32 MiB come back]",
+                        result["stderr"].strip()), result["stderr"]
+
+
+def test_files_come_back_from_a_run_that_timed_out_and_from_unreadable_or_deep_directories():
+    code = ("import os, time\nos.makedirs('locked/inner')\nopen('locked/inner/a.txt', 'w').write('a')\n"
+            "os.chmod('locked/inner', 0)\nos.chmod('locked', 0)\nopen('hidden.txt', 'w').write('h')\n"
+            "os.chmod('hidden.txt', 0)\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
+            "open('deep.txt', 'w').write('deep')\nprint('written', flush=True)\ntime.sleep(60)")
+    result = run_python(code, timeout=2)
+    assert result["stdout"] == "written\n" and result["error"].startswith("timed out after 2 s")
+    assert result["files"] == {"hidden.txt": b"h", "locked/inner/a.txt": b"a",
+                               "/".join(["d"] * 1500 + ["deep.txt"]): b"deep"}
+
+
+def test_the_returned_stream_is_read_as_untrusted():
+    """The code could write to the pipe its files come back through: names outside the directory, links, a cut
+    tar and sizes over the limits are dropped, the files before the damage kept."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in [("ok.txt", b"fine"), ("../escape", b"x"), ("/etc/evil", b"x"), ("big", b"y" * 2000),
+                           ("next.txt", b"also")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    stream = b'{"timed_out": false, "omitted": 0}\n' + buffer.getvalue()
+    limits = Limits(returned_bytes=1000)
+    assert sandbox._returned_files(stream, limits) == ({"timed_out": False, "omitted": 0},
+                                                       {"ok.txt": b"fine", "next.txt": b"also"})
+    assert sandbox._returned_files(stream[:len(stream) // 2], limits)[1] == {"ok.txt": b"fine"}
+    assert sandbox._returned_files(b"not json\n" + buffer.getvalue(), limits) == ({}, {})
+    assert sandbox._returned_files(b"", limits) == ({}, {})
