@@ -254,8 +254,9 @@ def _execute(command: list[str], limits: Limits, cgroup: SandboxCgroup | None, r
         os.close(results_in)
     streams = {"stdout": _CappedReader(process.stdout, limits.output_bytes),
                "stderr": _CappedReader(process.stderr, limits.output_bytes)}
-    # the files, the tar's headers, and a line of status
-    returned = _CappedReader(open(results, "rb"), limits.returned_bytes + 1024 * (limits.returned_files + 2))
+    # the files, a line of status, each file's tar header and padding (under 1 KiB), the tar's last record
+    returned = _CappedReader(open(results, "rb"),
+                             limits.returned_bytes + 1024 * (limits.returned_files + 1) + tarfile.RECORDSIZE)
     timed_out = False
     try:
         process.wait(timeout=limits.timeout + _GRACE)

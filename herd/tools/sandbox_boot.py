@@ -88,14 +88,15 @@ def send_files(result, config: dict, inputs: set[str], timed_out: bool) -> None:
     """One line of JSON (timed_out, and how many files were left out for the limits), then a tar of the files the
     code created or changed, up to `max_files` files and `max_bytes` bytes."""
     chosen, omitted, total = [], 0, 0
-    for name in files_under():
-        if len(chosen) >= config["max_files"] and name not in inputs:
-            omitted += 1  # without reading it: the code may have left a million
+    for name, size in files_under():
+        over = len(chosen) >= config["max_files"] or total + size > config["max_bytes"]
+        if over and name not in inputs:
+            omitted += 1  # without reading it: the code may have left a million, or one of the file-size limit
             continue
         data = read(name)
         if data is None or (name in inputs and same_as_input(os.path.join(config["inputs"], name), data)):
             continue
-        if len(chosen) >= config["max_files"] or total + len(data) > config["max_bytes"]:
+        if over:
             omitted += 1
             continue
         chosen.append((name, data))
@@ -109,8 +110,8 @@ def send_files(result, config: dict, inputs: set[str], timed_out: bool) -> None:
 
 
 def files_under():
-    """The working directory's regular files, as paths relative to it (a directory's own in name order, then its
-    subdirectories'), never through a symlink; directories the code made unreadable are opened again (it owned
+    """The working directory's regular files, as (path relative to it, size) (a directory's own in name order, then
+    its subdirectories'), never through a symlink; directories the code made unreadable are opened again (it owned
     them). Without recursion: the code may have nested directories thousands deep."""
     stack = [""]
     while stack:
@@ -127,7 +128,7 @@ def files_under():
                 stack.append(prefix + entry.name)
         for entry in reversed(entries):
             if entry.is_file(follow_symlinks=False):
-                yield prefix + entry.name
+                yield prefix + entry.name, entry.stat(follow_symlinks=False).st_size
 
 
 def read(path: str) -> bytes | None:
