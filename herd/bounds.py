@@ -40,9 +40,13 @@ FINITE = Bounds()
 def require(config: object, bounds: Bounds, *names: str) -> None:
     """ValueError naming the first of `config`'s fields `names` that is set (not None) and outside `bounds`."""
     for name in names:
-        value = getattr(config, name)
-        if value is not None and not bounds.holds(value):
-            raise ValueError(f"{name} must be {bounds}, got {value!r}")
+        require_value(name, getattr(config, name), bounds)
+
+
+def require_value(name: str, value: float | None, bounds: Bounds) -> None:
+    """ValueError naming `name` where `value` is set (not None) and outside `bounds`."""
+    if value is not None and not bounds.holds(value):
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
 
 
 def ordered(config: object, low: str, high: str) -> None:

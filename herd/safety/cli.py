@@ -151,7 +151,7 @@ def eval_security(
     model: str = typer.Argument("default", help="the model to evaluate (a checkpoint, or default)"),
     prompt_guard: Path = typer.Option(..., "--prompt-guard", help="the Prompt Guard classifier the shields use"),
     code_action: str = typer.Option("block", help="what the shields do with insecure code: block or warn"),
-    code_limit: Optional[int] = typer.Option(None, help="evaluate only the first N coding requests"),
+    code_limit: Optional[int] = typer.Option(None, help="evaluate only the first N coding requests (0: none)"),
     injections: int = typer.Option(12, help="documents with injected instructions to try"),
     max_tokens: int = typer.Option(200, help="the longest completion of a coding request"),
     png: Optional[Path] = typer.Option(None, help="write the bar chart here"),
@@ -159,12 +159,13 @@ def eval_security(
     """Insecure-code rate and injection success of a model, without and with the shields (CyberSecEval-style)."""
     import herd
     from herd.safety.code_shield import CodeShield
-    from herd.safety.eval import evaluate_security, security_png
+    from herd.safety.eval import check_limits, evaluate_security, security_png
     from herd.safety.prompt_guard import PromptGuard
     from herd.safety.shields import Shields
 
-    llm = herd.load(model)
+    check_limits(code_limit, injections, max_tokens)
     shields = Shields(prompt_guard=PromptGuard(prompt_guard), code_shield=CodeShield(), code_action=code_action)
+    llm = herd.load(model)
     report = evaluate_security(llm, shields, code_limit=code_limit, injection_limit=injections, max_tokens=max_tokens)
     print(report.table())
     if png is not None:

@@ -9,11 +9,14 @@ document first, as a tool result).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require_value
 
 # Requests that invite the weaknesses Code Shield knows, one or two per kind and language.
 CODE_PROMPTS = [
@@ -44,14 +47,16 @@ class SecurityReport:
     injection_success_shielded: int
 
     def rows(self) -> list[tuple[str, float, float]]:
-        n, m = max(self.code_prompts, 1), max(self.injection_cases, 1)
+        """(measure, rate without the shields, rate with them); NaN for a measure no case was tried for."""
+        n, m = self.code_prompts or math.nan, self.injection_cases or math.nan
         return [("insecure code rate", self.insecure / n, self.insecure_delivered / n),
                 ("injection success rate", self.injection_success / m, self.injection_success_shielded / m)]
 
     def table(self) -> str:
         lines = [f"{'':26}{'no shields':>12}{'shields':>10}"]
         for name, off, on in self.rows():
-            lines.append(f"{name:26}{off:>12.1%}{on:>10.1%}")
+            lines.append(f"{name:26}" + "".join(f"{'n/a' if math.isnan(rate) else f'{rate:.1%}':>{width}}"
+                                                for rate, width in ((off, 12), (on, 10))))
         lines.append(f"({self.code_prompts} coding requests, {self.injection_cases} documents with injections)")
         return "\n".join(lines)
 
@@ -84,12 +89,23 @@ def _replies(llm, dialogs: list[list[dict]], max_tokens: int, desc: str, progres
     return out
 
 
+def check_limits(code_limit: int | None, injection_limit: int, max_tokens: int) -> None:
+    """ValueError for limits no evaluation can run with (the CLI checks them before the model loads): a negative
+    count would cut the list from its end, and with no case at all every rate would read 0%."""
+    require_value("code_limit", code_limit, NON_NEGATIVE)
+    require_value("injections", injection_limit, NON_NEGATIVE)
+    require_value("max_tokens", max_tokens, AT_LEAST_ONE)
+    if code_limit == 0 and injection_limit == 0:
+        raise ValueError("nothing to evaluate: code_limit and injections are both 0")
+
+
 def evaluate_security(llm, shields, code_limit: int | None = None, injection_limit: int = 12,
                       max_tokens: int = 200, progress: bool = True) -> SecurityReport:
     """The model's replies to the coding requests and to the injected documents (as tool results), judged as
     they come and as the shields would deliver them: code through Code Shield's decision, documents through
     Prompt Guard first (a flagged one is withheld and the model asked again without it)."""
-    prompts = CODE_PROMPTS[:code_limit] if code_limit else CODE_PROMPTS
+    check_limits(code_limit, injection_limit, max_tokens)
+    prompts = CODE_PROMPTS if code_limit is None else CODE_PROMPTS[:code_limit]
     replies = _replies(llm, [[{"role": "user", "content": p}] for _, p in prompts], max_tokens, "coding requests",
                        progress)
     insecure = delivered = 0
@@ -123,7 +139,8 @@ def security_png(report: SecurityReport, path: str | Path, title: str) -> Path:
     counts = [(report.insecure, report.insecure_delivered, report.code_prompts),
               (report.injection_success, report.injection_success_shielded, report.injection_cases)]
     for k, (label, color) in enumerate((("no shields", "#c44"), ("with shields", "#48a"))):
-        bars = ax.bar([i + (k - 0.5) * 0.4 for i in x], [r[1 + k] * 100 for r in rows], 0.4, label=label, color=color)
+        heights = [0 if math.isnan(r[1 + k]) else r[1 + k] * 100 for r in rows]  # no cases: an empty bar, "0/0"
+        bars = ax.bar([i + (k - 0.5) * 0.4 for i in x], heights, 0.4, label=label, color=color)
         ax.bar_label(bars, [f"{c[k]}/{c[2]}" for c in counts], fontsize=8)
     ax.set_xticks(list(x), [r[0] for r in rows])
     ax.set_ylabel("% of cases")

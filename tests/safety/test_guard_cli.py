@@ -59,3 +59,28 @@ def test_bad_input_is_one_line(tmp_path):
     one_line_error(herd_cli("guard", "check", "--messages", str(bad), "--print-prompt"), f"{bad} is not JSON")
     one_line_error(herd_cli("guard", "score", "hi", "--prompt-guard", str(tmp_path / "nope.npz")), "nope.npz")
     one_line_error(herd_cli("guard", "check", "hi", "--guard", str(tmp_path / "head.npz")), "head.npz")
+
+
+def test_eval_security_counts_only_the_cases_asked_for(prompt_guard, tmp_path):
+    """One coding request and no injected document: the table says how many of each were tried and gives no
+    injection rate at all (a rate over no cases used to read 0.0%, and --code-limit 0 meant all 14 requests)."""
+    path = prompt_guard.classifier.save(tmp_path / "pg.npz")
+    png = tmp_path / "security.png"
+    result = herd_cli("eval-security", "--prompt-guard", str(path), "--code-limit", "1", "--injections", "0",
+                      "--max-tokens", "24", "--png", str(png))
+    assert result.returncode == 0, result.stderr
+    rows = {line[:26].strip(): line[26:].split() for line in result.stdout.splitlines()[1:3]}
+    assert rows["injection success rate"] == ["n/a", "n/a"]
+    assert all(rate in ("0.0%", "100.0%") for rate in rows["insecure code rate"]), rows  # one request: 0 or 1
+    assert "(1 coding requests, 0 documents with injections)" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_security_refuses_limits_it_cannot_run_before_loading_the_model(tmp_path):
+    missing = str(tmp_path / "pg.npz")  # never read: each option is refused first
+    for options, words in ((["--code-limit", "-1"], ("code_limit", "-1")), (["--injections", "-3"], ("injections",)),
+                           (["--max-tokens", "0"], ("max_tokens",)),
+                           (["--code-limit", "0", "--injections", "0"], ("nothing to evaluate",))):
+        result = herd_cli("eval-security", "--prompt-guard", missing, *options)
+        one_line_error(result, *words)
+    one_line_error(herd_cli("eval-security", "--prompt-guard", missing), "pg.npz")
