@@ -287,21 +287,24 @@ class Generator:
 
     def _forward(self, group: list[tuple[_Sequence, int]]) -> torch.Tensor:
         """The model once over the group's scheduled tokens: the logits of the rows that are sampled or scored."""
-        tokens, positions, parts, rows, prompt = [], [], [], [], []
+        tokens, positions, parts, rows, sizes, logit_sizes = [], [], [], [], [], []
         for seq, n in group:
             begin = seq.num_computed
             offset = len(tokens)
             tokens += seq.tokens[begin:begin + n] + seq.draft  # n counts the draft's tokens too
             positions += range(begin, begin + n)
-            prompt += [p < seq.prompt_len for p in range(begin, begin + n)]
+            prompt = [p < seq.prompt_len for p in range(begin, begin + n)]
+            sizes += [seq.prompt_rows if p else 0 for p in prompt]
             parts.append((seq.blocks, begin, n, bool(seq.draft)))
-            rows += [offset + p - begin for p in seq.scored_positions(begin, n)]
+            scored = [p - begin for p in seq.scored_positions(begin, n)]
             if begin + n == len(seq.tokens) + len(seq.draft):
-                rows += range(offset + n - 1 - len(seq.draft), offset + n)
+                scored += range(n - 1 - len(seq.draft), n)
+            rows += [offset + i for i in scored]
+            logit_sizes += [seq.prompt_logit_rows if prompt[i] else 0 for i in scored]
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        prompt = torch.tensor(prompt, device=self.device)
-        # Quantized layers compute prompt tokens one way and generated ones another, whatever the chunking.
-        with prompt_rows(prompt, prompt[rows]):
+        # Quantized layers compute prompt tokens one way and generated ones another, and a prompt's tokens by its
+        # size, whatever the chunking and whatever shares the forward.
+        with prompt_rows(torch.tensor(sizes, device=self.device), torch.tensor(logit_sizes, device=self.device)):
             return self.model(torch.tensor([tokens], device=self.device),
                               torch.tensor([positions], device=self.device),
                               cache=StepAttention(self.cache, parts), logits_at=rows)[0]

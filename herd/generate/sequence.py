@@ -108,6 +108,17 @@ class Sequence:
             limit = min(limit, self.score_from - 1 + len(self.prompt_logprobs))
         return max(limit, 0) // self.block_size
 
+    @property
+    def prompt_rows(self) -> int:
+        """How many of the prompt's tokens it computes in all: those the prefix cache did not hold on admission."""
+        return self.prompt_len - self.cached_tokens
+
+    @property
+    def prompt_logit_rows(self) -> int:
+        """How many of the prompt's positions it computes logits for: the last one, and those that score the
+        prompt."""
+        return 1 + (max(self.prompt_len - self.score_from, 0) if self.score_from is not None else 0)
+
     def scored_positions(self, begin: int, n: int) -> range:
         """Of the positions begin..begin+n-1 computed in a step, those whose logits score the prompt's next token
         and have not scored it yet (a sequence recomputed after preemption scores each token once)."""

@@ -11,7 +11,8 @@ nibble and element j + 16 in its high one.
 The matmul: the activations are quantized to int8 per block of 32 and multiplied with the codes in integers, as
 llama.cpp does, by herd's compiled kernel on a CPU. Prompt tokens, where the CPU has VNNI, add a second int8 level
 for each block's rounding error, which makes them as good as float; elsewhere they multiply the stored weights
-exactly with float activations, as weight-only layers always do.
+exactly with float activations, as weight-only layers always do: a short prompt's in the kernel's float loop, a long
+one's by a BLAS GEMM over the expanded weight (`herd.quant.phase` says which prompt a row belongs to).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from herd.quant.kernel import Panels, ops
-from herd.quant.phase import prompt_mask
+from herd.quant.phase import Marked, marked_rows
 
 QK = 32  # activation block
 # A forward the engine has not marked (`herd.quant.phase`) of up to this many tokens is taken for generated tokens.
@@ -32,6 +33,9 @@ MAX_GENERATED_TOKENS = 64
 # more rows amortise expanding the weights once for a BLAS GEMM. A weight-only output layer (int8-wo) of a decode
 # step of many sequences took 20-30 ms a step expanding its 49K-row table.
 MAX_FLOAT_LOOP_TOKENS = 32
+# MKL's SGEMM rounds a row the same whatever rows share the call from 12 rows on (below, some row counts take
+# other paths): a prompt's rows are padded to this many, so that they compute alike alone and in a batch.
+MIN_GEMM_ROWS = 16
 ROWS = ("codes", "scales", "mins")  # the tensors of a BlockWeight
 
 
@@ -125,40 +129,59 @@ def integer_matmul(x: torch.Tensor, w: BlockWeight, levels: int = 1) -> torch.Te
 
 
 def matmul(x: torch.Tensor, w: BlockWeight | Panels, *, integer: bool = True) -> torch.Tensor:
-    """x [..., K] @ w.T in float32, w a BlockWeight or (on the CPU, with herd's kernel) its Panels. integer=False
-    (weight-only layers): exactly the stored weights times x. integer: prompt tokens and generated tokens (as
-    `herd.quant.phase` tells them; unmarked, a forward of more than a few tokens is a prompt) are computed apart,
-    each the same way however many share the call, so that a sequence computes the same in a batch of any size, and
-    a prompt the same however it is chunked (exactly with VNNI; elsewhere up to the BLAS GEMM's rounding, which
-    depends on the row count). Generated tokens take int8 activations (the kernel, or the same arithmetic in
-    PyTorch). Prompt tokens take two levels of int8 where the kernel has VNNI (as good as float, about 1.7x faster
-    than float32), else float activations."""
+    """x [..., K] @ w.T in float32, w a BlockWeight or (on the CPU, with herd's kernel) its Panels. Prompt tokens
+    and generated tokens (as `herd.quant.phase` tells them; unmarked, a forward of more than a few tokens is a
+    prompt) are computed apart, each row the same way whatever shares the call, so that a sequence computes the
+    same in a batch of any size, and a prompt the same however it is chunked. Generated tokens take int8
+    activations (the kernel, or the same arithmetic in PyTorch) where the layer is an integer one. Prompt tokens
+    take two levels of int8 where the kernel has VNNI (as good as float, about 1.7x faster than float32), else float
+    activations times the stored weights, as every token of a weight-only layer (integer=False) does."""
     flat = x.reshape(-1, x.shape[-1]).float()
     kernel = ops() if flat.device.type == "cpu" else None
     rows = flat.shape[0]
-    if not integer:
-        out = _exact(kernel, flat, w)
+    marked = marked_rows(rows)
+    if marked is None:  # a few generated tokens, or one prompt of `rows` tokens
+        marked = Marked.of(torch.full((rows,), 0 if rows <= MAX_INTEGER_TOKENS else rows))
+    if marked.generated == 0:
+        out = _prompt(kernel, flat, w, marked, integer)
+    elif marked.generated == rows:
+        out = _generated(kernel, flat, w, integer)
     else:
-        marked = prompt_mask(rows)
-        prompt, generated = marked if marked is not None else (None, rows if rows <= MAX_INTEGER_TOKENS else 0)
-        if generated == 0:
-            out = _prompt(kernel, flat, w)
-        elif generated == rows:
-            out = _generated(kernel, flat, w)
-        else:
-            out = flat.new_empty(rows, w.shape[0])
-            out[prompt] = _prompt(kernel, flat[prompt], w)
-            out[~prompt] = _generated(kernel, flat[~prompt], w)
+        prompt = marked.prompt
+        out = flat.new_empty(rows, w.shape[0])
+        out[prompt] = _prompt(kernel, flat[prompt], w, marked, integer)
+        out[~prompt] = _generated(kernel, flat[~prompt], w, integer)
     return out.view(*x.shape[:-1], w.shape[0])
 
 
-def _prompt(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
-    if kernel and kernel.vnni:
+def _prompt(kernel, flat: torch.Tensor, w: BlockWeight | Panels, marked: Marked, integer: bool) -> torch.Tensor:
+    """The prompt rows of a forward marked so, each by the way the size of its prompt picks."""
+    if integer and kernel and kernel.vnni:
         return kernel.matmul_rows(flat, w, levels=2)
-    return _exact(kernel, flat, w)  # as good, and faster than two int8 levels without VNNI
+    if kernel is None:
+        return flat @ dequantize(w).T
+    # The float loop is as good as two int8 levels, and faster without VNNI.
+    if marked.largest <= MAX_FLOAT_LOOP_TOKENS:
+        return kernel.matmul_rows(flat, w, levels=0)
+    if marked.smallest > MAX_FLOAT_LOOP_TOKENS:
+        return _gemm(flat, w)
+    short = marked.sizes[marked.prompt] <= MAX_FLOAT_LOOP_TOKENS
+    out = flat.new_empty(flat.shape[0], w.shape[0])
+    out[short] = kernel.matmul_rows(flat[short], w, levels=0)
+    out[~short] = _gemm(flat[~short], w)
+    return out
 
 
-def _generated(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
+def _gemm(flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
+    rows = flat.shape[0]
+    if rows < MIN_GEMM_ROWS:
+        flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])])
+    return (flat @ dequantize(w).T)[:rows]
+
+
+def _generated(kernel, flat: torch.Tensor, w: BlockWeight | Panels, integer: bool) -> torch.Tensor:
+    if not integer:
+        return _exact(kernel, flat, w)
     if kernel:
         return kernel.matmul_rows(flat, w, levels=1)
     # PyTorch's einsum grows with the batch: a decode step of very many sequences multiplies exactly instead.

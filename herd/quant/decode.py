@@ -23,7 +23,7 @@ from herd.model.llama import TransformerBlock
 from herd.quant.blocks import BlockLinear
 from herd.quant.fp8 import FP8Linear
 from herd.quant.kernel import QWeight, Sequences, addresses, ops, pointers
-from herd.quant.phase import prompt_mask
+from herd.quant.phase import marked_rows
 
 _LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
             "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -143,11 +143,11 @@ def _fused_step(x, rotation, cache) -> _Step | None:
     """The forward's sequences and rotations for the kernel when its tokens are all generated ones, or all prompt
     tokens where the kernel has VNNI, on the engine's paged cache (float32, on the CPU); else None."""
     tokens = x.shape[1]
-    marked = prompt_mask(tokens) if hasattr(cache, "parts") else None
-    if (marked is None or marked[1] not in (0, tokens) or x.shape[0] != 1
+    marked = marked_rows(tokens) if hasattr(cache, "parts") else None
+    if (marked is None or marked.generated not in (0, tokens) or x.shape[0] != 1
             or x.dtype != torch.float32 or x.device.type != "cpu"):
         return None
-    prompt = marked[1] == 0
+    prompt = marked.generated == 0
     if prompt and not ops().vnni:
         return None
     if "fused" not in cache.scratch:  # once per forward, for every layer

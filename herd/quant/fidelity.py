@@ -41,7 +41,7 @@ def logits(model, tokens: list[int], *, step: int | None = None) -> torch.Tensor
     for i in range(0, len(tokens), step):
         chunk = ids[:, i:i + step]
         n = chunk.shape[1]
-        with prompt_rows(torch.zeros(n, dtype=torch.bool, device=ids.device)):
+        with prompt_rows(torch.zeros(n, dtype=torch.long, device=ids.device)):  # all generated tokens
             out.append(model(chunk, torch.arange(i, i + n, device=ids.device).unsqueeze(0),
                              cache=StepAttention(cache, [(blocks, i, n, n > 1)]))[0])
     return torch.cat(out).float()

@@ -1,39 +1,61 @@
-"""Which rows of a forward are prompt tokens: told by whoever runs the model (the generation engine), read by the
-quantized layers.
+"""Which rows of a forward are prompt tokens, and how many rows each one's prompt computes: told by whoever runs the
+model (the generation engine), read by the quantized layers.
 
 Quantized layers compute a prompt token one way (as well as float activations: two int8 levels with VNNI, else
 float activations) and a generated token another (int8 activations, fast), and the fused decode block
-(`herd.quant.decode`) takes a step only when all its tokens are generated ones. If the way depended on how many
-tokens a forward holds, a prompt's numbers would depend on how it was chunked: after a prefix-cache hit only the
-last few prompt tokens are computed. So the engine says which rows are prompt tokens and which are generated
-tokens; the model itself stays unaware. Without a `prompt_rows` block the layers decide by the number of tokens
-alone.
+(`herd.quant.decode`) takes a step only when all its tokens are generated ones. Without VNNI a prompt's float
+products run the kernel's loop for a short prompt and a BLAS GEMM over the expanded weight for a long one, and the
+two round differently. If either choice depended on how many tokens a forward holds, a prompt's numbers would
+depend on how it was chunked and what it was batched with (a busy engine puts many prompts' chunks in one forward,
+and a prompt's last chunk may be a few tokens). So the engine gives each row the number of rows its sequence's
+prompt sends through the layer in all (those the prefix cache did not hold; 0 for a generated token), the same for
+every row of that prompt however it is chunked or batched; the model itself stays unaware. Without a
+`prompt_rows` block the layers decide by the number of tokens alone, as if the forward were one prompt.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 
-_ROWS: ContextVar[tuple[tuple[torch.Tensor, int], ...]] = ContextVar("herd_prompt_rows", default=())
+
+class Marked(NamedTuple):
+    sizes: torch.Tensor  # per row: 0 for a generated token, else the row count of its sequence's prompt
+    generated: int  # how many rows are generated tokens
+    smallest: int  # the smallest and largest prompt size among the rows (0 where none is a prompt's)
+    largest: int
+
+    @classmethod
+    def of(cls, sizes: torch.Tensor) -> Marked:
+        # Counted once here rather than in each of a forward's layers.
+        prompt = sizes[sizes > 0]
+        return cls(sizes, sizes.numel() - prompt.numel(), int(prompt.min()) if prompt.numel() else 0,
+                   int(prompt.max()) if prompt.numel() else 0)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self.sizes > 0
+
+
+_ROWS: ContextVar[tuple[Marked, ...]] = ContextVar("herd_prompt_rows", default=())
 
 
 @contextmanager
-def prompt_rows(*masks: torch.Tensor) -> Iterator[None]:
-    """Within the block, a layer whose input has as many rows as one of the boolean `masks` takes its True rows
-    as prompt tokens. Pass one mask per distinct row count the forward has (all its tokens; the rows whose
-    logits are wanted, which the output layer sees)."""
-    # Each mask with its count of generated rows, counted once here rather than in each of a forward's layers.
-    token = _ROWS.set(tuple((m, m.numel() - int(m.sum())) for m in (m.reshape(-1).bool() for m in masks)))
+def prompt_rows(*sizes: torch.Tensor) -> Iterator[None]:
+    """Within the block, a layer whose input has as many rows as one of `sizes` reads its rows' kinds there: 0 a
+    generated token, n > 0 a token of a prompt that puts n rows through the layer in all. Pass one tensor per
+    distinct row count the forward has (all its tokens; the rows whose logits are wanted, which the output layer
+    sees)."""
+    token = _ROWS.set(tuple(Marked.of(s.reshape(-1)) for s in sizes))
     try:
         yield
     finally:
         _ROWS.reset(token)
 
 
-def prompt_mask(rows: int) -> tuple[torch.Tensor, int] | None:
-    """The prompt-row mask for an input of `rows` rows and how many of them are generated, or None where nobody
-    said."""
-    return next((marked for marked in _ROWS.get() if marked[0].numel() == rows), None)
+def marked_rows(rows: int) -> Marked | None:
+    """How the rows of an input of `rows` rows were marked, or None where nobody said."""
+    return next((marked for marked in _ROWS.get() if marked.sizes.numel() == rows), None)

@@ -1,5 +1,6 @@
-"""Prompt tokens take one path through the quantized layers however the prompt is chunked; generated tokens the fast
-one. On the default model: the same greedy reply with a cold cache and after a prefix-cache hit."""
+"""Prompt tokens take one path through the quantized layers however the prompt is chunked and whatever shares its
+forward; generated tokens the fast one. On the default model: the same greedy reply with a cold cache and after a
+prefix-cache hit, and the same replies to a batch of short questions as to each alone."""
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def paths(request, monkeypatch):
     if kernel.ops() is None:
         pytest.skip("herd's kernel is not built on this machine")
     monkeypatch.setattr(kernel.ops(), "vnni", request.param == "kernel")
-    prompt_levels = 2 if request.param == "kernel" else 0  # 0: the float loop, up to 32 rows
+    prompt_levels = 2 if request.param == "kernel" else 0  # 0: the float loop, for prompts of up to 32 rows
     return (lambda x, w: kernel.ops().matmul_rows(x, w, prompt_levels),
             lambda x, w: kernel.ops().matmul_rows(x, w, 1), None)
 
@@ -43,14 +44,14 @@ def test_mixed_rows_take_each_path_per_row(paths):
     torch.manual_seed(0)
     w = quantize_int4(torch.randn(48, 64), 32)
     x = torch.randn(6, 64)
-    prompt = torch.tensor([True, True, False, True, False, True])
-    with prompt_rows(prompt):
+    with prompt_rows(torch.tensor([4, 4, 0, 4, 0, 4])):  # a prompt of 4 rows, two generated tokens
         mixed = matmul(x, w)
+    prompt = torch.tensor([True, True, False, True, False, True])
     assert torch.equal(mixed[prompt], prompt_path(x[prompt], w))
     assert torch.equal(mixed[~prompt], generated_path(x[~prompt], w))
     # the two paths really differ (else this test could not tell them apart)
     assert not torch.allclose(prompt_path(x, w), generated_path(x, w), atol=1e-6)
-    with prompt_rows(torch.ones(6, dtype=torch.bool)):
+    with prompt_rows(torch.full((6,), 6)):
         assert torch.equal(matmul(x[:2], w), generated_path(x[:2], w))  # no mask of 2 rows: decided by count
 
 
@@ -60,11 +61,40 @@ def test_many_rows_are_generated_only_when_marked(paths):
     w = quantize_int4(torch.randn(48, 64), 32)
     x = torch.randn(MAX_INTEGER_TOKENS + 8, 64)
     assert torch.equal(matmul(x, w), prompt_path(x, w))  # unmarked: a direct forward of this many rows
-    with prompt_rows(torch.zeros(len(x), dtype=torch.bool)):
+    with prompt_rows(torch.zeros(len(x), dtype=torch.long)):
         assert torch.equal(matmul(x, w), generated_path(x, w))  # the engine's decode step of many sequences
     x = torch.randn(MAX_GENERATED_TOKENS + 1, 64)
-    with prompt_rows(torch.zeros(len(x), dtype=torch.bool)):  # PyTorch's einsum has a cap; the kernel none
+    with prompt_rows(torch.zeros(len(x), dtype=torch.long)):  # PyTorch's einsum has a cap; the kernel none
         assert torch.equal(matmul(x, w), generated_path(x, w) if cap is None else x @ w.dequantize().T)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_a_prompt_row_computes_alike_in_any_company(vnni, monkeypatch):
+    # Without VNNI a short prompt's rows take the float loop and a long one's a GEMM over the expanded weight, which
+    # round differently: each row by its own prompt's size, never by how many rows share the forward. Before, a
+    # forward's row count decided, and a batch of short prompts took other numbers than each alone.
+    if kernel.ops() is None:
+        pytest.skip("herd's kernel is not built on this machine")
+    monkeypatch.setattr(kernel.ops(), "vnni", vnni and kernel.ops().vnni)
+    torch.manual_seed(0)
+    w = quantize_int4(torch.randn(48, 64), 32)
+    x = torch.randn(76, 64)
+    short, long, generated = slice(0, 20), slice(20, 70), slice(70, 76)
+    sizes = torch.tensor([20] * 20 + [50] * 50 + [0] * 6)
+
+    def rows(*parts: slice) -> torch.Tensor:
+        """The rows of `parts` computed in one forward; those of the first returned."""
+        index = torch.cat([torch.arange(len(x))[p] for p in parts])
+        with prompt_rows(sizes[index]):
+            return matmul(x[index], w)[:parts[0].stop - parts[0].start]
+
+    together = rows(slice(0, 76))
+    for part in (short, slice(3, 8), long, slice(60, 63)):
+        alone = rows(part)
+        assert torch.equal(alone, together[part])
+        assert torch.equal(rows(part, generated), alone)  # beside a step's generated tokens
+    assert torch.equal(rows(slice(60, 63), short), together[60:63])  # a long prompt's tail beside a short prompt
+    assert torch.equal(rows(slice(3, 8), long), together[3:8])
 
 
 def test_prompt_logprobs_do_not_depend_on_chunking():
@@ -90,3 +120,23 @@ def test_default_model_same_reply_cold_and_after_a_prefix_hit():
     warm = llm.generator.generate([prompt], params)[0]
     assert 0 < len(prompt) - stats.cached_tokens <= 8  # only a short tail of the prompt was computed again
     assert "Paris" in cold.text and warm.tokens == cold.tokens
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("cpu", ["native", "without VNNI"])
+def test_default_model_answers_a_batch_of_short_prompts_as_each_alone(cpu, monkeypatch):
+    # Without VNNI, 11 of 16 such prompts (the brief's CPU class, AVX2 only) had other greedy replies in a batch
+    # than alone, and so did short chat turns after a prefix-cache hit.
+    if cpu == "without VNNI":
+        if kernel.ops() is None:
+            pytest.skip("herd's kernel is not built on this machine")
+        monkeypatch.setattr(kernel.ops(), "vnni", False)
+    llm = herd.load()
+    texts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite food is",
+             "Hello, my name is", "The meaning of life is"]
+    prompts = [llm.tokenizer.encode(t) for t in texts] + [
+        llm.chat_prompt([{"role": "user", "content": q}]) for q in ("hi", "Name a colour.")]
+    engine = Generator(llm.model, llm.tokenizer, config=EngineConfig(prefix_caching=False))
+    params = SamplingParams(max_tokens=24, temperature=0)
+    alone = [engine.generate([p], params)[0].tokens for p in prompts]
+    assert [out.tokens for out in engine.generate(prompts, params)] == alone

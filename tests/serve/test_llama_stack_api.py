@@ -140,8 +140,9 @@ def test_batch_routes_equal_one_request_at_a_time(server, ls):
     assert [{m.metric: m.value for m in r.metrics}["prompt_tokens"] for r in replies] == [len(p) for p in prompts]
     if ops() is not None and ops().vnni:
         # There a prompt computes alike in any company and however much of it the prefix cache held (README,
-        # Serving): each reply is the one it gets alone. Elsewhere prompts multiply through BLAS, whose rounding
-        # depends on how many rows share the call.
+        # Serving): each reply is the one it gets alone. Elsewhere a prompt's float products take the kernel's loop
+        # or a GEMM by how many of its tokens are computed, which a prefix-cache hit (here, of the batch's own
+        # prompts) changes.
         for question, reply in zip(questions, replies, strict=True):
             alone = post(server, "/v1/inference/chat-completion", {
                 "model_id": llm.name, "messages": dump([ls.UserMessage(content=question)]),
