@@ -164,19 +164,31 @@ def _prompt(kernel, flat: torch.Tensor, w: BlockWeight | Panels, marked: Marked,
     if marked.largest <= MAX_FLOAT_LOOP_TOKENS:
         return kernel.matmul_rows(flat, w, levels=0)
     if marked.smallest > MAX_FLOAT_LOOP_TOKENS:
-        return _gemm(flat, w)
-    short = marked.sizes[marked.prompt] <= MAX_FLOAT_LOOP_TOKENS
-    out = flat.new_empty(flat.shape[0], w.shape[0])
-    out[short] = kernel.matmul_rows(flat[short], w, levels=0)
-    out[~short] = _gemm(flat[~short], w)
+        return gemm(flat, dequantize(w))
+    return by_prompt_size(flat, marked.sizes[marked.prompt], lambda rows: kernel.matmul_rows(rows, w, levels=0),
+                          lambda rows: gemm(rows, dequantize(w)))
+
+
+def by_prompt_size(x: torch.Tensor, sizes: torch.Tensor, short, long) -> torch.Tensor:
+    """short(rows) for the rows of x whose prompt has at most MAX_FLOAT_LOOP_TOKENS rows (or none: generated
+    tokens, size 0), long(rows) for the others."""
+    is_long = sizes > MAX_FLOAT_LOOP_TOKENS
+    if not is_long.any():
+        return short(x)
+    if is_long.all():
+        return long(x)
+    few, many = short(x[~is_long]), long(x[is_long])
+    out = x.new_empty(x.shape[0], few.shape[1])
+    out[~is_long], out[is_long] = few, many
     return out
 
 
-def _gemm(flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
-    rows = flat.shape[0]
+def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T by the BLAS, each row of x the same whatever rows share the call."""
+    rows = x.shape[0]
     if rows < MIN_GEMM_ROWS:
-        flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])])
-    return (flat @ dequantize(w).T)[:rows]
+        x = torch.cat([x, x.new_zeros(MIN_GEMM_ROWS - rows, x.shape[1])])
+    return (x @ weight.T)[:rows]
 
 
 def _generated(kernel, flat: torch.Tensor, w: BlockWeight | Panels, integer: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@ from herd.model import ModelConfig, Transformer
 from herd.quant import blocks, kernel
 from herd.quant.blocks import (MAX_GENERATED_TOKENS, MAX_INTEGER_TOKENS, BlockLinear, integer_matmul, matmul,
                                quantize_int4)
+from herd.quant.fp8 import FP8Linear, quantize_fp8
 from herd.quant.phase import prompt_rows
 from herd.quant.schemes import Scheme, apply_scheme
 
@@ -68,16 +69,18 @@ def test_many_rows_are_generated_only_when_marked(paths):
         assert torch.equal(matmul(x, w), generated_path(x, w) if cap is None else x @ w.dequantize().T)
 
 
-@pytest.mark.parametrize("vnni", [True, False])
-def test_a_prompt_row_computes_alike_in_any_company(vnni, monkeypatch):
-    # Without VNNI a short prompt's rows take the float loop and a long one's a GEMM over the expanded weight, which
-    # round differently: each row by its own prompt's size, never by how many rows share the forward. Before, a
-    # forward's row count decided, and a batch of short prompts took other numbers than each alone.
+@pytest.mark.parametrize("layer", ["int4", "int4 without VNNI", "fp8"])
+def test_a_prompt_row_computes_alike_in_any_company(layer, monkeypatch):
+    # Without VNNI (and under fp8 on any CPU) a short prompt's rows take the kernel's loop and a long one's a GEMM
+    # over the expanded weight, which round differently: each row by its own prompt's size, never by how many rows
+    # share the forward. Before, a forward's row count decided, and a batch of short prompts took other numbers
+    # than each alone.
     if kernel.ops() is None:
         pytest.skip("herd's kernel is not built on this machine")
-    monkeypatch.setattr(kernel.ops(), "vnni", vnni and kernel.ops().vnni)
+    monkeypatch.setattr(kernel.ops(), "vnni", layer == "int4" and kernel.ops().vnni)
     torch.manual_seed(0)
-    w = quantize_int4(torch.randn(48, 64), 32)
+    weight = torch.randn(48, 64)
+    linear = FP8Linear(quantize_fp8(weight)) if layer == "fp8" else BlockLinear(quantize_int4(weight, 32))
     x = torch.randn(76, 64)
     short, long, generated = slice(0, 20), slice(20, 70), slice(70, 76)
     sizes = torch.tensor([20] * 20 + [50] * 50 + [0] * 6)
@@ -86,7 +89,7 @@ def test_a_prompt_row_computes_alike_in_any_company(vnni, monkeypatch):
         """The rows of `parts` computed in one forward; those of the first returned."""
         index = torch.cat([torch.arange(len(x))[p] for p in parts])
         with prompt_rows(sizes[index]):
-            return matmul(x[index], w)[:parts[0].stop - parts[0].start]
+            return linear(x[index])[:parts[0].stop - parts[0].start]
 
     together = rows(slice(0, 76))
     for part in (short, slice(3, 8), long, slice(60, 63)):
