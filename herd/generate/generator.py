@@ -107,6 +107,9 @@ class Generator:
                                    speculative=self.config.speculative)
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self._fused_decode = any(isinstance(block, DecodeBlock) for block in model.layers)
+        # Where quantized layers compute a short prompt apart from a long one (`herd.quant.phase`), a short prompt's
+        # blocks are not those a long prompt would compute: short prompts keep out of the prefix cache.
+        self._short_prompt = max((getattr(m, "short_prompt_tokens", 0) for m in model.modules()), default=0)
         self._step_lock = threading.Lock()
         self._inbox: list[_Sequence] = []
         self._inbox_lock = threading.Lock()
@@ -166,7 +169,7 @@ class Generator:
                     list(prompt), sp, index=len(seqs), max_tokens=min(sp.max_tokens, self.capacity - len(prompt)),
                     stop_ids=self.stop_ids, block_size=self.cache.block_size, sink=sink, device=self.device,
                     score_from=score_from, constraint=constraints[len(seqs)] if constraints else None,
-                    deadline=deadline))
+                    deadline=deadline, shares_cache=len(prompt) > self._short_prompt))
         with self._inbox_lock:
             if len(self._inbox) + len(self.scheduler.waiting) + len(seqs) > self.config.max_queue:
                 raise QueueFullError(f"the queue holds {self.config.max_queue} sequences: try again shortly")
@@ -294,7 +297,7 @@ class Generator:
             tokens += seq.tokens[begin:begin + n] + seq.draft  # n counts the draft's tokens too
             positions += range(begin, begin + n)
             prompt = [p < seq.prompt_len for p in range(begin, begin + n)]
-            sizes += [seq.prompt_rows if p else 0 for p in prompt]
+            sizes += [seq.prompt_len if p else 0 for p in prompt]
             parts.append((seq.blocks, begin, n, bool(seq.draft)))
             scored = [p - begin for p in seq.scored_positions(begin, n)]
             if begin + n == len(seq.tokens) + len(seq.draft):
@@ -303,7 +306,7 @@ class Generator:
             logit_sizes += [seq.prompt_logit_rows if prompt[i] else 0 for i in scored]
         rows = torch.tensor(rows, dtype=torch.long, device=self.device)
         # Quantized layers compute prompt tokens one way and generated ones another, and a prompt's tokens by its
-        # size, whatever the chunking and whatever shares the forward.
+        # size, whatever the chunking, whatever shares the forward and however much the prefix cache held.
         with prompt_rows(torch.tensor(sizes, device=self.device), torch.tensor(logit_sizes, device=self.device)):
             return self.model(torch.tensor([tokens], device=self.device),
                               torch.tensor([positions], device=self.device),

@@ -145,7 +145,7 @@ class Scheduler:
         """`n` more tokens of `seq` are in the cache: enter its newly full blocks in the prefix cache."""
         seq.num_computed += n
         self.stats.computed_tokens += n
-        if not self.prefix_caching:
+        if not self.prefix_caching or not seq.shares_cache:
             return
         full = seq.num_computed // self.block_size
         for i in range(seq.num_registered, full):

@@ -55,7 +55,8 @@ class Constraint(Protocol):
 class Sequence:
     def __init__(self, prompt: list[int], params: SamplingParams, *, index: int, max_tokens: int,
                  stop_ids: frozenset[int], block_size: int, sink: Callable[[Delta], None], device=None,
-                 score_from: int | None = None, constraint: Constraint | None = None, deadline: float | None = None):
+                 score_from: int | None = None, constraint: Constraint | None = None, deadline: float | None = None,
+                 shares_cache: bool = True):
         self.tokens = list(prompt)  # the prompt, then what was generated
         self.prompt_len = len(prompt)
         self.params, self.index, self.max_tokens, self.sink = params, index, max_tokens, sink
@@ -66,6 +67,7 @@ class Sequence:
         # The first token has nothing before it to be predicted from.
         self.score_from = None if score_from is None else max(score_from, 1)
         self.constraint, self.deadline = constraint, deadline
+        self.shares_cache = shares_cache  # False: it neither reads blocks from the prefix cache nor enters its own
         self.prompt_logprobs: list[TokenLogprob] = []  # for tokens[score_from:prompt_len], as they are computed
         self.block_size = block_size
         self.blocks: list[int] = []
@@ -103,15 +105,12 @@ class Sequence:
     def cacheable_blocks(self) -> int:
         """Full blocks that may come from the prefix cache: the last token is always computed (its logits are
         needed), and so is every token a scoring request wants the log-probability of."""
+        if not self.shares_cache:
+            return 0
         limit = len(self.tokens) - 1
         if self.score_from is not None:
             limit = min(limit, self.score_from - 1 + len(self.prompt_logprobs))
         return max(limit, 0) // self.block_size
-
-    @property
-    def prompt_rows(self) -> int:
-        """How many of the prompt's tokens it computes in all: those the prefix cache did not hold on admission."""
-        return self.prompt_len - self.cached_tokens
 
     @property
     def prompt_logit_rows(self) -> int:

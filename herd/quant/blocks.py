@@ -244,6 +244,14 @@ class BlockLinear(_Blocks):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.computed(), integer=self.integer).type_as(x)
 
+    @property
+    def short_prompt_tokens(self) -> int:
+        """A prompt of up to this many tokens computes apart from longer ones (`herd.quant.phase`): the kernel's
+        float loop, where a longer one takes a GEMM. 0 where every prompt computes one way: two int8 levels with
+        VNNI, one GEMM without the kernel."""
+        kernel = ops() if next(self.buffers()).device.type == "cpu" else None
+        return 0 if kernel is None or (self.integer and kernel.vnni) else MAX_FLOAT_LOOP_TOKENS
+
     def computed(self) -> BlockWeight | Panels:
         """The weight as the matmul reads it: its panels, packed now if they are not yet, where the kernel takes
         this layer (integer, on the CPU); else its rows."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from herd.quant.blocks import by_prompt_size, gemm, in_place_version, row_chunks
+from herd.quant.blocks import MAX_FLOAT_LOOP_TOKENS, by_prompt_size, gemm, in_place_version, row_chunks
 from herd.quant.kernel import ops
 from herd.quant.phase import marked_rows
 
@@ -87,6 +87,11 @@ class FP8Linear(nn.Module):
         else:
             out = self._expanded(flat, self.codes.float())
         return out.view(*x.shape[:-1], self.out_features).type_as(x)
+
+    @property
+    def short_prompt_tokens(self) -> int:
+        """A prompt of up to this many tokens computes apart from longer ones (as BlockLinear's)."""
+        return MAX_FLOAT_LOOP_TOKENS if _kernel(self.codes) else 0
 
     def _expanded(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x times the expanded e4m3 weight (its codes as float32, unscaled): each product exact in float32."""

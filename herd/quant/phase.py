@@ -6,11 +6,13 @@ float activations) and a generated token another (int8 activations, fast), and t
 (`herd.quant.decode`) takes a step only when all its tokens are generated ones. Without VNNI a prompt's float
 products run the kernel's loop for a short prompt and a BLAS GEMM over the expanded weight for a long one, and the
 two round differently. If either choice depended on how many tokens a forward holds, a prompt's numbers would
-depend on how it was chunked and what it was batched with (a busy engine puts many prompts' chunks in one forward,
-and a prompt's last chunk may be a few tokens). So the engine gives each row the number of rows its sequence's
-prompt sends through the layer in all (those the prefix cache did not hold; 0 for a generated token), the same for
-every row of that prompt however it is chunked or batched; the model itself stays unaware. Without a
-`prompt_rows` block the layers decide by the number of tokens alone, as if the forward were one prompt.
+depend on how it was chunked, what it was batched with and how much of it the prefix cache held (a busy engine
+puts many prompts' chunks in one forward; after a cache hit a few tokens are left to compute). So the engine gives
+each row the number of rows its sequence's whole prompt sends through the layer (0 for a generated token), the
+same for every row of that prompt however it is computed; the model itself stays unaware. Such layers say how
+short a prompt computes apart (`short_prompt_tokens`), and the engine keeps prompts that short out of the prefix
+cache, where their blocks would stand for a longer prompt's. Without a `prompt_rows` block the layers decide by
+the number of tokens alone, as if the forward were one prompt.
 """
 from __future__ import annotations
 

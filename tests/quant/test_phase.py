@@ -111,35 +111,60 @@ def test_prompt_logprobs_do_not_depend_on_chunking():
         torch.testing.assert_close(torch.tensor(chunked), torch.tensor(scores[2]), rtol=0, atol=1e-4)
 
 
+@pytest.fixture(params=["native", "without VNNI"])
+def default_model(request, monkeypatch):
+    """The default model as this CPU computes it, and as the brief's CPU class (AVX2 without VNNI) does: prompts
+    in float products there, the kernel's loop for a short one and a GEMM for a long one."""
+    if request.param == "without VNNI":
+        if kernel.ops() is None:
+            pytest.skip("herd's kernel is not built on this machine")
+        monkeypatch.setattr(kernel.ops(), "vnni", False)
+    return herd.load()
+
+
+def short_and_long_prompts(llm) -> list[list[int]]:
+    texts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hello, my name is"]
+    questions = ["hi", "Name a colour.", "What is the capital of France?",
+                 "Summarise: " + " ".join(["the licence grants everyone the freedom to share and change it"] * 6)]
+    return [llm.tokenizer.encode(t) for t in texts] + [llm.chat_prompt([{"role": "user", "content": q}])
+                                                       for q in questions]
+
+
+GREEDY_24 = SamplingParams(max_tokens=24, temperature=0)
+
+
 @pytest.mark.heavy
-def test_default_model_same_reply_cold_and_after_a_prefix_hit():
-    llm = herd.load()
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = llm.chat_prompt(question)
-    params = SamplingParams(max_tokens=16, temperature=0)
-    stats = llm.generator.scheduler.stats
-    cold = llm.generator.generate([prompt], params)[0]
-    assert stats.cached_tokens == 0
-    warm = llm.generator.generate([prompt], params)[0]
-    assert 0 < len(prompt) - stats.cached_tokens <= 8  # only a short tail of the prompt was computed again
+def test_default_model_same_reply_cold_and_after_a_prefix_hit(default_model):
+    llm = default_model
+    engine = Generator(llm.model, llm.tokenizer)  # its own cache, empty
+    prompt = llm.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    cold = engine.generate([prompt], GREEDY_24)[0]
+    assert engine.scheduler.stats.cached_tokens == 0
+    warm = engine.generate([prompt], GREEDY_24)[0]
+    assert 0 < len(prompt) - engine.scheduler.stats.cached_tokens <= 8  # a short tail was computed again
     assert "Paris" in cold.text and warm.tokens == cold.tokens
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("cpu", ["native", "without VNNI"])
-def test_default_model_answers_a_batch_of_short_prompts_as_each_alone(cpu, monkeypatch):
-    # Without VNNI, 11 of 16 such prompts (the brief's CPU class, AVX2 only) had other greedy replies in a batch
-    # than alone, and so did short chat turns after a prefix-cache hit.
-    if cpu == "without VNNI":
-        if kernel.ops() is None:
-            pytest.skip("herd's kernel is not built on this machine")
-        monkeypatch.setattr(kernel.ops(), "vnni", False)
-    llm = herd.load()
-    texts = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "My favourite food is",
-             "Hello, my name is", "The meaning of life is"]
-    prompts = [llm.tokenizer.encode(t) for t in texts] + [
-        llm.chat_prompt([{"role": "user", "content": q}]) for q in ("hi", "Name a colour.")]
+def test_default_model_answers_a_batch_as_each_alone(default_model):
+    # Without VNNI, 11 of 16 short prompts (the brief's CPU class, AVX2 only) had other greedy replies in a batch
+    # than alone: a forward's row count chose the float loop or the GEMM.
+    llm = default_model
+    prompts = short_and_long_prompts(llm)
     engine = Generator(llm.model, llm.tokenizer, config=EngineConfig(prefix_caching=False))
-    params = SamplingParams(max_tokens=24, temperature=0)
-    alone = [engine.generate([p], params)[0].tokens for p in prompts]
-    assert [out.tokens for out in engine.generate(prompts, params)] == alone
+    alone = [engine.generate([p], GREEDY_24)[0].tokens for p in prompts]
+    assert [out.tokens for out in engine.generate(prompts, GREEDY_24)] == alone
+
+
+@pytest.mark.heavy
+def test_default_model_answers_alike_before_and_after_prefix_hits(default_model):
+    # A server's prompts, batched, then the same one at a time with their blocks in the prefix cache: without VNNI
+    # 21-25 of 32 chat requests had answered alike (a hit left a few tokens, which took the float loop where the
+    # whole prompt had taken the GEMM).
+    llm = default_model
+    prompts = short_and_long_prompts(llm)
+    engine = Generator(llm.model, llm.tokenizer)
+    together = [out.tokens for out in engine.generate(prompts, GREEDY_24)]
+    cached = engine.scheduler.stats.cached_tokens
+    assert [engine.generate([p], GREEDY_24)[0].tokens for p in prompts] == together
+    assert engine.scheduler.stats.cached_tokens > cached  # the long prompts came from the cache
