@@ -92,6 +92,9 @@ class Generator:
         if self.config.kv_cache_dtype == "auto":
             dtype = cache_dtype(self.device, dtype)
         block = self.config.block_size
+        if block > mc.max_seq_len:  # a billion had asked for two blocks of 384 GB each on the default model
+            raise ValueError(f"block_size {block} exceeds the model's context of {mc.max_seq_len} tokens: use at most "
+                             f"that (16, the default, suits most uses)")
         per_block = PagedKVCache.bytes_per_token(mc, dtype) * block
         # At least one full context up to Llama 3's pretraining length (plus a block to grow into), so that a
         # sequence that long can always finish. Beyond it the memory given is what there is, and the context the

@@ -257,6 +257,12 @@ def test_engine_settings_out_of_range_are_refused_naming_the_field(fields, words
         EngineConfig(**fields)
 
 
+def test_a_block_larger_than_the_context_is_refused_naming_it(model):
+    with pytest.raises(ValueError, match=re.escape("block_size 1000000000 exceeds the model's context of 128")):
+        engine(model, block_size=10**9)
+    assert engine(model, block_size=CONFIG.max_seq_len).generate(prompts(1), SamplingParams(max_tokens=2))
+
+
 def test_speculative_settings_out_of_range_are_refused_naming_the_field():
     from herd.generate.speculative import SpeculativeConfig
 
