@@ -151,9 +151,9 @@ def eval_security(
     model: str = typer.Argument("default", help="the model to evaluate (a checkpoint, or default)"),
     prompt_guard: Path = typer.Option(..., "--prompt-guard", help="the Prompt Guard classifier the shields use"),
     code_action: str = typer.Option("block", help="what the shields do with insecure code: block or warn"),
-    code_limit: Optional[int] = typer.Option(None, help="evaluate only the first N coding requests (0: none)"),
-    injections: int = typer.Option(12, help="documents with injected instructions to try"),
-    max_tokens: int = typer.Option(200, help="the longest completion of a coding request"),
+    code_limit: Optional[int] = typer.Option(None, min=0, help="evaluate only the first N coding requests (0: none)"),
+    injections: int = typer.Option(12, min=0, help="documents with injected instructions to try"),
+    max_tokens: int = typer.Option(200, min=1, help="the longest completion of a coding request"),
     png: Optional[Path] = typer.Option(None, help="write the bar chart here"),
 ):
     """Insecure-code rate and injection success of a model, without and with the shields (CyberSecEval-style)."""

@@ -78,8 +78,8 @@ def test_eval_security_counts_only_the_cases_asked_for(prompt_guard, tmp_path):
 
 def test_eval_security_refuses_limits_it_cannot_run_before_loading_the_model(tmp_path):
     missing = str(tmp_path / "pg.npz")  # never read: each option is refused first
-    for options, words in ((["--code-limit", "-1"], ("code_limit", "-1")), (["--injections", "-3"], ("injections",)),
-                           (["--max-tokens", "0"], ("max_tokens",)),
+    for options, words in ((["--code-limit", "-1"], ("--code-limit", "greater than or equal to 0")),
+                           (["--injections", "-3"], ("--injections",)), (["--max-tokens", "0"], ("--max-tokens",)),
                            (["--code-limit", "0", "--injections", "0"], ("nothing to evaluate",))):
         result = herd_cli("eval-security", "--prompt-guard", missing, *options)
         one_line_error(result, *words)
