@@ -29,9 +29,10 @@ QK = 32  # activation block
 MAX_INTEGER_TOKENS = 8
 # Without the kernel, generated tokens take the integer path in PyTorch up to this many per forward.
 MAX_GENERATED_TOKENS = 64
-# Exact products (float activations) of up to this many rows run the kernel's float loop over the stored codes;
-# more rows amortise expanding the weights once for a BLAS GEMM. A weight-only output layer (int8-wo) of a decode
-# step of many sequences took 20-30 ms a step expanding its 49K-row table.
+# A prompt of up to this many tokens takes its exact products (float activations) in the kernel's float loop over
+# the stored codes; a longer one amortises expanding the weights once for a BLAS GEMM. Generated tokens always take
+# the loop: a weight-only output layer (int8-wo) of a decode step of 64 sequences took 27 ms there against 79 ms
+# expanding its 49K-row table for the GEMM.
 MAX_FLOAT_LOOP_TOKENS = 32
 # MKL's SGEMM rounds a row the same whatever rows share the call from 12 rows on (below, some row counts take
 # other paths): a prompt's rows are padded to this many, so that they compute alike alone and in a batch.
@@ -192,17 +193,11 @@ def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _generated(kernel, flat: torch.Tensor, w: BlockWeight | Panels, integer: bool) -> torch.Tensor:
-    if not integer:
-        return _exact(kernel, flat, w)
     if kernel:
-        return kernel.matmul_rows(flat, w, levels=1)
+        return kernel.matmul_rows(flat, w, levels=1 if integer else 0)
     # PyTorch's einsum grows with the batch: a decode step of very many sequences multiplies exactly instead.
-    return integer_matmul(flat, w) if flat.shape[0] <= MAX_GENERATED_TOKENS else flat @ w.dequantize().T
-
-
-def _exact(kernel, flat: torch.Tensor, w: BlockWeight | Panels) -> torch.Tensor:
-    if kernel and flat.shape[0] <= MAX_FLOAT_LOOP_TOKENS:
-        return kernel.matmul_rows(flat, w, levels=0)
+    if integer and flat.shape[0] <= MAX_GENERATED_TOKENS:
+        return integer_matmul(flat, w)
     return flat @ dequantize(w).T
 
 

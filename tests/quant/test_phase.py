@@ -9,7 +9,7 @@ from herd.generate import EngineConfig, Generator, SamplingParams
 from herd.model import ModelConfig, Transformer
 from herd.quant import blocks, kernel
 from herd.quant.blocks import (MAX_GENERATED_TOKENS, MAX_INTEGER_TOKENS, BlockLinear, integer_matmul, matmul,
-                               quantize_int4)
+                               quantize_int4, quantize_int8)
 from herd.quant.fp8 import FP8Linear, quantize_fp8
 from herd.quant.phase import prompt_rows
 from herd.quant.schemes import Scheme, apply_scheme
@@ -98,6 +98,23 @@ def test_a_prompt_row_computes_alike_in_any_company(layer, monkeypatch):
         assert torch.equal(rows(part, generated), alone)  # beside a step's generated tokens
     assert torch.equal(rows(slice(60, 63), short), together[60:63])  # a long prompt's tail beside a short prompt
     assert torch.equal(rows(slice(3, 8), long), together[3:8])
+
+
+@pytest.mark.parametrize("layer", ["int8-wo", "fp8"])
+def test_a_generated_token_of_a_float_activation_layer_computes_alike_in_any_batch(layer):
+    # Weight-only and fp8 layers outside the fused block (an output layer, a block with a layer kept in float): a
+    # decode step of more than 32 sequences had taken the GEMM over the expanded weight, one sequence the loop.
+    if kernel.ops() is None:
+        pytest.skip("herd's kernel is not built on this machine")
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    linear = (FP8Linear(quantize_fp8(weight)) if layer == "fp8"
+              else BlockLinear(quantize_int8(weight), integer=False))
+    x = torch.randn(40, 64)
+    with prompt_rows(torch.zeros(40, dtype=torch.long)):
+        batch = linear(x)
+    with prompt_rows(torch.zeros(1, dtype=torch.long)):
+        assert all(torch.equal(linear(x[i:i + 1]), batch[i:i + 1]) for i in range(40))
 
 
 def test_prompt_logprobs_do_not_depend_on_chunking():
