@@ -120,7 +120,10 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampled from: temperature, then top-k, then top-p, then min-p (Hugging Face's order;
     unnormalised after truncation)."""
-    logits = logits.float() / params.temperature
+    # The largest logit is taken off first: divided by a temperature near 0 (1e-38) the logits overflow to infinities
+    # whose softmax is NaN everywhere; shifted, the most likely token's is 0 whatever the temperature.
+    logits = logits.float()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -138,6 +141,7 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     top, order = probs.topk(min(256, probs.numel()))
     if top.sum() >= top_p:
         keep = top.cumsum(-1) - top < top_p  # a token goes when the mass before it already reaches top_p
+        keep[0] = True  # the most likely token always stays: a top_p of 1e-300 is 0 as float32, which kept none
         return torch.zeros_like(probs).scatter(-1, order[keep], top[keep])
     return probs.masked_fill(probs < _top_p_threshold(probs, top_p), 0.0)
 

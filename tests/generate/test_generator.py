@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 
 import herd
 from herd.generate import ContextLengthError, Generator, SamplingParams
-from herd.generate.sampling import adjust_logits, argmax, filtered_probs
+from herd.generate.sampling import adjust_logits, argmax, filtered_probs, sample
 from herd.model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
@@ -71,6 +71,20 @@ def test_truncation_keeps_the_same_tokens_as_transformers(temperature, top_k, to
         theirs = MinPLogitsWarper(min_p)(None, theirs)
     assert torch.equal(ours > 0, torch.isfinite(theirs[0]))
     torch.testing.assert_close(ours / ours.sum(), torch.softmax(theirs[0], -1), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-38, 1.0), (1e-38, 0.5), (1.0, 1e-300), (1e-45, 1e-300)])
+def test_a_vanishing_temperature_or_top_p_samples_the_most_likely_token(temperature, top_p):
+    """The limits of sampling are greedy decoding: a temperature of 1e-38 had divided the logits into infinities
+    (softmax NaN: the end of text, an empty reply), a top_p of 1e-300 (0 in float32) had kept no token."""
+    torch.manual_seed(3)
+    logits = torch.randn(5000) * 3
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=0)
+    probs = filtered_probs(logits, params)
+    assert torch.isfinite(probs).all() and int(probs.argmax()) == int(logits.argmax())
+    assert (probs > 0).sum() == 1
+    rng = params.rng(logits.device)
+    assert {sample(logits, params, rng) for _ in range(20)} == {int(logits.argmax())}
 
 
 def test_bias_and_repetition_penalty_equal_transformers_and_openai_penalties_count_the_reply():
