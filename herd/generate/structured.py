@@ -229,4 +229,6 @@ class JsonGrammars:
             # Compact JSON: a model allowed free whitespace can pad forever and never close the document.
             return self._compiler.compile_json_schema(schema_text, any_whitespace=False)
         except Exception as error:  # noqa: BLE001 - xgrammar reports a bad schema with assorted exception types
-            raise GrammarError(f"the JSON schema cannot be used: {str(error).splitlines()[0]}") from None
+            # Its messages open with a time and a source line ("[14:42:36] /project/cpp/...cc:5088: "): not the user's.
+            reason = re.sub(r"^\[[\d:.]+\] \S+:\d+: ", "", str(error).splitlines()[0])
+            raise GrammarError(f"the JSON schema cannot be used: {reason}") from None

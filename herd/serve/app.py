@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from herd.bounds import AT_LEAST_ONE, POSITIVE, require
 from herd.generate import ContextLengthError, Delta, QueueFullError, SamplingParams
@@ -116,9 +118,15 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.herd
 
 
+def route_label(scope) -> str:
+    """A request's route as its metrics count it: the route's template (/v1/models/{model_id}), never the path asked
+    for, which would make a new series of every URL a client invents."""
+    return getattr(scope.get("route"), "path", "unmatched")
+
+
 def _error_handlers(app: FastAPI) -> None:
     def answer(request: Request, error: APIError) -> JSONResponse:
-        server_state(request).metrics.requests.labels(request.url.path, str(error.status)).inc()
+        server_state(request).metrics.requests.labels(route_label(request.scope), str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)
@@ -160,7 +168,7 @@ class _InternalErrors:
                 raise
             log.exception("internal error answering %s %s", scope["method"], scope["path"])
             request = Request(scope, receive)
-            server_state(request).metrics.requests.labels(scope["path"], "500").inc()
+            server_state(request).metrics.requests.labels(route_label(scope), "500").inc()
             await JSONResponse(internal_error(error).body(), status_code=500)(scope, receive, send)
 
 
@@ -174,10 +182,14 @@ async def read_json(request: Request) -> dict[str, Any]:
     if int(request.headers.get("content-length") or 0) > limit:
         raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    except ClientDisconnect:  # gone before it finished asking: nobody to answer, nothing for the log
+        raise APIError(499, "the client closed the connection while sending the request",
+                       code="client_closed_request") from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -198,14 +210,24 @@ def validate(request: Request, model: type, data: dict[str, Any], model_id: str 
         parsed = model.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+        param = ".".join(str(p) for p in first["loc"] if _is_field(p)) or None
+        message = first["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value") from None
     if model_id is not None and getattr(parsed, model_id) != state.model_name:
         raise APIError(404, f"the model '{getattr(parsed, model_id)}' does not exist; this server has "
                             f"'{state.model_name}'", param=model_id, code="model_not_found")
     for check in state.input_checks:
         check(data)
     return parsed
+
+
+def _is_field(part: int | str) -> bool:
+    """Whether a part of a pydantic error's location names a field or an index, not the branch of a union it was
+    tried as ("str", "literal['none','auto']", "NamedToolChoice"), which means nothing to a client."""
+    return isinstance(part, int) or bool(re.fullmatch(r"[a-z_][a-z0-9_]*", part)) and part not in _TYPE_NAMES
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 async def _parse(request: Request, model: type) -> Any:
@@ -216,12 +238,12 @@ async def _parse(request: Request, model: type) -> Any:
     return parsed
 
 
-def budget(state: ServerState, prompts: list[list[int]], asked: int | None) -> int:
+def budget(state: ServerState, prompts: list[list[int]], asked: int | None, prompt_field: str = "messages") -> int:
     capacity = state.llm.generator.capacity
     longest = max(len(p) for p in prompts)
     if longest >= capacity:
         raise APIError(400, state.llm.generator.context_error(longest),
-                       param="messages", code="context_length_exceeded")
+                       param=prompt_field, code="context_length_exceeded")
     room = capacity - longest
     if asked is not None and asked > room:
         raise APIError(400, f"max_tokens is {asked} but only {room} tokens fit after the prompt "
@@ -341,11 +363,14 @@ def _finish_reason(reason: str | None) -> str:
 def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     # Token ids past the vocabulary (logit_bias) are the engine's to refuse: a 400 from Run.
     bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          top_k=max(body.top_k, 0), min_p=body.min_p, presence_penalty=body.presence_penalty,
-                          frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                          logit_bias=bias, seed=body.seed, stop=tuple(body.stop or ()), logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs)
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=max(body.top_k, 0), min_p=body.min_p, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                              logit_bias=bias, seed=body.seed, stop=tuple(body.stop or ()), logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
+    except ValueError as error:  # what the request's checks let through and the sampler's refuse: a 400 still
+        raise APIError(400, str(error), code="invalid_value") from None
 
 
 def _sse(obj: Any) -> str:
@@ -442,7 +467,7 @@ async def chat_completions(request: Request):
                     finish = "tool_calls"
             out.append({"index": i, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(tok, c["logprobs"])} if logprobs is not None else None})
-        server_state(request).metrics.requests.labels(request.url.path, "200").inc()
+        server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
         return {**head, "choices": out, "usage": run.usage(), **(shields.report() if shields else {})}
 
     head["object"] = "chat.completion.chunk"
@@ -478,7 +503,7 @@ async def chat_completions(request: Request):
                         choice["finish_reason"] = "tool_calls"
             if choice["delta"] or choice["finish_reason"] or lps:
                 yield {**head, "choices": [choice]}
-        state.metrics.requests.labels(request.url.path, "200").inc()
+        state.metrics.requests.labels(route_label(request.scope), "200").inc()
         if shields is not None and shields.report():
             yield {**head, "choices": [], **shields.report()}
         if include_usage:
@@ -489,7 +514,7 @@ async def chat_completions(request: Request):
 
 def _refused(request: Request, shields, body: ChatCompletionRequest):
     state = server_state(request)
-    state.metrics.requests.labels(request.url.path, "200").inc()
+    state.metrics.requests.labels(route_label(request.scope), "200").inc()
     usage = bool(body.stream_options and body.stream_options.include_usage)
     answer = shields.refusal(state.model_name, body.stream, usage)
     if not body.stream:
@@ -590,7 +615,7 @@ async def completions(request: Request):
     if not generating and not body.echo:
         raise APIError(400, "max_tokens 0 generates nothing: set echo (and logprobs) to score the prompt",
                        param="max_tokens", code="invalid_value")
-    max_tokens = budget(state, prompts, body.max_tokens if generating else 1)
+    max_tokens = budget(state, prompts, body.max_tokens if generating else 1, "prompt")
     echo_logprobs = body.logprobs if body.echo else None
     run = Run(state, prompts, _sampling(body, max_tokens, body.logprobs, echo_logprobs), body.n)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -611,7 +636,7 @@ async def completions(request: Request):
 
     if not body.stream:
         choices = await collect(run, request, len(prompts) * body.n)
-        state.metrics.requests.labels(request.url.path, "200").inc()
+        state.metrics.requests.labels(route_label(request.scope), "200").inc()
         out = []
         for i, c in enumerate(choices):
             echo, entries = opening(i, c["prompt_logprobs"])
@@ -634,7 +659,7 @@ async def completions(request: Request):
             if echo + text or finish or body.logprobs is not None and reply:
                 yield {**head, "choices": [{"index": d.index, "text": echo + text, "finish_reason": finish,
                                             "logprobs": logprobs if body.logprobs is not None else None}]}
-        state.metrics.requests.labels(request.url.path, "200").inc()
+        state.metrics.requests.labels(route_label(request.scope), "200").inc()
         if include_usage:
             yield {**head, "choices": [], "usage": usage()}
 

@@ -35,6 +35,7 @@ from herd.serve.app import (
     collect,
     grammar_constraints,
     read_json,
+    route_label,
     server_state,
     sse_response,
     token_text,
@@ -314,7 +315,7 @@ class _Chats:
             out.append({"completion_message": message,
                         "logprobs": _logprobs(self.llm.tokenizer, choice["logprobs"]) if self.logprobs else None,
                         "metrics": _metrics(len(prompt), len(choice["tokens"]))})
-        self.state.metrics.requests.labels(request.url.path, "200").inc()
+        self.state.metrics.requests.labels(route_label(request.scope), "200").inc()
         return out
 
     async def events(self, request: Request):
@@ -336,7 +337,7 @@ class _Chats:
                        "metrics": _metrics(seq.prompt_len, len(seq.generated))}
             elif text or logprobs:
                 yield _event("progress", {"type": "text", "text": text}, **logprobs)
-        self.state.metrics.requests.labels(request.url.path, "200").inc()
+        self.state.metrics.requests.labels(route_label(request.scope), "200").inc()
 
 
 @router.post("/inference/chat-completion")
@@ -366,7 +367,8 @@ async def _completion_run(request: Request, body: CompletionRequest | BatchCompl
                           contents: list[Content]) -> tuple[list[list[int]], Run]:
     state = server_state(request)
     prompts = [state.llm.encode(_text(content)) for content in contents]
-    max_tokens = budget(state, prompts, body.sampling_params.max_tokens or None)
+    field = "content_batch" if isinstance(body, BatchCompletionRequest) else "content"
+    max_tokens = budget(state, prompts, body.sampling_params.max_tokens or None, field)
     constraints = await grammar_constraints(state, _schema_of(body), len(prompts))
     return prompts, Run(state, prompts, _sampling(body, max_tokens), 1, constraints)
 
@@ -378,7 +380,7 @@ async def _completions(request: Request, body, prompts: list[list[int]], run: Ru
             "logprobs": _logprobs(llm.tokenizer, choice["logprobs"]) if body.logprobs else None,
             "metrics": _metrics(len(prompt), len(choice["tokens"]))}
            for prompt, choice in zip(prompts, await collect(run, request, len(prompts)))]
-    server_state(request).metrics.requests.labels(request.url.path, "200").inc()
+    server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
     return out
 
 
@@ -397,7 +399,7 @@ async def completion(request: Request):
                 yield {"delta": d.text, "stop_reason": stop,
                        "logprobs": _logprobs(llm.tokenizer, d.logprobs) if body.logprobs else None,
                        **({"metrics": _metrics(seq.prompt_len, len(seq.generated))} if stop else {})}
-        server_state(request).metrics.requests.labels(request.url.path, "200").inc()
+        server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
 
     return sse_response(events(), done=False)
 

@@ -2,6 +2,7 @@
 errors it answers with."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -60,6 +61,23 @@ class Message(StrictModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        # Without this an image part failed every branch of the union: "Input should be a valid string".
+        if isinstance(value, list):
+            kinds = {part.get("type") for part in value if isinstance(part, dict)} - {"text"}
+            if kinds:
+                raise ValueError(f"only text content parts are supported, not {', '.join(map(repr, sorted(kinds)))}")
+        return value
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Message:
+        # As OpenAI: only an assistant's turn that calls tools may leave its content out.
+        if not self.content and self.content != "" and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
         message["content"] = (self.content if isinstance(self.content, str) or self.content is None
@@ -89,9 +107,13 @@ class Tool(StrictModel):
     function: FunctionDef
 
 
+class ToolName(StrictModel):
+    name: str
+
+
 class NamedToolChoice(StrictModel):
     type: Literal["function"]
-    function: dict[str, str]
+    function: ToolName
 
 
 class JsonSchemaSpec(StrictModel):
@@ -135,7 +157,16 @@ class _Sampling(StrictModel):
         # Strict floats still take ints (temperature=1); bools are not numbers here.
         if isinstance(value, bool):
             raise ValueError("must be a number")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's 1e309 is infinite: no bound says so
+            raise ValueError("must be a finite number")
         return float(value) if isinstance(value, int) else value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _streaming(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -169,12 +200,31 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     response_format: ResponseFormat | None = None
 
-    @model_validator(mode="after")
-    def _choice_needs_tools(self):
+    # The function-calling fields OpenAI replaced by tools: refused, where ignoring them would answer without calls.
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value, info: ValidationInfo):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, value, info: ValidationInfo):
         # A call demanded with no tool to call would silently be plain text.
-        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+        if not info.data.get("tools") and value not in (None, "none", "auto"):
             raise ValueError("tool_choice 'required' or a named tool needs tools")
-        return self
+        return value
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, value, info: ValidationInfo):
+        if value is not None:
+            raise ValueError(f"{info.field_name} is deprecated and not supported: send tools and tool_choice")
+        return value
 
 
 class CompletionRequest(_Sampling):

@@ -136,9 +136,17 @@ def builtin_tool(name: str, **options) -> Tool:
 
 
 def check_parameters(name: str, parameters: dict) -> None:
-    """ValueError unless a tool's `parameters` are a JSON Schema (its arguments are validated against them)."""
+    """ValueError unless a tool's `parameters` are a JSON Schema (its arguments are validated against them) within
+    the limits a schema enforced while decoding has (a call demanded by tool_choice is)."""
     import jsonschema
 
+    from herd.generate.structured import GrammarError, check_schema_size
+
+    try:
+        # First: jsonschema's check recurses, and a schema 100 levels deep overflowed Python's stack.
+        check_schema_size(parameters)
+    except GrammarError as error:
+        raise ValueError(f"tool {name!r}'s parameter schema is too large: {error}") from None
     try:
         jsonschema.Draft202012Validator.check_schema(parameters)
     except jsonschema.SchemaError as error:

@@ -75,6 +75,13 @@ def test_a_schema_that_is_no_json_schema_is_refused(grammars, schema):
         grammars.constraint(schema)
 
 
+def test_a_schema_the_compiler_refuses_is_told_in_its_words_without_its_source_lines(grammars):
+    # xgrammar opens its messages with a time and a line of its C++ ("[14:42:36] /project/cpp/...cc:5088: ").
+    with pytest.raises(GrammarError) as refused:
+        grammars.constraint({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}})
+    assert str(refused.value) == "the JSON schema cannot be used: Cannot find field '$defs' in #/$defs/missing"
+
+
 class Colour(BaseModel):
     name: str = Field(max_length=12)
     rgb: list[Annotated[int, Field(ge=0, le=255)]] = Field(min_length=3, max_length=3)

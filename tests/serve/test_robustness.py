@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import re
+import socket
 import time
 
 import httpx
@@ -84,6 +85,20 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
     ("repetition_penalty zero", {**GOOD, "repetition_penalty": 0}, 400, "invalid_value"),
     ("tool parameters not a JSON Schema", {**GOOD, "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": 3}}}]}, 400, "invalid_value"),
+    # Each of these was a 500 (an infinite penalty the sampler refused; jsonschema's recursion) or a silent 200.
+    ("repetition_penalty infinite", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+     b'"max_tokens": 1, "repetition_penalty": 1e309}', 400, "invalid_value"),
+    ("tool parameters nested 100 deep", {**GOOD, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": functools.reduce(lambda s, _: {"type": "object", "properties": {"a": s}},
+                                                    range(100), {"type": "string"})}}]}, 400, "invalid_value"),
+    ("named tool_choice without a name", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}],
+                                          "tool_choice": {"type": "function", "function": {}}}, 400, "invalid_value"),
+    ("a user message without content", {**GOOD, "messages": [{"role": "user"}]}, 400, "invalid_value"),
+    ("a user message of no parts", {**GOOD, "messages": [{"role": "user", "content": []}]}, 400, "invalid_value"),
+    ("top_logprobs without logprobs", {**GOOD, "top_logprobs": 3}, 400, "invalid_value"),
+    ("stream_options without stream", {**GOOD, "stream_options": {"include_usage": True}}, 400, "invalid_value"),
+    ("functions, which tools replaced", {**GOOD, "functions": [{"name": "f", "parameters": {}}]}, 400,
+     "invalid_value"),
 ])
 def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, code):
     raw = request_body if isinstance(request_body, bytes) else None
@@ -107,6 +122,21 @@ def test_a_bad_field_is_named_in_its_error(tiny, field, value, names):
     assert names in answer.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("extra", "param", "words"), [
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),  # param was "", the message ": Value error, ..."
+    ({"tool_choice": "always"}, "tool_choice", "Input should be"),  # was "tool_choice.literal['none',...]"
+    ({"stop": [1]}, "stop", "valid string"),  # was "stop.str"
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content", "only text content parts are supported, not 'image_url'"),  # was "a valid string"
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, "messages", "context"),
+])
+def test_an_error_names_the_field_as_the_client_sent_it(tiny, extra, param, words):
+    answer = post(tiny, {**GOOD, **extra})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and words in error["message"] and "Value error" not in error["message"]
+
+
 @pytest.mark.parametrize(("extra", "param"), [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}},
      "response_format"),
@@ -124,6 +154,8 @@ def test_a_schema_decoding_cannot_enforce_is_a_400_naming_its_field(tiny, extra,
 def test_completions_errors_and_keys(tiny):
     assert post(tiny, {"model": NAME, "prompt": [], "max_tokens": 2}, path="/v1/completions").status_code == 400
     assert post(tiny, {"model": NAME, "prompt": [999999], "max_tokens": 2}, path="/v1/completions").status_code == 400
+    too_long = post(tiny, {"model": NAME, "prompt": LONG_PROMPT}, path="/v1/completions")
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt"  # was "messages"
     # What herd cannot do is refused, not silently ignored: Llama 3 has no fill-in-the-middle, and best_of would
     # return fewer sequences than were sampled.
     for extra in ({"suffix": "end"}, {"best_of": 3}, {"max_tokens": 0}):  # 0 only scores a prompt, with echo
@@ -185,6 +217,25 @@ def test_a_client_gone_before_a_whole_reply_frees_its_sequence_quietly(tiny, cap
     closed = [line for line in httpx.get(tiny.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
               .splitlines() if line.startswith('herd_requests_total{route="/v1/chat/completions",status="499"}')]
     assert closed and float(closed[0].split()[-1]) >= 1  # the server saw the client leave mid-reply
+
+
+def test_a_client_gone_while_sending_its_request_is_no_internal_error(tiny, caplog):
+    with socket.create_connection(("127.0.0.1", tiny.port)) as raw:  # promises 200 bytes, sends 8, leaves
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                    b"\r\nContent-Length: 200\r\n\r\n{\"model\"")
+    time.sleep(0.5)
+    assert post(tiny, GOOD).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # was a traceback, ClientDisconnect
+    assert 'status="500"' not in httpx.get(tiny.url + "/metrics").text
+
+
+def test_metrics_count_a_route_by_its_template_not_every_path_asked_for(tiny):
+    for i in range(3):
+        httpx.get(f"{tiny.url}/invented-{i}")
+        httpx.get(f"{tiny.url}/v1/models/invented-{i}", headers={"Authorization": f"Bearer {KEY}"})
+    text = httpx.get(tiny.url + "/metrics").text
+    assert "invented" not in text  # each URL had been a series of its own: memory any client could fill
+    assert 'route="unmatched",status="404"' in text and 'route="/v1/models/{model_id:path}",status="404"' in text
 
 
 def test_full_queue_answers_429_with_retry_after(tiny):
