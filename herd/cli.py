@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -300,7 +301,14 @@ def tokenize(
     _status(f"{len(ids)} tokens")
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (`kill`, `timeout`, a scheduler ending a job) unwinds as an exit, through every `finally` that removes
+    a half-written output; by default it ended the process where it stood and left them behind."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
 
     app.add_typer(data_app, name="data", help="the pretraining data pipeline")
@@ -343,6 +351,10 @@ def main() -> None:
                 print(f"herd: error: {error.format_message()}", file=sys.stderr)
             sys.exit(error.exit_code)
         if isinstance(error, (click.exceptions.Abort, typer.Abort)):
+            if isinstance(error.__context__, EOFError):  # click makes a file's EOFError an Abort, as if Ctrl-D
+                print(f"herd: error: a file ended early: it is empty or truncated ({error.__context__})",
+                      file=sys.stderr)
+                sys.exit(2)
             sys.exit(130)
         if os.environ.get("HERD_DEBUG"):
             raise

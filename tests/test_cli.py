@@ -238,3 +238,26 @@ def test_a_panic_in_a_rust_library_is_one_line(monkeypatch, capsys):
     assert exit_.value.code == 1
     assert capsys.readouterr().err.splitlines() == [
         "herd: error: range end index 2 out of range for slice of length 1 (PanicException; HERD_DEBUG=1 shows where)"]
+
+
+def test_sigterm_removes_the_half_written_output_as_ctrl_c_does(tmp_path):
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "herd.cli", "convert", "default", "out", "-f", "hf"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.iterdir()) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the conversion ended before it was stopped"
+    os.kill(process.pid, signal.SIGTERM)  # as `kill`, `timeout` or a job scheduler stop a run
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM, process.stderr.read()
+    assert not list(tmp_path.iterdir())  # had been a hidden temporary copy of the model, 500 MB, left for good
+
+
+def test_an_empty_classifier_file_is_one_line_not_a_silent_interrupt(tmp_path):
+    (tmp_path / "empty.npz").write_bytes(b"")
+    result = herd_cli("guard", "score", "hi", "--prompt-guard", str(tmp_path / "empty.npz"))
+    assert result.returncode == 2  # had been 130 and a blank line: click took the file's EOFError for Ctrl-D
+    assert_one_line_error(result, "empty.npz")

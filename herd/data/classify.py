@@ -203,8 +203,8 @@ def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tupl
             arrays = {k: z[k] for k in keys}
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{path}: not a herd {what} ({e})") from None
+    except (ValueError, KeyError, OSError, EOFError) as e:  # EOFError: an empty or cut-off file
+        raise ValueError(f"{path}: not a herd {what} ({e or 'it ends early'})") from None
     if header.get("format") != fmt:
         raise ValueError(f"{path}: unsupported {what} format {header.get('format')!r}")
     return header, arrays
