@@ -55,9 +55,15 @@ def ordered(config: object, low: str, high: str) -> None:
         raise ValueError(f"{low} ({getattr(config, low)!r}) must not exceed {high} ({getattr(config, high)!r})")
 
 
+# Far past any model trained (Llama 3.1 405B has 126 layers), short of what hangs the process that builds it: a
+# configuration of 4e9 layers had `herd info` build modules until memory ran out.
+MAX_LAYERS = 10_000
+
+
 def check_shape(config: object) -> None:
     """A ValueError naming the first of a model's shape fields out of its range: a ModelConfig's, or a training
     config's model section's, which has the same fields (kept here, since the training config imports no torch)."""
-    require(config, AT_LEAST_ONE, "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len")
+    require(config, AT_LEAST_ONE, "dim", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len")
+    require(config, Bounds(1, MAX_LAYERS), "n_layers")
     require(config, POSITIVE, "ffn_dim_multiplier", "rope_theta")
     require(config, NON_NEGATIVE, "norm_eps")

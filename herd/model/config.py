@@ -17,6 +17,11 @@ class RopeScaling:
     original_max_position: int = 8192
 
 
+# A hundred times Llama 3.1 405B: past it a configuration is a typo (an ffn_dim_multiplier of 1e30), which had reached
+# the memory allocator.
+MAX_PARAMETERS = 4e13
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 4096
@@ -44,6 +49,16 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"the head width dim / n_heads = {self.head_dim} is odd: rotary embeddings turn pairs")
+        if (size := self._size()) > MAX_PARAMETERS:
+            raise ValueError(f"the configuration describes {size:.3g} parameters, past the {MAX_PARAMETERS:.0e} herd "
+                             "can hold: check dim, vocab_size and the feed-forward width (ffn_dim_multiplier)")
+
+    def _size(self) -> float:
+        """The parameter count, in floating point: a width of 1e30 (ffn_dim_multiplier) is counted, not built."""
+        hidden = self.ffn_hidden_dim or 8 * self.dim / 3 * (self.ffn_dim_multiplier or 1)
+        attention = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.kv_heads)
+        per_layer = attention + 3 * self.dim * float(hidden) + 2 * self.dim
+        return max(self.vocab_size, 0) * self.dim * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer
 
     @property
     def kv_heads(self) -> int:

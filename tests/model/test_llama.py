@@ -1,4 +1,6 @@
 """The transformer against independent references: Hugging Face's Llama (counts, RoPE) and its own full forward."""
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -116,6 +118,11 @@ def test_explicit_positions_shift_the_rotary_phase(model):
     assert not torch.allclose(model(tokens, positions=torch.tensor([[0, 1, 2, 3, 4, 900]])), shifted, atol=1e-3)
 
 
+def test_the_size_bound_counts_parameters_as_the_model_has_them():
+    for config in CONFIGS.values():  # the bound's own count, in floating point, against the modules' (meta device)
+        assert abs(config._size() / parameter_count(config) - 1) < 0.02
+
+
 def test_tied_embeddings_share_one_tensor():
     model = Transformer(TINY.replace(tie_embeddings=True))
     assert model.output.weight is model.tok_embeddings.weight
@@ -127,7 +134,13 @@ def test_tied_embeddings_share_one_tensor():
     (dict(dim=0), "dim must be at least 1, got 0"),
     (dict(dim=12, n_heads=4, n_kv_heads=2), "dim / n_heads = 3 is odd"),
     (dict(norm_eps=float("nan")), "norm_eps must be at least 0, got nan"),
+    # Each had reached the memory allocator, or built modules until memory ran out (herd info, herd train).
+    (dict(n_layers=4_000_000_000), "n_layers must be in [1, 10000], got 4000000000"),
+    (dict(ffn_dim_multiplier=1e30), "describes 6.55e+34 parameters"),
+    (dict(ffn_dim_multiplier=1e308), "describes inf parameters"),
+    (dict(dim=1 << 30, n_heads=1 << 10, n_kv_heads=1 << 10), "(ffn_dim_multiplier)"),
 ])
 def test_impossible_shapes_are_refused_naming_the_field(changes, words):
-    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+    """Shapes no model has, or that no machine holds, each a ValueError that says which."""
+    with pytest.raises(ValueError, match=re.escape(words)):
         ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256), **changes})
