@@ -20,7 +20,7 @@ import torch
 
 from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require
 from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
-from herd.generate.sampling import SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
+from herd.generate.sampling import NaNLogits, SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from herd.generate.scheduler import Scheduler
 from herd.generate.sequence import Completion, Constraint, Delta
 from herd.generate.sequence import Sequence as _Sequence
@@ -361,7 +361,10 @@ class Generator:
         masked = adjust_logits(logits, seq.params, seq.tokens[:seq.prompt_len], seq.generated) \
             if seq.params.adjusts_logits else logits
         masked = (seq.constraint.mask(masked) if seq.constraint is not None else masked)[:self.vocab]
-        token = sample(masked, seq.params, seq.rng)
+        try:
+            token = sample(masked, seq.params, seq.rng)
+        except NaNLogits as error:
+            return -1, seq.ending("error", str(error))
         lp = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
         return token, seq.step(token, self.tokenizer.decode_bytes([token]), lp)
 

@@ -1,6 +1,7 @@
 """Sampling parameters and the choice of the next token from one sequence's logits."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -76,15 +77,29 @@ class TokenLogprob:
     top: dict[int, float] = field(default_factory=dict)  # the most likely alternatives, when asked for
 
 
+class NaNLogits(ValueError):
+    """The model computed NaN: damaged weights or an impossible configuration, not something to sample from."""
+
+    def __init__(self):
+        super().__init__("the model computed NaN logits: its weights or configuration are damaged (herd verify "
+                         "checks a checkpoint's files against their checksums)")
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator | None) -> int:
-    """The next token for one sequence from its float logits [vocab]."""
+    """The next token for one sequence from its float logits [vocab]; NaNLogits where they hold a NaN."""
     if params.greedy:
-        return argmax(logits)
-    probs = filtered_probs(logits, params)
-    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race) at a fraction of torch.multinomial's cost
-    # over a 128K vocabulary; E = -log U is cheaper to draw than exponential_().
-    race = -torch.rand(probs.shape, generator=rng, device=probs.device).log()
-    return argmax(probs / race)
+        scores = logits
+    else:
+        probs = filtered_probs(logits, params)
+        # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race) at a fraction of torch.multinomial's cost
+        # over a 128K vocabulary; E = -log U is cheaper to draw than exponential_().
+        scores = probs / -torch.rand(probs.shape, generator=rng, device=probs.device).log()
+    token = argmax(scores)
+    # argmax takes a NaN for the largest (and softmax spreads one to every token), so looking at the chosen one
+    # finds any: a damaged model had answered with whatever token 0 is, often the end of text (an empty reply).
+    if math.isnan(scores[token]):
+        raise NaNLogits()
+    return token
 
 
 def argmax(values: torch.Tensor) -> int:

@@ -250,3 +250,19 @@ def test_a_long_context_takes_the_memory_given_and_says_so():
         small.generate([[5] * 9000], GREEDY)
     assert len(small.generate([[5] * 8000], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))[0]
                .tokens) == 192  # up to what the cache holds
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_a_model_that_computes_nan_is_an_error_not_an_empty_reply(temperature):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    with torch.no_grad():
+        model.output.weight[7] = float("nan")  # damaged weights: one token's logit is NaN
+    engine = Generator(model, herd.load_tokenizer())
+    params = SamplingParams(max_tokens=4, temperature=temperature, seed=0, ignore_eos=True)
+    # argmax took the NaN for the largest logit, and sampling's softmax spread it to every token: token 0 or 7,
+    # whatever they are, often the end of text, and an empty reply with finish_reason "stop".
+    with pytest.raises(RuntimeError, match="the model computed NaN logits"):
+        engine.generate([[1, 2, 3]], params)
+    healthy = Generator(Transformer(CONFIG).eval(), herd.load_tokenizer())
+    assert len(healthy.generate([[1, 2, 3]], params)[0].tokens) == 4
