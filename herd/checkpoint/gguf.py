@@ -195,7 +195,10 @@ def _scaling_from_divisors(divisors: np.ndarray, config: ModelConfig, original: 
     smooth = (original / wavelen - bounds.low_freq_factor) / (bounds.high_freq_factor - bounds.low_freq_factor)
     # On the ramp a divisor is 1 / ((1 - smooth) / factor + smooth); past it (smooth <= 0), the factor itself.
     factor = largest if smooth <= 0 or 1 / largest <= smooth else (1 - smooth) / (1 / largest - smooth)
-    guess = RopeScaling(factor=_f32(factor), original_max_position=original)
+    try:
+        guess = RopeScaling(factor=_f32(factor), original_max_position=original)
+    except ValueError as e:  # a divisor or an original context no scaling has
+        raise CheckpointError(f"{path}: tensor {_ROPE_FREQS} is no Llama 3.1 rope scaling ({e})") from None
     if divisors.shape != (config.head_dim // 2,) or not np.allclose(
         rope_divisors(config.replace(rope_scaling=guess)), divisors, rtol=1e-5
     ):

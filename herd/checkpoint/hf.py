@@ -83,6 +83,32 @@ def _rotary_heads(name: str, config: ModelConfig) -> int | None:
 # ---------------------------------------------------------------- config.json
 
 
+def _rope(cfg: dict, where: str) -> tuple[dict, RopeScaling | None]:
+    """config.json's rotary settings (transformers 5's rope_parameters, 4's rope_scaling) and the scaling they ask."""
+    rope: dict = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{where}: config.json's {key} is a JSON {type(value).__name__}, not an object")
+        rope |= value
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return rope, None
+    if kind != "llama3":
+        raise CheckpointError(f"{where}: config.json asks for rope type {kind!r}; only 'llama3' scaling is supported")
+    try:
+        return rope, RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position=int(rope["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{where}: config.json's llama3 rope scaling lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: config.json's rope scaling is invalid ({e})") from None
+
+
 def config_from_hf(cfg: dict, where: str) -> ModelConfig:
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{where}: config.json is for a {cfg.get('model_type')!r} model; only Llama models load")
@@ -91,18 +117,7 @@ def config_from_hf(cfg: dict, where: str) -> ModelConfig:
             raise CheckpointError(f"{where}: config.json sets {flag}; Llama 3 has no biases, this model cannot load")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: config.json's hidden_act is {cfg['hidden_act']!r}; Llama uses silu")
-    rope = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
-    scaling = None
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "llama3":
-        scaling = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position=int(rope["original_max_position_embeddings"]),
-        )
-    elif kind != "default":
-        raise CheckpointError(f"{where}: config.json asks for rope type {kind!r}; only 'llama3' scaling is supported")
+    rope, scaling = _rope(cfg, where)
     try:
         config = ModelConfig(
             dim=int(cfg["hidden_size"]),

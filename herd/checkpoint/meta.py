@@ -37,6 +37,8 @@ def config_from_params(params: dict, where: str) -> ModelConfig:
         if params.get("use_scaled_rope"):
             # Meta's reference code hard-codes factor 8; a "rope_scaling" object (which we write) overrides it.
             s = params.get("rope_scaling") or {}
+            if not isinstance(s, dict):
+                raise TypeError(f"rope_scaling is a JSON {type(s).__name__}, not an object")
             scaling = RopeScaling(
                 factor=float(s.get("factor", _DEFAULT_SCALING.factor)),
                 low_freq_factor=float(s.get("low_freq_factor", _DEFAULT_SCALING.low_freq_factor)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from herd.bounds import AT_LEAST_ONE, check_shape, require
+from herd.bounds import AT_LEAST_ONE, POSITIVE, check_shape, require
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,14 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+    def __post_init__(self):
+        # The ramp divides by high - low: equal factors made every rotary frequency NaN, and so every logit.
+        require(self, POSITIVE, "factor", "low_freq_factor")
+        require(self, AT_LEAST_ONE, "original_max_position")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"rope scaling's high_freq_factor ({self.high_freq_factor}) must exceed its "
+                             f"low_freq_factor ({self.low_freq_factor})")
 
 
 # A hundred times Llama 3.1 405B: past it a configuration is a typo (an ffn_dim_multiplier of 1e30), which had reached
