@@ -57,6 +57,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` (default_device() where None), or a ValueError naming it where this machine has no such device: torch
+    had answered a typo with its list of forty device types, and cuda without a GPU with "Torch not compiled with
+    CUDA enabled" once the model was read."""
+    if device is None:
+        return default_device()
+    use = "use cpu" + (" or cuda" if torch.cuda.is_available() else "")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{str(device)!r} is no device (cpu, cuda, cuda:1, mps, ...); {use}") from None
+    if resolved.type == "meta":
+        raise ValueError(f"the meta device holds shapes, not numbers: a model cannot run on it; {use}")
+    try:
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as error:  # AssertionError: a build without CUDA asked for it
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"device {str(device)!r} is not available here ({reason}); {use}") from None
+    return resolved
+
+
 class LLM:
     """A loaded model with its tokenizer and chat format; every generation goes through one `Generator`."""
 
@@ -174,10 +195,11 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     from herd.quant.load import build_quantized
     from herd.tokenizer import chat_format_for
 
+    device = resolve_device(device)
     path = resolve_model_path(path_or_name)
     ckpt = load_checkpoint(path, dtype=dtype)
     tokenizer = checkpoint_tokenizer(ckpt)
-    model = build_quantized(ckpt, quantize, device or default_device(), tokenizer, dtype=dtype).eval()
+    model = build_quantized(ckpt, quantize, device, tokenizer, dtype=dtype).eval()
     return LLM(model, tokenizer, chat_format_for(tokenizer), name=ckpt.meta.get("name") or path.name, engine=engine)
 
 

@@ -75,3 +75,20 @@ def test_wrong_argument_types_are_named():
             llm.generate("Hello", **{field: value})
     # numpy's scalars are numbers too
     assert len(llm.generate("Hello", max_tokens=np.int64(3), temperature=np.float32(0), ignore_eos=True).tokens) == 3
+
+
+def test_a_device_this_machine_lacks_is_named_before_the_model_is_read(monkeypatch):
+    import pytest
+
+    import herd.checkpoint
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the device was checked")
+
+    monkeypatch.setattr(herd.checkpoint, "load_checkpoint", unread)
+    # torch had answered with its list of forty device types, and cuda without one with an AssertionError
+    for device, words in (("bogus", "'bogus' is no device"), ("meta", "meta device holds shapes"),
+                          *([] if torch.cuda.is_available() else [("cuda", "device 'cuda' is not available here")])):
+        with pytest.raises(ValueError, match=words) as refused:
+            herd.load(device=device)
+        assert "use cpu" in str(refused.value) and "\n" not in str(refused.value)
