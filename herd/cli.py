@@ -183,7 +183,7 @@ def generate(
     repetition_penalty: float = RepetitionOpt,
     seed: Optional[int] = typer.Option(None),
     stop: Optional[list[str]] = typer.Option(None, help="a stop string (repeatable)"),
-    logprobs: Optional[int] = typer.Option(None, help="print JSON with each token's log-probability and N "
+    logprobs: Optional[int] = typer.Option(None, min=0, help="print JSON with each token's log-probability and N "
                                            "alternatives"),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None),

@@ -51,9 +51,11 @@ def test_prompt_longer_than_the_context_is_refused():
 
 
 def test_bad_sampling_options_fail_before_the_model_loads():
-    for args in (["--repetition-penalty", "0"], ["--min-p", "1.5"], ["--top-p", "0"]):
+    # --seed had been "Overflow when unpacking long long" once the model was read, --logprobs -1 refused only then
+    for args in (["--repetition-penalty", "0"], ["--min-p", "1.5"], ["--top-p", "0"], ["--seed", str(1 << 64)],
+                 ["--logprobs", "-1"]):
         result = herd_cli("generate", "hi", *args)
-        assert_one_line_error(result, args[0][2:].replace("-", "_"))
+        assert_one_line_error(result, args[0][2:].replace("-", "_") if args[0] != "--logprobs" else "--logprobs")
         assert "loaded" not in result.stderr
 
 

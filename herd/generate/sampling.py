@@ -48,6 +48,8 @@ class SamplingParams:
         require(self, FRACTION, "min_p")
         require(self, POSITIVE, "repetition_penalty")
         require(self, FINITE, "presence_penalty", "frequency_penalty")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:  # torch.Generator's range
+            raise ValueError(f"seed must be from -2**63 to 2**64 - 1, got {self.seed}")
         if isinstance(self.logit_bias, dict):
             object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         if isinstance(self.stop, str):
