@@ -249,6 +249,9 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
                 continue
             part = handle.get_slice(name)
             heads, stored = _rotary_heads(target, config), SAFETENSORS_DTYPES.get(part.get_dtype())
+            if stored is None or not stored.is_floating_point:  # integers would load as numbers nobody trained
+                raise CheckpointError(f"{path}: tensor {name} is stored as {part.get_dtype()}, not as floating point; "
+                                      "the file is damaged or not a Llama checkpoint")
             scale = f"{name}_scale" if fp8 and stored == torch.float8_e4m3fn else None
             if scale is not None and scale not in files:
                 raise CheckpointError(f"{path}: {name} is FP8 but {scale} is missing; download every shard")

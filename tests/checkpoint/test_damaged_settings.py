@@ -1,5 +1,6 @@
-"""A checkpoint's rotary scaling settings, damaged, are one CheckpointError naming the file and the setting: they had
-been a bare KeyError ('low_freq_factor'), a TypeError, or a model whose every logit was NaN."""
+"""A checkpoint's settings, damaged, are one CheckpointError naming the file and the setting: rotary scaling's had
+been a bare KeyError ('low_freq_factor'), a TypeError, or a model whose every logit was NaN; a tensor's dtype had
+loaded integers as weights."""
 from __future__ import annotations
 
 import json
@@ -39,3 +40,18 @@ def test_damaged_rope_scaling_in_params_json(make_hf, tmp_path, rope_scaling, wo
     with pytest.raises(CheckpointError) as refused:
         load_checkpoint(meta)
     assert "params.json" in str(refused.value) and words in str(refused.value), refused.value
+
+
+def test_a_weight_stored_as_integers_is_refused(make_hf):
+    """safetensors' header names each tensor's dtype: one changed to I32 had loaded, and the model answered."""
+    _, hf = make_hf()
+    path = hf / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    name = "model.layers.0.mlp.up_proj.weight"
+    header[name]["dtype"] = "I32"  # F32 and I32 have the same width: the file stays whole
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + size:]))
+    with pytest.raises(CheckpointError, match=f"tensor {name} is stored as I32, not as floating point"):
+        load_checkpoint(hf)
