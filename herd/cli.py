@@ -90,6 +90,7 @@ def chat(
     agent = make_agent(llm, tools, **sampling) if tools else None
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
+    refused = False
     if interactive:
         _status(f"type a message; {CHAT_COMMANDS}; Ctrl-D quits")
     while (message := _read_message(interactive)) is not None:
@@ -113,9 +114,12 @@ def chat(
         except ContextLengthError as error:
             _status(f"herd: error: {error} (or /reset the conversation)")
             history.pop()
+            refused = True
             continue
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
+    if refused and not interactive:  # a script piping messages in learns that one went unanswered
+        raise typer.Exit(2)
 
 
 CHAT_COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt, /exit quits"

@@ -263,3 +263,10 @@ def test_an_empty_classifier_file_is_one_line_not_a_silent_interrupt(tmp_path):
     result = herd_cli("guard", "score", "hi", "--prompt-guard", str(tmp_path / "empty.npz"))
     assert result.returncode == 2  # had been 130 and a blank line: click took the file's EOFError for Ctrl-D
     assert_one_line_error(result, "empty.npz")
+
+
+@pytest.mark.heavy
+def test_a_piped_chat_with_a_message_over_the_context_exits_non_zero():
+    result = herd_cli("chat", "--max-tokens", "2", stdin="Hi\n" + "Paris " * 9000 + "\n")
+    assert result.returncode == 2  # had been 0: a script could not tell that a message went unanswered
+    assert "herd: error:" in result.stderr and "8192" in result.stderr
