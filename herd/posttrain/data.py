@@ -50,8 +50,10 @@ class PreferenceExample:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, row) for every non-blank line; `where` is "FILE:LINE", for errors."""
+    """(where, row) for every non-blank line; `where` is "FILE:LINE", for errors. A file of no rows is a DataError
+    naming it: an empty training set had been "no training examples", which file left unsaid."""
     path = Path(path)
+    rows = 0
     try:
         lines = path.open("rb")
     except OSError as error:
@@ -72,7 +74,10 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); one object a line")
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            rows += 1
             yield where, row
+    if not rows:
+        raise DataError(f"{path}: holds no rows (it is empty or blank); give a JSONL file, one JSON object a line")
 
 
 class DialogEncoder:
