@@ -3,7 +3,11 @@ any other new file gets."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +19,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def temporary_path(path: Path, kind: str = "tmp") -> Path:
+    """Where this process writes `path` (kind "tmp") or sets the old `path` aside ("old"): `.NAME.KIND-PID` beside
+    it, a name by which the next run to `path` knows what a killed run left there (see prepare_output)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it becomes `path` only if the block finishes.
@@ -23,12 +33,110 @@ def atomic_output(path: Path) -> Iterator[Path]:
     trust every file it finds.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield an empty directory beside `path`; it replaces `path` (a directory, or nothing) only if the block
+    finishes, and an old `path` is removed only once the new one is in place. Whether `path` may be replaced is for
+    the caller to decide, before the work."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a run killed under this process id (PIDs repeat in containers)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_directory(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_directory(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`, an existing `path` set aside first and put back if that fails, even on an interrupt:
+    a set-aside copy left behind would be taken for a killed run's and removed by the next run."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = temporary_path(path, "old")
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_output(path: str | Path, kind: str, option: str) -> Path:
+    """`path` as it will be written ("." and ".." resolved to real names, which a rename needs), once it is clear
+    that a `kind` ("file" or "directory") can be written there, with what runs to it that were killed left beside
+    it removed. Refused in one line naming `path` and what to give `option` instead, before the work: such a
+    failure after an hour's work, or naming a temporary file, helps no one."""
+    path = Path(path)
+    if path.name in ("", ".."):
+        path = path.resolve()
+
+    def refuse(reason: str) -> OSError:
+        return OSError(f"cannot write {path}: {reason}; give {option} a {kind} you can write to")
+
+    if not path.name:
+        raise refuse("it is the root directory")
+    if kind == "file" and path.is_dir():
+        raise refuse(os.strerror(errno.EISDIR))
+    if kind == "directory" and path.exists() and not path.is_dir():
+        raise refuse(os.strerror(errno.ENOTDIR))
+    nearest = next(parent for parent in path.absolute().parents if parent.exists())
+    try:  # a file made and removed tells what permissions do not (root passes them; /proc refuses even root)
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=nearest)
+    except OSError as error:
+        raise refuse(error.strerror or type(error).__name__) from None
+    os.close(handle)
+    os.unlink(probe)
+    _remove_stale(path)
+    return path
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary and set-aside copies of `path` (temporary_path) whose process is gone: SIGKILL, a
+    power cut or a container stopped leave them behind, as large as the output (a 514 MB model)."""
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d{{1,7}})")  # PIDs stay under 2**22
+    for entry in path.parent.iterdir():
+        found = pattern.fullmatch(entry.name)
+        if found and not _alive(int(found.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process `pid` runs; this one's own leftovers are from a killed run under a repeated PID."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process killed with the parent that would reap it (`timeout -s KILL` ends both) stays a zombie, whom
+    os.kill still finds, until init reaps it: seconds, in a container."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[:1] == [b"Z"]
+    except OSError:
+        return False
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

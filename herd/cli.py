@@ -216,7 +216,7 @@ def convert(
     out: Path = typer.Argument(..., help="where to write the converted checkpoint"),
     format: str = typer.Option(..., "--format", "-f", help="meta, hf or gguf"),
     gguf_type: str = typer.Option("F16", help="GGUF tensor type: F32, F16, BF16, Q8_0, ..."),
-    shards: int = typer.Option(1, help="Meta format: model-parallel shards to write"),
+    shards: int = typer.Option(1, min=1, help="Meta format: model-parallel shards to write"),
 ):
     """Convert a checkpoint to another format (written to a temporary path, then renamed)."""
     from herd.checkpoint import convert as convert_checkpoint

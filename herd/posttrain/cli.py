@@ -51,6 +51,10 @@ def sample_cmd(
         raise typer.BadParameter("give exactly one scorer: --verifier or --reward-model")
     if k < 1 or pairs_per_prompt < 1:
         raise typer.BadParameter("--k and --pairs-per-prompt must be at least 1")
+    from herd.atomic import prepare_output
+
+    out = prepare_output(out, "file", "--out")  # before the sampling, which an unwritable path would waste
+    pairs = None if pairs is None else prepare_output(pairs, "file", "--pairs")
     from herd.posttrain.verify import NEEDS, load_verifier
 
     rows = rejection.read_prompts(prompts, NEEDS.get(verifier))

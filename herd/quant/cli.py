@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,10 +26,12 @@ def quantize(
     import torch
 
     import herd
+    from herd.atomic import atomic_directory
     from herd.checkpoint.base import Checkpoint
-    from herd.checkpoint.convert import _replace_dir
+    from herd.checkpoint.convert import check_output
     from herd.checkpoint.hf import hf_config
     from herd.checkpoint.vocab import write_tokenizer
+    from herd.llm import resolve_model_path
     from herd.quant.schemes import Calibration, Scheme
     from herd.quant.store import FILE, save_quantized
 
@@ -45,21 +45,12 @@ def quantize(
     tokens = {"tokens": calibration_tokens} if calibration_tokens else {}
     parsed = dataclasses.replace(parsed, calibration=Calibration(tuple(map(str, calibration or ())), **tokens))
     started = time.perf_counter()
-    # Written beside `out` under a temporary name and renamed at the end: an interruption leaves no half a model.
-    # Made before the model loads, so that an unwritable --out fails at once.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as error:
-        raise OSError(f"cannot write {out}: {error.strerror}; give --out a directory you can write to") from None
-    try:
-        llm = herd.load(None if model == "default" else model, quantize=parsed, device="cpu")
+    model = None if model == "default" else model
+    out = check_output(out, "hf", resolve_model_path(model), "--out")
+    with atomic_directory(out) as tmp:  # an interruption leaves no half a model
+        llm = herd.load(model, quantize=parsed, device="cpu")
         save_quantized(llm.model, parsed.to_dict(), tmp / FILE)
         config = hf_config(llm.model.config, torch.float32, llm.tokenizer)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_tokenizer(Checkpoint(llm.model.config, {}, tokenizer=llm.tokenizer), tmp, "hf")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out} ({parsed.name}) in {time.perf_counter() - started:.1f}s", file=sys.stderr)

@@ -1,6 +1,7 @@
 """A quantized model on disk: a Hugging Face directory (config.json, tokenizer) whose weights are one
-`quantized.safetensors` of codes and scales, with the scheme, every quantized module and a SHA-256 per tensor in
-its metadata. herd.load computes on it as stored; `herd convert` expands it back to float weights.
+`quantized.safetensors` of codes and scales, with the scheme, every quantized module, a SHA-256 per tensor and one
+of all that (version 2) in its metadata. herd.load computes on it as stored; `herd convert` expands it back to float
+weights.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from herd.quant.fp8 import FP8Linear, FP8Weight, dequantize_fp8
 
 FILE = "quantized.safetensors"
 KEY = "herd.quantization"
+# 2: a SHA-256 of the header itself ("header_sha256") beside the tensors' (version 1, unnumbered, had only those), so
+# that a changed scheme or module, which computes garbage without an error, fails the check as a changed tensor does.
+VERSION = 2
+KINDS = ("gguf", "int8", "int8-wo", "int4", "fp8")
 
 
 def _hashed(items: Iterable[tuple[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -58,7 +63,8 @@ def save_quantized(model, scheme_dict: dict, path: Path) -> None:
         if not (tied and name == "output.weight"):
             tensors[name] = param.detach()
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    header = {"scheme": scheme_dict, "modules": modules, "sha256": _hashed(tensors.items())[1]}
+    header = {"version": VERSION, "scheme": scheme_dict, "modules": modules, "sha256": _hashed(tensors.items())[1]}
+    header["header_sha256"] = _header_digest(header)
     save_safetensors(tensors, path, metadata={"format": "pt", KEY: json.dumps(header)})
 
 
@@ -70,6 +76,7 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
         # file stayed resident beside them (an 8B-shaped int8 model: 13.5 GB after its first tokens, 9.0 read).
         with safe_open(str(path), framework="pt", device="cpu", backend="pread") as f:
             header = json.loads(f.metadata()[KEY])
+            _check_header(path, header, {name: f.get_slice(name).get_shape() for name in f.keys()})
             _check_fits(path, f, header, dtype)
             tensors, digests = _hashed((name, f.get_tensor(name)) for name in f.keys())
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
@@ -77,7 +84,7 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
             f"{path}: not a readable herd quantized file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             "it is truncated or damaged: quantize the model again"
         ) from None
-    sums = header.get("sha256", {})
+    sums = header["sha256"]
     for name, digest in digests.items():
         if sums.get(name) != digest:
             raise CheckpointError(f"{path}: tensor {name} fails its SHA-256 check; the file was modified or damaged: "
@@ -97,6 +104,62 @@ def load_quantized(path: Path, dtype: torch.dtype | None) -> tuple[LazyStateDict
         entries[name] = LazyTensor((module.out_features, module.in_features) if hasattr(module, "in_features")
                                    else (module.num_embeddings, module.embedding_dim), _expand(module))
     return LazyStateDict(entries), modules, header["scheme"]
+
+
+def _header_digest(header: dict) -> str:
+    """The SHA-256 of all the header records but this digest, as canonical JSON."""
+    recorded = {key: value for key, value in header.items() if key != "header_sha256"}
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_header(path: Path, header, shapes: dict[str, list[int]]) -> None:
+    """Refuse, naming the field, a header herd cannot have written: a wrong group or bit width computes garbage
+    without an error, and a wrong type had failed as some Python error naming no file."""
+    def damaged(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {KEY} {field} {problem}; the file was modified or damaged: quantize the "
+                               "model again")
+
+    if not isinstance(header, dict):
+        raise damaged("metadata", f"is {_shown(header)}, not an object")
+    version = header.get("version", 1)
+    if version not in (1, VERSION):
+        raise damaged("version", f"is {_shown(version)}, not 1 or {VERSION}")
+    for field in ("scheme", "modules", "sha256"):
+        if not isinstance(header.get(field), dict):
+            raise damaged(field, f"is {_shown(header.get(field))}, not an object")
+    if header["scheme"].get("kind") not in KINDS:
+        raise damaged("scheme.kind", f"is {_shown(header['scheme'].get('kind'))}, not one of {', '.join(KINDS)}")
+    for name, spec in header["modules"].items():
+        _check_module(f"modules.{name}", name, spec, shapes, damaged)
+    if version == VERSION and header.get("header_sha256") != _header_digest(header):
+        raise damaged("header_sha256", "does not match the header")
+
+
+def _check_module(field: str, name: str, spec, shapes: dict[str, list[int]], damaged) -> None:
+    """One quantized module's record against its tensors: blocks of `group` codes of `bits` along every row."""
+    if not isinstance(spec, dict):
+        raise damaged(field, f"is {_shown(spec)}, not an object")
+    if spec.get("type") not in ("linear", "embedding", "fp8"):
+        raise damaged(f"{field}.type", f"is {_shown(spec.get('type'))}, not linear, embedding or fp8")
+    if len(shapes.get(f"{name}.codes", ())) != 2 or f"{name}.scales" not in shapes:
+        raise damaged(field, f"has no {name}.codes of rows by columns or no {name}.scales")
+    if spec["type"] == "fp8":
+        return
+    bits, group = spec.get("bits"), spec.get("group")
+    if type(bits) is not int or bits not in (4, 8):
+        raise damaged(f"{field}.bits", f"is {_shown(bits)}, not 4 or 8")
+    if type(spec.get("integer")) is not bool:
+        raise damaged(f"{field}.integer", f"is {_shown(spec.get('integer'))}, not true or false")
+    rows, width = shapes[f"{name}.codes"][0], shapes[f"{name}.codes"][-1] * (2 if bits == 4 else 1)
+    if type(group) is not int or group < 1 or width % group:
+        raise damaged(f"{field}.group", f"is {_shown(group)}, which does not divide the width {width}")
+    if shapes[f"{name}.scales"] != [rows, width // group]:
+        raise damaged(f"{field}.group", f"is {group}, but {name}.scales has shape {shapes[f'{name}.scales']}, "
+                                        f"not {[rows, width // group]}")
+
+
+def _shown(value) -> str:
+    return "missing" if value is None else json.dumps(value)[:60]
 
 
 def _check_fits(path: Path, f, header: dict, dtype: torch.dtype | None) -> None:

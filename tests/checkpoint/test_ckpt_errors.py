@@ -114,7 +114,7 @@ def test_json_files_that_are_no_utf8_or_no_object(make_hf, tmp_path):
 @pytest.mark.parametrize("fmt, file, key, value, field", [
     ("meta", "params.json", "n_heads", 0, "n_heads must be at least 1, got 0"),  # was a ZeroDivisionError
     ("meta", "params.json", "dim", -64, "dim must be at least 1, got -64"),
-    ("hf", "config.json", "num_hidden_layers", 0, "n_layers must be at least 1, got 0"),
+    ("hf", "config.json", "num_hidden_layers", 0, "n_layers must be in [1, 10000], got 0"),
     ("hf", "config.json", "rope_theta", -1.0, "rope_theta must be above 0, got -1.0"),
 ])
 def test_sizes_out_of_range_name_the_file_and_field(make_hf, tmp_path, fmt, file, key, value, field):

@@ -150,3 +150,97 @@ def test_membership_and_shapes_read_no_tensor():
     assert state["w"].shape == (2, 3) and reads == ["w"]
     del state["w"]
     assert "w" not in state and reads == ["w"]
+
+
+def no_work(monkeypatch):
+    """Make every writer fail the test: a refusal must come before any tensor is written."""
+    for writer in ("herd.checkpoint.hf.save_hf", "herd.checkpoint.meta.save_meta", "herd.checkpoint.gguf.save_gguf"):
+        monkeypatch.setattr(writer, lambda *args, **kwargs: pytest.fail("the work began before the refusal"))
+
+
+def test_an_output_holding_other_files_or_the_source_is_refused_and_kept(make_hf, tmp_path, monkeypatch):
+    from herd.checkpoint import CheckpointError
+
+    _, source = make_hf()
+    src = convert(source, tmp_path / "outer" / "src", "meta")
+    files = {path.name: path.read_bytes() for path in src.iterdir()}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep")
+    (tmp_path / "only-config").mkdir()
+    (tmp_path / "only-config" / "config.json").write_text("{}")  # an app's config, not a checkpoint
+    (tmp_path / "notes.txt").write_text("keep")
+    no_work(monkeypatch)
+    for fmt in ("hf", "meta"):
+        with pytest.raises(CheckpointError, match=f"^{mine}: exists and holds important.txt, which is no checkpoint"):
+            convert(source, mine, fmt)
+    with pytest.raises(CheckpointError, match="only-config: exists and holds no checkpoint .* give a path that"):
+        convert(source, tmp_path / "only-config", "hf")
+    with pytest.raises(CheckpointError, match="notes.txt: exists and is no GGUF file"):
+        convert(source, tmp_path / "notes.txt", "gguf")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'outer'}: is or holds the checkpoint being read"):
+        convert(src, tmp_path / "outer", "meta")
+    with pytest.raises(CheckpointError, match="src/x: lies inside the checkpoint being read"):
+        convert(src, src / "x", "hf")
+    with pytest.raises(CheckpointError, match="is or holds the checkpoint being read"):
+        convert(src, src, "hf")
+    assert (mine / "important.txt").read_text() == (tmp_path / "notes.txt").read_text() == "keep"
+    assert {path.name: path.read_bytes() for path in src.iterdir()} == files
+    monkeypatch.undo()
+    assert convert(source, src, "hf") == src  # a checkpoint that is not the one read is replaced
+
+
+def test_meta_shards_below_one_are_refused_by_name(make_hf, tmp_path):
+    from herd.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="^shards must be at least 1 .*, not 0$"):
+        convert(make_hf()[1], tmp_path / "meta", "meta", shards=0)
+    assert list(tmp_path.glob("*meta*")) == list(tmp_path.glob(".*")) == []
+
+
+def test_unwritable_outputs_are_named_with_the_remedy_before_any_work(make_hf, tmp_path, monkeypatch):
+    _, source = make_hf()
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-dir").mkdir()
+    no_work(monkeypatch)
+    for out, fmt, error in (("/proc/x", "hf", "No such file or directory; give OUT a directory"),
+                            (tmp_path / "a-file" / "m", "meta", "Not a directory; give OUT a directory"),
+                            (tmp_path / "a-file", "hf", "Not a directory; give OUT a directory"),
+                            (tmp_path / "a-dir", "gguf", "Is a directory; give OUT a file")):
+        with pytest.raises(OSError) as raised:
+            convert(source, out, fmt)
+        assert str(raised.value) == f"cannot write {out}: {error} you can write to"
+    monkeypatch.undo()
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert convert(source, ".", "hf") == here  # a real name, which the rename needs ("." has none)
+    assert (here / "model.safetensors").is_file()
+
+
+def test_interrupted_saves_and_killed_ones_leave_nothing_behind(make_hf, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    _, source = make_hf()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for leftover in (".out.tmp", ".out.old", ".m.gguf.tmp"):  # what a run killed by SIGKILL leaves
+        (tmp_path / f"{leftover}-{gone.pid}").mkdir()
+        (tmp_path / f"{leftover}-{gone.pid}" / "model.safetensors").write_bytes(b"half")
+    running = tmp_path / f".out.tmp-{os.getppid()}"  # another run's, under way
+    running.mkdir()
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as SIGINT, and SIGTERM through herd's handler (SystemExit), unwind
+
+    def ended(*args, **kwargs):
+        raise SystemExit(143)
+
+    monkeypatch.setattr("herd.checkpoint.hf.save_hf", interrupted)
+    monkeypatch.setattr("herd.checkpoint.gguf.save_gguf", ended)
+    with pytest.raises(KeyboardInterrupt):
+        convert(source, tmp_path / "out", "hf")
+    with pytest.raises(SystemExit):
+        convert(source, tmp_path / "m.gguf", "gguf")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [running.name]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.gguf").exists()

@@ -62,6 +62,30 @@ def test_verifiers():
         load_verifier("nonsense")
 
 
+@pytest.mark.parametrize("option", ["--out", "--pairs"])
+def test_sample_refuses_an_unwritable_output_before_sampling(tmp_path, monkeypatch, option):
+    import typer
+    from typer.testing import CliRunner
+
+    import herd.cli
+    from herd.posttrain.cli import sample_cmd
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "answer": 1}\n')
+    monkeypatch.setattr(herd.cli, "_load", lambda *args: pytest.fail("the model loaded before the refusal"))
+    app = typer.Typer()
+    app.command()(sample_cmd)
+    monkeypatch.chdir(tmp_path)
+    for out, error in (("/proc/x.jsonl", "No such file or directory"), (".", "Is a directory")):
+        outputs = {"--out": out} if option == "--out" else {"--out": "best.jsonl", "--pairs": out}
+        result = CliRunner().invoke(app, ["default", str(prompts), "--verifier", "answer",
+                                          *[word for item in outputs.items() for word in item]])
+        shown = tmp_path if out == "." else out
+        assert isinstance(result.exception, OSError), result.output
+        assert str(result.exception) == f"cannot write {shown}: {error}; give {option} a file you can write to"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
 @pytest.mark.heavy
 def test_sample_refuses_a_malformed_prompt_file_in_one_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"

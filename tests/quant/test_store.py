@@ -335,3 +335,96 @@ def test_a_gguf_is_sized_as_herd_holds_it_and_refused_when_it_cannot_fit(monkeyp
     monkeypatch.setattr(load, "available_memory", lambda: need // 2)
     with pytest.raises(MemoryError, match=r"needs 0\.1 GB of memory as gguf but 0\.\d GB are available: "):
         herd.load()
+
+
+@pytest.fixture(scope="module")
+def quantized_file(tmp_path_factory):
+    """An int8 file as `herd quantize` writes it, of a small model (vocabulary 256: fast to write and read)."""
+    from herd.quant.store import save_quantized
+
+    torch.manual_seed(0)
+    config = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_hidden_dim=128)
+    path = tmp_path_factory.mktemp("q") / FILE
+    save_quantized(apply_scheme(Transformer(config), Scheme.parse("int8")), Scheme.parse("int8").to_dict(), path)
+    return path
+
+
+def rewritten(path, tmp_path, change):
+    """A copy of the quantized file at `path` whose header `change(header)` has edited, as by hand."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from herd.quant.store import KEY
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    header = json.loads(metadata[KEY])
+    header = change(header) or header
+    out = tmp_path / FILE
+    save_file(load_file(path), str(out), metadata=metadata | {KEY: json.dumps(header)})
+    return out
+
+
+def every_module(field, value):
+    def change(header):
+        for spec in header["modules"].values():
+            spec[field] = value
+    return change
+
+
+@pytest.mark.parametrize("change,error", [
+    (every_module("group", 7), "modules.tok_embeddings.group is 7, which does not divide the width 64"),
+    (every_module("group", 64), r"modules.tok_embeddings.group is 64, but .*scales has shape \[256, 2\]"),
+    (every_module("bits", 3), "modules.tok_embeddings.bits is 3, not 4 or 8"),
+    (every_module("integer", "yes"), 'modules.tok_embeddings.integer is "yes", not true or false'),
+    (lambda header: header["scheme"].update(kind="bogus"), 'scheme.kind is "bogus", not one of gguf, int8'),
+    (lambda header: header | {"modules": "wq"}, 'modules is "wq", not an object'),
+    (lambda header: header | {"scheme": "int8"}, 'scheme is "int8", not an object'),
+    (lambda header: header | {"version": 3}, "version is 3, not 1 or 2"),
+    (every_module("integer", False), "header_sha256 does not match the header"),  # valid, but not what was written
+], ids=["group", "group-shape", "bits", "integer", "kind", "modules", "scheme", "version", "digest"])
+def test_a_changed_header_is_refused_naming_the_file_and_field(quantized_file, tmp_path, change, error):
+    """The tensors' checksums do not cover the header: a changed group or bit width had loaded, verified and
+    generated garbage; a changed type failed as an AttributeError naming no file."""
+    from herd.quant.store import load_quantized
+
+    changed = rewritten(quantized_file, tmp_path, change)
+    with pytest.raises(CheckpointError, match=f"^{changed}: herd.quantization {error}.*; the file was modified or "
+                                              "damaged: quantize the model again$"):
+        load_quantized(changed, None)
+
+
+def test_files_from_before_the_header_digest_still_load_and_are_checked(quantized_file, tmp_path):
+    from herd.quant.store import load_quantized
+
+    def version_1(header):
+        return {key: value for key, value in header.items() if key not in ("version", "header_sha256")}
+
+    state, modules, scheme = load_quantized(rewritten(quantized_file, tmp_path, version_1), None)
+    assert scheme["kind"] == "int8" and len(modules) == 9  # seven layers, the output and the table
+    with pytest.raises(CheckpointError, match="group is 7"):
+        load_quantized(rewritten(quantized_file, tmp_path, lambda h: every_module("group", 7)(h) or version_1(h)),
+                       None)
+
+
+def test_an_out_that_is_no_checkpoint_or_the_source_is_refused_before_any_work(float_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from herd.quant.cli import quantize
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("keep")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f".mine.tmp-{gone.pid}").mkdir()  # what a quantize killed by SIGKILL leaves
+    monkeypatch.setattr(herd, "load", lambda *args, **kwargs: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.chdir(mine)
+    for out, error in ((mine, f"{mine}: exists and holds keep.txt, which is no checkpoint file"),
+                       (Path("."), f"{mine}: exists and holds keep.txt"),  # "." by its real name, which renames need
+                       (float_dir.parent, f"{float_dir.parent}: is or holds the checkpoint being read")):
+        with pytest.raises(CheckpointError, match=f"^{error}"):
+            quantize(str(float_dir), "int8", out, None, None, None)
+    assert (mine / "keep.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
