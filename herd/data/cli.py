@@ -39,6 +39,17 @@ def _one_line_errors(fn):
     return wrapper
 
 
+def _make_out(out: Path) -> None:
+    """--out made where it is missing; one line naming it where it cannot be (a virtual or read-only file system, a
+    file of that name), which had read "not found: OUT"."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"--out {out} cannot be made ({e.strerror or e}); give a directory you can write to")
+    if not os.access(out, os.W_OK):
+        _fail(f"--out {out} is not writable; give a directory you can write to")
+
+
 @app.command()
 @_one_line_errors
 def run(
@@ -72,6 +83,7 @@ def run(
         _fail(f"input not found: {e}")
     if not files:
         _fail("no input files found")
+    _make_out(out)
     ex = make_executor(executor, workers, progress=not quiet, scheduler=scheduler)
     try:
         result = pipeline.run(files, out, cfg, ex)

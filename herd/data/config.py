@@ -155,9 +155,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """The TOML file at `path` as a dict; a ConfigError naming the file when it is missing or invalid."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}), as TOML must be; save it as "
+                          "UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 

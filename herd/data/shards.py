@@ -127,6 +127,46 @@ class ChecksumError(ValueError):
     pass
 
 
+REWRITE = "run the `herd data run` that wrote the shards again to rewrite them"
+
+
+def _is_manifest(manifest: dict) -> bool:
+    """Whether `manifest` holds all that reading the shards takes."""
+    entries = manifest.get("shards")
+    if not (isinstance(manifest.get("tokenizer"), dict) and _is_count(manifest.get("tokens"))
+            and isinstance(entries, list)):
+        return False
+    return all(isinstance(e, dict) and isinstance(e.get("name"), str) and _is_count(e.get("documents"))
+               and _is_count(e.get("tokens")) for e in entries)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _require_size(path: Path, size: int) -> None:
+    try:
+        found = path.stat().st_size
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; {REWRITE}") from None
+    if found != size:
+        raise ValueError(f"{path} holds {found:,} bytes where the manifest makes {size:,} (truncated or damaged); "
+                         f"{REWRITE}")
+
+
+def _read_ids(path: Path, documents: int) -> list[str]:
+    """A shard's document ids, one a line (split at newlines alone: an id may hold any other line separator)."""
+    try:
+        ids = path.read_bytes().decode("utf-8").split("\n")[:-1]
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; {REWRITE}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); {REWRITE}") from None
+    if len(ids) != documents:
+        raise ValueError(f"{path} holds {len(ids)} document ids for the manifest's {documents}; {REWRITE}")
+    return ids
+
+
 @dataclass(frozen=True)
 class _Shard:
     tokens: np.ndarray  # memory-mapped
@@ -139,23 +179,41 @@ class TokenShards:
 
     def __init__(self, directory: str | Path, verify: bool = False):
         self.dir = Path(directory)
-        try:
-            self.manifest = json.loads((self.dir / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no {MANIFEST} in {self.dir}: not a token shard directory") from None
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.dir}: unsupported shard format {self.manifest.get('format')!r}")
+        self.manifest = self._read_manifest()
         if verify:
             self.verify()
-        self._shards: list[_Shard] = []
-        for entry in self.manifest["shards"]:
-            base = self.dir / entry["name"]
-            tokens = np.memmap(f"{base}.bin", dtype=TOKEN_DTYPE, mode="r") if entry["tokens"] else \
-                np.zeros(0, TOKEN_DTYPE)
-            index = np.fromfile(f"{base}.idx", dtype=INDEX_DTYPE)
-            ids = Path(f"{base}.ids").read_text().splitlines()
-            self._shards.append(_Shard(tokens, index, ids))
+        self._shards = [self._open(entry) for entry in self.manifest["shards"]]
         self._starts = np.cumsum([0] + [len(s.ids) for s in self._shards])
+
+    def _read_manifest(self) -> dict:
+        path = self.dir / MANIFEST
+        try:
+            manifest = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {MANIFEST} in {self.dir}: not a token shard directory") from None
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ValueError(f"{path}: not JSON ({e}); {REWRITE}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise ValueError(f"{self.dir}: unsupported shard format {found!r}")
+        if not _is_manifest(manifest):
+            raise ValueError(f"{path}: not a complete manifest (the tokenizer, and each shard's name, documents and "
+                             f"tokens); {REWRITE}")
+        return manifest
+
+    def _open(self, entry: dict) -> _Shard:
+        """A shard's files, checked against the manifest as far as their sizes and offsets go: a truncated file is
+        named here, where reading it had raised an IndexError or found no tokens."""
+        tokens, index, ids = (self.dir / f"{entry['name']}.{ext}" for ext in ("bin", "idx", "ids"))
+        _require_size(tokens, entry["tokens"] * TOKEN_DTYPE.itemsize)
+        _require_size(index, (entry["documents"] + 1) * INDEX_DTYPE.itemsize)
+        offsets = np.fromfile(index, dtype=INDEX_DTYPE)
+        if offsets[0] != 0 or offsets[-1] != entry["tokens"] or (offsets[1:] < offsets[:-1]).any():
+            raise ValueError(f"{index}: its offsets do not run from 0 up to the shard's {entry['tokens']} tokens; "
+                             f"{REWRITE}")
+        doc_ids = _read_ids(ids, entry["documents"])
+        data = np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r") if entry["tokens"] else np.zeros(0, TOKEN_DTYPE)
+        return _Shard(data, offsets, doc_ids)
 
     @property
     def tokenizer(self) -> dict:

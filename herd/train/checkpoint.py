@@ -5,12 +5,14 @@ A checkpoint is the directory `run.dir/checkpoints/step-N`: the DCP shards of th
 `extra-R.pt` per rank with what is not a tensor of the model: scheduler, data position, RNG states, trainer
 counters. Every rank writes into `step-N.tmp`; rank 0 renames it to `step-N` only once all ranks are done, so a
 crash mid-save leaves a `.tmp` that is ignored (and later removed) and the previous checkpoint stays the latest.
+One that cannot be loaded all the same (a damaged disk, a deleted file) is set aside as `step-N.damaged` and the
+one before it taken; where none loads (another model's: the shape changed), a ConfigError says so in one line.
 The newest `keep` checkpoints are kept. With `async_save` the tensors are written in the background while
 training goes on; the rename happens when the write has finished (at the next save or at the end).
 
     ckpt = Checkpointer(run_dir, config.checkpoint)
     ckpt.save(step, model_parts, optimizers, extra)     # extra: a picklable dict, per rank
-    extra = ckpt.load(ckpt.latest(), model_parts, optimizers)
+    path, extra = ckpt.load_latest(model_parts, optimizers)
 
 `export_model(run_dir, step_dirs, model_config, tokenizer)` reads the model weights back from one checkpoint (or
 averages several: Llama 3 averaged the checkpoints of its annealing stage) on one process, and writes them with
@@ -19,8 +21,11 @@ and `herd convert run_dir ...` work on a training run.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from herd.train.config import CheckpointSection
+from herd.train import fault
+from herd.train.config import CheckpointSection, ConfigError
 
 _STEP = re.compile(r"^step-(\d+)$")
 # One process saving or loading without a process group is intended here (single-process runs, export).
@@ -51,6 +57,46 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every rank: they must all resume from the same checkpoint."""
+    if not dist.is_initialized():
+        return ok
+    flags = [False] * dist.get_world_size()
+    dist.all_gather_object(flags, ok)
+    return all(flags)
+
+
+class UnloadableCheckpoint(ConfigError):
+    """A checkpoint that cannot be loaded: a damaged one, or another model's."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} cannot be loaded ({why}): it is damaged or from another model")
+        self.path, self.why = path, why
+
+
+@contextlib.contextmanager
+def _quiet_metadata_fallback():
+    """DCP logs a traceback, on the root logger, for each metadata file of a damaged checkpoint it cannot read; the
+    failure is reported in one line instead."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.pathname.endswith("state_dict_loader.py")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _why(error: BaseException) -> str:
+    """The first line of what went wrong; DCP wraps each rank's exception, with its traceback, in one of its own."""
+    if isinstance(error, dcp.CheckpointException):
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _ModelState(Stateful):
@@ -151,12 +197,56 @@ class Checkpointer:
             if self._pending is None:
                 shutil.rmtree(stale, ignore_errors=True)
 
+    def load_latest(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, restored in place, and this rank's extra dict; None where there is none.
+
+        The ones after it that cannot be loaded are set aside: restarted on them, a fault-tolerant run would fail
+        again and again, and a new save of their step would be skipped (the directory exists). Where none loads, the
+        run is another model's (or every copy is damaged): a ConfigError, and nothing is set aside.
+        """
+        failed: list[UnloadableCheckpoint] = []
+        for _, path in reversed(self.steps()):
+            try:
+                extra = self.load(path, parts, optimizers)
+            except UnloadableCheckpoint as e:
+                failed.append(e)
+                continue
+            self._set_aside(failed, path)
+            return path, extra
+        if not failed:
+            return None
+        before = f", nor can the {len(failed) - 1} before it" if len(failed) > 1 else ""
+        raise ConfigError(f"{failed[0]}{before}; use a new run.dir, or delete {self.dir} to train this one from the "
+                          "start")
+
+    def _set_aside(self, failed: list[UnloadableCheckpoint], taken: Path) -> None:
+        if _rank() == 0:
+            for error in failed:
+                aside = error.path.with_name(f"{error.path.name}.damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                error.path.rename(aside)
+                print(f"herd train: {error}; set aside as {aside.name}, resuming from {taken.name}", file=sys.stderr,
+                      flush=True)
+                fault.log_fault(self.dir.parent, {"kind": "bad_checkpoint", "checkpoint": error.path.name,
+                                                  "why": error.why, "action": f"set aside; resumed from {taken.name}"})
+        _barrier()
+
     def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
-        """Restore model and optimizer in place from `path`; returns this rank's extra dict."""
+        """Restore model and optimizer in place from `path`; returns this rank's extra dict. UnloadableCheckpoint on
+        every rank where any rank cannot load it (the model and optimizer may then be partly overwritten)."""
         state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers)}
-        dcp.load(state, checkpoint_id=str(path))
-        rank_file = path / f"extra-{_rank()}.pt"
-        return torch.load(rank_file if rank_file.exists() else path / "extra-0.pt", weights_only=False)
+        error = None
+        try:
+            with _quiet_metadata_fallback():
+                dcp.load(state, checkpoint_id=str(path))
+            rank_file = path / f"extra-{_rank()}.pt"
+            extra = torch.load(rank_file if rank_file.exists() else path / "extra-0.pt", weights_only=False)
+        # DCP gathers every rank's failure into a CheckpointException, which is a BaseException.
+        except (Exception, dcp.CheckpointException) as e:
+            error = e
+        if not _everywhere(error is None):
+            raise UnloadableCheckpoint(path, _why(error) if error else "on another rank")
+        return extra
 
 
 def load_model_weights(step_dirs: list[Path], model_config) -> dict[str, torch.Tensor]:
@@ -167,7 +257,11 @@ def load_model_weights(step_dirs: list[Path], model_config) -> dict[str, torch.T
     total: dict[str, torch.Tensor] | None = None
     for path in step_dirs:
         state = {f"model.{name}": torch.empty(shape) for name, shape in shapes.items()}
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        try:
+            with _quiet_metadata_fallback():
+                dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        except (Exception, dcp.CheckpointException) as e:
+            raise UnloadableCheckpoint(path, _why(e)) from None
         weights = {name[len("model."):]: t for name, t in state.items()}
         total = weights if total is None else {k: total[k] + weights[k] for k in total}
     assert total is not None, "no checkpoint to read"

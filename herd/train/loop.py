@@ -126,16 +126,21 @@ class Trainer:
     def save(self, final: bool = False) -> None:
         self.checkpointer.save(self.step, self.parts, self.optimizers, self.extra_state(), final=final)
 
-    def restore(self, path: Path, *, keep_data: bool = False) -> None:
-        """Load a checkpoint; `keep_data` leaves the data position as it is (a rollback skips the bad batches)."""
+    def restore(self, *, keep_data: bool = False) -> Path | None:
+        """Load the newest checkpoint that loads (None: there is none); `keep_data` leaves the data position as it is
+        (a rollback skips the bad batches)."""
         data = self.batches.state_dict()
-        extra = self.checkpointer.load(path, self.parts, self.optimizers)
+        found = self.checkpointer.load_latest(self.parts, self.optimizers)
+        if found is None:
+            return None
+        path, extra = found
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.detector = fault.BadStepDetector(self.config.fault, **extra["detector"])
         for s, state in zip(self.schedulers, extra["schedulers"]):
             s.load_state_dict(state)
         self.batches.load_state_dict(data if keep_data else extra["data"])
         set_rng_state(extra["rng"])
+        return path
 
     # ------------------------------------------------------------ one step
 
@@ -211,15 +216,14 @@ class Trainer:
         self.bad_in_a_row += 1
         if self.bad_in_a_row > self.config.fault.max_bad_steps:
             raise RuntimeError(f"{self.bad_in_a_row} bad steps in a row (last: {why}); stopping the run")
-        latest = self.checkpointer.latest() if self.config.fault.nonfinite == "rollback" else None
-        action = f"rolled back to {latest.name}" if latest else "skipped the batch"
+        step = self.step
+        restored = self.restore(keep_data=True) if self.config.fault.nonfinite == "rollback" else None
+        action = f"rolled back to {restored.name}" if restored else "skipped the batch"
         if self.is_main:
-            fault.log_fault(self.run_dir, {"step": self.step, "kind": "bad_step", "why": why, "loss": loss,
+            fault.log_fault(self.run_dir, {"step": step, "kind": "bad_step", "why": why, "loss": loss,
                                            "action": action})
-            self.log.note(f"step {self.step}: {why}; {action}")
-        if latest is not None:
-            self.restore(latest, keep_data=True)
-        else:
+            self.log.note(f"step {step}: {why}; {action}")
+        if restored is None:
             # The batch is consumed: the step counts, the weights stay as they were.
             for scheduler in self.schedulers:
                 scheduler.step()
@@ -259,9 +263,7 @@ class Trainer:
 
     def fit(self) -> dict:
         fault.reset_injections()
-        latest = self.checkpointer.latest()
-        if latest is not None:
-            self.restore(latest)
+        latest = self.restore()
         self.log = MetricsLog(self.run_dir, enabled=self.is_main, total_steps=self.cfg.steps, start_step=self.step,
                               progress=self.run.progress, tensorboard=self.run.tensorboard)
         if latest is not None:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from herd.atomic import atomic_output
+from herd.train.report import read_records
+
 
 def flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token of a herd ModelConfig: 6 per weight of every matmul (forward + backward) plus
@@ -63,9 +66,9 @@ class MetricsLog:
         """A resumed run rewrites the steps after its checkpoint: keep only those before it."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_records(self.path, ("step",)) if record["step"] <= start_step]
+        with atomic_output(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

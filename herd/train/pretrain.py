@@ -1,18 +1,21 @@
 """The pretraining recipe: a config becomes shards, a model, its parallel layout, batches and a Trainer.
 
 `check(config)` validates everything that can be known before any compute (shards, model shape, context length,
-mesh, batch split) and raises ConfigError with one line; `pretrain(config)` then runs (or resumes) the job.
-Post-training recipes reuse `build_model_config`, `init_weights`, `setup_model` and `make_export`.
+mesh, batch split, memory, run.dir) and raises ConfigError with one line; `pretrain(config)` then runs (or resumes)
+the job. Post-training recipes reuse `build_model_config`, `init_weights`, `setup_model` and `make_export`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
+
+from herd.atomic import atomic_output
 from herd.model.config import CONFIGS, ModelConfig
 from herd.model.llama import Transformer
-from herd.train.config import ConfigError, ModelSection, TrainConfig, to_toml
+from herd.train.config import ConfigError, ModelSection, TrainConfig, TrainingSection, to_toml
 from herd.train.data import PackedBatches, held_out_batches, open_shards
 from herd.train.parallel import DistEnv
 
@@ -52,9 +55,8 @@ def init_weights(model: Transformer, std: float, seed: int) -> None:
 
 
 def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConfig, object]:
-    """Everything that can fail before compute: returns (model config, shards)."""
-    import os
-
+    """Everything that can fail before compute: returns (model config, shards). run.dir is made here, last, so that
+    one that cannot be is refused before any worker starts, and a config refused for anything else leaves none."""
     t, p = config.training, config.parallel
     shards = open_shards(config.data.shards, config.data.verify)
     if config.data.anneal_shards:
@@ -85,26 +87,53 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
     for b in [t.batch_size] + [v for _, v in t.batch_size_schedule]:
         if b % dp:
             raise ConfigError(f"training.batch_size {b} does not split over {dp} data-parallel ranks")
-    _check_memory(model_config, world, p.dp_replicate)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the ranks that share this machine's memory
+    _check_memory(model_config, world, p.dp_replicate, local)
+    _check_batch_memory(t, dp, local)
+    _make_run_dir(Path(config.run.dir))
     return model_config, shards
 
 
-def _check_memory(model_config: ModelConfig, world: int, replicas: int) -> None:
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.dir {run_dir} cannot be made ({e.strerror or e}); give a directory you can write "
+                          "to") from None
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"run.dir {run_dir} is not writable; give a directory you can write to")
+
+
+def _check_memory(model_config: ModelConfig, world: int, replicas: int, local: int) -> None:
     """Refuse, before the model is built, a run whose training state cannot fit in this machine's memory. Each rank
     builds the whole model in float32 before it is sharded, and then holds its share of 16 bytes a parameter
     (float32 weights, gradients, AdamW's two moments); the ranks of this machine share its memory (on a GPU, the
     state is the GPU's to hold: only the first is counted). Activations come on top."""
-    import os
-
     from herd.model.summary import parameter_count
 
     n = parameter_count(model_config)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     shards = world // replicas  # the ranks one copy of the state is split over
     per_rank = 4 * n if torch.cuda.is_available() else max(4 * n, 16 * n // shards)
     require_memory(local * per_rank, f"model: {n / 1e9:.2f}B parameters need at least {{}} of memory to train here "
                    f"({local} rank{'s' * (local > 1)}, 16 bytes a parameter: float32 weights, gradients and AdamW's "
                    "moments)", "make the model smaller (model.dim, model.n_layers) or shard it over more machines")
+
+
+# Bytes a token of a batch takes while it is packed (herd.train.data.pack): int64 tokens, labels and document ids,
+# the window index, and the temporaries that gather them.
+PACKED_TOKEN_BYTES = 80
+
+
+def _check_batch_memory(t: TrainingSection, dp: int, local: int) -> None:
+    """Refuse a batch whose token buffers alone cannot fit in memory: packing one of 1e8 sequences had run for hours
+    before the system killed it. Each rank packs its share of the largest batch at the longest sequence, and keeps a
+    held-out batch (of micro-batches, where they are set)."""
+    rows = max([t.batch_size] + [v for _, v in t.batch_size_schedule]) // dp
+    seq_len = max([t.seq_len] + [v for _, v in t.seq_len_schedule])
+    held_out = max((t.micro_batch_size or t.batch_size) // dp, 1) * t.seq_len
+    require_memory(local * PACKED_TOKEN_BYTES * (rows * seq_len + held_out),
+                   f"training: a batch of {rows} sequences of {seq_len} tokens per rank needs {{}} of memory to pack "
+                   f"({local} rank{'s' * (local > 1)})", "lower training.batch_size or training.seq_len")
 
 
 def require_memory(needed: int, what: str, advice: str) -> None:
@@ -145,8 +174,8 @@ def pretrain(config: TrainConfig) -> dict:
     env = DistEnv.from_environment(config.parallel)
     run_dir = Path(config.run.dir)
     if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config))
+        with atomic_output(run_dir / "config.toml") as tmp:
+            tmp.write_text(to_toml(config))
     torch.manual_seed(config.training.seed)
     model = Transformer(model_config)
     init_weights(model, config.model.init_std, config.training.seed)

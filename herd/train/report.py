@@ -8,12 +8,52 @@ from pathlib import Path
 
 import numpy as np
 
+from herd.atomic import atomic_output
+
+
+# The numbers every step record holds (a skipped step's too), and those some hold: the report draws them all.
+STEP_FIELDS = ("step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s")
+OPTIONAL_FIELDS = ("eval_loss", "mfu")
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics here; give the run.dir of a `herd train` run")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(path, STEP_FIELDS, OPTIONAL_FIELDS)
+
+
+def read_records(path: Path, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> list[dict]:
+    """The JSON objects of a JSONL file, one a line, each with a number in every field `required` (and in those of
+    `optional` that it has). A last line cut short, what a killed run leaves, is left out; any other bad line is a
+    ValueError naming the file and the line."""
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # not JSON, or not UTF-8
+            if number == len(lines):  # no newline after it: its write was cut short
+                break
+            raise ValueError(f"{path}, line {number}: not JSON ({e}); delete or repair that line") from None
+        problem = _record_problem(record, required, optional)
+        if problem:
+            raise ValueError(f"{path}, line {number}: {problem}; delete or repair that line")
+        records.append(record)
+    return records
+
+
+def _record_problem(record, required: tuple[str, ...], optional: tuple[str, ...]) -> str | None:
+    if not isinstance(record, dict):
+        return f"{type(record).__name__}, not a JSON object"
+    for name in required + tuple(name for name in optional if record.get(name) is not None):
+        if name not in record:
+            return f"no {name}"
+        if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
+            return f"{name} is {json.dumps(record[name])}, not a number"
+    return None
 
 
 def unigram_loss(shards_dir: str | Path, held_out: float, seed: int) -> float:
@@ -36,6 +76,7 @@ def draw(run_dir: str | Path, png: str | Path, baseline: float | None = None) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    png = plot_path(png)
     records = [r for r in read_metrics(run_dir) if "skipped" not in r]
     if not records:
         raise ValueError(f"{run_dir}: metrics.jsonl has no completed steps yet")
@@ -67,8 +108,19 @@ def draw(run_dir: str | Path, png: str | Path, baseline: float | None = None) ->
         ax.grid(alpha=0.3)
     fig.suptitle(f"{Path(run_dir).name}: {records[-1]['tokens']:,} tokens, {steps[-1]} steps")
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, format=png.suffix[1:], dpi=110)
     plt.close(fig)
     return png
+
+
+def plot_path(png: str | Path) -> Path:
+    """Where a plot goes: `png`, with ".png" added where it has no suffix (as matplotlib does); a directory is refused,
+    where matplotlib had written DIR.png beside it."""
+    given = Path(png)
+    path = given.with_suffix(given.suffix or ".png")
+    for candidate in (given, path):
+        if candidate.is_dir():
+            raise ValueError(f"{candidate} is a directory; give the plot a file name, such as "
+                             f"{candidate / 'report.png'}")
+    return path

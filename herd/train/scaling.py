@@ -9,6 +9,8 @@ included), so C = 6 N D holds exactly.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from herd.atomic import atomic_output
+from herd.bounds import AT_LEAST_ONE, POSITIVE, require, require_value
 from herd.train.config import (
     CheckpointSection,
+    ConfigError,
     DataSection,
     FaultSection,
     ModelSection,
@@ -25,6 +30,10 @@ from herd.train.config import (
     RunSection,
     TrainingSection,
 )
+from herd.train.report import read_records
+
+POINT_FIELDS = ("budget", "dim", "N", "loss")  # what the fit reads of a trained point
+TARGET_DIMS = range(16, 1025, 16)  # the widths the target may be trained at
 
 
 @dataclass
@@ -34,6 +43,18 @@ class GridSection:
     head_dim: int = 16
     dims_per_layer: int = 32  # depth grows with width: n_layers = max(2, dim // dims_per_layer)
     target: float = 3e11  # the larger budget whose loss is predicted, then trained
+
+    def __post_init__(self):
+        # here, so that --print-config refuses what would fail in the fit, after the whole grid has trained
+        require(self, AT_LEAST_ONE, "head_dim", "dims_per_layer")
+        require(self, POSITIVE, "target")
+        for name, bounds in (("budgets", POSITIVE), ("dims", AT_LEAST_ONE)):
+            for i, value in enumerate(getattr(self, name)):
+                require_value(f"{name}[{i}]", value, bounds)
+        if len(set(self.budgets)) < 2:
+            raise ValueError(f"budgets {self.budgets}: the power laws are fitted over at least two different budgets")
+        if not self.dims:
+            raise ValueError("dims is empty; give the widths to train at every budget")
 
 
 @dataclass
@@ -55,16 +76,46 @@ def family(grid: GridSection, dim: int, base: ModelSection) -> dict:
             "multiple_of": 16, "max_seq_len": base.max_seq_len}
 
 
+def _flops_per_token(config: ScalingConfig, model: ModelSection, vocab: int) -> float:
+    from herd.train.metrics import flops_per_token
+    from herd.train.pretrain import build_model_config
+
+    return flops_per_token(build_model_config(model, vocab), config.training.seq_len)
+
+
+def _family_size(config: ScalingConfig, dim: int, vocab: int) -> float:
+    """N of the family's model of width `dim`; a ValueError where that width makes none (heads that do not divide it,
+    of an odd width, too many layers)."""
+    model = dataclasses.replace(config.model, **family(config.grid, dim, config.model))
+    return _flops_per_token(config, model, vocab) / 6
+
+
+def _check_family(config: ScalingConfig, vocab: int) -> dict[int, float]:
+    """The sizes of the widths the target may be trained at. A grid width, or a head_dim, that makes no model is
+    refused before the grid trains, not when its turn comes or when the target is chosen."""
+    for dim in config.grid.dims:
+        try:
+            _family_size(config, dim, vocab)
+        except ValueError as e:
+            raise ConfigError(f"grid.dims: {dim} makes no model of the family ({e}); change grid.dims or "
+                              "grid.head_dim") from None
+    sizes = {}
+    for dim in TARGET_DIMS:
+        with contextlib.suppress(ValueError):
+            sizes[dim] = _family_size(config, dim, vocab)
+    if not sizes:
+        raise ConfigError(f"grid.head_dim {config.grid.head_dim}: no width from 16 to 1024 makes a model of it; use "
+                          "an even head_dim such as 16")
+    return sizes
+
+
 def _point(config: ScalingConfig, budget: float, dim: int, vocab: int, tag: str) -> dict:
     """Train one model of the family for `budget` FLOPs; its size, tokens and held-out loss."""
-    import dataclasses
-
-    from herd.train.metrics import flops_per_token
-    from herd.train.pretrain import build_model_config, pretrain, with_overrides
+    from herd.train.pretrain import pretrain, with_overrides
 
     shape = family(config.grid, dim, config.model)
     model = dataclasses.replace(config.model, **shape)
-    fpt = flops_per_token(build_model_config(model, vocab), config.training.seq_len)
+    fpt = _flops_per_token(config, model, vocab)
     tokens_per_step = config.training.batch_size * config.training.seq_len
     steps = max(round(budget / fpt / tokens_per_step), 1)
     run_dir = Path(config.run.dir) / tag
@@ -130,35 +181,33 @@ def predict(law: dict, budget: float) -> dict:
 
 def run_grid(config: ScalingConfig) -> dict:
     """Train the grid (resuming: finished points are read back), fit, predict, train the target, plot."""
-    from herd.train.metrics import flops_per_token
-    from herd.train.pretrain import build_model_config, check
+    from herd.train.pretrain import check
 
     _, shards = check(config)
     vocab = shards.tokenizer.get("vocab_size")
-    out = Path(config.run.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    sizes = _check_family(config, vocab)
+    out = Path(config.run.dir)  # check() made it
     done_path = out / "points.jsonl"
-    done = {(p["budget"], p["dim"]): p for p in map(json.loads, done_path.read_text().splitlines())} \
-        if done_path.exists() else {}
+    done = {(p["budget"], p["dim"]): p for p in read_records(done_path, POINT_FIELDS)} if done_path.exists() else {}
     g = config.grid
     for budget in g.budgets:
         for dim in g.dims:
             if (budget, dim) not in done:
                 done[(budget, dim)] = _point(config, budget, dim, vocab, f"C{budget:.0e}-d{dim}")
-                with open(done_path, "a") as fh:
-                    fh.write(json.dumps(done[(budget, dim)]) + "\n")
+                # rewritten whole, not appended to: a point cut short by a kill is left out, not written after
+                with atomic_output(done_path) as tmp:
+                    tmp.write_text("".join(json.dumps(p) + "\n" for p in done.values()))
     points = [done[(b, d)] for b in g.budgets for d in g.dims]
     law = fit(points)
     predicted = predict(law, g.target)
     # The family member closest (in log N) to the predicted optimum, trained at the target budget.
-    sizes = {d: flops_per_token(build_model_config(
-        ModelSection(**family(g, d, config.model)), vocab), config.training.seq_len) / 6 for d in range(16, 1025, 16)}
     dim = min(sizes, key=lambda d: abs(math.log(sizes[d] / predicted["N"])))
     actual = done.get((g.target, dim)) or _point(config, g.target, dim, vocab, f"target-C{g.target:.0e}-d{dim}")
     result = {"points": points, "law": law, "target": {"budget": g.target, "predicted": predicted, "dim": dim,
                                                        "actual": actual,
                                                        "error": (actual["loss"] - predicted["loss"]) / actual["loss"]}}
-    (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_output(out / "scaling.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "scaling.png")
     return result
 
@@ -205,5 +254,6 @@ def plot(result: dict, png: Path) -> None:
     ax.set_title("predicted vs trained")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -340,6 +340,21 @@ def test_cli_malformed_toml_is_one_line(tmp_path):
     assert "no_such_stage" in line
 
 
+def test_cli_toml_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[[stages]]\n")  # had been "'utf-8' codec can't decode byte 0xff", no file named
+    line = _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"),
+                                               "--config", str(bad)]))
+    assert f"{bad}: not UTF-8 text (invalid start byte at byte 0)" in line
+
+
+def test_cli_out_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "o"  # as /proc/x: had been "not found: /proc/x"
+    line = _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(out)]))
+    assert f"--out {out} cannot be made (Not a directory); give a directory you can write to" in line
+
+
 def test_cli_unknown_executor_and_report_of_a_non_run(tmp_path):
     _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"),
                                         "--executor", "spark"]))

@@ -88,3 +88,28 @@ def test_the_llama3_tokenizer_round_trips(tmp_path):
     for tokens, text in zip(shards, TEXTS):
         assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
         assert tok.decode(tokens[1:-1].tolist()) == text
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+@pytest.mark.parametrize("file, damage, words", [
+    ("shard-00000.bin", _truncate, "shard-00000.bin holds 539 bytes where the manifest makes 544 (truncated"),
+    ("shard-00000.idx", lambda p: p.write_bytes(b""), "shard-00000.idx holds 0 bytes where the manifest makes 48"),
+    ("shard-00000.idx", lambda p: p.write_bytes(np.arange(6, dtype="<u8")[::-1].tobytes()),
+     "shard-00000.idx: its offsets do not run from 0 up to the shard's 136 tokens"),
+    ("shard-00000.ids", _truncate, "shard-00000.ids holds 4 document ids for the manifest's 5"),
+    ("shard-00000.bin", lambda p: p.unlink(), "shard-00000.bin is missing"),
+    ("manifest.json", _truncate, "manifest.json: not JSON (Expecting"),
+    ("manifest.json", lambda p: p.write_text(json.dumps({"format": "herd-token-shards/1"})),
+     "manifest.json: not a complete manifest"),
+])
+def test_a_damaged_shard_is_named_when_the_shards_are_opened(tmp_path, file, damage, words):
+    """Reading had found no tokens (a truncated .bin), raised an IndexError (an empty .idx) or a bare JSON error."""
+    write(tmp_path, TEXTS)
+    damage(tmp_path / file)
+    with pytest.raises(ValueError) as e:
+        TokenShards(tmp_path)
+    assert str(e.value).startswith(str(tmp_path / words.split()[0].rstrip(":"))), str(e.value)
+    assert words in str(e.value) and "run the `herd data run` that wrote the shards again" in str(e.value)

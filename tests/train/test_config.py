@@ -64,7 +64,8 @@ def test_other_recipes_load_their_own_config_dataclasses():
 
 @pytest.mark.parametrize("args, words", [
     (["--model.dim", "0"], ["model: dim must be at least 1, got 0"]),
-    (["--model.n_layers", "-1"], ["model: n_layers must be at least 1, got -1"]),  # had trained a model of none
+    (["--model.n_layers", "-1"], ["model: n_layers must be in [1, "]),  # had trained a model of none
+    (["--model.n_layers", "100000000"], ["model: n_layers must be in [1, 10000], got 100000000"]),  # had hung
     (["--model.rope_theta", "nan"], ["rope_theta must be above 0, got nan"]),
     (["--data.held_out", "1"], ["data: held_out must be in [0, 1), got 1.0"]),
     (["--training.lr", "-1e-3"], ["training: lr must be at least 0"]),
@@ -104,3 +105,10 @@ def test_post_training_values_out_of_range_are_one_line_errors(args, words):
         load_config(FinetuneConfig, None, args)
     for word in words:
         assert word in str(e.value)
+
+
+def test_a_config_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[training]\n")  # had been "'utf-8' codec can't decode byte 0xff", no file named
+    with pytest.raises(ConfigError, match=f"^{bad}: not UTF-8 text \\(invalid start byte at byte 0\\), as TOML"):
+        load_config(TrainConfig, bad)

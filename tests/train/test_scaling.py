@@ -1,5 +1,6 @@
 """The IsoFLOP fit recovers the compute-optimal exponents of a known loss surface (Chinchilla's functional form)."""
 import math
+import re
 
 import pytest
 
@@ -33,3 +34,38 @@ def test_isoflop_fit_finds_the_compute_optimal_exponents():
     best = min(loss(n, c / (6 * n)) for n in ((c / 6) ** 0.5 * 10 ** (k / 50) for k in range(-150, 150)))
     assert n_best > 0
     assert predict(law, c)["loss"] == pytest.approx(best, rel=0.05)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--grid.head_dim", "0"], "grid: head_dim must be at least 1, got 0"),  # had been a ZeroDivisionError
+    (["--grid.dims_per_layer", "0"], "grid: dims_per_layer must be at least 1, got 0"),
+    (["--grid.budgets", "[-1.0, 0.0]"], "grid: budgets[0] must be above 0, got -1.0"),  # LAPACK's complaints
+    (["--grid.budgets", "[]"], "grid: budgets []: the power laws are fitted over at least two different budgets"),
+    (["--grid.budgets", "[1e10, 1e10]"], "at least two different budgets"),
+    (["--grid.target", "-5"], "grid: target must be above 0, got -5.0"),  # had failed after the whole grid trained
+    (["--grid.target", "nan"], "grid: target must be above 0, got nan"),
+    (["--grid.dims", "[0]"], "grid: dims[0] must be at least 1, got 0"),
+    (["--grid.dims", "[]"], "grid: dims is empty"),
+])
+def test_grid_values_out_of_range_are_one_line_errors_naming_the_field(args, words):
+    from herd.train.config import ConfigError, load_config
+    from herd.train.scaling import ScalingConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(ScalingConfig, None, args)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--grid.dims", "[32, 33]"], "grid.dims: 33 makes no model of the family (model: dim 33 is not a multiple"),
+    (["--grid.head_dim", "3"], "grid.dims: 16 makes no model of the family"),
+])
+def test_a_grid_width_that_makes_no_model_is_refused_before_the_grid_trains(byte_shards, tmp_path, args, words):
+    from herd.train.config import ConfigError, load_config
+    from herd.train.scaling import ScalingConfig, run_grid
+
+    config = load_config(ScalingConfig, None, ["--data.shards", str(byte_shards), "--run.dir", str(tmp_path / "sc"),
+                                               "--grid.dims", "[16, 32]", *args])
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        run_grid(config)
+    assert list((tmp_path / "sc").iterdir()) == []  # nothing trained

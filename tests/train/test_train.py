@@ -121,3 +121,23 @@ def test_activation_checkpointing_and_async_save_change_nothing(byte_shards, tmp
     assert [p.name for p in (tmp_path / "ac" / "checkpoints").iterdir()] == ["step-6"]  # keep-last-1, no .tmp
     a, b = torch.load(tmp_path / "plain" / "consolidated.00.pth"), torch.load(tmp_path / "ac" / "consolidated.00.pth")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_batch_too_large_to_pack_is_refused_before_compute(byte_shards, tmp_path, monkeypatch):
+    """A batch of 1e8 sequences had packed its held-out batch for hours (np.full) until the system killed it."""
+    import herd.quant.load
+
+    monkeypatch.setattr(herd.quant.load, "available_memory", lambda: 2**30)
+    config = load_config(TrainConfig, None, tiny_args(byte_shards, tmp_path / "r", "--training.batch_size", "10000000"))
+    with pytest.raises(ConfigError, match=r"^training: a batch of 10000000 sequences of 64 tokens per rank needs "
+                                          r"\d+\.\d GiB of memory to pack \(1 rank\) but 1\.0 GiB are available: "
+                                          r"lower training.batch_size"):
+        check(config)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line_naming_it(byte_shards, tmp_path):
+    (tmp_path / "file").write_text("")
+    run_dir = tmp_path / "file" / "run"  # as /proc/x: had been a bare "[Errno 20] Not a directory" line
+    with pytest.raises(ConfigError, match=f"^run.dir {run_dir} cannot be made \\(Not a directory\\); give a directory"):
+        check(load_config(TrainConfig, None, tiny_args(byte_shards, run_dir)))

@@ -1,0 +1,114 @@
+"""What a killed run, a damaged disk or a changed command leaves in run.dir: resuming says what is wrong in one line
+(or, where an earlier checkpoint is intact, resumes from it), never a traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from train_helpers import losses, metrics, run_cli, tiny_args, tiny_config
+
+from herd.train.config import ConfigError
+from herd.train.pretrain import pretrain
+
+SMALL = ("--model.dim", "32", "--model.n_layers", "1", "--training.seq_len", "32")
+
+
+def small_run(shards, run_dir, *overrides):
+    return pretrain(tiny_config(shards, run_dir, *SMALL, *overrides))
+
+
+@pytest.fixture(scope="module")
+def two_steps(byte_shards, tmp_path_factory):
+    """A finished run of 2 steps whose only checkpoint is step-2."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    small_run(byte_shards, run_dir, "--training.steps", "2", "--checkpoint.interval", "0")
+    return run_dir
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("name, damage", [
+    (".metadata", _truncate), ("__0_0.distcp", _truncate), ("__0_0.distcp", _empty),
+    ("__0_0.distcp", lambda path: path.unlink()),
+    ("extra-0.pt", _empty),  # an EOFError, which click had turned into a silent exit 130
+])
+def test_a_damaged_checkpoint_is_one_line_naming_it(byte_shards, two_steps, tmp_path, name, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    damage(run_dir / "checkpoints" / "step-2" / name)
+    with pytest.raises(ConfigError) as e:
+        small_run(byte_shards, run_dir, "--training.steps", "4")
+    message = str(e.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{run_dir}/checkpoints/step-2 cannot be loaded (") and "damaged" in message
+    assert (run_dir / "checkpoints" / "step-2").is_dir()  # nothing earlier to take: nothing set aside
+
+
+def test_another_models_checkpoint_is_one_line_from_the_command_line(byte_shards, two_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    result = run_cli("train", *tiny_args(byte_shards, run_dir, *SMALL, "--training.steps", "4", "--model.dim", "64"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{run_dir}/checkpoints/step-2 cannot be loaded (ValueError: Size mismatch" in lines[0]
+    assert "use a new run.dir" in lines[0]
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(byte_shards, tmp_path):
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    small_run(byte_shards, straight, "--training.steps", "4", "--checkpoint.interval", "1")
+    small_run(byte_shards, run_dir, "--training.steps", "3", "--checkpoint.interval", "1")
+    _truncate(run_dir / "checkpoints" / "step-3" / "__0_0.distcp")
+    small_run(byte_shards, run_dir, "--training.steps", "4", "--checkpoint.interval", "1")
+    assert (run_dir / "checkpoints" / "step-3.damaged").is_dir() and (run_dir / "checkpoints" / "step-4").is_dir()
+    assert losses(run_dir) == losses(straight)  # steps 3 and 4 redone from step 2, exactly
+    fault = json.loads((run_dir / "faults.jsonl").read_text())
+    assert fault["kind"] == "bad_checkpoint" and fault["checkpoint"] == "step-3" and "step-2" in fault["action"]
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_and_the_run_resumes(byte_shards, two_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')  # had been "Unterminated string starting at: line 1 column 13", no file named
+    small_run(byte_shards, run_dir, "--training.steps", "3")
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
+    assert [p.name for p in run_dir.iterdir() if ".tmp" in p.name] == []
+
+
+@pytest.mark.parametrize("line, words", [
+    (b'{"step": 3, "lo', "not JSON (Unterminated string"),
+    (b"\xff", "not JSON ('utf-8' codec can't decode"),
+    (b"[1]", "list, not a JSON object"),
+    (b'{"step": 3}', "no loss"),  # had been "herd: error: 'loss'"
+    (b'{"step": 3, "loss": 1, "grad_norm": 1, "lr": "x", "tokens": 1, "tokens_per_s": 1}', 'lr is "x", not a number'),
+])
+def test_a_malformed_metrics_line_names_the_file_and_the_line(two_steps, tmp_path, line, words):
+    from herd.train.report import read_metrics
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    with open(run_dir / "metrics.jsonl", "ab") as fh:
+        fh.write(line + b"\n" + (run_dir / "metrics.jsonl").read_bytes())
+    with pytest.raises(ValueError) as e:
+        read_metrics(run_dir)
+    assert str(e.value).startswith(f"{run_dir}/metrics.jsonl, line 3: {words}") and "\n" not in str(e.value)
+
+
+def test_the_report_says_where_its_plot_went(two_steps, tmp_path):
+    from herd.train.report import draw
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="d is a directory; give the plot a file name, such as .*d/report.png"):
+        draw(two_steps, tmp_path / "d")  # had written d.png beside it and said "plot: d"
+    assert draw(two_steps, tmp_path / "noext") == tmp_path / "noext.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "noext.png"]  # no temporary file left
+    assert (tmp_path / "noext.png").read_bytes().startswith(b"\x89PNG")
