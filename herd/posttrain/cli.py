@@ -55,6 +55,15 @@ def sample_cmd(
 
     out = prepare_output(out, "file", "--out")  # before the sampling, which an unwritable path would waste
     pairs = None if pairs is None else prepare_output(pairs, "file", "--pairs")
+    for option, path in (("--out", out), ("--pairs", pairs)):
+        if path is not None and path.resolve() == prompts.resolve():
+            raise typer.BadParameter(f"{option} is the prompts file {prompts}, which writing would destroy; give "
+                                     "another path")
+    if pairs is not None and pairs.resolve() == out.resolve():
+        raise typer.BadParameter("--pairs and --out are one file; give each its own")
+    # Checked before the model loads, as herd generate checks its options.
+    config = rejection.SampleConfig(k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                    batch_size=batch_size, seed=seed, min_score=min_score)
     from herd.posttrain.verify import NEEDS, load_verifier
 
     rows = rejection.read_prompts(prompts, NEEDS.get(verifier))
@@ -64,8 +73,6 @@ def sample_cmd(
     else:
         scorer = rejection.reward_scorer(reward_model)
     llm = _load(model, quantize, device)
-    config = rejection.SampleConfig(k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                    batch_size=batch_size, seed=seed, min_score=min_score)
     samples = rejection.generate_samples(llm, rows, config)
     rejection.score(samples, scorer)
     kept = rejection.write_jsonl(rejection.best_rows(samples, min_score), out)

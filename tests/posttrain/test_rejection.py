@@ -86,6 +86,28 @@ def test_sample_refuses_an_unwritable_output_before_sampling(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
+def test_sample_refuses_to_write_over_its_prompts_or_bad_options_before_the_model_loads(tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    import herd.cli
+    from herd.posttrain.cli import sample_cmd
+
+    prompts = tmp_path / "prompts.jsonl"
+    text = '{"messages": [{"role": "user", "content": "hi"}], "answer": 1}\n'
+    prompts.write_text(text)
+    monkeypatch.setattr(herd.cli, "_load", lambda *args: pytest.fail("the model loaded before the refusal"))
+    app = typer.Typer()
+    app.command()(sample_cmd)
+    for options, words in ((["--out", str(prompts)], "--out is the prompts file"),  # had overwritten the prompts
+                           (["--out", "a.jsonl", "--pairs", str(prompts)], "--pairs is the prompts file"),
+                           (["--out", str(tmp_path / "a.jsonl"), "--pairs", str(tmp_path / "a.jsonl")], "one file"),
+                           (["--out", "a.jsonl", "--temperature", "-1"], "temperature must be at least 0")):
+        result = CliRunner().invoke(app, ["default", str(prompts), "--verifier", "answer", *options])
+        assert result.exit_code != 0 and words in (result.output + str(result.exception)), result.output
+    assert prompts.read_text() == text
+
+
 @pytest.mark.heavy
 def test_sample_refuses_a_malformed_prompt_file_in_one_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
