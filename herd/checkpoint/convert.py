@@ -16,6 +16,8 @@ from herd.checkpoint.hf import INDEX
 # The files of a checkpoint herd writes (Meta, Hugging Face, `herd quantize`): a directory holding a config, weights
 # and nothing else is one herd wrote or could have, and may be replaced; any other file in it may be the user's.
 _CONFIGS = frozenset(("params.json", "config.json"))
+# What `herd finetune` writes beside a reward model's body: its scoring head, replaced with the body on a rerun.
+REWARD_HEAD = "reward_head.safetensors"
 _WEIGHTS = re.compile(r"consolidated\.\d{2,}\.pth|model(-\d{5,}-of-\d{5,})?\.safetensors|quantized\.safetensors")
 
 
@@ -107,7 +109,7 @@ def _check_replaceable_directory(out: Path) -> None:
         return
     from herd.checkpoint.vocab import TOKENIZER_FILES  # imports gguf (0.14 s): not at herd's import
 
-    known = _CONFIGS | {CHECKLIST, INDEX, *TOKENIZER_FILES}
+    known = _CONFIGS | {CHECKLIST, INDEX, REWARD_HEAD, *TOKENIZER_FILES}
     entries = sorted(out.iterdir())
     foreign = [entry.name for entry in entries
                if not (entry.is_file() and (entry.name in known or _WEIGHTS.fullmatch(entry.name)))]

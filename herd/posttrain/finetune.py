@@ -24,6 +24,7 @@ from torch import nn
 
 from herd.atomic import atomic_output, save_safetensors
 from herd.bounds import NON_NEGATIVE, require
+from herd.checkpoint.convert import REWARD_HEAD
 from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch,
                                  read_jsonl)
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
@@ -36,7 +37,6 @@ from herd.train.config import (CheckpointSection, ConfigError, FaultSection, Run
                                load_config)
 
 RECIPES = ("sft", "rm", "dpo", "ppo", "kd")
-REWARD_HEAD = "reward_head.safetensors"
 
 
 @dataclass

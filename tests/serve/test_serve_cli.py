@@ -81,5 +81,6 @@ def test_serve_answers_health_models_and_chat_then_stops_cleanly(default_llm):
     finally:
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=60)
-    assert process.returncode in (0, -signal.SIGTERM), err  # uvicorn re-raises the signal once it has shut down
+    # uvicorn raises the signal again once it has shut down, and herd exits on it as on any SIGTERM: 128 + 15
+    assert process.returncode in (0, 128 + signal.SIGTERM), err
     assert f"on http://127.0.0.1:{port}" in out and "Traceback" not in err
