@@ -531,7 +531,7 @@ def _output_schema(body: ChatCompletionRequest) -> tuple[dict[str, Any] | None, 
     """The JSON schema decoding must follow ({} for any object; None for free text), and the field it came from."""
     choice = body.tool_choice
     if body.tools and (choice == "required" or not isinstance(choice, (str, type(None)))):
-        wanted = choice.function.get("name") if not isinstance(choice, str) else None
+        wanted = choice.function.name if not isinstance(choice, str) else None
         try:
             return call_schema([t.model_dump() for t in body.tools], wanted), "tools"
         except ValueError as error:

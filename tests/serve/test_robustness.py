@@ -151,6 +151,17 @@ def test_a_schema_decoding_cannot_enforce_is_a_400_naming_its_field(tiny, extra,
     assert error["param"] == param and "cannot be enforced" in error["message"]
 
 
+def test_a_named_tool_choice_forces_a_call_of_that_tool(tiny):
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}}} for name in ("f", "g")]
+    answer = post(tiny, {**GOOD, "max_tokens": 60, "tools": tools,
+                         "tool_choice": {"type": "function", "function": {"name": "g"}}})
+    assert answer.status_code == 200, answer.text  # was a 500 (AttributeError) once the choice became a model
+    calls = answer.json()["choices"][0]["message"]["tool_calls"]
+    assert [call["function"]["name"] for call in calls] == ["g"]
+    assert isinstance(json.loads(calls[0]["function"]["arguments"])["a"], bool)
+
+
 def test_completions_errors_and_keys(tiny):
     assert post(tiny, {"model": NAME, "prompt": [], "max_tokens": 2}, path="/v1/completions").status_code == 400
     assert post(tiny, {"model": NAME, "prompt": [999999], "max_tokens": 2}, path="/v1/completions").status_code == 400
