@@ -85,6 +85,9 @@ class Sequence:
         self.text = ""
         self.emitted = 0
         self.holdback = max((len(s) for s in params.stop), default=1) - 1
+        # Log-probabilities go out with their token's text, each kept with where that text starts: those of tokens
+        # whose text a stop string then takes are dropped with it, as the text is.
+        self.held_logprobs: list[tuple[int, TokenLogprob]] = []
 
     @property
     def generated(self) -> list[int]:
@@ -139,7 +142,7 @@ class Sequence:
         else:
             self.tokens.append(token)
             delta.tokens.append(token)
-            delta.logprobs += [logprob] if logprob else []
+            self.held_logprobs += [(len(self.text), logprob)] if logprob else []
             self.text += self.decoder.decode(piece)
             if len(self.tokens) - self.prompt_len >= self.max_tokens:
                 reason = "length"
@@ -152,12 +155,19 @@ class Sequence:
             self.text, reason = self.text[:hit], "stop"
         end = len(self.text) if reason else max(self.emitted, len(self.text) - self.holdback)
         delta.text, self.emitted = self.text[self.emitted:end], end
+        delta.logprobs = self._logprobs_until(end if hit >= 0 or not reason else None)
         delta.finish_reason, delta.stop_token = reason, stop_token
         return delta
+
+    def _logprobs_until(self, end: int | None) -> list[TokenLogprob]:
+        """The held log-probabilities of tokens whose text starts before `end` (None: all of them)."""
+        out = [lp for start, lp in self.held_logprobs if end is None or start < end]
+        self.held_logprobs = [(start, lp) for start, lp in self.held_logprobs if end is not None and start >= end]
+        return out
 
     def ending(self, reason: str, text: str = "") -> Delta:
         """The last delta of a sequence ended from outside (timeout, cancellation, an error): what was held back."""
         if reason == "timeout":
             self.text += self.decoder.decode(b"", final=True)
             text, self.emitted = self.text[self.emitted:], len(self.text)
-        return Delta(self.index, text, [], finish_reason=reason)
+        return Delta(self.index, text, [], self._logprobs_until(None), finish_reason=reason)

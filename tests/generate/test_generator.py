@@ -266,3 +266,21 @@ def test_a_model_that_computes_nan_is_an_error_not_an_empty_reply(temperature):
         engine.generate([[1, 2, 3]], params)
     healthy = Generator(Transformer(CONFIG).eval(), herd.load_tokenizer())
     assert len(healthy.generate([[1, 2, 3]], params)[0].tokens) == 4
+
+
+def test_log_probabilities_end_where_a_stop_string_cuts_the_text(generator):
+    """The tokens whose text a stop string takes leave with it: their log-probabilities had stayed (vLLM keeps them
+    too), so a client rebuilding the text from them, or from completions' text offsets, got more than the text."""
+    prompt = ids(generator, PROMPTS[1])
+    plain = generator.generate([prompt], SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, logprobs=0))[0]
+    pieces = [generator.tokenizer.decode([t]) for t in plain.tokens]
+    starts = [len("".join(pieces[:i])) for i in range(len(pieces))]
+    k = next(i for i in range(2, len(pieces)) if pieces[i].strip() and plain.text.find(pieces[i]) == starts[i])
+    for stop in (pieces[k], pieces[k - 1][-1:] + pieces[k]):  # within one token, and across two
+        params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, logprobs=0, stop=(stop,))
+        cut = generator.generate([prompt], params)[0]
+        assert cut.text == plain.text[:plain.text.find(stop)]
+        kept = [t for t, start in zip(plain.tokens, starts) if start < len(cut.text)]
+        assert [lp.token for lp in cut.logprobs] == kept
+        streamed = [lp.token for delta in generator.stream([prompt], params) for lp in delta.logprobs]
+        assert streamed == kept
