@@ -33,7 +33,7 @@ from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
 from herd.serve.app import read_json, validate
 from herd.serve.auth import check_key
-from herd.serve.protocol import APIError, Message, internal_error
+from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
 from herd.tools import ToolError, builtin_tool
 
@@ -41,7 +41,7 @@ router = APIRouter(prefix="/v1/agents")
 log = logging.getLogger("herd.serve")
 
 
-class AgentConfig(BaseModel):
+class AgentConfig(StrictModel):
     instructions: str = ""
     tools: list[str] = Field(default_factory=list)  # built-in tools' names and those of the operator's functions
     tool_choice: str = "auto"  # auto, required or a tool's name: the first reply of each turn is then a call
@@ -54,6 +54,8 @@ class AgentConfig(BaseModel):
         known = {f.name for f in fields(SamplingParams)}
         if unknown := sorted(set(sampling) - known):
             raise ValueError(f"unknown sampling fields {unknown}: use {sorted(known)}")
+        if isinstance(sampling.get("logit_bias"), dict):  # its token ids came as JSON's string keys
+            sampling = {**sampling, "logit_bias": token_bias(sampling["logit_bias"])}
         try:
             SamplingParams(**sampling)  # its own checks of the values
         except TypeError as error:  # a value of the wrong type, compared with a bound
@@ -61,11 +63,11 @@ class AgentConfig(BaseModel):
         return sampling
 
 
-class SessionRequest(BaseModel):
+class SessionRequest(StrictModel):
     session_name: str = ""
 
 
-class TurnRequest(BaseModel):
+class TurnRequest(StrictModel):
     messages: list[Message] = Field(min_length=1)
 
 

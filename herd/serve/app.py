@@ -399,7 +399,7 @@ def sse_response(events: AsyncIterator[dict[str, Any]], *, done: bool = True) ->
 openai_router = APIRouter()
 
 
-@openai_router.get("/v1/models")
+@openai_router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def list_models(request: Request):
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
@@ -717,25 +717,26 @@ async def detokenize(request: Request):
 ops_router = APIRouter()
 
 
-@ops_router.get("/health")
+@ops_router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers, uptime checks
 async def health(request: Request):
     engine = server_state(request).llm.generator
     return {"status": "ok", "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
 
 
-@ops_router.get("/metrics")
+@ops_router.api_route("/metrics", methods=["GET", "HEAD"])
 async def metrics(request: Request):
     return Response(server_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@ops_router.get("/")
+@ops_router.api_route("/", methods=["GET", "HEAD"])
 async def chat_page():
     return FileResponse(STATIC / "index.html")
 
 
-@ops_router.get("/static/{name}")
+@ops_router.api_route("/static/{name}", methods=["GET", "HEAD"])
 async def static_file(name: str):
-    path = (STATIC / name).resolve()
-    if path.parent != STATIC.resolve() or not path.is_file():
+    # A NUL byte is in no file's name (and had failed resolve(): a 500).
+    path = None if "\0" in name else (STATIC / name).resolve()
+    if path is None or path.parent != STATIC.resolve() or not path.is_file():
         raise APIError(404, f"no file {name}", type="not_found_error")
     return FileResponse(path)

@@ -25,7 +25,7 @@ import json
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from herd.generate import SamplingParams
 from herd.serve.app import (
@@ -104,15 +104,29 @@ class Sampling(StrictModel):
     stop: list[str] | None = Field(None, max_length=4)
 
 
+# Llama Stack's examples name parameter types as Python does ("str", "int") as often as JSON Schema does ("string").
+_PARAM_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "array",
+                "dict": "object", **{kind: kind for kind in ("string", "integer", "number", "boolean", "array",
+                                                              "object", "null")}}
+
+
 class ToolParam(StrictModel):
     param_type: str
     description: str | None = None
     required: bool = True
     default: Any = None
 
+    @field_validator("param_type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        # Checked whatever the tool_choice: an unknown type had gone into the tool prompt unchecked under "auto".
+        if value not in _PARAM_TYPES:
+            raise ValueError(f"unknown param_type {value!r}: use one of {', '.join(_PARAM_TYPES)}")
+        return value
+
 
 class ToolDefinition(StrictModel):
-    tool_name: str
+    tool_name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")  # as OpenAI's function names
     description: str | None = None
     parameters: dict[str, ToolParam] | None = None
 
@@ -143,6 +157,14 @@ class _Inference(StrictModel):
 class _Chat(_Inference):
     tools: list[ToolDefinition] = Field(default_factory=list)
     tool_config: ToolConfig | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct(cls, tools: list[ToolDefinition]) -> list[ToolDefinition]:
+        names = [tool.tool_name for tool in tools]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"tool {twice[0]!r} is defined twice: a call of it would be ambiguous")
+        return tools
 
     def config(self) -> ToolConfig:
         return self.tool_config or ToolConfig()
@@ -198,12 +220,13 @@ def _message(message: Message) -> dict[str, Any]:
     return out
 
 
-def _tool(tool: ToolDefinition) -> str | dict[str, Any]:
-    """A built-in's name, or a custom tool as the OpenAI function herd's tool prompts render."""
+def _tool(tool: ToolDefinition, json_types: bool = False) -> str | dict[str, Any]:
+    """A built-in's name, or a custom tool as the OpenAI function herd's tool prompts render: its types as given
+    (the prompt Meta's reference renders), or, for the grammar that enforces a call, as JSON Schema names them."""
     if tool.tool_name in BUILTIN_TOOLS:
         return tool.tool_name
     params = tool.parameters or {}
-    properties = {name: {"type": p.param_type, **({"description": p.description} if p.description else {}),
+    properties = {name: {"type": _PARAM_TYPES[p.param_type] if json_types else p.param_type, **({"description": p.description} if p.description else {}),
                          **({"default": p.default} if p.default is not None else {})} for name, p in params.items()}
     return {"type": "function", "function": {
         "name": tool.tool_name, "description": tool.description or "",
@@ -289,7 +312,8 @@ class _Chats:
         if self.tools and config.tool_choice not in ("auto", "none"):
             self.schema_param = "tools"
             try:
-                schema = call_schema(self.tools, None if config.tool_choice == "required" else config.tool_choice)
+                schema = call_schema([_tool(t, json_types=True) for t in body.tools],
+                                     None if config.tool_choice == "required" else config.tool_choice)
             except ValueError as error:
                 raise APIError(400, str(error), param="tool_config.tool_choice") from None
         self.schema, self.body = schema, body

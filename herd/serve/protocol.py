@@ -10,6 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_STOP = 4
 
 
+def token_bias(value: dict) -> dict[int, float]:
+    """A JSON logit_bias ({"token id": bias}: JSON's keys are strings) as SamplingParams takes it; ValueError
+    naming the first entry that is no token id or no bias from -100 to 100."""
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"{key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError(f"the bias of token {key} must be a number from -100 to 100")
+    return {int(key): float(bias) for key, bias in value.items()}
+
+
 class StrictModel(BaseModel):
     # Unknown fields are ignored, as OpenAI does; the known ones must have the right type.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -181,14 +192,7 @@ class _Sampling(StrictModel):
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _bias(cls, value):
-        if not isinstance(value, dict):
-            return value
-        for key, bias in value.items():
-            if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"{key!r} is not a token id")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-                raise ValueError(f"the bias of token {key} must be a number from -100 to 100")
-        return {key: float(bias) for key, bias in value.items()}
+        return {str(token): bias for token, bias in token_bias(value).items()} if isinstance(value, dict) else value
 
 
 class ChatCompletionRequest(_Sampling):

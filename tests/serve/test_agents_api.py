@@ -142,3 +142,19 @@ def test_the_operators_functions_are_offered_by_name(default_llm, monkeypatch):
                        json={"messages": [{"role": "user", "content": "Shout hi."}]})
     assert turn.status_code == 200 and calls == ["hi"]
     assert sse(turn)[-1]["turn"]["output_message"]["content"] == "HI."
+
+
+def test_an_agents_sampling_takes_a_logit_bias_as_json_writes_it(default_llm):
+    """JSON's keys are strings: an agent's logit_bias reached the engine so ({"5": 1}) and its first turn failed
+    with a TypeError; a key that is no token id, or a field of the wrong type, is a 400 when the agent is made."""
+    client = TestClient(create_app(default_llm, routers=[router]))
+    assert client.post("/v1/agents", json={"sampling": {"logit_bias": {"x": 1}}}).status_code == 400
+    assert client.post("/v1/agents", json={"max_steps": "3"}).status_code == 400  # strict, as every route
+    bias = {str(default_llm.tokenizer.encode("Paris", bos=False)[0]): 100}
+    agent_id = client.post("/v1/agents", json={"sampling": {"logit_bias": bias, "max_tokens": 3, "temperature": 0}}
+                           ).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+    turn = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
+                       json={"messages": [{"role": "user", "content": "Name a city."}]})
+    assert turn.status_code == 200 and "error" not in turn.text, turn.text
+    assert sse(turn)[-1]["turn"]["output_message"]["content"].startswith("Paris")  # the bias took effect

@@ -106,6 +106,18 @@ def test_tool_calls_round_trip_like_the_openai_route(server, client, ls):
     assert prompt_tokens == usage.prompt_tokens
 
 
+def test_a_tool_whose_parameters_are_typed_as_python_names_them_is_called(server):
+    """Llama Stack's examples type parameters "int" or "str": such a tool had been refused as soon as a call was
+    demanded (the grammar took "int" for a JSON Schema type); its prompt keeps the types as written."""
+    body = {"model_id": server.llm.name, "messages": [{"role": "user", "content": "Add 2 and 3."}],
+            "tools": [{"tool_name": "add", "parameters": {"a": {"param_type": "int"}, "b": {"param_type": "int"}}}],
+            "tool_config": {"tool_choice": "add"}, "sampling_params": {"max_tokens": 40}}
+    answer = post(server, "/v1/inference/chat-completion", body)
+    assert answer.status_code == 200, answer.text
+    call = answer.json()["completion_message"]["tool_calls"][0]
+    assert call["tool_name"] == "add" and all(type(v) is int for v in call["arguments"].values())
+
+
 def test_completion_and_its_stream(server, ls):
     llm = server.llm
     body = {"model_id": llm.name, "content": "Once upon a time", "sampling_params": {"max_tokens": 10},
@@ -176,6 +188,14 @@ def test_batch_routes_equal_one_request_at_a_time(server, ls):
     # a call demanded with no tool to call (was answered with plain text)
     ("chat-completion", {"messages": [{"role": "user", "content": "x"}], "tool_config": {"tool_choice": "required"}},
      400, "tool_config.tool_choice"),
+    # tool definitions no call could be made of: each had gone into the prompt unchecked under tool_choice auto
+    ("chat-completion", {"messages": [{"role": "user", "content": "x"}],
+                         "tools": [{"tool_name": "f", "parameters": {"q": {"param_type": "banana"}}}]}, 400,
+     "tools.0.parameters.q.param_type"),
+    ("chat-completion", {"messages": [{"role": "user", "content": "x"}], "tools": [{"tool_name": "weird name!"}]},
+     400, "tools.0.tool_name"),
+    ("chat-completion", {"messages": [{"role": "user", "content": "x"}],
+                         "tools": [{"tool_name": "f"}, {"tool_name": "f"}]}, 400, "tools"),
 ])
 def test_malformed_requests_get_specific_4xx(server, path, body, status, param):
     if "model_id" not in body and param != "model_id":

@@ -176,6 +176,9 @@ def test_completions_errors_and_keys(tiny):
     assert httpx.get(tiny.url + "/v1/models").status_code == 401
     assert httpx.get(tiny.url + "/nowhere").json()["error"]["type"] == "not_found_error"
     assert httpx.get(tiny.url + "/health").json()["status"] == "ok"
+    # HEAD, as load balancers and uptime checks ask, had been 405; a NUL byte in a static file's name a 500
+    assert [httpx.head(tiny.url + path).status_code for path in ("/health", "/", "/metrics")] == [200] * 3
+    assert httpx.get(tiny.url + "/static/%00").status_code == 404
 
 
 def test_a_tool_whose_property_schema_is_true_is_prompted_as_any_type(tiny):
