@@ -15,7 +15,7 @@ from herd.generate.sampling import SamplingParams
 from herd.generate.structured import JsonGrammars
 from herd.model.llama import Transformer
 from herd.tokenizer.template import TemplateChatFormat, content_texts
-from herd.tokenizer.tool_calls import call_schema, call_texts
+from herd.tokenizer.tool_calls import TOOL_PROMPT_FORMATS, call_schema, call_texts
 from herd.tokenizer.tool_prompts import with_tool_prompts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -91,7 +91,11 @@ class LLM:
         return self.generator.device
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise TypeError(f"a prompt must be text or a list of token ids, got {prompt!r:.80}")
+        return list(prompt)
 
     def generate(self, prompt, *, stream: bool = False, **sampling) -> Completion | list[Completion] | Iterator[str]:
         """Complete a prompt (text or token ids), or a list of them as one batch.
@@ -101,7 +105,9 @@ class LLM:
         stream: yield the text as it is generated (one prompt only).
         """
         params = SamplingParams(**sampling)
-        batched = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        if isinstance(prompt, list) and not prompt:  # no prompts: no completions
+            return []
+        batched = isinstance(prompt, list) and not isinstance(prompt[0], int)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         if stream:
             if batched:
@@ -117,6 +123,10 @@ class LLM:
         tool_choice: None or "auto" leaves calling a tool to the model; "required" makes the reply a call to one of
         `tools`, a tool's name a call to that tool: decoding follows the call's JSON schema (as the server's).
         """
+        if tools is not None and not isinstance(tools, (list, tuple)):  # a string had been taken letter by letter
+            raise TypeError(f"tools must be a list of tools, got {tools!r:.80}")
+        if tool_choice == "none":  # as OpenAI: the model is not offered the tools
+            tools, tool_choice = None, None
         ids = self.chat_prompt(messages, tools, tool_prompt_format)
         params = SamplingParams(**sampling)
         options = {}
@@ -140,6 +150,9 @@ class LLM:
         if not isinstance(messages, (list, tuple)) or not messages or not all(isinstance(m, dict) for m in messages):
             raise TypeError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
                             f"{messages!r:.80}")
+        if tool_prompt_format not in TOOL_PROMPT_FORMATS:  # a template's own tool prompt had ignored it unchecked
+            raise ValueError(f"unknown tool prompt format {tool_prompt_format!r}; expected one of "
+                             f"{TOOL_PROMPT_FORMATS}")
         if not isinstance(self.chat_format, TemplateChatFormat):
             return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
         template = self.chat_format.tokenizer.chat_template
@@ -160,6 +173,8 @@ class LLM:
         A judge that must answer with a label picks the likeliest one: a small model that would ramble or echo
         the question still ranks the labels sensibly. The engine's prefix cache runs the shared prompt once.
         """
+        if not choices or isinstance(choices, str):
+            raise ValueError(f"choose needs a list of choices to rank, got {choices!r:.80}")
         prompt = self.chat_format.encode_dialog(messages)
         replies = [self.tokenizer.encode(c, bos=False) for c in choices]
         scores = self.generator.score([prompt + r for r in replies], score_from=len(prompt))
@@ -193,8 +208,14 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     """
     from herd.checkpoint import load_checkpoint
     from herd.quant.load import build_quantized
+    from herd.quant.schemes import Scheme
     from herd.tokenizer import chat_format_for
 
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
+    if quantize is not None and not isinstance(quantize, (str, Scheme)):
+        raise TypeError(f"quantize must be a scheme's name (int8, int4, fp8, ...), a Scheme, 'auto' or None, got "
+                        f"{quantize!r}")
     device = resolve_device(device)
     path = resolve_model_path(path_or_name)
     ckpt = load_checkpoint(path, dtype=dtype)

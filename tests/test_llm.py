@@ -92,3 +92,32 @@ def test_a_device_this_machine_lacks_is_named_before_the_model_is_read(monkeypat
         with pytest.raises(ValueError, match=words) as refused:
             herd.load(device=device)
         assert "use cpu" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_arguments_of_the_wrong_kind_are_named_and_no_prompts_are_no_completions():
+    import pytest
+
+    llm = tiny_llm()
+    for prompt in (None, 5, ["a", 5], [1, "a"]):  # had been "'NoneType' object is not iterable" and the like
+        with pytest.raises(TypeError, match="a prompt must be text or a list of token ids"):
+            llm.generate(prompt, max_tokens=2)
+    assert llm.generate([], max_tokens=2) == []  # was "every prompt needs at least one token"
+    dialog = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TypeError, match="tools must be a list of tools"):  # had been "unknown tool 't'"
+        llm.chat(dialog, "tools", max_tokens=2)
+    with pytest.raises(ValueError, match="unknown tool prompt format 'xml'"):
+        llm.chat(dialog, tool_prompt_format="xml", max_tokens=2)
+    with pytest.raises(ValueError, match="choose needs a list of choices"):  # was "every prompt needs a token"
+        llm.choose(dialog, [])
+    for bad in ({"quantize": 5}, {"dtype": "float16"}):  # AttributeErrors: 'int' has no 'strip', 'str' no 'itemsize'
+        with pytest.raises(TypeError, match=next(iter(bad)) + " must be"):
+            herd.load(**bad)
+
+
+def test_tool_choice_none_offers_no_tools_as_openai_has_it():
+    llm = tiny_llm()
+    dialog = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    params = dict(max_tokens=3, temperature=0, ignore_eos=True)
+    # was "tool_choice names 'none', which is not among the tools"
+    assert llm.chat(dialog, tools, tool_choice="none", **params) == llm.chat(dialog, **params)

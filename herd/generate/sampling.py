@@ -15,6 +15,32 @@ _NUMBERS = {"max_tokens": Integral, "temperature": Real, "top_p": Real, "top_k":
             "logprobs": Integral, "prompt_logprobs": Integral}
 
 
+def _token_bias(bias) -> tuple[tuple[int, float], ...]:
+    """A logit_bias ({token id: bias} or its sorted pairs) as sorted pairs, or an error naming logit_bias: a NaN
+    bias had made every logit NaN, a string id ("5", as JSON writes it) a TypeError deep in the engine."""
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = sorted((token, value) for token, value in pairs)
+    except (TypeError, ValueError):
+        raise TypeError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+    for token, value in pairs:
+        if isinstance(token, bool) or not isinstance(token, Integral) or isinstance(value, bool) \
+                or not isinstance(value, Real):
+            raise TypeError(f"logit_bias must map token ids (integers) to numbers, got {token!r}: {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"logit_bias of token {token} must be a finite number, got {value}")
+    return tuple(pairs)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    if not all(stops):
+        raise ValueError("stop strings must not be empty")
+    return tuple(stops)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -50,12 +76,12 @@ class SamplingParams:
         require(self, FINITE, "presence_penalty", "frequency_penalty")
         if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:  # torch.Generator's range
             raise ValueError(f"seed must be from -2**63 to 2**64 - 1, got {self.seed}")
-        if isinstance(self.logit_bias, dict):
-            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        object.__setattr__(self, "logit_bias", _token_bias(self.logit_bias))
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        if not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise TypeError(f"stop_token_ids must be token ids (integers from 0), got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):  # "no" had meant True
+            raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:

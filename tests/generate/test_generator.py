@@ -1,4 +1,6 @@
 """The generation engine on a tiny random model with the real Llama 3 tokenizer."""
+import re
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -284,3 +286,19 @@ def test_log_probabilities_end_where_a_stop_string_cuts_the_text(generator):
         assert [lp.token for lp in cut.logprobs] == kept
         streamed = [lp.token for delta in generator.stream([prompt], params) for lp in delta.logprobs]
         assert streamed == kept
+
+
+@pytest.mark.parametrize(("fields", "error", "words"), [
+    ({"logit_bias": {5: float("nan")}}, ValueError, "logit_bias of token 5 must be a finite number"),  # "NaN logits"
+    ({"logit_bias": {"5": 1.0}}, TypeError, "logit_bias must map token ids (integers) to numbers"),  # '<=' str, int
+    ({"logit_bias": [5, 6]}, TypeError, "logit_bias must map token ids to numbers"),  # cannot unpack an int
+    ({"stop": None}, TypeError, "stop must be a string or a list of strings"),  # 'NoneType' is not iterable
+    ({"stop": [1]}, TypeError, "stop must be a string or a list of strings"),  # object of type 'int' has no len()
+    ({"stop": ["a", None]}, TypeError, "stop must be a string or a list of strings"),  # was "must not be empty"
+    ({"stop_token_ids": [-1]}, TypeError, "stop_token_ids must be token ids"),
+    ({"ignore_eos": "no"}, TypeError, "ignore_eos must be True or False"),  # "no" had meant True
+])
+def test_malformed_sampling_parameters_are_named(fields, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        SamplingParams(**fields)
+    assert SamplingParams(logit_bias={5: 1}, stop="x").logit_bias == ((5, 1),)  # a mapping and one string still do
