@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -39,6 +40,10 @@ class ContextLengthError(ValueError):
 # Llama 3's pretraining sequence length: the context every engine holds whatever memory it is given.
 GUARANTEED_CONTEXT = 8192
 
+# EngineConfig's integer fields (a bool is refused: True is no batch size). A float block size had reached torch as
+# 9320.0 blocks, a string the range check's '>='.
+_INTEGERS = ("block_size", "kv_cache_bytes", "max_batch", "max_step_tokens", "max_queue")
+
 
 class QueueFullError(RuntimeError):
     pass
@@ -58,6 +63,16 @@ class EngineConfig:
     speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts for greedy sequences
 
     def __post_init__(self):
+        for name in _INTEGERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.prefix_caching, bool):  # "no" had turned caching on
+            raise TypeError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
+        if not isinstance(self.kv_cache_dtype, str):
+            raise TypeError(f"kv_cache_dtype must be a string, got {self.kv_cache_dtype!r}")
+        if not isinstance(self.speculative, SpeculativeConfig):
+            raise TypeError(f"speculative must be a SpeculativeConfig, got {self.speculative!r}")
         # A batch or a step of no sequences had the engine wait for ever; a block of none divided by zero.
         require(self, AT_LEAST_ONE, "block_size", "max_batch", "max_step_tokens", "max_queue")
         require(self, NON_NEGATIVE, "kv_cache_bytes")

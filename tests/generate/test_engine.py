@@ -270,3 +270,25 @@ def test_speculative_settings_out_of_range_are_refused_naming_the_field():
         SpeculativeConfig(max_batch=-1)
     with pytest.raises(ValueError, match=re.escape("min_ngram (3) must not exceed ngram (2)")):
         SpeculativeConfig(ngram=2, min_ngram=3)
+
+
+@pytest.mark.parametrize(("config", "fields", "words"), [
+    ("engine", {"block_size": 2.5}, "block_size must be an integer, got 2.5"),  # herd.load had failed in torch
+    ("engine", {"block_size": "16"}, "block_size must be an integer, got '16'"),  # had failed comparing str and int
+    ("engine", {"block_size": None}, "block_size must be an integer, got None"),  # the range check had let it by
+    ("engine", {"max_batch": True}, "max_batch must be an integer, got True"),
+    ("engine", {"kv_cache_bytes": 1e9}, "kv_cache_bytes must be an integer, got 1000000000.0"),
+    ("engine", {"prefix_caching": "no"}, "prefix_caching must be True or False, got 'no'"),  # had turned caching on
+    ("engine", {"prefix_caching": 0}, "prefix_caching must be True or False, got 0"),
+    ("engine", {"kv_cache_dtype": None}, "kv_cache_dtype must be a string, got None"),
+    ("engine", {"speculative": {"draft_tokens": 2}}, "speculative must be a SpeculativeConfig, got {'draft_tokens'"),
+    ("speculative", {"draft_tokens": 2.5}, "draft_tokens must be an integer, got 2.5"),  # had failed slicing
+    ("speculative", {"ngram": "4"}, "ngram must be an integer, got '4'"),
+    ("speculative", {"min_ngram": False}, "min_ngram must be an integer, got False"),
+    ("speculative", {"max_batch": 4.0}, "max_batch must be an integer, got 4.0"),
+])
+def test_engine_settings_of_the_wrong_type_are_refused_naming_the_field(config, fields, words):
+    from herd.generate.speculative import SpeculativeConfig
+
+    with pytest.raises(TypeError, match=re.escape(words)):
+        {"engine": EngineConfig, "speculative": SpeculativeConfig}[config](**fields)
