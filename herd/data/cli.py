@@ -59,7 +59,8 @@ def run(
     executor: str = typer.Option("local", "--executor", help="local (this machine's cores) or dask."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="A running dask-scheduler's address "
                                             "(tcp://HOST:PORT); its workers must see --out. Implies dask."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes; default: every core."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                         help="Worker processes; default: every core."),
     quality_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained quality classifier."),
     domain_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained domain classifier."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or tables."),
@@ -89,6 +90,8 @@ def run(
         result = pipeline.run(files, out, cfg, ex)
     finally:
         ex.close()
+    for warning in result.warnings:  # even under --quiet: these inputs are missing from the output
+        typer.secho(f"herd: warning: {warning}", err=True, fg=typer.colors.YELLOW)
     if not quiet:
         render(result.report)
         typer.echo(f"{result.manifest['documents']:,} documents, {result.manifest['tokens']:,} tokens in "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herd.bounds import NON_NEGATIVE
+from herd.bounds import NON_NEGATIVE, require_value
 
 # The final pre-training mix Llama 3 reports (section 3.1.2), by tokens.
 LLAMA3_MIX = {"general": 0.50, "math_reasoning": 0.25, "code": 0.17, "multilingual": 0.08}
@@ -116,7 +116,8 @@ def check_types(cls: type, options: dict[str, Any], where: str) -> None:
 
 
 # The TOML values each plain field type takes: an integer where a float is asked for, never a boolean for a number.
-_TOML_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), tuple: (list, tuple)}
+_TOML_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), tuple: (list, tuple),
+               dict: (dict,)}
 
 
 def import_object(target: str) -> Any:
@@ -181,11 +182,18 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConf
         if not isinstance(kind, str):
             raise ConfigError(f"{where}: stage {i + 1} has no type")
         stages.append(StageSpec(kind, table))
+    shards_raw = raw.pop("shards", {})
+    check_types(ShardConfig, shards_raw, f"{where}: shards")
+    mix_raw = raw.pop("mix", {})
+    if isinstance(mix_raw, dict) and not isinstance(mix_raw.get("enabled", True), bool):
+        raise ConfigError(f"{where}: mix: enabled must be bool, got {mix_raw['enabled']!r}")
+    mix_on = not (mix_raw is False or mix_raw.get("enabled") is False)
+    mix_raw = {k: v for k, v in mix_raw.items() if k != "enabled"} if mix_on else {}
+    check_types(MixConfig, mix_raw, f"{where}: mix")
+    check_types(PipelineConfig, raw, where)
     try:
-        shards = ShardConfig(**raw.pop("shards", {}))
-        mix_raw = raw.pop("mix", {})
-        mix = None if mix_raw is False or mix_raw.get("enabled") is False else MixConfig(
-            **{k: v for k, v in mix_raw.items() if k != "enabled"})
+        shards = ShardConfig(**shards_raw)
+        mix = MixConfig(**mix_raw) if mix_on else None
         config = PipelineConfig(stages=tuple(stages), shards=shards, mix=mix, **raw)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -198,9 +206,16 @@ def validate(config: PipelineConfig, where: str = "config") -> None:
         if spec.type not in STAGE_TYPES and ":" not in spec.type:
             raise ConfigError(f"{where}: unknown stage type {spec.type!r}; known: {', '.join(STAGE_TYPES)}")
     if config.mix is not None:
+        for domain, share in config.mix.targets.items():
+            if isinstance(share, bool) or not isinstance(share, (int, float)):
+                raise ConfigError(f"{where}: mix targets {domain} must be a number, got {share!r}")
+            try:
+                require_value(f"mix targets {domain}", share, NON_NEGATIVE)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
         total = sum(config.mix.targets.values())
-        if not all(map(NON_NEGATIVE.holds, config.mix.targets.values())) or abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"{where}: mix targets must be non-negative and sum to 1 (they sum to {total:g})")
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"{where}: mix targets must sum to 1 (they sum to {total:g})")
         if config.mix.max_repeats < 1:
             raise ConfigError(f"{where}: mix max_repeats must be at least 1")
     from herd.data.readers import EXTRACTORS

@@ -251,6 +251,7 @@ class RunResult:
     out: Path
     report: dict[str, Any]
     manifest: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # an input read only in part, or not at all
 
 
 def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: Executor | None = None) -> RunResult:
@@ -268,6 +269,7 @@ def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: E
     executor = executor or LocalExecutor()
     try:
         units = _read_round(executor, work, config, inputs)
+        warnings = _read_problems(work, inputs)
         for k in range(len(stages.segments)):
             source = "read" if k == 0 else f"r{k - 1}"
             tasks = [Task(str(work), config, k, u, str(work / source / f"{u}.docs.jsonl")) for u in units]
@@ -278,7 +280,7 @@ def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: E
     finally:
         if own_executor:
             executor.close()
-    return _finish(out, work, config, stages, inputs, units)
+    return dataclasses.replace(_finish(out, work, config, stages, inputs, units), warnings=warnings)
 
 
 def _claim(work: Path, config: PipelineConfig, inputs: list[Path]) -> None:
@@ -303,6 +305,31 @@ def _read_round(executor: Executor, work: Path, config: PipelineConfig, inputs: 
     tasks = [Task(str(work), config, -1, f"{i:05d}", str(p)) for i, p in enumerate(inputs)]
     _map_unfinished(executor, read_unit, tasks, "read")
     return [u for t in tasks for u in json.loads(t.path("done.json").read_text())["units"]]
+
+
+# read drops that cost the rest of a file, not one record
+_CUT = ("truncated_input", "unreadable")
+
+
+def _read_problems(work: Path, inputs: list[Path]) -> list[str]:
+    """A line per input that gave no document, or was cut short; a PipelineError where no input gave any, since a
+    run of nothing (a mislabelled, binary or empty file) had finished as a success that wrote no data."""
+    unread, problems = [], []
+    for i, path in enumerate(inputs):
+        tally = json.loads((work / "read" / f"{i:05d}.done.json").read_text())["tally"]
+        docs = tally["read"]["docs"] - tally["dropped"].get(READ, {}).get("docs", 0)
+        reasons = tally["reasons"].get(READ, {})
+        said = ", ".join(r if n == 1 else f"{r} x{n}" for r, n in sorted(reasons.items())) or "no records"
+        if docs == 0:
+            unread.append(f"{path} ({said})")
+            problems.append(f"no document could be read from {unread[-1]}")
+        elif any(r in reasons for r in _CUT):
+            problems.append(f"{path}: read only in part, {docs} documents before the file broke off ({said})")
+    if inputs and len(unread) == len(inputs):
+        more = f"; and {len(unread) - 3} more" if len(unread) > 3 else ""
+        raise PipelineError(f"no document could be read from any input: {'; '.join(unread[:3])}{more}; give JSONL, "
+                            "text, HTML or WARC files, plain or in the compression their names say")
+    return problems
 
 
 def _plan(work: Path, k: int, dedup: Any, units: list[str]) -> None:

@@ -28,6 +28,8 @@ _JSONL = {".jsonl", ".json", ".ndjson"}
 _HTML = {".html", ".htm", ".xhtml"}
 _WARC = {".warc", ".arc"}
 _BOM = b"\xef\xbb\xbf"
+# The bytes every stream of the codec starts with: without them the file is not compressed so, not cut short.
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
 
 
 class Truncated(Exception):
@@ -78,6 +80,9 @@ def read(path: str | Path, extractor: str = "herd") -> Iterator[Document | Dropp
     codec = _COMPRESSED.get(suffixes[-1]) if suffixes else None
     inner = (suffixes[-2] if len(suffixes) > 1 else "") if codec else (suffixes[-1] if suffixes else "")
     source = str(path)
+    if codec and not _starts_as(path, codec):
+        yield Dropped(doc_id(f"{source}:not_{codec}"), STAGE, f"not_{codec}", source=source)
+        return
     if inner in _WARC:
         # warcio reads per-record gzip itself; a whole-file zstd stream is decompressed first.
         yield from _read_warc(path, source, codec == "zstd", extractor)
@@ -90,6 +95,13 @@ def read(path: str | Path, extractor: str = "herd") -> Iterator[Document | Dropp
 
 
 # --- bytes ---------------------------------------------------------------------------------------
+
+
+def _starts_as(path: Path, codec: str) -> bool:
+    """Whether the file opens with `codec`'s magic bytes; an empty file passes, as it holds no records either way."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(_MAGIC[codec]))
+    return not head or head == _MAGIC[codec]
 
 
 def _decompressed_chunks(path: Path, codec: str | None) -> Iterator[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -299,11 +300,30 @@ def test_stage_options_out_of_range_or_of_the_wrong_type_are_one_line(tmp_path, 
 
 @pytest.mark.parametrize(("raw", "words"), [
     ({"shards": {"max_tokens_per_shard": 0}}, "max_tokens_per_shard must be at least 1"),
-    ({"mix": {"targets": {"general": float("nan")}}}, "sum to 1 (they sum to nan)"),
+    ({"mix": {"targets": {"general": float("nan")}}}, "mix targets general must be at least 0, got nan"),
+    # had read "must be non-negative and sum to 1 (they sum to 1)", naming neither the target nor what was wrong
+    ({"mix": {"targets": {"web": 1.5, "code": -0.5}}}, "mix targets code must be at least 0, got -0.5"),
+    ({"mix": {"targets": {"web": 0.5, "code": 0.4}}}, "mix targets must sum to 1 (they sum to 0.9)"),
 ])
 def test_pipeline_numbers_out_of_range_are_one_line(raw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         config_from_dict({**raw, "stages": [{"type": "exact_dedup"}]})
+
+
+@pytest.mark.parametrize(("toml", "words"), [
+    ('docs_per_unit = "10"', "docs_per_unit must be int, got '10'"),  # had been "'<' not supported between..."
+    ("docs_per_unit = 10.0", "docs_per_unit must be int, got 10.0"),
+    ("shards = {max_tokens_per_shard = 1.5}", "shards: max_tokens_per_shard must be int, got 1.5"),  # 1 doc a shard
+    ('shards = {eos = "yes"}', "shards: eos must be bool, got 'yes'"),
+    ("mix = {max_repeats = 2.5}", "mix: max_repeats must be int, got 2.5"),
+    ('mix = {targets = {web = "1"}}', "mix targets web must be a number, got '1'"),
+    ('mix = {enabled = "no"}', "mix: enabled must be bool, got 'no'"),
+])
+def test_pipeline_values_of_the_wrong_type_name_the_file_and_key(tmp_path, toml, words):
+    path = tmp_path / "p.toml"
+    path.write_text(f'{toml}\n[[stages]]\ntype = "exact_dedup"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {words}")):
+        load_config(path)
 
 
 def test_a_shards_tokenizer_that_gives_no_tokenizer_is_refused_before_the_run(tmp_path):
@@ -353,6 +373,62 @@ def test_cli_out_that_cannot_be_made_is_one_line_naming_it(tmp_path):
     out = tmp_path / "file" / "o"  # as /proc/x: had been "not found: /proc/x"
     line = _one_line_error(runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(out)]))
     assert f"--out {out} cannot be made (Not a directory); give a directory you can write to" in line
+
+
+@pytest.mark.parametrize("workers", ["0", "-3"])
+def test_cli_workers_below_one_is_a_usage_error(tmp_path, workers):
+    result = runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"), "--quiet",
+                                 "--workers", workers])
+    assert result.exit_code == 2 and "--workers" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def _byte_config(tmp_path, stage='type = "exact_dedup"'):
+    config = tmp_path / "p.toml"
+    config.write_text(f'[shards]\ntokenizer = "herd.data.shards:ByteTokenizer"\n[[stages]]\n{stage}\n')
+    return config
+
+
+@pytest.mark.parametrize(("name", "data", "why"), [
+    ("fake.jsonl.gz", json.dumps({"id": "1", "text": "not compressed"}).encode() + b"\n", "not_gzip"),
+    ("bin.jsonl", bytes(range(128, 256)) * 8, "invalid_utf8"),
+    ("empty.jsonl", b"", "no records"),
+], ids=["not_gzip", "binary", "empty"])
+def test_cli_inputs_that_cannot_be_read_are_an_error_alone_and_a_warning_beside_others(tmp_path, name, data, why):
+    """Each had finished with status 0 and "0 documents", and under --quiet said nothing."""
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    config = _byte_config(tmp_path)
+    line = _one_line_error(runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "o"), "--quiet",
+                                               "--config", str(config)]))
+    assert f"no document could be read from any input: {bad} ({why}" in line
+    result = runner.invoke(app, ["run", str(tiny(tmp_path)), str(bad), "--out", str(tmp_path / "o2"), "--quiet",
+                                 "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(f"herd: warning: no document could be read from {bad} "
+                                                         f"({why}"), result.stderr
+
+
+def test_cli_truncated_input_is_a_warning_and_filtered_out_input_is_no_error(tmp_path):
+    text = "".join(json.dumps({"id": f"d{i}", "text": random_text(i)}) + "\n" for i in range(300)).encode()
+    data = gzip.compress(text)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    result = runner.invoke(app, ["run", str(cut), "--out", str(tmp_path / "o"), "--quiet",
+                                 "--config", str(_byte_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(rf"herd: warning: {re.escape(str(cut))}: read only in part, \d+ documents before the file "
+                        r"broke off \(truncated_input\)", result.stderr.strip()), result.stderr
+    # readable, every document filtered out: a run that kept nothing, not an unreadable input
+    config = _byte_config(tmp_path, 'type = "gopher_quality"\nmin_words = 1000\nmax_words = 2000')
+    result = runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o2"), "--quiet",
+                                 "--config", str(config)])
+    assert result.exit_code == 0 and not result.stderr, result.output
+
+
+def random_text(seed):
+    return random.Random(seed).randbytes(60).hex()  # incompressible, so half the file holds many records
 
 
 def test_cli_unknown_executor_and_report_of_a_non_run(tmp_path):

@@ -79,6 +79,15 @@ def test_truncated_gzip_yields_what_was_readable_then_one_drop(tmp_path):
     assert [x.reason for x in dropped] == ["truncated_input"]
 
 
+@pytest.mark.parametrize("name", ["fake.jsonl.gz", "fake.txt.zst", "fake.warc.gz"])
+def test_a_file_not_in_its_names_compression_is_named_so_not_truncated(tmp_path, name):
+    """A plain file named .gz had been dropped as `truncated_input`, as if it were a cut gzip stream."""
+    path = tmp_path / name
+    path.write_text(json.dumps({"id": "1", "text": "plain text"}) + "\n")
+    codec = "gzip" if name.endswith(".gz") else "zstd"
+    assert [(x.reason, x.source) for x in read(path)] == [(f"not_{codec}", str(path))]
+
+
 def test_zstd_and_gzip_wrap_every_format(tmp_path):
     recs = _records(50)
     raw = ("\n".join(recs) + "\n").encode()
