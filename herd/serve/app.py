@@ -377,9 +377,12 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def sse_response(events: AsyncIterator[dict[str, Any]], *, done: bool = True) -> StreamingResponse:
-    """Server-sent events, an error as a last event; done: end with OpenAI's `data: [DONE]`."""
+def sse_response(request: Request, events: AsyncIterator[dict[str, Any]], *, done: bool = True
+                 ) -> StreamingResponse:
+    """Server-sent events, an error as a last event; done: end with OpenAI's `data: [DONE]`. Counted as a 200 when
+    it opens, as the client sees it: a stream whose client left before its end had been counted under no status."""
     async def body():
+        server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
         try:
             async for event in events:
                 yield _sse(event)
@@ -503,28 +506,27 @@ async def chat_completions(request: Request):
                         choice["finish_reason"] = "tool_calls"
             if choice["delta"] or choice["finish_reason"] or lps:
                 yield {**head, "choices": [choice]}
-        state.metrics.requests.labels(route_label(request.scope), "200").inc()
         if shields is not None and shields.report():
             yield {**head, "choices": [], **shields.report()}
         if include_usage:
             yield {**head, "choices": [], "usage": run.usage()}
 
-    return sse_response(events())
+    return sse_response(request, events())
 
 
 def _refused(request: Request, shields, body: ChatCompletionRequest):
     state = server_state(request)
-    state.metrics.requests.labels(route_label(request.scope), "200").inc()
     usage = bool(body.stream_options and body.stream_options.include_usage)
     answer = shields.refusal(state.model_name, body.stream, usage)
     if not body.stream:
+        state.metrics.requests.labels(route_label(request.scope), "200").inc()
         return answer
 
     async def events():
         for chunk in answer:
             yield chunk
 
-    return sse_response(events())
+    return sse_response(request, events())
 
 
 def _output_schema(body: ChatCompletionRequest) -> tuple[dict[str, Any] | None, str | None]:
@@ -655,15 +657,13 @@ async def completions(request: Request):
             text, reply = (d.text, d.logprobs) if generating else ("", [])
             finish = (_finish_reason(d.finish_reason) if generating else "length") if d.finish_reason else None
             logprobs, offsets[d.index] = _completion_logprobs(tok, entries + reply, offsets.get(d.index, 0))
-            # A token whose text is held back (it may begin a stop string) still brings its log-probability now.
             if echo + text or finish or body.logprobs is not None and reply:
                 yield {**head, "choices": [{"index": d.index, "text": echo + text, "finish_reason": finish,
                                             "logprobs": logprobs if body.logprobs is not None else None}]}
-        state.metrics.requests.labels(route_label(request.scope), "200").inc()
         if include_usage:
             yield {**head, "choices": [], "usage": usage()}
 
-    return sse_response(events())
+    return sse_response(request, events())
 
 
 def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any], int]:

@@ -226,7 +226,8 @@ def _tool(tool: ToolDefinition, json_types: bool = False) -> str | dict[str, Any
     if tool.tool_name in BUILTIN_TOOLS:
         return tool.tool_name
     params = tool.parameters or {}
-    properties = {name: {"type": _PARAM_TYPES[p.param_type] if json_types else p.param_type, **({"description": p.description} if p.description else {}),
+    properties = {name: {"type": _PARAM_TYPES[p.param_type] if json_types else p.param_type,
+                         **({"description": p.description} if p.description else {}),
                          **({"default": p.default} if p.default is not None else {})} for name, p in params.items()}
     return {"type": "function", "function": {
         "name": tool.tool_name, "description": tool.description or "",
@@ -342,7 +343,7 @@ class _Chats:
         self.state.metrics.requests.labels(route_label(request.scope), "200").inc()
         return out
 
-    async def events(self, request: Request):
+    async def events(self):
         llm, tok, seq = self.llm, self.llm.tokenizer, self.run.request.seqs[0]
         streamer = ToolStreamer() if self.tools else None
         yield _event("start", {"type": "text", "text": ""})
@@ -361,7 +362,6 @@ class _Chats:
                        "metrics": _metrics(seq.prompt_len, len(seq.generated))}
             elif text or logprobs:
                 yield _event("progress", {"type": "text", "text": text}, **logprobs)
-        self.state.metrics.requests.labels(route_label(request.scope), "200").inc()
 
 
 @router.post("/inference/chat-completion")
@@ -370,7 +370,7 @@ async def chat_completion(request: Request):
     chats = await _Chats(request, body, [body.messages]).start(request)
     if not body.stream:
         return (await chats.replies(request))[0]
-    return sse_response(chats.events(request), done=False)
+    return sse_response(request, chats.events(), done=False)
 
 
 @router.post("/inference/batch-chat-completion")
@@ -419,13 +419,12 @@ async def completion(request: Request):
     async def events():
         async for d in run.deltas():
             stop = llm.stop_reason(d.finish_reason, d.stop_token) if d.finish_reason else None
-            if d.text or stop or body.logprobs and d.logprobs:  # a token of no text yet still has its logprobs
+            if d.text or stop or body.logprobs and d.logprobs:
                 yield {"delta": d.text, "stop_reason": stop,
                        "logprobs": _logprobs(llm.tokenizer, d.logprobs) if body.logprobs else None,
                        **({"metrics": _metrics(seq.prompt_len, len(seq.generated))} if stop else {})}
-        server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
 
-    return sse_response(events(), done=False)
+    return sse_response(request, events(), done=False)
 
 
 @router.post("/inference/batch-completion")

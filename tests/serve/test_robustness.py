@@ -274,9 +274,15 @@ def test_full_queue_answers_429_with_retry_after(tiny):
     assert post(tiny, GOOD).status_code == 200
 
 
+def _served(server) -> float:
+    return sum(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
+               if line.startswith('herd_requests_total{route="/v1/chat/completions",status="200"}'))
+
+
 def test_client_disconnect_frees_its_sequence(tiny):
     engine = tiny.llm.generator
     body = {**GOOD, "max_tokens": 400, "stream": True}
+    served = _served(tiny)
     with httpx.stream("POST", tiny.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as answer:
         lines = answer.iter_lines()
@@ -285,6 +291,7 @@ def test_client_disconnect_frees_its_sequence(tiny):
     while engine.has_work() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not engine.has_work() and int(engine.cache.pool.refs.sum()) == 0
+    assert _served(tiny) == served + 1  # a 200 when its stream opened; a stream left early had been counted nowhere
 
 
 def test_metrics_count_requests_and_tokens(tiny):
