@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Integral
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ FRACTION = Bounds(0, 1)
 NONZERO_FRACTION = Bounds(0, 1, low_open=True)  # top_p: some mass is kept
 FRACTION_BELOW_ONE = Bounds(0, 1, high_open=True)  # a dropout, a held-out share, Adam's betas
 FINITE = Bounds()
+
+
+def require_kind(config: object, kind: type, *names: str, optional: bool = False) -> None:
+    """TypeError naming the first of `config`'s fields `names` that is no `kind` (Integral or Real; a bool is
+    neither, True being no count), None allowed where `optional`: a float block size or a string temperature had
+    failed deep in a run, or compared with a bound as some other error."""
+    for name in names:
+        value = getattr(config, name)
+        if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise TypeError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
 
 
 def require(config: object, bounds: Bounds, *names: str) -> None:

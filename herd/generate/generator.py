@@ -19,7 +19,7 @@ from numbers import Integral
 
 import torch
 
-from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require, require_kind
 from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
 from herd.generate.sampling import NaNLogits, SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
 from herd.generate.scheduler import Scheduler
@@ -40,10 +40,6 @@ class ContextLengthError(ValueError):
 # Llama 3's pretraining sequence length: the context every engine holds whatever memory it is given.
 GUARANTEED_CONTEXT = 8192
 
-# EngineConfig's integer fields (a bool is refused: True is no batch size). A float block size had reached torch as
-# 9320.0 blocks, a string the range check's '>='.
-_INTEGERS = ("block_size", "kv_cache_bytes", "max_batch", "max_step_tokens", "max_queue")
-
 
 class QueueFullError(RuntimeError):
     pass
@@ -63,10 +59,8 @@ class EngineConfig:
     speculative: SpeculativeConfig = SpeculativeConfig()  # prompt-lookup drafts for greedy sequences
 
     def __post_init__(self):
-        for name in _INTEGERS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}")
+        # A float block size had reached torch as 9320.0 blocks, a string the range check's '>='.
+        require_kind(self, Integral, "block_size", "kv_cache_bytes", "max_batch", "max_step_tokens", "max_queue")
         if not isinstance(self.prefix_caching, bool):  # "no" had turned caching on
             raise TypeError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if not isinstance(self.kv_cache_dtype, str):

@@ -7,13 +7,8 @@ from numbers import Integral, Real
 
 import torch
 
-from herd.bounds import AT_LEAST_ONE, FINITE, FRACTION, NONZERO_FRACTION, NON_NEGATIVE, POSITIVE, require
-
-# The numeric fields and the types they take (a bool is refused: True is no temperature).
-_NUMBERS = {"max_tokens": Integral, "temperature": Real, "top_p": Real, "top_k": Integral, "min_p": Real,
-            "presence_penalty": Real, "frequency_penalty": Real, "repetition_penalty": Real, "seed": Integral,
-            "logprobs": Integral, "prompt_logprobs": Integral}
-
+from herd.bounds import (AT_LEAST_ONE, FINITE, FRACTION, NONZERO_FRACTION, NON_NEGATIVE, POSITIVE, require,
+                         require_kind)
 
 def _token_bias(bias) -> tuple[tuple[int, float], ...]:
     """A logit_bias ({token id: bias} or its sorted pairs) as sorted pairs, or an error naming logit_bias: a NaN
@@ -63,10 +58,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
 
     def __post_init__(self):
-        for name, kind in _NUMBERS.items():
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-                raise TypeError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
+        require_kind(self, Integral, "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", optional=True)
+        require_kind(self, Real, "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", optional=True)
         # Finite too: a NaN temperature had sampled from NaN probabilities (an empty reply), an infinite one at random.
         require(self, AT_LEAST_ONE, "max_tokens")
         require(self, NON_NEGATIVE, "temperature", "top_k", "logprobs", "prompt_logprobs")

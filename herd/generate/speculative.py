@@ -13,11 +13,7 @@ from numbers import Integral
 
 import numpy as np
 
-from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, ordered, require
-
-# SpeculativeConfig's fields, all integers (a bool is refused: True is no draft length). A draft length of 2.5 had
-# reached a slice's bounds mid-generation.
-_INTEGERS = ("draft_tokens", "ngram", "min_ngram", "max_batch")
+from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, ordered, require, require_kind
 
 
 @dataclass(frozen=True)
@@ -32,10 +28,8 @@ class SpeculativeConfig:
     max_batch: int = 4
 
     def __post_init__(self):
-        for name in _INTEGERS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral):
-                raise TypeError(f"{name} must be an integer, got {value!r}")
+        # A draft length of 2.5 had reached a slice's bounds mid-generation.
+        require_kind(self, Integral, "draft_tokens", "ngram", "min_ngram", "max_batch")
         require(self, NON_NEGATIVE, "draft_tokens", "max_batch")
         require(self, AT_LEAST_ONE, "min_ngram", "ngram")
         ordered(self, "min_ngram", "ngram")
