@@ -73,6 +73,17 @@ def _replace_directory(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def make_directory(path: Path, name: str) -> None:
+    """`path` made where it is missing; an OSError naming `name` (the option or field that gave it) and the path
+    where it cannot be made or written, which had read as a bare Errno line or "not found"."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{name} {path} cannot be made ({e.strerror or e}); give a directory you can write to") from None
+    if not os.access(path, os.W_OK):
+        raise OSError(f"{name} {path} is not writable; give a directory you can write to")
+
+
 def prepare_output(path: str | Path, kind: str, option: str) -> Path:
     """`path` as it will be written ("." and ".." resolved to real names, which a rename needs), once it is clear
     that a `kind` ("file" or "directory") can be written there, with what runs to it that were killed left beside

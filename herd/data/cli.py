@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from herd.atomic import make_directory
+
 app = typer.Typer(help="The pretraining data pipeline: filters, de-duplication, classifiers, mix, token shards.",
                   no_args_is_help=True, add_completion=False)
 
@@ -37,17 +39,6 @@ def _one_line_errors(fn):
             _fail(str(e) or type(e).__name__)
 
     return wrapper
-
-
-def _make_out(out: Path) -> None:
-    """--out made where it is missing; one line naming it where it cannot be (a virtual or read-only file system, a
-    file of that name), which had read "not found: OUT"."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _fail(f"--out {out} cannot be made ({e.strerror or e}); give a directory you can write to")
-    if not os.access(out, os.W_OK):
-        _fail(f"--out {out} is not writable; give a directory you can write to")
 
 
 @app.command()
@@ -84,7 +75,10 @@ def run(
         _fail(f"input not found: {e}")
     if not files:
         _fail("no input files found")
-    _make_out(out)
+    try:
+        make_directory(out, "--out")
+    except OSError as e:
+        _fail(str(e))
     ex = make_executor(executor, workers, progress=not quiet, scheduler=scheduler)
     try:
         result = pipeline.run(files, out, cfg, ex)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from herd.atomic import atomic_output
+from herd.atomic import atomic_output, make_directory
 from herd.model.config import CONFIGS, ModelConfig
 from herd.model.llama import Transformer
 from herd.train.config import ConfigError, ModelSection, TrainConfig, TrainingSection, to_toml
@@ -96,12 +96,9 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
 
 def _make_run_dir(run_dir: Path) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_directory(run_dir, "run.dir")
     except OSError as e:
-        raise ConfigError(f"run.dir {run_dir} cannot be made ({e.strerror or e}); give a directory you can write "
-                          "to") from None
-    if not os.access(run_dir, os.W_OK):
-        raise ConfigError(f"run.dir {run_dir} is not writable; give a directory you can write to")
+        raise ConfigError(str(e)) from None
 
 
 def _check_memory(model_config: ModelConfig, world: int, replicas: int, local: int) -> None:
