@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import re
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -93,9 +94,11 @@ class LLM:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=True)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+        # Any sequence of integers (numpy's too, as they were taken before this check); a bool is no token id.
+        if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__") or \
+                not all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
             raise TypeError(f"a prompt must be text or a list of token ids, got {prompt!r:.80}")
-        return list(prompt)
+        return [int(t) for t in prompt]
 
     def generate(self, prompt, *, stream: bool = False, **sampling) -> Completion | list[Completion] | Iterator[str]:
         """Complete a prompt (text or token ids), or a list of them as one batch.
@@ -107,7 +110,7 @@ class LLM:
         params = SamplingParams(**sampling)
         if isinstance(prompt, list) and not prompt:  # no prompts: no completions
             return []
-        batched = isinstance(prompt, list) and not isinstance(prompt[0], int)
+        batched = isinstance(prompt, list) and not isinstance(prompt[0], Integral)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
         if stream:
             if batched:

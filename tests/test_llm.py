@@ -102,6 +102,13 @@ def test_arguments_of_the_wrong_kind_are_named_and_no_prompts_are_no_completions
         with pytest.raises(TypeError, match="a prompt must be text or a list of token ids"):
             llm.generate(prompt, max_tokens=2)
     assert llm.generate([], max_tokens=2) == []  # was "every prompt needs at least one token"
+    import numpy as np
+
+    ids = llm.encode("Hello")  # numpy's integers are token ids too, one prompt or a batch of them
+    greedy = dict(max_tokens=2, temperature=0, ignore_eos=True)
+    alone = llm.generate(ids, **greedy).tokens
+    assert llm.generate(np.array(ids), **greedy).tokens == alone
+    assert [c.tokens for c in llm.generate([[np.int64(t) for t in ids], ids], **greedy)] == [alone, alone]
     dialog = [{"role": "user", "content": "hi"}]
     with pytest.raises(TypeError, match="tools must be a list of tools"):  # had been "unknown tool 't'"
         llm.chat(dialog, "tools", max_tokens=2)

@@ -362,13 +362,12 @@ def _finish_reason(reason: str | None) -> str:
 
 def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     # Token ids past the vocabulary (logit_bias) are the engine's to refuse: a 400 from Run.
-    bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=max(body.top_k, 0), min_p=body.min_p, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                              logit_bias=bias, seed=body.seed, stop=tuple(body.stop or ()), logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              logit_bias=body.logit_bias or {}, seed=body.seed, stop=tuple(body.stop or ()),
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except ValueError as error:  # what the request's checks let through and the sampler's refuse: a 400 still
         raise APIError(400, str(error), code="invalid_value") from None
 

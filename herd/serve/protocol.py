@@ -155,7 +155,7 @@ class _Sampling(StrictModel):
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100, added to its logit
+    logit_bias: dict[int, float] | None = None  # token id (a string key in JSON) -> -100..100, added to its logit
     # vLLM's extensions, which its clients send: -1 and 0 mean no top-k.
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -192,7 +192,7 @@ class _Sampling(StrictModel):
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _bias(cls, value):
-        return {str(token): bias for token, bias in token_bias(value).items()} if isinstance(value, dict) else value
+        return token_bias(value) if isinstance(value, dict) else value
 
 
 class ChatCompletionRequest(_Sampling):
