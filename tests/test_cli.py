@@ -234,6 +234,7 @@ def test_a_panic_in_a_rust_library_is_one_line(monkeypatch, capsys):
         raise panic("range end index 2 out of range for slice of length 1")
 
     monkeypatch.setattr(herd.tokenizer, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(herd.cli.signal, "signal", lambda *args: None)  # main's SIGTERM handler stays out of pytest
     monkeypatch.setattr(sys, "argv", ["herd", "tokenize", "hi"])
     with pytest.raises(SystemExit) as exit_:
         herd.cli.main()
@@ -270,3 +271,22 @@ def test_a_piped_chat_with_a_message_over_the_context_exits_non_zero():
     result = herd_cli("chat", "--max-tokens", "2", stdin="Hi\n" + "Paris " * 9000 + "\n")
     assert result.returncode == 2  # had been 0: a script could not tell that a message went unanswered
     assert "herd: error:" in result.stderr and "8192" in result.stderr
+
+
+def test_a_file_that_ends_early_anywhere_is_one_line_not_an_interrupt(monkeypatch, capsys):
+    """click turns an EOFError into Abort, as if Ctrl-D had been pressed: a blank line and exit 130, where a file
+    ended early (an empty pickle, npz or .pt read by any command)."""
+    import herd.cli
+    import herd.tokenizer
+
+    def load_tokenizer(path=None):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(herd.tokenizer, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(herd.cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(sys, "argv", ["herd", "tokenize", "hi"])
+    with pytest.raises(SystemExit) as exit_:
+        herd.cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "herd: error: a file ended early: it is empty or truncated (Ran out of input)"]
