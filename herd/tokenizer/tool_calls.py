@@ -146,17 +146,19 @@ def parse_custom_calls(content: str) -> list[Call]:
 def _made(found: list[tuple[str, dict[str, Any]]]) -> list[Call]:
     try:
         return [make_call(name, args) for name, args in found]
-    except ValueError:  # NaN or infinity in the arguments: not a call we can hand on
+    except (ValueError, TypeError):  # NaN, a set, bytes... in the arguments: not a call we can hand on as JSON
         return []
 
 
 def _as_builtin(name: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """Built-ins called in a custom-tool form take their first argument as the query or code (as the reference);
-    None when that is no string (`wolfram_alpha()`, a number): a call the tool cannot run nor history re-encode."""
+    """Built-ins called in a custom-tool form take their `query` (or `code`) argument, else their first one (as the
+    reference always does); None when that is no string (`wolfram_alpha()`, a number): a call the tool cannot run
+    nor history re-encode."""
     if name not in BUILTIN_TOOLS:
         return name, arguments
-    first = next(iter(arguments.values()), None)
-    return (name, {_BUILTIN_ARGUMENT[name]: first}) if isinstance(first, str) else None
+    key = _BUILTIN_ARGUMENT[name]
+    value = arguments[key] if key in arguments else next(iter(arguments.values()), None)
+    return (name, {key: value}) if isinstance(value, str) else None
 
 
 def _function_tag_calls(content: str) -> list[tuple[str, dict[str, Any]]]:
@@ -186,6 +188,11 @@ def _json_call(content: str) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return []
     arguments = value.get("parameters", value.get("arguments"))
+    if isinstance(arguments, str):  # encoded twice, as OpenAI's "arguments" are: models copy that
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return []
     return [(value["name"], arguments)] if isinstance(arguments, dict) else []
 
 
@@ -221,5 +228,15 @@ def _literal(source: str | ast.AST) -> Any:
 
 
 def _query_call(content: str) -> list[tuple[str, dict[str, Any]]]:
+    """`tool.call(query="...")`: the whole body as Python (escaped quotes, further keywords), else found in it."""
+    try:
+        node = ast.parse(content.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        node = None
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "call"
+            and isinstance(node.func.value, ast.Name) and not node.args):
+        arguments = {keyword.arg: _literal(keyword.value) for keyword in node.keywords}
+        if isinstance(arguments.get("query"), str):
+            return [(node.func.value.id, {"query": arguments["query"]})]
     found = _QUERY_CALL.search(content)
     return [(found["name"], {"query": found["query"]})] if found else []

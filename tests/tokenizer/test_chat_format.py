@@ -428,6 +428,36 @@ def test_a_builtin_call_without_a_string_argument_is_no_call(fmt, reply, expecte
         assert message["content"] == reply.removesuffix("<|eot_id|>")
 
 
+@pytest.mark.parametrize("reply, expected", [
+    ('{"name": "code_interpreter", "parameters": {"language": "python", "code": "print(6*7)"}}<|eom_id|>',
+     [("code_interpreter", {"code": "print(6*7)"})]),
+    ('<function=brave_search>{"recency": "week", "query": "Nobel prize 2024"}</function><|eom_id|>',
+     [("brave_search", {"query": "Nobel prize 2024"})]),
+    ('<|python_tag|>{"name": "brave_search", "parameters": {"count": 5, "query": "Paris"}}<|eom_id|>',
+     [("brave_search", {"query": "Paris"})]),
+    ('<|python_tag|>brave_search.call(query="Paris", count=3)<|eom_id|>', [("brave_search", {"query": "Paris"})]),
+    ('<|python_tag|>wolfram_alpha.call(query="say \\"hi\\"")<|eom_id|>', [("wolfram_alpha", {"query": 'say "hi"'})]),
+    ('{"name": "get_weather", "parameters": "{\\"city\\": \\"Paris\\"}"}<|eot_id|>',
+     [("get_weather", {"city": "Paris"})]),
+    ('<|python_tag|>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}<|eom_id|>',
+     [("get_weather", {"city": "Paris"})]),
+])
+def test_calls_read_as_the_model_meant_them(fmt, reply, expected):
+    """A built-in's named argument wins over its first one (which had run `{'code': 'python'}`), a built-in call
+    with further keywords or escaped quotes is no code to run, and arguments encoded as a JSON string (as OpenAI
+    sends them, which models copy) are a call, where they had been content or code for the interpreter."""
+    message = fmt.decode_assistant(reply)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == expected
+
+
+@pytest.mark.parametrize("reply", ["[f(ids={1, 2})]", "<function=f>{'tags': {'a', 'b'}}</function>", '[f(a=b"x")]',
+                                   "[f(a=...)]", "[f(a={(1, 2): 3})]", "[f(a=1j)]"])
+def test_python_values_json_cannot_carry_are_no_call(fmt, reply):
+    # A set, bytes, Ellipsis, a tuple key or a complex number had raised a TypeError out of decode_assistant.
+    message = fmt.decode_assistant(reply + "<|eot_id|>")
+    assert message["tool_calls"] == [] and message["content"] == reply
+
+
 def test_a_builtin_call_sent_with_a_non_string_argument_is_refused_by_name(fmt):
     for name, arguments in (("code_interpreter", {"code": 5}), ("brave_search", {"query": {"a": 1}})):
         with pytest.raises(ValueError, match=f"a {name} call needs a string '(code|query)' argument"):
