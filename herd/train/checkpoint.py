@@ -8,7 +8,7 @@ crash mid-save leaves a `.tmp` that is ignored (and later removed) and the previ
 One that cannot be loaded all the same (a damaged disk, a deleted file) is set aside as `step-N.damaged` and the
 one before it taken; where none loads (another model's: the shape changed), a ConfigError says so in one line.
 The newest `keep` checkpoints are kept. With `async_save` the tensors are written in the background while
-training goes on; the rename happens when the write has finished (at the next save or at the end).
+training goes on; the rename happens when the write has finished (at the next save, before a load, or at the end).
 
     ckpt = Checkpointer(run_dir, config.checkpoint)
     ckpt.save(step, model_parts, optimizers, extra)     # extra: a picklable dict, per rank
@@ -203,7 +203,10 @@ class Checkpointer:
         The ones after it that cannot be loaded are set aside: restarted on them, a fault-tolerant run would fail
         again and again, and a new save of their step would be skipped (the directory exists). Where none loads, the
         run is another model's (or every copy is damaged): a ConfigError, and nothing is set aside.
+        A save in flight is finished first, so that it counts as the newest: a rollback that passed over it would see
+        it committed afterwards, from the timeline it discarded, under a step the redone run could then not save.
         """
+        self.wait()
         failed: list[UnloadableCheckpoint] = []
         for _, path in reversed(self.steps()):
             try:

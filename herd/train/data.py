@@ -162,17 +162,33 @@ class PackedBatches:
         self.step = int(state["step"])
         self.offsets.update({k: int(v) for k, v in state["offsets"].items()})
 
+    def rewind(self, step: int) -> None:
+        """Back to optimizer step `step` (a rollback), the offsets kept: the bad batches stay skipped, while the batch
+        size, sequence length and anneal shards follow the step again, as they would have without the rollback."""
+        self.step = step
+
 
 def held_out_batches(shards: TokenShards, cfg: TrainingSection, held_out: float, n_batches: int,
-                     seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> list[dict]:
-    """The same `n_batches` evaluation batches every time: the held-out documents in a fixed order."""
+                     dp_rank: int = 0, dp_size: int = 1) -> list[dict]:
+    """This rank's share of the evaluation set, in micro-batches: the same set every time, for any split of the work.
+
+    The set is `n_batches` global batches of `cfg.batch_size` windows of `cfg.seq_len` (fewer where the held-out
+    documents run out) from the held-out documents in a fixed order; each rank takes its slice of every batch, as in
+    training, cut into `cfg.micro_batch_size` rows so that evaluation needs no more memory than a training step.
+    """
     _, docs = split_documents(len(shards), held_out, cfg.seed)
     if len(docs) == 0:
         return []
     stream = TokenStream(shards, docs, cfg.seed, shuffle=False)
-    per_rank = max(batch_size // dp_size, 1)
-    n_batches = max(min(n_batches, stream.epoch_tokens // (batch_size * seq_len)), 1)
-    return [pack(stream, (b * dp_size + dp_rank) * per_rank * seq_len, per_rank, seq_len) for b in range(n_batches)]
+    batch, seq_len = cfg.batch_size, cfg.seq_len
+    per_rank = batch // dp_size
+    micro = cfg.micro_batch_size or per_rank
+    n_batches = max(min(n_batches, stream.epoch_tokens // (batch * seq_len)), 1)
+    out = []
+    for b in range(n_batches):
+        rows = pack(stream, (b * batch + dp_rank * per_rank) * seq_len, per_rank, seq_len)
+        out += [{k: v[i:i + micro] for k, v in rows.items()} for i in range(0, per_rank, micro)]
+    return out
 
 
 def default_model_tokenizer():

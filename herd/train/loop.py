@@ -6,7 +6,8 @@
 - `config`: any dataclass with the sections `training`, `checkpoint`, `run` and `fault` (herd.train.config).
 - `model`: the module (already parallelized), or the list of model parts this rank holds (pipeline stages).
 - `batches`: a resumable batch source (herd.train.data): `next()` gives this rank's micro-batches for one
-  optimizer step, `state_dict()` / `load_state_dict()` its position.
+  optimizer step, `state_dict()` / `load_state_dict()` its position; one whose batches follow the optimizer step
+  (schedules) also has `rewind(step)`, which a rollback calls: back to that step, the position kept.
 - `loss_fn(model, micro_batch) -> (loss_sum, n_tokens)`: the summed loss of a micro-batch and what it is
   normalized by (tokens, pairs, ...). The Trainer sums both over micro-batches and data-parallel ranks and makes
   the gradient that of `total loss / total count`, so the result does not depend on how the batch was split.
@@ -128,8 +129,7 @@ class Trainer:
 
     def restore(self, *, keep_data: bool = False) -> Path | None:
         """Load the newest checkpoint that loads (None: there is none); `keep_data` leaves the data position as it is
-        (a rollback skips the bad batches)."""
-        data = self.batches.state_dict()
+        (a rollback skips the bad batches), only the step of a source that follows it goes back."""
         found = self.checkpointer.load_latest(self.parts, self.optimizers)
         if found is None:
             return None
@@ -138,7 +138,10 @@ class Trainer:
         self.detector = fault.BadStepDetector(self.config.fault, **extra["detector"])
         for s, state in zip(self.schedulers, extra["schedulers"]):
             s.load_state_dict(state)
-        self.batches.load_state_dict(data if keep_data else extra["data"])
+        if not keep_data:
+            self.batches.load_state_dict(extra["data"])
+        elif hasattr(self.batches, "rewind"):
+            self.batches.rewind(self.step)
         set_rng_state(extra["rng"])
         return path
 

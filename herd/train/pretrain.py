@@ -123,11 +123,11 @@ PACKED_TOKEN_BYTES = 80
 
 def _check_batch_memory(t: TrainingSection, dp: int, local: int) -> None:
     """Refuse a batch whose token buffers alone cannot fit in memory: packing one of 1e8 sequences had run for hours
-    before the system killed it. Each rank packs its share of the largest batch at the longest sequence, and keeps a
-    held-out batch (of micro-batches, where they are set)."""
+    before the system killed it. Each rank packs its share of the largest batch at the longest sequence, and its share
+    of a held-out batch."""
     rows = max([t.batch_size] + [v for _, v in t.batch_size_schedule]) // dp
     seq_len = max([t.seq_len] + [v for _, v in t.seq_len_schedule])
-    held_out = max((t.micro_batch_size or t.batch_size) // dp, 1) * t.seq_len
+    held_out = t.batch_size // dp * t.seq_len
     require_memory(local * PACKED_TOKEN_BYTES * (rows * seq_len + held_out),
                    f"training: a batch of {rows} sequences of {seq_len} tokens per rank needs {{}} of memory to pack "
                    f"({local} rank{'s' * (local > 1)})", "lower training.batch_size or training.seq_len")
@@ -181,8 +181,7 @@ def pretrain(config: TrainConfig) -> dict:
     batches = PackedBatches(shards, config.training, held_out=config.data.held_out, dp_rank=env.dp_rank,
                             dp_size=env.dp, anneal=anneal)
     eval_batches = held_out_batches(shards, config.training, config.data.held_out, config.run.eval_batches,
-                                    config.training.seq_len, config.training.micro_batch_size or
-                                    config.training.batch_size, env.dp_rank, env.dp)
+                                    env.dp_rank, env.dp)
     try:
         tokenizer = load_tokenizer(shards.tokenizer["spec"])
     except Exception:  # noqa: BLE001 - weights still export; only the tokenizer is missing

@@ -50,6 +50,59 @@ def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
     assert fault["action"] == "rolled back to step-2"
 
 
+def test_a_rollback_keeps_the_schedules_in_step(byte_shards, tmp_path, monkeypatch):
+    """The data source had kept its own step through a rollback, so the batch-size schedule came early by the steps
+    rolled back; the bad batch stays skipped all the same."""
+    monkeypatch.setenv("HERD_TRAIN_INJECT", "nan@5")
+    run = tmp_path / "run"
+    pretrain(tiny_config(byte_shards, run, "--training.steps", "8", "--fault.nonfinite", "rollback",
+                         "--training.batch_size_schedule", "[[6, 8]]"))
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + records, records)]
+    # The rollback takes back step 5's tokens and counts the bad batch's: its record adds none.
+    assert tokens == [256] * 5 + [0] + [256, 256, 512, 512]
+    data = torch.load(run / "checkpoints" / "step-6" / "extra-0.pt", weights_only=False)["data"]
+    assert data == {"step": 6, "offsets": {"main": 8 * 256}}  # steps 1-5, the bad batch, steps 5-6 again
+
+
+def test_a_rollback_waits_for_the_asynchronous_save_in_flight(byte_shards, tmp_path, monkeypatch):
+    """step-4 was still being saved in the background when step 5 went NaN: the rollback went to step-2, and step-4,
+    committed after it from the discarded run, kept the redone run from saving its own step 4."""
+    monkeypatch.setenv("HERD_TRAIN_INJECT", "nan@5")
+    run = tmp_path / "run"
+    pretrain(tiny_config(byte_shards, run, "--training.steps", "8", "--fault.nonfinite", "rollback",
+                         "--checkpoint.async_save", "true", "--checkpoint.keep", "5"))
+    assert json.loads((run / "faults.jsonl").read_text())["action"] == "rolled back to step-4"
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]
+    extras = {p.name: torch.load(p / "extra-0.pt", weights_only=False) for p in (run / "checkpoints").iterdir()}
+    assert {name: (e["step"], e["data"]["offsets"]["main"]) for name, e in extras.items()} == {
+        "step-2": (2, 2 * 256), "step-4": (4, 4 * 256), "step-6": (6, 8 * 256), "step-8": (8, 10 * 256)}
+
+
+def test_the_held_out_set_does_not_depend_on_how_the_batch_is_split(byte_shards, tmp_path, monkeypatch):
+    """pretrain had sized it by the per-rank micro-batch (4 sequences with micro_batch_size 1, 16 without), and
+    data-parallel ranks then each took a slice of that."""
+    from herd.train.data import held_out_batches, open_shards
+    from herd.train.loop import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda trainer: trainer.eval_batches)
+
+    def rows(batches: list[dict]) -> list[tuple]:
+        return [tuple(row.tolist()) for b in batches for row in b["tokens"]]
+
+    config = tiny_config(byte_shards, tmp_path / "run")
+    whole = rows(pretrain(config))
+    assert len(set(whole)) == len(whole) == config.run.eval_batches * config.training.batch_size
+    for micro in (1, 2):
+        split = pretrain(tiny_config(byte_shards, tmp_path / "run", "--training.micro_batch_size", str(micro)))
+        assert rows(split) == whole and {len(b["tokens"]) for b in split} == {micro}
+        t = dataclasses.replace(config.training, micro_batch_size=micro)
+        shards = open_shards(byte_shards)
+        ranks = [held_out_batches(shards, t, config.data.held_out, config.run.eval_batches, rank, 2) for rank in (0, 1)]
+        assert sorted(rows(ranks[0]) + rows(ranks[1])) == sorted(whole)
+
+
 def test_export_loads_chats_and_converts(tmp_path):
     tokenizer = herd.load_tokenizer()
     shards = write_shards(tmp_path / "shards", fortunes(200), tokenizer, spec="herd.tokenizer:load_tokenizer")
