@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -29,7 +31,7 @@ from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, enc
                                  read_jsonl)
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
 from herd.posttrain.kd import KDConfig, kd_loss
-from herd.posttrain.lora import LoRAConfig, apply_lora, merge_lora
+from herd.posttrain.lora import LoRAConfig, adapters_off, apply_lora, lora_state_dict, merge_lora
 from herd.posttrain.ppo import PolicyValue, PPOConfig
 from herd.posttrain.reward import RewardModel, body_lora, reward_loss
 from herd.posttrain.sft import sft_loss
@@ -77,6 +79,11 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
         raise ConfigError("finetune.data: give the JSONL file to train on")
     if f.recipe == "kd" and not f.teacher:
         raise ConfigError("finetune.teacher: the kd recipe needs a teacher checkpoint")
+    if f.recipe in ("dpo", "ppo") and config.lora.rank and config.lora.dropout:
+        # As TRL, which turns dropout off for DPO and PPO: their losses compare log-probs of separate forward
+        # passes (policy and reference; now and at sampling time), and dropout makes that difference random.
+        raise ConfigError(f"lora.dropout: the {f.recipe} recipe compares log-probs of separate forward passes, "
+                          "which dropout makes random; set it to 0")
     if f.recipe == "ppo":
         from herd.posttrain.rollouts import check_config
 
@@ -150,6 +157,12 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
     model: nn.Module = RewardModel(base).to(llm.device) if f.recipe == "rm" else base
     seq_len = min(t.seq_len, base.config.max_seq_len)
     run_dir = Path(config.run.dir)
+    # Before DPO's reference is computed: with QLoRA the policy starts from the quantized base, so the reference is
+    # that base (adapters off), as PPO's and TRL's are; the float one would make step 0's loss other than log 2.
+    if config.lora.rank:
+        apply_lora(base, body_lora(config.lora) if f.recipe == "rm" else config.lora)
+        if f.recipe == "rm":
+            model.head.requires_grad_(True)
 
     if f.recipe in ("sft", "kd"):
         def prepare(path):
@@ -182,10 +195,6 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
         collate_fn = functools.partial(_preference_collate, mask_formatting=mask, pad_id=pad)
         loss_fn = functools.partial(dpo_loss, config=config.dpo) if f.recipe == "dpo" else reward_loss
 
-    if config.lora.rank:
-        apply_lora(base, body_lora(config.lora) if f.recipe == "rm" else config.lora)
-        if f.recipe == "rm":
-            model.head.requires_grad_(True)
     micro = t.micro_batch_size or t.batch_size
     eval_batches = [collate_fn(eval_items[i:i + micro]) for i in range(0, len(eval_items), micro)]
     return Recipe(model, ExampleBatches(items, collate_fn, t.batch_size, t.micro_batch_size, t.seed), loss_fn,
@@ -216,23 +225,40 @@ def _preference_collate(items: list, *, mask_formatting: bool, pad_id: int) -> d
 
 def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pad_id: int, path: Path,
                            chunk: int = 8) -> list[torch.Tensor]:
-    """Each example's summed reply log-probs [ranks] under the untrained model, computed once and kept in run.dir
-    (a resumed run finds them there, as its model has already moved)."""
-    if path.is_file():
-        refs = torch.load(path)
-        if len(refs) == len(examples):
-            return list(refs)
+    """Each example's summed reply log-probs [ranks] under the untrained model (with LoRA: its adapters off),
+    computed once and kept in run.dir with a digest of what they depend on; a run that finds them there with the
+    same digest (a resumed one) reads them, any other computes them again."""
+    key = reference_key(model, examples, mask_formatting)
+    cached = torch.load(path) if path.is_file() else None
+    if isinstance(cached, dict) and cached.get("key") == key:
+        return list(cached["logps"])
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(examples), chunk):
-        part = examples[i:i + chunk]
-        batch = {k: v.to(device) for k, v in preference_batch(part, mask_formatting=mask_formatting,
-                                                               pad_id=pad_id).items()}
-        out.append(reference_logps(model, batch).view(-1, len(part)).T.cpu())
+    with adapters_off(model):
+        for i in range(0, len(examples), chunk):
+            part = examples[i:i + chunk]
+            batch = {k: v.to(device) for k, v in preference_batch(part, mask_formatting=mask_formatting,
+                                                                   pad_id=pad_id).items()}
+            out.append(reference_logps(model, batch).view(-1, len(part)).T.cpu())
     refs = torch.cat(out)
     with atomic_output(path) as tmp:
-        torch.save(refs, tmp)
+        torch.save({"key": key, "logps": refs}, tmp)
     return list(refs)
+
+
+def reference_key(model: nn.Module, examples, mask_formatting: bool) -> str:
+    """A digest of what the reference log-probs depend on: the rows' ids and formatting marks, the masking, and
+    every weight of the reference (QLoRA's quantized ones included, the adapters not: they are off)."""
+    digest = hashlib.sha256(json.dumps({"mask_formatting": mask_formatting}).encode())
+    for e in examples:
+        digest.update(json.dumps([e.prompt, e.replies, e.formatting]).encode())
+    adapters = lora_state_dict(model).keys()
+    for name, tensor in model.state_dict().items():
+        if name not in adapters:
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def export(trainer, *, llm, fmt: str) -> None:

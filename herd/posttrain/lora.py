@@ -28,7 +28,7 @@ BASE_FORMATS = {"int8": quantize_int8, "int4": lambda weight: quantize_int4(weig
 class LoRAConfig:
     rank: int = 0                      # 0: no LoRA (full fine-tuning)
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.0               # on the adapters' input; dpo and ppo refuse it (TRL turns it off there)
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
     quantize: str = "none"             # "int8" or "int4": QLoRA over quantized base weights
 
@@ -122,11 +122,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer by its merged linear layer, in place; the result is a plain model again."""
+    """Replace every LoRA layer by its merged linear layer, in place; the result is a plain model again.
+
+    An adapted output layer of a model with tied embeddings gets a weight of its own, and the model's config then
+    says so: a config still tied would have the exported checkpoint read the embeddings for the output layer."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_embeddings", False) and model.output.weight is not model.tok_embeddings.weight:
+        model.config = config.replace(tie_embeddings=False)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

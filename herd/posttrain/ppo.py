@@ -11,7 +11,8 @@ minimises (herd.posttrain.rollouts runs the recipe); `ppo_update` is one iterati
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,21 +115,29 @@ def rollout_batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pa
     return {"tokens": tokens, "labels": labels}
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """The modules in eval mode (no dropout) within the block, each back in its own mode after."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], k: int, params: SamplingParams
                     ) -> tuple[list[list[int]], list[Completion]]:
     """K replies per prompt from the policy as it is now, through the generation engine; each row's prompt ids and
     its completion. A fresh engine each time: a prefix cache would hold keys computed by older weights. Prompts go
     in as many at a time as the engine's queue takes."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            engine = Generator(model, tokenizer)
-            per_call = max(engine.config.max_queue // k, 1)
-            done = [c for start in range(0, len(prompts), per_call)
-                    for c in engine.generate(list(prompts[start:start + per_call]), params, n=k)]
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), evaluating(model):
+        engine = Generator(model, tokenizer)
+        per_call = max(engine.config.max_queue // k, 1)
+        done = [c for start in range(0, len(prompts), per_call)
+                for c in engine.generate(list(prompts[start:start + per_call]), params, n=k)]
     return [list(prompts[i // k]) for i in range(len(done))], done
 
 
@@ -160,7 +169,9 @@ def rollout_targets(policy: nn.Module, value_model: RewardModel, batch: dict[str
     old_values), the rewards' whitened GAE advantages and the returns, all [batch, T] and 0 off the reply.
     `rows`: rollouts per forward pass."""
     mask = (batch["labels"] != IGNORE).float()
-    with torch.no_grad():
+    # In eval mode, as the replies were sampled: with (LoRA) dropout on, the old log-probs, the KL penalty and the
+    # first update's ratio would come from a random thinning of the policy, not from the policy that sampled.
+    with torch.no_grad(), evaluating(policy, value_model):
         old_logps = in_chunks(lambda b: token_logps(policy, b, config.temperature), batch, rows) * mask
         old_values = in_chunks(lambda b: value_model.per_token(b["tokens"]), batch, rows) * mask
     rewards = token_rewards(scores, old_logps, ref_logps * mask, mask, config.kl_coef)

@@ -2,12 +2,15 @@
 
 Llama 3 drew 10–30 replies per prompt from its latest model and kept the reward model's favourite as SFT data.
 Prompt rows are `{"messages": [...]}` with whatever the scorer reads (e.g. "answer", "tests"); every sample goes
-through `LLM.generate` in batches of `batch_size` sequences. Kept rows are SFT rows (`messages` ending in the
-best reply, with its `score`); a prompt whose best and worst replies differ in score also gives a preference row.
+through the LLM's engine in batches of `batch_size` sequences, seeded per prompt. Kept rows are SFT rows
+(`messages` ending in the best reply, with its `score`); a prompt whose best and worst replies differ in score also
+gives a preference row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from tqdm import tqdm
 
 from herd.atomic import atomic_output
 from herd.bounds import AT_LEAST_ONE, FINITE, NONZERO_FRACTION, NON_NEGATIVE, require
+from herd.generate.sampling import SamplingParams
 from herd.posttrain.data import DataError, DialogEncoder, _messages, read_jsonl
 
 Scorer = Callable[[Sequence[dict], Sequence[str]], list[float]]   # (prompt rows, replies) -> scores
@@ -29,7 +33,7 @@ class SampleConfig:
     top_p: float = 0.95
     max_tokens: int = 256
     batch_size: int = 32
-    seed: int = 0
+    seed: int = 0                     # with the prompt, it fixes the prompt's K replies (`prompt_seed`)
     min_score: float | None = None    # keep a prompt's best only if it scores at least this
 
     def __post_init__(self):
@@ -68,22 +72,33 @@ def read_prompts(path: str | Path, needs: str | None = None) -> list[dict]:
     return [row for _, row in prompt_rows(path, needs)]
 
 
+def prompt_seed(seed: int, prompt: Sequence[int], repeat: int = 0) -> int:
+    """The sampling seed of a prompt's replies: from the run's seed and the prompt's ids (and which repeat of the
+    same prompt it is, so that repeats get replies of their own), not from where the prompt is in the file."""
+    digest = hashlib.sha256(json.dumps([seed, repeat, list(prompt)]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1   # 63 bits: the engine adds a reply's index to it
+
+
 def generate_samples(llm, rows: Sequence[dict], config: SampleConfig) -> list[Sampled]:
-    """K replies for every row, generated in batches of whole prompts' samples."""
-    torch.manual_seed(config.seed)  # per-row seeds would make a prompt's K copies identical
+    """K replies for every row, generated in batches of whole prompts' samples; a prompt's replies are the same
+    whatever the other prompts, their order and the batch size (`prompt_seed`)."""
     encoder = DialogEncoder(llm.chat_format)
     prompts = [encoder.prompt(r["messages"], r.get("tools"), f"prompt {i}") for i, r in enumerate(rows)]
-    jobs = [i for i in range(len(rows)) for _ in range(config.k)]
+    repeats: Counter[tuple[int, ...]] = Counter()
+    params = []
+    for ids in prompts:
+        params.append(SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
+                                     seed=prompt_seed(config.seed, ids, repeats[tuple(ids)])))
+        repeats[tuple(ids)] += 1
     out = [Sampled(r, []) for r in rows]
-    per_batch = max(config.batch_size // config.k, 1) * config.k
-    with tqdm(total=len(jobs), desc="sampling", unit="reply") as bar:
-        for start in range(0, len(jobs), per_batch):
-            chunk = jobs[start:start + per_batch]
-            done = llm.generate([prompts[i] for i in chunk], max_tokens=config.max_tokens,
-                                temperature=config.temperature, top_p=config.top_p)
-            for i, completion in zip(chunk, done):
-                out[i].replies.append(completion.text)
-            bar.update(len(chunk))
+    per_batch = max(config.batch_size // config.k, 1)   # prompts
+    with tqdm(total=len(rows) * config.k, desc="sampling", unit="reply") as bar:
+        for start in range(0, len(rows), per_batch):
+            done = llm.generator.generate(prompts[start:start + per_batch], params[start:start + per_batch],
+                                          n=config.k)
+            for i, completion in enumerate(done):
+                out[start + i // config.k].replies.append(completion.text)
+            bar.update(len(done))
     return out
 
 

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 import herd
 from herd.checkpoint import save_checkpoint
+from herd.posttrain import finetune as finetune_module
 from herd.posttrain.average import average_checkpoints
-from herd.posttrain.finetune import finetune, load_finetune_config, load_reward_model
+from herd.posttrain.data import DialogEncoder, encode_preferences, preference_batch
+from herd.posttrain.dpo import reference_logps
+from herd.posttrain.finetune import (build_recipe, cached_reference_logps, finetune, load_finetune_config,
+                                     load_reward_model)
+from herd.posttrain.lora import LoRAConfig, apply_lora
 from herd.train.config import ConfigError
 from posttrain_helpers import tiny_model
 
 SFT = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
        for a in range(4) for b in range(3)]
+PAIRS = [{"prompt": r["messages"][:1], "chosen": r["messages"][1], "rejected": "no idea"} for r in SFT]
 
 
 def _jsonl(path, rows):
@@ -42,8 +49,7 @@ def test_lora_sft_learns_exports_and_resumes(base, tmp_path):
 
 
 def test_reward_model_exports_its_head(base, tmp_path):
-    rows = [{"prompt": r["messages"][:1], "chosen": r["messages"][1], "rejected": "no idea"} for r in SFT]
-    data = _jsonl(tmp_path / "pref.jsonl", rows)
+    data = _jsonl(tmp_path / "pref.jsonl", PAIRS)
     args = ["--finetune.recipe=rm", f"--finetune.model={base}", f"--finetune.data={data}", "--run.progress=false",
             f"--run.dir={tmp_path / 'rm'}", "--training.batch_size=4", "--training.lr=1e-3", "--checkpoint.interval=2"]
     finetune(load_finetune_config(None, [*args, "--training.steps=4"]))
@@ -62,6 +68,51 @@ def test_bad_configs_fail_in_one_line(base, tmp_path):
     with pytest.raises(ValueError, match="LoRA rank 4096 does not fit"):
         finetune(load_finetune_config(None, [f"--finetune.model={base}", f"--finetune.data={data}",
                                              "--lora.rank=4096", f"--run.dir={tmp_path / 'r'}"]))
+
+
+def test_qlora_dpo_starts_at_log_2(base, tmp_path):
+    """The reference is the policy's own quantized base with its adapters off (as PPO's, and TRL's with PEFT), not
+    the float checkpoint it was quantized from: at step 0 policy and reference agree and the loss is log 2."""
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = load_finetune_config(None, ["--finetune.recipe=dpo", f"--finetune.model={base}", f"--finetune.data={data}",
+                                         f"--run.dir={tmp_path / 'run'}", "--lora.rank=4", "--lora.quantize=int4",
+                                         "--dpo.nll_weight=0", "--training.batch_size=12"])
+    recipe = build_recipe(config)
+    recipe.model.train()
+    with torch.no_grad():
+        loss, n = recipe.loss_fn(recipe.model, next(recipe.batches)[0])
+    assert float(loss / n) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_reference_cache_is_read_only_for_what_it_was_computed_from(chatml_format, tmp_path, monkeypatch):
+    """run.dir's reference log-probs are those of these rows, this masking and this reference model: other rows of
+    the same number, the other masking, other weights or a quantized base compute them again."""
+    encoder = DialogEncoder(chatml_format)
+    first, second = (encode_preferences([("0", {"prompt": [{"role": "user", "content": q}], "chosen": c,
+                                                "rejected": r})], encoder, 128)
+                     for q, c, r in (("2+2?", "4", "five"), ("Capital of France?", "Paris.", "Lyon, I think")))
+    vocab = chatml_format.tokenizer.vocab_size
+    model, other = tiny_model(vocab), tiny_model(vocab, seed=1)
+    quantized = apply_lora(tiny_model(vocab), LoRAConfig(rank=4, quantize="int8"))
+    path = tmp_path / "ref_logps.train.pt"
+    for reference, examples, mask in ((model, first, True), (model, second, True), (model, second, False),
+                                      (other, second, False), (quantized, second, False)):
+        expected = reference_logps(reference, preference_batch(examples, mask_formatting=mask))
+        assert torch.allclose(cached_reference_logps(reference, examples, mask, 0, path)[0], expected)
+    # The same again (a resumed run) reads them.
+    monkeypatch.setattr(finetune_module, "reference_logps", lambda *args: pytest.fail("computed again"))
+    assert torch.equal(cached_reference_logps(quantized, second, False, 0, path)[0], expected)
+
+
+def test_dpo_and_ppo_refuse_lora_dropout(tmp_path):
+    """Their losses compare log-probs of separate forward passes (policy and reference, now and at sampling time),
+    which dropout makes random; TRL turns dropout off there too."""
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    for recipe in ("dpo", "ppo"):
+        with pytest.raises(ConfigError, match=f"lora.dropout: the {recipe} recipe compares log-probs"):
+            load_finetune_config(None, [f"--finetune.recipe={recipe}", f"--finetune.data={data}", "--lora.rank=4",
+                                        "--lora.dropout=0.1", "--ppo.verifier=answer"])
+    load_finetune_config(None, [f"--finetune.data={data}", "--lora.rank=4", "--lora.dropout=0.1"])  # sft takes it
 
 
 def test_full_tuning_that_cannot_fit_is_refused_before_a_step(base, tmp_path, monkeypatch):

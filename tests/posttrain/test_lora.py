@@ -71,6 +71,24 @@ def test_merged_lora_gives_the_adapted_logits_and_exports(tmp_path, chatml_forma
         assert torch.allclose(hf(ids).logits, adapted, atol=1e-4)
 
 
+def test_an_adapted_output_layer_of_a_tied_model_exports_exactly(tmp_path, chatml_format):
+    """SmolLM2 and Llama 3.2 tie their output layer to the embeddings; an adapter on it unties them, and the merged
+    model's config says so: a Hugging Face export had dropped lm_head for the embeddings."""
+    tok = chatml_format.tokenizer
+    model = _trained_lora(tiny_model(tok.vocab_size, tie_embeddings=True), targets=["wq", "output"])
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        adapted = model(ids)
+    merge_lora(model)
+    for fmt in ("hf", "meta"):
+        save_checkpoint((model.config, model.state_dict(), tok), tmp_path / fmt, fmt)
+        with torch.no_grad():
+            assert torch.allclose(herd.load(tmp_path / fmt, quantize=None).model(ids), adapted, atol=1e-5), fmt
+    assert not model.config.tie_embeddings
+    untouched = merge_lora(_trained_lora(tiny_model(tok.vocab_size, tie_embeddings=True), targets=["wq"]))
+    assert untouched.config.tie_embeddings and untouched.output.weight is untouched.tok_embeddings.weight
+
+
 @pytest.mark.parametrize("base", ["int8", "int4"])
 def test_qlora_gradients_flow_through_quantized_base_weights(base):
     """QLoRA's adapter gradients equal those of LoRA over the same, dequantized, float weights."""

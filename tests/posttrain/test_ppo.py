@@ -8,6 +8,7 @@ import torch
 from herd.generate.sampling import SamplingParams
 from herd.posttrain.ppo import PPOConfig, ppo_update, reply_tokens, rollout_batch, rollout_targets, sample_rollouts
 from herd.posttrain.logprobs import token_logps
+from herd.posttrain.lora import LoRAConfig, apply_lora
 from herd.posttrain.reward import RewardModel
 from posttrain_helpers import tiny_model
 
@@ -72,3 +73,25 @@ def test_targets_computed_in_chunks_equal_the_whole_batch():
     chunked = rollout_targets(policy, value_model, batch, scores, ref, PPOConfig(), rows=2)
     assert whole.keys() == chunked.keys()
     assert all(torch.allclose(whole[k].float(), chunked[k].float(), atol=1e-6) for k in whole)
+
+
+def test_targets_are_those_of_the_sampling_policy_not_of_a_dropout_draw():
+    """The Trainer holds the models in train mode; the old log-probs and values are those of the policy that
+    sampled (eval mode, as the engine runs it), not of a random LoRA dropout mask, and the modes are kept."""
+    policy, value_model = tiny_model(64, seed=0), RewardModel(tiny_model(64, seed=1))
+    for model in (policy, value_model.body):
+        apply_lora(model, LoRAConfig(rank=4, dropout=0.5, targets=["wq", "wv", "w2"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_b"):   # as if trained: adapters that dropout changes
+                    p.normal_(std=0.5)
+    batch = rollout_batch([[1, 2, 3], [4, 5]], [[5, 6, 7, 8], [9, 10, 11]])
+    with torch.no_grad():
+        sampled, values = token_logps(policy.eval(), batch), value_model.eval().per_token(batch["tokens"])
+    policy.train()
+    value_model.train()
+    targets = rollout_targets(policy, value_model, batch, torch.zeros(2), torch.zeros(batch["tokens"].shape),
+                              PPOConfig())
+    mask = batch["labels"] != -100
+    assert torch.allclose(targets["old_logps"], sampled * mask) and torch.allclose(targets["old_values"], values * mask)
+    assert policy.training and value_model.training

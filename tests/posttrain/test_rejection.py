@@ -16,8 +16,9 @@ from posttrain_helpers import tiny_model
 def test_k_samples_per_prompt_in_batches_best_kept(llama3_format):
     llm = LLM(tiny_model().eval(), llama3_format.tokenizer, llama3_format)
     batches = []
-    generate = llm.generate
-    llm.generate = lambda prompts, **kw: batches.append(len(prompts)) or generate(prompts, **kw)
+    generate = llm.generator.generate
+    llm.generator.generate = lambda prompts, params, n: (batches.append(len(prompts) * n)
+                                                         or generate(prompts, params, n=n))
     rows = [{"messages": [{"role": "user", "content": f"Say {w}."}]} for w in ("a", "b", "c")]
     config = rejection.SampleConfig(k=4, max_tokens=6, batch_size=8, temperature=1.0, top_p=1.0)
     samples = rejection.generate_samples(llm, rows, config)
@@ -31,6 +32,23 @@ def test_k_samples_per_prompt_in_batches_best_kept(llama3_format):
     for pair in rejection.preference_rows(samples):
         assert len(pair["chosen"]["content"]) > len(pair["rejected"]["content"])
     assert rejection.best_rows(samples, min_score=10**6) == []
+
+
+def test_a_prompts_samples_depend_on_the_seed_and_the_prompt_alone(chatml_format):
+    """Not on the other prompts, their order or the batch size: a prompt file reordered, split or batched otherwise
+    gives each prompt the same K replies; a repeated prompt gets replies of its own, another seed others."""
+    llm = LLM(tiny_model(chatml_format.tokenizer.vocab_size).eval(), chatml_format.tokenizer, chatml_format)
+    rows = [{"messages": [{"role": "user", "content": w}]} for w in ("alpha", "beta", "gamma", "alpha")]
+    config = dict(k=3, max_tokens=4, temperature=1.0, top_p=1.0)
+
+    def replies(rows, **options):
+        return [s.replies for s in rejection.generate_samples(llm, rows, rejection.SampleConfig(**config, **options))]
+
+    first = replies(rows, batch_size=32)
+    # Reversed, the repeats of "alpha" trade places: the first one met is repeat 0.
+    assert replies(rows[::-1], batch_size=32)[::-1] == [first[3], first[1], first[2], first[0]]
+    assert replies(rows, batch_size=3) == first and replies(rows[1:2]) == first[1:2]
+    assert first[0] != first[3] and replies(rows, seed=1) != first
 
 
 def test_output_is_written_whole_or_not_at_all(tmp_path):
