@@ -82,10 +82,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class LLM:
     """A loaded model with its tokenizer and chat format; every generation goes through one `Generator`."""
 
-    def __init__(self, model: Transformer, tokenizer, chat_format, *, name: str = "",
+    def __init__(self, model: Transformer, tokenizer, chat_format=None, *, name: str = "",
                  engine: EngineConfig | None = None):
-        self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
+        self.model, self.tokenizer, self._chat_format, self.name = model, tokenizer, chat_format, name
         self.generator = Generator(model, tokenizer, config=engine)
+
+    @property
+    def chat_format(self):
+        """The tokenizer's chat format (None given: found when first asked for, so that a base model whose
+        tokenizer has none still loads and generates; chat then fails with a TokenizerError saying why)."""
+        if self._chat_format is None:
+            from herd.tokenizer import chat_format_for
+
+            self._chat_format = chat_format_for(self.tokenizer)
+        return self._chat_format
 
     @property
     def device(self) -> torch.device:
@@ -212,8 +222,6 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     from herd.checkpoint import load_checkpoint
     from herd.quant.load import build_quantized
     from herd.quant.schemes import Scheme
-    from herd.tokenizer import chat_format_for
-
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
     if quantize is not None and not isinstance(quantize, (str, Scheme)):
@@ -224,7 +232,7 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     ckpt = load_checkpoint(path, dtype=dtype)
     tokenizer = checkpoint_tokenizer(ckpt)
     model = build_quantized(ckpt, quantize, device, tokenizer, dtype=dtype).eval()
-    return LLM(model, tokenizer, chat_format_for(tokenizer), name=ckpt.meta.get("name") or path.name, engine=engine)
+    return LLM(model, tokenizer, name=ckpt.meta.get("name") or path.name, engine=engine)
 
 
 def checkpoint_tokenizer(ckpt):

@@ -1,4 +1,5 @@
 """LLM's own logic on a tiny random model with the real Llama 3 tokenizer and chat format."""
+import pytest
 import torch
 
 import herd
@@ -128,3 +129,25 @@ def test_tool_choice_none_offers_no_tools_as_openai_has_it():
     params = dict(max_tokens=3, temperature=0, ignore_eos=True)
     # was "tool_choice names 'none', which is not among the tools"
     assert llm.chat(dialog, tools, tool_choice="none", **params) == llm.chat(dialog, **params)
+
+
+def test_a_base_model_whose_tokenizer_has_no_chat_format_loads_and_generates(tmp_path):
+    """A base checkpoint (no chat template, no Llama 3 header tokens) had been refused at load, though plain
+    generation needs no chat format; chatting with it is what fails, by saying why."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from herd.checkpoint import save_checkpoint
+    from herd.tokenizer import TokenizerError
+    from herd.tokenizer.hf import BYTE_CHARS
+
+    torch.manual_seed(0)
+    config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=258, ffn_hidden_dim=64, max_seq_len=64)
+    save_checkpoint((config, Transformer(config).state_dict()), tmp_path / "base", "hf")
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(BYTE_CHARS)}, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.save(str(tmp_path / "base" / "tokenizer.json"))
+    llm = herd.load(tmp_path / "base", quantize=None)
+    assert len(llm.generate("Hello", max_tokens=4, temperature=0, ignore_eos=True).tokens) == 4
+    with pytest.raises(TokenizerError, match="no chat template and is not Llama 3's"):
+        llm.chat([{"role": "user", "content": "Hi"}])

@@ -32,10 +32,11 @@ class ChatFormat:
         self.tokenizer = tokenizer
         special = tokenizer.special_tokens
         self._start_header, self._end_header = special["<|start_header_id|>"], special["<|end_header_id|>"]
-        self._eot, self._eom, self._python_tag = special["<|eot_id|>"], special["<|eom_id|>"], special["<|python_tag|>"]
-        self._stop_reasons = {i: "end_of_turn" for i in {*tokenizer.stop_ids, self._eot}} | {
-            self._eom: "end_of_message"
-        }
+        # Llama 3.0's vocabulary has neither of the last two (its ids are reserved tokens): no tool calls then.
+        self._eot, self._eom, self._python_tag = (special["<|eot_id|>"], special.get("<|eom_id|>"),
+                                                  special.get("<|python_tag|>"))
+        self._stop_reasons = {i: "end_of_turn" for i in {*tokenizer.stop_ids, self._eot}} | (
+            {self._eom: "end_of_message"} if self._eom is not None else {})
         self.written = WrittenCalls()  # the ids of the model's recent tool-calling replies, and why each ended
 
     def encode_dialog(
@@ -75,7 +76,7 @@ class ChatFormat:
         if calls and (written := self.written.recall(message)) is not None:
             ids, stop_reason = written
             eom = (message.get("stop_reason") or stop_reason) == "end_of_message"  # a message's own word first
-            return self._header("assistant") + ids + [self._eom if eom else self._eot]
+            return self._header("assistant") + ids + [self._end(eom)]
         content = self._content(message.get("content"))
         ids = self._header(_ROLES[role]) + content
         if role == "user" and message.get("context") is not None:
@@ -87,14 +88,14 @@ class ChatFormat:
             # llama-models, unless text comes first: only the tag tells the call from the text then, as
             # decode_assistant reads it, so that history re-encodes as the model wrote it.
             if builtin or content:
-                ids.append(self._python_tag)
+                ids.append(self._special(self._python_tag, "<|python_tag|>"))
             for text in call_texts(calls, tool_prompt_format):
                 ids += self._text(text)
         # A message that does not say why it ended (an OpenAI client's) ended as the model ends a built-in call:
         # with <|eom_id|>, the environment's turn to run it.
         stop_reason = message.get("stop_reason") or ("end_of_message" if builtin else None)
         eom = role == "assistant" and stop_reason == "end_of_message"
-        return ids + [self._eom if eom else self._eot]
+        return ids + [self._end(eom)]
 
     def decode_assistant(self, reply: str | Sequence[int], stop_reason: str | None = None) -> Message:
         """The assistant message in a model reply (text, or ids as generated). Never raises on model output.
@@ -120,7 +121,7 @@ class ChatFormat:
             if text.endswith(token):
                 text, stop_reason = text.removesuffix(token), reason
         # Text the model writes before <|python_tag|> stays the message's content; the call follows the tag.
-        before, python_tag, body = text.partition("<|python_tag|>")
+        before, python_tag, body = text.partition("<|python_tag|>") if self._python_tag is not None else (text, "", "")
         calls = parse_calls(body, True) if python_tag else parse_calls(text, False)
         message = {
             "role": "assistant",
@@ -133,6 +134,15 @@ class ChatFormat:
                 self._text(before) + [self._python_tag] + self._text(body) if python_tag else self._text(text))
             self.written.remember(message, (written, message["stop_reason"]))
         return message
+
+    def _end(self, eom: bool) -> int:
+        return self._special(self._eom, "<|eom_id|>") if eom else self._eot
+
+    @staticmethod
+    def _special(token: int | None, name: str) -> int:
+        if token is None:
+            raise ValueError(f"this tokenizer has no {name} (a Llama 3.0 vocabulary): tool calls need Llama 3.1's")
+        return token
 
     def _header(self, role: str) -> list[int]:
         return [self._start_header, *self._text(role), self._end_header, *self._text("\n\n")]

@@ -43,14 +43,10 @@ def llama3_json_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama3_gguf(llama3_json_dir) -> HFTokenizer:
-    """The Llama 3 vocabulary as llama.cpp stores it in a GGUF (pre "llama-bpe"), read by `from_gguf`.
-
-    The metadata is handed over in memory, in GGUFReader's shape: gguf's reader takes ~9 s to parse a
-    128k vocabulary. The real-file path is covered by the SmolLM2 GGUF and by small files written here.
-    """
+def llama3_gguf_metadata(llama3_json_dir) -> dict:
+    """The Llama 3 vocabulary's metadata as llama.cpp stores it in a GGUF (pre "llama-bpe")."""
     model = json.loads((llama3_json_dir / "tokenizer.json").read_text())["model"]
-    metadata = {
+    return {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "llama-bpe",
         "tokenizer.ggml.tokens": sorted(model["vocab"], key=model["vocab"].get) + list(SPECIAL_TOKEN_NAMES),
@@ -59,8 +55,28 @@ def llama3_gguf(llama3_json_dir) -> HFTokenizer:
         "tokenizer.ggml.bos_token_id": 128000,
         "tokenizer.ggml.eos_token_id": 128009,
     }
+
+
+def gguf_tokenizer(metadata: dict) -> HFTokenizer:
+    """`from_gguf` on metadata handed over in memory, in GGUFReader's shape: gguf's reader takes ~9 s to parse a
+    128k vocabulary. The real-file path is covered by the SmolLM2 GGUF and by small files written here."""
     fields = {key: SimpleNamespace(contents=lambda value=value: value) for key, value in metadata.items()}
     return HFTokenizer.from_gguf(SimpleNamespace(fields=fields, data=None))
+
+
+@pytest.fixture(scope="session")
+def llama3_gguf(llama3_gguf_metadata) -> HFTokenizer:
+    """The Llama 3 vocabulary as a GGUF brings it, read by `from_gguf`."""
+    return gguf_tokenizer(llama3_gguf_metadata)
+
+
+@pytest.fixture(scope="session")
+def llama30_gguf(llama3_gguf_metadata) -> HFTokenizer:
+    """Llama 3.0's vocabulary: ids 128008 and 128010 are reserved tokens, not <|eom_id|> and <|python_tag|>."""
+    tokens = list(llama3_gguf_metadata["tokenizer.ggml.tokens"])
+    assert tokens[128008] == "<|eom_id|>" and tokens[128010] == "<|python_tag|>"
+    tokens[128008], tokens[128010] = "<|reserved_special_token_250|>", "<|reserved_special_token_251|>"
+    return gguf_tokenizer({**llama3_gguf_metadata, "tokenizer.ggml.tokens": tokens})
 
 
 @pytest.fixture

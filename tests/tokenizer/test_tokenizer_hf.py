@@ -107,6 +107,17 @@ def test_llama3_vocabulary_without_template_gets_llama3_chat_format(llama3_gguf,
     assert [c["function"] for c in ours["tool_calls"]] == [c["function"] for c in llama3["tool_calls"]]
 
 
+def test_llama30_vocabulary_chats_but_refuses_tool_calls(llama30_gguf, tokenizer):
+    # Its chat format had failed with a bare KeyError '<|eom_id|>' at load.
+    fmt = chat_format_for(llama30_gguf)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert fmt.encode_dialog(dialog) == ChatFormat(tokenizer).encode_dialog(dialog)
+    assert fmt.decode_assistant(tokenizer.encode("Hello.", bos=False) + [128009])["stop_reason"] == "end_of_turn"
+    call = {"id": "1", "type": "function", "function": {"name": "brave_search", "arguments": '{"query": "x"}'}}
+    with pytest.raises(ValueError, match=r"no <\|python_tag\|> \(a Llama 3.0 vocabulary\)"):
+        fmt.encode_message({"role": "assistant", "content": "", "tool_calls": [call]})
+
+
 def test_tokenizer_json_without_side_files(tiny_json_dir):
     tok = load_tokenizer(tiny_json_dir / "tokenizer.json")
     # BOS is what the post-processor adds; EOS falls back to a known end marker.
