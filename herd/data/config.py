@@ -130,7 +130,8 @@ def import_object(target: str) -> Any:
 
 def default_config(quality_model: str | Path | None = None, domain_model: str | Path | None = None,
                    quality_threshold: float = 0.5) -> PipelineConfig:
-    """The Llama-3-like pipeline: English web text, heuristics, NSFW, PII, four de-duplications, classifiers."""
+    """The Llama-3-like pipeline: web text in every language (the language stage records each document's language
+    and drops none), heuristics, NSFW, PII, four de-duplications, classifiers."""
     stages = [
         StageSpec("language"),
         StageSpec("gopher_repetition"),

@@ -12,13 +12,19 @@ reasoning data. This one keeps:
 Boilerplate goes by structure, never by site: elements that are navigation by tag or ARIA role
 (`nav`, `aside`, page-level `header`/`footer`, `role=navigation`, ...), by a class/id word shared across
 the web (sidebar, breadcrumb, cookie, ...), by being hidden, or by link density (a block whose text is
-mostly links is a menu). When the page marks its main content (`<main>`, `role=main`, a single
-`<article>`) and that holds most of the text, only it is extracted.
+mostly links is a menu). A class/id is read token by token, each split at `-`/`_`: a component names the
+block (`left-sidebar`, `site-footer`), but a token describing a state (`has-sidebar`, `no-sidebar`,
+`menu-open`, `ad-free`, `share-buttons-enabled`) does not. Whatever its tag, names or link density, the
+page itself (`<html>`, `<body>`) and every element holding its main content (a `<main>`, the longest
+`<article>`, or more than half of the page's text) are never pruned, so a theme's wrapper class cannot take
+the whole page with it; a `<main>` or `<article>` goes only when hidden. When the page marks its main content
+(`<main>`, `role=main`, a single `<article>`) and that holds most of the text, only it is extracted.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from lxml import etree
 
@@ -27,13 +33,21 @@ _DROP_TAGS = frozenset("""script style noscript template head nav form button se
     iframe object embed svg canvas dialog menu label option datalist audio video map""".split())
 _DROP_ROLES = frozenset("navigation banner contentinfo complementary search menu menubar toolbar dialog "
                         "alertdialog tablist tooltip".split())
-# class/id words that mark boilerplate all over the web; matched as whole words of the class/id
-_BOILER_WORDS = re.compile(
-    r"(?:^|[\s_-])(nav|navbar|navigation|menu|menubar|sidebar|sidebars|breadcrumb|breadcrumbs|footer|"
-    r"masthead|banner|cookie|cookies|consent|share|sharing|social|advert|advertisement|ads|ad|sponsor|"
-    r"promo|subscribe|newsletter|related|pager|pagination|skip|skiplink|toolbar|popup|modal|"
-    r"comments?|disqus|widget|print-only|screen-reader-text|sr-only|visually-hidden)(?:$|[\s_-])", re.I)
-_BOILER_CONCAT = re.compile(r"sidebar|navbar|breadcrumb|footer|cookie", re.I)  # "sphinxsidebar", "sitefooter"
+# class/id words that mark boilerplate all over the web, matched against the `-`/`_` parts of each class token
+_BOILER_WORDS = frozenset("""nav navbar navigation menu menubar sidebar sidebars breadcrumb breadcrumbs footer
+    masthead banner cookie cookies consent share sharing social advert advertisement ads ad sponsor promo subscribe
+    newsletter related pager pagination skip skiplink toolbar popup modal comment comments disqus widget""".split())
+_BOILER_TOKENS = frozenset("print-only screen-reader-text sr-only visually-hidden".split())  # whole tokens only
+_BOILER_CONCAT = re.compile(r"sidebar|navbar|breadcrumb|footer|cookie")  # "sphinxsidebar", "sitefooter"
+# Parts that make a token describe a state of the page or block, not the block itself: has-sidebar, no-sidebar,
+# with-sidebar, enable-search-modal, menu-open, ad-free, share-buttons-enabled, footer-top-visible.
+_STATE_FIRST = frozenset("has no not with without is enable disable show hide".split())
+_STATE_LAST = frozenset("""enabled disabled free open opened closed active inactive visible expanded collapsed toggled
+    on off""".split())
+_STATE_GLUED = ("has", "no", "with")  # "nosidebar", "hasfooter"
+_NAME_PARTS = re.compile(r"[-_]+")
+# Elements whose text never shows, left out of the text that decides where the main content is.
+_NO_TEXT = frozenset("script style noscript template head select datalist svg".split())
 _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 _BLOCK = frozenset("""p div section article main header footer blockquote li ul ol dl dt dd h1 h2 h3 h4 h5 h6 pre
     table tr td th thead tbody tfoot caption figure figcaption address details summary center hr br body html
@@ -48,6 +62,7 @@ _TEX_HINT = re.compile(r"\\[A-Za-z]+|[\^_]\{|\$")
 _SPACE = re.compile(r"[ \t\r\n\f\v\u00a0]+")
 _LINE_NUMBERS = re.compile(r"^[\s\d]*$")
 _LINKY_BLOCKS = frozenset({"div", "section", "ul", "ol", "dl", "table", "p", "header", "footer", "center"})
+_CONTENT_TAGS = frozenset({"main", "article"})  # pruned only when hidden: their class/id or role names no block
 
 
 def extract(html: str | bytes | etree._Element) -> str | None:
@@ -58,7 +73,7 @@ def extract(html: str | bytes | etree._Element) -> str | None:
     root = html if isinstance(html, etree._Element) else parse(html)
     if root is None:
         return None
-    _prune(root)
+    _prune(root, keep=_content_holders(root))
     root = _main_content(root)
     out = _Writer()
     out.walk(root)
@@ -90,23 +105,55 @@ class _Stats:
     has_pre: bool = False
 
 
-def _prune(el: etree._Element, in_content: bool = False) -> _Stats:
+def _content_holders(root: etree._Element) -> set[etree._Element]:
+    """The elements pruning must keep whatever they are named: those holding a `<main>` (or `role=main`), the
+    longest top-level `<article>`, or more than half of the page's visible text, and those elements themselves."""
+    sizes: dict[etree._Element, int] = {}
+    _visible_len(root, sizes)
+    anchors = root.xpath("//main | //*[@role='main']")
+    articles = root.xpath("//article[not(ancestor::article)]")
+    if articles:
+        anchors.append(max(articles, key=lambda a: sizes.get(a, 0)))
+    keep = {el for anchor in anchors for el in (anchor, *anchor.iterancestors())}
+    half = sizes[root] / 2
+    el = root
+    while el is not None:
+        keep.add(el)
+        el = next((c for c in el if sizes.get(c, 0) > half), None)
+    return keep
+
+
+def _visible_len(el: etree._Element, sizes: dict[etree._Element, int]) -> int:
+    """Non-space characters of the text a reader would see under `el`, recorded in `sizes` for it and every
+    element below it that shows text."""
+    n = _chars(el.text)
+    for child in el:
+        if isinstance(child.tag, str) and child.tag not in _NO_TEXT:
+            n += _visible_len(child, sizes)
+        n += _chars(child.tail)
+    sizes[el] = n
+    return n
+
+
+def _prune(el: etree._Element, keep: set[etree._Element], in_content: bool = False) -> _Stats:
     """Remove comments, hidden parts and boilerplate under `el` in one pass, bottom-up, so each block is
-    judged by link density on what is left of it; `<pre>` subtrees are never touched."""
+    judged by link density on what is left of it; `<pre>` subtrees and the elements in `keep` are never
+    removed."""
     stats = _Stats(text=_chars(el.text))
     for child in list(el):
         tag = child.tag if isinstance(child.tag, str) else ""
         tail = _chars(child.tail)
+        kept = child in keep or tag in ("html", "body")
         if not tag:  # a comment or processing instruction
             _remove(child)
         elif tag == "pre":
             stats.text += _chars("".join(child.itertext()))
             stats.has_pre = True
-        elif _is_boilerplate(child, in_content):
+        elif not kept and _is_boilerplate(child, in_content):
             _remove(child)
         else:
-            sub = _prune(child, in_content or tag in ("article", "main") or child.get("role") == "main")
-            if tag in _LINKY_BLOCKS and _is_link_list(sub):
+            sub = _prune(child, keep, in_content or tag in ("article", "main") or child.get("role") == "main")
+            if not kept and tag in _LINKY_BLOCKS and _is_link_list(sub):
                 _remove(child)
             else:
                 if tag == "a" and child.get("href") is not None:
@@ -155,14 +202,30 @@ def _is_boilerplate(el, in_content: bool) -> bool:
         return not in_content
     if tag == "aside":  # a side note or footnote of the text is content; a page's side column is not
         return not in_content and not el.xpath(".//pre")
-    if (el.get("role") or "").lower() in _DROP_ROLES:
+    if tag not in _CONTENT_TAGS and (el.get("role") or "").lower() in _DROP_ROLES:
         return True
     hidden = el.get("hidden") is not None or (el.get("aria-hidden") or "").lower() == "true"
     if hidden or _HIDDEN_STYLE.search(el.get("style") or ""):
         return not _holds_math(el)
+    if tag in _CONTENT_TAGS:
+        return False
     names = f"{el.get('class') or ''} {el.get('id') or ''}"
-    if names.strip() and tag not in ("code", "math") and (_BOILER_WORDS.search(names) or _BOILER_CONCAT.search(names)):
+    if tag not in ("code", "math") and _names_boilerplate(names):
         return not _holds_math(el) and not el.xpath(".//pre")
+    return False
+
+
+@lru_cache(maxsize=4096)  # a site repeats its class strings on every element of a kind
+def _names_boilerplate(names: str) -> bool:
+    """Whether a class/id string names a boilerplate block, token by token (see the module docstring)."""
+    for token in names.lower().split():
+        if token in _BOILER_TOKENS:
+            return True
+        parts = [p for p in _NAME_PARTS.split(token) if p]
+        if not parts or parts[0] in _STATE_FIRST or parts[-1] in _STATE_LAST:
+            continue
+        if any(p in _BOILER_WORDS or (_BOILER_CONCAT.search(p) and not p.startswith(_STATE_GLUED)) for p in parts):
+            return True
     return False
 
 
@@ -197,7 +260,8 @@ class _Writer:
     """Walks the pruned tree, collecting blocks (paragraphs, fences, rows) of Markdown-like text."""
 
     blocks: list[str] = field(default_factory=list)
-    line: list[str] = field(default_factory=list)  # inline pieces of the block being written
+    lines: list[str] = field(default_factory=list)  # lines of the block being written that a `<br>` ended
+    line: list[str] = field(default_factory=list)  # inline pieces of its current line
     prefix: str = ""  # list-item marker for the next block's first line
     depth: int = 0  # list nesting
 
@@ -206,14 +270,20 @@ class _Writer:
         return "\n\n".join(self.blocks).strip()
 
     def flush(self) -> None:
-        s = _SPACE.sub(" ", "".join(self.line)).strip()
-        self.line.clear()
+        s = self._take("\n")
         if s:
             self.block(s)
 
+    def _take(self, sep: str) -> str:
+        """The block being written, its lines joined by `sep`; the next block starts empty."""
+        self._hard_break()
+        s = sep.join(self.lines)
+        self.lines.clear()
+        return s
+
     def block(self, s: str) -> None:
-        if self.prefix:
-            s = self.prefix + s
+        if self.prefix:  # a list item's further lines line up under its first
+            s = self.prefix + s.replace("\n", "\n" + " " * len(self.prefix))
             self.prefix = ""
         self.blocks.append(s)
 
@@ -246,8 +316,7 @@ class _Writer:
         elif tag in _HEADINGS:
             self.flush()
             self._children(el)
-            s = _SPACE.sub(" ", "".join(self.line)).strip().rstrip("¶§🔗 ").strip()
-            self.line.clear()
+            s = self._take(" ").rstrip("¶§🔗 ").strip()  # a heading is one line, whatever breaks it had
             if s:
                 self.block("#" * _HEADINGS[tag] + " " + s)
         elif tag in ("ul", "ol", "menu"):
@@ -272,10 +341,11 @@ class _Writer:
             self.walk(child)
 
     def _hard_break(self) -> None:
+        """End the current line (a `<br>`); blank lines are left out, since a blank line is what ends a block."""
         s = _SPACE.sub(" ", "".join(self.line)).strip()
         self.line.clear()
         if s:
-            self.line.append(s + "\n")
+            self.lines.append(s)
 
     def _image(self, el) -> None:
         alt = (el.get("alt") or "").strip()

@@ -1,7 +1,8 @@
 """The data mix: how many copies of each document go into the shards so domains meet target token shares.
 
-Selection is by a seeded hash of the document id, not by position or by a random stream, so a document's
-fate does not depend on which worker saw it, how the input was split, or whether the run was resumed.
+Selection is by a seeded hash of the document's text, not by position, by a random stream or by its id (which
+names the input file as it was typed), so a document's fate does not depend on which worker saw it, how the
+input was split or its path spelled, or whether the run was resumed.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ class MixItem:
     id: str
     domain: str
     tokens: int
+    key: str  # what the seeded choice hashes: content_key of the text
+
+
+def content_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 @dataclass
@@ -32,16 +38,16 @@ class MixPlan:
         return {d: self.after.get(d, 0) / total for d in self.targets}
 
 
-def _rank(seed: int, doc_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest()
+def _rank(seed: int, key: str) -> bytes:
+    return hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
 
 
 def plan_mix(items: Iterable[MixItem], config: MixConfig) -> MixPlan:
     """Up- and down-sample whole documents so each domain's token share meets its target.
 
     The output size is the input size (of the domains with a target) when every domain can reach its
-    share with at most `max_repeats` copies; otherwise it shrinks to the largest size at which all can, since a share that cannot be met
-    is a worse mix than a smaller one.
+    share with at most `max_repeats` copies; otherwise it shrinks to the largest size at which all can,
+    since a share that cannot be met is a worse mix than a smaller one.
     """
     by_domain: dict[str, list[MixItem]] = defaultdict(list)
     for item in items:
@@ -62,7 +68,8 @@ def plan_mix(items: Iterable[MixItem], config: MixConfig) -> MixPlan:
         base = int(weight)
         remaining = budget - base * before[domain]
         got = base * before[domain]
-        for item in sorted(docs, key=lambda i: _rank(config.seed, i.id)):
+        # stable: copies of one text keep the input's order, itself independent of how paths are spelled
+        for item in sorted(docs, key=lambda i: _rank(config.seed, i.key)):
             # one more copy only if it lands nearer the budget than leaving it out
             extra = 1 if remaining > item.tokens / 2 else 0
             repeats[item.id] = base + extra

@@ -25,7 +25,7 @@ from herd.data.config import PipelineConfig, validate
 from herd.data.document import Document, Dropped, StageResult
 from herd.atomic import atomic_output
 from herd.data.executors import Executor, LocalExecutor
-from herd.data.mix import MixItem, plan_mix
+from herd.data.mix import MixItem, content_key, plan_mix
 from herd.data.readers import STAGE as READ
 from herd.data.readers import doc_id, read
 from herd.data.report import CHART, REPORT, Tally, build_report, chart
@@ -229,7 +229,8 @@ def process_unit(task: Task) -> None:
             np.save(fh, np.concatenate(encoded) if encoded else np.zeros(0, TOKEN_DTYPE))
         with atomic_output(task.path("offsets.npy")) as tmp, open(tmp, "wb") as fh:
             np.save(fh, offsets)
-        done["mix"] = [[d.id, d.meta.get("domain") or "general", len(t)] for d, t in zip(docs, encoded)]
+        done["mix"] = [[d.id, d.meta.get("domain") or "general", len(t), content_key(d.text)]
+                       for d, t in zip(docs, encoded)]
         done["names"] = [d.public_id for d in docs]  # what the shards name each document by, as kept.jsonl does
     _write_json(task.path("done.json"), done)
 
@@ -367,7 +368,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
 
     def kept_records() -> Iterator[dict]:
         for u in units:
-            for doc, (_, domain, n) in zip(_load_docs(work / last / f"{u}.docs.jsonl"), done[u]["mix"]):
+            for doc, (_, domain, n, _) in zip(_load_docs(work / last / f"{u}.docs.jsonl"), done[u]["mix"]):
                 nbytes = len(doc.text.encode("utf-8"))
                 repeats = plan.repeats[doc.id] if plan else 1
                 if repeats == 0:
@@ -406,7 +407,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
             # mapped, not read: from the second pass on most documents are skipped
             tokens = np.load(work / last / f"{u}.tokens.npy", mmap_mode="r")
             offsets = np.load(work / last / f"{u}.offsets.npy", mmap_mode="r")
-            for j, ((did, _, _), name) in enumerate(zip(done[u]["mix"], done[u]["names"])):
+            for j, ((did, *_), name) in enumerate(zip(done[u]["mix"], done[u]["names"])):
                 if (plan.repeats[did] if plan else 1) >= p:
                     writer.add(name, tokens[offsets[j]:offsets[j + 1]])
     manifest = writer.close()

@@ -95,6 +95,23 @@ def test_normalize_url_keeps_distinct_urls_apart(a, b):
     assert normalize_url(a) != normalize_url(b)
 
 
+def test_normalize_url_keeps_what_addresses_other_content():
+    # a port it cannot read is still part of the address, not a default one
+    assert normalize_url("http://x.com:abc/p") == "http://x.com:abc/p"
+    assert normalize_url("http://x.com:99999/p") == "http://x.com:99999/p"
+    assert normalize_url("http://x.com:/p") == normalize_url("http://x.com:80/p") == "http://x.com/p"
+    # an IPv6 host keeps its brackets, which tell its last group from a port
+    assert normalize_url("http://[::1]:8080/") == "http://[::1]:8080"
+    assert normalize_url("http://[::1:8080]/") == "http://[::1:8080]"
+    assert normalize_url("http://[::1/") == "http://[::1/"  # unparsable: its own key, not an error
+    # a hashbang fragment is the page an AJAX site serves; any other fragment is a place in the page
+    assert normalize_url("http://x.com/#!/a") != normalize_url("http://x.com/#!/b")
+    assert normalize_url("http://x.com/p#top") == normalize_url("http://x.com/p")
+    # keys are sorted, the values of a repeated key keep their order
+    assert normalize_url("http://x.com/p?b=1&a=2&a=1") == "http://x.com/p?a=2&a=1&b=1"
+    assert normalize_url("http://x.com/p?a=1&a=2") != normalize_url("http://x.com/p?a=2&a=1")
+
+
 def test_line_dedup_removes_boilerplate_and_keeps_rare_lines(planted_corpus):
     docs = planted_corpus.docs
     kept, dropped = run(LineDedup(), docs)

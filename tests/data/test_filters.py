@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from herd.data.config import default_config
 from herd.data.document import Document
 from herd.data.filters import (
     C4Quality,
@@ -16,7 +17,7 @@ from herd.data.filters import (
     NSFWFilter,
     PIIMasker,
 )
-from herd.data.filters.base import nonempty_lines
+from herd.data.filters.base import nonempty_lines, words
 from herd.data.filters.heuristics import TERMINAL_PUNCT
 
 HEURISTICS = [GopherQuality(), GopherRepetition(), C4Quality(), FineWebQuality()]
@@ -141,6 +142,9 @@ def test_pii_masks_every_planted_item_and_no_lookalikes(planted_corpus):
     ("Host 2001:0db8:85a3:0000:0000:8a2e:0370:7334 is up.", "Host <IP> is up."),
     ("Python 3.11.2 on 2024-01-15 at 12:30:45 with x[1::2] sold 1,234,567.", None),
     ("Release 1.2.3.4.5 of the tool, 100 200 3000 items.", None),
+    ("Call 1-800-555-0199 or 1 (800) 555-0199 toll free.", "Call <PHONE> or <PHONE> toll free."),
+    ("Firmware version 1.2.3.4 (v 10.0.0.1), mixed in the ratio 1:2:3:4:5:6:7:8.", None),
+    ("Hosts 10.0.0.1 and 2001:db8:0:0:1:0:0:1 run version 2.", "Hosts <IP> and <IP> run version 2."),
 ])
 def test_pii_patterns(text, masked):
     out = PIIMasker().process(Document("p", text))
@@ -155,3 +159,63 @@ def test_stages_pickle_and_leave_inputs_alone(planted_corpus):
         a, b = stage(docs), clone(docs)
         assert [d.text for d in a.kept] == [d.text for d in b.kept] and a.dropped == b.dropped
     assert docs == snapshot
+
+
+# Clean paragraphs in scripts without spaces (zh, ja) and with non-Latin sentence ends (hi).
+ZH = ("北京是中国的首都，也是全国的政治和文化中心。这座城市有三千多年的历史，留下了许多名胜古迹。"
+      "故宫是明清两代的皇宫，现在是世界上最大的古代宫殿建筑群之一。每年都有数以百万计的游客来这里参观。"
+      "除了故宫，长城、天坛和颐和园也非常有名。近年来，北京的交通和环境有了很大的改善。"
+      "地铁线路不断增加，市民出行更加方便。许多年轻人选择在这里工作和生活，因为这里有更多的发展机会。")
+JA = ("東京は日本の首都であり、世界有数の大都市です。江戸時代には将軍の城下町として栄えました。"
+      "現在では、政治や経済の中心地として多くの企業が本社を置いています。電車や地下鉄の路線が非常に発達しており、"
+      "通勤する人々の多くが公共交通機関を利用しています。また、浅草や上野などの歴史ある地域も人気があります。"
+      "春には多くの人が公園で花見を楽しみます。")
+HI = ("भारत दक्षिण एशिया में स्थित एक विशाल देश है। इसकी राजधानी नई दिल्ली है और यहाँ अनेक भाषाएँ बोली जाती हैं। "
+      "देश का इतिहास हज़ारों वर्ष पुराना है और यहाँ कई प्राचीन सभ्यताओं का विकास हुआ।\n"
+      "कृषि अभी भी बहुत से लोगों की आजीविका का मुख्य साधन है, लेकिन सेवा क्षेत्र तेज़ी से बढ़ रहा है। "
+      "सूचना प्रौद्योगिकी के क्षेत्र में भारतीय कंपनियाँ पूरी दुनिया में जानी जाती हैं।\n"
+      "भारत की संस्कृति में त्योहारों का विशेष स्थान है। दीपावली, होली और ईद जैसे पर्व बड़े उत्साह से मनाए जाते हैं।")
+
+
+def test_default_pipeline_keeps_every_language_and_its_heuristics_pass_clean_chinese_japanese_hindi():
+    stages = [spec.build() for spec in default_config().stages
+              if spec.type in ("language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")]
+    assert stages[0].languages is None
+    for lang, text in (("zh", ZH), ("ja", JA), ("hi", HI)):
+        docs = [Document(lang, text)]
+        for stage in stages:
+            result = stage(docs)
+            assert not result.dropped, (lang, result.dropped)
+            docs = result.kept
+        assert docs[0].lang == lang
+
+
+def test_scripts_without_spaces_count_a_word_per_letter():
+    assert words("Hello,  world.\n") == ["Hello,", "world."]
+    assert words("北京是首都。Beijing 很大！") == ["北", "京", "是", "首", "都。", "Beijing", "很", "大！"]
+    assert GopherQuality().process(Document("zh", ZH[:40], lang="zh")) == "gopher:min_words"
+    # repetition is seen in them as in spaced text: a paragraph said six times goes
+    assert isinstance(GopherRepetition().process(Document("zh", ZH * 6, lang="zh")), str)
+    assert isinstance(GopherRepetition().process(Document("ja", JA * 6, lang="ja")), str)
+
+
+def test_sentences_end_at_cjk_and_indic_marks_without_a_space_after_them():
+    assert isinstance(C4Quality(min_sentences=8).process(Document("zh", ZH)), Document)  # 8 sentences, no spaces
+    assert C4Quality(min_sentences=9).process(Document("zh", ZH)) == "c4:min_sentences"
+    assert isinstance(C4Quality(min_sentences=7).process(Document("hi", HI)), Document)
+    assert C4Quality(min_sentences=8).process(Document("hi", HI)) == "c4:min_sentences"
+    assert all(line.endswith(TERMINAL_PUNCT) for line in HI.split("\n"))
+    assert "।" in TERMINAL_PUNCT and "؟" in TERMINAL_PUNCT and "۔" in TERMINAL_PUNCT and "።" in TERMINAL_PUNCT
+
+
+def test_gopher_symbol_and_stop_word_rules_are_the_papers():
+    body = ("apple banana cherry grape lemon mango orange peach plum melon kiwi lime pear fig date " * 6).split()[:80]
+    stops = ["the", "of", "and", "with", "to", "be"]
+    # '#' and ellipses are bounded separately, 0.1 each: 7% of each passes, 11% of one does not
+    both = body + ["#topic"] * 7 + ["then..."] * 7 + stops
+    assert isinstance(GopherQuality().process(Document("x", " ".join(both), lang="en")), Document)
+    hashes = body + ["#topic"] * 11 + stops
+    assert GopherQuality().process(Document("x", " ".join(hashes), lang="en")) == "gopher:symbol_word_ratio"
+    # at least two *different* stop words
+    assert GopherQuality().process(Document("x", " ".join(body + ["the"] * 4), lang="en")) == "gopher:stop_words"
+    assert isinstance(GopherQuality().process(Document("x", " ".join(body + ["the", "Of"]), lang="en")), Document)

@@ -135,3 +135,50 @@ def test_reader_uses_herd_extractor_and_trafilatura_stays_an_option(tmp_path):
     latin = '<html><head><meta charset="iso-8859-1"></head><body><p>Café crème, déjà vu.</p></body></html>'
     (tmp_path / "latin.html").write_bytes(latin.encode())
     assert next(read(tmp_path / "latin.html")).text == "Café crème, déjà vu."
+
+
+ARTICLE = ("This is the article a reader came for, several full sentences of it. It explains the topic in detail and "
+           "goes on for a while, as articles do.")
+
+
+@pytest.mark.parametrize("body", [
+    "<body class='page-template has-sidebar'>{a}</body>",  # WordPress Twenty Seventeen, on every page
+    "<body class='no-sidebar'><div class='site-content'>{a}</div></body>",
+    "<body><div id='page' class='site with-sidebar'>{a}</div></body>",
+    "<body><div class='container menu-open'>{a}</div></body>",
+    "<body><div class='entry-content share-buttons-enabled'>{a}</div></body>",
+    "<body><div class='post ad-free'>{a}</div></body>",
+    "<body><article class='post has-comments'>{a}</article></body>",
+    "<body><div id='main-nav-wrapper-page'><div>{a}</div></div></body>",  # a boilerplate word, but the whole page
+    "<body><div class='sidebar-layout'><main>{a}</main><div class='widget'>Recent posts</div></div></body>",
+    "<body><form id='aspnetForm'><div class='content'>{a}</div></form></body>",  # ASP.NET wraps every page
+], ids=["has-sidebar", "no-sidebar", "with-sidebar", "menu-open", "enabled", "ad-free", "has-comments",
+        "holds-the-text", "holds-main", "form"])
+def test_a_wrapper_named_like_boilerplate_does_not_take_the_page_with_it(body):
+    assert extract(f"<html>{body.format(a=f'<p>{ARTICLE}</p>')}</html>") == ARTICLE
+
+
+def test_wordpress_page_keeps_its_article_and_loses_its_sidebar_comments_and_footer():
+    links = "".join(f"<li><a href='/p{i}'>Post number {i}</a></li>" for i in range(5))
+    page = f"""<html><body class="post-template-default single has-sidebar colors-light">
+    <div id="page" class="site"><header id="masthead" class="site-header"><a href="/">Blog name</a></header>
+    <div class="site-content-contain"><div id="content" class="site-content"><div class="wrap">
+      <div id="primary" class="content-area"><main id="main" class="site-main">
+        <article class="post type-post has-post-thumbnail"><h1 class="entry-title">A post</h1>
+          <div class="entry-content"><p>{ARTICLE}</p></div>
+          <div class="sharedaddy sd-sharing-enabled">
+            <div class="sharing-buttons">Share this: Twitter Facebook</div></div>
+        </article>
+        <div id="comments" class="comments-area"><p>Alice says: what a read, thanks for writing it.</p></div>
+      </main></div>
+      <div id="secondary" class="widget-area-sidebar"><section class="widget"><ul>{links}</ul></section>
+        <p>About me: I write about things here and there, mostly on weekends.</p></div>
+    </div></div><footer class="site-footer">Proudly powered by WordPress</footer></div></div></body></html>"""
+    assert extract(page) == f"# A post\n\n{ARTICLE}"
+
+
+def test_each_br_ends_a_line():
+    page = """<html><body><p>Roses are red,<br>violets are blue.</p><p>10 Downing Street<br/>London<br/><br/>
+    SW1A 2AA</p><ul><li>one<br>two</li></ul><h2>Title<br>and subtitle</h2></body></html>"""
+    assert extract(page) == ("Roses are red,\nviolets are blue.\n\n10 Downing Street\nLondon\nSW1A 2AA\n\n"
+                             "- one\n  two\n\n## Title and subtitle")

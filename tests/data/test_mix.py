@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 
 from herd.data.config import LLAMA3_MIX, MixConfig
-from herd.data.mix import MixItem, plan_mix
+from herd.data.mix import MixItem, content_key, plan_mix
 
 
 def corpus(counts: dict[str, int], seed: int = 1) -> list[MixItem]:
     rng = np.random.default_rng(seed)
-    return [MixItem(f"{d}-{i}", d, int(rng.integers(50, 2000))) for d, n in counts.items() for i in range(n)]
+    return [MixItem(f"{d}-{i}", d, int(rng.integers(50, 2000)), content_key(f"text {i} of {d}"))
+            for d, n in counts.items() for i in range(n)]
 
 
 # general-heavy, like web text: code and reasoning must be upsampled, general downsampled
@@ -35,7 +36,7 @@ def test_repeat_cap_shrinks_the_output_rather_than_missing_a_share():
 def test_same_seed_same_plan_other_seed_other_documents():
     items = corpus(SKEWED)
     a, b = plan_mix(items, MixConfig(seed=3)), plan_mix(list(reversed(items)), MixConfig(seed=3))
-    assert a.repeats == b.repeats  # order of arrival does not matter, only ids and the seed
+    assert a.repeats == b.repeats  # order of arrival does not matter, only texts and the seed
     c = plan_mix(items, MixConfig(seed=4))
     assert c.repeats != a.repeats
     assert c.achieved()["code"] == pytest.approx(0.17, abs=0.01)
@@ -53,3 +54,16 @@ def test_domain_outside_the_targets_is_dropped():
     plan = plan_mix(items, MixConfig(targets={"general": 1.0}))
     assert all(plan.repeats[i.id] == 0 for i in items if i.domain == "poetry")
     assert all(plan.repeats[i.id] == 1 for i in items if i.domain == "general")
+
+
+def test_choice_follows_the_text_not_the_input_path_inside_the_id():
+    def items(path):  # a run names a document by its place: the same file typed relative or absolute
+        return [MixItem(f"d{i}@{path}in.jsonl:{i + 1}", "general" if i % 2 else "code", 100,
+                        content_key(f"text {i}")) for i in range(200)]
+
+    config = MixConfig(targets={"general": 0.8, "code": 0.2})
+    kept = []
+    for path in ("", "/data/corpus/"):
+        plan = plan_mix(items(path), config)
+        kept.append({doc_id.split("@")[0] for doc_id, copies in plan.repeats.items() if copies})
+    assert kept[0] == kept[1] and 0 < len(kept[0]) < 200

@@ -215,6 +215,18 @@ class Upper:
                            [Dropped(d.id, "whatever", "first") for d in docs[:1]])
 
 
+@dataclass
+class Halves:
+    """A domain for every document, as a domain classifier would give: half code, half general."""
+
+    name: str = "halves"
+    sets_domain: bool = True
+
+    def __call__(self, docs):
+        return StageResult([dataclasses.replace(d, meta={"domain": ("code", "general")[int(d.name) % 2]})
+                            for d in docs], [])
+
+
 def tiny(tmp_path, n=5):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n" for i in range(n)))
@@ -248,6 +260,23 @@ def test_a_directory_is_only_resumed_by_the_run_that_started_it(tmp_path):
     with pytest.raises(pipeline.PipelineError, match="another configuration"):
         pipeline.run([tiny(tmp_path)], tmp_path / "out", dataclasses.replace(config, docs_per_unit=3),
                      LocalExecutor(1, progress=False))
+
+
+def test_the_mix_keeps_the_same_documents_however_the_input_path_is_spelled(tmp_path, monkeypatch):
+    from herd.data.config import MixConfig, ShardConfig
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": str(i), "text": f"document {i} " * (i % 7 + 1)}) + "\n"
+                           for i in range(60)))
+    config = dataclasses.replace(default_config(), stages=(StageSpec(f"{__name__}:Halves"),),
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"),
+                                 mix=MixConfig(targets={"general": 0.8, "code": 0.2}))
+    monkeypatch.chdir(tmp_path)
+    kept = []
+    for i, path in enumerate((src, src.relative_to(tmp_path))):
+        pipeline.run([path], tmp_path / f"out{i}", config, LocalExecutor(1, progress=False))
+        kept.append([(r["id"], r["repeats"]) for r in jsonl(tmp_path / f"out{i}" / "kept.jsonl")])
+    assert kept[0] == kept[1] and 0 < len(kept[0]) < 60
 
 
 # --- configuration and the CLI ------------------------------------------------------------------------

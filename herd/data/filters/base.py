@@ -9,7 +9,14 @@ from pathlib import Path
 from herd.data.document import Document, Dropped, StageResult
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”", "’", "»", ":", ";", "…", "。", "！", "？")
+# Marks that end a sentence. The Latin ones only do before a space or the end (3.14, e.g.); the others wherever
+# they stand, since Chinese and Japanese put no space after 。 and nothing else uses these inside a word:
+# fullwidth and halfwidth CJK, Devanagari danda (Hindi, Marathi, Nepali, also Bengali), Arabic and Urdu,
+# Ethiopic, Armenian, Myanmar, Khmer, Syriac.
+SPACED_SENTENCE_ENDS = ".!?…‼⁇⁈⁉"
+SENTENCE_ENDS = "。！？．｡।॥؟۔።፧։။។៕܂"
+CLOSING_QUOTES = "\"'”’»」』"
+TERMINAL_PUNCT = tuple(SPACED_SENTENCE_ENDS + SENTENCE_ENDS + CLOSING_QUOTES + ":;")
 
 
 class DocStage:
@@ -49,12 +56,29 @@ def word_list(relpath: str) -> frozenset[str]:
     return frozenset(s.strip().lower() for s in lines if s.strip() and not s.lstrip().startswith("#"))
 
 
-_PUNCT_EDGES = re.compile(r"^\W+|\W+$")
+# Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana and Han.
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff" \
+            "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"
+_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+# one letter of those scripts with the punctuation and marks around it, or a run of anything else but space
+_WORD = re.compile(rf"[^\w\s]*[{_UNSPACED}][^\w\s]*|(?:(?![{_UNSPACED}])\S)+")
 
 
 def words(text: str) -> list[str]:
-    """Whitespace tokens: language-agnostic and cheap, which is what the Gopher ratios were tuned on."""
-    return text.split()
+    """Whitespace tokens, language-agnostic and cheap, which is what the Gopher ratios were tuned on; except that
+    in scripts written without spaces each letter is a word, since there a whole page is one whitespace token
+    (every word-based rule would drop or wave through every Chinese, Japanese or Thai document)."""
+    if not has_unspaced(text):
+        return text.split()
+    return _WORD.findall(text)
+
+
+def has_unspaced(text: str) -> bool:
+    """Whether `text` holds a letter of a script written without spaces (a word of `words` that does is one)."""
+    return not text.isascii() and _UNSPACED_CHAR.search(text) is not None
+
+
+_PUNCT_EDGES = re.compile(r"^\W+|\W+$")
 
 
 def bare(word: str) -> str:

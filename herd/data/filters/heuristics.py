@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from herd.bounds import FRACTION, NON_NEGATIVE, ordered, require
 from herd.data.document import Document
 from herd.data.filters.base import (
+    CLOSING_QUOTES,
+    SENTENCE_ENDS,
+    SPACED_SENTENCE_ENDS,
     TERMINAL_PUNCT,
     DocStage,
     bare,
     duplicated,
     evolve,
+    has_unspaced,
     nonempty_lines,
     word_list,
     words,
@@ -46,11 +50,11 @@ class GopherQuality(DocStage):
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # "#" and ellipses per word
+    max_symbol_word_ratio: float = 0.1  # "#" per word, and ellipses per word: each, as in Gopher
     max_bullet_lines_ratio: float = 0.9
     max_ellipsis_lines_ratio: float = 0.3
     min_alpha_words_ratio: float = 0.8  # words with at least one letter
-    min_stop_words: int = 2
+    min_stop_words: int = 2  # distinct ones: "the the the" is not English
 
     def __post_init__(self):
         require(self, NON_NEGATIVE, "min_words", "max_words", "min_mean_word_length", "max_mean_word_length",
@@ -66,14 +70,18 @@ class GopherQuality(DocStage):
             return "gopher:min_words"
         if n > self.max_words:
             return "gopher:max_words"
-        lengths = [len(w) for w in map(bare, toks) if w]
-        mean = sum(lengths) / len(lengths) if lengths else 0.0
-        if mean < self.min_mean_word_length:
-            return "gopher:min_mean_word_length"
-        if mean > self.max_mean_word_length:
-            return "gopher:max_mean_word_length"
-        symbols = doc.text.count("#") + sum(doc.text.count(e) for e in _ELLIPSES)
-        if symbols / n > self.max_symbol_word_ratio:
+        # A word's length means nothing where each letter is a word: the mean is that of the spaced words, and
+        # only judged when they are most of the text (a few Latin names in a Chinese page are no sample).
+        spaced = [w for w in toks if not has_unspaced(w)] if has_unspaced(doc.text) else toks
+        if 2 * len(spaced) >= n:
+            lengths = [len(w) for w in map(bare, spaced) if w]
+            mean = sum(lengths) / len(lengths) if lengths else 0.0
+            if mean < self.min_mean_word_length:
+                return "gopher:min_mean_word_length"
+            if mean > self.max_mean_word_length:
+                return "gopher:max_mean_word_length"
+        ellipses = sum(doc.text.count(e) for e in _ELLIPSES)
+        if max(doc.text.count("#"), ellipses) / n > self.max_symbol_word_ratio:
             return "gopher:symbol_word_ratio"
         lines = nonempty_lines(doc.text)
         if lines and sum(s.startswith(_BULLETS) for s in lines) / len(lines) > self.max_bullet_lines_ratio:
@@ -83,7 +91,7 @@ class GopherQuality(DocStage):
         if sum(any(c.isalpha() for c in w) for w in toks) / n < self.min_alpha_words_ratio:
             return "gopher:alpha_words_ratio"
         stops = stop_words(doc.lang)
-        if stops is not None and sum(bare(w).lower() in stops for w in toks) < self.min_stop_words:
+        if stops is not None and len(stops.intersection(bare(w).lower() for w in toks)) < self.min_stop_words:
             return "gopher:stop_words"
         return doc
 
@@ -118,7 +126,7 @@ class GopherRepetition(DocStage):
         # Code repeats lines and phrases by nature (closing braces, `>>>` sessions, call after call), so the
         # prose around an extracted code block is what is judged; a page that is all code, on all of it.
         text = prose(doc.text)
-        if len(text.split()) < 50:
+        if len(words(text)) < 50:
             text = doc.text
         chars = max(len(text), 1)
         paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
@@ -226,7 +234,7 @@ class C4Quality(DocStage):
         if not s:
             return False
         low = s.lower()
-        toks = s.split()
+        toks = words(s)
         return (
             any(len(w) > self.max_word_length for w in toks)
             or (self.drop_lines_without_punct and not s.endswith(TERMINAL_PUNCT))
@@ -236,7 +244,8 @@ class C4Quality(DocStage):
         )
 
 
-_SENTENCE_END = re.compile(r"[.!?…。！？]+(?=\s|$)")
+_SENTENCE_END = re.compile(rf"[{re.escape(SPACED_SENTENCE_ENDS)}]+[{CLOSING_QUOTES})]*(?=\s|$)"
+                           rf"|[{SENTENCE_ENDS}]+[{CLOSING_QUOTES})]*")
 
 
 def _sentences(text: str) -> int:

@@ -1,7 +1,8 @@
 """PII masking: e-mail addresses, phone numbers, IP addresses. Never drops a document.
 
 Patterns aim at what identifies a person or machine, and stay clear of what merely looks numeric:
-version numbers (3.11.2), dates (2024-01-15, 15.01.2024), decimals and grouped numbers (1,234,567).
+version numbers (3.11.2, version 1.2.3.4), dates (2024-01-15, 15.01.2024), decimals and grouped numbers
+(1,234,567), ratios (1:2:3:4:5:6:7:8).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ _DIGIT = re.compile(r"\d")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # Not inside a longer dotted run: 1.2.3.4.5 is not an address.
 IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w]|\.\d)")
+# A four-part version number looks like an address; the word before it tells them apart.
+_VERSION_BEFORE = re.compile(r"\b(?:versions?|ver|v|release|build|rev|revision)[.:]?\s*$", re.I)
 # Hex-and-colon runs (with an optional embedded IPv4 tail) are only candidates; ipaddress decides,
 # which keeps clock times (12:30:45) and MAC-like tokens out.
 _IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f]*:[0-9A-Fa-f:]+(?:\.\d{1,3}){0,3}(?![\w:])")
@@ -30,9 +33,9 @@ PHONE = re.compile(
     r"(?<![\w+.\-/])(?:"
     # international: +CC and 8-15 digits in groups, optional (0) trunk: +44 20 7946 0958, +49 (0)30 1234567
     r"\+(?=(?:[ .\-()]*\d){8,15})\d{1,3}(?:[ .\-]?\(0?\d{0,4}\))?(?:[ .\-]?\d{1,5}){2,5}"
-    # North American: (202) 555-0143, 202-555-0143, 202.555.0143 (not spaced: "100 200 3000" is a list)
-    r"|\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}"
-    r"|\d{3}(?P<s>[.\-])\d{3}(?P=s)\d{4}"
+    # North American, with or without its country code 1: (202) 555-0143, 202-555-0143, 202.555.0143,
+    # 1-800-555-0199 (not spaced: "100 200 3000" is a list)
+    r"|(?:1[ .\-])?(?:\(\d{3}\)[ .\-]?\d{3}[ .\-]\d{4}|\d{3}(?P<s>[.\-])\d{3}(?P=s)\d{4})"
     # national European with a trunk 0: 06 12 34 56 78, 01.23.45.67.89, 030 1234567, 020 7946 0958
     r"|0\d(?P<t>[ .])\d{2}(?P=t)\d{2}(?P=t)\d{2}(?P=t)\d{2}"
     r"|0\d{2,4}[ /]\d{3,4} ?\d{3,4}"
@@ -59,12 +62,20 @@ def _ipv6_spans(text: str) -> list[tuple[int, int]]:
         groups = sum(1 for g in cand.split(":") if g)
         if groups < 3 and not (groups == 2 and "." in cand):
             continue
+        # written out in full, a real address starts with four hex digits (2001:, fe80:); 1:2:3:4:5:6:7:8 is a ratio
+        if "::" not in cand and len(cand.split(":", 1)[0]) != 4:
+            continue
         try:
             ipaddress.IPv6Address(cand)
         except ValueError:
             continue
         spans.append(m.span())
     return spans
+
+
+def _ipv4_spans(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in IPV4.finditer(text)
+            if not _VERSION_BEFORE.search(text[max(0, m.start() - 16):m.start()])]
 
 
 @dataclass
@@ -84,7 +95,7 @@ class PIIMasker(DocStage):
             text, counts["email"] = _mask_spans(text, _email_spans(text), self.email_token)
         if ":" in text:
             text, counts["ip"] = _mask_spans(text, _ipv6_spans(text), self.ip_token)
-        text, n4 = IPV4.subn(self.ip_token, text)
+        text, n4 = _mask_spans(text, _ipv4_spans(text), self.ip_token)
         counts["ip"] += n4
         text, counts["phone"] = PHONE.subn(self.phone_token, text)
         counts = {k: v for k, v in counts.items() if v}
