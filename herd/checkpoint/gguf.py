@@ -4,9 +4,11 @@ llama.cpp's converter stores q/k rows in Meta's interleaved rotary order already
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -183,30 +185,51 @@ def rope_divisors(config: ModelConfig) -> np.ndarray:
 
 
 def _scaling_from_divisors(divisors: np.ndarray, config: ModelConfig, original: int, path: Path) -> RopeScaling | None:
-    """The RopeScaling that explains rope_freqs.weight; llama.cpp stores only the divisors, so the ramp's
-    bounds are taken to be Llama 3.1's (1, 4) and checked against every divisor. The factor is solved from the
-    largest divisor: it is the factor itself where a wavelength passes the ramp, else a point on the ramp (heads
-    of few dimensions, or a low rope_theta, have no wavelength that long)."""
+    """The RopeScaling that explains rope_freqs.weight, checked against every divisor (llama.cpp stores only the
+    divisors, and its converter not even the original context)."""
     if np.all(divisors == 1.0):
         return None
+    if divisors.shape == (config.head_dim // 2,):
+        for guess in _scalings(divisors.astype(np.float64), config, original):
+            if np.allclose(rope_divisors(config.replace(rope_scaling=guess)), divisors, rtol=1e-5):
+                return guess
+    raise CheckpointError(f"{path}: tensor {_ROPE_FREQS} is no Llama 3.1 rope scaling of a {config.head_dim}-"
+                          f"dimensional head (original context {original}); this rope variant is unsupported")
+
+
+def _scalings(divisors: np.ndarray, config: ModelConfig, original: int) -> Iterator[RopeScaling]:
+    """Scalings that may have made `divisors`, most likely first.
+
+    On the ramp a divisor d is 1 / ((1 - s) / factor + s) with s = original / (wavelength * (high - low)) -
+    low / (high - low): linear in 1 / wavelength, so two points on the ramp give both bounds for the original
+    context given (Llama 3.1's 1 and 4 otherwise). The factor is the largest divisor where a wavelength passes the
+    ramp; else (heads of few dimensions, a low rope_theta) it is solved from that divisor with Llama 3.1's bounds.
+    """
+    wavelen = 2 * math.pi * config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
     i = int(np.argmax(divisors))
     largest, bounds = float(divisors[i]), RopeScaling()
-    wavelen = 2 * math.pi * config.rope_theta ** (2 * i / config.head_dim)
-    smooth = (original / wavelen - bounds.low_freq_factor) / (bounds.high_freq_factor - bounds.low_freq_factor)
-    # On the ramp a divisor is 1 / ((1 - smooth) / factor + smooth); past it (smooth <= 0), the factor itself.
+    smooth = (original / wavelen[i] - bounds.low_freq_factor) / (bounds.high_freq_factor - bounds.low_freq_factor)
     factor = largest if smooth <= 0 or 1 / largest <= smooth else (1 - smooth) / (1 / largest - smooth)
-    try:
-        guess = RopeScaling(factor=_f32(factor), original_max_position=original)
-    except ValueError as e:  # a divisor or an original context no scaling has
-        raise CheckpointError(f"{path}: tensor {_ROPE_FREQS} is no Llama 3.1 rope scaling ({e})") from None
-    if divisors.shape != (config.head_dim // 2,) or not np.allclose(
-        rope_divisors(config.replace(rope_scaling=guess)), divisors, rtol=1e-5
-    ):
-        raise CheckpointError(
-            f"{path}: tensor {_ROPE_FREQS} is not Llama 3.1 rope scaling (factor {guess.factor}, low 1, high 4, "
-            f"original {original}); this rope variant is unsupported"
-        )
-    return guess
+    with contextlib.suppress(ValueError):  # a divisor or an original context no scaling has
+        yield RopeScaling(factor=_f32(factor), original_max_position=original)
+    on_ramp = (divisors > 1 + 1e-6) & (divisors < largest * (1 - 1e-6))
+    smooth = (1 / divisors[on_ramp] - 1 / largest) / (1 - 1 / largest)
+    with contextlib.suppress(ValueError, np.linalg.LinAlgError):
+        if on_ramp.sum() >= 2:
+            slope, intercept = np.polyfit(1 / wavelen[on_ramp], smooth, 1)
+            low = -intercept * original / slope
+            yield RopeScaling(largest, _round(low), _round(low + original / slope), original)
+        elif on_ramp.sum() == 1:  # Llama 3.1's bounds, the original context as the one point puts it
+            yield RopeScaling(largest, original_max_position=round(wavelen[on_ramp][0] * (3 * smooth[0] + 1)))
+        else:  # any original context that puts each wavelength on its side of the ramp
+            short, long = wavelen[divisors == 1.0], wavelen[divisors >= largest * (1 - 1e-6)]
+            if len(short) and len(long):
+                yield RopeScaling(largest, original_max_position=round(math.sqrt(4 * short.max() * long.min())))
+
+
+def _round(value: float) -> float:
+    """A fitted bound as it was most likely written (2.0, not 1.9999996)."""
+    return float(f"{value:.5g}")
 
 
 def _stored_dtype(t) -> torch.dtype:

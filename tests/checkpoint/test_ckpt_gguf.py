@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from herd.checkpoint import CheckpointError, build_model, expected_shapes, load_checkpoint, save_checkpoint
-from herd.checkpoint.gguf import gguf_name
-from herd.model.config import ModelConfig
+from herd.checkpoint.gguf import _scaling_from_divisors, gguf_name, rope_divisors
+from herd.model.config import ModelConfig, RopeScaling
 from herd.quant import kernel
 from herd.quant.blocks import BlockLinear
 from herd.quant.load import build_quantized
@@ -56,7 +56,10 @@ ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq
     {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
      "rope": ROPE | {"factor": 32.0}},
     {"rope": ROPE | {"original_max_position_embeddings": 64}},  # an original context other than 8,192
-], ids=["llama3.1", "small-heads", "original-64"])
+    # Other bounds than Llama 3.1's 1 and 4: herd wrote them and then refused its own file.
+    {"rope": ROPE | {"factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                     "original_max_position_embeddings": 1024}},
+], ids=["llama3.1", "small-heads", "original-64", "other-bounds"])
 def test_f32_gguf_keeps_config_and_logits(make_hf, tmp_path, shape):
     reference, source = make_hf(**shape)
     out = save_checkpoint(load_checkpoint(source), tmp_path / "model.gguf", "gguf", gguf_type="F32")
@@ -65,13 +68,32 @@ def test_f32_gguf_keeps_config_and_logits(make_hf, tmp_path, shape):
     ckpt = load_checkpoint(out)
     original = load_checkpoint(source).config
     for key in ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
-                "rope_scaling", "max_seq_len", "tie_embeddings"):
+                "max_seq_len", "tie_embeddings"):
         assert getattr(ckpt.config, key) == getattr(original, key), key
+    if original.rope_scaling.high_freq_factor == 4.0:
+        assert ckpt.config.rope_scaling == original.rope_scaling
+    else:  # the divisors decide; other bounds may explain them as well where few wavelengths are on the ramp
+        np.testing.assert_allclose(rope_divisors(ckpt.config), rope_divisors(original), rtol=1e-6)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(9000, 9012).unsqueeze(0)
     with torch.no_grad():
         err = (build_model(ckpt)(tokens, positions=positions) - reference(tokens, position_ids=positions).logits).abs().max()
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("scaling", [
+    RopeScaling(factor=8.0, original_max_position=4096),
+    RopeScaling(factor=4.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position=1024),
+    RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=65536),
+], ids=["original-4096", "other-bounds", "original-64k"])
+@pytest.mark.parametrize("head_dim", [8, 16, 64, 128])
+def test_rope_divisors_without_the_original_context_are_understood(scaling, head_dim):
+    """llama.cpp's converter writes rope_freqs.weight but no original context (herd assumes 8,192): any scaling
+    behind the divisors is found, as the divisors alone decide the model's rotations."""
+    config = ModelConfig(dim=4 * head_dim, n_heads=4, rope_theta=500000.0, rope_scaling=scaling)
+    divisors = rope_divisors(config)
+    found = _scaling_from_divisors(divisors, config.replace(rope_scaling=None), 8192, Path("m.gguf"))
+    np.testing.assert_allclose(rope_divisors(config.replace(rope_scaling=found)), divisors, rtol=1e-5)
 
 
 def write_gguf(path, config: ModelConfig, tensors: dict[str, tuple[np.ndarray, Q]]):
