@@ -93,7 +93,8 @@ class Request:
 class Generator:
     def __init__(self, model: Transformer, tokenizer, *, prefill_chunk: int = 512, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
-        # A model's vocabulary may be padded past its tokenizer's: ids there have no text, so they are never drawn.
+        # A model's vocabulary may be padded past its tokenizer's: ids there have no text, so they are never drawn,
+        # and log-probabilities are over the ids that may be (padded rows had taken mass and been top alternatives).
         self.vocab = getattr(tokenizer, "vocab_size", None)
         self.config = config or EngineConfig(max_step_tokens=prefill_chunk)
         mc = model.config
@@ -175,8 +176,10 @@ class Generator:
         seqs = []
         for i, (prompt, sp) in enumerate(zip(prompts, per_row)):
             for choice in range(n):
-                if choice and sp.seed is not None:  # the other choices of a seeded request differ, reproducibly
-                    sp = dataclasses.replace(sp, seed=sp.seed + 1)
+                # The other choices of a seeded request differ, reproducibly: choice i has seed + i, wrapping past
+                # 2**64 - 1 (where it had been refused) as torch's generators wrap seeds.
+                if choice and sp.seed is not None:
+                    sp = dataclasses.replace(sp, seed=(sp.seed + 1) % (1 << 64))
                 seqs.append(_Sequence(
                     list(prompt), sp, index=len(seqs), max_tokens=min(sp.max_tokens, self.capacity - len(prompt)),
                     stop_ids=self.stop_ids, block_size=self.cache.block_size, sink=sink, device=self.device,
@@ -329,9 +332,12 @@ class Generator:
         positions = seq.scored_positions(seq.num_computed, n)
         if not positions:
             return row
-        logp = torch.log_softmax(logits[row:row + len(positions)].float(), dim=-1)
+        logp = torch.log_softmax(logits[row:row + len(positions), :self.vocab].float(), dim=-1)
         targets = seq.tokens[positions.start + 1:positions.stop + 1]
-        chosen = logp.gather(1, torch.tensor(targets, device=logp.device).unsqueeze(1))[:, 0].tolist()
+        # A prompt may hold a padded id (the model's vocabulary is checked, not the tokenizer's): never drawn, so -inf.
+        ids = torch.tensor(targets, device=logp.device).unsqueeze(1)
+        chosen = logp.gather(1, ids.clamp(max=logp.shape[-1] - 1)).masked_fill(ids >= logp.shape[-1], float("-inf"))
+        chosen = chosen[:, 0].tolist()
         top_n = seq.params.prompt_logprobs or 0
         tops: list[dict[int, float]] = [{} for _ in positions]
         if top_n:
@@ -374,7 +380,8 @@ class Generator:
             token = sample(masked, seq.params, seq.rng)
         except NaNLogits as error:
             return -1, seq.ending("error", str(error))
-        lp = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
+        lp = token_logprob(logits[:self.vocab], token, seq.params.logprobs) if seq.params.logprobs is not None \
+            else None
         return token, seq.step(token, self.tokenizer.decode_bytes([token]), lp)
 
     def _finish(self, seq: _Sequence, delta: Delta) -> None:

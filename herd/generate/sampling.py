@@ -1,6 +1,7 @@
 """Sampling parameters and the choice of the next token from one sequence's logits."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -55,7 +56,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # on top of the tokenizer's own end-of-turn tokens
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (Delta.prompt_logprobs)
-    ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
+    ignore_eos: bool = False  # keep going past the tokenizer's end-of-turn tokens, not stop_token_ids (benchmarks)
 
     def __post_init__(self):
         require_kind(self, Integral, "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", optional=True)
@@ -89,7 +90,10 @@ class SamplingParams:
     def rng(self, device) -> torch.Generator | None:
         if self.seed is None:
             return None
-        return torch.Generator(device=device).manual_seed(self.seed)
+        # PyTorch's CPU generator keeps only a seed's low 32 bits (seeds 7 and 7 + 2**32 had sampled alike): every bit
+        # of the seed goes into them through a hash. Negative seeds are taken modulo 2**64, as torch takes them.
+        digest = hashlib.blake2b((self.seed % (1 << 64)).to_bytes(8, "little"), digest_size=8).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
 
 
 @dataclass
@@ -171,32 +175,58 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs with 0 for all but the smallest prefix of them, the most likely first, whose mass reaches top_p (as
+    Hugging Face's TopPLogitsWarper keeps); where it ends among equal probabilities, the lower ids come first."""
     if top_p >= 1:
         return probs
     # Sorting a 128K vocabulary costs tens of ms on a CPU. A language model's top-p set is usually a handful of
     # tokens, found among the largest few hundred; a flat distribution gets its cut-off by bisection instead.
     top, order = probs.topk(min(256, probs.numel()))
     if top.sum() >= top_p:
-        keep = top.cumsum(-1) - top < top_p  # a token goes when the mass before it already reaches top_p
-        keep[0] = True  # the most likely token always stays: a top_p of 1e-300 is 0 as float32, which kept none
-        return torch.zeros_like(probs).scatter(-1, order[keep], top[keep])
-    return probs.masked_fill(probs < _top_p_threshold(probs, top_p), 0.0)
+        # A token goes when the mass before it already reaches top_p; the most likely token always stays (a top_p of
+        # 1e-300 is 0 as float32, which kept none).
+        n = max(int((top.cumsum(-1) - top < top_p).sum()), 1)
+        if n == probs.numel() or n < top.numel() and top[n] < top[n - 1]:
+            return torch.zeros_like(probs).scatter(-1, order[:n], top[:n])
+        # topk orders equal probabilities arbitrarily, and more of them than it returned may equal the last kept.
+        cut = top[n - 1]
+        return _fill_to(probs, cut, torch.nextafter(cut, torch.ones_like(cut)), top_p)
+    return _fill_to(probs, *_top_p_bounds(probs, top_p), top_p)
 
 
-def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The largest t with sum(p >= t) >= top_p: the probabilities at or above it are the top-p set."""
+def _top_p_bounds(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """low < high with sum(p >= low) >= top_p > sum(p >= high), by bisection: the top-p set is every p >= high and
+    some of those from low (nearly always a single probability, or a run of equal ones)."""
+    # high starts just above the largest probability, which the whole run of them may share (a uniform distribution)
     low, high = torch.zeros((), device=probs.device), probs.max()
+    high = torch.nextafter(high, torch.ones_like(high))
     for _ in range(40):
         mid = (low + high) / 2
         if torch.where(probs >= mid, probs, 0.0).sum() >= top_p:
             low = mid
         else:
             high = mid
-    return low
+    return low, high
+
+
+def _fill_to(probs: torch.Tensor, low: torch.Tensor, high: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs keeping every p >= high, none below low, and of those in between (the largest first, equal ones by
+    id) only as many as bring the mass to top_p: keeping them all had kept every token of a uniform distribution."""
+    out = probs.masked_fill(probs < low, 0.0)  # a NaN stays, for sample to report
+    # Probabilities of 0 (top-k's leavings) are never drawn: sorting them could only cost time.
+    between = ((probs >= low) & (probs < high) & (probs > 0)).nonzero()[:, 0]
+    if between.numel() > 1:
+        values, rank = probs[between].sort(descending=True, stable=True)
+        before = probs[probs >= high].sum() + values.cumsum(-1) - values
+        surplus = before >= top_p
+        surplus[0] = False  # the mass above falls short of top_p, so the first of them is needed
+        out[between[rank[surplus]]] = 0.0
+    return out
 
 
 def token_logprob(logits: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-    """Log-probability of `token` under the model's own distribution (before temperature and truncation)."""
+    """Log-probability of `token` under the model's own distribution (before temperature and truncation) over
+    `logits`, which are those of the ids that may be drawn."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = {}
     if top_n:

@@ -60,7 +60,8 @@ class Sequence:
         self.tokens = list(prompt)  # the prompt, then what was generated
         self.prompt_len = len(prompt)
         self.params, self.index, self.max_tokens, self.sink = params, index, max_tokens, sink
-        self.stop_ids = frozenset() if params.ignore_eos else stop_ids | frozenset(params.stop_token_ids)
+        # ignore_eos passes over the tokenizer's end tokens only: the caller's own stop tokens still end it (vLLM).
+        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else stop_ids)
         self.rng = params.rng(device)
         if score_from is None and params.prompt_logprobs is not None:
             score_from = 1

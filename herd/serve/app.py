@@ -580,6 +580,12 @@ def _partial_suffix(text: str, token: str) -> int:
     return next((n for n in range(min(len(token) - 1, len(text)), 0, -1) if token.startswith(text[-n:])), 0)
 
 
+def text_vocab(llm) -> int:
+    """How many token ids have text: a model's vocabulary may be padded past its tokenizer's, and a padded id in a
+    prompt had been a 500 where its text was wanted (echo, detokenize), as vLLM refuses it."""
+    return min(llm.model.config.vocab_size, llm.generator.vocab or llm.model.config.vocab_size)
+
+
 def token_text(tok, token: int) -> str:
     """A token's own text as the logprobs of every route show it (a piece of a UTF-8 character shows as U+FFFD)."""
     return tok.decode_bytes([token]).decode("utf-8", errors="replace")
@@ -609,7 +615,8 @@ async def completions(request: Request):
         prompts = [llm.encode(t) for t in texts]
     else:
         prompts = [raw] if isinstance(raw[0], int) else raw
-        if any(not 0 <= t < llm.model.config.vocab_size for p in prompts for t in p):
+        vocab = text_vocab(llm)
+        if any(not 0 <= t < vocab for p in prompts for t in p):
             raise APIError(400, "a prompt token id is outside the vocabulary", param="prompt")
     # max_tokens 0 (with echo): the prompt scored as OpenAI's legacy API did; the engine's one token is dropped.
     generating = body.max_tokens != 0
@@ -675,8 +682,10 @@ def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any
         out["tokens"].append(text)
         out["text_offset"].append(offset)
         out["token_logprobs"].append(None if isinstance(entry, int) else entry.logprob)
+        # The token itself too, where it is not among the most likely: OpenAI's legacy API "will always return the
+        # logprob of the sampled token, so there may be up to logprobs+1 elements" (vLLM does so too).
         out["top_logprobs"].append(None if isinstance(entry, int) else {
-            token_text(tok, t): v for t, v in entry.top.items()})
+            token_text(tok, t): v for t, v in {**entry.top, entry.token: entry.logprob}.items()})
         offset += len(text)
     return out, offset
 
@@ -704,7 +713,7 @@ async def tokenize(request: Request):
 async def detokenize(request: Request):
     state = server_state(request)
     body: DetokenizeRequest = validate(request, DetokenizeRequest, await read_json(request), "model")
-    vocab = state.llm.model.config.vocab_size
+    vocab = text_vocab(state.llm)
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"a token id is outside the vocabulary (0..{vocab - 1})", param="tokens",
                        code="invalid_value")

@@ -244,6 +244,48 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_drawn(model):
     assert all(t < 256 for c in done for t in c.tokens)
 
 
+def test_log_probabilities_are_over_the_ids_that_may_be_drawn(model):
+    """With the model's vocabulary padded past the tokenizer's, log-probabilities had been over every model row:
+    too low, and padded ids among the top alternatives, which have no text for a server to show."""
+    class SmallTokenizer(ByteTokenizer):
+        vocab_size = 256
+
+    gen = Generator(model, SmallTokenizer(), config=EngineConfig(max_step_tokens=24, kv_cache_dtype="model"))
+    prompt = [t % 256 for t in prompts(1)[0][:8]] + [300]  # a padded id last: never drawn, so log p is -inf
+    done = gen.generate([prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3,
+                                                 prompt_logprobs=3))[0]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([prompt + done.tokens]))[0, :, :256], -1)
+    for position, lp in [(len(prompt) - 1 + i, lp) for i, lp in enumerate(done.logprobs)] + \
+            list(enumerate(done.prompt_logprobs[:-1])):
+        assert lp.logprob == pytest.approx(float(logp[position, lp.token]), abs=5e-5)
+        assert list(lp.top) == logp[position].topk(3).indices.tolist()
+    assert done.prompt_logprobs[-1].logprob == float("-inf") and max(done.prompt_logprobs[-1].top) < 256
+
+
+def test_ignore_eos_still_stops_at_the_callers_stop_token_ids(model):
+    """ignore_eos passes over the tokenizer's end tokens only (as vLLM's does): it had dropped stop_token_ids too."""
+    gen = engine(model)
+    plain = gen.generate(prompts(1), GREEDY)[0].tokens
+    stop = next(t for t in plain[2:] if t not in plain[:2])
+    done = gen.generate(prompts(1), dataclasses.replace(GREEDY, stop_token_ids=(stop,)))[0]
+    assert (done.tokens, done.finish_reason, done.stop_token) == (plain[:plain.index(stop)], "stop", stop)
+
+
+def test_any_seed_in_range_works_with_any_n_and_all_its_bits_count(model):
+    """Choice i samples with seed + i: at 2**64 - 1 that had been refused, and PyTorch's CPU generator keeps only
+    32 bits of a seed, so seeds 2**32 apart had sampled alike."""
+    gen = engine(model)
+    params = SamplingParams(max_tokens=8, temperature=4.0, top_p=1.0, ignore_eos=True)
+
+    def sampled(seed, n=1):
+        return [c.tokens for c in gen.generate(prompts(1), dataclasses.replace(params, seed=seed), n=n)]
+
+    top = sampled((1 << 64) - 1, n=2)
+    assert top == [sampled(-1)[0], sampled(0)[0]]  # wrapping round, as torch takes a negative seed
+    assert sampled(7) != sampled(7 + (1 << 32)) and sampled(7) == sampled(7)
+
+
 @pytest.mark.parametrize(("fields", "words"), [
     ({"max_batch": 0}, "max_batch must be at least 1, got 0"),  # the engine had waited for ever
     ({"max_step_tokens": -1}, "max_step_tokens must be at least 1, got -1"),  # so had it here

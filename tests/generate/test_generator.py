@@ -75,6 +75,20 @@ def test_truncation_keeps_the_same_tokens_as_transformers(temperature, top_k, to
     torch.testing.assert_close(ours / ours.sum(), torch.softmax(theirs[0], -1), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("logits,top_p,kept", [
+    (torch.zeros(1000), 0.5, 500),  # uniform: the top 256 hold too little, so the cut is found by bisection
+    (torch.cat([torch.zeros(1000), torch.full((20000,), -3.0)]), 0.3, 599),  # the cut inside a run of 1,000
+    (torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0, 0.0]), 0.75, 3),  # among the top 256: topk's order of equals is arbitrary
+])
+def test_top_p_keeps_just_enough_of_equal_probabilities(logits, top_p, kept):
+    """Where top_p's cut falls inside a run of equal probabilities, the smallest prefix reaching top_p is kept, as
+    transformers keeps it (equal ones by id): the bisection had kept the whole run, all of a uniform distribution."""
+    ours = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=top_p)) > 0
+    assert int(torch.isfinite(TopPLogitsWarper(top_p)(None, logits[None].clone())).sum()) == kept
+    expected = logits.argsort(descending=True, stable=True)[:kept]
+    assert ours.nonzero()[:, 0].tolist() == sorted(expected.tolist())
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1e-38, 1.0), (1e-38, 0.5), (1.0, 1e-300), (1e-45, 1e-300)])
 def test_a_vanishing_temperature_or_top_p_samples_the_most_likely_token(temperature, top_p):
     """The limits of sampling are greedy decoding: a temperature of 1e-38 had divided the logits into infinities

@@ -181,6 +181,47 @@ def test_completions_errors_and_keys(tiny):
     assert httpx.get(tiny.url + "/static/%00").status_code == 404
 
 
+def test_completions_top_logprobs_hold_the_sampled_token_and_chat_the_likeliest_alone(tiny):
+    """Legacy completions "always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements" (OpenAI, as vLLM does); chat's top_logprobs are the likeliest tokens only, as OpenAI's are. A bias
+    forces a token the model itself finds unlikely (log-probabilities are the model's, before the bias)."""
+    forced = {"max_tokens": 1, "temperature": 0, "logit_bias": {"1000": 100}}
+    for n in (0, 1, 3):
+        answer = post(tiny, {"model": NAME, "prompt": "hi", "logprobs": n, **forced}, path="/v1/completions")
+        logprobs = answer.json()["choices"][0]["logprobs"]
+        [top], [logprob] = logprobs["top_logprobs"], logprobs["token_logprobs"]
+        assert logprobs["tokens"] == ["indow"] and len(top) == n + 1 and top["indow"] == logprob
+        assert (max(top.values()) > logprob) == (n > 0)  # the n likeliest, then the token
+    chat = post(tiny, {**GOOD, **forced, "logprobs": True, "top_logprobs": 1}).json()["choices"][0]["logprobs"]
+    [entry] = chat["content"]
+    assert entry["token"] == "indow" and [t["token"] for t in entry["top_logprobs"]] != ["indow"]
+    assert len(entry["top_logprobs"]) == 1
+
+
+def test_a_padded_vocabulary_keeps_its_padded_ids_out_of_replies_and_prompts():
+    """A model whose vocabulary is padded past its tokenizer's: the padded ids, which have no text, had been top
+    alternatives (a 500 when their text was looked up); a prompt holding one, echoed or detokenized, had been a 500
+    too, and is now a 400, as vLLM refuses it."""
+    from fastapi.testclient import TestClient
+
+    tok = herd.load_tokenizer()
+    torch.manual_seed(0)
+    config = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size + 64,
+                         ffn_hidden_dim=128, max_seq_len=64)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        model.output.weight[tok.vocab_size:] = model.output.weight.abs().max() * 10  # padded ids the likeliest
+    llm = LLM(model, tok, herd.ChatFormat(tok), name=NAME)
+    with TestClient(create_app(llm, ServeSettings())) as client:
+        answer = client.post("/v1/completions", json={"model": NAME, "prompt": [1, 2, 3], "max_tokens": 2,
+                                                      "logprobs": 3, "echo": True})
+        assert answer.status_code == 200, answer.text  # was a 500: padded ids among the alternatives
+        assert all(len(top) >= 3 for top in answer.json()["choices"][0]["logprobs"]["top_logprobs"][1:])
+        padded = client.post("/v1/completions", json={"model": NAME, "prompt": [1, tok.vocab_size], "echo": True})
+        assert padded.status_code == 400 and padded.json()["error"]["param"] == "prompt"
+        assert client.post("/detokenize", json={"model": NAME, "tokens": [tok.vocab_size + 1]}).status_code == 400
+
+
 def test_a_tool_whose_property_schema_is_true_is_prompted_as_any_type(tiny):
     # `true` is a JSON Schema (anything validates): the tool prompt lists the parameter without a type.
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
