@@ -1,11 +1,12 @@
 """Llama Guard 3: the classifier prompt Meta's guard models were trained on, the parser for their verdicts,
 and `LlamaGuard`, which runs any loaded model as the guard.
 
-The prompt is the one on the Llama Guard 3 model card (and built by llama-stack's `llama_guard` shield): a task
-line, the MLCommons hazard categories S1-S14, the conversation as `User:` / `Agent:` turns, and the instruction
-to judge only the last turn of the given role, wrapped as one Llama 3 user turn. Excluded categories keep their
-codes (as llama-stack and the model card's template drop them); a custom list is numbered S1.. in its own order
-(as llama-recipes' `build_custom_prompt` does).
+The prompt is the one on the Llama Guard 3 model card: a task line, the MLCommons hazard categories S1-S14, the
+conversation as `User:` / `Agent:` turns, and the instruction to judge only the last turn of the given role,
+wrapped as one Llama 3 user turn. llama-stack's `llama_guard` shield builds the same text but names the assistant's
+turns `Assistant:` (a role as it is called). Excluded categories keep their codes (as llama-stack and the model
+card's template drop them); a custom list is numbered S1.. in its own order (as llama-recipes'
+`build_custom_prompt` does). Llama-Guard-3-1B knows S1-S13 only: exclude S14 for it, as llama-stack does.
 """
 from __future__ import annotations
 
@@ -43,14 +44,25 @@ CANNED_REFUSAL = "I can't answer that. Can I help with something else?"
 Category = str | tuple[str, str]  # a name, or (name, description)
 
 
+def excluded_codes(excluded: Iterable[str], categories: Sequence[Category] | None = None) -> tuple[str, ...]:
+    """`excluded` as the codes both the prompt and the verdict compare ("s14" and " S14" are S14; a code named
+    twice once): each must be one of the policy's codes, S1..S14 or a custom list's S1..Sn."""
+    n = len(CATEGORIES) if categories is None else len(categories)
+    codes: list[str] = []
+    for given in excluded:
+        code = str(given).strip().upper()
+        if not re.fullmatch(r"S[1-9]\d*", code) or int(code[1:]) > n:
+            raise ValueError(f"unknown excluded category {given!r}: use codes S1..S{n}")
+        if code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
 def category_lines(categories: Sequence[Category] | None = None, excluded: Iterable[str] = ()) -> list[tuple[str, str]]:
     """(code, text) for each category the prompt lists: Llama Guard 3's own less `excluded` (codes kept), or a
     custom list numbered S1.. in order, a description (if given) on the lines below its name."""
-    excluded = {e.strip().upper() for e in excluded}
+    excluded = excluded_codes(excluded, categories)
     if categories is None:
-        unknown = excluded - CATEGORIES.keys()
-        if unknown:
-            raise ValueError(f"unknown excluded categories {sorted(unknown)}: use codes S1..S14")
         lines = [(code, f"{name}.") for code, name in CATEGORIES.items() if code not in excluded]
     else:
         lines = []
@@ -112,27 +124,34 @@ def llama_guard_prompt(messages: Sequence[dict], agent_type: str | None = None,
             "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-_VERDICT = re.compile(r"\b(unsafe|safe)\b", re.IGNORECASE)
-_CODE = re.compile(r"\bS\s?(\d{1,2})\b", re.IGNORECASE)
+_SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>")  # an end-of-turn token a decoder left in the text
+NOT_UNDERSTOOD = "the reply is not a Llama Guard verdict (a line safe or unsafe, then the codes)"
 
 
-def parse_llama_guard(text) -> dict:
-    """{"safe": bool, "categories": ["S1", ...]} from a guard's reply ("safe", "unsafe\\nS1,S10"). Never raises:
-    a reply that says neither is unsafe with no category (a guard that cannot be read must not wave text
-    through); category codes are read from the lines after the verdict, deduplicated in order."""
+def parse_llama_guard(text, codes: Iterable[str] = tuple(CATEGORIES)) -> dict:
+    """{"safe": bool, "categories": ["S1", ...]} from a guard's reply in Meta's format: a first line `safe` or
+    `unsafe` (any case), and after `unsafe` an optional line of comma-separated codes ("unsafe\\nS1,S10"). Never
+    raises. A reply in any other form is unsafe with a "reason" saying it was not understood: a guard that cannot
+    be read must not wave text through (a search for the first "safe" anywhere had passed "The content is not
+    safe"). Codes not among `codes` (the policy's, S1..S14 by default) are left out of the categories and named
+    in the reason; the verdict stays unsafe."""
     if not isinstance(text, str):
         text = "" if text is None else str(text)
-    m = _VERDICT.search(text)
-    if m is None:
-        return {"safe": False, "categories": []}
-    if m.group(1).lower() == "safe":
+    lines = [line.strip() for line in _SPECIAL_TOKEN.sub("", text).splitlines() if line.strip()]
+    first = lines[0].lower() if lines else ""
+    if first == "safe" and len(lines) == 1:
         return {"safe": True, "categories": []}
-    codes: list[str] = []
-    for c in _CODE.findall(text[m.end():]):
-        code = f"S{int(c)}"
-        if code not in codes:
-            codes.append(code)
-    return {"safe": False, "categories": codes}
+    if first != "unsafe" or len(lines) > 2:
+        return {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}
+    named = [c.strip().upper() for c in lines[1].split(",")] if len(lines) == 2 else []
+    if not all(re.fullmatch(r"S\d+", c) for c in named):
+        return {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}
+    known = set(codes)
+    categories = [c for i, c in enumerate(named) if c in known and c not in named[:i]]
+    unknown = [c for i, c in enumerate(named) if c not in known and c not in named[:i]]
+    if unknown:
+        return {"safe": False, "categories": categories, "reason": f"unknown categories {', '.join(unknown)}"}
+    return {"safe": False, "categories": categories}
 
 
 class LlamaGuard:
@@ -150,7 +169,8 @@ class LlamaGuard:
 
     def __init__(self, llm, categories: Sequence[Category] | None = None, excluded: Iterable[str] = (),
                  max_tokens: int = 20):
-        self.llm, self.categories, self.excluded, self.max_tokens = llm, categories, tuple(excluded), max_tokens
+        self.llm, self.categories, self.max_tokens = llm, categories, max_tokens
+        self.excluded = excluded_codes(excluded, categories)
         category_lines(categories, self.excluded)  # a bad configuration fails here, not on the first request
 
     def check(self, messages: Sequence[dict], agent_type: str | None = None) -> dict:
@@ -161,12 +181,13 @@ class LlamaGuard:
             ids = self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
             raw = self._categories_by_likelihood(ids, self.llm.generate(ids, max_tokens=self.max_tokens,
                                                                          temperature=0))
-        verdict = parse_llama_guard(raw)
+        verdict = parse_llama_guard(raw, [code for code, _ in category_lines(self.categories)])
         named = verdict["categories"]
         if not verdict["safe"] and named:
-            # a category this policy excludes is no violation of it (all excluded: safe, as llama-stack decides)
+            # a category this policy excludes is no violation of it (all excluded: safe, as llama-stack decides),
+            # but a reply also naming codes the policy lacks stays unsafe
             kept = [c for c in named if c not in self.excluded]
-            verdict = {"safe": not kept, "categories": kept}
+            verdict = {**verdict, "safe": not kept and "reason" not in verdict, "categories": kept}
         return {**verdict, "raw": raw}
 
     def _categories_by_likelihood(self, prompt: list[int], greedy) -> str:

@@ -135,7 +135,7 @@ class Shields:
             return Decision(True, seconds=time.perf_counter() - started)
         self._count(kind, unsafe)
         log.warning("llama guard: unsafe %s %s", "request" if agent_type == "User" else "reply (replaced)",
-                    ",".join(verdict["categories"]) or "(no category)")
+                    ",".join(verdict["categories"]) or verdict.get("reason", "(no category)"))
         return Decision(False, "llama_guard", verdict["categories"], refusal(verdict["categories"]),
                         seconds=time.perf_counter() - started)
 

@@ -69,6 +69,59 @@ def test_constants_are_not_injections(shield):
     assert [s["verdict"] for s in unsafe] == ["block"] * 3
 
 
+_CPP = "#include <cstring>\n#include <cstdio>\nvoid f(const char *s) {{\n    char buf[16];\n    {}\n}}\n"
+
+
+_MISSED = [
+    # C++ names the C library's functions std::strcpy and ::strcpy: the rules had matched only the bare names
+    (_CPP.format("std::strcpy(buf, s);"), "cpp", "c-unbounded-copy"),
+    (_CPP.format("::strcpy(buf, s);"), "cpp", "c-unbounded-copy"),
+    (_CPP.format('std::sprintf(buf, "user=%s", s);'), "cpp", "c-unbounded-copy"),
+    (_CPP.format("std::printf(s);"), "cpp", "c-format-string"),
+    (_CPP.format("std::gets(buf);"), "cpp", "c-gets"),
+    # a function making a secret returns it: the rule had looked only at assignments to a secret's name
+    ('import random, string\n\ndef make_token():\n    return "".join(random.choice(string.ascii_letters) for _ in '
+     'range(32))\n', "python", "python-insecure-random-secret"),
+    ("import random\n\ndef otp():\n    return random.randint(100000, 999999)\n", "python",
+     "python-insecure-random-secret"),
+    ('import requests\n\ns = requests.Session()\ns.verify = False\ns.get("https://example.com")\n', "python",
+     "python-tls-verification-disabled"),
+]
+
+
+def test_qualified_calls_returned_secrets_and_session_verify_are_flagged(shield):
+    scans = shield.scan_many([(code, language) for code, language, _ in _MISSED])
+    missed = [(code, rule) for (code, _, rule), scan in zip(_MISSED, scans)
+              if rule not in {f["rule"] for f in scan["findings"]}]
+    assert missed == []
+
+
+def test_constants_placeholders_and_other_keys_are_not_flagged(shield):
+    scans = shield.scan_many([
+        # README: constants are not injections, a table name in a module constant or a local string included
+        ('TABLE = "users"\n\ndef get(cur, uid):\n    cur.execute(f"SELECT * FROM {TABLE} WHERE id = %s", (uid,))\n',
+         "python"),
+        ('def get(cur, uid):\n    table = "users"\n    cur.execute(f"SELECT * FROM {table} WHERE id = %s", (uid,))\n',
+         "python"),
+        ('import random\n\nkey_press = random.choice(["w", "a", "s", "d"])\n', "python"),  # a key of the keyboard
+        ('API_KEY = "YOUR_API_KEY_HERE"\npassword = "changeme"\n', "python"),
+        (_CPP.format('std::strcpy(buf, "hello");'), "cpp"),
+    ])
+    assert [s["findings"] for s in scans] == [[]] * len(scans)
+    # the same query with a value pasted in, or a table name that is not a constant, still is one; so are a key
+    # drawn from random and a password that only begins like a placeholder
+    unsafe = shield.scan_many([
+        ('TABLE = "users"\n\ndef get(cur, uid):\n    cur.execute(f"SELECT * FROM {TABLE} WHERE id = {uid}")\n',
+         "python"),
+        ('def get(cur, table):\n    cur.execute(f"SELECT * FROM {table} WHERE id = 1")\n', "python"),
+        ('import random\n\napi_key = random.getrandbits(128)\n', "python"),
+        ('PASSWORD = "changeme123!"\n', "python"),  # a real password, if a weak one
+    ])
+    assert [[f["rule"] for f in s["findings"]] for s in unsafe] == [
+        ["python-sql-injection"], ["python-sql-injection"], ["python-insecure-random-secret"],
+        ["secret-hardcoded-credential"]]
+
+
 def test_language_detection_gives_the_same_verdicts(corpus_scans):
     items, given, detected = corpus_scans
     langs = {"c": {"c", "cpp"}, "cpp": {"cpp"}}

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from herd.safety import LlamaGuard, llama_guard_prompt, parse_llama_guard
-from herd.safety.llama_guard import CATEGORIES, llama_guard_content
+from herd.safety.llama_guard import CATEGORIES, NOT_UNDERSTOOD, llama_guard_content
 
 from references import llama_recipes_prompt_utils, llama_stack_shield
 
@@ -100,9 +100,18 @@ def test_agent_type_and_bad_input():
     ("unsafe\nS1,S10", {"safe": False, "categories": ["S1", "S10"]}),
     (" Unsafe \n s9, S14 ,S9", {"safe": False, "categories": ["S9", "S14"]}),
     ("unsafe", {"safe": False, "categories": []}),
-    ("I cannot tell.", {"safe": False, "categories": []}),
-    ("", {"safe": False, "categories": []}),
-    (None, {"safe": False, "categories": []}),
+    ("I cannot tell.", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    ("", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    (None, {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    # each of these had been read as safe, from the first "safe" anywhere in the reply
+    ("The content is not safe", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    ("It's safe to say this is unsafe\nS1", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    ("safe\nunsafe\nS1", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    ("unsafe\nS1\nbut maybe safe", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    ("unsafe\nviolent crimes", {"safe": False, "categories": [], "reason": NOT_UNDERSTOOD}),
+    # codes the policy lacks are no category, and no reason to pass the text
+    ("unsafe\nS15", {"safe": False, "categories": [], "reason": "unknown categories S15"}),
+    ("unsafe\nS0,S2", {"safe": False, "categories": ["S2"], "reason": "unknown categories S0"}),
 ])
 def test_parse(reply, expected):
     assert parse_llama_guard(reply) == expected
@@ -113,9 +122,11 @@ def test_parse(reply, expected):
                  st.builds(lambda a, b: f"{a}unsafe\n{b}", st.text(max_size=5), st.text(max_size=30))))
 def test_parse_never_raises(reply):
     verdict = parse_llama_guard(reply)
-    assert set(verdict) == {"safe", "categories"} and isinstance(verdict["safe"], bool)
-    assert all(c.startswith("S") and c[1:].isdigit() for c in verdict["categories"])
-    assert not (verdict["safe"] and verdict["categories"])
+    assert set(verdict) <= {"safe", "categories", "reason"} and isinstance(verdict["safe"], bool)
+    assert all(c in CATEGORIES for c in verdict["categories"])
+    assert not (verdict["safe"] and (verdict["categories"] or "reason" in verdict))
+    # safe only where the reply is the one word, less the end-of-turn tokens a decoder may leave
+    assert verdict["safe"] == (re.sub(r"<\|[a-z_]+\|>", "", str(reply)).strip().lower() == "safe")
 
 
 class _ScriptedLLM:
@@ -188,4 +199,34 @@ def test_llama_guard_names_the_likeliest_whole_code_where_greedy_digits_would_no
     # A safe verdict, and a reply that is no verdict, are left as the model wrote them.
     assert LlamaGuard(_ScriptedLLM({"safe": 0.6, "unsafe\nS2": 0.4})).check(CONVERSATIONS[0])["raw"] == "safe"
     assert LlamaGuard(_ScriptedLLM("I cannot tell.")).check(CONVERSATIONS[0]) == {
-        "safe": False, "categories": [], "raw": "I cannot tell."}
+        "safe": False, "categories": [], "reason": NOT_UNDERSTOOD, "raw": "I cannot tell."}
+
+
+class _Head:
+    """A guard head's part in check(): the verdict text, without generating."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def verdict(self, messages, agent_type, categories, excluded):
+        return self.reply
+
+
+@pytest.mark.parametrize("excluded", [["S14"], ["s14"], [" S14 "], ["s14", "S14"]])
+def test_excluded_codes_are_one_code_in_prompt_and_verdict(excluded):
+    """"s14" had left the prompt but not the verdict: a reply naming S14 stayed unsafe."""
+    guard = LlamaGuard(_Head("unsafe\nS14"), excluded=excluded)
+    assert guard.excluded == ("S14",) and "S14:" not in llama_guard_content(CONVERSATIONS[0], excluded=excluded)
+    assert guard.check(CONVERSATIONS[0]) == {"safe": True, "categories": [], "raw": "unsafe\nS14"}
+    assert LlamaGuard(_Head("unsafe\nS14,S2"), excluded=excluded).check(CONVERSATIONS[0])["categories"] == ["S2"]
+    # a code the policy lacks keeps the verdict unsafe though every code it knows is excluded
+    assert LlamaGuard(_Head("unsafe\nS14,S15"), excluded=excluded).check(CONVERSATIONS[0])["safe"] is False
+
+
+@pytest.mark.parametrize("excluded, categories", [
+    (["S15"], None), (["s0"], None), (["14"], None), (["S4"], ["a", "b"]),
+])
+def test_unknown_excluded_code_is_refused_by_name(excluded, categories):
+    with pytest.raises(ValueError, match=f"unknown excluded category {excluded[0]!r}") as error:
+        LlamaGuard(_Head("safe"), categories=categories, excluded=excluded)
+    assert "\n" not in str(error.value)
