@@ -376,6 +376,10 @@ class Generator:
         masked = adjust_logits(logits, seq.params, seq.tokens[:seq.prompt_len], seq.generated) \
             if seq.params.adjusts_logits else logits
         masked = (seq.constraint.mask(masked) if seq.constraint is not None else masked)[:self.vocab]
+        # Sampled, a grammar that allows no token had been NaN probabilities, blamed on the weights; greedy, token 0.
+        if seq.constraint is not None and bool(masked.isneginf().all()):
+            return -1, seq.ending("error", "the output grammar allows no next token: its schema asks for text that "
+                                           "no token may carry")
         try:
             token = sample(masked, seq.params, seq.rng)
         except NaNLogits as error:

@@ -15,6 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+try:
+    from re import _parser as _regex_parser  # Python 3.11 and later
+except ImportError:
+    import sre_parse as _regex_parser
+
 
 class GrammarError(ValueError):
     pass
@@ -60,6 +65,52 @@ def _of_type(value: Any, kind: Any) -> bool:
                or k == "integer" and isinstance(value, float) and value.is_integer() for k in kinds)
 
 
+def _json_escaped(pattern: str) -> str | None:
+    """The first character `pattern` matches as itself (outside a character class) that a JSON string holds only
+    escaped, a quote, a backslash or a control character, or None. xgrammar 0.2.9 writes such a character raw into
+    the string (`"x"y"` for '^x"y$', an invalid escape for a backslash, a tab that no token may carry) or, among
+    alternatives, leaves it out, while it keeps a class to the characters a string may hold raw."""
+    # Python's parser reads every escape (\x22, \u0022, \N{...}): a schema's patterns got here only if Python's re
+    # compiles them (the metaschema's "regex" format). Classes become `.` first, as the parser makes single
+    # characters of alternatives into a class (`(a|")` is read as `[a"]`), so that every class left is of those.
+    outside, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            i += 1 + pattern.startswith("^", i + 1)
+            i += pattern.startswith("]", i)  # a `]` first in a class is itself
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            outside.append(".")
+            i += 1
+        else:
+            step = 2 if pattern[i] == "\\" else 1
+            outside.append(pattern[i:i + step])
+            i += step
+    try:
+        stack = [_regex_parser.parse("".join(outside))]
+    except re.error:  # a `[` in a verbose pattern's comment: xgrammar, which takes no inline flags, refuses it
+        return None
+    while stack:
+        for op, value in stack.pop():
+            if op is _regex_parser.IN:
+                literals = [v for o, v in value if o is _regex_parser.LITERAL]
+            else:
+                literals = [value] if op is _regex_parser.LITERAL else []
+            if found := [chr(c) for c in literals if c < 0x20 or chr(c) in '"\\']:
+                return found[0]
+            stack += _subpatterns(value)
+    return None
+
+
+def _subpatterns(value: Any):
+    """The parsed subpatterns among an operation's arguments (a group's, a repeat's, each of a branch's)."""
+    if isinstance(value, _regex_parser.SubPattern):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _subpatterns(item)
+
+
 def _subschemas(schema: dict[str, Any]):
     for key in ("items", "additionalProperties", "contains", "propertyNames", "unevaluatedProperties",
                 "additionalItems", "unevaluatedItems"):
@@ -103,8 +154,28 @@ def _unenforceable(schema: dict[str, Any]) -> str | None:
         return "minLength/maxLength beside a pattern or format are not enforced: put the length in the pattern"
     if isinstance(schema.get("pattern"), str) and _LOOKAROUND.search(schema["pattern"]):
         return f"the pattern {schema['pattern']!r} looks around ((?=, (?!, (?<=, (?<!), which is not enforced"
+    for pattern in [schema.get("pattern"), *(schema.get("patternProperties") or {})]:
+        if isinstance(pattern, str) and (char := _json_escaped(pattern)):
+            return f"the pattern {pattern!r} matches {char!r} as itself, which xgrammar does not escape in a JSON " \
+                   "string (it writes it raw, or never): leave quotes, backslashes and control characters out of " \
+                   "patterns"
     if "multipleOf" in schema and schema.get("type") != "integer":
         return "multipleOf is enforced only on integers: give the schema type integer"
+    if "multipleOf" in schema and not float(schema["multipleOf"]).is_integer():
+        return f"multipleOf {schema['multipleOf']} is not enforced on integers: use a whole number"
+    if "contains" in keys:
+        return "'contains' cannot be enforced while decoding: check the items after, or place the item with " \
+               "prefixItems"
+    if "$ref" in schema and (others := sorted(keys - {"$ref"})):
+        return f"'{others[0]}' beside $ref is not enforced: move it into the referenced schema"
+    for name in schema.get("properties") or {}:
+        if matched := [p for p in schema.get("patternProperties") or {} if re.search(p, name)]:
+            return f"property {name!r} also matches patternProperties {matched[0]!r}, whose schema is not applied " \
+                   "to it: merge that schema into the property's"
+    if schema.get("minProperties", 0) > 1 and (schema.get("additionalProperties", False) is not False
+                                               or keys & {"patternProperties", "propertyNames"}):
+        return "minProperties beside additionalProperties, patternProperties or propertyNames is not enforced (a " \
+               "key may be written twice): require the properties by name"
     if isinstance(schema.get("required"), list) and (
             missing := [n for n in schema["required"] if n not in (schema.get("properties") or {})]):
         return f"required names {missing[0]!r}, which properties does not define: define it under properties"

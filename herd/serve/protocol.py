@@ -107,9 +107,11 @@ class FunctionDef(StrictModel):
 
     @model_validator(mode="after")
     def _a_json_schema(self) -> FunctionDef:
+        from herd.tokenizer.tool_calls import check_function
         from herd.tools.functions import check_parameters
 
         check_parameters(self.name, self.parameters)
+        check_function(self.name, self.parameters)
         return self
 
 

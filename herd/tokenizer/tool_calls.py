@@ -45,19 +45,67 @@ def make_call(name: str, arguments: dict[str, Any]) -> Call:
 def call_schema(tools: list[Any], name: str | None = None) -> dict[str, Any]:
     """The JSON schema of one call in Llama 3.1's JSON form, {"name": ..., "parameters": {...}}, to any of `tools`
     (OpenAI function tools or built-ins, as `LLM.chat` takes them) or to the one called `name`: what decoding
-    follows when a call is required (tool_choice "required" or a named function). ValueError for an unknown name."""
+    follows when a call is required (tool_choice "required" or a named function). ValueError for an unknown name, or
+    a function no call could be made of (see `check_function`)."""
     options = []
     for tool in tools:
         spec = tool if isinstance(tool, dict) else {"type": tool}
         function = spec.get("function") or {}
         tool_name = function.get("name") if spec.get("type") == "function" else spec.get("type")
-        parameters = function.get("parameters") or BUILTIN_PARAMETERS.get(tool_name) or {"type": "object"}
+        if spec.get("type") == "function":
+            check_function(tool_name, function.get("parameters"))
         if name in (None, tool_name):
+            # A built-in's own arguments, whatever a function of its name says: a call without them is no call.
+            where = f"#/anyOf/{len(options)}/properties/parameters"
+            parameters = BUILTIN_PARAMETERS.get(tool_name) or _rebased(function.get("parameters")
+                                                                       or {"type": "object"}, where)
             options.append({"type": "object", "properties": {"name": {"const": tool_name}, "parameters": parameters},
                             "required": ["name", "parameters"], "additionalProperties": False})
     if not options:
         raise ValueError(f"tool_choice names '{name}', which is not among the tools" if name else "no tools to call")
     return {"anyOf": options}
+
+
+def check_function(name: str, parameters: dict[str, Any] | None) -> None:
+    """ValueError for an OpenAI function tool no call could be made of: parameters that are no object schema (a call's
+    arguments are an object, and OpenAI refuses any other), or a built-in's name on a function of other arguments
+    (the model is offered the built-in, and a call of that name is read as the built-in's)."""
+    parameters = parameters or {}
+    if parameters.get("type", "object") != "object":
+        raise ValueError(f"tool {name!r}: its parameters must be an object schema, not of type "
+                         f"{parameters['type']!r} (a call's arguments are a JSON object)")
+    if name in BUILTIN_TOOLS:
+        argument, properties = _BUILTIN_ARGUMENT[name], parameters.get("properties") or {}
+        kind = properties[argument].get("type", "string") if isinstance(properties.get(argument), dict) else "string"
+        if {*properties, *(parameters.get("required") or ())} - {argument} or kind != "string":
+            raise ValueError(f"tool {name!r} is named as a Llama 3.1 built-in, which takes one string {argument!r}: "
+                             f"rename the function, or give it no parameters but {argument!r} to offer the built-in")
+
+
+# The keywords whose values are schemas: one, a list of them, or a map of names to them.
+_ONE_SCHEMA = ("items", "additionalProperties", "contains", "propertyNames", "not", "if", "then", "else",
+               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _rebased(schema: Any, where: str) -> Any:
+    """`schema` placed at `where` (a JSON pointer) in another document: its references into itself (`#/$defs/...`,
+    as pydantic writes a nested model, or `#` for a recursive one) made to point there, where they had pointed into
+    the document around it."""
+    if not isinstance(schema, dict):
+        return schema
+    moved, ref = dict(schema), schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        moved["$ref"] = where + ref[1:]
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            moved[key] = {name: _rebased(part, where) for name, part in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            moved[key] = [_rebased(part, where) for part in value]
+        elif key in _ONE_SCHEMA:
+            moved[key] = _rebased(value, where)
+    return moved
 
 
 def call_arguments(call: Call) -> dict[str, Any]:

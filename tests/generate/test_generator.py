@@ -232,20 +232,41 @@ def test_token_ids_outside_the_vocabulary_are_refused_with_a_reason(generator, p
     assert generator.generate([[1, 2]], GREEDY)[0].tokens  # nothing was left queued
 
 
-def test_a_grammar_ends_its_reply_even_under_ignore_eos(generator):
+@pytest.fixture(scope="module")
+def grammars(generator):
+    from herd.generate.structured import JsonGrammars
+
+    return JsonGrammars(generator.tokenizer, CONFIG.vocab_size)
+
+
+def test_a_grammar_ends_its_reply_even_under_ignore_eos(generator, grammars):
     """A grammar ends its document with a stop token; going on past it had made xgrammar's matcher raise mid-step.
     The reply now ends there, "stop", with the stop token kept as ignore_eos asks."""
     import json
 
-    from herd.generate.structured import JsonGrammars
-
-    grammars = JsonGrammars(generator.tokenizer, CONFIG.vocab_size)
     schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["a"], "additionalProperties": False}
     done = generator.generate([[1, 2]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
                               constraints=[grammars.constraint(schema)])[0]
     assert done.finish_reason == "stop" and done.tokens[-1] in generator.tokenizer.stop_ids
     assert json.loads(generator.tokenizer.decode(done.tokens[:-1]))["a"] in range(10)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_grammar_that_allows_no_next_token_is_told_as_such(generator, grammars, temperature):
+    """A grammar can allow no token at all: xgrammar takes a pattern with a tab in it, which a JSON string holds only
+    escaped, and every token is masked once the string begins. Sampled, that had been reported as NaN logits from
+    damaged weights (a 500 telling the client to verify the checkpoint); greedy, token 0 had been written."""
+    import json
+
+    from herd.generate.structured import JsonConstraint
+
+    compiled = grammars._compiler.compile_json_schema(json.dumps({"type": "string", "pattern": "^a\tb$"}),
+                                                      any_whitespace=False)
+    constraint = JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, grammars._text_tokens)
+    with pytest.raises(RuntimeError, match="^the output grammar allows no next token: "):
+        generator.generate([[1, 2]], SamplingParams(max_tokens=8, temperature=temperature, seed=0),
+                           constraints=[constraint])
 
 
 def test_a_long_context_takes_the_memory_given_and_says_so():

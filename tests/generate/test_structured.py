@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 import herd
 from herd.generate.structured import GrammarError, JsonGrammars
+from herd.tokenizer.tool_calls import BUILTIN_PARAMETERS, call_schema
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,16 @@ def raw_matcher(grammars, schema):
     return xgr.GrammarMatcher(grammars._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False))
 
 
+class Written(str):
+    """A document as the model writes it, where no Python value says it: a key twice, a string that is no JSON."""
+
+
 def grammar_accepts(grammars, schema, document) -> bool:
     """Whether the raw grammar takes `document`, written as the model would write it (json.dumps's separators),
     through to its end."""
     matcher = raw_matcher(grammars, schema)
-    tokens = grammars.tokenizer.encode(json.dumps(document, ensure_ascii=False), bos=False, eos=False)
+    text = document if isinstance(document, Written) else json.dumps(document, ensure_ascii=False)
+    tokens = grammars.tokenizer.encode(text, bos=False, eos=False)
     return all(matcher.accept_token(t) for t in tokens) and matcher.accept_token(min(grammars.tokenizer.stop_ids))
 
 
@@ -52,6 +58,13 @@ UNENFORCEABLE = {
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 1]),
     "dependentRequired": ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
                            "dependentRequired": {"a": ["b"]}}, {"a": 1}),
+    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, []),
+    "maxLength beside $ref": ({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "maxLength": 1}, "abc"),
+    "multipleOf a fraction on integers": ({"type": "integer", "multipleOf": 2.5}, 3),
+    "property matching patternProperties": ({"type": "object", "properties": {"x_a": {"type": "integer"}},
+                                             "patternProperties": {"^x_": {"maximum": 3}}}, {"x_a": 7}),
+    "minProperties beside additionalProperties": ({"type": "object", "additionalProperties": {"type": "boolean"},
+                                                   "minProperties": 2}, Written('{"a": true, "a": true}')),
 }
 
 
@@ -59,13 +72,43 @@ UNENFORCEABLE = {
 def test_a_schema_decoding_cannot_enforce_is_refused(grammars, name):
     schema, invalid = UNENFORCEABLE[name]
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(invalid, schema, format_checker=jsonschema.FormatChecker())
+        jsonschema.validate(json.loads(invalid) if isinstance(invalid, Written) else invalid, schema,
+                            format_checker=jsonschema.FormatChecker())
     # Why it is refused: compiled as it stands, the grammar lets the invalid document through.
     assert grammar_accepts(grammars, schema, invalid)
     nested = {"type": "object", "properties": {"a": {"type": "array", "items": schema}}, "required": ["a"]}
     for whole in (schema, nested):
         with pytest.raises(GrammarError, match="cannot be enforced: "):
             grammars.constraint(whole)
+
+
+@pytest.mark.parametrize(("pattern", "char", "value", "raw"), [
+    ('^x"y$', '"', 'x"y', '"x"y"'), ("^x\\x22y$", '"', 'x"y', '"x"y"'), ("^x\\u0022y$", '"', 'x"y', '"x"y"'),
+    ('^(a|")$', '"', '"', None), ("^C:\\\\[a-z]+$", "\\", "C:\\ab", '"C:\\ab"'), ("^a\\tb$", "\t", "a\tb", '"a\tb"'),
+    ("^a\tb$", "\t", "a\tb", '"a\tb"'),
+])
+def test_a_pattern_that_matches_what_json_escapes_is_refused(grammars, pattern, char, value, raw):
+    """xgrammar never writes a quote, backslash or control character that a pattern matches as itself escaped, as a
+    JSON string must hold it: it writes it raw, text that is no JSON (a tab also left no token at all, as herd masks
+    every token with a raw control character: a 500 that blamed the model's weights), or leaves the branch out."""
+    schema = {"type": "string", "pattern": pattern}
+    jsonschema.validate(value, schema)
+    assert not grammar_accepts(grammars, schema, value)
+    if raw:
+        assert grammar_accepts(grammars, schema, Written(raw))
+        with pytest.raises(ValueError):
+            json.loads(raw)
+    message = f"cannot be enforced: the pattern {pattern!r} matches {char!r} as itself"
+    for whole in (schema, {"type": "object", "patternProperties": {pattern: {"type": "null"}},
+                           "additionalProperties": False}):
+        with pytest.raises(GrammarError, match=re.escape(message)):
+            grammars.constraint(whole)
+
+
+@pytest.mark.parametrize("pattern", ['^[a"]+$', '^[^"\\\\]+$', "^\\d+\\.\\d{2}$", "^a[\\t ]b$", "^(?:ab|c\\-d)\\s$"])
+def test_a_pattern_whose_quotes_or_controls_are_in_classes_is_taken(grammars, pattern):
+    """xgrammar keeps a class to the characters a string may hold raw, and the rest of a pattern is its own."""
+    grammars.constraint({"type": "string", "pattern": pattern})
 
 
 @pytest.mark.parametrize("schema", [{"type": "object", "required": [{"type": "function"}]}, {"type": "strin"},
@@ -118,24 +161,9 @@ def test_documents_decoded_under_common_schemas_validate(grammars):
         "flags": {"type": "array", "items": {"enum": ["a", "b", None]}, "minItems": 1, "maxItems": 2},
         "extra": {"type": "object", "additionalProperties": {"type": "boolean"}, "maxProperties": 2}},
         "required": ["id", "code", "when"], "additionalProperties": False}
-    tokenizer, checked = grammars.tokenizer, 0
-    # Tokens that end a string, number, array or object are favoured, so that most random walks end within the budget.
-    closing = torch.tensor([any(c in tokenizer.decode_bytes([t]) for c in b'"]},') for t in range(128000)])
-    boost = torch.zeros(128256)
-    boost[:128000][closing] = 4.0
+    checked = 0
     for schema in (Record.model_json_schema(), hand):
-        for seed in range(6):
-            constraint, rng, tokens = grammars.constraint(schema), torch.Generator().manual_seed(seed), []
-            for _ in range(400):
-                logits = constraint.mask(torch.randn(128256, generator=rng) * 3 + boost)
-                token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
-                if token in tokenizer.stop_ids:
-                    break
-                constraint.accept(token)
-                tokens.append(token)
-            else:
-                continue  # random logits rambled on past the budget: nothing to check
-            document = json.loads(tokenizer.decode(tokens))
+        for document in random_documents(grammars, schema, range(6)):
             # `format` is an annotation by default in JSON Schema; the grammar holds a date to its shape (months
             # 01-12, days 01-31), not to the calendar (it lets 02-30 through), so the shape is what is checked.
             jsonschema.validate(document, schema)
@@ -145,6 +173,50 @@ def test_documents_decoded_under_common_schemas_validate(grammars):
                 Record.model_validate(document)
             checked += 1
     assert checked >= 10  # most random walks end within the budget
+
+
+def random_documents(grammars, schema, seeds, steps=400):
+    """Documents decoded from random logits masked by the constraint of `schema`, one a seed, but for walks that
+    ramble on past `steps` tokens (tokens that end a string, number, array or object are favoured, so that most end
+    within them)."""
+    tokenizer = grammars.tokenizer
+    closing = torch.tensor([any(c in tokenizer.decode_bytes([t]) for c in b'"]},') for t in range(128000)])
+    boost = torch.zeros(128256)
+    boost[:128000][closing] = 4.0
+    for seed in seeds:
+        constraint, rng, tokens = grammars.constraint(schema), torch.Generator().manual_seed(seed), []
+        for _ in range(steps):
+            logits = constraint.mask(torch.randn(128256, generator=rng) * 3 + boost)
+            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
+            if token in tokenizer.stop_ids:
+                yield json.loads(tokenizer.decode(tokens))
+                break
+            constraint.accept(token)
+            tokens.append(token)
+
+
+# Tool parameters with a nested model under $defs, as pydantic writes them (and openai's pydantic_function_tool), and
+# recursive ones whose `#` is the parameters themselves.
+LATITUDE = {"type": "integer", "minimum": -90, "maximum": 90}
+LOCATED = {"$defs": {"Loc": {"type": "object", "properties": {"lat": LATITUDE}, "required": ["lat"]}},
+           "type": "object", "properties": {"where": {"$ref": "#/$defs/Loc"}}, "required": ["where"]}
+TREE = {"type": "object", "properties": {"v": {"type": "boolean"}, "child": {"$ref": "#"}}, "required": ["v"]}
+
+
+def test_a_forced_call_follows_the_references_within_its_tool_s_parameters(grammars):
+    """The parameters lie inside the call's schema, where their references had been read against the call's:
+    `#/$defs/Loc` found nothing (a 400), and `#` let a whole call stand where the parameters recurse."""
+    tools = [{"type": "function", "function": {"name": name, "parameters": parameters}}
+             for name, parameters in (("locate", LOCATED), ("tree", TREE))]
+    schema = call_schema(tools)
+    assert grammar_accepts(grammars, schema, {"name": "tree", "parameters": {"v": True, "child": {"v": False}}})
+    assert not grammar_accepts(grammars, schema, {"name": "tree", "parameters": {
+        "v": True, "child": {"name": "tree", "parameters": {"v": False}}}})
+    assert not grammar_accepts(grammars, schema, {"name": "locate", "parameters": {"where": {"lat": 91}}})
+    calls = list(random_documents(grammars, schema, range(2)))
+    assert {call["name"] for call in calls} == {"locate", "tree"}
+    for call in calls:
+        jsonschema.validate(call["parameters"], LOCATED if call["name"] == "locate" else TREE)
 
 
 @pytest.mark.parametrize("schema", [{"type": "string", "minLength": 2}, {"type": "string", "maxLength": 9},
@@ -181,3 +253,28 @@ def test_no_utf16_surrogate_is_ever_allowed(grammars):
     allowed = constraint.mask(torch.zeros(128256)) > -float("inf")
     assert allowed[valid] and not allowed[surrogate]
     assert raw.accept_token(surrogate)  # why the rule is needed
+
+
+@pytest.mark.parametrize(("name", "parameters", "words"), [
+    ("echo", {"type": "string", "maxLength": 5}, "tool 'echo': its parameters must be an object schema, not of type "
+                                                 "'string'"),
+    ("brave_search", {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+     "tool 'brave_search' is named as a Llama 3.1 built-in, which takes one string 'query': rename the function"),
+    ("code_interpreter", {"type": "object", "properties": {"code": {"type": "integer"}}},
+     "tool 'code_interpreter' is named as a Llama 3.1 built-in, which takes one string 'code'"),
+])
+def test_a_function_no_call_could_be_made_of_is_refused_by_name(name, parameters, words):
+    """A call forced to a function of other than object parameters had come back as the reply's text (finish "stop",
+    no tool_calls); one to a function named as a built-in had been read as the built-in's (its arguments made
+    {"query": ...}, or the call dropped)."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call_schema([{"type": "function", "function": {"name": name, "parameters": parameters}}])
+
+
+def test_a_function_named_as_a_built_in_is_called_with_the_built_in_s_arguments():
+    """Its own parameters may leave the query optional, and a call without one is no call of the built-in."""
+    query = {"type": "object", "properties": {"query": {"type": "string"}}}
+    for parameters in (query, None):
+        tool = {"type": "function", "function": {"name": "brave_search", "parameters": parameters}}
+        [option] = call_schema([tool])["anyOf"]
+        assert option["properties"]["parameters"] == BUILTIN_PARAMETERS["brave_search"]

@@ -91,6 +91,12 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
     ("tool parameters nested 100 deep", {**GOOD, "tools": [{"type": "function", "function": {
         "name": "f", "parameters": functools.reduce(lambda s, _: {"type": "object", "properties": {"a": s}},
                                                     range(100), {"type": "string"})}}]}, 400, "invalid_value"),
+    # A call forced to these had been the reply's text (finish "stop"), or read as the built-in's call.
+    ("tool parameters not an object", {**GOOD, "tools": [{"type": "function", "function": {
+        "name": "echo", "parameters": {"type": "string"}}}]}, 400, "invalid_value"),
+    ("a function named as a built-in, of other parameters", {**GOOD, "tools": [{"type": "function", "function": {
+        "name": "brave_search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]}, 400,
+     "invalid_value"),
     ("named tool_choice without a name", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}],
                                           "tool_choice": {"type": "function", "function": {}}}, 400, "invalid_value"),
     ("a user message without content", {**GOOD, "messages": [{"role": "user"}]}, 400, "invalid_value"),
