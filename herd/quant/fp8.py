@@ -59,8 +59,11 @@ def dequantize_fp8(weight: FP8Weight) -> torch.Tensor:
     return weight.codes.float() * weight.scales[:, None]
 
 
-def _has_scaled_mm(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+def _has_scaled_mm(codes: torch.Tensor) -> bool:
+    """FP8 tensor cores, for a weight both of whose widths are multiples of 16 (as they take them; a layer of other
+    widths had failed on its first forward, and is emulated instead)."""
+    return (codes.device.type == "cuda" and torch.cuda.get_device_capability(codes.device) >= (8, 9)
+            and all(width % 16 == 0 for width in codes.shape))
 
 
 class FP8Linear(nn.Module):
@@ -80,10 +83,11 @@ class FP8Linear(nn.Module):
             sizes = marked.sizes if marked else torch.full((flat.shape[0],), flat.shape[0])  # unmarked: one prompt
             out = by_prompt_size(flat, sizes, lambda rows: kernel.fp8_matmul(rows, self.codes, self.scales),
                                  lambda rows: self._expanded(rows, kernel.fp8_dequantize(self.codes)))
-        elif _has_scaled_mm(flat.device):
+        elif _has_scaled_mm(self.codes):
             xq, xs = to_fp8(flat)
+            # float32 out: a bfloat16 one had rounded every output, 1e-3 away from the exact emulation
             out = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scales[None, :],
-                                   out_dtype=torch.bfloat16).float()
+                                   out_dtype=torch.float32)
         else:
             out = self._expanded(flat, self.codes.float())
         return out.view(*x.shape[:-1], self.out_features).type_as(x)

@@ -86,6 +86,21 @@ def test_fp8_emulation_is_exact_e4m3_arithmetic(tokens):
     assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 tensor cores need a CUDA GPU")
+@pytest.mark.parametrize("out_features, in_features", [(48, 64), (37, 24)])  # the second is no multiple of 16
+def test_fp8_on_a_gpu_computes_as_the_emulation(out_features, in_features):
+    """On a GPU with FP8 tensor cores the product had been rounded to bfloat16 (1e-3 relative), and widths that are
+    no multiple of 16 had failed on their first forward; they are emulated there as on a CPU."""
+    torch.manual_seed(0)
+    layer = apply_scheme(torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)),
+                         Scheme.parse("fp8"))[0]
+    x = torch.randn(5, in_features)
+    expected = layer(x)
+    got = layer.cuda()(x.cuda()).cpu()
+    # the tensor cores' float32 sums are not the CPU's, and Hopper's keep fewer bits while they add FP8 products
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 @pytest.mark.parametrize("name,words", [("int3", "unknown quantization scheme"), ("int4-g48", "group size 48"),
                                         ("int4-g128", "does not divide the layer width")])
 def test_bad_schemes_are_refused_with_a_reason(name, words):
