@@ -162,6 +162,9 @@ def quantize_layers(scheme: Scheme, weight: Callable[[str], torch.Tensor], linea
         if scheme.keeps(name) or (name == "output" and table_kept):
             continue
         w = weight(f"{name}.weight").detach()
+        if not bool(torch.isfinite(w).all()):  # a block or row would quietly become all NaN
+            raise SchemeError(f"{name}.weight holds NaN or infinite values: the checkpoint is damaged; download or "
+                              "convert it again")
         if scheme.kind == "int4" and name == "output":
             # Its logits are what sampling sees: kept at 8 bits, as llama.cpp keeps it at 6-8. On the default model
             # this takes int4-g32's KL from the float model from 0.049 to 0.006 nats/token (128 tokens of GPL-3).

@@ -86,6 +86,17 @@ def test_fp8_emulation_is_exact_e4m3_arithmetic(tokens):
     assert torch.allclose(layer(x).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["int8", "int8-wo", "int4", "fp8"])
+def test_non_finite_weights_are_refused_by_layer(name, bad):
+    # They had been quantized quietly into blocks or rows of NaN.
+    model = tiny()
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, 5] = bad
+    with pytest.raises(SchemeError, match=r"layers.1.feed_forward.w2.weight holds NaN or infinite values"):
+        apply_scheme(model, Scheme.parse(name))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 tensor cores need a CUDA GPU")
 @pytest.mark.parametrize("out_features, in_features", [(48, 64), (37, 24)])  # the second is no multiple of 16
 def test_fp8_on_a_gpu_computes_as_the_emulation(out_features, in_features):
