@@ -184,6 +184,17 @@ def test_writes_outside_its_directory_fail(tmp_path):
     assert run_python(links)["files"] == {"real.txt": b"x"}
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter is x86-64's")
+def test_the_code_cannot_make_a_user_namespace_but_still_threads_and_forks():
+    # Inside one of its own it had held every capability (CapEff 1ffffffffff), root's sandbox or a user's.
+    code = ("import ctypes, subprocess, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "for flags in (0x10000000, 0x10020000):\n    print(libc.unshare(flags), ctypes.get_errno())\n"
+            "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+            "print(subprocess.run(['echo', 'child'], capture_output=True, text=True).stdout.strip())")
+    result = run_python(code)
+    assert result["stdout"].splitlines() == ["-1 1", "-1 1", "thread", "child"], result
+
+
 def test_sockets_reach_nothing():
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
