@@ -19,7 +19,7 @@ tool result can pass a `guard` (a callable scoring text as a prompt injection, e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from herd.generate.sampling import SamplingParams
@@ -28,6 +28,8 @@ from herd.tools.functions import Tool, as_tool, result_text
 from herd.tools.http import ToolError
 
 Message = dict[str, Any]
+# What the model reads of a result for which its context has no room: the turn ends there.
+_NO_ROOM = "[tool result dropped: the dialog leaves no room for it in the model's context]"
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ class FinalAnswer:
     message: Message  # the assistant's last message
     messages: list[Message]  # the whole dialog, tool calls and results included
     steps: int
-    stop_reason: str  # end_of_turn, out_of_tokens, or max_steps when the limit cut the loop short
+    # end_of_turn, out_of_tokens, max_steps when the limit cut the loop short, or context_length_exceeded when a
+    # tool result left the model no room to read it and answer
+    stop_reason: str
     kind: str = "final_answer"
 
     @property
@@ -104,6 +108,8 @@ class Agent:
                              f"not {tool_choice!r}")
         if tool_choice != "auto" and not self.tools:
             raise ValueError(f"tool_choice {tool_choice!r} needs tools to call")
+        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+            raise ValueError(f"max_steps must be an integer of at least 1, not {max_steps!r}")
         self.tool_choice = tool_choice
         self.max_steps = max_steps
         self.guard = guard if isinstance(guard, Guard) or guard is None else Guard(guard)
@@ -122,12 +128,18 @@ class Agent:
                 yield FinalAnswer(reply, dialog, step, reply.get("stop_reason") or "end_of_turn")
                 return
             tool_choice = "auto"
-            for call in calls:
+            for index, call in enumerate(calls):
                 request = ToolCall(call["id"], call["function"]["name"], _arguments(call))
                 yield request
-                result = self._guarded(self._execute(request))
+                # Each result gets its share of the room left, so that the calls after it still get some.
+                result = self._fitted(dialog, self._execute(request), share=len(calls) - index)
+                if result.content != _NO_ROOM:
+                    result = self._guarded(result)
                 yield result
                 dialog.append(self._message(result))
+                if result.content == _NO_ROOM:
+                    yield FinalAnswer(reply, dialog, step, "context_length_exceeded")
+                    return
         yield FinalAnswer(reply, dialog, self.max_steps, "max_steps")
 
     def _reply(self, dialog: list[Message], tool_choice: str):
@@ -188,6 +200,40 @@ class Agent:
         content = (f"[tool result withheld: it looks like a prompt injection (score {score:.2f})]"
                    if self.guard.block else result.content)
         return ToolResult(result.call_id, result.name, content, result.error, result.files, flagged=score)
+
+    def _fitted(self, dialog: list[Message], result: ToolResult, share: int) -> ToolResult:
+        """The result, its middle cut where the model could not read it whole and still answer within its context
+        (_NO_ROOM where even a cut one leaves no room)."""
+        capacity = getattr(getattr(self.llm, "generator", None), "capacity", None)
+        if capacity is None:
+            return result
+        tokenizer = self.llm.chat_format.tokenizer
+        reserve = min(self.sampling.get("max_tokens", SamplingParams.max_tokens), capacity // 4)
+        empty = self._prompt_length([*dialog, self._message(replace(result, content=""))])
+        room = (capacity - empty - reserve) // share
+
+        def length(text: str) -> int:
+            return len(tokenizer.encode(text, bos=False))
+
+        content = result.content
+        if len(content) <= room or length(content) <= room:
+            return result
+        keep = len(content) * room // length(content)
+        while keep > 0:
+            cut = len(content) - keep
+            text = (f"{content[:keep - keep // 2]}\n[... {cut} characters cut: the result was too long for the "
+                    f"model's context ...]\n{content[len(content) - keep // 2:]}")
+            if length(text) <= room:
+                return replace(result, content=text)
+            keep = keep * 9 // 10
+        return replace(result, content=_NO_ROOM)
+
+    def _prompt_length(self, dialog: list[Message]) -> int:
+        specs = [tool.spec() for tool in self.tools.values()] or None
+        if hasattr(self.llm, "chat_prompt"):  # an LLM's own template can differ from encode_dialog's
+            return len(self.llm.chat_prompt(dialog, specs, self.tool_prompt_format))
+        return len(self.llm.chat_format.encode_dialog(dialog, tool_prompt_format=self.tool_prompt_format,
+                                                      tools=specs))
 
     def _message(self, result: ToolResult) -> Message:
         if self._is_builtin(result.name):

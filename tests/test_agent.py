@@ -1,11 +1,13 @@
 """The agent loop, with a scripted model (exact flows) and the real default model (whatever it calls runs)."""
 import json
+import types
 
 import jsonschema
 import pytest
 
 import herd
 from herd.agent import Agent, FinalAnswer, Guard, ModelText, ToolCall, ToolResult
+from herd.generate.generator import ContextLengthError
 from herd.tools import BraveSearch, Tool, sandbox_problem
 
 
@@ -154,6 +156,59 @@ def test_step_limit():
     steps = run(Agent(llm, tools=[get_weather], max_steps=3), "Oslo?")
     assert kinds(steps) == ["tool_call", "tool_result"] * 3 + ["final_answer"]
     assert steps[-1].stop_reason == "max_steps" and steps[-1].steps == 3 and llm.replies == []
+
+
+class SmallContextLLM(ScriptedLLM):
+    """A scripted model whose context holds `capacity` tokens, refusing longer prompts as the engine does."""
+
+    def __init__(self, capacity, *replies):
+        super().__init__(*replies)
+        self.generator = types.SimpleNamespace(capacity=capacity)
+
+    def chat(self, messages, tools=None, *, tool_prompt_format="json", **options):
+        ids = self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
+        if len(ids) >= self.generator.capacity:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens")
+        return super().chat(messages, tools, tool_prompt_format=tool_prompt_format, **options)
+
+
+def test_tool_result_longer_than_the_context_is_cut_to_fit():
+    def numbers() -> str:
+        return "head " + " ".join(map(str, range(100_000))) + " tail"
+
+    call = '{"type": "function", "name": "numbers", "parameters": {}}<|eot_id|>'
+    llm = SmallContextLLM(1000, call, "Many numbers.<|eot_id|>")
+    steps = run(Agent(llm, tools=[numbers], max_tokens=64), "Numbers?")
+    assert kinds(steps) == ["tool_call", "tool_result", "final_answer"] and steps[-1].stop_reason == "end_of_turn"
+    content = next(s for s in steps if isinstance(s, ToolResult)).content
+    assert content.startswith("head 0 1 2") and content.endswith("99999 tail") and "characters cut" in content
+    assert len(llm.chat_format.encode_dialog(llm.dialogs[1], tools=[Tool.from_function(numbers).spec()])) <= 1000 - 64
+
+
+def test_no_room_for_a_tool_result_ends_the_turn():
+    def numbers() -> str:
+        return "1 2 3"
+
+    call = '{"type": "function", "name": "numbers", "parameters": {}}<|eot_id|>'
+    llm = SmallContextLLM(300, call)  # the call fits, but not the result and a reply
+    steps = run(Agent(llm, tools=[numbers], max_tokens=64), "x " * 150)
+    assert kinds(steps) == ["tool_call", "tool_result", "final_answer"]
+    assert steps[-1].stop_reason == "context_length_exceeded" and steps[-1].steps == 1
+
+
+def test_step_limit_must_be_positive():
+    for steps in (0, -1):
+        with pytest.raises(ValueError, match="max_steps must be an integer of at least 1"):
+            Agent(ScriptedLLM(), max_steps=steps)
+
+
+def test_tool_raising_system_exit_is_reported():
+    def leave() -> str:
+        raise SystemExit(3)
+
+    llm = ScriptedLLM('{"type": "function", "name": "leave", "parameters": {}}<|eot_id|>', "It left.<|eot_id|>")
+    result = next(s for s in run(Agent(llm, tools=[leave]), "Leave?") if isinstance(s, ToolResult))
+    assert result.error and result.content == "error: leave raised SystemExit: 3"
 
 
 def test_guard_flags_and_blocks_injected_tool_results():

@@ -7,9 +7,11 @@ an exception in the function — comes back as a ToolError whose message the age
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import importlib
 import inspect
+import itertools
 import json
 import types
 import typing
@@ -32,6 +34,7 @@ class Tool:
     function: Callable[..., Any] | None = None
     builtin: bool = False  # one of Llama 3.1's built-ins: named in the system prompt, answered as `ipython`
     enums: dict[str, type[enum.Enum]] = field(default_factory=dict)  # arguments the function takes as Enum members
+    positional: tuple[str, ...] = ()  # the function's positional-only parameters: passed by position, in order
 
     @classmethod
     def from_function(cls, function: Callable[..., Any], name: str | None = None,
@@ -47,6 +50,8 @@ class Tool:
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 continue
             schema = _schema(hints.get(parameter.name, Any))
+            if parameter.default is None and schema and not _allows_null(schema):
+                schema = {"anyOf": [schema, {"type": "null"}]}  # `x: int = None`: None is what it takes by default
             if params.get(parameter.name):
                 schema["description"] = params[parameter.name]
             if parameter.default is inspect.Parameter.empty:
@@ -57,8 +62,11 @@ class Tool:
         summary = " ".join(filter(None, [doc.short_description, doc.long_description]))
         enums = {name: hint for name, hint in hints.items()
                  if name in properties and isinstance(hint, type) and issubclass(hint, enum.Enum)}
+        positional = tuple(p.name for p in inspect.signature(function).parameters.values()
+                           if p.kind is p.POSITIONAL_ONLY)
         return cls(name or function.__name__, description or summary or function.__name__,
-                   {"type": "object", "properties": properties, "required": required}, function, enums=enums)
+                   {"type": "object", "properties": properties, "required": required}, function, enums=enums,
+                   positional=positional)
 
     @classmethod
     def from_schema(cls, spec: dict, function: Callable[..., Any] | None = None) -> Tool:
@@ -104,11 +112,16 @@ class Tool:
             where = "/".join(map(str, error.absolute_path))
             raise ToolError(f"invalid arguments for {self.name}{f' at {where}' if where else ''}: {error.message}")
         arguments = {k: self.enums[k](v) if k in self.enums else v for k, v in arguments.items()}
+        given = list(itertools.takewhile(arguments.__contains__, self.positional))
+        args = [arguments.pop(name) for name in given]
         try:
-            return self.function(**arguments)
+            value = self.function(*args, **arguments)
+            # An async function's coroutine: the model reads its result, not "<coroutine object ...>".
+            return asyncio.run(value) if inspect.iscoroutine(value) else value
         except ToolError:
             raise
-        except Exception as error:  # noqa: BLE001 - any failure of the function is the model's to read
+        # SystemExit too (sys.exit in a function had ended the agent's run); not KeyboardInterrupt, the user's stop.
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - any failure of the function is the model's to read
             raise ToolError(f"{self.name} raised {type(error).__name__}: {error}") from None
 
 
@@ -194,6 +207,9 @@ def _schema(hint: Any) -> dict:
         options = [_schema(a) for a in args if a is not type(None)]
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         return {"anyOf": [schema, {"type": "null"}]} if type(None) in args else schema
+    if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed length, each place its own type
+        places = [_schema(a) for a in args]
+        return {"type": "array", "prefixItems": places, "minItems": len(places), "maxItems": len(places)}
     if origin in (list, tuple, set, frozenset) or hint in (list, tuple, set):
         items = _schema(args[0]) if args else {}
         return {"type": "array", **({"items": items} if items else {})}
@@ -205,6 +221,12 @@ def _schema(hint: Any) -> dict:
         return {"type": _JSON_TYPES[hint]}
     raise ValueError(f"cannot describe the type {hint!r} in JSON schema; use str, int, float, bool, list, dict, "
                      "Literal or an Enum")
+
+
+def _allows_null(schema: dict) -> bool:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema).is_valid(None)
 
 
 def _jsonable(value: Any) -> bool:

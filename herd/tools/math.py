@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import resource
+import tokenize
 
 from herd.tools.http import ToolError, get_json
 
@@ -127,6 +128,8 @@ def _answer_into(send, function, query: str) -> None:
         big = "digits" in str(error)  # Python's cap on converting huge integers to text
         send.send((False, f"the answer to {query!r} is too large to write out" if big
                    else f"cannot answer {query!r}: {error}"))
+    except NotImplementedError:  # SymPy's way of saying it has no method (an integral, a limit, ...)
+        send.send((False, f"cannot solve {query!r}: SymPy has no method for it"))
     except (MemoryError, RecursionError, OverflowError) as error:
         send.send((False, f"cannot answer {query!r}: it is too large ({type(error).__name__})"))
 
@@ -209,7 +212,15 @@ def _solve(equations: str, variables: str | None) -> dict:
                else sorted(set().union(*(e.free_symbols for e in eqs)), key=str))
     if not symbols:
         raise ToolError(f"nothing to solve for in {equations!r}")
-    solutions = sympy.solve(eqs, symbols, dict=True)
+    try:
+        if len(eqs) == 1 and len(symbols) == 1:
+            # solve([eq], [x], dict=True) drops the CRootOf roots of polynomials with no radical form (x^5 - x + 1);
+            # solve(eq, x) keeps them.
+            solutions = [{symbols[0]: root} for root in sympy.solve(eqs[0], symbols[0])]
+        else:
+            solutions = sympy.solve(eqs, symbols, dict=True)
+    except NotImplementedError:
+        raise ToolError(f"cannot solve {equations!r}: SymPy has no method for it") from None
     if not solutions:
         return {"input": f"solve {equations}", "result": "no solution"}
     exact = "; ".join(", ".join(f"{k} = {v}" for k, v in s.items()) for s in solutions)
@@ -337,7 +348,7 @@ def _convert_units(text: str) -> dict | None:
         quantity = ureg.Quantity(float(value), ureg.parse_units(src))
         converted = quantity.to(ureg.parse_units(dst))
     except (pint.errors.UndefinedUnitError, pint.errors.DimensionalityError, AttributeError, ValueError,
-            TypeError, AssertionError) as error:
+            TypeError, AssertionError, tokenize.TokenError) as error:  # TokenError: unbalanced brackets
         if isinstance(error, pint.errors.DimensionalityError):
             raise ToolError(f"cannot convert {src} to {dst}: {error}") from None
         return None

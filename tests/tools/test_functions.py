@@ -120,3 +120,19 @@ def test_literal_and_unsupported_types():
 
 def _takes_object(value: object) -> None:
     pass
+
+
+def test_tuples_defaults_of_none_positional_only_and_async_functions():
+    def odd(x: int, /, pair: tuple[int, str], limit: int = None) -> list:
+        return [x, pair, limit]
+
+    async def later(x: int) -> int:
+        return x + 1
+
+    tool = Tool.from_function(odd)
+    assert tool.parameters["properties"]["pair"] == {"type": "array", "prefixItems": [{"type": "integer"},
+                                                     {"type": "string"}], "minItems": 2, "maxItems": 2}
+    assert tool({"x": 1, "pair": [2, "b"], "limit": None}) == [1, [2, "b"], None]
+    with pytest.raises(ToolError, match="at pair/1: 3 is not of type 'string'"):
+        tool({"x": 1, "pair": [2, 3]})
+    assert Tool.from_function(later)({"x": 1}) == 2

@@ -91,6 +91,22 @@ def test_offline_refuses_clearly(offline, query, message):
         offline(query)
 
 
+def test_offline_finds_roots_without_a_radical_form(offline):
+    answer = offline("solve x^5 - x + 1 = 0")
+    assert answer["result"].count("CRootOf") == 5 and answer["decimal"].startswith("x ≈ -1.1673039782614")
+    assert offline("roots of x^7 - 3x + 1")["decimal"].count("≈") == 7
+
+
+@pytest.mark.parametrize("query, message", [
+    ("solve sin(x) = x", "cannot solve 'sin(x) = x': SymPy has no method for it"),
+    ("how many (((m in km", "cannot read"),
+])
+def test_offline_refuses_what_sympy_and_pint_cannot_do_in_one_line(offline, capfd, query, message):
+    with pytest.raises(ToolError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        offline(query)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_offline_gives_up_on_time():
     with pytest.raises(ToolError, match="no answer to .* within 0.5 s"):
         WolframAlpha(timeout=0.5)("integrate exp(x^3) sin(x^5) from 0 to 1")
