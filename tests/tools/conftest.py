@@ -1,5 +1,6 @@
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,13 +20,17 @@ class StandIn:
                 url = urlsplit(self.path)
                 stand_in.requests.append({"path": url.path, "query": {k: v[0] for k, v in parse_qs(url.query).items()},
                                           "headers": dict(self.headers)})
-                status, body = stand_in.routes.get(url.path, (404, {"error": "not found"}))
+                status, body, *pause = stand_in.routes.get(url.path, (404, {"error": "not found"}))
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                for start in range(0, len(data), 1 if pause else len(data) or 1):  # a pause: a byte at a time
+                    self.wfile.write(data[start:start + (1 if pause else len(data))])
+                    self.wfile.flush()
+                    if pause:
+                        time.sleep(pause[0])
 
             def log_message(self, *args):
                 pass

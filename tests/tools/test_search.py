@@ -1,9 +1,10 @@
 """brave_search: the Brave API (against a local stand-in speaking its JSON) and BM25 over a local collection."""
 import json
+import time
 
 import pytest
 
-from herd.tools import BraveSearch, ToolError
+from herd.tools import BraveSearch, ToolError, http
 from herd.tools.search import load_collection
 
 # The shape of Brave's /res/v1/web/search answer (trimmed), as its API reference documents it.
@@ -52,6 +53,19 @@ def test_brave_api_errors_are_one_line(stand_in, monkeypatch):
     stand_in.routes["/res/v1/web/search"] = (200, BRAVE_ANSWER)
     assert BraveSearch()("x")["top_k"][0]["title"] == "Introducing Llama 3.1"
     assert stand_in.requests[-1]["headers"]["X-Subscription-Token"] == "from-env"
+
+
+def test_a_slow_or_huge_answer_is_cut_off(stand_in, monkeypatch):
+    # A byte every 0.2 s with a 1 s timeout had waited for the whole answer, the timeout counting per read.
+    stand_in.routes["/res/v1/web/search"] = (200, BRAVE_ANSWER, 0.2)
+    began = time.monotonic()
+    with pytest.raises(ToolError, match=r"Brave Search took longer than 1 s to answer"):
+        BraveSearch("k", base_url=f"{stand_in.url}/res/v1", timeout=1.0)("q")
+    assert time.monotonic() - began < 3
+    monkeypatch.setattr(http, "MAX_BODY_BYTES", 1000)
+    stand_in.routes["/res/v1/web/search"] = (200, {"web": {"results": [], "pad": "x" * 2000}})
+    with pytest.raises(ToolError, match="answered with more than 1,000 bytes"):
+        BraveSearch("k", base_url=f"{stand_in.url}/res/v1")("q")
 
 
 DOCS = [
