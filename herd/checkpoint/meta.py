@@ -58,7 +58,8 @@ def config_from_params(params: dict, where: str) -> ModelConfig:
             norm_eps=float(params.get("norm_eps", 1e-5)),
             rope_theta=float(params.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
-            max_seq_len=int(params.get("max_seq_len", 131072 if scaling else 8192)),
+            # Meta's files name no context (its reference takes max_seq_len as an argument); herd's own say theirs
+            max_seq_len=int(params.get("context_length", params.get("max_seq_len", _context(scaling)))),
         )
     except KeyError as e:
         raise CheckpointError(f"{where}: params.json lacks {e.args[0]!r}; it is not a Llama params.json") from None
@@ -79,8 +80,10 @@ def params_from_config(config: ModelConfig) -> dict:
         "norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "use_scaled_rope": config.rope_scaling is not None,
-        "max_seq_len": config.max_seq_len,
     }
+    if config.max_seq_len != _context(config.rope_scaling):
+        # Not "max_seq_len": Meta's Llama.build passes that beside the file's keys, which then fails as given twice.
+        params["context_length"] = config.max_seq_len
     s = config.rope_scaling
     if s is not None and s != _DEFAULT_SCALING:
         params["rope_scaling"] = {
@@ -90,6 +93,11 @@ def params_from_config(config: ModelConfig) -> dict:
             "original_max_position_embeddings": s.original_max_position,
         }
     return params
+
+
+def _context(scaling: RopeScaling | None) -> int:
+    """The context a params.json that names none means: Llama 3.1's 128K with its rope scaling, else 3's 8K."""
+    return 131072 if scaling else 8192
 
 
 def _ffn_params(config: ModelConfig) -> tuple[int, float | None]:
@@ -171,6 +179,9 @@ def _merge(shards: list[dict], paths: list[Path], config: ModelConfig, dtype) ->
     entries = {}
     for name in names:
         parts = [s[name] for s in shards]
+        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and len(parts) > config.kv_heads:
+            # More shards than key-value heads (405B's 16 over 8): each head is in len(parts) / kv_heads of them
+            parts = parts[::len(parts) // config.kv_heads]
         dim = split_dim(name)
         if name == "tok_embeddings.weight" and len(parts) > 1 and parts[0].shape[1] * len(parts) == config.dim:
             dim = 1  # Llama 2's ParallelEmbedding split the embedding width, not the vocabulary
@@ -210,7 +221,9 @@ def save_meta(ckpt: Checkpoint, directory: Path, shards: int = 1) -> None:
             tied = name == "output.weight" and name not in ckpt.state_dict
             tensor = ckpt.state_dict["tok_embeddings.weight" if tied else name]
             dim = split_dim(name)
-            if dim is not None and shards > 1:
+            if name.endswith(("attention.wk.weight", "attention.wv.weight")) and shards > config.kv_heads:
+                tensor = tensor.chunk(config.kv_heads, dim=0)[rank * config.kv_heads // shards]  # replicated, as Meta
+            elif dim is not None and shards > 1:
                 tensor = tensor.chunk(shards, dim=dim)[rank]
             # clone: torch.save writes a view's whole storage, and the source may be a read-only mapping.
             state[name] = tensor.contiguous().clone()
@@ -223,6 +236,9 @@ def save_meta(ckpt: Checkpoint, directory: Path, shards: int = 1) -> None:
 
 
 def _check_divisible(config: ModelConfig, shards: int) -> None:
-    for what, n in (("kv heads", config.kv_heads), ("vocab size", config.vocab_size), ("ffn width", config.hidden_dim)):
+    if config.kv_heads % shards and shards % config.kv_heads:  # fewer heads than shards: each on several of them
+        raise CheckpointError(f"cannot split kv heads {config.kv_heads} into {shards} model-parallel shards; pick a "
+                              f"divisor or a multiple of {config.kv_heads}")
+    for what, n in (("vocab size", config.vocab_size), ("ffn width", config.hidden_dim)):
         if n % shards:
             raise CheckpointError(f"cannot split {what} {n} into {shards} model-parallel shards; pick a divisor of {n}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herd.checkpoint import build_model, convert, load_checkpoint, save_checkpoint
+from herd.checkpoint import CheckpointError, build_model, convert, load_checkpoint, save_checkpoint
 from herd.checkpoint.hf import to_hf_rows, to_meta_rows
 
 
@@ -78,6 +78,38 @@ def test_meta_shards_are_a_real_model_parallel_split(make_hf, tmp_path):
     assert merged.meta["shards"] == 2
     for name, tensor in full.items():
         assert torch.equal(merged.state_dict[name], tensor), name
+
+
+def test_more_shards_than_kv_heads_replicate_each_head_as_meta_does(make_hf, tmp_path):
+    """Llama 3.1 405B comes in 16 shards over 8 key-value heads, each head in two of them: herd had refused to
+    write such a split and, reading one, concatenated the copies and blamed the params.json."""
+    _, source = make_hf()  # 2 kv heads
+    ckpt = load_checkpoint(source)
+    meta = save_checkpoint(ckpt, tmp_path / "meta", "meta", shards=4)
+    wk = ckpt.state_dict["layers.0.attention.wk.weight"]
+    head = wk.shape[0] // ckpt.config.kv_heads
+    shards = [torch.load(meta / f"consolidated.0{i}.pth", weights_only=True) for i in range(4)]
+    for rank, shard in enumerate(shards):
+        assert torch.equal(shard["layers.0.attention.wk.weight"], wk[rank // 2 * head:(rank // 2 + 1) * head])
+    merged = load_checkpoint(meta)
+    for name in ckpt.state_dict:
+        assert torch.equal(merged.state_dict[name], ckpt.state_dict[name]), name
+    with pytest.raises(CheckpointError, match="cannot split kv heads 2 into 3 model-parallel shards"):
+        save_checkpoint(ckpt, tmp_path / "meta3", "meta", shards=3)
+
+
+def test_params_json_is_one_meta_s_reference_reads(make_hf, tmp_path):
+    # Meta's Llama.build passes max_seq_len beside the file's keys: a params.json holding it failed as given twice.
+    from llama_models.llama3.args import ModelArgs
+
+    _, source = make_hf()
+    ckpt = load_checkpoint(source)
+    for config in (ckpt.config, ckpt.config.replace(max_seq_len=4096)):
+        meta = save_checkpoint((config, ckpt.state_dict), tmp_path / f"meta{config.max_seq_len}", "meta")
+        params = json.loads((meta / "params.json").read_text())
+        args = ModelArgs(max_seq_len=512, max_batch_size=1, **params)
+        assert (args.dim, args.n_kv_heads, args.max_seq_len) == (config.dim, config.kv_heads, 512)
+        assert load_checkpoint(meta).config.max_seq_len == config.max_seq_len
 
 
 def test_params_json(make_hf, tmp_path):
