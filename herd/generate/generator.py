@@ -90,6 +90,9 @@ class Request:
         self._engine._wake()
 
 
+_NO_TOKEN = "the output grammar allows no next token: its schema asks for text that no token may carry"
+
+
 class Generator:
     def __init__(self, model: Transformer, tokenizer, *, prefill_chunk: int = 512, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -376,14 +379,15 @@ class Generator:
         masked = adjust_logits(logits, seq.params, seq.tokens[:seq.prompt_len], seq.generated) \
             if seq.params.adjusts_logits else logits
         masked = (seq.constraint.mask(masked) if seq.constraint is not None else masked)[:self.vocab]
-        # Sampled, a grammar that allows no token had been NaN probabilities, blamed on the weights; greedy, token 0.
-        if seq.constraint is not None and bool(masked.isneginf().all()):
-            return -1, seq.ending("error", "the output grammar allows no next token: its schema asks for text that "
-                                           "no token may carry")
+        # A grammar that allows no token: sampled, NaN probabilities (which had blamed the weights); greedy, token 0
+        # at -inf. Told apart on those paths only, at no cost to a step that has a token.
         try:
             token = sample(masked, seq.params, seq.rng)
         except NaNLogits as error:
-            return -1, seq.ending("error", str(error))
+            nothing = seq.constraint is not None and bool(masked.isneginf().all())
+            return -1, seq.ending("error", _NO_TOKEN if nothing else str(error))
+        if seq.constraint is not None and float(masked[token]) == float("-inf"):
+            return -1, seq.ending("error", _NO_TOKEN)
         lp = token_logprob(logits[:self.vocab], token, seq.params.logprobs) if seq.params.logprobs is not None \
             else None
         return token, seq.step(token, self.tokenizer.decode_bytes([token]), lp)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.bounds import NON_NEGATIVE, POSITIVE, require
-from herd.posttrain.logprobs import sequence_logps
+from herd.posttrain.logprobs import evaluating, sequence_logps
 from herd.posttrain.ranking import pairs, ranked
 
 
@@ -58,9 +58,5 @@ def dpo_loss(model: nn.Module, batch: dict[str, torch.Tensor], config: DPOConfig
 @torch.no_grad()
 def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The summed reply log-probabilities of the reference model, for caching before training."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return sequence_logps(model, batch)[0]
-    finally:
-        model.train(was_training)

@@ -11,8 +11,7 @@ minimises (herd.posttrain.rollouts runs the recipe); `ppo_update` is one iterati
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ from herd.generate.generator import Generator
 from herd.generate.sampling import SamplingParams
 from herd.generate.sequence import Completion
 from herd.posttrain.data import IGNORE
-from herd.posttrain.logprobs import token_logps
+from herd.posttrain.logprobs import evaluating, token_logps
 from herd.posttrain.reward import RewardModel
 
 
@@ -113,19 +112,6 @@ def rollout_batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pa
         tokens[i, :len(ids)] = torch.tensor(ids)
         labels[i, len(prompt) - 1:len(ids) - 1] = torch.tensor(list(reply), dtype=torch.long)
     return {"tokens": tokens, "labels": labels}
-
-
-@contextlib.contextmanager
-def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """The modules in eval mode (no dropout) within the block, each back in its own mode after."""
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
 
 
 def sample_rollouts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], k: int, params: SamplingParams
