@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from herd.model.config import ModelConfig
 
 
 def average_checkpoints(paths: Sequence[str | Path], out: str | Path, fmt: str = "meta",
@@ -20,10 +21,17 @@ def average_checkpoints(paths: Sequence[str | Path], out: str | Path, fmt: str =
     ckpts = [load_checkpoint(p) for p in paths]
     first = ckpts[0]
     for path, ckpt in zip(paths[1:], ckpts[1:]):
-        if ckpt.config != first.config:
+        if _architecture(ckpt.config) != _architecture(first.config):
             raise CheckpointError(f"{path}: its shape differs from {paths[0]}'s; only one architecture averages")
     total = sum(weights)
     state = {}
     for name in first.state_dict.keys():
         state[name] = sum(w / total * c.state_dict[name].float() for w, c in zip(weights, ckpts))
     return save_checkpoint((first.config, state, first.tokenizer), out, fmt)
+
+
+def _architecture(config: ModelConfig) -> ModelConfig:
+    """The configuration as computed: Meta's files derive the SwiGLU width that HF and GGUF state outright, so a model
+    and its own export in another format had compared unequal."""
+    return config.replace(ffn_hidden_dim=config.hidden_dim, multiple_of=ModelConfig.multiple_of,
+                          ffn_dim_multiplier=None, n_kv_heads=config.kv_heads)

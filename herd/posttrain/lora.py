@@ -87,12 +87,15 @@ class LoRALinear(nn.Module):
         base = _FrozenQuantized.apply(x, self.base) if isinstance(self.base, QUANTIZED) else self.base(x)
         if not self.enabled:
             return base
-        return base + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scale
+        # The adapter trains in float32 whatever the base computes in (as peft does): bf16 steps are too coarse for it.
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scale
+        return base + update.to(base.dtype)
 
     def merged(self) -> nn.Linear:
         """A plain linear layer computing base + adapter in one weight."""
         weight = dequantized_weight(self.base).detach().float()
-        merged = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device)
+        dtype = self.base.weight.dtype if isinstance(self.base, nn.Linear) else torch.float32
+        merged = nn.Linear(self.in_features, self.out_features, bias=False, device=weight.device, dtype=dtype)
         with torch.no_grad():
             merged.weight.copy_(weight + (self.lora_b @ self.lora_a).float() * self.scale)
         return merged

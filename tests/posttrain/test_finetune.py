@@ -134,8 +134,9 @@ def test_full_tuning_that_cannot_fit_is_refused_before_a_step(base, tmp_path, mo
 
 
 def test_average_of_checkpoints(base, tmp_path, chatml_format):
+    """The base is a Meta directory, the other an HF one: the same architecture written two ways averages."""
     other = tiny_model(chatml_format.tokenizer.vocab_size, seed=5)
-    save_checkpoint((other.config, other.state_dict(), chatml_format.tokenizer), tmp_path / "other", "meta")
+    save_checkpoint((other.config, other.state_dict(), chatml_format.tokenizer), tmp_path / "other", "hf")
     out = average_checkpoints([base, tmp_path / "other"], tmp_path / "avg", weights=[3, 1])
     first, second, mean = (herd.load(p, quantize=None).model.state_dict() for p in (base, tmp_path / "other", out))
     for name in ("layers.0.attention.wq.weight", "tok_embeddings.weight"):

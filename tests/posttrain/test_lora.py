@@ -47,6 +47,22 @@ def test_adapters_off_is_the_base_model():
         assert torch.equal(model(ids), adapted) and not torch.allclose(adapted, before)
 
 
+def test_lora_on_a_bfloat16_model_trains_float32_adapters_and_merges_to_bfloat16():
+    """A model loaded in bf16 (a GPU's default): the adapters stay float32 as peft keeps them, and the merged model
+    computes in the model's dtype (float32 adapters had failed the forward on a dtype mismatch)."""
+    model = tiny_model()
+    for p in model.parameters():   # as herd.load(dtype=torch.bfloat16) builds it: the rotary table stays float32
+        p.data = p.data.bfloat16()
+    model = _trained_lora(model)
+    ids = torch.randint(0, 1000, (2, 12))
+    assert {p.dtype for p in lora_state_dict(model).values()} == {torch.float32}
+    with torch.no_grad():
+        adapted = model(ids)
+        merged = merge_lora(model)
+        assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+        assert (merged(ids).float() - adapted.float()).abs().max() < 0.1 * adapted.float().abs().max()
+
+
 @pytest.mark.heavy
 def test_merged_lora_gives_the_adapted_logits_and_exports(tmp_path, chatml_format):
     tok = chatml_format.tokenizer
