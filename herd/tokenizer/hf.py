@@ -113,8 +113,8 @@ class HFTokenizer:
         markers = {self.special_tokens[t] for t in END_MARKERS if t in self.special_tokens}
         self.stop_ids = frozenset({*stop_ids, *markers, *([eos_id] if eos_id is not None else [])})
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
-        if self._byte_level:
-            self._token_bytes = _token_bytes_table(tokenizer, self._added.keys())
+        self._token_bytes = (_token_bytes_table(tokenizer, self._added.keys()) if self._byte_level
+                             else _token_bytes_in_context(tokenizer))
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
@@ -256,17 +256,17 @@ class HFTokenizer:
                 self._tokenizer.encode_special_tokens = False
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        """The text of `ids` as the tokenizer's decoder gives it; bytes that are not valid UTF-8 become U+FFFD."""
+        if self._byte_level:
+            return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The raw bytes of `ids`, which may end inside a UTF-8 character (for streaming).
+        """The raw bytes of `ids` as they continue a text, which may end inside a UTF-8 character (for streaming).
 
-        Exact for byte-level vocabularies; for others, the decoder's text (partial characters already U+FFFD).
-        """
-        if self._byte_level:
-            return b"".join(self._token_bytes[i] for i in ids)
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False).encode()
+        Generation joins these token by token, so a SentencePiece-style vocabulary keeps the space its decoder strips
+        at a text's start (" world" after a prompt, as vLLM and transformers' pipelines return it)."""
+        return b"".join(self._token_bytes[i] for i in ids)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a special or added token, or of text that is exactly one vocabulary entry; None otherwise."""
@@ -288,6 +288,28 @@ def _token_bytes_table(tokenizer: Tokenizer, added: Collection[str]) -> list[byt
             table[i] = token.encode() if token in added else token.translate(_TO_LATIN1).encode("latin-1")
         except UnicodeEncodeError:
             table[i] = token.encode()
+    return table
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes_in_context(tokenizer: Tokenizer) -> list[bytes]:
+    """Each id's bytes after other text, for vocabularies whose decoder is not byte-level (SentencePiece-style:
+    Llama 2, Mistral, TinyLlama). Decoded alone, every token had lost its leading space (the decoder strips one at a
+    text's start) and each byte-fallback piece of a character had become U+FFFD; so each id is decoded after an
+    anchor token and the anchor's text taken off, and a byte-fallback token `<0xNN>` is its byte."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    anchor = next((i for c in "aeiouxyz0123456789" if (i := tokenizer.token_to_id(c)) is not None), None)
+    if anchor is None:   # no single-letter token to stand before the others: each id as its decoder gives it alone
+        return [text.encode() for text in tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)]
+    prefix = tokenizer.decode([anchor], skip_special_tokens=False)
+    texts = tokenizer.decode_batch([[anchor, i] for i in range(n)], skip_special_tokens=False)
+    table = []
+    for i, text in enumerate(texts):
+        piece = text[len(prefix):] if text.startswith(prefix) else tokenizer.decode([i], skip_special_tokens=False)
+        byte = _BYTE_FALLBACK.fullmatch(tokenizer.id_to_token(i) or "")
+        table.append(bytes([int(byte[1], 16)]) if byte and piece == "\ufffd" else piece.encode())
     return table
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from tokenizer_texts import SAMPLES
+from tokenizers import Tokenizer, decoders, models
 
-from herd.tokenizer import ChatFormat, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer
+from herd.tokenizer import ChatFormat, HFTokenizer, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer
 
 SMOLLM2_TEXTS = [
     *SAMPLES,
@@ -163,3 +165,36 @@ def test_concurrent_encodes_keep_their_own_special_token_mode(smollm2):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda n: smollm2.encode(text, allowed_special="all" if n % 2 else ()), range(200)))
     assert results == [as_special if n % 2 else as_text for n in range(200)]
+
+
+def _sentencepiece_style(decoder) -> Tokenizer:
+    """A Llama-2 / Mistral-style tokenizer.json: ▁ for spaces, byte fallback, a decoder that strips the text's start."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "a", "b", "▁Hello", "▁world", "!", "日本", "▁日本", "Hello", "world"]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.decoder = decoder
+    tok.add_special_tokens(["<s>", "</s>"])
+    return tok
+
+
+@pytest.mark.parametrize("decoder", [
+    decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]),
+    decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"), decoders.ByteFallback()]),
+], ids=["llama2", "metaspace"])
+def test_sentencepiece_style_tokens_decode_as_they_continue_a_text(decoder):
+    """Generation joins each token's bytes: they must add up to the tokenizer's decode of the whole text less the
+    prompt's (what transformers' pipelines and vLLM return). Decoded one by one, every word had lost its space and
+    each byte-fallback piece of a character had become U+FFFD ('HelloworldHello' for ' Hello world Hello')."""
+    reference = _sentencepiece_style(decoder)
+    herd_tok = HFTokenizer(reference, bos_id=1, eos_id=2)
+    rng = random.Random(0)
+    words = [[reference.token_to_id(p)] for p in ["▁Hello", "▁world", "!", "▁日本", "Hello", "a", "▁"]]
+    characters = [[3 + b for b in c.encode()] for c in "é日🙂"]   # whole characters from byte-fallback pieces
+    for _ in range(200):
+        prompt = [1, *sum(rng.choices(words, k=rng.randint(1, 4)), [])]
+        generated = sum(rng.choices(words + characters, k=rng.randint(1, 8)), [])
+        expected = reference.decode(prompt + generated)[len(reference.decode(prompt)):]
+        joined = b"".join(herd_tok.decode_bytes([i]) for i in generated).decode("utf-8", errors="replace")
+        assert joined == expected
+        assert herd_tok.decode(prompt + generated) == reference.decode(prompt + generated, skip_special_tokens=False)
