@@ -101,9 +101,14 @@ class LLM:
     def device(self) -> torch.device:
         return self.generator.device
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int], bos: bool = True) -> list[int]:
+        """A raw prompt's ids. Its special-token text is the special tokens, as vLLM and llama.cpp read a completion's
+        prompt: whoever writes a whole prompt may render a chat template in it (chat messages stay plain text). A BOS
+        written at its start is not doubled."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, bos=True)
+            ids = self.tokenizer.encode(prompt, bos=bos, allowed_special="all")
+            added = self.tokenizer.encode("", bos=bos)   # the BOS the tokenizer prepends, if it uses one
+            return ids[len(added):] if added and ids[len(added):2 * len(added)] == added else ids
         # Any sequence of integers (numpy's too, as they were taken before this check); a bool is no token id.
         if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__") or \
                 not all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):

@@ -38,6 +38,21 @@ def test_generate_accepts_text_ids_and_batches():
     assert "".join(llm.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True, stream=True)) == one.text
 
 
+def test_a_raw_prompt_reads_special_token_text_as_vllm_does_without_doubling_bos():
+    """A client that renders its own template sends it as a completion's prompt: the markers are the special tokens
+    (they had been encoded as the letters '<', '|', ...), as Meta's tokenizer gives them with allowed_special="all"."""
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    meta = Tokenizer.get_instance()
+    llm = tiny_llm()
+    turn = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    expected = meta.encode(turn, bos=True, eos=False, allowed_special="all")
+    assert llm.encode(turn) == expected
+    assert llm.encode("<|begin_of_text|>" + turn) == expected           # a written BOS is not doubled
+    assert llm.encode(turn, bos=False) == expected[1:]
+    assert llm.encode("<|begin_of_text|><|begin_of_text|>x")[:2] == [meta.bos_id] * 2   # only the one herd adds goes
+
+
 def test_the_engine_is_built_once_with_the_settings_given(monkeypatch):
     """herd.load(engine=...) and the CLI's KV cache option build the one engine they ask for, where a default one
     (its KV cache included) used to be built first and replaced."""

@@ -699,7 +699,7 @@ async def tokenize(request: Request):
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either a prompt or messages", param="prompt", code="invalid_value")
     if body.prompt is not None:
-        ids = llm.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+        ids = llm.encode(body.prompt, bos=body.add_special_tokens)
     else:
         try:
             ids = llm.chat_prompt([m.as_dict() for m in body.messages],
