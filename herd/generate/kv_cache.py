@@ -167,7 +167,9 @@ class Segment:
         # Drafted tokens (speculative decoding) attend one query at a time, exactly as each would alone: attention
         # over several queries rounds differently, and a quantized model's next layers magnify any difference.
         self.apart = apart
-        contiguous = blocks[-1] - blocks[0] == len(blocks) - 1
+        # In order, not only spanning the right range: after a preemption the pool hands out runs like [0, 1, 6, 5, 4],
+        # whose keys a view of blocks 0..4 would have taken from two other sequences.
+        contiguous = all(b == blocks[0] + i for i, b in enumerate(blocks))
         self.run = blocks[0] * block_size if contiguous else None
         self.slots = None if contiguous else _slots(blocks, block_size, 0, self.total, device)
         n = end - start

@@ -9,6 +9,7 @@ and it waits at the head of the queue to be recomputed, usually from its own cac
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -114,6 +115,7 @@ class Scheduler:
         seq.num_computed = len(hits) * self.block_size
         seq.num_registered = len(hits)
         if seq.admitted_at is None:  # the first admission; a recompute after preemption is not a prompt
+            seq.admitted_at = time.monotonic()
             seq.cached_tokens = seq.num_computed
             self.stats.prompt_tokens += seq.prompt_len
             self.stats.cached_tokens += seq.num_computed

@@ -35,7 +35,6 @@ class Completion:
     stop_token: int | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
-    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
 
 
 class Constraint(Protocol):

@@ -1,5 +1,7 @@
 """The engine's continuous batching, paged KV cache and prefix cache, against plain full forwards of the model."""
+import copy
 import dataclasses
+import random
 import re
 import threading
 import time
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from herd.generate import EngineConfig, Generator, SamplingParams
+from herd.generate.kv_cache import Segment
 from herd.model import ModelConfig, Transformer
 from herd.quant.kernel import ops
 
@@ -190,6 +193,38 @@ def test_preemption_when_blocks_run_out_recomputes_the_same_tokens(model):
     solo = engine(model)
     assert [o.tokens for o in outs] == [solo.generate([p], params)[0].tokens for p in batch]
     assert_blocks_all_returned(gen)
+
+
+def test_preempted_sequences_attend_over_their_own_blocks_on_the_pytorch_path(model):
+    """A float64 model attends in PyTorch, as on a GPU. After preemptions the pool hands out blocks out of order
+    ([0, 1, 6, 5, 4]), which had been read as one run spanning blocks 0..4, two of them other sequences' keys."""
+    assert Segment(0, 1, 68, [0, 1, 6, 5, 4], 16, "cpu").run is None
+    assert Segment(0, 1, 68, [2, 3, 4, 5, 6], 16, "cpu").run == 32
+    wide = copy.deepcopy(model).double()
+    rnd = random.Random(1)
+    batch = []
+    for _ in range(10):
+        if rnd.random() < 0.4:
+            pattern = [rnd.randrange(1, 512) for _ in range(rnd.randrange(2, 5))]
+            batch.append((pattern * 30)[:rnd.randrange(6, 60)])
+        else:
+            batch.append([rnd.randrange(1, 512) for _ in range(rnd.randrange(1, 80))])
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    gen = engine(wide, kv_cache_bytes=1, max_batch=rnd.choice([2, 4, 8]), max_step_tokens=rnd.choice([5, 16, 24, 64]))
+    outs = gen.generate(batch, params)
+    assert gen.scheduler.stats.preemptions > 0 and gen.cache.k[0].dtype == torch.float64
+    assert [o.tokens for o in outs] == [reference_greedy(wide, p, 30) for p in batch]
+
+
+def test_a_recompute_after_preemption_is_not_counted_as_a_prompt_or_a_cache_hit(model):
+    """Prompts sharing nothing: none of their tokens came from the cache however often they were preempted (the
+    recompute had been counted again, cached_tokens past the prompt's own length)."""
+    gen = engine(model, kv_cache_bytes=1)
+    batch = [[7 + i] * 10 for i in range(3)]
+    gen.generate(batch, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    stats = gen.scheduler.stats
+    assert stats.preemptions > 0
+    assert (stats.prompt_tokens, stats.cached_tokens) == (30, 0)
 
 
 def test_cancel_and_timeout_free_blocks_at_once(model):
