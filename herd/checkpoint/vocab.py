@@ -97,12 +97,21 @@ def _write_hf_files(tokenizer, tok, directory: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"],
     }
-    if getattr(tok, "chat_template", None):
-        config["chat_template"] = tok.chat_template
+    if template := chat_template(tok):
+        config["chat_template"] = template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     stops = sorted(getattr(tok, "stop_ids", ()) or ([tok.eos_id] if tok.eos_id is not None else []))
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def chat_template(tok) -> str | None:
+    """The Jinja chat template an exported tokenizer carries: its own, or Llama 3's for Meta's tokenizer."""
+    if template := getattr(tok, "chat_template", None):
+        return template
+    from herd.tokenizer.chat_format import LLAMA3_CHAT_TEMPLATE
+
+    return LLAMA3_CHAT_TEMPLATE if getattr(tok, "path", None) is not None else None
 
 
 def _with_bos(tok):
@@ -221,8 +230,8 @@ def gguf_tokenizer_fields(ckpt) -> list[tuple[str, object, GGUFValueType, GGUFVa
     for key, name in (("eot", "<|eot_id|>"), ("eom", "<|eom_id|>")):
         if name in special:
             out.append((f"tokenizer.ggml.{key}_token_id", int(special[name]), GGUFValueType.UINT32, None))
-    if getattr(tok, "chat_template", None):
-        out.append(("tokenizer.chat_template", tok.chat_template, GGUFValueType.STRING, None))
+    if template := chat_template(tok):
+        out.append(("tokenizer.chat_template", template, GGUFValueType.STRING, None))
     return out
 
 
@@ -244,6 +253,16 @@ def _hf_vocab(tokenizer_json: str) -> tuple[list[str], list[str], list[int], str
     for token, i in vocab.items():
         tokens[i], types[i] = token, types_by_id[i]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    # The pattern appears JSON-escaped in the file.
-    pre = "llama-bpe" if json.dumps(SPLIT_PATTERN)[1:-1] in tokenizer_json else "default"
+    llama3 = json.dumps(SPLIT_PATTERN)[1:-1] in tokenizer_json   # the pattern appears JSON-escaped in the file
+    pre = "llama-bpe" if llama3 else _llama_cpp_pre(spec.get("pre_tokenizer"))
     return tokens, merges, types, pre
+
+
+def _llama_cpp_pre(pre: dict | None) -> str:
+    """llama.cpp's name for a byte-level pre-tokenizer. Its "default" cuts text otherwise than GPT-2's regex (" ("
+    is two pieces there), so SmolLM2's digits-then-GPT-2 had come back from llama.cpp as other ids."""
+    steps = (pre or {}).get("pretokenizers", []) if (pre or {}).get("type") == "Sequence" else [pre or {}]
+    kinds = [(step.get("type"), step.get("individual_digits", step.get("use_regex"))) for step in steps]
+    if kinds == [("Digits", True), ("ByteLevel", True)]:
+        return "smollm"
+    return "gpt2" if kinds == [("ByteLevel", True)] else "default"

@@ -155,11 +155,26 @@ class ChatFormat:
         return [i for text in content_texts(content) for i in self._text(text)]
 
 
+# Llama 3's chat format as a Jinja template, written into exported checkpoints: transformers' apply_chat_template
+# and vLLM refuse to chat without one, and llama.cpp recognises this one as Llama 3's. It renders what ChatFormat
+# encodes for dialogs without tools; herd reading it back chats with ChatFormat itself, tools included.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if tools %}{{- raise_exception('this template has no tool prompt: use herd for tools') }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.get('tool_calls') %}{{- raise_exception('this template writes no tool calls') }}{%- endif %}"
+    "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
 def chat_format_for(tokenizer: Tokenizer) -> ChatFormat | TemplateChatFormat:
     """The chat format a tokenizer's checkpoint expects: its own template if it brings one, else Llama 3's."""
     if isinstance(tokenizer, Llama3Tokenizer):
         return ChatFormat(tokenizer)
-    if tokenizer.chat_template:
+    if tokenizer.chat_template and tokenizer.chat_template != LLAMA3_CHAT_TEMPLATE:
         return TemplateChatFormat(tokenizer)
     if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= tokenizer.special_tokens.keys():
         return ChatFormat(tokenizer)

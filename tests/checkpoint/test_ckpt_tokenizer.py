@@ -7,8 +7,10 @@ import shutil
 import pytest
 import torch
 
+import herd
 from herd.checkpoint import Checkpoint, convert, expected_shapes, load_checkpoint, save_checkpoint
 from herd.model.config import ModelConfig
+from herd.tokenizer import chat_format_for
 
 TEXTS = ["Hello, world!", "  déjà vu 12345 <|eot_id|> tabs\tand\nnewlines", "ümlaut 😀 emoji"]
 
@@ -49,6 +51,19 @@ def test_meta_tokenizer_becomes_hf(meta_with_llama3_tokenizer, tmp_path):
     auto = AutoTokenizer.from_pretrained(hf_dir)
     assert [auto(t)["input_ids"] for t in TEXTS] == with_special
 
+    # The export carries Llama 3's chat template: transformers renders dialogs as herd's ChatFormat encodes them
+    # (without one, apply_chat_template and vLLM had refused to chat), and herd reading it back keeps ChatFormat.
+    fmt = herd.ChatFormat(meta.tokenizer)
+    dialogs = [[{"role": "user", "content": "Hi"}],
+               [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+               [{"role": "user", "content": "Run it"}, {"role": "assistant", "content": "Done."},
+                {"role": "tool", "content": '{"ok": true}'}]]
+    for dialog in dialogs:
+        rendered = auto.apply_chat_template(dialog, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert rendered == fmt.encode_dialog(dialog)
+    assert isinstance(chat_format_for(hf.tokenizer), herd.ChatFormat)
+
     # HF files ride through Meta's format unchanged.
     back = convert(convert(hf_dir, tmp_path / "meta2", "meta"), tmp_path / "hf2", "hf")
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -64,3 +79,27 @@ def test_meta_tokenizer_becomes_a_gguf_vocabulary(meta_with_llama3_tokenizer, tm
     g = load_checkpoint(gguf_file)
     assert isinstance(g.tokenizer, HFTokenizer) and encodings(g.tokenizer) == expected
     assert g.tokenizer.bos_id == 128000 and 128009 in g.tokenizer.stop_ids
+    assert g.tokenizer.chat_template and isinstance(chat_format_for(g.tokenizer), herd.ChatFormat)
+
+
+def test_a_gguf_written_from_hf_files_names_the_pre_tokenizer_llama_cpp_splits_with():
+    """SmolLM2 cuts digits apart, then GPT-2's regex: llama.cpp calls that "smollm". Written as "default" (llama.cpp's
+    own, which splits " (" in two and cleans spaces), a GGUF made from HF files had tokenized otherwise there."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from herd.checkpoint.vocab import gguf_tokenizer_fields
+    from herd.llm import default_model_path
+    from herd.tokenizer import HFTokenizer
+
+    def pre_of(tok):
+        config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, ffn_hidden_dim=64)
+        fields = dict((key, value) for key, value, *_ in gguf_tokenizer_fields(Checkpoint(config, {}, tokenizer=tok)))
+        return fields["tokenizer.ggml.pre"]
+
+    smollm2 = load_checkpoint(default_model_path()).tokenizer
+    assert pre_of(smollm2) == "smollm"
+    plain = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert pre_of(HFTokenizer(plain, bos_id=None, eos_id=None)) == "gpt2"
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert pre_of(HFTokenizer(plain, bos_id=None, eos_id=None)) == "default"
