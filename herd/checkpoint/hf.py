@@ -239,6 +239,7 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
     fp8 = _fp8_scaled(cfg, str(directory))
     files = _weight_files(directory)
     entries = {}
+    unconverted = []   # the linear layers an FP8 release left in bf16 (its modules_to_not_convert)
     for path in sorted(set(files.values())):
         handle = _open(path)
         for name in handle.keys():
@@ -258,6 +259,8 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
             read = _reader(path, name, heads) if scale is None else _fp8_reader(path, name, files[scale], scale, heads)
             entries[target] = LazyTensor(tuple(part.get_shape()), read, dtype,
                                          stored if scale is None else torch.float32)
+            if fp8 and scale is None and len(part.get_shape()) == 2 and target != "tok_embeddings.weight":
+                unconverted.append(target.removesuffix(".weight"))
     missing = sorted(n for n, p in files.items() if meta_name(n) and meta_name(n) not in entries
                      and not (fp8 and n.endswith(_FP8_SCALE)))
     if missing:
@@ -269,7 +272,9 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
     check_shapes(config, state, str(directory), "the config.json")
     tokenizer, note = load_dir_tokenizer(directory, prefer="tokenizer.json")
     meta = {"files": len(set(files.values())), "dtype": cfg.get("torch_dtype") or cfg.get("dtype")}
-    return Checkpoint(config, state, "hf", tokenizer, directory, meta | ({"tokenizer_note": note} if note else {}))
+    meta |= {"tokenizer_note": note} if note else {}
+    meta |= {"fp8_unconverted": sorted(n for n in unconverted if f"{n}.weight" in state)} if fp8 else {}
+    return Checkpoint(config, state, "hf", tokenizer, directory, meta)
 
 
 # Meta's FP8 release of Llama 3.1 (quant_method "fbgemm_fp8"): each quantized linear's weight is e4m3 codes

@@ -32,7 +32,12 @@ def resolve(quantize: str | Scheme | None, ckpt: Checkpoint, device: torch.devic
         return Scheme("gguf") if kinds and device.type == "cpu" and ops() is not None else None
     if quantize == "none":
         return None
-    return Scheme.parse(quantize)
+    scheme = Scheme.parse(quantize)
+    if scheme.kind == "fp8" and "fp8_unconverted" in ckpt.meta:
+        # Meta's FP8 release leaves some layers in bf16 (the first and last blocks' attention, the output layer), as
+        # transformers and vLLM keep them: "fp8" then computes the release as published.
+        return dataclasses.replace(scheme, keep=tuple(ckpt.meta["fp8_unconverted"]))
+    return scheme
 
 
 def _gguf_modules(ckpt: Checkpoint, scheme: Scheme) -> dict[str, torch.nn.Module]:

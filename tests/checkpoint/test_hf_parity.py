@@ -96,6 +96,11 @@ def test_meta_fp8_weights_load(make_hf):
         heads = {"wq": 4, "wk": 2}.get(target.rsplit(".", 1)[1])
         expected = stored.float() if heads is None else to_meta_rows(stored.float(), heads)
         assert isinstance(modules[target], FP8Linear) and torch.equal(modules[target].codes.float(), expected), name
+    # The layers the release left in bf16 stay as published, as transformers' FbgemmFp8 and vLLM keep them (they
+    # had been rounded to FP8 too).
+    kept = [n for n, m in modules.items() if n.startswith("layers.0.attention.w") or n == "output"]
+    assert len(kept) == 5 and not any(isinstance(modules[n], FP8Linear) for n in kept)
+    assert torch.equal(modules["layers.0.attention.wq"].weight, ckpt.state_dict["layers.0.attention.wq.weight"])
 
 
 def test_other_quantized_checkpoints_are_refused_by_name(make_hf):
