@@ -231,6 +231,10 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
         from herd.quant.store import load_quantized
 
         state, modules, scheme = load_quantized(quantized, dtype)
+        if config.tie_embeddings and "output.weight" in state:
+            # fp8 and int8-wo quantize the output layer but not the table it was tied to: the model computes with its
+            # own output (which a tied config would drop when expanded or converted, taking the float table instead).
+            config = config.replace(tie_embeddings=False)
         check_shapes(config, state, str(directory), "the config.json")
         tokenizer, note = load_dir_tokenizer(directory, prefer="tokenizer.json")
         blocks = {name: ("herd", module) for name, module in modules.items()}
