@@ -173,7 +173,7 @@ class LLM:
                              f"{TOOL_PROMPT_FORMATS}")
         if not isinstance(self.chat_format, TemplateChatFormat):
             return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
-        template = self.chat_format.tokenizer.chat_template
+        template = self.chat_format.template_for(tools)
         if tools and "tools" not in template:
             messages, tools = with_tool_prompts(list(messages), tools, "json"), None
         if "tool_calls" not in template:  # the model's own replies go back as it wrote them (encode_dialog)

@@ -21,6 +21,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+TEMPLATES_DIR = "additional_chat_templates"
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp token types
 
 
@@ -69,6 +70,8 @@ def write_tokenizer(ckpt, directory: Path, fmt: str) -> None:
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, directory / name)
+        if (source / TEMPLATES_DIR).is_dir():   # named chat templates beside chat_template.jinja ("tool_use")
+            shutil.copytree(source / TEMPLATES_DIR, directory / TEMPLATES_DIR, dirs_exist_ok=True)
     tok = ckpt.tokenizer
     if tok is None or (directory / "tokenizer.json").is_file():
         return
@@ -98,7 +101,9 @@ def _write_hf_files(tokenizer, tok, directory: Path) -> None:
         "model_input_names": ["input_ids", "attention_mask"],
     }
     if template := chat_template(tok):
-        config["chat_template"] = template
+        tool_use = getattr(tok, "tool_use_template", None)
+        named = [{"name": "default", "template": template}, {"name": "tool_use", "template": tool_use}]
+        config["chat_template"] = named if tool_use else template
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     stops = sorted(getattr(tok, "stop_ids", ()) or ([tok.eos_id] if tok.eos_id is not None else []))
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
@@ -232,6 +237,8 @@ def gguf_tokenizer_fields(ckpt) -> list[tuple[str, object, GGUFValueType, GGUFVa
             out.append((f"tokenizer.ggml.{key}_token_id", int(special[name]), GGUFValueType.UINT32, None))
     if template := chat_template(tok):
         out.append(("tokenizer.chat_template", template, GGUFValueType.STRING, None))
+    if tool_use := getattr(tok, "tool_use_template", None):
+        out.append(("tokenizer.chat_template.tool_use", tool_use, GGUFValueType.STRING, None))
     return out
 
 

@@ -98,6 +98,7 @@ class HFTokenizer:
         pad_id: int | None = None,
         add_bos: bool = True,
         chat_template: str | None = None,
+        tool_use_template: str | None = None,
         stop_ids: Iterable[int] = (),
     ):
         self._tokenizer = tokenizer
@@ -110,6 +111,7 @@ class HFTokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
+        self.tool_use_template = tool_use_template  # the checkpoint's template for a dialog with tools, if it has one
         markers = {self.special_tokens[t] for t in END_MARKERS if t in self.special_tokens}
         self.stop_ids = frozenset({*stop_ids, *markers, *([eos_id] if eos_id is not None else [])})
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
@@ -119,7 +121,7 @@ class HFTokenizer:
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
         """A Hugging Face `tokenizer.json` (or a directory holding one), with the `tokenizer_config.json`,
-        `chat_template.jinja` and `generation_config.json` beside it when present."""
+        `chat_template.jinja`, `additional_chat_templates/` and `generation_config.json` beside it when present."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -145,13 +147,15 @@ class HFTokenizer:
         if eos_id is None:
             eos_id = next((tokenizer.token_to_id(t) for t in END_MARKERS if tokenizer.token_to_id(t) is not None), None)
         generation_eos = generation.get("eos_token_id", [])
+        templates = _chat_templates(config, path.parent)
         return cls(
             tokenizer,
             bos_id=bos_id,
             eos_id=eos_id,
             pad_id=token_id("pad_token"),
             add_bos=config.get("add_bos_token", bool(prefix) and prefix[0] == bos_id),
-            chat_template=_chat_template(config, path.parent / "chat_template.jinja"),
+            chat_template=templates.get("default"),
+            tool_use_template=templates.get("tool_use"),
             stop_ids=generation_eos if isinstance(generation_eos, list) else [generation_eos],
         )
 
@@ -211,6 +215,7 @@ class HFTokenizer:
             # llama.cpp's defaults when the file does not say.
             add_bos=field("tokenizer.ggml.add_bos_token", llama3_family),
             chat_template=field("tokenizer.chat_template"),
+            tool_use_template=field("tokenizer.chat_template.tool_use"),  # where llama.cpp keeps it
             stop_ids=[ids[k] for k in ("eot", "eom") if ids[k] is not None],
         )
 
@@ -353,11 +358,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _chat_template(config: dict[str, Any], jinja_file: Path) -> str | None:
-    """The default chat template from tokenizer_config.json, or from chat_template.jinja (newer checkpoints)."""
+def _chat_templates(config: dict[str, Any], directory: Path) -> dict[str, str]:
+    """The chat templates by name ("default", "tool_use", ...) as transformers reads them: from chat_template.jinja
+    (the default one) and additional_chat_templates/NAME.jinja (newer checkpoints) when there are any, which take
+    priority, else from tokenizer_config.json (one template, or a list of named ones)."""
+    files = {"default": directory / "chat_template.jinja",
+             **{path.stem: path for path in sorted((directory / "additional_chat_templates").glob("*.jinja"))}}
+    templates = {name: path.read_text(encoding="utf-8") for name, path in files.items() if path.is_file()}
+    if templates:
+        return templates
     template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if template is None and jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
-    return template
+    if isinstance(template, list):  # [{"name": ..., "template": ...}], as Hermes 2 Pro and Hermes 3 ship theirs
+        return {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    return {"default": template} if template is not None else {}

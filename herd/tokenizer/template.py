@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -10,7 +11,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from herd.tokenizer import TokenizerError
@@ -51,7 +53,7 @@ def render_template(
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     # Templates come with downloaded checkpoints, so they run sandboxed.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -59,6 +61,22 @@ def _compile(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise TokenizerError(f"the checkpoint's chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
+class _Generation(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks the assistant's tokens for a training mask
+    (TRL's assistant-only loss); its content renders as written, in a block of its own as transformers makes it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_content"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _content(caller: Any) -> str:
+        return caller()
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
@@ -77,6 +95,48 @@ def _masked(value: Any, pattern: re.Pattern) -> Any:
     return value
 
 
+def _with_object_arguments(message: Message) -> Message:
+    """`message` with each tool call's arguments that are a JSON object in a string (OpenAI's shape) as that object,
+    which templates write with `tojson`, as transformers asks for them and vLLM and SGLang hand them over."""
+    calls = message.get("tool_calls")
+    return message | {"tool_calls": [_object_arguments(c) for c in calls]} if isinstance(calls, list) else message
+
+
+def _object_arguments(call: Any) -> Any:
+    """A tool call, in OpenAI's {"function": {...}} shape or flat, with arguments given as JSON object text parsed."""
+    if not isinstance(call, dict):
+        return call
+    if isinstance(call.get("function"), dict):
+        return call | {"function": _object_arguments(call["function"])}
+    if not isinstance(arguments := call.get("arguments"), str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except (ValueError, RecursionError):  # not JSON: the text it is
+        return call
+    return call | {"arguments": parsed} if isinstance(parsed, dict) else call
+
+
+def _unused_private_character(value: Any) -> str:
+    """A private-use character that no string in `value` (in dicts and lists, keys too) holds."""
+    used = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            used.update(item)
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += item
+    planes = itertools.chain(range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+    unused = next((c for c in map(chr, planes) if c not in used), None)
+    if unused is None:
+        raise ValueError("the dialog holds every private-use character, one of which must mark where the model's own "
+                         "tool calls go: remove some")
+    return unused
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
@@ -93,9 +153,10 @@ class TemplateChatFormat:
         specials = sorted(tokenizer.special_tokens, key=len, reverse=True)  # the longest first where one holds another
         self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
         self._stop_texts = {tokenizer.decode([i]): i for i in tokenizer.stop_ids}
+        # A token the checkpoint lacks stays undefined, as transformers leaves it: `{{ bos_token }}` writes nothing.
         self._variables = {
-            name: tokenizer.decode([i]) if i is not None else None
-            for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
+            name: tokenizer.decode([i])
+            for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id)) if i is not None
         }
         self.written = WrittenCalls()  # the ids of the model's recent tool-calling replies
 
@@ -104,17 +165,22 @@ class TemplateChatFormat:
     ) -> list[int]:
         """The prompt for the assistant's next turn. The template decides the layout, so
         `tool_prompt_format` is not used; `tools` is passed to the template, which may show them."""
+        template = self.template_for(tools)
         # Content reaches the template as one string (parts joined, none as ""): a text-only template (SmolLM2's)
         # adds it to its own strings.
-        messages = [m if isinstance(m.get("content"), str)
-                    else m | {"content": "".join(content_texts(m.get("content")))} for m in messages]
-        # A tool-calling reply of the model's own goes back as the ids it wrote, where the template puts its text.
+        messages = [_with_object_arguments(m if isinstance(m.get("content"), str)
+                                           else m | {"content": "".join(content_texts(m.get("content")))})
+                    for m in messages]
+        # A tool-calling reply of the model's own goes back as the ids it wrote, where the template puts its text:
+        # it is marked there by a private-use character that no template changes and no message or tool holds.
+        recalled = {n: ids for n, m in enumerate(messages) if m.get("tool_calls")
+                    and (ids := self.written.recall(m)) is not None}
+        tag = _unused_private_character([template, messages, tools]) if recalled else None
         written = {}
-        for n, message in enumerate(messages):
-            if message.get("tool_calls") and (ids := self.written.recall(message)) is not None:
-                mark = f"\ue000{n}\ue001"  # private-use characters: no template changes them, no message holds them
-                written[mark], messages[n] = ids, {"role": message["role"], "content": mark}
-        text = render_template(self.tokenizer.chat_template, messages, tools=tools or None, **self._variables)
+        for n, ids in recalled.items():
+            mark = f"{tag}{n}{tag}"
+            written[mark], messages[n] = ids, {"role": messages[n]["role"], "content": mark}
+        text = render_template(template, messages, tools=tools or None, **self._variables)
         # As transformers: the template writes any BOS itself, and its special-token text is meant as such.
         pattern = self._special_text
         hidden = (_masked(messages, pattern), _masked(tools, pattern)) if pattern else (messages, tools)
@@ -123,18 +189,22 @@ class TemplateChatFormat:
             # But special-token text inside a message (a pasted transcript, a fetched web page in a tool result) is
             # text, as Llama 3's own format reads it: else a tool result could close its turn and open a system
             # one. Rendered again with that text masked, the template's own special tokens are those left in place.
-            masked = render_template(self.tokenizer.chat_template, hidden[0], tools=hidden[1] or None,
-                                     **self._variables)
+            masked = render_template(template, hidden[0], tools=hidden[1] or None, **self._variables)
             if len(masked) != len(text):  # a template that measures what it is given: cannot tell the two apart
                 raise ValueError("a message holds special-token text, which this checkpoint's chat template cannot "
                                  "keep apart from its own: remove it from the message")
         ids, start, end = [], 0, None
-        for mark in re.finditer("\ue000[0-9]+\ue001", text) if written else ():
+        for mark in re.finditer(f"{tag}[0-9]+{tag}", text) if written else ():
             ids += self._ended(self._encode(text[start:mark.start()], masked and masked[start:mark.start()]), end)
             reply, end = written[mark.group()]
             ids += reply
             start = mark.end()
         return ids + self._ended(self._encode(text[start:], masked and masked[start:]), end)
+
+    def template_for(self, tools: list[Any] | None) -> str:
+        """The template a dialog renders with: the checkpoint's "tool_use" one when tools are given and it names one
+        (Hermes 2 Pro's, Hermes 3's; as transformers and llama.cpp choose), else its default one."""
+        return (tools and self.tokenizer.tool_use_template) or self.tokenizer.chat_template
 
     def _ended(self, ids: list[int], end: int | None) -> list[int]:
         """The ids after a remembered reply: the template's end of its turn is the stop token the model wrote

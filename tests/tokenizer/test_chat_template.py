@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from herd.tokenizer import TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer, render_template
+from herd.tokenizer import (HFTokenizer, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer,
+                            render_template)
+from herd.tokenizer.hf import BYTE_CHARS
 
 DIALOGS = {
     "single user turn": [{"role": "user", "content": "What is 2+2?"}],
@@ -169,8 +174,8 @@ def test_a_call_goes_back_as_the_ids_the_model_wrote(smollm2):
 LLAMA31_LIKE = (  # Llama 3.1's Hugging Face template in brief: calls as {"name", "parameters"}, ended by <|eom_id|>
     "{{- bos_token }}{%- for m in messages %}"
     "{%- if m.role == 'assistant' and m.tool_calls %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{%- for c in m.tool_calls %}{{- '{\"name\": \"' + c.function.name + '\", \"parameters\": ' + c.function.arguments"
-    " + '}' }}{%- endfor %}{{- '<|eom_id|>' }}"
+    "{%- for c in m.tool_calls %}{{- '{\"name\": \"' + c.function.name + '\", \"parameters\": ' }}"
+    "{{- c.function.arguments | tojson }}{{- '}' }}{%- endfor %}{{- '<|eom_id|>' }}"
     "{%- else %}{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content | trim + '<|eot_id|>' }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
@@ -199,3 +204,166 @@ def test_a_template_s_end_of_turn_after_a_call_is_the_one_the_model_wrote(tmp_pa
     other = {**sent, "tool_calls": [{**sent["tool_calls"][0], "id": "call_9"}]}
     assert tok.decode(fmt.encode_dialog([*ask, other, result])[len(asked):]).startswith(
         '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eom_id|>')
+
+
+def transformers_ids(directory: Path, dialog: list[dict], **options) -> list[int]:
+    """The ids of `dialog` under the checkpoint's template, as transformers' apply_chat_template gives them."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(directory).apply_chat_template(dialog, add_generation_prompt=True,
+                                                                       tokenize=True, **options)
+    return list(getattr(ids, "input_ids", ids))
+
+
+def with_template(directory: Path, template: str | list[dict], **config) -> TemplateChatFormat:
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, **config}))
+    return chat_format_for(load_tokenizer(directory))
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALLS = (  # Qwen 2.5's way with calls: OpenAI's shape or flat, the arguments written with tojson
+    "{% for m in messages %}{% for c in m.tool_calls or [] %}{% if c.function is defined %}{% set c = c.function %}"
+    "{% endif %}<call>{{ c.name }} {{ c.arguments | tojson }}</call>{% endfor %}{{ m.content }}<|im_end|>{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("shape", ["openai", "flat"])
+def test_call_arguments_sent_as_json_text_reach_the_template_as_the_object(tiny_json_dir, shape):
+    """OpenAI clients send a call's arguments as JSON text; transformers asks for the object (vLLM and SGLang parse
+    the text before rendering), which `tojson` had written as a quoted string: "{\"city\": \"Paris\"}"."""
+    fmt = with_template(tiny_json_dir, CALLS)
+
+    def dialog(arguments):
+        call = {"name": "get_weather", "arguments": arguments}
+        call = {"id": "call_1", "type": "function", "function": call} if shape == "openai" else call
+        return [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+
+    sent = dialog('{"city": "Paris"}')
+    assert fmt.encode_dialog(sent) == transformers_ids(tiny_json_dir, dialog({"city": "Paris"}))
+    assert sent == dialog('{"city": "Paris"}')  # the caller's messages stay as they were
+    for text in ("city=Paris", ""):  # no JSON object: the text it is
+        assert fmt.encode_dialog(dialog(text)) == transformers_ids(tiny_json_dir, dialog(text))
+
+
+def tiny_gguf(metadata: dict) -> HFTokenizer:
+    """A GGUF's byte-level vocabulary (256 bytes, then <s> </s>) with `metadata`, as GGUFReader hands it over."""
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.merges": [],
+              "tokenizer.ggml.tokens": [*BYTE_CHARS, "<s>", "</s>"], "tokenizer.ggml.token_type": [1] * 256 + [3, 3],
+              **metadata}
+    reader = SimpleNamespace(fields={k: SimpleNamespace(contents=lambda v=v: v) for k, v in fields.items()}, data=None)
+    return HFTokenizer.from_gguf(reader)
+
+
+NAMED = {"default": "{% for m in messages %}{{ m.content }};{% endfor %}",
+         "tool_use": "[{{ tools | map(attribute='function.name') | join(',') }}]{% for m in messages %}{{ m.content }};"
+                     "{% endfor %}"}
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "jinja_files", "gguf"])
+def test_a_dialog_with_tools_renders_with_the_tool_use_template(tiny_json_dir, where):
+    """Checkpoints that name their templates (Hermes 2 Pro, Hermes 3: "default" and "tool_use") render a dialog with
+    tools through "tool_use", as transformers does and llama.cpp for a GGUF's tokenizer.chat_template.tool_use; the
+    default one had rendered every dialog."""
+    dialog = [{"role": "user", "content": "Weather?"}]
+    if where == "gguf":  # llama.cpp is the reference: transformers reads no named template from a GGUF
+        tok = tiny_gguf({"tokenizer.chat_template": NAMED["default"],
+                         "tokenizer.chat_template.tool_use": NAMED["tool_use"]})
+        fmt = chat_format_for(tok)
+        assert tok.decode(fmt.encode_dialog(dialog, tools=TOOLS)) == "[get_weather]Weather?;"
+        assert tok.decode(fmt.encode_dialog(dialog)) == "Weather?;"
+        return
+    if where == "tokenizer_config":
+        fmt = with_template(tiny_json_dir, [{"name": name, "template": t} for name, t in NAMED.items()])
+    else:  # newer checkpoints: chat_template.jinja and additional_chat_templates/NAME.jinja
+        (tiny_json_dir / "chat_template.jinja").write_text(NAMED["default"])
+        (tiny_json_dir / "additional_chat_templates").mkdir()
+        (tiny_json_dir / "additional_chat_templates" / "tool_use.jinja").write_text(NAMED["tool_use"])
+        fmt = with_template(tiny_json_dir, "the files take priority: {{ unused }}")
+    assert fmt.encode_dialog(dialog, tools=TOOLS) == transformers_ids(tiny_json_dir, dialog, tools=TOOLS)
+    assert fmt.encode_dialog(dialog) == transformers_ids(tiny_json_dir, dialog)
+    assert fmt.encode_dialog(dialog, tools=TOOLS) != fmt.encode_dialog(dialog)
+
+
+def test_chat_prompts_with_tools_take_the_tool_use_template(tiny_json_dir):
+    """LLM.chat_prompt (what chat, the server and the agent encode with) as transformers renders it: a default
+    template that knows no tools had been given Llama 3.1's tool prompt instead of the checkpoint's tool_use one."""
+    from herd.llm import LLM
+    from herd.model import ModelConfig, Transformer
+
+    fmt = with_template(tiny_json_dir, [{"name": name, "template": t} for name, t in NAMED.items()])
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=fmt.tokenizer.vocab_size,
+                                    ffn_hidden_dim=64))
+    llm = LLM(model, fmt.tokenizer, fmt)
+    dialog = [{"role": "user", "content": "Weather?"}]
+    assert llm.chat_prompt(dialog, TOOLS) == transformers_ids(tiny_json_dir, dialog, tools=TOOLS)
+    assert llm.chat_prompt(dialog) == transformers_ids(tiny_json_dir, dialog)
+
+
+def test_a_tool_use_template_survives_conversion(tiny_json_dir, tmp_path):
+    """Written out again (a GGUF's metadata, an HF directory made from a GGUF's vocabulary), the tool_use template
+    goes with the default one, where llama.cpp and transformers look for it (it had been dropped)."""
+    from herd.checkpoint import Checkpoint
+    from herd.checkpoint.vocab import gguf_tokenizer_fields, write_tokenizer
+    from herd.model.config import ModelConfig
+
+    tok = with_template(tiny_json_dir, [{"name": name, "template": t} for name, t in NAMED.items()]).tokenizer
+    ckpt = Checkpoint(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, ffn_hidden_dim=64), {},
+                      tokenizer=tok)
+    fields = {key: value for key, value, *_ in gguf_tokenizer_fields(ckpt)}
+    assert (fields["tokenizer.chat_template"], fields["tokenizer.chat_template.tool_use"]) == tuple(NAMED.values())
+    write_tokenizer(ckpt, tmp_path, "hf")
+    again = load_tokenizer(tmp_path)
+    assert (again.chat_template, again.tool_use_template) == tuple(NAMED.values())
+
+
+def test_generation_blocks_render_their_content(tiny_json_dir):
+    """transformers' {% generation %} tag (TRL's assistant-only loss templates) had made the template unparsable.
+    Its content renders in a block of its own: what it sets stays inside, as in transformers."""
+    template = ("{% for m in messages %}{% set said = m.content %}{% if m.role == 'assistant' %}{% generation %}"
+                "{% set said = 'in' %}{{ said }}<|im_end|>{% endgeneration %}{% endif %}{{ said }}<|im_end|>"
+                "{% endfor %}")
+    fmt = with_template(tiny_json_dir, template)
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "bye"}]
+    assert fmt.encode_dialog(dialog) == transformers_ids(tiny_json_dir, dialog)
+    assert fmt.tokenizer.decode(fmt.encode_dialog(dialog)) == "hi<|im_end|>in<|im_end|>hello<|im_end|>bye<|im_end|>"
+
+
+def test_a_missing_bos_or_eos_token_is_undefined_in_the_template(tmp_path):
+    """A checkpoint without BOS (tokenizer_config "bos_token": null, as Qwen2's; a GGUF without bos_token_id) or EOS:
+    `{{ bos_token }}` writes nothing, as in transformers, where it had written "None"."""
+    template = ("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+                "{% if bos_token is defined or eos_token is defined %}!{% endif %}")
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(BYTE_CHARS)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    fmt = with_template(tmp_path, template, bos_token=None, eos_token=None)
+    dialog = [{"role": "user", "content": "hi"}]
+    assert (fmt.tokenizer.bos_id, fmt.tokenizer.eos_id) == (None, None)
+    assert fmt.encode_dialog(dialog) == transformers_ids(tmp_path, dialog) == fmt.tokenizer.encode("hi", bos=False)
+    gguf = tiny_gguf({"tokenizer.chat_template": template})
+    assert chat_format_for(gguf).encode_dialog(dialog) == gguf.encode("hi", bos=False)
+
+
+def test_private_use_text_in_a_message_is_text_beside_a_remembered_call(smollm2, smollm2_transformers):
+    """A remembered call is marked in the rendered text with private-use characters; a message holding the same
+    ones ("\ue0001\ue001" had been the mark of message 1) is the text it is, where it had got the call's ids spliced
+    in, or a KeyError."""
+    chatml = chat_format_for(smollm2)
+    reply = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    ask = [{"role": "user", "content": "Weather?"}]
+    asked = chatml.encode_dialog(ask)
+    generated = smollm2.encode(reply, bos=False)
+    message = chatml.decode_assistant(generated + [smollm2.special_tokens["<|im_end|>"]])
+    for text in ["see \ue0001\ue001 here", "see \ue0007\ue001 here", "\ue000\ue0001\ue000 and \ue001"]:
+        rest = [{"role": "tool", "content": "20C"}, {"role": "user", "content": text}]
+        ids = chatml.encode_dialog([*ask, as_sent_back(message), *rest])
+        assert ids[:len(asked) + len(generated)] == asked + generated
+        as_written = [*ask, {"role": "assistant", "content": reply}, *rest]
+        assert smollm2.decode(ids) == smollm2_transformers.apply_chat_template(as_written, add_generation_prompt=True,
+                                                                               tokenize=False)
+    every = "".join(map(chr, [*range(0xE000, 0xF900), *range(0xF0000, 0xFFFFE), *range(0x100000, 0x10FFFE)]))
+    with pytest.raises(ValueError, match="every private-use character"):
+        chatml.encode_dialog([*ask, as_sent_back(message), {"role": "user", "content": every}])

@@ -144,13 +144,28 @@ def test_tokenizer_json_side_files(tiny_json_dir):
     assert fmt.encode_dialog([{"role": "user", "content": "a"}]) == [97, 259]
 
 
-def test_named_chat_templates_and_jinja_file(tiny_json_dir):
+def test_named_chat_templates_and_jinja_files(tiny_json_dir):
+    """The default and "tool_use" templates, as transformers reads them: its files (chat_template.jinja,
+    additional_chat_templates/NAME.jinja) before tokenizer_config.json's; "tool_use" had been dropped."""
+    from transformers import AutoTokenizer
+
+    def templates() -> dict[str, str]:
+        tok = load_tokenizer(tiny_json_dir)
+        ours = {name: t for name, t in (("default", tok.chat_template), ("tool_use", tok.tool_use_template)) if t}
+        theirs = AutoTokenizer.from_pretrained(tiny_json_dir).chat_template
+        assert ours == (theirs if isinstance(theirs, dict) else {"default": theirs})
+        return ours
+
     config = {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}
     (tiny_json_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    assert load_tokenizer(tiny_json_dir).chat_template == "D"
-    (tiny_json_dir / "tokenizer_config.json").write_text("{}")
+    assert templates() == {"default": "D", "tool_use": "T"}
     (tiny_json_dir / "chat_template.jinja").write_text("{{ messages[0].content }}")
-    assert load_tokenizer(tiny_json_dir).chat_template == "{{ messages[0].content }}"
+    assert templates() == {"default": "{{ messages[0].content }}"}
+    (tiny_json_dir / "additional_chat_templates").mkdir()
+    (tiny_json_dir / "additional_chat_templates" / "tool_use.jinja").write_text("T2")
+    assert templates() == {"default": "{{ messages[0].content }}", "tool_use": "T2"}
+    (tiny_json_dir / "tokenizer_config.json").write_text("{}")
+    assert templates() == {"default": "{{ messages[0].content }}", "tool_use": "T2"}
 
 
 def test_lone_surrogates_become_replacement_characters(smollm2, llama3_gguf, meta_tokenizer):
