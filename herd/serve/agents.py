@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
-from herd.serve.app import read_json, validate
+from herd.serve.app import count_served, read_json, validate
 from herd.serve.auth import check_key
 from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
@@ -108,6 +108,7 @@ async def create_agent(request: Request) -> dict:
         raise APIError(400, str(error), param="tools") from None
     agent_id = str(uuid.uuid4())
     agents[agent_id] = (config, {})
+    count_served(request)
     return {"agent_id": agent_id}
 
 
@@ -117,12 +118,14 @@ async def create_session(request: Request, agent_id: str) -> dict:
     body = await _body(request, SessionRequest)
     session_id = str(uuid.uuid4())
     sessions[session_id] = _Session(body.session_name)
+    count_served(request)
     return {"session_id": session_id}
 
 
 @router.get("/{agent_id}/session/{session_id}")
 def get_session(request: Request, agent_id: str, session_id: str) -> dict:
     _, _, session = _find(request, agent_id, session_id)
+    count_served(request)
     return {"session_id": session_id, "session_name": session.name, "turns": session.turns}
 
 
@@ -132,6 +135,7 @@ async def create_turn(request: Request, agent_id: str, session_id: str) -> Strea
     body = await _body(request, TurnRequest)
     messages = [m.as_dict() for m in body.messages]
     events = _turn_events(_agent(request, config), config, session, session_id, messages)
+    count_served(request)  # as the other streams: a 200 once it opens, its errors its last events
     return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in _ending_in_errors(events)),
                              media_type="text/event-stream")
 

@@ -124,6 +124,12 @@ def route_label(scope) -> str:
     return getattr(scope.get("route"), "path", "unmatched")
 
 
+def count_served(request: Request) -> None:
+    """A 200 in herd_requests_total, whose errors the error handlers count: a route that answers without counting
+    this reads as failing every time."""
+    server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
+
+
 def _error_handlers(app: FastAPI) -> None:
     def answer(request: Request, error: APIError) -> JSONResponse:
         server_state(request).metrics.requests.labels(route_label(request.scope), str(error.status)).inc()
@@ -313,16 +319,20 @@ class Run:
             metrics.ttft.observe(now - self.started)
         self.last[delta.index] = now
 
+    def cached_tokens(self) -> int:
+        # Each prompt's first choice: its other choices share that prompt, which prompt_tokens counts once too.
+        return sum(s.cached_tokens for s in self.request.seqs[::self.n])
+
     def usage(self) -> dict[str, Any]:
         completion = sum(len(s.generated) for s in self.request.seqs)
-        cached = sum(s.cached_tokens for s in self.request.seqs[::self.n])  # each prompt's first choice
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens()}}
 
     def _count(self) -> None:
         metrics = self.state.metrics
         metrics.prompt_tokens.inc(self.prompt_tokens)
-        metrics.cached_tokens.inc(sum(s.cached_tokens for s in self.request.seqs))
+        metrics.cached_tokens.inc(self.cached_tokens())
         metrics.generated_tokens.inc(sum(len(s.generated) for s in self.request.seqs))
         metrics.e2e.observe(time.perf_counter() - self.started)
 
@@ -405,6 +415,7 @@ openai_router = APIRouter()
 async def list_models(request: Request):
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
+    count_served(request)
     return {"object": "list", "data": [_model(state)]}
 
 
@@ -415,6 +426,7 @@ async def retrieve_model(request: Request, model_id: str):
     if model_id != state.model_name:
         raise APIError(404, f"the model '{model_id}' does not exist; this server has '{state.model_name}'",
                        param="model", code="model_not_found")
+    count_served(request)
     return _model(state)
 
 
@@ -474,6 +486,8 @@ async def chat_completions(request: Request):
 
     head["object"] = "chat.completion.chunk"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if include_usage:  # OpenAI's chunks then all say "usage": null, but the last, which has it
+        head["usage"] = None
 
     async def events():
         streamers = [ToolStreamer() if use_tools else None for _ in range(body.n)]
@@ -523,7 +537,7 @@ def _refused(request: Request, shields, body: ChatCompletionRequest):
 
     async def events():
         for chunk in answer:
-            yield chunk
+            yield {"usage": None, **chunk} if usage else chunk
 
     return sse_response(request, events())
 
@@ -655,6 +669,8 @@ async def completions(request: Request):
                         "logprobs": logprobs if body.logprobs is not None else None})
         return {**head, "choices": out, "usage": usage()}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if include_usage:  # OpenAI's chunks then all say "usage": null, but the last, which has it
+        head["usage"] = None
 
     async def events():
         offsets: dict[int, int] = {}  # each choice's text so far, for text_offset
@@ -706,6 +722,7 @@ async def tokenize(request: Request):
                                   [t.model_dump() for t in body.tools] if body.tools else None)
         except (ValueError, KeyError, TypeError) as error:
             raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
+    count_served(request)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.generator.capacity}
 
 
@@ -717,6 +734,7 @@ async def detokenize(request: Request):
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"a token id is outside the vocabulary (0..{vocab - 1})", param="tokens",
                        code="invalid_value")
+    count_served(request)
     return {"prompt": state.llm.tokenizer.decode(body.tokens)}
 
 

@@ -33,6 +33,7 @@ from herd.serve.app import (
     ToolStreamer,
     budget,
     collect,
+    count_served,
     grammar_constraints,
     read_json,
     route_label,
@@ -80,6 +81,7 @@ class ToolCall(StrictModel):
 
 
 class CompletionMessage(StrictModel):
+    null_means_default = frozenset({"tool_calls"})
     role: Literal["assistant"]
     content: Content = ""
     stop_reason: Literal["end_of_turn", "end_of_message", "out_of_tokens"] = "end_of_turn"
@@ -111,6 +113,7 @@ _PARAM_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "b
 
 
 class ToolParam(StrictModel):
+    null_means_default = frozenset({"required"})
     param_type: str
     description: str | None = None
     required: bool = True
@@ -132,6 +135,7 @@ class ToolDefinition(StrictModel):
 
 
 class ToolConfig(StrictModel):
+    null_means_default = frozenset({"tool_choice", "system_message_behavior"})
     tool_choice: str = "auto"  # auto, required, none or a tool's name
     tool_prompt_format: Literal["json", "function_tag", "python_list"] | None = None
     system_message_behavior: Literal["append", "replace"] = "append"
@@ -143,10 +147,13 @@ class ResponseFormat(StrictModel):
 
 
 class LogProbConfig(StrictModel):
+    null_means_default = frozenset({"top_k"})
     top_k: int = Field(0, ge=0, le=20)
 
 
 class _Inference(StrictModel):
+    # As llama-stack's own request types have them: null is each one's default.
+    null_means_default = frozenset({"sampling_params", "stream"})
     model_id: str
     sampling_params: Sampling = Field(default_factory=Sampling)
     response_format: ResponseFormat | None = None
@@ -155,6 +162,7 @@ class _Inference(StrictModel):
 
 
 class _Chat(_Inference):
+    null_means_default = _Inference.null_means_default | {"tools"}
     tools: list[ToolDefinition] = Field(default_factory=list)
     tool_config: ToolConfig | None = None
 
@@ -450,7 +458,9 @@ def _names(request: Request) -> list[str]:
 
 @router.get("/shields")
 async def list_shields(request: Request):
-    return {"data": [_shield(name) for name in _names(request)]}
+    names = _names(request)
+    count_served(request)
+    return {"data": [_shield(name) for name in names]}
 
 
 @router.get("/shields/{identifier}")
@@ -459,6 +469,7 @@ async def get_shield(request: Request, identifier: str):
     if identifier not in names:
         raise APIError(404, f"no shield '{identifier}' on this server; it has {names or 'none'}",
                        param="identifier", code="shield_not_found")
+    count_served(request)
     return _shield(identifier)
 
 
@@ -472,6 +483,7 @@ async def run_shield(request: Request):
                        code="shield_not_found")
     shields = server_state(request).shields
     decision = await asyncio.to_thread(shields.run_shield, body.shield_id, [_message(m) for m in body.messages])
+    count_served(request)
     if decision.allowed and not decision.findings:
         return {"violation": None}
     # Llama Stack's own shields answer an unsafe verdict, an attack or insecure code with an error; a Code Shield

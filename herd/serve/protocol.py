@@ -3,7 +3,7 @@ errors it answers with."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -24,6 +24,17 @@ def token_bias(value: dict) -> dict[int, float]:
 class StrictModel(BaseModel):
     # Unknown fields are ignored, as OpenAI does; the known ones must have the right type.
     model_config = ConfigDict(strict=True, extra="ignore")
+    # Fields whose API (OpenAI's, vLLM's, Llama Stack's) allows null for "the default": clients send it (the openai
+    # SDK sends an explicit None as null), so null here is as if the field were left out; a wrong type is still an
+    # error.
+    null_means_default: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict) and cls.null_means_default:
+            return {k: v for k, v in data.items() if v is not None or k not in cls.null_means_default}
+        return data
 
 
 def resource(identifier: str, kind: str) -> dict[str, Any]:
@@ -145,6 +156,8 @@ class StreamOptions(StrictModel):
 
 
 class _Sampling(StrictModel):
+    null_means_default = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+                                    "top_k", "min_p", "repetition_penalty"})
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -198,6 +211,7 @@ class _Sampling(StrictModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    null_means_default = _Sampling.null_means_default | {"logprobs"}
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -234,6 +248,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    null_means_default = _Sampling.null_means_default | {"echo"}
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(16, ge=0)  # 0 with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=20)

