@@ -10,7 +10,7 @@ import torch
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
 from herd.checkpoint.checksums import write_checklist
 from herd.checkpoint.errors import CheckpointError, read_json_object
-from herd.model.config import ModelConfig, RopeScaling
+from herd.model.config import CONFIGS, ModelConfig, RopeScaling
 
 # How Meta's reference model splits each tensor across model-parallel ranks (llama_models/llama3/model.py):
 # ColumnParallelLinear and VocabParallelEmbedding split their output rows, RowParallelLinear its input columns.
@@ -19,6 +19,18 @@ _REPLICATED = re.compile(r"norm\.weight$")
 # Llama 2's checkpoints kept the rotary table; it is computed, not learnt.
 _IGNORED = {"rope.freqs"}
 _DEFAULT_SCALING = RopeScaling()
+
+
+def _released_factor(params: dict) -> float:
+    """The rope scaling factor of the release whose shape `params` has. Meta's params.json carries none, and its
+    reference code hard-codes 8, which Meta says is wrong for Llama 3.2 1B and 3B (32, as their Hugging Face
+    config.json has it; llama-models#166): with 8, their output degrades past some 80K tokens (llama-models#241)."""
+    shape = {key: params.get(key) for key in ("dim", "n_layers", "n_heads", "n_kv_heads")}
+    for config in CONFIGS.values():
+        if config.rope_scaling is not None and shape == {"dim": config.dim, "n_layers": config.n_layers,
+                                                          "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads}:
+            return config.rope_scaling.factor
+    return _DEFAULT_SCALING.factor
 
 
 def split_dim(name: str) -> int | None:
@@ -35,12 +47,12 @@ def config_from_params(params: dict, where: str) -> ModelConfig:
     try:
         scaling = None
         if params.get("use_scaled_rope"):
-            # Meta's reference code hard-codes factor 8; a "rope_scaling" object (which we write) overrides it.
+            # A "rope_scaling" object (which herd writes) says it all; else the release's own factor.
             s = params.get("rope_scaling") or {}
             if not isinstance(s, dict):
                 raise TypeError(f"rope_scaling is a JSON {type(s).__name__}, not an object")
             scaling = RopeScaling(
-                factor=float(s.get("factor", _DEFAULT_SCALING.factor)),
+                factor=float(s.get("factor", _released_factor(params))),
                 low_freq_factor=float(s.get("low_freq_factor", _DEFAULT_SCALING.low_freq_factor)),
                 high_freq_factor=float(s.get("high_freq_factor", _DEFAULT_SCALING.high_freq_factor)),
                 original_max_position=int(

@@ -128,6 +128,22 @@ def test_params_json(make_hf, tmp_path):
     assert params["rope_scaling"]["factor"] == 32.0
 
 
+def test_llama_3_2_params_as_meta_ships_them_take_the_release_factor_32():
+    """Meta's params.json for Llama 3.2 1B/3B says only use_scaled_rope; its reference code assumes factor 8, which
+    Meta says is wrong for them (their HF config.json has 32): the Meta download had computed otherwise past 8K."""
+    from llama_models.sku_list import arch_args_1b, arch_args_3b
+
+    from herd.checkpoint.meta import config_from_params
+    from herd.model.config import CONFIGS
+
+    for name, args in (("llama3.2-1b", arch_args_1b()), ("llama3.2-3b", arch_args_3b())):
+        assert config_from_params(dict(args), "params.json").rope_scaling == CONFIGS[name].rope_scaling
+    llama31 = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+               "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-5, "rope_theta": 500000.0,
+               "use_scaled_rope": True}
+    assert config_from_params(llama31, "params.json").rope_scaling.factor == 8.0
+
+
 def test_tied_meta_checkpoint_stores_output_and_loads_tied(make_hf, tmp_path):
     _, source = make_hf(tied=True)
     meta = convert(source, tmp_path / "meta", "meta")
