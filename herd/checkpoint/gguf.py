@@ -137,7 +137,12 @@ def _config(reader, tensors, path: Path) -> ModelConfig:
     n_heads = int(get("attention.head_count"))
     dim = int(get("embedding_length"))
     scaling_type = field(reader, f"{ARCH}.rope.scaling.type", "none")
-    if scaling_type not in ("none", None):
+    factor = field(reader, f"{ARCH}.rope.scaling.factor", field(reader, f"{ARCH}.rope.scale_linear", 1.0))
+    if scaling_type is None or (scaling_type == "none" and factor not in (None, 0.0, 1.0)):
+        # llama.cpp reads a factor without a type (older long-context files: rope.scale_linear) as linear scaling;
+        # taken as none, positions had been computed unscaled without a word.
+        scaling_type = "linear"
+    if scaling_type != "none":
         raise CheckpointError(f"{path}: rope scaling {scaling_type!r} is not supported; only Llama 3.1's is")
     vocab = field(reader, f"{ARCH}.vocab_size") or len(field(reader, "tokenizer.ggml.tokens", []))
     if not vocab and "token_embd.weight" in tensors:

@@ -227,3 +227,24 @@ def test_real_gguf_matches_transformers(tmp_path, smollm2_transformers_model):
     text = "Hello world! 1234 déjà vu"
     assert load_checkpoint(out).tokenizer.encode(text, bos=False) == ckpt.tokenizer.encode(text, bos=False)
     assert AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"] == ckpt.tokenizer.encode(text, bos=False)
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_a_rope_factor_without_a_scaling_type_is_linear_scaling_as_llama_cpp_reads_it(make_hf, tmp_path, monkeypatch,
+                                                                                       key):
+    """llama.cpp takes a factor with no llama.rope.scaling.type (older long-context files) as linear scaling, which
+    herd does not compute: refused by name, where herd had run the model unscaled without a word."""
+    _, source = make_hf(rope=None)
+    written = gguf.GGUFWriter.add_rope_freq_base
+    for factor, refused in ((4.0, True), (1.0, False)):
+        def with_factor(self, value, factor=factor):
+            written(self, value)
+            self.add_float32(key, factor)
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_rope_freq_base", with_factor)
+        out = save_checkpoint(load_checkpoint(source), tmp_path / f"m{factor}.gguf", "gguf", gguf_type="F32")
+        if refused:
+            with pytest.raises(CheckpointError, match="rope scaling 'linear' is not supported"):
+                load_checkpoint(out)
+        else:
+            assert load_checkpoint(out).config.rope_scaling is None
