@@ -1,9 +1,9 @@
 """Training checkpoints (torch.distributed.checkpoint, sharded) and the final export (herd's checkpoint formats).
 
-A checkpoint is the directory `run.dir/checkpoints/step-N`: the DCP shards of the model and optimizer state
-(every rank writes its own part, whatever mix of FSDP, TP and PP produced it, and DCP reshards on load), plus
-`extra-R.pt` per rank with what is not a tensor of the model: scheduler, data position, RNG states, trainer
-counters. Every rank writes into `step-N.tmp`; rank 0 renames it to `step-N` only once all ranks are done, so a
+A checkpoint is the directory `run.dir/checkpoints/step-N`: the DCP shards of the model and optimizer state, keyed
+by parameter name (every rank writes its own part, whatever mix of FSDP, TP and PP produced it, and DCP reshards on
+load), plus `extra-R.pt` per rank with what is not a tensor of the model: scheduler, data position, RNG states,
+trainer counters. Every rank writes into `step-N.tmp`; rank 0 renames it to `step-N` only once all ranks are done, so a
 crash mid-save leaves a `.tmp` that is ignored (and later removed) and the previous checkpoint stays the latest.
 One that cannot be loaded all the same (a damaged disk, a deleted file) is set aside as `step-N.damaged` and the
 one before it taken; where none loads (another model's: the shape changed), a ConfigError says so in one line.
@@ -113,29 +113,54 @@ class _ModelState(Stateful):
             set_model_state_dict(part, state, options=StateDictOptions(strict=False))
 
 
+# By parameter name ("param_groups.layers.0.attention.wq.weight.lr"), not group index ("param_groups.0.lr"): under
+# pipeline parallelism each rank's groups hold other parameters, and groups keyed by index collide across ranks in
+# DCP, which keeps one rank's (and a rank with two stages has two optimizers, each with its groups 0 and 1).
+_BY_NAME = StateDictOptions(flatten_optimizer_state_dict=True)
+_BY_INDEX = re.compile(r"^optim\.param_groups\.\d+\.")
+
+
 class _OptimState(Stateful):
-    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+    """Every optimizer this rank holds, as one state dict.
+
+    `by_index`: a checkpoint written before herd keyed the groups by name. A pipeline-parallel run kept one stage's
+    groups only in those: the other stages' parameters cannot be given theirs.
+    """
+
+    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], by_index: bool = False):
         self.pairs = list(zip(parts, optimizers))
+        self.by_index = by_index
 
     def state_dict(self) -> dict:
-        out: dict = {}
-        for part, optim in self.pairs:
-            _merge(out, get_optimizer_state_dict(part, optim))
-        return out
+        if not self.by_index:
+            return {k: v for part, optim in self.pairs for k, v in
+                    get_optimizer_state_dict(part, optim, options=_BY_NAME).items()}
+        states = [get_optimizer_state_dict(part, optim) for part, optim in self.pairs]
+        # The saved groups are read whole over these, their "params" lists included, so one part's will do: each
+        # optimizer then picks its own parameters out of them.
+        return {"state": {k: v for s in states for k, v in s["state"].items()},
+                "param_groups": states[0]["param_groups"]}
 
     def load_state_dict(self, state: dict) -> None:
+        if not self.by_index:
+            for part, optim in self.pairs:
+                set_optimizer_state_dict(part, optim, state, options=_BY_NAME)
+            return
+        named = {name for group in state["param_groups"] for name in group["params"]}
         for part, optim in self.pairs:
+            # A group takes its settings (betas, eps...) from the saved groups that share a parameter with it; one
+            # that shares none would be left without and fail at the first step.
+            for group in get_optimizer_state_dict(part, optim)["param_groups"]:
+                if named.isdisjoint(group["params"]):
+                    raise ValueError(f"no optimizer group holds {group['params'][0]}: a pipeline-parallel run wrote "
+                                     "it before herd kept the groups by parameter name")
             set_optimizer_state_dict(part, optim, state)
 
 
-def _merge(into: dict, other: dict) -> None:
-    for key, value in other.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        elif isinstance(value, list) and isinstance(into.get(key), list):
-            into[key] = into[key] + value
-        else:
-            into[key] = value
+def _by_index(path: Path) -> bool:
+    """Whether the checkpoint at `path` keeps its optimizer groups by index, as herd wrote them before."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(_BY_INDEX.match(key) for key in keys)
 
 
 class Checkpointer:
@@ -237,10 +262,10 @@ class Checkpointer:
     def load(self, path: Path, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
         """Restore model and optimizer in place from `path`; returns this rank's extra dict. UnloadableCheckpoint on
         every rank where any rank cannot load it (the model and optimizer may then be partly overwritten)."""
-        state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers)}
         error = None
         try:
             with _quiet_metadata_fallback():
+                state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers, _by_index(path))}
                 dcp.load(state, checkpoint_id=str(path))
             rank_file = path / f"extra-{_rank()}.pt"
             extra = torch.load(rank_file if rank_file.exists() else path / "extra-0.pt", weights_only=False)

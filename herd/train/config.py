@@ -35,9 +35,15 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------- sections
 
 
+# The fields of ModelSection a named configuration gives; vocab_size is the tokenizer's, where the shards name one.
+MODEL_SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+               "rope_theta", "max_seq_len", "tie_embeddings")
+
+
 @dataclass
 class ModelSection:
-    """A named configuration (herd.model.config.CONFIGS) or the shape given here; set fields override a name."""
+    """A named configuration (herd.model.config.CONFIGS) or the shape given here; the fields set (in the TOML or on
+    the command line, even to their default value) override a name's."""
 
     name: str | None = None
     dim: int = 256
@@ -252,9 +258,19 @@ def _build(cls: type, raw: dict, where: str):
     for name, value in raw.items():
         kwargs[name] = _convert(value, hints[name], f"{where}{name}")
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
+    built._given = frozenset(raw)
+    return built
+
+
+def set_fields(section) -> set[str]:
+    """The fields of `section` that were set: those the TOML or the command line gave (even at their default value),
+    and those that differ from the default (a section built or changed in Python)."""
+    defaults = type(section)()
+    changed = {f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(defaults, f.name)}
+    return changed | getattr(section, "_given", frozenset())
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -308,14 +324,24 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
 
 
 def to_toml(config) -> str:
-    """Every section and field, with its value; an unset optional is written as a comment."""
+    """Every section and field, with its value; an unset optional, or a named model's field that is the name's, is
+    written as a comment."""
     lines: list[str] = []
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
         lines.append(f"[{f.name}]")
+        # Written out, the defaults would override the name's values when the TOML is read back.
+        named = isinstance(section, ModelSection) and section.name
+        from_name = set(MODEL_SHAPE) - set_fields(section) if named else set()
         for g in dataclasses.fields(section):
             value = getattr(section, g.name)
-            lines.append(f"# {g.name} =  (unset)" if value is None else f"{g.name} = {_toml_value(value)}")
+            if g.name in from_name:
+                lines.append(f"# {g.name} =  ({section.name}'s)")
+            elif value is None:
+                # Set to none over a name's value, it is written: left out, it would be the name's again.
+                lines.append(f'{g.name} = "none"' if g.name in MODEL_SHAPE and named else f"# {g.name} =  (unset)")
+            else:
+                lines.append(f"{g.name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

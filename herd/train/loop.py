@@ -136,8 +136,10 @@ class Trainer:
         path, extra = found
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.detector = fault.BadStepDetector(self.config.fault, **extra["detector"])
-        for s, state in zip(self.schedulers, extra["schedulers"]):
-            s.load_state_dict(state)
+        # Every part's schedule is at the same step; a checkpoint from a layout with fewer parts per rank (one
+        # process, for an Interleaved1F1B run) holds fewer of them.
+        for s in self.schedulers:
+            s.load_state_dict(extra["schedulers"][0])
         if not keep_data:
             self.batches.load_state_dict(extra["data"])
         elif hasattr(self.batches, "rewind"):

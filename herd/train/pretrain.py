@@ -15,19 +15,26 @@ import torch
 from herd.atomic import atomic_output, make_directory
 from herd.model.config import CONFIGS, ModelConfig
 from herd.model.llama import Transformer
-from herd.train.config import ConfigError, ModelSection, TrainConfig, TrainingSection, to_toml
+from herd.train.config import MODEL_SHAPE, ConfigError, ModelSection, TrainConfig, TrainingSection, set_fields, to_toml
 from herd.train.data import PackedBatches, held_out_batches, open_shards
 from herd.train.parallel import DistEnv
 
 
 def build_model_config(section: ModelSection, vocab_size: int | None) -> ModelConfig:
-    """The named configuration (with the tokenizer's vocabulary, when it differs) or the shape in `section`."""
+    """The named configuration with the fields `section` sets over it (and the tokenizer's vocabulary, when it
+    differs), or the shape in `section`."""
     vocab = section.vocab_size or vocab_size
     if section.name:
         if section.name not in CONFIGS:
             raise ConfigError(f"model.name: unknown configuration {section.name!r}; known: {', '.join(CONFIGS)}")
         config = CONFIGS[section.name]
-        return config.replace(vocab_size=vocab) if vocab and vocab != config.vocab_size else config
+        changes = {name: getattr(section, name) for name in set_fields(section) & set(MODEL_SHAPE)}
+        if vocab and vocab != config.vocab_size:
+            changes["vocab_size"] = vocab
+        try:
+            return config.replace(**changes)
+        except ValueError as e:
+            raise ConfigError(f"model: {e} (the fields not set are {section.name}'s)") from None
     if not vocab:
         raise ConfigError("model.vocab_size is not set and the shards name no tokenizer vocabulary")
     try:

@@ -129,6 +129,11 @@ def _point(config: ScalingConfig, budget: float, dim: int, vocab: int, tag: str)
 
 def fit(points: list[dict]) -> dict:
     """Per budget: the parabola of loss in log N and its minimum; then the power laws over the budgets."""
+    for p in points:
+        if not math.isfinite(p["loss"]):
+            # np.argmin takes a NaN for the minimum, and the laws fitted over it come out NaN.
+            raise ValueError(f"the grid run C{p['budget']:.0e}-d{p['dim']} ended with a held-out loss of {p['loss']}: "
+                             "no optimum can be fitted over it; lower training.lr, or leave its width out of grid.dims")
     budgets = sorted({p["budget"] for p in points})
     optima = []
     for c in budgets:
@@ -168,7 +173,8 @@ def _loss_law(optima: list[dict]) -> dict:
             (e, lk, k), _ = curve_fit(model, c, y, p0=(0.5 * y.min(), math.log(y[0] / 2), max(-slope, 0.05)),
                                       bounds=([0, -20, 0], [y.min(), 20, 3]), maxfev=20000)
             law = {"loss_floor": float(e), "loss_coefficient": float(math.exp(lk) * c0 ** k), "loss_exponent": float(k)}
-        except RuntimeError:  # no convergence: keep the plain power law
+        # No convergence, or a start outside the bounds (a law steeper than C^-3): keep the plain power law.
+        except (RuntimeError, ValueError):
             pass
     return law
 

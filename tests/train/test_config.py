@@ -45,6 +45,28 @@ def test_print_config_round_trips(tmp_path):
     assert load_config(TrainConfig, tmp_path / "c.toml") == config
 
 
+def test_set_fields_override_a_named_model_and_the_rest_is_the_names(tmp_path):
+    from herd.model.config import CONFIGS
+    from herd.train.pretrain import build_model_config
+
+    # tie_embeddings = false and max_seq_len = 8192 are ModelSection's defaults, set all the same.
+    config = load_config(TrainConfig, None, ["--model.name", "llama3.2-1b", "--model.n_layers", "2", "--model.dim",
+                                             "256", "--model.max_seq_len", "8192", "--model.rope_theta", "1e6",
+                                             "--model.tie_embeddings", "false", "--model.n_kv_heads", "none"])
+    built = build_model_config(config.model, 49152)
+    named = CONFIGS["llama3.2-1b"]
+    assert built == named.replace(n_layers=2, dim=256, max_seq_len=8192, rope_theta=1e6, tie_embeddings=False,
+                                  n_kv_heads=None, vocab_size=49152)
+    assert built.rope_scaling == named.rope_scaling and built.n_heads == named.n_heads == 32
+    # Written back (--print-config, run.dir/config.toml), the fields not set stay the name's.
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    assert "# n_heads =  (llama3.2-1b's)" in to_toml(config)
+    assert build_model_config(load_config(TrainConfig, tmp_path / "c.toml").model, 49152) == built
+    with pytest.raises(ConfigError, match="n_heads 4 is not a multiple of n_kv_heads 8 .the fields not set are "):
+        build_model_config(load_config(TrainConfig, None, ["--model.name", "llama3.2-1b", "--model.n_heads", "4"])
+                           .model, None)
+
+
 def test_other_recipes_load_their_own_config_dataclasses():
     @dataclass
     class DPOSection:

@@ -6,9 +6,13 @@ import json
 import shutil
 
 import pytest
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from train_helpers import losses, metrics, run_cli, tiny_args, tiny_config
 
-from herd.train.config import ConfigError
+from herd.train import checkpoint
+from herd.train.config import ConfigError, TrainingSection
+from herd.train.optim import build_optimizer
 from herd.train.pretrain import pretrain
 
 SMALL = ("--model.dim", "32", "--model.n_layers", "1", "--training.seq_len", "32")
@@ -112,3 +116,28 @@ def test_the_report_says_where_its_plot_went(two_steps, tmp_path):
     assert draw(two_steps, tmp_path / "noext") == tmp_path / "noext.png"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "noext.png"]  # no temporary file left
     assert (tmp_path / "noext.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_checkpoint_with_the_optimizer_groups_by_index_still_resumes(byte_shards, tmp_path, monkeypatch):
+    """herd saved the optimizer's groups by index ("param_groups.0.lr") before it keyed them by parameter name."""
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_BY_NAME", StateDictOptions())
+        small_run(byte_shards, run_dir, "--training.steps", "4", "--checkpoint.interval", "2")
+    straight = losses(run_dir)
+    assert checkpoint._by_index(run_dir / "checkpoints" / "step-2")
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    small_run(byte_shards, run_dir, "--training.steps", "4", "--checkpoint.interval", "2")
+    assert losses(run_dir) == straight
+
+
+def test_a_pipeline_checkpoint_with_the_optimizer_groups_by_index_is_refused():
+    """Saved by index, the groups of a pipeline-parallel run collided across ranks: one stage's were kept, and the
+    other stage's parameters, in none of them, would have had no betas at the first step."""
+    stage = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    optimizer = build_optimizer(stage, TrainingSection())
+    state = get_optimizer_state_dict(stage, optimizer)
+    for group in state["param_groups"]:
+        group["params"] = [f"layers.1.{name}" for name in group["params"]]  # the other stage's
+    with pytest.raises(ValueError, match="no optimizer group holds 0.weight: a pipeline-parallel run wrote it"):
+        checkpoint._OptimState([stage], [optimizer], by_index=True).load_state_dict(state)

@@ -3,6 +3,7 @@ automatic restart; a corrupted replica caught by the checksum; a hung rank turne
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -78,3 +79,53 @@ def test_hung_rank_is_restarted(byte_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "watchdog" in result.stderr and "resumed from" in result.stderr
     assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def four_layers(byte_shards, tmp_path_factory):
+    """One process, 4 layers: Interleaved1F1B puts two stages on each of 2 ranks, and a stage needs a layer."""
+    run = tmp_path_factory.mktemp("four") / "single"
+    pretrain(tiny_config(byte_shards, run, "--model.n_layers", "4"))
+    return run
+
+
+def _assert_same_run(run, reference):
+    assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5, abs=1e-5)
+    a, b = torch.load(reference / "consolidated.00.pth"), torch.load(run / "consolidated.00.pth")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
+def test_a_killed_pipeline_run_resumes_from_its_checkpoint(byte_shards, four_layers, tmp_path, schedule):
+    """Each rank's optimizer holds other parameters: saved by group index, one rank's groups overwrote the other's,
+    and every restart failed at its first step."""
+    run = tmp_path / schedule
+    result = run_cli("train", "--nproc", "2", *tiny_args(byte_shards, run, "--model.n_layers", "4", *LAYOUTS["pp"]),
+                     "--parallel.pp_schedule", schedule, "--parallel.max_restarts", "1",
+                     env={"HERD_TRAIN_INJECT": "kill@5:1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("(step 4)") == 1  # resumed once, from step-4
+    _assert_same_run(run, four_layers)
+
+
+@pytest.mark.heavy
+def test_a_single_process_checkpoint_resumes_under_interleaved_1f1b(byte_shards, four_layers, tmp_path):
+    """Two stages per rank: two optimizers and two schedules, from a checkpoint that has one of each."""
+    run = tmp_path / "resumed"
+    # As if the one process had been killed after step 4's checkpoint.
+    shutil.copytree(four_layers, run)
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    (run / "consolidated.00.pth").unlink()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(run)[:4]))
+    args = tiny_args(byte_shards, run, "--model.n_layers", "4", *LAYOUTS["pp"], "--parallel.pp_schedule",
+                     "Interleaved1F1B")
+    (tmp_path / "plan.json").write_text(json.dumps([args]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "tests/train/dist_worker.py"), str(tmp_path / "plan.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(run, four_layers)

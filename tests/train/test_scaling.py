@@ -36,6 +36,23 @@ def test_isoflop_fit_finds_the_compute_optimal_exponents():
     assert predict(law, c)["loss"] == pytest.approx(best, rel=0.05)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_grid_run_is_refused_naming_it(bad):
+    points = [{"budget": c, "dim": d, "N": n, "loss": 3.0 - 0.1 * j + 0.05 * (i - 1) ** 2}
+              for j, c in enumerate((1e10, 2e10)) for i, (d, n) in enumerate(((32, 1e5), (64, 2e5), (128, 4e5)))]
+    points[1]["loss"] = bad  # np.argmin had taken a NaN for the optimum, and the laws came out NaN
+    with pytest.raises(ValueError, match=f"the grid run C1e\\+10-d64 ended with a held-out loss of {bad}: "):
+        fit(points)
+
+
+def test_a_loss_law_too_steep_for_the_fit_bounds_is_the_plain_power_law():
+    # L* = 100 (C / 1e10)^-4 over 4 budgets: the fit's start (k = 4) is outside its bounds (k <= 3), a ValueError.
+    points = [{"budget": c, "N": n, "loss": 100 * (c / 1e10) ** -4 + 0.01 * (math.log(n) - 12) ** 2}
+              for c in (1e10, 2e10, 4e10, 8e10) for n in (1e5, 2e5, 4e5)]
+    law = fit(points)
+    assert law["loss_floor"] == 0.0 and law["loss_exponent"] == pytest.approx(4.0, rel=1e-3)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--grid.head_dim", "0"], "grid: head_dim must be at least 1, got 0"),  # had been a ZeroDivisionError
     (["--grid.dims_per_layer", "0"], "grid: dims_per_layer must be at least 1, got 0"),
