@@ -41,15 +41,23 @@ def open_shards(path: str | Path, verify: bool = False) -> TokenShards:
     return shards
 
 
-def split_documents(n: int, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) document indices: a seeded draw, at least one document on each side when n >= 2."""
-    draw = np.random.default_rng([seed, 0x5EED]).random(n)
-    held = draw < held_out
-    if held_out > 0 and n >= 2 and not held.any():
-        held[int(np.argmin(draw))] = True
+def split_documents(shards: TokenShards, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) document indices: a seeded draw, at least one document on each side when there are two.
+
+    The copies of one document (the data mix repeats documents to meet its targets) go where its first copy goes:
+    drawn one by one, a third to half of a mixed corpus's held-out set had been copies of training documents."""
+    ids = [shards.doc_id(i) for i in range(len(shards))]
+    draw = np.random.default_rng([seed, 0x5EED]).random(len(ids))
+    first: dict[str, int] = {}
+    copy_of = np.array([first.setdefault(key, i) for i, key in enumerate(ids)], dtype=np.int64)
+    originals = np.unique(copy_of)
+    held = draw[originals] < held_out
+    if held_out > 0 and len(originals) >= 2 and not held.any():
+        held[int(np.argmin(draw[originals]))] = True
     if held.all():
-        held[int(np.argmax(draw))] = False
-    return np.flatnonzero(~held), np.flatnonzero(held)
+        held[int(np.argmax(draw[originals]))] = False
+    held_entries = np.isin(copy_of, originals[held])
+    return np.flatnonzero(~held_entries), np.flatnonzero(held_entries)
 
 
 class TokenStream:
@@ -113,7 +121,7 @@ class PackedBatches:
     def __init__(self, shards: TokenShards, cfg: TrainingSection, *, held_out: float = 0.0,
                  dp_rank: int = 0, dp_size: int = 1, anneal: TokenShards | None = None):
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
-        train, _ = split_documents(len(shards), held_out, cfg.seed)
+        train, _ = split_documents(shards, held_out, cfg.seed)
         self.streams = {"main": TokenStream(shards, train, cfg.seed)}
         if anneal is not None:
             self.streams["anneal"] = TokenStream(anneal, np.arange(len(anneal)), cfg.seed + 1)
@@ -176,7 +184,7 @@ def held_out_batches(shards: TokenShards, cfg: TrainingSection, held_out: float,
     documents run out) from the held-out documents in a fixed order; each rank takes its slice of every batch, as in
     training, cut into `cfg.micro_batch_size` rows so that evaluation needs no more memory than a training step.
     """
-    _, docs = split_documents(len(shards), held_out, cfg.seed)
+    _, docs = split_documents(shards, held_out, cfg.seed)
     if len(docs) == 0:
         return []
     stream = TokenStream(shards, docs, cfg.seed, shuffle=False)

@@ -62,7 +62,7 @@ def unigram_loss(shards_dir: str | Path, held_out: float, seed: int) -> float:
     from herd.train.data import open_shards, split_documents
 
     shards = open_shards(shards_dir)
-    train, held = split_documents(len(shards), held_out, seed)
+    train, held = split_documents(shards, held_out, seed)
     vocab = int(shards.tokenizer.get("vocab_size") or 0) or None
     counts = np.bincount(np.concatenate([shards[int(i)] for i in train]).astype(np.int64), minlength=vocab or 0)
     log_p = np.log(counts + 1.0) - math.log(counts.sum() + len(counts))

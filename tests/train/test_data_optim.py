@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from herd.data.shards import TokenShards
+from herd.data.shards import ByteTokenizer, TokenShards
 from herd.train.config import TrainingSection
 from herd.train.data import IGNORE, PackedBatches, split_documents
 from herd.train.optim import clip_grad_norm, lr_factor
@@ -13,7 +13,7 @@ def test_windows_follow_the_shuffled_documents_and_mask_their_boundaries(byte_sh
     shards = TokenShards(byte_shards)
     cfg = TrainingSection(batch_size=4, seq_len=32, steps=10)
     batches = PackedBatches(shards, cfg, held_out=0.05)
-    train, held = split_documents(len(shards), 0.05, cfg.seed)
+    train, held = split_documents(shards, 0.05, cfg.seed)
     assert len(held) and not set(train) & set(held)
     # The stream is the training documents in a permutation; rebuild it and check every window against it.
     order = np.random.default_rng([cfg.seed, 0]).permutation(len(train))
@@ -32,6 +32,26 @@ def test_windows_follow_the_shuffled_documents_and_mask_their_boundaries(byte_sh
     # A label is ignored exactly where the next token opens another document (its BOS).
     assert (batch["labels"] == IGNORE).any()
     assert (batch["tokens"][batch["labels"] == IGNORE] == 257).all()  # the byte tokenizer's EOS precedes it
+
+
+def test_the_copies_of_a_document_fall_on_one_side_of_the_held_out_split(tmp_path):
+    """The data mix writes a repeated document once per copy, the copies an epoch apart: drawn entry by entry, a
+    third to half of the held-out set had been copies of training documents (a held-out loss read too low)."""
+    from herd.data.shards import ShardConfig, ShardWriter
+
+    writer = ShardWriter(tmp_path, ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"), ByteTokenizer())
+    copies = [3 if i % 3 == 0 else 1 for i in range(300)]
+    for p in range(3):   # copy p of every repeated document before copy p + 1 of any, as the mix writes them
+        for i, n in enumerate(copies):
+            if p < n:
+                writer.add(f"doc-{i}", np.arange(5 + i % 7, dtype=np.uint32))
+    writer.close()
+    shards = TokenShards(tmp_path)
+    assert len(shards) == sum(copies)
+    for seed in range(5):
+        train, held = split_documents(shards, 0.1, seed)
+        assert len(train) + len(held) == len(shards) and len(held)
+        assert not {shards.doc_id(int(i)) for i in train} & {shards.doc_id(int(i)) for i in held}
 
 
 def test_ranks_split_the_global_batch_and_resume_exactly(byte_shards):
