@@ -211,6 +211,41 @@ def generate(
 
 
 @app.command()
+def batch(
+    requests: Path = typer.Argument(..., help="OpenAI batch input: JSONL, one {custom_id, method, url, body} a line"),
+    out: Path = typer.Option(..., "--out", "-o", help="OpenAI batch output: one line per request, in input order"),
+    model: Optional[str] = ModelOpt,
+    model_name: Optional[str] = typer.Option(None, help="the model id the bodies name (default: the checkpoint's "
+                                             "name)"),
+    max_batch: int = typer.Option(64, min=1, help="sequences decoded together"),
+    timeout: float = typer.Option(86400.0, help="seconds one request may run (OpenAI's batch window is 24 h)"),
+    quantize: str = QuantOpt,
+    device: Optional[str] = typer.Option(None),
+    kv_cache_mib: Optional[int] = KvCacheOpt,
+):
+    """Answer a file of /v1/chat/completions and /v1/completions requests as `herd serve` would, all at once."""
+    from herd.atomic import prepare_output
+    from herd.generate import EngineConfig
+    from herd.serve.app import ServeSettings
+    from herd.serve.batch import read_batch, run_batch
+
+    lines = read_batch(requests)  # a bad file fails before the model loads
+    out = prepare_output(out, "file", "--out")
+    if out.resolve() == requests.resolve():
+        raise typer.BadParameter(f"--out is the input file {requests}, which writing would destroy; give another path")
+    try:
+        settings = ServeSettings(model_name=model_name, request_timeout=timeout)
+    except ValueError as error:
+        raise ValueError(str(error).replace("request_timeout", "--timeout")) from None
+    # Twice the batch at once keeps it full as requests end; a queue for all their choices never answers 429.
+    concurrency = 2 * max_batch
+    llm = _load(model, quantize, device, kv_cache_mib,
+                EngineConfig(max_batch=max_batch, max_queue=concurrency * settings.max_n))
+    summary = run_batch(llm, lines, out, settings, concurrency=concurrency)
+    _status(f"{summary}; wrote {out}")
+
+
+@app.command()
 def convert(
     src: str = typer.Argument(..., help="a Meta, HF or GGUF checkpoint, or default"),
     out: Path = typer.Argument(..., help="where to write the converted checkpoint"),
