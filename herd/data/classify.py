@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from herd.bounds import FRACTION, require
 from herd.data.document import Document, Dropped, StageResult
+from herd.data.filters.language import MIN_SCORE, identified
 
 FORMAT = "herd-hashed-linear/1"
 DOMAINS = ("general", "math_reasoning", "code", "multilingual")
@@ -211,9 +212,19 @@ def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tupl
 
 
 @lru_cache(maxsize=8)
-def _model(path: str) -> HashedLinearClassifier:
-    # once per process; the stage itself stays a small picklable config
+def _load_cached(path: str, inode: int, mtime_ns: int, size: int) -> HashedLinearClassifier:
     return HashedLinearClassifier.load(path)
+
+
+def _model(path: str) -> HashedLinearClassifier:
+    # once per process and version of the file, so a model retrained into the same path is read again (a save
+    # renames a new file into place: a new inode, whatever the clock's resolution); the stage itself stays a small
+    # picklable config
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"classifier not found: {path}") from None
+    return _load_cached(path, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _checked_model(path: str) -> HashedLinearClassifier:
@@ -287,17 +298,27 @@ class QualityClassifier:
 class DomainClassifier:
     """Labels every document with a domain (doc.meta["domain"], probabilities in doc.scores) for the mix.
 
-    A document identified as not English is "multilingual" whatever its topic: that is what the
-    multilingual share of the Llama 3 mix measures.
+    A document the language stage identified as a natural language other than English, with at least
+    `min_lang_score` confidence (the language stage's own gate), is "multilingual" whatever its topic: that is
+    what the multilingual share of the Llama 3 mix measures. A weak guess (code, formulas and JSON get ones like
+    zxx at 0.03) leaves the domain to the classifier.
     """
 
     path: str
     non_english_is_multilingual: bool = True
+    min_lang_score: float = MIN_SCORE
     name: str = "domain_classifier"
     sets_domain = True  # tells the pipeline the data mix has labels to work with
 
     def __post_init__(self):
+        require(self, FRACTION, "min_lang_score")
         _checked_model(self.path)
+
+    @property
+    def domains(self) -> list[str]:
+        """Every domain this stage can label a document with."""
+        extra = ["multilingual"] if self.non_english_is_multilingual else []
+        return sorted({*_model(str(self.path)).classes, *extra})
 
     def __call__(self, docs: list[Document]) -> StageResult:
         model = _model(str(self.path))
@@ -305,7 +326,8 @@ class DomainClassifier:
         labelled = []
         for doc, row in zip(docs, probs):
             domain = model.classes[int(row.argmax())]
-            if self.non_english_is_multilingual and doc.lang and not doc.lang.startswith("en"):
+            lang = identified(doc, self.min_lang_score)
+            if self.non_english_is_multilingual and lang and not lang.startswith("en"):
                 domain = "multilingual"
             scores = {**doc.scores, **{f"domain_{c}": round(float(p), 6) for c, p in zip(model.classes, row)}}
             labelled.append(replace(doc, scores=scores, meta={**doc.meta, "domain": domain}))

@@ -202,6 +202,19 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConf
     return config
 
 
+def check_mix_domains(mix: MixConfig | None, domains: set[str] | None) -> None:
+    """A ConfigError for a mix target naming a domain no stage labels documents with (`math` for `math_reasoning`),
+    whose share would go to the others while that domain's documents were all dropped. `domains` None: a stage
+    labels documents without saying with what. The built-in Llama 3 mix is exempt: a classifier trained without
+    one of its domains has the other domains share that one's weight."""
+    if mix is None or domains is None or mix.targets == LLAMA3_MIX:
+        return
+    unknown = [d for d in mix.targets if d not in domains]
+    if unknown:
+        raise ConfigError(f"mix targets name {', '.join(map(repr, unknown))}, which the domain classifier never "
+                          f"gives; its domains: {', '.join(sorted(domains))}")
+
+
 def validate(config: PipelineConfig, where: str = "config") -> None:
     for spec in config.stages:
         if spec.type not in STAGE_TYPES and ":" not in spec.type:

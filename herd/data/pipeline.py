@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from herd.data.config import PipelineConfig, validate
+from herd.data.config import PipelineConfig, check_mix_domains, validate
 from herd.data.document import Document, Dropped, StageResult
 from herd.atomic import atomic_output
 from herd.data.executors import Executor, LocalExecutor
@@ -65,6 +65,14 @@ class Stages:
     @property
     def has_domains(self) -> bool:
         return any(getattr(s, "sets_domain", False) for seg in self.segments for s in seg)
+
+    @property
+    def domains(self) -> set[str] | None:
+        """Every domain the stages can label a document with; None where a stage that labels does not say."""
+        labellers = [s for seg in self.segments for s in seg if getattr(s, "sets_domain", False)]
+        if not labellers or not all(hasattr(s, "domains") for s in labellers):
+            return None
+        return {d for s in labellers for d in s.domains}
 
 
 _built: dict[str, Stages] = {}
@@ -261,6 +269,7 @@ def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: E
     # Configuration errors surface here, before any worker starts and before the directory is claimed (a run that
     # never started must not hold its --out against the corrected configuration).
     stages = build_stages(config)
+    check_mix_domains(config.mix, stages.domains)
     load_tokenizer(config.shards.tokenizer)
     out = Path(out)
     work = out / WORK

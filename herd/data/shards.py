@@ -2,7 +2,8 @@
 
 A shard is `shard-NNNNN.bin` (the documents' tokens, little-endian uint32, back to back) and
 `shard-NNNNN.idx` (little-endian uint64 offsets, one more than there are documents, so document i is
-tokens[idx[i]:idx[i+1]]), plus `shard-NNNNN.ids` (the document ids, one a line). `manifest.json` lists
+tokens[idx[i]:idx[i+1]]), plus `shard-NNNNN.ids` (the document ids, one a line, a backslash written `\\\\` and a
+newline `\\n`, so that any id fits on its line; format /1, still read, wrote them unescaped). `manifest.json` lists
 them with sha256 checksums and the tokenizer they were made with. Each document carries its own BOS/EOS,
 so its boundaries survive any concatenation a reader does.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,9 @@ from herd.data.config import ConfigError, ShardConfig, import_object
 from herd.atomic import atomic_output
 
 MANIFEST = "manifest.json"
-FORMAT = "herd-token-shards/1"
+FORMAT = "herd-token-shards/2"
+# /1 wrote ids unescaped, which an id holding a newline broke; its shards are read as they were written
+FORMATS = ("herd-token-shards/1", FORMAT)
 TOKEN_DTYPE = np.dtype("<u4")
 INDEX_DTYPE = np.dtype("<u8")
 
@@ -73,14 +77,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _token_id(token: int | None) -> int | None:
+    return None if token is None else int(token)
+
+
+def _encoded(tokenizer: Tokenizer, bos: bool, eos: bool) -> list[int]:
+    """The tokens `tokenizer` gives an empty text: only the BOS and EOS it really adds."""
+    return [int(t) for t in tokenizer.encode("", bos=bos, eos=eos)]
+
+
 class ShardWriter:
     """Appends whole documents and starts a new shard when the next one would not fit."""
 
     def __init__(self, out: Path, config: ShardConfig, tokenizer: Tokenizer):
         self.out, self.config = Path(out), config
+        bos_id, eos_id = _token_id(tokenizer.bos_id), _token_id(tokenizer.eos_id)
+        # what the documents really hold, not what was asked: SmolLM2's tokenizer adds no BOS, whatever `bos` says
+        bos = config.bos and bos_id is not None and _encoded(tokenizer, bos=True, eos=False)[:1] == [bos_id]
+        eos = config.eos and eos_id is not None and _encoded(tokenizer, bos=False, eos=True)[-1:] == [eos_id]
         self.tokenizer_info = {"spec": config.tokenizer, "class": type(tokenizer).__name__,
-                               "vocab_size": int(tokenizer.vocab_size), "bos_id": int(tokenizer.bos_id),
-                               "eos_id": int(tokenizer.eos_id), "bos": config.bos, "eos": config.eos}
+                               "vocab_size": int(tokenizer.vocab_size), "bos_id": bos_id, "eos_id": eos_id,
+                               "bos": bos, "eos": eos}
         self.shards: list[dict] = []
         self._pending: list[np.ndarray] = []
         self._ids: list[str] = []
@@ -102,7 +119,7 @@ class ShardWriter:
         payloads = {
             "bin": (t.astype(TOKEN_DTYPE, copy=False).tobytes() for t in self._pending),
             "idx": [index.tobytes()],
-            "ids": ["".join(f"{i}\n" for i in self._ids).encode()],
+            "ids": ["".join(f"{_escape_id(i)}\n" for i in self._ids).encode()],
         }
         for ext, chunks in payloads.items():
             path = self.out / f"{name}.{ext}"
@@ -154,8 +171,20 @@ def _require_size(path: Path, size: int) -> None:
                          f"{REWRITE}")
 
 
-def _read_ids(path: Path, documents: int) -> list[str]:
-    """A shard's document ids, one a line (split at newlines alone: an id may hold any other line separator)."""
+def _escape_id(doc_id: str) -> str:
+    return doc_id.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _unescape_id(line: str) -> str:
+    return _ESCAPED.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), line)
+
+
+def _read_ids(path: Path, documents: int, escaped: bool) -> list[str]:
+    """A shard's document ids, one a line (split at newlines alone: an id may hold any other line separator), unescaped
+    where the format escaped them."""
     try:
         ids = path.read_bytes().decode("utf-8").split("\n")[:-1]
     except FileNotFoundError:
@@ -164,7 +193,7 @@ def _read_ids(path: Path, documents: int) -> list[str]:
         raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); {REWRITE}") from None
     if len(ids) != documents:
         raise ValueError(f"{path} holds {len(ids)} document ids for the manifest's {documents}; {REWRITE}")
-    return ids
+    return [_unescape_id(i) for i in ids] if escaped else ids
 
 
 @dataclass(frozen=True)
@@ -193,7 +222,7 @@ class TokenShards:
             raise FileNotFoundError(f"no {MANIFEST} in {self.dir}: not a token shard directory") from None
         except ValueError as e:  # not JSON, or not UTF-8
             raise ValueError(f"{path}: not JSON ({e}); {REWRITE}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise ValueError(f"{self.dir}: unsupported shard format {found!r}")
         if not _is_manifest(manifest):
@@ -211,7 +240,7 @@ class TokenShards:
         if offsets[0] != 0 or offsets[-1] != entry["tokens"] or (offsets[1:] < offsets[:-1]).any():
             raise ValueError(f"{index}: its offsets do not run from 0 up to the shard's {entry['tokens']} tokens; "
                              f"{REWRITE}")
-        doc_ids = _read_ids(ids, entry["documents"])
+        doc_ids = _read_ids(ids, entry["documents"], escaped=self.manifest["format"] != FORMATS[0])
         data = np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r") if entry["tokens"] else np.zeros(0, TOKEN_DTYPE)
         return _Shard(data, offsets, doc_ids)
 

@@ -158,3 +158,67 @@ def test_domain_classifier_drives_the_data_mix_of_a_run(planted_corpus, tmp_path
     assert len(shards) == sum(r["repeats"] for r in kept)
     by_id = {r["id"]: r for r in kept}
     assert all(len(shards[i]) == len(by_id[shards.doc_id(i)]["text"].encode()) + 2 for i in range(len(shards)))
+
+
+def small_domain_model(path):
+    texts = {"math_reasoning": ["Solve 2x + 3 = 7. 2x = 4, x = 2.", "det(A) = 1*4 - 2*3 = -2",
+                                "x = 8/4 = 2. Check: 4(2) + 17 = 25."],
+             "code": ['def f(x):\n    return x + 1', '{"id": 17, "tags": ["a", "b"]}', "for i in range(3): print(i)"],
+             "general": ["The weather was mild all week.", "She walked to the market.", "A short story of a town."]}
+    pairs = [(t, label) for label, ts in texts.items() for t in ts] * 10
+    return HashedLinearClassifier.fit([t for t, _ in pairs], [lab for _, lab in pairs]).save(path)
+
+
+def test_only_a_confident_other_language_makes_a_document_multilingual(tmp_path):
+    """Any guess but "en" had made a document multilingual: worked math guessed zxx ("no linguistic content") at
+    0.03, code guessed la at 0.14."""
+    from herd.data.filters.language import LanguageFilter
+
+    path = small_domain_model(tmp_path / "domain.npz")
+    guessed = LanguageFilter()([Document("math", "Solve 4x + 17 = 25.\n4x = 25 - 17 = 8\nx = 8/4 = 2"),
+                                Document("json", '{"id": 17, "tags": ["a", "b"], "price": 9.99}'),
+                                Document("de", "Der schnelle braune Fuchs springt über den faulen Hund. " * 3)]).kept
+    assert [d.lang for d in guessed][2] == "de" and all(d.scores["lang"] < 0.65 for d in guessed[:2])
+    given = [Document("weak", "Solve 2x = 4, x = 2.", lang="fr", scores={"lang": 0.5}),
+             Document("none", "def g(x):\n    return x", lang="zxx", scores={"lang": 0.99}),
+             Document("und", "x = 8/4 = 2", lang="und", scores={"lang": 0.9}),
+             Document("by-hand", "She walked to the market.", lang="it")]
+    domains = {d.id: d.meta["domain"] for d in DomainClassifier(str(path))(guessed + given).kept}
+    assert domains == {"math": "math_reasoning", "json": "code", "de": "multilingual", "weak": "math_reasoning",
+                       "none": "code", "und": "math_reasoning", "by-hand": "multilingual"}
+    german = Document("de", "Der Hund schläft.", lang="de", scores={"lang": 0.8})
+    assert DomainClassifier(str(path), min_lang_score=0.9)([german]).kept[0].meta["domain"] != "multilingual"
+
+
+def test_a_classifier_rewritten_at_its_path_is_read_again(tmp_path):
+    """The model had been cached by path alone: a file retrained in place went on scoring with the old weights."""
+    texts = ["good words here", "bad spam spam", "good text nice", "spam spam buy now"] * 5
+    path = tmp_path / "quality.npz"
+    doc = [Document("x", "good words nice")]
+    HashedLinearClassifier.fit(texts, ["high", "low", "high", "low"] * 5).save(path)
+    assert QualityClassifier(str(path))(doc).kept[0].scores["quality"] > 0.9
+    HashedLinearClassifier.fit(texts, ["low", "high", "low", "high"] * 5).save(path)
+    assert [d.reason for d in QualityClassifier(str(path))(doc).dropped] == ["low_quality"]
+
+
+def test_a_mix_target_no_domain_is_labelled_with_is_refused_before_the_run(tmp_path):
+    """`math` for `math_reasoning` had run: its share went to the others and every math document was dropped."""
+    from herd.data import pipeline
+    from herd.data.config import ConfigError, config_from_dict
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "1", "text": "Solve 2x + 3 = 7. 2x = 4, x = 2."}\n')
+    path = str(small_domain_model(tmp_path / "domain.npz"))
+    config = config_from_dict({"mix": {"targets": {"general": 0.5, "math": 0.25, "code": 0.25}},
+                               "shards": {"tokenizer": "herd.data.shards:ByteTokenizer"},
+                               "stages": [{"type": "domain_classifier", "path": path}]})
+    with pytest.raises(ConfigError, match=re.escape("mix targets name 'math', which the domain classifier never "
+                                                    "gives; its domains: code, general, math_reasoning, "
+                                                    "multilingual")):
+        pipeline.run([src], tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+    english_only = config_from_dict({"mix": {"targets": {"general": 0.5, "multilingual": 0.5}},
+                                     "stages": [{"type": "domain_classifier", "path": path,
+                                                 "non_english_is_multilingual": False}]})
+    with pytest.raises(ConfigError, match="name 'multilingual'.*its domains: code, general, math_reasoning$"):
+        pipeline.run([src], tmp_path / "out", english_only)

@@ -1,4 +1,5 @@
 """Token shards: documents survive the round trip whole, shards split only between documents, checksums bite."""
+import hashlib
 import json
 
 import numpy as np
@@ -113,3 +114,46 @@ def test_a_damaged_shard_is_named_when_the_shards_are_opened(tmp_path, file, dam
         TokenShards(tmp_path)
     assert str(e.value).startswith(str(tmp_path / words.split()[0].rstrip(":"))), str(e.value)
     assert words in str(e.value) and "run the `herd data run` that wrote the shards again" in str(e.value)
+
+
+def test_any_document_id_round_trips(tmp_path):
+    """An id holding a newline had been written as two lines, so herd refused its own shards."""
+    ids = ["doc\n1", "7", "a\\nb", "ends with \\", "\\\\\n\n", "cr\r and\u2028separators", ""]
+    config = ShardConfig(tokenizer="herd.data.shards:ByteTokenizer")
+    writer = ShardWriter(tmp_path, config, ByteTokenizer())
+    for doc_id in ids:
+        writer.add(doc_id, encode_document(ByteTokenizer(), "text", config))
+    writer.close()
+    shards = TokenShards(tmp_path, verify=True)
+    assert [shards.doc_id(i) for i in range(len(shards))] == ids
+
+
+def test_shards_of_the_first_format_read_their_ids_as_written(tmp_path):
+    """Format /1 wrote ids unescaped: a backslash in one is itself, not the start of an escape."""
+    manifest = write(tmp_path, TEXTS[:2])
+    ids = tmp_path / f"{manifest['shards'][0]['name']}.ids"
+    ids.write_bytes(b"C:\\new\\dir\nback\\\\slashes\n")
+    manifest.update(format="herd-token-shards/1")
+    manifest["shards"][0]["sha256_ids"] = hashlib.sha256(ids.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    shards = TokenShards(tmp_path, verify=True)
+    assert [shards.doc_id(0), shards.doc_id(1)] == ["C:\\new\\dir", "back\\\\slashes"]
+
+
+class NoBOSTokenizer(ByteTokenizer):
+    """Has a BOS id, as SmolLM2's tokenizer does, and never writes it."""
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return super().encode(text, bos=False, eos=eos)
+
+
+@pytest.mark.parametrize("tokenizer, bos", [(ByteTokenizer(), True), (NoBOSTokenizer(), False)])
+def test_the_manifest_says_whether_documents_begin_with_bos(tmp_path, tokenizer, bos):
+    """The manifest had said "bos": true from the config for SmolLM2's tokenizer, whose documents hold no BOS."""
+    config = ShardConfig(tokenizer="herd.data.shards:ByteTokenizer")
+    writer = ShardWriter(tmp_path, config, tokenizer)
+    writer.add("a", encode_document(tokenizer, "Hello world.", config))
+    writer.close()
+    shards = TokenShards(tmp_path)
+    assert shards.tokenizer["bos"] is bos and bool(shards[0][0] == tokenizer.bos_id) is bos
+    assert shards.tokenizer["eos"] is True and shards[0][-1] == tokenizer.eos_id

@@ -9,6 +9,10 @@ from herd.data.document import Document
 from herd.data.filters.base import DocStage, evolve
 
 _SAMPLE_CHARS = 10_000  # a page's first 10k characters decide as well as all of it, at a fraction of the cost
+# Below this a guess is noise: code, formulas and JSON get guesses like zxx at 0.03 or la at 0.14.
+MIN_SCORE = 0.65
+# Codes that name no natural language: "no linguistic content" and "undetermined".
+NO_LANGUAGE = frozenset({"zxx", "und"})
 
 
 @lru_cache(maxsize=1)
@@ -31,7 +35,7 @@ class LanguageFilter(DocStage):
 
     name: str = "language"
     languages: list[str] | None = None
-    min_score: float = 0.65
+    min_score: float = MIN_SCORE
 
     def __post_init__(self):
         require(self, FRACTION, "min_score")
@@ -46,3 +50,11 @@ class LanguageFilter(DocStage):
             if prob < self.min_score:
                 return "language:low_score"
         return out
+
+
+def identified(doc: Document, min_score: float = MIN_SCORE) -> str | None:
+    """The natural language `doc` was identified as with at least `min_score` confidence, else None. A language
+    recorded without a confidence (set by hand, not by this stage) is taken as given."""
+    if not doc.lang or doc.lang in NO_LANGUAGE or doc.scores.get("lang", 1.0) < min_score:
+        return None
+    return doc.lang
