@@ -165,7 +165,8 @@ def main() -> None:
                   "minutes": round((time.perf_counter() - started) / 60, 1)}
         if results:
             result["vs_previous"] = mcnemar(results[-1]["per_problem"], result["per_problem"])
-        if "sampling" not in report and (out / "round-1" / "samples.jsonl").is_file():
+        # Not at "before", measured ahead of run_rounds: a reused --out still holds the last run's samples then.
+        if results and "sampling" not in report:
             report["sampling"] = sampled_pass_rates(out / "round-1" / "samples.jsonl")
             print(json.dumps(report["sampling"]), flush=True)
         results.append(result)

@@ -64,11 +64,10 @@ def sample_cmd(
     # Checked before the model loads, as herd generate checks its options.
     config = rejection.SampleConfig(k=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                     batch_size=batch_size, seed=seed, min_score=min_score)
-    from herd.posttrain.verify import NEEDS, load_verifier
+    from herd.posttrain.verify import NEEDS, ROW_CHECKS, load_verifier
 
-    rows = rejection.read_prompts(prompts, NEEDS.get(verifier))
+    rows = rejection.read_prompts(prompts, NEEDS.get(verifier), ROW_CHECKS.get(verifier))
     if verifier is not None:
-
         scorer = rejection.verifier_scorer(load_verifier(verifier))
     else:
         scorer = rejection.reward_scorer(reward_model)

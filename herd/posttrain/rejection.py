@@ -3,8 +3,10 @@
 Llama 3 drew 10–30 replies per prompt from its latest model and kept the reward model's favourite as SFT data.
 Prompt rows are `{"messages": [...]}` with whatever the scorer reads (e.g. "answer", "tests"); every sample goes
 through the LLM's engine in batches of `batch_size` sequences, seeded per prompt. Kept rows are SFT rows
-(`messages` ending in the best reply, with its `score`); a prompt whose best and worst replies differ in score also
-gives a preference row.
+(`messages` ending in the best reply, with its `score`, and the prompt's `tools`); a prompt whose best and worst
+replies differ in score also gives a preference row. A reply cut off at max_tokens (or ended otherwise than by
+the model) is never a kept or chosen one, nor is a reply its verifier scored 0 (`verifier_scorer`): trained on,
+the first would teach the model to end mid-reply, the second a known-wrong answer.
 """
 from __future__ import annotations
 
@@ -48,15 +50,24 @@ class Sampled:
     row: dict
     replies: list[str]
     scores: list[float] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)   # the engine's, one a reply; none given: all "stop"
+    verified: bool = False   # scored by a verifier, whose 0 marks a wrong reply
+
+    def keepable(self, i: int) -> bool:
+        """Whether reply i may be kept as a prompt's best or chosen reply."""
+        ended = not self.finish_reasons or self.finish_reasons[i] == "stop"
+        return ended and not (self.verified and self.scores[i] <= 0)
 
 
 # Turns a reply follows: the user's, or a tool's result (Llama 3's ipython role, OpenAI's tool role).
 REPLY_AFTER = ("user", "ipython", "tool")
 
 
-def prompt_rows(path: str | Path, needs: str | None = None) -> Iterator[tuple[str, dict]]:
+def prompt_rows(path: str | Path, needs: str | None = None,
+                check: Callable[[dict], None] | None = None) -> Iterator[tuple[str, dict]]:
     """(where, row) of prompt rows, each ending where the model replies; `needs`: a field every row must have
-    (the one its scorer reads)."""
+    (the one its scorer reads); `check`: raises ValueError for a row its scorer cannot score (e.g. an "answer" that
+    is no number), so that a bad row stops the run before sampling, not after it."""
     for where, row in read_jsonl(path):
         messages = _messages(row, "messages", where)
         last = messages[-1].get("role") if messages else None
@@ -65,11 +76,17 @@ def prompt_rows(path: str | Path, needs: str | None = None) -> Iterator[tuple[st
                             "end it where the model should reply")
         if needs is not None and needs not in row:
             raise DataError(f'{where}: no "{needs}" field, which the scorer reads; add it to every row')
+        if check is not None:
+            try:
+                check(row)
+            except ValueError as error:
+                raise DataError(f"{where}: {error}") from None
         yield where, row
 
 
-def read_prompts(path: str | Path, needs: str | None = None) -> list[dict]:
-    return [row for _, row in prompt_rows(path, needs)]
+def read_prompts(path: str | Path, needs: str | None = None, check: Callable[[dict], None] | None = None
+                 ) -> list[dict]:
+    return [row for _, row in prompt_rows(path, needs, check)]
 
 
 def prompt_seed(seed: int, prompt: Sequence[int], repeat: int = 0) -> int:
@@ -98,12 +115,22 @@ def generate_samples(llm, rows: Sequence[dict], config: SampleConfig) -> list[Sa
                                           n=config.k)
             for i, completion in enumerate(done):
                 out[start + i // config.k].replies.append(completion.text)
+                out[start + i // config.k].finish_reasons.append(completion.finish_reason)
             bar.update(len(done))
     return out
 
 
+@dataclass(frozen=True)
+class VerifierScorer:
+    """A verifier's scores: `score` marks the samples `verified`, so a reply scored 0 is never kept or chosen."""
+    verifier: Callable[[dict, str], float]
+
+    def __call__(self, rows: Sequence[dict], replies: Sequence[str]) -> list[float]:
+        return [float(self.verifier(r, t)) for r, t in zip(rows, replies)]
+
+
 def verifier_scorer(verifier) -> Scorer:
-    return lambda rows, replies: [float(verifier(r, t)) for r, t in zip(rows, replies)]
+    return VerifierScorer(verifier)
 
 
 def reward_scorer(path: str | Path, chunk: int = 16) -> Scorer:
@@ -137,6 +164,12 @@ def reward_scorer(path: str | Path, chunk: int = 16) -> Scorer:
 def score(samples: Sequence[Sampled], scorer: Scorer) -> None:
     for s in tqdm(samples, desc="scoring", unit="prompt"):
         s.scores = list(scorer([s.row] * len(s.replies), s.replies))
+        s.verified = isinstance(scorer, VerifierScorer)
+
+
+def _with_tools(row: dict, out: dict) -> dict:
+    """`out` with the prompt row's tool definitions, which the replies were sampled with in the prompt."""
+    return {**out, "tools": row["tools"]} if row.get("tools") is not None else out
 
 
 def _with_reply(row: dict, reply: str) -> list[dict]:
@@ -144,32 +177,37 @@ def _with_reply(row: dict, reply: str) -> list[dict]:
 
 
 def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> list[dict]:
-    """One SFT row per prompt: its best-scored reply (the first of equals), if it reaches `min_score`."""
+    """One SFT row per prompt: its best-scored keepable reply (the first of equals), if it reaches `min_score`."""
     kept = []
     for s in samples:
-        best = max(range(len(s.replies)), key=lambda i: s.scores[i])
+        keepable = [i for i in range(len(s.replies)) if s.keepable(i)]
+        if not keepable:
+            continue
+        best = max(keepable, key=lambda i: s.scores[i])
         if min_score is None or s.scores[best] >= min_score:
-            kept.append({"messages": _with_reply(s.row, s.replies[best]), "score": s.scores[best]})
+            kept.append(_with_tools(s.row, {"messages": _with_reply(s.row, s.replies[best]), "score": s.scores[best]}))
     return kept
 
 
 def preference_rows(samples: Iterable[Sampled], per_prompt: int = 1) -> list[dict]:
-    """Up to `per_prompt` preference rows per prompt from its distinct replies: the best against the worst, the
-    second best against the second worst, and so on while the chosen reply scores higher (first of equals first)."""
+    """Up to `per_prompt` preference rows per prompt from its distinct replies: the best keepable one against the
+    worst of all, the second best against the second worst, and so on while the chosen reply scores higher (first
+    of equals first)."""
     rows = []
     for s in samples:
         first = {}
         for i, reply in enumerate(s.replies):
             first.setdefault(reply, i)
         distinct = list(first.values())
-        top = sorted(distinct, key=lambda i: (-s.scores[i], i))
+        top = sorted((i for i in distinct if s.keepable(i)), key=lambda i: (-s.scores[i], i))
         bottom = sorted(distinct, key=lambda i: (s.scores[i], i))
         for best, worst in list(zip(top, bottom))[:min(per_prompt, len(distinct) // 2)]:
             if s.scores[best] <= s.scores[worst]:
                 break
-            rows.append({"prompt": s.row["messages"], "chosen": {"role": "assistant", "content": s.replies[best]},
-                         "rejected": {"role": "assistant", "content": s.replies[worst]},
-                         "scores": [s.scores[best], s.scores[worst]]})
+            rows.append(_with_tools(s.row, {
+                "prompt": s.row["messages"], "chosen": {"role": "assistant", "content": s.replies[best]},
+                "rejected": {"role": "assistant", "content": s.replies[worst]},
+                "scores": [s.scores[best], s.scores[worst]]}))
     return rows
 
 

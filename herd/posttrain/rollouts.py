@@ -36,7 +36,7 @@ from herd.posttrain.ppo import (PolicyValue, PPOConfig, in_chunks, ppo_loss, rep
                                 rollout_targets, sample_rollouts, sequence_kl)
 from herd.posttrain.rejection import Scorer, prompt_rows, reward_scorer, verifier_scorer
 from herd.posttrain.reward import RewardModel, body_lora
-from herd.posttrain.verify import NEEDS, load_verifier
+from herd.posttrain.verify import NEEDS, ROW_CHECKS, load_verifier
 from herd.train.config import ConfigError
 
 
@@ -188,7 +188,7 @@ def ppo_recipe(config, llm) -> Recipe:
     context = policy.config.max_seq_len
     encoder = DialogEncoder(llm.chat_format)
     items = []
-    for where, row in prompt_rows(config.finetune.data, NEEDS.get(p.verifier)):
+    for where, row in prompt_rows(config.finetune.data, NEEDS.get(p.verifier), ROW_CHECKS.get(p.verifier)):
         ids = encoder.prompt(row["messages"], row.get("tools"), where)
         if len(ids) >= context:
             raise DataError(f"{where}: the prompt is {len(ids)} tokens; the model's context is {context}, "

@@ -7,10 +7,14 @@ then runs from the SFT model on best-versus-worst pairs of replies that the SFT 
 model before SFT teach the new one about mistakes it no longer makes (measured on the gains benchmark: DPO on the
 pre-SFT pairs lost 16 of SFT's 90 held-out successes). `pairs_from="before"` uses the first samples instead (one
 sampling pass per round). Stages are ordinary `herd finetune` runs under `out_dir/round-N/`, so each can be
-inspected, resumed or reused; `on_stage(name, model_path)` lets a caller measure every stage.
+inspected, resumed or reused (a stage resumes only on the data it was trained on, recorded in its directory: run
+again with other prompts, it refuses, since the old checkpoints would stand beside the new data); `on_stage(name,
+model_path)` lets a caller measure every stage.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,19 +39,21 @@ def run_rounds(model: str, prompts: Sequence[dict], scorer: rejection.Scorer, ou
         samples = _sample(current, prompts, scorer, sample, sample_quantize, here / "samples.jsonl")
         sft_rows = rejection.best_rows(samples, sample.min_score)
         if not sft_rows:
-            raise ValueError(f"round {r}: no reply reached the minimum score; sample more (k) or lower min_score")
-        rejection.write_jsonl(sft_rows, here / "sft.jsonl")
-        current = _stage("sft", current, here / "sft.jsonl", here / "sft", sft_overrides)
+            raise ValueError(f"round {r}: no prompt has a reply to keep (each was cut off at max_tokens, failed its "
+                             "verifier or scored under min_score); sample more (k), raise max_tokens or lower "
+                             "min_score")
+        current = _stage("sft", current, sft_rows, here / "sft.jsonl", here / "sft", sft_overrides)
         if on_stage:
             on_stage(f"round {r}: SFT", current)
         if pairs_from == "sft":
             samples = _sample(current, prompts, scorer, sample, sample_quantize, here / "dpo-samples.jsonl")
         pairs = rejection.preference_rows(samples, pairs_per_prompt)
-        rejection.write_jsonl(pairs, here / "pairs.jsonl")
         if pairs:
-            current = _stage("dpo", current, here / "pairs.jsonl", here / "dpo", dpo_overrides)
+            current = _stage("dpo", current, pairs, here / "pairs.jsonl", here / "dpo", dpo_overrides)
             if on_stage:
                 on_stage(f"round {r}: DPO", current)
+        else:
+            rejection.write_jsonl(pairs, here / "pairs.jsonl")
     return current
 
 
@@ -60,11 +66,22 @@ def _sample(model: str, prompts: Sequence[dict], scorer: rejection.Scorer, confi
     samples = rejection.generate_samples(llm, prompts, config)
     del llm
     rejection.score(samples, scorer)
-    rejection.write_jsonl(({**s.row, "replies": s.replies, "scores": s.scores} for s in samples), path)
+    rejection.write_jsonl(({**s.row, "replies": s.replies, "scores": s.scores, "finish_reasons": s.finish_reasons}
+                           for s in samples), path)
     return samples
 
 
-def _stage(recipe: str, model: str, data: Path, run_dir: Path, overrides: Sequence[str]) -> str:
+def _stage(recipe: str, model: str, rows: list[dict], data: Path, run_dir: Path, overrides: Sequence[str]) -> str:
+    """Fine-tune `model` on `rows`, written to `data`, as `herd finetune` in `run_dir`; a run already there is
+    resumed only if it was trained on the same rows (refused before `data` is overwritten)."""
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    record = run_dir / "data.sha256"
+    if run_dir.is_dir() and any(run_dir.iterdir()) and (not record.is_file() or record.read_text().strip() != digest):
+        raise ValueError(f"{run_dir} holds a {recipe} run trained on other data than this run's {data.name} (or on "
+                         "data it did not record), which resuming would mix; give run_rounds a new out_dir")
+    rejection.write_jsonl(rows, data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(digest + "\n")
     config = load_finetune_config(None, [f"--finetune.recipe={recipe}", f"--finetune.model={model}",
                                          f"--finetune.data={data}", f"--run.dir={run_dir}", *overrides])
     finetune(config)

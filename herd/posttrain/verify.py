@@ -2,74 +2,109 @@
 
 A verifier is any function `(row, reply_text) -> float`; `load_verifier("module:function")` imports one.
 Built in: `answer` (the reply's last number equals the row's "answer"), `only_answer` (it is the reply's only
-number) and `python_tests` (the reply's code passes the row's "tests", run in a separate, isolated Python process
-with a time and a memory limit).
+number) and `python_tests` (the reply's code passes the row's "tests", run in herd's code sandbox,
+herd.tools.sandbox, with a time and a memory limit).
 """
 from __future__ import annotations
 
 import importlib
+import math
 import re
-import subprocess
-import sys
-import tempfile
+import secrets
 from collections.abc import Callable
-from pathlib import Path
 
 Verifier = Callable[[dict, str], float]
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+# A number as a reply writes it: "1,000" (commas only between groups of three digits: "3,4" is two numbers), "2.5",
+# ".5", a simple fraction "1/2", and a minus only where it starts a number ("2-5" is 2 and 5, not 2 and -5).
+_NUMBER = re.compile(r"""
+    (?P<sign>(?<![\w)\]])-)?
+    (?: (?P<numerator>\d+)/(?P<denominator>0*[1-9]\d*)(?!\d|\.\d)
+      | (?P<value>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+) )
+""", re.VERBOSE)
+# The first fenced block, its language tag in any case and its lines ended by \n or \r\n ("```Python3 \r\n").
+_CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py3?)?[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def numbers(text: str) -> list[float]:
+    found = []
+    for match in _NUMBER.finditer(text):
+        if match["value"] is not None:
+            value = float(match["value"].replace(",", ""))
+        else:
+            value = int(match["numerator"]) / int(match["denominator"])
+        found.append(-value if match["sign"] else value)
+    return found
 
 
 def last_number(text: str) -> float | None:
-    numbers = _NUMBER.findall(text)
-    return float(numbers[-1].replace(",", "")) if numbers else None
+    found = numbers(text)
+    return found[-1] if found else None
+
+
+def expected_answer(value) -> float:
+    """A row's "answer": a number, or text holding exactly one number as `numbers` reads it ("1,000", "$5", "1/2")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        found = [float(value)]
+    else:
+        found = numbers(value) if isinstance(value, str) else []
+    if len(found) != 1 or not math.isfinite(found[0]):
+        raise ValueError(f'"answer" must be one number (like 12, "1,000" or "1/2"), not {value!r}')
+    return found[0]
 
 
 def answer(row: dict, reply: str) -> float:
     """1 if the last number in the reply is the row's "answer", else 0."""
     found = last_number(reply)
-    return float(found is not None and abs(found - float(row["answer"])) < 1e-9)
+    return float(found is not None and abs(found - expected_answer(row["answer"])) < 1e-9)
 
 
 def only_answer(row: dict, reply: str) -> float:
     """1 if the reply's only number is the row's "answer" (for prompts that ask for just the number: a reply that
     also repeats the question's numbers, right or wrong, does not count)."""
-    return float(len(_NUMBER.findall(reply)) == 1 and answer(row, reply) == 1.0)
+    return float(len(numbers(reply)) == 1 and answer(row, reply) == 1.0)
 
 
 def python_tests(row: dict, reply: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
-    """1 if the reply's code (its first ```python block, else the whole reply) passes the row's "tests"."""
+    """1 if the reply's code (its first ```python block, else the whole reply) passes the row's "tests": run with
+    them in herd's code sandbox, it exits 0 and prints a random word the run appends after the tests (code that
+    ends the process before them, with sys.exit(0) or an atexit os._exit(0), exits 0 too). The sandbox kills the
+    code's whole process tree at the timeout and shows it no host file; where none can be made, ValueError."""
+    from herd.tools.sandbox import Limits, run_python
+
+    _require_sandbox()
     block = _CODE_BLOCK.search(reply)
-    code = (block.group(1) if block else reply) + "\n\n" + row["tests"] + "\n"
-    with tempfile.TemporaryDirectory(prefix="herd-verify-") as workdir:
-        script = Path(workdir) / "check.py"
-        script.write_text(code)
-        try:
-            done = subprocess.run(
-                [sys.executable, "-I", "-S", str(script)], cwd=workdir, capture_output=True, timeout=timeout_s,
-                preexec_fn=lambda: _limit_memory(memory_mb), stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return 0.0
-    return float(done.returncode == 0)
+    done_word = secrets.token_hex(16)
+    code = f"{block.group(1) if block else reply}\n\n{row['tests']}\nprint('\\n{done_word}', flush=True)\n"
+    # The CPU limit a second above the wall clock's, as the code interpreter sets it, so a busy loop times out.
+    limits = Limits(timeout=timeout_s, cpu_seconds=math.ceil(timeout_s) + 1, memory_mb=memory_mb)
+    run = run_python(code, limits=limits)
+    return float(run["exit_code"] == 0 and done_word in run["stdout"].splitlines())
 
 
-def _limit_memory(memory_mb: int) -> None:
-    import resource
+def _require_sandbox() -> None:
+    from herd.tools.sandbox import sandbox_problem
 
-    limit = memory_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+    problem = sandbox_problem()
+    if problem:
+        raise ValueError(f"the python_tests verifier runs code only in a sandbox, and none can be made here: {problem}")
+
+
+def _check_answer(row: dict) -> None:
+    expected_answer(row["answer"])
 
 
 BUILTIN = {"answer": answer, "only_answer": only_answer, "python_tests": python_tests}
 # the row field each built-in verifier reads
 NEEDS = {"answer": "answer", "only_answer": "answer", "python_tests": "tests"}
+# what a built-in verifier checks of each prompt row when the prompts are read, before any sampling (ValueError)
+ROW_CHECKS = {"answer": _check_answer, "only_answer": _check_answer}
 
 
 def load_verifier(spec: str) -> Verifier:
     """A built-in verifier by name, or any function as "package.module:function"."""
+    if spec == "python_tests":
+        _require_sandbox()
     if spec in BUILTIN:
         return BUILTIN[spec]
     module, _, name = spec.partition(":")

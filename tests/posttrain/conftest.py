@@ -10,7 +10,7 @@ import herd
 from herd.checkpoint import save_checkpoint
 from herd.tokenizer import HFTokenizer, chat_format_for
 from herd.tokenizer.hf import BYTE_CHARS
-from posttrain_helpers import tiny_model
+from posttrain_helpers import ends_turns, tiny_model
 
 # ChatML as SmolLM2 (the default model) writes it, default system prompt included.
 CHATML = (
@@ -46,4 +46,14 @@ def base(tmp_path_factory, chatml_format):
     path = tmp_path_factory.mktemp("base") / "model"
     model = tiny_model(chatml_format.tokenizer.vocab_size)   # the engine samples only ids it can decode
     save_checkpoint((model.config, model.state_dict(), chatml_format.tokenizer), path, "meta")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ending_base(tmp_path_factory, chatml_format):
+    """`base` made to end some of its replies within a few tokens, so rejection sampling keeps some."""
+    path = tmp_path_factory.mktemp("ending_base") / "model"
+    tokenizer = chatml_format.tokenizer
+    model = ends_turns(tiny_model(tokenizer.vocab_size), tokenizer.special_tokens["<|im_end|>"])
+    save_checkpoint((model.config, model.state_dict(), tokenizer), path, "meta")
     return path

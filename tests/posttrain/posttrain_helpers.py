@@ -13,6 +13,17 @@ def tiny_model(vocab_size: int = 128256, seed: int = 0, **overrides) -> Transfor
     return Transformer(config)
 
 
+def ends_turns(model: Transformer, stop_id: int, weight: float = 0.7) -> Transformer:
+    """`model` made to end about half its replies within a few tokens with `stop_id` (a random one almost never
+    ends one, and a reply cut off at max_tokens is never kept): every token's embedding gets a large first
+    coordinate, which only the stop token's output row reads."""
+    with torch.no_grad():
+        model.tok_embeddings.weight[:, 0] = 8.0
+        model.output.weight[:, 0] = 0.0
+        model.output.weight[stop_id, 0] = weight
+    return model
+
+
 def starts_even(row: dict, reply: str) -> float:
     """A toy verifier whose truth needs no judge: 1 if the reply's first character has an even code point."""
     return float(bool(reply) and ord(reply[0]) % 2 == 0)

@@ -125,6 +125,10 @@ def test_bad_ppo_input_fails_in_one_line(base, tmp_path):
     with pytest.raises(DataError, match=r'noanswer.jsonl:2: no "answer" field'):
         finetune(load_finetune_config(None, [*common, "--ppo.verifier=answer",
                                              f"--finetune.data={tmp_path / 'noanswer.jsonl'}"]))
+    _jsonl(tmp_path / "badanswer.jsonl", [PROMPTS[0], {**PROMPTS[1], "answer": "twelve"}])
+    with pytest.raises(DataError, match=r'badanswer.jsonl:2: "answer" must be one number .*not \'twelve\''):
+        finetune(load_finetune_config(None, [*common, "--ppo.verifier=answer",
+                                             f"--finetune.data={tmp_path / 'badanswer.jsonl'}"]))
     # Through the command line: one line on stderr, a non-zero exit, nothing trained.
     done = subprocess.run([sys.executable, "-m", "herd.cli", "finetune", *common, "--ppo.verifier=nonsense"],
                           capture_output=True, text=True)
