@@ -44,6 +44,9 @@ class GuardFeatures:
     (recall 0.72 at 5.9%, layer 12 alone 0.65 at 10%)."""
 
     DEPTHS = (0.6, 0.8)  # the default layers, as fractions of the model's depth
+    # Windows' features kept (the oldest dropped first): a streamed reply is judged again every few hundred
+    # characters, and each check then reads only the windows that are new, not the whole reply again.
+    KEEP = 512
 
     def __init__(self, llm, layers: int | Sequence[int] | None = None, max_chars: int = 1000):
         import copy
@@ -65,6 +68,7 @@ class GuardFeatures:
         self.model.layers = torch.nn.ModuleList(list(model.layers)[:self.layers[-1]])
         self.config = replace(model.config, n_layers=self.layers[-1])
         self._starts: dict[str, tuple[list[int], KVCache, int]] = {}  # agent type -> (prefix, its cache, tail)
+        self._read: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}  # (agent type, window ids) -> features
         self.prefix, self.prefix_cache, self.tail = self._start("User")
 
     @torch.inference_mode()
@@ -87,8 +91,24 @@ class GuardFeatures:
         return self.llm.chat_format.encode_dialog([{"role": "user", "content": content}])
 
     def conversation_ids(self, messages, agent_type=None, categories=None, excluded=()) -> list[int]:
-        """The prompt's tokens after the cached start, up to the end of the conversation."""
+        """The prompt's tokens after the cached start, up to the end of the conversation, each message cut to its
+        last `max_chars` (the window the head is trained on)."""
         messages = [{**m, "content": (m.get("content") or "")[-self.max_chars:]} for m in messages]
+        return self._conversation_ids(messages, agent_type, categories, excluded)
+
+    def window_ids(self, messages, agent_type=None, categories=None, excluded=()) -> list[list[int]]:
+        """conversation_ids for every window of the conversation: a message longer than `max_chars` is read in
+        windows of that size, each overlapping the next by half, the other messages cut as conversation_ids cuts
+        them. The head was trained on windows of this size, so a long message is judged part by part: text past
+        one window can hide nothing before it."""
+        cut = [{**m, "content": (m.get("content") or "")[-self.max_chars:]} for m in messages]
+        variants = [cut]
+        for i, m in enumerate(messages):
+            for window in _windows(m.get("content") or "", self.max_chars)[:-1]:  # the last one is cut's
+                variants.append([*cut[:i], {**cut[i], "content": window}, *cut[i + 1:]])
+        return [self._conversation_ids(v, agent_type, categories, excluded) for v in variants]
+
+    def _conversation_ids(self, messages, agent_type, categories, excluded) -> list[int]:
         ids = self._ids(messages, agent_type, categories, excluded)
         prefix, _, tail = self._start(judged_turn(messages, agent_type))
         if ids[:len(prefix)] != prefix:
@@ -98,6 +118,20 @@ class GuardFeatures:
     def __call__(self, messages, agent_type=None, categories=None, excluded=()) -> np.ndarray:
         rows = [self.conversation_ids(messages, agent_type, categories, excluded)]
         return self.batch(rows, judged_turn(messages, agent_type))[0]
+
+    def windows(self, messages, agent_type=None, categories=None, excluded=(), batch: int = 8) -> np.ndarray:
+        """Features of every window of the conversation (see window_ids), one row each, the first the same as
+        __call__'s."""
+        rows = [(judged_turn(messages, agent_type), tuple(r))
+                for r in self.window_ids(messages, agent_type, categories, excluded)]
+        new = [key for key in dict.fromkeys(rows) if key not in self._read]
+        for i in range(0, len(new), batch):
+            part = new[i:i + batch]
+            self._read.update(zip(part, self.batch([r for _, r in part], part[0][0])))
+        out = np.stack([self._read[key] for key in rows])
+        while len(self._read) > self.KEEP:
+            self._read.pop(next(iter(self._read)))
+        return out
 
     @torch.inference_mode()
     def batch(self, rows: Sequence[Sequence[int]], agent: str = "User") -> np.ndarray:
@@ -133,6 +167,14 @@ class GuardFeatures:
             for hook in hooks:
                 hook.remove()
         return [states[layer].float() for layer in self.layers]
+
+
+def _windows(text: str, size: int) -> list[str]:
+    """Windows of `size` characters covering `text`, each overlapping the next by half; the last is its end."""
+    if len(text) <= size:
+        return [text]
+    step = max(1, size // 2)
+    return [text[start:start + size] for start in range(0, len(text) - size, step)] + [text[-size:]]
 
 
 @dataclass
@@ -204,5 +246,7 @@ class HeadGuardModel:
             raise ValueError("a guard head knows the categories it was trained on; custom categories need a "
                              "generative guard model")
         allowed = {code for code, _ in category_lines(None, excluded)}
-        probs = self.head.predict_proba(self.features(messages, agent_type, None, excluded))[0]
-        return self.head.verdict_text(probs, allowed, self.threshold)
+        probs = self.head.predict_proba(self.features.windows(messages, agent_type, None, excluded))
+        unsafe = [i for i, c in enumerate(self.head.classes) if c != "safe" and c in allowed]
+        # the conversation is as unsafe as its least safe window
+        return self.head.verdict_text(probs[probs[:, unsafe].sum(1).argmax()], allowed, self.threshold)

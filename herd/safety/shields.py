@@ -37,6 +37,12 @@ class Decision:
         return {k: v for k, v in self.__dict__.items() if v not in ("", [], {})}
 
 
+def _injection(scores: dict) -> float:
+    """A tool result's indirect-injection score as Meta's get_indirect_injection_score and herd's
+    Guard.prompt_guard read it: in data, a jailbreak is an injection too (1 - benign)."""
+    return scores["injection"] + scores["jailbreak"]
+
+
 def refusal(categories: list[str]) -> str:
     named = ", ".join(f"{c} ({CATEGORIES[c]})" if c in CATEGORIES else c for c in categories)
     return CANNED_REFUSAL if not named else f"{CANNED_REFUSAL} (flagged: {named})"
@@ -188,16 +194,18 @@ class Shields:
         return Decision(not blocked, "code_shield", cwes, text, findings=findings)
 
     def scan_tool_result(self, text: str) -> Decision:
-        """Prompt Guard on a tool's output: an injection (or jailbreak) there is flagged before the model reads it."""
+        """Prompt Guard on a tool's output: flagged, before the model reads it, when injection and jailbreak
+        together pass the threshold (named by the larger)."""
         started = time.perf_counter()
         if self.prompt_guard is None:
             return Decision(True)
-        attack, scores = self._attack(text)
+        scores = self._timed("prompt_guard", self.prompt_guard.score, text)
+        attack = max(("injection", "jailbreak"), key=scores.get) if _injection(scores) >= self.threshold else None
         if attack is None:
             self._count("prompt_guard_tool", "passed")
             return Decision(True, scores=scores, seconds=time.perf_counter() - started)
         self._count("prompt_guard_tool", "flagged")
-        log.warning("prompt guard: %s in a tool result (%.2f)", attack, scores[attack])
+        log.warning("prompt guard: %s in a tool result (%.2f)", attack, _injection(scores))
         return Decision(False, "prompt_guard", [attack], f"[tool output withheld: it looks like a prompt {attack}]",
                         scores=scores, seconds=time.perf_counter() - started)
 
@@ -209,8 +217,7 @@ class Shields:
         from herd.agent import Guard
 
         def score(text: str) -> float:
-            scores = self.scan_tool_result(text).scores
-            return max(scores["injection"], scores["jailbreak"])
+            return _injection(self.scan_tool_result(text).scores)
 
         return Guard(score, self.threshold)
 
@@ -253,7 +260,8 @@ class ReplyFilter:
     """One reply through the output shields while it streams: feed(piece, final) -> the text that may go out now.
 
     Prose goes out as it comes; a fenced code block is held until it closes and Code Shield has scanned it, so
-    blocked code never reaches the client and the reply stops there (`stopped` holds the decision). With a
+    blocked code never reaches the client and the reply stops there (`stopped` holds the decision); code with no
+    fence (a reply that reads as code, a tool call's) is held until the end, where it is scanned (StreamScanner). With a
     Llama Guard, text goes out once the guard has judged the reply up to it: every `guard_every` characters
     and at the end. A warning (or a block, in warn mode) is appended when the reply ends. Fed a whole reply
     with final=True, the result is the reply, its replacement, or the reply with its warning.

@@ -9,6 +9,8 @@ Each SSE event is {"event": {"payload": {"event_type": ...}}}: turn_start, step_
 / step_complete for inference and tool_execution steps, turn_complete with the whole turn. A session keeps its
 dialog; its turns run one at a time. Mounted by `create_app(..., routers=[router])`.
 
+On a server with shields, a turn is shielded as a chat request is (see _shielded).
+
 An agent's tools are the built-in ones and the Python functions the server's operator offers
 (`create_app(..., tools=[...])`, `herd serve --tools pkg.module:function`), by name: a client never names code
 for the server to import and run.
@@ -22,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -134,7 +136,8 @@ async def create_turn(request: Request, agent_id: str, session_id: str) -> Strea
     config, _, session = _find(request, agent_id, session_id)
     body = await _body(request, TurnRequest)
     messages = [m.as_dict() for m in body.messages]
-    events = _turn_events(_agent(request, config), config, session, session_id, messages)
+    events = _turn_events(_agent(request, config), config, session, session_id, messages,
+                          request.app.state.herd.shields)
     count_served(request)  # as the other streams: a 200 once it opens, its errors its last events
     return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in _ending_in_errors(events)),
                              media_type="text/event-stream")
@@ -165,23 +168,39 @@ def _agent(request: Request, config: AgentConfig) -> Agent:
 
 
 def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,
-                 messages: list[dict]) -> Iterator[dict]:
+                 messages: list[dict], shields=None) -> Iterator[dict]:
     with session.lock:
         if not session.dialog and config.instructions:
             session.dialog.append({"role": "system", "content": config.instructions})
         turn_id, started = str(uuid.uuid4()), time.time()
         yield _event("turn_start", turn_id=turn_id)
         steps: list[dict] = []
-        inference, execution, text = _step("inference", turn_id), None, ""
-        yield _event("step_start", step_type="inference", step_id=inference["step_id"])
-        for step in agent.run(session.dialog + messages):
-            if isinstance(step, (ModelText, FinalAnswer)) and inference is None:  # the model's turn after tools
+        inference, execution, text = None, None, ""
+        dialog = session.dialog + messages
+        for step in agent.run(dialog) if shields is None else _shielded(agent, shields, dialog):
+            if isinstance(step, (ModelText, FinalAnswer)) and inference is None:  # the model's turn begins
                 inference, text = _step("inference", turn_id), ""
                 yield _event("step_start", step_type="inference", step_id=inference["step_id"])
             if isinstance(step, ModelText):
                 text += step.text
-                yield _event("step_progress", step_type="inference", step_id=inference["step_id"],
-                             delta={"type": "text", "text": step.text})
+                if step.text:
+                    yield _event("step_progress", step_type="inference", step_id=inference["step_id"],
+                                 delta={"type": "text", "text": step.text})
+            elif isinstance(step, _ShieldCall):
+                shield = {**_step("shield_call", turn_id), "violation": _violation(step.decision)}
+                steps.append(shield)
+                yield _event("step_start", step_type="shield_call", step_id=shield["step_id"])
+                yield _event("step_complete", step_type="shield_call", step_details=shield)
+                if step.stops:  # the turn ends with the shield's message as its answer, the model stopped
+                    message = {"role": "assistant", "content": step.decision.message, "stop_reason": "end_of_turn",
+                               "tool_calls": []}
+                    if inference is not None:
+                        steps.append({**inference, "model_response": message})
+                        yield _event("step_complete", step_type="inference", step_details=steps[-1])
+                    session.dialog = [*step.dialog, message]
+                    yield from _completed(session, turn_id, session_id, messages, steps, message, "end_of_turn",
+                                          started)
+                    return
             elif isinstance(step, ToolCall):
                 if inference is not None:  # the model's turn ended in its calls
                     steps.append({**inference, "model_response": {"role": "assistant", "content": text}})
@@ -200,11 +219,69 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
                 steps.append({**inference, "model_response": step.message})
                 yield _event("step_complete", step_type="inference", step_details=steps[-1])
                 session.dialog = step.messages
-                turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": messages, "steps": steps,
-                        "output_message": step.message, "stop_reason": step.stop_reason, "started_at": started,
-                        "completed_at": time.time()}
-                session.turns.append(turn)
-                yield _event("turn_complete", turn=turn)
+                yield from _completed(session, turn_id, session_id, messages, steps, step.message, step.stop_reason,
+                                      started)
+
+
+def _completed(session: _Session, turn_id: str, session_id: str, messages: list[dict], steps: list[dict],
+               message: dict, stop_reason: str, started: float) -> Iterator[dict]:
+    turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": messages, "steps": steps,
+            "output_message": message, "stop_reason": stop_reason, "started_at": started, "completed_at": time.time()}
+    session.turns.append(turn)
+    yield _event("turn_complete", turn=turn)
+
+
+@dataclass
+class _ShieldCall:
+    decision: Any  # herd.safety.shields.Decision
+    stops: bool = False  # the turn ends here
+    dialog: list[dict] = field(default_factory=list)  # the session's dialog before the turn's answer, when it stops
+
+
+def _shielded(agent: Agent, shields, dialog: list[dict]) -> Iterator:
+    """agent.run's steps with the server's shields around them, as a chat request has them (llama-stack runs its
+    input and output shields on every turn): flagged tool results in the turn's messages withheld, the request
+    judged before the model runs, and each reply through a ReplyFilter, held where it may yet be blocked; when it
+    ends (in its calls, before they run, or as the answer) the rest goes out, or a shield ends the turn. What the
+    shields decided comes as _ShieldCall steps."""
+    dialog, flags = shields.screen_tool_results(dialog)
+    yield from (_ShieldCall(flag) for flag in flags)
+    verdict = shields.check_input(dialog)
+    if not verdict.allowed:
+        yield _ShieldCall(verdict, True, dialog)
+        return
+    run, reply = agent.run(dialog), None
+    for step in run:
+        stopped = isinstance(step, FinalAnswer) and not (step.messages and step.messages[-1] is step.message)
+        if isinstance(step, ToolResult) or isinstance(step, ToolCall) and reply is None or stopped:
+            yield step  # a reply's later calls, their results, and a stop after them (max_steps, no room left)
+            continue
+        first = reply is None
+        if first:
+            reply, text = shields.reply_filter(dialog), ""
+        piece = reply.feed(step.text) if isinstance(step, ModelText) else reply.feed("", final=True)
+        if reply.stopped is not None:
+            run.close()  # a call whose code was blocked never runs
+            yield from (_ShieldCall(d, d is reply.stopped, dialog) for d in reply.decisions)
+            return
+        if piece or first:  # the first piece begins the inference step, even when it is held
+            text += piece
+            yield ModelText(piece)
+        if not isinstance(step, ModelText):
+            yield from (_ShieldCall(d) for d in reply.decisions)  # warnings
+            reply = None
+            if isinstance(step, FinalAnswer):  # the answer as it went out (with a warning, where one was added)
+                message = {**step.message, "content": text}
+                step = FinalAnswer(message, [*step.messages[:-1], message], step.steps, step.stop_reason)
+            yield step
+
+
+def _violation(decision) -> dict:
+    """A shield's decision as llama-stack's SafetyViolation: an error where it stopped or withheld something, a
+    warning where it let the reply through."""
+    return {"violation_level": "warn" if decision.allowed else "error", "user_message": decision.message,
+            "metadata": {"shield": decision.shield, "categories": decision.categories,
+                         **({"findings": decision.findings} if decision.findings else {})}}
 
 
 def _step(kind: str, turn_id: str) -> dict:

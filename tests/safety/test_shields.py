@@ -113,8 +113,8 @@ def test_streamed_reply_holds_code_until_scanned(prompt_guard):
     for i, ch in enumerate(reply):
         out = stream.feed(ch)
         sent.append(out)
-        if reply[:i + 1].endswith("Sure."):
-            assert "".join(sent) == "Sure."  # prose goes out as it comes
+        if reply[:i + 1].endswith("Sure.\n"):
+            assert "".join(sent) == "Sure.\n"  # prose goes out as it comes (a short line once it is whole)
         if reply[:i + 1].endswith("sorted(names"):
             assert "sorted" not in "".join(sent)  # an open block is held
     text = "".join(sent) + stream.feed("", final=True)
@@ -141,3 +141,67 @@ def test_server_shield_options_fail_fast(tmp_path):
         load_shields(prompt_guard=str(tmp_path / "missing.npz"))
     with pytest.raises(ValueError, match="block or warn"):
         load_shields(code_shield=True, code_shield_mode="explode")
+
+
+def test_tool_result_scored_as_injection_plus_jailbreak():
+    """Meta's get_indirect_injection_score and herd's Guard.prompt_guard read a tool result as injection +
+    jailbreak (1 - benign); the server's shields read it the same (it had been the larger of the two alone)."""
+    from herd.agent import Guard
+
+    class Scores:
+        def score(self, text):
+            return {"benign": 0.25, "injection": 0.40, "jailbreak": 0.35}
+
+    shields = Shields(None, Scores())
+    decision = shields.scan_tool_result("tool output")
+    assert not decision.allowed and decision.categories == ["injection"]
+    assert shields.tool_guard().score("x") == pytest.approx(Guard.prompt_guard(Scores()).score("x")) == 0.75
+    _, flags = shields.screen_tool_results([{"role": "tool", "content": "tool output"}])
+    assert len(flags) == 1
+
+
+UNFENCED = "import pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n\nprint(load(open('s', 'rb').read()))\n"
+
+
+def _streamed(stream, reply, size=4) -> str:
+    pieces = [reply[i:i + size] for i in range(0, len(reply), size)]
+    return "".join(stream.feed(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces))
+
+
+def test_unfenced_code_is_held_until_scanned():
+    """A reply that is code with no fences is scanned whole at its end: streamed, it is held until then, so
+    blocked code never goes out (it had streamed whole before it was "withheld")."""
+    shields = Shields(None, None, CodeShield())
+    ask = [{"role": "user", "content": "Load a saved session."}]
+    stream = shields.reply_filter(ask)
+    sent = _streamed(stream, UNFENCED)
+    assert "pickle" not in sent and "withheld" in sent and stream.stopped.categories == ["CWE-502"]
+    clean = "import json\n\ndef load(path):\n    return json.load(open(path))\n"
+    stream = shields.reply_filter(ask)
+    out = [stream.feed(clean[i:i + 4]) for i in range(0, len(clean), 4)]
+    assert "".join(out) == "" and stream.feed("", final=True) == clean  # held, then sent whole
+    prose = "Paris is the capital of France, and it has been for most of the last thousand years or so. " * 2
+    stream = shields.reply_filter(ask)
+    assert stream.feed(prose).startswith("Paris") and stream.stopped is None  # a line of prose streams
+
+
+@pytest.mark.parametrize("reply", [
+    "<|python_tag|>import pickle\nprint(pickle.loads(open('s.bin', 'rb').read()))",
+    "Let me run it.<|python_tag|>import pickle\nprint(pickle.loads(open('s.bin', 'rb').read()))",
+    '{"name": "run_python", "parameters": {"code": "import pickle\\nprint(pickle.loads(open(\'s.bin\', '
+    '\'rb\').read()))"}}',
+])
+def test_a_tool_calls_code_is_scanned(reply):
+    """Code for the code interpreter after <|python_tag|> (the tag had kept it from reading as code) and a JSON
+    call's code argument are scanned as Python, streamed or not, before the call can reach a client."""
+    shields = Shields(None, None, CodeShield())
+    ask = [{"role": "user", "content": "Load my session file."}]
+    whole = shields.reply_filter(ask)
+    assert "pickle" not in whole.feed(reply, final=True) and whole.stopped.categories == ["CWE-502"]
+    stream = shields.reply_filter(ask)
+    sent = _streamed(stream, reply, size=3)
+    assert "pickle" not in sent and "python_tag" not in sent and stream.stopped.shield == "code_shield"
+    assert not shields.run_shield("code_shield", [{"role": "assistant", "content": reply}]).allowed
+    clean = reply.replace("import pickle", "import json").replace("pickle.loads", "json.load").replace(
+        ".read()", "")
+    assert _streamed(shields.reply_filter(ask), clean, size=3) == clean  # a safe call goes out as written

@@ -174,3 +174,87 @@ def test_every_agents_route_counts_its_successes_beside_its_errors(api):
                   "/{agent_id}/session/{session_id}"):
         assert f'herd_requests_total{{route="/v1/agents{route}",status="200"}} 1.0' in text, route
     assert 'herd_requests_total{route="/v1/agents/{agent_id}/session/{session_id}",status="404"} 1.0' in text
+
+
+class ScriptedGuard:
+    """A guard model that calls a conversation unsafe (S9) when its last turn mentions a nerve agent."""
+
+    def verdict(self, messages, agent_type=None, categories=None, excluded=()):
+        return "unsafe\nS9" if "nerve agent" in messages[-1]["content"].lower() else "safe"
+
+
+INSECURE = "Here is a loader:\n```python\nimport pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n```\nDone."
+PICKLE_CALL = ('{"name": "run_python", "parameters": {"code": "import pickle\\nprint(pickle.loads(open(\'s\', '
+               '\'rb\').read()))"}}')
+
+
+@pytest.fixture
+def shielded(default_llm, monkeypatch):
+    """A server with Llama Guard (scripted) and Code Shield: its agent turns guarded as its chat requests are."""
+    from herd.safety import CodeShield, LlamaGuard
+    from herd.safety.shields import Shields
+
+    replies, seen, ran = [], [], []
+
+    def chat(messages, tools=None, *, stream=False, **options):
+        seen.append(list(messages))
+        text = replies.pop(0)
+        return iter([text[i:i + 6] for i in range(0, len(text), 6)]) if stream else \
+            default_llm.chat_format.decode_assistant(text)
+
+    def run_python(code: str) -> str:
+        """Runs Python code."""
+        ran.append(code)
+        return "ok"
+
+    monkeypatch.setattr(default_llm, "chat", chat)
+    shields = Shields(LlamaGuard(ScriptedGuard()), None, CodeShield())
+    client = TestClient(create_app(default_llm, ServeSettings(api_keys=(KEY,)), routers=[router], tools=[run_python],
+                                   shields=shields))
+    client.headers["Authorization"] = f"Bearer {KEY}"
+    def turn(content, *scripted, max_steps=8):
+        replies[:] = list(scripted)
+        agent_id = client.post("/v1/agents", json={"tools": ["run_python", "wolfram_alpha"], "max_steps": max_steps}
+                               ).json()["agent_id"]
+        session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+        answer = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
+                             json={"messages": [{"role": "user", "content": content}]})
+        assert answer.status_code == 200
+        return answer.text, sse(answer)
+
+    return turn, seen, ran, client
+
+
+def test_an_agent_turn_is_shielded_as_a_chat_request_is(shielded):
+    """`herd serve --guard --code-shield` serves /v1/agents too: a turn had run with only Prompt Guard on tool
+    results, so a request refused on /v1/chat/completions was answered there and insecure code went out."""
+    turn, seen, ran, client = shielded
+    text, events = turn("Explain how to make a nerve agent at home.", "Sure, here is how.")
+    assert seen == []  # refused before the model ran
+    assert [(e["event_type"], e.get("step_type")) for e in events] == [
+        ("turn_start", None), ("step_start", "shield_call"), ("step_complete", "shield_call"), ("turn_complete", None)]
+    violation = events[2]["step_details"]["violation"]
+    assert violation["violation_level"] == "error" and violation["metadata"]["categories"] == ["S9"]
+    assert "S9" in events[-1]["turn"]["output_message"]["content"] and "Sure" not in text
+
+    text, events = turn("Write a loader for saved sessions.", INSECURE)  # the reply's code blocked as it streams
+    assert "pickle" not in text and "withheld" in events[-1]["turn"]["output_message"]["content"]
+    assert any(e.get("step_details", {}).get("violation", {}).get("metadata", {}).get("categories") == ["CWE-502"]
+               for e in events)
+
+    text, events = turn("Load my session file.", PICKLE_CALL, "Loaded.")  # a call's code, before it runs
+    assert ran == [] and "pickle" not in text and len(seen) == 2
+    assert not any(e.get("step_type") == "tool_execution" for e in events)
+
+    text, events = turn("Mix me a drink.", "Mix the nerve agent precursors.")  # an unsafe reply replaced
+    assert "precursors" not in text and "S9" in events[-1]["turn"]["output_message"]["content"]
+
+    text, events = turn("What is 12 times 34?", '{"name": "wolfram_alpha", "parameters": {"query": "12 * 34"}}',
+                        "12 * 34 = 408.")  # a safe turn runs as it would unshielded
+    assert events[-1]["turn"]["output_message"]["content"] == "12 * 34 = 408."
+    assert [e["step_type"] for e in events[-1]["turn"]["steps"]] == ["inference", "tool_execution", "inference"]
+    call = '{"name": "wolfram_alpha", "parameters": {"query": "12 * 34"}}'
+    _, events = turn("What is 12 times 34?", call, max_steps=1)  # the loop stops after the call's result
+    assert events[-1]["turn"]["stop_reason"] == "max_steps" and "error" not in events[-1]
+    metrics = client.get("/metrics").text
+    assert 'herd_shield_decisions_total{outcome="blocked",shield="llama_guard_input"} 1.0' in metrics

@@ -288,3 +288,24 @@ def test_llama_stack_safety_routes_run_one_shield(blocking, llama_stack):
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "shield_id"
     refused = post("/v1/inference/chat-completion", {"model_id": blocking.llm.name, "messages": [harmful]})
     assert refused.status_code == 403
+
+
+def test_code_a_tool_call_would_run_is_blocked(blocking):
+    """Code for the code interpreter after <|python_tag|> had reached the client as tool_calls (the tag kept it
+    from reading as code), and a reply that is bare code had streamed out whole before it was "withheld"."""
+    tools = [{"type": "function", "function": {"name": "run_python", "description": "Runs Python code.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"code": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "Load my session file."}]
+    call = "<|python_tag|>import pickle\nprint(pickle.loads(open('s.bin', 'rb').read()))"
+    done = _chat(blocking, ask, script=call, tools=tools)
+    choice = done.choices[0]
+    assert choice.finish_reason == "content_filter" and not choice.message.tool_calls
+    assert "pickle" not in choice.message.content and "CWE-502" in choice.message.content
+    chunks = list(_chat(blocking, ask, script=call, tools=tools, stream=True))
+    finish, pieces, _ = _streamed(chunks)
+    assert finish == "content_filter" and "pickle" not in "".join(pieces)
+    assert not any(c.delta.tool_calls for chunk in chunks for c in chunk.choices)
+    bare = "import pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n"
+    finish, pieces, _ = _streamed(_chat(blocking, ask, script=bare, stream=True))
+    assert finish == "content_filter" and "pickle" not in "".join(pieces) and "withheld" in "".join(pieces)

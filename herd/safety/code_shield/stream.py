@@ -1,21 +1,30 @@
 """Scanning a reply while it streams: each fenced code block is scanned the moment its closing fence arrives, so
-a server can stop the reply at the first blocked block instead of after the whole of it."""
+a server can stop the reply at the first blocked block instead of after the whole of it; code outside fences (a
+reply that is code, a tool call's code) is held and scanned at the end."""
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator
 
+from herd.safety.code_shield.languages import detect, language_of, marker_counts, normalize
+
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)")
 _MAY_OPEN = re.compile(r"^ {0,3}(`+|~+)?$|^ {0,3}(`{3,}|~{3,})")  # a last line that is or may become a fence
+_TAG = "<|python_tag|>"
+_CODE_LINE = 80  # a pending line this long is taken for prose: code lines are seldom longer
 
 
 class StreamScanner:
     """feed(text) -> scans of the blocks that text completed; finish() -> the scan of an unclosed last block
-    (or, for a reply with no fences at all that reads as code, of the whole reply).
+    (or, for a reply with no fences at all that reads as code, of the whole reply) and of the code a tool call
+    would run: everything after `<|python_tag|>` (Llama's call of its code interpreter, Python) and the string
+    arguments of a reply that is a JSON function call which read as code (or are named "code").
 
     Each scan is CodeShield.scan's result plus "block" (its index in the reply), "line" (the reply line the code
     starts on) and "code". `unscanned_from()` says where the text not yet cleared begins: a server streams the
-    reply up to there and holds the rest (an open block, or a last line that may open one).
+    reply up to there and holds the rest (an open block, a last line that may open one, a tool call, and the whole
+    of a reply with no fences yet that reads as code or may be a JSON call, scanned only at the end).
     """
 
     def __init__(self, shield, language: str | None = None):
@@ -25,12 +34,24 @@ class StreamScanner:
         self._fence: str | None = None
         self._info, self._code, self._start = "", [], 0
         self._blocks = 0
-        self._text: list[str] = []
+        self._text = ""
         self._done = 0  # characters of the complete lines read so far
         self._open_at = 0  # where the open block's fence line begins
+        self._tag_at: int | None = None  # where a python_tag call begins: all after it is its code
+        self._counts = [0] * len(marker_counts(""))  # language markers in the complete lines before any fence
+        self._code_like = False  # those lines (and the pending one) read as code
 
     def feed(self, text: str) -> list[dict]:
-        self._text.append(text)
+        start = len(self._text)
+        self._text += text
+        if self._tag_at is not None:
+            return []
+        tag = self._text.find(_TAG, max(0, start - len(_TAG) + 1))
+        if tag >= 0:
+            self._tag_at = tag
+            if tag < start:  # the tag began in an earlier piece: its start is the end of the pending line
+                self._pending = self._pending[:tag - start]
+            text = self._text[start:tag]
         *complete, self._pending = (self._pending + text).split("\n")
         scans = []
         for line in complete:
@@ -43,7 +64,20 @@ class StreamScanner:
         """The offset in the text fed so far before which nothing is (or can become) unscanned code."""
         if self._fence is not None:
             return self._open_at
-        return self._done if _MAY_OPEN.match(self._pending) else self._done + len(self._pending)
+        if self._blocks == 0 and self._whole_held():
+            return 0
+        # before any fence, a line is judged once it is whole, unless it runs on as prose does: "impo" would
+        # otherwise go out before "import pickle" reads as code
+        if _MAY_OPEN.match(self._pending) or (self._blocks == 0 and len(self._pending) < _CODE_LINE):
+            return self._done
+        return self._done + len(self._pending) - _partial_tag(self._pending)
+
+    def _whole_held(self) -> bool:
+        """Whether the reply, with no fence so far, is to be scanned whole at its end and so held until then."""
+        if not self._code_like:
+            counts = [a + b for a, b in zip(self._counts, marker_counts(self._pending))]
+            self._code_like = language_of(counts) is not None
+        return self._code_like or self.language is not None or self._text.lstrip().startswith("{")
 
     def finish(self) -> list[dict]:
         scans = []
@@ -54,10 +88,15 @@ class StreamScanner:
         if self._fence is not None:  # the reply ended inside a block: what arrived of it is still code
             scans.append(self._scan())
         elif self._blocks == 0:
-            whole = "".join(self._text)
+            whole = self._text[:self._tag_at]
             result = self.shield.scan(whole, self.language) if whole.strip() else None
             if result and result["language"] is not None:
                 scans.append({**result, "block": 0, "line": 1, "code": whole})
+        if self._tag_at is not None:
+            line = self._text.count("\n", 0, self._tag_at) + 1
+            scans.append(self._scanned(self._text[self._tag_at + len(_TAG):], "python", line))
+        else:
+            scans += [self._scanned(code, language, 1) for code, language in _call_code(self._text)]
         return scans
 
     def _line(self, line: str) -> dict | None:
@@ -67,6 +106,8 @@ class StreamScanner:
             if m:
                 self._fence, self._info, self._code, self._start = m.group(1), m.group(2), [], self._lines + 1
                 self._open_at = self._done
+            elif self._blocks == 0:
+                self._counts = [a + b for a, b in zip(self._counts, marker_counts(line))]
             return None
         if m and m.group(1)[0] == self._fence[0] and len(m.group(1)) >= len(self._fence) and not m.group(2):
             return self._scan()
@@ -74,16 +115,45 @@ class StreamScanner:
         return None
 
     def _scan(self) -> dict:
-        from herd.safety.code_shield.languages import normalize
-
-        code = "\n".join(self._code)
-        language = normalize(self._info) or self.language
-        result = self.shield.scan(code, language) if code.strip() else {
-            "verdict": "allow", "language": language, "findings": []}
-        scan = {**result, "block": self._blocks, "line": self._start, "code": code}
-        self._blocks += 1
+        scan = self._scanned("\n".join(self._code), normalize(self._info) or self.language, self._start)
         self._fence = None
         return scan
+
+    def _scanned(self, code: str, language: str | None, line: int) -> dict:
+        result = self.shield.scan(code, language) if code.strip() else {
+            "verdict": "allow", "language": language, "findings": []}
+        scan = {**result, "block": self._blocks, "line": line, "code": code}
+        self._blocks += 1
+        return scan
+
+
+def _partial_tag(text: str) -> int:
+    """The length of the end of `text` that begins `<|python_tag|>` (the rest of the tag may follow)."""
+    return next((n for n in range(min(len(_TAG) - 1, len(text)), 0, -1) if _TAG.startswith(text[-n:])), 0)
+
+
+def _call_code(text: str) -> list[tuple[str, str]]:
+    """(code, language) for each string argument of a reply that is a JSON function call (or a list of them)
+    which reads as code or is named "code" (then read as Python, as a code-running tool's usually is)."""
+    head = text.strip()
+    if not head.startswith(("{", "[")):
+        return []
+    try:
+        value = json.loads(head)
+    except ValueError:
+        return []
+    found = []
+    for call in value if isinstance(value, list) else [value]:
+        arguments = call.get("parameters", call.get("arguments")) if isinstance(call, dict) else None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                continue
+        for key, v in arguments.items() if isinstance(arguments, dict) else ():
+            if isinstance(v, str) and (language := detect(v) or ("python" if key == "code" else None)):
+                found.append((v, language))
+    return found
 
 
 def scan_stream(shield, pieces: Iterable[str], language: str | None = None) -> Iterator[tuple[str, list[dict]]]:
