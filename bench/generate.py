@@ -26,20 +26,23 @@ import time
 import warnings
 from pathlib import Path
 
-import herd
-
+# Read as files, not imported: the llama.cpp worker's peak memory must be llama.cpp's own, not herd's and torch's
+# (importing them and loading the model for the chat's ids had added some 260 MB to it).
+HERD_SOURCE = Path(__file__).resolve().parents[1] / "herd"
 QUESTION = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
-_SOURCE = open(__file__.replace("generate.py", "../herd/generate/speculative.py")).read()
+_SOURCE = (HERD_SOURCE / "generate" / "speculative.py").read_text()
 COPY = [{"role": "user", "content": f"{_SOURCE}\n\nRepeat the function ngram_draft above, exactly."}]
-PROMPT_TEXT = open(herd.__file__.replace("__init__.py", "llm.py")).read() * 4  # any real text, long enough
+PROMPT_TEXT = (HERD_SOURCE / "llm.py").read_text() * 4  # any real text, long enough
 # Prefilled once before the timed prompt, as llama-bench warms up: first-call costs are not prefill speed.
 WARMUP_TEXT = _SOURCE
 WARMUP_TOKENS = 64
 
 
-def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int, quantize: str = "auto") -> dict:
+def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int, chats: dict,
+             quantize: str = "auto") -> dict:
     import torch
 
+    import herd
     from herd.generate import EngineConfig, Generator, SamplingParams
     from herd.generate.speculative import SpeculativeConfig
 
@@ -55,8 +58,7 @@ def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int, quan
     prefill = len(prompt) / (time.perf_counter() - start)
     plain = Generator(llm.model, llm.tokenizer, config=EngineConfig(speculative=SpeculativeConfig(draft_tokens=0)))
     result = {"load_s": load, "prefill_tok_s": prefill}
-    for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
-        chat = llm.chat_format.encode_dialog(messages)
+    for key, chat in chats.items():
         for engine, suffix in ((llm.generator, ""), (plain, "_plain")):
             stamps = [time.perf_counter() for _ in engine.stream(
                 [chat], SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))]
@@ -64,7 +66,7 @@ def run_herd(model: str, threads: int, new_tokens: int, prompt_tokens: int, quan
     return result
 
 
-def run_llama_cpp(model: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_llama_cpp(model: str, threads: int, new_tokens: int, prompt_tokens: int, chats: dict) -> dict:
     from llama_cpp import Llama
 
     start = time.perf_counter()
@@ -79,10 +81,10 @@ def run_llama_cpp(model: str, threads: int, new_tokens: int, prompt_tokens: int)
     start = time.perf_counter()
     llm.eval(prompt)
     result = {"load_s": load, "prefill_tok_s": len(prompt) / (time.perf_counter() - start)}
-    for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
+    for key, chat in chats.items():
         llm.reset()
         stamps = []
-        for _ in llm.generate(_chat_ids(model, messages), top_k=1, temp=0.0, reset=True):  # the ids herd decodes from
+        for _ in llm.generate(chat, top_k=1, temp=0.0, reset=True):  # the ids herd decodes from
             stamps.append(time.perf_counter())
             if len(stamps) == new_tokens:
                 break
@@ -90,14 +92,17 @@ def run_llama_cpp(model: str, threads: int, new_tokens: int, prompt_tokens: int)
     return result
 
 
-def _chat_ids(model: str, messages: list[dict]) -> list[int]:
+def chat_ids(model: str) -> dict[str, list[int]]:
+    """The two chats' prompt ids, as herd's chat format encodes them: every engine decodes from the same ids."""
     from herd.checkpoint import load_checkpoint
     from herd.tokenizer import chat_format_for
 
-    return chat_format_for(load_checkpoint(model).tokenizer).encode_dialog(messages)
+    chat_format = chat_format_for(load_checkpoint(model).tokenizer)
+    return {key: chat_format.encode_dialog(messages) for key, messages in (("decode_tok_s", QUESTION),
+                                                                           ("copy_tok_s", COPY))}
 
 
-def run_transformers(model_path: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+def run_transformers(model_path: str, threads: int, new_tokens: int, prompt_tokens: int, chats: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -113,12 +118,11 @@ def run_transformers(model_path: str, threads: int, new_tokens: int, prompt_toke
     with torch.inference_mode():
         model(torch.tensor([tokenizer(WARMUP_TEXT)["input_ids"][:WARMUP_TOKENS]]))
         start = time.perf_counter()
-        model(prompt)
+        model(prompt, logits_to_keep=1)  # the next token's logits only, as herd and llama.cpp compute a prompt
         prefill = prompt.shape[1] / (time.perf_counter() - start)
         result = {"load_s": load, "prefill_tok_s": prefill}
-        for key, messages in (("decode_tok_s", QUESTION), ("copy_tok_s", COPY)):
-            chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-            chat = chat["input_ids"] if hasattr(chat, "keys") else chat
+        for key, ids in chats.items():
+            chat = torch.tensor([ids])
             start = time.perf_counter()
             model.generate(chat, max_new_tokens=1, do_sample=False, pad_token_id=0)
             first = time.perf_counter() - start
@@ -132,10 +136,11 @@ def run_transformers(model_path: str, threads: int, new_tokens: int, prompt_toke
 ENGINES = {"herd": run_herd, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
 
 
-def worker(name: str, model: str, threads: int, new_tokens: int, prompt_tokens: int, quantize: str) -> None:
+def worker(name: str, model: str, threads: int, new_tokens: int, prompt_tokens: int, quantize: str,
+           chats: dict) -> None:
     warnings.filterwarnings("ignore")
     scheme = {"quantize": quantize} if name == "herd" else {}
-    result = ENGINES[name](model, threads, new_tokens, prompt_tokens, **scheme)
+    result = ENGINES[name](model, threads, new_tokens, prompt_tokens, chats, **scheme)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -151,12 +156,15 @@ def main() -> None:
     parser.add_argument("--png", help="also draw the ratios here")
     parser.add_argument("--quantize", default="auto", help="herd's scheme (auto: its default path)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--chats", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.model, args.threads, args.new_tokens, args.prompt_tokens, args.quantize,
+                      json.loads(args.chats))
     from herd.llm import default_model_path
 
     model = args.model or str(default_model_path())
-    if args.worker:
-        return worker(args.worker, model, args.threads, args.new_tokens, args.prompt_tokens, args.quantize)
+    chats = json.dumps(chat_ids(model))
     engines = args.engines.split(",")
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
@@ -164,7 +172,7 @@ def main() -> None:
             done = subprocess.run([sys.executable, __file__, "--worker", name, "--model", model,
                                    "--threads", str(args.threads),
                                    "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-                                   "--quantize", args.quantize],
+                                   "--quantize", args.quantize, "--chats", chats],
                                   capture_output=True, text=True)
             if done.returncode:
                 print(f"{name}: skipped ({(done.stderr.strip().splitlines() or ['failed'])[-1]})", file=sys.stderr)
@@ -191,8 +199,10 @@ def main() -> None:
         if "herd" in best:
             ratios = {k: best["herd"][k] / best[peer][k] for k in keys}
             plain = best["herd"]["decode_tok_s_plain"] / best[peer]["decode_tok_s"]
+            plain_copy = best["herd"]["copy_tok_s_plain"] / best[peer]["copy_tok_s"]
             print(f"herd / {peer}: decode {ratios['decode_tok_s']:.2f}x ({plain:.2f}x without drafts), copy "
-                  f"{ratios['copy_tok_s']:.2f}x, prefill {ratios['prefill_tok_s']:.2f}x, load time "
+                  f"{ratios['copy_tok_s']:.2f}x ({plain_copy:.2f}x without drafts), prefill "
+                  f"{ratios['prefill_tok_s']:.2f}x, load time "
                   f"{ratios['load_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
     if args.png:
         plot(best, keys, args.png)
