@@ -42,8 +42,9 @@ MODEL_SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_d
 
 @dataclass
 class ModelSection:
-    """A named configuration (herd.model.config.CONFIGS) or the shape given here; the fields set (in the TOML or on
-    the command line, even to their default value) override a name's."""
+    """A named configuration (herd.model.config.CONFIGS) or the shape given here; fields set to other values than
+    these defaults override a name's. A field at its default is the name's: `--print-config` writes every field, and
+    a file printed before a name was filled in must still build the named model."""
 
     name: str | None = None
     dim: int = 256
@@ -258,19 +259,15 @@ def _build(cls: type, raw: dict, where: str):
     for name, value in raw.items():
         kwargs[name] = _convert(value, hints[name], f"{where}{name}")
     try:
-        built = cls(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
-    built._given = frozenset(raw)
-    return built
 
 
 def set_fields(section) -> set[str]:
-    """The fields of `section` that were set: those the TOML or the command line gave (even at their default value),
-    and those that differ from the default (a section built or changed in Python)."""
+    """The fields of `section` set to other values than its defaults."""
     defaults = type(section)()
-    changed = {f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(defaults, f.name)}
-    return changed | getattr(section, "_given", frozenset())
+    return {f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(defaults, f.name)}
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -338,8 +335,7 @@ def to_toml(config) -> str:
             if g.name in from_name:
                 lines.append(f"# {g.name} =  ({section.name}'s)")
             elif value is None:
-                # Set to none over a name's value, it is written: left out, it would be the name's again.
-                lines.append(f'{g.name} = "none"' if g.name in MODEL_SHAPE and named else f"# {g.name} =  (unset)")
+                lines.append(f"# {g.name} =  (unset)")
             else:
                 lines.append(f"{g.name} = {_toml_value(value)}")
         lines.append("")

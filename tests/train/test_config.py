@@ -49,19 +49,20 @@ def test_set_fields_override_a_named_model_and_the_rest_is_the_names(tmp_path):
     from herd.model.config import CONFIGS
     from herd.train.pretrain import build_model_config
 
-    # tie_embeddings = false and max_seq_len = 8192 are ModelSection's defaults, set all the same.
     config = load_config(TrainConfig, None, ["--model.name", "llama3.2-1b", "--model.n_layers", "2", "--model.dim",
-                                             "256", "--model.max_seq_len", "8192", "--model.rope_theta", "1e6",
-                                             "--model.tie_embeddings", "false", "--model.n_kv_heads", "none"])
+                                             "128", "--model.max_seq_len", "4096", "--model.rope_theta", "1e6"])
     built = build_model_config(config.model, 49152)
     named = CONFIGS["llama3.2-1b"]
-    assert built == named.replace(n_layers=2, dim=256, max_seq_len=8192, rope_theta=1e6, tie_embeddings=False,
-                                  n_kv_heads=None, vocab_size=49152)
-    assert built.rope_scaling == named.rope_scaling and built.n_heads == named.n_heads == 32
+    assert built == named.replace(n_layers=2, dim=128, max_seq_len=4096, rope_theta=1e6, vocab_size=49152)
+    assert built.rope_scaling == named.rope_scaling and built.n_heads == named.n_heads == 32 and built.tie_embeddings
     # Written back (--print-config, run.dir/config.toml), the fields not set stay the name's.
     (tmp_path / "c.toml").write_text(to_toml(config))
     assert "# n_heads =  (llama3.2-1b's)" in to_toml(config)
     assert build_model_config(load_config(TrainConfig, tmp_path / "c.toml").model, 49152) == built
+    # --print-config's file with only the name filled in (every field at its default) is the named model.
+    printed = to_toml(load_config(TrainConfig, None, [])).replace("# name =  (unset)", 'name = "llama3.2-1b"')
+    (tmp_path / "printed.toml").write_text(printed)
+    assert build_model_config(load_config(TrainConfig, tmp_path / "printed.toml").model, None) == named
     with pytest.raises(ConfigError, match="n_heads 4 is not a multiple of n_kv_heads 8 .the fields not set are "):
         build_model_config(load_config(TrainConfig, None, ["--model.name", "llama3.2-1b", "--model.n_heads", "4"])
                            .model, None)
