@@ -207,15 +207,21 @@ def test_an_interrupted_run_leaves_no_output(batch_llm, tmp_path, stop):
             for i in range(200)]
     write_jsonl(tmp_path / "in.jsonl", rows)
     with (tmp_path / "err.txt").open("w") as err:
+        # SIGINT as a terminal sends it: a shell's background job (CI run with `&`) starts with it ignored, and so
+        # would its children.
         process = subprocess.Popen([*HERD, "batch", "in.jsonl", "--out", "out.jsonl", "--max-batch", "2"],
-                                   stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
-        deadline = time.monotonic() + 120
-        # The temporary output appears once the model has loaded and the requests are being answered.
-        while not list(tmp_path.glob(".out.jsonl.tmp-*")) and process.poll() is None:
-            assert time.monotonic() < deadline, "no temporary output appeared"
-            time.sleep(0.02)
-        assert process.poll() is None, (tmp_path / "err.txt").read_text()
-        process.send_signal(stop)
-        code = process.wait(timeout=60)
+                                   stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 120
+            # The temporary output appears once the model has loaded and the requests are being answered.
+            while not list(tmp_path.glob(".out.jsonl.tmp-*")) and process.poll() is None:
+                assert time.monotonic() < deadline, "no temporary output appeared"
+                time.sleep(0.02)
+            assert process.poll() is None, (tmp_path / "err.txt").read_text()
+            process.send_signal(stop)
+            code = process.wait(timeout=60)
+        finally:  # a failed check leaves no batch running on
+            process.kill()
     assert code == (128 + signal.SIGTERM if stop == signal.SIGTERM else 130), (tmp_path / "err.txt").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err.txt", "in.jsonl"]
