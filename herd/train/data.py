@@ -46,6 +46,8 @@ def split_documents(shards: TokenShards, held_out: float, seed: int) -> tuple[np
 
     The copies of one document (the data mix repeats documents to meet its targets) go where its first copy goes:
     drawn one by one, a third to half of a mixed corpus's held-out set had been copies of training documents."""
+    if held_out == 0:  # every document trains, and no rank need read a corpus's worth of ids to say so
+        return np.arange(len(shards)), np.arange(0)
     ids = [shards.doc_id(i) for i in range(len(shards))]
     draw = np.random.default_rng([seed, 0x5EED]).random(len(ids))
     first: dict[str, int] = {}

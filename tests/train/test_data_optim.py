@@ -48,6 +48,10 @@ def test_the_copies_of_a_document_fall_on_one_side_of_the_held_out_split(tmp_pat
     writer.close()
     shards = TokenShards(tmp_path)
     assert len(shards) == sum(copies)
+    # No held-out set: every entry trains, and no document id is read (a corpus's worth per rank).
+    unread = type("Unread", (), {"__len__": lambda self: len(shards), "doc_id": lambda self, i: 1 / 0})()
+    train, held = split_documents(unread, 0.0, 0)
+    assert train.tolist() == list(range(len(shards))) and not len(held)
     for seed in range(5):
         train, held = split_documents(shards, 0.1, seed)
         assert len(train) + len(held) == len(shards) and len(held)
