@@ -16,14 +16,17 @@ from collections.abc import Callable
 Verifier = Callable[[dict, str], float]
 
 # A number as a reply writes it: "1,000" (commas only between groups of three digits: "3,4" is two numbers), "2.5",
-# ".5", a simple fraction "1/2", and a minus only where it starts a number ("2-5" is 2 and 5, not 2 and -5).
+# ".5", "1e5" and "2.5E-3" (an exponent only where no letter follows: "3eggs" is 3), a simple fraction "1/2", and a
+# minus only where it starts a number ("2-5" is 2 and 5, not 2 and -5).
 _NUMBER = re.compile(r"""
     (?P<sign>(?<![\w)\]])-)?
     (?: (?P<numerator>\d+)/(?P<denominator>0*[1-9]\d*)(?!\d|\.\d)
-      | (?P<value>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+) )
+      | (?P<value>(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+(?!\w))?) )
 """, re.VERBOSE)
-# The first fenced block, its language tag in any case and its lines ended by \n or \r\n ("```Python3 \r\n").
-_CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py3?)?[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# A fenced block: its fences start lines (so that a block's closing fence never opens the next one), its tag is the
+# opening line's first word, its lines end in \n or \r\n.
+_CODE_BLOCK = re.compile(r"^```[ \t]*(?P<tag>[^\s`]*)[^\n]*\n(?P<code>.*?)^```", re.DOTALL | re.MULTILINE)
+_PYTHON_TAGS = {"python", "py", "python3", "py3"}
 
 
 def numbers(text: str) -> list[float]:
@@ -66,20 +69,40 @@ def only_answer(row: dict, reply: str) -> float:
 
 
 def python_tests(row: dict, reply: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
-    """1 if the reply's code (its first ```python block, else the whole reply) passes the row's "tests": run with
-    them in herd's code sandbox, it exits 0 and prints a random word the run appends after the tests (code that
-    ends the process before them, with sys.exit(0) or an atexit os._exit(0), exits 0 too). The sandbox kills the
-    code's whole process tree at the timeout and shows it no host file; where none can be made, ValueError."""
-    from herd.tools.sandbox import Limits, run_python
+    """1 if the reply's code (see `reply_code`) passes the row's "tests": run with them in herd's code sandbox, it
+    exits 0 and leaves a random word in a file the run writes after the tests (code that ends the process before
+    them, with sys.exit(0) or an atexit os._exit(0), exits 0 too). The sandbox kills the code's whole process tree
+    at the timeout and shows it no host file; where none can be made, ValueError."""
+    from herd.tools.sandbox import WORK_DIR, Limits, run_python
 
     _require_sandbox()
-    block = _CODE_BLOCK.search(reply)
     done_word = secrets.token_hex(16)
-    code = f"{block.group(1) if block else reply}\n\n{row['tests']}\nprint('\\n{done_word}', flush=True)\n"
+    # A file, not a line printed last: the sandbox keeps only the start of stdout. Builtins' open, since the reply
+    # may define an `open` of its own; an absolute path, since it may have changed directory.
+    done = f"__import__('builtins').open({f'{WORK_DIR}/{_DONE_FILE}'!r}, 'w').write({done_word!r})"
+    code = f"{reply_code(reply)}\n\n{row['tests']}\n{done}\n"
     # The CPU limit a second above the wall clock's, as the code interpreter sets it, so a busy loop times out.
     limits = Limits(timeout=timeout_s, cpu_seconds=math.ceil(timeout_s) + 1, memory_mb=memory_mb)
     run = run_python(code, limits=limits)
-    return float(run["exit_code"] == 0 and done_word in run["stdout"].splitlines())
+    return float(run["exit_code"] == 0 and run["files"].get(_DONE_FILE) == done_word.encode())
+
+
+# The sandbox returns the files in name order up to Limits.returned_files: a leading "." comes before the names code
+# usually writes.
+_DONE_FILE = ".herd-tests-done"
+
+
+def reply_code(reply: str) -> str:
+    """The code in a reply: its first block tagged python (or py, python3, py3), else its first untagged block (never
+    another language's), else the whole reply."""
+    untagged = None
+    for block in _CODE_BLOCK.finditer(reply):
+        tag = block["tag"].lower()
+        if tag in _PYTHON_TAGS:
+            return block["code"]
+        if not tag and untagged is None:
+            untagged = block["code"]
+    return reply if untagged is None else untagged
 
 
 def _require_sandbox() -> None:

@@ -43,7 +43,8 @@ from pathlib import Path, PurePosixPath
 from herd.tools.cgroups import SandboxCgroup
 
 _BOOT = Path(__file__).with_name("sandbox_boot.py")
-_INSIDE_WORK, _INSIDE_CONTROL = "/work", "/sandbox"
+# The code's working directory inside the sandbox, whose files come back with the run (read by verifiers too).
+WORK_DIR, _INSIDE_CONTROL = "/work", "/sandbox"
 _INSIDE_PYTHON, _INSIDE_SITE = "/opt/python", "/opt/site-packages"
 _INSIDE_MPL = "/tmp/matplotlib"
 _NOTE = re.compile(r"\[(output truncated|\d+ more files not returned)")  # what herd adds to the code's stderr
@@ -183,7 +184,7 @@ def _say_single_task() -> None:
 def _font_list() -> tuple[str, bytes] | None:
     """matplotlib's font list, built once by a sandboxed run of our own and shown read-only to later runs that
     plot: building it takes seconds on every fresh MPLCONFIGDIR. None where matplotlib is not installed."""
-    code = f"import os\nos.environ['MPLCONFIGDIR'] = {_INSIDE_WORK!r}\nimport matplotlib.font_manager"
+    code = f"import os\nos.environ['MPLCONFIGDIR'] = {WORK_DIR!r}\nimport matplotlib.font_manager"
     run = _sandboxed(code, {}, Limits(timeout=120, cpu_seconds=120), fonts=False)
     found = sorted((name, data) for name, data in run["files"].items() if name.startswith("fontlist-"))
     return found[0] if run["exit_code"] == 0 and found else None
@@ -242,7 +243,7 @@ def _command(control: Path, uid: int | None, limits: Limits, tasks: int, results
         },
     }
     env = {
-        "PATH": "/usr/bin:/bin", "HOME": _INSIDE_WORK, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+        "PATH": "/usr/bin:/bin", "HOME": WORK_DIR, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
         "MPLBACKEND": "Agg", "MPLCONFIGDIR": _INSIDE_MPL, "XDG_CACHE_HOME": "/tmp/cache",
         "XDG_CONFIG_HOME": "/tmp/config",
         # One thread per BLAS/OpenMP pool: threads count against the process limit and the address space.
@@ -267,9 +268,9 @@ def _command(control: Path, uid: int | None, limits: Limits, tasks: int, results
         "--perms", "1777", "--dir", _INSIDE_MPL,
         *runtime_args,
         "--ro-bind", str(control), _INSIDE_CONTROL,
-        "--perms", "0777", "--size", str(limits.work_mb << 20), "--tmpfs", _INSIDE_WORK,
+        "--perms", "0777", "--size", str(limits.work_mb << 20), "--tmpfs", WORK_DIR,
         *extra,
-        "--chdir", _INSIDE_WORK,
+        "--chdir", WORK_DIR,
         "--clearenv", *[a for key, value in env.items() for a in ("--setenv", key, value)],
         "--", interpreter, "-I", "-B", "-X", "utf8", f"{_INSIDE_CONTROL}/boot.py", json.dumps(config),
     ]

@@ -89,7 +89,11 @@ def test_numbers_are_read_as_written():
     assert only_answer({"answer": 34}, "The numbers 3,4") == 0.0
     assert [expected_answer(a) for a in ("1,000", "1/2", "$5", -2, "-2.5")] == [1000, 0.5, 5, -2, -2.5]
     assert answer({"answer": "1,000"}, "It is 1000.") == 1.0 and answer({"answer": "1/2"}, "0.5") == 1.0
-    for bad in ("\\frac{1}{2}", "twelve", True, None, float("nan")):
+    assert numbers("1e5, 2.5E-3, -1e+2 and 3e") == [100_000, 0.0025, -100, 3]
+    assert numbers("3eggs, 2e3rd, 1e5x") == [3, 2, 3, 1, 5]   # no exponent where a letter follows
+    assert expected_answer("1e5") == 100_000 and answer({"answer": 1000}, "It is 1e3") == 1.0
+    assert only_answer({"answer": 0.001}, "1E-3") == 1.0
+    for bad in ("\\frac{1}{2}", "twelve", "1e999", True, None, float("nan")):
         with pytest.raises(ValueError, match='"answer" must be one number'):
             expected_answer(bad)
 
@@ -109,6 +113,16 @@ def test_python_tests_passes_only_code_whose_tests_ran_to_the_end():
 
 
 @needs_sandbox
+def test_python_tests_passes_right_code_whatever_it_prints_or_wherever_it_goes():
+    row = {"tests": "assert add(2, 3) == 5"}
+    right = "def add(a, b):\n    return a + b\n"
+    for busy in ("for i in range(20000): print(i)", "import sys\nsys.stderr.write('x' * 10**6)",
+                 "import os\nos.chdir('/tmp')", "def open(*args): raise OSError('mine')",
+                 "for i in range(300): open(f'file{i}', 'w').write('x')"):
+        assert python_tests(row, f"{right}{busy}\n") == 1.0, busy
+
+
+@needs_sandbox
 def test_python_tests_finds_the_code_in_any_python_fence():
     row = {"tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0"}
     right = "def add(a, b):\n    return a + b\n"
@@ -116,6 +130,22 @@ def test_python_tests_finds_the_code_in_any_python_fence():
         assert python_tests(row, f"Here:\n{fence}{right}```\nDone.") == 1.0, fence
     assert python_tests(row, "```python\r\n" + right.replace("\n", "\r\n") + "```") == 1.0
     assert python_tests(row, right + "print('no newline at the end', end='')") == 1.0
+    bash_first = f"Install:\n```bash\npip install x\n```\nThen:\n```python\n{right}```"
+    assert python_tests(row, bash_first) == 1.0
+
+
+def test_the_code_is_the_first_python_block_else_the_first_untagged_one():
+    from herd.posttrain.verify import reply_code
+
+    code = "def f(): ...\n"
+    assert reply_code(f"Install:\n```bash\npip install x\n```\nThen:\n```python\n{code}```") == code
+    for fence in ("```python", "```PY", "```Python3 ", "``` py3", "```python title=f.py"):
+        assert reply_code(f"```js\nx()\n```\n```\nuntagged\n```\n{fence}\r\n{code}```\r\n") == code, fence
+    assert reply_code(f"```sh\nls\n```\n```\n{code}```\n```\nsecond\n```") == code
+    # a fence only where a line starts: "```" in prose opens nothing
+    assert reply_code(f"Use ``` fences:\n```python\n{code}```") == code
+    for no_python in ("```bash\npip install x\n```", "no fence at all", "``` not a fence"):
+        assert reply_code(no_python) == no_python
 
 
 @needs_sandbox
@@ -224,7 +254,7 @@ def test_sample_refuses_a_row_whose_answer_is_no_number_before_the_model_loads(t
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "q"}], "answer": a}) + "\n"
-                               for a in ("1,000", "1/2", "$5", "\\frac{1}{2}")))
+                               for a in ("1,000", "1/2", "$5", "1e5", "\\frac{1}{2}")))
     monkeypatch.setattr(herd.cli, "_load", lambda *args: pytest.fail("the model loaded before the refusal"))
     app = typer.Typer()
     app.command()(sample_cmd)
@@ -232,7 +262,7 @@ def test_sample_refuses_a_row_whose_answer_is_no_number_before_the_model_loads(t
         result = CliRunner().invoke(app, ["default", str(prompts), "--verifier", verifier,
                                           "--out", str(tmp_path / "out.jsonl")])
         assert isinstance(result.exception, ValueError), result.output
-        assert str(result.exception) == (f'{prompts}:4: "answer" must be one number (like 12, "1,000" or "1/2"), '
+        assert str(result.exception) == (f'{prompts}:5: "answer" must be one number (like 12, "1,000" or "1/2"), '
                                          "not '\\\\frac{1}{2}'")
     assert not (tmp_path / "out.jsonl").exists()
 
