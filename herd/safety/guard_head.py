@@ -97,15 +97,17 @@ class GuardFeatures:
         return self._conversation_ids(messages, agent_type, categories, excluded)
 
     def window_ids(self, messages, agent_type=None, categories=None, excluded=()) -> list[list[int]]:
-        """conversation_ids for every window of the conversation: a message longer than `max_chars` is read in
-        windows of that size, each overlapping the next by half, the other messages cut as conversation_ids cuts
-        them. The head was trained on windows of this size, so a long message is judged part by part: text past
-        one window can hide nothing before it."""
+        """conversation_ids for every window of the judged message (the last: the user's turn, or the reply), when
+        it is longer than `max_chars`: windows of that size, each overlapping the next by half, the other messages
+        cut as conversation_ids cuts them. The head was trained on windows of this size, so a long message is
+        judged part by part: text past one window can hide nothing before it. Only the judged message is: the
+        windows of earlier ones, each paired with a reply that grows while it streams, would be read anew at
+        every check."""
         cut = [{**m, "content": (m.get("content") or "")[-self.max_chars:]} for m in messages]
         variants = [cut]
-        for i, m in enumerate(messages):
+        for m in messages[-1:]:
             for window in _windows(m.get("content") or "", self.max_chars)[:-1]:  # the last one is cut's
-                variants.append([*cut[:i], {**cut[i], "content": window}, *cut[i + 1:]])
+                variants.append([*cut[:-1], {**cut[-1], "content": window}])
         return [self._conversation_ids(v, agent_type, categories, excluded) for v in variants]
 
     def _conversation_ids(self, messages, agent_type, categories, excluded) -> list[int]:

@@ -39,8 +39,10 @@ class Decision:
 
 def _injection(scores: dict) -> float:
     """A tool result's indirect-injection score as Meta's get_indirect_injection_score and herd's
-    Guard.prompt_guard read it: in data, a jailbreak is an injection too (1 - benign)."""
-    return scores["injection"] + scores["jailbreak"]
+    Guard.prompt_guard read it: in data, a jailbreak is an injection too, so 1 - benign, of the least benign
+    window (a long text's top injection and top jailbreak may come from different windows: their sum is no
+    window's score)."""
+    return 1.0 - scores["benign"]
 
 
 def refusal(categories: list[str]) -> str:
@@ -194,8 +196,8 @@ class Shields:
         return Decision(not blocked, "code_shield", cwes, text, findings=findings)
 
     def scan_tool_result(self, text: str) -> Decision:
-        """Prompt Guard on a tool's output: flagged, before the model reads it, when injection and jailbreak
-        together pass the threshold (named by the larger)."""
+        """Prompt Guard on a tool's output: flagged, before the model reads it, when its least benign
+        window's 1 - benign (injection and jailbreak together) passes the threshold (named by the larger)."""
         started = time.perf_counter()
         if self.prompt_guard is None:
             return Decision(True)

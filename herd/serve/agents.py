@@ -235,7 +235,8 @@ def _completed(session: _Session, turn_id: str, session_id: str, messages: list[
 class _ShieldCall:
     decision: Any  # herd.safety.shields.Decision
     stops: bool = False  # the turn ends here
-    dialog: list[dict] = field(default_factory=list)  # the session's dialog before the turn's answer, when it stops
+    # the session's dialog before the turn's answer, when it stops: the calls and results that ran included
+    dialog: list[dict] = field(default_factory=list)
 
 
 def _shielded(agent: Agent, shields, dialog: list[dict]) -> Iterator:
@@ -250,30 +251,39 @@ def _shielded(agent: Agent, shields, dialog: list[dict]) -> Iterator:
     if not verdict.allowed:
         yield _ShieldCall(verdict, True, dialog)
         return
-    run, reply = agent.run(dialog), None
+    run, reply, calls = agent.run(dialog), None, None
     for step in run:
         stopped = isinstance(step, FinalAnswer) and not (step.messages and step.messages[-1] is step.message)
-        if isinstance(step, ToolResult) or isinstance(step, ToolCall) and reply is None or stopped:
-            yield step  # a reply's later calls, their results, and a stop after them (max_steps, no room left)
-            continue
-        first = reply is None
-        if first:
-            reply, text = shields.reply_filter(dialog), ""
-        piece = reply.feed(step.text) if isinstance(step, ModelText) else reply.feed("", final=True)
-        if reply.stopped is not None:
-            run.close()  # a call whose code was blocked never runs
-            yield from (_ShieldCall(d, d is reply.stopped, dialog) for d in reply.decisions)
-            return
-        if piece or first:  # the first piece begins the inference step, even when it is held
-            text += piece
-            yield ModelText(piece)
-        if not isinstance(step, ModelText):
+        # a reply's later calls, their results, and a stop after them (max_steps, no room left) pass as they are
+        if not (isinstance(step, ToolResult) or isinstance(step, ToolCall) and reply is None or stopped):
+            first = reply is None
+            if first:  # judged against the dialog it was generated from, the turn's calls and results included
+                reply, text, calls = shields.reply_filter(dialog), "", None
+            piece = reply.feed(step.text) if isinstance(step, ModelText) else reply.feed("", final=True)
+            if reply.stopped is not None:
+                run.close()  # a call whose code was blocked never runs
+                yield from (_ShieldCall(d, d is reply.stopped, dialog) for d in reply.decisions)
+                return
+            if piece or first:  # the first piece begins the inference step, even when it is held
+                text += piece
+                yield ModelText(piece)
+            if isinstance(step, ModelText):
+                continue
             yield from (_ShieldCall(d) for d in reply.decisions)  # warnings
             reply = None
             if isinstance(step, FinalAnswer):  # the answer as it went out (with a warning, where one was added)
                 message = {**step.message, "content": text}
                 step = FinalAnswer(message, [*step.messages[:-1], message], step.steps, step.stop_reason)
-            yield step
+        # the dialog grows as the agent's does, so that a shield stopping a later reply keeps what ran before it
+        if isinstance(step, ToolCall):
+            if calls is None:  # the reply's first call: the reply joins the dialog, its calls' results after it
+                calls = {"role": "assistant", "content": "", "tool_calls": []}
+                dialog = [*dialog, calls]
+            calls["tool_calls"].append({"id": step.id, "type": "function", "function": {
+                "name": step.name, "arguments": json.dumps(step.arguments, ensure_ascii=False)}})
+        elif isinstance(step, ToolResult):
+            dialog = [*dialog, agent._message(step)]
+        yield step
 
 
 def _violation(decision) -> dict:

@@ -117,3 +117,19 @@ def test_windows_cover_every_character():
     assert all(len(p) == 40 for p in parts) and starts[0] == 0 and parts[-1] == text[-40:]
     assert all(b - a <= 20 for a, b in zip(starts, starts[1:]))  # each overlaps the next: no character unread
     assert _windows("short", 40) == ["short"]
+
+
+def test_only_the_judged_message_is_read_in_windows(tiny):
+    """Only the last message (the turn judged) is windowed; earlier ones are cut to their last window. A long user
+    message's windows had each held the growing reply, so every check of a streamed reply read them all anew."""
+    features = GuardFeatures(tiny, layers=(1, 2), max_chars=40)
+    ask = {"role": "user", "content": " ".join(str(i) for i in range(100))}  # 289 characters: 14 windows
+    reply = "Sure, here is a short answer."
+    dialog = [ask, {"role": "assistant", "content": reply}]
+    assert len(features.window_ids(dialog, "Agent")) == 1 and len(features.window_ids([ask], "User")) == 14
+    read = []
+    batch = features.batch
+    features.batch = lambda rows, agent="User": read.append(len(rows)) or batch(rows, agent)
+    features.windows(dialog, "Agent")
+    features.windows([ask, {"role": "assistant", "content": reply + " More."}], "Agent")
+    assert sum(read) == 2  # one row per check: the reply's one window

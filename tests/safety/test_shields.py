@@ -205,3 +205,58 @@ def test_a_tool_calls_code_is_scanned(reply):
     clean = reply.replace("import pickle", "import json").replace("pickle.loads", "json.load").replace(
         ".read()", "")
     assert _streamed(shields.reply_filter(ask), clean, size=3) == clean  # a safe call goes out as written
+
+
+@pytest.mark.parametrize("prose", [
+    "The book costs $5 and the pen $2.\nTogether $7, so the change from $10 is $3.\n",
+    "It returns None when the key is missing, True otherwise.\nSo check for None first.\n",
+    "Set a default first, e.g. x = 5 in a config file.\nThen if x is None at run time, it falls back.\n",
+])
+def test_prose_with_code_words_streams_as_it_comes(prose):
+    """Markers in ordinary prose ($ amounts, None/True, "x = 5") do not make it code: the reply streams line by
+    line (their counts over the whole reply had held most replies until their end)."""
+    stream = Shields(None, None, CodeShield()).reply_filter([{"role": "user", "content": "Explain."}])
+    first, rest = prose.split("\n", 1)
+    assert stream.feed(first + "\n") == first + "\n"
+    assert stream.feed(rest, final=True) == rest and stream.stopped is None
+
+
+@pytest.mark.parametrize("reply", [
+    "import os\nos.system(x)\n```python\nprint(1)\n```\n",
+    "import pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n```python\nprint(1)\n```\n",
+])
+def test_code_before_a_fence_is_scanned_before_it_goes_out(reply):
+    """Unfenced code held before the first fence is scanned when the fence opens (the fence had released it
+    unscanned, and the whole-reply scan is skipped once a block is seen)."""
+    stream = Shields(None, None, CodeShield()).reply_filter([{"role": "user", "content": "Run it."}])
+    sent = _streamed(stream, reply)
+    assert "os.system" not in sent and "pickle" not in sent and stream.stopped.shield == "code_shield"
+
+
+def test_a_json_list_of_calls_is_held_until_scanned():
+    """A reply that is a JSON list of calls is held as one that is a single call is: its code goes out scanned."""
+    call = ('[{"name": "run_python", "parameters": {"code": "import pickle\\nprint(pickle.loads(open(\'s.bin\', '
+            '\'rb\').read()))"}}]')
+    stream = Shields(None, None, CodeShield()).reply_filter([{"role": "user", "content": "Load it."}])
+    assert "pickle" not in _streamed(stream, call, size=90) and stream.stopped.shield == "code_shield"
+
+
+def test_tool_result_scored_by_its_least_benign_window():
+    """A long result's top injection and top jailbreak can come from different windows; its score is one window's
+    1 - benign (the sum of the two maxima had flagged a result no window of which passes the threshold)."""
+    import numpy as np
+
+    from herd.safety.prompt_guard import HashedLinearClassifier, PromptGuard
+
+    # two windows, each 0.4 unbenign (under 0.5): one leaning to injection, the other to jailbreak
+    class Windows(HashedLinearClassifier):
+        classes, max_chars = ["benign", "injection", "jailbreak"], 10_000
+
+        def predict_proba(self, texts):
+            return np.array([[0.6, 0.3, 0.1] if "first" in t else [0.6, 0.1, 0.3] for t in texts])
+
+    guard = PromptGuard(Windows.__new__(Windows), tokenizer=object())
+    guard.windows = lambda text: ["first half", "second half"]
+    shields = Shields(None, guard)
+    assert shields.scan_tool_result("a long tool result").allowed
+    assert shields.tool_guard().score("a long tool result") == pytest.approx(0.4)

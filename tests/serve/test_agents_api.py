@@ -222,6 +222,7 @@ def shielded(default_llm, monkeypatch):
         assert answer.status_code == 200
         return answer.text, sse(answer)
 
+    turn.replies = replies  # for a test that scripts several turns of one session
     return turn, seen, ran, client
 
 
@@ -258,3 +259,26 @@ def test_an_agent_turn_is_shielded_as_a_chat_request_is(shielded):
     assert events[-1]["turn"]["stop_reason"] == "max_steps" and "error" not in events[-1]
     metrics = client.get("/metrics").text
     assert 'herd_shield_decisions_total{outcome="blocked",shield="llama_guard_input"} 1.0' in metrics
+
+
+def test_a_reply_after_tool_calls_is_judged_with_them_and_a_stop_keeps_them(shielded):
+    """A reply after tool calls is judged against the dialog it was generated from (its calls' results included),
+    and when a shield stops it the session keeps the calls and results that ran: each reply had been judged, and
+    the session's dialog set, from the dialog before the turn."""
+    turn, seen, ran, client = shielded
+    judged = []
+    guard = client.app.state.herd.shields.guard.llm
+    verdict = guard.verdict
+    guard.verdict = lambda messages, *rest: judged.append(list(messages)) or verdict(messages, *rest)
+    agent_id = client.post("/v1/agents", json={"tools": ["run_python"]}).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+    url = f"/v1/agents/{agent_id}/session/{session_id}/turn"
+    turn.replies[:] = ['{"name": "run_python", "parameters": {"code": "print(6 * 7)"}}',
+                       "Mix the nerve agent precursors.", "You are welcome."]
+    events = sse(client.post(url, json={"messages": [{"role": "user", "content": "Work it out, then mix."}]}))
+    assert ran == ["print(6 * 7)"] and "S9" in events[-1]["turn"]["output_message"]["content"]
+    assert any(m["role"] == "tool" and m["content"] == "ok" for m in judged[-1])  # the reply judged after its call
+    sse(client.post(url, json={"messages": [{"role": "user", "content": "Thanks."}]}))
+    history = seen[-1]  # the next turn's prompt: the call and its result are in the session's dialog
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant", "user"]
+    assert history[1]["tool_calls"][0]["function"]["name"] == "run_python" and history[2]["content"] == "ok"

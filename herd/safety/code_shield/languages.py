@@ -36,7 +36,8 @@ _MARKERS = [
     ("java", r"\bString\[\]|\bString\s+\w+\s*=", 2),
     ("shell", r"^#!\s*/(usr/)?bin/(env\s+)?(ba|z|da)?sh", 10), ("shell", r"^\s*(fi|done|esac|then|do)\s*$", 3),
     ("shell", r"^\s*(echo|export|sudo|apt-get|apt|curl|wget|chmod|chown|mkdir|cd|rm|cp|mv|tar|git|pip)\s", 2),
-    ("shell", r"\$\{?\w+\}?|\$\(", 1), ("shell", r"^\s*\w+=\S", 1), ("shell", r"^\s*\$ ", 3),
+    # a variable's name starts with a letter: "$5" in prose is money
+    ("shell", r"\$\{?[A-Za-z_]\w*\}?|\$\(", 1), ("shell", r"^\s*\w+=\S", 1), ("shell", r"^\s*\$ ", 3),
 ]
 _COMPILED = [(lang, re.compile(p, re.MULTILINE), w) for lang, p, w in _MARKERS]
 
@@ -50,20 +51,9 @@ def normalize(language: str | None) -> str | None:
 
 def detect(code: str) -> str | None:
     """The likeliest of LANGUAGES for a snippet, or None when nothing marks it as code."""
-    return language_of(marker_counts(code))
-
-
-def marker_counts(text: str) -> list[int]:
-    """How often each marker occurs in `text`: counts of a text's parts add up (nearly: a few markers can span
-    lines) to its own, so a stream can be read line by line (see language_of)."""
-    return [len(pattern.findall(text)) for _, pattern, _ in _COMPILED]
-
-
-def language_of(counts: list[int]) -> str | None:
-    """detect's answer for a text's marker_counts."""
     scores = dict.fromkeys(LANGUAGES, 0)
-    for (lang, _, weight), count in zip(_COMPILED, counts):
-        scores[lang] += weight * min(count, 3)
+    for lang, pattern, weight in _COMPILED:
+        scores[lang] += weight * min(len(pattern.findall(code)), 3)
     if scores["cpp"]:
         scores["cpp"] += scores["c"]  # C markers are C++ markers too
     best = max(scores, key=scores.get)

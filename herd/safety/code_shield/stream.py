@@ -1,18 +1,21 @@
 """Scanning a reply while it streams: each fenced code block is scanned the moment its closing fence arrives, so
 a server can stop the reply at the first blocked block instead of after the whole of it; code outside fences (a
-reply that is code, a tool call's code) is held and scanned at the end."""
+reply that is code, a tool call's code) is held and scanned at the end, or when a fence opens after it."""
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterable, Iterator
 
-from herd.safety.code_shield.languages import detect, language_of, marker_counts, normalize
+from herd.safety.code_shield.languages import detect, normalize
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)")
 _MAY_OPEN = re.compile(r"^ {0,3}(`+|~+)?$|^ {0,3}(`{3,}|~{3,})")  # a last line that is or may become a fence
 _TAG = "<|python_tag|>"
 _CODE_LINE = 80  # a pending line this long is taken for prose: code lines are seldom longer
+# A line that starts as a sentence does ("The book costs", "It returns None") or ends as one: markers in it ("$5",
+# "None", "x = 5") are prose's, not code's.
+_PROSE = re.compile(r"^\s*[A-Z][a-z]*,? [A-Za-z]+ [A-Za-z]+\b|[.!?,]\s*$")
 
 
 class StreamScanner:
@@ -24,7 +27,8 @@ class StreamScanner:
     Each scan is CodeShield.scan's result plus "block" (its index in the reply), "line" (the reply line the code
     starts on) and "code". `unscanned_from()` says where the text not yet cleared begins: a server streams the
     reply up to there and holds the rest (an open block, a last line that may open one, a tool call, and the whole
-    of a reply with no fences yet that reads as code or may be a JSON call, scanned only at the end).
+    of a reply with no fences yet that has a line reading as code or may be a JSON call, scanned at the end or,
+    when a fence opens after it, then).
     """
 
     def __init__(self, shield, language: str | None = None):
@@ -38,8 +42,7 @@ class StreamScanner:
         self._done = 0  # characters of the complete lines read so far
         self._open_at = 0  # where the open block's fence line begins
         self._tag_at: int | None = None  # where a python_tag call begins: all after it is its code
-        self._counts = [0] * len(marker_counts(""))  # language markers in the complete lines before any fence
-        self._code_like = False  # those lines (and the pending one) read as code
+        self._code_like = False  # a complete line before any fence (or the pending one) reads as code
 
     def feed(self, text: str) -> list[dict]:
         start = len(self._text)
@@ -74,10 +77,10 @@ class StreamScanner:
 
     def _whole_held(self) -> bool:
         """Whether the reply, with no fence so far, is to be scanned whole at its end and so held until then."""
-        if not self._code_like:
-            counts = [a + b for a, b in zip(self._counts, marker_counts(self._pending))]
-            self._code_like = language_of(counts) is not None
-        return self._code_like or self.language is not None or self._text.lstrip().startswith("{")
+        return self._held_lines() or _reads_as_code(self._pending)
+
+    def _held_lines(self) -> bool:
+        return self._code_like or self.language is not None or self._text.lstrip().startswith(("{", "["))
 
     def finish(self) -> list[dict]:
         scans = []
@@ -103,11 +106,14 @@ class StreamScanner:
         self._lines += 1
         m = _FENCE.match(line)
         if self._fence is None:
+            held = self._blocks == 0 and self._done and self._held_lines()
             if m:
                 self._fence, self._info, self._code, self._start = m.group(1), m.group(2), [], self._lines + 1
                 self._open_at = self._done
-            elif self._blocks == 0:
-                self._counts = [a + b for a, b in zip(self._counts, marker_counts(line))]
+                if held:  # the fence would release what was held before it: scan it first
+                    return self._scanned(self._text[:self._done], self.language, 1)
+            elif self._blocks == 0 and _reads_as_code(line):
+                self._code_like = True
             return None
         if m and m.group(1)[0] == self._fence[0] and len(m.group(1)) >= len(self._fence) and not m.group(2):
             return self._scan()
@@ -125,6 +131,11 @@ class StreamScanner:
         scan = {**result, "block": self._blocks, "line": line, "code": code}
         self._blocks += 1
         return scan
+
+
+def _reads_as_code(line: str) -> bool:
+    """Whether a line alone reads as code: its own markers name a language and it reads as no sentence."""
+    return not _PROSE.search(line) and detect(line) is not None
 
 
 def _partial_tag(text: str) -> int:
