@@ -31,7 +31,8 @@ class Dropped:
     stage: str  # the stage's name, as in the pipeline config
     reason: str  # short machine-readable reason, e.g. "min_words", "near_duplicate_of:<id>"
     url: str | None = None
-    # where the record is in the input: "FILE:LINE" (JSONL, 1-based), "FILE@OFFSET" (WARC, bytes), "FILE"
+    # where the record is in the input: "FILE:LINE" (JSONL lines and Parquet rows, 1-based), "FILE@OFFSET" (WARC,
+    # bytes), "FILE"
     source: str | None = None
 
 

@@ -338,7 +338,7 @@ def _read_problems(work: Path, inputs: list[Path]) -> list[str]:
     if inputs and len(unread) == len(inputs):
         more = f"; and {len(unread) - 3} more" if len(unread) > 3 else ""
         raise PipelineError(f"no document could be read from any input: {'; '.join(unread[:3])}{more}; give JSONL, "
-                            "text, HTML or WARC files, plain or in the compression their names say")
+                            "Parquet, text, HTML or WARC files, plain or in the compression their names say")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""Input readers: JSONL, plain-text trees, HTML, WARC, and gzip/zstd around any of them.
+"""Input readers: JSONL, Parquet, plain-text trees, HTML, WARC, and gzip/zstd around any of them.
 
 `read(path)` yields a Document per record and a Dropped for every record it could not use, so a
 malformed input costs exactly the records that are broken and is accounted for in the report.
@@ -27,6 +27,7 @@ _COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _JSONL = {".jsonl", ".json", ".ndjson"}
 _HTML = {".html", ".htm", ".xhtml"}
 _WARC = {".warc", ".arc"}
+_PARQUET = {".parquet"}
 _BOM = b"\xef\xbb\xbf"
 # The bytes every stream of the codec starts with: without them the file is not compressed so, not cut short.
 _MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
@@ -82,6 +83,9 @@ def read(path: str | Path, extractor: str = "herd") -> Iterator[Document | Dropp
     source = str(path)
     if codec and not _starts_as(path, codec):
         yield Dropped(doc_id(f"{source}:not_{codec}"), STAGE, f"not_{codec}", source=source)
+        return
+    if inner in _PARQUET:
+        yield from _read_parquet(path, source, codec)
         return
     if inner in _WARC:
         # warcio reads per-record gzip itself; a whole-file zstd stream is decompressed first.
@@ -184,20 +188,63 @@ def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dro
             if holds_lone_surrogate(raw, rec):
                 yield Dropped(doc_id(src), STAGE, "unpaired_surrogate", source=src)
                 continue
-            name = str(rec["id"]) if rec.get("id") is not None else None
-            rid = doc_id(src) if name is None else name
-            url = rec.get("url") if isinstance(rec.get("url"), str) else None
-            text = rec.get("text")
-            if text is None:
-                yield Dropped(rid, STAGE, "missing_text", url, src)
-            elif not isinstance(text, str):
-                yield Dropped(rid, STAGE, "text_not_a_string", url, src)
-            else:
-                meta = {k: v for k, v in rec.items() if k not in ("id", "text", "url")}
-                # The record's own id may repeat in another input (or this one): its place makes it unique.
-                yield Document(doc_id(src) if name is None else f"{name}@{src}", text, src, url, meta=meta, name=name)
+            yield _record(rec, src)
     except Truncated:
         src = f"{source}:{n + 1}"  # the line the stream was cut in
+        yield Dropped(doc_id(f"{src}:truncated"), STAGE, "truncated_input", source=src)
+
+
+def _record(rec: dict, src: str) -> Document | Dropped:
+    """A JSON line's or a table row's fields as a document: `text`, `id` and `url`, the other fields its metadata."""
+    name = str(rec["id"]) if rec.get("id") is not None else None
+    rid = doc_id(src) if name is None else name
+    url = rec.get("url") if isinstance(rec.get("url"), str) else None
+    text = rec.get("text")
+    if text is None:
+        return Dropped(rid, STAGE, "missing_text", url, src)
+    if not isinstance(text, str):
+        return Dropped(rid, STAGE, "text_not_a_string", url, src)
+    meta = {k: v for k, v in rec.items() if k not in ("id", "text", "url")}
+    # The record's own id may repeat in another input (or this one): its place makes it unique.
+    return Document(doc_id(src) if name is None else f"{name}@{src}", text, src, url, meta=meta, name=name)
+
+
+def _read_parquet(path: Path, source: str, codec: str | None) -> Iterator[Document | Dropped]:
+    """One document per row, its columns read as a JSON line's fields, a batch of rows at a time; `source` names the
+    file and the 1-based row. Hugging Face datasets (FineWeb, Dolma, RedPajama) ship as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if codec:  # Parquet compresses inside; an outer codec must be undone before its footer can be read
+        blob, truncated = _read_all(_decompressed_chunks(path, codec))
+        if truncated:
+            yield Dropped(doc_id(f"{source}:truncated"), STAGE, "truncated_input", source=source)
+            return
+        file = pa.BufferReader(blob)
+        head = blob[:4]
+    else:
+        file = path
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    if not head:
+        return
+    if head != b"PAR1":
+        yield Dropped(doc_id(f"{source}:not_parquet"), STAGE, "not_parquet", source=source)
+        return
+    n = 0
+    try:
+        # a file cut short has lost its footer, the table of contents every row is found by
+        table = pq.ParquetFile(file)
+        for batch in table.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                n += 1
+                record = _record(row, f"{source}:{n}")
+                if isinstance(record, Document):
+                    # timestamps and decimals as text, so the metadata can be written out as JSON
+                    record.meta = json.loads(json.dumps(record.meta, default=str))
+                yield record
+    except (pa.ArrowException, OSError):
+        src = f"{source}:{n + 1}"
         yield Dropped(doc_id(f"{src}:truncated"), STAGE, "truncated_input", source=src)
 
 

@@ -298,3 +298,37 @@ def test_utf16_text_and_pages_are_read_as_text(tmp_path):
     assert next(read(tmp_path / "le.txt")).text == next(read(tmp_path / "be.txt")).text == text
     assert next(read(tmp_path / "p.html")).text == "Une page en UTF-16, été."
     assert next(read(tmp_path / "odd.txt")).reason == "binary"
+
+
+def test_parquet_rows_read_as_the_same_records_in_jsonl_do(tmp_path):
+    """Hugging Face datasets ship as Parquet; such a file had been dropped whole as "binary". Its rows are read as
+    the same records written as JSON lines are, a row group at a time; a file cut short (its footer gone) and one
+    that is not Parquet are each one drop."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}" if i % 3 else None, "text": f"row {i} text" if i != 4 else None,
+             "url": f"https://example.org/{i}", "score": i / 10, "dump": "CC-MAIN-2024-10"} for i in range(7)]
+    table = pa.Table.from_pylist(rows).append_column("date", pa.array([datetime.datetime(2024, 1, i + 1)
+                                                                        for i in range(7)]))
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({**r, "date": f"2024-01-0{i + 1} 00:00:00"}) + "\n"
+                                              for i, r in enumerate(rows)))
+    from_parquet, from_jsonl = read_file(tmp_path / "t.parquet"), read_file(tmp_path / "t.jsonl")
+    assert len(from_parquet) == len(from_jsonl) == 7
+    for a, b in zip(from_parquet, from_jsonl):
+        assert type(a) is type(b) and a.source.replace("t.parquet", "t.jsonl") == b.source
+        if isinstance(a, Document):
+            assert (a.text, a.url, a.name, a.meta) == (b.text, b.url, b.name, b.meta)
+            assert a.id.replace("t.parquet", "t.jsonl") == b.id or a.id == doc_id(a.source)
+        else:
+            assert a.reason == b.reason == "missing_text"
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))
+    assert [d.text for d in split(read_file(tmp_path / "t.parquet.gz"))[0]] == [d.text for d in split(from_jsonl)[0]]
+    data = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "not.parquet").write_text("id,text\n1,hello\n")
+    assert [d.reason for d in read_file(tmp_path / "cut.parquet")] == ["truncated_input"]
+    assert [d.reason for d in read_file(tmp_path / "not.parquet")] == ["not_parquet"]
