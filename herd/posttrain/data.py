@@ -80,6 +80,30 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
         raise DataError(f"{path}: holds no rows (it is empty or blank); give a JSONL file, one JSON object a line")
 
 
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """read_jsonl's rows, or a Parquet file's (how Hugging Face datasets ship: UltraChat, UltraFeedback), each
+    `where` "FILE:ROW"; a batch of rows at a time."""
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        yield from read_jsonl(path)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    try:
+        table = pq.ParquetFile(path)
+        for batch in table.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                rows += 1
+                yield f"{path}:{rows}", row
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file after {rows} rows ({_brief(error)}); "
+                        "write it again or give JSONL") from None
+    if not rows:
+        raise DataError(f"{path}: holds no rows; give a Parquet or JSONL file of rows")
+
+
 class DialogEncoder:
     """Dialogs to ids with the chat format of the model being tuned (Llama 3's, or a checkpoint's own template).
 

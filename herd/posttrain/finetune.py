@@ -28,7 +28,7 @@ from herd.atomic import atomic_output, save_safetensors
 from herd.bounds import NON_NEGATIVE, require
 from herd.checkpoint.convert import REWARD_HEAD
 from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch,
-                                 read_jsonl)
+                                 read_rows)
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
 from herd.posttrain.kd import KDConfig, kd_loss
 from herd.posttrain.lora import LoRAConfig, adapters_off, apply_lora, lora_state_dict, merge_lora
@@ -76,7 +76,7 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
     if f.recipe not in RECIPES:
         raise ConfigError(f"finetune.recipe {f.recipe!r} is not one of {', '.join(RECIPES)}")
     if not f.data:
-        raise ConfigError("finetune.data: give the JSONL file to train on")
+        raise ConfigError("finetune.data: give the JSONL or Parquet file to train on")
     if f.recipe == "kd" and not f.teacher:
         raise ConfigError("finetune.teacher: the kd recipe needs a teacher checkpoint")
     if f.recipe in ("dpo", "ppo") and config.lora.rank and config.lora.dropout:
@@ -166,7 +166,7 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
 
     if f.recipe in ("sft", "kd"):
         def prepare(path):
-            examples = encode_sft(read_jsonl(path), encoder, seq_len)
+            examples = encode_sft(read_rows(path), encoder, seq_len)
             if f.pack:
                 return pack(examples, seq_len, seed=t.seed)
             return [pack([e], len(e.ids))[0] for e in examples]
@@ -185,7 +185,7 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
         mask = f.recipe == "dpo" and config.dpo.mask_formatting
 
         def prepare(path, name):
-            examples = encode_preferences(read_jsonl(path), encoder, seq_len)
+            examples = encode_preferences(read_rows(path), encoder, seq_len)
             if f.recipe == "dpo":
                 refs = cached_reference_logps(base, examples, mask, pad, run_dir / f"ref_logps.{name}.pt")
                 return [(e, r) for e, r in zip(examples, refs)]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from herd.atomic import atomic_output
 from herd.bounds import AT_LEAST_ONE, FINITE, NONZERO_FRACTION, NON_NEGATIVE, require
 from herd.generate.sampling import SamplingParams
-from herd.posttrain.data import DataError, DialogEncoder, _messages, read_jsonl
+from herd.posttrain.data import DataError, DialogEncoder, _messages, read_rows
 
 Scorer = Callable[[Sequence[dict], Sequence[str]], list[float]]   # (prompt rows, replies) -> scores
 
@@ -68,7 +68,7 @@ def prompt_rows(path: str | Path, needs: str | None = None,
     """(where, row) of prompt rows, each ending where the model replies; `needs`: a field every row must have
     (the one its scorer reads); `check`: raises ValueError for a row its scorer cannot score (e.g. an "answer" that
     is no number), so that a bad row stops the run before sampling, not after it."""
-    for where, row in read_jsonl(path):
+    for where, row in read_rows(path):
         messages = _messages(row, "messages", where)
         last = messages[-1].get("role") if messages else None
         if last not in REPLY_AFTER:

@@ -130,3 +130,28 @@ def test_bad_rows_fail_with_one_line_naming_the_row(tmp_path, llama3_format, lin
     with pytest.raises(DataError, match=message) as error:
         encode(rows, DialogEncoder(llama3_format), max_len=64)
     assert "\n" not in str(error.value)
+
+
+def test_parquet_rows_encode_as_the_same_rows_in_jsonl_do(tmp_path, llama3_format):
+    """Hugging Face's chat and preference datasets ship as Parquet, whose struct columns give every message every
+    field (a None `tool_calls` beside a plain reply); such rows encode exactly as their JSON lines do."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from herd.posttrain.data import read_rows
+
+    encoder = DialogEncoder(llama3_format)
+    sft = [{"messages": DIALOG[:i], "tools": [WEATHER]} for i in (3, 7)]
+    prefs = [{"prompt": DIALOG[1:2], "chosen": "4.", "rejected": "5."},
+             {"prompt": DIALOG[:2], "chosen": [{"role": "assistant", "content": "Four."}], "rejected": [DIALOG[2]]}]
+    for name, rows, encode in (("sft", sft, encode_sft), ("prefs", prefs[:1], encode_preferences),
+                               ("prefs_lists", prefs[1:], encode_preferences)):
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        parquet_rows = list(read_rows(tmp_path / f"{name}.parquet"))
+        assert [w for w, _ in parquet_rows] == [f"{tmp_path / name}.parquet:{i}" for i in range(1, len(rows) + 1)]
+        assert encode(parquet_rows, encoder, 512) == encode(read_rows(tmp_path / f"{name}.jsonl"), encoder, 512)
+    data = (tmp_path / "sft.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.parquet: not a readable Parquet file after 0 rows .*give JSONL"):
+        list(read_rows(tmp_path / "cut.parquet"))
