@@ -45,13 +45,28 @@ def resolve_model_path(path_or_name: str | Path | None) -> Path:
         return default_model_path()
     path = Path(path_or_name).expanduser()
     if not path.exists():
-        hub = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(path_or_name)) is not None
+        # a hub id, maybe with a file inside the repository: "org/name", "org/name/model-Q8_0.gguf"
+        hub = re.fullmatch(r"([\w-][\w.-]*/[\w.-]+)((?:/[\w.-]+)*)", str(path_or_name))
+        if hub and (cached := _hub_snapshot(hub[1])) is not None and (cached / hub[2].lstrip("/")).exists():
+            return cached / hub[2].lstrip("/")
         raise ModelNotFoundError(
             f"no checkpoint at {path}: give a Meta, Hugging Face or GGUF checkpoint path"
-            + (f" (herd downloads nothing: `hf download {path_or_name} --local-dir DIR`, then give DIR)"
+            + (f" (herd downloads nothing: `hf download {hub[1]} --local-dir DIR`, then give DIR)"
                if hub else "")
         )
     return path
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """A Hugging Face hub repository's snapshot already in the local cache (HF_HUB_CACHE, HF_HOME), as transformers and
+    vLLM find a model offline by its id; None where it is not there. Never a download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):  # not cached; or not a valid repository id after all
+        return None
 
 
 def default_device() -> torch.device:

@@ -68,6 +68,34 @@ def test_missing_model():
                           "herd downloads nothing", "hf download meta-llama/Llama-3.1-8B-Instruct")
 
 
+def test_a_hub_id_is_found_in_the_local_hub_cache(tmp_path):
+    """transformers and vLLM load "org/name" from the hub cache offline; herd had only said how to download it.
+    The cache as huggingface_hub lays it out: a ref naming a snapshot of links to content-addressed blobs."""
+    import os
+
+    repo = tmp_path / "hub" / "models--someone--SmolLM2-GGUF"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    os.symlink(default_model_path(), repo / "blobs" / "f00d")
+    os.symlink("../../blobs/f00d", snapshot / "smollm2.Q4_1.gguf")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def generate(model):
+        return subprocess.run([sys.executable, "-m", "herd.cli", "generate", "The capital of France is", "--model",
+                               model, "--max-tokens", "4", "--temperature", "0"], capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    expected = generate(str(default_model_path()))
+    assert expected.returncode == 0 and expected.stdout.strip(), expected.stderr
+    for model in ("someone/SmolLM2-GGUF", "someone/SmolLM2-GGUF/smollm2.Q4_1.gguf"):
+        assert generate(model).stdout == expected.stdout
+    assert_one_line_error(generate("someone/SmolLM2-GGUF/other.gguf"), "hf download someone/SmolLM2-GGUF ")
+    assert_one_line_error(generate("someone/elsewhere"), "herd downloads nothing")
+
+
 def test_truncated_gguf(tmp_path):
     broken = tmp_path / "broken.gguf"
     with open(default_model_path(), "rb") as f:
