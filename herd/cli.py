@@ -218,6 +218,8 @@ def batch(
     model_name: Optional[str] = typer.Option(None, help="the model id the bodies name (default: the checkpoint's "
                                              "name)"),
     max_batch: int = typer.Option(64, min=1, help="sequences decoded together"),
+    max_n: int = typer.Option(128, min=1, help="the most choices (n) one request may ask for (OpenAI's limit)"),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="the most tokens one choice may generate"),
     timeout: float = typer.Option(86400.0, help="seconds one request may run (OpenAI's batch window is 24 h)"),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None),
@@ -234,13 +236,14 @@ def batch(
     if out.resolve() == requests.resolve():
         raise typer.BadParameter(f"--out is the input file {requests}, which writing would destroy; give another path")
     try:
-        settings = ServeSettings(model_name=model_name, request_timeout=timeout)
+        settings = ServeSettings(model_name=model_name, max_n=max_n, max_tokens=max_tokens, request_timeout=timeout)
     except ValueError as error:
         raise ValueError(str(error).replace("request_timeout", "--timeout")) from None
-    # Twice the batch at once keeps it full as requests end; a queue for all their choices never answers 429.
+    # Twice the batch at once keeps it full as requests end. The queue is left unbounded: nobody retries a 429 in a
+    # batch, and a request's sequences (prompts x n) have no bound but the file, whose requests are in flight
+    # `concurrency` at a time.
     concurrency = 2 * max_batch
-    llm = _load(model, quantize, device, kv_cache_mib,
-                EngineConfig(max_batch=max_batch, max_queue=concurrency * settings.max_n))
+    llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(max_batch=max_batch, max_queue=sys.maxsize))
     summary = run_batch(llm, lines, out, settings, concurrency=concurrency)
     _status(f"{summary}; wrote {out}")
 

@@ -11,8 +11,10 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from herd.posttrain.data import DataError, read_jsonl
 from herd.serve.protocol import APIError
 
 URLS = ("/v1/chat/completions", "/v1/completions")
+AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,29 @@ class BatchSummary:
                 f"({rate:.1f} completion tokens/s)")
 
 
-def read_batch(path: str | Path) -> list[BatchRequest]:
-    """The requests of a batch input file, every line checked as OpenAI checks a batch file before it runs: a
-    DataError naming the first bad line and what to fix. A body is the server's to judge, line by line."""
-    requests: list[BatchRequest] = []
+@dataclass(frozen=True)
+class BatchFile:
+    """A checked batch input file. Its requests are read again, a line at a time, as they are answered, so that a
+    file of any size is never held in memory whole."""
+
+    path: Path
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[BatchRequest]:
+        return _requests(self.path)
+
+
+def read_batch(path: str | Path) -> BatchFile:
+    """A batch input file, every line checked as OpenAI checks a batch file before it runs: a DataError naming the
+    first bad line and what to fix. A body is the server's to judge, line by line."""
+    count = sum(1 for _ in _requests(Path(path)))
+    return BatchFile(Path(path), count)
+
+
+def _requests(path: Path) -> Iterator[BatchRequest]:
     seen: dict[str, str] = {}
     for where, row in read_jsonl(path):
         custom_id = row.get("custom_id")
@@ -60,6 +82,10 @@ def read_batch(path: str | Path) -> list[BatchRequest]:
             raise DataError(f'{where}: no "custom_id"; give every request a custom_id of its own (a string)')
         if not isinstance(custom_id, str):
             raise DataError(f"{where}: custom_id must be a string, got {json.dumps(custom_id)}")
+        if not _utf8(custom_id):
+            # the output file, UTF-8, could not hold it: the whole batch had run, then been lost on writing it
+            raise DataError(f"{where}: custom_id {json.dumps(custom_id)} holds a lone surrogate (\\ud800-\\udfff), "
+                            "which UTF-8 cannot write; give it as text")
         if custom_id in seen:
             raise DataError(f"{where}: custom_id {json.dumps(custom_id)} is already used at {seen[custom_id]}; "
                             "give every request a custom_id of its own")
@@ -71,18 +97,27 @@ def read_batch(path: str | Path) -> list[BatchRequest]:
                             + " or ".join(f'"{url}"' for url in URLS))
         if "body" not in row:
             raise DataError(f'{where}: no "body"; give the request as "body": {{"model": ..., ...}}')
-        requests.append(BatchRequest(where, custom_id, row["url"], row["body"]))
-    return requests
+        yield BatchRequest(where, custom_id, row["url"], row["body"])
 
 
-async def answer_batch(app, requests: Sequence[BatchRequest], out: Path, *, concurrency: int,
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def answer_batch(app, requests: Iterable[BatchRequest], out: Path, *, concurrency: int,
                        progress: bool = True) -> BatchSummary:
     """Answer `requests` through the ASGI `app` (within its lifespan), `concurrency` at a time, writing one output
-    line per request, in input order, to `out`: atomically, so that an interrupted run leaves no file."""
+    line per request, in input order, to `out`: atomically, so that an interrupted run leaves no file. Requests
+    are started up to `AHEAD` times `concurrency` past the oldest one unwritten: a long one holds back that many
+    answers, not the whole file's."""
     import httpx
     from tqdm import tqdm
 
-    summary = BatchSummary(requests=len(requests))
+    summary = BatchSummary()
     started = time.perf_counter()
     limit = asyncio.Semaphore(concurrency)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
@@ -92,20 +127,29 @@ async def answer_batch(app, requests: Sequence[BatchRequest], out: Path, *, conc
             async with limit:
                 return await _answer(client, request)
 
+        total = len(requests) if isinstance(requests, Sized) else None
         with atomic_output(out) as tmp, tmp.open("w", encoding="utf-8") as file, \
-                tqdm(total=len(requests), desc="batch", unit="req", dynamic_ncols=True, disable=not progress) as bar:
-            tasks = [asyncio.ensure_future(answer(request)) for request in requests]
-            for task in tasks:  # those an interrupt cancels were never answered
-                task.add_done_callback(lambda done: None if done.cancelled() else bar.update())
+                tqdm(total=total, desc="batch", unit="req", dynamic_ncols=True, disable=not progress) as bar:
+            waiting, unstarted = deque(), iter(requests)
+
+            def start() -> None:
+                for request in islice(unstarted, AHEAD * concurrency - len(waiting)):
+                    task = asyncio.ensure_future(answer(request))
+                    task.add_done_callback(lambda done: None if done.cancelled() else bar.update())
+                    waiting.append(task)
+
             try:
-                for task in tasks:  # in input order: a line waits for those before it, not for those after
-                    line = await task
+                start()
+                while waiting:  # in input order: a line waits for those before it, not for those after
+                    line = await waiting.popleft()
+                    summary.requests += 1
                     _count(summary, line)
                     file.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    start()
             finally:  # interrupted: every request's sequences leave the engine before it closes
-                for task in tasks:
+                for task in waiting:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*waiting, return_exceptions=True)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -142,7 +186,7 @@ def _count(summary: BatchSummary, line: dict[str, Any]) -> None:
     summary.completion_tokens += usage.get("completion_tokens", 0)
 
 
-def run_batch(llm, requests: Sequence[BatchRequest], out: Path, settings=None, *, concurrency: int,
+def run_batch(llm, requests: Iterable[BatchRequest], out: Path, settings=None, *, concurrency: int,
               progress: bool = True) -> BatchSummary:
     """Answer `requests` with a server app on `llm` (`settings`: a ServeSettings), written to `out`. The app's
     lifespan starts the engine's thread and closes it at the end, as a server's does."""

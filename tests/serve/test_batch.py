@@ -155,6 +155,8 @@ GOOD = json.dumps(line("a", {"model": "m", "prompt": "x"}))
     (json.dumps({**line("b", {}), "method": "GET"}), 'method "GET" is not supported; give "POST"'),
     (json.dumps({**line("b", {}), "url": "/v1/embeddings"}), 'url "/v1/embeddings" is not supported'),
     (json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions"}), 'no "body"'),
+    # the output file could not hold it: the whole batch had run, then been lost on writing
+    (json.dumps(line("b\ud800", {})), "holds a lone surrogate"),
 ])
 def test_a_badly_formed_line_refuses_the_file_naming_it(tmp_path, second, says):
     path = tmp_path / "in.jsonl"
@@ -199,6 +201,46 @@ def test_cli_writes_every_line_and_a_summary(batch_llm, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(
         "4 requests: 3 succeeded, 1 failed; 12 prompt + 12 completion tokens in ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_many_prompts_and_choices_in_a_line_are_answered_never_a_429(batch_llm, tmp_path):
+    """A batch's queue was sized for n choices a request, so a line listing many prompts came back 429 (retry
+    later), which nothing in a batch retries; and n over the server's 8 could not be asked for (OpenAI allows 128)."""
+    rows = [line("prompts", {"model": batch_llm.name, "prompt": [f"Item {i}:" for i in range(24)], "max_tokens": 1}),
+            line("choices", {"model": batch_llm.name, "messages": [{"role": "user", "content": "Hi"}], "n": 20,
+                             "max_tokens": 1}, "/v1/chat/completions")]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    done = subprocess.run([*HERD, "batch", "in.jsonl", "--out", "out.jsonl", "--max-batch", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["status_code"] for o in out] == [200, 200], out
+    assert [len(o["response"]["body"]["choices"]) for o in out] == [24, 20]
+
+
+def test_answers_start_a_bounded_way_past_the_oldest_unwritten(tmp_path):
+    """Every request of the file had been started at once and every answer kept to the end: memory grew with the
+    file. Now a slow first request holds back AHEAD * concurrency answers, and the file is read as it is answered."""
+    from herd.serve.batch import AHEAD
+
+    app, started, first_done = FastAPI(), [], asyncio.Event()
+
+    @app.post("/v1/completions")
+    async def answer(body: dict):
+        started.append(body["i"])
+        if body["i"] == 0:
+            await asyncio.sleep(0.5)
+            first_done.set()
+        return {"i": body["i"], "started_before_the_first_ended": len(started) if not first_done.is_set() else None}
+
+    write_jsonl(tmp_path / "in.jsonl", [line(f"r{i}", {"i": i}) for i in range(200)])
+    requests = read_batch(tmp_path / "in.jsonl")
+    assert len(requests) == 200 and [r.custom_id for r in requests][:2] == ["r0", "r1"]
+    summary = asyncio.run(answer_batch(app, requests, tmp_path / "out.jsonl", concurrency=2, progress=False))
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["body"]["i"] for o in out] == list(range(200)) and summary.succeeded == 200
+    ahead = [o["response"]["body"]["started_before_the_first_ended"] for o in out[1:]]
+    assert max(n for n in ahead if n is not None) == AHEAD * 2
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
