@@ -115,7 +115,7 @@ def config_from_hf(cfg: dict, where: str) -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise CheckpointError(f"{where}: config.json sets {flag}; Llama 3 has no biases, this model cannot load")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, two names
         raise CheckpointError(f"{where}: config.json's hidden_act is {cfg['hidden_act']!r}; Llama uses silu")
     rope, scaling = _rope(cfg, where)
     try:

@@ -107,7 +107,7 @@ class HFTokenizer:
         added = tokenizer.get_added_tokens_decoder()
         self._added = {t.content: i for i, t in added.items()}
         self.special_tokens: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = _id_count(tokenizer)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
@@ -121,7 +121,8 @@ class HFTokenizer:
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
         """A Hugging Face `tokenizer.json` (or a directory holding one), with the `tokenizer_config.json`,
-        `chat_template.jinja`, `additional_chat_templates/` and `generation_config.json` beside it when present."""
+        `chat_template.jinja`, `additional_chat_templates/` and `generation_config.json` (else config.json's
+        eos_token_id) beside it when present."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -131,6 +132,9 @@ class HFTokenizer:
             f"{path}: not a valid Hugging Face tokenizer.json ({reason}); re-download the checkpoint's tokenizer"))
         config = _read_json(path.parent / "tokenizer_config.json")
         generation = _read_json(path.parent / "generation_config.json")
+        if not (path.parent / "generation_config.json").is_file():
+            # transformers and vLLM then stop where the model's config.json says (GenerationConfig.from_model_config)
+            generation = {"eos_token_id": _read_json(path.parent / "config.json").get("eos_token_id")}
 
         def token_id(name: str) -> int | None:
             token = config.get(name)
@@ -146,7 +150,7 @@ class HFTokenizer:
         eos_id = token_id("eos_token")
         if eos_id is None:
             eos_id = next((tokenizer.token_to_id(t) for t in END_MARKERS if tokenizer.token_to_id(t) is not None), None)
-        generation_eos = generation.get("eos_token_id", [])
+        generation_eos = generation.get("eos_token_id")
         templates = _chat_templates(config, path.parent)
         return cls(
             tokenizer,
@@ -156,7 +160,8 @@ class HFTokenizer:
             add_bos=config.get("add_bos_token", bool(prefix) and prefix[0] == bos_id),
             chat_template=templates.get("default"),
             tool_use_template=templates.get("tool_use"),
-            stop_ids=generation_eos if isinstance(generation_eos, list) else [generation_eos],
+            stop_ids=[i for i in (generation_eos if isinstance(generation_eos, list) else [generation_eos])
+                      if isinstance(i, int) and not isinstance(i, bool) and i >= 0],
         )
 
     @classmethod
@@ -282,12 +287,18 @@ class HFTokenizer:
         return self._tokenizer.token_to_id(token)
 
 
+def _id_count(tokenizer: Tokenizer) -> int:
+    """The highest id + 1: a vocabulary may leave ids unused below a special token (one placed at the model's last
+    row), where the count of its tokens would cut that token off."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 def _token_bytes_table(tokenizer: Tokenizer, added: Collection[str]) -> list[bytes]:
     """Each id's bytes: added tokens are their text, vocabulary entries are spelled in the byte alphabet.
 
     As tokenizers' ByteLevel decoder, a token with any character outside the alphabet stands for its own text.
     """
-    table = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    table = [b""] * _id_count(tokenizer)
     for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
         try:
             table[i] = token.encode() if token in added else token.translate(_TO_LATIN1).encode("latin-1")
@@ -304,7 +315,7 @@ def _token_bytes_in_context(tokenizer: Tokenizer) -> list[bytes]:
     Llama 2, Mistral, TinyLlama). Decoded alone, every token had lost its leading space (the decoder strips one at a
     text's start) and each byte-fallback piece of a character had become U+FFFD; so each id is decoded after an
     anchor token and the anchor's text taken off, and a byte-fallback token `<0xNN>` is its byte."""
-    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    n = _id_count(tokenizer)
     anchor = next((i for c in "aeiouxyz0123456789" if (i := tokenizer.token_to_id(c)) is not None), None)
     if anchor is None:   # no single-letter token to stand before the others: each id as its decoder gives it alone
         return [text.encode() for text in tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)]

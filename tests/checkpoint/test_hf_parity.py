@@ -39,6 +39,17 @@ def test_logits_match_transformers(make_hf, tmp_path, tied, via):
     assert_same_logits(reference, ckpt, tokens)
 
 
+def test_swish_is_silu_and_other_activations_are_refused(make_hf):
+    """transformers' ACT2FN maps "swish" to the same SiLU; it had been refused as not Llama's activation."""
+    from herd.checkpoint.errors import CheckpointError
+
+    reference, directory = make_hf(hidden_act="swish")
+    assert_same_logits(reference, load_checkpoint(directory), torch.randint(0, 256, (2, 16)))
+    _, directory = make_hf(hidden_act="gelu")
+    with pytest.raises(CheckpointError, match="hidden_act is 'gelu'; Llama uses silu"):
+        load_checkpoint(directory)
+
+
 @pytest.mark.parametrize("rope", [None, LLAMA3_ROPE | {"factor": 32.0}], ids=["no-scaling", "factor-32"])
 def test_logits_match_for_other_rope_settings_through_meta(make_hf, tmp_path, rope):
     """Llama 3.2's HF configs say factor 32, which Meta's params.json cannot say by itself: it must survive."""

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from tokenizer_texts import SAMPLES
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from herd.tokenizer import ChatFormat, HFTokenizer, TemplateChatFormat, TokenizerError, chat_format_for, load_tokenizer
+from herd.tokenizer.hf import BYTE_CHARS
 
 SMOLLM2_TEXTS = [
     *SAMPLES,
@@ -142,6 +143,41 @@ def test_tokenizer_json_side_files(tiny_json_dir):
     fmt = chat_format_for(tok)
     assert isinstance(fmt, TemplateChatFormat)
     assert fmt.encode_dialog([{"role": "user", "content": "a"}]) == [97, 259]
+
+
+def test_without_generation_config_the_models_config_says_where_to_stop(tiny_json_dir):
+    """transformers (GenerationConfig.from_model_config) and vLLM stop at config.json's eos_token_id when no
+    generation_config.json is there; herd had read only the latter and generated past the model's end."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    (tiny_json_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    for eos in ([257, 258], 258, None):
+        (tiny_json_dir / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": eos}))
+        theirs = GenerationConfig.from_model_config(LlamaConfig.from_pretrained(tiny_json_dir)).eos_token_id
+        theirs = {theirs} if isinstance(theirs, int) else set(theirs or ())
+        assert load_tokenizer(tiny_json_dir).stop_ids == theirs | {257, 259}  # with eos_token and <|im_end|>
+    (tiny_json_dir / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": 258}))
+    (tiny_json_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 256}))
+    assert load_tokenizer(tiny_json_dir).stop_ids == {256, 257, 259}  # generation_config.json's, when there
+
+
+def test_ids_left_unused_below_a_special_token_are_counted(tmp_path):
+    """A special token placed at the model's last row, ids unused below it: herd.load had failed with an
+    IndexError (its table sized by the count of tokens), and that token could never have been generated."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(BYTE_CHARS)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    data = json.loads(tokenizer.to_str())
+    data["added_tokens"] = [{**AddedToken("<|eot_id|>", special=True).__getstate__(), "id": 299}]
+    data["model"]["vocab"]["<|eot_id|>"] = 299
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>"}))
+    tok, theirs = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.encode("hi<|eot_id|>", bos=False, allowed_special="all") == theirs("hi<|eot_id|>").input_ids
+    assert (tok.vocab_size, tok.eos_id, tok.decode([104, 299])) == (300, 299, theirs.decode([104, 299]))
 
 
 def test_named_chat_templates_and_jinja_files(tiny_json_dir):
