@@ -9,6 +9,7 @@ raise `APIError`), and `create_app(..., routers=[...])` mounts extra routes besi
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -605,6 +606,30 @@ def token_text(tok, token: int) -> str:
     return tok.decode_bytes([token]).decode("utf-8", errors="replace")
 
 
+def token_key(tok, token: int) -> str:
+    """A token's text where a text alone names it (the legacy logprobs' tokens and keys): a piece of a UTF-8
+    character as OpenAI writes one, "bytes:\\xe6\\x97", so that two such pieces stay two keys, not one U+FFFD."""
+    raw = tok.decode_bytes([token])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class TextOffsets:
+    """Where each token's text starts in a choice's text, in characters: a token holding part of a UTF-8 character
+    starts where that character does, and the character is counted once it is whole."""
+
+    def __init__(self):
+        self.chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, raw: bytes) -> int:
+        at = self.chars
+        self.chars += len(self._decoder.decode(raw))
+        return at
+
+
 def _chat_logprobs(tok, logprobs) -> list[dict[str, Any]]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
         return {"token": token_text(tok, token), "logprob": logprob, "bytes": list(tok.decode_bytes([token]))}
@@ -663,7 +688,7 @@ async def completions(request: Request):
         for i, c in enumerate(choices):
             echo, entries = opening(i, c["prompt_logprobs"])
             text, reply = (c["text"], c["logprobs"]) if generating else ("", [])
-            logprobs = _completion_logprobs(tok, entries + reply, 0)[0]
+            logprobs = _completion_logprobs(tok, entries + reply, TextOffsets())
             out.append({"index": i, "text": echo + text,
                         "finish_reason": _finish_reason(c["finish_reason"]) if generating else "length",
                         "logprobs": logprobs if body.logprobs is not None else None})
@@ -673,12 +698,12 @@ async def completions(request: Request):
         head["usage"] = None
 
     async def events():
-        offsets: dict[int, int] = {}  # each choice's text so far, for text_offset
+        offsets: dict[int, TextOffsets] = {}  # each choice's text so far, for text_offset
         async for d in run.deltas():
             echo, entries = opening(d.index, d.prompt_logprobs) if d.index not in offsets else ("", [])
             text, reply = (d.text, d.logprobs) if generating else ("", [])
             finish = (_finish_reason(d.finish_reason) if generating else "length") if d.finish_reason else None
-            logprobs, offsets[d.index] = _completion_logprobs(tok, entries + reply, offsets.get(d.index, 0))
+            logprobs = _completion_logprobs(tok, entries + reply, offsets.setdefault(d.index, TextOffsets()))
             if echo + text or finish or body.logprobs is not None and reply:
                 yield {**head, "choices": [{"index": d.index, "text": echo + text, "finish_reason": finish,
                                             "logprobs": logprobs if body.logprobs is not None else None}]}
@@ -688,22 +713,20 @@ async def completions(request: Request):
     return sse_response(request, events())
 
 
-def _completion_logprobs(tok, entries: list, offset: int) -> tuple[dict[str, Any], int]:
+def _completion_logprobs(tok, entries: list, offsets: TextOffsets) -> dict[str, Any]:
     """OpenAI's legacy logprobs object for TokenLogprobs (a bare token id: a token with no log-probability, a
-    prompt's first), its text offsets counted from `offset`; and the offset after it."""
+    prompt's first), its text offsets carried on by `offsets`."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for entry in entries:
         token = entry if isinstance(entry, int) else entry.token
-        text = token_text(tok, token)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
+        out["tokens"].append(token_key(tok, token))
+        out["text_offset"].append(offsets.advance(tok.decode_bytes([token])))
         out["token_logprobs"].append(None if isinstance(entry, int) else entry.logprob)
         # The token itself too, where it is not among the most likely: OpenAI's legacy API "will always return the
         # logprob of the sampled token, so there may be up to logprobs+1 elements" (vLLM does so too).
         out["top_logprobs"].append(None if isinstance(entry, int) else {
-            token_text(tok, t): v for t, v in {**entry.top, entry.token: entry.logprob}.items()})
-        offset += len(text)
-    return out, offset
+            token_key(tok, t): v for t, v in {**entry.top, entry.token: entry.logprob}.items()})
+    return out
 
 
 @openai_router.post("/tokenize")

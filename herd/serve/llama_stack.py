@@ -39,7 +39,7 @@ from herd.serve.app import (
     route_label,
     server_state,
     sse_response,
-    token_text,
+    token_key,
     validate,
 )
 from herd.serve.auth import check_key
@@ -279,8 +279,8 @@ async def _parse(request: Request, model: type) -> Any:
 
 def _logprobs(tok, logprobs) -> list[dict[str, Any]]:
     """Each token's log-probability and its alternatives', by their text (TokenLogProbs)."""
-    return [{"logprobs_by_token": {token_text(tok, lp.token): lp.logprob,
-                                   **{token_text(tok, t): v for t, v in lp.top.items()}}} for lp in logprobs]
+    return [{"logprobs_by_token": {token_key(tok, lp.token): lp.logprob,
+                                   **{token_key(tok, t): v for t, v in lp.top.items()}}} for lp in logprobs]
 
 
 def _ls_call(call: dict[str, Any]) -> dict[str, Any]:

@@ -99,6 +99,37 @@ def test_completions_echo_logprobs_score_the_prompt(server, client):
     assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(prompt)]
 
 
+def test_legacy_logprobs_of_pieces_of_characters(server, client):
+    """Tokens holding part of a UTF-8 character (an emoji, CJK): each had shown as U+FFFD, so text_offset drifted
+    past the returned text from the first such character on, and two pieces in one top_logprobs collided in one
+    key. Now a piece is named as OpenAI names it ("bytes:\\xNN"), and offsets are characters of the text."""
+    llm = server.llm
+    prompt = "Emoji \U0001f389 and \u65e5\u672c ok"
+    done = client.completions.create(model=llm.name, prompt=prompt, max_tokens=3, temperature=0, logprobs=3,
+                                     echo=True)
+    choice, tok = done.choices[0], llm.tokenizer
+    ids = llm.encode(prompt) + llm.generate(prompt, max_tokens=3, temperature=0).tokens
+    pieces = [tok.decode_bytes([t]) for t in ids]
+    assert any(_is_piece(p) for p in pieces)  # the case itself
+    # each token starts at the character its first byte falls in
+    assert choice.logprobs.text_offset == [len(b"".join(pieces[:i]).decode("utf-8", "ignore")) for i in range(len(ids))]
+    assert all(choice.text[at:].encode().startswith(p) for at, p in zip(choice.logprobs.text_offset, pieces)
+               if not _is_piece(p))
+    assert choice.logprobs.tokens == [p.decode() if not _is_piece(p) else "bytes:" + "".join(f"\\x{b:02x}" for b in p)
+                                      for p in pieces]
+    prompt_logprobs = llm.generate(ids[:len(llm.encode(prompt))], max_tokens=1, prompt_logprobs=3).prompt_logprobs
+    for top, theirs in zip(choice.logprobs.top_logprobs[1:], prompt_logprobs):
+        assert len(top) == len({**theirs.top, theirs.token: theirs.logprob})  # no two tokens under one key
+
+
+def _is_piece(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def test_logit_bias_and_penalties_steer_greedy_choices(server, client):
     llm = server.llm
     prompt = "List the days of the week: Monday, Tuesday,"
