@@ -19,6 +19,7 @@ from pathlib import Path
 import zstandard
 
 from herd.data.document import Document, Dropped
+from herd.parquet import parquet_rows
 from herd.surrogates import holds_lone_surrogate
 
 STAGE = "read"
@@ -213,7 +214,6 @@ def _read_parquet(path: Path, source: str, codec: str | None) -> Iterator[Docume
     """One document per row, its columns read as a JSON line's fields, a batch of rows at a time; `source` names the
     file and the 1-based row. Hugging Face datasets (FineWeb, Dolma, RedPajama) ship as Parquet."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if codec:  # Parquet compresses inside; an outer codec must be undone before its footer can be read
         blob, truncated = _read_all(_decompressed_chunks(path, codec))
@@ -233,16 +233,12 @@ def _read_parquet(path: Path, source: str, codec: str | None) -> Iterator[Docume
         return
     n = 0
     try:
-        # a file cut short has lost its footer, the table of contents every row is found by
-        table = pq.ParquetFile(file)
-        for batch in table.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                record = _record(row, f"{source}:{n}")
-                if isinstance(record, Document):
-                    # timestamps and decimals as text, so the metadata can be written out as JSON
-                    record.meta = json.loads(json.dumps(record.meta, default=str))
-                yield record
+        for n, row in enumerate(parquet_rows(file), start=1):
+            record = _record(row, f"{source}:{n}")
+            if isinstance(record, Document):
+                # timestamps and decimals as text, so the metadata can be written out as JSON
+                record.meta = json.loads(json.dumps(record.meta, default=str))
+            yield record
     except (pa.ArrowException, OSError):
         src = f"{source}:{n + 1}"
         yield Dropped(doc_id(f"{src}:truncated"), STAGE, "truncated_input", source=src)

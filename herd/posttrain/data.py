@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from herd.parquet import parquet_rows
+
 IGNORE = -100
 
 
@@ -82,21 +84,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     """read_jsonl's rows, or a Parquet file's (how Hugging Face datasets ship: UltraChat, UltraFeedback), each
-    `where` "FILE:ROW"; a batch of rows at a time."""
+    `where` "FILE:ROW"."""
     path = Path(path)
     if path.suffix.lower() != ".parquet":
         yield from read_jsonl(path)
         return
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = 0
     try:
-        table = pq.ParquetFile(path)
-        for batch in table.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                rows += 1
-                yield f"{path}:{rows}", row
+        for rows, row in enumerate(parquet_rows(path), start=1):
+            yield f"{path}:{rows}", row
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable Parquet file after {rows} rows ({_brief(error)}); "
                         "write it again or give JSONL") from None
