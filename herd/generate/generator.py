@@ -155,7 +155,8 @@ class Generator:
 
     def submit(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
                sink: Callable[[Delta], None], *, n: int = 1, timeout: float | None = None,
-               score_from: int | None = None, constraints: Sequence[Constraint] | None = None) -> Request:
+               score_from: int | None = None, constraints: Sequence[Constraint] | None = None,
+               admission: bool = True) -> Request:
         """Queue `n` sequences for each prompt (Delta.index: prompt * n + choice); thread-safe.
 
         sink: called with every Delta, from the thread that steps the engine.
@@ -163,6 +164,10 @@ class Generator:
         score_from: the first delta's prompt_logprobs hold log p of prompt tokens [score_from:] (1 where
             params.prompt_logprobs is set and score_from is not); generation goes on as usual.
         constraints: one per sequence, masking the logits before each choice (structured output).
+        admission: a server's admission control. QueueFullError where more than `max_queue` sequences would wait
+            beyond the places free in the batch; ValueError for more sequences than the batch and the queue ever
+            hold together, which waiting would not help. A caller that waits for its own results (generate,
+            stream) is never refused.
         """
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -189,18 +194,33 @@ class Generator:
                     score_from=score_from, constraint=constraints[len(seqs)] if constraints else None,
                     deadline=deadline, shares_cache=len(prompt) > self._short_prompt))
         with self._inbox_lock:
-            if len(self._inbox) + len(self.scheduler.waiting) + len(seqs) > self.config.max_queue:
-                raise QueueFullError(f"the queue holds {self.config.max_queue} sequences: try again shortly")
+            if admission:
+                self._admit(len(seqs))
             self._inbox += seqs
         self._wake()
         return Request(seqs, self)
+
+    def _admit(self, count: int) -> None:
+        most = self.config.max_batch + self.config.max_queue
+        if count > most:
+            raise ValueError(f"{count} sequences in one request (prompts x n), but this server runs "
+                             f"{self.config.max_batch} at once and queues {self.config.max_queue}: send at most "
+                             f"{most} a request")
+        free = max(0, self.config.max_batch - len(self.scheduler.running))  # the next step admits that many
+        if self.waiting + count - free > self.config.max_queue:
+            raise QueueFullError(f"the queue holds {self.config.max_queue} sequences: try again shortly")
+
+    @property
+    def waiting(self) -> int:
+        """Sequences submitted and not yet running."""
+        return len(self._inbox) + len(self.scheduler.waiting)
 
     def stream(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
                **options) -> Iterator[Delta]:
         """Generate for every prompt, yielding each sequence's deltas as they are decided. Stopping early (closing
         the iterator) cancels what is left."""
         events: queue.SimpleQueue[Delta] = queue.SimpleQueue()
-        request = self.submit(prompts, params, events.put, **options)
+        request = self.submit(prompts, params, events.put, admission=False, **options)
         left = len(request.seqs)
         try:
             while left:

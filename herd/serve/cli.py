@@ -19,7 +19,7 @@ def serve_cmd(
                                                 "default: $HERD_API_KEY, else none)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the checkpoint's name)"),
     max_batch: int = typer.Option(64, min=1, help="sequences decoded together"),
-    max_queue: int = typer.Option(1024, min=1, help="sequences waiting; more get 429"),
+    max_queue: int = typer.Option(1024, min=1, help="sequences waiting beyond the running batch; more get 429"),
     max_n: int = typer.Option(8, min=1, help="the most choices (n) one request may ask for"),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="the most tokens one choice may generate"),
     kv_cache_mib: Optional[int] = KvCacheOpt,

@@ -27,7 +27,7 @@ class Metrics:
                              registry=registry)
         scheduler, pool = engine.scheduler, engine.cache.pool
         Gauge("herd_queue_depth", "sequences waiting to run", registry=registry).set_function(
-            lambda: len(scheduler.waiting))
+            lambda: engine.waiting)
         Gauge("herd_running_sequences", "sequences in the running batch", registry=registry).set_function(
             lambda: len(scheduler.running))
         Gauge("herd_cache_blocks_in_use", "KV-cache blocks held by sequences", registry=registry).set_function(

@@ -321,6 +321,39 @@ def test_full_queue_answers_429_with_retry_after(tiny):
     assert post(tiny, GOOD).status_code == 200
 
 
+def test_a_burst_the_batch_can_take_is_admitted_and_a_request_that_never_fits_is_a_400(tiny):
+    """The queue limit counted every new sequence as waiting, places free in the batch or not: on an idle server a
+    request of 40 prompts (32 run at once, 32 may wait) was a 429, and one of 65 a 429 on every retry."""
+    prompts = {"model": NAME, "max_tokens": 1, "temperature": 0}
+    fits = post(tiny, {**prompts, "prompt": [f"item {i}" for i in range(40)]}, path="/v1/completions")
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 40
+    never = post(tiny, {**prompts, "prompt": [f"item {i}" for i in range(65)]}, path="/v1/completions")
+    assert never.status_code == 400 and "send at most 64 a request" in never.json()["error"]["message"]
+    # a caller waiting for its own results is never refused: the library's generate, any number of prompts
+    assert len(tiny.llm.generate([f"item {i}" for i in range(100)], max_tokens=1, temperature=0)) == 100
+
+
+def test_a_request_past_the_time_limit_is_a_504_not_a_finished_reply(tiny):
+    """At --timeout a reply had ended as a 200 with finish_reason "length", as if max_tokens were reached; a
+    request still queued came back empty, looking complete."""
+    own = LLM(tiny.llm.model, tiny.llm.tokenizer, tiny.llm.chat_format, name=NAME)  # a server stops its engine
+    server = Server(own, ServeSettings(request_timeout=0.1))
+    body = {**GOOD, "max_tokens": 480, "n": 4, "temperature": 1.0, "seed": 0}
+    try:
+        answer = post(server, body)
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "request_timeout", answer.text
+        assert "limit of 0.1 s (--timeout)" in answer.json()["error"]["message"]
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as streamed:
+            events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+        finished = [c["finish_reason"] for e in events[:-2] for c in json.loads(e)["choices"]]
+        assert not any(finished)  # no choice claims an end it did not reach
+        assert 'route="/v1/chat/completions",status="504"} 1.0' in httpx.get(server.url + "/metrics").text
+    finally:
+        server.stop()
+
+
 def _served(server) -> float:
     return sum(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
                if line.startswith('herd_requests_total{route="/v1/chat/completions",status="200"}'))
