@@ -31,6 +31,8 @@ def serve_cmd(
     draft_tokens: int = typer.Option(2, min=0, help="speculative decoding: tokens guessed per step by prompt lookup "
                                      "for greedy requests (0: off); the output is the same either way"),
     timeout: float = typer.Option(600.0, help="seconds a request may run"),
+    shutdown_timeout: float = typer.Option(20.0, min=0, help="seconds requests in flight may take to finish after "
+                                           "SIGTERM or Ctrl-C before they are cut off (under Kubernetes' 30 s grace)"),
     quantize: str = typer.Option("auto", help="auto (a GGUF's own blocks, a `herd quantize` output as "
                                   "stored), none, or a scheme: int8, int8-wo, int4[-g64|-g128][-gptq], fp8"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
@@ -74,7 +76,7 @@ def serve_cmd(
     app = create_app(llm, settings, routers=[agents_router], shields=shields, tools=functions)
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -84,3 +84,38 @@ def test_serve_answers_health_models_and_chat_then_stops_cleanly(default_llm):
     # uvicorn raises the signal again once it has shut down, and herd exits on it as on any SIGTERM: 128 + 15
     assert process.returncode in (0, 128 + signal.SIGTERM), err
     assert f"on http://127.0.0.1:{port}" in out and "Traceback" not in err
+
+
+@pytest.mark.heavy
+def test_a_stop_cuts_off_requests_still_running_after_the_shutdown_timeout(default_llm):
+    """SIGTERM let every request in flight run to its end: up to --timeout (600 s), past any orchestrator's grace
+    period, after which the server was killed. --shutdown-timeout bounds the wait."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([*HERD, "serve", "--port", str(port), "--shutdown-timeout", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tok = default_llm.tokenizer
+    never_stop = {str(t): -100 for t in tok.stop_ids}  # a reply of 4,000 tokens: half a minute here at least
+    body = {"model": default_llm.name, "prompt": "Once upon a time", "max_tokens": 4000, "stream": True,
+            "logit_bias": never_stop}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "herd serve did not come up"
+            try:
+                httpx.get(url + "/health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        received = 0
+        with pytest.raises(httpx.HTTPError):  # the stream is cut off; it never reaches its 4,000 tokens
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as stream:
+                for line in stream.iter_lines():
+                    received += line.startswith("data: {")
+                    if received == 5:
+                        stopped = time.monotonic()
+                        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        assert time.monotonic() - stopped < 15 and 5 <= received < 4000
+    finally:
+        process.kill()
