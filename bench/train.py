@@ -29,14 +29,14 @@ def hf_model(herd_model: Transformer):
     """transformers' Llama with herd's weights (its q/k rows permuted to HF's rotate-half layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from herd.checkpoint.hf import _rotary_heads, hf_config, hf_name, to_hf_rows
+    from herd.checkpoint.hf import hf_config, hf_name, rotary_heads, to_hf_rows
 
     config = LlamaConfig(**{k: v for k, v in hf_config(herd_model.config, torch.float32, None).items()
                             if k not in ("architectures", "torch_dtype")}, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
     state = {}
     for name, w in herd_model.state_dict().items():
-        heads = _rotary_heads(name, herd_model.config)
+        heads = rotary_heads(name, herd_model.config)
         state[hf_name(name)] = to_hf_rows(w, heads) if heads else w
     model.load_state_dict(state, strict=True)
     return model

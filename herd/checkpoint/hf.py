@@ -72,7 +72,7 @@ def to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _rotary_heads(name: str, config: ModelConfig) -> int | None:
+def rotary_heads(name: str, config: ModelConfig) -> int | None:
     if name.endswith("attention.wq.weight"):
         return config.n_heads
     if name.endswith("attention.wk.weight"):
@@ -253,7 +253,7 @@ def load_hf(directory: Path, dtype: torch.dtype | None = torch.float32) -> Check
             if target is None:
                 continue
             part = handle.get_slice(name)
-            heads, stored = _rotary_heads(target, config), SAFETENSORS_DTYPES.get(part.get_dtype())
+            heads, stored = rotary_heads(target, config), SAFETENSORS_DTYPES.get(part.get_dtype())
             if stored is None or not stored.is_floating_point:  # integers would load as numbers nobody trained
                 raise CheckpointError(f"{path}: tensor {name} is stored as {part.get_dtype()}, not as floating point; "
                                       "the file is damaged or not a Llama checkpoint")
@@ -342,7 +342,7 @@ def save_hf(ckpt: Checkpoint, directory: Path, max_shard_bytes: int = DEFAULT_MA
     for name in expected_shapes(config):
         tensor = state[name]
         dtype = dtype or tensor.dtype
-        heads = _rotary_heads(name, config)
+        heads = rotary_heads(name, config)
         tensor = (to_hf_rows(tensor, heads) if heads else tensor).contiguous()
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_bytes:

@@ -5,7 +5,8 @@
     model = "default"         # the checkpoint to tune (anything herd.load reads)
     data = "train.jsonl"      # SFT rows (sft, kd), preference rows (rm, dpo) or prompt rows (ppo)
 
-The tuned model is written to run.dir/model (LoRA merged in), loadable by herd.load and `herd convert`; a reward
+The tuned model is written to run.dir/model (LoRA merged in), loadable by herd.load and `herd convert`, and LoRA's
+adapters to run.dir/adapter in PEFT's layout (a reward model's excepted); a reward
 model also writes its head there (reward_head.safetensors). Running the same command again resumes. PPO's
 rollouts, value model and reference are herd.posttrain.rollouts'.
 """
@@ -31,7 +32,8 @@ from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, enc
                                  read_rows)
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
 from herd.posttrain.kd import KDConfig, kd_loss
-from herd.posttrain.lora import LoRAConfig, adapters_off, apply_lora, lora_state_dict, merge_lora
+from herd.posttrain.lora import (LoRAConfig, adapters_off, apply_lora, lora_state_dict, merge_lora,
+                                 save_peft_adapter)
 from herd.posttrain.ppo import PolicyValue, PPOConfig
 from herd.posttrain.reward import RewardModel, body_lora, reward_loss
 from herd.posttrain.sft import sft_loss
@@ -198,7 +200,8 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
     micro = t.micro_batch_size or t.batch_size
     eval_batches = [collate_fn(eval_items[i:i + micro]) for i in range(0, len(eval_items), micro)]
     return Recipe(model, ExampleBatches(items, collate_fn, t.batch_size, t.micro_batch_size, t.seed), loss_fn,
-                  eval_batches, functools.partial(export, llm=llm, fmt=config.checkpoint.export_format))
+                  eval_batches, functools.partial(export, llm=llm, fmt=config.checkpoint.export_format,
+                                                  lora=config.lora, base=f.model))
 
 
 def _pad_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -261,14 +264,18 @@ def reference_key(model: nn.Module, examples, mask_formatting: bool) -> str:
     return digest.hexdigest()
 
 
-def export(trainer, *, llm, fmt: str) -> None:
-    """Write the trained model (LoRA merged) with its tokenizer to run.dir/model."""
+def export(trainer, *, llm, fmt: str, lora: LoRAConfig, base: str) -> None:
+    """Write the trained model (LoRA merged) with its tokenizer to run.dir/model; a language model's adapters also
+    to run.dir/adapter, in PEFT's layout, before they are merged."""
     from herd.checkpoint import save_checkpoint
 
     if not trainer.is_main:
         return
     model = trainer.model
     body = model.policy if isinstance(model, PolicyValue) else model.body if isinstance(model, RewardModel) else model
+    if lora.rank and not isinstance(model, RewardModel):  # a reward model's adapters mean nothing without its head
+        save_peft_adapter(body, lora, trainer.run_dir / "adapter", base)
+        trainer.log.note(f"wrote the LoRA adapters to {trainer.run_dir / 'adapter'} (PEFT)")
     merge_lora(body)
     out = trainer.run_dir / "model"
     state = {k: v.detach().cpu() for k, v in body.state_dict().items()}

@@ -8,9 +8,11 @@ needs only the input gradient, for which the weight is dequantized one layer at 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +155,39 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.enabled = True
+
+
+# herd's layer names as Hugging Face's Llama names its modules, which PEFT's target_modules list
+_HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+               "w3": "up_proj", "output": "lm_head"}
+
+
+def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: Path, base: str) -> None:
+    """The adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors), for the base model in Hugging
+    Face's format: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), directory)`, vLLM's
+    --lora-modules and torchtune read it. Written before merging, as torchtune writes its adapter beside the
+    merged model. `base` goes to base_model_name_or_path. Query and key adapters' B rows are reordered as the
+    base's own rows are for Hugging Face's rotary layout, so the adapter applies to the converted base exactly."""
+    from herd.atomic import atomic_directory, save_safetensors
+    from herd.checkpoint.hf import hf_name, rotary_heads, to_hf_rows
+
+    tensors, targets = {}, set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoRALinear):
+            continue
+        module = hf_name(f"{name}.weight").removesuffix(".weight")
+        b = layer.lora_b.detach().float().cpu()
+        if (heads := rotary_heads(f"{name}.weight", model.config)) is not None:
+            b = to_hf_rows(b, heads)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = layer.lora_a.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+        targets.add(_HF_MODULES[name.rsplit(".", 1)[-1]])
+    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": config.rank,
+                "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": sorted(targets),
+                "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
+    with atomic_directory(Path(directory)) as tmp:
+        save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import herd
-from herd.checkpoint import save_checkpoint
+from herd.checkpoint import convert, save_checkpoint
 from herd.posttrain import finetune as finetune_module
 from herd.posttrain.average import average_checkpoints
 from herd.posttrain.data import DialogEncoder, encode_preferences, preference_batch
@@ -43,6 +43,15 @@ def test_lora_sft_learns_exports_and_resumes(base, tmp_path):
     ids = torch.tensor([before.chat_format.encode_dialog(SFT[0]["messages"][:1])])
     with torch.no_grad():
         assert not torch.allclose(tuned.model(ids), before.model(ids), atol=1e-3)
+    # The adapters beside it, in PEFT's layout: on the base converted to Hugging Face's format, the tuned logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    convert(base, tmp_path / "base-hf", "hf")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base-hf", dtype=torch.float32),
+                                     tmp_path / "run" / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, tuned.model(ids), atol=1e-4)
     # The same command again finds the run finished and resumes there: no step is trained twice.
     assert finetune(load_finetune_config(None, args))["step"] == 8
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(metrics)

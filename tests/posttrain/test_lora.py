@@ -105,6 +105,32 @@ def test_an_adapted_output_layer_of_a_tied_model_exports_exactly(tmp_path, chatm
     assert untouched.config.tie_embeddings and untouched.output.weight is untouched.tok_embeddings.weight
 
 
+@pytest.mark.parametrize(("tied", "targets"), [(False, None), (True, ["wq", "wk", "w2", "output"])],
+                         ids=["every-layer", "tied-output"])
+def test_adapters_saved_for_peft_give_the_adapted_logits_on_the_hf_base(tmp_path, chatml_format, tied, targets):
+    """The adapters alone, as torchtune and PEFT keep them: peft loads them onto the base in Hugging Face's format
+    (its query and key rows in the other rotary order) and computes what herd's adapted model does. They had
+    been merged into the model only."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from herd.posttrain.lora import save_peft_adapter
+
+    tok = chatml_format.tokenizer
+    model = tiny_model(tok.vocab_size, tie_embeddings=tied)
+    save_checkpoint((model.config, model.state_dict(), tok), tmp_path / "base", "hf")
+    config = LoRAConfig(rank=4, alpha=8, **({"targets": targets} if targets else {}))
+    model = _trained_lora(model, **({"targets": targets} if targets else {}))
+    save_peft_adapter(model, config, tmp_path / "adapter", str(tmp_path / "base"))
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        adapted = model(ids)
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+        peft = PeftModel.from_pretrained(base, tmp_path / "adapter")
+        assert torch.allclose(peft(ids).logits, adapted, atol=1e-5)
+    assert peft.peft_config["default"].r == 4 and peft.peft_config["default"].lora_alpha == 8
+
+
 @pytest.mark.parametrize("base", ["int8", "int4"])
 def test_qlora_gradients_flow_through_quantized_base_weights(base):
     """QLoRA's adapter gradients equal those of LoRA over the same, dequantized, float weights."""
