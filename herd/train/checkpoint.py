@@ -99,6 +99,25 @@ def _why(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class UnwritableCheckpoint(OSError):
+    """A checkpoint that could not be written (a full disk, a file system gone read-only)."""
+
+
+def _written(tmp: Path, write):
+    """`write()`'s result. DCP gathers a failure into a CheckpointException, which is no Exception, so a full disk
+    had ended the run in two tracebacks: it is an UnwritableCheckpoint naming the directory, and an interrupt
+    (Ctrl-C) inside the write the KeyboardInterrupt it was."""
+    try:
+        return write()
+    except dcp.CheckpointException as error:
+        cause = next(iter(error.failures.values()))[0]
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise UnwritableCheckpoint(f"{tmp}: the checkpoint could not be written ({_why(error)}); free space there "
+                                   "or give run.dir on another disk, then run again to resume from the last "
+                                   "checkpoint") from None
+
+
 class _ModelState(Stateful):
     """Every model part this rank holds (one, or several pipeline stages) as one state dict."""
 
@@ -194,9 +213,9 @@ class Checkpointer:
         torch.save(extra, tmp / f"extra-{_rank()}.pt")
         state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers)}
         if self.cfg.async_save and not final:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final_dir)
+            self._pending = (_written(tmp, lambda: dcp.async_save(state, checkpoint_id=str(tmp))), tmp, final_dir)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            _written(tmp, lambda: dcp.save(state, checkpoint_id=str(tmp)))
             self._commit(tmp, final_dir)
 
     def wait(self) -> None:
@@ -204,7 +223,7 @@ class Checkpointer:
         if self._pending is not None:
             future, tmp, final_dir = self._pending
             self._pending = None
-            future.result()
+            _written(tmp, future.result)
             self._commit(tmp, final_dir)
 
     def _commit(self, tmp: Path, final_dir: Path) -> None:

@@ -55,6 +55,32 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(byte_shards, two_steps, tmp_
     assert (run_dir / "checkpoints" / "step-2").is_dir()  # nothing earlier to take: nothing set aside
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["save", "async_save"])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_ctrl_c_inside_it_an_interrupt(
+        byte_shards, tmp_path, monkeypatch, async_save):
+    """DCP gathers a writer's failure into a CheckpointException, no Exception: a full disk had ended `herd train`
+    and `herd finetune` in two tracebacks, and Ctrl-C during a save in a traceback with exit 1, not 130."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    def failing(cause):
+        def write(*args, **kwargs):
+            raise dcp.CheckpointException("save failed", {0: (cause, None)})
+        return write
+
+    args = ("--training.steps", "2", "--checkpoint.interval", "1", "--checkpoint.async_save", str(async_save).lower())
+    monkeypatch.setattr(checkpoint.dcp, "async_save" if async_save else "save",
+                        failing(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(checkpoint.UnwritableCheckpoint) as e:
+        small_run(byte_shards, tmp_path / "run", *args)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{tmp_path / 'run'}/checkpoints/step-1.tmp: the "
+                                                                "checkpoint could not be written (OSError: [Errno 28]")
+    monkeypatch.setattr(checkpoint.dcp, "async_save" if async_save else "save", failing(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        small_run(byte_shards, tmp_path / "run2", *args)
+
+
 def test_another_models_checkpoint_is_one_line_from_the_command_line(byte_shards, two_steps, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(two_steps, run_dir)
