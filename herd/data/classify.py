@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -204,8 +206,13 @@ def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tupl
             arrays = {k: z[k] for k in keys}
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
-    except (ValueError, KeyError, OSError, EOFError) as e:  # EOFError: an empty or cut-off file
-        raise ValueError(f"{path}: not a herd {what} ({e or 'it ends early'})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError):  # a file cut short, or another kind of file
+        raise ValueError(f"{path}: not a herd {what} (not a whole .npz archive: cut short, or another kind of "
+                         "file); write it again") from None
+    except (ValueError, KeyError, OSError) as e:
+        # numpy's advice for a file that is no .npz at all is to unpickle it, which is not ours to pass on
+        reason = "not an .npz archive" if "pickle" in str(e) else e
+        raise ValueError(f"{path}: not a herd {what} ({reason})") from None
     if header.get("format") != fmt:
         raise ValueError(f"{path}: unsupported {what} format {header.get('format')!r}")
     return header, arrays

@@ -114,6 +114,17 @@ def test_training_needs_two_labels_and_loading_needs_a_classifier(tmp_path):
         HashedLinearClassifier.load(bad)
     with pytest.raises(FileNotFoundError):
         HashedLinearClassifier.load(tmp_path / "missing.npz")
+    # a real classifier cut in half, and a text file: each had been numpy's words alone, naming no file, or its
+    # advice to unpickle the file
+    good = tmp_path / "good.npz"
+    train(["good text here"] * 10 + ["bad spam spam"] * 10, ["high"] * 10 + ["low"] * 10, "quality").model.save(good)
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    (tmp_path / "text.npz").write_text("id,text\n1,hello\n")
+    for name, reason in (("cut.npz", "not a whole .npz archive"), ("text.npz", "not an .npz archive")):
+        with pytest.raises(ValueError) as refused:
+            HashedLinearClassifier.load(tmp_path / name)
+        assert str(refused.value).startswith(f"{tmp_path / name}: not a herd classifier ({reason}")
+        assert "pickle" not in str(refused.value)
 
 
 @pytest.mark.heavy
