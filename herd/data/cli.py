@@ -44,7 +44,8 @@ def _one_line_errors(fn):
 @app.command()
 @_one_line_errors
 def run(
-    inputs: list[str] = typer.Argument(..., help="Input files, directories or globs (JSONL, text, HTML, WARC; .gz/.zst)."),
+    inputs: list[str] = typer.Argument(..., help="Input files, directories or globs (JSONL, Parquet, text, HTML, "
+                                       "WARC; .gz/.zst)."),
     out: Path = typer.Option(..., "--out", help="Output directory; running again on it resumes."),
     config: Optional[Path] = typer.Option(None, "--config", help="PIPELINE.toml; default: the Llama-3-like pipeline."),
     executor: str = typer.Option("local", "--executor", help="local (this machine's cores) or dask."),
@@ -119,14 +120,14 @@ def train_classifier(
 
     from herd.data.classify import TASKS, label_texts, model_judge, train
     from herd.data.document import Document
-    from herd.atomic import atomic_output
+    from herd.atomic import atomic_output, prepare_output
     from herd.data.readers import iter_inputs, read
 
     if task not in TASKS:
         _fail(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    out = prepare_output(out, "file", "--out")  # before the judge's work, not after it
     if labels:
-        records = [json.loads(line) for line in labels.read_text().splitlines() if line.strip()]
-        texts, found = [r["text"] for r in records], [r.get("label") for r in records]
+        texts, found = _labelled(labels)
     else:
         if not inputs:
             _fail("give INPUT files to label, or --labels")
@@ -144,8 +145,26 @@ def train_classifier(
         typer.echo(f"labels: {labels_path} ({sum(lab is None for lab in found)} replies unparsed)")
     result = train(texts, found, task, seed=seed)
     result.model.save(out)
-    typer.echo(f"saved {out}: {result.n_train} train / {result.n_test} held out, "
-               f"held-out accuracy {result.accuracy:.3f}, labels {result.model.info['label_counts']}")
+    accuracy = (f"held-out accuracy {result.accuracy:.3f}" if result.n_test else
+                "no held-out accuracy (a fifth is held out from 10 labelled texts on)")
+    typer.echo(f"saved {out}: {result.n_train} train / {result.n_test} held out, {accuracy}, "
+               f"labels {result.model.info['label_counts']}")
+
+
+def _labelled(path: Path) -> tuple[list[str], list[str]]:
+    """The texts and labels of a --labels file, every row checked: a DataError naming the row and what to fix
+    (a row without its text had been Python's "'text'" alone, a row of another shape an AttributeError)."""
+    from herd.rows import DataError, read_jsonl
+
+    texts, labels = [], []
+    for where, row in read_jsonl(path):
+        for key in ("text", "label"):
+            if not isinstance(row.get(key), str):
+                raise DataError(f'{where}: "{key}" must be a string, got {json.dumps(row.get(key))}; give rows of '
+                                '{"text": ..., "label": ...}')
+        texts.append(row["text"])
+        labels.append(row["label"])
+    return texts, labels
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import zstandard
 
 from herd.data.document import Document, Dropped
-from herd.parquet import parquet_rows
+from herd.rows import parquet_rows
 from herd.surrogates import holds_lone_surrogate
 
 STAGE = "read"

@@ -18,13 +18,9 @@ from typing import Any
 
 import torch
 
-from herd.parquet import parquet_rows
+from herd.rows import DataError
 
 IGNORE = -100
-
-
-class DataError(ValueError):
-    """A row that cannot be trained on; the message names the row and what to fix."""
 
 
 @dataclass
@@ -49,57 +45,6 @@ class PreferenceExample:
     prompt: list[int]
     replies: list[list[int]]
     formatting: list[list[bool]]
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, row) for every non-blank line; `where` is "FILE:LINE", for errors. A file of no rows is a DataError
-    naming it: an empty training set had been "no training examples", which file left unsaid."""
-    path = Path(path)
-    rows = 0
-    try:
-        lines = path.open("rb")
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror}); give a JSONL file") from None
-    with lines:
-        for n, raw in enumerate(lines, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
-            except UnicodeDecodeError as error:
-                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
-                                "; save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); one object a line")
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-            rows += 1
-            yield where, row
-    if not rows:
-        raise DataError(f"{path}: holds no rows (it is empty or blank); give a JSONL file, one JSON object a line")
-
-
-def read_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """read_jsonl's rows, or a Parquet file's (how Hugging Face datasets ship: UltraChat, UltraFeedback), each
-    `where` "FILE:ROW"."""
-    path = Path(path)
-    if path.suffix.lower() != ".parquet":
-        yield from read_jsonl(path)
-        return
-    import pyarrow as pa
-
-    rows = 0
-    try:
-        for rows, row in enumerate(parquet_rows(path), start=1):
-            yield f"{path}:{rows}", row
-    except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{path}: not a readable Parquet file after {rows} rows ({_brief(error)}); "
-                        "write it again or give JSONL") from None
-    if not rows:
-        raise DataError(f"{path}: holds no rows; give a Parquet or JSONL file of rows")
 
 
 class DialogEncoder:

@@ -28,8 +28,7 @@ from torch import nn
 from herd.atomic import atomic_output, save_safetensors
 from herd.bounds import NON_NEGATIVE, require
 from herd.checkpoint.convert import REWARD_HEAD
-from herd.posttrain.data import (DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch,
-                                 read_rows)
+from herd.posttrain.data import DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch
 from herd.posttrain.dpo import DPOConfig, dpo_loss, reference_logps
 from herd.posttrain.kd import KDConfig, kd_loss
 from herd.posttrain.lora import (LoRAConfig, adapters_off, apply_lora, lora_state_dict, merge_lora,
@@ -37,6 +36,7 @@ from herd.posttrain.lora import (LoRAConfig, adapters_off, apply_lora, lora_stat
 from herd.posttrain.ppo import PolicyValue, PPOConfig
 from herd.posttrain.reward import RewardModel, body_lora, reward_loss
 from herd.posttrain.sft import sft_loss
+from herd.rows import read_rows
 from herd.train.config import (CheckpointSection, ConfigError, FaultSection, RunSection, TrainingSection,
                                load_config)
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from herd.atomic import atomic_output
 from herd.bounds import AT_LEAST_ONE, FINITE, NONZERO_FRACTION, NON_NEGATIVE, require
 from herd.generate.sampling import SamplingParams
-from herd.posttrain.data import DataError, DialogEncoder, _messages, read_rows
+from herd.posttrain.data import DialogEncoder, _messages
+from herd.rows import DataError, read_rows
 
 Scorer = Callable[[Sequence[dict], Sequence[str]], list[float]]   # (prompt rows, replies) -> scores
 

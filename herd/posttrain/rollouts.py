@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from herd.generate.sampling import SamplingParams
-from herd.posttrain.data import DataError, DialogEncoder
+from herd.posttrain.data import DialogEncoder
+from herd.rows import DataError
 from herd.posttrain.finetune import REWARD_HEAD, ExampleBatches, Recipe, export, load_reward_model
 from herd.posttrain.logprobs import token_logps
 from herd.posttrain.lora import adapters_off, apply_lora
@@ -221,6 +222,7 @@ def ppo_recipe(config, llm) -> Recipe:
     pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else 0
     rollouts = Rollouts(model, ExampleBatches(items, list, p.prompts, None, t.seed), llm.tokenizer, scorer,
                         reference, p, t.micro_batch_size, pad, t.seed)
-    return Recipe(model, rollouts, rollouts.loss, [], functools.partial(export, llm=llm,
-                                                                       fmt=config.checkpoint.export_format),
+    return Recipe(model, rollouts, rollouts.loss, [],
+                  functools.partial(export, llm=llm, fmt=config.checkpoint.export_format, lora=config.lora,
+                                    base=config.finetune.model),
                   metrics=rollouts.metrics)

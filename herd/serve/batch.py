@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from herd.atomic import atomic_output
-from herd.posttrain.data import DataError, read_jsonl
+from herd.rows import DataError, read_jsonl
 from herd.serve.protocol import APIError
 
 URLS = ("/v1/chat/completions", "/v1/completions")

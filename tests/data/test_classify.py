@@ -2,6 +2,7 @@
 saving, and the stages score, drop and label documents."""
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -233,3 +234,33 @@ def test_a_mix_target_no_domain_is_labelled_with_is_refused_before_the_run(tmp_p
                                                  "non_english_is_multilingual": False}]})
     with pytest.raises(ConfigError, match="name 'multilingual'.*its domains: code, general, math_reasoning$"):
         pipeline.run([src], tmp_path / "out", english_only)
+
+
+def test_train_classifier_from_a_labels_file_and_its_bad_rows_in_one_line(tmp_path):
+    """--labels rows had been read with bare json.loads and r["text"]: a bad row was Python's "'text'" or
+    "Expecting value: line 1 column 10" naming neither file nor line, and an --out directory failed after the work
+    naming a temporary file."""
+    from typer.testing import CliRunner
+
+    from herd.data.cli import app
+
+    rows = [{"text": f"good clean prose number {i}", "label": "high"} for i in range(10)]
+    rows += [{"text": f"buy cheap spam {i} now", "label": "low"} for i in range(10)]
+    good = tmp_path / "labels.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["train-classifier", "--labels", str(good), "--out", str(tmp_path / "q.npz")])
+    assert result.exit_code == 0, result.output
+    assert HashedLinearClassifier.load(tmp_path / "q.npz").classes == ["high", "low"]
+    assert "16 train / 4 held out, held-out accuracy" in result.output
+    for bad, says in (('{"text": "x", "label": }', "labels.jsonl:3: not valid JSON"),
+                      ('{"label": "high"}', 'labels.jsonl:3: "text" must be a string, got null'),
+                      ('["x", "high"]', "labels.jsonl:3: a row must be a JSON object"),
+                      ('{"text": 5, "label": "low"}', 'labels.jsonl:3: "text" must be a string, got 5'),
+                      ('{"text": "x"}', 'labels.jsonl:3: "label" must be a string, got null')):
+        (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + bad + "\n")
+        result = CliRunner().invoke(app, ["train-classifier", "--labels", str(good), "--out", str(tmp_path / "b.npz")])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code != 0 and len(lines) == 1 and says in lines[0], result.output
+    (tmp_path / "adir").mkdir()
+    result = CliRunner().invoke(app, ["train-classifier", "--labels", str(good), "--out", str(tmp_path / "adir")])
+    assert result.exit_code != 0 and f"cannot write {tmp_path / 'adir'}: Is a directory" in result.output

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from herd.posttrain.data import (IGNORE, DataError, DialogEncoder, collate, encode_preferences, encode_sft, pack,
-                                 preference_batch, read_jsonl)
+from herd.posttrain.data import (IGNORE, DialogEncoder, collate, encode_preferences, encode_sft, pack,
+                                 preference_batch)
 from herd.posttrain.sft import sft_loss
+from herd.rows import DataError, read_jsonl
 
 from posttrain_helpers import tiny_model
 
@@ -138,7 +139,7 @@ def test_parquet_rows_encode_as_the_same_rows_in_jsonl_do(tmp_path, llama3_forma
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from herd.posttrain.data import read_rows
+    from herd.rows import read_rows
 
     encoder = DialogEncoder(llama3_format)
     sft = [{"messages": DIALOG[:i], "tools": [WEATHER]} for i in (3, 7)]

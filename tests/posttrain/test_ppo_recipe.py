@@ -11,7 +11,7 @@ import torch
 
 import herd
 import posttrain_helpers
-from herd.posttrain.data import DataError
+from herd.rows import DataError
 from herd.posttrain.finetune import finetune, load_finetune_config
 from herd.posttrain.rejection import reward_scorer
 from herd.train.config import ConfigError

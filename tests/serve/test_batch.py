@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 import herd
 from conftest import KEY
-from herd.posttrain.data import DataError
+from herd.rows import DataError
 from herd.quant.kernel import ops
 from herd.serve.batch import BatchRequest, answer_batch, read_batch, run_batch
 
