@@ -20,6 +20,17 @@ QuantOpt = typer.Option("auto", help="auto (a GGUF's own blocks, a `herd quantiz
                         "or a scheme: int8, int8-wo, int4[-g64|-g128][-gptq], fp8")
 
 
+def stdin_text() -> str:
+    """Standard input as UTF-8 text. Its bytes had been let through as stray surrogates, which tokenized as U+FFFD
+    and ran, where the same bytes in a file are refused."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"standard input is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                         "convert it, e.g. with iconv -t UTF-8") from None
+
+
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -195,7 +206,7 @@ def generate(
 ):
     """Complete a prompt, streaming the text (or print JSON with log-probabilities)."""
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = stdin_text() if prompt == "-" else prompt
     llm = _load(model, quantize, device, kv_cache_mib)
     ids = llm.chat_format.encode_dialog([{"role": "user", "content": text}]) if chat_turn else llm.encode(text)
     if logprobs is None:
@@ -326,7 +337,7 @@ def tokenize(
     """Print the token ids and pieces of a text."""
     from herd.tokenizer import chat_format_for, load_tokenizer
 
-    text = sys.stdin.read() if text == "-" else text
+    text = stdin_text() if text == "-" else text
     if model is not None:
         from herd.checkpoint import load_checkpoint
         from herd.llm import checkpoint_tokenizer, resolve_model_path

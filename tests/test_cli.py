@@ -96,6 +96,16 @@ def test_a_hub_id_is_found_in_the_local_hub_cache(tmp_path):
     assert_one_line_error(generate("someone/elsewhere"), "herd downloads nothing")
 
 
+def test_standard_input_that_is_not_utf8_is_refused_as_a_file_is():
+    """Its bytes had become U+FFFD tokens and run, exit 0, where the same bytes in a JSONL file are refused."""
+    for args in (["tokenize", "-"], ["generate", "-", "--max-tokens", "1"], ["guard", "scan", "-"]):
+        done = subprocess.run([sys.executable, "-m", "herd.cli", *args], input=b"caf\xe9 \xff", capture_output=True,
+                              timeout=600)
+        lines = done.stderr.decode().strip().splitlines()
+        assert done.returncode != 0 and lines[-1] == ("herd: error: standard input is not UTF-8 text (byte 0xe9 at "
+                                                      "offset 3); convert it, e.g. with iconv -t UTF-8"), done.stderr
+
+
 def test_truncated_gguf(tmp_path):
     broken = tmp_path / "broken.gguf"
     with open(default_model_path(), "rb") as f:

@@ -12,7 +12,9 @@ guard_app = typer.Typer(no_args_is_help=True, help="Llama Guard, Prompt Guard an
 
 
 def _text(value: str) -> str:
-    return sys.stdin.read() if value == "-" else value
+    from herd.cli import stdin_text
+
+    return stdin_text() if value == "-" else value
 
 
 def _print(obj) -> None:
@@ -77,7 +79,7 @@ def scan(
     if fail_on not in ("block", "warn", "never"):
         raise ValueError("--fail-on takes block, warn or never")
     if source == "-":
-        code = sys.stdin.read()
+        code = _text("-")
     else:
         path = Path(source)
         if not path.is_file():

@@ -65,6 +65,10 @@ class ServeSettings:
         # A timeout of 0 or less had every reply end empty at once; NaN had none end.
         require(self, POSITIVE, "request_timeout")
         require(self, AT_LEAST_ONE, "max_body_bytes", "max_n", "max_tokens")
+        # `--api-key "$KEY"` with KEY unset gave a server that looked protected and let an empty Bearer in
+        if any(not key.strip() or key != key.strip() for key in self.api_keys):
+            raise ValueError("api_keys: a key is empty or has spaces around it (an unset variable?); an empty key "
+                             "would let any request in and a padded one none: give each key as its text")
 
 
 @dataclass

@@ -69,7 +69,8 @@ def serve_cmd(
         settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
                                  request_timeout=timeout)
     except ValueError as error:
-        raise ValueError(str(error).replace("request_timeout", "--timeout")) from None  # the rest typer checks
+        raise ValueError(str(error).replace("request_timeout", "--timeout").replace("api_keys", "--api-key")
+                         ) from None  # the rest typer checks
     llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_cache,
         speculative=SpeculativeConfig(draft_tokens=draft_tokens)))

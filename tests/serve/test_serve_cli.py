@@ -37,6 +37,7 @@ def test_bad_flags_missing_model_and_taken_port_fail_in_one_line(tmp_path):
     one_line_error(["--timeout", "-1"], "--timeout must be above 0")  # every reply had ended empty at once
     one_line_error(["--timeout", "nan"], "--timeout must be above 0")  # no reply had ever timed out
     one_line_error(["--tools", "os:nope"], "os:nope")  # an operator's function that is not there
+    one_line_error(["--api-key", ""], "--api-key: a key is empty")  # an unset $KEY had let an empty Bearer in
     one_line_error([str(tmp_path / "missing.gguf")], "missing.gguf")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
