@@ -337,6 +337,8 @@ def tokenize(
     """Print the token ids and pieces of a text."""
     from herd.tokenizer import chat_format_for, load_tokenizer
 
+    if model is not None and tokenizer is not None:  # the second had been ignored, even a broken one
+        raise typer.BadParameter("give --model or --tokenizer, not both: each names the tokenizer to use")
     text = stdin_text() if text == "-" else text
     if model is not None:
         from herd.checkpoint import load_checkpoint

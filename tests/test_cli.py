@@ -106,6 +106,28 @@ def test_standard_input_that_is_not_utf8_is_refused_as_a_file_is():
                                                       "offset 3); convert it, e.g. with iconv -t UTF-8"), done.stderr
 
 
+def test_paths_that_cannot_be_used_are_named_with_what_to_give(tmp_path):
+    """Each had been a bare "[Errno 17] File exists: ..." or "[Errno 20] Not a directory" (a guard's after its
+    training), or --tokenizer beside --model was ignored, a broken one too."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("hello")
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    cases = [
+        (["finetune", "--finetune.data", str(rows), "--run.dir", str(afile), "--training.steps", "1"],
+         f"run.dir {afile} cannot be made (File exists); give a directory you can write to"),
+        (["guard", "train", "prompt-guard", "--out", f"{afile}/x.npz"],
+         f"cannot write {afile}/x.npz: Not a directory; give --out a file you can write to"),
+        (["data", "report", str(afile)], f"no report.json in {afile}: not a finished `herd data run` output"),
+        (["guard", "check", "--messages", str(tmp_path / "nope.json")],
+         f"--messages {tmp_path / 'nope.json'}: cannot read it (No such file or directory)"),
+        (["tokenize", "hi", "--model", "default", "--tokenizer", "/dev/null"], "give --model or --tokenizer, not both"),
+    ]
+    for args, says in cases:
+        assert_one_line_error(herd_cli(*args), says)
+
+
 def test_truncated_gguf(tmp_path):
     broken = tmp_path / "broken.gguf"
     with open(default_model_path(), "rb") as f:

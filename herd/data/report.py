@@ -126,8 +126,9 @@ def load_report(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / REPORT
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {REPORT} in {directory}: not a finished `herd data run` output") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no {REPORT} in {directory}: not a finished `herd data run` output directory") \
+            from None
 
 
 def _pct(part: int, whole: int) -> str:

