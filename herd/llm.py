@@ -247,6 +247,9 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
     if quantize is not None and not isinstance(quantize, (str, Scheme)):
         raise TypeError(f"quantize must be a scheme's name (int8, int4, fp8, ...), a Scheme, 'auto' or None, got "
                         f"{quantize!r}")
+    if engine is not None and not isinstance(engine, EngineConfig):  # a dict had failed once the model was loaded
+        raise TypeError(f"engine must be a herd.generate.EngineConfig (EngineConfig(max_batch=16, ...)), got "
+                        f"{type(engine).__name__}")
     device = resolve_device(device)
     path = resolve_model_path(path_or_name)
     ckpt = load_checkpoint(path, dtype=dtype)

@@ -166,3 +166,8 @@ def test_a_base_model_whose_tokenizer_has_no_chat_format_loads_and_generates(tmp
     assert len(llm.generate("Hello", max_tokens=4, temperature=0, ignore_eos=True).tokens) == 4
     with pytest.raises(TokenizerError, match="no chat template and is not Llama 3's"):
         llm.chat([{"role": "user", "content": "Hi"}])
+
+
+def test_load_checks_its_engine_settings_before_reading_the_model(tmp_path):
+    with pytest.raises(TypeError, match="engine must be a herd.generate.EngineConfig .*, got dict"):
+        herd.load(tmp_path / "never-read", engine={"max_batch": 0})
