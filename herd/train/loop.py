@@ -94,7 +94,7 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     def __init__(self, config, model: nn.Module | list[nn.Module], batches,
                  loss_fn: Callable = causal_lm_loss, *, env: DistEnv | None = None, pipeline=None,
-                 eval_batches: list[dict] | None = None, flops_per_token: float | None = None,
+                 eval_batches: list[dict] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  peak_flops: float | None = None, export: Callable[["Trainer"], None] | None = None,
                  step_metrics: Callable[[], dict] | None = None):
         self.config = config
@@ -212,7 +212,9 @@ class Trainer:
         record = {"step": self.step, "loss": loss, "grad_norm": norm_value, "lr": lr, "tokens": self.tokens,
                   "tokens_per_s": tokens / elapsed, "step_time": elapsed}
         if self.flops_per_token and self.peak_flops:
-            record["mfu"] = tokens * self.flops_per_token / elapsed / (self.peak_flops * self.env.world_size)
+            # at this step's sequence length: attention's share changes with it (seq_len_schedule)
+            per_token = self.flops_per_token(int(micro_batches[0]["tokens"].shape[-1]))
+            record["mfu"] = tokens * per_token / elapsed / (self.peak_flops * self.env.world_size)
         if why is not None:
             record["skipped"] = why
         return record

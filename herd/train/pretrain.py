@@ -7,6 +7,7 @@ the job. Post-training recipes reuse `build_model_config`, `init_weights`, `setu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def pretrain(config: TrainConfig) -> dict:
         tokenizer = None
     peak = config.run.peak_flops or measure_peak_flops(env.device)
     trainer = Trainer(config, parts, batches, env=env, pipeline=pipeline, eval_batches=eval_batches,
-                      flops_per_token=flops_per_token(model_config, config.training.seq_len), peak_flops=peak,
+                      flops_per_token=functools.partial(flops_per_token, model_config), peak_flops=peak,
                       export=make_export(model_config, tokenizer, config.checkpoint.export_format))
     return trainer.fit()
 

@@ -35,6 +35,23 @@ def test_resumed_run_equals_the_straight_run(byte_shards, tmp_path):
     assert metrics(straight)[-1]["tokens"] == 6 * 4 * 64
 
 
+def test_mfu_counts_each_steps_own_sequence_length(byte_shards, tmp_path):
+    """MFU had counted the FLOPs of training.seq_len at every step: after a seq_len_schedule change attention's
+    share was the base length's (an 8B run from 4K to 8K would have under-reported MFU by about 11%)."""
+    from herd.train.metrics import flops_per_token
+    from herd.train.pretrain import build_model_config
+
+    config = tiny_config(byte_shards, tmp_path / "run", "--training.steps", "4", "--training.seq_len_schedule",
+                         "[[2, 32]]", "--run.peak_flops", "1e12")
+    pretrain(config)
+    vocab = torch.load(tmp_path / "run" / "consolidated.00.pth")["tok_embeddings.weight"].shape[0]
+    model_config = build_model_config(config.model, vocab)
+    for record in metrics(tmp_path / "run"):
+        seq_len = 64 if record["step"] <= 2 else 32
+        expected = record["tokens_per_s"] * flops_per_token(model_config, seq_len) / 1e12
+        assert record["mfu"] == pytest.approx(expected, rel=1e-9), record
+
+
 def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("HERD_TRAIN_INJECT", "nan@3")
     pretrain(tiny_config(byte_shards, tmp_path / "skip"))
