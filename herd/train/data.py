@@ -196,7 +196,12 @@ def held_out_batches(shards: TokenShards, cfg: TrainingSection, held_out: float,
     n_batches = max(min(n_batches, stream.epoch_tokens // (batch * seq_len)), 1)
     out = []
     for b in range(n_batches):
-        rows = pack(stream, (b * batch + dp_rank * per_rank) * seq_len, per_rank, seq_len)
+        start = (b * batch + dp_rank * per_rank) * seq_len
+        rows = pack(stream, start, per_rank, seq_len)
+        # Held-out documents fewer than one batch: the stream's second pass over them is not scored again (its
+        # tokens had counted twice in the loss).
+        label_at = start + 1 + torch.arange(per_rank * seq_len).view(per_rank, seq_len)
+        rows["labels"] = rows["labels"].masked_fill(label_at >= stream.epoch_tokens, IGNORE)
         out += [{k: v[i:i + micro] for k, v in rows.items()} for i in range(0, per_rank, micro)]
     return out
 

@@ -79,6 +79,10 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
                           " shorten it or raise model.max_seq_len")
     if t.anneal_steps >= t.steps:
         raise ConfigError(f"training.anneal_steps {t.anneal_steps} must be fewer than training.steps {t.steps}")
+    if t.anneal_steps and t.warmup_steps + t.anneal_steps > t.steps:
+        # the learning rate had gone on rising into the anneal, which then started from the peak
+        raise ConfigError(f"training.warmup_steps {t.warmup_steps} and anneal_steps {t.anneal_steps} overlap in "
+                          f"{t.steps} steps; make them add up to at most training.steps")
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     degrees = p.pp * p.tp * p.dp_replicate * (p.dp if p.dp > 0 else 1)
     if (p.dp > 0 and degrees != world) or (p.dp <= 0 and world % degrees):

@@ -120,6 +120,22 @@ def test_the_held_out_set_does_not_depend_on_how_the_batch_is_split(byte_shards,
         assert sorted(rows(ranks[0]) + rows(ranks[1])) == sorted(whole)
 
 
+def test_held_out_documents_fewer_than_a_batch_are_each_scored_once(byte_shards):
+    """The set had been one whole batch however few held-out tokens there were, the stream wrapping round to them
+    again: some tokens counted twice in the held-out loss."""
+    from herd.train.data import IGNORE, held_out_batches, open_shards, split_documents
+
+    shards = open_shards(byte_shards)
+    t = dataclasses.replace(tiny_config(byte_shards, byte_shards / "unused").training, batch_size=8)  # 512 tokens
+    held_out = 0.01
+    docs = split_documents(shards, held_out, t.seed)[1]
+    tokens = sum(len(shards[int(i)]) for i in docs)
+    assert tokens < t.batch_size * t.seq_len  # the case itself
+    batches = held_out_batches(shards, t, held_out, 4)
+    scored = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+    assert scored == tokens - len(docs)  # every held-out token after its document's first, once
+
+
 def test_export_loads_chats_and_converts(tmp_path):
     tokenizer = herd.load_tokenizer()
     shards = write_shards(tmp_path / "shards", fortunes(200), tokenizer, spec="herd.tokenizer:load_tokenizer")
@@ -152,6 +168,9 @@ def test_bad_configs_fail_before_compute(byte_shards, tmp_path):
 
     assert "does not match the world size 2" in fails("--parallel.tp", "3", world=2)
     assert "longer than the model's context" in fails("--training.seq_len", "9000", "--model.max_seq_len", "8192")
+    # the learning rate had gone on rising into the anneal, which then started from the peak
+    assert "warmup_steps 8 and anneal_steps 5 overlap in 10 steps" in fails(
+        "--training.steps", "10", "--training.warmup_steps", "8", "--training.anneal_steps", "5")
     assert "not a directory" in fails("--data.shards", str(tmp_path / "missing"))
     assert "does not divide the model's heads" in fails("--parallel.tp", "3", "--parallel.dp", "1", world=3)
     result = run_cli("train", *tiny_args(byte_shards, tmp_path / "r", "--data.shards", str(tmp_path / "nope")))
