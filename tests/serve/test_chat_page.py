@@ -120,3 +120,255 @@ def test_chat_page_streams_the_same_answer_as_the_api(page_server, browser, tmp_
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 900
     out = Path(os.environ.get("HERD_SCREENSHOT") or tmp_path / "chat-page.png")
     out.write_bytes(png)
+
+
+# The page against a scripted fake backend: what it does with a slow reply, errors, tool calls and key presses, in
+# seconds and without the model. The fake serves the real page; each test sets `fake.script` and reads `fake.requests`.
+
+class FakeBackend:
+    def __init__(self):
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+        from starlette.routing import Route
+
+        from herd.serve.app import STATIC
+
+        self.script, self.requests, self.closed = "echo", [], []
+
+        def chunk(delta):
+            return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "model": "fake",
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + "\n\n"
+
+        async def page(request):
+            return FileResponse(STATIC / "index.html")
+
+        async def models(request):
+            if self.script == "bad-key":
+                return JSONResponse({"error": {"message": "invalid API key"}}, status_code=401)
+            return JSONResponse({"object": "list", "data": [{"id": "fake"}]})
+
+        async def chat(request):
+            import asyncio
+
+            body = await request.json()
+            self.requests.append(body)
+            script = self.script
+            if script == "bad-key":
+                return JSONResponse({"error": {"message": "invalid API key"}}, status_code=401)
+            if script == "proxy-504":
+                return HTMLResponse("<html><body><h1>504 Gateway Time-out</h1></body></html>", status_code=504)
+
+            async def stream():
+                number = len(self.requests)
+                try:
+                    yield chunk({"role": "assistant", "content": ""})
+                    if script == "tool-pieces":  # as OpenAI streams one: id and name, then arguments in fragments
+                        yield chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                     "function": {"name": "get_weather", "arguments": ""}}]})
+                        for piece in ['{"city":', ' "Paris"}']:
+                            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                    elif script == "error-midway":
+                        yield chunk({"content": "a partial answer"})
+                        yield "data: " + json.dumps({"error": {"message": "the request ran past its limit"}}) + "\n\n"
+                        return
+                    elif script == "slow":
+                        for i in range(100):  # 10 s: a test stops it long before
+                            yield chunk({"content": f"line {i}\n"})
+                            await asyncio.sleep(0.1)
+                    elif script == "long-line":
+                        yield chunk({"content": "https://example.com/" + "b" * 400})
+                    else:
+                        yield chunk({"content": "echo: " + body["messages"][-1]["content"]})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    self.closed.append(number)
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        app = Starlette(routes=[Route("/", page), Route("/v1/models", models),
+                                Route("/v1/chat/completions", chat, methods=["POST"])])
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]),
+                                                     log_level="error"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert time.monotonic() < deadline, "the fake backend did not start"
+            time.sleep(0.02)
+
+    def start(self, browser, script="echo", query=""):
+        """Opens a fresh page on the fake, once it knows the model (or has shown why not)."""
+        self.script, self.requests, self.closed = script, [], []
+        browser("Emulation.setDeviceMetricsOverride", width=700, height=420, deviceScaleFactor=1, mobile=False)
+        browser.open(self.url + "/" + query)
+        browser.wait_for("!!(document.getElementById('model').textContent || document.querySelector('.error'))", 10)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    backend = FakeBackend()
+    yield backend
+    backend.uvicorn.should_exit = True
+    backend.thread.join(timeout=30)
+
+
+def say(browser, text):
+    """Types text into the box and presses Enter, as a user does."""
+    browser.evaluate("document.getElementById('input').focus()")
+    browser("Input.insertText", text=text)
+    for kind in ("keyDown", "keyUp"):
+        browser("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
+def shown(browser):
+    return browser.evaluate("[...document.querySelectorAll('#log .msg')].map(e => [e.className, e.textContent])")
+
+
+def settled(browser, requests: int, fake):
+    """Waits for the page to have sent `requests` chat requests and finished its reply."""
+    browser.wait_for("document.body.dataset.state === 'done'", 10)
+    deadline = time.monotonic() + 5
+    while len(fake.requests) < requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    browser.wait_for("document.body.dataset.state === 'done'", 10)
+
+
+def wait_closed(fake, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not fake.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fake.closed
+
+
+def test_enter_while_a_reply_streams_sends_nothing(fake, browser):
+    fake.start(browser, "slow")
+    say(browser, "first")
+    browser.wait_for("document.querySelector('.assistant')?.textContent.includes('line 2')", 10)
+    say(browser, "second")  # one request at a time: the text waits in the box until the reply ends
+    time.sleep(0.5)
+    assert len(fake.requests) == 1 and len(shown(browser)) == 2
+    assert browser.evaluate("document.getElementById('input').value") == "second"
+
+
+def test_stop_ends_the_reply_and_keeps_what_came(fake, browser):
+    fake.start(browser, "slow")
+    say(browser, "first")
+    browser.wait_for("document.querySelector('.assistant')?.textContent.includes('line 2')", 10)
+    assert browser.evaluate("document.getElementById('send').textContent") == "Stop"
+    browser.evaluate("document.getElementById('send').click()")
+    assert wait_closed(fake, 2) == [1]  # the fetch was aborted: the server stopped streaming
+    browser.wait_for("document.body.dataset.state === 'done'", 5)
+    partial = browser.evaluate("document.querySelector('.assistant').textContent")
+    assert partial.startswith("line 0\nline 1\nline 2\n") and "line 99" not in partial
+    assert browser.evaluate("document.querySelectorAll('.error').length") == 0
+    assert browser.evaluate("document.getElementById('send').textContent") == "Send"
+    fake.script = "echo"
+    say(browser, "second")
+    settled(browser, 2, fake)
+    assert fake.requests[1]["messages"] == [{"role": "user", "content": "first"},  # what was shown stays in the chat
+                                            {"role": "assistant", "content": partial},
+                                            {"role": "user", "content": "second"}]
+
+
+def test_leaving_the_page_stops_the_reply(fake, browser):
+    fake.start(browser, "slow")
+    say(browser, "first")
+    browser.wait_for("document.querySelector('.assistant')?.textContent.includes('line 1')", 10)
+    # Chromium keeps the page alive in its back-forward cache, fetch and all, unless the page aborts it on pagehide
+    browser("Page.navigate", url="about:blank")
+    assert wait_closed(fake, 2) == [1]
+
+
+def test_a_wrong_key_is_shown_and_the_question_kept(fake, browser):
+    fake.start(browser, "bad-key")  # the page cannot even list the models
+    say(browser, "my question")
+    browser.wait_for("document.querySelectorAll('.error').length === 2", 5)
+    assert "invalid API key" in browser.evaluate("document.querySelectorAll('.error')[1].textContent")
+    assert browser.evaluate("document.getElementById('input').value") == "my question"  # to send again
+    assert browser.evaluate("document.body.dataset.state") == "done"
+
+
+def test_an_error_midway_keeps_the_partial_reply(fake, browser):
+    fake.start(browser, "error-midway")
+    say(browser, "question")
+    settled(browser, 1, fake)
+    assert shown(browser) == [["msg user", "question"], ["msg assistant", "a partial answer"],
+                              ["msg error", "Error: the request ran past its limit"]]
+
+
+def test_a_proxy_error_page_shows_its_status_and_text(fake, browser):
+    fake.start(browser, "proxy-504")  # not the API's JSON: a proxy's HTML page
+    say(browser, "question")
+    settled(browser, 1, fake)
+    error = browser.evaluate("document.querySelector('.error').textContent")
+    assert "504" in error and "Gateway Time-out" in error and "JSON" not in error
+    assert browser.evaluate("document.getElementById('input').value") == "question"
+
+
+def test_max_tokens_is_left_to_the_server(fake, browser):
+    fake.start(browser)
+    say(browser, "hello")
+    settled(browser, 1, fake)
+    assert "max_tokens" not in fake.requests[0]  # the server then allows what the context has room for
+    fake.start(browser, query="?max_tokens=7")
+    say(browser, "hello")
+    settled(browser, 1, fake)
+    assert fake.requests[0]["max_tokens"] == 7
+
+
+def test_tool_call_pieces_are_put_together(fake, browser):
+    fake.start(browser, "tool-pieces")
+    say(browser, "weather?")
+    settled(browser, 1, fake)
+    assert [text for kind, text in shown(browser) if "tool" in kind] == ['tool call: get_weather({"city": "Paris"})']
+    fake.script = "echo"
+    say(browser, "next")
+    settled(browser, 2, fake)
+    assert fake.requests[1]["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+
+
+def test_enter_that_ends_an_ime_composition_sends_nothing(fake, browser):
+    fake.start(browser)
+    browser.evaluate("""(() => { const box = document.getElementById('input'); box.value = 'にほんご';
+        box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', keyCode: 229, isComposing: true,
+                                                        bubbles: true, cancelable: true})); })()""")
+    time.sleep(0.5)
+    assert fake.requests == [] and browser.evaluate("document.getElementById('input').value") == "にほんご"
+
+
+def test_a_long_line_wraps(fake, browser):
+    fake.start(browser, "long-line")
+    say(browser, "a long line")
+    settled(browser, 1, fake)
+    assert browser.evaluate("log.scrollWidth <= log.clientWidth")  # no sideways scrolling
+
+
+def test_a_reader_who_scrolled_up_stays_there(fake, browser):
+    fake.start(browser, "slow")
+    say(browser, "go")
+    browser.wait_for("document.querySelector('.assistant')?.textContent.includes('line 30')", 10)
+    assert browser.evaluate("log.scrollHeight > log.clientHeight")
+    browser.evaluate("log.scrollTop = 0")
+    time.sleep(0.5)  # five more lines
+    assert browser.evaluate("log.scrollTop") == 0
+
+
+def test_new_chat_starts_over(fake, browser):
+    fake.start(browser)
+    say(browser, "one")
+    settled(browser, 1, fake)
+    browser.evaluate("document.getElementById('new').click()")
+    assert shown(browser) == []
+    say(browser, "two")
+    settled(browser, 2, fake)
+    assert fake.requests[1]["messages"] == [{"role": "user", "content": "two"}]
+    assert shown(browser) == [["msg user", "two"], ["msg assistant", "echo: two"]]
