@@ -11,6 +11,8 @@ import glob
 import hashlib
 import io
 import json
+import mmap
+import os
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -341,8 +343,14 @@ def _read_warc(path: Path, source: str, zstd: bool, extractor: str) -> Iterator[
 
     Records are named "FILE@OFFSET", the byte offset of the record in the (decompressed, for zstd) file.
     """
-    if not zstd:  # plain or per-record gzip, which warcio reads itself
-        yield from _warc_records(path.read_bytes(), source, extractor)
+    # Plain or per-record gzip, which warcio reads itself: the file is mapped, where it had been read whole into each
+    # worker's memory (a Common Crawl WARC is about 1 GB).
+    if not zstd:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+                yield from _warc_records(blob, source, extractor)
         return
     blob, truncated = _read_all(_decompressed_chunks(path, "zstd"))
     yield from _warc_records(blob, source, extractor)
@@ -354,14 +362,14 @@ _WARC_START = re.compile(rb"WARC/1\.[01]\r?\n")
 _GZIP_START = re.compile(rb"\x1f\x8b\x08")
 
 
-def _warc_records(blob: bytes, source: str, extractor: str) -> Iterator[Document | Dropped]:
+def _warc_records(blob: bytes | mmap.mmap, source: str, extractor: str) -> Iterator[Document | Dropped]:
     from warcio.archiveiterator import ArchiveIterator
 
     # After a corrupt record warcio cannot go on, so restart it at the next record boundary.
     boundary = _GZIP_START if blob[:2] == b"\x1f\x8b" else _WARC_START
     pos, index = 0, 0
     while pos < len(blob):
-        stream = io.BytesIO(blob)
+        stream = blob if isinstance(blob, mmap.mmap) else io.BytesIO(blob)  # each a file object over the bytes
         stream.seek(pos)
         records = ArchiveIterator(stream, check_digests=False)
         try:
