@@ -31,6 +31,7 @@ _FUNCTIONS = {
 }
 _ALIASES = {"infinity": "oo", "inf": "oo", "e": "E", "ln": "log", "π": "pi", "√": "sqrt", "×": "*", "÷": "/",
             "−": "-", "²": "^2", "³": "^3", "mod": "Mod", "abs": "Abs", "i": "I"}
+_TIMES_X = re.compile(r"(?<=\d)\s*[xX]\s*(?=\d)")
 _WORDS = [(re.compile(rf"\b{words}\b", re.I), symbol) for words, symbol in [
     (r"square\s+root\s+of", "sqrt "), (r"cube\s+root\s+of", "cbrt "), (r"to\s+the\s+power\s+of", "^"),
     (r"squared", "^2"), (r"cubed", "^3"), (r"(?:multiplied\s+by|times)", "*"), (r"(?:divided\s+by|over)", "/"),
@@ -269,6 +270,8 @@ def _parse(text: str):
                                             standard_transformations)
 
     original = text
+    # "7 x 8" is a product, as Wolfram|Alpha reads it (it had become 56*x)
+    text = _TIMES_X.sub("*", text)
     for words, symbol in _WORDS:
         text = words.sub(symbol, text)
     for alias, name in _ALIASES.items():
@@ -352,5 +355,9 @@ def _convert_units(text: str) -> dict | None:
         if isinstance(error, pint.errors.DimensionalityError):
             raise ToolError(f"cannot convert {src} to {dst}: {error}") from None
         return None
-    return {"input": f"convert {value} {src} to {dst}", "result": f"{converted.magnitude:.10g} {converted.units:~}",
-            "decimal": f"{converted.magnitude:.10g}"}
+    magnitude = converted.magnitude
+    if not quantity._is_multiplicative:
+        # offset units (°F, °C) leave float residue where the answer is a round number: 32 °F had been 5.7e-14 °C
+        magnitude = round(magnitude, 9) + 0.0
+    return {"input": f"convert {value} {src} to {dst}", "result": f"{magnitude:.10g} {converted.units:~}",
+            "decimal": f"{magnitude:.10g}"}

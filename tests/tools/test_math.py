@@ -61,6 +61,11 @@ def offline():
     ("limit (1 + 1/n)^n as n approaches infinity", "E"),
     ("how many feet in a mile", "5280 ft"),
     ("convert 5 miles to km", "8.04672 km"),
+    # "x" between numbers is a product, as Wolfram|Alpha reads it (these had been 56*x, 60*x**2 and an error)
+    ("what is 7 x 8", "56"), ("3 x 4 x 5", "60"), ("12x12", "144"), ("solve 2x + 3 = 9", "x = 3"),
+    # offset units: float residue had made 0 °C "5.684341886e-14 °C"
+    ("convert 32 fahrenheit to celsius", "0 °C"), ("convert 100 celsius to fahrenheit", "212 °F"),
+    ("convert 1 nm to km", "1e-12 km"),
 ])
 def test_offline_answers(offline, query, result):
     assert offline(query)["result"] == result
