@@ -113,7 +113,7 @@ def chat(
             continue
         history.append({"role": "user", "content": message})
         if agent is not None:
-            agent_turn(agent, history)
+            refused |= not agent_turn(agent, history)  # a script learns of it as without tools
             continue
         reply = ""
         try:

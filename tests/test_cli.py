@@ -50,6 +50,14 @@ def test_prompt_longer_than_the_context_is_refused():
     assert_one_line_error(result, "8192", "prompt")
 
 
+@pytest.mark.heavy
+def test_a_message_over_the_context_goes_unanswered_with_tools_too():
+    """A script piping messages in learns that one went unanswered (exit 2); with --tools it had exited 0."""
+    result = herd_cli("chat", "--tools", "wolfram_alpha", "--max-tokens", "8", stdin="Paris " * 9000)
+    assert result.returncode == 2 and "herd: error: " in result.stderr and "8192" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_sampling_options_fail_before_the_model_loads():
     # --seed had been "Overflow when unpacking long long" once the model was read, --logprobs -1 refused only then
     for args in (["--repetition-penalty", "0"], ["--min-p", "1.5"], ["--top-p", "0"], ["--seed", str(1 << 64)],

@@ -49,8 +49,9 @@ def make_agent(llm, tools: AgentTools, **sampling):
     return Agent(llm, tools=tools.tools, guard=tools.guard, **sampling)
 
 
-def agent_turn(agent, history: list[dict]) -> None:
-    """Answer the last user message in `history`, appending the calls, results and answer to it."""
+def agent_turn(agent, history: list[dict]) -> bool:
+    """Answer the last user message in `history`, appending the calls, results and answer to it; False where it went
+    unanswered (over the context: the message is taken back)."""
     from herd.agent import FinalAnswer, ModelText, ToolCall, ToolResult
     from herd.generate import ContextLengthError
 
@@ -76,6 +77,8 @@ def agent_turn(agent, history: list[dict]) -> None:
     except ContextLengthError as error:
         _status(f"herd: error: {error} (or /reset the conversation)")
         history.pop()
+        return False
+    return True
 
 
 def _save(name: str, data: bytes) -> Path:
