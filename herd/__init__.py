@@ -15,4 +15,12 @@ def __getattr__(name):
         import herd.tokenizer
 
         return getattr(herd.tokenizer, name)
+    if name in _SUBPACKAGES:  # herd.generate.EngineConfig, herd.quant.schemes.Scheme before anything else is loaded
+        import importlib
+
+        return importlib.import_module(f"herd.{name}")
     raise AttributeError(f"module 'herd' has no attribute {name!r}")
+
+
+_SUBPACKAGES = ("checkpoint", "data", "generate", "model", "posttrain", "quant", "safety", "serve", "tokenizer",
+                "tools", "train")

@@ -171,3 +171,17 @@ def test_a_base_model_whose_tokenizer_has_no_chat_format_loads_and_generates(tmp
 def test_load_checks_its_engine_settings_before_reading_the_model(tmp_path):
     with pytest.raises(TypeError, match="engine must be a herd.generate.EngineConfig .*, got dict"):
         herd.load(tmp_path / "never-read", engine={"max_batch": 0})
+
+
+def test_the_readmes_names_resolve_in_a_fresh_interpreter():
+    """As the README writes them, before anything else is loaded: herd.generate and herd.quant.schemes had been
+    AttributeErrors until some herd.load ran, and herd.safety had no PromptGuard, load_guard or Shields."""
+    import subprocess
+    import sys
+
+    code = ("import herd\n"
+            "herd.generate.EngineConfig(max_batch=16)\n"
+            "herd.quant.schemes.Scheme('fp8', keep=('output',))\n"
+            "from herd.safety import CodeShield, LlamaGuard, PromptGuard, Shields, load_guard, llama_guard_prompt\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

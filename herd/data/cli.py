@@ -50,7 +50,8 @@ def run(
     config: Optional[Path] = typer.Option(None, "--config", help="PIPELINE.toml; default: the Llama-3-like pipeline."),
     executor: str = typer.Option("local", "--executor", help="local (this machine's cores) or dask."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="A running dask-scheduler's address "
-                                            "(tcp://HOST:PORT); its workers must see --out. Implies dask."),
+                                            "(tcp://HOST:PORT); its workers must see the inputs and --out at the same "
+                                            "paths. Implies dask."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
                                          help="Worker processes; default: every core."),
     quality_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained quality classifier."),
@@ -66,6 +67,12 @@ def run(
 
     if config and (quality_model or domain_model):
         _fail("--quality-model/--domain-model extend the default pipeline; with --config, name them in the TOML")
+    if scheduler:
+        # a remote worker reads every path from its own working directory: a relative one had named nothing there
+        # (or made --out under it), so the run found "no document" in the inputs
+        inputs = [str(Path(i).absolute()) for i in inputs]
+        out = out.absolute()
+        quality_model, domain_model = (m.absolute() if m else None for m in (quality_model, domain_model))
     cfg = load_config(config) if config else default_config(quality_model, domain_model)
     for model in (quality_model, domain_model):
         if model and not model.exists():

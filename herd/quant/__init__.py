@@ -4,3 +4,13 @@ builds a checkpoint under a scheme, store.py writes and reads `herd quantize` ou
 
 Nothing is imported here, so that `herd --help` stays free of torch.
 """
+
+
+def __getattr__(name):
+    # herd.quant.schemes.Scheme without importing it first, as the README writes it
+    if name in ("blocks", "calibration", "decode", "fidelity", "fp8", "gguf", "gptq", "kernel", "load", "phase",
+                "schemes", "store"):
+        import importlib
+
+        return importlib.import_module(f"herd.quant.{name}")
+    raise AttributeError(f"module 'herd.quant' has no attribute {name!r}")

@@ -145,7 +145,9 @@ def _scheduler_address(info: Path, proc: subprocess.Popen, seconds: float = 120)
 
 
 def test_dask_cluster_by_address_matches_the_local_executor(planted_corpus, reference, tmp_path):
-    """A dask-scheduler and two dask-worker processes on 127.0.0.1, reached by `herd data run --scheduler`."""
+    """A dask-scheduler and two dask-worker processes on 127.0.0.1, reached by `herd data run --scheduler`, the
+    inputs and --out given relative to the CLI's directory, which is not the workers' (each worker had read them
+    from its own: "no document could be read")."""
     info = tmp_path / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     common = ["--no-dashboard"]
@@ -155,13 +157,17 @@ def test_dask_cluster_by_address_matches_the_local_executor(planted_corpus, refe
     try:
         address = _scheduler_address(info, procs[0])
         assert address.startswith("tcp://127.0.0.1:")
+        (tmp_path / "workers").mkdir()
         procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "2",
-                                       "--nthreads", "1", "--host", "127.0.0.1", *common], cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                       "--nthreads", "1", "--host", "127.0.0.1", *common], cwd=tmp_path / "workers",
+                                      env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
         out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "herd.data.cli", "run", *map(str, planted_corpus.files), "--out", str(out),
-               "--config", str(_toml(tmp_path)), "--scheduler", address, "--quiet"]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        here = planted_corpus.files[0].parent
+        cmd = [sys.executable, "-m", "herd.data.cli", "run", *(os.path.relpath(f, here) for f in planted_corpus.files),
+               "--out", os.path.relpath(out, here), "--config", str(_toml(tmp_path)), "--scheduler", address, "--quiet"]
+        result = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert result.returncode == 0, result.stderr[-2000:]
         assert digests(out) == reference
         # the work ran in the worker processes, not in the CLI's: they were the ones to import herd's stages
