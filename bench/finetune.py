@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="herd/TRL runs per recipe, alternating who goes first")
     p.add_argument("--recipes", default="sft,dpo", help="which of sft, dpo to measure")
     args = p.parse_args()
+    if args.steps < 2:  # it had ended in a ZeroDivisionError after both runs
+        p.error("--steps must be at least 2: the first step (allocation, warm-up) is not timed")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="herd-bench-finetune-") as tmp:
         work = Path(tmp)

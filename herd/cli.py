@@ -339,6 +339,9 @@ def tokenize(
 
     if model is not None and tokenizer is not None:  # the second had been ignored, even a broken one
         raise typer.BadParameter("give --model or --tokenizer, not both: each names the tokenizer to use")
+    if chat_turn and special:  # it had been dropped without a word
+        raise typer.BadParameter("--special reads a raw text's special tokens; with --chat the text is a message, "
+                                 "whose special-token text stays text (as in every chat request)")
     text = stdin_text() if text == "-" else text
     if model is not None:
         from herd.checkpoint import load_checkpoint

@@ -131,6 +131,7 @@ def test_paths_that_cannot_be_used_are_named_with_what_to_give(tmp_path):
         (["guard", "check", "--messages", str(tmp_path / "nope.json")],
          f"--messages {tmp_path / 'nope.json'}: cannot read it (No such file or directory)"),
         (["tokenize", "hi", "--model", "default", "--tokenizer", "/dev/null"], "give --model or --tokenizer, not both"),
+        (["tokenize", "hi <|eot_id|>", "--chat", "--special"], "with --chat the text is a message"),
     ]
     for args, says in cases:
         assert_one_line_error(herd_cli(*args), says)
