@@ -1,6 +1,7 @@
 """`herd ...`: parse arguments, call the library, print results; bad input ends in one line on stderr."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -100,12 +101,25 @@ def chat(
     llm = _load(model, quantize, device, kv_cache_mib)
     agent = make_agent(llm, tools, **sampling) if tools else None
     interactive = sys.stdin.isatty()
+    if interactive:
+        # line editing, and lines longer than the terminal's 4,095-byte line buffer (a paste had been cut there)
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
+    # bytes that are no UTF-8 arrive as stray surrogates, named below, whatever the locale's strictness
+    sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     refused = False
     if interactive:
         _status(f"type a message; {CHAT_COMMANDS}; Ctrl-D quits")
-    while (message := _read_message(interactive)) is not None:
-        if _is_command(message):
+    while (read := _read_message(interactive)) is not None:
+        message, one_line = read
+        if (byte := _undecodable(message)) is not None:
+            _status(f"herd: error: the message is not UTF-8 text (byte 0x{byte:02x}); "
+                    + ("type it again" if interactive else "convert the input, e.g. with iconv -t UTF-8"))
+            refused = True
+            continue
+        if one_line and _is_command(message):  # a block or a continued line is text, whatever it starts with
+            refused |= message.split()[0] not in _COMMANDS
             if (history := _run_command(message, history)) is None:
                 break
             continue
@@ -122,6 +136,9 @@ def chat(
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             _status("\n(interrupted)")
+            if not reply:  # nothing came: the message goes unanswered, not answered by an empty turn
+                history.pop()
+                continue
         except ContextLengthError as error:
             _status(f"herd: error: {error} (or /reset the conversation)")
             history.pop()
@@ -141,6 +158,14 @@ def _is_command(message: str) -> bool:
     space is text for the model."""
     words = message.split(maxsplit=1)
     return message.startswith("/") and re.fullmatch(r"/[A-Za-z?]+", words[0]) is not None
+
+
+_COMMANDS = ("/exit", "/quit", "/bye", "/reset", "/system", "/help", "/?")
+
+
+def _undecodable(message: str) -> Optional[int]:
+    """The first byte of `message` that was no UTF-8 (read with surrogateescape), or None."""
+    return next((ord(c) - 0xDC00 for c in message if 0xDC80 <= ord(c) <= 0xDCFF), None)
 
 
 def _run_command(message: str, history: list[dict]) -> Optional[list[dict]]:
@@ -163,17 +188,19 @@ def _run_command(message: str, history: list[dict]) -> Optional[list[dict]]:
     return history
 
 
-def _read_message(interactive: bool) -> Optional[str]:
+def _read_message(interactive: bool) -> Optional[tuple[str, bool]]:
+    """The next message, and whether it was typed as one line (only such a line can be a /command); None at the
+    end of the input."""
     lines: list[str] = []
     block = False
     while True:
         try:
             line = input((">>> " if not (lines or block) else "... ") if interactive else "")
         except EOFError:
-            return "\n".join(lines) if lines else None
+            return ("\n".join(lines), False) if lines else None
         if line.strip() == '"""':
             if block:
-                return "\n".join(lines)
+                return "\n".join(lines), False
             block = True
             continue
         if block:
@@ -182,7 +209,7 @@ def _read_message(interactive: bool) -> Optional[str]:
             lines.append(line[:-1])
         else:
             lines.append(line)
-            return "\n".join(lines)
+            return "\n".join(lines), len(lines) == 1
 
 
 @app.command()

@@ -26,9 +26,10 @@ def assert_one_line_error(result, *words):
 @pytest.mark.heavy
 def test_chat_answers_the_capital_of_france():
     result = herd_cli("chat", "--temperature", "0", stdin="/sytem Be brief.\nWhat is the capital of France?\n")
-    assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "unknown command /sytem: /reset clears the conversation" in result.stderr  # named, not sent
+    assert result.returncode == 2, result.stderr  # and the script learns that a line of it went unanswered
+    assert herd_cli("chat", "--temperature", "0", stdin="What is the capital of France?\n").returncode == 0
 
 
 def test_chat_commands_are_one_slash_word_and_a_mistyped_one_changes_nothing(capsys):
@@ -242,10 +243,24 @@ def test_chat_reads_continued_lines_and_blocks_as_one_message(monkeypatch):
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
-    assert cli._read_message(interactive=False) == "first \nsecond"
-    assert cli._read_message(interactive=False) == "block one\nblock two"
-    assert cli._read_message(interactive=False) == "last"
+    # only a message typed as one line can be a /command
+    assert cli._read_message(interactive=False) == ("first \nsecond", False)
+    assert cli._read_message(interactive=False) == ("block one\nblock two", False)
+    assert cli._read_message(interactive=False) == ("last", True)
     assert cli._read_message(interactive=False) is None  # end of input
+
+
+def test_chat_pipes_blocks_as_text_and_names_what_it_cannot_answer():
+    """A block starting with /exit had quit (and one starting /reset wiped the chat), bytes that are no UTF-8 had
+    reached the model as U+FFFD, and a script's unknown /command exited 0."""
+    block = '"""\n/exit is a command in many shells\n"""\n'
+    done = subprocess.run([sys.executable, "-m", "herd.cli", "chat", "--temperature", "0", "--max-tokens", "3"],
+                          input=block.encode() + b"caf\xe9\n/imagine a cat\nhi\n", capture_output=True, timeout=600)
+    err = done.stderr.decode()
+    replies = [line for line in done.stdout.decode().splitlines() if line.strip()]
+    assert len(replies) == 2, done.stdout  # the block and "hi": the others went unanswered, each named
+    assert "the message is not UTF-8 text (byte 0xe9)" in err and "unknown command /imagine" in err
+    assert done.returncode == 2 and "Traceback" not in err
 
 
 def test_data_subcommand_errors_exit_non_zero(tmp_path):
