@@ -14,6 +14,10 @@ Built-in tools go into the system prompt as Llama 3.1 expects them (`Environment
 does that, also for a checkpoint's template that knows nothing of tools) and their results come back as `ipython`
 messages; custom functions' results come back as `tool` messages. Every
 tool result can pass a `guard` (a callable scoring text as a prompt injection, e.g. Prompt Guard) first.
+
+A custom function gets `tool_timeout` seconds (60 by default; a Tool's own `timeout` comes first): one that runs
+longer is left running in a daemon thread and the model reads an error naming it and the limit. The built-ins keep
+their own limits (the sandbox's, the HTTP clients').
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from herd.generate.sampling import SamplingParams
 from herd.tokenizer.tool_calls import QUERY_TOOLS, call_arguments, parse_calls
-from herd.tools.functions import Tool, as_tool, result_text
+from herd.tools.functions import Tool, as_tool, check_timeout, result_text
 from herd.tools.http import ToolError
 
 Message = dict[str, Any]
@@ -46,6 +50,8 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     kind: str = "tool_call"
+    # The model's message the call is part of (all its calls, its stop_reason): what a server reports the reply as.
+    reply: Message | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Guard:
 class Agent:
     def __init__(self, llm, tools: Sequence[Tool | str | dict | Callable[..., Any]] = (), *, max_steps: int = 8,
                  guard: Guard | Callable[[str], float] | None = None, tool_prompt_format: str = "json",
-                 tool_choice: str = "auto", stream: bool = True, **sampling):
+                 tool_choice: str = "auto", stream: bool = True, tool_timeout: float | None = 60.0, **sampling):
         self.llm = llm
         self.tools = {tool.name: tool for tool in map(as_tool, tools)}
         if tool_choice not in ("auto", "required", *self.tools):
@@ -110,8 +116,10 @@ class Agent:
             raise ValueError(f"tool_choice {tool_choice!r} needs tools to call")
         if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
             raise ValueError(f"max_steps must be an integer of at least 1, not {max_steps!r}")
+        check_timeout("tool_timeout", tool_timeout)
         self.tool_choice = tool_choice
         self.max_steps = max_steps
+        self.tool_timeout = tool_timeout
         self.guard = guard if isinstance(guard, Guard) or guard is None else Guard(guard)
         self.tool_prompt_format, self.stream, self.sampling = tool_prompt_format, stream, sampling
 
@@ -129,7 +137,7 @@ class Agent:
                 return
             tool_choice = "auto"
             for index, call in enumerate(calls):
-                request = ToolCall(call["id"], call["function"]["name"], _arguments(call))
+                request = ToolCall(call["id"], call["function"]["name"], _arguments(call), reply=reply)
                 yield request
                 # Each result gets its share of the room left, so that the calls after it still get some.
                 result = self._fitted(dialog, self._execute(request), share=len(calls) - index)
@@ -184,7 +192,8 @@ class Agent:
             known = ", ".join(self.tools) or "none"
             return ToolResult(call.id, call.name, f"error: there is no tool {call.name!r} (tools: {known})", True)
         try:
-            value = tool(call.arguments)
+            # The built-ins end their own work (the sandbox kills its process), better than a thread left behind.
+            value = tool(call.arguments) if tool.builtin else tool(call.arguments, timeout=self.tool_timeout)
         except ToolError as error:
             return ToolResult(call.id, call.name, f"error: {error}", True)
         files = value.get("files", {}) if isinstance(value, dict) and call.name == "code_interpreter" else {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -105,8 +106,8 @@ def chat(
         # line editing, and lines longer than the terminal's 4,095-byte line buffer (a paste had been cut there)
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401
-    # bytes that are no UTF-8 arrive as stray surrogates, named below, whatever the locale's strictness
-    sys.stdin.reconfigure(errors="surrogateescape")
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are no UTF-8 then arrive as stray surrogates, named
+        sys.stdin.reconfigure(errors="surrogateescape")  # below, whatever the locale's strictness
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     refused = False
     if interactive:

@@ -1,5 +1,7 @@
 """The agent loop, with a scripted model (exact flows) and the real default model (whatever it calls runs)."""
 import json
+import threading
+import time
 import types
 
 import jsonschema
@@ -8,7 +10,7 @@ import pytest
 import herd
 from herd.agent import Agent, FinalAnswer, Guard, ModelText, ToolCall, ToolResult
 from herd.generate.generator import ContextLengthError
-from herd.tools import BraveSearch, Tool, sandbox_problem
+from herd.tools import BraveSearch, Tool, ToolError, sandbox_problem
 
 
 class ScriptedLLM:
@@ -209,6 +211,38 @@ def test_tool_raising_system_exit_is_reported():
     llm = ScriptedLLM('{"type": "function", "name": "leave", "parameters": {}}<|eot_id|>', "It left.<|eot_id|>")
     result = next(s for s in run(Agent(llm, tools=[leave]), "Leave?") if isinstance(s, ToolResult))
     assert result.error and result.content == "error: leave raised SystemExit: 3"
+
+
+def test_a_tool_that_never_returns_times_out_and_the_model_reads_why():
+    """A custom function with no end had held the turn for ever: it is given up after the agent's tool_timeout (or
+    the tool's own timeout), the model reads an error naming the tool and the limit, and the loop goes on."""
+    release = threading.Event()
+
+    def hang() -> str:
+        release.wait(30)
+        return "woke"
+
+    call = '{"type": "function", "name": "hang", "parameters": {}}<|eot_id|>'
+    try:
+        own = Tool.from_function(hang, timeout=0.3)
+        for agent, limit in ((Agent(ScriptedLLM(call, "It hung.<|eot_id|>"), tools=[hang], tool_timeout=0.2), "0.2"),
+                             (Agent(ScriptedLLM(call, "It hung.<|eot_id|>"), tools=[own], tool_timeout=None), "0.3")):
+            started = time.monotonic()
+            steps = run(agent, "Wait?")
+            assert time.monotonic() - started < 10
+            result = next(s for s in steps if isinstance(s, ToolResult))
+            assert result.error and result.content == (f"error: hang did not finish within its time limit of {limit} "
+                                                       "s; its call was given up")
+            assert agent.llm.dialogs[1][-1]["content"] == result.content and steps[-1].text == "It hung."
+        assert Agent(ScriptedLLM(), tools=[hang]).tool_timeout == 60  # a default, not no limit
+        with pytest.raises(ValueError, match="tool_timeout must be a positive number"):
+            Agent(ScriptedLLM(), tool_timeout=0)
+        # A function within its limit, or failing within it, is answered as without one.
+        assert Tool.from_function(get_weather, timeout=5)({"city": "Oslo"})["temperature"] == 4
+        with pytest.raises(ToolError, match="get_weather raised KeyError: 'Lima'"):
+            Tool.from_function(get_weather, timeout=5)({"city": "Lima"})
+    finally:
+        release.set()
 
 
 def test_guard_flags_and_blocks_injected_tool_results():

@@ -1,19 +1,26 @@
 """Agents over HTTP, in the spirit of Llama Stack's Agents API: agents, sessions, and turns streamed as step events.
 
-    POST /v1/agents                         {"instructions", "tools", "tool_choice", "max_steps", "sampling"}
-    POST /v1/agents/{agent_id}/session                    {"session_name"}            -> {"session_id"}
-    POST /v1/agents/{agent_id}/session/{session_id}/turn  {"messages"}                -> text/event-stream
-    GET  /v1/agents/{agent_id}/session/{session_id}       the session and its turns
+    POST   /v1/agents                         {"instructions", "tools", "tool_choice", "max_steps", "sampling"}
+                                              or Llama Stack's {"agent_config": {...}}          -> {"agent_id"}
+    GET    /v1/agents/{agent_id}                                 the agent, its config as Llama Stack's AgentConfig
+    DELETE /v1/agents/{agent_id}
+    POST   /v1/agents/{agent_id}/session                    {"session_name"}            -> {"session_id"}
+    GET    /v1/agents/{agent_id}/session/{session_id}       the session and its turns
+    DELETE /v1/agents/{agent_id}/session/{session_id}
+    POST   /v1/agents/{agent_id}/session/{session_id}/turn  {"messages", "stream"}      -> text/event-stream
+    GET    /v1/agents/{agent_id}/session/{session_id}/turn/{turn_id}
 
 Each SSE event is {"event": {"payload": {"event_type": ...}}}: turn_start, step_start / step_progress (text deltas)
-/ step_complete for inference and tool_execution steps, turn_complete with the whole turn. A session keeps its
-dialog; its turns run one at a time. Mounted by `create_app(..., routers=[router])`.
+/ step_complete for inference and tool_execution steps, turn_complete with the whole turn; each validates as
+llama-stack's AgentTurnResponseStreamChunk, a session as its Session, a turn as its Turn (its replies as
+CompletionMessages, their calls as ToolCalls). A turn with "stream": false is answered as one JSON Turn. A session
+keeps its dialog; its turns run one at a time. Mounted by `create_app(..., routers=[router])`.
 
 On a server with shields, a turn is shielded as a chat request is (see _shielded).
 
 An agent's tools are the built-in ones and the Python functions the server's operator offers
 (`create_app(..., tools=[...])`, `herd serve --tools pkg.module:function`), by name: a client never names code
-for the server to import and run.
+for the server to import and run. A function gets 60 s a call unless its Tool sets its own `timeout`.
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
-from herd.serve.app import count_served, read_json, validate
+from herd.serve.app import count_served, read_json, server_state, validate
 from herd.serve.auth import check_key
+from herd.serve.llama_stack import Sampling
 from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
 from herd.tools import ToolError, builtin_tool
@@ -71,14 +80,134 @@ class SessionRequest(StrictModel):
 
 class TurnRequest(StrictModel):
     messages: list[Message] = Field(min_length=1)
+    # Llama Stack's: false answers the whole Turn as one JSON object; left out, the turn streams as it always has.
+    stream: bool | None = None
+    documents: list[Any] | None = None
+    toolgroups: list[Any] | None = None
+
+
+# llama-stack's built-in tool groups, as herd's built-ins; `builtin::NAME` for herd's own names too.
+_TOOLGROUPS = {"builtin::websearch": "brave_search", **{f"builtin::{name}": name for name in BUILTIN_TOOLS}}
+_GROUPS_OF = {"brave_search": "builtin::websearch", "wolfram_alpha": "builtin::wolfram_alpha",
+              "code_interpreter": "builtin::code_interpreter"}
+_STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
+
+
+class _ToolGroup(StrictModel):
+    name: str
+    args: dict[str, Any] | None = None
+
+
+class _ToolConfig(StrictModel):
+    tool_choice: str | None = None
+    tool_prompt_format: str | None = None
+    system_message_behavior: str | None = None
+
+
+class _LlamaStackConfig(StrictModel):
+    """The fields of Llama Stack's AgentConfig that herd reads, checked as every body is."""
+
+    model: str | None = None
+    instructions: str | None = None
+    toolgroups: list[str | _ToolGroup] | None = None
+    client_tools: list[Any] | None = None
+    tool_choice: str | None = None  # deprecated there for tool_config's
+    tool_config: _ToolConfig | None = None
+    max_infer_iters: int | None = None
+    sampling_params: Sampling | None = None
+    input_shields: list[str] | None = None
+    output_shields: list[str] | None = None
+    response_format: Any = None
+
+
+class _LlamaStackAgent(StrictModel):
+    agent_config: _LlamaStackConfig
+
+
+def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str, Any]:
+    """Llama Stack's AgentConfig ({"agent_config": {"model", "instructions", "toolgroups", "max_infer_iters",
+    "sampling_params", "tool_config"}}) as herd's: it had been ignored, and the agent made without its instructions
+    or tools. What herd cannot do is refused by name rather than dropped."""
+    state = server_state(request)
+    config = validate(request, _LlamaStackAgent, data, None).agent_config
+    shields = state.shields.names if state.shields is not None else []
+    if config.model not in (None, state.model_name):
+        raise APIError(404, f"the model '{config.model}' does not exist; this server has '{state.model_name}'",
+                       param="agent_config.model", code="model_not_found")
+    if config.client_tools:
+        raise APIError(400, "agent_config.client_tools are not supported: herd runs the server's tools, named in "
+                       f"toolgroups ({', '.join(_GROUPS_OF.values())} or an operator's function by name)",
+                       param="agent_config.client_tools")
+    if config.response_format:
+        raise APIError(400, "agent_config.response_format is not supported", param="agent_config.response_format")
+    for name in ("input_shields", "output_shields"):
+        # The server's shields all run on every turn (see _shielded); one it lacks would be a promise not kept.
+        if missing := [shield for shield in getattr(config, name) or [] if shield not in shields]:
+            raise APIError(400, f"agent_config.{name}: no shield {missing[0]!r} on this server; it has "
+                           f"{shields or 'none'}, and runs them all on every turn", param=f"agent_config.{name}")
+    tools = []
+    for group in config.toolgroups or []:
+        if isinstance(group, _ToolGroup) and group.args:
+            raise APIError(400, f"toolgroup {group.name!r}: args are not supported", param="agent_config.toolgroups")
+        name = group.name if isinstance(group, _ToolGroup) else group
+        tools.append(_TOOLGROUPS.get(name, name))
+    tool_choice = (config.tool_config.tool_choice if config.tool_config else None) or config.tool_choice or "auto"
+    if tool_choice == "none":  # no call at all: the model is offered none
+        tools, tool_choice = [], "auto"
+    flat = {"instructions": config.instructions or "", "tools": tools, "tool_choice": tool_choice,
+            # llama-stack's default when left out, as its client expects
+            "max_steps": 10 if config.max_infer_iters is None else config.max_infer_iters}
+    if (params := config.sampling_params) is not None:
+        strategy, sampling = params.strategy, {}
+        if strategy.type == "greedy":
+            sampling["temperature"] = 0.0
+        else:
+            sampling["temperature"] = strategy.temperature or 1.0
+            sampling["top_p"] = (strategy.top_p or 1.0) if strategy.type == "top_p" else 1.0
+            sampling["top_k"] = (strategy.top_k or 0) if strategy.type == "top_k" else 0
+        if params.max_tokens:  # 0: the server's default
+            sampling["max_tokens"] = params.max_tokens
+        if params.repetition_penalty is not None:
+            sampling["repetition_penalty"] = params.repetition_penalty
+        if params.stop:
+            sampling["stop"] = list(params.stop)
+        flat["sampling"] = sampling
+    return flat
+
+
+def _as_llama_stack(config: AgentConfig, model_name: str) -> dict[str, Any]:
+    """herd's config as Llama Stack's AgentConfig, for GET /v1/agents/{agent_id}."""
+    sampling = config.sampling
+    if sampling.get("temperature", SamplingParams.temperature) == 0:
+        strategy = {"type": "greedy"}
+    elif sampling.get("top_k"):
+        strategy = {"type": "top_k", "top_k": sampling["top_k"]}
+    else:
+        strategy = {"type": "top_p", "temperature": sampling.get("temperature", SamplingParams.temperature),
+                    "top_p": sampling.get("top_p", SamplingParams.top_p)}
+    return {"model": model_name, "instructions": config.instructions,
+            "toolgroups": [_GROUPS_OF.get(name, name) for name in config.tools],
+            "tool_config": {"tool_choice": config.tool_choice}, "max_infer_iters": config.max_steps,
+            "sampling_params": {"strategy": strategy, "max_tokens": sampling.get("max_tokens", 0),
+                                "repetition_penalty": sampling.get("repetition_penalty", 1.0),
+                                "stop": list(sampling.get("stop") or []) or None},
+            "herd": config.model_dump()}  # herd's own fields, sampling whole (a logit_bias, penalties)
 
 
 class _Session:
     def __init__(self, name: str):
         self.name, self.dialog, self.turns, self.lock = name, [], [], threading.Lock()
+        self.started = time.time()
 
 
-def _agents(request: Request) -> dict[str, tuple[AgentConfig, dict[str, _Session]]]:
+@dataclass
+class _Agent:
+    config: AgentConfig
+    sessions: dict[str, _Session] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+
+def _agents(request: Request) -> dict[str, _Agent]:
     check_key(request.headers.get("authorization"), request.app.state.herd.settings.api_keys)
     if not hasattr(request.app.state, "agents"):
         request.app.state.agents = {}
@@ -94,24 +223,43 @@ def _find(request: Request, agent_id: str, session_id: str | None = None):
     agents = _agents(request)
     if agent_id not in agents:
         raise APIError(404, f"no agent {agent_id}", code="agent_not_found")
-    config, sessions = agents[agent_id]
-    if session_id is not None and session_id not in sessions:
+    agent = agents[agent_id]
+    if session_id is not None and session_id not in agent.sessions:
         raise APIError(404, f"no session {session_id} of agent {agent_id}", code="session_not_found")
-    return config, sessions, sessions.get(session_id)
+    return agent.config, agent.sessions, agent.sessions.get(session_id)
 
 
 @router.post("")
 async def create_agent(request: Request) -> dict:
     agents = _agents(request)
-    config = await _body(request, AgentConfig)
+    data = await read_json(request)
+    if isinstance(data, dict) and "agent_config" in data:  # a Llama Stack client's body
+        data = _from_llama_stack(request, data)
+    config = validate(request, AgentConfig, data, None)
     try:
         _agent(request, config)  # a bad tool or tool_choice is a 400 now, not an error at the first turn
     except (ToolError, ValueError) as error:
         raise APIError(400, str(error), param="tools") from None
     agent_id = str(uuid.uuid4())
-    agents[agent_id] = (config, {})
+    agents[agent_id] = _Agent(config)
     count_served(request)
     return {"agent_id": agent_id}
+
+
+@router.get("/{agent_id}")
+def get_agent(request: Request, agent_id: str) -> dict:
+    _find(request, agent_id)
+    agent = request.app.state.agents[agent_id]
+    count_served(request)
+    return {"agent_id": agent_id, "agent_config": _as_llama_stack(agent.config, server_state(request).model_name),
+            "created_at": agent.created}
+
+
+@router.delete("/{agent_id}")
+def delete_agent(request: Request, agent_id: str) -> None:
+    _find(request, agent_id)
+    del request.app.state.agents[agent_id]  # a turn under way finishes; its session is gone with the agent
+    count_served(request)
 
 
 @router.post("/{agent_id}/session")
@@ -128,19 +276,57 @@ async def create_session(request: Request, agent_id: str) -> dict:
 def get_session(request: Request, agent_id: str, session_id: str) -> dict:
     _, _, session = _find(request, agent_id, session_id)
     count_served(request)
-    return {"session_id": session_id, "session_name": session.name, "turns": session.turns}
+    return {"session_id": session_id, "session_name": session.name, "turns": session.turns,
+            "started_at": session.started}
+
+
+@router.delete("/{agent_id}/session/{session_id}")
+def delete_session(request: Request, agent_id: str, session_id: str) -> None:
+    _, sessions, _ = _find(request, agent_id, session_id)
+    del sessions[session_id]
+    count_served(request)
+
+
+@router.get("/{agent_id}/session/{session_id}/turn/{turn_id}")
+def get_turn(request: Request, agent_id: str, session_id: str, turn_id: str) -> dict:
+    _, _, session = _find(request, agent_id, session_id)
+    turn = next((t for t in session.turns if t["turn_id"] == turn_id), None)
+    if turn is None:
+        raise APIError(404, f"no turn {turn_id} in session {session_id}", code="turn_not_found")
+    count_served(request)
+    return turn
 
 
 @router.post("/{agent_id}/session/{session_id}/turn")
-async def create_turn(request: Request, agent_id: str, session_id: str) -> StreamingResponse:
+async def create_turn(request: Request, agent_id: str, session_id: str):
     config, _, session = _find(request, agent_id, session_id)
     body = await _body(request, TurnRequest)
+    if body.documents:
+        raise APIError(400, "a turn's documents are not supported: send their text in a message", param="documents")
+    if body.toolgroups:
+        raise APIError(400, "a turn's toolgroups are not supported: an agent's tools are set when it is made",
+                       param="toolgroups")
     messages = [m.as_dict() for m in body.messages]
     events = _turn_events(_agent(request, config), config, session, session_id, messages,
                           request.app.state.herd.shields)
+    if body.stream is False:
+        return await run_in_threadpool(_whole_turn, request, events)
     count_served(request)  # as the other streams: a 200 once it opens, its errors its last events
     return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in _ending_in_errors(events)),
                              media_type="text/event-stream")
+
+
+def _whole_turn(request: Request, events: Iterator[dict]) -> JSONResponse:
+    """Llama Stack's non-streaming answer: the Turn, or the error (with its status, as nothing has been sent)."""
+    last = None
+    for last in _ending_in_errors(events):
+        pass
+    if last is None or "error" in last:
+        error = (last or internal_error(RuntimeError("the turn ended without an answer")).body())["error"]
+        raise APIError(400 if error["code"] == "context_length_exceeded" else 500, error["message"],
+                       type=error["type"], param=error["param"], code=error["code"])
+    count_served(request)
+    return JSONResponse(last["event"]["payload"]["turn"])
 
 
 def _ending_in_errors(events: Iterator[dict]) -> Iterator[dict]:
@@ -178,7 +364,10 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
         inference, execution, text = None, None, ""
         dialog = session.dialog + messages
         for step in agent.run(dialog) if shields is None else _shielded(agent, shields, dialog):
-            if isinstance(step, (ModelText, FinalAnswer)) and inference is None:  # the model's turn begins
+            # A FinalAnswer that is not the dialog's last message is the reply before the limit (max_steps, no room
+            # for a result), already reported with its calls: the model ran no further step.
+            replied = isinstance(step, FinalAnswer) and bool(step.messages) and step.messages[-1] is step.message
+            if (isinstance(step, ModelText) or replied) and inference is None:  # the model's turn begins
                 inference, text = _step("inference", turn_id), ""
                 yield _event("step_start", step_type="inference", step_id=inference["step_id"])
             if isinstance(step, ModelText):
@@ -190,34 +379,36 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
                 shield = {**_step("shield_call", turn_id), "violation": _violation(step.decision)}
                 steps.append(shield)
                 yield _event("step_start", step_type="shield_call", step_id=shield["step_id"])
-                yield _event("step_complete", step_type="shield_call", step_details=shield)
+                yield _completed_step(shield)
                 if step.stops:  # the turn ends with the shield's message as its answer, the model stopped
                     message = {"role": "assistant", "content": step.decision.message, "stop_reason": "end_of_turn",
                                "tool_calls": []}
                     if inference is not None:
                         steps.append({**inference, "model_response": message})
-                        yield _event("step_complete", step_type="inference", step_details=steps[-1])
+                        yield _completed_step(steps[-1])
                     session.dialog = [*step.dialog, message]
                     yield from _completed(session, turn_id, session_id, messages, steps, message, "end_of_turn",
                                           started)
                     return
             elif isinstance(step, ToolCall):
                 if inference is not None:  # the model's turn ended in its calls
-                    steps.append({**inference, "model_response": {"role": "assistant", "content": text}})
-                    yield _event("step_complete", step_type="inference", step_details=steps[-1])
+                    reply = step.reply or {"content": text, "tool_calls": []}
+                    steps.append({**inference, "model_response": _completion(reply)})
+                    yield _completed_step(steps[-1])
                     inference = None
                 execution = {**_step("tool_execution", turn_id),
-                             "tool_calls": [{"call_id": step.id, "tool_name": step.name, "arguments": step.arguments}]}
+                             "tool_calls": [_ls_call(step.id, step.name, step.arguments)]}
                 yield _event("step_start", step_type="tool_execution", step_id=execution["step_id"])
             elif isinstance(step, ToolResult):
                 execution["tool_responses"] = [{"call_id": step.call_id, "tool_name": step.name,
                                                 "content": step.content, "error": step.error,
                                                 "files": sorted(step.files), "flagged": step.flagged}]
                 steps.append(execution)
-                yield _event("step_complete", step_type="tool_execution", step_details=execution)
+                yield _completed_step(execution)
             elif isinstance(step, FinalAnswer):
-                steps.append({**inference, "model_response": step.message})
-                yield _event("step_complete", step_type="inference", step_details=steps[-1])
+                if inference is not None:
+                    steps.append({**inference, "model_response": _completion(step.message)})
+                    yield _completed_step(steps[-1])
                 session.dialog = step.messages
                 yield from _completed(session, turn_id, session_id, messages, steps, step.message, step.stop_reason,
                                       started)
@@ -225,10 +416,49 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
 
 def _completed(session: _Session, turn_id: str, session_id: str, messages: list[dict], steps: list[dict],
                message: dict, stop_reason: str, started: float) -> Iterator[dict]:
+    # stop_reason is herd's own (max_steps, context_length_exceeded too); the message's is one llama-stack knows
     turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": messages, "steps": steps,
-            "output_message": message, "stop_reason": stop_reason, "started_at": started, "completed_at": time.time()}
+            "output_message": _completion(message), "stop_reason": stop_reason, "started_at": started,
+            "completed_at": time.time()}
     session.turns.append(turn)
     yield _event("turn_complete", turn=turn)
+
+
+def _completion(message: dict) -> dict:
+    """A reply as llama-stack's CompletionMessage: its calls as ToolCalls, and a stop_reason it knows."""
+    calls = []
+    for call in message.get("tool_calls") or ():
+        try:
+            arguments = json.loads(call["function"]["arguments"])
+        except ValueError:
+            arguments = call["function"]["arguments"]
+        calls.append(_ls_call(call["id"], call["function"]["name"], arguments))
+    # A reply that calls tools ends its message, not the turn (Llama's <|eom_id|>), however its stream ended.
+    reason = "end_of_message" if calls else message.get("stop_reason")
+    return {"role": "assistant", "content": message.get("content") or "",
+            "stop_reason": reason if reason in _STOP_REASONS else "end_of_turn", "tool_calls": calls}
+
+
+def _ls_call(call_id: str, name: str, arguments: Any) -> dict:
+    """A call as llama-stack's ToolCall, its arguments also as JSON text (arguments_json)."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"call_id": call_id, "tool_name": name, "arguments": arguments if _shallow(arguments) else text,
+            "arguments_json": text}
+
+
+def _shallow(arguments: Any) -> bool:
+    """Whether llama-stack's ToolCall takes `arguments` as an object: values nested one level at most (its
+    RecursiveType); deeper ones go as text."""
+    def primitive(value):
+        return value is None or isinstance(value, (str, int, float, bool))
+
+    return isinstance(arguments, dict) and all(
+        primitive(v) or isinstance(v, list) and all(map(primitive, v))
+        or isinstance(v, dict) and all(map(primitive, v.values())) for v in arguments.values())
+
+
+def _completed_step(details: dict) -> dict:
+    return _event("step_complete", step_type=details["step_type"], step_id=details["step_id"], step_details=details)
 
 
 @dataclass

@@ -2,17 +2,22 @@
 
 A `Tool` has a name, a description, a JSON schema for its arguments and a function. Calling it validates the
 arguments against the schema first (jsonschema), then calls the function; whatever goes wrong — bad arguments,
-an exception in the function — comes back as a ToolError whose message the agent hands to the model.
+an exception in the function, a call that outlasts its time limit — comes back as a ToolError whose message the
+agent hands to the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import importlib
 import inspect
 import itertools
 import json
+import os
+import sys
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -35,10 +40,16 @@ class Tool:
     builtin: bool = False  # one of Llama 3.1's built-ins: named in the system prompt, answered as `ipython`
     enums: dict[str, type[enum.Enum]] = field(default_factory=dict)  # arguments the function takes as Enum members
     positional: tuple[str, ...] = ()  # the function's positional-only parameters: passed by position, in order
+    # Seconds a call may run before the model is told it timed out; None: the caller's limit (an Agent's
+    # tool_timeout), or none when called directly.
+    timeout: float | None = None
+
+    def __post_init__(self):
+        check_timeout("timeout", self.timeout)
 
     @classmethod
     def from_function(cls, function: Callable[..., Any], name: str | None = None,
-                      description: str | None = None) -> Tool:
+                      description: str | None = None, timeout: float | None = None) -> Tool:
         """The schema from the signature's type hints and defaults; descriptions from the docstring."""
         import docstring_parser
 
@@ -66,7 +77,7 @@ class Tool:
                            if p.kind is p.POSITIONAL_ONLY)
         return cls(name or function.__name__, description or summary or function.__name__,
                    {"type": "object", "properties": properties, "required": required}, function, enums=enums,
-                   positional=positional)
+                   positional=positional, timeout=timeout)
 
     @classmethod
     def from_schema(cls, spec: dict, function: Callable[..., Any] | None = None) -> Tool:
@@ -85,6 +96,9 @@ class Tool:
         if not module_name or not attribute:
             raise ValueError(f"custom tool {spec!r} must be written module:function (built-ins: brave_search, "
                          "wolfram_alpha, code_interpreter)")
+        # A module beside the user, as `python -m` and uvicorn find one: the console script's path had left it out.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
         try:
             target = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
@@ -102,7 +116,8 @@ class Tool:
         return {"type": "function",
                 "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
-    def __call__(self, arguments: dict[str, Any]) -> Any:
+    def __call__(self, arguments: dict[str, Any], timeout: float | None = None) -> Any:
+        """The function's value; `timeout` is the limit when the tool sets none of its own."""
         import jsonschema
 
         if self.function is None:
@@ -114,15 +129,43 @@ class Tool:
         arguments = {k: self.enums[k](v) if k in self.enums else v for k, v in arguments.items()}
         given = list(itertools.takewhile(arguments.__contains__, self.positional))
         args = [arguments.pop(name) for name in given]
+        limit = self.timeout if self.timeout is not None else timeout
         try:
-            value = self.function(*args, **arguments)
-            # An async function's coroutine: the model reads its result, not "<coroutine object ...>".
-            return asyncio.run(value) if inspect.iscoroutine(value) else value
+            return self._run(args, arguments) if limit is None else self._run_within(limit, args, arguments)
         except ToolError:
             raise
         # SystemExit too (sys.exit in a function had ended the agent's run); not KeyboardInterrupt, the user's stop.
         except (Exception, SystemExit) as error:  # noqa: BLE001 - any failure of the function is the model's to read
             raise ToolError(f"{self.name} raised {type(error).__name__}: {error}") from None
+
+    def _run(self, args: list, kwargs: dict[str, Any]) -> Any:
+        value = self.function(*args, **kwargs)
+        # An async function's coroutine: the model reads its result, not "<coroutine object ...>".
+        return asyncio.run(value) if inspect.iscoroutine(value) else value
+
+    def _run_within(self, limit: float, args: list, kwargs: dict[str, Any]) -> Any:
+        """The call in a thread of its own, waited for `limit` seconds: a function that never returned had held the
+        agent's turn (and, over HTTP, its session) for ever."""
+        outcome: dict[str, Any] = {}
+
+        def target():
+            try:
+                outcome["value"] = self._run(args, kwargs)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread, where it is judged
+                outcome["error"] = error
+
+        # A daemon, and left running when the limit passes: Python cannot stop a thread, and a daemon one at
+        # least does not keep the process alive at exit. Whatever it holds (a socket, a lock) stays held until
+        # the function returns by itself.
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(target,), daemon=True,
+                                  name=f"tool {self.name}")
+        worker.start()
+        worker.join(limit)
+        if worker.is_alive():
+            raise ToolError(f"{self.name} did not finish within its time limit of {limit:g} s; its call was given up")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
 
 def builtin_tool(name: str, **options) -> Tool:
@@ -221,6 +264,13 @@ def _schema(hint: Any) -> dict:
         return {"type": _JSON_TYPES[hint]}
     raise ValueError(f"cannot describe the type {hint!r} in JSON schema; use str, int, float, bool, list, dict, "
                      "Literal or an Enum")
+
+
+def check_timeout(name: str, value: float | None) -> None:
+    """ValueError unless `value` is a time limit: seconds, more than none and not infinite; or None, no limit."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                              or value == float("inf")):
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
 
 
 def _allows_null(schema: dict) -> bool:

@@ -1,5 +1,7 @@
 """The agents endpoint: agents, sessions, and a turn streamed as Llama Stack-style step events over SSE."""
 import json
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -282,3 +284,146 @@ def test_a_reply_after_tool_calls_is_judged_with_them_and_a_stop_keeps_them(shie
     history = seen[-1]  # the next turn's prompt: the call and its result are in the session's dialog
     assert [m["role"] for m in history] == ["user", "assistant", "tool", "assistant", "user"]
     assert history[1]["tool_calls"][0]["function"]["name"] == "run_python" and history[2]["content"] == "ok"
+
+
+@pytest.fixture
+def scripted(default_llm, monkeypatch):
+    """The app with the operator's `tools`, its model replying `replies` in turn; each prompt, its tools and its
+    sampling options recorded."""
+    def make(*replies, tools=()):
+        replies, seen = list(replies), []
+
+        def chat(messages, tools=None, *, stream=False, **options):
+            seen.append((list(messages), tools, options))
+            text = replies.pop(0)
+            return iter([text[:5], text[5:]]) if stream else default_llm.chat_format.decode_assistant(text)
+
+        monkeypatch.setattr(default_llm, "chat", chat)
+        client = TestClient(create_app(default_llm, routers=[router], tools=tools))
+        return client, seen
+
+    return make
+
+
+def new_session(client, **agent) -> str:
+    agent_id = client.post("/v1/agents", json=agent).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+    return f"/v1/agents/{agent_id}/session/{session_id}"
+
+
+def test_a_custom_tool_that_never_returns_is_given_up_and_its_session_runs_on(scripted):
+    """A function that never returned held its turn open for ever, and the session's lock with it: every later turn
+    of the session waited too. Past its time limit the model reads an error naming the tool and the limit, the
+    client sees the tool_execution step fail, and the session takes its next turn."""
+    from herd.tools import Tool
+
+    release = threading.Event()
+
+    def hang() -> str:
+        """Never returns (until the test ends)."""
+        release.wait(12)
+        return "woke"
+
+    tool = Tool.from_function(hang)
+    tool.timeout = 0.5  # the operator's limit for this function (an Agent's default is 60 s)
+    client, seen = scripted('{"name": "hang", "parameters": {}}', "It hung.", "Hello again.", tools=[tool])
+    session = new_session(client, tools=["hang"])
+    try:
+        started = time.monotonic()
+        events = sse(client.post(f"{session}/turn", json={"messages": [{"role": "user", "content": "Wait."}]}))
+        assert time.monotonic() - started < 8
+        execution = next(e["step_details"] for e in events if e.get("step_type") == "tool_execution"
+                         and e["event_type"] == "step_complete")
+        response = execution["tool_responses"][0]
+        assert response["error"] is True
+        assert response["content"] == "error: hang did not finish within its time limit of 0.5 s; its call was given up"
+        assert seen[1][0][-1] == {"role": "tool", "tool_call_id": response["call_id"], "content": response["content"]}
+        assert events[-1]["turn"]["output_message"]["content"] == "It hung."
+        again = sse(client.post(f"{session}/turn", json={"messages": [{"role": "user", "content": "Hi."}]}))
+        assert again[-1]["turn"]["output_message"]["content"] == "Hello again."
+    finally:
+        release.set()
+
+
+def test_every_answer_validates_as_llama_stacks_types(api, llama_stack):
+    """A llama-stack client parses what it reads with these types: step_complete lacked its step_id, a reply that
+    called a tool its stop_reason and tool_calls, a session its started_at; and four of its routes were missing."""
+    agents = llama_stack("llama_stack.apis.agents.agents")
+    client, _ = api
+    agent_id = client.post("/v1/agents", json={"instructions": "Be brief.", "tools": ["wolfram_alpha"]}
+                           ).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={"session_name": "s"}).json()["session_id"]
+    session = f"/v1/agents/{agent_id}/session/{session_id}"
+    response = client.post(f"{session}/turn", json={"messages": [{"role": "user", "content": "What is 12 times 34?"}]})
+    chunks = [json.loads(line[len("data: "):]) for line in response.text.splitlines() if line.startswith("data: ")]
+    parsed = [agents.AgentTurnResponseStreamChunk.model_validate(chunk).event.payload for chunk in chunks]
+    call = parsed[4].step_details.model_response  # the reply that called the tool
+    assert parsed[4].step_id == parsed[1].step_id and call.stop_reason.value == "end_of_message"
+    assert [(c.tool_name.value, c.arguments) for c in call.tool_calls] == [("wolfram_alpha",
+                                                                             {"query": "what is 12 * 34"})]
+    assert parsed[6].step_details.tool_calls[0].call_id == call.tool_calls[0].call_id
+    turn = parsed[-1].turn
+    assert turn.output_message.content == "12 * 34 = 408." and turn.output_message.stop_reason.value == "end_of_turn"
+    stored = agents.Session.model_validate(client.get(session).json())
+    assert stored.session_name == "s" and [t.turn_id for t in stored.turns] == [turn.turn_id]
+    assert agents.Turn.model_validate(client.get(f"{session}/turn/{turn.turn_id}").json()) == turn
+    assert client.get(f"{session}/turn/nope").status_code == 404
+    agent = agents.Agent.model_validate(client.get(f"/v1/agents/{agent_id}").json())
+    assert agent.agent_config.instructions == "Be brief." and agent.agent_config.max_infer_iters == 8
+    assert [group for group in agent.agent_config.toolgroups] == ["builtin::wolfram_alpha"]
+    assert client.delete(session).status_code == 200 and client.get(session).status_code == 404
+    assert client.delete(f"/v1/agents/{agent_id}").status_code == 200
+    assert client.get(f"/v1/agents/{agent_id}").status_code == 404
+
+
+def test_a_turn_cut_by_max_steps_reports_only_the_steps_that_ran(scripted, llama_stack):
+    """The model ran once, its call ran, and the limit ended the turn: a second inference step had been reported,
+    one the model never ran, its response herd's OpenAI-shaped message rather than a CompletionMessage."""
+    agents = llama_stack("llama_stack.apis.agents.agents")
+    client, seen = scripted('{"name": "wolfram_alpha", "parameters": {"query": "2 + 2"}}')
+    events = sse(client.post(f"{new_session(client, tools=['wolfram_alpha'], max_steps=1)}/turn",
+                             json={"messages": [{"role": "user", "content": "2 + 2?"}]}))
+    assert len(seen) == 1
+    assert [(e["event_type"], e.get("step_type")) for e in events if e["event_type"] != "step_progress"] == [
+        ("turn_start", None), ("step_start", "inference"), ("step_complete", "inference"),
+        ("step_start", "tool_execution"), ("step_complete", "tool_execution"), ("turn_complete", None)]
+    turn = agents.Turn.model_validate(events[-1]["turn"])
+    assert events[-1]["turn"]["stop_reason"] == "max_steps" and [s.step_type.value for s in turn.steps] == [
+        "inference", "tool_execution"]
+    assert turn.output_message == turn.steps[0].model_response  # the last reply, its call in llama-stack's shape
+    assert [(c.tool_name.value, c.arguments) for c in turn.output_message.tool_calls] == [
+        ("wolfram_alpha", {"query": "2 + 2"})]
+
+
+def test_a_llama_stack_clients_agent_config_and_non_streaming_turn(scripted, llama_stack):
+    """A Llama Stack client sends {"agent_config": {...}}: it had been answered 200 and ignored (an agent with no
+    instructions, no tools, herd's step limit), and a turn's "stream": false still streamed."""
+    agents = llama_stack("llama_stack.apis.agents.agents")
+    call = '{"name": "wolfram_alpha", "parameters": {"query": "2 + 2"}}'
+    client, seen = scripted(call, call, call)
+    model = client.app.state.herd.model_name
+    config = {"model": model, "instructions": "Always answer in French.", "toolgroups": ["builtin::wolfram_alpha"],
+              "max_infer_iters": 2, "sampling_params": {"strategy": {"type": "greedy"}, "max_tokens": 50}}
+    agents.AgentConfig.model_validate(config)
+    agent_id = client.post("/v1/agents", json={"agent_config": config}).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={"session_name": "s"}).json()["session_id"]
+    answer = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
+                         json={"messages": [{"role": "user", "content": "2 + 2?"}], "stream": False})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    turn = agents.Turn.model_validate(answer.json())
+    assert answer.json()["stop_reason"] == "max_steps" and len(seen) == 2  # max_infer_iters
+    assert [s.step_type.value for s in turn.steps] == ["inference", "tool_execution"] * 2
+    messages, tools, options = seen[0]
+    assert messages[0] == {"role": "system", "content": "Always answer in French."} and tools == [
+        {"type": "wolfram_alpha"}]
+    assert options["temperature"] == 0 and options["max_tokens"] == 50
+    described = agents.Agent.model_validate(client.get(f"/v1/agents/{agent_id}").json()).agent_config
+    assert described.max_infer_iters == 2 and described.toolgroups == ["builtin::wolfram_alpha"]
+    # What herd cannot do is refused by name, not dropped.
+    for wrong, status, words in (({"toolgroups": ["builtin::rag"]}, 400, "unknown tool 'builtin::rag'"),
+                                 ({"client_tools": [{"name": "f"}]}, 400, "agent_config.client_tools"),
+                                 ({"model": "another"}, 404, "the model 'another' does not exist"),
+                                 ({"input_shields": ["llama_guard"]}, 400, "no shield 'llama_guard' on this server"),
+                                 ({"max_infer_iters": "2"}, 400, "agent_config.max_infer_iters")):
+        refused = client.post("/v1/agents", json={"agent_config": {**config, **wrong}})
+        assert refused.status_code == status and words in refused.json()["error"]["message"], refused.text

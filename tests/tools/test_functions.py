@@ -136,3 +136,18 @@ def test_tuples_defaults_of_none_positional_only_and_async_functions():
     with pytest.raises(ToolError, match="at pair/1: 3 is not of type 'string'"):
         tool({"x": 1, "pair": [2, 3]})
     assert Tool.from_function(later)({"x": 1}) == 2
+
+
+def test_a_custom_tool_beside_the_user_is_found(tmp_path):
+    """`herd serve --tools my_module:get_weather` with my_module.py in the current directory, as the README shows:
+    the console script's path lacks that directory, and the import had failed."""
+    import subprocess
+    import sys
+
+    (tmp_path / "my_module.py").write_text("def get_weather(city: str) -> str:\n    return 'sunny in ' + city\n")
+    code = ("from herd.tools.functions import Tool\n"
+            "print(Tool.from_spec('my_module:get_weather')({'city': 'Paris'}))\n")
+    # -P: no script directory on the path, as the `herd` console script runs
+    done = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "sunny in Paris", done.stderr
