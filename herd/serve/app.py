@@ -60,12 +60,18 @@ class ServeSettings:
     max_n: int = 8
     max_tokens: int | None = None  # the most tokens one choice may generate (default: what the context allows)
     request_timeout: float = 600.0  # seconds; a request still generating then ends with what it has
+    # browser origins whose pages may call the API (CORS), "*" for any; none: same-origin only (the chat page)
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         # A timeout of 0 or less had every reply end empty at once; NaN had none end.
         require(self, POSITIVE, "request_timeout")
         require(self, AT_LEAST_ONE, "max_body_bytes", "max_n", "max_tokens")
         # `--api-key "$KEY"` with KEY unset gave a server that looked protected and let an empty Bearer in
+        for origin in self.allowed_origins:  # a trailing slash or a path never matches what a browser sends
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"allowed_origins: {origin!r} is not an origin; give scheme://host[:port] with no "
+                                 "path (https://app.example.com), or * for any")
         if any(not key.strip() or key != key.strip() for key in self.api_keys):
             raise ValueError("api_keys: a key is empty or has spaces around it (an unset variable?); an empty key "
                              "would let any request in and a padded one none: give each key as its text")
@@ -116,6 +122,11 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
         app.include_router(router)
     _error_handlers(app)
     app.add_middleware(_InternalErrors)
+    if settings.allowed_origins:  # outermost: a browser's preflight is answered before any key is asked for
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
     return app
 
 

@@ -18,6 +18,8 @@ def serve_cmd(
     api_key: Optional[list[str]] = typer.Option(None, help="a Bearer key clients must send (repeatable; "
                                                 "default: $HERD_API_KEY, else none)"),
     model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the checkpoint's name)"),
+    allowed_origin: Optional[list[str]] = typer.Option(None, help="a browser origin (https://app.example.com) whose "
+                                                       "pages may call the API (CORS; repeatable, * for any)"),
     max_batch: int = typer.Option(64, min=1, help="sequences decoded together"),
     max_queue: int = typer.Option(1024, min=1, help="sequences waiting beyond the running batch; more get 429"),
     max_n: int = typer.Option(8, min=1, help="the most choices (n) one request may ask for"),
@@ -67,10 +69,10 @@ def serve_cmd(
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     try:  # before the model loads: a bad setting fails at once
         settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
-                                 request_timeout=timeout)
+                                 request_timeout=timeout, allowed_origins=tuple(allowed_origin or ()))
     except ValueError as error:
         raise ValueError(str(error).replace("request_timeout", "--timeout").replace("api_keys", "--api-key")
-                         ) from None  # the rest typer checks
+                         .replace("allowed_origins", "--allowed-origin")) from None  # the rest typer checks
     llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_cache,
         speculative=SpeculativeConfig(draft_tokens=draft_tokens)))

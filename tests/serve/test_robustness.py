@@ -354,6 +354,32 @@ def test_a_request_past_the_time_limit_is_a_504_not_a_finished_reply(tiny):
         server.stop()
 
 
+def test_allowed_origins_answer_a_browsers_preflight_and_no_others(tiny):
+    """A page on another origin (a team's web app) could not call the API: every preflight was a 405. With
+    allowed_origins, CORS as vLLM's --allowed-origins gives it; without, same-origin only, as before."""
+    origin = "https://app.example.com"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    assert httpx.options(tiny.url + "/v1/chat/completions", headers=preflight).status_code == 405  # default
+    own = LLM(tiny.llm.model, tiny.llm.tokenizer, tiny.llm.chat_format, name=NAME)  # a server stops its engine
+    server = Server(own, ServeSettings(api_keys=(KEY,), allowed_origins=(origin,)))
+    try:
+        answer = httpx.options(server.url + "/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        reply = httpx.post(server.url + "/v1/chat/completions", json=GOOD,
+                           headers={"Origin": origin, "Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == origin
+        other = httpx.options(server.url + "/v1/chat/completions",
+                              headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        assert httpx.post(server.url + "/v1/chat/completions", json=GOOD, headers={"Origin": origin}).status_code == 401
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="'https://app.example.com/' is not an origin"):
+        ServeSettings(allowed_origins=("https://app.example.com/",))  # a slash never matches what browsers send
+
+
 def _served(server) -> float:
     return sum(float(line.split()[-1]) for line in httpx.get(server.url + "/metrics").text.splitlines()
                if line.startswith('herd_requests_total{route="/v1/chat/completions",status="200"}'))
