@@ -15,12 +15,12 @@ def __getattr__(name):
         import herd.tokenizer
 
         return getattr(herd.tokenizer, name)
-    if name in _SUBPACKAGES:  # herd.generate.EngineConfig, herd.quant.schemes.Scheme before anything else is loaded
-        import importlib
+    # a subpackage (herd.generate.EngineConfig, herd.quant.schemes.Scheme) before anything else has loaded it
+    import importlib
 
+    try:
         return importlib.import_module(f"herd.{name}")
-    raise AttributeError(f"module 'herd' has no attribute {name!r}")
-
-
-_SUBPACKAGES = ("checkpoint", "data", "generate", "model", "posttrain", "quant", "safety", "serve", "tokenizer",
-                "tools", "train")
+    except ModuleNotFoundError as error:
+        if error.name != f"herd.{name}":  # a module that is here, missing something of its own
+            raise
+        raise AttributeError(f"module 'herd' has no attribute {name!r}") from None

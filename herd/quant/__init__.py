@@ -6,11 +6,14 @@ Nothing is imported here, so that `herd --help` stays free of torch.
 """
 
 
+
 def __getattr__(name):
     # herd.quant.schemes.Scheme without importing it first, as the README writes it
-    if name in ("blocks", "calibration", "decode", "fidelity", "fp8", "gguf", "gptq", "kernel", "load", "phase",
-                "schemes", "store"):
-        import importlib
+    import importlib
 
+    try:
         return importlib.import_module(f"herd.quant.{name}")
-    raise AttributeError(f"module 'herd.quant' has no attribute {name!r}")
+    except ModuleNotFoundError as error:
+        if error.name != f"herd.quant.{name}":  # a module that is here, missing something of its own
+            raise
+        raise AttributeError(f"module 'herd.quant' has no attribute {name!r}") from None

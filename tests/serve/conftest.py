@@ -15,16 +15,17 @@ from herd.serve.app import ServeSettings, create_app
 KEY = "test-key-0123456789"
 
 
-class Server:
-    def __init__(self, llm, settings: ServeSettings, **app_options):
+class AppServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app):
         import uvicorn
 
-        self.llm = llm
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(llm, settings, **app_options)
+        self.app = app
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
@@ -36,6 +37,14 @@ class Server:
     def stop(self):
         self.uvicorn.should_exit = True
         self.thread.join(timeout=30)
+
+
+class Server(AppServer):
+    """herd's own app on `llm`."""
+
+    def __init__(self, llm, settings: ServeSettings, **app_options):
+        self.llm = llm
+        super().__init__(create_app(llm, settings, **app_options))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, Server
+from conftest import KEY, AppServer, Server
 from herd.generate import EngineConfig, Generator
 from herd.llm import LLM
 from herd.serve.app import ServeSettings
@@ -125,11 +125,8 @@ def test_chat_page_streams_the_same_answer_as_the_api(page_server, browser, tmp_
 # The page against a scripted fake backend: what it does with a slow reply, errors, tool calls and key presses, in
 # seconds and without the model. The fake serves the real page; each test sets `fake.script` and reads `fake.requests`.
 
-class FakeBackend:
+class FakeBackend(AppServer):
     def __init__(self):
-        import threading
-
-        import uvicorn
         from starlette.applications import Starlette
         from starlette.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
         from starlette.routing import Route
@@ -190,19 +187,7 @@ class FakeBackend:
 
         app = Starlette(routes=[Route("/", page), Route("/v1/models", models),
                                 Route("/v1/chat/completions", chat, methods=["POST"])])
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(self.url.rsplit(":", 1)[1]),
-                                                     log_level="error"))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "the fake backend did not start"
-            time.sleep(0.02)
+        super().__init__(app)
 
     def start(self, browser, script="echo", query=""):
         """Opens a fresh page on the fake, once it knows the model (or has shown why not)."""
@@ -216,8 +201,7 @@ class FakeBackend:
 def fake():
     backend = FakeBackend()
     yield backend
-    backend.uvicorn.should_exit = True
-    backend.thread.join(timeout=30)
+    backend.stop()
 
 
 def say(browser, text):
