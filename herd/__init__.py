@@ -16,11 +16,16 @@ def __getattr__(name):
 
         return getattr(herd.tokenizer, name)
     # a subpackage (herd.generate.EngineConfig, herd.quant.schemes.Scheme) before anything else has loaded it
+    return submodule(__name__, name)
+
+
+def submodule(package: str, name: str):
+    """`package.name`, imported on first use (a package's __getattr__); AttributeError where there is none."""
     import importlib
 
     try:
-        return importlib.import_module(f"herd.{name}")
+        return importlib.import_module(f"{package}.{name}")
     except ModuleNotFoundError as error:
-        if error.name != f"herd.{name}":  # a module that is here, missing something of its own
+        if error.name != f"{package}.{name}":  # a module that is here, missing something of its own
             raise
-        raise AttributeError(f"module 'herd' has no attribute {name!r}") from None
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None

@@ -7,13 +7,9 @@ Nothing is imported here, so that `herd --help` stays free of torch.
 
 
 
+
 def __getattr__(name):
     # herd.quant.schemes.Scheme without importing it first, as the README writes it
-    import importlib
+    from herd import submodule
 
-    try:
-        return importlib.import_module(f"herd.quant.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"herd.quant.{name}":  # a module that is here, missing something of its own
-            raise
-        raise AttributeError(f"module 'herd.quant' has no attribute {name!r}") from None
+    return submodule(__name__, name)
