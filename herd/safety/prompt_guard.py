@@ -39,7 +39,8 @@ def attack_label(scores: dict[str, float], threshold: float = 0.5) -> str:
 
 
 def readable_text(text: str) -> str:
-    """The strings of a JSON text, one per line (keys, numbers and syntax left out); any other text as it is."""
+    """The strings of a JSON text, one per line (numbers, syntax and identifier-like keys left out: a key that holds
+    a space is text a model reads, and an attack can hide there); any other text as it is."""
     if not text.lstrip().startswith(("{", "[")):
         return text
     try:
@@ -53,7 +54,9 @@ def _strings(value) -> Iterator[str]:
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            if any(c.isspace() for c in k):
+                yield k
             yield from _strings(v)
     elif isinstance(value, list):
         for v in value:
@@ -70,7 +73,8 @@ _MASKED_WORD = re.compile(rf"(?<!\w)(?=\w*{_LOOK})(?=\w*[A-Za-z])\w+")  # a word
 # three or more letters, each alone between single spaces: "i g n o r e" (two-letter runs are words: "il y a")
 _SPACED = re.compile(r"(?<!\w)[^\W\d_](?: [^\W\d_](?!\w)){2,}")
 _LINE_BREAK = re.compile(r"\s*\n\s*")
-_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
+_OTHER_SPACE = re.compile(r"[^\S\n ]")  # a tab, a no-break space: spacing out letters as a space does
+_SPACES = re.compile(r" {2,}")
 
 
 def _is_latin(char: str) -> bool:
@@ -112,7 +116,7 @@ def normalize_text(text: str) -> str:
     words and punctuation, so its scores do not change."""
     if not text.isascii():
         text = _MASKED_WORD.sub(_unmask_word, unicodedata.normalize("NFC", text).translate(_PLAIN))
-    text = _SPACED.sub(lambda m: m.group().replace(" ", ""), text)
+    text = _SPACED.sub(lambda m: m.group().replace(" ", ""), _OTHER_SPACE.sub(" ", text))
     return _SPACES.sub(" ", _LINE_BREAK.sub("\n", text))
 
 

@@ -73,6 +73,11 @@ class RequestShields:
             return ""
         return await asyncio.to_thread(f.feed, text, final)
 
+    def note(self, index: int) -> str:
+        """The warning appended to choice `index`'s reply at its end ("" when none): no part of what the model
+        wrote, so a tool call is read from the reply without it."""
+        return self.filters[index].note
+
     def logprobs(self, index: int, logprobs: list, final: bool) -> list:
         """Streaming: a choice's logprobs go out with its last chunk (they would spell out held text), and not
         at all when the shields ended it."""

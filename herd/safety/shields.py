@@ -117,8 +117,10 @@ class Shields:
         if self.prompt_guard is not None and self.scan_user_input and messages:
             last = messages[-1]
             if last.get("role") == "user" and isinstance(last.get("content"), str):
-                attack, scores = self._attack(last["content"])
-                if attack == "jailbreak":  # injections live in data, not in what the user types
+                scores = self._timed("prompt_guard", self.prompt_guard.score, last["content"])
+                # Injections live in data, not in what the user types; a jailbreak is judged on its own score, as
+                # Meta's reference does (a text's top injection window must not outvote its jailbreak window).
+                if scores["jailbreak"] >= self.threshold:
                     self._count("prompt_guard", "blocked")
                     log.warning("prompt guard: jailbreak in the request (%.2f)", scores["jailbreak"])
                     return Decision(False, "prompt_guard", ["jailbreak"], refusal([]), scores=scores,
@@ -244,8 +246,15 @@ class Shields:
             return {"role": "assistant", "content": d.message, "shields": [x.as_dict() for x in [*decisions, d]]}
         reply = llm.chat(cleaned, **sampling)
         out = self.reply_filter(cleaned)
-        content = out.feed(reply["content"], final=True)
-        return {**reply, "content": content, "shields": [x.as_dict() for x in decisions + out.decisions]}
+        # A tool call's code is read as the model wrote it (the parsed message holds it in its calls, not its text);
+        # a warning goes beside the call, never into it.
+        ids = llm.chat_format.written.recall(reply) if reply.get("tool_calls") else None
+        content = out.feed(llm.tokenizer.decode(ids[0]) if ids else reply["content"], final=True)
+        if ids and out.stopped is None:
+            content = reply["content"] + out.note if reply["content"] else out.note.lstrip()
+        calls = [] if out.stopped else reply.get("tool_calls", [])
+        return {**reply, "content": content, "tool_calls": calls,
+                "shields": [x.as_dict() for x in decisions + out.decisions]}
 
     def collect(self):
         """Prometheus' collector protocol: registered on a server's registry, the shields appear in its /metrics."""
@@ -276,6 +285,7 @@ class ReplyFilter:
         self.scans: list[dict] = []
         self.decisions: list[Decision] = []  # what the shields said that changed the reply
         self.stopped: Decision | None = None
+        self.note = ""  # the warning appended at the end, which a server keeps out of a tool call's text
 
     def feed(self, piece: str, final: bool = False) -> str:
         if self.stopped is not None:
@@ -299,7 +309,8 @@ class ReplyFilter:
             code = self.shields.code_decision(self.scans)
             if code.message:
                 self.decisions.append(code)
-                out += f"\n\n{code.message}"
+                self.note = f"\n\n{code.message}"
+                out += self.note
         return out
 
     def _stop(self, decision: Decision) -> str:

@@ -508,9 +508,11 @@ async def chat_completions(request: Request):
             message = {"role": "assistant", "content": c["text"]}
             finish = _finish_reason(c["finish_reason"])
             if use_tools:
-                parsed = llm.reply_message(c["text"], c["tokens"], c["finish_reason"], c["stop_token"])
+                note = shields.note(i) if shields is not None else ""
+                text = c["text"][:len(c["text"]) - len(note)]
+                parsed = llm.reply_message(text, c["tokens"], c["finish_reason"], c["stop_token"])
                 if parsed["tool_calls"]:
-                    message = {"role": "assistant", "content": parsed["content"] or None,
+                    message = {"role": "assistant", "content": _with_note(parsed["content"], note) or None,
                                "tool_calls": parsed["tool_calls"]}
                     finish = "tool_calls"
             out.append({"index": i, "message": message, "finish_reason": finish,
@@ -539,13 +541,15 @@ async def chat_completions(request: Request):
                     run.request.seqs[d.index].cancelled = True
                 lps = shields.logprobs(d.index, lps, final=bool(finish))
             streamer = streamers[d.index]
-            text = streamer.feed(text, d.tokens) if streamer else text
+            note = shields.note(d.index) if shields is not None and streamer and finish else ""
+            text = streamer.feed(text[:len(text) - len(note)], d.tokens) if streamer else text
             choice = {"index": d.index, "delta": {"content": text} if text else {}, "finish_reason": None,
                       "logprobs": {"content": _chat_logprobs(tok, lps)} if logprobs is not None else None}
             if finish:
                 choice["finish_reason"] = finish
                 if streamer:
                     rest, calls = streamer.finish(llm, d.finish_reason, d.stop_token)
+                    rest = (note if streamer.sent else note.lstrip()) if calls else rest + note
                     if rest:
                         choice["delta"]["content"] = choice["delta"].get("content", "") + rest
                     if calls:
@@ -621,6 +625,11 @@ class ToolStreamer:
         if parsed["tool_calls"]:
             return "", parsed["tool_calls"]
         return self.text[self.sent:], []
+
+
+def _with_note(content: str, note: str) -> str:
+    """A tool call's content with the shields' warning after it (the warning alone where the call had none)."""
+    return content + note if content else note.lstrip()
 
 
 def _partial_suffix(text: str, token: str) -> int:

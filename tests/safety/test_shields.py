@@ -4,6 +4,8 @@ decisions counted for /metrics. Prompt Guard and Code Shield are the real ones; 
 (the trained guard's own accuracy is measured on held-out data, not here)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from herd.safety import CodeShield, LlamaGuard
@@ -260,3 +262,51 @@ def test_tool_result_scored_by_its_least_benign_window():
     shields = Shields(None, guard)
     assert shields.scan_tool_result("a long tool result").allowed
     assert shields.tool_guard().score("a long tool result") == pytest.approx(0.4)
+
+
+def test_a_jailbreak_is_blocked_whatever_the_injection_score():
+    """A request whose jailbreak score passes the threshold is refused even when an injection-like part of it
+    scores higher, as Meta's reference compares P(jailbreak) alone (the larger class alone had decided, and an
+    injection appended to a jailbreak let it through)."""
+    class Scores:
+        def score(self, text):
+            return {"benign": 0.05, "injection": 0.8, "jailbreak": 0.56}
+
+    decision = Shields(None, Scores()).check_input([{"role": "user", "content": "a jailbreak, then an injection"}])
+    assert not decision.allowed and decision.categories == ["jailbreak"]
+
+
+class CallingLLM:
+    """A model whose reply is `reply` as generated: its tool calls parsed by the real chat format."""
+
+    def __init__(self, reply):
+        import herd
+
+        self.tokenizer = herd.load_tokenizer()
+        self.chat_format, self.reply = herd.ChatFormat(self.tokenizer), reply
+
+    def chat(self, messages, **sampling):
+        ids = self.tokenizer.encode(self.reply, bos=False, allowed_special="all")
+        return self.chat_format.decode_assistant(ids + [self.tokenizer.special_tokens["<|eom_id|>"]])
+
+
+def _code(message) -> str:
+    return json.loads(message["tool_calls"][0]["function"]["arguments"])["code"]
+
+
+@pytest.mark.parametrize("action", ["block", "warn"])
+def test_a_tool_calls_code_is_scanned_in_guarded_chat(action):
+    """guarded_chat reads a tool call's code as the model wrote it: it had scanned only the message's text, and
+    passed any call. A warning goes beside the call, never into its code."""
+    shields = Shields(None, None, CodeShield(), code_action=action)
+    ask = [{"role": "user", "content": "Load my session."}]
+    out = shields.guarded_chat(CallingLLM("<|python_tag|>import pickle\nprint(pickle.loads(open('s', 'rb').read()))"),
+                               ask)
+    assert out["shields"][0]["categories"] == ["CWE-502"]
+    if action == "block":
+        assert out["tool_calls"] == [] and "pickle" not in out["content"] and "withheld" in out["content"]
+    else:
+        assert "pickle.loads" in _code(out) and "Warning" in out["content"]
+    weak = shields.guarded_chat(CallingLLM("<|python_tag|>import hashlib\nprint(hashlib.md5(b'x').hexdigest())"), ask)
+    assert _code(weak) == "import hashlib\nprint(hashlib.md5(b'x').hexdigest())"
+    assert weak["content"].startswith("Warning") and "CWE-328" in weak["content"]

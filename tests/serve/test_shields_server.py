@@ -309,3 +309,28 @@ def test_code_a_tool_call_would_run_is_blocked(blocking):
     bare = "import pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n"
     finish, pieces, _ = _streamed(_chat(blocking, ask, script=bare, stream=True))
     assert finish == "content_filter" and "pickle" not in "".join(pieces) and "withheld" in "".join(pieces)
+
+
+@pytest.mark.parametrize("call, name", [
+    ('{"name": "run_python", "parameters": {"code": "import hashlib\\nprint(hashlib.md5(b\'x\').hexdigest())"}}',
+     "run_python"),
+    ("Let me run it.<|python_tag|>import hashlib\nprint(hashlib.md5(b'x').hexdigest())", "code_interpreter"),
+])
+def test_a_warned_tool_call_keeps_its_call(blocking, call, name):
+    """Code Shield's warning goes beside a tool call, as content, and never into it: appended to the reply before the
+    call was read, it had turned a JSON call into plain text and put its sentence into the interpreter's code."""
+    tools = [{"type": "function", "function": {"name": "run_python", "description": "Runs Python code.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"code": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "What is the MD5 of x?"}]
+    code = "import hashlib\nprint(hashlib.md5(b'x').hexdigest())"
+    choice = _chat(blocking, ask, script=call, tools=tools).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == name
+    assert json.loads(choice.message.tool_calls[0].function.arguments)["code"].replace('"', "'") == code
+    assert "Warning" in choice.message.content and "CWE-328" in choice.message.content
+    chunks = list(_chat(blocking, ask, script=call, tools=tools, stream=True))
+    finish, pieces, _ = _streamed(chunks)
+    calls = [t for chunk in chunks for c in chunk.choices for t in c.delta.tool_calls or []]
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0].function.name == name
+    assert json.loads(calls[0].function.arguments)["code"].replace('"', "'") == code
+    assert "".join(pieces) == choice.message.content

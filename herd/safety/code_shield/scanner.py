@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,9 +30,18 @@ def verdict_of(findings: Sequence[dict]) -> str:
     return "block" if "block" in decisions else "warn" if decisions else "allow"
 
 
-def _comment(line: str) -> bool:
+_BLOCK_COMMENTS = ("c", "cpp", "javascript", "java")  # whose /* */ comments continue on lines led by "* "
+_CONTINUED = re.compile(r"\*(\s|/|$)")  # "* text", "*/", a lone "*"; not "*p = gets(s)"
+
+
+def _comment(line: str, language: str | None) -> bool:
+    """Whether a line is a comment (or a C preprocessor line other than #define) of `language`, so that a pattern
+    in it is no finding. A line led by "*" is one only inside another language's block comment: in shell it is a
+    case branch ("*) curl ... | bash ;;") or a crontab line."""
     s = line.lstrip()
-    return s.startswith(("//", "/*", "*", "<!--")) or (s.startswith("#") and not s.startswith(("#define", "#!")))
+    if s.startswith(("//", "/*", "<!--")) or (s.startswith("#") and not s.startswith(("#define", "#!"))):
+        return True
+    return language in _BLOCK_COMMENTS and _CONTINUED.match(s) is not None
 
 
 def _line_of(code: str, offset: int) -> int:
@@ -106,7 +116,7 @@ class CodeShield:
                 continue
             for m in rule.pattern.finditer(code):
                 line = _line_of(code, m.start())
-                if (rule.id, line) not in seen and not _comment(lines[line - 1]):
+                if (rule.id, line) not in seen and not _comment(lines[line - 1], language):
                     seen.add((rule.id, line))
                     findings.append(_finding(rule, line, "regex"))
         return findings

@@ -8,10 +8,12 @@ import re
 from collections.abc import Iterable, Iterator
 
 from herd.safety.code_shield.languages import detect, normalize
+from herd.safety.code_shield.scanner import verdict_of
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)")
 _MAY_OPEN = re.compile(r"^ {0,3}(`+|~+)?$|^ {0,3}(`{3,}|~{3,})")  # a last line that is or may become a fence
 _TAG = "<|python_tag|>"
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
 _CODE_LINE = 80  # a pending line this long is taken for prose: code lines are seldom longer
 # A line that starts as a sentence does ("The book costs", "It returns None") or ends as one: markers in it ("$5",
 # "None", "x = 5") are prose's, not code's.
@@ -89,7 +91,7 @@ class StreamScanner:
             if (scan := self._line(line)) is not None:
                 scans.append(scan)
         if self._fence is not None:  # the reply ended inside a block: what arrived of it is still code
-            scans.append(self._scan())
+            scans.append(self._scan(cut=True))
         elif self._blocks == 0:
             whole = self._text[:self._tag_at]
             result = self.shield.scan(whole, self.language) if whole.strip() else None
@@ -120,9 +122,18 @@ class StreamScanner:
         self._code.append(line)
         return None
 
-    def _scan(self) -> dict:
-        scan = self._scanned("\n".join(self._code), normalize(self._info) or self.language, self._start)
+    def _scan(self, cut: bool = False) -> dict:
+        """The open block's scan; `cut`: the reply ended inside it (out of tokens, mid-statement), where a parser
+        reads nothing of the code, so it is scanned again up to its last whole statement and the findings joined."""
+        code = "\n".join(self._code)
+        scan = self._scanned(code, normalize(self._info) or self.language, self._start)
         self._fence = None
+        for whole in _whole_statements(code) if cut else ():
+            seen = {(f["rule"], f["line"]) for f in scan["findings"]}
+            more = [f for f in self.shield.scan(whole, scan["language"])["findings"]
+                    if (f["rule"], f["line"]) not in seen]
+            scan["findings"] = sorted(scan["findings"] + more, key=lambda f: (f["line"], f["rule"]))
+        scan["verdict"] = verdict_of(scan["findings"])
         return scan
 
     def _scanned(self, code: str, language: str | None, line: int) -> dict:
@@ -131,6 +142,26 @@ class StreamScanner:
         scan = {**result, "block": self._blocks, "line": line, "code": code}
         self._blocks += 1
         return scan
+
+
+def _whole_statements(code: str) -> list[str]:
+    """Code cut short, ended where a parser can read it: the brackets still open closed after it (a class or
+    function body, a call across lines), the same without its last line (cut mid-statement), and the code up to
+    the last line at which every bracket opened had closed."""
+    lines = code.rstrip("\n").split("\n")
+    opened, last_closed, cuts = [], 0, []
+    for i, line in enumerate(lines):
+        if i == len(lines) - 1:
+            cuts.append("\n".join(lines[:i]) + "\n" + "".join(reversed(opened)))
+        for c in line:
+            if c in _CLOSING:
+                opened.append(_CLOSING[c])
+            elif opened and c == opened[-1]:
+                opened.pop()
+        if not opened and i < len(lines) - 1:
+            last_closed = i + 1
+    cuts += ["\n".join(lines) + "\n" + "".join(reversed(opened)), "\n".join(lines[:last_closed])]
+    return [cut + "\n" for cut in dict.fromkeys(cuts) if cut.strip()]
 
 
 def _reads_as_code(line: str) -> bool:
