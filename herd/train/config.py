@@ -248,20 +248,33 @@ def _parse_literal(text: str) -> Any:
         return text
 
 
-def _build(cls: type, raw: dict, where: str):
+def _build(cls: type, raw: dict, where: str, base: Any = None):
+    """`cls` with the fields `raw` sets, the rest as in `base` (None: the class's defaults). A section is built on
+    its parent's default for it, so that a recipe's own defaults (fine-tuning's learning rate) stay when one field
+    of the section is set."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
         kind = "field" if where else "section"
-        raise ConfigError(f"unknown {kind} {where}{unknown[0]}; known: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown {kind} {where}{unknown[0]}; known: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in raw.items():
-        kwargs[name] = _convert(value, hints[name], f"{where}{name}")
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            section = getattr(base, name) if base is not None else _default(fields[name])
+            kwargs[name] = _build(hints[name], value, f"{where}{name}.", section)
+        else:
+            kwargs[name] = _convert(value, hints[name], f"{where}{name}")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def set_fields(section) -> set[str]:

@@ -1,4 +1,5 @@
 """The config loader: TOML + --section.field overrides typed by the dataclasses, one-line errors, round trip."""
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -83,6 +84,21 @@ def test_other_recipes_load_their_own_config_dataclasses():
     assert config.dpo.beta == 0.5 and config.training.steps == 3
     with pytest.raises(ConfigError, match="unknown section model"):
         load_config(DPOConfig, None, ["--model.dim", "3"])
+
+
+def test_a_recipes_own_section_defaults_stay_when_one_field_is_set(tmp_path):
+    """Fine-tuning and scaling give [training] and [checkpoint] defaults of their own; setting one field had rebuilt
+    the section from the pretraining defaults (the README's DPO example, steps = 200, had trained at lr 3e-4)."""
+    from herd.posttrain.finetune import FinetuneConfig
+    from herd.train.scaling import ScalingConfig
+
+    (tmp_path / "dpo.toml").write_text("[training]\nsteps = 200\n")
+    for config, base in ((load_config(FinetuneConfig, tmp_path / "dpo.toml", []), FinetuneConfig()),
+                         (load_config(FinetuneConfig, None, ["--training.steps", "200"]), FinetuneConfig())):
+        assert config.training == dataclasses.replace(base.training, steps=200)
+    scaling = load_config(ScalingConfig, None, ["--training.seq_len", "64", "--checkpoint.keep", "2"])
+    assert scaling.training == dataclasses.replace(ScalingConfig().training, seq_len=64)
+    assert scaling.checkpoint == dataclasses.replace(ScalingConfig().checkpoint, keep=2)
 
 
 @pytest.mark.parametrize("args, words", [
