@@ -179,9 +179,9 @@ class Agent:
     def _stream_stop_reason(self, text: str) -> str:
         """The stream carries text only: a reply as long as max_tokens ran out of them, any other one ended."""
         tokenizer = self.llm.chat_format.tokenizer
-        limit = self.sampling.get("max_tokens", SamplingParams.max_tokens)
+        limit = self.sampling.get("max_tokens", SamplingParams.max_tokens)  # None: the context's end
         used = len(tokenizer.encode(text, bos=False, allowed_special="all"))
-        return "out_of_tokens" if used >= limit else "end_of_turn"
+        return "out_of_tokens" if limit is not None and used >= limit else "end_of_turn"
 
     def _is_builtin(self, name: str) -> bool:
         return name in self.tools and self.tools[name].builtin
@@ -217,7 +217,7 @@ class Agent:
         if capacity is None:
             return result
         tokenizer = self.llm.chat_format.tokenizer
-        reserve = min(self.sampling.get("max_tokens", SamplingParams.max_tokens), capacity // 4)
+        reserve = min(self.sampling.get("max_tokens", SamplingParams.max_tokens) or capacity, capacity // 4)
         empty = self._prompt_length([*dialog, self._message(replace(result, content=""))])
         room = (capacity - empty - reserve) // share
 

@@ -39,7 +39,7 @@ def _stop_strings(stop) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: up to the end of the context, as vLLM's None and the server's null
     temperature: float = 0.6  # 0: greedy
     top_p: float = 0.9
     top_k: int = 0  # 0: no limit
@@ -59,6 +59,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the tokenizer's end-of-turn tokens, not stop_token_ids (benchmarks)
 
     def __post_init__(self):
+        for name in _DEFAULT_WHEN_NONE:  # None is the default, as OpenAI's null is (it had failed mid-generation)
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(SamplingParams, name))
         require_kind(self, Integral, "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", optional=True)
         require_kind(self, Real, "temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", optional=True)
@@ -94,6 +97,10 @@ class SamplingParams:
         # of the seed goes into them through a hash. Negative seeds are taken modulo 2**64, as torch takes them.
         digest = hashlib.blake2b((self.seed % (1 << 64)).to_bytes(8, "little"), digest_size=8).digest()
         return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
+
+
+_DEFAULT_WHEN_NONE = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty")
 
 
 @dataclass

@@ -176,8 +176,12 @@ class FaultSection:
     nonfinite: str = "skip"  # a NaN/Inf loss or gradient: skip the batch, or rollback to the last checkpoint
     spike_factor: float = 0.0  # a loss above factor x its running mean counts as a spike (0: off)
     spike_warmup: int = 20  # steps before spikes are judged
-    max_bad_steps: int = 5  # consecutive skipped/rolled-back steps before the run gives up
-    watchdog_s: float = 0.0  # a step taking longer than this kills the rank so the launcher restarts (0: off)
+    # consecutive skipped or rolled-back steps, or rollbacks in a row that never get past the step that failed,
+    # before the run gives up
+    max_bad_steps: int = 5
+    # a training step taking longer than this kills the rank so the launcher restarts (0: off); evaluations and
+    # saves are not timed (collective time-outs catch a hang there)
+    watchdog_s: float = 0.0
     checksum_interval: int = 0  # steps between cross-replica parameter checksums (0: off)
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ and fault injection for testing all of that.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,25 +36,38 @@ class SilentCorruptionError(RuntimeError):
 
 
 class Watchdog:
-    """Kills this process when `beat()` has not been called for `timeout` seconds (0: never)."""
+    """Kills this process when a training step has not ended (`beat()`) within `timeout` seconds of the step before
+    it (0: never). The first step is not timed (warm-up, compilation: it had killed runs whose every step took a
+    fraction of the time), nor work done while `paused()`: an evaluation, a save or the export may take longer than
+    any step, and a hang in its collectives is their time-out's to catch."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
         self._last = time.monotonic()
+        self._paused = True  # until the first step ends
         self._stop = threading.Event()
         if timeout > 0:
             threading.Thread(target=self._watch, daemon=True, name="herd-watchdog").start()
 
     def beat(self) -> None:
         self._last = time.monotonic()
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused = True
+        try:
+            yield
+        finally:
+            self.beat()
 
     def stop(self) -> None:
         self._stop.set()
 
     def _watch(self) -> None:
         while not self._stop.wait(min(self.timeout / 4, 5.0)):
-            if time.monotonic() - self._last > self.timeout:
-                print(f"herd train: watchdog: no progress for {self.timeout:.0f}s (hung collective?); "
+            if not self._paused and time.monotonic() - self._last > self.timeout:
+                print(f"herd train: watchdog: no progress for {self.timeout:g}s (hung collective?); "
                       "exiting so the launcher restarts the job", file=sys.stderr, flush=True)
                 os._exit(3)
 

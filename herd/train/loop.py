@@ -115,6 +115,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.bad_in_a_row = 0
+        # Rollbacks that never got past the step that failed before: a divergence that recurs wherever the run
+        # resumes, since the step redone after each rollback is good and bad_in_a_row starts again.
+        self.stuck_rollbacks, self.last_bad_step = 0, -1
         self.is_main = self.env.rank == 0
 
     # ------------------------------------------------------------ state
@@ -225,6 +228,13 @@ class Trainer:
             raise RuntimeError(f"{self.bad_in_a_row} bad steps in a row (last: {why}); stopping the run")
         step = self.step
         restored = self.restore(keep_data=True) if self.config.fault.nonfinite == "rollback" else None
+        if restored is not None:
+            self.stuck_rollbacks = self.stuck_rollbacks + 1 if step <= self.last_bad_step else 1
+            self.last_bad_step = step
+            if self.stuck_rollbacks > self.config.fault.max_bad_steps:
+                raise RuntimeError(f"{self.stuck_rollbacks} rollbacks to {restored.name} in a row never got past "
+                                   f"step {step} (last: {why}); stopping the run: lower training.lr or raise "
+                                   "fault.spike_factor")
         action = f"rolled back to {restored.name}" if restored else "skipped the batch"
         if self.is_main:
             fault.log_fault(self.run_dir, {"step": step, "kind": "bad_step", "why": why, "loss": loss,
@@ -282,30 +292,46 @@ class Trainer:
         try:
             for part in self.parts:
                 part.train()
+            every = self.config.fault.checksum_interval
+            checked = -1  # the last step whose replicas were compared
+
+            def check_replicas(step: int) -> None:
+                nonlocal checked
+                if every and replicas is not None and checked != step:
+                    fault.check_replicas(self.parts, replicas, step, self.run_dir)
+                    checked = step
+
+            # The watchdog times the steps alone: an evaluation or a save longer than a step had killed every
+            # attempt of a run in it.
             while self.step < self.cfg.steps:
-                watchdog.beat()
                 record = self.train_step()
+                watchdog.beat()
                 step = self.step
                 if self.run.eval_interval and step % self.run.eval_interval == 0 and "skipped" not in record:
-                    record["eval_loss"] = self.evaluate()
+                    with watchdog.paused():
+                        record["eval_loss"] = self.evaluate()
                 if self.run.log_interval and (step % self.run.log_interval == 0 or step == self.cfg.steps):
                     if self.step_metrics is not None:
                         record.update(self.step_metrics())
                     self.log.log(record)
-                every = self.config.fault.checksum_interval
-                if every and replicas is not None and step % every == 0:
-                    fault.check_replicas(self.parts, replicas, step, self.run_dir)
-                if interval and step % interval == 0 and step < self.cfg.steps:
-                    self.save()
+                saving = interval and step % interval == 0 and step < self.cfg.steps
+                # A checkpoint holds replicas that were compared: one written with a corrupted copy unchecked would
+                # be the state every recovery goes back to.
+                if saving or (every and step % every == 0):
+                    check_replicas(step)
+                if saving:
+                    with watchdog.paused():
+                        self.save()
                 if self._out_of_time(started):
                     self.log.note(f"run.time_limit_s reached at step {step}: stopping here")
                     break
-            watchdog.beat()
-            self.save(final=True)
-            self.checkpointer.wait()
-            summary = {"step": self.step, "tokens": self.tokens, "eval_loss": self.evaluate()}
-            if self.export is not None:
-                self.export(self)
+            with watchdog.paused():
+                check_replicas(self.step)
+                self.save(final=True)
+                self.checkpointer.wait()
+                summary = {"step": self.step, "tokens": self.tokens, "eval_loss": self.evaluate()}
+                if self.export is not None:
+                    self.export(self)
             return summary
         finally:
             watchdog.stop()

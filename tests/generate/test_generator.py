@@ -1,4 +1,5 @@
 """The generation engine on a tiny random model with the real Llama 3 tokenizer."""
+import dataclasses
 import re
 
 import pytest
@@ -223,6 +224,18 @@ def test_max_tokens_is_capped_by_the_context_and_long_prompts_are_refused(genera
     assert len(done.tokens) == CONFIG.max_seq_len - 90 and done.finish_reason == "length"
     with pytest.raises(ContextLengthError, match="96"):
         generator.generate([list(range(1000, 1100))], GREEDY)
+
+
+def test_none_is_the_context_end_for_max_tokens_and_the_default_elsewhere(generator):
+    """As vLLM's max_tokens=None and OpenAI's null: they had been accepted, then failed inside the engine."""
+    prompt = list(range(1000, 1090))
+    done = generator.generate([prompt], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert len(done.tokens) == CONFIG.max_seq_len - 90 and done.finish_reason == "length"
+    nulls = SamplingParams(temperature=None, top_p=None, top_k=None, min_p=None, presence_penalty=None,
+                           frequency_penalty=None, repetition_penalty=None)
+    assert nulls == SamplingParams()
+    assert generator.generate([prompt], dataclasses.replace(nulls, max_tokens=4, seed=3))[0].tokens == \
+        generator.generate([prompt], SamplingParams(max_tokens=4, seed=3))[0].tokens
 
 
 @pytest.mark.parametrize("prompt", [[5, CONFIG.vocab_size], [-1, 5]], ids=["past the vocabulary", "negative"])

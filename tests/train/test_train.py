@@ -67,6 +67,42 @@ def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
     assert fault["action"] == "rolled back to step-2"
 
 
+def test_a_divergence_that_recurs_after_every_rollback_stops_the_run(byte_shards, tmp_path, monkeypatch):
+    """Step 5 goes bad however often it is redone: the step redone after each rollback (4) is good, so the bad steps
+    were never "in a row" and the run rolled back to step-4 until its time ran out. It stops after
+    fault.max_bad_steps rollbacks that never got past step 5, saying so."""
+    from herd.train import fault
+
+    planted = fault.injected
+    monkeypatch.setattr(fault, "injected", lambda kind, step, rank: (kind, step) == ("nan", 5)
+                        or planted(kind, step, rank))
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="3 rollbacks to step-4 in a row never got past step 5"):
+        pretrain(tiny_config(byte_shards, run, "--training.steps", "8", "--fault.nonfinite", "rollback",
+                             "--fault.max_bad_steps", "2", "--run.time_limit_s", "20"))
+    faults = [json.loads(line) for line in (run / "faults.jsonl").read_text().splitlines()]
+    assert [f["step"] for f in faults] == [5, 5]  # the third is the one that stopped the run
+
+
+def test_the_watchdog_times_steps_not_evaluations_or_saves(byte_shards, tmp_path, monkeypatch):
+    """A held-out evaluation or a save longer than the watchdog's time (and than any step) had killed every attempt
+    of the run in it, before its first checkpoint."""
+    import time
+
+    from herd.train import fault
+    from herd.train.checkpoint import Checkpointer
+    from herd.train.loop import Trainer
+
+    kills = []
+    monkeypatch.setattr(fault.os, "_exit", kills.append)  # what the watchdog calls to kill the rank
+    for cls, name in ((Trainer, "evaluate"), (Checkpointer, "save")):
+        slow = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, slow=slow, **k: (time.sleep(0.8), slow(*a, **k))[1])
+    pretrain(tiny_config(byte_shards, tmp_path / "run", "--fault.watchdog_s", "0.4", "--run.eval_interval", "3",
+                         "--training.steps", "4"))
+    assert kills == [] and "eval_loss" in metrics(tmp_path / "run")[2]
+
+
 def test_a_rollback_keeps_the_schedules_in_step(byte_shards, tmp_path, monkeypatch):
     """The data source had kept its own step through a rollback, so the batch-size schedule came early by the steps
     rolled back; the bad batch stays skipped all the same."""
