@@ -160,7 +160,8 @@ class Trainer:
     def _forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         micro_batches = [{k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
         if self.pipeline is not None:
-            return self.pipeline.step(micro_batches)
+            with self._autocast():  # training.dtype holds for a pipeline's stages too (they had run in float32)
+                return self.pipeline.step(micro_batches)
         loss_total = torch.zeros((), device=self.env.device)
         count = torch.zeros((), device=self.env.device, dtype=torch.long)
         for i, mb in enumerate(micro_batches):
@@ -250,8 +251,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean per-token loss over the held-out batches, reduced over data-parallel ranks."""
-        if not self.eval_batches or self.pipeline is not None:
+        """Mean per-token loss over the held-out batches, reduced over data-parallel ranks (and pipeline stages:
+        the last one holds it)."""
+        if not self.eval_batches:
             return None
         for part in self.parts:
             part.eval()
@@ -259,11 +261,14 @@ class Trainer:
         for batch in self.eval_batches:
             batch = {k: v.to(self.env.device) for k, v in batch.items()}
             with self._autocast():
-                loss, n = self.loss_fn(self.model, batch)
+                loss, n = (self.pipeline.evaluate(batch) if self.pipeline is not None
+                           else self.loss_fn(self.model, batch))
             totals += torch.stack([loss.float(), n.float()])
         for part in self.parts:
             part.train()
         self.env.all_reduce(totals, "dp_replicate", "dp_shard")
+        if self.env.pp > 1:
+            self.env.all_reduce(totals, "pp")
         return float(totals[0] / totals[1].clamp(min=1))
 
     # ------------------------------------------------------------ the loop

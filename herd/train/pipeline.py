@@ -46,22 +46,37 @@ def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 class Pipeline:
-    """Runs one optimizer step's forward and backward through the schedule; the Trainer's `pipeline`."""
+    """Runs one optimizer step's forward and backward (or an evaluation's forward) through the schedule; the
+    Trainer's `pipeline`. `build()` makes the schedule and its stages: torch's schedule keeps the shapes it
+    inferred on its first step, so a batch of another shape (a batch-size or sequence-length schedule, a held-out
+    batch) gets a new one over the same modules (it had failed at the step where the shape changed)."""
 
-    def __init__(self, schedule, stages, n_microbatches: int):
-        self.schedule, self.stages, self.n_microbatches = schedule, stages, n_microbatches
+    def __init__(self, build, n_microbatches: int):
+        self.build, self.n_microbatches = build, n_microbatches
+        self.schedule, stages = build()
         self.first = any(s.is_first for s in stages)
         self.last = any(s.is_last for s in stages)
+        self.shape: tuple[int, ...] | None = None
 
     def step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        return self._run({k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}, train=True)
+
+    def evaluate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss and the count of labelled tokens of a batch, forward only."""
+        return self._run(batch, train=False)
+
+    def _run(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if len(batch["tokens"]) % self.n_microbatches:
             raise ConfigError(f"parallel.pp_microbatches {self.n_microbatches} does not divide the "
                               f"{len(batch['tokens'])} sequences per rank")
+        shape = tuple(batch["tokens"].shape)
+        if self.shape is not None and shape != self.shape:
+            self.schedule, _ = self.build()
+        self.shape = shape
         losses: list[torch.Tensor] = []
         args = (batch["tokens"], batch["document_ids"]) if self.first else ()
         kwargs = {"target": batch["labels"], "losses": losses} if self.last else {}
-        self.schedule.step(*args, return_outputs=False, **kwargs)
+        (self.schedule.step if train else self.schedule.eval)(*args, return_outputs=False, **kwargs)
         device = batch["tokens"].device
         if not self.last:  # the loss lives on the last stage; the Trainer sums over stages
             return torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
@@ -83,14 +98,17 @@ def build_pipeline(model: Transformer, env, config) -> tuple[list[nn.Module], Pi
     bounds = [round(i * n_layers / n_stages) for i in range(n_stages + 1)]
     pp_rank = env.mesh["pp"].get_local_rank()
     group = env.group("pp")
-    parts, stages = [], []
-    for index in range(pp_rank, n_stages, env.pp):
+    parts, indices = [], list(range(pp_rank, n_stages, env.pp))
+    for index in indices:
         stage = Stage(model, list(range(bounds[index], bounds[index + 1])), index == 0, index == n_stages - 1)
         _parallelize_part(stage, env, config.training)
         parts.append(stage)
-        stages.append(PipelineStage(stage, index, n_stages, env.device, group=group))
     n_micro = p.pp_microbatches or env.pp
-    cls = schedules[p.pp_schedule]
-    schedule = cls(stages if per_rank > 1 else stages[0], n_microbatches=n_micro, loss_fn=_summed_cross_entropy,
-                   scale_grads=False)
-    return parts, Pipeline(schedule, stages, n_micro)
+
+    def build():
+        stages = [PipelineStage(part, index, n_stages, env.device, group=group) for part, index in zip(parts, indices)]
+        schedule = schedules[p.pp_schedule](stages if per_rank > 1 else stages[0], n_microbatches=n_micro,
+                                            loss_fn=_summed_cross_entropy, scale_grads=False)
+        return schedule, stages
+
+    return parts, Pipeline(build, n_micro)

@@ -91,14 +91,35 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
     if p.tp > 1 and (model_config.n_heads % p.tp or model_config.kv_heads % p.tp):
         raise ConfigError(f"parallel.tp {p.tp} does not divide the model's heads ({model_config.n_heads} query, "
                           f"{model_config.kv_heads} key/value)")
-    if p.tp > 1 and model_config.tie_embeddings:
-        raise ConfigError("parallel.tp > 1 needs untied embeddings (model.tie_embeddings = false)")
-    if p.pp > 1 and model_config.n_layers < p.pp:
-        raise ConfigError(f"parallel.pp {p.pp} is more stages than the model's {model_config.n_layers} layers")
+    for name in ("tp", "pp"):  # a stage's embedding and output would each train a copy of the one table
+        if getattr(p, name) > 1 and model_config.tie_embeddings:
+            raise ConfigError(f"parallel.{name} > 1 needs untied embeddings (model.tie_embeddings = false)")
+    if p.tp > 1:
+        # sequence-parallel norms split each sequence over the ranks, and the feed-forward its hidden width
+        for length in {longest, *(v for _, v in t.seq_len_schedule), t.seq_len}:
+            if length % p.tp:
+                raise ConfigError(f"training.seq_len {length} does not split over parallel.tp {p.tp} ranks")
+        if model_config.hidden_dim % p.tp:
+            raise ConfigError(f"parallel.tp {p.tp} does not divide the model's feed-forward width "
+                              f"{model_config.hidden_dim}")
+    stages = p.pp * (2 if p.pp_schedule == "Interleaved1F1B" else 1)
+    if p.pp > 1 and model_config.n_layers < stages:
+        raise ConfigError(f"parallel.pp {p.pp} under {p.pp_schedule} is {stages} stages, more than the model's "
+                          f"{model_config.n_layers} layers")
+    n_micro = p.pp_microbatches or p.pp
+    if p.pp > 1 and p.pp_schedule == "1F1B" and n_micro < p.pp:
+        raise ConfigError(f"parallel.pp_microbatches {n_micro} is fewer than the {p.pp} stages 1F1B needs")
+    if p.pp > 1 and t.micro_batch_size:
+        raise ConfigError("training.micro_batch_size does not apply with parallel.pp > 1: the pipeline cuts each "
+                          "rank's batch into parallel.pp_microbatches")
     dp = world // (p.pp * p.tp)
     for b in [t.batch_size] + [v for _, v in t.batch_size_schedule]:
         if b % dp:
             raise ConfigError(f"training.batch_size {b} does not split over {dp} data-parallel ranks")
+        split, into = (n_micro, "parallel.pp_microbatches") if p.pp > 1 else (t.micro_batch_size, None)
+        if split and (b // dp) % split:
+            what = f"{into} {split}" if into else f"training.micro_batch_size {split}"
+            raise ConfigError(f"{what} does not divide the {b // dp} sequences per rank of training.batch_size {b}")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the ranks that share this machine's memory
     _check_memory(model_config, world, p.dp_replicate, local)
     _check_batch_memory(t, dp, local)
@@ -192,7 +213,9 @@ def pretrain(config: TrainConfig) -> dict:
     anneal = open_shards(config.data.anneal_shards) if config.data.anneal_shards else None
     batches = PackedBatches(shards, config.training, held_out=config.data.held_out, dp_rank=env.dp_rank,
                             dp_size=env.dp, anneal=anneal)
-    eval_batches = held_out_batches(shards, config.training, config.data.held_out, config.run.eval_batches,
+    # a pipeline cuts each rank's batch into its own micro-batches, in evaluation as in training
+    eval_training = dataclasses.replace(config.training, micro_batch_size=None) if pipeline else config.training
+    eval_batches = held_out_batches(shards, eval_training, config.data.held_out, config.run.eval_batches,
                                     env.dp_rank, env.dp)
     try:
         tokenizer = load_tokenizer(shards.tokenizer["spec"])

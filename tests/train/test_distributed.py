@@ -22,12 +22,20 @@ LAYOUTS = {
 }
 
 
+# A batch and a sequence length that change on the way, and held-out losses: a pipeline had failed where the shape
+# changed (torch's schedule keeps the shapes of its first step) and reported no held-out loss.
+SCHEDULED = ("--training.batch_size_schedule", "[[4, 8]]", "--training.seq_len_schedule", "[[2, 32]]",
+             "--run.eval_interval", "3")
+
+
 @pytest.fixture(scope="module")
 def runs(byte_shards, tmp_path_factory):
     """One process, and each 2-rank layout (all in one torchrun launch), on the same config and global batch."""
     root = tmp_path_factory.mktemp("dist")
     pretrain(tiny_config(byte_shards, root / "single"))
+    pretrain(tiny_config(byte_shards, root / "single-scheduled", *SCHEDULED))
     plan = [tiny_args(byte_shards, root / name, *layout) for name, layout in LAYOUTS.items()]
+    plan.append(tiny_args(byte_shards, root / "pp-scheduled", *LAYOUTS["pp"], *SCHEDULED))
     (root / "plan.json").write_text(json.dumps(plan))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -49,6 +57,16 @@ def test_two_ranks_match_one_process(runs, layout):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+def test_a_pipeline_follows_the_schedules_and_evaluates_as_one_process(runs):
+    single, pipeline = metrics(runs / "single-scheduled"), metrics(runs / "pp-scheduled")
+    assert [m["step"] for m in pipeline] == list(range(1, 7))
+    assert [m["tokens"] for m in pipeline] == [m["tokens"] for m in single]
+    assert [m["loss"] for m in pipeline] == pytest.approx([m["loss"] for m in single], rel=1e-5, abs=1e-5)
+    held_out = [m["eval_loss"] for m in single if "eval_loss" in m]
+    assert len(held_out) == 2 and [m["eval_loss"] for m in pipeline if "eval_loss" in m] == pytest.approx(
+        held_out, rel=1e-5)
 
 
 @pytest.mark.heavy

@@ -209,6 +209,22 @@ def test_bad_configs_fail_before_compute(byte_shards, tmp_path):
         "--training.steps", "10", "--training.warmup_steps", "8", "--training.anneal_steps", "5")
     assert "not a directory" in fails("--data.shards", str(tmp_path / "missing"))
     assert "does not divide the model's heads" in fails("--parallel.tp", "3", "--parallel.dp", "1", world=3)
+    # Layouts that had failed inside every worker, restarted by torchrun each time (tracebacks of 40-470 lines), or
+    # had trained another model than the one exported (a tied table copied to two pipeline stages)
+    pp2, tp2 = ("--parallel.pp", "2", "--parallel.dp", "1"), ("--parallel.tp", "2", "--parallel.dp", "1")
+    assert "parallel.pp > 1 needs untied embeddings" in fails(*pp2, "--model.tie_embeddings", "true", world=2)
+    assert "is 4 stages, more than the model's 2 layers" in fails(
+        *pp2, "--parallel.pp_schedule", "Interleaved1F1B", world=2)
+    assert "pp_microbatches 3 does not divide the 4 sequences per rank" in fails(
+        *pp2, "--parallel.pp_microbatches", "3", world=2)
+    assert "pp_microbatches 1 is fewer than the 2 stages 1F1B needs" in fails(
+        *pp2, "--parallel.pp_microbatches", "1", world=2)
+    assert "micro_batch_size does not apply with parallel.pp > 1" in fails(
+        *pp2, "--training.micro_batch_size", "1", world=2)
+    assert "micro_batch_size 3 does not divide the 4 sequences per rank" in fails("--training.micro_batch_size", "3")
+    assert "seq_len 63 does not split over parallel.tp 2" in fails(*tp2, "--training.seq_len", "63", world=2)
+    assert "does not divide the model's feed-forward width 170" in fails(
+        "--parallel.tp", "4", "--parallel.dp", "1", "--model.n_kv_heads", "4", "--model.multiple_of", "10", world=4)
     result = run_cli("train", *tiny_args(byte_shards, tmp_path / "r", "--data.shards", str(tmp_path / "nope")))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("herd: error: data.shards")
