@@ -55,6 +55,8 @@ class GridSection:
             raise ValueError(f"budgets {self.budgets}: the power laws are fitted over at least two different budgets")
         if not self.dims:
             raise ValueError("dims is empty; give the widths to train at every budget")
+        if len(set(self.dims)) < 3:  # two points always fit some curve, and its minimum says nothing
+            raise ValueError(f"dims {self.dims}: a budget's parabola is fitted over at least three different widths")
 
 
 @dataclass
@@ -128,7 +130,8 @@ def _point(config: ScalingConfig, budget: float, dim: int, vocab: int, tag: str)
 
 
 def fit(points: list[dict]) -> dict:
-    """Per budget: the parabola of loss in log N and its minimum; then the power laws over the budgets."""
+    """Per budget: the parabola of loss in log N and its minimum; then the power laws over the budgets whose
+    minimum lies inside the widths tried ("bracketed"; the others stay in the result's optima, marked)."""
     for p in points:
         if not math.isfinite(p["loss"]):
             # np.argmin takes a NaN for the minimum, and the laws fitted over it come out NaN.
@@ -138,21 +141,32 @@ def fit(points: list[dict]) -> dict:
     optima = []
     for c in budgets:
         row = sorted((p for p in points if p["budget"] == c), key=lambda p: p["N"])
+        if len({p["N"] for p in row}) < 3:
+            raise ValueError(f"budget {c:.0e} has {len(row)} widths: its parabola needs at least three (grid.dims)")
         x, y = np.log([p["N"] for p in row]), np.array([p["loss"] for p in row])
-        a, b, c0 = np.polyfit(x, y, 2) if len(row) >= 3 else (0.0, 0.0, 0.0)
-        if a > 0 and x.min() <= -b / (2 * a) <= x.max():
+        a, b, c0 = np.polyfit(x, y, 2)
+        bracketed = bool(a > 0 and x.min() <= -b / (2 * a) <= x.max())
+        if bracketed:
             log_n = -b / (2 * a)
             loss = float(a * log_n ** 2 + b * log_n + c0)
-        else:  # no interior minimum: the best point measured
+        else:  # no minimum inside the widths tried: the best one measured, for the plot; the laws leave it out
             i = int(np.argmin(y))
             log_n, loss = float(x[i]), float(y[i])
         n = math.exp(log_n)
-        optima.append({"budget": c, "N": n, "D": c / (6 * n), "loss": loss, "parabola": [float(a), float(b), float(c0)]})
-    log_c = np.log([o["budget"] for o in optima])
-    a_n, log_a = np.polyfit(log_c, np.log([o["N"] for o in optima]), 1)
-    a_d, log_b = np.polyfit(log_c, np.log([o["D"] for o in optima]), 1)
+        optima.append({"budget": c, "N": n, "D": c / (6 * n), "loss": loss, "bracketed": bracketed,
+                       "parabola": [float(a), float(b), float(c0)]})
+    # A budget whose best width is an end of the grid has its optimum somewhere past it: fitted over such points
+    # the laws had come out as N* ~ C^0 (or C^1.5 from two widths), silently.
+    found = [o for o in optima if o["bracketed"]]
+    if len(found) < 2:
+        missed = ", ".join(f"{o['budget']:.0e}" for o in optima if not o["bracketed"])
+        raise ValueError(f"the IsoFLOP curves of budgets {missed} have no minimum inside the widths tried, leaving "
+                         f"{len(found)} of the two the laws need: add grid.dims past the best width of each")
+    log_c = np.log([o["budget"] for o in found])
+    a_n, log_a = np.polyfit(log_c, np.log([o["N"] for o in found]), 1)
+    a_d, log_b = np.polyfit(log_c, np.log([o["D"] for o in found]), 1)
     return {"optima": optima, "N_exponent": float(a_n), "N_coefficient": float(math.exp(log_a)),
-            "D_exponent": float(a_d), "D_coefficient": float(math.exp(log_b)), **_loss_law(optima)}
+            "D_exponent": float(a_d), "D_coefficient": float(math.exp(log_b)), **_loss_law(found)}
 
 
 def _loss_law(optima: list[dict]) -> dict:
@@ -242,15 +256,16 @@ def plot(result: dict, png: Path) -> None:
     ax.legend()
     cs = np.geomspace(min(o["budget"] for o in law["optima"]), target["budget"], 50)
     ax = axes[1]
-    ax.loglog([o["budget"] for o in law["optima"]], [o["N"] for o in law["optima"]], "o", label="N* (grid)")
+    found = [o for o in law["optima"] if o["bracketed"]]  # the optima the laws were fitted over
+    ax.loglog([o["budget"] for o in found], [o["N"] for o in found], "o", label="N* (grid)")
     ax.loglog(cs, law["N_coefficient"] * cs ** law["N_exponent"], label=f"N* ∝ C^{law['N_exponent']:.2f}")
-    ax.loglog([o["budget"] for o in law["optima"]], [o["D"] for o in law["optima"]], "s", label="D* (grid)")
+    ax.loglog([o["budget"] for o in found], [o["D"] for o in found], "s", label="D* (grid)")
     ax.loglog(cs, law["D_coefficient"] * cs ** law["D_exponent"], label=f"D* ∝ C^{law['D_exponent']:.2f}")
     ax.set_xlabel("compute C (FLOPs)")
     ax.set_title("compute-optimal size and tokens")
     ax.legend()
     ax = axes[2]
-    ax.loglog([o["budget"] for o in law["optima"]], [o["loss"] for o in law["optima"]], "o", label="L* (grid)")
+    ax.loglog([o["budget"] for o in found], [o["loss"] for o in found], "o", label="L* (grid)")
     ax.loglog(cs, [predict(law, c)["loss"] for c in cs], label="fit")
     ax.loglog([target["budget"]], [target["predicted"]["loss"]], "x", markersize=12, label="predicted")
     ax.loglog([target["budget"]], [target["actual"]["loss"]], "*", markersize=12,

@@ -45,6 +45,25 @@ def test_a_diverged_grid_run_is_refused_naming_it(bad):
         fit(points)
 
 
+def test_the_laws_are_fitted_over_budgets_whose_minimum_the_grid_brackets():
+    """A budget whose best width is an end of the grid has its optimum past it: fitted over its best measured point,
+    the laws had come out N* ~ C^0 without a word. Such a budget is left out of the laws, and a grid that brackets
+    the optimum of fewer than two budgets is refused."""
+    def bowl(c, n):  # the optimum N*(C) = 2e5 (C / 1e10)^0.5
+        return 3 - 0.1 * math.log10(c) + 0.1 * math.log(n / (2e5 * (c / 1e10) ** 0.5)) ** 2
+
+    widths = (1e5, 2e5, 4e5, 8e5)
+    points = [{"budget": c, "N": n, "loss": bowl(c, n)} for c in (1e10, 4e10, 1.6e11) for n in widths]
+    points += [{"budget": 1e13, "N": n, "loss": bowl(1e13, n)} for n in widths]  # optimum 6.3e6, past 8e5
+    law = fit(points)
+    assert [o["bracketed"] for o in law["optima"]] == [True, True, True, False]
+    assert law["N_exponent"] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="budgets 1e\\+12, 1e\\+13 have no minimum inside the widths tried"):
+        fit([p for p in points if p["budget"] == 1e10] + [{**p, "budget": 1e12, "loss": bowl(1e12, p["N"])}
+                                                          for p in points if p["budget"] == 1e13] +
+            [p for p in points if p["budget"] == 1e13])
+
+
 def test_a_loss_law_too_steep_for_the_fit_bounds_is_the_plain_power_law():
     # L* = 100 (C / 1e10)^-4 over 4 budgets: the fit's start (k = 4) is outside its bounds (k <= 3), a ValueError.
     points = [{"budget": c, "N": n, "loss": 100 * (c / 1e10) ** -4 + 0.01 * (math.log(n) - 12) ** 2}
@@ -63,6 +82,7 @@ def test_a_loss_law_too_steep_for_the_fit_bounds_is_the_plain_power_law():
     (["--grid.target", "nan"], "grid: target must be above 0, got nan"),
     (["--grid.dims", "[0]"], "grid: dims[0] must be at least 1, got 0"),
     (["--grid.dims", "[]"], "grid: dims is empty"),
+    (["--grid.dims", "[32, 64, 64]"], "a budget's parabola is fitted over at least three different widths"),
 ])
 def test_grid_values_out_of_range_are_one_line_errors_naming_the_field(args, words):
     from herd.train.config import ConfigError, load_config
@@ -74,7 +94,7 @@ def test_grid_values_out_of_range_are_one_line_errors_naming_the_field(args, wor
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--grid.dims", "[32, 33]"], "grid.dims: 33 makes no model of the family (model: dim 33 is not a multiple"),
+    (["--grid.dims", "[32, 33, 64]"], "grid.dims: 33 makes no model of the family (model: dim 33 is not a multiple"),
     (["--grid.head_dim", "3"], "grid.dims: 16 makes no model of the family"),
 ])
 def test_a_grid_width_that_makes_no_model_is_refused_before_the_grid_trains(byte_shards, tmp_path, args, words):
@@ -82,7 +102,7 @@ def test_a_grid_width_that_makes_no_model_is_refused_before_the_grid_trains(byte
     from herd.train.scaling import ScalingConfig, run_grid
 
     config = load_config(ScalingConfig, None, ["--data.shards", str(byte_shards), "--run.dir", str(tmp_path / "sc"),
-                                               "--grid.dims", "[16, 32]", *args])
+                                               "--grid.dims", "[16, 32, 48]", *args])
     with pytest.raises(ConfigError, match=re.escape(words)):
         run_grid(config)
     assert list((tmp_path / "sc").iterdir()) == []  # nothing trained
