@@ -31,6 +31,10 @@ def write_checklist(directory: Path) -> None:
         tmp.write_text("".join(f"{_digest(p, 32)}  {p.name}\n" for p in files))
 
 
+def file_md5(path: Path) -> str:
+    return _digest(path, 32)
+
+
 def read_checklist(path: Path) -> list[tuple[str, str]]:
     """(md5, file name) of each line."""
     try:

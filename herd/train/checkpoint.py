@@ -5,8 +5,10 @@ by parameter name (every rank writes its own part, whatever mix of FSDP, TP and 
 load), plus `extra-R.pt` per rank with what is not a tensor of the model: scheduler, data position, RNG states,
 trainer counters. Every rank writes into `step-N.tmp`; rank 0 renames it to `step-N` only once all ranks are done, so a
 crash mid-save leaves a `.tmp` that is ignored (and later removed) and the previous checkpoint stays the latest.
-One that cannot be loaded all the same (a damaged disk, a deleted file) is set aside as `step-N.damaged` and the
-one before it taken; where none loads (another model's: the shape changed), a ConfigError says so in one line.
+Each carries a `checklist.chk` (every file's MD5, as Meta's downloads do: `herd verify` and `md5sum -c` read it),
+checked before a resume: damaged bytes load without an error (a flipped bit had resumed silently, a block
+overwritten had exported 3.4e38s). One that fails its checklist or cannot be loaded (a damaged disk, a deleted
+file) is set aside as `step-N.damaged` and the one before it taken; where none loads (another model's: the shape changed), a ConfigError says so in one line.
 The newest `keep` checkpoints are kept. With `async_save` the tensors are written in the background while
 training goes on; the rename happens when the write has finished (at the next save, before a load, or at the end).
 
@@ -42,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from herd.checkpoint.checksums import CHECKLIST, file_md5, read_checklist
 from herd.train import fault
 from herd.train.config import CheckpointSection, ConfigError
 
@@ -57,6 +60,39 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _my_share(items: list) -> list:
+    """This rank's share of `items`: every world-size-th one."""
+    return items[_rank()::dist.get_world_size()] if dist.is_initialized() else items
+
+
+def _merged(part: dict) -> dict:
+    """The dicts every rank made of its share, merged (on every rank)."""
+    if not dist.is_initialized():
+        return part
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, part)
+    return {k: v for each in gathered for k, v in each.items()}
+
+
+def _write_checklist(tmp: Path) -> None:
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CHECKLIST)
+    digests = _merged({name: file_md5(tmp / name) for name in _my_share(names)})
+    if _rank() == 0:
+        (tmp / CHECKLIST).write_text("".join(f"{digests[name]}  {name}\n" for name in names))
+
+
+def _check_checklist(path: Path) -> None:
+    """ValueError naming the first of this rank's share of the checkpoint's files that is missing or differs from
+    its checklist (none: a checkpoint written without one)."""
+    if not (path / CHECKLIST).is_file():
+        return
+    for digest, name in _my_share(read_checklist(path / CHECKLIST)):
+        if not (path / name).is_file():
+            raise ValueError(f"{name} is missing (checklist.chk)")
+        if file_md5(path / name) != digest:
+            raise ValueError(f"{name} differs from its checksum (checklist.chk)")
 
 
 def _everywhere(ok: bool) -> bool:
@@ -228,6 +264,8 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, final_dir: Path) -> None:
         _barrier()  # every rank has written its part
+        if self.cfg.checksums:
+            _write_checklist(tmp)
         if _rank() == 0:
             tmp.rename(final_dir)
             self._prune()
@@ -283,6 +321,8 @@ class Checkpointer:
         every rank where any rank cannot load it (the model and optimizer may then be partly overwritten)."""
         error = None
         try:
+            if self.cfg.checksums:
+                _check_checklist(path)
             with _quiet_metadata_fallback():
                 state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers, _by_index(path))}
                 dcp.load(state, checkpoint_id=str(path))

@@ -121,6 +121,9 @@ class CheckpointSection:
     async_save: bool = False
     average_last: int = 0  # export the average of the last N checkpoints' weights (Llama 3 annealing); 0: final
     export_format: str = "meta"  # the final weights with the tokenizer in run.dir: meta or hf
+    # checklist.chk in each checkpoint (every file's MD5, the ranks hashing a share each), checked before a resume:
+    # damaged bytes load without an error otherwise. It costs a read of the checkpoint at each save and load.
+    checksums: bool = True
 
     def __post_init__(self):
         require(self, NON_NEGATIVE, "interval", "average_last")

@@ -91,11 +91,21 @@ def test_another_models_checkpoint_is_one_line_from_the_command_line(byte_shards
     assert "use a new run.dir" in lines[0]
 
 
-def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(byte_shards, tmp_path):
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_bit], ids=["truncated", "one bit flipped"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(byte_shards, tmp_path,
+                                                                                          damage):
+    """A flipped bit loads without an error: the checkpoint's checklist.chk catches it (the run had resumed from it
+    and trained on)."""
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
     small_run(byte_shards, straight, "--training.steps", "4", "--checkpoint.interval", "1")
     small_run(byte_shards, run_dir, "--training.steps", "3", "--checkpoint.interval", "1")
-    _truncate(run_dir / "checkpoints" / "step-3" / "__0_0.distcp")
+    damage(run_dir / "checkpoints" / "step-3" / "__0_0.distcp")
     small_run(byte_shards, run_dir, "--training.steps", "4", "--checkpoint.interval", "1")
     assert (run_dir / "checkpoints" / "step-3.damaged").is_dir() and (run_dir / "checkpoints" / "step-4").is_dir()
     assert losses(run_dir) == losses(straight)  # steps 3 and 4 redone from step 2, exactly
