@@ -8,7 +8,8 @@ crash mid-save leaves a `.tmp` that is ignored (and later removed) and the previ
 Each carries a `checklist.chk` (every file's MD5, as Meta's downloads do: `herd verify` and `md5sum -c` read it),
 checked before a resume: damaged bytes load without an error (a flipped bit had resumed silently, a block
 overwritten had exported 3.4e38s). One that fails its checklist or cannot be loaded (a damaged disk, a deleted
-file) is set aside as `step-N.damaged` and the one before it taken; where none loads (another model's: the shape changed), a ConfigError says so in one line.
+file) is set aside as `step-N.damaged` and the one before it taken; where none loads (another model's: the shape
+changed), a ConfigError says so in one line.
 The newest `keep` checkpoints are kept. With `async_save` the tensors are written in the background while
 training goes on; the rename happens when the write has finished (at the next save, before a load, or at the end).
 
