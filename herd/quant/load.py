@@ -23,19 +23,21 @@ def resolve(quantize: str | Scheme | None, ckpt: Checkpoint, device: torch.devic
     """"auto": a model quantized by `herd quantize` as stored; a GGUF's own blocks where herd's kernel runs
     (measured fastest: the shipped weights exactly, or rounded to int8 blocks for types that do not fit herd's, see
     herd.quant.gguf); else the stored precision, since expanding blocks on every call loses to one float32 matmul."""
-    if isinstance(quantize, Scheme) or quantize is None:
-        return quantize
+    if quantize is None or quantize == "none":
+        return None
     if quantize == "auto":
         kinds = {kind for kind, _ in ckpt.blocks.values()}
         if "herd" in kinds:
             return STORED
         return Scheme("gguf") if kinds and device.type == "cpu" and ops() is not None else None
-    if quantize == "none":
-        return None
-    scheme = Scheme.parse(quantize)
-    if scheme.kind == "fp8" and "fp8_unconverted" in ckpt.meta:
+    scheme = quantize if isinstance(quantize, Scheme) else Scheme.parse(quantize)
+    if scheme.kind == "gguf" and any(kind == "herd" for kind, _ in ckpt.blocks.values()):  # had been a TypeError
+        raise ValueError("quantize 'gguf' computes a GGUF file's own blocks, and this is a `herd quantize` "
+                         "directory: load it as stored (quantize 'auto'), or give another scheme")
+    if scheme.kind == "fp8" and not scheme.keep and "fp8_unconverted" in ckpt.meta:
         # Meta's FP8 release leaves some layers in bf16 (the first and last blocks' attention, the output layer), as
-        # transformers and vLLM keep them: "fp8" then computes the release as published.
+        # transformers and vLLM keep them: "fp8" then computes the release as published, given by name or as the
+        # Scheme `herd quantize` passes (which had quantized those layers too).
         return dataclasses.replace(scheme, keep=tuple(ckpt.meta["fp8_unconverted"]))
     return scheme
 

@@ -112,6 +112,12 @@ def test_meta_fp8_weights_load(make_hf):
     kept = [n for n, m in modules.items() if n.startswith("layers.0.attention.w") or n == "output"]
     assert len(kept) == 5 and not any(isinstance(modules[n], FP8Linear) for n in kept)
     assert torch.equal(modules["layers.0.attention.wq"].weight, ckpt.state_dict["layers.0.attention.wq.weight"])
+    # The same given as a Scheme, which `herd quantize` passes (it had rounded those layers to FP8 too)
+    from herd.quant.schemes import Scheme
+
+    stored = dict(build_quantized(load_checkpoint(directory), Scheme.parse("fp8"), "cpu").named_modules())
+    assert {n for n, m in stored.items() if isinstance(m, FP8Linear)} == {
+        n for n, m in modules.items() if isinstance(m, FP8Linear)}
 
 
 def test_other_quantized_checkpoints_are_refused_by_name(make_hf):

@@ -54,6 +54,9 @@ def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, 
         if scheme != "fp8":
             monkeypatch.setattr(blocks, "ops", lambda: None)  # without the kernel a prompt multiplies exactly
             assert torch.allclose(back(tokens), expected(tokens), atol=1e-4)
+    # a GGUF's own blocks are no scheme for it (an internal TypeError before)
+    with pytest.raises(ValueError, match="quantize 'gguf' computes a GGUF file's own blocks"):
+        herd.load(out, quantize="gguf")
 
 
 def test_damaged_files_are_refused(float_dir, tmp_path):
