@@ -8,9 +8,11 @@ waits on it (`stream`, `generate`: no thread needed) or, for a server, by one ba
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -225,7 +227,8 @@ class Generator:
         try:
             while left:
                 if self._thread is None and events.empty():
-                    self.step()
+                    with _interrupts_after():
+                        self.step()
                     continue
                 delta = events.get()
                 if delta.finish_reason == "error":
@@ -444,3 +447,21 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling parameter sets for {n} prompts")
     return list(params)
+
+
+@contextlib.contextmanager
+def _interrupts_after():
+    """Ctrl-C during a step the caller drives lands after it: the step advances every thread's sequences in stages
+    (a draw from a seeded generator, the token, the blocks given back), and an interrupt between them had changed
+    another thread's seeded reply or left its call waiting for ever. Only the main thread runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        yield
+        return
+    caught = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if caught:
+            handler(signal.SIGINT, caught[0])

@@ -350,3 +350,40 @@ def test_malformed_sampling_parameters_are_named(fields, error, words):
     with pytest.raises(error, match=re.escape(words)):
         SamplingParams(**fields)
     assert SamplingParams(logit_bias={5: 1}, stop="x").logit_bias == ((5, 1),)  # a mapping and one string still do
+
+
+def test_ctrl_c_during_a_step_the_caller_drives_lands_after_it(generator, monkeypatch):
+    """A step driven by the main thread advances every thread's sequences; Ctrl-C inside it (here, just after a
+    worker's seeded draw) had left that draw made and its token unrecorded, so the worker's seeded reply changed.
+    The interrupt now lands after the step: the main thread's call ends, the worker's reply is as alone."""
+    import signal
+    import threading
+
+    import herd.generate.generator as engine
+
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    worker_prompt = ids(generator, PROMPTS[1])
+    alone = generator.generate([worker_prompt], seeded)[0].tokens
+    draw, fired = engine.sample, []
+
+    def sample(logits, params, rng):
+        token = draw(logits, params, rng)
+        if threading.current_thread() is threading.main_thread() and params.seed == 7 and not fired:
+            fired.append(True)
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, handled at the next bytecode the main thread runs
+        return token
+
+    monkeypatch.setattr(engine, "sample", sample)
+    interrupted = []
+    for _ in range(50):
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(w=generator.generate([worker_prompt], seeded)))
+        worker.start()
+        try:
+            generator.generate([ids(generator, PROMPTS[0])], dataclasses.replace(GREEDY, max_tokens=64))
+        except KeyboardInterrupt:
+            interrupted.append(True)
+        worker.join(60)
+        if fired:
+            break
+    assert fired and interrupted and result["w"][0].tokens == alone
