@@ -35,6 +35,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); one object a line")
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to read; one flat object a line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
             rows += 1

@@ -44,6 +44,7 @@ def test_jsonl_malformed_records_are_dropped_with_reasons(tmp_path):
         b"",
         json.dumps({"text": "no id given"}).encode(),
         json.dumps(["not", "an", "object"]).encode(),
+        b'{"id": "deep", "text": "x", "meta": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # had ended the file's reading
         json.dumps({"id": "z", "text": "last good record"}).encode(),
     ]
     path = tmp_path / "mixed.jsonl"
@@ -57,7 +58,17 @@ def test_jsonl_malformed_records_are_dropped_with_reasons(tmp_path):
         ("none", "missing_text", f"{path}:4"),
         (doc_id(f"{path}:5"), "invalid_json", f"{path}:5"),
         (doc_id(f"{path}:8"), "not_an_object", f"{path}:8"),
+        (doc_id(f"{path}:9"), "nested_too_deep", f"{path}:9"),
     }
+
+
+def test_a_line_longer_than_many_chunks_is_read_whole(tmp_path):
+    """Each chunk is split alone (the growing line had been split again at every chunk: quadratic)."""
+    from herd.data.readers import _lines
+
+    chunks = [b"a" * 1000] * 50 + [b"b\nc" + b"d" * 999, b"\n", b"e"] + [b"f" * 1000] * 3
+    assert list(_lines(iter(chunks))) == b"".join(chunks).split(b"\n")
+    assert list(_lines(iter([b"x\n", b"", b"\n\ny"]))) == [b"x", b"", b"", b"y"]
 
 
 def _records(n):
