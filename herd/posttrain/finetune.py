@@ -315,7 +315,7 @@ def finetune(config: FinetuneConfig) -> dict:
                        "tune with LoRA (lora.rank) or a smaller model")
     run_dir = Path(config.run.dir)
     make_directory(run_dir, "run.dir")
-    (run_dir / "config.toml").write_text(to_toml(config))
+    record = to_toml(config)  # what was asked, from which the steps below are derived
     if config.finetune.recipe == "ppo":
         from herd.posttrain.rollouts import trainer_config
 
@@ -324,5 +324,6 @@ def finetune(config: FinetuneConfig) -> dict:
         steps = math.ceil(config.finetune.epochs * len(recipe.batches.items) / t.batch_size)
         config = dataclasses.replace(config, training=dataclasses.replace(t, steps=max(steps, 1)))
     trainer = Trainer(config, recipe.model, recipe.batches, recipe.loss_fn, env=DistEnv(device=default_device()),
-                      eval_batches=recipe.eval_batches, export=recipe.export, step_metrics=recipe.metrics)
+                      eval_batches=recipe.eval_batches, export=recipe.export, step_metrics=recipe.metrics,
+                      record=record)
     return trainer.fit()

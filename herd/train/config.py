@@ -225,8 +225,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"--{key}: {section!r} is not a section")
-        table[name] = _parse_literal(value)
+        table[name] = _Override(value)
     return _build(cls, raw, "")
+
+
+class _Override(str):
+    """A value as typed on the command line, read by the field's type: text for a text field (a run.dir of
+    "2024-01-01" or "1e3" had been read as a TOML date or number), a TOML literal otherwise."""
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -291,11 +296,13 @@ def set_fields(section) -> set[str]:
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, _Override) and origin not in (typing.Union, types.UnionType):
+        value = str(value) if hint in (str, bool) else _parse_literal(value)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a [{where}] table")
         return _build(hint, value, f"{where}.")
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value == "none" or value == "None":
             if type(None) in args:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.atomic import atomic_output
 from herd.model.llama import Transformer
 from herd.train import fault
 from herd.train.checkpoint import Checkpointer
@@ -96,8 +97,10 @@ class Trainer:
                  loss_fn: Callable = causal_lm_loss, *, env: DistEnv | None = None, pipeline=None,
                  eval_batches: list[dict] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  peak_flops: float | None = None, export: Callable[["Trainer"], None] | None = None,
-                 step_metrics: Callable[[], dict] | None = None):
-        self.config = config
+                 step_metrics: Callable[[], dict] | None = None, record: str | None = None):
+        """record: the run's config as TOML, written to run.dir/config.toml once the run has started or resumed
+        (a resume refused, another model's checkpoint, had left the refused config there)."""
+        self.config, self.record = config, record
         self.cfg, self.run = config.training, config.run
         self.parts = model if isinstance(model, list) else [model]
         self.model = self.parts[0]
@@ -139,10 +142,15 @@ class Trainer:
         path, extra = found
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.detector = fault.BadStepDetector(self.config.fault, **extra["detector"])
-        # Every part's schedule is at the same step; a checkpoint from a layout with fewer parts per rank (one
-        # process, for an Interleaved1F1B run) holds fewer of them.
+        # The schedule is this run's config's, at the step reached: the checkpoint's own (its learning rate and length)
+        # had carried on, so a resume with a new training.lr ran the old one, and one with more steps ran a step at
+        # the old schedule's end, lr 0. Every part's schedule is at the same step (a checkpoint from a layout with
+        # fewer parts per rank, one process for an Interleaved1F1B run, holds fewer of them).
+        step = extra["schedulers"][0]["last_epoch"]
         for s in self.schedulers:
-            s.load_state_dict(extra["schedulers"][0])
+            s.last_epoch = step
+            for group, base, factor in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * factor(step)
         if not keep_data:
             self.batches.load_state_dict(extra["data"])
         elif hasattr(self.batches, "rewind"):
@@ -197,7 +205,7 @@ class Trainer:
                               self.env.group("pp"), grad_scale=self.env.dp / count)
         loss, norm_value = float(loss_sum / count), float(norm)
         why = self.detector.judge(loss, norm_value)
-        lr = self.schedulers[0].get_last_lr()[0]
+        lr = self.optimizers[0].param_groups[0]["lr"]
         if why is None:
             for optimizer in self.optimizers:
                 optimizer.step()
@@ -290,6 +298,9 @@ class Trainer:
                               progress=self.run.progress, tensorboard=self.run.tensorboard)
         if latest is not None:
             self.log.note(f"resumed from {latest} (step {self.step})")
+        if self.is_main and self.record is not None:
+            with atomic_output(self.run_dir / "config.toml") as tmp:
+                tmp.write_text(self.record)
         watchdog = fault.Watchdog(self.config.fault.watchdog_s)
         replicas = self.env.group("dp_replicate")
         interval = self.config.checkpoint.interval

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from herd.atomic import atomic_output, make_directory
+from herd.atomic import make_directory
 from herd.model.config import CONFIGS, ModelConfig
 from herd.model.llama import Transformer
 from herd.train.config import MODEL_SHAPE, ConfigError, ModelSection, TrainConfig, TrainingSection, set_fields, to_toml
@@ -202,10 +202,6 @@ def pretrain(config: TrainConfig) -> dict:
 
     model_config, shards = check(config)
     env = DistEnv.from_environment(config.parallel)
-    run_dir = Path(config.run.dir)
-    if env.rank == 0:
-        with atomic_output(run_dir / "config.toml") as tmp:
-            tmp.write_text(to_toml(config))
     torch.manual_seed(config.training.seed)
     model = Transformer(model_config)
     init_weights(model, config.model.init_std, config.training.seed)
@@ -224,7 +220,8 @@ def pretrain(config: TrainConfig) -> dict:
     peak = config.run.peak_flops or measure_peak_flops(env.device)
     trainer = Trainer(config, parts, batches, env=env, pipeline=pipeline, eval_batches=eval_batches,
                       flops_per_token=functools.partial(flops_per_token, model_config), peak_flops=peak,
-                      export=make_export(model_config, tokenizer, config.checkpoint.export_format))
+                      export=make_export(model_config, tokenizer, config.checkpoint.export_format),
+                      record=to_toml(config))
     return trainer.fit()
 
 

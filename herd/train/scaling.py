@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -111,6 +112,21 @@ def _check_family(config: ScalingConfig, vocab: int) -> dict[int, float]:
     return sizes
 
 
+def _setup(config: ScalingConfig) -> str:
+    """What a point's training depends on besides its budget and width (the model's other fields, the data, the
+    training settings, the family's rule): a point trained under another setup is trained again, not fitted with
+    this one's (a changed training.lr had reused every finished point)."""
+    parts = (config.model, config.data, config.training, config.grid.head_dim, config.grid.dims_per_layer)
+    text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True,
+                      default=str)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+
+def _tag(budget: float, dim: int, setup: str) -> str:
+    """A point's run directory: the budget in full (1.5e9 and 2e9 had both been "C2e+09", one run)."""
+    return f"C{budget:g}-d{dim}-{setup}"
+
+
 def _point(config: ScalingConfig, budget: float, dim: int, vocab: int, tag: str) -> dict:
     """Train one model of the family for `budget` FLOPs; its size, tokens and held-out loss."""
     from herd.train.pretrain import pretrain, with_overrides
@@ -126,7 +142,7 @@ def _point(config: ScalingConfig, budget: float, dim: int, vocab: int, tag: str)
                          run={"dir": str(run_dir), "eval_interval": 0})
     summary = pretrain(cfg)
     return {"budget": budget, "dim": dim, "n_layers": shape["n_layers"], "N": fpt / 6,
-            "tokens": steps * tokens_per_step, "steps": steps, "loss": summary["eval_loss"]}
+            "tokens": steps * tokens_per_step, "steps": steps, "loss": summary["eval_loss"], "setup": _setup(config)}
 
 
 def fit(points: list[dict]) -> dict:
@@ -135,14 +151,14 @@ def fit(points: list[dict]) -> dict:
     for p in points:
         if not math.isfinite(p["loss"]):
             # np.argmin takes a NaN for the minimum, and the laws fitted over it come out NaN.
-            raise ValueError(f"the grid run C{p['budget']:.0e}-d{p['dim']} ended with a held-out loss of {p['loss']}: "
+            raise ValueError(f"the grid run C{p['budget']:g}-d{p['dim']} ended with a held-out loss of {p['loss']}: "
                              "no optimum can be fitted over it; lower training.lr, or leave its width out of grid.dims")
     budgets = sorted({p["budget"] for p in points})
     optima = []
     for c in budgets:
         row = sorted((p for p in points if p["budget"] == c), key=lambda p: p["N"])
         if len({p["N"] for p in row}) < 3:
-            raise ValueError(f"budget {c:.0e} has {len(row)} widths: its parabola needs at least three (grid.dims)")
+            raise ValueError(f"budget {c:g} has {len(row)} widths: its parabola needs at least three (grid.dims)")
         x, y = np.log([p["N"] for p in row]), np.array([p["loss"] for p in row])
         a, b, c0 = np.polyfit(x, y, 2)
         bracketed = bool(a > 0 and x.min() <= -b / (2 * a) <= x.max())
@@ -159,7 +175,7 @@ def fit(points: list[dict]) -> dict:
     # the laws had come out as N* ~ C^0 (or C^1.5 from two widths), silently.
     found = [o for o in optima if o["bracketed"]]
     if len(found) < 2:
-        missed = ", ".join(f"{o['budget']:.0e}" for o in optima if not o["bracketed"])
+        missed = ", ".join(f"{o['budget']:g}" for o in optima if not o["bracketed"])
         raise ValueError(f"the IsoFLOP curves of budgets {missed} have no minimum inside the widths tried, leaving "
                          f"{len(found)} of the two the laws need: add grid.dims past the best width of each")
     log_c = np.log([o["budget"] for o in found])
@@ -208,21 +224,24 @@ def run_grid(config: ScalingConfig) -> dict:
     sizes = _check_family(config, vocab)
     out = Path(config.run.dir)  # check() made it
     done_path = out / "points.jsonl"
-    done = {(p["budget"], p["dim"]): p for p in read_records(done_path, POINT_FIELDS)} if done_path.exists() else {}
+    setup = _setup(config)
+    done = {(p["budget"], p["dim"], p.get("setup")): p
+            for p in read_records(done_path, POINT_FIELDS)} if done_path.exists() else {}
     g = config.grid
     for budget in g.budgets:
         for dim in g.dims:
-            if (budget, dim) not in done:
-                done[(budget, dim)] = _point(config, budget, dim, vocab, f"C{budget:.0e}-d{dim}")
+            if (budget, dim, setup) not in done:
+                done[(budget, dim, setup)] = _point(config, budget, dim, vocab, _tag(budget, dim, setup))
                 # rewritten whole, not appended to: a point cut short by a kill is left out, not written after
                 with atomic_output(done_path) as tmp:
                     tmp.write_text("".join(json.dumps(p) + "\n" for p in done.values()))
-    points = [done[(b, d)] for b in g.budgets for d in g.dims]
+    points = [done[(b, d, setup)] for b in g.budgets for d in g.dims]
     law = fit(points)
     predicted = predict(law, g.target)
     # The family member closest (in log N) to the predicted optimum, trained at the target budget.
     dim = min(sizes, key=lambda d: abs(math.log(sizes[d] / predicted["N"])))
-    actual = done.get((g.target, dim)) or _point(config, g.target, dim, vocab, f"target-C{g.target:.0e}-d{dim}")
+    actual = done.get((g.target, dim, setup)) or _point(config, g.target, dim, vocab,
+                                                        "target-" + _tag(g.target, dim, setup))
     result = {"points": points, "law": law, "target": {"budget": g.target, "predicted": predicted, "dim": dim,
                                                        "actual": actual,
                                                        "error": (actual["loss"] - predicted["loss"]) / actual["loss"]}}
@@ -243,7 +262,7 @@ def plot(result: dict, png: Path) -> None:
     ax = axes[0]
     for opt in law["optima"]:
         row = sorted((p for p in result["points"] if p["budget"] == opt["budget"]), key=lambda p: p["N"])
-        line = ax.plot([p["N"] for p in row], [p["loss"] for p in row], "o", label=f"C = {opt['budget']:.0e}")[0]
+        line = ax.plot([p["N"] for p in row], [p["loss"] for p in row], "o", label=f"C = {opt['budget']:g}")[0]
         xs = np.linspace(math.log(row[0]["N"]), math.log(row[-1]["N"]), 50)
         a, b, c = opt["parabola"]
         if a > 0:

@@ -18,6 +18,11 @@ def test_overrides_are_typed_from_the_annotations(tmp_path):
     assert config.training.batch_size_schedule == [[0, 8], [100, 16]]
     assert config.model.name == "llama3.2-1b" and config.model.n_kv_heads is None
     assert config.training.micro_batch_size == 2
+    # A text field takes the text as typed (read as TOML, "2024-01-01" had been a date and "1e3" the float 1000.0);
+    # a flag takes 1 and 0 as the converter means it to
+    for text in ("2024-01-01", "1e3", "0x10", "true"):
+        assert load_config(TrainConfig, None, ["--run.dir", text]).run.dir == text
+    assert load_config(TrainConfig, None, ["--run.progress", "0"]).run.progress is False
 
 
 @pytest.mark.parametrize("args, words", [

@@ -89,6 +89,8 @@ def test_another_models_checkpoint_is_one_line_from_the_command_line(byte_shards
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"{run_dir}/checkpoints/step-2 cannot be loaded (ValueError: Size mismatch" in lines[0]
     assert "use a new run.dir" in lines[0]
+    # the config that ran stays recorded (the refused one had been written over it)
+    assert (run_dir / "config.toml").read_text() == (two_steps / "config.toml").read_text()
 
 
 def _flip_a_bit(path):

@@ -106,3 +106,28 @@ def test_a_grid_width_that_makes_no_model_is_refused_before_the_grid_trains(byte
     with pytest.raises(ConfigError, match=re.escape(words)):
         run_grid(config)
     assert list((tmp_path / "sc").iterdir()) == []  # nothing trained
+
+
+def test_each_budget_and_each_setup_trains_points_of_its_own(byte_shards, tmp_path):
+    """Budgets 1.5e9 and 2e9 had shared one run directory ("C2e+09"), the smaller budget reading back the larger's
+    model; and a grid run again with another training.lr had fitted the points trained under the first."""
+    import json
+
+    from herd.train.config import load_config
+    from herd.train.scaling import ScalingConfig, run_grid
+
+    def grid(*args):
+        config = load_config(ScalingConfig, None, [
+            "--data.shards", str(byte_shards), "--run.dir", str(tmp_path / "sc"), "--grid.budgets", "[2e9, 1.5e9]",
+            "--grid.dims", "[16, 24, 32]", "--training.seq_len", "64", "--training.batch_size", "4",
+            "--run.eval_batches", "2", "--run.peak_flops", "1e11", *args])
+        with pytest.raises(ValueError, match="no minimum inside the widths tried"):  # too small a grid to bracket
+            run_grid(config)
+        return [json.loads(line) for line in (tmp_path / "sc" / "points.jsonl").read_text().splitlines()]
+
+    points = grid()
+    assert len(points) == 6 and len({p["loss"] for p in points}) == 6
+    assert {p["budget"]: p["tokens"] for p in points if p["dim"] == 16} == {2e9: 22528, 1.5e9: 16896}
+    again = grid("--training.lr", "1e-2")
+    assert len(again) == 12 and len({p["setup"] for p in again}) == 2 and again[:6] == points
+    assert {p["loss"] for p in again[6:]}.isdisjoint(p["loss"] for p in points)

@@ -35,6 +35,16 @@ def test_resumed_run_equals_the_straight_run(byte_shards, tmp_path):
     assert metrics(straight)[-1]["tokens"] == 6 * 4 * 64
 
 
+def test_a_resumed_run_follows_its_new_learning_rate_and_length(byte_shards, tmp_path):
+    """Run again with more steps and another training.lr, a run goes on under the new schedule from the step it
+    reached (the checkpoint's schedule had carried on: the old lr, and lr 0 at the step after its old end)."""
+    fresh, run = tmp_path / "fresh", tmp_path / "run"
+    pretrain(tiny_config(byte_shards, fresh, "--training.lr", "1e-2"))
+    pretrain(tiny_config(byte_shards, run, "--training.steps", "4"))
+    pretrain(tiny_config(byte_shards, run, "--training.lr", "1e-2"))
+    assert [m["lr"] for m in metrics(run)[4:]] == [m["lr"] for m in metrics(fresh)[4:]] and metrics(run)[4]["lr"] > 0
+
+
 def test_mfu_counts_each_steps_own_sequence_length(byte_shards, tmp_path):
     """MFU had counted the FLOPs of training.seq_len at every step: after a seq_len_schedule change attention's
     share was the base length's (an 8B run from 4K to 8K would have under-reported MFU by about 11%)."""
