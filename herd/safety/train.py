@@ -245,7 +245,7 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
                                          f"--training.seed={seed}", f"--run.progress={str(progress).lower()}",
                                          *overrides])
     finetune(config)
-    model_dir = out_dir / "model"
+    model_dir = Path(config.run.dir) / "model"  # where an override of run.dir put it
     guard = LlamaGuard(herd.load(model_dir), max_tokens=8)
     predicted = [verdict_label(guard.check(e.messages(max_chars)))
                  for e in tqdm(test, desc="held-out checks", unit="turn", disable=not progress)]

@@ -45,7 +45,8 @@ def test_a_tuned_tiny_model_answers_the_guard_prompt(tmp_path):
     model_dir, report = train_llama_guard_model(
         tmp_path / "run", base=str(base), split=(TURNS, TURNS), progress=False,
         overrides=["--lora.rank=0", "--training.lr=5e-3", "--finetune.epochs=0", "--training.steps=80",
-                   "--training.batch_size=3"])
+                   "--training.batch_size=3", f"--run.dir={tmp_path / 'tuned'}"])
+    assert model_dir == tmp_path / "tuned" / "model"  # the run.dir given (the guard had been read from run/model)
     assert report["S9"]["recall"] == 1.0 and report["S1"]["recall"] == 1.0
     assert report["false_positive_rate"] == 0.0 and report["unsafe_binary"]["precision"] == 1.0
     assert json.loads((tmp_path / "run" / "heldout.json").read_text())["n_test"] == 3
