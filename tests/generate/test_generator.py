@@ -375,15 +375,20 @@ def test_ctrl_c_during_a_step_the_caller_drives_lands_after_it(generator, monkey
 
     monkeypatch.setattr(engine, "sample", sample)
     interrupted = []
-    for _ in range(50):
-        result = {}
-        worker = threading.Thread(target=lambda: result.update(w=generator.generate([worker_prompt], seeded)))
-        worker.start()
-        try:
-            generator.generate([ids(generator, PROMPTS[0])], dataclasses.replace(GREEDY, max_tokens=64))
-        except KeyboardInterrupt:
-            interrupted.append(True)
-        worker.join(60)
-        if fired:
-            break
+    # Python's own Ctrl-C handler, whatever an earlier test (a server's) left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for _ in range(50):
+            result = {}
+            worker = threading.Thread(target=lambda: result.update(w=generator.generate([worker_prompt], seeded)))
+            worker.start()
+            try:
+                generator.generate([ids(generator, PROMPTS[0])], dataclasses.replace(GREEDY, max_tokens=64))
+            except KeyboardInterrupt:
+                interrupted.append(True)
+            worker.join(60)
+            if fired:
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert fired and interrupted and result["w"][0].tokens == alone
