@@ -190,8 +190,9 @@ class Generator:
                 # 2**64 - 1 (where it had been refused) as torch's generators wrap seeds.
                 if choice and sp.seed is not None:
                     sp = dataclasses.replace(sp, seed=(sp.seed + 1) % (1 << 64))
+                room = self.capacity - len(prompt)
                 seqs.append(_Sequence(
-                    list(prompt), sp, index=len(seqs), max_tokens=min(sp.max_tokens or self.capacity, self.capacity - len(prompt)),
+                    list(prompt), sp, index=len(seqs), max_tokens=min(sp.max_tokens or room, room),
                     stop_ids=self.stop_ids, block_size=self.cache.block_size, sink=sink, device=self.device,
                     score_from=score_from, constraint=constraints[len(seqs)] if constraints else None,
                     deadline=deadline, shares_cache=len(prompt) > self._short_prompt))

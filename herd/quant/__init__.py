@@ -6,8 +6,6 @@ Nothing is imported here, so that `herd --help` stays free of torch.
 """
 
 
-
-
 def __getattr__(name):
     # herd.quant.schemes.Scheme without importing it first, as the README writes it
     from herd import submodule

@@ -7,10 +7,9 @@ states at a hundredth of the cost (docs/safety.md has both). Long texts are scor
 each (Meta's Prompt Guard reads 512 of its tokens; its reference code cuts 512 characters), and every sentence
 alone too: a classifier of word n-grams is diluted by the text around an attack (one ordinary sentence before a
 jailbreak had taken it from 0.99 to 0.27, four to 0.01). The text gets the highest injection and jailbreak
-scores of its pieces. A text that is JSON (a tool's
-result, as herd's tools return them) is scored on its strings: the classifier judges what a model would read,
-and JSON's syntax, which no training text has, had weighed as much as the words (a search result holding one
-clean sentence scored 0.74 jailbreak).
+scores of its pieces. A text that is JSON (a tool's result, as herd's tools return them) is scored on its strings:
+the classifier judges what a model would read, and JSON's syntax, which no training text has, had weighed as much as
+the words (a search result holding one clean sentence scored 0.74 jailbreak).
 
 Text is normalised before it is classified, at training and at use alike (`normalize_text`): zero-width
 characters, fullwidth letters and Cyrillic or Greek look-alikes inside Latin words had each taken a plain

@@ -78,6 +78,10 @@ class RequestShields:
         wrote, so a tool call is read from the reply without it."""
         return self.filters[index].note
 
+    def beside(self, index: int, content: str) -> str:
+        """A tool call's content for choice `index`, its warning after it (ReplyFilter.beside)."""
+        return self.filters[index].beside(content)
+
     def logprobs(self, index: int, logprobs: list, final: bool) -> list:
         """Streaming: a choice's logprobs go out with its last chunk (they would spell out held text), and not
         at all when the shields ended it."""

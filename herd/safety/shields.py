@@ -251,7 +251,7 @@ class Shields:
         ids = llm.chat_format.written.recall(reply) if reply.get("tool_calls") else None
         content = out.feed(llm.tokenizer.decode(ids[0]) if ids else reply["content"], final=True)
         if ids and out.stopped is None:
-            content = reply["content"] + out.note if reply["content"] else out.note.lstrip()
+            content = out.beside(reply["content"])
         calls = [] if out.stopped else reply.get("tool_calls", [])
         return {**reply, "content": content, "tool_calls": calls,
                 "shields": [x.as_dict() for x in decisions + out.decisions]}
@@ -312,6 +312,11 @@ class ReplyFilter:
                 self.note = f"\n\n{code.message}"
                 out += self.note
         return out
+
+    def beside(self, content: str) -> str:
+        """A tool call's content with the warning that ended the reply after it (the warning alone where the call
+        had none): the warning goes beside a call, never into its text."""
+        return content + self.note if content else self.note.lstrip()
 
     def _stop(self, decision: Decision) -> str:
         self.stopped = decision

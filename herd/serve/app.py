@@ -512,7 +512,8 @@ async def chat_completions(request: Request):
                 text = c["text"][:len(c["text"]) - len(note)]
                 parsed = llm.reply_message(text, c["tokens"], c["finish_reason"], c["stop_token"])
                 if parsed["tool_calls"]:
-                    message = {"role": "assistant", "content": _with_note(parsed["content"], note) or None,
+                    content = shields.beside(i, parsed["content"]) if shields is not None else parsed["content"]
+                    message = {"role": "assistant", "content": content or None,
                                "tool_calls": parsed["tool_calls"]}
                     finish = "tool_calls"
             out.append({"index": i, "message": message, "finish_reason": finish,
@@ -625,11 +626,6 @@ class ToolStreamer:
         if parsed["tool_calls"]:
             return "", parsed["tool_calls"]
         return self.text[self.sent:], []
-
-
-def _with_note(content: str, note: str) -> str:
-    """A tool call's content with the shields' warning after it (the warning alone where the call had none)."""
-    return content + note if content else note.lstrip()
 
 
 def _partial_suffix(text: str, token: str) -> int:

@@ -96,7 +96,7 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
             raise ConfigError(f"parallel.{name} > 1 needs untied embeddings (model.tie_embeddings = false)")
     if p.tp > 1:
         # sequence-parallel norms split each sequence over the ranks, and the feed-forward its hidden width
-        for length in {longest, *(v for _, v in t.seq_len_schedule), t.seq_len}:
+        for length in {t.seq_len, *(v for _, v in t.seq_len_schedule)}:
             if length % p.tp:
                 raise ConfigError(f"training.seq_len {length} does not split over parallel.tp {p.tp} ranks")
         if model_config.hidden_dim % p.tp:

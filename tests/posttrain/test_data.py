@@ -119,7 +119,8 @@ def _write(tmp_path, lines):
       '{"messages": [{"role": "user", "content": "caf\udcc3"}]}'], "sft", r"rows.jsonl:2: not UTF-8 text \(byte 0xc3 "
      r"at column 47\); save the file as UTF-8"),
     ([], "sft", r"rows.jsonl: holds no rows \(it is empty or blank\)"),  # was "no training examples": which file?
-    (['{"messages": ' + "[" * 5000 + "]" * 5000 + "}"], "sft", r"rows.jsonl:1: JSON nested too deeply"),  # RecursionError
+    # a RecursionError from json had escaped as a traceback
+    (['{"messages": ' + "[" * 5000 + "]" * 5000 + "}"], "sft", r"rows.jsonl:1: JSON nested too deeply"),
     (["", "  "], "pref", r"rows.jsonl: holds no rows"),
     (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "a"}'], "pref",
      r"rows.jsonl:1: chosen and rejected are the same reply"),

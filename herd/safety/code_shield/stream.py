@@ -149,18 +149,17 @@ def _whole_statements(code: str) -> list[str]:
     function body, a call across lines), the same without its last line (cut mid-statement), and the code up to
     the last line at which every bracket opened had closed."""
     lines = code.rstrip("\n").split("\n")
-    opened, last_closed, cuts = [], 0, []
-    for i, line in enumerate(lines):
-        if i == len(lines) - 1:
-            cuts.append("\n".join(lines[:i]) + "\n" + "".join(reversed(opened)))
+    opened, owed = [], []  # owed[i]: the closing brackets lines[:i + 1] leave owing
+    for line in lines:
         for c in line:
             if c in _CLOSING:
                 opened.append(_CLOSING[c])
             elif opened and c == opened[-1]:
                 opened.pop()
-        if not opened and i < len(lines) - 1:
-            last_closed = i + 1
-    cuts += ["\n".join(lines) + "\n" + "".join(reversed(opened)), "\n".join(lines[:last_closed])]
+        owed.append("".join(reversed(opened)))
+    balanced = max((i + 1 for i, rest in enumerate(owed[:-1]) if not rest), default=0)
+    cuts = ["\n".join(lines) + "\n" + owed[-1], "\n".join(lines[:-1]) + "\n" + "".join(owed[-2:-1]),
+            "\n".join(lines[:balanced])]
     return [cut + "\n" for cut in dict.fromkeys(cuts) if cut.strip()]
 
 
