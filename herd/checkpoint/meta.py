@@ -79,13 +79,16 @@ def config_from_params(params: dict, where: str) -> ModelConfig:
         raise CheckpointError(f"{where}: params.json is inconsistent ({e}); fix or replace it") from None
 
 
-def params_from_config(config: ModelConfig) -> dict:
+def params_from_config(config: ModelConfig, shards: int = 1) -> dict:
+    """params.json for `config` split over `shards` files. With more shards than key-value heads each head is
+    stored in several and counted once per copy, as Meta counts them (405B's mp16: 16 over 8 real heads), since
+    its reference gives every rank n_kv_heads // world_size heads."""
     multiple_of, multiplier = _ffn_params(config)
     params = {
         "dim": config.dim,
         "n_layers": config.n_layers,
         "n_heads": config.n_heads,
-        "n_kv_heads": config.kv_heads,
+        "n_kv_heads": max(config.kv_heads, shards),
         "vocab_size": config.vocab_size,
         "multiple_of": multiple_of,
         "ffn_dim_multiplier": multiplier,
@@ -97,7 +100,7 @@ def params_from_config(config: ModelConfig) -> dict:
         # Not "max_seq_len": Meta's Llama.build passes that beside the file's keys, which then fails as given twice.
         params["context_length"] = config.max_seq_len
     s = config.rope_scaling
-    if s is not None and s != _DEFAULT_SCALING:
+    if s is not None and s != RopeScaling(factor=_released_factor(params)):  # what a reader would take it for
         params["rope_scaling"] = {
             "factor": s.factor,
             "low_freq_factor": s.low_freq_factor,
@@ -166,6 +169,9 @@ def load_meta(directory: Path, dtype: torch.dtype | None = torch.float32) -> Che
     config = config_from_params(params, str(directory))
     paths = shard_paths(directory)
     shards = [_load_shard(p) for p in paths]
+    copies = _kv_copies(shards)
+    if copies > 1 and config.kv_heads % copies == 0 and config.kv_heads >= len(shards):
+        config = config.replace(n_kv_heads=config.kv_heads // copies)  # Meta counted each copy (405B's mp16)
     state = _merge(shards, paths, config, dtype)
     if config.vocab_size <= 0:
         config = config.replace(vocab_size=state.shape("tok_embeddings.weight")[0])
@@ -209,6 +215,20 @@ def _merge(shards: list[dict], paths: list[Path], config: ModelConfig, dtype) ->
     return LazyStateDict(entries)
 
 
+def _kv_copies(shards: list[dict]) -> int:
+    """In how many consecutive shards each key-value head is stored: 1 unless there are more shards than heads."""
+    names = ("layers.0.attention.wk.weight", "layers.0.attention.wv.weight")
+    if len(shards) == 1 or not all(name in shards[0] for name in names):
+        return 1
+    same = [all(torch.equal(a[name], b[name]) for name in names) for a, b in zip(shards, shards[1:])]
+    copies = 1
+    while copies < len(shards) and same[copies - 1]:
+        copies += 1
+    if len(shards) % copies or any(same[i - 1] != (i % copies != 0) for i in range(1, len(shards))):
+        return 1
+    return copies
+
+
 def _same_tensor(shards: list[dict], a: str, b: str) -> bool:
     """Whether two tensors hold the same values, compared in the mapped files (no conversion, no concatenation)."""
     if any(s[a].shape != s[b].shape for s in shards):
@@ -222,11 +242,11 @@ def _same_tensor(shards: list[dict], a: str, b: str) -> bool:
 
 def save_meta(ckpt: Checkpoint, directory: Path, shards: int = 1) -> None:
     config = ckpt.config
-    (directory / "params.json").write_text(json.dumps(params_from_config(config), indent=2) + "\n")
+    _check_divisible(config, shards)
+    (directory / "params.json").write_text(json.dumps(params_from_config(config, shards), indent=2) + "\n")
     names = list(expected_shapes(config))
     if config.tie_embeddings:
         names.append("output.weight")  # Meta's reference model has no tie; it needs the matrix itself
-    _check_divisible(config, shards)
     for rank in range(shards):
         state = {}
         for name in names:
@@ -251,6 +271,7 @@ def _check_divisible(config: ModelConfig, shards: int) -> None:
     if config.kv_heads % shards and shards % config.kv_heads:  # fewer heads than shards: each on several of them
         raise CheckpointError(f"cannot split kv heads {config.kv_heads} into {shards} model-parallel shards; pick a "
                               f"divisor or a multiple of {config.kv_heads}")
-    for what, n in (("vocab size", config.vocab_size), ("ffn width", config.hidden_dim)):
+    for what, n in (("query heads", config.n_heads), ("vocab size", config.vocab_size),
+                    ("ffn width", config.hidden_dim)):
         if n % shards:
             raise CheckpointError(f"cannot split {what} {n} into {shards} model-parallel shards; pick a divisor of {n}")

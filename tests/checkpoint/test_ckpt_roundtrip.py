@@ -98,6 +98,37 @@ def test_more_shards_than_kv_heads_replicate_each_head_as_meta_does(make_hf, tmp
         save_checkpoint(ckpt, tmp_path / "meta3", "meta", shards=3)
 
 
+def test_more_shards_than_kv_heads_count_each_copy_as_meta_does(make_hf, tmp_path):
+    """Meta's 405B mp16 says n_kv_heads 16 over 8 real heads: its reference gives every rank n_kv_heads //
+    world_size heads. herd wrote the real count (Meta's model then built 2 // 4 = 0 heads per rank) and, reading
+    Meta's, kept the copies as heads of their own (a Hugging Face export with twice the key-value cache)."""
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.sku_list import resolve_model
+
+    mp16 = resolve_model("Llama3.1-405B:bf16-mp16")
+    assert (mp16.arch_args["n_kv_heads"], mp16.pth_file_count) == (16, 16)  # over 8 heads
+    _, source = make_hf()  # 2 kv heads
+    ckpt = load_checkpoint(source)
+    meta = save_checkpoint(ckpt, tmp_path / "meta", "meta", shards=4)
+    params = json.loads((meta / "params.json").read_text())
+    args = ModelArgs(max_seq_len=64, max_batch_size=1, **params)
+    shard = torch.load(meta / "consolidated.03.pth", weights_only=True)
+    head_dim = args.dim // args.n_heads
+    assert shard["layers.0.attention.wk.weight"].shape[0] == args.n_kv_heads // 4 * head_dim
+    merged = load_checkpoint(meta)
+    assert merged.config.kv_heads == 2
+    for name in ckpt.state_dict:
+        assert torch.equal(merged.state_dict[name], ckpt.state_dict[name]), name
+    hf = convert(meta, tmp_path / "hf", "hf")
+    assert json.loads((hf / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def test_query_heads_that_do_not_divide_into_the_shards_are_refused(make_hf, tmp_path):
+    _, source = make_hf()  # 4 query heads
+    with pytest.raises(CheckpointError, match="cannot split query heads 4 into 8 model-parallel shards"):
+        save_checkpoint(load_checkpoint(source), tmp_path / "meta", "meta", shards=8)
+
+
 def test_params_json_is_one_meta_s_reference_reads(make_hf, tmp_path):
     # Meta's Llama.build passes max_seq_len beside the file's keys: a params.json holding it failed as given twice.
     from llama_models.llama3.args import ModelArgs
@@ -142,6 +173,19 @@ def test_llama_3_2_params_as_meta_ships_them_take_the_release_factor_32():
                "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-5, "rope_theta": 500000.0,
                "use_scaled_rope": True}
     assert config_from_params(llama31, "params.json").rope_scaling.factor == 8.0
+
+
+def test_a_rope_factor_other_than_the_shapes_release_is_written_out():
+    """A Llama 3.2 1B shape with factor 8 had been written without its scaling (8 being the default) and read back
+    as the release's 32."""
+    from herd.checkpoint.meta import config_from_params, params_from_config
+    from herd.model.config import CONFIGS, RopeScaling
+
+    config = CONFIGS["llama3.2-1b"]
+    for factor in (8.0, 32.0, 16.0):
+        changed = config.replace(rope_scaling=RopeScaling(factor=factor))
+        assert config_from_params(params_from_config(changed), "params.json").rope_scaling.factor == factor
+    assert "rope_scaling" not in params_from_config(config)  # the release's own: as Meta ships it
 
 
 def test_tied_meta_checkpoint_stores_output_and_loads_tied(make_hf, tmp_path):
