@@ -225,6 +225,9 @@ class TokenShards:
         if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
             found = manifest.get("format") if isinstance(manifest, dict) else None
             raise ValueError(f"{self.dir}: unsupported shard format {found!r}")
+        if manifest.get("dtype", "uint32") != "uint32":  # the only one written; another would be misread
+            raise ValueError(f"{path}: tokens stored as {manifest['dtype']!r}, where herd's shards hold uint32; "
+                             f"{REWRITE}")
         if not _is_manifest(manifest):
             raise ValueError(f"{path}: not a complete manifest (the tokenizer, and each shard's name, documents and "
                              f"tokens); {REWRITE}")

@@ -123,10 +123,17 @@ class PackedBatches:
     def __init__(self, shards: TokenShards, cfg: TrainingSection, *, held_out: float = 0.0,
                  dp_rank: int = 0, dp_size: int = 1, anneal: TokenShards | None = None):
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
-        train, _ = split_documents(shards, held_out, cfg.seed)
+        train, held = split_documents(shards, held_out, cfg.seed)
         self.streams = {"main": TokenStream(shards, train, cfg.seed)}
+        # What the saved position is a position in: resumed into another stream (another seed, held-out share or
+        # corpus), it had re-read some documents, skipped others and trained on held-out ones.
+        self.identity = {"seed": cfg.seed, "held_out": held_out, "main": [len(shards), shards.num_tokens]}
         if anneal is not None:
-            self.streams["anneal"] = TokenStream(anneal, np.arange(len(anneal)), cfg.seed + 1)
+            # An anneal set drawn from the same corpus holds held-out documents too: they stay held out.
+            held_ids = {shards.doc_id(int(i)) for i in held}
+            kept = np.array([i for i in range(len(anneal)) if anneal.doc_id(i) not in held_ids], dtype=np.int64)
+            self.streams["anneal"] = TokenStream(anneal, kept, cfg.seed + 1)
+            self.identity["anneal"] = [len(anneal), anneal.num_tokens]
         self.step = 0
         self.offsets = {name: 0 for name in self.streams}
         for step in {0, *(s for s, _ in cfg.batch_size_schedule)}:
@@ -166,9 +173,18 @@ class PackedBatches:
         return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, per_rank, micro)]
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "offsets": dict(self.offsets)}
+        return {"step": self.step, "offsets": dict(self.offsets), "identity": self.identity}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("identity", self.identity)
+        changed = [k for k in sorted(set(saved) | set(self.identity)) if saved.get(k) != self.identity.get(k)]
+        if changed:
+            names = {"seed": "training.seed", "held_out": "data.held_out", "main": "data.shards",
+                     "anneal": "data.anneal_shards"}
+            raise ConfigError(
+                "the checkpoint's data position is in another token stream (" + ", ".join(
+                    f"{names[k]}: {_described(k, saved.get(k))} then, {_described(k, self.identity.get(k))} now"
+                    for k in changed) + "); resume with the checkpoint's, or train in a new run.dir")
         self.step = int(state["step"])
         self.offsets.update({k: int(v) for k, v in state["offsets"].items()})
 
@@ -176,6 +192,12 @@ class PackedBatches:
         """Back to optimizer step `step` (a rollback), the offsets kept: the bad batches stay skipped, while the batch
         size, sequence length and anneal shards follow the step again, as they would have without the rollback."""
         self.step = step
+
+
+def _described(key: str, value) -> str:
+    if key in ("main", "anneal"):
+        return "none" if value is None else f"{value[0]:,} documents of {value[1]:,} tokens"
+    return str(value)
 
 
 def held_out_batches(shards: TokenShards, cfg: TrainingSection, held_out: float, n_batches: int,

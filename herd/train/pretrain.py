@@ -62,13 +62,21 @@ def init_weights(model: Transformer, std: float, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * s)
 
 
+def _tokenizer_named(info: dict) -> str:
+    return f"{info.get('spec') or info.get('class')} (vocab_size {info.get('vocab_size')})"
+
+
 def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConfig, object]:
     """Everything that can fail before compute: returns (model config, shards). run.dir is made here, last, so that
     one that cannot be is refused before any worker starts, and a config refused for anything else leaves none."""
     t, p = config.training, config.parallel
     shards = open_shards(config.data.shards, config.data.verify)
     if config.data.anneal_shards:
-        open_shards(config.data.anneal_shards)
+        anneal = open_shards(config.data.anneal_shards, config.data.verify)
+        ours, theirs = _tokenizer_named(shards.tokenizer), _tokenizer_named(anneal.tokenizer)
+        if ours != theirs:
+            raise ConfigError(f"data.anneal_shards were tokenized with {theirs}, data.shards with {ours}: tokenize "
+                              "both with one tokenizer")
     model_config = build_model_config(config.model, shards.tokenizer.get("vocab_size"))
     vocab = shards.tokenizer.get("vocab_size") or 0
     if vocab > model_config.vocab_size:

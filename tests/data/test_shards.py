@@ -105,6 +105,9 @@ def _truncate(path):
     ("manifest.json", _truncate, "manifest.json: not JSON (Expecting"),
     ("manifest.json", lambda p: p.write_text(json.dumps({"format": "herd-token-shards/1"})),
      "manifest.json: not a complete manifest"),
+    # written and never read: int64 tokens trained as uint32 pairs (each token, then a 0)
+    ("manifest.json", lambda p: p.write_text(p.read_text().replace('"uint32"', '"int64"')),
+     "manifest.json: tokens stored as 'int64', where herd's shards hold uint32"),
 ])
 def test_a_damaged_shard_is_named_when_the_shards_are_opened(tmp_path, file, damage, words):
     """Reading had found no tokens (a truncated .bin), raised an IndexError (an empty .idx) or a bare JSON error."""

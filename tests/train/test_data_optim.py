@@ -78,6 +78,37 @@ def test_ranks_split_the_global_batch_and_resume_exactly(byte_shards):
         PackedBatches(shards, cfg, dp_size=3)
 
 
+def test_a_position_is_not_resumed_into_another_stream(byte_shards):
+    """The position is an offset into one stream: resumed with another seed or held-out share it had re-read
+    hundreds of tokens, skipped as many and trained on held-out documents, without a word."""
+    from herd.train.config import ConfigError
+
+    shards = TokenShards(byte_shards)
+    cfg = TrainingSection(batch_size=4, seq_len=16, steps=10)
+    saved = PackedBatches(shards, cfg, held_out=0.1)
+    next(saved)
+    state = saved.state_dict()
+    same = PackedBatches(shards, cfg, held_out=0.1)
+    same.load_state_dict(state)
+    assert same.offsets == saved.offsets
+    with pytest.raises(ConfigError, match=r"training.seed: 0 then, 1 now\); resume with the checkpoint's"):
+        PackedBatches(shards, TrainingSection(batch_size=4, seq_len=16, steps=10, seed=1), held_out=0.1
+                      ).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"data.held_out: 0.1 then, 0.2 now"):
+        PackedBatches(shards, cfg, held_out=0.2).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"data.anneal_shards: none then, 600 documents of [\d,]+ tokens now"):
+        PackedBatches(shards, cfg, held_out=0.1, anneal=shards).load_state_dict(state)
+
+
+def test_an_anneal_set_from_the_same_corpus_keeps_the_held_out_documents_out(byte_shards):
+    shards = TokenShards(byte_shards)
+    cfg = TrainingSection(batch_size=4, seq_len=16, steps=10)
+    _, held = split_documents(shards, 0.1, cfg.seed)
+    anneal = PackedBatches(shards, cfg, held_out=0.1, anneal=shards).streams["anneal"]
+    assert len(held) and not set(anneal.docs.tolist()) & set(held.tolist())
+    assert len(anneal.docs) + len(held) == len(shards)
+
+
 def test_learning_rate_warms_up_decays_and_anneals_to_zero():
     cfg = TrainingSection(steps=100, warmup_steps=10, min_lr_ratio=0.1, anneal_steps=20)
     f = [lr_factor(s, cfg) for s in range(100)]

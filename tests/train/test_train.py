@@ -126,7 +126,7 @@ def test_a_rollback_keeps_the_schedules_in_step(byte_shards, tmp_path, monkeypat
     # The rollback takes back step 5's tokens and counts the bad batch's: its record adds none.
     assert tokens == [256] * 5 + [0] + [256, 256, 512, 512]
     data = torch.load(run / "checkpoints" / "step-6" / "extra-0.pt", weights_only=False)["data"]
-    assert data == {"step": 6, "offsets": {"main": 8 * 256}}  # steps 1-5, the bad batch, steps 5-6 again
+    assert (data["step"], data["offsets"]) == (6, {"main": 8 * 256})  # steps 1-5, the bad batch, steps 5-6 again
 
 
 def test_a_rollback_waits_for_the_asynchronous_save_in_flight(byte_shards, tmp_path, monkeypatch):
@@ -235,6 +235,11 @@ def test_bad_configs_fail_before_compute(byte_shards, tmp_path):
     assert "seq_len 63 does not split over parallel.tp 2" in fails(*tp2, "--training.seq_len", "63", world=2)
     assert "does not divide the model's feed-forward width 170" in fails(
         "--parallel.tp", "4", "--parallel.dp", "1", "--model.n_kv_heads", "4", "--model.multiple_of", "10", world=4)
+    # anneal shards of another tokenizer had trained on its ids as the model's, or failed when the anneal began
+    other = write_shards(tmp_path / "other", fortunes(20), spec="tests:another")
+    assert "data.anneal_shards were tokenized with tests:another (vocab_size 258), data.shards with " \
+           "herd.data.shards:ByteTokenizer (vocab_size 258)" in fails("--data.anneal_shards", str(other),
+                                                                      "--training.anneal_steps", "2")
     result = run_cli("train", *tiny_args(byte_shards, tmp_path / "r", "--data.shards", str(tmp_path / "nope")))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("herd: error: data.shards")
