@@ -89,13 +89,12 @@ class BlockPool:
             self.hash_of[block] = block_hash
 
     def allocate(self, after: int | None = None) -> int:
-        """A block for a sequence whose last block is `after`: the next one when possible, for contiguity."""
+        """A block for a sequence whose last block is `after`: the next one when it is free, for contiguity, but
+        never at the price of a cached prefix while other blocks are free (evicting it for contiguity, two
+        system prompts with a common start had evicted each other's blocks with the pool all but empty)."""
         block = None
-        if after is not None and after + 1 < self.num_blocks and self.refs[after + 1] == 0:
-            if self.free[after + 1]:
-                block = after + 1
-            elif after + 1 in self.evictable:
-                block = self._evict(after + 1)
+        if after is not None and after + 1 < self.num_blocks and self.free[after + 1]:
+            block = after + 1
         if block is None:
             if self.num_free:
                 block = self._longest_free_run()

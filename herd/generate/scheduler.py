@@ -77,6 +77,7 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self._admit(seq, hits, need)
+            pending = None  # what `seq` computes now is pending too, for the choices and prompts after it
             n = self._chunk(seq, budget)
             batch.append((seq, n))
             budget -= n

@@ -264,6 +264,31 @@ def test_block_pool_prefers_contiguous_runs_and_evicts_least_recent(model):
     assert pool.available == pool.num_blocks and pool.lookup([bytes([0]) * 16, bytes([1]) * 16]) == a[:2]
     pool.acquire(a[0])  # a hit makes a block busy again, so never evicted
     assert list(pool.evictable) == a[3:0:-1]
+    # a sequence growing from a[0] takes a free block, not the cached a[1] beside it: that had been evicted for
+    # contiguity with the pool all but empty (two system prompts with a common start evicted each other's blocks)
+    assert pool.allocate(a[0]) not in a and list(pool.evictable) == a[3:0:-1]
+
+
+def test_prompts_sharing_a_start_keep_each_others_cached_blocks(model):
+    gen = engine(model)
+    start = list(range(1, 17))
+    first, second = start + list(range(100, 148)), start + list(range(200, 248))
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    for prompt in (first, second, first, second):
+        gen.generate([prompt], params)
+    assert gen.cache.pool.num_free > 100
+    # the third and fourth find their whole prompts but the last, partial block (they had found 16 tokens of 64)
+    assert gen.scheduler.stats.cached_tokens == 16 + 2 * 48
+
+
+def test_choices_admitted_in_one_step_take_the_prompt_from_the_first(model):
+    """With room for every choice's prompt in one step, each had computed the whole prompt (0 of 200 cached)."""
+    gen = engine(model, max_step_tokens=512)
+    prompt = list(range(1, 101))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs = gen.generate([prompt], params, n=3)
+    assert gen.scheduler.stats.cached_tokens == 2 * 96
+    assert [o.tokens for o in outs] == [engine(model).generate([prompt], params)[0].tokens] * 3
 
 
 def test_ids_past_the_tokenizers_vocabulary_are_never_drawn(model):
