@@ -15,9 +15,7 @@ from herd.generate.sequence import Completion
 from herd.generate.sampling import SamplingParams
 from herd.generate.structured import JsonGrammars
 from herd.model.llama import Transformer
-from herd.tokenizer.template import TemplateChatFormat, content_texts
-from herd.tokenizer.tool_calls import TOOL_PROMPT_FORMATS, call_schema, call_texts
-from herd.tokenizer.tool_prompts import with_tool_prompts
+from herd.tokenizer.tool_calls import TOOL_PROMPT_FORMATS, call_schema
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,24 +176,15 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
                     tool_prompt_format: str = "json") -> list[int]:
-        """The prompt ids for the assistant's next turn. A checkpoint's own chat template that knows nothing of
-        tools gets Llama 3.1's tool instructions as messages, and earlier calls written into the assistant's text."""
+        """The prompt ids for the assistant's next turn (a template that knows nothing of tools gets them as
+        messages: TemplateChatFormat.encode_dialog)."""
         if not isinstance(messages, (list, tuple)) or not messages or not all(isinstance(m, dict) for m in messages):
             raise TypeError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
                             f"{messages!r:.80}")
         if tool_prompt_format not in TOOL_PROMPT_FORMATS:  # a template's own tool prompt had ignored it unchecked
             raise ValueError(f"unknown tool prompt format {tool_prompt_format!r}; expected one of "
                              f"{TOOL_PROMPT_FORMATS}")
-        if not isinstance(self.chat_format, TemplateChatFormat):
-            return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
-        template = self.chat_format.template_for(tools)
-        if tools and "tools" not in template:
-            messages, tools = with_tool_prompts(list(messages), tools, "json"), None
-        if "tool_calls" not in template:  # the model's own replies go back as it wrote them (encode_dialog)
-            messages = [{**m, "content": "".join(content_texts(m.get("content")) + call_texts(m["tool_calls"], "json"))}
-                        if m.get("tool_calls") and self.chat_format.written.recall(m) is None else m
-                        for m in messages]
-        return self.chat_format.encode_dialog(messages, tools=tools)
+        return self.chat_format.encode_dialog(messages, tool_prompt_format=tool_prompt_format, tools=tools)
 
     def _stream_text(self, prompt: list[int], params: SamplingParams, **options) -> Iterator[str]:
         return (d.text for d in self.generator.stream([prompt], params, **options) if d.text)

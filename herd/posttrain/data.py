@@ -71,11 +71,7 @@ class DialogEncoder:
     def reply(self, prompt: list[int], messages: Sequence[dict], reply: dict, tools: list | None = None,
               where: str = "") -> list[int]:
         """The ids the assistant writes for `reply` after `messages`, whose encoding is `prompt`."""
-        full = self.prompt([*messages, reply], tools, where)
-        if full[:len(prompt)] != prompt:
-            raise DataError(f"{where}: the chat template renders earlier turns differently once a reply follows; "
-                            "its targets cannot be found")
-        written = full[len(prompt):]
+        written = self.continued(prompt, self.prompt([*messages, reply], tools, where), where)[len(prompt):]
         end = next((i for i, t in enumerate(written) if t in self.stop_ids), None)
         if end is None:
             raise DataError(f"{where}: the chat format wrote no end-of-turn token after the assistant's reply")
@@ -89,15 +85,26 @@ class DialogEncoder:
         ids: list[int] = []
         target: list[bool] = []
         for i in turns:
-            prompt = self.prompt(messages[:i], tools, where)
-            if prompt[:len(ids)] != ids:
-                raise DataError(f"{where}: the chat template renders earlier turns differently once a reply "
-                                "follows; its targets cannot be found")
+            prompt = self.continued(ids, self.prompt(messages[:i], tools, where), where)
             target += [False] * (len(prompt) - len(ids))
             written = self.reply(prompt, messages[:i], messages[i], tools, where)
             ids = prompt + written
             target += [True] * len(written)
         return Example(ids, target)
+
+    def continued(self, ids: list[int], longer: list[int], where: str) -> list[int]:
+        """`longer`, the encoding of a dialog that goes on from the one encoded as `ids`, as ids followed by what
+        comes after them. Encoded whole, a text that goes on can merge across the end of `ids` (a reply opening with
+        a blank line after the template's newline): what follows is then encoded alone, as the model given `ids`
+        would write it. Such a row had been refused, and a sampled reply opening so had ended a PPO run."""
+        if longer[:len(ids)] == ids:
+            return longer
+        tokenizer = self.chat_format.tokenizer
+        before, text = tokenizer.decode(ids), tokenizer.decode(longer)
+        if not text.startswith(before):
+            raise DataError(f"{where}: the chat template renders earlier turns differently once a reply follows; "
+                            "its targets cannot be found")
+        return ids + tokenizer.encode(text[len(before):], bos=False, allowed_special="all")
 
     def formatting(self, ids: Sequence[int]) -> list[bool]:
         return [t in self.special_ids for t in ids]

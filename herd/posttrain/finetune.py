@@ -12,6 +12,7 @@ rollouts, value model and reference are herd.posttrain.rollouts'.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -39,6 +40,7 @@ from herd.posttrain.sft import sft_loss
 from herd.rows import read_rows
 from herd.train.config import (CheckpointSection, ConfigError, FaultSection, RunSection, TrainingSection,
                                load_config)
+from herd.train.loop import autocast_dtype
 
 RECIPES = ("sft", "rm", "dpo", "ppo", "kd")
 
@@ -189,7 +191,8 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
         def prepare(path, name):
             examples = encode_preferences(read_rows(path), encoder, seq_len)
             if f.recipe == "dpo":
-                refs = cached_reference_logps(base, examples, mask, pad, run_dir / f"ref_logps.{name}.pt")
+                refs = cached_reference_logps(base, examples, mask, pad, run_dir / f"ref_logps.{name}.pt",
+                                              autocast_dtype(t.dtype, llm.device))
                 return [(e, r) for e, r in zip(examples, refs)]
             return [(e, None) for e in examples]
         items = prepare(f.data, "train")
@@ -227,17 +230,19 @@ def _preference_collate(items: list, *, mask_formatting: bool, pad_id: int) -> d
 
 
 def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pad_id: int, path: Path,
-                           chunk: int = 8) -> list[torch.Tensor]:
-    """Each example's summed reply log-probs [ranks] under the untrained model (with LoRA: its adapters off),
-    computed once and kept in run.dir with a digest of what they depend on; a run that finds them there with the
-    same digest (a resumed one) reads them, any other computes them again."""
-    key = reference_key(model, examples, mask_formatting)
+                           autocast: torch.dtype | None = None, chunk: int = 8) -> list[torch.Tensor]:
+    """Each example's summed reply log-probs [ranks] under the untrained model (with LoRA: its adapters off), in
+    the precision the policy trains in (`autocast`, as the Trainer's: in float32 against a bf16 policy, step 0's
+    loss had not been log 2), computed once and kept in run.dir with a digest of what they depend on; a run that
+    finds them there with the same digest (a resumed one) reads them, any other computes them again."""
+    key = reference_key(model, examples, mask_formatting, autocast)
     cached = torch.load(path) if path.is_file() else None
     if isinstance(cached, dict) and cached.get("key") == key:
         return list(cached["logps"])
     device = next(model.parameters()).device
     out = []
-    with adapters_off(model):
+    precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with adapters_off(model), precision:
         for i in range(0, len(examples), chunk):
             part = examples[i:i + chunk]
             batch = {k: v.to(device) for k, v in preference_batch(part, mask_formatting=mask_formatting,
@@ -249,10 +254,10 @@ def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pa
     return list(refs)
 
 
-def reference_key(model: nn.Module, examples, mask_formatting: bool) -> str:
-    """A digest of what the reference log-probs depend on: the rows' ids and formatting marks, the masking, and
-    every weight of the reference (QLoRA's quantized ones included, the adapters not: they are off)."""
-    digest = hashlib.sha256(json.dumps({"mask_formatting": mask_formatting}).encode())
+def reference_key(model: nn.Module, examples, mask_formatting: bool, autocast: torch.dtype | None = None) -> str:
+    """A digest of what the reference log-probs depend on: the rows' ids and formatting marks, the masking, the
+    precision, and every weight of the reference (QLoRA's quantized ones included, the adapters not: they are off)."""
+    digest = hashlib.sha256(json.dumps({"mask_formatting": mask_formatting, "autocast": str(autocast)}).encode())
     for e in examples:
         digest.update(json.dumps([e.prompt, e.replies, e.formatting]).encode())
     adapters = lora_state_dict(model).keys()

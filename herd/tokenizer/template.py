@@ -164,8 +164,19 @@ class TemplateChatFormat:
         self, messages: Sequence[Message], tool_prompt_format: str = "json", tools: list[Any] | None = None
     ) -> list[int]:
         """The prompt for the assistant's next turn. The template decides the layout, so
-        `tool_prompt_format` is not used; `tools` is passed to the template, which may show them."""
+        `tool_prompt_format` is not used; `tools` is passed to the template, which may show them. A template that
+        knows nothing of tools (SmolLM2's) gets Llama 3.1's tool instructions as messages, and earlier calls
+        written into the assistant's text: in prompts and training targets alike."""
+        from herd.tokenizer.tool_calls import call_texts
+        from herd.tokenizer.tool_prompts import with_tool_prompts
+
         template = self.template_for(tools)
+        if tools and "tools" not in template:
+            messages, tools = with_tool_prompts(list(messages), tools, "json"), None
+        if "tool_calls" not in template:  # the model's own replies go back as it wrote them (below)
+            messages = [{**m, "content": "".join(content_texts(m.get("content")) + call_texts(m["tool_calls"], "json"))}
+                        if m.get("tool_calls") and self.written.recall(m) is None else m
+                        for m in messages]
         # Content reaches the template as one string (parts joined, none as ""): a text-only template (SmolLM2's)
         # adds it to its own strings.
         messages = [_with_object_arguments(m if isinstance(m.get("content"), str)

@@ -11,6 +11,7 @@ from herd.posttrain.data import (IGNORE, DialogEncoder, collate, encode_preferen
                                  preference_batch)
 from herd.posttrain.sft import sft_loss
 from herd.rows import DataError, read_jsonl
+from herd.tokenizer import chat_format_for
 
 from posttrain_helpers import tiny_model
 
@@ -64,6 +65,42 @@ def test_template_targets_are_exactly_the_assistant_turns(chatml_format):
     assert [tok.decode(r) for r in spans(example.ids, example.target)] == ["4.<|im_end|>", "Sunny.<|im_end|>"]
     text = tok.decode(example.ids)
     assert text.count("<|im_start|>assistant\n") == 2 and text.endswith("Sunny.<|im_end|>")
+
+
+def test_a_template_without_tools_learns_calls_as_it_is_prompted_for_them(chatml_format):
+    """A template that knows nothing of tools (SmolLM2's) is served with Llama 3.1's tool instructions as
+    messages and earlier calls as JSON text; training had dropped both and taught an empty turn for the call."""
+    example = DialogEncoder(chatml_format).dialog(DIALOG[:7], tools=[WEATHER])
+    tok = chatml_format.tokenizer
+    written = [tok.decode(r) for r in spans(example.ids, example.target)]
+    call = json.loads(written[1].removesuffix("<|im_end|>"))
+    assert call["name"] == "get_weather" and call["parameters"] == {"city": "Paris"}
+    assert written[0] == "4.<|im_end|>" and written[2] == "Clear skies.<|im_end|>"
+    prompt = chatml_format.encode_dialog(DIALOG[:6], tools=[WEATHER])  # what herd serves the model
+    assert example.ids[:len(prompt)] == prompt and "Weather in a city" in tok.decode(prompt)
+
+
+@pytest.fixture(scope="module")
+def smollm2_format():
+    from herd.llm import default_model_path
+    from herd.tokenizer import load_tokenizer
+
+    return chat_format_for(load_tokenizer(default_model_path()))
+
+
+@pytest.mark.parametrize("reply", ["\n\nSnow falls.", "  Snow falls.", "Snow falls."])
+def test_a_reply_that_merges_with_the_prompts_end_is_learned_as_the_model_would_write_it(smollm2_format, reply):
+    """SmolLM2's prompt ends in a newline, which a reply opening with a blank line (or two spaces) merges with
+    when the dialog is encoded whole: such rows had been refused (and a sampled one ended a PPO run)."""
+    chat_format = smollm2_format
+    tok, user = chat_format.tokenizer, [{"role": "user", "content": "Write a haiku."}]
+    [example] = encode_sft([("sft.jsonl:1", {"messages": [*user, {"role": "assistant", "content": reply}]})],
+                           DialogEncoder(chat_format), 512)
+    prompt = chat_format.encode_dialog(user)
+    assert example.ids[:len(prompt)] == prompt and not any(example.target[:len(prompt)])
+    written = example.ids[len(prompt):]
+    assert all(example.target[len(prompt):]) and tok.decode(written) == reply + "<|im_end|>"
+    assert written[:-1] == tok.encode(reply, bos=False)  # the reply's own tokens, as generated after the prompt
 
 
 def test_packed_loss_equals_each_dialog_alone(llama3_format):

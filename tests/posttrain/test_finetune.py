@@ -79,16 +79,18 @@ def test_bad_configs_fail_in_one_line(base, tmp_path):
                                              "--lora.rank=4096", f"--run.dir={tmp_path / 'r'}"]))
 
 
-def test_qlora_dpo_starts_at_log_2(base, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qlora_dpo_starts_at_log_2(base, tmp_path, dtype):
     """The reference is the policy's own quantized base with its adapters off (as PPO's, and TRL's with PEFT), not
-    the float checkpoint it was quantized from: at step 0 policy and reference agree and the loss is log 2."""
+    the float checkpoint it was quantized from, in the precision the policy trains in (bf16, a GPU's default, had
+    computed the reference in float32): at step 0 policy and reference agree and the loss is log 2."""
     data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
     config = load_finetune_config(None, ["--finetune.recipe=dpo", f"--finetune.model={base}", f"--finetune.data={data}",
                                          f"--run.dir={tmp_path / 'run'}", "--lora.rank=4", "--lora.quantize=int4",
-                                         "--dpo.nll_weight=0", "--training.batch_size=12"])
+                                         "--dpo.nll_weight=0", "--training.batch_size=12", f"--training.dtype={dtype}"])
     recipe = build_recipe(config)
     recipe.model.train()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         loss, n = recipe.loss_fn(recipe.model, next(recipe.batches)[0])
     assert float(loss / n) == pytest.approx(math.log(2), abs=1e-6)
 
