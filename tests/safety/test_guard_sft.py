@@ -44,7 +44,7 @@ def test_a_tuned_tiny_model_answers_the_guard_prompt(tmp_path):
     save_checkpoint((config, Transformer(config).state_dict(), tok), base, "meta")
     model_dir, report = train_llama_guard_model(
         tmp_path / "run", base=str(base), split=(TURNS, TURNS), progress=False,
-        overrides=["--lora.rank=0", "--training.lr=5e-3", "--finetune.epochs=0", "--training.steps=80",
+        overrides=["--lora.rank=0", "--training.lr=1e-2", "--finetune.epochs=0", "--training.steps=40",
                    "--training.batch_size=3", f"--run.dir={tmp_path / 'tuned'}"])
     assert model_dir == tmp_path / "tuned" / "model"  # the run.dir given (the guard had been read from run/model)
     assert report["S9"]["recall"] == 1.0 and report["S1"]["recall"] == 1.0
