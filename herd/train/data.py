@@ -129,9 +129,11 @@ class PackedBatches:
         # corpus), it had re-read some documents, skipped others and trained on held-out ones.
         self.identity = {"seed": cfg.seed, "held_out": held_out, "main": [len(shards), shards.num_tokens]}
         if anneal is not None:
-            # An anneal set drawn from the same corpus holds held-out documents too: they stay held out.
-            held_ids = {shards.doc_id(int(i)) for i in held}
-            kept = np.array([i for i in range(len(anneal)) if anneal.doc_id(i) not in held_ids], dtype=np.int64)
+            # An anneal set drawn from the same corpus holds held-out documents too: they stay held out (the same
+            # id and the same tokens: another corpus's "doc-7" is another document).
+            held_ids = {shards.doc_id(int(i)): int(i) for i in held}
+            kept = np.array([i for i in range(len(anneal)) if (j := held_ids.get(anneal.doc_id(i))) is None
+                             or not np.array_equal(anneal[i], shards[j])], dtype=np.int64)
             self.streams["anneal"] = TokenStream(anneal, kept, cfg.seed + 1)
             self.identity["anneal"] = [len(anneal), anneal.num_tokens]
         self.step = 0

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from train_helpers import write_shards
 
 from herd.data.shards import ByteTokenizer, TokenShards
 from herd.train.config import TrainingSection
@@ -100,13 +101,17 @@ def test_a_position_is_not_resumed_into_another_stream(byte_shards):
         PackedBatches(shards, cfg, held_out=0.1, anneal=shards).load_state_dict(state)
 
 
-def test_an_anneal_set_from_the_same_corpus_keeps_the_held_out_documents_out(byte_shards):
+def test_an_anneal_set_from_the_same_corpus_keeps_the_held_out_documents_out(byte_shards, tmp_path):
+
     shards = TokenShards(byte_shards)
     cfg = TrainingSection(batch_size=4, seq_len=16, steps=10)
     _, held = split_documents(shards, 0.1, cfg.seed)
     anneal = PackedBatches(shards, cfg, held_out=0.1, anneal=shards).streams["anneal"]
     assert len(held) and not set(anneal.docs.tolist()) & set(held.tolist())
     assert len(anneal.docs) + len(held) == len(shards)
+    other = TokenShards(write_shards(tmp_path / "other", [f"Another text, number {i}." for i in range(50)]))
+    assert other.doc_id(0) == shards.doc_id(0)  # the same ids, other documents: every one anneals
+    assert len(PackedBatches(shards, cfg, held_out=0.1, anneal=other).streams["anneal"].docs) == 50
 
 
 def test_learning_rate_warms_up_decays_and_anneals_to_zero():
