@@ -198,6 +198,7 @@ class _InternalErrors:
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request's JSON object, once its key is checked and its size is within the limit; else an APIError."""
+    request.state.arrived = time.perf_counter()  # what the latency metrics count from
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     limit = state.settings.max_body_bytes
@@ -292,8 +293,11 @@ async def grammar_constraints(state: ServerState, schema: dict[str, Any] | None,
 class Run:
     """One request's sequences in the engine, their deltas delivered to this event loop."""
 
-    def __init__(self, state: ServerState, prompts, params, n, constraints=None):
-        self.state, self.started = state, time.perf_counter()
+    def __init__(self, request: Request, prompts, params, n, constraints=None, scoring: bool = False):
+        """`scoring`: the prompts alone are wanted (max_tokens 0 with echo): the engine's one token counts nowhere.
+        Times run from the request's arrival (templates, grammars and shields take time the client waits too)."""
+        state = server_state(request)
+        self.state, self.started, self.scoring = state, getattr(request.state, "arrived", time.perf_counter()), scoring
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         try:
@@ -334,13 +338,15 @@ class Run:
             self._count()
 
     def _timing(self, delta: Delta) -> None:
-        if not delta.tokens:
+        """Each sequence's first token (every choice's, every prompt's: as vLLM counts them) and the times between
+        its tokens."""
+        if not delta.tokens or self.scoring:
             return
         now = time.perf_counter()
         metrics = self.state.metrics
         if delta.index in self.last:
             metrics.itl.observe(now - self.last[delta.index])
-        elif not self.last:
+        else:
             metrics.ttft.observe(now - self.started)
         self.last[delta.index] = now
 
@@ -358,7 +364,8 @@ class Run:
         metrics = self.state.metrics
         metrics.prompt_tokens.inc(self.prompt_tokens)
         metrics.cached_tokens.inc(self.cached_tokens())
-        metrics.generated_tokens.inc(sum(len(s.generated) for s in self.request.seqs))
+        if not self.scoring:
+            metrics.generated_tokens.inc(sum(len(s.generated) for s in self.request.seqs))
         metrics.e2e.observe(time.perf_counter() - self.started)
 
 
@@ -411,6 +418,7 @@ def _sampling(body, max_tokens: int, logprobs: int | None, prompt_logprobs: int 
                               top_k=max(body.top_k, 0), min_p=body.min_p, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
                               logit_bias=body.logit_bias or {}, seed=body.seed, stop=tuple(body.stop or ()),
+                              stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except ValueError as error:  # what the request's checks let through and the sampler's refuse: a 400 still
         raise APIError(400, str(error), code="invalid_value") from None
@@ -447,6 +455,7 @@ openai_router = APIRouter()
 
 @openai_router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def list_models(request: Request):
+    request.state.arrived = time.perf_counter()  # what the latency metrics count from
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     count_served(request)
@@ -455,6 +464,7 @@ async def list_models(request: Request):
 
 @openai_router.get("/v1/models/{model_id:path}")
 async def retrieve_model(request: Request, model_id: str):
+    request.state.arrived = time.perf_counter()  # what the latency metrics count from
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     if model_id != state.model_name:
@@ -495,7 +505,7 @@ async def chat_completions(request: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     schema, source = _output_schema(body) if use_tools or body.response_format else (None, None)
     constraints = await grammar_constraints(state, schema, body.n, source)
-    run = Run(state, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
+    run = Run(request, [prompt], _sampling(body, max_tokens, logprobs), body.n, constraints)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name}
     tok = llm.tokenizer
@@ -702,7 +712,8 @@ async def completions(request: Request):
                        param="max_tokens", code="invalid_value")
     max_tokens = budget(state, prompts, body.max_tokens if generating else 1, "prompt")
     echo_logprobs = body.logprobs if body.echo else None
-    run = Run(state, prompts, _sampling(body, max_tokens, body.logprobs, echo_logprobs), body.n)
+    run = Run(request, prompts, _sampling(body, max_tokens, body.logprobs, echo_logprobs), body.n,
+              scoring=not generating)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     tok = llm.tokenizer

@@ -331,7 +331,7 @@ class _Chats:
 
     async def start(self, request: Request) -> _Chats:
         constraints = await grammar_constraints(self.state, self.schema, len(self.prompts), self.schema_param)
-        self.run = Run(self.state, self.prompts, _sampling(self.body, self.max_tokens), 1, constraints)
+        self.run = Run(request, self.prompts, _sampling(self.body, self.max_tokens), 1, constraints)
         return self
 
     async def replies(self, request: Request) -> list[dict[str, Any]]:
@@ -402,7 +402,7 @@ async def _completion_run(request: Request, body: CompletionRequest | BatchCompl
     field = "content_batch" if isinstance(body, BatchCompletionRequest) else "content"
     max_tokens = budget(state, prompts, body.sampling_params.max_tokens or None, field)
     constraints = await grammar_constraints(state, _schema_of(body), len(prompts))
-    return prompts, Run(state, prompts, _sampling(body, max_tokens), 1, constraints)
+    return prompts, Run(request, prompts, _sampling(body, max_tokens), 1, constraints)
 
 
 async def _completions(request: Request, body, prompts: list[list[int]], run: Run) -> list[dict[str, Any]]:

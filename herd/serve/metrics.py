@@ -7,7 +7,8 @@ from prometheus_client.core import CounterMetricFamily
 from herd.generate import Generator
 from herd.generate.scheduler import SchedulerStats
 
-_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# up to --timeout's default (600 s) and past it: a slower request in +Inf alone had no quantile
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
 
 
 class Metrics:

@@ -3,7 +3,7 @@ errors it answers with."""
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -157,7 +157,7 @@ class StreamOptions(StrictModel):
 
 class _Sampling(StrictModel):
     null_means_default = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
-                                    "top_k", "min_p", "repetition_penalty"})
+                                    "top_k", "min_p", "repetition_penalty", "ignore_eos"})
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -175,6 +175,9 @@ class _Sampling(StrictModel):
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    # what benchmark clients (vllm bench serve --ignore-eos, genai-perf) send to fix the reply lengths
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
                      mode="before")

@@ -413,6 +413,47 @@ def test_metrics_count_requests_and_tokens(tiny):
     assert served >= 1
 
 
+def _samples(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels or set(s.labels) == {"le"} and s.labels["le"] == "+Inf"}
+
+
+def test_latency_metrics_time_every_sequence_from_arrival_and_no_scoring_token(tiny, monkeypatch):
+    """As vLLM counts them: each choice's first token is a time to first token (one per request had been), timed
+    from the request's arrival (a grammar's compile time had been left out), and a prompt scored with max_tokens 0
+    generates no token (the engine's dropped one had been counted)."""
+    import herd.serve.app as app
+
+    compile_grammar = app.grammar_constraints
+
+    async def slow_grammar(*args):
+        await asyncio.sleep(0.3)
+        return await compile_grammar(*args)
+
+    monkeypatch.setattr(app, "grammar_constraints", slow_grammar)
+    before = _samples(tiny)
+    ending = {**GOOD, "n": 3, "max_tokens": 5, "temperature": 1, "seed": 1, "logit_bias": {"128009": 100}}
+    assert post(tiny, ending).json()["usage"]["completion_tokens"] == 0  # <|eot_id|> at once
+    before = _samples(tiny)
+    reply = post(tiny, {**ending, "ignore_eos": True}).json()
+    after = _samples(tiny)
+    assert [c["finish_reason"] for c in reply["choices"]] == ["length"] * 3  # vLLM's ignore_eos (had been dropped)
+    assert reply["usage"]["completion_tokens"] == 15
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    assert delta["herd_generation_tokens_total"] == 15
+    assert delta["herd_time_to_first_token_seconds_count"] == 3 and delta["herd_inter_token_latency_seconds_count"] == 12
+    assert delta["herd_time_to_first_token_seconds_sum"] >= 3 * 0.3 and delta["herd_request_latency_seconds_sum"] >= 0.3
+    scored = post(tiny, {"model": NAME, "prompt": "a b c", "max_tokens": 0, "echo": True, "logprobs": 0},
+                  path="/v1/completions").json()
+    assert scored["usage"]["completion_tokens"] == 0
+    delta = {name: value - after[name] for name, value in _samples(tiny).items() if name in after}
+    assert delta["herd_generation_tokens_total"] == 0 and delta["herd_time_to_first_token_seconds_count"] == 0
+    assert delta["herd_prompt_tokens_total"] == scored["usage"]["prompt_tokens"]
+
+
 def test_32_concurrent_streams_complete_uncrossed_and_equal_solo_runs(tiny):
     client = openai.AsyncOpenAI(base_url=tiny.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     jobs = [([{"role": "user", "content": f"Request {i}: " + "tell me more " * (i % 7)}], 4 + (i * 5) % 23)
