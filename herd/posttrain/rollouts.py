@@ -39,6 +39,7 @@ from herd.posttrain.rejection import Scorer, prompt_rows, reward_scorer, verifie
 from herd.posttrain.reward import RewardModel, body_lora
 from herd.posttrain.verify import NEEDS, ROW_CHECKS, load_verifier
 from herd.train.config import ConfigError
+from herd.train.loop import autocast_dtype
 
 
 class _Totals:
@@ -55,8 +56,11 @@ class Rollouts:
 
     def __init__(self, model: PolicyValue, prompts: ExampleBatches, tokenizer, scorer: Scorer,
                  reference: Callable[[dict], torch.Tensor], config: PPOConfig, micro_batch_size: int | None,
-                 pad_id: int, seed: int):
+                 pad_id: int, seed: int, autocast: torch.dtype | None = None):
         self.model, self.prompts, self.tokenizer, self.scorer = model, prompts, tokenizer, scorer
+        # The Trainer's precision: old log-probs and values in float32 against a bf16 policy had put the ratio at
+        # 0.92-1.17 before any update, most of the clip range.
+        self.autocast = autocast
         self.reference, self.config, self.pad_id, self.seed = reference, config, pad_id, seed
         self.micro = micro_batch_size
         self.params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature,
@@ -110,9 +114,10 @@ class Rollouts:
                               dtype=torch.float32)
         scores -= self.config.no_stop_penalty * torch.tensor([float(c.stop_token is None) for c in done])
         batch = {key: v.to(device) for key, v in rollout_batch(prompts, replies, self.pad_id).items()}
-        reference = in_chunks(self.reference, batch, self.micro)
-        targets = rollout_targets(policy, self.model.value, batch, scores.to(device), reference, self.config,
-                                  self.micro)
+        with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            reference = in_chunks(self.reference, batch, self.micro)
+            targets = rollout_targets(policy, self.model.value, batch, scores.to(device), reference, self.config,
+                                      self.micro)
         targets["lengths"] = torch.tensor([len(p) + len(r) for p, r in zip(prompts, replies)], device=device)
         t = self.totals
         t.iteration = self.iteration
@@ -221,7 +226,7 @@ def ppo_recipe(config, llm) -> Recipe:
     model = PolicyValue(policy, value)
     pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else 0
     rollouts = Rollouts(model, ExampleBatches(items, list, p.prompts, None, t.seed), llm.tokenizer, scorer,
-                        reference, p, t.micro_batch_size, pad, t.seed)
+                        reference, p, t.micro_batch_size, pad, t.seed, autocast_dtype(t.dtype, llm.device))
     return Recipe(model, rollouts, rollouts.loss, [],
                   functools.partial(export, llm=llm, fmt=config.checkpoint.export_format, lora=config.lora,
                                     base=config.finetune.model),

@@ -192,3 +192,24 @@ def test_a_checkpoint_inside_an_iteration_keeps_its_rollouts(base, tmp_path):
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollout_targets_are_computed_in_the_precision_the_policy_trains_in(base, tmp_path, monkeypatch):
+    """Under bf16 (a GPU's default) the old log-probs and values had been float32: before any update the policy
+    ratio was not 1 (0.92-1.17 on the default model, most of the clip range)."""
+    import herd.posttrain.ppo as ppo
+
+    ratios = []
+    losses = ppo.ppo_token_losses
+
+    def first_step(logps, old_logps, *rest):
+        if not ratios:
+            ratios.append(torch.exp(logps - old_logps)[old_logps != 0].float())
+        return losses(logps, old_logps, *rest)
+
+    monkeypatch.setattr(ppo, "ppo_token_losses", first_step)
+    data = _jsonl(tmp_path / "prompts.jsonl", PROMPTS[:4])
+    finetune(load_finetune_config(None, _args(base, data, tmp_path / "run", "--ppo.iterations=1", "--ppo.samples=4",
+                                              "--ppo.max_tokens=8", "--ppo.epochs=1", "--ppo.minibatches=1",
+                                              "--training.dtype=bfloat16", "--training.micro_batch_size=4")))
+    assert len(ratios[0]) > 16 and torch.equal(ratios[0], torch.ones_like(ratios[0]))
