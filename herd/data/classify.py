@@ -253,12 +253,19 @@ class TrainResult:
 
 def train(texts: Sequence[str], labels: Sequence[str | None], task: str, holdout: float = 0.2,
           seed: int = 0) -> TrainResult:
-    """Fit on a seeded split of the labelled texts (unparsed labels skipped) and measure held-out accuracy."""
+    """Fit on a seeded split of the labelled texts (unparsed labels skipped) and measure held-out accuracy. The split
+    is stratified: each label gives `holdout` of its texts, and keeps one at least to train on (a split of the
+    whole had held out both texts of a label of two, and training then had one label)."""
     pairs = [(t, lab) for t, lab in zip(texts, labels) if lab is not None]
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    n_test = int(len(pairs) * holdout) if len(pairs) >= 10 else 0
-    test = [pairs[i] for i in order[:n_test]]
-    train_pairs = [pairs[i] for i in order[n_test:]]
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    if len(pairs) >= 10:
+        for label in sorted({lab for _, lab in pairs}):
+            members = [i for i, (_, lab) in enumerate(pairs) if lab == label]
+            held.update(int(i) for i in rng.permutation(members)[:min(int(len(members) * holdout), len(members) - 1)])
+    test = [pairs[i] for i in sorted(held)]
+    train_pairs = [p for i, p in enumerate(pairs) if i not in held]
+    n_test = len(test)
     model = HashedLinearClassifier.fit([t for t, _ in train_pairs], [lab for _, lab in train_pairs], seed=seed,
                                        info={"task": task})
     accuracy = float(np.mean([p == lab for p, (_, lab) in zip(model.predict([t for t, _ in test]), test)])) \

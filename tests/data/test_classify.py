@@ -106,6 +106,15 @@ def test_domain_classifier_from_known_sources(planted_corpus, tmp_path):
     assert sum(v for k, v in out.kept[0].scores.items() if k.startswith("domain_")) == pytest.approx(1, abs=1e-4)
 
 
+@pytest.mark.parametrize("seed", [0, 69])
+def test_the_held_out_split_leaves_every_label_something_to_train_on(seed):
+    """Eight texts of one label, two of another: a split of the whole had held out both of the two (seed 69), and
+    training then refused one label."""
+    texts = [f"ordinary text number {i}" for i in range(8)] + ["rare text one", "rare text two"]
+    result = train(texts, ["low"] * 8 + ["high"] * 2, "quality", seed=seed)
+    assert sorted(result.model.classes) == ["high", "low"] and (result.n_train, result.n_test) == (9, 1)
+
+
 def test_training_needs_two_labels_and_loading_needs_a_classifier(tmp_path):
     with pytest.raises(ValueError, match="two distinct labels"):
         train(["a b c"] * 20, ["high"] * 20, "quality")
