@@ -157,11 +157,7 @@ class Agent:
         if tool_choice != "auto":
             options["tool_choice"] = tool_choice
         if self.stream:
-            text = ""
-            for piece in self.llm.chat(dialog, stream=True, **options):
-                text += piece
-                yield ModelText(piece)
-            reply = self.llm.chat_format.decode_assistant(text, stop_reason=self._stream_stop_reason(text))
+            reply = yield from _model_text(self.llm.chat(dialog, stream=True, **options))
         else:
             reply = self.llm.chat(dialog, **options)
             if reply.get("content"):
@@ -175,13 +171,6 @@ class Agent:
         if any(self._is_builtin(c["function"]["name"]) for c in reply.get("tool_calls") or ()):
             reply["stop_reason"] = "end_of_message"  # as Llama 3.1 ends a built-in call: <|eom_id|>
         return reply
-
-    def _stream_stop_reason(self, text: str) -> str:
-        """The stream carries text only: a reply as long as max_tokens ran out of them, any other one ended."""
-        tokenizer = self.llm.chat_format.tokenizer
-        limit = self.sampling.get("max_tokens", SamplingParams.max_tokens)  # None: the context's end
-        used = len(tokenizer.encode(text, bos=False, allowed_special="all"))
-        return "out_of_tokens" if limit is not None and used >= limit else "end_of_turn"
 
     def _is_builtin(self, name: str) -> bool:
         return name in self.tools and self.tools[name].builtin
@@ -248,6 +237,16 @@ class Agent:
         if self._is_builtin(result.name):
             return {"role": "ipython", "content": result.content}
         return {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
+
+
+def _model_text(stream):
+    """A streamed chat's pieces as ModelText steps; returns the reply message the stream returns."""
+    while True:
+        try:
+            piece = next(stream)
+        except StopIteration as done:
+            return done.value
+        yield ModelText(piece)
 
 
 def _arguments(call: dict) -> dict[str, Any]:

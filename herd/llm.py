@@ -1,6 +1,7 @@
 """`herd.load()`: a checkpoint becomes a model, its tokenizer, its chat format and a generator, behind one object."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import re
@@ -149,11 +150,34 @@ class LLM:
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, *, tool_prompt_format: str = "json",
              tool_choice: str | None = None, stream: bool = False, **sampling) -> dict | Iterator[str]:
-        """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed).
+        """The assistant's reply to a dialog, as a message dict with parsed tool calls (or its text, streamed: the
+        stream's generator returns the message when it ends).
 
         tool_choice: None or "auto" leaves calling a tool to the model; "required" makes the reply a call to one of
         `tools`, a tool's name a call to that tool: decoding follows the call's JSON schema (as the server's).
         """
+        ids, params, options = self._chat_request(messages, tools, tool_prompt_format, tool_choice, sampling)
+        if stream:
+            return self._chat_stream(ids, params, options)
+        completion = self.generator.generate([ids], params, **options)[0]
+        return self.reply_message(completion.text, completion.tokens, completion.finish_reason, completion.stop_token)
+
+    def _chat_stream(self, ids: list[int], params: SamplingParams, options: dict) -> Iterator[str]:
+        """The reply's text as it comes; the generator's return value is the whole reply message, read as chat()
+        reads it: its tool calls, and its stop reason from how the engine ended it (read from the text alone, a
+        reply of max_tokens tokens that re-encodes to fewer had been taken for one that ended)."""
+        text, tokens, finish, stop = "", [], None, None
+        with contextlib.closing(self.generator.stream([ids], params, **options)) as deltas:
+            for d in deltas:
+                if d.text:
+                    yield d.text
+                text, tokens = text + d.text, tokens + d.tokens
+                finish = d.finish_reason or finish
+                stop = d.stop_token if d.stop_token is not None else stop
+        return self.reply_message(text, tokens, finish, stop)
+
+    def _chat_request(self, messages, tools, tool_prompt_format, tool_choice, sampling):
+        """A chat's prompt ids, sampling parameters and engine options."""
         if tools is not None and not isinstance(tools, (list, tuple)):  # a string had been taken letter by letter
             raise TypeError(f"tools must be a list of tools, got {tools!r:.80}")
         if tool_choice == "none":  # as OpenAI: the model is not offered the tools
@@ -164,10 +188,7 @@ class LLM:
         if tool_choice not in (None, "auto"):
             schema = call_schema(tools or [], None if tool_choice == "required" else tool_choice)
             options["constraints"] = [self.grammars.constraint(schema)]
-        if stream:
-            return self._stream_text(ids, params, **options)
-        completion = self.generator.generate([ids], params, **options)[0]
-        return self.reply_message(completion.text, completion.tokens, completion.finish_reason, completion.stop_token)
+        return ids, params, options
 
     @functools.cached_property
     def grammars(self) -> JsonGrammars:

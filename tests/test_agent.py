@@ -29,10 +29,16 @@ class ScriptedLLM:
         self.dialogs.append([dict(m) for m in messages])
         self.tool_choices.append(tool_choice)
         text = self.replies.pop(0)
-        if stream:  # as a real stream: the text up to the stop token, which is not shown
-            text = text.split("<|eot_id|>")[0].split("<|eom_id|>")[0]
-            return iter([text[i:i + 7] for i in range(0, len(text), 7)])
+        if stream:  # as a real stream: the text up to the stop token, which is not shown; then the message
+            shown = text.split("<|eot_id|>")[0].split("<|eom_id|>")[0]
+            return streamed([shown[i:i + 7] for i in range(0, len(shown), 7)], self.chat_format.decode_assistant(text))
         return self.chat_format.decode_assistant(text)
+
+
+def streamed(pieces, message):
+    """As LLM.chat(stream=True): the text in pieces, and the message as the generator's return value."""
+    yield from pieces
+    return message
 
 
 def run(agent, question):
@@ -459,3 +465,26 @@ def test_real_model_custom_function_call(real_llm):
     call, result, _, _ = real_loop(real_llm, [get_weather], "What is the weather in Paris?", tool_choice="get_weather")
     assert (call.name, call.arguments["city"]) == ("get_weather", "Paris")
     assert json.loads(result.content)["temperature"] == 18
+
+
+def test_a_streamed_reply_cut_by_max_tokens_ran_out_of_tokens(real_llm):
+    """A call cut by max_tokens, streamed: its text re-encodes to fewer tokens than the grammar generated, and
+    the stop reason had been guessed from that count (end_of_turn); it is the engine's, as unstreamed."""
+    def get_weather(city: str) -> str:
+        """Weather in a city."""
+        return "sunny"
+
+    for stream in (True, False):
+        agent = Agent(real_llm, tools=[get_weather], tool_choice="required", max_steps=1, max_tokens=12,
+                      temperature=0, stream=stream)
+        assert run(agent, "Weather in Paris?")[-1].stop_reason == "out_of_tokens", stream
+    pieces = real_llm.chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True)
+    text = ""
+    while True:
+        try:
+            text += next(pieces)
+        except StopIteration as done:
+            message = done.value
+            break
+    assert message["content"] == text and message == real_llm.chat([{"role": "user", "content": "Hi"}], max_tokens=5,
+                                                                   temperature=0)

@@ -13,6 +13,12 @@ from herd.serve.app import ServeSettings, create_app
 KEY = "agents-key"
 
 
+def streamed(pieces, message):
+    """As LLM.chat(stream=True): the text in pieces, and the message as the generator's return value."""
+    yield from pieces
+    return message
+
+
 @pytest.fixture
 def api(default_llm, monkeypatch):
     """The real app around the default model, its replies scripted (the loop, not the model, is under test)."""
@@ -22,7 +28,8 @@ def api(default_llm, monkeypatch):
     def chat(messages, tools=None, *, stream=False, **options):
         seen.append((list(messages), tools))
         text = replies.pop(0)
-        return iter([text[:5], text[5:]]) if stream else default_llm.chat_format.decode_assistant(text)
+        message = default_llm.chat_format.decode_assistant(text, "end_of_turn")  # a whole turn
+        return streamed([text[:5], text[5:]], message) if stream else message
 
     monkeypatch.setattr(default_llm, "chat", chat)
     client = TestClient(create_app(default_llm, ServeSettings(api_keys=(KEY,)), routers=[router]))
@@ -132,8 +139,12 @@ def test_the_operators_functions_are_offered_by_name(default_llm, monkeypatch):
         return text.upper()
 
     replies = ['{"name": "shout", "parameters": {"text": "hi"}}', "HI."]
-    monkeypatch.setattr(default_llm, "chat", lambda messages, tools=None, *, stream=False, **options:
-                        iter([replies.pop(0)]) if stream else default_llm.chat_format.decode_assistant(replies.pop(0)))
+    def chat(messages, tools=None, *, stream=False, **options):
+        text = replies.pop(0)
+        message = default_llm.chat_format.decode_assistant(text, "end_of_turn")  # a whole turn
+        return streamed([text], message) if stream else message
+
+    monkeypatch.setattr(default_llm, "chat", chat)
     client = TestClient(create_app(default_llm, routers=[router], tools=[shout]))
     agent = client.post("/v1/agents", json={"tools": ["shout", "wolfram_alpha"], "sampling": {"temperature": 0},
                                             "tool_choice": "shout"})
@@ -201,8 +212,8 @@ def shielded(default_llm, monkeypatch):
     def chat(messages, tools=None, *, stream=False, **options):
         seen.append(list(messages))
         text = replies.pop(0)
-        return iter([text[i:i + 6] for i in range(0, len(text), 6)]) if stream else \
-            default_llm.chat_format.decode_assistant(text)
+        message = default_llm.chat_format.decode_assistant(text, "end_of_turn")  # a whole turn
+        return streamed([text[i:i + 6] for i in range(0, len(text), 6)], message) if stream else message
 
     def run_python(code: str) -> str:
         """Runs Python code."""
@@ -296,7 +307,8 @@ def scripted(default_llm, monkeypatch):
         def chat(messages, tools=None, *, stream=False, **options):
             seen.append((list(messages), tools, options))
             text = replies.pop(0)
-            return iter([text[:5], text[5:]]) if stream else default_llm.chat_format.decode_assistant(text)
+            message = default_llm.chat_format.decode_assistant(text, "end_of_turn")  # a whole turn
+            return streamed([text[:5], text[5:]], message) if stream else message
 
         monkeypatch.setattr(default_llm, "chat", chat)
         client = TestClient(create_app(default_llm, routers=[router], tools=tools))
