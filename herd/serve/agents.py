@@ -43,7 +43,7 @@ from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
 from herd.serve.app import count_served, read_json, server_state, validate
 from herd.serve.auth import check_key
-from herd.serve.llama_stack import Sampling
+from herd.serve.llama_stack import Sampling, ls_call
 from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
 from herd.tools import ToolError, builtin_tool
@@ -397,7 +397,7 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
                     yield _completed_step(steps[-1])
                     inference = None
                 execution = {**_step("tool_execution", turn_id),
-                             "tool_calls": [_ls_call(step.id, step.name, step.arguments)]}
+                             "tool_calls": [ls_call(step.id, step.name, step.arguments)]}
                 yield _event("step_start", step_type="tool_execution", step_id=execution["step_id"])
             elif isinstance(step, ToolResult):
                 execution["tool_responses"] = [{"call_id": step.call_id, "tool_name": step.name,
@@ -432,29 +432,11 @@ def _completion(message: dict) -> dict:
             arguments = json.loads(call["function"]["arguments"])
         except ValueError:
             arguments = call["function"]["arguments"]
-        calls.append(_ls_call(call["id"], call["function"]["name"], arguments))
+        calls.append(ls_call(call["id"], call["function"]["name"], arguments))
     # A reply that calls tools ends its message, not the turn (Llama's <|eom_id|>), however its stream ended.
     reason = "end_of_message" if calls else message.get("stop_reason")
     return {"role": "assistant", "content": message.get("content") or "",
             "stop_reason": reason if reason in _STOP_REASONS else "end_of_turn", "tool_calls": calls}
-
-
-def _ls_call(call_id: str, name: str, arguments: Any) -> dict:
-    """A call as llama-stack's ToolCall, its arguments also as JSON text (arguments_json)."""
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"call_id": call_id, "tool_name": name, "arguments": arguments if _shallow(arguments) else text,
-            "arguments_json": text}
-
-
-def _shallow(arguments: Any) -> bool:
-    """Whether llama-stack's ToolCall takes `arguments` as an object: values nested one level at most (its
-    RecursiveType); deeper ones go as text."""
-    def primitive(value):
-        return value is None or isinstance(value, (str, int, float, bool))
-
-    return isinstance(arguments, dict) and all(
-        primitive(v) or isinstance(v, list) and all(map(primitive, v))
-        or isinstance(v, dict) and all(map(primitive, v.values())) for v in arguments.values())
 
 
 def _completed_step(details: dict) -> dict:

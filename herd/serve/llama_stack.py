@@ -284,9 +284,25 @@ def _logprobs(tok, logprobs) -> list[dict[str, Any]]:
 
 
 def _ls_call(call: dict[str, Any]) -> dict[str, Any]:
-    arguments = call["function"]["arguments"]
-    return {"call_id": call["id"], "tool_name": call["function"]["name"], "arguments": json.loads(arguments),
-            "arguments_json": arguments}
+    return ls_call(call["id"], call["function"]["name"], json.loads(call["function"]["arguments"]))
+
+
+def ls_call(call_id: str, name: str, arguments: Any) -> dict:
+    """A call as llama-stack's ToolCall, its arguments also as JSON text (arguments_json)."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"call_id": call_id, "tool_name": name, "arguments": arguments if _shallow(arguments) else text,
+            "arguments_json": text}
+
+
+def _shallow(arguments: Any) -> bool:
+    """Whether llama-stack's ToolCall takes `arguments` as an object: values nested one level at most (its
+    RecursiveType); deeper ones (a matrix) go as text, which it takes too."""
+    def primitive(value):
+        return value is None or isinstance(value, (str, int, float, bool))
+
+    return isinstance(arguments, dict) and all(
+        primitive(v) or isinstance(v, list) and all(map(primitive, v))
+        or isinstance(v, dict) and all(map(primitive, v.values())) for v in arguments.values())
 
 
 def _metrics(prompt_tokens: int, completion_tokens: int) -> list[dict[str, Any]]:

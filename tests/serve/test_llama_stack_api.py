@@ -106,6 +106,24 @@ def test_tool_calls_round_trip_like_the_openai_route(server, client, ls):
     assert prompt_tokens == usage.prompt_tokens
 
 
+def test_a_call_with_nested_arguments_is_one_llama_stack_reads(server, ls):
+    """llama-stack's ToolCall takes arguments nested one level at most: a matrix had been sent as an object it
+    refuses (14 validation errors, streamed or not); it goes as JSON text, as the agents route sends it."""
+    body = {"model_id": server.llm.name,
+            "messages": [{"role": "user", "content": "Call matmul with matrix [[1, 2], [3, 4]]."}],
+            "tools": [{"tool_name": "matmul", "description": "Multiply matrices given as lists of rows",
+                       "parameters": {"matrix": {"param_type": "array", "description": "rows, e.g. [[1, 2], [3, 4]]"}}}],
+            "tool_config": {"tool_choice": "required"}, "sampling_params": {"max_tokens": 60}}
+    answer = post(server, "/v1/inference/chat-completion", body).json()
+    [call] = ls.ChatCompletionResponse.model_validate(answer).completion_message.tool_calls
+    [streamed] = [c.event.delta.tool_call for c in map(ls.ChatCompletionResponseStreamChunk.model_validate,
+                                                        events(server, "/v1/inference/chat-completion",
+                                                               {**body, "stream": True}))
+                  if c.event.delta.type == "tool_call"]
+    assert json.loads(call.arguments_json) == json.loads(streamed.arguments_json)
+    assert json.loads(call.arguments_json) == {"matrix": [[1, 2], [3, 4]]} and call.arguments == call.arguments_json
+
+
 def test_a_tool_whose_parameters_are_typed_as_python_names_them_is_called(server):
     """Llama Stack's examples type parameters "int" or "str": such a tool had been refused as soon as a call was
     demanded (the grammar took "int" for a JSON Schema type); its prompt keeps the types as written."""
