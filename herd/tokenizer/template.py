@@ -141,6 +141,13 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _with_context(message: Message) -> str:
+    text = "".join(content_texts(message.get("content")))
+    if message.get("role") == "user" and message.get("context") is not None:
+        text += "\n\n" + "".join(content_texts(message["context"]))
+    return text
+
+
 class TemplateChatFormat:
     """The chat format of a tokenizer that carries its own chat template; same interface as `ChatFormat`."""
 
@@ -178,9 +185,10 @@ class TemplateChatFormat:
                         if m.get("tool_calls") and self.written.recall(m) is None else m
                         for m in messages]
         # Content reaches the template as one string (parts joined, none as ""): a text-only template (SmolLM2's)
-        # adds it to its own strings.
-        messages = [_with_object_arguments(m if isinstance(m.get("content"), str)
-                                           else m | {"content": "".join(content_texts(m.get("content")))})
+        # adds it to its own strings. A user turn's retrieved `context` (Llama Stack's) follows its content, as
+        # Llama 3's own format writes it: no template knows the field, and it had been left out.
+        messages = [_with_object_arguments(m if isinstance(m.get("content"), str) and m.get("context") is None
+                                           else m | {"content": _with_context(m)})
                     for m in messages]
         # A tool-calling reply of the model's own goes back as the ids it wrote, where the template puts its text:
         # it is marked there by a private-use character that no template changes and no message or tool holds.

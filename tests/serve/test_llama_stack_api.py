@@ -112,7 +112,8 @@ def test_a_call_with_nested_arguments_is_one_llama_stack_reads(server, ls):
     body = {"model_id": server.llm.name,
             "messages": [{"role": "user", "content": "Call matmul with matrix [[1, 2], [3, 4]]."}],
             "tools": [{"tool_name": "matmul", "description": "Multiply matrices given as lists of rows",
-                       "parameters": {"matrix": {"param_type": "array", "description": "rows, e.g. [[1, 2], [3, 4]]"}}}],
+                       "parameters": {"matrix": {"param_type": "array",
+                                                 "description": "rows, e.g. [[1, 2], [3, 4]]"}}}],
             "tool_config": {"tool_choice": "required"}, "sampling_params": {"max_tokens": 60}}
     answer = post(server, "/v1/inference/chat-completion", body).json()
     [call] = ls.ChatCompletionResponse.model_validate(answer).completion_message.tool_calls

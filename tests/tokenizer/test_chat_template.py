@@ -77,6 +77,14 @@ def test_special_token_text_inside_a_message_stays_text(chatml, smollm2, smollm2
         [i for i in ids if i in specials]) + 3
 
 
+def test_a_user_turns_context_follows_its_content_as_llama_3_writes_it(chatml):
+    """Llama Stack's UserMessage.context (retrieved text): Llama 3's format writes it after the content, a blank line
+    between; under a checkpoint's own template it had been left out."""
+    with_context = [{"role": "user", "content": "What is the secret word?", "context": "The secret word is banana."}]
+    inline = [{"role": "user", "content": "What is the secret word?\n\nThe secret word is banana."}]
+    assert chatml.encode_dialog(with_context) == chatml.encode_dialog(inline)
+
+
 def test_chatml_decode_assistant(chatml, smollm2):
     ids = smollm2.encode("Sure, it is 4.<|im_end|>\n<|im_start|>user", allowed_special="all")
     assert chatml.decode_assistant(ids) == {
