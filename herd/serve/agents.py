@@ -78,12 +78,19 @@ class SessionRequest(StrictModel):
     session_name: str = ""
 
 
+class _ToolConfig(StrictModel):
+    tool_choice: str | None = None
+    tool_prompt_format: str | None = None
+    system_message_behavior: str | None = None
+
+
 class TurnRequest(StrictModel):
     messages: list[Message] = Field(min_length=1)
     # Llama Stack's: false answers the whole Turn as one JSON object; left out, the turn streams as it always has.
     stream: bool | None = None
     documents: list[Any] | None = None
     toolgroups: list[Any] | None = None
+    tool_config: _ToolConfig | None = None  # Llama Stack's: this turn's tool_choice over the agent's
 
 
 # llama-stack's built-in tool groups, as herd's built-ins; `builtin::NAME` for herd's own names too.
@@ -96,12 +103,6 @@ _STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 class _ToolGroup(StrictModel):
     name: str
     args: dict[str, Any] | None = None
-
-
-class _ToolConfig(StrictModel):
-    tool_choice: str | None = None
-    tool_prompt_format: str | None = None
-    system_message_behavior: str | None = None
 
 
 class _LlamaStackConfig(StrictModel):
@@ -122,6 +123,11 @@ class _LlamaStackConfig(StrictModel):
 
 class _LlamaStackAgent(StrictModel):
     agent_config: _LlamaStackConfig
+
+
+def _choosing(tools: list[str], tool_choice: str) -> tuple[list[str], str]:
+    """The tools offered and the tool_choice an agent runs with; "none" is no call at all: none offered."""
+    return ([], "auto") if tool_choice == "none" else (tools, tool_choice)
 
 
 def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str, Any]:
@@ -151,9 +157,8 @@ def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str, Any]:
             raise APIError(400, f"toolgroup {group.name!r}: args are not supported", param="agent_config.toolgroups")
         name = group.name if isinstance(group, _ToolGroup) else group
         tools.append(_TOOLGROUPS.get(name, name))
-    tool_choice = (config.tool_config.tool_choice if config.tool_config else None) or config.tool_choice or "auto"
-    if tool_choice == "none":  # no call at all: the model is offered none
-        tools, tool_choice = [], "auto"
+    tools, tool_choice = _choosing(tools, (config.tool_config.tool_choice if config.tool_config else None)
+                                   or config.tool_choice or "auto")
     flat = {"instructions": config.instructions or "", "tools": tools, "tool_choice": tool_choice,
             # llama-stack's default when left out, as its client expects
             "max_steps": 10 if config.max_infer_iters is None else config.max_infer_iters}
@@ -306,9 +311,15 @@ async def create_turn(request: Request, agent_id: str, session_id: str):
     if body.toolgroups:
         raise APIError(400, "a turn's toolgroups are not supported: an agent's tools are set when it is made",
                        param="toolgroups")
+    if body.tool_config is not None and body.tool_config.tool_choice is not None:
+        tools, tool_choice = _choosing(config.tools, body.tool_config.tool_choice)  # had been dropped unread
+        config = config.model_copy(update={"tools": tools, "tool_choice": tool_choice})
     messages = [m.as_dict() for m in body.messages]
-    events = _turn_events(_agent(request, config), config, session, session_id, messages,
-                          request.app.state.herd.shields)
+    try:
+        agent = _agent(request, config)
+    except (ToolError, ValueError) as error:
+        raise APIError(400, str(error), param="tool_config.tool_choice") from None
+    events = _turn_events(agent, config, session, session_id, messages, request.app.state.herd.shields)
     if body.stream is False:
         return await run_in_threadpool(_whole_turn, request, events)
     count_served(request)  # as the other streams: a 200 once it opens, its errors its last events

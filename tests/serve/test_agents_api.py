@@ -439,3 +439,17 @@ def test_a_llama_stack_clients_agent_config_and_non_streaming_turn(scripted, lla
                                  ({"max_infer_iters": "2"}, 400, "agent_config.max_infer_iters")):
         refused = client.post("/v1/agents", json={"agent_config": {**config, **wrong}})
         assert refused.status_code == status and words in refused.json()["error"]["message"], refused.text
+
+
+def test_a_turns_tool_config_chooses_for_that_turn(scripted):
+    """Llama Stack's create-turn takes a tool_config over the agent's: it had been dropped unread."""
+    client, seen = scripted("12.", "Hello.", "Fine.")
+    session = new_session(client, tools=["wolfram_alpha"])
+    ask = {"messages": [{"role": "user", "content": "Hi"}], "stream": False}
+    for tool_config in ({"tool_choice": "required"}, {"tool_choice": "none"}, None):
+        answer = client.post(f"{session}/turn", json={**ask, "tool_config": tool_config})
+        assert answer.status_code == 200, answer.text
+    assert [(tools is not None, options.get("tool_choice")) for _, tools, options in seen] == [
+        (True, "required"), (False, None), (True, None)]
+    bad = client.post(f"{session}/turn", json={**ask, "tool_config": {"tool_choice": "no_such_tool"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_config.tool_choice"
