@@ -43,7 +43,7 @@ from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
 from herd.serve.app import count_served, read_json, server_state, validate
 from herd.serve.auth import check_key
-from herd.serve.llama_stack import Sampling, ls_call
+from herd.serve.llama_stack import Sampling, ls_call, safety_violation
 from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
 from herd.tools import ToolError, builtin_tool
@@ -387,7 +387,7 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
                     yield _event("step_progress", step_type="inference", step_id=inference["step_id"],
                                  delta={"type": "text", "text": step.text})
             elif isinstance(step, _ShieldCall):
-                shield = {**_step("shield_call", turn_id), "violation": _violation(step.decision)}
+                shield = {**_step("shield_call", turn_id), "violation": safety_violation(step.decision)}
                 steps.append(shield)
                 yield _event("step_start", step_type="shield_call", step_id=shield["step_id"])
                 yield _completed_step(shield)
@@ -507,14 +507,6 @@ def _shielded(agent: Agent, shields, dialog: list[dict]) -> Iterator:
         elif isinstance(step, ToolResult):
             dialog = [*dialog, agent._message(step)]
         yield step
-
-
-def _violation(decision) -> dict:
-    """A shield's decision as llama-stack's SafetyViolation: an error where it stopped or withheld something, a
-    warning where it let the reply through."""
-    return {"violation_level": "warn" if decision.allowed else "error", "user_message": decision.message,
-            "metadata": {"shield": decision.shield, "categories": decision.categories,
-                         **({"findings": decision.findings} if decision.findings else {})}}
 
 
 def _step(kind: str, turn_id: str) -> dict:

@@ -502,12 +502,17 @@ async def run_shield(request: Request):
     count_served(request)
     if decision.allowed and not decision.findings:
         return {"violation": None}
-    # Llama Stack's own shields answer an unsafe verdict, an attack or insecure code with an error; a Code Shield
-    # warning (code that is let through) is a warning.
+    return {"violation": safety_violation(decision)}
+
+
+def safety_violation(decision) -> dict:
+    """A shield's decision as llama-stack's SafetyViolation, as run-shield answers it and an agent's shield_call step
+    carries it. Llama Stack's own shields answer an unsafe verdict, an attack or insecure code with an error; a Code
+    Shield warning (code that is let through) is a warning."""
     metadata = {"violation_type": ",".join(decision.categories)}
     if decision.scores:
         metadata["scores"] = decision.scores
     if decision.findings:
         metadata["findings"] = decision.findings
-    return {"violation": {"violation_level": "error" if not decision.allowed else "warn",
-                          "user_message": decision.message or None, "metadata": metadata}}
+    return {"violation_level": "error" if not decision.allowed else "warn", "user_message": decision.message or None,
+            "metadata": metadata}

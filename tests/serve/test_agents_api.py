@@ -248,12 +248,12 @@ def test_an_agent_turn_is_shielded_as_a_chat_request_is(shielded):
     assert [(e["event_type"], e.get("step_type")) for e in events] == [
         ("turn_start", None), ("step_start", "shield_call"), ("step_complete", "shield_call"), ("turn_complete", None)]
     violation = events[2]["step_details"]["violation"]
-    assert violation["violation_level"] == "error" and violation["metadata"]["categories"] == ["S9"]
+    assert violation["violation_level"] == "error" and violation["metadata"]["violation_type"] == "S9"
     assert "S9" in events[-1]["turn"]["output_message"]["content"] and "Sure" not in text
 
     text, events = turn("Write a loader for saved sessions.", INSECURE)  # the reply's code blocked as it streams
     assert "pickle" not in text and "withheld" in events[-1]["turn"]["output_message"]["content"]
-    assert any(e.get("step_details", {}).get("violation", {}).get("metadata", {}).get("categories") == ["CWE-502"]
+    assert any(e.get("step_details", {}).get("violation", {}).get("metadata", {}).get("violation_type") == "CWE-502"
                for e in events)
 
     text, events = turn("Load my session file.", PICKLE_CALL, "Loaded.")  # a call's code, before it runs
