@@ -67,10 +67,12 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=600)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_stack():
     """A loader of llama-stack's API modules (its request and response types), imported without its package
-    __init__, which needs its client library; they leave sys.modules again after the test module."""
+    __init__, which needs its client library; they leave sys.modules again after the session. Once per session:
+    imported a second time, pydantic's models of the second import met typing's cached forward references to the
+    first's and recursed without end (the agents tests, then the inference ones, had failed so)."""
     spec = importlib.util.find_spec("llama_stack")
     package = types.ModuleType("llama_stack")
     package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
