@@ -92,6 +92,13 @@ class TurnRequest(StrictModel):
     toolgroups: list[Any] | None = None
     tool_config: _ToolConfig | None = None  # Llama Stack's: this turn's tool_choice over the agent's
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _call_ids(cls, messages):
+        # Llama Stack's ToolResponseMessage names its call `call_id` (OpenAI's tool_call_id): it had been dropped
+        return [{**m, "tool_call_id": m["call_id"]} if isinstance(m, dict) and m.get("call_id") is not None
+                and m.get("tool_call_id") is None else m for m in messages] if isinstance(messages, list) else messages
+
 
 # llama-stack's built-in tool groups, as herd's built-ins; `builtin::NAME` for herd's own names too.
 _TOOLGROUPS = {"builtin::websearch": "brave_search", **{f"builtin::{name}": name for name in BUILTIN_TOOLS}}
@@ -428,7 +435,8 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
 def _completed(session: _Session, turn_id: str, session_id: str, messages: list[dict], steps: list[dict],
                message: dict, stop_reason: str, started: float) -> Iterator[dict]:
     # stop_reason is herd's own (max_steps, context_length_exceeded too); the message's is one llama-stack knows
-    turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": messages, "steps": steps,
+    echoed = [{**m, "call_id": m["tool_call_id"]} if m.get("tool_call_id") else m for m in messages]
+    turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": echoed, "steps": steps,
             "output_message": _completion(message), "stop_reason": stop_reason, "started_at": started,
             "completed_at": time.time()}
     session.turns.append(turn)

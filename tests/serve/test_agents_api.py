@@ -453,3 +453,15 @@ def test_a_turns_tool_config_chooses_for_that_turn(scripted):
         (True, "required"), (False, None), (True, None)]
     bad = client.post(f"{session}/turn", json={**ask, "tool_config": {"tool_choice": "no_such_tool"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_config.tool_choice"
+
+
+def test_a_tool_response_keeps_its_call_id(scripted, llama_stack):
+    """Llama Stack's ToolResponseMessage names its call `call_id`: it had been dropped, so the Turn echoing it failed
+    llama-stack's own validation and the model read a result of no call."""
+    agents = llama_stack("llama_stack.apis.agents.agents")
+    client, seen = scripted("Fine.")
+    session = new_session(client)
+    answer = client.post(f"{session}/turn", json={"messages": [{"role": "tool", "call_id": "call-1", "content": "42"}],
+                                                  "stream": False})
+    turn = agents.Turn.model_validate(answer.json())
+    assert turn.input_messages[0].call_id == "call-1" and seen[0][0][-1]["tool_call_id"] == "call-1"
