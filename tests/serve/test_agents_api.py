@@ -44,7 +44,8 @@ def sse(response) -> list[dict]:
 
 def test_turn_streams_step_events_and_the_session_keeps_the_dialog(api):
     client, seen = api
-    agent_id = client.post("/v1/agents", json={"instructions": "Be brief.", "tools": ["wolfram_alpha"]}).json()["agent_id"]
+    agent_id = client.post("/v1/agents", json={"instructions": "Be brief.", "tools": ["wolfram_alpha"]}
+                           ).json()["agent_id"]
     session_id = client.post(f"/v1/agents/{agent_id}/session", json={"session_name": "s"}).json()["session_id"]
     response = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
                            json={"messages": [{"role": "user", "content": "What is 12 times 34?"}]})
@@ -77,8 +78,8 @@ def test_errors_are_4xx(api):
         in wrong.json()["error"]["message"]
     assert client.post("/v1/agents/nope/session", json={}).status_code == 404
     agent_id = client.post("/v1/agents", json={}).json()["agent_id"]
-    assert client.post(f"/v1/agents/{agent_id}/session/nope/turn", json={"messages": [{"role": "user",
-                                                                                      "content": "x"}]}).status_code == 404
+    asked = {"messages": [{"role": "user", "content": "x"}]}
+    assert client.post(f"/v1/agents/{agent_id}/session/nope/turn", json=asked).status_code == 404
     assert client.post(f"/v1/agents/{agent_id}/session", json={}, headers={"Authorization": "Bearer wrong"}
                        ).status_code == 401
     # Bodies are read as on every other route: the key before the body, the size limit, valid Unicode.
