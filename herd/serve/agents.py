@@ -158,6 +158,10 @@ def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str, Any]:
         if missing := [shield for shield in getattr(config, name) or [] if shield not in shields]:
             raise APIError(400, f"agent_config.{name}: no shield {missing[0]!r} on this server; it has "
                            f"{shields or 'none'}, and runs them all on every turn", param=f"agent_config.{name}")
+    if "code_shield" in (config.input_shields or []):  # accepted, it had screened no user message
+        raise APIError(400, "agent_config.input_shields: code_shield screens what the model writes (its replies' "
+                       "code and its tool calls), not what users send; name it in output_shields",
+                       param="agent_config.input_shields")
     tools = []
     for group in config.toolgroups or []:
         if isinstance(group, _ToolGroup) and group.args:

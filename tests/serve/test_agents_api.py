@@ -250,6 +250,12 @@ def test_an_agent_turn_is_shielded_as_a_chat_request_is(shielded):
         ("turn_start", None), ("step_start", "shield_call"), ("step_complete", "shield_call"), ("turn_complete", None)]
     violation = events[2]["step_details"]["violation"]
     assert violation["violation_level"] == "error" and violation["metadata"]["violation_type"] == "S9"
+    # Code Shield reads what the model writes: asked for on user messages, it had been accepted and run on none
+    config = {"agent_config": {"input_shields": ["code_shield"], "output_shields": ["code_shield"]}}
+    refused = client.post("/v1/agents", json=config)
+    assert refused.status_code == 400 and "name it in output_shields" in refused.json()["error"]["message"]
+    config["agent_config"]["input_shields"] = ["llama_guard"]
+    assert client.post("/v1/agents", json=config).status_code == 200
     assert "S9" in events[-1]["turn"]["output_message"]["content"] and "Sure" not in text
 
     text, events = turn("Write a loader for saved sessions.", INSECURE)  # the reply's code blocked as it streams
