@@ -29,7 +29,7 @@ _FUNCTIONS = {
     "atanh", "exp", "log", "ln", "sqrt", "cbrt", "abs", "factorial", "binomial", "gcd", "lcm", "floor", "ceiling",
     "pi", "E", "I", "oo", "Abs", "gamma", "erf", "mod", "Mod",
 }
-_ALIASES = {"infinity": "oo", "inf": "oo", "e": "E", "ln": "log", "π": "pi", "√": "sqrt", "×": "*", "÷": "/",
+_ALIASES = {"infinity": "oo", "inf": "oo", "e": "E", "ln": "log", "π": "pi", "√": "sqrt ", "×": "*", "÷": "/",
             "−": "-", "²": "^2", "³": "^3", "mod": "Mod", "abs": "Abs", "i": "I"}
 _TIMES_X = re.compile(r"(?<=\d)\s*[xX]\s*(?=\d)")
 _WORDS = [(re.compile(rf"\b{words}\b", re.I), symbol) for words, symbol in [
@@ -39,6 +39,7 @@ _WORDS = [(re.compile(rf"\b{words}\b", re.I), symbol) for words, symbol in [
     (r"(?:the\s+)?(?:cosine|cos)\s+of", "cos "), (r"(?:natural\s+)?(?:logarithm|log)\s+of", "log "),
 ]]
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_NUMBER = re.compile(r"(?<![A-Za-z_])\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
 _ALLOWED_CHARS = re.compile(r"^[\w\s+\-*/^().,=<>!%]*$")
 
 
@@ -125,7 +126,7 @@ def _answer_into(send, function, query: str) -> None:
         send.send((True, function(query)))
     except ToolError as error:
         send.send((False, str(error)))
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: what SymPy raises on a form it cannot take
         big = "digits" in str(error)  # Python's cap on converting huge integers to text
         send.send((False, f"the answer to {query!r} is too large to write out" if big
                    else f"cannot answer {query!r}: {error}"))
@@ -149,7 +150,8 @@ _LIMIT = re.compile(r"^(?:the\s+)?(?:limit|lim)\s*(?:of\s+)?(?P<expr>.+?)\s+as\s
 _SOLVE = re.compile(r"^(?:solve|roots?\s+of|zeros?\s+of)\s+(?P<eqs>.+?)(?:\s+for\s+(?P<vars>[a-z](?:\s*,\s*[a-z])*))?$",
                     re.I)
 _REWRITE = re.compile(r"^(?P<op>simplify|factor|factorise|factorize|expand)\s+(?P<expr>.+)$", re.I)
-_PERCENT_OF = re.compile(r"^(?P<p>[\d.]+)\s*%\s*of\s+(?P<x>.+)$", re.I)
+# "20% of 50 + 10": the percentage of the number (or bracket) after "of", not of the rest of the query
+_PERCENT_OF = re.compile(r"(?P<p>\d+(?:\.\d+)?)\s*%\s*of\s+(?P<x>\d+(?:\.\d+)?|\([^()]*\))", re.I)
 _HOW_MANY = re.compile(r"^how\s+many\s+(?P<dst>.+?)\s+(?:are\s+)?(?:in|per)\s+(?:an?\s+|one\s+)?(?P<src>.+)$", re.I)
 _CONVERT = re.compile(r"^(?:convert\s+)?(?P<value>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?)?\s*(?P<src>[^\d].*?)\s+"
                       r"(?:to|in|into|as)\s+(?P<dst>.+)$", re.I)
@@ -159,6 +161,7 @@ def solve_offline(query: str) -> dict:
     """{"input": how it was read, "result": exact, "decimal": approximate (when it differs)}; ToolError if not."""
     text = query.strip().rstrip("?").strip()
     text = _LEAD.sub("", text[:-1] if text.endswith(".") and not text[-2:-1].isdigit() else text)
+    text = _PERCENT_OF.sub(lambda m: f"({m['p']}/100*{m['x']})", text)
     if converted := _convert_units(text):
         return converted
     import sympy
@@ -171,6 +174,12 @@ def solve_offline(query: str) -> dict:
         except ValueError:
             raise ToolError(f"the limit of {m['expr']} as {m['var']} -> {m['point']} does not exist "
                             "(the one-sided limits differ)") from None
+        if isinstance(expr, sympy.AccumBounds):
+            raise ToolError(f"the limit of {m['expr']} as {m['var']} -> {m['point']} does not exist (it oscillates "
+                            f"between {expr.min} and {expr.max})")
+        if expr is sympy.zoo:
+            raise ToolError(f"the limit of {m['expr']} as {m['var']} -> {m['point']} does not exist (it grows "
+                            "without bound, with different signs on each side)")
         return _answer(f"limit of {m['expr']} as {m['var']} -> {m['point']}", expr)
     if m := _DERIVATIVE.match(text):
         expr = _parse(m["expr"])
@@ -186,16 +195,19 @@ def solve_offline(query: str) -> dict:
     if m := _SOLVE.match(text):
         return _solve(m["eqs"], m["vars"])
     if m := _REWRITE.match(text):
+        expr = _parse(m["expr"])
+        if m["op"].lower().startswith("factor") and expr.is_Integer and abs(expr) > 1:  # sympy.factor leaves 360
+            primes = sympy.factorint(expr)
+            written = " * ".join(f"{p}^{k}" if k > 1 else str(p) for p, k in primes.items())
+            return {"input": f"prime factorization of {expr}",
+                    "result": f"{written} (a prime)" if list(primes.values()) == [1] and expr > 0 else written}
         op = {"simplify": sympy.simplify, "expand": sympy.expand}.get(m["op"].lower(), sympy.factor)
-        return _answer(f"{m['op'].lower()} {m['expr']}", op(_parse(m["expr"])))
-    if m := _PERCENT_OF.match(text):
-        return _answer(f"{m['p']}% of {m['x']}", sympy.Rational(m["p"]) / 100 * _parse(m["x"]))
+        return _answer(f"{m['op'].lower()} {m['expr']}", op(expr))
     if "=" in text:
         return _solve(text, None)
     expr = _parse(text)
-    if expr.free_symbols:
-        return _answer(text, sympy.simplify(expr))
-    return _answer(text, expr)
+    # simplified with or without a variable: (1+2i)(3-i) is 5 + 5i, log(8)/log(2) is 3
+    return _answer(text, expr if expr.is_Atom else sympy.simplify(expr))
 
 
 def _solve(equations: str, variables: str | None) -> dict:
@@ -209,10 +221,20 @@ def _solve(equations: str, variables: str | None) -> dict:
         if len(sides) > 2:
             raise ToolError(f"cannot read the equation {part!r}")
         eqs.append(sympy.Eq(_parse(sides[0]), _parse(sides[1])) if len(sides) == 2 else _parse(part))
+    if any(e is sympy.false for e in eqs):  # x + 1 = x
+        return {"input": f"solve {equations}", "result": "no solution"}
+    eqs = [e for e in eqs if e is not sympy.true]
     symbols = ([sympy.Symbol(v.strip()) for v in variables.split(",")] if variables
                else sorted(set().union(*(e.free_symbols for e in eqs)), key=str))
+    if not eqs:  # 2 + 3 = 5, or x = x
+        return {"input": equations, "result": "true"}
     if not symbols:
         raise ToolError(f"nothing to solve for in {equations!r}")
+    if len(eqs) == 1 and len(symbols) == 1 and isinstance(eqs[0], sympy.core.relational.Relational) \
+            and not isinstance(eqs[0], sympy.Eq):  # an inequality: a set of intervals, not roots
+        solved = sympy.solve_univariate_inequality(eqs[0], symbols[0])
+        return {"input": f"solve {equations} for {symbols[0]}",
+                "result": str(solved).replace(" & ", " and ").replace(" | ", " or ")}
     try:
         if len(eqs) == 1 and len(symbols) == 1:
             # solve([eq], [x], dict=True) drops the CRootOf roots of polynomials with no radical form (x^5 - x + 1);
@@ -241,7 +263,7 @@ def _answer(read_as: str, value, suffix: str = "") -> dict:
     answer = {"input": read_as, "result": exact}
     if isinstance(value, sympy.Basic) and not value.free_symbols and value.is_number:
         decimal = _decimal(value)
-        if decimal != str(value):
+        if decimal != str(value) and not all(part.is_Integer for part in value.as_real_imag()):  # not 5 + 5*I
             answer["decimal"] = decimal
     return answer
 
@@ -252,6 +274,13 @@ def _decimal(value) -> str:
     value = sympy.sympify(value)
     if value.is_Integer:
         return str(value)
+    if value.is_Rational and set(sympy.factorint(value.q)) <= {2, 5} and value.q < 10 ** 30:
+        # a decimal that ends: all of it (123456789.123456789 * 1000 had been 123456789123.457)
+        from decimal import Decimal, localcontext
+
+        with localcontext() as context:
+            context.prec = 100
+            return str(Decimal(value.p) / Decimal(value.q))
     number = value.evalf(15)
     return str(number).rstrip("0").rstrip(".") if "." in str(number) and "e" not in str(number) else str(number)
 
@@ -267,7 +296,7 @@ def _parse(text: str):
     """A SymPy expression from a whitelisted math string; ToolError when it is not one."""
     import sympy
     from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
-                                            standard_transformations)
+                                            rationalize, standard_transformations)
 
     original = text
     # "7 x 8" is a product, as Wolfram|Alpha reads it (it had become 56*x)
@@ -282,10 +311,11 @@ def _parse(text: str):
         raise ToolError(f"cannot read {original!r} as math: the offline wolfram_alpha answers arithmetic, "
                         "solve ..., derivative of ..., integrate ... [from a to b], limit of ... as x -> a, "
                         "factor/expand/simplify ... and unit conversions (convert 5 miles to km)")
-    for name in _IDENTIFIER.findall(text):
+    for name in _IDENTIFIER.findall(_NUMBER.sub("0", text)):  # 1E10's "E10" is no name
         if name not in _FUNCTIONS and not re.fullmatch(r"[a-zA-Z]\d?", name):
             raise ToolError(f"cannot read {original!r} as math: unknown name {name!r}")
-    transformations = (*standard_transformations, implicit_multiplication_application, convert_xor)
+    # rationalize: 0.1 + 0.2 - 0.3 is 0, as written, not a binary float's 5.6e-17
+    transformations = (*standard_transformations, implicit_multiplication_application, convert_xor, rationalize)
     try:
         expr = parse_expr(text, transformations=transformations, evaluate=False)
         if isinstance(expr, sympy.Basic):
@@ -359,5 +389,6 @@ def _convert_units(text: str) -> dict | None:
     if not quantity._is_multiplicative:
         # offset units (°F, °C) leave float residue where the answer is a round number: 32 °F had been 5.7e-14 °C
         magnitude = round(magnitude, 9) + 0.0
-    return {"input": f"convert {value} {src} to {dst}", "result": f"{magnitude:.10g} {converted.units:~}",
-            "decimal": f"{magnitude:.10g}"}
+    # 15 digits, what a float holds: 10 had rounded 123456789.012 km to 123456789
+    return {"input": f"convert {value} {src} to {dst}", "result": f"{magnitude:.15g} {converted.units:~}",
+            "decimal": f"{magnitude:.15g}"}

@@ -66,9 +66,23 @@ def offline():
     # offset units: float residue had made 0 °C "5.684341886e-14 °C"
     ("convert 32 fahrenheit to celsius", "0 °C"), ("convert 100 celsius to fahrenheit", "212 °F"),
     ("convert 1 nm to km", "1e-12 km"),
+    # each had been wrong: binary floats (5.55e-17), a percentage of the whole rest, an integer "factored" to
+    # itself, 10 digits of a conversion, an exponent of two digits taken for a name, numbers left unsimplified
+    ("0.1 + 0.2 - 0.3", "0"), ("20% of 50 + 10", "20"), ("10% of 200 - 5", "15"),
+    ("factor 360", "2^3 * 3^2 * 5"), ("factor 97", "97 (a prime)"),
+    ("convert 123456789012 meters to km", "123456789.012 km"), ("1e10 + 1", "10000000001"),
+    ("(1+2i)*(3-i)", "5 + 5*I"), ("log(8)/log(2)", "3"), ("√16", "4"),
+    # an inequality had crashed the worker; an identity and a contradiction had been "nothing to solve for"
+    ("solve x^2 < 4", "(-2 < x) and (x < 2)"), ("2 + 3 = 5", "true"), ("solve x + 1 = x", "no solution"),
 ])
 def test_offline_answers(offline, query, result):
     assert offline(query)["result"] == result
+
+
+def test_offline_decimals_are_exact(offline):
+    answer = offline("100.01 - 100")
+    assert (answer["result"], answer["decimal"]) == ("1/100", "0.01")  # had been 0.0100000000000051
+    assert offline("123456789.123456789 * 1000")["decimal"] == "123456789123.456789"  # had been 15 digits
 
 
 def test_offline_calculus_matches_sympy(offline):
@@ -88,6 +102,8 @@ def test_offline_calculus_matches_sympy(offline):
     ("factorial(100000)", "too large to write out"),
     ("7 / 0", "undefined"),
     ("limit of abs(x)/x as x -> 0", "one-sided limits differ"),
+    ("limit of sin(x) as x -> infinity", "does not exist (it oscillates between -1 and 1)"),  # had been a value
+    ("limit of 1/x as x -> 0", "does not exist (it grows without bound"),
     ("convert 5 kg to meters", "cannot convert kg to meters"),
     ("2 +", "cannot read"),
 ])
