@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,9 +90,12 @@ def _hit(doc: Document, query: str) -> dict:
 
 
 def _snippet(text: str, query: str) -> str:
-    """The part of `text` around the first query word it contains."""
-    lower = text.lower()
-    positions = [p for w in query.lower().split() if len(w) > 2 and (p := lower.find(w)) >= 0]
+    """The part of `text` around the first query word it contains: a whole word that the index searched by (not a
+    stopword; "the" and the "art" in "particular" had centred snippets that held no searched word)."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    words = {w for w in re.findall(r"\w+", query.lower()) if w not in STOPWORDS_EN}
+    positions = [m.start() for m in re.finditer(r"\w+", text.lower()) if m.group() in words][:1]
     start = max(0, min(positions) - _SNIPPET_CHARS // 4) if positions else 0
     snippet = " ".join(text[start:start + _SNIPPET_CHARS].split())
     return ("..." if start else "") + snippet + ("..." if start + _SNIPPET_CHARS < len(text) else "")

@@ -96,6 +96,19 @@ def test_bm25_over_kept_documents(kept, monkeypatch):
     assert search("the of and")["top_k"] == []  # stopwords only: nothing matches
 
 
+def test_a_snippet_shows_a_searched_word(tmp_path, monkeypatch):
+    """A snippet had been centred on the first query word found anywhere as a substring: a stopword ("the") or
+    a part of another word ("art" in "particular"), showing none of the words searched for."""
+    monkeypatch.delenv("BRAVE_API_KEY", raising=False)
+    text = ("The history of the region is long. " + "Filler about nothing in particular. " * 30
+            + "Quantization stores weights in four bits.")
+    collection = tmp_path / "kept.jsonl"
+    collection.write_text(json.dumps({"text": text, "url": "https://example.org/q"}) + "\n"
+                          + json.dumps({"text": "another document about cats", "url": "https://example.org/c"}) + "\n")
+    for query in ("what is the quantization", "art of quantization"):
+        assert "Quantization" in BraveSearch(collection=collection)(query)["top_k"][0]["description"], query
+
+
 def test_bm25_over_a_directory_and_bad_collections(tmp_path, monkeypatch):
     monkeypatch.delenv("BRAVE_API_KEY", raising=False)
     monkeypatch.delenv("HERD_SEARCH_COLLECTION", raising=False)
