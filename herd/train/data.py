@@ -67,6 +67,7 @@ class TokenStream:
 
     def __init__(self, shards: TokenShards, docs: np.ndarray, seed: int, shuffle: bool = True):
         self.shards, self.docs, self.seed, self.shuffle = shards, docs, seed, shuffle
+        self.vocab = shards.tokenizer.get("vocab_size")
         self.lengths = np.array([len(shards[int(i)]) for i in docs], dtype=np.int64)
         self.epoch_tokens = int(self.lengths.sum())
         if self.epoch_tokens == 0:
@@ -90,7 +91,13 @@ class TokenStream:
             doc_start = int(ends[k] - self.lengths[order[k]])
             take = min(int(ends[k]) - offset, end - pos)
             doc = self.shards[int(self.docs[order[k]])]
-            tokens.append(doc[offset - doc_start: offset - doc_start + take])
+            piece = doc[offset - doc_start: offset - doc_start + take]
+            if self.vocab and len(piece) and int(piece.max()) >= self.vocab:
+                # else torch's "index out of range in self" at the embedding, naming neither shard nor token
+                raise ConfigError(f"data.shards: document {self.shards.doc_id(int(self.docs[order[k]]))!r} holds "
+                                  f"token id {int(piece.max())}, past its tokenizer's {self.vocab}: the shards are "
+                                  "damaged or were written by another tokenizer; write them again")
+            tokens.append(piece)
             doc_ids.append(np.full(take, epoch * len(self.docs) + k, dtype=np.int64))
             pos += take
         return np.concatenate(tokens).astype(np.int64), np.concatenate(doc_ids)

@@ -114,6 +114,20 @@ def test_an_anneal_set_from_the_same_corpus_keeps_the_held_out_documents_out(byt
     assert len(PackedBatches(shards, cfg, held_out=0.1, anneal=other).streams["anneal"].docs) == 50
 
 
+def test_a_token_past_the_vocabulary_is_named_with_its_document(tmp_path):
+    from herd.data.shards import ShardConfig, ShardWriter
+    from herd.train.config import ConfigError
+
+    writer = ShardWriter(tmp_path, ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"), ByteTokenizer())
+    for i in range(8):
+        writer.add(f"doc-{i}", np.array([256, 65, 300 if i == 5 else 66, 257], dtype=np.uint32))
+    writer.close()
+    batches = PackedBatches(TokenShards(tmp_path), TrainingSection(batch_size=2, seq_len=4, steps=10))
+    with pytest.raises(ConfigError, match="document 'doc-5' holds token id 300, past its tokenizer's 258"):
+        for _ in range(4):
+            next(batches)
+
+
 def test_learning_rate_warms_up_decays_and_anneals_to_zero():
     cfg = TrainingSection(steps=100, warmup_steps=10, min_lr_ratio=0.1, anneal_steps=20)
     f = [lr_factor(s, cfg) for s in range(100)]
