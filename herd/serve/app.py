@@ -297,7 +297,8 @@ class Run:
         """`scoring`: the prompts alone are wanted (max_tokens 0 with echo): the engine's one token counts nowhere.
         Times run from the request's arrival (templates, grammars and shields take time the client waits too)."""
         state = server_state(request)
-        self.state, self.started, self.scoring = state, getattr(request.state, "arrived", time.perf_counter()), scoring
+        self.state, self.scoring = state, scoring
+        self.started = getattr(request.state, "arrived", time.perf_counter())
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         try:
@@ -455,7 +456,6 @@ openai_router = APIRouter()
 
 @openai_router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def list_models(request: Request):
-    request.state.arrived = time.perf_counter()  # what the latency metrics count from
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     count_served(request)
@@ -464,7 +464,6 @@ async def list_models(request: Request):
 
 @openai_router.get("/v1/models/{model_id:path}")
 async def retrieve_model(request: Request, model_id: str):
-    request.state.arrived = time.perf_counter()  # what the latency metrics count from
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
     if model_id != state.model_name:

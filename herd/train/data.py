@@ -140,7 +140,8 @@ class PackedBatches:
             # id and the same tokens: another corpus's "doc-7" is another document).
             held_ids = {shards.doc_id(int(i)): int(i) for i in held}
             kept = np.array([i for i in range(len(anneal)) if (j := held_ids.get(anneal.doc_id(i))) is None
-                             or not np.array_equal(anneal[i], shards[j])], dtype=np.int64)
+                             or not np.array_equal(anneal[i], shards[j])], dtype=np.int64) if held_ids \
+                else np.arange(len(anneal))  # nothing held out: no id of a whole anneal set to read
             self.streams["anneal"] = TokenStream(anneal, kept, cfg.seed + 1)
             self.identity["anneal"] = [len(anneal), anneal.num_tokens]
         self.step = 0
