@@ -50,6 +50,7 @@ log = logging.getLogger("herd.serve")
 
 STATIC = Path(__file__).parent / "static"
 _CALL_OPENERS = ("{", "[", "<function", "<|python_tag|>")
+_CALL_TAGS = ("<|python_tag|>", "<function=")
 
 
 @dataclass
@@ -495,6 +496,7 @@ async def chat_completions(request: Request):
         if shields.refused is not None:
             return _refused(request, shields, body)
     use_tools = bool(body.tools) and body.tool_choice != "none"
+    calls_allowed = None if body.parallel_tool_calls else 1
     tools = [t.model_dump() for t in body.tools] if use_tools else None
     try:
         prompt = llm.chat_prompt(messages, tools)
@@ -523,7 +525,7 @@ async def chat_completions(request: Request):
                 if parsed["tool_calls"]:
                     content = shields.beside(i, parsed["content"]) if shields is not None else parsed["content"]
                     message = {"role": "assistant", "content": content or None,
-                               "tool_calls": parsed["tool_calls"]}
+                               "tool_calls": parsed["tool_calls"][:calls_allowed]}
                     finish = "tool_calls"
             out.append({"index": i, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(tok, c["logprobs"])} if logprobs is not None else None})
@@ -563,7 +565,7 @@ async def chat_completions(request: Request):
                     if rest:
                         choice["delta"]["content"] = choice["delta"].get("content", "") + rest
                     if calls:
-                        choice["delta"]["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls)]
+                        choice["delta"]["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls[:calls_allowed])]
                         choice["finish_reason"] = "tool_calls"
             if choice["delta"] or choice["finish_reason"] or lps:
                 yield {**head, "choices": [choice]}
@@ -624,9 +626,11 @@ class ToolStreamer:
             return ""
         if self.holding:
             return ""
-        tag = self.text.find("<|python_tag|>", self.sent)
-        end = tag if tag >= 0 else len(self.text) - _partial_suffix(self.text, "<|python_tag|>")
-        self.holding = tag >= 0
+        # A call may also follow text: after <|python_tag|>, or in a `<function=...>` tag, which the message reads
+        # as a call wherever it stands (and a tag's start may be the end of what has come so far).
+        tags = [at for at in (self.text.find(tag, self.sent) for tag in _CALL_TAGS) if at >= 0]
+        end = min(tags) if tags else len(self.text) - max(_partial_suffix(self.text, tag) for tag in _CALL_TAGS)
+        self.holding = bool(tags)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 

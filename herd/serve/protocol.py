@@ -214,13 +214,14 @@ class _Sampling(StrictModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    null_means_default = _Sampling.null_means_default | {"logprobs"}
+    null_means_default = _Sampling.null_means_default | {"logprobs", "parallel_tool_calls"}
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True  # false: at most one call, the first (OpenAI's promise; vLLM keeps the first)
     response_format: ResponseFormat | None = None
 
     # The function-calling fields OpenAI replaced by tools: refused, where ignoring them would answer without calls.

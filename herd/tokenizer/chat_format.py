@@ -15,7 +15,8 @@ from herd.tokenizer import TokenizerError
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.llama3 import Llama3Tokenizer
 from herd.tokenizer.template import TemplateChatFormat, content_texts
-from herd.tokenizer.tool_calls import BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_name, call_texts, parse_calls
+from herd.tokenizer.tool_calls import (BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_name, call_texts, parse_calls,
+                                       text_before_calls)
 from herd.tokenizer.tool_prompts import with_tool_prompts
 from herd.tokenizer.written import WrittenCalls
 
@@ -102,7 +103,8 @@ class ChatFormat:
 
         Ids are read up to the first stop token, which sets `stop_reason` (else the given one, else
         "out_of_tokens"); text may end in "<|eot_id|>" or "<|eom_id|>". A well-formed tool call becomes
-        `tool_calls` with empty content; anything else stays content.
+        `tool_calls`, the content being any text before it (before <|python_tag|> or a `<function=...>` tag);
+        anything else stays content.
         """
         ids = None
         if isinstance(reply, str):
@@ -125,7 +127,7 @@ class ChatFormat:
         calls = parse_calls(body, True) if python_tag else parse_calls(text, False)
         message = {
             "role": "assistant",
-            "content": before if python_tag else "" if calls else text,
+            "content": before if python_tag else text_before_calls(text) if calls else text,
             "tool_calls": calls,
             "stop_reason": stop_reason or "out_of_tokens",
         }

@@ -16,7 +16,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from herd.tokenizer import TokenizerError
-from herd.tokenizer.tool_calls import parse_custom_calls
+from herd.tokenizer.tool_calls import parse_custom_calls, text_before_calls
 
 if TYPE_CHECKING:
     from herd.tokenizer.hf import HFTokenizer
@@ -264,7 +264,7 @@ class TemplateChatFormat:
         calls = parse_custom_calls(text.strip())
         message = {
             "role": "assistant",
-            "content": "" if calls else text,
+            "content": text_before_calls(text) if calls else text,
             "tool_calls": calls,
             "stop_reason": stop_reason or "out_of_tokens",
         }

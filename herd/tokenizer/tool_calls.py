@@ -191,6 +191,13 @@ def parse_custom_calls(content: str) -> list[Call]:
     return []
 
 
+def text_before_calls(content: str) -> str:
+    """The text a reply writes before its first `<function=...>` tag, when its calls are in that form: the message's
+    content then (the call is not), as a stream has sent that text by the time the tag begins; else ""."""
+    tag = _FUNCTION_TAG.search(content)
+    return content[: tag.start()] if tag and _function_tag_calls(content) else ""
+
+
 def _made(found: list[tuple[str, dict[str, Any]]]) -> list[Call]:
     try:
         return [make_call(name, args) for name, args in found]

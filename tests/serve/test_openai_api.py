@@ -230,3 +230,37 @@ def test_wrong_key_is_rejected(server):
         bad.chat.completions.create(model=server.llm.name, messages=QUESTION, max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def _echoed(client, server, target: str, stream: bool, **extra):
+    """The default model made to write `target` (it repeats an earlier exchange), through OpenAI's own stream
+    accumulator when streamed."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    messages = [{"role": "system", "content": "You repeat the user's text exactly, with nothing added."},
+                {"role": "user", "content": target}, {"role": "assistant", "content": target},
+                {"role": "user", "content": target}]
+    request = dict(model=server.llm.name, messages=messages, tools=[WEATHER], max_tokens=50, temperature=0, **extra)
+    if not stream:
+        return client.chat.completions.create(**request).choices[0]
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**request, stream=True):
+        state.handle_chunk(chunk)
+    return state.current_completion_snapshot.choices[0]
+
+
+def test_a_call_after_text_streams_as_it_answers_and_parallel_calls_can_be_refused(server, client):
+    # A `<function=...>` call after some text had streamed as text too (its markup in `content`) besides the call.
+    target = 'Let me check. <function=get_weather>{"city": "Paris"}</function>'
+    whole, streamed = (_echoed(client, server, target, stream) for stream in (False, True))
+    for choice in whole, streamed:
+        assert choice.finish_reason == "tool_calls"
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Paris"})]
+    assert streamed.message.content == whole.message.content == "Let me check. "
+    # parallel_tool_calls false: at most one call (the first), where both had come back.
+    two = '<function=get_weather>{"city": "Paris"}</function><function=get_weather>{"city": "Rome"}</function>'
+    assert len(_echoed(client, server, two, False).message.tool_calls) == 2
+    for stream in (False, True):
+        [call] = _echoed(client, server, two, stream, parallel_tool_calls=False).message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
