@@ -40,9 +40,11 @@ def check_schema_size(schema: Any) -> None:
         if depth > MAX_SCHEMA_DEPTH:
             raise GrammarError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep: flatten it")
         if isinstance(value, dict):
-            if isinstance(value.get("pattern"), str):
-                repeats += sum(int(n) for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", value["pattern"])
-                               for n in pair if n)
+            # A patternProperties key is a pattern the compiler builds as well.
+            patterns = [value.get("pattern"), *(value["patternProperties"] if isinstance(
+                value.get("patternProperties"), dict) else ())]
+            repeats += sum(int(n) for pattern in patterns if isinstance(pattern, str)
+                           for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", pattern) for n in pair if n)
             stack += [(v, depth + 1) for v in value.values()]
         elif isinstance(value, list):
             stack += [(v, depth + 1) for v in value]
@@ -124,11 +126,24 @@ def _subschemas(schema: dict[str, Any]):
             yield from (v for v in schema[key] if isinstance(v, dict))
 
 
+# Keywords that constrain one type of value. xgrammar applies them only where the schema says which type (or its
+# properties or items imply an object or an array); in a schema without one they were silently dropped.
+_OF_ONE_TYPE = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+                "pattern", "format", "minItems", "maxItems", "minProperties", "maxProperties", "propertyNames",
+                "patternProperties"}
+_TYPE_IMPLIED_BY = {"type", "properties", "additionalProperties", "items", "prefixItems", "enum", "const", "$ref",
+                    "anyOf", "oneOf", "allOf"}
+
+
 def _unenforceable(schema: dict[str, Any]) -> str | None:
     """Why the grammar compiler would let through documents that `schema` (one level of it) forbids, or None.
     Measured on xgrammar 0.2.9: it ignores these silently (or with a warning on stderr) rather than refusing them,
     and a reply that does not validate is worse than a 400 the client can act on."""
     keys = set(schema) - _ANNOTATIONS
+    if not keys & _TYPE_IMPLIED_BY and (found := sorted(keys & _OF_ONE_TYPE)):
+        return f"'{found[0]}' in a schema without a type is not enforced: give that schema its type"
+    if isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):
+        return f"$ref {schema['$ref']!r} points outside the schema, which is not fetched: put it under $defs"
     if found := sorted(keys & {"not", "if", "then", "else"}):
         return f"'{found[0]}' cannot be enforced while decoding: express the schema with anyOf instead"
     if found := sorted(keys & {"dependentRequired", "dependentSchemas"}):
@@ -287,12 +302,13 @@ class JsonGrammars:
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
         with self._lock:
-            compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}, sort_keys=True))
+            # In the schema's own order: the grammar writes properties in it (a reason before its answer).
+            compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}))
         return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
 
     @functools.lru_cache(maxsize=64)
     def _compile(self, schema_text: str):
-        """The grammar of a schema (as sorted JSON), checked and compiled once however many matchers use it."""
+        """The grammar of a schema (as JSON), checked and compiled once however many matchers use it."""
         schema = json.loads(schema_text)
         check_schema_size(schema)
         check_enforceable(schema)

@@ -601,14 +601,19 @@ def _output_schema(body: ChatCompletionRequest) -> tuple[dict[str, Any] | None, 
             return call_schema([t.model_dump() for t in body.tools], wanted), "tools"
         except ValueError as error:
             raise APIError(400, str(error), param="tool_choice") from None
+    return _format_schema(body), "response_format"
+
+
+def _format_schema(body) -> dict[str, Any] | None:
+    """The JSON schema a request's `response_format` asks for ({} for any object; None for free text)."""
     form = body.response_format
     if form is None or form.type == "text":
-        return None, None
+        return None
     if form.type == "json_schema":
         if form.json_schema is None or not form.json_schema.schema_:
             raise APIError(400, "response_format json_schema needs a schema", param="response_format")
-        return form.json_schema.schema_, "response_format"
-    return {}, "response_format"
+        return form.json_schema.schema_
+    return {}
 
 
 class ToolStreamer:
@@ -715,7 +720,9 @@ async def completions(request: Request):
                        param="max_tokens", code="invalid_value")
     max_tokens = budget(state, prompts, body.max_tokens if generating else 1, "prompt")
     echo_logprobs = body.logprobs if body.echo else None
-    run = Run(request, prompts, _sampling(body, max_tokens, body.logprobs, echo_logprobs), body.n,
+    schema = _format_schema(body) if generating else None
+    constraints = await grammar_constraints(state, schema, len(prompts) * body.n)
+    run = Run(request, prompts, _sampling(body, max_tokens, body.logprobs, echo_logprobs), body.n, constraints,
               scoring=not generating)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}

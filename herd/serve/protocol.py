@@ -166,6 +166,7 @@ class _Sampling(StrictModel):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None  # on completions too, as vLLM takes it
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch.Generator takes
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -222,7 +223,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True  # false: at most one call, the first (OpenAI's promise; vLLM keeps the first)
-    response_format: ResponseFormat | None = None
 
     # The function-calling fields OpenAI replaced by tools: refused, where ignoring them would answer without calls.
     functions: Any = None

@@ -63,6 +63,11 @@ UNENFORCEABLE = {
     "multipleOf a fraction on integers": ({"type": "integer", "multipleOf": 2.5}, 3),
     "property matching patternProperties": ({"type": "object", "properties": {"x_a": {"type": "integer"}},
                                              "patternProperties": {"^x_": {"maximum": 3}}}, {"x_a": 7}),
+    # xgrammar applies these only where the type is given (or implied by properties or items).
+    "maxLength without a type": ({"maxLength": 2}, "xyz"),
+    "minimum without a type": ({"minimum": 5}, 1),
+    "minItems without a type": ({"minItems": 2}, [1]),
+    "maxProperties without a type": ({"maxProperties": 1}, {"a": 1, "b": 2}),
     "minProperties beside additionalProperties": ({"type": "object", "additionalProperties": {"type": "boolean"},
                                                    "minProperties": 2}, Written('{"a": true, "a": true}')),
 }
@@ -116,6 +121,26 @@ def test_a_pattern_whose_quotes_or_controls_are_in_classes_is_taken(grammars, pa
 def test_a_schema_that_is_no_json_schema_is_refused(grammars, schema):
     with pytest.raises(GrammarError, match="the JSON schema is invalid at "):
         grammars.constraint(schema)
+
+
+def test_a_reference_outside_the_schema_is_refused_not_read_as_any_value(grammars):
+    remote = {"type": "object", "properties": {"a": {"$ref": "https://example.com/thing.json"}}, "required": ["a"]}
+    assert grammar_accepts(grammars, remote, {"a": [1, "anything"]})
+    with pytest.raises(GrammarError, match="points outside the schema"):
+        grammars.constraint(remote)
+
+
+def test_properties_are_written_in_the_schema_s_order(grammars):
+    # They had been sorted (the grammar compiled from sorted JSON): an answer before the reasoning asked first.
+    def schema(*names):
+        return {"type": "object", "properties": {n: {"type": "integer"} for n in names}, "required": list(names),
+                "additionalProperties": False}
+
+    for names in (("reasoning", "answer"), ("answer", "reasoning")):
+        constraint = grammars.constraint(schema(*names))
+        assert constraint.matcher.accept_string(json.dumps(dict.fromkeys(names, 1)))
+        other = grammars.constraint(schema(*names))
+        assert not other.matcher.accept_string(json.dumps(dict.fromkeys(reversed(names), 1)))
 
 
 def test_a_schema_the_compiler_refuses_is_told_in_its_words_without_its_source_lines(grammars):

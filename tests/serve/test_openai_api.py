@@ -222,6 +222,16 @@ def test_json_schema_output_validates(server, client):
     anything = client.chat.completions.create(model=server.llm.name, messages=QUESTION, max_tokens=60,
                                               temperature=0, response_format={"type": "json_object"})
     assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    # On completions too (as vLLM takes it), each prompt's choices: it had been ignored there (free text).
+    texts = client.completions.create(model=server.llm.name, prompt=["The capital of France:", "Paris is"], n=2,
+                                      max_tokens=40, temperature=0.7, seed=1, extra_body={"response_format": {
+                                          "type": "json_schema", "json_schema": {"name": "city", "schema": schema}}})
+    assert len(texts.choices) == 4
+    for choice in texts.choices:
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.text), schema)
+        else:
+            assert choice.text.startswith('{"city": "')
 
 
 def test_wrong_key_is_rejected(server):

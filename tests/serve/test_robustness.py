@@ -78,6 +78,9 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
      400, None),
     ("json_schema pattern repeated 20000 times", {**GOOD, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "pattern": "^[a-z]{1,20000}$"}}}}, 400, None),
+    ("json_schema patternProperties repeated 20000 times", {**GOOD, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "patternProperties": {"^[a-z]{1,20000}$": {"type": "integer"}}}}}}, 400, None),
     ("logit_bias key not a token id", {**GOOD, "logit_bias": {"hello": 5}}, 400, "invalid_value"),
     ("logit_bias over 100", {**GOOD, "logit_bias": {"5": 500}}, 400, "invalid_value"),
     ("logit_bias past the vocabulary", {**GOOD, "logit_bias": {"200000": 5}}, 400, "invalid_value"),
