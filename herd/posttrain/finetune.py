@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,14 +99,14 @@ class ExampleBatches:
     """A resumable batch source over a list of examples: a seeded order per epoch, one optimizer step per next().
 
     `collate` turns a list of examples into one micro-batch; each step takes `batch_size` examples in
-    micro-batches of `micro_batch_size`.
+    micro-batches of `micro_batch_size`, each of one `kind` (see `micro_batches`).
     """
 
     def __init__(self, items: Sequence, collate: Callable[[list], dict], batch_size: int,
-                 micro_batch_size: int | None, seed: int):
+                 micro_batch_size: int | None, seed: int, kind: Callable[[Any], Hashable] | None = None):
         if not items:
             raise ValueError("no training examples")
-        self.items, self.collate, self.seed = items, collate, seed
+        self.items, self.collate, self.seed, self.kind = items, collate, seed, kind
         self.batch_size, self.micro = batch_size, micro_batch_size or batch_size
         self.position = 0
 
@@ -122,13 +122,23 @@ class ExampleBatches:
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         picked = [self.items[self._index(self.position + i)] for i in range(self.batch_size)]
         self.position += self.batch_size
-        return [self.collate(picked[i:i + self.micro]) for i in range(0, len(picked), self.micro)]
+        return micro_batches(picked, self.micro, self.collate, self.kind)
 
     def state_dict(self) -> dict:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+
+def micro_batches(items: Sequence, micro: int, collate: Callable[[list], dict],
+                  kind: Callable[[Any], Hashable] | None = None) -> list[dict]:
+    """`items` collated `micro` at a time, each micro-batch of one `kind` (preference rows ranking three replies
+    apart from pairs, which a batch cannot mix): the losses are sums over examples, so grouping changes nothing."""
+    groups: dict[Hashable, list] = {}
+    for item in items:
+        groups.setdefault(kind(item) if kind else None, []).append(item)
+    return [collate(group[i:i + micro]) for group in groups.values() for i in range(0, len(group), micro)]
 
 
 @dataclass
@@ -168,6 +178,7 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
         if f.recipe == "rm":
             model.head.requires_grad_(True)
 
+    kind = None
     if f.recipe in ("sft", "kd"):
         def prepare(path):
             examples = encode_sft(read_rows(path), encoder, seq_len)
@@ -199,10 +210,11 @@ def build_recipe(config: FinetuneConfig) -> Recipe:
         eval_items = prepare(f.eval_data, "eval") if f.eval_data else []
         collate_fn = functools.partial(_preference_collate, mask_formatting=mask, pad_id=pad)
         loss_fn = functools.partial(dpo_loss, config=config.dpo) if f.recipe == "dpo" else reward_loss
+        kind = _ranked  # rows with an "edited" reply (three ranked) and pairs mix in a file, not in a batch
 
     micro = t.micro_batch_size or t.batch_size
-    eval_batches = [collate_fn(eval_items[i:i + micro]) for i in range(0, len(eval_items), micro)]
-    return Recipe(model, ExampleBatches(items, collate_fn, t.batch_size, t.micro_batch_size, t.seed), loss_fn,
+    eval_batches = micro_batches(eval_items, micro, collate_fn, kind)
+    return Recipe(model, ExampleBatches(items, collate_fn, t.batch_size, t.micro_batch_size, t.seed, kind), loss_fn,
                   eval_batches, functools.partial(export, llm=llm, fmt=config.checkpoint.export_format,
                                                   lora=config.lora, base=f.model))
 
@@ -219,6 +231,11 @@ def _pad_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
                        "labels": nn.functional.pad(r["labels"], (0, extra), value=-100),
                        "document_ids": nn.functional.pad(r["document_ids"], (0, extra), value=1)})
     return collate(padded)
+
+
+def _ranked(item: tuple) -> int:
+    """How many replies a preference example ranks (two, or three with an edited one)."""
+    return len(item[0].replies)
 
 
 def _preference_collate(items: list, *, mask_formatting: bool, pad_id: int) -> dict[str, torch.Tensor]:
@@ -242,16 +259,21 @@ def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pa
     device = next(model.parameters()).device
     out = []
     precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    refs: list[torch.Tensor | None] = [None] * len(examples)
     with adapters_off(model), precision:
-        for i in range(0, len(examples), chunk):
-            part = examples[i:i + chunk]
-            batch = {k: v.to(device) for k, v in preference_batch(part, mask_formatting=mask_formatting,
-                                                                   pad_id=pad_id).items()}
-            out.append(reference_logps(model, batch).view(-1, len(part)).T.cpu())
-    refs = torch.cat(out)
+        # In chunks of one kind (three ranked replies, or two), which a batch cannot mix.
+        for ranks in dict.fromkeys(len(e.replies) for e in examples):
+            same = [i for i, e in enumerate(examples) if len(e.replies) == ranks]
+            for start in range(0, len(same), chunk):
+                part = same[start:start + chunk]
+                batch = preference_batch([examples[i] for i in part], mask_formatting=mask_formatting,
+                                         pad_id=pad_id)
+                logps = reference_logps(model, {k: v.to(device) for k, v in batch.items()})
+                for i, row in zip(part, logps.view(-1, len(part)).T.cpu()):
+                    refs[i] = row
     with atomic_output(path) as tmp:
         torch.save({"key": key, "logps": refs}, tmp)
-    return list(refs)
+    return refs
 
 
 def reference_key(model: nn.Module, examples, mask_formatting: bool, autocast: torch.dtype | None = None) -> str:

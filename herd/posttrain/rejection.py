@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,12 +53,19 @@ class Sampled:
     replies: list[str]
     scores: list[float] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)   # the engine's, one a reply; none given: all "stop"
+    # The replies as assistant messages, as the model wrote them: a tool call (text after <|python_tag|>, ended by
+    # <|eom_id|>) is a call, which the text alone would teach as plain text ended by <|eot_id|>. None: the texts.
+    messages: list[dict] | None = None
     verified: bool = False   # scored by a verifier, whose 0 marks a wrong reply
 
     def keepable(self, i: int) -> bool:
         """Whether reply i may be kept as a prompt's best or chosen reply."""
         ended = not self.finish_reasons or self.finish_reasons[i] == "stop"
-        return ended and not (self.verified and self.scores[i] <= 0)
+        return ended and self.scored(i) and not (self.verified and self.scores[i] <= 0)
+
+    def scored(self, i: int) -> bool:
+        """Whether reply i has a score to rank by: a NaN (a scorer's failure) ranks nowhere, first or last."""
+        return not math.isnan(self.scores[i])
 
 
 # Turns a reply follows: the user's, or a tool's result (Llama 3's ipython role, OpenAI's tool role).
@@ -108,15 +116,18 @@ def generate_samples(llm, rows: Sequence[dict], config: SampleConfig) -> list[Sa
         params.append(SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
                                      seed=prompt_seed(config.seed, ids, repeats[tuple(ids)])))
         repeats[tuple(ids)] += 1
-    out = [Sampled(r, []) for r in rows]
+    out = [Sampled(r, [], messages=[]) for r in rows]
     per_batch = max(config.batch_size // config.k, 1)   # prompts
     with tqdm(total=len(rows) * config.k, desc="sampling", unit="reply") as bar:
         for start in range(0, len(rows), per_batch):
             done = llm.generator.generate(prompts[start:start + per_batch], params[start:start + per_batch],
                                           n=config.k)
             for i, completion in enumerate(done):
-                out[start + i // config.k].replies.append(completion.text)
-                out[start + i // config.k].finish_reasons.append(completion.finish_reason)
+                sampled = out[start + i // config.k]
+                sampled.replies.append(completion.text)
+                sampled.finish_reasons.append(completion.finish_reason)
+                sampled.messages.append(_message(llm.reply_message(
+                    completion.text, completion.tokens, completion.finish_reason, completion.stop_token)))
             bar.update(len(done))
     return out
 
@@ -173,8 +184,20 @@ def _with_tools(row: dict, out: dict) -> dict:
     return {**out, "tools": row["tools"]} if row.get("tools") is not None else out
 
 
-def _with_reply(row: dict, reply: str) -> list[dict]:
-    return [*row["messages"], {"role": "assistant", "content": reply}]
+def _message(reply: dict) -> dict:
+    """A reply message as a row carries it: its tool calls and why it ended only where it makes a call."""
+    if not reply["tool_calls"]:
+        return {"role": "assistant", "content": reply["content"]}
+    return {"role": "assistant", "content": reply["content"], "tool_calls": reply["tool_calls"],
+            "stop_reason": reply["stop_reason"]}
+
+
+def _reply(s: Sampled, i: int) -> dict:
+    return s.messages[i] if s.messages else {"role": "assistant", "content": s.replies[i]}
+
+
+def _with_reply(row: dict, reply: dict) -> list[dict]:
+    return [*row["messages"], reply]
 
 
 def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> list[dict]:
@@ -186,7 +209,7 @@ def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> lis
             continue
         best = max(keepable, key=lambda i: s.scores[i])
         if min_score is None or s.scores[best] >= min_score:
-            kept.append(_with_tools(s.row, {"messages": _with_reply(s.row, s.replies[best]), "score": s.scores[best]}))
+            kept.append(_with_tools(s.row, {"messages": _with_reply(s.row, _reply(s, best)), "score": s.scores[best]}))
     return kept
 
 
@@ -199,15 +222,14 @@ def preference_rows(samples: Iterable[Sampled], per_prompt: int = 1) -> list[dic
         first = {}
         for i, reply in enumerate(s.replies):
             first.setdefault(reply, i)
-        distinct = list(first.values())
+        distinct = [i for i in first.values() if s.scored(i)]
         top = sorted((i for i in distinct if s.keepable(i)), key=lambda i: (-s.scores[i], i))
         bottom = sorted(distinct, key=lambda i: (s.scores[i], i))
         for best, worst in list(zip(top, bottom))[:min(per_prompt, len(distinct) // 2)]:
             if s.scores[best] <= s.scores[worst]:
                 break
             rows.append(_with_tools(s.row, {
-                "prompt": s.row["messages"], "chosen": {"role": "assistant", "content": s.replies[best]},
-                "rejected": {"role": "assistant", "content": s.replies[worst]},
+                "prompt": s.row["messages"], "chosen": _reply(s, best), "rejected": _reply(s, worst),
                 "scores": [s.scores[best], s.scores[worst]]}))
     return rows
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import herd
-from herd.checkpoint import convert, save_checkpoint
+from herd.checkpoint import CheckpointError, convert, save_checkpoint
 from herd.posttrain import finetune as finetune_module
 from herd.posttrain.average import average_checkpoints
 from herd.posttrain.data import DialogEncoder, encode_preferences, preference_batch
@@ -152,3 +152,27 @@ def test_average_of_checkpoints(base, tmp_path, chatml_format):
     first, second, mean = (herd.load(p, quantize=None).model.state_dict() for p in (base, tmp_path / "other", out))
     for name in ("layers.0.attention.wq.weight", "tok_embeddings.weight"):
         assert torch.allclose(mean[name], 0.75 * first[name] + 0.25 * second[name], atol=1e-6)
+    for weights in ([float("nan"), 1], [float("inf"), 1], [1, -1], [2]):
+        with pytest.raises(ValueError, match="one positive weight per checkpoint"):
+            average_checkpoints([base, tmp_path / "other"], tmp_path / "bad", weights=weights)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_reward_models_average_with_their_heads(base, tmp_path, chatml_format):
+    """Llama 3 averaged reward models too: the head had been left out (a body no reward model loads)."""
+    from safetensors.torch import load_file, save_file
+
+    from herd.posttrain.finetune import REWARD_HEAD
+
+    heads = []
+    for i, seed in enumerate((1, 2)):
+        model = tiny_model(chatml_format.tokenizer.vocab_size, seed=seed)
+        save_checkpoint((model.config, model.state_dict(), chatml_format.tokenizer), tmp_path / f"rm{i}", "meta")
+        heads.append(torch.randn(1, model.config.dim, generator=torch.Generator().manual_seed(seed)))
+        save_file({"weight": heads[-1]}, str(tmp_path / f"rm{i}" / REWARD_HEAD))
+    out = average_checkpoints([tmp_path / "rm0", tmp_path / "rm1"], tmp_path / "avg", weights=[1, 3])
+    assert torch.allclose(load_file(str(out / REWARD_HEAD))["weight"], 0.25 * heads[0] + 0.75 * heads[1])
+    model, _ = load_reward_model(out)
+    assert torch.equal(model.head.weight.data, load_file(str(out / REWARD_HEAD))["weight"])
+    with pytest.raises(CheckpointError, match=f"no {REWARD_HEAD}, where another checkpoint is a reward model"):
+        average_checkpoints([tmp_path / "rm0", base], tmp_path / "mixed")

@@ -205,3 +205,28 @@ def test_gae_matches_the_direct_sum_and_ppo_clips():
     logps = torch.log(torch.tensor([1.5, 1.1, 0.5]))
     policy, _ = ppo_token_losses(logps, torch.zeros(3), adv, torch.zeros(3), torch.zeros(3), torch.zeros(3), config)
     assert policy.tolist() == pytest.approx([-1.2, -1.1, 0.8])
+
+
+def test_rows_with_and_without_an_edited_reply_train_in_one_file(hf_dirs, pairs, triples, tmp_path):
+    """Llama 3's preference data has an edited reply on some rows only: a batch cannot mix the two kinds, so each
+    micro-batch is of one kind, and the losses (sums over examples) are those of the examples one at a time. Such a
+    file had stopped training at the first batch that drew both (and DPO's reference log-probs at once)."""
+    from herd.posttrain.finetune import _preference_collate, _ranked, cached_reference_logps, micro_batches
+
+    policy, reference = hf_dirs[0]["policy"], hf_dirs[0]["reference"]
+    examples = [pairs[0], triples[1], pairs[1], triples[0]]
+    refs = cached_reference_logps(reference, examples, False, PAD, tmp_path / "refs.pt")
+    for e, ref in zip(examples, refs):
+        alone = reference_logps(reference, preference_batch([e], mask_formatting=False, pad_id=PAD))
+        assert ref.shape == (len(e.replies),) and torch.allclose(ref, alone, atol=1e-5)
+    items = list(zip(examples, refs))
+    collate = lambda part: _preference_collate(part, mask_formatting=False, pad_id=PAD)  # noqa: E731
+    batches = micro_batches(items, 3, collate, _ranked)
+    assert [int(b["n"]) for b in batches] == [2, 2]
+    config = DPOConfig(beta=0.2, nll_weight=0.3)
+    together = sum(dpo_loss(policy, b, config)[0] for b in batches)
+    alone = sum(dpo_loss(policy, collate([item]), config)[0] for item in items)
+    assert torch.allclose(together, alone, atol=1e-5)
+    rm = RewardModel(reference)
+    assert torch.allclose(sum(reward_loss(rm, b)[0] for b in micro_batches(items, 3, collate, _ranked)),
+                          sum(reward_loss(rm, collate([item]))[0] for item in items), atol=1e-5)

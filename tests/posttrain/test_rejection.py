@@ -225,6 +225,12 @@ def test_a_reply_its_verifier_scores_0_is_never_kept_or_chosen():
     rejection.score(rewarded, lambda rows, replies: [0.0, -1.0])
     assert [r["messages"][-1]["content"] for r in rejection.best_rows(rewarded)] == ["41"]
     assert rejection.best_rows(rewarded, min_score=0.5) == [] and len(rejection.preference_rows(rewarded)) == 1
+    # A NaN (a scorer that failed on a reply) ranks nowhere: it had been kept as the best, and paired with itself.
+    unscored = sampled(["x", "y", "z"])
+    rejection.score(unscored, lambda rows, replies: [float("nan"), 1.0, 0.0])
+    assert [r["messages"][-1]["content"] for r in rejection.best_rows(unscored)] == ["y"]
+    assert [(p["chosen"]["content"], p["rejected"]["content"]) for p in rejection.preference_rows(unscored)] == [
+        ("y", "z")]
 
 
 def test_tools_the_replies_were_sampled_with_stay_with_the_rows(llama3_format):
@@ -243,6 +249,29 @@ def test_tools_the_replies_were_sampled_with_stay_with_the_rows(llama3_format):
     assert sft.ids[:sft.target.index(True)] == sampled_from
     assert encode_preferences([("pairs", pair[0])], encoder, 4096)[0].prompt == sampled_from
     assert "tools" not in rejection.best_rows([rejection.Sampled({"messages": row["messages"]}, ["a"], [1.0])])[0]
+
+
+def test_a_sampled_tool_call_is_kept_as_the_call_the_model_wrote(llama3_format):
+    """A reply `<|python_tag|>code<|eom_id|>` had been kept as the text "<|python_tag|>code", which SFT learnt as
+    plain text ended by <|eot_id|>: taught, the model would stop making built-in calls."""
+    from herd.generate.sequence import Completion
+    from herd.posttrain.data import DialogEncoder, encode_preferences, encode_sft
+
+    tok = llama3_format.tokenizer
+    llm = LLM(tiny_model().eval(), tok, llama3_format)
+    tag, eom, eot = (tok.special_tokens[t] for t in ("<|python_tag|>", "<|eom_id|>", "<|eot_id|>"))
+    call, answer = [tag, *tok.encode("print(6 * 7)", bos=False)], tok.encode("It is 42.", bos=False)
+    llm.generator.generate = lambda prompts, params, n: [
+        Completion(prompts[0], ids, tok.decode(ids), "stop", end) for ids, end in ((call, eom), (answer, eot))]
+    row = {"messages": [{"role": "system", "content": "Environment: ipython"},
+                        {"role": "user", "content": "What is 6 * 7?"}]}
+    [sampled] = rejection.generate_samples(llm, [row], rejection.SampleConfig(k=2))
+    rejection.score([sampled], rejection.verifier_scorer(lambda r, text: 2.0 if "python" in text else 1.0))
+    encoder = DialogEncoder(llama3_format)
+    sft = encode_sft([("best", rejection.best_rows([sampled])[0])], encoder, 4096)[0]
+    assert [t for t, learnt in zip(sft.ids, sft.target) if learnt] == call + [eom]
+    [pair] = encode_preferences([("pair", rejection.preference_rows([sampled])[0])], encoder, 4096)
+    assert pair.replies == [call + [eom], answer + [eot]]
 
 
 def test_sample_refuses_a_row_whose_answer_is_no_number_before_the_model_loads(tmp_path, monkeypatch):
