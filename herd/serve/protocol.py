@@ -155,6 +155,16 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+# vLLM's request fields herd does not implement, with the value that asks nothing of them.
+_VLLM_UNSUPPORTED = {
+    "include_stop_str_in_output": False, "prompt_logprobs": None, "min_tokens": 0, "use_beam_search": False,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "allowed_token_ids": None, "bad_words": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None, "structured_outputs": None, "continue_final_message": False,
+    "add_generation_prompt": True, "chat_template": None, "chat_template_kwargs": None, "echo": False,
+}
+
+
 class _Sampling(StrictModel):
     null_means_default = frozenset({"temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
                                     "top_k", "min_p", "repetition_penalty", "ignore_eos"})
@@ -179,6 +189,18 @@ class _Sampling(StrictModel):
     # what benchmark clients (vllm bench serve --ignore-eos, genai-perf) send to fix the reply lengths
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsupported_extension(cls, data):
+        # Unknown fields are ignored, as OpenAI's own are; these vLLM ones would change the answer, so a request
+        # relying on them is refused instead of silently answered otherwise.
+        if isinstance(data, dict):
+            for name, default in _VLLM_UNSUPPORTED.items():
+                if data.get(name, default) not in (default, None) and name not in cls.model_fields:
+                    raise ValueError(f"{name}={data[name]!r} (a vLLM extension) is not supported by herd; leave it "
+                                     f"out or at {default!r}")
+        return data
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty",
                      mode="before")

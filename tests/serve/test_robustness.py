@@ -81,6 +81,11 @@ LONG_PROMPT = "word " * 600  # over the 512-token context, under the body limit
     ("json_schema patternProperties repeated 20000 times", {**GOOD, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {
             "type": "object", "patternProperties": {"^[a-z]{1,20000}$": {"type": "integer"}}}}}}, 400, None),
+    # vLLM's extensions that herd does not implement had been ignored: the answer silently another.
+    ("include_stop_str_in_output", {**GOOD, "include_stop_str_in_output": True}, 400, "invalid_value"),
+    ("continue_final_message", {**GOOD, "continue_final_message": True, "add_generation_prompt": False}, 400,
+     "invalid_value"),
+    ("guided_json", {**GOOD, "guided_json": {"type": "object"}}, 400, "invalid_value"),
     ("logit_bias key not a token id", {**GOOD, "logit_bias": {"hello": 5}}, 400, "invalid_value"),
     ("logit_bias over 100", {**GOOD, "logit_bias": {"5": 500}}, 400, "invalid_value"),
     ("logit_bias past the vocabulary", {**GOOD, "logit_bias": {"200000": 5}}, 400, "invalid_value"),
