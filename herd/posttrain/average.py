@@ -8,7 +8,6 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from herd.atomic import save_safetensors
-
 from herd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from herd.checkpoint.convert import REWARD_HEAD
 from herd.model.config import ModelConfig

@@ -22,6 +22,7 @@ import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -257,7 +258,6 @@ def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pa
     if isinstance(cached, dict) and cached.get("key") == key:
         return list(cached["logps"])
     device = next(model.parameters()).device
-    out = []
     precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     refs: list[torch.Tensor | None] = [None] * len(examples)
     with adapters_off(model), precision:
