@@ -119,11 +119,15 @@ def quantize_weight(scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor 
         return quantize_fp8(weight)
     if scheme.kind in ("int8", "int8-wo"):
         if k % 32:
-            raise SchemeError(f"int8 needs widths that are multiples of 32; this layer's is {k}")
+            raise SchemeError(f"{scheme.kind} needs widths that are multiples of 32 (its kernel reads blocks of 32); "
+                              f"this layer's is {k}: keep it in float (--keep) or use fp8")
         # With activation blocks of 32, a scale per row would add most of the error; int8-wo is per output channel.
         return quantize_int8(weight, 32 if scheme.kind == "int8" else None)
     if k % scheme.group:
-        raise SchemeError(f"int4 group size {scheme.group} does not divide the layer width {k}: use a divisor of {k}")
+        fits = [f"int4-g{g}" if g != 32 else "int4" for g in (32, 64, 128) if k % g == 0]
+        raise SchemeError(f"int4 group size {scheme.group} does not divide the layer width {k}: " + (
+            f"use {' or '.join(fits)}" if fits else "no int4 group (32, 64, 128) does; keep it in float (--keep) or "
+                                                    "use fp8"))
     if scheme.method == "gptq":
         from herd.quant.gptq import gptq_int4
 

@@ -141,6 +141,9 @@ def _check_module(field: str, name: str, spec, shapes: dict[str, list[int]], dam
         raise damaged(field, f"is {_shown(spec)}, not an object")
     if spec.get("type") not in ("linear", "embedding", "fp8"):
         raise damaged(f"{field}.type", f"is {_shown(spec.get('type'))}, not linear, embedding or fp8")
+    if (spec["type"] == "embedding") != (name == "tok_embeddings"):  # the module built is of the type it names
+        raise damaged(f"{field}.type", f"is {_shown(spec['type'])}, but {name} is "
+                                       f"{'the embedding table' if name == 'tok_embeddings' else 'a linear layer'}")
     if len(shapes.get(f"{name}.codes", ())) != 2 or f"{name}.scales" not in shapes:
         raise damaged(field, f"has no {name}.codes of rows by columns or no {name}.scales")
     if spec["type"] == "fp8":

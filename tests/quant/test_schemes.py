@@ -112,10 +112,15 @@ def test_fp8_on_a_gpu_computes_as_the_emulation(out_features, in_features):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-@pytest.mark.parametrize("name,words", [("int3", "unknown quantization scheme"), ("int4-g48", "group size 48"),
-                                        ("int4-g128", "does not divide the layer width")])
-def test_bad_schemes_are_refused_with_a_reason(name, words):
-    model = Transformer(CONFIG.replace(dim=64 * 3, n_heads=4, ffn_hidden_dim=64 * 3)).eval() if "g128" in name else tiny()
+@pytest.mark.parametrize("name,width,words", [
+    ("int3", None, "unknown quantization scheme"), ("int4-g48", None, "group size 48"),
+    # The way out named is one that works (it had been "use a divisor of 192", which no group size allowed is).
+    ("int4-g128", 64 * 3, "does not divide the layer width 192: use int4 or int4-g64$"),
+    ("int4", 80, r"width 80: no int4 group \(32, 64, 128\) does; keep it in float \(--keep\) or use fp8$"),
+    ("int8-wo", 80, r"int8-wo needs widths that are multiples of 32 .*; this layer's is 80"),
+])
+def test_bad_schemes_are_refused_with_a_reason(name, width, words):
+    model = Transformer(CONFIG.replace(dim=width, n_heads=4, ffn_hidden_dim=width)).eval() if width else tiny()
     with pytest.raises(SchemeError, match=words):
         apply_scheme(model, Scheme.parse(name))
 

@@ -85,6 +85,15 @@ def test_bad_scheme_is_one_line_and_writes_nothing(float_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_gguf_scheme_on_a_model_with_no_gguf_blocks_is_refused_and_writes_nothing(float_dir, tmp_path):
+    # It had written the float model, labelled quantized.
+    from herd.quant.cli import quantize
+
+    with pytest.raises(ValueError, match="holds no GGUF quantized tensors for the gguf scheme to keep"):
+        quantize(str(float_dir), "gguf", tmp_path / "q", None, None, None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gptq_calibrates_on_the_text_it_is_given(float_dir, tmp_path):
     """`--calibration` files (plain text, JSON Lines) are the text GPTQ's Hessians come from: their documents from
     a BOS each, cut at `--calibration-tokens`; the file records what calibrated it; bad calibration input is one
@@ -405,7 +414,13 @@ def every_module(field, value):
     (lambda header: header | {"scheme": "int8"}, 'scheme is "int8", not an object'),
     (lambda header: header | {"version": 3}, "version is 3, not 1 or 2"),
     (every_module("integer", False), "header_sha256 does not match the header"),  # valid, but not what was written
-], ids=["group", "group-shape", "bits", "integer", "kind", "modules", "scheme", "version", "digest"])
+    # Built as the type said: torch's index_select error, or an AttributeError, naming no file.
+    (lambda header: header["modules"]["tok_embeddings"].update(type="linear"),
+     'modules.tok_embeddings.type is "linear", but tok_embeddings is the embedding table'),
+    (lambda header: header["modules"]["layers.0.attention.wq"].update(type="embedding"),
+     r'modules.layers.0.attention.wq.type is "embedding", but layers.0.attention.wq is a linear layer'),
+], ids=["group", "group-shape", "bits", "integer", "kind", "modules", "scheme", "version", "digest", "table-type",
+        "linear-type"])
 def test_a_changed_header_is_refused_naming_the_file_and_field(quantized_file, tmp_path, change, error):
     """The tensors' checksums do not cover the header: a changed group or bit width had loaded, verified and
     generated garbage; a changed type failed as an AttributeError naming no file."""
