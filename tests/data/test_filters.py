@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 
@@ -96,7 +97,8 @@ def test_c4_default_removes_only_boilerplate_lines_and_keeps_headings(planted_co
     headings = sum(not s.endswith(TERMINAL_PUNCT) for d in clean for s in nonempty_lines(d.text))
     assert headings > 500  # the rule below would have had plenty to remove
     strict = C4Quality(drop_lines_without_punct=True)(clean)
-    assert all(s.endswith(TERMINAL_PUNCT) for d in strict.kept for s in nonempty_lines(d.text))
+    kept = [re.sub(r"\[\d*\]$", "", s).rstrip() for d in strict.kept for s in nonempty_lines(d.text)]
+    assert all(s.endswith(TERMINAL_PUNCT) for s in kept)  # once C4's citation marks ("...it rarely does. [1]") go
 
 
 def test_nsfw_by_word_density_and_domain(planted_corpus, labelled):
@@ -206,6 +208,29 @@ def test_sentences_end_at_cjk_and_indic_marks_without_a_space_after_them():
     assert C4Quality(min_sentences=8).process(Document("hi", HI)) == "c4:min_sentences"
     assert all(line.endswith(TERMINAL_PUNCT) for line in HI.split("\n"))
     assert "।" in TERMINAL_PUNCT and "؟" in TERMINAL_PUNCT and "۔" in TERMINAL_PUNCT and "።" in TERMINAL_PUNCT
+
+
+def test_sentences_do_not_end_at_titles_initials_and_short_forms():
+    # C4 counted sentences with a sentence splitter; every period before a space had counted, so this one sentence
+    # was six and passed the rule of five.
+    one = "Mr. Smith met Dr. Jones at 5 p.m. on Main St. in the U.S. yesterday, i.e. J. R. R. Tolkien's day."
+    assert C4Quality(min_sentences=2).process(Document("one", one)) == "c4:min_sentences"
+    five = "It rained. Visit example.com. The U.S. team won! Was it 3.5 points? Yes... They did."
+    assert isinstance(C4Quality(min_sentences=6).process(Document("six", five)), Document)
+    assert C4Quality(min_sentences=7).process(Document("six", five)) == "c4:min_sentences"
+
+
+def test_line_ends_that_count_as_punctuation_are_c4s_and_finewebs():
+    """A colon, a semicolon or an ellipsis ends no sentence (they had counted); C4 reads a line's end after its
+    citation marks."""
+    listing = "\n".join(f"Item number {i} of the list, which is a long one:" for i in range(10))
+    assert FineWebQuality().process(Document("colons", listing)) == "fineweb:line_punct_ratio"
+    assert FineWebQuality().process(Document("ellipses", listing.replace(":", "…"))) == "fineweb:line_punct_ratio"
+    assert isinstance(FineWebQuality().process(Document("quotes", listing.replace(":", '."'))), Document)
+    strict = C4Quality(drop_lines_without_punct=True, min_sentences=1)
+    lines = ["The tower was completed in the year 1889.[3]", "The list goes on...", "And on;", "It ended."]
+    kept = strict.process(Document("c4", "\n".join(lines)))
+    assert kept.text == "\n".join([lines[0], lines[3]])
 
 
 def test_gopher_symbol_and_stop_word_rules_are_the_papers():

@@ -24,8 +24,11 @@ import numpy as np
 from herd.bounds import AT_LEAST_ONE, FRACTION, Bounds, require
 from herd.data.dedup.base import drop_planned
 from herd.data.document import Document, StageResult
+from herd.data.filters.base import UNSPACED
 
-_WORD = re.compile(r"\w+")
+# Words: runs of letters and digits, except that in scripts written without spaces each letter is one (as the
+# filters count them): there a clause is one run, and a one-character edit changed every shingle over it.
+_WORD = re.compile(rf"[{UNSPACED}]|(?:(?![{UNSPACED}])\w)+")
 _BLOCK = 2048  # shingles per step, bounding the (shingles x permutations) matrix of a long document
 
 

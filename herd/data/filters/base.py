@@ -16,7 +16,10 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 SPACED_SENTENCE_ENDS = ".!?…‼⁇⁈⁉"
 SENTENCE_ENDS = "。！？．｡।॥؟۔።፧։။។៕܂"
 CLOSING_QUOTES = "\"'”’»」』"
-TERMINAL_PUNCT = tuple(SPACED_SENTENCE_ENDS + SENTENCE_ENDS + CLOSING_QUOTES + ":;")
+# What a line ends in to count as prose for C4's and FineWeb's line rules: a sentence's end, or a closing quote after
+# one, as C4 (. ! ? ") and datatrove's FineWeb (Unicode's sentence terminals) read it; a colon, a semicolon or an
+# ellipsis ends no sentence (C4 drops lines ending "..." by name).
+TERMINAL_PUNCT = tuple(SPACED_SENTENCE_ENDS.replace("…", "") + SENTENCE_ENDS + CLOSING_QUOTES)
 
 
 class DocStage:
@@ -57,11 +60,11 @@ def word_list(relpath: str) -> frozenset[str]:
 
 
 # Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana and Han.
-_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff" \
+UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff" \
             "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"
-_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+_UNSPACED_CHAR = re.compile(f"[{UNSPACED}]")
 # one letter of those scripts with the punctuation and marks around it, or a run of anything else but space
-_WORD = re.compile(rf"[^\w\s]*[{_UNSPACED}][^\w\s]*|(?:(?![{_UNSPACED}])\S)+")
+_WORD = re.compile(rf"[^\w\s]*[{UNSPACED}][^\w\s]*|(?:(?![{UNSPACED}])\S)+")
 
 
 def words(text: str) -> list[str]:

@@ -237,7 +237,7 @@ class C4Quality(DocStage):
         toks = words(s)
         return (
             any(len(w) > self.max_word_length for w in toks)
-            or (self.drop_lines_without_punct and not s.endswith(TERMINAL_PUNCT))
+            or (self.drop_lines_without_punct and not _ends_sentence(_CITATION.sub("", s).rstrip()))
             or len(toks) < self.min_words_per_line
             or (self.drop_javascript_lines and _JAVASCRIPT_NAG.search(s) is not None)
             or (self.drop_policy_lines and any(p in low for p in _POLICY))
@@ -248,11 +248,44 @@ _SENTENCE_END = re.compile(rf"[{re.escape(SPACED_SENTENCE_ENDS)}]+[{CLOSING_QUOT
                            rf"|[{SENTENCE_ENDS}]+[{CLOSING_QUOTES})]*")
 
 
+# C4 reads a line's end after taking Wikipedia's citation marks out ("...in 1889.[3]" ends a sentence).
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
+
+
+def _ends_sentence(line: str) -> bool:
+    """C4's line rule: a line ends in terminal punctuation, but not in an ellipsis."""
+    return line.endswith(TERMINAL_PUNCT) and not line.endswith(("...", "…"))
+
+
+# Periods after these end no sentence (as a sentence splitter such as punkt knows): titles, Latin and other short
+# forms. An initial ("J. R. R. Tolkien"), a form with periods inside ("U.S.", "p.m.", "e.g.") or a period that
+# lower case follows are not ends either.
+_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st mt ave rd blvd no nos vol vols fig figs eq pp ch sec art "
+                           "etc vs cf al approx dept est inc ltd co corp gen col lt sgt capt rev hon jan feb mar apr "
+                           "jun jul aug sep sept oct nov dec".split())
+
+
+_DOTTED = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")  # u.s, p.m, e.g: letters between periods
+
+
 def _sentences(text: str) -> int:
     """Sentence count by terminal punctuation; a tail without it counts as one more."""
-    ends = _SENTENCE_END.findall(text)
-    tail = _SENTENCE_END.split(text)[-1].strip()
-    return len(ends) + bool(tail)
+    count, start = 0, 0
+    for end in _SENTENCE_END.finditer(text):
+        if not _abbreviated(text, end):
+            count, start = count + 1, end.end()
+    return count + bool(text[start:].strip())
+
+
+def _abbreviated(text: str, end: re.Match) -> bool:
+    """Whether the period at `end` closes a short form rather than a sentence."""
+    if not end.group().startswith(".") or end.group().startswith(".."):
+        return False
+    before = text[:end.start()].split()
+    word = before[-1].lstrip("([\"'").lower() if before else ""
+    after = text[end.end():].lstrip()[:1]
+    return (len(word) == 1 and word.isalpha()) or _DOTTED.fullmatch(word) is not None or word in _ABBREVIATIONS \
+        or after.islower()
 
 
 @dataclass
