@@ -30,6 +30,9 @@ class GrammarError(ValueError):
 # counted repeats (`[a-z]{1,1000}` 0.04 s, `{1,20000}` 25 s), so a request of a few hundred bytes could hold it.
 MAX_SCHEMA_DEPTH = 64  # levels of the schema document
 MAX_PATTERN_REPEATS = 2000  # the counts in all of its patterns' {m}, {m,} and {m,n}, added up
+# xgrammar keeps every grammar it compiles unless given a limit (about 0.4 MiB for an ordinary schema): a server
+# meeting new schemas and tool lists grew by that much per request for as long as it ran. vLLM bounds it too.
+GRAMMAR_CACHE_BYTES = 64 << 20
 
 
 def check_schema_size(schema: Any) -> None:
@@ -279,6 +282,8 @@ class JsonGrammars:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._lock = threading.Lock()
+        # Per instance: a cache on the method would keep every JsonGrammars (and its compiler) ever made alive.
+        self._compiled = functools.lru_cache(maxsize=64)(self._compile)
 
     @functools.cached_property
     def _vocab(self) -> list[bytes]:
@@ -293,7 +298,7 @@ class JsonGrammars:
 
         info = xgr.TokenizerInfo(self._vocab, xgr.VocabType.RAW, vocab_size=max(self.vocab_size, len(self._vocab)),
                                  stop_token_ids=sorted(self.tokenizer.stop_ids))
-        return xgr.GrammarCompiler(info, max_threads=1)
+        return xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
     @functools.cached_property
     def _text_tokens(self) -> TextTokens:
@@ -303,10 +308,9 @@ class JsonGrammars:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
         with self._lock:
             # In the schema's own order: the grammar writes properties in it (a reason before its answer).
-            compiled = self._compile(json.dumps(schema if schema is not None else {"type": "object"}))
+            compiled = self._compiled(json.dumps(schema if schema is not None else {"type": "object"}))
         return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
 
-    @functools.lru_cache(maxsize=64)
     def _compile(self, schema_text: str):
         """The grammar of a schema (as JSON), checked and compiled once however many matchers use it."""
         schema = json.loads(schema_text)

@@ -303,3 +303,23 @@ def test_a_function_named_as_a_built_in_is_called_with_the_built_in_s_arguments(
         tool = {"type": "function", "function": {"name": "brave_search", "parameters": parameters}}
         [option] = call_schema([tool])["anyOf"]
         assert option["properties"]["parameters"] == BUILTIN_PARAMETERS["brave_search"]
+
+
+def test_compiled_grammars_are_bounded_in_memory_and_freed_with_their_model(monkeypatch):
+    """xgrammar had kept every grammar it compiled (about 0.4 MiB an ordinary schema: a server meeting new schemas
+    grew without end), and the compile cache, on the class, kept every model's JsonGrammars alive."""
+    import gc
+    import weakref
+
+    from herd.generate import structured
+
+    monkeypatch.setattr(structured, "GRAMMAR_CACHE_BYTES", 1 << 20)
+    grammars = JsonGrammars(herd.load_tokenizer(), 128256)
+    for i in range(24):
+        grammars.constraint({"type": "object", "properties": {f"field_{i}": {"type": "string", "maxLength": 40},
+                                                              "count": {"type": "integer"}}, "required": ["count"]})
+    assert grammars._compiler.get_cache_size_bytes() <= 1.5 * (1 << 20)
+    gone = weakref.ref(grammars)
+    del grammars
+    gc.collect()
+    assert gone() is None
