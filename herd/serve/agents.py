@@ -25,23 +25,24 @@ for the server to import and run. A function gets 60 s a call unless its Tool se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
-from herd.serve.app import count_served, read_json, server_state, validate
+from herd.serve.app import count_served, read_json, server_state, unless_disconnected, validate
 from herd.serve.auth import check_key
 from herd.serve.llama_stack import Sampling, ls_call, safety_violation
 from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
@@ -331,18 +332,38 @@ async def create_turn(request: Request, agent_id: str, session_id: str):
     except (ToolError, ValueError) as error:
         raise APIError(400, str(error), param="tool_config.tool_choice") from None
     events = _turn_events(agent, config, session, session_id, messages, request.app.state.herd.shields)
+    events = _ending_in_errors(events)
     if body.stream is False:
-        return await run_in_threadpool(_whole_turn, request, events)
+        return await _whole_turn(request, events)
     count_served(request)  # as the other streams: a 200 once it opens, its errors its last events
-    return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in _ending_in_errors(events)),
+    return StreamingResponse((f"data: {json.dumps(e, ensure_ascii=False)}\n\n" async for e in _in_thread(events)),
                              media_type="text/event-stream")
 
 
-def _whole_turn(request: Request, events: Iterator[dict]) -> JSONResponse:
+async def _in_thread(events: Iterator[dict]) -> AsyncIterator[dict]:
+    """A turn's events, taken on a thread of its own (the engine blocks), the turn closed the moment its reader
+    stops (a client that hung up): a plain generator had been left to the garbage collector, or run to its end,
+    its sequence generating for nobody and its session locked meanwhile. The close waits on that thread for the
+    event in flight, which a cancelled await does not stop."""
+    loop, end = asyncio.get_running_loop(), object()
+    worker = ThreadPoolExecutor(1, thread_name_prefix="herd-agent-turn")
+    try:
+        while (event := await loop.run_in_executor(worker, next, events, end)) is not end:
+            yield event
+    finally:
+        worker.submit(events.close)
+        worker.shutdown(wait=False)
+
+
+async def _whole_turn(request: Request, events: Iterator[dict]) -> JSONResponse:
     """Llama Stack's non-streaming answer: the Turn, or the error (with its status, as nothing has been sent)."""
-    last = None
-    for last in _ending_in_errors(events):
-        pass
+    async def last_event():
+        last = None
+        async for last in _in_thread(events):
+            pass
+        return last
+
+    last = await unless_disconnected(request, last_event())
     if last is None or "error" in last:
         error = (last or internal_error(RuntimeError("the turn ended without an answer")).body())["error"]
         raise APIError(400 if error["code"] == "context_length_exceeded" else 500, error["message"],

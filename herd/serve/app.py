@@ -16,11 +16,11 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +47,7 @@ from herd.serve.protocol import (
 from herd.tokenizer.tool_calls import call_schema
 
 log = logging.getLogger("herd.serve")
+T = TypeVar("T")
 
 STATIC = Path(__file__).parent / "static"
 _CALL_OPENERS = ("{", "[", "<function", "<|python_tag|>")
@@ -386,7 +387,13 @@ async def collect(run: Run, request: Request, count: int) -> list[dict[str, Any]
             choice["finish_reason"] = d.finish_reason or choice["finish_reason"]
             choice["stop_token"] = d.stop_token if d.stop_token is not None else choice["stop_token"]
 
-    task, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(_disconnected(request))
+    await unless_disconnected(request, gather())
+    return choices
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """What `work` returns; cancelled when the client hangs up first, which a 499 then tells the server."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -398,8 +405,7 @@ async def collect(run: Run, request: Request, count: int) -> list[dict[str, Any]
         # Nobody reads this answer; it ends the request without an exception for the server to log.
         raise APIError(499, "the client closed the connection before the reply was ready",
                        code="client_closed_request")
-    await task
-    return choices
+    return await task
 
 
 async def _disconnected(request: Request) -> None:
