@@ -25,6 +25,7 @@ and `herd convert run_dir ...` work on a training run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import shutil
@@ -46,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from herd.checkpoint.checksums import CHECKLIST, file_md5, read_checklist
+from herd.model.config import ModelConfig
 from herd.train import fault
 from herd.train.config import CheckpointSection, ConfigError
 
@@ -219,11 +221,28 @@ def _by_index(path: Path) -> bool:
     return any(_BY_INDEX.match(key) for key in keys)
 
 
+# What a checkpoint's weights are the weights of: resumed into a model that differs in any, DCP had loaded what
+# matched and dropped the rest without a word (a second layer, an untied output, heads split otherwise).
+_ARCHITECTURE = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "vocab_size", "tie_embeddings")
+
+
+def _architecture(parts: list[nn.Module]) -> dict | None:
+    """The model's shape, for a model whose parts say it (herd's Transformer, or its pipeline stages)."""
+    config = next((p.config for p in parts if isinstance(getattr(p, "config", None), ModelConfig)), None)
+    return None if config is None else {name: getattr(config, name) for name in _ARCHITECTURE}
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointSection):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self._pending: tuple[object, Path, Path] | None = None  # (future, tmp, final) of an async save
+
+    @functools.cached_property
+    def _async_group(self):
+        """The background save's own process group (made by every rank at its first save): on the training's, its
+        collectives met FSDP's and every rank hung at the first save. torchtitan gives it a gloo group too."""
+        return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def steps(self) -> list[tuple[int, Path]]:
         """Complete checkpoints, oldest first."""
@@ -247,10 +266,12 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        torch.save(extra, tmp / f"extra-{_rank()}.pt")
+        torch.save({**extra, "architecture": _architecture(parts)}, tmp / f"extra-{_rank()}.pt")
         state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers)}
         if self.cfg.async_save and not final:
-            self._pending = (_written(tmp, lambda: dcp.async_save(state, checkpoint_id=str(tmp))), tmp, final_dir)
+            group = self._async_group
+            self._pending = (_written(tmp, lambda: dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)),
+                             tmp, final_dir)
         else:
             _written(tmp, lambda: dcp.save(state, checkpoint_id=str(tmp)))
             self._commit(tmp, final_dir)
@@ -329,6 +350,10 @@ class Checkpointer:
                 dcp.load(state, checkpoint_id=str(path))
             rank_file = path / f"extra-{_rank()}.pt"
             extra = torch.load(rank_file if rank_file.exists() else path / "extra-0.pt", weights_only=False)
+            saved, now = extra.pop("architecture", None), _architecture(parts)
+            if saved is not None and now is not None and saved != now:
+                name = next(n for n in _ARCHITECTURE if saved.get(n) != now[n])
+                raise ValueError(f"its model has {name} {saved.get(name)}, this run's {now[name]}")
         # DCP gathers every rank's failure into a CheckpointException, which is a BaseException.
         except (Exception, dcp.CheckpointException) as e:
             error = e

@@ -93,6 +93,20 @@ def test_another_models_checkpoint_is_one_line_from_the_command_line(byte_shards
     assert (run_dir / "config.toml").read_text() == (two_steps / "config.toml").read_text()
 
 
+@pytest.mark.parametrize("change, words", [
+    (("--model.tie_embeddings", "true"), "its model has tie_embeddings False, this run's True"),
+    (("--model.n_heads", "2", "--model.n_kv_heads", "1"), "its model has n_heads 4, this run's 2"),
+], ids=["tied", "heads"])
+def test_a_checkpoint_of_another_shape_of_the_same_weights_is_refused(byte_shards, two_steps, tmp_path, change,
+                                                                      words):
+    """Weights the model can take, but of another model: DCP had loaded what matched and dropped the rest (an
+    untied output layer; a second layer, into one) or read them under other heads, without a word."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_steps, run_dir)
+    with pytest.raises(ConfigError, match=f"step-2 cannot be loaded \\(ValueError: {words}\\)"):
+        small_run(byte_shards, run_dir, "--training.steps", "4", *change)
+
+
 def _flip_a_bit(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 1

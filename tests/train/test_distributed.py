@@ -14,10 +14,12 @@ from herd.train.pretrain import pretrain
 
 from train_helpers import ROOT, losses, metrics, run_cli, tiny_args, tiny_config
 
+# Saving in the background (on a process group of its own: on the training's, every rank hung at the first save).
+ASYNC = ("--checkpoint.async_save", "true")
 LAYOUTS = {
-    "fsdp": ["--parallel.dp", "2"],
+    "fsdp": ["--parallel.dp", "2", *ASYNC],
     "hsdp": ["--parallel.dp_replicate", "2", "--parallel.dp", "1"],
-    "tp": ["--parallel.tp", "2", "--parallel.dp", "1"],
+    "tp": ["--parallel.tp", "2", "--parallel.dp", "1", *ASYNC],
     "pp": ["--parallel.pp", "2", "--parallel.dp", "1"],
 }
 
@@ -52,6 +54,8 @@ def test_two_ranks_match_one_process(runs, layout):
     assert single[-1] < single[0] - 0.5  # it learns
     assert parallel == pytest.approx(single, rel=1e-5, abs=1e-5)
     # The exported weights agree too, whatever layout wrote the checkpoint.
+    saved = sorted(p.name for p in (runs / layout / "checkpoints").iterdir())
+    assert saved == sorted(p.name for p in (runs / "single" / "checkpoints").iterdir()) and "step-6" in saved
     a = torch.load(runs / "single" / "consolidated.00.pth")
     b = torch.load(runs / layout / "consolidated.00.pth")
     assert a.keys() == b.keys()

@@ -62,6 +62,20 @@ def test_mfu_counts_each_steps_own_sequence_length(byte_shards, tmp_path):
         assert record["mfu"] == pytest.approx(expected, rel=1e-9), record
 
 
+def test_mfu_is_against_the_peak_of_the_precision_the_run_computes_in(byte_shards, tmp_path, monkeypatch, capsys):
+    # A float32 peak had been measured under bf16 autocast (a GPU's default): MFU some 15x too high there.
+    from herd.train import metrics as train_metrics
+
+    measured = []
+    monkeypatch.setattr(train_metrics, "measure_peak_flops", lambda device, dtype: measured.append(dtype) or 2e11)
+    config = tiny_config(byte_shards, tmp_path / "run", "--model.dim", "32", "--model.n_layers", "1",
+                         "--training.seq_len", "16", "--training.steps", "1", "--training.dtype", "bfloat16",
+                         "--checkpoint.interval", "0")
+    run = pretrain(dataclasses.replace(config, run=dataclasses.replace(config.run, peak_flops=None)))
+    assert measured == [torch.bfloat16] and run["step"] == 1
+    assert "MFU is against a bfloat16 matmul peak of 0.2 TFLOP/s per device" in capsys.readouterr().err
+
+
 def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("HERD_TRAIN_INJECT", "nan@3")
     pretrain(tiny_config(byte_shards, tmp_path / "skip"))
