@@ -92,17 +92,20 @@ def test_a_hub_id_is_found_in_the_local_hub_cache(tmp_path):
     os.symlink("../../blobs/f00d", snapshot / "smollm2.Q4_1.gguf")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
 
-    def generate(model):
-        return subprocess.run([sys.executable, "-m", "herd.cli", "generate", "The capital of France is", "--model",
-                               model, "--max-tokens", "4", "--temperature", "0"], capture_output=True, text=True,
-                              timeout=600, env=env)
-
-    expected = generate(str(default_model_path()))
+    models = [str(default_model_path()), "someone/SmolLM2-GGUF", "someone/SmolLM2-GGUF/smollm2.Q4_1.gguf",
+              "someone/SmolLM2-GGUF/other.gguf", "someone/elsewhere"]
+    started = [subprocess.Popen([sys.executable, "-m", "herd.cli", "generate", "The capital of France is", "--model",
+                                 model, "--max-tokens", "4", "--temperature", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env) for model in models]  # all at once
+    done = []
+    for process in started:
+        out, err = process.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    expected, by_id, by_file, other, elsewhere = done
     assert expected.returncode == 0 and expected.stdout.strip(), expected.stderr
-    for model in ("someone/SmolLM2-GGUF", "someone/SmolLM2-GGUF/smollm2.Q4_1.gguf"):
-        assert generate(model).stdout == expected.stdout
-    assert_one_line_error(generate("someone/SmolLM2-GGUF/other.gguf"), "hf download someone/SmolLM2-GGUF ")
-    assert_one_line_error(generate("someone/elsewhere"), "herd downloads nothing")
+    assert by_id.stdout == expected.stdout and by_file.stdout == expected.stdout
+    assert_one_line_error(other, "hf download someone/SmolLM2-GGUF ")
+    assert_one_line_error(elsewhere, "herd downloads nothing")
 
 
 def test_standard_input_that_is_not_utf8_is_refused_as_a_file_is():

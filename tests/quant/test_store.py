@@ -1,4 +1,5 @@
 """`herd quantize` outputs: loaded as stored, expanded back by convert, refused when damaged, never half-written."""
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,13 @@ def float_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("float") / "tiny"
     save_checkpoint((config, model.state_dict(), herd.load_tokenizer()), out, "meta")
     return out
+
+
+def quantized(source, scheme: str, out):
+    """`herd quantize SOURCE --scheme SCHEME --out OUT`, in this process (the command itself is run above)."""
+    from herd.quant.cli import quantize
+
+    quantize(str(source), scheme, out, None, None, None)
 
 
 def run_quantize(*args):
@@ -61,7 +69,7 @@ def test_quantized_model_loads_as_stored_and_converts_back(float_dir, tmp_path, 
 
 def test_damaged_files_are_refused(float_dir, tmp_path):
     out = tmp_path / "q"
-    assert run_quantize(str(float_dir), "--scheme", "int8", "--out", str(out)).returncode == 0
+    quantized(float_dir, "int8", out)
     data = bytearray((out / FILE).read_bytes())
     data[-100] ^= 0xFF  # one flipped bit in the last tensor
     (out / FILE).write_bytes(bytes(data))
@@ -119,12 +127,12 @@ def test_gptq_calibrates_on_the_text_it_is_given(float_dir, tmp_path):
     assert calibration_tokens(Calibration((str(notes), str(records)), tokens=10_000), tokenizer) == every
     assert calibration_tokens(Calibration((str(notes), str(records)), tokens=300), tokenizer) == every[:300]
 
+    from herd.quant.cli import quantize
+
     outs = {}
-    for name, extra in (("default", []), ("given", ["--calibration", str(notes), "--calibration", str(records),
-                                                    "--calibration-tokens", "300"])):
+    for name, files, tokens in (("default", None, None), ("given", [notes, records], 300)):
         outs[name] = tmp_path / name
-        result = run_quantize(str(float_dir), "--scheme", "int4-g32-gptq", "--out", str(outs[name]), *extra)
-        assert result.returncode == 0, result.stderr
+        quantize(str(float_dir), "int4-g32-gptq", outs[name], None, files, tokens)
     header = {name: json.loads(safe_open(str(out / FILE), "pt").metadata()["herd.quantization"])
               for name, out in outs.items()}
     assert header["given"]["scheme"]["calibration"] == {"files": ["notes.txt", "records.jsonl"], "tokens": 300,
@@ -133,22 +141,18 @@ def test_gptq_calibrates_on_the_text_it_is_given(float_dir, tmp_path):
              for name, out in outs.items()}
     assert not torch.equal(codes["default"], codes["given"])
 
+    # Bad calibration input (the CLI's one line for any such error is tested above): refused before any work.
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
     (tmp_path / "empty.txt").write_text("")
-    for args, error in (
-        (["--calibration", str(tmp_path / "empty.txt")], f"the calibration text {tmp_path / 'empty.txt'} holds no "
-                                                         "text"),
-        (["--calibration", str(tmp_path / "bad.jsonl")], f"calibration file {tmp_path / 'bad.jsonl'}, line 1: not a "
-                                                         'JSON object with a "text" field'),
-        (["--calibration", str(tmp_path / "missing.txt")], f"calibration file {tmp_path / 'missing.txt'} not found"),
+    for scheme, files, tokens, error in (
+        ("int4-gptq", [tmp_path / "empty.txt"], None, f"the calibration text {tmp_path / 'empty.txt'} holds no text"),
+        ("int4-gptq", [tmp_path / "bad.jsonl"], None, f"calibration file {tmp_path / 'bad.jsonl'}, line 1: not a "
+                                                      'JSON object with a "text" field'),
+        ("int4-gptq", [tmp_path / "missing.txt"], None, f"calibration file {tmp_path / 'missing.txt'} not found"),
+        ("int8", None, 100, "--calibration and --calibration-tokens calibrate GPTQ; int8 takes none"),
     ):
-        result = run_quantize(str(float_dir), "--scheme", "int4-gptq", "--out", str(tmp_path / "bad"), *args)
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith(f"herd: error: {error}")
-    result = run_quantize(str(float_dir), "--scheme", "int8", "--out", str(tmp_path / "bad"), "--calibration-tokens",
-                          "100")
-    assert result.stderr.strip().splitlines()[-1].startswith("herd: error: --calibration and --calibration-tokens "
-                                                             "calibrate GPTQ; int8 takes none")
+        with pytest.raises((ValueError, FileNotFoundError), match=f"^{re.escape(error)}"):
+            quantize(str(float_dir), scheme, tmp_path / "bad", None, files, tokens)
     assert not (tmp_path / "bad").exists()
 
 
@@ -169,7 +173,7 @@ def test_a_tied_model_whose_output_alone_is_quantized_expands_to_that_output(tmp
                          tie_embeddings=True)
     model = Transformer(config)
     source = save_checkpoint((config, model.state_dict(), herd.load_tokenizer()), tmp_path / "float", "meta")
-    assert run_quantize(str(source), "--scheme", "fp8", "--out", str(tmp_path / "q")).returncode == 0
+    quantized(source, "fp8", tmp_path / "q")
     output = herd.load(tmp_path / "q").model.output
     stored = output.codes.float() * output.scales[:, None]
     for back in (herd.load(tmp_path / "q", quantize=None).model,
@@ -196,7 +200,7 @@ def test_the_embedding_table_is_stored_in_int8_blocks(tmp_path, tied):
     with torch.no_grad():
         expected = blocks.quantize_int8(model.tok_embeddings.weight, 32).dequantize()[tokens]
         assert torch.equal(table(tokens), expected)
-    assert run_quantize(str(source), "--scheme", "int8", "--out", str(tmp_path / "q")).returncode == 0
+    quantized(source, "int8", tmp_path / "q")
     tables = 1 if tied else 2
     assert (tmp_path / "q" / FILE).stat().st_size < 1.3 * tables * config.vocab_size * config.dim  # no float copy
     loaded = herd.load(tmp_path / "q").model
@@ -340,7 +344,7 @@ def test_a_quantized_file_that_cannot_fit_is_refused_before_it_is_read(float_dir
     from herd.quant import load, store
 
     out = tmp_path / "q"
-    assert run_quantize(str(float_dir), "--scheme", "int8", "--out", str(out)).returncode == 0
+    quantized(float_dir, "int8", out)
     size = (out / FILE).stat().st_size
     with monkeypatch.context() as patch:
         patch.setattr(store, "_hashed", lambda items: pytest.fail("a tensor was read"))

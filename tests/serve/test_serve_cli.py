@@ -22,28 +22,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_line_error(args, fragment):
-    done = subprocess.run([*HERD, "serve", *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("herd: error:") and fragment in lines[0], done.stderr
-    assert "Traceback" not in done.stderr and not done.stdout
-
-
 def test_bad_flags_missing_model_and_taken_port_fail_in_one_line(tmp_path):
-    one_line_error(["--bogus"], "--bogus")
-    one_line_error(["--max-batch", "0"], "--max-batch")
-    one_line_error(["--kv-cache-dtype", "int8"], "--kv-cache-dtype")
-    one_line_error(["--timeout", "-1"], "--timeout must be above 0")  # every reply had ended empty at once
-    one_line_error(["--timeout", "nan"], "--timeout must be above 0")  # no reply had ever timed out
-    one_line_error(["--tools", "os:nope"], "os:nope")  # an operator's function that is not there
-    one_line_error(["--api-key", ""], "--api-key: a key is empty")  # an unset $KEY had let an empty Bearer in
-    one_line_error([str(tmp_path / "missing.gguf")], "missing.gguf")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        one_line_error(["--port", str(port)], f"127.0.0.1:{port}")
+        cases = [
+            (["--bogus"], "--bogus"),
+            (["--max-batch", "0"], "--max-batch"),
+            (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
+            (["--timeout", "-1"], "--timeout must be above 0"),  # every reply had ended empty at once
+            (["--timeout", "nan"], "--timeout must be above 0"),  # no reply had ever timed out
+            (["--tools", "os:nope"], "os:nope"),  # an operator's function that is not there
+            (["--api-key", ""], "--api-key: a key is empty"),  # an unset $KEY had let an empty Bearer in
+            ([str(tmp_path / "missing.gguf")], "missing.gguf"),
+            (["--port", str(port)], f"127.0.0.1:{port}"),
+        ]
+        # All at once: each is a process that starts Python and torch, then stops in one line.
+        started = [subprocess.Popen([*HERD, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for args, _ in cases]
+        for process, (args, fragment) in zip(started, cases):
+            out, err = process.communicate(timeout=300)
+            assert process.returncode != 0, (args, err)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("herd: error:") and fragment in lines[0], (args, err)
+            assert "Traceback" not in err and not out
 
 
 @pytest.mark.heavy
