@@ -9,6 +9,7 @@ IGNORE where nothing is learnt. Every bad row fails with one line naming the fil
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -154,7 +155,8 @@ def encode_preferences(rows: Iterable[tuple[str, dict]], encoder: DialogEncoder,
         prompt_messages = _messages(row, "prompt", where)
         keys = ["edited", "chosen", "rejected"] if row.get("edited") is not None else ["chosen", "rejected"]
         replies = [_reply(row, k, where) for k in keys]
-        for (a, ra), (b, rb) in zip(zip(keys, replies), zip(keys[1:], replies[1:])):
+        # Every pair, not only neighbours: a ranked triple trains on all three of its pairs (edited > rejected too).
+        for (a, ra), (b, rb) in itertools.combinations(zip(keys, replies), 2):
             if ra == rb:
                 raise DataError(f"{where}: {a} and {b} are the same reply; a preference needs two different ones")
         tools = row.get("tools")

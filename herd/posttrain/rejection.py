@@ -145,37 +145,46 @@ def verifier_scorer(verifier) -> Scorer:
     return VerifierScorer(verifier)
 
 
-def reward_scorer(path: str | Path, chunk: int = 16) -> Scorer:
-    """Scores from a `herd finetune` reward model: the prompt and reply in its own chat format, one score each."""
-    from herd.posttrain.finetune import load_reward_model
+class RewardScorer:
+    """Scores from a `herd finetune` reward model: the prompt and reply in its own chat format, one score each. A
+    reply is a message (as the model wrote it: a tool call as its call, ended by <|eom_id|>) or text, read as the
+    chat format reads a reply (a call after <|python_tag|> spelled out as text had been scored as plain text)."""
 
-    model, llm = load_reward_model(path)
-    encoder = DialogEncoder(llm.chat_format)
-    pad = llm.tokenizer.pad_id if llm.tokenizer.pad_id is not None else 0
+    def __init__(self, path: str | Path, chunk: int = 16):
+        from herd.posttrain.finetune import load_reward_model
+
+        self.model, self.llm = load_reward_model(path)
+        self.encoder, self.chunk = DialogEncoder(self.llm.chat_format), chunk
+        self.pad = self.llm.tokenizer.pad_id if self.llm.tokenizer.pad_id is not None else 0
 
     @torch.no_grad()
-    def scorer(rows: Sequence[dict], replies: Sequence[str]) -> list[float]:
+    def __call__(self, rows: Sequence[dict], replies: Sequence[str | dict]) -> list[float]:
         sequences = []
         for row, reply in zip(rows, replies):
-            prompt = encoder.prompt(row["messages"], row.get("tools"))
-            written = encoder.reply(prompt, row["messages"], {"role": "assistant", "content": reply}, row.get("tools"))
-            sequences.append((prompt + written)[:model.body.config.max_seq_len])
+            message = reply if isinstance(reply, dict) else self.llm.chat_format.decode_assistant(reply)
+            prompt = self.encoder.prompt(row["messages"], row.get("tools"))
+            written = self.encoder.reply(prompt, row["messages"], message, row.get("tools"))
+            sequences.append((prompt + written)[:self.model.body.config.max_seq_len])
         scores: list[float] = []
-        for start in range(0, len(sequences), chunk):
-            part = sequences[start:start + chunk]
-            tokens = torch.full((len(part), max(map(len, part))), pad, dtype=torch.long)
+        for start in range(0, len(sequences), self.chunk):
+            part = sequences[start:start + self.chunk]
+            tokens = torch.full((len(part), max(map(len, part))), self.pad, dtype=torch.long)
             for i, ids in enumerate(part):
                 tokens[i, :len(ids)] = torch.tensor(ids)
             lengths = torch.tensor([len(ids) for ids in part])
-            scores += model(tokens.to(llm.device), lengths.to(llm.device)).tolist()
+            scores += self.model(tokens.to(self.llm.device), lengths.to(self.llm.device)).tolist()
         return scores
 
-    return scorer
+
+def reward_scorer(path: str | Path, chunk: int = 16) -> Scorer:
+    return RewardScorer(path, chunk)
 
 
 def score(samples: Sequence[Sampled], scorer: Scorer) -> None:
     for s in tqdm(samples, desc="scoring", unit="prompt"):
-        s.scores = list(scorer([s.row] * len(s.replies), s.replies))
+        # A reward model reads the replies as the model wrote them; a verifier (or any scorer) their text.
+        replies = s.messages if isinstance(scorer, RewardScorer) and s.messages else s.replies
+        s.scores = list(scorer([s.row] * len(s.replies), replies))
         s.verified = isinstance(scorer, VerifierScorer)
 
 

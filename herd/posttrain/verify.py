@@ -17,9 +17,9 @@ Verifier = Callable[[dict, str], float]
 
 # A number as a reply writes it: "1,000" (commas only between groups of three digits: "3,4" is two numbers), "2.5",
 # ".5", "1e5" and "2.5E-3" (an exponent only where no letter follows: "3eggs" is 3), a simple fraction "1/2", and a
-# minus only where it starts a number ("2-5" is 2 and 5, not 2 and -5).
+# minus (a hyphen, or U+2212 as typeset maths writes it) only where it starts a number ("2-5" is 2 and 5, not -5).
 _NUMBER = re.compile(r"""
-    (?P<sign>(?<![\w)\]])-)?
+    (?P<sign>(?<![\w)\]])[-\u2212])?
     (?: (?P<numerator>\d+)/(?P<denominator>0*[1-9]\d*)(?!\d|\.\d)
       | (?P<value>(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+(?!\w))?) )
 """, re.VERBOSE)

@@ -163,6 +163,9 @@ def _write(tmp_path, lines):
      r"rows.jsonl:1: chosen and rejected are the same reply"),
     (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "edited": "a"}'], "pref",
      r"rows.jsonl:1: edited and chosen are the same reply"),
+    # not neighbours in the ranking: it had trained on a pair of one reply twice
+    (['{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "edited": "b"}'], "pref",
+     r"rows.jsonl:1: edited and rejected are the same reply"),
 ])
 def test_bad_rows_fail_with_one_line_naming_the_row(tmp_path, llama3_format, lines, kind, message):
     rows = read_jsonl(_write(tmp_path, lines))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from herd.llm import LLM
 from herd.posttrain import rejection
@@ -91,6 +92,8 @@ def test_numbers_are_read_as_written():
     assert answer({"answer": "1,000"}, "It is 1000.") == 1.0 and answer({"answer": "1/2"}, "0.5") == 1.0
     assert numbers("1e5, 2.5E-3, -1e+2 and 3e") == [100_000, 0.0025, -100, 3]
     assert numbers("3eggs, 2e3rd, 1e5x") == [3, 2, 3, 1, 5]   # no exponent where a letter follows
+    # typeset maths writes U+2212 for minus: "−7" had been 7, right for the answer 7 and wrong for -7
+    assert numbers("x = \u22127 and (\u22121/2)") == [-7, -0.5] and answer({"answer": -7}, "It is \u22127.") == 1.0
     assert expected_answer("1e5") == 100_000 and answer({"answer": 1000}, "It is 1e3") == 1.0
     assert only_answer({"answer": 0.001}, "1E-3") == 1.0
     for bad in ("\\frac{1}{2}", "twelve", "1e999", True, None, float("nan")):
@@ -272,6 +275,34 @@ def test_a_sampled_tool_call_is_kept_as_the_call_the_model_wrote(llama3_format):
     assert [t for t, learnt in zip(sft.ids, sft.target) if learnt] == call + [eom]
     [pair] = encode_preferences([("pair", rejection.preference_rows([sampled])[0])], encoder, 4096)
     assert pair.replies == [call + [eom], answer + [eot]]
+
+
+def test_a_reward_model_scores_a_tool_call_as_the_model_wrote_it(llama3_format, tmp_path):
+    """The reward model had read a call's text as a plain reply ("<|python_tag|>" spelled out, <|eot_id|>)."""
+    from safetensors.torch import save_file
+
+    from herd.checkpoint import save_checkpoint
+    from herd.generate.sequence import Completion
+    from herd.posttrain.finetune import REWARD_HEAD
+    from herd.posttrain.data import DialogEncoder
+
+    tok = llama3_format.tokenizer
+    model = tiny_model()
+    save_checkpoint((model.config, model.state_dict(), tok), tmp_path / "rm", "meta")
+    save_file({"weight": torch.randn(1, model.config.dim, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "rm" / REWARD_HEAD))
+    scorer = rejection.reward_scorer(tmp_path / "rm")
+    llm = LLM(tiny_model().eval(), tok, llama3_format)
+    tag, eom = tok.special_tokens["<|python_tag|>"], tok.special_tokens["<|eom_id|>"]
+    call = [tag, *tok.encode("print(6 * 7)", bos=False)]
+    llm.generator.generate = lambda prompts, params, n: [Completion(prompts[0], call, tok.decode(call), "stop", eom)]
+    row = {"messages": [{"role": "system", "content": "Environment: ipython"}, {"role": "user", "content": "6 * 7?"}]}
+    samples = rejection.generate_samples(llm, [row], rejection.SampleConfig(k=1))
+    rejection.score(samples, scorer)
+    prompt = DialogEncoder(llama3_format).prompt(row["messages"])
+    written = torch.tensor([prompt + call + [eom]])
+    with torch.no_grad():
+        assert samples[0].scores[0] == pytest.approx(scorer.model(written, torch.tensor([written.shape[1]])).item())
 
 
 def test_sample_refuses_a_row_whose_answer_is_no_number_before_the_model_loads(tmp_path, monkeypatch):

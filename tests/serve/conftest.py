@@ -47,6 +47,15 @@ class Server(AppServer):
         super().__init__(create_app(llm, settings, **app_options))
 
 
+@pytest.fixture
+def serve_app():
+    """`serve_app(app)`: an ASGI app served on loopback for this test (its AppServer), stopped after it."""
+    started = []
+    yield lambda app: started.append(AppServer(app)) or started[-1]
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     return herd.load()

@@ -474,36 +474,31 @@ def test_a_tool_response_keeps_its_call_id(scripted, llama_stack):
     assert turn.input_messages[0].call_id == "call-1" and seen[0][0][-1]["tool_call_id"] == "call-1"
 
 
-def test_a_turn_whose_client_hangs_up_stops_generating_and_frees_its_session(default_llm):
+def test_a_turn_whose_client_hangs_up_stops_generating_and_frees_its_session(default_llm, serve_app):
     """Streamed or not: a non-streamed turn had run to its end (300 tokens for nobody, the session locked, and the
     abandoned turn then in the session's history); a streamed one stopped only when the garbage collector ran."""
     import httpx
 
-    from conftest import KEY as SERVER_KEY, Server
+    server = serve_app(create_app(default_llm, ServeSettings(api_keys=(KEY,)), routers=[router]))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    c = httpx.Client(base_url=server.url, headers=headers, timeout=120)
+    agent = c.post("/v1/agents", json={"sampling": {"max_tokens": 300, "ignore_eos": True}}).json()["agent_id"]
+    session = c.post(f"/v1/agents/{agent}/session", json={}).json()["session_id"]
+    url = f"/v1/agents/{agent}/session/{session}/turn"
+    story = {"messages": [{"role": "user", "content": "Tell me a long story."}]}
+    scheduler = default_llm.generator.scheduler
 
-    server = Server(default_llm, ServeSettings(api_keys=(SERVER_KEY,)), routers=[router])
-    headers = {"Authorization": f"Bearer {SERVER_KEY}"}
-    try:
-        c = httpx.Client(base_url=server.url, headers=headers, timeout=120)
-        agent = c.post("/v1/agents", json={"sampling": {"max_tokens": 300, "ignore_eos": True}}).json()["agent_id"]
-        session = c.post(f"/v1/agents/{agent}/session", json={}).json()["session_id"]
-        url = f"/v1/agents/{agent}/session/{session}/turn"
-        story = {"messages": [{"role": "user", "content": "Tell me a long story."}]}
-        scheduler = default_llm.generator.scheduler
+    def stopped_soon():
+        deadline = time.monotonic() + 3
+        while scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not scheduler.running
 
-        def stopped_soon():
-            deadline = time.monotonic() + 3
-            while scheduler.running and time.monotonic() < deadline:
-                time.sleep(0.02)
-            return not scheduler.running
-
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + url, headers=headers, json={**story, "stream": False}, timeout=1.0)
-        assert stopped_soon()
-        with httpx.stream("POST", server.url + url, headers=headers, json={**story, "stream": True}) as events:
-            next(line for line in events.iter_lines() if "step_progress" in line)
-        assert stopped_soon()
-        assert not server.app.state.agents[agent].sessions[session].lock.locked()
-        assert c.get(f"/v1/agents/{agent}/session/{session}").json()["turns"] == []  # neither was answered
-    finally:
-        server.stop()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + url, headers=headers, json={**story, "stream": False}, timeout=1.0)
+    assert stopped_soon()
+    with httpx.stream("POST", server.url + url, headers=headers, json={**story, "stream": True}) as events:
+        next(line for line in events.iter_lines() if "step_progress" in line)
+    assert stopped_soon()
+    assert not server.app.state.agents[agent].sessions[session].lock.locked()
+    assert c.get(f"/v1/agents/{agent}/session/{session}").json()["turns"] == []  # neither was answered
