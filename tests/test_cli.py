@@ -14,6 +14,18 @@ def herd_cli(*args, stdin=""):
                           timeout=600)
 
 
+def herd_clis(*commands, stdin="", env=None) -> list[subprocess.CompletedProcess]:
+    """Several `herd` commands at once (each a process that starts Python and torch), their results in order."""
+    started = [subprocess.Popen([sys.executable, "-m", "herd.cli", *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for args in commands]
+    done = []
+    for process in started:
+        out, err = process.communicate(stdin, timeout=600)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return done
+
+
 def assert_one_line_error(result, *words):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -61,20 +73,20 @@ def test_a_message_over_the_context_goes_unanswered_with_tools_too():
 
 def test_bad_sampling_options_fail_before_the_model_loads():
     # --seed had been "Overflow when unpacking long long" once the model was read, --logprobs -1 refused only then
-    for args in (["--repetition-penalty", "0"], ["--min-p", "1.5"], ["--top-p", "0"], ["--seed", str(1 << 64)],
-                 ["--logprobs", "-1"]):
-        result = herd_cli("generate", "hi", *args)
+    cases = (["--repetition-penalty", "0"], ["--min-p", "1.5"], ["--top-p", "0"], ["--seed", str(1 << 64)],
+             ["--logprobs", "-1"])
+    for args, result in zip(cases, herd_clis(*(["generate", "hi", *args] for args in cases))):
         assert_one_line_error(result, args[0][2:].replace("-", "_") if args[0] != "--logprobs" else "--logprobs")
         assert "loaded" not in result.stderr
 
 
 def test_missing_model():
-    result = herd_cli("generate", "hi", "--model", "/nowhere/model.gguf")
+    result, hub_id = herd_clis(["generate", "hi", "--model", "/nowhere/model.gguf"],
+                               ["generate", "hi", "--model", "meta-llama/Llama-3.1-8B-Instruct"])
     assert_one_line_error(result, "/nowhere/model.gguf")
     assert "hf download" not in result.stderr
     # a hub id: herd downloads nothing, and says how to
-    assert_one_line_error(herd_cli("generate", "hi", "--model", "meta-llama/Llama-3.1-8B-Instruct"),
-                          "herd downloads nothing", "hf download meta-llama/Llama-3.1-8B-Instruct")
+    assert_one_line_error(hub_id, "herd downloads nothing", "hf download meta-llama/Llama-3.1-8B-Instruct")
 
 
 def test_a_hub_id_is_found_in_the_local_hub_cache(tmp_path):
@@ -94,14 +106,9 @@ def test_a_hub_id_is_found_in_the_local_hub_cache(tmp_path):
 
     models = [str(default_model_path()), "someone/SmolLM2-GGUF", "someone/SmolLM2-GGUF/smollm2.Q4_1.gguf",
               "someone/SmolLM2-GGUF/other.gguf", "someone/elsewhere"]
-    started = [subprocess.Popen([sys.executable, "-m", "herd.cli", "generate", "The capital of France is", "--model",
-                                 model, "--max-tokens", "4", "--temperature", "0"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env) for model in models]  # all at once
-    done = []
-    for process in started:
-        out, err = process.communicate(timeout=600)
-        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
-    expected, by_id, by_file, other, elsewhere = done
+    expected, by_id, by_file, other, elsewhere = herd_clis(
+        *(["generate", "The capital of France is", "--model", model, "--max-tokens", "4", "--temperature", "0"]
+          for model in models), env=env)
     assert expected.returncode == 0 and expected.stdout.strip(), expected.stderr
     assert by_id.stdout == expected.stdout and by_file.stdout == expected.stdout
     assert_one_line_error(other, "hf download someone/SmolLM2-GGUF ")
@@ -288,9 +295,10 @@ def test_kv_cache_mib_sets_how_much_of_a_long_context_is_held(tmp_path):
                          max_seq_len=131072)
     path = save_checkpoint((config, Transformer(config).state_dict(), herd.load_tokenizer()), tmp_path / "m", "hf")
     prompt = "Paris " * 9000  # about 9,000 tokens: past the 8,192 any cache holds, within the model's context
-    small = herd_cli("generate", "-", "--model", str(path), "--kv-cache-mib", "1", stdin=prompt)
+    small, large = herd_clis(["generate", "-", "--model", str(path), "--kv-cache-mib", "1"],
+                             ["generate", "-", "--model", str(path), "--kv-cache-mib", "8", "--max-tokens", "2"],
+                             stdin=prompt)
     assert_one_line_error(small, "the KV cache holds 8192 (the model's context is 131072)", "give the cache more memory")
-    large = herd_cli("generate", "-", "--model", str(path), "--kv-cache-mib", "8", "--max-tokens", "2", stdin=prompt)
     assert large.returncode == 0, large.stderr
 
 
