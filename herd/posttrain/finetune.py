@@ -261,16 +261,11 @@ def cached_reference_logps(model: nn.Module, examples, mask_formatting: bool, pa
     precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     refs: list[torch.Tensor | None] = [None] * len(examples)
     with adapters_off(model), precision:
-        # In chunks of one kind (three ranked replies, or two), which a batch cannot mix.
-        for ranks in dict.fromkeys(len(e.replies) for e in examples):
-            same = [i for i, e in enumerate(examples) if len(e.replies) == ranks]
-            for start in range(0, len(same), chunk):
-                part = same[start:start + chunk]
-                batch = preference_batch([examples[i] for i in part], mask_formatting=mask_formatting,
-                                         pad_id=pad_id)
-                logps = reference_logps(model, {k: v.to(device) for k, v in batch.items()})
-                for i, row in zip(part, logps.view(-1, len(part)).T.cpu()):
-                    refs[i] = row
+        for part in micro_batches(list(enumerate(examples)), chunk, list, lambda item: len(item[1].replies)):
+            batch = preference_batch([e for _, e in part], mask_formatting=mask_formatting, pad_id=pad_id)
+            logps = reference_logps(model, {k: v.to(device) for k, v in batch.items()})
+            for (i, _), row in zip(part, logps.view(-1, len(part)).T.cpu()):
+                refs[i] = row
     with atomic_output(path) as tmp:
         torch.save({"key": key, "logps": refs}, tmp)
     return refs

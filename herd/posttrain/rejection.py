@@ -205,10 +205,6 @@ def _reply(s: Sampled, i: int) -> dict:
     return s.messages[i] if s.messages else {"role": "assistant", "content": s.replies[i]}
 
 
-def _with_reply(row: dict, reply: dict) -> list[dict]:
-    return [*row["messages"], reply]
-
-
 def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> list[dict]:
     """One SFT row per prompt: its best-scored keepable reply (the first of equals), if it reaches `min_score`."""
     kept = []
@@ -218,7 +214,8 @@ def best_rows(samples: Iterable[Sampled], min_score: float | None = None) -> lis
             continue
         best = max(keepable, key=lambda i: s.scores[i])
         if min_score is None or s.scores[best] >= min_score:
-            kept.append(_with_tools(s.row, {"messages": _with_reply(s.row, _reply(s, best)), "score": s.scores[best]}))
+            row = {"messages": [*s.row["messages"], _reply(s, best)], "score": s.scores[best]}
+            kept.append(_with_tools(s.row, row))
     return kept
 
 

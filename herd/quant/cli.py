@@ -32,7 +32,7 @@ def quantize(
     from herd.checkpoint.hf import hf_config
     from herd.checkpoint.vocab import write_tokenizer
     from herd.llm import resolve_model_path
-    from herd.quant.blocks import _Blocks
+    from herd.quant.blocks import BlockEmbedding, BlockLinear
     from herd.quant.schemes import Calibration, Scheme
     from herd.quant.store import FILE, save_quantized
 
@@ -50,7 +50,7 @@ def quantize(
     out = check_output(out, "hf", resolve_model_path(model), "--out")
     with atomic_directory(out) as tmp:  # an interruption leaves no half a model
         llm = herd.load(model, quantize=parsed, device="cpu")
-        if parsed.kind == "gguf" and not any(isinstance(m, _Blocks) for m in llm.model.modules()):
+        if parsed.kind == "gguf" and not any(isinstance(m, (BlockLinear, BlockEmbedding)) for m in llm.model.modules()):
             raise ValueError(f"{model or 'the default model'} holds no GGUF quantized tensors for the gguf scheme to "
                              "keep: choose int8, int4 or fp8 to quantize it")
         save_quantized(llm.model, parsed.to_dict(), tmp / FILE)

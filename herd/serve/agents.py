@@ -331,8 +331,8 @@ async def create_turn(request: Request, agent_id: str, session_id: str):
         agent = _agent(request, config)
     except (ToolError, ValueError) as error:
         raise APIError(400, str(error), param="tool_config.tool_choice") from None
-    events = _turn_events(agent, config, session, session_id, messages, request.app.state.herd.shields)
-    events = _ending_in_errors(events)
+    events = _ending_in_errors(_turn_events(agent, config, session, session_id, messages,
+                                            request.app.state.herd.shields))
     if body.stream is False:
         return await _whole_turn(request, events)
     count_served(request)  # as the other streams: a 200 once it opens, its errors its last events

@@ -16,7 +16,8 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from herd.tokenizer import TokenizerError
-from herd.tokenizer.tool_calls import parse_custom_calls, text_before_calls
+from herd.tokenizer.tool_calls import call_texts, parse_custom_calls, text_before_calls
+from herd.tokenizer.tool_prompts import with_tool_prompts
 
 if TYPE_CHECKING:
     from herd.tokenizer.hf import HFTokenizer
@@ -174,9 +175,6 @@ class TemplateChatFormat:
         `tool_prompt_format` is not used; `tools` is passed to the template, which may show them. A template that
         knows nothing of tools (SmolLM2's) gets Llama 3.1's tool instructions as messages, and earlier calls
         written into the assistant's text: in prompts and training targets alike."""
-        from herd.tokenizer.tool_calls import call_texts
-        from herd.tokenizer.tool_prompts import with_tool_prompts
-
         template = self.template_for(tools)
         if tools and "tools" not in template:
             messages, tools = with_tool_prompts(list(messages), tools, "json"), None

@@ -226,12 +226,16 @@ def pretrain(config: TrainConfig) -> dict:
         tokenizer = load_tokenizer(shards.tokenizer["spec"])
     except Exception:  # noqa: BLE001 - weights still export; only the tokenizer is missing
         tokenizer = None
-    # The ceiling of the precision the run computes in: a float32 peak under bf16 autocast read ~15x high on a GPU.
-    dtype = autocast_dtype(config.training.dtype, env.device) or torch.float32
-    peak = config.run.peak_flops or measure_peak_flops(env.device, dtype)
-    if not config.run.peak_flops and env.rank == 0:
-        print(f"herd train: MFU is against a {str(dtype).removeprefix('torch.')} matmul peak of {peak / 1e12:.3g} "
-              "TFLOP/s per device, measured now (set run.peak_flops to fix it)", file=sys.stderr, flush=True)
+    peak = config.run.peak_flops
+    if not peak:
+        # The ceiling of the precision the run computes in: a float32 peak under bf16 autocast read ~15x high on a
+        # GPU.
+        dtype = autocast_dtype(config.training.dtype, env.device) or torch.float32
+        peak = measure_peak_flops(env.device, dtype)
+        if env.rank == 0:
+            print(f"herd train: MFU is against a {str(dtype).removeprefix('torch.')} matmul peak of "
+                  f"{peak / 1e12:.3g} TFLOP/s per device, measured now (set run.peak_flops to fix it)",
+                  file=sys.stderr, flush=True)
     trainer = Trainer(config, parts, batches, env=env, pipeline=pipeline, eval_batches=eval_batches,
                       flops_per_token=functools.partial(flops_per_token, model_config), peak_flops=peak,
                       export=make_export(model_config, tokenizer, config.checkpoint.export_format),
