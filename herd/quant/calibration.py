@@ -2,7 +2,6 @@
 that ships with herd (the Apache License 2.0, a text unlike the GPL the fidelity tests measure on)."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from herd.checkpoint.base import Checkpoint
 from herd.model.llama import rotations
 from herd.quant.gptq import hessians
 from herd.quant.schemes import Calibration, SchemeError, set_module
+from herd.rows import DataError, read_jsonl
 
 CALIBRATION_TEXT = Path(__file__).parent / "resources" / "calibration.txt"
 BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -36,27 +36,25 @@ def _documents(files: tuple[str, ...]) -> Iterator[str]:
         yield CALIBRATION_TEXT.read_text()
     for name in files:
         path = Path(name)
+        if path.suffix in (".jsonl", ".json"):
+            try:
+                yield from (_text(where, record) for where, record in read_jsonl(path))
+            except DataError as error:  # it names the file and line
+                raise SchemeError(f"calibration file {error}") from None
+            continue
         try:
-            text = path.read_text(encoding="utf-8")
+            yield path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
             raise SchemeError(f"calibration file {path}: {reason}; give plain text or JSON Lines with a "
                               '"text" field') from None
-        if path.suffix not in (".jsonl", ".json"):
-            yield text
-            continue
-        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                document = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SchemeError(f'calibration file {path}, line {number}: not a JSON object with a "text" '
-                                  "field") from None
-            if not isinstance(document, str):
-                raise SchemeError(f'calibration file {path}, line {number}: "text" is not a string')
-            yield document
+
+
+def _text(where: str, record: dict) -> str:
+    if not isinstance(record.get("text"), str):
+        raise SchemeError(f'calibration file {where}: no "text" string in this row; give JSON Lines with a '
+                          '"text" field')
+    return record["text"]
 
 
 class LayerwiseHessians(Mapping[str, torch.Tensor]):

@@ -21,7 +21,7 @@ from herd.tokenizer import TokenizerError
 from herd.tokenizer.llama3 import SPLIT_PATTERN as LLAMA3_SPLIT_PATTERN
 
 if TYPE_CHECKING:
-    import gguf
+    from herd.checkpoint.gguf_reader import GGUFFile
 
 # Tokens that end a text or a turn in the vocabularies we know; generation stops on any of them.
 # The end-of-text ones come first: they stand in for EOS when a checkpoint names none.
@@ -165,7 +165,7 @@ class HFTokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader) -> HFTokenizer:
+    def from_gguf(cls, reader: GGUFFile) -> HFTokenizer:
         """The tokenizer embedded in a GGUF's metadata (llama.cpp's "gpt2" byte-level BPE vocabularies)."""
         where = getattr(reader.data, "filename", "GGUF file")
 

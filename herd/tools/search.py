@@ -8,12 +8,12 @@ gives the model: {"query", "top_k": [{"title", "url", "description"}]}.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from herd.rows import DataError, read_jsonl
 from herd.tools.http import ToolError, get_json
 
 BRAVE_URL = "https://api.search.brave.com/res/v1"
@@ -116,16 +116,14 @@ def load_collection(path: Path) -> list[Document]:
     if path.suffix != ".jsonl":
         return [Document(path.stem, path.as_uri(), path.read_text(encoding="utf-8", errors="replace"))]
     documents = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record["text"]
-            except (ValueError, KeyError, TypeError):
-                raise ToolError(f"{path}:{number} is not a JSON object with a \"text\" field") from None
-            url = record.get("url") or f"{path.as_uri()}#{record.get('id', number)}"
+    try:
+        for where, record in read_jsonl(path):
+            text = record.get("text")
+            if not isinstance(text, str):
+                raise ToolError(f"{where} is not a JSON object with a \"text\" field")
+            url = record.get("url") or f"{path.as_uri()}#{record.get('id', where.rsplit(':', 1)[1])}"
             title = record.get("title") or text.strip().split("\n", 1)[0][:80]
             documents.append(Document(title, url, text))
+    except DataError as error:
+        raise ToolError(str(error)) from None
     return documents

@@ -7,10 +7,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
-import gguf
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from herd.checkpoint.gguf_reader import GGUFFile
 from herd.tokenizer import HFTokenizer, load_tokenizer
 from herd.tokenizer.hf import BYTE_CHARS
 from herd.tokenizer.llama3 import SPECIAL_TOKEN_NAMES, bundled_model_path
@@ -94,7 +94,7 @@ def tiny_json_dir(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_reader():
-    return gguf.GGUFReader(SMOLLM2_GGUF)
+    return GGUFFile(SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="session")

@@ -125,3 +125,6 @@ def test_bm25_over_a_directory_and_bad_collections(tmp_path, monkeypatch):
     bad.write_text('{"text": "ok"}\n{"no_text": 1}\n')
     with pytest.raises(ToolError, match=r"bad.jsonl:2 is not a JSON object with a \"text\" field"):
         BraveSearch(collection=bad)("x")
+    marked = tmp_path / "marked.jsonl"  # a byte-order mark (Windows editors write one) opens the file
+    marked.write_text("\ufeff" + json.dumps(DOCS[0]) + "\n")
+    assert [d.text for d in load_collection(marked)] == [DOCS[0]["text"]]
