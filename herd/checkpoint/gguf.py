@@ -19,7 +19,7 @@ from gguf import quants
 
 from herd.checkpoint.base import Checkpoint, LazyStateDict, LazyTensor, check_shapes, expected_shapes
 from herd.checkpoint.errors import CheckpointError
-from herd.checkpoint.gguf_reader import GGUFFile
+from herd.gguf_file import GGUFFile
 from herd.model.config import ModelConfig, RopeScaling
 
 ARCH = "llama"

@@ -58,7 +58,7 @@ def load_tokenizer(path: str | Path | None = None) -> Llama3Tokenizer | HFTokeni
 
 def _gguf_tokenizer(path: Path) -> HFTokenizer:
     # herd's own reader: gguf-py's took 7 s over the default model's vocabulary, against 0.6 s
-    from herd.checkpoint.gguf_reader import GGUFFile
+    from herd.gguf_file import GGUFFile
 
     try:
         reader = GGUFFile(path)

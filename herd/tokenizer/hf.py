@@ -21,7 +21,7 @@ from herd.tokenizer import TokenizerError
 from herd.tokenizer.llama3 import SPLIT_PATTERN as LLAMA3_SPLIT_PATTERN
 
 if TYPE_CHECKING:
-    from herd.checkpoint.gguf_reader import GGUFFile
+    from herd.gguf_file import GGUFFile
 
 # Tokens that end a text or a turn in the vocabularies we know; generation stops on any of them.
 # The end-of-text ones come first: they stand in for EOS when a checkpoint names none.

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from herd.checkpoint.gguf_reader import GGUFFile
+from herd.gguf_file import GGUFFile
 from herd.tokenizer import HFTokenizer, load_tokenizer
 from herd.tokenizer.hf import BYTE_CHARS
 from herd.tokenizer.llama3 import SPECIAL_TOKEN_NAMES, bundled_model_path
