@@ -14,7 +14,8 @@ from typing import Any
 from herd.tokenizer import TokenizerError
 from herd.tokenizer.hf import HFTokenizer
 from herd.tokenizer.llama3 import Llama3Tokenizer
-from herd.tokenizer.template import TemplateChatFormat, content_texts
+from herd.tokenizer.content import content_texts
+from herd.tokenizer.template import TemplateChatFormat
 from herd.tokenizer.tool_calls import (BUILTIN_TOOLS, TOOL_PROMPT_FORMATS, call_name, call_texts, parse_calls,
                                        text_before_calls)
 from herd.tokenizer.tool_prompts import with_tool_prompts

@@ -16,25 +16,15 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from herd.tokenizer import TokenizerError
+from herd.tokenizer.content import content_texts
 from herd.tokenizer.tool_calls import call_texts, parse_custom_calls, text_before_calls
 from herd.tokenizer.tool_prompts import with_tool_prompts
+from herd.tokenizer.written import WrittenCalls
 
 if TYPE_CHECKING:
     from herd.tokenizer.hf import HFTokenizer
 
 Message = dict[str, Any]
-
-
-def content_texts(content: str | list[dict[str, Any]] | None) -> list[str]:
-    """The texts of a message's content: a string, None, or a list of OpenAI-style parts ({"type": "text", "text":
-    ...}; other kinds carry no text). Anything else is a ValueError saying what was given."""
-    if content is None or isinstance(content, str):
-        return [content] if content else []
-    if isinstance(content, list) and all(isinstance(part, dict) and (part.get("type") != "text" or isinstance(
-            part.get("text"), str)) for part in content):
-        return [part["text"] for part in content if part.get("type") == "text"]
-    raise ValueError("a message's content must be a string or a list of parts such as {'type': 'text', 'text': "
-                     f"'...'}}, not {json.dumps(content, default=repr)[:60]}")
 
 
 def render_template(
@@ -153,8 +143,6 @@ class TemplateChatFormat:
     """The chat format of a tokenizer that carries its own chat template; same interface as `ChatFormat`."""
 
     def __init__(self, tokenizer: HFTokenizer):
-        from herd.tokenizer.written import WrittenCalls  # which reads messages with this module's content_texts
-
         if not tokenizer.chat_template:
             raise TokenizerError("this tokenizer carries no chat template; use ChatFormat for Llama 3 checkpoints")
         self.tokenizer = tokenizer

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from herd.tokenizer.content import content_texts
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
 
 Message = dict[str, Any]
@@ -79,7 +80,7 @@ def with_tool_prompts(
     """
     builtins, custom = _split_tools(tools)
     system, rest = (messages[0], messages[1:]) if messages and messages[0]["role"] == "system" else (None, messages)
-    instruction = _text(system["content"]) if system else None
+    instruction = "".join(content_texts(system["content"])) if system else None
     if tool_prompt_format == "python_list":
         parts = [_environment(builtins) if builtins else "", _python_list_prompt(custom) if custom else ""]
         content = "\n".join(p for p in [*parts, instruction or ""] if p).strip("\n")
@@ -126,12 +127,6 @@ def _custom_tool(function: dict[str, Any]) -> CustomTool:
         for name, p in ((name, p if isinstance(p, dict) else {}) for name, p in properties.items())
     )
     return CustomTool(function["name"], function.get("description") or "", params)
-
-
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    if isinstance(content, list):
-        return "\n".join(part["text"] for part in content if part.get("type") == "text")
-    return content or ""
 
 
 def _environment(builtins: list[str]) -> str:

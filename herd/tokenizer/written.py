@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from herd.tokenizer.template import content_texts
+from herd.tokenizer.content import content_texts
 from herd.tokenizer.tool_calls import call_arguments, call_name
 
 

@@ -247,6 +247,12 @@ def test_published_builtin_tools_prompt(fmt):
     assert fmt.encode_dialog(dialog, tools=as_functions, today=SEPT_21) == fmt.encode_dialog(
         dialog, tools=tools, today=SEPT_21
     )
+    # A system message in parts joins them as every other message's parts are joined (it had taken a newline).
+    parts = {"role": "system", "content": [{"type": "text", "text": "You are a helpful"},
+                                           {"type": "text", "text": " assistant."}]}
+    assert fmt.encode_dialog([parts, dialog[1]], tools=tools, today=SEPT_21) == fmt.encode_dialog(
+        dialog, tools=tools, today=SEPT_21
+    )
 
 
 def test_published_code_interpreter(fmt):
