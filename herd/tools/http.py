@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,11 +18,26 @@ MAX_BODY_BYTES = 8 << 20  # an API's answer; a larger one is no answer a model c
 
 def get_json(url: str, params: dict, *, headers: dict[str, str], timeout: float, service: str) -> dict:
     """GET `url?params` and parse its JSON body; any failure is a one-line ToolError naming `service`. `timeout`
-    bounds the whole answer (a server sending a byte a second had kept a turn waiting for minutes), give or take one
-    read's wait."""
+    bounds the whole call: the lookup, the headers and the body (a server sending a byte a second had kept a turn
+    waiting for minutes); a call past it is left to end on its own thread."""
+    outcome: list = []
+    caller = threading.Thread(target=_get, args=(outcome, url, params, headers, timeout, service), daemon=True)
+    caller.start()
+    caller.join(timeout)
+    if not outcome:
+        raise ToolError(f"{service} took longer than {timeout:g} s to answer")
+    body = outcome[0]
+    if isinstance(body, ToolError):
+        raise body
+    if not isinstance(body, dict):
+        raise ToolError(f"{service} answered with unexpected JSON")
+    return body
+
+
+def _get(outcome: list, url: str, params: dict, headers: dict[str, str], timeout: float, service: str) -> None:
+    """get_json's call, on its own thread: the parsed body, or the ToolError, appended to `outcome`."""
     request = urllib.request.Request(f"{url}?{urllib.parse.urlencode(params)}",
                                      headers={"Accept": "application/json", **headers})
-    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = bytearray()
@@ -30,16 +45,13 @@ def get_json(url: str, params: dict, *, headers: dict[str, str], timeout: float,
                 data += chunk
                 if len(data) > MAX_BODY_BYTES:
                     raise ToolError(f"{service} answered with more than {MAX_BODY_BYTES:,} bytes")
-                if time.monotonic() > deadline:
-                    raise ToolError(f"{service} took longer than {timeout:g} s to answer")
-            body = json.loads(data)
+            outcome.append(json.loads(data))
+    except ToolError as error:
+        outcome.append(error)
     except urllib.error.HTTPError as error:
         hint = " (check the API key)" if error.code in (401, 403) else " (rate limited)" if error.code == 429 else ""
-        raise ToolError(f"{service} answered HTTP {error.code} {error.reason}{hint}") from None
+        outcome.append(ToolError(f"{service} answered HTTP {error.code} {error.reason}{hint}"))
     except (urllib.error.URLError, TimeoutError, OSError) as error:
-        raise ToolError(f"{service} could not be reached: {getattr(error, 'reason', error)}") from None
+        outcome.append(ToolError(f"{service} could not be reached: {getattr(error, 'reason', error)}"))
     except ValueError:
-        raise ToolError(f"{service} answered with something that is not JSON") from None
-    if not isinstance(body, dict):
-        raise ToolError(f"{service} answered with unexpected JSON")
-    return body
+        outcome.append(ToolError(f"{service} answered with something that is not JSON"))

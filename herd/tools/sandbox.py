@@ -11,8 +11,10 @@ tree (the PID namespace dies with it). Where no cgroup can be made (not root, or
 bound a tree's memory but N processes times the per-process limit, so the code then runs as a single task: it can
 start no process and no thread (said once, on stderr). Run by root, bwrap keeps only CAP_SETUID/CAP_SETGID and the
 code then drops to a fresh unprivileged uid (root is exempt from RLIMIT_NPROC); run by a user, the code lives in a
-new user namespace. On x86-64 a seccomp filter keeps the code from making user namespaces of its own (inside one it
-would hold every capability: what most kernel privilege escalations start from).
+new user namespace. On x86-64 and arm64 a seccomp filter keeps the code from making user namespaces of its own
+(inside one it would hold every capability: what most kernel privilege escalations start from), from tracing or
+reading other processes and from the keyrings, and, where no cgroup bounds the memory, from memory no rlimit
+counts. The filesystem's own tmpfs (/, /dev) is read-only; bwrap itself gets no environment of the host's.
 
 Where no sandbox can be made (bwrap missing, namespaces refused) the code is not run: the result says why.
 """
@@ -37,6 +39,7 @@ import sysconfig
 import tarfile
 import tempfile
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -121,7 +124,7 @@ def _sandboxed(code: str, files: dict[str, bytes | str], limits: Limits, *, font
         uid = _drop_to_uid()
         cgroup = _tree_limit(limits)
         results, results_in = os.pipe()
-        seccomp = _seccomp_filter()
+        seccomp = _seccomp_filter(bounded=cgroup is not None)
         if seccomp is not None:
             extra = [*extra, "--seccomp", str(seccomp)]
         try:
@@ -142,24 +145,62 @@ def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 _LOAD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
 _ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
 _CLONE_NEWUSER, _EPERM, _ENOSYS = 0x10000000, 1, 38
-# seccomp_data is {int nr; u32 arch; u64 ip; u64 args[6]}: unshare (272) and clone (56) with CLONE_NEWUSER in their
-# flags fail with EPERM; clone3 (435), whose flags sit behind a pointer a filter cannot read, with ENOSYS, on which
-# the C library falls back to clone; x32 and 32-bit calls, which would number these calls otherwise, with EPERM.
-_NO_USER_NAMESPACES = b"".join([
-    _bpf(_LOAD, 4), _bpf(_JEQ, 0xC000003E, jf=9),  # AUDIT_ARCH_X86_64
-    _bpf(_LOAD, 0), _bpf(_JGE, 0x40000000, jt=7), _bpf(_JEQ, 272, jt=3), _bpf(_JEQ, 56, jt=2),
-    _bpf(_JEQ, 435, jt=5), _bpf(_RET, _ALLOW),
-    _bpf(_LOAD, 16), _bpf(_JSET, _CLONE_NEWUSER, jt=1), _bpf(_RET, _ALLOW),
-    _bpf(_RET, _ERRNO | _EPERM), _bpf(_RET, _ERRNO | _ENOSYS),
-])
 
 
-def _seccomp_filter() -> int | None:
-    """A file descriptor holding _NO_USER_NAMESPACES for bwrap's --seccomp, on x86-64 (the numbers are its own)."""
-    if platform.machine() != "x86_64":
+@dataclass(frozen=True)
+class _Syscalls:
+    """One architecture's audit number and the numbers of the calls the filter looks at."""
+    arch: int
+    unshare: int
+    clone: int
+    clone3: int
+    # Denied outright: ptrace and another process's memory (a user's sandbox runs bwrap's init and the boot script
+    # as the code's own uid: attached, init had been moved out of reach of the kill and outlived the host), and the
+    # keyrings (the session keyring is the host's: a key added there by the host had been read from the code).
+    denied: tuple[int, ...]
+    # Denied too where no cgroup bounds the tree: memory that no rlimit counts (memfd pages, System V segments).
+    unbounded: tuple[int, ...]
+    shadow_numbers: bool = False  # x86-64: numbers from 0x40000000 are x32's, which name these calls otherwise
+
+
+_ARCHES = {
+    "x86_64": _Syscalls(0xC000003E, unshare=272, clone=56, clone3=435,
+                        denied=(101, 310, 311, 248, 249, 250), unbounded=(319, 29), shadow_numbers=True),
+    "aarch64": _Syscalls(0xC00000B7, unshare=97, clone=220, clone3=435,
+                         denied=(117, 270, 271, 217, 218, 219), unbounded=(279, 194)),
+}
+
+
+def _filter_program(calls: _Syscalls, bounded: bool) -> bytes:
+    """seccomp_data is {int nr; u32 arch; u64 ip; u64 args[6]}. unshare and clone with CLONE_NEWUSER in their flags
+    (their first argument) fail with EPERM, and so do the denied calls and every call of another architecture;
+    clone3, whose flags sit behind a pointer a filter cannot read, fails with ENOSYS, on which the C library falls
+    back to clone."""
+    denied = calls.denied + (() if bounded else calls.unbounded)
+    # Jumps count instructions forward from the next one; the program ends: flags check (3), EPERM, ENOSYS.
+    body = [(_JEQ, calls.unshare, "flags"), (_JEQ, calls.clone, "flags"), (_JEQ, calls.clone3, "enosys"),
+            *[(_JEQ, number, "eperm") for number in denied]]
+    if calls.shadow_numbers:
+        body.insert(0, (_JGE, 0x40000000, "eperm"))
+    flags = 3 + len(body) + 1  # after the two loads, the arch check, the body and its ALLOW
+    where = {"flags": flags, "eperm": flags + 3, "enosys": flags + 4}
+    program = [_bpf(_LOAD, 4), _bpf(_JEQ, calls.arch, jf=where["eperm"] - 2), _bpf(_LOAD, 0)]
+    for index, (op, k, target) in enumerate(body, start=3):
+        program.append(_bpf(op, k, jt=where[target] - index - 1))
+    program += [_bpf(_RET, _ALLOW),
+                _bpf(_LOAD, 16), _bpf(_JSET, _CLONE_NEWUSER, jt=1), _bpf(_RET, _ALLOW),
+                _bpf(_RET, _ERRNO | _EPERM), _bpf(_RET, _ERRNO | _ENOSYS)]
+    return b"".join(program)
+
+
+def _seccomp_filter(bounded: bool) -> int | None:
+    """A file descriptor holding the filter for bwrap's --seccomp, on the architectures whose numbers we know.
+    bounded: whether a cgroup bounds the tree's memory."""
+    calls = _ARCHES.get(platform.machine())
+    if calls is None:
         return None
     fd = os.memfd_create("herd-seccomp")
-    os.write(fd, _NO_USER_NAMESPACES)
+    os.write(fd, _filter_program(calls, bounded))
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -270,6 +311,8 @@ def _command(control: Path, uid: int | None, limits: Limits, tasks: int, results
         "--ro-bind", str(control), _INSIDE_CONTROL,
         "--perms", "0777", "--size", str(limits.work_mb << 20), "--tmpfs", WORK_DIR,
         *extra,
+        # The root and /dev are tmpfs mounts of no bounded size, writable by a user's sandbox, whose code owns them.
+        "--remount-ro", "/dev", "--remount-ro", "/",
         "--chdir", WORK_DIR,
         "--clearenv", *[a for key, value in env.items() for a in ("--setenv", key, value)],
         "--", interpreter, "-I", "-B", "-X", "utf8", f"{_INSIDE_CONTROL}/boot.py", json.dumps(config),
@@ -283,7 +326,7 @@ def _execute(command: list[str], limits: Limits, cgroup: SandboxCgroup | None, r
     a few seconds later, should the code have stopped the boot script."""
     try:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   start_new_session=True, umask=0o022, pass_fds=(results_in, *passed),
+                                   start_new_session=True, umask=0o022, pass_fds=(results_in, *passed), env={},
                                    preexec_fn=cgroup.enter if cgroup else None)
     except OSError:
         os.close(results)
@@ -337,11 +380,18 @@ def _returned_files(data: bytes, limits: Limits) -> tuple[dict, dict[str, bytes]
                 if (not member.isreg() or path.is_absolute() or ".." in path.parts or len(files) >=
                         limits.returned_files or total + member.size > limits.returned_bytes):
                     continue
-                files[str(path)] = tar.extractfile(member).read()
+                files[_readable(str(path))] = tar.extractfile(member).read()
                 total += member.size
     except (tarfile.TarError, EOFError, OSError):
         pass
     return status if isinstance(status, dict) else {}, files
+
+
+def _readable(name: str) -> str:
+    """A returned file's name as text anyone can print: bytes that are not UTF-8 (tarfile keeps them as surrogates,
+    which JSON cannot carry) and control characters (terminal escapes, in `herd chat`) become U+FFFD."""
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in name)
 
 
 class _CappedReader:
@@ -360,7 +410,8 @@ class _CappedReader:
         self.pipe.close()
 
     def data(self) -> bytes:
-        self.thread.join()
+        # Bounded: a process that escaped the kill would hold the pipe open, and the run would never return.
+        self.thread.join(timeout=_GRACE)
         return bytes(self.kept)
 
     def text(self) -> str:
@@ -419,5 +470,9 @@ def _write_inputs(inputs: Path, files: dict[str, bytes | str], limits: Limits) -
             raise ValueError(f"the input files exceed the working directory's {limits.work_mb} MiB; pass fewer or "
                              "smaller files, or raise Limits.work_mb")
         target = inputs / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            raise ValueError(f"input file name {name!r} clashes with another, which makes it a directory or its "
+                             "parent a file; give each file a path of its own") from None

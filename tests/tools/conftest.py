@@ -22,12 +22,10 @@ class StandIn:
                                           "headers": dict(self.headers)})
                 status, body, *pause = stand_in.routes.get(url.path, (404, {"error": "not found"}))
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                for start in range(0, len(data), 1 if pause else len(data) or 1):  # a pause: a byte at a time
-                    self.wfile.write(data[start:start + (1 if pause else len(data))])
+                head = (f"HTTP/1.1 {status} {self.responses[status][0]}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+                for start in range(0, len(head + data), 1 if pause else len(head + data)):  # a pause: byte by byte
+                    self.wfile.write((head + data)[start:start + (1 if pause else len(head + data))])
                     self.wfile.flush()
                     if pause:
                         time.sleep(pause[0])

@@ -1,4 +1,5 @@
 """The code interpreter contains hostile code: each attack is reported as an error and leaves the host as it was."""
+import errno
 import io
 import json
 import os
@@ -195,6 +196,34 @@ def test_the_code_cannot_make_a_user_namespace_but_still_threads_and_forks():
     assert result["stdout"].splitlines() == ["-1 1", "-1 1", "thread", "child"], result
 
 
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="the seccomp filter knows these two")
+@pytest.mark.parametrize("bounded", [True, False])
+def test_the_code_cannot_trace_read_keyrings_or_take_uncounted_memory(monkeypatch, bounded):
+    """ptrace, another process's memory and the keyrings (the host's session keyring: a key the host added had been
+    read from the code) are refused; memfd and System V memory, which no rlimit counts, where no cgroup bounds it."""
+    if not bounded:
+        monkeypatch.setattr(sandbox.SandboxCgroup, "make", lambda *a, **k: None)
+    code = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "def show(result):\n    print(result, ctypes.get_errno() if result == -1 else 0)\n"
+            "show(libc.ptrace(0, 0, 0, 0))\n"  # PTRACE_TRACEME
+            "show(libc.process_vm_readv(os.getppid(), None, 0, None, 0, 0))\n"
+            "show(libc.syscall(%d, -3, 0, 0))\n"  # keyctl(KEYCTL_GET_KEYRING_ID, session)
+            "show(libc.shmget(0, 1 << 20, 0o600))\n"
+            "try:\n    os.memfd_create('x')\n    print('memfd')\nexcept OSError as e:\n    print(e.errno)")
+    keyctl = {"x86_64": 250, "aarch64": 219}[os.uname().machine]
+    lines = run_python(code % keyctl)["stdout"].splitlines()
+    assert lines[:3] == [f"-1 {errno.EPERM}"] * 3
+    assert lines[3:] == (["0 0", "memfd"] if bounded else [f"-1 {errno.EPERM}", str(errno.EPERM)]), lines
+
+
+def test_returned_file_names_are_printable_and_clashing_inputs_are_an_error():
+    code = "open(b'\\xff.png', 'wb').write(b'x')\nopen('\\x1b]0;owned\\x07.txt', 'w').write('y')"
+    assert run_python(code)["files"] == {"\ufffd.png": b"x", "\ufffd]0;owned\ufffd.txt": b"y"}
+    assert run_python("", files={"a": b"", "a/b": b""})["error"] == (
+        "input file name 'a/b' clashes with another, which makes it a directory or its parent a file; give each "
+        "file a path of its own")
+
+
 def test_sockets_reach_nothing():
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
@@ -283,7 +312,27 @@ sandbox = module
 bomb = ("import os, time\\nn = 0\\ntry:\\n    while n < 1000:\\n        if os.fork() == 0:\\n"
         "            time.sleep(5)\\n            os._exit(0)\\n        n += 1\\nexcept OSError:\\n    print(n)")
 print(json.dumps([sandbox.run_python("import os\\nprint(os.getuid(), sorted(os.listdir('/')))"),
-                  sandbox.run_python(bomb, limits=sandbox.Limits(processes=12))]))
+                  sandbox.run_python(bomb, limits=sandbox.Limits(processes=12)),
+                  sandbox.run_python(sys.argv[2])]))
+"""
+# What a user's sandbox, whose code owns its namespace's root, had let it do: write to the unbounded tmpfs of / and
+# /dev, read the host's environment from bwrap's init (/proc/1), attach to init (then move it out of the kill's
+# reach).
+OWNED = """import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+out = []
+for path in ('/x', '/etc/x', '/dev/x', '/dev/shm/x'):
+    try:
+        open(path, 'w')
+        out.append('wrote ' + path)
+    except OSError as e:
+        out.append(e.errno)
+try:
+    out.append('HERD_TEST_SECRET' in open('/proc/1/environ').read())
+except OSError as e:
+    out.append(e.errno)
+out += [libc.ptrace(16, 1, 0, 0), ctypes.get_errno()]
+print(json.dumps(out))
 """
 
 
@@ -292,13 +341,14 @@ print(json.dumps([sandbox.run_python("import os\\nprint(os.getuid(), sorted(os.l
 def test_unprivileged_user_gets_a_user_namespace_sandbox():
     """The path a non-root user takes: bwrap makes a user namespace, where RLIMIT_NPROC counts only its own."""
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
-                             UNPRIVILEGED, str(Path(sandbox.__file__).parent)], capture_output=True, text=True, timeout=120,
-                            cwd="/")
+                             UNPRIVILEGED, str(Path(sandbox.__file__).parent), OWNED], capture_output=True,
+                            text=True, timeout=120, cwd="/", env={**os.environ, "HERD_TEST_SECRET": "x"})
     assert result.returncode == 0, result.stderr
-    hello, bomb = json.loads(result.stdout)
+    hello, bomb, probe = json.loads(result.stdout)
     uid, root = hello["stdout"].split(" ", 1)
     assert uid == "65534" and "work" in root and "root" not in root and hello["error"] is None
     assert int(bomb["stdout"]) < 12
+    assert json.loads(probe["stdout"]) == [errno.EROFS] * 4 + [False, -1, errno.EPERM], probe
 
 
 def test_the_working_directory_holds_at_most_its_size():

@@ -56,7 +56,8 @@ def test_brave_api_errors_are_one_line(stand_in, monkeypatch):
 
 
 def test_a_slow_or_huge_answer_is_cut_off(stand_in, monkeypatch):
-    # A byte every 0.2 s with a 1 s timeout had waited for the whole answer, the timeout counting per read.
+    # A byte every 0.2 s with a 1 s timeout had waited for the whole answer, the timeout counting per read (and,
+    # once the body's reads were timed, for the whole of its headers).
     stand_in.routes["/res/v1/web/search"] = (200, BRAVE_ANSWER, 0.2)
     began = time.monotonic()
     with pytest.raises(ToolError, match=r"Brave Search took longer than 1 s to answer"):
