@@ -30,14 +30,19 @@ class GrammarError(ValueError):
 # counted repeats (`[a-z]{1,1000}` 0.04 s, `{1,20000}` 25 s), so a request of a few hundred bytes could hold it.
 MAX_SCHEMA_DEPTH = 64  # levels of the schema document
 MAX_PATTERN_REPEATS = 2000  # the counts in all of its patterns' {m}, {m,} and {m,n}, added up
+# OpenAI's documented limits for structured outputs: a schema of 12,000 properties, each an enum of five values
+# (938 KB, under the body limit), had held the compiler, and every other request's grammar, for 137 s.
+MAX_PROPERTIES = 5000  # object properties, all objects together
+MAX_ENUM_VALUES = 1000  # enum values, all enums together
 # xgrammar keeps every grammar it compiles unless given a limit (about 0.4 MiB for an ordinary schema): a server
 # meeting new schemas and tool lists grew by that much per request for as long as it ran. vLLM bounds it too.
 GRAMMAR_CACHE_BYTES = 64 << 20
 
 
 def check_schema_size(schema: Any) -> None:
-    """GrammarError where `schema` nests deeper or repeats more than the limits above."""
-    repeats, stack = 0, [(schema, 1)]
+    """GrammarError where `schema` nests deeper, repeats more or holds more properties or enum values than the
+    limits above."""
+    repeats, properties, enums, stack = 0, 0, 0, [(schema, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:
@@ -48,9 +53,16 @@ def check_schema_size(schema: Any) -> None:
                 value.get("patternProperties"), dict) else ())]
             repeats += sum(int(n) for pattern in patterns if isinstance(pattern, str)
                            for pair in re.findall(r"\{(\d+)(?:,(\d*))?\}", pattern) for n in pair if n)
+            properties += len(value["properties"]) if isinstance(value.get("properties"), dict) else 0
+            enums += len(value["enum"]) if isinstance(value.get("enum"), list) else 0
             stack += [(v, depth + 1) for v in value.values()]
         elif isinstance(value, list):
             stack += [(v, depth + 1) for v in value]
+    for count, limit, what in ((properties, MAX_PROPERTIES, "object properties"),
+                               (enums, MAX_ENUM_VALUES, "enum values")):
+        if count > limit:
+            raise GrammarError(f"the JSON schema holds {count} {what} in all; at most {limit} are allowed (as "
+                               "OpenAI's structured outputs): split the request")
     if repeats > MAX_PATTERN_REPEATS:
         raise GrammarError(f"the JSON schema's patterns repeat {repeats} times in all ({{m,n}} counts); at most "
                            f"{MAX_PATTERN_REPEATS} are allowed")
@@ -306,16 +318,17 @@ class JsonGrammars:
 
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
+        schema = schema if schema is not None else {"type": "object"}
+        # Checked before the lock, which only the compiler needs: another request's schema waits for no check.
+        check_schema_size(schema)
+        check_enforceable(schema)
         with self._lock:
             # In the schema's own order: the grammar writes properties in it (a reason before its answer).
-            compiled = self._compiled(json.dumps(schema if schema is not None else {"type": "object"}))
+            compiled = self._compiled(json.dumps(schema))
         return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
 
     def _compile(self, schema_text: str):
-        """The grammar of a schema (as JSON), checked and compiled once however many matchers use it."""
-        schema = json.loads(schema_text)
-        check_schema_size(schema)
-        check_enforceable(schema)
+        """The grammar of a schema (as JSON), compiled once however many matchers use it."""
         try:
             # Compact JSON: a model allowed free whitespace can pad forever and never close the document.
             return self._compiler.compile_json_schema(schema_text, any_whitespace=False)

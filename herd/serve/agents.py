@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -138,12 +139,12 @@ def _choosing(tools: list[str], tool_choice: str) -> tuple[list[str], str]:
     return ([], "auto") if tool_choice == "none" else (tools, tool_choice)
 
 
-def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str, Any]:
+async def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str, Any]:
     """Llama Stack's AgentConfig ({"agent_config": {"model", "instructions", "toolgroups", "max_infer_iters",
     "sampling_params", "tool_config"}}) as herd's: it had been ignored, and the agent made without its instructions
     or tools. What herd cannot do is refused by name rather than dropped."""
     state = server_state(request)
-    config = validate(request, _LlamaStackAgent, data, None).agent_config
+    config = (await validate(request, _LlamaStackAgent, data, None)).agent_config
     shields = state.shields.names if state.shields is not None else []
     if config.model not in (None, state.model_name):
         raise APIError(404, f"the model '{config.model}' does not exist; this server has '{state.model_name}'",
@@ -233,7 +234,7 @@ def _agents(request: Request) -> dict[str, _Agent]:
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     """The request's body as `model`, read as every route reads one: key first, then the size limit and JSON."""
-    return validate(request, model, await read_json(request), None)
+    return await validate(request, model, await read_json(request), None)
 
 
 def _find(request: Request, agent_id: str, session_id: str | None = None):
@@ -251,8 +252,8 @@ async def create_agent(request: Request) -> dict:
     agents = _agents(request)
     data = await read_json(request)
     if isinstance(data, dict) and "agent_config" in data:  # a Llama Stack client's body
-        data = _from_llama_stack(request, data)
-    config = validate(request, AgentConfig, data, None)
+        data = await _from_llama_stack(request, data)
+    config = await validate(request, AgentConfig, data, None)
     try:
         _agent(request, config)  # a bad tool or tool_choice is a 400 now, not an error at the first turn
     except (ToolError, ValueError) as error:
@@ -331,8 +332,9 @@ async def create_turn(request: Request, agent_id: str, session_id: str):
         agent = _agent(request, config)
     except (ToolError, ValueError) as error:
         raise APIError(400, str(error), param="tool_config.tool_choice") from None
-    events = _ending_in_errors(_turn_events(agent, config, session, session_id, messages,
-                                            request.app.state.herd.shields))
+    state = request.app.state.herd
+    events = _ending_in_errors(_turn_events(agent, config, session, session_id, messages, state.shields,
+                                            state.settings.request_timeout))
     if body.stream is False:
         return await _whole_turn(request, events)
     count_served(request)  # as the other streams: a 200 once it opens, its errors its last events
@@ -355,6 +357,9 @@ async def _in_thread(events: Iterator[dict]) -> AsyncIterator[dict]:
         worker.shutdown(wait=False)
 
 
+_STATUS = {"context_length_exceeded": 400, "request_timeout": 504}  # a failed turn's, by its error's code
+
+
 async def _whole_turn(request: Request, events: Iterator[dict]) -> JSONResponse:
     """Llama Stack's non-streaming answer: the Turn, or the error (with its status, as nothing has been sent)."""
     async def last_event():
@@ -366,7 +371,7 @@ async def _whole_turn(request: Request, events: Iterator[dict]) -> JSONResponse:
     last = await unless_disconnected(request, last_event())
     if last is None or "error" in last:
         error = (last or internal_error(RuntimeError("the turn ended without an answer")).body())["error"]
-        raise APIError(400 if error["code"] == "context_length_exceeded" else 500, error["message"],
+        raise APIError(_STATUS.get(error["code"], 500), error["message"],
                        type=error["type"], param=error["param"], code=error["code"])
     count_served(request)
     return JSONResponse(last["event"]["payload"]["turn"])
@@ -379,6 +384,8 @@ def _ending_in_errors(events: Iterator[dict]) -> Iterator[dict]:
     except ContextLengthError as error:  # the session's dialog (with this turn's tool results) outgrew the model
         yield APIError(400, f"{error}, or start a new session (an agent's prompt is its session's whole dialog)",
                        code="context_length_exceeded").body()
+    except APIError as error:
+        yield error.body()
     except Exception as error:
         log.exception("internal error in an agent's turn")
         yield internal_error(error).body()
@@ -392,12 +399,18 @@ def _agent(request: Request, config: AgentConfig) -> Agent:
                          "Python functions with `herd serve --tools pkg.module:function`)")
     tools = [state.tools.get(name) or builtin_tool(name) for name in config.tools]
     shields = state.shields  # Prompt Guard, when the server has it, screens every tool result
+    sampling, cap = dict(config.sampling), state.settings.max_tokens  # the operator's --max-tokens, as elsewhere
+    if cap is not None:
+        sampling["max_tokens"] = min(sampling.get("max_tokens") or cap, cap)
     return Agent(state.llm, tools=tools, max_steps=config.max_steps, tool_choice=config.tool_choice,
-                 guard=shields.tool_guard() if shields is not None else None, **config.sampling)
+                 guard=shields.tool_guard() if shields is not None else None, **sampling)
 
 
 def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,
-                 messages: list[dict], shields=None) -> Iterator[dict]:
+                 messages: list[dict], shields=None, timeout: float = math.inf) -> Iterator[dict]:
+    """`timeout`: the server's --timeout, for the whole turn (its wait for the session included), as for any
+    request: a turn had run its steps and tools to their end, minutes past it."""
+    deadline = time.monotonic() + timeout
     with session.lock:
         if not session.dialog and config.instructions:
             session.dialog.append({"role": "system", "content": config.instructions})
@@ -406,7 +419,12 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
         steps: list[dict] = []
         inference, execution, text = None, None, ""
         dialog = session.dialog + messages
-        for step in agent.run(dialog) if shields is None else _shielded(agent, shields, dialog):
+        steps_taken = agent.run(dialog) if shields is None else _shielded(agent, shields, dialog)
+        for step in steps_taken:
+            if time.monotonic() > deadline:
+                steps_taken.close()  # its sequence stops now
+                raise APIError(504, f"the turn ran past this server's limit of {timeout:g} s (--timeout); ask for "
+                                    "fewer tokens or steps", type="server_error", code="request_timeout")
             # A FinalAnswer that is not the dialog's last message is the reply before the limit (max_steps, no room
             # for a result), already reported with its calls: the model ran no further step.
             replied = isinstance(step, FinalAnswer) and bool(step.messages) and step.messages[-1] is step.message

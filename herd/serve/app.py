@@ -26,6 +26,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -64,6 +65,9 @@ class ServeSettings:
     request_timeout: float = 600.0  # seconds; a request still generating then ends with what it has
     # browser origins whose pages may call the API (CORS), "*" for any; none: same-origin only (the chat page)
     allowed_origins: tuple[str, ...] = ()
+    # the host names requests may be addressed to, none: any. A server on loopback names its own: a web page whose
+    # name an attacker points at 127.0.0.1 (DNS rebinding) is otherwise of the same origin, and reads the answers.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self):
         # A timeout of 0 or less had every reply end empty at once; NaN had none end.
@@ -77,6 +81,9 @@ class ServeSettings:
         if any(not key.strip() or key != key.strip() for key in self.api_keys):
             raise ValueError("api_keys: a key is empty or has spaces around it (an unset variable?); an empty key "
                              "would let any request in and a padded one none: give each key as its text")
+        if not all(key.isascii() and key.isprintable() for key in self.api_keys):  # headers arrive as latin-1
+            raise ValueError("api_keys: a key holds characters other than printable ASCII, which no client's "
+                             "Authorization header would match; give an ASCII key")
 
 
 @dataclass
@@ -124,6 +131,8 @@ def create_app(llm, settings: ServeSettings | None = None, *, routers: list[APIR
         app.include_router(router)
     _error_handlers(app)
     app.add_middleware(_InternalErrors)
+    if settings.allowed_hosts:
+        app.add_middleware(_KnownHosts, hosts=settings.allowed_hosts)
     if settings.allowed_origins:  # outermost: a browser's preflight is answered before any key is asked for
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -167,6 +176,22 @@ def _error_handlers(app: FastAPI) -> None:
         return answer(request, APIError(400, str(error)))
 
 
+class _KnownHosts:
+    """Requests addressed (Host header) to one of `hosts` only; any other is a 400."""
+
+    def __init__(self, app, hosts: tuple[str, ...]):
+        self.app, self.hosts = app, {host.lower() for host in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = re.sub(r":\d+$", "", Headers(scope=scope).get("host", "")).strip("[]").lower()
+            if host not in self.hosts:
+                error = APIError(400, f"this server answers requests to {', '.join(sorted(self.hosts))}, not to "
+                                      f"{host or 'no host'}; address it by one of those names", code="unknown_host")
+                return await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class _InternalErrors:
     """An exception no route expected becomes an OpenAI-style 500 on a connection that stays open. (FastAPI's
     handler for Exception runs in Starlette's outermost middleware, which answers and then raises again: uvicorn
@@ -203,6 +228,12 @@ async def read_json(request: Request) -> dict[str, Any]:
     request.state.arrived = time.perf_counter()  # what the latency metrics count from
     state = server_state(request)
     check_key(request.headers.get("authorization"), state.settings.api_keys)
+    # A web page may send any site a text/plain or form body without asking it first (CORS lets such "simple"
+    # requests through); only a JSON body, which needs the server's consent, is read.
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"the request body must be sent as application/json, not {media_type or 'no type'}; "
+                            "set the header Content-Type: application/json", code="unsupported_media_type")
     limit = state.settings.max_body_bytes
     if int(request.headers.get("content-length") or 0) > limit:
         raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
@@ -227,10 +258,14 @@ async def read_json(request: Request) -> dict[str, Any]:
     return data
 
 
-def validate(request: Request, model: type, data: dict[str, Any], model_id: str | None) -> Any:
+async def validate(request: Request, model: type, data: dict[str, Any], model_id: str | None) -> Any:
     """`data` as a `model`, for this server's model (named by the field `model_id`, if the request names one), past
-    the input checks."""
-    state = server_state(request)
+    the input checks. On a worker thread: a request of a thousand tool schemas had held the event loop, and with it
+    every stream and /health, for 14 s."""
+    return await asyncio.to_thread(_validated, server_state(request), model, data, model_id)
+
+
+def _validated(state: ServerState, model: type, data: dict[str, Any], model_id: str | None) -> Any:
     try:
         parsed = model.model_validate(data)
     except ValidationError as error:
@@ -256,7 +291,7 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 async def _parse(request: Request, model: type) -> Any:
-    parsed = validate(request, model, await read_json(request), "model")
+    parsed = await validate(request, model, await read_json(request), "model")
     limit = server_state(request).settings.max_n
     if parsed.n > limit:
         raise APIError(400, f"n is at most {limit}", param="n", code="invalid_value")
@@ -505,7 +540,7 @@ async def chat_completions(request: Request):
     calls_allowed = None if body.parallel_tool_calls else 1
     tools = [t.model_dump() for t in body.tools] if use_tools else None
     try:
-        prompt = llm.chat_prompt(messages, tools)
+        prompt = await asyncio.to_thread(llm.chat_prompt, messages, tools)  # as validate: off the event loop
     except (ValueError, KeyError, TypeError) as error:
         raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
     max_tokens = budget(state, [prompt], body.max_completion_tokens or body.max_tokens)
@@ -798,7 +833,7 @@ def _completion_logprobs(tok, entries: list, offsets: TextOffsets) -> dict[str, 
 async def tokenize(request: Request):
     """vLLM's token counting: the ids a completion's prompt or a chat's messages (and tools) become here."""
     state = server_state(request)
-    body: TokenizeRequest = validate(request, TokenizeRequest, await read_json(request), "model")
+    body: TokenizeRequest = await validate(request, TokenizeRequest, await read_json(request), "model")
     llm = state.llm
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give either a prompt or messages", param="prompt", code="invalid_value")
@@ -817,7 +852,7 @@ async def tokenize(request: Request):
 @openai_router.post("/detokenize")
 async def detokenize(request: Request):
     state = server_state(request)
-    body: DetokenizeRequest = validate(request, DetokenizeRequest, await read_json(request), "model")
+    body: DetokenizeRequest = await validate(request, DetokenizeRequest, await read_json(request), "model")
     vocab = text_vocab(state.llm)
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"a token id is outside the vocabulary (0..{vocab - 1})", param="tokens",

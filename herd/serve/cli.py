@@ -2,7 +2,9 @@
 uvicorn."""
 from __future__ import annotations
 
+import ipaddress
 import os
+import resource
 import socket
 from typing import Optional
 
@@ -69,7 +71,8 @@ def serve_cmd(
     keys = tuple(api_key or ([os.environ["HERD_API_KEY"]] if os.environ.get("HERD_API_KEY") else []))
     try:  # before the model loads: a bad setting fails at once
         settings = ServeSettings(api_keys=keys, model_name=model_name, max_n=max_n, max_tokens=max_tokens,
-                                 request_timeout=timeout, allowed_origins=tuple(allowed_origin or ()))
+                                 request_timeout=timeout, allowed_origins=tuple(allowed_origin or ()),
+                                 allowed_hosts=_loopback_names(host))
     except ValueError as error:
         raise ValueError(str(error).replace("request_timeout", "--timeout").replace("api_keys", "--api-key")
                          .replace("allowed_origins", "--allowed-origin")) from None  # the rest typer checks
@@ -79,7 +82,25 @@ def serve_cmd(
     app = create_app(llm, settings, routers=[agents_router], shields=shields, tools=functions)
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
+    _more_open_files()
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+
+
+def _more_open_files() -> None:
+    """The soft limit on open files raised to the hard one (as vLLM does): at a shell's 1,024, a thousand idle
+    connections had used them all, and a client with the right key timed out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 1 << 20)), hard))
+
+
+def _loopback_names(host: str) -> tuple[str, ...]:
+    """The names a server bound to loopback answers to (its guard against DNS rebinding); elsewhere none: any."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return ()
+    return ("localhost", "127.0.0.1", "::1", host) if loopback else ()
 
 
 def _check_port(host: str, port: int) -> None:

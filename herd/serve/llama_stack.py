@@ -272,7 +272,7 @@ async def _parse(request: Request, model: type) -> Any:
         # The shields screen the OpenAI chat route only: a guarded server keeps no unguarded door open.
         raise APIError(403, "this server runs with safety shields, which screen /v1/chat/completions only",
                        type="permission_error", code="shielded_server")
-    return validate(request, model, data, "model_id")
+    return await validate(request, model, data, "model_id")
 
 
 # -- replies -------------------------------------------------------------------------------------------------
@@ -491,7 +491,7 @@ async def get_shield(request: Request, identifier: str):
 
 @router.post("/safety/run-shield")
 async def run_shield(request: Request):
-    body: RunShieldRequest = validate(request, RunShieldRequest, await read_json(request), None)
+    body: RunShieldRequest = await validate(request, RunShieldRequest, await read_json(request), None)
     names = _names(request)
     if body.shield_id not in names:
         raise APIError(404, f"no shield '{body.shield_id}' on this server; it has {names or 'none'} "

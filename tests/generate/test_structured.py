@@ -123,6 +123,22 @@ def test_a_schema_that_is_no_json_schema_is_refused(grammars, schema):
         grammars.constraint(schema)
 
 
+def test_a_schema_over_openai_s_limits_is_refused_before_the_compiler_sees_it(grammars):
+    """12,000 properties, each an enum of five values (938 KB), had held the compiler, and every other request's
+    grammar with it, for 137 s; OpenAI's structured outputs take at most 5,000 properties and 1,000 enum values."""
+    from herd.tools.functions import check_parameters
+
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(5001)}}
+    enums = {"type": "object", "properties": {f"p{i}": {"enum": [1, 2, 3, 4, 5, 6, 7]} for i in range(143)}}
+    with pytest.raises(GrammarError, match="holds 5001 object properties in all; at most 5000"):
+        grammars.constraint(many)
+    with pytest.raises(GrammarError, match="holds 1001 enum values in all; at most 1000"):
+        grammars.constraint(enums)
+    with pytest.raises(ValueError, match="'f'.s parameter schema is too large: .* 5001 object properties"):
+        check_parameters("f", many)
+    grammars.constraint({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(50)}})
+
+
 def test_a_reference_outside_the_schema_is_refused_not_read_as_any_value(grammars):
     remote = {"type": "object", "properties": {"a": {"$ref": "https://example.com/thing.json"}}, "required": ["a"]}
     assert grammar_accepts(grammars, remote, {"a": [1, "anything"]})

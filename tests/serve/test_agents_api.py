@@ -87,7 +87,8 @@ def test_errors_are_4xx(api):
                        ).status_code == 401
     huge = client.post("/v1/agents", json={"instructions": "x" * (2 << 20)})
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
-    assert client.post("/v1/agents", content=b'{"instructions": "\\udc00"}').status_code == 400
+    assert client.post("/v1/agents", content=b'{"instructions": "\\udc00"}',
+                       headers={"Content-Type": "application/json"}).status_code == 400
 
 
 def test_a_client_names_tools_never_code_to_import(api, tmp_path, monkeypatch):
@@ -502,3 +503,31 @@ def test_a_turn_whose_client_hangs_up_stops_generating_and_frees_its_session(def
     assert stopped_soon()
     assert not server.app.state.agents[agent].sessions[session].lock.locked()
     assert c.get(f"/v1/agents/{agent}/session/{session}").json()["turns"] == []  # neither was answered
+
+
+def test_the_operators_max_tokens_and_timeout_bound_a_turn(default_llm, monkeypatch):
+    """`herd serve --max-tokens 8 --timeout 5` had bounded the chat routes only: an agent asking for 3,000 tokens
+    got them, its turn running for minutes."""
+    asked = []
+
+    def chat(messages, tools=None, *, stream=False, **options):
+        asked.append(options.get("max_tokens"))
+        message = default_llm.chat_format.decode_assistant("slow " * 20, "end_of_turn")
+        return streamed(("slow " for _ in range(20) if not time.sleep(0.1)), message)
+
+    monkeypatch.setattr(default_llm, "chat", chat)
+    client = TestClient(create_app(default_llm, ServeSettings(max_tokens=8, request_timeout=0.5), routers=[router]))
+    sampling = {"max_tokens": 3000}
+    for stream in (True, False):
+        agent_id = client.post("/v1/agents", json={"instructions": "x", "sampling": sampling}).json()["agent_id"]
+        session_id = client.post(f"/v1/agents/{agent_id}/session", json={"session_name": "s"}).json()["session_id"]
+        began = time.monotonic()
+        response = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
+                               json={"messages": [{"role": "user", "content": "hi"}], "stream": stream})
+        assert time.monotonic() - began < 1.8  # 2 s of pieces, cut at 0.5
+        last = [line for line in response.text.splitlines() if line.startswith("data: ")][-1] if stream else None
+        error = json.loads(last[len("data: "):])["error"] if stream else response.json()["error"]
+        assert error["code"] == "request_timeout" and "--timeout" in error["message"]
+        assert response.status_code == (200 if stream else 504)
+        sampling = {}
+    assert asked == [8, 8]  # asked 3,000, and asked nothing: the operator's cap both times

@@ -105,6 +105,11 @@ def test_chat_page_streams_the_same_answer_as_the_api(page_server, browser, tmp_
     browser.open(server.url + "/health")  # the page's origin, to hand it the API key the way a user would
     browser.evaluate(f"localStorage.setItem('herd-key', {json.dumps(KEY)})")
     browser.open(server.url + "/?" + urllib.parse.urlencode({"q": QUESTION, "temperature": 0, "max_tokens": 32}))
+    browser.wait_for("!!document.getElementById('model').textContent", timeout=60)
+    # Filled, not sent: a link from another site had asked at once, with the key this origin keeps.
+    assert browser.evaluate("document.querySelectorAll('.user').length") == 0
+    assert browser.evaluate("document.getElementById('input').value") == QUESTION
+    browser.evaluate("document.querySelector('form').requestSubmit()")
     browser.wait_for("document.body.dataset.state === 'done'", timeout=300)
     assert browser.evaluate("document.querySelectorAll('.error').length") == 0
     assert browser.evaluate("document.getElementById('model').textContent") == server.llm.name

@@ -1,6 +1,7 @@
 """Malformed requests get specific 4xx answers (and the server keeps serving); a full queue gets 429; 32 concurrent
 streams all finish, uncrossed, each equal to the same request run alone. A tiny random model is enough here."""
 import asyncio
+import concurrent.futures
 import functools
 import json
 import logging
@@ -41,8 +42,8 @@ def tiny():
     server.stop()
 
 
-def post(server, body, *, key=KEY, raw=None, path="/v1/chat/completions"):
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+def post(server, body, *, key=KEY, raw=None, path="/v1/chat/completions", content_type="application/json"):
+    headers = {"Authorization": f"Bearer {key}", **({"Content-Type": content_type} if content_type else {})}
     return httpx.post(server.url + path, content=raw if raw is not None else json.dumps(body), headers=headers,
                       timeout=60)
 
@@ -123,6 +124,17 @@ def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, c
     if code:
         assert error["code"] == code
     assert post(tiny, GOOD).status_code == 200  # and the server goes on serving
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_a_body_not_sent_as_json_is_refused(tiny, content_type):
+    """What a web page may send any site without its consent (CORS's "simple" requests): it had been answered,
+    so any page a user of a keyless server visited could spend the server, or make agents that run code."""
+    answer = post(tiny, GOOD, content_type=content_type)
+    assert answer.status_code == 415, answer.text
+    assert answer.json()["error"]["code"] == "unsupported_media_type"
+    assert post(tiny, GOOD, content_type="application/json; charset=utf-8").status_code == 200
 
 
 @pytest.mark.parametrize(("field", "value", "names"), [
@@ -386,6 +398,28 @@ def test_allowed_origins_answer_a_browsers_preflight_and_no_others(tiny):
         server.stop()
     with pytest.raises(ValueError, match="'https://app.example.com/' is not an origin"):
         ServeSettings(allowed_origins=("https://app.example.com/",))  # a slash never matches what browsers send
+
+
+def test_a_loopback_server_answers_only_requests_addressed_to_loopback(tiny):
+    """DNS rebinding: a web page whose name the attacker re-points at 127.0.0.1 is of the same origin as the
+    server it reaches, and had read its answers (Host: attacker.example was a 200)."""
+    from herd.serve.cli import _loopback_names
+
+    assert _loopback_names("0.0.0.0") == () and _loopback_names("example.com") == ()
+    own = LLM(tiny.llm.model, tiny.llm.tokenizer, tiny.llm.chat_format, name=NAME)  # a server stops its engine
+    server = Server(own, ServeSettings(allowed_hosts=_loopback_names("127.0.0.1")))
+    try:
+        for host, status in (("attacker.example", 400), (f"attacker.example:{server.port}", 400),
+                             (f"localhost:{server.port}", 200), (f"[::1]:{server.port}", 200), (None, 200)):
+            answer = httpx.get(server.url + "/v1/models", headers={"Host": host} if host else {})
+            assert answer.status_code == status, (host, answer.text)
+        assert answer.json()["data"][0]["id"] == NAME
+        refused = httpx.post(server.url + "/v1/chat/completions", json=GOOD, headers={"Host": "attacker.example"})
+        assert refused.json()["error"]["code"] == "unknown_host"
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="other than printable ASCII"):
+        ServeSettings(api_keys=("pässwörd",))  # a header carries it as latin-1: it could never match
 
 
 def _served(server) -> float:
@@ -655,3 +689,25 @@ def test_llama_stack_requests_may_leave_optional_fields_null(tiny, llama_stack, 
     answer = post(tiny, body, path=f"/v1/inference/{path}")
     assert answer.status_code == 200, answer.text
     response.model_validate(answer.json())  # answered once, not streamed
+
+
+def test_a_slow_request_to_read_holds_no_other_request(tiny, monkeypatch):
+    """Reading a request (pydantic, jsonschema over its tool schemas; then its prompt) ran on the event loop: one of
+    11,000 tool parameters had held every stream and /health for 14 s. A read made slow on purpose here."""
+    from herd.serve.protocol import ChatCompletionRequest
+
+    validate = ChatCompletionRequest.model_validate.__func__
+
+    def slow(cls, data, **options):
+        time.sleep(3)
+        return validate(cls, data, **options)
+
+    monkeypatch.setattr(ChatCompletionRequest, "model_validate", classmethod(slow))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow_request = pool.submit(post, tiny, GOOD)
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert httpx.get(tiny.url + "/health", timeout=10).status_code == 200
+        waited = time.monotonic() - began
+        assert slow_request.result().status_code == 200
+    assert waited < 1.5  # not the 2.5 s left of the slow read

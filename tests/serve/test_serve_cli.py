@@ -123,3 +123,14 @@ def test_a_stop_cuts_off_requests_still_running_after_the_shutdown_timeout(defau
         assert time.monotonic() - stopped < 15 and 5 <= received < 4000
     finally:
         process.kill()
+
+
+def test_the_server_raises_its_limit_on_open_files():
+    """At a shell's soft limit of 1,024, a thousand idle connections had taken every descriptor."""
+    code = ("import resource\nfrom herd.serve.cli import _more_open_files\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n_more_open_files()\n"
+            "soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+            "print(soft == hard if hard != resource.RLIM_INFINITY else soft >= 65536)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr
