@@ -97,10 +97,28 @@ class PipelineConfig:
     docs_per_unit: int = 1000  # documents per work unit: the grain of parallelism and of resuming
     html_extractor: str = "herd"  # HTML to text: "herd" (keeps code and math) or "trafilatura"
 
-    def fingerprint(self) -> str:
-        """A run directory is only resumed by the very configuration that started it."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+    def fingerprint(self, contents: bool = False) -> str:
+        """A run directory is only resumed by the very configuration that started it; with `contents`, also by the
+        very files its stages read, read once to say so (a classifier retrained into the same path had labelled the
+        rest of a resumed run)."""
+        settings = dataclasses.asdict(self)
+        if contents and (digests := self.file_digests()):
+            settings["file_digests"] = digests
+        blob = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def file_digests(self) -> dict[str, str]:
+        """The SHA-256 of each file a stage's `path` option names (the classifiers' models), by path."""
+        return {str(spec.options["path"]): _sha256(Path(str(spec.options["path"])))
+                for spec in self.stages if "path" in spec.options}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_types(cls: type, options: dict[str, Any], where: str) -> None:
@@ -203,16 +221,25 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConf
 
 
 def check_mix_domains(mix: MixConfig | None, domains: set[str] | None) -> None:
-    """A ConfigError for a mix target naming a domain no stage labels documents with (`math` for `math_reasoning`),
-    whose share would go to the others while that domain's documents were all dropped. `domains` None: a stage
-    labels documents without saying with what. The built-in Llama 3 mix is exempt: a classifier trained without
-    one of its domains has the other domains share that one's weight."""
-    if mix is None or domains is None or mix.targets == LLAMA3_MIX:
+    """A ConfigError where the mix and the domains documents are labelled with disagree (`domains` None: a stage
+    labels documents without saying with what).
+
+    A target naming a domain no stage labels with (`math` for `math_reasoning`) would give its share to the others
+    while that domain's documents were all dropped; the built-in Llama 3 mix is exempt, as a classifier trained
+    without one of its domains has the others share that one's weight. A label the mix has no target for would drop
+    every document given it, whatever the mix."""
+    if mix is None or domains is None:
         return
     unknown = [d for d in mix.targets if d not in domains]
-    if unknown:
+    if unknown and mix.targets != LLAMA3_MIX:
         raise ConfigError(f"mix targets name {', '.join(map(repr, unknown))}, which the domain classifier never "
                           f"gives; its domains: {', '.join(sorted(domains))}")
+    untargeted = ", ".join(map(repr, sorted(domains - set(mix.targets))))
+    if untargeted:
+        raise ConfigError(f"the domain classifier labels documents {untargeted}, which the mix has no target for, so "
+                          f"it would drop them all; the mix's domains: {', '.join(mix.targets)}; retrain the "
+                          f"classifier with these names, or give a [mix] table with a target for {untargeted} (0 to "
+                          "drop its documents)")
 
 
 def validate(config: PipelineConfig, where: str = "config") -> None:

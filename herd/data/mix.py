@@ -26,16 +26,33 @@ def content_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+# A mix kept under this share of its tokens has been shrunk far enough that a user must hear of it: most often a
+# domain of a few (misclassified) documents, which keeps its whole target at max_repeats copies and so sets the size.
+SHRUNK_WARNING = 0.5
+
+
 @dataclass
 class MixPlan:
     repeats: dict[str, int]  # document id -> copies in the shards (0 = dropped by the mix)
     targets: dict[str, float]  # the targets actually aimed at: renormalised over domains that have documents
     before: dict[str, int]  # tokens per domain going in
     after: dict[str, int]  # tokens per domain coming out
+    limited_by: str | None = None  # the domain too scarce for its target that shrank the output; None: none did
 
     def achieved(self) -> dict[str, float]:
         total = sum(self.after.values()) or 1
         return {d: self.after.get(d, 0) / total for d in self.targets}
+
+    def shrunk_warning(self, max_repeats: int) -> str | None:
+        """One line when a scarce domain left the mix under SHRUNK_WARNING of its tokens: the domain, its tokens and
+        target, and what to do; None otherwise."""
+        given, kept = sum(self.before[d] for d in self.targets), sum(self.after.values())
+        domain = self.limited_by
+        if domain is None or kept >= SHRUNK_WARNING * given:
+            return None
+        return (f"the mix keeps {kept:,} of {given:,} tokens ({kept / given:.1%}): domain {domain!r} holds "
+                f"{self.before[domain]:,} tokens for a {self.targets[domain]:.0%} share, met by at most {max_repeats} "
+                f"copies, and the others shrink to match; lower its target in [mix], or add {domain} documents")
 
 
 def _rank(seed: int, key: str) -> bytes:
@@ -58,7 +75,10 @@ def plan_mix(items: Iterable[MixItem], config: MixConfig) -> MixPlan:
     norm = sum(present.values())
     targets = {d: t / norm for d, t in present.items()} if norm else {}
     total_in = sum(before[d] for d in targets)
-    total_out = min([total_in] + [config.max_repeats * before[d] / t for d, t in targets.items()])
+    # the largest output in which a domain meets its target with max_repeats copies; the smallest below the input binds
+    reachable = {d: config.max_repeats * before[d] / t for d, t in targets.items()}
+    limited_by = min((d for d in reachable if reachable[d] < total_in), key=reachable.get, default=None)
+    total_out = total_in if limited_by is None else reachable[limited_by]
 
     repeats: dict[str, int] = {}
     after: dict[str, int] = {}
@@ -76,4 +96,4 @@ def plan_mix(items: Iterable[MixItem], config: MixConfig) -> MixPlan:
             remaining -= extra * item.tokens
             got += extra * item.tokens
         after[domain] = got
-    return MixPlan(repeats=repeats, targets=targets, before=before, after=after)
+    return MixPlan(repeats=repeats, targets=targets, before=before, after=after, limited_by=limited_by)

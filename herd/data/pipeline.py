@@ -260,7 +260,8 @@ class RunResult:
     out: Path
     report: dict[str, Any]
     manifest: dict[str, Any]
-    warnings: list[str] = dataclasses.field(default_factory=list)  # an input read only in part, or not at all
+    # an input read only in part, or not at all; a mix shrunk by a scarce domain
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: Executor | None = None) -> RunResult:
@@ -290,17 +291,18 @@ def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: E
     finally:
         if own_executor:
             executor.close()
-    return dataclasses.replace(_finish(out, work, config, stages, inputs, units), warnings=warnings)
+    finished = _finish(out, work, config, stages, inputs, units)
+    return dataclasses.replace(finished, warnings=warnings + finished.warnings)
 
 
 def _claim(work: Path, config: PipelineConfig, inputs: list[Path]) -> None:
     """Mark the directory as this configuration's run; refuse to resume a different one."""
-    claim = {"config": config.fingerprint(), "inputs": [str(p) for p in inputs]}
+    claim = {"config": config.fingerprint(contents=True), "inputs": [str(p) for p in inputs]}
     path = work / "run.json"
     if path.exists():
         if json.loads(path.read_text()) != claim:
-            raise PipelineError(f"{work.parent} holds a run with other inputs or another configuration; "
-                                "use a new --out directory")
+            raise PipelineError(f"{work.parent} holds a run with other inputs, another configuration or other files "
+                                "its stages read; use a new --out directory")
         return
     _write_json(path, claim)
 
@@ -421,10 +423,11 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                     writer.add(name, tokens[offsets[j]:offsets[j + 1]])
     manifest = writer.close()
 
-    mix_report = None
+    mix_report, shrunk = None, None
     if plan:
+        shrunk = plan.shrunk_warning(config.mix.max_repeats)
         mix_report = {"targets": plan.targets, "achieved": plan.achieved(), "before": plan.before,
-                      "after": plan.after, "seed": config.mix.seed}
+                      "after": plan.after, "seed": config.mix.seed, "limited_by": plan.limited_by, "warning": shrunk}
     names = [READ] + stages.names + ([MIX_STAGE] if plan else [])
     report = build_report(tally, names, kept, {"docs": manifest["documents"], "tokens": manifest["tokens"]},
                           mix_report)
@@ -432,4 +435,4 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
         tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     with atomic_output(out / CHART) as tmp:
         chart(report, tmp)
-    return RunResult(out, report, manifest)
+    return RunResult(out, report, manifest, [shrunk] if shrunk else [])

@@ -102,11 +102,11 @@ def build_report(tally: Tally, stage_names: list[str], kept: dict[str, int], sha
 
     Tokens "in" at a stage are the tokens those documents had when they left the pipeline (dropped later
     or kept), so rows add up; a stage that rewrites text (masking, line removal) shows as the next
-    stage's smaller input.
+    stage's smaller input. The input's tokens are counted so too: the readers do not tokenize.
     """
     rows = []
     docs_in = tally.read["docs"]
-    tokens_in = kept["tokens"] + sum(c["tokens"] for c in tally.dropped.values())
+    tokens_in = input_tokens = kept["tokens"] + sum(c["tokens"] for c in tally.dropped.values())
     for name in stage_names:
         d = tally.dropped.get(name, _count())
         rows.append({"stage": name, "docs_in": docs_in, "docs_dropped": d["docs"], "docs_kept": docs_in - d["docs"],
@@ -117,7 +117,7 @@ def build_report(tally: Tally, stage_names: list[str], kept: dict[str, int], sha
         docs_in -= d["docs"]
         tokens_in -= d["tokens"]
     counts = tally.to_dict()
-    return {"input": dict(tally.read), "stages": rows, "kept": kept, "shards": shards,
+    return {"input": {**tally.read, "tokens": input_tokens}, "stages": rows, "kept": kept, "shards": shards,
             "languages": dict(sorted(counts["langs"].items())), "domains": dict(sorted(counts["domains"].items())),
             "mix": mix}
 
@@ -187,6 +187,8 @@ def render(report: dict[str, Any], console=None) -> None:
             table.add_row(d, f"{mix['targets'].get(d, 0):.3f}", f"{mix['before'].get(d, 0) / before_total:.3f}",
                           f"{mix['achieved'].get(d, 0):.3f}")
         console.print(table)
+        if mix.get("warning"):  # absent from the reports of earlier versions
+            console.print(f"warning: {mix['warning']}", style="yellow", markup=False)
 
 
 def chart(report: dict[str, Any], path: str | Path) -> Path:

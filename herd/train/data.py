@@ -62,6 +62,21 @@ def split_documents(shards: TokenShards, held_out: float, seed: int) -> tuple[np
     return np.flatnonzero(~held_entries), np.flatnonzero(held_entries)
 
 
+def _not_held_out(anneal: TokenShards, shards: TokenShards, held: np.ndarray) -> np.ndarray:
+    """The anneal documents that are none of `shards`' held-out ones: an anneal set drawn from the same corpus holds
+    held-out documents too, and they stay held out. One is the same id and the same tokens (another corpus's "doc-7"
+    is another document); every held-out document of an id counts, since inputs may repeat ids (two shards of one
+    dataset both numbering from 0), where the last of them alone had let the others anneal."""
+    if not len(held):  # nothing held out: no id of a whole anneal set to read
+        return np.arange(len(anneal))
+    held_by_id: dict[str, list[int]] = {}
+    for i in held:
+        held_by_id.setdefault(shards.doc_id(int(i)), []).append(int(i))
+    return np.array([i for i in range(len(anneal))
+                     if not any(np.array_equal(anneal[i], shards[j]) for j in held_by_id.get(anneal.doc_id(i), ()))],
+                    dtype=np.int64)
+
+
 class TokenStream:
     """The documents `docs` of `shards`, reshuffled every epoch, as one endless token stream."""
 
@@ -136,12 +151,7 @@ class PackedBatches:
         # corpus), it had re-read some documents, skipped others and trained on held-out ones.
         self.identity = {"seed": cfg.seed, "held_out": held_out, "main": [len(shards), shards.num_tokens]}
         if anneal is not None:
-            # An anneal set drawn from the same corpus holds held-out documents too: they stay held out (the same
-            # id and the same tokens: another corpus's "doc-7" is another document).
-            held_ids = {shards.doc_id(int(i)): int(i) for i in held}
-            kept = np.array([i for i in range(len(anneal)) if (j := held_ids.get(anneal.doc_id(i))) is None
-                             or not np.array_equal(anneal[i], shards[j])], dtype=np.int64) if held_ids \
-                else np.arange(len(anneal))  # nothing held out: no id of a whole anneal set to read
+            kept = _not_held_out(anneal, shards, held)
             self.streams["anneal"] = TokenStream(anneal, kept, cfg.seed + 1)
             self.identity["anneal"] = [len(anneal), anneal.num_tokens]
         self.step = 0

@@ -181,9 +181,9 @@ def test_domain_classifier_drives_the_data_mix_of_a_run(planted_corpus, tmp_path
     assert all(len(shards[i]) == len(by_id[shards.doc_id(i)]["text"].encode()) + 2 for i in range(len(shards)))
 
 
-def small_domain_model(path):
-    texts = {"math_reasoning": ["Solve 2x + 3 = 7. 2x = 4, x = 2.", "det(A) = 1*4 - 2*3 = -2",
-                                "x = 8/4 = 2. Check: 4(2) + 17 = 25."],
+def small_domain_model(path, math="math_reasoning"):
+    texts = {math: ["Solve 2x + 3 = 7. 2x = 4, x = 2.", "det(A) = 1*4 - 2*3 = -2",
+                    "x = 8/4 = 2. Check: 4(2) + 17 = 25."],
              "code": ['def f(x):\n    return x + 1', '{"id": 17, "tags": ["a", "b"]}', "for i in range(3): print(i)"],
              "general": ["The weather was mild all week.", "She walked to the market.", "A short story of a town."]}
     pairs = [(t, label) for label, ts in texts.items() for t in ts] * 10
@@ -242,6 +242,34 @@ def test_a_mix_target_no_domain_is_labelled_with_is_refused_before_the_run(tmp_p
                                      "stages": [{"type": "domain_classifier", "path": path,
                                                  "non_english_is_multilingual": False}]})
     with pytest.raises(ConfigError, match="name 'multilingual'.*its domains: code, general, math_reasoning$"):
+        pipeline.run([src], tmp_path / "out", english_only)
+
+
+def test_a_domain_the_mix_has_no_target_for_is_refused_before_the_run(tmp_path):
+    """A classifier trained with "math" for "math_reasoning" had run under the default mix: every document it called
+    math was dropped as downsampled, without a word."""
+    import dataclasses
+
+    from herd.data import pipeline
+    from herd.data.config import ConfigError, MixConfig, StageSpec, check_mix_domains, default_config
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "1", "text": "Solve 2x + 3 = 7. 2x = 4, x = 2."}\n')
+    path = small_domain_model(tmp_path / "domain.npz", math="math")
+    config = default_config(domain_model=path)
+    with pytest.raises(ConfigError, match=re.escape(
+            "the domain classifier labels documents 'math', which the mix has no target for, so it would drop them "
+            "all; the mix's domains: general, math_reasoning, code, multilingual; retrain the classifier with these "
+            "names, or give a [mix] table with a target for 'math' (0 to drop its documents)")):
+        pipeline.run([src], tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+    targeted = MixConfig(targets={"general": 0.5, "math": 0.25, "code": 0.17, "multilingual": 0.08})
+    check_mix_domains(targeted, {"general", "math", "code", "multilingual"})  # named in [mix]: a domain as any other
+    english_only = dataclasses.replace(config, stages=(StageSpec("domain_classifier", {
+        "path": str(path), "non_english_is_multilingual": False}),), mix=MixConfig(targets={"general": 0.6,
+                                                                                           "math": 0.4}))
+    with pytest.raises(ConfigError, match=r"labels documents 'code', which .*give a \[mix\] table with a target for "
+                                          r"'code' \(0 to drop"):
         pipeline.run([src], tmp_path / "out", english_only)
 
 

@@ -147,6 +147,10 @@ def test_pii_masks_every_planted_item_and_no_lookalikes(planted_corpus):
     ("Call 1-800-555-0199 or 1 (800) 555-0199 toll free.", "Call <PHONE> or <PHONE> toll free."),
     ("Firmware version 1.2.3.4 (v 10.0.0.1), mixed in the ratio 1:2:3:4:5:6:7:8.", None),
     ("Hosts 10.0.0.1 and 2001:db8:0:0:1:0:0:1 run version 2.", "Hosts <IP> and <IP> run version 2."),
+    # stacked decorators: a line's end is no part of an address (they had become "@<EMAIL>(...)" on one line)
+    ('@pytest.mark.slow\n@pytest.mark.parametrize("a", [1])\ndef test(a): ...', None),
+    ("@app.route\r\n@login.required\ndef view(): ...", None),
+    ("From: jane.doe@example.org\nbob@example.com wrote:", "From: <EMAIL>\n<EMAIL> wrote:"),
 ])
 def test_pii_patterns(text, masked):
     out = PIIMasker().process(Document("p", text))

@@ -67,3 +67,23 @@ def test_choice_follows_the_text_not_the_input_path_inside_the_id():
         plan = plan_mix(items(path), config)
         kept.append({doc_id.split("@")[0] for doc_id, copies in plan.repeats.items() if copies})
     assert kept[0] == kept[1] and 0 < len(kept[0]) < 200
+
+
+def test_a_scarce_domain_that_shrinks_the_mix_is_named():
+    """A single document labelled math kept its 25% share at 4 copies, and the output shrank to 3.6% of its tokens."""
+    items = corpus({"general": 300, "code": 100, "multilingual": 50})
+    items.append(MixItem("stray", "math_reasoning", 984, content_key("one misclassified page")))
+    plan = plan_mix(items, MixConfig())
+    assert plan.limited_by == "math_reasoning" and plan.repeats["stray"] == 4
+    kept, given = sum(plan.after.values()), sum(plan.before.values())
+    assert kept == pytest.approx(4 * 984 / 0.25, rel=0.05) and kept < given / 10
+    assert plan.shrunk_warning(4) == (
+        f"the mix keeps {kept:,} of {given:,} tokens ({kept / given:.1%}): domain 'math_reasoning' holds 984 tokens "
+        "for a 25% share, met by at most 4 copies, and the others shrink to match; lower its target in [mix], or add "
+        "math_reasoning documents")
+    unshrunk = plan_mix(corpus(SKEWED), MixConfig())
+    assert unshrunk.limited_by is None and unshrunk.shrunk_warning(4) is None
+    # shrunk, but by less than half: a mix meeting its targets, with no warning
+    mild = plan_mix(corpus({"general": 1000, "math_reasoning": 60, "code": 100, "multilingual": 50}), MixConfig())
+    assert mild.limited_by == "math_reasoning" and sum(mild.after.values()) >= sum(mild.before.values()) / 2
+    assert mild.shrunk_warning(4) is None

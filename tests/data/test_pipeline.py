@@ -227,6 +227,18 @@ class Halves:
                             for d in docs], [])
 
 
+@dataclass
+class DefIsCode:
+    """A classifier that calls a document code when it starts with "def ", general otherwise."""
+
+    name: str = "def_is_code"
+    sets_domain: bool = True
+
+    def __call__(self, docs):
+        return StageResult([dataclasses.replace(d, meta={"domain": "code" if d.text.startswith("def ") else "general"})
+                            for d in docs], [])
+
+
 def tiny(tmp_path, n=5):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n" for i in range(n)))
@@ -251,6 +263,18 @@ def test_dropped_records_carry_the_pipeline_stage_name(tmp_path):
     assert [r["text"] for r in jsonl(out / "kept.jsonl")] == ["DOCUMENT NUMBER 1", "DOCUMENT NUMBER 3"]
 
 
+def test_the_report_counts_the_input_tokens_as_its_stage_rows_do(tmp_path):
+    """report.json's input tokens had always been 0: the readers count records and bytes, not tokens."""
+    from herd.data.config import ShardConfig
+
+    config = dataclasses.replace(default_config(), stages=(StageSpec(f"{__name__}:Upper"),),
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"), docs_per_unit=2)
+    report = pipeline.run([tiny(tmp_path)], tmp_path / "out", config, LocalExecutor(1, progress=False)).report
+    assert report["input"]["tokens"] == 5 * len("document number 0") + 5 * 2  # a BOS and an EOS each
+    assert report["input"]["tokens"] == report["stages"][0]["tokens_in"]
+    assert report["input"]["docs"] == report["stages"][0]["docs_in"] == 5
+
+
 def test_a_directory_is_only_resumed_by_the_run_that_started_it(tmp_path):
     from herd.data.config import ShardConfig
 
@@ -260,6 +284,30 @@ def test_a_directory_is_only_resumed_by_the_run_that_started_it(tmp_path):
     with pytest.raises(pipeline.PipelineError, match="another configuration"):
         pipeline.run([tiny(tmp_path)], tmp_path / "out", dataclasses.replace(config, docs_per_unit=3),
                      LocalExecutor(1, progress=False))
+
+
+def test_a_run_is_not_resumed_with_a_classifier_rewritten_at_its_path(tmp_path):
+    """The run's fingerprint had held the classifier's path alone: a model retrained into the same file labelled the
+    rest of a resumed run, two classifiers' labels in one mix."""
+    from herd.data.classify import HashedLinearClassifier
+    from herd.data.config import ShardConfig
+
+    model = tmp_path / "quality.npz"
+    texts = ["document number one", "spam spam spam"] * 5
+
+    def train(labels):
+        HashedLinearClassifier.fit(texts, labels * 5).save(model)
+
+    train(["high", "low"])
+    config = dataclasses.replace(default_config(), shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"),
+                                 stages=(StageSpec("quality_classifier", {"path": str(model), "threshold": 0.0}),))
+    src = tiny(tmp_path)
+    pipeline.run([src], tmp_path / "out", config, LocalExecutor(1, progress=False))
+    pipeline.run([src], tmp_path / "out", config, LocalExecutor(1, progress=False))  # the same file: it resumes
+    train(["low", "high"])
+    with pytest.raises(pipeline.PipelineError, match="holds a run with other inputs, another configuration or other "
+                                                     "files its stages read; use a new --out directory"):
+        pipeline.run([src], tmp_path / "out", config, LocalExecutor(1, progress=False))
 
 
 def test_the_mix_keeps_the_same_documents_however_the_input_path_is_spelled(tmp_path, monkeypatch):
@@ -458,6 +506,28 @@ def test_cli_truncated_input_is_a_warning_and_filtered_out_input_is_no_error(tmp
 
 def random_text(seed):
     return random.Random(seed).randbytes(60).hex()  # incompressible, so half the file holds many records
+
+
+def test_cli_warns_when_a_scarce_domain_shrinks_the_mix(tmp_path):
+    """One document labelled code kept its whole 25% share at 4 copies, so the mix kept 40% of the tokens: exit 0 and
+    no word of why."""
+    config = tmp_path / "p.toml"
+    config.write_text('[shards]\ntokenizer = "herd.data.shards:ByteTokenizer"\n'
+                      '[mix]\ntargets = { general = 0.75, code = 0.25 }\n'
+                      f'[[stages]]\ntype = "{__name__}:DefIsCode"\n')
+    src = tmp_path / "in.jsonl"
+    texts = ["def f(): return 17"] + [f"document number {i}" for i in range(10, 49)]  # 18 bytes each
+    src.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    result = runner.invoke(app, ["run", str(src), "--out", str(tmp_path / "o"), "--config", str(config),
+                                 "--workers", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    # 39 general documents and 1 code one of 20 tokens each: code's 4 copies are a quarter of 320 tokens
+    said = ("herd: warning: the mix keeps 320 of 800 tokens (40.0%): domain 'code' holds 20 tokens for a 25% share, "
+            "met by at most 4 copies, and the others shrink to match; lower its target in [mix], or add code documents")
+    assert result.stderr.splitlines() == [said]
+    mix = json.loads((tmp_path / "o" / "report.json").read_text())["mix"]
+    assert mix["limited_by"] == "code" and mix["warning"] == said.removeprefix("herd: warning: ")
+    assert "warning: the mix keeps 320 of 800" in runner.invoke(app, ["report", str(tmp_path / "o")]).output
 
 
 def test_cli_unknown_executor_and_report_of_a_non_run(tmp_path):

@@ -114,6 +114,27 @@ def test_an_anneal_set_from_the_same_corpus_keeps_the_held_out_documents_out(byt
     assert len(PackedBatches(shards, cfg, held_out=0.1, anneal=other).streams["anneal"].docs) == 50
 
 
+def test_an_anneal_set_keeps_every_held_out_document_out_when_ids_repeat(tmp_path):
+    """Two shards of one dataset both number from 0: held-out documents had been looked up by id alone, the last of
+    each id standing for all, so the others with that id were compared with it, found different, and annealed on."""
+    from herd.data.shards import ShardConfig, ShardWriter, encode_document
+
+    cfg = ShardConfig(tokenizer="herd.data.shards:ByteTokenizer")
+    writer = ShardWriter(tmp_path, cfg, ByteTokenizer())
+    for part in ("first", "second"):
+        for i in range(40):
+            writer.add(str(i), encode_document(ByteTokenizer(), f"The {part} shard's text number {i}.", cfg))
+    writer.close()
+    shards = TokenShards(tmp_path)
+    train = TrainingSection(batch_size=4, seq_len=16, steps=10)
+    for held_out in (0.1, 0.3):
+        _, held = split_documents(shards, held_out, train.seed)
+        held_texts = {shards[int(i)].tobytes() for i in held}
+        anneal = PackedBatches(shards, train, held_out=held_out, anneal=shards).streams["anneal"]
+        assert len(held) and not {shards[int(i)].tobytes() for i in anneal.docs} & held_texts
+        assert len(anneal.docs) + len(held) == len(shards)
+
+
 def test_a_token_past_the_vocabulary_is_named_with_its_document(tmp_path):
     from herd.data.shards import ShardConfig, ShardWriter
     from herd.train.config import ConfigError

@@ -15,9 +15,10 @@ from herd.data.filters.base import DocStage, evolve
 
 # An e-mail is found from its "@domain": a pattern that starts with the rare "@" lets the regex engine skip ahead
 # to it, where one starting with the local part would be tried at every letter of the text. The local part is
-# then the run of address characters just before the "@" (at most 64, as RFC 5321 allows).
+# then the run of address characters just before the "@" (at most 64, as RFC 5321 allows), ending right at it:
+# \Z, since "$" also matches before a newline, which had joined stacked decorators (@a.b\n@c.d) into one address.
 _EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
-_LOCAL_PART = re.compile(r"[\w.+-]{1,64}$")
+_LOCAL_PART = re.compile(r"[\w.+-]{1,64}\Z")
 
 _DIGIT = re.compile(r"\d")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
