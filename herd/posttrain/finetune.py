@@ -7,8 +7,9 @@
 
 The tuned model is written to run.dir/model (LoRA merged in), loadable by herd.load and `herd convert`, and LoRA's
 adapters to run.dir/adapter in PEFT's layout (a reward model's excepted); a reward
-model also writes its head there (reward_head.safetensors). Running the same command again resumes. PPO's
-rollouts, value model and reference are herd.posttrain.rollouts'.
+model also writes its head there (reward_head.safetensors). Running the same command again resumes from the last
+checkpoint (every `checkpoint.interval` steps); one that changes what defines the run (`run_identity`) is refused.
+PPO's rollouts, value model and reference are herd.posttrain.rollouts'.
 """
 from __future__ import annotations
 
@@ -70,14 +71,27 @@ class FinetuneConfig:
     # Post-training defaults: short runs from a trained model, so a small learning rate and a short warm-up.
     training: TrainingSection = field(default_factory=lambda: TrainingSection(
         steps=100, batch_size=8, seq_len=2048, lr=1e-5, warmup_steps=5, weight_decay=0.0, min_lr_ratio=0.0))
-    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(interval=0, keep=1))
+    # A checkpoint halfway through the default 100 steps: "run again to resume" then loses at most half a run (TRL
+    # saves every 500 steps, torchtune every epoch; fine-tuning runs are shorter). PPO counts it in iterations.
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(interval=50, keep=1))
     run: RunSection = field(default_factory=lambda: RunSection(dir="out/finetune"))
     fault: FaultSection = field(default_factory=FaultSection)
+
+
+# `herd train`'s settings that fine-tuning does not apply (herd.train.pretrain and parallel read them): they had
+# been accepted and changed nothing, without a word.
+PRETRAINING_ONLY = (("training", "batch_size_schedule"), ("training", "seq_len_schedule"), ("training", "compile"),
+                    ("training", "activation_checkpointing"), ("checkpoint", "average_last"))
 
 
 def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     config = load_config(FinetuneConfig, path, list(overrides))
     f = config.finetune
+    given = [f"{section}.{name}" for section, name in PRETRAINING_ONLY if getattr(getattr(config, section), name)]
+    if given:
+        these, them = ("these", "them") if len(given) > 1 else ("this", "it")
+        raise ConfigError(f"{', '.join(given)}: only `herd train` applies {these}; remove {them} from the fine-tuning "
+                          "config")
     if f.recipe not in RECIPES:
         raise ConfigError(f"finetune.recipe {f.recipe!r} is not one of {', '.join(RECIPES)}")
     if not f.data:
@@ -94,6 +108,43 @@ def load_finetune_config(path: str | Path | None, overrides: Sequence[str] = ())
 
         check_config(config)
     return config
+
+
+def run_identity(config: FinetuneConfig) -> dict[str, Any]:
+    """The settings that define a fine-tuning run, by name, kept in its checkpoints: resumed with another recipe, base,
+    data, order, batch, LoRA or loss, a run had gone on from weights, moments and a data position of another one.
+    What may change on resume is not here: more steps, the learning rate, micro-batches, logging, checkpoints."""
+    f, t = config.finetune, config.training
+    identity = {"finetune.recipe": f.recipe, "finetune.model": _place(f.model), "finetune.data": _content(f.data),
+                "training.seed": t.seed}
+    if f.recipe != "ppo":  # ppo's batch is ppo.prompts x ppo.samples, its length ppo.max_tokens
+        identity.update({"training.batch_size": t.batch_size, "training.seq_len": t.seq_len})
+    if f.recipe in ("sft", "kd"):
+        identity["finetune.pack"] = f.pack
+    if f.recipe == "kd":
+        identity["finetune.teacher"] = _place(f.teacher)
+    lora = dataclasses.asdict(config.lora) if config.lora.rank else {"rank": 0}
+    identity.update({f"lora.{name}": value for name, value in lora.items()})
+    if f.recipe in ("dpo", "kd", "ppo"):
+        loss = dataclasses.asdict(getattr(config, f.recipe))
+        identity.update({f"{f.recipe}.{name}": value for name, value in loss.items()
+                         if (f.recipe, name) != ("ppo", "iterations")})  # more iterations: as more training.steps
+    if f.recipe == "ppo" and config.ppo.reward_model:
+        identity["ppo.reward_model"] = _place(config.ppo.reward_model)
+    return identity
+
+
+def _place(model: str) -> str:
+    """A checkpoint named by path, absolute (a relative one names another directory from elsewhere); a name as is."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _content(path: str) -> str:
+    """A data file by what it holds: moved, it is the same data; edited, it is not."""
+    if not Path(path).is_file():
+        return path  # reading it says what is wrong with it
+    with open(path, "rb") as file:
+        return "sha256 " + hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 class ExampleBatches:
@@ -321,12 +372,18 @@ def load_reward_model(path: str | Path):
 
 
 def finetune(config: FinetuneConfig) -> dict:
-    from herd.train.loop import Trainer
+    from herd.train.checkpoint import Checkpointer
+    from herd.train.loop import Trainer, check_identity
     from herd.train.parallel import DistEnv
     from herd.train.config import to_toml
     from herd.llm import default_device
     from herd.train.pretrain import require_memory
 
+    identity = run_identity(config)
+    # Before the model loads and DPO's reference log-probs are computed (and cached over the run's): a refused
+    # resume wastes neither time nor what run.dir holds. The Trainer checks again the checkpoint it resumes from.
+    checkpoints = Checkpointer(config.run.dir, config.checkpoint)
+    check_identity(checkpoints.latest_extra().get("identity"), identity, checkpoints.latest())
     torch.manual_seed(config.training.seed)
     recipe = build_recipe(config)
     t = config.training
@@ -347,5 +404,5 @@ def finetune(config: FinetuneConfig) -> dict:
         config = dataclasses.replace(config, training=dataclasses.replace(t, steps=max(steps, 1)))
     trainer = Trainer(config, recipe.model, recipe.batches, recipe.loss_fn, env=DistEnv(device=default_device()),
                       eval_batches=recipe.eval_batches, export=recipe.export, step_metrics=recipe.metrics,
-                      record=record)
+                      record=record, identity=identity)
     return trainer.fit()

@@ -11,7 +11,8 @@ overwritten had exported 3.4e38s). One that fails its checklist or cannot be loa
 file) is set aside as `step-N.damaged` and the one before it taken; where none loads (another model's: the shape
 changed), a ConfigError says so in one line.
 The newest `keep` checkpoints are kept. With `async_save` the tensors are written in the background while
-training goes on; the rename happens when the write has finished (at the next save, before a load, or at the end).
+training goes on; the rename happens once every rank's write has finished: at the first step after it (the Trainer
+asks `written()` each step), or at the next save, a load or the end, whichever comes first.
 
     ckpt = Checkpointer(run_dir, config.checkpoint)
     ckpt.save(step, model_parts, optimizers, extra)     # extra: a picklable dict, per rank
@@ -276,6 +277,23 @@ class Checkpointer:
             _written(tmp, lambda: dcp.save(state, checkpoint_id=str(tmp)))
             self._commit(tmp, final_dir)
 
+    @functools.cached_property
+    def _poll_group(self):
+        """Where the ranks agree that a background save is written: not the save's own group, whose collectives its
+        thread may be running."""
+        return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def written(self) -> bool:
+        """Whether a background save is in flight and written by every rank, so that wait() commits it at once: left
+        to the next save, a crash in between lost a checkpoint that was on disk. Cheap enough for every step: a flag
+        (across ranks, one all-reduce of it, while a save is in flight)."""
+        if self._pending is None:
+            return False
+        done = torch.tensor([int(self._pending[0].done())])
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._poll_group)
+        return bool(done.item())
+
     def wait(self) -> None:
         """Finish an asynchronous save in flight (a no-op when there is none)."""
         if self._pending is not None:
@@ -300,6 +318,15 @@ class Checkpointer:
         for stale in self.dir.glob("step-*.tmp"):
             if self._pending is None:
                 shutil.rmtree(stale, ignore_errors=True)
+
+    def latest_extra(self) -> dict:
+        """Rank 0's extra dict of the newest checkpoint, read without loading the checkpoint; empty where there is
+        none or it cannot be read (a damaged one, which load_latest sets aside)."""
+        latest = self.latest()
+        try:
+            return torch.load(latest / "extra-0.pt", weights_only=False) if latest else {}
+        except Exception:  # whatever damaged bytes make torch.load raise
+            return {}
 
     def load_latest(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[Path, dict] | None:
         """The newest checkpoint that loads, restored in place, and this rank's extra dict; None where there is none.

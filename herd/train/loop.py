@@ -16,12 +16,15 @@
   schedule (forward and backward); it replaces loss_fn.
 - `export(trainer)`: called on every rank after the final checkpoint (herd.train.checkpoint.export_model).
 - `step_metrics()`: a recipe's own figures since the last logged step (PPO's score and KL), added to the record.
+- `identity`: the settings that define the run, by name ({"training.seed": 0, ...}), kept in each checkpoint; a
+  resume from one whose settings differ is refused (`check_identity`).
 
 Per optimizer step: forward/backward over the micro-batches (gradient sync only on the last), gradients scaled to
 the mean, clipped; a step whose loss or gradient is NaN/Inf or spikes is skipped or rolled back
 (`fault.nonfinite`); scheduler; metrics (run.dir/metrics.jsonl: step, loss, grad_norm, lr, tokens, tokens_per_s,
 mfu); every `checkpoint.interval` steps a checkpoint. Started again on the same run.dir it resumes from the
-latest checkpoint, bit for bit: same data, same RNG, same optimizer state.
+latest checkpoint, bit for bit: same data, same RNG, same optimizer state. An asynchronous checkpoint is committed
+at the first step after its background write has finished.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from herd.atomic import atomic_output
 from herd.model.llama import Transformer
 from herd.train import fault
 from herd.train.checkpoint import Checkpointer
+from herd.train.config import ConfigError
 from herd.train.data import IGNORE
 from herd.train.fused_loss import linear_cross_entropy
 from herd.train.metrics import MetricsLog
@@ -77,6 +81,19 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None  # CPUs here compute bf16 matmuls >100x slower than float32
 
 
+def check_identity(saved: dict | None, now: dict | None, checkpoint: Path) -> None:
+    """ConfigError naming each setting that defines the run where `checkpoint`'s and this run's differ: resumed, the
+    run had gone on from the weights, optimizer moments and data position of another one. Settings only one side
+    names follow from one both name (the recipe, the LoRA rank), which is reported."""
+    if not saved or not now:
+        return  # a checkpoint written before runs kept their identity, or a run that keeps none
+    changed = [f"{name}: {saved[name]!r} then, {now[name]!r} now" for name in now
+               if name in saved and saved[name] != now[name]]
+    if changed:
+        raise ConfigError(f"{checkpoint} is a checkpoint of another run ({'; '.join(changed)}); resume with the "
+                          "values it was trained with (run.dir/config.toml holds them) or train in a new run.dir")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -97,10 +114,11 @@ class Trainer:
                  loss_fn: Callable = causal_lm_loss, *, env: DistEnv | None = None, pipeline=None,
                  eval_batches: list[dict] | None = None, flops_per_token: Callable[[int], float] | None = None,
                  peak_flops: float | None = None, export: Callable[["Trainer"], None] | None = None,
-                 step_metrics: Callable[[], dict] | None = None, record: str | None = None):
+                 step_metrics: Callable[[], dict] | None = None, record: str | None = None,
+                 identity: dict | None = None):
         """record: the run's config as TOML, written to run.dir/config.toml once the run has started or resumed
         (a resume refused, another model's checkpoint, had left the refused config there)."""
-        self.config, self.record = config, record
+        self.config, self.record, self.identity = config, record, identity
         self.cfg, self.run = config.training, config.run
         self.parts = model if isinstance(model, list) else [model]
         self.model = self.parts[0]
@@ -128,7 +146,7 @@ class Trainer:
     def extra_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "detector": self.detector.state_dict(),
                 "schedulers": [s.state_dict() for s in self.schedulers], "data": self.batches.state_dict(),
-                "rng": rng_state()}
+                "rng": rng_state(), "identity": self.identity}
 
     def save(self, final: bool = False) -> None:
         self.checkpointer.save(self.step, self.parts, self.optimizers, self.extra_state(), final=final)
@@ -140,6 +158,7 @@ class Trainer:
         if found is None:
             return None
         path, extra = found
+        check_identity(extra.get("identity"), self.identity, path)
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.detector = fault.BadStepDetector(self.config.fault, **extra["detector"])
         # The schedule is this run's config's, at the step reached: the checkpoint's own (its learning rate and length)
@@ -281,6 +300,11 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
+    def _logged_steps(self) -> bool:
+        """Whether run.dir's metrics.jsonl holds steps (an earlier run's, which MetricsLog truncates)."""
+        metrics = self.run_dir / "metrics.jsonl"
+        return metrics.is_file() and metrics.stat().st_size > 0
+
     def _out_of_time(self, started: float) -> bool:
         limit = self.run.time_limit_s
         if not limit:
@@ -294,10 +318,15 @@ class Trainer:
     def fit(self) -> dict:
         fault.reset_injections()
         latest = self.restore()
+        trained_before = latest is None and self._logged_steps()
         self.log = MetricsLog(self.run_dir, enabled=self.is_main, total_steps=self.cfg.steps, start_step=self.step,
                               progress=self.run.progress, tensorboard=self.run.tensorboard)
         if latest is not None:
             self.log.note(f"resumed from {latest} (step {self.step})")
+        elif trained_before:
+            self.log.note(f"{self.run_dir / 'metrics.jsonl'} holds steps of an earlier run but there is no checkpoint "
+                          "to resume from: training starts from step 0 (checkpoint.interval sets how often one is "
+                          "saved)")
         if self.is_main and self.record is not None:
             with atomic_output(self.run_dir / "config.toml") as tmp:
                 tmp.write_text(self.record)
@@ -322,6 +351,9 @@ class Trainer:
             while self.step < self.cfg.steps:
                 record = self.train_step()
                 watchdog.beat()
+                if self.checkpointer.written():
+                    with watchdog.paused():
+                        self.checkpointer.wait()  # left to the next save, a crash before it had lost this one
                 step = self.step
                 if self.run.eval_interval and step % self.run.eval_interval == 0 and "skipped" not in record:
                     with watchdog.paused():
