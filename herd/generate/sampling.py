@@ -1,6 +1,7 @@
 """Sampling parameters and the choice of the next token from one sequence's logits."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -81,6 +82,13 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):  # "no" had meant True
             raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
+    @functools.cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as token ids and their biases, made once: made from its pairs at every step, a bias on all 49K
+        tokens had cost 32 ms a step, and every other sequence in the batch waited on it."""
+        ids, bias = zip(*self.logit_bias)
+        return torch.tensor(ids), torch.tensor(bias, dtype=torch.float32)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -150,9 +158,8 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int
     greedy choice alike; the logits themselves are left as they are (log-probabilities report the model's own)."""
     logits = logits.float().clone()
     if params.logit_bias:
-        ids, bias = zip(*params.logit_bias)
-        logits.index_add_(0, torch.tensor(ids, device=logits.device),
-                          torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+        ids, bias = params.bias_tensors
+        logits.index_add_(0, ids.to(logits.device), bias.to(logits.device))
     if params.repetition_penalty != 1:
         seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long, device=logits.device)
         values = logits[seen]
