@@ -39,7 +39,7 @@ def quantize(
     parsed = Scheme.parse(scheme, tuple(keep or ()))
     if parsed.method != "gptq" and (calibration or calibration_tokens):
         raise ValueError(f"--calibration and --calibration-tokens calibrate GPTQ; {parsed.name} takes none: use a "
-                         "-gptq scheme such as int4-g128-gptq")
+                         "-gptq scheme such as int4-gptq")
     missing = [str(path) for path in calibration or () if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"calibration file {missing[0]} not found: give a text or JSON Lines file")

@@ -30,6 +30,7 @@ from herd.quant.blocks import BlockEmbedding, BlockLinear, quantize_int4, quanti
 # the default model: the down projection's heavy-tailed SwiGLU products 0.0023, the value projection 0.0020, every
 # other kind <= 0.0012), and their matmul is as fast on float activations (the weights are what is read).
 INT8_FLOAT_ACTIVATIONS = ("*.feed_forward.w2", "*.attention.wv")
+KINDS = ("gguf", "int8", "int8-wo", "int4", "fp8")
 _NAME = re.compile(r"^(gguf|int8|int8-wo|fp8|int4(?:-g(\d+))?(-gptq|-rtn)?)$")
 
 
@@ -64,6 +65,17 @@ class Scheme:
     keep: tuple[str, ...] = ()
     calibration: Calibration = Calibration()
 
+    def __post_init__(self):
+        # A scheme's name given as its kind (Scheme("int4-g64-gptq")) had loaded without quantizing as asked.
+        if self.kind not in (*KINDS, "stored"):  # stored: a `herd quantize` output, as written (herd.quant.load)
+            hint = (f"use Scheme.parse({self.kind!r}) for a scheme's name" if _NAME.match(str(self.kind))
+                    else f"use one of {', '.join(KINDS)}")
+            raise SchemeError(f"Scheme kind {self.kind!r} is not a kind of scheme: {hint}")
+        if self.group not in (32, 64, 128):
+            raise SchemeError(f"int4 group size {self.group} is not supported: use 32, 64 or 128")
+        if self.method not in ("rtn", "gptq") or self.method == "gptq" and self.kind != "int4":
+            raise SchemeError(f"method {self.method!r} is not one {self.kind} takes: use rtn, or gptq with int4")
+
     @property
     def name(self) -> str:
         if self.kind != "int4":
@@ -79,10 +91,7 @@ class Scheme:
                 "auto or none"
             )
         if match.group(1).startswith("int4"):
-            group = int(match.group(2) or 32)
-            if group not in (32, 64, 128):
-                raise SchemeError(f"int4 group size {group} is not supported: use 32, 64 or 128")
-            return cls("int4", group, "gptq" if match.group(3) == "-gptq" else "rtn", keep)
+            return cls("int4", int(match.group(2) or 32), "gptq" if match.group(3) == "-gptq" else "rtn", keep)
         return cls(match.group(1), keep=keep)
 
     def keeps(self, name: str) -> bool:

@@ -78,6 +78,7 @@ def scan(
 ):
     """Code Shield: {"verdict", "findings"} for a file, or per code block of a reply."""
     from herd.safety.code_shield import CodeShield, StreamScanner, verdict_of
+    from herd.safety.code_shield.languages import normalize
 
     if fail_on not in ("block", "warn", "never"):
         raise ValueError("--fail-on takes block, warn or never")
@@ -88,6 +89,9 @@ def scan(
         if not path.is_file():
             raise ValueError(f"no file {source}: give a code file or - for stdin")
         code = path.read_text(errors="replace")
+        # A file says its language, as semgrep and codeshield take it: a one-line file had nothing to detect it by
+        # and passed as no code at all (`import os; os.system(...)` allowed).
+        language = language or normalize(path.suffix.lstrip("."))
     shield = CodeShield()
     if reply:
         scanner = StreamScanner(shield, language)

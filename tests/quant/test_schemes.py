@@ -125,6 +125,19 @@ def test_bad_schemes_are_refused_with_a_reason(name, width, words):
         apply_scheme(model, Scheme.parse(name))
 
 
+@pytest.mark.parametrize("made,words", [
+    # A scheme's name as its kind had loaded unquantized, the GGUF's own blocks computing instead.
+    (lambda: Scheme("int4-g64-gptq"), r"not a kind of scheme: use Scheme.parse\('int4-g64-gptq'\)"),
+    (lambda: Scheme("bogus"), "not a kind of scheme: use one of gguf, int8, int8-wo, int4, fp8"),
+    (lambda: Scheme("int4", 48), "group size 48"),
+    (lambda: Scheme("int8", method="gptq"), "method 'gptq' is not one int8 takes"),
+])
+def test_a_scheme_made_by_hand_is_checked_as_a_parsed_one(made, words):
+    with pytest.raises(SchemeError, match=words):
+        made()
+    assert Scheme("int4", 64, "gptq") == Scheme.parse("int4-g64-gptq")
+
+
 def test_gptq_beats_round_to_nearest_on_its_calibration_objective():
     torch.manual_seed(0)
     # correlated inputs with a few large channels: where spreading the rounding error pays

@@ -27,6 +27,11 @@ def test_scan_file_and_reply(tmp_path):
     assert result.returncode == 1
     out = json.loads(result.stdout)
     assert out["verdict"] == "block" and out["findings"][0]["cwe"] == "CWE-494" and out["findings"][0]["line"] == 2
+    # A one-line file is too short to detect a language by: its name says it (it had passed as no code at all).
+    one_line = tmp_path / "run.py"
+    one_line.write_text("import os; os.system('rm -rf ' + input())\n")
+    out = json.loads(herd_cli("guard", "scan", str(one_line)).stdout)
+    assert out["language"] == "python" and out["verdict"] == "block" and out["findings"][0]["cwe"] == "CWE-78"
     reply = "Try:\n```bash\nchmod 777 /srv/share\n```\nand\n```python\nprint('hi')\n```\n"
     out = json.loads(herd_cli("guard", "scan", "-", "--reply", stdin=reply).stdout)
     assert out["verdict"] == "warn" and [b["verdict"] for b in out["blocks"]] == ["warn", "allow"]
