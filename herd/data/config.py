@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import tomllib
 import typing
@@ -64,6 +65,12 @@ class StageSpec:
         if target is None:
             raise ConfigError(f"unknown stage type {self.type!r}; known: {', '.join(STAGE_TYPES)}")
         cls = import_object(target)
+        accepted = inspect.signature(cls).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+            unknown = next((name for name in self.options if name not in accepted), None)
+            if unknown is not None:  # its __init__'s own TypeError named the option but not the ones there are
+                raise ConfigError(f"stage {self.type!r} has no option {unknown!r}; its options: "
+                                  f"{', '.join(accepted) or 'none'}")
         check_types(cls, self.options, f"stage {self.type!r}")
         try:
             return cls(**self.options)
@@ -194,6 +201,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> PipelineConf
     stages_raw = raw.pop("stages", None)
     if not stages_raw:
         raise ConfigError(f"{where}: needs at least one [[stages]] table")
+    if not isinstance(stages_raw, list) or not all(isinstance(table, dict) for table in stages_raw):
+        raise ConfigError(f"{where}: stages must be [[stages]] tables, one per stage in order, each with a type "
+                          '(type = "gopher_quality"), not [stages] or [stages.NAME]')
     stages = []
     for i, table in enumerate(stages_raw):
         table = dict(table)

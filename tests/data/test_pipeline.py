@@ -339,8 +339,13 @@ def test_toml_config_round_trip_and_errors(tmp_path):
     assert config.stages[0] == StageSpec("language", {"languages": ["en"]})
     assert config.stages[0].build().languages == ["en"]
     path.write_text('[[stages]]\ntype = "language"\nlanguagez = ["en"]\n')
-    with pytest.raises(ConfigError, match="languagez"):
+    with pytest.raises(ConfigError, match=r"stage 'language' has no option 'languagez'; its options: name, languages, min_score$"):
         load_config(path).stages[0].build()
+    # Tables where an array of them belongs had been "dictionary update sequence element #0 has length 1".
+    for tables in ('[stages]\ntype = "nsfw"\n', '[stages.first]\ntype = "nsfw"\n'):
+        path.write_text(tables)
+        with pytest.raises(ConfigError, match=r"stages must be \[\[stages\]\] tables, one per stage"):
+            load_config(path)
     path.write_text('[mix]\ntargets = {code = 0.7, general = 0.7}\n[[stages]]\ntype = "nsfw"\n')
     with pytest.raises(ConfigError, match="sum to 1"):
         load_config(path)
