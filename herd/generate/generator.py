@@ -151,7 +151,7 @@ class Generator:
             return f"the prompt has {tokens} tokens but the model's context is {self.capacity}: shorten the prompt"
         return (f"the prompt has {tokens} tokens but the KV cache holds {self.capacity} (the model's context is "
                 f"{self.model.config.max_seq_len}): shorten the prompt, or give the cache more memory "
-                "(EngineConfig.kv_cache_bytes; herd serve --kv-cache-mib)")
+                "(EngineConfig.kv_cache_bytes; --kv-cache-mib of herd serve, chat and generate)")
 
     # -- submitting -------------------------------------------------------------------------------------------
 
