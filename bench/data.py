@@ -324,7 +324,7 @@ def extraction_table(packages: dict[str, str], limit: int) -> None:
     recovered line for line, math-image alt texts kept, template text kept, and time per page."""
     import glob
 
-    from herd.data.html import code_blocks, extract, parse
+    from herd.data.html import code_blocks, parse
     from herd.data.readers import EXTRACTORS
 
     header = (f"{'package':36} {'pages':>5} {'<pre>':>6} {'code kept herd':>15} {'trafilatura':>12} "

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 import herd
 from herd.quant.fidelity import compare, logits

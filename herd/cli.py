@@ -410,7 +410,7 @@ def main() -> None:
     app.command("quantize")(quantize)
     from herd.posttrain import cli as posttrain_cli  # light: imports torch only when a command runs
 
-    app.command("finetune", context_settings=posttrain_cli.CONTEXT)(posttrain_cli.finetune_cmd)
+    app.command("finetune", context_settings=train_cli.CONTEXT)(posttrain_cli.finetune_cmd)
     app.command("sample")(posttrain_cli.sample_cmd)
     from herd.safety.cli import eval_security, guard_app  # light: the shields load inside the commands
 

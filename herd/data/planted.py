@@ -9,14 +9,13 @@ the curves in docs/.
 from __future__ import annotations
 
 import random
-import re
 
-_WORD = re.compile(r"\w+")
+from herd.data.dedup.minhash import WORDS
 
 
 def shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
     """Word n-grams of the lower-cased text, as MinHashDedup sees it (a short text is one shingle)."""
-    toks = _WORD.findall(text.lower())
+    toks = WORDS.findall(text.lower())
     n = min(n, len(toks))
     return {tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)} if toks else set()
 

@@ -2,8 +2,8 @@
 
 `read(path)` yields a Document per record and a Dropped for every record it could not use, so a
 malformed input costs exactly the records that are broken and is accounted for in the report.
-The orchestrator shards by input file: `iter_inputs` fixes the file order and `read_file` is the
-picklable per-file entry point a worker process calls.
+The orchestrator shards by input file: `iter_inputs` fixes the file order, and a worker reads its unit's
+records with `read` (herd.data.pipeline.read_unit); `read_file` takes a whole file at once.
 """
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ class Generator:
             raise ContextLengthError(self.context_error(longest))
         deadline = time.monotonic() + timeout if timeout is not None else None
         seqs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, per_row)):
+        for prompt, sp in zip(prompts, per_row):
             for choice in range(n):
                 # The other choices of a seeded request differ, reproducibly: choice i has seed + i, wrapping past
                 # 2**64 - 1 (where it had been refused) as torch's generators wrap seeds.

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from herd.train.cli import CONTEXT, config_args
+from herd.train.cli import config_args
 
 
 def finetune_cmd(

@@ -10,12 +10,9 @@ IGNORE where nothing is learnt. Every bad row fails with one line naming the fil
 from __future__ import annotations
 
 import itertools
-import json
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -110,13 +110,16 @@ def _q6_k(blocks: np.ndarray) -> BlockWeight:
                        torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32).reshape(rows, -1)), None, 8, 16)
 
 
-def _rounded_to_int8(qtype: str, raw: np.ndarray, chunk_bytes: int = 1 << 24) -> BlockWeight:
+_CHUNK_BYTES = 1 << 24  # of a type's raw blocks, expanded to float32 at a time
+
+
+def _rounded_to_int8(qtype: str, raw: np.ndarray) -> BlockWeight:
     """A type that does not fit herd's blocks, rounded to int8 per block of 32: the gguf package expands a few rows at
     a time (never the whole tensor in float32), and Q8_0's rule rounds them."""
     from gguf import GGMLQuantizationType, quants
 
     kind = GGMLQuantizationType[qtype]
-    step = max(1, chunk_bytes // max(raw.shape[1], 1))
+    step = max(1, _CHUNK_BYTES // max(raw.shape[1], 1))
     parts = [quantize_int8(torch.from_numpy(quants.dequantize(raw[r : r + step], kind)), 32)
              for r in range(0, raw.shape[0], step)]
     return BlockWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), None, 8, 32)

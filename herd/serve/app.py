@@ -1,9 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over the one generation engine.
 
 `create_app(llm, settings)` builds the app from routers (the OpenAI API, Llama Stack's inference API in
-herd/serve/llama_stack.py, operations, the chat page); more policy
-plugs in without touching them: `ServerState.input_checks` see every request's messages or prompts first (and may
-raise `APIError`), and `create_app(..., routers=[...])` mounts extra routes beside the built-in ones.
+herd/serve/llama_stack.py, operations, the chat page); `create_app(..., routers=[...])` mounts extra routes beside
+the built-in ones.
 `create_app(..., shields=...)` puts herd.safety's shields around every chat request (herd/safety/serving.py).
 """
 from __future__ import annotations
@@ -16,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -92,7 +91,6 @@ class ServerState:
     settings: ServeSettings
     metrics: Metrics
     grammars: JsonGrammars
-    input_checks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     shields: Any = None  # herd.safety.shields.Shields, or None
     tools: dict[str, Any] = field(default_factory=dict)  # the operator's herd.tools.Tool functions, by name
 
@@ -276,8 +274,6 @@ def _validated(state: ServerState, model: type, data: dict[str, Any], model_id: 
     if model_id is not None and getattr(parsed, model_id) != state.model_name:
         raise APIError(404, f"the model '{getattr(parsed, model_id)}' does not exist; this server has "
                             f"'{state.model_name}'", param=model_id, code="model_not_found")
-    for check in state.input_checks:
-        check(data)
     return parsed
 
 
@@ -476,7 +472,7 @@ def sse_response(request: Request, events: AsyncIterator[dict[str, Any]], *, don
     """Server-sent events, an error as a last event; done: end with OpenAI's `data: [DONE]`. Counted as a 200 when
     it opens, as the client sees it: a stream whose client left before its end had been counted under no status."""
     async def body():
-        server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
+        count_served(request)
         try:
             async for event in events:
                 yield _sse(event)
@@ -570,7 +566,7 @@ async def chat_completions(request: Request):
                     finish = "tool_calls"
             out.append({"index": i, "message": message, "finish_reason": finish,
                         "logprobs": {"content": _chat_logprobs(tok, c["logprobs"])} if logprobs is not None else None})
-        server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
+        count_served(request)
         return {**head, "choices": out, "usage": run.usage(), **(shields.report() if shields else {})}
 
     head["object"] = "chat.completion.chunk"
@@ -623,7 +619,7 @@ def _refused(request: Request, shields, body: ChatCompletionRequest):
     usage = bool(body.stream_options and body.stream_options.include_usage)
     answer = shields.refusal(state.model_name, body.stream, usage)
     if not body.stream:
-        state.metrics.requests.labels(route_label(request.scope), "200").inc()
+        count_served(request)
         return answer
 
     async def events():
@@ -783,7 +779,7 @@ async def completions(request: Request):
 
     if not body.stream:
         choices = await collect(run, request, len(prompts) * body.n)
-        state.metrics.requests.labels(route_label(request.scope), "200").inc()
+        count_served(request)
         out = []
         for i, c in enumerate(choices):
             echo, entries = opening(i, c["prompt_logprobs"])

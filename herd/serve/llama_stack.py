@@ -36,7 +36,6 @@ from herd.serve.app import (
     count_served,
     grammar_constraints,
     read_json,
-    route_label,
     server_state,
     sse_response,
     token_key,
@@ -364,7 +363,7 @@ class _Chats:
             out.append({"completion_message": message,
                         "logprobs": _logprobs(self.llm.tokenizer, choice["logprobs"]) if self.logprobs else None,
                         "metrics": _metrics(len(prompt), len(choice["tokens"]))})
-        self.state.metrics.requests.labels(route_label(request.scope), "200").inc()
+        count_served(request)
         return out
 
     async def events(self):
@@ -428,7 +427,7 @@ async def _completions(request: Request, body, prompts: list[list[int]], run: Ru
             "logprobs": _logprobs(llm.tokenizer, choice["logprobs"]) if body.logprobs else None,
             "metrics": _metrics(len(prompt), len(choice["tokens"]))}
            for prompt, choice in zip(prompts, await collect(run, request, len(prompts)))]
-    server_state(request).metrics.requests.labels(route_label(request.scope), "200").inc()
+    count_served(request)
     return out
 
 

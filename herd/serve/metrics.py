@@ -32,7 +32,7 @@ class Metrics:
         Gauge("herd_running_sequences", "sequences in the running batch", registry=registry).set_function(
             lambda: len(scheduler.running))
         Gauge("herd_cache_blocks_in_use", "KV-cache blocks held by sequences", registry=registry).set_function(
-            lambda: int((pool.refs > 0).sum()))
+            lambda: pool.in_use)
         Gauge("herd_cache_blocks_cached", "free KV-cache blocks that keep a prefix", registry=registry).set_function(
             lambda: len(pool.evictable))
         Gauge("herd_cache_blocks_total", "KV-cache blocks", registry=registry).set(pool.num_blocks)

@@ -87,9 +87,11 @@ class TokenStream:
         self.epoch_tokens = int(self.lengths.sum())
         if self.epoch_tokens == 0:
             raise ConfigError("data.shards: the selected documents hold no tokens")
+        # Per stream: a cache on the method is one for every stream (main, anneal, held-out), which evicted each
+        # other's epochs and kept every stream ever made alive.
+        self._epoch = lru_cache(maxsize=2)(self._epoch_order)
 
-    @lru_cache(maxsize=2)
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.docs)) if self.shuffle else \
             np.arange(len(self.docs))
         ends = np.cumsum(self.lengths[order])

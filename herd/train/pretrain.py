@@ -2,7 +2,7 @@
 
 `check(config)` validates everything that can be known before any compute (shards, model shape, context length,
 mesh, batch split, memory, run.dir) and raises ConfigError with one line; `pretrain(config)` then runs (or resumes)
-the job. Post-training recipes reuse `build_model_config`, `init_weights`, `setup_model` and `make_export`.
+the job. Fine-tuning reuses `require_memory`.
 """
 from __future__ import annotations
 

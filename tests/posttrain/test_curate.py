@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from herd.posttrain.curate import GRADES, QUALITY, embed, grade, semantic_dedup, topic
-from herd.posttrain.data import DialogEncoder
 from herd.llm import LLM
 from posttrain_helpers import tiny_model
 

@@ -28,7 +28,7 @@ from herd.data.filters.base import UNSPACED
 
 # Words: runs of letters and digits, except that in scripts written without spaces each letter is one (as the
 # filters count them): there a clause is one run, and a one-character edit changed every shingle over it.
-_WORD = re.compile(rf"[{UNSPACED}]|(?:(?![{UNSPACED}])\w)+")
+WORDS = re.compile(rf"[{UNSPACED}]|(?:(?![{UNSPACED}])\w)+")
 _BLOCK = 2048  # shingles per step, bounding the (shingles x permutations) matrix of a long document
 
 
@@ -58,7 +58,7 @@ class MinHashDedup:
 
     def signature(self, text: str) -> np.ndarray | None:
         """num_perm uint32 minima over the document's shingles; None for a text without words."""
-        toks = _WORD.findall(text.lower())
+        toks = WORDS.findall(text.lower())
         if not toks:
             return None
         wh = np.fromiter((zlib.crc32(t.encode()) for t in toks), dtype=np.uint64, count=len(toks))

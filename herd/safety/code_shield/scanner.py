@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import yaml
 
 from herd.safety.code_shield.languages import EXTENSIONS, RULE_FILES, SEMGREP_NAMES, detect, normalize
 from herd.safety.code_shield.rules import Rule, load_rules
