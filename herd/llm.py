@@ -129,22 +129,30 @@ class LLM:
             raise TypeError(f"a prompt must be text or a list of token ids, got {prompt!r:.80}")
         return [int(t) for t in prompt]
 
-    def generate(self, prompt, *, stream: bool = False, **sampling) -> Completion | list[Completion] | Iterator[str]:
+    def generate(self, prompt, *, stream: bool = False, sampling_params: SamplingParams | Sequence[SamplingParams] |
+                 None = None, **sampling) -> Completion | list[Completion] | Iterator[str]:
         """Complete a prompt (text or token ids), or a list of them as one batch.
 
         sampling: SamplingParams fields (max_tokens, temperature, top_p, top_k, min_p, seed, stop, logprobs,
-            prompt_logprobs, presence/frequency/repetition_penalty, logit_bias, ...).
+            prompt_logprobs, presence/frequency/repetition_penalty, logit_bias, ...), for every prompt alike.
+        sampling_params: instead, a SamplingParams, or one per prompt (as vLLM's LLM.generate takes them): a batch
+            of requests that each ask for something else, each answered as if alone.
         stream: yield the text as it is generated (one prompt only).
         """
-        params = SamplingParams(**sampling)
+        if sampling_params is not None and sampling:
+            raise TypeError(f"give sampling_params or SamplingParams fields ({', '.join(sampling)}), not both")
+        params = sampling_params if sampling_params is not None else SamplingParams(**sampling)
         if isinstance(prompt, list) and not prompt:  # no prompts: no completions
             return []
         batched = isinstance(prompt, list) and not isinstance(prompt[0], Integral)
         prompts = [self.encode(p) for p in prompt] if batched else [self.encode(prompt)]
+        if not isinstance(params, SamplingParams) and len(params) != len(prompts):
+            raise ValueError(f"sampling_params holds {len(params)} sets for {len(prompts)} prompts: give one per "
+                             "prompt, or one SamplingParams for all")
         if stream:
             if batched:
                 raise ValueError("stream=True takes one prompt; batches are returned whole")
-            return self._stream_text(prompts[0], params)
+            return self._stream_text(prompts[0], params if isinstance(params, SamplingParams) else params[0])
         completions = self.generator.generate(prompts, params)
         return completions if batched else completions[0]
 

@@ -38,6 +38,24 @@ def test_generate_accepts_text_ids_and_batches():
     assert "".join(llm.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True, stream=True)) == one.text
 
 
+def test_a_batch_of_requests_each_with_its_own_parameters_answers_each_as_alone():
+    """As vLLM's LLM.generate takes a SamplingParams per prompt: one set had applied to every prompt of a batch."""
+    llm = tiny_llm()
+    prompts = ["Hello", "A longer prompt here", "Third"]
+    params = [herd.generate.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+              herd.generate.SamplingParams(max_tokens=7, temperature=1.0, seed=3, ignore_eos=True, logprobs=2),
+              herd.generate.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logit_bias={100: 50})]
+    batch = llm.generate(prompts, sampling_params=params)
+    for prompt, sp, got in zip(prompts, params, batch):
+        alone = llm.generate(prompt, sampling_params=sp)
+        assert got.tokens == alone.tokens and len(got.tokens) == sp.max_tokens
+    assert batch[2].tokens == [100] * 5 and len(batch[1].logprobs) == 7 and batch[0].logprobs is None
+    with pytest.raises(ValueError, match="sampling_params holds 2 sets for 3 prompts"):
+        llm.generate(prompts, sampling_params=params[:2])
+    with pytest.raises(TypeError, match=r"give sampling_params or SamplingParams fields \(temperature\), not both"):
+        llm.generate(prompts, sampling_params=params, temperature=0)
+
+
 def test_a_raw_prompt_reads_special_token_text_as_vllm_does_without_doubling_bos():
     """A client that renders its own template sends it as a completion's prompt: the markers are the special tokens
     (they had been encoded as the letters '<', '|', ...), as Meta's tokenizer gives them with allowed_special="all"."""
