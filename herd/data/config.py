@@ -116,16 +116,13 @@ class PipelineConfig:
 
     def file_digests(self) -> dict[str, str]:
         """The SHA-256 of each file a stage's `path` option names (the classifiers' models), by path."""
-        return {str(spec.options["path"]): _sha256(Path(str(spec.options["path"])))
+        return {str(spec.options["path"]): file_sha256(Path(str(spec.options["path"])))
                 for spec in self.stages if "path" in spec.options}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def check_types(cls: type, options: dict[str, Any], where: str) -> None:

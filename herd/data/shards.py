@@ -9,7 +9,6 @@ so its boundaries survive any concatenation a reader does.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from herd.data.config import ConfigError, ShardConfig, import_object
+from herd.data.config import ConfigError, ShardConfig, file_sha256, import_object
 from herd.atomic import atomic_output
 
 MANIFEST = "manifest.json"
@@ -67,14 +66,6 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 def encode_document(tokenizer: Tokenizer, text: str, config: ShardConfig) -> np.ndarray:
     return np.asarray(tokenizer.encode(text, bos=config.bos, eos=config.eos), dtype=TOKEN_DTYPE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _token_id(token: int | None) -> int | None:
@@ -125,7 +116,7 @@ class ShardWriter:
             path = self.out / f"{name}.{ext}"
             with atomic_output(path) as tmp, open(tmp, "wb") as fh:
                 fh.writelines(chunks)
-            entry[f"sha256_{ext}"] = _sha256(path)
+            entry[f"sha256_{ext}"] = file_sha256(path)
         self.shards.append(entry)
         self._pending, self._ids, self._size = [], [], 0
 
@@ -284,5 +275,5 @@ class TokenShards:
         for entry in self.manifest["shards"]:
             for ext in ("bin", "idx", "ids"):
                 path = self.dir / f"{entry['name']}.{ext}"
-                if not path.exists() or _sha256(path) != entry[f"sha256_{ext}"]:
+                if not path.exists() or file_sha256(path) != entry[f"sha256_{ext}"]:
                     raise ChecksumError(f"{path}: checksum mismatch or missing")

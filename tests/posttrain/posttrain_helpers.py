@@ -1,9 +1,22 @@
 """Helpers for the post-training tests (a module name no other test directory uses)."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from herd.model import ModelConfig, Transformer
+
+
+# Sums of small numbers: an SFT set whose answers a tiny model can learn in a few steps, and pairs from it.
+SFT = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
+       for a in range(4) for b in range(3)]
+PAIRS = [{"prompt": r["messages"][:1], "chosen": r["messages"][1], "rejected": "no idea"} for r in SFT]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def tiny_model(vocab_size: int = 128256, seed: int = 0, **overrides) -> Transformer:

@@ -17,21 +17,13 @@ from herd.posttrain.finetune import (build_recipe, cached_reference_logps, finet
                                      load_reward_model)
 from herd.posttrain.lora import LoRAConfig, apply_lora
 from herd.train.config import ConfigError
-from posttrain_helpers import tiny_model
+from posttrain_helpers import PAIRS, SFT, tiny_model, write_jsonl
 
-SFT = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
-       for a in range(4) for b in range(3)]
-PAIRS = [{"prompt": r["messages"][:1], "chosen": r["messages"][1], "rejected": "no idea"} for r in SFT]
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.heavy
 def test_lora_sft_learns_exports_and_resumes(base, tmp_path):
-    data = _jsonl(tmp_path / "sft.jsonl", SFT)
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
     args = [f"--finetune.model={base}", f"--finetune.data={data}", f"--finetune.eval_data={data}",
             f"--run.dir={tmp_path / 'run'}", "--run.progress=false", "--lora.rank=8", "--training.lr=3e-3",
             "--training.steps=8", "--training.batch_size=2", "--training.seq_len=128", "--training.warmup_steps=1"]
@@ -58,7 +50,7 @@ def test_lora_sft_learns_exports_and_resumes(base, tmp_path):
 
 
 def test_reward_model_exports_its_head(base, tmp_path):
-    data = _jsonl(tmp_path / "pref.jsonl", PAIRS)
+    data = write_jsonl(tmp_path / "pref.jsonl", PAIRS)
     args = ["--finetune.recipe=rm", f"--finetune.model={base}", f"--finetune.data={data}", "--run.progress=false",
             f"--run.dir={tmp_path / 'rm'}", "--training.batch_size=4", "--training.lr=1e-3", "--checkpoint.interval=2"]
     finetune(load_finetune_config(None, [*args, "--training.steps=4"]))
@@ -73,7 +65,7 @@ def test_bad_configs_fail_in_one_line(base, tmp_path):
         load_finetune_config(None, ["--finetune.recipe=ppo2", "--finetune.data=x"])
     with pytest.raises(ConfigError, match="unknown field"):
         load_finetune_config(None, ["--lora.rnk=4"])
-    data = _jsonl(tmp_path / "sft.jsonl", SFT)
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
     with pytest.raises(ValueError, match="LoRA rank 4096 does not fit"):
         finetune(load_finetune_config(None, [f"--finetune.model={base}", f"--finetune.data={data}",
                                              "--lora.rank=4096", f"--run.dir={tmp_path / 'r'}"]))
@@ -84,7 +76,7 @@ def test_qlora_dpo_starts_at_log_2(base, tmp_path, dtype):
     """The reference is the policy's own quantized base with its adapters off (as PPO's, and TRL's with PEFT), not
     the float checkpoint it was quantized from, in the precision the policy trains in (bf16, a GPU's default, had
     computed the reference in float32): at step 0 policy and reference agree and the loss is log 2."""
-    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     config = load_finetune_config(None, ["--finetune.recipe=dpo", f"--finetune.model={base}", f"--finetune.data={data}",
                                          f"--run.dir={tmp_path / 'run'}", "--lora.rank=4", "--lora.quantize=int4",
                                          "--dpo.nll_weight=0", "--training.batch_size=12", f"--training.dtype={dtype}"])
@@ -118,7 +110,7 @@ def test_dpo_reference_cache_is_read_only_for_what_it_was_computed_from(chatml_f
 def test_dpo_and_ppo_refuse_lora_dropout(tmp_path):
     """Their losses compare log-probs of separate forward passes (policy and reference, now and at sampling time),
     which dropout makes random; TRL turns dropout off there too."""
-    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     for recipe in ("dpo", "ppo"):
         with pytest.raises(ConfigError, match=f"lora.dropout: the {recipe} recipe compares log-probs"):
             load_finetune_config(None, [f"--finetune.recipe={recipe}", f"--finetune.data={data}", "--lora.rank=4",
@@ -131,7 +123,7 @@ def test_full_tuning_that_cannot_fit_is_refused_before_a_step(base, tmp_path, mo
     kill the run midway without a word. LoRA's few parameters fit."""
     import herd.quant.load
 
-    data = _jsonl(tmp_path / "sft.jsonl", SFT)
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
     model = herd.load(base, quantize=None).model
     n = sum(p.numel() for p in model.parameters())
     monkeypatch.setattr(herd.quant.load, "available_memory", lambda: 8 * n)  # twice the weights, 2/3 of the rest

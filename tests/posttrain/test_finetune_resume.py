@@ -2,7 +2,6 @@
 it unchanged; one that changes them is refused in one line, and settings only `herd train` applies are refused."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -11,16 +10,8 @@ from herd.checkpoint import save_checkpoint
 from herd.posttrain.finetune import finetune, load_finetune_config
 from herd.train.config import ConfigError
 from herd.train.loop import Trainer
-from posttrain_helpers import tiny_model
+from posttrain_helpers import PAIRS, SFT, tiny_model, write_jsonl
 
-SFT = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
-       for a in range(4) for b in range(3)]
-PAIRS = [{"prompt": r["messages"][:1], "chosen": r["messages"][1], "rejected": "no idea"} for r in SFT]
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _args(base, data, run, *more):
@@ -33,7 +24,7 @@ def _args(base, data, run, *more):
 def sft_run(base, tmp_path_factory):
     """A finished two-step LoRA SFT run and the data it was trained on."""
     where = tmp_path_factory.mktemp("sft")
-    data = _jsonl(where / "sft.jsonl", SFT)
+    data = write_jsonl(where / "sft.jsonl", SFT)
     finetune(load_finetune_config(None, _args(base, data, where / "run")))
     return where / "run", data
 
@@ -78,7 +69,7 @@ def test_a_resume_on_other_data_or_another_base_of_the_same_shape_is_refused(sft
     named the new one."""
     run, data = sft_run
     shutil.copytree(run, tmp_path / "run")
-    other_data = _jsonl(tmp_path / "other.jsonl", SFT[::-1])
+    other_data = write_jsonl(tmp_path / "other.jsonl", SFT[::-1])
     _refused(_args(base, other_data, tmp_path / "run", "--training.steps=3"), tmp_path / "run",
              "finetune.data: 'sha256 ")
     _refused(_args(other_base, data, tmp_path / "run", "--training.steps=3"), tmp_path / "run",
@@ -98,7 +89,7 @@ def test_a_resume_with_settings_that_may_change_goes_on(sft_run, base, tmp_path,
 
 
 def test_a_resumed_dpo_run_keeps_its_beta(base, tmp_path):
-    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     args = _args(base, data, tmp_path / "run", "--finetune.recipe=dpo", "--training.steps=1")
     finetune(load_finetune_config(None, args))
     _refused([*args, "--dpo.beta=0.5"], tmp_path / "run", "dpo.beta: 0.1 then, 0.5 now")
@@ -116,7 +107,7 @@ def _killed_at(monkeypatch, step):
 
 def test_the_default_config_checkpoints_along_the_way(base, tmp_path, monkeypatch, capsys):
     """It had saved only at the end: a run killed before it started again from step 0, though "run again to resume"."""
-    data = _jsonl(tmp_path / "sft.jsonl", SFT)
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
     args = [f"--finetune.model={base}", f"--finetune.data={data}", f"--run.dir={tmp_path / 'run'}",
             "--run.progress=false", "--lora.rank=4", "--training.steps=52", "--training.batch_size=1",
             "--training.seq_len=64"]
@@ -130,7 +121,7 @@ def test_the_default_config_checkpoints_along_the_way(base, tmp_path, monkeypatc
 
 
 def test_a_run_with_metrics_but_no_checkpoint_says_it_starts_from_step_0(base, tmp_path, monkeypatch, capsys):
-    data = _jsonl(tmp_path / "sft.jsonl", SFT)
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
     args = _args(base, data, tmp_path / "run", "--checkpoint.interval=0", "--training.steps=3")
     _killed_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
