@@ -161,12 +161,18 @@ class ExampleBatches:
         self.items, self.collate, self.seed, self.kind = items, collate, seed, kind
         self.batch_size, self.micro = batch_size, micro_batch_size or batch_size
         self.position = 0
+        # Two epochs' orders at most: a batch spans two. Shuffled again for every example, 100,000 examples had cost
+        # 2 s a step of 64.
+        self._order = functools.lru_cache(maxsize=2)(self._epoch_order)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.items))
-        order = list(range(len(self.items)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[offset]
+        return self._order(epoch)[offset]
 
     def __iter__(self):
         return self
