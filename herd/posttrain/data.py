@@ -102,7 +102,17 @@ class DialogEncoder:
         if not text.startswith(before):
             raise DataError(f"{where}: the chat template renders earlier turns differently once a reply follows; "
                             "its targets cannot be found")
-        return ids + tokenizer.encode(text[len(before):], bos=False, allowed_special="all")
+        # Only the stretch of text the boundary falls in is encoded again, as plain text: the rest keeps the chat
+        # format's ids, whose special-token text inside a message is text (read as tokens, a reply opening with a
+        # blank line had forged the turns it quoted, and changed which tokens were learned).
+        tail, start = [], 0
+        for _, run in itertools.groupby(longer, key=self.special_ids.__contains__):
+            run = list(run)
+            piece = tokenizer.decode(run)
+            if start + len(piece) > len(before):
+                tail += run if start >= len(before) else tokenizer.encode(piece[len(before) - start:], bos=False)
+            start += len(piece)
+        return ids + tail
 
     def formatting(self, ids: Sequence[int]) -> list[bool]:
         return [t in self.special_ids for t in ids]

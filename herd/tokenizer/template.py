@@ -76,11 +76,12 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def _masked(value: Any, pattern: re.Pattern) -> Any:
-    """`value` (strings in dicts and lists) with every match of `pattern` replaced by as many private-use characters."""
+    """`value` (strings in dicts and lists, keys too: templates write arguments and schemas whole with tojson) with
+    every match of `pattern` replaced by as many private-use characters."""
     if isinstance(value, str):
         return pattern.sub(lambda match: "\ue000" * len(match.group()), value)
     if isinstance(value, dict):
-        return {k: _masked(v, pattern) for k, v in value.items()}
+        return {_masked(k, pattern): _masked(v, pattern) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_masked(v, pattern) for v in value]
     return value
