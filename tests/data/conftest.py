@@ -23,10 +23,7 @@ from herd.data.readers import read
 from herd.data.filters.base import word_list
 from herd.data.filters.nsfw import terms
 
-PY_HTML = Path("/usr/share/doc/python3.11/html")
-DEBREF = Path("/usr/share/debian-reference")
-FORTUNES = Path("/usr/share/games/fortunes")
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+from data_sources import DEBREF, FORTUNES, GCIDE, PY_HTML
 
 FORTUNE_FILES = {
     "en": ["fortunes", "literature", "science", "wisdom", "people", "work", "education", "politics"],

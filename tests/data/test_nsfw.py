@@ -15,7 +15,7 @@ from herd.data.filters import NSFWFilter
 from herd.data.filters.nsfw import explicit_weight, terms
 from herd.data.planted import plant_terms
 
-from conftest import GCIDE
+from data_sources import GCIDE
 
 # Written apart from the filter's lists: words as they occur in text, not as the lists spell them.
 SURFACE = {

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 import herd
-from conftest import KEY
+from serve_helpers import KEY
 from herd.rows import DataError
 from herd.quant.kernel import ops
 from herd.serve.batch import BatchRequest, answer_batch, read_batch, run_batch

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEY, AppServer, Server
+from serve_helpers import KEY, AppServer, Server
 from herd.generate import EngineConfig, Generator
 from herd.llm import LLM
 from herd.serve.app import ServeSettings

@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from conftest import KEY
+from serve_helpers import KEY
 from herd.quant.kernel import ops
 
 

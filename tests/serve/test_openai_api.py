@@ -6,7 +6,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import KEY
+from serve_helpers import KEY
 
 pytestmark = pytest.mark.heavy
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

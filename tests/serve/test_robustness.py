@@ -21,7 +21,7 @@ from herd.llm import LLM
 from herd.model import ModelConfig, Transformer
 from herd.serve.app import ServeSettings, create_app
 
-from conftest import KEY, Server
+from serve_helpers import KEY, Server
 
 NAME = "tiny"
 
