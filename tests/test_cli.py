@@ -241,6 +241,58 @@ def test_convert_refuses_an_unknown_format(tmp_path):
     assert_one_line_error(result, "onnx")
 
 
+class RecordingLLM:
+    """What `herd chat` and `herd generate` hand the model: each dialog and each prompt, with its settings."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.chats, self.prompts = [], []
+        self.chat_format = SimpleNamespace(encode_dialog=lambda dialog: [7, *map(len, (m["content"] for m in dialog))])
+
+    def chat(self, messages, stream=False, **sampling):
+        self.chats.append(([dict(m) for m in messages], sampling))
+        yield "ok"
+
+    def encode(self, text):
+        return [len(text)]
+
+    def generate(self, ids, stream=False, **sampling):
+        self.prompts.append((ids, sampling))
+        yield "ok"
+
+
+def test_chat_and_generate_hand_the_model_the_dialog_and_settings_asked_for(monkeypatch):
+    """--system, the dialog so far, /system and /reset, and every sampling option reach the model (the tests of
+    real answers could not tell: a chat that dropped its system prompt or its history answered them as well)."""
+    from typer.testing import CliRunner
+
+    from herd import cli
+
+    llm = RecordingLLM()
+    monkeypatch.setattr(cli, "_load", lambda *args: llm)
+    result = CliRunner().invoke(cli.app, ["chat", "--system", "Be kind.", "--temperature", "0", "--max-tokens", "7",
+                                          "--top-k", "3", "--seed", "5"],
+                                input="first\nsecond\n/system Be terse.\nthird\n/reset\nfourth\n")
+    assert result.exit_code == 0, result.output
+    user, said = (lambda text: {"role": "user", "content": text}), {"role": "assistant", "content": "ok"}
+    assert [dialog for dialog, _ in llm.chats] == [
+        [{"role": "system", "content": "Be kind."}, user("first")],
+        [{"role": "system", "content": "Be kind."}, user("first"), said, user("second")],
+        [{"role": "system", "content": "Be terse."}, user("first"), said, user("second"), said, user("third")],
+        [{"role": "system", "content": "Be terse."}, user("fourth")],
+    ]
+    assert all(s["temperature"] == 0 and s["max_tokens"] == 7 and s["top_k"] == 3 and s["seed"] == 5
+               for _, s in llm.chats)
+    for args, ids in ((["Hi"], [2]), (["Hi", "--chat"], [7, 2])):
+        result = CliRunner().invoke(cli.app, ["generate", *args, "--max-tokens", "9", "--stop", "X", "--stop", "Y",
+                                              "--top-p", "0.5", "--temperature", "0.7", "--seed", "11"])
+        assert result.exit_code == 0, result.output
+        got, sampling = llm.prompts[-1]
+        assert got == ids and sampling["stop"] == ("X", "Y") and sampling["max_tokens"] == 9
+        assert (sampling["top_p"], sampling["temperature"], sampling["seed"]) == (0.5, 0.7, 11)
+
+
 def test_chat_reads_continued_lines_and_blocks_as_one_message(monkeypatch):
     from herd import cli
 

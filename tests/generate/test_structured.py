@@ -110,10 +110,19 @@ def test_a_pattern_that_matches_what_json_escapes_is_refused(grammars, pattern, 
             grammars.constraint(whole)
 
 
-@pytest.mark.parametrize("pattern", ['^[a"]+$', '^[^"\\\\]+$', "^\\d+\\.\\d{2}$", "^a[\\t ]b$", "^(?:ab|c\\-d)\\s$"])
-def test_a_pattern_whose_quotes_or_controls_are_in_classes_is_taken(grammars, pattern):
-    """xgrammar keeps a class to the characters a string may hold raw, and the rest of a pattern is its own."""
-    grammars.constraint({"type": "string", "pattern": pattern})
+@pytest.mark.parametrize("pattern,good,bad", [
+    ('^[a"]+$', "aa", "ab"), ('^[^"\\\\]+$', "x y", 'x"y'), ("^\\d+\\.\\d{2}$", "12.50", "12.5"),
+    ("^a[\\t ]b$", "a b", "a_b"), ("^(?:ab|c\\-d)\\s$", "c-d ", "c-d"),
+])
+def test_a_pattern_whose_quotes_or_controls_are_in_classes_is_taken(grammars, pattern, good, bad):
+    """xgrammar keeps a class to the characters a string may hold raw, and the rest of a pattern is its own: what
+    the pattern matches is taken, what it does not, refused; a quote or a tab its class names never comes out (it
+    would need an escape), which keeps every document valid."""
+    schema = {"type": "string", "pattern": pattern}
+    assert re.search(pattern, good) and not re.search(pattern, bad)  # the cases mean what they say
+    assert grammar_accepts(grammars, schema, good) and not grammar_accepts(grammars, schema, bad)
+    for narrowed in ('a"a', "a\tb"):
+        assert not (re.search(pattern, narrowed) and grammar_accepts(grammars, schema, narrowed))
 
 
 @pytest.mark.parametrize("schema", [{"type": "object", "required": [{"type": "function"}]}, {"type": "strin"},

@@ -160,6 +160,35 @@ def test_learning_rate_warms_up_decays_and_anneals_to_zero():
     assert lr_factor(99, plain) == pytest.approx(0.1, rel=1e-2)
 
 
+def test_the_decay_between_warm_up_and_anneal_is_pytorch_s_cosine():
+    """Against torch's CosineAnnealingLR from the end of the warm-up (the endpoints alone had let any falling
+    curve pass)."""
+    cfg = TrainingSection(steps=100, warmup_steps=10, min_lr_ratio=0.1, anneal_steps=20, lr=1.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100 - 20 - 10, eta_min=0.1)
+    for step in range(10, 80):
+        assert lr_factor(step, cfg) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
+        optimizer.step()
+        cosine.step()
+
+
+def test_weight_decay_shrinks_matrices_and_leaves_norms_gains():
+    """AdamW's decoupled decay (w -= lr * wd * w) on every matrix, none on the RMSNorm gains."""
+    from herd.model import ModelConfig, Transformer
+    from herd.train.optim import build_optimizer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden_dim=64))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainingSection(lr=0.5, weight_decay=0.1))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: the decay alone moves a weight
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * (1 - 0.5 * 0.1) if p.ndim >= 2 else before[name]
+        assert torch.allclose(p.detach(), expected, atol=1e-7), name
+    assert any(p.ndim == 1 for p in model.parameters())  # the norms' gains were among them
+
+
 def test_clipping_scales_to_the_max_norm():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     params[0].grad = torch.tensor([3.0, 0.0, 0.0])
