@@ -3,7 +3,14 @@
 The public surface is imported on first use, so that `import herd` stays light for the data tools' workers.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 __all__ = ["LLM", "ChatFormat", "load", "load_tokenizer"]
+
+try:
+    __version__ = version("herd")
+except PackageNotFoundError:  # a checkout on the path, not installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name):

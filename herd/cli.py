@@ -17,6 +17,21 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="herd: run, convert and inspect Llama-3-architecture models.")
 
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from herd import __version__
+
+        print(f"herd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="print herd's version and exit")) -> None:
+    pass
+
+
 ModelOpt = typer.Option(None, "--model", "-m", help="checkpoint path (Meta, HF or GGUF); default: the built-in model")
 QuantOpt = typer.Option("auto", help="auto (a GGUF's own blocks, a `herd quantize` output as stored), none, "
                         "or a scheme: int8, int8-wo, int4[-g64|-g128][-gptq], fp8")
@@ -387,6 +402,30 @@ def tokenize(
     _status(f"{len(ids)} tokens")
 
 
+# Modules whose distribution is named otherwise.
+_DISTRIBUTIONS = {"yaml": "pyyaml", "sklearn": "scikit-learn", "docstring_parser": "docstring-parser",
+                  "prometheus_client": "prometheus-client", "lxml_html_clean": "lxml-html-clean"}
+
+
+def extra_providing(module: str) -> str | None:
+    """The first of herd's extras that installs `module` (a command run without it had said only "No module named
+    'uvicorn'"), or None."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    top = module.split(".")[0]
+    wanted = _DISTRIBUTIONS.get(top, top).replace("_", "-").lower()
+    try:
+        required = requires("herd") or []
+    except PackageNotFoundError:
+        return None
+    for requirement in required:
+        name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].replace("_", "-").lower()
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)", requirement)
+        if name == wanted and extra and extra.group(1) not in ("dev", "bench"):
+            return extra.group(1)
+    return None
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM (`kill`, `timeout`, a scheduler ending a job) unwinds as an exit, through every `finally` that removes
     a half-written output; by default it ended the process where it stood and left them behind."""
@@ -445,7 +484,10 @@ def main() -> None:
         if os.environ.get("HERD_DEBUG"):
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        known = isinstance(error, (ValueError, OSError, KeyError, MemoryError))
+        if isinstance(error, ModuleNotFoundError) and (extra := extra_providing(error.name or "")):
+            message = f"{error.name} is not installed; this command needs herd's {extra} extra: pip install " \
+                      f"'herd[{extra}]'"
+        known = isinstance(error, (ValueError, OSError, KeyError, MemoryError, ModuleNotFoundError))
         print(f"herd: error: {message}" + ("" if known else f" ({type(error).__name__}; HERD_DEBUG=1 shows where)"),
               file=sys.stderr)
         sys.exit(2 if known else 1)

@@ -224,8 +224,12 @@ def pretrain(config: TrainConfig) -> dict:
                                     env.dp_rank, env.dp)
     try:
         tokenizer = load_tokenizer(shards.tokenizer["spec"])
-    except Exception:  # noqa: BLE001 - weights still export; only the tokenizer is missing
+    except Exception as error:  # noqa: BLE001 - weights still export; only the tokenizer is missing
         tokenizer = None
+        if env.rank == 0:  # a run directory without one had failed only when loaded, with no word of why
+            print(f"herd train: the shards' tokenizer ({shards.tokenizer['spec']}) cannot be loaded "
+                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__}): the exported model "
+                  "will hold no tokenizer; put one beside its weights to use it", file=sys.stderr, flush=True)
     peak = config.run.peak_flops
     if not peak:
         # The ceiling of the precision the run computes in: a float32 peak under bf16 autocast read ~15x high on a

@@ -1,0 +1,4 @@
+"""`python -m herd`: the `herd` command."""
+from herd.cli import main
+
+main()
