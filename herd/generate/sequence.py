@@ -136,7 +136,7 @@ class Sequence:
         if self.constraint is not None:
             self.constraint.accept(token)
         delta = Delta(self.index, "", [])
-        reason, stop_token = None, None
+        reason, stop_token, checked = None, None, len(self.text)
         if token in self.stop_ids:
             reason, stop_token = "stop", token
         else:
@@ -150,7 +150,10 @@ class Sequence:
                 reason = "stop"
         if reason:
             self.text += self.decoder.decode(b"", final=True)
-        hit = min((i for i in (self.text.find(s) for s in self.params.stop) if i >= 0), default=-1)
+        # A stop string ends in this step's text, none having ended before: only its last stretch is searched (the
+        # whole reply at every token had cost 0.76 ms a token at 128K tokens).
+        start = max(0, checked - max(map(len, self.params.stop), default=0) + 1)
+        hit = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
         if hit >= 0:
             self.text, reason = self.text[:hit], "stop"
         end = len(self.text) if reason else max(self.emitted, len(self.text) - self.holdback)

@@ -1,5 +1,6 @@
 """The generation engine on a tiny random model with the real Llama 3 tokenizer."""
 import dataclasses
+import random
 import re
 
 import pytest
@@ -392,3 +393,27 @@ def test_ctrl_c_during_a_step_the_caller_drives_lands_after_it(generator, monkey
     finally:
         signal.signal(signal.SIGINT, previous)
     assert fired and interrupted and result["w"][0].tokens == alone
+
+
+def test_a_stop_string_is_found_however_the_pieces_split_it():
+    """Only a reply's last stretch is searched for stop strings now; against a search of the whole text, over
+    random pieces and stop strings of 1-6 letters that span several steps."""
+    from herd.generate.sequence import Sequence
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = tuple({"".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))})
+        pieces = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(40)]
+        seq = Sequence([1], SamplingParams(max_tokens=100, stop=stops), index=0, max_tokens=100,
+                       stop_ids=frozenset([0]), block_size=16, sink=None)
+        text, out = "", ""
+        for piece in pieces:
+            text += piece
+            delta = seq.step(5, piece.encode(), None)
+            out += delta.text
+            if delta.finish_reason:
+                break
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        assert (delta.finish_reason == "stop") == bool(hits)
+        if hits:
+            assert out == text[:min(hits)]
