@@ -23,7 +23,7 @@ import torch
 
 from herd.bounds import AT_LEAST_ONE, NON_NEGATIVE, require, require_kind
 from herd.generate.kv_cache import PagedKVCache, StepAttention, cache_dtype
-from herd.generate.sampling import NaNLogits, SamplingParams, TokenLogprob, adjust_logits, sample, token_logprob
+from herd.generate.sampling import NaNLogits, PenaltyTokens, SamplingParams, TokenLogprob, sample, token_logprob
 from herd.generate.scheduler import Scheduler
 from herd.generate.sequence import Completion, Constraint, Delta
 from herd.generate.sequence import Sequence as _Sequence
@@ -400,8 +400,11 @@ class Generator:
         return row + len(draft) + 1
 
     def _choose(self, seq: _Sequence, logits: torch.Tensor) -> tuple[int, Delta]:
-        masked = adjust_logits(logits, seq.params, seq.tokens[:seq.prompt_len], seq.generated) \
-            if seq.params.adjusts_logits else logits
+        masked = logits
+        if seq.params.adjusts_logits:
+            seq.penalties = seq.penalties or PenaltyTokens(logits.numel(), logits.device)
+            seq.penalties.update(seq.tokens, seq.prompt_len)
+            masked = seq.penalties.adjust(logits, seq.params)
         masked = (seq.constraint.mask(masked) if seq.constraint is not None else masked)[:self.vocab]
         # A grammar that allows no token: sampled, NaN probabilities (which had blamed the weights); greedy, token 0
         # at -inf. Told apart on those paths only, at no cost to a step that has a token.

@@ -152,24 +152,47 @@ def argmax(values: torch.Tensor) -> int:
     return int(values.argmax())
 
 
-def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
-                  generated: list[int]) -> torch.Tensor:
-    """The logits with `params`' bias and penalties applied (vLLM's order: bias, then penalties), before sampling or
-    greedy choice alike; the logits themselves are left as they are (log-probabilities report the model's own)."""
-    logits = logits.float().clone()
-    if params.logit_bias:
-        ids, bias = params.bias_tensors
-        logits.index_add_(0, ids.to(logits.device), bias.to(logits.device))
-    if params.repetition_penalty != 1:
-        seen = torch.tensor(sorted(set(prompt) | set(generated)), dtype=torch.long, device=logits.device)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                   values * params.repetition_penalty)
-    if generated and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.numel())
-        counts = counts[:logits.numel()].float()
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-    return logits
+class PenaltyTokens:
+    """A sequence's logit bias and penalties, applied as vLLM orders them (bias, then penalties) before sampling or
+    greedy choice alike; the logits themselves are left as they are (log-probabilities report the model's own).
+
+    It keeps the tokens the penalties read (every one of prompt and reply for the repetition penalty, the reply's
+    counts for presence and frequency), kept as they come, token by token: rebuilt from the whole context at every
+    step, they had cost 3.4 ms a token per sequence at 32K tokens."""
+
+    def __init__(self, size: int, device):
+        self.seen = torch.zeros(size, dtype=torch.bool, device=device)
+        self.seen_ids = torch.zeros(0, dtype=torch.long, device=device)  # each token of prompt and reply, once
+        self.counts = torch.zeros(size, device=device)  # of the reply's tokens
+        self.replied_ids = torch.zeros(0, dtype=torch.long, device=device)  # each token of the reply, once
+        self.taken = 0  # tokens of the sequence counted so far
+
+    def update(self, tokens: list[int], prompt_len: int) -> None:
+        """Count `tokens[taken:]`, the sequence's tokens since the last update (the first `prompt_len` its prompt)."""
+        new = torch.tensor(tokens[self.taken:], dtype=torch.long, device=self.seen.device)
+        fresh = new[~self.seen[new]].unique()
+        self.seen[fresh] = True
+        self.seen_ids = torch.cat([self.seen_ids, fresh])
+        replied = new[max(prompt_len - self.taken, 0):]
+        first = replied[self.counts[replied] == 0].unique()
+        self.counts.index_add_(0, replied, torch.ones_like(replied, dtype=self.counts.dtype))
+        self.replied_ids = torch.cat([self.replied_ids, first])
+        self.taken = len(tokens)
+
+    def adjust(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """The logits with the bias and penalties applied: only the tokens seen are touched."""
+        logits = logits.float().clone()
+        if params.logit_bias:
+            ids, bias = params.bias_tensors
+            logits.index_add_(0, ids.to(logits.device), bias.to(logits.device))
+        if params.repetition_penalty != 1:
+            values = logits[self.seen_ids]
+            logits[self.seen_ids] = torch.where(values > 0, values / params.repetition_penalty,
+                                                values * params.repetition_penalty)
+        if params.presence_penalty or params.frequency_penalty:
+            counts = self.counts[self.replied_ids]
+            logits[self.replied_ids] -= params.frequency_penalty * counts + params.presence_penalty
+        return logits
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from herd.generate.kv_cache import chain_hash
-from herd.generate.sampling import SamplingParams, TokenLogprob
+from herd.generate.sampling import PenaltyTokens, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Sequence:
         # ignore_eos passes over the tokenizer's end tokens only: the caller's own stop tokens still end it (vLLM).
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else stop_ids)
         self.rng = params.rng(device)
+        self.penalties: PenaltyTokens | None = None  # made at its first token, where params adjust the logits
         if score_from is None and params.prompt_logprobs is not None:
             score_from = 1
         # The first token has nothing before it to be predicted from.

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 
 import herd
 from herd.generate import ContextLengthError, Generator, SamplingParams
-from herd.generate.sampling import adjust_logits, argmax, filtered_probs, sample
+from herd.generate.sampling import PenaltyTokens, argmax, filtered_probs, sample
 from herd.model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, ffn_hidden_dim=128,
@@ -105,6 +105,13 @@ def test_a_vanishing_temperature_or_top_p_samples_the_most_likely_token(temperat
     assert {sample(logits, params, rng) for _ in range(20)} == {int(logits.argmax())}
 
 
+def adjust_logits(logits, params, prompt, generated):
+    """The logits under `params`' bias and penalties, the context counted at once."""
+    penalties = PenaltyTokens(logits.numel(), logits.device)
+    penalties.update([*prompt, *generated], len(prompt))
+    return penalties.adjust(logits, params)
+
+
 def test_bias_and_repetition_penalty_equal_transformers_and_openai_penalties_count_the_reply():
     torch.manual_seed(1)
     logits = torch.randn(1, 300) * 4
@@ -122,6 +129,15 @@ def test_bias_and_repetition_penalty_equal_transformers_and_openai_penalties_cou
         expected[token] -= 0.5 + 0.25 * count
     torch.testing.assert_close(ours, expected)
     assert torch.equal(adjust_logits(logits[0], SamplingParams(), prompt, generated), logits[0])
+    # Counted token by token (as the engine counts them) or at once: the same.
+    both = SamplingParams(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.25)
+    penalties = PenaltyTokens(300, "cpu")
+    tokens = list(prompt)
+    for token in generated:
+        penalties.update(tokens, len(prompt))
+        tokens.append(token)
+    penalties.update(tokens, len(prompt))
+    torch.testing.assert_close(penalties.adjust(logits[0], both), adjust_logits(logits[0], both, prompt, generated))
 
 
 def test_argmax_picks_what_torch_argmax_picks_among_ties_infinities_and_nans():
