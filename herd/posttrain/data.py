@@ -75,8 +75,11 @@ class DialogEncoder:
             raise DataError(f"{where}: the chat format wrote no end-of-turn token after the assistant's reply")
         return written[:end + 1]
 
-    def dialog(self, messages: Sequence[dict], tools: list | None = None, where: str = "") -> Example:
-        """Every assistant turn is a target; the last one ends the example (later turns teach nothing)."""
+    def dialog(self, messages: Sequence[dict], tools: list | None = None, where: str = "",
+               max_len: int | None = None) -> Example:
+        """Every assistant turn is a target; the last one ends the example (later turns teach nothing), or the
+        first to reach `max_len` ids: each turn encodes the dialog so far again, and a dialog of 320 turns had taken
+        2.1 s to be cut to its first 2,048 ids."""
         turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
         if not turns:
             raise DataError(f"{where}: no assistant turn to learn from; every SFT row needs one")
@@ -88,6 +91,8 @@ class DialogEncoder:
             written = self.reply(prompt, messages[:i], messages[i], tools, where)
             ids = prompt + written
             target += [True] * len(written)
+            if max_len is not None and len(ids) >= max_len:
+                break
         return Example(ids, target)
 
     def continued(self, ids: list[int], longer: list[int], where: str) -> list[int]:
@@ -145,7 +150,7 @@ def encode_sft(rows: Iterable[tuple[str, dict]], encoder: DialogEncoder, max_len
     """Encode SFT rows; a dialog longer than `max_len` keeps its first `max_len` ids (and must keep a target)."""
     examples = []
     for where, row in rows:
-        example = encoder.dialog(_messages(row, "messages", where), row.get("tools"), where)
+        example = encoder.dialog(_messages(row, "messages", where), row.get("tools"), where, max_len)
         example = Example(example.ids[:max_len], example.target[:max_len])
         if not any(example.target):
             raise DataError(f"{where}: no assistant token within the first {max_len} tokens; "

@@ -120,6 +120,18 @@ def test_special_token_text_in_a_merging_reply_stays_text(smollm2_format):
     assert example.ids.count(start) == chat_format.encode_dialog(dialog[:3]).count(start)
 
 
+def test_a_long_dialog_stops_encoding_at_max_len_with_the_same_ids(smollm2_format):
+    """Encoding stops at the turn that reaches max_len (each turn encodes the dialog so far again); what is kept is
+    what the whole dialog's encoding, cut, would keep."""
+    encoder = DialogEncoder(smollm2_format)
+    dialog = [m for i in range(30) for m in ({"role": "user", "content": f"Question {i}?"},
+                                            {"role": "assistant", "content": f"Answer {i}."})]
+    whole = encoder.dialog(dialog)
+    for max_len in (40, 200, 333):
+        [cut] = encode_sft([("sft.jsonl:1", {"messages": dialog})], encoder, max_len)
+        assert (cut.ids, cut.target) == (whole.ids[:max_len], whole.target[:max_len])
+
+
 def test_first_fit_puts_each_example_in_the_first_row_with_room():
     """Against first fit written the plain way (a scan from the first row, which took 15.6 s over 100,000)."""
     rng = random.Random(0)
