@@ -45,6 +45,29 @@ def test_dedup_keeps_the_best_scored_of_near_identical_examples():
     assert semantic_dedup(embeddings, scores, threshold=0.95, n_clusters=3) == [0, 2, 3, 4]
 
 
+def test_dedup_and_clusters_equal_their_definitions_on_random_data():
+    """Against the greedy rule written plainly (every kept vector compared, best score first) and Lloyd's step
+    written per cluster, on 300 vectors with planted near-copies."""
+    from herd.posttrain.curate import spherical_kmeans
+
+    torch.manual_seed(0)
+    base = torch.nn.functional.normalize(torch.randn(150, 16), dim=-1)
+    x = torch.nn.functional.normalize(torch.cat([base, base + 0.05 * torch.randn(150, 16)]), dim=-1)
+    scores = torch.rand(300).tolist()
+    kept = []
+    for i in sorted(range(300), key=lambda i: -scores[i]):
+        if all(float(x[j] @ x[i]) <= 0.95 for j in kept):
+            kept.append(i)
+    assert semantic_dedup(x, scores, threshold=0.95) == sorted(kept)
+    labels = spherical_kmeans(x, 5, seed=1, iterations=1)
+    centers = x[torch.randperm(300, generator=torch.Generator().manual_seed(1))[:5]]
+    first = (x @ centers.T).argmax(-1)
+    moved = torch.stack([torch.nn.functional.normalize(x[first == c].mean(0), dim=-1) if (first == c).any()
+                         else centers[c] for c in range(5)])
+    assert labels == first.tolist() and spherical_kmeans(x, 5, seed=1, iterations=2) == (x @ moved.T).argmax(
+        -1).tolist()
+
+
 def test_embeddings_are_unit_mean_pooled_and_ignore_padding(llama3_format):
     llm = LLM(tiny_model().eval(), llama3_format.tokenizer, llama3_format)
     texts = ["short", "a much longer text than the first one", "short"]
