@@ -6,6 +6,7 @@ into a table on the terminal and `chart` into a PNG.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,17 @@ SNIPPET_CHARS = 240
 
 def _count() -> dict[str, int]:
     return {"docs": 0, "tokens": 0, "bytes": 0}
+
+
+def _snippet(text: str) -> str:
+    """The text's first SNIPPET_CHARS, its runs of whitespace one space each."""
+    words, size = [], 0
+    for word in re.finditer(r"\S+", text):
+        words.append(word.group())
+        size += len(word.group()) + 1
+        if size > SNIPPET_CHARS:
+            break
+    return " ".join(words)[:SNIPPET_CHARS]
 
 
 def _add(into: dict[str, int], docs: int, tokens: int, nbytes: int) -> None:
@@ -54,16 +66,16 @@ class Tally:
         self.reasons[stage][reason.split(":", 1)[0]] += 1
         _add(self.langs[lang or UNKNOWN]["dropped"], 1, tokens, nbytes)
         _add(self.domains[domain or UNKNOWN]["dropped"], 1, tokens, nbytes)
-        if example is not None:
-            text = " ".join((example.get("text") or "").split())
-            self._keep_example(stage, {**example, "reason": reason, "text": text[:SNIPPET_CHARS]})
+        if example is not None and self._room_for(stage, reason):
+            # A snippet of the text, read from its start only: the whole of every dropped document had been split
+            # and joined, however few examples were kept.
+            self.examples[stage].append({**example, "reason": reason, "text": _snippet(example.get("text") or "")})
 
-    def _keep_example(self, stage: str, example: dict[str, Any]) -> None:
+    def _room_for(self, stage: str, reason: str) -> bool:
         have = self.examples[stage]
-        kind = example["reason"].split(":", 1)[0]
+        kind = reason.split(":", 1)[0]
         same = sum(e["reason"].split(":", 1)[0] == kind for e in have)
-        if len(have) < EXAMPLES_PER_STAGE and same < EXAMPLES_PER_REASON:
-            have.append(example)
+        return len(have) < EXAMPLES_PER_STAGE and same < EXAMPLES_PER_REASON
 
     def add_kept(self, lang: str | None, domain: str | None, tokens: int, nbytes: int) -> None:
         _add(self.langs[lang or UNKNOWN]["kept"], 1, tokens, nbytes)
@@ -82,7 +94,8 @@ class Tally:
                     _add(mine[key][side], *c.values())
         for stage, examples in other.examples.items():  # merged in unit order: the first ones in input order
             for e in examples:
-                self._keep_example(stage, e)
+                if self._room_for(stage, e["reason"]):
+                    self.examples[stage].append(e)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({"read": self.read, "dropped": self.dropped, "reasons": self.reasons,

@@ -579,3 +579,15 @@ def test_inputs_may_repeat_each_others_ids(tmp_path):
     assert dropped[0]["reason"].endswith(f"@{a}:3") or dropped[1]["reason"].endswith(f"@{a}:3")
     shards = TokenShards(out, verify=True)
     assert [shards.doc_id(i) for i in range(len(shards))] == [r["id"] for r in kept]
+
+
+def test_a_dropped_documents_snippet_is_its_start_with_whitespace_collapsed():
+    """Read from the text's start only (every dropped document had been split and joined whole)."""
+    import random
+
+    from herd.data.report import SNIPPET_CHARS, _snippet
+
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice("ab \n\t") for _ in range(rng.randint(0, 3 * SNIPPET_CHARS)))
+        assert _snippet(text) == " ".join(text.split())[:SNIPPET_CHARS]
