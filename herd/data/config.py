@@ -241,12 +241,16 @@ def check_mix_domains(mix: MixConfig | None, domains: set[str] | None) -> None:
     if unknown and mix.targets != LLAMA3_MIX:
         raise ConfigError(f"mix targets name {', '.join(map(repr, unknown))}, which the domain classifier never "
                           f"gives; its domains: {', '.join(sorted(domains))}")
-    untargeted = ", ".join(map(repr, sorted(domains - set(mix.targets))))
-    if untargeted:
+    missing = sorted(domains - set(mix.targets))
+    untargeted = ", ".join(map(repr, missing))
+    if missing:
+        # "multilingual" is the stage's own label for non-English text (non_english_is_multilingual), not a class
+        # its model was trained on: retraining would not remove it.
+        remedy = ("retrain the classifier with these names, or " if missing != ["multilingual"] else
+                  "set non_english_is_multilingual = false in the domain_classifier stage, or ")
         raise ConfigError(f"the domain classifier labels documents {untargeted}, which the mix has no target for, so "
-                          f"it would drop them all; the mix's domains: {', '.join(mix.targets)}; retrain the "
-                          f"classifier with these names, or give a [mix] table with a target for {untargeted} (0 to "
-                          "drop its documents)")
+                          f"it would drop them all; the mix's domains: {', '.join(mix.targets)}; {remedy}give a "
+                          f"[mix] table with a target for {untargeted} (0 to drop its documents)")
 
 
 def validate(config: PipelineConfig, where: str = "config") -> None:

@@ -101,7 +101,7 @@ def semantic_dedup(embeddings: torch.Tensor, scores: Sequence[float], threshold:
     for members in clusters.values():
         members.sort(key=lambda i: -scores[i])
         # The kept vectors in one growing buffer: gathered anew for every candidate, 16,000 had taken 127 s.
-        chosen, vectors = [], torch.empty(len(members), embeddings.shape[1])
+        chosen, vectors = [], embeddings.new_empty(len(members), embeddings.shape[1])
         for i in members:
             if not chosen or float((vectors[:len(chosen)] @ embeddings[i]).max()) <= threshold:
                 vectors[len(chosen)] = embeddings[i]

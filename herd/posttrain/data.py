@@ -111,12 +111,15 @@ class DialogEncoder:
         # format's ids, whose special-token text inside a message is text (read as tokens, a reply opening with a
         # blank line had forged the turns it quoted, and changed which tokens were learned).
         tail, start = [], 0
-        for _, run in itertools.groupby(longer, key=self.special_ids.__contains__):
-            run = list(run)
-            piece = tokenizer.decode(run)
-            if start + len(piece) > len(before):
-                tail += run if start >= len(before) else tokenizer.encode(piece[len(before) - start:], bos=False)
-            start += len(piece)
+        for special, run in itertools.groupby(longer, key=self.special_ids.__contains__):
+            # A special token is a piece of its own, never encoded again (the template's <|eot_id|> and the next
+            # <|start_header_id|> are adjacent); a run of text tokens is one piece.
+            for piece_ids in ([t] for t in run) if special else [list(run)]:
+                piece = tokenizer.decode(piece_ids)
+                if start + len(piece) > len(before):
+                    tail += piece_ids if start >= len(before) or special else \
+                        tokenizer.encode(piece[len(before) - start:], bos=False)
+                start += len(piece)
         return ids + tail
 
     def formatting(self, ids: Sequence[int]) -> list[bool]:

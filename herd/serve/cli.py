@@ -90,8 +90,9 @@ def _more_open_files() -> None:
     """The soft limit on open files raised to the hard one (as vLLM does): at a shell's 1,024, a thousand idle
     connections had used them all, and a client with the right key timed out."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 1 << 20)), hard))
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # RLIM_INFINITY is -1: no min() with it
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _loopback_names(host: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +22,8 @@ def get_json(url: str, params: dict, *, headers: dict[str, str], timeout: float,
     bounds the whole call: the lookup, the headers and the body (a server sending a byte a second had kept a turn
     waiting for minutes); a call past it is left to end on its own thread."""
     outcome: list = []
-    caller = threading.Thread(target=_get, args=(outcome, url, params, headers, timeout, service), daemon=True)
+    caller = threading.Thread(target=_get, args=(outcome, url, params, headers, timeout, service), daemon=True,
+                              name=f"herd-http {service}")
     caller.start()
     caller.join(timeout)
     if not outcome:
@@ -38,6 +40,7 @@ def _get(outcome: list, url: str, params: dict, headers: dict[str, str], timeout
     """get_json's call, on its own thread: the parsed body, or the ToolError, appended to `outcome`."""
     request = urllib.request.Request(f"{url}?{urllib.parse.urlencode(params)}",
                                      headers={"Accept": "application/json", **headers})
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = bytearray()
@@ -45,6 +48,8 @@ def _get(outcome: list, url: str, params: dict, headers: dict[str, str], timeout
                 data += chunk
                 if len(data) > MAX_BODY_BYTES:
                     raise ToolError(f"{service} answered with more than {MAX_BODY_BYTES:,} bytes")
+                if time.monotonic() > deadline:  # the caller has gone: the thread and its socket end too
+                    raise ToolError(f"{service} took longer than {timeout:g} s to answer")
             outcome.append(json.loads(data))
     except ToolError as error:
         outcome.append(error)

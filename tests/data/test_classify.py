@@ -271,6 +271,11 @@ def test_a_domain_the_mix_has_no_target_for_is_refused_before_the_run(tmp_path):
     with pytest.raises(ConfigError, match=r"labels documents 'code', which .*give a \[mix\] table with a target for "
                                           r"'code' \(0 to drop"):
         pipeline.run([src], tmp_path / "out", english_only)
+    # "multilingual" is the stage's label for non-English text, not the model's: the way out says so.
+    no_multilingual = MixConfig(targets={"general": 0.5, "math": 0.25, "code": 0.25})
+    with pytest.raises(ConfigError, match=r"labels documents 'multilingual', .*set non_english_is_multilingual = "
+                                          r"false in the domain_classifier stage, or give a \[mix\] table"):
+        check_mix_domains(no_multilingual, {"general", "math", "code", "multilingual"})
 
 
 def test_train_classifier_from_a_labels_file_and_its_bad_rows_in_one_line(tmp_path):

@@ -120,6 +120,34 @@ def test_special_token_text_in_a_merging_reply_stays_text(smollm2_format):
     assert example.ids.count(start) == chat_format.encode_dialog(dialog[:3]).count(start)
 
 
+def test_a_merging_reply_keeps_the_templates_adjacent_special_tokens(tmp_path):
+    """Llama 3's HF template writes <|eot_id|> and the next <|start_header_id|> side by side: re-encoding the
+    stretch a merging reply starts had turned the next header into its letters, as text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from herd.tokenizer import HFTokenizer
+    from herd.tokenizer.hf import BYTE_CHARS
+
+    template = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n' + m['content']"
+                " + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\\n' }}{% endif %}")
+    vocab = {c: i for i, c in enumerate(BYTE_CHARS)} | {"ĊĊ": len(BYTE_CHARS)}  # "\n\n" is one token
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("Ċ", "Ċ")]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|eot_id|>"}))
+    chat_format = chat_format_for(HFTokenizer.from_file(tmp_path))
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nfirst"},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": "second"}]
+    example = DialogEncoder(chat_format).dialog(dialog)
+    header = chat_format.tokenizer.special_tokens["<|start_header_id|>"]
+    assert example.ids.count(header) == 4  # each turn's, as the template writes them
+    assert chat_format.tokenizer.decode(example.ids) == chat_format.tokenizer.decode(
+        chat_format.encode_dialog(dialog[:3])) + "second<|eot_id|>"
+
+
 def test_a_long_dialog_stops_encoding_at_max_len_with_the_same_ids(smollm2_format):
     """Encoding stops at the turn that reaches max_len (each turn encodes the dialog so far again); what is kept is
     what the whole dialog's encoding, cut, would keep."""

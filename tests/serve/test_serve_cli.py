@@ -134,3 +134,16 @@ def test_the_server_raises_its_limit_on_open_files():
             "print(soft == hard if hard != resource.RLIM_INFINITY else soft >= 65536)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_an_unlimited_hard_limit_on_open_files_is_raised_to_as_well(monkeypatch):
+    """RLIM_INFINITY is -1: min() with it had left the soft limit where it was."""
+    import resource
+
+    from herd.serve import cli
+
+    asked = []
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: asked.append(limits))
+    cli._more_open_files()
+    assert asked == [(1 << 20, resource.RLIM_INFINITY)]

@@ -20,15 +20,20 @@ class StandIn:
                 url = urlsplit(self.path)
                 stand_in.requests.append({"path": url.path, "query": {k: v[0] for k, v in parse_qs(url.query).items()},
                                           "headers": dict(self.headers)})
+                # A pause: the answer a byte at a time, its headers too unless the route says "body".
                 status, body, *pause = stand_in.routes.get(url.path, (404, {"error": "not found"}))
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 head = (f"HTTP/1.1 {status} {self.responses[status][0]}\r\nContent-Type: application/json\r\n"
                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
-                for start in range(0, len(head + data), 1 if pause else len(head + data)):  # a pause: byte by byte
-                    self.wfile.write((head + data)[start:start + (1 if pause else len(head + data))])
-                    self.wfile.flush()
-                    if pause:
+                slow = head + data if pause and pause[1:] != ["body"] else data if pause else b""
+                try:
+                    self.wfile.write((head + data)[:len(head + data) - len(slow)])
+                    for byte in range(len(slow)):
+                        self.wfile.write(slow[byte:byte + 1])
+                        self.wfile.flush()
                         time.sleep(pause[0])
+                except (BrokenPipeError, ConnectionResetError):  # the client has given up
+                    pass
 
             def log_message(self, *args):
                 pass

@@ -1,5 +1,6 @@
 """brave_search: the Brave API (against a local stand-in speaking its JSON) and BM25 over a local collection."""
 import json
+import threading
 import time
 
 import pytest
@@ -63,6 +64,15 @@ def test_a_slow_or_huge_answer_is_cut_off(stand_in, monkeypatch):
     with pytest.raises(ToolError, match=r"Brave Search took longer than 1 s to answer"):
         BraveSearch("k", base_url=f"{stand_in.url}/res/v1", timeout=1.0)("q")
     assert time.monotonic() - began < 3
+    # Nor does a body's reading go on behind the caller's back: its thread (and socket) ends within a read's wait.
+    # (One still reading headers ends when they do: http.client bounds them at 100 lines.)
+    stand_in.routes["/res/v1/web/search"] = (200, BRAVE_ANSWER, 0.05, "body")
+    before = set(threading.enumerate())
+    for _ in range(3):
+        with pytest.raises(ToolError, match=r"took longer than 0.5 s"):
+            BraveSearch("k", base_url=f"{stand_in.url}/res/v1", timeout=0.5)("q")
+    time.sleep(1.5)
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("herd-http")]
     monkeypatch.setattr(http, "MAX_BODY_BYTES", 1000)
     stand_in.routes["/res/v1/web/search"] = (200, {"web": {"results": [], "pad": "x" * 2000}})
     with pytest.raises(ToolError, match="answered with more than 1,000 bytes"):
