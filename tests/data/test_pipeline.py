@@ -339,7 +339,8 @@ def test_toml_config_round_trip_and_errors(tmp_path):
     assert config.stages[0] == StageSpec("language", {"languages": ["en"]})
     assert config.stages[0].build().languages == ["en"]
     path.write_text('[[stages]]\ntype = "language"\nlanguagez = ["en"]\n')
-    with pytest.raises(ConfigError, match=r"stage 'language' has no option 'languagez'; its options: name, languages, min_score$"):
+    with pytest.raises(ConfigError,
+                       match=r"stage 'language' has no option 'languagez'; its options: name, languages, min_score$"):
         load_config(path).stages[0].build()
     # Tables where an array of them belongs had been "dictionary update sequence element #0 has length 1".
     for tables in ('[stages]\ntype = "nsfw"\n', '[stages.first]\ntype = "nsfw"\n'):
