@@ -402,8 +402,11 @@ def _agent(request: Request, config: AgentConfig) -> Agent:
     sampling, cap = dict(config.sampling), state.settings.max_tokens  # the operator's --max-tokens, as elsewhere
     if cap is not None:
         sampling["max_tokens"] = min(sampling.get("max_tokens") or cap, cap)
+    # The operator's functions get no longer than a whole request may take: the turn's --timeout is checked between
+    # steps, and a function of the agent's default 60 s had run it that far past.
     return Agent(state.llm, tools=tools, max_steps=config.max_steps, tool_choice=config.tool_choice,
-                 guard=shields.tool_guard() if shields is not None else None, **sampling)
+                 guard=shields.tool_guard() if shields is not None else None,
+                 tool_timeout=min(60.0, state.settings.request_timeout), **sampling)
 
 
 def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_id: str,

@@ -159,6 +159,30 @@ def test_the_operators_functions_are_offered_by_name(default_llm, monkeypatch):
     assert sse(turn)[-1]["turn"]["output_message"]["content"] == "HI."
 
 
+def test_an_operators_function_gets_no_longer_than_the_servers_timeout(default_llm, monkeypatch):
+    """A function slower than --timeout had run its course (the agent's 60 s) before the turn's limit was read."""
+    def slow(text: str) -> str:
+        """Takes its time."""
+        time.sleep(4)
+        return text
+
+    replies = ['{"name": "slow", "parameters": {"text": "hi"}}', "done."]
+    def chat(messages, tools=None, *, stream=False, **options):
+        text = replies.pop(0) if replies else "done."
+        message = default_llm.chat_format.decode_assistant(text, "end_of_turn")
+        return streamed([text], message) if stream else message
+
+    monkeypatch.setattr(default_llm, "chat", chat)
+    client = TestClient(create_app(default_llm, ServeSettings(request_timeout=1.0), routers=[router], tools=[slow]))
+    agent_id = client.post("/v1/agents", json={"tools": ["slow"], "tool_choice": "slow"}).json()["agent_id"]
+    session_id = client.post(f"/v1/agents/{agent_id}/session", json={}).json()["session_id"]
+    began = time.monotonic()
+    turn = client.post(f"/v1/agents/{agent_id}/session/{session_id}/turn",
+                       json={"messages": [{"role": "user", "content": "Go."}], "stream": False})
+    assert time.monotonic() - began < 3  # the function's 4 s cut at the server's 1 s
+    assert turn.status_code == 504 and turn.json()["error"]["code"] == "request_timeout"
+
+
 def test_an_agents_sampling_takes_a_logit_bias_as_json_writes_it(default_llm):
     """JSON's keys are strings: an agent's logit_bias reached the engine so ({"5": 1}) and its first turn failed
     with a TypeError; a key that is no token id, or a field of the wrong type, is a 400 when the agent is made."""
