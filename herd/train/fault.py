@@ -143,8 +143,9 @@ def log_fault(run_dir: Path, record: dict) -> None:
 def injected(kind: str, step: int, rank: int) -> bool:
     """Whether HERD_TRAIN_INJECT plants `kind` at `step` on `rank` in this attempt.
 
-    Items are KIND@STEP[:RANK][#ATTEMPT]: the rank defaults to all, the attempt (torchrun's restart count) to the
-    first, so a restarted job runs clean unless a later attempt is named.
+    Items are KIND@STEP[:RANK][#ATTEMPT]: STEP counts the optimizer steps done before it (nan@2 spoils the third,
+    which metrics.jsonl and faults.jsonl number 3); the rank defaults to all, the attempt (torchrun's restart count)
+    to the first, so a restarted job runs clean unless a later attempt is named.
     """
     spec = os.environ.get("HERD_TRAIN_INJECT", "")
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -254,7 +254,7 @@ class Trainer:
         self.bad_in_a_row += 1
         if self.bad_in_a_row > self.config.fault.max_bad_steps:
             raise RuntimeError(f"{self.bad_in_a_row} bad steps in a row (last: {why}); stopping the run")
-        step = self.step
+        step = self.step + 1  # the step being taken, as metrics.jsonl numbers it (self.step counts those done)
         restored = self.restore(keep_data=True) if self.config.fault.nonfinite == "rollback" else None
         if restored is not None:
             self.stuck_rollbacks = self.stuck_rollbacks + 1 if step <= self.last_bad_step else 1

@@ -81,6 +81,8 @@ def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
     pretrain(tiny_config(byte_shards, tmp_path / "skip"))
     records = metrics(tmp_path / "skip")
     assert "skipped" in records[3] and "non-finite" in records[3]["skipped"]
+    fault = json.loads((tmp_path / "skip" / "faults.jsonl").read_text())
+    assert fault["step"] == records[3]["step"] == 4  # the step spoiled, numbered alike in both files
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records[4:])
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
     # Rolled back: the weights of step 2 come back, the bad batch is not seen again, the steps are redone.
@@ -92,20 +94,21 @@ def test_nan_step_is_skipped_or_rolled_back(byte_shards, tmp_path, monkeypatch):
 
 
 def test_a_divergence_that_recurs_after_every_rollback_stops_the_run(byte_shards, tmp_path, monkeypatch):
-    """Step 5 goes bad however often it is redone: the step redone after each rollback (4) is good, so the bad steps
+    """Step 6 goes bad however often it is redone: the step redone after each rollback (5) is good, so the bad steps
     were never "in a row" and the run rolled back to step-4 until its time ran out. It stops after
-    fault.max_bad_steps rollbacks that never got past step 5, saying so."""
+    fault.max_bad_steps rollbacks that never got past step 6, saying so (numbered as metrics.jsonl numbers steps:
+    its records had said step 5 where metrics.jsonl's said 6)."""
     from herd.train import fault
 
     planted = fault.injected
     monkeypatch.setattr(fault, "injected", lambda kind, step, rank: (kind, step) == ("nan", 5)
                         or planted(kind, step, rank))
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="3 rollbacks to step-4 in a row never got past step 5"):
+    with pytest.raises(RuntimeError, match="3 rollbacks to step-4 in a row never got past step 6"):
         pretrain(tiny_config(byte_shards, run, "--training.steps", "8", "--fault.nonfinite", "rollback",
                              "--fault.max_bad_steps", "2", "--run.time_limit_s", "20"))
     faults = [json.loads(line) for line in (run / "faults.jsonl").read_text().splitlines()]
-    assert [f["step"] for f in faults] == [5, 5]  # the third is the one that stopped the run
+    assert [f["step"] for f in faults] == [6, 6]  # the third is the one that stopped the run
 
 
 def test_the_watchdog_times_steps_not_evaluations_or_saves(byte_shards, tmp_path, monkeypatch):
