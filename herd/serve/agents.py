@@ -258,10 +258,19 @@ async def create_agent(request: Request) -> dict:
         _agent(request, config)  # a bad tool or tool_choice is a 400 now, not an error at the first turn
     except (ToolError, ValueError) as error:
         raise APIError(400, str(error), param="tools") from None
+    _room(len(agents), server_state(request).settings.max_agents, "agents", "DELETE /v1/agents/{agent_id}",
+          "too_many_agents")
     agent_id = str(uuid.uuid4())
     agents[agent_id] = _Agent(config)
     count_served(request)
     return {"agent_id": agent_id}
+
+
+def _room(held: int, limit: int, what: str, delete: str, code: str) -> None:
+    """A 429 once the server holds `limit` of these (ServeSettings.max_agents, max_sessions)."""
+    if held >= limit:
+        raise APIError(429, f"this server holds {held} {what}, its limit: delete some ({delete}) and make this one "
+                            "again", type="rate_limit_error", code=code)
 
 
 @router.get("/{agent_id}")
@@ -284,6 +293,8 @@ def delete_agent(request: Request, agent_id: str) -> None:
 async def create_session(request: Request, agent_id: str) -> dict:
     _, sessions, _ = _find(request, agent_id)
     body = await _body(request, SessionRequest)
+    _room(len(sessions), server_state(request).settings.max_sessions, f"sessions of agent {agent_id}",
+          f"DELETE /v1/agents/{agent_id}/session/{{session_id}}", "too_many_sessions")
     session_id = str(uuid.uuid4())
     sessions[session_id] = _Session(body.session_name)
     count_served(request)

@@ -67,11 +67,15 @@ class ServeSettings:
     # the host names requests may be addressed to, none: any. A server on loopback names its own: a web page whose
     # name an attacker points at 127.0.0.1 (DNS rebinding) is otherwise of the same origin, and reads the answers.
     allowed_hosts: tuple[str, ...] = ()
+    # the agents (/v1/agents) kept, and the sessions each keeps: until deleted they stay in memory, and a client
+    # making them without end had grown the server by a megabyte a request
+    max_agents: int = 1024
+    max_sessions: int = 1024
 
     def __post_init__(self):
         # A timeout of 0 or less had every reply end empty at once; NaN had none end.
         require(self, POSITIVE, "request_timeout")
-        require(self, AT_LEAST_ONE, "max_body_bytes", "max_n", "max_tokens")
+        require(self, AT_LEAST_ONE, "max_body_bytes", "max_n", "max_tokens", "max_agents", "max_sessions")
         # `--api-key "$KEY"` with KEY unset gave a server that looked protected and let an empty Bearer in
         for origin in self.allowed_origins:  # a trailing slash or a path never matches what a browser sends
             if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):

@@ -555,3 +555,17 @@ def test_the_operators_max_tokens_and_timeout_bound_a_turn(default_llm, monkeypa
         assert response.status_code == (200 if stream else 504)
         sampling = {}
     assert asked == [8, 8]  # asked 3,000, and asked nothing: the operator's cap both times
+
+
+def test_agents_and_sessions_are_bounded_and_deleting_makes_room(default_llm):
+    """Kept in memory until deleted, they had grown without end (a megabyte a request of long instructions)."""
+    client = TestClient(create_app(default_llm, ServeSettings(max_agents=2, max_sessions=1), routers=[router]))
+    agents = [client.post("/v1/agents", json={"instructions": "x"}) for _ in range(3)]
+    assert [a.status_code for a in agents] == [200, 200, 429]
+    assert agents[2].json()["error"]["code"] == "too_many_agents"
+    agent_id = agents[0].json()["agent_id"]
+    sessions = [client.post(f"/v1/agents/{agent_id}/session", json={}) for _ in range(2)]
+    assert [s.status_code for s in sessions] == [200, 429]
+    assert sessions[1].json()["error"]["code"] == "too_many_sessions"
+    client.delete(f"/v1/agents/{agents[1].json()['agent_id']}")
+    assert client.post("/v1/agents", json={"instructions": "x"}).status_code == 200
