@@ -296,6 +296,7 @@ class JsonGrammars:
         self._lock = threading.Lock()
         # Per instance: a cache on the method would keep every JsonGrammars (and its compiler) ever made alive.
         self._compiled = functools.lru_cache(maxsize=64)(self._compile)
+        self._checked = functools.lru_cache(maxsize=64)(self._check)
 
     @functools.cached_property
     def _vocab(self) -> list[bytes]:
@@ -318,14 +319,21 @@ class JsonGrammars:
 
     def constraint(self, schema: dict[str, Any] | None) -> JsonConstraint:
         """A fresh matcher for any JSON object (schema None) or for documents valid under `schema`."""
-        schema = schema if schema is not None else {"type": "object"}
+        # In the schema's own order: the grammar writes properties in it (a reason before its answer).
+        schema_text = json.dumps(schema if schema is not None else {"type": "object"})
         # Checked before the lock, which only the compiler needs: another request's schema waits for no check.
+        self._checked(schema_text)
+        with self._lock:
+            compiled = self._compiled(schema_text)
+        return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
+
+    @staticmethod
+    def _check(schema_text: str) -> None:
+        """GrammarError where the schema is too large or cannot be enforced; once a schema (a request's n matchers,
+        and every later request with it, take the cached answer; a refusal is not cached)."""
+        schema = json.loads(schema_text)
         check_schema_size(schema)
         check_enforceable(schema)
-        with self._lock:
-            # In the schema's own order: the grammar writes properties in it (a reason before its answer).
-            compiled = self._compiled(json.dumps(schema))
-        return JsonConstraint(compiled, compiled.tokenizer_info.vocab_size, self._text_tokens)
 
     def _compile(self, schema_text: str):
         """The grammar of a schema (as JSON), compiled once however many matchers use it."""
