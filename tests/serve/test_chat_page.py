@@ -140,9 +140,9 @@ class FakeBackend(AppServer):
 
         self.script, self.requests, self.closed = "echo", [], []
 
-        def chunk(delta):
+        def chunk(delta, finish=None):
             return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "model": "fake",
-                                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + "\n\n"
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
 
         async def page(request):
             return FileResponse(STATIC / "index.html")
@@ -160,6 +160,8 @@ class FakeBackend(AppServer):
             script = self.script
             if script == "bad-key":
                 return JSONResponse({"error": {"message": "invalid API key"}}, status_code=401)
+            if script == "busy":
+                return JSONResponse({"error": {"message": "the queue is full: try again shortly"}}, status_code=429)
             if script == "proxy-504":
                 return HTMLResponse("<html><body><h1>504 Gateway Time-out</h1></body></html>", status_code=504)
 
@@ -180,6 +182,10 @@ class FakeBackend(AppServer):
                         for i in range(600):  # a minute: a test stops it long before, however slow the machine
                             yield chunk({"content": f"line {i}\n"})
                             await asyncio.sleep(0.1)
+                    elif script == "cut":
+                        yield chunk({"content": "the start of an answer"}, finish="length")
+                    elif script == "empty":
+                        yield chunk({}, finish="stop")
                     elif script == "long-line":
                         yield chunk({"content": "https://example.com/" + "b" * 400})
                     else:
@@ -361,3 +367,87 @@ def test_new_chat_starts_over(fake, browser):
     settled(browser, 2, fake)
     assert fake.requests[1]["messages"] == [{"role": "user", "content": "two"}]
     assert shown(browser) == [["msg user", "two"], ["msg assistant", "echo: two"]]
+
+
+def test_an_unanswered_question_leaves_the_page_with_the_conversation(fake, browser):
+    fake.start(browser, "busy")
+    say(browser, "My name is Zed.")
+    settled(browser, 1, fake)
+    assert shown(browser) == [["msg error", "Error: HTTP 429 Too Many Requests: the queue is full: try again shortly"]]
+    assert browser.evaluate("document.getElementById('input').value") == "My name is Zed."
+    fake.script = "echo"
+    browser.evaluate("document.getElementById('input').value = ''")
+    say(browser, "What is my name?")
+    settled(browser, 2, fake)
+    assert fake.requests[1]["messages"] == [{"role": "user", "content": "What is my name?"}]
+    assert [text for kind, text in shown(browser) if "user" in kind] == ["What is my name?"]
+
+
+def click(browser, element: str, count: int) -> None:
+    """A real mouse click on the element; count 2 is the second click of a double click."""
+    box = browser.evaluate(f"(() => {{ const r = document.getElementById('{element}').getBoundingClientRect();"
+                           " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mousePressed", "mouseReleased"):
+        browser("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=count)
+
+
+def test_a_double_click_on_send_does_not_stop_the_reply(fake, browser):
+    fake.start(browser, "slow")
+    browser.evaluate("document.getElementById('input').value = 'go'")
+    click(browser, "send", 1)
+    browser.wait_for("document.getElementById('send').textContent === 'Stop'", 10)
+    click(browser, "send", 2)
+    browser.wait_for("document.querySelector('.assistant')?.textContent.includes('line 3')", 30)
+    assert fake.closed == [] and browser.evaluate("document.body.dataset.state") == "streaming"
+    assert browser.evaluate("document.activeElement.id") == "send"
+    click(browser, "send", 1)  # a click of its own stops it, and typing goes on in the box
+    assert wait_closed(fake, 15) == [1]
+    browser.wait_for("document.body.dataset.state === 'done'", 20)
+    assert browser.evaluate("document.activeElement.id") == "input"
+
+
+def test_a_reply_cut_at_its_token_limit_or_empty_says_so(fake, browser):
+    def marker():
+        return browser.evaluate("getComputedStyle(document.querySelector('.assistant'), '::after').content")
+
+    fake.start(browser, "cut")
+    say(browser, "question")
+    settled(browser, 1, fake)
+    assert "token limit" in marker()
+    fake.start(browser, "empty")
+    say(browser, "question")
+    settled(browser, 1, fake)
+    assert "empty reply" in marker()
+
+
+def test_right_to_left_text_runs_right_to_left(fake, browser):
+    fake.start(browser)
+    say(browser, "שלום, מה שלומך?")
+    settled(browser, 1, fake)
+    directions = browser.evaluate("[...document.querySelectorAll('#log .msg')].map(e => getComputedStyle(e).direction)")
+    assert directions == ["rtl", "ltr"]  # each by its first letter: the echo starts with "echo: "
+
+
+def test_a_phone_wide_page_does_not_scroll_sideways(fake, browser):
+    fake.start(browser)
+    browser("Emulation.setDeviceMetricsOverride", width=375, height=667, deviceScaleFactor=1, mobile=True)
+    browser.evaluate("document.getElementById('model').textContent = 'a-rather-long-model-name-' + 'x'.repeat(60)")
+    say(browser, "hello")
+    settled(browser, 1, fake)
+    assert browser.evaluate("document.documentElement.scrollWidth") <= 375
+    assert browser.evaluate("document.getElementById('new').getBoundingClientRect().right") <= 375
+    assert browser.evaluate("document.querySelector('header').getBoundingClientRect().height") < 100
+
+
+def test_replies_errors_and_controls_reach_a_screen_reader(fake, browser):
+    fake.start(browser, "busy")
+    say(browser, "question")
+    settled(browser, 1, fake)
+    nodes = browser("Accessibility.getFullAXTree")["nodes"]
+
+    def named(role):
+        return [node.get("name", {}).get("value", "") for node in nodes if node.get("role", {}).get("value") == role]
+
+    assert all(named("textbox")) and len(named("textbox")) == 2  # the key and the message, each with a name
+    assert all(named("button")) and len(named("button")) == 2
+    assert len(named("log")) == 1 and len(named("alert")) == 1  # replies are announced, and so is the error
