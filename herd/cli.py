@@ -56,19 +56,29 @@ KvCacheOpt = typer.Option(None, min=1, help="KV-cache memory (MiB; default 512),
                           "to 8,192 tokens; a longer context is held as far as it goes")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DtypeOpt = typer.Option("auto", help="the precision computed in: auto (bfloat16 on a GPU, float32 on a CPU), "
+                        "float32, bfloat16, float16")
+
+
 def _load(model: Optional[str], quantize: str, device: Optional[str], kv_cache_mib: Optional[int] = None,
-          engine=None):
+          engine=None, dtype: str = "auto"):
     """engine: an EngineConfig, whose KV cache `kv_cache_mib` sizes where given."""
     import dataclasses
+
+    import torch
 
     import herd
     from herd.generate import EngineConfig
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     engine = engine or EngineConfig()
     if kv_cache_mib is not None:
         engine = dataclasses.replace(engine, kv_cache_bytes=kv_cache_mib << 20)
     started = time.perf_counter()
-    llm = herd.load(model, quantize=None if quantize == "none" else quantize, device=device, engine=engine)
+    llm = herd.load(model, quantize=None if quantize == "none" else quantize, device=device,
+                    dtype=None if dtype == "auto" else getattr(torch, dtype), engine=engine)
     _status(f"loaded {llm.name} on {llm.device} in {time.perf_counter() - started:.1f}s")
     return llm
 
@@ -100,6 +110,7 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+    dtype: str = DtypeOpt,
     tools: Optional[str] = typer.Option(None, help="brave_search,wolfram_alpha,code_interpreter[,module:function]"),
     prompt_guard: Optional[Path] = typer.Option(None, help="with --tools: a Prompt Guard file; tool results it flags "
                                                 "as injections are withheld from the model"),
@@ -114,7 +125,7 @@ def chat(
 
         tools = parse_tool_option(tools, prompt_guard)  # bad ones fail before the model loads
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, ())
-    llm = _load(model, quantize, device, kv_cache_mib)
+    llm = _load(model, quantize, device, kv_cache_mib, dtype=dtype)
     agent = make_agent(llm, tools, **sampling) if tools else None
     interactive = sys.stdin.isatty()
     if interactive:
@@ -245,12 +256,13 @@ def generate(
                                            "alternatives"),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None),
+    dtype: str = DtypeOpt,
     kv_cache_mib: Optional[int] = KvCacheOpt,
 ):
     """Complete a prompt, streaming the text (or print JSON with log-probabilities)."""
     sampling = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
     text = stdin_text() if prompt == "-" else prompt
-    llm = _load(model, quantize, device, kv_cache_mib)
+    llm = _load(model, quantize, device, kv_cache_mib, dtype=dtype)
     ids = llm.chat_format.encode_dialog([{"role": "user", "content": text}]) if chat_turn else llm.encode(text)
     if logprobs is None:
         for piece in llm.generate(ids, stream=True, **sampling):
@@ -277,6 +289,7 @@ def batch(
     timeout: float = typer.Option(86400.0, help="seconds one request may run (OpenAI's batch window is 24 h)"),
     quantize: str = QuantOpt,
     device: Optional[str] = typer.Option(None),
+    dtype: str = DtypeOpt,
     kv_cache_mib: Optional[int] = KvCacheOpt,
 ):
     """Answer a file of /v1/chat/completions and /v1/completions requests as `herd serve` would, all at once."""
@@ -297,7 +310,8 @@ def batch(
     # batch, and a request's sequences (prompts x n) have no bound but the file, whose requests are in flight
     # `concurrency` at a time.
     concurrency = 2 * max_batch
-    llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(max_batch=max_batch, max_queue=sys.maxsize))
+    llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(max_batch=max_batch, max_queue=sys.maxsize),
+                dtype=dtype)
     summary = run_batch(llm, lines, out, settings, concurrency=concurrency)
     _status(f"{summary}; wrote {out}")
 

@@ -72,6 +72,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU that has it (float16 on one that has not), as vLLM and torchtune run: half the memory and
+    bandwidth of float32, and the tensor cores. float32 elsewhere, since these CPUs have no fast half-precision path."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`device` (default_device() where None), or a ValueError naming it where this machine has no such device: torch
     had answered a typo with its list of forty device types, and cuda without a GPU with "Torch not compiled with
@@ -250,17 +258,18 @@ class LLM:
 
 
 def load(path_or_name: str | Path | None = None, *, device: str | torch.device | None = None,
-         dtype: torch.dtype = torch.float32, quantize: str | None = "auto", engine: EngineConfig | None = None) -> LLM:
+         dtype: torch.dtype | None = None, quantize: str | None = "auto", engine: EngineConfig | None = None) -> LLM:
     """Load a Meta, Hugging Face or GGUF checkpoint; with no argument, the built-in default model.
 
     quantize: a scheme of herd.quant (int8, int8-wo, int4, int4-g64-gptq, fp8, gguf, ...), "auto" (a GGUF stored
     quantized is computed on its own blocks where herd's kernel runs) or None (the checkpoint's precision in `dtype`).
+    dtype: the weights' and activations' precision; default_dtype(device) where None (float32 on a CPU).
     engine: the generation engine's settings (KV cache memory, batch, prefix caching, speculative decoding).
     """
     from herd.checkpoint import load_checkpoint
     from herd.quant.load import build_quantized
     from herd.quant.schemes import Scheme
-    if not isinstance(dtype, torch.dtype):
+    if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
     if quantize is not None and not isinstance(quantize, (str, Scheme)):
         raise TypeError(f"quantize must be a scheme's name (int8, int4, fp8, ...), a Scheme, 'auto' or None, got "
@@ -269,6 +278,7 @@ def load(path_or_name: str | Path | None = None, *, device: str | torch.device |
         raise TypeError(f"engine must be a herd.generate.EngineConfig (EngineConfig(max_batch=16, ...)), got "
                         f"{type(engine).__name__}")
     device = resolve_device(device)
+    dtype = dtype or default_dtype(device)
     path = resolve_model_path(path_or_name)
     ckpt = load_checkpoint(path, dtype=dtype)
     tokenizer = checkpoint_tokenizer(ckpt)

@@ -270,7 +270,7 @@ def test_chat_and_generate_hand_the_model_the_dialog_and_settings_asked_for(monk
     from herd import cli
 
     llm = RecordingLLM()
-    monkeypatch.setattr(cli, "_load", lambda *args: llm)
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: llm)
     result = CliRunner().invoke(cli.app, ["chat", "--system", "Be kind.", "--temperature", "0", "--max-tokens", "7",
                                           "--top-k", "3", "--seed", "5"],
                                 input="first\nsecond\n/system Be terse.\nthird\n/reset\nfourth\n")
@@ -291,6 +291,49 @@ def test_chat_and_generate_hand_the_model_the_dialog_and_settings_asked_for(monk
         got, sampling = llm.prompts[-1]
         assert got == ids and sampling["stop"] == ("X", "Y") and sampling["max_tokens"] == 9
         assert (sampling["top_p"], sampling["temperature"], sampling["seed"]) == (0.5, 0.7, 11)
+
+
+@pytest.mark.parametrize("command", [["generate", "Hi"], ["chat"], ["--port", "0"]])
+def test_dtype_reaches_the_load(monkeypatch, command):
+    """--dtype bfloat16 is how a GPU's user halves the memory of float32 (an 8B model had needed 32 GB, past a
+    24 GB card, with no way to ask for less from the command line); auto leaves herd.load to choose."""
+    import torch
+    import typer
+    from typer.testing import CliRunner
+
+    import herd
+    from herd import cli
+
+    asked = []
+
+    def load(*args, **kwargs):
+        asked.append(kwargs["dtype"])
+        raise SystemExit(0)  # the load is what is looked at, not what follows
+
+    monkeypatch.setattr(herd, "load", load)
+    app = cli.app
+    if command[0] == "--port":  # herd serve, which main() adds to the app
+        from herd.serve.cli import serve_cmd
+
+        app = typer.Typer()
+        app.command()(serve_cmd)
+    for dtype, expected in (("bfloat16", torch.bfloat16), ("auto", None), ("float16", torch.float16)):
+        result = CliRunner().invoke(app, [*command, "--dtype", dtype], input="")
+        assert result.exit_code == 0, result.output
+        assert asked[-1] == expected
+    result = CliRunner().invoke(app, [*command, "--dtype", "bf16"], input="")
+    assert result.exit_code == 2 and "use one of auto, float32, bfloat16, float16" in result.output
+
+
+def test_the_default_dtype_is_half_precision_on_a_gpu_only(monkeypatch):
+    import torch
+
+    from herd.llm import default_dtype
+
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float16)):  # float16 on a V100 or T4
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        assert default_dtype(torch.device("cuda")) == expected
+    assert default_dtype(torch.device("cpu")) == torch.float32
 
 
 def test_chat_reads_continued_lines_and_blocks_as_one_message(monkeypatch):

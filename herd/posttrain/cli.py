@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from herd.cli import DtypeOpt
 from herd.train.cli import config_args
 
 
@@ -42,6 +43,7 @@ def sample_cmd(
     seed: int = typer.Option(0),
     quantize: str = typer.Option("auto", help="int8, none, or auto"),
     device: Optional[str] = typer.Option(None),
+    dtype: str = DtypeOpt,
 ):
     """Rejection sampling: K replies per prompt, scored by a verifier or a reward model, the best kept."""
     from herd.cli import _load, _status
@@ -71,7 +73,7 @@ def sample_cmd(
         scorer = rejection.verifier_scorer(load_verifier(verifier))
     else:
         scorer = rejection.reward_scorer(reward_model)
-    llm = _load(model, quantize, device)
+    llm = _load(model, quantize, device, dtype=dtype)
     samples = rejection.generate_samples(llm, rows, config)
     rejection.score(samples, scorer)
     kept = rejection.write_jsonl(rejection.best_rows(samples, min_score), out)

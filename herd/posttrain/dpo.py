@@ -52,7 +52,7 @@ def dpo_loss(model: nn.Module, batch: dict[str, torch.Tensor], config: DPOConfig
     losses = losses.mean(0)
     if config.nll_weight:
         losses = losses - config.nll_weight * ranks[0] / counts[:n].clamp(min=1)
-    return losses.sum(), torch.tensor(n)
+    return losses.sum(), torch.tensor(n, device=losses.device)
 
 
 @torch.no_grad()

@@ -54,4 +54,4 @@ def reward_loss(model: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[tor
     n = int(batch["n"])
     scores = ranked(model(batch["tokens"], batch["lengths"]), n)
     losses = torch.stack([bradley_terry_losses(scores[i], scores[j]) for i, j in pairs(len(scores))]).mean(0)
-    return losses.sum(), torch.tensor(n)
+    return losses.sum(), torch.tensor(n, device=losses.device)

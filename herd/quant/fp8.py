@@ -66,6 +66,29 @@ def _has_scaled_mm(codes: torch.Tensor) -> bool:
             and all(width % 16 == 0 for width in codes.shape))
 
 
+_FLOAT32_REFUSED: set[torch.device] = set()  # devices whose torch takes no float32 out of a row-wise scaled product
+
+
+def _scaled_matmul(xq: torch.Tensor, xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """xq @ codes.T, each scaled by its row's scale, on FP8 tensor cores; out in the activations' half precision.
+    Float32 activations take float32 out where torch has it (SM 9.0 with cuBLAS 12.9 or later: a bfloat16 out had
+    rounded every output 1e-3 away from the exact emulation) and bfloat16 elsewhere, where torch refuses float32 out
+    of row-wise scales ("Only bf16 and fp16 high precision output types are supported"), which had failed every
+    forward on Ada GPUs."""
+    def product(out_dtype):
+        return torch._scaled_mm(xq, codes.t(), scale_a=xs, scale_b=scales[None, :], out_dtype=out_dtype)
+
+    if dtype in (torch.bfloat16, torch.float16):
+        return product(dtype)
+    if codes.device not in _FLOAT32_REFUSED:
+        try:
+            return product(torch.float32)
+        except (RuntimeError, ValueError):
+            _FLOAT32_REFUSED.add(codes.device)
+    return product(torch.bfloat16)
+
+
 class FP8Linear(nn.Module):
     integer = False  # its activations are e4m3, not int8 blocks: a prompt's stay on the PyTorch block
 
@@ -85,9 +108,7 @@ class FP8Linear(nn.Module):
                                  lambda rows: self._expanded(rows, kernel.fp8_dequantize(self.codes)))
         elif _has_scaled_mm(self.codes):
             xq, xs = to_fp8(flat)
-            # float32 out: a bfloat16 one had rounded every output, 1e-3 away from the exact emulation
-            out = torch._scaled_mm(xq, self.codes.t(), scale_a=xs, scale_b=self.scales[None, :],
-                                   out_dtype=torch.float32)
+            out = _scaled_matmul(xq, xs, self.codes, self.scales, x.dtype)
         else:
             out = self._expanded(flat, self.codes.float())
         return out.view(*x.shape[:-1], self.out_features).type_as(x)

@@ -66,9 +66,9 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor | None, group: int, *,
     w[:, dead] = 0
     hinv = _inverse_factor(hessian, damp)
     # Rounded column by column, so held transposed, each column contiguous: a 4096 x 4096 weight took 3.5 s, 2.8 so.
-    codes = torch.empty(k, n)
-    scales = torch.empty(k // group, n)
-    mins = torch.empty(k // group, n)
+    codes = torch.empty(k, n, device=w.device)
+    scales = torch.empty(k // group, n, device=w.device)
+    mins = torch.empty(k // group, n, device=w.device)
     block = max(group, block // group * group)  # groups never straddle blocks
     for i1 in range(0, k, block):
         i2 = min(k, i1 + block)

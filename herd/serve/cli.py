@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from herd.cli import KvCacheOpt
+from herd.cli import DtypeOpt, KvCacheOpt
 
 
 def serve_cmd(
@@ -40,6 +40,7 @@ def serve_cmd(
     quantize: str = typer.Option("auto", help="auto (a GGUF's own blocks, a `herd quantize` output as "
                                   "stored), none, or a scheme: int8, int8-wo, int4[-g64|-g128][-gptq], fp8"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when present)"),
+    dtype: str = DtypeOpt,
     guard: Optional[str] = typer.Option(None, help="Llama Guard on requests and replies: a guard head (.npz from "
                                         "`herd guard train llama-guard`) or a Llama Guard checkpoint"),
     prompt_guard: Optional[str] = typer.Option(None, help="Prompt Guard on tool results and requests (.npz from "
@@ -78,7 +79,7 @@ def serve_cmd(
                          .replace("allowed_origins", "--allowed-origin")) from None  # the rest typer checks
     llm = _load(model, quantize, device, kv_cache_mib, EngineConfig(
         max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_cache,
-        speculative=SpeculativeConfig(draft_tokens=draft_tokens)))
+        speculative=SpeculativeConfig(draft_tokens=draft_tokens)), dtype=dtype)
     app = create_app(llm, settings, routers=[agents_router], shields=shields, tools=functions)
     print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)

@@ -230,3 +230,21 @@ def test_rows_with_and_without_an_edited_reply_train_in_one_file(hf_dirs, pairs,
     rm = RewardModel(reference)
     assert torch.allclose(sum(reward_loss(rm, b)[0] for b in micro_batches(items, 3, collate, _ranked)),
                           sum(reward_loss(rm, collate([item]))[0] for item in items), atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "rm"])
+def test_preference_losses_count_on_the_losss_device(pairs, recipe):
+    """Their count had been made on the default device, the CPU: evaluating on a GPU stacked it with the loss
+    there and failed. A default device that is not the model's shows the same without a GPU."""
+    batch = preference_batch(pairs, mask_formatting=False)
+    if recipe == "dpo":
+        model, config = tiny_model(), DPOConfig()
+        batch["ref_logps"] = reference_logps(model, batch)
+        losses = lambda: dpo_loss(model, batch, config)  # noqa: E731
+    else:
+        model = RewardModel(tiny_model())
+        losses = lambda: reward_loss(model, batch)  # noqa: E731
+    with torch.no_grad(), torch.device("meta"):
+        loss, n = losses()
+    assert n.device == loss.device and int(n) == len(pairs)
+    assert torch.stack([loss.float(), n.float()]).shape == (2,)  # as Trainer.evaluate sums them

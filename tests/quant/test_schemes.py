@@ -112,6 +112,49 @@ def test_fp8_on_a_gpu_computes_as_the_emulation(out_features, in_features):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def test_fp8_tensor_cores_fall_back_to_bfloat16_out_where_torch_refuses_float32(monkeypatch):
+    """torch takes float32 out of a row-wise scaled FP8 product only on SM 9.0 with cuBLAS 12.9 or later: elsewhere
+    (Ada GPUs) it had failed every forward. Its refusal is imitated here, on the CPU, with the emulation's numbers."""
+    from herd.quant import fp8
+
+    asked = []
+
+    def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+        asked.append(out_dtype)
+        if out_dtype == torch.float32:
+            raise ValueError("Only bf16 and fp16 high precision output types are supported for row-wise scaling.")
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+    monkeypatch.setattr(fp8, "_has_scaled_mm", lambda codes: True)
+    monkeypatch.setattr(fp8, "_kernel", lambda codes: None)
+    monkeypatch.setattr(fp8, "_FLOAT32_REFUSED", set())
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    torch.manual_seed(0)
+    layer = apply_scheme(torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False)), Scheme.parse("fp8"))[0]
+    x = torch.randn(5, 64)
+    xq, xs = fp8.to_fp8(x)
+    exact = (xq.float() * xs) @ (layer.codes.float() * layer.scales[:, None]).T
+    for _ in range(2):
+        got = layer(x)
+        assert got.dtype == torch.float32 and torch.allclose(got, exact, rtol=1e-2, atol=1e-2 * exact.abs().max())
+    assert asked == [torch.float32, torch.bfloat16, torch.bfloat16]  # asked once, then remembered
+    assert layer(x.bfloat16()).dtype == torch.bfloat16 and asked[-1] == torch.bfloat16
+
+
+def test_gptq_makes_its_codes_on_the_weights_device():
+    """Its codes, scales and mins had been made on the default device, the CPU: calibrated on a GPU, they met the
+    weight there ("Expected all tensors to be on the same device"). A default device that is not the weight's
+    shows the same without a GPU."""
+    from herd.quant.gptq import gptq_int4
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 64), torch.randn(256, 64)
+    expected = gptq_int4(weight, x.T @ x, 32)
+    with torch.device("meta"):
+        got = gptq_int4(weight, x.T @ x, 32)
+    assert got.codes.device.type == "cpu" and torch.equal(got.codes, expected.codes)
+
+
 @pytest.mark.parametrize("name,width,words", [
     ("int3", None, "unknown quantization scheme"), ("int4-g48", None, "group size 48"),
     # The way out named is one that works (it had been "use a divisor of 192", which no group size allowed is).
