@@ -111,6 +111,11 @@ def check(config: TrainConfig, world_size: int | None = None) -> tuple[ModelConf
         if model_config.hidden_dim % p.tp:
             raise ConfigError(f"parallel.tp {p.tp} does not divide the model's feed-forward width "
                               f"{model_config.hidden_dim}")
+        if t.compile:
+            # torch 2.13's compiled DTensor blocks fail their first backward ("'Tensor' object has no attribute
+            # '_local_tensor'" in redistribute), after the model and data have been set up on every rank
+            raise ConfigError(f"training.compile does not work with parallel.tp {p.tp} in this torch "
+                              f"({torch.__version__}): turn one of them off")
     stages = p.pp * (2 if p.pp_schedule == "Interleaved1F1B" else 1)
     if p.pp > 1 and model_config.n_layers < stages:
         raise ConfigError(f"parallel.pp {p.pp} under {p.pp_schedule} is {stages} stages, more than the model's "

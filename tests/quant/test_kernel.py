@@ -2,6 +2,7 @@
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,49 @@ from herd.quant.gguf import block_weight
 def test_the_kernel_is_built_where_the_cpu_can_run_it():
     # scripts/setup.sh builds it; without it decoding silently falls back to the slow PyTorch path.
     assert kernel.ops() is not None or not kernel._supported()
+
+
+def _build_with(compiler: str, tmp_path, damaged: bool = False):
+    """`python -m herd.quant.kernel` (as scripts/setup.sh runs it) or, in a cache holding a damaged library, the
+    first use (kernel.ops()), with a compiler of the test's."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\n" + compiler)
+    fake.chmod(0o755)
+    env = {**os.environ, "HERD_CACHE": str(tmp_path / "cache"), "CXX": str(fake)}
+    if damaged:
+        lib = subprocess.run([sys.executable, "-c", "from herd.quant import kernel; print(kernel.library_path())"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+        Path(lib).parent.mkdir(parents=True)
+        Path(lib).write_bytes(b"junk")
+    command = ["-c", "from herd.quant import kernel; print(kernel.ops() is not None)"] if damaged else \
+        ["-m", "herd.quant.kernel"]
+    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not kernel._supported(), reason="this CPU cannot run herd's kernel")
+def test_a_failed_build_says_why_leaves_nothing_behind_and_lets_setup_go_on(tmp_path):
+    # setup.sh runs under `set -e`: the traceback's exit 1 had stopped it before the safety packages were installed,
+    # though the kernel is optional; the compiler's message was lost and its partial output left in the cache.
+    done = _build_with('for a; do out=$a; done; echo partial > "$out"\n'
+                       'echo "blockmm.cpp:1:10: fatal error: omp.h: No such file or directory" >&2\n'
+                       'echo "compilation terminated." >&2; exit 1', tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "cxx failed: blockmm.cpp:1:10: fatal error: omp.h: No such file or directory" in done.stderr
+    assert "the PyTorch path is used" in done.stderr
+    assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir()] == []
+
+
+@pytest.mark.skipif(kernel.ops() is None, reason="herd's kernel is not built on this machine")
+def test_a_damaged_library_in_the_cache_is_built_again(tmp_path):
+    # It had been loaded, failed, and left the machine on the PyTorch path for good, process after process.
+    built = kernel.library_path()
+    done = _build_with(f'for a; do out=$a; done; cp {built} "$out"', tmp_path, damaged=True)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    (library,) = (tmp_path / "cache" / "kernels").iterdir()
+    assert library.read_bytes() == built.read_bytes()
 
 
 def weights(bits, group, n=96, k=256, seed=0):
