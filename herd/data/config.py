@@ -103,6 +103,7 @@ class PipelineConfig:
     mix: MixConfig | None = MixConfig()  # applied only once a domain classifier labels the documents
     docs_per_unit: int = 1000  # documents per work unit: the grain of parallelism and of resuming
     html_extractor: str = "herd"  # HTML to text: "herd" (keeps code and math) or "trafilatura"
+    text_key: str = "text"  # the JSONL field / Parquet column holding the text (RedPajama: "raw_content")
 
     def fingerprint(self, contents: bool = False) -> str:
         """A run directory is only resumed by the very configuration that started it; with `contents`, also by the
@@ -275,6 +276,8 @@ def validate(config: PipelineConfig, where: str = "config") -> None:
     if config.html_extractor not in EXTRACTORS:
         raise ConfigError(f"{where}: unknown html_extractor {config.html_extractor!r}; "
                           f"choose one of: {', '.join(EXTRACTORS)}")
+    if not config.text_key:
+        raise ConfigError(f"{where}: text_key must name a field")
     if config.docs_per_unit < 1:
         raise ConfigError(f"{where}: docs_per_unit must be at least 1")
     if config.shards.max_tokens_per_shard < 1:

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import pickle
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,16 @@ def _load_docs(path: Path) -> list[Document]:
     return [Document(**r) for r in _read_jsonl(path)]
 
 
-def _dropped_record(d: Dropped) -> dict:
-    return {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url, "source": d.source}
+def _dropped_record(d: Dropped, meta: dict | None = None) -> dict:
+    record = {"id": d.id, "stage": d.stage, "reason": d.reason, "url": d.url, "source": d.source}
+    return record | _meta(meta or {})
+
+
+def _meta(meta: dict) -> dict:
+    """A document's metadata as outputs carry it: the input record's other fields (and what stages noted), as
+    datatrove's writers keep them; `domain` has its own key in kept.jsonl."""
+    rest = {k: v for k, v in meta.items() if k != "domain"}
+    return {"meta": rest} if rest else {}
 
 
 _plans: dict[tuple[str, int], Any] = {}
@@ -173,7 +182,7 @@ def read_unit(task: Task) -> None:
 
     def items() -> Iterator[Document | Dropped]:
         try:
-            yield from read(task.source, task.config.html_extractor)
+            yield from read(task.source, task.config.html_extractor, task.config.text_key)
         except Exception as e:  # an unforeseen failure costs the rest of this file, reported, not the run
             yield Dropped(doc_id(f"{task.source}:unreadable"), READ, f"unreadable:{type(e).__name__}",
                           source=task.source)
@@ -214,7 +223,7 @@ def process_unit(task: Task) -> None:
                               len(doc.text.encode("utf-8")), {"id": doc.public_id, "source": doc.source,
                                                               "text": doc.text})
             dropped.append(_dropped_record(dataclasses.replace(d, id=doc.public_id, stage=stage.name,
-                                                               source=doc.source)))
+                                                               source=doc.source), doc.meta))
         docs = result.kept
 
     if k > 0:
@@ -280,7 +289,12 @@ def run(inputs: list[Path], out: str | Path, config: PipelineConfig, executor: E
     executor = executor or LocalExecutor()
     try:
         units = _read_round(executor, work, config, inputs)
-        warnings = _read_problems(work, inputs)
+        try:
+            warnings = _read_problems(work, inputs)
+        except PipelineError:
+            # A run of nothing leaves nothing worth resuming: its claim had refused the corrected inputs this --out.
+            shutil.rmtree(work)
+            raise
         for k in range(len(stages.segments)):
             source = "read" if k == 0 else f"r{k - 1}"
             tasks = [Task(str(work), config, k, u, str(work / source / f"{u}.docs.jsonl")) for u in units]
@@ -386,7 +400,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                     tally.add_dropped(MIX_STAGE, "downsampled", doc.lang, domain, n, nbytes,
                                       {"id": doc.public_id, "source": doc.source, "text": doc.text})
                     gone = Dropped(doc.public_id, MIX_STAGE, "downsampled", doc.url, doc.source)
-                    mix_dropped.append(_dropped_record(gone))
+                    mix_dropped.append(_dropped_record(gone, doc.meta))
                     continue
                 tally.add_kept(doc.lang, domain if mix_active else doc.meta.get("domain"), n, nbytes)
                 kept["docs"] += 1
@@ -397,7 +411,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
                     record["domain"] = doc.meta["domain"]
                 if plan:
                     record["repeats"] = repeats
-                yield record
+                yield record | _meta(doc.meta)
 
     _write_jsonl(out / KEPT, kept_records())
 

@@ -1,4 +1,4 @@
-"""Input readers: JSONL, Parquet, plain-text trees, HTML, WARC, and gzip/zstd around any of them.
+"""Input readers: JSONL, Parquet, plain-text trees, HTML, WARC/WET, and gzip/zstd/bz2/xz around any of them.
 
 `read(path)` yields a Document per record and a Dropped for every record it could not use, so a
 malformed input costs exactly the records that are broken and is accounted for in the report.
@@ -7,10 +7,14 @@ records with `read` (herd.data.pipeline.read_unit); `read_file` takes a whole fi
 """
 from __future__ import annotations
 
+import bz2
+import codecs
+import email.message
 import glob
 import hashlib
 import io
 import json
+import lzma
 import mmap
 import os
 import re
@@ -26,14 +30,20 @@ from herd.surrogates import holds_lone_surrogate
 
 STAGE = "read"
 _CHUNK = 1 << 16
-_COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 _JSONL = {".jsonl", ".json", ".ndjson"}
 _HTML = {".html", ".htm", ".xhtml"}
-_WARC = {".warc", ".arc"}
+_WARC = {".warc", ".arc", ".wet"}  # Common Crawl's WET files are WARCs of `conversion` (plain text) records
 _PARQUET = {".parquet"}
 _BOM = b"\xef\xbb\xbf"
 # The bytes every stream of the codec starts with: without them the file is not compressed so, not cut short.
-_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00"}
+_DECOMPRESSORS = {
+    "gzip": lambda: zlib.decompressobj(wbits=31),
+    "zstd": lambda: zstandard.ZstdDecompressor().decompressobj(),
+    "bz2": bz2.BZ2Decompressor,
+    "xz": lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ),
+}
 
 
 class Truncated(Exception):
@@ -48,14 +58,20 @@ def doc_id(source: str) -> str:
 def iter_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Expand directories and globs into a sorted, de-duplicated list of input files.
 
-    A directory whose files are plain text is still one input per file, so workers can shard it.
+    A directory whose files are plain text is still one input per file, so workers can shard it. Hidden files and
+    everything under a hidden directory are not inputs (`huggingface-cli download --local-dir` leaves `.cache/`
+    metadata beside the data). A glob matching nothing is a FileNotFoundError, as a missing file is: among other
+    inputs it had been skipped without a word.
     """
     found: set[Path] = set()
     for p in paths:
         matches = [Path(m) for m in glob.glob(str(p), recursive=True)] if glob.has_magic(str(p)) else [Path(p)]
+        if not matches:
+            raise FileNotFoundError(f"{p} (no file matches the pattern)")
         for m in matches:
             if m.is_dir():
-                found.update(f for f in m.rglob("*") if f.is_file() and not f.name.startswith("."))
+                found.update(f for f in m.rglob("*")
+                             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(m).parts))
             elif m.exists():
                 found.add(m)
             else:
@@ -63,22 +79,23 @@ def iter_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def read_file(path: str | Path, extractor: str = "herd") -> list[Document | Dropped]:
+def read_file(path: str | Path, extractor: str = "herd", text_key: str = "text") -> list[Document | Dropped]:
     """Read one input file completely; the unit of work a worker process runs."""
-    return list(read(path, extractor))
+    return list(read(path, extractor, text_key))
 
 
-def read(path: str | Path, extractor: str = "herd") -> Iterator[Document | Dropped]:
+def read(path: str | Path, extractor: str = "herd", text_key: str = "text") -> Iterator[Document | Dropped]:
     """Yield the documents of a file or a directory tree (sorted), with a Dropped for each unusable record.
 
-    `extractor` turns HTML into text: "herd" (herd.data.html, keeps code and math) or "trafilatura".
+    `extractor` turns HTML into text: "herd" (herd.data.html, keeps code and math) or "trafilatura". `text_key` names
+    the field (JSONL) or column (Parquet) holding the text.
     """
     if extractor not in EXTRACTORS:
         raise ValueError(f"unknown HTML extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
     path = Path(path)
     if path.is_dir():
         for f in iter_inputs([path]):
-            yield from read(f, extractor)
+            yield from read(f, extractor, text_key)
         return
     suffixes = [s.lower() for s in path.suffixes]
     codec = _COMPRESSED.get(suffixes[-1]) if suffixes else None
@@ -88,15 +105,15 @@ def read(path: str | Path, extractor: str = "herd") -> Iterator[Document | Dropp
         yield Dropped(doc_id(f"{source}:not_{codec}"), STAGE, f"not_{codec}", source=source)
         return
     if inner in _PARQUET:
-        yield from _read_parquet(path, source, codec)
+        yield from _read_parquet(path, source, codec, text_key)
         return
     if inner in _WARC:
-        # warcio reads per-record gzip itself; a whole-file zstd stream is decompressed first.
-        yield from _read_warc(path, source, codec == "zstd", extractor)
+        # warcio reads per-record gzip itself; a whole-file zstd, bz2 or xz stream is decompressed first.
+        yield from _read_warc(path, source, codec if codec != "gzip" else None, extractor)
         return
     chunks = _decompressed_chunks(path, codec)
     if inner in _JSONL:
-        yield from _read_jsonl(chunks, source)
+        yield from _read_jsonl(chunks, source, text_key)
     else:
         yield from _read_single(chunks, source, inner, extractor)
 
@@ -116,28 +133,49 @@ def _decompressed_chunks(path: Path, codec: str | None) -> Iterator[bytes]:
 
     Incremental decompression (not gzip.open) so every byte before the cut is delivered.
     """
-    new = {"gzip": lambda: zlib.decompressobj(wbits=31), "zstd": lambda: zstandard.ZstdDecompressor().decompressobj()}
+    new = _DECOMPRESSORS[codec] if codec else None
     with open(path, "rb") as fh:
-        if codec is None:
+        if new is None:
             while chunk := fh.read(_CHUNK):
                 yield chunk
             return
-        dec, started = new[codec](), False
+        dec, started = new(), False
         while raw := fh.read(_CHUNK):
             while raw:
+                if codec == "gzip" and not started:
+                    # zero bytes between or after members are padding (tape blocks), skipped as gzip.open skips them
+                    raw = raw.lstrip(b"\0")
+                    if not raw:
+                        break
                 started = True
+                # a CRC error is only seen at a member's end, and zlib then returns none of that call's output
+                saved = dec.copy() if codec == "gzip" else None
                 try:
                     out = dec.decompress(raw)
-                except (zlib.error, zstandard.ZstdError) as e:
+                except (zlib.error, zstandard.ZstdError, OSError, EOFError, lzma.LZMAError) as e:
+                    if saved is not None:
+                        yield _until_error(saved, raw)
                     raise Truncated(f"corrupt {codec} stream: {e}") from None
                 if out:
                     yield out
                 if not dec.eof:
                     break
-                # concatenated members/frames: start over on what follows the end marker
-                raw, dec, started = dec.unused_data, new[codec](), False
+                # concatenated members/frames/streams: start over on what follows the end marker
+                raw, dec, started = dec.unused_data, new(), False
         if started and not dec.eof:
             raise Truncated(f"{codec} stream ends early")
+
+
+def _until_error(dec, raw: bytes) -> bytes:
+    """What `dec` (zlib) gives for `raw` fed a byte at a time up to the failing byte: all the data before the bad
+    trailer or block. Only run once the whole-chunk call has failed."""
+    out = []
+    for i in range(len(raw)):
+        try:
+            out.append(dec.decompress(raw[i:i + 1]))
+        except zlib.error:
+            break
+    return b"".join(out)
 
 
 def _read_all(chunks: Iterator[bytes]) -> tuple[bytes, bool]:
@@ -171,7 +209,7 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 # --- formats -------------------------------------------------------------------------------------
 
 
-def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dropped]:
+def _read_jsonl(chunks: Iterator[bytes], source: str, text_key: str = "text") -> Iterator[Document | Dropped]:
     """One document per line; `source` (and so a drop record) names the file and the 1-based line."""
     n = 0
     try:
@@ -200,28 +238,33 @@ def _read_jsonl(chunks: Iterator[bytes], source: str) -> Iterator[Document | Dro
             if holds_lone_surrogate(raw, rec):
                 yield Dropped(doc_id(src), STAGE, "unpaired_surrogate", source=src)
                 continue
-            yield _record(rec, src)
+            yield _record(rec, src, text_key)
     except Truncated:
         src = f"{source}:{n + 1}"  # the line the stream was cut in
         yield Dropped(doc_id(f"{src}:truncated"), STAGE, "truncated_input", source=src)
 
 
-def _record(rec: dict, src: str) -> Document | Dropped:
-    """A JSON line's or a table row's fields as a document: `text`, `id` and `url`, the other fields its metadata."""
+def _record(rec: dict, src: str, text_key: str = "text") -> Document | Dropped:
+    """A JSON line's or a table row's fields as a document: `text_key`, `id` and `url`, the other fields its
+    metadata. A record without text says which keys it has, so a dataset naming its text otherwise (`content`,
+    `raw_content`) shows what to give as `text_key`."""
     name = str(rec["id"]) if rec.get("id") is not None else None
     rid = doc_id(src) if name is None else name
     url = rec.get("url") if isinstance(rec.get("url"), str) else None
-    text = rec.get("text")
+    text = rec.get(text_key)
     if text is None:
-        return Dropped(rid, STAGE, "missing_text", url, src)
+        said = "is null" if text_key in rec else f"is not a key; available keys: {sorted(rec)}"
+        return Dropped(rid, STAGE, f"missing_text:{text_key!r} {said}", url, src)
     if not isinstance(text, str):
         return Dropped(rid, STAGE, "text_not_a_string", url, src)
-    meta = {k: v for k, v in rec.items() if k not in ("id", "text", "url")}
+    if not text.strip():  # would be sharded as BOS EOS alone
+        return Dropped(rid, STAGE, "empty", url, src)
+    meta = {k: v for k, v in rec.items() if k not in ("id", text_key, "url")}
     # The record's own id may repeat in another input (or this one): its place makes it unique.
     return Document(doc_id(src) if name is None else f"{name}@{src}", text, src, url, meta=meta, name=name)
 
 
-def _read_parquet(path: Path, source: str, codec: str | None) -> Iterator[Document | Dropped]:
+def _read_parquet(path: Path, source: str, codec: str | None, text_key: str = "text") -> Iterator[Document | Dropped]:
     """One document per row, its columns read as a JSON line's fields, a batch of rows at a time; `source` names the
     file and the 1-based row. Hugging Face datasets (FineWeb, Dolma, RedPajama) ship as Parquet."""
     import pyarrow as pa
@@ -245,7 +288,7 @@ def _read_parquet(path: Path, source: str, codec: str | None) -> Iterator[Docume
     n = 0
     try:
         for n, row in enumerate(parquet_rows(file), start=1):
-            record = _record(row, f"{source}:{n}")
+            record = _record(row, f"{source}:{n}", text_key)
             if isinstance(record, Document):
                 # timestamps and decimals as text, so the metadata can be written out as JSON
                 record.meta = json.loads(json.dumps(record.meta, default=str))
@@ -293,11 +336,11 @@ def _decode(data: bytes) -> tuple[str, int]:
     return text, errors
 
 
-def _text_document(data: bytes, did: str, source: str) -> Document | None:
+def _text_document(data: bytes, did: str, source: str, url: str | None = None) -> Document | None:
     text, errors = _decode(data)
     if not text.strip():
         return None
-    return Document(did, text, source, meta={"utf8_errors": errors} if errors else {})
+    return Document(did, text, source, url, meta={"utf8_errors": errors} if errors else {})
 
 
 _HTML_START = re.compile(rb"^\s*(<!doctype html|<html|<head|<body|<\?xml[^>]*>\s*<html)", re.I)
@@ -322,12 +365,63 @@ def _herd(tree, url: str | None) -> str | None:
 EXTRACTORS = {"herd": _herd, "trafilatura": _trafilatura}
 
 
-def html_document(data: bytes, did: str, source: str, url: str | None = None,
-                  extractor: str = "herd") -> Document | None:
-    """Main text of an HTML page, with its canonical URL when the page names one."""
+# Labels whose pages browsers decode with the superset (WHATWG Encoding): such pages use its extra characters.
+_SUPERSETS = {"iso8859-1": "cp1252", "ascii": "cp1252", "gb2312": "gbk", "shift_jis": "cp932", "euc_kr": "cp949"}
+
+
+def _charset(content_type: str | None) -> str | None:
+    """The charset parameter of a Content-Type value."""
+    if not content_type:
+        return None
+    header = email.message.Message()
+    header["content-type"] = content_type
+    return header.get_content_charset()
+
+
+def _meta_charset(data: bytes) -> str | None:
+    """The charset a page's <meta charset> or <meta http-equiv="Content-Type"> declares (browsers look in its head)."""
     from herd.data.html import parse
 
-    html, errors = _decode(data.removeprefix(_BOM))
+    tree = parse(data[:16384].decode("latin-1"))  # byte for byte, so the ASCII of the declaration reads as it is
+    if tree is None:
+        return None
+    declared = [c.strip() for c in tree.xpath("//meta/@charset") if c.strip()]
+    declared += [_charset(c) for c in tree.xpath('//meta[translate(@http-equiv, "CONTENT-YP", "content-yp")'
+                                                  '="content-type"]/@content')]
+    return next((c for c in declared if c), None)
+
+
+def _decode_page(data: bytes, http_charset: str | None = None) -> tuple[str, int]:
+    """A page's text and the bytes replaced in it: strict UTF-8 (what most pages are, whatever they declare), then
+    the HTTP header's charset, the page's <meta> one, detection, and UTF-8 with replacement when nothing fits."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        pass
+    for label in filter(None, (http_charset, _meta_charset(data))):
+        try:
+            name = codecs.lookup(label).name
+        except LookupError:  # a name no codec has
+            continue
+        try:
+            return data.decode(_SUPERSETS.get(name, name)), 0
+        except (UnicodeDecodeError, LookupError):  # mislabelled, or a codec not from bytes to text (base64)
+            continue
+    try:
+        from charset_normalizer import from_bytes
+    except ImportError:
+        return _decode(data)
+    best = from_bytes(data).best()
+    return (str(best), 0) if best is not None else _decode(data)
+
+
+def html_document(data: bytes, did: str, source: str, url: str | None = None,
+                  extractor: str = "herd", http_charset: str | None = None) -> Document | None:
+    """Main text of an HTML page, with its canonical URL when the page names one; `http_charset`: the charset of the
+    Content-Type header it was served with."""
+    from herd.data.html import parse
+
+    html, errors = _decode_page(data.removeprefix(_BOM), http_charset)
     tree = parse(html)  # decoded first, so a <meta charset> naming another encoding cannot garble it
     if tree is None:  # lxml rejects some broken pages outright; they have no usable text
         return None
@@ -347,21 +441,23 @@ def _page_url(tree) -> str | None:
     return None
 
 
-def _read_warc(path: Path, source: str, zstd: bool, extractor: str) -> Iterator[Document | Dropped]:
-    """HTML responses of a WARC; a broken record becomes a Dropped and reading resumes at the next one.
+def _read_warc(path: Path, source: str, codec: str | None, extractor: str) -> Iterator[Document | Dropped]:
+    """HTML responses and text conversions (WET) of a WARC; a broken record becomes a Dropped and reading resumes at
+    the next one.
 
-    Records are named "FILE@OFFSET", the byte offset of the record in the (decompressed, for zstd) file.
+    Records are named "FILE@OFFSET", the byte offset of the record in the file (decompressed, for `codec`: a
+    whole-file zstd, bz2 or xz stream).
     """
     # Plain or per-record gzip, which warcio reads itself: the file is mapped, where it had been read whole into each
     # worker's memory (a Common Crawl WARC is about 1 GB).
-    if not zstd:
+    if codec is None:
         with open(path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 return
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as blob:
                 yield from _warc_records(blob, source, extractor)
         return
-    blob, truncated = _read_all(_decompressed_chunks(path, "zstd"))
+    blob, truncated = _read_all(_decompressed_chunks(path, codec))
     yield from _warc_records(blob, source, extractor)
     if truncated:
         yield Dropped(doc_id(f"{source}:truncated"), STAGE, "truncated_input", source=f"{source}@{len(blob)}")
@@ -397,7 +493,7 @@ def _warc_records(blob: bytes | mmap.mmap, source: str, extractor: str) -> Itera
 
 
 def _warc_record(record, did: str, source: str, extractor: str) -> Iterator[Document | Dropped]:
-    if record.rec_type != "response":
+    if record.rec_type not in ("response", "conversion"):
         return
     url = record.rec_headers.get_header("WARC-Target-URI")
     ctype = (record.http_headers.get_header("Content-Type") if record.http_headers else None) or ""
@@ -405,7 +501,10 @@ def _warc_record(record, did: str, source: str, extractor: str) -> Iterator[Docu
     if record.raw_stream.limit > 0:  # fewer bytes than Content-Length: the file was cut inside it
         yield Dropped(did, STAGE, "truncated_warc_record", url, source)
         return
+    if record.rec_type == "conversion":  # text already extracted from a page (Common Crawl writes it as UTF-8)
+        yield _text_document(body, did, source, url) or Dropped(did, STAGE, "empty", url, source)
+        return
     if "html" not in ctype.lower():
         return
-    doc = html_document(body, did, source, url, extractor) if body.strip() else None
+    doc = html_document(body, did, source, url, extractor, _charset(ctype)) if body.strip() else None
     yield doc if doc is not None else Dropped(did, STAGE, "no_text", url, source)

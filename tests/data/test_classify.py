@@ -306,3 +306,48 @@ def test_train_classifier_from_a_labels_file_and_its_bad_rows_in_one_line(tmp_pa
     (tmp_path / "adir").mkdir()
     result = CliRunner().invoke(app, ["train-classifier", "--labels", str(good), "--out", str(tmp_path / "adir")])
     assert result.exit_code != 0 and f"cannot write {tmp_path / 'adir'}: Is a directory" in result.output
+
+
+def test_train_classifier_samples_without_holding_every_document(tmp_path, monkeypatch):
+    """Every input document had been read into one list to pick --sample of them (509 MB for 200 MB of JSONL): the
+    sample is a seeded reservoir, so only --sample documents' texts are held while reading."""
+    import weakref
+
+    import herd
+    from typer.testing import CliRunner
+
+    from herd.data import classify, readers
+    from herd.data.cli import app
+
+    live = {"now": 0, "max": 0}
+
+    def gone():
+        live["now"] -= 1
+
+    def fake_read(path, *args, **kwargs):
+        for i in range(2000):
+            doc = Document(f"{path}:{i}", f"document {i}")
+            live["now"] += 1
+            live["max"] = max(live["max"], live["now"])
+            weakref.finalize(doc, gone)
+            yield doc
+
+    picked = []
+
+    def fake_label(texts, judge, task):
+        picked.append(texts)
+        return ["high" if int(t.split()[1]) % 2 else "low" for t in texts]
+
+    (tmp_path / "in.jsonl").write_text("")
+    monkeypatch.setattr(readers, "read", fake_read)
+    monkeypatch.setattr(herd, "load", lambda judge: None)
+    monkeypatch.setattr(classify, "model_judge", lambda model, task: None)
+    monkeypatch.setattr(classify, "label_texts", fake_label)
+    for out in ("a.npz", "b.npz"):
+        result = CliRunner().invoke(app, ["train-classifier", str(tmp_path / "in.jsonl"), "--sample", "20",
+                                          "--seed", "3", "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+    assert live["max"] <= 2
+    assert picked[0] == picked[1] and len(picked[0]) == len(set(picked[0])) == 20
+    numbers = [int(t.split()[1]) for t in picked[0]]
+    assert numbers == sorted(numbers) and numbers[-1] >= 1000  # in input order, drawn from the whole input

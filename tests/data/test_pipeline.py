@@ -73,7 +73,7 @@ def test_every_input_document_is_kept_or_dropped_exactly_once(default_run, plant
 def test_malformed_records_are_dropped_at_read_with_a_reason_and_nothing_else_is_lost(default_run):
     _, result, kept, dropped = default_run
     assert {"ok-1", "ok-2"} <= set(kept) | set(dropped)
-    assert dropped.get("no-text", {}).get("reason") == "missing_text"
+    assert dropped.get("no-text", {}).get("reason") == "missing_text:'text' is not a key; available keys: ['id']"
     assert dropped.get("bad-text", {}).get("reason") == "text_not_a_string"
     read_reasons = Counter(r["reason"] for r in dropped.values() if r["stage"] == "read")
     assert read_reasons["invalid_json"] == 1 and read_reasons["not_an_object"] == 1
@@ -485,6 +485,10 @@ def test_cli_inputs_that_cannot_be_read_are_an_error_alone_and_a_warning_beside_
     line = _one_line_error(runner.invoke(app, ["run", str(bad), "--out", str(tmp_path / "o"), "--quiet",
                                                "--config", str(config)]))
     assert f"no document could be read from any input: {bad} ({why}" in line
+    # the failed run does not hold --out: the corrected inputs had been refused it ("holds a run with other inputs")
+    fixed = runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"), "--quiet",
+                                "--config", str(config)])
+    assert fixed.exit_code == 0, fixed.output
     result = runner.invoke(app, ["run", str(tiny(tmp_path)), str(bad), "--out", str(tmp_path / "o2"), "--quiet",
                                  "--config", str(config)])
     assert result.exit_code == 0, result.output
@@ -592,3 +596,64 @@ def test_a_dropped_documents_snippet_is_its_start_with_whitespace_collapsed():
     for _ in range(500):
         text = "".join(rng.choice("ab \n\t") for _ in range(rng.randint(0, 3 * SNIPPET_CHARS)))
         assert _snippet(text) == " ".join(text.split())[:SNIPPET_CHARS]
+
+
+def test_input_metadata_reaches_kept_and_dropped_jsonl(tmp_path):
+    """A JSONL line's other fields (a Parquet row's other columns) had been read as metadata and then written
+    nowhere."""
+    from herd.data.config import ShardConfig
+
+    src = tmp_path / "rp.jsonl"
+    rows = [{"id": "a", "text": "the first text", "meta": {"lang": "en"}, "dump": "CC-2024"},
+            {"id": "b", "text": "the first text", "dump": "CC-2023"},  # an exact copy: dropped with its meta
+            {"id": "c", "text": "no metadata here"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dataclasses.replace(default_config(), stages=(StageSpec("exact_dedup"),),
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"))
+    outputs = []
+    for out in (tmp_path / "out1", tmp_path / "out2"):
+        pipeline.run([src], out, config, LocalExecutor(1, progress=False))
+        outputs.append(((out / "kept.jsonl").read_bytes(), (out / "dropped.jsonl").read_bytes()))
+    assert outputs[0] == outputs[1]
+    kept, dropped = jsonl(tmp_path / "out1" / "kept.jsonl"), jsonl(tmp_path / "out1" / "dropped.jsonl")
+    assert [(r["id"], r.get("meta")) for r in kept] == [
+        ("a", {"meta": {"lang": "en"}, "dump": "CC-2024"}), ("c", None)]
+    assert [(r["id"], r["meta"]) for r in dropped] == [("b", {"dump": "CC-2023"})]
+
+
+def test_text_key_names_the_field_a_run_reads_text_from(tmp_path):
+    """RedPajama names its text `raw_content`: every record had been a `missing_text` drop."""
+    from herd.data.config import ShardConfig
+
+    src = tmp_path / "rp.jsonl"
+    src.write_text("".join(json.dumps({"id": str(i), "raw_content": f"text {i}"}) + "\n" for i in range(3)))
+    config = dataclasses.replace(default_config(), stages=(StageSpec("exact_dedup"),), text_key="raw_content",
+                                 shards=ShardConfig(tokenizer="herd.data.shards:ByteTokenizer"))
+    pipeline.run([src], tmp_path / "out", config, LocalExecutor(1, progress=False))
+    assert [r["text"] for r in jsonl(tmp_path / "out" / "kept.jsonl")] == ["text 0", "text 1", "text 2"]
+    toml = tmp_path / "p.toml"
+    toml.write_text('text_key = ""\n[[stages]]\ntype = "exact_dedup"\n')
+    with pytest.raises(ConfigError, match="text_key must name a field"):
+        load_config(toml)
+
+
+def test_a_glob_matching_nothing_among_other_inputs_is_an_error(tmp_path):
+    """As a missing file is: it had been skipped without a word, the run going on with the other inputs."""
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    result = runner.invoke(app, ["run", str(tmp_path / "a.jsonl"), str(tmp_path / "*.parquet"),
+                                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 1
+    assert f"input not found: {tmp_path / '*.parquet'} (no file matches the pattern)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_relative_input_gives_the_ids_its_absolute_path_gives(tmp_path, monkeypatch):
+    """A record without an id is named by a hash of FILE:LINE: `in.jsonl` and its absolute path (as --scheduler
+    gives every input) had named the same records differently."""
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(3)))
+    config = _byte_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for out, given in (("o1", "in.jsonl"), ("o2", str(tmp_path / "in.jsonl"))):
+        result = runner.invoke(app, ["run", given, "--out", str(tmp_path / out), "--quiet", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "o1" / "kept.jsonl").read_bytes() == (tmp_path / "o2" / "kept.jsonl").read_bytes()

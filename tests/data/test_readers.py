@@ -55,7 +55,7 @@ def test_jsonl_malformed_records_are_dropped_with_reasons(tmp_path):
     assert {(x.id, x.reason, x.source) for x in dropped} == {
         (doc_id(f"{path}:2"), "invalid_utf8", f"{path}:2"),
         ("num", "text_not_a_string", f"{path}:3"),
-        ("none", "missing_text", f"{path}:4"),
+        ("none", "missing_text:'text' is not a key; available keys: ['id', 'title']", f"{path}:4"),
         (doc_id(f"{path}:5"), "invalid_json", f"{path}:5"),
         (doc_id(f"{path}:8"), "not_an_object", f"{path}:8"),
         (doc_id(f"{path}:9"), "nested_too_deep", f"{path}:9"),
@@ -272,7 +272,8 @@ def test_seeded_malformed_jsonl_every_drop_names_file_and_line(tmp_path, seed):
     docs, dropped = split(list(read(path)))
     line_of = lambda src: int(src.rsplit(":", 1)[1])  # noqa: E731
     assert all(x.source.startswith(f"{path}:") for x in docs + dropped)
-    assert {line_of(d.source): _GOOD for d in docs} | {line_of(x.source): x.reason for x in dropped} == expect
+    reasons = {line_of(x.source): x.reason.split(":")[0] for x in dropped}  # missing_text names the keys after ":"
+    assert {line_of(d.source): _GOOD for d in docs} | reasons == expect
     assert [d.public_id for d in docs] == [f"L{i}" for i, k in sorted(expect.items()) if k == _GOOD]
     # the text survives a BOM or a CR line end intact
     assert all(d.text.startswith(f"line {d.public_id[1:]}: ") and not d.text.endswith("\r") for d in docs)
@@ -335,7 +336,7 @@ def test_parquet_rows_read_as_the_same_records_in_jsonl_do(tmp_path):
             assert (a.text, a.url, a.name, a.meta) == (b.text, b.url, b.name, b.meta)
             assert a.id.replace("t.parquet", "t.jsonl") == b.id or a.id == doc_id(a.source)
         else:
-            assert a.reason == b.reason == "missing_text"
+            assert a.reason == b.reason == "missing_text:'text' is null"
     (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))
     assert [d.text for d in split(read_file(tmp_path / "t.parquet.gz"))[0]] == [d.text for d in split(from_jsonl)[0]]
     data = (tmp_path / "t.parquet").read_bytes()
@@ -343,3 +344,154 @@ def test_parquet_rows_read_as_the_same_records_in_jsonl_do(tmp_path):
     (tmp_path / "not.parquet").write_text("id,text\n1,hello\n")
     assert [d.reason for d in read_file(tmp_path / "cut.parquet")] == ["truncated_input"]
     assert [d.reason for d in read_file(tmp_path / "not.parquet")] == ["not_parquet"]
+
+
+# --- encodings, WET, bz2/xz, gzip edge cases, inputs ----------------------------------------------------
+
+_PAGES = {  # a page's text in an encoding whose bytes are not UTF-8
+    "windows-1252": "Ein Käse aus Köln kostet 5 € – „gut“ und günstig, sagt der Händler aus Zürich.",
+    "shift_jis": "日本語のウェブページです。文字コードはシフトJISで書かれています。東京と大阪の天気予報。",
+    "gbk": "这是一个用国标码编写的中文网页。北京和上海的天气预报，欢迎阅读本站的新闻。",
+}
+
+
+def _page(text: str, head: str = "") -> str:
+    return f"<html><head>{head}<title>t</title></head><body><article><p>{text}</p></article></body></html>"
+
+
+@pytest.mark.parametrize("charset", sorted(_PAGES))
+def test_pages_in_a_declared_charset_are_decoded_with_it(tmp_path, charset):
+    """Every page had been decoded as UTF-8 with replacement: a windows-1252, Shift JIS or GBK page came out as
+    U+FFFD, whatever its HTTP header or <meta> said. UTF-8 is still tried first, so a UTF-8 page labelled otherwise
+    reads as it did."""
+    text = _PAGES[charset]
+    (tmp_path / "meta.html").write_bytes(_page(text, f'<meta charset="{charset}">').encode(charset))
+    equiv = f'<meta http-equiv="Content-Type" content="text/html; charset={charset}">'
+    (tmp_path / "equiv.htm").write_bytes(_page(text, equiv).encode(charset))
+    (tmp_path / "mislabelled.html").write_bytes(_page(text, '<meta charset="iso-8859-1">').encode("utf-8"))
+    for name in ("meta.html", "equiv.htm", "mislabelled.html"):
+        doc = next(read(tmp_path / name))
+        assert (doc.text, doc.meta) == (text, {}), name
+    buf = io.BytesIO()
+    writer = WARCWriter(buf, gzip=True)
+    for i, ctype in enumerate([f"text/html; charset={charset.upper()}", "text/html"]):
+        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record(f"https://site.example/{i}", "response",
+                                                      payload=io.BytesIO(_page(text).encode(charset)),
+                                                      http_headers=http))
+    (tmp_path / "crawl.warc.gz").write_bytes(buf.getvalue())
+    # the second page declares nothing: detected (charset_normalizer)
+    assert [d.text for d in read(tmp_path / "crawl.warc.gz")] == [text, text]
+
+
+def _wet(records) -> bytes:
+    buf = io.BytesIO()
+    writer = WARCWriter(buf, gzip=True)
+    writer.write_record(writer.create_warc_record("", "warcinfo", payload=io.BytesIO(b"software: test\r\n"),
+                                                  warc_content_type="application/warc-fields"))
+    for url, text in records:
+        writer.write_record(writer.create_warc_record(url, "conversion", payload=io.BytesIO(text.encode()),
+                                                      warc_content_type="text/plain"))
+    return buf.getvalue()
+
+
+def test_common_crawl_wet_files_are_read_record_by_record(tmp_path):
+    """A WET file had been one plain-text document holding every record's raw WARC headers."""
+    records = [(f"https://site.example/{i}", f"Page {i}\nPlain text of page {i}, café.") for i in range(3)]
+    data = _wet(records + [("https://site.example/empty", "  \n")])
+    (tmp_path / "CC-MAIN-0001.warc.wet.gz").write_bytes(data)
+    (tmp_path / "b.wet.gz").write_bytes(data)
+    (tmp_path / "c.wet").write_bytes(gzip.decompress(data))
+    for name in ("CC-MAIN-0001.warc.wet.gz", "b.wet.gz", "c.wet"):
+        docs, dropped = split(list(read(tmp_path / name)))
+        assert [(d.url, d.text) for d in docs] == records, name
+        assert [(x.url, x.reason) for x in dropped] == [("https://site.example/empty", "empty")]
+
+
+def test_bz2_and_xz_wrap_every_format(tmp_path):
+    """.bz2 and .xz had been read as the compressed bytes themselves: a "binary" drop."""
+    import bz2
+    import lzma
+
+    recs = _records(50)
+    raw = ("\n".join(recs) + "\n").encode()
+    ids = [json.loads(r)["id"] for r in recs]
+    (tmp_path / "a.jsonl.bz2").write_bytes(bz2.compress(raw[:1000]) + bz2.compress(raw[1000:]))  # two streams
+    (tmp_path / "b.jsonl.xz").write_bytes(lzma.compress(raw))
+    (tmp_path / "c.txt.xz").write_bytes(lzma.compress("Plain text, xz.".encode()))
+    (tmp_path / "d.wet.bz2").write_bytes(bz2.compress(gzip.decompress(_wet([("https://x.example/", "WET text")]))))
+    assert [d.public_id for d in read(tmp_path / "a.jsonl.bz2")] == ids
+    assert [d.public_id for d in read(tmp_path / "b.jsonl.xz")] == ids
+    assert next(read(tmp_path / "c.txt.xz")).text == "Plain text, xz."
+    assert [d.text for d in read(tmp_path / "d.wet.bz2")] == ["WET text"]
+    cut = lzma.compress(("\n".join(_records(3000)) + "\n").encode())
+    (tmp_path / "e.jsonl.xz").write_bytes(cut[: len(cut) // 2])
+    docs, dropped = split(list(read(tmp_path / "e.jsonl.xz")))
+    assert 0 < len(docs) < 3000 and [x.reason for x in dropped] == ["truncated_input"]
+    (tmp_path / "f.jsonl.bz2").write_text('{"text": "not compressed"}\n')
+    assert [x.reason for x in read(tmp_path / "f.jsonl.bz2")] == ["not_bz2"]
+
+
+def test_gzip_zero_padding_is_skipped_as_gzip_open_skips_it(tmp_path):
+    """Zero padding after a gzip member had been a `truncated_input`, the file "read only in part"."""
+    recs = _records(400)
+    raw = ("\n".join(recs) + "\n").encode()
+    padded = gzip.compress(raw[:5000]) + b"\0" * 100 + gzip.compress(raw[5000:]) + b"\0" * 70000
+    (tmp_path / "padded.jsonl.gz").write_bytes(padded)
+    assert gzip.decompress(padded) == raw  # Python's gzip module reads it so
+    assert [d.public_id for d in read(tmp_path / "padded.jsonl.gz")] == [json.loads(r)["id"] for r in recs]
+
+
+def test_a_gzip_crc_error_keeps_every_record_decompressed_before_it(tmp_path):
+    """zlib returns none of a call's output when the call ends in a CRC error: the whole last chunk (up to 64 KB,
+    here every record) had been lost."""
+    recs = _records(400)
+    raw = ("\n".join(recs) + "\n").encode()
+    ids = [json.loads(r)["id"] for r in recs]
+    bad = bytearray(gzip.compress(raw))
+    bad[-8] ^= 0xFF  # the CRC-32 in the trailer
+    (tmp_path / "crc.jsonl.gz").write_bytes(bytes(bad))
+    docs, dropped = split(list(read(tmp_path / "crc.jsonl.gz")))
+    assert [d.public_id for d in docs] == ids  # every line was whole before the trailer
+    assert [(x.reason, x.source) for x in dropped] == [("truncated_input", f"{tmp_path / 'crc.jsonl.gz'}:401")]
+
+
+def test_hidden_directories_are_not_inputs(tmp_path):
+    """`huggingface-cli download --local-dir` leaves .cache/huggingface/... beside the data: its files had been
+    read as documents."""
+    (tmp_path / "data" / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (tmp_path / "data" / ".cache" / "huggingface" / "download" / "a.jsonl.metadata").write_text("abc\n123\n")
+    (tmp_path / "data" / ".hidden.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    assert iter_inputs([tmp_path / "data"]) == [tmp_path / "data" / "a.jsonl"]
+    assert iter_inputs([tmp_path / "data" / ".hidden.jsonl"]) == [tmp_path / "data" / ".hidden.jsonl"]  # named
+
+
+def test_a_glob_matching_nothing_is_not_found_as_a_missing_file_is(tmp_path):
+    """Among other inputs it had been skipped without a word."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        iter_inputs([tmp_path / "data", str(tmp_path / "data" / "*.parquet")])
+
+
+def test_text_key_names_the_text_field_and_a_missing_text_names_the_keys(tmp_path):
+    """A missing text had said only `missing_text`, and a dataset naming its text otherwise could not be read."""
+    lines = [{"id": "a", "raw_content": "first", "lang": "en"}, {"id": "b", "raw_content": ""},
+             {"id": "c", "raw_content": " \n\t"}, {"id": "d", "text": "elsewhere"}]
+    path = tmp_path / "rp.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    docs, dropped = split(list(read(path, text_key="raw_content")))
+    assert [(d.public_id, d.text, d.meta) for d in docs] == [("a", "first", {"lang": "en"})]
+    assert [(x.id, x.reason) for x in dropped] == [("b", "empty"), ("c", "empty"), (
+        "d", "missing_text:'raw_content' is not a key; available keys: ['id', 'text']")]
+    assert [(x.id, x.reason) for x in read(path) if isinstance(x, Dropped)][0][1].startswith(
+        "missing_text:'text' is not a key; available keys: ['id', 'lang', 'raw_content']")
+
+
+def test_a_record_with_empty_text_is_dropped_at_read(tmp_path):
+    """It had been kept, and sharded as BOS EOS alone."""
+    records = [{"id": "e", "text": ""}, {"id": "f", "text": " \n\t"}, {"id": "g", "text": "g"}]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [(x.id.split("@")[0], getattr(x, "reason", None)) for x in read(tmp_path / "e.jsonl")] == [
+        ("e", "empty"), ("f", "empty"), ("g", None)]
