@@ -446,8 +446,7 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+def _add_commands() -> None:
     from herd.data.cli import app as data_app  # imports its heavy dependencies only when a command runs
 
     app.add_typer(data_app, name="data", help="the pretraining data pipeline")
@@ -469,7 +468,12 @@ def main() -> None:
 
     app.add_typer(guard_app, name="guard", help="Llama Guard, Prompt Guard and Code Shield (JSON out)")
     app.command("eval-security")(eval_security)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
+        _add_commands()  # seconds of imports, in which a Ctrl-C had printed a traceback
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:

@@ -480,3 +480,35 @@ def test_a_file_that_ends_early_anywhere_is_one_line_not_an_interrupt(monkeypatc
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "herd: error: a file ended early: it is empty or truncated (Ran out of input)"]
+
+
+def test_ctrl_c_while_the_commands_load_is_exit_130_not_a_traceback():
+    """The commands' modules take a second or two to import, before main()'s handling began."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Interrupting:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'herd.data.cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupting())\n"
+            "sys.argv = ['herd', '--version']\n"
+            "from herd.cli import main\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_unreadable_gguf_says_so_not_that_it_is_damaged(monkeypatch, tmp_path):
+    from herd.checkpoint import gguf
+    from herd.checkpoint.errors import CheckpointError
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(gguf, "GGUFFile", refuse)
+    with pytest.raises(CheckpointError) as error:
+        gguf.open_reader(tmp_path / "model.gguf")
+    assert str(error.value) == f"{tmp_path / 'model.gguf'}: cannot be read (Permission denied): give this user read " \
+        "access to it"

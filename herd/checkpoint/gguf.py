@@ -69,6 +69,8 @@ def readable(qtype: Q) -> bool:
 def open_reader(path: Path) -> GGUFFile:
     try:
         return GGUFFile(path)
+    except PermissionError as e:  # the file may be whole: "download it again" had been the wrong way out
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}): give this user read access to it") from None
     except Exception as e:  # the reader raises ValueError, IndexError… for any malformed or short file
         raise CheckpointError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "

@@ -3,8 +3,10 @@ uvicorn."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import resource
+import signal
 import socket
 from typing import Optional
 
@@ -49,12 +51,17 @@ def serve_cmd(
     code_shield_mode: str = typer.Option("block", help="block: stop a reply at insecure code; warn: annotate it"),
     tools: str = typer.Option("", help="Python functions agents (/v1/agents) may call besides the built-in tools, "
                               "comma-separated pkg.module:function specs; clients name them, never code"),
+    log_level: str = typer.Option("warning", help="what uvicorn and herd log: debug, info, warning, error, critical"),
+    access_log: bool = typer.Option(False, help="a line per request (client, method, path, status) on stdout"),
 ):
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) and Llama Stack's
     (/v1/inference/chat-completion, /v1/inference/completion), with /health, Prometheus /metrics and a chat page
     at /; --guard, --prompt-guard and --code-shield shield chat requests."""
     import uvicorn
-    _check_port(host, port)  # a taken port fails at once, not after the model has loaded
+
+    if log_level not in LOG_LEVELS:
+        raise typer.BadParameter(f"--log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    sock = _bound_socket(host, port)  # a taken port fails at once, not after the model has loaded
 
     from herd.cli import _load
     from herd.generate import EngineConfig
@@ -81,10 +88,32 @@ def serve_cmd(
         max_batch=max_batch, max_queue=max_queue, kv_cache_dtype=kv_cache_dtype, prefix_caching=prefix_cache,
         speculative=SpeculativeConfig(draft_tokens=draft_tokens)), dtype=dtype)
     app = create_app(llm, settings, routers=[agents_router], shields=shields, tools=functions)
-    print(f"serving {settings.model_name or llm.name} on http://{host}:{port} (chat page at /)"
+    _listen(sock, host, port)  # connections wait in the backlog from here on: "serving" is true when printed
+    print(f"serving {settings.model_name or llm.name} on http://{host}:{sock.getsockname()[1]} (chat page at /)"
           + ("" if keys else "; no API key required"), flush=True)
     _more_open_files()
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log,
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    _log_as_uvicorn(log_level, access_log)
+    # uvicorn stops on the first SIGTERM or Ctrl-C and raises it again once its shutdown is over: by default that
+    # ends the process there. herd's own handler (an exit unwinding through asyncio) had let every request cut off
+    # print a traceback, waited past --shutdown-timeout for an agent's tool call, and made Ctrl-C exit 0.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    server.run(sockets=[sock])
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_as_uvicorn(level: str, access_log: bool) -> None:
+    """herd's log records (a 500's traceback) on uvicorn's handler, with its level: they had gone to Python's
+    last-resort handler, bare. The access log is uvicorn's, at info, which --access-log shows at any level."""
+    herd = logging.getLogger("herd")
+    herd.handlers, herd.propagate = logging.getLogger("uvicorn").handlers, False
+    herd.setLevel(level.upper())
+    if access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
 
 
 def _more_open_files() -> None:
@@ -105,11 +134,27 @@ def _loopback_names(host: str) -> tuple[str, ...]:
     return ("localhost", "127.0.0.1", "::1", host) if loopback else ()
 
 
-def _check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise OSError(f"cannot listen on {host}:{port} ({error.strerror}): choose another --port or --host") \
-                from None
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads and held while it does: a check that let go of the port
+    had printed "serving" for one another process had taken meanwhile."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise _cannot_listen(host, port, error) from None
+    return sock
+
+
+def _listen(sock: socket.socket, host: str, port: int) -> None:
+    """Where another server bound the port with SO_REUSEADDR too (as Linux lets two do until one listens) and
+    listened first, this is where that shows."""
+    try:
+        sock.listen(2048)
+    except OSError as error:
+        raise _cannot_listen(host, port, error) from None
+
+
+def _cannot_listen(host: str, port: int, error: OSError) -> OSError:
+    return OSError(f"cannot listen on {host}:{port} ({error.strerror}): choose another --port or --host")
