@@ -2,6 +2,7 @@
 and the arithmetic behind tokens/s and MFU (model FLOPs over a matmul peak measured on the device)."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -41,6 +42,19 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     return 2 * size ** 3 / best
 
 
+class _Lines(io.TextIOBase):
+    """A file for tqdm that ends each redraw of the bar with a newline, and drops the blank ones that clear it."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            self.out.write(text.strip("\r\n") + "\n")
+            self.out.flush()
+        return len(text)
+
+
 class MetricsLog:
     """Appends step records to metrics.jsonl (rank 0 only), mirrors them to TensorBoard and a tqdm bar."""
 
@@ -56,7 +70,11 @@ class MetricsLog:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # Where stderr is a file (CI, nohup, a scheduler's log), a line every half minute: tqdm's redraws by
+            # carriage return had made one line of 60 KB in a minute and a half.
+            terminal = sys.stderr.isatty()
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=terminal,
+                            **({} if terminal else {"file": _Lines(sys.stderr), "ncols": 100, "mininterval": 30}))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -3,9 +3,13 @@ automatic restart; a corrupted replica caught by the checksum; a hung rank turne
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +108,47 @@ def test_hung_rank_is_restarted(byte_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "watchdog" in result.stderr and "resumed from" in result.stderr
     assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+    assert "trained 6 steps" in result.stderr  # rank 0's summary: torchrun's launcher had printed none
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_launcher_stops_every_worker(byte_shards, tmp_path, stop):
+    """A stop sent to `herd train` alone (kill, a scheduler) had ended it and left both ranks training on,
+    re-parented to init; it now reaches torchrun and its workers, and says where the run can resume."""
+    run = tmp_path / "stopped"
+    launcher = subprocess.Popen([sys.executable, "-m", "herd.cli", "train", "--nproc", "2",
+                                 *tiny_args(byte_shards, run, "--parallel.dp", "2", "--training.steps", "100000",
+                                            "--checkpoint.interval", "3")],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 5):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        launcher.send_signal(stop)
+        _, err = launcher.communicate(timeout=60)
+        assert launcher.returncode == 128 + stop, err[-3000:]
+        assert "herd train: stopped; its last checkpoint is" in err and "run the same command to resume" in err
+        deadline = time.monotonic() + 30
+        while _processes_naming(str(run)):
+            assert time.monotonic() < deadline, f"still running: {_processes_naming(str(run))}"
+            time.sleep(0.2)
+    finally:
+        launcher.kill()
+        for pid in _processes_naming(str(run)):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
