@@ -453,19 +453,28 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[
     return list(params)
 
 
+# The signals a program handles in Python to stop or time out work (all of valid_signals() took 90 us a step).
+_STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGALRM", "SIGHUP", "SIGQUIT", "SIGUSR1",
+                                                  "SIGUSR2", "SIGVTALRM", "SIGPROF") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _interrupts_after():
-    """Ctrl-C during a step the caller drives lands after it: the step advances every thread's sequences in stages
-    (a draw from a seeded generator, the token, the blocks given back), and an interrupt between them had changed
-    another thread's seeded reply or left its call waiting for ever. Only the main thread runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+    """A signal handled in Python (Ctrl-C, an alarm a caller set to time out, herd's SIGTERM exit) that arrives
+    during a step the caller drives is handled after it: the step advances every thread's sequences in stages (a
+    draw from a seeded generator, the token, the blocks given back), and an exception raised between them had
+    changed another thread's seeded reply, leaked a block or left its call waiting for ever. Only the main thread
+    runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    caught: list[tuple[int, object]] = []
+    held = {signum: signal.signal(signum, lambda signum, frame: caught.append((signum, frame)))
+            for signum in _STOPS if callable(signal.getsignal(signum))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
-        if caught:
-            handler(signal.SIGINT, caught[0])
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum, frame in caught:
+            held[signum](signum, frame)

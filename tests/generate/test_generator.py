@@ -2,6 +2,7 @@
 import dataclasses
 import random
 import re
+import signal
 
 import pytest
 import torch
@@ -369,11 +370,19 @@ def test_malformed_sampling_parameters_are_named(fields, error, words):
     assert SamplingParams(logit_bias={5: 1}, stop="x").logit_bias == ((5, 1),)  # a mapping and one string still do
 
 
-def test_ctrl_c_during_a_step_the_caller_drives_lands_after_it(generator, monkeypatch):
-    """A step driven by the main thread advances every thread's sequences; Ctrl-C inside it (here, just after a
-    worker's seeded draw) had left that draw made and its token unrecorded, so the worker's seeded reply changed.
-    The interrupt now lands after the step: the main thread's call ends, the worker's reply is as alone."""
-    import signal
+def _time_out(signum, frame):
+    raise TimeoutError("the caller's alarm")
+
+
+@pytest.mark.parametrize("stop, handler, error", [
+    (signal.SIGINT, signal.default_int_handler, KeyboardInterrupt),  # Ctrl-C
+    (signal.SIGALRM, _time_out, TimeoutError),  # a caller's own time limit, as batch jobs and test harnesses set
+])
+def test_a_signal_during_a_step_the_caller_drives_lands_after_it(generator, monkeypatch, stop, handler, error):
+    """A step driven by the main thread advances every thread's sequences; a signal whose handler raises inside it
+    (here, just after a worker's seeded draw) had left that draw made and its token unrecorded, so the worker's
+    seeded reply changed. The exception now comes after the step: the main thread's call ends, the worker's reply
+    is as alone."""
     import threading
 
     import herd.generate.generator as engine
@@ -387,13 +396,13 @@ def test_ctrl_c_during_a_step_the_caller_drives_lands_after_it(generator, monkey
         token = draw(logits, params, rng)
         if threading.current_thread() is threading.main_thread() and params.seed == 7 and not fired:
             fired.append(True)
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C, handled at the next bytecode the main thread runs
+            signal.raise_signal(stop)  # handled at the next bytecode the main thread runs
         return token
 
     monkeypatch.setattr(engine, "sample", sample)
     interrupted = []
     # Python's own Ctrl-C handler, whatever an earlier test (a server's) left installed
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(stop, handler)
     try:
         for _ in range(50):
             result = {}
@@ -401,13 +410,13 @@ def test_ctrl_c_during_a_step_the_caller_drives_lands_after_it(generator, monkey
             worker.start()
             try:
                 generator.generate([ids(generator, PROMPTS[0])], dataclasses.replace(GREEDY, max_tokens=64))
-            except KeyboardInterrupt:
+            except error:
                 interrupted.append(True)
             worker.join(60)
             if fired:
                 break
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(stop, previous)
     assert fired and interrupted and result["w"][0].tokens == alone
 
 
