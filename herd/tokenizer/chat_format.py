@@ -167,7 +167,11 @@ LLAMA3_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message.get('tool_calls') %}{{- raise_exception('this template writes no tool calls') }}{%- endif %}"
     "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
-    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    # content as a list of parts (OpenAI's), whose text transformers users send too: it had raised a TypeError
+    "{%- if message['content'] is string %}{%- set content = message['content'] %}"
+    "{%- else %}{%- set content = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}{%- endif %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + content + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )

@@ -43,7 +43,11 @@ def test_meta_tokenizer_becomes_hf(meta_with_llama3_tokenizer, tmp_path):
     expected = encodings(meta.tokenizer)
 
     hf_dir = convert(meta_with_llama3_tokenizer, tmp_path / "hf", "hf")
-    assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / "tokenizer.model").is_file()
+    # Meta's tiktoken file where Meta's Hugging Face repositories keep it: at the top, llama.cpp's converter read it
+    # as a SentencePiece model and failed
+    original = (meta_with_llama3_tokenizer / "tokenizer.model").read_bytes()
+    assert (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer.model").exists()
+    assert (hf_dir / "original" / "tokenizer.model").read_bytes() == original
     hf = load_checkpoint(hf_dir)
     assert isinstance(hf.tokenizer, HFTokenizer) and encodings(hf.tokenizer) == expected
     # transformers reads special-token text as the special token, as allowed_special="all" does.
@@ -58,16 +62,21 @@ def test_meta_tokenizer_becomes_hf(meta_with_llama3_tokenizer, tmp_path):
                [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
                [{"role": "user", "content": "Run it"}, {"role": "assistant", "content": "Done."},
-                {"role": "tool", "content": '{"ok": true}'}]]
+                {"role": "tool", "content": '{"ok": true}'}],
+               [{"role": "user", "content": [{"type": "text", "text": "Hi."}, {"type": "text", "text": " How?"}]}]]
     for dialog in dialogs:
         rendered = auto.apply_chat_template(dialog, add_generation_prompt=True, return_dict=True)["input_ids"]
         assert rendered == fmt.encode_dialog(dialog)
     assert isinstance(chat_format_for(hf.tokenizer), herd.ChatFormat)
 
-    # HF files ride through Meta's format unchanged.
-    back = convert(convert(hf_dir, tmp_path / "meta2", "meta"), tmp_path / "hf2", "hf")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    # HF files ride through Meta's format unchanged, and the tiktoken file goes back beside the weights there.
+    meta2 = convert(hf_dir, tmp_path / "meta2", "meta")
+    assert (meta2 / "tokenizer.model").read_bytes() == original
+    back = convert(meta2, tmp_path / "hf2", "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "original/tokenizer.model"):
         assert (back / name).read_bytes() == (hf_dir / name).read_bytes()
+    assert not (back / "tokenizer.model").exists() and not (convert(hf_dir, tmp_path / "hf3", "hf") /
+                                                           "tokenizer.model").exists()
 
 
 @pytest.mark.heavy  # gguf-py parses the 400k vocabulary strings one by one: ~10 s

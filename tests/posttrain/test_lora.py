@@ -176,3 +176,15 @@ def test_lora_rank_larger_than_the_width_is_refused():
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="no linear layer is named"):
         apply_lora(tiny_model(), LoRAConfig(rank=2, targets=["q_proj"]))
+
+
+def test_the_adapters_base_is_one_peft_can_find(tmp_path, monkeypatch):
+    """"default" and a path relative to where the run started had been written as they were given: PEFT's
+    AutoPeftModel looked "default" up on the hub and the relative path up from wherever it ran."""
+    from herd.posttrain.lora import peft_base
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert peft_base("default") == peft_base("SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert peft_base("base") == str(tmp_path.resolve() / "base")
+    assert peft_base("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
