@@ -449,5 +449,34 @@ def test_replies_errors_and_controls_reach_a_screen_reader(fake, browser):
         return [node.get("name", {}).get("value", "") for node in nodes if node.get("role", {}).get("value") == role]
 
     assert all(named("textbox")) and len(named("textbox")) == 2  # the key and the message, each with a name
-    assert all(named("button")) and len(named("button")) == 2
+    assert all(named("button")) and len(named("button")) == 3
     assert len(named("log")) == 1 and len(named("alert")) == 1  # replies are announced, and so is the error
+
+
+def test_settings_are_sent_kept_and_overridden_by_the_address(fake, browser):
+    """A system prompt, temperature and max tokens set in the page (it had no way to set them but the address)."""
+    def settle(**boxes):
+        for box, value in boxes.items():
+            browser.evaluate(f"(() => {{ const b = document.getElementById({json.dumps(box)}); b.value = "
+                             f"{json.dumps(value)}; b.dispatchEvent(new Event('change')); }})()")
+
+    fake.start(browser)
+    assert browser.evaluate("document.getElementById('settings').hidden")
+    browser.evaluate("document.getElementById('toggle-settings').click()")
+    assert not browser.evaluate("document.getElementById('settings').hidden")
+    settle(system="Be brief.", temperature="0.7", **{"max-tokens": "5"})
+    say(browser, "hi")
+    settled(browser, 1, fake)
+    first = fake.requests[0]
+    assert first["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert (first["temperature"], first["max_tokens"]) == (0.7, 5)
+    fake.start(browser, query="?temperature=0&max_tokens=3")  # kept in the browser; the address overrides
+    say(browser, "again")
+    settled(browser, 1, fake)
+    again = fake.requests[0]
+    assert again["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert (again["temperature"], again["max_tokens"]) == (0, 3)
+    settle(system="", **{"max-tokens": ""})  # blank: left out, for the server to decide
+    say(browser, "once more")
+    settled(browser, 2, fake)
+    assert fake.requests[1]["messages"][0]["role"] == "user" and "max_tokens" not in fake.requests[1]
