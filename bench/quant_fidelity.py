@@ -1,7 +1,7 @@
 """Fidelity of every quantization scheme on the default model: KL from the float32 logits (mean, p99), top-1
-agreement and perplexity over 512 tokens of the GPL-3 text in tests/quant/data; a table and a PNG.
+agreement and perplexity over 512 tokens (--tokens) of the GPL-3 text in tests/quant/data; a table and a PNG.
 
-    .venv/bin/python bench/quant_fidelity.py [--png docs/quant-fidelity.png]
+    .venv/bin/python bench/quant_fidelity.py [--tokens 512] [--png docs/quant-fidelity.png]
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main() -> None:
         axis.axvline(0.005, color="#c33", linestyle="--", label="goal 0.005")
         axis.axvline(0.0039, color="#888", linestyle=":", label="llama.cpp Q4_1 0.0039")
         axis.set_xscale("symlog", linthresh=1e-3)  # schemes span 0 to 0.5: linear up to 0.001, then log
-        axis.set_xlabel("KL(float32 || scheme), nats/token, mean over 512 tokens of GPL-3")
+        axis.set_xlabel(f"KL(float32 || scheme), nats/token, mean over {len(ids)} tokens of GPL-3")
         axis.invert_yaxis()
         axis.legend()
         fig.tight_layout()

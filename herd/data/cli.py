@@ -56,7 +56,7 @@ def run(
                                          help="Worker processes; default: every core."),
     quality_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained quality classifier."),
     domain_model: Optional[Path] = typer.Option(None, help="With the default pipeline: a trained domain classifier."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or tables."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or tables: the one-line result alone."),
 ) -> None:
     """Filter, de-duplicate, classify and mix INPUT..., and write token shards, JSONL and a report to --out."""
     from herd.data import pipeline
@@ -98,8 +98,9 @@ def run(
         typer.secho(f"herd: warning: {warning}", err=True, fg=typer.colors.YELLOW)
     if not quiet:
         render(result.report)
-        typer.echo(f"{result.manifest['documents']:,} documents, {result.manifest['tokens']:,} tokens in "
-                   f"{len(result.manifest['shards'])} shard(s) under {out}")
+    # Under --quiet too: it had hidden the run's one-line result, which is no progress bar or table.
+    typer.echo(f"{result.manifest['documents']:,} documents, {result.manifest['tokens']:,} tokens in "
+               f"{len(result.manifest['shards'])} shard(s) under {out}")
 
 
 @app.command()

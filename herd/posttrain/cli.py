@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from herd.cli import DtypeOpt
-from herd.train.cli import config_args
+from herd.train.cli import LOSS_UNITS, config_args
 
 
 def finetune_cmd(
@@ -17,13 +17,27 @@ def finetune_cmd(
 ):
     """Post-train a model: herd finetune CONFIG.toml [--section.field VALUE ...]; recipe = sft | rm | dpo | ppo | kd.
     Run again to resume."""
+    import time
+
     from herd.posttrain.finetune import FinetuneConfig, finetune, load_finetune_config
+    from herd.train.report import read_metrics
 
     args = config_args(ctx, FinetuneConfig, "finetune", print_config)
     if args is None:
         return
-    summary = finetune(load_finetune_config(*args))
+    started = time.monotonic()
+    config = load_finetune_config(*args)
+    summary = finetune(config)
     typer.echo(json.dumps(summary))
+    # For a person, on stderr as herd train's: stdout stays the one JSON summary that scripts read.
+    run_dir, unit = Path(config.run.dir), LOSS_UNITS.get(config.finetune.recipe, "nats/token")
+    trained = [r for r in read_metrics(run_dir) if "skipped" not in r] if (run_dir / "metrics.jsonl").is_file() else []
+    line = f"trained {summary['step']} steps, {summary['tokens']:,} tokens"
+    if trained:
+        line += f", loss {trained[-1]['loss']:.4f} {unit}"
+    if summary.get("eval_loss") is not None:
+        line += f", held-out loss {summary['eval_loss']:.4f} {unit}"
+    typer.echo(f"{line}, in {time.monotonic() - started:.1f} s; model in {run_dir / 'model'}", err=True)
 
 
 def sample_cmd(

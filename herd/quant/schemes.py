@@ -133,7 +133,8 @@ def quantize_weight(scheme: Scheme, weight: torch.Tensor, hessian: torch.Tensor 
         # With activation blocks of 32, a scale per row would add most of the error; int8-wo is per output channel.
         return quantize_int8(weight, 32 if scheme.kind == "int8" else None)
     if k % scheme.group:
-        fits = [f"int4-g{g}" if g != 32 else "int4" for g in (32, 64, 128) if k % g == 0]
+        method = "-gptq" if scheme.method == "gptq" else ""  # the way out had dropped the method asked for
+        fits = [("int4" if g == 32 else f"int4-g{g}") + method for g in (32, 64, 128) if k % g == 0]
         raise SchemeError(f"int4 group size {scheme.group} does not divide the layer width {k}: " + (
             f"use {' or '.join(fits)}" if fits else "no int4 group (32, 64, 128) does; keep it in float (--keep) or "
                                                     "use fp8"))

@@ -125,7 +125,10 @@ async def answer_batch(app, requests: Iterable[BatchRequest], out: Path, *, conc
 
         async def answer(request: BatchRequest) -> dict[str, Any]:
             async with limit:
-                return await _answer(client, request)
+                line = await _answer(client, request)
+            # Counted in the task itself: a done-callback runs only later, and the last ones after the bar had closed.
+            bar.update()
+            return line
 
         total = len(requests) if isinstance(requests, Sized) else None
         with atomic_output(out) as tmp, tmp.open("w", encoding="utf-8") as file, \
@@ -134,9 +137,7 @@ async def answer_batch(app, requests: Iterable[BatchRequest], out: Path, *, conc
 
             def start() -> None:
                 for request in islice(unstarted, AHEAD * concurrency - len(waiting)):
-                    task = asyncio.ensure_future(answer(request))
-                    task.add_done_callback(lambda done: None if done.cancelled() else bar.update())
-                    waiting.append(task)
+                    waiting.append(asyncio.ensure_future(answer(request)))
 
             try:
                 start()

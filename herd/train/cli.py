@@ -42,21 +42,32 @@ def train_cmd(
         raise typer.Exit(code)
 
 
+# What a step's loss is averaged over, by `herd finetune` recipe: a preference recipe's loss is per example (a pair,
+# or a ranked row's pairs averaged), PPO's per reply token; the rest are cross-entropies (KD's teacher-weighted).
+LOSS_UNITS = {"dpo": "per preference example", "rm": "per preference example", "ppo": "per reply token"}
+
+
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="a `herd train` run.dir"),
+    run_dir: Path = typer.Argument(..., help="a `herd train` or `herd finetune` run.dir"),
     png: Optional[Path] = typer.Option(None, "--png", help="where to write the plot (default: RUN_DIR/report.png)"),
-    baseline: bool = typer.Option(True, help="draw the unigram baseline of the run's shards"),
+    baseline: bool = typer.Option(True, help="draw the unigram baseline of the run's shards (a `herd train` run)"),
 ):
     """Draw a run's loss, learning rate, gradient norm and throughput to a PNG."""
+    from herd.data.config import read_toml
     from herd.train.config import TrainConfig, load_config
     from herd.train.report import draw, read_metrics, unigram_loss
 
     records = read_metrics(run_dir)
+    config_path = run_dir / "config.toml"
+    raw = read_toml(config_path) if config_path.is_file() else {}
+    # A fine-tuning run's config names no shards: its data is rows of dialogs or preferences, with no unigram
+    # baseline to draw (reading it as a TrainConfig had failed on its [finetune] section).
+    recipe = raw["finetune"].get("recipe", "sft") if isinstance(raw.get("finetune"), dict) else None
     level = None
-    if baseline and (run_dir / "config.toml").is_file():
-        config = load_config(TrainConfig, run_dir / "config.toml")
+    if baseline and raw and recipe is None:
+        config = load_config(TrainConfig, config_path)
         level = unigram_loss(config.data.shards, config.data.held_out, config.training.seed)
-    out = draw(run_dir, png or run_dir / "report.png", level)
+    out = draw(run_dir, png or run_dir / "report.png", level, loss_unit=LOSS_UNITS.get(recipe, "nats/token"))
     last = records[-1]
     evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
     typer.echo(f"step {last['step']}: loss {last['loss']:.3f}" + (f", held-out {evals[-1]:.3f}" if evals else "")

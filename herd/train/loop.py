@@ -348,6 +348,7 @@ class Trainer:
 
             # The watchdog times the steps alone: an evaluation or a save longer than a step had killed every
             # attempt of a run in it.
+            held_out = None  # the held-out loss of the step the loop ended on, where it evaluated one
             while self.step < self.cfg.steps:
                 record = self.train_step()
                 watchdog.beat()
@@ -355,10 +356,16 @@ class Trainer:
                     with watchdog.paused():
                         self.checkpointer.wait()  # left to the next save, a crash before it had lost this one
                 step = self.step
-                if self.run.eval_interval and step % self.run.eval_interval == 0 and "skipped" not in record:
+                # Known before the evaluation: the step a run stops at is evaluated and logged, so metrics.jsonl
+                # holds the held-out loss the run's summary reports (with eval_interval 0 it had held none).
+                stopping = self._out_of_time(started)
+                last = stopping or step == self.cfg.steps
+                due = last or self.run.eval_interval and step % self.run.eval_interval == 0
+                if due and self.eval_batches and "skipped" not in record:
                     with watchdog.paused():
                         record["eval_loss"] = self.evaluate()
-                if self.run.log_interval and (step % self.run.log_interval == 0 or step == self.cfg.steps):
+                held_out = record.get("eval_loss")
+                if self.run.log_interval and (step % self.run.log_interval == 0 or last):
                     if self.step_metrics is not None:
                         record.update(self.step_metrics())
                     self.log.log(record)
@@ -370,14 +377,15 @@ class Trainer:
                 if saving:
                     with watchdog.paused():
                         self.save()
-                if self._out_of_time(started):
+                if stopping:
                     self.log.note(f"run.time_limit_s reached at step {step}: stopping here")
                     break
             with watchdog.paused():
                 check_replicas(self.step)
                 self.save(final=True)
                 self.checkpointer.wait()
-                summary = {"step": self.step, "tokens": self.tokens, "eval_loss": self.evaluate()}
+                summary = {"step": self.step, "tokens": self.tokens,
+                           "eval_loss": held_out if held_out is not None else self.evaluate()}
                 if self.export is not None:
                     self.export(self)
             return summary

@@ -70,7 +70,7 @@ def unigram_loss(shards_dir: str | Path, held_out: float, seed: int) -> float:
     return float(-log_p[np.minimum(tokens, len(counts) - 1)].mean())
 
 
-def draw(run_dir: str | Path, png: str | Path, baseline: float | None = None) -> Path:
+def draw(run_dir: str | Path, png: str | Path, baseline: float | None = None, loss_unit: str = "nats/token") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +89,7 @@ def draw(run_dir: str | Path, png: str | Path, baseline: float | None = None) ->
         ax.plot(*zip(*evals), "o-", label="held-out loss")
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", label=f"unigram baseline ({baseline:.2f})")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(f"loss ({loss_unit})")
     ax.legend()
     axes[0, 1].plot(steps, [r["lr"] for r in records])
     axes[0, 1].set_ylabel("learning rate")

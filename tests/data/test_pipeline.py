@@ -514,6 +514,15 @@ def test_cli_truncated_input_is_a_warning_and_filtered_out_input_is_no_error(tmp
     assert result.exit_code == 0 and not result.stderr, result.output
 
 
+def test_cli_quiet_keeps_the_one_line_result(tmp_path):
+    """--quiet promises no progress bars or tables; it had hidden the result line too, leaving nothing said."""
+    result = runner.invoke(app, ["run", str(tiny(tmp_path)), "--out", str(tmp_path / "o"), "--quiet",
+                                 "--config", str(_byte_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(rf"[\d,]+ documents, [\d,]+ tokens in 1 shard\(s\) under {re.escape(str(tmp_path / 'o'))}\n",
+                        result.stdout), result.stdout
+
+
 def random_text(seed):
     return random.Random(seed).randbytes(60).hex()  # incompressible, so half the file holds many records
 

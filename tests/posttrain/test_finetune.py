@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -58,6 +59,41 @@ def test_reward_model_exports_its_head(base, tmp_path):
     assert model.head.weight.abs().sum() > 0
     # Resumable: the body's unused vocabulary projection has no optimizer state to miss.
     assert finetune(load_finetune_config(None, [*args, "--training.steps=6"]))["step"] == 6
+
+
+def test_finetune_says_how_it_went_and_herd_report_draws_its_run(base, tmp_path, monkeypatch):
+    """`herd finetune` had ended with its JSON summary alone; `herd report` of its run.dir had failed ("unknown section
+    dpo": it read config.toml as `herd train`'s), and labelled a DPO loss nats/token where it is per example."""
+    import matplotlib.axes
+    import typer
+    from typer.testing import CliRunner
+
+    from herd.posttrain.cli import finetune_cmd
+    from herd.train.cli import CONTEXT, report_cmd
+
+    def invoke(command, args, **settings):
+        app = typer.Typer()
+        app.command(**settings)(command)
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return result
+
+    data, run = write_jsonl(tmp_path / "pairs.jsonl", PAIRS), tmp_path / "run"
+    done = invoke(finetune_cmd, ["--finetune.recipe=dpo", f"--finetune.model={base}", f"--finetune.data={data}",
+                                 f"--finetune.eval_data={data}", f"--run.dir={run}", "--run.progress=false",
+                                 "--training.steps=2", "--training.batch_size=4", "--training.seq_len=64"],
+                  context_settings=CONTEXT)
+    summary = json.loads(done.stdout)  # what scripts read stays as it was
+    assert summary["step"] == 2
+    per = "per preference example"
+    assert re.fullmatch(rf"trained 2 steps, {summary['tokens']:,} tokens, loss \d\.\d{{4}} {per}, held-out loss "
+                        rf"{summary['eval_loss']:.4f} {per}, in \d+\.\d s; model in {run / 'model'}",
+                        done.stderr.splitlines()[-1]), done.stderr
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, label, *a, **k: labels.append(label))
+    report = invoke(report_cmd, [str(run)])
+    assert f"held-out {summary['eval_loss']:.3f}" in report.stdout and "unigram" not in report.stdout
+    assert (run / "report.png").is_file() and labels[0] == f"loss ({per})"
 
 
 def test_bad_configs_fail_in_one_line(base, tmp_path):

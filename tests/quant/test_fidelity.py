@@ -41,3 +41,28 @@ def test_int4_perplexity_within_five_percent(reference):
     fidelity = compare(ref, logits(herd.load(quantize="int4-g32").model, ids, step=8), ids)
     assert fidelity.ppl <= 1.05 * fidelity.ppl_reference, fidelity
     assert torch.isfinite(torch.tensor(fidelity.kl_mean)) and fidelity.kl_mean > 0
+
+
+def test_the_benchmarks_plot_names_the_tokens_it_measured(tmp_path, monkeypatch):
+    """Its axis had said "mean over 512 tokens" whatever --tokens was."""
+    import importlib.util
+    import sys
+    from types import SimpleNamespace
+
+    import matplotlib.axes
+
+    spec = importlib.util.spec_from_file_location("quant_fidelity", Path(__file__).parents[2] / "bench" /
+                                                  "quant_fidelity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = SimpleNamespace(config=SimpleNamespace(n_layers=2))
+    loaded = SimpleNamespace(model=model, tokenizer=SimpleNamespace(encode=lambda text, bos: list(range(1000))))
+    monkeypatch.setattr(bench, "herd", SimpleNamespace(load=lambda quantize: loaded))
+    monkeypatch.setattr(bench, "logits", lambda model, ids, step=None: None)
+    monkeypatch.setattr(bench, "compare", lambda *args: SimpleNamespace(kl_mean=0.01, kl_p99=0.1, top1=0.9, ppl=9.0,
+                                                                        ppl_reference=8.0))
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda self, label, *a, **k: labels.append(label))
+    monkeypatch.setattr(sys, "argv", ["quant_fidelity.py", "--tokens", "64", "--png", str(tmp_path / "q.png")])
+    bench.main()
+    assert labels == ["KL(float32 || scheme), nats/token, mean over 64 tokens of GPL-3"]

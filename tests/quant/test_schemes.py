@@ -159,6 +159,7 @@ def test_gptq_makes_its_codes_on_the_weights_device():
     ("int3", None, "unknown quantization scheme"), ("int4-g48", None, "group size 48"),
     # The way out named is one that works (it had been "use a divisor of 192", which no group size allowed is).
     ("int4-g128", 64 * 3, "does not divide the layer width 192: use int4 or int4-g64$"),
+    ("int4-g128-gptq", 64 * 3, "width 192: use int4-gptq or int4-g64-gptq$"),  # the method asked for kept
     ("int4", 80, r"width 80: no int4 group \(32, 64, 128\) does; keep it in float \(--keep\) or use fp8$"),
     ("int8-wo", 80, r"int8-wo needs widths that are multiples of 32 .*; this layer's is 80"),
 ])

@@ -310,3 +310,55 @@ def test_a_tool_calls_code_is_scanned_in_guarded_chat(action):
     weak = shields.guarded_chat(CallingLLM("<|python_tag|>import hashlib\nprint(hashlib.md5(b'x').hexdigest())"), ask)
     assert _code(weak) == "import hashlib\nprint(hashlib.md5(b'x').hexdigest())"
     assert weak["content"].startswith("Warning") and "CWE-328" in weak["content"]
+
+
+class CodingLLM:
+    """What evaluate_security asks of a model, each reply the same insecure code."""
+
+    def chat_prompt(self, dialog):
+        return dialog
+
+    def generate(self, prompts, **sampling):
+        from types import SimpleNamespace
+
+        reply = "```python\nimport pickle\n\ndef load(blob):\n    return pickle.loads(blob)\n```"
+        return [SimpleNamespace(text=reply, tokens=[], finish_reason="stop", stop_token=None) for _ in prompts]
+
+    def reply_message(self, text, tokens, finish_reason, stop_token):
+        return {"role": "assistant", "content": text}
+
+
+class Flagging:
+    def score(self, text):
+        return {"benign": 0.0, "injection": 1.0, "jailbreak": 0.0}
+
+
+def test_a_security_evaluation_counts_the_shields_decisions_without_a_warning_each(caplog):
+    """eval-security had logged a warning for every case a shield flagged (its table counts them all): hundreds of
+    lines in a long evaluation. A server's shields still log each decision."""
+    from herd.safety.eval import evaluate_security
+
+    shields = Shields(None, Flagging(), CodeShield())
+    with caplog.at_level("WARNING"):
+        report = evaluate_security(CodingLLM(), shields, code_limit=3, injection_limit=3, progress=False)
+    assert (report.insecure, report.insecure_delivered, report.injection_cases) == (3, 0, 3)
+    assert [r.getMessage() for r in caplog.records] == []
+    with caplog.at_level("WARNING"):
+        shields.scan_tool_result("tool output")
+    assert [r.getMessage() for r in caplog.records] == ["prompt guard: injection in a tool result (1.00)"]
+
+
+def test_the_safety_charts_start_at_0_and_name_their_axes(monkeypatch):
+    """All-zero rates had drawn eval-security's axis from -0.08 to 0.08 "% of cases"; the guards' held-out chart had
+    no axis label."""
+    from herd.safety import eval as safety_eval
+
+    figures = []
+    monkeypatch.setattr(safety_eval, "_save", lambda fig, path: figures.append(fig) or path)
+    safety_eval.security_png(safety_eval.SecurityReport(14, 0, 0, 12, 0, 0), "s.png", "a model")
+    assert figures[-1].axes[0].get_ylim()[0] == 0 and figures[-1].axes[0].get_ylim()[1] > 1
+    scores = {"precision": 0.9, "recall": 0.8, "support": 10}
+    languages = {"en": {"recall": 0.8, "false_positive_rate": 0.1, "n": {"flagged": 10, "clean": 20}}}
+    safety_eval.heldout_png({"prompt-guard": {"injection": scores, "false_positive_rate": 0.1,
+                                              "languages": languages}}, "h.png")
+    assert all(ax.get_ylabel() for ax in figures[-1].axes)

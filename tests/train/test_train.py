@@ -130,6 +130,18 @@ def test_the_watchdog_times_steps_not_evaluations_or_saves(byte_shards, tmp_path
     assert kills == [] and "eval_loss" in metrics(tmp_path / "run")[2]
 
 
+def test_the_final_held_out_loss_is_in_metrics_once(byte_shards, tmp_path):
+    """With eval_interval 0 (the default) the held-out loss the run reported was in no metrics.jsonl record, so
+    `herd report` drew no held-out point; a step evaluated on the interval is not evaluated twice; a run stopped by
+    run.time_limit_s records the loss of the step it stopped at."""
+    for eval_interval, steps in (("0", [6]), ("3", [3, 6])):
+        summary = pretrain(tiny_config(byte_shards, tmp_path / eval_interval, "--run.eval_interval", eval_interval))
+        evals = [(m["step"], m["eval_loss"]) for m in metrics(tmp_path / eval_interval) if "eval_loss" in m]
+        assert [step for step, _ in evals] == steps and evals[-1][1] == summary["eval_loss"] is not None
+    summary = pretrain(tiny_config(byte_shards, tmp_path / "timed", "--run.time_limit_s", "1e-9"))
+    assert summary["step"] == 1 and metrics(tmp_path / "timed")[-1]["eval_loss"] == summary["eval_loss"] is not None
+
+
 def test_a_rollback_keeps_the_schedules_in_step(byte_shards, tmp_path, monkeypatch):
     """The data source had kept its own step through a rollback, so the batch-size schedule came early by the steps
     rolled back; the bad batch stays skipped all the same."""
