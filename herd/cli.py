@@ -156,28 +156,53 @@ def chat(
         if agent is not None:
             refused |= not agent_turn(agent, history)  # a script learns of it as without tools
             continue
-        reply = ""
+        reply, whole, left_out = "", list(history), 0
         try:
-            for piece in llm.chat(history, stream=True, **sampling):
-                reply += piece
-                print(piece, end="", flush=True)
+            while True:
+                try:
+                    for piece in llm.chat(history, stream=True, **sampling):
+                        if left_out:
+                            _status(f"(the oldest {left_out} exchange(s) left out: the conversation no longer fits "
+                                    "the context)")
+                            left_out = 0
+                        reply += piece
+                        print(piece, end="", flush=True)
+                    break
+                except ContextLengthError:
+                    # The oldest exchanges make room, as ollama drops them: the conversation had been refused turn
+                    # after turn until /reset threw all of it away.
+                    if not _drop_oldest_exchange(history):
+                        raise
+                    left_out += 1
         except KeyboardInterrupt:
             _status("\n(interrupted)")
             if not reply:  # nothing came: the message goes unanswered, not answered by an empty turn
-                history.pop()
+                history[:] = whole[:-1]
                 continue
         except ContextLengthError as error:
-            _status(f"herd: error: {error} (or /reset the conversation)")
-            history.pop()
+            _status(f"herd: error: {error}")
+            history[:] = whole[:-1]  # the conversation as it was: the message alone is past the context
             refused = True
             continue
-        print(flush=True)
+        else:
+            print(flush=True)
         history.append({"role": "assistant", "content": reply})
     if refused and not interactive:  # a script piping messages in learns that one went unanswered
         raise typer.Exit(2)
 
 
 CHAT_COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt, /exit quits"
+
+
+def _drop_oldest_exchange(history: list[dict]) -> bool:
+    """Leave out the oldest exchange (a user message and what answered it) before the last message, keeping the
+    system prompt; False where the last message is all there is."""
+    first = next(i for i, m in enumerate(history) if m["role"] != "system")
+    following = next((i for i in range(first + 1, len(history)) if history[i]["role"] == "user"), None)
+    if following is None:
+        return False
+    del history[first:following]
+    return True
 
 
 def _is_command(message: str) -> bool:
@@ -205,6 +230,7 @@ def _run_command(message: str, history: list[dict]) -> Optional[list[dict]]:
         _status("(conversation cleared)")
         return [m for m in history if m["role"] == "system"]
     if command == "/system" and text:
+        _status("(system prompt set)")
         return [{"role": "system", "content": text}] + [m for m in history if m["role"] != "system"]
     if command == "/system":
         _status("/system needs the prompt's text: /system You are a concise assistant.")
@@ -222,9 +248,19 @@ def _read_message(interactive: bool) -> Optional[tuple[str, bool]]:
     block = False
     while True:
         try:
-            line = input((">>> " if not (lines or block) else "... ") if interactive else "")
+            line = input((">>> " if not (lines or block) else "... ") if interactive else "").removesuffix("\r")
         except EOFError:
+            if interactive and not lines:
+                print()  # the shell's prompt on a line of its own
             return ("\n".join(lines), False) if lines else None
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            # What was being typed is dropped and the chat goes on, as in Python's prompt: Ctrl-C had ended the
+            # session, conversation and all (and a mistyped """ block could be left no other way).
+            _status("\n(discarded)" if lines or block else "\n(Ctrl-D or /exit quits)")
+            lines, block = [], False
+            continue
         if line.strip() == '"""':
             if block:
                 return "\n".join(lines), False

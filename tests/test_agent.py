@@ -277,7 +277,7 @@ def test_chat_with_tools_shows_calls_results_and_saves_files(monkeypatch, tmp_pa
 
     code = "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.savefig('line.png')"
     llm = ScriptedLLM(f"<|python_tag|>{code}<|eom_id|>", "Saved the plot.<|eot_id|>")
-    monkeypatch.setattr(cli, "_load", lambda *args: llm)
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: llm)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Plot a line.\n"))
     cli.app(["chat", "--tools", "code_interpreter", "--temperature", "0"], standalone_mode=False)
@@ -311,7 +311,7 @@ def test_chat_prompt_guard_withholds_injected_tool_results(monkeypatch, tmp_path
     llm = ScriptedLLM('<|python_tag|>brave_search.call(query="Etna eruption")<|eom_id|>',
                       '<|python_tag|>brave_search.call(query="Llama 3.1 release")<|eom_id|>',
                       "Llama 3.1 came out on July 23, 2024.<|eot_id|>")
-    monkeypatch.setattr(cli, "_load", lambda *args: llm)
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: llm)
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Any news?\n"))
     cli.app(["chat", "--tools", "brave_search", "--prompt-guard", str(prompt_guard_file), "--temperature", "0"],
             standalone_mode=False)
@@ -330,7 +330,7 @@ def test_chat_prompt_guard_withholds_injected_tool_results(monkeypatch, tmp_path
 def test_chat_bad_prompt_guard_fails_before_loading(monkeypatch, capsys, argv, message):
     from herd import cli
 
-    monkeypatch.setattr(cli, "_load", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     monkeypatch.setattr("sys.argv", ["herd", "chat", *argv])
     with pytest.raises(SystemExit) as exit:
         cli.main()
@@ -341,7 +341,7 @@ def test_chat_bad_prompt_guard_fails_before_loading(monkeypatch, capsys, argv, m
 def test_chat_with_unknown_tools_fails_before_loading(monkeypatch, capsys):
     from herd import cli
 
-    monkeypatch.setattr(cli, "_load", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     monkeypatch.setattr("sys.argv", ["herd", "chat", "--tools", "wolfram_alpha,nonsense"])
     with pytest.raises(SystemExit) as exit:
         cli.main()

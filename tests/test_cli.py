@@ -512,3 +512,89 @@ def test_an_unreadable_gguf_says_so_not_that_it_is_damaged(monkeypatch, tmp_path
         gguf.open_reader(tmp_path / "model.gguf")
     assert str(error.value) == f"{tmp_path / 'model.gguf'}: cannot be read (Permission denied): give this user read " \
         "access to it"
+
+
+class TightLLM(RecordingLLM):
+    """A context of 12 characters of content: a conversation past it is refused, as a real one past its tokens."""
+
+    def chat(self, messages, stream=False, **sampling):
+        from herd.generate import ContextLengthError
+
+        if sum(len(m["content"]) for m in messages) > 12:
+            raise ContextLengthError("the prompt has too many tokens for the model's context")
+        yield from super().chat(messages, stream, **sampling)
+
+
+def test_a_conversation_past_the_context_leaves_out_its_oldest_exchanges(monkeypatch):
+    """It had been refused turn after turn until /reset threw all of it away; ollama leaves out the oldest turns."""
+    from typer.testing import CliRunner
+
+    from herd import cli
+
+    llm = TightLLM()
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: llm)
+    result = CliRunner().invoke(cli.app, ["chat", "--system", "S"],
+                                input="aaa\nbbb\nccc\nddddddddddddddd\nee\n")
+    assert result.exit_code == 2  # one message alone is past the context: unanswered, and a script learns it
+    user, said = (lambda text: {"role": "user", "content": text}), {"role": "assistant", "content": "ok"}
+    system = {"role": "system", "content": "S"}
+    assert [dialog for dialog, _ in llm.chats] == [
+        [system, user("aaa")], [system, user("aaa"), said, user("bbb")], [system, user("bbb"), said, user("ccc")],
+        # the message refused leaves the conversation as it was, and its own room is made again
+        [system, user("ccc"), said, user("ee")]]
+    assert result.output.count("(the oldest 1 exchange(s) left out") == 2
+    assert "ddddddddddddddd" not in str(llm.chats) and "too many tokens" in result.output
+
+
+def test_ctrl_c_while_typing_drops_what_was_typed_and_the_chat_goes_on(monkeypatch, capsys):
+    """It had ended the session, conversation and all, and was the only way out of a mistyped \"\"\" block."""
+    from herd.cli import _read_message
+
+    def typed(*lines):
+        feed = iter(lines)
+
+        def read(prompt=""):
+            line = next(feed)
+            if line is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return line
+
+        monkeypatch.setattr("builtins.input", read)
+
+    typed(KeyboardInterrupt, "hello")
+    assert _read_message(True) == ("hello", True) and "(Ctrl-D or /exit quits)" in capsys.readouterr().err
+    typed('"""', "a long", KeyboardInterrupt, "short")
+    assert _read_message(True) == ("short", True) and "(discarded)" in capsys.readouterr().err
+    typed(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):  # piped in, Ctrl-C stops the script
+        _read_message(False)
+    typed("first \\\r", "second\r")  # a file with Windows line ends: no \r in the message, \ still continues
+    assert _read_message(False) == ("first \nsecond", False)
+
+
+def test_an_interrupted_tool_turn_takes_its_message_back(capsys):
+    """The message had stayed in the history with no answer, and the next turns sent user messages in a row."""
+    from herd.tools.cli import agent_turn
+
+    class Interrupted:
+        def run(self, history):
+            raise KeyboardInterrupt
+            yield
+
+    history = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"},
+               {"role": "user", "content": "a long story"}]
+    assert agent_turn(Interrupted(), history)
+    assert history == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}]
+    assert "message is taken back" in capsys.readouterr().err
+
+
+def test_files_from_the_code_interpreter_keep_their_folders_and_never_replace_one(tmp_path, monkeypatch):
+    """a/r.txt and b/r.txt had both been saved as r.txt, the second over the first without a word."""
+    from herd.tools.cli import _save
+
+    monkeypatch.chdir(tmp_path)
+    saved = [_save(name, data) for name, data in (("a/r.txt", b"1"), ("b/r.txt", b"2"), ("b/r.txt", b"3"),
+                                                   ("../../x.png", b"4"))]
+    assert [str(p) for p in saved] == ["herd-files/a/r.txt", "herd-files/b/r.txt", "herd-files/b/r-2.txt",
+                                       "herd-files/x.png"]
+    assert [p.read_bytes() for p in saved] == [b"1", b"2", b"3", b"4"]

@@ -6,9 +6,10 @@ writes are saved under ./herd-files/ (written whole, then renamed).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from herd.atomic import atomic_output
 
@@ -73,7 +74,10 @@ def agent_turn(agent, history: list[dict]) -> bool:
                     _status(f"(stopped after {step.steps} steps)")
                 history[:] = step.messages
     except KeyboardInterrupt:
-        _status("\n(interrupted)")
+        # The message is taken back, as the plain chat takes back one not yet answered: the calls and text of the
+        # turn are not in the history, and the message had stayed there as if still waiting for its answer.
+        _status("\n(interrupted: the message is taken back)")
+        history.pop()
     except ContextLengthError as error:
         _status(f"herd: error: {error} (or /reset the conversation)")
         history.pop()
@@ -82,7 +86,15 @@ def agent_turn(agent, history: list[dict]) -> bool:
 
 
 def _save(name: str, data: bytes) -> Path:
-    path = FILES_DIR / Path(name).name  # the sandbox's subdirectories are not recreated here
+    """Under herd-files/ at the path the code gave it there, never over a file already saved (r.txt, r-2.txt...): a
+    file of the same name in another folder, or from an earlier turn, had replaced the one before it unsaid."""
+    parts = [part for part in PurePosixPath(name).parts if part not in ("/", ".", "..")] or ["file"]
+    path = wanted = FILES_DIR.joinpath(*parts)
+    for n in itertools.count(2):
+        if not path.exists():
+            break
+        path = wanted.with_name(f"{wanted.stem}-{n}{wanted.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
     return path

@@ -315,7 +315,36 @@ class Trainer:
             torch.distributed.broadcast(flag, src=0)
         return bool(flag.item())
 
+    @contextlib.contextmanager
+    def _run_dir_claimed(self):
+        """The run directory held by this run alone while it trains (rank 0 holds it): a second job started on it
+        had resumed from the same checkpoint, and the two overwrote each other's until one failed on a vanished
+        .tmp, blamed on the disk."""
+        if not self.is_main:
+            yield
+            return
+        import fcntl
+        import os
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                raise ConfigError(f"run.dir {self.run_dir} is in use by another run ({holder}): wait for it to end "
+                                  "or give another run.dir") from None
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()}\n")
+            lock.flush()
+            yield
+
     def fit(self) -> dict:
+        with self._run_dir_claimed():
+            return self._fit()
+
+    def _fit(self) -> dict:
         fault.reset_injections()
         latest = self.restore()
         trained_before = latest is None and self._logged_steps()

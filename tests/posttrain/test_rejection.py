@@ -315,7 +315,7 @@ def test_sample_refuses_a_row_whose_answer_is_no_number_before_the_model_loads(t
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "q"}], "answer": a}) + "\n"
                                for a in ("1,000", "1/2", "$5", "1e5", "\\frac{1}{2}")))
-    monkeypatch.setattr(herd.cli, "_load", lambda *args: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr(herd.cli, "_load", lambda *args, **kwargs: pytest.fail("the model loaded before the refusal"))
     app = typer.Typer()
     app.command()(sample_cmd)
     for verifier in ("answer", "only_answer"):
@@ -337,7 +337,7 @@ def test_sample_refuses_an_unwritable_output_before_sampling(tmp_path, monkeypat
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"messages": [{"role": "user", "content": "hi"}], "answer": 1}\n')
-    monkeypatch.setattr(herd.cli, "_load", lambda *args: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr(herd.cli, "_load", lambda *args, **kwargs: pytest.fail("the model loaded before the refusal"))
     app = typer.Typer()
     app.command()(sample_cmd)
     monkeypatch.chdir(tmp_path)
@@ -361,7 +361,7 @@ def test_sample_refuses_to_write_over_its_prompts_or_bad_options_before_the_mode
     prompts = tmp_path / "prompts.jsonl"
     text = '{"messages": [{"role": "user", "content": "hi"}], "answer": 1}\n'
     prompts.write_text(text)
-    monkeypatch.setattr(herd.cli, "_load", lambda *args: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr(herd.cli, "_load", lambda *args, **kwargs: pytest.fail("the model loaded before the refusal"))
     app = typer.Typer()
     app.command()(sample_cmd)
     for options, words in ((["--out", str(prompts)], "--out is the prompts file"),  # had overwritten the prompts

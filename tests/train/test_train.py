@@ -142,6 +142,23 @@ def test_the_final_held_out_loss_is_in_metrics_once(byte_shards, tmp_path):
     assert summary["step"] == 1 and metrics(tmp_path / "timed")[-1]["eval_loss"] == summary["eval_loss"] is not None
 
 
+def test_a_run_dir_in_use_is_refused(byte_shards, tmp_path):
+    """A second job on a run.dir in use had resumed from the first one's checkpoint, and the two overwrote each
+    other's checkpoints until one failed on a vanished .tmp, blamed on the disk."""
+    import fcntl
+
+    config = tiny_config(byte_shards, tmp_path / "r")
+    pretrain(config)  # finished: a run that has ended holds nothing
+    with open(tmp_path / "r" / ".lock", "a+") as other:  # as the other job's rank 0 holds it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)
+        other.write("pid 4242\n")
+        other.flush()
+        with pytest.raises(ConfigError, match=r"run.dir .*/r is in use by another run \(pid 4242\): wait for it"):
+            pretrain(config)
+    assert pretrain(config)["step"] == 6  # released: the finished run resumes at its end
+
+
 def test_a_rollback_keeps_the_schedules_in_step(byte_shards, tmp_path, monkeypatch):
     """The data source had kept its own step through a rollback, so the batch-size schedule came early by the steps
     rolled back; the bad batch stays skipped all the same."""
