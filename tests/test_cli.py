@@ -393,7 +393,8 @@ def test_kv_cache_mib_sets_how_much_of_a_long_context_is_held(tmp_path):
     small, large = herd_clis(["generate", "-", "--model", str(path), "--kv-cache-mib", "1"],
                              ["generate", "-", "--model", str(path), "--kv-cache-mib", "8", "--max-tokens", "2"],
                              stdin=prompt)
-    assert_one_line_error(small, "the KV cache holds 8192 (the model's context is 131072)", "give the cache more memory")
+    assert_one_line_error(small, "the KV cache holds 8192 (this model's maximum context length is 131072)",
+                          "give the cache more memory")
     assert large.returncode == 0, large.stderr
 
 

@@ -146,12 +146,15 @@ class Generator:
         return min(self.model.config.max_seq_len, (self.cache.pool.num_blocks - 1) * self.cache.block_size)
 
     def context_error(self, tokens: int) -> str:
-        """Why a prompt of `tokens` tokens cannot be taken, and what to do."""
+        """Why a prompt of `tokens` tokens cannot be taken, and what to do. In OpenAI's and vLLM's words ("maximum
+        context length"), which clients look for to tell this error from others (litellm's context-window
+        fallbacks had not fired)."""
         if self.capacity == self.model.config.max_seq_len:
-            return f"the prompt has {tokens} tokens but the model's context is {self.capacity}: shorten the prompt"
-        return (f"the prompt has {tokens} tokens but the KV cache holds {self.capacity} (the model's context is "
-                f"{self.model.config.max_seq_len}): shorten the prompt, or give the cache more memory "
-                "(EngineConfig.kv_cache_bytes; --kv-cache-mib of herd serve, chat and generate)")
+            return (f"the prompt has {tokens} tokens but this model's maximum context length is {self.capacity}: "
+                    "shorten the prompt")
+        return (f"the prompt has {tokens} tokens but the KV cache holds {self.capacity} (this model's maximum "
+                f"context length is {self.model.config.max_seq_len}): shorten the prompt, or give the cache more "
+                "memory (EngineConfig.kv_cache_bytes; --kv-cache-mib of herd serve, chat and generate)")
 
     # -- submitting -------------------------------------------------------------------------------------------
 

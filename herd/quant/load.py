@@ -153,14 +153,14 @@ def _check_fits(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype, dev
     gb = 2**30
     held = f"in {str(dtype).removeprefix('torch.')}" if scheme is None else f"as {scheme.name}"
     smaller = {name: memory_needed(ckpt, Scheme.parse(name), dtype) for name in ("int8", "int4")}
-    fits = [f"{name} (about {n / gb:.1f} GB)" for name, n in smaller.items() if shortfall(n) is None and n < needed]
+    fits = [f"{name} (about {n / gb:.1f} GiB)" for name, n in smaller.items() if shortfall(n) is None and n < needed]
     if fits:
         advice = f"load it with quantize {' or '.join(fits)}, which quantize each weight as it is read"
     elif min(smaller.values()) < needed:
-        advice = f"even int4 needs about {min(smaller.values()) / gb:.1f} GB: run it on a machine with more memory"
+        advice = f"even int4 needs about {min(smaller.values()) / gb:.1f} GiB: run it on a machine with more memory"
     else:
         advice = "run it on a machine with more memory"
-    raise ModelTooLarge(f"this model needs {needed / gb:.1f} GB of memory {held} but {available / gb:.1f} GB are "
+    raise ModelTooLarge(f"this model needs {needed / gb:.1f} GiB of memory {held} but {available / gb:.1f} GiB are "
                         f"available: {advice}")
 
 
@@ -177,7 +177,7 @@ def memory_needed(ckpt: Checkpoint, scheme: Scheme | None, dtype: torch.dtype = 
     as it is read (as the checkpoint stores it, read into a buffer and then a tensor) and quantized. The quantized
     modules are built for one row of each weight (every format stores a row's codes, scales and mins with the row),
     in milliseconds; on the meta device torch's reference ops took seconds. The peaks measured on Llama 3.1 8B's
-    shapes (README): int8 10.1 GiB against 10.4 estimated, int4 8.1 against 7.9."""
+    shapes (README): int8 10.3 GB against 10.4 GiB estimated, int4 8.3 against 7.9."""
     config = ckpt.config
     shapes = expected_shapes(config)
     params = {name: math.prod(shape) for name, shape in shapes.items()}

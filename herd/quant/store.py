@@ -184,8 +184,8 @@ def _check_fits(path: Path, f, header: dict, dtype: torch.dtype | None) -> None:
     available = shortfall(needed)
     if available is not None:
         gb, scheme = 2**30, header["scheme"].get("kind", "quantized")
-        raise ModelTooLarge(f"{path}: this {scheme} model needs {needed / gb:.1f} GB of memory but {available / gb:.1f}"
-                            " GB are available: run it on a machine with more memory"
+        raise ModelTooLarge(f"{path}: this {scheme} model needs {needed / gb:.1f} GiB of memory but "
+                            f"{available / gb:.1f} GiB are available: run it on a machine with more memory"
                             + ("" if scheme == "int4" else ", or quantize the float model with int4"))
 
 

@@ -313,7 +313,8 @@ def test_a_long_context_takes_the_memory_given_and_says_so():
     assert engine.capacity in (40_000 - 16, 20_000 - 16)
     small = Generator(model, herd.load_tokenizer(), config=EngineConfig(kv_cache_bytes=1 << 20))
     assert small.capacity == 8192  # the guaranteed context, whatever the memory
-    with pytest.raises(ContextLengthError, match="the KV cache holds 8192 \\(the model's context is 131072\\): "
+    with pytest.raises(ContextLengthError, match="the KV cache holds 8192 \\(this model's maximum context length is "
+                                                 "131072\\): "
                                                  "shorten the prompt, or give the cache more memory"):
         small.generate([[5] * 9000], GREEDY)
     assert len(small.generate([[5] * 8000], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))[0]

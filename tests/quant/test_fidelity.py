@@ -26,7 +26,7 @@ def reference():
     ("int8", 8),
     # e4m3 keeps 3 mantissa bits: ~3% error on every weight and activation. Measured here: KL 0.065 (all layers),
     # 0.019 with Meta's 405B recipe (FFN of layers 1..n-2 only); weights alone 0.026, activations alone 0.024.
-    pytest.param("fp8", None, marks=pytest.mark.xfail(strict=False, reason="issue 7: fp8 KL 0.065 > 0.005")),
+    pytest.param("fp8", None, marks=pytest.mark.xfail(strict=False, reason="issue 7: fp8 KL 0.067 > 0.005")),
 ])
 def test_default_int8_and_fp8_stay_within_kl_bound(reference, scheme, step):
     ids, ref = reference

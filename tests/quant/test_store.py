@@ -308,12 +308,12 @@ def test_a_load_that_cannot_fit_is_refused_before_any_weight_is_read(float_dir, 
             patch.setattr(LazyStateDict, method, lambda self, name: pytest.fail(f"{name} was read"))
         patch.setattr(load, "available_memory", lambda: (need["int4"] + need["int8"]) / 2 / 0.95)
         for quantize, held in ((None, "in float32"), ("int8", "as int8")):
-            with pytest.raises(MemoryError, match=rf"needs \d+\.\d GB of memory {held} but \d+\.\d GB are "
-                                                  r"available: load it with quantize int4 \(about \d+\.\d GB\), "
+            with pytest.raises(MemoryError, match=rf"needs \d+\.\d GiB of memory {held} but \d+\.\d GiB are "
+                                                  r"available: load it with quantize int4 \(about \d+\.\d GiB\), "
                                                   "which quantize each weight as it is read$"):
                 herd.load(float_dir, quantize=quantize)
         patch.setattr(load, "available_memory", lambda: need["int4"] / 2)
-        with pytest.raises(MemoryError, match=r"in float32 but .* available: even int4 needs about \d+\.\d GB: run "
+        with pytest.raises(MemoryError, match=r"in float32 but .* available: even int4 needs about \d+\.\d GiB: run "
                                               "it on a machine with more memory$"):
             herd.load(float_dir, quantize=None)
         with pytest.raises(MemoryError, match=r"as int4-g32 but .* available: run it on a machine with more memory$"):
@@ -349,8 +349,8 @@ def test_a_quantized_file_that_cannot_fit_is_refused_before_it_is_read(float_dir
     with monkeypatch.context() as patch:
         patch.setattr(store, "_hashed", lambda items: pytest.fail("a tensor was read"))
         patch.setattr(load, "available_memory", lambda: size)
-        with pytest.raises(MemoryError, match=rf"{FILE}: this int8 model needs \d+\.\d GB of memory but \d+\.\d GB are "
-                                              "available: run it on a machine with more memory, or quantize the float "
+        with pytest.raises(MemoryError, match=rf"{FILE}: this int8 model needs \d+\.\d GiB of memory but \d+\.\d GiB "
+                                              "are available: run it on a machine with more memory, or quantize the float "
                                               "model with int4$"):
             herd.load(out)
     monkeypatch.setattr(load, "available_memory", lambda: 3 * size)
@@ -367,7 +367,7 @@ def test_a_gguf_is_sized_as_herd_holds_it_and_refused_when_it_cannot_fit(monkeyp
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied table once
     assert need == sum(t.numel() * t.element_size() for t in tensors.values())
     monkeypatch.setattr(load, "available_memory", lambda: need // 2)
-    with pytest.raises(MemoryError, match=r"needs 0\.1 GB of memory as gguf but 0\.\d GB are available: "):
+    with pytest.raises(MemoryError, match=r"needs 0\.1 GiB of memory as gguf but 0\.\d GiB are available: "):
         herd.load()
 
 

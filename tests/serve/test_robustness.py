@@ -126,6 +126,13 @@ def test_malformed_requests_get_specific_4xx(tiny, name, request_body, status, c
     assert post(tiny, GOOD).status_code == 200  # and the server goes on serving
 
 
+def test_a_prompt_past_the_context_is_said_in_openais_words(tiny):
+    """Clients tell this 400 from others by OpenAI's and vLLM's wording ("maximum context length"): litellm's
+    context-window fallbacks had not fired on herd's own."""
+    error = post(tiny, {**GOOD, "messages": [{"role": "user", "content": LONG_PROMPT}]}).json()["error"]
+    assert "maximum context length is" in error["message"] and error["code"] == "context_length_exceeded"
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
                                           None])
 def test_a_body_not_sent_as_json_is_refused(tiny, content_type):
