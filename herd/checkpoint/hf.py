@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -193,6 +194,12 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: no weight_map of tensor names to files; download it again")
         files = {name: directory / file for name, file in weight_map.items()}
+        # Files of the checkpoint's own: a name climbing out of it or absolute had read any file the user can
+        # (links stay followed: a hub cache's snapshot links every file to its blobs/).
+        outside = next((f for f in weight_map.values()
+                        if os.path.isabs(f) or os.path.normpath(f).split(os.sep)[0] == ".."), None)
+        if outside is not None:
+            raise CheckpointError(f"{index}: lists {outside}, outside the checkpoint's directory; download it again")
         for path in sorted(set(files.values())):
             if not path.is_file():
                 raise CheckpointError(f"{index}: lists {path.name}, which is missing; download every shard")
@@ -200,7 +207,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     single = directory / SINGLE
     if single.is_file():
         return {name: single for name in _open(single).keys()}
-    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    others = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())  # a FIFO had hung the read
     if others:
         files = {}
         for name in others:

@@ -198,9 +198,20 @@ def write_npz(path: str | Path, header: dict, **arrays) -> Path:
     return path
 
 
+def _not_a_bomb(path: Path, what: str) -> None:
+    """Refuse an archive whose arrays would expand past 64 MiB at over 64 times its size: a 1.5 MB file had
+    expanded to 1.5 GiB in memory (30 MB would have passed this machine's). Trained weights barely compress."""
+    with zipfile.ZipFile(path) as archive:
+        expanded = sum(member.file_size for member in archive.infolist())
+    if expanded > max(64 << 20, 64 * path.stat().st_size):
+        raise ValueError(f"{path}: not a herd {what} (its arrays would expand from {path.stat().st_size:,} bytes to "
+                         f"{expanded:,}); write it again")
+
+
 def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tuple[dict, dict]:
     """(header, {key: array}) of a file write_npz wrote in format `fmt`; clear errors for a missing or foreign file."""
     try:
+        _not_a_bomb(Path(path), what)
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(str(z["header"]))
             arrays = {k: z[k] for k in keys}

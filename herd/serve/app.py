@@ -840,9 +840,9 @@ async def tokenize(request: Request):
     if body.prompt is not None:
         ids = llm.encode(body.prompt, bos=body.add_special_tokens)
     else:
-        try:
-            ids = llm.chat_prompt([m.as_dict() for m in body.messages],
-                                  [t.model_dump() for t in body.tools] if body.tools else None)
+        try:  # off the event loop, as chat completions build theirs: a slow template had held every stream
+            ids = await asyncio.to_thread(llm.chat_prompt, [m.as_dict() for m in body.messages],
+                                          [t.model_dump() for t in body.tools] if body.tools else None)
         except (ValueError, KeyError, TypeError) as error:
             raise APIError(400, f"the messages cannot be encoded: {error}", param="messages") from None
     count_served(request)

@@ -34,6 +34,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -53,6 +54,16 @@ from herd.train import fault
 from herd.train.config import CheckpointSection, ConfigError
 
 _STEP = re.compile(r"^step-(\d+)$")
+# What a step's extra state (step, data position, RNG states) may hold besides tensors and plain values: numpy's
+# RNG state array. It is read with weights_only, as torch reads weights: with weights_only=False, resuming a run
+# directory someone else had prepared ran whatever pickle they put there.
+_EXTRA_GLOBALS = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
+                  type(np.dtype(np.uint32))]
+
+
+def _load_extra(path: Path) -> dict:
+    with torch.serialization.safe_globals(_EXTRA_GLOBALS):
+        return torch.load(path, weights_only=True)
 # One process saving or loading without a process group is intended here (single-process runs, export).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -324,7 +335,7 @@ class Checkpointer:
         none or it cannot be read (a damaged one, which load_latest sets aside)."""
         latest = self.latest()
         try:
-            return torch.load(latest / "extra-0.pt", weights_only=False) if latest else {}
+            return _load_extra(latest / "extra-0.pt") if latest else {}
         except Exception:  # whatever damaged bytes make torch.load raise
             return {}
 
@@ -376,7 +387,7 @@ class Checkpointer:
                 state = {"model": _ModelState(parts), "optim": _OptimState(parts, optimizers, _by_index(path))}
                 dcp.load(state, checkpoint_id=str(path))
             rank_file = path / f"extra-{_rank()}.pt"
-            extra = torch.load(rank_file if rank_file.exists() else path / "extra-0.pt", weights_only=False)
+            extra = _load_extra(rank_file if rank_file.exists() else path / "extra-0.pt")
             saved, now = extra.pop("architecture", None), _architecture(parts)
             if saved is not None and now is not None and saved != now:
                 name = next(n for n in _ARCHITECTURE if saved.get(n) != now[n])

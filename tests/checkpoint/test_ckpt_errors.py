@@ -83,6 +83,34 @@ def test_missing_shards(make_hf, tmp_path):
     assert "consolidated.01.pth is missing" in error_of(meta)
 
 
+def test_weights_listed_outside_the_checkpoint_are_refused(make_hf, tmp_path):
+    """An index naming ../ or an absolute path had read whatever file it named (and herd convert copied it out)."""
+    _, hf = make_hf(max_shard_size="60KB")
+    index = hf / "model.safetensors.index.json"
+    listed = json.loads(index.read_text())
+    shard = sorted(set(listed["weight_map"].values()))[0]
+    (tmp_path / "elsewhere").mkdir()
+    for outside in (f"../elsewhere/{shard}", str(tmp_path / "elsewhere" / shard)):
+        (tmp_path / "elsewhere" / shard).write_bytes((hf / shard).read_bytes())
+        index.write_text(json.dumps({"weight_map": {k: outside if v == shard else v
+                                                    for k, v in listed["weight_map"].items()}}))
+        assert error_of(hf) == f"{index}: lists {outside}, outside the checkpoint's directory; download it again"
+
+
+def test_a_fifo_named_like_weights_is_not_read(make_hf, tmp_path):
+    """Opening it had waited for a writer for ever, past SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    _, hf = make_hf()
+    (hf / "model.safetensors").unlink()
+    os.mkfifo(hf / "weights.safetensors")
+    code = f"from herd.checkpoint import load_checkpoint\nload_checkpoint({str(hf)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "config.json but no .safetensors weights" in done.stderr
+
+
 def test_config_json_that_disagrees_with_the_weights(make_hf):
     _, hf = make_hf()
     config = json.loads((hf / "config.json").read_text())

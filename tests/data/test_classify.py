@@ -137,6 +137,20 @@ def test_training_needs_two_labels_and_loading_needs_a_classifier(tmp_path):
         assert "pickle" not in str(refused.value)
 
 
+def test_a_classifier_that_would_expand_a_thousandfold_is_refused_before_it_does(tmp_path):
+    """A zip of zeros had expanded 1000-fold in memory (1.5 MB to 1.5 GiB); the archive's own sizes say so first."""
+    import numpy as np
+
+    from herd.data.classify import write_npz
+
+    bomb = tmp_path / "bomb.npz"
+    write_npz(bomb, {"format": "herd-classifier/1"}, coef=np.zeros((1, 40_000_000), np.float32))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ValueError, match=r"bomb.npz: not a herd classifier \(its arrays would expand from [\d,]+ "
+                                         r"bytes to 160,000,\d+\); write it again"):
+        HashedLinearClassifier.load(bomb)
+
+
 @pytest.mark.heavy
 def test_the_default_model_judges_and_its_replies_parse(planted_corpus):
     import herd

@@ -718,3 +718,23 @@ def test_a_slow_request_to_read_holds_no_other_request(tiny, monkeypatch):
         waited = time.monotonic() - began
         assert slow_request.result().status_code == 200
     assert waited < 1.5  # not the 2.5 s left of the slow read
+
+
+def test_a_slow_template_in_tokenize_holds_no_other_request(tiny, monkeypatch):
+    """/tokenize rendered its chat template on the event loop, where chat completions render theirs off it: a
+    checkpoint's slow template (or a hostile one) had held every stream and /health."""
+    chat_prompt = tiny.llm.chat_prompt
+
+    def slow(*args, **options):
+        time.sleep(3)
+        return chat_prompt(*args, **options)
+
+    monkeypatch.setattr(tiny.llm, "chat_prompt", slow)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenized = pool.submit(post, tiny, {"model": GOOD["model"], "messages": GOOD["messages"]}, path="/tokenize")
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert httpx.get(tiny.url + "/health", timeout=10).status_code == 200
+        waited = time.monotonic() - began
+        assert tokenized.result().status_code == 200, tokenized.result().text
+    assert waited < 1.5

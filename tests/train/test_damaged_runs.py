@@ -193,3 +193,33 @@ def test_a_pipeline_checkpoint_with_the_optimizer_groups_by_index_is_refused():
         group["params"] = [f"layers.1.{name}" for name in group["params"]]  # the other stage's
     with pytest.raises(ValueError, match="no optimizer group holds 0.weight: a pipeline-parallel run wrote it"):
         checkpoint._OptimState([stage], [optimizer], by_index=True).load_state_dict(state)
+
+
+class _Planted:
+    """A pickle that writes a file when it is loaded: what someone could put in a run directory they hand over."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_resuming_a_prepared_run_dir_runs_none_of_its_code(byte_shards, two_steps, tmp_path):
+    """A step's extra state had been read with weights_only=False: any pickle placed there (its checklist written
+    again to match) ran when the run resumed, in herd train and, before any check, in herd finetune."""
+    import torch
+
+    run_dir, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(two_steps, run_dir)
+    step = run_dir / "checkpoints" / "step-2"
+    torch.save({"step": 2, "planted": _Planted(marker)}, step / "extra-0.pt")
+    checkpoint._write_checklist(step)
+    assert checkpoint.Checkpointer(run_dir, tiny_config(byte_shards, run_dir).checkpoint).latest_extra() == {}
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        small_run(byte_shards, run_dir, "--training.steps", "4")
+    assert not marker.exists()
+    torch.load(step / "extra-0.pt", weights_only=False)  # the planted file does run code, loaded as it had been
+    assert marker.exists()
