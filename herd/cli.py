@@ -508,6 +508,11 @@ def _add_commands() -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)  # a closed terminal too: its half-written outputs had stayed behind
+    # Text the terminal's encoding lacks is escaped (as Python's stderr does): the first such character of a reply
+    # had ended the command, the rest of it lost.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         _add_commands()  # seconds of imports, in which a Ctrl-C had printed a traceback
         # Without standalone mode click hands back a typer.Exit's code instead of exiting.

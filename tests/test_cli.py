@@ -434,10 +434,13 @@ def test_a_panic_in_a_rust_library_is_one_line(monkeypatch, capsys):
         "herd: error: range end index 2 out of range for slice of length 1 (PanicException; HERD_DEBUG=1 shows where)"]
 
 
-def test_sigterm_removes_the_half_written_output_as_ctrl_c_does(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal closed, an ssh session dropped
+def test_sigterm_removes_the_half_written_output_as_ctrl_c_does(tmp_path, stop):
     import os
     import signal
     import time
+
+    stop = getattr(signal, stop)
 
     process = subprocess.Popen([sys.executable, "-m", "herd.cli", "convert", "default", "out", "-f", "hf"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -445,8 +448,8 @@ def test_sigterm_removes_the_half_written_output_as_ctrl_c_does(tmp_path):
     while not any(tmp_path.iterdir()) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "the conversion ended before it was stopped"
-    os.kill(process.pid, signal.SIGTERM)  # as `kill`, `timeout` or a job scheduler stop a run
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM, process.stderr.read()
+    os.kill(process.pid, stop)  # as `kill`, `timeout` or a job scheduler stop a run
+    assert process.wait(timeout=60) == 128 + stop, process.stderr.read()
     assert not list(tmp_path.iterdir())  # had been a hidden temporary copy of the model, 500 MB, left for good
 
 
@@ -599,3 +602,16 @@ def test_files_from_the_code_interpreter_keep_their_folders_and_never_replace_on
     assert [str(p) for p in saved] == ["herd-files/a/r.txt", "herd-files/b/r.txt", "herd-files/b/r-2.txt",
                                        "herd-files/x.png"]
     assert [p.read_bytes() for p in saved] == [b"1", b"2", b"3", b"4"]
+
+
+def test_text_the_terminal_cannot_show_is_escaped_not_a_crash(tmp_path):
+    """Under a Latin-1 or ASCII terminal encoding, the first character it lacks had ended the command with an
+    error, the rest of the reply lost."""
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "herd.cli", "tokenize", "café 😀"], capture_output=True,
+                          text=True, encoding="ascii", errors="strict", timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("[128000, 936, 59958, 91416]\n")  # the text's own ids
+    assert "f\\xe9" in done.stdout and "\\U0001f600" in done.stdout

@@ -98,8 +98,8 @@ def serve_cmd(
     # uvicorn stops on the first SIGTERM or Ctrl-C and raises it again once its shutdown is over: by default that
     # ends the process there. herd's own handler (an exit unwinding through asyncio) had let every request cut off
     # print a traceback, waited past --shutdown-timeout for an agent's tool call, and made Ctrl-C exit 0.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_DFL)
     server.run(sockets=[sock])
 
 
