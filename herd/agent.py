@@ -135,6 +135,11 @@ class Agent:
             if not calls:
                 yield FinalAnswer(reply, dialog, step, reply.get("stop_reason") or "end_of_turn")
                 return
+            if step == self.max_steps:
+                # The last reply allowed is the answer, its calls not run, as Llama Stack ends a turn at
+                # max_infer_iters: their results had been fetched for no reply to read.
+                yield FinalAnswer(reply, dialog, step, "max_steps")
+                return
             tool_choice = "auto"
             for index, call in enumerate(calls):
                 request = ToolCall(call["id"], call["function"]["name"], _arguments(call), reply=reply)
@@ -148,7 +153,6 @@ class Agent:
                 if result.content == _NO_ROOM:
                     yield FinalAnswer(reply, dialog, step, "context_length_exceeded")
                     return
-        yield FinalAnswer(reply, dialog, self.max_steps, "max_steps")
 
     def _reply(self, dialog: list[Message], tool_choice: str):
         """The model's next message, its text streamed as ModelText steps (a generator returning the message)."""

@@ -45,7 +45,7 @@ from herd.agent import Agent, FinalAnswer, ModelText, ToolCall, ToolResult
 from herd.generate import ContextLengthError, SamplingParams
 from herd.serve.app import count_served, read_json, server_state, unless_disconnected, validate
 from herd.serve.auth import check_key
-from herd.serve.llama_stack import Sampling, ls_call, safety_violation
+from herd.serve.llama_stack import GROUPS_OF, TOOLGROUPS, Sampling, ls_call, safety_violation
 from herd.serve.protocol import APIError, Message, StrictModel, internal_error, token_bias
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS
 from herd.tools import ToolError, builtin_tool
@@ -102,10 +102,6 @@ class TurnRequest(StrictModel):
                 and m.get("tool_call_id") is None else m for m in messages] if isinstance(messages, list) else messages
 
 
-# llama-stack's built-in tool groups, as herd's built-ins; `builtin::NAME` for herd's own names too.
-_TOOLGROUPS = {"builtin::websearch": "brave_search", **{f"builtin::{name}": name for name in BUILTIN_TOOLS}}
-_GROUPS_OF = {"brave_search": "builtin::websearch", "wolfram_alpha": "builtin::wolfram_alpha",
-              "code_interpreter": "builtin::code_interpreter"}
 _STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 
 
@@ -151,7 +147,7 @@ async def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str,
                        param="agent_config.model", code="model_not_found")
     if config.client_tools:
         raise APIError(400, "agent_config.client_tools are not supported: herd runs the server's tools, named in "
-                       f"toolgroups ({', '.join(_GROUPS_OF.values())} or an operator's function by name)",
+                       f"toolgroups ({', '.join(GROUPS_OF.values())} or an operator's function by name)",
                        param="agent_config.client_tools")
     if config.response_format:
         raise APIError(400, "agent_config.response_format is not supported", param="agent_config.response_format")
@@ -169,7 +165,7 @@ async def _from_llama_stack(request: Request, data: dict[str, Any]) -> dict[str,
         if isinstance(group, _ToolGroup) and group.args:
             raise APIError(400, f"toolgroup {group.name!r}: args are not supported", param="agent_config.toolgroups")
         name = group.name if isinstance(group, _ToolGroup) else group
-        tools.append(_TOOLGROUPS.get(name, name))
+        tools.append(TOOLGROUPS.get(name, name))
     tools, tool_choice = _choosing(tools, (config.tool_config.tool_choice if config.tool_config else None)
                                    or config.tool_choice or "auto")
     flat = {"instructions": config.instructions or "", "tools": tools, "tool_choice": tool_choice,
@@ -204,7 +200,7 @@ def _as_llama_stack(config: AgentConfig, model_name: str) -> dict[str, Any]:
         strategy = {"type": "top_p", "temperature": sampling.get("temperature", SamplingParams.temperature),
                     "top_p": sampling.get("top_p", SamplingParams.top_p)}
     return {"model": model_name, "instructions": config.instructions,
-            "toolgroups": [_GROUPS_OF.get(name, name) for name in config.tools],
+            "toolgroups": [GROUPS_OF.get(name, name) for name in config.tools],
             "tool_config": {"tool_choice": config.tool_choice}, "max_infer_iters": config.max_steps,
             "sampling_params": {"strategy": strategy, "max_tokens": sampling.get("max_tokens", 0),
                                 "repetition_penalty": sampling.get("repetition_penalty", 1.0),
@@ -439,8 +435,8 @@ def _turn_events(agent: Agent, config: AgentConfig, session: _Session, session_i
                 steps_taken.close()  # its sequence stops now
                 raise APIError(504, f"the turn ran past this server's limit of {timeout:g} s (--timeout); ask for "
                                     "fewer tokens or steps", type="server_error", code="request_timeout")
-            # A FinalAnswer that is not the dialog's last message is the reply before the limit (max_steps, no room
-            # for a result), already reported with its calls: the model ran no further step.
+            # A FinalAnswer that is not the dialog's last message is the reply before a result left no room, already
+            # reported with its calls: the model ran no further step.
             replied = isinstance(step, FinalAnswer) and bool(step.messages) and step.messages[-1] is step.message
             if (isinstance(step, ModelText) or replied) and inference is None:  # the model's turn begins
                 inference, text = _step("inference", turn_id), ""
@@ -493,8 +489,12 @@ def _completed(session: _Session, turn_id: str, session_id: str, messages: list[
                message: dict, stop_reason: str, started: float) -> Iterator[dict]:
     # stop_reason is herd's own (max_steps, context_length_exceeded too); the message's is one llama-stack knows
     echoed = [{**m, "call_id": m["tool_call_id"]} if m.get("tool_call_id") else m for m in messages]
+    output = _completion(message)
+    # The turn is over: Llama Stack's client reads end_of_message here as a call of its own awaited, and resumes.
+    if output["stop_reason"] == "end_of_message":
+        output["stop_reason"] = "end_of_turn"
     turn = {"turn_id": turn_id, "session_id": session_id, "input_messages": echoed, "steps": steps,
-            "output_message": _completion(message), "stop_reason": stop_reason, "started_at": started,
+            "output_message": output, "stop_reason": stop_reason, "started_at": started,
             "completed_at": time.time()}
     session.turns.append(turn)
     yield _event("turn_complete", turn=turn)
@@ -542,7 +542,7 @@ def _shielded(agent: Agent, shields, dialog: list[dict]) -> Iterator:
     run, reply, calls = agent.run(dialog), None, None
     for step in run:
         stopped = isinstance(step, FinalAnswer) and not (step.messages and step.messages[-1] is step.message)
-        # a reply's later calls, their results, and a stop after them (max_steps, no room left) pass as they are
+        # a reply's later calls, their results, and a stop after them (no room left) pass as they are
         if not (isinstance(step, ToolResult) or isinstance(step, ToolCall) and reply is None or stopped):
             first = reply is None
             if first:  # judged against the dialog it was generated from, the turn's calls and results included

@@ -9,6 +9,7 @@ response shapes as llama-stack 0.2 defines them):
                                          "content_batch", every item in the engine at once, answered together
     GET  /v1/shields, /v1/shields/{id}  the server's shields: llama_guard, prompt_guard, code_shield
     POST /v1/safety/run-shield          {"shield_id", "messages", "params"} -> {"violation": null or {...}}
+    GET  /v1/toolgroups, /v1/tools?toolgroup_id=...   the tools an agent may be given, as its toolgroups name them
 
 Messages are Llama Stack's: user, system, tool (`call_id`) and assistant turns with `stop_reason` and `tool_calls`
 ({"call_id", "tool_name", "arguments"}); tools are built-in names (brave_search, wolfram_alpha, code_interpreter)
@@ -44,6 +45,7 @@ from herd.serve.app import (
 from herd.serve.auth import check_key
 from herd.serve.protocol import APIError, StrictModel, resource
 from herd.tokenizer.tool_calls import BUILTIN_TOOLS, call_schema
+from herd.tools import ToolError, builtin_tool
 
 router = APIRouter(prefix="/v1")
 
@@ -515,3 +517,59 @@ def safety_violation(decision) -> dict:
         metadata["findings"] = decision.findings
     return {"violation_level": "error" if not decision.allowed else "warn", "user_message": decision.message or None,
             "metadata": metadata}
+
+
+# -- tools: those an agent may be given (herd.serve.agents) ---------------------------------------------------
+
+# llama-stack's built-in tool groups, as herd's built-ins; `builtin::NAME` for herd's own names too.
+TOOLGROUPS = {"builtin::websearch": "brave_search", **{f"builtin::{name}": name for name in BUILTIN_TOOLS}}
+GROUPS_OF = {"brave_search": "builtin::websearch", "wolfram_alpha": "builtin::wolfram_alpha",
+             "code_interpreter": "builtin::code_interpreter"}
+
+
+def _offered(request: Request) -> dict[str, Any]:
+    """The server's tools by name, once the request's key is checked: the built-ins it can run (brave_search needs
+    a key or a collection) and the operator's functions, each its own toolgroup as agents name them."""
+    state = server_state(request)
+    check_key(request.headers.get("authorization"), state.settings.api_keys)
+    tools = {}
+    for name in GROUPS_OF:
+        try:
+            tools[name] = builtin_tool(name)
+        except (ToolError, ValueError):
+            continue
+    return {**tools, **state.tools}
+
+
+def _ls_tool(tool) -> dict[str, Any]:
+    """A herd Tool as llama-stack's Tool, its JSON schema as ToolParameters."""
+    required = tool.parameters.get("required") or []
+    parameters = [{"name": name, "parameter_type": spec["type"] if isinstance(spec.get("type"), str) else "any",
+                   "description": spec.get("description") or "", "required": name in required,
+                   "default": spec.get("default")}
+                  for name, spec in (tool.parameters.get("properties") or {}).items()]
+    return {**resource(tool.name, "tool"), "toolgroup_id": GROUPS_OF.get(tool.name, tool.name),
+            "description": tool.description, "parameters": parameters, "metadata": None}
+
+
+@router.get("/toolgroups")
+async def list_toolgroups(request: Request):
+    tools = await asyncio.to_thread(_offered, request)
+    count_served(request)
+    return {"data": [{**resource(GROUPS_OF.get(name, name), "tool_group"), "args": None, "mcp_endpoint": None}
+                     for name in tools]}
+
+
+@router.get("/tools")
+async def list_tools(request: Request, toolgroup_id: str | None = None):
+    """Llama Stack's client lists each toolgroup's tools as it makes an agent with any: a 404 here had failed it."""
+    tools = await asyncio.to_thread(_offered, request)
+    if toolgroup_id is not None:
+        name = TOOLGROUPS.get(toolgroup_id, toolgroup_id)
+        if name not in tools:
+            groups = [GROUPS_OF.get(n, n) for n in tools]
+            raise APIError(404, f"no toolgroup '{toolgroup_id}' on this server; it has {groups or 'none'}",
+                           param="toolgroup_id", code="toolgroup_not_found")
+        tools = {name: tools[name]}
+    count_served(request)
+    return {"data": [_ls_tool(tool) for tool in tools.values()]}

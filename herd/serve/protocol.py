@@ -153,6 +153,15 @@ class ResponseFormat(StrictModel):
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: refused, as its other extensions herd lacks
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _once(cls, value):
+        if value:
+            raise ValueError("continuous_usage_stats=True (a vLLM extension) is not supported by herd; leave it out "
+                             "or at False, and read the usage in the last chunk (include_usage)")
+        return value
 
 
 # vLLM's request fields herd does not implement, with the value that asks nothing of them.

@@ -299,9 +299,11 @@ def test_an_agent_turn_is_shielded_as_a_chat_request_is(shielded):
                         "12 * 34 = 408.")  # a safe turn runs as it would unshielded
     assert events[-1]["turn"]["output_message"]["content"] == "12 * 34 = 408."
     assert [e["step_type"] for e in events[-1]["turn"]["steps"]] == ["inference", "tool_execution", "inference"]
-    call = '{"name": "wolfram_alpha", "parameters": {"query": "12 * 34"}}'
-    _, events = turn("What is 12 times 34?", call, max_steps=1)  # the loop stops after the call's result
-    assert events[-1]["turn"]["stop_reason"] == "max_steps" and "error" not in events[-1]
+    _, events = turn("Print 6 * 7.", '{"name": "run_python", "parameters": {"code": "print(6 * 7)"}}', max_steps=1)
+    last = events[-1]["turn"]  # the last reply allowed, judged, ends the turn: its call never runs
+    assert last["stop_reason"] == "max_steps" and ran == [] and [s["step_type"] for s in last["steps"]] == [
+        "inference"]
+    assert last["output_message"]["stop_reason"] == "end_of_turn" and last["output_message"]["tool_calls"]
     metrics = client.get("/metrics").text
     assert 'herd_shield_decisions_total{outcome="blocked",shield="llama_guard_input"} 1.0' in metrics
 
@@ -420,23 +422,39 @@ def test_every_answer_validates_as_llama_stacks_types(api, llama_stack):
     assert client.get(f"/v1/agents/{agent_id}").status_code == 404
 
 
-def test_a_turn_cut_by_max_steps_reports_only_the_steps_that_ran(scripted, llama_stack):
-    """The model ran once, its call ran, and the limit ended the turn: a second inference step had been reported,
-    one the model never ran, its response herd's OpenAI-shaped message rather than a CompletionMessage."""
+def test_a_turn_cut_by_max_steps_ends_as_llama_stacks_does(scripted, llama_stack):
+    """Llama Stack ends a turn at max_infer_iters with the last reply allowed, its calls not run, as an end_of_turn
+    output_message. herd ran the call anyway and answered end_of_message: Llama Stack's Agent helper read a client
+    tool awaited and resumed the turn (a 404). Earlier, a second inference step had been reported, one the model
+    never ran, its response herd's OpenAI-shaped message rather than a CompletionMessage."""
     agents = llama_stack("llama_stack.apis.agents.agents")
-    client, seen = scripted('{"name": "wolfram_alpha", "parameters": {"query": "2 + 2"}}')
-    events = sse(client.post(f"{new_session(client, tools=['wolfram_alpha'], max_steps=1)}/turn",
-                             json={"messages": [{"role": "user", "content": "2 + 2?"}]}))
-    assert len(seen) == 1
+    ran = []
+
+    def add(a: int, b: int) -> int:
+        """Adds."""
+        ran.append((a, b))
+        return a + b
+
+    call = '{"name": "add", "parameters": {"a": 2, "b": 2}}'
+    client, seen = scripted(call, call, "Hello again.", tools=[add])
+    session = new_session(client, tools=["add"], max_steps=1)
+    ask = {"messages": [{"role": "user", "content": "2 + 2?"}]}
+    events = sse(client.post(f"{session}/turn", json=ask))
+    answered = client.post(f"{session}/turn", json={**ask, "stream": False})
+    assert len(seen) == 2 and not ran and answered.status_code == 200
     assert [(e["event_type"], e.get("step_type")) for e in events if e["event_type"] != "step_progress"] == [
-        ("turn_start", None), ("step_start", "inference"), ("step_complete", "inference"),
-        ("step_start", "tool_execution"), ("step_complete", "tool_execution"), ("turn_complete", None)]
-    turn = agents.Turn.model_validate(events[-1]["turn"])
-    assert events[-1]["turn"]["stop_reason"] == "max_steps" and [s.step_type.value for s in turn.steps] == [
-        "inference", "tool_execution"]
-    assert turn.output_message == turn.steps[0].model_response  # the last reply, its call in llama-stack's shape
-    assert [(c.tool_name.value, c.arguments) for c in turn.output_message.tool_calls] == [
-        ("wolfram_alpha", {"query": "2 + 2"})]
+        ("turn_start", None), ("step_start", "inference"), ("step_complete", "inference"), ("turn_complete", None)]
+    for turn in (events[-1]["turn"], answered.json()):
+        assert turn["stop_reason"] == "max_steps"
+        turn = agents.Turn.model_validate(turn)
+        assert [s.step_type.value for s in turn.steps] == ["inference"]
+        assert turn.steps[0].model_response.stop_reason.value == "end_of_message"  # as Llama Stack's, a call
+        assert turn.output_message.stop_reason.value == "end_of_turn"
+        assert [(c.tool_name, c.arguments) for c in turn.output_message.tool_calls] == [("add", {"a": 2, "b": 2})]
+    # The session goes on, its dialog holding the calls that never ran, as Llama Stack's does.
+    assert client.post(f"{session}/turn", json={**ask, "stream": False}).json()["output_message"]["content"] == (
+        "Hello again.")
+    assert seen[-1][0][-2]["tool_calls"][0]["function"]["name"] == "add"
 
 
 def test_a_llama_stack_clients_agent_config_and_non_streaming_turn(scripted, llama_stack):
@@ -444,7 +462,7 @@ def test_a_llama_stack_clients_agent_config_and_non_streaming_turn(scripted, lla
     instructions, no tools, herd's step limit), and a turn's "stream": false still streamed."""
     agents = llama_stack("llama_stack.apis.agents.agents")
     call = '{"name": "wolfram_alpha", "parameters": {"query": "2 + 2"}}'
-    client, seen = scripted(call, call, call)
+    client, seen = scripted(call, call)
     model = client.app.state.herd.model_name
     config = {"model": model, "instructions": "Always answer in French.", "toolgroups": ["builtin::wolfram_alpha"],
               "max_infer_iters": 2, "sampling_params": {"strategy": {"type": "greedy"}, "max_tokens": 50}}
@@ -456,7 +474,8 @@ def test_a_llama_stack_clients_agent_config_and_non_streaming_turn(scripted, lla
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
     turn = agents.Turn.model_validate(answer.json())
     assert answer.json()["stop_reason"] == "max_steps" and len(seen) == 2  # max_infer_iters
-    assert [s.step_type.value for s in turn.steps] == ["inference", "tool_execution"] * 2
+    # The second reply, the last allowed, ends the turn: its call never runs, as in Llama Stack
+    assert [s.step_type.value for s in turn.steps] == ["inference", "tool_execution", "inference"]
     messages, tools, options = seen[0]
     assert messages[0] == {"role": "system", "content": "Always answer in French."} and tools == [
         {"type": "wolfram_alpha"}]
@@ -471,6 +490,42 @@ def test_a_llama_stack_clients_agent_config_and_non_streaming_turn(scripted, lla
                                  ({"max_infer_iters": "2"}, 400, "agent_config.max_infer_iters")):
         refused = client.post("/v1/agents", json={"agent_config": {**config, **wrong}})
         assert refused.status_code == status and words in refused.json()["error"]["message"], refused.text
+
+
+def test_a_llama_stack_client_lists_each_of_its_agents_toolgroups(scripted, llama_stack, monkeypatch):
+    """Llama Stack's Agent helper lists the tools of each toolgroup it gives an agent (GET /v1/tools?toolgroup_id=)
+    right after making it: herd answered 404, and the helper failed with any tool at all."""
+    tools = llama_stack("llama_stack.apis.tools.tools")
+    for name in ("BRAVE_API_KEY", "HERD_SEARCH_COLLECTION"):  # brave_search has nothing to search: not offered
+        monkeypatch.delenv(name, raising=False)
+
+    def shout(text: str) -> str:
+        """Upper-cases text.
+
+        Args:
+            text: what to shout
+        """
+        return text.upper()
+
+    client, _ = scripted(tools=[shout])
+    listed = client.get("/v1/tools")
+    assert listed.status_code == 200, listed.text
+    assert [(t.identifier, t.toolgroup_id) for t in tools.ListToolsResponse.model_validate(listed.json()).data] == [
+        ("wolfram_alpha", "builtin::wolfram_alpha"), ("code_interpreter", "builtin::code_interpreter"),
+        ("shout", "shout")]
+    groups = tools.ListToolGroupsResponse.model_validate(client.get("/v1/toolgroups").json()).data
+    assert [g.identifier for g in groups] == ["builtin::wolfram_alpha", "builtin::code_interpreter", "shout"]
+    for group in ("builtin::code_interpreter", "shout"):  # as the agent names them, and the helper asks
+        assert client.post("/v1/agents", json={"agent_config": {"toolgroups": [group]}}).status_code == 200
+    [code] = tools.ListToolsResponse.model_validate(
+        client.get("/v1/tools", params={"toolgroup_id": "builtin::code_interpreter"}).json()).data
+    assert [(p.name, p.parameter_type, p.required) for p in code.parameters] == [("code", "string", True)]
+    [function] = client.get("/v1/tools", params={"toolgroup_id": "shout"}).json()["data"]
+    assert function["description"] == "Upper-cases text." and function["parameters"] == [
+        {"name": "text", "parameter_type": "string", "description": "what to shout", "required": True,
+         "default": None}]
+    unknown = client.get("/v1/tools", params={"toolgroup_id": "builtin::websearch"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "toolgroup_not_found"
 
 
 def test_a_turns_tool_config_chooses_for_that_turn(scripted):

@@ -274,3 +274,12 @@ def test_a_call_after_text_streams_as_it_answers_and_parallel_calls_can_be_refus
     for stream in (False, True):
         [call] = _echoed(client, server, two, stream, parallel_tool_calls=False).message.tool_calls
         assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_vllms_continuous_usage_stats_is_refused_not_ignored(server):
+    """vLLM's stream_options.continuous_usage_stats asks for usage in every chunk: herd had streamed without it."""
+    body = {"messages": QUESTION, "max_tokens": 1, "stream": True}
+    refused = post_to(server, "/v1/chat/completions", {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert refused.status_code == 400 and "continuous_usage_stats" in refused.json()["error"]["message"], refused.text
+    for options in ({"continuous_usage_stats": False}, {"include_usage": True}):
+        assert post_to(server, "/v1/chat/completions", {**body, "stream_options": options}).status_code == 200
