@@ -45,16 +45,30 @@ def atomic_output(path: Path) -> Iterator[Path]:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield an empty directory beside `path`; it replaces `path` (a directory, or nothing) only if the block
     finishes, and an old `path` is removed only once the new one is in place. Whether `path` may be replaced is for
-    the caller to decide, before the work."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    the caller to decide, before the work.
+
+    An existing empty `path` is written into instead, through a temporary directory inside it whose files move
+    into place at the end: it may be a mount point (`docker -v`), which no rename can replace, under a parent
+    this user cannot write."""
+    into = _empty_directory(path)
+    if not into:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path / temporary_path(path).name if into else temporary_path(path)
     shutil.rmtree(tmp, ignore_errors=True)  # a run killed under this process id (PIDs repeat in containers)
     tmp.mkdir()
     try:
         yield tmp
-        _replace_directory(tmp, path)
+        if into:
+            for entry in tmp.iterdir():
+                entry.rename(path / entry.name)
+        else:
+            _replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
 
 
 def _replace_directory(tmp: Path, path: Path) -> None:
@@ -102,7 +116,10 @@ def prepare_output(path: str | Path, kind: str, option: str) -> Path:
         raise refuse(os.strerror(errno.EISDIR))
     if kind == "directory" and path.exists() and not path.is_dir():
         raise refuse(os.strerror(errno.ENOTDIR))
-    nearest = next(parent for parent in path.absolute().parents if parent.exists())
+    # an empty directory is written into (atomic_directory), so only it need be writable: a mount point's parent
+    # often is not
+    nearest = path if kind == "directory" and _empty_directory(path) else \
+        next(parent for parent in path.absolute().parents if parent.exists())
     try:  # a file made and removed tells what permissions do not (root passes them; /proc refuses even root)
         handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=nearest)
     except OSError as error:
@@ -116,10 +133,10 @@ def prepare_output(path: str | Path, kind: str, option: str) -> Path:
 def _remove_stale(path: Path) -> None:
     """Remove the temporary and set-aside copies of `path` (temporary_path) whose process is gone: SIGKILL, a
     power cut or a container stopped leave them behind, as large as the output (a 514 MB model)."""
-    if not path.parent.is_dir():
-        return
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)-(\d{{1,7}})")  # PIDs stay under 2**22
-    for entry in path.parent.iterdir():
+    beside = path.parent.iterdir() if path.parent.is_dir() else ()
+    inside = path.iterdir() if path.is_dir() and not path.is_symlink() else ()  # atomic_directory's, writing into it
+    for entry in [*beside, *inside]:
         found = pattern.fullmatch(entry.name)
         if found and not _alive(int(found.group(1))):
             if entry.is_dir() and not entry.is_symlink():

@@ -131,10 +131,11 @@ def _write_hf_files(tokenizer, tok, directory: Path) -> None:
         tool_use = getattr(tok, "tool_use_template", None)
         named = [{"name": "default", "template": template}, {"name": "tool_use", "template": tool_use}]
         config["chat_template"] = named if tool_use else template
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                          encoding="utf-8")
     stops = sorted(getattr(tok, "stop_ids", ()) or ([tok.eos_id] if tok.eos_id is not None else []))
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
 
 def chat_template(tok) -> str | None:

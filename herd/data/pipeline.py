@@ -112,9 +112,13 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False))
+        tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
 
 
 def _write_pickle(path: Path, obj: Any) -> None:
@@ -314,7 +318,7 @@ def _claim(work: Path, config: PipelineConfig, inputs: list[Path]) -> None:
     claim = {"config": config.fingerprint(contents=True), "inputs": [str(p) for p in inputs]}
     path = work / "run.json"
     if path.exists():
-        if json.loads(path.read_text()) != claim:
+        if _read_json(path) != claim:
             raise PipelineError(f"{work.parent} holds a run with other inputs, another configuration or other files "
                                 "its stages read; use a new --out directory")
         return
@@ -330,7 +334,7 @@ def _map_unfinished(executor: Executor, fn, tasks: list[Task], desc: str) -> Non
 def _read_round(executor: Executor, work: Path, config: PipelineConfig, inputs: list[Path]) -> list[str]:
     tasks = [Task(str(work), config, -1, f"{i:05d}", str(p)) for i, p in enumerate(inputs)]
     _map_unfinished(executor, read_unit, tasks, "read")
-    return [u for t in tasks for u in json.loads(t.path("done.json").read_text())["units"]]
+    return [u for t in tasks for u in _read_json(t.path("done.json"))["units"]]
 
 
 # read drops that cost the rest of a file, not one record
@@ -342,7 +346,7 @@ def _read_problems(work: Path, inputs: list[Path]) -> list[str]:
     run of nothing (a mislabelled, binary or empty file) had finished as a success that wrote no data."""
     unread, problems = [], []
     for i, path in enumerate(inputs):
-        tally = json.loads((work / "read" / f"{i:05d}.done.json").read_text())["tally"]
+        tally = _read_json(work / "read" / f"{i:05d}.done.json")["tally"]
         docs = tally["read"]["docs"] - tally["dropped"].get(READ, {}).get("docs", 0)
         reasons = tally["reasons"].get(READ, {})
         said = ", ".join(r if n == 1 else f"{r} x{n}" for r, n in sorted(reasons.items())) or "no records"
@@ -375,13 +379,13 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
             units: list[str]) -> RunResult:
     """Gather the last round into the outputs: mix, kept/dropped JSONL, shards, manifest, report."""
     last = f"r{len(stages.segments) - 1}"
-    done = {u: json.loads((work / last / f"{u}.done.json").read_text()) for u in units}
+    done = {u: _read_json(work / last / f"{u}.done.json") for u in units}
     tally = Tally()
     for i in range(len(inputs)):
-        tally.merge(Tally.from_dict(json.loads((work / "read" / f"{i:05d}.done.json").read_text())["tally"]))
+        tally.merge(Tally.from_dict(_read_json(work / "read" / f"{i:05d}.done.json")["tally"]))
     for k in range(len(stages.segments)):
         for u in units:
-            record = done[u] if f"r{k}" == last else json.loads((work / f"r{k}" / f"{u}.done.json").read_text())
+            record = done[u] if f"r{k}" == last else _read_json(work / f"r{k}" / f"{u}.done.json")
             tally.merge(Tally.from_dict(record["tally"]))
 
     mix_active = config.mix is not None and stages.has_domains
@@ -446,7 +450,7 @@ def _finish(out: Path, work: Path, config: PipelineConfig, stages: Stages, input
     report = build_report(tally, names, kept, {"docs": manifest["documents"], "tokens": manifest["tokens"]},
                           mix_report)
     with atomic_output(out / REPORT) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with atomic_output(out / CHART) as tmp:
         chart(report, tmp)
     return RunResult(out, report, manifest, [shrunk] if shrunk else [])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ def build_report(tally: Tally, stage_names: list[str], kept: dict[str, int], sha
 def load_report(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / REPORT
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"no {REPORT} in {directory}: not a finished `herd data run` output directory") \
             from None
@@ -154,6 +155,10 @@ def render(report: dict[str, Any], console=None) -> None:
     from rich.table import Table
 
     if console is None:
+        # a non-UTF-8 locale's stdout cannot show every character of the dropped documents' snippets: "?" for
+        # those, not a traceback after the run's work is done
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="replace")
         console = Console()
         if not console.is_terminal:  # a log or a pipe: no terminal to fit, so do not cut names short
             console = Console(width=160)

@@ -7,6 +7,7 @@ layer's outputs agree to rounding (~3e-5), which a whole model's int8 activation
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herd.cache import cache_dir
+from herd.cache import cache_dirs, cached, writable_cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "blockmm.cpp"
 E4M3_ACTIVATIONS = -1  # herd_matmul_rows' levels for FP8 weights (Acts::E4M3)
@@ -45,15 +46,19 @@ def _supported() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= set(_cpu_flags().split())
 
 
-def library_path() -> Path:
+def library_name() -> str:
     """One file per source, compiler flags and CPU, so a stale build is never picked up."""
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(_flags()), _cpu_flags()]).encode()).hexdigest()[:16]
-    return cache_dir("kernels") / f"blockmm-{key}.so"
+    return f"blockmm-{key}.so"
+
+
+def library_path() -> Path:
+    """The library in herd's cache, or where a build would put it (see herd.cache)."""
+    return cached("kernels", library_name()) or writable_cache_dir("kernels") / library_name()
 
 
 def build() -> Path:
-    path = library_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_cache_dir("kernels") / library_name()
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) found")
@@ -289,13 +294,14 @@ def ops() -> _Kernel | None:
     """The compiled kernel, or None where it cannot run (HERD_KERNEL=0 turns it off)."""
     if os.environ.get("HERD_KERNEL", "1") == "0" or not _supported():
         return None
-    path = library_path()
     try:
-        if path.exists():
-            try:
-                return _Kernel(path)
-            except OSError:  # a damaged file in the cache: built again, or every process would go without
-                path.unlink(missing_ok=True)
+        for path in (directory / library_name() for directory in cache_dirs("kernels")):
+            if path.exists():
+                try:
+                    return _Kernel(path)
+                except OSError:  # a damaged file in the cache: built again, or every process would go without
+                    with contextlib.suppress(OSError):  # a read-only cache's stays, passed over
+                        path.unlink()
         return _Kernel(build())
     except (OSError, RuntimeError) as error:
         print(f"herd: the quantized-matmul kernel could not be built or loaded ({error}); using the PyTorch path",

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from herd.atomic import atomic_output
-from herd.cache import cache_dir
+from herd.cache import cached, writable_cache_dir
 
 # herd's language codes to the Apertium modes that take English there, one after the other where Debian has no
 # English pair (French, Italian and Portuguese through Spanish), and the packages that hold each mode's data
@@ -30,7 +30,8 @@ def _apertium(lines: list[str], mode: str) -> list[str]:
     if shutil.which("apertium") is None:
         raise FileNotFoundError(f"apertium is not installed: apt-get install apertium {' '.join(PACKAGES.values())} "
                                 "(scripts/setup.sh does)")
-    run = subprocess.run(["apertium", "-u", mode], input="\n".join(lines) + "\n", capture_output=True, text=True)
+    run = subprocess.run(["apertium", "-u", mode], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                         encoding="utf-8")
     out = run.stdout.split("\n")[:len(lines)]
     if run.returncode or len(out) != len(lines):
         raise RuntimeError(f"apertium {mode} failed ({run.stderr.strip()[:200] or 'lines lost'}): is the "
@@ -45,13 +46,14 @@ def _translate(texts: tuple[str, ...], chain: tuple[str, ...]) -> tuple[str, ...
     data = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for mode in chain
                   for p in (APERTIUM_DATA / PACKAGES[mode]).glob("*") if p.is_file())
     key = hashlib.sha256(json.dumps([chain, data, lines]).encode()).hexdigest()[:24]
-    path = cache_dir("translations") / f"{'+'.join(chain)}-{key}.json"
-    if path.is_file():
-        return tuple(json.loads(path.read_text()))
+    name = f"{'+'.join(chain)}-{key}.json"
+    path = cached("translations", name)
+    if path is not None:
+        return tuple(json.loads(path.read_text(encoding="utf-8")))
     for mode in chain:
         lines = _apertium(lines, mode)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(lines, ensure_ascii=False))
+    with atomic_output(writable_cache_dir("translations") / name) as tmp:
+        tmp.write_text(json.dumps(lines, ensure_ascii=False), encoding="utf-8")
     return tuple(lines)
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+from herd.data.executors import cpu_count
 from herd.train.config import ConfigError, TrainConfig, load_config
 
 
@@ -40,7 +41,7 @@ def launch(config_path: str | None, overrides: list[str], nproc: int) -> int:
            f"--max-restarts={config.parallel.max_restarts}", "-m", "herd.train"]
     cmd += ([config_path] if config_path else []) + overrides
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+    env.setdefault("OMP_NUM_THREADS", str(max(cpu_count() // nproc, 1)))
     # torchrun in a session of its own, told of every stop by this process: stopping the launcher alone (kill, a
     # scheduler, a terminal's Ctrl-C) had left the workers training on, re-parented to init.
     process = subprocess.Popen(cmd, env=env, start_new_session=True)

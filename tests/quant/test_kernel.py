@@ -34,7 +34,7 @@ def _build_with(compiler: str, tmp_path, damaged: bool = False):
     if damaged:
         lib = subprocess.run([sys.executable, "-c", "from herd.quant import kernel; print(kernel.library_path())"],
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
-        Path(lib).parent.mkdir(parents=True)
+        Path(lib).parent.mkdir(parents=True, exist_ok=True)
         Path(lib).write_bytes(b"junk")
     command = ["-c", "from herd.quant import kernel; print(kernel.ops() is not None)"] if damaged else \
         ["-m", "herd.quant.kernel"]
