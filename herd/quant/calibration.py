@@ -33,7 +33,7 @@ def calibration_tokens(calibration: Calibration, tokenizer) -> list[int]:
 
 def _documents(files: tuple[str, ...]) -> Iterator[str]:
     if not files:
-        yield CALIBRATION_TEXT.read_text()
+        yield CALIBRATION_TEXT.read_text(encoding="utf-8")
     for name in files:
         path = Path(name)
         if path.suffix in (".jsonl", ".json"):

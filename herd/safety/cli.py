@@ -88,7 +88,7 @@ def scan(
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"no file {source}: give a code file or - for stdin")
-        code = path.read_text(errors="replace")
+        code = path.read_text(encoding="utf-8", errors="replace")
         # A file says its language, as semgrep and codeshield take it: a one-line file had nothing to detect it by
         # and passed as no code at all (`import os; os.system(...)` allowed).
         language = language or normalize(path.suffix.lstrip("."))
@@ -153,7 +153,7 @@ def train(
     text = report_text(result)
     if report is not None:
         with atomic_output(report) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
     if png is not None:
         from herd.safety.eval import heldout_png
 

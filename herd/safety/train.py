@@ -240,7 +240,7 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
     rows = guard_sft_rows(random.Random(seed).sample(train, len(train)), max_chars)
     data = out_dir / "guard-sft.jsonl"
     with atomic_output(data) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     # Two epochs of a few hundred prompts: LoRA's usual learning rate, a few examples per step.
     defaults = ["--lora.rank=16", "--lora.alpha=32", "--training.lr=3e-4", "--training.batch_size=4",
                 "--training.seq_len=1024", "--training.warmup_steps=5", "--finetune.epochs=2"]
@@ -255,7 +255,7 @@ def train_llama_guard_model(out_dir: str | Path, base: str = "default", seed: in
                  for e in tqdm(test, desc="held-out checks", unit="turn", disable=not progress)]
     report = guard_report(train, test, predicted)
     with atomic_output(out_dir / "heldout.json") as tmp:
-        tmp.write_text(report_text(report))
+        tmp.write_text(report_text(report), encoding="utf-8")
     return model_dir, report
 
 

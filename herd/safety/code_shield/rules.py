@@ -43,7 +43,7 @@ def load_rules() -> tuple[dict[str, tuple[Rule, ...]], tuple[Rule, ...]]:
 
     semgrep: dict[str, tuple[Rule, ...]] = {}
     for path in sorted(RULES_DIR.glob("*.yaml")):
-        specs = yaml.safe_load(path.read_text())["rules"]
+        specs = yaml.safe_load(path.read_text(encoding="utf-8"))["rules"]
         if path.stem == "regex":
             regex = tuple(_rule(s, tuple(s["languages"]), s["regex"], None) for s in specs)
         else:

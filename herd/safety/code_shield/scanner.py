@@ -127,15 +127,16 @@ class CodeShield:
         rules = {r.id: r for _, _, _, selected in jobs for r in selected}
         with tempfile.TemporaryDirectory(prefix="herd-codeshield-") as tmp:
             tmp = Path(tmp)
-            (tmp / "rules.json").write_text(json.dumps({"rules": [r.semgrep for r in rules.values()]}))
+            (tmp / "rules.json").write_text(json.dumps({"rules": [r.semgrep for r in rules.values()]}),
+                                            encoding="utf-8")
             files, targets = {}, []
             for index, code, lang, selected in jobs:
                 path = tmp / f"snippet{index}{EXTENSIONS[lang]}"
-                path.write_text(code)
+                path.write_text(code, encoding="utf-8")
                 files[str(path)] = (index, {r.id for r in selected})
                 targets.append(["CodeTarget", {"path": {"fpath": str(path), "ppath": f"/{path.name}"}, "analyzer": SEMGREP_NAMES[lang],
                                                "products": ["sast"]}])
-            (tmp / "targets.json").write_text(json.dumps(["Targets", targets]))
+            (tmp / "targets.json").write_text(json.dumps(["Targets", targets]), encoding="utf-8")
             command = [binary, "-rules", str(tmp / "rules.json"), "-targets", str(tmp / "targets.json"), "-json",
                        "-j", "1", "-timeout", "20", "-fast"]
             try:
