@@ -508,7 +508,8 @@ def _add_commands() -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)  # a closed terminal too: its half-written outputs had stayed behind
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup a closed terminal stops nothing
+        signal.signal(signal.SIGHUP, _terminate)  # otherwise it cleans up too: half-written outputs had stayed
     # Text the terminal's encoding lacks is escaped (as Python's stderr does): the first such character of a reply
     # had ended the command, the rest of it lost.
     if isinstance(sys.stdout, io.TextIOWrapper):

@@ -393,7 +393,7 @@ def test_kv_cache_mib_sets_how_much_of_a_long_context_is_held(tmp_path):
     small, large = herd_clis(["generate", "-", "--model", str(path), "--kv-cache-mib", "1"],
                              ["generate", "-", "--model", str(path), "--kv-cache-mib", "8", "--max-tokens", "2"],
                              stdin=prompt)
-    assert_one_line_error(small, "the KV cache holds 8192 (this model's maximum context length is 131072)",
+    assert_one_line_error(small, "This model's maximum context length is 131072 tokens, but the KV cache holds 8192",
                           "give the cache more memory")
     assert large.returncode == 0, large.stderr
 
@@ -602,6 +602,8 @@ def test_files_from_the_code_interpreter_keep_their_folders_and_never_replace_on
     assert [str(p) for p in saved] == ["herd-files/a/r.txt", "herd-files/b/r.txt", "herd-files/b/r-2.txt",
                                        "herd-files/x.png"]
     assert [p.read_bytes() for p in saved] == [b"1", b"2", b"3", b"4"]
+    # a folder whose name a saved file already has: beside it, flattened, not a FileExistsError ending the chat
+    assert str(_save("x.png/inner.txt", b"5")) == "herd-files/x.png-inner.txt"
 
 
 def test_text_the_terminal_cannot_show_is_escaped_not_a_crash(tmp_path):
@@ -615,3 +617,21 @@ def test_text_the_terminal_cannot_show_is_escaped_not_a_crash(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("[128000, 936, 59958, 91416]\n")  # the text's own ids
     assert "f\\xe9" in done.stdout and "\\U0001f600" in done.stdout
+
+
+def test_under_nohup_a_closed_terminal_stops_nothing(tmp_path):
+    """SIGHUP ignored by nohup had been handled again (as SIGTERM, to clean up): `nohup herd ... &` died at logout."""
+    import os
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "herd.cli", "convert", "default", "out", "-f", "hf"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup starts it
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.iterdir()) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the conversion ended before the terminal closed"
+    os.kill(process.pid, signal.SIGHUP)
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert (tmp_path / "out" / "config.json").is_file()

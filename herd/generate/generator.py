@@ -150,10 +150,10 @@ class Generator:
         context length"), which clients look for to tell this error from others (litellm's context-window
         fallbacks had not fired)."""
         if self.capacity == self.model.config.max_seq_len:
-            return (f"the prompt has {tokens} tokens but this model's maximum context length is {self.capacity}: "
+            return (f"This model's maximum context length is {self.capacity} tokens, but the prompt has {tokens}: "
                     "shorten the prompt")
-        return (f"the prompt has {tokens} tokens but the KV cache holds {self.capacity} (this model's maximum "
-                f"context length is {self.model.config.max_seq_len}): shorten the prompt, or give the cache more "
+        return (f"This model's maximum context length is {self.model.config.max_seq_len} tokens, but the KV cache "
+                f"holds {self.capacity} and the prompt has {tokens}: shorten the prompt, or give the cache more "
                 "memory (EngineConfig.kv_cache_bytes; --kv-cache-mib of herd serve, chat and generate)")
 
     # -- submitting -------------------------------------------------------------------------------------------
@@ -457,8 +457,9 @@ def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[
 
 
 # The signals a program handles in Python to stop or time out work (all of valid_signals() took 90 us a step).
+# Not SIGPROF or SIGVTALRM: a sampling profiler's, held to a step's end, would never see inside one.
 _STOPS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGALRM", "SIGHUP", "SIGQUIT", "SIGUSR1",
-                                                  "SIGUSR2", "SIGVTALRM", "SIGPROF") if hasattr(signal, name))
+                                                  "SIGUSR2") if hasattr(signal, name))
 
 
 @contextlib.contextmanager

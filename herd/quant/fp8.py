@@ -84,7 +84,9 @@ def _scaled_matmul(xq: torch.Tensor, xs: torch.Tensor, codes: torch.Tensor, scal
     if codes.device not in _FLOAT32_REFUSED:
         try:
             return product(torch.float32)
-        except (RuntimeError, ValueError):
+        except (RuntimeError, ValueError) as error:
+            if "output types are supported" not in str(error):  # that refusal alone: not an out-of-memory
+                raise
             _FLOAT32_REFUSED.add(codes.device)
     return product(torch.bfloat16)
 

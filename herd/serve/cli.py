@@ -99,7 +99,8 @@ def serve_cmd(
     # ends the process there. herd's own handler (an exit unwinding through asyncio) had let every request cut off
     # print a traceback, waited past --shutdown-timeout for an agent's tool call, and made Ctrl-C exit 0.
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(stop, signal.SIG_DFL)
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+            signal.signal(stop, signal.SIG_DFL)
     server.run(sockets=[sock])
 
 

@@ -89,7 +89,10 @@ def _save(name: str, data: bytes) -> Path:
     """Under herd-files/ at the path the code gave it there, never over a file already saved (r.txt, r-2.txt...): a
     file of the same name in another folder, or from an earlier turn, had replaced the one before it unsaid."""
     parts = [part for part in PurePosixPath(name).parts if part not in ("/", ".", "..")] or ["file"]
-    path = wanted = FILES_DIR.joinpath(*parts)
+    wanted = FILES_DIR.joinpath(*parts)
+    if any(parent.exists() and not parent.is_dir() for parent in wanted.parents):  # a file saved as `out` before
+        wanted = FILES_DIR / "-".join(parts)
+    path = wanted
     for n in itertools.count(2):
         if not path.exists():
             break

@@ -52,7 +52,8 @@ def launch(config_path: str | None, overrides: list[str], nproc: int) -> int:
         process.send_signal(signum)
 
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, forward)
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # under nohup the workers outlive the terminal too
+            signal.signal(stop, forward)
     code = process.wait()
     if stops:
         _stopped(config)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -335,6 +336,9 @@ class Trainer:
                 holder = lock.read().strip() or "another process"
                 raise ConfigError(f"run.dir {self.run_dir} is in use by another run ({holder}): wait for it to end "
                                   "or give another run.dir") from None
+            except OSError as error:  # a file system without locks (some network and FUSE ones): the run goes on
+                print(f"herd: warning: run.dir {self.run_dir} cannot be locked ({error.strerror}): nothing keeps a "
+                      "second run out of it", file=sys.stderr, flush=True)
             lock.truncate(0)
             lock.write(f"pid {os.getpid()}\n")
             lock.flush()

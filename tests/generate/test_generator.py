@@ -313,9 +313,9 @@ def test_a_long_context_takes_the_memory_given_and_says_so():
     assert engine.capacity in (40_000 - 16, 20_000 - 16)
     small = Generator(model, herd.load_tokenizer(), config=EngineConfig(kv_cache_bytes=1 << 20))
     assert small.capacity == 8192  # the guaranteed context, whatever the memory
-    with pytest.raises(ContextLengthError, match="the KV cache holds 8192 \\(this model's maximum context length is "
-                                                 "131072\\): "
-                                                 "shorten the prompt, or give the cache more memory"):
+    with pytest.raises(ContextLengthError, match="This model's maximum context length is 131072 tokens, but the KV "
+                                                 "cache holds 8192 and the prompt has 9000: shorten the prompt, or "
+                                                 "give the cache more memory"):
         small.generate([[5] * 9000], GREEDY)
     assert len(small.generate([[5] * 8000], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))[0]
                .tokens) == 192  # up to what the cache holds
@@ -443,3 +443,18 @@ def test_a_stop_string_is_found_however_the_pieces_split_it():
         assert (delta.finish_reason == "stop") == bool(hits)
         if hits:
             assert out == text[:min(hits)]
+
+
+def test_a_sampling_profilers_signal_is_not_held_to_the_steps_end():
+    """A profiler's SIGPROF held to the end of each step would never sample inside one."""
+    from herd.generate.generator import _interrupts_after
+
+    seen = []
+    previous = signal.signal(signal.SIGPROF, lambda signum, frame: seen.append(signum))
+    try:
+        with _interrupts_after():
+            signal.raise_signal(signal.SIGPROF)
+            inside = list(seen)
+    finally:
+        signal.signal(signal.SIGPROF, previous)
+    assert inside == [signal.SIGPROF]

@@ -140,6 +140,15 @@ def test_fp8_tensor_cores_fall_back_to_bfloat16_out_where_torch_refuses_float32(
     assert asked == [torch.float32, torch.bfloat16, torch.bfloat16]  # asked once, then remembered
     assert layer(x.bfloat16()).dtype == torch.bfloat16 and asked[-1] == torch.bfloat16
 
+    def out_of_memory(*args, **options):  # any other failure is raised, and float32 out asked for again after it
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fp8, "_FLOAT32_REFUSED", set())
+    monkeypatch.setattr(torch, "_scaled_mm", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        layer(x)
+    assert fp8._FLOAT32_REFUSED == set()
+
 
 def test_gptq_makes_its_codes_on_the_weights_device():
     """Its codes, scales and mins had been made on the default device, the CPU: calibrated on a GPU, they met the

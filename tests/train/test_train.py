@@ -159,6 +159,19 @@ def test_a_run_dir_in_use_is_refused(byte_shards, tmp_path):
     assert pretrain(config)["step"] == 6  # released: the finished run resumes at its end
 
 
+def test_a_run_dir_that_cannot_be_locked_still_trains(byte_shards, tmp_path, monkeypatch, capsys):
+    """Some network and FUSE file systems have no locks (ENOSYS): the lock had stopped every run there."""
+    import errno
+    import fcntl
+
+    def unsupported(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    assert pretrain(tiny_config(byte_shards, tmp_path / "r"))["step"] == 6
+    assert "cannot be locked (Function not implemented): nothing keeps a second run out" in capsys.readouterr().err
+
+
 def test_a_rollback_keeps_the_schedules_in_step(byte_shards, tmp_path, monkeypatch):
     """The data source had kept its own step through a rollback, so the batch-size schedule came early by the steps
     rolled back; the bad batch stays skipped all the same."""
