@@ -47,10 +47,10 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     finishes, and an old `path` is removed only once the new one is in place. Whether `path` may be replaced is for
     the caller to decide, before the work.
 
-    An existing empty `path` is written into instead, through a temporary directory inside it whose files move
-    into place at the end: it may be a mount point (`docker -v`), which no rename can replace, under a parent
-    this user cannot write."""
-    into = _empty_directory(path)
+    A mount point (`docker -v`), which no rename can replace, or an existing empty `path` (maybe one, under a
+    parent this user cannot write) is written into instead, through a temporary directory inside it whose files
+    replace what it held at the end."""
+    into = _written_into(path)
     if not into:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path / temporary_path(path).name if into else temporary_path(path)
@@ -59,6 +59,9 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         if into:
+            for old in path.iterdir():  # a second run into a mount point had failed here, after all its work
+                if old != tmp:
+                    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
             for entry in tmp.iterdir():
                 entry.rename(path / entry.name)
         else:
@@ -67,8 +70,8 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _empty_directory(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+def _written_into(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (os.path.ismount(path) or next(path.iterdir(), None) is None)
 
 
 def _replace_directory(tmp: Path, path: Path) -> None:
@@ -118,7 +121,7 @@ def prepare_output(path: str | Path, kind: str, option: str) -> Path:
         raise refuse(os.strerror(errno.ENOTDIR))
     # an empty directory is written into (atomic_directory), so only it need be writable: a mount point's parent
     # often is not
-    nearest = path if kind == "directory" and _empty_directory(path) else \
+    nearest = path if kind == "directory" and _written_into(path) else \
         next(parent for parent in path.absolute().parents if parent.exists())
     try:  # a file made and removed tells what permissions do not (root passes them; /proc refuses even root)
         handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=nearest)

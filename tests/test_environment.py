@@ -233,6 +233,30 @@ def test_an_empty_output_directory_is_written_into_not_replaced(tmp_path, monkey
     assert (out / "model.safetensors").read_text() == "weights"
 
 
+def test_a_mount_point_that_holds_an_earlier_output_is_written_into_again(tmp_path, monkeypatch):
+    """Its second run had gone the way of a directory to replace (a rename, EBUSY on a mount point), after all the
+    work."""
+    from herd import atomic
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    (out / "old.safetensors").write_text("old")
+    (out / "old-dir").mkdir()
+    rename = Path.rename
+
+    def busy(self, target):
+        if out in (Path(self), Path(target)):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out)
+    with atomic.atomic_directory(out) as tmp:
+        (tmp / "model.safetensors").write_text("weights")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"] and (out / "model.safetensors").read_text() == \
+        "weights"
+
+
 def test_a_killed_run_s_leftovers_inside_an_output_directory_are_removed(tmp_path):
     from herd import atomic
 

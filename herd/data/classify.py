@@ -198,14 +198,19 @@ def write_npz(path: str | Path, header: dict, **arrays) -> Path:
     return path
 
 
+class _Bomb(ValueError):
+    pass
+
+
 def _not_a_bomb(path: Path, what: str) -> None:
-    """Refuse an archive whose arrays would expand past 64 MiB at over 64 times its size: a 1.5 MB file had
-    expanded to 1.5 GiB in memory (30 MB would have passed this machine's). Trained weights barely compress."""
+    """Refuse an archive whose arrays would expand past 1 GiB at over 64 times its size: a 1.5 MB file had expanded
+    to 1.5 GiB in memory (30 MB would have passed this machine's). A classifier of herd's own with many hashed
+    features (64 MiB of mostly zeros, 70 KB written) stays under it."""
     with zipfile.ZipFile(path) as archive:
         expanded = sum(member.file_size for member in archive.infolist())
-    if expanded > max(64 << 20, 64 * path.stat().st_size):
-        raise ValueError(f"{path}: not a herd {what} (its arrays would expand from {path.stat().st_size:,} bytes to "
-                         f"{expanded:,}); write it again")
+    if expanded > max(1 << 30, 64 * path.stat().st_size):
+        raise _Bomb(f"{path}: not a herd {what} (its arrays would expand from {path.stat().st_size:,} bytes to "
+                    f"{expanded:,}); write it again")
 
 
 def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tuple[dict, dict]:
@@ -217,6 +222,8 @@ def read_npz(path: str | Path, fmt: str, keys: Sequence[str], what: str) -> tupl
             arrays = {k: z[k] for k in keys}
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
+    except _Bomb:
+        raise
     except (zipfile.BadZipFile, zlib.error, EOFError):  # a file cut short, or another kind of file
         raise ValueError(f"{path}: not a herd {what} (not a whole .npz archive: cut short, or another kind of "
                          "file); write it again") from None

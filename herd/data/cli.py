@@ -67,12 +67,11 @@ def run(
 
     if config and (quality_model or domain_model):
         _fail("--quality-model/--domain-model extend the default pipeline; with --config, name them in the TOML")
-    # A record without an id is named by a hash of FILE:LINE: `in/a.jsonl` and its absolute path (which --scheduler
-    # needs) had given the same input other ids and other outputs.
-    inputs = [str(Path(i).absolute()) for i in inputs]
     if scheduler:
         # a remote worker reads every path from its own working directory: a relative one had named nothing there
-        # (or made --out under it), so the run found "no document" in the inputs
+        # (or made --out under it), so the run found "no document" in the inputs. Only then: a record without an id
+        # is named by a hash of FILE:LINE as given, which a local run keeps free of where the corpus lies.
+        inputs = [str(Path(i).absolute()) for i in inputs]
         out = out.absolute()
         quality_model, domain_model = (m.absolute() if m else None for m in (quality_model, domain_model))
     cfg = load_config(config) if config else default_config(quality_model, domain_model)

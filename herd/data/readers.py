@@ -398,10 +398,16 @@ def _decode_page(data: bytes, http_charset: str | None = None) -> tuple[str, int
         return data.decode("utf-8"), 0
     except UnicodeDecodeError:
         pass
-    for label in filter(None, (http_charset, _meta_charset(data))):
+    for label, declared_in_page in ((http_charset, False), (_meta_charset(data), True)):
+        if not label:
+            continue
         try:
             name = codecs.lookup(label).name
         except LookupError:  # a name no codec has
+            continue
+        if declared_in_page and name.startswith("utf-16"):
+            # A page that could say so in ASCII is no UTF-16 (WHATWG reads the label as UTF-8, which has failed
+            # here): decoded as UTF-16, a windows-1252 page had become CJK garbage.
             continue
         try:
             return data.decode(_SUPERSETS.get(name, name)), 0

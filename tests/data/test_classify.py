@@ -138,17 +138,34 @@ def test_training_needs_two_labels_and_loading_needs_a_classifier(tmp_path):
 
 
 def test_a_classifier_that_would_expand_a_thousandfold_is_refused_before_it_does(tmp_path):
-    """A zip of zeros had expanded 1000-fold in memory (1.5 MB to 1.5 GiB); the archive's own sizes say so first."""
+    """A zip of zeros had expanded 1000-fold in memory (1.5 MB to 1.5 GiB); the archive's own sizes say so first.
+    One of herd's own with many hashed features, mostly zeros, still loads."""
+    import zipfile
+
     import numpy as np
 
     from herd.data.classify import write_npz
 
     bomb = tmp_path / "bomb.npz"
-    write_npz(bomb, {"format": "herd-classifier/1"}, coef=np.zeros((1, 40_000_000), np.float32))
-    assert bomb.stat().st_size < 1 << 20
-    with pytest.raises(ValueError, match=r"bomb.npz: not a herd classifier \(its arrays would expand from [\d,]+ "
-                                         r"bytes to 160,000,\d+\); write it again"):
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("header.npy", "w") as member:
+            np.save(member, np.array('{"format": "herd-classifier/1"}'))
+        with archive.open("coef.npy", "w", force_zip64=True) as member:  # 1.2 GB of zeros, written 64 MB at a time
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                          "shape": (1, 300_000_000)})
+            zeros = bytes(64 << 20)
+            for _ in range(300_000_000 * 4 // len(zeros)):
+                member.write(zeros)
+            member.write(bytes(300_000_000 * 4 % len(zeros)))
+    assert bomb.stat().st_size < 8 << 20
+    with pytest.raises(ValueError) as refused:
         HashedLinearClassifier.load(bomb)
+    assert re.fullmatch(rf"{re.escape(str(bomb))}: not a herd classifier \(its arrays would expand from [\d,]+ "
+                        r"bytes to 1,200,000,\d+\); write it again", str(refused.value))
+    sparse = HashedLinearClassifier.fit(["a b c"] * 10 + ["x y z"] * 10, ["high"] * 10 + ["low"] * 10,
+                                        n_features=1 << 22)
+    sparse.save(tmp_path / "sparse.npz")
+    assert HashedLinearClassifier.load(tmp_path / "sparse.npz").coef.shape[-1] == 1 << 22
 
 
 @pytest.mark.heavy

@@ -384,6 +384,16 @@ def test_pages_in_a_declared_charset_are_decoded_with_it(tmp_path, charset):
     assert [d.text for d in read(tmp_path / "crawl.warc.gz")] == [text, text]
 
 
+def test_a_page_that_says_utf_16_in_its_meta_is_not_read_as_utf_16(tmp_path):
+    """A page that can declare its charset in ASCII is no UTF-16 (WHATWG reads such a label as UTF-8): decoded as
+    UTF-16, a windows-1252 page had come out as CJK garbage."""
+    text = _PAGES["windows-1252"]
+    for label in ("utf-16", "utf-16le"):
+        page = _page(text, f'<meta charset="{label}">').encode("windows-1252")
+        (tmp_path / f"{label}.html").write_bytes(page + b" " * (len(page) % 2))  # an even length decodes as UTF-16
+        assert next(read(tmp_path / f"{label}.html")).text == text, label
+
+
 def _wet(records) -> bytes:
     buf = io.BytesIO()
     writer = WARCWriter(buf, gzip=True)

@@ -164,3 +164,26 @@ def test_an_unlimited_hard_limit_on_open_files_is_raised_to_as_well(monkeypatch)
     monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: asked.append(limits))
     cli._more_open_files()
     assert asked == [(1 << 20, resource.RLIM_INFINITY)]
+
+
+def test_herd_serve_holds_its_port_while_the_model_loads(monkeypatch):
+    """The port had been checked and let go before the model loaded: another process could take it meanwhile."""
+    import typer
+    from typer.testing import CliRunner
+
+    from herd import cli
+    from herd.serve.cli import serve_cmd
+
+    port = free_port()
+
+    def load(*args, **kwargs):
+        with socket.socket() as other:
+            with pytest.raises(OSError):
+                other.bind(("127.0.0.1", port))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_load", load)
+    app = typer.Typer()
+    app.command()(serve_cmd)
+    result = CliRunner().invoke(app, ["--port", str(port)])
+    assert result.exit_code == 0, result.output
