@@ -443,7 +443,8 @@ def test_sigterm_removes_the_half_written_output_as_ctrl_c_does(tmp_path, stop):
     stop = getattr(signal, stop)
 
     process = subprocess.Popen([sys.executable, "-m", "herd.cli", "convert", "default", "out", "-f", "hf"],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(stop, signal.SIG_DFL))  # not nohup's, if run so
     deadline = time.monotonic() + 120
     while not any(tmp_path.iterdir()) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

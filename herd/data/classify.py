@@ -206,6 +206,8 @@ def _not_a_bomb(path: Path, what: str) -> None:
     """Refuse an archive whose arrays would expand past 1 GiB at over 64 times its size: a 1.5 MB file had expanded
     to 1.5 GiB in memory (30 MB would have passed this machine's). A classifier of herd's own with many hashed
     features (64 MiB of mostly zeros, 70 KB written) stays under it."""
+    if not zipfile.is_zipfile(path):
+        return  # numpy says what it is instead
     with zipfile.ZipFile(path) as archive:
         expanded = sum(member.file_size for member in archive.infolist())
     if expanded > max(1 << 30, 64 * path.stat().st_size):

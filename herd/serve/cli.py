@@ -98,8 +98,10 @@ def serve_cmd(
     # uvicorn stops on the first SIGTERM or Ctrl-C and raises it again once its shutdown is over: by default that
     # ends the process there. herd's own handler (an exit unwinding through asyncio) had let every request cut off
     # print a traceback, waited past --shutdown-timeout for an agent's tool call, and made Ctrl-C exit 0.
+    # uvicorn takes SIGTERM and Ctrl-C whatever was set (a background job inherits Ctrl-C ignored), so they end
+    # the process after it; nohup's ignored SIGHUP stays ignored.
     for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(stop) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+        if stop != signal.SIGHUP or signal.getsignal(stop) is not signal.SIG_IGN:
             signal.signal(stop, signal.SIG_DFL)
     server.run(sockets=[sock])
 

@@ -62,9 +62,11 @@ class DevTools:
         self.wait_for(f"location.href === {json.dumps(url)} && document.readyState === 'complete'", 30)
 
 
-@pytest.fixture
-def browser(tmp_path):
-    profile = tmp_path / "profile"
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """One Chromium for the module's tests (starting one took a second and a half a test); FakeBackend.start
+    clears what the page keeps in the browser."""
+    profile = tmp_path_factory.mktemp("chromium") / "profile"
     process = subprocess.Popen(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
          "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
@@ -200,10 +202,13 @@ class FakeBackend(AppServer):
                                 Route("/v1/chat/completions", chat, methods=["POST"])])
         super().__init__(app)
 
-    def start(self, browser, script="echo", query=""):
-        """Opens a fresh page on the fake, once it knows the model (or has shown why not)."""
+    def start(self, browser, script="echo", query="", fresh=True):
+        """Opens a fresh page on the fake, once it knows the model (or has shown why not); `fresh`: with nothing kept
+        in the browser from before."""
         self.script, self.requests, self.closed = script, [], []
         browser("Emulation.setDeviceMetricsOverride", width=700, height=420, deviceScaleFactor=1, mobile=False)
+        if fresh:
+            browser("Storage.clearDataForOrigin", origin=self.url, storageTypes="all")
         browser.open(self.url + "/" + query)
         browser.wait_for("!!(document.getElementById('model').textContent || document.querySelector('.error'))", 30)
 
@@ -470,7 +475,7 @@ def test_settings_are_sent_kept_and_overridden_by_the_address(fake, browser):
     first = fake.requests[0]
     assert first["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert (first["temperature"], first["max_tokens"]) == (0.7, 5)
-    fake.start(browser, query="?temperature=0&max_tokens=3")  # kept in the browser; the address overrides
+    fake.start(browser, query="?temperature=0&max_tokens=3", fresh=False)  # kept in the browser; the address overrides
     say(browser, "again")
     settled(browser, 1, fake)
     again = fake.requests[0]

@@ -92,13 +92,16 @@ def test_serve_answers_health_models_and_chat_then_stops_cleanly(default_llm):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_cuts_off_requests_still_running_after_the_shutdown_timeout(default_llm, stop):
+def test_a_stop_cuts_off_requests_still_running_after_the_shutdown_timeout(default_llm):
     """SIGTERM let every request in flight run to its end: up to --timeout (600 s), past any orchestrator's grace
     period, after which the server was killed. --shutdown-timeout bounds the wait; the process then ends on the
     signal, as it would without herd (each request cut off had printed a traceback, and Ctrl-C exited 0)."""
+    # Ctrl-C ignored, as a background job of a script inherits it: uvicorn takes it all the same, and so must the
+    # process's end (SIGTERM's is the first test's)
+    stop = signal.SIGINT
     process = subprocess.Popen([*HERD, "serve", "--port", "0", "--shutdown-timeout", "1", "--access-log"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     tok = default_llm.tokenizer
     never_stop = {str(t): -100 for t in tok.stop_ids}  # a reply of 4,000 tokens: half a minute here at least
     body = {"model": default_llm.name, "prompt": "Once upon a time", "max_tokens": 4000, "stream": True,
