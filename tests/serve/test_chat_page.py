@@ -141,6 +141,7 @@ class FakeBackend(AppServer):
         from herd.serve.app import STATIC
 
         self.script, self.requests, self.closed = "echo", [], []
+        self.run = 0  # which test's page: a stream an earlier test left running ends in this one's (one browser)
 
         def chunk(delta, finish=None):
             return "data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "model": "fake",
@@ -168,7 +169,7 @@ class FakeBackend(AppServer):
                 return HTMLResponse("<html><body><h1>504 Gateway Time-out</h1></body></html>", status_code=504)
 
             async def stream():
-                number = len(self.requests)
+                number, run = len(self.requests), self.run
                 try:
                     yield chunk({"role": "assistant", "content": ""})
                     if script == "tool-pieces":  # as OpenAI streams one: id and name, then arguments in fragments
@@ -194,7 +195,8 @@ class FakeBackend(AppServer):
                         yield chunk({"content": "echo: " + body["messages"][-1]["content"]})
                     yield "data: [DONE]\n\n"
                 finally:
-                    self.closed.append(number)
+                    if run == self.run:
+                        self.closed.append(number)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -206,6 +208,7 @@ class FakeBackend(AppServer):
         """Opens a fresh page on the fake, once it knows the model (or has shown why not); `fresh`: with nothing kept
         in the browser from before."""
         self.script, self.requests, self.closed = script, [], []
+        self.run += 1
         browser("Emulation.setDeviceMetricsOverride", width=700, height=420, deviceScaleFactor=1, mobile=False)
         if fresh:
             browser("Storage.clearDataForOrigin", origin=self.url, storageTypes="all")
