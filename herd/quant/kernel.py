@@ -295,7 +295,8 @@ def ops() -> _Kernel | None:
     if os.environ.get("HERD_KERNEL", "1") == "0" or not _supported():
         return None
     try:
-        for path in (directory / library_name() for directory in cache_dirs("kernels")):
+        name = library_name()  # the source and the CPU's flags hashed once, not once a directory
+        for path in (directory / name for directory in cache_dirs("kernels")):
             if path.exists():
                 try:
                     return _Kernel(path)
